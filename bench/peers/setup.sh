@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Creates one virtualenv per peer system under bench/.venvs/<name>.
+# Idempotent: a venv whose requirement line is unchanged and whose import check
+# passed before (bench/.venvs/<name>/.millis-ok) is left alone.
+# A venv that fails to install or to import is recorded in
+# bench/.venvs/<name>/.millis-fail (one line: the reason); the harness reads it
+# and records that peer as skipped instead of crashing.
+# Usage: bash bench/peers/setup.sh [name ...]     (default: all peers)
+set -u
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENVS="$HERE/../.venvs"
+PY="${MILLIS_PEER_PYTHON:-python3}"
+# torch must come first and be pinned: 2.13.0 is a CPU wheel on local disk;
+# any other version would pull multi-GB CUDA wheels.
+TORCH="torch==2.13.0"
+mkdir -p "$VENVS"
+
+# name | packages installed after torch ("-" = no torch) | import check
+peer_spec() {
+  case "$1" in
+    optimum)  echo "torch|optimum-onnx onnxruntime|import optimum.onnxruntime, onnxruntime, transformers; from optimum.onnxruntime import ORTOptimizer, ORTQuantizer, ORTModelForFeatureExtraction; from optimum.onnxruntime.configuration import AutoQuantizationConfig, AutoOptimizationConfig";;
+    openvino) echo "torch|openvino nncf transformers|import openvino, nncf, transformers, torch";;
+    ct2)      echo "torch|ctranslate2 transformers|import ctranslate2, transformers, torch; from ctranslate2.converters import TransformersConverter";;
+    *) return 1;;
+  esac
+}
+
+setup_one() {
+  local name="$1" spec torch pkgs check dir stamp
+  spec="$(peer_spec "$name")" || { echo "unknown peer $name" >&2; return 1; }
+  IFS='|' read -r torch pkgs check <<<"$spec"
+  dir="$VENVS/$name"
+  stamp="$torch $pkgs"
+  if [[ -f "$dir/.millis-ok" && "$(cat "$dir/.millis-ok")" == "$stamp" ]]; then
+    echo "[$name] up to date"; return 0
+  fi
+  rm -f "$dir/.millis-ok" "$dir/.millis-fail"
+  local t0=$SECONDS log="$VENVS/$name.log"
+  echo "[$name] creating venv (log: $log)"
+  (  # subshell: any failing step exits it with non-zero status, recorded below
+    set -e
+    [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip wheel
+    if [[ "$torch" == torch ]]; then "$dir/bin/python" -m pip install "$TORCH"; fi
+    # torch stays pinned while the rest resolves
+    # shellcheck disable=SC2086
+    if [[ "$torch" == torch ]]; then "$dir/bin/python" -m pip install $pkgs "$TORCH"
+    else "$dir/bin/python" -m pip install $pkgs; fi
+  ) >"$log" 2>&1
+  local rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "pip install failed (see $log): $(tail -n 3 "$log" | tr '\n' ' ')" >"$dir/.millis-fail"
+    echo "[$name] FAILED: $(cat "$dir/.millis-fail")"; return 1
+  fi
+  if ! err="$("$dir/bin/python" -c "$check" 2>&1)"; then
+    echo "import check failed: $(echo "$err" | tail -n 1)" >"$dir/.millis-fail"
+    echo "[$name] FAILED: $(cat "$dir/.millis-fail")"; return 1
+  fi
+  echo "$stamp" >"$dir/.millis-ok"
+  "$dir/bin/python" -m pip freeze >"$dir/.millis-freeze" 2>/dev/null
+  echo "[$name] ok in $((SECONDS - t0)) s"
+}
+
+names=("$@"); [[ ${#names[@]} -eq 0 ]] && names=(optimum openvino ct2)
+status=0
+for n in "${names[@]}"; do setup_one "$n" || status=1; done
+exit $status

@@ -1,0 +1,88 @@
+"""`millis.load(path)`: an optimized artifact with predict / embed over raw texts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from millis import artifact
+from millis.errors import MillisError
+from millis.runtimes import Runtime, open_runtime
+from millis.text import BUCKET, TextEncoder, check_texts
+
+MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
+
+
+@dataclass
+class Result:
+    outputs: np.ndarray        # (N, D): logits or embeddings, in input order
+    truncated: list[bool]      # per text: cut to the model's max length
+    tokens: list[int]          # per text: tokens used
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class Model:
+    """A loaded artifact. Thread-compatible: one call at a time per runtime (the server's worker)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], runtime: Runtime, encoder: TextEncoder):
+        self.path, self.meta, self.runtime, self.encoder = path, meta, runtime, encoder
+        self.task: str = meta["task"]
+        self.id2label = {int(k): v for k, v in meta.get("id2label", {}).items()}
+        self.max_length: int = meta["max_length"]
+
+    @property
+    def variant(self) -> str:
+        return self.meta["variant"]["name"]
+
+    def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
+        """Tokenize, batch rows of similar length together, run, restore input order."""
+        texts = check_texts(texts)
+        ids, cut = self.encoder.token_ids(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+        for start in range(0, len(order), max_batch):
+            idx = order[start:start + max_batch]
+            longest = max(len(ids[i]) for i in idx)
+            t = min(self.max_length, -(-longest // BUCKET) * BUCKET)
+            y = self.runtime.run(self.encoder.pack([ids[i] for i in idx], t))[self.runtime.output_name]
+            for row, i in enumerate(idx):
+                outs[i] = y[row]
+        return Result(np.stack(outs).astype(np.float32), cut, [len(r) for r in ids])
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(N, H) sentence embeddings (pooled and normalised as the model declares)."""
+        if self.task != "embed":
+            raise MillisError(f"this artifact is a {self.task} model; use predict()")
+        return self.run(texts).outputs
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text: label, score, probabilities per label, logits and whether it was truncated."""
+        if self.task != "classify":
+            raise MillisError(f"this artifact is an {self.task} model; use embed()")
+        res = self.run(texts)
+        probs = softmax(res.outputs)
+        out = []
+        for i, p in enumerate(probs):
+            k = int(p.argmax())
+            out.append({"label": self.id2label.get(k, str(k)), "score": float(p[k]),
+                        "probs": {self.id2label.get(j, str(j)): float(v) for j, v in enumerate(p)},
+                        "logits": res.outputs[i].tolist(), "truncated": res.truncated[i]})
+        return out
+
+
+def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:
+    """Load an artifact written by `millis optimize`; verifies format version and file hashes."""
+    path = Path(path)
+    meta = artifact.read_meta(path, verify=verify)
+    v = meta["variant"]
+    model_dir = path / "hf" if v["runtime"] == "torch" else path
+    options = dict(v.get("options", {}), task=meta["task"])
+    rt = open_runtime(v["runtime"], model_dir, v["name"], tuple(meta["input_names"]), meta["output"], options, threads)
+    enc = TextEncoder(path / "tokenizer", tuple(meta["input_names"]), int(meta["max_length"]))
+    return Model(path, meta, rt, enc)

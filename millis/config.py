@@ -1,0 +1,115 @@
+"""Typed, frozen configuration for every stage, with named presets.
+
+Every config round-trips through plain JSON (`to_dict` / `from_dict`) so an artifact's
+`millis.json` holds the exact recipe that built it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from millis.errors import MillisError
+
+TASKS = ("classify", "embed")
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """One static input shape: `batch` rows of exactly `seq` tokens."""
+
+    batch: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.seq < 1:
+            raise MillisError(f"shape must have batch >= 1 and seq >= 1, got {self.batch}x{self.seq}")
+
+    @property
+    def name(self) -> str:  # e.g. "b1xs128", the key used in reports and JSON
+        return f"b{self.batch}xs{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """Parse `b1xs128`, `1x128` or `1,128`."""
+        t = text.strip().lower().replace("b", "").replace("s", "").replace(",", "x")
+        try:
+            b, s = (int(p) for p in t.split("x"))
+        except ValueError:
+            raise MillisError(f"cannot parse shape {text!r}; expected e.g. b1xs128") from None
+        return cls(b, s)
+
+
+DEFAULT_SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How latency is measured. Variants are interleaved round by round so drift hits all alike."""
+
+    shapes: tuple[Shape, ...] = DEFAULT_SHAPES
+    warmup: int = 10          # untimed calls per variant and shape before timing
+    iters: int = 200          # timed calls per variant and shape, split across `rounds`
+    rounds: int = 5           # interleaving rounds
+    threads: int = 0          # intra-op threads; 0 = all physical cores of this machine
+    max_seconds_per_cell: float = 60.0  # cap for very slow variants (eager at large shapes)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Fidelity a variant must keep against the fp32 reference to be selectable."""
+
+    min_cosine: float = 0.99        # embed: min cosine over the sample texts
+    max_logit_diff: float = 0.5     # classify: max |delta logit| over the sample texts
+    min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything `millis optimize` needs: the source, the task and how to choose."""
+
+    source: str                               # local HF dir, `builtin:minilm` or `tiny:<family>`
+    task: str = "embed"
+    out: str = "artifacts/model"
+    variants: tuple[str, ...] = ()            # empty = the preset's list (see millis.variants)
+    target: Shape = Shape(1, 128)             # the shape the selection optimises for
+    max_length: int = 0                       # 0 = the model's own limit
+    budget: Budget = field(default_factory=Budget)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    sample_texts: str = ""                    # file with one text per line; "" = shipped samples
+    calibration_texts: str = ""               # texts for static int8 calibration; "" = samples
+    preset: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
+
+
+# Named presets: a quick one for tests and smoke runs, the full one for real measurements.
+PRESETS: dict[str, MeasureConfig] = {
+    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2),
+    "cpu": MeasureConfig(),
+}
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> JSON-ready dict (tuples become lists, shapes become their names)."""
+    if isinstance(obj, Shape):
+        return obj.name
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def optimize_config_from_dict(d: dict[str, Any]) -> OptimizeConfig:
+    m = dict(d.get("measure", {}))
+    if "shapes" in m:
+        m["shapes"] = tuple(Shape.parse(s) for s in m["shapes"])
+    out = dict(d)
+    out["measure"] = MeasureConfig(**m)
+    out["budget"] = Budget(**d.get("budget", {}))
+    out["target"] = Shape.parse(d["target"]) if "target" in d else Shape(1, 128)
+    out["variants"] = tuple(d.get("variants", ()))
+    return OptimizeConfig(**out)

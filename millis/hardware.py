@@ -1,0 +1,49 @@
+"""What machine and software a measurement ran on (recorded in millis.json and reports)."""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def has_amx() -> bool:
+    return {"amx_bf16", "amx_int8"} <= cpu_flags()
+
+
+def describe() -> dict:
+    """Machine and library versions, JSON-ready."""
+    import os
+
+    versions = {}
+    for mod in ("torch", "transformers", "onnx", "onnxruntime", "openvino", "nncf", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # an optional runtime not installed
+            pass
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "isa": sorted(f for f in ISA_FLAGS if f in cpu_flags()), "machine": platform.machine(),
+            "python": platform.python_version(), "versions": versions}

@@ -1,0 +1,59 @@
+"""Stage 3: INT8 quantization of an ONNX graph with ONNX Runtime's quantizer.
+
+dynamic: weights int8 offline, activations quantized per call (MatMulInteger / DynamicQuantizeMatMul).
+static:  QDQ graph with activation ranges calibrated on real texts (MinMax / Percentile / Entropy).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from millis.errors import MillisError
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+            "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm")
+
+
+def dynamic(in_path: Path, out_path: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)
+    # DefaultTensorType: fused contrib ops (Attention...) have no ONNX type inference.
+    quantize_dynamic(str(in_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=["MatMul", "Attention"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+class _Feeds:
+    """CalibrationDataReader over pre-tokenized batches (dicts of int64 arrays)."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._it = iter(batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray]], method: str = "minmax",
+           per_channel: bool = True, op_types: tuple[str, ...] = ("MatMul",)) -> None:
+    """QDQ static int8: calibrate activation ranges on `batches`, quantize `op_types` only."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise MillisError(f"unknown calibration method {method!r}; supported: {', '.join(CALIBRATION_METHODS)}")
+    batches = list(batches)
+    if not batches:
+        raise MillisError("static quantization needs calibration texts; none were given")
+    logging.getLogger().setLevel(logging.ERROR)
+    cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+          "entropy": CalibrationMethod.Entropy}[method]
+    quantize_static(str(in_path), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                    calibrate_method=cm, op_types_to_quantize=list(op_types),
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
+                                   "CalibMovingAverage": method == "minmax"})

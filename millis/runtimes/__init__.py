@@ -1,0 +1,4 @@
+"""Runtimes: one small Protocol over a flat batch. A runtime never decides batching."""
+from millis.runtimes.base import Runtime, open_runtime
+
+__all__ = ["Runtime", "open_runtime"]

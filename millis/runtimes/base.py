@@ -1,0 +1,68 @@
+"""The Runtime Protocol and the factory that opens a built variant directory.
+
+A runtime takes one flat batch, a dict of int64 arrays of shape (B, T) named like the graph inputs,
+and returns {output_name: float32 array}. Padding and batching are the caller's business.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from millis.errors import MillisError
+
+KINDS = ("torch", "onnxruntime", "openvino")
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    name: str                      # the variant name, e.g. "ort-int8-dynamic"
+    input_names: tuple[str, ...]   # input_ids, attention_mask[, token_type_ids]
+    output_name: str               # logits | embedding
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(B, T) int64 inputs -> {output_name: (B, N) float32}."""
+        ...
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (hyper-threads do not help GEMMs)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
+def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
+                 options: dict[str, Any], threads: int = 0) -> Runtime:
+    """Open the model file in `model_dir` with the runtime `kind` and its recipe `options`."""
+    threads = threads or default_threads()
+    if kind == "onnxruntime":
+        from millis.runtimes.ort import OrtRuntime
+        return OrtRuntime(model_dir / options.get("file", "model.onnx"), name, input_names, output_name,
+                          threads, options.get("graph_level", "all"))
+    if kind == "openvino":
+        from millis.runtimes.openvino import OpenVinoRuntime
+        return OpenVinoRuntime(model_dir / options.get("file", "model.xml"), name, input_names, output_name,
+                               threads, options.get("precision", "f32"), bool(options.get("static", True)))
+    if kind == "torch":
+        from millis.runtimes.torch_eager import TorchRuntime
+        return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"])
+    raise MillisError(f"unknown runtime {kind!r}; supported: {', '.join(KINDS)}")
+
+
+def check_batch(batch: dict[str, np.ndarray], input_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Validate and complete a batch: int64 (B, T) arrays, token_type_ids defaulting to zeros."""
+    if "input_ids" not in batch or "attention_mask" not in batch:
+        raise MillisError("a batch needs input_ids and attention_mask")
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise MillisError(f"input_ids must be a non-empty (batch, seq) array, got shape {ids.shape}")
+    out = {}
+    for n in input_names:
+        a = batch.get(n)
+        a = np.zeros_like(ids) if a is None and n == "token_type_ids" else np.asarray(a)
+        if a.shape != ids.shape:
+            raise MillisError(f"{n} has shape {a.shape}, input_ids has {ids.shape}")
+        out[n] = np.ascontiguousarray(a, dtype=np.int64)
+    return out

@@ -1,0 +1,58 @@
+"""OpenVINO CPU runtime, optionally with static shapes.
+
+With static=True each (B, T) seen is compiled once as a static-shape model (OpenVINO picks better
+kernels and skips shape inference per call); compiled shapes are kept in a small LRU. Callers that
+bucket lengths (the server, `measure`) hit a handful of shapes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from millis.runtimes.base import check_batch
+
+MAX_STATIC_SHAPES = 32
+
+
+class OpenVinoRuntime:
+    def __init__(self, path: Path, name: str, input_names: tuple[str, ...], output_name: str,
+                 threads: int, precision: str = "f32", static: bool = True):
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(path))
+        self.config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+        self.static = static
+        self.name, self.input_names, self.output_name = name, input_names, output_name
+        self._requests: OrderedDict[tuple[int, int], object] = OrderedDict()
+        if not static:
+            self._dynamic = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+
+    def precision(self) -> str:
+        """The precision the CPU plugin actually runs (bf16 only where the CPU has it)."""
+        cm = self.core.compile_model(self.model, "CPU", self.config)
+        return str(cm.get_property("INFERENCE_PRECISION_HINT"))
+
+    def _request(self, shape: tuple[int, int]):
+        if not self.static:
+            return self._dynamic
+        req = self._requests.get(shape)
+        if req is None:
+            m = self.model.clone()
+            m.reshape({n: list(shape) for n in self.input_names})
+            req = self.core.compile_model(m, "CPU", self.config).create_infer_request()
+            self._requests[shape] = req
+            if len(self._requests) > MAX_STATIC_SHAPES:
+                self._requests.popitem(last=False)
+        else:
+            self._requests.move_to_end(shape)
+        return req
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_batch(batch, self.input_names)
+        req = self._request(feeds["input_ids"].shape)
+        res = req.infer(feeds, share_inputs=True)
+        return {self.output_name: np.array(res[0], dtype=np.float32, copy=True)}

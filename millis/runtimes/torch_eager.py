@@ -1,0 +1,26 @@
+"""Torch eager fp32: the reference every variant is compared against."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from millis.runtimes.base import check_batch
+
+
+class TorchRuntime:
+    def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
+                 threads: int, task: str):
+        from millis.sources import inspect_dir
+        from millis.tasks import load_task_model
+
+        torch.set_num_threads(threads)
+        self.model = load_task_model(inspect_dir(model_dir), task)
+        self.name, self.input_names, self.output_name = name, input_names, output_name
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_batch(batch, self.input_names)
+        with torch.inference_mode():
+            out = self.model(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        return {self.output_name: out.float().numpy()}

@@ -1,0 +1,108 @@
+"""Texts -> flat (B, T) int64 batches: truncation that is reported, padding to length buckets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from millis.errors import MillisError
+
+BUCKET = 16  # pad T up to a multiple of this: few distinct shapes for static-shape runtimes
+
+
+@dataclass
+class Encoded:
+    feeds: dict[str, np.ndarray]   # (B, T) int64 each
+    lengths: list[int]             # real tokens per row, after truncation
+    truncated: list[bool]          # row was cut to max_length
+
+
+def check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or len(texts) == 0:
+        raise MillisError("no input texts given (expected a non-empty list of strings)")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise MillisError(f"input {i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise MillisError(f"input {i} is empty")
+    return list(texts)
+
+
+class TextEncoder:
+    def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int):
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # we report truncation ourselves
+        self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.input_names, self.max_length = input_names, max_length
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Tokenize with special tokens; cut rows over max_length, keeping the final special token."""
+        rows = self.tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        out, cut = [], []
+        for r in rows:
+            if len(r) > self.max_length:
+                r = r[: self.max_length - 1] + r[-1:]
+                cut.append(True)
+            else:
+                cut.append(False)
+            out.append(r)
+        return out, cut
+
+    def encode(self, texts: list[str], pad_to: int = 0) -> Encoded:
+        ids, cut = self.token_ids(check_texts(texts))
+        longest = max(len(r) for r in ids)
+        t = pad_to or min(self.max_length, -(-longest // BUCKET) * BUCKET)
+        return Encoded(self.pack(ids, t), [len(r) for r in ids], cut)
+
+    def pack(self, rows: list[list[int]], t: int) -> dict[str, np.ndarray]:
+        ids = np.full((len(rows), t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), t), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return feeds
+
+    def fill(self, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
+        """A (batch, seq) batch of real text with a full mask: texts are chained until seq tokens."""
+        if seq < 2:
+            raise MillisError("a measured shape needs seq >= 2 (two special tokens)")
+        body = [t for r in self.tok(texts, add_special_tokens=False)["input_ids"] for t in r]
+        if not body:
+            raise MillisError("the sample texts produce no tokens")
+        first = self.tok("a", add_special_tokens=True)["input_ids"]
+        cls_id, sep_id = first[0], first[-1]
+        rows, k = [], 0
+        for _ in range(batch):
+            row = []
+            while len(row) < seq - 2:
+                row.append(body[k % len(body)])
+                k += 1
+            rows.append([cls_id] + row + [sep_id])
+        return self.pack(rows, seq)
+
+
+def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
+    """One text per line (.txt) or a column of a CSV/TSV file."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise MillisError(f"text file not found: {p}")
+    if p.suffix in (".csv", ".tsv"):
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if p.suffix == ".tsv" else ",")
+            if column not in (reader.fieldnames or []):
+                raise MillisError(f"{p} has no column {column!r}; columns: {reader.fieldnames}")
+            texts = [row[column] for row in reader if row.get(column, "").strip()]
+    else:
+        texts = [t for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return texts[:limit] if limit else texts

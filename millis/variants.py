@@ -1,0 +1,145 @@
+"""Variants: named recipes of passes, each built into its own directory.
+
+A recipe is data (runtime kind, passes, runtime options); `build` turns it into files. The recipe
+is written into the artifact's millis.json so the chosen variant can be rebuilt and reloaded.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from millis import graph, quantize
+from millis.errors import MillisError
+from millis.sources import ModelSource
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    runtime: str                   # torch | onnxruntime | openvino
+    precision: str                 # fp32 | bf16 | int8
+    passes: tuple[str, ...]        # applied in order, see PASSES
+    options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, static...)
+    note: str = ""
+
+
+REFERENCE = "torch-fp32"
+
+CATALOG: dict[str, Variant] = {v.name: v for v in [
+    Variant(REFERENCE, "torch", "fp32", (), {}, "HF eager fp32: the reference"),
+    Variant("ort-fp32", "onnxruntime", "fp32", ("export",), {"graph_level": "basic"},
+            "ONNX export, ORT basic graph optimizations"),
+    Variant("ort-fp32-fused", "onnxruntime", "fp32", ("export", "fuse"), {"graph_level": "all"},
+            "transformer fusions (Attention, SkipLayerNorm, BiasGelu) + ORT level all"),
+    Variant("ort-int8-dynamic", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-tensor"),
+            {"graph_level": "all"}, "dynamic int8, per-tensor weights"),
+    Variant("ort-int8-dynamic-pc", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-channel"),
+            {"graph_level": "all"}, "dynamic int8, per-channel weights"),
+    Variant("ort-int8-static", "onnxruntime", "int8", ("export", "int8-static-qdq"), {"graph_level": "all"},
+            "static int8 QDQ, MatMuls calibrated (MinMax) on sample texts, per-channel"),
+    Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32", "static": True},
+            "OpenVINO f32, static shapes"),
+    Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16", "static": True},
+            "OpenVINO bf16 (AMX/AVX512-BF16 where the CPU has them)"),
+    Variant("ov-int8", "openvino", "int8", ("export", "openvino-ir", "nncf-int8"),
+            {"precision": "f32", "static": True}, "OpenVINO + NNCF int8 (transformer preset), static shapes"),
+]}
+
+PRESET_VARIANTS = {
+    "cpu": tuple(CATALOG),
+    "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-dynamic", "ov-int8"),
+}
+
+
+def variants_for(names: tuple[str, ...], preset: str) -> list[Variant]:
+    names = names or PRESET_VARIANTS.get(preset, PRESET_VARIANTS["cpu"])
+    unknown = [n for n in names if n not in CATALOG]
+    if unknown:
+        raise MillisError(f"unknown variant(s) {', '.join(unknown)}; available: {', '.join(CATALOG)}")
+    if REFERENCE not in names:
+        names = (REFERENCE, *names)  # fidelity is always measured against the reference
+    return [CATALOG[n] for n in names]
+
+
+class Builder:
+    """Builds variants for one source and task, sharing the export and fused graph between them."""
+
+    def __init__(self, src: ModelSource, task: str, work: Path, calibration: Callable[[], list[dict]]):
+        self.src, self.task, self.work = src, task, work
+        self.calibration = calibration  # () -> list of feeds dicts (B, T) int64
+        self._cache: dict[tuple[str, ...], Path] = {}
+
+    def build(self, v: Variant) -> tuple[Path, dict[str, Any]]:
+        """Build `v` into work/<name>/ and return (dir, facts such as op counts and file size)."""
+        out = self.work / v.name
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        if v.runtime == "torch":
+            return self.src.path, {"file": None}
+        path = self._apply(v.passes)
+        files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+        for f in files:
+            shutil.copy2(f, out / f"model{f.suffix}")
+        facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
+        if path.suffix == ".onnx":
+            facts["ops"] = graph.count_ops(path)
+        return out, facts
+
+    def _apply(self, passes: tuple[str, ...]) -> Path:
+        """Run passes in order; every prefix is cached so shared steps run once."""
+        if passes in self._cache:
+            return self._cache[passes]
+        prev = self._apply(passes[:-1]) if len(passes) > 1 else None
+        step = passes[-1]
+        d = self.work / "_passes" / "+".join(passes)
+        d.mkdir(parents=True, exist_ok=True)
+        if step == "export":
+            from millis.export import export
+            path = export(self.src, self.task, d)
+        elif step == "fuse":
+            path = d / "model.onnx"
+            graph.fuse(self.src, prev, path)
+        elif step in ("int8-dynamic-tensor", "int8-dynamic-channel"):
+            path = d / "model.onnx"
+            quantize.dynamic(prev, path, per_channel=step.endswith("channel"))
+        elif step == "int8-static-qdq":
+            path = d / "model.onnx"
+            quantize.static(prev, path, self.calibration(), method="minmax", per_channel=True)
+        elif step == "openvino-ir":
+            path = _to_openvino(prev, d)
+        elif step == "nncf-int8":
+            path = _nncf_int8(prev, d, self.calibration())
+        else:
+            raise MillisError(f"unknown pass {step!r}")
+        self._cache[passes] = path
+        return path
+
+
+def _to_openvino(onnx_path: Path, d: Path) -> Path:
+    import openvino as ov
+
+    path = d / "model.xml"
+    ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    return path
+
+
+def _nncf_int8(xml: Path, d: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    if not feeds:
+        raise MillisError("NNCF int8 needs calibration texts; none were given")
+    model = ov.Core().read_model(str(xml))
+    q = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                      preset=nncf.QuantizationPreset.MIXED, subset_size=len(feeds))
+    path = d / "model.xml"
+    ov.save_model(q, str(path), compress_to_fp16=False)
+    return path

@@ -1,0 +1,96 @@
+"""Corrupted artifacts, bad inputs and truncation give clear errors and honest results."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import millis
+from millis.errors import MillisError
+
+
+@pytest.fixture
+def copy(classify_artifact, tmp_path):
+    d = tmp_path / "a"
+    shutil.copytree(classify_artifact, d)
+    return d
+
+
+def test_corrupted_model_file(copy):
+    meta = json.loads((copy / "millis.json").read_text())
+    model_file = next(f for f in meta["files"] if f.startswith("model"))
+    data = bytearray((copy / model_file).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / model_file).write_bytes(bytes(data))
+    with pytest.raises(MillisError, match=f"corrupted: {model_file} does not match"):
+        millis.load(copy)
+
+
+def test_missing_file_and_bad_json_and_future_version(copy):
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(MillisError, match="tokenizer/tokenizer.json is missing"):
+        millis.load(copy)
+    meta = json.loads((copy / "millis.json").read_text())
+    (copy / "millis.json").write_text(json.dumps(dict(meta, version=99)))
+    with pytest.raises(MillisError, match="format version 99"):
+        millis.load(copy)
+    (copy / "millis.json").write_text("{not json")
+    with pytest.raises(MillisError, match="corrupted"):
+        millis.load(copy)
+    (copy / "millis.json").unlink()
+    with pytest.raises(MillisError, match="not a millis artifact"):
+        millis.load(copy)
+    with pytest.raises(MillisError, match="artifact directory not found"):
+        millis.load(copy / "nope")
+
+
+def test_rewrite_is_atomic_and_replaces(classify_artifact, tmp_path):
+    from millis import artifact
+
+    out = tmp_path / "x"
+    artifact.write(out, lambda d: (d / "a.txt").write_text("1") and {})
+    assert artifact.read_meta(out)["files"].keys() == {"a.txt"}
+
+    def boom(d):
+        (d / "b.txt").write_text("2")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        artifact.write(out, boom)
+    # the previous artifact is intact and no temp dirs are left behind
+    assert artifact.read_meta(out)["files"].keys() == {"a.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize("bad,msg", [([], "no input texts"), ([""], "input 0 is empty"),
+                                     (["ok", 3], "input 1 is int"), (["  "], "empty")])
+def test_bad_inputs(classify_artifact, bad, msg):
+    m = millis.load(classify_artifact)
+    with pytest.raises(MillisError, match=msg):
+        m.predict(bad)
+
+
+def test_wrong_task_method(classify_artifact):
+    with pytest.raises(MillisError, match="use predict"):
+        millis.load(classify_artifact).embed(["x"])
+
+
+def test_long_text_is_truncated_and_says_so(classify_artifact):
+    m = millis.load(classify_artifact)
+    long = "where is my card " * 200
+    p = m.predict(["short", long])
+    assert [x["truncated"] for x in p] == [False, True]
+    res = m.run([long])
+    assert res.tokens == [m.max_length]
+
+
+def test_batched_equals_single_and_keeps_order(classify_artifact):
+    from millis.tiny import sample_texts
+
+    m = millis.load(classify_artifact)
+    texts = sample_texts()[:20]
+    batched = m.run(texts, max_batch=7).outputs
+    single = np.stack([m.run([t]).outputs[0] for t in texts])
+    # dynamic int8 quantizes activations per tensor over the whole batch: close, not bit-equal
+    atol = 1e-5 if m.meta["variant"]["precision"] == "fp32" else 2e-3
+    np.testing.assert_allclose(batched, single, atol=atol)

@@ -1,0 +1,75 @@
+"""Every variant's outputs against the fp32 HF reference, within per-precision tolerances."""
+import numpy as np
+import pytest
+
+from millis.fidelity import compare
+from millis.runtimes import open_runtime
+from millis.sources import resolve
+from millis.tasks import OUTPUT_NAME
+from millis.text import TextEncoder
+from millis.tiny import sample_texts
+from millis.variants import CATALOG, Builder
+
+from conftest import reference_outputs
+
+TEXTS = sample_texts()[:24]
+# precision -> (max |delta| on normalised embeddings / logits, min cosine)
+TOL = {"fp32": (1e-4, 0.99999), "bf16": (0.05, 0.99), "int8": (0.25, 0.95)}
+
+
+def _outputs(rt, enc, texts):
+    return np.concatenate([rt.run(enc.encode(texts[i:i + 8]).feeds)[rt.output_name] for i in range(0, len(texts), 8)])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_dirs):
+    res = {}
+    for fam, task in (("bert", "embed"), ("distilbert", "classify")):
+        src = resolve(f"tiny:{fam}")
+        enc = TextEncoder(src.path, src.input_names, 128)
+        calib = lambda enc=enc: [enc.encode(sample_texts()[i:i + 8]).feeds for i in range(0, 48, 8)]
+        res[(fam, task)] = (src, enc, Builder(src, task, tmp_path_factory.mktemp(fam), calib),
+                            reference_outputs(src.path, task, TEXTS))
+    return res
+
+
+@pytest.mark.parametrize("case", [("bert", "embed"), ("distilbert", "classify")])
+@pytest.mark.parametrize("name", list(CATALOG))
+def test_variant_matches_reference(built, case, name):
+    src, enc, builder, ref = built[case]
+    v = CATALOG[name]
+    vdir, facts = builder.build(v)
+    rt = open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
+                      dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)
+    out = _outputs(rt, enc, TEXTS)
+    assert out.shape == ref.shape
+    fid = compare(case[1], ref, out)
+    max_diff, min_cos = TOL[v.precision]
+    assert fid["max_abs_diff"] <= max_diff, (name, fid)
+    if case[1] == "embed":
+        assert fid["cos_min"] >= min_cos, (name, fid)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3)  # Normalize is in the graph
+    else:
+        assert fid["top1_agreement"] >= 0.9, (name, fid)
+
+
+def test_padding_and_batching_do_not_change_outputs(built):
+    src, enc, builder, ref = built[("bert", "embed")]
+    v = CATALOG["ort-fp32-fused"]
+    vdir, facts = builder.build(v)
+    rt = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding", dict(v.options, file=facts["file"]))
+    batched = rt.run(enc.encode(TEXTS, pad_to=96).feeds)["embedding"]  # heavy padding
+    np.testing.assert_allclose(batched, ref, atol=2e-5)
+
+
+def test_runtime_rejects_bad_batches(built):
+    from millis.errors import MillisError
+
+    src, enc, builder, _ = built[("bert", "embed")]
+    v = CATALOG["ort-fp32-fused"]
+    vdir, facts = builder.build(v)
+    rt = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding", dict(v.options, file=facts["file"]))
+    with pytest.raises(MillisError, match="non-empty"):
+        rt.run({"input_ids": np.zeros((0, 4), np.int64), "attention_mask": np.zeros((0, 4), np.int64)})
+    with pytest.raises(MillisError, match="shape"):
+        rt.run({"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.zeros((1, 5), np.int64)})
