@@ -34,6 +34,11 @@ def has_amx() -> bool:
     return {"amx_bf16", "amx_int8"} <= cpu_flags()
 
 
+def has_bf16() -> bool:
+    """Native bf16 arithmetic (AMX tiles or AVX512-BF16); elsewhere bf16 is emulated or ignored."""
+    return has_amx() or "avx512_bf16" in cpu_flags()
+
+
 def describe() -> dict:
     """Machine and library versions, JSON-ready."""
     import os

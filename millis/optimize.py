@@ -71,7 +71,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
         if s.seq > max_len:
             raise MillisError(f"shape {s.name} is longer than the model's max length {max_len}")
     enc = TextEncoder(src.path, src.input_names, max_len)
-    texts = read_texts(cfg.sample_texts) if cfg.sample_texts else sample_texts()
+    texts = read_texts(cfg.sample_texts, limit=512) if cfg.sample_texts else sample_texts()  # fidelity set
     calib_texts = read_texts(cfg.calibration_texts, limit=512) if cfg.calibration_texts else texts
     calibration = lambda: [enc.encode(calib_texts[i:i + 8]).feeds for i in range(0, len(calib_texts), 8)]
     out_name = OUTPUT_NAME[cfg.task]
@@ -100,6 +100,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
                     inputs[cfg.target])
                 r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
                 r.rss_mb = rss_mb() - rss0
+                if getattr(rt, "effective_precision", ""):
+                    r.facts["effective_precision"] = rt.effective_precision
                 progress(f"checking fidelity of {v.name}")
                 y = _outputs(rt, enc, texts)
                 if v.name == REFERENCE:
@@ -108,8 +110,6 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
                 r.ok, r.reason = (True, "reference") if v.name == REFERENCE else within(cfg.task, r.fidelity, cfg.budget)
                 r.facts["dir"] = str(vdir)
                 runtimes[v.name] = rt
-            except MillisError:
-                raise
             except Exception as e:  # one variant failing (e.g. a runtime missing) must not sink the run
                 if v.name == REFERENCE:
                     raise

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from millis import graph, quantize
+from millis import graph, hardware, quantize
 from millis.errors import MillisError
 from millis.sources import ModelSource
 
@@ -81,6 +81,9 @@ class Builder:
         out.mkdir(parents=True)
         if v.runtime == "torch":
             return self.src.path, {"file": None}
+        if v.precision == "bf16" and not hardware.has_bf16():
+            raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
+                              "as fp32 or emulated, so it is skipped")
         path = self._apply(v.passes)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
         for f in files:

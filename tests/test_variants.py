@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from millis import hardware
+from millis.errors import MillisError
 from millis.fidelity import compare
 from millis.runtimes import open_runtime
 from millis.sources import resolve
@@ -38,6 +40,10 @@ def built(tmp_path_factory, tiny_dirs):
 def test_variant_matches_reference(built, case, name):
     src, enc, builder, ref = built[case]
     v = CATALOG[name]
+    if v.precision == "bf16" and not hardware.has_bf16():
+        with pytest.raises(MillisError, match="no native bf16"):
+            builder.build(v)
+        return
     vdir, facts = builder.build(v)
     rt = open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
                       dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)

@@ -27,8 +27,10 @@ def bert_base_dir(cache=None):
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
-    # BertConfig defaults: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522, 512 positions
-    model = BertModel(BertConfig()).eval()
+    # BertConfig defaults: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
+    # position_embedding_type is spelled out because transformers 5 no longer writes it, and
+    # CTranslate2's converter reads it (MiniLM's config.json has it too).
+    model = BertModel(BertConfig(position_embedding_type="absolute")).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()
     for f in TOKENIZER_FILES:  # modules.json: Transformer -> 1_Pooling -> 2_Normalize, like MiniLM

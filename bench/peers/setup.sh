@@ -8,19 +8,20 @@
 # Usage: bash bench/peers/setup.sh [name ...]     (default: all peers)
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VENVS="$HERE/../.venvs"
+VENVS="$(cd "$HERE/.." && pwd)/.venvs"
 PY="${MILLIS_PEER_PYTHON:-python3}"
 # torch must come first and be pinned: 2.13.0 is a CPU wheel on local disk;
 # any other version would pull multi-GB CUDA wheels.
 TORCH="torch==2.13.0"
 mkdir -p "$VENVS"
 
-# name | packages installed after torch ("-" = no torch) | import check
+# name | "torch" to install torch first, "-" not | packages (pinned to the versions the
+# benchmark was checked with; bump deliberately) | import check
 peer_spec() {
   case "$1" in
-    optimum)  echo "torch|optimum-onnx onnxruntime|import optimum.onnxruntime, onnxruntime, transformers; from optimum.onnxruntime import ORTOptimizer, ORTQuantizer, ORTModelForFeatureExtraction; from optimum.onnxruntime.configuration import AutoQuantizationConfig, AutoOptimizationConfig";;
-    openvino) echo "torch|openvino nncf transformers|import openvino, nncf, transformers, torch";;
-    ct2)      echo "torch|ctranslate2 transformers|import ctranslate2, transformers, torch; from ctranslate2.converters import TransformersConverter";;
+    optimum)  echo "torch|optimum-onnx==0.1.0 onnxruntime==1.32.0|import optimum.onnxruntime, onnxruntime, transformers; from optimum.onnxruntime import ORTOptimizer, ORTQuantizer, ORTModelForFeatureExtraction; from optimum.onnxruntime.configuration import AutoQuantizationConfig, AutoOptimizationConfig";;
+    openvino) echo "torch|openvino==2026.4.1 nncf==3.4.0 transformers==5.23.0|import openvino, nncf, transformers, torch";;
+    ct2)      echo "torch|ctranslate2==4.8.5 transformers==5.23.0|import ctranslate2, transformers, torch; from ctranslate2.converters import TransformersConverter";;
     *) return 1;;
   esac
 }
@@ -37,18 +38,22 @@ setup_one() {
   rm -f "$dir/.millis-ok" "$dir/.millis-fail"
   local t0=$SECONDS log="$VENVS/$name.log"
   echo "[$name] creating venv (log: $log)"
-  (  # subshell: any failing step exits it with non-zero status, recorded below
-    set -e
-    [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir"
-    "$dir/bin/python" -m pip install -q --upgrade pip wheel
-    if [[ "$torch" == torch ]]; then "$dir/bin/python" -m pip install "$TORCH"; fi
-    # torch stays pinned while the rest resolves
-    # shellcheck disable=SC2086
-    if [[ "$torch" == torch ]]; then "$dir/bin/python" -m pip install $pkgs "$TORCH"
-    else "$dir/bin/python" -m pip install $pkgs; fi
+  (  # subshell: the first failing step exits it non-zero (explicit: set -e is void under `||`)
+    [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir" || exit 1
+    "$dir/bin/python" -m pip install -q --upgrade pip wheel || exit 1
+    if [[ "$torch" == torch ]]; then
+      "$dir/bin/python" -m pip install "$TORCH" || exit 1
+      # torch stays pinned while the rest resolves
+      # shellcheck disable=SC2086
+      "$dir/bin/python" -m pip install $pkgs "$TORCH" || exit 1
+    else
+      # shellcheck disable=SC2086
+      "$dir/bin/python" -m pip install $pkgs || exit 1
+    fi
   ) >"$log" 2>&1
   local rc=$?
   if [[ $rc -ne 0 ]]; then
+    mkdir -p "$dir"
     echo "pip install failed (see $log): $(tail -n 3 "$log" | tr '\n' ' ')" >"$dir/.millis-fail"
     echo "[$name] FAILED: $(cat "$dir/.millis-fail")"; return 1
   fi

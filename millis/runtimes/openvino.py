@@ -28,13 +28,9 @@ class OpenVinoRuntime:
         self.static = static
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self._requests: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self.effective_precision = ""  # what the CPU plugin really runs (bf16 only where the CPU has it)
         if not static:
-            self._dynamic = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
-
-    def precision(self) -> str:
-        """The precision the CPU plugin actually runs (bf16 only where the CPU has it)."""
-        cm = self.core.compile_model(self.model, "CPU", self.config)
-        return str(cm.get_property("INFERENCE_PRECISION_HINT"))
+            self._dynamic = self._compile(self.model)
 
     def _request(self, shape: tuple[int, int]):
         if not self.static:
@@ -43,13 +39,19 @@ class OpenVinoRuntime:
         if req is None:
             m = self.model.clone()
             m.reshape({n: list(shape) for n in self.input_names})
-            req = self.core.compile_model(m, "CPU", self.config).create_infer_request()
+            req = self._compile(m)
             self._requests[shape] = req
             if len(self._requests) > MAX_STATIC_SHAPES:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(shape)
         return req
+
+    def _compile(self, model):
+        cm = self.core.compile_model(model, "CPU", self.config)
+        hint = cm.get_property("INFERENCE_PRECISION_HINT")
+        self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        return cm.create_infer_request()
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_batch(batch, self.input_names)

@@ -1,0 +1,161 @@
+"""CPU encoder benchmark: millis's selected variant against the peers, in one run, systems alternated.
+
+    bash bench/peers/setup.sh            # once: peer venvs (Optimum, OpenVINO+NNCF, CTranslate2)
+    .venv/bin/python bench/cpu_encoders.py [--models minilm,bert-base] [--rounds 5 --n 40]
+
+For each model: `millis optimize` builds and selects its variant (budget: cosine >= 0.995 on
+Banking77 texts, calibrated on Banking77 train texts); then every system runs in its own process
+and they are timed round-robin (round r rotates the order) at each shape on real Banking77 text
+filling exactly b x s tokens. Embedding cosine vs torch fp32 is measured on Banking77 test texts.
+Writes bench/results/cpu_encoders.json (`rows`: system, model, shape, p50_ms, p99_ms, cos_min).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peers"))
+sys.path.insert(0, str(HERE.parent))
+import harness  # noqa: E402
+import models  # noqa: E402
+
+PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8")
+BASELINE = "torch_eager"
+
+
+def build_millis(model: str, model_dir: Path, shapes: list[str], out: Path, reuse: bool) -> Path:
+    """Run millis's own optimize + select for this model (in this process)."""
+    from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape
+    from millis.optimize import optimize
+
+    if reuse and (out / "millis.json").is_file():
+        return out
+    data = harness.data_root() / "banking77"
+    cfg = OptimizeConfig(
+        source=str(model_dir), task="embed", out=str(out), target=Shape(1, 128),
+        budget=Budget(min_cosine=0.995), sample_texts=str(data / "test.csv"),
+        calibration_texts=str(data / "train.csv"),
+        measure=MeasureConfig(shapes=tuple(Shape.parse(s) for s in shapes), warmup=5, iters=60, rounds=3,
+                              max_seconds_per_cell=15.0))
+    t0 = time.perf_counter()
+    optimize(cfg, progress=lambda m: print(f"  [millis optimize {model}] {m}", flush=True))
+    print(f"  [millis optimize {model}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def embeddings_fidelity(peers, tok, texts: list[str]) -> dict[str, dict[str, float]]:
+    """Cosine of each system's embeddings vs torch_eager's on the same padded batches."""
+    outs = {}
+    for p in peers:
+        rows = []
+        for i in range(0, len(texts), 32):
+            ids, mask = harness.tokenize(tok, texts[i:i + 32], max_length=256)
+            rows.append(p.embed(ids, mask))
+        outs[p.name] = np.concatenate(rows)
+    ref = outs[BASELINE]
+    return {n: {"cos_min": float(harness.row_cosines(e, ref).min()),
+                "cos_mean": float(harness.row_cosines(e, ref).mean())} for n, e in outs.items()}
+
+
+def run_model(model: str, a, results: list[dict], meta: dict) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = models.minilm_dir() if model == "minilm" else models.bert_base_dir()
+    shapes = [s.strip() for s in a.shapes.split(",")]
+    art = build_millis(model, model_dir, shapes, HERE / ".cache" / "millis" / model, a.reuse)
+    millis_meta = json.loads((art / "millis.json").read_text())
+    meta.setdefault("millis_variant", {})[model] = millis_meta["variant"]
+    systems = [s for s in a.systems.split(",") if s]
+    live, skipped = harness.start_peers([s for s in systems if s != "millis"], model_dir, threads=a.threads)
+    if "millis" in systems:
+        mp = harness.Peer("millis", art, threads=a.threads)
+        live.append(mp) if mp.alive else skipped.__setitem__("millis", mp.error)
+    meta.setdefault("skipped", {})[model] = skipped
+    for n, why in skipped.items():
+        print(f"  SKIPPED {n}: {why}", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        texts = harness.banking77_texts("test")
+        inputs = {}
+        for s in shapes:
+            b, t = (int(x) for x in s.replace("b", "").replace("s", "").split("x"))
+            inputs[(b, t)] = harness.texts_for_shape(tok, texts, b, t)
+        print(f"  fidelity on {a.fidelity_texts} Banking77 test texts", flush=True)
+        fid = embeddings_fidelity(live, tok, texts[: a.fidelity_texts])
+        print(f"  timing {len(live)} systems x {len(shapes)} shapes, {a.rounds} rounds x {a.n}", flush=True)
+        samples = harness.run_round_robin(live, list(inputs), inputs, n_per_round=a.n, rounds=a.rounds)
+        for p in live:
+            info = p.info()
+            for (b, t) in inputs:
+                ms = np.asarray(samples.get((p.name, (b, t)), []))
+                if ms.size == 0:
+                    continue
+                results.append({"system": p.name, "model": model, "shape": f"b{b}xs{t}",
+                                "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                                "n": int(ms.size), "cos_min": fid[p.name]["cos_min"],
+                                "cos_mean": fid[p.name]["cos_mean"], "precision": info.get("precision", "")})
+    finally:
+        for p in live:
+            p.close()
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_vs_best_peer: p50 / the fastest peer's p50 at the same model and shape (same run)."""
+    for r in rows:
+        peers = [x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"] and x["system"] in PEERS]
+        if peers:
+            best = min(peers, key=lambda x: x["p50_ms"])
+            r["best_peer"], r["ratio_vs_best_peer"] = best["system"], r["p50_ms"] / best["p50_ms"]
+            fair = [x for x in peers if x["cos_min"] >= r["cos_min"] - 1e-4]  # peers at least as faithful
+            if fair:
+                bf = min(fair, key=lambda x: x["p50_ms"])
+                r["best_peer_same_fidelity"], r["ratio_vs_best_peer_same_fidelity"] = bf["system"], r["p50_ms"] / bf["p50_ms"]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':9} {'shape':8} {'system':20} {'p50 ms':>8} {'p99 ms':>8} {'x best peer':>11} "
+          f"{'x best >=fid':>12} {'cos min':>8}  precision")
+    for r in sorted(rows, key=lambda r: (r["model"], r["shape"], r["p50_ms"])):
+        ratio = f"{r.get('ratio_vs_best_peer', float('nan')):.2f}"
+        fair = f"{r.get('ratio_vs_best_peer_same_fidelity', float('nan')):.2f}"
+        print(f"{r['model']:9} {r['shape']:8} {r['system']:20} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+              f"{ratio:>11} {fair:>12} {r['cos_min']:8.5f}  {r['precision'][:40]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
+    ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis")))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--n", type=int, default=40, help="timed calls per system, shape and round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fidelity-texts", type=int, default=512)
+    ap.add_argument("--reuse", action="store_true", help="reuse an existing millis artifact")
+    ap.add_argument("--out", default=str(HERE / "results" / "cpu_encoders.json"))
+    a = ap.parse_args()
+    from millis import hardware
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware.describe(),
+            "settings": {k: v for k, v in vars(a).items() if k != "out"}}
+    rows: list[dict] = []
+    for model in a.models.split(","):
+        print(f"== {model}", flush=True)
+        run_model(model, a, rows, meta)
+    add_ratios(rows)
+    print_table(rows)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
