@@ -27,9 +27,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str) -> s
              f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} within the fidelity budget).", "",
              f"Machine: {hw['cpu']}, {hw['cores']} cores, ISA {' '.join(hw['isa']) or '-'}; "
              f"millis {meta['millis_version']}.", "",
-             "p50 / p99 latency in ms per shape; fidelity against torch fp32 on the sample texts.", "",
-             "| variant | runtime | precision | " + " | ".join(shapes) + " | fidelity | ok | cold start s | MB |",
-             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|"]
+             "p50 / p99 latency in ms per shape; fidelity against torch fp32 on the sample texts; cold start = "
+             "load + first call at the target shape; RSS MB = resident memory added by loading the variant.", "",
+             "| variant | runtime | precision | " + " | ".join(shapes) + " | fidelity | ok | cold start s | file MB | RSS MB |",
+             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['latency'][s]['p50_ms']:.2f} / {r['latency'][s]['p99_ms']:.2f}" if s in r["latency"] else "-"
                  for s in shapes]
@@ -39,7 +40,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str) -> s
         size_txt = f"{size / 2**20:.1f}" if size else "-"
         lines.append(f"| {mark}{r['name']}{mark} | {r['runtime']} | {r['precision']} | " + " | ".join(cells) +
                      f" | {fidelity_text(task, r['fidelity'])} | {ok} | "
-                     f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} |")
+                     f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += ["", "Skipped variants:", ""] + [f"- {r['name']}: {r['error']}" for r in errors]
@@ -68,7 +69,8 @@ def plot(path: Path, task: str, rows: list[dict[str, Any]], chosen: str) -> None
         ax.set_yticks(y, names, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{s}: p50 (bar) to p99 (whisker)", fontsize=9)
-        ax.set_xlabel("ms")
+        ax.set_xscale("log")  # eager is often 10x the rest
+        ax.set_xlabel("ms (log)")
     fig.suptitle(f"millis variants ({task}); green = chosen, gray = outside fidelity budget", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
