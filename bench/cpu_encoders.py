@@ -89,8 +89,9 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
             inputs[(b, t)] = harness.texts_for_shape(tok, texts, b, t)
         print(f"  fidelity on {a.fidelity_texts} Banking77 test texts", flush=True)
         fid = embeddings_fidelity(live, tok, texts[: a.fidelity_texts])
-        print(f"  timing {len(live)} systems x {len(shapes)} shapes, {a.rounds} rounds x {a.n}", flush=True)
-        samples = harness.run_round_robin(live, list(inputs), inputs, n_per_round=a.n, rounds=a.rounds)
+        n = int(a.n) if a.n.isdigit() else int(dict(x.split("=") for x in a.n.split(","))[model])
+        print(f"  timing {len(live)} systems x {len(shapes)} shapes, {a.rounds} rounds x {n}", flush=True)
+        samples = harness.run_round_robin(live, list(inputs), inputs, n_per_round=n, rounds=a.rounds)
         for p in live:
             info = p.info()
             for (b, t) in inputs:
@@ -135,7 +136,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis")))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--n", type=int, default=40, help="timed calls per system, shape and round")
+    ap.add_argument("--n", default="minilm=40,bert-base=12",
+                    help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)
     ap.add_argument("--reuse", action="store_true", help="reuse an existing millis artifact")

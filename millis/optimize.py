@@ -73,7 +73,10 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
     enc = TextEncoder(src.path, src.input_names, max_len)
     texts = read_texts(cfg.sample_texts, limit=512) if cfg.sample_texts else sample_texts()  # fidelity set
     calib_texts = read_texts(cfg.calibration_texts, limit=512) if cfg.calibration_texts else texts
-    calibration = lambda: [enc.encode(calib_texts[i:i + 8]).feeds for i in range(0, len(calib_texts), 8)]
+    calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
+    calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
+    calibration = lambda: [calib_enc.encode(calib_texts[i:i + 8], pad_to=calib_len).feeds
+                           for i in range(0, len(calib_texts), 8)]
     out_name = OUTPUT_NAME[cfg.task]
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))
     inputs = {s: enc.fill(texts, s.batch, s.seq) for s in shapes}

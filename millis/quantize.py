@@ -19,13 +19,16 @@ INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Q
             "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm")
 
 
-def dynamic(in_path: Path, out_path: Path, per_channel: bool) -> None:
+def dynamic(in_path: Path, out_path: Path, per_channel: bool, op_types: tuple[str, ...] = ("MatMul", "Attention")) -> None:
+    """op_types=("Attention",) quantizes only the fused QKV projections: on AVX2 CPUs (no VNNI) the
+    FFN and output MatMuls are where int8 error accumulates on real checkpoints (MiniLM cosine
+    0.986 with all MatMuls per-channel, 0.998 with attention only; notes/cpu_recipe_study.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)
     # DefaultTensorType: fused contrib ops (Attention...) have no ONNX type inference.
     quantize_dynamic(str(in_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=["MatMul", "Attention"],
+                     op_types_to_quantize=list(op_types),
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
@@ -50,10 +53,17 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     if not batches:
         raise MillisError("static quantization needs calibration texts; none were given")
     logging.getLogger().setLevel(logging.ERROR)
+    # Without shape pre-processing the quantizer cannot type the activations of fused contrib ops and
+    # silently quantizes none of them (the result is weight-only). Pre-process into a temp file.
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    quant_pre_process(str(in_path), str(pre), skip_optimization=True, auto_merge=True)
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
-    quantize_static(str(in_path), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
+    quantize_static(str(pre), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                     calibrate_method=cm, op_types_to_quantize=list(op_types),
                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                    "CalibMovingAverage": method == "minmax"})
+    pre.unlink(missing_ok=True)

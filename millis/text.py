@@ -57,6 +57,8 @@ class TextEncoder:
     def encode(self, texts: list[str], pad_to: int = 0) -> Encoded:
         ids, cut = self.token_ids(check_texts(texts))
         longest = max(len(r) for r in ids)
+        if pad_to and pad_to < longest:
+            raise MillisError(f"pad_to={pad_to} is shorter than the longest row ({longest} tokens)")
         t = pad_to or min(self.max_length, -(-longest // BUCKET) * BUCKET)
         return Encoded(self.pack(ids, t), [len(r) for r in ids], cut)
 

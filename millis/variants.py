@@ -39,8 +39,10 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             {"graph_level": "all"}, "dynamic int8, per-tensor weights"),
     Variant("ort-int8-dynamic-pc", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-channel"),
             {"graph_level": "all"}, "dynamic int8, per-channel weights"),
-    Variant("ort-int8-static", "onnxruntime", "int8", ("export", "int8-static-qdq"), {"graph_level": "all"},
-            "static int8 QDQ, MatMuls calibrated (MinMax) on sample texts, per-channel"),
+    Variant("ort-int8-attention", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-attention"),
+            {"graph_level": "all"}, "dynamic int8 on the fused attention (QKV) only, per-channel; rest fp32"),
+    Variant("ort-int8-static", "onnxruntime", "int8", ("export", "fuse", "int8-static-qdq"), {"graph_level": "all"},
+            "static int8 QDQ, MatMuls calibrated (MinMax) on the calibration texts, per-channel"),
     Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32", "static": True},
             "OpenVINO f32, static shapes"),
     Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16", "static": True},
@@ -51,7 +53,7 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
 
 PRESET_VARIANTS = {
     "cpu": tuple(CATALOG),
-    "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-dynamic", "ov-int8"),
+    "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-attention", "ort-int8-dynamic-pc"),
 }
 
 
@@ -110,6 +112,9 @@ class Builder:
         elif step in ("int8-dynamic-tensor", "int8-dynamic-channel"):
             path = d / "model.onnx"
             quantize.dynamic(prev, path, per_channel=step.endswith("channel"))
+        elif step == "int8-dynamic-attention":
+            path = d / "model.onnx"
+            quantize.dynamic(prev, path, per_channel=True, op_types=("Attention",))
         elif step == "int8-static-qdq":
             path = d / "model.onnx"
             quantize.static(prev, path, self.calibration(), method="minmax", per_channel=True)
