@@ -37,7 +37,7 @@ def build_millis(model: str, model_dir: Path, shapes: list[str], out: Path, reus
 
     if reuse and (out / "millis.json").is_file():
         return out
-    data = harness.data_root() / "banking77"
+    data = Path(harness.data_root()) / "banking77"
     cfg = OptimizeConfig(
         source=str(model_dir), task="embed", out=str(out), target=Shape(1, 128),
         budget=Budget(min_cosine=0.995), sample_texts=str(data / "test.csv"),

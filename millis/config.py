@@ -52,7 +52,7 @@ class MeasureConfig:
     iters: int = 200          # timed calls per variant and shape, split across `rounds`
     rounds: int = 5           # interleaving rounds
     threads: int = 0          # intra-op threads; 0 = all physical cores of this machine
-    max_seconds_per_cell: float = 60.0  # cap for very slow variants (eager at large shapes)
+    max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
         order = names[r % len(names):] + names[: r % len(names)]
         for shape, feeds in inputs.items():
             for n in order:
+                time.sleep(0.005)  # let the previous runtime's spinning worker threads park
                 cell, budget = samples[(n, shape)], cfg.max_seconds_per_cell / cfg.rounds
                 t_round = 0.0
                 for _ in range(per_round):

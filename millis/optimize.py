@@ -117,7 +117,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
                 if v.name == REFERENCE:
                     raise
                 r.error, r.reason = f"{type(e).__name__}: {e}", "build or run failed"
-                progress(f"[yellow]skipped {v.name}: {r.error[:200]}")
+                progress(f"skipped {v.name}: {r.error[:200]}")
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
         lat = measure(runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
