@@ -26,7 +26,6 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
     """Return {variant: {shape_name: stats}} over interleaved rounds."""
     names = list(runtimes)
     samples: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
-    spent: dict[tuple[str, Shape], float] = {k: 0.0 for k in samples}
     per_round = max(1, cfg.iters // cfg.rounds)
     for shape, feeds in inputs.items():  # warm-up: compile static shapes, fill caches
         for n in names:
@@ -47,7 +46,6 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
                     t_round += dt
                     if t_round > budget and len(cell) >= 3:  # a very slow cell: fewer calls, noted by n
                         break
-                spent[(n, shape)] += t_round
         if on_round:
             on_round(r)
     return {n: {s.name: stats(samples[(n, s)], s.batch) for s in inputs} for n in names}
