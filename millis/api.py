@@ -82,7 +82,7 @@ def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:
     meta = artifact.read_meta(path, verify=verify)
     v = meta["variant"]
     model_dir = path / "hf" if v["runtime"] == "torch" else path
-    options = dict(v.get("options", {}), task=meta["task"])
+    options = dict(v.get("options", {}), task=meta["task"], pooling=meta["source"]["pooling"])
     rt = open_runtime(v["runtime"], model_dir, v["name"], tuple(meta["input_names"]), meta["output"], options, threads)
     enc = TextEncoder(path / "tokenizer", tuple(meta["input_names"]), int(meta["max_length"]))
     return Model(path, meta, rt, enc)

@@ -73,3 +73,17 @@ def test_shape_longer_than_model_is_rejected(tmp_path, tiny_dirs):
     with pytest.raises(millis.MillisError, match="longer than the model's max length"):
         optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "x"), target=Shape(1, 16),
                                 measure=MeasureConfig(shapes=(Shape(1, 4096),))))
+
+
+def test_reference_embed_artifact_keeps_pooling(tmp_path, tiny_dirs, quick_measure):
+    """A budget no approximation can meet ships the torch reference; reloaded, it still pools and
+    normalises as the sentence-transformers folder declares."""
+    from millis.config import Budget
+
+    out = optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "ref"),
+                                  variants=("ort-fp32-fused",), target=Shape(1, 16), measure=quick_measure,
+                                  budget=Budget(min_cosine=1.01)))
+    m = millis.load(out)
+    assert m.variant == "torch-fp32"
+    texts = sample_texts()[:8]
+    np.testing.assert_allclose(m.embed(texts), reference_outputs(tiny_dirs["bert"], "embed", texts), atol=1e-5)

@@ -47,7 +47,8 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
                                threads, options.get("precision", "f32"), bool(options.get("static", True)))
     if kind == "torch":
         from millis.runtimes.torch_eager import TorchRuntime
-        return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"])
+        return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
+                            options.get("pooling"))
     raise MillisError(f"unknown runtime {kind!r}; supported: {', '.join(KINDS)}")
 
 

@@ -11,12 +11,17 @@ from millis.runtimes.base import check_batch
 
 class TorchRuntime:
     def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
-                 threads: int, task: str):
-        from millis.sources import inspect_dir
+                 threads: int, task: str, pooling: dict | None = None):
+        from dataclasses import replace
+
+        from millis.sources import Pooling, inspect_dir
         from millis.tasks import load_task_model
 
         torch.set_num_threads(threads)
-        self.model = load_task_model(inspect_dir(model_dir), task)
+        src = inspect_dir(model_dir)
+        if pooling:  # an artifact's saved HF weights lack modules.json: the recorded pooling wins
+            src = replace(src, pooling=Pooling(**pooling))
+        self.model = load_task_model(src, task)
         self.name, self.input_names, self.output_name = name, input_names, output_name
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
