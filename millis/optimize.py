@@ -1,6 +1,7 @@
 """`millis optimize`: build every variant, check fidelity, measure, select, write the artifact."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -75,8 +76,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
     calib_texts = read_texts(cfg.calibration_texts, limit=512) if cfg.calibration_texts else texts
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
-    calibration = lambda: [calib_enc.encode(calib_texts[i:i + 8], pad_to=calib_len).feeds
-                           for i in range(0, len(calib_texts), 8)]
+    calibration = functools.cache(lambda: [calib_enc.encode(calib_texts[i:i + 8], pad_to=calib_len).feeds
+                                           for i in range(0, len(calib_texts), 8)])  # shared by int8 passes
     out_name = OUTPUT_NAME[cfg.task]
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))
     inputs = {s: enc.fill(texts, s.batch, s.seq) for s in shapes}
