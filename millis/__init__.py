@@ -1,14 +1,12 @@
-"""millis: make transformer inference millisecond-fast, and prove it."""
+"""millis: make transformer inference millisecond-fast, and prove it.
+
+    import millis
+    model = millis.load("artifacts/minilm")          # an artifact written by `millis optimize`
+    from millis.optimize import optimize             # the pipeline: optimize(OptimizeConfig(...))
+"""
 __version__ = "0.1.0"
 
 from millis.api import Model, load  # noqa: E402
 from millis.errors import MillisError  # noqa: E402
 
-
-def optimize(cfg):
-    """Run the optimize pipeline (see millis.optimize.optimize)."""
-    from millis.optimize import optimize as _optimize
-    return _optimize(cfg)
-
-
-__all__ = ["__version__", "load", "optimize", "Model", "MillisError"]
+__all__ = ["__version__", "load", "Model", "MillisError"]
