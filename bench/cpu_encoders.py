@@ -76,7 +76,10 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
     live, skipped = harness.start_peers([s for s in systems if s != "millis"], model_dir, threads=a.threads)
     if "millis" in systems:
         mp = harness.Peer("millis", art, threads=a.threads)
-        live.append(mp) if mp.alive else skipped.__setitem__("millis", mp.error)
+        if mp.alive:
+            live.append(mp)
+        else:
+            skipped["millis"] = mp.error
     meta.setdefault("skipped", {})[model] = skipped
     for n, why in skipped.items():
         print(f"  SKIPPED {n}: {why}", flush=True)

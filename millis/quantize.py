@@ -61,9 +61,11 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     quant_pre_process(str(in_path), str(pre), skip_optimization=True, auto_merge=True)
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
-    quantize_static(str(pre), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                    calibrate_method=cm, op_types_to_quantize=list(op_types),
-                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                                   "CalibMovingAverage": method == "minmax"})
-    pre.unlink(missing_ok=True)
+    try:
+        quantize_static(str(pre), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                        calibrate_method=cm, op_types_to_quantize=list(op_types),
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
+                                       "CalibMovingAverage": method == "minmax"})
+    finally:
+        pre.unlink(missing_ok=True)

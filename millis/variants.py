@@ -51,6 +51,13 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             {"precision": "f32", "static": True}, "OpenVINO + NNCF int8 (transformer preset), static shapes"),
 ]}
 
+# dynamic int8 passes -> quantize.dynamic arguments
+DYNAMIC_INT8: dict[str, dict[str, Any]] = {
+    "int8-dynamic-tensor": {"per_channel": False},
+    "int8-dynamic-channel": {"per_channel": True},
+    "int8-dynamic-attention": {"per_channel": True, "op_types": ("Attention",)},
+}
+
 PRESET_VARIANTS = {
     "cpu": tuple(CATALOG),
     "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-attention", "ort-int8-dynamic-pc"),
@@ -109,12 +116,9 @@ class Builder:
         elif step == "fuse":
             path = d / "model.onnx"
             graph.fuse(self.src, prev, path)
-        elif step in ("int8-dynamic-tensor", "int8-dynamic-channel"):
+        elif step in DYNAMIC_INT8:
             path = d / "model.onnx"
-            quantize.dynamic(prev, path, per_channel=step.endswith("channel"))
-        elif step == "int8-dynamic-attention":
-            path = d / "model.onnx"
-            quantize.dynamic(prev, path, per_channel=True, op_types=("Attention",))
+            quantize.dynamic(prev, path, **DYNAMIC_INT8[step])
         elif step == "int8-static-qdq":
             path = d / "model.onnx"
             quantize.static(prev, path, self.calibration(), method="minmax", per_channel=True)
