@@ -27,6 +27,23 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def run_texts(runtime: Runtime, encoder: TextEncoder, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
+    """Texts -> outputs in input order: rows sorted by length, cut into batches of `max_batch`,
+    each padded to its 16-token bucket (so a static-shape runtime sees few shapes)."""
+    texts = check_texts(texts)
+    ids, cut = encoder.token_ids(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+    for start in range(0, len(order), max_batch):
+        idx = order[start:start + max_batch]
+        longest = max(len(ids[i]) for i in idx)
+        t = min(encoder.max_length, -(-longest // BUCKET) * BUCKET)
+        y = runtime.run(encoder.pack([ids[i] for i in idx], t))[runtime.output_name]
+        for row, i in enumerate(idx):
+            outs[i] = y[row]
+    return Result(np.stack(outs).astype(np.float32), cut, [len(r) for r in ids])
+
+
 class Model:
     """A loaded artifact. Thread-compatible: one call at a time per runtime (the server's worker)."""
 
@@ -42,18 +59,7 @@ class Model:
 
     def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
         """Tokenize, batch rows of similar length together, run, restore input order."""
-        texts = check_texts(texts)
-        ids, cut = self.encoder.token_ids(texts)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
-        for start in range(0, len(order), max_batch):
-            idx = order[start:start + max_batch]
-            longest = max(len(ids[i]) for i in idx)
-            t = min(self.max_length, -(-longest // BUCKET) * BUCKET)
-            y = self.runtime.run(self.encoder.pack([ids[i] for i in idx], t))[self.runtime.output_name]
-            for row, i in enumerate(idx):
-                outs[i] = y[row]
-        return Result(np.stack(outs).astype(np.float32), cut, [len(r) for r in ids])
+        return run_texts(self.runtime, self.encoder, texts, max_batch)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(N, H) sentence embeddings (pooled and normalised as the model declares)."""
@@ -74,6 +80,29 @@ class Model:
                         "probs": {self.id2label.get(j, str(j)): float(v) for j, v in enumerate(p)},
                         "logits": res.outputs[i].tolist(), "truncated": res.truncated[i]})
         return out
+
+
+def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0) -> Model:
+    """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
+    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike."""
+    p = Path(spec)
+    if artifact.format_of(p) == artifact.FORMAT:
+        model = load(p, threads=threads)
+        if task and task != model.task:
+            raise MillisError(f"{p} is a {model.task} artifact, not {task}")
+        return model
+    from millis.sources import resolve
+    from millis.tasks import OUTPUT_NAME
+
+    src = resolve(str(spec))
+    task = task or ("classify" if src.has_classifier else "embed")
+    max_len = min(max_length or src.max_length, src.max_length)
+    options = {"task": task, "pooling": {"mode": src.pooling.mode, "normalize": src.pooling.normalize}}
+    rt = open_runtime("torch", src.path, "torch-fp32", src.input_names, OUTPUT_NAME[task], options, threads)
+    meta = {"task": task, "max_length": max_len, "id2label": {str(k): v for k, v in src.id2label.items()},
+            "variant": {"name": "torch-fp32", "runtime": "torch", "precision": "fp32"},
+            "source": {"spec": src.spec, "path": str(src.path), "sha256": src.sha256}}
+    return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
 
 
 def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:

@@ -19,16 +19,17 @@ FORMAT_VERSION = 1
 META = "millis.json"
 
 
-def write(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
-    """Create `out` atomically. `fill(tmp)` writes the files into tmp and returns the metadata;
-    every file then present (but millis.json) is hashed into meta["files"]."""
+def write(out: Path, fill: Callable[[Path], dict[str, Any]], fmt: str = FORMAT) -> Path:
+    """Create `out` atomically; `fmt` says what it is (an artifact, a trained model).
+    `fill(tmp)` writes the files into tmp and returns the metadata; every file then present
+    (but millis.json) is hashed into meta["files"]."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         meta = fill(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != META)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta,
+        meta = {"format": fmt, "version": FORMAT_VERSION, **meta,
                 "files": {str(p.relative_to(tmp)): hash_files([p]) for p in files}}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         old = None
@@ -42,6 +43,16 @@ def write(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def format_of(path: str | Path) -> str | None:
+    """The `format` a directory's millis.json declares (artifact, trained model...), None without one."""
+    f = Path(path) / META
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
 
 
 def read_meta(path: Path, verify: bool = True) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from millis.errors import MillisError
 
@@ -12,6 +13,12 @@ from millis.errors import MillisError
 def _env(name: str, default):
     """Every flag can also come from MILLIS_<NAME> in the environment."""
     return os.environ.get("MILLIS_" + name.upper().replace("-", "_"), default)
+
+
+# `millis train` flags that override the preset (values from MILLIS_* arrive as strings: typed here)
+TRAIN_FLAGS = {"text_col": str, "label_col": str, "epochs": int, "batch_size": int, "lr": float,
+               "weight_decay": float, "warmup": float, "patience": int, "max_length": int, "seed": int,
+               "limit": int, "threads": int, "val_fraction": float}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +40,32 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--max-length", type=int, default=int(_env("max_length", 0)), help="truncate texts to this many tokens")
     o.add_argument("--sample-texts", default=_env("sample_texts", ""), help="texts for fidelity checks (.txt lines or CSV 'text' column)")
     o.add_argument("--calibration-texts", default=_env("calibration_texts", ""), help="texts for static int8 calibration")
+    o.add_argument("--data", default=_env("data", ""), help="labelled CSV/TSV/JSONL: select on accuracy (classify)")
+    o.add_argument("--max-drop", type=float, default=float(_env("max_drop", 0.5)),
+                   help="with --data: accuracy points a variant may lose against fp32")
+    o.add_argument("--text-col", default=_env("text_col", "text"), help="text column of --data / text files")
+    o.add_argument("--label-col", default=_env("label_col", ""), help="label column of --data (default: as trained)")
+    o.add_argument("--no-recover", action="store_true", default=_env("no_recover", "") not in ("", "0"),
+                   help="do not try recovery recipes when plain int8 misses the budget")
+
+    t = sub.add_parser("train", help="fine-tune a sequence classifier on a labelled CSV/TSV/JSONL file")
+    t.add_argument("source", help="local Hugging Face model dir, builtin:minilm, or tiny:bert...")
+    t.add_argument("--data", required=_env("data", None) is None, default=_env("data", None), help="training file")
+    t.add_argument("--out", default=_env("out", "models/classifier"), help="model directory to write")
+    t.add_argument("--preset", default=_env("preset", "default"), help="default, or quick (1 epoch, 512 rows)")
+    t.add_argument("--validation", default=_env("validation", ""), help="labelled validation file (default: hold out)")
+    for name, typ in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), type=typ, default=_env(name, None),
+                       help=f"TrainConfig.{name} (default: the preset's)")
+
+    e = sub.add_parser("eval", help="accuracy / macro-F1 / per-class of a model or artifact on labelled data")
+    e.add_argument("model", help="artifact dir, model dir from `millis train`, or a source spec")
+    e.add_argument("--data", required=_env("data", None) is None, default=_env("data", None), help="labelled file")
+    e.add_argument("--text-col", default=_env("text_col", "text"))
+    e.add_argument("--label-col", default=_env("label_col", ""), help="default: the column the model was trained on")
+    e.add_argument("--limit", type=int, default=int(_env("limit", 0)), help="first N rows only")
+    e.add_argument("--threads", type=int, default=int(_env("threads", 0)))
+    e.add_argument("--json", default=_env("json", ""), help="also write the full result to this JSON file")
 
     i = sub.add_parser("info", help="show an artifact's recipe and measured figures")
     i.add_argument("artifact")
@@ -63,8 +96,9 @@ def _optimize(a) -> int:
     measure = replace(measure, threads=a.threads)
     cfg = OptimizeConfig(source=a.source, task=a.task, out=a.out, preset=a.preset, target=Shape.parse(a.target),
                          variants=tuple(v for v in a.variants.split(",") if v), max_length=a.max_length,
-                         budget=Budget(min_cosine=a.min_cosine, max_logit_diff=a.max_logit_diff),
-                         measure=measure, sample_texts=a.sample_texts, calibration_texts=a.calibration_texts)
+                         budget=Budget(min_cosine=a.min_cosine, max_logit_diff=a.max_logit_diff, max_drop=a.max_drop),
+                         measure=measure, sample_texts=a.sample_texts, calibration_texts=a.calibration_texts,
+                         data=a.data, text_col=a.text_col, label_col=a.label_col, recover=not a.no_recover)
     console = Console(stderr=True)
     with console.status("starting") as status:
         def progress(msg: str) -> None:
@@ -73,6 +107,59 @@ def _optimize(a) -> int:
         out = optimize(cfg, progress)
     print((out / "report.md").read_text())
     print(f"artifact: {out}")
+    return 0
+
+
+def _train(a) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from millis.train import train, train_config
+
+    overrides = {n: typ(getattr(a, n)) for n, typ in TRAIN_FLAGS.items() if getattr(a, n) is not None}
+    cfg = train_config(a.source, a.data, a.preset, out=a.out, validation=a.validation, **overrides)
+    console = Console(stderr=True)
+    cols = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} rows/s"), TimeRemainingColumn())
+    with Progress(*cols, console=console) as bar:
+        task = None
+
+        def progress(event: str, f: dict) -> None:
+            nonlocal task
+            if event == "start":
+                console.log(f"training on {f['rows']} rows ({f['classes']} classes), validating on {f['val_rows']}")
+                task = bar.add_task("train", total=f["steps_per_epoch"], epoch=1, loss=0.0, rate=0.0)
+            elif event == "step":
+                bar.update(task, completed=f["step"], epoch=f["epoch"], loss=f["loss"], rate=f["rows_per_s"])
+            elif event == "epoch":
+                console.log(f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, validation accuracy "
+                            f"{100 * f['val_accuracy']:.2f}%{' (best)' if f['improved'] else ''}, {f['seconds']:.0f} s")
+                bar.reset(task, total=bar.tasks[0].total)
+        out = train(cfg, progress)
+    from millis.train import read_train_meta
+
+    meta = read_train_meta(out)
+    print(f"model: {out}  (best epoch {meta['best_epoch']}, validation accuracy {100 * meta['val_accuracy']:.2f}%, "
+          f"{len(meta['labels'])} labels)")
+    return 0
+
+
+def _eval(a) -> int:
+    from millis.evaluate import EvalConfig, evaluate
+
+    res = evaluate(EvalConfig(model=a.model, data=a.data, text_col=a.text_col, label_col=a.label_col,
+                              limit=a.limit, threads=a.threads))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    print(f"model {a.model} ({res['variant']}, {res['task']}) on {a.data}: {res['n']} rows, {res['seconds']:.1f} s")
+    if res["task"] == "classify":
+        print(f"accuracy {100 * res['accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%\n")
+        print(f"{'label':<40} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+        for label, m in res["per_class"].items():
+            print(f"{label[:40]:<40} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8d}")
+    else:
+        print("agreement with fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                                  if k in ("cos_min", "cos_mean", "nn_agreement", "top10_overlap")))
     return 0
 
 
@@ -116,7 +203,7 @@ def _predict(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"optimize": _optimize, "info": _info, "predict": _predict}[a.cmd](a)
+        return {"optimize": _optimize, "train": _train, "eval": _eval, "info": _info, "predict": _predict}[a.cmd](a)
     except MillisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

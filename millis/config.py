@@ -62,6 +62,7 @@ class Budget:
     min_cosine: float = 0.99        # embed: min cosine over the sample texts
     max_logit_diff: float = 0.5     # classify: max |delta logit| over the sample texts
     min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
+    max_drop: float = 0.5           # with labelled data: accuracy points a variant may lose vs fp32
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ class OptimizeConfig:
     sample_texts: str = ""                    # file with one text per line; "" = shipped samples
     calibration_texts: str = ""               # texts for static int8 calibration; "" = samples
     preset: str = "cpu"
+    data: str = ""                            # labelled file: select on accuracy (Budget.max_drop)
+    text_col: str = "text"
+    label_col: str = ""                       # "" = the column `millis train` used, else label/...
+    recover: bool = True                      # plain int8 over budget -> try recovery recipes
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

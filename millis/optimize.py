@@ -6,43 +6,25 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-
-import numpy as np
 
 from millis import __version__, artifact, hardware, report
 from millis.config import OptimizeConfig, to_dict
 from millis.errors import MillisError
-from millis.fidelity import compare, within
-from millis.measure import cold_start, measure, rss_mb
-from millis.runtimes import open_runtime
+from millis.evaluator import VariantEvaluator
+from millis.labeled import Labeled, read_labeled
+from millis.measure import measure
+from millis.recover import recover
 from millis.select import Candidate, select
 from millis.sources import ModelSource, resolve
 from millis.tasks import OUTPUT_NAME
 from millis.text import TextEncoder, read_texts
 from millis.tiny import sample_texts
-from millis.variants import REFERENCE, Builder, variants_for
+from millis.train import read_train_meta
+from millis.variants import Builder, variants_for
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class VariantResult:
-    name: str
-    runtime: str
-    precision: str
-    note: str
-    recipe: dict[str, Any]
-    facts: dict[str, Any] = field(default_factory=dict)     # file size, op counts
-    fidelity: dict[str, float] = field(default_factory=dict)
-    ok: bool = False
-    reason: str = ""
-    cold_start: dict[str, float] = field(default_factory=dict)
-    rss_mb: float = 0.0
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)  # shape name -> stats
-    error: str = ""
 
 
 def model_max_length(src: ModelSource, requested: int) -> int:
@@ -57,11 +39,24 @@ def model_max_length(src: ModelSource, requested: int) -> int:
     return limit
 
 
-def _outputs(rt, enc: TextEncoder, texts: list[str], batch: int = 8) -> np.ndarray:
-    rows = []
-    for i in range(0, len(texts), batch):
-        rows.append(rt.run(enc.encode(texts[i:i + batch]).feeds)[rt.output_name])
-    return np.concatenate(rows)
+def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: int = 8) -> list[dict]:
+    """Equal (batch, length) feeds: Percentile / Entropy stack all batches, so the last one is filled
+    by wrapping around to the first texts."""
+    n = -(-len(texts) // batch) * batch
+    texts = [texts[i % len(texts)] for i in range(n)]
+    return [enc.encode(texts[i:i + batch], pad_to=length).feeds for i in range(0, n, batch)]
+
+
+def _labeled(cfg: OptimizeConfig, src: ModelSource) -> Labeled | None:
+    if not cfg.data or cfg.task != "classify":
+        return None
+    label_col = cfg.label_col or ((read_train_meta(src.path) or {}).get("data", {}).get("label_col", ""))
+    data = read_labeled(cfg.data, cfg.text_col, label_col)
+    unknown = sorted(set(data.labels) - set(src.id2label.values()))
+    if unknown:
+        raise MillisError(f"{cfg.data} has labels the model does not know: {unknown[:8]}; "
+                          f"model labels: {sorted(src.id2label.values())[:8]}...")
+    return data
 
 
 def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path:
@@ -72,68 +67,43 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
         if s.seq > max_len:
             raise MillisError(f"shape {s.name} is longer than the model's max length {max_len}")
     enc = TextEncoder(src.path, src.input_names, max_len)
-    texts = read_texts(cfg.sample_texts, limit=512) if cfg.sample_texts else sample_texts()  # fidelity set
-    calib_texts = read_texts(cfg.calibration_texts, limit=512) if cfg.calibration_texts else texts
+    data = _labeled(cfg, src)
+    if cfg.sample_texts:
+        texts = read_texts(cfg.sample_texts, limit=512)
+    elif cfg.data:  # fidelity on the user's own texts (classify: the labelled file's first rows)
+        texts = list(data.texts[:512]) if data is not None else read_texts(cfg.data, cfg.text_col, limit=512)
+    else:
+        texts = sample_texts()
+    calib_texts = read_texts(cfg.calibration_texts, cfg.text_col, limit=512) if cfg.calibration_texts else texts
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
-    calibration = functools.cache(lambda: [calib_enc.encode(calib_texts[i:i + 8], pad_to=calib_len).feeds
-                                           for i in range(0, len(calib_texts), 8)])  # shared by int8 passes
-    out_name = OUTPUT_NAME[cfg.task]
+    calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len))
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))
     inputs = {s: enc.fill(texts, s.batch, s.seq) for s in shapes}
 
     work = Path(tempfile.mkdtemp(prefix="millis-work-"))
     try:
         builder = Builder(src, cfg.task, work, calibration)
-        results: dict[str, VariantResult] = {}
-        runtimes = {}
-        ref_out = None
+        ev = VariantEvaluator(cfg, src, enc, builder, texts, inputs[cfg.target], data, progress)
         for v in variants_for(cfg.variants, cfg.preset):
-            progress(f"building {v.name}")
-            r = VariantResult(v.name, v.runtime, v.precision, v.note,
-                              {"runtime": v.runtime, "passes": list(v.passes), "options": dict(v.options)})
-            results[v.name] = r
-            try:
-                t0 = time.perf_counter()
-                vdir, r.facts = builder.build(v)
-                r.facts["build_s"] = time.perf_counter() - t0
-                rss0 = rss_mb()
-                opts = dict(v.options, task=cfg.task, file=r.facts.get("file") or "")
-                rt, load_s, first_s = cold_start(lambda: open_runtime(
-                    v.runtime, vdir, v.name, src.input_names, out_name, opts, cfg.measure.threads),
-                    inputs[cfg.target])
-                r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
-                r.rss_mb = rss_mb() - rss0
-                if getattr(rt, "effective_precision", ""):
-                    r.facts["effective_precision"] = rt.effective_precision
-                progress(f"checking fidelity of {v.name}")
-                y = _outputs(rt, enc, texts)
-                if v.name == REFERENCE:
-                    ref_out = y
-                r.fidelity = compare(cfg.task, ref_out, y)
-                r.ok, r.reason = (True, "reference") if v.name == REFERENCE else within(cfg.task, r.fidelity, cfg.budget)
-                r.facts["dir"] = str(vdir)
-                runtimes[v.name] = rt
-            except Exception as e:  # one variant failing (e.g. a runtime missing) must not sink the run
-                if v.name == REFERENCE:
-                    raise
-                r.error, r.reason = f"{type(e).__name__}: {e}", "build or run failed"
-                progress(f"skipped {v.name}: {r.error[:200]}")
-        progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
-        lat = measure(runtimes, inputs, cfg.measure,
+            ev.judge(v)
+        recovery = recover(ev, calib_texts) if cfg.recover else {"needed": False, "why": "disabled", "attempts": []}
+        progress(f"measuring {len(ev.runtimes)} variants x {len(shapes)} shapes")
+        lat = measure(ev.runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
         for name, per_shape in lat.items():
-            results[name].latency = per_shape
+            ev.results[name].latency = per_shape
         chosen = select([Candidate(r.name, r.latency[cfg.target.name]["p50_ms"], r.ok, r.reason)
-                         for r in results.values() if r.latency])
+                         for r in ev.results.values() if r.latency])
         progress(f"chosen: {chosen.name}")
-        return _write(cfg, src, max_len, results, chosen.name, progress)
+        return _write(cfg, src, max_len, ev, recovery, chosen.name, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, results: dict[str, VariantResult],
+def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvaluator, recovery: dict[str, Any],
            chosen: str, progress: Progress) -> Path:
+    results = ev.results
     best = results[chosen]
 
     def fill(tmp: Path) -> dict[str, Any]:
@@ -157,11 +127,11 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, results: dict[st
                        "heads": src.num_heads, "pooling": to_dict(src.pooling)},
             "variant": {"name": best.name, "precision": best.precision, **best.recipe},
             "measured": {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
-                         "cold_start": best.cold_start},
+                         "accuracy": best.accuracy, "reference_accuracy": ev.ref_acc, "cold_start": best.cold_start},
             "hardware": hardware.describe(),
             "config": to_dict(cfg),
         }
-        report.write_all(tmp, meta, [r.__dict__ for r in results.values()], chosen)
+        report.write_all(tmp, meta, [r.__dict__ for r in results.values()], chosen, recovery)
         return meta
 
     progress(f"writing artifact to {cfg.out}")

@@ -14,6 +14,13 @@ class Candidate:
     reason: str = ""
 
 
+def accuracy_gate(ref_accuracy: float, accuracy: float, max_drop: float) -> tuple[bool, str]:
+    """(ok, reason): accuracies are fractions, `max_drop` is in points (0.5 = half a percent)."""
+    drop = 100.0 * (ref_accuracy - accuracy)
+    ok = drop <= max_drop + 1e-9  # equal counts as within
+    return ok, f"accuracy drop {drop:.2f} pt {'within' if ok else 'exceeds'} --max-drop {max_drop}"
+
+
 def select(candidates: list[Candidate]) -> Candidate:
     """Fastest candidate within budget; ties go to the earlier (simpler) one."""
     ok = [c for c in candidates if c.ok]

@@ -52,6 +52,7 @@ def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torc
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # silence "some weights were not used" for the dropped head
+    hf_logging.disable_progress_bar()
     if task == "classify":
         if not src.has_classifier:
             raise MillisError(f"{src.spec} has no sequence-classification head (architectures in config.json); "

@@ -93,15 +93,19 @@ class TextEncoder:
 
 
 def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
-    """One text per line (.txt) or a column of a CSV/TSV file."""
+    """One text per line (.txt) or a column of a CSV/TSV file or of a JSONL file's objects."""
     import csv
 
     p = Path(path)
     if not p.is_file():
         raise MillisError(f"text file not found: {p}")
-    if p.suffix in (".csv", ".tsv"):
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):  # labelled files are valid text sources too (millis eval, --data)
+        from millis.labeled import read_column
+        texts = read_column(p, column)
+    elif suffix in (".csv", ".tsv"):
         with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if p.suffix == ".tsv" else ",")
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if column not in (reader.fieldnames or []):
                 raise MillisError(f"{p} has no column {column!r}; columns: {reader.fieldnames}")
             texts = [row[column] for row in reader if row.get(column, "").strip()]

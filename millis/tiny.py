@@ -52,17 +52,25 @@ def build_tiny(family: str, root: Path | None = None) -> Path:
         raise MillisError(f"unknown tiny model {family!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}")
     from millis.sources import cache_dir
 
-    out = (root or cache_dir() / "tiny") / family
+    out = (root or cache_dir() / "tiny-v2") / family  # v2: the tokenizer has its full vocab
     if (out / "config.json").is_file():
         return out
     import torch
+    from tokenizers.implementations import BertWordPieceTokenizer
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{family}-"))
     vocab = build_vocab()
     (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...) (a 5-token vocab): build the WordPiece
+    # model with `tokenizers` and wrap it.
+    wp = BertWordPieceTokenizer(str(tmp / "vocab.txt"), lowercase=True)
+    tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=True, model_max_length=128,
+                            unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                            mask_token="[MASK]")
+    if len(tok) != len(vocab):
+        raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
     tok.save_pretrained(tmp)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab))).eval()

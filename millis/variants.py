@@ -5,6 +5,7 @@ is written into the artifact's millis.json so the chosen variant can be rebuilt 
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class Variant:
     passes: tuple[str, ...]        # applied in order, see PASSES
     options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, static...)
     note: str = ""
+    keep_fp32: tuple[str, ...] = ()  # graph nodes the int8 pass leaves in fp32 (sensitivity fallback)
 
 
 REFERENCE = "torch-fp32"
@@ -43,6 +45,10 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             {"graph_level": "all"}, "dynamic int8 on the fused attention (QKV) only, per-channel; rest fp32"),
     Variant("ort-int8-static", "onnxruntime", "int8", ("export", "fuse", "int8-static-qdq"), {"graph_level": "all"},
             "static int8 QDQ, MatMuls calibrated (MinMax) on the calibration texts, per-channel"),
+    Variant("ort-int8-static-percentile", "onnxruntime", "int8", ("export", "fuse", "int8-static-percentile"),
+            {"graph_level": "all"}, "static int8 QDQ, ranges at the 99.999th percentile (clips outliers)"),
+    Variant("ort-int8-static-entropy", "onnxruntime", "int8", ("export", "fuse", "int8-static-entropy"),
+            {"graph_level": "all"}, "static int8 QDQ, ranges minimising KL divergence (entropy)"),
     Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32", "static": True},
             "OpenVINO f32, static shapes"),
     Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16", "static": True},
@@ -58,8 +64,16 @@ DYNAMIC_INT8: dict[str, dict[str, Any]] = {
     "int8-dynamic-attention": {"per_channel": True, "op_types": ("Attention",)},
 }
 
+# static int8 passes -> calibration method
+STATIC_INT8: dict[str, str] = {"int8-static-qdq": "minmax", "int8-static-percentile": "percentile",
+                               "int8-static-entropy": "entropy"}
+
+# Tried, in this order, only when plain int8 misses the budget (see millis.recover).
+RECOVERY = ("ort-int8-dynamic-pc", "ort-int8-static", "ort-int8-static-percentile", "ort-int8-static-entropy")
+MIXED_BASE = "ort-int8-dynamic-pc"  # the sensitivity fallback keeps some of its MatMuls in fp32
+
 PRESET_VARIANTS = {
-    "cpu": tuple(CATALOG),
+    "cpu": tuple(n for n in CATALOG if n not in RECOVERY[2:]),
     "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-attention", "ort-int8-dynamic-pc"),
 }
 
@@ -93,7 +107,7 @@ class Builder:
         if v.precision == "bf16" and not hardware.has_bf16():
             raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
                               "as fp32 or emulated, so it is skipped")
-        path = self._apply(v.passes)
+        path = self._apply(v.passes, v.keep_fp32)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
         for f in files:
             shutil.copy2(f, out / f"model{f.suffix}")
@@ -102,13 +116,18 @@ class Builder:
             facts["ops"] = graph.count_ops(path)
         return out, facts
 
-    def _apply(self, passes: tuple[str, ...]) -> Path:
-        """Run passes in order; every prefix is cached so shared steps run once."""
-        if passes in self._cache:
-            return self._cache[passes]
+    def _apply(self, passes: tuple[str, ...], keep: tuple[str, ...] = ()) -> Path:
+        """Run passes in order; every prefix is cached so shared steps run once. `keep` names nodes
+        the last (int8) step leaves in fp32."""
+        key = (passes, keep)
+        if key in self._cache:
+            return self._cache[key]
         prev = self._apply(passes[:-1]) if len(passes) > 1 else None
         step = passes[-1]
-        d = self.work / "_passes" / "+".join(passes)
+        if keep and step not in DYNAMIC_INT8:
+            raise MillisError(f"keeping nodes in fp32 needs a dynamic int8 pass, not {step!r}")
+        tag = f"-keep{len(keep)}-{hashlib.sha1(chr(0).join(keep).encode()).hexdigest()[:8]}" if keep else ""
+        d = self.work / "_passes" / ("+".join(passes) + tag)
         d.mkdir(parents=True, exist_ok=True)
         if step == "export":
             from millis.export import export
@@ -118,18 +137,22 @@ class Builder:
             graph.fuse(self.src, prev, path)
         elif step in DYNAMIC_INT8:
             path = d / "model.onnx"
-            quantize.dynamic(prev, path, **DYNAMIC_INT8[step])
-        elif step == "int8-static-qdq":
+            quantize.dynamic(prev, path, **DYNAMIC_INT8[step], exclude=keep)
+        elif step in STATIC_INT8:
             path = d / "model.onnx"
-            quantize.static(prev, path, self.calibration(), method="minmax", per_channel=True)
+            quantize.static(prev, path, self.calibration(), method=STATIC_INT8[step], per_channel=True)
         elif step == "openvino-ir":
             path = _to_openvino(prev, d)
         elif step == "nncf-int8":
             path = _nncf_int8(prev, d, self.calibration())
         else:
             raise MillisError(f"unknown pass {step!r}")
-        self._cache[passes] = path
+        self._cache[key] = path
         return path
+
+    def graph(self, passes: tuple[str, ...]) -> Path:
+        """The file after `passes` (built if needed), e.g. the fused fp32 graph for sensitivity."""
+        return self._apply(passes)
 
 
 def _to_openvino(onnx_path: Path, d: Path) -> Path:

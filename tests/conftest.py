@@ -56,3 +56,56 @@ def reference_outputs(src_dir: Path, task: str, texts: list[str], max_length: in
             f = enc.encode([t], pad_to=len(enc.token_ids([t])[0][0])).feeds
             rows.append(model(*(torch.from_numpy(f[n]) for n in src.input_names)).numpy()[0])
     return np.stack(rows)
+
+
+# Words the tiny tokenizer knows (they occur in millis/data/sample_texts.txt): two separable topics.
+BANK = "card transfer account pin atm refund payment withdraw balance deposit statement limit".split()
+MARKET = "shares stock bond yields earnings revenue profit dividend investors markets analysts oil prices merger".split()
+FILLER = "the my is a today again please why how was it and for".split()
+
+
+def write_topics(path: Path, rows: int, seed: int) -> Path:
+    """A labelled CSV of `rows` short texts, half 'bank', half 'market' (words from the sample texts)."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        label, words = ("bank", BANK) if i % 2 == 0 else ("market", MARKET)
+        text = rng.sample(words, 3) + rng.sample(FILLER, rng.randint(1, 4))
+        rng.shuffle(text)
+        lines.append(f"{' '.join(text)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def topics_data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("topics")
+    return {"train": write_topics(d / "train.csv", 200, seed=1), "test": write_topics(d / "test.csv", 60, seed=2)}
+
+
+def train_one_thread(cfg):
+    """millis.train.train with cfg.threads=1 (two threads on a busy 2-core machine are ~50x slower);
+    torch's global thread count is restored afterwards."""
+    from dataclasses import replace
+
+    import torch
+
+    from millis.train import train
+
+    before = torch.get_num_threads()
+    try:
+        return train(replace(cfg, threads=1))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory, topics_data, tiny_dirs) -> Path:
+    """tiny:bert fine-tuned on the two-topic file (shared by the train / evaluate tests)."""
+    from millis.train import train_config
+
+    out = tmp_path_factory.mktemp("trained") / "topics"
+    return train_one_thread(train_config("tiny:bert", str(topics_data["train"]), out=str(out), lr=3e-3,
+                                         batch_size=16, epochs=4, patience=10))

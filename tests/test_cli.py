@@ -24,6 +24,24 @@ def test_cli_optimize_info_predict(tmp_path, tiny_dirs, capsys):
     assert all(ln["label"] in ("negative", "neutral", "positive") for ln in lines)
 
 
+
+def test_cli_optimize_on_labelled_data(tmp_path, tiny_dirs, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,sentiment\nwhere is my card?,negative\nrefund?,neutral\ngreat service,positive\n"
+                    "I want to close my account.,negative\n")
+    out = tmp_path / "art"
+    rc = main(["optimize", "tiny:bert", "--task", "classify", "--out", str(out), "--preset", "quick",
+               "--variants", "ort-int8-dynamic", "--target", "b1xs16", "--shapes", "b1xs16", "--iters", "4",
+               "--threads", "1", "--data", str(data), "--text-col", "sentence", "--label-col", "sentiment",
+               "--max-drop", "100", "--no-recover"])
+    assert rc == 0
+    assert f"within 100.0 accuracy points of fp32 on {data}" in capsys.readouterr().out
+    meta = json.loads((out / "millis.json").read_text())
+    assert meta["config"]["budget"]["max_drop"] == 100.0 and meta["config"]["recover"] is False
+    assert meta["config"]["label_col"] == "sentiment" and meta["measured"]["accuracy"]["n"] == 4
+    assert json.loads((out / "report.json").read_text())["recovery"] == {"needed": False, "why": "disabled",
+                                                                         "attempts": []}
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

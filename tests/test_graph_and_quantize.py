@@ -1,5 +1,4 @@
 """The exported graphs are ones ONNX Runtime can fuse, and int8 passes really quantize."""
-import numpy as np
 import onnx
 import pytest
 

@@ -49,6 +49,11 @@ def test_tiny_families(tiny_dirs, family, inputs):
     src = resolve(f"tiny:{family}")
     assert src.model_type == family and src.has_classifier and len(src.input_names) == inputs
     assert src.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src.path))
+    ids = tok("I lost my card yesterday and need a new one.")["input_ids"]
+    assert tok.unk_token_id not in ids  # every word of the sample texts is in the tiny vocab
 
 
 def test_classify_needs_a_head():

@@ -5,6 +5,7 @@ import pytest
 from millis import hardware
 from millis.errors import MillisError
 from millis.fidelity import compare
+from millis.optimize import calibration_batches
 from millis.runtimes import open_runtime
 from millis.sources import resolve
 from millis.tasks import OUTPUT_NAME
@@ -29,7 +30,8 @@ def built(tmp_path_factory, tiny_dirs):
     for fam, task in (("bert", "embed"), ("distilbert", "classify")):
         src = resolve(f"tiny:{fam}")
         enc = TextEncoder(src.path, src.input_names, 128)
-        calib = lambda enc=enc: [enc.encode(sample_texts()[i:i + 8]).feeds for i in range(0, 48, 8)]
+        # equal (8, 128) batches, as optimize makes them: Percentile / Entropy stack all batches
+        calib = lambda enc=enc: calibration_batches(enc, sample_texts()[:48], 128)
         res[(fam, task)] = (src, enc, Builder(src, task, tmp_path_factory.mktemp(fam), calib),
                             reference_outputs(src.path, task, TEXTS))
     return res

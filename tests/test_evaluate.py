@@ -1,0 +1,125 @@
+"""millis eval: hand-checked metrics, embedding agreement, and the CLI on real models."""
+import json
+
+import numpy as np
+import pytest
+
+from millis.cli import main
+from millis.errors import MillisError
+from millis.evaluate import EvalConfig, classification_metrics, embedding_agreement, evaluate
+
+
+def test_classification_metrics_by_hand():
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", "d", "c"]  # "d" is predicted once but never true
+    m = classification_metrics(y_true, y_pred)
+    assert m["n"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
+    pc = m["per_class"]
+    assert list(pc) == ["a", "b", "c", "d"]
+    assert pc["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert pc["b"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert pc["c"] == pytest.approx({"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1})
+    assert pc["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 1.0 + 0.0) / 4)
+
+
+def test_classification_metrics_rejects_bad_input():
+    with pytest.raises(MillisError, match="equal, non-empty"):
+        classification_metrics(["a"], ["a", "b"])
+    with pytest.raises(MillisError, match="equal, non-empty"):
+        classification_metrics([], [])
+
+
+def test_embedding_agreement():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 16)).astype(np.float32)
+    same = embedding_agreement(ref, ref.copy())
+    assert same["cos_min"] == pytest.approx(1.0) and same["nn_agreement"] == 1.0 and same["top10_overlap"] == 1.0
+    assert same["n"] == 40
+    scaled = embedding_agreement(ref, 3 * ref)  # cosine ignores scale
+    assert scaled["nn_agreement"] == 1.0 and scaled["cos_min"] == pytest.approx(1.0)
+    noisy = embedding_agreement(ref, ref + rng.normal(scale=0.7, size=ref.shape))
+    assert noisy["nn_agreement"] < 1.0 and noisy["top10_overlap"] < 1.0 and noisy["cos_mean"] < 0.99
+    permuted = embedding_agreement(ref, ref[rng.permutation(40)])
+    assert permuted["nn_agreement"] < noisy["nn_agreement"] and permuted["cos_mean"] < 0.5
+    small = embedding_agreement(ref[:4], ref[:4])
+    assert "top3_overlap" in small  # k shrinks to n - 1
+    assert "nn_agreement" not in embedding_agreement(ref[:1], ref[:1])
+    with pytest.raises(MillisError, match="shapes differ"):
+        embedding_agreement(ref, ref[:, :8])
+
+
+def test_cli_eval_on_a_trained_model(trained_classifier, topics_data, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = main(["eval", str(trained_classifier), "--data", str(topics_data["test"]), "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "macro-F1" in text
+    assert "bank" in text and "market" in text  # the per-class table
+    res = json.loads(out.read_text())
+    assert res["variant"] == "torch-fp32" and res["n"] == 60 and res["label_col"] == "label"
+    assert f"accuracy {100 * res['accuracy']:.2f}%" in text
+    assert sum(m["support"] for m in res["per_class"].values()) == 60
+
+
+def test_cli_eval_errors(trained_classifier, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nmy card,bank\nthe oil,weather\n")
+    assert main(["eval", str(trained_classifier), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "labels the model does not know: ['weather']" in err
+    assert main(["eval", str(trained_classifier), "--data", str(tmp_path / "none.csv")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+
+
+def test_eval_on_a_source_spec(tmp_path, tiny_dirs):
+    """tiny:bert (random weights) evaluates as the torch reference; its three labels are known."""
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nwhere is my card?,negative\nrefund?,positive\nok,neutral\nHi,positive\n")
+    res = evaluate(EvalConfig(model="tiny:bert", data=str(p)))
+    assert res["variant"] == "torch-fp32" and res["task"] == "classify" and res["n"] == 4
+    assert sum(m["support"] for m in res["per_class"].values()) == 4
+    assert 0.0 <= res["accuracy"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def embed_artifact(tmp_path_factory, tiny_dirs, quick_measure):
+    from millis.config import OptimizeConfig, Shape
+    from millis.optimize import optimize
+
+    return optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path_factory.mktemp("e") / "a"),
+                                   variants=("ort-int8-dynamic",), target=Shape(1, 16), measure=quick_measure))
+
+
+def test_eval_on_an_embed_artifact(embed_artifact, tmp_path, capsys):
+    from millis.tiny import sample_texts
+
+    texts = [t for t in sample_texts() if "," not in t and '"' not in t][:30]
+    csv = tmp_path / "t.csv"
+    csv.write_text("text\n" + "\n".join(texts) + "\n")
+    res = evaluate(EvalConfig(model=str(embed_artifact), data=str(csv)))
+    assert res["task"] == "embed" and res["n"] == 30
+    assert {"cos_min", "cos_mean", "nn_agreement", "top10_overlap"} <= set(res)
+    assert 0.9 < res["cos_min"] <= res["cos_mean"] <= 1.0 + 1e-6
+    # a JSONL file of the same texts is read by its text column, not as raw lines
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    res_jl = evaluate(EvalConfig(model=str(embed_artifact), data=str(jl)))
+    assert res_jl["n"] == 30 and res_jl["cos_min"] == pytest.approx(res["cos_min"], abs=1e-6)
+    assert main(["eval", str(embed_artifact), "--data", str(csv)]) == 0
+    assert "agreement with fp32: cos_min" in capsys.readouterr().out
+
+
+def test_embed_eval_needs_the_fp32_source(embed_artifact, tmp_path):
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(embed_artifact, art)
+    meta = json.loads((art / "millis.json").read_text())
+    assert meta["variant"]["name"] != "torch-fp32"  # an ONNX variant: agreement needs the fp32 source
+    meta["source"]["path"] = str(tmp_path / "gone")
+    (art / "millis.json").write_text(json.dumps(meta))
+    txt = tmp_path / "t.txt"
+    txt.write_text("where is my card?\nrefund?\n")
+    with pytest.raises(MillisError, match="fp32 source .*gone is gone"):
+        evaluate(EvalConfig(model=str(art), data=str(txt)))

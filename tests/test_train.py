@@ -1,0 +1,130 @@
+"""millis train: learns a separable task, saves a reloadable model, is seeded, and fails clearly."""
+import random
+
+import numpy as np
+import pytest
+
+from millis.errors import MillisError
+from millis.evaluate import EvalConfig, evaluate
+from millis.labeled import Labeled
+from millis.sources import resolve
+from millis.train import length_batches, read_train_meta, split, train_config
+
+from conftest import train_one_thread
+
+
+def test_training_learns_and_saves_a_reloadable_model(trained_classifier, topics_data):
+    meta = read_train_meta(trained_classifier)
+    assert meta["format"] == "millis-train" and meta["labels"] == ["bank", "market"]
+    hist = meta["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]  # patience 10: no early stop
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert meta["best_epoch"] == max(hist, key=lambda h: h["val_accuracy"])["epoch"]
+    assert meta["data"]["label_col"] == "label" and meta["data"]["rows"] == 200
+    src = resolve(str(trained_classifier))
+    assert src.has_classifier and src.id2label == {0: "bank", 1: "market"}
+    res = evaluate(EvalConfig(model=str(trained_classifier), data=str(topics_data["test"])))
+    assert res["task"] == "classify" and res["n"] == 60
+    assert res["accuracy"] > 0.9, res
+
+
+def _weights(d):
+    from safetensors.numpy import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_same_seed_same_weights(tmp_path, topics_data, tiny_dirs):
+    outs = []
+    for name in ("a", "b", "c"):
+        cfg = train_config("tiny:bert", str(topics_data["train"]), preset="quick", out=str(tmp_path / name),
+                           limit=48, lr=3e-3, seed=1 if name == "c" else 0)
+        outs.append(_weights(train_one_thread(cfg)))
+    a, b, c = outs
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)  # the seed matters
+
+
+def _train(tmp_path, data, **kw):
+    return train_one_thread(train_config("tiny:bert", str(data), out=str(tmp_path / "m"), epochs=1, **kw))
+
+
+def test_one_class_is_rejected(tmp_path):
+    p = tmp_path / "one.csv"
+    p.write_text("text,label\nmy card,bank\nthe atm,bank\n")
+    with pytest.raises(MillisError, match="only one class \\('bank'\\) in column 'label'"):
+        _train(tmp_path, p)
+
+
+def test_missing_label_column_and_empty_text(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,category\nmy card,bank\n")
+    with pytest.raises(MillisError, match=r"no column 'label' \(columns: text, category\)"):
+        _train(tmp_path, p, label_col="label")
+    q = tmp_path / "e.csv"
+    q.write_text("text,label\nmy card,bank\nthe stock,market\nthe pin,bank\n ,market\n")
+    with pytest.raises(MillisError, match=r"empty text, at line\(s\) 5"):
+        _train(tmp_path, q)
+
+
+def test_validation_file_with_unknown_label(tmp_path, topics_data):
+    v = tmp_path / "val.csv"
+    v.write_text("text,label\nmy card,bank\nthe oil prices,weather\n")
+    with pytest.raises(MillisError, match=r"validation file .*val\.csv has labels not in the training data: \['weather'\]"):
+        _train(tmp_path, topics_data["train"], validation=str(v))
+
+
+def test_bad_config_values():
+    with pytest.raises(MillisError, match="--val-fraction must be between 0 and 1"):
+        train_config("tiny:bert", "x.csv", val_fraction=1.0)
+    with pytest.raises(MillisError, match="--batch-size must be >= 1"):
+        train_config("tiny:bert", "x.csv", batch_size=0)
+    with pytest.raises(MillisError, match="unknown training preset 'fast'"):
+        train_config("tiny:bert", "x.csv", preset="fast")
+
+
+def test_split_is_stratified_and_disjoint():
+    labels = ("a",) * 50 + ("b",) * 30 + ("c",)
+    data = Labeled(tuple(f"t{i}" for i in range(len(labels))), labels, tuple(range(len(labels))), "x", "text", "label")
+    tr, va = split(data, 0.2, seed=3)
+    assert not set(tr) & set(va) and sorted(tr + va) == list(range(len(labels)))
+    counts = {y: sum(labels[i] == y for i in va) for y in "abc"}
+    assert counts == {"a": 10, "b": 6, "c": 0}  # 20% of each class; a single example stays in training
+    assert split(data, 0.2, seed=3) == (tr, va) and split(data, 0.2, seed=4) != (tr, va)
+
+
+def test_length_batches_cover_every_index_once():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 128) for _ in range(1000)]
+    batches = length_batches(lengths, 16, random.Random(1), window=5)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert all(1 <= len(b) <= 16 for b in batches) and sum(len(b) < 16 for b in batches) <= 1
+    # grouped by length: each batch spans far less than the whole range on average
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 45, spread  # unsorted batches span ~113
+    assert length_batches(lengths, 16, random.Random(1), window=5) == batches
+
+
+
+def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
+    import torch
+
+    from millis.cli import main
+
+    monkeypatch.setenv("MILLIS_LR", "0.003")  # flags can come from the environment, typed like the flag
+    before = torch.get_num_threads()
+    try:
+        rc = main(["train", "tiny:bert", "--data", str(topics_data["train"]), "--out", str(tmp_path / "m"),
+                   "--preset", "quick", "--limit", "48", "--threads", "1", "--seed", "3"])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model: {tmp_path / 'm'}  (best epoch 1, validation accuracy") and "2 labels" in out
+    cfg = read_train_meta(tmp_path / "m")["config"]
+    assert (cfg["lr"], cfg["limit"], cfg["epochs"], cfg["seed"], cfg["batch_size"]) == (0.003, 48, 1, 3, 16)
+    assert main(["train", "tiny:bert", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert "data file not found" in capsys.readouterr().err
