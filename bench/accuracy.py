@@ -113,11 +113,37 @@ def run(name: str, iters: int, max_drop: float) -> tuple[list[dict], dict]:
     return rows, summary
 
 
+def embed_recovery(iters: int, min_cosine: float) -> dict:
+    """The real all-MiniLM-L6-v2 embedder at a cosine budget plain int8 misses (0.92 on Banking77):
+    shows recovery and the sensitivity fallback on real weights. Gate: cosine min vs fp32 on 512
+    Banking77 test texts; calibration and sensitivity on training texts."""
+    from millis.optimize import optimize
+
+    root = data_root() / "banking77"
+    out = HERE / ".cache" / "artifacts" / "minilm-embed"
+    shape = Shape(1, 16)
+    cfg = OptimizeConfig(source="builtin:minilm", task="embed", out=str(out), target=shape,
+                         data=str(root / "test.csv"), calibration_texts=str(root / "train.csv"),
+                         budget=Budget(min_cosine=min_cosine),
+                         measure=MeasureConfig(shapes=(shape,), warmup=20, iters=iters, rounds=5))
+    optimize(cfg, progress=lambda m: print(f"  [optimize minilm-embed] {m}", flush=True))
+    rep = json.loads((out / "report.json").read_text())
+    eager = next(v for v in rep["variants"] if v["name"] == "torch-fp32")["latency"][shape.name]["p50_ms"]
+    rows = [{"variant": v["name"], "cos_min": v["fidelity"]["cos_min"], "nn_agreement": v["fidelity"].get("nn_agreement"),
+             "p50_ms": v["latency"][shape.name]["p50_ms"], "p99_ms": v["latency"][shape.name]["p99_ms"],
+             "speedup_vs_eager": eager / v["latency"][shape.name]["p50_ms"], "within_budget": v["ok"],
+             "recovery": v.get("recovery", ""), "chosen": v["name"] == rep["chosen"]}
+            for v in rep["variants"] if shape.name in v["latency"]]
+    return {"model": "builtin:minilm (embed)", "shape": shape.name, "min_cosine": min_cosine, "chosen": rep["chosen"],
+            "rows": rows, "recovery": rep["recovery"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", default="banking77,sst2")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--embed-min-cosine", type=float, default=0.995, help="0 skips the embedder recovery run")
     a = ap.parse_args()
     rows, summaries = [], []
     for name in a.datasets.split(","):
@@ -134,9 +160,17 @@ def main() -> int:
               f"{100 * s['chosen_accuracy']:.2f}% ({-s['drop_pts']:+.2f} pt), {s['speedup_vs_eager']:.2f}x eager "
               f"at {s['shape']} (median {s['median_tokens']} tokens)")
     print(f"anchor: {ANCHOR}")
+    embed = embed_recovery(a.iters, a.embed_min_cosine) if a.embed_min_cosine else None
+    if embed:
+        print(f"\nminilm embed, cosine budget {a.embed_min_cosine} (recovery: {embed['recovery']['why']})")
+        for r in embed["rows"]:
+            print(f"  {r['variant']:<28} cos min {r['cos_min']:.4f}  p50 {r['p50_ms']:6.2f} ms  "
+                  f"{r['speedup_vs_eager']:5.2f}x eager{'  <- chosen' if r['chosen'] else ''}")
+        for k in embed["recovery"].get("kept_fp32", []):
+            print(f"  kept fp32: {k['node']} (error {k['error']:.2e})")
     res = {"meta": {"command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                     "hardware": hardware.describe(), "max_drop": a.max_drop, "anchor": ANCHOR},
-           "summary": summaries, "rows": rows}
+           "summary": summaries, "rows": rows, "embed_recovery": embed}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "accuracy.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {HERE / 'results' / 'accuracy.json'}")

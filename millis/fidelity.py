@@ -31,5 +31,5 @@ def within(task: str, fid: dict[str, float], budget: Budget) -> tuple[bool, str]
             return False, f"top-1 agreement {fid['top1_agreement']:.3f} < {budget.min_top1_agreement}"
         return True, "within budget"
     if fid["cos_min"] < budget.min_cosine:
-        return False, f"cosine min {fid['cos_min']:.4f} < {budget.min_cosine}"
+        return False, f"cosine min {fid['cos_min']:.5f} < {budget.min_cosine}"
     return True, "within budget"

@@ -69,11 +69,13 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
     enc = TextEncoder(src.path, src.input_names, max_len)
     data = _labeled(cfg, src)
     if cfg.sample_texts:
-        texts = read_texts(cfg.sample_texts, limit=512)
+        texts, where = read_texts(cfg.sample_texts, limit=512), cfg.sample_texts
     elif cfg.data:  # fidelity on the user's own texts (classify: the labelled file's first rows)
         texts = list(data.texts[:512]) if data is not None else read_texts(cfg.data, cfg.text_col, limit=512)
+        where = cfg.data
     else:
-        texts = sample_texts()
+        texts, where = sample_texts(), "the texts shipped with millis"
+    fidelity_texts = f"{len(texts)} texts from {where}"
     calib_texts = read_texts(cfg.calibration_texts, cfg.text_col, limit=512) if cfg.calibration_texts else texts
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
@@ -96,13 +98,13 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
         chosen = select([Candidate(r.name, r.latency[cfg.target.name]["p50_ms"], r.ok, r.reason)
                          for r in ev.results.values() if r.latency])
         progress(f"chosen: {chosen.name}")
-        return _write(cfg, src, max_len, ev, recovery, chosen.name, progress)
+        return _write(cfg, src, max_len, ev, recovery, chosen.name, fidelity_texts, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvaluator, recovery: dict[str, Any],
-           chosen: str, progress: Progress) -> Path:
+           chosen: str, fidelity_texts: str, progress: Progress) -> Path:
     results = ev.results
     best = results[chosen]
 
@@ -127,7 +129,8 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvalu
                        "heads": src.num_heads, "pooling": to_dict(src.pooling)},
             "variant": {"name": best.name, "precision": best.precision, **best.recipe},
             "measured": {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
-                         "accuracy": best.accuracy, "reference_accuracy": ev.ref_acc, "cold_start": best.cold_start},
+                         "accuracy": best.accuracy, "reference_accuracy": ev.ref_acc, "cold_start": best.cold_start,
+                         "fidelity_texts": fidelity_texts},
             "hardware": hardware.describe(),
             "config": to_dict(cfg),
         }

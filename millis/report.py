@@ -55,7 +55,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str, reco
              f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} {gate}).", "",
              f"Machine: {hw['cpu']}, {hw['cores']} cores, ISA {' '.join(hw['isa']) or '-'}; "
              f"millis {meta['millis_version']}.", "",
-             "p50 / p99 latency in ms per shape; fidelity against torch fp32 on the sample texts; cold start = "
+             f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on {meta['measured'].get('fidelity_texts', 'the sample texts')}; "
+             + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
+                if meta["measured"].get("accuracy") else "") + "cold start = "
              "load + first call at the target shape; RSS MB = resident memory added by loading the variant.", "",
              "| variant | runtime | precision | " + " | ".join(shapes) +
              " | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
