@@ -18,7 +18,7 @@ def _env(name: str, default):
 # `millis train` flags that override the preset (values from MILLIS_* arrive as strings: typed here)
 TRAIN_FLAGS = {"text_col": str, "label_col": str, "epochs": int, "batch_size": int, "lr": float,
                "weight_decay": float, "warmup": float, "patience": int, "max_length": int, "seed": int,
-               "limit": int, "threads": int, "val_fraction": float}
+               "limit": int, "sample": int, "threads": int, "val_fraction": float}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("source", help="local Hugging Face model dir, builtin:minilm, or tiny:bert...")
     t.add_argument("--data", required=_env("data", None) is None, default=_env("data", None), help="training file")
     t.add_argument("--out", default=_env("out", "models/classifier"), help="model directory to write")
-    t.add_argument("--preset", default=_env("preset", "default"), help="default, or quick (1 epoch, 512 rows)")
+    t.add_argument("--preset", default=_env("preset", "default"), help="default, or quick (1 epoch, 512 sampled rows)")
     t.add_argument("--validation", default=_env("validation", ""), help="labelled validation file (default: hold out)")
     for name, typ in TRAIN_FLAGS.items():
         t.add_argument("--" + name.replace("_", "-"), type=typ, default=_env(name, None),

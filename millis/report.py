@@ -128,12 +128,13 @@ def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen:
         key, label, line = (lambda r: r["fidelity"]["top1_agreement"]), "top-1 agreement with fp32", \
             meta["config"]["budget"]["min_top1_agreement"]
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    for r in rows:
+    for i, r in enumerate(rows):
         x, y = r["latency"][target]["p50_ms"], key(r)
         color = "tab:green" if r["name"] == chosen else ("tab:blue" if r["ok"] else "tab:gray")
         ax.scatter([x], [y], s=90 if r["name"] == chosen else 40, color=color,
                    marker="*" if r["name"] == chosen else "o", zorder=3)
-        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3 if i % 2 else -9),  # alternate: equal
+                    textcoords="offset points")                                # accuracies overlap
     ax.axhline(line, color="tab:red", linestyle="--", linewidth=1, label="budget")
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 ms at {target} (log)")

@@ -41,7 +41,8 @@ class TrainConfig:
     patience: int = 2               # epochs without a better validation accuracy before stopping
     max_length: int = 128
     seed: int = 0
-    limit: int = 0                  # use only the first N training rows (CI, smoke runs)
+    limit: int = 0                  # use only the first N training rows
+    sample: int = 0                 # use a seeded random sample of N rows (files sorted by label)
     threads: int = 0                # torch intra-op threads; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -57,7 +58,7 @@ class TrainConfig:
 # Named presets: overrides applied to a TrainConfig.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "quick": {"epochs": 1, "limit": 512, "batch_size": 16},  # CI and smoke runs
+    "quick": {"epochs": 1, "sample": 512, "batch_size": 16},  # CI and smoke runs
 }
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): "start", "step", "epoch", "done"
@@ -78,6 +79,15 @@ def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[in
         val += idx[:k]
         train += idx[k:]
     return sorted(train), sorted(val)
+
+
+def subsample(data: Labeled, n: int, seed: int) -> Labeled:
+    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file)."""
+    if not n or n >= len(data):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data)), n))
+    return replace(data, texts=tuple(data.texts[i] for i in keep), labels=tuple(data.labels[i] for i in keep),
+                   lines=tuple(data.lines[i] for i in keep))
 
 
 def length_batches(lengths: list[int], batch: int, rng: random.Random, window: int = 50) -> list[list[int]]:
@@ -113,7 +123,7 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress is shown instead
     src = resolve(cfg.source)
-    data = read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit)
+    data = subsample(read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit), cfg.sample, cfg.seed)
     val_file = read_labeled(cfg.validation, cfg.text_col, data.label_col) if cfg.validation else None
     classes = _check_classes(data, val_file)
     label2id = {c: i for i, c in enumerate(classes)}

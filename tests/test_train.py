@@ -128,3 +128,16 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
     assert (cfg["lr"], cfg["limit"], cfg["epochs"], cfg["seed"], cfg["batch_size"]) == (0.003, 48, 1, 3, 16)
     assert main(["train", "tiny:bert", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+def test_subsample_spreads_over_a_file_sorted_by_label():
+    from millis.labeled import Labeled
+    from millis.train import subsample
+
+    labels = tuple(c for c in "abcd" for _ in range(100))  # sorted by label, like Banking77's train.csv
+    data = Labeled(tuple(f"t{i}" for i in range(400)), labels, tuple(range(2, 402)), "x.csv", "text", "label")
+    s = subsample(data, 40, seed=0)
+    assert len(s) == 40 and set(s.labels) == set("abcd")  # the first 40 rows would all be "a"
+    assert list(s.lines) == sorted(s.lines) and s.texts == tuple(f"t{n - 2}" for n in s.lines)
+    assert subsample(data, 40, seed=0) == s and subsample(data, 40, seed=1) != s
+    assert subsample(data, 0, seed=0) is data and subsample(data, 400, seed=0) is data
