@@ -179,6 +179,11 @@ def _info(a) -> int:
     for shape, s in m["latency"].items():
         print(f"  {shape:>10}  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  ({s['n']} calls)")
     print(f"fidelity   {json.dumps({k: round(x, 6) for k, x in m['fidelity'].items()})}")
+    if m.get("accuracy"):
+        print(f"accuracy   {100 * m['accuracy']['accuracy']:.2f}% on {meta['config']['data']} "
+              f"(fp32 {100 * m['reference_accuracy']:.2f}%, budget -{meta['config']['budget']['max_drop']} pt)")
+    if v.get("keep_fp32"):
+        print(f"kept fp32  {len(v['keep_fp32'])} node(s): {', '.join(v['keep_fp32'])}")
     print(f"hardware   {meta['hardware']['cpu']}, {meta['hardware']['cores']} cores, {' '.join(meta['hardware']['isa'])}")
     return 0
 

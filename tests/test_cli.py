@@ -41,6 +41,9 @@ def test_cli_optimize_on_labelled_data(tmp_path, tiny_dirs, capsys):
     assert meta["config"]["label_col"] == "sentiment" and meta["measured"]["accuracy"]["n"] == 4
     assert json.loads((out / "report.json").read_text())["recovery"] == {"needed": False, "why": "disabled",
                                                                          "attempts": []}
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert f"on {data} (fp32 " in info and "budget -100.0 pt" in info and "kept fp32" not in info
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "missing")]) == 2
