@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from millis.errors import MillisError
-from millis.labeled import read_labeled
+from millis.labeled import Labeled, read_labeled
 from millis.text import read_texts
 
 
@@ -66,10 +66,18 @@ def embedding_agreement(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[s
     return res
 
 
-def label_predictions(model, texts: list[str]) -> list[str]:
-    """Argmax label names of a classify Model (api.Model) for `texts`."""
-    logits = model.run(texts).outputs
-    return [model.id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
+def argmax_labels(logits: np.ndarray, id2label: dict[int, str]) -> list[str]:
+    """(N, C) logits -> the N predicted label names."""
+    return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
+
+
+def check_labels(data: Labeled, id2label: dict[int, str]) -> None:
+    """Every label in the file must be one the model can predict."""
+    known = set(id2label.values())
+    unknown = sorted(set(data.labels) - known)
+    if unknown:
+        raise MillisError(f"{data.path} has labels the model does not know: {unknown[:8]}"
+                          f"{' ...' if len(unknown) > 8 else ''}; model labels: {sorted(known)[:8]}...")
 
 
 def _label_col(cfg: EvalConfig, model) -> str:
@@ -96,13 +104,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     res: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "task": model.task, "variant": model.variant}
     if model.task == "classify":
         data = read_labeled(cfg.data, cfg.text_col, _label_col(cfg, model), cfg.limit)
-        known = set(model.id2label.values())
-        unknown = sorted(set(data.labels) - known)
-        if unknown:
-            raise MillisError(f"{cfg.data} has labels the model does not know: {unknown[:8]}"
-                              f"{' ...' if len(unknown) > 8 else ''}; model labels: {sorted(known)[:8]}...")
+        check_labels(data, model.id2label)
         t0 = time.perf_counter()
-        pred = label_predictions(model, list(data.texts))
+        pred = argmax_labels(model.run(list(data.texts)).outputs, model.id2label)
         res["seconds"] = time.perf_counter() - t0
         res.update(classification_metrics(list(data.labels), pred))
         res["label_col"] = data.label_col

@@ -13,7 +13,7 @@ import numpy as np
 
 from millis.api import run_texts
 from millis.config import OptimizeConfig
-from millis.evaluate import classification_metrics, embedding_agreement
+from millis.evaluate import argmax_labels, classification_metrics, embedding_agreement
 from millis.fidelity import compare, within
 from millis.labeled import Labeled
 from millis.measure import cold_start, rss_mb
@@ -117,8 +117,7 @@ class VariantEvaluator:
 
     def accuracy(self, rt: Runtime) -> dict[str, float]:
         logits = run_texts(rt, self.enc, list(self.data.texts)).outputs
-        pred = [self.src.id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
-        m = classification_metrics(list(self.data.labels), pred)
+        m = classification_metrics(list(self.data.labels), argmax_labels(logits, self.src.id2label))
         if self.ref_acc is None:  # the reference is judged first
             self.ref_acc = m["accuracy"]
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from millis import __version__, artifact, hardware, report
 from millis.config import OptimizeConfig, to_dict
 from millis.errors import MillisError
+from millis.evaluate import check_labels
 from millis.evaluator import VariantEvaluator
 from millis.labeled import Labeled, read_labeled
 from millis.measure import measure
@@ -52,10 +53,7 @@ def _labeled(cfg: OptimizeConfig, src: ModelSource) -> Labeled | None:
         return None
     label_col = cfg.label_col or ((read_train_meta(src.path) or {}).get("data", {}).get("label_col", ""))
     data = read_labeled(cfg.data, cfg.text_col, label_col)
-    unknown = sorted(set(data.labels) - set(src.id2label.values()))
-    if unknown:
-        raise MillisError(f"{cfg.data} has labels the model does not know: {unknown[:8]}; "
-                          f"model labels: {sorted(src.id2label.values())[:8]}...")
+    check_labels(data, src.id2label)
     return data
 
 

@@ -21,7 +21,7 @@ from millis import quantize
 from millis.evaluator import VariantEvaluator
 from millis.runtimes import open_runtime
 from millis.tasks import OUTPUT_NAME
-from millis.variants import CATALOG, MIXED_BASE, RECOVERY, Variant
+from millis.variants import CATALOG, DYNAMIC_INT8, MIXED_BASE, RECOVERY, Variant
 
 PLAIN_INT8 = "ort-int8-dynamic"
 SENSITIVITY_TEXTS = 256
@@ -45,10 +45,7 @@ def error(ref: np.ndarray, out: np.ndarray) -> float:
 def sensitivity(ev: VariantEvaluator, base: Variant, texts: list[str]) -> list[tuple[str, float]]:
     """[(node, error when only that node is int8)], most harmful first."""
     fused = ev.builder.graph(base.passes[:-1])  # the fp32 graph the int8 pass starts from
-    step = base.passes[-1]
-    from millis.variants import DYNAMIC_INT8
-
-    args = {k: v for k, v in DYNAMIC_INT8[step].items() if k != "op_types"}
+    args = {k: v for k, v in DYNAMIC_INT8[base.passes[-1]].items() if k != "op_types"}
     nodes = quantize.quantizable_nodes(fused)
     out_name, threads = OUTPUT_NAME[ev.cfg.task], ev.cfg.measure.threads
     opts = {"graph_level": "all", "task": ev.cfg.task}

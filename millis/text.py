@@ -94,21 +94,13 @@ class TextEncoder:
 
 def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
     """One text per line (.txt) or a column of a CSV/TSV file or of a JSONL file's objects."""
-    import csv
+    from millis.labeled import FORMATS, read_column
 
     p = Path(path)
     if not p.is_file():
         raise MillisError(f"text file not found: {p}")
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):  # labelled files are valid text sources too (millis eval, --data)
-        from millis.labeled import read_column
+    if p.suffix.lower() in FORMATS:  # labelled files are valid text sources too (millis eval, --data)
         texts = read_column(p, column)
-    elif suffix in (".csv", ".tsv"):
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            if column not in (reader.fieldnames or []):
-                raise MillisError(f"{p} has no column {column!r}; columns: {reader.fieldnames}")
-            texts = [row[column] for row in reader if row.get(column, "").strip()]
     else:
         texts = [t for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
     return texts[:limit] if limit else texts

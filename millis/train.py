@@ -20,6 +20,7 @@ from millis.config import to_dict
 from millis.errors import MillisError
 from millis.labeled import Labeled, read_labeled
 from millis.sources import hash_files, resolve
+from millis.text import TextEncoder
 
 TRAIN_FORMAT = "millis-train"
 
@@ -148,16 +149,11 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     model = AutoModelForSequenceClassification.from_pretrained(
         str(src.path), num_labels=len(classes), id2label=dict(enumerate(classes)), label2id=label2id,
         problem_type="single_label_classification", ignore_mismatched_sizes=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    packer = TextEncoder(src.path, ("input_ids", "attention_mask"), max_len)  # pads like inference does
 
     def tensors(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        t = max(len(r) for r in rows)
-        ids = torch.full((len(rows), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), t), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        # (B, T) with T = the batch's longest row
+        return {k: torch.from_numpy(v) for k, v in packer.pack(rows, max(len(r) for r in rows)).items()}
 
     def accuracy() -> float:
         model.eval()
