@@ -82,11 +82,28 @@ class Model:
         return out
 
 
-def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0) -> Model:
+def gpu_buckets(max_batch: int, max_length: int) -> list[str]:
+    """CUDA-graph shapes for a server: batch 1, 2, 4 .. max_batch x seq 16, 32, 64 .. max_length.
+    The batcher pads T to a multiple of 16 and the runtime pads (B, T) up to the next captured shape."""
+    def pow2(lo: int, hi: int) -> list[int]:
+        out = [lo]
+        while out[-1] < hi:
+            out.append(min(out[-1] * 2, hi))
+        return out
+    return [f"b{b}xs{t}" for b in pow2(1, max_batch) for t in pow2(16, max_length)]
+
+
+def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "cpu",
+               max_batch: int = MAX_BATCH) -> Model:
     """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
-    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike."""
+    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike.
+    device="cuda" serves a source (BERT family) through the CUDA-graph runtime in fp16 instead."""
     p = Path(spec)
+    if device not in ("cpu", "cuda"):
+        raise MillisError(f"device must be cpu or cuda, got {device!r}")
     if artifact.format_of(p) == artifact.FORMAT:
+        if device == "cuda":
+            raise MillisError(f"{p} is a CPU artifact; on a GPU serve the source model directory with --device cuda")
         model = load(p, threads=threads)
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
@@ -98,9 +115,13 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     task = task or ("classify" if src.has_classifier else "embed")
     max_len = min(max_length or src.max_length, src.max_length)
     options = {"task": task, "pooling": {"mode": src.pooling.mode, "normalize": src.pooling.normalize}}
-    rt = open_runtime("torch", src.path, "torch-fp32", src.input_names, OUTPUT_NAME[task], options, threads)
+    kind, name, precision = "torch", "torch-fp32", "fp32"
+    if device == "cuda":
+        kind, name, precision = "cuda", "cuda-fp16", "fp16"
+        options.update(dtype="fp16", buckets=gpu_buckets(max_batch, max_len))
+    rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
     meta = {"task": task, "max_length": max_len, "id2label": {str(k): v for k, v in src.id2label.items()},
-            "variant": {"name": "torch-fp32", "runtime": "torch", "precision": "fp32"},
+            "variant": {"name": name, "runtime": kind, "precision": precision},
             "source": {"spec": src.spec, "path": str(src.path), "sha256": src.sha256}}
     return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
 

@@ -75,7 +75,43 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("texts", nargs="+")
     r.add_argument("--threads", type=int, default=int(_env("threads", 0)))
+
+    from millis.loadgen import BenchConfig
+    from millis.serve.config import ServeConfig
+
+    s = sub.add_parser("serve", help="serve an artifact over HTTP with dynamic batching (every flag also MILLIS_*)")
+    _config_flags(s, ServeConfig, positional="artifact")
+    b = sub.add_parser("bench", help="load-test a running server: closed and open loop, p50/p90/p99, 429s")
+    _config_flags(b, BenchConfig, positional="url")
     return p
+
+
+def _config_flags(p: argparse.ArgumentParser, cls, positional: str) -> None:
+    """One flag per config field (help from the field), defaults from MILLIS_<FIELD> or the field."""
+    from millis.serve.config import config_fields
+
+    for f in config_fields(cls):
+        env = _env(f.name, None)
+        helptext = f"{f.metadata['help']} [env MILLIS_{f.name.upper()}]"
+        if f.name == positional:
+            p.add_argument(f.name, nargs="?", default=env if env is not None else f.default, help=helptext)
+        elif isinstance(f.default, bool):
+            default = f.default if env is None else env.lower() not in ("", "0", "false", "no")
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default,
+                           help=helptext)
+        else:
+            typ = type(f.default)
+            try:
+                default = f.default if env is None else typ(env)
+            except ValueError:
+                raise SystemExit(f"error: MILLIS_{f.name.upper()}={env!r} is not a valid {typ.__name__}") from None
+            p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=default, help=helptext)
+
+
+def _config_of(cls, a):
+    from millis.serve.config import config_fields
+
+    return cls(**{f.name: getattr(a, f.name) for f in config_fields(cls)})
 
 
 def _optimize(a) -> int:
@@ -205,10 +241,46 @@ def _predict(a) -> int:
     return 0
 
 
+def _serve(a) -> int:
+    from millis.serve import ServeConfig, serve
+
+    return serve(_config_of(ServeConfig, a))
+
+
+def _bench(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from millis.loadgen import BenchConfig, bench
+
+    cfg = _config_of(BenchConfig, a)
+    console = Console()
+    console.print(f"[bold]millis bench[/] {cfg.url}: {cfg.duration:g} s per level")
+
+    def row(r: dict) -> None:
+        console.print(f"  {r['load']:>8}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                      f"ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}  timeouts {r['timeouts']}")
+
+    res = bench(cfg, on_row=row)
+    t = Table(title=f"{res['url']}{res['route']} ({res['model']})")
+    for c in ("load", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "errors", "timeouts"):
+        t.add_column(c, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["load"], f"{r['rps']:.1f}", *(str(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms", "ok", "rejected",
+                                                                       "errors", "timeouts")))
+    console.print(t)
+    console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png")
+    return 0
+
+
+COMMANDS = {"optimize": _optimize, "train": _train, "eval": _eval, "info": _info, "predict": _predict,
+            "serve": _serve, "bench": _bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"optimize": _optimize, "train": _train, "eval": _eval, "info": _info, "predict": _predict}[a.cmd](a)
+        return COMMANDS[a.cmd](a)
     except MillisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import numpy as np
 
 from millis.errors import MillisError
 
-KINDS = ("torch", "onnxruntime", "openvino")
+KINDS = ("torch", "onnxruntime", "openvino", "cuda")
 
 
 @runtime_checkable
@@ -49,6 +49,9 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
         from millis.runtimes.torch_eager import TorchRuntime
         return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
                             options.get("pooling"))
+    if kind == "cuda":  # threads are irrelevant: one CUDA graph replay per call
+        from millis.runtimes.cuda_graph import CudaGraphRuntime
+        return CudaGraphRuntime.from_options(model_dir, name, input_names, output_name, options)
     raise MillisError(f"unknown runtime {kind!r}; supported: {', '.join(KINDS)}")
 
 

@@ -1,0 +1,117 @@
+"""`millis serve --device cuda` over loopback on the lent GPU: BERT-base classifier (random weights,
+the bert-base-uncased shape), HTTP round trip at concurrency 1, 4, 16 against the same model called
+in process. Run on the device from the repo root (see the README's performance section):
+
+    PYTHONPATH=. python3 bench/gpu_serve.py --tokenizer .gpu_carry/tokenizer --texts .gpu_carry/texts.txt --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from millis.loadgen import request_maker  # noqa: E402
+from millis.loadgen.client import Target, fetch  # noqa: E402
+from millis.loadgen.load import Level, run_level, warm  # noqa: E402
+
+
+def build_bert_base(out: Path, tokenizer: Path) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--texts", required=True)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args()
+    import torch
+
+    import millis.api as api
+
+    model_dir = build_bert_base(Path("/tmp/millis-bert-base-cls"), Path(a.tokenizer))
+    texts = [t for t in Path(a.texts).read_text().splitlines() if t.strip()]
+
+    # in process: the same runtime and buckets the server captures
+    t0 = time.perf_counter()
+    model = api.open_model(model_dir, device="cuda", max_batch=32)
+    cold = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    for t in texts[:200]:
+        model.run([t])
+    lat = []
+    for _ in range(2000):
+        x = texts[rng.integers(len(texts))]
+        s = time.perf_counter()
+        model.run([x])
+        lat.append(time.perf_counter() - s)
+    inproc = {"p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3), "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+              "cold_start_s": round(cold, 2), "graphs": model.runtime.graphs}
+    print("in process", inproc, flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+    proc = subprocess.Popen([sys.executable, "-m", "millis.cli", "serve", str(model_dir), "--device", "cuda",
+                             "--port", "0", "--model-name", "bert-base"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    m = re.search(r"http://([\d.]+):(\d+)", proc.stdout.readline())
+    url = f"http://{m.group(1)}:{m.group(2)}"
+    t0 = time.time()
+    while True:
+        try:
+            if asyncio.run(fetch(Target(url), "GET", "/ready"))[0] == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() - t0 > 300:
+            print(proc.stderr.read(), file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    ready_s = time.time() - t0
+
+    async def loads():
+        t = Target(url)
+        make = request_maker(t, "/v1/classify", "bert-base", texts, 1, 0)
+        await warm(t, make, 300, 10)
+        return [await run_level(t, make, Level("closed", c, f"c{c}"), a.duration, 0, 10) for c in (1, 4, 16)]
+
+    rows = asyncio.run(loads())
+    proc.send_signal(signal.SIGTERM)
+    exit_code = proc.wait(60)
+    gpu = torch.cuda.get_device_name()
+    res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": "bert-base (random), classify",
+           "texts": "banking77 test, 1 per request", "in_process": inproc, "server_ready_s": round(ready_s, 2),
+           "sigterm_exit": exit_code, "rows": [dict(system="millis-serve-cuda", **r) for r in rows],
+           "c1_overhead_ms": round(rows[0]["p50_ms"] - inproc["p50_ms"], 3)}
+    for r in rows:
+        print(f"{r['load']:>5}: {r['rps']:9.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}")
+    print(f"HTTP c1 p50 {rows[0]['p50_ms']} ms vs in process {inproc['p50_ms']} ms; ready in {ready_s:.1f} s; "
+          f"SIGTERM exit {exit_code}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

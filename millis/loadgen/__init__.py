@@ -1,0 +1,145 @@
+"""`millis bench URL`: load levels against a running server; a table, JSON and latency_vs_load.png."""
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from millis.errors import MillisError
+from millis.loadgen.client import Target, fetch
+from millis.loadgen.load import Level, parse_levels, run_level, warm
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str = _f("", "server base URL, e.g. http://127.0.0.1:8000")
+    data: str = _f("", "texts to send: .txt (one per line) or CSV/TSV/JSONL with --text-col; sampled with --seed")
+    text_col: str = _f("text", "text column of --data")
+    concurrency: str = _f("1,4,16", "closed-loop levels: clients sending back to back, comma-separated")
+    rate: str = _f("", "open-loop levels: Poisson arrivals per second, comma-separated")
+    duration: float = _f(30.0, "seconds per level")
+    count: int = _f(0, "at most this many requests per level (0 = duration only)")
+    inputs: int = _f(1, "texts per request")
+    route: str = _f("", "path to post to (default: from GET /v1/models: /v1/embeddings or /v1/classify)")
+    model: str = _f("", "the 'model' field sent (default: the first id of GET /v1/models)")
+    timeout: float = _f(30.0, "seconds a request may take before it counts as timed out")
+    warmup: int = _f(50, "unrecorded requests before the first level")
+    seed: int = _f(0, "seed for text sampling and Poisson arrivals")
+    out: str = _f("bench-results", "directory for bench.json and latency_vs_load.png")
+
+
+def read_texts(path: str, text_col: str) -> list[str]:
+    from millis.labeled import read_column
+
+    p = Path(path)
+    if not p.is_file():
+        raise MillisError(f"--data {path}: no such file")
+    texts = [t for t in (p.read_text().splitlines() if p.suffix == ".txt" else read_column(p, text_col)) if t.strip()]
+    if not texts:
+        raise MillisError(f"--data {path}: no non-empty texts")
+    return texts
+
+
+async def discover(t: Target, route: str, model: str, timeout: float) -> tuple[str, str]:
+    """Route and model name from GET /v1/models when not given (millis and OpenAI-style servers)."""
+    if route and model:
+        return route, model
+    try:
+        status, body = await fetch(t, "GET", "/v1/models", timeout=timeout)
+    except OSError as e:
+        raise MillisError(f"cannot reach {t.url}: {e}") from None
+    card = orjson.loads(body)["data"][0] if status == 200 else {}
+    route = route or ("/v1/classify" if card.get("task") == "classify" else "/v1/embeddings")
+    return route, model or card.get("id", "")
+
+
+def request_maker(t: Target, route: str, model: str, texts: list[str], inputs: int, seed: int) -> Callable[[], bytes]:
+    rng = random.Random(seed)
+    key = "inputs" if route.endswith("classify") else "input"
+
+    def make() -> bytes:
+        body: dict[str, Any] = {key: rng.choices(texts, k=inputs)}
+        if model:
+            body["model"] = model
+        return t.request_bytes("POST", route, orjson.dumps(body))
+    return make
+
+
+async def run_levels(t: Target, make: Callable[[], bytes], levels: list[Level], duration: float, count: int,
+                     timeout: float, seed: int, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    rows = []
+    for k, lv in enumerate(levels):
+        row = await run_level(t, make, lv, duration, count, timeout, seed + k)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run every level against cfg.url; write bench.json and latency_vs_load.png under cfg.out."""
+    if not cfg.url:
+        raise MillisError("millis bench needs a URL")
+    if not cfg.data:
+        raise MillisError("millis bench needs --data (a file of texts)")
+    if cfg.inputs < 1 or cfg.duration <= 0:
+        raise MillisError("--inputs must be >= 1 and --duration > 0")
+    t, texts = Target(cfg.url), read_texts(cfg.data, cfg.text_col)
+    levels = parse_levels(cfg.concurrency, cfg.rate)
+
+    async def go() -> tuple[str, str, list[dict]]:
+        route, model = await discover(t, cfg.route, cfg.model, cfg.timeout)
+        make = request_maker(t, route, model, texts, cfg.inputs, cfg.seed)
+        await warm(t, make, cfg.warmup, cfg.timeout)
+        return route, model, await run_levels(t, make, levels, cfg.duration, cfg.count, cfg.timeout, cfg.seed, on_row)
+
+    try:
+        route, model, rows = asyncio.run(go())
+    except (OSError, asyncio.TimeoutError) as e:
+        raise MillisError(f"{t.url}: {type(e).__name__}: {e}") from None
+    result = {"url": t.url, "route": route, "model": model, "config": asdict(cfg),
+              "host": {"machine": platform.machine(), "python": platform.python_version()},
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot({t.url: rows}, out / "latency_vs_load.png")
+    return result
+
+
+def plot(series: dict[str, list[dict]], path: Path) -> None:
+    """p50 and p99 against achieved throughput, one line pair per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (name, rows) in enumerate(series.items()):
+        rows = sorted((r for r in rows if r["p50_ms"] is not None), key=lambda r: r["rps"])
+        color = f"C{k}"
+        x = [r["rps"] for r in rows]
+        ax.plot(x, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
+        ax.plot(x, [r["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99")
+        for r in rows:
+            ax.annotate(r["load"], (r["rps"], r["p99_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("throughput (answered 2xx per s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("latency vs load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

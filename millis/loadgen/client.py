@@ -1,0 +1,112 @@
+"""A minimal keep-alive HTTP/1.1 client on asyncio streams.
+
+A load generator that shares the machine with the server must cost little per request: this one
+writes one pre-built request and parses only the status line, Content-Length / chunked framing
+and `Connection: close`. Both systems under test see the same client.
+"""
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from millis.errors import MillisError
+
+
+class Target:
+    """Where requests go: host, port and the Host header, from a URL like http://127.0.0.1:8000."""
+
+    def __init__(self, url: str):
+        u = urlsplit(url if "://" in url else "http://" + url)
+        if u.scheme != "http":
+            raise MillisError(f"only http:// URLs are supported, got {url!r}")
+        if not u.hostname:
+            raise MillisError(f"no host in URL {url!r}")
+        self.host, self.port = u.hostname, u.port or 80
+        self.prefix = u.path.rstrip("/")
+        self.url = f"http://{self.host}:{self.port}{self.prefix}"
+
+    def request_bytes(self, method: str, path: str, body: bytes = b"") -> bytes:
+        head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        return head.encode() + body
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer, self.open = reader, writer, True
+
+    @classmethod
+    async def connect(cls, t: Target) -> "Conn":
+        r, w = await asyncio.open_connection(t.host, t.port)
+        return cls(r, w)
+
+    async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        """One request on this connection -> (status, lower-cased headers, body)."""
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._chunked()
+        else:
+            body = await self.reader.read()
+            self.open = False
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body
+
+    async def _chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readexactly(2)
+
+    def close(self) -> None:
+        self.open = False
+        self.writer.close()
+
+
+class Pool:
+    """Idle keep-alive connections; a new one is opened when none is idle (open-loop load)."""
+
+    def __init__(self, t: Target):
+        self.target, self.idle = t, []
+
+    async def acquire(self) -> Conn:
+        while self.idle:
+            c = self.idle.pop()
+            if c.open:
+                return c
+        return await Conn.connect(self.target)
+
+    def release(self, c: Conn, ok: bool) -> None:
+        if ok and c.open:
+            self.idle.append(c)
+        else:
+            c.close()
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.close()
+        self.idle.clear()
+
+
+async def fetch(t: Target, method: str, path: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """One request on a fresh connection (setup and probes, not load)."""
+    c = await asyncio.wait_for(Conn.connect(t), timeout)
+    try:
+        status, _, data = await asyncio.wait_for(c.send(t.request_bytes(method, path, body)), timeout)
+        return status, data
+    finally:
+        c.close()

@@ -1,0 +1,12 @@
+"""`millis serve`: an HTTP server over an optimized artifact, with one queue owner that batches."""
+from millis.serve.config import ServeConfig
+
+
+def serve(cfg: ServeConfig, loader=None) -> int:
+    """Serve cfg.artifact until SIGTERM; see millis.serve.server (imported here: uvicorn loads lazily)."""
+    from millis.serve.server import serve as _serve
+
+    return _serve(cfg, loader)
+
+
+__all__ = ["ServeConfig", "serve"]

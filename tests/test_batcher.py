@@ -1,0 +1,148 @@
+"""The queue owner on its own: bucketing, token budget, admission, dropped clients, drain."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from millis.serve.batcher import Batcher, ClientGone, Job, Overloaded, ShuttingDown, bucket_of
+
+
+class Recorder:
+    """A fake runtime: output row = [bucket T, first token id]; remembers every call."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[int, int]] = []   # (rows, T)
+        self.delay = delay
+
+    def __call__(self, rows, t):
+        import time
+
+        if self.delay:
+            time.sleep(self.delay)
+        assert all(len(r) <= t for r in rows), "a row longer than its bucket"
+        self.calls.append((len(rows), t))
+        return np.array([[t, r[0]] for r in rows], dtype=np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_job(*lengths, first=0):
+    return Job([[first + k] * n for k, n in enumerate(lengths)], asyncio.get_running_loop().create_future())
+
+
+def test_bucket_rule_matches_run_texts():
+    assert [bucket_of(n, 128) for n in (1, 16, 17, 32, 33, 127, 128)] == [16, 16, 32, 32, 48, 128, 128]
+    assert bucket_of(200, 40) == 40
+
+
+def test_rows_grouped_by_bucket_and_token_budget_respected():
+    async def go():
+        rec = Recorder()
+        b = Batcher(rec, max_length=128, max_batch=8, max_tokens=64, max_wait_s=0, max_queue=100)
+        jobs = [make_job(5, 40, 9, first=10 * i) for i in range(3)]   # 6 rows of T=16, 3 of T=48
+        for j in jobs:
+            b.submit(j)
+        b.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await b.close()
+        return rec, jobs
+
+    rec, jobs = run(go())
+    # T=16: budget 64 tokens -> at most 4 rows per call; T=48 -> 1 row per call
+    assert all(rows * t <= 64 for rows, t in rec.calls)
+    assert sorted(t for _, t in rec.calls) == [16, 16, 48, 48, 48]
+    for i, j in enumerate(jobs):   # outputs back in each request's own row order
+        assert [tuple(o) for o in j.out] == [(16, 10 * i), (48, 10 * i + 1), (16, 10 * i + 2)]
+        assert j.queue_s >= 0 and j.infer_s > 0 and j.batch_rows >= 1
+
+
+def test_full_queue_raises_overloaded_and_queues_nothing():
+    async def go():
+        b = Batcher(Recorder(), 128, 8, 4096, 0, max_queue=4)
+        b.submit(make_job(3, 3, 3))
+        with pytest.raises(Overloaded) as e:
+            b.submit(make_job(3, 3))
+        assert b.depth == 3 and e.value.retry_after_s >= 1
+        b.submit(make_job(3))      # still fits exactly
+        assert b.depth == 4
+    run(go())
+
+
+def test_gone_rows_are_skipped_not_run():
+    async def go():
+        rec = Recorder()
+        b = Batcher(rec, 128, 8, 4096, 0, 100)
+        keep, gone = make_job(4, 4, first=0), make_job(4, 4, 4, first=100)
+        b.submit(keep)
+        b.submit(gone)
+        gone.drop(ClientGone("client disconnected"))
+        b.start()
+        await keep.future
+        await b.close()
+        with pytest.raises(ClientGone):
+            gone.future.result()
+        return rec
+
+    rec = run(go())
+    assert rec.calls == [(2, 16)]     # only the two live rows ran
+
+
+def test_max_wait_coalesces_and_zero_wait_does_not_idle():
+    async def go(wait):
+        rec = Recorder()
+        b = Batcher(rec, 128, 32, 4096, wait, 100)
+        b.start()
+        jobs = []
+        for i in range(4):
+            jobs.append(make_job(5, first=i))
+            b.submit(jobs[-1])
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*(j.future for j in jobs))
+        await b.close()
+        return rec.calls
+
+    assert run(go(0.2)) == [(4, 16)]          # one batch: all four arrived within the wait
+    assert len(run(go(0.0))) >= 2             # greedy: the first ran at once, alone
+
+
+def test_close_drains_then_refuses():
+    async def go():
+        rec = Recorder(delay=0.01)
+        b = Batcher(rec, 128, 2, 4096, 0, 100)
+        b.start()
+        jobs = [make_job(5, 20, first=i) for i in range(5)]
+        for j in jobs:
+            b.submit(j)
+        await b.close()
+        assert all(j.future.done() and j.future.exception() is None for j in jobs)
+        with pytest.raises(ShuttingDown):
+            b.submit(make_job(5))
+        return rec
+
+    rec = run(go())
+    assert sum(r for r, _ in rec.calls) == 10
+
+
+def test_runtime_failure_fails_that_batch_only():
+    async def go():
+        calls = {"n": 0}
+
+        def flaky(rows, t):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise ValueError("boom")
+            return np.zeros((len(rows), 2), np.float32)
+
+        b = Batcher(flaky, 128, 1, 4096, 0, 100)
+        j1, j2 = make_job(5), make_job(5)
+        b.submit(j1)
+        b.submit(j2)
+        b.start()
+        await asyncio.wait({j1.future, j2.future})
+        await b.close()
+        with pytest.raises(RuntimeError, match="runtime failed: boom"):
+            j1.future.result()
+        assert j2.future.result() is None and j2.out[0].shape == (2,)
+    run(go())

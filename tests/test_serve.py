@@ -1,0 +1,288 @@
+"""A real `millis serve` process on a free loopback port, driven over HTTP."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import millis
+
+pytestmark = pytest.mark.serve
+TEXTS = ["where is my card", "the stock markets fell today", "refund my payment please", "why was my transfer late",
+         "oil prices and bond yields", "pin", "my account balance is wrong again and again today"]
+
+
+class Server:
+    """`python -m millis.cli serve ART --port 0 ...` in its own process; url once /ready is 200."""
+
+    def __init__(self, artifact: Path, *flags: str, env: dict | None = None):
+        cmd = [sys.executable, "-m", "millis.cli", "serve", str(artifact), "--port", "0", "--threads", "1", *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, **(env or {})))
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://([\d.]+):(\d+)", line)
+        assert m, f"no address in {line!r}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+        self.host, self.port = m.group(1), int(m.group(2))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.get("/ready")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError("server never became ready")
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 30):
+        c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            payload = r.read()
+            return r.status, dict((k.lower(), v) for k, v in r.getheaders()), payload
+        finally:
+            c.close()
+
+    def get(self, path):
+        try:
+            s, _, b = self.request("GET", path, timeout=5)
+            return s, b
+        except OSError:
+            return 0, b""
+
+    def post(self, path, body=None, raw=None):
+        s, h, b = self.request("POST", path, body, raw)
+        return s, h, json.loads(b) if b else None
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def embed_artifact(tmp_path_factory, quick_measure) -> Path:
+    from millis.config import OptimizeConfig, Shape
+    from millis.optimize import optimize
+
+    out = tmp_path_factory.mktemp("art") / "tiny-embed"
+    return optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(out), target=Shape(1, 16),
+                                   variants=("ort-fp32-fused",), measure=quick_measure))
+
+
+@pytest.fixture(scope="module")
+def embed_server(embed_artifact):
+    s = Server(embed_artifact, "--max-wait-ms", "20", "--model-name", "tiny")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def classify_server(classify_artifact):
+    s = Server(classify_artifact, "--too-long", "reject", "--max-inputs", "8")
+    yield s
+    assert s.stop() == 0
+
+
+def test_embeddings_equal_in_process_float_and_base64(embed_server, embed_artifact):
+    ref = millis.load(embed_artifact).embed(TEXTS)
+    status, headers, body = embed_server.post("/v1/embeddings", {"input": TEXTS, "model": "tiny"})
+    assert status == 200, body
+    assert body["object"] == "list" and body["model"] == "tiny"
+    assert [d["index"] for d in body["data"]] == list(range(len(TEXTS)))
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert body["usage"]["prompt_tokens"] > len(TEXTS)
+    for k in ("x-millis-queue-ms", "x-millis-tokenize-ms", "x-millis-inference-ms"):
+        assert float(headers[k]) >= 0
+    status, _, b64 = embed_server.post("/v1/embeddings", {"input": TEXTS[0], "encoding_format": "base64"})
+    assert status == 200
+    vec = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, ref[0], atol=1e-5)
+
+
+def test_classify_equals_in_process(classify_server, classify_artifact):
+    ref = millis.load(classify_artifact).predict(TEXTS[:5])
+    status, _, body = classify_server.post("/v1/classify", {"inputs": TEXTS[:5], "top_k": 2, "return_logits": True})
+    assert status == 200, body
+    for r, d in zip(ref, body["data"]):
+        assert d["label"] == r["label"] and abs(d["score"] - r["score"]) < 1e-5
+        np.testing.assert_allclose(d["logits"], r["logits"], atol=1e-5)
+        assert len(d["top_k"]) == 2 and d["top_k"][0]["label"] == r["label"]
+
+
+def test_batched_equals_single(embed_server):
+    texts = [TEXTS[i % len(TEXTS)] + (" again" * (i % 3)) for i in range(24)]
+    single = {}
+    for t in set(texts):
+        single[t] = embed_server.post("/v1/embeddings", {"input": [t]})[2]["data"][0]["embedding"]
+    with ThreadPoolExecutor(24) as pool:   # all at once: the 20 ms wait coalesces them
+        results = list(pool.map(lambda t: embed_server.post("/v1/embeddings", {"input": [t]}), texts))
+    batch_rows = [int(h["x-millis-batch-rows"]) for _, h, _ in results]
+    assert max(batch_rows) > 1, "no request was batched with another"
+    for t, (status, _, body) in zip(texts, results):
+        assert status == 200
+        np.testing.assert_allclose(body["data"][0]["embedding"], single[t], atol=1e-5)
+
+
+@pytest.mark.parametrize("raw,status,code", [
+    (b'{"input": ', 400, "invalid_json"),
+    (b'["a list"]', 422, "invalid_body"),
+    (b'{}', 422, "missing"),
+    (b'{"input": []}', 422, "empty_input"),
+    (b'{"input": ["ok", "  "]}', 422, "empty_input"),
+    (b'{"input": ["ok", 3]}', 422, "invalid_type"),
+    (b'{"input": [[101, 102]]}', 422, "invalid_type"),
+    (b'{"input": {"a": 1}}', 422, "invalid_type"),
+    (b'{"input": "x", "model": "gpt-4"}', 404, "model_not_found"),
+    (b'{"input": "x", "encoding_format": "int8"}', 422, "422"),
+    (b'{"input": "x", "dimensions": 7}', 422, "422"),
+    (json.dumps({"input": ["x"] * 65}).encode(), 413, "too_many_inputs"),
+    (json.dumps({"input": "x" * (1 << 20)}).encode(), 413, "body_too_large"),
+])
+def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
+    s, _, body = embed_server.post("/v1/embeddings", raw=raw)
+    assert s == status, body
+    assert body["error"]["code"] == code and len(body["error"]["message"]) > 10
+
+
+def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
+    s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"], "top_k": 0})
+    assert s == 422 and "top_k" in body["error"]["message"]
+    s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"] * 9})
+    assert s == 413
+    s, _, body = classify_server.post("/v1/embeddings", {"input": ["x"]})
+    assert s == 400 and "/v1/classify" in body["error"]["message"]
+    long = " ".join(["card transfer account"] * 200)
+    s, _, body = classify_server.post("/v1/classify", {"inputs": ["ok", long]})   # --too-long reject
+    assert s == 413 and "input[1]" in body["error"]["message"]
+    s, h, body = embed_server.post("/v1/embeddings", {"input": ["ok", long]})     # default: truncate
+    assert s == 200 and h["x-millis-truncated"] == "1"
+
+
+def test_health_ready_models_openapi_metrics(embed_server):
+    assert embed_server.get("/health")[0] == 200
+    s, b = embed_server.get("/ready")
+    assert s == 200 and json.loads(b)["cold_start_s"] > 0
+    card = json.loads(embed_server.get("/v1/models")[1])["data"][0]
+    assert card["id"] == "tiny" and card["task"] == "embed" and card["dimensions"] > 0
+    assert "/v1/embeddings" in json.loads(embed_server.get("/openapi.json")[1])["paths"]
+
+
+def _metric(server, name, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s, text = server.get("/metrics")
+    assert s == 200
+    total = 0.0
+    for fam in text_string_to_metric_families(text.decode()):   # raises if it is not Prometheus text
+        for smp in fam.samples:
+            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
+                total += smp.value
+    return total
+
+
+def test_metrics_count_the_requests_made(embed_server):
+    before = _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="200")
+    bad = _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="422")
+    for _ in range(5):
+        assert embed_server.post("/v1/embeddings", {"input": "card"})[0] == 200
+    embed_server.post("/v1/embeddings", {"input": []})
+    assert _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="200") == before + 5
+    assert _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="422") == bad + 1
+    assert _metric(embed_server, "millis_batch_size_count") >= 5
+    assert _metric(embed_server, "millis_queue_seconds_count") >= 5
+    assert _metric(embed_server, "millis_ready") == 1
+
+
+def test_flood_gets_429_with_retry_after_and_no_5xx(embed_artifact):
+    s = Server(embed_artifact, "--max-queue", "8", "--max-inputs", "4", "--max-batch", "4")
+    try:
+        body = {"input": TEXTS[:4]}
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda _: s.post("/v1/embeddings", body), range(400)))
+        statuses = [r[0] for r in results]
+        assert set(statuses) <= {200, 429}, sorted(set(statuses))
+        assert statuses.count(429) > 0 and statuses.count(200) > 0
+        assert all(int(h["retry-after"]) >= 1 for st, h, _ in results if st == 429)
+        assert s.post("/v1/embeddings", body)[0] == 200      # still serving afterwards
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_admitted_requests_and_exits_0(embed_artifact):
+    s = Server(embed_artifact, "--max-wait-ms", "1500", "--max-batch", "64")
+    texts = TEXTS * 2
+    with ThreadPoolExecutor(len(texts)) as pool:
+        futs = [pool.submit(s.post, "/v1/embeddings", {"input": [t]}) for t in texts]
+        deadline = time.time() + 1.0              # all admitted, waiting in the 1.5 s batching window
+        while _metric(s, "millis_inflight_requests") < len(texts) and time.time() < deadline:
+            time.sleep(0.01)
+        assert _metric(s, "millis_inflight_requests") == len(texts)
+        assert s.stop() == 0
+        results = [f.result() for f in futs]
+    assert [r[0] for r in results] == [200] * len(results)
+    assert all(len(r[2]["data"][0]["embedding"]) > 0 for r in results)
+    assert s.get("/health")[0] == 0               # the listener is gone
+
+
+def test_env_vars_configure_the_server(embed_artifact):
+    s = Server(embed_artifact, env={"MILLIS_MODEL_NAME": "from-env", "MILLIS_MAX_INPUTS": "2"})
+    try:
+        assert json.loads(s.get("/v1/models")[1])["data"][0]["id"] == "from-env"
+        assert s.post("/v1/embeddings", {"input": ["a", "b", "c"]})[0] == 413
+    finally:
+        assert s.stop() == 0
+
+
+def test_bad_artifact_fails_fast_with_a_message(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "millis.cli", "serve", str(tmp_path / "nope"), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_millis_bench_against_the_server(embed_server, tmp_path):
+    data = tmp_path / "texts.csv"
+    data.write_text("text\n" + "\n".join(TEXTS) + "\n")
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "millis.cli", "bench", f"http://{embed_server.host}:{embed_server.port}",
+                        "--data", str(data), "--concurrency", "1,4", "--rate", "50", "--duration", "1",
+                        "--warmup", "5", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "bench.json").read_text())
+    assert res["route"] == "/v1/embeddings" and res["model"] == "tiny"
+    assert [row["load"] for row in res["rows"]] == ["c1", "c4", "r50"]
+    for row in res["rows"]:
+        assert row["ok"] > 0 and row["errors"] == 0 and row["timeouts"] == 0
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert (out / "latency_vs_load.png").stat().st_size > 1000
+
+
+def test_gpu_buckets_and_device_errors(classify_artifact):
+    from millis.api import gpu_buckets, open_model
+    from millis.errors import MillisError
+    from millis.serve.config import ServeConfig
+
+    b = gpu_buckets(32, 512)
+    assert b[0] == "b1xs16" and b[-1] == "b32xs512" and len(b) == 6 * 6
+    assert gpu_buckets(24, 100) == [f"b{x}xs{t}" for x in (1, 2, 4, 8, 16, 24) for t in (16, 32, 64, 100)]
+    with pytest.raises(MillisError, match="CPU artifact"):
+        open_model(classify_artifact, device="cuda")
+    with pytest.raises(MillisError, match="device must be"):
+        ServeConfig(artifact="x", device="tpu")
+    with pytest.raises(MillisError, match="max_inputs"):
+        ServeConfig(artifact="x", max_inputs=10, max_queue=5)
