@@ -88,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_flags(p: argparse.ArgumentParser, cls, positional: str) -> None:
     """One flag per config field (help from the field), defaults from MILLIS_<FIELD> or the field."""
-    from millis.serve.config import config_fields
+    from millis.config import flag_fields
 
-    for f in config_fields(cls):
+    for f in flag_fields(cls):
         env = _env(f.name, None)
         helptext = f"{f.metadata['help']} [env MILLIS_{f.name.upper()}]"
         if f.name == positional:
@@ -109,9 +109,9 @@ def _config_flags(p: argparse.ArgumentParser, cls, positional: str) -> None:
 
 
 def _config_of(cls, a):
-    from millis.serve.config import config_fields
+    from millis.config import flag_fields
 
-    return cls(**{f.name: getattr(a, f.name) for f in config_fields(cls)})
+    return cls(**{f.name: getattr(a, f.name) for f in flag_fields(cls)})
 
 
 def _optimize(a) -> int:

@@ -14,6 +14,16 @@ from millis.errors import MillisError
 TASKS = ("classify", "embed")
 
 
+def flag(default, help: str):
+    """A config field that is also a CLI flag (and MILLIS_<NAME> env var); `help` is its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def flag_fields(cls) -> list:
+    """The fields of a config class declared with `flag`, in order: what the CLI builds flags from."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
 @dataclass(frozen=True, order=True)
 class Shape:
     """One static input shape: `batch` rows of exactly `seq` tokens."""

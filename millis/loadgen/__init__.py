@@ -6,19 +6,16 @@ import json
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import orjson
 
+from millis.config import flag as _f
 from millis.errors import MillisError
 from millis.loadgen.client import Target, fetch
 from millis.loadgen.load import Level, parse_levels, run_level, warm
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,12 @@ The CLI builds one flag per field (`--max-wait-ms`) and reads the same name from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from millis.config import flag as _f
 from millis.errors import MillisError
 
 TOO_LONG = ("truncate", "reject")
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -53,8 +50,3 @@ class ServeConfig:
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
         if not 0 <= self.port < 65536:
             raise MillisError(f"port must be in 0..65535, got {self.port}")
-
-
-def config_fields(cls) -> list:
-    """The dataclass fields that become flags, in declaration order."""
-    return [f for f in fields(cls) if "help" in f.metadata]
