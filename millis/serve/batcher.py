@@ -51,8 +51,8 @@ class Job:
     rows: list[list[int]]                   # token ids per text, already truncated
     future: asyncio.Future                  # resolved (None) when every row is done
     t_submit: float = field(default_factory=perf_counter)
-    out: list = field(default_factory=list)  # per row: (D,) float32 once run
-    pending: int = 0
+    out: list = field(init=False)           # per row: (D,) float32 once run
+    pending: int = field(init=False)        # rows not yet run
     gone: bool = False                      # client left or timed out: skip rows not yet run
     queue_s: float = -1.0                   # submit -> its first row enters a runtime call
     infer_s: float = 0.0                    # wall time of the runtime calls its rows were in
@@ -128,7 +128,8 @@ class Batcher:
                 continue
             t, rows = picked
             t0 = perf_counter()
-            for job in {j for j, _ in rows}:
+            jobs = list({id(j): j for j, _ in rows}.values())  # the requests this batch serves, once each
+            for job in jobs:
                 if job.queue_s < 0:
                     job.queue_s = t0 - job.t_submit
             try:
@@ -140,7 +141,10 @@ class Batcher:
             self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (len(rows) / max(dt, 1e-6))
             if self.on_batch:
                 self.on_batch(len(rows), len(rows) * t, dt)
-            self._finish(rows, y, err, dt)
+            for job in jobs:
+                job.infer_s += dt
+                job.batch_rows = max(job.batch_rows, len(rows))
+            self._finish(rows, y, err)
 
     def _oldest(self) -> tuple[int, deque] | None:
         best = None
@@ -181,13 +185,8 @@ class Batcher:
                 rows.append((job, i))
         return (t, rows) if rows else None
 
-    def _finish(self, rows: list[tuple[Job, int]], y: np.ndarray | None, err: Exception | None, dt: float) -> None:
-        seen: set[int] = set()
+    def _finish(self, rows: list[tuple[Job, int]], y: np.ndarray | None, err: Exception | None) -> None:
         for k, (job, i) in enumerate(rows):
-            if id(job) not in seen:
-                seen.add(id(job))
-                job.infer_s += dt
-                job.batch_rows = max(job.batch_rows, len(rows))
             if job.future.done():
                 continue
             if err is not None:
