@@ -3,22 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from millis.cli_fit import FIT_COMMANDS, add_parsers, env
 from millis.errors import MillisError
 
 
-def _env(name: str, default):
-    """Every flag can also come from MILLIS_<NAME> in the environment."""
-    return os.environ.get("MILLIS_" + name.upper().replace("-", "_"), default)
-
-
-# `millis train` flags that override the preset (values from MILLIS_* arrive as strings: typed here)
-TRAIN_FLAGS = {"text_col": str, "label_col": str, "epochs": int, "batch_size": int, "lr": float,
-               "weight_decay": float, "warmup": float, "patience": int, "max_length": int, "seed": int,
-               "limit": int, "sample": int, "threads": int, "val_fraction": float}
+_env = env  # every flag can also come from MILLIS_<NAME>
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,16 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--label-col", default=_env("label_col", ""), help="label column of --data (default: as trained)")
     o.add_argument("--no-recover", action="store_true", default=_env("no_recover", "") not in ("", "0"),
                    help="do not try recovery recipes when plain int8 misses the budget")
+    o.add_argument("--compress", nargs="?", const="default", default=_env("compress", ""),
+                   help="also distil / prune smaller students and add them as candidates (preset: default, quick)")
+    o.add_argument("--compress-data", default=_env("compress_data", ""),
+                   help="what the students train on (default: the teacher's `millis train` file)")
 
-    t = sub.add_parser("train", help="fine-tune a sequence classifier on a labelled CSV/TSV/JSONL file")
-    t.add_argument("source", help="local Hugging Face model dir, builtin:minilm, or tiny:bert...")
-    t.add_argument("--data", required=_env("data", None) is None, default=_env("data", None), help="training file")
-    t.add_argument("--out", default=_env("out", "models/classifier"), help="model directory to write")
-    t.add_argument("--preset", default=_env("preset", "default"), help="default, or quick (1 epoch, 512 sampled rows)")
-    t.add_argument("--validation", default=_env("validation", ""), help="labelled validation file (default: hold out)")
-    for name, typ in TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=_env(name, None),
-                       help=f"TrainConfig.{name} (default: the preset's)")
+    add_parsers(sub)  # train, distill, prune
 
     e = sub.add_parser("eval", help="accuracy / macro-F1 / per-class of a model or artifact on labelled data")
     e.add_argument("model", help="artifact dir, model dir from `millis train`, or a source spec")
@@ -134,7 +122,8 @@ def _optimize(a) -> int:
                          variants=tuple(v for v in a.variants.split(",") if v), max_length=a.max_length,
                          budget=Budget(min_cosine=a.min_cosine, max_logit_diff=a.max_logit_diff, max_drop=a.max_drop),
                          measure=measure, sample_texts=a.sample_texts, calibration_texts=a.calibration_texts,
-                         data=a.data, text_col=a.text_col, label_col=a.label_col, recover=not a.no_recover)
+                         data=a.data, text_col=a.text_col, label_col=a.label_col, recover=not a.no_recover,
+                         compress=a.compress, compress_data=a.compress_data)
     console = Console(stderr=True)
     with console.status("starting") as status:
         def progress(msg: str) -> None:
@@ -143,40 +132,6 @@ def _optimize(a) -> int:
         out = optimize(cfg, progress)
     print((out / "report.md").read_text())
     print(f"artifact: {out}")
-    return 0
-
-
-def _train(a) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from millis.train import train, train_config
-
-    overrides = {n: typ(getattr(a, n)) for n, typ in TRAIN_FLAGS.items() if getattr(a, n) is not None}
-    cfg = train_config(a.source, a.data, a.preset, out=a.out, validation=a.validation, **overrides)
-    console = Console(stderr=True)
-    cols = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} rows/s"), TimeRemainingColumn())
-    with Progress(*cols, console=console) as bar:
-        task = None
-
-        def progress(event: str, f: dict) -> None:
-            nonlocal task
-            if event == "start":
-                console.log(f"training on {f['rows']} rows ({f['classes']} classes), validating on {f['val_rows']}")
-                task = bar.add_task("train", total=f["steps_per_epoch"], epoch=1, loss=0.0, rate=0.0)
-            elif event == "step":
-                bar.update(task, completed=f["step"], epoch=f["epoch"], loss=f["loss"], rate=f["rows_per_s"])
-            elif event == "epoch":
-                console.log(f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, validation accuracy "
-                            f"{100 * f['val_accuracy']:.2f}%{' (best)' if f['improved'] else ''}, {f['seconds']:.0f} s")
-                bar.reset(task, total=bar.tasks[0].total)
-        out = train(cfg, progress)
-    from millis.train import read_train_meta
-
-    meta = read_train_meta(out)
-    print(f"model: {out}  (best epoch {meta['best_epoch']}, validation accuracy {100 * meta['val_accuracy']:.2f}%, "
-          f"{len(meta['labels'])} labels)")
     return 0
 
 
@@ -218,6 +173,10 @@ def _info(a) -> int:
     if m.get("accuracy"):
         print(f"accuracy   {100 * m['accuracy']['accuracy']:.2f}% on {meta['config']['data']} "
               f"(fp32 {100 * m['reference_accuracy']:.2f}%, budget -{meta['config']['budget']['max_drop']} pt)")
+    c = meta.get("compressed")
+    if c:
+        print(f"compressed {c['recipe']['name']}: {c['layers']} layers, {c['heads']} heads, FFN {c['intermediate']} "
+              f"(student {c['model']})")
     if v.get("keep_fp32"):
         print(f"kept fp32  {len(v['keep_fp32'])} node(s): {', '.join(v['keep_fp32'])}")
     print(f"hardware   {meta['hardware']['cpu']}, {meta['hardware']['cores']} cores, {' '.join(meta['hardware']['isa'])}")
@@ -273,7 +232,7 @@ def _bench(a) -> int:
     return 0
 
 
-COMMANDS = {"optimize": _optimize, "train": _train, "eval": _eval, "info": _info, "predict": _predict,
+COMMANDS = {"optimize": _optimize, **FIT_COMMANDS, "eval": _eval, "info": _info, "predict": _predict,
             "serve": _serve, "bench": _bench}
 
 

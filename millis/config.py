@@ -94,6 +94,8 @@ class OptimizeConfig:
     text_col: str = "text"
     label_col: str = ""                       # "" = the column `millis train` used, else label/...
     recover: bool = True                      # plain int8 over budget -> try recovery recipes
+    compress: str = ""                        # "" = off; a preset of distilled / pruned students (millis.compress)
+    compress_data: str = ""                   # what the students train on; "" = the teacher's training file
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -71,13 +71,17 @@ class VariantEvaluator:
         return open_runtime(v.runtime, vdir, v.name, self.src.input_names, OUTPUT_NAME[self.cfg.task],
                             opts, self.cfg.measure.threads)
 
-    def judge(self, v: Variant, recovery: str = "", keep: bool = True) -> VariantResult:
-        """Build, open, check. keep=False: judged but not kept for measurement (a failed try)."""
+    def judge(self, v: Variant, recovery: str = "", keep: bool = True, builder: Builder | None = None,
+              compressed: dict[str, Any] | None = None) -> VariantResult:
+        """Build, open, check. keep=False: judged but not kept for measurement (a failed try).
+        `builder` builds from another (compressed) model; `compressed` describes it in the recipe."""
         self.progress(f"building {v.name}")
         r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v), recovery=recovery)
+        if compressed:
+            r.recipe["compressed"] = compressed
         try:
             t0 = time.perf_counter()
-            vdir, r.facts = self.builder.build(v)
+            vdir, r.facts = (builder or self.builder).build(v)
             r.facts["build_s"] = time.perf_counter() - t0
             rss0 = rss_mb()
             rt, load_s, first_s = cold_start(lambda: self.open(v, vdir), self.target_batch)

@@ -53,7 +53,8 @@ def fuse(src: ModelSource, in_path: Path, out_path: Path) -> dict[str, int]:
     opts = FusionOptions("bert")
     opts.enable_gelu_approximation = False  # keep exact erf GELU: fidelity first
     opt = optimizer.optimize_model(str(in_path), model_type="bert", num_heads=src.num_heads,
-                                   hidden_size=src.hidden_size, optimization_options=opts, opt_level=0)
+                                   hidden_size=src.attention_size or src.hidden_size,  # pruned heads: fewer
+                                   optimization_options=opts, opt_level=0)
     prune(opt.model)
     opt.save_model_to_file(str(out_path))
     return count_ops(opt.model)

@@ -88,6 +88,9 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
         for v in variants_for(cfg.variants, cfg.preset):
             ev.judge(v)
         recovery = recover(ev, calib_texts) if cfg.recover else {"needed": False, "why": "disabled", "attempts": []}
+        if cfg.compress:
+            from millis.compress import judge_compressed
+            judge_compressed(ev, cfg, src, work, calibration, progress)
         progress(f"measuring {len(ev.runtimes)} variants x {len(shapes)} shapes")
         lat = measure(ev.runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
@@ -132,6 +135,8 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvalu
             "hardware": hardware.describe(),
             "config": to_dict(cfg),
         }
+        if "compressed" in best.recipe:  # a distilled / pruned student won: say which
+            meta["compressed"] = best.recipe["compressed"]
         report.write_all(tmp, meta, [r.__dict__ for r in results.values()], chosen, recovery)
         return meta
 

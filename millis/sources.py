@@ -34,13 +34,14 @@ class ModelSource:
     model_type: str          # bert | distilbert | roberta | xlm-roberta
     num_layers: int
     hidden_size: int
-    num_heads: int
+    num_heads: int           # attention heads per layer (fewer than the config's after head pruning)
     max_length: int          # the model's own position limit (minus offsets)
     input_names: tuple[str, ...]   # graph inputs, e.g. input_ids, attention_mask[, token_type_ids]
     has_classifier: bool     # a *ForSequenceClassification head with trained labels
     id2label: dict[int, str]
     pooling: Pooling
     sha256: str              # hash of config + weights: identifies the source in millis.json
+    attention_size: int = 0  # heads x head size (= hidden_size unless heads were pruned)
 
 
 def builtin_minilm_dir() -> Path:
@@ -89,6 +90,10 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     else:
         layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
         inputs = ("input_ids", "attention_mask", "token_type_ids")
+    attention_size = int(hidden)
+    if cfg.get("millis_pruned"):  # heads removed by `millis prune`: fewer, same head size
+        heads = int(cfg["millis_pruned"]["attention_heads"])
+        attention_size = heads * int(cfg["millis_pruned"]["head_dim"])
     max_pos = int(cfg.get("max_position_embeddings", 512))
     if model_type in ("roberta", "xlm-roberta"):
         max_pos -= int(cfg.get("pad_token_id", 1)) + 1  # positions start after padding_idx
@@ -97,6 +102,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
         has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
         sha256=hash_files([cfg_file] + [path / w for w in WEIGHT_FILES if (path / w).is_file()]),
+        attention_size=attention_size,
     )
 
 

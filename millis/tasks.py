@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from millis.errors import MillisError
+from millis.pruned import load_hf
 from millis.sources import ModelSource, Pooling
 
 OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}
@@ -57,8 +58,8 @@ def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torc
         if not src.has_classifier:
             raise MillisError(f"{src.spec} has no sequence-classification head (architectures in config.json); "
                               f"fine-tune one first, or use --task embed")
-        hf = AutoModelForSequenceClassification.from_pretrained(src.path, attn_implementation=attn, dtype=dtype)
+        hf = load_hf(src.path, AutoModelForSequenceClassification, attn_implementation=attn, dtype=dtype)
     else:
         kw = {} if src.model_type == "distilbert" else {"add_pooling_layer": False}  # the pooler is unused
-        hf = AutoModel.from_pretrained(src.path, attn_implementation=attn, dtype=dtype, **kw)
+        hf = load_hf(src.path, AutoModel, attn_implementation=attn, dtype=dtype, **kw)
     return TaskModel(hf.eval(), task, src.pooling, src.input_names).eval()

@@ -1,0 +1,248 @@
+"""Distillation, structural pruning and `optimize --compress` on a tiny trained teacher.
+
+The teacher is tiny:bert (2 layers, 4 heads, FFN 64) fine-tuned on the two-topic file.
+"""
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from millis.errors import MillisError
+from millis.sources import resolve
+from millis.train import read_train_meta
+
+ONE_THREAD = {"threads": 1, "lr": 3e-3, "batch_size": 16, "patience": 10}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, trained_classifier, topics_data):
+    from millis.distill import distill, distill_config
+
+    events = []
+    cfg = distill_config(str(trained_classifier), str(topics_data["train"]),
+                         out=str(tmp_path_factory.mktemp("distill") / "s"), train={**ONE_THREAD, "epochs": 3},
+                         layers=1)
+    out = distill(cfg, lambda e, f: events.append((e, f)))
+    return out, events
+
+
+def _logits(model_dir, texts):
+    from millis.tasks import load_task_model
+    from millis.text import TextEncoder
+
+    src = resolve(str(model_dir))
+    enc = TextEncoder(src.path, src.input_names, 64)
+    feeds = enc.encode(texts).feeds
+    with torch.inference_mode():
+        return load_task_model(src, "classify")(*(torch.from_numpy(feeds[n]) for n in src.input_names)).numpy()
+
+
+def test_distilled_student_has_the_asked_layers_loads_and_learns(student, trained_classifier, topics_data):
+    out, events = student
+    src = resolve(str(out))
+    assert src.num_layers == 1 and src.has_classifier and src.id2label == {0: "bank", 1: "market"}
+    meta = read_train_meta(out)
+    d = meta["distill"]
+    assert d["student_layers"] == 1 and d["teacher"]["layers"] == 2 and d["layer_map"] == [1]
+    assert d["parameters"]["student"] < d["parameters"]["teacher"]
+    hist = meta["history"]
+    assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the distillation loss falls
+    steps = [f["loss"] for e, f in events if e == "step"]
+    assert np.mean(steps[-3:]) < np.mean(steps[:3])
+    y = _logits(out, ["card transfer pin today", "stock yields profit again"])
+    assert y.shape == (2, 2) and np.isfinite(y).all()
+    from millis.evaluate import EvalConfig, evaluate
+    assert evaluate(EvalConfig(model=str(out), data=str(topics_data["test"])))["accuracy"] >= 0.9
+
+
+def test_student_layers_default_and_map():
+    from millis.distill import student_layers
+
+    assert student_layers(6, 3) == [1, 3, 5] and student_layers(6, 0) == [1, 3, 5]
+    assert student_layers(12, 4) == [2, 5, 8, 11]
+    assert student_layers(6, 2, (0, 5)) == [0, 5]
+    with pytest.raises(MillisError, match="fewer layers than the teacher"):
+        student_layers(2, 2)
+    with pytest.raises(MillisError, match="fewer layers than the teacher"):
+        student_layers(2, 5)
+    with pytest.raises(MillisError, match="--layer-map"):
+        student_layers(6, 0, (1, 9))
+    with pytest.raises(MillisError, match="--layer-map names 2"):
+        student_layers(6, 3, (1, 2))
+
+
+def test_distill_bad_arguments(tmp_path, trained_classifier, topics_data):
+    from millis.distill import distill, distill_config
+
+    def run(**kw):
+        return distill(distill_config(str(trained_classifier), str(topics_data["train"]), preset="quick",
+                                      out=str(tmp_path / "x"), train={"threads": 1}, **kw))
+    with pytest.raises(MillisError, match="fewer layers than the teacher's 2"):
+        run(layers=3)
+    with pytest.raises(MillisError, match="another tokenizer"):
+        run(student="builtin:minilm")
+    with pytest.raises(MillisError, match="--temperature"):
+        run(temperature=0.0)
+    with pytest.raises(MillisError, match="no sequence-classification head"):
+        distill(distill_config("builtin:minilm", str(topics_data["train"]), out=str(tmp_path / "y"), task="classify"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_embedder_matches_teacher_vectors(tmp_path, tiny_dirs):
+    from millis.distill import distill, distill_config
+    from millis.tiny import sample_texts
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(sample_texts() * 3))
+    out = distill(distill_config("tiny:bert", str(texts), out=str(tmp_path / "emb"), train={**ONE_THREAD, "epochs": 2},
+                                 layers=1, task="embed"))
+    meta = read_train_meta(out)
+    assert meta["distill"]["task"] == "embed" and 0.5 < meta["val_cosine"] <= 1.0
+    src = resolve(str(out))
+    assert src.num_layers == 1 and src.pooling.normalize  # the sentence-transformers folder came along
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planned(trained_classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    from millis.fit import prepare
+    from millis.prune import plan, prune_config
+    from millis.pruned import load_hf
+
+    src = resolve(str(trained_classifier))
+    cfg = prune_config(str(trained_classifier), read_train_meta(trained_classifier)["data"]["path"],
+                       heads=0.5, ffn=0.25, layers=1, train={"threads": 1})
+    model = load_hf(src.path, AutoModelForSequenceClassification).eval()
+    td = prepare(cfg.train, src, classes=["bank", "market"])
+    return model, td, plan(model, td, cfg, lambda e, f: None)
+
+
+def test_pruned_model_is_smaller_and_equals_the_masked_model(planned):
+    from millis.prune import apply, masks_of
+
+    model, td, p = planned
+    assert len(p.layers) == 1 and len(p.heads[0]) == 2 and len(p.ffn[0]) == 48
+    x = td.tensors(td.va_ids[:16])
+    with torch.inference_mode(), masks_of(model, p):
+        masked = model(**x).logits
+    cut = copy.deepcopy(model)
+    apply(cut, p)
+    layer = cut.bert.encoder.layer
+    assert len(layer) == 1
+    assert tuple(layer[0].attention.self.query.weight.shape) == (16, 32)   # 2 heads x 8, was 32 x 32
+    assert tuple(layer[0].attention.output.dense.weight.shape) == (32, 16)
+    assert tuple(layer[0].intermediate.dense.weight.shape) == (48, 32)     # FFN 64 -> 48
+    with torch.inference_mode():
+        out = cut(**x).logits
+    torch.testing.assert_close(out, masked, rtol=0, atol=1e-5)
+    with torch.inference_mode():  # and the masks did change something
+        assert (model(**x).logits - masked).abs().max() > 1e-4
+
+
+def test_head_importance_is_per_layer_normalised(planned):
+    from millis.prune import importance
+
+    model, td, _ = planned
+    h, f = importance(model, td, rows=64)
+    assert h.shape == (2, 4) and f.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(h, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory, trained_classifier, topics_data):
+    from millis.prune import prune, prune_config
+
+    cfg = prune_config(str(trained_classifier), str(topics_data["train"]), out=str(tmp_path_factory.mktemp("p") / "m"),
+                       heads=0.5, ffn=0.25, train={**ONE_THREAD, "lr": 1e-3, "epochs": 1})
+    return prune(cfg)
+
+
+def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quick_measure):
+    from millis.config import OptimizeConfig, Shape
+    from millis.optimize import optimize
+
+    cfg = json.loads((pruned_dir / "config.json").read_text())
+    assert cfg["millis_pruned"] == {"attention_heads": 2, "head_dim": 8} and cfg["intermediate_size"] == 48
+    meta = read_train_meta(pruned_dir)
+    assert meta["prune"]["parameters"]["pruned"] < meta["prune"]["parameters"]["original"]
+    src = resolve(str(pruned_dir))
+    assert src.num_heads == 2 and src.attention_size == 16 and src.hidden_size == 32
+    art = optimize(OptimizeConfig(source=str(pruned_dir), task="classify", out=str(tmp_path / "art"),
+                                  target=Shape(1, 16), variants=("ort-fp32-fused",), measure=quick_measure))
+    rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
+    fused = rows["ort-fp32-fused"]
+    assert fused["ok"] and fused["facts"]["ops"].get("Attention") == 2, fused["facts"]["ops"]  # fused, 2 layers
+    assert fused["fidelity"]["max_logit_diff"] < 1e-4
+    from millis.api import load
+    texts = ["card transfer pin today", "stock yields profit again"]
+    np.testing.assert_allclose(load(art).run(texts).outputs, _logits(pruned_dir, texts), atol=1e-4)
+
+
+@pytest.mark.parametrize("kw, match", [({"heads": 1.0}, "must be in"), ({"heads": -0.2}, "must be in"),
+                                        ({"ffn": 1.5}, "must be in"), ({}, "nothing to prune"),
+                                        ({"layers": -1}, ">= 0")])
+def test_prune_bad_arguments(kw, match, trained_classifier, topics_data):
+    from millis.prune import prune_config
+
+    with pytest.raises(MillisError, match=match):
+        prune_config(str(trained_classifier), str(topics_data["train"]), **kw)
+
+
+def test_prune_refuses_what_it_cannot_do(tmp_path, trained_classifier, topics_data, tiny_dirs):
+    from millis.prune import prune, prune_config
+
+    with pytest.raises(MillisError, match="at least one must stay"):
+        prune(prune_config(str(trained_classifier), str(topics_data["train"]), out=str(tmp_path / "a"), layers=2,
+                           train={"threads": 1}))
+    with pytest.raises(MillisError, match="no sequence-classification head"):
+        prune(prune_config("builtin:minilm", str(topics_data["train"]), out=str(tmp_path / "b"), heads=0.5))
+    with pytest.raises(MillisError, match="pruning supports"):
+        prune(prune_config(str(tiny_dirs["distilbert"]), str(topics_data["train"]), out=str(tmp_path / "c"),
+                           heads=0.5, train={"threads": 1}))
+
+
+# --- optimize --compress ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_classifier, topics_data, quick_measure,
+                                                         monkeypatch):
+    from millis.compress import COMPRESS_VARIANTS
+    from millis.config import OptimizeConfig, Shape
+    from millis.optimize import optimize
+
+    monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    msgs = []
+    cfg = OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "art"), target=Shape(1, 16),
+                         variants=("ort-int8-dynamic",), measure=quick_measure, data=str(topics_data["test"]),
+                         compress="quick")
+    art = optimize(cfg, msgs.append)
+    rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
+    for v in COMPRESS_VARIANTS:
+        r = rows[f"l-half+{v}"]
+        assert r["recipe"]["compressed"]["layers"] == 1 and r["accuracy"]["n"] == 60, r
+        assert r["latency"], r["name"]
+    assert any("compress l-half: epoch 1" in m for m in msgs)
+    meta = json.loads((art / "millis.json").read_text())
+    if "compressed" in meta:  # a student won: the artifact says so and still loads
+        assert meta["variant"]["name"].startswith("l-half+")
+    from millis.api import load
+    assert load(art).run(["card pin"]).outputs.shape == (1, 2)
+    msgs.clear()
+    optimize(replace(cfg, out=str(tmp_path / "art2")), msgs.append)
+    assert not any("epoch" in m for m in msgs)  # the student came from the cache
+
+
+def test_compress_needs_training_data(tmp_path, topics_data, tiny_dirs):
+    from millis.compress import training_data
+
+    src = resolve("tiny:bert")
+    with pytest.raises(MillisError, match="--compress-data"):
+        training_data(src, "classify", "", "text")
+    assert training_data(src, "embed", str(topics_data["train"]), "text") == (str(topics_data["train"]), "text", "")
