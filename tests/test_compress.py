@@ -246,3 +246,12 @@ def test_compress_needs_training_data(tmp_path, topics_data, tiny_dirs):
     with pytest.raises(MillisError, match="--compress-data"):
         training_data(src, "classify", "", "text")
     assert training_data(src, "embed", str(topics_data["train"]), "text") == (str(topics_data["train"]), "text", "")
+
+
+def test_cuda_encoder_refuses_pruned_heads():
+    from millis.gpu.encoder import EncoderConfig
+
+    cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 64, "vocab_size": 100, "millis_pruned": {"attention_heads": 2, "head_dim": 8}}
+    with pytest.raises(MillisError, match="pruned attention heads"):
+        EncoderConfig.from_hf(cfg)

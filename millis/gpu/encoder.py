@@ -52,6 +52,9 @@ class EncoderConfig:
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                               f"(absolute only)")
+        if cfg.get("millis_pruned"):  # heads x head size != hidden: not this kernel's layout (yet)
+            raise MillisError("the CUDA encoder does not run models with pruned attention heads; "
+                              "serve them on CPU (ONNX Runtime)")
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
         return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
