@@ -1,0 +1,39 @@
+"""Int8 weight-only quantization for CPU decode: per-output-channel symmetric scales.
+
+Decode at small batch reads every weight once per token, so it is bound by memory bandwidth; int8
+weights read a quarter of fp32's bytes. Activations stay in the model's dtype, and the matmul is
+torch's `_weight_int8pack_mm` (it dequantizes inside the kernel). The embedding stays as it is;
+a tied head gets its own int8 copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight.detach().float()                                    # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0                # (out,)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(lin.weight.dtype))
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach())
+        self.out_features = lin.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear in place (the head included)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return model
