@@ -16,14 +16,21 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = lin.weight.detach().float()                                    # (out, in)
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0                # (out,)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        # torch 2.13's bf16 CPU kernel gives wrong sums (or crashes) when `in` is not a multiple of 8:
+        # pad the weight with zero columns and the input with zeros to match
+        self.pad = -q.shape[1] % 8 if lin.weight.dtype == torch.bfloat16 else 0
+        self.register_buffer("weight", torch.nn.functional.pad(q, (0, self.pad)).contiguous())
         self.register_buffer("scale", scale.to(lin.weight.dtype))
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach())
         self.out_features = lin.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+        x2 = x.reshape(-1, shape[-1])
+        if self.pad:
+            x2 = torch.nn.functional.pad(x2, (0, self.pad))
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
