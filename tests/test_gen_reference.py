@@ -64,11 +64,11 @@ def test_cli_prints_llama2c_documented_output(capsys):
     assert capsys.readouterr().out.startswith(DOC_260K)
 
 
-def test_llama2c_int8_and_bf16_stay_close():
+def test_llama2c_bf16_and_int8_stay_close():
     d = shared_model("stories260K")
     ids = STORIES["prompt_ids"]
     ref = None
-    for dtype, quant in (("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("bf16", "int8")):
+    for dtype, quant in (("fp32", "none"), ("bf16", "none"), ("fp32", "int8")):
         eng = open_engine(str(d), EngineConfig(max_batch=1, dtype=dtype, quant=quant))
         with torch.inference_mode():
             logits = eng.model(make_batch([ids], [0], [0]))[0, -1]

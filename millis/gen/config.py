@@ -79,7 +79,7 @@ class EngineConfig:
     max_batch: int = 8        # slots: requests decoded together; a KV cache row each
     max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
     dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
-    quant: str = "none"       # none | int8 (weight-only, per output channel)
+    quant: str = "none"       # none | int8 (dynamic: int8 weights per channel, activations per call; fp32 only)
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
@@ -93,6 +93,8 @@ class EngineConfig:
             raise MillisError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.quant == "int8" and (self.dtype != "fp32" or self.device != "cpu"):
+            raise MillisError("quant int8 is torch's dynamic quantization: it needs dtype fp32 on cpu")
 
 
 # Named presets: `cpu` is the measured default; `cpu-int8` trades a little fidelity for speed.
@@ -140,7 +142,7 @@ class GenerateConfig:
     stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
     stream: bool = _f(False, "print tokens as they come")
     dtype: str = _f("fp32", "fp32 or bf16")
-    quant: str = _f("none", "none or int8 (weight-only)")
+    quant: str = _f("none", "none or int8 (dynamic quantization of every Linear; with dtype fp32)")
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default")
 
