@@ -37,7 +37,13 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
 
     if engine.threads:
         torch.set_num_threads(engine.threads)
-    return Engine(load(model, engine), max_prefills_per_step=engine.max_prefills_per_step, seed=seed)
+    loaded = load(model, engine)
+    decode = None
+    if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
+        from millis.gen.cuda_graph import GraphedDecode
+
+        decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
+    return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode)
 
 
 def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) -> GenerateResult:

@@ -65,8 +65,11 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0) -> None:
+    def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None) -> None:
+        """`decode`: optional (tokens, positions, slots) -> logits (n, vocab) for the decode rows,
+        e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
+        self.decode = decode
         self.config = loaded.config
         cache = next(m.cache for m in self.model.modules() if getattr(m, "cache", None) is not None)
         self.max_batch, self.device = cache.k.shape[0], cache.k.device
@@ -153,7 +156,10 @@ class Engine:
         logits = []
         for r in new:  # prefill: the whole prompt of one request, logits of its last position
             logits.append(self.model(make_batch([r.prompt], [0], [r.slot], self.window, device=self.device))[:, -1])
-        if running:    # decode: one token per running row, each at its own position
+        if running and self.decode is not None:
+            logits.append(self.decode([r.out[-1] for r in running], [r.n_cached for r in running],
+                                      [r.slot for r in running]))
+        elif running:  # decode: one token per running row, each at its own position
             b = make_batch([[r.out[-1]] for r in running], [r.n_cached for r in running],
                            [r.slot for r in running], self.window, device=self.device)
             logits.append(self.model(b)[:, -1])
