@@ -188,3 +188,32 @@ def test_cuda_graph_decode_matches_eager():
     eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq)
     got = run(eng, ["the cat", "in a he"], GREEDY)
     assert [r["ids"] for r in got] == [r["ids"] for r in ref]
+
+
+def test_cancel_while_a_step_runs():
+    """An HTTP server cancels from another thread: the step in flight reports nothing for the
+    request and frees its slot when it ends."""
+    import threading
+
+    eng = engine(max_batch=1)
+    rid = eng.add("the cat", GREEDY)
+    eng.step()
+    started, release = threading.Event(), threading.Event()
+    forward = eng.model.forward
+
+    def slow_forward(b):
+        started.set()
+        release.wait(5)
+        return forward(b)
+
+    eng.model.forward = slow_forward
+    t = threading.Thread(target=lambda: setattr(eng, "last", eng.step()))
+    t.start()
+    assert started.wait(5)
+    assert eng.cancel(rid)                 # returns without waiting for the model
+    other = eng.add("he", GREEDY)          # so does add
+    release.set()
+    t.join(5)
+    assert eng.last == [] and eng.free_slots == 1
+    eng.model.forward = forward
+    assert [o.id for o in eng.step()] == [other]

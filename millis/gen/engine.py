@@ -19,8 +19,9 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 A request's tokens do not depend on what else is in the batch: greedy rows give the same tokens as
 alone (tested against HF `generate`), and a seeded row draws from its own generator.
 
-Thread use: `add` and `cancel` may be called from any thread; `step` from one thread at a time (an
-HTTP server runs the step loop in one worker thread and streams each StepOutput to its client).
+Thread use: `add` and `cancel` may be called from any thread, also while a step runs (they do not
+wait for the model); `step` from one thread at a time (an HTTP server runs the step loop in one
+worker thread and streams each StepOutput to its client).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ class Engine:
         self.seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards waiting, requests and slots
+        self._stepping = False         # a step is running: cancel leaves slot freeing to it
 
     # ------------------------------------------------------------------ API
     def add(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), id: str | None = None) -> str:
@@ -113,15 +115,16 @@ class Engine:
         return rid
 
     def cancel(self, rid: str) -> bool:
-        """Drop a request, waiting or running; its slot is free at once. False if unknown or finished."""
+        """Drop a request, waiting or running; its slot is free at once (or, while a step is
+        running, when that step ends, which then reports nothing for it). False if unknown or done."""
         with self._lock:
             r = self.requests.pop(rid, None)
             if r is None:
                 return False
-            if r.slot >= 0:
-                self.slots[r.slot] = None
-            else:
+            if r.slot < 0:
                 self.waiting.remove(r)
+            elif not self._stepping:
+                self.slots[r.slot] = None
             return True
 
     @property
@@ -135,10 +138,22 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Schedule, execute, update. The lock is not held while the model runs: `add` and `cancel`
+        from other threads wait only for the bookkeeping."""
         with self._lock:
             new, running = self._schedule()
+            self._stepping = True
+        tokens: list[int] = []
+        try:
             tokens = self._execute(new, running)
-            return self._update(new + running, tokens)
+        finally:
+            with self._lock:
+                self._stepping = False
+                outs = self._update(new + running, tokens)
+                for i, r in enumerate(self.slots):  # cancelled while the step ran: free now
+                    if r is not None and r.id not in self.requests:
+                        self.slots[i] = None
+        return outs
 
     def _schedule(self) -> tuple[list[_Request], list[_Request]]:
         running = [r for r in self.slots if r is not None]
@@ -167,14 +182,17 @@ class Engine:
             return []
         rows = new + running
         slots = torch.tensor([r.slot for r in rows], device=self.device)
+        penalized = any(r.params.repetition_penalty != 1.0 for r in rows)
         tok = sample(torch.cat(logits), RowParams([r.params for r in rows], [r.generator for r in rows],
-                                                  self.seen[slots]))
+                                                  self.seen[slots] if penalized else None))
         self.seen[slots, tok] = True
         return tok.tolist()  # the step's one host sync
 
     def _update(self, rows: list[_Request], tokens: list[int]) -> list[StepOutput]:
         outs = []
         for r, t in zip(rows, tokens):
+            if r.id not in self.requests:  # cancelled during the step: nothing to report
+                continue
             r.out.append(t)
             p = r.params
             finished = None
