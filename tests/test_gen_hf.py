@@ -44,10 +44,10 @@ def hf_model(request, tmp_path_factory):
     return request.param, model, out
 
 
-def _hf_greedy(model, prompt: list[int]) -> list[int]:
+def _hf_greedy(model, prompt: list[int], **kw) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
+                             max_new_tokens=N_NEW, do_sample=False, pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
 
 
@@ -82,3 +82,30 @@ def test_greedy_alone_and_batched_match_hf(hf_model):
     # more requests than slots: they queue, and reuse the slots of finished ones
     small = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64, max_prefills_per_step=1))
     assert _run(small, PROMPTS + PROMPTS[::-1]) == ref + ref[::-1], kind
+
+
+def test_repetition_penalty_matches_hf(hf_model):
+    kind, model, d = hf_model
+    eng = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64))
+    params = SamplingParams(max_tokens=N_NEW, repetition_penalty=1.8)
+    ours = _run(eng, PROMPTS[1:3], params)
+    assert ours == [_hf_greedy(model, p, repetition_penalty=1.8) for p in PROMPTS[1:3]], kind
+
+
+def test_cli_on_hf_dir_with_tokenizer_json(hf_model, capsys):
+    """A HF directory with tokenizer.json takes text prompts (a word-level tokenizer: word i is id i)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from millis.cli import main
+
+    kind, model, d = hf_model
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    ref = _hf_greedy(model, PROMPTS[0])
+    prompt = " ".join(f"w{i}" for i in PROMPTS[0])
+    assert main(["generate", str(d), "--prompt", prompt, "--max-tokens", str(N_NEW), "--threads", "1"]) == 0
+    words = [f"w{i}" for i in ref if i != 2]  # EOS (id 2) is a special token only in the model config
+    assert capsys.readouterr().out.split()[:len(PROMPTS[0]) + len(words)] == prompt.split() + words
