@@ -1,6 +1,6 @@
 """The generation engine: continuous batching over a static KV cache, one `step()` at a time.
 
-    eng = Engine(load(path, EngineConfig(max_batch=8)))
+    eng = open_engine(path, EngineConfig(max_batch=8))                   # millis.gen.open_engine
     rid = eng.add("Once upon a time", SamplingParams(max_tokens=40))   # or a list of token ids
     while eng.has_work:
         for out in eng.step():          # StepOutput(id, token_ids, text, finished)
@@ -16,8 +16,9 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens and a full
   slot end a request, and its slot is free for the next step.
 
-A request's tokens do not depend on what else is in the batch: greedy rows give the same tokens as
-alone (tested against HF `generate`), and a seeded row draws from its own generator.
+A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
+tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
+(With `quant=int8` the activations' int8 scale is per call, so shared by the batch's rows.)
 
 Thread use: `add` and `cancel` may be called from any thread, also while a step runs (they do not
 wait for the model); `step` from one thread at a time (an HTTP server runs the step loop in one
@@ -39,7 +40,7 @@ from millis.gen.load import Loaded
 from millis.gen.sampling import RowParams, sample
 from millis.gen.tokenizer import text_delta
 
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)
