@@ -60,6 +60,8 @@ class _Request:
     slot: int = -1
     out: list[int] = field(default_factory=list)
     emitted: str = ""      # text already handed out
+    anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
+    anchor_text: str = ""
 
     @property
     def n_cached(self) -> int:  # positions of the slot written: all but the last sampled token
@@ -214,11 +216,13 @@ class Engine:
         if self.tok is None:
             return "", False
         ids = r.out[:-1] if r.out[-1] == self.config.eos_id and not r.params.ignore_eos else r.out
-        full = text_delta(self.tok, r.prompt[-4:], ids)
+        context = (r.prompt + ids[:r.anchor])[-4:]  # a few ids before: SentencePiece spaces need them
+        full = r.anchor_text + text_delta(self.tok, context, ids[r.anchor:])
         stopped = False
         cut = min((i for i in (full.find(s) for s in r.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             full, stopped, final = full[:cut], True, True
+        whole = full
         if not final:
             full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next bytes
             hold = max((n for s in r.params.stop for n in range(1, len(s)) if full.endswith(s[:n])), default=0)
@@ -226,4 +230,6 @@ class Engine:
         if not full.startswith(r.emitted):
             return "", stopped
         new, r.emitted = full[len(r.emitted):], full
+        if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
+            r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
         return new, stopped
