@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(s, ServeConfig, positional="artifact")
     b = sub.add_parser("bench", help="load-test a running server: closed and open loop, p50/p90/p99, 429s")
     _config_flags(b, BenchConfig, positional="url")
+
+    from millis.gen.config import GenerateConfig
+
+    g = sub.add_parser("generate", help="continue a prompt with a decoder (HF Llama/Mistral/Qwen2/GPT-2 or llama2.c)")
+    _config_flags(g, GenerateConfig, positional="model")
     return p
 
 
@@ -232,8 +237,27 @@ def _bench(a) -> int:
     return 0
 
 
+def _generate(a) -> int:
+    from millis.gen import generate
+    from millis.gen.config import GenerateConfig
+
+    cfg = _config_of(GenerateConfig, a)
+
+    def emit(text: str) -> None:
+        print(text, end="", flush=True)
+
+    if cfg.stream:
+        emit(cfg.prompt)
+    res = generate(cfg, on_text=emit if cfg.stream else None)
+    print("" if cfg.stream else cfg.prompt + res.text)
+    print(f"[{len(res.prompt_ids)} prompt + {len(res.token_ids)} new tokens, finished: {res.finished}; "
+          f"load {res.load_s:.2f} s, prefill {res.prefill_ms:.1f} ms, decode {res.decode_ms_per_token:.2f} ms/token]",
+          file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"optimize": _optimize, **FIT_COMMANDS, "eval": _eval, "info": _info, "predict": _predict,
-            "serve": _serve, "bench": _bench}
+            "serve": _serve, "bench": _bench, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,3 +109,20 @@ def trained_classifier(tmp_path_factory, topics_data, tiny_dirs) -> Path:
     out = tmp_path_factory.mktemp("trained") / "topics"
     return train_one_thread(train_config("tiny:bert", str(topics_data["train"]), out=str(out), lr=3e-3,
                                          batch_size=16, epochs=4, patience=10))
+
+
+def shared_models_dir() -> Path:
+    """The real trained models (llama2.c stories260K, babyllama): $MILLIS_DATA/../models, else
+    <repo>/../shared/models, the convention of the bench scripts' data directory. Never copied in."""
+    data = os.environ.get("MILLIS_DATA")
+    if data:
+        return Path(data).parent / "models"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+def shared_model(name: str) -> Path:
+    """The directory of one shared model, or skip the test cleanly when it is absent."""
+    d = shared_models_dir() / name
+    if not d.is_dir():
+        pytest.skip(f"{d} is absent (set MILLIS_DATA so that $MILLIS_DATA/../models holds it)")
+    return d

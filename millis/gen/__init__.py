@@ -1,0 +1,69 @@
+"""Real-time text generation: compact Llama-family and GPT-2 models, a static KV cache, on-device
+sampling and a continuous-batching engine (see `millis.gen.engine` for the engine's API).
+
+    from millis.gen import GenerateConfig, generate, open_engine
+    res = generate(GenerateConfig(model="../shared/models/stories260K", prompt="Once upon a time"))
+    eng = open_engine("../shared/models/stories260K", EngineConfig(max_batch=8))
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from millis.gen.config import ENGINE_PRESETS, EngineConfig, GenerateConfig, SamplingParams
+from millis.gen.engine import Engine, StepOutput
+
+__all__ = ["generate", "open_engine", "Engine", "EngineConfig", "GenerateConfig", "SamplingParams",
+           "StepOutput", "GenerateResult", "ENGINE_PRESETS"]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str              # the generated text (the prompt not included)
+    token_ids: list[int]   # the generated ids
+    prompt_ids: list[int]
+    finished: str          # "stop" or "length"
+    load_s: float          # reading the checkpoint and allocating the cache
+    prefill_ms: float      # the first step: the prompt's forward pass and the first token
+    decode_ms_per_token: float  # mean of the later steps (0 when there is one token only)
+
+
+def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0) -> Engine:
+    """Load `model` (HF dir or llama2.c checkpoint) with the engine's static resources."""
+    import torch
+
+    from millis.gen.load import load
+
+    if engine.threads:
+        torch.set_num_threads(engine.threads)
+    loaded = load(model, engine)
+    decode = None
+    if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
+        from millis.gen.cuda_graph import GraphedDecode
+
+        decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
+    return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode)
+
+
+def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """Run one prompt to completion; `on_text` receives each piece of text as it is produced."""
+    params = cfg.sampling()  # validate the request before the (slower) load
+    t0 = time.perf_counter()
+    eng = open_engine(cfg.model, cfg.engine())
+    load_s = time.perf_counter() - t0
+    rid = eng.add(cfg.prompt, params)
+    prompt_ids = list(eng.requests[rid].prompt)
+    text, ids, times, finished = [], [], [], None
+    while finished is None:
+        t = time.perf_counter()
+        (out,) = eng.step()
+        times.append(time.perf_counter() - t)
+        text.append(out.text)
+        ids += out.token_ids
+        finished = out.finished
+        if on_text and out.text:
+            on_text(out.text)
+    decode = times[1:]
+    return GenerateResult("".join(text), ids, prompt_ids, finished, load_s, 1e3 * times[0],
+                          1e3 * sum(decode) / len(decode) if decode else 0.0)

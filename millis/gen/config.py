@@ -1,0 +1,157 @@
+"""Typed, frozen configuration for generation: the model's shape, the engine, one request, the CLI.
+
+`LlamaConfig` / `GPT2Config` are what a checkpoint's loader reads (HF config.json or the llama2.c
+header); they rebuild the exact model. `EngineConfig` sizes the static KV cache and picks the
+precision; `SamplingParams` is per request; `GenerateConfig` is `millis generate`'s flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from millis.config import flag as _f
+from millis.errors import MillisError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("fp32", "bf16")
+QUANTS = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What every decoder family shares."""
+
+    vocab_size: int            # rows of the token embedding and of the output head
+    dim: int                   # hidden size (d_model)
+    n_layers: int              # transformer blocks
+    n_heads: int               # query heads
+    n_kv_heads: int            # key/value heads; < n_heads is grouped-query attention
+    max_seq: int               # most positions the model was trained for (RoPE table / wpe rows)
+    tie_head: bool = True      # output head shares the token embedding's weight
+    bos_id: int | None = None  # prepended by the tokenizer (llama2.c, Llama); None for GPT-2
+    eos_id: int | None = None  # generation stops here
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise MillisError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+
+@dataclass(frozen=True)
+class LlamaConfig(ModelConfig):
+    """Llama / Mistral / Qwen2: pre-RMSNorm, RoPE (rotate_half layout), GQA, SwiGLU."""
+
+    hidden_dim: int = 0                 # SwiGLU inner size (intermediate_size)
+    norm_eps: float = 1e-5              # RMSNorm epsilon
+    rope_theta: float = 10000.0         # RoPE base
+    rope_type: str = "default"          # default | linear | llama3 (HF rope_parameters.rope_type)
+    rope_factor: float = 1.0            # linear / llama3 scaling factor
+    rope_low_freq_factor: float = 1.0   # llama3: wavelengths above orig/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below orig/high are kept
+    rope_original_max_seq: int = 8192   # llama3: the context the base model was trained at
+    qkv_bias: bool = False              # Qwen2 has biases on q, k and v projections
+    sliding_window: int = 0             # Mistral / Qwen2: attend to the last N positions only; 0 = all
+    head_dim_override: int = 0          # config.json `head_dim` when it is not dim // n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.dim // self.n_heads
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rope_type not in ROPE_TYPES:
+            raise MillisError(f"unsupported RoPE scaling {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+@dataclass(frozen=True)
+class GPT2Config(ModelConfig):
+    """GPT-2: learned positions, pre-LayerNorm, fused qkv with biases, GELU (tanh) MLP of 4x dim."""
+
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's static resources, fixed at load (gpt-fast style: nothing grows while serving)."""
+
+    max_batch: int = 8        # slots: requests decoded together; a KV cache row each
+    max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
+    dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
+    quant: str = "none"       # none | int8 (dynamic: int8 weights per channel, activations per call; fp32 only)
+    threads: int = 0          # torch intra-op threads; 0 = leave torch's default
+    device: str = "cpu"       # cpu | cuda
+    max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1:
+            raise MillisError("max_batch and max_prefills_per_step must be >= 1 and max_seq >= 0")
+        if self.dtype not in DTYPES:
+            raise MillisError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quant not in QUANTS:
+            raise MillisError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.quant == "int8" and (self.dtype != "fp32" or self.device != "cpu"):
+            raise MillisError("quant int8 is torch's dynamic quantization: it needs dtype fp32 on cpu")
+
+
+# Named presets: `cpu` is the measured default; `cpu-int8` trades a little fidelity for speed.
+ENGINE_PRESETS: dict[str, EngineConfig] = {
+    "cpu": EngineConfig(),
+    "cpu-int8": EngineConfig(quant="int8"),
+    "test": EngineConfig(max_batch=4, max_seq=128, threads=1),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops (HF `generate` semantics)."""
+
+    max_tokens: int = 64               # most new tokens (the slot's free positions cap it too)
+    temperature: float = 0.0           # 0 = greedy
+    top_k: int = 0                     # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0                 # keep the smallest set with this much probability; 1 = all
+    repetition_penalty: float = 1.0    # > 1 discourages tokens already in prompt or output
+    seed: int | None = None            # same seed, same tokens (whatever else is in the batch)
+    stop: tuple[str, ...] = ()         # the text is cut before the first of these, and the request ends
+    ignore_eos: bool = False           # keep going past the model's EOS token
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise MillisError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise MillisError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if any(not s for s in self.stop):
+            raise MillisError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`millis generate`: one prompt through the engine. Every field is a flag (and MILLIS_* variable)."""
+
+    model: str = _f("", "HF directory (config.json + model.safetensors) or llama2.c .bin / directory holding one")
+    prompt: str = _f("", "the text to continue")
+    max_tokens: int = _f(64, "most new tokens")
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = _f(0, "sample from the k most likely tokens; 0 = all")
+    top_p: float = _f(1.0, "sample from the smallest set holding this probability; 1 = all")
+    repetition_penalty: float = _f(1.0, "> 1 discourages tokens already seen (HF semantics)")
+    seed: int = _f(-1, "sampling seed; -1 = random")
+    stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
+    stream: bool = _f(False, "print tokens as they come")
+    dtype: str = _f("fp32", "fp32 or bf16")
+    quant: str = _f("none", "none or int8 (dynamic quantization of every Linear; with dtype fp32)")
+    max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
+    threads: int = _f(0, "torch intra-op threads; 0 = torch's default")
+
+    def sampling(self) -> SamplingParams:
+        stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              seed=None if self.seed < 0 else self.seed, stop=stops)
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
+                            threads=self.threads)

@@ -1,0 +1,157 @@
+"""Tokenizers behind one small interface: `encode(text) -> ids` (BOS included), `decode(ids) -> str`.
+
+- HF directories: `tokenizer.json` through the `tokenizers` library.
+- llama2.c: its `tokenizer.bin` (scores + pieces), or a SentencePiece `.vocab` text file, encoded as
+  llama2.c's run.c `encode` does: BOS, a dummy-prefix space, one piece per UTF-8 character (else
+  one `<0xXX>` byte piece per byte, else `<unk>`), then repeatedly merge the adjacent pair whose
+  merged piece has the highest score. A `.model` file is used through `sentencepiece` when that is
+  installed.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+from typing import Protocol
+
+from millis.errors import MillisError
+
+_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class Tokenizer(Protocol):
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class HFTokenizer:
+    def __init__(self, path: Path, eos_id: int | None) -> None:
+        from tokenizers import Tokenizer as _T
+
+        self._tok = _T.from_file(str(path))
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+class Llama2cTokenizer:
+    """llama2.c BPE over (piece, score) pairs; ids 0, 1, 2 are <unk>, BOS, EOS."""
+
+    UNK, BOS, EOS = 0, 1, 2
+
+    def __init__(self, pieces: list[str], scores: list[float]) -> None:
+        self.pieces, self.scores = pieces, scores
+        self.ids = {p: i for i, p in enumerate(pieces)}
+        self.eos_id = self.EOS
+        self.byte_fallback = "<0x00>" in self.ids
+
+    @classmethod
+    def from_bin(cls, path: Path, vocab_size: int) -> "Llama2cTokenizer":
+        """llama2.c tokenizer.bin: int32 max_token_length, then per token float32 score, int32 len, bytes."""
+        data = path.read_bytes()
+        off, pieces, scores = 4, [], []
+        try:
+            for _ in range(vocab_size):
+                score, n = struct.unpack_from("<fi", data, off)
+                pieces.append(data[off + 8:off + 8 + n].decode("utf-8"))
+                scores.append(score)
+                off += 8 + n
+        except (struct.error, UnicodeDecodeError) as e:
+            raise MillisError(f"{path} is not a llama2.c tokenizer.bin for {vocab_size} tokens ({e})") from None
+        return cls(pieces, scores)
+
+    @classmethod
+    def from_vocab(cls, path: Path) -> "Llama2cTokenizer":
+        """SentencePiece `.vocab`: `piece<TAB>score` per id; `▁` is a space (as llama2.c's export writes it)."""
+        pieces, scores = [], []
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            if line:
+                piece, score = line.rsplit("\t", 1)
+                pieces.append(piece.replace("\u2581", " "))
+                scores.append(float(score))
+        return cls(pieces, scores)
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.BOS]
+        if not text:
+            return ids
+        toks = [self.ids[" "]] if " " in self.ids else []  # the dummy prefix SentencePiece adds
+        for ch in text:
+            if ch in self.ids:
+                toks.append(self.ids[ch])
+            elif self.byte_fallback:
+                toks.extend(b + 3 for b in ch.encode("utf-8"))  # <0x00> is id 3
+            else:
+                toks.append(self.UNK)
+        while True:  # merge the best-scoring adjacent pair (first one on ties, as run.c)
+            best, best_i, best_id = -1e10, -1, -1
+            for i in range(len(toks) - 1):
+                j = self.ids.get(self.pieces[toks[i]] + self.pieces[toks[i + 1]])
+                if j is not None and self.scores[j] > best:
+                    best, best_i, best_id = self.scores[j], i, j
+            if best_i < 0:
+                return ids + toks
+            toks[best_i:best_i + 2] = [best_id]
+
+    def decode(self, ids: list[int]) -> str:
+        out = bytearray()
+        prev = None
+        for i in ids:
+            if i in (self.BOS, self.EOS):
+                prev = i
+                continue
+            piece = self.pieces[i] if 0 <= i < len(self.pieces) else ""
+            if prev == self.BOS and piece.startswith(" "):
+                piece = piece[1:]  # the dummy prefix
+            m = _BYTE.match(piece)
+            out += bytes([int(m.group(1), 16)]) if m else piece.encode("utf-8")
+            prev = i
+        return out.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.eos_id = self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return [self._sp.bos_id()] + self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+
+def llama2c_tokenizer(folder: Path, model_file: Path, vocab_size: int):
+    """The tokenizer next to a llama2.c checkpoint: tokenizer .bin, else .model (sentencepiece), else .vocab."""
+    from millis.gen.load import is_llama2c_checkpoint
+
+    bins = [p for p in sorted(folder.glob("*.bin")) if p != model_file and not is_llama2c_checkpoint(p)]
+    if bins:
+        return Llama2cTokenizer.from_bin(bins[0], vocab_size)
+    models = sorted(folder.glob("*.model"))
+    if models:
+        try:
+            return SentencePieceTokenizer(models[0])
+        except ImportError:
+            pass
+    vocabs = sorted(folder.glob("*.vocab"))
+    if vocabs:
+        return Llama2cTokenizer.from_vocab(vocabs[0])
+    return None
+
+
+def text_delta(tok: Tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `context` (a few ids before them): decoding them alone would lose a
+    leading space in SentencePiece-style tokenizers."""
+    head = tok.decode(context)
+    full = tok.decode(context + ids)
+    return full[len(head):] if full.startswith(head) else tok.decode(ids)

@@ -1,0 +1,219 @@
+"""The engine's contract: sampling options, stop strings, max tokens, requests joining mid-run,
+cancellation freeing slots, and clear errors for bad input."""
+import pytest
+import torch
+
+from millis.errors import MillisError
+from millis.gen import EngineConfig, SamplingParams, open_engine
+from millis.gen.config import LlamaConfig
+from millis.gen.engine import Engine
+from millis.gen.llama import Llama
+from millis.gen.load import build
+from millis.gen.tokenizer import Llama2cTokenizer
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,")
+PIECES = ["<unk>", "\n<s>\n", "\n</s>\n"] + CHARS + ["th", "he", "the", " the", "an", "in"]
+
+
+def char_tokenizer() -> Llama2cTokenizer:
+    # a merged piece scores above its parts, so "the" encodes as one id
+    scores = [0.0] * 3 + [-1.0] * len(CHARS) + [1.0, 1.0, 2.0, 3.0, 0.5, 0.5]
+    return Llama2cTokenizer(PIECES, scores)
+
+
+def engine(max_batch: int = 4, max_seq: int = 48, dtype: str = "fp32", quant: str = "none") -> Engine:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(PIECES), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64,
+                      hidden_dim=64, bos_id=1, eos_id=2)
+    model = Llama(cfg)
+    for p in model.parameters():  # decisive logits: random tokens, but no near-ties
+        torch.nn.init.normal_(p, std=0.3)
+    sd = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    ecfg = EngineConfig(max_batch=max_batch, max_seq=max_seq, dtype=dtype, quant=quant)
+    return Engine(build(cfg, sd, char_tokenizer(), "test", ecfg), max_prefills_per_step=2)
+
+
+def run(eng: Engine, prompts, params) -> dict:
+    """Run to completion: id -> {"ids", "text", "pieces", "finished"}."""
+    ps = params if isinstance(params, list) else [params] * len(prompts)
+    rids = [eng.add(p, q) for p, q in zip(prompts, ps)]
+    res = {r: {"ids": [], "text": "", "pieces": [], "finished": None} for r in rids}
+    while eng.has_work:
+        for o in eng.step():
+            r = res[o.id]
+            r["ids"] += o.token_ids
+            r["text"] += o.text
+            r["pieces"].append(o.text)
+            r["finished"] = o.finished
+    return [res[r] for r in rids]
+
+
+GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
+
+
+def test_tokenizer_merges_by_score():
+    tok = char_tokenizer()
+    ids = tok.encode("the cat")
+    assert ids[0] == 1 and PIECES[ids[1]] == " the"  # BOS, then the dummy prefix merged into " the"
+    assert tok.decode(ids) == "the cat"
+    assert tok.encode("") == [1]
+    assert PIECES[tok.encode("Q")[1 + 1]] == "<unk>"  # no byte pieces: unknown characters are <unk>
+
+
+def test_sampling_options():
+    eng = engine()
+    greedy = run(eng, ["the cat"], GREEDY)[0]
+    assert len(greedy["ids"]) == 20 and greedy["finished"] == "length"
+    hot = SamplingParams(max_tokens=20, temperature=1.5, ignore_eos=True)
+    # top-k = 1 and a tiny top-p leave only the most likely token: greedy
+    assert run(eng, ["the cat"], SamplingParams(**{**hot.__dict__, "top_k": 1}))[0]["ids"] == greedy["ids"]
+    assert run(eng, ["the cat"], SamplingParams(**{**hot.__dict__, "top_p": 1e-6}))[0]["ids"] == greedy["ids"]
+    # the same seed gives the same tokens, whatever shares the batch; another seed, others
+    seeded = SamplingParams(**{**hot.__dict__, "seed": 7})
+    a = run(eng, ["the cat"], seeded)[0]["ids"]
+    b = run(eng, ["the cat", "in a", "he"], [seeded, hot, GREEDY])[0]["ids"]
+    c = run(eng, ["the cat"], SamplingParams(**{**hot.__dict__, "seed": 8}))[0]["ids"]
+    assert a == b and a != c and a != greedy["ids"]
+    # a repetition penalty changes what greedy decoding repeats
+    pen = run(eng, ["the cat"], SamplingParams(max_tokens=20, ignore_eos=True, repetition_penalty=3.0))[0]["ids"]
+    assert pen != greedy["ids"]
+    assert len(set(pen)) > len(set(greedy["ids"]))
+
+
+def test_max_tokens_eos_and_stop_strings():
+    eng = engine()
+    assert len(run(eng, ["an"], SamplingParams(max_tokens=3, ignore_eos=True))[0]["ids"]) == 3
+    full = run(eng, ["the cat"], GREEDY)[0]
+    text = full["text"]
+    assert len(text) >= 10
+    stop = text[6:9]
+    cut = run(eng, ["the cat"], SamplingParams(max_tokens=20, ignore_eos=True, stop=("zzzz", stop)))[0]
+    assert cut["finished"] == "stop" and cut["text"] == text[:text.find(stop)]
+    assert all(stop not in p for p in cut["pieces"])
+    # EOS ends a request unless ignored: make EOS the only choice
+    eng.model.head.weight.data[2] += 100.0  # tied: also moves the embedding of id 2, which nothing feeds
+    eos = run(eng, ["the"], SamplingParams(max_tokens=5))[0]
+    assert eos["ids"] == [2] and eos["finished"] == "stop" and eos["text"] == ""
+
+
+def test_join_mid_run_and_cancel():
+    eng = engine(max_batch=2)
+    alone_a = run(eng, ["the cat"], GREEDY)[0]["ids"]
+    alone_b = run(eng, ["in a he"], GREEDY)[0]["ids"]
+    a = eng.add("the cat", GREEDY)
+    got = {a: []}
+    for _ in range(5):
+        for o in eng.step():
+            got[o.id] += o.token_ids
+    b = eng.add("in a he", GREEDY)  # joins while a is at its 6th token
+    got[b] = []
+    while eng.has_work:
+        for o in eng.step():
+            got[o.id] += o.token_ids
+    assert got[a] == alone_a and got[b] == alone_b
+    # cancelling frees the slot at once; the queued request takes it on the next step
+    r1, r2, r3 = (eng.add("the", GREEDY) for _ in range(3))
+    eng.step()
+    assert eng.free_slots == 0 and len(eng.waiting) == 1
+    assert eng.cancel(r1) and eng.free_slots == 1
+    assert not eng.cancel(r1) and not eng.cancel("nope")
+    assert r3 in {o.id for o in eng.step()} and eng.free_slots == 0
+    assert eng.cancel(r2) and eng.cancel(r3) and not eng.has_work
+
+
+def test_precisions_agree_with_fp32():
+    ref = run(engine(), ["the cat"], SamplingParams(max_tokens=6, ignore_eos=True))[0]["ids"]
+    for dtype, quant in (("bf16", "none"), ("fp32", "int8")):
+        got = run(engine(dtype=dtype, quant=quant), ["the cat"], SamplingParams(max_tokens=6, ignore_eos=True))
+        assert got[0]["ids"][:2] == ref[:2], (dtype, quant)
+    with pytest.raises(MillisError, match="int8 .* needs dtype fp32"):
+        EngineConfig(dtype="bf16", quant="int8")
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(MillisError, match="does not exist"):
+        open_engine(str(tmp_path / "missing"))
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(MillisError, match="neither a HF directory"):
+        open_engine(str(tmp_path))
+    with pytest.raises(MillisError, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)
+    eng = engine(max_seq=16)
+    with pytest.raises(MillisError, match="the prompt has 22 tokens; .* at most 16 positions"):
+        eng.add("abcdefghijklmnopqrst")
+    with pytest.raises(MillisError, match="empty"):
+        eng.add([])
+    with pytest.raises(MillisError, match="token ids must be in"):
+        eng.add([1, 10_000])
+    # the prompt fills all but one position: exactly one token, then "length"
+    out = run(eng, [[1] + [5] * 14], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert len(out["ids"]) == 1 and out["finished"] == "length"
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    from millis.cli import main
+
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "hi", "--max-tokens", "0"]) == 2
+    assert "max_tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_static_decode_matches_eager():
+    """The CUDA-graph decode's static shapes (bucket rows, all max_seq keys, scratch position for
+    idle rows), run eagerly on CPU: the same tokens as the default decode."""
+    from millis.gen.cuda_graph import GraphedDecode
+
+    prompts = ["the cat", "in a he", "a", "he the an"]
+    ref = run(engine(), prompts, GREEDY)
+    eng = engine()
+    eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2))
+    assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from millis.gen.cuda_graph import GraphedDecode
+
+    eng = engine()
+    ref = run(eng, ["the cat", "in a he"], GREEDY)
+    eng.model.cuda()
+    for m in eng.model.modules():
+        if getattr(m, "cache", None) is not None:
+            m.cache.cuda()
+    eng.device, eng.seen = torch.device("cuda"), eng.seen.cuda()
+    eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq)
+    got = run(eng, ["the cat", "in a he"], GREEDY)
+    assert [r["ids"] for r in got] == [r["ids"] for r in ref]
+
+
+def test_cancel_while_a_step_runs():
+    """An HTTP server cancels from another thread: the step in flight reports nothing for the
+    request and frees its slot when it ends."""
+    import threading
+
+    eng = engine(max_batch=1)
+    rid = eng.add("the cat", GREEDY)
+    eng.step()
+    started, release = threading.Event(), threading.Event()
+    forward = eng.model.forward
+
+    def slow_forward(b):
+        started.set()
+        release.wait(5)
+        return forward(b)
+
+    eng.model.forward = slow_forward
+    t = threading.Thread(target=lambda: setattr(eng, "last", eng.step()))
+    t.start()
+    assert started.wait(5)
+    assert eng.cancel(rid)                 # returns without waiting for the model
+    other = eng.add("he", GREEDY)          # so does add
+    release.set()
+    t.join(5)
+    assert eng.last == [] and eng.free_slots == 1
+    eng.model.forward = forward
+    assert [o.id for o in eng.step()] == [other]
