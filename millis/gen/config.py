@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from millis.config import flag as _f
 from millis.errors import MillisError
 
+LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as millis.gen.llama.Llama
+MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")
 QUANTS = ("none", "int8")

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from millis.errors import MillisError
-from millis.gen.config import EngineConfig, GPT2Config, LlamaConfig, ModelConfig
+from millis.gen.config import LLAMA_TYPES, MODEL_TYPES, EngineConfig, GPT2Config, LlamaConfig, ModelConfig
 from millis.gen.layers import setup_caches
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -171,7 +170,7 @@ def _hf_config(d: dict, tied: bool) -> ModelConfig:
                           n_kv_heads=d["n_head"], max_seq=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
                           **common)
     if mt not in LLAMA_TYPES:
-        raise MillisError(f"unsupported model_type {mt!r}; supported: {', '.join(LLAMA_TYPES + ('gpt2',))}")
+        raise MillisError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
     if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
         raise MillisError(f"unsupported {mt} variant: hidden_act must be silu, without attention/mlp biases")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}

@@ -34,8 +34,9 @@ class HFTokenizer:
         self._tok = _T.from_file(str(path))
         self.eos_id = eos_id
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """`special=False`: no BOS or other post-processor tokens (a rendered chat template has its own)."""
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

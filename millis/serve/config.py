@@ -15,28 +15,38 @@ TOO_LONG = ("truncate", "reject")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    artifact: str = _f("", "artifact directory written by `millis optimize` (or any source spec: served as torch fp32)")
+    artifact: str = _f("", "artifact directory written by `millis optimize` (or any source spec: served as torch fp32), "
+                           "or a decoder for generation: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint")
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(8000, "TCP port (0 = any free port, printed at start)")
     model_name: str = _f("", "name clients use in `model` (default: the artifact directory's name)")
-    max_batch: int = _f(32, "most rows in one runtime call")
+    max_batch: int = _f(32, "most rows in one runtime call (generation: KV cache slots, requests decoded together, "
+                            "allocated at load)")
     max_batch_tokens: int = _f(4096, "most tokens in one runtime call, padding counted (rows x bucket length)")
     max_wait_ms: float = _f(0.0, "wait up to this long for a batch to fill; 0 = run what is queued as soon as "
                                  "the runtime is free (batches still form while it is busy)")
-    max_queue: int = _f(128, "most rows waiting; a request that does not fit is answered 429 with Retry-After")
+    max_queue: int = _f(128, "most rows waiting (generation: requests waiting + running); a request that does not fit "
+                             "is answered 429 with Retry-After")
     max_inputs: int = _f(64, "most texts in one request (more: 413)")
     max_body_bytes: int = _f(1 << 20, "largest request body in bytes (larger: 413)")
     too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)")
-    request_timeout_s: float = _f(30.0, "a request not answered in this time gets 503 and is dropped from the queue")
+    request_timeout_s: float = _f(30.0, "a request not answered in this time gets 503 and is dropped from the queue "
+                                        "(generation: not given its first token in this time)")
     threads: int = _f(0, "runtime intra-op threads (0 = all cores)")
     device: str = _f("cpu", "cpu, or cuda: serve a source model (BERT family) in fp16 through CUDA graphs "
                             "captured for batch 1..max_batch x 16..max-length tokens")
     warmup: bool = _f(True, "run every length bucket once before /ready turns ready")
     shutdown_timeout_s: float = _f(60.0, "on SIGTERM, longest wait for admitted requests before exiting anyway")
     log_level: str = _f("warning", "uvicorn log level: critical|error|warning|info|debug")
+    chat_template: str = _f("", "generation: a Jinja chat template file for /v1/chat/completions (default: the "
+                                "model's chat_template.jinja or tokenizer_config.json `chat_template`)")
+    max_tokens: int = _f(256, "generation: max_tokens of a request that gives none")
+    max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum")
+    dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
+    quant: str = _f("none", "generation: none or int8 (torch dynamic quantization; dtype fp32 on cpu)")
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes"):
+        for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise MillisError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
@@ -48,5 +58,7 @@ class ServeConfig:
             raise MillisError(f"too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.max_seq < 0:
+            raise MillisError(f"max_seq must be >= 0, got {self.max_seq}")
         if not 0 <= self.port < 65536:
             raise MillisError(f"port must be in 0..65535, got {self.port}")
