@@ -44,3 +44,29 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+FINISH = ("stop", "length", "cancelled", "timeout", "error")
+
+
+class GenMetrics(Metrics):
+    """A generation server's: the encoder set (a step is a "batch"), plus per-token latencies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.ttft = Histogram("millis_time_to_first_token_seconds", "per request: admitted -> first token sampled",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("millis_inter_token_latency_seconds", "per token after the first: time since the "
+                             "request's previous token", buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_s = Histogram("millis_request_tokens_per_second", "per finished request: output tokens "
+                                      "after the first / time from first to last", buckets=TOKENS_PER_S_BUCKETS,
+                                      registry=r)
+        self.prompt_tokens = Counter("millis_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("millis_generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter("millis_generation_requests", "generation requests ended, by reason", ["reason"],
+                                registry=r)
+        self.running = Gauge("millis_running_requests", "requests holding a KV cache slot", registry=r)
+        for reason in FINISH:
+            self.finished.labels(reason)
