@@ -1,0 +1,319 @@
+"""`millis serve` on a decoder: OpenAI completions / chat completions from a real server process,
+checked against the `millis.gen` engine run in this process (greedy, fp32)."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_model
+from test_serve import Server, _metric
+
+pytestmark = pytest.mark.serve
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CORPUS = ["the cat sat on the mat and the dog ran to the park", "once upon a time there was a little girl",
+          "hello how are you today, fine thanks"] * 20
+PROMPTS = ["the cat", "once upon a time", "hello how are", "the dog ran to the park and"]
+GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+LONG = {"temperature": 0, "max_tokens": 4000, "ignore_eos": True}  # ~5 s of decoding: only ever cancelled
+
+
+def build_llama(d: Path, template: str | None) -> Path:
+    """A random Llama (GQA, untied head) with a byte-level BPE tokenizer that adds BOS, like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(d / "tokenizer.json"))
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    if template:
+        tc["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=0,
+                      eos_token_id=1, tie_word_embeddings=False, initializer_range=0.3)  # no near-ties
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def engine_text(model: Path, prompt, params: dict) -> tuple[str, str, int]:
+    """(text, finish reason, tokens) of the engine in this process, alone in its batch."""
+    from millis.gen import EngineConfig, SamplingParams, open_engine
+
+    torch.set_num_threads(1)
+    eng = open_engine(str(model), EngineConfig(max_batch=1, threads=1))
+    p = {k: v for k, v in params.items() if k != "stop"}
+    rid = eng.add(prompt, SamplingParams(**p, stop=tuple([params["stop"]] if "stop" in params else ())))
+    text, n, finished = "", 0, None
+    while eng.has_work:
+        for o in eng.step():
+            assert o.id == rid
+            text, n, finished = text + o.text, n + len(o.token_ids), o.finished
+    return text, finished, n
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("gen") / "tiny-llama", TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def plain_llama(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("gen") / "no-template", None)
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    s = Server(llama, "--max-batch", "4", "--model-name", "tiny-llama")
+    yield s
+    assert s.stop() == 0
+
+
+def stream(s: Server, path: str, body: dict, on_event=None, timeout: float = 60) -> list:
+    """POST with stream: the decoded `data:` payloads (the last is "[DONE]")."""
+    c = http.client.HTTPConnection(s.host, s.port, timeout=timeout)
+    try:
+        c.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200, r.read()
+        assert r.getheader("content-type").startswith("text/event-stream")
+        events = []
+        for line in r:
+            if line.startswith(b"data: "):
+                data = line[6:].strip()
+                events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+                if on_event:
+                    on_event(events[-1])
+        return events
+    finally:
+        c.close()
+
+
+def test_completion_equals_engine_and_stream_concatenates(server, llama):
+    for prompt, params in [(PROMPTS[0], GREEDY), (PROMPTS[1], {"temperature": 0, "max_tokens": 30}),
+                           (PROMPTS[2], {**GREEDY, "stop": "the"}), (PROMPTS[3], {**GREEDY, "seed": 3,
+                                                                                 "temperature": 0.8, "top_p": 0.9})]:
+        ref, finished, n = engine_text(llama, prompt, params)
+        status, _, body = server.post("/v1/completions", {"prompt": prompt, **params})
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (ref, finished), prompt
+        assert body["object"] == "text_completion" and body["model"] == "tiny-llama"
+        assert body["usage"]["completion_tokens"] == n and body["usage"]["prompt_tokens"] > 1
+        events = stream(server, "/v1/completions", {"prompt": prompt, **params,
+                                                    "stream_options": {"include_usage": True}})
+        assert events[-1] == "[DONE]"
+        chunks, use = events[:-2], events[-2]
+        assert "".join(e["choices"][0]["text"] for e in chunks) == ref
+        assert [e["choices"][0]["finish_reason"] for e in chunks][-1] == finished
+        assert use["choices"] == [] and use["usage"] == body["usage"]
+    ids = [0, 5, 9, 17]  # a token-id prompt
+    status, _, body = server.post("/v1/completions", {"prompt": ids, **GREEDY})
+    assert status == 200 and body["choices"][0]["text"] == engine_text(llama, ids, GREEDY)[0]
+    assert body["usage"]["prompt_tokens"] == 4
+
+
+def test_chat_renders_the_template_as_transformers_does(server, llama):
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "system", "content": "fine thanks"}, {"role": "user", "content": "hello how are you"}]
+    ids = AutoTokenizer.from_pretrained(llama).apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+    assert ids.count(0) == 1, "one BOS: the template's, not the tokenizer's as well"
+    ref, finished, n = engine_text(llama, ids, GREEDY)
+    status, _, body = server.post("/v1/chat/completions", {"messages": msgs, **GREEDY})
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": ref}
+    assert body["choices"][0]["finish_reason"] == finished
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+    events = stream(server, "/v1/chat/completions", {"messages": msgs, **GREEDY})
+    assert events[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref
+    assert events[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finished}
+    # content as a list of text parts is the same message
+    parts = [{**msgs[0]}, {"role": "user", "content": [{"type": "text", "text": "hello how "},
+                                                         {"type": "text", "text": "are you"}]}]
+    assert server.post("/v1/chat/completions", {"messages": parts, **GREEDY})[2]["choices"][0]["message"]["content"] == ref
+
+
+@pytest.mark.parametrize("route,raw,status,code", [
+    ("/v1/chat/completions", b'{"messages": [', 400, "invalid_json"),
+    ("/v1/chat/completions", b'{}', 422, "missing"),
+    ("/v1/chat/completions", b'{"messages": []}', 422, "invalid_value"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "bot", "content": "hi"}]}', 422, "invalid_value"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', 422, "invalid_type"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 2}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "5"}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": 0}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": [""]}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 422, "invalid_type"),
+    ("/v1/completions", b'{"prompt": "hi", "logprobs": 5}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": ["a", "b"]}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": ""}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": 7}', 422, "invalid_value"),
+    ("/v1/completions", b'{"max_tokens": 5}', 422, "missing"),
+    ("/v1/completions", b'["hi"]', 422, "invalid_body"),
+    ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "model_not_found"),
+    ("/v1/completions", b'{"prompt": [0, 99999]}', 400, "invalid_prompt"),
+    ("/v1/completions", json.dumps({"prompt": "the cat " * 3000}).encode(), 400, "invalid_prompt"),
+])
+def test_bad_input_is_a_4xx_openai_error(server, route, raw, status, code):
+    s, _, body = server.post(route, raw=raw)
+    assert s == status, body
+    assert body["error"]["code"] == code and len(body["error"]["message"]) > 10, body
+
+
+def _running(s: Server) -> int:
+    return json.loads(s.get("/health")[1])["running"]
+
+
+def test_client_disconnect_frees_the_slot_at_once(server):
+    cancelled = _metric(server, "millis_generation_requests_total", reason="cancelled")
+    generated = _metric(server, "millis_generated_tokens_total")
+    c = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "stream": True, **LONG}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    got = [r.readline() for _ in range(6)]      # a few events: it is running
+    assert got[0].startswith(b"data: ") and _running(server) == 1
+    c.sock.close()                               # the client goes away mid-stream
+    c.close()
+    deadline = time.time() + 2.0
+    while _running(server) and time.time() < deadline:
+        time.sleep(0.02)
+    assert _running(server) == 0, "the slot was not freed"
+    assert _metric(server, "millis_generation_requests_total", reason="cancelled") == cancelled + 1
+    assert _metric(server, "millis_generated_tokens_total") - generated < LONG["max_tokens"]
+    # without streaming: the disconnect watcher cancels it
+    c = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", **LONG}), {"Content-Type": "application/json"})
+    deadline = time.time() + 2.0
+    while not _running(server) and time.time() < deadline:
+        time.sleep(0.01)
+    assert _running(server) == 1
+    c.sock.close()
+    c.close()
+    deadline = time.time() + 2.0
+    while _running(server) and time.time() < deadline:
+        time.sleep(0.02)
+    assert _running(server) == 0
+    assert _metric(server, "millis_generation_requests_total", reason="cancelled") == cancelled + 2
+
+
+def test_concurrent_requests_each_equal_alone(server):
+    alone = [server.post("/v1/completions", {"prompt": p, **GREEDY})[2]["choices"][0]["text"] for p in PROMPTS]
+    steps = _metric(server, "millis_batch_size_count")
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: server.post("/v1/completions", {"prompt": p, **GREEDY}), PROMPTS))
+    assert [b["choices"][0]["text"] for _, _, b in together] == alone
+    # they shared steps: fewer steps than 4 requests x 24 tokens run one after another
+    assert _metric(server, "millis_batch_size_count") - steps < len(PROMPTS) * GREEDY["max_tokens"]
+
+
+def test_metrics_models_health_ready(server):
+    server.post("/v1/completions", {"prompt": "the cat", **GREEDY})
+    assert _metric(server, "millis_time_to_first_token_seconds_count") >= 1
+    assert _metric(server, "millis_inter_token_latency_seconds_count") >= GREEDY["max_tokens"] - 1
+    assert _metric(server, "millis_request_tokens_per_second_count") >= 1
+    assert _metric(server, "millis_generated_tokens_total") >= GREEDY["max_tokens"]
+    assert _metric(server, "millis_requests_total", route="/v1/completions", status="200") >= 1
+    assert _metric(server, "millis_ready") == 1
+    card = json.loads(server.get("/v1/models")[1])["data"][0]
+    assert card["id"] == "tiny-llama" and card["task"] == "generate" and card["max_model_len"] == 4096
+    assert card["chat_template"] is True
+    assert json.loads(server.get("/health")[1]) == {"status": "ok", "running": 0, "waiting": 0}
+    assert server.get("/ready")[0] == 200
+
+
+def test_no_template_is_a_clear_error_and_the_flag_supplies_one(plain_llama, tmp_path):
+    msgs = {"messages": [{"role": "user", "content": "hello"}], **GREEDY}
+    s = Server(plain_llama)
+    try:
+        status, _, body = s.post("/v1/chat/completions", msgs)
+        assert status == 400 and body["error"]["code"] == "no_chat_template"
+        assert "--chat-template" in body["error"]["message"]
+        assert s.post("/v1/completions", {"prompt": "the cat", **GREEDY})[0] == 200
+    finally:
+        assert s.stop() == 0
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    s = Server(plain_llama, "--chat-template", str(tmp_path / "chat.jinja"))
+    try:
+        status, _, body = s.post("/v1/chat/completions", msgs)
+        assert status == 200 and body["usage"]["prompt_tokens"] > 3
+    finally:
+        assert s.stop() == 0
+
+
+def test_full_queue_429_and_first_token_timeout_503(llama):
+    s = Server(llama, "--max-batch", "1", "--max-queue", "2", "--max-inputs", "1", "--request-timeout-s", "0.5")
+    try:
+        c = http.client.HTTPConnection(s.host, s.port, timeout=30)
+        c.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "stream": True, **LONG}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.readline().startswith(b"data: ")                 # holds the only slot for seconds
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(s.post, "/v1/completions", {"prompt": "the dog", **GREEDY})
+            deadline = time.time() + 0.4
+            while json.loads(s.get("/health")[1])["waiting"] < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            status, headers, body = s.post("/v1/completions", {"prompt": "hello", **GREEDY})
+            assert status == 429 and int(headers["retry-after"]) >= 1 and body["error"]["code"] == "overloaded"
+            status, _, body = waiting.result()
+            assert status == 503 and body["error"]["code"] == "timeout"   # never got the slot
+        c.close()
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_the_stream_in_flight_and_exits_0(llama):
+    s = Server(llama)
+    params = {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}   # ~2 s of decoding
+    signalled = []
+
+    def on_event(e):
+        if not signalled:
+            s.proc.send_signal(signal.SIGTERM)
+            signalled.append(time.time())
+
+    events = stream(s, "/v1/completions", {"prompt": "the cat", **params, "stream_options": {"include_usage": True}},
+                    on_event=on_event)
+    assert signalled and events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == 1500
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(30) == 0
+    assert s.get("/health")[0] == 0
+
+
+def test_llama2c_stories260k_completion_equals_engine():
+    model = shared_model("stories260K")
+    s = Server(model)
+    try:
+        params = {"temperature": 0, "max_tokens": 40}
+        ref, finished, n = engine_text(model, "Once upon a time", params)
+        status, _, body = s.post("/v1/completions", {"prompt": "Once upon a time", **params})
+        assert status == 200 and body["choices"][0]["text"] == ref and ref.startswith(", there was a little girl")
+        events = stream(s, "/v1/completions", {"prompt": "Once upon a time", **params})
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref and events[-1] == "[DONE]"
+        status, _, body = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and body["error"]["code"] == "no_chat_template"
+    finally:
+        assert s.stop() == 0
