@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     from millis.loadgen import BenchConfig
     from millis.serve.config import ServeConfig
 
-    s = sub.add_parser("serve", help="serve an artifact over HTTP with dynamic batching (every flag also MILLIS_*)")
+    s = sub.add_parser("serve", help="serve an artifact (dynamic batching) or a decoder (OpenAI completions / chat) "
+                                       "over HTTP; every flag also MILLIS_*")
     _config_flags(s, ServeConfig, positional="artifact")
     b = sub.add_parser("bench", help="load-test a running server: closed and open loop, p50/p90/p99, 429s")
     _config_flags(b, BenchConfig, positional="url")
