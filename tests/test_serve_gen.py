@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,7 +150,8 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     # content as a list of text parts is the same message
     parts = [{**msgs[0]}, {"role": "user", "content": [{"type": "text", "text": "hello how "},
                                                          {"type": "text", "text": "are you"}]}]
-    assert server.post("/v1/chat/completions", {"messages": parts, **GREEDY})[2]["choices"][0]["message"]["content"] == ref
+    body = server.post("/v1/chat/completions", {"messages": parts, **GREEDY})[2]
+    assert body["choices"][0]["message"]["content"] == ref
 
 
 @pytest.mark.parametrize("route,raw,status,code", [
@@ -204,7 +207,8 @@ def test_client_disconnect_frees_the_slot_at_once(server):
     assert _metric(server, "millis_generated_tokens_total") - generated < LONG["max_tokens"]
     # without streaming: the disconnect watcher cancels it
     c = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", **LONG}), {"Content-Type": "application/json"})
+    c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", **LONG}),
+              {"Content-Type": "application/json"})
     deadline = time.time() + 2.0
     while not _running(server) and time.time() < deadline:
         time.sleep(0.01)
@@ -253,6 +257,9 @@ def test_no_template_is_a_clear_error_and_the_flag_supplies_one(plain_llama, tmp
         assert s.post("/v1/completions", {"prompt": "the cat", **GREEDY})[0] == 200
     finally:
         assert s.stop() == 0
+    r = subprocess.run([sys.executable, "-m", "millis.cli", "serve", str(plain_llama), "--port", "0",
+                        "--chat-template", str(tmp_path / "nope.jinja")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nope.jinja does not exist" in r.stderr
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
     s = Server(plain_llama, "--chat-template", str(tmp_path / "chat.jinja"))
     try:

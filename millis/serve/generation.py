@@ -37,11 +37,11 @@ from millis.serve import gen_schemas as gs
 from millis.serve import schemas
 from millis.serve.app import INLINE_TOKENIZE_CHARS, _watch_disconnect, endpoint, json_response
 from millis.serve.batcher import ClientGone
+from millis.serve.chat_template import chat_template_of, render_chat
 from millis.serve.config import ServeConfig
 from millis.serve.metrics import GenMetrics
 
 log = logging.getLogger("millis.serve")
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def is_generation_model(path: str | Path) -> bool:
@@ -60,32 +60,6 @@ def is_generation_model(path: str | Path) -> bool:
     from millis.gen.load import is_llama2c_checkpoint
 
     return any(is_llama2c_checkpoint(b) for b in bins)
-
-
-def chat_template_of(model: str | Path, override: str = "") -> tuple[str | None, dict[str, str]]:
-    """(template or None, special tokens the template may use): `override` (a file), else the model's
-    chat_template.jinja, else tokenizer_config.json `chat_template` (its "default" when it is a list)."""
-    folder = Path(model) if Path(model).is_dir() else Path(model).parent
-    f = folder / "tokenizer_config.json"
-    tc = json.loads(f.read_text()) if f.is_file() else {}
-    special = {k: v["content"] if isinstance(v, dict) else v for k in SPECIAL_TOKENS
-               if isinstance(v := tc.get(k), (str, dict))}
-    if override:
-        if not Path(override).is_file():
-            raise MillisError(f"--chat-template {override} does not exist (expected a Jinja template file)")
-        return Path(override).read_text(), special
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(), special
-    t = tc.get("chat_template")
-    if isinstance(t, list):
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    return (t if isinstance(t, str) and t else None), special
-
-
-def render_chat(template: str, messages: list[dict], special: dict[str, str]) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    return render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **special)[0][0]
 
 
 @dataclass(eq=False)
