@@ -9,13 +9,15 @@ variant of the teacher and of each student, scores each on the whole test.csv an
 them interleaved in one run at b1 x the test set's median length (rounded up to millis's 16-token
 bucket). torch eager fp32 of the full teacher is one of the measured variants, so speed-ups are
 ratios taken in the same run. Writes bench/results/compression.json (`rows`: variant, layers,
-heads, accuracy, p50_ms, p99_ms, speedup_vs_eager, chosen; `students`: training cost) and a table.
+heads, accuracy, p50_ms, p99_ms, speedup_vs_eager, chosen; `students`: training cost), a table, and
+the optimize report's Pareto plot as bench/results/compression_pareto.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,7 +91,8 @@ def main() -> int:
            "summary": summary, "students": students, "rows": rows}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "compression.json").write_text(json.dumps(res, indent=2))
-    print(f"wrote {HERE / 'results' / 'compression.json'}")
+    shutil.copy2(out / "pareto.png", HERE / "results" / "compression_pareto.png")  # students among the rest
+    print(f"wrote {HERE / 'results' / 'compression.json'} and compression_pareto.png")
     return 0
 
 

@@ -255,3 +255,17 @@ def test_cuda_encoder_refuses_pruned_heads():
            "intermediate_size": 64, "vocab_size": 100, "millis_pruned": {"attention_heads": 2, "head_dim": 8}}
     with pytest.raises(MillisError, match="pruned attention heads"):
         EncoderConfig.from_hf(cfg)
+
+
+def test_cli_distill_and_prune(tmp_path, trained_classifier, topics_data, capsys):
+    from millis.cli import main
+
+    common = ["--data", str(topics_data["train"]), "--preset", "quick", "--threads", "1"]
+    assert main(["distill", str(trained_classifier), *common, "--layers", "1", "--out", str(tmp_path / "s")]) == 0
+    assert "1 layers" in capsys.readouterr().out and resolve(str(tmp_path / "s")).num_layers == 1
+    assert main(["prune", str(tmp_path / "s"), *common, "--ffn", "0.5", "--out", str(tmp_path / "p")]) == 0
+    assert "before recovery" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["intermediate_size"] == 32
+    assert main(["prune", str(trained_classifier), *common, "--heads", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "(0, 1)" in capsys.readouterr().err
+    assert main(["distill", str(trained_classifier), *common, "--layer-map", "a,b", "--out", str(tmp_path / "y")]) == 2
