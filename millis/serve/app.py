@@ -236,10 +236,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model]) -> Starlette:
         return json_response({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        if st.model is not None and not st.draining:
-            return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
-        status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
-        return json_response({"status": status}, 503)
+        return ready_response(st, st.model is not None)
 
     async def metrics(request: Request) -> Response:
         if st.batcher is not None:
@@ -250,6 +247,25 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model]) -> Starlette:
     async def openapi(request: Request) -> Response:
         return json_response(schemas.OPENAPI)
 
+    routes = [Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
+              Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"]),
+              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
+    return make_app(st, routes)
+
+
+def ready_response(st, loaded: bool) -> Response:
+    """/ready: 200 once the model is loaded and warmed, 503 while loading, failed or draining."""
+    if loaded and not st.draining:
+        return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
+    status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
+    return json_response({"status": status}, 503)
+
+
+def make_app(st, routes: list[Route]) -> Starlette:
+    """The Starlette app around a state `st` (with `load`, `close`, `draining`): the model loads in the
+    background after start-up, so /health answers at once; on shutdown admitted work finishes."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loading = asyncio.create_task(st.load())
@@ -259,11 +275,6 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model]) -> Starlette:
             await loading
         await st.close()
 
-    routes = [Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
-              Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"]),
-              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
-              Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.millis = st
     return app

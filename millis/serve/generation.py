@@ -35,7 +35,8 @@ from millis.errors import MillisError
 from millis.gen.tokenizer import HFTokenizer
 from millis.serve import gen_schemas as gs
 from millis.serve import schemas
-from millis.serve.app import INLINE_TOKENIZE_CHARS, _watch_disconnect, endpoint, json_response
+from millis.serve.app import (INLINE_TOKENIZE_CHARS, _watch_disconnect, endpoint, json_response, make_app,
+                              ready_response)
 from millis.serve.batcher import ClientGone
 from millis.serve.chat_template import chat_template_of, render_chat
 from millis.serve.config import ServeConfig
@@ -342,10 +343,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         return json_response({"status": "ok", **busy})
 
     async def ready(request: Request) -> Response:
-        if st.engine is not None and not st.draining:
-            return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
-        status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
-        return json_response({"status": status}, 503)
+        return ready_response(st, st.engine is not None)
 
     async def metrics(request: Request) -> Response:
         if st.engine is not None:
@@ -354,23 +352,12 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         data, ctype = st.metrics.render()
         return Response(data, 200, media_type=ctype)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loading = asyncio.create_task(st.load())
-        yield
-        st.draining = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await loading
-        await st.close()
-
     routes = [Route("/v1/completions", endpoint(st, "/v1/completions", completions), methods=["POST"]),
               Route("/v1/chat/completions", endpoint(st, "/v1/chat/completions", chat_completions), methods=["POST"]),
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.millis = st
-    return app
+    return make_app(st, routes)
 
 
 async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool):
