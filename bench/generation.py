@@ -1,128 +1,199 @@
-"""Decode speed of millis.gen on this CPU: ms/token at batch 1 for each precision, on a random
-GPT-2-124M-shaped model (the weights' values do not change the speed).
+"""Generation benchmark: millis.gen against HF `generate` and CTranslate2, in one run, systems alternated.
 
-    .venv/bin/python bench/generation.py --steps 32 --threads 2
+    bash bench/peers/setup.sh ct2                      # once: CTranslate2's venv
+    .venv/bin/python bench/generation.py               # CPU: GPT-2 124M (random weights), 2 threads
+    python bench/generation.py --device cuda           # GPU: a Llama-3.2-1B-shaped model, bf16
 
-Variants: fp32, bf16, int8 (the engine's `quant=int8`: torch's dynamic quantization of every
-Linear) and, for comparison, weight-only int8 through `torch._weight_int8pack_mm` with fp32
-(`int8-wo`) and bf16 (`int8-wo-bf16`) activations. Each variant prefills a 16-token prompt, then decodes
-`--steps` tokens through the engine; rounds alternate the variants. Beside ms/token: the weight
-bytes read per token divided by the time (achieved bandwidth; decode at batch 1 reads every weight
-once per token). Writes bench/results/generation.json.
+Every system runs in its own process (bench/peers/gen_runner.py; CTranslate2 in its own venv) with the
+same thread count, and decodes greedily exactly N new tokens per row (EOS ignored) from the same
+equal-length prompts of random ids. Round r times every cell for every system, the order of the
+systems rotated by r; figures are medians over rounds x repeats.
+
+- ms_per_token: one decode step (every row gets one token), prefill excluded:
+  (T(prompt 16, N new) - T(prompt 16, 1 new)) / (N - 1), T the median wall time of one whole call;
+- tokens_per_s: batch * 1000 / ms_per_token (decode throughput);
+- ttft_ms (batch-1 rows): time to the first token of a 128-token prompt (ttft_512_ms: 512 tokens);
+- gbps: the matmul weights (head included, embeddings not) read per step / ms_per_token: a batch-1
+  decode step reads each of them once, so this is the achieved share of memory bandwidth;
+- agree: leading greedy tokens equal to HF fp32's (batch 1, N tokens): fp32 systems should agree fully.
+Writes bench/results/generation_<device>.json (`rows`) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE / "peers"))
+import harness  # noqa: E402
+import models  # noqa: E402
 
-from millis.gen import SamplingParams  # noqa: E402
-from millis.gen.config import EngineConfig, GPT2Config  # noqa: E402
-from millis.gen.engine import Engine  # noqa: E402
-from millis.gen.gpt2 import GPT2  # noqa: E402
-from millis.gen.load import build  # noqa: E402
-
-GPT2_124M = GPT2Config(vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq=1024, eos_id=50256)
-
-
-class WeightOnlyInt8(torch.nn.Module):
-    """int8 weights per output channel; the matmul dequantizes inside `_weight_int8pack_mm`."""
-
-    def __init__(self, lin: torch.nn.Linear) -> None:
-        super().__init__()
-        w = lin.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        # torch 2.13's bf16 kernel sums wrongly (or crashes) when `in` is not a multiple of 8
-        assert q.shape[1] % 8 == 0
-        self.weight, self.scale, self.bias = q, scale.to(lin.weight.dtype), lin.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+RUNNER = str(HERE / "peers" / "gen_runner.py")
+VENV = {"millis": None, "hf": None, "ct2": "ct2"}  # system -> venv under bench/.venvs (None: this one)
+DEFAULT_SYSTEMS = {"cpu": "millis:fp32,millis:int8,hf:fp32,ct2:int8,ct2:float32",
+                   "cuda": "millis:bf16,hf:bf16,hf:static-compile"}
+MODEL = {"cpu": "gpt2", "cuda": "llama-1b"}
+BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "float16": 2, "static-compile": 2,
+         "int8": 1, "int8_float32": 1, "int8_bfloat16": 1, "int8_float16": 1}
+PROMPT = 16  # prompt length of the decode cells
 
 
-def weight_only(model: torch.nn.Module) -> None:
-    for name, child in list(model.named_children()):
-        if isinstance(child, torch.nn.Linear):
-            setattr(model, name, WeightOnlyInt8(child))
-        else:
-            weight_only(child)
+def matmul_params(model_dir: str) -> int:
+    """Weights of every matmul of one decode step: the blocks' projections and the output head."""
+    c = json.loads(Path(model_dir, "config.json").read_text())
+    if c["model_type"] == "gpt2":
+        d = c["n_embd"]
+        return c["n_layer"] * 12 * d * d + c["vocab_size"] * d
+    d, ff, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    return c["num_hidden_layers"] * (d * (d + 2 * kv) + d * d + 3 * d * ff) + c["vocab_size"] * d
 
 
-def engine(variant: str, sd: dict, max_seq: int) -> Engine:
-    dtype = "bf16" if variant in ("bf16", "int8-wo-bf16") else "fp32"
-    quant = "int8" if variant == "int8" else "none"
-    loaded = build(GPT2_124M, dict(sd), None, "bench", EngineConfig(max_batch=1, max_seq=max_seq, dtype=dtype,
-                                                                    quant=quant))
-    if variant.startswith("int8-wo"):
-        weight_only(loaded.model)
-    return Engine(loaded)
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab - 1, size=(batch, length)).tolist()
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every Linear's weight (the head included), not the embedding tables."""
-    total = 0
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Embedding) or w is None:
-            continue
-        w = w() if callable(w) else w  # dynamic-quantized Linear: weight() gives the packed qint8 tensor
-        total += w.numel() * w.element_size()
-    return total
-
-
-def decode_ms(eng: Engine, steps: int) -> float:
-    eng.add(list(range(100, 116)), SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-    eng.step()  # prefill
-    t = time.perf_counter()
-    while eng.has_work:
-        eng.step()
-    return 1e3 * (time.perf_counter() - t) / steps
+def gen(peer, ps, n, reps, warmup):
+    r = peer.request({"cmd": "gen", "prompts": ps, "new_tokens": n, "n": reps, "warmup": warmup})
+    return r["ms"], r["tokens"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per round")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when torch sees one)")
+    ap.add_argument("--systems", default="", help="system:precision,... (default: per device)")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=64, help="N at batch 1")
+    ap.add_argument("--new-tokens-batched", type=int, default=32, help="N at batch > 1")
+    ap.add_argument("--ttft-prompts", default="128,512")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per cell, system and round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default="fp32,bf16,int8,int8-wo,int8-wo-bf16")
+    ap.add_argument("--pause", type=float, default=0.3,
+                    help="seconds idle before each system's turn: the previous one's spinning threads go quiet")
+    ap.add_argument("--out", default="", help="results JSON (default bench/results/generation_<device>.json)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    sd = {k: v * 0 + torch.randn_like(v) * 0.02 for k, v in GPT2(GPT2_124M).state_dict().items()
-          if k != "head.weight"}
-    variants = a.variants.split(",")
-    engines = {v: engine(v, sd, 16 + a.steps + 8) for v in variants}
-    for eng in engines.values():  # warm-up: first-call allocations
-        decode_ms(eng, 4)
-    times = {v: [] for v in variants}
-    for _ in range(a.rounds):
-        for v in variants:
-            times[v].append(decode_ms(engines[v], a.steps))
+    device = a.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = models.decoder_dir(MODEL[device])
+    cfg = json.loads(Path(model_dir, "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    batches = [int(b) for b in a.batches.split(",")]
+    ttfts = [int(x) for x in a.ttft_prompts.split(",") if x]
+    newtok = {b: a.new_tokens if b == 1 else a.new_tokens_batched for b in batches}
+    max_seq = max([PROMPT + max(newtok.values())] + ttfts) + 8
+    work = str(HERE / ".cache" / "gen" / MODEL[device])
+
+    peers = []
+    for spec in (a.systems or DEFAULT_SYSTEMS[device]).split(","):
+        sysname, prec = spec.split(":")
+        p = harness.Peer(sysname, model_dir, work_dir=work, threads=a.threads, name=spec, runner=RUNNER,
+                         venv=VENV[sysname], args=["--precision", prec, "--device", device,
+                                                   "--max-batch", str(max(batches)), "--max-seq", str(max_seq)])
+        print(f"{spec}: {'ready in %.1f s' % p.prep_s if p.alive else 'SKIPPED: ' + str(p.error)}", flush=True)
+        if p.alive:
+            peers.append(p)
+
+    # cells: (name, batch, prompt length, new tokens)
+    cells = []
+    for b in batches:
+        cells += [("decode", b, PROMPT, newtok[b]), ("first", b, PROMPT, 1)]
+    cells += [("ttft", 1, L, 1) for L in ttfts]
+    inputs = {c: prompts(c[1], c[2], vocab, seed=c[1] * 1000 + c[2]) for c in cells}
+    ms = {(p.name, c): [] for p in peers for c in cells}
+    toks, cold = {}, {}
+    for r in range(a.rounds):
+        t0 = time.perf_counter()
+        k = r % len(peers)
+        for c in cells:
+            for p in peers[k:] + peers[:k]:
+                if not p.alive:
+                    continue
+                time.sleep(a.pause)
+                try:
+                    t1 = time.perf_counter()
+                    got, tk = gen(p, inputs[c], c[3], a.reps, warmup=1 if r == 0 else 0)
+                    if r == 0 and c == cells[0]:
+                        cold[p.name] = 1e3 * (time.perf_counter() - t1) - sum(got)  # the warm-up call
+                except harness.PeerError as e:
+                    print(f"  {e}", file=sys.stderr)
+                    continue
+                ms[(p.name, c)] += got
+                if c[0] == "decode" and c[1] == 1:
+                    toks[p.name] = tk[0]
+        print(f"round {r + 1}/{a.rounds}: {time.perf_counter() - t0:.0f} s", flush=True)
+    infos = {}
+    for p in peers:
+        try:
+            infos[p.name] = p.info()
+        except harness.PeerError:
+            pass
+        p.close()
+
+    med = {k: statistics.median(v) for k, v in ms.items() if v}
+    wparams = matmul_params(model_dir)
+    ref = toks.get("hf:fp32")
     rows = []
-    print(f"GPT-2-124M shape, batch 1, {a.threads} threads, {a.steps} decode steps x {a.rounds} rounds")
-    print(f"{'variant':<14} {'ms/token':>9} {'tokens/s':>9} {'weights MB':>11} {'GB/s':>6}")
-    for v in variants:
-        ms = statistics.median(times[v])
-        mb = weight_bytes(engines[v].model) / 1e6
-        rows.append({"variant": v, "ms_per_token": round(ms, 2), "rounds_ms": [round(t, 2) for t in times[v]],
-                     "weights_mb": round(mb, 1), "gb_per_s": round(mb / ms, 2)})
-        print(f"{v:<14} {ms:>9.2f} {1e3 / ms:>9.1f} {mb:>11.1f} {mb / ms:>6.2f}")
-    out = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "threads": a.threads, "steps": a.steps, "rounds": a.rounds, "rows": rows}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "generation.json").write_text(json.dumps(out, indent=2) + "\n")
+    for p in peers:
+        sysname, prec = p.name.split(":")
+        for b in batches:
+            dk, fk = (p.name, ("decode", b, PROMPT, newtok[b])), (p.name, ("first", b, PROMPT, 1))
+            if dk not in med or fk not in med:
+                continue
+            step = (med[dk] - med[fk]) / (newtok[b] - 1)
+            row = {"system": sysname, "model": MODEL[device], "precision": prec, "batch": b,
+                   "ms_per_token": round(step, 2), "ttft_ms": None, "tokens_per_s": round(b * 1e3 / step, 1),
+                   "gbps": round(wparams * BYTES.get(prec, 4) / step / 1e6, 2),
+                   "e2e_ms": round(med[dk], 1), "new_tokens": newtok[b]}
+            if b == 1:
+                for L in ttfts:
+                    key = (p.name, ("ttft", 1, L, 1))
+                    if key in med:
+                        row["ttft_ms" if L == 128 else f"ttft_{L}_ms"] = round(med[key], 1)
+                if ref and p.name in toks:
+                    same = next((i for i, (x, y) in enumerate(zip(toks[p.name], ref)) if x != y), len(ref))
+                    row["agree"] = f"{same}/{len(ref)}"
+                row["cold_first_call_ms"] = round(cold.get(p.name, float("nan")), 1)
+            rows.append(row)
+    for b in batches:  # tokens/s against CTranslate2 int8 in the same run
+        ct2 = next((r for r in rows if r["system"] == "ct2" and r["precision"] == "int8" and r["batch"] == b), None)
+        for r in rows:
+            if ct2 and r["batch"] == b:
+                r["vs_ct2_int8"] = round(r["tokens_per_s"] / ct2["tokens_per_s"], 2)
+
+    print(f"\n{MODEL[device]} ({model_dir}), {device}, {a.threads} threads, {a.rounds} rounds x {a.reps} calls; "
+          f"decode after a {PROMPT}-token prompt")
+    hdr = f"{'system':<22} {'batch':>5} {'ms/token':>9} {'tokens/s':>9} {'x ct2 int8':>10} {'TTFT 128':>9} " \
+          f"{'TTFT 512':>9} {'GB/s':>6} {'agree':>6}"
+    print(hdr)
+    for r in rows:
+        print(f"{r['system'] + ':' + r['precision']:<22} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
+              f"{r['tokens_per_s']:>9.1f} {r.get('vs_ct2_int8', float('nan')):>10.2f} "
+              f"{r['ttft_ms'] or float('nan'):>9.1f} {r.get('ttft_512_ms', float('nan')):>9.1f} "
+              f"{r['gbps']:>6.2f} {r.get('agree', ''):>6}")
+    out = {"date": time.strftime("%Y-%m-%d"), "device": device, "cpu": platform.processor() or platform.machine(),
+           "command": " ".join(sys.argv), "threads": a.threads, "rounds": a.rounds, "reps": a.reps, "prompt": PROMPT,
+           "model_dir": model_dir,
+           "matmul_params": wparams, "systems": infos, "cold_first_call_ms": cold, "rows": rows,
+           "samples_ms": {f"{k[0]}|{'/'.join(map(str, k[1]))}": [round(x, 2) for x in v] for k, v in ms.items()}}
+    if device == "cuda":
+        import torch
+        out["gpu"] = torch.cuda.get_device_name()
+    path = Path(a.out) if a.out else HERE / "results" / f"generation_{device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

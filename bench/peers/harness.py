@@ -24,9 +24,10 @@ class PeerError(RuntimeError):
     pass
 
 
-def peer_python(system):
-    """(python path, None) or (None, reason the venv is unusable)."""
-    venv = SYSTEM_VENV.get(system, "?")
+def peer_python(system, venv="?"):
+    """(python path, None) or (None, reason the venv is unusable). `venv`: its name under bench/.venvs,
+    None for the main venv; by default SYSTEM_VENV's entry for `system`."""
+    venv = SYSTEM_VENV.get(system, "?") if venv == "?" else venv
     if venv == "?":
         return None, f"unknown system {system!r}"
     if venv is None:
@@ -42,8 +43,11 @@ def peer_python(system):
 
 class Peer:
     def __init__(self, system, model_dir, work_dir=DEFAULT_WORK, threads=2, name=None,
-                 start_timeout=1800.0, timeout=600.0, log_dir=None):
+                 start_timeout=1800.0, timeout=600.0, log_dir=None, runner=RUNNER, args=(), venv="?"):
+        """`runner`, `args`, `venv`: another runner script (bench/peers/gen_runner.py), its extra
+        command-line arguments and its venv (None: the main one; default: SYSTEM_VENV[system])."""
         self.system, self.name = system, name or system
+        self.runner, self.args, self.venv = runner, list(args), venv
         self.model_dir, self.work_dir, self.threads = model_dir, work_dir, threads
         self.timeout = timeout          # default per-request limit, seconds
         self.error = None               # set once the peer failed or was skipped; then it is dead
@@ -57,19 +61,19 @@ class Peer:
         return self.error is None
 
     def _start(self, start_timeout):
-        py, why = peer_python(self.system)
+        py, why = peer_python(self.system, self.venv)
         if why:
             self.error = why
             return
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if SYSTEM_VENV[self.system] is None:  # main venv: make the repo's millis importable
+        if (SYSTEM_VENV.get(self.system) if self.venv == "?" else self.venv) is None:  # main venv: make the repo's millis importable
             env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self.log_path, "a")
         self._log.write(f"\n=== {time.ctime()} start {self.system} on {self.model_dir}\n")
         self._log.flush()
-        cmd = [py, RUNNER, "--system", self.system, "--model-dir", str(self.model_dir),
-               "--work-dir", str(self.work_dir), "--threads", str(self.threads)]
+        cmd = [py, self.runner, "--system", self.system, "--model-dir", str(self.model_dir),
+               "--work-dir", str(self.work_dir), "--threads", str(self.threads)] + self.args
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, cwd=REPO, env=env, bufsize=1)
         self._lines = queue.Queue()

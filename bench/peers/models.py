@@ -4,6 +4,9 @@ minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped 
 bert_base_dir(cache):  a BERT-base-shaped encoder with random weights (seed 0), built once, laid out
                        as a sentence-transformers folder (mean pooling + Normalize) with MiniLM's
                        tokenizer. Random weights: its timings are real, its embeddings meaningless.
+decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
+                       124M) or "llama-1b" (Llama-3.2-1B's shape), with a word-level tokenizer whose
+                       token i is "w<i>" (CTranslate2's converter needs a vocabulary; ids are what we feed).
 """
 import json, os, shutil
 
@@ -44,6 +47,45 @@ def bert_base_dir(cache=None):
                   f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # atomic: a half-built folder is never seen as done
+    return out
+
+
+def _word_tokenizer(vocab_size, eos_id, out):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+    eos = "<|endoftext|>"
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    vocab.pop(f"w{eos_id}")
+    vocab[eos] = eos_id
+    tok = Tokenizer(WordLevel(vocab, unk_token=eos))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos).save_pretrained(out)
+
+
+def decoder_dir(name, cache=None):
+    out = os.path.join(cache or DEFAULT_CACHE, f"{name}-random")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    if name == "gpt2":  # GPT2Config() is GPT-2 small: 12 layers, 768 wide, 12 heads, 50257 tokens, 1024 positions
+        model = GPT2LMHeadModel(GPT2Config())
+    elif name == "llama-1b":  # Llama-3.2-1B's shape, bf16 on disk
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=128001, rope_theta=500000.0)).to(torch.bfloat16)
+    else:
+        raise ValueError(f"unknown decoder {name!r}")
+    model.eval().save_pretrained(tmp, safe_serialization=True)
+    _word_tokenizer(model.config.vocab_size, model.config.eos_token_id, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 

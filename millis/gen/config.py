@@ -15,7 +15,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as mill
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")
-QUANTS = ("none", "int8")
+QUANTS = ("none", "int8", "int8-torch")  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class EngineConfig:
     max_batch: int = 8        # slots: requests decoded together; a KV cache row each
     max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
     dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
-    quant: str = "none"       # none | int8 (dynamic: int8 weights per channel, activations per call; fp32 only)
+    quant: str = "none"       # none | int8 (int8 weights per row, activations per row; millis's kernel) | int8-torch
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
@@ -95,8 +95,8 @@ class EngineConfig:
             raise MillisError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.quant == "int8" and (self.dtype != "fp32" or self.device != "cpu"):
-            raise MillisError("quant int8 is torch's dynamic quantization: it needs dtype fp32 on cpu")
+        if self.quant != "none" and (self.dtype != "fp32" or self.device != "cpu"):
+            raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")
 
 
 # Named presets: `cpu` is the measured default; `cpu-int8` trades a little fidelity for speed.
@@ -144,7 +144,8 @@ class GenerateConfig:
     stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
     stream: bool = _f(False, "print tokens as they come")
     dtype: str = _f("fp32", "fp32 or bf16")
-    quant: str = _f("none", "none or int8 (dynamic quantization of every Linear; with dtype fp32)")
+    quant: str = _f("none", "none, int8 (every Linear, millis's AVX2 kernel) or int8-torch (torch dynamic "
+                            "quantization); with dtype fp32")
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default")
 

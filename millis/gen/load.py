@@ -30,6 +30,7 @@ class Loaded:
     tokenizer: object  # millis.gen.tokenizer.Tokenizer, or None (the engine then takes ids only)
     max_seq: int       # KV cache positions per slot
     source: str        # "hf:<model_type>" or "llama2c"
+    quant_backend: str | None = None  # int8: "millis-avx2" or "torch-dynamic"; None unquantized
 
 
 def load(path: str | Path, engine: EngineConfig) -> Loaded:
@@ -67,13 +68,14 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     model = model.to(device=engine.device, dtype=DTYPES[engine.dtype]).eval()
     if cfg.tie_head and engine.quant == "none":
         model.head.weight = getattr(model, "wte" if isinstance(cfg, GPT2Config) else "tok_emb").weight
-    if engine.quant == "int8":
+    quant_backend = None
+    if engine.quant != "none":
         from millis.gen.quant import quantize_int8
 
-        quantize_int8(model)
+        quant_backend = quantize_int8(model, "torch" if engine.quant == "int8-torch" else "auto")
     max_seq = min(engine.max_seq or cfg.max_seq, cfg.max_seq)
     setup_caches(model, engine.max_batch, max_seq)
-    return Loaded(model, cfg, tok, max_seq, source)
+    return Loaded(model, cfg, tok, max_seq, source, quant_backend)
 
 
 # ---------------------------------------------------------------------------- llama2.c checkpoints

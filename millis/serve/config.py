@@ -43,7 +43,8 @@ class ServeConfig:
     max_tokens: int = _f(256, "generation: max_tokens of a request that gives none")
     max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
-    quant: str = _f("none", "generation: none or int8 (torch dynamic quantization; dtype fp32 on cpu)")
+    quant: str = _f("none", "generation: none, int8 (millis's AVX2 kernel) or int8-torch (torch dynamic "
+                            "quantization); dtype fp32 on cpu")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "max_tokens"):
