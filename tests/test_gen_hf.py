@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from millis.gen import EngineConfig, SamplingParams, open_engine
+from millis.gen.engine import run_all
 
 N_NEW = 12
 PROMPTS = [[5, 9, 17], [3, 44, 8, 90, 12, 7, 61], [100, 2 + 99, 13, 13, 76, 55, 21, 30, 11, 4, 9, 120], [77, 6]]
@@ -52,12 +53,7 @@ def _hf_greedy(model, prompt: list[int], **kw) -> list[int]:
 
 
 def _run(eng, prompts, params=SamplingParams(max_tokens=N_NEW)) -> list[list[int]]:
-    ids = [eng.add(p, params) for p in prompts]
-    got = {i: [] for i in ids}
-    while eng.has_work:
-        for o in eng.step():
-            got[o.id] += o.token_ids
-    return [got[i] for i in ids]
+    return run_all(eng, prompts, params)
 
 
 def test_logits_match_hf(hf_model):

@@ -16,8 +16,10 @@ Startup: prepare, print {"ok":true,"ready":true,...}. Then per line:
   {"cmd":"info"} -> {"ok":true,"system","precision","versions","prep_s",...};  {"cmd":"quit"}
 Every system decodes greedily exactly N new tokens per row (EOS ignored) from equal-length prompts.
 """
-import argparse, gc, json, os, sys, time, traceback
+import argparse, gc, json, os, sys, time
 from importlib import metadata
+
+from protocol import serve, threads_from_argv  # bench/peers/ is the script's own folder
 
 SYSTEMS = {}
 
@@ -53,7 +55,8 @@ class Millis(Base):
     def prepare(self):
         import torch
         from millis.gen import EngineConfig, SamplingParams, open_engine
-        self.torch, self.SamplingParams = torch, SamplingParams
+        from millis.gen.engine import run_all
+        self.torch, self.SamplingParams, self.run_all = torch, SamplingParams, run_all
         variant = self.precision
         dtype = "bf16" if variant == "bf16" else "fp32"
         quant = "int8" if variant == "int8" else "none"
@@ -62,13 +65,7 @@ class Millis(Base):
             device=self.a.device, max_prefills_per_step=self.a.max_batch))
 
     def generate(self, prompts, n):
-        eng, params = self.eng, self.SamplingParams(max_tokens=n, ignore_eos=True)
-        ids = [eng.add(p, params) for p in prompts]
-        got = {i: [] for i in ids}
-        while eng.has_work:
-            for o in eng.step():
-                got[o.id] += o.token_ids
-        return [got[i] for i in ids]
+        return self.run_all(self.eng, prompts, self.SamplingParams(max_tokens=n, ignore_eos=True))
 
 
 @system("hf")
@@ -179,42 +176,14 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-seq", type=int, default=640)
     a = ap.parse_args()
-    out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
 
-    def reply(obj):
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    t0 = time.perf_counter()
-    try:
+    def make():
         s = SYSTEMS[a.system](a)
         s.prepare()
-    except BaseException as e:
-        traceback.print_exc()
-        reply({"ok": False, "error": f"prepare failed: {type(e).__name__}: {e}"[:2000]})
-        return 1
-    prep_s = time.perf_counter() - t0
-    log(f"{a.system} {a.precision} ready in {prep_s:.1f}s")
-    reply({"ok": True, "ready": True, "system": a.system, "prep_s": prep_s})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            if req.get("cmd") == "quit":
-                reply({"ok": True})
-                return 0
-            reply(handle(s, req, prep_s))
-        except Exception as e:
-            traceback.print_exc()
-            reply({"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
-    return 0
+        return s
+    return serve(make, handle, f"{a.system} {a.precision}")
 
 
 if __name__ == "__main__":
-    if "--threads" in sys.argv:  # OpenMP libraries read these at import
-        n = sys.argv[sys.argv.index("--threads") + 1]
-        for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ.setdefault(v, n)
+    threads_from_argv()
     sys.exit(main())

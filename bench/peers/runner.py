@@ -12,10 +12,11 @@ Errors -> {"ok":false,"error":"..."} and the runner keeps serving. Logs go to st
 Only the stdlib is imported at top level (systems.py holds the systems): each system imports its own
 libraries, since every system runs in its own venv.
 """
-import argparse, gc, hashlib, json, os, sys, time, traceback
+import argparse, gc, hashlib, os, sys, time
 from importlib import metadata
 
-from systems import SYSTEMS, log  # bench/peers/ is on sys.path as the script's own folder
+from protocol import serve, threads_from_argv  # bench/peers/ is on sys.path as the script's own folder
+from systems import SYSTEMS
 
 
 def versions(*pkgs):
@@ -86,44 +87,15 @@ def main():
     ap.add_argument("--work-dir", required=True)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
 
-    def reply(obj):
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    t0 = time.perf_counter()
-    try:
+    def make():
         sysobj = SYSTEMS[a.system](a.model_dir, a.work_dir, a.threads)
         sysobj.work = os.path.join(a.work_dir, dir_hash(a.model_dir))
         sysobj.prepare()
-    except BaseException as e:  # prep failed: report and exit so the harness records a skip
-        traceback.print_exc()
-        reply({"ok": False, "error": f"prepare failed: {type(e).__name__}: {e}"[:2000]})
-        return 1
-    prep_s = time.perf_counter() - t0
-    log(f"{a.system} ready in {prep_s:.1f}s")
-    reply({"ok": True, "ready": True, "system": a.system, "prep_s": prep_s})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            if req.get("cmd") == "quit":
-                reply({"ok": True})
-                return 0
-            reply(handle(sysobj, req, prep_s))
-        except Exception as e:
-            traceback.print_exc()
-            reply({"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
-    return 0
+        return sysobj
+    return serve(make, handle, a.system)
 
 
 if __name__ == "__main__":
-    # threads for OpenMP-based libraries, set before any of them is imported
-    if "--threads" in sys.argv:
-        n = sys.argv[sys.argv.index("--threads") + 1]
-        for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ.setdefault(v, n)
+    threads_from_argv()
     sys.exit(main())

@@ -233,3 +233,13 @@ class Engine:
         if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
             r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
         return new, stopped
+
+
+def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:
+    """Add every prompt, step until all are done; each prompt's new token ids, in prompt order."""
+    ids = [eng.add(p, params) for p in prompts]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while eng.has_work:
+        for o in eng.step():
+            got[o.id] += o.token_ids
+    return [got[i] for i in ids]
