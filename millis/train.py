@@ -12,8 +12,7 @@ from typing import Any
 
 from millis import artifact
 from millis.errors import MillisError
-from millis.fit import (TRAIN_FORMAT, Progress, data_meta, fit, length_batches, prepare, save, seed_all,  # noqa: F401
-                        split, subsample, val_accuracy)
+from millis.fit import TRAIN_FORMAT, Progress, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.pruned import load_hf
 from millis.sources import resolve
 

@@ -8,7 +8,8 @@ from millis.errors import MillisError
 from millis.evaluate import EvalConfig, evaluate
 from millis.labeled import Labeled
 from millis.sources import resolve
-from millis.train import length_batches, read_train_meta, split, train_config
+from millis.fit import length_batches, split
+from millis.train import read_train_meta, train_config
 
 from conftest import train_one_thread
 
@@ -132,7 +133,7 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
 
 def test_subsample_spreads_over_a_file_sorted_by_label():
     from millis.labeled import Labeled
-    from millis.train import subsample
+    from millis.fit import subsample
 
     labels = tuple(c for c in "abcd" for _ in range(100))  # sorted by label, like Banking77's train.csv
     data = Labeled(tuple(f"t{i}" for i in range(400)), labels, tuple(range(2, 402)), "x.csv", "text", "label")
