@@ -15,7 +15,12 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as mill
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")
-QUANTS = ("none", "int8", "int8-torch")  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
+QUANTS = ("none", "int8", "int8-torch")
+# Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
+MAX_TEMPERATURE = 100.0
+GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0    # repetition penalty
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class SamplingParams:
     """How one request picks its tokens and when it stops (HF `generate` semantics)."""
 
     max_tokens: int = 64               # most new tokens (the slot's free positions cap it too)
-    temperature: float = 0.0           # 0 = greedy
+    temperature: float = 0.0           # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0                     # keep the k most likely tokens; 0 = all
     top_p: float = 1.0                 # keep the smallest set with this much probability; 1 = all
     repetition_penalty: float = 1.0    # > 1 discourages tokens already in prompt or output
@@ -123,10 +128,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise MillisError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise MillisError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if not (0 <= self.temperature <= MAX_TEMPERATURE and self.top_k >= 0 and 0 < self.top_p <= 1
+                and MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY):
+            raise MillisError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g}, top_k >= 0, 0 < top_p <= 1 and "
+                              f"{MIN_PENALTY:g} <= repetition_penalty <= {MAX_PENALTY:g}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise MillisError(f"seed must fit 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
             raise MillisError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,13 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens and a full
   slot end a request, and its slot is free for the next step.
 
+One request never fails another: whatever one request raises in a step (its prefill, its decode
+row, its sampling, its text) ends that request alone with `finished="error"` and the reason in
+`StepOutput.error`; when a batched call raises, its rows are retried one at a time to find which.
+The work of a step is bounded by the batch: stop strings are searched only in the new text, and
+the hold-back check looks at the last len(stop) - 1 characters (at worst len(stop)**2 / 2
+character compares in C per string; the server bounds their count and length).
+
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
 tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
 (With `quant=int8` the activations' int8 scale is per call, so shared by the batch's rows.)
@@ -40,7 +47,7 @@ from millis.gen.load import Loaded
 from millis.gen.sampling import RowParams, sample
 from millis.gen.tokenizer import text_delta
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "error")
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class StepOutput:
     id: str
     token_ids: list[int]   # the tokens this step produced for the request (EOS included when it came)
     text: str              # the text they add (held back while it could still be the start of a stop string)
-    finished: str | None   # None while running; "stop" (EOS or stop string) or "length"
+    finished: str | None   # None while running; "stop" (EOS or stop string), "length" or "error"
+    error: str = ""        # finished == "error": what this request raised (its batch-mates ran on)
 
 
 @dataclass
@@ -146,13 +154,16 @@ class Engine:
         with self._lock:
             new, running = self._schedule()
             self._stepping = True
-        tokens: list[int] = []
+        tokens: dict[str, int] = {}
+        failed: dict[str, str] = {}
         try:
-            tokens = self._execute(new, running)
+            tokens = self._execute(new, running, failed)
+        except Exception as e:  # noqa: BLE001 -- outside any one request's part (a bug): end the step's rows
+            failed.update({r.id: f"{type(e).__name__}: {e}" for r in new + running if r.id not in failed})
         finally:
             with self._lock:
                 self._stepping = False
-                outs = self._update(new + running, tokens)
+                outs = self._update(new + running, tokens, failed)
                 for i, r in enumerate(self.slots):  # cancelled while the step ran: free now
                     if r is not None and r.id not in self.requests:
                         self.slots[i] = None
@@ -170,69 +181,153 @@ class Engine:
             new.append(r)
         return new, running
 
-    def _execute(self, new: list[_Request], running: list[_Request]) -> list[int]:
-        logits = []
+    def _execute(self, new: list[_Request], running: list[_Request], failed: dict[str, str]) -> dict[str, int]:
+        """Logits of every row, then one batched sample: {request id: token}. A request whose part
+        raises lands in `failed` (id -> reason) and the others go on."""
+        rows, logits = [], []
         for r in new:  # prefill: the whole prompt of one request, logits of its last position
-            logits.append(self.model(make_batch([r.prompt], [0], [r.slot], self.window, device=self.device))[:, -1])
-        if running and self.decode is not None:
-            logits.append(self.decode([r.out[-1] for r in running], [r.n_cached for r in running],
-                                      [r.slot for r in running]))
-        elif running:  # decode: one token per running row, each at its own position
-            b = make_batch([[r.out[-1]] for r in running], [r.n_cached for r in running],
-                           [r.slot for r in running], self.window, device=self.device)
-            logits.append(self.model(b)[:, -1])
-        if not logits:
-            return []
-        rows = new + running
+            out = _isolated(failed, r, lambda r=r: self.model(
+                make_batch([r.prompt], [0], [r.slot], self.window, device=self.device))[:, -1])
+            if out is not None:
+                rows.append(r)
+                logits.append(out)
+        if running:  # decode: one token per running row, each at its own position, one batched forward
+            for part, out in _per_row_on_error(running, self._decode, failed):
+                rows += part
+                logits.append(out)
+        if not rows:
+            return {}
+        logits = torch.cat(logits)
+        states = [r.generator.get_state() for r in rows]  # a row retried alone draws the same noise
+
+        def sample_rows(idx: list[int]) -> torch.Tensor:
+            if len(idx) < len(rows):
+                for i in idx:
+                    rows[i].generator.set_state(states[i])
+                return self._sample([rows[i] for i in idx], logits[idx])
+            return self._sample(rows, logits)
+
+        tokens: dict[str, int] = {}
+        for part, tok in _per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
+            for i, t in zip(part, tok.tolist()):  # the step's one host sync
+                tokens[rows[i].id] = t
+        return tokens
+
+    def _decode(self, rows: list[_Request]) -> torch.Tensor:
+        if self.decode is not None:
+            return self.decode([r.out[-1] for r in rows], [r.n_cached for r in rows], [r.slot for r in rows])
+        b = make_batch([[r.out[-1]] for r in rows], [r.n_cached for r in rows], [r.slot for r in rows],
+                       self.window, device=self.device)
+        return self.model(b)[:, -1]
+
+    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         penalized = any(r.params.repetition_penalty != 1.0 for r in rows)
-        tok = sample(torch.cat(logits), RowParams([r.params for r in rows], [r.generator for r in rows],
-                                                  self.seen[slots] if penalized else None))
+        tok = sample(logits, RowParams([r.params for r in rows], [r.generator for r in rows],
+                                       self.seen[slots] if penalized else None))
         self.seen[slots, tok] = True
-        return tok.tolist()  # the step's one host sync
+        return tok
 
-    def _update(self, rows: list[_Request], tokens: list[int]) -> list[StepOutput]:
+    def _update(self, rows: list[_Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:
         outs = []
-        for r, t in zip(rows, tokens):
+        for r in rows:
             if r.id not in self.requests:  # cancelled during the step: nothing to report
                 continue
-            r.out.append(t)
-            p = r.params
-            finished = None
-            if t == self.config.eos_id and not p.ignore_eos:
-                finished = "stop"
-            elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self.max_seq:
-                finished = "length"
-            text, stopped = self._text(r, finished is not None)
-            finished = "stop" if stopped else finished
-            outs.append(StepOutput(r.id, [t], text, finished))
-            if finished:
-                self.slots[r.slot] = None
-                self.requests.pop(r.id, None)
+            if r.id in tokens and r.id not in failed:
+                try:
+                    outs.append(self._advance(r, tokens[r.id]))
+                    continue
+                except Exception as e:  # noqa: BLE001 -- this request's text failed: end it alone
+                    failed[r.id] = f"{type(e).__name__}: {e}"
+            if r.id not in failed:  # the step raised before this row's token (a bug): end it, say so
+                failed[r.id] = "the step failed before this request's token was sampled"
+            outs.append(StepOutput(r.id, [], "", "error", failed[r.id]))
+            self._finish(r)
         return outs
+
+    def _advance(self, r: _Request, t: int) -> StepOutput:
+        r.out.append(t)
+        p = r.params
+        finished = None
+        if t == self.config.eos_id and not p.ignore_eos:
+            finished = "stop"
+        elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self.max_seq:
+            finished = "length"
+        text, stopped = self._text(r, finished is not None)
+        finished = "stop" if stopped else finished
+        if finished:
+            self._finish(r)
+        return StepOutput(r.id, [t], text, finished)
+
+    def _finish(self, r: _Request) -> None:
+        if r.slot >= 0:
+            self.slots[r.slot] = None
+        self.requests.pop(r.id, None)
 
     def _text(self, r: _Request, final: bool) -> tuple[str, bool]:
         """The new text of `r` and whether a stop string ended it."""
         if self.tok is None:
             return "", False
         ids = r.out[:-1] if r.out[-1] == self.config.eos_id and not r.params.ignore_eos else r.out
-        context = (r.prompt + ids[:r.anchor])[-4:]  # a few ids before: SentencePiece spaces need them
+        context = (r.prompt[-4:] + ids[max(0, r.anchor - 4):r.anchor])[-4:]  # a few ids before (SentencePiece
+        # spaces need them), sliced without copying the whole prompt and output each step
         full = r.anchor_text + text_delta(self.tok, context, ids[r.anchor:])
         stopped = False
-        cut = min((i for i in (full.find(s) for s in r.params.stop) if i >= 0), default=-1)
+        # a stop string can only end in the text not yet handed out: search from just before it
+        cut = min((i for i in (full.find(s, max(0, len(r.emitted) - len(s) + 1)) for s in r.params.stop) if i >= 0),
+                  default=-1)
         if cut >= 0:
             full, stopped, final = full[:cut], True, True
         whole = full
         if not final:
             full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next bytes
-            hold = max((n for s in r.params.stop for n in range(1, len(s)) if full.endswith(s[:n])), default=0)
-            full = full[:len(full) - hold]
+            full = full[:len(full) - max((held_back(full, s) for s in r.params.stop), default=0)]
         if not full.startswith(r.emitted):
             return "", stopped
         new, r.emitted = full[len(r.emitted):], full
         if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
             r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
         return new, stopped
+
+
+def held_back(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop` (it must wait: the next
+    tokens may complete the stop string). Looks only at the last len(stop) - 1 characters, and tries
+    each place where stop[0] occurs there, leftmost (longest) first."""
+    tail = text[len(text) - min(len(stop) - 1, len(text)):]
+    i = tail.find(stop[0])
+    while i >= 0:
+        if stop.startswith(tail[i:]):
+            return len(tail) - i
+        i = tail.find(stop[0], i + 1)
+    return 0
+
+
+def _isolated(failed: dict[str, str], r: _Request, fn):
+    """fn() or, when it raises, None with the reason recorded for request r."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- one request's failure ends that request alone
+        failed[r.id] = f"{type(e).__name__}: {e}"
+        return None
+
+
+def _per_row_on_error(items: list, fn, failed: dict[str, str], key=lambda r: r.id):
+    """[(items, fn(items))] from one batched call; when it raises, [(one item, fn([item]))] for each
+    item whose call succeeds alone, recording the reason of those that fail (keyed by request id)."""
+    try:
+        return [(items, fn(items))]
+    except Exception as e:  # noqa: BLE001 -- find which row raised; the rest of the batch goes on
+        if len(items) == 1:
+            failed[key(items[0])] = f"{type(e).__name__}: {e}"
+            return []
+    parts = []
+    for it in items:
+        try:
+            parts.append(([it], fn([it])))
+        except Exception as e:  # noqa: BLE001
+            failed[key(it)] = f"{type(e).__name__}: {e}"
+    return parts
 
 
 def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:

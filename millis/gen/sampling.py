@@ -2,8 +2,8 @@
 and random generator, and nothing here reads a value back to the host.
 
 The order is HF `generate`'s: repetition penalty, temperature, top-k, top-p. A row with temperature
-0 is greedy. Sampling is an exponential race (argmax of p / E with E ~ Exp(1), as gpt-fast does):
-each row draws its noise from its own generator, so a seeded request gets the same tokens whatever
+0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. Sampling is an exponential
+race (argmax of p / E with E ~ Exp(1), as gpt-fast does): each row draws its noise from its own generator, so a seeded request gets the same tokens whatever
 else shares the batch.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
         pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
         logits = torch.where(rows.seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     greedy = logits.argmax(-1)
-    if all(p.temperature == 0 for p in ps):
+    if all(p.greedy for p in ps):
         return greedy
     V = logits.shape[-1]
-    temp = torch.tensor([p.temperature or 1.0 for p in ps], device=dev)[:, None]
-    top_k = torch.tensor([p.top_k or V for p in ps], device=dev)[:, None]
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in ps], device=dev)[:, None]
+    top_k = torch.tensor([min(p.top_k or V, V) for p in ps], device=dev)[:, None]  # above V: all
     top_p = torch.tensor([p.top_p for p in ps], device=dev)[:, None]
     srt, idx = (logits / temp).sort(dim=-1, descending=True)                  # (B, V)
     rank = torch.arange(V, device=dev)[None]
@@ -47,5 +47,5 @@ def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     noise = torch.stack([torch.empty(V, device=dev).exponential_(1, generator=g) for g in rows.generators])
     choice = (probs / noise).argmax(-1, keepdim=True)                         # (B, 1) rank sampled
     sampled = idx.gather(-1, choice).squeeze(-1)
-    is_greedy = torch.tensor([p.temperature == 0 for p in ps], device=dev)
+    is_greedy = torch.tensor([p.greedy for p in ps], device=dev)
     return torch.where(is_greedy, greedy, sampled)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import heapq
 import re
 import struct
 from pathlib import Path
@@ -33,6 +34,11 @@ class HFTokenizer:
 
         self._tok = _T.from_file(str(path))
         self.eos_id = eos_id
+
+    @property
+    def longest_piece(self) -> int:
+        """Characters of the longest vocabulary entry (an upper bound on the text one token covers)."""
+        return max(map(len, self._tok.get_vocab()), default=1)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """`special=False`: no BOS or other post-processor tokens (a rendered chat template has its own)."""
@@ -91,15 +97,50 @@ class Llama2cTokenizer:
                 toks.extend(b + 3 for b in ch.encode("utf-8"))  # <0x00> is id 3
             else:
                 toks.append(self.UNK)
-        while True:  # merge the best-scoring adjacent pair (first one on ties, as run.c)
-            best, best_i, best_id = -1e10, -1, -1
-            for i in range(len(toks) - 1):
-                j = self.ids.get(self.pieces[toks[i]] + self.pieces[toks[i + 1]])
-                if j is not None and self.scores[j] > best:
-                    best, best_i, best_id = self.scores[j], i, j
-            if best_i < 0:
-                return ids + toks
-            toks[best_i:best_i + 2] = [best_id]
+        return ids + self._merge(toks)
+
+    def _merge(self, toks: list[int]) -> list[int]:
+        """run.c's merge loop in O(n log n): each round merges the adjacent pair whose merged piece
+        scores highest, the leftmost one on ties (run.c's strict `>` scanning left to right).
+
+        Symbols form a doubly linked list over their first positions, so a merged symbol keeps its
+        left part's position and positions stay in text order. A heap holds every adjacent pair
+        that merges, keyed by (-score, left position): its smallest live entry is exactly run.c's
+        choice, whether the pair is old or was made by the last merge. Entries made stale by a merge
+        (either side changed or gone) are skipped when popped."""
+        n = len(toks)
+        nxt = list(range(1, n + 1))  # n: the end
+        prv = list(range(-1, n - 1))  # -1: the start
+        merges: dict[tuple[int, int], tuple[float, int] | None] = {}  # token pair -> (-score, merged id)
+
+        def entry(left: int, right: int) -> tuple | None:
+            pair = toks[left], toks[right]
+            m = merges.get(pair, 0)
+            if m == 0:
+                j = self.ids.get(self.pieces[pair[0]] + self.pieces[pair[1]])
+                # run.c's floor for `best_score`: a pair scoring -1e10 or less never merges
+                m = merges[pair] = (-self.scores[j], j) if j is not None and self.scores[j] > -1e10 else None
+            return None if m is None else (m[0], left, right, *pair, m[1])
+
+        heap = [e for i in range(n - 1) if (e := entry(i, i + 1))]
+        heapq.heapify(heap)
+        while heap:
+            _, left, right, tl, tr, j = heapq.heappop(heap)
+            if toks[left] != tl or toks[right] != tr or nxt[left] != right:
+                continue  # stale: a side merged since (a gone symbol's token is -1)
+            toks[left], toks[right] = j, -1
+            after = nxt[left] = nxt[right]
+            if after < n:  # the merged symbol's two new pairs
+                prv[after] = left
+                if e := entry(left, after):
+                    heapq.heappush(heap, e)
+            if prv[left] >= 0 and (e := entry(prv[left], left)):
+                heapq.heappush(heap, e)
+        out, i = [], 0  # position 0 is never merged away: merges keep the left symbol
+        while i < n:
+            out.append(toks[i])
+            i = nxt[i]
+        return out
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
@@ -156,3 +197,16 @@ def text_delta(tok: Tokenizer, context: list[int], ids: list[int]) -> str:
     head = tok.decode(context)
     full = tok.decode(context + ids)
     return full[len(head):] if full.startswith(head) else tok.decode(ids)
+
+
+def prompt_char_limit(tok: Tokenizer | None, max_seq: int) -> int:
+    """Most characters of a prompt that could still fit `max_seq` tokens: each token covers at most
+    its longest piece's characters (a byte-level piece covers at least one byte per character), so
+    a longer text can be refused before any tokenizing work. Doubled for normalizers that drop text."""
+    if isinstance(tok, Llama2cTokenizer):
+        longest = max(map(len, tok.pieces), default=1)
+    elif isinstance(tok, HFTokenizer):
+        longest = tok.longest_piece
+    else:
+        longest = 64
+    return max(1, longest) * max_seq * 2

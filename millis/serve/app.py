@@ -9,36 +9,30 @@ watching for the client leaving and for the request timeout -> JSON with timing 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from millis.api import Model
-from millis.serve import schemas
+from millis.serve import openapi, schemas
 from millis.serve.batcher import Batcher, ClientGone, Job, Overloaded, ShuttingDown, bucket_of
 from millis.serve.config import ServeConfig
+from millis.serve.http_shared import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json,
+                                      ready_response, watch_disconnect)
 from millis.serve.metrics import Metrics
 
 log = logging.getLogger("millis.serve")
-INLINE_TOKENIZE_CHARS = 2048  # above this a request is tokenized in a thread, not on the event loop
 
 
 class RequestTimeout(ClientGone):
     pass
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, "application/json")
 
 
 class State:
@@ -55,7 +49,6 @@ class State:
         self.load_error: str | None = None
         self.draining = False
         self.started_at = int(time.time())
-        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-tokenize")
 
     # ---- start-up -------------------------------------------------------------------------
     async def load(self) -> None:
@@ -102,7 +95,6 @@ class State:
         self.draining = True
         if self.batcher is not None:
             await self.batcher.close()
-        self._tok_pool.shutdown(wait=False)
 
     # ---- one request ----------------------------------------------------------------------
     def require(self, task: str) -> Model:
@@ -120,7 +112,7 @@ class State:
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             ids, cut = model.encoder.token_ids(texts)
         else:
-            ids, cut = await asyncio.get_running_loop().run_in_executor(self._tok_pool, model.encoder.token_ids, texts)
+            ids, cut = await off_loop(model.encoder.token_ids, texts)
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
             raise schemas.ApiError(413, f"input[{i}] is longer than the model's {model.max_length} tokens "
@@ -140,7 +132,7 @@ class State:
         self.metrics.queue_depth.set(self.batcher.depth)
         timer = loop.call_later(self.cfg.request_timeout_s, job.drop,
                                 RequestTimeout(f"not answered within {self.cfg.request_timeout_s} s"))
-        watcher = loop.create_task(_watch_disconnect(request, job))
+        watcher = loop.create_task(watch_disconnect(request, job))
         try:
             await job.future
         except RequestTimeout as e:
@@ -153,54 +145,25 @@ class State:
         return job
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
-    """After the body is read, the next ASGI message is http.disconnect (client left or reply sent)."""
-    with contextlib.suppress(Exception):
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        job.drop(ClientGone("client disconnected"))
-
-
 def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
     q, i = max(job.queue_s, 0.0) * 1e3, job.infer_s * 1e3
     h = {"x-millis-queue-ms": f"{q:.3f}", "x-millis-tokenize-ms": f"{tokenize_s * 1e3:.3f}",
-         "x-millis-inference-ms": f"{i:.3f}", "x-millis-batch-rows": str(job.batch_rows),
+         "x-millis-inference-ms": f"{i:.3f}", "x-millis-batch-rows": ",".join(map(str, job.batch_rows)),
          "server-timing": f"queue;dur={q:.3f}, tokenize;dur={tokenize_s * 1e3:.3f}, inference;dur={i:.3f}"}
     if any(cut):
         h["x-millis-truncated"] = ",".join(str(k) for k, c in enumerate(cut) if c)
     return h
 
 
-def endpoint(st: State, route: str, fn: Callable[[Request], Awaitable[Response]]):
-    """Errors -> JSON error bodies with their status; every answer counted and timed."""
-    async def handler(request: Request) -> Response:
-        t0 = perf_counter()
-        st.metrics.inflight.inc()
-        try:
-            resp = await fn(request)
-        except schemas.ApiError as e:
-            resp = Response(e.body(), e.status, e.headers, "application/json")
-        except ClientGone:
-            resp = Response(b"", 499)  # nobody reads it
-        except Exception as e:  # noqa: BLE001 -- a bug or runtime failure: 500 with the reason, server lives
-            log.exception("millis serve: %s failed", route)
-            resp = Response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}").body(), 500,
-                            None, "application/json")
-        finally:
-            st.metrics.inflight.dec()
-        st.metrics.requests.labels(route, str(resp.status_code)).inc()
-        st.metrics.duration.labels(route).observe(perf_counter() - t0)
-        return resp
-    return handler
-
-
-def create_app(cfg: ServeConfig, loader: Callable[[], Model]) -> Starlette:
+def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") -> Starlette:
+    """The encoder app; with `task` (embed / classify, known before loading) only that task's route
+    exists and is published, else both (the wrong one answers 400 wrong_task)."""
     st = State(cfg, loader)
     m = st.metrics
 
     async def _infer(request: Request, task: str):
         model = st.require(task)
-        body = schemas.parse_json(await request.body(), st.limits)
+        body = await read_json(request, st.limits)
         return model, body
 
     async def _answer(request, model, texts):
@@ -244,37 +207,11 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model]) -> Starlette:
         data, ctype = m.render()
         return Response(data, 200, media_type=ctype)
 
-    async def openapi(request: Request) -> Response:
-        return json_response(schemas.OPENAPI)
-
-    routes = [Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
-              Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"]),
+    task_routes = {"embed": Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
+                   "classify": Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"])}
+    routes = [r for t, r in task_routes.items() if task in ("", t)] + [
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
-    return make_app(st, routes)
-
-
-def ready_response(st, loaded: bool) -> Response:
-    """/ready: 200 once the model is loaded and warmed, 503 while loading, failed or draining."""
-    if loaded and not st.draining:
-        return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
-    status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
-    return json_response({"status": status}, 503)
-
-
-def make_app(st, routes: list[Route]) -> Starlette:
-    """The Starlette app around a state `st` (with `load`, `close`, `draining`): the model loads in the
-    background after start-up, so /health answers at once; on shutdown admitted work finishes."""
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loading = asyncio.create_task(st.load())
-        yield
-        st.draining = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await loading
-        await st.close()
-
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.millis = st
-    return app
+              Route("/metrics", metrics, methods=["GET"])]
+    return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
+                                                           cfg.max_inputs, st.dim, st.dim))

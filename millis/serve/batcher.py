@@ -56,7 +56,7 @@ class Job:
     gone: bool = False                      # client left or timed out: skip rows not yet run
     queue_s: float = -1.0                   # submit -> its first row enters a runtime call
     infer_s: float = 0.0                    # wall time of the runtime calls its rows were in
-    batch_rows: int = 0                     # largest batch it rode in
+    batch_rows: list[int] = field(default_factory=list)  # rows of each runtime call it rode in
 
     def __post_init__(self) -> None:
         self.out = [None] * len(self.rows)
@@ -143,7 +143,7 @@ class Batcher:
                 self.on_batch(len(rows), len(rows) * t, dt)
             for job in jobs:
                 job.infer_s += dt
-                job.batch_rows = max(job.batch_rows, len(rows))
+                job.batch_rows.append(len(rows))
             self._finish(rows, y, err)
 
     def _oldest(self) -> tuple[int, deque] | None:

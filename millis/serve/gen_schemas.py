@@ -6,21 +6,33 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from millis.errors import MillisError
-from millis.gen.config import SamplingParams
-from millis.serve.schemas import ApiError, check_model
+from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
+from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check costs O(len) per step
+MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
 # fields the engine cannot honour: accepted only at their "off" value
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                "logit_bias": (None, {}), "tools": (None, []), "functions": (None, [])}
+
+
+@dataclass(frozen=True)
+class GenLimits:
+    """The per-request bounds that depend on the server: its default and largest max_tokens, and the
+    longest prompt text it tokenizes (longer: 413 before any tokenizing work)."""
+
+    default_max_tokens: int
+    max_tokens: int
+    max_prompt_chars: int
 
 
 @dataclass(frozen=True)
@@ -32,16 +44,15 @@ class GenRequest:
     include_usage: bool                 # stream_options.include_usage: a last chunk with `usage`
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(body: dict, key: str, default: float, ok, rule: str) -> float:
+def _number(body: dict, key: str, default: float, lo: float, hi: float, open_lo: bool = False) -> float:
+    """A finite number in [lo, hi] (or (lo, hi] with open_lo)."""
     v = body.get(key)
     if v is None:
         return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-        raise ApiError(422, f"{key} must be {rule}, got {v!r}", param=key, code="invalid_value")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if open_lo else lo <= v) and v <= hi
+    if not ok:
+        rule = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise ApiError(422, f"{key} must be a number in {rule}, got {v!r}", param=key, code="invalid_value")
     return float(v)
 
 
@@ -54,39 +65,35 @@ def _bool(body: dict, key: str) -> bool:
     return v
 
 
-def sampling(body: dict, default_max_tokens: int, max_tokens_key: str = "max_tokens") -> SamplingParams:
+def sampling(body: dict, limits: GenLimits) -> SamplingParams:
+    """Every sampling field checked against both of its bounds here, at admission: nothing a request
+    sends can make the engine's step raise (the step still isolates a request that does)."""
     for key, off in UNSUPPORTED.items():
-        if body.get(key) not in off:
+        if not any(same_value(body.get(key), o) for o in off):
             raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
                            code="unsupported")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(422, f"n={n!r} is not supported: one choice per request (n=1); send several requests",
-                       param="n", code="unsupported")
-    mt = body.get(max_tokens_key)
-    if mt is None:
-        mt = default_max_tokens
-    elif not _is_int(mt) or mt < 1:
-        raise ApiError(422, f"{max_tokens_key} must be an integer >= 1, got {mt!r}", param=max_tokens_key,
-                       code="invalid_value")
-    top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < -1):
-        raise ApiError(422, f"top_k must be an integer >= 0 (-1 or 0 = all), got {top_k!r}", param="top_k",
-                       code="invalid_value")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(422, f"seed must be an integer, got {seed!r}", param="seed", code="invalid_type")
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise ApiError(422, f"response_format {rf!r} is not supported: only {{\"type\": \"text\"}} (structured "
+                            f"output is not implemented yet)", param="response_format", code="unsupported")
+    if integer(body, "n", 1, 1 << 31, 1) != 1:
+        raise ApiError(422, f"n={body.get('n')!r} is not supported: one choice per request (n=1); send several "
+                            f"requests", param="n", code="unsupported")
+    mt = integer(body, "max_tokens", 1, limits.max_tokens, limits.default_max_tokens)
+    top_k = integer(body, "top_k", -1, MAX_TOP_K, 0)
+    seed = integer(body, "seed", SEED_MIN, SEED_MAX)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
-        raise ApiError(422, f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them, got {stop!r}",
-                       param="stop", code="invalid_value")
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ApiError(422, f"stop must be a string or a list of at most {MAX_STOPS} strings, each of 1.."
+                            f"{MAX_STOP_CHARS} characters", param="stop", code="invalid_value")
     try:
         return SamplingParams(
-            max_tokens=mt, temperature=_number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0"),
-            top_p=_number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            top_k=max(top_k or 0, 0), seed=seed, stop=tuple(stops),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, lambda v: v > 0, "a number > 0"),
+            max_tokens=mt, temperature=_number(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
+            top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
+            top_k=max(top_k, 0), seed=seed, stop=tuple(stops),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_PENALTY, MAX_PENALTY),
             ignore_eos=_bool(body, "ignore_eos"))
     except MillisError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
@@ -103,7 +110,7 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     return stream, _bool(opts, "include_usage")
 
 
-def completion_request(body: dict, served: str, default_max_tokens: int) -> GenRequest:
+def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
     """prompt: a string, or token ids; a list of one of those is one prompt (more: 422, n=1 only)."""
     check_model(body, served)
     if "prompt" not in body:
@@ -112,8 +119,8 @@ def completion_request(body: dict, served: str, default_max_tokens: int) -> GenR
     p = body["prompt"]
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]
-    if isinstance(p, list) and p and all(_is_int(i) for i in p):
-        prompt: str | list[int] = p
+    if isinstance(p, list) and p and all(is_integral(i) for i in p):
+        prompt: str | list[int] = [int(i) for i in p]
     elif isinstance(p, str) and p:
         prompt = p
     else:
@@ -121,8 +128,16 @@ def completion_request(body: dict, served: str, default_max_tokens: int) -> GenR
                                                  else f"is {type(p).__name__}")
         raise ApiError(422, f"prompt {why}: send one string (or one list of token ids)", param="prompt",
                        code="invalid_value")
+    if isinstance(prompt, str):
+        _check_size(len(prompt), limits, "prompt")
     stream, usage = _stream_options(body)
-    return GenRequest(prompt, None, sampling(body, default_max_tokens), stream, usage)
+    return GenRequest(prompt, None, sampling(body, limits), stream, usage)
+
+
+def _check_size(chars: int, limits: GenLimits, param: str) -> None:
+    if chars > limits.max_prompt_chars:
+        raise ApiError(413, f"{param} has {chars} characters; this server tokenizes at most {limits.max_prompt_chars} "
+                            f"(more could never fit the model's context)", param=param, code="prompt_too_long")
 
 
 def _content(m: dict, i: int) -> str | None:
@@ -136,7 +151,7 @@ def _content(m: dict, i: int) -> str | None:
                    code="invalid_type")
 
 
-def chat_request(body: dict, served: str, default_max_tokens: int) -> GenRequest:
+def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
     check_model(body, served)
     if "messages" not in body:
         raise ApiError(422, "missing field 'messages' (a list of {role, content})", param="messages", code="missing")
@@ -150,9 +165,12 @@ def chat_request(body: dict, served: str, default_max_tokens: int) -> GenRequest
             raise ApiError(422, f"messages[{i}] must be an object with role in {', '.join(ROLES)}", param="messages",
                            code="invalid_value")
         out.append({k: v for k, v in {**m, "content": _content(m, i)}.items() if v is not None})
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    _check_size(sum(len(m.get("content") or "") for m in out), limits, "messages")
+    params = sampling(body, limits)  # checks max_tokens (OpenAI's older name) even when the newer is given
+    if body.get("max_completion_tokens") is not None:
+        params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
-    return GenRequest(None, out, sampling(body, default_max_tokens, key), stream, usage)
+    return GenRequest(None, out, params, stream, usage)
 
 
 # ---------------------------------------------------------------------------- bodies

@@ -32,11 +32,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.errors import MillisError
-from millis.gen.tokenizer import HFTokenizer
+from millis.gen.tokenizer import HFTokenizer, prompt_char_limit
 from millis.serve import gen_schemas as gs
-from millis.serve import schemas
-from millis.serve.app import (INLINE_TOKENIZE_CHARS, _watch_disconnect, endpoint, json_response, make_app,
-                              ready_response)
+from millis.serve import openapi, schemas
+from millis.serve.http_shared import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json,
+                                      ready_response, watch_disconnect)
 from millis.serve.batcher import ClientGone
 from millis.serve.chat_template import chat_template_of, render_chat
 from millis.serve.config import ServeConfig
@@ -80,6 +80,10 @@ class Live:
         self.queue.put_nowait(exc)
 
 
+class RequestFailed(RuntimeError):
+    """What this one request raised inside the engine's step: a 500 for it alone."""
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events; `on_close` runs however the stream ends (finished, client gone, shutdown)."""
 
@@ -102,6 +106,7 @@ class GenState:
     def __init__(self, cfg: ServeConfig, loader: Callable[[], Any]):
         self.cfg, self.loader, self.metrics = cfg, loader, GenMetrics()
         self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes)
+        self.gen_limits: gs.GenLimits | None = None  # once the engine is loaded: bounds from its context
         self.template, self.special = chat_template_of(cfg.artifact, cfg.chat_template)
         self.name = cfg.model_name or Path(cfg.artifact).name or "model"
         self.engine = None
@@ -127,6 +132,7 @@ class GenState:
             log.error("millis serve: model failed to load: %s", self.load_error)
             return
         self.cold_start_s = perf_counter() - t0
+        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq))
         self.engine = eng
         self._thread = threading.Thread(target=self._run, name="millis-engine", daemon=True)
         self._thread.start()
@@ -175,7 +181,7 @@ class GenState:
                 log.exception("millis serve: engine step failed")
                 for rid in list(eng.requests):
                     eng.cancel(rid)
-                self._post(self._fail_all, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                self._post(self._fail_all, RequestFailed(f"generation failed: {type(e).__name__}: {e}"))
                 continue
             t1 = perf_counter()
             m.on_batch(len(outs), len(outs), t1 - t0)
@@ -203,6 +209,10 @@ class GenState:
             else:
                 m.itl.observe(t - live.t_last)
             live.t_last = t
+            if o.finished == "error":  # this request failed in the step; its batch-mates ran on
+                self._end(live, "error")
+                live.queue.put_nowait(RequestFailed(f"generation failed for this request: {o.error}"))
+                continue
             if o.finished:
                 self._end(live, o.finished)
                 if live.n_out > 1 and t > live.t_first:
@@ -249,7 +259,7 @@ class GenState:
         size = len(g.prompt or "") + sum(len(m.get("content") or "") for m in g.messages or [])
         if size <= INLINE_TOKENIZE_CHARS:
             return self._encode(g)
-        return await asyncio.to_thread(self._encode, g)
+        return await off_loop(self._encode, g)  # bounded: the text is at most gen_limits.max_prompt_chars
 
     def _encode(self, g: gs.GenRequest) -> list[int]:
         tok = self.engine.tok
@@ -263,7 +273,7 @@ class GenState:
         # the template writes its own BOS (as apply_chat_template: add_special_tokens=False)
         return tok.encode(text, special=False) if isinstance(tok, HFTokenizer) else tok.encode(text)
 
-    def admit(self, ids: list[int], params) -> Live:
+    def admit(self, ids: list[int], params, chat: bool) -> Live:
         eng = self.require()
         if self.draining:
             raise schemas.ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
@@ -271,7 +281,7 @@ class GenState:
             retry = max(1, math.ceil(self._request_s))
             raise schemas.ApiError(429, f"server busy: {len(eng.requests)} requests waiting or running; retry "
                                         f"after {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
-        live = Live(f"cmpl-{uuid.uuid4().hex}", len(ids))
+        live = Live(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", len(ids))
         try:
             eng.add(ids, params, id=live.id)
         except MillisError as e:  # prompt too long for a slot, token ids out of range, ...
@@ -293,11 +303,11 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
 
     async def generate(request: Request, chat: bool) -> Response:
         st.require()
-        body = schemas.parse_json(await request.body(), st.limits)
+        body = await read_json(request, st.limits)
         parse = gs.chat_request if chat else gs.completion_request
-        g = parse(body, st.name, cfg.max_tokens)
-        live = st.admit(await st.prompt_ids(g), g.params)
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, live))
+        g = parse(body, st.name, st.gen_limits)
+        live = st.admit(await st.prompt_ids(g), g.params, chat)
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, live))
         streaming = False
         try:
             try:
@@ -318,6 +328,9 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
                 parts.append(o.text)
             return json_response(gs.response(chat, live.id, int(time.time()), st.name, "".join(parts), o.finished,
                                              gs.usage(live.prompt_tokens, live.n_out)))
+        except RequestFailed as e:  # this request alone failed in the engine: its own 500
+            log.warning("millis serve: %s", e)
+            raise schemas.ApiError(500, str(e), code="generation_failed") from None
         finally:
             if not streaming:
                 watcher.cancel()
@@ -357,7 +370,8 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    return make_app(st, routes)
+    return make_app(st, routes, lambda: openapi.generation_spec(
+        st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
 
 
 async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool):
@@ -374,7 +388,7 @@ async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool)
                 yield gs.chunk(chat, live.id, created, st.name, None, o.finished, with_usage=wu)
                 break
             o = await st.next(live)
-    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream
+    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
         yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
     else:
         if wu:

@@ -44,6 +44,27 @@ def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
     return body
 
 
+def is_integral(v: Any) -> bool:
+    """An integer as JSON Schema means it: 14 or 14.0, never true / false."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def integer(body: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int | None:
+    """body[key] as an integer in lo..hi (absent or null: default); an integer-valued float (`14.0`,
+    as some clients send) counts as one."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not is_integral(v) or not lo <= v <= hi:
+        raise ApiError(422, f"{key} must be an integer in {lo}..{hi}, got {v!r}", param=key, code="invalid_value")
+    return int(v)
+
+
+def same_value(v: Any, ref: Any) -> bool:
+    """Equal as JSON values: 0 == 0.0, but false is not 0 and true is not 1."""
+    return v == ref and isinstance(v, bool) == isinstance(ref, bool)
+
+
 def texts_of(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
     """`key` as a non-empty list of non-blank strings (a single string is one input)."""
     if key not in body:
@@ -78,24 +99,30 @@ def check_model(body: dict[str, Any], served: str) -> None:
 def embeddings_request(body: dict[str, Any], served: str, dim: int, limits: Limits) -> tuple[list[str], str]:
     """OpenAI /v1/embeddings: input, model, encoding_format float|base64, dimensions (= native only)."""
     check_model(body, served)
-    fmt = body.get("encoding_format", "float") or "float"
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
     if fmt not in ("float", "base64"):
-        raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
+        raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format",
+                       code="invalid_value")
     dims = body.get("dimensions")
-    if dims is not None and dims != dim:
-        raise ApiError(422, f"dimensions={dims!r} is not supported: this model gives {dim}", param="dimensions")
+    if dims is not None and not (is_integral(dims) and dims == dim):
+        raise ApiError(422, f"dimensions={dims!r} is not supported: this model gives {dim}", param="dimensions",
+                       code="invalid_value")
     return texts_of(body, "input", limits), fmt
 
 
 def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: Limits) -> tuple[list[str], int, bool]:
     """millis /v1/classify: inputs, top_k (1..labels), return_logits."""
     check_model(body, served)
-    top_k = body.get("top_k", 1)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_labels:
-        raise ApiError(422, f"top_k must be an integer in 1..{n_labels}, got {top_k!r}", param="top_k")
+    if "top_k" in body and body["top_k"] is None:
+        raise ApiError(422, f"top_k must be an integer in 1..{n_labels}, got null", param="top_k", code="invalid_value")
+    top_k = integer(body, "top_k", 1, n_labels, 1)
     logits = body.get("return_logits", False)
     if not isinstance(logits, bool):
-        raise ApiError(422, f"return_logits must be true or false, got {logits!r}", param="return_logits")
+        raise ApiError(422, f"return_logits must be true or false, got {logits!r}", param="return_logits",
+                       code="invalid_type")
+    if "inputs" in body and "input" in body:
+        raise ApiError(422, "give the texts as 'inputs' (or 'input'), not both", param="inputs", code="invalid_body")
     key = "inputs" if "inputs" in body or "input" not in body else "input"
     return texts_of(body, key, limits), top_k, logits
 
@@ -126,40 +153,3 @@ def classify_response(out: list[np.ndarray], id2label: dict[int, str], top_k: in
             item["logits"] = x[i].tolist()
         data.append(item)
     return {"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def _texts_schema(desc: str) -> dict[str, Any]:
-    return {"description": desc, "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-
-
-_ERROR = {"description": "bad request: {error: {message, type, param, code}}"}
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "millis serve", "version": "1"},
-    "paths": {
-        "/v1/embeddings": {"post": {
-            "summary": "OpenAI-compatible sentence embeddings",
-            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["input"],
-                "properties": {"input": _texts_schema("text(s) to embed"), "model": {"type": "string"},
-                               "encoding_format": {"enum": ["float", "base64"]},
-                               "dimensions": {"type": "integer"}, "user": {"type": "string"}}}}}},
-            "responses": {"200": {"description": "{object: list, data: [{object, index, embedding}], model, usage}"},
-                          "400": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR,
-                          "429": {"description": "queue full; see Retry-After"}, "503": {"description": "not ready, "
-                                  "shutting down or timed out"}}}},
-        "/v1/classify": {"post": {
-            "summary": "sequence classification",
-            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["inputs"],
-                "properties": {"inputs": _texts_schema("text(s) to classify"), "model": {"type": "string"},
-                               "top_k": {"type": "integer", "minimum": 1}, "return_logits": {"type": "boolean"}}}}}},
-            "responses": {"200": {"description": "{object: list, data: [{index, label, score, truncated, top_k?, "
-                                                 "logits?}], model, usage}"},
-                          "400": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR,
-                          "429": {"description": "queue full; see Retry-After"}, "503": {"description": "busy"}}}},
-        "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {"description": "OpenAI list"}}}},
-        "/health": {"get": {"summary": "alive", "responses": {"200": {"description": "ok"}}}},
-        "/ready": {"get": {"summary": "model loaded and warmed",
-                           "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
-        "/metrics": {"get": {"summary": "Prometheus text format", "responses": {"200": {"description": "metrics"}}}},
-    },
-}

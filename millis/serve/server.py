@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -15,8 +18,11 @@ from millis.serve.config import ServeConfig
 
 
 def _loader(cfg: ServeConfig):
-    """Check the artifact now (a bad path fails before binding); load it later, in the app.
-    Returns (app factory, loader): the encoder app, or the generation app for a decoder."""
+    """Check the artifact now (anything wrong fails before binding, with the message `millis.load`
+    gives); load it later, in the app. Returns (app factory, loader): the encoder app (publishing
+    only its task's route when the task is known), or the generation app for a decoder."""
+    from functools import partial
+
     from millis import artifact
     from millis.api import open_model
     from millis.serve.app import create_app
@@ -24,8 +30,10 @@ def _loader(cfg: ServeConfig):
     p = Path(cfg.artifact)
     if not cfg.artifact:
         raise MillisError("millis serve needs an artifact directory (or MILLIS_ARTIFACT)")
-    if p.exists() and artifact.format_of(p) == artifact.FORMAT:
-        artifact.read_meta(p, verify=True)  # format version and file hashes, before we bind
+    task = ""
+    fmt = artifact.format_of(p) if p.is_dir() else None
+    if fmt == artifact.FORMAT or (p.is_dir() and fmt is None and (p / artifact.META).exists()):
+        task = artifact.read_meta(p, verify=True)["task"]  # format, version, hashes; or why not
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")
@@ -38,10 +46,16 @@ def _loader(cfg: ServeConfig):
             engine = EngineConfig(max_batch=cfg.max_batch, max_seq=cfg.max_seq, dtype=cfg.dtype, quant=cfg.quant,
                                   threads=cfg.threads, device=cfg.device)  # a bad setting fails before binding
             return create_gen_app, lambda: open_engine(cfg.artifact, engine)
+        if p.is_dir() and not (p / "config.json").exists():
+            artifact.read_meta(p)  # raises: not an artifact (no millis.json), build one with `millis optimize`
+    if not task:  # a source model served as torch fp32: resolve it now (a bad spec fails before binding)
+        from millis.sources import resolve
+
+        task = "classify" if resolve(cfg.artifact).has_classifier else "embed"
     # ORT keeps its default spinning thread pool: measured here, turning it off (so idle threads sleep)
     # cost ~2 ms at concurrency 1 and lowered throughput under load (bench/serve_vs_infinity.py notes)
-    return create_app, lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,
-                                          max_batch=cfg.max_batch)
+    return partial(create_app, task=task), lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,
+                                                              max_batch=cfg.max_batch)
 
 
 def serve(cfg: ServeConfig, loader=None) -> int:
@@ -62,19 +76,42 @@ def serve(cfg: ServeConfig, loader=None) -> int:
     config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
                             log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout_s,
                             timeout_keep_alive=30, backlog=2048)
-    server = _Server(config)
+    server = _Server(config, cfg.shutdown_timeout_s + HARD_EXIT_GRACE_S)
     print(f"millis serve: listening on http://{host}:{port} (model loads in the background; GET /ready)",
           flush=True)
     server.run(sockets=[sock])
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # a worker still busy (a runtime call, a tokenizer): its request is answered or gone; don't wait
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+HARD_EXIT_GRACE_S = 5.0  # after the drain limit, this long for the app's own shutdown before the process ends
 
 
 class _Server(uvicorn.Server):
     """SIGTERM/SIGINT mean 'drain and exit 0'. (uvicorn's own handler re-raises the signal after
-    shutdown, so the process would die with status 143 even after a clean drain.)"""
+    shutdown, so the process would die with status 143 even after a clean drain.) The exit is
+    bounded: uvicorn stops waiting for connections after the drain limit, and a watchdog ends the
+    process (status 1) if anything still holds it `hard_exit_s` after the signal."""
+
+    def __init__(self, config: uvicorn.Config, hard_exit_s: float) -> None:
+        super().__init__(config)
+        self.hard_exit_s = hard_exit_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting
+        if not self.should_exit:
+            threading.Thread(target=self._watchdog, name="millis-exit-watchdog", daemon=True).start()
         self.should_exit = True
         print(f"millis serve: {signal.Signals(sig).name}: draining admitted requests", file=sys.stderr, flush=True)
+
+    def _watchdog(self) -> None:
+        time.sleep(self.hard_exit_s)
+        print(f"millis serve: still not down {self.hard_exit_s:.0f} s after the signal; exiting now",
+              file=sys.stderr, flush=True)
+        os._exit(1)

@@ -1,0 +1,170 @@
+"""`/openapi.json` of both servers: request and response schemas that say exactly what the server
+accepts and answers (schemathesis checks one against the other in tests/test_serve_fuzz.py).
+
+The spec is built per server and per call: it names the served model, and once the model is loaded
+its facts (embedding size, labels, vocabulary, context) become bounds. Every bound here is the one
+the validators in `schemas` / `gen_schemas` enforce; a field the server ignores is left out.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
+from millis.serve import gen_schemas as gs
+
+NULL = {"type": "null"}
+TEXT = {"type": "string", "pattern": r"\S"}  # a text with something besides whitespace (str.strip)
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERRORS = {"400": "malformed JSON or a request this model cannot serve", "404": "unknown model",
+          "413": "body, inputs or prompt too large", "422": "a field is missing or out of bounds",
+          "429": "queue full; see Retry-After", "503": "loading, shutting down or timed out; see Retry-After"}
+USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
+         "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+                        "total_tokens": {"type": "integer"}}}
+
+
+def nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, NULL]}
+
+
+def _json(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def _post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | None = None) -> dict:
+    errors = {**ERRORS, **(extra_errors or {})}
+    return {"post": {"summary": summary, "requestBody": {"required": True, "content": _json(request)},
+                     "responses": {"200": {"description": "OK", "content": ok},
+                                   **{k: {"description": v, "content": _json(ERROR)} for k, v in errors.items()}}}}
+
+
+def _get(summary: str, ok: dict | None = None, unavailable: bool = False) -> dict:
+    responses: dict[str, Any] = {"200": {"description": summary, **({"content": ok} if ok else {})}}
+    if unavailable:
+        responses["503"] = {"description": "loading, failed or draining"}
+    return {"get": {"summary": summary, "responses": responses}}
+
+
+def _common(name: str) -> dict[str, Any]:
+    models = {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object", "required": ["id", "object"], "properties": {"id": {"const": name},
+                                                                        "object": {"const": "model"}}}}}}
+    return {"/v1/models": _get("the served model", _json(models)), "/health": _get("alive"),
+            "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format")}
+
+
+def _spec(title: str, paths: dict) -> dict[str, Any]:
+    return {"openapi": "3.1.0", "info": {"title": title, "version": "1"}, "paths": paths}
+
+
+# ------------------------------------------------------------------------------------ encoder
+
+def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0) -> dict[str, Any]:
+    """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels 0
+    while the model loads."""
+    texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
+    model = {"enum": [name, None]}
+    paths = _common(name)
+    if task in ("", "embed"):
+        req = {"type": "object", "required": ["input"], "properties": {
+            "input": texts, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
+            "dimensions": {"enum": [dim, None]} if dim else nullable({"type": "integer"})}}
+        item = {"type": "object", "required": ["object", "index", "embedding"], "properties": {
+            "object": {"const": "embedding"}, "index": {"type": "integer", "minimum": 0},
+            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}
+        ok = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
+            "data": {"type": "array", "items": item, "minItems": 1}}}
+        paths["/v1/embeddings"] = _post("OpenAI-compatible sentence embeddings", req, _json(ok))
+    if task in ("", "classify"):
+        top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
+        req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
+                                                "return_logits": {"type": "boolean"}},
+               "oneOf": [{"required": ["inputs"]}, {"required": ["input"]}]}
+        scored = {"type": "object", "required": ["label", "score"],
+                  "properties": {"label": {"type": "string"}, "score": {"type": "number"}}}
+        item = {"type": "object", "required": ["index", "label", "score", "truncated"], "properties": {
+            "index": {"type": "integer"}, "label": {"type": "string"}, "score": {"type": "number"},
+            "truncated": {"type": "boolean"}, "top_k": {"type": "array", "items": scored},
+            "logits": {"type": "array", "items": {"type": "number"}}}}
+        ok = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
+            "data": {"type": "array", "items": item, "minItems": 1}}}
+        paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
+    return _spec("millis serve (encoder)", paths)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
+    stop_s = {"type": "string", "minLength": 1, "maxLength": gs.MAX_STOP_CHARS}
+    off = {k: {"enum": list(dict.fromkeys(v))} for k, v in gs.UNSUPPORTED.items()
+           if all(not isinstance(x, (dict, list)) for x in v)}
+    off.update({"logit_bias": nullable({"type": "object", "maxProperties": 0}),
+                "tools": nullable({"type": "array", "maxItems": 0}),
+                "functions": nullable({"type": "array", "maxItems": 0})})
+    return {
+        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}),
+        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "top_k": nullable({"type": "integer", "minimum": -1, "maximum": gs.MAX_TOP_K}),
+        "seed": nullable({"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX}),
+        "repetition_penalty": nullable({"type": "number", "minimum": MIN_PENALTY, "maximum": MAX_PENALTY}),
+        "ignore_eos": nullable({"type": "boolean"}), "stream": nullable({"type": "boolean"}),
+        "stream_options": nullable({"type": "object", "properties": {"include_usage": nullable({"type": "boolean"})}}),
+        "n": {"enum": [1, None]},
+        "stop": {"anyOf": [NULL, stop_s, {"type": "array", "items": stop_s, "maxItems": gs.MAX_STOPS}]},
+        "response_format": nullable({"type": "object", "required": ["type"], "additionalProperties": False,
+                                     "properties": {"type": {"const": "text"}}}),
+        **off}
+
+
+def _choice_ok(chat: bool, name: str) -> dict:
+    finish = {"enum": ["stop", "length"]}
+    if chat:
+        choice = {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
+            "index": {"type": "integer"}, "finish_reason": finish, "message": {
+                "type": "object", "required": ["role", "content"],
+                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}
+    else:
+        choice = {"type": "object", "required": ["index", "text", "finish_reason"], "properties": {
+            "index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": finish}}
+    body = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+        "id": {"type": "string", "pattern": "^chatcmpl-" if chat else "^cmpl-"},
+        "object": {"const": "chat.completion" if chat else "text_completion"}, "created": {"type": "integer"},
+        "model": {"const": name}, "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
+        "usage": USAGE}}
+    return {**_json(body), "text/event-stream": {"schema": {"type": "string"}}}
+
+
+def generation_spec(name: str, limits: gs.GenLimits | None, vocab_size: int = 0) -> dict[str, Any]:
+    """Before the model is loaded (limits None) the spec has no model-dependent bounds."""
+    limits = limits or gs.GenLimits(256, 1 << 20, 1 << 30)
+    model = {"enum": [name, None]}
+    ids = {"type": "array", "minItems": 1, "maxItems": max(1, limits.max_tokens - 1),
+           "items": {"type": "integer", "minimum": 0, **({"maximum": vocab_size - 1} if vocab_size else {})}}
+    text = {"type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars}
+    prompt = {"anyOf": [text, ids, {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
+                        {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}]}
+    completion = {"type": "object", "required": ["prompt"],
+                  "properties": {"prompt": prompt, "model": model, **_sampling(limits)}}
+    part = {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": list(gs.ROLES)}, "content": {"anyOf": [NULL, {"type": "string"},
+                                                                {"type": "array", "items": part}]}}}
+    chat = {"type": "object", "required": ["messages"], "properties": {
+        "messages": {"type": "array", "items": message, "minItems": 1}, "model": model,
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
+        **_sampling(limits)}}
+    paths = _common(name)
+    failed = {"500": "this request failed inside the engine (its batch-mates ran on)"}
+    paths["/v1/completions"] = _post("OpenAI-compatible text completion (stream: server-sent events)", completion,
+                                     _choice_ok(False, name), failed)
+    paths["/v1/chat/completions"] = _post("OpenAI-compatible chat completion (stream: server-sent events)", chat,
+                                          _choice_ok(True, name), failed)
+    return _spec("millis serve (generation)", paths)

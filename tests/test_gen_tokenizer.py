@@ -1,0 +1,149 @@
+"""Llama2cTokenizer.encode (a heap of candidate merges, O(n log n)) gives exactly the ids of run.c's
+quadratic loop, kept here as the reference: on the shared models' tokenizers over many random strings,
+on synthetic vocabularies full of tied scores, and on hand-made tie-breaks. Long prompts stay cheap."""
+import random
+import time
+
+import pytest
+
+from conftest import shared_model
+from millis.gen.tokenizer import Llama2cTokenizer
+
+
+def reference_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
+    """The former encode, as llama2.c run.c: each round rescans every pair (quadratic)."""
+    ids = [tok.BOS]
+    if not text:
+        return ids
+    toks = [tok.ids[" "]] if " " in tok.ids else []  # the dummy prefix SentencePiece adds
+    for ch in text:
+        if ch in tok.ids:
+            toks.append(tok.ids[ch])
+        elif tok.byte_fallback:
+            toks.extend(b + 3 for b in ch.encode("utf-8"))  # <0x00> is id 3
+        else:
+            toks.append(tok.UNK)
+    while True:  # merge the best-scoring adjacent pair (first one on ties, as run.c)
+        best, best_i, best_id = -1e10, -1, -1
+        for i in range(len(toks) - 1):
+            j = tok.ids.get(tok.pieces[toks[i]] + tok.pieces[toks[i + 1]])
+            if j is not None and tok.scores[j] > best:
+                best, best_i, best_id = tok.scores[j], i, j
+        if best_i < 0:
+            return ids + toks
+        toks[best_i:best_i + 2] = [best_id]
+
+
+WORDS = ("once upon a time there was a little girl named Lily she loved to play outside in the park one day "
+         "saw big red ball wanted it Tom said happy the and").split()
+UNICODE = ("éñüßçøåœ€£¥©®™—–“”‘’…•°±×÷"  # some in tok512, most not: byte fallback or <unk>
+           "αβγδπΩЖжшщ中文字日本語한국어😀🎉👍🏽\u200b\u00a0\u0301")
+
+
+def random_texts(seed: int, n: int, max_len: int) -> list[str]:
+    """Seeded texts of every kind: ASCII, story words, runs of one char, unicode (byte fallback or <unk>),
+    whitespace, and the empty string."""
+    rng = random.Random(seed)
+    ascii_chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    out = ["", " ", "  ", "\n", "\t\n ", "a", "aa", "aaaa", "a" * 97, " " * 50, "e" * 64, "ab" * 40, UNICODE]
+    while len(out) < n:
+        k = rng.randint(1, max_len)
+        kind = rng.randrange(6)
+        if kind == 0:
+            t = "".join(rng.choice(ascii_chars) for _ in range(k))
+        elif kind == 1:
+            t = " ".join(rng.choice(WORDS) for _ in range(k // 5 + 1))[:k]
+        elif kind == 2:
+            t = "".join(rng.choice("ae t") * rng.randint(1, 12) for _ in range(k // 6 + 1))[:k]
+        elif kind == 3:
+            t = "".join(rng.choice(UNICODE) for _ in range(k // 2 + 1))
+        elif kind == 4:
+            t = "".join(rng.choice(" \n\t\r\u3000") for _ in range(k // 3 + 1))
+        else:
+            t = "".join(rng.choice((rng.choice(WORDS) + " ", rng.choice(UNICODE), rng.choice(ascii_chars)))
+                        for _ in range(k // 3 + 1))
+        out.append(t)
+    return out
+
+
+def stories_tok() -> Llama2cTokenizer:
+    return Llama2cTokenizer.from_bin(shared_model("stories260K") / "tok512.bin", 512)
+
+
+def baby_tok() -> Llama2cTokenizer:
+    return Llama2cTokenizer.from_vocab(shared_model("babyllama-tok105") / "tok105.vocab")
+
+
+@pytest.mark.parametrize("load", [stories_tok, baby_tok], ids=["stories260K-bin", "babyllama-vocab"])
+def test_matches_reference_on_shared_tokenizers(load):
+    tok = load()
+    for text in random_texts(seed=1, n=400, max_len=400):
+        assert tok.encode(text) == reference_encode(tok, text), repr(text)
+
+
+def synthetic_tok(rng: random.Random, alphabet: str, n_merged: int, score_levels: int) -> Llama2cTokenizer:
+    """Characters, then merged pieces made of two earlier pieces; scores from a few levels, so many tie."""
+    pieces = ["<unk>", "<s>", "</s>"] + list(alphabet)
+    while len(pieces) < 3 + len(alphabet) + n_merged:
+        p = rng.choice(pieces[3:]) + rng.choice(pieces[3:])
+        if p not in pieces and len(p) <= 6:
+            pieces.append(p)
+    scores = [0.0] * 3 + [float(-rng.randrange(score_levels)) for _ in pieces[3:]]
+    return Llama2cTokenizer(pieces, scores)
+
+
+def test_matches_reference_on_tied_scores():
+    rng = random.Random(7)
+    for v in range(40):
+        alphabet = "ab" if v % 3 == 0 else "abc" if v % 3 == 1 else " abc"  # " ": the dummy prefix too
+        tok = synthetic_tok(rng, alphabet, n_merged=rng.randint(2, 25), score_levels=rng.choice((1, 2, 3)))
+        for _ in range(25):
+            text = "".join(rng.choice(alphabet + "ab" + "x") for _ in range(rng.randint(0, 40)))  # x: <unk>
+            assert tok.encode(text) == reference_encode(tok, text), (tok.pieces, tok.scores, text)
+
+
+def hand_tok(merged: dict[str, float]) -> Llama2cTokenizer:
+    pieces = ["<unk>", "<s>", "</s>", "a", "b", "c", "d"] + list(merged)
+    return Llama2cTokenizer(pieces, [0.0] * 7 + list(merged.values()))
+
+
+@pytest.mark.parametrize("merged, text, expected", [
+    # "ab" first; then the new pair "abc" (left) ties with the older "cd" (right): leftmost wins
+    ({"ab": 5.0, "abc": 1.0, "cd": 1.0}, "abcd", ["abc", "d"]),
+    # "cd" first; then the older pair "ab" (left) ties with the new "bcd" (right): leftmost wins
+    ({"cd": 5.0, "ab": 1.0, "bcd": 1.0}, "abcd", ["ab", "cd"]),
+    # after "bc", both new pairs tie: the left one
+    ({"bc": 5.0, "abc": 1.0, "bcd": 1.0}, "abcd", ["abc", "d"]),
+    # all tied: left to right, greedily
+    ({"ab": 0.0, "bc": 0.0, "cd": 0.0, "abc": 0.0}, "abcd", ["abc", "d"]),
+    ({"aa": 0.0, "aaa": 0.0, "aaaa": 0.0}, "aaaaa", ["aaaa", "a"]),
+    # a higher score to the right beats the leftmost pair
+    ({"ab": 1.0, "bc": 2.0}, "abc", ["a", "bc"]),
+    # run.c's floor: a pair scoring -1e10 or less never merges
+    ({"ab": -1e10, "bc": -9.9e9}, "abc", ["a", "bc"]),
+    ({"ab": -1e10}, "ab", ["a", "b"]),
+])
+def test_ties_go_to_the_leftmost_pair_as_run_c(merged, text, expected):
+    tok = hand_tok(merged)
+    want = [tok.BOS] + [tok.ids[p] for p in expected]
+    assert reference_encode(tok, text) == want
+    assert tok.encode(text) == want
+
+
+def test_long_prompt_time_grows_near_linearly():
+    """The quadratic loop took 10 s for 8k characters and 100x longer for 10x the text; now 10x the text
+    costs about 10x (the bound leaves room for a noisy machine)."""
+    tok = stories_tok()
+    rng = random.Random(3)
+    text = " ".join(rng.choice(WORDS + ["aaaa", "ééé", "😀"]) for _ in range(50_000))[:200_000]
+
+    def best_time(t: str, reps: int) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            tok.encode(t)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = best_time(text[:20_000], 3), best_time(text, 2)
+    assert large < 30 * small, (small, large)
