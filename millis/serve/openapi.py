@@ -102,7 +102,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
 
 def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
     stop_s = {"type": "string", "minLength": 1, "maxLength": gs.MAX_STOP_CHARS}
-    off = {k: {"enum": list(dict.fromkeys(v))} for k, v in gs.UNSUPPORTED.items()
+    off = {k: {"enum": list(v)} for k, v in gs.UNSUPPORTED.items()
            if all(not isinstance(x, (dict, list)) for x in v)}
     off.update({"logit_bias": nullable({"type": "object", "maxProperties": 0}),
                 "tools": nullable({"type": "array", "maxItems": 0}),
@@ -138,7 +138,8 @@ def _choice_ok(chat: bool, name: str) -> dict:
         "object": {"const": "chat.completion" if chat else "text_completion"}, "created": {"type": "integer"},
         "model": {"const": name}, "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
         "usage": USAGE}}
-    return {**_json(body), "text/event-stream": {"schema": {"type": "string"}}}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one SSE event
+    return {**_json(body), "text/event-stream": {"schema": event}}
 
 
 def generation_spec(name: str, limits: gs.GenLimits | None, vocab_size: int = 0) -> dict[str, Any]:

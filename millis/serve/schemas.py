@@ -44,9 +44,14 @@ def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
     return body
 
 
+EXACT_FLOAT_INT = 1 << 53  # past this a float (how a JSON parser reads 2**64 + 1) no longer says which integer
+
+
 def is_integral(v: Any) -> bool:
-    """An integer as JSON Schema means it: 14 or 14.0, never true / false."""
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+    """An integer as JSON Schema means it: 14 or 14.0 (never true / false); a float only where it is
+    exact, so -9223372036854775809, read as the float -2**63, is not taken for -2**63."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, float) and v.is_integer() and abs(v) <= EXACT_FLOAT_INT)
 
 
 def integer(body: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int | None:

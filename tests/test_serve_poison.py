@@ -1,0 +1,217 @@
+"""Issue 13's poison pills, each replayed against a real server with concurrent requests that must
+come through unharmed (200, and the same text the engine gives alone), plus the smaller defects:
+body limits while reading, JSON 404 / 405, clients leaving mid-body, ids, integer-valued floats,
+artifacts refused before binding, and SIGTERM under load."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import shared_model
+from test_serve import Server, _metric
+from test_serve_gen import TEMPLATE, build_llama, engine_text
+
+pytestmark = pytest.mark.serve
+STORY = ["Once upon a time", "The little dog", "Lily and Tom went", "One day, a bird"]
+GREEDY = {"temperature": 0, "max_tokens": 20}
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model = shared_model("stories260K")
+    s = Server(model, "--max-batch", "8", "--model-name", "stories")
+    yield model, s
+    assert s.stop() == 0
+
+
+def with_bystanders(s: Server, poison: dict, path: str = "/v1/completions"):
+    """Four greedy requests and the poison, all at once: (bystander results, poison result)."""
+    with ThreadPoolExecutor(5) as pool:
+        good = [pool.submit(s.post, "/v1/completions", {"prompt": p, **GREEDY}) for p in STORY]
+        bad = pool.submit(s.post, path, poison)
+        return [f.result() for f in good], bad.result()
+
+
+def check_unharmed(model, results):
+    for prompt, (status, _, body) in zip(STORY, results):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == engine_text(model, prompt, GREEDY)[0], prompt
+
+
+def test_huge_top_k_is_a_422_and_harms_no_one(stories):
+    model, s = stories
+    good, (status, _, body) = with_bystanders(s, {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 1,
+                                                  "top_k": 9223372036854775808})
+    assert status == 422 and body["error"]["param"] == "top_k"
+    check_unharmed(model, good)
+    # the largest allowed top_k samples from the whole vocabulary
+    status, _, body = s.post("/v1/completions", {"prompt": "Once", "max_tokens": 5, "temperature": 1,
+                                                 "top_k": 2 ** 31 - 1, "seed": 1})
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 1e300), ("seed", 2 ** 64), ("repetition_penalty", 1e-300),
+                                         ("max_tokens", 10 ** 9), ("top_p", 0), ("n", 2)])
+def test_every_sampling_field_has_an_upper_and_lower_bound(stories, field, value):
+    status, _, body = stories[1].post("/v1/completions", {"prompt": "Once", field: value})
+    assert status == 422 and body["error"]["param"] == field, body
+
+
+def test_long_stop_strings_are_refused_and_the_longest_allowed_harm_no_one(stories):
+    model, s = stories
+    status, _, body = s.post("/v1/completions", {"prompt": "Once", "max_tokens": 20, "stop": ["x" * 30000] * 16})
+    assert status == 413 or (status == 422 and body["error"]["param"] == "stop"), body
+    good, (status, _, body) = with_bystanders(s, {"prompt": "Once upon a time", "max_tokens": 20,
+                                                  "stop": ["a" * 255 + "b"] * 16, "temperature": 0})
+    assert status == 200, body
+    check_unharmed(model, good)
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_harms_no_one(stories):
+    model, s = stories
+    t0 = time.perf_counter()
+    good, (status, _, body) = with_bystanders(s, {"prompt": "Once upon a time " * 6000, "max_tokens": 5})
+    assert status == 413 and body["error"]["code"] == "prompt_too_long", body
+    check_unharmed(model, good)
+    # a prompt under the character limit but over the context is tokenized (linear time) and refused
+    status, _, body = s.post("/v1/completions", {"prompt": "a b " * 1000, "max_tokens": 5})
+    assert status == 400 and body["error"]["code"] == "invalid_prompt", body
+    assert time.perf_counter() - t0 < 60
+
+
+def test_smaller_defects(stories):
+    model, s = stories
+    status, _, body = s.post("/v1/completions", {"prompt": "Once", "max_tokens": 14.0, "top_k": 5.0, "n": 1.0})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 14 and body["id"].startswith("cmpl-"), body
+    status, _, body = s.post("/v1/completions", {"prompt": "Once", "response_format": {"type": "json_object"}})
+    assert status == 422 and body["error"]["param"] == "response_format"
+    assert s.post("/v1/completions", {"prompt": "Once", "max_tokens": 3, "response_format": {"type": "text"}})[0] == 200
+    spec = json.loads(s.get("/openapi.json")[1])
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(spec["paths"])
+    props = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert props["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 512  # stories260K's context
+
+
+def test_unknown_routes_and_methods_answer_json_and_are_counted(stories):
+    s = stories[1]
+    before = _metric(s, "millis_requests_total", route="unmatched")
+    status, headers, body = s.request("GET", "/v1/nope")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "not_found"
+    status, headers, body = s.request("GET", "/v1/completions")
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed" and "allow" in headers
+    assert _metric(s, "millis_requests_total", route="unmatched") == before + 2
+
+
+def raw_request(s: Server, head: bytes, body: bytes = b"", read: bool = True) -> bytes:
+    with socket.create_connection((s.host, s.port), timeout=10) as c:
+        c.sendall(head + body)
+        if not read:
+            return b""
+        out = b""
+        while b"\r\n\r\n" not in out:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(stories):
+    s = stories[1]
+    # Content-Length over the limit: answered at once, without waiting for (or reading) the body
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 << 20}\r\n\r\n").encode()
+    t0 = time.perf_counter()
+    assert raw_request(s, head, b'{"prompt": "').startswith(b"HTTP/1.1 413")
+    assert time.perf_counter() - t0 < 5
+    # chunked, no Content-Length: refused once the streamed bytes pass the limit
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert raw_request(s, head, body).startswith(b"HTTP/1.1 413")
+    assert s.post("/v1/completions", {"prompt": "Once", "max_tokens": 2})[0] == 200
+
+
+def test_a_client_leaving_mid_body_is_a_499_not_a_500(stories):
+    s = stories[1]
+    left = _metric(s, "millis_requests_total", route="/v1/completions", status="499")
+    errors = _metric(s, "millis_requests_total", route="/v1/completions", status="500")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    raw_request(s, head, b'{"prompt": "On', read=False)
+    deadline = time.time() + 5
+    while _metric(s, "millis_requests_total", route="/v1/completions", status="499") == left and time.time() < deadline:
+        time.sleep(0.05)
+    assert _metric(s, "millis_requests_total", route="/v1/completions", status="499") == left + 1
+    assert _metric(s, "millis_requests_total", route="/v1/completions", status="500") == errors
+
+
+def test_chat_ids_and_spec_of_a_model_with_a_template(tmp_path):
+    model = build_llama(tmp_path / "chat-llama", TEMPLATE)
+    s = Server(model, "--max-batch", "2")
+    try:
+        status, _, body = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_completion_tokens": 4.0, "max_tokens": 100})
+        assert status == 200 and body["id"].startswith("chatcmpl-") and body["usage"]["completion_tokens"] <= 4
+        status, _, body = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_completion_tokens": 4, "max_tokens": -1})
+        assert status == 422 and body["error"]["param"] == "max_tokens"  # checked even when the newer name is set
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("content,message", [(None, "not a millis artifact"), ("{not json", "corrupted"),
+                                             ('{"format": "other"}', "not a millis artifact")])
+def test_a_broken_artifact_is_refused_before_binding(tmp_path, content, message):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.onnx").write_bytes(b"x")
+    if content is not None:
+        (art / "millis.json").write_text(content)
+    r = subprocess.run([sys.executable, "-m", "millis.cli", "serve", str(art), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "listening" not in r.stdout, (r.stdout, r.stderr)
+
+
+def test_sigterm_under_load_answers_every_admitted_request_and_exits_0(stories):
+    model = stories[0]
+    s = Server(model, "--max-batch", "4", "--max-queue", "64")
+    params = {"temperature": 0, "max_tokens": 480, "ignore_eos": True}
+    with ThreadPoolExecutor(12) as pool:
+        futs = [pool.submit(s.post, "/v1/completions", {"prompt": STORY[i % 4], **params}) for i in range(12)]
+        deadline = time.time() + 10
+        while _metric(s, "millis_inflight_requests") < 12 and time.time() < deadline:
+            time.sleep(0.01)
+        assert _metric(s, "millis_inflight_requests") == 12   # admitted: 4 running, 8 waiting
+        t0 = time.time()
+        assert s.stop() == 0
+        results = [f.result() for f in futs]
+    assert time.time() - t0 < 60
+    assert [r[0] for r in results] == [200] * 12
+    assert all(r[2]["usage"]["completion_tokens"] == 480 for r in results)
+
+
+def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
+    model = build_llama(tmp_path / "slow-llama", None)   # 4096 positions: ~5 s of decoding
+    s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", "1")
+    c = http.client.HTTPConnection(s.host, s.port, timeout=30)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,
+                                                     "temperature": 0, "stream": True}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.readline().startswith(b"data: ")
+    t0 = time.time()
+    s.proc.send_signal(signal.SIGTERM)
+    code = s.proc.wait(30)
+    assert time.time() - t0 < 1 + 5 + 3 and code in (0, 1)   # drain limit + hard-exit grace + slack
+    with pytest.raises(http.client.IncompleteRead):  # the stream was cut at the limit, not finished
+        r.read()
+    c.close()
