@@ -175,6 +175,10 @@ def _info(a) -> int:
     print(f"variant    {v['name']}: {v['runtime']} {v['precision']}, passes {' > '.join(v['passes']) or '-'}")
     for shape, s in m["latency"].items():
         print(f"  {shape:>10}  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  ({s['n']} calls)")
+    mix = m.get("serve_mix")
+    if mix:
+        print(f"serve mix  {mix['rows_per_s']:.1f} rows/s over {len(mix['shapes'])} new shapes, cold then warm; "
+              f"worst call {mix['worst_ms']:.0f} ms at {mix['worst_shape']}")
     print(f"fidelity   {json.dumps({k: round(x, 6) for k, x in m['fidelity'].items()})}")
     if m.get("accuracy"):
         print(f"accuracy   {100 * m['accuracy']['accuracy']:.2f}% on {meta['config']['data']} "

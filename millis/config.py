@@ -63,6 +63,16 @@ class MeasureConfig:
     rounds: int = 5           # interleaving rounds
     threads: int = 0          # intra-op threads; 0 = all physical cores of this machine
     max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
+    # The serve mix: shapes like those `millis serve` forms (B rows x a 16-token bucket), new to every
+    # variant, each run cold then warm. A variant that stalls on a new shape, or whose rows/s over the
+    # mix is far below the best, is not selectable (millis.select.serve_gate).
+    serve_mix: int = 10              # distinct (B, T) shapes in the mix; 0 = no serve mix
+    serve_max_batch: int = 32        # largest B in the mix (`millis serve --max-batch`)
+    serve_max_tokens: int = 512      # largest B x T in the mix (the server allows 4096; this keeps it to seconds)
+    serve_floor: float = 0.5         # reject below this share of the best variant's serve-mix rows/s
+    stall_ratio: float = 2.0         # a first call over this many times the next call at its shape...
+    stall_s: float = 0.25            # ...and this many seconds slower stalls (a compile, not noise)
+    stall_share: float = 0.5         # a variant stalling on at least this share of the mix's shapes stalls
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ class OptimizeConfig:
 
 # Named presets: a quick one for tests and smoke runs, the full one for real measurements.
 PRESETS: dict[str, MeasureConfig] = {
-    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2),
+    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2, serve_mix=6),
     "cpu": MeasureConfig(),
 }
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from millis import __version__, artifact, hardware, report
-from millis.config import OptimizeConfig, to_dict
+from millis.config import OptimizeConfig, Shape, to_dict
 from millis.errors import MillisError
 from millis.evaluate import check_labels
 from millis.evaluator import VariantEvaluator
 from millis.labeled import Labeled, read_labeled
-from millis.measure import measure
+from millis.measure import measure, serve_mix, serve_mix_shapes
 from millis.recover import recover
-from millis.select import Candidate, select
+from millis.select import Candidate, select, serve_gate
 from millis.sources import ModelSource, resolve
 from millis.tasks import OUTPUT_NAME
 from millis.text import TextEncoder, read_texts
@@ -57,8 +57,10 @@ def _labeled(cfg: OptimizeConfig, src: ModelSource) -> Labeled | None:
     return data
 
 
-def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path:
-    """Run the whole pipeline for `cfg`; return the artifact directory."""
+def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
+             choose: Callable[[list[Candidate]], Candidate] = select) -> Path:
+    """Run the whole pipeline for `cfg`; return the artifact directory. `choose` picks the variant
+    to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
     src = resolve(cfg.source)
     max_len = model_max_length(src, cfg.max_length)
     for s in cfg.measure.shapes + (cfg.target,):
@@ -96,12 +98,32 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None) -> Path
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
         for name, per_shape in lat.items():
             ev.results[name].latency = per_shape
-        chosen = select([Candidate(r.name, r.latency[cfg.target.name]["p50_ms"], r.ok, r.reason)
-                         for r in ev.results.values() if r.latency])
+        _serve_mix(cfg, ev, enc, texts, max_len, shapes, progress)
+        chosen = choose([Candidate(r.name, r.latency[cfg.target.name]["p50_ms"], r.ok, r.reason,
+                                   r.serve_mix.get("rows_per_s", 0.0)) for r in ev.results.values() if r.latency])
         progress(f"chosen: {chosen.name}")
         return _write(cfg, src, max_len, ev, recovery, chosen.name, fidelity_texts, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve_mix(cfg: OptimizeConfig, ev: VariantEvaluator, enc: TextEncoder, texts: list[str], max_len: int,
+               measured: tuple[Shape, ...], progress: Progress) -> None:
+    """Run the serve mix; a variant within budget that stalls on new shapes, or serves far below the
+    best, becomes not ok, the reason recorded beside the others."""
+    ids, _ = enc.token_ids(texts)
+    mix_shapes = serve_mix_shapes(cfg.measure, [len(r) for r in ids], max_len, exclude=measured)
+    if not mix_shapes:
+        return
+    progress(f"serve mix: {len(ev.runtimes)} variants x {len(mix_shapes)} new shapes, cold then warm")
+    mix = serve_mix(ev.runtimes, {s: enc.fill(texts, s.batch, s.seq) for s in mix_shapes}, cfg.measure)
+    for name, m in mix.items():
+        ev.results[name].serve_mix = m
+    within = {n: m for n, m in mix.items() if ev.results[n].ok}
+    for name, why in serve_gate(within, cfg.measure.serve_floor, cfg.measure.stall_share).items():
+        r = ev.results[name]
+        r.ok, r.reason = False, f"{r.reason}; rejected: {why}"
+        progress(f"rejected {name}: {why}")
 
 
 def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvaluator, recovery: dict[str, Any],
@@ -131,6 +153,7 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvalu
             "variant": {"name": best.name, "precision": best.precision, **best.recipe},
             "measured": {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
                          "accuracy": best.accuracy, "reference_accuracy": ev.ref_acc, "cold_start": best.cold_start,
+                         "serve_mix": best.serve_mix,
                          "fidelity_texts": fidelity_texts},
             "hardware": hardware.describe(),
             "config": to_dict(cfg),

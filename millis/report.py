@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from millis.select import NEAR_TIE
+
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
@@ -26,6 +28,12 @@ def accuracy_text(row: dict[str, Any]) -> str:
     if not a:
         return "-"
     return f"{100 * a['accuracy']:.2f}% ({0.0 - a['drop_pts']:+.2f} pt)"
+
+
+def serve_mix_text(mix: dict[str, Any] | None) -> str:
+    if not mix:
+        return "-"
+    return f"{mix['rows_per_s']:.1f} ({mix['worst_ms']:.0f} ms)"
 
 
 def recovery_lines(recovery: dict[str, Any]) -> list[str]:
@@ -52,16 +60,19 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str, reco
     gate = (f"within {meta['config']['budget']['max_drop']} accuracy points of fp32 on {meta['config']['data']}"
             if meta["measured"].get("accuracy") else "within the fidelity budget")
     lines = [f"# millis report: {meta['source']['spec']} ({task})", "",
-             f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} {gate}).", "",
+             f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} {gate}, not stalling on new shapes; "
+             f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
              f"Machine: {hw['cpu']}, {hw['cores']} cores, ISA {' '.join(hw['isa']) or '-'}; "
              f"millis {meta['millis_version']}.", "",
              f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on {meta['measured'].get('fidelity_texts', 'the sample texts')}; "
              + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
                 if meta["measured"].get("accuracy") else "") + "cold start = "
-             "load + first call at the target shape; RSS MB = resident memory added by loading the variant.", "",
+             "load + first call at the target shape; RSS MB = resident memory added by loading the variant; "
+             "serve mix = rows/s over shapes a server forms that the variant had not run, each cold then warm "
+             "(worst call in brackets).", "",
              "| variant | runtime | precision | " + " | ".join(shapes) +
-             " | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
-             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|"]
+             " | serve mix rows/s | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
+             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['latency'][s]['p50_ms']:.2f} / {r['latency'][s]['p99_ms']:.2f}" if s in r["latency"] else "-"
                  for s in shapes]
@@ -70,7 +81,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str, reco
         size = r["facts"].get("bytes")
         size_txt = f"{size / 2**20:.1f}" if size else "-"
         lines.append(f"| {mark}{r['name']}{mark} | {r['runtime']} | {r['precision']} | " + " | ".join(cells) +
-                     f" | {fidelity_text(task, r['fidelity'])} | {accuracy_text(r)} | {ok} | "
+                     f" | {serve_mix_text(r.get('serve_mix'))} | {fidelity_text(task, r['fidelity'])} | "
+                     f"{accuracy_text(r)} | {ok} | "
                      f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
     errors = [r for r in rows if r.get("error")]
     if errors:
@@ -97,13 +109,14 @@ def plot(path: Path, task: str, rows: list[dict[str, Any]], chosen: str) -> None
         y = np.arange(len(rows))
         ax.barh(y, p50, color=colors, xerr=[np.zeros_like(p50), p99 - p50], capsize=2)
         for i, r in enumerate(rows):
-            ax.text(p50[i], i, "" if r["ok"] else "  fidelity x", va="center", fontsize=7, color="tab:red")
+            ax.text(p50[i], i, "" if r["ok"] else "  rejected", va="center", fontsize=7, color="tab:red")
         ax.set_yticks(y, names, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{s}: p50 (bar) to p99 (whisker)", fontsize=9)
         ax.set_xscale("log")  # eager is often 10x the rest
         ax.set_xlabel("ms (log)")
-    fig.suptitle(f"millis variants ({task}); green = chosen, gray = outside fidelity budget", fontsize=10)
+    fig.suptitle(f"millis variants ({task}); green = chosen, gray = outside budget or rejected on the serve mix",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -139,7 +152,8 @@ def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen:
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 ms at {target} (log)")
     ax.set_ylabel(label)
-    ax.set_title(f"millis variants ({meta['task']}): green star = chosen, gray = outside budget", fontsize=9)
+    ax.set_title(f"millis variants ({meta['task']}): green star = chosen, gray = outside budget or rejected "
+                 "on the serve mix", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -24,7 +24,7 @@ class Variant:
     runtime: str                   # torch | onnxruntime | openvino
     precision: str                 # fp32 | bf16 | int8
     passes: tuple[str, ...]        # applied in order, see PASSES
-    options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, static...)
+    options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, precision...)
     note: str = ""
     keep_fp32: tuple[str, ...] = ()  # graph nodes the int8 pass leaves in fp32 (sensitivity fallback)
 
@@ -49,12 +49,12 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             {"graph_level": "all"}, "static int8 QDQ, ranges at the 99.999th percentile (clips outliers)"),
     Variant("ort-int8-static-entropy", "onnxruntime", "int8", ("export", "fuse", "int8-static-entropy"),
             {"graph_level": "all"}, "static int8 QDQ, ranges minimising KL divergence (entropy)"),
-    Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32", "static": True},
-            "OpenVINO f32, static shapes"),
-    Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16", "static": True},
+    Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32"},
+            "OpenVINO f32, one dynamic-shape model"),
+    Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16"},
             "OpenVINO bf16 (AMX/AVX512-BF16 where the CPU has them)"),
     Variant("ov-int8", "openvino", "int8", ("export", "openvino-ir", "nncf-int8"),
-            {"precision": "f32", "static": True}, "OpenVINO + NNCF int8 (transformer preset), static shapes"),
+            {"precision": "f32"}, "OpenVINO + NNCF int8 (transformer preset), one dynamic-shape model"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments

@@ -1,14 +1,20 @@
-"""Selection on accuracy: fake runtimes with set predictions go through VariantEvaluator, then select."""
+"""Selection on accuracy: fake runtimes with set predictions go through VariantEvaluator, then select.
+Selection on serving: a runtime that stalls on new shapes is never chosen."""
+import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from millis.config import Budget, OptimizeConfig
+from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape
 from millis.errors import MillisError
 from millis.evaluator import VariantEvaluator
 from millis.labeled import Labeled
-from millis.select import Candidate, accuracy_gate, select
+from millis.measure import serve_mix, serve_mix_shapes
+from millis.optimize import optimize
+from millis.select import Candidate, accuracy_gate, select, serve_gate
 from millis.sources import resolve
 from millis.text import TextEncoder
 from millis.variants import CATALOG, REFERENCE, Variant
@@ -131,3 +137,115 @@ def test_select():
     assert select(cands).name == "a"  # fastest within budget; ties go to the earlier
     with pytest.raises(MillisError, match="no variant meets the"):
         select([Candidate("x", 1.0, False), Candidate("y", 2.0, False)])
+
+
+# ---- the serve mix: shapes a server forms, new to every variant -----------------------------------
+
+STALL_S = 0.3  # what the stalling runtime sleeps on a shape it has not run: a per-shape compile
+
+
+class StallsOnNewShapes:
+    """Wraps a runtime: sleeps on the first call at each (B, T), and answers a batch it has already
+    run from memory, so it is the fastest variant wherever shapes repeat (the measured ones)."""
+
+    def __init__(self, rt):
+        self.rt, self.name, self.input_names, self.output_name = rt, rt.name, rt.input_names, rt.output_name
+        self.shapes: set[tuple[int, int]] = set()
+        self.memo: dict[bytes, dict[str, np.ndarray]] = {}
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shape = batch["input_ids"].shape
+        if shape not in self.shapes:
+            self.shapes.add(shape)
+            time.sleep(STALL_S)
+        key = b"".join(np.ascontiguousarray(batch[n]).tobytes() for n in ("input_ids", "attention_mask")) + bytes(shape)
+        if key not in self.memo:
+            self.memo[key] = self.rt.run(batch)
+        return self.memo[key]
+
+
+class Steady:
+    name, input_names, output_name = "steady", ("input_ids", "attention_mask"), "embedding"
+
+    def __init__(self, seconds_per_row: float = 0.0):
+        self.seconds_per_row = seconds_per_row
+
+    def run(self, batch):
+        time.sleep(self.seconds_per_row * len(batch["input_ids"]))
+        return {"embedding": np.zeros((len(batch["input_ids"]), 4), np.float32)}
+
+
+def test_serve_mix_shapes_follow_the_texts_and_are_seeded():
+    cfg = MeasureConfig()
+    measured = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
+    counts = [9] * 80 + [20] * 15 + [60] * 5  # tokens per text: buckets 16, 32 and 64
+    shapes = serve_mix_shapes(cfg, counts, 128, exclude=measured)
+    assert shapes == serve_mix_shapes(cfg, counts, 128, exclude=measured)  # a fixed sequence
+    assert len(set(shapes)) == cfg.serve_mix and not set(shapes) & set(measured)
+    assert {s.seq for s in shapes} <= {16, 32, 64} and sum(s.seq == 16 for s in shapes) >= cfg.serve_mix // 2
+    assert all(1 <= s.batch <= cfg.serve_max_batch and s.batch * s.seq <= cfg.serve_max_tokens for s in shapes)
+    batches = sorted(s.batch for s in shapes)
+    assert batches[0] <= 4 and batches[-1] >= 16  # from a few rows to full batches
+    assert serve_mix_shapes(replace(cfg, serve_mix=0), counts, 128) == []
+    assert {s.seq for s in serve_mix_shapes(cfg, [300] * 10, 40)} == {40}  # the bucket stops at the max length
+
+
+def test_select_breaks_near_ties_on_the_serve_mix():
+    cands = [Candidate("fused", 10.0, True, serve_rows_per_s=190.0),
+             Candidate("int8-attention", 10.3, True, serve_rows_per_s=230.0),  # 3% slower at the target
+             Candidate("int8-pc", 5.0, False, "cosine min 0.96 < 0.99", serve_rows_per_s=300.0),
+             Candidate("slow", 12.0, True, serve_rows_per_s=400.0)]          # 20% slower: no tie
+    assert select(cands).name == "int8-attention"
+    assert select(cands, near_tie=0.0).name == "fused"
+    assert select([Candidate("a", 4.0, True), Candidate("b", 4.1, True)]).name == "a"  # unmeasured: the faster
+
+
+def test_serve_gate_rejects_a_runtime_that_stalls_on_new_shapes():
+    cfg = MeasureConfig()
+    shapes = [Shape(1, 16), Shape(3, 32), Shape(7, 16), Shape(2, 48)]
+    inputs = {s: {"input_ids": np.ones((s.batch, s.seq), np.int64),
+                  "attention_mask": np.ones((s.batch, s.seq), np.int64)} for s in shapes}
+    stalls = StallsOnNewShapes(Steady())
+    stalls.name = "stalls"
+    mix = serve_mix({"steady": Steady(), "stalls": stalls, "slow": Steady(0.01)}, inputs, cfg)
+    assert [s["shape"] for s in mix["stalls"]["stalls"]] and len(mix["stalls"]["stalls"]) == len(shapes)
+    assert mix["stalls"]["worst_ms"] >= 1e3 * STALL_S and not mix["steady"]["stalls"] and not mix["slow"]["stalls"]
+    why = serve_gate(mix, cfg.serve_floor, cfg.stall_share)
+    assert set(why) == {"stalls", "slow"}
+    assert why["stalls"].startswith(f"serve mix: stalls on {len(shapes)} of {len(shapes)} new shapes")
+    assert "the floor is 0.5x" in why["slow"]
+    # one slow first call among many shapes is noise, not a stall
+    one = dict(mix["steady"], stalls=mix["stalls"]["stalls"][:1])
+    assert serve_gate({"steady": one}, cfg.serve_floor, cfg.stall_share) == {}
+
+
+def _optimize_with_a_stalling_variant(tmp_path, quick_measure, monkeypatch, serve_mix_shapes_n: int):
+    import millis.evaluator
+
+    real_open = millis.evaluator.open_runtime
+
+    def open_runtime(kind, model_dir, name, *args, **kwargs):
+        rt = real_open(kind, model_dir, name, *args, **kwargs)
+        return StallsOnNewShapes(rt) if name == "ort-fp32-fused" else rt
+
+    monkeypatch.setattr(millis.evaluator, "open_runtime", open_runtime)
+    cfg = OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / f"mix{serve_mix_shapes_n}"),
+                         variants=("ort-fp32-fused", "ort-int8-dynamic"), target=Shape(1, 16),
+                         measure=replace(quick_measure, serve_mix=serve_mix_shapes_n, threads=1))
+    out = optimize(cfg)
+    return json.loads((out / "report.json").read_text()), json.loads((out / "millis.json").read_text())
+
+
+def test_optimize_never_chooses_a_variant_that_stalls(tmp_path, tiny_dirs, quick_measure, monkeypatch):
+    # without the serve mix the stalling variant wins: it answers the measured shapes from memory
+    report, _ = _optimize_with_a_stalling_variant(tmp_path, quick_measure, monkeypatch, 0)
+    assert report["chosen"] == "ort-fp32-fused"
+    report, meta = _optimize_with_a_stalling_variant(tmp_path, quick_measure, monkeypatch, 6)
+    assert report["chosen"] != "ort-fp32-fused"
+    rows = {r["name"]: r for r in report["variants"]}
+    fused = rows["ort-fp32-fused"]
+    assert not fused["ok"] and "within budget; rejected: serve mix: stalls on" in fused["reason"]
+    assert len(fused["serve_mix"]["stalls"]) == 6 and fused["serve_mix"]["worst_ms"] >= 1e3 * STALL_S
+    chosen = rows[report["chosen"]]
+    assert chosen["ok"] and not chosen["serve_mix"]["stalls"]
+    assert meta["measured"]["serve_mix"]["rows_per_s"] == chosen["serve_mix"]["rows_per_s"]

@@ -81,3 +81,48 @@ def test_runtime_rejects_bad_batches(built):
         rt.run({"input_ids": np.zeros((0, 4), np.int64), "attention_mask": np.zeros((0, 4), np.int64)})
     with pytest.raises(MillisError, match="shape"):
         rt.run({"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.zeros((1, 5), np.int64)})
+
+
+# (B, T) as the server forms them (rows x 16-token buckets) and some it never would: none is warmed
+NEW_SHAPES = [(1, 16), (3, 48), (8, 32), (5, 16), (17, 64), (2, 128), (1, 7), (32, 16), (4, 33)]
+
+
+def _ragged(enc, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """A (batch, seq) batch of real tokens, each row cut to its own length and padded, as the server sends."""
+    feeds = enc.fill(TEXTS, batch, seq)
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(rng.integers(2, seq + 1, batch)):
+        feeds["input_ids"][i, n:] = enc.pad_id
+        feeds["attention_mask"][i, n:] = 0
+    return feeds
+
+
+@pytest.mark.parametrize("options", [{}, {"static": True}], ids=["current", "old-artifact-static"])
+def test_openvino_serves_new_shapes_with_one_compile(built, monkeypatch, options):
+    """Every shape equals the torch fp32 reference, and no shape is compiled on the request path:
+    one compile_model at open, whatever shapes follow (artifacts written with "static": true too)."""
+    import openvino as ov
+
+    compiles = []
+
+    class CountingCore(ov.Core):
+        def compile_model(self, *args, **kwargs):
+            compiles.append(args[0])
+            return super().compile_model(*args, **kwargs)
+
+    monkeypatch.setattr(ov, "Core", CountingCore)
+    src, enc, builder, _ = built[("bert", "embed")]
+    v = CATALOG["ov-fp32"]
+    vdir, facts = builder.build(v)
+    rt = open_runtime("openvino", vdir, v.name, src.input_names, "embedding",
+                      dict(v.options, **options, file=facts["file"]), threads=1)
+    ref = open_runtime("torch", src.path, "torch-fp32", src.input_names, "embedding",
+                       {"task": "embed", "pooling": {"mode": src.pooling.mode, "normalize": src.pooling.normalize}},
+                       threads=1)
+    assert len(compiles) == 1
+    for k, (b, t) in enumerate(NEW_SHAPES):
+        feeds = _ragged(enc, b, t, seed=k)
+        out = rt.run(feeds)["embedding"]
+        assert out.shape == (b, ref.run(feeds)["embedding"].shape[1])
+        np.testing.assert_allclose(out, ref.run(feeds)["embedding"], atol=1e-4, err_msg=f"b{b}xs{t}")
+    assert len(compiles) == 1, f"{len(compiles)} compiles for {len(NEW_SHAPES)} shapes"

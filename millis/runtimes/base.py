@@ -43,8 +43,9 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
                           threads, options.get("graph_level", "all"))
     if kind == "openvino":
         from millis.runtimes.openvino import OpenVinoRuntime
+        # options["static"] (artifacts before dynamic shapes) is ignored: one dynamic model serves every shape
         return OpenVinoRuntime(model_dir / options.get("file", "model.xml"), name, input_names, output_name,
-                               threads, options.get("precision", "f32"), bool(options.get("static", True)))
+                               threads, options.get("precision", "f32"))
     if kind == "torch":
         from millis.runtimes.torch_eager import TorchRuntime
         return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
