@@ -10,7 +10,7 @@ Encoder: the default artifact of `millis optimize builtin:minilm --task embed` (
 bench/.cache). Generation: stories260K (llama2.c) from ../shared/models. Writes
 bench/results/serve_hardening.json.
 
-    .venv/bin/python bench/serve_hardening.py [--examples 1000] [--rounds 7]
+    .venv/bin/python bench/serve_hardening.py [--examples 2000] [--rounds 7] [--encoder ARTIFACT]
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ POISONS = {  # what issue 13 sent, and the largest requests the server now accep
     "16 stops x 30,000 chars (refused)": {"prompt": "Once", "max_tokens": 20, "stop": ["x" * 30000] * 16},
     "16 stops x 256 chars (max allowed)": {"prompt": "Once upon a time", "max_tokens": 48,
                                            "stop": ["a" * 255 + "b"] * 16, "ignore_eos": True},
-    "100k-char prompt (refused unread)": {"prompt": "Once upon a time " * 6000, "max_tokens": 5},
+    "100k-char prompt (refused before tokenizing)": {"prompt": "Once upon a time " * 6000, "max_tokens": 5},
     "4k-char prompt (tokenized, over context)": {"prompt": "a b " * 1000, "max_tokens": 5},
     "top_k 2**31-1, seeded (max allowed)": {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 1,
                                             "top_k": 2 ** 31 - 1, "seed": 3, "ignore_eos": True},
@@ -112,7 +112,7 @@ def run_poisons(s: Server, rounds: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=1000, help="schemathesis examples per operation")
+    ap.add_argument("--examples", type=int, default=2000, help="schemathesis examples per operation")
     ap.add_argument("--rounds", type=int, default=7, help="alternated rounds per poison")
     ap.add_argument("--encoder", default="", help="encoder artifact (default: built from builtin:minilm)")
     ap.add_argument("--workdir", default="/tmp/millis-hardening")
