@@ -136,7 +136,8 @@ def test_oversized_bodies_are_refused_before_they_are_read(stories):
     # chunked, no Content-Length: refused once the streamed bytes pass the limit
     chunk = b"x" * 65536
     body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
     assert raw_request(s, head, body).startswith(b"HTTP/1.1 413")
     assert s.post("/v1/completions", {"prompt": "Once", "max_tokens": 2})[0] == 200
 

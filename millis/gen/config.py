@@ -15,12 +15,12 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as mill
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")
-QUANTS = ("none", "int8", "int8-torch")
+QUANTS = ("none", "int8", "int8-torch")  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
 # Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0    # repetition penalty
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)

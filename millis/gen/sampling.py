@@ -3,8 +3,8 @@ and random generator, and nothing here reads a value back to the host.
 
 The order is HF `generate`'s: repetition penalty, temperature, top-k, top-p. A row with temperature
 0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. Sampling is an exponential
-race (argmax of p / E with E ~ Exp(1), as gpt-fast does): each row draws its noise from its own generator, so a seeded request gets the same tokens whatever
-else shares the batch.
+race (argmax of p / E with E ~ Exp(1), as gpt-fast does): each row draws its noise from its own
+generator, so a seeded request gets the same tokens whatever else shares the batch.
 """
 from __future__ import annotations
 

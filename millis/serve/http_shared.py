@@ -122,8 +122,8 @@ def ready_response(st, loaded: bool) -> Response:
 
 def make_app(st, routes: list[Route], spec: Callable[[], dict[str, Any]]) -> Starlette:
     """The Starlette app around a state `st`: the model loads in the background after start-up, so
-    /health answers at once; /openapi.json serves `spec()` (it names what is loaded); unknown paths and methods get the OpenAI
-    JSON error (404 / 405) and are counted; on shutdown admitted work finishes."""
+    /health answers at once; /openapi.json serves `spec()` (it names what is loaded); unknown paths and
+    methods get the OpenAI JSON error (404 / 405) and are counted; on shutdown admitted work finishes."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loading = asyncio.create_task(st.load())
