@@ -198,12 +198,15 @@ class Engine:
         if not rows:
             return {}
         logits = torch.cat(logits)
-        states = [r.generator.get_state() for r in rows]  # a row retried alone draws the same noise
+        # a sampled row retried alone must draw the same noise: keep its generator's state (temperature-0
+        # rows draw none; `!=` rather than `.greedy` so that no field value can raise here, outside isolation)
+        states = {i: r.generator.get_state() for i, r in enumerate(rows) if r.params.temperature != 0}
 
         def sample_rows(idx: list[int]) -> torch.Tensor:
             if len(idx) < len(rows):
                 for i in idx:
-                    rows[i].generator.set_state(states[i])
+                    if i in states:
+                        rows[i].generator.set_state(states[i])
                 return self._sample([rows[i] for i in idx], logits[idx])
             return self._sample(rows, logits)
 
@@ -239,9 +242,7 @@ class Engine:
                     continue
                 except Exception as e:  # noqa: BLE001 -- this request's text failed: end it alone
                     failed[r.id] = f"{type(e).__name__}: {e}"
-            if r.id not in failed:  # the step raised before this row's token (a bug): end it, say so
-                failed[r.id] = "the step failed before this request's token was sampled"
-            outs.append(StepOutput(r.id, [], "", "error", failed[r.id]))
+            outs.append(StepOutput(r.id, [], "", "error", failed[r.id]))  # no token: it failed (step fills failed)
             self._finish(r)
         return outs
 

@@ -201,6 +201,10 @@ class GenState:
             live = self.live.get(o.id)
             if live is None:  # cancelled after the step produced it
                 continue
+            if o.finished == "error":  # this request failed in the step (no token: no latency to count)
+                self._end(live, "error")
+                live.queue.put_nowait(RequestFailed(f"generation failed for this request: {o.error}"))
+                continue
             live.n_out += len(o.token_ids)
             m.generated_tokens.inc(len(o.token_ids))
             if live.t_first == 0.0:
@@ -209,10 +213,6 @@ class GenState:
             else:
                 m.itl.observe(t - live.t_last)
             live.t_last = t
-            if o.finished == "error":  # this request failed in the step; its batch-mates ran on
-                self._end(live, "error")
-                live.queue.put_nowait(RequestFailed(f"generation failed for this request: {o.error}"))
-                continue
             if o.finished:
                 self._end(live, o.finished)
                 if live.n_out > 1 and t > live.t_first:
