@@ -26,9 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from millis import hardware  # noqa: E402
-from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape, to_dict  # noqa: E402
-from millis.text import BUCKET  # noqa: E402
+from millis.common import hardware  # noqa: E402
+from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig
+from millis.common.config import Shape, to_dict  # noqa: E402
+from millis.encoder.text import BUCKET  # noqa: E402
 
 ANCHOR = "Optimum static INT8 DistilBERT on Banking77: -0.26 pt at 2.83x (published, 4-vCPU c6i; not rerun here)"
 
@@ -46,8 +47,9 @@ DATASETS = {
 
 
 def trained_model(name: str) -> tuple[Path, dict]:
-    from millis.sources import hash_files
-    from millis.train import read_train_meta, train, train_config
+    from millis.common.files import hash_files
+    from millis.artifact.meta import read_train_meta
+    from millis.train.classify import train, train_config
 
     train_file, _, label_col, overrides = DATASETS[name]
     cfg = train_config("builtin:minilm", str(data_root() / train_file), label_col=label_col, **overrides)
@@ -75,8 +77,8 @@ def median_bucket(model_dir: Path, texts: list[str]) -> tuple[float, Shape]:
 
 
 def run(name: str, iters: int, max_drop: float) -> tuple[list[dict], dict]:
-    from millis.labeled import read_labeled
-    from millis.optimize import optimize
+    from millis.common.readers import read_labeled
+    from millis.optimize.pipeline import optimize
 
     train_file, test_file, label_col, _ = DATASETS[name]
     model_dir, tmeta = trained_model(name)
@@ -117,7 +119,7 @@ def embed_recovery(iters: int, min_cosine: float) -> dict:
     """The real all-MiniLM-L6-v2 embedder at a cosine budget plain int8 misses (0.92 on Banking77):
     shows recovery and the sensitivity fallback on real weights. Gate: cosine min vs fp32 on 512
     Banking77 test texts; calibration and sensitivity on training texts."""
-    from millis.optimize import optimize
+    from millis.optimize.pipeline import optimize
 
     root = data_root() / "banking77"
     out = HERE / ".cache" / "artifacts" / "minilm-embed"

@@ -29,14 +29,14 @@ os.environ.setdefault("MILLIS_CACHE", str(HERE / ".cache" / "mcache"))  # traine
 
 from accuracy import data_root, median_bucket, trained_model  # noqa: E402
 
-from millis import hardware  # noqa: E402
-from millis.config import Budget, MeasureConfig, OptimizeConfig  # noqa: E402
+from millis.common import hardware  # noqa: E402
+from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig  # noqa: E402
 
 
 def main() -> int:
-    from millis.labeled import read_labeled
-    from millis.optimize import optimize
-    from millis.train import read_train_meta
+    from millis.common.readers import read_labeled
+    from millis.optimize.pipeline import optimize
+    from millis.artifact.meta import read_train_meta
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=300)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ BASELINE = "torch_eager"
 
 def build_millis(model: str, model_dir: Path, shapes: list[str], out: Path, reuse: bool) -> Path:
     """Run millis's own optimize + select for this model (in this process)."""
-    from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     if reuse and (out / "millis.json").is_file():
         return out
@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse an existing millis artifact")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu_encoders.json"))
     a = ap.parse_args()
-    from millis import hardware
+    from millis.common import hardware
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware.describe(),
             "settings": {k: v for k, v in vars(a).items() if k != "out"}}

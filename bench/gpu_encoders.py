@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_probes import bandwidth_tbs, gemm_probe, kernel_profile, sdpa_probe  # noqa: E402
-from millis.config import Shape  # noqa: E402
-from millis.sources import Pooling  # noqa: E402
+from millis.common.config import Shape  # noqa: E402
+from millis.encoder.source import Pooling  # noqa: E402
 
 MODELS = {  # name -> (layers, hidden, heads, intermediate, task)
     "bert-base": (12, 768, 12, 3072, "classify"),
@@ -69,7 +69,7 @@ def hf_model(name: str, dtype=torch.float32):
 
 
 def task_model(hf, name: str):
-    from millis.tasks import TaskModel
+    from millis.encoder.tasks import TaskModel
 
     task = MODELS[name][4]
     return TaskModel(hf, task, Pooling(normalize=True) if task == "embed" else Pooling(), INPUTS).eval()
@@ -219,8 +219,8 @@ COLD = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from millis.runtimes.cuda_graph import CudaGraphRuntime, DEFAULT_BUCKETS
-from millis.config import Shape
+from millis.gpu.runtime import CudaGraphRuntime, DEFAULT_BUCKETS
+from millis.common.config import Shape
 buckets = DEFAULT_BUCKETS if sys.argv[2] == "default" else tuple(Shape.parse(s) for s in sys.argv[2].split(","))
 rt = CudaGraphRuntime(sys.argv[1], "millis-fp16", ("input_ids", "attention_mask", "token_type_ids"), "logits",
                       "classify", buckets=buckets)
@@ -245,8 +245,8 @@ def cold_start(model_dir: Path, buckets: str, fresh_cache: bool) -> dict:
 
 def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, budget_s: float,
               rows: list[dict], extra: dict) -> None:
-    from millis.runtimes.cuda_graph import CudaGraphRuntime
-    from millis.tasks import OUTPUT_NAME
+    from millis.gpu.runtime import CudaGraphRuntime
+    from millis.encoder.tasks import OUTPUT_NAME
 
     task = MODELS[name][4]
     hf32 = hf_model(name)

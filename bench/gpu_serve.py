@@ -47,7 +47,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    import millis.api as api
+    import millis.artifact.model as api
 
     model_dir = build_bert_base(Path("/tmp/millis-bert-base-cls"), Path(a.tokenizer))
     texts = [t for t in Path(a.texts).read_text().splitlines() if t.strip()]

@@ -46,11 +46,11 @@ def profile(model_path: Path, feeds: dict, calls: int, threads: int) -> dict[str
 
 
 def main() -> int:
-    from millis.config import Shape
-    from millis.sources import resolve
-    from millis.text import TextEncoder
-    from millis.tiny import sample_texts
-    from millis.variants import CATALOG, Builder
+    from millis.common.config import Shape
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.common.samples import sample_texts
+    from millis.optimize.build.variants import CATALOG, Builder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="builtin:minilm")

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from millis.hardware import describe  # noqa: E402
+from millis.common.hardware import describe  # noqa: E402
 from millis.loadgen.fuzz import fuzz  # noqa: E402
 from test_serve import Server  # noqa: E402  -- the tests' server process helper: one way to start a server
 

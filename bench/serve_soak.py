@@ -41,8 +41,8 @@ import orjson
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from millis.hardware import describe  # noqa: E402
-from millis.labeled import read_column  # noqa: E402
+from millis.common.hardware import describe  # noqa: E402
+from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen.client import Pool, Target, fetch  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address this script ever sends to

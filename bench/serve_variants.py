@@ -35,14 +35,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from millis import hardware  # noqa: E402
-from millis.config import PRESETS, MeasureConfig, OptimizeConfig, Shape  # noqa: E402
-from millis.labeled import read_column  # noqa: E402
+from millis.common import hardware  # noqa: E402
+from millis.optimize.config import PRESETS, MeasureConfig, OptimizeConfig
+from millis.common.config import Shape  # noqa: E402
+from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen import request_maker  # noqa: E402
 from millis.loadgen.client import Target, fetch  # noqa: E402
 from millis.loadgen.load import Level, Recorder, closed_loop, summarize, warm  # noqa: E402
-from millis.optimize import optimize  # noqa: E402
-from millis.select import Candidate  # noqa: E402
+from millis.optimize.pipeline import optimize  # noqa: E402
+from millis.optimize.select import Candidate  # noqa: E402
 
 RESULTS = HERE / "results"
 CACHE = HERE / ".cache" / "serve_variants"

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from millis.labeled import read_column  # noqa: E402
+from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen import plot, request_maker  # noqa: E402
 from millis.loadgen.client import Conn, Target, fetch  # noqa: E402
 from millis.loadgen.load import Level, Recorder, run_level, summarize, warm  # noqa: E402
@@ -140,7 +140,7 @@ def main() -> int:
     a = ap.parse_args()
 
     import millis
-    from millis.sources import builtin_minilm_dir
+    from millis.encoder.source import builtin_minilm_dir
 
     if not (INFINITY / ".millis-ok").exists():
         print("Infinity venv missing: run `bash bench/peers/setup.sh infinity` first", file=sys.stderr)

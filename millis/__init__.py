@@ -2,11 +2,11 @@
 
     import millis
     model = millis.load("artifacts/minilm")          # an artifact written by `millis optimize`
-    from millis.optimize import optimize             # the pipeline: optimize(OptimizeConfig(...))
+    from millis.optimize.pipeline import optimize  # the pipeline: optimizeOptimizeConfig...
 """
 __version__ = "0.1.0"
 
-from millis.api import Model, load  # noqa: E402
-from millis.errors import MillisError  # noqa: E402
+from millis.artifact.model import Model, load  # noqa: E402
+from millis.common.errors import MillisError  # noqa: E402
 
 __all__ = ["__version__", "load", "Model", "MillisError"]

@@ -15,14 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dirs() -> dict[str, Path]:
-    from millis.tiny import FAMILIES, build_tiny
+    from millis.encoder.tiny import FAMILIES, build_tiny
 
     return {f: build_tiny(f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def quick_measure():
-    from millis.config import MeasureConfig, Shape
+    from millis.optimize.config import MeasureConfig
+    from millis.common.config import Shape
 
     return MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=1, iters=4, rounds=2)
 
@@ -30,8 +31,9 @@ def quick_measure():
 @pytest.fixture(scope="session")
 def classify_artifact(tmp_path_factory, quick_measure) -> Path:
     """One optimized tiny-BERT classifier artifact shared by api / artifact / cli tests."""
-    from millis.config import OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     out = tmp_path_factory.mktemp("art") / "tiny-bert"
     cfg = OptimizeConfig(source="tiny:bert", task="classify", out=str(out), target=Shape(1, 16),
@@ -43,9 +45,9 @@ def reference_outputs(src_dir: Path, task: str, texts: list[str], max_length: in
     """fp32 HF outputs, one text at a time (no padding at all): the ground truth."""
     import torch
 
-    from millis.sources import inspect_dir
-    from millis.tasks import load_task_model
-    from millis.text import TextEncoder
+    from millis.encoder.source import inspect_dir
+    from millis.encoder.tasks import load_task_model
+    from millis.encoder.text import TextEncoder
 
     src = inspect_dir(src_dir)
     model = load_task_model(src, task)
@@ -86,13 +88,13 @@ def topics_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def train_one_thread(cfg):
-    """millis.train.train with cfg.threads=1 (two threads on a busy 2-core machine are ~50x slower);
+    """millis.train.classify.train with cfg.threads=1 (two threads on a busy 2-core machine are ~50x slower);
     torch's global thread count is restored afterwards."""
     from dataclasses import replace
 
     import torch
 
-    from millis.train import train
+    from millis.train.classify import train
 
     before = torch.get_num_threads()
     try:
@@ -104,7 +106,7 @@ def train_one_thread(cfg):
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory, topics_data, tiny_dirs) -> Path:
     """tiny:bert fine-tuned on the two-topic file (shared by the train / evaluate tests)."""
-    from millis.train import train_config
+    from millis.train.classify import train_config
 
     out = tmp_path_factory.mktemp("trained") / "topics"
     return train_one_thread(train_config("tiny:bert", str(topics_data["train"]), out=str(out), lr=3e-3,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import millis
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_missing_file_and_bad_json_and_future_version(copy):
 
 
 def test_rewrite_is_atomic_and_replaces(classify_artifact, tmp_path):
-    from millis import artifact
+    from millis.artifact import store as artifact
 
     out = tmp_path / "x"
     artifact.write(out, lambda d: (d / "a.txt").write_text("1") and {})
@@ -85,7 +85,7 @@ def test_long_text_is_truncated_and_says_so(classify_artifact):
 
 
 def test_batched_equals_single_and_keeps_order(classify_artifact):
-    from millis.tiny import sample_texts
+    from millis.common.samples import sample_texts
 
     m = millis.load(classify_artifact)
     texts = sample_texts()[:20]

@@ -4,7 +4,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from millis.serve.batcher import Batcher, ClientGone, Job, Overloaded, ShuttingDown, bucket_of
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, bucket_of
+from millis.serve.http import ClientGone
 
 
 class Recorder:

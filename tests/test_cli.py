@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from millis.cli import main
+from millis.cli.main import main
 
 
 def test_cli_optimize_info_predict(tmp_path, tiny_dirs, capsys):

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from millis.errors import MillisError
-from millis.sources import resolve
-from millis.train import read_train_meta
+from millis.common.errors import MillisError
+from millis.encoder.source import resolve
+from millis.artifact.meta import read_train_meta
 
 ONE_THREAD = {"threads": 1, "lr": 3e-3, "batch_size": 16, "patience": 10}
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, trained_classifier, topics_data):
-    from millis.distill import distill, distill_config
+    from millis.train.distill import distill, distill_config
 
     events = []
     cfg = distill_config(str(trained_classifier), str(topics_data["train"]),
@@ -30,8 +30,8 @@ def student(tmp_path_factory, trained_classifier, topics_data):
 
 
 def _logits(model_dir, texts):
-    from millis.tasks import load_task_model
-    from millis.text import TextEncoder
+    from millis.encoder.tasks import load_task_model
+    from millis.encoder.text import TextEncoder
 
     src = resolve(str(model_dir))
     enc = TextEncoder(src.path, src.input_names, 64)
@@ -54,12 +54,12 @@ def test_distilled_student_has_the_asked_layers_loads_and_learns(student, traine
     assert np.mean(steps[-3:]) < np.mean(steps[:3])
     y = _logits(out, ["card transfer pin today", "stock yields profit again"])
     assert y.shape == (2, 2) and np.isfinite(y).all()
-    from millis.evaluate import EvalConfig, evaluate
+    from millis.evaluate.run import EvalConfig, evaluate
     assert evaluate(EvalConfig(model=str(out), data=str(topics_data["test"])))["accuracy"] >= 0.9
 
 
 def test_student_layers_default_and_map():
-    from millis.distill import student_layers
+    from millis.train.distill import student_layers
 
     assert student_layers(6, 3) == [1, 3, 5] and student_layers(6, 0) == [1, 3, 5]
     assert student_layers(12, 4) == [2, 5, 8, 11]
@@ -75,7 +75,7 @@ def test_student_layers_default_and_map():
 
 
 def test_distill_bad_arguments(tmp_path, trained_classifier, topics_data):
-    from millis.distill import distill, distill_config
+    from millis.train.distill import distill, distill_config
 
     def run(**kw):
         return distill(distill_config(str(trained_classifier), str(topics_data["train"]), preset="quick",
@@ -92,8 +92,8 @@ def test_distill_bad_arguments(tmp_path, trained_classifier, topics_data):
 
 
 def test_distill_embedder_matches_teacher_vectors(tmp_path, tiny_dirs):
-    from millis.distill import distill, distill_config
-    from millis.tiny import sample_texts
+    from millis.train.distill import distill, distill_config
+    from millis.common.samples import sample_texts
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(sample_texts() * 3))
@@ -111,9 +111,9 @@ def test_distill_embedder_matches_teacher_vectors(tmp_path, tiny_dirs):
 def planned(trained_classifier):
     from transformers import AutoModelForSequenceClassification
 
-    from millis.fit import prepare
-    from millis.prune import plan, prune_config
-    from millis.pruned import load_hf
+    from millis.train.loop import prepare
+    from millis.train.prune import plan, prune_config
+    from millis.encoder.hf import load_hf
 
     src = resolve(str(trained_classifier))
     cfg = prune_config(str(trained_classifier), read_train_meta(trained_classifier)["data"]["path"],
@@ -124,7 +124,7 @@ def planned(trained_classifier):
 
 
 def test_pruned_model_is_smaller_and_equals_the_masked_model(planned):
-    from millis.prune import apply, masks_of
+    from millis.train.prune import apply, masks_of
 
     model, td, p = planned
     assert len(p.layers) == 1 and len(p.heads[0]) == 2 and len(p.ffn[0]) == 48
@@ -146,7 +146,7 @@ def test_pruned_model_is_smaller_and_equals_the_masked_model(planned):
 
 
 def test_head_importance_is_per_layer_normalised(planned):
-    from millis.prune import importance
+    from millis.train.prune import importance
 
     model, td, _ = planned
     h, f = importance(model, td, rows=64)
@@ -156,7 +156,7 @@ def test_head_importance_is_per_layer_normalised(planned):
 
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, trained_classifier, topics_data):
-    from millis.prune import prune, prune_config
+    from millis.train.prune import prune, prune_config
 
     cfg = prune_config(str(trained_classifier), str(topics_data["train"]), out=str(tmp_path_factory.mktemp("p") / "m"),
                        heads=0.5, ffn=0.25, train={**ONE_THREAD, "lr": 1e-3, "epochs": 1})
@@ -164,8 +164,9 @@ def pruned_dir(tmp_path_factory, trained_classifier, topics_data):
 
 
 def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quick_measure):
-    from millis.config import OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     cfg = json.loads((pruned_dir / "config.json").read_text())
     assert cfg["millis_pruned"] == {"attention_heads": 2, "head_dim": 8} and cfg["intermediate_size"] == 48
@@ -179,7 +180,7 @@ def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quic
     fused = rows["ort-fp32-fused"]
     assert fused["ok"] and fused["facts"]["ops"].get("Attention") == 2, fused["facts"]["ops"]  # fused, 2 layers
     assert fused["fidelity"]["max_logit_diff"] < 1e-4
-    from millis.api import load
+    from millis.artifact.model import load
     texts = ["card transfer pin today", "stock yields profit again"]
     np.testing.assert_allclose(load(art).run(texts).outputs, _logits(pruned_dir, texts), atol=1e-4)
 
@@ -188,14 +189,14 @@ def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quic
                                         ({"ffn": 1.5}, "must be in"), ({}, "nothing to prune"),
                                         ({"layers": -1}, ">= 0")])
 def test_prune_bad_arguments(kw, match, trained_classifier, topics_data):
-    from millis.prune import prune_config
+    from millis.train.prune import prune_config
 
     with pytest.raises(MillisError, match=match):
         prune_config(str(trained_classifier), str(topics_data["train"]), **kw)
 
 
 def test_prune_refuses_what_it_cannot_do(tmp_path, trained_classifier, topics_data, tiny_dirs):
-    from millis.prune import prune, prune_config
+    from millis.train.prune import prune, prune_config
 
     with pytest.raises(MillisError, match="at least one must stay"):
         prune(prune_config(str(trained_classifier), str(topics_data["train"]), out=str(tmp_path / "a"), layers=2,
@@ -212,9 +213,10 @@ def test_prune_refuses_what_it_cannot_do(tmp_path, trained_classifier, topics_da
 @pytest.mark.slow
 def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_classifier, topics_data, quick_measure,
                                                          monkeypatch):
-    from millis.compress import COMPRESS_VARIANTS
-    from millis.config import OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.compress import COMPRESS_VARIANTS
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -232,7 +234,7 @@ def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_class
     meta = json.loads((art / "millis.json").read_text())
     if "compressed" in meta:  # a student won: the artifact says so and still loads
         assert meta["variant"]["name"].startswith("l-half+")
-    from millis.api import load
+    from millis.artifact.model import load
     assert load(art).run(["card pin"]).outputs.shape == (1, 2)
     msgs.clear()
     optimize(replace(cfg, out=str(tmp_path / "art2")), msgs.append)
@@ -240,7 +242,7 @@ def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_class
 
 
 def test_compress_needs_training_data(tmp_path, topics_data, tiny_dirs):
-    from millis.compress import training_data
+    from millis.optimize.compress import training_data
 
     src = resolve("tiny:bert")
     with pytest.raises(MillisError, match="--compress-data"):
@@ -258,7 +260,7 @@ def test_cuda_encoder_refuses_pruned_heads():
 
 
 def test_cli_distill_and_prune(tmp_path, trained_classifier, topics_data, capsys):
-    from millis.cli import main
+    from millis.cli.main import main
 
     common = ["--data", str(topics_data["train"]), "--preset", "quick", "--threads", "1"]
     assert main(["distill", str(trained_classifier), *common, "--layers", "1", "--out", str(tmp_path / "s")]) == 0

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape, optimize_config_from_dict, to_dict
-from millis.errors import MillisError
+from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig, optimize_config_from_dict
+from millis.common.config import Shape, to_dict
+from millis.common.errors import MillisError
 
 
 def test_shape_parse_forms():

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from millis.cli import main
-from millis.errors import MillisError
-from millis.evaluate import EvalConfig, classification_metrics, embedding_agreement, evaluate
+from millis.cli.main import main
+from millis.common.errors import MillisError
+from millis.evaluate.run import EvalConfig, classification_metrics, embedding_agreement, evaluate
 
 
 def test_classification_metrics_by_hand():
@@ -84,15 +84,16 @@ def test_eval_on_a_source_spec(tmp_path, tiny_dirs):
 
 @pytest.fixture(scope="module")
 def embed_artifact(tmp_path_factory, tiny_dirs, quick_measure):
-    from millis.config import OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     return optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path_factory.mktemp("e") / "a"),
                                    variants=("ort-int8-dynamic",), target=Shape(1, 16), measure=quick_measure))
 
 
 def test_eval_on_an_embed_artifact(embed_artifact, tmp_path, capsys):
-    from millis.tiny import sample_texts
+    from millis.common.samples import sample_texts
 
     texts = [t for t in sample_texts() if "," not in t and '"' not in t][:30]
     csv = tmp_path / "t.csv"

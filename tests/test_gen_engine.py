@@ -3,11 +3,11 @@ cancellation freeing slots, and clear errors for bad input."""
 import pytest
 import torch
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.gen import EngineConfig, SamplingParams, open_engine
 from millis.gen.config import LlamaConfig
 from millis.gen.engine import Engine
-from millis.gen.llama import Llama
+from millis.gen.models.llama import Llama
 from millis.gen.load import build
 from millis.gen.tokenizer import Llama2cTokenizer
 
@@ -152,7 +152,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
-    from millis.cli import main
+    from millis.cli.main import main
 
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err

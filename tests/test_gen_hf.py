@@ -57,7 +57,7 @@ def _run(eng, prompts, params=SamplingParams(max_tokens=N_NEW)) -> list[list[int
 
 
 def test_logits_match_hf(hf_model):
-    from millis.gen.layers import make_batch
+    from millis.gen.models.layers import make_batch
 
     kind, model, d = hf_model
     eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
@@ -94,7 +94,7 @@ def test_cli_on_hf_dir_with_tokenizer_json(hf_model, capsys):
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    from millis.cli import main
+    from millis.cli.main import main
 
     kind, model, d = hf_model
     tok = Tokenizer(WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))

@@ -4,7 +4,7 @@ give exactly the tokens they give alone. Also the bounds of SamplingParams and t
 import pytest
 import torch
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.gen import SamplingParams
 from millis.gen.engine import held_back
 from test_gen_engine import GREEDY, engine, run

@@ -5,7 +5,7 @@ import torch
 
 from conftest import shared_model
 from millis.gen import EngineConfig, SamplingParams, open_engine
-from millis.gen.layers import make_batch
+from millis.gen.models.layers import make_batch
 
 STORIES = {
     "dir": "stories260K",
@@ -49,7 +49,7 @@ def test_llama2c_matches_reference(ref):
 
 
 def test_cli_prints_llama2c_documented_output(capsys):
-    from millis.cli import main
+    from millis.cli.main import main
 
     d = shared_model("stories260K")
     assert main(["generate", str(d), "--prompt", "Once upon a time", "--max-tokens", "40", "--temperature", "0",

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from millis.config import Shape
-from millis.errors import MillisError
+from millis.common.config import Shape
+from millis.common.errors import MillisError
 from millis.gpu import RunOptions, from_hf
-from millis.runtimes.cuda_graph import CudaGraphRuntime, pick_bucket
-from millis.sources import Pooling, inspect_dir
-from millis.tiny import sample_texts
+from millis.gpu.runtime import CudaGraphRuntime, pick_bucket
+from millis.encoder.source import Pooling, inspect_dir
+from millis.common.samples import sample_texts
 
 from conftest import reference_outputs
 
@@ -30,7 +30,7 @@ CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 
 @pytest.fixture(scope="module")
 def bert_dir():
-    from millis.tiny import build_tiny
+    from millis.encoder.tiny import build_tiny
 
     return build_tiny("bert")
 
@@ -42,7 +42,7 @@ def texts(n: int = 7) -> list[str]:
 
 
 def feeds_for(model_dir, items: list[str], pad_to: int = 0) -> dict[str, np.ndarray]:
-    from millis.text import TextEncoder
+    from millis.encoder.text import TextEncoder
 
     return TextEncoder(model_dir, INPUTS, 128).encode(items, pad_to=pad_to).feeds
 
@@ -73,7 +73,7 @@ def test_encoder_fp32_matches_hf_on_cpu(bert_dir, task):
 def test_pooling_modes_match_task_model(bert_dir, mode):
     from dataclasses import replace
 
-    from millis.tasks import load_task_model
+    from millis.encoder.tasks import load_task_model
 
     pooling = Pooling(mode=mode, normalize=mode != "max")
     hf = load_task_model(replace(inspect_dir(bert_dir), pooling=pooling), "embed")
@@ -89,7 +89,7 @@ def test_gelu_tanh_epilogue_is_close_but_not_exact():
     (weights large enough that the FFN's pre-activations are O(1), where the two GELUs differ)."""
     from transformers import BertConfig, BertModel
 
-    from millis.tasks import TaskModel
+    from millis.encoder.tasks import TaskModel
 
     torch.manual_seed(0)
     hf = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -172,7 +172,7 @@ def test_runtime_bad_inputs(bert_dir):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error a machine without CUDA gives")
 def test_cuda_runtime_without_cuda_is_a_clear_error(bert_dir):
-    from millis.runtimes.base import open_runtime
+    from millis.runtimes.registry import open_runtime
 
     with pytest.raises(MillisError, match="CUDA"):
         open_runtime("cuda", bert_dir, "cuda-fp16", INPUTS, "logits", {"task": "classify", "buckets": ["b1xs16"]})
@@ -326,7 +326,7 @@ def random_bert(layers: int, hidden: int, heads: int, inter: int, seed: int = 0)
     ("fp16", "torch", "cublas", "erf"), ("fp16", "compile", "cublas", "erf")])
 def test_minilm_shape_against_hf(dtype, fuse, gemm, gelu):
     """MiniLM widths (H=384: not a power of two) at the real depth, random weights."""
-    from millis.tasks import TaskModel
+    from millis.encoder.tasks import TaskModel
 
     hf = random_bert(6, 384, 12, 1536)
     g = torch.Generator().manual_seed(1)

@@ -2,10 +2,10 @@
 import onnx
 import pytest
 
-from millis import graph, quantize
-from millis.export import export
-from millis.sources import resolve
-from millis.text import TextEncoder
+from millis.optimize.build import graph, quantize
+from millis.optimize.build.export import export
+from millis.encoder.source import resolve
+from millis.encoder.text import TextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_static_int8_inserts_calibrated_qdq(exported, tmp_path, method):
     """On the fused graph (what the catalog uses): activations really get QuantizeLinear nodes."""
     src, base, fused, _ = exported["bert"]
     enc = TextEncoder(src.path, src.input_names, 64)
-    from millis.tiny import sample_texts
+    from millis.common.samples import sample_texts
 
     # one fixed length: Percentile / Entropy histograms need equal shapes
     batches = [enc.encode(sample_texts()[i:i + 8], pad_to=64).feeds for i in range(0, 32, 8)]

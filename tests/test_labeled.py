@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from millis.errors import MillisError
-from millis.labeled import read_labeled
+from millis.common.errors import MillisError
+from millis.common.readers import read_labeled
 
 
 def test_crlf_csv_with_quoted_comma(tmp_path):
@@ -130,7 +130,7 @@ def test_upper_case_extension_reads_its_own_format(tmp_path):
 
 
 def test_read_texts_takes_the_text_column_of_jsonl(tmp_path):
-    from millis.text import read_texts
+    from millis.common.readers import read_texts
 
     p = tmp_path / "t.jsonl"
     p.write_text('{"text": "where is my card?", "label": "x"}\n\n{"text": " "}\n{"text": "refund?"}\n')

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import millis
-from millis.config import OptimizeConfig, Shape, optimize_config_from_dict
-from millis.optimize import optimize
-from millis.tiny import sample_texts
+from millis.optimize.config import OptimizeConfig, optimize_config_from_dict
+from millis.common.config import Shape
+from millis.optimize.pipeline import optimize
+from millis.common.samples import sample_texts
 
 from conftest import reference_outputs
 
@@ -53,7 +54,7 @@ def test_embed_pipeline_other_families(tmp_path, tiny_dirs, quick_measure, famil
 
 def test_selection_respects_the_budget(tmp_path, tiny_dirs, quick_measure):
     """An impossible budget leaves only the exact variants: int8 must not be chosen."""
-    from millis.config import Budget
+    from millis.optimize.config import Budget
 
     out = optimize(OptimizeConfig(source="tiny:bert", task="classify", out=str(tmp_path / "a"),
                                   variants=("ort-int8-dynamic",), target=Shape(1, 16), measure=quick_measure,
@@ -68,7 +69,7 @@ def test_selection_respects_the_budget(tmp_path, tiny_dirs, quick_measure):
 
 
 def test_shape_longer_than_model_is_rejected(tmp_path, tiny_dirs):
-    from millis.config import MeasureConfig
+    from millis.optimize.config import MeasureConfig
 
     with pytest.raises(millis.MillisError, match="longer than the model's max length"):
         optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "x"), target=Shape(1, 16),
@@ -78,7 +79,7 @@ def test_shape_longer_than_model_is_rejected(tmp_path, tiny_dirs):
 def test_reference_embed_artifact_keeps_pooling(tmp_path, tiny_dirs, quick_measure):
     """A budget no approximation can meet ships the torch reference; reloaded, it still pools and
     normalises as the sentence-transformers folder declares."""
-    from millis.config import Budget
+    from millis.optimize.config import Budget
 
     out = optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "ref"),
                                   variants=("ort-fp32-fused",), target=Shape(1, 16), measure=quick_measure,

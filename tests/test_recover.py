@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from millis import quantize
-from millis.recover import error, keep_counts
-from millis.sources import resolve
-from millis.variants import CATALOG, Builder
+from millis.optimize.build import quantize
+from millis.optimize.recover import error, keep_counts
+from millis.encoder.source import resolve
+from millis.optimize.build.variants import CATALOG, Builder
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulIntegerToFloat")
 
@@ -33,7 +33,7 @@ def test_error_is_scale_free():
 def test_recover_only_when_plain_int8_misses():
     from types import SimpleNamespace
 
-    from millis.recover import recover
+    from millis.optimize.recover import recover
 
     ev = SimpleNamespace(results={})
     assert recover(ev, []) == {"needed": False, "why": "plain int8 was not built", "attempts": []}
@@ -44,7 +44,7 @@ def test_recover_only_when_plain_int8_misses():
 
 
 def test_report_lists_the_nodes_kept_in_fp32():
-    from millis.report import recovery_lines
+    from millis.optimize.report import recovery_lines
 
     rec = {"needed": True, "why": "ort-int8-dynamic: accuracy drop 2.00 pt exceeds --max-drop 0.5",
            "attempts": [{"step": "keep 1 node(s) fp32", "variant": "ort-int8-mixed", "ok": True,
@@ -102,7 +102,7 @@ def test_keep_fp32_leaves_named_nodes_float(builder):
 
 
 def test_keep_fp32_needs_a_dynamic_pass(builder):
-    from millis.errors import MillisError
+    from millis.common.errors import MillisError
 
     with pytest.raises(MillisError, match="needs a dynamic int8 pass"):
         builder.build(replace(CATALOG["ort-int8-static"], name="y", keep_fp32=("Attention_0",)))
@@ -112,9 +112,10 @@ def test_keep_fp32_needs_a_dynamic_pass(builder):
 def test_optimize_recovers_when_plain_int8_misses(tmp_path, tiny_dirs, quick_measure):
     """max_drop -1: only a gain of one point would pass, so plain int8 always misses and every
     recovery step runs; nothing passes, so the reference ships."""
-    from millis.config import Budget, OptimizeConfig, Shape
-    from millis.optimize import optimize
-    from millis.tiny import sample_texts
+    from millis.optimize.config import Budget, OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
+    from millis.common.samples import sample_texts
 
     data = tmp_path / "d.csv"
     with open(data, "w", newline="") as fh:

@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from millis.config import Budget, MeasureConfig, OptimizeConfig, Shape
-from millis.errors import MillisError
-from millis.evaluator import VariantEvaluator
-from millis.labeled import Labeled
-from millis.measure import serve_mix, serve_mix_shapes
-from millis.optimize import optimize
-from millis.select import Candidate, accuracy_gate, select, serve_gate
-from millis.sources import resolve
-from millis.text import TextEncoder
-from millis.variants import CATALOG, REFERENCE, Variant
+from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig
+from millis.common.config import Shape
+from millis.common.errors import MillisError
+from millis.optimize.judge import VariantEvaluator
+from millis.common.readers import Labeled
+from millis.optimize.measure import serve_mix, serve_mix_shapes
+from millis.optimize.pipeline import optimize
+from millis.optimize.select import Candidate, accuracy_gate, select, serve_gate
+from millis.encoder.source import resolve
+from millis.encoder.text import TextEncoder
+from millis.optimize.build.variants import CATALOG, REFERENCE, Variant
 
 N = 1000  # one text = 0.1 accuracy point
 LABELS = ("negative", "neutral", "positive")  # tiny:bert's id2label
@@ -220,15 +221,15 @@ def test_serve_gate_rejects_a_runtime_that_stalls_on_new_shapes():
 
 
 def _optimize_with_a_stalling_variant(tmp_path, quick_measure, monkeypatch, serve_mix_shapes_n: int):
-    import millis.evaluator
+    import millis.optimize.judge
 
-    real_open = millis.evaluator.open_runtime
+    real_open = millis.optimize.judge.open_runtime
 
     def open_runtime(kind, model_dir, name, *args, **kwargs):
         rt = real_open(kind, model_dir, name, *args, **kwargs)
         return StallsOnNewShapes(rt) if name == "ort-fp32-fused" else rt
 
-    monkeypatch.setattr(millis.evaluator, "open_runtime", open_runtime)
+    monkeypatch.setattr(millis.optimize.judge, "open_runtime", open_runtime)
     cfg = OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / f"mix{serve_mix_shapes_n}"),
                          variants=("ort-fp32-fused", "ort-int8-dynamic"), target=Shape(1, 16),
                          measure=replace(quick_measure, serve_mix=serve_mix_shapes_n, threads=1))

@@ -75,8 +75,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def embed_artifact(tmp_path_factory, quick_measure) -> Path:
-    from millis.config import OptimizeConfig, Shape
-    from millis.optimize import optimize
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
 
     out = tmp_path_factory.mktemp("art") / "tiny-embed"
     return optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(out), target=Shape(1, 16),
@@ -275,8 +276,8 @@ def test_millis_bench_against_the_server(embed_server, tmp_path):
 
 
 def test_gpu_buckets_and_device_errors(classify_artifact):
-    from millis.api import gpu_buckets, open_model
-    from millis.errors import MillisError
+    from millis.artifact.model import gpu_buckets, open_model
+    from millis.common.errors import MillisError
     from millis.serve.config import ServeConfig
 
     b = gpu_buckets(32, 512)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from millis.errors import MillisError
-from millis.sources import resolve
+from millis.common.errors import MillisError
+from millis.encoder.source import resolve
 
 
 def test_missing_directory(tmp_path):
@@ -57,7 +57,7 @@ def test_tiny_families(tiny_dirs, family, inputs):
 
 
 def test_classify_needs_a_head():
-    from millis.tasks import load_task_model
+    from millis.encoder.tasks import load_task_model
 
     with pytest.raises(MillisError, match="no sequence-classification head"):
         load_task_model(resolve("builtin:minilm"), "classify")

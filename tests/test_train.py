@@ -4,12 +4,13 @@ import random
 import numpy as np
 import pytest
 
-from millis.errors import MillisError
-from millis.evaluate import EvalConfig, evaluate
-from millis.labeled import Labeled
-from millis.sources import resolve
-from millis.fit import length_batches, split
-from millis.train import read_train_meta, train_config
+from millis.common.errors import MillisError
+from millis.evaluate.run import EvalConfig, evaluate
+from millis.common.readers import Labeled
+from millis.encoder.source import resolve
+from millis.train.loop import length_batches, split
+from millis.artifact.meta import read_train_meta
+from millis.train.classify import train_config
 
 from conftest import train_one_thread
 
@@ -113,7 +114,7 @@ def test_length_batches_cover_every_index_once():
 def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
     import torch
 
-    from millis.cli import main
+    from millis.cli.main import main
 
     monkeypatch.setenv("MILLIS_LR", "0.003")  # flags can come from the environment, typed like the flag
     before = torch.get_num_threads()
@@ -132,8 +133,8 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
 
 
 def test_subsample_spreads_over_a_file_sorted_by_label():
-    from millis.labeled import Labeled
-    from millis.fit import subsample
+    from millis.common.readers import Labeled
+    from millis.train.loop import subsample
 
     labels = tuple(c for c in "abcd" for _ in range(100))  # sorted by label, like Banking77's train.csv
     data = Labeled(tuple(f"t{i}" for i in range(400)), labels, tuple(range(2, 402)), "x.csv", "text", "label")

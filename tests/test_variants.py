@@ -2,16 +2,16 @@
 import numpy as np
 import pytest
 
-from millis import hardware
-from millis.errors import MillisError
-from millis.fidelity import compare
-from millis.optimize import calibration_batches
+from millis.common import hardware
+from millis.common.errors import MillisError
+from millis.optimize.fidelity import compare
+from millis.optimize.pipeline import calibration_batches
 from millis.runtimes import open_runtime
-from millis.sources import resolve
-from millis.tasks import OUTPUT_NAME
-from millis.text import TextEncoder
-from millis.tiny import sample_texts
-from millis.variants import CATALOG, Builder
+from millis.encoder.source import resolve
+from millis.encoder.tasks import OUTPUT_NAME
+from millis.encoder.text import TextEncoder
+from millis.common.samples import sample_texts
+from millis.optimize.build.variants import CATALOG, Builder
 
 from conftest import reference_outputs
 
@@ -71,7 +71,7 @@ def test_padding_and_batching_do_not_change_outputs(built):
 
 
 def test_runtime_rejects_bad_batches(built):
-    from millis.errors import MillisError
+    from millis.common.errors import MillisError
 
     src, enc, builder, _ = built[("bert", "embed")]
     v = CATALOG["ort-fp32-fused"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from millis.config import flag as _f
-from millis.errors import MillisError
+from millis.common.config import flag as _f
+from millis.common.errors import MillisError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as millis.gen.llama.Llama
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from millis.errors import MillisError
-from millis.gen.layers import Batch
+from millis.common.errors import MillisError
+from millis.gen.models.layers import Batch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
-from millis.gen.layers import make_batch
+from millis.gen.models.layers import make_batch
 from millis.gen.load import Loaded
 from millis.gen.sampling import RowParams, sample
 from millis.gen.tokenizer import text_delta

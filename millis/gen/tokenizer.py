@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 
 _BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -174,7 +174,7 @@ class SentencePieceTokenizer:
 
 def llama2c_tokenizer(folder: Path, model_file: Path, vocab_size: int):
     """The tokenizer next to a llama2.c checkpoint: tokenizer .bin, else .model (sentencepiece), else .vocab."""
-    from millis.gen.load import is_llama2c_checkpoint
+    from millis.gen.llama2c import is_llama2c_checkpoint
 
     bins = [p for p in sorted(folder.glob("*.bin")) if p != model_file and not is_llama2c_checkpoint(p)]
     if bins:

@@ -19,10 +19,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.gpu import gemm, kernels
-from millis.sources import Pooling
-from millis.tasks import pool
+from millis.encoder.source import Pooling
+from millis.encoder.tasks import pool
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FUSES = ("triton", "torch", "compile")

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import orjson
 
-from millis.config import flag as _f
-from millis.errors import MillisError
+from millis.common.config import flag as _f
+from millis.common.errors import MillisError
 from millis.loadgen.client import Target, fetch
 from millis.loadgen.load import Level, parse_levels, run_level, warm
 
@@ -37,7 +37,7 @@ class BenchConfig:
 
 
 def read_texts(path: str, text_col: str) -> list[str]:
-    from millis.labeled import read_column
+    from millis.common.readers import read_column
 
     p = Path(path)
     if not p.is_file():

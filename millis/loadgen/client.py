@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 
 
 class Target:

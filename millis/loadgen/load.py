@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.loadgen.client import Conn, Pool, Target
 
 

@@ -6,12 +6,11 @@ and returns {output_name: float32 array}. Padding and batching are the caller's 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 
 KINDS = ("torch", "onnxruntime", "openvino", "cuda")
 
@@ -31,29 +30,6 @@ def default_threads() -> int:
     """Physical cores available to this process (hyper-threads do not help GEMMs)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, n)
-
-
-def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
-                 options: dict[str, Any], threads: int = 0) -> Runtime:
-    """Open the model file in `model_dir` with the runtime `kind` and its recipe `options`."""
-    threads = threads or default_threads()
-    if kind == "onnxruntime":
-        from millis.runtimes.ort import OrtRuntime
-        return OrtRuntime(model_dir / options.get("file", "model.onnx"), name, input_names, output_name,
-                          threads, options.get("graph_level", "all"))
-    if kind == "openvino":
-        from millis.runtimes.openvino import OpenVinoRuntime
-        # options["static"] (artifacts before dynamic shapes) is ignored: one dynamic model serves every shape
-        return OpenVinoRuntime(model_dir / options.get("file", "model.xml"), name, input_names, output_name,
-                               threads, options.get("precision", "f32"))
-    if kind == "torch":
-        from millis.runtimes.torch_eager import TorchRuntime
-        return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
-                            options.get("pooling"))
-    if kind == "cuda":  # threads are irrelevant: one CUDA graph replay per call
-        from millis.runtimes.cuda_graph import CudaGraphRuntime
-        return CudaGraphRuntime.from_options(model_dir, name, input_names, output_name, options)
-    raise MillisError(f"unknown runtime {kind!r}; supported: {', '.join(KINDS)}")
 
 
 def check_batch(batch: dict[str, np.ndarray], input_names: tuple[str, ...]) -> dict[str, np.ndarray]:

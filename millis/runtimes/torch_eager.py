@@ -14,8 +14,8 @@ class TorchRuntime:
                  threads: int, task: str, pooling: dict | None = None):
         from dataclasses import replace
 
-        from millis.sources import Pooling, inspect_dir
-        from millis.tasks import load_task_model
+        from millis.encoder.source import Pooling, inspect_dir
+        from millis.encoder.tasks import load_task_model
 
         torch.set_num_threads(threads)
         src = inspect_dir(model_dir)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from millis.config import flag as _f
-from millis.errors import MillisError
+from millis.common.config import flag as _f
+from millis.common.errors import MillisError
 
 TOO_LONG = ("truncate", "reject")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
-from millis.serve import gen_schemas as gs
+from millis.serve.generation import schemas as gs
 
 NULL = {"type": "null"}
 TEXT = {"type": "string", "pattern": r"\S"}  # a text with something besides whitespace (str.strip)

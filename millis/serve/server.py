@@ -13,7 +13,7 @@ from types import FrameType
 
 import uvicorn
 
-from millis.errors import MillisError
+from millis.common.errors import MillisError
 from millis.serve.config import ServeConfig
 
 
@@ -23,9 +23,9 @@ def _loader(cfg: ServeConfig):
     only its task's route when the task is known), or the generation app for a decoder."""
     from functools import partial
 
-    from millis import artifact
-    from millis.api import open_model
-    from millis.serve.app import create_app
+    from millis.artifact import store as artifact
+    from millis.artifact.model import open_model
+    from millis.serve.encoder.app import create_app
 
     p = Path(cfg.artifact)
     if not cfg.artifact:
@@ -38,7 +38,7 @@ def _loader(cfg: ServeConfig):
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")
     elif p.exists():
-        from millis.serve.generation import create_gen_app, is_generation_model
+        from millis.serve.generation.app import create_gen_app, is_generation_model
 
         if is_generation_model(p):
             from millis.gen import EngineConfig, open_engine
@@ -49,7 +49,7 @@ def _loader(cfg: ServeConfig):
         if p.is_dir() and not (p / "config.json").exists():
             artifact.read_meta(p)  # raises: not an artifact (no millis.json), build one with `millis optimize`
     if not task:  # a source model served as torch fp32: resolve it now (a bad spec fails before binding)
-        from millis.sources import resolve
+        from millis.encoder.source import resolve
 
         task = "classify" if resolve(cfg.artifact).has_classifier else "embed"
     # ORT keeps its default spinning thread pool: measured here, turning it off (so idle threads sleep)
@@ -60,7 +60,7 @@ def _loader(cfg: ServeConfig):
 
 def serve(cfg: ServeConfig, loader=None) -> int:
     """Serve `cfg.artifact` over HTTP; returns the exit status (0 after a graceful drain)."""
-    from millis.serve.app import create_app
+    from millis.serve.encoder.app import create_app
 
     factory, loader = (create_app, loader) if loader is not None else _loader(cfg)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")

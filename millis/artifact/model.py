@@ -1,0 +1,138 @@
+"""`millis.load(path)`: an optimized artifact with predict / embed over raw texts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from millis.artifact import store as artifact
+from millis.common.errors import MillisError
+from millis.runtimes import Runtime, open_runtime
+from millis.encoder.text import BUCKET, TextEncoder, check_texts
+
+MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
+
+
+@dataclass
+class Result:
+    outputs: np.ndarray        # (N, D): logits or embeddings, in input order
+    truncated: list[bool]      # per text: cut to the model's max length
+    tokens: list[int]          # per text: tokens used
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def run_texts(runtime: Runtime, encoder: TextEncoder, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
+    """Texts -> outputs in input order: rows sorted by length, cut into batches of `max_batch`,
+    each padded to its 16-token bucket (so a static-shape runtime sees few shapes)."""
+    texts = check_texts(texts)
+    ids, cut = encoder.token_ids(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+    for start in range(0, len(order), max_batch):
+        idx = order[start:start + max_batch]
+        longest = max(len(ids[i]) for i in idx)
+        t = min(encoder.max_length, -(-longest // BUCKET) * BUCKET)
+        y = runtime.run(encoder.pack([ids[i] for i in idx], t))[runtime.output_name]
+        for row, i in enumerate(idx):
+            outs[i] = y[row]
+    return Result(np.stack(outs).astype(np.float32), cut, [len(r) for r in ids])
+
+
+class Model:
+    """A loaded artifact. Thread-compatible: one call at a time per runtime (the server's worker)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], runtime: Runtime, encoder: TextEncoder):
+        self.path, self.meta, self.runtime, self.encoder = path, meta, runtime, encoder
+        self.task: str = meta["task"]
+        self.id2label = {int(k): v for k, v in meta.get("id2label", {}).items()}
+        self.max_length: int = meta["max_length"]
+
+    @property
+    def variant(self) -> str:
+        return self.meta["variant"]["name"]
+
+    def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
+        """Tokenize, batch rows of similar length together, run, restore input order."""
+        return run_texts(self.runtime, self.encoder, texts, max_batch)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(N, H) sentence embeddings (pooled and normalised as the model declares)."""
+        if self.task != "embed":
+            raise MillisError(f"this artifact is a {self.task} model; use predict()")
+        return self.run(texts).outputs
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text: label, score, probabilities per label, logits and whether it was truncated."""
+        if self.task != "classify":
+            raise MillisError(f"this artifact is an {self.task} model; use embed()")
+        res = self.run(texts)
+        probs = softmax(res.outputs)
+        out = []
+        for i, p in enumerate(probs):
+            k = int(p.argmax())
+            out.append({"label": self.id2label.get(k, str(k)), "score": float(p[k]),
+                        "probs": {self.id2label.get(j, str(j)): float(v) for j, v in enumerate(p)},
+                        "logits": res.outputs[i].tolist(), "truncated": res.truncated[i]})
+        return out
+
+
+def gpu_buckets(max_batch: int, max_length: int) -> list[str]:
+    """CUDA-graph shapes for a server: batch 1, 2, 4 .. max_batch x seq 16, 32, 64 .. max_length.
+    The batcher pads T to a multiple of 16 and the runtime pads (B, T) up to the next captured shape."""
+    def pow2(lo: int, hi: int) -> list[int]:
+        out = [lo]
+        while out[-1] < hi:
+            out.append(min(out[-1] * 2, hi))
+        return out
+    return [f"b{b}xs{t}" for b in pow2(1, max_batch) for t in pow2(16, max_length)]
+
+
+def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "cpu",
+               max_batch: int = MAX_BATCH) -> Model:
+    """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
+    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike.
+    device="cuda" serves a source (BERT family) through the CUDA-graph runtime in fp16 instead."""
+    p = Path(spec)
+    if device not in ("cpu", "cuda"):
+        raise MillisError(f"device must be cpu or cuda, got {device!r}")
+    if artifact.format_of(p) == artifact.FORMAT:
+        if device == "cuda":
+            raise MillisError(f"{p} is a CPU artifact; on a GPU serve the source model directory with --device cuda")
+        model = load(p, threads=threads)
+        if task and task != model.task:
+            raise MillisError(f"{p} is a {model.task} artifact, not {task}")
+        return model
+    from millis.encoder.source import resolve
+    from millis.encoder.tasks import OUTPUT_NAME
+
+    src = resolve(str(spec))
+    task = task or ("classify" if src.has_classifier else "embed")
+    max_len = min(max_length or src.max_length, src.max_length)
+    options = {"task": task, "pooling": {"mode": src.pooling.mode, "normalize": src.pooling.normalize}}
+    kind, name, precision = "torch", "torch-fp32", "fp32"
+    if device == "cuda":
+        kind, name, precision = "cuda", "cuda-fp16", "fp16"
+        options.update(dtype="fp16", buckets=gpu_buckets(max_batch, max_len))
+    rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
+    meta = {"task": task, "max_length": max_len, "id2label": {str(k): v for k, v in src.id2label.items()},
+            "variant": {"name": name, "runtime": kind, "precision": precision},
+            "source": {"spec": src.spec, "path": str(src.path), "sha256": src.sha256}}
+    return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
+
+
+def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:
+    """Load an artifact written by `millis optimize`; verifies format version and file hashes."""
+    path = Path(path)
+    meta = artifact.read_meta(path, verify=verify)
+    v = meta["variant"]
+    model_dir = path / "hf" if v["runtime"] == "torch" else path
+    options = dict(v.get("options", {}), task=meta["task"], pooling=meta["source"]["pooling"])
+    rt = open_runtime(v["runtime"], model_dir, v["name"], tuple(meta["input_names"]), meta["output"], options, threads)
+    enc = TextEncoder(path / "tokenizer", tuple(meta["input_names"]), int(meta["max_length"]))
+    return Model(path, meta, rt, enc)

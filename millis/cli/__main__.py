@@ -1,0 +1,5 @@
+import sys
+
+from millis.cli.main import main
+
+sys.exit(main())

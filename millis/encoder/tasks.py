@@ -1,0 +1,65 @@
+"""Task heads as torch modules, so pooling and normalisation live inside the exported graph.
+
+classify: (input_ids, attention_mask[, token_type_ids]) -> logits (B, num_labels)
+embed:    (input_ids, attention_mask[, token_type_ids]) -> embedding (B, H)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from millis.common.errors import MillisError
+from millis.encoder.hf import load_hf
+from millis.encoder.source import ModelSource, Pooling
+
+OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    # hidden (B, T, H), mask (B, T) of 0/1 -> (B, H)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling.mode == "cls":
+        out = hidden[:, 0]
+    elif pooling.mode == "max":
+        out = (hidden + (m - 1.0) * 1e9).amax(dim=1)
+    else:
+        out = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    if pooling.normalize:
+        out = nn.functional.normalize(out, p=2.0, dim=-1)
+    return out
+
+
+class TaskModel(nn.Module):
+    """Wraps a HF encoder so its single output is exactly what the task needs."""
+
+    def __init__(self, hf_model: nn.Module, task: str, pooling: Pooling, input_names: tuple[str, ...]):
+        super().__init__()
+        self.hf, self.task, self.pooling = hf_model, task, pooling
+        self.takes_token_types = "token_type_ids" in input_names
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_token_types:
+            kw["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        out = self.hf(**kw)
+        if self.task == "classify":
+            return out.logits
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+
+def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> TaskModel:
+    """Load the HF weights for `task`. attn="eager" gives the attention pattern ORT fuses."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # silence "some weights were not used" for the dropped head
+    hf_logging.disable_progress_bar()
+    if task == "classify":
+        if not src.has_classifier:
+            raise MillisError(f"{src.spec} has no sequence-classification head (architectures in config.json); "
+                              f"fine-tune one first, or use --task embed")
+        hf = load_hf(src.path, AutoModelForSequenceClassification, attn_implementation=attn, dtype=dtype)
+    else:
+        kw = {} if src.model_type == "distilbert" else {"add_pooling_layer": False}  # the pooler is unused
+        hf = load_hf(src.path, AutoModel, attn_implementation=attn, dtype=dtype, **kw)
+    return TaskModel(hf.eval(), task, src.pooling, src.input_names).eval()

@@ -1,0 +1,85 @@
+"""Tiny random models with a locally built tokenizer, for tests and smoke runs.
+
+`tiny:bert`, `tiny:distilbert`, `tiny:roberta`, `tiny:xlm-roberta`: a sequence classifier with three
+labels that is also a sentence-transformers folder (mean pooling + Normalize), so one directory
+serves both tasks. Built once per family into the millis cache; weights are seeded.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from millis.common.errors import MillisError
+from millis.common.samples import sample_texts
+
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0 for every family
+
+
+def build_vocab() -> list[str]:
+    """Word-piece vocab: specials, single characters (+ ## forms) and the sample texts' words."""
+    words: set[str] = set()
+    for t in sample_texts():
+        words.update(re.findall(r"\w+|[^\w\s]", t.lower()))
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    return SPECIAL + chars + [f"##{c}" for c in chars] + sorted(words - set(chars))
+
+
+def _config(family: str, vocab_size: int):
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig, XLMRobertaConfig
+
+    common = dict(vocab_size=vocab_size, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
+                                pad_token_id=0, **common)
+    cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig}[family]
+    extra = {"type_vocab_size": 2} if family == "bert" else {"type_vocab_size": 1}
+    return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=130, pad_token_id=0, **extra, **common)
+
+
+def build_tiny(family: str, root: Path | None = None) -> Path:
+    """Return the directory of the tiny `family` model, building it on first use."""
+    if family not in FAMILIES:
+        raise MillisError(f"unknown tiny model {family!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}")
+    from millis.common.files import cache_dir
+
+    out = (root or cache_dir() / "tiny-v2") / family  # v2: the tokenizer has its full vocab
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{family}-"))
+    vocab = build_vocab()
+    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...) (a 5-token vocab): build the WordPiece
+    # model with `tokenizers` and wrap it.
+    wp = BertWordPieceTokenizer(str(tmp / "vocab.txt"), lowercase=True)
+    tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=True, model_max_length=128,
+                            unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                            mask_token="[MASK]")
+    if len(tok) != len(vocab):
+        raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
+    tok.save_pretrained(tmp)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab))).eval()
+    model.save_pretrained(tmp)
+    (tmp / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2))
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    try:
+        tmp.rename(out)  # atomic: concurrent builders race safely, the loser's copy is dropped
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,60 @@
+"""Stage 2: graph optimization of an exported ONNX model.
+
+`fuse` runs ONNX Runtime's transformer optimizer offline (opt_level 0: only the transformer
+fusions; the session applies its own level at load time so the file stays portable across CPUs).
+`prune` drops nodes and initializers that do not reach a graph output.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import onnx
+
+from millis.encoder.source import ModelSource
+
+# ORT's optimizer handles all supported encoder families with the "bert" fusion set.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu", "LayerNormalization")
+
+
+def count_ops(model: onnx.ModelProto | Path | str) -> dict[str, int]:
+    m = onnx.load(str(model), load_external_data=False) if not isinstance(model, onnx.ModelProto) else model
+    return dict(collections.Counter(n.op_type for n in m.graph.node))
+
+
+def prune(model: onnx.ModelProto) -> int:
+    """Remove nodes whose outputs never reach a graph output; return how many were removed."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(g.node) - len(keep)
+    if removed:
+        del g.node[:]
+        g.node.extend(reversed(keep))
+    used_inits = [i for i in g.initializer if i.name in needed]
+    if len(used_inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(used_inits)
+    return removed
+
+
+def fuse(src: ModelSource, in_path: Path, out_path: Path) -> dict[str, int]:
+    """Apply transformer fusions; write out_path; return the fused graph's op counts."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opts = FusionOptions("bert")
+    opts.enable_gelu_approximation = False  # keep exact erf GELU: fidelity first
+    opt = optimizer.optimize_model(str(in_path), model_type="bert", num_heads=src.num_heads,
+                                   hidden_size=src.attention_size or src.hidden_size,  # pruned heads: fewer
+                                   optimization_options=opts, opt_level=0)
+    prune(opt.model)
+    opt.save_model_to_file(str(out_path))
+    return count_ops(opt.model)

@@ -1,0 +1,181 @@
+"""Variants: named recipes of passes, each built into its own directory.
+
+A recipe is data (runtime kind, passes, runtime options); `build` turns it into files. The recipe
+is written into the artifact's millis.json so the chosen variant can be rebuilt and reloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from millis.optimize.build import graph, quantize
+from millis.common import hardware
+from millis.common.errors import MillisError
+from millis.encoder.source import ModelSource
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    runtime: str                   # torch | onnxruntime | openvino
+    precision: str                 # fp32 | bf16 | int8
+    passes: tuple[str, ...]        # applied in order, see PASSES
+    options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, precision...)
+    note: str = ""
+    keep_fp32: tuple[str, ...] = ()  # graph nodes the int8 pass leaves in fp32 (sensitivity fallback)
+
+
+REFERENCE = "torch-fp32"
+
+CATALOG: dict[str, Variant] = {v.name: v for v in [
+    Variant(REFERENCE, "torch", "fp32", (), {}, "HF eager fp32: the reference"),
+    Variant("ort-fp32", "onnxruntime", "fp32", ("export",), {"graph_level": "basic"},
+            "ONNX export, ORT basic graph optimizations"),
+    Variant("ort-fp32-fused", "onnxruntime", "fp32", ("export", "fuse"), {"graph_level": "all"},
+            "transformer fusions (Attention, SkipLayerNorm, BiasGelu) + ORT level all"),
+    Variant("ort-int8-dynamic", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-tensor"),
+            {"graph_level": "all"}, "dynamic int8, per-tensor weights"),
+    Variant("ort-int8-dynamic-pc", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-channel"),
+            {"graph_level": "all"}, "dynamic int8, per-channel weights"),
+    Variant("ort-int8-attention", "onnxruntime", "int8", ("export", "fuse", "int8-dynamic-attention"),
+            {"graph_level": "all"}, "dynamic int8 on the fused attention (QKV) only, per-channel; rest fp32"),
+    Variant("ort-int8-static", "onnxruntime", "int8", ("export", "fuse", "int8-static-qdq"), {"graph_level": "all"},
+            "static int8 QDQ, MatMuls calibrated (MinMax) on the calibration texts, per-channel"),
+    Variant("ort-int8-static-percentile", "onnxruntime", "int8", ("export", "fuse", "int8-static-percentile"),
+            {"graph_level": "all"}, "static int8 QDQ, ranges at the 99.999th percentile (clips outliers)"),
+    Variant("ort-int8-static-entropy", "onnxruntime", "int8", ("export", "fuse", "int8-static-entropy"),
+            {"graph_level": "all"}, "static int8 QDQ, ranges minimising KL divergence (entropy)"),
+    Variant("ov-fp32", "openvino", "fp32", ("export", "openvino-ir"), {"precision": "f32"},
+            "OpenVINO f32, one dynamic-shape model"),
+    Variant("ov-bf16", "openvino", "bf16", ("export", "openvino-ir"), {"precision": "bf16"},
+            "OpenVINO bf16 (AMX/AVX512-BF16 where the CPU has them)"),
+    Variant("ov-int8", "openvino", "int8", ("export", "openvino-ir", "nncf-int8"),
+            {"precision": "f32"}, "OpenVINO + NNCF int8 (transformer preset), one dynamic-shape model"),
+]}
+
+# dynamic int8 passes -> quantize.dynamic arguments
+DYNAMIC_INT8: dict[str, dict[str, Any]] = {
+    "int8-dynamic-tensor": {"per_channel": False},
+    "int8-dynamic-channel": {"per_channel": True},
+    "int8-dynamic-attention": {"per_channel": True, "op_types": ("Attention",)},
+}
+
+# static int8 passes -> calibration method
+STATIC_INT8: dict[str, str] = {"int8-static-qdq": "minmax", "int8-static-percentile": "percentile",
+                               "int8-static-entropy": "entropy"}
+
+# Tried, in this order, only when plain int8 misses the budget (see millis.recover).
+RECOVERY = ("ort-int8-dynamic-pc", "ort-int8-static", "ort-int8-static-percentile", "ort-int8-static-entropy")
+MIXED_BASE = "ort-int8-dynamic-pc"  # the sensitivity fallback keeps some of its MatMuls in fp32
+
+PRESET_VARIANTS = {
+    "cpu": tuple(n for n in CATALOG if n not in RECOVERY[2:]),
+    "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-attention", "ort-int8-dynamic-pc"),
+}
+
+
+def variants_for(names: tuple[str, ...], preset: str) -> list[Variant]:
+    names = names or PRESET_VARIANTS.get(preset, PRESET_VARIANTS["cpu"])
+    unknown = [n for n in names if n not in CATALOG]
+    if unknown:
+        raise MillisError(f"unknown variant(s) {', '.join(unknown)}; available: {', '.join(CATALOG)}")
+    if REFERENCE not in names:
+        names = (REFERENCE, *names)  # fidelity is always measured against the reference
+    return [CATALOG[n] for n in names]
+
+
+class Builder:
+    """Builds variants for one source and task, sharing the export and fused graph between them."""
+
+    def __init__(self, src: ModelSource, task: str, work: Path, calibration: Callable[[], list[dict]]):
+        self.src, self.task, self.work = src, task, work
+        self.calibration = calibration  # () -> list of feeds dicts (B, T) int64
+        self._cache: dict[tuple[str, ...], Path] = {}
+
+    def build(self, v: Variant) -> tuple[Path, dict[str, Any]]:
+        """Build `v` into work/<name>/ and return (dir, facts such as op counts and file size)."""
+        out = self.work / v.name
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        if v.runtime == "torch":
+            return self.src.path, {"file": None}
+        if v.precision == "bf16" and not hardware.has_bf16():
+            raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
+                              "as fp32 or emulated, so it is skipped")
+        path = self._apply(v.passes, v.keep_fp32)
+        files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+        for f in files:
+            shutil.copy2(f, out / f"model{f.suffix}")
+        facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
+        if path.suffix == ".onnx":
+            facts["ops"] = graph.count_ops(path)
+        return out, facts
+
+    def _apply(self, passes: tuple[str, ...], keep: tuple[str, ...] = ()) -> Path:
+        """Run passes in order; every prefix is cached so shared steps run once. `keep` names nodes
+        the last (int8) step leaves in fp32."""
+        key = (passes, keep)
+        if key in self._cache:
+            return self._cache[key]
+        prev = self._apply(passes[:-1]) if len(passes) > 1 else None
+        step = passes[-1]
+        if keep and step not in DYNAMIC_INT8:
+            raise MillisError(f"keeping nodes in fp32 needs a dynamic int8 pass, not {step!r}")
+        tag = f"-keep{len(keep)}-{hashlib.sha1(chr(0).join(keep).encode()).hexdigest()[:8]}" if keep else ""
+        d = self.work / "_passes" / ("+".join(passes) + tag)
+        d.mkdir(parents=True, exist_ok=True)
+        if step == "export":
+            from millis.optimize.build.export import export
+            path = export(self.src, self.task, d)
+        elif step == "fuse":
+            path = d / "model.onnx"
+            graph.fuse(self.src, prev, path)
+        elif step in DYNAMIC_INT8:
+            path = d / "model.onnx"
+            quantize.dynamic(prev, path, **DYNAMIC_INT8[step], exclude=keep)
+        elif step in STATIC_INT8:
+            path = d / "model.onnx"
+            quantize.static(prev, path, self.calibration(), method=STATIC_INT8[step], per_channel=True)
+        elif step == "openvino-ir":
+            path = _to_openvino(prev, d)
+        elif step == "nncf-int8":
+            path = _nncf_int8(prev, d, self.calibration())
+        else:
+            raise MillisError(f"unknown pass {step!r}")
+        self._cache[key] = path
+        return path
+
+    def graph(self, passes: tuple[str, ...]) -> Path:
+        """The file after `passes` (built if needed), e.g. the fused fp32 graph for sensitivity."""
+        return self._apply(passes)
+
+
+def _to_openvino(onnx_path: Path, d: Path) -> Path:
+    import openvino as ov
+
+    path = d / "model.xml"
+    ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    return path
+
+
+def _nncf_int8(xml: Path, d: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    if not feeds:
+        raise MillisError("NNCF int8 needs calibration texts; none were given")
+    model = ov.Core().read_model(str(xml))
+    q = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                      preset=nncf.QuantizationPreset.MIXED, subset_size=len(feeds))
+    path = d / "model.xml"
+    ov.save_model(q, str(path), compress_to_fp16=False)
+    return path

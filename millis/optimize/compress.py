@@ -1,0 +1,160 @@
+"""Compressed candidates for `millis optimize --compress`: distilled and pruned students.
+
+A recipe says how deep the student is and how much of it is pruned afterwards; each recipe is
+trained once and cached under the millis cache, keyed by the teacher's weights, the training data
+and the recipe, so a second `optimize --compress` (or the benchmark) reuses it. The training data
+is the teacher's own (`millis train` records it) unless `--compress-data` names another file:
+never the evaluation file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from millis.common.config import to_dict
+from millis.common.errors import MillisError
+from millis.encoder.source import ModelSource
+from millis.common.files import cache_dir, hash_files
+
+
+@dataclass(frozen=True)
+class CompressRecipe:
+    name: str                # prefix of the candidate's variant names, e.g. "l-half-h50"
+    layers: float            # distilled student depth as a share of the teacher's (rounded up); 1 = none
+    heads: float = 0.0       # then: share of attention heads pruned away (with a recovery fine-tune)
+    ffn: float = 0.0         # then: share of FFN neurons pruned away
+    drop_layers: int = 0     # then: whole layers pruned away
+
+    def depth(self, teacher_layers: int) -> int:
+        return max(1, math.ceil(round(self.layers * teacher_layers, 6)))
+
+    @property
+    def prunes(self) -> bool:
+        return bool(self.heads or self.ffn or self.drop_layers)
+
+
+# Named sets of recipes for `--compress`: a few sizes, each then built as fp32 and int8 variants.
+COMPRESS_PRESETS: dict[str, tuple[CompressRecipe, ...]] = {
+    "default": (CompressRecipe("l-half", 0.5), CompressRecipe("l-half-h50", 0.5, heads=0.5),
+                CompressRecipe("l-third", 0.5, drop_layers=1)),
+    "quick": (CompressRecipe("l-half", 0.5),),
+}
+# The variants built from every compressed model (see millis.variants.CATALOG).
+COMPRESS_VARIANTS = ("ort-fp32-fused", "ort-int8-dynamic", "ort-int8-dynamic-pc", "ort-int8-attention")
+
+
+def recipes_for(preset: str) -> tuple[CompressRecipe, ...]:
+    if preset not in COMPRESS_PRESETS:
+        raise MillisError(f"unknown --compress preset {preset!r}; available: {', '.join(COMPRESS_PRESETS)}")
+    return COMPRESS_PRESETS[preset]
+
+
+def training_data(src: ModelSource, task: str, compress_data: str, text_col: str) -> tuple[str, str, str]:
+    """(file, text column, label column) the students train on: `--compress-data`, else what
+    `millis train` recorded for the teacher."""
+    from millis.artifact.meta import read_train_meta
+
+    meta = (read_train_meta(src.path) or {}).get("data", {})
+    if compress_data:
+        return compress_data, text_col, meta.get("label_col", "") if task == "classify" else ""
+    if meta.get("path") and Path(meta["path"]).is_file():
+        return meta["path"], meta.get("text_col", "text"), meta.get("label_col", "")
+    raise MillisError("--compress trains students and needs training data: pass --compress-data FILE "
+                      "(labelled for classify, any texts for embed); the teacher was not trained by "
+                      "`millis train`, so its training file is unknown")
+
+
+def cache_key(kind: str, teacher_sha: str, data_file: str, cfg: Any) -> str:
+    """Identifies a trained student: what it was trained from, on what, and how (paths excluded)."""
+    d = to_dict(cfg)
+    d["train"] = {**d["train"], "out": "", "source": "", "data": "", "threads": 0}  # threads: not the result
+    blob = json.dumps({"kind": kind, "teacher": teacher_sha, "data": hash_files([Path(data_file)]), "cfg": d},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached(kind: str, teacher: ModelSource, data_file: str, cfg: Any, build: Callable[[Any], Path]) -> Path:
+    """The cached output of `build(cfg with out set)` for this teacher, data and recipe."""
+    from millis.artifact.meta import read_train_meta
+
+    out = cache_dir() / "compressed" / f"{kind}-{cache_key(kind, teacher.sha256, data_file, cfg)}"
+    if read_train_meta(out) is None:
+        build(replace(cfg, train=replace(cfg.train, out=str(out))))
+    return out
+
+
+def candidates(src: ModelSource, task: str, preset: str, compress_data: str, text_col: str,
+               progress: Callable[[str], None]) -> list[tuple[CompressRecipe, Path]]:
+    """Train (or reuse) every recipe of `preset` for teacher `src`; [(recipe, model dir)]."""
+    from millis.train.distill import DistillConfig, distill
+    from millis.train.prune import PRUNE_PRESETS, PruneConfig, prune
+    from millis.encoder.source import resolve
+    from millis.train.classify import train_config
+
+    data, tcol, lcol = training_data(src, task, compress_data, text_col)
+    out = []
+    for r in recipes_for(preset):
+        if r.prunes and task != "classify":
+            progress(f"compress: skipping {r.name}: pruning needs a classifier")
+            continue
+        model = src
+        if r.layers < 1:
+            n = r.depth(src.num_layers)
+            if n >= src.num_layers:
+                progress(f"compress: skipping {r.name}: {n} layers is not fewer than the teacher's")
+                continue
+            dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol), layers=n,
+                                 task="embed" if task == "embed" else "")
+            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, _relay(r.name, progress)))))
+        if r.drop_layers >= model.num_layers:
+            progress(f"compress: skipping {r.name}: cannot drop {r.drop_layers} of {model.num_layers} layers")
+            continue
+        if r.prunes:
+            pcfg = PruneConfig(train=train_config(str(model.path), data, text_col=tcol, label_col=lcol,
+                                                  **PRUNE_PRESETS["default"]),
+                               heads=r.heads, ffn=r.ffn, layers=r.drop_layers)
+            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, _relay(r.name, progress)))))
+        out.append((r, model.path))
+    return out
+
+
+def _relay(name: str, progress: Callable[[str], None]):
+    """Training events -> one line per epoch in optimize's progress."""
+    def on(event: str, f: dict[str, Any]) -> None:
+        if event == "start":
+            progress(f"compress {name}: {f.get('what', 'training')} on {f['rows']} rows")
+        elif event == "epoch":
+            score = next((k for k in ("val_accuracy", "val_cosine") if k in f), None)
+            progress(f"compress {name}: epoch {f['epoch']}, loss {f['train_loss']:.4f}"
+                     + (f", {score} {f[score]:.4f}" if score else "") + f", {f['seconds']:.0f} s")
+    return on
+
+
+def judge_compressed(ev, cfg, src: ModelSource, work: Path, calibration, progress: Callable[[str], None]) -> None:
+    """Add every compressed candidate's variants to the evaluator `ev` (judged like the rest:
+    accuracy on the labelled data when given, else fidelity to the fp32 teacher)."""
+    from millis.encoder.source import resolve
+    from millis.artifact.meta import read_train_meta
+    from millis.optimize.build.variants import CATALOG, Builder
+
+    for r, path in candidates(src, cfg.task, cfg.compress, cfg.compress_data, cfg.text_col, progress):
+        csrc = resolve(str(path))
+        meta = read_train_meta(path) or {}
+        desc = {"recipe": to_dict(r), "model": str(path), "sha256": csrc.sha256, "layers": csrc.num_layers,
+                "heads": csrc.num_heads, "intermediate": _intermediate(path),
+                "val_score": meta.get("val_accuracy", meta.get("val_cosine")), "train_s": meta.get("train_s")}
+        builder = Builder(csrc, cfg.task, work / "compressed" / r.name, calibration)
+        for name in COMPRESS_VARIANTS:
+            v = CATALOG[name]
+            ev.judge(replace(v, name=f"{r.name}+{v.name}", note=f"{r.name} ({csrc.num_layers} layers, "
+                                                                 f"{csrc.num_heads} heads): {v.note}"),
+                     builder=builder, compressed=desc)
+
+
+def _intermediate(path: Path) -> int:
+    c = json.loads((path / "config.json").read_text())
+    return int(c.get("intermediate_size", c.get("hidden_dim", 0)))

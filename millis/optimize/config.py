@@ -1,0 +1,91 @@
+"""The configuration of `millis optimize`: what to build, how to measure, what fidelity to keep."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from millis.common.config import Shape
+from millis.common.errors import MillisError
+
+TASKS = ("classify", "embed")
+
+
+DEFAULT_SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How latency is measured. Variants are interleaved round by round so drift hits all alike."""
+
+    shapes: tuple[Shape, ...] = DEFAULT_SHAPES
+    warmup: int = 10          # untimed calls per variant and shape before timing
+    iters: int = 200          # timed calls per variant and shape, split across `rounds`
+    rounds: int = 5           # interleaving rounds
+    threads: int = 0          # intra-op threads; 0 = all physical cores of this machine
+    max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
+    # The serve mix: shapes like those `millis serve` forms (B rows x a 16-token bucket), new to every
+    # variant, each run cold then warm. A variant that stalls on a new shape, or whose rows/s over the
+    # mix is far below the best, is not selectable (millis.select.serve_gate).
+    serve_mix: int = 10              # distinct (B, T) shapes in the mix; 0 = no serve mix
+    serve_max_batch: int = 32        # largest B in the mix (`millis serve --max-batch`)
+    serve_max_tokens: int = 512      # largest B x T in the mix (the server allows 4096; this keeps it to seconds)
+    serve_floor: float = 0.5         # reject below this share of the best variant's serve-mix rows/s
+    stall_ratio: float = 2.0         # a first call over this many times the next call at its shape...
+    stall_s: float = 0.25            # ...and this many seconds slower stalls (a compile, not noise)
+    stall_share: float = 0.5         # a variant stalling on at least this share of the mix's shapes stalls
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Fidelity a variant must keep against the fp32 reference to be selectable."""
+
+    min_cosine: float = 0.99        # embed: min cosine over the sample texts
+    max_logit_diff: float = 0.5     # classify: max |delta logit| over the sample texts
+    min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
+    max_drop: float = 0.5           # with labelled data: accuracy points a variant may lose vs fp32
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything `millis optimize` needs: the source, the task and how to choose."""
+
+    source: str                               # local HF dir, `builtin:minilm` or `tiny:<family>`
+    task: str = "embed"
+    out: str = "artifacts/model"
+    variants: tuple[str, ...] = ()            # empty = the preset's list (see millis.variants)
+    target: Shape = Shape(1, 128)             # the shape the selection optimises for
+    max_length: int = 0                       # 0 = the model's own limit
+    budget: Budget = field(default_factory=Budget)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    sample_texts: str = ""                    # file with one text per line; "" = shipped samples
+    calibration_texts: str = ""               # texts for static int8 calibration; "" = samples
+    preset: str = "cpu"
+    data: str = ""                            # labelled file: select on accuracy (Budget.max_drop)
+    text_col: str = "text"
+    label_col: str = ""                       # "" = the column `millis train` used, else label/...
+    recover: bool = True                      # plain int8 over budget -> try recovery recipes
+    compress: str = ""                        # "" = off; a preset of distilled / pruned students (millis.compress)
+    compress_data: str = ""                   # what the students train on; "" = the teacher's training file
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
+
+
+# Named presets: a quick one for tests and smoke runs, the full one for real measurements.
+PRESETS: dict[str, MeasureConfig] = {
+    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2, serve_mix=6),
+    "cpu": MeasureConfig(),
+}
+
+
+def optimize_config_from_dict(d: dict[str, Any]) -> OptimizeConfig:
+    m = dict(d.get("measure", {}))
+    if "shapes" in m:
+        m["shapes"] = tuple(Shape.parse(s) for s in m["shapes"])
+    out = dict(d)
+    out["measure"] = MeasureConfig(**m)
+    out["budget"] = Budget(**d.get("budget", {}))
+    out["target"] = Shape.parse(d["target"]) if "target" in d else Shape(1, 128)
+    out["variants"] = tuple(d.get("variants", ()))
+    return OptimizeConfig(**out)

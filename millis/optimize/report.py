@@ -1,0 +1,171 @@
+"""Reports beside the artifact: report.json (everything), report.md (tables), latency.png and
+pareto.png (p50 at the target shape against accuracy, or fidelity without labelled data)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from millis.optimize.select import NEAR_TIE
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["facts"] = {k: v for k, v in row.get("facts", {}).items() if k != "dir"}  # temp paths
+    return row
+
+
+def fidelity_text(task: str, fid: dict[str, float]) -> str:
+    if not fid:
+        return "-"
+    if task == "classify":
+        return f"dlogit {fid['max_logit_diff']:.2e}, top1 {fid['top1_agreement']:.3f}"
+    return f"cos min {fid['cos_min']:.5f}"
+
+
+def accuracy_text(row: dict[str, Any]) -> str:
+    a = row.get("accuracy") or {}
+    if not a:
+        return "-"
+    return f"{100 * a['accuracy']:.2f}% ({0.0 - a['drop_pts']:+.2f} pt)"
+
+
+def serve_mix_text(mix: dict[str, Any] | None) -> str:
+    if not mix:
+        return "-"
+    return f"{mix['rows_per_s']:.1f} ({mix['worst_ms']:.0f} ms)"
+
+
+def recovery_lines(recovery: dict[str, Any]) -> list[str]:
+    if not recovery.get("needed"):
+        return ["", f"Recovery: not needed ({recovery.get('why', '-')}).", ""]
+    lines = ["", "## Recovery", "", f"Plain int8 missed the budget ({recovery['why']}); millis tried:", "",
+             "| step | variant | within budget | why |", "|---|---|---|---|"]
+    for a in recovery["attempts"]:
+        lines.append(f"| {a['step']} | {a['variant']} | {'yes' if a['ok'] else 'no'} | {a['reason']} |")
+    kept = recovery.get("kept_fp32")
+    if kept:
+        lines += ["", f"Nodes kept in fp32 by `ort-int8-mixed` ({len(kept)} of {len(recovery['sensitivity'])}; "
+                  f"fp32 because ONNX Runtime's CPU MatMul has no bf16 kernel):", "",
+                  "| node | output error when quantized alone | why |", "|---|---|---|"]
+        lines += [f"| `{k['node']}` | {k['error']:.3e} | {k['why']} |" for k in kept]
+    elif "sensitivity" in recovery:
+        lines += ["", "The sensitivity fallback found no node set within budget below all-fp32."]
+    return lines + [""]
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str, recovery: dict[str, Any]) -> str:
+    task, shapes = meta["task"], list(next((r["latency"] for r in rows if r["latency"]), {}).keys())
+    hw = meta["hardware"]
+    gate = (f"within {meta['config']['budget']['max_drop']} accuracy points of fp32 on {meta['config']['data']}"
+            if meta["measured"].get("accuracy") else "within the fidelity budget")
+    lines = [f"# millis report: {meta['source']['spec']} ({task})", "",
+             f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} {gate}, not stalling on new shapes; "
+             f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
+             f"Machine: {hw['cpu']}, {hw['cores']} cores, ISA {' '.join(hw['isa']) or '-'}; "
+             f"millis {meta['millis_version']}.", "",
+             f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on {meta['measured'].get('fidelity_texts', 'the sample texts')}; "
+             + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
+                if meta["measured"].get("accuracy") else "") + "cold start = "
+             "load + first call at the target shape; RSS MB = resident memory added by loading the variant; "
+             "serve mix = rows/s over shapes a server forms that the variant had not run, each cold then warm "
+             "(worst call in brackets).", "",
+             "| variant | runtime | precision | " + " | ".join(shapes) +
+             " | serve mix rows/s | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
+             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r['latency'][s]['p50_ms']:.2f} / {r['latency'][s]['p99_ms']:.2f}" if s in r["latency"] else "-"
+                 for s in shapes]
+        mark = "**" if r["name"] == chosen else ""
+        ok = "yes" if r["ok"] else f"no: {r['reason']}"
+        size = r["facts"].get("bytes")
+        size_txt = f"{size / 2**20:.1f}" if size else "-"
+        lines.append(f"| {mark}{r['name']}{mark} | {r['runtime']} | {r['precision']} | " + " | ".join(cells) +
+                     f" | {serve_mix_text(r.get('serve_mix'))} | {fidelity_text(task, r['fidelity'])} | "
+                     f"{accuracy_text(r)} | {ok} | "
+                     f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += ["", "Skipped variants:", ""] + [f"- {r['name']}: {r['error']}" for r in errors]
+    lines += recovery_lines(recovery)
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, task: str, rows: list[dict[str, Any]], chosen: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if r["latency"]]
+    shapes = list(rows[0]["latency"].keys()) if rows else []
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(4.5 * max(1, len(shapes)), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        names = [r["name"] for r in rows]
+        p50 = np.array([r["latency"][s]["p50_ms"] for r in rows])
+        p99 = np.array([r["latency"][s]["p99_ms"] for r in rows])
+        colors = ["tab:green" if r["name"] == chosen else ("tab:blue" if r["ok"] else "lightgray") for r in rows]
+        y = np.arange(len(rows))
+        ax.barh(y, p50, color=colors, xerr=[np.zeros_like(p50), p99 - p50], capsize=2)
+        for i, r in enumerate(rows):
+            ax.text(p50[i], i, "" if r["ok"] else "  rejected", va="center", fontsize=7, color="tab:red")
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{s}: p50 (bar) to p99 (whisker)", fontsize=9)
+        ax.set_xscale("log")  # eager is often 10x the rest
+        ax.set_xlabel("ms (log)")
+    fig.suptitle(f"millis variants ({task}); green = chosen, gray = outside budget or rejected on the serve mix",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str) -> None:
+    """p50 at the target shape (x, log) against accuracy, or fidelity without labelled data (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = meta["measured"]["target"]
+    rows = [r for r in rows if target in r["latency"]]
+    with_acc = bool(meta["measured"].get("accuracy"))
+    if with_acc:
+        key, label = (lambda r: 100 * r["accuracy"]["accuracy"]), "accuracy on the labelled data (%)"
+        line = 100 * meta["measured"]["reference_accuracy"] - meta["config"]["budget"]["max_drop"]
+    elif meta["task"] == "embed":
+        key, label, line = (lambda r: r["fidelity"]["cos_min"]), "cosine min vs fp32", meta["config"]["budget"]["min_cosine"]
+    else:
+        key, label, line = (lambda r: r["fidelity"]["top1_agreement"]), "top-1 agreement with fp32", \
+            meta["config"]["budget"]["min_top1_agreement"]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, r in enumerate(rows):
+        x, y = r["latency"][target]["p50_ms"], key(r)
+        color = "tab:green" if r["name"] == chosen else ("tab:blue" if r["ok"] else "tab:gray")
+        ax.scatter([x], [y], s=90 if r["name"] == chosen else 40, color=color,
+                   marker="*" if r["name"] == chosen else "o", zorder=3)
+        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3 if i % 2 else -9),  # alternate: equal
+                    textcoords="offset points")                                # accuracies overlap
+    ax.axhline(line, color="tab:red", linestyle="--", linewidth=1, label="budget")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 ms at {target} (log)")
+    ax.set_ylabel(label)
+    ax.set_title(f"millis variants ({meta['task']}): green star = chosen, gray = outside budget or rejected "
+                 "on the serve mix", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str,
+              recovery: dict[str, Any]) -> None:
+    rows = [_clean(r) for r in rows]
+    (out / "report.json").write_text(json.dumps({"chosen": chosen, "task": meta["task"], "source": meta["source"],
+                                                 "hardware": meta["hardware"], "measured": meta["measured"],
+                                                 "variants": rows, "recovery": recovery}, indent=2))
+    (out / "report.md").write_text(markdown(meta, rows, chosen, recovery))
+    plot(out / "latency.png", meta["task"], rows, chosen)
+    pareto(out / "pareto.png", meta, rows, chosen)

@@ -1,0 +1,217 @@
+"""The HTTP app: Starlette routes over one `Batcher` that owns the queue.
+
+The model loads in a thread after the server starts, so `/health` answers at once and `/ready`
+turns 200 when every length bucket has run once (cold start = load + warm-up, a metric).
+A request: parse and validate (4xx on any bad input) -> tokenize (on the loop for small inputs,
+in a thread for large ones) -> submit its rows (429 if the queue is full) -> await the rows,
+watching for the client leaving and for the request timeout -> JSON with timing headers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from millis.artifact.model import Model
+from millis.serve import openapi, schemas
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, bucket_of
+from millis.serve.http import ClientGone
+from millis.serve.config import ServeConfig
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json, ready_response, watch_disconnect)
+from millis.serve.metrics import Metrics
+
+log = logging.getLogger("millis.serve")
+
+
+class RequestTimeout(ClientGone):
+    pass
+
+
+class State:
+    """What the routes share: config, metrics, and (once loaded) the model and its batcher."""
+
+    def __init__(self, cfg: ServeConfig, loader: Callable[[], Model]):
+        self.cfg, self.loader, self.metrics = cfg, loader, Metrics()
+        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes)
+        self.model: Model | None = None
+        self.batcher: Batcher | None = None
+        self.name = cfg.model_name or Path(cfg.artifact).name or "model"
+        self.dim = 0
+        self.cold_start_s = 0.0
+        self.load_error: str | None = None
+        self.draining = False
+        self.started_at = int(time.time())
+
+    # ---- start-up -------------------------------------------------------------------------
+    async def load(self) -> None:
+        t0 = perf_counter()
+        try:
+            model = await asyncio.to_thread(self.loader)
+            batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
+                              self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
+                              self.metrics.on_batch)
+            self.dim = await asyncio.to_thread(self._warm, model)
+        except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("millis serve: model failed to load: %s", self.load_error)
+            return
+        self.cold_start_s = perf_counter() - t0
+        self.model, self.batcher = model, batcher
+        batcher.start()
+        m = self.metrics
+        m.cold_start.set(self.cold_start_s)
+        m.info.labels(self.name, model.variant, model.meta["variant"]["runtime"], model.task).set(1)
+        m.ready.set(1)
+        log.warning("millis serve: %s (%s, %s) ready in %.2f s", self.name, model.variant, model.task,
+                    self.cold_start_s)
+
+    @staticmethod
+    def _infer(model: Model, rows: list[list[int]], t: int):
+        # worker thread: (B rows, bucket T) -> (B, D) float32
+        return model.runtime.run(model.encoder.pack(rows, t))[model.runtime.output_name]
+
+    def _warm(self, model: Model) -> int:
+        """Run every length bucket once (batch 1), and a full batch at the shortest: returns D."""
+        model.encoder.token_ids(["warm up"])  # settles the tokenizer's settings before threads share it
+        lengths = sorted({bucket_of(n, model.max_length) for n in range(1, model.max_length + 1)})
+        if not self.cfg.warmup:
+            lengths = lengths[:1]
+        dim = 0
+        for t in lengths:
+            dim = self._infer(model, [[model.encoder.pad_id] * t], t).shape[-1]
+        rows = max(1, min(self.cfg.max_batch, self.cfg.max_batch_tokens // lengths[0]))
+        self._infer(model, [[model.encoder.pad_id] * lengths[0]] * rows, lengths[0])
+        return int(dim)
+
+    async def close(self) -> None:
+        self.draining = True
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    # ---- one request ----------------------------------------------------------------------
+    def require(self, task: str) -> Model:
+        if self.model is None:
+            msg = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            raise schemas.ApiError(503, msg, code="not_ready", headers={"Retry-After": "1"})
+        if self.model.task != task:
+            other = "/v1/classify" if self.model.task == "classify" else "/v1/embeddings"
+            raise schemas.ApiError(400, f"this server hosts a model for the {self.model.task!r} task; use {other}",
+                                   code="wrong_task")
+        return self.model
+
+    async def tokenize(self, model: Model, texts: list[str]) -> tuple[list[list[int]], list[bool], float]:
+        t0 = perf_counter()
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            ids, cut = model.encoder.token_ids(texts)
+        else:
+            ids, cut = await off_loop(model.encoder.token_ids, texts)
+        if self.cfg.too_long == "reject" and any(cut):
+            i = cut.index(True)
+            raise schemas.ApiError(413, f"input[{i}] is longer than the model's {model.max_length} tokens "
+                                        f"(the server rejects long texts; send shorter ones)", code="text_too_long")
+        return ids, cut, perf_counter() - t0
+
+    async def run(self, rows: list[list[int]], request: Request) -> Job:
+        """Submit rows and wait for them; the client leaving or the timeout drops the job."""
+        loop = asyncio.get_running_loop()
+        job = Job(rows, loop.create_future())
+        try:
+            self.batcher.submit(job)
+        except Overloaded as e:
+            raise schemas.ApiError(429, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after_s)})
+        except ShuttingDown as e:
+            raise schemas.ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "1"})
+        self.metrics.queue_depth.set(self.batcher.depth)
+        timer = loop.call_later(self.cfg.request_timeout_s, job.drop,
+                                RequestTimeout(f"not answered within {self.cfg.request_timeout_s} s"))
+        watcher = loop.create_task(watch_disconnect(request, job))
+        try:
+            await job.future
+        except RequestTimeout as e:
+            raise schemas.ApiError(503, str(e), code="timeout", headers={"Retry-After": "1"})
+        finally:
+            timer.cancel()
+            if not watcher.done():
+                watcher.cancel()
+            self.metrics.queue_depth.set(self.batcher.depth)
+        return job
+
+
+def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
+    q, i = max(job.queue_s, 0.0) * 1e3, job.infer_s * 1e3
+    h = {"x-millis-queue-ms": f"{q:.3f}", "x-millis-tokenize-ms": f"{tokenize_s * 1e3:.3f}",
+         "x-millis-inference-ms": f"{i:.3f}", "x-millis-batch-rows": ",".join(map(str, job.batch_rows)),
+         "server-timing": f"queue;dur={q:.3f}, tokenize;dur={tokenize_s * 1e3:.3f}, inference;dur={i:.3f}"}
+    if any(cut):
+        h["x-millis-truncated"] = ",".join(str(k) for k, c in enumerate(cut) if c)
+    return h
+
+
+def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") -> Starlette:
+    """The encoder app; with `task` (embed / classify, known before loading) only that task's route
+    exists and is published, else both (the wrong one answers 400 wrong_task)."""
+    st = State(cfg, loader)
+    m = st.metrics
+
+    async def _infer(request: Request, task: str):
+        model = st.require(task)
+        body = await read_json(request, st.limits)
+        return model, body
+
+    async def _answer(request, model, texts):
+        ids, cut, tok_s = await st.tokenize(model, texts)
+        job = await st.run(ids, request)
+        m.tokenize.observe(tok_s)
+        m.queue.observe(max(job.queue_s, 0.0))
+        m.inference.observe(job.infer_s)
+        return job, cut, tok_s, sum(map(len, ids))
+
+    async def embeddings(request: Request) -> Response:
+        model, body = await _infer(request, "embed")
+        texts, fmt = schemas.embeddings_request(body, st.name, st.dim, st.limits)
+        job, cut, tok_s, n_tok = await _answer(request, model, texts)
+        return json_response(schemas.embeddings_response(job.out, fmt, st.name, n_tok),
+                             headers=timing_headers(job, tok_s, cut))
+
+    async def classify(request: Request) -> Response:
+        model, body = await _infer(request, "classify")
+        texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
+        job, cut, tok_s, n_tok = await _answer(request, model, texts)
+        return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
+                             headers=timing_headers(job, tok_s, cut))
+
+    async def models(request: Request) -> Response:
+        card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis"}
+        if st.model is not None:
+            card.update(task=st.model.task, variant=st.model.variant, max_length=st.model.max_length,
+                        dimensions=st.dim)
+        return json_response({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        return ready_response(st, st.model is not None)
+
+    async def metrics(request: Request) -> Response:
+        if st.batcher is not None:
+            m.queue_depth.set(st.batcher.depth)
+        data, ctype = m.render()
+        return Response(data, 200, media_type=ctype)
+
+    task_routes = {"embed": Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
+                   "classify": Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"])}
+    routes = [r for t, r in task_routes.items() if task in ("", t)] + [
+              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
+                                                           cfg.max_inputs, st.dim, st.dim))

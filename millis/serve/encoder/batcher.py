@@ -1,0 +1,194 @@
+"""The queue owner: one asyncio task forms batches and hands each to one worker thread.
+
+Requests are split into rows (one text each). A row waits in the deque of its length bucket (its
+token count rounded up to 16, as `millis.api.run_texts` pads), so a batch only pads rows of
+similar length. When the worker is free the batcher takes the bucket whose head is oldest and
+fills a batch from it up to `max_batch` rows and `max_tokens` (rows x bucket length, padding
+counted). With `max_wait_s` > 0 it first waits, at most that long past the oldest row's arrival,
+for the batch to fill; with 0 it never idles the runtime, and batches still form from the rows
+that arrive while the previous batch runs. The runtime call runs in a worker thread, so the event
+loop keeps accepting and answering while the model computes; the batcher resolves the futures on
+the loop itself. Rows of a request whose client has gone (or timed out) are skipped, not run.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Callable
+
+import numpy as np
+
+from millis.encoder.text import BUCKET
+
+# (rows of token ids, bucket length T) -> (len(rows), D) float32; runs in the worker thread
+InferFn = Callable[[list[list[int]], int], np.ndarray]
+
+
+class Overloaded(Exception):
+    """The queue cannot take this request now: answer 429 and suggest when to retry."""
+
+    def __init__(self, depth: int, retry_after_s: int):
+        super().__init__(f"server busy: {depth} rows queued; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Exception):
+    """The server is draining after SIGTERM: no new work is admitted."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its rows, where their outputs go, and the times it spent."""
+
+    rows: list[list[int]]                   # token ids per text, already truncated
+    future: asyncio.Future                  # resolved (None) when every row is done
+    t_submit: float = field(default_factory=perf_counter)
+    out: list = field(init=False)           # per row: (D,) float32 once run
+    pending: int = field(init=False)        # rows not yet run
+    gone: bool = False                      # client left or timed out: skip rows not yet run
+    queue_s: float = -1.0                   # submit -> its first row enters a runtime call
+    infer_s: float = 0.0                    # wall time of the runtime calls its rows were in
+    batch_rows: list[int] = field(default_factory=list)  # rows of each runtime call it rode in
+
+    def __post_init__(self) -> None:
+        self.out = [None] * len(self.rows)
+        self.pending = len(self.rows)
+
+    def drop(self, exc: Exception) -> None:
+        self.gone = True
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+def bucket_of(n_tokens: int, max_length: int) -> int:
+    """The padded length a row of n tokens runs at: the same rule as `millis.api.run_texts`."""
+    return min(max_length, -(-n_tokens // BUCKET) * BUCKET)
+
+
+class Batcher:
+    def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
+                 max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None):
+        self.infer, self.max_length = infer, max_length
+        self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
+        self.on_batch = on_batch                         # metrics hook: (rows, tokens, seconds)
+        self.depth = 0                                   # rows queued, gone ones included until popped
+        self._queues: dict[int, deque[tuple[Job, int]]] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-runtime")
+        self._task: asyncio.Task | None = None
+        self._rows_per_s = 0.0                           # recent throughput, for Retry-After
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="millis-batcher")
+
+    def submit(self, job: Job) -> None:
+        """Queue a request's rows, or raise Overloaded / ShuttingDown without queueing any."""
+        if self._closing:
+            raise ShuttingDown("server is shutting down")
+        n = len(job.rows)
+        if self.depth + n > self.max_queue:
+            wait = self.depth / self._rows_per_s if self._rows_per_s > 0 else 1.0
+            raise Overloaded(self.depth, max(1, math.ceil(wait)))
+        for i, ids in enumerate(job.rows):
+            self._queues.setdefault(bucket_of(len(ids), self.max_length), deque()).append((job, i))
+        self.depth += n
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Admit nothing more, run every queued row, then stop the worker."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._pool.shutdown(wait=True)
+
+    # ---- the loop -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.depth == 0:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.max_wait_s > 0 and not self._closing:
+                await self._coalesce()
+            picked = self._take()
+            if picked is None:
+                continue
+            t, rows = picked
+            t0 = perf_counter()
+            jobs = list({id(j): j for j, _ in rows}.values())  # the requests this batch serves, once each
+            for job in jobs:
+                if job.queue_s < 0:
+                    job.queue_s = t0 - job.t_submit
+            try:
+                y = await loop.run_in_executor(self._pool, self.infer, [j.rows[i] for j, i in rows], t)
+                err = None
+            except Exception as e:  # a runtime failure fails this batch's requests, not the server
+                y, err = None, e
+            dt = perf_counter() - t0
+            self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (len(rows) / max(dt, 1e-6))
+            if self.on_batch:
+                self.on_batch(len(rows), len(rows) * t, dt)
+            for job in jobs:
+                job.infer_s += dt
+                job.batch_rows.append(len(rows))
+            self._finish(rows, y, err)
+
+    def _oldest(self) -> tuple[int, deque] | None:
+        best = None
+        for t, q in self._queues.items():
+            if q and (best is None or q[0][0].t_submit < best[1][0][0].t_submit):
+                best = (t, q)
+        return best
+
+    def _cap(self, t: int) -> int:
+        return max(1, min(self.max_batch, self.max_tokens // t))
+
+    async def _coalesce(self) -> None:
+        """Wait until the oldest bucket holds a full batch or its head has waited max_wait_s."""
+        while not self._closing:
+            best = self._oldest()
+            if best is None or len(best[1]) >= self._cap(best[0]):
+                return
+            remain = best[1][0][0].t_submit + self.max_wait_s - perf_counter()
+            if remain <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remain)
+            except TimeoutError:
+                return
+
+    def _take(self) -> tuple[int, list[tuple[Job, int]]] | None:
+        """Pop up to one batch from the bucket whose head is oldest; gone rows are dropped."""
+        best = self._oldest()
+        if best is None:
+            return None
+        t, q = best
+        cap, rows = self._cap(t), []
+        while q and len(rows) < cap:
+            job, i = q.popleft()
+            self.depth -= 1
+            if not job.gone:
+                rows.append((job, i))
+        return (t, rows) if rows else None
+
+    def _finish(self, rows: list[tuple[Job, int]], y: np.ndarray | None, err: Exception | None) -> None:
+        for k, (job, i) in enumerate(rows):
+            if job.future.done():
+                continue
+            if err is not None:
+                job.future.set_exception(RuntimeError(f"runtime failed: {err}"))
+                continue
+            job.out[i] = y[k]
+            job.pending -= 1
+            if job.pending == 0:
+                job.future.set_result(None)

@@ -1,0 +1,395 @@
+"""Serving a decoder: OpenAI `/v1/completions` and `/v1/chat/completions` over one `millis.gen` engine.
+
+One worker thread owns the engine loop: while the engine has work it runs `eng.step()` and hands
+the step's outputs to the event loop (`call_soon_threadsafe`), which puts each `StepOutput` on its
+request's asyncio queue. HTTP handlers only add and cancel (both thread-safe in the engine), so the
+engine's scheduler alone decides which requests run together; the runtime never batches.
+
+A request: parse and validate (4xx) -> prompt ids (chat: the model's Jinja template, rendered as
+transformers' `apply_chat_template(..., add_generation_prompt=True)` does) -> admit (429 when
+waiting + running reach `max_queue`) -> wait for the first token (503 past `request_timeout_s`)
+-> JSON, or server-sent events `data: {chunk}` ... `data: [DONE]`. A client that leaves frees its
+slot at once: `engine.cancel` from the disconnect watcher, or when the event stream is closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from millis.common.errors import MillisError
+from millis.gen.tokenizer import HFTokenizer, prompt_char_limit
+from millis.serve.generation import schemas as gs
+from millis.serve import openapi, schemas
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json, ready_response, watch_disconnect)
+from millis.serve.http import ClientGone
+from millis.serve.generation.chat_template import chat_template_of, render_chat
+from millis.serve.config import ServeConfig
+from millis.serve.metrics import GenMetrics
+
+log = logging.getLogger("millis.serve")
+
+
+def is_generation_model(path: str | Path) -> bool:
+    """A HF directory whose config.json model_type millis.gen loads, or a llama2.c checkpoint (or a dir with one)."""
+    from millis.gen.config import MODEL_TYPES
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_TYPES
+        except (ValueError, AttributeError):
+            return False
+    bins = [p] if p.is_file() else sorted(p.glob("*.bin")) if p.is_dir() else []
+    if not bins:
+        return False
+    from millis.gen.load import is_llama2c_checkpoint
+
+    return any(is_llama2c_checkpoint(b) for b in bins)
+
+
+@dataclass(eq=False)
+class Live:
+    """One admitted request, as the event loop sees it."""
+
+    id: str
+    prompt_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepOutput, or an exception to raise
+    t_submit: float = field(default_factory=perf_counter)
+    t_first: float = 0.0
+    t_last: float = 0.0
+    n_out: int = 0
+    done: bool = False
+
+    def drop(self, exc: Exception) -> None:  # the disconnect watcher's call
+        self.queue.put_nowait(exc)
+
+
+class RequestFailed(RuntimeError):
+    """What this one request raised inside the engine's step: a 500 for it alone."""
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the stream ends (finished, client gone, shutdown)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class GenState:
+    """Config, metrics, the engine (once loaded) and the worker thread that steps it."""
+
+    def __init__(self, cfg: ServeConfig, loader: Callable[[], Any]):
+        self.cfg, self.loader, self.metrics = cfg, loader, GenMetrics()
+        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes)
+        self.gen_limits: gs.GenLimits | None = None  # once the engine is loaded: bounds from its context
+        self.template, self.special = chat_template_of(cfg.artifact, cfg.chat_template)
+        self.name = cfg.model_name or Path(cfg.artifact).name or "model"
+        self.engine = None
+        self.load_error: str | None = None
+        self.cold_start_s = 0.0
+        self.draining = False
+        self.started_at = int(time.time())
+        self.live: dict[str, Live] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._request_s = 0.0  # moving mean of request durations, for Retry-After
+
+    # ---- start-up and shutdown ---------------------------------------------------------------
+    async def load(self) -> None:
+        t0 = perf_counter()
+        self._loop = asyncio.get_running_loop()
+        try:
+            eng = await asyncio.to_thread(self._open)
+        except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("millis serve: model failed to load: %s", self.load_error)
+            return
+        self.cold_start_s = perf_counter() - t0
+        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq))
+        self.engine = eng
+        self._thread = threading.Thread(target=self._run, name="millis-engine", daemon=True)
+        self._thread.start()
+        m = self.metrics
+        m.cold_start.set(self.cold_start_s)
+        m.info.labels(self.name, f"{self.cfg.dtype}/{self.cfg.quant}", "millis.gen", "generate").set(1)
+        m.ready.set(1)
+        log.warning("millis serve: %s (generation, %d slots x %d positions) ready in %.2f s", self.name,
+                    eng.max_batch, eng.max_seq, self.cold_start_s)
+
+    def _open(self):
+        from millis.gen import SamplingParams
+
+        eng = self.loader()
+        if self.template is not None:
+            render_chat(self.template, [{"role": "user", "content": "hi"}], self.special)  # imports, compiles
+        if self.cfg.warmup:  # one prefill and one decode before /ready
+            eng.add([eng.config.bos_id or 0], SamplingParams(max_tokens=2, ignore_eos=True))
+            while eng.has_work:
+                eng.step()
+        return eng
+
+    async def close(self) -> None:
+        """After uvicorn has drained the connections: stop the worker (cancelling anything left)."""
+        self.draining = self._closing = True
+        for live in list(self.live.values()):
+            self.cancel(live, "cancelled")
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- the engine loop (worker thread) -----------------------------------------------------
+    def _run(self) -> None:
+        eng, m = self.engine, self.metrics
+        while True:
+            self._wake.clear()  # before looking, so an add after the look still wakes us
+            if not eng.has_work:
+                if self._closing:
+                    return
+                self._wake.wait()
+                continue
+            t0 = perf_counter()
+            try:
+                outs = eng.step()
+            except Exception as e:  # noqa: BLE001 -- a failed step fails its requests, not the server
+                log.exception("millis serve: engine step failed")
+                for rid in list(eng.requests):
+                    eng.cancel(rid)
+                self._post(self._fail_all, RequestFailed(f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            t1 = perf_counter()
+            m.on_batch(len(outs), len(outs), t1 - t0)
+            m.running.set(eng.max_batch - eng.free_slots)
+            m.queue_depth.set(len(eng.waiting))
+            if outs:
+                self._post(self._deliver, t1, outs)
+
+    def _post(self, fn, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # ---- on the event loop -------------------------------------------------------------------
+    def _deliver(self, t: float, outs: list) -> None:
+        m = self.metrics
+        for o in outs:
+            live = self.live.get(o.id)
+            if live is None:  # cancelled after the step produced it
+                continue
+            if o.finished == "error":  # this request failed in the step (no token: no latency to count)
+                self._end(live, "error")
+                live.queue.put_nowait(RequestFailed(f"generation failed for this request: {o.error}"))
+                continue
+            live.n_out += len(o.token_ids)
+            m.generated_tokens.inc(len(o.token_ids))
+            if live.t_first == 0.0:
+                live.t_first = t
+                m.ttft.observe(t - live.t_submit)
+            else:
+                m.itl.observe(t - live.t_last)
+            live.t_last = t
+            if o.finished:
+                self._end(live, o.finished)
+                if live.n_out > 1 and t > live.t_first:
+                    m.tokens_per_s.observe((live.n_out - 1) / (t - live.t_first))
+            live.queue.put_nowait(o)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for live in list(self.live.values()):
+            self._end(live, "error")
+            live.queue.put_nowait(exc)
+
+    def _end(self, live: Live, reason: str) -> None:
+        live.done = True
+        self.live.pop(live.id, None)
+        self.metrics.finished.labels(reason).inc()
+        self._request_s = 0.8 * self._request_s + 0.2 * (perf_counter() - live.t_submit)
+
+    def cancel(self, live: Live, reason: str) -> None:
+        """Free the request's slot now; nothing when it already ended."""
+        if live.done:
+            return
+        self._end(live, reason)
+        self.engine.cancel(live.id)
+        self.metrics.running.set(self.engine.max_batch - self.engine.free_slots)
+
+    # ---- one request -------------------------------------------------------------------------
+    def require(self):
+        if self.engine is None:
+            msg = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            raise schemas.ApiError(503, msg, code="not_ready", headers={"Retry-After": "1"})
+        return self.engine
+
+    async def prompt_ids(self, g: gs.GenRequest) -> list[int]:
+        if isinstance(g.prompt, list):
+            return g.prompt
+        if self.engine.tok is None:
+            raise schemas.ApiError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions",
+                                   param="prompt", code="no_tokenizer")
+        if g.messages is not None and self.template is None:
+            raise schemas.ApiError(400, f"model {self.name!r} has no chat template (no chat_template.jinja and no "
+                                        f"chat_template in tokenizer_config.json): start the server with "
+                                        f"--chat-template FILE, or use /v1/completions", param="messages",
+                                   code="no_chat_template")
+        size = len(g.prompt or "") + sum(len(m.get("content") or "") for m in g.messages or [])
+        if size <= INLINE_TOKENIZE_CHARS:
+            return self._encode(g)
+        return await off_loop(self._encode, g)  # bounded: the text is at most gen_limits.max_prompt_chars
+
+    def _encode(self, g: gs.GenRequest) -> list[int]:
+        tok = self.engine.tok
+        if g.messages is None:
+            return tok.encode(g.prompt)
+        try:
+            text = render_chat(self.template, g.messages, self.special)
+        except Exception as e:  # noqa: BLE001 -- the template refused the conversation (raise_exception, ...)
+            raise schemas.ApiError(422, f"the chat template cannot render these messages: {e}", param="messages",
+                                   code="invalid_messages") from None
+        # the template writes its own BOS (as apply_chat_template: add_special_tokens=False)
+        return tok.encode(text, special=False) if isinstance(tok, HFTokenizer) else tok.encode(text)
+
+    def admit(self, ids: list[int], params, chat: bool) -> Live:
+        eng = self.require()
+        if self.draining:
+            raise schemas.ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
+        if len(eng.requests) >= self.cfg.max_queue:
+            retry = max(1, math.ceil(self._request_s))
+            raise schemas.ApiError(429, f"server busy: {len(eng.requests)} requests waiting or running; retry "
+                                        f"after {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
+        live = Live(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", len(ids))
+        try:
+            eng.add(ids, params, id=live.id)
+        except MillisError as e:  # prompt too long for a slot, token ids out of range, ...
+            raise schemas.ApiError(400, str(e), param="prompt", code="invalid_prompt") from None
+        self.live[live.id] = live
+        self.metrics.prompt_tokens.inc(len(ids))
+        self._wake.set()
+        return live
+
+    async def next(self, live: Live, timeout: float | None = None):
+        item = await (asyncio.wait_for(live.queue.get(), timeout) if timeout else live.queue.get())
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
+    st = GenState(cfg, loader)
+
+    async def generate(request: Request, chat: bool) -> Response:
+        st.require()
+        body = await read_json(request, st.limits)
+        parse = gs.chat_request if chat else gs.completion_request
+        g = parse(body, st.name, st.gen_limits)
+        live = st.admit(await st.prompt_ids(g), g.params, chat)
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, live))
+        streaming = False
+        try:
+            try:
+                first = await st.next(live, cfg.request_timeout_s)
+            except TimeoutError:
+                st.cancel(live, "timeout")
+                raise schemas.ApiError(503, f"no token within {cfg.request_timeout_s} s", code="timeout",
+                                       headers={"Retry-After": "1"}) from None
+            if g.stream:
+                watcher.cancel()  # from here the streaming response watches the connection itself
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                streaming = True
+                return SSEResponse(_events(st, live, first, g, chat), lambda: st.cancel(live, "cancelled"))
+            parts, o = [first.text], first
+            while not o.finished:
+                o = await st.next(live)
+                parts.append(o.text)
+            return json_response(gs.response(chat, live.id, int(time.time()), st.name, "".join(parts), o.finished,
+                                             gs.usage(live.prompt_tokens, live.n_out)))
+        except RequestFailed as e:  # this request alone failed in the engine: its own 500
+            log.warning("millis serve: %s", e)
+            raise schemas.ApiError(500, str(e), code="generation_failed") from None
+        finally:
+            if not streaming:
+                watcher.cancel()
+                st.cancel(live, "cancelled")  # client gone, timeout or error: free the slot (no-op when done)
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    async def models(request: Request) -> Response:
+        card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
+                                "task": "generate"}
+        if st.engine is not None:
+            card.update(max_model_len=st.engine.max_seq, slots=st.engine.max_batch,
+                        chat_template=st.template is not None)
+        return json_response({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        eng = st.engine
+        busy = {"running": eng.max_batch - eng.free_slots, "waiting": len(eng.waiting)} if eng is not None else {}
+        return json_response({"status": "ok", **busy})
+
+    async def ready(request: Request) -> Response:
+        return ready_response(st, st.engine is not None)
+
+    async def metrics(request: Request) -> Response:
+        if st.engine is not None:
+            st.metrics.running.set(st.engine.max_batch - st.engine.free_slots)
+            st.metrics.queue_depth.set(len(st.engine.waiting))
+        data, ctype = st.metrics.render()
+        return Response(data, 200, media_type=ctype)
+
+    routes = [Route("/v1/completions", endpoint(st, "/v1/completions", completions), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint(st, "/v1/chat/completions", chat_completions), methods=["POST"]),
+              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    return make_app(st, routes, lambda: openapi.generation_spec(
+        st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
+
+
+async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool):
+    """The event stream: (chat: a role delta,) text chunks, a finish chunk, (usage,) [DONE]."""
+    created, wu = int(time.time()), g.include_usage
+    if chat:
+        yield gs.chunk(chat, live.id, created, st.name, None, None, first=True, with_usage=wu)
+    o = first
+    try:
+        while True:
+            if o.text:
+                yield gs.chunk(chat, live.id, created, st.name, o.text, None, with_usage=wu)
+            if o.finished:
+                yield gs.chunk(chat, live.id, created, st.name, None, o.finished, with_usage=wu)
+                break
+            o = await st.next(live)
+    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
+        yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
+    else:
+        if wu:
+            yield gs.usage_chunk(chat, live.id, created, st.name, gs.usage(live.prompt_tokens, live.n_out))
+    yield gs.DONE

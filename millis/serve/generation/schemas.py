@@ -1,0 +1,219 @@
+"""OpenAI `/v1/completions` and `/v1/chat/completions`: request validation, response and SSE chunk bodies.
+
+A request becomes a `GenRequest` (the prompt or the messages, `SamplingParams`, streaming options);
+anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults are OpenAI's
+(temperature 1, top_p 1); `top_k`, `repetition_penalty` and `ignore_eos` are extensions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from millis.common.errors import MillisError
+from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
+from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check costs O(len) per step
+MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
+# fields the engine cannot honour: accepted only at their "off" value
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "tools": (None, []), "functions": (None, [])}
+
+
+@dataclass(frozen=True)
+class GenLimits:
+    """The per-request bounds that depend on the server: its default and largest max_tokens, and the
+    longest prompt text it tokenizes (longer: 413 before any tokenizing work)."""
+
+    default_max_tokens: int
+    max_tokens: int
+    max_prompt_chars: int
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    prompt: str | list[int] | None      # /v1/completions: text or token ids
+    messages: list[dict] | None         # /v1/chat/completions: [{role, content: str}]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool                 # stream_options.include_usage: a last chunk with `usage`
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, open_lo: bool = False) -> float:
+    """A finite number in [lo, hi] (or (lo, hi] with open_lo)."""
+    v = body.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if open_lo else lo <= v) and v <= hi
+    if not ok:
+        rule = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise ApiError(422, f"{key} must be a number in {rule}, got {v!r}", param=key, code="invalid_value")
+    return float(v)
+
+
+def _bool(body: dict, key: str) -> bool:
+    v = body.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(422, f"{key} must be true or false, got {v!r}", param=key, code="invalid_type")
+    return v
+
+
+def sampling(body: dict, limits: GenLimits) -> SamplingParams:
+    """Every sampling field checked against both of its bounds here, at admission: nothing a request
+    sends can make the engine's step raise (the step still isolates a request that does)."""
+    for key, off in UNSUPPORTED.items():
+        if not any(same_value(body.get(key), o) for o in off):
+            raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
+                           code="unsupported")
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise ApiError(422, f"response_format {rf!r} is not supported: only {{\"type\": \"text\"}} (structured "
+                            f"output is not implemented yet)", param="response_format", code="unsupported")
+    if integer(body, "n", 1, 1 << 31, 1) != 1:
+        raise ApiError(422, f"n={body.get('n')!r} is not supported: one choice per request (n=1); send several "
+                            f"requests", param="n", code="unsupported")
+    mt = integer(body, "max_tokens", 1, limits.max_tokens, limits.default_max_tokens)
+    top_k = integer(body, "top_k", -1, MAX_TOP_K, 0)
+    seed = integer(body, "seed", SEED_MIN, SEED_MAX)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ApiError(422, f"stop must be a string or a list of at most {MAX_STOPS} strings, each of 1.."
+                            f"{MAX_STOP_CHARS} characters", param="stop", code="invalid_value")
+    try:
+        return SamplingParams(
+            max_tokens=mt, temperature=_number(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
+            top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
+            top_k=max(top_k, 0), seed=seed, stop=tuple(stops),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_PENALTY, MAX_PENALTY),
+            ignore_eos=_bool(body, "ignore_eos"))
+    except MillisError as e:
+        raise ApiError(422, str(e), code="invalid_value") from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise ApiError(422, f"stream_options must be an object, got {opts!r}", param="stream_options",
+                       code="invalid_type")
+    return stream, _bool(opts, "include_usage")
+
+
+def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
+    """prompt: a string, or token ids; a list of one of those is one prompt (more: 422, n=1 only)."""
+    check_model(body, served)
+    if "prompt" not in body:
+        raise ApiError(422, "missing field 'prompt' (a string or a list of token ids)", param="prompt",
+                       code="missing")
+    p = body["prompt"]
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, list) and p and all(is_integral(i) for i in p):
+        prompt: str | list[int] = [int(i) for i in p]
+    elif isinstance(p, str) and p:
+        prompt = p
+    else:
+        why = "is empty" if p in ("", []) else (f"has {len(p)} prompts; one per request" if isinstance(p, list)
+                                                 else f"is {type(p).__name__}")
+        raise ApiError(422, f"prompt {why}: send one string (or one list of token ids)", param="prompt",
+                       code="invalid_value")
+    if isinstance(prompt, str):
+        _check_size(len(prompt), limits, "prompt")
+    stream, usage = _stream_options(body)
+    return GenRequest(prompt, None, sampling(body, limits), stream, usage)
+
+
+def _check_size(chars: int, limits: GenLimits, param: str) -> None:
+    if chars > limits.max_prompt_chars:
+        raise ApiError(413, f"{param} has {chars} characters; this server tokenizes at most {limits.max_prompt_chars} "
+                            f"(more could never fit the model's context)", param=param, code="prompt_too_long")
+
+
+def _content(m: dict, i: int) -> str | None:
+    c = m.get("content")
+    if c is None or isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
+                                   for x in c):
+        return "".join(x["text"] for x in c)
+    raise ApiError(422, f"messages[{i}].content must be a string or a list of text parts", param="messages",
+                   code="invalid_type")
+
+
+def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
+    check_model(body, served)
+    if "messages" not in body:
+        raise ApiError(422, "missing field 'messages' (a list of {role, content})", param="messages", code="missing")
+    msgs = body["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(422, "messages must be a non-empty list of {role, content}", param="messages",
+                       code="invalid_value")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(422, f"messages[{i}] must be an object with role in {', '.join(ROLES)}", param="messages",
+                           code="invalid_value")
+        out.append({k: v for k, v in {**m, "content": _content(m, i)}.items() if v is not None})
+    _check_size(sum(len(m.get("content") or "") for m in out), limits, "messages")
+    params = sampling(body, limits)  # checks max_tokens (OpenAI's older name) even when the newer is given
+    if body.get("max_completion_tokens") is not None:
+        params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
+    stream, usage = _stream_options(body)
+    return GenRequest(None, out, params, stream, usage)
+
+
+# ---------------------------------------------------------------------------- bodies
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(chat: bool, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": use}
+
+
+def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, finish: str | None,
+          first: bool = False, with_usage: bool = False) -> bytes:
+    """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role."""
+    if chat:
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created, "model": model, "choices": [choice]}
+    if with_usage:
+        body["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
+    return event(body)
+
+
+def usage_chunk(chat: bool, rid: str, created: int, model: str, use: dict) -> bytes:
+    return event({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                  "model": model, "choices": [], "usage": use})
+
+
+def event(body: dict) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"

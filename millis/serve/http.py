@@ -1,0 +1,156 @@
+"""What the encoder and the generation apps share on the HTTP side: reading a body within its
+limit, running work off the event loop, answering every route's errors as OpenAI JSON, counting
+every answer (unknown routes too), /ready, and the app's lifespan (background load, drain).
+
+A request's state `st` has `cfg`, `metrics`, `limits`, `draining`, `load()` and `close()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from time import perf_counter
+from typing import Any, Awaitable, Callable
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from millis.serve import schemas
+
+log = logging.getLogger("millis.serve")
+INLINE_TOKENIZE_CHARS = 2048  # above this a request is tokenized in a thread, not on the event loop
+UNMATCHED = "unmatched"       # the route label of answers to unknown paths and methods
+
+
+class ClientGone(Exception):
+    """The request was dropped before it finished (client disconnected or request timed out)."""
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, "application/json")
+
+
+def error_response(e: schemas.ApiError) -> Response:
+    return Response(e.body(), e.status, e.headers, "application/json")
+
+
+async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
+    """The body as a JSON object, refused with 413 as soon as it is known to be too large: from
+    Content-Length before reading anything, else while it streams in (nothing past the limit is
+    kept: uvicorn pauses reading while a chunk waits, so memory stays at the limit)."""
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise schemas.ApiError(413, f"request body is {declared} bytes (Content-Length); the limit is {limit}",
+                               code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise schemas.ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return schemas.parse_json(b"".join(chunks), limits)
+
+
+async def off_loop(fn: Callable, *args) -> Any:
+    """fn(*args) in a daemon thread of its own, awaited. Unlike asyncio.to_thread, a long call never
+    holds up the process's exit (Python 3.11 joins the default executor's threads at shutdown);
+    a caller that stops waiting (client gone) leaves the bounded call to finish alone."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def done(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def work() -> None:
+        try:
+            result, ok = fn(*args), True
+        except BaseException as e:  # noqa: BLE001 -- handed to the awaiting request
+            result, ok = e, False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(done, ok, result)
+
+    threading.Thread(target=work, name="millis-offloop", daemon=True).start()
+    return await fut
+
+
+async def watch_disconnect(request: Request, job) -> None:
+    """After the body is read, the next ASGI message is http.disconnect (client left or reply sent)."""
+    with contextlib.suppress(Exception):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.drop(ClientGone("client disconnected"))
+
+
+def count(st, route: str, status: int, t0: float) -> None:
+    st.metrics.requests.labels(route, str(status)).inc()
+    st.metrics.duration.labels(route).observe(perf_counter() - t0)
+
+
+def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
+    """Errors -> JSON error bodies with their status; every answer counted and timed. A client that
+    leaves (mid-body or while waiting) is counted as 499, not logged as an error."""
+    async def handler(request: Request) -> Response:
+        t0 = perf_counter()
+        st.metrics.inflight.inc()
+        try:
+            resp = await fn(request)
+        except schemas.ApiError as e:
+            resp = error_response(e)
+        except (ClientGone, ClientDisconnect):
+            resp = Response(b"", 499)  # nobody reads it
+        except Exception as e:  # noqa: BLE001 -- a bug or runtime failure: 500 with the reason, server lives
+            log.exception("millis serve: %s failed", route)
+            resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            st.metrics.inflight.dec()
+        count(st, route, resp.status_code, t0)
+        return resp
+    return handler
+
+
+def ready_response(st, loaded: bool) -> Response:
+    """/ready: 200 once the model is loaded and warmed, 503 while loading, failed or draining."""
+    if loaded and not st.draining:
+        return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
+    status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
+    return json_response({"status": status}, 503)
+
+
+def make_app(st, routes: list[Route], spec: Callable[[], dict[str, Any]]) -> Starlette:
+    """The Starlette app around a state `st`: the model loads in the background after start-up, so
+    /health answers at once; /openapi.json serves `spec()` (it names what is loaded); unknown paths and
+    methods get the OpenAI JSON error (404 / 405) and are counted; on shutdown admitted work finishes."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loading = asyncio.create_task(st.load())
+        yield
+        st.draining = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await st.close()
+
+    async def openapi(request: Request) -> Response:
+        return json_response(spec())
+
+    async def unmatched(request: Request, exc: HTTPException) -> Response:
+        t0 = perf_counter()
+        if exc.status_code == 405:
+            e = schemas.ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                                 code="method_not_allowed", headers=dict(exc.headers or {}))
+        else:
+            e = schemas.ApiError(exc.status_code, f"no route {request.url.path}; see /openapi.json",
+                                 code="not_found" if exc.status_code == 404 else None)
+        count(st, UNMATCHED, e.status, t0)
+        return error_response(e)
+
+    app = Starlette(routes=routes + [Route("/openapi.json", openapi, methods=["GET"])], lifespan=lifespan,
+                    exception_handlers={404: unmatched, 405: unmatched})
+    app.state.millis = st
+    return app

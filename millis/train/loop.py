@@ -1,0 +1,249 @@
+"""The training loop shared by `millis train`, `millis distill` and `millis prune`.
+
+`prepare` reads and tokenizes a labelled file (stratified hold-out unless a validation file is
+given); `fit` runs AdamW with linear warm-up and decay over length-grouped batches, scores every
+epoch, stops early and restores the best epoch's weights; `save` writes the HF directory with its
+recipe. What differs between the commands is only the loss of a batch (`LossFn`).
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from millis import __version__
+from millis.artifact import store as artifact
+from millis.common import hardware
+from millis.common.config import to_dict
+from millis.common.errors import MillisError
+from millis.common.readers import Labeled, read_labeled
+from millis.encoder.source import ModelSource
+from millis.common.files import hash_files
+from millis.encoder.text import TextEncoder
+
+from millis.artifact.meta import TRAIN_FORMAT
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): "start", "step", "epoch", "done"
+LossFn = Callable[[list[int]], Any]               # training row indices -> scalar loss tensor
+
+
+def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified (train, validation) row indices; a class with one example stays in training."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def subsample(data: Labeled, n: int, seed: int) -> Labeled:
+    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file)."""
+    if not n or n >= len(data):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data)), n))
+    return replace(data, texts=tuple(data.texts[i] for i in keep), labels=tuple(data.labels[i] for i in keep),
+                   lines=tuple(data.lines[i] for i in keep))
+
+
+def length_batches(lengths: list[int], batch: int, rng: random.Random, window: int = 50) -> list[list[int]]:
+    """Shuffle, then sort inside windows of `window` batches by length, cut, shuffle batch order."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    out = []
+    for s in range(0, len(idx), batch * window):
+        chunk = sorted(idx[s:s + batch * window], key=lambda i: lengths[i])
+        out += [chunk[j:j + batch] for j in range(0, len(chunk), batch)]
+    rng.shuffle(out)
+    return out
+
+
+def check_classes(data: Labeled, val: Labeled | None) -> list[str]:
+    classes = data.classes
+    if len(classes) < 2:
+        raise MillisError(f"{data.path} has only one class ({classes[0]!r}) in column {data.label_col!r}: "
+                          f"a classifier needs at least two")
+    if val is not None:
+        unknown = sorted(set(val.labels) - set(classes))
+        if unknown:
+            raise MillisError(f"validation file {val.path} has labels not in the training data: {unknown[:8]}")
+    return classes
+
+
+@dataclass
+class TaskData:
+    """Tokenized training and validation rows of one labelled file."""
+
+    data: Labeled
+    classes: list[str]
+    tr_ids: list[list[int]]
+    tr_y: list[int]
+    va_ids: list[list[int]]
+    va_y: list[int]
+    packer: TextEncoder             # pads exactly like inference does
+    max_len: int
+    validation: str                 # where the validation rows came from, for millis.json
+
+    def tensors(self, rows: list[list[int]]) -> dict[str, Any]:
+        import torch
+
+        # (B, T) with T = the batch's longest row
+        return {k: torch.from_numpy(v) for k, v in self.packer.pack(rows, max(len(r) for r in rows)).items()}
+
+
+def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData:
+    """Read, split and tokenize `cfg.data` (a TrainConfig). `classes` fixes the label order (a model
+    that already has labels); otherwise the file's sorted classes are used."""
+    from transformers import AutoTokenizer
+
+    data = subsample(read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit), cfg.sample, cfg.seed)
+    val_file = read_labeled(cfg.validation, cfg.text_col, data.label_col) if cfg.validation else None
+    found = check_classes(data, val_file)
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise MillisError(f"{data.path} has labels the model does not know: {unknown[:8]}; "
+                              f"the model's labels: {classes[:8]}{'...' if len(classes) > 8 else ''}")
+    classes = list(classes) if classes is not None else found
+    label2id = {c: i for i, c in enumerate(classes)}
+    if val_file is not None:
+        tr_idx, val_texts, val_y = list(range(len(data))), list(val_file.texts), [label2id[y] for y in val_file.labels]
+    else:
+        tr_idx, va_idx = split(data, cfg.val_fraction, cfg.seed)
+        val_texts, val_y = [data.texts[i] for i in va_idx], [label2id[data.labels[i]] for i in va_idx]
+    if not val_texts:
+        raise MillisError(f"{data.path}: too few rows to hold out a validation set; pass --validation FILE")
+    max_len = min(cfg.max_length, src.max_length)
+    tok = AutoTokenizer.from_pretrained(str(src.path))
+    tr_ids = tok([data.texts[i] for i in tr_idx], truncation=True, max_length=max_len)["input_ids"]
+    va_ids = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
+    return TaskData(data, classes, tr_ids, [label2id[data.labels[i]] for i in tr_idx], va_ids, val_y,
+                    TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len,
+                    cfg.validation or f"{cfg.val_fraction:.0%} held out per class")
+
+
+def predict(model, td: TaskData, ids: list[list[int]], batch: int = 64) -> np.ndarray:
+    """Logits (N, C) of `model` (an HF sequence classifier) on token rows, in row order."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+    with torch.inference_mode():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            logits = model(**td.tensors([ids[i] for i in idx])).logits.float().numpy()
+            for i, row in zip(idx, logits):
+                out[i] = row
+    model.train(was_training)
+    return np.stack(out)
+
+
+def val_accuracy(model, td: TaskData) -> float:
+    return float(np.mean(predict(model, td, td.va_ids).argmax(-1) == np.asarray(td.va_y)))
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -1.0
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def seed_all(seed: int, threads: int = 0) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], float],
+        progress: Progress, score_name: str = "val_accuracy", info: dict[str, Any] | None = None) -> FitResult:
+    """Train `model` with `loss_of(batch rows)`; `score()` after each epoch (higher is better).
+    `cfg` is a TrainConfig (schedule fields). The best epoch's weights are loaded back. `info` is
+    added to the "start" event (what is being trained, on how many validation rows)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = -(-len(lengths) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup * total), total)
+    progress("start", {**(info or {}), "score_name": score_name, "rows": len(lengths), "steps": total, "steps_per_epoch": steps_per_epoch})
+    res, best_state, bad_epochs, t_start = FitResult(), None, 0, time.perf_counter()
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step, idx in enumerate(length_batches(lengths, cfg.batch_size, rng), start=1):
+            loss = loss_of(idx)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            progress("step", {"epoch": epoch, "step": step, "loss": loss.item(),
+                              "rows_per_s": seen / (time.perf_counter() - t0)})
+        s = score()
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, score_name: s,
+               "seconds": time.perf_counter() - t0, "rows_per_s": seen / (time.perf_counter() - t0)}
+        res.history.append(row)
+        improved = s > res.best
+        if improved:
+            res.best, res.best_epoch, bad_epochs = s, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        progress("epoch", {**row, "best": res.best, "improved": improved})
+        if bad_epochs >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str, Any],
+         extra: dict[str, Any] | None = None, write_model: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` (and the source's tokenizer) as an HF directory with its recipe in millis.json.
+    `write_model(dir)` replaces `model.save_pretrained` (pruned models add their shapes)."""
+    from transformers import AutoTokenizer
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        (write_model or (lambda d: model.save_pretrained(str(d))))(tmp)
+        AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(tmp))
+        return {"millis_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "source": {"spec": src.spec, "sha256": src.sha256, "model_type": src.model_type},
+                "data": data, "best_epoch": res.best_epoch, "history": res.history,
+                "train_s": res.seconds, "hardware": hardware.describe(), "config": to_dict(cfg), **(extra or {})}
+
+    return artifact.write(Path(out), fill, fmt=TRAIN_FORMAT)
+
+
+def data_meta(td: TaskData) -> dict[str, Any]:
+    d = td.data
+    return {"path": d.path, "sha256": hash_files([Path(d.path)]), "rows": len(d), "text_col": d.text_col,
+            "label_col": d.label_col, "validation": td.validation}
