@@ -219,7 +219,7 @@ COLD = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from millis.gpu.runtime import CudaGraphRuntime, DEFAULT_BUCKETS
+from millis.runtimes.cuda import CudaGraphRuntime, DEFAULT_BUCKETS
 from millis.common.config import Shape
 buckets = DEFAULT_BUCKETS if sys.argv[2] == "default" else tuple(Shape.parse(s) for s in sys.argv[2].split(","))
 rt = CudaGraphRuntime(sys.argv[1], "millis-fp16", ("input_ids", "attention_mask", "token_type_ids"), "logits",
@@ -245,7 +245,7 @@ def cold_start(model_dir: Path, buckets: str, fresh_cache: bool) -> dict:
 
 def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, budget_s: float,
               rows: list[dict], extra: dict) -> None:
-    from millis.gpu.runtime import CudaGraphRuntime
+    from millis.runtimes.cuda import CudaGraphRuntime
     from millis.encoder.tasks import OUTPUT_NAME
 
     task = MODELS[name][4]

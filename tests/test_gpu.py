@@ -13,7 +13,7 @@ import torch
 from millis.common.config import Shape
 from millis.common.errors import MillisError
 from millis.gpu import RunOptions, from_hf
-from millis.gpu.runtime import CudaGraphRuntime, pick_bucket
+from millis.runtimes.cuda import CudaGraphRuntime, pick_bucket
 from millis.encoder.source import Pooling, inspect_dir
 from millis.common.samples import sample_texts
 

@@ -26,6 +26,6 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
         return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
                             options.get("pooling"))
     if kind == "cuda":  # threads are irrelevant: one CUDA graph replay per call
-        from millis.gpu.runtime import CudaGraphRuntime
+        from millis.runtimes.cuda import CudaGraphRuntime
         return CudaGraphRuntime.from_options(model_dir, name, input_names, output_name, options)
     raise MillisError(f"unknown runtime {kind!r}; supported: {', '.join(KINDS)}")
