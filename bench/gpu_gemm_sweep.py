@@ -1,4 +1,4 @@
-"""Sweep millis.gpu.gemm's block configs at the encoder's GEMM shapes against cuBLAS (on the GPU).
+"""Sweep bench/gpu_research/gemm.py's block configs at the encoder's GEMM shapes against cuBLAS (on the GPU).
 
     PYTHONPATH=. python3 bench/gpu_gemm_sweep.py [--out DIR]
 
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_probes import graph_time_us  # noqa: E402
-from millis.gpu import gemm, kernels  # noqa: E402
+from gpu_research import gemm  # noqa: E402
+from millis.gpu import kernels  # noqa: E402
 
 WIDTHS = {"bert-base": (768, 3072), "minilm": (384, 1536)}
 

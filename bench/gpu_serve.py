@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,9 +18,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from millis.common.readers import read_texts  # noqa: E402
 from millis.loadgen import request_maker  # noqa: E402
-from millis.loadgen.client import Target, fetch  # noqa: E402
+from millis.loadgen.client import Target  # noqa: E402
 from millis.loadgen.load import Level, run_level, warm  # noqa: E402
+from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 
 
 def build_bert_base(out: Path, tokenizer: Path) -> Path:
@@ -50,7 +49,7 @@ def main() -> int:
     import millis.artifact.model as api
 
     model_dir = build_bert_base(Path("/tmp/millis-bert-base-cls"), Path(a.tokenizer))
-    texts = [t for t in Path(a.texts).read_text().splitlines() if t.strip()]
+    texts = read_texts(a.texts)
 
     # in process: the same runtime and buckets the server captures
     t0 = time.perf_counter()
@@ -71,23 +70,12 @@ def main() -> int:
     del model
     torch.cuda.empty_cache()
 
-    proc = subprocess.Popen([sys.executable, "-m", "millis.cli", "serve", str(model_dir), "--device", "cuda",
-                             "--port", "0", "--model-name", "bert-base"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    m = re.search(r"http://([\d.]+):(\d+)", proc.stdout.readline())
-    url = f"http://{m.group(1)}:{m.group(2)}"
-    t0 = time.time()
-    while True:
-        try:
-            if asyncio.run(fetch(Target(url), "GET", "/ready"))[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() - t0 > 300:
-            print(proc.stderr.read(), file=sys.stderr)
-            return 1
-        time.sleep(0.2)
-    ready_s = time.time() - t0
+    try:
+        srv = ServerProcess(serve_command(model_dir, "--device", "cuda", "--model-name", "bert-base"))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    url, ready_s = srv.url, srv.ready_s
 
     async def loads():
         t = Target(url)
@@ -96,8 +84,7 @@ def main() -> int:
         return [await run_level(t, make, Level("closed", c, f"c{c}"), a.duration, 0, 10) for c in (1, 4, 16)]
 
     rows = asyncio.run(loads())
-    proc.send_signal(signal.SIGTERM)
-    exit_code = proc.wait(60)
+    exit_code = srv.stop()
     gpu = torch.cuda.get_device_name()
     res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": "bert-base (random), classify",
            "texts": "banking77 test, 1 per request", "in_process": inproc, "server_ready_s": round(ready_s, 2),

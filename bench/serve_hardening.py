@@ -26,11 +26,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 from millis.common.hardware import describe  # noqa: E402
 from millis.loadgen.fuzz import fuzz  # noqa: E402
-from test_serve import Server  # noqa: E402  -- the tests' server process helper: one way to start a server
+from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 
 RESULTS = HERE / "results"
 DEFAULT_ARTIFACT = HERE / ".cache" / "artifacts" / "minilm-default"
@@ -61,9 +60,9 @@ def default_artifact() -> Path:
     return DEFAULT_ARTIFACT
 
 
-def run_fuzz(s: Server, name: str, examples: int, positive: bool, workdir: Path) -> dict:
+def run_fuzz(s: ServerProcess, name: str, examples: int, positive: bool, workdir: Path) -> dict:
     t0 = time.time()
-    r = fuzz(f"http://{s.host}:{s.port}", workdir / name, examples, seed=2026, positive=positive, timeout_s=3000)
+    r = fuzz(s.url, workdir / name, examples, seed=2026, positive=positive, timeout_s=3000)
     out = {"server": name, "generated": r.generated, "unique_failures": r.failures, "passed": r.ok,
            "positive_acceptance_checked": positive, "seconds": round(time.time() - t0, 1)}
     if not r.ok:
@@ -72,7 +71,7 @@ def run_fuzz(s: Server, name: str, examples: int, positive: bool, workdir: Path)
     return out
 
 
-def bystanders(s: Server, poison: dict | None) -> tuple[list[float], list[int], int]:
+def bystanders(s: ServerProcess, poison: dict | None) -> tuple[list[float], list[int], int]:
     """(bystander latencies s, bystander statuses, poison status) with everything sent at once."""
     def timed(body):
         t0 = time.perf_counter()
@@ -86,7 +85,7 @@ def bystanders(s: Server, poison: dict | None) -> tuple[list[float], list[int], 
         return [r[0] for r in res], [r[1] for r in res], bad.result()[0] if bad else 0
 
 
-def run_poisons(s: Server, rounds: int) -> list[dict]:
+def run_poisons(s: ServerProcess, rounds: int) -> list[dict]:
     rows = []
     bystanders(s, None)  # warm
     for name, poison in POISONS.items():
@@ -122,12 +121,13 @@ def main() -> None:
     enc_art = Path(a.encoder) if a.encoder else default_artifact()
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": describe(),
               "fuzz": [], "poison": []}
-    s = Server(enc_art, "--model-name", "minilm")
+    s = ServerProcess(serve_command(enc_art, "--threads", "1", "--model-name", "minilm"))
     try:
         result["fuzz"].append(run_fuzz(s, "encoder (minilm default artifact)", a.examples, True, work))
     finally:
         result["encoder_exit"] = s.stop()
-    s = Server(models_dir() / "stories260K", "--model-name", "stories", "--max-batch", "8")
+    s = ServerProcess(serve_command(models_dir() / "stories260K", "--threads", "1", "--model-name", "stories",
+                                    "--max-batch", "8"))
     try:
         result["poison"] = run_poisons(s, a.rounds)
         result["fuzz"].append(run_fuzz(s, "generation (stories260K)", a.examples, False, work))

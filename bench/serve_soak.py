@@ -24,9 +24,7 @@ import asyncio
 import json
 import os
 import random
-import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -43,9 +41,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from millis.common.hardware import describe  # noqa: E402
 from millis.common.readers import read_column  # noqa: E402
-from millis.loadgen.client import Pool, Target, fetch  # noqa: E402
+from millis.loadgen.client import Pool, Target  # noqa: E402
+from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 
-HOST = "127.0.0.1"  # the only address this script ever sends to
 STORIES = HERE.parent.parent / "shared" / "models" / "stories260K"
 OPENINGS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park",
             "There was a big red ball", "The sun was shining and", "A little bird sat on a tree"]
@@ -60,50 +58,11 @@ def data_root() -> Path:
 
 # ---------------------------------------------------------------- the server process and its RSS
 
-class ServerProc:
-    """`python -m millis.cli serve MODEL --host 127.0.0.1 --port 0 ...`; logs go to a file (a pipe nobody
-    reads could fill and stall the server), the address is read back from that file."""
-
-    def __init__(self, model: str, flags: list[str], log: Path, ready_timeout: float = 300):
-        self.cmd = [sys.executable, "-m", "millis.cli", "serve", model, "--host", HOST, "--port", "0", *flags]
-        t0, port = time.perf_counter(), None
-        with open(log, "w") as fh:
-            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.pid = self.proc.pid  # python -m: the server itself, no wrapper process
-        try:
-            while time.perf_counter() - t0 < ready_timeout:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
-                if port is None:
-                    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
-                    port = int(m.group(1)) if m else None
-                if port and _status(Target(f"http://{HOST}:{port}"), "/ready") == 200:
-                    self.target, self.ready_s = Target(f"http://{HOST}:{port}"), time.perf_counter() - t0
-                    return
-                time.sleep(0.2)
-            raise RuntimeError(f"server not ready after {ready_timeout} s: {log.read_text()[-2000:]}")
-        except BaseException:  # not ready, or interrupted: leave no server behind
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def sigterm(self, timeout: float = 120) -> dict:
-        t0 = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = None
-        return {"exit_code": code, "exit_s": round(time.perf_counter() - t0, 2), "killed": code is None}
-
-
-def _status(t: Target, path: str) -> int:
-    try:
-        return asyncio.run(fetch(t, "GET", path, timeout=2))[0]
-    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
-        return 0
+def sigterm(srv: ServerProcess, timeout: float = 120) -> dict:
+    """SIGTERM: the exit status, seconds to exit, and whether it had to be killed."""
+    t0 = time.perf_counter()
+    code = srv.stop(timeout=timeout)
+    return {"exit_code": code, "exit_s": round(time.perf_counter() - t0, 2), "killed": code is None}
 
 
 def rss_mb(pid: int) -> float | None:
@@ -310,7 +269,7 @@ def checks(ov: dict, soak: dict) -> dict:
 def run_server(name: str, model: str, flags: list[str], make_load: Callable[[Target], Load], a, seed: int,
                clients: int) -> dict:
     try:
-        srv = ServerProc(model, flags, Path(a.workdir) / f"{name}-server.log")
+        srv = ServerProcess(serve_command(model, *flags), log=Path(a.workdir) / f"{name}-server.log")
     except RuntimeError as e:
         print(f"{name}: ERROR {e}", file=sys.stderr, flush=True)
         return {"model": model, "error": str(e)}
@@ -321,7 +280,7 @@ def run_server(name: str, model: str, flags: list[str], make_load: Callable[[Tar
                  "pid": srv.pid, "ready_s": round(srv.ready_s, 2),
                  "rss_at_ready_mb": sampler.samples[0][2] if sampler.samples else None}
     try:
-        load = make_load(srv.target)
+        load = make_load(Target(srv.url))
 
         def run_phase(ph: str, coro) -> Records:
             sampler.phase = ph
@@ -358,7 +317,7 @@ def run_server(name: str, model: str, flags: list[str], make_load: Callable[[Tar
         print(f"{name}: ERROR {out['error']}", file=sys.stderr, flush=True)
     finally:
         sampler.phase = "sigterm"
-        out["sigterm"] = srv.sigterm() if srv.proc.poll() is None else {"exit_code": srv.proc.returncode,
+        out["sigterm"] = sigterm(srv) if srv.proc.poll() is None else {"exit_code": srv.proc.returncode,
                                                                          "exited_early": True}
         sampler.stopped.set()
         out["rss_samples"] = sampler.samples  # (s since ready, phase, MB)

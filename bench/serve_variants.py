@@ -26,8 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +38,9 @@ from millis.optimize.config import PRESETS, MeasureConfig, OptimizeConfig
 from millis.common.config import Shape  # noqa: E402
 from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen import request_maker  # noqa: E402
-from millis.loadgen.client import Target, fetch  # noqa: E402
+from millis.loadgen.client import Target  # noqa: E402
 from millis.loadgen.load import Level, Recorder, closed_loop, summarize, warm  # noqa: E402
+from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 from millis.optimize.pipeline import optimize  # noqa: E402
 from millis.optimize.select import Candidate  # noqa: E402
 
@@ -105,35 +104,6 @@ def proc_status_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def start_server(art: Path, port: int, name: str, threads: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "millis.cli", "serve", str(art), "--port", str(port),
-                             "--model-name", name, "--threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if asyncio.run(fetch(Target(url), "GET", "/ready", timeout=2))[0] == 200:
-                return time.time() - t0
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}/ready not ready after {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def pooled(recs: list[Recorder]) -> Recorder:
     """The rounds of one variant as one recording: latencies pooled, time = the segments' sum."""
     out = Recorder()
@@ -155,7 +125,6 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=50, help="sequential requests per server before the first round")
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (s)")
     ap.add_argument("--threads", type=int, default=0, help="server runtime threads (0 = all cores)")
-    ap.add_argument("--port", type=int, default=8810, help="first port; one per server")
     ap.add_argument("--quick", action="store_true", help="quick preset for the default artifact (smoke only: "
                     "not what `millis optimize` ships)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
@@ -185,34 +154,33 @@ def main() -> int:
 
     facts = {k: report_row(p) for k, p in arts.items()}
     label = {k: f"{default_variant} (default)" if k == "default" else k for k in arts}
-    servers, ready_s, rss = {}, {}, {}
+    servers: dict[str, ServerProcess] = {}
+    rss = {}
     try:
-        for i, k in enumerate(arts):  # started one at a time: each warms up alone
-            log = cache / f"{k}.serve.log"
-            servers[k] = (start_server(arts[k], a.port + i, k, a.threads, log), f"http://127.0.0.1:{a.port + i}")
-            ready_s[k] = wait_ready(servers[k][1], servers[k][0], log)
+        for k in arts:  # started one at a time: each warms up alone
+            servers[k] = ServerProcess(serve_command(arts[k], "--model-name", k, "--threads", str(a.threads)),
+                                       log=cache / f"{k}.serve.log")
             rss[k] = {"VmRSS": 0.0}
-            print(f"  {label[k]}: ready in {ready_s[k]:.1f} s on {servers[k][1]}", flush=True)
+            print(f"  {label[k]}: ready in {servers[k].ready_s:.1f} s on {servers[k].url}", flush=True)
 
         route = "/v1/embeddings" if a.task == "embed" else "/v1/classify"
-        makers = {k: request_maker(Target(url), route, k, texts, 1, seed=0) for k, (_, url) in servers.items()}
-        for k, (_, url) in servers.items():
-            asyncio.run(warm(Target(url), makers[k], a.warmup, a.timeout))
+        makers = {k: request_maker(Target(srv.url), route, k, texts, 1, seed=0) for k, srv in servers.items()}
+        for k, srv in servers.items():
+            asyncio.run(warm(Target(srv.url), makers[k], a.warmup, a.timeout))
 
         names, recs = list(servers), {k: [] for k in servers}
         seconds = a.duration / a.rounds
         for r in range(a.rounds):
             for k in names[r % len(names):] + names[:r % len(names)]:
-                proc, url = servers[k]
-                rec = asyncio.run(closed_loop(Target(url), makers[k], a.concurrency, seconds, 0, a.timeout))
+                rec = asyncio.run(closed_loop(Target(servers[k].url), makers[k], a.concurrency, seconds, 0, a.timeout))
                 recs[k].append(rec)
-                st = proc_status_mb(proc.pid)
+                st = proc_status_mb(servers[k].pid)
                 rss[k] = {"VmRSS": max(rss[k]["VmRSS"], st["VmRSS"]), "VmHWM": st["VmHWM"]}
                 rps = sum(200 <= s < 300 for s in rec.status) / max(rec.t_last - rec.t_first, 1e-9)
                 print(f"  round {r + 1}/{a.rounds} {label[k]:<34} {rps:7.1f} req/s", flush=True)
     finally:
-        for proc, _ in servers.values():
-            stop(proc)
+        for srv in servers.values():
+            srv.stop()
 
     level = Level("closed", a.concurrency, f"c{a.concurrency}")
     rows = []
@@ -223,7 +191,7 @@ def main() -> int:
                      "rps": s["rps"], "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "ok": s["ok"],
                      "errors": s["errors"] + s["timeouts"], "rejected": s["rejected"],
                      "rss_mb": round(rss[k]["VmRSS"], 1), "peak_rss_mb": round(rss[k].get("VmHWM", 0.0), 1),
-                     "ready_s": round(ready_s[k], 2), "serve_mix_rows_per_s": facts[k]["serve_mix_rows_per_s"]})
+                     "ready_s": round(servers[k].ready_s, 2), "serve_mix_rows_per_s": facts[k]["serve_mix_rows_per_s"]})
     best = max(rows, key=lambda r: r["rps"])
     best_ok = max((r for r in rows if r["within_budget"]), key=lambda r: r["rps"], default=best)
     dflt = next(r for r in rows if r["default"])

@@ -20,8 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 import zlib
@@ -35,8 +33,9 @@ sys.path.insert(0, str(HERE))
 
 from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen import plot, request_maker  # noqa: E402
-from millis.loadgen.client import Conn, Target, fetch  # noqa: E402
+from millis.loadgen.client import Conn, Target  # noqa: E402
 from millis.loadgen.load import Level, Recorder, run_level, summarize, warm  # noqa: E402
+from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 
 RESULTS = HERE / "results"
 INFINITY = HERE / ".venvs" / "infinity"
@@ -47,40 +46,12 @@ def data_root() -> Path:
     return Path(os.environ.get("MILLIS_DATA") or HERE.parent.parent / "shared" / "data")
 
 
-def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float = 180) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if asyncio.run(fetch(Target(url), "GET", path, timeout=2))[0] == 200:
-                return time.time() - t0
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
-
-
-def start_millis(artifact: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "millis.cli", "serve", str(artifact), "--port", str(port),
-                             "--model-name", "minilm"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def start_infinity(model_dir: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
-    return subprocess.Popen([str(INFINITY / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir),
-                             "--served-model-name", "minilm", "--engine", "torch", "--device", "cpu",
-                             "--port", str(port), "--url-prefix", "/v1", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return -9
+def start_infinity(model_dir: Path, port: int) -> ServerProcess:
+    env = dict(HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
+    return ServerProcess([str(INFINITY / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir),
+                          "--served-model-name", "minilm", "--engine", "torch", "--device", "cpu",
+                          "--port", str(port), "--url-prefix", "/v1", "--log-level", "warning"],
+                         port=port, ready_path="/health", env=env, ready_timeout=300)
 
 
 async def interleaved_c1(t: Target, make, model, texts: list[str], rounds: int, seconds: float, timeout: float):
@@ -134,7 +105,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per load level")
     ap.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (s)")
-    ap.add_argument("--port", type=int, default=8790)
+    ap.add_argument("--port", type=int, default=8790, help="Infinity's port (millis serve takes a free one)")
     ap.add_argument("--out", default=str(RESULTS / "serve_vs_infinity.json"))
     ap.add_argument("--millis-only", action="store_true", help="skip Infinity (a quick look; no comparison)")
     a = ap.parse_args()
@@ -150,13 +121,12 @@ def main() -> int:
 
         accuracy.embed_recovery(iters=200, min_cosine=0.995)
     texts = read_column(data_root() / "banking77" / "test.csv", "text")
-    url = f"http://127.0.0.1:{a.port}"
     closed = [Level("closed", c, f"c{c}") for c in (1, 4, 16)]
 
     print(f"millis serve {ARTIFACT.name} ({json.loads((ARTIFACT / 'millis.json').read_text())['variant']['name']})",
           flush=True)
-    proc = start_millis(ARTIFACT, a.port)
-    ready_s = wait_ready(url, "/ready", proc)
+    srv = ServerProcess(serve_command(ARTIFACT, "--model-name", "minilm"), ready_timeout=180)
+    url, ready_s = srv.url, srv.ready_s
     model = millis.load(ARTIFACT)                    # the in-process baseline, same artifact
     m_rows, extra = asyncio.run(run_system(url, texts, closed, a.duration, a.timeout, model))
     del model
@@ -164,7 +134,7 @@ def main() -> int:
     open_levels = [Level("open", capacity * f, name) for f, name in ((0.5, "poisson50"), (0.9, "poisson90"),
                                                                         (2.0, "overload2x"))]
     m_rows += asyncio.run(run_system(url, texts, open_levels, a.duration, a.timeout))[0]
-    millis_exit = stop(proc)
+    millis_exit = srv.stop()
     if a.millis_only:
         for r in m_rows:
             print(r)
@@ -172,10 +142,10 @@ def main() -> int:
         return 0
 
     print(f"infinity-emb (torch, cpu), same loads; millis capacity {capacity:.0f} req/s", flush=True)
-    proc = start_infinity(builtin_minilm_dir(), a.port)
-    inf_ready_s = wait_ready(url, "/health", proc, timeout=300)
-    i_rows = asyncio.run(run_system(url, texts, closed + open_levels, a.duration, a.timeout))[0]
-    stop(proc)
+    srv = start_infinity(builtin_minilm_dir(), a.port)
+    inf_ready_s = srv.ready_s
+    i_rows = asyncio.run(run_system(srv.url, texts, closed + open_levels, a.duration, a.timeout))[0]
+    srv.stop()
 
     rows = [dict(system="millis", **r) for r in m_rows] + [dict(system="infinity", **r) for r in i_rows]
     inf = {r["load"]: r for r in i_rows}

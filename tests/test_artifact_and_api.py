@@ -48,8 +48,9 @@ def test_rewrite_is_atomic_and_replaces(classify_artifact, tmp_path):
     from millis.artifact import store as artifact
 
     out = tmp_path / "x"
-    artifact.write(out, lambda d: (d / "a.txt").write_text("1") and {})
-    assert artifact.read_meta(out)["files"].keys() == {"a.txt"}
+    meta = artifact.read_meta(classify_artifact)
+    artifact.write(out, lambda d: (d / "a.txt").write_text("1") and meta)
+    assert artifact.read_meta(out).files.keys() == {"a.txt"}
 
     def boom(d):
         (d / "b.txt").write_text("2")
@@ -58,7 +59,7 @@ def test_rewrite_is_atomic_and_replaces(classify_artifact, tmp_path):
     with pytest.raises(RuntimeError):
         artifact.write(out, boom)
     # the previous artifact is intact and no temp dirs are left behind
-    assert artifact.read_meta(out)["files"].keys() == {"a.txt"}
+    assert artifact.read_meta(out).files.keys() == {"a.txt"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 
@@ -92,5 +93,29 @@ def test_batched_equals_single_and_keeps_order(classify_artifact):
     batched = m.run(texts, max_batch=7).outputs
     single = np.stack([m.run([t]).outputs[0] for t in texts])
     # dynamic int8 quantizes activations per tensor over the whole batch: close, not bit-equal
-    atol = 1e-5 if m.meta["variant"]["precision"] == "fp32" else 2e-3
+    atol = 1e-5 if m.meta.variant.precision == "fp32" else 2e-3
     np.testing.assert_allclose(batched, single, atol=atol)
+
+
+def test_open_model_and_optimize_agree_on_max_length(tmp_path):
+    """builtin:minilm has 512 positions, but its sentence_bert_config.json says 256: `open_model` (eval,
+    serve of a source) and `millis optimize` both cut texts at 256 (one rule: model_max_length)."""
+    from millis.artifact.model import open_model
+    from millis.common.config import Shape
+    from millis.encoder.source import model_max_length, resolve
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    src = resolve("builtin:minilm")
+    assert src.max_length == 512 and model_max_length(src) == 256
+    assert model_max_length(src, 300) == 300                      # asked for: up to the position limit
+    with pytest.raises(MillisError, match="exceeds the model's limit 512"):
+        model_max_length(src, 513)
+    model = open_model("builtin:minilm")
+    assert model.max_length == 256 and model.encoder.max_length == 256
+    assert model.run(["card " * 400]).tokens == [256]             # the text is cut where optimize cuts it
+    with pytest.raises(MillisError, match="longer than the model's max length 256"):
+        optimize(OptimizeConfig(source="builtin:minilm", task="embed", out=str(tmp_path / "a"),
+                                target=Shape(1, 384)))
+    tiny = resolve("tiny:bert")                                   # no sentence-transformers config: positions
+    assert open_model("tiny:bert").max_length == model_max_length(tiny) == tiny.max_length

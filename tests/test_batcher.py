@@ -4,7 +4,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, bucket_of
+from millis.encoder.text import bucket_length
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
 from millis.serve.http import ClientGone
 
 
@@ -33,9 +34,62 @@ def make_job(*lengths, first=0):
     return Job([[first + k] * n for k, n in enumerate(lengths)], asyncio.get_running_loop().create_future())
 
 
-def test_bucket_rule_matches_run_texts():
-    assert [bucket_of(n, 128) for n in (1, 16, 17, 32, 33, 127, 128)] == [16, 16, 32, 32, 48, 128, 128]
-    assert bucket_of(200, 40) == 40
+async def run_all(b: Batcher, jobs: list[Job]) -> None:
+    """Queue every job, start the batcher, wait for all, drain it."""
+    for j in jobs:
+        b.submit(j)
+    b.start()
+    await asyncio.gather(*(j.future for j in jobs))
+    await b.close()
+
+
+class PadRecorder:
+    """A fake Runtime for run_texts: remembers each call's (rows, T); row i answers [T, its real tokens]."""
+
+    name, input_names, output_name = "recorder", ("input_ids", "attention_mask", "token_type_ids"), "out"
+
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []
+
+    def run(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        self.calls.append(ids.shape)
+        return {"out": np.stack([np.full(len(ids), ids.shape[1]), mask.sum(1)], 1).astype(np.float32)}
+
+
+def test_bucket_length_rule():
+    assert [bucket_length(n, 128) for n in (1, 16, 17, 32, 33, 127, 128)] == [16, 16, 32, 32, 48, 128, 128]
+    assert bucket_length(200, 40) == 40 and bucket_length(0, 128) == 16
+
+
+def test_run_texts_and_the_batcher_pad_a_text_alike(tiny_dirs):
+    """run_texts (millis.load, the CLI) and the server's batcher pad the same text to the same length."""
+    from millis.artifact.model import run_texts
+    from millis.encoder.text import TextEncoder
+
+    enc = TextEncoder(tiny_dirs["bert"], PadRecorder.input_names, max_length=40)
+    texts = [" ".join(["card"] * k) for k in (30, 1, 14, 60, 13, 15)]
+    rows = enc.token_ids(texts)[0]
+    assert [len(r) for r in rows] == [32, 3, 16, 40, 15, 17]  # 60 words: cut to max_length 40
+
+    rt = PadRecorder()  # one text per call: each runs at its own bucket
+    res = run_texts(rt, enc, texts, max_batch=1)
+    alone = [32, 16, 16, 40, 16, 32]
+    assert res.outputs[:, 0].tolist() == alone and res.outputs[:, 1].tolist() == [32, 3, 16, 40, 15, 17]
+    assert sorted(rt.calls) == sorted((1, t) for t in alone)
+
+    rt = PadRecorder()  # sorted by length, cut into batches of 3, each padded to its longest row's bucket
+    res = run_texts(rt, enc, texts, max_batch=3)
+    assert rt.calls == [(3, 16), (3, 40)]
+    assert res.outputs[:, 0].tolist() == [40, 16, 16, 40, 16, 40] and res.tokens == [32, 3, 16, 40, 15, 17]
+
+    async def batcher_lengths():
+        rec = Recorder()
+        b = Batcher(rec, max_length=40, max_batch=1, max_tokens=4096, max_wait_s=0, max_queue=100)
+        jobs = [Job([r], asyncio.get_running_loop().create_future()) for r in rows]
+        await run_all(b, jobs)
+        return [int(j.out[0][0]) for j in jobs]
+    assert run(batcher_lengths()) == alone
 
 
 def test_rows_grouped_by_bucket_and_token_budget_respected():
@@ -43,11 +97,7 @@ def test_rows_grouped_by_bucket_and_token_budget_respected():
         rec = Recorder()
         b = Batcher(rec, max_length=128, max_batch=8, max_tokens=64, max_wait_s=0, max_queue=100)
         jobs = [make_job(5, 40, 9, first=10 * i) for i in range(3)]   # 6 rows of T=16, 3 of T=48
-        for j in jobs:
-            b.submit(j)
-        b.start()
-        await asyncio.gather(*(j.future for j in jobs))
-        await b.close()
+        await run_all(b, jobs)
         return rec, jobs
 
     rec, jobs = run(go())

@@ -1,10 +1,16 @@
 """The CLI parses flags into a config and calls the stage; errors exit 2 with one clear line."""
 import json
 import os
+import re
 import subprocess
 import sys
 
-from millis.cli.main import main
+import pytest
+
+from millis.cli.flags import flags_of
+from millis.cli.main import COMMANDS, config_from_argv, main
+from millis.common.config import Shape, flag_fields
+from millis.common.errors import MillisError
 
 
 def test_cli_optimize_info_predict(tmp_path, tiny_dirs, capsys):
@@ -52,10 +58,194 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "not a millis artifact" in capsys.readouterr().err
     assert main(["optimize", "tiny:bert", "--preset", "nope"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --preset='nope': expected one of cpu, quick\n"
+    assert main(["optimize", "tiny:bert", "--iters", "many"]) == 2
+    assert capsys.readouterr().err == "error: --iters='many': expected an integer\n"
+    assert main(["optimize", "tiny:bert", "--shapes", "b1xs16,b0xs8"]) == 2
+    assert capsys.readouterr().err == "error: --shapes: shape must have batch >= 1 and seq >= 1, got 0x8\n"
+    assert main(["optimize", "tiny:bert", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --no-such-flag" in err and err.count("\n") == 1
+    assert main(["eval", "model-dir"]) == 2
+    err = capsys.readouterr().err
+    assert "required: --data" in err and err.count("\n") == 1
 
 
-def test_console_script_entry_point():
+def test_console_script_and_module_entry_points():
     exe = os.path.join(os.path.dirname(sys.executable), "millis")
-    r = subprocess.run([exe, "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "optimize" in r.stdout
+    for cmd in ([exe, "--help"], [sys.executable, "-m", "millis.cli", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0 and "optimize" in r.stdout and "generate" in r.stdout
+
+
+def test_bad_variable_is_one_line_for_the_commands_that_read_it():
+    """MILLIS_THREADS=two used to crash every command, even `serve --help`, with a traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "millis")
+    env = {**os.environ, "MILLIS_THREADS": "two"}
+    r = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "MILLIS_THREADS" in r.stdout and r.stderr == ""
+    r = subprocess.run([exe, "serve", "some-artifact"], capture_output=True, text=True, env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: MILLIS_THREADS='two': expected an integer\n")
+    r = subprocess.run([exe, "info", "no-such-artifact"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "MILLIS_THREADS" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["optimize", "train", "eval", "predict", "serve", "generate"])
+def test_threads_variable_is_parsed_by_every_command_that_has_the_flag(command, monkeypatch, capsys):
+    monkeypatch.setenv("MILLIS_THREADS", "2.5")
+    argv = {"train": ["--data", "d.csv"], "eval": ["--data", "d.csv"], "predict": ["hello"]}.get(command, [])
+    assert main([command, "model-dir", *argv]) == 2
+    assert capsys.readouterr().err == "error: MILLIS_THREADS='2.5': expected an integer\n"
+    monkeypatch.setenv("MILLIS_THREADS", "3")
+    cfg = config_from_argv([command, "model-dir", *argv])[1]
+    cfg = cfg[0] if isinstance(cfg, tuple) else cfg
+    assert getattr(getattr(cfg, "measure", cfg), "threads") == 3
+
+
+@pytest.mark.parametrize("env, recover", [
+    ({}, True), ({"MILLIS_NO_RECOVER": "false"}, True), ({"MILLIS_NO_RECOVER": "0"}, True),
+    ({"MILLIS_NO_RECOVER": "No"}, True), ({"MILLIS_NO_RECOVER": "TRUE"}, False), ({"MILLIS_NO_RECOVER": "on"}, False),
+    ({"MILLIS_RECOVER": "off"}, False), ({"MILLIS_RECOVER": "yes"}, True), ({"MILLIS_NO_RECOVER": ""}, True)])
+def test_boolean_variables_mean_what_they_say(env, recover, monkeypatch):
+    """MILLIS_NO_RECOVER=false used to turn recovery off (any non-empty value but "0" did)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert config_from_argv(["optimize", "tiny:bert"])[1].recover is recover
+    assert config_from_argv(["optimize", "tiny:bert", "--recover"])[1].recover is True
+    assert config_from_argv(["optimize", "tiny:bert", "--no-recover"])[1].recover is False
+
+
+def test_a_boolean_variable_accepts_only_boolean_words(monkeypatch, capsys):
+    monkeypatch.setenv("MILLIS_NO_RECOVER", "maybe")
+    assert main(["optimize", "tiny:bert"]) == 2
+    assert capsys.readouterr().err == ("error: MILLIS_NO_RECOVER='maybe': expected one of 1, true, yes, on, 0, "
+                                       "false, no, off\n")
+    monkeypatch.setenv("MILLIS_NO_RECOVER", "1")
+    monkeypatch.setenv("MILLIS_RECOVER", "1")
+    assert main(["optimize", "tiny:bert"]) == 2
+    assert "MILLIS_RECOVER and MILLIS_NO_RECOVER are both set" in capsys.readouterr().err
+
+
+def test_presets_are_scoped_per_command(monkeypatch, capsys):
+    """MILLIS_PRESET meant cpu|quick to optimize and default|quick to train; each command has its own now."""
+    from millis.optimize.config import PRESETS
+
+    monkeypatch.setenv("MILLIS_PRESET", "cpu")  # no longer read by anyone
+    monkeypatch.setenv("MILLIS_OPTIMIZE_PRESET", "quick")
+    cfg = config_from_argv(["optimize", "tiny:bert"])[1]
+    assert cfg.preset == "quick" and cfg.measure == PRESETS["quick"]
+    assert config_from_argv(["train", "tiny:bert", "--data", "d.csv"])[1].epochs == 8  # train's default preset
+    monkeypatch.setenv("MILLIS_TRAIN_PRESET", "quick")
+    assert config_from_argv(["train", "tiny:bert", "--data", "d.csv"])[1].epochs == 1
+    assert config_from_argv(["distill", "t", "--data", "d.csv"])[1].train.epochs == 8  # MILLIS_DISTILL_PRESET unset
+    monkeypatch.setenv("MILLIS_PRUNE_PRESET", "cpu")
+    assert main(["prune", "m", "--data", "d.csv", "--heads", "0.5"]) == 2
+    assert capsys.readouterr().err == "error: MILLIS_PRUNE_PRESET='cpu': expected one of default, quick\n"
+
+
+def test_flag_beats_variable_beats_default(monkeypatch):
+    from millis.optimize.config import PRESETS
+    from millis.common.config import Shape
+
+    assert config_from_argv(["serve", "art"])[1].port == 8000
+    monkeypatch.setenv("MILLIS_PORT", "8100")
+    assert config_from_argv(["serve", "art"])[1].port == 8100
+    assert config_from_argv(["serve", "art", "--port", "8200"])[1].port == 8200
+    monkeypatch.setenv("MILLIS_WARMUP", "off")
+    assert config_from_argv(["serve", "art"])[1].warmup is False
+    assert config_from_argv(["serve", "art", "--warmup"])[1].warmup is True
+    # train: the preset's schedule, then the variables, then the flags
+    base = ["train", "tiny:bert", "--data", "d.csv", "--preset", "quick"]
+    assert config_from_argv(base)[1].epochs == 1
+    monkeypatch.setenv("MILLIS_EPOCHS", "3")
+    assert config_from_argv(base)[1].epochs == 3
+    assert config_from_argv(base + ["--epochs", "5"])[1].epochs == 5
+    assert config_from_argv(base)[1].sample == 512  # what the flags leave alone stays the preset's
+    # optimize: a measurement flag overrides the preset's value and leaves the rest of it
+    monkeypatch.setenv("MILLIS_ITERS", "7")
+    cfg = config_from_argv(["optimize", "tiny:bert", "--preset", "quick", "--shapes", "b4xs64,1x8"])[1]
+    assert cfg.measure.shapes == (Shape(4, 64), Shape(1, 8)) and cfg.measure.iters == 7
+    assert cfg.measure.rounds == PRESETS["quick"].rounds and cfg.target == Shape(1, 128)
+    monkeypatch.setenv("MILLIS_MAX_DROP", "2")
+    assert config_from_argv(["optimize", "x", "--max-drop", "1.5"])[1].budget.max_drop == 1.5
+    assert config_from_argv(["optimize", "x"])[1].budget.max_drop == 2.0
+
+
+def test_flags_with_structure():
+    cfg = config_from_argv(["optimize", "x", "--variants", "ort-fp32,ort-int8-dynamic", "--compress"])[1]
+    assert cfg.variants == ("ort-fp32", "ort-int8-dynamic") and cfg.compress == "default"
+    assert config_from_argv(["optimize", "x", "--compress", "quick"])[1].compress == "quick"
+    assert config_from_argv(["optimize", "x"])[1].compress == ""
+    from millis.optimize.compress import COMPRESS_PRESETS
+
+    compress = next(f for f in flags_of(COMMANDS[0]) if f.name == "compress")
+    assert all(name in compress.help_text() for name in COMPRESS_PRESETS)  # the help names every preset
+    with pytest.raises(MillisError, match=r"^unknown --compress preset 'big'; available: default, quick$"):
+        config_from_argv(["optimize", "x", "--compress", "big"])
+    cfg = config_from_argv(["distill", "t", "--data", "d.csv", "--layer-map", "0,2", "--layers", "2", "--out", "o"])[1]
+    assert (cfg.layer_map, cfg.layers, cfg.train.out, cfg.train.source) == ((0, 2), 2, "o", "t")
+    assert config_from_argv(["distill", "t", "--data", "d.csv"])[1].train.out == "models/student"
+    assert config_from_argv(["prune", "m", "--data", "d.csv", "--ffn", "0.5"])[1].train.out == "models/pruned"
+    assert config_from_argv(["predict", "art", "a, b", "c"])[1].texts == ("a, b", "c")  # no comma splitting
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("MILLIS_PORT", "")
+    monkeypatch.setenv("MILLIS_SHAPES", "")
+    assert config_from_argv(["serve", "art"])[1].port == 8000
+    assert config_from_argv(["optimize", "x", "--preset", "quick"])[1].measure.shapes == (Shape(1, 16), Shape(2, 32))
+
+
+# The flags each command had before they were generated from the configs: none may go missing.
+OLD_FLAGS = {
+    "optimize": "source --task --out --preset --variants --shapes --target --min-cosine --max-logit-diff --iters "
+                "--threads --max-length --sample-texts --calibration-texts --data --max-drop --text-col --label-col "
+                "--no-recover --compress --compress-data",
+    "train": "source --out --data --preset --validation --text-col --label-col --epochs --batch-size --lr "
+             "--weight-decay --warmup --patience --max-length --seed --limit --sample --threads --val-fraction",
+    "distill": "--out --data --preset --validation --epochs --layers --layer-map --student --task --temperature "
+               "--soft-weight --hard-weight --hidden-weight --attention-weight --threads --seed",
+    "prune": "--out --data --preset --epochs --heads --ffn --layers --importance-rows --temperature --lr",
+    "eval": "model --data --text-col --label-col --limit --threads --json",
+    "info": "artifact --json",
+    "predict": "artifact texts --threads",
+    "serve": "artifact --host --port --model-name --max-batch --max-batch-tokens --max-wait-ms --max-queue "
+             "--max-inputs --max-body-bytes --too-long --request-timeout-s --threads --device --warmup --no-warmup "
+             "--shutdown-timeout-s --log-level --chat-template --max-tokens --max-seq --dtype --quant",
+    "bench": "url --data --text-col --concurrency --rate --duration --count --inputs --route --model --timeout "
+             "--warmup --seed --out",
+    "generate": "model --prompt --max-tokens --temperature --top-k --top-p --repetition-penalty --seed --stop "
+                "--stream --dtype --quant --max-seq --threads",
+}
+
+
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_every_flag_field_is_in_the_help_of_its_command(command, capsys):
+    c = next(c for c in COMMANDS if c.name == command)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    flags = flags_of(c)
+    assert {f.name for f in flags} == {f.name for cls in c.groups() for f in flag_fields(cls)}
+    for f in flags:
+        assert re.search(rf"(^|[\s\[,]){re.escape(f.option)}\b", text), f.option
+        for variable in f.variables():
+            assert variable in text
+    for old in OLD_FLAGS[command].split():
+        assert re.search(rf"(^|[\s\[,]){re.escape(old)}\b", text), old
+
+
+def test_each_unscoped_variable_has_one_meaning():
+    """A variable read by several commands has one type in all of them; names that differ are scoped
+    (MILLIS_TRAIN_WARMUP is a share of steps, MILLIS_WARMUP serve's on/off, MILLIS_BENCH_WARMUP a count)."""
+    seen: dict[str, tuple[str, object]] = {}
+    for c in COMMANDS:
+        for f in flags_of(c):
+            for variable in f.variables():
+                first = seen.setdefault(variable, (c.name, f.type))
+                assert first[1] == f.type, f"{variable}: {first[1]} in {first[0]}, {f.type} in {c.name}"
+    for name in ("PRESET", "DATA", "WARMUP", "LAYERS", "TEMPERATURE", "JSON"):
+        readers = {c.name for c in COMMANDS for f in flags_of(c) if f"MILLIS_{name}" in f.variables()}
+        assert len(readers) <= 1, (name, readers)
+    assert "MILLIS_PRESET" not in seen and "MILLIS_DATA" not in seen  # MILLIS_DATA is the benches' data directory

@@ -45,11 +45,11 @@ def test_distilled_student_has_the_asked_layers_loads_and_learns(student, traine
     src = resolve(str(out))
     assert src.num_layers == 1 and src.has_classifier and src.id2label == {0: "bank", 1: "market"}
     meta = read_train_meta(out)
-    d = meta["distill"]
-    assert d["student_layers"] == 1 and d["teacher"]["layers"] == 2 and d["layer_map"] == [1]
-    assert d["parameters"]["student"] < d["parameters"]["teacher"]
-    hist = meta["history"]
-    assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the distillation loss falls
+    d = meta.distill
+    assert d.student_layers == 1 and d.teacher.layers == 2 and d.layer_map == (1,)
+    assert d.parameters["student"] < d.parameters["teacher"]
+    hist = meta.history
+    assert len(hist) == 3 and hist[-1].train_loss < hist[0].train_loss  # the distillation loss falls
     steps = [f["loss"] for e, f in events if e == "step"]
     assert np.mean(steps[-3:]) < np.mean(steps[:3])
     y = _logits(out, ["card transfer pin today", "stock yields profit again"])
@@ -100,7 +100,7 @@ def test_distill_embedder_matches_teacher_vectors(tmp_path, tiny_dirs):
     out = distill(distill_config("tiny:bert", str(texts), out=str(tmp_path / "emb"), train={**ONE_THREAD, "epochs": 2},
                                  layers=1, task="embed"))
     meta = read_train_meta(out)
-    assert meta["distill"]["task"] == "embed" and 0.5 < meta["val_cosine"] <= 1.0
+    assert meta.distill.task == "embed" and 0.5 < meta.val_cosine <= 1.0 and meta.val_accuracy is None
     src = resolve(str(out))
     assert src.num_layers == 1 and src.pooling.normalize  # the sentence-transformers folder came along
 
@@ -116,7 +116,7 @@ def planned(trained_classifier):
     from millis.encoder.hf import load_hf
 
     src = resolve(str(trained_classifier))
-    cfg = prune_config(str(trained_classifier), read_train_meta(trained_classifier)["data"]["path"],
+    cfg = prune_config(str(trained_classifier), read_train_meta(trained_classifier).data.path,
                        heads=0.5, ffn=0.25, layers=1, train={"threads": 1})
     model = load_hf(src.path, AutoModelForSequenceClassification).eval()
     td = prepare(cfg.train, src, classes=["bank", "market"])
@@ -171,7 +171,8 @@ def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quic
     cfg = json.loads((pruned_dir / "config.json").read_text())
     assert cfg["millis_pruned"] == {"attention_heads": 2, "head_dim": 8} and cfg["intermediate_size"] == 48
     meta = read_train_meta(pruned_dir)
-    assert meta["prune"]["parameters"]["pruned"] < meta["prune"]["parameters"]["original"]
+    assert meta.prune.parameters["pruned"] < meta.prune.parameters["original"]
+    assert meta.prune.layers_kept == (0, 1) and meta.prune.ffn_kept == 48 and [len(h) for h in meta.prune.heads_kept] == [2, 2]
     src = resolve(str(pruned_dir))
     assert src.num_heads == 2 and src.attention_size == 16 and src.hidden_size == 32
     art = optimize(OptimizeConfig(source=str(pruned_dir), task="classify", out=str(tmp_path / "art"),
@@ -213,32 +214,69 @@ def test_prune_refuses_what_it_cannot_do(tmp_path, trained_classifier, topics_da
 @pytest.mark.slow
 def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_classifier, topics_data, quick_measure,
                                                          monkeypatch):
+    """No --data: every variant, students included, is judged on the validation split the teacher kept,
+    which the students also held out. Each student is either within the accuracy budget or rejected
+    with the reason, and the shipped variant is the one the selection rule picks."""
+    from millis.artifact.validation import read_validation
     from millis.optimize.compress import COMPRESS_VARIANTS
     from millis.optimize.config import OptimizeConfig
     from millis.common.config import Shape
     from millis.optimize.pipeline import optimize
+    from millis.optimize.select import Candidate, select
 
     monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     msgs = []
     cfg = OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "art"), target=Shape(1, 16),
-                         variants=("ort-int8-dynamic",), measure=quick_measure, data=str(topics_data["test"]),
-                         compress="quick")
+                         variants=("ort-int8-dynamic",), measure=replace(quick_measure, threads=1), compress="quick")
     art = optimize(cfg, msgs.append)
-    rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
+    report = json.loads((art / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    n_val = read_train_meta(trained_classifier).data.validation_rows
+    ref_acc = report["measured"]["reference_accuracy"]
+    assert n_val == 20 and rows["torch-fp32"]["accuracy"]["accuracy"] == ref_acc
     for v in COMPRESS_VARIANTS:
         r = rows[f"l-half+{v}"]
-        assert r["recipe"]["compressed"]["layers"] == 1 and r["accuracy"]["n"] == 60, r
-        assert r["latency"], r["name"]
+        assert not r["error"] and r["latency"], r
+        assert r["recipe"]["compressed"]["layers"] == 1 and r["accuracy"]["n"] == n_val, r
+        drop = 100 * (ref_acc - r["accuracy"]["accuracy"])
+        assert r["accuracy"]["drop_pts"] == pytest.approx(drop)
+        if drop <= cfg.budget.max_drop + 1e-9:  # within budget: selectable unless the serve mix rejected it
+            assert r["ok"] or "rejected: serve mix" in r["reason"], r
+        else:
+            assert not r["ok"] and r["reason"].startswith(f"accuracy drop {drop:.2f} pt exceeds --max-drop"), r
+    student = rows["l-half+ort-fp32-fused"]["recipe"]["compressed"]["model"]
+    held, teacher_held = read_validation(student), read_validation(trained_classifier)
+    assert sorted(zip(held.texts, held.labels)) == sorted(zip(teacher_held.texts, teacher_held.labels))
     assert any("compress l-half: epoch 1" in m for m in msgs)
+    chosen = select([Candidate(r["name"], r["latency"]["b1xs16"]["p50_ms"], r["ok"], r["reason"],
+                               (r["serve_mix"] or {}).get("rows_per_s", 0.0)) for r in rows.values() if r["latency"]])
     meta = json.loads((art / "millis.json").read_text())
-    if "compressed" in meta:  # a student won: the artifact says so and still loads
-        assert meta["variant"]["name"].startswith("l-half+")
+    assert meta["variant"]["name"] == report["chosen"] == chosen.name
+    assert bool(meta.get("compressed")) == chosen.name.startswith("l-half+")  # a student won iff the artifact says so
     from millis.artifact.model import load
     assert load(art).run(["card pin"]).outputs.shape == (1, 2)
     msgs.clear()
     optimize(replace(cfg, out=str(tmp_path / "art2")), msgs.append)
     assert not any("epoch" in m for m in msgs)  # the student came from the cache
+
+
+def test_students_hold_out_the_teachers_validation_rows(tmp_path, student, trained_classifier, topics_data):
+    import shutil
+
+    from millis.artifact.validation import VALIDATION_FILE
+    from millis.optimize.compress import check_same_holdout, teacher_split
+
+    split = teacher_split(resolve(str(trained_classifier)), "")
+    assert split == {"seed": 0, "val_fraction": 0.1, "validation": "", "limit": 0, "sample": 0}
+    assert teacher_split(resolve(str(trained_classifier)), str(topics_data["train"])) == {}  # --compress-data
+    check_same_holdout(trained_classifier, student[0])  # distilled with the same split: the same rows
+    other = tmp_path / "other"
+    shutil.copytree(student[0], other)
+    rows = (other / VALIDATION_FILE).read_text().splitlines()
+    (other / VALIDATION_FILE).write_text("\n".join(rows[1:]) + "\n")  # one held-out row less: it trained on it
+    with pytest.raises(MillisError, match="held out other validation rows than its teacher"):
+        check_same_holdout(trained_classifier, other)
 
 
 def test_compress_needs_training_data(tmp_path, topics_data, tiny_dirs):

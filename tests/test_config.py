@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig, optimize_config_from_dict
-from millis.common.config import Shape, to_dict
+from millis.optimize.config import PRESETS, Budget, MeasureConfig, OptimizeConfig, optimize_config_from_dict
+from millis.common.config import Shape, preset_of, to_dict
 from millis.common.errors import MillisError
 
 
@@ -31,7 +31,34 @@ def test_unknown_task_is_a_clear_error():
         OptimizeConfig(source="x", task="generate")
 
 
-def test_config_is_frozen():
-    cfg = OptimizeConfig(source="x")
-    with pytest.raises(Exception):
-        cfg.task = "classify"  # type: ignore[misc]
+def test_unknown_preset_is_one_line_with_the_choices():
+    with pytest.raises(MillisError, match=r"^unknown --preset 'fast'; available: cpu, quick$"):
+        preset_of(PRESETS, "fast", "--preset")
+    assert preset_of(PRESETS, "quick", "--preset") is PRESETS["quick"]
+
+
+def test_every_preset_of_every_table_builds_its_config():
+    """A preset is a set of typed overrides: a misspelt field or a wrong type fails here, not in a user's run."""
+    from millis.optimize.compress import COMPRESS_PRESETS, CompressRecipe
+    from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
+    from millis.train.distill import DISTILL_PRESETS, distill_config
+    from millis.train.prune import PRUNE_PRESETS, prune_config
+
+    assert all(isinstance(m, MeasureConfig) for m in PRESETS.values()) and PRESETS["cpu"] == MeasureConfig()
+    assert PRESETS["quick"].iters < MeasureConfig().iters
+    for name, overrides in TRAIN_PRESETS.items():
+        cfg = train_config("tiny:bert", "d.csv", name)
+        assert all(getattr(cfg, k) == v and type(getattr(TrainConfig("s", "d"), k)) is type(v)
+                   for k, v in overrides.items())
+    for name in DISTILL_PRESETS:
+        assert distill_config("t", "d.csv", name).train.out == "models/student"
+    for name, overrides in PRUNE_PRESETS.items():
+        cfg = prune_config("m", "d.csv", name, heads=0.5)
+        assert cfg.train.out == "models/pruned" and all(getattr(cfg.train, k) == v for k, v in overrides.items())
+    assert all(recipes and all(isinstance(r, CompressRecipe) for r in recipes) for recipes in COMPRESS_PRESETS.values())
+    for build, what in ((lambda: train_config("s", "d", "cpu"), "training preset 'cpu'"),
+                        (lambda: distill_config("s", "d", "cpu"), "distillation preset 'cpu'"),
+                        (lambda: prune_config("s", "d", "cpu", heads=0.5), "pruning preset 'cpu'")):
+        with pytest.raises(MillisError, match=f"unknown {what}; available: default, quick"):
+            build()
+

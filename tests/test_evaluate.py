@@ -73,13 +73,22 @@ def test_cli_eval_errors(trained_classifier, tmp_path, capsys):
 
 
 def test_eval_on_a_source_spec(tmp_path, tiny_dirs):
-    """tiny:bert (random weights) evaluates as the torch reference; its three labels are known."""
+    """tiny:bert (random weights) evaluates as the torch reference; its three labels are known, and
+    the metrics are those of the fp32 HF model's own predictions."""
+    from conftest import reference_outputs
+    from millis.encoder.source import resolve
+
+    rows = [("where is my card?", "negative"), ("refund?", "positive"), ("ok", "neutral"), ("Hi", "positive")]
     p = tmp_path / "d.csv"
-    p.write_text("text,label\nwhere is my card?,negative\nrefund?,positive\nok,neutral\nHi,positive\n")
+    p.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     res = evaluate(EvalConfig(model="tiny:bert", data=str(p)))
     assert res["variant"] == "torch-fp32" and res["task"] == "classify" and res["n"] == 4
-    assert sum(m["support"] for m in res["per_class"].values()) == 4
-    assert 0.0 <= res["accuracy"] <= 1.0
+    src = resolve("tiny:bert")
+    pred = [src.id2label[int(i)] for i in reference_outputs(src.path, "classify", [t for t, _ in rows]).argmax(1)]
+    want = classification_metrics([y for _, y in rows], pred)
+    assert res["accuracy"] == want["accuracy"] and list(res["per_class"]) == list(want["per_class"])
+    for c, m in want["per_class"].items():
+        assert res["per_class"][c] == pytest.approx(m), c
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,32 @@ def test_cli_on_hf_dir_with_tokenizer_json(hf_model, capsys):
     assert main(["generate", str(d), "--prompt", prompt, "--max-tokens", str(N_NEW), "--threads", "1"]) == 0
     words = [f"w{i}" for i in ref if i != 2]  # EOS (id 2) is a special token only in the model config
     assert capsys.readouterr().out.split()[:len(PROMPTS[0]) + len(words)] == prompt.split() + words
+
+
+def test_static_decode_matches_hf(hf_model):
+    """The CUDA-graph decode (millis.gen.cuda_graph) with capture=False: its static-shape step (bucket
+    rows, all max_seq keys, idle rows at the scratch position, its own mask) run eagerly on CPU gives
+    the eager decode's logits and HF's greedy tokens, Mistral's sliding window included."""
+    from millis.common.errors import MillisError
+    from millis.gen.cuda_graph import GraphedDecode
+    from millis.gen.models.layers import make_batch
+
+    kind, model, d = hf_model
+    eng = open_engine(str(d), EngineConfig(max_batch=4, max_seq=64))
+    with pytest.raises(MillisError, match="CUDA"):
+        GraphedDecode(eng.model, eng.max_batch, eng.max_seq)  # capture needs CUDA
+    static = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2))
+    # one decode step of rows in slots 0 and 2 (bucket 4: slots 1 and 3 idle), past the window of 6
+    prompts, slots = [PROMPTS[2], PROMPTS[1]], [0, 2]
+    with torch.inference_mode():
+        for p, s in zip(prompts, slots):
+            eng.model(make_batch([p], [0], [s], eng.window))
+        tokens, positions = [p[-1] for p in prompts], [len(p) for p in prompts]
+        eager = eng.model(make_batch([[t] for t in tokens], positions, slots, eng.window))[:, -1]
+        assert torch.allclose(static(tokens, positions, slots), eager, atol=1e-5), kind
+    ref = [_hf_greedy(model, p) for p in PROMPTS]
+    eng.decode = static
+    assert _run(eng, PROMPTS) == ref, kind
+    small = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64, max_prefills_per_step=1))
+    small.decode = GraphedDecode(small.model, small.max_batch, small.max_seq, capture=False)
+    assert _run(small, PROMPTS + PROMPTS[::-1]) == ref + ref[::-1], kind  # slots reused

@@ -1,9 +1,8 @@
-"""millis's int8 CPU kernel (millis/gen/qgemm.c): close to fp32, exact per row whatever the batch,
+"""millis's int8 CPU kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the batch,
 odd shapes padded correctly; the torch fallback; and the mask-free attention paths of make_batch."""
 import pytest
 import torch
 
-from millis.gen import EngineConfig, SamplingParams
 from millis.gen.kernels.cpu_int8 import Int8Linear, library, why_unavailable
 from millis.gen.models.layers import make_batch
 
@@ -68,9 +67,19 @@ def test_engine_int8_tokens_do_not_depend_on_batch():
     from test_gen_engine import GREEDY, engine, run
 
     eng = engine(quant="int8")
-    assert type(eng.model.head) is Int8Linear
+    linears = [n for n, m in engine().model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert all(type(eng.model.get_submodule(n)) is Int8Linear for n in linears)  # the head included
     prompts = ["the cat", "in a", "he"]
     alone = [run(eng, [p], GREEDY)[0]["ids"] for p in prompts]
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == alone
-    assert EngineConfig(quant="int8-torch").quant == "int8-torch"
-    assert SamplingParams(max_tokens=3).max_tokens == 3
+
+
+@needs_kernel
+def test_engine_int8_close_to_fp32():
+    """The kernel's logits at every decoded position, teacher-forced on fp32's greedy run, within the
+    int8 bounds of test_gen_engine.PRECISION_TOL (the real models: test_gen_reference.py)."""
+    from test_gen_engine import assert_close_to_fp32, engine, precision
+
+    ref, eng = engine(), engine(quant="int8")
+    assert precision(eng) == "int8"
+    assert_close_to_fp32(ref, eng, [ref.tok.encode(p) for p in ("the cat", "in a", "he", "an the he")], 20)

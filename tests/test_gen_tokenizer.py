@@ -11,18 +11,11 @@ from millis.gen.tokenizer import Llama2cTokenizer
 
 
 def reference_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
-    """The former encode, as llama2.c run.c: each round rescans every pair (quadratic)."""
+    """The former merge loop, as llama2.c run.c: each round rescans every pair (quadratic)."""
     ids = [tok.BOS]
     if not text:
         return ids
-    toks = [tok.ids[" "]] if " " in tok.ids else []  # the dummy prefix SentencePiece adds
-    for ch in text:
-        if ch in tok.ids:
-            toks.append(tok.ids[ch])
-        elif tok.byte_fallback:
-            toks.extend(b + 3 for b in ch.encode("utf-8"))  # <0x00> is id 3
-        else:
-            toks.append(tok.UNK)
+    toks = tok.symbols(text)
     while True:  # merge the best-scoring adjacent pair (first one on ties, as run.c)
         best, best_i, best_id = -1e10, -1, -1
         for i in range(len(toks) - 1):
@@ -128,6 +121,18 @@ def test_ties_go_to_the_leftmost_pair_as_run_c(merged, text, expected):
     want = [tok.BOS] + [tok.ids[p] for p in expected]
     assert reference_encode(tok, text) == want
     assert tok.encode(text) == want
+
+
+def test_symbols_before_merging():
+    """The dummy-prefix space, then one id per character: UTF-8 bytes (<0x00> is id 3) where the vocabulary
+    has byte fallback and not the character, <unk> where it has neither."""
+    plain = Llama2cTokenizer(["<unk>", "<s>", "</s>", " ", "a", "b"], [0.0] * 6)
+    assert plain.symbols("ab é") == [3, 4, 5, 3, plain.UNK]
+    assert plain.symbols("") == [3]
+    no_space = Llama2cTokenizer(["<unk>", "<s>", "</s>", "a"], [0.0] * 4)
+    assert no_space.symbols("aa") == [3, 3]
+    fallback = Llama2cTokenizer(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["a"], [0.0] * 260)
+    assert fallback.byte_fallback and fallback.symbols("aé") == [259, 0xC3 + 3, 0xA9 + 3]
 
 
 def test_long_prompt_time_grows_near_linearly():

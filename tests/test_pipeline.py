@@ -16,17 +16,94 @@ from conftest import reference_outputs
 def test_classify_artifact_contents(classify_artifact):
     meta = json.loads((classify_artifact / "millis.json").read_text())
     assert meta["format"] == "millis-artifact" and meta["version"] == 1
-    assert meta["task"] == "classify" and meta["variant"]["name"] in ("ort-fp32-fused", "ort-int8-dynamic", "torch-fp32")
+    assert meta["task"] == "classify"
     assert set(meta["files"]) >= {"tokenizer/tokenizer.json", "report.md", "report.json", "latency.png"}
     assert meta["source"]["sha256"] and meta["hardware"]["cores"] >= 1
     assert set(meta["measured"]["latency"]) == {"b1xs16", "b2xs32"}
     report = json.loads((classify_artifact / "report.json").read_text())
     names = [r["name"] for r in report["variants"]]
     assert names == ["torch-fp32", "ort-fp32-fused", "ort-int8-dynamic"]
+    # the shipped variant is exactly the one the selection rule picks from the measured figures
+    assert meta["variant"]["name"] == report["chosen"] == _rechoose(report, "b1xs16")
+    assert next(r for r in report["variants"] if r["name"] == report["chosen"])["ok"]
+    assert all("dir" not in r["facts"] for r in report["variants"])  # no temp paths in the report
     assert all(r["latency"]["b1xs16"]["n"] >= 3 for r in report["variants"])
     # the recipe in millis.json rebuilds the same config
     assert optimize_config_from_dict(meta["config"]).variants == ("ort-fp32-fused", "ort-int8-dynamic")
     assert (classify_artifact / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _rechoose(report: dict, target: str) -> str:
+    from millis.optimize.select import Candidate, select
+
+    return select([Candidate(r["name"], r["latency"][target]["p50_ms"], r["ok"], r["reason"],
+                             (r["serve_mix"] or {}).get("rows_per_s", 0.0))
+                   for r in report["variants"] if r["latency"]]).name
+
+
+def test_the_artifact_holds_the_variant_choose_returns(tmp_path, tiny_dirs, quick_measure):
+    """`choose` pinned to int8: the artifact's files are int8's own build (its directory travelled from the
+    judged variant to the writer), whatever the timings."""
+    import onnx
+    from dataclasses import replace
+
+    offered = []
+
+    def int8(cands):
+        offered.append([c.name for c in cands])
+        return next(c for c in cands if c.name == "ort-int8-dynamic")
+
+    out = optimize(OptimizeConfig(source="tiny:bert", task="classify", out=str(tmp_path / "a"), target=Shape(1, 16),
+                                  variants=("ort-fp32-fused", "ort-int8-dynamic"),
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)), choose=int8)
+    assert offered == [["torch-fp32", "ort-fp32-fused", "ort-int8-dynamic"]]
+    meta = json.loads((out / "millis.json").read_text())
+    assert meta["variant"]["name"] == "ort-int8-dynamic" and meta["variant"]["passes"][-1].startswith("int8")
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulIntegerToFloat"}, ops
+    assert not (out / "hf").exists()
+    texts = sample_texts()[:8]
+    logits = np.array([p["logits"] for p in millis.load(out).predict(texts)])
+    np.testing.assert_allclose(logits, reference_outputs(tiny_dirs["bert"], "classify", texts), atol=0.5)
+
+
+def test_optimize_selects_on_the_validation_split_train_kept(tmp_path, trained_classifier, topics_data, quick_measure):
+    """A model from `millis train` and no --data: accuracy is judged on the rows training held out (the
+    test file stays for `millis eval`); the artifact and report say which rows."""
+    from dataclasses import replace
+
+    from millis.artifact.meta import read_train_meta
+    from millis.artifact.validation import VALIDATION_FILE
+
+    msgs = []
+    out = optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "v"),
+                                  target=Shape(1, 16), variants=("ort-int8-dynamic",),
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)), msgs.append)
+    tmeta = read_train_meta(trained_classifier)
+    kept = str(trained_classifier / VALIDATION_FILE)
+    meta = json.loads((out / "millis.json").read_text())
+    assert meta["config"]["data"] == kept  # the recorded config names the rows selection used
+    sel = meta["measured"]["selection_data"]
+    assert sel.startswith(f"{kept}: the validation split") and sel.endswith(f"{tmeta.data.path}, 20 rows")
+    assert any(m == f"selecting on accuracy on {sel}" for m in msgs)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["accuracy"]["n"] for r in report["variants"]] == [20, 20] == [tmeta.data.validation_rows] * 2
+    # fp32 on those rows is what training's best epoch scored on them
+    assert meta["measured"]["reference_accuracy"] == pytest.approx(tmeta.val_accuracy)
+    assert kept in (out / "report.md").read_text()
+    assert meta["variant"]["name"] == report["chosen"] == _rechoose(report, "b1xs16")
+
+
+def test_selection_data_is_the_users_file_or_nothing(trained_classifier, topics_data, tiny_dirs):
+    from millis.encoder.source import resolve
+    from millis.optimize.pipeline import selection_data
+
+    src = resolve(str(trained_classifier))
+    data, where = selection_data(OptimizeConfig(source=str(trained_classifier), task="classify",
+                                                data=str(topics_data["test"])), src)
+    assert len(data) == 60 and where == f"{topics_data['test']} (--data), 60 rows"  # the user's choice stands
+    assert selection_data(OptimizeConfig(source="tiny:bert", task="classify"), resolve("tiny:bert")) == (None, "")
+    assert selection_data(OptimizeConfig(source=str(trained_classifier), task="embed"), src) == (None, "")
 
 
 def test_loaded_artifact_matches_reference(classify_artifact, tiny_dirs):

@@ -2,6 +2,7 @@
 import csv
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import pytest
 from millis.optimize.build import quantize
 from millis.optimize.recover import error, keep_counts
 from millis.encoder.source import resolve
-from millis.optimize.build.variants import CATALOG, Builder
+from millis.optimize.build.variants import CATALOG, RECOVERY, Builder
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulIntegerToFloat")
 
@@ -30,17 +31,95 @@ def test_error_is_scale_free():
 
 
 
-def test_recover_only_when_plain_int8_misses():
-    from types import SimpleNamespace
+def _result(name: str, ok: bool, error: str = "", reason: str = ""):
+    from millis.optimize.judge import VariantResult
 
+    return VariantResult(name, "onnxruntime", "int8", "", {}, ok=ok, error=error,
+                         reason=reason or ("within budget" if ok else "accuracy drop 2.00 pt exceeds --max-drop 0.5"),
+                         accuracy={"accuracy": 0.9 if ok else 0.88})
+
+
+class FakeJudge:
+    """Judges by a table: variant name (or, for mixed tries, the number of nodes kept) -> ok."""
+
+    def __init__(self, ok: dict):
+        self.ok, self.calls = ok, []
+
+    def __call__(self, v, *, recovery: str = "", builder=None, compressed=None):
+        from millis.optimize.judge import Judged
+
+        self.calls.append((v.name, len(v.keep_fp32), recovery))
+        ok = self.ok.get(len(v.keep_fp32) if v.keep_fp32 else v.name, False)
+        r = _result(v.name, ok)
+        r.recovery = recovery
+        return Judged(r, Path(f"built/{v.name}-{len(v.keep_fp32)}"), runtime=object())
+
+
+def test_recover_only_when_plain_int8_misses():
     from millis.optimize.recover import recover
 
-    ev = SimpleNamespace(results={})
-    assert recover(ev, []) == {"needed": False, "why": "plain int8 was not built", "attempts": []}
-    ev.results["ort-int8-dynamic"] = SimpleNamespace(ok=True, error="", reason="within budget")
-    assert recover(ev, [])["why"] == "plain int8 is within budget"
-    ev.results["ort-int8-dynamic"] = SimpleNamespace(ok=False, error="RuntimeError: x", reason="build or run failed")
-    assert recover(ev, [])["needed"] is False
+    def nothing(*a, **k):
+        raise AssertionError("recovery must not judge or rank anything here")
+
+    assert recover({}, nothing, nothing, []).log == {"needed": False, "why": "plain int8 was not built", "attempts": []}
+    within = recover({"ort-int8-dynamic": _result("ort-int8-dynamic", True)}, nothing, nothing, [])
+    assert within.log["why"] == "plain int8 is within budget" and within.judged == []
+    failed = {"ort-int8-dynamic": _result("ort-int8-dynamic", False, "RuntimeError: x", "build or run failed")}
+    assert recover(failed, nothing, nothing, []).log["needed"] is False
+
+
+def test_recover_returns_the_recipes_it_judged_and_skips_the_fallback_when_one_is_within():
+    from millis.optimize.recover import recover
+
+    judge = FakeJudge({"ort-int8-dynamic-pc": True})
+    already = {"ort-int8-dynamic": _result("ort-int8-dynamic", False),
+               "ort-int8-static": _result("ort-int8-static", False)}  # in the preset: judged before, not again
+
+    def rank(*a):
+        raise AssertionError("per-channel is within budget: no sensitivity analysis")
+
+    rec = recover(already, judge, rank, ["t"] * 3)
+    assert [c[0] for c in judge.calls] == ["ort-int8-dynamic-pc", "ort-int8-static-percentile", "ort-int8-static-entropy"]
+    assert [j.name for j in rec.judged] == [c[0] for c in judge.calls]  # returned, with their dirs and runtimes
+    assert all(j.dir is not None and j.runtime is not None for j in rec.judged)
+    assert all(j.result.recovery == "int8 recipe" for j in rec.judged)
+    assert [(a["variant"], a["ok"]) for a in rec.log["attempts"]] == [
+        ("ort-int8-dynamic-pc", True), ("ort-int8-static", False), ("ort-int8-static-percentile", False),
+        ("ort-int8-static-entropy", False)]
+    assert "sensitivity" not in rec.log
+
+
+def test_recover_keeps_only_the_mixed_variant_that_meets_the_budget():
+    from millis.optimize.recover import MIXED, recover
+
+    judge = FakeJudge({3: True})  # keeping 3 nodes in fp32 is the first that passes
+    ranked = [(f"n{i}", 1.0 / (i + 1)) for i in range(8)]
+    seen = []
+
+    def rank(base, texts):
+        seen.append((base.name, len(texts)))
+        return ranked
+
+    rec = recover({"ort-int8-dynamic": _result("ort-int8-dynamic", False)}, judge, rank, ["t"] * 300)
+    assert seen == [("ort-int8-dynamic-pc", 256)]  # SENSITIVITY_TEXTS of the calibration texts
+    mixed_calls = [c for c in judge.calls if c[0] == MIXED]
+    assert [c[1] for c in mixed_calls] == [1, 2, 3] and all(c[2] == "sensitivity fallback" for c in mixed_calls)
+    # the 4 recipes, then only the passing mixed try: the failed tries are in the log, not measured
+    assert [j.name for j in rec.judged] == list(RECOVERY) + [MIXED]
+    assert rec.judged[-1].dir == Path(f"built/{MIXED}-3") and rec.judged[-1].result.ok
+    assert [a["ok"] for a in rec.log["attempts"][4:]] == [False, False, True]
+    assert [k["node"] for k in rec.log["kept_fp32"]] == ["n0", "n1", "n2"]
+
+
+def test_recovery_and_compression_use_no_evaluator_fields():
+    """They get a judge function and return judged candidates: no shared evaluator, no build dir in facts."""
+    import re
+    from pathlib import Path as P
+
+    root = P(__file__).resolve().parent.parent / "millis" / "optimize"
+    for f in ("recover.py", "compress.py", "pipeline.py", "judge.py"):
+        text = (root / f).read_text()
+        assert not re.search(r"VariantEvaluator|\bev\.|\bref_out\b|\bref_acc\b|\.results\[|facts\[.dir.\]", text), f
 
 
 def test_report_lists_the_nodes_kept_in_fp32():

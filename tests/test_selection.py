@@ -1,4 +1,4 @@
-"""Selection on accuracy: fake runtimes with set predictions go through VariantEvaluator, then select.
+"""Selection on accuracy: fake runtimes with set predictions go through `judge`, then select.
 Selection on serving: a runtime that stalls on new shapes is never chosen."""
 import json
 import time
@@ -11,14 +11,14 @@ import pytest
 from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig
 from millis.common.config import Shape
 from millis.common.errors import MillisError
-from millis.optimize.judge import VariantEvaluator
+from millis.optimize.judge import JudgeContext, judge, judge_reference
 from millis.common.readers import Labeled
 from millis.optimize.measure import serve_mix, serve_mix_shapes
 from millis.optimize.pipeline import optimize
 from millis.optimize.select import Candidate, accuracy_gate, select, serve_gate
 from millis.encoder.source import resolve
 from millis.encoder.text import TextEncoder
-from millis.optimize.build.variants import CATALOG, REFERENCE, Variant
+from millis.optimize.build.variants import REFERENCE, Variant
 
 N = 1000  # one text = 0.1 accuracy point
 LABELS = ("negative", "neutral", "positive")  # tiny:bert's id2label
@@ -43,16 +43,7 @@ class FakeRuntime:
 
 class FakeBuilder:
     def build(self, v):
-        return Path("."), {}
-
-
-class FakeEvaluator(VariantEvaluator):
-    """Opens the fake runtime named like the variant instead of a built file."""
-
-    fakes: dict[str, FakeRuntime] = {}
-
-    def open(self, v, vdir):
-        return self.fakes[v.name]
+        return Path(f"built/{v.name}"), {}
 
 
 @pytest.fixture(scope="module")
@@ -75,53 +66,76 @@ def setup(tiny_dirs):
 
 
 def _judge(setup, max_drop: float, with_data: bool = True):
+    """(reference, {name: judged}) for the reference and every fake, opened by name."""
     src, enc, data, fakes = setup
     cfg = OptimizeConfig(source="tiny:bert", task="classify", budget=Budget(max_drop=max_drop))
-    ev = FakeEvaluator(cfg, src, enc, FakeBuilder(), list(data.texts[:40]), enc.encode(["refund?"]).feeds,
-                       data if with_data else None, lambda msg: None)
-    ev.fakes = fakes
-    variants = [CATALOG[REFERENCE]] + [Variant(n, "onnxruntime", "int8", ("export",)) for n in fakes if n != REFERENCE]
-    for v in variants:
-        r = ev.judge(v)
-        assert not r.error, r.error
-    return ev
+    ctx = JudgeContext(cfg, src, enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds,
+                       data if with_data else None, open=lambda v, vdir: fakes[v.name])
+    reference, ref = judge_reference(ctx, FakeBuilder())
+    judged = {REFERENCE: reference}
+    for n in fakes:
+        if n != REFERENCE:
+            judged[n] = judge(Variant(n, "onnxruntime", "int8", ("export",)), ctx, ref, FakeBuilder())
+            assert not judged[n].result.error, judged[n].result.error
+            assert judged[n].dir == Path(f"built/{n}") and judged[n].runtime is fakes[n]  # typed, not in facts
+    return ref, {n: j.result for n, j in judged.items()}
 
 
 LATENCY = {REFERENCE: 10.0, "same": 8.0, "at-budget": 5.0, "over": 2.0}
 
 
-def _chosen(ev) -> str:
-    return select([Candidate(r.name, LATENCY[r.name], r.ok, r.reason) for r in ev.results.values()]).name
+def _chosen(results) -> str:
+    return select([Candidate(r.name, LATENCY[r.name], r.ok, r.reason) for r in results.values()]).name
 
 
-def test_accuracy_through_the_evaluator(setup):
-    ev = _judge(setup, max_drop=0.5)
-    assert ev.ref_acc == pytest.approx(0.9)
-    acc = {n: r.accuracy for n, r in ev.results.items()}
+def test_accuracy_through_judge(setup):
+    ref, results = _judge(setup, max_drop=0.5)
+    assert ref.accuracy == pytest.approx(0.9) and ref.outputs.shape == (40, len(LABELS))
+    acc = {n: r.accuracy for n, r in results.items()}
+    assert acc[REFERENCE]["accuracy"] == pytest.approx(0.9) and acc[REFERENCE]["n"] == N
+    assert acc[REFERENCE]["drop_pts"] == 0.0
     assert acc["at-budget"]["accuracy"] == pytest.approx(0.895) and acc["at-budget"]["n"] == N
     assert acc["over"]["drop_pts"] == pytest.approx(0.6) and acc["same"]["drop_pts"] == pytest.approx(0.0)
     assert all(f.calls > 0 for f in setup[3].values())
+    assert all("dir" not in r.facts for r in results.values())
 
 
 def test_faster_variant_only_within_max_drop(setup):
-    ev = _judge(setup, max_drop=0.5)
-    ok = {n: r.ok for n, r in ev.results.items()}
+    _, results = _judge(setup, max_drop=0.5)
+    ok = {n: r.ok for n, r in results.items()}
     assert ok == {REFERENCE: True, "same": True, "at-budget": True, "over": False}  # exactly 0.5 counts as within
-    assert "exceeds --max-drop 0.5" in ev.results["over"].reason
-    assert "within" in ev.results["at-budget"].reason
-    assert _chosen(ev) == "at-budget"  # the fastest, "over", is 0.6 pt worse: rejected
-    tighter = _judge(setup, max_drop=0.4)
-    assert not tighter.results["at-budget"].ok and _chosen(tighter) == "same"
-    looser = _judge(setup, max_drop=0.6)
+    assert "exceeds --max-drop 0.5" in results["over"].reason
+    assert "within" in results["at-budget"].reason
+    assert _chosen(results) == "at-budget"  # the fastest, "over", is 0.6 pt worse: rejected
+    _, tighter = _judge(setup, max_drop=0.4)
+    assert not tighter["at-budget"].ok and _chosen(tighter) == "same"
+    _, looser = _judge(setup, max_drop=0.6)
     assert _chosen(looser) == "over"
 
 
 def test_without_data_the_gate_is_fidelity(setup):
-    ev = _judge(setup, max_drop=0.5, with_data=False)
-    assert ev.ref_acc is None and ev.results["over"].accuracy == {}
+    ref, results = _judge(setup, max_drop=0.5, with_data=False)
+    assert ref.accuracy is None and results["over"].accuracy == {}
     # the first 40 texts are predicted alike by every fake: identical logits pass the fidelity budget
-    assert all(r.ok for r in ev.results.values())
-    assert ev.results["over"].reason == "within budget"
+    assert all(r.ok for r in results.values())
+    assert results["over"].reason == "within budget"
+
+
+def test_a_variant_that_fails_to_build_comes_back_with_its_error(setup):
+    src, enc, data, fakes = setup
+
+    class Broken(FakeBuilder):
+        def build(self, v):
+            raise RuntimeError("no such runtime")
+
+    ctx = JudgeContext(OptimizeConfig(source="tiny:bert", task="classify"), src, enc, list(data.texts[:40]),
+                       enc.encode(["refund?"]).feeds, data, open=lambda v, vdir: fakes[v.name])
+    _, ref = judge_reference(ctx, FakeBuilder())
+    j = judge(Variant("same", "onnxruntime", "int8", ("export",)), ctx, ref, Broken())
+    assert j.runtime is None and j.dir is None and not j.result.ok
+    assert j.result.error == "RuntimeError: no such runtime" and j.result.reason == "build or run failed"
+    with pytest.raises(RuntimeError, match="no such runtime"):  # the reference failing ends the run
+        judge_reference(ctx, Broken())
 
 
 def test_accuracy_gate():

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import base64
-import http.client
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,60 +13,18 @@ import numpy as np
 import pytest
 
 import millis
+from millis.loadgen.process import ServerProcess, serve_command
 
 pytestmark = pytest.mark.serve
 TEXTS = ["where is my card", "the stock markets fell today", "refund my payment please", "why was my transfer late",
          "oil prices and bond yields", "pin", "my account balance is wrong again and again today"]
 
 
-class Server:
-    """`python -m millis.cli serve ART --port 0 ...` in its own process; url once /ready is 200."""
+class Server(ServerProcess):
+    """`millis serve ART --port 0 --threads 1 ...` in its own process (millis.loadgen.process); ready on return."""
 
     def __init__(self, artifact: Path, *flags: str, env: dict | None = None):
-        cmd = [sys.executable, "-m", "millis.cli", "serve", str(artifact), "--port", "0", "--threads", "1", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(env or {})))
-        line = self.proc.stdout.readline()
-        m = re.search(r"http://([\d.]+):(\d+)", line)
-        assert m, f"no address in {line!r}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
-        self.host, self.port = m.group(1), int(m.group(2))
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.get("/ready")[0] == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError("server never became ready")
-
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 30):
-        c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            c.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            r = c.getresponse()
-            payload = r.read()
-            return r.status, dict((k.lower(), v) for k, v in r.getheaders()), payload
-        finally:
-            c.close()
-
-    def get(self, path):
-        try:
-            s, _, b = self.request("GET", path, timeout=5)
-            return s, b
-        except OSError:
-            return 0, b""
-
-    def post(self, path, body=None, raw=None):
-        s, h, b = self.request("POST", path, body, raw)
-        return s, h, json.loads(b) if b else None
-
-    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        super().__init__(serve_command(artifact, "--threads", "1", *flags), env=env, ready_timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,61 @@ from conftest import train_one_thread
 
 def test_training_learns_and_saves_a_reloadable_model(trained_classifier, topics_data):
     meta = read_train_meta(trained_classifier)
-    assert meta["format"] == "millis-train" and meta["labels"] == ["bank", "market"]
-    hist = meta["history"]
-    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]  # patience 10: no early stop
-    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
-    assert meta["best_epoch"] == max(hist, key=lambda h: h["val_accuracy"])["epoch"]
-    assert meta["data"]["label_col"] == "label" and meta["data"]["rows"] == 200
+    assert meta.format == "millis-train" and meta.labels == ("bank", "market")
+    hist = meta.history
+    assert [h.epoch for h in hist] == [1, 2, 3, 4]  # patience 10: no early stop
+    assert hist[-1].train_loss < hist[0].train_loss
+    assert meta.best_epoch == max(hist, key=lambda h: h.val_accuracy).epoch
+    assert meta.val_accuracy == max(h.val_accuracy for h in hist)
+    assert meta.data.label_col == "label" and meta.data.rows == 200
     src = resolve(str(trained_classifier))
     assert src.has_classifier and src.id2label == {0: "bank", 1: "market"}
     res = evaluate(EvalConfig(model=str(trained_classifier), data=str(topics_data["test"])))
     assert res["task"] == "classify" and res["n"] == 60
     assert res["accuracy"] > 0.9, res
+
+
+def test_trained_model_keeps_its_validation_split(trained_classifier, topics_data):
+    """The held-out rows travel with the model (validation.jsonl): exactly the rows `split` held out of the
+    training file, none of them trained on, and the rows early stopping scored (the best epoch's
+    validation accuracy is the model's accuracy on them)."""
+    import json
+
+    from millis.artifact.validation import VALIDATION_FILE, read_validation
+    from millis.common.readers import read_labeled
+
+    meta = read_train_meta(trained_classifier)
+    kept = read_validation(trained_classifier)
+    assert meta.data.validation_file == VALIDATION_FILE and VALIDATION_FILE in meta.files
+    assert len(kept) == meta.data.validation_rows == 20  # 10% of 200, per class
+    assert meta.data.validation == "10% held out per class"
+    rows = [json.loads(x) for x in (trained_classifier / VALIDATION_FILE).read_text().splitlines()]
+    full = read_labeled(topics_data["train"])
+    tr, va = split(full, meta.config["val_fraction"], meta.config["seed"])
+    held = {full.lines[i] for i in va}
+    assert {r["source_line"] for r in rows} == held and len(held) == 20
+    assert not held & {full.lines[i] for i in tr} and len(tr) == 180  # disjoint from the training rows
+    by_line = dict(zip(full.lines, zip(full.texts, full.labels)))
+    assert [(r["text"], r["label"]) for r in rows] == [by_line[r["source_line"]] for r in rows]
+    assert sorted(kept.labels) == ["bank"] * 10 + ["market"] * 10
+    res = evaluate(EvalConfig(model=str(trained_classifier), data=str(trained_classifier / VALIDATION_FILE)))
+    assert res["n"] == 20 and res["accuracy"] == pytest.approx(meta.val_accuracy)
+
+
+def test_a_validation_file_is_kept_as_given(tmp_path, topics_data):
+    from millis.artifact.validation import read_validation
+
+    out = _train(tmp_path, topics_data["train"], validation=str(topics_data["test"]), limit=48, lr=3e-3, batch_size=16)
+    kept, test = read_validation(out), read_labeled_file(topics_data["test"])
+    assert (kept.texts, kept.labels) == (test.texts, test.labels)
+    meta = read_train_meta(out)
+    assert meta.data.validation == str(topics_data["test"]) and meta.data.validation_rows == 60
+
+
+def read_labeled_file(path):
+    from millis.common.readers import read_labeled
+
+    return read_labeled(path)
 
 
 def _weights(d):
@@ -126,7 +170,7 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith(f"model: {tmp_path / 'm'}  (best epoch 1, validation accuracy") and "2 labels" in out
-    cfg = read_train_meta(tmp_path / "m")["config"]
+    cfg = read_train_meta(tmp_path / "m").config
     assert (cfg["lr"], cfg["limit"], cfg["epochs"], cfg["seed"], cfg["batch_size"]) == (0.003, 48, 1, 3, 16)
     assert main(["train", "tiny:bert", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
     assert "data file not found" in capsys.readouterr().err

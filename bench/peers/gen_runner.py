@@ -16,10 +16,9 @@ Startup: prepare, print {"ok":true,"ready":true,...}. Then per line:
   {"cmd":"info"} -> {"ok":true,"system","precision","versions","prep_s",...};  {"cmd":"quit"}
 Every system decodes greedily exactly N new tokens per row (EOS ignored) from equal-length prompts.
 """
-import argparse, gc, json, os, sys, time
-from importlib import metadata
+import json, os, sys, time
 
-from protocol import serve, threads_from_argv  # bench/peers/ is the script's own folder
+from protocol import arg_parser, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
 
 SYSTEMS = {}
 
@@ -130,16 +129,6 @@ class CT2(Base):
         return [r.sequences_ids[0] for r in res]
 
 
-def versions(*pkgs):
-    out = {"python": sys.version.split()[0]}
-    for p in pkgs:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
 def handle(s, req, prep_s):
     cmd = req.get("cmd")
     if cmd == "gen":
@@ -147,18 +136,13 @@ def handle(s, req, prep_s):
         for _ in range(int(req.get("warmup", 0))):
             s.generate(prompts, n)
         s.sync()
-        ms, pc, toks = [], time.perf_counter, None
-        gc.collect()
-        gc.disable()  # no collector pauses inside the timed calls (same for every system)
-        try:
-            for _ in range(int(req["n"])):
-                t0 = pc()
-                toks = s.generate(prompts, n)
-                s.sync()
-                ms.append((pc() - t0) * 1e3)
-        finally:
-            gc.enable()
-        return {"ok": True, "ms": ms, "tokens": toks}
+        last = []
+
+        def call():  # one whole call, the device synced: its tokens kept for the reply
+            last[:] = [s.generate(prompts, n)]
+            s.sync()
+        ms = timed_ms(call, int(req["n"]))
+        return {"ok": True, "ms": ms, "tokens": last[0] if last else None}
     if cmd == "info":
         return {"ok": True, "system": s.a.system, "precision": s.precision, "versions": versions(*s.pkgs),
                 "prep_s": prep_s, "threads": s.threads, "extra": s.extra_info()}
@@ -166,12 +150,8 @@ def handle(s, req, prep_s):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--system", required=True, choices=sorted(SYSTEMS))
+    ap = arg_parser(SYSTEMS)
     ap.add_argument("--precision", required=True)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--work-dir", required=True)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-seq", type=int, default=640)

@@ -4,7 +4,8 @@ stdout carries JSON lines only: one {"ok":true,"ready":true,...} after prepare (
 and exit 1), then one reply per request line until {"cmd":"quit"}. Errors in a request are replied
 and the runner keeps serving. Stdlib only: every runner lives in its own venv.
 """
-import json, os, sys, time, traceback
+import argparse, gc, json, os, sys, time, traceback
+from importlib import metadata
 
 
 def threads_from_argv() -> None:
@@ -13,6 +14,43 @@ def threads_from_argv() -> None:
         n = sys.argv[sys.argv.index("--threads") + 1]
         for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(v, n)
+
+
+def arg_parser(systems) -> argparse.ArgumentParser:
+    """The flags every runner takes: --system (one of `systems`), --model-dir, --work-dir, --threads."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", required=True, choices=sorted(systems))
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def versions(*pkgs) -> dict:
+    """Python's version and each package's installed version (None: not installed)."""
+    out = {"python": sys.version.split()[0]}
+    for p in pkgs:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def timed_ms(call, n: int) -> list[float]:
+    """Wall-clock ms of each of n calls of `call()`, the garbage collector off (no collector pauses
+    inside the timed calls; the same for every system)."""
+    ms, pc = [], time.perf_counter
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(n):
+            t0 = pc()
+            call()
+            ms.append((pc() - t0) * 1e3)
+    finally:
+        gc.enable()
+    return ms
 
 
 def serve(make, handle, label: str) -> int:

@@ -12,21 +12,10 @@ Errors -> {"ok":false,"error":"..."} and the runner keeps serving. Logs go to st
 Only the stdlib is imported at top level (systems.py holds the systems): each system imports its own
 libraries, since every system runs in its own venv.
 """
-import argparse, gc, hashlib, os, sys, time
-from importlib import metadata
+import hashlib, os, sys
 
-from protocol import serve, threads_from_argv  # bench/peers/ is on sys.path as the script's own folder
+from protocol import arg_parser, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
 from systems import SYSTEMS
-
-
-def versions(*pkgs):
-    out = {"python": sys.version.split()[0]}
-    for p in ("numpy",) + pkgs:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
 def dir_hash(model_dir):
@@ -58,35 +47,20 @@ def handle(sysobj, req, prep_s):
         feed = sysobj.feed(req["input_ids"], req["attention_mask"])
         for _ in range(int(req.get("warmup", 0))):
             sysobj.run(feed)
-        ms, pc = [], time.perf_counter
-        gc.collect()
-        gc.disable()  # no collector pauses inside the timed calls (same for every system)
-        try:
-            for _ in range(int(req["n"])):
-                t0 = pc()
-                sysobj.run(feed)
-                ms.append((pc() - t0) * 1e3)
-        finally:
-            gc.enable()
-        return {"ok": True, "ms": ms}
+        return {"ok": True, "ms": timed_ms(lambda: sysobj.run(feed), int(req["n"]))}
     if cmd == "embed":
         out = sysobj.hidden(sysobj.run(sysobj.feed(req["input_ids"], req["attention_mask"])))
         emb = out if sysobj.outputs_embedding else mean_pool_normalise(out, req["attention_mask"])
         return {"ok": True, "emb": emb.tolist()}
     if cmd == "info":
         return {"ok": True, "system": sysobj.name, "precision": sysobj.precision,
-                "versions": versions(*sysobj.pkgs), "prep_s": prep_s, "threads": sysobj.threads,
+                "versions": versions("numpy", *sysobj.pkgs), "prep_s": prep_s, "threads": sysobj.threads,
                 "work_dir": sysobj.work, "extra": sysobj.extra_info()}
     return {"ok": False, "error": f"unknown cmd {cmd!r}"}
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--system", required=True, choices=sorted(SYSTEMS))
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--work-dir", required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = arg_parser(SYSTEMS).parse_args()
 
     def make():
         sysobj = SYSTEMS[a.system](a.model_dir, a.work_dir, a.threads)

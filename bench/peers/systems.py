@@ -263,8 +263,8 @@ class Millis(Base):
     def prepare(self):
         import millis
         self.art = millis.load(self.model_dir)
-        v = self.art.meta["variant"]
-        self.precision = f"{v['name']} ({v['runtime']} {v['precision']})"
+        v = self.art.meta.variant
+        self.precision = f"{v.name} ({v.runtime} {v.precision})"
 
     def feed(self, ids, mask):
         import numpy as np

@@ -8,9 +8,12 @@ from typing import Any
 import numpy as np
 
 from millis.artifact import store as artifact
+from millis.artifact.meta import ModelMeta, SourceMeta, VariantRecipe
+from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
-from millis.encoder.text import BUCKET, TextEncoder, check_texts
+from millis.common.numeric import softmax
+from millis.encoder.text import TextEncoder, bucket_length, check_texts
 
 MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
 
@@ -22,22 +25,16 @@ class Result:
     tokens: list[int]          # per text: tokens used
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def run_texts(runtime: Runtime, encoder: TextEncoder, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
     """Texts -> outputs in input order: rows sorted by length, cut into batches of `max_batch`,
-    each padded to its 16-token bucket (so a static-shape runtime sees few shapes)."""
+    each padded to its bucket (`bucket_length`: a static-shape runtime sees few shapes)."""
     texts = check_texts(texts)
     ids, cut = encoder.token_ids(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for start in range(0, len(order), max_batch):
         idx = order[start:start + max_batch]
-        longest = max(len(ids[i]) for i in idx)
-        t = min(encoder.max_length, -(-longest // BUCKET) * BUCKET)
+        t = bucket_length(max(len(ids[i]) for i in idx), encoder.max_length)
         y = runtime.run(encoder.pack([ids[i] for i in idx], t))[runtime.output_name]
         for row, i in enumerate(idx):
             outs[i] = y[row]
@@ -45,17 +42,19 @@ def run_texts(runtime: Runtime, encoder: TextEncoder, texts: list[str], max_batc
 
 
 class Model:
-    """A loaded artifact. Thread-compatible: one call at a time per runtime (the server's worker)."""
+    """A loaded artifact (or a source model run as the torch fp32 reference). `meta` is its typed
+    millis.json: an ArtifactMeta for an artifact, the ModelMeta core for a source model.
+    Thread-compatible: one call at a time per runtime (the server's worker)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], runtime: Runtime, encoder: TextEncoder):
+    def __init__(self, path: Path, meta: ModelMeta, runtime: Runtime, encoder: TextEncoder):
         self.path, self.meta, self.runtime, self.encoder = path, meta, runtime, encoder
-        self.task: str = meta["task"]
-        self.id2label = {int(k): v for k, v in meta.get("id2label", {}).items()}
-        self.max_length: int = meta["max_length"]
+        self.task: str = meta.task
+        self.id2label: dict[int, str] = dict(meta.id2label)
+        self.max_length: int = meta.max_length
 
     @property
     def variant(self) -> str:
-        return self.meta["variant"]["name"]
+        return self.meta.variant.name
 
     def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
         """Tokenize, batch rows of similar length together, run, restore input order."""
@@ -108,21 +107,20 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
         return model
-    from millis.encoder.source import resolve
+    from millis.encoder.source import model_max_length, resolve
     from millis.encoder.tasks import OUTPUT_NAME
 
     src = resolve(str(spec))
     task = task or ("classify" if src.has_classifier else "embed")
-    max_len = min(max_length or src.max_length, src.max_length)
-    options = {"task": task, "pooling": {"mode": src.pooling.mode, "normalize": src.pooling.normalize}}
+    max_len = model_max_length(src, max_length)
+    options = {"task": task, "pooling": to_dict(src.pooling)}
     kind, name, precision = "torch", "torch-fp32", "fp32"
     if device == "cuda":
         kind, name, precision = "cuda", "cuda-fp16", "fp16"
         options.update(dtype="fp16", buckets=gpu_buckets(max_batch, max_len))
     rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
-    meta = {"task": task, "max_length": max_len, "id2label": {str(k): v for k, v in src.id2label.items()},
-            "variant": {"name": name, "runtime": kind, "precision": precision},
-            "source": {"spec": src.spec, "path": str(src.path), "sha256": src.sha256}}
+    meta = ModelMeta(task, OUTPUT_NAME[task], tuple(src.input_names), max_len, dict(src.id2label),
+                     SourceMeta.of(src), VariantRecipe(name, kind, precision, passes=(), options={}))
     return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
 
 
@@ -130,9 +128,8 @@ def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:
     """Load an artifact written by `millis optimize`; verifies format version and file hashes."""
     path = Path(path)
     meta = artifact.read_meta(path, verify=verify)
-    v = meta["variant"]
-    model_dir = path / "hf" if v["runtime"] == "torch" else path
-    options = dict(v.get("options", {}), task=meta["task"], pooling=meta["source"]["pooling"])
-    rt = open_runtime(v["runtime"], model_dir, v["name"], tuple(meta["input_names"]), meta["output"], options, threads)
-    enc = TextEncoder(path / "tokenizer", tuple(meta["input_names"]), int(meta["max_length"]))
-    return Model(path, meta, rt, enc)
+    v = meta.variant
+    model_dir = path / "hf" if v.runtime == "torch" else path
+    options = dict(v.options, task=meta.task, pooling=to_dict(meta.source.pooling))
+    rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
+    return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length))

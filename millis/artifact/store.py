@@ -1,37 +1,41 @@
-"""Artifacts: a directory with the chosen model, its tokenizer and `millis.json`.
+"""Artifacts: a directory with the chosen model, its tokenizer and `millis.json` (millis.artifact.meta).
 
 Written atomically (built in a temp dir beside the target, then renamed into place); loading checks
 the format version and every file's sha256, so a corrupted or half-copied artifact fails clearly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, TypeVar
 
+from millis.artifact.meta import FORMAT, FORMAT_VERSION, META, ArtifactMeta, TrainMeta, format_of
 from millis.common.errors import MillisError
 from millis.common.files import hash_files
 
-FORMAT = "millis-artifact"
-FORMAT_VERSION = 1
-META = "millis.json"
+__all__ = ["FORMAT", "FORMAT_VERSION", "META", "format_of", "read_meta", "write"]
+
+M = TypeVar("M", ArtifactMeta, TrainMeta)
 
 
-def write(out: Path, fill: Callable[[Path], dict[str, Any]], fmt: str = FORMAT) -> Path:
-    """Create `out` atomically; `fmt` says what it is (an artifact, a trained model).
-    `fill(tmp)` writes the files into tmp and returns the metadata; every file then present
-    (but millis.json) is hashed into meta["files"]."""
+def write(out: Path, fill: Callable[[Path], M]) -> Path:
+    """Create `out` atomically. `fill(tmp)` writes the files into tmp and returns their millis.json
+    (an ArtifactMeta or TrainMeta, which says the format); every file then present (but millis.json)
+    is hashed into its `files`. What is written is read back first: a file this millis cannot read
+    is never written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         meta = fill(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != META)
-        meta = {"format": fmt, "version": FORMAT_VERSION, **meta,
-                "files": {str(p.relative_to(tmp)): hash_files([p]) for p in files}}
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        meta = dataclasses.replace(meta, files={str(p.relative_to(tmp)): hash_files([p]) for p in files})
+        text = json.dumps(meta.to_dict(), indent=2, sort_keys=True)
+        type(meta).from_dict(json.loads(text), f"{META} being written to {out}")
+        (tmp / META).write_text(text)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -45,18 +49,8 @@ def write(out: Path, fill: Callable[[Path], dict[str, Any]], fmt: str = FORMAT) 
     return out
 
 
-def format_of(path: str | Path) -> str | None:
-    """The `format` a directory's millis.json declares (artifact, trained model...), None without one."""
-    f = Path(path) / META
-    try:
-        meta = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) else None
-
-
-def read_meta(path: Path, verify: bool = True) -> dict[str, Any]:
-    """Read and validate millis.json; with verify, check every listed file's hash."""
+def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
+    """Read and validate an artifact's millis.json; with verify, check every listed file's hash."""
     path = Path(path)
     if not path.is_dir():
         raise MillisError(f"artifact directory not found: {path}")
@@ -64,17 +58,12 @@ def read_meta(path: Path, verify: bool = True) -> dict[str, Any]:
     if not mf.is_file():
         raise MillisError(f"{path} is not a millis artifact (no {META}); build one with `millis optimize`")
     try:
-        meta = json.loads(mf.read_text())
+        raw = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MillisError(f"{mf} is corrupted (not valid JSON: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MillisError(f"{mf} is not a millis artifact description")
-    v = meta.get("version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise MillisError(f"{path} has artifact format version {v}; this millis reads up to {FORMAT_VERSION} "
-                          f"(upgrade millis or rebuild the artifact)")
+    meta = ArtifactMeta.from_dict(raw, str(mf))
     if verify:
-        for rel, digest in meta.get("files", {}).items():
+        for rel, digest in meta.files.items():
             f = path / rel
             if not f.is_file():
                 raise MillisError(f"artifact {path} is corrupted: {rel} is missing")

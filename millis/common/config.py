@@ -7,19 +7,52 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping, TypeVar
 
 from millis.common.errors import MillisError
 
+T = TypeVar("T")
 
-def flag(default, help: str):
-    """A config field that is also a CLI flag (and MILLIS_<NAME> env var); `help` is its help text."""
-    return field(default=default, metadata={"help": help})
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", *, parse: Callable[[str], Any] | None = None,
+         choices: tuple | Callable[[], tuple] | None = None, const: Any = None, scoped: bool = False,
+         env: bool = True):
+    """A config field that is also a CLI flag `--name` and a variable MILLIS_<NAME> (millis.cli.flags).
+
+    help:    the flag's help text; no default = a required flag.
+    parse:   text -> value, for types the field's annotation does not say how to read (str, int,
+             float, bool, Shape and tuples of them are read from the annotation).
+    choices: the values accepted (or a function returning them, when listing them needs an import).
+    const:   the value of the bare flag: `--compress` alone means `--compress default`.
+    scoped:  the variable is MILLIS_<COMMAND>_<NAME>, because <NAME> means different things in
+             different commands (MILLIS_OPTIMIZE_PRESET is cpu|quick, MILLIS_TRAIN_PRESET default|quick).
+    env:     False: no variable (a list of texts to predict).
+    """
+    meta = {"help": help, "parse": parse, "choices": choices, "const": const, "scoped": scoped, "env": env}
+    return field(default=default, metadata=meta)
 
 
 def flag_fields(cls) -> list:
     """The fields of a config class declared with `flag`, in order: what the CLI builds flags from."""
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def preset_of(table: Mapping[str, T], name: str, what: str) -> T:
+    """The preset `name` of `table`, or one line naming `what` was asked for and what is available."""
+    if name not in table:
+        raise MillisError(f"unknown {what} {name!r}; available: {', '.join(table)}")
+    return table[name]
+
+
+def optional(default: Any = None):
+    """A field that JSON may leave out: `to_dict` omits it while empty (None, "", (), {}) and
+    `millis.common.schema.from_dict` reads it as `default` when absent, null or empty."""
+    return field(default=default, metadata={"optional": True})
+
+
+def is_empty(value: Any) -> bool:
+    """What an `optional` field holds when it holds nothing."""
+    return value is None or (isinstance(value, (str, tuple, list, dict)) and not value)
 
 
 @dataclass(frozen=True, order=True)
@@ -49,13 +82,17 @@ class Shape:
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass -> JSON-ready dict (tuples become lists, shapes become their names)."""
+    """Dataclass -> JSON-ready dict (tuples become lists, shapes become their names, dict keys strings;
+    an empty `optional` field is left out)."""
     if isinstance(obj, Shape):
         return obj.name
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("optional") and is_empty(getattr(obj, f.name)))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): to_dict(v) for k, v in obj.items()}
     return obj
 
 

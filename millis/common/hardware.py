@@ -1,6 +1,7 @@
 """What machine and software a measurement ran on (recorded in millis.json and reports)."""
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 
@@ -30,6 +31,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask; each hyper-thread counts as one)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
 def has_amx() -> bool:
     return {"amx_bf16", "amx_int8"} <= cpu_flags()
 
@@ -41,14 +48,12 @@ def has_bf16() -> bool:
 
 def describe() -> dict:
     """Machine and library versions, JSON-ready."""
-    import os
-
     versions = {}
     for mod in ("torch", "transformers", "onnx", "onnxruntime", "openvino", "nncf", "numpy"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # an optional runtime not installed
             pass
-    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return {"cpu": cpu_model(), "cores": usable_cpus(),
             "isa": sorted(f for f in ISA_FLAGS if f in cpu_flags()), "machine": platform.machine(),
             "python": platform.python_version(), "versions": versions}

@@ -134,14 +134,15 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
 
 
 def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
-    """One text per line (.txt) or a column of a CSV/TSV file or of a JSONL file's objects."""
-    from millis.common.readers import FORMATS, read_column
-
+    """One text per line (any other file) or a column of a CSV/TSV file or of a JSONL file's
+    objects; blank texts are skipped, and a file with none is an error."""
     p = Path(path)
     if not p.is_file():
         raise MillisError(f"text file not found: {p}")
     if p.suffix.lower() in FORMATS:  # labelled files are valid text sources too (millis eval, --data)
         texts = read_column(p, column)
     else:
-        texts = [t for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
+        texts = [t for t in _decode(p).splitlines() if t.strip()]
+    if not texts:
+        raise MillisError(f"{p} has no non-empty texts")
     return texts[:limit] if limit else texts

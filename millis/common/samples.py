@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from millis.common.readers import read_texts
+
 
 def sample_texts() -> list[str]:
-    p = Path(__file__).parent.parent / "data" / "sample_texts.txt"
-    return [t for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return read_texts(Path(__file__).parent.parent / "data" / "sample_texts.txt")

@@ -105,6 +105,21 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     )
 
 
+def model_max_length(src: ModelSource, requested: int = 0) -> int:
+    """The length texts are cut to, the one rule for `millis optimize`, `open_model` and `load`'s
+    sources: `requested` when given (above the model's position limit it is an error), else the
+    sentence-transformers folder's own, usually shorter, `max_seq_length` (sentence_bert_config.json:
+    all-MiniLM-L6-v2 says 256 of its 512 positions), else the position limit."""
+    if requested:
+        if requested > src.max_length:
+            raise MillisError(f"--max-length {requested} exceeds the model's limit {src.max_length}")
+        return requested
+    sb = src.path / "sentence_bert_config.json"
+    if sb.is_file():
+        return min(src.max_length, int(json.loads(sb.read_text()).get("max_seq_length", src.max_length)))
+    return src.max_length
+
+
 def read_pooling(path: Path) -> Pooling:
     """Pooling declared by a sentence-transformers folder; mean without normalisation otherwise."""
     modules_file = path / "modules.json"

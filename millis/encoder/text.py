@@ -11,6 +11,13 @@ from millis.common.errors import MillisError
 BUCKET = 16  # pad T up to a multiple of this: few distinct shapes for static-shape runtimes
 
 
+def bucket_length(n_tokens: int, max_length: int) -> int:
+    """The length a batch whose longest row has n_tokens is padded to: n rounded up to a multiple of
+    BUCKET, at most max_length. The one rule: `encode`, `run_texts`, the server's batcher and the
+    serve-mix shapes of `millis optimize` all pad by it."""
+    return min(max_length, -(-max(n_tokens, 1) // BUCKET) * BUCKET)
+
+
 @dataclass
 class Encoded:
     feeds: dict[str, np.ndarray]   # (B, T) int64 each
@@ -75,7 +82,7 @@ class TextEncoder:
         longest = max(len(r) for r in ids)
         if pad_to and pad_to < longest:
             raise MillisError(f"pad_to={pad_to} is shorter than the longest row ({longest} tokens)")
-        t = pad_to or min(self.max_length, -(-longest // BUCKET) * BUCKET)
+        t = pad_to or bucket_length(longest, self.max_length)
         return Encoded(self.pack(ids, t), [len(r) for r in ids], cut)
 
     def pack(self, rows: list[list[int]], t: int) -> dict[str, np.ndarray]:

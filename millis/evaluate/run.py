@@ -13,19 +13,22 @@ from typing import Any
 
 import numpy as np
 
+from millis.common.config import flag
 from millis.common.errors import MillisError
+from millis.common.numeric import unit_rows
 from millis.common.readers import Labeled, read_labeled
 from millis.common.readers import read_texts
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str                    # artifact dir, model dir written by `millis train`, or any source spec
-    data: str                     # labelled CSV / TSV / JSONL (embed: texts only are enough)
-    text_col: str = "text"
-    label_col: str = ""           # "" = the column `millis train` used, else label/category/...
-    limit: int = 0                # first N rows only
-    threads: int = 0
+    model: str = flag(help="artifact dir, model dir from `millis train`, or a source spec")
+    data: str = flag(help="labelled CSV / TSV / JSONL (embed: texts only are enough)", scoped=True)
+    text_col: str = flag("text", "text column of --data")
+    label_col: str = flag("", "label column of --data (default: the column `millis train` used, else "
+                              "label/category/...)")
+    limit: int = flag(0, "first N rows only (0 = all)")
+    threads: int = flag(0, "intra-op threads (0 = all cores)")
 
 
 def classification_metrics(y_true: list[str], y_pred: list[str]) -> dict[str, Any]:
@@ -49,9 +52,8 @@ def embedding_agreement(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[s
     """ref/out: (N, D). Cosine per row, and how often each row's nearest neighbour (and top-k) agree."""
     if ref.shape != out.shape:
         raise MillisError(f"embedding shapes differ: {ref.shape} vs {out.shape}")
-    rn = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-    on = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    cos = (rn * on).sum(1)
+    rn, on = unit_rows(ref), unit_rows(out)
+    cos = (rn * on).sum(1)  # row_cosines(ref, out), reusing the unit rows for the neighbour search
     res = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "n": int(len(ref))}
     if len(ref) < 2:
         return res
@@ -85,14 +87,14 @@ def _label_col(cfg: EvalConfig, model) -> str:
     optimize config and its source, which may be a `millis train` directory)."""
     if cfg.label_col:
         return cfg.label_col
-    from millis.artifact.meta import read_train_meta
+    from millis.artifact.meta import ArtifactMeta, read_train_meta
 
-    if model.meta.get("config", {}).get("label_col"):
-        return model.meta["config"]["label_col"]
-    for d in (cfg.model, model.meta["source"].get("path")):
-        meta = read_train_meta(d) if d else None
-        if meta:
-            return meta["data"]["label_col"]
+    if isinstance(model.meta, ArtifactMeta) and model.meta.label_col:
+        return model.meta.label_col
+    for d in (cfg.model, model.meta.source.path):
+        meta = read_train_meta(d)
+        if meta is not None:
+            return meta.data.label_col
     return ""
 
 
@@ -112,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         res["label_col"] = data.label_col
         return res
     texts = read_texts(cfg.data, cfg.text_col, cfg.limit)
-    ref_spec = model.meta["source"].get("path") if model.variant != "torch-fp32" else None
+    ref_spec = model.meta.source.path if model.variant != "torch-fp32" else None
     t0 = time.perf_counter()
     out = model.run(texts).outputs
     res["seconds"] = time.perf_counter() - t0

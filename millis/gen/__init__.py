@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from millis.gen.config import ENGINE_PRESETS, EngineConfig, GenerateConfig, SamplingParams
+from millis.gen.config import EngineConfig, GenerateConfig, SamplingParams
 from millis.gen.engine import Engine, StepOutput
 
 __all__ = ["generate", "open_engine", "Engine", "EngineConfig", "GenerateConfig", "SamplingParams",
-           "StepOutput", "GenerateResult", "ENGINE_PRESETS"]
+           "StepOutput", "GenerateResult"]
 
 
 @dataclass(frozen=True)

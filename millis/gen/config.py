@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as millis.gen.llama.Llama
+LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as millis.gen.models.llama.Llama
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16")  # the engine's precisions (torch dtypes: millis.common.dtypes); no fp16 decode
 QUANTS = ("none", "int8", "int8-torch")  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
 # Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
 MAX_TEMPERATURE = 100.0
@@ -104,14 +104,6 @@ class EngineConfig:
             raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")
 
 
-# Named presets: `cpu` is the measured default; `cpu-int8` trades a little fidelity for speed.
-ENGINE_PRESETS: dict[str, EngineConfig] = {
-    "cpu": EngineConfig(),
-    "cpu-int8": EngineConfig(quant="int8"),
-    "test": EngineConfig(max_batch=4, max_seq=128, threads=1),
-}
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops (HF `generate` semantics)."""
@@ -156,9 +148,9 @@ class GenerateConfig:
     seed: int = _f(-1, "sampling seed; -1 = random")
     stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
     stream: bool = _f(False, "print tokens as they come")
-    dtype: str = _f("fp32", "fp32 or bf16")
+    dtype: str = _f("fp32", "fp32 or bf16", choices=DTYPES)
     quant: str = _f("none", "none, int8 (every Linear, millis's AVX2 kernel) or int8-torch (torch dynamic "
-                            "quantization); with dtype fp32")
+                            "quantization); with dtype fp32", choices=QUANTS)
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default")
 

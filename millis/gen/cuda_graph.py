@@ -3,11 +3,15 @@ it has run on CPU (eagerly, in the tests) but not yet on a GPU.
 
 The decode step of bucket B always feeds slots 0..B-1 and attends over all max_seq positions, so
 its shapes never change and the whole forward can be replayed from a graph: the host only copies
-B token ids and positions into the static inputs and replays. Rows of the bucket with no running
-request are fed token 0 at position max_seq - 1, a scratch position no request ever reaches (a
-request ends when prompt + output reach max_seq, so it writes at most position max_seq - 2).
-The engine assigns the lowest free slot, which keeps running requests in the low slots and the
-bucket small.
+B token ids and positions into the static inputs and replays. The mask is computed inside the
+graph from those positions by the engine's own rule (`visible_keys`, with the model's sliding
+window). Rows of the bucket with no running request are fed token 0 at position max_seq - 1, a
+scratch position no request ever reaches (a request ends when prompt + output reach max_seq, so it
+writes at most position max_seq - 2). The engine assigns the lowest free slot, which keeps running
+requests in the low slots and the bucket small.
+
+`capture=False` runs the same static-shape step eagerly, on any device: the CPU stand-in that the
+tests compare with HF and with the engine's own decode (tests/test_gen_hf.py).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from millis.common.errors import MillisError
-from millis.gen.models.layers import Batch
+from millis.gen.models.layers import Batch, visible_keys
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -29,6 +33,7 @@ class GraphedDecode:
         if capture and dev.type != "cuda":
             raise MillisError("CUDA graphs need the model on a CUDA device")
         self.model, self.max_seq, self.device = model, max_seq, dev
+        self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
         self.pos = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
@@ -40,8 +45,7 @@ class GraphedDecode:
 
     def _forward(self, b: int) -> torch.Tensor:
         pos = self.pos[b]
-        key = torch.arange(self.max_seq, device=self.device)
-        mask = (key <= pos[..., None])[:, None]                                 # (B, 1, 1, max_seq)
+        mask = visible_keys(pos, self.max_seq, self.window)                     # (B, 1, 1, max_seq)
         batch = Batch(ids=self.ids[b], pos=pos, slots=torch.arange(b, device=self.device), kv_len=self.max_seq,
                       mask=mask, rows=slice(0, b))
         return self.model(batch)[:, -1]                                         # (B, vocab)

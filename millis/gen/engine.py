@@ -25,7 +25,9 @@ character compares in C per string; the server bounds their count and length).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
 tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
-(With `quant=int8` the activations' int8 scale is per call, so shared by the batch's rows.)
+With `quant=int8` (millis's kernel) each activation row has its own int8 scale, so this holds for
+int8 too; with `quant=int8-torch` (fbgemm) the scale is per call, shared by the batch's rows, and a
+row's rounding depends on its batch-mates.
 
 Thread use: `add` and `cancel` may be called from any thread, also while a step runs (they do not
 wait for the model); `step` from one thread at a time (an HTTP server runs the step loop in one
@@ -46,9 +48,6 @@ from millis.gen.models.layers import make_batch
 from millis.gen.load import Loaded
 from millis.gen.sampling import RowParams, sample
 from millis.gen.tokenizer import text_delta
-
-FINISH_REASONS = ("stop", "length", "error")
-
 
 @dataclass(frozen=True)
 class StepOutput:

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from millis.common.dtypes import torch_dtype
 from millis.common.errors import MillisError
 from millis.gen.config import LLAMA_TYPES, MODEL_TYPES, EngineConfig, GPT2Config, LlamaConfig, ModelConfig
 from millis.gen.llama2c import is_llama2c_checkpoint, read_llama2c
 from millis.gen.models.layers import setup_caches
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -65,7 +64,7 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise MillisError(f"weights do not match the config: {str(e).splitlines()[0]} ...") from None
-    model = model.to(device=engine.device, dtype=DTYPES[engine.dtype]).eval()
+    model = model.to(device=engine.device, dtype=torch_dtype(engine.dtype)).eval()
     if cfg.tie_head and engine.quant == "none":
         model.head.weight = getattr(model, "wte" if isinstance(cfg, GPT2Config) else "tok_emb").weight
     quant_backend = None

@@ -86,9 +86,11 @@ class Llama2cTokenizer:
         return cls(pieces, scores)
 
     def encode(self, text: str) -> list[int]:
-        ids = [self.BOS]
-        if not text:
-            return ids
+        return [self.BOS] + (self._merge(self.symbols(text)) if text else [])
+
+    def symbols(self, text: str) -> list[int]:
+        """The ids before any merge: the dummy-prefix space, then one per character (its UTF-8 bytes
+        where the vocabulary has byte fallback and not the character, else <unk>)."""
         toks = [self.ids[" "]] if " " in self.ids else []  # the dummy prefix SentencePiece adds
         for ch in text:
             if ch in self.ids:
@@ -97,7 +99,7 @@ class Llama2cTokenizer:
                 toks.extend(b + 3 for b in ch.encode("utf-8"))  # <0x00> is id 3
             else:
                 toks.append(self.UNK)
-        return ids + self._merge(toks)
+        return toks
 
     def _merge(self, toks: list[int]) -> list[int]:
         """run.c's merge loop in O(n log n): each round merges the adjacent pair whose merged piece

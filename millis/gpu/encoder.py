@@ -3,11 +3,13 @@
 Per layer: one fused QKV GEMM, scaled_dot_product_attention with an additive padding mask, the
 output GEMM, bias + residual + LayerNorm in one kernel, the FFN-in GEMM, bias + GELU in one kernel,
 the FFN-out GEMM, bias + residual + LayerNorm: 7 launches (HF eager launches ~12). The task head
-(BertForSequenceClassification's pooler + classifier, or millis.tasks.pool) runs in fp32 on the
-last hidden states, so it matches millis.tasks.TaskModel.
+(BertForSequenceClassification's pooler + classifier, or millis.encoder.tasks.pool) runs in fp32 on the
+last hidden states, so it matches millis.encoder.tasks.TaskModel.
 
-`fuse` picks the epilogues: "triton" (millis.gpu.kernels), "torch" (plain ops; the CPU path and the
-reference) or "compile" (the torch layer compiled by Inductor, which fuses the same epilogues).
+`fuse` picks the epilogues: "triton" (millis.gpu.kernels) or "torch" (plain ops; the CPU path and
+the reference). Research variants of the layer (Triton split-K GEMMs, a tanh-GELU epilogue, the
+layer compiled by Inductor) measured no better and live in bench/gpu_research/, which swaps
+`Encoder.layer` for its own function of the same signature.
 """
 from __future__ import annotations
 
@@ -19,15 +21,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from millis.common.dtypes import DTYPE_NAMES, torch_dtype
 from millis.common.errors import MillisError
-from millis.gpu import gemm, kernels
+from millis.gpu import kernels
 from millis.encoder.source import Pooling
 from millis.encoder.tasks import pool
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FUSES = ("triton", "torch", "compile")
-GEMMS = ("cublas", "triton")
-GELUS = ("erf", "tanh-epilogue")
+FUSES = ("triton", "torch")
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
 
 
@@ -68,22 +68,14 @@ class RunOptions:
     """How the encoder runs (not what it is)."""
 
     dtype: str = "fp16"      # fp16 | bf16 | fp32 (fp32 is the CPU / reference path)
-    fuse: str = "triton"     # triton | torch | compile (see the module docstring)
-    gemm: str = "cublas"     # cublas: torch's GEMMs; triton: millis.gpu.gemm at <= gemm.MAX_M tokens with
-                             # fuse=triton (faster alone, no faster in the model on an H100: see gemm.py)
-    gelu: str = "erf"        # erf: BERT's exact GELU; tanh-epilogue: cuBLASLt's GELU epilogue on the FFN-in
-                             # GEMM (one launch less a layer, the tanh approximation: a fidelity trade)
+    fuse: str = "triton"     # triton | torch (see the module docstring)
     device: str = "cuda"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise MillisError(f"unknown dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise MillisError(f"unknown dtype {self.dtype!r}; supported: {', '.join(DTYPE_NAMES)}")
         if self.fuse not in FUSES:
             raise MillisError(f"unknown fuse {self.fuse!r}; supported: {', '.join(FUSES)}")
-        if self.gemm not in GEMMS:
-            raise MillisError(f"unknown gemm {self.gemm!r}; supported: {', '.join(GEMMS)}")
-        if self.gelu not in GELUS:
-            raise MillisError(f"unknown gelu {self.gelu!r}; supported: {', '.join(GELUS)}")
 
 
 class LayerWeights(NamedTuple):
@@ -101,48 +93,26 @@ class LayerWeights(NamedTuple):
     ln2b: torch.Tensor
 
 
-def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int, heads: int,
-                  eps: float, fused: bool, small: bool = False, gelu_tanh: bool = False) -> torch.Tensor:
-    """One encoder layer. x (B*T, H) -> (B*T, H); attn_bias (B, 1, 1, T) additive, or None.
-    small: few tokens, Triton GEMMs (split-K partials summed inside add_ln, bias + GELU in the
-    FFN-in GEMM's epilogue: 6 launches a layer instead of 7). gelu_tanh: the FFN-in GEMM applies bias
-    and tanh-approximated GELU itself (torch._addmm_activation -> cuBLASLt epilogue)."""
+def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int,
+              heads: int) -> torch.Tensor:
+    """Self-attention before its output projection: x (B*T, H) -> (B*T, H)."""
     H = x.shape[1]
-    add_ln = kernels.add_ln if fused else kernels.add_ln_torch
-    bias_gelu = kernels.bias_gelu if fused else kernels.bias_gelu_torch
     qkv = F.linear(x, lw.wqkv, lw.bqkv)                                     # (B*T, 3H)
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hd), strided
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)        # (B, nh, T, hd)
-    a = a.transpose(1, 2).reshape(B * T, H)                                 # a view when SDPA wrote BTHD
-    if small:
-        x = add_ln(gemm.linear_partials(a.contiguous(), lw.wo), lw.bo, x, lw.ln1w, lw.ln1b, eps)
-        f = gemm.linear_gelu(x, lw.w1, lw.b1)                               # (B*T, I)
-        return add_ln(gemm.linear_partials(f, lw.w2), lw.b2, x, lw.ln2w, lw.ln2b, eps)
+    return a.transpose(1, 2).reshape(B * T, H)                              # a view when SDPA wrote BTHD
+
+
+def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int, heads: int,
+                  eps: float, fused: bool) -> torch.Tensor:
+    """One encoder layer. x (B*T, H) -> (B*T, H); attn_bias (B, 1, 1, T) additive, or None.
+    fused: the Triton epilogues (CUDA), else the torch ones."""
+    add_ln = kernels.add_ln if fused else kernels.add_ln_torch
+    bias_gelu = kernels.bias_gelu if fused else kernels.bias_gelu_torch
+    a = attention(x, attn_bias, lw, B, T, heads)
     x = add_ln(F.linear(a, lw.wo), lw.bo, x, lw.ln1w, lw.ln1b, eps)
-    if gelu_tanh and x.is_cuda:
-        f = torch._addmm_activation(lw.b1, x, lw.w1.t(), use_gelu=True)     # (B*T, I)
-    elif gelu_tanh:  # the CPU's _addmm_activation uses the exact GELU: say what CUDA computes
-        f = F.gelu(F.linear(x, lw.w1, lw.b1), approximate="tanh")
-    else:
-        f = bias_gelu(F.linear(x, lw.w1), lw.b1)                            # (B*T, I)
+    f = bias_gelu(F.linear(x, lw.w1), lw.b1)                                # (B*T, I)
     return add_ln(F.linear(f, lw.w2), lw.b2, x, lw.ln2w, lw.ln2b, eps)
-
-
-_compiled_layer = None
-
-
-def compiled_layer():
-    """layer_forward through Inductor (default mode: cuBLAS GEMMs, fused epilogues), compiled once
-    per shape; weights are arguments, so all layers share one compiled graph."""
-    global _compiled_layer
-    if _compiled_layer is None:
-        import torch._dynamo
-
-        for k in ("cache_size_limit", "recompile_limit"):  # one entry per (B, T, H, dtype)
-            if hasattr(torch._dynamo.config, k):
-                setattr(torch._dynamo.config, k, 256)
-        _compiled_layer = torch.compile(layer_forward, dynamic=False, fullgraph=True)
-    return _compiled_layer
 
 
 class Encoder:
@@ -153,11 +123,9 @@ class Encoder:
         if task not in ("classify", "embed"):
             raise MillisError(f"unknown task {task!r}; supported tasks: classify, embed")
         self.cfg, self.task, self.pooling, self.options = cfg, task, pooling, options
-        dev, dt = torch.device(options.device), DTYPES[options.dtype]
+        dev, dt = torch.device(options.device), torch_dtype(options.dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise MillisError("the CUDA encoder needs a CUDA GPU (torch.cuda.is_available() is False)")
-        if options.fuse == "compile" and dev.type != "cuda":
-            raise MillisError("fuse='compile' is for CUDA; use fuse='torch' on the CPU")
         s = _strip_prefix(state)
 
         def get(name: str, dtype=dt) -> torch.Tensor:
@@ -190,9 +158,7 @@ class Encoder:
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
         self.device, self.dtype = dev, dt
         self.fused = options.fuse == "triton" and dev.type == "cuda"
-        self.small_gemm = self.fused and options.gemm == "triton"
-        self.gelu_tanh = options.gelu == "tanh-epilogue"
-        self._layer = compiled_layer() if options.fuse == "compile" else layer_forward
+        self.layer = layer_forward  # (x, attn_bias, weights, B, T, heads, eps, fused) -> x; benches swap it
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
@@ -208,10 +174,8 @@ class Encoder:
                              self.emb_lnw, self.emb_lnb, cfg.eps)
         if dense:  # no padding anywhere: no mask, so SDPA may take the flash kernel
             attn_bias = None
-        small = self.small_gemm and all(gemm.supported(B * T, n, k) for n, k in (
-            (cfg.hidden, cfg.hidden), (cfg.intermediate, cfg.hidden), (cfg.hidden, cfg.intermediate)))
         for lw in self.layers:
-            x = self._layer(x, attn_bias, lw, B, T, cfg.heads, cfg.eps, self.fused, small, self.gelu_tanh)
+            x = self.layer(x, attn_bias, lw, B, T, cfg.heads, cfg.eps, self.fused)
         h = x.view(B, T, cfg.hidden)
         if self.task == "classify":
             pooled = torch.tanh(F.linear(h[:, 0].float(), self.pool_w, self.pool_b))
@@ -246,7 +210,7 @@ def load_state(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def from_hf(model, task: str, pooling: Pooling = Pooling(), options: RunOptions = RunOptions()) -> Encoder:
     """Build the encoder from a local HF directory (str / Path) or an in-memory HF model
-    (BertModel, BertForSequenceClassification, or millis.tasks.TaskModel wrapping one)."""
+    (BertModel, BertForSequenceClassification, or millis.encoder.tasks.TaskModel wrapping one)."""
     if isinstance(model, (str, Path)):
         cfg, state = load_state(Path(model))
     else:

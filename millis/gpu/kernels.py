@@ -1,8 +1,7 @@
 """Fused epilogues for the encoder: embeddings + LayerNorm, bias + residual + LayerNorm, bias + GELU.
 
-Each has a Triton kernel (CUDA tensors, `fuse="triton"`) and a plain torch version: the reference,
-the CPU path, and what torch.compile fuses on its own (`fuse="compile"`). Statistics are computed in
-fp32 whatever the storage dtype. One Triton program per token row: a row (384 or 768 values) fits in
+Each has a Triton kernel (CUDA tensors, `fuse="triton"`) and a plain torch version (`fuse="torch"`):
+the reference and the CPU path. Statistics are computed in fp32 whatever the storage dtype. One Triton program per token row: a row (384 or 768 values) fits in
 one block, so each row is read once and written once.
 """
 from __future__ import annotations
@@ -21,7 +20,7 @@ def triton_ok(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-# ---- torch versions (reference, CPU, torch.compile) ----
+# ---- torch versions (reference, CPU) ----
 
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # (B, T) 0/1 -> (B, 1, 1, T) additive: padding keys get the dtype's most negative value, so exp()
@@ -53,6 +52,15 @@ def bias_gelu_torch(h, bias) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
+    def _layer_norm_row(x, m, cols, w_ptr, b_ptr, N, eps):
+        # x (BLOCK,) fp32, m masks its N real columns -> LayerNorm(x) * w + b, fp32
+        mean = tl.sum(x, axis=0) / N
+        d = tl.where(m, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        return d * rstd * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _embed_ln_kernel(ids_ptr, types_ptr, mask_ptr, word_ptr, pos_ptr, typ_ptr, w_ptr, b_ptr, out_ptr,
                          bias_ptr, T, N, eps, neg, BLOCK: tl.constexpr):
         row = tl.program_id(0)                  # token index in the flattened (B*T) batch
@@ -67,11 +75,7 @@ if triton is not None:
         x = tl.load(word_ptr + tok * N + cols, mask=m, other=0.0).to(tl.float32)
         x += tl.load(pos_ptr + p * N + cols, mask=m, other=0.0).to(tl.float32)
         x += tl.load(typ_ptr + typ * N + cols, mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        d = tl.where(m, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        y = d * rstd * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32) \
-            + tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        y = _layer_norm_row(x, m, cols, w_ptr, b_ptr, N, eps)
         tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -84,11 +88,7 @@ if triton is not None:
             x += tl.load(h_ptr + s * MN + row * N + cols, mask=m, other=0.0).to(tl.float32)
         x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
         x += tl.load(res_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        d = tl.where(m, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        y = d * rstd * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32) \
-            + tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        y = _layer_norm_row(x, m, cols, w_ptr, b_ptr, N, eps)
         tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit

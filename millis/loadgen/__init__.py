@@ -14,6 +14,7 @@ import orjson
 
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
+from millis.common.readers import read_texts
 from millis.loadgen.client import Target, fetch
 from millis.loadgen.load import Level, parse_levels, run_level, warm
 
@@ -21,7 +22,8 @@ from millis.loadgen.load import Level, parse_levels, run_level, warm
 @dataclass(frozen=True)
 class BenchConfig:
     url: str = _f("", "server base URL, e.g. http://127.0.0.1:8000")
-    data: str = _f("", "texts to send: .txt (one per line) or CSV/TSV/JSONL with --text-col; sampled with --seed")
+    data: str = _f("", "texts to send: .txt (one per line) or CSV/TSV/JSONL with --text-col; sampled with --seed",
+                   scoped=True)
     text_col: str = _f("text", "text column of --data")
     concurrency: str = _f("1,4,16", "closed-loop levels: clients sending back to back, comma-separated")
     rate: str = _f("", "open-loop levels: Poisson arrivals per second, comma-separated")
@@ -29,23 +31,11 @@ class BenchConfig:
     count: int = _f(0, "at most this many requests per level (0 = duration only)")
     inputs: int = _f(1, "texts per request")
     route: str = _f("", "path to post to (default: from GET /v1/models: /v1/embeddings or /v1/classify)")
-    model: str = _f("", "the 'model' field sent (default: the first id of GET /v1/models)")
+    model: str = _f("", "the 'model' field sent (default: the first id of GET /v1/models)", scoped=True)
     timeout: float = _f(30.0, "seconds a request may take before it counts as timed out")
-    warmup: int = _f(50, "unrecorded requests before the first level")
+    warmup: int = _f(50, "unrecorded requests before the first level", scoped=True)
     seed: int = _f(0, "seed for text sampling and Poisson arrivals")
     out: str = _f("bench-results", "directory for bench.json and latency_vs_load.png")
-
-
-def read_texts(path: str, text_col: str) -> list[str]:
-    from millis.common.readers import read_column
-
-    p = Path(path)
-    if not p.is_file():
-        raise MillisError(f"--data {path}: no such file")
-    texts = [t for t in (p.read_text().splitlines() if p.suffix == ".txt" else read_column(p, text_col)) if t.strip()]
-    if not texts:
-        raise MillisError(f"--data {path}: no non-empty texts")
-    return texts
 
 
 async def discover(t: Target, route: str, model: str, timeout: float) -> tuple[str, str]:

@@ -13,12 +13,15 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.encoder.source import ModelSource
 from millis.common.files import cache_dir, hash_files
+
+if TYPE_CHECKING:
+    from millis.optimize.judge import Judge, Judged
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,40 @@ def training_data(src: ModelSource, task: str, compress_data: str, text_col: str
     `millis train` recorded for the teacher."""
     from millis.artifact.meta import read_train_meta
 
-    meta = (read_train_meta(src.path) or {}).get("data", {})
+    trained = read_train_meta(src.path)
+    label_col = trained.data.label_col if trained else ""
     if compress_data:
-        return compress_data, text_col, meta.get("label_col", "") if task == "classify" else ""
-    if meta.get("path") and Path(meta["path"]).is_file():
-        return meta["path"], meta.get("text_col", "text"), meta.get("label_col", "")
+        return compress_data, text_col, label_col if task == "classify" else ""
+    if trained and Path(trained.data.path).is_file():
+        return trained.data.path, trained.data.text_col, label_col
     raise MillisError("--compress trains students and needs training data: pass --compress-data FILE "
                       "(labelled for classify, any texts for embed); the teacher was not trained by "
                       "`millis train`, so its training file is unknown")
+
+
+# The teacher's hold-out settings a student trained on the teacher's own file repeats: the same rows are held
+# out, so no student trains on the validation split that `millis optimize` selects on.
+SPLIT_FIELDS = ("seed", "val_fraction", "validation", "limit", "sample")
+
+
+def teacher_split(src: ModelSource, compress_data: str) -> dict[str, Any]:
+    """TrainConfig overrides that reproduce the teacher's validation split ({} with `--compress-data`:
+    another file, the user's choice)."""
+    from millis.artifact.meta import read_train_meta
+
+    trained = read_train_meta(src.path) if not compress_data else None
+    cfg = trained.train_config if trained else {}  # a distilled / pruned teacher nests its TrainConfig
+    return {k: cfg[k] for k in SPLIT_FIELDS if k in cfg}
+
+
+def check_same_holdout(teacher: Path, student: Path) -> None:
+    """A student must hold out exactly the teacher's validation rows (when both keep them)."""
+    from millis.artifact.validation import read_validation
+
+    t, s = read_validation(teacher), read_validation(student)
+    if t is not None and s is not None and sorted(zip(t.texts, t.labels)) != sorted(zip(s.texts, s.labels)):
+        raise MillisError(f"student {student} held out other validation rows than its teacher {teacher}: "
+                          f"it may have trained on rows selection judges")
 
 
 def cache_key(kind: str, teacher_sha: str, data_file: str, cfg: Any) -> str:
@@ -96,6 +125,7 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
     from millis.train.classify import train_config
 
     data, tcol, lcol = training_data(src, task, compress_data, text_col)
+    split = teacher_split(src, compress_data)
     out = []
     for r in recipes_for(preset):
         if r.prunes and task != "classify":
@@ -107,7 +137,7 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             if n >= src.num_layers:
                 progress(f"compress: skipping {r.name}: {n} layers is not fewer than the teacher's")
                 continue
-            dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol), layers=n,
+            dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split), layers=n,
                                  task="embed" if task == "embed" else "")
             model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, _relay(r.name, progress)))))
         if r.drop_layers >= model.num_layers:
@@ -115,9 +145,11 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             continue
         if r.prunes:
             pcfg = PruneConfig(train=train_config(str(model.path), data, text_col=tcol, label_col=lcol,
-                                                  **PRUNE_PRESETS["default"]),
+                                                  **{**PRUNE_PRESETS["default"], **split}),
                                heads=r.heads, ffn=r.ffn, layers=r.drop_layers)
             model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, _relay(r.name, progress)))))
+        if not compress_data:
+            check_same_holdout(src.path, model.path)
         out.append((r, model.path))
     return out
 
@@ -134,25 +166,28 @@ def _relay(name: str, progress: Callable[[str], None]):
     return on
 
 
-def judge_compressed(ev, cfg, src: ModelSource, work: Path, calibration, progress: Callable[[str], None]) -> None:
-    """Add every compressed candidate's variants to the evaluator `ev` (judged like the rest:
-    accuracy on the labelled data when given, else fidelity to the fp32 teacher)."""
+def judge_compressed(cfg, src: ModelSource, work: Path, calibration, judge: Judge,
+                     progress: Callable[[str], None]) -> list[Judged]:
+    """Every compressed candidate's variants, each built from its student and judged by `judge` like the
+    rest (accuracy on the selection data when given, else fidelity to the fp32 teacher)."""
     from millis.encoder.source import resolve
     from millis.artifact.meta import read_train_meta
     from millis.optimize.build.variants import CATALOG, Builder
 
+    out = []
     for r, path in candidates(src, cfg.task, cfg.compress, cfg.compress_data, cfg.text_col, progress):
         csrc = resolve(str(path))
-        meta = read_train_meta(path) or {}
+        trained = read_train_meta(path)
         desc = {"recipe": to_dict(r), "model": str(path), "sha256": csrc.sha256, "layers": csrc.num_layers,
                 "heads": csrc.num_heads, "intermediate": _intermediate(path),
-                "val_score": meta.get("val_accuracy", meta.get("val_cosine")), "train_s": meta.get("train_s")}
+                "val_score": trained.val_score if trained else None, "train_s": trained.train_s if trained else None}
         builder = Builder(csrc, cfg.task, work / "compressed" / r.name, calibration)
         for name in COMPRESS_VARIANTS:
             v = CATALOG[name]
-            ev.judge(replace(v, name=f"{r.name}+{v.name}", note=f"{r.name} ({csrc.num_layers} layers, "
-                                                                 f"{csrc.num_heads} heads): {v.note}"),
-                     builder=builder, compressed=desc)
+            out.append(judge(replace(v, name=f"{r.name}+{v.name}", note=f"{r.name} ({csrc.num_layers} layers, "
+                                                                          f"{csrc.num_heads} heads): {v.note}"),
+                             builder=builder, compressed=desc))
+    return out
 
 
 def _intermediate(path: Path) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from millis.common.config import Shape
+from millis.common.config import Shape, flag
 from millis.common.errors import MillisError
 
 TASKS = ("classify", "embed")
@@ -17,11 +17,12 @@ DEFAULT_SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
 class MeasureConfig:
     """How latency is measured. Variants are interleaved round by round so drift hits all alike."""
 
-    shapes: tuple[Shape, ...] = DEFAULT_SHAPES
+    shapes: tuple[Shape, ...] = flag(DEFAULT_SHAPES, "shapes to measure, e.g. b1xs16,b1xs128,b8xs128 "
+                                                     "(default: the preset's)")
     warmup: int = 10          # untimed calls per variant and shape before timing
-    iters: int = 200          # timed calls per variant and shape, split across `rounds`
+    iters: int = flag(200, "timed calls per variant and shape, split across rounds (default: the preset's)")
     rounds: int = 5           # interleaving rounds
-    threads: int = 0          # intra-op threads; 0 = all physical cores of this machine
+    threads: int = flag(0, "intra-op threads (0 = all cores)")
     max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
     # The serve mix: shapes like those `millis serve` forms (B rows x a 16-token bucket), new to every
     # variant, each run cold then warm. A variant that stalls on a new shape, or whose rows/s over the
@@ -39,44 +40,49 @@ class MeasureConfig:
 class Budget:
     """Fidelity a variant must keep against the fp32 reference to be selectable."""
 
-    min_cosine: float = 0.99        # embed: min cosine over the sample texts
-    max_logit_diff: float = 0.5     # classify: max |delta logit| over the sample texts
+    min_cosine: float = flag(0.99, "embed: min cosine vs fp32 over the sample texts")
+    max_logit_diff: float = flag(0.5, "classify: max |delta logit| vs fp32 over the sample texts")
     min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
-    max_drop: float = 0.5           # with labelled data: accuracy points a variant may lose vs fp32
+    max_drop: float = flag(0.5, "with --data: accuracy points a variant may lose against fp32")
+
+
+# Named measurement presets (`--preset`): the full one for real measurements, a quick one for tests and
+# smoke runs. Flags given (--shapes, --iters, --threads) override the preset's values.
+PRESETS: dict[str, MeasureConfig] = {
+    "cpu": MeasureConfig(),
+    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2, serve_mix=6),
+}
 
 
 @dataclass(frozen=True)
 class OptimizeConfig:
     """Everything `millis optimize` needs: the source, the task and how to choose."""
 
-    source: str                               # local HF dir, `builtin:minilm` or `tiny:<family>`
-    task: str = "embed"
-    out: str = "artifacts/model"
-    variants: tuple[str, ...] = ()            # empty = the preset's list (see millis.variants)
-    target: Shape = Shape(1, 128)             # the shape the selection optimises for
-    max_length: int = 0                       # 0 = the model's own limit
+    source: str = flag(help="local Hugging Face model dir, builtin:minilm, or "
+                            "tiny:bert|distilbert|roberta|xlm-roberta")
+    task: str = flag("embed", "what the model is for", choices=TASKS)
+    out: str = flag("artifacts/model", "artifact directory to write")
+    variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
+    target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
+    max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")
     budget: Budget = field(default_factory=Budget)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    sample_texts: str = ""                    # file with one text per line; "" = shipped samples
-    calibration_texts: str = ""               # texts for static int8 calibration; "" = samples
-    preset: str = "cpu"
-    data: str = ""                            # labelled file: select on accuracy (Budget.max_drop)
-    text_col: str = "text"
-    label_col: str = ""                       # "" = the column `millis train` used, else label/...
-    recover: bool = True                      # plain int8 over budget -> try recovery recipes
-    compress: str = ""                        # "" = off; a preset of distilled / pruned students (millis.compress)
-    compress_data: str = ""                   # what the students train on; "" = the teacher's training file
+    sample_texts: str = flag("", "texts for fidelity checks (.txt lines or CSV 'text' column; default: shipped "
+                                 "samples)")
+    calibration_texts: str = flag("", "texts for static int8 calibration (default: the sample texts)")
+    preset: str = flag("cpu", "measurement preset: cpu (full) or quick (2 small shapes, 10 timed calls); "
+                              "--shapes / --iters override it", choices=tuple(PRESETS), scoped=True)
+    data: str = flag("", "labelled CSV/TSV/JSONL: select on accuracy (Budget.max_drop)", scoped=True)
+    text_col: str = flag("text", "text column of --data / text files")
+    label_col: str = flag("", "label column of --data (default: the column `millis train` used)")
+    recover: bool = flag(True, "when plain int8 misses the budget, try recovery recipes")
+    compress: str = flag("", "also distil / prune smaller students and add them as candidates; a preset of "
+                             "students (millis.optimize.compress): default (bare --compress) or quick", const="default")
+    compress_data: str = flag("", "what the students train on (default: the teacher's `millis train` file)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
-
-
-# Named presets: a quick one for tests and smoke runs, the full one for real measurements.
-PRESETS: dict[str, MeasureConfig] = {
-    "quick": MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=2, iters=10, rounds=2, serve_mix=6),
-    "cpu": MeasureConfig(),
-}
 
 
 def optimize_config_from_dict(d: dict[str, Any]) -> OptimizeConfig:

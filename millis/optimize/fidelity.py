@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from millis.common.numeric import row_cosines
 from millis.optimize.config import Budget
 
 
@@ -15,9 +16,7 @@ def compare(task: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
         res["max_logit_diff"] = res["max_abs_diff"]
         res["top1_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
     else:
-        rn = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
-        on = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-        cos = (rn * on).sum(-1)
+        cos = row_cosines(ref, out)
         res["cos_min"], res["cos_mean"] = float(cos.min()), float(cos.mean())
     return res
 

@@ -1,34 +1,42 @@
-"""Build one variant, open it, and judge it: fidelity against fp32, accuracy on labelled data.
+"""Build one variant, open it, and judge it: fidelity against fp32, accuracy on the selection data.
 
 The gate that makes a variant selectable is accuracy (at most `Budget.max_drop` points below the
-fp32 reference) when labelled data is given, else fidelity (`Budget` cosine / logit limits).
+fp32 reference) when labelled selection data is given, else fidelity (`Budget` cosine / logit limits).
+
+Judging is a function: `judge(variant, ctx, ref, builder) -> Judged`. It holds no collection; the
+caller (the pipeline) owns the judged variants. The reference is judged first (`judge_reference`),
+and every other variant is compared with what it returned (`Reference`).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from millis.artifact.model import run_texts
-from millis.optimize.config import OptimizeConfig
-from millis.evaluate.run import argmax_labels, classification_metrics, embedding_agreement
-from millis.optimize.fidelity import compare, within
 from millis.common.readers import Labeled
-from millis.optimize.measure import cold_start, rss_mb
-from millis.runtimes import Runtime, open_runtime
-from millis.optimize.select import accuracy_gate
 from millis.encoder.source import ModelSource
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
-from millis.optimize.build.variants import REFERENCE, Builder, Variant
+from millis.evaluate.run import argmax_labels, classification_metrics, embedding_agreement
+from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, Variant
+from millis.optimize.config import OptimizeConfig
+from millis.optimize.fidelity import compare, within
+from millis.optimize.measure import cold_start, rss_mb
+from millis.optimize.select import accuracy_gate
+from millis.runtimes import Runtime, open_runtime
 
 Progress = Callable[[str], None]
+Opener = Callable[[Variant, Path], Runtime]   # (variant, its built dir) -> an open runtime
 
 
 @dataclass
 class VariantResult:
+    """One variant's row in report.json: what it is and every figure measured on it."""
+
     name: str
     runtime: str
     precision: str
@@ -36,15 +44,60 @@ class VariantResult:
     recipe: dict[str, Any]
     facts: dict[str, Any] = field(default_factory=dict)     # file size, op counts
     fidelity: dict[str, float] = field(default_factory=dict)
-    accuracy: dict[str, float] = field(default_factory=dict)  # with labelled data: accuracy, macro_f1, drop_pts
+    accuracy: dict[str, float] = field(default_factory=dict)  # with labelled data: accuracy, macro_f1, n, drop_pts
     ok: bool = False
     reason: str = ""
     recovery: str = ""                                       # which recovery step added it, if any
     cold_start: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0
     latency: dict[str, dict[str, float]] = field(default_factory=dict)  # shape name -> stats
-    serve_mix: dict[str, Any] = field(default_factory=dict)  # millis.measure.serve_mix: rows/s, worst call, stalls
+    serve_mix: dict[str, Any] = field(default_factory=dict)  # millis.optimize.measure.serve_mix: rows/s, worst call, stalls
     error: str = ""
+
+
+@dataclass
+class Judged:
+    """A judged variant: its report row, the directory it was built into (the HF source dir for the
+    torch reference; None when the build failed) and its open runtime (None when it did not run)."""
+
+    result: VariantResult
+    dir: Path | None = None
+    runtime: Runtime | None = None
+
+    @property
+    def name(self) -> str:
+        return self.result.name
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the other variants are judged against: the fp32 reference's outputs on the fidelity
+    texts, (N, D), and its accuracy on the selection data (None without labelled data)."""
+
+    outputs: np.ndarray
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class JudgeContext:
+    """What judging needs, fixed for one optimize run."""
+
+    cfg: OptimizeConfig
+    src: ModelSource
+    enc: TextEncoder
+    texts: list[str]                       # fidelity texts
+    target_batch: dict[str, np.ndarray]    # one batch at the target shape: the cold-start call
+    data: Labeled | None                   # selection data (accuracy gate); None = fidelity gate
+    progress: Progress = lambda msg: None
+    open: Opener | None = None             # None = open_variant (tests pass fakes)
+
+
+class Judge(Protocol):
+    """`judge` bound to one run's context and reference (functools.partial): what recovery and
+    compression call to judge the variants they add."""
+
+    def __call__(self, v: Variant, *, builder: Builder = ..., recovery: str = "",
+                 compressed: dict[str, Any] | None = None) -> Judged: ...
 
 
 def recipe_of(v: Variant) -> dict[str, Any]:
@@ -54,79 +107,73 @@ def recipe_of(v: Variant) -> dict[str, Any]:
     return r
 
 
-class VariantEvaluator:
-    """Holds every judged variant (`results`) and the open runtimes of those that will be measured."""
+def open_variant(cfg: OptimizeConfig, src: ModelSource, v: Variant, vdir: Path) -> Runtime:
+    opts = dict(v.options, task=cfg.task)
+    return open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[cfg.task], opts, cfg.measure.threads)
 
-    def __init__(self, cfg: OptimizeConfig, src: ModelSource, enc: TextEncoder, builder: Builder,
-                 texts: list[str], target_batch: dict[str, np.ndarray], data: Labeled | None,
-                 progress: Progress):
-        self.cfg, self.src, self.enc, self.builder = cfg, src, enc, builder
-        self.texts, self.target_batch, self.data, self.progress = texts, target_batch, data, progress
-        self.results: dict[str, VariantResult] = {}
-        self.runtimes: dict[str, Runtime] = {}
-        self.ref_out: np.ndarray | None = None
-        self.ref_acc: float | None = None
 
-    def open(self, v: Variant, vdir) -> Runtime:
-        opts = dict(v.options, task=self.cfg.task)
-        return open_runtime(v.runtime, vdir, v.name, self.src.input_names, OUTPUT_NAME[self.cfg.task],
-                            opts, self.cfg.measure.threads)
+def accuracy(rt: Runtime, ctx: JudgeContext, ref_accuracy: float | None) -> dict[str, float]:
+    """Accuracy and macro-F1 of `rt` on every row of the selection data; drop_pts against the reference
+    (`ref_accuracy` None: this is the reference, drop 0)."""
+    logits = run_texts(rt, ctx.enc, list(ctx.data.texts)).outputs
+    m = classification_metrics(list(ctx.data.labels), argmax_labels(logits, ctx.src.id2label))
+    base = m["accuracy"] if ref_accuracy is None else ref_accuracy
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],
+            "drop_pts": 100.0 * (base - m["accuracy"])}
 
-    def judge(self, v: Variant, recovery: str = "", keep: bool = True, builder: Builder | None = None,
-              compressed: dict[str, Any] | None = None) -> VariantResult:
-        """Build, open, check. keep=False: judged but not kept for measurement (a failed try).
-        `builder` builds from another (compressed) model; `compressed` describes it in the recipe."""
-        self.progress(f"building {v.name}")
-        r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v), recovery=recovery)
-        if compressed:
-            r.recipe["compressed"] = compressed
-        try:
-            t0 = time.perf_counter()
-            vdir, r.facts = (builder or self.builder).build(v)
-            r.facts["build_s"] = time.perf_counter() - t0
-            rss0 = rss_mb()
-            rt, load_s, first_s = cold_start(lambda: self.open(v, vdir), self.target_batch)
-            r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
-            r.rss_mb = rss_mb() - rss0
-            if getattr(rt, "effective_precision", ""):
-                r.facts["effective_precision"] = rt.effective_precision
-            self.progress(f"checking {v.name}")
-            self._check(v, r, rt)
-            r.facts["dir"] = str(vdir)
-            if keep or r.ok:
-                self.runtimes[v.name] = rt
-        except Exception as e:  # one variant failing (e.g. a runtime missing) must not sink the run
-            if v.name == REFERENCE:
-                raise
-            r.error, r.reason = f"{type(e).__name__}: {e}", "build or run failed"
-            self.progress(f"skipped {v.name}: {r.error[:200]}")
-        if keep or r.ok:
-            self.results[v.name] = r
-        return r
 
-    def _check(self, v: Variant, r: VariantResult, rt: Runtime) -> None:
-        y = run_texts(rt, self.enc, self.texts, max_batch=8).outputs
-        if v.name == REFERENCE:
-            self.ref_out = y
-        r.fidelity = compare(self.cfg.task, self.ref_out, y)
-        if self.cfg.task == "embed":
-            r.fidelity.update({k: x for k, x in embedding_agreement(self.ref_out, y).items() if k != "n"})
-        if self.data is not None:
-            r.accuracy = self.accuracy(rt)
-        if v.name == REFERENCE:
-            r.ok, r.reason = True, "reference"
-        elif self.data is not None:
-            r.ok, r.reason = accuracy_gate(self.ref_acc, r.accuracy["accuracy"], self.cfg.budget.max_drop)
+def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantResult) -> tuple[Path, Runtime]:
+    ctx.progress(f"building {v.name}")
+    t0 = time.perf_counter()
+    vdir, r.facts = builder.build(v)
+    r.facts["build_s"] = time.perf_counter() - t0
+    opener = ctx.open or (lambda var, d: open_variant(ctx.cfg, ctx.src, var, d))
+    rss0 = rss_mb()
+    rt, load_s, first_s = cold_start(lambda: opener(v, vdir), ctx.target_batch)
+    r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
+    r.rss_mb = rss_mb() - rss0
+    if getattr(rt, "effective_precision", ""):
+        r.facts["effective_precision"] = rt.effective_precision
+    ctx.progress(f"checking {v.name}")
+    return vdir, rt
+
+
+def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Reference]:
+    """Build and run the fp32 reference; a failure here ends the run (nothing can be judged)."""
+    v = CATALOG[REFERENCE]
+    r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v))
+    vdir, rt = _build_and_open(v, ctx, builder, r)
+    y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
+    r.fidelity = compare(ctx.cfg.task, y, y)
+    if ctx.cfg.task == "embed":
+        r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
+    if ctx.data is not None:
+        r.accuracy = accuracy(rt, ctx, None)
+    r.ok, r.reason = True, "reference"
+    return Judged(r, vdir, rt), Reference(y, r.accuracy["accuracy"] if r.accuracy else None)
+
+
+def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recovery: str = "",
+          compressed: dict[str, Any] | None = None) -> Judged:
+    """Build `v` with `builder`, open it, and gate it against `ref`. A variant that fails to build or run
+    comes back with `result.error` set and no runtime: one variant must not sink the run.
+    `recovery` names the recovery step that added it; `compressed` describes the student it was built from."""
+    r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v), recovery=recovery)
+    if compressed:
+        r.recipe["compressed"] = compressed
+    try:
+        vdir, rt = _build_and_open(v, ctx, builder, r)
+        y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
+        r.fidelity = compare(ctx.cfg.task, ref.outputs, y)
+        if ctx.cfg.task == "embed":
+            r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})
+        if ctx.data is not None:
+            r.accuracy = accuracy(rt, ctx, ref.accuracy)
+            r.ok, r.reason = accuracy_gate(ref.accuracy, r.accuracy["accuracy"], ctx.cfg.budget.max_drop)
         else:
-            r.ok, r.reason = within(self.cfg.task, r.fidelity, self.cfg.budget)
-
-    def accuracy(self, rt: Runtime) -> dict[str, float]:
-        logits = run_texts(rt, self.enc, list(self.data.texts)).outputs
-        m = classification_metrics(list(self.data.labels), argmax_labels(logits, self.src.id2label))
-        if self.ref_acc is None:  # the reference is judged first
-            self.ref_acc = m["accuracy"]
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],
-                "drop_pts": 100.0 * (self.ref_acc - m["accuracy"])}
-
-    def outputs(self, rt: Runtime, texts: list[str]) -> np.ndarray:
-        return run_texts(rt, self.enc, texts).outputs
+            r.ok, r.reason = within(ctx.cfg.task, r.fidelity, ctx.cfg.budget)
+    except Exception as e:  # e.g. a runtime missing
+        r.error, r.reason = f"{type(e).__name__}: {e}", "build or run failed"
+        ctx.progress(f"skipped {v.name}: {r.error[:200]}")
+        return Judged(r)
+    return Judged(r, vdir, rt)

@@ -17,7 +17,7 @@ import numpy as np
 from millis.optimize.config import MeasureConfig
 from millis.common.config import Shape
 from millis.runtimes import Runtime
-from millis.encoder.text import BUCKET
+from millis.encoder.text import bucket_length
 
 SERVE_MIX_SEED = 0
 
@@ -66,7 +66,7 @@ def serve_mix_shapes(cfg: MeasureConfig, token_counts: list[int], max_length: in
     as these texts fill it; B is drawn from the i-th of `serve_mix` equal slices of 1..serve_max_batch,
     so batches from 1 row to full ones all occur; B x T stays <= serve_max_tokens (the server caps rows
     x bucket too). None of `exclude` (the shapes `measure` warmed); returned in shuffled order."""
-    buckets = [min(max_length, -(-max(n, 1) // BUCKET) * BUCKET) for n in token_counts]
+    buckets = [bucket_length(n, max_length) for n in token_counts]
     n, top = cfg.serve_mix, cfg.serve_max_batch
     if n <= 0 or not buckets:
         return []

@@ -2,47 +2,37 @@
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from millis import __version__
 from millis.artifact import store as artifact
-from millis.common import hardware
+from millis.artifact.meta import ArtifactMeta, Hardware, Measured, SourceMeta, VariantRecipe
+from millis.common.schema import from_dict
 from millis.optimize import report
 from millis.optimize.config import OptimizeConfig
 from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
 from millis.evaluate.run import check_labels
-from millis.optimize.judge import VariantEvaluator
+from millis.optimize.judge import Judged, JudgeContext, Reference, judge, judge_reference
 from millis.common.readers import Labeled, read_labeled
 from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
-from millis.optimize.recover import recover
+from millis.optimize.recover import Recovery, recover, sensitivity
 from millis.optimize.select import Candidate, select, serve_gate
-from millis.encoder.source import ModelSource, resolve
+from millis.encoder.source import ModelSource, model_max_length, resolve
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
 from millis.common.readers import read_texts
 from millis.common.samples import sample_texts
 from millis.artifact.meta import read_train_meta
-from millis.optimize.build.variants import Builder, variants_for
+from millis.artifact.validation import read_validation
+from millis.optimize.build.variants import REFERENCE, Builder, variants_for
 
 Progress = Callable[[str], None]
-
-
-def model_max_length(src: ModelSource, requested: int) -> int:
-    limit = src.max_length
-    sb = src.path / "sentence_bert_config.json"  # sentence-transformers' own, usually shorter, limit
-    if sb.is_file():
-        limit = min(limit, int(json.loads(sb.read_text()).get("max_seq_length", limit)))
-    if requested:
-        if requested > src.max_length:
-            raise MillisError(f"--max-length {requested} exceeds the model's limit {src.max_length}")
-        limit = requested
-    return limit
 
 
 def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: int = 8) -> list[dict]:
@@ -53,13 +43,25 @@ def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: 
     return [enc.encode(texts[i:i + batch], pad_to=length).feeds for i in range(0, n, batch)]
 
 
-def _labeled(cfg: OptimizeConfig, src: ModelSource) -> Labeled | None:
-    if not cfg.data or cfg.task != "classify":
-        return None
-    label_col = cfg.label_col or ((read_train_meta(src.path) or {}).get("data", {}).get("label_col", ""))
-    data = read_labeled(cfg.data, cfg.text_col, label_col)
+def selection_data(cfg: OptimizeConfig, src: ModelSource) -> tuple[Labeled | None, str]:
+    """(the labelled rows selection judges accuracy on, where they came from). classify only: `--data`
+    when given (the user's choice), else the validation split `millis train` kept with the model, so
+    the test file stays unseen for `millis eval`; (None, "") means the fidelity gate."""
+    if cfg.task != "classify":
+        return None, ""
+    if cfg.data:
+        trained = read_train_meta(src.path)
+        label_col = cfg.label_col or (trained.data.label_col if trained else "")
+        data, where = read_labeled(cfg.data, cfg.text_col, label_col), f"{cfg.data} (--data)"
+    else:
+        data = read_validation(src.path)
+        if data is None:
+            return None, ""
+        trained = read_train_meta(src.path)
+        train_file = trained.data.path if trained else "the training file"
+        where = f"{data.path}: the validation split `millis train` held out of {train_file}"
     check_labels(data, src.id2label)
-    return data
+    return data, f"{where}, {len(data)} rows"
 
 
 def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
@@ -72,10 +74,13 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         if s.seq > max_len:
             raise MillisError(f"shape {s.name} is longer than the model's max length {max_len}")
     enc = TextEncoder(src.path, src.input_names, max_len)
-    data = _labeled(cfg, src)
+    data, selection = selection_data(cfg, src)
+    if data is not None:
+        progress(f"selecting on accuracy on {selection}")
+        cfg = replace(cfg, data=cfg.data or data.path)  # the artifact's config records the rows selection used
     if cfg.sample_texts:
         texts, where = read_texts(cfg.sample_texts, limit=512), cfg.sample_texts
-    elif cfg.data:  # fidelity on the user's own texts (classify: the labelled file's first rows)
+    elif cfg.data:  # fidelity on the user's own texts (classify: the selection data's first rows)
         texts = list(data.texts[:512]) if data is not None else read_texts(cfg.data, cfg.text_col, limit=512)
         where = cfg.data
     else:
@@ -91,28 +96,43 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     work = Path(tempfile.mkdtemp(prefix="millis-work-"))
     try:
         builder = Builder(src, cfg.task, work, calibration)
-        ev = VariantEvaluator(cfg, src, enc, builder, texts, inputs[cfg.target], data, progress)
-        for v in variants_for(cfg.variants, cfg.preset):
-            ev.judge(v)
-        recovery = recover(ev, calib_texts) if cfg.recover else {"needed": False, "why": "disabled", "attempts": []}
+        ctx = JudgeContext(cfg, src, enc, texts, inputs[cfg.target], data, progress)
+        reference, ref = judge_reference(ctx, builder)
+        judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
+        pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset))  # name -> judged, in order
+        recovery = Recovery({"needed": False, "why": "disabled", "attempts": []})
+        if cfg.recover:
+            recovery = recover({n: j.result for n, j in pool.items()}, judge_one,
+                               functools.partial(sensitivity, ctx, builder), calib_texts, progress)
+        pool.update((j.name, j) for j in recovery.judged)
         if cfg.compress:
             from millis.optimize.compress import judge_compressed
-            judge_compressed(ev, cfg, src, work, calibration, progress)
-        progress(f"measuring {len(ev.runtimes)} variants x {len(shapes)} shapes")
-        lat = measure(ev.runtimes, inputs, cfg.measure,
+            pool.update((j.name, j) for j in judge_compressed(cfg, src, work, calibration, judge_one, progress))
+        runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
+        progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
+        lat = measure(runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
         for name, per_shape in lat.items():
-            ev.results[name].latency = per_shape
-        _serve_mix(cfg, ev, enc, texts, max_len, shapes, progress)
-        chosen = choose([Candidate(r.name, r.latency[cfg.target.name]["p50_ms"], r.ok, r.reason,
-                                   r.serve_mix.get("rows_per_s", 0.0)) for r in ev.results.values() if r.latency])
+            pool[name].result.latency = per_shape
+        _serve_mix(cfg, pool, enc, texts, max_len, shapes, progress)
+        chosen = choose([Candidate(j.name, j.result.latency[cfg.target.name]["p50_ms"], j.result.ok, j.result.reason,
+                                   j.result.serve_mix.get("rows_per_s", 0.0)) for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
-        return _write(cfg, src, max_len, ev, recovery, chosen.name, fidelity_texts, progress)
+        return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _serve_mix(cfg: OptimizeConfig, ev: VariantEvaluator, enc: TextEncoder, texts: list[str], max_len: int,
+def judge_all(reference: Judged, judge_one: Callable[..., Judged], variants: list) -> dict[str, Judged]:
+    """{name: judged} for the reference then every other variant, in the order given."""
+    pool = {reference.name: reference}
+    for v in variants:
+        if v.name != REFERENCE:
+            pool[v.name] = judge_one(v)
+    return pool
+
+
+def _serve_mix(cfg: OptimizeConfig, pool: dict[str, Judged], enc: TextEncoder, texts: list[str], max_len: int,
                measured: tuple[Shape, ...], progress: Progress) -> None:
     """Run the serve mix; a variant within budget that stalls on new shapes, or serves far below the
     best, becomes not ok, the reason recorded beside the others."""
@@ -120,51 +140,47 @@ def _serve_mix(cfg: OptimizeConfig, ev: VariantEvaluator, enc: TextEncoder, text
     mix_shapes = serve_mix_shapes(cfg.measure, [len(r) for r in ids], max_len, exclude=measured)
     if not mix_shapes:
         return
-    progress(f"serve mix: {len(ev.runtimes)} variants x {len(mix_shapes)} new shapes, cold then warm")
-    mix = serve_mix(ev.runtimes, {s: enc.fill(texts, s.batch, s.seq) for s in mix_shapes}, cfg.measure)
+    runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
+    progress(f"serve mix: {len(runtimes)} variants x {len(mix_shapes)} new shapes, cold then warm")
+    mix = serve_mix(runtimes, {s: enc.fill(texts, s.batch, s.seq) for s in mix_shapes}, cfg.measure)
     for name, m in mix.items():
-        ev.results[name].serve_mix = m
-    within = {n: m for n, m in mix.items() if ev.results[n].ok}
+        pool[name].result.serve_mix = m
+    within = {n: m for n, m in mix.items() if pool[n].result.ok}
     for name, why in serve_gate(within, cfg.measure.serve_floor, cfg.measure.stall_share).items():
-        r = ev.results[name]
+        r = pool[name].result
         r.ok, r.reason = False, f"{r.reason}; rejected: {why}"
         progress(f"rejected {name}: {why}")
 
 
-def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, ev: VariantEvaluator, recovery: dict[str, Any],
-           chosen: str, fidelity_texts: str, progress: Progress) -> Path:
-    results = ev.results
+def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, Judged], ref: Reference,
+           recovery: dict[str, Any], chosen: str, fidelity_texts: str, selection: str, progress: Progress) -> Path:
+    results = {n: j.result for n, j in pool.items()}
     best = results[chosen]
 
-    def fill(tmp: Path) -> dict[str, Any]:
+    def fill(tmp: Path) -> ArtifactMeta:
         from transformers import AutoTokenizer
 
         if best.runtime == "torch":  # the reference won (tiny models): ship the HF weights
             from millis.encoder.tasks import load_task_model
             load_task_model(src, cfg.task).hf.save_pretrained(tmp / "hf")
         else:
-            vdir = Path(best.facts["dir"])
+            vdir = pool[chosen].dir
             for f in vdir.iterdir():
                 shutil.copy2(f, tmp / f.name)
         AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(tmp / "tokenizer"))
-        meta = {
-            "millis_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "task": cfg.task, "output": OUTPUT_NAME[cfg.task], "input_names": list(src.input_names),
-            "max_length": max_len, "id2label": {str(k): v for k, v in src.id2label.items()},
-            "source": {"spec": src.spec, "path": str(src.path), "sha256": src.sha256,
-                       "model_type": src.model_type, "layers": src.num_layers, "hidden": src.hidden_size,
-                       "heads": src.num_heads, "pooling": to_dict(src.pooling)},
-            "variant": {"name": best.name, "precision": best.precision, **best.recipe},
-            "measured": {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
-                         "accuracy": best.accuracy, "reference_accuracy": ev.ref_acc, "cold_start": best.cold_start,
-                         "serve_mix": best.serve_mix,
-                         "fidelity_texts": fidelity_texts},
-            "hardware": hardware.describe(),
-            "config": to_dict(cfg),
-        }
-        if "compressed" in best.recipe:  # a distilled / pruned student won: say which
-            meta["compressed"] = best.recipe["compressed"]
+        # the judged and measured figures are plain dicts; from_dict types them (strict: no key is lost)
+        variant = from_dict(VariantRecipe, {"name": best.name, "precision": best.precision, **best.recipe},
+                            f"the recipe of {best.name}", strict=True)
+        measured = from_dict(Measured, {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
+                                        "accuracy": best.accuracy, "reference_accuracy": ref.accuracy,
+                                        "cold_start": best.cold_start, "serve_mix": best.serve_mix,
+                                        "fidelity_texts": fidelity_texts, "selection_data": selection},
+                             f"the measurements of {best.name}", strict=True)
+        meta = ArtifactMeta(task=cfg.task, output=OUTPUT_NAME[cfg.task], input_names=tuple(src.input_names),
+                            max_length=max_len, id2label=dict(src.id2label), source=SourceMeta.of(src),
+                            variant=variant, millis_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            measured=measured, hardware=Hardware.this_machine(), config=to_dict(cfg),
+                            compressed=variant.compressed)  # a distilled / pruned student won: say which
         report.write_all(tmp, meta, [r.__dict__ for r in results.values()], chosen, recovery)
         return meta
 

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from millis.artifact.meta import ArtifactMeta
+from millis.common.config import to_dict
+from millis.optimize.config import OptimizeConfig, optimize_config_from_dict
 from millis.optimize.select import NEAR_TIE
 
 
@@ -54,19 +57,23 @@ def recovery_lines(recovery: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str, recovery: dict[str, Any]) -> str:
-    task, shapes = meta["task"], list(next((r["latency"] for r in rows if r["latency"]), {}).keys())
-    hw = meta["hardware"]
-    gate = (f"within {meta['config']['budget']['max_drop']} accuracy points of fp32 on {meta['config']['data']}"
-            if meta["measured"].get("accuracy") else "within the fidelity budget")
-    lines = [f"# millis report: {meta['source']['spec']} ({task})", "",
-             f"Chosen: **{chosen}** (fastest at {meta['measured']['target']} {gate}, not stalling on new shapes; "
+def config_of(meta: ArtifactMeta) -> OptimizeConfig:
+    """The OptimizeConfig that built the artifact (budget, selection data...)."""
+    return optimize_config_from_dict(meta.config)
+
+
+def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recovery: dict[str, Any]) -> str:
+    task, shapes = meta.task, list(next((r["latency"] for r in rows if r["latency"]), {}).keys())
+    hw, m, cfg = meta.hardware, meta.measured, config_of(meta)
+    gate = (f"within {cfg.budget.max_drop} accuracy points of fp32 on {m.selection_data or cfg.data}"
+            if m.accuracy else "within the fidelity budget")
+    lines = [f"# millis report: {meta.source.spec} ({task})", "",
+             f"Chosen: **{chosen}** (fastest at {m.target} {gate}, not stalling on new shapes; "
              f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
-             f"Machine: {hw['cpu']}, {hw['cores']} cores, ISA {' '.join(hw['isa']) or '-'}; "
-             f"millis {meta['millis_version']}.", "",
-             f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on {meta['measured'].get('fidelity_texts', 'the sample texts')}; "
+             f"Machine: {hw.cpu}, {hw.cores} cores, ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
+             f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on {m.fidelity_texts or 'the sample texts'}; "
              + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
-                if meta["measured"].get("accuracy") else "") + "cold start = "
+                if m.accuracy else "") + "cold start = "
              "load + first call at the target shape; RSS MB = resident memory added by loading the variant; "
              "serve mix = rows/s over shapes a server forms that the variant had not run, each cold then warm "
              "(worst call in brackets).", "",
@@ -122,24 +129,23 @@ def plot(path: Path, task: str, rows: list[dict[str, Any]], chosen: str) -> None
     plt.close(fig)
 
 
-def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str) -> None:
+def pareto(path: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str) -> None:
     """p50 at the target shape (x, log) against accuracy, or fidelity without labelled data (y)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    target = meta["measured"]["target"]
+    target, budget = meta.measured.target, config_of(meta).budget
     rows = [r for r in rows if target in r["latency"]]
-    with_acc = bool(meta["measured"].get("accuracy"))
-    if with_acc:
+    if meta.measured.accuracy and meta.measured.reference_accuracy is not None:
         key, label = (lambda r: 100 * r["accuracy"]["accuracy"]), "accuracy on the labelled data (%)"
-        line = 100 * meta["measured"]["reference_accuracy"] - meta["config"]["budget"]["max_drop"]
-    elif meta["task"] == "embed":
-        key, label, line = (lambda r: r["fidelity"]["cos_min"]), "cosine min vs fp32", meta["config"]["budget"]["min_cosine"]
+        line = 100 * meta.measured.reference_accuracy - budget.max_drop
+    elif meta.task == "embed":
+        key, label, line = (lambda r: r["fidelity"]["cos_min"]), "cosine min vs fp32", budget.min_cosine
     else:
         key, label, line = (lambda r: r["fidelity"]["top1_agreement"]), "top-1 agreement with fp32", \
-            meta["config"]["budget"]["min_top1_agreement"]
+            budget.min_top1_agreement
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for i, r in enumerate(rows):
         x, y = r["latency"][target]["p50_ms"], key(r)
@@ -152,7 +158,7 @@ def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen:
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 ms at {target} (log)")
     ax.set_ylabel(label)
-    ax.set_title(f"millis variants ({meta['task']}): green star = chosen, gray = outside budget or rejected "
+    ax.set_title(f"millis variants ({meta.task}): green star = chosen, gray = outside budget or rejected "
                  "on the serve mix", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -160,12 +166,12 @@ def pareto(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen:
     plt.close(fig)
 
 
-def write_all(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], chosen: str,
+def write_all(out: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str,
               recovery: dict[str, Any]) -> None:
     rows = [_clean(r) for r in rows]
-    (out / "report.json").write_text(json.dumps({"chosen": chosen, "task": meta["task"], "source": meta["source"],
-                                                 "hardware": meta["hardware"], "measured": meta["measured"],
+    (out / "report.json").write_text(json.dumps({"chosen": chosen, "task": meta.task, "source": to_dict(meta.source),
+                                                 "hardware": to_dict(meta.hardware), "measured": to_dict(meta.measured),
                                                  "variants": rows, "recovery": recovery}, indent=2))
     (out / "report.md").write_text(markdown(meta, rows, chosen, recovery))
-    plot(out / "latency.png", meta["task"], rows, chosen)
+    plot(out / "latency.png", meta.task, rows, chosen)
     pareto(out / "pareto.png", meta, rows, chosen)

@@ -1,15 +1,16 @@
-"""The Runtime Protocol and the factory that opens a built variant directory.
+"""The Runtime Protocol, the runtime kinds, and what every runtime shares: default threads, batch checks
+(the factory that opens a built variant directory is millis.runtimes.registry).
 
 A runtime takes one flat batch, a dict of int64 arrays of shape (B, T) named like the graph inputs,
 and returns {output_name: float32 array}. Padding and batching are the caller's business.
 """
 from __future__ import annotations
 
-import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from millis.common import hardware
 from millis.common.errors import MillisError
 
 KINDS = ("torch", "onnxruntime", "openvino", "cuda")
@@ -27,9 +28,9 @@ class Runtime(Protocol):
 
 
 def default_threads() -> int:
-    """Physical cores available to this process (hyper-threads do not help GEMMs)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n)
+    """One runtime thread per logical CPU this process may use (`hardware.usable_cpus`): hyper-threads
+    count, so on a machine with SMT pass --threads <physical cores> if that measures faster."""
+    return hardware.usable_cpus()
 
 
 def check_batch(batch: dict[str, np.ndarray], input_names: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -47,8 +47,7 @@ class _Slot:
 class CudaGraphRuntime:
     def __init__(self, model: Any, name: str, input_names: tuple[str, ...], output_name: str, task: str,
                  pooling: Pooling | None = None, dtype: str = "fp16", buckets: tuple[Shape, ...] = DEFAULT_BUCKETS,
-                 fuse: str = "triton", device: str = "cuda", capture: bool = True, dense: bool = False,
-                 gemm: str = "cublas", gelu: str = "erf"):
+                 fuse: str = "triton", device: str = "cuda", capture: bool = True, dense: bool = False):
         """model: a local HF directory, an in-memory HF BERT model, or a millis.gpu Encoder.
         capture=False (or device="cpu") pads into the buckets but runs eagerly: the same code path
         without graphs, for CPU tests and debugging. dense=True also captures each bucket without the
@@ -59,8 +58,7 @@ class CudaGraphRuntime:
         else:
             if pooling is None:
                 pooling = read_pooling(Path(model)) if isinstance(model, (str, Path)) else Pooling()
-            self.encoder = from_hf(model, task, pooling, RunOptions(dtype=dtype, fuse=fuse, gemm=gemm, gelu=gelu,
-                                                                        device=device))
+            self.encoder = from_hf(model, task, pooling, RunOptions(dtype=dtype, fuse=fuse, device=device))
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self.device = self.encoder.device
         self.max_length = self.encoder.cfg.max_positions
@@ -168,7 +166,7 @@ class CudaGraphRuntime:
         out = self.encoder(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
         return out.float().cpu().numpy()
 
-    # ---- from a recipe (millis.runtimes.base.open_runtime) ----
+    # ---- from a recipe (millis.runtimes.registry.open_runtime) ----
 
     @classmethod
     def from_options(cls, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
@@ -177,5 +175,4 @@ class CudaGraphRuntime:
         buckets = tuple(Shape.parse(s) for s in options.get("buckets", ())) or DEFAULT_BUCKETS
         return cls(model_dir, name, input_names, output_name, options["task"], pooling,
                    dtype=options.get("dtype", "fp16"), buckets=buckets, fuse=options.get("fuse", "triton"),
-                   dense=bool(options.get("dense", False)), gemm=options.get("gemm", "cublas"),
-                   gelu=options.get("gelu", "erf"))
+                   dense=bool(options.get("dense", False)))

@@ -7,9 +7,6 @@ import numpy as np
 
 from millis.runtimes.base import check_batch
 
-GRAPH_LEVELS = ("disabled", "basic", "extended", "all")
-
-
 class OrtRuntime:
     def __init__(self, path: Path, name: str, input_names: tuple[str, ...], output_name: str,
                  threads: int, graph_level: str = "all"):

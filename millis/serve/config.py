@@ -1,7 +1,7 @@
 """`ServeConfig`: every knob of `millis serve`, each field's help is its flag's help text.
 
 The CLI builds one flag per field (`--max-wait-ms`) and reads the same name from the environment
-(`MILLIS_MAX_WAIT_MS`), so a container sets the server up with env vars alone.
+(`MILLIS_MAX_WAIT_MS`; booleans also MILLIS_NO_<NAME>), so a container sets the server up with env vars alone.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class ServeConfig:
                              "is answered 429 with Retry-After")
     max_inputs: int = _f(64, "most texts in one request (more: 413)")
     max_body_bytes: int = _f(1 << 20, "largest request body in bytes (larger: 413)")
-    too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)")
+    too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)",
+                       choices=TOO_LONG)
     request_timeout_s: float = _f(30.0, "a request not answered in this time gets 503 and is dropped from the queue "
                                         "(generation: not given its first token in this time)")
     threads: int = _f(0, "runtime intra-op threads (0 = all cores)")

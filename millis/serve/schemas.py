@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from millis.common.numeric import softmax
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -145,8 +147,7 @@ def embeddings_response(out: list[np.ndarray], fmt: str, model: str, tokens: int
 def classify_response(out: list[np.ndarray], id2label: dict[int, str], top_k: int, logits: bool,
                       truncated: list[bool], model: str, tokens: int) -> dict[str, Any]:
     x = np.stack(out)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    probs = e / e.sum(-1, keepdims=True)
+    probs = softmax(x)
     data = []
     for i, p in enumerate(probs):
         order = np.argsort(-p, kind="stable")[:top_k]

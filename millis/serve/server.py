@@ -33,7 +33,7 @@ def _loader(cfg: ServeConfig):
     task = ""
     fmt = artifact.format_of(p) if p.is_dir() else None
     if fmt == artifact.FORMAT or (p.is_dir() and fmt is None and (p / artifact.META).exists()):
-        task = artifact.read_meta(p, verify=True)["task"]  # format, version, hashes; or why not
+        task = artifact.read_meta(p, verify=True).task  # format, version, hashes; or why not
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
 from millis.train.loop import Progress, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import load_hf
@@ -18,24 +19,27 @@ from millis.encoder.source import resolve
 
 @dataclass(frozen=True)
 class TrainConfig:
-    source: str                     # local HF dir, builtin:minilm or tiny:<family>
-    data: str                       # labelled CSV / TSV / JSONL
-    out: str = "models/classifier"
-    text_col: str = "text"
-    label_col: str = ""             # "" = label, category, intent... whichever the file has
-    validation: str = ""            # labelled file; "" = hold out `val_fraction` of `data`, per class
-    val_fraction: float = 0.1
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 1e-4                # small encoders (MiniLM) like a higher rate than BERT-base's 2e-5
-    weight_decay: float = 0.01
-    warmup: float = 0.06            # share of all steps spent warming up
-    patience: int = 2               # epochs without a better validation accuracy before stopping
-    max_length: int = 128
-    seed: int = 0
-    limit: int = 0                  # use only the first N training rows
-    sample: int = 0                 # use a seeded random sample of N rows (files sorted by label)
-    threads: int = 0                # torch intra-op threads; 0 = torch's default
+    # Every field is a flag of `millis train` / `distill` / `prune`; a flag given (or its MILLIS_* variable)
+    # overrides the --preset's value (TRAIN_PRESETS).
+    source: str = flag(help="local Hugging Face model dir, builtin:minilm, or tiny:bert...")
+    data: str = flag(help="training file: labelled CSV / TSV / JSONL", scoped=True)
+    out: str = flag("models/classifier", "model directory to write")
+    text_col: str = flag("text", "text column of the data")
+    label_col: str = flag("", "label column (default: label, category, intent... whichever the file has)")
+    validation: str = flag("", "labelled validation file (default: hold out --val-fraction of the data, per class)")
+    val_fraction: float = flag(0.1, "share of the data held out for validation, per class")
+    epochs: int = flag(8, "most epochs (early stopping may end sooner)")
+    batch_size: int = flag(32, "rows per step")
+    # small encoders (MiniLM) like a higher rate than BERT-base's 2e-5
+    lr: float = flag(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = flag(0.01, "AdamW weight decay (not on biases / LayerNorm)")
+    warmup: float = flag(0.06, "share of all steps spent warming up", scoped=True)
+    patience: int = flag(2, "epochs without a better validation score before stopping")
+    max_length: int = flag(128, "truncate texts to this many tokens")
+    seed: int = flag(0, "seed of the split, the shuffling and the weights")
+    limit: int = flag(0, "use only the first N training rows (0 = all)")
+    sample: int = flag(0, "use a seeded random sample of N rows (0 = all; files sorted by label)")
+    threads: int = flag(0, "torch intra-op threads (0 = torch's default)")
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -47,7 +51,7 @@ class TrainConfig:
             raise MillisError(f"--lr must be > 0, got {self.lr}")
 
 
-# Named presets: overrides applied to a TrainConfig.
+# Named presets (`--preset`): overrides applied to a TrainConfig; the flags given override them in turn.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "quick": {"epochs": 1, "sample": 512, "batch_size": 16},  # CI and smoke runs
@@ -76,15 +80,14 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     res = fit(model, cfg, [len(r) for r in td.tr_ids], loss_of, lambda: val_accuracy(model, td), progress,
               info={"what": f"fine-tuning {src.spec}", "val_rows": len(td.va_ids), "classes": len(td.classes)})
     out = save(model, src, cfg, Path(cfg.out), res, data_meta(td),
-               {"labels": td.classes, "val_accuracy": res.best})
+               {"labels": td.classes, "val_accuracy": res.best}, validation=td.val)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch})
     return out
 
 
 def train_config(source: str, data: str, preset: str = "default", **overrides: Any) -> TrainConfig:
     """A TrainConfig from a named preset plus explicit overrides (the CLI's flags)."""
-    if preset not in TRAIN_PRESETS:
-        raise MillisError(f"unknown training preset {preset!r}; available: {', '.join(TRAIN_PRESETS)}")
-    return replace(TrainConfig(source=source, data=data), **{**TRAIN_PRESETS[preset], **overrides})
+    return replace(TrainConfig(source=source, data=data), **{**preset_of(TRAIN_PRESETS, preset, "training preset"),
+                                                             **overrides})
 
 

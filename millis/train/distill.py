@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
 from millis.train.loop import Progress, TaskData, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import cut_layers, layer_list, load_hf
 from millis.encoder.source import ModelSource, resolve
-from millis.train.classify import TrainConfig, train_config
+from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling", "2_Normalize")
 
@@ -32,15 +33,17 @@ ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling", "2_Normali
 @dataclass(frozen=True)
 class DistillConfig:
     train: TrainConfig               # source = the teacher; data, out and the schedule
-    layers: int = 0                  # student depth; 0 = half the teacher's (rounded up)
-    layer_map: tuple[int, ...] = ()  # teacher layers the student starts from; () = evenly spaced
-    student: str = ""                # another local model with the same tokenizer; "" = teacher layers
-    task: str = ""                   # classify | embed; "" = classify when the teacher has a classifier
-    temperature: float = 2.0         # softens both distributions for the soft loss
-    soft_weight: float = 1.0
-    hard_weight: float = 1.0
-    hidden_weight: float = 1.0
-    attention_weight: float = 1.0
+    layers: int = flag(0, "student layers (0 = half the teacher's, rounded up)", scoped=True)
+    layer_map: tuple[int, ...] = flag((), "teacher layers the student starts from, e.g. 1,3,5 (default: evenly "
+                                          "spaced, ending at the last)")
+    student: str = flag("", "another local model with the same tokenizer (default: the teacher's own layers)")
+    task: str = flag("", "classify or embed (default: classify when the teacher has a classifier head)",
+                     choices=("", "classify", "embed"))
+    temperature: float = flag(2.0, "softmax temperature of the soft loss", scoped=True)
+    soft_weight: float = flag(1.0, "weight of the soft (teacher logits / embeddings) loss")
+    hard_weight: float = flag(1.0, "weight of the label loss")
+    hidden_weight: float = flag(1.0, "weight of hidden-state transfer")
+    attention_weight: float = flag(1.0, "weight of attention transfer")
 
     def __post_init__(self) -> None:
         if self.layers < 0:
@@ -53,18 +56,15 @@ class DistillConfig:
             raise MillisError(f"unknown task {self.task!r}; distill supports classify and embed")
 
 
-DISTILL_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "quick": {"epochs": 1, "sample": 512, "batch_size": 16},  # CI and smoke runs
-}
+DISTILL_PRESETS = TRAIN_PRESETS  # a student trains on the same schedules as `millis train`
+STUDENT_DIR = "models/student"   # where `millis distill` writes by default
 
 
-def distill_config(teacher: str, data: str, preset: str = "default", out: str = "models/student",
+def distill_config(teacher: str, data: str, preset: str = "default", out: str = STUDENT_DIR,
                    train: dict[str, Any] | None = None, **distill: Any) -> DistillConfig:
     """A DistillConfig from a named preset, schedule overrides (`train`) and distillation fields."""
-    if preset not in DISTILL_PRESETS:
-        raise MillisError(f"unknown distillation preset {preset!r}; available: {', '.join(DISTILL_PRESETS)}")
-    tc = train_config(teacher, data, out=out, **{**DISTILL_PRESETS[preset], **(train or {})})
+    tc = train_config(teacher, data, out=out, **{**preset_of(DISTILL_PRESETS, preset, "distillation preset"),
+                                                 **(train or {})})
     return DistillConfig(train=tc, **distill)
 
 
@@ -196,7 +196,7 @@ def _classify(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
               progress, info=info)
     extra = {"labels": td.classes, "val_accuracy": res.best,
              "distill": _recipe(cfg, "classify", src, teacher, student, layer_of, teacher_acc)}
-    out = save(student, src, cfg, Path(cfg.train.out), res, data_meta(td), extra)
+    out = save(student, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch,
                       "teacher_val_accuracy": teacher_acc})
     return out

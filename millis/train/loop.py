@@ -18,15 +18,16 @@ import numpy as np
 
 from millis import __version__
 from millis.artifact import store as artifact
-from millis.common import hardware
+from millis.artifact.meta import Hardware, TrainMeta, TrainSource
 from millis.common.config import to_dict
+from millis.common.schema import from_dict
 from millis.common.errors import MillisError
 from millis.common.readers import Labeled, read_labeled
 from millis.encoder.source import ModelSource
 from millis.common.files import hash_files
 from millis.encoder.text import TextEncoder
 
-from millis.artifact.meta import TRAIN_FORMAT
+from millis.artifact.validation import VALIDATION_FILE, write_validation
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): "start", "step", "epoch", "done"
 LossFn = Callable[[list[int]], Any]               # training row indices -> scalar loss tensor
@@ -95,6 +96,7 @@ class TaskData:
     packer: TextEncoder             # pads exactly like inference does
     max_len: int
     validation: str                 # where the validation rows came from, for millis.json
+    val: Labeled | None = None      # the labelled validation rows (kept beside the model: validation.jsonl)
 
     def tensors(self, rows: list[list[int]]) -> dict[str, Any]:
         import torch
@@ -119,10 +121,12 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData
     classes = list(classes) if classes is not None else found
     label2id = {c: i for i, c in enumerate(classes)}
     if val_file is not None:
-        tr_idx, val_texts, val_y = list(range(len(data))), list(val_file.texts), [label2id[y] for y in val_file.labels]
+        tr_idx, val = list(range(len(data))), val_file
     else:
         tr_idx, va_idx = split(data, cfg.val_fraction, cfg.seed)
-        val_texts, val_y = [data.texts[i] for i in va_idx], [label2id[data.labels[i]] for i in va_idx]
+        val = replace(data, texts=tuple(data.texts[i] for i in va_idx), labels=tuple(data.labels[i] for i in va_idx),
+                      lines=tuple(data.lines[i] for i in va_idx))
+    val_texts, val_y = list(val.texts), [label2id[y] for y in val.labels]
     if not val_texts:
         raise MillisError(f"{data.path}: too few rows to hold out a validation set; pass --validation FILE")
     max_len = min(cfg.max_length, src.max_length)
@@ -131,7 +135,7 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData
     va_ids = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
     return TaskData(data, classes, tr_ids, [label2id[data.labels[i]] for i in tr_idx], va_ids, val_y,
                     TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len,
-                    cfg.validation or f"{cfg.val_fraction:.0%} held out per class")
+                    cfg.validation or f"{cfg.val_fraction:.0%} held out per class", val)
 
 
 def predict(model, td: TaskData, ids: list[list[int]], batch: int = 64) -> np.ndarray:
@@ -227,23 +231,29 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
 
 
 def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str, Any],
-         extra: dict[str, Any] | None = None, write_model: Callable[[Path], None] | None = None) -> Path:
+         extra: dict[str, Any] | None = None, write_model: Callable[[Path], None] | None = None,
+         validation: Labeled | None = None) -> Path:
     """Write `model` (and the source's tokenizer) as an HF directory with its recipe in millis.json.
-    `write_model(dir)` replaces `model.save_pretrained` (pruned models add their shapes)."""
+    `write_model(dir)` replaces `model.save_pretrained` (pruned models add their shapes). `validation`:
+    the held-out rows, kept as validation.jsonl (`millis optimize` selects on them by default)."""
     from transformers import AutoTokenizer
 
-    def fill(tmp: Path) -> dict[str, Any]:
+    def fill(tmp: Path) -> TrainMeta:
         (write_model or (lambda d: model.save_pretrained(str(d))))(tmp)
         AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(tmp))
-        return {"millis_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "source": {"spec": src.spec, "sha256": src.sha256, "model_type": src.model_type},
-                "data": data, "best_epoch": res.best_epoch, "history": res.history,
-                "train_s": res.seconds, "hardware": hardware.describe(), "config": to_dict(cfg), **(extra or {})}
+        if validation is not None:
+            write_validation(tmp, validation)
+        record = {"millis_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "source": TrainSource(src.spec, src.sha256, src.model_type), "data": data,
+                  "best_epoch": res.best_epoch, "history": res.history, "train_s": res.seconds,
+                  "hardware": Hardware.this_machine(), "config": to_dict(cfg), **(extra or {})}
+        return from_dict(TrainMeta, record, f"the training record of {out}", strict=True)  # typed, or fails here
 
-    return artifact.write(Path(out), fill, fmt=TRAIN_FORMAT)
+    return artifact.write(Path(out), fill)
 
 
 def data_meta(td: TaskData) -> dict[str, Any]:
     d = td.data
     return {"path": d.path, "sha256": hash_files([Path(d.path)]), "rows": len(d), "text_col": d.text_col,
-            "label_col": d.label_col, "validation": td.validation}
+            "label_col": d.label_col, "validation": td.validation, "validation_file": VALIDATION_FILE,
+            "validation_rows": len(td.val)}

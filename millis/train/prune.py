@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from millis.train.distill import kd_loss
+from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
 from millis.train.loop import Progress, TaskData, data_meta, fit, predict, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import cut_ffn, cut_heads, cut_layers, encoder_layers, load_hf, masks, num_heads
@@ -28,11 +29,12 @@ from millis.train.classify import TrainConfig, train_config
 @dataclass(frozen=True)
 class PruneConfig:
     train: TrainConfig           # source = the model to prune; data, out and the recovery schedule
-    heads: float = 0.0           # share of attention heads to remove in every layer, in [0, 1)
-    layers: int = 0              # whole layers to drop
-    ffn: float = 0.0             # share of FFN neurons to remove in every layer, in [0, 1)
-    importance_rows: int = 1024  # training rows that score heads and neurons
-    temperature: float = 2.0     # recovery distils from the unpruned model
+    heads: float = flag(0.0, "share of attention heads to remove in every layer, in (0, 1)")
+    layers: int = flag(0, "whole layers to drop", scoped=True)
+    ffn: float = flag(0.0, "share of FFN neurons to remove in every layer, in (0, 1)")
+    importance_rows: int = flag(1024, "training rows that score heads and neurons")
+    # recovery distils from the unpruned model
+    temperature: float = flag(2.0, "softmax temperature of the recovery's soft loss", scoped=True)
     soft_weight: float = 1.0
     hard_weight: float = 1.0
 
@@ -49,17 +51,19 @@ class PruneConfig:
             raise MillisError(f"--importance-rows must be >= 1, got {self.importance_rows}")
 
 
+# Named presets (`--preset`) of the recovery fine-tune: TrainConfig overrides; flags given override them in turn.
 PRUNE_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"epochs": 2, "lr": 5e-5},                     # a short recovery
     "quick": {"epochs": 1, "sample": 512, "batch_size": 16},  # CI and smoke runs
 }
+PRUNED_DIR = "models/pruned"  # where `millis prune` writes by default
 
 
-def prune_config(model: str, data: str, preset: str = "default", out: str = "models/pruned",
+def prune_config(model: str, data: str, preset: str = "default", out: str = PRUNED_DIR,
                  train: dict[str, Any] | None = None, **prune: Any) -> PruneConfig:
-    if preset not in PRUNE_PRESETS:
-        raise MillisError(f"unknown pruning preset {preset!r}; available: {', '.join(PRUNE_PRESETS)}")
-    return PruneConfig(train=train_config(model, data, out=out, **{**PRUNE_PRESETS[preset], **(train or {})}), **prune)
+    """A PruneConfig from a named preset, recovery schedule overrides (`train`) and pruning fields."""
+    schedule = preset_of(PRUNE_PRESETS, preset, "pruning preset")
+    return PruneConfig(train=train_config(model, data, out=out, **{**schedule, **(train or {})}), **prune)
 
 
 @dataclass
@@ -195,7 +199,7 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
                        "original": {"spec": src.spec, "sha256": src.sha256, "val_accuracy": acc_original},
                        "val_accuracy_before_recovery": before,
                        "parameters": {"original": count(original), "pruned": count(model)}, **p.scores}}
-    out = save(model, src, cfg, Path(cfg.train.out), res, data_meta(td), extra)
+    out = save(model, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch,
                       "val_accuracy_before_recovery": before})
     return out

@@ -1,7 +1,7 @@
 """Int8 for CPU decode: every Linear (the head included) gets int8 weights, one scale per output row.
 
 Two backends, picked by `EngineConfig.quant`:
-- `int8`: millis's AVX2 kernel (`millis.gen.cpu_int8`: int8 activations with one scale per row, so
+- `int8`: millis's AVX2 kernel (`millis.gen.kernels.cpu_int8`: int8 activations with one scale per row, so
   a row's tokens do not depend on its batch-mates); when it cannot be built here (no AVX2, no C
   compiler), torch's dynamic quantization instead, with a warning;
 - `int8-torch`: torch's dynamic quantization (fbgemm): activations quantized per call with one

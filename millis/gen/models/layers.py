@@ -48,13 +48,19 @@ def make_batch(ids: list[list[int]], starts: list[int], slots: list[int], window
     if same and starts[0] == 0 and (not window or T <= window):
         causal = T > 1
     elif not (same and T == 1 and (not window or starts[0] < window)):
-        key = torch.arange(kv_len, device=device)                                          # (L,)
-        mask = key <= pos[..., None]                                                       # (B, T, L)
-        if window:  # HF: key visible when q - window < k <= q
-            mask &= key > pos[..., None] - window
-        mask = mask[:, None]
+        mask = visible_keys(pos, kv_len, window)
     return Batch(ids=torch.tensor(ids, device=device), pos=pos, slots=torch.tensor(slots, device=device),
                  kv_len=kv_len, mask=mask, rows=rows, last_only=last_only, start=start, causal=causal)
+
+
+def visible_keys(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor:
+    """The attention mask (B, 1, T, kv_len) of queries at positions `pos` (B, T): True where the key
+    is visible, i.e. k <= q, and with a sliding window also q - window < k (as HF)."""
+    key = torch.arange(kv_len, device=pos.device)                                          # (L,)
+    mask = key <= pos[..., None]                                                           # (B, T, L)
+    if window:
+        mask &= key > pos[..., None] - window
+    return mask[:, None]
 
 
 class KVCache(nn.Module):

@@ -62,7 +62,7 @@ class Llama(nn.Module):
         if c.tie_head:
             self.head.weight = self.tok_emb.weight
         cos, sin = rope_table(rope_inv_freq(c), c.max_seq)
-        self.register_buffer("cos", cos, persistent=False)  # (max_seq, hs), kept fp32
+        self.register_buffer("cos", cos, persistent=False)  # (max_seq, hs), cast with the model by .to(dtype)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, b: Batch) -> torch.Tensor:

@@ -17,8 +17,6 @@ import onnx
 from millis.common.errors import MillisError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
-            "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm")
 
 
 def dynamic(in_path: Path, out_path: Path, per_channel: bool, op_types: tuple[str, ...] = ("MatMul", "Attention"),

@@ -22,7 +22,8 @@ from starlette.routing import Route
 
 from millis.artifact.model import Model
 from millis.serve import openapi, schemas
-from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, bucket_of
+from millis.encoder.text import bucket_length
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
 from millis.serve.http import ClientGone
 from millis.serve.config import ServeConfig
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json, ready_response, watch_disconnect)
@@ -68,7 +69,7 @@ class State:
         batcher.start()
         m = self.metrics
         m.cold_start.set(self.cold_start_s)
-        m.info.labels(self.name, model.variant, model.meta["variant"]["runtime"], model.task).set(1)
+        m.info.labels(self.name, model.variant, model.meta.variant.runtime, model.task).set(1)
         m.ready.set(1)
         log.warning("millis serve: %s (%s, %s) ready in %.2f s", self.name, model.variant, model.task,
                     self.cold_start_s)
@@ -81,7 +82,7 @@ class State:
     def _warm(self, model: Model) -> int:
         """Run every length bucket once (batch 1), and a full batch at the shortest: returns D."""
         model.encoder.token_ids(["warm up"])  # settles the tokenizer's settings before threads share it
-        lengths = sorted({bucket_of(n, model.max_length) for n in range(1, model.max_length + 1)})
+        lengths = sorted({bucket_length(n, model.max_length) for n in range(1, model.max_length + 1)})
         if not self.cfg.warmup:
             lengths = lengths[:1]
         dim = 0

@@ -1,7 +1,7 @@
 """The queue owner: one asyncio task forms batches and hands each to one worker thread.
 
-Requests are split into rows (one text each). A row waits in the deque of its length bucket (its
-token count rounded up to 16, as `millis.api.run_texts` pads), so a batch only pads rows of
+Requests are split into rows (one text each). A row waits in the deque of its length bucket
+(`millis.encoder.text.bucket_length`, the rule `run_texts` pads by), so a batch only pads rows of
 similar length. When the worker is free the batcher takes the bucket whose head is oldest and
 fills a batch from it up to `max_batch` rows and `max_tokens` (rows x bucket length, padding
 counted). With `max_wait_s` > 0 it first waits, at most that long past the oldest row's arrival,
@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from millis.encoder.text import BUCKET
+from millis.encoder.text import bucket_length
 
 # (rows of token ids, bucket length T) -> (len(rows), D) float32; runs in the worker thread
 InferFn = Callable[[list[list[int]], int], np.ndarray]
@@ -64,11 +64,6 @@ class Job:
             self.future.set_exception(exc)
 
 
-def bucket_of(n_tokens: int, max_length: int) -> int:
-    """The padded length a row of n tokens runs at: the same rule as `millis.api.run_texts`."""
-    return min(max_length, -(-n_tokens // BUCKET) * BUCKET)
-
-
 class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None):
@@ -95,7 +90,7 @@ class Batcher:
             wait = self.depth / self._rows_per_s if self._rows_per_s > 0 else 1.0
             raise Overloaded(self.depth, max(1, math.ceil(wait)))
         for i, ids in enumerate(job.rows):
-            self._queues.setdefault(bucket_of(len(ids), self.max_length), deque()).append((job, i))
+            self._queues.setdefault(bucket_length(len(ids), self.max_length), deque()).append((job, i))
         self.depth += n
         self._wake.set()
 

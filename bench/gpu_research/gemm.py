@@ -1,4 +1,4 @@
-"""Triton GEMMs for small token counts, where cuBLAS leaves most of the GPU idle.
+"""Research: Triton GEMMs for small token counts, where cuBLAS leaves most of the GPU idle.
 
 At b1 x s128 a layer's GEMMs have M = 128 rows: cuBLAS tiles them into 24..96 blocks on a 132-SM
 GPU and walks K serially (measured on an H100: 3.9..7.1 us each against a 0.5..1.9 us bytes floor).
@@ -12,7 +12,8 @@ Large M (batched requests) stays on cuBLAS, which is near the tensor cores' peak
 Measured on an H100 (bench/gpu_gemm_sweep.py, then bench/gpu_encoders.py): alone, with the weights
 warm in L2, these beat cuBLAS at M = 16..128 (BERT-base M=128: 3.3 / 5.6 / 5.0 us against 3.5 /
 6.6 / 6.9); inside the model, weights cold and add_ln reading S fp32 partials, they did not
-(b1 x s128: 0.552 ms against 0.537 with cuBLAS). So RunOptions.gemm defaults to "cublas".
+(b1 x s128: 0.552 ms against 0.537 with cuBLAS). So millis's encoder uses cuBLAS only, and these
+kernels live here, in the benches: `layers.small_gemm_layer` runs the encoder on them.
 """
 from __future__ import annotations
 

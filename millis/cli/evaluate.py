@@ -1,0 +1,44 @@
+"""`millis eval`: flags into an EvalConfig, the evaluation, a per-class table (or the agreement with fp32)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from millis.cli.flags import Command, Given
+from millis.common.config import flag
+from millis.evaluate.run import EvalConfig
+
+
+@dataclass(frozen=True)
+class EvalFlags:
+    """`millis eval`'s own flag; the rest are EvalConfig's."""
+
+    json: str = flag("", "also write the full result to this JSON file", scoped=True)
+
+
+def config(given: Given) -> tuple[EvalConfig, EvalFlags]:
+    return given.build(EvalConfig), given.build(EvalFlags)
+
+
+def run(args: tuple[EvalConfig, EvalFlags]) -> int:
+    from millis.evaluate.run import evaluate
+
+    cfg, own = args
+    res = evaluate(cfg)
+    if own.json:
+        Path(own.json).write_text(json.dumps(res, indent=2))
+    print(f"model {cfg.model} ({res['variant']}, {res['task']}) on {cfg.data}: {res['n']} rows, {res['seconds']:.1f} s")
+    if res["task"] == "classify":
+        print(f"accuracy {100 * res['accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%\n")
+        print(f"{'label':<40} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+        for label, m in res["per_class"].items():
+            print(f"{label[:40]:<40} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8d}")
+    else:
+        print("agreement with fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                                  if k in ("cos_min", "cos_mean", "nn_agreement", "top10_overlap")))
+    return 0
+
+
+COMMAND = Command("eval", "accuracy / macro-F1 / per-class of a model or artifact on labelled data",
+                  lambda: (EvalConfig, EvalFlags), config, run, positionals=("model",))

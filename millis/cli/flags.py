@@ -1,0 +1,282 @@
+"""One flag system for every command: argparse flags and MILLIS_* variables from config dataclass fields.
+
+A field declared with `millis.common.config.flag` is a flag `--field-name` (a positional argument
+where the command names it so) and a variable MILLIS_FIELD_NAME, or MILLIS_<COMMAND>_FIELD_NAME for
+a `scoped` field (a name that means different things in different commands: MILLIS_OPTIMIZE_PRESET
+is cpu|quick, MILLIS_TRAIN_PRESET default|quick). A boolean is `--x` / `--no-x`, and MILLIS_X /
+MILLIS_NO_X. Values are parsed strictly, here, flags and variables alike; a bad one is one line
+naming the flag or variable and what it accepts (`main` prints it and exits 2).
+
+Precedence: the flag, then the variable, then the field's default (or the value of the preset the
+command applies). Only what was given reaches the command's `config`, so a default is written once,
+in the dataclass. An empty variable counts as unset. Variables are read for the command being run
+only, after argparse has handled `--help`: a bad MILLIS_THREADS does not break `millis bench`, nor
+`millis serve --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Callable
+
+from millis.common.config import Shape, flag_fields
+from millis.common.errors import MillisError
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+ABSENT = object()  # neither flag nor variable given
+EPILOG = ("Every flag is also a MILLIS_* variable (named in its help; booleans also MILLIS_NO_*): the flag beats "
+          "the variable, the variable beats the default. An empty variable counts as unset.")
+
+
+class Given:
+    """The fields a command's flags and variables set, parsed, per config class they belong to."""
+
+    def __init__(self, values: dict[type, dict[str, Any]]):
+        self.values = values
+
+    def of(self, cls: type) -> dict[str, Any]:
+        """{field: value} of `cls` given on the command line or in the environment (a fresh dict)."""
+        return dict(self.values.get(cls, {}))
+
+    def build(self, cls: type, **fixed: Any) -> Any:
+        """`cls` from its given fields (plus `fixed`); its defaults fill the rest."""
+        return cls(**self.of(cls), **fixed)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `millis` sub-command: where its flags come from, how they become its config, what runs it."""
+
+    name: str
+    help: str
+    # The config classes whose `flag` fields are the command's flags, in order; where two declare the
+    # same name the first one owns it (so a command's own flags class comes first and may redeclare
+    # `--out` with its own default). A function: some configs are slow to import (gen imports torch).
+    groups: Callable[[], tuple[type, ...]]
+    config: Callable[[Given], Any]       # the given flags -> what `run` takes (the CLI's only logic)
+    run: Callable[[Any], int]            # calls the stage; the exit status
+    positionals: tuple[str, ...] = ()    # fields taken as positional arguments, in this order
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are a MillisError (one line, exit status 2 from `main`), not usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise MillisError(f"{message} (see {self.prog} --help)")
+
+
+@cache
+def hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def read_bool(text: str) -> bool:
+    value = BOOLEANS.get(text.strip().lower())
+    if value is None:
+        raise ValueError("expected one of " + ", ".join(BOOLEANS))
+    return value
+
+
+def read_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def read_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError("expected a number")
+    return value
+
+
+READERS: dict[Any, Callable[[str], Any]] = {bool: read_bool, int: read_int, float: read_float, str: str,
+                                            Shape: Shape.parse}
+
+
+def show(value: Any) -> str:
+    """A default as a flag would spell it."""
+    if isinstance(value, Shape):
+        return value.name
+    if isinstance(value, tuple):
+        return ",".join(show(v) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One config field as seen by one command."""
+
+    command: str
+    owner: type
+    field: dataclasses.Field
+    positional: bool
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def meta(self) -> Any:
+        return self.field.metadata
+
+    @property
+    def type(self) -> Any:
+        return hints(self.owner)[self.name]
+
+    @property
+    def many(self) -> bool:
+        return typing.get_origin(self.type) is tuple
+
+    @property
+    def option(self) -> str:
+        return self.name if self.positional else "--" + self.name.replace("_", "-")
+
+    @property
+    def required(self) -> bool:
+        return self.field.default is dataclasses.MISSING and self.field.default_factory is dataclasses.MISSING
+
+    def variable(self, negated: bool = False) -> str:
+        scope = self.command.upper() + "_" if self.meta["scoped"] else ""
+        return f"MILLIS_{scope}{'NO_' if negated else ''}{self.name.upper()}"
+
+    def variables(self) -> list[str]:
+        if not self.meta["env"]:
+            return []
+        return [self.variable(), self.variable(negated=True)] if self.type is bool else [self.variable()]
+
+    def choices(self) -> tuple | None:
+        c = self.meta["choices"]
+        return c() if callable(c) else c
+
+    def parse(self, text: str, where: str, items: list[str] | None = None) -> Any:
+        """`text` as this field's value; `where` (the flag or variable) names it in the error. A tuple
+        field's items are comma-separated in `text`, or given one per argument (`items`)."""
+        try:
+            if self.meta["parse"] is not None:
+                value = self.meta["parse"](text)
+            elif self.many:
+                item = READERS[typing.get_args(self.type)[0]]
+                items = [t.strip() for t in text.split(",")] if items is None else items
+                value = tuple(item(t) for t in items if t)
+                if not value and self.field.default != ():  # an empty list means the default where that is empty
+                    raise ValueError("expected a comma-separated list")
+            else:
+                value = READERS[self.type](text)
+        except ValueError as e:
+            raise MillisError(f"{where}={text!r}: {e}") from None
+        except MillisError as e:
+            raise MillisError(f"{where}: {e}") from None
+        choices = self.choices()
+        if choices is not None and value not in choices:
+            raise MillisError(f"{where}={text!r}: expected one of {', '.join(c or repr(c) for c in choices)}")
+        return value
+
+    def from_argument(self, raw: Any) -> Any:
+        if self.type is bool:
+            return raw  # --x / --no-x
+        if self.positional and self.many:  # nargs="+": one item per argument, no comma splitting
+            return self.parse(" ".join(raw), self.option, items=raw) if raw else ABSENT
+        return self.parse(raw, self.option)
+
+    def from_environment(self) -> Any:
+        names = self.variables()
+        texts = [os.environ.get(n, "") for n in names]
+        if sum(1 for t in texts if t) > 1:
+            raise MillisError(f"{' and '.join(names)} are both set; set one")
+        for negated, (name, text) in enumerate(zip(names, texts)):
+            if text:
+                value = self.parse(text, name)
+                return not value if negated else value
+        return ABSENT
+
+    def in_environment(self) -> bool:
+        return any(os.environ.get(n) for n in self.variables())
+
+    def help_text(self) -> str:
+        text = self.meta["help"]
+        d = self.field.default
+        # the default, unless the text says it already ("(default: the preset's)", "0 = all cores")
+        if d is not dataclasses.MISSING and d not in ("", ()) and "default" not in text and f"{show(d)} =" not in text:
+            text += f" (default: {show(d)})"
+        if self.variables():
+            text += f" [env {' / '.join(self.variables())}]"
+        return text.replace("%", "%%")  # argparse %-formats help
+
+    def add_to(self, p: argparse.ArgumentParser) -> None:
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": self.help_text()}
+        choices = self.choices() if self.type is str else None
+        if choices:
+            kw["metavar"] = "{" + ",".join(c for c in choices if c) + "}"
+        needed = self.required and not self.in_environment()
+        if self.positional:
+            nargs = ("+" if needed else "*") if self.many else (None if needed else "?")
+            p.add_argument(self.name, nargs=nargs, **kw)
+        elif self.type is bool:
+            p.add_argument(self.option, action=argparse.BooleanOptionalAction, **kw)
+        elif self.meta["const"] is not None:
+            p.add_argument(self.option, nargs="?", const=self.meta["const"], **kw)
+        else:
+            p.add_argument(self.option, required=needed, **kw)
+
+
+def flags_of(command: Command) -> list[Flag]:
+    """The command's flags: positionals first, in the command's order, then the options in field order."""
+    out: dict[str, Flag] = {}
+    for cls in command.groups():
+        for f in flag_fields(cls):
+            out.setdefault(f.name, Flag(command.name, cls, f, f.name in command.positionals))
+    missing = set(command.positionals) - set(out)
+    if missing:
+        raise TypeError(f"millis {command.name}: no field for positional {sorted(missing)}")  # a programming error
+    return [out[n] for n in command.positionals] + [f for f in out.values() if not f.positional]
+
+
+def given(flags: list[Flag], ns: argparse.Namespace) -> Given:
+    """The flags' values: from the command line, else the environment; required ones checked."""
+    values: dict[type, dict[str, Any]] = {}
+    for fl in flags:
+        value = fl.from_argument(getattr(ns, fl.name)) if hasattr(ns, fl.name) else ABSENT
+        if value is ABSENT:
+            value = fl.from_environment()
+        if value is ABSENT:
+            if fl.required:
+                alt = f" (or set {fl.variable()})" if fl.variables() else ""
+                raise MillisError(f"millis {fl.command}: {fl.option} is required{alt}")
+            continue
+        values.setdefault(fl.owner, {})[fl.name] = value
+    return Given(values)
+
+
+def parser(commands: tuple[Command, ...], chosen: Command | None) -> tuple[Parser, list[Flag]]:
+    """`millis` with every command listed, and the flags of `chosen` only (the others' configs stay unimported)."""
+    top = Parser(prog="millis", description="Make transformer inference millisecond-fast, and prove it.")
+    sub = top.add_subparsers(dest="command", required=True)
+    flags: list[Flag] = []
+    for c in commands:
+        p = sub.add_parser(c.name, help=c.help, description=c.help, epilog=EPILOG)
+        if c is chosen:
+            flags = flags_of(c)
+            for fl in flags:
+                fl.add_to(p)
+    return top, flags
+
+
+def parse(commands: tuple[Command, ...], argv: list[str]) -> tuple[Command, Any]:
+    """argv and the MILLIS_* variables -> the command and its config."""
+    chosen = next((c for c in commands if argv[:1] == [c.name]), None)
+    top, flags = parser(commands, chosen)
+    ns = top.parse_args(argv)
+    assert chosen is not None and ns.command == chosen.name  # argparse rejected anything else
+    return chosen, chosen.config(given(flags, ns))

@@ -1,0 +1,48 @@
+"""`millis optimize`: flags into an OptimizeConfig, then the pipeline with a live progress line."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from millis.cli.flags import Command, Given
+from millis.common.config import preset_of
+
+if TYPE_CHECKING:
+    from millis.optimize.config import OptimizeConfig
+
+
+def groups() -> tuple[type, ...]:
+    from millis.optimize.config import Budget, MeasureConfig, OptimizeConfig
+
+    return OptimizeConfig, MeasureConfig, Budget
+
+
+def config(given: Given) -> OptimizeConfig:
+    """The --preset's MeasureConfig with the measurement flags given (--shapes, --iters, --threads) on top."""
+    from millis.optimize.compress import COMPRESS_PRESETS
+    from millis.optimize.config import PRESETS, Budget, MeasureConfig, OptimizeConfig
+
+    cfg = OptimizeConfig(**given.of(OptimizeConfig), budget=given.build(Budget))
+    if cfg.compress:  # checked now, not after the variants are built
+        preset_of(COMPRESS_PRESETS, cfg.compress, "--compress preset")
+    return replace(cfg, measure=replace(preset_of(PRESETS, cfg.preset, "--preset"), **given.of(MeasureConfig)))
+
+
+def run(cfg: OptimizeConfig) -> int:
+    from rich.console import Console
+
+    from millis.optimize.pipeline import optimize
+
+    console = Console(stderr=True)
+    with console.status("starting") as status:
+        def progress(msg: str) -> None:
+            console.log(msg)
+            status.update(msg)
+        out = optimize(cfg, progress)
+    print((out / "report.md").read_text())
+    print(f"artifact: {out}")
+    return 0
+
+
+COMMAND = Command("optimize", "export, fuse, quantize and measure variants; write the fastest as an artifact",
+                  groups, config, run, positionals=("source",))

@@ -1,0 +1,76 @@
+"""`millis serve` (an artifact or a decoder over HTTP) and `millis bench` (load-test a running server).
+
+Every field of ServeConfig / BenchConfig is a flag and a MILLIS_* variable, so a container sets the
+server up with variables alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from millis.cli.flags import Command, Given
+
+if TYPE_CHECKING:
+    from millis.loadgen import BenchConfig
+    from millis.serve.config import ServeConfig
+
+
+def serve_groups() -> tuple[type, ...]:
+    from millis.serve.config import ServeConfig
+
+    return (ServeConfig,)
+
+
+def serve_config(given: Given) -> ServeConfig:
+    from millis.serve.config import ServeConfig
+
+    return given.build(ServeConfig)
+
+
+def serve(cfg: ServeConfig) -> int:
+    from millis.serve import serve
+
+    return serve(cfg)
+
+
+def bench_groups() -> tuple[type, ...]:
+    from millis.loadgen import BenchConfig
+
+    return (BenchConfig,)
+
+
+def bench_config(given: Given) -> BenchConfig:
+    from millis.loadgen import BenchConfig
+
+    return given.build(BenchConfig)
+
+
+def bench(cfg: BenchConfig) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from millis.loadgen import bench
+
+    console = Console()
+    console.print(f"[bold]millis bench[/] {cfg.url}: {cfg.duration:g} s per level")
+
+    def row(r: dict) -> None:
+        console.print(f"  {r['load']:>8}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                      f"ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}  timeouts {r['timeouts']}")
+
+    res = bench(cfg, on_row=row)
+    t = Table(title=f"{res['url']}{res['route']} ({res['model']})")
+    for c in ("load", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "errors", "timeouts"):
+        t.add_column(c, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["load"], f"{r['rps']:.1f}", *(str(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms", "ok", "rejected",
+                                                                       "errors", "timeouts")))
+    console.print(t)
+    console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png")
+    return 0
+
+
+SERVE = Command("serve", "serve an artifact (dynamic batching) or a decoder (OpenAI completions / chat) over HTTP; "
+                         "every flag also MILLIS_*", serve_groups, serve_config, serve, positionals=("artifact",))
+BENCH = Command("bench", "load-test a running server: closed and open loop, p50/p90/p99, 429s",
+                bench_groups, bench_config, bench, positionals=("url",))

@@ -1,0 +1,24 @@
+"""The small numeric rules every stage shares: softmax over logits, cosine between embeddings."""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12  # a zero vector gets norm EPS, so its cosine is 0 rather than NaN
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """(..., C) logits -> probabilities over the last axis (shifted by the max: no overflow)."""
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> each row divided by its L2 norm."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, D), (N, D) -> (N,): cosine of each row of a with the same row of b."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    return (unit_rows(a) * unit_rows(b)).sum(-1)
