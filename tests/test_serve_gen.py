@@ -270,7 +270,7 @@ def test_no_template_is_a_clear_error_and_the_flag_supplies_one(plain_llama, tmp
 
 
 def test_full_queue_429_and_first_token_timeout_503(llama):
-    s = Server(llama, "--max-batch", "1", "--max-queue", "2", "--max-inputs", "1", "--request-timeout-s", "0.5")
+    s = Server(llama, "--max-batch", "1", "--max-queue", "1", "--max-inputs", "1", "--request-timeout-s", "0.5")
     try:
         c = http.client.HTTPConnection(s.host, s.port, timeout=30)
         c.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "stream": True, **LONG}),

@@ -35,6 +35,13 @@ class MeasureConfig:
     stall_s: float = 0.25            # ...and this many seconds slower stalls (a compile, not noise)
     stall_share: float = 0.5         # a variant stalling on at least this share of the mix's shapes stalls
 
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            raise MillisError("measure: give at least one shape")
+        if self.iters < 1 or self.rounds < 1 or self.warmup < 0 or self.threads < 0:
+            raise MillisError(f"measure: iters and rounds must be >= 1, warmup and threads >= 0; got iters "
+                              f"{self.iters}, rounds {self.rounds}, warmup {self.warmup}, threads {self.threads}")
+
 
 @dataclass(frozen=True)
 class Budget:

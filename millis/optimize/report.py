@@ -12,12 +12,6 @@ from millis.optimize.config import OptimizeConfig, optimize_config_from_dict
 from millis.optimize.select import NEAR_TIE
 
 
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    row = dict(row)
-    row["facts"] = {k: v for k, v in row.get("facts", {}).items() if k != "dir"}  # temp paths
-    return row
-
-
 def fidelity_text(task: str, fid: dict[str, float]) -> str:
     if not fid:
         return "-"
@@ -168,7 +162,6 @@ def pareto(path: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: s
 
 def write_all(out: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str,
               recovery: dict[str, Any]) -> None:
-    rows = [_clean(r) for r in rows]
     (out / "report.json").write_text(json.dumps({"chosen": chosen, "task": meta.task, "source": to_dict(meta.source),
                                                  "hardware": to_dict(meta.hardware), "measured": to_dict(meta.measured),
                                                  "variants": rows, "recovery": recovery}, indent=2))

@@ -20,19 +20,20 @@ class ServeConfig:
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(8000, "TCP port (0 = any free port, printed at start)")
     model_name: str = _f("", "name clients use in `model` (default: the artifact directory's name)")
-    max_batch: int = _f(32, "most rows in one runtime call (generation: KV cache slots, requests decoded together, "
-                            "allocated at load)")
+    # One meaning each, for both servers: a row is a text (encoders) or a sequence being decoded (generation).
+    max_batch: int = _f(32, "most rows in one model call (generation: sequences decoded together, each holding "
+                            "a KV cache slot allocated at load)")
     max_batch_tokens: int = _f(4096, "most tokens in one runtime call, padding counted (rows x bucket length)")
     max_wait_ms: float = _f(0.0, "wait up to this long for a batch to fill; 0 = run what is queued as soon as "
                                  "the runtime is free (batches still form while it is busy)")
-    max_queue: int = _f(128, "most rows waiting (generation: requests waiting + running); a request that does not fit "
-                             "is answered 429 with Retry-After")
+    max_queue: int = _f(128, "most rows waiting to start (not yet in a model call / not yet given a slot); a "
+                             "request that does not fit is answered 429 with Retry-After")
     max_inputs: int = _f(64, "most texts in one request (more: 413)")
     max_body_bytes: int = _f(1 << 20, "largest request body in bytes (larger: 413)")
     too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)",
                        choices=TOO_LONG)
-    request_timeout_s: float = _f(30.0, "a request not answered in this time gets 503 and is dropped from the queue "
-                                        "(generation: not given its first token in this time)")
+    request_timeout_s: float = _f(30.0, "a request given no output in this time (its answer, or a generation's "
+                                        "first token) gets 503 and is dropped")
     threads: int = _f(0, "runtime intra-op threads (0 = all cores)")
     device: str = _f("cpu", "cpu, or cuda: serve a source model (BERT family) in fp16 through CUDA graphs "
                             "captured for batch 1..max_batch x 16..max-length tokens")

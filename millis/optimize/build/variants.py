@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from millis.optimize.build import graph, quantize
+from millis.common.config import preset_of
 from millis.common import hardware
 from millis.common.errors import MillisError
 from millis.encoder.source import ModelSource
@@ -80,7 +81,7 @@ PRESET_VARIANTS = {
 
 
 def variants_for(names: tuple[str, ...], preset: str) -> list[Variant]:
-    names = names or PRESET_VARIANTS.get(preset, PRESET_VARIANTS["cpu"])
+    names = names or preset_of(PRESET_VARIANTS, preset, "--preset")
     unknown = [n for n in names if n not in CATALOG]
     if unknown:
         raise MillisError(f"unknown variant(s) {', '.join(unknown)}; available: {', '.join(CATALOG)}")

@@ -7,7 +7,7 @@ engine's scheduler alone decides which requests run together; the runtime never 
 
 A request: parse and validate (4xx) -> prompt ids (chat: the model's Jinja template, rendered as
 transformers' `apply_chat_template(..., add_generation_prompt=True)` does) -> admit (429 when
-waiting + running reach `max_queue`) -> wait for the first token (503 past `request_timeout_s`)
+waiting for a slot reach `max_queue`) -> wait for the first token (503 past `request_timeout_s`)
 -> JSON, or server-sent events `data: {chunk}` ... `data: [DONE]`. A client that leaves frees its
 slot at once: `engine.cancel` from the disconnect watcher, or when the event stream is closed.
 """
@@ -276,9 +276,9 @@ class GenState:
         eng = self.require()
         if self.draining:
             raise schemas.ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
-        if len(eng.requests) >= self.cfg.max_queue:
+        if len(eng.waiting) >= self.cfg.max_queue:  # rows waiting to start, as the encoder server counts
             retry = max(1, math.ceil(self._request_s))
-            raise schemas.ApiError(429, f"server busy: {len(eng.requests)} requests waiting or running; retry "
+            raise schemas.ApiError(429, f"server busy: {len(eng.waiting)} requests waiting for a slot; retry "
                                         f"after {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
         live = Live(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", len(ids))
         try:
