@@ -68,8 +68,7 @@ def setup(tiny_dirs):
 def _judge(setup, max_drop: float, with_data: bool = True):
     """(reference, {name: judged}) for the reference and every fake, opened by name."""
     src, enc, data, fakes = setup
-    cfg = OptimizeConfig(source="tiny:bert", task="classify", budget=Budget(max_drop=max_drop))
-    ctx = JudgeContext(cfg, src, enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds,
+    ctx = JudgeContext("classify", Budget(max_drop=max_drop), 1, src, enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds,
                        data if with_data else None, open=lambda v, vdir: fakes[v.name])
     reference, ref = judge_reference(ctx, FakeBuilder())
     judged = {REFERENCE: reference}
@@ -128,7 +127,7 @@ def test_a_variant_that_fails_to_build_comes_back_with_its_error(setup):
         def build(self, v):
             raise RuntimeError("no such runtime")
 
-    ctx = JudgeContext(OptimizeConfig(source="tiny:bert", task="classify"), src, enc, list(data.texts[:40]),
+    ctx = JudgeContext("classify", Budget(), 1, src, enc, list(data.texts[:40]),
                        enc.encode(["refund?"]).feeds, data, open=lambda v, vdir: fakes[v.name])
     _, ref = judge_reference(ctx, FakeBuilder())
     j = judge(Variant("same", "onnxruntime", "int8", ("export",)), ctx, ref, Broken())

@@ -23,7 +23,7 @@ from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
 from millis.evaluate.run import argmax_labels, classification_metrics, embedding_agreement
 from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, Variant
-from millis.optimize.config import OptimizeConfig
+from millis.optimize.config import Budget
 from millis.optimize.fidelity import compare, within
 from millis.optimize.measure import cold_start, rss_mb
 from millis.optimize.select import accuracy_gate
@@ -82,7 +82,9 @@ class Reference:
 class JudgeContext:
     """What judging needs, fixed for one optimize run."""
 
-    cfg: OptimizeConfig
+    task: str                              # classify | embed
+    budget: Budget                         # the fidelity / accuracy gate
+    threads: int                           # runtime intra-op threads (0 = all)
     src: ModelSource
     enc: TextEncoder
     texts: list[str]                       # fidelity texts
@@ -107,9 +109,9 @@ def recipe_of(v: Variant) -> dict[str, Any]:
     return r
 
 
-def open_variant(cfg: OptimizeConfig, src: ModelSource, v: Variant, vdir: Path) -> Runtime:
-    opts = dict(v.options, task=cfg.task)
-    return open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[cfg.task], opts, cfg.measure.threads)
+def open_variant(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path) -> Runtime:
+    opts = dict(v.options, task=task)
+    return open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[task], opts, threads)
 
 
 def accuracy(rt: Runtime, ctx: JudgeContext, ref_accuracy: float | None) -> dict[str, float]:
@@ -127,7 +129,7 @@ def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantR
     t0 = time.perf_counter()
     vdir, r.facts = builder.build(v)
     r.facts["build_s"] = time.perf_counter() - t0
-    opener = ctx.open or (lambda var, d: open_variant(ctx.cfg, ctx.src, var, d))
+    opener = ctx.open or (lambda var, d: open_variant(ctx.task, ctx.threads, ctx.src, var, d))
     rss0 = rss_mb()
     rt, load_s, first_s = cold_start(lambda: opener(v, vdir), ctx.target_batch)
     r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
@@ -144,8 +146,8 @@ def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Refere
     r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v))
     vdir, rt = _build_and_open(v, ctx, builder, r)
     y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
-    r.fidelity = compare(ctx.cfg.task, y, y)
-    if ctx.cfg.task == "embed":
+    r.fidelity = compare(ctx.task, y, y)
+    if ctx.task == "embed":
         r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
     if ctx.data is not None:
         r.accuracy = accuracy(rt, ctx, None)
@@ -164,14 +166,14 @@ def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recov
     try:
         vdir, rt = _build_and_open(v, ctx, builder, r)
         y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
-        r.fidelity = compare(ctx.cfg.task, ref.outputs, y)
-        if ctx.cfg.task == "embed":
+        r.fidelity = compare(ctx.task, ref.outputs, y)
+        if ctx.task == "embed":
             r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})
         if ctx.data is not None:
             r.accuracy = accuracy(rt, ctx, ref.accuracy)
-            r.ok, r.reason = accuracy_gate(ref.accuracy, r.accuracy["accuracy"], ctx.cfg.budget.max_drop)
+            r.ok, r.reason = accuracy_gate(ref.accuracy, r.accuracy["accuracy"], ctx.budget.max_drop)
         else:
-            r.ok, r.reason = within(ctx.cfg.task, r.fidelity, ctx.cfg.budget)
+            r.ok, r.reason = within(ctx.task, r.fidelity, ctx.budget)
     except Exception as e:  # e.g. a runtime missing
         r.error, r.reason = f"{type(e).__name__}: {e}", "build or run failed"
         ctx.progress(f"skipped {v.name}: {r.error[:200]}")

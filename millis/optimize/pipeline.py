@@ -96,7 +96,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     work = Path(tempfile.mkdtemp(prefix="millis-work-"))
     try:
         builder = Builder(src, cfg.task, work, calibration)
-        ctx = JudgeContext(cfg, src, enc, texts, inputs[cfg.target], data, progress)
+        ctx = JudgeContext(cfg.task, cfg.budget, cfg.measure.threads, src, enc, texts, inputs[cfg.target],
+                           data, progress)
         reference, ref = judge_reference(ctx, builder)
         judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
         pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset))  # name -> judged, in order

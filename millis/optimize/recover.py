@@ -59,7 +59,7 @@ def sensitivity(ctx: JudgeContext, builder: Builder, base: Variant, texts: list[
     fused = builder.graph(base.passes[:-1])  # the fp32 graph the int8 pass starts from
     args = {k: v for k, v in DYNAMIC_INT8[base.passes[-1]].items() if k != "op_types"}
     nodes = quantize.quantizable_nodes(fused)
-    task, names, threads = ctx.cfg.task, ctx.src.input_names, ctx.cfg.measure.threads
+    task, names, threads = ctx.task, ctx.src.input_names, ctx.threads
     opts = {"graph_level": "all", "task": task}
     ref_rt = open_runtime("onnxruntime", fused.parent, "fp32", names, OUTPUT_NAME[task], dict(opts, file=fused.name),
                           threads)
