@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 bench/gpu_gemm_sweep.py [--out DIR]
 
 For each model width, token count M and GEMM of a layer (attention output and FFN-out as split-K
-partials, FFN-in with bias + GELU in the epilogue), times millis's default `pick`, every config of a
+partials, FFN-in with bias + GELU in the epilogue), times gemm.py's default `pick`, every config of a
 small grid, and the cuBLAS path it replaces (the GEMM, plus the bias+GELU kernel for FFN-in), each
 from replays of a CUDA graph of 20 calls. Writes gemm_sweep.json; prints the best per shape.
 """

@@ -1,6 +1,6 @@
 """`millis serve --device cuda` over loopback on the lent GPU: BERT-base classifier (random weights,
 the bert-base-uncased shape), HTTP round trip at concurrency 1, 4, 16 against the same model called
-in process. Run on the device from the repo root (see the README's performance section):
+in process. Run on the device from the repo root (see docs/gpu.md):
 
     PYTHONPATH=. python3 bench/gpu_serve.py --tokenizer .gpu_carry/tokenizer --texts .gpu_carry/texts.txt --out $OUT
 """

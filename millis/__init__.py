@@ -2,7 +2,7 @@
 
     import millis
     model = millis.load("artifacts/minilm")          # an artifact written by `millis optimize`
-    from millis.optimize.pipeline import optimize  # the pipeline: optimizeOptimizeConfig...
+    from millis.optimize import OptimizeConfig, optimize  # the pipeline: optimize(OptimizeConfig(...))
 """
 __version__ = "0.1.0"
 

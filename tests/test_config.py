@@ -62,3 +62,12 @@ def test_every_preset_of_every_table_builds_its_config():
         with pytest.raises(MillisError, match=f"unknown {what}; available: default, quick"):
             build()
 
+
+
+def test_a_bad_recorded_config_names_the_field_and_the_file():
+    d = to_dict(OptimizeConfig(source="tiny:bert"))
+    with pytest.raises(MillisError, match=r"^a/millis.json: field 'target' should be a shape name"):
+        optimize_config_from_dict({**d, "target": 5}, "a/millis.json")
+    with pytest.raises(MillisError, match=r"measure.iters"):
+        optimize_config_from_dict({**d, "measure": {**d["measure"], "iters": "many"}}, "a/millis.json")
+    assert optimize_config_from_dict({**d, "unknown_later_field": 1}) == OptimizeConfig(source="tiny:bert")

@@ -186,7 +186,7 @@ class ModelMeta:
     """What any opened model is: an artifact's core, or a source model's when run as the fp32 reference."""
 
     task: str                     # classify | embed
-    output: str                   # the runtime output read: logits | embeddings
+    output: str                   # the runtime output read: logits | embedding
     input_names: tuple[str, ...]
     max_length: int               # tokens; longer texts are truncated
     id2label: dict[int, str]      # classify: class index -> label ({} for embed)

@@ -1,4 +1,5 @@
-"""Artifacts: a directory with the chosen model, its tokenizer and `millis.json` (millis.artifact.meta).
+"""Directories described by a `millis.json` (millis.artifact.meta): artifacts (the chosen model, its tokenizer)
+and the model dirs `millis train` / distill / prune write.
 
 Written atomically (built in a temp dir beside the target, then renamed into place); loading checks
 the format version and every file's sha256, so a corrupted or half-copied artifact fails clearly.

@@ -1,3 +1,4 @@
+"""`python -m millis.cli`: the `millis` command."""
 import sys
 
 from millis.cli.main import main

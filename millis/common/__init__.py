@@ -1,0 +1,1 @@
+"""What every stage shares: config primitives, errors, cache dir and hashing, hardware, readers, dtypes, numerics."""

@@ -1,7 +1,8 @@
-"""Typed, frozen configuration for every stage, with named presets.
+"""Config primitives every stage's frozen config dataclass is built from: `flag` (a field that is also a CLI
+flag and MILLIS_* variable), `optional`, `preset_of` (named presets), `Shape`, and `to_dict`.
 
-Every config round-trips through plain JSON (`to_dict` / `from_dict`) so an artifact's
-`millis.json` holds the exact recipe that built it.
+Every config round-trips through plain JSON (`to_dict` here, `millis.common.schema.from_dict` back) so an
+artifact's `millis.json` holds the exact recipe that built it.
 """
 from __future__ import annotations
 

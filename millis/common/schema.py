@@ -70,15 +70,15 @@ def convert(tp: Any, v: Any, where: str, path: str, strict: bool = False) -> Any
             except MillisError:
                 pass
         raise _bad(where, path, " or ".join(getattr(a, "__name__", str(a)) for a in inner), v)
-    if dataclasses.is_dataclass(tp):
-        return v if isinstance(v, tp) else from_dict(tp, v, where, path, strict)
-    if tp is Shape:
+    if tp is Shape:  # before dataclasses: a Shape is written as its name
         if not isinstance(v, str):
             raise _bad(where, path, "a shape name such as b1xs128", v)
         try:
             return Shape.parse(v)
         except MillisError as e:
             raise MillisError(f"{where}: field {path!r}: {e}") from None
+    if dataclasses.is_dataclass(tp):
+        return v if isinstance(v, tp) else from_dict(tp, v, where, path, strict)
     if origin in (tuple, list) or tp in (tuple, list):
         if not isinstance(v, (list, tuple)):
             raise _bad(where, path, "a list", v)

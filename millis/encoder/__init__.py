@@ -1,0 +1,1 @@
+"""One Hugging Face encoder: source specs, loading (pruned shapes, task heads), tokenization and length buckets."""

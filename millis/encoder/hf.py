@@ -1,4 +1,5 @@
-"""Structurally pruned BERT-family encoders: smaller weight matrices, not masks.
+"""Hugging Face loading of encoders (`load_hf`, also for pruned shapes) and structural pruning of BERT-family
+encoders: smaller weight matrices, not masks.
 
 Three cuts, each uniform across layers so the model stays one regular shape that ONNX Runtime's
 transformer fusions handle (one head count for every Attention node):
@@ -9,7 +10,7 @@ transformer fusions handle (one head count for every Attention node):
   plain HF config;
 - layers: whole layers go; `num_hidden_layers` says how many are left, a plain HF config.
 
-`Masks` gives the same cuts as masks (forward hooks), which is how importance is measured and how
+`masks` gives the same cuts as masks (forward hooks), which is how importance is measured and how
 tests prove the structural cut changes nothing before recovery.
 """
 from __future__ import annotations

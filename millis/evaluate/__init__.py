@@ -1,0 +1,1 @@
+"""`millis eval`: task accuracy of a model or artifact on labelled data (see `run`)."""

@@ -1,7 +1,7 @@
 """Real-time text generation: compact Llama-family and GPT-2 models, a static KV cache, on-device
 sampling and a continuous-batching engine (see `millis.gen.engine` for the engine's API).
 
-    from millis.gen import GenerateConfig, generate, open_engine
+    from millis.gen import EngineConfig, GenerateConfig, generate, open_engine
     res = generate(GenerateConfig(model="../shared/models/stories260K", prompt="Once upon a time"))
     eng = open_engine("../shared/models/stories260K", EngineConfig(max_batch=8))
 """

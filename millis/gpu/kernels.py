@@ -1,8 +1,9 @@
 """Fused epilogues for the encoder: embeddings + LayerNorm, bias + residual + LayerNorm, bias + GELU.
 
 Each has a Triton kernel (CUDA tensors, `fuse="triton"`) and a plain torch version (`fuse="torch"`):
-the reference and the CPU path. Statistics are computed in fp32 whatever the storage dtype. One Triton program per token row: a row (384 or 768 values) fits in
-one block, so each row is read once and written once.
+the reference and the CPU path. Statistics are computed in fp32 whatever the storage dtype. One Triton
+program per token row: a row (384 or 768 values) fits in one block, so each row is read once and written
+once. `add_ln` also sums split-K partials (S, M, H): only bench/gpu_research's Triton GEMMs produce them.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ COMPRESS_PRESETS: dict[str, tuple[CompressRecipe, ...]] = {
                 CompressRecipe("l-third", 0.5, drop_layers=1)),
     "quick": (CompressRecipe("l-half", 0.5),),
 }
-# The variants built from every compressed model (see millis.variants.CATALOG).
+# The variants built from every compressed model (see millis.optimize.build.variants.CATALOG).
 COMPRESS_VARIANTS = ("ort-fp32-fused", "ort-int8-dynamic", "ort-int8-dynamic-pc", "ort-int8-attention")
 
 
@@ -166,22 +166,23 @@ def _relay(name: str, progress: Callable[[str], None]):
     return on
 
 
-def judge_compressed(cfg, src: ModelSource, work: Path, calibration, judge: Judge,
-                     progress: Callable[[str], None]) -> list[Judged]:
-    """Every compressed candidate's variants, each built from its student and judged by `judge` like the
-    rest (accuracy on the selection data when given, else fidelity to the fp32 teacher)."""
+def judge_compressed(task: str, preset: str, compress_data: str, text_col: str, src: ModelSource, work: Path,
+                     calibration, judge: Judge, progress: Callable[[str], None]) -> list[Judged]:
+    """Every compressed candidate's variants (the students of `preset`), each built from its student and
+    judged by `judge` like the rest (accuracy on the selection data when given, else fidelity to the fp32
+    teacher)."""
     from millis.encoder.source import resolve
     from millis.artifact.meta import read_train_meta
     from millis.optimize.build.variants import CATALOG, Builder
 
     out = []
-    for r, path in candidates(src, cfg.task, cfg.compress, cfg.compress_data, cfg.text_col, progress):
+    for r, path in candidates(src, task, preset, compress_data, text_col, progress):
         csrc = resolve(str(path))
         trained = read_train_meta(path)
         desc = {"recipe": to_dict(r), "model": str(path), "sha256": csrc.sha256, "layers": csrc.num_layers,
                 "heads": csrc.num_heads, "intermediate": _intermediate(path),
                 "val_score": trained.val_score if trained else None, "train_s": trained.train_s if trained else None}
-        builder = Builder(csrc, cfg.task, work / "compressed" / r.name, calibration)
+        builder = Builder(csrc, task, work / "compressed" / r.name, calibration)
         for name in COMPRESS_VARIANTS:
             v = CATALOG[name]
             out.append(judge(replace(v, name=f"{r.name}+{v.name}", note=f"{r.name} ({csrc.num_layers} layers, "

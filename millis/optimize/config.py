@@ -6,6 +6,7 @@ from typing import Any
 
 from millis.common.config import Shape, flag
 from millis.common.errors import MillisError
+from millis.common.schema import from_dict
 
 TASKS = ("classify", "embed")
 
@@ -26,7 +27,7 @@ class MeasureConfig:
     max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
     # The serve mix: shapes like those `millis serve` forms (B rows x a 16-token bucket), new to every
     # variant, each run cold then warm. A variant that stalls on a new shape, or whose rows/s over the
-    # mix is far below the best, is not selectable (millis.select.serve_gate).
+    # mix is far below the best, is not selectable (millis.optimize.select.serve_gate).
     serve_mix: int = 10              # distinct (B, T) shapes in the mix; 0 = no serve mix
     serve_max_batch: int = 32        # largest B in the mix (`millis serve --max-batch`)
     serve_max_tokens: int = 512      # largest B x T in the mix (the server allows 4096; this keeps it to seconds)
@@ -50,7 +51,8 @@ class Budget:
     min_cosine: float = flag(0.99, "embed: min cosine vs fp32 over the sample texts")
     max_logit_diff: float = flag(0.5, "classify: max |delta logit| vs fp32 over the sample texts")
     min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
-    max_drop: float = flag(0.5, "with --data: accuracy points a variant may lose against fp32")
+    max_drop: float = flag(0.5, "classify, selecting on labelled rows (the kept validation split or --data): "
+                                 "accuracy points a variant may lose against fp32")
 
 
 # Named measurement presets (`--preset`): the full one for real measurements, a quick one for tests and
@@ -74,12 +76,13 @@ class OptimizeConfig:
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")
     budget: Budget = field(default_factory=Budget)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    sample_texts: str = flag("", "texts for fidelity checks (.txt lines or CSV 'text' column; default: shipped "
-                                 "samples)")
+    sample_texts: str = flag("", "texts for fidelity checks (.txt lines or CSV 'text' column; default: the "
+                                 "selection rows' texts when selecting on accuracy, else the shipped samples)")
     calibration_texts: str = flag("", "texts for static int8 calibration (default: the sample texts)")
     preset: str = flag("cpu", "measurement preset: cpu (full) or quick (2 small shapes, 10 timed calls); "
                               "--shapes / --iters override it", choices=tuple(PRESETS), scoped=True)
-    data: str = flag("", "labelled CSV/TSV/JSONL: select on accuracy (Budget.max_drop)", scoped=True)
+    data: str = flag("", "labelled CSV/TSV/JSONL to select on by accuracy (--max-drop); default: the validation "
+                          "split `millis train` kept with the model, never the file you report on", scoped=True)
     text_col: str = flag("text", "text column of --data / text files")
     label_col: str = flag("", "label column of --data (default: the column `millis train` used)")
     recover: bool = flag(True, "when plain int8 misses the budget, try recovery recipes")
@@ -92,13 +95,6 @@ class OptimizeConfig:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
 
 
-def optimize_config_from_dict(d: dict[str, Any]) -> OptimizeConfig:
-    m = dict(d.get("measure", {}))
-    if "shapes" in m:
-        m["shapes"] = tuple(Shape.parse(s) for s in m["shapes"])
-    out = dict(d)
-    out["measure"] = MeasureConfig(**m)
-    out["budget"] = Budget(**d.get("budget", {}))
-    out["target"] = Shape.parse(d["target"]) if "target" in d else Shape(1, 128)
-    out["variants"] = tuple(d.get("variants", ()))
-    return OptimizeConfig(**out)
+def optimize_config_from_dict(d: dict[str, Any], where: str = "the optimize config") -> OptimizeConfig:
+    """The `config` an artifact's millis.json records, typed; a bad field is a MillisError naming it."""
+    return from_dict(OptimizeConfig, d, where)

@@ -95,7 +95,7 @@ def serve_mix(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.nda
     """Every shape of `inputs` (shapes no runtime has seen) twice in a row per variant: cold, then warm.
     Shape by shape, the variant order rotating, so a neighbour's load hits all variants alike, and the
     adjacent cold and warm calls alike. Returns per variant rows/s over its whole sequence, the worst
-    call and the shapes that stalled (millis.select.serve_gate judges them)."""
+    call and the shapes that stalled (millis.optimize.select.serve_gate judges them)."""
     names = list(runtimes)
     cold: dict[str, dict[Shape, float]] = {n: {} for n in names}
     warm: dict[str, dict[Shape, float]] = {n: {} for n in names}

@@ -77,7 +77,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     data, selection = selection_data(cfg, src)
     if data is not None:
         progress(f"selecting on accuracy on {selection}")
-        cfg = replace(cfg, data=cfg.data or data.path)  # the artifact's config records the rows selection used
+        if not cfg.data:  # the artifact's config records the rows selection used, and their columns
+            cfg = replace(cfg, data=str(data.path), text_col=data.text_col, label_col=data.label_col)
     if cfg.sample_texts:
         texts, where = read_texts(cfg.sample_texts, limit=512), cfg.sample_texts
     elif cfg.data:  # fidelity on the user's own texts (classify: the selection data's first rows)
@@ -108,7 +109,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         pool.update((j.name, j) for j in recovery.judged)
         if cfg.compress:
             from millis.optimize.compress import judge_compressed
-            pool.update((j.name, j) for j in judge_compressed(cfg, src, work, calibration, judge_one, progress))
+            pool.update((j.name, j) for j in judge_compressed(cfg.task, cfg.compress, cfg.compress_data, cfg.text_col,
+                                                              src, work, calibration, judge_one, progress))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
         lat = measure(runtimes, inputs, cfg.measure,

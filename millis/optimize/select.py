@@ -17,7 +17,7 @@ NEAR_TIE = 0.05
 class Candidate:
     name: str
     p50_ms: float        # at the target shape
-    ok: bool             # fidelity within budget, and serves (millis.select.serve_gate)
+    ok: bool             # fidelity within budget, and serves (serve_gate below)
     reason: str = ""
     serve_rows_per_s: float = 0.0  # rows/s on the serve mix (0 = not measured)
 
@@ -31,7 +31,7 @@ def accuracy_gate(ref_accuracy: float, accuracy: float, max_drop: float) -> tupl
 
 def serve_gate(mix: dict[str, dict[str, Any]], floor: float, stall_share: float) -> dict[str, str]:
     """{variant: why it is not selectable} among `mix` (the serve-mix results of the variants within
-    budget, see millis.measure.serve_mix): it stalled on at least `stall_share` of the new shapes (a
+    budget, see millis.optimize.measure.serve_mix): it stalled on at least `stall_share` of the new shapes (a
     per-shape compile; one slow call is noise), or its rows/s over the mix is below `floor` x the
     best of those that do not stall."""
     def stalls(m: dict[str, Any]) -> bool:

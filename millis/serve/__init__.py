@@ -1,4 +1,5 @@
-"""`millis serve`: an HTTP server over an optimized artifact, with one queue owner that batches."""
+"""`millis serve`: an HTTP server over an optimized artifact (encoder/: one queue owner that batches) or a
+decoder (generation/: one engine), both on one HTTP layer (http, metrics, openapi)."""
 from millis.serve.config import ServeConfig
 
 

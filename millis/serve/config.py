@@ -1,7 +1,8 @@
 """`ServeConfig`: every knob of `millis serve`, each field's help is its flag's help text.
 
 The CLI builds one flag per field (`--max-wait-ms`) and reads the same name from the environment
-(`MILLIS_MAX_WAIT_MS`; booleans also MILLIS_NO_<NAME>), so a container sets the server up with env vars alone.
+(`MILLIS_MAX_WAIT_MS`; booleans also MILLIS_NO_<NAME>), so a container sets the server up with env vars
+alone.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ accepts and answers (schemathesis checks one against the other in tests/test_ser
 
 The spec is built per server and per call: it names the served model, and once the model is loaded
 its facts (embedding size, labels, vocabulary, context) become bounds. Every bound here is the one
-the validators in `schemas` / `gen_schemas` enforce; a field the server ignores is left out.
+the validators in `serve.schemas` / `serve.generation.schemas` enforce; a field the server ignores is
+left out.
 """
 from __future__ import annotations
 

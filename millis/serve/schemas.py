@@ -1,4 +1,5 @@
-"""Request validation and response bodies for the HTTP routes, and their OpenAPI description.
+"""Request validation and response bodies of the encoder routes, and what both servers' validators share
+(`ApiError`, body `Limits`, JSON parsing, integer fields); their OpenAPI description is millis.serve.openapi.
 
 Every bad request becomes an `ApiError` with a 4xx status and a message that names the field:
 the OpenAI error shape `{"error": {"message", "type", "param", "code"}}`.

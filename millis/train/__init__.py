@@ -1,0 +1,1 @@
+"""Training: the shared loop, classifier fine-tuning, distillation, and structured pruning."""

@@ -5,7 +5,7 @@ Importance is measured on the task data before anything is cut:
   activation, summed over `importance_rows` training rows (Michel et al. 2019; Molchanov et al.
   2019 for neurons); head scores are L2-normalised per layer;
 - layers: the validation loss with the layer skipped, greedily, one layer at a time.
-The cut is structural (smaller matrices, see millis.pruned) and uniform across layers; then a
+The cut is structural (smaller matrices, see millis.encoder.hf) and uniform across layers; then a
 short recovery fine-tune distils from the unpruned model (soft + hard loss).
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ packed tile of four weight rows is one sequential stream. In a one-off micro-ben
 2-core AVX2 CPU (GPT-2's matrices at M=1, each called repeatedly, so partly cache-resident) it ran
 GPT-2's four per-layer matmuls in 0.02-0.05 ms against 0.06-0.10 ms for torch's dynamic
 quantization (fbgemm), and the 50257-row head in 1.22 ms against 1.29 ms. At M=8 and M=128 fbgemm
-was 15-20% faster. End to end: README's generation table (bench/generation.py).
+was 15-20% faster. End to end: docs/generation.md's CPU decode table (bench/generation.py).
 Numerics: int8 weights per output row, int8 activations per row (so, unlike fbgemm's per-tensor
 activation scale, a row's output does not depend on its batch-mates), int32 sums.
 

@@ -6,8 +6,8 @@ Two backends, picked by `EngineConfig.quant`:
   compiler), torch's dynamic quantization instead, with a warning;
 - `int8-torch`: torch's dynamic quantization (fbgemm): activations quantized per call with one
   scale per tensor, so in a batch a row's int8 rounding depends on the other rows.
-Measured on this AVX2 CPU (GPT-2-124M shape, batch 1 decode, 2 threads): see README's generation
-table (bench/generation.py). The embedding stays fp32.
+Measured on this AVX2 CPU (GPT-2-124M shape, batch 1 decode, 2 threads): see docs/generation.md's CPU
+decode table (bench/generation.py). The embedding stays fp32.
 """
 from __future__ import annotations
 

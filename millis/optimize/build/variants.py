@@ -70,7 +70,7 @@ DYNAMIC_INT8: dict[str, dict[str, Any]] = {
 STATIC_INT8: dict[str, str] = {"int8-static-qdq": "minmax", "int8-static-percentile": "percentile",
                                "int8-static-entropy": "entropy"}
 
-# Tried, in this order, only when plain int8 misses the budget (see millis.recover).
+# Tried, in this order, only when plain int8 misses the budget (see millis.optimize.recover).
 RECOVERY = ("ort-int8-dynamic-pc", "ort-int8-static", "ort-int8-static-percentile", "ort-int8-static-entropy")
 MIXED_BASE = "ort-int8-dynamic-pc"  # the sensitivity fallback keeps some of its MatMuls in fp32
 

@@ -1,4 +1,4 @@
-"""The HTTP app: Starlette routes over one `Batcher` that owns the queue.
+"""The encoder server's HTTP app: Starlette routes over one `Batcher` that owns the queue.
 
 The model loads in a thread after the server starts, so `/health` answers at once and `/ready`
 turns 200 when every length bucket has run once (cold start = load + warm-up, a metric).
@@ -24,9 +24,9 @@ from millis.artifact.model import Model
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
-from millis.serve.http import ClientGone
 from millis.serve.config import ServeConfig
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json, ready_response, watch_disconnect)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
+                               read_json, ready_response, watch_disconnect)
 from millis.serve.metrics import Metrics
 
 log = logging.getLogger("millis.serve")

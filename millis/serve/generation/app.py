@@ -35,8 +35,8 @@ from millis.common.errors import MillisError
 from millis.gen.tokenizer import HFTokenizer, prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve import openapi, schemas
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop, read_json, ready_response, watch_disconnect)
-from millis.serve.http import ClientGone
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
+                               read_json, ready_response, watch_disconnect)
 from millis.serve.generation.chat_template import chat_template_of, render_chat
 from millis.serve.config import ServeConfig
 from millis.serve.metrics import GenMetrics
