@@ -93,7 +93,8 @@ def main() -> int:
                # every training run once (students share their distillation step)
                "students_train_minutes": sum({x["dir"]: x["train_s"] for st in students.values()
                                               for x in st["steps"]}.values()) / 60}
-    half = next((r for r in rows if r["variant"].startswith("l-half+") and r["variant"].endswith("ort-fp32-fused")), None)
+    half = next((r for r in rows
+                 if r["variant"].startswith("l-half+") and r["variant"].endswith("ort-fp32-fused")), None)
     if half:
         summary["l_half_fp32_val_accuracy"] = half["val_accuracy"]
         summary["l_half_fp32_val_drop_pts"] = half["val_drop_pts"]
@@ -129,10 +130,12 @@ def _print(rows: list[dict], students: dict, s: dict) -> None:
         print(f"{r['variant']:<34} {r['layers']:>6} {r['heads']:>5} {100 * r['val_accuracy']:>9.2f} "
               f"{r['val_drop_pts']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['speedup_vs_eager']:>8.2f}{mark}")
     for name, st in students.items():
-        steps = " then ".join(f"{x['step']} ({x['train_s'] / 60:.1f} min, {x['epochs_run']} epochs)" for x in st["steps"])
+        steps = " then ".join(f"{x['step']} ({x['train_s'] / 60:.1f} min, {x['epochs_run']} epochs)"
+                              for x in st["steps"])
         print(f"student {name}: {st['layers']} layers, {st['heads']} heads, FFN {st['intermediate']}: {steps}; "
               f"fp32 on test.csv {100 * st['fp32_test']['accuracy']:.2f}%")
-    print(f"on test.csv ({s['test_rows']} rows, unseen by selection): teacher fp32 {100 * s['teacher_test_accuracy']:.2f}%, "
+    print(f"on test.csv ({s['test_rows']} rows, unseen by selection): "
+          f"teacher fp32 {100 * s['teacher_test_accuracy']:.2f}%, "
           f"chosen {s['chosen']} {100 * s['chosen_test_accuracy']:.2f}% ({-s['chosen_test_drop_pts']:+.2f} pt), "
           f"{s['chosen_speedup_vs_eager']:.2f}x eager at {s['shape']} (median {s['median_tokens']} validation tokens); "
           f"all students' training took {s['students_train_minutes']:.1f} min")

@@ -126,7 +126,8 @@ def add_ratios(rows: list[dict]) -> None:
             fair = [x for x in peers if x["cos_min"] >= r["cos_min"] - 1e-4]  # peers at least as faithful
             if fair:
                 bf = min(fair, key=lambda x: x["p50_ms"])
-                r["best_peer_same_fidelity"], r["ratio_vs_best_peer_same_fidelity"] = bf["system"], r["p50_ms"] / bf["p50_ms"]
+                r["best_peer_same_fidelity"], r["ratio_vs_best_peer_same_fidelity"] = (bf["system"],
+                                                                                       r["p50_ms"] / bf["p50_ms"])
 
 
 def print_table(rows: list[dict]) -> None:

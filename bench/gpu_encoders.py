@@ -289,7 +289,8 @@ def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, b
                 note["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
                 cells[s], notes[s] = Cell(fn, e2e), note
             except Exception as e:
-                rows.append({"system": s, "model": name, "shape": shape.name, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"system": s, "model": name, "shape": shape.name,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
                 print(f"  {s} {name} {shape.name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         n = {s: iters_for(c.fn, budget_s / rounds) for s, c in cells.items()}
         for r in range(rounds):
@@ -343,7 +344,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert-base,minilm")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--systems", default="hf-eager-fp32,hf-eager-fp16,hf-compile-fp16,hf-graph-fp16," + ",".join(MILLIS))
+    ap.add_argument("--systems",
+                    default="hf-eager-fp32,hf-eager-fp16,hf-compile-fp16,hf-graph-fp16," + ",".join(MILLIS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.5, help="timed seconds per system and cell (all rounds)")
     ap.add_argument("--no-cold-start", action="store_true")

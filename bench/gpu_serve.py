@@ -64,7 +64,8 @@ def main() -> int:
         s = time.perf_counter()
         model.run([x])
         lat.append(time.perf_counter() - s)
-    inproc = {"p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3), "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+    inproc = {"p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+              "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
               "cold_start_s": round(cold, 2), "graphs": model.runtime.graphs}
     print("in process", inproc, flush=True)
     del model
@@ -91,7 +92,8 @@ def main() -> int:
            "sigterm_exit": exit_code, "rows": [dict(system="millis-serve-cuda", **r) for r in rows],
            "c1_overhead_ms": round(rows[0]["p50_ms"] - inproc["p50_ms"], 3)}
     for r in rows:
-        print(f"{r['load']:>5}: {r['rps']:9.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}")
+        print(f"{r['load']:>5}: {r['rps']:9.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+              f"errors {r['errors']}")
     print(f"HTTP c1 p50 {rows[0]['p50_ms']} ms vs in process {inproc['p50_ms']} ms; ready in {ready_s:.1f} s; "
           f"SIGTERM exit {exit_code}")
     out = Path(a.out)

@@ -99,7 +99,8 @@ def run_poisons(s: ServerProcess, rounds: int) -> list[dict]:
                     poison_status.add(ps)
         ratio = statistics.median(dirty) / statistics.median(clean)
         ok = set(statuses) == {200} and ratio <= 1.5
-        rows.append({"poison": name, "poison_status": sorted(poison_status), "bystander_statuses": sorted(set(statuses)),
+        rows.append({"poison": name, "poison_status": sorted(poison_status),
+                     "bystander_statuses": sorted(set(statuses)),
                      "bystander_p50_ms_without": round(statistics.median(clean) * 1e3, 1),
                      "bystander_p50_ms_with": round(statistics.median(dirty) * 1e3, 1), "ratio": round(ratio, 3),
                      "target": "all bystanders 200, ratio <= 1.5", "met": ok})

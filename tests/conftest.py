@@ -62,7 +62,8 @@ def reference_outputs(src_dir: Path, task: str, texts: list[str], max_length: in
 
 # Words the tiny tokenizer knows (they occur in millis/data/sample_texts.txt): two separable topics.
 BANK = "card transfer account pin atm refund payment withdraw balance deposit statement limit".split()
-MARKET = "shares stock bond yields earnings revenue profit dividend investors markets analysts oil prices merger".split()
+MARKET = ("shares stock bond yields earnings revenue profit dividend investors markets analysts oil prices "
+          "merger").split()
 FILLER = "the my is a today again please why how was it and for".split()
 
 

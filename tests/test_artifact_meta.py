@@ -99,7 +99,8 @@ def sample_meta() -> ArtifactMeta:
                         {"cos_min": 0.999}, ColdStart(0.1, 0.01, 0.11), Accuracy(0.9, 0.88, 50, 0.4), 0.904,
                         ServeMix(("b2xs32",), 2, 500.0, 4.0, "b2xs32", 2.0, ()), "30 texts", "val.jsonl, 50 rows")
     return ArtifactMeta(task="embed", output="embeddings", input_names=("input_ids", "attention_mask"), max_length=128,
-                        id2label={}, source=SourceMeta("tiny:bert", "/s", "cafe", "bert", 2, 32, 4, Pooling("cls", True)),
+                        id2label={},
+                        source=SourceMeta("tiny:bert", "/s", "cafe", "bert", 2, 32, 4, Pooling("cls", True)),
                         variant=variant, millis_version="0.1.0", created="2026-01-01T00:00:00+0000", measured=measured,
                         hardware=Hardware("cpu", 2, ("avx2",), "x86_64", "3.11", {"numpy": "2"}),
                         config={"source": "tiny:bert", "label_col": ""}, compressed=student)
@@ -136,7 +137,8 @@ def test_an_unreadable_meta_is_never_written(tmp_path):
      "field 'measured.latency.b1xs16.p50_ms' should be a number"),
     (lambda m: m.__setitem__("input_names", ["input_ids", 7]), "field 'input_names[1]' should be a string, got int 7"),
     (lambda m: m.__setitem__("id2label", {"zero": "bank"}), "field 'id2label' should have integer keys, got 'zero'"),
-    (lambda m: m["source"]["pooling"].__setitem__("normalize", "yes"), "'source.pooling.normalize' should be true or false"),
+    (lambda m: m["source"]["pooling"].__setitem__("normalize", "yes"),
+     "'source.pooling.normalize' should be true or false"),
     (lambda m: m.__setitem__("variant", ["ort"]), "field 'variant' should be an object, got a list"),
     (lambda m: m.__setitem__("version", 2), "has millis artifact format version 2; this millis reads 1 to 1"),
     (lambda m: m.__setitem__("version", "1"), "format version '1'"),
@@ -169,7 +171,8 @@ def test_a_real_artifact_round_trips_and_info_prints_it(classify_artifact):
     meta = store.read_meta(classify_artifact)
     assert meta.to_dict() == {**raw, "measured": {k: v for k, v in raw["measured"].items() if v != {}}}
     assert ArtifactMeta.from_dict(meta.to_dict(), "again") == meta
-    assert meta.source.spec == "tiny:bert" and meta.task == "classify" and set(meta.measured.latency) == {"b1xs16", "b2xs32"}
+    assert (meta.source.spec == "tiny:bert" and meta.task == "classify"
+            and set(meta.measured.latency) == {"b1xs16", "b2xs32"})
     r = subprocess.run([sys.executable, "-m", "millis.cli", "info", str(classify_artifact)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -172,7 +172,8 @@ def test_pruned_dir_reloads_and_exports_to_fused_onnx(pruned_dir, tmp_path, quic
     assert cfg["millis_pruned"] == {"attention_heads": 2, "head_dim": 8} and cfg["intermediate_size"] == 48
     meta = read_train_meta(pruned_dir)
     assert meta.prune.parameters["pruned"] < meta.prune.parameters["original"]
-    assert meta.prune.layers_kept == (0, 1) and meta.prune.ffn_kept == 48 and [len(h) for h in meta.prune.heads_kept] == [2, 2]
+    assert (meta.prune.layers_kept == (0, 1) and meta.prune.ffn_kept == 48
+            and [len(h) for h in meta.prune.heads_kept] == [2, 2])
     src = resolve(str(pruned_dir))
     assert src.num_heads == 2 and src.attention_size == 16 and src.hidden_size == 32
     art = optimize(OptimizeConfig(source=str(pruned_dir), task="classify", out=str(tmp_path / "art"),
@@ -227,8 +228,9 @@ def test_optimize_compress_adds_students_and_reuses_them(tmp_path, trained_class
     monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     msgs = []
-    cfg = OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "art"), target=Shape(1, 16),
-                         variants=("ort-int8-dynamic",), measure=replace(quick_measure, threads=1), compress="quick")
+    cfg = OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "art"),
+                         target=Shape(1, 16), variants=("ort-int8-dynamic",), measure=replace(quick_measure, threads=1),
+                         compress="quick")
     art = optimize(cfg, msgs.append)
     report = json.loads((art / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}

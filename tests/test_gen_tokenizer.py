@@ -29,7 +29,8 @@ def reference_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
 
 WORDS = ("once upon a time there was a little girl named Lily she loved to play outside in the park one day "
          "saw big red ball wanted it Tom said happy the and").split()
-UNICODE = ("éñüßçøåœ€£¥©®™—–“”‘’…•°±×÷"  # some in tok512, most not: byte fallback or <unk>
+UNICODE = ("éñüßçøåœ€£¥©®™—–“”‘’"  # some in tok512, most not: byte fallback or <unk>
+           "…•°±×÷"
            "αβγδπΩЖжшщ中文字日本語한국어😀🎉👍🏽\u200b\u00a0\u0301")
 
 

@@ -79,7 +79,8 @@ def test_recover_returns_the_recipes_it_judged_and_skips_the_fallback_when_one_i
         raise AssertionError("per-channel is within budget: no sensitivity analysis")
 
     rec = recover(already, judge, rank, ["t"] * 3)
-    assert [c[0] for c in judge.calls] == ["ort-int8-dynamic-pc", "ort-int8-static-percentile", "ort-int8-static-entropy"]
+    assert [c[0] for c in judge.calls] == ["ort-int8-dynamic-pc", "ort-int8-static-percentile",
+                                           "ort-int8-static-entropy"]
     assert [j.name for j in rec.judged] == [c[0] for c in judge.calls]  # returned, with their dirs and runtimes
     assert all(j.dir is not None and j.runtime is not None for j in rec.judged)
     assert all(j.result.recovery == "int8 recipe" for j in rec.judged)
@@ -128,7 +129,8 @@ def test_report_lists_the_nodes_kept_in_fp32():
     rec = {"needed": True, "why": "ort-int8-dynamic: accuracy drop 2.00 pt exceeds --max-drop 0.5",
            "attempts": [{"step": "keep 1 node(s) fp32", "variant": "ort-int8-mixed", "ok": True,
                          "reason": "accuracy drop 0.20 pt within --max-drop 0.5"}],
-           "sensitivity": [{"node": "/hf/classifier/Gemm_MatMul", "error": 0.25}, {"node": "Attention_0", "error": 0.01}],
+           "sensitivity": [{"node": "/hf/classifier/Gemm_MatMul", "error": 0.25},
+                           {"node": "Attention_0", "error": 0.01}],
            "kept_fp32": [{"node": "/hf/classifier/Gemm_MatMul", "error": 0.25, "why": "rank 1 of 2"}]}
     md = "\n".join(recovery_lines(rec))
     assert "## Recovery" in md and "| keep 1 node(s) fp32 | ort-int8-mixed | yes |" in md

@@ -68,8 +68,8 @@ def setup(tiny_dirs):
 def _judge(setup, max_drop: float, with_data: bool = True):
     """(reference, {name: judged}) for the reference and every fake, opened by name."""
     src, enc, data, fakes = setup
-    ctx = JudgeContext("classify", Budget(max_drop=max_drop), 1, src, enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds,
-                       data if with_data else None, open=lambda v, vdir: fakes[v.name])
+    ctx = JudgeContext("classify", Budget(max_drop=max_drop), 1, src, enc, list(data.texts[:40]),
+                       enc.encode(["refund?"]).feeds, data if with_data else None, open=lambda v, vdir: fakes[v.name])
     reference, ref = judge_reference(ctx, FakeBuilder())
     judged = {REFERENCE: reference}
     for n in fakes:

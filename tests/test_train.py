@@ -118,7 +118,8 @@ def test_missing_label_column_and_empty_text(tmp_path):
 def test_validation_file_with_unknown_label(tmp_path, topics_data):
     v = tmp_path / "val.csv"
     v.write_text("text,label\nmy card,bank\nthe oil prices,weather\n")
-    with pytest.raises(MillisError, match=r"validation file .*val\.csv has labels not in the training data: \['weather'\]"):
+    with pytest.raises(MillisError,
+                       match=r"validation file .*val\.csv has labels not in the training data: \['weather'\]"):
         _train(tmp_path, topics_data["train"], validation=str(v))
 
 

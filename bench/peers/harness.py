@@ -67,7 +67,8 @@ class Peer:
             return
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if (SYSTEM_VENV.get(self.system) if self.venv == "?" else self.venv) is None:  # main venv: make the repo's millis importable
+        # main venv: make the repo's millis importable
+        if (SYSTEM_VENV.get(self.system) if self.venv == "?" else self.venv) is None:
             env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self.log_path, "a")
         self._log.write(f"\n=== {time.ctime()} start {self.system} on {self.model_dir}\n")

@@ -6,7 +6,8 @@ Startup: prepare the model (convert / quantize into work-dir, cached under a has
 of the model dir), then print one line {"ok":true,"ready":true,...} (or
 {"ok":false,"error":...} and exit 1). Then one request per line, one reply per line:
   {"cmd":"time","input_ids":[[..]],"attention_mask":[[..]],"n":N,"warmup":W} -> {"ok":true,"ms":[N floats]}
-  {"cmd":"embed","input_ids":..,"attention_mask":..}  -> {"ok":true,"emb":[[..]]}  (b x hidden, mean-pooled, L2-normalised)
+  {"cmd":"embed","input_ids":..,"attention_mask":..}  -> {"ok":true,"emb":[[..]]}
+      (b x hidden, mean-pooled, L2-normalised)
   {"cmd":"info"} -> {"ok":true,"system","precision","versions","prep_s",...};  {"cmd":"quit"}
 Errors -> {"ok":false,"error":"..."} and the runner keeps serving. Logs go to stderr only.
 Only the stdlib is imported at top level (systems.py holds the systems): each system imports its own

@@ -23,7 +23,8 @@ def write_validation(model_dir: Path, rows: Labeled) -> Path:
     path = Path(model_dir) / VALIDATION_FILE
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         for text, label, line in zip(rows.texts, rows.labels, rows.lines):
-            fh.write(json.dumps({rows.text_col: text, rows.label_col: label, LINE_KEY: line}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({rows.text_col: text, rows.label_col: label, LINE_KEY: line},
+                                ensure_ascii=False) + "\n")
     return path
 
 

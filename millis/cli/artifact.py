@@ -46,7 +46,8 @@ def info(a: InfoFlags) -> int:
     if m.accuracy:
         cfg = config_of(meta)
         ref = "-" if m.reference_accuracy is None else f"{100 * m.reference_accuracy:.2f}%"
-        print(f"accuracy   {100 * m.accuracy.accuracy:.2f}% on {cfg.data} (fp32 {ref}, budget -{cfg.budget.max_drop} pt)")
+        print(f"accuracy   {100 * m.accuracy.accuracy:.2f}% on {cfg.data} "
+              f"(fp32 {ref}, budget -{cfg.budget.max_drop} pt)")
     if meta.compressed:
         c = meta.compressed
         print(f"compressed {c.name}: {c.layers} layers, {c.heads} heads, FFN {c.intermediate} (student {c.model})")

@@ -126,7 +126,8 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
         lines.append(n)
     for what, bad in (("empty text", empty_text), ("no label", empty_label)):
         if bad:
-            shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+            shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more"
+                                                             if len(bad) > MAX_LISTED else "")
             raise MillisError(f"{p}: {len(bad)} row(s) with {what}, at line(s) {shown}; fix or remove them")
     if limit:
         texts, labels, lines = texts[:limit], labels[:limit], lines[:limit]

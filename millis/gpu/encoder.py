@@ -188,7 +188,8 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     old checkpoints call LayerNorm's parameters gamma / beta."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        k = (k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+             .replace("LayerNorm.beta", "LayerNorm.bias"))
         out[k] = v
     return out
 

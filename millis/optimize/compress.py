@@ -137,8 +137,8 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             if n >= src.num_layers:
                 progress(f"compress: skipping {r.name}: {n} layers is not fewer than the teacher's")
                 continue
-            dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split), layers=n,
-                                 task="embed" if task == "embed" else "")
+            dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split),
+                                 layers=n, task="embed" if task == "embed" else "")
             model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, _relay(r.name, progress)))))
         if r.drop_layers >= model.num_layers:
             progress(f"compress: skipping {r.name}: cannot drop {r.drop_layers} of {model.num_layers} layers")

@@ -51,7 +51,8 @@ class VariantResult:
     cold_start: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0
     latency: dict[str, dict[str, float]] = field(default_factory=dict)  # shape name -> stats
-    serve_mix: dict[str, Any] = field(default_factory=dict)  # millis.optimize.measure.serve_mix: rows/s, worst call, stalls
+    # millis.optimize.measure.serve_mix: rows/s, worst call, stalls
+    serve_mix: dict[str, Any] = field(default_factory=dict)
     error: str = ""
 
 

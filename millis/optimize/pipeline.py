@@ -119,7 +119,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
             pool[name].result.latency = per_shape
         _serve_mix(cfg, pool, enc, texts, max_len, shapes, progress)
         chosen = choose([Candidate(j.name, j.result.latency[cfg.target.name]["p50_ms"], j.result.ok, j.result.reason,
-                                   j.result.serve_mix.get("rows_per_s", 0.0)) for j in pool.values() if j.result.latency])
+                                   j.result.serve_mix.get("rows_per_s", 0.0))
+                         for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
         return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress)
     finally:

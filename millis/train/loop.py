@@ -195,7 +195,8 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
     steps_per_epoch = -(-len(lengths) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup * total), total)
-    progress("start", {**(info or {}), "score_name": score_name, "rows": len(lengths), "steps": total, "steps_per_epoch": steps_per_epoch})
+    progress("start", {**(info or {}), "score_name": score_name, "rows": len(lengths), "steps": total,
+                       "steps_per_epoch": steps_per_epoch})
     res, best_state, bad_epochs, t_start = FitResult(), None, 0, time.perf_counter()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
