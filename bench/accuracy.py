@@ -201,7 +201,7 @@ def main() -> int:
     print("\nselection on the validation split each model kept (accuracy and drop: validation rows)")
     print(f"{'dataset':<10} {'variant':<28} {'val acc %':>9} {'drop pt':>8} {'p50 ms':>8} {'p99 ms':>8} {'x eager':>8}")
     for r in rows:
-        mark = "  <- chosen" if r["chosen"] else ("" if r["within_budget"] else "  (over budget)")
+        mark = "  <- chosen" if r["chosen"] else ("" if r["within_budget"] else "  (not selectable: see report.md)")
         print(f"{r['dataset']:<10} {r['variant']:<28} {100 * r['val_accuracy']:>9.2f} {r['val_drop_pts']:>8.2f} "
               f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['speedup_vs_eager']:>8.2f}{mark}")
     for s in summaries:

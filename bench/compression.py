@@ -126,7 +126,7 @@ def _print(rows: list[dict], students: dict, s: dict) -> None:
     print(f"{'variant':<34} {'layers':>6} {'heads':>5} {'val acc %':>9} {'drop pt':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'x eager':>8}")
     for r in sorted(rows, key=lambda r: r["p50_ms"]):
-        mark = "  <- chosen" if r["chosen"] else ("" if r["within_budget"] else "  (over budget)")
+        mark = "  <- chosen" if r["chosen"] else ("" if r["within_budget"] else "  (not selectable: see report.md)")
         print(f"{r['variant']:<34} {r['layers']:>6} {r['heads']:>5} {100 * r['val_accuracy']:>9.2f} "
               f"{r['val_drop_pts']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['speedup_vs_eager']:>8.2f}{mark}")
     for name, st in students.items():
