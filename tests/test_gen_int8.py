@@ -1,5 +1,6 @@
-"""millis's int8 CPU kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the batch,
-odd shapes padded correctly; the torch fallback; and the mask-free attention paths of make_batch."""
+"""millis's int8 on CPU: Llama-family models as Q8_0 blocks on the native kernels, GPT-2 on the per-row
+kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the batch, odd shapes padded
+correctly; the torch fallback; and the mask-free attention paths of make_batch."""
 import pytest
 import torch
 
@@ -66,9 +67,10 @@ def test_mask_free_batches_equal_masked_ones():
 def test_engine_int8_tokens_do_not_depend_on_batch():
     from test_gen_engine import GREEDY, engine, run
 
-    eng = engine(quant="int8")
-    linears = [n for n, m in engine().model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert all(type(eng.model.get_submodule(n)) is Int8Linear for n in linears)  # the head included
+    from millis.gen.models.native_llama import NativeLlama
+
+    eng = engine(quant="int8")  # a Llama: Q8_0 blocks on the native kernels, the head included
+    assert isinstance(eng.model, NativeLlama) and eng.model.m.head.type == 8 and eng.model.layers[0].q.type == 8
     prompts = ["the cat", "in a", "he"]
     alone = [run(eng, [p], GREEDY)[0]["ids"] for p in prompts]
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == alone

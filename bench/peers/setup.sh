@@ -25,6 +25,10 @@ peer_spec() {
     # the embedding server of bench/serve_vs_infinity.py (its pins, numpy<2 and
     # sentence-transformers<4, conflict with millis's: hence its own venv)
     infinity) echo "torch|infinity-emb[server,torch,optimum]==0.0.78|import infinity_emb, sentence_transformers, optimum.onnxruntime; from infinity_emb.infinity_server import create_server";;
+    # llama.cpp (the generation peer): llama-cpp-python builds its vendored llama.cpp from
+    # the sdist (no wheels on PyPI); CMAKE_ARGS below records the build flags. [server] adds
+    # its OpenAI-compatible server. gguf writes the F32 / requantized files the bench compares.
+    llamacpp) echo "-|llama-cpp-python[server]==0.3.36 gguf==0.19.0 numpy|import llama_cpp, gguf; llama_cpp.llama_model_quantize_default_params()";;
     *) return 1;;
   esac
 }
@@ -44,6 +48,9 @@ setup_one() {
   (  # subshell: the first failing step exits it non-zero (explicit: set -e is void under `||`)
     [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir" || exit 1
     "$dir/bin/python" -m pip install -q --upgrade pip wheel || exit 1
+    # llama.cpp's build flags: native ISA (what its users get from a source build), no
+    # examples/tests/tools (they only cost build time on 2 cores)
+    export CMAKE_ARGS="${MILLIS_LLAMACPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
     if [[ "$torch" == torch ]]; then
       "$dir/bin/python" -m pip install "$TORCH" || exit 1
       # torch stays pinned while the rest resolves

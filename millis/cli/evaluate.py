@@ -1,4 +1,5 @@
-"""`millis eval`: flags into an EvalConfig, the evaluation, a per-class table (or the agreement with fp32)."""
+"""`millis eval`: flags into an EvalConfig, the evaluation, a per-class table (or the agreement with fp32);
+with `--text FILE`, the perplexity of a decoder on that text instead (an EvalTextConfig)."""
 from __future__ import annotations
 
 import json
@@ -17,14 +18,40 @@ class EvalFlags:
     json: str = flag("", "also write the full result to this JSON file", scoped=True)
 
 
-def config(given: Given) -> tuple[EvalConfig, EvalFlags]:
+def groups() -> tuple[type, ...]:
+    from millis.gen.perplexity import EvalTextConfig  # imports torch: only for this command
+
+    return EvalConfig, EvalFlags, EvalTextConfig
+
+
+def config(given: Given):
+    from millis.gen.perplexity import EvalTextConfig
+
+    if given.of(EvalTextConfig).get("text"):  # a decoder on a text: model and threads are EvalConfig's flags
+        shared = {k: v for k, v in given.of(EvalConfig).items() if k in ("model", "threads")}
+        return given.build(EvalTextConfig, **shared), given.build(EvalFlags)
     return given.build(EvalConfig), given.build(EvalFlags)
+
+
+def run_perplexity(cfg, own: EvalFlags) -> int:
+    from millis.gen.perplexity import perplexity
+
+    r = perplexity(cfg)
+    res = {"model": cfg.model, "text": cfg.text, "context": cfg.context, "stride": cfg.stride,
+           "perplexity": round(r.perplexity, 4), "nll": round(r.nll, 5), "tokens": r.tokens, "windows": r.windows,
+           "tokens_per_s": round(r.tokens_per_s, 1)}
+    if own.json:
+        Path(own.json).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res))
+    return 0
 
 
 def run(args: tuple[EvalConfig, EvalFlags]) -> int:
     from millis.evaluate.run import evaluate
 
     cfg, own = args
+    if not isinstance(cfg, EvalConfig):
+        return run_perplexity(cfg, own)
     res = evaluate(cfg)
     if own.json:
         Path(own.json).write_text(json.dumps(res, indent=2))
@@ -40,5 +67,6 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
     return 0
 
 
-COMMAND = Command("eval", "accuracy / macro-F1 / per-class of a model or artifact on labelled data",
-                  lambda: (EvalConfig, EvalFlags), config, run, positionals=("model",))
+COMMAND = Command("eval", "accuracy / macro-F1 / per-class of a model or artifact on labelled data; with --text, "
+                          "the perplexity of a decoder (GGUF, HF or llama2.c) on a text file", groups, config, run,
+                  positionals=("model",))

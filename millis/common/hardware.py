@@ -37,6 +37,18 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or 4 GiB when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
 def has_amx() -> bool:
     return {"amx_bf16", "amx_int8"} <= cpu_flags()
 

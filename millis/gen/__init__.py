@@ -38,6 +38,7 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
     if engine.threads:
         torch.set_num_threads(engine.threads)
     loaded = load(model, engine)
+    loaded.source_path = model
     decode = None
     if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
         from millis.gen.cuda_graph import GraphedDecode
@@ -46,13 +47,27 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode)
 
 
+def chat_prompt(eng: Engine, text: str) -> list[int]:
+    """`text` as one user message through the model's chat template (the GGUF's, else the HF dir's), as ids."""
+    from millis.common.errors import MillisError
+    from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
+
+    template, special = eng.chat_template, dict(eng.special_tokens or {})
+    if template is None and eng.source_path:
+        template, special = chat_template_of(eng.source_path)
+    if template is None or eng.tok is None:
+        raise MillisError("--chat: this model has no chat template (or no tokenizer)")
+    rendered = render_chat(template, [{"role": "user", "content": text}], special)
+    return encode_rendered(eng.tok, rendered)
+
+
 def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) -> GenerateResult:
     """Run one prompt to completion; `on_text` receives each piece of text as it is produced."""
     params = cfg.sampling()  # validate the request before the (slower) load
     t0 = time.perf_counter()
     eng = open_engine(cfg.model, cfg.engine())
     load_s = time.perf_counter() - t0
-    rid = eng.add(cfg.prompt, params)
+    rid = eng.add(chat_prompt(eng, cfg.prompt) if cfg.chat else cfg.prompt, params)
     prompt_ids = list(eng.requests[rid].prompt)
     text, ids, times, finished = [], [], [], None
     while finished is None:

@@ -15,7 +15,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as mill
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")  # the engine's precisions (torch dtypes: millis.common.dtypes); no fp16 decode
-QUANTS = ("none", "int8", "int8-torch")  # int8: millis's AVX2 kernel; int8-torch: torch dynamic quantization
+QUANTS = ("none", "int8", "int8-torch")  # int8: Q8_0 blocks on millis's native kernels; int8-torch: torch dynamic
 # Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
@@ -86,14 +86,15 @@ class EngineConfig:
     max_batch: int = 8        # slots: requests decoded together; a KV cache row each
     max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
     dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
-    quant: str = "none"       # none | int8 (int8 weights per row, activations per row; millis's kernel) | int8-torch
+    quant: str = "none"       # none | int8 (Q8_0: int8 weights and activations with a scale per 32) | int8-torch
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
+    kv_memory_mb: int = 0     # native (GGUF) models: the paged KV cache's size; 0 = min(512, 1/4 of free memory)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1:
-            raise MillisError("max_batch and max_prefills_per_step must be >= 1 and max_seq >= 0")
+        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or self.kv_memory_mb < 0:
+            raise MillisError("max_batch and max_prefills_per_step must be >= 1, max_seq and kv_memory_mb >= 0")
         if self.dtype not in DTYPES:
             raise MillisError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quant not in QUANTS:
@@ -138,7 +139,8 @@ class SamplingParams:
 class GenerateConfig:
     """`millis generate`: one prompt through the engine. Every field is a flag (and MILLIS_* variable)."""
 
-    model: str = _f("", "HF directory (config.json + model.safetensors) or llama2.c .bin / directory holding one")
+    model: str = _f("", "a GGUF file, builtin:smollm2, a HF directory (config.json + model.safetensors) or a "
+                        "llama2.c .bin / directory holding one")
     prompt: str = _f("", "the text to continue")
     max_tokens: int = _f(64, "most new tokens")
     temperature: float = _f(0.0, "sampling temperature; 0 = greedy")
@@ -148,11 +150,14 @@ class GenerateConfig:
     seed: int = _f(-1, "sampling seed; -1 = random")
     stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
     stream: bool = _f(False, "print tokens as they come")
+    chat: bool = _f(False, "send the prompt as a user message through the model's chat template")
     dtype: str = _f("fp32", "fp32 or bf16", choices=DTYPES)
-    quant: str = _f("none", "none, int8 (every Linear, millis's AVX2 kernel) or int8-torch (torch dynamic "
-                            "quantization); with dtype fp32", choices=QUANTS)
+    quant: str = _f("none", "none, int8 (Q8_0 blocks: a scale per 32 weights and per 32 activations, millis's "
+                            "kernels; Llama-family and GGUF models) or int8-torch (torch dynamic quantization); "
+                            "with dtype fp32", choices=QUANTS)
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
-    threads: int = _f(0, "torch intra-op threads; 0 = torch's default")
+    kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = min(512, a quarter of free memory)")
+    threads: int = _f(0, "torch intra-op threads (GGUF: the kernels' threads); 0 = all usable cores")
 
     def sampling(self) -> SamplingParams:
         stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)
@@ -162,4 +167,4 @@ class GenerateConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
-                            threads=self.threads)
+                            threads=self.threads, kv_memory_mb=self.kv_memory_mb)

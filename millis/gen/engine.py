@@ -82,8 +82,10 @@ class Engine:
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
         self.decode = decode
         self.config = loaded.config
-        cache = next(m.cache for m in self.model.modules() if getattr(m, "cache", None) is not None)
-        self.max_batch, self.device = cache.k.shape[0], cache.k.device
+        self.max_batch, self.device = loaded.max_batch, torch.device(loaded.device)
+        self.kv = loaded.kv  # paged KV (native models): admission reserves a request's positions
+        self.chat_template, self.special_tokens = loaded.chat_template, loaded.special_tokens
+        self.source_path = loaded.source_path  # where the model came from (its HF dir holds a chat template)
         self.max_prefills = max_prefills_per_step
         self.window = getattr(self.config, "sliding_window", 0)
         self.slots: list[_Request | None] = [None] * self.max_batch
@@ -111,6 +113,9 @@ class Engine:
                               f"positions per request (prompt + output), so at most {self.max_seq - 1}")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise MillisError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}")
+        if self.kv is not None and len(ids) >= self.kv.capacity:
+            raise MillisError(f"the prompt has {len(ids)} tokens but the KV cache holds {self.kv.capacity} positions "
+                              f"in all (raise --kv-memory-mb)")
         if params.stop and self.tok is None:
             raise MillisError("stop strings need a tokenizer; this model has none")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
@@ -134,8 +139,33 @@ class Engine:
             if r.slot < 0:
                 self.waiting.remove(r)
             elif not self._stepping:
-                self.slots[r.slot] = None
+                self._free(r.slot)
             return True
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits (T, vocab) fp32 of every position of `ids` (a fresh sequence from position 0), on a
+        free slot: what perplexity and log-probabilities read. Not concurrently with `step()`."""
+        if not ids or len(ids) > self.max_seq or min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise MillisError(f"need 1..{self.max_seq} token ids in 0..{self.config.vocab_size - 1}")
+        with self._lock:
+            if None not in self.slots:
+                raise MillisError("no free slot: logits() needs one (wait for running requests)")
+            slot = self.slots.index(None)
+            if self.kv is not None and not self.kv.reserve(slot, len(ids)):
+                raise MillisError(f"{len(ids)} positions do not fit the KV cache now (raise --kv-memory-mb)")
+            self.slots[slot] = _Request("logits", list(ids), SamplingParams(), torch.Generator(), slot)
+        try:
+            b = make_batch([list(ids)], [0], [slot], self.window, last_only=False, device=self.device)
+            return self.model(b)[0].float()
+        finally:
+            with self._lock:
+                self._free(slot)
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        """(T - 1,) log p(ids[t] | ids[:t]) for t >= 1."""
+        lp = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
+        return lp.gather(-1, torch.tensor(ids[1:], device=lp.device)[:, None]).squeeze(-1)
 
     @property
     def has_work(self) -> bool:
@@ -165,15 +195,18 @@ class Engine:
                 outs = self._update(new + running, tokens, failed)
                 for i, r in enumerate(self.slots):  # cancelled while the step ran: free now
                     if r is not None and r.id not in self.requests:
-                        self.slots[i] = None
+                        self._free(i)
         return outs
 
     def _schedule(self) -> tuple[list[_Request], list[_Request]]:
         running = [r for r in self.slots if r is not None]
         new = []
         while self.waiting and len(new) < self.max_prefills and None in self.slots:
-            r = self.waiting.popleft()
-            r.slot = self.slots.index(None)
+            r, slot = self.waiting[0], self.slots.index(None)
+            if self.kv is not None and not self.kv.reserve(slot, self._limit(r)):
+                break  # FIFO: the head waits until finished requests give their KV blocks back
+            self.waiting.popleft()
+            r.slot = slot
             self.slots[r.slot] = r
             self.seen[r.slot] = False
             self.seen[r.slot, torch.tensor(r.prompt, device=self.device)] = True
@@ -251,7 +284,7 @@ class Engine:
         finished = None
         if t == self.config.eos_id and not p.ignore_eos:
             finished = "stop"
-        elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self.max_seq:
+        elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):
             finished = "length"
         text, stopped = self._text(r, finished is not None)
         finished = "stop" if stopped else finished
@@ -259,9 +292,19 @@ class Engine:
             self._finish(r)
         return StepOutput(r.id, [t], text, finished)
 
+    def _limit(self, r: _Request) -> int:
+        """Most positions `r` may fill: its prompt + max_tokens, within the context and the KV pool."""
+        n = min(len(r.prompt) + r.params.max_tokens, self.max_seq)
+        return min(n, self.kv.capacity) if self.kv is not None else n
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        if self.kv is not None:
+            self.kv.release(slot)
+
     def _finish(self, r: _Request) -> None:
-        if r.slot >= 0:
-            self.slots[r.slot] = None
+        if r.slot >= 0 and self.slots[r.slot] is r:
+            self._free(r.slot)
         self.requests.pop(r.id, None)
 
     def _text(self, r: _Request, final: bool) -> tuple[str, bool]:

@@ -28,12 +28,23 @@ class Loaded:
     config: ModelConfig
     tokenizer: object  # millis.gen.tokenizer.Tokenizer, or None (the engine then takes ids only)
     max_seq: int       # KV cache positions per slot
-    source: str        # "hf:<model_type>" or "llama2c"
+    source: str        # "hf:<model_type>", "llama2c" or "gguf:<arch>"
     quant_backend: str | None = None  # int8: "millis-avx2" or "torch-dynamic"; None unquantized
+    max_batch: int = 1  # slots
+    device: str = "cpu"
+    kv: object = None   # native models: their PagedKV (the engine reserves and releases blocks)
+    chat_template: str | None = None  # GGUF: the template of the file's metadata
+    special_tokens: dict | None = None
+    source_path: str = ""
 
 
 def load(path: str | Path, engine: EngineConfig) -> Loaded:
-    p = Path(path)
+    from millis.gen.builtin import resolve_model
+    from millis.gen.gguf import is_gguf
+
+    p = Path(resolve_model(str(path)))
+    if p.is_file() and is_gguf(p):
+        return load_gguf(p, engine)
     if not p.exists():
         raise MillisError(f"model {path} does not exist: give a HF directory (config.json + model.safetensors) "
                           f"or a llama2.c .bin checkpoint (or a directory holding one)")
@@ -55,6 +66,9 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     from millis.gen.models.gpt2 import GPT2
     from millis.gen.models.llama import Llama
 
+    if engine.quant == "int8" and isinstance(cfg, LlamaConfig) and engine.device == "cpu":
+        return native_from_state(cfg, sd, tok, source, engine)
+
     if engine.device == "cuda" and not torch.cuda.is_available():
         raise MillisError("device cuda was asked for but CUDA is not available")
     model = (GPT2 if isinstance(cfg, GPT2Config) else Llama)(cfg)
@@ -74,10 +88,103 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         quant_backend = quantize_int8(model, "torch" if engine.quant == "int8-torch" else "auto")
     max_seq = min(engine.max_seq or cfg.max_seq, cfg.max_seq)
     setup_caches(model, engine.max_batch, max_seq)
-    return Loaded(model, cfg, tok, max_seq, source, quant_backend)
+    return Loaded(model, cfg, tok, max_seq, source, quant_backend, engine.max_batch, engine.device)
 
 
-# ---------------------------------------------------------------------------- llama2.c checkpoints
+# ---------------------------------------------------------------------------- GGUF files
+# Weights stay in their block formats on millis's native kernels. The KV cache is paged and sized by
+# memory (`EngineConfig.kv_memory_mb`; default min(512 MiB, a quarter of the memory available now)),
+# not by slots x context: a 135M model served with 32 slots of 8,192 positions would otherwise hold
+# gigabytes it never uses.
+
+DEFAULT_KV_MB = 512
+
+
+def kv_budget_bytes(engine: EngineConfig) -> int:
+    from millis.common.hardware import available_memory
+
+    if engine.kv_memory_mb:
+        return engine.kv_memory_mb << 20
+    return min(DEFAULT_KV_MB << 20, available_memory() // 4)
+
+
+def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
+    from millis.gen.gguf import read_gguf
+
+    if engine.device != "cpu":
+        raise MillisError("GGUF models run on millis's CPU kernels: --device cuda is not supported for them")
+    if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
+        raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
+                          f"matrices to Q8_0): got dtype {engine.dtype}, quant {engine.quant}")
+    g = read_gguf(path)
+    tensors = q8_0_matrices(g.tensors) if engine.quant == "int8" else g.tensors
+    return _native(g.config, tensors, g.rope_neox, g.tokenizer, f"gguf:{g.arch}", engine,
+                   g.chat_template, g.special_tokens)
+
+
+def _native(c: LlamaConfig, tensors: dict, neox: bool, tok, source: str, engine: EngineConfig,
+            template: str | None = None, special: dict | None = None) -> Loaded:
+    from millis.gen.models.native_llama import NativeLlama, kv_bytes_per_token
+
+    max_seq = min(engine.max_seq or c.max_seq, c.max_seq)
+    budget = kv_budget_bytes(engine)
+    if budget < kv_bytes_per_token(c) * 32:
+        raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than 32 positions of this model "
+                          f"({kv_bytes_per_token(c)} bytes each)")
+    model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
+    return Loaded(model, c, tok, max_seq, source, "millis-q8_0" if engine.quant == "int8" else None,
+                  max_batch=engine.max_batch, device="cpu", kv=model.kv, chat_template=template,
+                  special_tokens=special)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A tensor as the native model takes it (the shape of millis.gen.gguf.GGUFTensor)."""
+
+    qtype: str
+    shape: tuple[int, ...]
+    data: object  # numpy: fp32 values, or block bytes (rows, row_bytes)
+
+
+def q8_0_matrices(tensors: dict) -> dict:
+    """millis's int8: every float matrix (a whole number of 32-blocks per row) as Q8_0, llama.cpp's
+    format: int8 weights with one fp16 scale per 32, run against activations quantized per 32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from millis.gen.gguf import dequantize
+
+    out = {}
+    for name, t in tensors.items():
+        if len(t.shape) == 2 and t.qtype in ("F32", "F16", "BF16") and t.shape[1] % 32 == 0:
+            w = np.asarray(t.data, dtype=np.float32) if t.qtype == "F32" else dequantize(t).numpy()
+            t = Weight("Q8_0", tuple(t.shape), quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q8_0))
+        out[name] = t
+    return out
+
+
+def native_from_state(c: LlamaConfig, sd: dict[str, torch.Tensor], tok, source: str, engine: EngineConfig) -> Loaded:
+    """A Llama state dict in millis's layout (HF rotate_half RoPE, fused wqkv / w13) on the native
+    kernels with Q8_0 weights: `--quant int8` for HF and llama2.c Llama-family models."""
+    f32 = lambda x: Weight("F32", tuple(x.shape), x.detach().float().contiguous().numpy())  # noqa: E731
+    qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    t = {"token_embd.weight": f32(sd["tok_emb.weight"]), "output_norm.weight": f32(sd["norm.weight"])}
+    if not c.tie_head:
+        t["output.weight"] = f32(sd["head.weight"])
+    for i in range(c.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        for name, w in zip(("attn_q", "attn_k", "attn_v"), sd[p + "attn.wqkv.weight"].split([qd, kd, kd])):
+            t[b + name + ".weight"] = f32(w)
+        if c.qkv_bias:
+            for name, w in zip(("attn_q", "attn_k", "attn_v"), sd[p + "attn.wqkv.bias"].split([qd, kd, kd])):
+                t[b + name + ".bias"] = f32(w)
+        gate, up = sd[p + "ffn.w13.weight"].split(c.hidden_dim)
+        t.update({b + "attn_output.weight": f32(sd[p + "attn.wo.weight"]), b + "ffn_gate.weight": f32(gate),
+                  b + "ffn_up.weight": f32(up), b + "ffn_down.weight": f32(sd[p + "ffn.w2.weight"]),
+                  b + "attn_norm.weight": f32(sd[p + "attn_norm.weight"]),
+                  b + "ffn_norm.weight": f32(sd[p + "ffn_norm.weight"])})
+    return _native(c, q8_0_matrices(t), True, tok, source, engine)
 
 
 # ---------------------------------------------------------------------------- HF directories

@@ -46,6 +46,8 @@ class ServeConfig:
                                 "model's chat_template.jinja or tokenizer_config.json `chat_template`)")
     max_tokens: int = _f(256, "generation: max_tokens of a request that gives none")
     max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum")
+    kv_memory_mb: int = _f(0, "generation, GGUF models: paged KV cache memory in MiB, shared by all slots; 0 = "
+                              "min(512, a quarter of free memory)")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
     quant: str = _f("none", "generation: none, int8 (millis's AVX2 kernel) or int8-torch (torch dynamic "
                             "quantization); dtype fp32 on cpu")
@@ -63,7 +65,7 @@ class ServeConfig:
             raise MillisError(f"too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.max_seq < 0:
-            raise MillisError(f"max_seq must be >= 0, got {self.max_seq}")
+        if self.max_seq < 0 or self.kv_memory_mb < 0:
+            raise MillisError(f"max_seq and kv_memory_mb must be >= 0, got {self.max_seq}, {self.kv_memory_mb}")
         if not 0 <= self.port < 65536:
             raise MillisError(f"port must be in 0..65535, got {self.port}")

@@ -27,6 +27,10 @@ def _loader(cfg: ServeConfig):
     from millis.artifact.model import open_model
     from millis.serve.encoder.app import create_app
 
+    from millis.gen.builtin import BUILTIN_MODELS, resolve_model
+
+    if cfg.artifact.startswith("builtin:") and cfg.artifact.removeprefix("builtin:") in BUILTIN_MODELS:
+        return _gen_loader(cfg, resolve_model(cfg.artifact))
     p = Path(cfg.artifact)
     if not cfg.artifact:
         raise MillisError("millis serve needs an artifact directory (or MILLIS_ARTIFACT)")
@@ -38,14 +42,10 @@ def _loader(cfg: ServeConfig):
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")
     elif p.exists():
-        from millis.serve.generation.app import create_gen_app, is_generation_model
+        from millis.serve.generation.app import is_generation_model
 
         if is_generation_model(p):
-            from millis.gen import EngineConfig, open_engine
-
-            engine = EngineConfig(max_batch=cfg.max_batch, max_seq=cfg.max_seq, dtype=cfg.dtype, quant=cfg.quant,
-                                  threads=cfg.threads, device=cfg.device)  # a bad setting fails before binding
-            return create_gen_app, lambda: open_engine(cfg.artifact, engine)
+            return _gen_loader(cfg, cfg.artifact)
         if p.is_dir() and not (p / "config.json").exists():
             artifact.read_meta(p)  # raises: not an artifact (no millis.json), build one with `millis optimize`
     if not task:  # a source model served as torch fp32: resolve it now (a bad spec fails before binding)
@@ -56,6 +56,15 @@ def _loader(cfg: ServeConfig):
     # cost ~2 ms at concurrency 1 and lowered throughput under load (bench/serve_vs_infinity.py notes)
     return partial(create_app, task=task), lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,
                                                               max_batch=cfg.max_batch)
+
+
+def _gen_loader(cfg: ServeConfig, model: str):
+    from millis.gen import EngineConfig, open_engine
+    from millis.serve.generation.app import create_gen_app
+
+    engine = EngineConfig(max_batch=cfg.max_batch, max_seq=cfg.max_seq, dtype=cfg.dtype, quant=cfg.quant,
+                          threads=cfg.threads, device=cfg.device, kv_memory_mb=cfg.kv_memory_mb)  # fails before binding
+    return create_gen_app, lambda: open_engine(model, engine)
 
 
 def serve(cfg: ServeConfig, loader=None) -> int:

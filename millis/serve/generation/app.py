@@ -32,12 +32,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.common.errors import MillisError
-from millis.gen.tokenizer import HFTokenizer, prompt_char_limit
+from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response, watch_disconnect)
-from millis.serve.generation.chat_template import chat_template_of, render_chat
+from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
 from millis.serve.config import ServeConfig
 from millis.serve.metrics import GenMetrics
 
@@ -45,10 +45,15 @@ log = logging.getLogger("millis.serve")
 
 
 def is_generation_model(path: str | Path) -> bool:
-    """A HF directory whose config.json model_type millis.gen loads, or a llama2.c checkpoint (or a dir with one)."""
+    """A GGUF file, a HF directory whose config.json model_type millis.gen loads, or a llama2.c checkpoint
+    (or a dir with one)."""
     from millis.gen.config import MODEL_TYPES
 
+    from millis.gen.gguf import is_gguf
+
     p = Path(path)
+    if is_gguf(p):
+        return True
     if p.is_dir() and (p / "config.json").is_file():
         try:
             return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_TYPES
@@ -146,6 +151,8 @@ class GenState:
         from millis.gen import SamplingParams
 
         eng = self.loader()
+        if self.template is None and eng.chat_template:  # a GGUF file carries its own
+            self.template, self.special = eng.chat_template, dict(eng.special_tokens or {})
         if self.template is not None:
             render_chat(self.template, [{"role": "user", "content": "hi"}], self.special)  # imports, compiles
         if self.cfg.warmup:  # one prefill and one decode before /ready
@@ -269,8 +276,7 @@ class GenState:
         except Exception as e:  # noqa: BLE001 -- the template refused the conversation (raise_exception, ...)
             raise schemas.ApiError(422, f"the chat template cannot render these messages: {e}", param="messages",
                                    code="invalid_messages") from None
-        # the template writes its own BOS (as apply_chat_template: add_special_tokens=False)
-        return tok.encode(text, special=False) if isinstance(tok, HFTokenizer) else tok.encode(text)
+        return encode_rendered(tok, text)
 
     def admit(self, ids: list[int], params, chat: bool) -> Live:
         eng = self.require()

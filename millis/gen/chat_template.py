@@ -38,3 +38,13 @@ def render_chat(template: str, messages: list[dict], special: dict[str, str]) ->
     from transformers.utils.chat_template_utils import render_jinja_template
 
     return render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **special)[0][0]
+
+
+def encode_rendered(tok, text: str) -> list[int]:
+    """Token ids of a rendered template: it writes its own BOS and special tokens (as apply_chat_template
+    with add_special_tokens=False), so the tokenizer adds none where it can be told so."""
+    import inspect
+
+    if "special" in inspect.signature(tok.encode).parameters:
+        return tok.encode(text, special=False)
+    return tok.encode(text)

@@ -1,0 +1,167 @@
+"""Tokenizers from GGUF metadata: byte-level BPE (`tokenizer.ggml.model` gpt2, with the pre-tokenizer
+llama.cpp names in `tokenizer.ggml.pre`) and SentencePiece BPE (`llama`), as llama.cpp reads them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from millis.common.errors import MillisError
+from millis.gen.tokenizer import HFTokenizer, Llama2cTokenizer
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # tokenizer.ggml.token_type values
+
+
+def opt_int(v) -> int | None:
+    return None if v is None else int(v)
+
+
+_GPT2 = None
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGITS = "digits"  # each digit alone, then the GPT-2 regex (SmolLM2's tokenizer.json: Digits + ByteLevel)
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt2", "mpt", "olmo", "jais"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _DIGITS),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2),
+}
+# llama.cpp matches a whole pre-token against the vocabulary before merging for these (HF: ignore_merges)
+IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (bytes_to_unicode): how byte-level vocabularies spell bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+class GGUFBPETokenizer(HFTokenizer):
+    """HFTokenizer over a `tokenizers.Tokenizer` built from GGUF metadata (HFTokenizer reads a file)."""
+
+    def __init__(self, tok, eos_id: int | None) -> None:  # not super().__init__: there is no file to read
+        self._tok, self.eos_id = tok, eos_id
+
+
+class GGUFSpmTokenizer(Llama2cTokenizer):
+    """llama.cpp's SentencePiece BPE (tokenizer.ggml.model llama) on Llama2cTokenizer's merge loop, with
+    the file's <unk>/BOS/EOS ids and <0xXX> byte ids; control and user-defined tokens in the text are
+    matched whole and only normal pieces are merged into. Each stretch of text between them gets the
+    dummy-prefix space, even one that starts with a space (SentencePiece, llama.cpp and Llama 2's own
+    tokenizer.json; transformers' GGUF converter adds it at the start only, and not before a space)."""
+
+    def __init__(self, pieces: list[str], scores: list[float], types: list[int], unk: int, bos: int | None,
+                 eos: int | None, add_bos: bool, add_space_prefix: bool) -> None:
+        super().__init__(pieces, [s if t == NORMAL else -1e30 for s, t in zip(scores, types)])
+        self.UNK, self.BOS, self.EOS, self.eos_id = unk, bos, eos, eos  # instance ids shadow llama2.c's 0/1/2
+        self.types, self.add_bos, self.add_space_prefix = types, add_bos and bos is not None, add_space_prefix
+        self.byte_ids = {int(m.group(1), 16): i for i, p in enumerate(pieces) if types[i] == BYTE
+                         and (m := re.match(r"^<0x([0-9A-Fa-f]{2})>$", p))}
+        whole = sorted((p for p, t in zip(pieces, types) if t in (CONTROL, USER_DEFINED) and p), key=len, reverse=True)
+        self.whole = re.compile("(" + "|".join(map(re.escape, whole)) + ")") if whole else None
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        ids = [self.BOS] if special and self.add_bos else []
+        parts = self.whole.split(text) if self.whole else [text]
+        for k, part in enumerate(parts):
+            if k % 2:  # a matched control / user-defined token
+                ids.append(self.ids[part])
+            elif part:
+                ids += self._merge(self.symbols(" " + part if self.add_space_prefix else part))
+        return ids
+
+    def symbols(self, text: str) -> list[int]:
+        toks = []
+        for ch in text:
+            if ch in self.ids and self.types[self.ids[ch]] == NORMAL:
+                toks.append(self.ids[ch])
+            elif len(self.byte_ids) == 256:  # byte fallback: one <0xXX> piece per UTF-8 byte
+                toks.extend(self.byte_ids[b] for b in ch.encode("utf-8"))
+            else:
+                toks.append(self.UNK)
+        return toks
+
+    def decode(self, ids: list[int]) -> str:
+        """Control tokens (BOS, EOS...) are skipped, as HFTokenizer skips special tokens; the dummy prefix
+        is taken off the first piece."""
+        out, first = bytearray(), True
+        for i in ids:
+            t = self.types[i] if 0 <= i < len(self.pieces) else UNKNOWN
+            if t in (CONTROL, UNKNOWN):
+                continue
+            piece = self.pieces[i]
+            if first and self.add_space_prefix and piece.startswith(" "):
+                piece = piece[1:]
+            first = False
+            m = re.match(r"^<0x([0-9A-Fa-f]{2})>$", piece) if t == BYTE else None
+            out += bytes([int(m.group(1), 16)]) if m else piece.encode("utf-8")
+        return out.decode("utf-8", errors="replace")
+
+
+def tokenizer_of(path: Path, meta: dict, n_rows: int):
+    """(tokenizer, special token strings) from the tokenizer.ggml.* metadata."""
+    model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    if model not in ("gpt2", "llama"):
+        raise MillisError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2 = byte-level "
+                          f"BPE, llama = SentencePiece BPE)")
+    if not tokens or len(tokens) > n_rows:
+        raise MillisError(f"{path}: tokenizer.ggml.tokens is missing" if not tokens else
+                          f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens for an embedding of {n_rows} rows")
+    types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+    if len(types) != len(tokens) or len(meta.get("tokenizer.ggml.scores", tokens)) != len(tokens):
+        raise MillisError(f"{path}: tokenizer.ggml.token_type / scores do not have one entry per token")
+    ids = {k: opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "unknown", "padding")}
+    special = {f"{name}_token": tokens[i] for name, k in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
+                                                          ("pad", "padding")) if (i := ids[k]) is not None
+               and i < len(tokens)}
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    # llama.cpp's defaults when the flag is absent: BOS for SentencePiece and the Llama 3 pre-tokenizer
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in IGNORE_MERGES))
+    if model == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
+        pieces = [t.replace("\u2581", " ") for t in tokens]
+        tok = GGUFSpmTokenizer(pieces, scores, types, ids["unknown"] or 0, ids["bos"], ids["eos"], add_bos,
+                               bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+        return tok, special
+    if pre not in PRE_TOKENIZERS:
+        raise MillisError(f"{path}: byte-level pre-tokenizer tokenizer.ggml.pre={pre!r} is not known; known: "
+                          f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    return GGUFBPETokenizer(_byte_level(meta, tokens, types, pre, ids["bos"] if add_bos else None),
+                            ids["eos"]), special
+
+
+def _byte_level(meta: dict, tokens: list[str], types: list[int], pre: str, bos: int | None):
+    """A `tokenizers.Tokenizer`: BPE over the file's vocabulary and merges, the pre-tokenizer of `pre`,
+    control tokens (type 3) special, user-defined ones (type 4) matched whole, BOS when the file asks."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = byte_alphabet()
+    spelled = set(alphabet.values())
+    # a token outside the byte alphabet (rare) is respelled byte by byte, as transformers' GGUF converter does
+    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
+    split = PRE_TOKENIZERS[pre]
+    if split in (_GPT2, _DIGITS):
+        bl = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bl]) \
+            if split == _DIGITS else bl
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # a control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                            if k == CONTROL and set(t) <= spelled])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
+                    if k == USER_DEFINED and t in vocab])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=[tokens[bos], "$A"],
+                                                           pair=[tokens[bos], "$A", tokens[bos], "$B"],
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok

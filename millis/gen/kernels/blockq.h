@@ -1,0 +1,48 @@
+/* Block-quantized weights (GGUF / ggml layouts) and block-quantized activations: the shared types
+   of blockq.c (formats, dot products, matmul) and llama_step.c (the decoder forward). */
+#pragma once
+#include <stdint.h>
+
+/* ggml type ids, as GGUF stores them */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+       T_BF16 = 30 };
+
+#define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
+
+#define QK 32    /* values per block (and per activation block) */
+#define QK_K 256 /* values per K-quant super-block */
+
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;                  /* 34 bytes: d * q */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;                 /* 18: d * (q - 8) */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;              /* 20: d * q + m */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;               /* 144 */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K; /* 176 */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;       /* 210 */
+
+/* One activation block: 32 int8 values with their scale (as llama.cpp's Q8_1): x ~ d * q, and
+   s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply. */
+typedef struct { float d, s; int8_t q[32]; } xblock;
+
+/* A weight matrix (rows, cols) in GGUF's layout: row r is `row_bytes` bytes at data + r * row_bytes. */
+typedef struct { int32_t type; int32_t pad; const uint8_t* data; int64_t rows, cols, row_bytes; } mat;
+
+/* fp16 -> fp32, inlined (an exported function would be called through the PLT in the hot loops) */
+#ifdef __F16C__
+#include <immintrin.h>
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
+float f16_to_f32_scalar(uint16_t h);
+static inline float f16_to_f32(uint16_t h) { return f16_to_f32_scalar(h); }
+#endif
+int type_block(int type);                 /* values per block of `type` (1 for float types) */
+int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
+API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
+API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
+
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the
+   quantized types, fp32 rows (K per row) for the float ones. `acc`: add to Y instead of writing. */
+void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const float* Xf, int64_t M,
+                 float* Y, int64_t ldy, int acc);
+/* The same, rows [0, W.rows) split over `nthreads` OpenMP threads (the standalone entry point). */
+API void matmul(const mat* W, const xblock* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
+            int nthreads);

@@ -1,0 +1,283 @@
+/* One forward pass of a Llama-family decoder (llama, mistral, qwen2) in one C call: a flat batch of
+   n tokens, each (id, position, slot), prefill and decode alike; logits of the chosen rows.
+   Threads: pool.c (no barriers; a thread another process preempts does not stall the step).
+
+   Per layer: RMSNorm -> Q, K, V (one work split over the three matrices) -> bias, RoPE, K/V written
+   to the paged cache -> attention over the slot's positions -> O (+ residual) -> RMSNorm -> gate and
+   up (one split) -> SiLU * up -> down (+ residual). Ten pool jobs per layer in one C call (not one
+   Python dispatch per op). Matrices are split by chunks of output rows; per-token ops by token.
+
+   KV cache (paged, fp32): k_pool / v_pool (n_layers, n_blocks, n_kv, block_size, head_dim); position p
+   of slot s lives in block block_table[s * table_stride + p / block_size]. Python allocates the
+   blocks before the call. Attention of a token at position p sees positions [lo, p] of its slot
+   (lo = p - window + 1 with a sliding window), which the same call has written when they are new. */
+#include "blockq.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;          /* (dim,) */
+    const float *bq, *bk, *bv;                  /* qwen2 biases or NULL */
+    mat q, k, v, o, gate, up, down;
+} layer_w;
+
+typedef struct {
+    int32_t n_layers, dim, n_heads, n_kv, head_dim, hidden, vocab, rope_neox, window, block_size;
+    float eps, attn_scale;
+    const float *rope_cos, *rope_sin;           /* (max_pos, head_dim / 2) */
+    int64_t max_pos;
+    mat tok_emb, head;
+    const float* out_norm;
+    const layer_w* layers;
+    float *k_pool, *v_pool;
+    int64_t n_blocks;
+    const int32_t* block_table;
+    int64_t table_stride;
+} model_w;
+
+typedef struct {   /* buffers for up to n_max tokens */
+    float *x, *h, *q, *k, *v, *att, *g, *u;     /* x, h (n, dim); q, att (n, nh*hd); k, v (n, nkv*hd); g, u (n, hidden) */
+    xblock* xq;                                 /* (n, max(dim, nh*hd, hidden) / 32) */
+} scratch_w;
+
+#ifdef __AVX2__
+static inline __m256 exp256(__m256 x) {  /* Cephes expf, ~1 ulp on [-88, 88] */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float dotf(const float* a, const float* b, int n) {
+    int i = 0; float r = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    r = hsum8(acc);
+#endif
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+static inline void axpy(float* y, float a, const float* x, int n) {  /* y += a * x */
+    int i = 0;
+#ifdef __AVX2__
+    const __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* x[i] = exp(x[i] - mx); returns the sum */
+static float exp_shift(float* x, int n, float mx) {
+    int i = 0; float sum = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(x + i, e); acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    return sum;
+}
+
+static void silu_mul(float* g, const float* u, int n) {  /* g = g * sigmoid(g) * u */
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+static void rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
+    float ss = dotf(x, x, n) / (float)n;
+    const float r = 1.f / sqrtf(ss + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float* v, int n_heads, int hd, const float* c, const float* s, int neox) {
+    const int half = hd / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float* x = v + h * hd;
+        for (int i = 0; i < half; i++) {
+            const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+            const float x0 = x[a], x1 = x[b];
+            x[a] = x0 * c[i] - x1 * s[i];
+            x[b] = x0 * s[i] + x1 * c[i];
+        }
+    }
+}
+
+static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p, int g) {
+    const int64_t blk = m->block_table[(int64_t)slot * m->table_stride + p / m->block_size];
+    return pool + ((((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size + p % m->block_size) * m->head_dim;
+}
+
+static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g) {
+    const int hd = m->head_dim, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
+    float mx = -INFINITY;
+    for (int j = lo; j <= p; j++) {
+        const float s = dotf(q, kv_at(m, m->k_pool, l, slot, j, g), hd) * m->attn_scale;
+        sc[j - lo] = s; mx = s > mx ? s : mx;
+    }
+    const float inv = 1.f / exp_shift(sc, p - lo + 1, mx);
+    memset(out, 0, sizeof(float) * hd);
+    for (int j = lo; j <= p; j++) axpy(out, sc[j - lo] * inv, kv_at(m, m->v_pool, l, slot, j, g), hd);
+}
+
+static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
+
+/* ---- the step as a sequence of pool jobs (pool.c): each op is split into chunks ---- */
+void pool_begin(int threads);
+void pool_end(void);
+void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
+
+typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split by chunks of rows */
+    const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
+    const xblock* Xq; const float* Xf; int64_t M, rows_per_chunk, first_chunk[4];
+} mm_job;
+
+static void mm_chunk(void* p, int64_t c) {
+    const mm_job* j = p;
+    int i = 0;
+    while (c >= j->first_chunk[i + 1]) i++;
+    const int64_t n0 = (c - j->first_chunk[i]) * j->rows_per_chunk;
+    const int64_t n1 = n0 + j->rows_per_chunk < j->W[i]->rows ? n0 + j->rows_per_chunk : j->W[i]->rows;
+    matmul_rows(j->W[i], n0, n1, j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc);
+}
+
+static int g_threads = 1;
+
+static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const xblock* Xq,
+                   const float* Xf, int64_t M) {
+    mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
+    int64_t rows = 0;
+    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; rows += W[i]->rows; }
+    /* ~8 chunks per thread (a preempted thread's share is small), at least 16 rows (per-chunk cost) */
+    int64_t per = rows / (8 * (int64_t)g_threads);
+    per = per < 16 ? 16 : (per + 15) / 16 * 16;
+    j.rows_per_chunk = per;
+    j.first_chunk[0] = 0;
+    for (int i = 0; i < n; i++) j.first_chunk[i + 1] = j.first_chunk[i] + (W[i]->rows + per - 1) / per;
+    pool_run(mm_chunk, &j, j.first_chunk[n]);
+}
+
+typedef struct {
+    const model_w* m; const scratch_w* s; int64_t n; const int32_t *ids, *pos, *slots, *out_rows;
+    const layer_w* w; int l;
+} step_ctx;
+
+static void op_embed(void* p, int64_t t) {
+    const step_ctx* c = p; const model_w* m = c->m;
+    dequant_row(m->tok_emb.type, m->tok_emb.data + c->ids[t] * m->tok_emb.row_bytes, m->dim, c->s->x + t * m->dim);
+}
+static void op_attn_norm(void* p, int64_t t) {
+    const step_ctx* c = p; const int D = c->m->dim;
+    rmsnorm(c->s->x + t * D, c->w->attn_norm, D, c->m->eps, c->s->h + t * D);
+    quantize_x(c->s->h + t * D, D, c->s->xq + t * (D / QK));
+}
+static void op_ffn_norm(void* p, int64_t t) {
+    const step_ctx* c = p; const int D = c->m->dim;
+    rmsnorm(c->s->x + t * D, c->w->ffn_norm, D, c->m->eps, c->s->h + t * D);
+    quantize_x(c->s->h + t * D, D, c->s->xq + t * (D / QK));
+}
+static void op_rope_store(void* p, int64_t t) {
+    const step_ctx* c = p; const model_w* m = c->m; const scratch_w* s = c->s; const layer_w* w = c->w;
+    const int HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
+    float *q = s->q + t * QD, *k = s->k + t * KD, *v = s->v + t * KD;
+    add_bias(q, w->bq, QD); add_bias(k, w->bk, KD); add_bias(v, w->bv, KD);
+    const float* cs = m->rope_cos + (int64_t)c->pos[t] * (HD / 2);
+    const float* sn = m->rope_sin + (int64_t)c->pos[t] * (HD / 2);
+    rope(q, m->n_heads, HD, cs, sn, m->rope_neox);
+    rope(k, m->n_kv, HD, cs, sn, m->rope_neox);
+    for (int g = 0; g < m->n_kv; g++) {
+        memcpy(kv_at(m, m->k_pool, c->l, c->slots[t], c->pos[t], g), k + g * HD, sizeof(float) * HD);
+        memcpy(kv_at(m, m->v_pool, c->l, c->slots[t], c->pos[t], g), v + g * HD, sizeof(float) * HD);
+    }
+}
+static __thread float* tl_scores;   /* attention scores: one buffer per thread, grown as needed */
+static __thread int64_t tl_cap;
+static void op_attend(void* p, int64_t th) {
+    const step_ctx* c = p; const model_w* m = c->m;
+    const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD;
+    const int64_t t = th / NH; const int h = (int)(th % NH);
+    if (tl_cap < m->max_pos) { free(tl_scores); tl_scores = malloc(sizeof(float) * m->max_pos); tl_cap = m->max_pos; }
+    attend(m, c->l, c->slots[t], c->pos[t], c->s->q + t * QD + h * HD, c->s->att + t * QD + h * HD, tl_scores,
+           h / (NH / m->n_kv));
+}
+static void op_quant_att(void* p, int64_t t) {
+    const step_ctx* c = p; const int QD = c->m->n_heads * c->m->head_dim;
+    quantize_x(c->s->att + t * QD, QD, c->s->xq + t * (QD / QK));
+}
+static void op_swiglu(void* p, int64_t t) {
+    const step_ctx* c = p; const int H = c->m->hidden;
+    silu_mul(c->s->g + t * H, c->s->u + t * H, H);
+    quantize_x(c->s->g + t * H, H, c->s->xq + t * (H / QK));
+}
+static void op_out_norm(void* p, int64_t r) {
+    const step_ctx* c = p; const int D = c->m->dim;
+    rmsnorm(c->s->x + (int64_t)c->out_rows[r] * D, c->m->out_norm, D, c->m->eps, c->s->h + r * D);
+    quantize_x(c->s->h + r * D, D, c->s->xq + r * (D / QK));
+}
+
+API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32_t* ids, const int32_t* pos,
+                    const int32_t* slots, int64_t n_out, const int32_t* out_rows, float* logits, int nthreads) {
+    const int D = m->dim, H = m->hidden, HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
+    for (int64_t t = 0; t < n; t++)
+        if (ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 || pos[t] >= m->max_pos) return 1;
+    pool_begin(nthreads);
+    g_threads = nthreads < 1 ? 1 : nthreads;
+    step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
+    pool_run(op_embed, &c, n);
+    for (int l = 0; l < m->n_layers; l++) {
+        const layer_w* w = &m->layers[l];
+        c.w = w; c.l = l;
+        pool_run(op_attn_norm, &c, n);
+        { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
+          mm_run(3, W, Y, ld, 0, s->xq, s->h, n); }
+        pool_run(op_rope_store, &c, n);
+        pool_run(op_attend, &c, n * m->n_heads);
+        pool_run(op_quant_att, &c, n);
+        { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+          mm_run(1, W, Y, ld, 1, s->xq, s->att, n); }
+        pool_run(op_ffn_norm, &c, n);
+        { const mat* W[2] = {&w->gate, &w->up}; float* Y[2] = {s->g, s->u}; const int64_t ld[2] = {H, H};
+          mm_run(2, W, Y, ld, 0, s->xq, s->h, n); }
+        pool_run(op_swiglu, &c, n);
+        { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+          mm_run(1, W, Y, ld, 1, s->xq, s->g, n); }
+    }
+    pool_run(op_out_norm, &c, n_out);
+    { const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
+      mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out); }
+    pool_end();
+    return 0;
+}

@@ -1,0 +1,105 @@
+/* A small thread pool for the forward pass: the caller leads, workers help, nobody waits at a barrier.
+
+   pool_run(fn, ctx, total) runs fn(ctx, chunk) for chunk in [0, total) and returns when all are done.
+   Chunks are taken one at a time from a shared counter by the caller and by whichever workers are
+   awake; there is no barrier that every thread must reach. So when another process takes a core
+   from one of our threads (a server shares its machine), the caller and the other workers take that
+   thread's chunks instead of waiting for it: the step slows by the missing core, not by a scheduler
+   time slice per op. A worker spins briefly for the next job, then sleeps on a futex.
+
+   The counter holds (job << 32 | next chunk): a worker that read an old job's function can never
+   take a chunk of the next job (its compare-and-swap fails), so jobs never mix. */
+#include "blockq.h"
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifdef __x86_64__
+#include <immintrin.h>
+#define RELAX() _mm_pause()
+#else
+#define RELAX() ((void)0)
+#endif
+
+#define MAX_THREADS 256
+#define SPIN 200000 /* pause loops (~tens of microseconds... ~1 ms) before a worker sleeps */
+
+typedef void (*task_fn)(void* ctx, int64_t chunk);
+
+static struct {
+    pthread_mutex_t lock;           /* serializes pool_run callers and resizing */
+    int n;                          /* workers (threads - 1) */
+    pthread_t th[MAX_THREADS];
+    _Atomic uint32_t seq;           /* job number; workers wait for it to change */
+    _Atomic uint64_t next;          /* job << 32 | next chunk */
+    _Atomic int64_t done;           /* chunks finished in the current job */
+    _Atomic int sleeping, stop;
+    task_fn fn;
+    void* ctx;
+    int64_t total;
+} P = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void futex_wait(_Atomic uint32_t* a, uint32_t v) { syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, 0, 0, 0); }
+static void futex_wake(_Atomic uint32_t* a) { syscall(SYS_futex, a, FUTEX_WAKE_PRIVATE, MAX_THREADS, 0, 0, 0); }
+
+/* take and run chunks of job `job` until none is left */
+static void work(uint32_t job) {
+    task_fn fn = P.fn; void* ctx = P.ctx; const int64_t total = P.total;
+    uint64_t v = atomic_load(&P.next);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != job || (int64_t)(v & 0xffffffffu) >= total) return;
+        if (!atomic_compare_exchange_weak(&P.next, &v, v + 1)) continue;  /* v reloaded */
+        fn(ctx, (int64_t)(v & 0xffffffffu));
+        atomic_fetch_add(&P.done, 1);
+        v = atomic_load(&P.next);
+    }
+}
+
+static void* worker(void* arg) {
+    (void)arg;
+    uint32_t seen = atomic_load(&P.seq);
+    while (!atomic_load(&P.stop)) {
+        uint32_t s;
+        int spins = 0;
+        while ((s = atomic_load(&P.seq)) == seen && !atomic_load(&P.stop)) {
+            if (++spins < SPIN) { RELAX(); continue; }
+            atomic_fetch_add(&P.sleeping, 1);
+            if (atomic_load(&P.seq) == seen && !atomic_load(&P.stop)) futex_wait(&P.seq, seen);
+            atomic_fetch_sub(&P.sleeping, 1);
+            spins = 0;
+        }
+        seen = s;
+        work(s);
+    }
+    return 0;
+}
+
+static void resize(int threads) {  /* with P.lock held */
+    if (threads - 1 == P.n) return;
+    if (P.n) {
+        atomic_store(&P.stop, 1); atomic_fetch_add(&P.seq, 1); futex_wake(&P.seq);
+        for (int i = 0; i < P.n; i++) pthread_join(P.th[i], 0);
+        atomic_store(&P.stop, 0); P.n = 0;
+    }
+    for (int i = 0; i < threads - 1 && i < MAX_THREADS; i++)
+        if (pthread_create(&P.th[i], 0, worker, 0) == 0) P.n++;
+}
+
+void pool_begin(int threads) { pthread_mutex_lock(&P.lock); resize(threads < 1 ? 1 : threads); }
+void pool_end(void) { pthread_mutex_unlock(&P.lock); }
+
+/* between pool_begin and pool_end */
+void pool_run(task_fn fn, void* ctx, int64_t total) {
+    if (total <= 0) return;
+    if (P.n == 0 || total == 1) { for (int64_t c = 0; c < total; c++) fn(ctx, c); return; }
+    const uint32_t job = atomic_load(&P.seq) + 1;
+    P.fn = fn; P.ctx = ctx; P.total = total;
+    atomic_store(&P.done, 0);
+    atomic_store(&P.next, (uint64_t)job << 32);
+    atomic_store(&P.seq, job);  /* publishes the job (seq_cst: after the fields above) */
+    if (atomic_load(&P.sleeping)) futex_wake(&P.seq);
+    work(job);
+    while (atomic_load(&P.done) < total) RELAX();
+}

@@ -1,0 +1,234 @@
+"""A Llama-family decoder run by millis's C kernels (`kernels/llama_step.c`): weights stay in their
+GGUF block formats, the whole forward pass of a step is one C call, and the KV cache is paged.
+
+`NativeLlama` is called like the torch models, with a `Batch` (rows of T tokens at their positions
+in their slots) and returns fp32 logits (B, 1 or T, vocab). Long prompts run in chunks of at most
+`CHUNK` tokens (bounded scratch memory; each chunk attends to the ones before through the cache).
+
+The KV cache (`PagedKV`) is sized by memory, not by slots x context: `n_blocks` blocks of
+`block_size` positions, taken from a free list as a slot's sequence grows and returned when the
+engine releases the slot. The engine reserves a request's worst case (prompt + max_tokens) at
+admission, so a running request never finds the cache full; the pool is allocated with
+`numpy.empty`, so the operating system commits its pages only as positions are first written.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+import torch
+
+from millis.common.errors import MillisError
+from millis.gen.config import LlamaConfig
+from millis.gen.models.layers import Batch, rope_inv_freq
+
+TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+BLOCK_VALUES = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+KERNEL_SOURCES = ("blockq.c", "llama_step.c", "pool.c")
+CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
+P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("type", I32), ("pad", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
+
+
+class LayerW(ctypes.Structure):
+    _fields_ = [("attn_norm", P), ("ffn_norm", P), ("bq", P), ("bk", P), ("bv", P)] + [
+        (n, Mat) for n in ("q", "k", "v", "o", "gate", "up", "down")]
+
+
+class ModelW(ctypes.Structure):
+    _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "n_kv", "head_dim", "hidden", "vocab",
+                                   "rope_neox", "window", "block_size")] + [
+        ("eps", F), ("attn_scale", F), ("rope_cos", P), ("rope_sin", P), ("max_pos", I64),
+        ("tok_emb", Mat), ("head", Mat), ("out_norm", P), ("layers", P), ("k_pool", P), ("v_pool", P),
+        ("n_blocks", I64), ("block_table", P), ("table_stride", I64)]
+
+
+class ScratchW(ctypes.Structure):
+    _fields_ = [(n, P) for n in ("x", "h", "q", "k", "v", "att", "g", "u", "xq")]
+
+
+def kv_bytes_per_token(c: LlamaConfig) -> int:
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, fp32
+
+
+class PagedKV:
+    """Block bookkeeping of the paged cache: which blocks each slot holds, and what is promised."""
+
+    def __init__(self, n_blocks: int, block_size: int, max_slots: int, max_seq: int) -> None:
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self.table = np.zeros((max_slots, -(-max_seq // block_size)), dtype=np.int32)  # (slots, blocks)
+        self.free = list(range(n_blocks - 1, -1, -1))  # pop() gives the lowest first: touched memory stays low
+        self.owned: list[list[int]] = [[] for _ in range(max_slots)]
+        self.reserved = [0] * max_slots
+
+    def blocks(self, n_pos: int) -> int:
+        return -(-n_pos // self.block_size)
+
+    @property
+    def capacity(self) -> int:  # positions the whole cache holds
+        return self.n_blocks * self.block_size
+
+    def reserve(self, slot: int, n_pos: int) -> bool:
+        """Promise `slot` room for n_pos positions; False (nothing promised) when the pool cannot."""
+        need = self.blocks(n_pos)
+        if sum(self.reserved) - self.reserved[slot] + need > self.n_blocks:
+            return False
+        self.reserved[slot] = need
+        return True
+
+    def ensure(self, slot: int, n_pos: int) -> None:
+        """Blocks for positions [0, n_pos) of `slot`, taken from the free list as the sequence grows."""
+        owned = self.owned[slot]
+        need = self.blocks(n_pos)
+        if need > self.table.shape[1]:
+            raise MillisError(f"position {n_pos - 1} is past the engine's context of {self.table.shape[1] * self.block_size}")
+        while len(owned) < need:
+            if not self.free:
+                raise MillisError("the KV cache is full (raise --kv-memory-mb)")
+            b = self.free.pop()
+            self.table[slot, len(owned)] = b
+            owned.append(b)
+
+    def release(self, slot: int) -> None:
+        self.free.extend(reversed(self.owned[slot]))
+        self.owned[slot], self.reserved[slot] = [], 0
+
+
+def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
+    if t.qtype not in TYPE_IDS:
+        raise MillisError(f"tensor {name} has type {t.qtype}, which millis's kernels do not run")
+    rows, cols = t.shape
+    if cols % BLOCK_VALUES.get(t.qtype, 1) or (t.qtype not in ("F32", "F16", "BF16") and cols % 32):
+        raise MillisError(f"tensor {name}: {cols} columns is not a whole number of {t.qtype} blocks")
+    data = np.ascontiguousarray(t.data)
+    return Mat(TYPE_IDS[t.qtype], 0, data.ctypes.data, rows, cols, data.nbytes // rows), data
+
+
+class NativeLlama:
+    """A GGUF-layout Llama run by the C forward. `tensors`: GGUF names -> objects with `qtype`,
+    `shape` ((rows, cols) or (n,)) and `data` (numpy: block bytes (rows, row_bytes) or fp32)."""
+
+    def __init__(self, c: LlamaConfig, tensors: dict, rope_neox: bool, max_batch: int, max_seq: int,
+                 kv_bytes: int, threads: int, block_size: int = 32) -> None:
+        from millis.gen.kernels.native import build, native_isa
+
+        isa = native_isa()
+        if isa is None:
+            raise MillisError("GGUF models run on millis's native kernels, which are disabled (MILLIS_NO_KERNELS)")
+        self.lib = build("llama_step", KERNEL_SOURCES, isa)
+        self.lib.llm_forward.restype = ctypes.c_int
+        self.lib.llm_forward.argtypes = [P, P, I64, P, P, P, I64, P, P, ctypes.c_int]
+        from millis.common.hardware import usable_cpus
+
+        self.isa, self.config, self.threads = isa, c, threads or usable_cpus()
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.keep: list = []  # every array a pointer refers to
+        get = lambda n: self._tensor(tensors, n)  # noqa: E731
+        layers = (LayerW * c.n_layers)()
+        for i in range(c.n_layers):
+            L, b = layers[i], f"blk.{i}."
+            L.attn_norm, L.ffn_norm = self._vec(get(b + "attn_norm.weight")), self._vec(get(b + "ffn_norm.weight"))
+            for f, n in (("bq", "attn_q.bias"), ("bk", "attn_k.bias"), ("bv", "attn_v.bias")):
+                setattr(L, f, self._vec(tensors[b + n]) if c.qkv_bias else None)
+            for f, n in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
+                         ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+                setattr(L, f, self._matrix(get(b + n + ".weight"), b + n))
+        self.layers = layers
+        head = tensors.get("output.weight") or get("token_embd.weight")
+        cos, sin = self._rope(c, max_seq)
+        n_blocks = max(1, kv_bytes // (kv_bytes_per_token(c) * block_size))
+        self.kv = PagedKV(n_blocks, block_size, max_batch, max_seq)
+        pool = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
+        self.k_pool, self.v_pool = np.empty(pool, np.float32), np.empty(pool, np.float32)
+        self.m = ModelW(
+            n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv=c.n_kv_heads, head_dim=c.head_dim,
+            hidden=c.hidden_dim, vocab=c.vocab_size, rope_neox=int(rope_neox), window=c.sliding_window,
+            block_size=block_size, eps=c.norm_eps, attn_scale=1.0 / math.sqrt(c.head_dim),
+            rope_cos=cos.ctypes.data, rope_sin=sin.ctypes.data, max_pos=max_seq,
+            tok_emb=self._matrix(get("token_embd.weight"), "token_embd"), head=self._matrix(head, "output"),
+            out_norm=self._vec(get("output_norm.weight")), layers=ctypes.addressof(layers),
+            k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
+            block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1])
+        self.keep += [cos, sin]
+        self._scratch_n = 0
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _tensor(tensors: dict, name: str):
+        if name not in tensors:
+            raise MillisError(f"the model has no tensor {name}")
+        return tensors[name]
+
+    def _vec(self, t) -> int:
+        a = np.ascontiguousarray(t.data, dtype=np.float32) if t.qtype == "F32" else self._dequant(t)
+        self.keep.append(a)
+        return a.ctypes.data
+
+    @staticmethod
+    def _dequant(t) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        from gguf import GGMLQuantizationType as G
+
+        return np.ascontiguousarray(dequantize(t.data, G[t.qtype]), dtype=np.float32).reshape(-1)
+
+    def _matrix(self, t, name: str) -> Mat:
+        m, data = _mat(t, name)
+        self.keep.append(data)
+        return m
+
+    @staticmethod
+    def _rope(c: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), rope_inv_freq(c).float())  # (S, hd/2)
+        return np.ascontiguousarray(freqs.cos().numpy()), np.ascontiguousarray(freqs.sin().numpy())
+
+    def _scratch(self, n: int) -> ScratchW:
+        if n > self._scratch_n:
+            c = self.config
+            qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            widest = max(c.dim, qd, c.hidden_dim)
+            self._bufs = {k: np.empty(n * w, np.float32) for k, w in (
+                ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", c.hidden_dim),
+                ("u", c.hidden_dim))}
+            self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * 40, np.uint8)  # xblock: 40 bytes per 32 values
+            self._sw = ScratchW(**{k: v.ctypes.data for k, v in self._bufs.items()})
+            self._scratch_n = n
+        return self._sw
+
+    # ------------------------------------------------------------------ the forward pass
+    def forward_flat(self, ids: np.ndarray, pos: np.ndarray, slots: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
+        """ids, pos, slots (n,) int32 -> logits (len(out_rows), vocab) fp32 of the rows out_rows."""
+        for s in np.unique(slots):
+            self.kv.ensure(int(s), int(pos[slots == s].max()) + 1)
+        ids, pos, slots, out_rows = (np.ascontiguousarray(a, dtype=np.int32) for a in (ids, pos, slots, out_rows))
+        logits = np.empty((len(out_rows), self.config.vocab_size), np.float32)
+        sw = self._scratch(len(ids))
+        rc = self.lib.llm_forward(ctypes.addressof(self.m), ctypes.addressof(sw), len(ids), ids.ctypes.data,
+                                  pos.ctypes.data, slots.ctypes.data, len(out_rows), out_rows.ctypes.data,
+                                  logits.ctypes.data, self.threads)
+        if rc:
+            raise MillisError(f"token ids must be in 0..{self.config.vocab_size - 1} and positions below {self.max_seq}")
+        return logits
+
+    def __call__(self, b: Batch) -> torch.Tensor:
+        B, T = b.ids.shape
+        ids, pos = b.ids.numpy().astype(np.int32), b.pos.numpy().astype(np.int32)
+        slots = np.repeat(b.slots.numpy().astype(np.int32)[:, None], T, axis=1)
+        if B * T <= CHUNK:
+            rows = np.arange(B) * T + T - 1 if b.last_only else np.arange(B * T)
+            out = self.forward_flat(ids.reshape(-1), pos.reshape(-1), slots.reshape(-1), rows)
+            return torch.from_numpy(out).view(B, 1 if b.last_only else T, -1)
+        outs = []
+        for r in range(B):  # long prompts: chunks of one row
+            for c0 in range(0, T, CHUNK):
+                c1 = min(T, c0 + CHUNK)
+                rows = np.array([c1 - c0 - 1]) if b.last_only else np.arange(c1 - c0)
+                if b.last_only and c1 < T:
+                    rows = rows[:0]
+                outs.append(self.forward_flat(ids[r, c0:c1], pos[r, c0:c1], slots[r, c0:c1], rows))
+        out = torch.from_numpy(np.concatenate(outs))
+        return out.view(B, 1 if b.last_only else T, -1)

