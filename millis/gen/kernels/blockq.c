@@ -228,6 +228,39 @@ ROWS(rows1_q4_k, 1, 1, DEC_Q4_K) ROWS(rows4_q4_k, 4, 1, DEC_Q4_K)
 ROWS(rows1_q5_k, 1, 1, DEC_Q5_K) ROWS(rows4_q5_k, 4, 1, DEC_Q5_K)
 ROWS(rows1_q6_k, 1, 0, DEC_Q6_K) ROWS(rows4_q6_k, 4, 0, DEC_Q6_K)
 
+/* decode (one token): two weight rows per pass share each activation block's load and scale */
+#define HALF(R, A, O, UNSIGNED, DEC) {                                                                 \
+        const uint8_t* row = (R); __m256i wq; __m256 sc; float mn = 0.f;                               \
+        DEC()                                                                                          \
+        const __m256i p = UNSIGNED ? mul_us(wq, xq) : mul_ss(wq, xq);                                  \
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sc, dx), A);                          \
+        O += mn * xb->s; }
+#define PAIR(NAME, UNSIGNED, DEC)                                                                      \
+static void NAME(const uint8_t* r0, const uint8_t* r1, const xblock* x, int64_t nb, float* out) {     \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0; float o0 = 0.f, o1 = 0.f;                                \
+    for (int64_t i = 0; i < nb; i++) {                                                                 \
+        const xblock* xb = x + i;                                                                      \
+        const __m256i xq = _mm256_loadu_si256((const __m256i*)xb->q);                                 \
+        const __m256 dx = _mm256_set1_ps(xb->d);                                                       \
+        HALF(r0, a0, o0, UNSIGNED, DEC) HALF(r1, a1, o1, UNSIGNED, DEC)                                \
+    }                                                                                                  \
+    out[0] = hsum(a0) + o0; out[1] = hsum(a1) + o1;                                                    \
+}
+PAIR(pair_q8_0, 0, DEC_Q8_0) PAIR(pair_q4_0, 0, DEC_Q4_0) PAIR(pair_q4_1, 1, DEC_Q4_1)
+PAIR(pair_q4_k, 1, DEC_Q4_K) PAIR(pair_q5_k, 1, DEC_Q5_K) PAIR(pair_q6_k, 0, DEC_Q6_K)
+
+typedef void (*pair_fn)(const uint8_t*, const uint8_t*, const xblock*, int64_t, float*);
+static pair_fn pair_of(int type) {
+    switch (type) {
+        case T_Q8_0: return pair_q8_0;
+        case T_Q4_0: return pair_q4_0;
+        case T_Q4_1: return pair_q4_1;
+        case T_Q4_K: return pair_q4_k;
+        case T_Q5_K: return pair_q5_k;
+        default: return pair_q6_k;
+    }
+}
+
 typedef void (*rows_fn)(const uint8_t*, const xblock*, int64_t, int64_t, float*);
 static void kernels_of(int type, rows_fn* k1, rows_fn* k4) {
     switch (type) {
@@ -262,6 +295,24 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const f
 #ifdef __AVX2__
     rows_fn k1 = 0, k4 = 0;
     if (!fl) kernels_of(W->type, &k1, &k4);
+#endif
+#ifdef __AVX2__
+    if (M == 1 && !fl) {  /* decode: rows in pairs */
+        const pair_fn k2 = pair_of(W->type);
+        int64_t n = n0;
+        for (; n + 2 <= n1; n += 2) {
+            float out[2];
+            k2(W->data + n * W->row_bytes, W->data + (n + 1) * W->row_bytes, Xq, nb, out);
+            Y[n] = acc ? Y[n] + out[0] : out[0];
+            Y[n + 1] = acc ? Y[n + 1] + out[1] : out[1];
+        }
+        for (; n < n1; n++) {
+            float out[1];
+            k1(W->data + n * W->row_bytes, Xq, nb, nb, out);
+            Y[n] = acc ? Y[n] + out[0] : out[0];
+        }
+        return;
+    }
 #endif
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;

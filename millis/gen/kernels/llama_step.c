@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -159,6 +160,8 @@ static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i
 void pool_begin(int threads);
 void pool_end(void);
 void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
+void pool_solo(int solo);
+int64_t pool_wait_ns(void);
 
 typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split by chunks of rows */
     const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
@@ -175,6 +178,10 @@ static void mm_chunk(void* p, int64_t c) {
 }
 
 static int g_threads = 1;
+#define SOLO_STEPS 32
+static double last_wait_frac;  /* of the last step: share of it the caller waited for workers */
+static int last_solo;          /* the last step ran on the caller alone */
+API double llm_last_wait(int* solo) { *solo = last_solo; return last_wait_frac; }
 
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const xblock* Xq,
                    const float* Xf, int64_t M) {
@@ -253,8 +260,17 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     const int D = m->dim, H = m->hidden, HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
     for (int64_t t = 0; t < n; t++)
         if (ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 || pos[t] >= m->max_pos) return 1;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
+    /* Shared machine: when the caller spent over a third of the last step waiting for a worker that
+       another process had preempted holding a chunk, run the next SOLO_STEPS steps on the caller
+       alone (one full core beats two contended ones), then try the workers again. */
+    static int solo_left = 0;
+    pool_solo(solo_left > 0);
+    const int was_solo = solo_left > 0;
+    if (solo_left > 0) solo_left--;
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
     pool_run(op_embed, &c, n);
     for (int l = 0; l < m->n_layers; l++) {
@@ -278,6 +294,11 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     pool_run(op_out_norm, &c, n_out);
     { const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
       mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out); }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
+    if (!was_solo && g_threads > 1 && pool_wait_ns() > step_ns / 3) solo_left = SOLO_STEPS;
+    last_wait_frac = step_ns > 0 ? pool_wait_ns() / step_ns : 0;
+    last_solo = was_solo;
     pool_end();
     return 0;
 }

@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #ifdef __x86_64__
 #include <immintrin.h>
@@ -39,7 +40,14 @@ static struct {
     task_fn fn;
     void* ctx;
     int64_t total;
+    int solo;                       /* run jobs on the caller alone (the workers sleep) */
+    int64_t wait_ns;                /* time the caller spent waiting for workers' chunks */
 } P = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
 
 static void futex_wait(_Atomic uint32_t* a, uint32_t v) { syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, 0, 0, 0); }
 static void futex_wake(_Atomic uint32_t* a) { syscall(SYS_futex, a, FUTEX_WAKE_PRIVATE, MAX_THREADS, 0, 0, 0); }
@@ -87,13 +95,15 @@ static void resize(int threads) {  /* with P.lock held */
         if (pthread_create(&P.th[i], 0, worker, 0) == 0) P.n++;
 }
 
-void pool_begin(int threads) { pthread_mutex_lock(&P.lock); resize(threads < 1 ? 1 : threads); }
+void pool_begin(int threads) { pthread_mutex_lock(&P.lock); resize(threads < 1 ? 1 : threads); P.wait_ns = 0; }
 void pool_end(void) { pthread_mutex_unlock(&P.lock); }
+void pool_solo(int solo) { P.solo = solo; }       /* between pool_begin and pool_end */
+int64_t pool_wait_ns(void) { return P.wait_ns; }  /* since pool_begin */
 
 /* between pool_begin and pool_end */
 void pool_run(task_fn fn, void* ctx, int64_t total) {
     if (total <= 0) return;
-    if (P.n == 0 || total == 1) { for (int64_t c = 0; c < total; c++) fn(ctx, c); return; }
+    if (P.n == 0 || P.solo || total == 1) { for (int64_t c = 0; c < total; c++) fn(ctx, c); return; }
     const uint32_t job = atomic_load(&P.seq) + 1;
     P.fn = fn; P.ctx = ctx; P.total = total;
     atomic_store(&P.done, 0);
@@ -101,5 +111,9 @@ void pool_run(task_fn fn, void* ctx, int64_t total) {
     atomic_store(&P.seq, job);  /* publishes the job (seq_cst: after the fields above) */
     if (atomic_load(&P.sleeping)) futex_wake(&P.seq);
     work(job);
-    while (atomic_load(&P.done) < total) RELAX();
+    if (atomic_load(&P.done) < total) {  /* a worker still holds a chunk (or was preempted holding one) */
+        const int64_t t0 = now_ns();
+        while (atomic_load(&P.done) < total) RELAX();
+        P.wait_ns += now_ns() - t0;
+    }
 }

@@ -1,0 +1,260 @@
+"""millis's native GGUF path: the block kernels against a numpy reference (every format, the SIMD and
+the scalar build, decode and GEMM shapes), the one-call forward against millis's torch Llama (itself
+checked against HF transformers in test_gen_hf.py) on tiny GGUF files, the paged KV cache and its
+admission, chunked prefill, the thread pool, and the real SmolLM2 against HF transformers' fp32."""
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from gguf_fixtures import encode_tensor, random_llama_tensors, write_tiny_gguf
+
+from millis.common.errors import MillisError
+from millis.gen import EngineConfig, SamplingParams, open_engine
+from millis.gen.config import LlamaConfig
+from millis.gen.engine import run_all
+from millis.gen.kernels.native import build, native_isa
+from millis.gen.models import native_llama
+from millis.gen.models.layers import make_batch, setup_caches
+from millis.gen.models.llama import Llama
+from millis.gen.models.native_llama import KERNEL_SOURCES, TYPE_IDS, Mat
+
+FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+ISAS = sorted({"scalar", native_isa() or "scalar"})
+TINY = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=256, hidden_dim=128,
+                   norm_eps=1e-5, rope_theta=10000.0)
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def quantized_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) -> (xblock bytes, the fp32 values they hold): activations quantized per 32 by the kernel."""
+    M, K = x.shape
+    xq = np.zeros(M * (K // 32) * 40, np.uint8)
+    lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    for m in range(M):
+        lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * 40)
+    b = xq.reshape(M, K // 32, 40)
+    d = b[:, :, 0:4].copy().view(np.float32)
+    return xq, (b[:, :, 8:40].view(np.int8).astype(np.float32) * d).reshape(M, K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_block_matmul_matches_reference(isa, qtype, M):
+    """y = W x for every format: the kernel's integer sums equal dequant(W) @ dequant(x_q) (float types:
+    @ x) up to fp32 rounding; M = 1 is the decode path (rows in pairs), 7 the 4-token GEMM tiles + rest."""
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    rng = np.random.default_rng(1)
+    N, K = 37, 512  # an odd row count: the pair kernel's single last row
+    raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
+    raw = np.ascontiguousarray(raw)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    xq, xd = quantized_rows(lib, x)
+    y = np.full((M, N), np.nan, np.float32)
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    mat = Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N)
+    lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
+    ref = (x if qtype in ("F32", "F16", "BF16") else xd).astype(np.float64) @ wd.astype(np.float64).T
+    assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max(), qtype
+    before = y.copy()  # accumulate: y += W x
+    lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 1, 3)
+    assert np.allclose(y, 2 * before, rtol=1e-6, atol=1e-6)
+
+
+def test_activation_blocks_round_to_nearest():
+    lib = build("llama_step", KERNEL_SOURCES, ISAS[-1])
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32) * [[1.0], [1e-3], [0.0]]
+    x = x.astype(np.float32)
+    _, xd = quantized_rows(lib, x)
+    for b in range(2):  # each 32-block: error <= half a step of its own scale (amax / 127)
+        blk, got = x[:, 32 * b:32 * b + 32], xd[:, 32 * b:32 * b + 32]
+        step = np.abs(blk).max(axis=1, keepdims=True) / 127
+        assert (np.abs(got - blk) <= step / 2 + 1e-12).all()
+    assert (xd[2] == 0).all()
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter permutes q/k rows so RoPE pairs are adjacent; HF layout is rotate_half."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def reference(cfg: LlamaConfig, ref: dict, neox: bool, max_batch: int = 2) -> Llama:
+    """millis's torch Llama in fp32 from the values a GGUF stores (q/k un-permuted for llama files)."""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in ref.items()}
+    sd = {"tok_emb.weight": t["token_embd.weight"], "norm.weight": t["output_norm.weight"]}
+    if "output.weight" in t:
+        sd["head.weight"] = t["output.weight"]
+    for i in range(cfg.n_layers):
+        b, p = f"blk.{i}.", f"layers.{i}."
+        q, k = t[b + "attn_q.weight"], t[b + "attn_k.weight"]
+        if not neox:
+            q, k = unpermute(q, cfg.n_heads), unpermute(k, cfg.n_kv_heads)
+        sd[p + "attn.wqkv.weight"] = torch.cat([q, k, t[b + "attn_v.weight"]])
+        if cfg.qkv_bias:
+            bq, bk = t[b + "attn_q.bias"], t[b + "attn_k.bias"]
+            sd[p + "attn.wqkv.bias"] = torch.cat([bq, bk, t[b + "attn_v.bias"]])
+        sd[p + "attn.wo.weight"] = t[b + "attn_output.weight"]
+        sd[p + "ffn.w13.weight"] = torch.cat([t[b + "ffn_gate.weight"], t[b + "ffn_up.weight"]])
+        sd[p + "ffn.w2.weight"] = t[b + "ffn_down.weight"]
+        sd[p + "attn_norm.weight"], sd[p + "ffn_norm.weight"] = t[b + "attn_norm.weight"], t[b + "ffn_norm.weight"]
+    model = Llama(cfg)
+    if cfg.tie_head:
+        sd["head.weight"] = sd["tok_emb.weight"]
+    model.load_state_dict(sd)
+    setup_caches(model.eval(), max_batch, cfg.max_seq)
+    return model
+
+
+def tiny_file(tmp_path, qtype="F32", arch="llama", **over) -> tuple[str, LlamaConfig, Llama]:
+    fields = {**TINY.__dict__, **over}
+    if qtype.endswith("_K"):  # K-quant rows are whole 256-value super-blocks
+        fields.update(dim=256, hidden_dim=256)
+    if arch == "qwen2":
+        fields["qkv_bias"] = True
+    cfg = LlamaConfig(**fields)
+    path = str(tmp_path / f"tiny-{arch}-{qtype}.gguf")
+    tensors = random_llama_tensors(cfg, qtype, embed_qtype="Q8_0" if qtype != "F32" else None)
+    if qtype.endswith("_K"):  # random K blocks hold weights up to ~1: small norm gains keep activations sane
+        tensors = {k: (w * 0.05 if k.endswith("norm.weight") else w, q) for k, (w, q) in tensors.items()}
+    ref = write_tiny_gguf(path, cfg, tensors, arch=arch)
+    return path, cfg, reference(cfg, ref, neox=arch == "qwen2")
+
+
+@pytest.mark.parametrize("arch,window", [("llama", 0), ("qwen2", 0), ("llama", 5)])
+def test_f32_forward_equals_torch_reference(tmp_path, arch, window):
+    """F32 weights take the fp32 path: the native logits of a prefill and of decode steps in two slots
+    at different positions (paged cache, sliding window) equal the torch model's up to summation order."""
+    path, cfg, ref = tiny_file(tmp_path, arch=arch, sliding_window=window)
+    eng = open_engine(path, EngineConfig(max_batch=2, max_seq=64, threads=2, kv_memory_mb=1))
+    nat = eng.model
+    assert nat.config.sliding_window == window and eng.max_seq == 64
+    nat.kv.reserve(0, 40), nat.kv.reserve(1, 40)
+    a, b = [int(i) for i in torch.randint(3, 320, (11,))], [5, 9, 14]
+    with torch.inference_mode():
+        for batch in (make_batch([a], [0], [0], window, last_only=False), make_batch([b], [0], [1], window, False),
+                      make_batch([[7], [9]], [11, 3], [0, 1], window), make_batch([[8], [4]], [12, 4], [0, 1], window)):
+            want, got = ref(batch), nat(batch)
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+def test_quantized_file_close_to_fp32_of_its_weights(tmp_path, qtype):
+    """Quantized weights with activations quantized per 32 (llama.cpp's scheme): the logits stay close to
+    the fp32 model of the same (dequantized) weights."""
+    path, cfg, ref = tiny_file(tmp_path, qtype)
+    eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2))
+    ids = [int(i) for i in torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(3))]
+    with torch.inference_mode():
+        b = make_batch([ids], [0], [0], last_only=False)
+        want, got = ref(b)[0], eng.logits(ids)
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    assert cos.min() > 0.995, (qtype, cos.min())
+
+
+def test_engine_greedy_equals_reference_and_batch_invariant(tmp_path):
+    path, cfg, ref = tiny_file(tmp_path, "Q8_0")
+    eng = open_engine(path, EngineConfig(max_batch=3, max_seq=64, threads=2))
+    prompts = [[1, 40, 50, 60], [1, 7], [1, 99, 98, 97, 96, 95]]
+    alone = [run_all(eng, [p], GREEDY)[0] for p in prompts]
+    assert run_all(eng, prompts, GREEDY) == alone  # activations quantized per token: batch-mates do not matter
+    for p, got in zip(prompts, alone):  # each token is the argmax of the engine's own full-sequence logits
+        seq = p + got
+        assert eng.logits(seq)[len(p) - 1:-1].argmax(-1).tolist() == got
+    assert eng.free_slots == 3 and sum(eng.kv.reserved) == 0 and len(eng.kv.free) == eng.kv.n_blocks
+
+
+def test_threads_and_chunks_do_not_change_logits(tmp_path, monkeypatch):
+    path, cfg, _ = tiny_file(tmp_path, "Q4_K")
+    ids = [int(i) for i in torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(4))]
+    one = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=1)).logits(ids)
+    many = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=5)).logits(ids)
+    assert torch.equal(one, many)  # rows split differently, each row's sum is the same
+    monkeypatch.setattr(native_llama, "CHUNK", 7)  # the prompt prefilled in 6 calls through the cache
+    chunked = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2)).logits(ids)
+    assert (chunked - one).abs().max() <= 1e-4 * one.abs().max()
+
+
+def test_kv_cache_is_sized_by_memory_and_admission_waits(tmp_path):
+    path, cfg, _ = tiny_file(tmp_path)
+    per_token = native_llama.kv_bytes_per_token(cfg)  # 2 layers x 2 kv heads x 16 x 2 x 4 bytes = 512
+    eng = open_engine(path, EngineConfig(max_batch=4, max_seq=256, threads=1, kv_memory_mb=1))
+    kv = eng.kv
+    assert kv.n_blocks == (1 << 20) // (per_token * kv.block_size) and kv.capacity == kv.n_blocks * kv.block_size
+    small = open_engine(path, EngineConfig(max_batch=4, max_seq=256, threads=1, kv_memory_mb=1))
+    small.kv.n_blocks, small.kv.free = 3, [2, 1, 0]  # 96 positions in all
+    with pytest.raises(MillisError, match="KV cache holds 96 positions"):
+        small.add(list(range(3, 103)))
+    a = small.add([5] * 40, SamplingParams(max_tokens=20, ignore_eos=True))  # 60 positions: 2 blocks
+    b = small.add([6] * 40, SamplingParams(max_tokens=20, ignore_eos=True))  # waits: 1 block left
+    small.step()
+    assert small.requests[a].slot >= 0 and small.requests[b].slot < 0 and list(small.waiting)[0].id == b
+    while small.has_work:
+        small.step()
+    assert sum(small.kv.reserved) == 0 and sorted(small.kv.free) == [0, 1, 2]
+    long = small.add([7] * 50, SamplingParams(max_tokens=500, ignore_eos=True))  # capped by the pool: "length"
+    outs = [o for _ in range(200) if small.has_work for o in small.step()]
+    assert outs[-1].finished == "length" and sum(len(o.token_ids) for o in outs) == 96 - 50
+    assert long not in small.requests
+
+
+def test_int8_requantizes_to_q8_0(tmp_path):
+    path, cfg, ref = tiny_file(tmp_path)
+    eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, quant="int8"))
+    assert eng.model.layers[0].q.type == TYPE_IDS["Q8_0"] and eng.model.m.head.type == TYPE_IDS["Q8_0"]
+    ids = [1, 30, 40, 50, 60, 70, 80]
+    with torch.inference_mode():
+        want = ref(make_batch([ids], [0], [0], last_only=False))[0]
+    cos = torch.nn.functional.cosine_similarity(eng.logits(ids), want, dim=-1)
+    assert cos.min() > 0.995
+
+
+def test_errors_name_the_problem(tmp_path):
+    path, cfg, _ = tiny_file(tmp_path)
+    with pytest.raises(MillisError, match="GGUF"):
+        open_engine(path, EngineConfig(dtype="bf16"))
+    eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64))
+    with pytest.raises(MillisError, match="token ids"):
+        eng.model.forward_flat(np.array([999]), np.array([0]), np.array([0]), np.array([0]))
+    with pytest.raises(MillisError, match="has no tensor"):
+        native_llama.NativeLlama(cfg, {}, False, 1, 64, 1 << 20, 1)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from millis.gen.builtin import resolve_model
+
+    try:
+        return resolve_model("builtin:smollm2")
+    except MillisError as e:
+        pytest.skip(str(e))
+
+
+def test_smollm2_matches_hf_transformers(smollm2):
+    """The real model: logits on a chat prompt and 256 tokens of Shakespeare against HF transformers'
+    fp32 model of the same GGUF (dequantized). The only difference is activations quantized per 32
+    (as llama.cpp), so: top-1 agreement >= 90% and perplexity within 1.5%."""
+    from pathlib import Path
+
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from conftest import shared_models_dir
+
+    shakespeare = shared_models_dir().parent / "data" / "tinyshakespeare" / "input.txt"
+    if not shakespeare.is_file():
+        pytest.skip(f"{shakespeare} is absent")
+    p = Path(smollm2)
+    eng = open_engine(smollm2, EngineConfig(max_batch=1, max_seq=512, threads=2))
+    text = shakespeare.read_text()[-3000:]
+    ids = eng.tok.encode(text)[:256]
+    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0]
+    got = eng.logits(ids)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]))  # noqa: E731
+    assert agree >= 0.9 and abs(float(nll(got).exp() / nll(want).exp()) - 1) < 0.015, (agree, nll(got), nll(want))
