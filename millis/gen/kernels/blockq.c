@@ -171,7 +171,9 @@ static inline __m256i nibbles16(const uint8_t* qs) {  /* 16 bytes -> 32 values: 
 
 /* ROWS(NAME, M, UNSIGNED, DEC): the kernel of one format for M activation rows. DEC decodes block i
    of `row` into wq (__m256i), sc (__m256: the per-lane scale; lanes 0-3 hold values 0..15) and mn.
-   Blocks alternate between two accumulator sets: two independent FMA chains per activation row. */
+   Every kernel (these, the pair kernel below) sums a row's blocks in the same order into one
+   accumulator: a row's result is bit-identical whatever M, the tiling and the thread split, so a
+   request's tokens never depend on its batch-mates. */
 #define STEP(I, A, O, UNSIGNED, DEC) {                                                                 \
         const int64_t i = (I); __m256i wq; __m256 sc; float mn = 0.f;                                  \
         DEC()                                                                                          \
@@ -185,12 +187,10 @@ static inline __m256i nibbles16(const uint8_t* qs) {  /* 16 bytes -> 32 values: 
 #define ROWS(NAME, M, UNSIGNED, DEC)                                                                   \
 static void NAME(const uint8_t* row, const xblock* x, int64_t xs, int64_t nb, float* out) {           \
     enum { M_ = M };                                                                                   \
-    __m256 a0[M], a1[M]; float o0[M], o1[M];                                                           \
-    for (int j = 0; j < M; j++) { a0[j] = a1[j] = _mm256_setzero_ps(); o0[j] = o1[j] = 0.f; }          \
-    int64_t i2 = 0;                                                                                    \
-    for (; i2 + 2 <= nb; i2 += 2) { STEP(i2, a0, o0, UNSIGNED, DEC) STEP(i2 + 1, a1, o1, UNSIGNED, DEC) } \
-    if (i2 < nb) STEP(i2, a0, o0, UNSIGNED, DEC)                                                       \
-    for (int j = 0; j < M; j++) out[j] = hsum(_mm256_add_ps(a0[j], a1[j])) + o0[j] + o1[j];            \
+    __m256 a0[M]; float o0[M];                                                                         \
+    for (int j = 0; j < M; j++) { a0[j] = _mm256_setzero_ps(); o0[j] = 0.f; }                          \
+    for (int64_t i2 = 0; i2 < nb; i2++) STEP(i2, a0, o0, UNSIGNED, DEC)                                \
+    for (int j = 0; j < M; j++) out[j] = hsum(a0[j]) + o0[j];                                          \
 }
 
 #define DEC_Q8_0() const block_q8_0* b = (const block_q8_0*)row + i;                                   \

@@ -142,16 +142,28 @@ static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p
     return pool + ((((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size + p % m->block_size) * m->head_dim;
 }
 
+/* attention of one query head over positions [lo, p] of its slot, walked block by block (one table
+   lookup per block of positions, not a division per position) */
 static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g) {
-    const int hd = m->head_dim, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
+    const int hd = m->head_dim, bs = m->block_size, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
     float mx = -INFINITY;
-    for (int j = lo; j <= p; j++) {
-        const float s = dotf(q, kv_at(m, m->k_pool, l, slot, j, g), hd) * m->attn_scale;
-        sc[j - lo] = s; mx = s > mx ? s : mx;
+    for (int j = lo; j <= p;) {
+        const float* k = kv_at(m, m->k_pool, l, slot, j, g);
+        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
+        for (int r = 0; r < cnt; r++) {
+            const float s = dotf(q, k + (int64_t)r * hd, hd) * m->attn_scale;
+            sc[j - lo + r] = s; mx = s > mx ? s : mx;
+        }
+        j += cnt;
     }
     const float inv = 1.f / exp_shift(sc, p - lo + 1, mx);
     memset(out, 0, sizeof(float) * hd);
-    for (int j = lo; j <= p; j++) axpy(out, sc[j - lo] * inv, kv_at(m, m->v_pool, l, slot, j, g), hd);
+    for (int j = lo; j <= p;) {
+        const float* v = kv_at(m, m->v_pool, l, slot, j, g);
+        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
+        for (int r = 0; r < cnt; r++) axpy(out, sc[j - lo + r] * inv, v + (int64_t)r * hd, hd);
+        j += cnt;
+    }
 }
 
 static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
