@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default model (all-MiniLM-L6-v2, real weights).
+# The main job on the embedded default model (all-MiniLM-L6-v2, real weights), then a greedy chat
+# answer from the embedded chat model (SmolLM2-135M-Instruct, Q4_1 GGUF, millis's native kernels).
 demo: $(STAMP)
 	$(VENV)/bin/millis optimize builtin:minilm --task embed --out artifacts/minilm
 	$(VENV)/bin/millis info artifacts/minilm
 	$(VENV)/bin/millis predict artifacts/minilm "where is my card?" "I lost my card yesterday"
-	$(VENV)/bin/millis generate builtin:smollm2 --chat --prompt "What is the capital of France?" --max-tokens 32
+	$(VENV)/bin/millis generate builtin:smollm2 --chat --prompt "What is the capital city of France? Answer in one sentence." --max-tokens 32
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -50,7 +50,8 @@ RUNNER = str(HERE / "peers" / "gguf_runner.py")
 WORK = gguf_files.CACHE / "runs"
 SECTIONS = ("bandwidth", "decode", "prefill", "batch", "ppl", "greedy", "contention", "serve")
 FILES = "smollm2-q4_1,smollm2-f32,smollm2-q8_0,smollm2-q4_k_m,llama1b-q4_0,llama1b-q8_0,llama1b-q4_k_m"
-CHAT = ("What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU cache is in one sentence.")
+CHAT = ("What is the capital of France?", "Write a haiku about the sea.",
+        "Explain what a CPU cache is in one sentence.")
 # full settings, then --quick's (a flag given explicitly wins over both)
 PRESETS = {"full": dict(rounds=5, decode_steps=64, prefill="128,512", prefill_reps=2, batch_steps=32,
                         ppl_tokens=4096, context=512, stride=256, greedy_tokens=32, contention_rounds=3,
@@ -104,7 +105,7 @@ def measure_bandwidth(mib: int, threads: int) -> dict:
                    "#pragma omp parallel for num_threads(t) reduction(+:s) schedule(static)\n"
                    "for (long i = 0; i < n; i++) s += a[i];\nreturn s; }\n")
     r = subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", str(src),
-                        "-o", str(lib)], capture_output=True, text=True)
+                        "-o", str(lib)], check=False, capture_output=True, text=True)
     if r.returncode == 0:
         import ctypes
         c = ctypes.CDLL(str(lib))
@@ -128,7 +129,7 @@ def start_peers(a, name: str, files: dict[str, str]) -> tuple[list, dict]:
                          args=["--quant", quant, "--max-seq", "1024", "--max-batch", "8", "--context",
                                str(a.context), "--stride", str(a.stride), "--flash-attn", a.flash_attn])
         p.label = label
-        print(f"  {label}: {'ready in %.1f s' % p.prep_s if p.alive else 'SKIPPED: ' + str(p.error)}", flush=True)
+        print(f"  {label}: " + (f"ready in {p.prep_s:.1f} s" if p.alive else f"SKIPPED: {p.error}"), flush=True)
         (peers.append(p) if p.alive else skipped.__setitem__(label, p.error))
     return peers, skipped
 
@@ -151,13 +152,20 @@ def alternate(peers, cells, rounds: int, pause: float, log: str) -> list[dict]:
                 if not p.alive:
                     continue
                 time.sleep(pause)  # the previous system's spinning threads go quiet
-                try:
-                    got[p.label][cell] = p.request(req, timeout=1800)
-                except harness.PeerError as e:
-                    print(f"    {e}", file=sys.stderr)
+                if (reply := ask(p, req)) is not None:
+                    got[p.label][cell] = reply
         out.append(got)
         print(f"  {log} round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out
+
+
+def ask(p, req: dict, timeout: float = 1800) -> dict | None:
+    """A peer's reply, or None (printed) when it failed: one system's error does not end the run."""
+    try:
+        return p.request(req, timeout=timeout)
+    except harness.PeerError as e:
+        print(f"    {e}", file=sys.stderr)
+        return None
 
 
 def per_round(replies: list[dict], cells) -> dict[str, list[dict]]:
@@ -170,11 +178,15 @@ def run_file(a, name: str, files: dict[str, str], ppl_ids: list[int], chat_ids: 
     print(f"\n== {name}", flush=True)
     peers, skipped = start_peers(a, name, files)
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "skipped": skipped, "systems": [p.label for p in peers]}
+    if not peers:
+        return res
     try:
         for p in peers:
-            p.request({"cmd": "warm"}, timeout=1800)
-        res["info"] = {p.label: p.info() for p in peers}
-        vocab = 49152 if name.startswith("smollm2") else gguf_files.LLAMA_1B.vocab
+            ask(p, {"cmd": "warm"})
+        res["info"] = {p.label: r for p in peers if (r := ask(p, {"cmd": "info"}, 60))}
+        if not res["info"]:
+            return res
+        vocab = min(i["vocab"] for i in res["info"].values())
         rng = np.random.default_rng(0)
         ids = lambda n: rng.integers(100, vocab - 100, n).tolist()  # noqa: E731
         cells = []
@@ -207,13 +219,15 @@ def run_file(a, name: str, files: dict[str, str], ppl_ids: list[int], chat_ids: 
             res["ppl"] = {}
             positions = sum(e - b for b, e, _ in wins)  # every window's context counted, as millis eval does
             for p in peers:
-                r = p.request({"cmd": "ppl", "ids": ppl_ids, "windows": wins}, timeout=3600)
+                r = ask(p, {"cmd": "ppl", "ids": ppl_ids, "windows": wins}, 3600)
+                if r is None:
+                    continue
                 res["ppl"][p.label] = {**{k: r[k] for k in ("perplexity", "nll", "tokens", "argmax", "s")},
                                        "positions_per_s": round(positions / r["s"], 1)}
                 print(f"  ppl {p.label}: {r['perplexity']:.3f} ({r['s']:.0f} s)", flush=True)
         if "greedy" in a.only and chat_ids:
-            res["greedy"] = {p.label: p.request({"cmd": "greedy", "prompts": chat_ids, "n": a.greedy_tokens},
-                                                timeout=1800)["tokens"] for p in peers}
+            res["greedy"] = {p.label: r["tokens"] for p in peers
+                             if (r := ask(p, {"cmd": "greedy", "prompts": chat_ids, "n": a.greedy_tokens}))}
     finally:
         for p in peers:
             p.close()

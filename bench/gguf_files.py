@@ -169,12 +169,13 @@ def write_random_llama(dst: Path, s: LlamaShape) -> None:
 def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
     """llama.cpp's quantizer (llama_model_quantize, default params but ftype and nthread), in its venv."""
     code = ("import ctypes, sys, llama_cpp as L\n"
-            "p = L.llama_model_quantize_default_params(); p.ftype = getattr(L, sys.argv[3]); p.nthread = int(sys.argv[4])\n"
+            "p = L.llama_model_quantize_default_params()\n"
+            "p.ftype, p.nthread = getattr(L, sys.argv[3]), int(sys.argv[4])\n"
             "sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
     if not LLAMACPP_PY.exists():
         raise RuntimeError(f"{LLAMACPP_PY} is missing: run bash bench/peers/setup.sh llamacpp")
     r = subprocess.run([str(LLAMACPP_PY), "-c", code, str(src), str(dst), FTYPES[ftype], str(threads)],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"llama_model_quantize {src} -> {dst} ({ftype}) failed: {r.stderr[-2000:]}")
 
@@ -229,11 +230,8 @@ def llama_files(shape: LlamaShape, tag: str, cache: Path = CACHE, threads: int =
 
 
 # ---------------------------------------------------------------------------------------- describing
-def tensor_table(path: str) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """(name, type, shape in torch order, bytes) of every tensor, from the header alone."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
+def tensor_table(r) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, type, shape in torch order, bytes) of every tensor of a gguf.GGUFReader."""
     return [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes))
             for t in r.tensors]
 
@@ -257,19 +255,23 @@ def describe_file(name: str, path: str) -> dict:
     """name, path, size, general.file_type, type mix (tensor count and bytes per type), weights, decode bytes."""
     from gguf import GGUFReader
 
-    table = tensor_table(path)
+    r = GGUFReader(path)
+    table = tensor_table(r)
     count, nbytes = Counter(), Counter()
     for _, qtype, _, b in table:
         count[qtype] += 1
         nbytes[qtype] += b
-    ft = GGUFReader(path).fields.get("general.file_type")
-    return {"name": name, "path": path, "bytes": os.path.getsize(path), "file_type": int(ft.contents()) if ft else None,
-            "types": {q: {"tensors": count[q], "bytes": nbytes[q]} for q in sorted(count, key=lambda q: -nbytes[q])},
-            "params": int(sum(np.prod(s) for _, _, s, _ in table)), "decode_bytes": decode_bytes(table),
-            "decode_bytes_q8_0": decode_bytes(table, as_q8_0=True)}
+    ft = r.fields.get("general.file_type")
+    out = {"name": name, "path": path, "bytes": os.path.getsize(path), "file_type": int(ft.contents()) if ft else None,
+           "types": {q: {"tensors": count[q], "bytes": nbytes[q]} for q in sorted(count, key=lambda q: -nbytes[q])},
+           "params": int(sum(np.prod(s) for _, _, s, _ in table)), "decode_bytes": decode_bytes(table),
+           "decode_bytes_q8_0": decode_bytes(table, as_q8_0=True)}
+    out["type_mix"] = type_mix(out)
+    return out
 
 
 def type_mix(info: dict) -> str:
     """'Q4_K 71% Q6_K 25% F32 4%' (share of the file's tensor bytes)."""
     total = sum(v["bytes"] for v in info["types"].values()) or 1
-    return " ".join(f"{q} {100 * v['bytes'] / total:.0f}%" for q, v in info["types"].items() if v["bytes"] / total >= .005)
+    return " ".join(f"{q} {100 * v['bytes'] / total:.0f}%" for q, v in info["types"].items()
+                    if v["bytes"] / total >= .005)

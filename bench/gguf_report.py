@@ -26,7 +26,7 @@ def llamacpp_build() -> dict:
     code = ("import json, llama_cpp as L; print(json.dumps({'version': L.__version__, "
             "'system_info': L.llama_print_system_info().decode()}))")
     try:
-        r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([str(py), "-c", code], check=False, capture_output=True, text=True, timeout=120)
         out.update(json.loads(r.stdout.strip().splitlines()[-1]))
     except Exception as e:  # no venv: the report says so
         out["error"] = f"{type(e).__name__}: {e}"
@@ -47,6 +47,12 @@ def ratio(rounds: list[dict], label: str) -> dict | None:
             "rounds": [round(x, 3) for x in rs]}
 
 
+def machine(out: dict) -> dict:
+    """What every row records of the machine: CPU model, ISA, threads."""
+    m = out.get("machine", {})
+    return {"cpu": m.get("cpu"), "isa": m.get("isa"), "threads": out.get("threads")}
+
+
 def leading_equal(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -63,7 +69,6 @@ def rows(out: dict) -> list[dict]:
     import gguf_files
 
     bw = (out.get("bandwidth") or {}).get("gbps")
-    m = out.get("machine", {})
     res = []
     for name, e in out.get("by_file", {}).items():
         cells = e.get("cells", {})
@@ -71,7 +76,7 @@ def rows(out: dict) -> list[dict]:
             continue
         info = out.get("files", {}).get(name)
         for label in e.get("systems", []):
-            r = {"file": name, "system": label, "cpu": m.get("cpu"), "isa": m.get("isa"), "threads": out.get("threads"),
+            r = {"file": name, "system": label, **machine(out),
                  "format": "Q8_0 (millis int8 of smollm2-f32)" if label == "millis-int8" else
                  (gguf_files.type_mix(info) if info else None)}
             for cell, rounds in cells.items():
@@ -107,7 +112,8 @@ def ppl_rows(out: dict) -> list[dict]:
     for name, e in out.get("by_file", {}).items():
         for label, p in e.get("ppl", {}).items():
             own = ref.get(REF if label == REF else "millis", {}).get("argmax")
-            r = {"file": name, "system": label, "perplexity": round(p["perplexity"], 4), "tokens": p["tokens"],
+            r = {"file": name, "system": label, **machine(out), "perplexity": round(p["perplexity"], 4),
+                 "tokens": p["tokens"],
                  "positions_per_s": p.get("positions_per_s")}
             for key, a in (("agree_own_f32", own), ("agree_millis_f32", ref.get("millis", {}).get("argmax"))):
                 if a and len(a) == len(p["argmax"]):
@@ -122,7 +128,7 @@ def greedy_rows(out: dict) -> list[dict]:
     res = []
     for name, e in out.get("by_file", {}).items():
         for label, toks in e.get("greedy", {}).items():
-            r = {"file": name, "system": label, "tokens": len(toks[0]) if toks else 0}
+            r = {"file": name, "system": label, **machine(out), "tokens": len(toks[0]) if toks else 0}
             if ref and len(ref) == len(toks):
                 r["equal_to_millis_f32"] = [leading_equal(t, u) for t, u in zip(toks, ref)]
             res.append(r)
@@ -139,7 +145,7 @@ def contention_rows(out: dict) -> list[dict]:
             q, b = med([r.get(label) for r in c["quiet"]]), med([r.get(label) for r in c["busy"]])
             if q is None or b is None:
                 continue
-            res.append({"file": name, "system": label, "quiet_ms": round(q, 2), "busy_ms": round(b, 2),
+            res.append({"file": name, "system": label, **machine(out), "quiet_ms": round(q, 2), "busy_ms": round(b, 2),
                         "busy_over_quiet": round(b / q, 2), "ratio_quiet": ratio(c["quiet"], label),
                         "ratio_busy": ratio(c["busy"], label)})
     return res
@@ -155,7 +161,7 @@ def fr(r: dict | None) -> str:
 
 def print_tables(out: dict) -> None:
     m, bw = out.get("machine", {}), out.get("bandwidth") or {}
-    print(f"\n{m.get('cpu')} ({', '.join(m.get('isa') or [])}), {out.get('threads')} threads; "
+    print(f"\n{m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores, {out.get('threads')} threads; "
           f"read bandwidth {fmt(bw.get('gbps'))} GB/s; llama.cpp {out.get('llama_cpp_build', {}).get('version')}")
     print("\nfiles")
     for n, f in out.get("files", {}).items():
@@ -163,16 +169,17 @@ def print_tables(out: dict) -> None:
         print(f"  {n:<16} {f['bytes'] / 2**20:>8.1f} MiB  decode reads {f['decode_bytes'] / 2**20:>7.1f} MiB/token  "
               f"{gguf_files.type_mix(f)}")
     cells = sorted({k[:-3] for r in out.get("rows", []) for k in r if k.endswith("_ms") and k != "busy_ms"},
-                   key=lambda c: (c != "decode", c != "batch8", len(c), c))
+                   key=lambda c: (c != "decode", c == "batch8", len(c), c))  # decode, prefill_*, batch8
     print("\ntiming: ms (x = millis / llama.cpp time, median [min-max] of rounds; < 1 millis faster)")
-    print(f"{'file':<16} {'system':<12} " + " ".join(f"{c + ' ms':>11} {'x':>16}" for c in cells) +
+    w = {c: max(9, len(c) + 3) for c in cells}
+    print(f"{'file':<16} {'system':<12} " + " ".join(f"{c + ' ms':>{w[c]}} {'x':>16}" for c in cells) +
           f" {'tok/s':>7} {'GB/s':>6} {'%bw':>5} {'RSS GiB':>7} {'agree':>6}")
     for r in out.get("rows", []):
         if "skipped" in r:
             print(f"{r['file']:<16} {LABEL.get(r['system'], r['system']):<12} skipped: {r['skipped'][:150]}")
             continue
         print(f"{r['file']:<16} {LABEL.get(r['system'], r['system']):<12} " +
-              " ".join(f"{fmt(r.get(c + '_ms')):>11} {fr(r.get(c + '_ratio')):>16}" for c in cells) +
+              " ".join(f"{fmt(r.get(c + '_ms')):>{w[c]}} {fr(r.get(c + '_ratio')):>16}" for c in cells) +
               f" {fmt(r.get('decode_tok_s'), '.1f'):>7} {fmt(r.get('decode_gbps')):>6} "
               f"{fmt(r.get('decode_pct_bw'), '.0f'):>5} {fmt(r.get('vmrss_gib')):>7} {r.get('decode_agree', ''):>6}")
     if out.get("ppl"):

@@ -210,7 +210,7 @@ def _written(tmp_path, **kw):
     return tmp_path / "e.gguf"
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0", "IQ2_XXS"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "IQ2_XXS"])
 def test_unsupported_type(tmp_path, qtype):
     cfg = LlamaConfig(**{**TINY.__dict__, "dim": 256, "n_heads": 2, "n_kv_heads": 1})
     p = tmp_path / "e.gguf"

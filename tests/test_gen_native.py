@@ -19,7 +19,7 @@ from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
 from millis.gen.models.native_llama import KERNEL_SOURCES, TYPE_IDS, Mat
 
-FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ISAS = sorted({"scalar", native_isa() or "scalar"})
 TINY = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=256, hidden_dim=128,
                    norm_eps=1e-5, rope_theta=10000.0)
@@ -141,7 +141,7 @@ def test_f32_forward_equals_torch_reference(tmp_path, arch, window):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_quantized_file_close_to_fp32_of_its_weights(tmp_path, qtype):
     """Quantized weights with activations quantized per 32 (llama.cpp's scheme): the logits stay close to
     the fp32 model of the same (dequantized) weights."""

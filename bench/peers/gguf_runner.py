@@ -75,8 +75,9 @@ class Millis:
                            "hidden": c.hidden_dim, "vocab": c.vocab_size}, "machine": describe()}
 
 
-KEEP_LOG = re.compile(r"Flash Attention|flash_attn|n_ctx_seq|kv_unified|K \(|REPACK|model buffer size|"
-                      r"compute buffer size|n_threads|system_info", re.I)
+KEEP_LOG = re.compile(r"Flash Attention|flash_attn +=|n_ctx_seq +=|kv_unified|K \(f|REPACK|model buffer size|"
+                      r"compute buffer size")
+REPACK = re.compile(r"repack tensor \S+ with (\S+)")
 
 
 @system("llamacpp")
@@ -84,11 +85,13 @@ class LlamaCpp:
     def __init__(self, a):
         import llama_cpp as L
 
-        self.L, self.a, self.log = L, a, []
+        self.L, self.a, self.log, self.repacked = L, a, [], {}
 
         def on_log(level, text, user):  # keep the lines that say what llama.cpp chose; drop the rest
             line = (text or b"").decode("utf-8", "replace").rstrip()
-            if KEEP_LOG.search(line) and len(self.log) < 60:
+            if m := REPACK.search(line):  # one line per tensor: counted per layout instead
+                self.repacked[m.group(1)] = self.repacked.get(m.group(1), 0) + 1
+            elif KEEP_LOG.search(line) and "input tensor" not in line and len(self.log) < 40:
                 self.log.append(line)
         self._cb = L.llama_log_callback(on_log)  # referenced for the process's life
         L.llama_log_set(self._cb, ctypes.c_void_p(0))
@@ -160,7 +163,7 @@ class LlamaCpp:
         L = self.L
         return {"versions": versions("numpy", "llama_cpp_python", "gguf"),
                 "system_info": L.llama_print_system_info().decode(), "threads": self.a.threads,
-                "flash_attn": self.a.flash_attn, "log": self.log}
+                "flash_attn": self.a.flash_attn, "log": self.log, "repacked_tensors": self.repacked}
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -244,7 +247,7 @@ def handle(s, req, prep_s):
         return {"ok": True, "tokens": [greedy(s, p, int(req["n"])) for p in req["prompts"]]}
     if cmd == "info":
         return {"ok": True, "system": s.a.system, "file": s.a.model_dir, "prep_s": prep_s, "pid": os.getpid(),
-                **s.info()}
+                "vocab": s.vocab, **s.info()}
     return {"ok": False, "error": f"unknown cmd {cmd!r}"}
 
 

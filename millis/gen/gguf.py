@@ -23,7 +23,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import LlamaConfig
 from millis.gen.gguf_tokenizer import opt_int, tokenizer_of
 
-SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ARCHS = ("llama", "mistral", "qwen2")
 MAGIC = b"GGUF"
 # ggml type id -> name (ggml.h's enum; ids 4, 5 and 31-33 were removed upstream)
@@ -33,6 +33,7 @@ GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
               27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 # supported type -> (values per block, bytes per block)
 BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20),
+          "Q5_0": (32, 22), "Q5_1": (32, 24),
           "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_attr before it became flags)
 

@@ -1,4 +1,4 @@
-/* Block-quantized matmul for CPU: GGUF's F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K
+/* Block-quantized matmul for CPU: GGUF's F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
    weights against activations quantized per block of 32 (xblock), built by millis/gen/kernels/native.py.
 
    Numerics (as llama.cpp): a weight block decodes to 32 small integers w with a scale (and for Q4_1 /
@@ -37,7 +37,7 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q4_0: case T_Q4_1: return QK;
+        case T_Q8_0: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
@@ -80,6 +80,22 @@ static void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, flo
         const block_q4_1* b = (const block_q4_1*)row + i;
         for (int l = 0; l < 16; l++) { w[l] = (int8_t)(b->qs[l] & 0xF); w[l + 16] = (int8_t)(b->qs[l] >> 4); }
         sc[0] = sc[1] = f16_to_f32(b->d); *mn = f16_to_f32(b->m); return; }
+    case T_Q5_0: case T_Q5_1: {  /* bit j of qh is value j's fifth bit */
+        const uint8_t *qh, *qs;
+        if (type == T_Q5_0) {
+            const block_q5_0* b = (const block_q5_0*)row + i;
+            qh = b->qh; qs = b->qs; sc[0] = sc[1] = f16_to_f32(b->d);
+        } else {
+            const block_q5_1* b = (const block_q5_1*)row + i;
+            qh = b->qh; qs = b->qs; sc[0] = sc[1] = f16_to_f32(b->d); *mn = f16_to_f32(b->m);
+        }
+        uint32_t h; memcpy(&h, qh, 4);
+        const int off = type == T_Q5_0 ? 16 : 0;
+        for (int l = 0; l < 16; l++) {
+            w[l] = (int8_t)(((qs[l] & 0xF) | (((h >> l) & 1) << 4)) - off);
+            w[l + 16] = (int8_t)(((qs[l] >> 4) | (((h >> (l + 16)) & 1) << 4)) - off);
+        }
+        return; }
     case T_Q4_K: case T_Q5_K: {
         int sub = (int)(i & 7), s, m;
         const uint8_t *scales, *qs;
@@ -199,6 +215,20 @@ static void NAME(const uint8_t* row, const xblock* x, int64_t xs, int64_t nb, fl
     wq = _mm256_sub_epi8(nibbles16(b->qs), _mm256_set1_epi8(8)); sc = _mm256_set1_ps(f16_to_f32(b->d));
 #define DEC_Q4_1() const block_q4_1* b = (const block_q4_1*)row + i;                                   \
     wq = nibbles16(b->qs); sc = _mm256_set1_ps(f16_to_f32(b->d)); mn = f16_to_f32(b->m);
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (llama.cpp's bytes_from_bits_32) */
+static inline __m256i bits32(const uint8_t* p) {
+    uint32_t v; memcpy(&v, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i b = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf),
+                                      _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+#define DEC_Q5_0() const block_q5_0* b = (const block_q5_0*)row + i;  /* (q | h << 4) - 16: h ? q : q | 0xF0 */ \
+    wq = _mm256_or_si256(nibbles16(b->qs), _mm256_andnot_si256(bits32(b->qh), _mm256_set1_epi8((char)0xF0))); \
+    sc = _mm256_set1_ps(f16_to_f32(b->d));
+#define DEC_Q5_1() const block_q5_1* b = (const block_q5_1*)row + i;                                   \
+    wq = _mm256_or_si256(nibbles16(b->qs), _mm256_and_si256(bits32(b->qh), _mm256_set1_epi8(0x10)));  \
+    sc = _mm256_set1_ps(f16_to_f32(b->d)); mn = f16_to_f32(b->m);
 #define DEC_KMIN(BT, QH)                                                                               \
     const BT* b = (const BT*)row + (i >> 3); const int sub = (int)(i & 7); int s_, m_;                 \
     const __m256i raw = _mm256_loadu_si256((const __m256i*)(b->qs + 32 * (sub >> 1)));                \
@@ -224,6 +254,8 @@ static void NAME(const uint8_t* row, const xblock* x, int64_t xs, int64_t nb, fl
 ROWS(rows1_q8_0, 1, 0, DEC_Q8_0) ROWS(rows4_q8_0, 4, 0, DEC_Q8_0)
 ROWS(rows1_q4_0, 1, 0, DEC_Q4_0) ROWS(rows4_q4_0, 4, 0, DEC_Q4_0)
 ROWS(rows1_q4_1, 1, 1, DEC_Q4_1) ROWS(rows4_q4_1, 4, 1, DEC_Q4_1)
+ROWS(rows1_q5_0, 1, 0, DEC_Q5_0) ROWS(rows4_q5_0, 4, 0, DEC_Q5_0)
+ROWS(rows1_q5_1, 1, 1, DEC_Q5_1) ROWS(rows4_q5_1, 4, 1, DEC_Q5_1)
 ROWS(rows1_q4_k, 1, 1, DEC_Q4_K) ROWS(rows4_q4_k, 4, 1, DEC_Q4_K)
 ROWS(rows1_q5_k, 1, 1, DEC_Q5_K) ROWS(rows4_q5_k, 4, 1, DEC_Q5_K)
 ROWS(rows1_q6_k, 1, 0, DEC_Q6_K) ROWS(rows4_q6_k, 4, 0, DEC_Q6_K)
@@ -247,6 +279,7 @@ static void NAME(const uint8_t* r0, const uint8_t* r1, const xblock* x, int64_t 
     out[0] = hsum(a0) + o0; out[1] = hsum(a1) + o1;                                                    \
 }
 PAIR(pair_q8_0, 0, DEC_Q8_0) PAIR(pair_q4_0, 0, DEC_Q4_0) PAIR(pair_q4_1, 1, DEC_Q4_1)
+PAIR(pair_q5_0, 0, DEC_Q5_0) PAIR(pair_q5_1, 1, DEC_Q5_1)
 PAIR(pair_q4_k, 1, DEC_Q4_K) PAIR(pair_q5_k, 1, DEC_Q5_K) PAIR(pair_q6_k, 0, DEC_Q6_K)
 
 typedef void (*pair_fn)(const uint8_t*, const uint8_t*, const xblock*, int64_t, float*);
@@ -255,6 +288,8 @@ static pair_fn pair_of(int type) {
         case T_Q8_0: return pair_q8_0;
         case T_Q4_0: return pair_q4_0;
         case T_Q4_1: return pair_q4_1;
+        case T_Q5_0: return pair_q5_0;
+        case T_Q5_1: return pair_q5_1;
         case T_Q4_K: return pair_q4_k;
         case T_Q5_K: return pair_q5_k;
         default: return pair_q6_k;
@@ -267,6 +302,8 @@ static void kernels_of(int type, rows_fn* k1, rows_fn* k4) {
         case T_Q8_0: *k1 = rows1_q8_0; *k4 = rows4_q8_0; return;
         case T_Q4_0: *k1 = rows1_q4_0; *k4 = rows4_q4_0; return;
         case T_Q4_1: *k1 = rows1_q4_1; *k4 = rows4_q4_1; return;
+        case T_Q5_0: *k1 = rows1_q5_0; *k4 = rows4_q5_0; return;
+        case T_Q5_1: *k1 = rows1_q5_1; *k4 = rows4_q5_1; return;
         case T_Q4_K: *k1 = rows1_q4_k; *k4 = rows4_q4_k; return;
         case T_Q5_K: *k1 = rows1_q5_k; *k4 = rows4_q5_k; return;
         default: *k1 = rows1_q6_k; *k4 = rows4_q6_k; return;

@@ -4,7 +4,7 @@
 #include <stdint.h>
 
 /* ggml type ids, as GGUF stores them */
-enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
        T_BF16 = 30 };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
@@ -15,6 +15,8 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_
 typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;                  /* 34 bytes: d * q */
 typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;                 /* 18: d * (q - 8) */
 typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;              /* 20: d * q + m */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;  /* 22: d * ((q | h << 4) - 16) */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1; /* 24: d * (q | h << 4) + m */
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;               /* 144 */
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K; /* 176 */
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;       /* 210 */

@@ -144,8 +144,9 @@ class GenState:
         m.cold_start.set(self.cold_start_s)
         m.info.labels(self.name, f"{self.cfg.dtype}/{self.cfg.quant}", "millis.gen", "generate").set(1)
         m.ready.set(1)
-        log.warning("millis serve: %s (generation, %d slots x %d positions) ready in %.2f s", self.name,
-                    eng.max_batch, eng.max_seq, self.cold_start_s)
+        pool = f"; paged KV cache: {eng.kv.capacity} positions shared" if eng.kv is not None else ""
+        log.warning("millis serve: %s (generation, %d slots x %d positions%s) ready in %.2f s", self.name,
+                    eng.max_batch, eng.max_seq, pool, self.cold_start_s)
 
     def _open(self):
         from millis.gen import SamplingParams
