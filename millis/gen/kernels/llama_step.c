@@ -190,6 +190,12 @@ static void mm_chunk(void* p, int64_t c) {
 }
 
 static int g_threads = 1;
+/* time per op kind, summed over steps (llm_profile reads and resets it): where a step's time goes */
+enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTN, P_QUANT, P_O, P_FFN_UP, P_SWIGLU, P_DOWN, P_HEAD, P_N };
+static double prof[P_N];
+static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+#define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
+API void llm_profile(double* out) { for (int i = 0; i < P_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
 #define SOLO_STEPS 32
 static double last_wait_frac;  /* of the last step: share of it the caller waited for workers */
 static int last_solo;          /* the last step ran on the caller alone */
@@ -284,28 +290,28 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     const int was_solo = solo_left > 0;
     if (solo_left > 0) solo_left--;
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
-    pool_run(op_embed, &c, n);
+    TIMED(P_EMBED, pool_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
         const layer_w* w = &m->layers[l];
         c.w = w; c.l = l;
-        pool_run(op_attn_norm, &c, n);
+        TIMED(P_NORM, pool_run(op_attn_norm, &c, n));
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
-          mm_run(3, W, Y, ld, 0, s->xq, s->h, n); }
-        pool_run(op_rope_store, &c, n);
-        pool_run(op_attend, &c, n * m->n_heads);
-        pool_run(op_quant_att, &c, n);
+          TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
+        TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
+        TIMED(P_ATTN, pool_run(op_attend, &c, n * m->n_heads));
+        TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          mm_run(1, W, Y, ld, 1, s->xq, s->att, n); }
-        pool_run(op_ffn_norm, &c, n);
+          TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
+        TIMED(P_NORM, pool_run(op_ffn_norm, &c, n));
         { const mat* W[2] = {&w->gate, &w->up}; float* Y[2] = {s->g, s->u}; const int64_t ld[2] = {H, H};
-          mm_run(2, W, Y, ld, 0, s->xq, s->h, n); }
-        pool_run(op_swiglu, &c, n);
+          TIMED(P_FFN_UP, mm_run(2, W, Y, ld, 0, s->xq, s->h, n)); }
+        TIMED(P_SWIGLU, pool_run(op_swiglu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          mm_run(1, W, Y, ld, 1, s->xq, s->g, n); }
+          TIMED(P_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->g, n)); }
     }
-    pool_run(op_out_norm, &c, n_out);
+    TIMED(P_NORM, pool_run(op_out_norm, &c, n_out));
     { const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
-      mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out); }
+      TIMED(P_HEAD, mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out)); }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
     if (!was_solo && g_threads > 1 && pool_wait_ns() > step_ns / 3) solo_left = SOLO_STEPS;
