@@ -137,37 +137,55 @@ API void dequant_row(int type, const uint8_t* w, int64_t K, float* out) {
     }
 }
 
-/* <float row w, fp32 x> for the float weight types */
-static float dot_float(int type, const uint8_t* w, const float* x, int64_t K) {
+/* Float weight types against fp32 activations: T tokens x 2 rows per pass (prefill: each weight
+   load feeds T tokens), one accumulator per (token, row) summed in the same order for every T, so a
+   row's result is bit-identical in decode and in prefill. */
 #ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m256 w0, w1;
-        if (type == T_F32) { w0 = _mm256_loadu_ps((const float*)w + k); w1 = _mm256_loadu_ps((const float*)w + k + 8); }
-        else if (type == T_F16) {
-            w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + k)));
-            w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + k + 8)));
-        } else {
-            w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + k))), 16));
-            w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + k + 8))), 16));
-        }
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
-    }
-    a0 = _mm256_add_ps(a0, a1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+static inline __m256 wload8(int type, const uint8_t* row, int64_t k) {
+    if (type == T_F32) return _mm256_loadu_ps((const float*)row + k);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)row + k));
+    if (type == T_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline float hsum8f(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
-    float r = _mm_cvtss_f32(s);
-#else
-    float r = 0.f; int64_t k = 0;
+    return _mm_cvtss_f32(s);
+}
 #endif
-    for (; k < K; k++) {
-        float wk = type == T_F32 ? ((const float*)w)[k] : type == T_F16 ? f16_to_f32(((const uint16_t*)w)[k])
-                                                                        : bf16_to_f32(((const uint16_t*)w)[k]);
-        r += wk * x[k];
+static inline float wscalar(int type, const uint8_t* row, int64_t k) {
+    return type == T_F32 ? ((const float*)row)[k] : type == T_F16 ? f16_to_f32(((const uint16_t*)row)[k])
+                                                                   : bf16_to_f32(((const uint16_t*)row)[k]);
+}
+/* out[t * 2 + r] = <row r, x[t]> for r < R (1 or 2), t < T (1..4); x rows K apart */
+static void float_tile(int type, const uint8_t* w0, int64_t rb, int R, const float* x, int64_t K, int T, float* out) {
+    int64_t k = 0;
+#ifdef __AVX2__
+    __m256 acc[4][2];
+    for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    if (R == 2 && T == 4) {  /* the hot case, fully unrolled */
+        for (; k + 8 <= K; k += 8) {
+            const __m256 a = wload8(type, w0, k), b = wload8(type, w0 + rb, k);
+            for (int t = 0; t < 4; t++) {
+                const __m256 xv = _mm256_loadu_ps(x + t * K + k);
+                acc[t][0] = _mm256_fmadd_ps(a, xv, acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(b, xv, acc[t][1]);
+            }
+        }
+    } else {
+        for (; k + 8 <= K; k += 8)
+            for (int r = 0; r < R; r++) {
+                const __m256 a = wload8(type, w0 + r * rb, k);
+                for (int t = 0; t < T; t++) acc[t][r] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + t * K + k), acc[t][r]);
+            }
     }
-    return r;
+    for (int t = 0; t < T; t++) for (int r = 0; r < R; r++) out[t * 2 + r] = hsum8f(acc[t][r]);
+#else
+    for (int t = 0; t < T; t++) for (int r = 0; r < R; r++) out[t * 2 + r] = 0.f;
+#endif
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++)
+            for (int64_t j = k; j < K; j++) out[t * 2 + r] += wscalar(type, w0 + r * rb, j) * x[t * K + j];
 }
 
 #ifdef __AVX2__
@@ -359,22 +377,41 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const f
         return;
     }
 #endif
+    if (fl) {  /* float weights: rows in pairs x tokens in fours */
+        for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
+            const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
+            for (int64_t n = n0; n < n1; n += 2) {
+                const uint8_t* row = W->data + n * W->row_bytes;
+                const int R = n + 2 <= n1 ? 2 : 1;
+                if (M == 1 && n + PREFETCH_ROWS + R <= W->rows)  /* decode: the rows PREFETCH_ROWS ahead */
+                    for (int64_t b = 0; b < R * W->row_bytes; b += 64)
+                        __builtin_prefetch(row + PREFETCH_ROWS * W->row_bytes + b);
+                for (int64_t m = m0; m < m1; m += 4) {
+                    const int T = m + 4 <= m1 ? 4 : (int)(m1 - m);
+                    float out[8];
+                    float_tile(W->type, row, W->row_bytes, R, Xf + m * K, K, T, out);
+                    for (int t = 0; t < T; t++)
+                        for (int r = 0; r < R; r++) {
+                            float* y = Y + (m + t) * ldy + n + r;
+                            *y = acc ? *y + out[t * 2 + r] : out[t * 2 + r];
+                        }
+                }
+            }
+        }
+        return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t n = n0; n < n1; n++) {
             const uint8_t* row = W->data + n * W->row_bytes;
             float out[4];
-            if (fl && M == 1 && n + PREFETCH_ROWS < W->rows)  /* decode: the row PREFETCH_ROWS ahead */
-                for (int64_t b = 0; b < W->row_bytes; b += 64)
-                    __builtin_prefetch(row + PREFETCH_ROWS * W->row_bytes + b);
             for (int64_t m = m0; m < m1;) {
                 int cnt = 1;
-                if (fl) out[0] = dot_float(W->type, row, Xf + m * K, K);
 #ifdef __AVX2__
-                else if (m + 4 <= m1) { k4(row, Xq + m * nb, nb, nb, out); cnt = 4; }
+                if (m + 4 <= m1) { k4(row, Xq + m * nb, nb, nb, out); cnt = 4; }
                 else k1(row, Xq + m * nb, nb, nb, out);
 #else
-                else out[0] = dot_blocks(W->type, row, Xq + m * nb, nb);
+                out[0] = dot_blocks(W->type, row, Xq + m * nb, nb);
 #endif
                 for (int j = 0; j < cnt; j++) {
                     float* y = Y + (m + j) * ldy + n;
