@@ -172,6 +172,14 @@ static void float_tile(int type, const uint8_t* w0, int64_t rb, int R, const flo
                 acc[t][1] = _mm256_fmadd_ps(b, xv, acc[t][1]);
             }
         }
+    } else if (R == 2 && T == 1) {  /* decode: two rows against one token */
+        __m256 a0 = acc[0][0], a1 = acc[0][1];
+        for (; k + 8 <= K; k += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(wload8(type, w0, k), xv, a0);
+            a1 = _mm256_fmadd_ps(wload8(type, w0 + rb, k), xv, a1);
+        }
+        acc[0][0] = a0; acc[0][1] = a1;
     } else {
         for (; k + 8 <= K; k += 8)
             for (int r = 0; r < R; r++) {
