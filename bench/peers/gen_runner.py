@@ -18,16 +18,9 @@ Every system decodes greedily exactly N new tokens per row (EOS ignored) from eq
 """
 import json, os, sys, time
 
-from protocol import arg_parser, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
+from protocol import arg_parser, registry, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
 
-SYSTEMS = {}
-
-
-def system(name):
-    def deco(cls):
-        SYSTEMS[name] = cls
-        return cls
-    return deco
+SYSTEMS, system = registry()
 
 
 def log(*a):

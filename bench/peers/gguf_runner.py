@@ -22,17 +22,10 @@ import ctypes, math, os, re, sys, time
 
 import numpy as np
 
-from protocol import arg_parser, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
+from protocol import arg_parser, registry, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
 
 CHUNK = 512  # most tokens per forward call (millis's NativeLlama.CHUNK; llama.cpp's n_batch here)
-SYSTEMS = {}
-
-
-def system(name):
-    def deco(cls):
-        SYSTEMS[name] = cls
-        return cls
-    return deco
+SYSTEMS, system = registry()
 
 
 @system("millis")

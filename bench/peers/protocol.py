@@ -16,6 +16,18 @@ def threads_from_argv() -> None:
             os.environ.setdefault(v, n)
 
 
+def registry():
+    """A {name: runner class} dict and the `@system(name)` decorator that fills it."""
+    systems = {}
+
+    def system(name):
+        def deco(cls):
+            systems[name] = cls
+            return cls
+        return deco
+    return systems, system
+
+
 def arg_parser(systems) -> argparse.ArgumentParser:
     """The flags every runner takes: --system (one of `systems`), --model-dir, --work-dir, --threads."""
     ap = argparse.ArgumentParser()

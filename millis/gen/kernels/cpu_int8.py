@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 SOURCE = Path(__file__).with_name("qgemm.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # with native.ISA_FLAGS["avx2"]
 _why: list[str] = []
 
 
@@ -49,25 +45,14 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MILLIS_NO_KERNELS"):
         _why.append("MILLIS_NO_KERNELS is set")
         return None
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        _why.append(f"no C compiler ({cc}) on PATH")
-        return None
-    from millis.common.files import cache_dir
+    from millis.common.errors import MillisError
+    from millis.gen.kernels.native import build
 
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
-    so = cache_dir() / "kernels" / f"qgemm-{key}.so"
-    if not so.is_file():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            out = Path(tmp) / so.name
-            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if r.returncode:
-                _why.append(f"{cc} failed: {r.stderr.strip()[-500:]}")
-                return None
-            os.replace(out, so)  # atomic: a concurrent build never loads a half-written file
-    lib = ctypes.CDLL(str(so))  # after torch: its libgomp.so.1 is reused, one OpenMP thread pool
+    try:  # torch is imported first there: its libgomp.so.1 is reused, one OpenMP thread pool
+        lib = build("qgemm", (SOURCE.name,), "avx2", tuple(FLAGS))
+    except MillisError as e:
+        _why.append(str(e))
+        return None
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.quantize_rows.argtypes = [P, I, I, I, I, P, P, P]
     lib.quantize_rows.restype = None

@@ -47,14 +47,15 @@ def native_isa() -> str | None:
 
 
 @functools.cache
-def build(name: str, sources: tuple[str, ...], isa: str) -> ctypes.CDLL:
-    """Compile `sources` (file names in this folder, plus the headers they include) for `isa`."""
+def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile `sources` (file names in this folder, plus the headers they include) for `isa`, with
+    `flags` replacing the common ones (the per-row int8 kernel: OpenMP, every symbol visible)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise MillisError(f"no C compiler ({cc}) on PATH: millis's native kernels are built on first use")
     if isa != "scalar" and platform.machine() not in ("x86_64", "AMD64"):
         raise MillisError(f"the {isa} kernels need an x86-64 CPU")
-    flags = COMMON_FLAGS + ISA_FLAGS[isa]
+    flags = list(flags or COMMON_FLAGS) + ISA_FLAGS[isa]
     texts = b"".join((HERE / f).read_bytes() for f in sorted(set(sources) | {h.name for h in HERE.glob("*.h")}))
     key = hashlib.sha256(texts + " ".join(flags).encode()).hexdigest()[:16]
     from millis.common.files import cache_dir
