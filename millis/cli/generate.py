@@ -28,10 +28,11 @@ def run(cfg: GenerateConfig) -> int:
     def emit(text: str) -> None:
         print(text, end="", flush=True)
 
+    head = cfg.prompt + ("\n" if cfg.chat else "")  # a chat answer on its own line
     if cfg.stream:
-        emit(cfg.prompt)
+        emit(head)
     res = generate(cfg, on_text=emit if cfg.stream else None)
-    print("" if cfg.stream else cfg.prompt + res.text)
+    print("" if cfg.stream else head + res.text)
     print(f"[{len(res.prompt_ids)} prompt + {len(res.token_ids)} new tokens, finished: {res.finished}; "
           f"load {res.load_s:.2f} s, prefill {res.prefill_ms:.1f} ms, decode {res.decode_ms_per_token:.2f} ms/token]",
           file=sys.stderr)
