@@ -32,12 +32,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.common.errors import MillisError
+from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
+from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response, watch_disconnect)
-from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
 from millis.serve.config import ServeConfig
 from millis.serve.metrics import GenMetrics
 
@@ -45,11 +46,8 @@ log = logging.getLogger("millis.serve")
 
 
 def is_generation_model(path: str | Path) -> bool:
-    """A GGUF file, a HF directory whose config.json model_type millis.gen loads, or a llama2.c checkpoint
-    (or a dir with one)."""
+    """A GGUF file, a HF directory of a model_type millis.gen loads, or a llama2.c checkpoint (or a dir with one)."""
     from millis.gen.config import MODEL_TYPES
-
-    from millis.gen.gguf import is_gguf
 
     p = Path(path)
     if is_gguf(p):
@@ -144,9 +142,9 @@ class GenState:
         m.cold_start.set(self.cold_start_s)
         m.info.labels(self.name, f"{self.cfg.dtype}/{self.cfg.quant}", "millis.gen", "generate").set(1)
         m.ready.set(1)
-        pool = f"; paged KV cache: {eng.kv.capacity} positions shared" if eng.kv is not None else ""
         log.warning("millis serve: %s (generation, %d slots x %d positions%s) ready in %.2f s", self.name,
-                    eng.max_batch, eng.max_seq, pool, self.cold_start_s)
+                    eng.max_batch, eng.max_seq, f"; paged KV: {eng.kv.capacity} positions" if eng.kv else "",
+                    self.cold_start_s)
 
     def _open(self):
         from millis.gen import SamplingParams
