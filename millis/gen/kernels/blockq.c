@@ -147,11 +147,6 @@ static inline __m256 wload8(int type, const uint8_t* row, int64_t k) {
     if (type == T_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-static inline float hsum8f(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 #endif
 static inline float wscalar(int type, const uint8_t* row, int64_t k) {
     return type == T_F32 ? ((const float*)row)[k] : type == T_F16 ? f16_to_f32(((const uint16_t*)row)[k])
@@ -187,7 +182,7 @@ static void float_tile(int type, const uint8_t* w0, int64_t rb, int R, const flo
                 for (int t = 0; t < T; t++) acc[t][r] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + t * K + k), acc[t][r]);
             }
     }
-    for (int t = 0; t < T; t++) for (int r = 0; r < R; r++) out[t * 2 + r] = hsum8f(acc[t][r]);
+    for (int t = 0; t < T; t++) for (int r = 0; r < R; r++) out[t * 2 + r] = hsum8(acc[t][r]);
 #else
     for (int t = 0; t < T; t++) for (int r = 0; r < R; r++) out[t * 2 + r] = 0.f;
 #endif
@@ -202,11 +197,6 @@ static inline __m256i mul_ss(__m256i w, __m256i x) {  /* 8 int32 sums of 4 produ
 }
 static inline __m256i mul_us(__m256i w, __m256i x) {  /* w unsigned (0..63) */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-}
-static inline float hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
 }
 static inline __m256i nibbles16(const uint8_t* qs) {  /* 16 bytes -> 32 values: low nibbles, then high */
     __m128i t = _mm_loadu_si128((const __m128i*)qs);
@@ -234,7 +224,7 @@ static void NAME(const uint8_t* row, const xblock* x, int64_t xs, int64_t nb, fl
     __m256 a0[M]; float o0[M];                                                                         \
     for (int j = 0; j < M; j++) { a0[j] = _mm256_setzero_ps(); o0[j] = 0.f; }                          \
     for (int64_t i2 = 0; i2 < nb; i2++) STEP(i2, a0, o0, UNSIGNED, DEC)                                \
-    for (int j = 0; j < M; j++) out[j] = hsum(a0[j]) + o0[j];                                          \
+    for (int j = 0; j < M; j++) out[j] = hsum8(a0[j]) + o0[j];                                          \
 }
 
 #define DEC_Q8_0() const block_q8_0* b = (const block_q8_0*)row + i;                                   \
@@ -310,7 +300,7 @@ static void NAME(const uint8_t* r0, const uint8_t* r1, const xblock* x, int64_t 
         const __m256 dx = _mm256_set1_ps(xb->d);                                                       \
         HALF(r0, a0, o0, UNSIGNED, DEC) HALF(r1, a1, o1, UNSIGNED, DEC)                                \
     }                                                                                                  \
-    out[0] = hsum(a0) + o0; out[1] = hsum(a1) + o1;                                                    \
+    out[0] = hsum8(a0) + o0; out[1] = hsum8(a1) + o1;                                                    \
 }
 PAIR(pair_q8_0, 0, DEC_Q8_0) PAIR(pair_q4_0, 0, DEC_Q4_0) PAIR(pair_q4_1, 1, DEC_Q4_1)
 PAIR(pair_q5_0, 0, DEC_Q5_0) PAIR(pair_q5_1, 1, DEC_Q5_1)

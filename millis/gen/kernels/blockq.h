@@ -28,6 +28,15 @@ typedef struct { float d, s; int8_t q[32]; } xblock;
 /* A weight matrix (rows, cols) in GGUF's layout: row r is `row_bytes` bytes at data + r * row_bytes. */
 typedef struct { int32_t type; int32_t pad; const uint8_t* data; int64_t rows, cols, row_bytes; } mat;
 
+#ifdef __AVX2__
+#include <immintrin.h>
+static inline float hsum8(__m256 a) {  /* the sum of a vector's 8 lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* fp16 -> fp32, inlined (an exported function would be called through the PLT in the hot loops) */
 #ifdef __F16C__
 #include <immintrin.h>

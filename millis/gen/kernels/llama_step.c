@@ -63,11 +63,6 @@ static inline __m256 exp256(__m256 x) {  /* Cephes expf, ~1 ulp on [-88, 88] */
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
-static inline float hsum8(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 static inline float dotf(const float* a, const float* b, int n) {
@@ -197,9 +192,6 @@ static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTON
 #define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
 API void llm_profile(double* out) { for (int i = 0; i < P_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
 #define SOLO_STEPS 32
-static double last_wait_frac;  /* of the last step: share of it the caller waited for workers */
-static int last_solo;          /* the last step ran on the caller alone */
-API double llm_last_wait(int* solo) { *solo = last_solo; return last_wait_frac; }
 
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const xblock* Xq,
                    const float* Xf, int64_t M) {
@@ -315,8 +307,6 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
     if (!was_solo && g_threads > 1 && pool_wait_ns() > step_ns / 3) solo_left = SOLO_STEPS;
-    last_wait_frac = step_ns > 0 ? pool_wait_ns() / step_ns : 0;
-    last_solo = was_solo;
     pool_end();
     return 0;
 }

@@ -25,7 +25,7 @@
 #endif
 
 #define MAX_THREADS 256
-#define SPIN 200000 /* pause loops (~tens of microseconds... ~1 ms) before a worker sleeps */
+#define SPIN 200000 /* pause loops (about a millisecond) a worker spins for the next job before it sleeps */
 
 typedef void (*task_fn)(void* ctx, int64_t chunk);
 

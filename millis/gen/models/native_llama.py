@@ -21,10 +21,10 @@ import torch
 
 from millis.common.errors import MillisError
 from millis.gen.config import LlamaConfig
+from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED
 from millis.gen.models.layers import Batch, rope_inv_freq
 
-TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
-BLOCK_VALUES = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED}  # the ggml type id kernels switch on
 KERNEL_SOURCES = ("blockq.c", "llama_step.c", "pool.c")
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
@@ -102,7 +102,7 @@ def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
     if t.qtype not in TYPE_IDS:
         raise MillisError(f"tensor {name} has type {t.qtype}, which millis's kernels do not run")
     rows, cols = t.shape
-    if cols % BLOCK_VALUES.get(t.qtype, 1) or (t.qtype not in ("F32", "F16", "BF16") and cols % 32):
+    if cols % BLOCKS[t.qtype][0] or (t.qtype not in ("F32", "F16", "BF16") and cols % 32):
         raise MillisError(f"tensor {name}: {cols} columns is not a whole number of {t.qtype} blocks")
     data = np.ascontiguousarray(t.data)
     return Mat(TYPE_IDS[t.qtype], 0, data.ctypes.data, rows, cols, data.nbytes // rows), data
