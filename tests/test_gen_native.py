@@ -17,7 +17,7 @@ from millis.gen.kernels.native import build, native_isa
 from millis.gen.models import native_llama
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
-from millis.gen.models.native_llama import KERNEL_SOURCES, TYPE_IDS, Mat
+from millis.gen.models.native_llama import KERNEL_SOURCES, TYPE_IDS, XBLOCK_BYTES, Mat, pack_matrix
 
 FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ISAS = sorted({"scalar", native_isa() or "scalar"})
@@ -29,13 +29,14 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 def quantized_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) -> (xblock bytes, the fp32 values they hold): activations quantized per 32 by the kernel."""
     M, K = x.shape
-    xq = np.zeros(M * (K // 32) * 40, np.uint8)
+    xq = np.zeros(M * (K // 32) * XBLOCK_BYTES, np.uint8)
     lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for m in range(M):
-        lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * 40)
-    b = xq.reshape(M, K // 32, 40)
-    d = b[:, :, 0:4].copy().view(np.float32)
-    return xq, (b[:, :, 8:40].view(np.int8).astype(np.float32) * d).reshape(M, K)
+        lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
+    b = xq.reshape(M, K // 32, XBLOCK_BYTES)
+    d, q = b[:, :, 0:4].copy().view(np.float32), b[:, :, 12:44].view(np.int8).astype(np.float32)
+    assert (b[:, :, 8:12].copy().view(np.int32)[..., 0] == q.sum(-1)).all()  # the integer sum
+    return xq, (q * d).reshape(M, K)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -43,10 +44,11 @@ def quantized_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("M", [1, 2, 7])
 def test_block_matmul_matches_reference(isa, qtype, M):
     """y = W x for every format: the kernel's integer sums equal dequant(W) @ dequant(x_q) (float types:
-    @ x) up to fp32 rounding; M = 1 is the decode path (rows in pairs), 7 the 4-token GEMM tiles + rest."""
+    @ x) up to fp32 rounding; M = 1 is the decode path, 7 the 4-token GEMM tiles + rest. The SIMD
+    build runs the quantized types packed (8 rows interleaved), the scalar build GGUF's layout."""
     lib = build("llama_step", KERNEL_SOURCES, isa)
     rng = np.random.default_rng(1)
-    N, K = 37, 512  # an odd row count: the pair kernel's single last row
+    N, K = 37, 512  # not a multiple of 8 rows: the last packed group is padded
     raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
     raw = np.ascontiguousarray(raw)
     x = rng.standard_normal((M, K)).astype(np.float32)
@@ -54,7 +56,9 @@ def test_block_matmul_matches_reference(isa, qtype, M):
     y = np.full((M, N), np.nan, np.float32)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
-    mat = Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N)
+    keep: list = []
+    mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+    assert mat.packed == (isa != "scalar" and qtype not in ("F32", "F16", "BF16"))
     lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
     ref = (x if qtype in ("F32", "F16", "BF16") else xd).astype(np.float64) @ wd.astype(np.float64).T
     assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max(), qtype

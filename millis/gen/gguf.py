@@ -90,6 +90,23 @@ def read_gguf(path) -> GGUFModel:
                      template if isinstance(template, str) and template else None, special)
 
 
+def release_pages(a: np.ndarray) -> None:
+    """Let the OS drop the resident pages under `a` when it is a view of a GGUF file's map (read-only and
+    file-backed: touched again, they are read back from the page cache), so bytes repacked at load do
+    not count twice in the process's memory. Anything else is left alone."""
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer's base
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not a.nbytes:
+        return
+    page, at = mmap.PAGESIZE, a.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    lo, hi = -(-at // page) * page, (at + a.nbytes) // page * page
+    if hi > lo:
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def dequantize(t: GGUFTensor):
     """fp32 torch tensor of `t.shape`, through gguf.quants (the reference for the native kernels)."""
     import torch

@@ -22,11 +22,12 @@ typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t q
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;       /* 210 */
 
 /* One activation block: 32 int8 values with their scale (as llama.cpp's Q8_1): x ~ d * q, and
-   s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply. */
-typedef struct { float d, s; int8_t q[32]; } xblock;
+   s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply. 44 bytes. */
+typedef struct { float d, s; int32_t sum; int8_t q[32]; } xblock;  /* sum: of q */
 
-/* A weight matrix (rows, cols) in GGUF's layout: row r is `row_bytes` bytes at data + r * row_bytes. */
-typedef struct { int32_t type; int32_t pad; const uint8_t* data; int64_t rows, cols, row_bytes; } mat;
+/* A weight matrix (rows, cols): in GGUF's layout (row r is `row_bytes` bytes at data + r * row_bytes), or
+   with `packed` set in packed.c's layout (the AVX2 kernels' for the quantized types). */
+typedef struct { int32_t type; int32_t packed; const uint8_t* data; int64_t rows, cols, row_bytes; } mat;
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -46,6 +47,10 @@ float f16_to_f32_scalar(uint16_t h);
 static inline float f16_to_f32(uint16_t h) { return f16_to_f32_scalar(h); }
 #endif
 int type_block(int type);                 /* values per block of `type` (1 for float types) */
+/* Block i (of 32 values) of a GGUF row: integers w[32], per-half scales sc[2], offset mn (value = sc * w + mn) */
+void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn);
+void scale_min_k4(int j, const uint8_t* q, int* sc, int* m);  /* K-quant sub-block j's 6-bit scale and min */
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);

@@ -21,17 +21,18 @@ import torch
 
 from millis.common.errors import MillisError
 from millis.gen.config import LlamaConfig
-from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED
+from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 
 TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED}  # the ggml type id kernels switch on
-KERNEL_SOURCES = ("blockq.c", "llama_step.c", "pool.c")
+KERNEL_SOURCES = ("blockq.c", "packed.c", "llama_step.c", "pool.c")
+XBLOCK_BYTES = 44  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
 class Mat(ctypes.Structure):
-    _fields_ = [("type", I32), ("pad", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
+    _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
 
 
 class LayerW(ctypes.Structure):
@@ -108,6 +109,21 @@ def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
     return Mat(TYPE_IDS[t.qtype], 0, data.ctypes.data, rows, cols, data.nbytes // rows), data
 
 
+def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:
+    """`m` re-laid in packed.c's layout (8 rows interleaved) when the build packs its type, else `m`.
+    The packed copy goes to `keep`; the GGUF bytes are then no longer read."""
+    lib.packed_bytes.restype, lib.packed_bytes.argtypes = I64, [I32, I64, I64]
+    lib.repack.restype, lib.repack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
+    n = lib.packed_bytes(m.type, m.rows, m.cols)
+    if not n:
+        return m
+    dst = np.empty(n, np.uint8)
+    if lib.repack(ctypes.addressof(m), dst.ctypes.data, threads):
+        raise MillisError(f"repacking a type {m.type} matrix failed")
+    keep.append(dst)
+    return Mat(m.type, 1, dst.ctypes.data, m.rows, m.cols, m.row_bytes)
+
+
 class NativeLlama:
     """A GGUF-layout Llama run by the C forward. `tensors`: GGUF names -> objects with `qtype`,
     `shape` ((rows, cols) or (n,)) and `data` (numpy: block bytes (rows, row_bytes) or fp32)."""
@@ -149,7 +165,7 @@ class NativeLlama:
             hidden=c.hidden_dim, vocab=c.vocab_size, rope_neox=int(rope_neox), window=c.sliding_window,
             block_size=block_size, eps=c.norm_eps, attn_scale=1.0 / math.sqrt(c.head_dim),
             rope_cos=cos.ctypes.data, rope_sin=sin.ctypes.data, max_pos=max_seq,
-            tok_emb=self._matrix(get("token_embd.weight"), "token_embd"), head=self._matrix(head, "output"),
+            tok_emb=self._matrix(get("token_embd.weight"), "token_embd", pack=False), head=self._matrix(head, "output"),
             out_norm=self._vec(get("output_norm.weight")), layers=ctypes.addressof(layers),
             k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
             block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1])
@@ -176,10 +192,15 @@ class NativeLlama:
 
         return np.ascontiguousarray(dequantize(t.data, G[t.qtype]), dtype=np.float32).reshape(-1)
 
-    def _matrix(self, t, name: str) -> Mat:
+    def _matrix(self, t, name: str, pack: bool = True) -> Mat:
+        """A weight matrix as the kernels take it: packed (packed.c) where this build packs its type."""
         m, data = _mat(t, name)
-        self.keep.append(data)
-        return m
+        packed = pack_matrix(self.lib, m, self.keep, self.threads) if pack else m
+        if packed is m:
+            self.keep.append(data)
+        else:
+            release_pages(data)  # the kernels read only the packed copy
+        return packed
 
     @staticmethod
     def _rope(c: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +215,7 @@ class NativeLlama:
             self._bufs = {k: np.empty(n * w, np.float32) for k, w in (
                 ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", c.hidden_dim),
                 ("u", c.hidden_dim))}
-            self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * 40, np.uint8)  # xblock: 40 bytes per 32 values
+            self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * XBLOCK_BYTES, np.uint8)  # per 32 values
             self._sw = ScratchW(**{k: v.ctypes.data for k, v in self._bufs.items()})
             self._scratch_n = n
         return self._sw

@@ -1,0 +1,324 @@
+/* Packed weights for the AVX2 kernels: every block format re-laid once at load, 8 rows interleaved.
+
+   Why: in GGUF's layout a row's blocks are contiguous, so a dot product per row pays, per 32 values,
+   an fp16 scale conversion, an int -> float conversion, a scale multiply and an FMA, then a
+   horizontal sum per row. Packed, one 32-byte load holds 4 consecutive values of each of 8 rows, so
+   maddubs against 4 activation values broadcast gives all 8 rows' partial sums in one vector: the
+   float work (scales, conversion, FMA) is done once per 8 rows, no horizontal sums remain (lane r is
+   row r), and the whole matrix streams as one sequential read (what the hardware prefetcher does best).
+   llama.cpp repacks Q4_0 / Q4_K the same way on AVX2 ("CPU_REPACK", block_q4_0x8).
+
+   Layout: groups of 8 rows (the last one padded with zero rows), each a run of units; a unit is one
+   32-value block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or one 256-value super-block (Q4_K, Q5_K, Q6_K):
+     simple:  d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) | payload
+     Q4/5_K:  d[8] fp16 | dmin[8] fp16 | scale[8 sub][8 rows] u8 | min[8 sub][8 rows] u8 | 8 payloads
+     Q6_K:    d[8] fp16 | scale[16 halves][8 rows] i8 | 8 payloads
+   A payload holds one 32-value block of the 8 rows in 8 steps; step s is values 4s..4s+3:
+     4-bit: 128 bytes, byte 32 * (s % 4) + 4 * r + j holds step s's value j of row r in its low
+            nibble (s < 4) or high nibble (s >= 4);
+     5-bit: the 4-bit part, then 8 words of 32 bits: bit 4 * r + j of word s = the fifth bit;
+     6-bit: the 4-bit part, then 64 bytes: bits 2 * (s % 4) of byte 32 * (s / 4) + 4 * r + j;
+     8-bit: 256 bytes, byte 32 * s + 4 * r + j.
+   Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed).
+
+   Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of
+   pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4); then per 32 values and row
+   acc += float(isum) * (d * dx), and the offsets of Q4_1 / Q5_1 / K-quant mins in their own sum. A
+   row's operations are the same for 1 and for 4 tokens, so its result never depends on batch-mates. */
+#include "blockq.h"
+
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define AI static inline __attribute__((always_inline))
+#ifndef PF_BYTES
+#define PF_BYTES 1024
+#endif
+
+static int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */
+    switch (type) {
+        case T_Q4_0: case T_Q4_1: case T_Q4_K: return 4;
+        case T_Q5_0: case T_Q5_1: case T_Q5_K: return 5;
+        case T_Q6_K: return 6;
+        case T_Q8_0: return 8;
+        default: return 0;
+    }
+}
+static int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
+static int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
+static int head_bytes(int type) {
+    switch (type) {
+        case T_Q4_1: case T_Q5_1: return 32;
+        case T_Q4_K: case T_Q5_K: return 160;
+        case T_Q6_K: return 144;
+        default: return 16;
+    }
+}
+static int64_t unit_bytes(int type) { return head_bytes(type) + (is_super(type) ? 8 : 1) * payload_bytes(kind_of(type)); }
+static int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K : QK); }
+
+API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
+#ifdef __AVX2__
+    if (!kind_of(type)) return 0;
+    return (rows + 7) / 8 * (cols / (is_super(type) ? QK_K : QK)) * unit_bytes(type);
+#else
+    (void)type; (void)rows; (void)cols;
+    return 0;  /* the scalar build runs GGUF's layout */
+#endif
+}
+
+/* ------------------------------------------------------------------ repacking (at load) */
+
+static void put_payload(int kind, uint8_t* q, int r, const int8_t* w) {  /* block values w[32] of row r */
+    for (int s = 0; s < 8; s++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t u = (uint8_t)w[4 * s + j];
+            const int b = 4 * r + j;
+            if (kind == 8) { q[32 * s + b] = u; continue; }
+            q[32 * (s & 3) + b] |= (uint8_t)((u & 0xF) << (4 * (s >> 2)));
+            if (kind == 5) q[128 + 4 * s + b / 8] |= (uint8_t)(((u >> 4) & 1) << (b % 8));
+            if (kind == 6) q[128 + 32 * (s >> 2) + b] |= (uint8_t)(((u >> 4) & 3) << (2 * (s & 3)));
+        }
+}
+
+static int block_bytes(int type) {
+    switch (type) {
+        case T_Q8_0: return sizeof(block_q8_0);
+        case T_Q4_0: return sizeof(block_q4_0);
+        case T_Q4_1: return sizeof(block_q4_1);
+        case T_Q5_0: return sizeof(block_q5_0);
+        case T_Q5_1: return sizeof(block_q5_1);
+        case T_Q4_K: return sizeof(block_q4_K);
+        case T_Q5_K: return sizeof(block_q5_K);
+        default: return sizeof(block_q6_K);
+    }
+}
+
+static void pack_unit(const mat* W, int64_t g, int64_t u, uint8_t* dst) {
+    const int type = W->type, kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
+    const int offset = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q6_K ? 32 : 0;  /* stored = w + offset */
+    memset(dst, 0, unit_bytes(type));
+    uint16_t* d = (uint16_t*)dst;
+    for (int r = 0; r < 8 && 8 * g + r < W->rows; r++) {
+        const uint8_t* row = W->data + (8 * g + r) * W->row_bytes;
+        const uint8_t* blk = row + u * block_bytes(type);
+        int8_t w[32]; float sc[2], mn;
+        if (!is_super(type)) {  /* d (and m) are each block's first fp16 fields */
+            memcpy(d + r, blk, 2);
+            if (head == 32) memcpy(d + 8 + r, blk + 2, 2);
+            decode_block(type, row, u, w, sc, &mn);
+            for (int l = 0; l < 32; l++) w[l] = (int8_t)(w[l] + offset);
+            put_payload(kind, dst + head, r, w);
+            continue;
+        }
+        if (type == T_Q6_K) {
+            const block_q6_K* b = (const block_q6_K*)blk;
+            d[r] = b->d;
+            for (int h = 0; h < 16; h++) dst[16 + 8 * h + r] = (uint8_t)b->scales[h];
+        } else {
+            const block_q4_K* b = (const block_q4_K*)blk;  /* Q5_K starts the same way */
+            d[r] = b->d; d[8 + r] = b->dmin;
+            for (int j = 0; j < 8; j++) {
+                int s, m;
+                scale_min_k4(j, b->scales, &s, &m);
+                dst[32 + 8 * j + r] = (uint8_t)s; dst[96 + 8 * j + r] = (uint8_t)m;
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            decode_block(type, row, 8 * u + j, w, sc, &mn);
+            for (int l = 0; l < 32; l++) w[l] = (int8_t)(w[l] + offset);
+            put_payload(kind, dst + head + j * pb, r, w);
+        }
+    }
+}
+
+void pool_begin(int threads);
+void pool_end(void);
+void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
+
+static void pack_group(void* p, int64_t g) {
+    const mat* W = ((const void**)p)[0];
+    uint8_t* dst = ((void**)p)[1];
+    const int64_t nu = units(W), ub = unit_bytes(W->type);
+    for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
+}
+
+/* GGUF layout -> packed (dst: packed_bytes(...) bytes). 0 on success, -1 when the type is not packed. */
+API int repack(const mat* W, uint8_t* dst, int nthreads) {
+    if (!packed_bytes(W->type, W->rows, W->cols)) return -1;
+    const void* ctx[2] = {W, dst};
+    pool_begin(nthreads);
+    pool_run(pack_group, (void*)ctx, (W->rows + 7) / 8);
+    pool_end();
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the kernels */
+#ifdef __AVX2__
+AI __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+AI __m256i bits32(const uint8_t* p) {  /* 32 bits -> 32 bytes, 0xFF where the bit is set */
+    uint32_t v; memcpy(&v, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i b = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf),
+                                      _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+AI __m256i pairs16(__m256i v) { /* int32 lanes -> the same value in both int16 halves (madd multipliers) */
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16));
+}
+AI __m256i load8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+AI __m256i load8s(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+
+/* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
+   int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi. Q8_0 (kind 8): unweighted. */
+AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, const int T, __m256i mlo, __m256i mhi,
+                    __m256i* out) {
+    if (kind == 8) {
+        __m256i a[4];
+        for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
+            for (int t = 0; t < T; t++) {
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(x[t]->q + 4 * s), w));
+                a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            }
+        }
+        for (int t = 0; t < T; t++) out[t] = a[t];
+        return;
+    }
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256i lo[4], hi[4], h0 = _mm256_setzero_si256(), h1 = h0;
+    for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
+    if (kind == 6) { h0 = _mm256_loadu_si256((const __m256i*)(q + 128)); h1 = _mm256_loadu_si256((const __m256i*)(q + 160)); }
+    for (int p = 0; p < 4; p++) {  /* steps p (values 4p..) and p + 4 (values 16 + 4p..) */
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(q + 32 * p));
+        __m256i wl = _mm256_and_si256(raw, m4), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        if (kind == 5) {
+            wl = _mm256_or_si256(wl, _mm256_and_si256(bits32(q + 128 + 4 * p), _mm256_set1_epi8(0x10)));
+            wh = _mm256_or_si256(wh, _mm256_and_si256(bits32(q + 144 + 4 * p), _mm256_set1_epi8(0x10)));
+        }
+        if (kind == 6) {  /* the 2-bit high parts -> bits 4, 5; then signed: w = stored - 32 */
+            const __m256i m3 = _mm256_set1_epi8(0x30), c = _mm256_set1_epi8(32);
+            wl = _mm256_sub_epi8(_mm256_or_si256(wl, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h0, 2 * p), 4), m3)), c);
+            wh = _mm256_sub_epi8(_mm256_or_si256(wh, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h1, 2 * p), 4), m3)), c);
+            const __m256i al = _mm256_sign_epi8(wl, wl), ah = _mm256_sign_epi8(wh, wh);
+            for (int t = 0; t < T; t++) {
+                lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(al, _mm256_sign_epi8(bcast4(x[t]->q + 4 * p), wl)));
+                hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(ah, _mm256_sign_epi8(bcast4(x[t]->q + 16 + 4 * p), wh)));
+            }
+            continue;
+        }
+        for (int t = 0; t < T; t++) {
+            lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(wl, bcast4(x[t]->q + 4 * p)));
+            hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(wh, bcast4(x[t]->q + 16 + 4 * p)));
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = _mm256_add_epi32(_mm256_madd_epi16(lo[t], mlo), _mm256_madd_epi16(hi[t], mhi));
+}
+
+/* One group of 8 rows against T tokens (x: token t's blocks at x + t * xs): out[8 * t + r]. */
+AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
+    const int64_t ub = unit_bytes(type);
+    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 0;  /* subtracted from every stored value */
+    const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 acc[4], off[4];
+    for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t* b = g + u * ub;
+        if (T == 1) for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+        const xblock* xb[4];
+        __m256i is[4];
+        if (!is_super(type)) {
+            for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
+            payload_dot(kind, b + head, xb, T, one, one, is);
+            for (int t = 0; t < T; t++) {
+                __m256i i = is[t];
+                if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
+                if (has_min)
+                    off[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16))),
+                                             _mm256_set1_ps(xb[t]->s), off[t]);
+            }
+            continue;
+        }
+        __m256 mo[4];
+        for (int t = 0; t < T; t++) mo[t] = _mm256_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            for (int t = 0; t < T; t++) xb[t] = x + t * xs + 8 * u + j;
+            __m256i mlo, mhi;
+            if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
+            else mlo = mhi = pairs16(load8(b + 32 + 8 * j));
+            payload_dot(kind, b + head + j * pb, xb, T, mlo, mhi, is);
+            for (int t = 0; t < T; t++)
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
+            if (has_min) {
+                const __m256 mf = _mm256_cvtepi32_ps(load8(b + 96 + 8 * j));
+                for (int t = 0; t < T; t++) mo[t] = _mm256_fmadd_ps(mf, _mm256_set1_ps(xb[t]->s), mo[t]);
+            }
+        }
+        if (has_min) {  /* value = d * sc * w - dmin * m: the mins' share, once per super-block */
+            const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16)));
+            for (int t = 0; t < T; t++) off[t] = _mm256_fnmadd_ps(dmin, mo[t], off[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], off[t]));
+}
+
+typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*);
+#define GROUP_FNS(NAME, TYPE)                                                                           \
+    static void NAME##_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
+        group_dot(TYPE, 1, g, nu, x, xs, out); }                                                        \
+    static void NAME##_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
+        group_dot(TYPE, 4, g, nu, x, xs, out); }
+GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1) GROUP_FNS(g_q5_0, T_Q5_0)
+GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
+
+static void group_fns(int type, group_fn* f1, group_fn* f4) {
+    switch (type) {
+        case T_Q8_0: *f1 = g_q8_0_1; *f4 = g_q8_0_4; return;
+        case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
+        case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
+        case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;
+        case T_Q5_1: *f1 = g_q5_1_1; *f4 = g_q5_1_4; return;
+        case T_Q4_K: *f1 = g_q4_k_1; *f4 = g_q4_k_4; return;
+        case T_Q5_K: *f1 = g_q5_k_1; *f4 = g_q5_k_4; return;
+        default: *f1 = g_q6_k_1; *f4 = g_q6_k_4; return;
+    }
+}
+
+#define MTILE 64 /* tokens per pass over a chunk's groups (the groups stay in cache meanwhile) */
+
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. */
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
+    group_fn f1, f4;
+    group_fns(W->type, &f1, &f4);
+    const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
+    for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
+        const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
+        for (int64_t g = n0 / 8; g * 8 < n1; g++) {
+            const uint8_t* gp = W->data + g * gb;
+            for (int64_t m = m0; m < m1;) {
+                const int T = m + 4 <= m1 ? 4 : 1;
+                float out[32];
+                (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
+                for (int t = 0; t < T; t++) {
+                    float* y = Y + (m + t) * ldy + g * 8;
+                    const float* o = out + 8 * t;
+                    if (g * 8 + 8 <= n1) {
+                        const __m256 v = _mm256_loadu_ps(o);
+                        _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), v) : v);
+                    } else {
+                        for (int r = 0; g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
+                    }
+                }
+                m += T;
+            }
+        }
+    }
+}
+#endif
