@@ -137,28 +137,78 @@ static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p
     return pool + ((((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size + p % m->block_size) * m->head_dim;
 }
 
+#ifdef __AVX2__
+static inline __m256 hsum8x8(const __m256* a) {  /* lane i = the sum of a[i]'s 8 lanes */
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+#endif
+
+/* sc[r] = <q, k row r> * scale for r < cnt (rows hd apart); returns the max */
+static float scores(const float* q, const float* k, int cnt, int hd, float scale, float* sc) {
+    int r = 0; float mx = -INFINITY;
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        for (; r + 8 <= cnt; r += 8) {  /* 8 positions at once: one transposing sum, not 8 horizontal ones */
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(r + i) * hd + d), a[i]);
+            }
+            const __m256 s = _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(sc + r, s); mv = _mm256_max_ps(mv, s);
+        }
+        float t[8]; _mm256_storeu_ps(t, mv);
+        for (int i = 0; i < 8; i++) mx = t[i] > mx ? t[i] : mx;
+    }
+#endif
+    for (; r < cnt; r++) { sc[r] = dotf(q, k + (int64_t)r * hd, hd) * scale; mx = sc[r] > mx ? sc[r] : mx; }
+    return mx;
+}
+
+/* out[d0 .. d0 + 32) += sum over r < cnt of w[r] * v row r (rows hd apart), out held in registers */
+static void weighted_rows(float* out, const float* w, float inv, const float* v, int cnt, int hd, int d0) {
+#ifdef __AVX2__
+    if (hd % 32 == 0) {
+        __m256 o0 = _mm256_loadu_ps(out + d0), o1 = _mm256_loadu_ps(out + d0 + 8);
+        __m256 o2 = _mm256_loadu_ps(out + d0 + 16), o3 = _mm256_loadu_ps(out + d0 + 24);
+        for (int r = 0; r < cnt; r++) {
+            const __m256 a = _mm256_set1_ps(w[r] * inv);
+            const float* x = v + (int64_t)r * hd + d0;
+            o0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), o0); o1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8), o1);
+            o2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 16), o2); o3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 24), o3);
+        }
+        _mm256_storeu_ps(out + d0, o0); _mm256_storeu_ps(out + d0 + 8, o1);
+        _mm256_storeu_ps(out + d0 + 16, o2); _mm256_storeu_ps(out + d0 + 24, o3);
+        return;
+    }
+#endif
+    const int n = hd - d0 < 32 ? hd - d0 : 32;
+    for (int r = 0; r < cnt; r++) axpy(out + d0, w[r] * inv, v + (int64_t)r * hd + d0, n);
+}
+
 /* attention of one query head over positions [lo, p] of its slot, walked block by block (one table
    lookup per block of positions, not a division per position) */
 static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g) {
     const int hd = m->head_dim, bs = m->block_size, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
     float mx = -INFINITY;
     for (int j = lo; j <= p;) {
-        const float* k = kv_at(m, m->k_pool, l, slot, j, g);
         const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        for (int r = 0; r < cnt; r++) {
-            const float s = dotf(q, k + (int64_t)r * hd, hd) * m->attn_scale;
-            sc[j - lo + r] = s; mx = s > mx ? s : mx;
-        }
+        const float s = scores(q, kv_at(m, m->k_pool, l, slot, j, g), cnt, hd, m->attn_scale, sc + j - lo);
+        mx = s > mx ? s : mx;
         j += cnt;
     }
     const float inv = 1.f / exp_shift(sc, p - lo + 1, mx);
     memset(out, 0, sizeof(float) * hd);
-    for (int j = lo; j <= p;) {
-        const float* v = kv_at(m, m->v_pool, l, slot, j, g);
-        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        for (int r = 0; r < cnt; r++) axpy(out, sc[j - lo + r] * inv, v + (int64_t)r * hd, hd);
-        j += cnt;
-    }
+    for (int d0 = 0; d0 < hd; d0 += 32)
+        for (int j = lo; j <= p;) {
+            const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
+            weighted_rows(out, sc + j - lo, inv, kv_at(m, m->v_pool, l, slot, j, g), cnt, hd, d0);
+            j += cnt;
+        }
 }
 
 static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
