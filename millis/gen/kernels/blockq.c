@@ -209,7 +209,7 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const f
                  float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols, nb = K / QK;
 #ifdef __AVX2__
-    if (W->packed) { packed_rows(W, n0, n1, Xq, M, Y, ldy, acc); return; }
+    if (W->packed) { packed_rows(W, n0, n1, Xq, Xf, M, Y, ldy, acc); return; }
 #endif
     if (is_float_type(W->type)) {  /* float weights: rows in pairs x tokens in fours */
         for (int64_t m0 = 0; m0 < M; m0 += MTILE) {

@@ -50,7 +50,8 @@ int type_block(int type);                 /* values per block of `type` (1 for f
 /* Block i (of 32 values) of a GGUF row: integers w[32], per-half scales sc[2], offset mn (value = sc * w + mn) */
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn);
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m);  /* K-quant sub-block j's 6-bit scale and min */
-void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const float* Xf, int64_t M, float* Y,
+                 int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);

@@ -61,6 +61,7 @@ static int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K 
 
 API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
 #ifdef __AVX2__
+    if (type == T_F32) return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 4;
     if (!kind_of(type)) return 0;
     return (rows + 7) / 8 * (cols / (is_super(type) ? QK_K : QK)) * unit_bytes(type);
 #else
@@ -141,6 +142,14 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 static void pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
     uint8_t* dst = ((void**)p)[1];
+    if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
+        float* o = (float*)dst + g * 8 * W->cols;
+        for (int r = 0; r < 8; r++) {
+            const float* row = (const float*)(W->data + (8 * g + r) * W->row_bytes);
+            for (int64_t k = 0; k < W->cols; k++) o[8 * k + r] = 8 * g + r < W->rows ? row[k] : 0.f;
+        }
+        return;
+    }
     const int64_t nu = units(W), ub = unit_bytes(W->type);
     for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
 }
@@ -269,6 +278,24 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], off[t]));
 }
 
+/* F32, 8 rows x T tokens: value k of the 8 rows times token t's x[k], two accumulators (even / odd k)
+   per token, summed at the end: the same order for every T. */
+AI void float_group(const int T, const float* g, int64_t K, const float* x, float* out) {
+    __m256 a[4][2];
+    for (int t = 0; t < T; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        if (T == 1) _mm_prefetch((const char*)(g + 8 * k) + PF_BYTES, _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(g + 8 * k), w1 = _mm256_loadu_ps(g + 8 * k + 8);
+        for (int t = 0; t < T; t++) {
+            a[t][0] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(x + t * K + k), a[t][0]);
+            a[t][1] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(x + t * K + k + 1), a[t][1]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(a[t][0], a[t][1]));
+}
+static void float_group_1(const float* g, int64_t K, const float* x, float* out) { float_group(1, g, K, x, out); }
+static void float_group_4(const float* g, int64_t K, const float* x, float* out) { float_group(4, g, K, x, out); }
+
 typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*);
 #define GROUP_FNS(NAME, TYPE)                                                                           \
     static void NAME##_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
@@ -293,11 +320,14 @@ static void group_fns(int type, group_fn* f1, group_fn* f4) {
 
 #define MTILE 64 /* tokens per pass over a chunk's groups (the groups stay in cache meanwhile) */
 
-/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. */
-void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
-    group_fn f1, f4;
-    group_fns(W->type, &f1, &f4);
-    const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. X: the
+   activation blocks (quantized types), Xf: fp32 rows (F32). */
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const float* Xf, int64_t M, float* Y,
+                 int64_t ldy, int acc) {
+    group_fn f1 = 0, f4 = 0;
+    const int fl = W->type == T_F32;
+    if (!fl) group_fns(W->type, &f1, &f4);
+    const int64_t nu = fl ? 0 : units(W), gb = fl ? 32 * W->cols : nu * unit_bytes(W->type), nbx = W->cols / QK;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1; g++) {
@@ -305,7 +335,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t 
             for (int64_t m = m0; m < m1;) {
                 const int T = m + 4 <= m1 ? 4 : 1;
                 float out[32];
-                (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
+                if (fl) (T == 4 ? float_group_4 : float_group_1)((const float*)gp, W->cols, Xf + m * W->cols, out);
+                else (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
                 for (int t = 0; t < T; t++) {
                     float* y = Y + (m + t) * ldy + g * 8;
                     const float* o = out + 8 * t;
