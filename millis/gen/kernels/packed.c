@@ -278,23 +278,49 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], off[t]));
 }
 
-/* F32, 8 rows x T tokens: value k of the 8 rows times token t's x[k], two accumulators (even / odd k)
-   per token, summed at the end: the same order for every T. */
-AI void float_group(const int T, const float* g, int64_t K, const float* x, float* out) {
-    __m256 a[4][2];
+/* F32: R groups (8 rows each, R <= 2) x T tokens (T <= 6): 12 accumulators, value k of 16 rows
+   (two loads) times token t's x[k] (a broadcast). One accumulator per (row, token), k in order:
+   the same sum for every T and R, so a row's result never depends on batch-mates. */
+AI void float_tile(const int R, const int T, const float* g0, const float* g1, int64_t K, const float* x, float* out) {
+    __m256 a[6][2];
     for (int t = 0; t < T; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 2) {
-        if (T == 1) _mm_prefetch((const char*)(g + 8 * k) + PF_BYTES, _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(g + 8 * k), w1 = _mm256_loadu_ps(g + 8 * k + 8);
+    for (int64_t k = 0; k < K; k++) {
+        if (T == 1 && (k & 1) == 0) {  /* decode: one line of each group per two values */
+            _mm_prefetch((const char*)(g0 + 8 * k) + PF_BYTES, _MM_HINT_T0);
+            if (R == 2) _mm_prefetch((const char*)(g1 + 8 * k) + PF_BYTES, _MM_HINT_T0);
+        }
+        const __m256 w0 = _mm256_loadu_ps(g0 + 8 * k), w1 = R == 2 ? _mm256_loadu_ps(g1 + 8 * k) : w0;
         for (int t = 0; t < T; t++) {
-            a[t][0] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(x + t * K + k), a[t][0]);
-            a[t][1] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(x + t * K + k + 1), a[t][1]);
+            const __m256 b = _mm256_broadcast_ss(x + t * K + k);
+            a[t][0] = _mm256_fmadd_ps(w0, b, a[t][0]);
+            if (R == 2) a[t][1] = _mm256_fmadd_ps(w1, b, a[t][1]);
         }
     }
-    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(a[t][0], a[t][1]));
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 16 * t + 8 * r, a[t][r]);
 }
-static void float_group_1(const float* g, int64_t K, const float* x, float* out) { float_group(1, g, K, x, out); }
-static void float_group_4(const float* g, int64_t K, const float* x, float* out) { float_group(4, g, K, x, out); }
+typedef void (*float_fn)(const float*, const float*, int64_t, const float*, float*);
+#define FLOAT_FN(R, T) static void float_##R##_##T(const float* g0, const float* g1, int64_t K, const float* x, \
+                                                   float* out) { float_tile(R, T, g0, g1, K, x, out); }
+FLOAT_FN(1, 1) FLOAT_FN(1, 2) FLOAT_FN(1, 3) FLOAT_FN(1, 4) FLOAT_FN(1, 5) FLOAT_FN(1, 6)
+FLOAT_FN(2, 1) FLOAT_FN(2, 2) FLOAT_FN(2, 3) FLOAT_FN(2, 4) FLOAT_FN(2, 5)
+/* the prefill tile, written out: GCC keeps float_tile's accumulator array in registers but also stores
+   it to the stack every iteration (12 stores per k), a third of the speed. Same operations, same sums. */
+static void float_2_6(const float* g0, const float* g1, int64_t K, const float* x, float* out) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(g0 + 8 * k), w1 = _mm256_loadu_ps(g1 + 8 * k);
+#define TOKEN(t, A, B) { const __m256 v = _mm256_broadcast_ss(x + t * K + k); \
+                         A = _mm256_fmadd_ps(w0, v, A); B = _mm256_fmadd_ps(w1, v, B); }
+        TOKEN(0, a0, b0) TOKEN(1, a1, b1) TOKEN(2, a2, b2) TOKEN(3, a3, b3) TOKEN(4, a4, b4) TOKEN(5, a5, b5)
+#undef TOKEN
+    }
+    const __m256 r[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
+    for (int i = 0; i < 12; i++) _mm256_storeu_ps(out + 8 * i, r[i]);
+}
+static const float_fn FLOAT_FNS[2][6] = {{float_1_1, float_1_2, float_1_3, float_1_4, float_1_5, float_1_6},
+                                         {float_2_1, float_2_2, float_2_3, float_2_4, float_2_5, float_2_6}};
 
 typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*);
 #define GROUP_FNS(NAME, TYPE)                                                                           \
@@ -320,14 +346,47 @@ static void group_fns(int type, group_fn* f1, group_fn* f4) {
 
 #define MTILE 64 /* tokens per pass over a chunk's groups (the groups stay in cache meanwhile) */
 
+/* rows [8g, 8g + 8) of tokens m..m+T-1 from out[8 * t]: Y (+)= out, rows at or past n1 skipped */
+static void store_group(float* Y, int64_t ldy, int64_t m, int T, int64_t g, int64_t n1, const float* out, int ostride,
+                        int acc) {
+    for (int t = 0; t < T; t++) {
+        float* y = Y + (m + t) * ldy + g * 8;
+        const float* o = out + ostride * t;
+        if (g * 8 + 8 <= n1) {
+            const __m256 v = _mm256_loadu_ps(o);
+            _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), v) : v);
+        } else {
+            for (int r = 0; g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
+        }
+    }
+}
+
+static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int64_t M, float* Y, int64_t ldy, int acc) {
+    const int64_t K = W->cols;
+    for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
+        const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
+        for (int64_t g = n0 / 8; g * 8 < n1; g += 2) {
+            const int R = (g + 1) * 8 < n1 ? 2 : 1;
+            const float* g0 = (const float*)W->data + g * 8 * K;
+            for (int64_t m = m0; m < m1;) {
+                const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
+                float out[96];
+                FLOAT_FNS[R - 1][T - 1](g0, g0 + 8 * K, K, X + m * K, out);
+                for (int r = 0; r < R; r++) store_group(Y, ldy, m, T, g + r, n1, out + 8 * r, 16, acc);
+                m += T;
+            }
+        }
+    }
+}
+
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. X: the
    activation blocks (quantized types), Xf: fp32 rows (F32). */
 void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc) {
-    group_fn f1 = 0, f4 = 0;
-    const int fl = W->type == T_F32;
-    if (!fl) group_fns(W->type, &f1, &f4);
-    const int64_t nu = fl ? 0 : units(W), gb = fl ? 32 * W->cols : nu * unit_bytes(W->type), nbx = W->cols / QK;
+    if (W->type == T_F32) { float_rows(W, n0, n1, Xf, M, Y, ldy, acc); return; }
+    group_fn f1, f4;
+    group_fns(W->type, &f1, &f4);
+    const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1; g++) {
@@ -335,18 +394,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const fl
             for (int64_t m = m0; m < m1;) {
                 const int T = m + 4 <= m1 ? 4 : 1;
                 float out[32];
-                if (fl) (T == 4 ? float_group_4 : float_group_1)((const float*)gp, W->cols, Xf + m * W->cols, out);
-                else (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
-                for (int t = 0; t < T; t++) {
-                    float* y = Y + (m + t) * ldy + g * 8;
-                    const float* o = out + 8 * t;
-                    if (g * 8 + 8 <= n1) {
-                        const __m256 v = _mm256_loadu_ps(o);
-                        _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), v) : v);
-                    } else {
-                        for (int r = 0; g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
-                    }
-                }
+                (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
+                store_group(Y, ldy, m, T, g, n1, out, 8, acc);
                 m += T;
             }
         }
