@@ -168,7 +168,8 @@ def test_engine_greedy_equals_reference_and_batch_invariant(tmp_path):
     for p, got in zip(prompts, alone):  # each token is the argmax of the engine's own full-sequence logits
         seq = p + got
         assert eng.logits(seq)[len(p) - 1:-1].argmax(-1).tolist() == got
-    assert eng.free_slots == 3 and sum(eng.kv.reserved) == 0 and len(eng.kv.free) == eng.kv.n_blocks
+    kv = eng.kv  # every block back: free, or idle in the prefix cache
+    assert eng.free_slots == 3 and kv.in_use == 0 and sum(kv.pending) == 0 and len(kv.free) + len(kv.idle) == kv.n_blocks
 
 
 def test_threads_and_chunks_do_not_change_logits(tmp_path, monkeypatch):
@@ -198,7 +199,7 @@ def test_kv_cache_is_sized_by_memory_and_admission_waits(tmp_path):
     assert small.requests[a].slot >= 0 and small.requests[b].slot < 0 and list(small.waiting)[0].id == b
     while small.has_work:
         small.step()
-    assert sum(small.kv.reserved) == 0 and sorted(small.kv.free) == [0, 1, 2]
+    assert small.kv.in_use == 0 and sum(small.kv.pending) == 0 and sorted(small.kv.free + list(small.kv.idle)) == [0, 1, 2]
     long = small.add([7] * 50, SamplingParams(max_tokens=500, ignore_eos=True))  # capped by the pool: "length"
     outs = [o for _ in range(200) if small.has_work for o in small.step()]
     assert outs[-1].finished == "length" and sum(len(o.token_ids) for o in outs) == 96 - 50

@@ -44,7 +44,8 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
         from millis.gen.cuda_graph import GraphedDecode
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
-    return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode)
+    return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
+                  speculate=engine.speculate)
 
 
 def chat_prompt(eng: Engine, text: str) -> list[int]:

@@ -91,10 +91,12 @@ class EngineConfig:
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
     kv_memory_mb: int = 0     # native (GGUF) models: the paged KV cache's size; 0 = min(512, 1/4 of free memory)
+    prefix_cache: bool = True  # native models: prompts share the cached KV blocks of their common prefix
+    speculate: int = 0        # native models, greedy requests: prompt-lookup draft tokens per step; 0 = off
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or self.kv_memory_mb < 0:
-            raise MillisError("max_batch and max_prefills_per_step must be >= 1, max_seq and kv_memory_mb >= 0")
+        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or min(self.kv_memory_mb, self.speculate) < 0:
+            raise MillisError("max_batch and max_prefills_per_step must be >= 1; max_seq, kv_memory_mb, speculate >= 0")
         if self.dtype not in DTYPES:
             raise MillisError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quant not in QUANTS:
@@ -158,6 +160,8 @@ class GenerateConfig:
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = min(512, a quarter of free memory)")
     threads: int = _f(0, "torch intra-op threads (GGUF: the kernels' threads); 0 = all usable cores")
+    speculate: int = _f(0, "GGUF models, greedy: prompt-lookup draft tokens verified per step (the same text, "
+                           "faster when the answer repeats its input); 0 = off")
 
     def sampling(self) -> SamplingParams:
         stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)
@@ -167,4 +171,4 @@ class GenerateConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
-                            threads=self.threads, kv_memory_mb=self.kv_memory_mb)
+                            threads=self.threads, kv_memory_mb=self.kv_memory_mb, speculate=self.speculate)

@@ -16,6 +16,9 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens and a full
   slot end a request, and its slot is free for the next step.
 
+Native (GGUF) models add two things: a prompt prefills only past its prefix cached in the paged KV
+(`models/paged_kv.py`), and greedy rows may verify a prompt-lookup draft instead (`speculate.py`).
+
 One request never fails another: whatever one request raises in a step (its prefill, its decode
 row, its sampling, its text) ends that request alone with `finished="error"` and the reason in
 `StepOutput.error`; when a batched call raises, its rows are retried one at a time to find which.
@@ -46,8 +49,11 @@ from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
 from millis.gen.models.layers import make_batch
 from millis.gen.load import Loaded
+from millis.gen.rows import isolated, per_row_on_error
 from millis.gen.sampling import RowParams, sample
+from millis.gen.speculate import DraftStats, lookup, verify
 from millis.gen.tokenizer import text_delta
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -65,6 +71,8 @@ class _Request:
     params: SamplingParams
     generator: torch.Generator
     slot: int = -1
+    cached: int = 0        # leading prompt positions whose KV the prefix cache already held
+    drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
     out: list[int] = field(default_factory=list)
     emitted: str = ""      # text already handed out
     anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
@@ -76,9 +84,11 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None) -> None:
+    def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None,
+                 speculate: int = 0) -> None:
         """`decode`: optional (tokens, positions, slots) -> logits (n, vocab) for the decode rows,
-        e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows."""
+        e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows.
+        `speculate`: prompt-lookup draft tokens per step for greedy rows of native models (0 = off)."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
         self.decode = decode
         self.config = loaded.config
@@ -86,7 +96,8 @@ class Engine:
         self.kv = loaded.kv  # paged KV (native models): admission reserves a request's positions
         self.chat_template, self.special_tokens = loaded.chat_template, loaded.special_tokens
         self.source_path = loaded.source_path  # where the model came from (its HF dir holds a chat template)
-        self.max_prefills = max_prefills_per_step
+        self.max_prefills, self.speculate = max_prefills_per_step, speculate
+        self.draft_stats = DraftStats()  # all requests' drafts: verified and accepted tokens
         self.window = getattr(self.config, "sliding_window", 0)
         self.slots: list[_Request | None] = [None] * self.max_batch
         self.waiting: deque[_Request] = deque()
@@ -183,7 +194,7 @@ class Engine:
         with self._lock:
             new, running = self._schedule()
             self._stepping = True
-        tokens: dict[str, int] = {}
+        tokens: dict[str, list[int]] = {}
         failed: dict[str, str] = {}
         try:
             tokens = self._execute(new, running, failed)
@@ -203,8 +214,11 @@ class Engine:
         new = []
         while self.waiting and len(new) < self.max_prefills and None in self.slots:
             r, slot = self.waiting[0], self.slots.index(None)
-            if self.kv is not None and not self.kv.reserve(slot, self._limit(r)):
-                break  # FIFO: the head waits until finished requests give their KV blocks back
+            if self.kv is not None:
+                cached = self.kv.admit(slot, self._limit(r), r.prompt)
+                if cached is None:
+                    break  # FIFO: the head waits until finished requests give their KV blocks back
+                r.cached = cached
             self.waiting.popleft()
             r.slot = slot
             self.slots[r.slot] = r
@@ -213,22 +227,32 @@ class Engine:
             new.append(r)
         return new, running
 
-    def _execute(self, new: list[_Request], running: list[_Request], failed: dict[str, str]) -> dict[str, int]:
-        """Logits of every row, then one batched sample: {request id: token}. A request whose part
-        raises lands in `failed` (id -> reason) and the others go on."""
+    def _execute(self, new: list[_Request], running: list[_Request], failed: dict[str, str]) -> dict[str, list[int]]:
+        """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified
+        draft's several). A request whose part raises lands in `failed` (id -> reason), the others go on."""
         rows, logits = [], []
-        for r in new:  # prefill: the whole prompt of one request, logits of its last position
-            out = _isolated(failed, r, lambda r=r: self.model(
-                make_batch([r.prompt], [0], [r.slot], self.window, device=self.device))[:, -1])
+        for r in new:  # prefill: the prompt past its cached prefix, logits of its last position
+            out = isolated(failed, r, lambda r=r: self.model(
+                make_batch([r.prompt[r.cached:]], [r.cached], [r.slot], self.window, device=self.device))[:, -1])
             if out is not None:
                 rows.append(r)
                 logits.append(out)
-        if running:  # decode: one token per running row, each at its own position, one batched forward
-            for part, out in _per_row_on_error(running, self._decode, failed):
+                if self.kv is not None:
+                    self.kv.register(r.slot, r.prompt)  # its whole prompt blocks, for later requests
+        tokens: dict[str, list[int]] = {}
+        drafting = [(r, d) for r in running if (d := isolated(failed, r, lambda r=r: self._draft(r)))]
+        for part, gained in per_row_on_error(drafting, self._verify, failed, key=lambda rd: rd[0].id):
+            for (r, d), toks in zip(part, gained):  # greedy rows with a draft: verified, no sampling
+                for st in (r.drafts, self.draft_stats):
+                    st.drafted, st.accepted = st.drafted + len(d), st.accepted + len(toks) - 1
+                tokens[r.id] = toks
+        plain = [r for r in running if r.id not in {r.id for r, _ in drafting} and r.id not in failed]
+        if plain:  # decode: one token per running row, each at its own position, one batched forward
+            for part, out in per_row_on_error(plain, self._decode, failed):
                 rows += part
                 logits.append(out)
         if not rows:
-            return {}
+            return tokens
         logits = torch.cat(logits)
         # a sampled row retried alone must draw the same noise: keep its generator's state (temperature-0
         # rows draw none; `!=` rather than `.greedy` so that no field value can raise here, outside isolation)
@@ -242,11 +266,21 @@ class Engine:
                 return self._sample([rows[i] for i in idx], logits[idx])
             return self._sample(rows, logits)
 
-        tokens: dict[str, int] = {}
-        for part, tok in _per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
+        for part, tok in per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
             for i, t in zip(part, tok.tolist()):  # the step's one host sync
-                tokens[rows[i].id] = t
+                tokens[rows[i].id] = [t]
         return tokens
+
+    def _draft(self, r: _Request) -> list[int]:
+        """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
+        p = r.params
+        if not self.speculate or self.kv is None or not p.greedy or p.repetition_penalty != 1.0 or r.drafts.off:
+            return []
+        room = min(self._limit(r) - len(r.prompt) - len(r.out), p.max_tokens - len(r.out)) - 1
+        return lookup(r.prompt + r.out, min(self.speculate, room)) if room > 0 else []
+
+    def _verify(self, items: list[tuple[_Request, list[int]]]) -> list[list[int]]:
+        return verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])
 
     def _decode(self, rows: list[_Request]) -> torch.Tensor:
         if self.decode is not None:
@@ -270,13 +304,23 @@ class Engine:
                 continue
             if r.id in tokens and r.id not in failed:
                 try:
-                    outs.append(self._advance(r, tokens[r.id]))
+                    outs.append(self._advance_all(r, tokens[r.id]))
                     continue
                 except Exception as e:  # noqa: BLE001 -- this request's text failed: end it alone
                     failed[r.id] = f"{type(e).__name__}: {e}"
             outs.append(StepOutput(r.id, [], "", "error", failed[r.id]))  # no token: it failed (step fills failed)
             self._finish(r)
         return outs
+
+    def _advance_all(self, r: _Request, toks: list[int]) -> StepOutput:
+        outs = []
+        for t in toks:  # a verified draft brings several tokens: each one checked, until the request ends
+            outs.append(self._advance(r, t))
+            if outs[-1].finished:
+                break
+        if len(outs) == 1:
+            return outs[0]
+        return StepOutput(r.id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs), outs[-1].finished)
 
     def _advance(self, r: _Request, t: int) -> StepOutput:
         r.out.append(t)
@@ -344,33 +388,6 @@ def held_back(text: str, stop: str) -> int:
             return len(tail) - i
         i = tail.find(stop[0], i + 1)
     return 0
-
-
-def _isolated(failed: dict[str, str], r: _Request, fn):
-    """fn() or, when it raises, None with the reason recorded for request r."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 -- one request's failure ends that request alone
-        failed[r.id] = f"{type(e).__name__}: {e}"
-        return None
-
-
-def _per_row_on_error(items: list, fn, failed: dict[str, str], key=lambda r: r.id):
-    """[(items, fn(items))] from one batched call; when it raises, [(one item, fn([item]))] for each
-    item whose call succeeds alone, recording the reason of those that fail (keyed by request id)."""
-    try:
-        return [(items, fn(items))]
-    except Exception as e:  # noqa: BLE001 -- find which row raised; the rest of the batch goes on
-        if len(items) == 1:
-            failed[key(items[0])] = f"{type(e).__name__}: {e}"
-            return []
-    parts = []
-    for it in items:
-        try:
-            parts.append(([it], fn([it])))
-        except Exception as e:  # noqa: BLE001
-            failed[key(it)] = f"{type(e).__name__}: {e}"
-    return parts
 
 
 def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:

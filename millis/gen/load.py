@@ -132,6 +132,7 @@ def _native(c: LlamaConfig, tensors: dict, neox: bool, tok, source: str, engine:
         raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than 32 positions of this model "
                           f"({kv_bytes_per_token(c)} bytes each)")
     model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
+    model.kv.prefix_cache = engine.prefix_cache
     return Loaded(model, c, tok, max_seq, source, "millis-q8_0" if engine.quant == "int8" else None,
                   max_batch=engine.max_batch, device="cpu", kv=model.kv, chat_template=template,
                   special_tokens=special)

@@ -48,6 +48,10 @@ class ServeConfig:
     max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum")
     kv_memory_mb: int = _f(0, "generation, GGUF models: paged KV cache memory in MiB, shared by all slots; 0 = "
                               "min(512, a quarter of free memory)")
+    prefix_cache: bool = _f(True, "generation, GGUF models: requests share the KV blocks of a common prompt prefix "
+                                  "(a cached prefix is not prefilled again)")
+    speculate: int = _f(0, "generation, GGUF models: prompt-lookup draft tokens verified per step for greedy "
+                           "requests (the same text, faster when answers quote the prompt); 0 = off")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
     quant: str = _f("none", "generation: none, int8 (millis's AVX2 kernel) or int8-torch (torch dynamic "
                             "quantization); dtype fp32 on cpu")

@@ -68,5 +68,21 @@ class GenMetrics(Metrics):
         self.finished = Counter("millis_generation_requests", "generation requests ended, by reason", ["reason"],
                                 registry=r)
         self.running = Gauge("millis_running_requests", "requests holding a KV cache slot", registry=r)
+        self.prefix_hit_tokens = Gauge("millis_prefix_cache_hit_tokens", "admitted prompt tokens whose KV the "
+                                       "prefix cache held (not prefilled again), since start", registry=r)
+        self.prefix_hit_rate = Gauge("millis_prefix_cache_hit_ratio", "prefix cache hit tokens / admitted prompt "
+                                     "tokens, since start (GGUF models)", registry=r)
+        self.draft_accept = Gauge("millis_speculative_acceptance_ratio", "prompt-lookup draft tokens accepted / "
+                                  "verified, since start (--speculate)", registry=r)
         for reason in FINISH:
             self.finished.labels(reason)
+
+    def observe_engine(self, eng) -> None:
+        """The gauges read off the engine when /metrics is scraped."""
+        self.running.set(eng.max_batch - eng.free_slots)
+        self.queue_depth.set(len(eng.waiting))
+        if eng.kv is not None:
+            self.prefix_hit_tokens.set(eng.kv.hit_tokens)
+            self.prefix_hit_rate.set(eng.kv.hit_rate)
+        d = eng.draft_stats
+        self.draft_accept.set(d.accepted / d.drafted if d.drafted else 0.0)

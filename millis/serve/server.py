@@ -63,7 +63,8 @@ def _gen_loader(cfg: ServeConfig, model: str):
     from millis.serve.generation.app import create_gen_app
 
     engine = EngineConfig(max_batch=cfg.max_batch, max_seq=cfg.max_seq, dtype=cfg.dtype, quant=cfg.quant,
-                          threads=cfg.threads, device=cfg.device, kv_memory_mb=cfg.kv_memory_mb)  # fails before binding
+                          threads=cfg.threads, device=cfg.device, kv_memory_mb=cfg.kv_memory_mb,
+                          prefix_cache=cfg.prefix_cache, speculate=cfg.speculate)  # fails before binding
     return create_gen_app, lambda: open_engine(model, engine)
 
 

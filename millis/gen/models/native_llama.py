@@ -23,6 +23,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import LlamaConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
+from millis.gen.models.paged_kv import PagedKV
 
 TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED}  # the ggml type id kernels switch on
 KERNEL_SOURCES = ("blockq.c", "packed.c", "llama_step.c", "pool.c")
@@ -54,49 +55,6 @@ class ScratchW(ctypes.Structure):
 
 def kv_bytes_per_token(c: LlamaConfig) -> int:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, fp32
-
-
-class PagedKV:
-    """Block bookkeeping of the paged cache: which blocks each slot holds, and what is promised."""
-
-    def __init__(self, n_blocks: int, block_size: int, max_slots: int, max_seq: int) -> None:
-        self.n_blocks, self.block_size = n_blocks, block_size
-        self.table = np.zeros((max_slots, -(-max_seq // block_size)), dtype=np.int32)  # (slots, blocks)
-        self.free = list(range(n_blocks - 1, -1, -1))  # pop() gives the lowest first: touched memory stays low
-        self.owned: list[list[int]] = [[] for _ in range(max_slots)]
-        self.reserved = [0] * max_slots
-
-    def blocks(self, n_pos: int) -> int:
-        return -(-n_pos // self.block_size)
-
-    @property
-    def capacity(self) -> int:  # positions the whole cache holds
-        return self.n_blocks * self.block_size
-
-    def reserve(self, slot: int, n_pos: int) -> bool:
-        """Promise `slot` room for n_pos positions; False (nothing promised) when the pool cannot."""
-        need = self.blocks(n_pos)
-        if sum(self.reserved) - self.reserved[slot] + need > self.n_blocks:
-            return False
-        self.reserved[slot] = need
-        return True
-
-    def ensure(self, slot: int, n_pos: int) -> None:
-        """Blocks for positions [0, n_pos) of `slot`, taken from the free list as the sequence grows."""
-        owned = self.owned[slot]
-        need = self.blocks(n_pos)
-        if need > self.table.shape[1]:
-            raise MillisError(f"position {n_pos - 1} is past the engine's context of {self.table.shape[1] * self.block_size}")
-        while len(owned) < need:
-            if not self.free:
-                raise MillisError("the KV cache is full (raise --kv-memory-mb)")
-            b = self.free.pop()
-            self.table[slot, len(owned)] = b
-            owned.append(b)
-
-    def release(self, slot: int) -> None:
-        self.free.extend(reversed(self.owned[slot]))
-        self.owned[slot], self.reserved[slot] = [], 0
 
 
 def _mat(t, name: str) -> tuple[Mat, np.ndarray]:

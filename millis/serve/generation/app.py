@@ -364,8 +364,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         if st.engine is not None:
-            st.metrics.running.set(st.engine.max_batch - st.engine.free_slots)
-            st.metrics.queue_depth.set(len(st.engine.waiting))
+            st.metrics.observe_engine(st.engine)
         data, ctype = st.metrics.render()
         return Response(data, 200, media_type=ctype)
 

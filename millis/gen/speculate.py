@@ -1,0 +1,71 @@
+"""Prompt-lookup speculative decoding, for greedy requests on the native (GGUF) models.
+
+A draft is the tokens that followed the latest earlier occurrence of the sequence's last n tokens
+(n = 3, else 2, else 1: prompt lookup, as HF `prompt_lookup_num_tokens`). Extraction, editing and
+code answers quote their input, so drafts are often right there. The model then runs the row's
+last token and its draft in one forward (the flat batch: every token at its own position), and the
+row keeps the longest prefix of the draft equal to the model's own greedy choices, plus the model's
+token after it: 1 to k + 1 tokens for one pass over the weights.
+
+Greedy text is identical with and without drafts (tested): the native kernels give every token the
+logits plain decoding gives it (no sum depends on batch-mates or on how many tokens a call holds),
+and positions written for rejected draft tokens are written again before anything attends to them.
+A request whose drafts are mostly rejected stops drafting (`DraftStats.off`), so text that does not
+repeat costs at most MIN_DRAFTED verified tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NGRAMS = (3, 2, 1)   # suffix lengths looked up, longest first
+MIN_DRAFTED = 16     # draft tokens tried before a request's acceptance rate may switch drafting off
+MIN_ACCEPT = 0.3     # ... when below this share of them was accepted
+
+
+@dataclass
+class DraftStats:
+    drafted: int = 0   # draft tokens verified
+    accepted: int = 0  # of them, kept
+
+    @property
+    def off(self) -> bool:
+        return self.drafted >= MIN_DRAFTED and self.accepted < MIN_ACCEPT * self.drafted
+
+
+def lookup(ctx: list[int], k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of ctx's last n tokens."""
+    seq = np.asarray(ctx, dtype=np.int64)
+    for n in NGRAMS:
+        if len(seq) <= n:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # those ending before the last token
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if len(hits):
+            i = int(hits[-1]) + n
+            return seq[i:i + k].tolist()
+    return []
+
+
+def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list[list[int]]:
+    """rows: (last token, its position, slot, draft). One forward of every row's last token and draft;
+    per row, the tokens it gains: the draft's prefix the model agrees with, then the model's next."""
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    for t, p, s, d in rows:
+        ids += [t] + d
+        pos += range(p, p + len(d) + 1)
+        slots += [s] * (len(d) + 1)
+    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
+    best = model.forward_flat(i32(ids), i32(pos), i32(slots), np.arange(len(ids), dtype=np.int32)).argmax(-1)
+    out, at = [], 0
+    for _, _, _, d in rows:
+        pred = best[at:at + len(d) + 1].tolist()
+        at += len(d) + 1
+        a = 0
+        while a < len(d) and d[a] == pred[a]:
+            a += 1
+        out.append(d[:a] + [pred[a]])
+    return out

@@ -1,0 +1,101 @@
+"""Prompt-lookup speculative decoding (millis/gen/speculate.py) on the native models: drafts found by
+suffix lookup, greedy text identical with and without drafts (alone, batched, beside sampled rows,
+up to max_tokens and EOS), acceptance counted, and drafting switched off where it does not pay."""
+import numpy as np
+import pytest
+from gguf_fixtures import random_llama_tensors, write_tiny_gguf
+
+from millis.common.errors import MillisError
+from millis.gen import EngineConfig, SamplingParams, open_engine
+from millis.gen.config import LlamaConfig
+from millis.gen.engine import run_all
+from millis.gen.speculate import MIN_DRAFTED, DraftStats, lookup, verify
+
+CFG = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=256, hidden_dim=128,
+                  norm_eps=1e-5, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("spec") / "tiny.gguf")
+    write_tiny_gguf(path, CFG, random_llama_tensors(CFG, "Q4_0", embed_qtype="Q8_0"))
+    return path
+
+
+def test_lookup_takes_what_followed_the_latest_match():
+    assert lookup([1, 2, 3, 9, 8, 1, 2, 3], 3) == [9, 8, 1]      # the 3-gram [1, 2, 3]
+    assert lookup([5, 2, 3, 7, 1, 2, 3, 4, 6, 2, 3], 2) == [4, 6]  # [2, 3] last seen before the end at 5
+    assert lookup([4, 1, 7, 9, 9, 1], 4) == [7, 9, 9, 1]          # only a 1-gram matches
+    assert lookup([1, 2, 3, 1, 2, 3], 10) == [1, 2, 3]            # no further than the sequence
+    assert lookup([1, 2, 3], 4) == [] and lookup([7], 4) == []
+
+
+def test_drafting_switches_off_when_mostly_rejected():
+    s = DraftStats(drafted=MIN_DRAFTED - 1, accepted=0)
+    assert not s.off  # too few tries to judge
+    s.drafted += 1
+    assert s.off and not DraftStats(drafted=40, accepted=20).off
+
+
+def test_greedy_text_identical_with_and_without_drafts(model_path):
+    story = [1] + [10 + (i % 23) for i in range(60)]  # a prompt that repeats: drafts find matches
+    prompts = [story, story[:30] + [200, 201], [1, 5, 6, 7, 5, 6], story[5:50]]
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = open_engine(model_path, EngineConfig(max_batch=4, max_seq=128, threads=2))
+    spec = open_engine(model_path, EngineConfig(max_batch=4, max_seq=128, threads=2, speculate=4))
+    want = [run_all(plain, [p], greedy)[0] for p in prompts]
+    assert [run_all(spec, [p], greedy)[0] for p in prompts] == want
+    assert run_all(spec, prompts, greedy) == want  # batched: drafted and plain rows in one step
+    d = spec.draft_stats  # random weights repeat nothing: drafts are tried, rejected, then switched off
+    assert 0 < d.drafted <= 8 * (MIN_DRAFTED + 4) and d.accepted <= d.drafted and plain.draft_stats.drafted == 0
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3)  # sampled rows never draft
+    assert run_all(spec, [story], sampled) == run_all(plain, [story], sampled)
+    short = SamplingParams(max_tokens=3, ignore_eos=True)  # a draft never runs past max_tokens
+    assert run_all(spec, [story], short) == run_all(plain, [story], short) and len(run_all(spec, [story], short)[0]) == 3
+    assert spec.free_slots == 4 and spec.kv.in_use == 0 and sum(spec.kv.pending) == 0
+
+
+class ScriptedModel:
+    """forward_flat whose greedy choice after each position is `script[position]`."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.calls = script, []
+
+    def forward_flat(self, ids, pos, slots, out_rows):
+        self.calls.append((ids.tolist(), pos.tolist(), slots.tolist()))
+        logits = np.zeros((len(out_rows), 50), np.float32)
+        logits[np.arange(len(out_rows)), [self.script[p] for p in pos[out_rows]]] = 1.0
+        return logits
+
+
+def test_verify_keeps_the_agreeing_prefix_and_the_next_token():
+    m = ScriptedModel(list(range(10, 40)))  # after position p the model says 10 + p
+    rows = [(5, 3, 0, [14, 15, 99]),  # position 3 -> 13: the draft's first token is already wrong
+            (7, 4, 1, [14, 15, 16]),  # all three right, and the model's next token 17
+            (2, 6, 2, [16, 42])]      # one right, then 17 instead of 42
+    assert verify(m, rows) == [[13], [14, 15, 16, 17], [16, 17]]
+    ids, pos, slots = m.calls[0]  # one forward: every row's last token and draft at its own positions
+    assert ids == [5, 14, 15, 99, 7, 14, 15, 16, 2, 16, 42] and pos[:4] == [3, 4, 5, 6] and slots[-1] == 2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from millis.gen.builtin import resolve_model
+
+    try:
+        return resolve_model("builtin:smollm2")
+    except MillisError as e:
+        pytest.skip(str(e))
+
+
+def test_real_model_quoting_its_input_accepts_drafts_with_identical_text(smollm2):
+    passage = ("The warehouse in Leeds ships orders placed before 3 pm on the same day. Orders placed later "
+               "ship the next working day, and weekend orders ship on Monday.")
+    eng_cfg = dict(max_batch=1, max_seq=512, threads=2)
+    plain = open_engine(smollm2, EngineConfig(**eng_cfg))
+    spec = open_engine(smollm2, EngineConfig(**eng_cfg, speculate=6))
+    prompt = plain.tok.encode(f"Copy this text exactly.\nText: {passage}\nCopy: {passage[:30]}")
+    greedy = SamplingParams(max_tokens=32, ignore_eos=True)
+    assert run_all(spec, [prompt], greedy) == run_all(plain, [prompt], greedy)
+    d = spec.draft_stats
+    assert d.accepted >= d.drafted / 2 and d.accepted >= 16  # a quote: most draft tokens are right
