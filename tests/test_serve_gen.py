@@ -168,7 +168,12 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     ("/v1/completions", b'{"prompt": "hi", "top_p": 0}', 422, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "stop": [""]}', 422, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 422, "invalid_type"),
-    ("/v1/completions", b'{"prompt": "hi", "logprobs": 5}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "echo": true}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "logprobs": 21}', 422, "invalid_value"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 422,
+     "invalid_value"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}', 422,
+     "invalid_type"),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', 422, "invalid_value"),
     ("/v1/completions", b'{"prompt": ""}', 422, "invalid_value"),
     ("/v1/completions", b'{"prompt": 7}', 422, "invalid_value"),
@@ -243,8 +248,57 @@ def test_metrics_models_health_ready(server):
     card = json.loads(server.get("/v1/models")[1])["data"][0]
     assert card["id"] == "tiny-llama" and card["task"] == "generate" and card["max_model_len"] == 4096
     assert card["chat_template"] is True
-    assert json.loads(server.get("/health")[1]) == {"status": "ok", "running": 0, "waiting": 0}
+    health = json.loads(server.get("/health")[1])
+    assert health.pop("cold_start_s") > 0 and health == {"status": "ok", "ready": True, "running": 0, "waiting": 0}
     assert server.get("/ready")[0] == 200
+
+
+def test_logprobs_are_the_models_own(server, llama):
+    """logprobs of the generated tokens: the model's own log_softmax (the engine in this process), the
+    chosen token first among the top alternatives (greedy), in OpenAI's completions and chat shapes."""
+    from millis.gen import EngineConfig, open_engine
+
+    eng = open_engine(str(llama), EngineConfig(max_batch=1, threads=1))
+    status, _, body = server.post("/v1/completions", {"prompt": "the cat", "logprobs": 3, **GREEDY, "max_tokens": 6})
+    lp = body["choices"][0]["logprobs"]
+    assert status == 200 and len(lp["tokens"]) == 6 == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+    assert [max(d, key=d.get) for d in lp["top_logprobs"]] == lp["tokens"]  # greedy: the chosen one is the top one
+    assert all(len(d) == 3 for d in lp["top_logprobs"]) and "".join(lp["tokens"]) == body["choices"][0]["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(6)]
+    ref = torch.log_softmax(eng.logits(eng.tok.encode("the cat")), -1)[-1]  # the first generated token's
+    assert abs(lp["token_logprobs"][0] - ref.max().item()) < 1e-4
+    msgs = {"messages": [{"role": "user", "content": "hello"}], **GREEDY, "max_tokens": 4}
+    status, _, chat = server.post("/v1/chat/completions", {**msgs, "logprobs": True, "top_logprobs": 2})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == 4 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert content[0]["top_logprobs"][0]["token"] == content[0]["token"] and content[0]["bytes"]
+    assert server.post("/v1/chat/completions", msgs)[2]["choices"][0]["logprobs"] is None
+    events = stream(server, "/v1/chat/completions", {**msgs, "logprobs": True})
+    streamed = [c for e in events[:-1] for ch in e["choices"] if ch.get("logprobs") for c in ch["logprobs"]["content"]]
+    assert [c["token"] for c in streamed] == [c["token"] for c in content]
+    assert all(c["top_logprobs"] == [] for c in streamed)
+
+
+def test_tokenize_and_detokenize(server, llama):
+    from millis.gen import EngineConfig, open_engine
+
+    eng = open_engine(str(llama), EngineConfig(max_batch=1, threads=1))
+    status, _, body = server.post("/tokenize", {"prompt": "the cat sat"})
+    assert status == 200 and body["tokens"] == eng.tok.encode("the cat sat") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 4096
+    status, _, back = server.post("/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"].endswith("the cat sat")  # the BOS the tokenizer adds decodes too
+    msgs = [{"role": "user", "content": "hello"}]
+    status, _, chat = server.post("/tokenize", {"messages": msgs})
+    usage = server.post("/v1/chat/completions", {"messages": msgs, **GREEDY})[2]["usage"]
+    assert status == 200 and chat["count"] == usage["prompt_tokens"]  # what the chat route sends the model
+    for bad, field in (({"tokens": [1, "x"]}, "tokens"), ({"tokens": [10 ** 6]}, "tokens"), ({"tokens": 3}, "tokens")):
+        status, _, err = server.post("/detokenize", bad)
+        assert status == 422 and err["error"]["param"] == field
+    for bad, field in (({}, "prompt"), ({"prompt": 5}, "prompt"), ({"messages": "hi"}, "messages"),
+                       ({"prompt": "a", "messages": msgs}, "messages")):
+        status, _, err = server.post("/tokenize", bad)
+        assert status == 422 and err["error"]["param"] == field, (bad, err)
 
 
 def test_no_template_is_a_clear_error_and_the_flag_supplies_one(plain_llama, tmp_path):

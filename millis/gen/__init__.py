@@ -39,6 +39,8 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
         torch.set_num_threads(engine.threads)
     loaded = load(model, engine)
     loaded.source_path = model
+    if loaded.kv is not None:  # native kernels (own thread pool): torch keeps only the step's small ops, and
+        torch.set_num_threads(1)  # its OpenMP workers would spin on the cores the kernels use (1.5x per token)
     decode = None
     if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
         from millis.gen.cuda_graph import GraphedDecode

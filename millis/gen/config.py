@@ -20,6 +20,7 @@ QUANTS = ("none", "int8", "int8-torch")  # int8: Q8_0 blocks on millis's native 
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0    # repetition penalty
+MAX_LOGPROBS = 20                         # top alternatives a request may ask for per token
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 
@@ -119,6 +120,7 @@ class SamplingParams:
     seed: int | None = None            # same seed, same tokens (whatever else is in the batch)
     stop: tuple[str, ...] = ()         # the text is cut before the first of these, and the request ends
     ignore_eos: bool = False           # keep going past the model's EOS token
+    logprobs: int = -1                 # >= 0: each token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -131,6 +133,8 @@ class SamplingParams:
             raise MillisError(f"seed must fit 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
             raise MillisError("stop strings must not be empty")
+        if not -1 <= self.logprobs <= MAX_LOGPROBS:
+            raise MillisError(f"logprobs must be in 0..{MAX_LOGPROBS} (or -1: off), got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -28,13 +28,11 @@ character compares in C per string; the server bounds their count and length).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
 tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
-With `quant=int8` (millis's kernel) each activation row has its own int8 scale, so this holds for
-int8 too; with `quant=int8-torch` (fbgemm) the scale is per call, shared by the batch's rows, and a
-row's rounding depends on its batch-mates.
+This holds for `quant=int8` (millis's kernels: a scale per 32 activations of a row) but not for
+`quant=int8-torch` (fbgemm: one scale per call, shared by the batch's rows).
 
-Thread use: `add` and `cancel` may be called from any thread, also while a step runs (they do not
-wait for the model); `step` from one thread at a time (an HTTP server runs the step loop in one
-worker thread and streams each StepOutput to its client).
+Thread use: `add` and `cancel` from any thread, also while a step runs (they never wait for the
+model); `step` from one thread at a time (a server's one worker thread runs the step loop).
 """
 from __future__ import annotations
 
@@ -52,6 +50,7 @@ from millis.gen.load import Loaded
 from millis.gen.rows import isolated, per_row_on_error
 from millis.gen.sampling import RowParams, sample
 from millis.gen.speculate import DraftStats, lookup, verify
+from millis.gen.stops import held_back
 from millis.gen.tokenizer import text_delta
 
 
@@ -62,6 +61,7 @@ class StepOutput:
     text: str              # the text they add (held back while it could still be the start of a stop string)
     finished: str | None   # None while running; "stop" (EOS or stop string), "length" or "error"
     error: str = ""        # finished == "error": what this request raised (its batch-mates ran on)
+    logprobs: tuple = ()   # params.logprobs >= 0: per token (id, log p, ((id, log p) of the top alternatives))
 
 
 @dataclass
@@ -73,6 +73,7 @@ class _Request:
     slot: int = -1
     cached: int = 0        # leading prompt positions whose KV the prefix cache already held
     drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
+    lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)
     out: list[int] = field(default_factory=list)
     emitted: str = ""      # text already handed out
     anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
@@ -241,7 +242,8 @@ class Engine:
                     self.kv.register(r.slot, r.prompt)  # its whole prompt blocks, for later requests
         tokens: dict[str, list[int]] = {}
         drafting = [(r, d) for r in running if (d := isolated(failed, r, lambda r=r: self._draft(r)))]
-        for part, gained in per_row_on_error(drafting, self._verify, failed, key=lambda rd: rd[0].id):
+        verified = per_row_on_error(drafting, self._verify, failed, key=lambda rd: rd[0].id) if drafting else []
+        for part, gained in verified:
             for (r, d), toks in zip(part, gained):  # greedy rows with a draft: verified, no sampling
                 for st in (r.drafts, self.draft_stats):
                     st.drafted, st.accepted = st.drafted + len(d), st.accepted + len(toks) - 1
@@ -269,12 +271,20 @@ class Engine:
         for part, tok in per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
             for i, t in zip(part, tok.tolist()):  # the step's one host sync
                 tokens[rows[i].id] = [t]
+        want = [i for i, r in enumerate(rows) if r.params.logprobs >= 0 and r.id in tokens]
+        if want:  # the model's own distribution (before temperature, top-k/p and penalties), as vLLM
+            lp = torch.log_softmax(logits[want].float(), -1).cpu()
+            for j, i in enumerate(want):
+                r, t = rows[i], tokens[rows[i].id][0]
+                top = lp[j].topk(r.params.logprobs) if r.params.logprobs else None
+                r.lp = ((t, float(lp[j, t]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ()),)
         return tokens
 
     def _draft(self, r: _Request) -> list[int]:
         """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
         p = r.params
-        if not self.speculate or self.kv is None or not p.greedy or p.repetition_penalty != 1.0 or r.drafts.off:
+        if not self.speculate or self.kv is None or not p.greedy or p.repetition_penalty != 1.0 or r.drafts.off \
+                or p.logprobs >= 0:
             return []
         room = min(self._limit(r) - len(r.prompt) - len(r.out), p.max_tokens - len(r.out)) - 1
         return lookup(r.prompt + r.out, min(self.speculate, room)) if room > 0 else []
@@ -320,7 +330,8 @@ class Engine:
                 break
         if len(outs) == 1:
             return outs[0]
-        return StepOutput(r.id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs), outs[-1].finished)
+        return StepOutput(r.id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
+                          outs[-1].finished, logprobs=sum((o.logprobs for o in outs), ()))
 
     def _advance(self, r: _Request, t: int) -> StepOutput:
         r.out.append(t)
@@ -334,7 +345,9 @@ class Engine:
         finished = "stop" if stopped else finished
         if finished:
             self._finish(r)
-        return StepOutput(r.id, [t], text, finished)
+        out = StepOutput(r.id, [t], text, finished, logprobs=r.lp)
+        r.lp = ()
+        return out
 
     def _limit(self, r: _Request) -> int:
         """Most positions `r` may fill: its prompt + max_tokens, within the context and the KV pool."""
@@ -375,19 +388,6 @@ class Engine:
         if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
             r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
         return new, stopped
-
-
-def held_back(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `stop` (it must wait: the next
-    tokens may complete the stop string). Looks only at the last len(stop) - 1 characters, and tries
-    each place where stop[0] occurs there, leftmost (longest) first."""
-    tail = text[len(text) - min(len(stop) - 1, len(text)):]
-    i = tail.find(stop[0])
-    while i >= 0:
-        if stop.startswith(tail[i:]):
-            return len(tail) - i
-        i = tail.find(stop[0], i + 1)
-    return 0
 
 
 def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
+from millis.gen.config import MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
 from millis.serve.generation import schemas as gs
 
 NULL = {"type": "null"}
@@ -114,6 +114,9 @@ def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
         "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
         "top_k": nullable({"type": "integer", "minimum": -1, "maximum": gs.MAX_TOP_K}),
         "seed": nullable({"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX}),
+        "logprobs": {"anyOf": [NULL, {"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}],
+                     "description": "chat: true / false; completions: how many top alternatives per token"},
+        "top_logprobs": nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
         "repetition_penalty": nullable({"type": "number", "minimum": MIN_PENALTY, "maximum": MAX_PENALTY}),
         "ignore_eos": nullable({"type": "boolean"}), "stream": nullable({"type": "boolean"}),
         "stream_options": nullable({"type": "object", "properties": {"include_usage": nullable({"type": "boolean"})}}),
@@ -169,4 +172,15 @@ def generation_spec(name: str, limits: gs.GenLimits | None, vocab_size: int = 0)
                                      _choice_ok(False, name), failed)
     paths["/v1/chat/completions"] = _post("OpenAI-compatible chat completion (stream: server-sent events)", chat,
                                           _choice_ok(True, name), failed)
+    tokens = {"type": "array", "items": ids["items"]}
+    paths["/tokenize"] = _post("a prompt or a conversation (through the chat template) as token ids",
+                               {"type": "object", "properties": {"prompt": text, "messages": chat["properties"]["messages"],
+                                                                 "model": model}},
+                               _json({"type": "object", "required": ["tokens", "count"], "properties": {
+                                   "tokens": tokens, "count": {"type": "integer"}, "max_model_len": {"type": "integer"}}}),
+                               {})
+    paths["/detokenize"] = _post("token ids as text", {"type": "object", "required": ["tokens"],
+                                                       "properties": {"tokens": tokens}},
+                                 _json({"type": "object", "required": ["prompt"], "properties": {
+                                     "prompt": {"type": "string"}}}), {})
     return _spec("millis serve (generation)", paths)

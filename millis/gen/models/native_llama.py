@@ -181,6 +181,8 @@ class NativeLlama:
     # ------------------------------------------------------------------ the forward pass
     def forward_flat(self, ids: np.ndarray, pos: np.ndarray, slots: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
         """ids, pos, slots (n,) int32 -> logits (len(out_rows), vocab) fp32 of the rows out_rows."""
+        if not len(ids):
+            return np.empty((0, self.config.vocab_size), np.float32)
         for s in np.unique(slots):
             self.kv.ensure(int(s), int(pos[slots == s].max()) + 1)
         ids, pos, slots, out_rows = (np.ascontiguousarray(a, dtype=np.int32) for a in (ids, pos, slots, out_rows))

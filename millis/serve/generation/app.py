@@ -1,9 +1,8 @@
 """Serving a decoder: OpenAI `/v1/completions` and `/v1/chat/completions` over one `millis.gen` engine.
 
-One worker thread owns the engine loop: while the engine has work it runs `eng.step()` and hands
-the step's outputs to the event loop (`call_soon_threadsafe`), which puts each `StepOutput` on its
-request's asyncio queue. HTTP handlers only add and cancel (both thread-safe in the engine), so the
-engine's scheduler alone decides which requests run together; the runtime never batches.
+One worker thread owns the engine loop: it runs `eng.step()` while there is work and hands each
+`StepOutput` to the event loop, onto its request's asyncio queue. HTTP handlers only add and cancel
+(thread-safe in the engine): the engine's scheduler alone decides which requests run together.
 
 A request: parse and validate (4xx) -> prompt ids (chat: the model's Jinja template, rendered as
 transformers' `apply_chat_template(..., add_generation_prompt=True)` does) -> admit (429 when
@@ -36,6 +35,7 @@ from millis.gen.chat_template import chat_template_of, encode_rendered, render_c
 from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
+from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response, watch_disconnect)
@@ -326,12 +326,12 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
                     await watcher
                 streaming = True
                 return SSEResponse(_events(st, live, first, g, chat), lambda: st.cancel(live, "cancelled"))
-            parts, o = [first.text], first
-            while not o.finished:
-                o = await st.next(live)
-                parts.append(o.text)
-            return json_response(gs.response(chat, live.id, int(time.time()), st.name, "".join(parts), o.finished,
-                                             gs.usage(live.prompt_tokens, live.n_out)))
+            outs = [first]
+            while not outs[-1].finished:
+                outs.append(await st.next(live))
+            lp = gs.logprobs_body(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
+            return json_response(gs.response(chat, live.id, int(time.time()), st.name, "".join(o.text for o in outs),
+                                             outs[-1].finished, gs.usage(live.prompt_tokens, live.n_out), lp))
         except RequestFailed as e:  # this request alone failed in the engine: its own 500
             log.warning("millis serve: %s", e)
             raise schemas.ApiError(500, str(e), code="generation_failed") from None
@@ -357,7 +357,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     async def health(request: Request) -> Response:
         eng = st.engine
         busy = {"running": eng.max_batch - eng.free_slots, "waiting": len(eng.waiting)} if eng is not None else {}
-        return json_response({"status": "ok", **busy})
+        return json_response({"status": "ok", "ready": eng is not None, "cold_start_s": round(st.cold_start_s, 3), **busy})
 
     async def ready(request: Request) -> Response:
         return ready_response(st, st.engine is not None)
@@ -372,7 +372,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
               Route("/v1/chat/completions", endpoint(st, "/v1/chat/completions", chat_completions), methods=["POST"]),
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+              Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st)]
     return make_app(st, routes, lambda: openapi.generation_spec(
         st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
 
@@ -385,8 +385,9 @@ async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool)
     o = first
     try:
         while True:
-            if o.text:
-                yield gs.chunk(chat, live.id, created, st.name, o.text, None, with_usage=wu)
+            if o.text or o.logprobs:  # text held back (a possible stop string) still reports its tokens' logprobs
+                yield gs.chunk(chat, live.id, created, st.name, o.text, None, with_usage=wu,
+                               logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
             if o.finished:
                 yield gs.chunk(chat, live.id, created, st.name, None, o.finished, with_usage=wu)
                 break

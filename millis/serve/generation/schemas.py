@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 from millis.common.errors import MillisError
-from millis.gen.config import MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
+from millis.gen.config import (MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN,
+                               SamplingParams)
 from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -20,8 +21,7 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check costs O(len) per step
 MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
 # fields the engine cannot honour: accepted only at their "off" value
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-               "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                "logit_bias": (None, {}), "tools": (None, []), "functions": (None, [])}
 
 
@@ -65,7 +65,19 @@ def _bool(body: dict, key: str) -> bool:
     return v
 
 
-def sampling(body: dict, limits: GenLimits) -> SamplingParams:
+def _logprobs(body: dict, chat: bool) -> int:
+    """-1 (off) or how many top alternatives per token. Chat: logprobs true/false and top_logprobs;
+    completions: logprobs = the number of alternatives (OpenAI's legacy field)."""
+    if not chat:
+        v = -1 if body.get("logprobs") is False else integer(body, "logprobs", 0, MAX_LOGPROBS, -1)
+        return -1 if v is None else v
+    on, top = _bool(body, "logprobs"), integer(body, "top_logprobs", 0, MAX_LOGPROBS, 0)
+    if top and not on:
+        raise ApiError(422, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    return top if on else -1
+
+
+def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParams:
     """Every sampling field checked against both of its bounds here, at admission: nothing a request
     sends can make the engine's step raise (the step still isolates a request that does)."""
     for key, off in UNSUPPORTED.items():
@@ -94,7 +106,7 @@ def sampling(body: dict, limits: GenLimits) -> SamplingParams:
             top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
             top_k=max(top_k, 0), seed=seed, stop=tuple(stops),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_PENALTY, MAX_PENALTY),
-            ignore_eos=_bool(body, "ignore_eos"))
+            ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat))
     except MillisError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
 
@@ -166,7 +178,7 @@ def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
                            code="invalid_value")
         out.append({k: v for k, v in {**m, "content": _content(m, i)}.items() if v is not None})
     _check_size(sum(len(m.get("content") or "") for m in out), limits, "messages")
-    params = sampling(body, limits)  # checks max_tokens (OpenAI's older name) even when the newer is given
+    params = sampling(body, limits, chat=True)  # checks max_tokens (OpenAI's older name) even when the newer is given
     if body.get("max_completion_tokens") is not None:
         params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
@@ -180,26 +192,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(chat: bool, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
+def logprobs_body(chat: bool, entries, tok) -> dict[str, Any] | None:
+    """OpenAI's logprobs object for `entries` (StepOutput.logprobs items: (id, log p, top)), tokens as
+    `tok` decodes each alone (no tokenizer: the id). Chat: {content: [{token, logprob, bytes,
+    top_logprobs}]}; completions: {tokens, token_logprobs, top_logprobs, text_offset}."""
+    if not entries:
+        return None
+    piece = (lambda i: tok.decode([i])) if tok is not None else str  # noqa: E731
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        item = lambda i, v: {"token": piece(i), "logprob": v, "bytes": list(piece(i).encode())}  # noqa: E731
+        return {"content": [{**item(t, v), "top_logprobs": [item(i, w) for i, w in top]} for t, v, top in entries]}
+    tokens = [piece(t) for t, _, _ in entries]
+    offsets = [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries], "text_offset": offsets,
+            "top_logprobs": [{piece(i): w for i, w in top} for _, _, top in entries] if entries[0][2] else None}
+
+
+def response(chat: bool, rid: str, created: int, model: str, text: str, finish: str, use: dict,
+             logprobs: dict | None = None) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": use}
 
 
 def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, finish: str | None,
-          first: bool = False, with_usage: bool = False) -> bytes:
+          first: bool = False, with_usage: bool = False, logprobs: dict | None = None) -> bytes:
     """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role."""
     if chat:
         delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                             "created": created, "model": model, "choices": [choice]}
     if with_usage:
