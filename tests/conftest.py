@@ -129,3 +129,15 @@ def shared_model(name: str) -> Path:
     if not d.is_dir():
         pytest.skip(f"{d} is absent (set MILLIS_DATA so that $MILLIS_DATA/../models holds it)")
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The real SmolLM2-135M-Instruct GGUF (`builtin:smollm2`, installed by the Makefile), else skip."""
+    from millis.common.errors import MillisError
+    from millis.gen.builtin import resolve_model
+
+    try:
+        return resolve_model("builtin:smollm2")
+    except MillisError as e:
+        pytest.skip(str(e))

@@ -228,15 +228,6 @@ def test_errors_name_the_problem(tmp_path):
         native_llama.NativeLlama(cfg, {}, False, 1, 64, 1 << 20, 1)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from millis.gen.builtin import resolve_model
-
-    try:
-        return resolve_model("builtin:smollm2")
-    except MillisError as e:
-        pytest.skip(str(e))
-
 
 def test_smollm2_matches_hf_transformers(smollm2):
     """The real model: logits on a chat prompt and 256 tokens of Shakespeare against HF transformers'

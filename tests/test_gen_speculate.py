@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from gguf_fixtures import random_llama_tensors, write_tiny_gguf
 
-from millis.common.errors import MillisError
 from millis.gen import EngineConfig, SamplingParams, open_engine
 from millis.gen.config import LlamaConfig
 from millis.gen.engine import run_all
@@ -77,15 +76,6 @@ def test_verify_keeps_the_agreeing_prefix_and_the_next_token():
     ids, pos, slots = m.calls[0]  # one forward: every row's last token and draft at its own positions
     assert ids == [5, 14, 15, 99, 7, 14, 15, 16, 2, 16, 42] and pos[:4] == [3, 4, 5, 6] and slots[-1] == 2
 
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from millis.gen.builtin import resolve_model
-
-    try:
-        return resolve_model("builtin:smollm2")
-    except MillisError as e:
-        pytest.skip(str(e))
 
 
 def test_real_model_quoting_its_input_accepts_drafts_with_identical_text(smollm2):
