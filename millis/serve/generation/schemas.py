@@ -68,10 +68,11 @@ def _bool(body: dict, key: str) -> bool:
 def _logprobs(body: dict, chat: bool) -> int:
     """-1 (off) or how many top alternatives per token. Chat: logprobs true/false and top_logprobs;
     completions: logprobs = the number of alternatives (OpenAI's legacy field)."""
+    top = integer(body, "top_logprobs", 0, MAX_LOGPROBS, 0)  # checked on both routes, used by chat
     if not chat:
         v = -1 if body.get("logprobs") is False else integer(body, "logprobs", 0, MAX_LOGPROBS, -1)
         return -1 if v is None else v
-    on, top = _bool(body, "logprobs"), integer(body, "top_logprobs", 0, MAX_LOGPROBS, 0)
+    on = _bool(body, "logprobs")
     if top and not on:
         raise ApiError(422, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     return top if on else -1
