@@ -49,6 +49,12 @@ def test_greedy_text_identical_with_and_without_drafts(model_path):
     assert 0 < d.drafted <= 8 * (MIN_DRAFTED + 4) and d.accepted <= d.drafted and plain.draft_stats.drafted == 0
     sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3)  # sampled rows never draft
     assert run_all(spec, [story], sampled) == run_all(plain, [story], sampled)
+    a, b = spec.add(story, greedy), spec.add(story[:40], sampled)  # one step: a verifies, b samples its logits
+    got: dict = {a: [], b: []}
+    while spec.has_work:
+        for o in spec.step():
+            got[o.id] += o.token_ids
+    assert got[a] == want[0] and got[b] == run_all(plain, [story[:40]], sampled)[0]
     short = SamplingParams(max_tokens=3, ignore_eos=True)  # a draft never runs past max_tokens
     assert run_all(spec, [story], short) == run_all(plain, [story], short) and len(run_all(spec, [story], short)[0]) == 3
     assert spec.free_slots == 4 and spec.kv.in_use == 0 and sum(spec.kv.pending) == 0

@@ -49,7 +49,7 @@ from millis.gen.models.layers import make_batch
 from millis.gen.load import Loaded
 from millis.gen.rows import isolated, per_row_on_error
 from millis.gen.sampling import RowParams, sample
-from millis.gen.speculate import DraftStats, lookup, verify
+from millis.gen.speculate import DraftStats, draft, verify
 from millis.gen.stops import held_back
 from millis.gen.tokenizer import text_delta
 
@@ -241,16 +241,21 @@ class Engine:
                 if self.kv is not None:
                     self.kv.register(r.slot, r.prompt)  # its whole prompt blocks, for later requests
         tokens: dict[str, list[int]] = {}
-        drafting = [(r, d) for r in running if (d := isolated(failed, r, lambda r=r: self._draft(r)))]
-        verified = per_row_on_error(drafting, self._verify, failed, key=lambda rd: rd[0].id) if drafting else []
-        for part, gained in verified:
-            for (r, d), toks in zip(part, gained):  # greedy rows with a draft: verified, no sampling
-                for st in (r.drafts, self.draft_stats):
-                    st.drafted, st.accepted = st.drafted + len(d), st.accepted + len(toks) - 1
-                tokens[r.id] = toks
-        plain = [r for r in running if r.id not in {r.id for r, _ in drafting} and r.id not in failed]
-        if plain:  # decode: one token per running row, each at its own position, one batched forward
-            for part, out in per_row_on_error(plain, self._decode, failed):
+        drafts = [(r, isolated(failed, r, lambda r=r: self._draft(r))) for r in running]
+        if any(d for _, d in drafts):  # one forward: rows with a draft verify it, the others get logits
+            rd = [(r, d or []) for r, d in drafts if r.id not in failed]
+            run = lambda items: verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])  # noqa: E731
+            for part, res in per_row_on_error(rd, run, failed, key=lambda x: x[0].id):
+                for (r, d), x in zip(part, res):
+                    if not d:  # no draft: its next-token logits, sampled below with the rest
+                        rows.append(r)
+                        logits.append(torch.from_numpy(x)[None])
+                        continue
+                    for st in (r.drafts, self.draft_stats):
+                        st.drafted, st.accepted = st.drafted + len(d), st.accepted + len(x) - 1
+                    tokens[r.id] = x
+        elif running:  # decode: one token per running row, each at its own position, one batched forward
+            for part, out in per_row_on_error([r for r in running if r.id not in failed], self._decode, failed):
                 rows += part
                 logits.append(out)
         if not rows:
@@ -282,15 +287,8 @@ class Engine:
 
     def _draft(self, r: _Request) -> list[int]:
         """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
-        p = r.params
-        if not self.speculate or self.kv is None or not p.greedy or p.repetition_penalty != 1.0 or r.drafts.off \
-                or p.logprobs >= 0:
-            return []
-        room = min(self._limit(r) - len(r.prompt) - len(r.out), p.max_tokens - len(r.out)) - 1
-        return lookup(r.prompt + r.out, min(self.speculate, room)) if room > 0 else []
-
-    def _verify(self, items: list[tuple[_Request, list[int]]]) -> list[list[int]]:
-        return verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])
+        room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
+        return draft(r.params, r.drafts, r.prompt + r.out, min(self.speculate, room)) if self.kv is not None else []
 
     def _decode(self, rows: list[_Request]) -> torch.Tensor:
         if self.decode is not None:

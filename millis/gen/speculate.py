@@ -48,9 +48,18 @@ def lookup(ctx: list[int], k: int) -> list[int]:
     return []
 
 
-def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list[list[int]]:
-    """rows: (last token, its position, slot, draft). One forward of every row's last token and draft;
-    per row, the tokens it gains: the draft's prefix the model agrees with, then the model's next."""
+def draft(params, stats: DraftStats, ctx: list[int], k: int) -> list[int]:
+    """A request's draft of at most k tokens: only greedy rows without repetition penalty or logprobs
+    (their tokens are the argmax of the plain logits), and only while drafting pays."""
+    if k < 1 or not params.greedy or params.repetition_penalty != 1.0 or params.logprobs >= 0 or stats.off:
+        return []
+    return lookup(ctx, k)
+
+
+def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:
+    """rows: (last token, its position, slot, draft). One forward of every row's last token and draft.
+    Per row with a draft, the tokens it gains: the draft's prefix the model agrees with, then the
+    model's next. Per row without one (a plain decode row in the same step): its logits (vocab,)."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -59,10 +68,15 @@ def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list[list[int]
         pos += range(p, p + len(d) + 1)
         slots += [s] * (len(d) + 1)
     i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
-    best = model.forward_flat(i32(ids), i32(pos), i32(slots), np.arange(len(ids), dtype=np.int32)).argmax(-1)
-    out, at = [], 0
+    logits = model.forward_flat(i32(ids), i32(pos), i32(slots), np.arange(len(ids), dtype=np.int32))
+    out: list = []
+    at = 0
     for _, _, _, d in rows:
-        pred = best[at:at + len(d) + 1].tolist()
+        if not d:
+            out.append(logits[at])
+            at += 1
+            continue
+        pred = logits[at:at + len(d) + 1].argmax(-1).tolist()
         at += len(d) + 1
         a = 0
         while a < len(d) and d[a] == pred[a]:
