@@ -43,7 +43,7 @@ def test_blocks_are_shared_counted_and_evicted():
     p = list(range(10))  # 2 whole blocks and 2 tokens
     assert kv.admit(0, 12, p) == 0  # nothing cached yet: 3 blocks promised
     kv.ensure(0, 12)
-    kv.register(0, p)
+    kv.register(0, kv.keys(p))
     assert kv.admit(1, 12, p) == 8  # the 2 whole blocks shared, 1 new one promised
     assert list(kv.table[1, :2]) == list(kv.table[0, :2]) and kv.refs[kv.table[0, 0]] == 2
     assert kv.admit(2, 8, [50, 51, 52, 53, 54]) is None  # 3 blocks in use + 1 promised + 2 > 4
@@ -61,5 +61,5 @@ def test_blocks_are_shared_counted_and_evicted():
     off = PagedKV(n_blocks=4, block_size=4, max_slots=2, max_seq=32, prefix_cache=False)
     assert off.admit(0, 12, p) == 0
     off.ensure(0, 12)
-    off.register(0, p)
+    off.register(0, off.keys(p))
     assert off.admit(1, 4, p) == 0 and not off.block_of

@@ -72,6 +72,7 @@ class _Request:
     generator: torch.Generator
     slot: int = -1
     cached: int = 0        # leading prompt positions whose KV the prefix cache already held
+    keys: list | None = None  # its prompt blocks' prefix-cache keys, hashed once (native models)
     drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
     lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)
     out: list[int] = field(default_factory=list)
@@ -216,7 +217,8 @@ class Engine:
         while self.waiting and len(new) < self.max_prefills and None in self.slots:
             r, slot = self.waiting[0], self.slots.index(None)
             if self.kv is not None:
-                cached = self.kv.admit(slot, self._limit(r), r.prompt)
+                r.keys = self.kv.keys(r.prompt) if r.keys is None else r.keys  # a waiting head retries
+                cached = self.kv.admit(slot, self._limit(r), r.prompt, r.keys)
                 if cached is None:
                     break  # FIFO: the head waits until finished requests give their KV blocks back
                 r.cached = cached
@@ -239,9 +241,9 @@ class Engine:
                 rows.append(r)
                 logits.append(out)
                 if self.kv is not None:
-                    self.kv.register(r.slot, r.prompt)  # its whole prompt blocks, for later requests
+                    self.kv.register(r.slot, r.keys)  # its whole prompt blocks, for later requests
         tokens: dict[str, list[int]] = {}
-        drafts = [(r, isolated(failed, r, lambda r=r: self._draft(r))) for r in running]
+        drafts = [(r, isolated(failed, r, lambda r=r: self._draft(r))) for r in running] if self.speculate else []
         if any(d for _, d in drafts):  # one forward: rows with a draft verify it, the others get logits
             rd = [(r, d or []) for r, d in drafts if r.id not in failed]
             run = lambda items: verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])  # noqa: E731
@@ -288,7 +290,7 @@ class Engine:
     def _draft(self, r: _Request) -> list[int]:
         """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
         room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
-        return draft(r.params, r.drafts, r.prompt + r.out, min(self.speculate, room)) if self.kv is not None else []
+        return draft(r.params, r.drafts, r.prompt, r.out, min(self.speculate, room)) if self.kv is not None else []
 
     def _decode(self, rows: list[_Request]) -> torch.Tensor:
         if self.decode is not None:

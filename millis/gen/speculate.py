@@ -48,12 +48,12 @@ def lookup(ctx: list[int], k: int) -> list[int]:
     return []
 
 
-def draft(params, stats: DraftStats, ctx: list[int], k: int) -> list[int]:
+def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) -> list[int]:
     """A request's draft of at most k tokens: only greedy rows without repetition penalty or logprobs
     (their tokens are the argmax of the plain logits), and only while drafting pays."""
     if k < 1 or not params.greedy or params.repetition_penalty != 1.0 or params.logprobs >= 0 or stats.off:
         return []
-    return lookup(ctx, k)
+    return lookup(prompt + out, k)
 
 
 def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:

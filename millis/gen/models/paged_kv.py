@@ -54,7 +54,10 @@ class PagedKV:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def keys(self, prompt: list[int]) -> list[bytes]:
-        """The prefix key of each whole block of `prompt`."""
+        """The prefix key of each whole block of `prompt` (none when prefix caching is off). The engine
+        computes them once per request and passes them to `admit` and `register`."""
+        if not self.prefix_cache:
+            return []
         out, h, bs = [], b"", self.block_size
         ids = np.asarray(prompt, dtype=np.int64)
         for i in range(len(prompt) // bs):
@@ -62,14 +65,17 @@ class PagedKV:
             out.append(h)
         return out
 
-    def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None) -> int | None:
+    def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None,
+              keys: list[bytes] | None = None) -> int | None:
         """Promise `slot` room for n_pos positions, sharing the cached blocks of `prompt`'s leading runs
-        (never its last token: its logits are computed). Returns the positions already cached (a
-        multiple of block_size), or None (nothing promised) when the pool cannot hold the request."""
+        (never its last token: its logits are computed; `keys`: `keys(prompt)` if already known).
+        Returns the positions already cached (a multiple of block_size), or None (nothing promised)
+        when the pool cannot hold the request."""
         hit: list[int] = []
         owned = self.owned[slot]
         if prompt and self.prefix_cache and not owned:
-            for k in self.keys(prompt[:len(prompt) - 1]):
+            keys = self.keys(prompt) if keys is None else keys
+            for k in keys[:(len(prompt) - 1) // self.block_size]:
                 if k not in self.block_of:
                     break
                 hit.append(self.block_of[k])
@@ -113,11 +119,10 @@ class PagedKV:
             owned.append(b)
             self.pending[slot] = max(self.pending[slot] - 1, 0)
 
-    def register(self, slot: int, prompt: list[int]) -> None:
-        """After `slot` prefilled `prompt`: key its whole prompt blocks so later requests share them."""
-        if not self.prefix_cache:
-            return
-        for i, k in enumerate(self.keys(prompt)):
+    def register(self, slot: int, keys: list[bytes]) -> None:
+        """After `slot` prefilled its prompt: key its whole prompt blocks (`keys(prompt)`) for later
+        requests to share."""
+        for i, k in enumerate(keys):
             b = self.owned[slot][i]
             if k not in self.block_of and b not in self.key_of:
                 self.block_of[k], self.key_of[b] = b, k

@@ -6,6 +6,7 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,7 +205,7 @@ def logprobs_body(chat: bool, entries, tok) -> dict[str, Any] | None:
         item = lambda i, v: {"token": piece(i), "logprob": v, "bytes": list(piece(i).encode())}  # noqa: E731
         return {"content": [{**item(t, v), "top_logprobs": [item(i, w) for i, w in top]} for t, v, top in entries]}
     tokens = [piece(t) for t, _, _ in entries]
-    offsets = [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    offsets = [0, *itertools.accumulate(len(x) for x in tokens[:-1])]
     return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries], "text_offset": offsets,
             "top_logprobs": [{piece(i): w for i, w in top} for _, _, top in entries] if entries[0][2] else None}
 
