@@ -99,15 +99,17 @@ def test_a_request_whose_forward_raises_fails_alone(where):
 
 
 def test_a_request_whose_text_raises_fails_alone(monkeypatch):
-    eng = engine()
-    real = eng._text
+    import millis.gen.engine as engine_module
 
-    def text(r, final):
+    eng = engine()
+    real = engine_module.new_text
+
+    def text(tok, eos, r, final):
         if r.prompt == eng.tok.encode("a bat"):
             raise UnicodeError("bad bytes")
-        return real(r, final)
+        return real(tok, eos, r, final)
 
-    monkeypatch.setattr(eng, "_text", text)
+    monkeypatch.setattr(engine_module, "new_text", text)
     results = run_with_poison(eng, "a bat", GREEDY)
     check_batch_mates(results)
     assert results[3]["finished"] == "error"

@@ -63,3 +63,13 @@ def test_blocks_are_shared_counted_and_evicted():
     off.ensure(0, 12)
     off.register(0, off.keys(p))
     assert off.admit(1, 4, p) == 0 and not off.block_of
+
+
+def test_requests_arriving_together_share_the_prefix_one_of_them_prefills(model_path):
+    """n choices of one prompt (or one system prompt sent at once by many clients): the first prefills the
+    shared blocks, the others wait one step and take them from the cache; the tokens do not change."""
+    off = open_engine(model_path, EngineConfig(max_batch=4, max_seq=160, threads=2, prefix_cache=False))
+    on = open_engine(model_path, EngineConfig(max_batch=4, max_seq=160, threads=2))
+    prompts = [SYSTEM + [11], SYSTEM + [11], SYSTEM + [12, 13], SYSTEM[:70]]
+    assert run_all(on, prompts, GREEDY) == run_all(off, prompts, GREEDY)
+    assert on.kv.hit_tokens == 3 * 96 - 32  # SYSTEM[:70] holds 2 whole blocks and shares both, the others 3

@@ -121,6 +121,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()         # the text is cut before the first of these, and the request ends
     ignore_eos: bool = False           # keep going past the model's EOS token
     logprobs: int = -1                 # >= 0: each token's log-probability and this many top alternatives
+    grammar: str = ""                  # constrained output: a grammar of millis.gen.grammar ("" = none)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -46,12 +46,12 @@ import torch
 from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
 from millis.gen.models.layers import make_batch
+from millis.gen.grammar import allow_only
 from millis.gen.load import Loaded
 from millis.gen.rows import isolated, per_row_on_error
 from millis.gen.sampling import RowParams, sample
 from millis.gen.speculate import DraftStats, draft, verify
-from millis.gen.stops import held_back
-from millis.gen.tokenizer import text_delta
+from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class _Request:
     keys: list | None = None  # its prompt blocks' prefix-cache keys, hashed once (native models)
     drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
     lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)
+    matcher: object = None  # params.grammar: its llguidance matcher (`grammar.py`), advanced token by token
     out: list[int] = field(default_factory=list)
     emitted: str = ""      # text already handed out
     anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
@@ -109,6 +110,7 @@ class Engine:
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
         self._stepping = False         # a step is running: cancel leaves slot freeing to it
+        self._grammars = None          # grammar.Grammars, built at the first constrained request
 
     # ------------------------------------------------------------------ API
     def add(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), id: str | None = None) -> str:
@@ -133,11 +135,12 @@ class Engine:
             raise MillisError("stop strings need a tokenizer; this model has none")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        matcher = self.grammars.matcher(params.grammar) if params.grammar else None
         with self._lock:
             rid = id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise MillisError(f"request id {rid!r} is already in use")
-            r = _Request(rid, ids, params, gen)
+            r = _Request(rid, ids, params, gen, matcher=matcher)
             self.requests[rid] = r
             self.waiting.append(r)
         return rid
@@ -181,6 +184,16 @@ class Engine:
         return lp.gather(-1, torch.tensor(ids[1:], device=lp.device)[:, None]).squeeze(-1)
 
     @property
+    def grammars(self):
+        """The engine's grammar.Grammars (llguidance's view of the tokenizer; built once, ~0.5 s)."""
+        with self._lock:
+            if self._grammars is None:
+                from millis.gen.grammar import Grammars
+
+                self._grammars = Grammars(self.tok, self.config.vocab_size, self.config.eos_id)
+            return self._grammars
+
+    @property
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
@@ -213,11 +226,14 @@ class Engine:
 
     def _schedule(self) -> tuple[list[_Request], list[_Request]]:
         running = [r for r in self.slots if r is not None]
-        new = []
+        new, coming = [], set()  # coming: prefix keys this step's prefills will register
         while self.waiting and len(new) < self.max_prefills and None in self.slots:
             r, slot = self.waiting[0], self.slots.index(None)
             if self.kv is not None:
                 r.keys = self.kv.keys(r.prompt) if r.keys is None else r.keys  # a waiting head retries
+                if self.kv.next_uncached(r.prompt, r.keys) in coming:
+                    break  # its prefix is being prefilled now (n choices, a shared system prompt): next step shares it
+                coming.update(r.keys)
                 cached = self.kv.admit(slot, self._limit(r), r.prompt, r.keys)
                 if cached is None:
                     break  # FIFO: the head waits until finished requests give their KV blocks back
@@ -263,6 +279,9 @@ class Engine:
         if not rows:
             return tokens
         logits = torch.cat(logits)
+        for i, r in enumerate(rows):  # constrained rows: only what their grammar allows next
+            if r.matcher is not None:
+                isolated(failed, r, lambda i=i, r=r: allow_only(r.matcher, logits[i]))
         # a sampled row retried alone must draw the same noise: keep its generator's state (temperature-0
         # rows draw none; `!=` rather than `.greedy` so that no field value can raise here, outside isolation)
         states = {i: r.generator.get_state() for i, r in enumerate(rows) if r.params.temperature != 0}
@@ -289,6 +308,8 @@ class Engine:
 
     def _draft(self, r: _Request) -> list[int]:
         """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
+        if r.matcher is not None:
+            return []
         room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
         return draft(r.params, r.drafts, r.prompt, r.out, min(self.speculate, room)) if self.kv is not None else []
 
@@ -337,11 +358,13 @@ class Engine:
         r.out.append(t)
         p = r.params
         finished = None
-        if t == self.config.eos_id and not p.ignore_eos:
-            finished = "stop"
+        if r.matcher is not None and not r.matcher.consume_token(t):
+            raise MillisError(f"token {t} broke the request's grammar: {r.matcher.get_error()}")
+        if t == self.config.eos_id and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
+            finished = "stop"  # EOS, or the grammar is complete (nothing may follow)
         elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):
             finished = "length"
-        text, stopped = self._text(r, finished is not None)
+        text, stopped = new_text(self.tok, self.config.eos_id, r, finished is not None)
         finished = "stop" if stopped else finished
         if finished:
             self._finish(r)
@@ -363,31 +386,6 @@ class Engine:
         if r.slot >= 0 and self.slots[r.slot] is r:
             self._free(r.slot)
         self.requests.pop(r.id, None)
-
-    def _text(self, r: _Request, final: bool) -> tuple[str, bool]:
-        """The new text of `r` and whether a stop string ended it."""
-        if self.tok is None:
-            return "", False
-        ids = r.out[:-1] if r.out[-1] == self.config.eos_id and not r.params.ignore_eos else r.out
-        context = (r.prompt[-4:] + ids[max(0, r.anchor - 4):r.anchor])[-4:]  # a few ids before (SentencePiece
-        # spaces need them), sliced without copying the whole prompt and output each step
-        full = r.anchor_text + text_delta(self.tok, context, ids[r.anchor:])
-        stopped = False
-        # a stop string can only end in the text not yet handed out: search from just before it
-        cut = min((i for i in (full.find(s, max(0, len(r.emitted) - len(s) + 1)) for s in r.params.stop) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            full, stopped, final = full[:cut], True, True
-        whole = full
-        if not final:
-            full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next bytes
-            full = full[:len(full) - max((held_back(full, s) for s in r.params.stop), default=0)]
-        if not full.startswith(r.emitted):
-            return "", stopped
-        new, r.emitted = full[len(r.emitted):], full
-        if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
-            r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
-        return new, stopped
 
 
 def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:

@@ -1,5 +1,8 @@
-"""Stop strings: how much of a request's text must wait, because the next tokens may complete a stop."""
+"""A request's text, step by step: what its new tokens add, and how much must wait because the next
+tokens may complete a stop string."""
 from __future__ import annotations
+
+from millis.gen.tokenizer import text_delta
 
 
 def held_back(text: str, stop: str) -> int:
@@ -13,3 +16,30 @@ def held_back(text: str, stop: str) -> int:
             return len(tail) - i
         i = tail.find(stop[0], i + 1)
     return 0
+
+
+def new_text(tok, eos_id: int | None, r, final: bool) -> tuple[str, bool]:
+    """The new text of engine request `r` (its out, prompt, params and text bookkeeping) and whether a
+    stop string ended it."""
+    if tok is None:
+        return "", False
+    ids = r.out[:-1] if r.out[-1] == eos_id and not r.params.ignore_eos else r.out
+    context = (r.prompt[-4:] + ids[max(0, r.anchor - 4):r.anchor])[-4:]  # a few ids before (SentencePiece
+    # spaces need them), sliced without copying the whole prompt and output each step
+    full = r.anchor_text + text_delta(tok, context, ids[r.anchor:])
+    stopped = False
+    # a stop string can only end in the text not yet handed out: search from just before it
+    cut = min((i for i in (full.find(s, max(0, len(r.emitted) - len(s) + 1)) for s in r.params.stop) if i >= 0),
+              default=-1)
+    if cut >= 0:
+        full, stopped, final = full[:cut], True, True
+    whole = full
+    if not final:
+        full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next bytes
+        full = full[:len(full) - max((held_back(full, s) for s in r.params.stop), default=0)]
+    if not full.startswith(r.emitted):
+        return "", stopped
+    new, r.emitted = full[len(r.emitted):], full
+    if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
+        r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
+    return new, stopped

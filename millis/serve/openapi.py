@@ -12,6 +12,7 @@ from typing import Any
 
 from millis.gen.config import MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
 from millis.serve.generation import schemas as gs
+from millis.serve.generation.tools import MAX_TOOLS
 
 NULL = {"type": "null"}
 TEXT = {"type": "string", "pattern": r"\S"}  # a text with something besides whitespace (str.strip)
@@ -120,27 +121,37 @@ def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
         "repetition_penalty": nullable({"type": "number", "minimum": MIN_PENALTY, "maximum": MAX_PENALTY}),
         "ignore_eos": nullable({"type": "boolean"}), "stream": nullable({"type": "boolean"}),
         "stream_options": nullable({"type": "object", "properties": {"include_usage": nullable({"type": "boolean"})}}),
-        "n": {"enum": [1, None]},
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": gs.MAX_N}),
         "stop": {"anyOf": [NULL, stop_s, {"type": "array", "items": stop_s, "maxItems": gs.MAX_STOPS}]},
-        "response_format": nullable({"type": "object", "required": ["type"], "additionalProperties": False,
-                                     "properties": {"type": {"const": "text"}}}),
+        "response_format": {"anyOf": [NULL, {"type": "object", "required": ["type"], "additionalProperties": False,
+                                             "properties": {"type": {"enum": ["text", "json_object"]}}},
+                                      {"type": "object", "required": ["type", "json_schema"], "properties": {
+                                          "type": {"const": "json_schema"}, "json_schema": {
+                                              "type": "object", "required": ["name", "schema"], "properties": {
+                                                  "name": {"type": "string"}, "strict": nullable({"type": "boolean"}),
+                                                  "schema": {"type": "object"}}}}}]},
         **off}
 
 
 def _choice_ok(chat: bool, name: str) -> dict:
-    finish = {"enum": ["stop", "length"]}
+    finish = {"enum": ["stop", "length", "tool_calls"] if chat else ["stop", "length"]}
     if chat:
+        call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+            "id": {"type": "string"}, "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
         choice = {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
             "index": {"type": "integer"}, "finish_reason": finish, "message": {
                 "type": "object", "required": ["role", "content"],
-                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}
+                "properties": {"role": {"const": "assistant"}, "content": nullable({"type": "string"}),
+                               "tool_calls": {"type": "array", "items": call}}}}}
     else:
         choice = {"type": "object", "required": ["index", "text", "finish_reason"], "properties": {
             "index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": finish}}
     body = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
         "id": {"type": "string", "pattern": "^chatcmpl-" if chat else "^cmpl-"},
         "object": {"const": "chat.completion" if chat else "text_completion"}, "created": {"type": "integer"},
-        "model": {"const": name}, "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
+        "model": {"const": name}, "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": gs.MAX_N},
         "usage": USAGE}}
     event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one SSE event
     return {**_json(body), "text/event-stream": {"schema": event}}
@@ -162,10 +173,18 @@ def generation_spec(name: str, limits: gs.GenLimits | None, vocab_size: int = 0)
     message = {"type": "object", "required": ["role"], "properties": {
         "role": {"enum": list(gs.ROLES)}, "content": {"anyOf": [NULL, {"type": "string"},
                                                                 {"type": "array", "items": part}]}}}
+    function = {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}}}
+    tool = {"type": "object", "required": ["type", "function"], "properties": {"type": {"const": "function"},
+                                                                               "function": function}}
     chat = {"type": "object", "required": ["messages"], "properties": {
         "messages": {"type": "array", "items": message, "minItems": 1}, "model": model,
         "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
-        **_sampling(limits)}}
+        **_sampling(limits), "tools": nullable({"type": "array", "items": tool, "maxItems": MAX_TOOLS}),
+        "tool_choice": {"anyOf": [NULL, {"enum": ["none", "auto"]}], "description": "required or a named function "
+                                                                                     "need tools"},
+        "parallel_tool_calls": nullable({"type": "boolean"})}}
     paths = _common(name)
     failed = {"500": "this request failed inside the engine (its batch-mates ran on)"}
     paths["/v1/completions"] = _post("OpenAI-compatible text completion (stream: server-sent events)", completion,

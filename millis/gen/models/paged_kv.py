@@ -65,6 +65,10 @@ class PagedKV:
             out.append(h)
         return out
 
+    def next_uncached(self, prompt: list[int], keys: list[bytes]) -> bytes | None:
+        """The key of the first shareable block of `prompt` not cached yet (None: all are, or none can be)."""
+        return next((k for k in keys[:(len(prompt) - 1) // self.block_size] if k not in self.block_of), None)
+
     def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None,
               keys: list[bytes] | None = None) -> int | None:
         """Promise `slot` room for n_pos positions, sharing the cached blocks of `prompt`'s leading runs

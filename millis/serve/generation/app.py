@@ -20,7 +20,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable
@@ -31,14 +31,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.common.errors import MillisError
+from millis.gen.config import SEED_MAX, SEED_MIN
 from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
 from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
+from millis.serve.generation.respond import respond
 from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve import openapi, schemas
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
-                               read_json, ready_response, watch_disconnect)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop,
+                               read_json, ready_response)
 from millis.serve.config import ServeConfig
 from millis.serve.metrics import GenMetrics
 
@@ -277,23 +279,29 @@ class GenState:
                                    code="invalid_messages") from None
         return encode_rendered(tok, text)
 
-    def admit(self, ids: list[int], params, chat: bool) -> Live:
+    def admit(self, ids: list[int], params, chat: bool, n: int = 1) -> list[Live]:
+        """n engine requests for one prompt (choice i seeded seed + i when a seed is given), or none."""
         eng = self.require()
         if self.draining:
             raise schemas.ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
-        if len(eng.waiting) >= self.cfg.max_queue:  # rows waiting to start, as the encoder server counts
+        if len(eng.waiting) + n > self.cfg.max_queue:  # rows waiting to start, as the encoder server counts
             retry = max(1, math.ceil(self._request_s))
             raise schemas.ApiError(429, f"server busy: {len(eng.waiting)} requests waiting for a slot; retry "
                                         f"after {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
-        live = Live(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", len(ids))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        lives = [Live(rid if i == 0 else f"{rid}-{i}", len(ids)) for i in range(n)]
         try:
-            eng.add(ids, params, id=live.id)
+            for i, live in enumerate(lives):
+                seed = None if params.seed is None else (params.seed + i - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
+                eng.add(ids, replace(params, seed=seed), id=live.id)
+                self.live[live.id] = live
         except MillisError as e:  # prompt too long for a slot, token ids out of range, ...
+            for live in lives:
+                self.cancel(live, "error") if live.id in self.live else None
             raise schemas.ApiError(400, str(e), param="prompt", code="invalid_prompt") from None
-        self.live[live.id] = live
         self.metrics.prompt_tokens.inc(len(ids))
         self._wake.set()
-        return live
+        return lives
 
     async def next(self, live: Live, timeout: float | None = None):
         item = await (asyncio.wait_for(live.queue.get(), timeout) if timeout else live.queue.get())
@@ -306,39 +314,26 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     st = GenState(cfg, loader)
 
     async def generate(request: Request, chat: bool) -> Response:
-        st.require()
+        eng = st.require()
         body = await read_json(request, st.limits)
         parse = gs.chat_request if chat else gs.completion_request
         g = parse(body, st.name, st.gen_limits)
-        live = st.admit(await st.prompt_ids(g), g.params, chat)
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, live))
-        streaming = False
-        try:
+        if g.params.grammar:  # compiled off the loop (1-1000 ms) and cached: the engine's add only copies it
             try:
-                first = await st.next(live, cfg.request_timeout_s)
-            except TimeoutError:
-                st.cancel(live, "timeout")
-                raise schemas.ApiError(503, f"no token within {cfg.request_timeout_s} s", code="timeout",
-                                       headers={"Retry-After": "1"}) from None
-            if g.stream:
-                watcher.cancel()  # from here the streaming response watches the connection itself
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-                streaming = True
-                return SSEResponse(_events(st, live, first, g, chat), lambda: st.cancel(live, "cancelled"))
-            outs = [first]
-            while not outs[-1].finished:
-                outs.append(await st.next(live))
-            lp = gs.logprobs_body(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
-            return json_response(gs.response(chat, live.id, int(time.time()), st.name, "".join(o.text for o in outs),
-                                             outs[-1].finished, gs.usage(live.prompt_tokens, live.n_out), lp))
+                await off_loop(eng.grammars.matcher, g.params.grammar)
+            except MillisError as e:
+                raise schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from,
+                                       code="invalid_value") from None
+        lives = st.admit(await st.prompt_ids(g), g.params, chat, g.n)
+
+        def on_close(stream):
+            return SSEResponse(stream, lambda: [st.cancel(live, "cancelled") for live in lives])
+
+        try:
+            return await respond(st, request, g, lives, chat, on_close)
         except RequestFailed as e:  # this request alone failed in the engine: its own 500
             log.warning("millis serve: %s", e)
             raise schemas.ApiError(500, str(e), code="generation_failed") from None
-        finally:
-            if not streaming:
-                watcher.cancel()
-                st.cancel(live, "cancelled")  # client gone, timeout or error: free the slot (no-op when done)
 
     async def completions(request: Request) -> Response:
         return await generate(request, chat=False)
@@ -376,25 +371,3 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     return make_app(st, routes, lambda: openapi.generation_spec(
         st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
 
-
-async def _events(st: GenState, live: Live, first, g: gs.GenRequest, chat: bool):
-    """The event stream: (chat: a role delta,) text chunks, a finish chunk, (usage,) [DONE]."""
-    created, wu = int(time.time()), g.include_usage
-    if chat:
-        yield gs.chunk(chat, live.id, created, st.name, None, None, first=True, with_usage=wu)
-    o = first
-    try:
-        while True:
-            if o.text or o.logprobs:  # text held back (a possible stop string) still reports its tokens' logprobs
-                yield gs.chunk(chat, live.id, created, st.name, o.text, None, with_usage=wu,
-                               logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
-            if o.finished:
-                yield gs.chunk(chat, live.id, created, st.name, None, o.finished, with_usage=wu)
-                break
-            o = await st.next(live)
-    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
-        yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
-    else:
-        if wu:
-            yield gs.usage_chunk(chat, live.id, created, st.name, gs.usage(live.prompt_tokens, live.n_out))
-    yield gs.DONE

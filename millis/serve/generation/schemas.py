@@ -15,6 +15,8 @@ import orjson
 from millis.common.errors import MillisError
 from millis.gen.config import (MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN,
                                SamplingParams)
+from millis.gen.grammar import json_schema_grammar
+from millis.serve.generation.tools import ToolSpec, tool_spec, with_tools
 from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -23,7 +25,8 @@ MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check co
 MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
 # fields the engine cannot honour: accepted only at their "off" value
 UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "tools": (None, []), "functions": (None, [])}
+               "logit_bias": (None, {}), "functions": (None, [])}
+MAX_N = 16                    # choices per request: each is a slot's work
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class GenRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool                 # stream_options.include_usage: a last chunk with `usage`
+    n: int = 1                          # choices: n engine requests sharing the prompt's cached KV
+    tools: ToolSpec | None = None       # chat: the tools the answer may call (params.grammar constrains it)
+    grammar_from: str = ""              # the field params.grammar came from (its 422s name it)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, open_lo: bool = False) -> float:
@@ -86,13 +92,7 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
         if not any(same_value(body.get(key), o) for o in off):
             raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
                            code="unsupported")
-    rf = body.get("response_format")
-    if rf is not None and rf != {"type": "text"}:
-        raise ApiError(422, f"response_format {rf!r} is not supported: only {{\"type\": \"text\"}} (structured "
-                            f"output is not implemented yet)", param="response_format", code="unsupported")
-    if integer(body, "n", 1, 1 << 31, 1) != 1:
-        raise ApiError(422, f"n={body.get('n')!r} is not supported: one choice per request (n=1); send several "
-                            f"requests", param="n", code="unsupported")
+    integer(body, "n", 1, MAX_N, 1)  # read by the request parsers; checked with the rest here
     mt = integer(body, "max_tokens", 1, limits.max_tokens, limits.default_max_tokens)
     top_k = integer(body, "top_k", -1, MAX_TOP_K, 0)
     seed = integer(body, "seed", SEED_MIN, SEED_MAX)
@@ -108,9 +108,34 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
             top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
             top_k=max(top_k, 0), seed=seed, stop=tuple(stops),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_PENALTY, MAX_PENALTY),
-            ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat))
+            ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat), grammar=response_format(body))
     except MillisError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
+
+
+def response_format(body: dict) -> str:
+    """The grammar of `response_format` ("" for text): json_object, or json_schema {name, schema, strict}."""
+    rf = body.get("response_format")
+    if rf is None or same_value(rf, {"type": "text"}):
+        return ""
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    schema = rf.get("json_schema") if isinstance(rf, dict) else None
+    if kind == "json_schema" and not (isinstance(schema, dict) and isinstance(schema.get("name"), str)
+                                      and isinstance(schema.get("schema"), dict)
+                                      and isinstance(schema.get("strict", False), (bool, type(None)))):
+        raise ApiError(422, "response_format json_schema needs json_schema: {name: str, schema: {...}, strict: bool}",
+                       param="response_format", code="invalid_value")
+    if kind in ("text", "json_object") and set(rf) != {"type"}:
+        raise ApiError(422, f"response_format {kind} takes no other field", param="response_format",
+                       code="invalid_value")
+    if kind not in ("json_object", "json_schema"):
+        raise ApiError(422, f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                            f"{{\"type\": \"json_schema\", \"json_schema\": {{...}}}}, got {rf!r}",
+                       param="response_format", code="invalid_value")
+    try:
+        return json_schema_grammar(schema["schema"] if kind == "json_schema" else None)
+    except MillisError as e:
+        raise ApiError(422, f"response_format: {e}", param="response_format", code="invalid_value") from None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -145,7 +170,11 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
     if isinstance(prompt, str):
         _check_size(len(prompt), limits, "prompt")
     stream, usage = _stream_options(body)
-    return GenRequest(prompt, None, sampling(body, limits), stream, usage)
+    if body.get("tools") is not None and body["tools"] != [] or body.get("tool_choice") is not None:
+        raise ApiError(422, "tools and tool_choice are for /v1/chat/completions", param="tools", code="unsupported")
+    params = sampling(body, limits)
+    return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1), None,
+                      "response_format" if params.grammar else "")
 
 
 def _check_size(chars: int, limits: GenLimits, param: str) -> None:
@@ -184,7 +213,17 @@ def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
     if body.get("max_completion_tokens") is not None:
         params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
-    return GenRequest(None, out, params, stream, usage)
+    tools = tool_spec(body)
+    if tools is not None and params.grammar:
+        raise ApiError(422, "response_format cannot be combined with tools the model may call (tool_choice none "
+                            "or no tools)", param="response_format", code="invalid_value")
+    if tools is not None:
+        try:
+            params = replace(params, grammar=json_schema_grammar(tools.schema()))
+        except MillisError as e:
+            raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
+    source = "tools" if tools is not None else "response_format" if params.grammar else ""
+    return GenRequest(None, with_tools(out, tools), params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, source)
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -210,29 +249,37 @@ def logprobs_body(chat: bool, entries, tok) -> dict[str, Any] | None:
             "top_logprobs": [{piece(i): w for i, w in top} for _, _, top in entries] if entries[0][2] else None}
 
 
-def response(chat: bool, rid: str, created: int, model: str, text: str, finish: str, use: dict,
-             logprobs: dict | None = None) -> dict[str, Any]:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+def choice(chat: bool, index: int, content: str | None, finish: str, logprobs: dict | None = None,
+           calls: list | None = None) -> dict[str, Any]:
+    if not chat:
+        return {"index": index, "text": content or "", "logprobs": logprobs, "finish_reason": finish}
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def response(chat: bool, rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": use}
+            "model": model, "choices": choices, "usage": use}
 
 
 def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, finish: str | None,
-          first: bool = False, with_usage: bool = False, logprobs: dict | None = None) -> bytes:
-    """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role."""
+          first: bool = False, with_usage: bool = False, logprobs: dict | None = None, index: int = 0,
+          calls: list | None = None) -> bytes:
+    """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role; `calls`:
+    tool calls, each whole in one delta (index, id, type, function {name, arguments})."""
     if chat:
-        delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+        body_choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        body_choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": created, "model": model, "choices": [choice]}
+                            "created": created, "model": model, "choices": [body_choice]}
     if with_usage:
         body["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
     return event(body)

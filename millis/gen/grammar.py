@@ -1,0 +1,142 @@
+"""Constrained decoding: a request's tokens kept inside a grammar (JSON Schema) by llguidance.
+
+Chosen by measurement (`bench/grammar_engines.py` on SmolLM2's 49,152-token vocabulary): llguidance
+compiles a JSON schema in 1-2 ms and computes a token mask in about 0.2 ms; outlines-core took about
+1 s to compile and 0.9 ms per mask; xgrammar requires triton and transformers at install.
+
+    g = Grammars(tokenizer, vocab_size, eos_id)           # once per engine (builds the token trie)
+    m = g.matcher(json_schema_grammar({"type": "object"}))   # per request (compiled grammars are cached)
+    allow_only(m, logits_row)                               # before sampling: disallowed tokens -> -inf
+    m.consume_token(t)                                      # after; m.is_stopped(): nothing may follow
+
+Grammar strings are what `json_schema_grammar` returns (llguidance's JSON grammar form); requests carry
+them in SamplingParams.grammar, so they are hashable and cheap to compare.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from millis.common.errors import MillisError
+
+# Whitespace between JSON tokens: some, as models write it, but bounded so a model cannot spend its
+# whole budget on blank lines (the commonest constrained-JSON failure).
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,12}",
+                "item_separator": ",", "key_separator": ":"}
+CACHED_GRAMMARS = 64      # compiled grammars kept per engine (a schema sent again is a deep copy)
+MAX_SCHEMA_CHARS = 65536  # a schema larger than this is refused before compiling
+
+
+def json_schema_grammar(schema: dict | bool | None) -> str:
+    """The grammar for a JSON value valid under `schema` (None: any JSON object, OpenAI's json_object)."""
+    from llguidance import LLMatcher
+
+    if schema is None:
+        schema = {"type": "object"}
+    if not isinstance(schema, (dict, bool)):
+        raise MillisError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    text = json.dumps(schema)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+    try:
+        return LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise MillisError(f"invalid JSON schema: {e}") from None
+
+
+def _spm_tokens(tok, n: int) -> list[bytes]:
+    """Each id's bytes for a SentencePiece-style tokenizer (llama2.c / GGUF `llama`): <0xXX> pieces are
+    one byte; BOS, EOS, <unk> and control pieces are special (0xFF-prefixed, as llguidance marks them)."""
+    types = getattr(tok, "types", None)
+    special = {tok.UNK, tok.BOS, tok.EOS}
+    out = []
+    for i, p in enumerate(tok.pieces):
+        m = re.match(r"^<0x([0-9A-Fa-f]{2})>$", p)
+        if m:
+            out.append(bytes([int(m.group(1), 16)]))
+        elif i in special or (types is not None and types[i] == 3):  # 3: CONTROL
+            out.append(b"\xff" + p.encode())
+        else:
+            out.append(p.encode())
+    return out + [b""] * (n - len(out))
+
+
+class _Wrapped:
+    """What llguidance's TokenizerWrapper reads: token bytes, EOS/BOS ids and an encode callable."""
+
+    def __init__(self, tok, n: int, eos: int) -> None:
+        self.tok, self.tokens, self.eos_token_id = tok, _spm_tokens(tok, n), eos
+        self.bos_token_id = getattr(tok, "BOS", None)
+        self.special_token_ids = [i for i, t in enumerate(self.tokens) if t[:1] == b"\xff"]
+
+    def __call__(self, s: str) -> list[int]:
+        """`s` alone, without BOS or the dummy-prefix space (llguidance tokenizes grammar text with it)."""
+        ids = self.tok.symbols(s)
+        if not hasattr(self.tok, "add_space_prefix") and " " in self.tok.ids:  # llama2.c: symbols() adds it
+            ids = ids[1:]
+        return self.tok._merge(ids)
+
+
+class Grammars:
+    """llguidance's view of one engine's tokenizer, and the grammars compiled for it (LRU)."""
+
+    def __init__(self, tok, vocab_size: int, eos_id: int | None) -> None:
+        from llguidance import LLTokenizer, TokenizerWrapper
+
+        if tok is None or eos_id is None:
+            raise MillisError("structured output needs the model's tokenizer and an EOS token; this model has "
+                              "none")
+        inner = getattr(tok, "_tok", None)  # HF `tokenizers` (HF directories, GGUF byte-level BPE)
+        if inner is not None and hasattr(inner, "to_str"):
+            self.tok = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id)
+        elif hasattr(tok, "pieces"):
+            self.tok = LLTokenizer(TokenizerWrapper(_Wrapped(tok, vocab_size, eos_id)), n_vocab=vocab_size,
+                                   eos_token=eos_id)
+        else:
+            raise MillisError(f"structured output is not supported for a {type(tok).__name__} tokenizer")
+        self.vocab_size = vocab_size
+        # JSON's structural characters must each start some token, or a grammar that forces one cannot go on
+        firsts = {self.tok.decode_bytes([i])[:1] for i in range(min(vocab_size, self.tok.vocab_size))}
+        self.unspellable = [c for c in '{}[]":,' if c.encode() not in firsts]
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()  # requests are added from the server's threads
+
+    def matcher(self, grammar: str):
+        """A fresh matcher at the grammar's start; MillisError naming the problem when it is invalid."""
+        from llguidance import LLMatcher
+
+        if self.unspellable:
+            raise MillisError(f"this model's vocabulary has no token for {' '.join(self.unspellable)}: it cannot "
+                              f"write JSON")
+        with self._lock:
+            base = self._compiled.get(grammar)
+            if base is not None:
+                self._compiled.move_to_end(grammar)
+                return base.deep_copy()
+        base = LLMatcher(self.tok, grammar, log_level=0)  # outside the lock: 1-1000 ms for a large schema
+        if base.is_error():
+            raise MillisError(f"the grammar cannot be used: {base.get_error()}")
+        with self._lock:
+            self._compiled[grammar] = base
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return base.deep_copy()
+
+
+def allow_only(matcher, logits: torch.Tensor) -> None:
+    """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf."""
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    if matcher.is_error():
+        raise MillisError(f"constrained decoding failed: {matcher.get_error()}")
+    allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
+    if not allowed.any():
+        raise MillisError("the grammar allows no token here")
+    mask = torch.from_numpy(~allowed)
+    if mask.shape[0] < logits.shape[-1]:  # rows past the tokenizer's vocabulary (padding): never allowed
+        mask = torch.cat([mask, torch.ones(logits.shape[-1] - mask.shape[0], dtype=torch.bool)])
+    logits.masked_fill_(mask.to(logits.device), float("-inf"))

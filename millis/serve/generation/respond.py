@@ -1,0 +1,135 @@
+"""One admitted request's answer: its n choices (each an engine request) as one JSON body or one event stream.
+
+Each choice is a `Live` of its own in the engine (the scheduler shares the prompt's cached KV blocks
+between them); the answer waits for every choice's first token (503 past request_timeout_s), then:
+
+- JSON: each choice's text joined; a tool-constrained answer is parsed into `tool_calls`;
+- events: each choice's chunks as they come, tagged with its index; a tool-constrained choice is held
+  until it ends (its JSON is only parsed whole) and sent as content or tool_calls deltas;
+  then (usage,) `[DONE]`.
+
+Whatever ends the request (finished, client gone, timeout, error) cancels every choice still running.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from starlette.responses import Response
+
+from millis.serve import schemas
+from millis.serve.generation import schemas as gs
+from millis.serve.generation.tools import parse_answer
+from millis.serve.http import ClientGone, json_response, watch_disconnect
+
+
+class Choices:
+    """The lives of one request's choices; what the disconnect watcher drops."""
+
+    def __init__(self, lives: list) -> None:
+        self.lives = lives
+
+    def drop(self, exc: Exception) -> None:
+        for live in self.lives:
+            live.drop(exc)
+
+
+def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list, str]:
+    """(content, tool_calls, finish_reason) of one finished choice."""
+    if g.tools is None:
+        return text, [], finish
+    content, calls = parse_answer(text)
+    return content, calls, "tool_calls" if calls and finish == "stop" else finish
+
+
+async def respond(st, request, g: gs.GenRequest, lives: list, chat: bool, on_close) -> Response:
+    """The answer for `lives` (admitted); `on_close(lives)` when a stream ends, however it ends."""
+    cfg = st.cfg
+    watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, Choices(lives)))
+    streaming = False
+    try:
+        try:
+            firsts = await asyncio.wait_for(asyncio.gather(*(st.next(live) for live in lives)), cfg.request_timeout_s)
+        except TimeoutError:
+            for live in lives:
+                st.cancel(live, "timeout")
+            raise schemas.ApiError(503, f"no token within {cfg.request_timeout_s} s", code="timeout",
+                                   headers={"Retry-After": "1"}) from None
+        if g.stream:
+            watcher.cancel()  # from here the streaming response watches the connection itself
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            streaming = True
+            return on_close(events(st, lives, firsts, g, chat))
+
+        async def rest(live, first) -> list:
+            outs = [first]
+            while not outs[-1].finished:
+                outs.append(await st.next(live))
+            return outs
+
+        per_choice = await asyncio.gather(*(rest(live, f) for live, f in zip(lives, firsts)))
+        choices = []
+        for i, outs in enumerate(per_choice):
+            lp = gs.logprobs_body(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
+            content, calls, finish = _answer(g, "".join(o.text for o in outs), outs[-1].finished)
+            choices.append(gs.choice(chat, i, content, finish, lp, calls))
+        use = gs.usage(lives[0].prompt_tokens, sum(live.n_out for live in lives))
+        return json_response(gs.response(chat, lives[0].id, int(time.time()), st.name, choices, use))
+    finally:
+        if not streaming:
+            watcher.cancel()
+            for live in lives:
+                st.cancel(live, "cancelled")  # client gone, timeout or error: free the slots (no-op when done)
+
+
+async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
+    """The event stream: (chat: a role delta per choice,) text chunks, a finish chunk per choice, (usage,) [DONE]."""
+    created, wu, rid = int(time.time()), g.include_usage, lives[0].id
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, live, first) -> None:
+        o = first
+        try:
+            while True:
+                merged.put_nowait((i, o))
+                if o.finished:
+                    return
+                o = await st.next(live)
+        except Exception as e:  # noqa: BLE001 -- ends the stream with an error event
+            merged.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, live, f)) for i, (live, f) in enumerate(zip(lives, firsts))]
+    held = [""] * len(lives)  # tool-constrained choices: their text, parsed when they end
+    try:
+        if chat:
+            for i in range(len(lives)):
+                yield gs.chunk(chat, rid, created, st.name, None, None, first=True, with_usage=wu, index=i)
+        left = len(lives)
+        while left:
+            i, o = await merged.get()
+            if isinstance(o, Exception):
+                raise o
+            if g.tools is not None:
+                held[i] += o.text
+            elif o.text or o.logprobs:  # held-back text (a possible stop string) still reports its logprobs
+                yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i,
+                               logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
+            if o.finished:
+                left -= 1
+                finish = o.finished
+                if g.tools is not None:
+                    content, calls, finish = _answer(g, held[i], o.finished)
+                    yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i, calls=calls)
+                yield gs.chunk(chat, rid, created, st.name, None, finish, with_usage=wu, index=i)
+    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
+        yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
+    else:
+        if wu:
+            yield gs.usage_chunk(chat, rid, created, st.name,
+                                 gs.usage(lives[0].prompt_tokens, sum(live.n_out for live in lives)))
+    finally:
+        for t in tasks:
+            t.cancel()
+    yield gs.DONE

@@ -1,0 +1,145 @@
+"""Tool calls (`tools` / `tool_choice` on /v1/chat/completions), in one format for every model.
+
+Chat templates disagree on how tools are shown and called (Hermes `<tool_call>` tags, Llama 3 JSON,
+Mistral `[TOOL_CALLS]`, and most small models have none), so millis does what llama.cpp's server
+does for templates it does not know: the tools are described in a system message, and the answer
+is constrained (millis.gen.grammar) to one JSON value the server parses, never free text it guesses at:
+
+    {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   -> message.tool_calls
+    {"response": "plain answer"}                                          -> message.content (auto only)
+
+tool_choice "none" sends the tools to nobody (plain chat); "auto" allows either form; "required" or
+{"type": "function", "function": {"name": N}} allows calls only (of N only). Each tool's `parameters`
+schema constrains its arguments, so arguments always parse and validate. parallel_tool_calls false
+allows one call. Earlier turns are shown to the model in the same JSON: an assistant message's
+tool_calls as its content, a tool message's result as a "tool" turn.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from millis.serve.schemas import ApiError
+
+MAX_TOOLS = 64
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    tools: tuple[dict, ...]   # {"name", "description", "parameters"} of the tools the model may call
+    required: bool            # the answer must be calls (tool_choice required or a named function)
+    parallel: bool            # more than one call in an answer
+
+    def schema(self) -> dict:
+        """The JSON schema every answer satisfies."""
+        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                           "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}
+        calls = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
+                                                                 **({} if self.parallel else {"maxItems": 1})}},
+                 "required": ["tool_calls"], "additionalProperties": False}
+        if self.required:
+            return calls
+        answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
+                  "additionalProperties": False}
+        return {"anyOf": [calls, answer]}
+
+    def system_text(self) -> str:
+        listing = "\n".join(json.dumps({"name": t["name"], "description": t["description"],
+                                        "parameters": t["parameters"]}) for t in self.tools)
+        how = ('Answer with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": {...}}]} to call '
+               'tools' + ('' if self.required else ', or {"response": <your answer>} to answer directly') + '.')
+        return f"You can call these tools:\n{listing}\n{how}"
+
+
+def _fail(msg: str, param: str = "tools") -> ApiError:
+    return ApiError(422, msg, param=param, code="invalid_value")
+
+
+def tool_spec(body: dict) -> ToolSpec | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` checked; None when no tool may be called."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _fail("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise _fail("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise _fail(f"tools must be a list of at most {MAX_TOOLS} function tools")
+    specs = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"] or \
+                not set(f["name"]) <= NAME_CHARS or len(f["name"]) > 64:
+            raise _fail(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a name "
+                        f"of 1..64 letters, digits, _ - or .")
+        params = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict) or not isinstance(f.get("description", ""), str):
+            raise _fail(f"tools[{i}].function.parameters must be a JSON schema object and description a string")
+        specs.append({"name": f["name"], "description": f.get("description", ""), "parameters": params})
+    if len({s["name"] for s in specs}) != len(specs):
+        raise _fail("tools must have distinct names")
+    parallel = parallel is not False
+    if choice in (None, "auto"):
+        return ToolSpec(tuple(specs), False, parallel)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolSpec(tuple(specs), True, parallel)
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    named = [s for s in specs if s["name"] == name]
+    if not named:
+        raise _fail(f"tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": "
+                    f"N}}}} with N one of the tools, got {choice!r}", "tool_choice")
+    return ToolSpec(tuple(named), True, parallel)
+
+
+def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
+    """The conversation as the model sees it: the tools in the system message (when any may be called),
+    earlier assistant tool calls as their JSON, tool results as "tool" turns."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if m["role"] == "assistant" and calls:
+            shown = [{"name": c.get("function", {}).get("name"), "arguments": _arguments(c)} for c in calls
+                     if isinstance(c, dict)]
+            out.append({"role": "assistant", "content": json.dumps({"tool_calls": shown})})
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "content": m.get("content") or ""})
+        else:
+            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+    if spec is None:
+        return out
+    text = spec.system_text()
+    if out and out[0]["role"] in ("system", "developer"):
+        return [{"role": out[0]["role"], "content": f"{out[0].get('content') or ''}\n\n{text}"}, *out[1:]]
+    return [{"role": "system", "content": text}, *out]
+
+
+def _arguments(call: dict) -> Any:
+    args = call.get("function", {}).get("arguments", "{}")
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        return args
+
+
+def parse_answer(text: str) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a constrained answer: OpenAI tool_call objects, arguments as a JSON string.
+    Text that is not a complete answer (cut by max_tokens) is returned as content."""
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return text, []
+    if isinstance(v, dict) and isinstance(v.get("tool_calls"), list):
+        return None, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                      for c in v["tool_calls"]]
+    if isinstance(v, dict) and isinstance(v.get("response"), str):
+        return v["response"], []
+    return text, []

@@ -1,0 +1,131 @@
+"""The OpenAI surface beyond plain text, on a served GGUF model: response_format json_object /
+json_schema (every answer parses and validates, streamed too), tools and tool_choice (tool_calls
+parsed, arguments valid under the tool's parameters, also when streaming), n choices (distinct when
+sampled, seeded reproducibly), and the 422s that name the field."""
+import json
+
+import jsonschema
+import pytest
+from gguf_fixtures import random_llama_tensors, write_tiny_gguf
+from test_serve import Server
+from test_serve_gen import stream
+
+from millis.gen.config import LlamaConfig
+
+pytestmark = pytest.mark.serve
+CFG = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=1024, hidden_dim=128,
+                  norm_eps=1e-5, rope_theta=10000.0)
+SCHEMA = {"type": "object", "properties": {
+    "city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    "note": {"type": "string", "maxLength": 8}}, "required": ["city", "days", "note"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+    "required": ["zone"], "additionalProperties": False}}}
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("structured") / "tiny.gguf"
+    write_tiny_gguf(str(path), CFG, random_llama_tensors(CFG, "Q8_0", embed_qtype="Q8_0"))
+    s = Server(path, "--max-batch", "4", "--model-name", "tiny", "--max-tokens", "400")
+    yield s
+    assert s.stop() == 0
+
+
+def test_json_schema_answers_parse_and_validate(server):
+    rf = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):
+        status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "response_format": rf, "seed": seed,
+                                                                "temperature": 1.0, "max_tokens": 300})
+        assert status == 200, body
+        jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), SCHEMA)
+        assert body["choices"][0]["finish_reason"] == "stop"
+    events = stream(server, "/v1/completions", {"prompt": "trip:", "response_format": rf, "max_tokens": 300})
+    jsonschema.validate(json.loads("".join(e["choices"][0]["text"] for e in events[:-1])), SCHEMA)
+    status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "max_tokens": 300,
+                                                            "response_format": {"type": "json_object"}})
+    assert status == 200 and body["choices"][0]["message"]["content"].startswith("{")
+
+
+def check_calls(calls: list, tools: list) -> None:
+    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert calls
+    for c in calls:
+        assert c["type"] == "function" and c["id"].startswith("call_")
+        jsonschema.validate(json.loads(c["function"]["arguments"]), by_name[c["function"]["name"]])
+
+
+def test_tool_calls_parse_and_validate_also_streamed(server):
+    tools = [WEATHER, TIME]
+    for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "get_time"}}] * 2):
+        status, _, body = server.post("/v1/chat/completions", {
+            "messages": MSGS, "tools": tools, "tool_choice": choice, "seed": seed, "temperature": 1.0,
+            "parallel_tool_calls": False, "max_tokens": 300})
+        assert status == 200, body
+        c = body["choices"][0]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
+        check_calls(c["message"]["tool_calls"], tools)
+        assert len(c["message"]["tool_calls"]) == 1
+        if isinstance(choice, dict):
+            assert c["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    events = stream(server, "/v1/chat/completions", {"messages": MSGS, "tools": tools, "tool_choice": "required",
+                                                     "parallel_tool_calls": False, "max_tokens": 300})
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    check_calls([c for d in deltas for c in d.get("tool_calls", [])], tools)
+    # auto: a call or an answer, never anything else; the conversation goes on with the tool's result
+    status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "tools": tools, "max_tokens": 300})
+    c = body["choices"][0]
+    assert status == 200 and (c["finish_reason"] == "tool_calls") == bool(c["message"].get("tool_calls"))
+    if c["message"].get("tool_calls"):
+        check_calls(c["message"]["tool_calls"], tools)
+    follow = MSGS + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+    status, _, body = server.post("/v1/chat/completions", {"messages": follow, "tools": tools, "tool_choice": "none",
+                                                            "max_tokens": 8})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_n_choices_are_distinct_seeded_and_reproducible(server):
+    body = {"prompt": "once upon a time", "n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 12, "ignore_eos": True}
+    status, _, a = server.post("/v1/completions", body)
+    assert status == 200, a
+    texts = [c["text"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert a["usage"]["completion_tokens"] == 36
+    assert [c["text"] for c in server.post("/v1/completions", body)[2]["choices"]] == texts
+    events = stream(server, "/v1/completions", body)
+    joined = ["".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i)
+              for i in range(3)]
+    assert joined == texts
+    status, _, g = server.post("/v1/completions", {**body, "temperature": 0})  # greedy: n equal choices
+    assert len({c["text"] for c in g["choices"]}) == 1
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "no-such-type"}}}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ("/v1/chat/completions", {"tools": [WEATHER, WEATHER]}, "tools"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}]}, "tools"),
+    ("/v1/completions", {"tools": [WEATHER]}, "tools"),
+    ("/v1/completions", {"n": 17}, "n"),
+])
+def test_bad_structured_requests_are_422_naming_the_field(server, route, extra, param):
+    body = {"messages": MSGS} if "chat" in route else {"prompt": "hi"}
+    status, _, err = server.post(route, {**body, **extra})
+    assert status == 422 and err["error"]["param"] == param, err
