@@ -9,6 +9,10 @@
 - speculate: 128 greedy tokens at b1, plain decoding against `--speculate 6` (prompt lookup), on an
   extraction prompt (copy a given passage) and on free-form chat. Decode tokens/s after the first
   token; the ratio spec / plain per round; the text must be identical; acceptance of draft tokens.
+- json: --json-requests banking77 test messages (real customer-service text), each asked to be filed
+  as JSON under a schema (topic enum, urgency, a short summary), sampled at temperature 0.7 with its
+  own seed, b1: every answer must parse and validate (jsonschema). The same prompts without the
+  constraint alternate with them; decode tokens/s after the first token, constrained / free.
 Writes bench/results/generation_features.json and prints a table.
 """
 from __future__ import annotations
@@ -90,11 +94,61 @@ def spec_rows(model: str, threads: int, rounds: int, text: str) -> list[dict]:
     return rows
 
 
+TICKET = {"type": "object", "properties": {
+    "topic": {"enum": ["card", "transfer", "payment", "account", "cash", "exchange", "other"]},
+    "urgent": {"type": "boolean"}, "summary": {"type": "string", "maxLength": 80}},
+    "required": ["topic", "urgent", "summary"], "additionalProperties": False}
+
+
+def run_text(eng, ids: list[int], params: SamplingParams) -> tuple[str, int, float]:
+    """(text, tokens after the first, seconds after the first token)."""
+    rid, text, n, t1 = eng.add(ids, params), "", 0, None
+    while eng.has_work:
+        for o in eng.step():
+            if o.id == rid:
+                text += o.text
+                n += len(o.token_ids)
+                t1 = t1 or time.perf_counter()
+    return text, n - 1, time.perf_counter() - t1
+
+
+def json_rows(model: str, threads: int, n: int) -> dict:
+    import jsonschema
+
+    from millis.gen.grammar import json_schema_grammar
+
+    eng = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads))
+    grammar = json_schema_grammar(TICKET)
+    eng.grammars.matcher(grammar)  # the tokenizer's trie and the compiled grammar: once, before timing
+    every = harness.banking77_texts("test")
+    msgs = every[::max(1, len(every) // n)][:n]  # spread over the file: it is sorted by category
+    ok, tok, sec = 0, {"json": 0, "free": 0}, {"json": 0.0, "free": 0.0}
+    failures = []
+    for i, msg in enumerate(msgs):
+        ids = chat_prompt(eng, f"File this customer message as a JSON ticket with topic, urgent and summary.\n\n{msg}")
+        runs = [("json", grammar), ("free", "")][:: 1 if i % 2 == 0 else -1]
+        for name, g in runs:
+            text, k, dt = run_text(eng, ids, SamplingParams(max_tokens=96, temperature=0.7, seed=i, grammar=g))
+            tok[name] += k
+            sec[name] += dt
+            if name == "json":
+                try:
+                    jsonschema.validate(json.loads(text), TICKET)
+                    ok += 1
+                except (ValueError, jsonschema.ValidationError) as e:
+                    failures.append(f"{text!r}: {type(e).__name__}")
+    tps = {k: tok[k] / sec[k] for k in tok}
+    return {"requests": len(msgs), "valid": ok, "failures": failures[:5], "json_tok_s": tps["json"],
+            "free_tok_s": tps["free"], "ratio": tps["json"] / tps["free"], "json_tokens": tok["json"],
+            "free_tokens": tok["free"], "schema": TICKET}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json-requests", type=int, default=200)
     ap.add_argument("--out", default=str(HERE / "results" / "generation_features.json"))
     a = ap.parse_args()
     text = (Path(harness.data_root()) / "tinyshakespeare" / "input.txt").read_text()
@@ -102,6 +156,7 @@ def main() -> None:
     t0 = time.time()
     ttft = ttft_rows(a.model, a.threads, a.rounds, text)
     spec = spec_rows(a.model, a.threads, a.rounds, text)
+    js = json_rows(a.model, a.threads, a.json_requests)
     m = describe()
     print(f"{m.get('cpu')} ({', '.join(m.get('isa', []))}), {a.threads} threads, model {a.model}")
     print(f"ttft, {ttft['system_tokens']}-token cached prefix: uncached {ttft['uncached_ms']:.1f} ms, cached "
@@ -111,7 +166,10 @@ def main() -> None:
     for r in spec:
         print(f"{r['task']:12s} {r['plain_tok_s']:11.1f} {r['spec_tok_s']:10.1f} {r['ratio']:6.2f} "
               f"{r['identical']!s:>9s} {r['accepted']:6d}/{r['drafted']:<6d}")
+    print(f"json_schema: {js['valid']}/{js['requests']} parse and validate; decode {js['json_tok_s']:.1f} tok/s "
+          f"constrained vs {js['free_tok_s']:.1f} free, ratio {js['ratio']:.3f}")
     out = {"machine": m, "threads": a.threads, "model": a.model, "rounds": a.rounds, "ttft": ttft, "speculate": spec,
+           "json_schema": js,
            "command": "bench/generation_features.py " + " ".join(sys.argv[1:]), "seconds": round(time.time() - t0)}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")

@@ -129,3 +129,20 @@ def test_bad_structured_requests_are_422_naming_the_field(server, route, extra, 
     body = {"messages": MSGS} if "chat" in route else {"prompt": "hi"}
     status, _, err = server.post(route, {**body, **extra})
     assert status == 422 and err["error"]["param"] == param, err
+
+
+def test_millis_bench_times_streamed_generation(server, tmp_path):
+    """`millis bench` on a generation server: streamed chat requests with a shared system prompt, each
+    timed token by token; usage tokens match what the server generated."""
+    from millis.loadgen import BenchConfig, bench
+
+    (tmp_path / "q.txt").write_text("where is my card?\nhow do I top up?\nwhy was I charged twice?\n")
+    (tmp_path / "system.txt").write_text("You are a bank's support assistant. " * 20)
+    res = bench(BenchConfig(url=server.url, data=str(tmp_path / "q.txt"), concurrency="2", rate="4", duration=3,
+                            max_tokens=6, system=str(tmp_path / "system.txt"), out=str(tmp_path / "out")))
+    assert res["route"] == "/v1/chat/completions" and [r["load"] for r in res["rows"]] == ["c2", "r4"]
+    for r in res["rows"]:
+        assert r["ok"] == r["sent"] > 0 and r["errors"] == r["timeouts"] == 0, r
+        assert 0 < r["output_tokens"] <= 6 * r["ok"] and r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
+        assert 0 <= r["goodput"] <= 1 and r["output_tok_s"] > 0
+    assert (tmp_path / "out" / "bench.json").is_file()

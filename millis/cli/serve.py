@@ -55,10 +55,18 @@ def bench(cfg: BenchConfig) -> int:
     console.print(f"[bold]millis bench[/] {cfg.url}: {cfg.duration:g} s per level")
 
     def row(r: dict) -> None:
+        if "ttft_p50_ms" in r:  # generation
+            console.print(f"  {r['load']:>8}: {r['rps']:6.2f} req/s  TTFT p50 {r['ttft_p50_ms']} p99 {r['ttft_p99_ms']} ms  "
+                          f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  {r['output_tok_s']} tok/s  "
+                          f"goodput {r['goodput']}  ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}")
+            return
         console.print(f"  {r['load']:>8}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
                       f"ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}  timeouts {r['timeouts']}")
 
     res = bench(cfg, on_row=row)
+    if res["rows"] and "ttft_p50_ms" in res["rows"][0]:
+        console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png (TTFT)")
+        return 0
     t = Table(title=f"{res['url']}{res['route']} ({res['model']})")
     for c in ("load", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "errors", "timeouts"):
         t.add_column(c, justify="right")

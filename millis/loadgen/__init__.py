@@ -1,4 +1,9 @@
-"""`millis bench URL`: load levels against a running server; a table, JSON and latency_vs_load.png."""
+"""`millis bench URL`: load levels against a running server; a table, JSON and latency_vs_load.png.
+
+Encoder servers get embed / classify requests; generation servers (a `generate` model card, or a
+--route ending in completions) get streamed chat or text completions timed token by token
+(`streams.py`): each text of --data is a user question, after the --system file's text when given
+(a shared prefix, as a product's system prompt)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,6 +11,7 @@ import json
 import platform
 import random
 import time
+from time import perf_counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +23,7 @@ from millis.common.errors import MillisError
 from millis.common.readers import read_texts
 from millis.loadgen.client import Target, fetch
 from millis.loadgen.load import Level, parse_levels, run_level, warm
+from millis.loadgen.streams import gen_level, gen_summary, stream_one
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class BenchConfig:
     timeout: float = _f(30.0, "seconds a request may take before it counts as timed out")
     warmup: int = _f(50, "unrecorded requests before the first level", scoped=True)
     seed: int = _f(0, "seed for text sampling and Poisson arrivals")
+    max_tokens: int = _f(64, "generation: max_tokens of each request (greedy)")
+    system: str = _f("", "generation: a text file sent as the system message of every request (a shared prefix)")
+    ttft_budget_ms: float = _f(1000.0, "generation goodput: time to first token within this")
+    itl_budget_ms: float = _f(100.0, "generation goodput: mean inter-token latency within this")
     out: str = _f("bench-results", "directory for bench.json and latency_vs_load.png")
 
 
@@ -47,16 +58,28 @@ async def discover(t: Target, route: str, model: str, timeout: float) -> tuple[s
     except OSError as e:
         raise MillisError(f"cannot reach {t.url}: {e}") from None
     card = orjson.loads(body)["data"][0] if status == 200 else {}
-    route = route or ("/v1/classify" if card.get("task") == "classify" else "/v1/embeddings")
+    route = route or {"classify": "/v1/classify", "generate": "/v1/chat/completions"}.get(card.get("task"),
+                                                                                         "/v1/embeddings")
     return route, model or card.get("id", "")
 
 
-def request_maker(t: Target, route: str, model: str, texts: list[str], inputs: int, seed: int) -> Callable[[], bytes]:
+def request_maker(t: Target, route: str, model: str, texts: list[str], inputs: int, seed: int,
+                  cfg: BenchConfig | None = None) -> Callable[[], bytes]:
     rng = random.Random(seed)
     key = "inputs" if route.endswith("classify") else "input"
+    system = Path(cfg.system).read_text() if cfg is not None and cfg.system else ""
 
     def make() -> bytes:
         body: dict[str, Any] = {key: rng.choices(texts, k=inputs)}
+        if route.endswith("completions"):  # greedy, streamed, usage in the last event
+            q = rng.choice(texts)
+            body = {"max_tokens": cfg.max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            if route.endswith("chat/completions"):
+                body["messages"] = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": q}]
+            else:
+                body["prompt"] = system + q
         if model:
             body["model"] = model
         return t.request_bytes("POST", route, orjson.dumps(body))
@@ -74,6 +97,20 @@ async def run_levels(t: Target, make: Callable[[], bytes], levels: list[Level], 
     return rows
 
 
+async def gen_levels(t: Target, make: Callable[[], bytes], levels: list[Level], cfg: BenchConfig,
+                     on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Streamed generation levels (a few unrecorded requests first: --warmup, at most 3)."""
+    for _ in range(min(cfg.warmup, 3)):
+        await stream_one(t, make(), cfg.timeout, perf_counter())
+    rows = []
+    for k, lv in enumerate(levels):
+        results, span = await gen_level(t, make, lv, cfg.duration, cfg.count, cfg.timeout, cfg.seed + k)
+        rows.append(gen_summary(lv, results, span, cfg.ttft_budget_ms / 1e3, cfg.itl_budget_ms / 1e3))
+        if on_row:
+            on_row(rows[-1])
+    return rows
+
+
 def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run every level against cfg.url; write bench.json and latency_vs_load.png under cfg.out."""
     if not cfg.url:
@@ -87,7 +124,9 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
 
     async def go() -> tuple[str, str, list[dict]]:
         route, model = await discover(t, cfg.route, cfg.model, cfg.timeout)
-        make = request_maker(t, route, model, texts, cfg.inputs, cfg.seed)
+        make = request_maker(t, route, model, texts, cfg.inputs, cfg.seed, cfg)
+        if route.endswith("completions"):
+            return route, model, await gen_levels(t, make, levels, cfg, on_row)
         await warm(t, make, cfg.warmup, cfg.timeout)
         return route, model, await run_levels(t, make, levels, cfg.duration, cfg.count, cfg.timeout, cfg.seed, on_row)
 
