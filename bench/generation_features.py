@@ -100,6 +100,10 @@ TICKET = {"type": "object", "properties": {
     "required": ["topic", "urgent", "summary"], "additionalProperties": False}
 
 
+MAX_JSON_TOKENS = 192  # the longest valid ticket: ~25 tokens of JSON around an 80-character summary, which
+# may be 80 tokens (digits are one token each); an answer cut by max_tokens cannot be valid JSON
+
+
 def run_text(eng, ids: list[int], params: SamplingParams) -> tuple[str, int, float]:
     """(text, tokens after the first, seconds after the first token)."""
     rid, text, n, t1 = eng.add(ids, params), "", 0, None
@@ -128,7 +132,8 @@ def json_rows(model: str, threads: int, n: int) -> dict:
         ids = chat_prompt(eng, f"File this customer message as a JSON ticket with topic, urgent and summary.\n\n{msg}")
         runs = [("json", grammar), ("free", "")][:: 1 if i % 2 == 0 else -1]
         for name, g in runs:
-            text, k, dt = run_text(eng, ids, SamplingParams(max_tokens=96, temperature=0.7, seed=i, grammar=g))
+            text, k, dt = run_text(eng, ids, SamplingParams(max_tokens=MAX_JSON_TOKENS, temperature=0.7, seed=i,
+                                                                    grammar=g))
             tok[name] += k
             sec[name] += dt
             if name == "json":

@@ -10,7 +10,8 @@ the same GGUF, streamed chat requests with a shared 512-token system prompt.
 - capacity: llama.cpp's server runs one request at a time; its closed-loop throughput with one client
   (--capacity-s seconds) is its capacity. The open-loop rate is --load (0.8) x that capacity.
 - load: Poisson arrivals at that rate for --duration s per system per round, the systems alternated
-  (one server process at a time on the machine, each with 2 threads). From `millis.loadgen.streams`:
+  (one server process at a time on the machine, each with 2 threads; llama.cpp with
+  --interrupt_requests False, or a new request cuts off the running one). From `millis.loadgen.streams`:
   TTFT (from the scheduled send), ITL, output tokens/s over the level (all answered tokens / span),
   each request's own decode tokens/s, and goodput (TTFT <= 1 s and mean ITL <= 100 ms).
 Writes bench/results/generation_load.json and prints a table with the millis / llama.cpp ratios.
@@ -42,13 +43,18 @@ from millis.loadgen.streams import gen_level, gen_summary, stream_one  # noqa: E
 LLAMACPP = HERE / ".venvs" / "llamacpp" / "bin" / "python"
 
 
-def system_prompt(path: Path) -> str:
+def system_prompt(path: Path, gguf: str, tokens: int = 512) -> str:
+    """The support policy, cut to `tokens` tokens of the model's tokenizer."""
+    from millis.gen.gguf import read_gguf
+
     cats = json.loads((Path(harness.data_root()) / "banking77" / "categories.json").read_text())
     names = cats if isinstance(cats, list) else list(cats)
     lines = [f"- {str(c).replace('_', ' ')}: answer from the bank's policy on {str(c).replace('_', ' ')}, "
              f"ask for the account number only when needed." for c in names]
     text = ("You are the support assistant of a retail bank. Be brief and polite. Never ask for a PIN or "
             "a full card number. Topics you handle:\n" + "\n".join(lines))
+    tok = read_gguf(gguf).tokenizer
+    text = tok.decode(tok.encode(text, special=False)[:tokens])
     path.write_text(text)
     return text
 
@@ -66,7 +72,7 @@ def start(system: str, gguf: str, threads: int, logdir: Path) -> ServerProcess:
     port = free_port()
     cmd = [str(LLAMACPP), "-m", "llama_cpp.server", "--model", gguf, "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port),
-           "--model_alias", "smollm2"]
+           "--model_alias", "smollm2", "--interrupt_requests", "False"]  # queue, not cut off, concurrent requests
     return ServerProcess(cmd, port=port, ready_path="/v1/models", log=logdir / "llamacpp.log")
 
 
@@ -112,7 +118,7 @@ def main() -> None:
     gguf = resolve_model("builtin:smollm2")
     logdir = HERE / ".cache" / "generation_load"
     logdir.mkdir(parents=True, exist_ok=True)
-    system = system_prompt(logdir / "system.txt")
+    system = system_prompt(logdir / "system.txt", gguf)
     cfg = BenchConfig(url="-", data="-", max_tokens=a.max_tokens, system=str(logdir / "system.txt"),
                       duration=a.duration, timeout=120.0, seed=a.seed)
     cap = run("llamacpp", gguf, a, Level("closed", 1), BenchConfig(**{**cfg.__dict__, "duration": a.capacity_s}),

@@ -4,9 +4,10 @@ importable; on PyPI it requires triton and transformers), on SmolLM2's real 49,1
     .venv/bin/python bench/grammar_engines.py          # outlines-core: pip install outlines-core (not a dependency)
 
 For a JSON schema (an object with a string, an integer, an enum and an array): compile time (schema ->
-a ready matcher, 3 repeats, median), then a walk of --steps tokens where each step computes the
-allowed-token mask and takes one allowed token (chosen by a seeded RNG among the first 50 allowed,
-the same rule for every engine): median and max mask time. Writes bench/results/grammar_engines.json.
+a ready matcher, 3 repeats, median), then a walk of --steps tokens. Each step computes the
+allowed-token mask, as the boolean array over the vocabulary that sampling applies, and takes one
+allowed token (a seeded RNG's choice among the first 50 allowed, the same rule for every engine):
+median and max mask time. Writes bench/results/grammar_engines.json.
 """
 from __future__ import annotations
 
@@ -86,7 +87,12 @@ def outlines_row(tok_json: str, vocab: int, eos: int, steps: int, seed: int) -> 
         regex = outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA))
         guide = outlines_core.Guide(outlines_core.Index(regex, v))
         compiles.append(time.perf_counter() - t)
-        times, n = walk(guide.get_tokens, guide.advance, list, steps, eos, seed + rep)
+        def mask():  # the allowed ids as the boolean mask sampling needs (llguidance's unpacked bits)
+            allowed = np.zeros(vocab, dtype=bool)
+            allowed[np.asarray(guide.get_tokens(), dtype=np.int64)] = True
+            return allowed
+
+        times, n = walk(mask, guide.advance, lambda b: np.nonzero(b)[0].tolist(), steps, eos, seed + rep)
         walks += times
     import importlib.metadata as md
     return {"engine": "outlines-core", "version": md.version("outlines-core"), "tokenizer_s": setup,

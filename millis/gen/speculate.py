@@ -1,7 +1,8 @@
 """Prompt-lookup speculative decoding, for greedy requests on the native (GGUF) models.
 
 A draft is the tokens that followed the latest earlier occurrence of the sequence's last n tokens
-(n = 3, else 2, else 1: prompt lookup, as HF `prompt_lookup_num_tokens`). Extraction, editing and
+(n = 3, else 2, else 1 once a draft of the request was accepted: prompt lookup, as HF
+`prompt_lookup_num_tokens`). Extraction, editing and
 code answers quote their input, so drafts are often right there. The model then runs the row's
 last token and its draft in one forward (the flat batch: every token at its own position), and the
 row keeps the longest prefix of the draft equal to the model's own greedy choices, plus the model's
@@ -34,11 +35,11 @@ class DraftStats:
         return self.drafted >= MIN_DRAFTED and self.accepted < MIN_ACCEPT * self.drafted
 
 
-def lookup(ctx: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of ctx's last n tokens."""
+def lookup(ctx: list[int], k: int, min_n: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of ctx's last n tokens (n >= min_n)."""
     seq = np.asarray(ctx, dtype=np.int64)
     for n in NGRAMS:
-        if len(seq) <= n:
+        if len(seq) <= n or n < min_n:
             continue
         windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # those ending before the last token
         hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
@@ -53,7 +54,8 @@ def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) 
     (their tokens are the argmax of the plain logits), and only while drafting pays."""
     if k < 1 or not params.greedy or params.repetition_penalty != 1.0 or params.logprobs >= 0 or stats.off:
         return []
-    return lookup(prompt + out, k)
+    # a one-token match is weak evidence: used only once the request's drafts have been right before
+    return lookup(prompt + out, k, 1 if stats.accepted else 2)
 
 
 def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:
