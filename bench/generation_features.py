@@ -1,12 +1,13 @@
 """Prefix caching and prompt-lookup speculation on the real chat model (builtin:smollm2), millis alone.
 
-    .venv/bin/python bench/generation_features.py [--rounds 5] [--threads 2]
+    .venv/bin/python bench/generation_features.py [--rounds 9] [--threads 2]
 
 - ttft: a 512-token shared system prompt (tinyshakespeare text) followed by a short question. Time to
   first token (admission, prefill, first sample; b1) with the prefix cache off, against the same
   request when an earlier request with the same system prompt and another question left its blocks
   cached. Ratio = cached / uncached, median of per-round ratios (the systems alternate).
-- speculate: 128 greedy tokens at b1, plain decoding against `--speculate 6` (prompt lookup), on an
+- speculate: 128 greedy tokens at b1, plain decoding against `--speculate 6` (prompt lookup), --spec-rounds
+  (21) rounds, on an
   extraction prompt (copy a given passage) and on free-form chat. Decode tokens/s after the first
   token; the ratio spec / plain per round; the text must be identical; acceptance of draft tokens.
 - json: --json-requests banking77 test messages (real customer-service text), each asked to be filed
@@ -151,31 +152,42 @@ def json_rows(model: str, threads: int, n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9, help="TTFT rounds")
+    ap.add_argument("--spec-rounds", type=int, default=21, help="speculation rounds (decode speed is noisy here)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-requests", type=int, default=200)
+    ap.add_argument("--parts", default="ttft,speculate,json", help="a subset updates those parts of --out")
     ap.add_argument("--out", default=str(HERE / "results" / "generation_features.json"))
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     text = (Path(harness.data_root()) / "tinyshakespeare" / "input.txt").read_text()
     text = text[int(len(text) * 0.9):]  # the held-out tail, as the perplexity bench
     t0 = time.time()
-    ttft = ttft_rows(a.model, a.threads, a.rounds, text)
-    spec = spec_rows(a.model, a.threads, a.rounds, text)
-    js = json_rows(a.model, a.threads, a.json_requests)
+    out = json.loads(Path(a.out).read_text()) if parts != {"ttft", "speculate", "json"} and Path(a.out).exists() \
+        else {}
     m = describe()
     print(f"{m.get('cpu')} ({', '.join(m.get('isa', []))}), {a.threads} threads, model {a.model}")
-    print(f"ttft, {ttft['system_tokens']}-token cached prefix: uncached {ttft['uncached_ms']:.1f} ms, cached "
-          f"{ttft['cached_ms']:.1f} ms, ratio {ttft['ratio']:.3f} [{ttft['ratio_range'][0]:.3f}-"
-          f"{ttft['ratio_range'][1]:.3f}]")
-    print(f"{'task':12s} {'plain tok/s':>11s} {'spec tok/s':>10s} {'x':>6s} {'identical':>9s} {'accepted':>14s}")
-    for r in spec:
-        print(f"{r['task']:12s} {r['plain_tok_s']:11.1f} {r['spec_tok_s']:10.1f} {r['ratio']:6.2f} "
-              f"{r['identical']!s:>9s} {r['accepted']:6d}/{r['drafted']:<6d}")
-    print(f"json_schema: {js['valid']}/{js['requests']} parse and validate; decode {js['json_tok_s']:.1f} tok/s "
-          f"constrained vs {js['free_tok_s']:.1f} free, ratio {js['ratio']:.3f}")
-    out = {"machine": m, "threads": a.threads, "model": a.model, "rounds": a.rounds, "ttft": ttft, "speculate": spec,
-           "json_schema": js,
-           "command": "bench/generation_features.py " + " ".join(sys.argv[1:]), "seconds": round(time.time() - t0)}
+    if "ttft" in parts:
+        ttft = out["ttft"] = ttft_rows(a.model, a.threads, a.rounds, text)
+        print(f"ttft, {ttft['system_tokens']}-token cached prefix: uncached {ttft['uncached_ms']:.1f} ms, cached "
+              f"{ttft['cached_ms']:.1f} ms, ratio {ttft['ratio']:.3f} [{ttft['ratio_range'][0]:.3f}-"
+              f"{ttft['ratio_range'][1]:.3f}]")
+    if "speculate" in parts:
+        spec = out["speculate"] = spec_rows(a.model, a.threads, a.spec_rounds, text)
+        print(f"{'task':12s} {'plain tok/s':>11s} {'spec tok/s':>10s} {'x':>6s} {'identical':>9s} {'accepted':>14s}")
+        for r in spec:
+            print(f"{r['task']:12s} {r['plain_tok_s']:11.1f} {r['spec_tok_s']:10.1f} {r['ratio']:6.2f} "
+                  f"{r['identical']!s:>9s} {r['accepted']:6d}/{r['drafted']:<6d}")
+    if "json" in parts:
+        js = out["json_schema"] = json_rows(a.model, a.threads, a.json_requests)
+        print(f"json_schema: {js['valid']}/{js['requests']} parse and validate; decode {js['json_tok_s']:.1f} tok/s "
+              f"constrained vs {js['free_tok_s']:.1f} free, ratio {js['ratio']:.3f}")
+    command = "bench/generation_features.py " + " ".join(sys.argv[1:])
+    out.update({"machine": m, "threads": a.threads, "model": a.model, "rounds": a.rounds,
+                "spec_rounds": a.spec_rounds, "commands": {**out.get("commands", {}), **{p: command for p in parts}},
+                "seconds": {**(out.get("seconds") if isinstance(out.get("seconds"), dict) else {}),
+                            a.parts: round(time.time() - t0)}})
+    out.pop("command", None)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
 

@@ -95,3 +95,40 @@ def test_real_model_quoting_its_input_accepts_drafts_with_identical_text(smollm2
     assert run_all(spec, [prompt], greedy) == run_all(plain, [prompt], greedy)
     d = spec.draft_stats
     assert d.accepted >= d.drafted / 2 and d.accepted >= 16  # a quote: most draft tokens are right
+
+
+def test_draft_model_gives_the_targets_greedy_text(model_path, tmp_path):
+    """A draft model (another GGUF of the same vocabulary) proposes the tokens; the target verifies them.
+    The target's own file as its draft is always right; a different random model is mostly wrong;
+    either way the text is the target's plain greedy text, alone and batched beside a sampled row."""
+    from millis.common.errors import MillisError
+
+    other = str(tmp_path / "other.gguf")
+    small = LlamaConfig(**{**CFG.__dict__, "dim": 32, "hidden_dim": 64, "n_layers": 1})
+    write_tiny_gguf(other, small, random_llama_tensors(small, "Q8_0", seed=5))
+    story = [1] + [10 + (i % 23) for i in range(40)]
+    prompts = [story, [1, 40, 41, 42], [1] + [100 + i for i in range(70)]]
+    greedy = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = open_engine(model_path, EngineConfig(max_batch=4, max_seq=256, threads=2))
+    want = run_all(plain, prompts, greedy)
+    for draft, all_right in ((model_path, True), (other, False)):
+        eng = open_engine(model_path, EngineConfig(max_batch=4, max_seq=256, threads=2, speculate=4,
+                                                   draft_model=draft))
+        assert [run_all(eng, [p], greedy)[0] for p in prompts] == want
+        d = eng.draft_stats
+        assert d.drafted > 0 and (d.accepted == d.drafted if all_right else d.accepted < d.drafted)
+        sampled = eng.add([1, 7, 8], SamplingParams(max_tokens=20, temperature=1.0, seed=3))
+        ids = [eng.add(p, greedy) for p in prompts]
+        got = {i: [] for i in ids + [sampled]}
+        while eng.has_work:
+            for o in eng.step():
+                got[o.id] += o.token_ids
+        assert [got[i] for i in ids] == want and len(got[sampled]) == 20
+        assert not eng.drafter.done and eng.drafter.kv.in_use == 0  # every slot's draft cache given back
+    wrong = str(tmp_path / "wrong.gguf")
+    write_tiny_gguf(wrong, LlamaConfig(**{**small.__dict__, "vocab_size": 384}),
+                    random_llama_tensors(LlamaConfig(**{**small.__dict__, "vocab_size": 384}), "Q8_0"))
+    with pytest.raises(MillisError, match="vocabulary"):
+        open_engine(model_path, EngineConfig(max_batch=1, max_seq=256, speculate=2, draft_model=wrong))
+    with pytest.raises(MillisError, match="speculate"):
+        EngineConfig(draft_model=other)

@@ -41,13 +41,20 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
     loaded.source_path = model
     if loaded.kv is not None:  # native kernels (own thread pool): torch keeps only the step's small ops, and
         torch.set_num_threads(1)  # its OpenMP workers would spin on the cores the kernels use (1.5x per token)
+    drafter = None
+    if engine.draft_model:  # its own paged KV, slot for slot with the target's
+        from dataclasses import replace
+
+        from millis.gen.draft_model import DraftModel
+
+        drafter = DraftModel(load(engine.draft_model, replace(engine, draft_model="", prefix_cache=False)), loaded)
     decode = None
     if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
         from millis.gen.cuda_graph import GraphedDecode
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
-                  speculate=engine.speculate)
+                  speculate=engine.speculate, drafter=drafter)
 
 
 def chat_prompt(eng: Engine, text: str) -> list[int]:

@@ -34,6 +34,11 @@ def chat_template_of(model: str | Path, override: str = "") -> tuple[str | None,
     return (t if isinstance(t, str) and t else None), special
 
 
+def preload_renderer() -> None:
+    """Import transformers' Jinja renderer (the slow part of the first render), e.g. on a thread."""
+    from transformers.utils.chat_template_utils import render_jinja_template  # noqa: F401
+
+
 def render_chat(template: str, messages: list[dict], special: dict[str, str]) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 

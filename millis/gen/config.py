@@ -93,7 +93,8 @@ class EngineConfig:
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
     kv_memory_mb: int = 0     # native (GGUF) models: the paged KV cache's size; 0 = min(512, 1/4 of free memory)
     prefix_cache: bool = True  # native models: prompts share the cached KV blocks of their common prefix
-    speculate: int = 0        # native models, greedy requests: prompt-lookup draft tokens per step; 0 = off
+    speculate: int = 0        # native models, greedy requests: draft tokens verified per step; 0 = off
+    draft_model: str = ""     # a smaller GGUF of the same vocabulary drafts them ("" = prompt lookup)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or min(self.kv_memory_mb, self.speculate) < 0:
@@ -106,6 +107,8 @@ class EngineConfig:
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
         if self.quant != "none" and (self.dtype != "fp32" or self.device != "cpu"):
             raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")
+        if self.draft_model and not self.speculate:
+            raise MillisError("a draft model needs speculate >= 1: the draft tokens it proposes per step")
 
 
 @dataclass(frozen=True)
@@ -165,8 +168,10 @@ class GenerateConfig:
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = min(512, a quarter of free memory)")
     threads: int = _f(0, "torch intra-op threads (GGUF: the kernels' threads); 0 = all usable cores")
-    speculate: int = _f(0, "GGUF models, greedy: prompt-lookup draft tokens verified per step (the same text, "
-                           "faster when the answer repeats its input); 0 = off")
+    speculate: int = _f(0, "GGUF models, greedy: draft tokens verified per step (the same text, faster when the "
+                           "drafts are right: prompt lookup, or --draft-model); 0 = off")
+    draft_model: str = _f("", "GGUF models: a smaller GGUF model of the same vocabulary that drafts the tokens "
+                              "(with --speculate N); default: prompt lookup")
 
     def sampling(self) -> SamplingParams:
         stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)
@@ -176,4 +181,5 @@ class GenerateConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
-                            threads=self.threads, kv_memory_mb=self.kv_memory_mb, speculate=self.speculate)
+                            threads=self.threads, kv_memory_mb=self.kv_memory_mb, speculate=self.speculate,
+                            draft_model=self.draft_model)

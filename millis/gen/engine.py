@@ -8,28 +8,25 @@
     eng.cancel(rid)                     # frees the request's slot at once; False if unknown / done
 
 Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute, update:
-
 - schedule: waiting requests take free slots (FIFO, at most `max_prefills_per_step` per step);
-- execute: each new request is prefilled alone (B=1, its whole prompt), and every request that was
-  already running decodes one token, all rows in one batched forward at their own positions; then
-  all their logits are sampled together on the device;
-- update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens and a full
-  slot end a request, and its slot is free for the next step.
+- execute: each new request is prefilled alone, and every running request decodes one token, all
+  rows in one batched forward at their own positions; all their logits are sampled together;
+- update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
+  grammar and a full slot end a request, and its slot is free for the next step.
 
-Native (GGUF) models add two things: a prompt prefills only past its prefix cached in the paged KV
-(`models/paged_kv.py`), and greedy rows may verify a prompt-lookup draft instead (`speculate.py`).
+Native (GGUF) models: a prompt prefills only past its prefix cached in the paged KV
+(`models/paged_kv.py`), and greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft
+model, `draft_model.py`). A row with a grammar (`grammar.py`) samples only what the grammar allows.
 
-One request never fails another: whatever one request raises in a step (its prefill, its decode
-row, its sampling, its text) ends that request alone with `finished="error"` and the reason in
+One request never fails another: whatever one request raises in a step (its prefill, decode row,
+sampling, grammar or text) ends that request alone with `finished="error"` and the reason in
 `StepOutput.error`; when a batched call raises, its rows are retried one at a time to find which.
 The work of a step is bounded by the batch: stop strings are searched only in the new text, and
-the hold-back check looks at the last len(stop) - 1 characters (at worst len(stop)**2 / 2
-character compares in C per string; the server bounds their count and length).
+the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
 tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
-This holds for `quant=int8` (millis's kernels: a scale per 32 activations of a row) but not for
-`quant=int8-torch` (fbgemm: one scale per call, shared by the batch's rows).
+This holds for `quant=int8` (a scale per 32 activations of a row), not for `int8-torch` (fbgemm).
 
 Thread use: `add` and `cancel` from any thread, also while a step runs (they never wait for the
 model); `step` from one thread at a time (a server's one worker thread runs the step loop).
@@ -39,7 +36,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
@@ -48,50 +44,20 @@ from millis.gen.config import SamplingParams
 from millis.gen.models.layers import make_batch
 from millis.gen.grammar import allow_only
 from millis.gen.load import Loaded
+from millis.gen.request import Request, StepOutput
 from millis.gen.rows import isolated, per_row_on_error
 from millis.gen.sampling import RowParams, sample
-from millis.gen.speculate import DraftStats, draft, verify
+from millis.gen.speculate import DraftStats, draft, draftable, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    id: str
-    token_ids: list[int]   # the tokens this step produced for the request (EOS included when it came)
-    text: str              # the text they add (held back while it could still be the start of a stop string)
-    finished: str | None   # None while running; "stop" (EOS or stop string), "length" or "error"
-    error: str = ""        # finished == "error": what this request raised (its batch-mates ran on)
-    logprobs: tuple = ()   # params.logprobs >= 0: per token (id, log p, ((id, log p) of the top alternatives))
-
-
-@dataclass
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    slot: int = -1
-    cached: int = 0        # leading prompt positions whose KV the prefix cache already held
-    keys: list | None = None  # its prompt blocks' prefix-cache keys, hashed once (native models)
-    drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
-    lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)
-    matcher: object = None  # params.grammar: its llguidance matcher (`grammar.py`), advanced token by token
-    out: list[int] = field(default_factory=list)
-    emitted: str = ""      # text already handed out
-    anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
-    anchor_text: str = ""
-
-    @property
-    def n_cached(self) -> int:  # positions of the slot written: all but the last sampled token
-        return len(self.prompt) + len(self.out) - 1
 
 
 class Engine:
     def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None,
-                 speculate: int = 0) -> None:
+                 speculate: int = 0, drafter=None) -> None:
         """`decode`: optional (tokens, positions, slots) -> logits (n, vocab) for the decode rows,
         e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows.
-        `speculate`: prompt-lookup draft tokens per step for greedy rows of native models (0 = off)."""
+        `speculate`: draft tokens per step for greedy rows of native models (0 = off), from prompt lookup
+        or from `drafter` (a draft_model.DraftModel)."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
         self.decode = decode
         self.config = loaded.config
@@ -101,16 +67,18 @@ class Engine:
         self.source_path = loaded.source_path  # where the model came from (its HF dir holds a chat template)
         self.max_prefills, self.speculate = max_prefills_per_step, speculate
         self.draft_stats = DraftStats()  # all requests' drafts: verified and accepted tokens
+        self.drafter = drafter
         self.window = getattr(self.config, "sliding_window", 0)
-        self.slots: list[_Request | None] = [None] * self.max_batch
-        self.waiting: deque[_Request] = deque()
-        self.requests: dict[str, _Request] = {}
+        self.slots: list[Request | None] = [None] * self.max_batch
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
         self.seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
         self._stepping = False         # a step is running: cancel leaves slot freeing to it
         self._grammars = None          # grammar.Grammars, built at the first constrained request
+        self._grammar_lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
     def add(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), id: str | None = None) -> str:
@@ -140,7 +108,7 @@ class Engine:
             rid = id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise MillisError(f"request id {rid!r} is already in use")
-            r = _Request(rid, ids, params, gen, matcher=matcher)
+            r = Request(rid, ids, params, gen, matcher=matcher)
             self.requests[rid] = r
             self.waiting.append(r)
         return rid
@@ -170,7 +138,7 @@ class Engine:
             slot = self.slots.index(None)
             if self.kv is not None and not self.kv.reserve(slot, len(ids)):
                 raise MillisError(f"{len(ids)} positions do not fit the KV cache now (raise --kv-memory-mb)")
-            self.slots[slot] = _Request("logits", list(ids), SamplingParams(), torch.Generator(), slot)
+            self.slots[slot] = Request("logits", list(ids), SamplingParams(), torch.Generator(), slot)
         try:
             b = make_batch([list(ids)], [0], [slot], self.window, last_only=False, device=self.device)
             return self.model(b)[0].float()
@@ -186,7 +154,7 @@ class Engine:
     @property
     def grammars(self):
         """The engine's grammar.Grammars (llguidance's view of the tokenizer; built once, ~0.5 s)."""
-        with self._lock:
+        with self._grammar_lock:  # not the engine's lock: steps and adds go on while it is built
             if self._grammars is None:
                 from millis.gen.grammar import Grammars
 
@@ -224,7 +192,7 @@ class Engine:
                         self._free(i)
         return outs
 
-    def _schedule(self) -> tuple[list[_Request], list[_Request]]:
+    def _schedule(self) -> tuple[list[Request], list[Request]]:
         running = [r for r in self.slots if r is not None]
         new, coming = [], set()  # coming: prefix keys this step's prefills will register
         while self.waiting and len(new) < self.max_prefills and None in self.slots:
@@ -238,6 +206,8 @@ class Engine:
                 if cached is None:
                     break  # FIFO: the head waits until finished requests give their KV blocks back
                 r.cached = cached
+                if self.drafter is not None:
+                    self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
             self.waiting.popleft()
             r.slot = slot
             self.slots[r.slot] = r
@@ -246,7 +216,7 @@ class Engine:
             new.append(r)
         return new, running
 
-    def _execute(self, new: list[_Request], running: list[_Request], failed: dict[str, str]) -> dict[str, list[int]]:
+    def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified
         draft's several). A request whose part raises lands in `failed` (id -> reason), the others go on."""
         rows, logits = [], []
@@ -259,7 +229,7 @@ class Engine:
                 if self.kv is not None:
                     self.kv.register(r.slot, r.keys)  # its whole prompt blocks, for later requests
         tokens: dict[str, list[int]] = {}
-        drafts = [(r, isolated(failed, r, lambda r=r: self._draft(r))) for r in running] if self.speculate else []
+        drafts = self._drafts(running, failed) if self.speculate else []
         if any(d for _, d in drafts):  # one forward: rows with a draft verify it, the others get logits
             rd = [(r, d or []) for r, d in drafts if r.id not in failed]
             run = lambda items: verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])  # noqa: E731
@@ -306,21 +276,29 @@ class Engine:
                 r.lp = ((t, float(lp[j, t]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ()),)
         return tokens
 
-    def _draft(self, r: _Request) -> list[int]:
-        """Prompt-lookup draft tokens for a greedy row of a native model ([]: decode it plainly)."""
-        if r.matcher is not None:
-            return []
-        room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
-        return draft(r.params, r.drafts, r.prompt, r.out, min(self.speculate, room)) if self.kv is not None else []
+    def _drafts(self, running: list[Request], failed: dict[str, str]) -> list[tuple[Request, list[int]]]:
+        """(request, draft tokens) per running row: prompt lookup, or the draft model's proposals."""
+        rows = []
+        for r in running:  # k: draft tokens that still fit the request's room
+            room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
+            rows.append((r, min(self.speculate, room) if self.kv is not None and r.matcher is None else 0))
+        if self.drafter is None:
+            return [(r, isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)))
+                    for r, k in rows]
+        rows = [(r, k if draftable(r.params, r.drafts) else 0) for r, k in rows]
+        try:
+            return list(zip([r for r, _ in rows], self.drafter.propose([(r.prompt + r.out, r.slot, k) for r, k in rows])))
+        except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
+            return [(r, []) for r, _ in rows]
 
-    def _decode(self, rows: list[_Request]) -> torch.Tensor:
+    def _decode(self, rows: list[Request]) -> torch.Tensor:
         if self.decode is not None:
             return self.decode([r.out[-1] for r in rows], [r.n_cached for r in rows], [r.slot for r in rows])
         b = make_batch([[r.out[-1]] for r in rows], [r.n_cached for r in rows], [r.slot for r in rows],
                        self.window, device=self.device)
         return self.model(b)[:, -1]
 
-    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         penalized = any(r.params.repetition_penalty != 1.0 for r in rows)
         tok = sample(logits, RowParams([r.params for r in rows], [r.generator for r in rows],
@@ -328,7 +306,7 @@ class Engine:
         self.seen[slots, tok] = True
         return tok
 
-    def _update(self, rows: list[_Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:
+    def _update(self, rows: list[Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:
         outs = []
         for r in rows:
             if r.id not in self.requests:  # cancelled during the step: nothing to report
@@ -343,7 +321,7 @@ class Engine:
             self._finish(r)
         return outs
 
-    def _advance_all(self, r: _Request, toks: list[int]) -> StepOutput:
+    def _advance_all(self, r: Request, toks: list[int]) -> StepOutput:
         outs = []
         for t in toks:  # a verified draft brings several tokens: each one checked, until the request ends
             outs.append(self._advance(r, t))
@@ -354,7 +332,7 @@ class Engine:
         return StepOutput(r.id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
                           outs[-1].finished, logprobs=sum((o.logprobs for o in outs), ()))
 
-    def _advance(self, r: _Request, t: int) -> StepOutput:
+    def _advance(self, r: Request, t: int) -> StepOutput:
         r.out.append(t)
         p = r.params
         finished = None
@@ -372,7 +350,7 @@ class Engine:
         r.lp = ()
         return out
 
-    def _limit(self, r: _Request) -> int:
+    def _limit(self, r: Request) -> int:
         """Most positions `r` may fill: its prompt + max_tokens, within the context and the KV pool."""
         n = min(len(r.prompt) + r.params.max_tokens, self.max_seq)
         return min(n, self.kv.capacity) if self.kv is not None else n
@@ -381,8 +359,10 @@ class Engine:
         self.slots[slot] = None
         if self.kv is not None:
             self.kv.release(slot)
+        if self.drafter is not None:
+            self.drafter.release(slot)
 
-    def _finish(self, r: _Request) -> None:
+    def _finish(self, r: Request) -> None:
         if r.slot >= 0 and self.slots[r.slot] is r:
             self._free(r.slot)
         self.requests.pop(r.id, None)

@@ -12,7 +12,7 @@ Greedy text is identical with and without drafts (tested): the native kernels gi
 logits plain decoding gives it (no sum depends on batch-mates or on how many tokens a call holds),
 and positions written for rejected draft tokens are written again before anything attends to them.
 A request whose drafts are mostly rejected stops drafting (`DraftStats.off`), so text that does not
-repeat costs at most MIN_DRAFTED verified tokens.
+repeat costs at most MIN_DRAFTED verified tokens, in drafts of FIRST_DRAFTS.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 NGRAMS = (3, 2, 1)   # suffix lengths looked up, longest first
-MIN_DRAFTED = 16     # draft tokens tried before a request's acceptance rate may switch drafting off
+MIN_DRAFTED = 8      # draft tokens tried before a request's acceptance rate may switch drafting off
+FIRST_DRAFTS = 2     # draft length until one of the request's drafts was accepted
 MIN_ACCEPT = 0.3     # ... when below this share of them was accepted
 
 
@@ -49,13 +50,20 @@ def lookup(ctx: list[int], k: int, min_n: int = 1) -> list[int]:
     return []
 
 
+def draftable(params, stats: DraftStats) -> bool:
+    """Only greedy rows without repetition penalty, logprobs or a grammar are drafted (their tokens are
+    the argmax of the plain logits), and only while drafting pays."""
+    return params.greedy and params.repetition_penalty == 1.0 and params.logprobs < 0 and not params.grammar \
+        and not stats.off
+
+
 def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) -> list[int]:
-    """A request's draft of at most k tokens: only greedy rows without repetition penalty or logprobs
-    (their tokens are the argmax of the plain logits), and only while drafting pays."""
-    if k < 1 or not params.greedy or params.repetition_penalty != 1.0 or params.logprobs >= 0 or stats.off:
+    """A request's prompt-lookup draft of at most k tokens (`draftable` rows only)."""
+    if k < 1 or not draftable(params, stats):
         return []
-    # a one-token match is weak evidence: used only once the request's drafts have been right before
-    return lookup(prompt + out, k, 1 if stats.accepted else 2)
+    # until a draft of the request has been right, drafts are short and need a match of 2+ tokens: text
+    # that does not repeat pays little before drafting switches off
+    return lookup(prompt + out, k, 1) if stats.accepted else lookup(prompt + out, min(k, FIRST_DRAFTS), 2)
 
 
 def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:

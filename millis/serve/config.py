@@ -50,8 +50,10 @@ class ServeConfig:
                               "min(512, a quarter of free memory)")
     prefix_cache: bool = _f(True, "generation, GGUF models: requests share the KV blocks of a common prompt prefix "
                                   "(a cached prefix is not prefilled again)")
-    speculate: int = _f(0, "generation, GGUF models: prompt-lookup draft tokens verified per step for greedy "
-                           "requests (the same text, faster when answers quote the prompt); 0 = off")
+    speculate: int = _f(0, "generation, GGUF models: draft tokens verified per step for greedy requests (the "
+                           "same text, faster when answers quote the prompt or a draft model guesses well); 0 = off")
+    draft_model: str = _f("", "generation, GGUF models: a smaller GGUF of the same vocabulary that drafts the "
+                              "tokens (with --speculate N); default: prompt lookup")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
     quant: str = _f("none", "generation: none, int8 (millis's AVX2 kernel) or int8-torch (torch dynamic "
                             "quantization); dtype fp32 on cpu")

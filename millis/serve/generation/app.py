@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from millis.common.errors import MillisError
 from millis.gen.config import SEED_MAX, SEED_MIN
-from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
+from millis.gen.chat_template import chat_template_of, encode_rendered, preload_renderer, render_chat
 from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
@@ -144,6 +144,8 @@ class GenState:
         m.cold_start.set(self.cold_start_s)
         m.info.labels(self.name, f"{self.cfg.dtype}/{self.cfg.quant}", "millis.gen", "generate").set(1)
         m.ready.set(1)
+        threading.Thread(target=_quietly, args=(lambda: eng.grammars,), daemon=True).start()  # for the first
+        # structured request: llguidance's view of the vocabulary (~0.5 s), built after ready
         log.warning("millis serve: %s (generation, %d slots x %d positions%s) ready in %.2f s", self.name,
                     eng.max_batch, eng.max_seq, f"; paged KV: {eng.kv.capacity} positions" if eng.kv else "",
                     self.cold_start_s)
@@ -151,7 +153,10 @@ class GenState:
     def _open(self):
         from millis.gen import SamplingParams
 
+        importer = threading.Thread(target=preload_renderer, daemon=True)  # transformers' import (~1 s of
+        importer.start()  # Python) overlaps the model's load, which runs mostly in C with the GIL released
         eng = self.loader()
+        importer.join()
         if self.template is None and eng.chat_template:  # a GGUF file carries its own
             self.template, self.special = eng.chat_template, dict(eng.special_tokens or {})
         if self.template is not None:
@@ -308,6 +313,11 @@ class GenState:
         if isinstance(item, Exception):
             raise item
         return item
+
+
+def _quietly(fn) -> None:
+    with contextlib.suppress(Exception):  # e.g. a tokenizer llguidance cannot read: its requests get the 422
+        fn()
 
 
 def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:

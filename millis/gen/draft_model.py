@@ -1,0 +1,78 @@
+"""Speculative decoding with a draft model: a smaller GGUF model of the same vocabulary proposes the next
+k greedy tokens of each greedy row, and the target model verifies them in its one forward per step
+(`speculate.verify`, the same as prompt-lookup drafts), so the text is the target's own greedy text.
+
+The draft model has its own paged KV cache, slot for slot with the engine's. Per slot it remembers
+how many leading positions of the sequence its cache holds (`done`). A step's proposal first feeds
+what the cache misses (the prompt at the start, then the tokens the target accepted), all rows in one
+flat forward, which also gives each row its first draft token. Then k - 1 single-token forwards,
+all rows together, give the rest. Positions written for draft tokens are rewritten next step
+before anything attends to them, as in the target's cache. A slot whose draft cache cannot hold
+its request gets no drafts (the draft is an optimisation, never a condition of admission).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from millis.common.errors import MillisError
+from millis.gen.models.native_llama import CHUNK
+
+PROBE = "The quick brown fox: 3.14, {\"a\": [1, 2]} \u00e9t\u00e9 \u4f60\u597d"  # tokenizers must agree on this
+
+
+class DraftModel:
+    def __init__(self, loaded, target) -> None:
+        """`loaded`: the draft's millis.gen.load.Loaded (native); `target`: the engine's Loaded."""
+        if loaded.kv is None:
+            raise MillisError("a draft model must be a GGUF model (millis's native kernels)")
+        c, t = loaded.config, target.config
+        if c.vocab_size != t.vocab_size or c.eos_id != t.eos_id:
+            raise MillisError(f"the draft model's vocabulary ({c.vocab_size} tokens, EOS {c.eos_id}) is not the "
+                              f"target's ({t.vocab_size}, EOS {t.eos_id})")
+        if loaded.tokenizer is not None and target.tokenizer is not None and \
+                loaded.tokenizer.encode(PROBE) != target.tokenizer.encode(PROBE):
+            raise MillisError("the draft model's tokenizer splits text differently from the target's")
+        self.model, self.kv = loaded.model, loaded.kv
+        self.done: dict[int, int] = {}  # slot -> leading positions of its sequence held in the draft cache
+
+    def admit(self, slot: int, n_pos: int) -> bool:
+        ok = self.kv.reserve(slot, n_pos)
+        if ok:
+            self.done[slot] = 0
+        return ok
+
+    def release(self, slot: int) -> None:
+        if self.done.pop(slot, None) is not None:
+            self.kv.release(slot)
+
+    def propose(self, rows: list[tuple[list[int], int, int]]) -> list[list[int]]:
+        """rows: (the sequence so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted)."""
+        live = [(seq, slot, k) for seq, slot, k in rows if slot in self.done and k > 0]
+        out: dict[int, list[int]] = {}
+        if live:
+            ids, pos, slots, last = [], [], [], []
+            for seq, slot, _ in live:  # catch up: the tokens the cache misses, ending with the newest
+                start = min(self.done[slot], len(seq) - 1)
+                while len(seq) - start > CHUNK:  # a long prompt: its head in chunks of bounded scratch
+                    self.model.forward_flat(*(np.asarray(a, dtype=np.int32) for a in (
+                        seq[start:start + CHUNK], range(start, start + CHUNK), [slot] * CHUNK, [])))
+                    start += CHUNK
+                ids += seq[start:]
+                pos += range(start, len(seq))
+                slots += [slot] * (len(seq) - start)
+                last.append(len(ids) - 1)
+            tok = self._forward(ids, pos, slots, last)
+            for (seq, slot, _), t in zip(live, tok):
+                out[slot] = [t]
+                self.done[slot] = len(seq)
+            for j in range(1, max(k for _, _, k in live)):
+                more = [(seq, slot) for seq, slot, k in live if k > j]
+                tok = self._forward([out[s][-1] for _, s in more], [len(seq) + j - 1 for seq, _ in more],
+                                    [s for _, s in more], list(range(len(more))))
+                for (_, slot), t in zip(more, tok):
+                    out[slot].append(t)
+        return [out.get(slot, []) for _, slot, _ in rows]
+
+    def _forward(self, ids, pos, slots, rows) -> list[int]:
+        i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
+        return self.model.forward_flat(i32(ids), i32(pos), i32(slots), i32(rows)).argmax(-1).tolist()
