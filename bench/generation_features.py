@@ -6,10 +6,10 @@
   first token (admission, prefill, first sample; b1) with the prefix cache off, against the same
   request when an earlier request with the same system prompt and another question left its blocks
   cached. Ratio = cached / uncached, median of per-round ratios (the systems alternate).
-- speculate: 128 greedy tokens at b1, plain decoding against `--speculate 6` (prompt lookup), --spec-rounds
-  (21) rounds, on an
-  extraction prompt (copy a given passage) and on free-form chat. Decode tokens/s after the first
-  token; the ratio spec / plain per round; the text must be identical; acceptance of draft tokens.
+- speculate: 128 greedy tokens at b1, plain decoding against `--speculate 6` (prompt lookup), on an
+  extraction prompt (copy a given passage) and on free-form chat, --spec-rounds (21: decode speed on
+  this VM moves 10% between runs). Decode tokens/s after the first token; the ratio spec / plain per
+  round, median; the text must be identical; acceptance of draft tokens.
 - json: --json-requests banking77 test messages (real customer-service text), each asked to be filed
   as JSON under a schema (topic enum, urgency, a short summary), sampled at temperature 0.7 with its
   own seed, b1: every answer must parse and validate (jsonschema). The same prompts without the

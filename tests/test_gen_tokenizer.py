@@ -153,3 +153,44 @@ def test_long_prompt_time_grows_near_linearly():
 
     small, large = best_time(text[:20_000], 3), best_time(text, 2)
     assert large < 30 * small, (small, large)
+
+
+TEMPLATES = [
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # namespace, loop controls, tojson (no HTML escaping), the generation tag, dict(), reasoning aliases, strftime
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+    "{% set ns.n = ns.n + 1 %}{{ bos_token }}{{ m | tojson }}|{{ dict(a=1) | tojson(indent=2) }}"
+    "{% generation %}<{{ m.content }}>{% endgeneration %}{{ m.reasoning_content or '' }}{% endfor %}"
+    "{{ ns.n }}{{ strftime_now('%Y') }}{% if add_generation_prompt %}\n  <assistant>{% endif %}",
+]
+CONVERSATION = [{"role": "system", "content": "be <brief> & kind"},
+                {"role": "user", "content": "caf\u00e9 \"quoted\""},
+                {"role": "assistant", "content": "ok", "thinking": "hmm"},
+                {"role": "user", "content": "again"}]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_chat_rendering_matches_transformers(template):
+    """millis renders chat templates without importing transformers; the text must be transformers' own."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from millis.gen.chat_template import render_chat
+
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    want = render_jinja_template([CONVERSATION], chat_template=template, add_generation_prompt=True, **special)[0][0]
+    assert render_chat(template, CONVERSATION, special) == want
+
+
+def test_chat_templates_stay_sandboxed():
+    import jinja2
+
+    from millis.gen.chat_template import render_chat
+
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render_chat("{% set ns = namespace(_x=1) %}", CONVERSATION, {})
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render_chat("{{ messages.append(1) }}", CONVERSATION, {})  # immutable: the conversation cannot change
+    with pytest.raises(jinja2.exceptions.TemplateError, match="no tools"):
+        render_chat("{{ raise_exception('no tools') }}", CONVERSATION, {})
+    assert render_chat("{{ ''.__class__ }}", CONVERSATION, {}) == ""  # unsafe attributes are undefined

@@ -1,12 +1,15 @@
 """Chat templates: where a model's comes from, and rendering it as transformers' `apply_chat_template` does.
 
-`render_chat` uses transformers' own Jinja renderer (sandboxed, trim_blocks / lstrip_blocks,
-`raise_exception`, `strftime_now`) with the tokenizer config's special tokens as variables and
-`add_generation_prompt=True`; the text is then tokenized without added special tokens.
+`render_chat` renders as transformers' `apply_chat_template` (its Jinja environment, rebuilt in
+`compiled`: sandboxed, trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now`) with the
+tokenizer config's special tokens as variables and `add_generation_prompt=True`; the text is then
+tokenized without added special tokens.
 """
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
 
 from millis.common.errors import MillisError
@@ -34,15 +37,75 @@ def chat_template_of(model: str | Path, override: str = "") -> tuple[str | None,
     return (t if isinstance(t, str) and t else None), special
 
 
-def preload_renderer() -> None:
-    """Import transformers' Jinja renderer (the slow part of the first render), e.g. on a thread."""
-    from transformers.utils.chat_template_utils import render_jinja_template  # noqa: F401
+@functools.lru_cache(maxsize=16)
+def compiled(template: str):
+    """`template` compiled as transformers compiles chat templates (its environment, rebuilt here so that a
+    server does not import transformers, ~1 s of its start): a sandbox that also refuses to change
+    objects, trim_blocks / lstrip_blocks, loop controls, the `{% generation %}` tag (renders its body),
+    `raise_exception`, `strftime_now`, a `tojson` that does not escape HTML, and `dict` / `namespace`
+    that refuse underscore names. tests/test_gen_tokenizer.py compares it with transformers' renderer."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("body"), [], [], body).set_lineno(lineno)
+
+        def body(self, caller) -> str:
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def check(name) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes "
+                                                  f"on a namespace, got {name!r}")
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=TemplateDict(), namespace=TemplateNamespace)
+    return env.from_string(template)
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' aliases, first the standard one
 
 
 def render_chat(template: str, messages: list[dict], special: dict[str, str]) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    return render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **special)[0][0]
+    """The conversation through `template` with add_generation_prompt=True, as transformers renders it."""
+    chat = []
+    for m in messages:
+        reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+        chat.append({"thinking": reasoning, **m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
+    return compiled(template).render(messages=chat, tools=None, documents=None, add_generation_prompt=True, **special)
 
 
 def encode_rendered(tok, text: str) -> list[int]:

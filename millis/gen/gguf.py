@@ -139,6 +139,20 @@ class _Cursor:
         self.off += n
         return self.buf[self.off - n:self.off].decode("utf-8")
 
+    def strings(self, n: int) -> list[str]:
+        """n strings (a vocabulary, merges: ~100k at load), in one tight loop."""
+        buf, off, end, out = self.buf, self.off, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        append = out.append
+        for _ in range(n):
+            (k,) = length(buf, off)
+            off += 8 + k
+            if off > end:
+                raise ValueError("string past the end of the file")
+            append(buf[off - k:off].decode("utf-8"))
+        self.off = off
+        return out
+
     def value(self, vtype: int):
         if vtype == 8:
             return self.string()
@@ -147,7 +161,9 @@ class _Cursor:
         if vtype != 9:
             return self.take(_SCALARS[vtype])
         etype, n = self.take("<I"), self.take("<Q")
-        if etype in (8, 9):
+        if etype == 8:
+            return self.strings(n)
+        if etype == 9:
             return [self.value(etype) for _ in range(n)]
         dt = np.dtype(_SCALARS[etype])
         arr = np.frombuffer(self.buf, dt, n, self.off).copy()  # numeric arrays (scores, token types)

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from millis.common.errors import MillisError
 from millis.gen.config import SEED_MAX, SEED_MIN
-from millis.gen.chat_template import chat_template_of, encode_rendered, preload_renderer, render_chat
+from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
 from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
@@ -153,10 +153,7 @@ class GenState:
     def _open(self):
         from millis.gen import SamplingParams
 
-        importer = threading.Thread(target=preload_renderer, daemon=True)  # transformers' import (~1 s of
-        importer.start()  # Python) overlaps the model's load, which runs mostly in C with the GIL released
         eng = self.loader()
-        importer.join()
         if self.template is None and eng.chat_template:  # a GGUF file carries its own
             self.template, self.special = eng.chat_template, dict(eng.special_tokens or {})
         if self.template is not None:
