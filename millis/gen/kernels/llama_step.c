@@ -190,25 +190,35 @@ static void weighted_rows(float* out, const float* w, float inv, const float* v,
     for (int r = 0; r < cnt; r++) axpy(out + d0, w[r] * inv, v + (int64_t)r * hd + d0, n);
 }
 
-/* attention of one query head over positions [lo, p] of its slot, walked block by block (one table
-   lookup per block of positions, not a division per position) */
-static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g) {
+#define MAX_GROUP 64  /* query heads per KV head (native_llama.py MAX_GROUP refuses more at load) */
+
+/* attention of the G query heads that share KV head g (grouped-query attention) over positions [lo, p]
+   of their slot, walked block by block (one table lookup per block of positions): each block of K (then
+   of V) is read from memory once for all G heads, which take it from L1 in turn. q, out: G heads of hd
+   values, contiguous; sc: G * (p - lo + 1) scores. */
+static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g, int G) {
     const int hd = m->head_dim, bs = m->block_size, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
-    float mx = -INFINITY;
+    const int n = p - lo + 1;
+    float mx[MAX_GROUP], inv[MAX_GROUP];
+    for (int h = 0; h < G; h++) mx[h] = -INFINITY;
     for (int j = lo; j <= p;) {
         const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        const float s = scores(q, kv_at(m, m->k_pool, l, slot, j, g), cnt, hd, m->attn_scale, sc + j - lo);
-        mx = s > mx ? s : mx;
+        const float* k = kv_at(m, m->k_pool, l, slot, j, g);
+        for (int h = 0; h < G; h++) {
+            const float s = scores(q + h * hd, k, cnt, hd, m->attn_scale, sc + h * n + j - lo);
+            mx[h] = s > mx[h] ? s : mx[h];
+        }
         j += cnt;
     }
-    const float inv = 1.f / exp_shift(sc, p - lo + 1, mx);
-    memset(out, 0, sizeof(float) * hd);
-    for (int d0 = 0; d0 < hd; d0 += 32)
-        for (int j = lo; j <= p;) {
-            const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-            weighted_rows(out, sc + j - lo, inv, kv_at(m, m->v_pool, l, slot, j, g), cnt, hd, d0);
-            j += cnt;
-        }
+    for (int h = 0; h < G; h++) inv[h] = 1.f / exp_shift(sc + h * n, n, mx[h]);
+    memset(out, 0, sizeof(float) * hd * G);
+    for (int j = lo; j <= p;) {
+        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
+        const float* v = kv_at(m, m->v_pool, l, slot, j, g);
+        for (int h = 0; h < G; h++)
+            for (int d0 = 0; d0 < hd; d0 += 32) weighted_rows(out + h * hd, sc + h * n + j - lo, inv[h], v, cnt, hd, d0);
+        j += cnt;
+    }
 }
 
 static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
@@ -292,13 +302,15 @@ static void op_rope_store(void* p, int64_t t) {
 }
 static __thread float* tl_scores;   /* attention scores: one buffer per thread, grown as needed */
 static __thread int64_t tl_cap;
-static void op_attend(void* p, int64_t th) {
+static void op_attend(void* p, int64_t th) {  /* one job per (token, KV head): its group of query heads */
     const step_ctx* c = p; const model_w* m = c->m;
-    const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD;
-    const int64_t t = th / NH; const int h = (int)(th % NH);
-    if (tl_cap < m->max_pos) { free(tl_scores); tl_scores = malloc(sizeof(float) * m->max_pos); tl_cap = m->max_pos; }
-    attend(m, c->l, c->slots[t], c->pos[t], c->s->q + t * QD + h * HD, c->s->att + t * QD + h * HD, tl_scores,
-           h / (NH / m->n_kv));
+    const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD, G = NH / m->n_kv;
+    const int64_t t = th / m->n_kv; const int g = (int)(th % m->n_kv);
+    if (tl_cap < G * m->max_pos) {
+        free(tl_scores); tl_scores = malloc(sizeof(float) * G * m->max_pos); tl_cap = G * m->max_pos;
+    }
+    attend(m, c->l, c->slots[t], c->pos[t], c->s->q + t * QD + g * G * HD, c->s->att + t * QD + g * G * HD,
+           tl_scores, g, G);
 }
 static void op_quant_att(void* p, int64_t t) {
     const step_ctx* c = p; const int QD = c->m->n_heads * c->m->head_dim;
@@ -340,7 +352,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
           TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
-        TIMED(P_ATTN, pool_run(op_attend, &c, n * m->n_heads));
+        TIMED(P_ATTN, pool_run(op_attend, &c, n * m->n_kv));
         TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }

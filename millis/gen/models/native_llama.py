@@ -28,6 +28,7 @@ from millis.gen.models.paged_kv import PagedKV
 TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED}  # the ggml type id kernels switch on
 KERNEL_SOURCES = ("blockq.c", "packed.c", "llama_step.c", "pool.c")
 XBLOCK_BYTES = 44  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8
+MAX_GROUP = 64  # query heads per KV head the C attention takes (llama_step.c MAX_GROUP)
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
@@ -93,6 +94,9 @@ class NativeLlama:
         isa = native_isa()
         if isa is None:
             raise MillisError("GGUF models run on millis's native kernels, which are disabled (MILLIS_NO_KERNELS)")
+        if c.n_heads // c.n_kv_heads > MAX_GROUP:
+            raise MillisError(f"{c.n_heads} query heads over {c.n_kv_heads} KV heads: the native attention takes "
+                              f"at most {MAX_GROUP} query heads per KV head")
         self.lib = build("llama_step", KERNEL_SOURCES, isa)
         self.lib.llm_forward.restype = ctypes.c_int
         self.lib.llm_forward.argtypes = [P, P, I64, P, P, P, I64, P, P, ctypes.c_int]
