@@ -125,8 +125,7 @@ def json_rows(model: str, threads: int, n: int) -> dict:
     eng = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads))
     grammar = json_schema_grammar(TICKET)
     eng.grammars.matcher(grammar)  # the tokenizer's trie and the compiled grammar: once, before timing
-    every = harness.banking77_texts("test")
-    msgs = every[::max(1, len(every) // n)][:n]  # spread over the file: it is sorted by category
+    msgs = harness.banking77_spread(n)
     ok, tok, sec = 0, {"json": 0, "free": 0}, {"json": 0.0, "free": 0.0}
     failures = []
     for i, msg in enumerate(msgs):

@@ -96,8 +96,7 @@ def run(system: str, gguf: str, a, level: Level, cfg: BenchConfig, logdir: Path)
 
 
 def questions(n: int) -> list[str]:
-    every = harness.banking77_texts("test")
-    return every[::max(1, len(every) // n)][:n]
+    return harness.banking77_spread(n)
 
 
 def main() -> None:

@@ -218,6 +218,12 @@ def data_root():
     return os.environ.get("MILLIS_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
+def banking77_spread(n, split="test"):
+    """n texts spread over the file (it is sorted by category), the same ones for every caller."""
+    every = banking77_texts(split)
+    return every[::max(1, len(every) // n)][:n]
+
+
 def banking77_texts(split="test", limit=None):
     with open(os.path.join(data_root(), "banking77", f"{split}.csv"), newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f)]

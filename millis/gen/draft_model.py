@@ -20,6 +20,12 @@ from millis.gen.models.native_llama import CHUNK
 PROBE = "The quick brown fox: 3.14, {\"a\": [1, 2]} \u00e9t\u00e9 \u4f60\u597d"  # tokenizers must agree on this
 
 
+def _tail(prompt: list[int], out: list[int], start: int) -> list[int]:
+    """(prompt + out)[start:] (at least the newest token) without copying the whole sequence."""
+    start = min(start, len(prompt) + len(out) - 1)
+    return prompt[start:] + out if start < len(prompt) else out[start - len(prompt):]
+
+
 class DraftModel:
     def __init__(self, loaded, target) -> None:
         """`loaded`: the draft's millis.gen.load.Loaded (native); `target`: the engine's Loaded."""
@@ -45,33 +51,34 @@ class DraftModel:
         if self.done.pop(slot, None) is not None:
             self.kv.release(slot)
 
-    def propose(self, rows: list[tuple[list[int], int, int]]) -> list[list[int]]:
-        """rows: (the sequence so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted)."""
-        live = [(seq, slot, k) for seq, slot, k in rows if slot in self.done and k > 0]
+    def propose(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
+        """rows: (prompt, output so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted)."""
+        live = [(_tail(prompt, out, self.done[slot]), len(prompt) + len(out), slot, k)
+                for prompt, out, slot, k in rows if slot in self.done and k > 0]
         out: dict[int, list[int]] = {}
         if live:
             ids, pos, slots, last = [], [], [], []
-            for seq, slot, _ in live:  # catch up: the tokens the cache misses, ending with the newest
-                start = min(self.done[slot], len(seq) - 1)
-                while len(seq) - start > CHUNK:  # a long prompt: its head in chunks of bounded scratch
+            for tail, n, slot, _ in live:  # catch up: the tokens the cache misses, ending with the newest
+                start = n - len(tail)
+                while n - start > CHUNK:  # a long prompt: its head in chunks of bounded scratch
                     self.model.forward_flat(*(np.asarray(a, dtype=np.int32) for a in (
-                        seq[start:start + CHUNK], range(start, start + CHUNK), [slot] * CHUNK, [])))
-                    start += CHUNK
-                ids += seq[start:]
-                pos += range(start, len(seq))
-                slots += [slot] * (len(seq) - start)
+                        tail[:CHUNK], range(start, start + CHUNK), [slot] * CHUNK, [])))
+                    tail, start = tail[CHUNK:], start + CHUNK
+                ids += tail
+                pos += range(start, n)
+                slots += [slot] * (n - start)
                 last.append(len(ids) - 1)
             tok = self._forward(ids, pos, slots, last)
-            for (seq, slot, _), t in zip(live, tok):
+            for (_, n, slot, _), t in zip(live, tok):
                 out[slot] = [t]
-                self.done[slot] = len(seq)
-            for j in range(1, max(k for _, _, k in live)):
-                more = [(seq, slot) for seq, slot, k in live if k > j]
-                tok = self._forward([out[s][-1] for _, s in more], [len(seq) + j - 1 for seq, _ in more],
+                self.done[slot] = n
+            for j in range(1, max(k for *_, k in live)):
+                more = [(n, slot) for _, n, slot, k in live if k > j]
+                tok = self._forward([out[s][-1] for _, s in more], [n + j - 1 for n, _ in more],
                                     [s for _, s in more], list(range(len(more))))
                 for (_, slot), t in zip(more, tok):
                     out[slot].append(t)
-        return [out.get(slot, []) for _, slot, _ in rows]
+        return [out.get(slot, []) for _, _, slot, _ in rows]
 
     def _forward(self, ids, pos, slots, rows) -> list[int]:
         i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731

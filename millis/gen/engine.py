@@ -206,7 +206,7 @@ class Engine:
                 if cached is None:
                     break  # FIFO: the head waits until finished requests give their KV blocks back
                 r.cached = cached
-                if self.drafter is not None:
+                if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
                     self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
             self.waiting.popleft()
             r.slot = slot
@@ -287,7 +287,8 @@ class Engine:
                     for r, k in rows]
         rows = [(r, k if draftable(r.params, r.drafts) else 0) for r, k in rows]
         try:
-            return list(zip([r for r, _ in rows], self.drafter.propose([(r.prompt + r.out, r.slot, k) for r, k in rows])))
+            proposed = self.drafter.propose([(r.prompt, r.out, r.slot, k) for r, k in rows])
+            return list(zip([r for r, _ in rows], proposed))
         except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
             return [(r, []) for r, _ in rows]
 

@@ -48,7 +48,11 @@ class GenRequest:
     include_usage: bool                 # stream_options.include_usage: a last chunk with `usage`
     n: int = 1                          # choices: n engine requests sharing the prompt's cached KV
     tools: ToolSpec | None = None       # chat: the tools the answer may call (params.grammar constrains it)
-    grammar_from: str = ""              # the field params.grammar came from (its 422s name it)
+
+    @property
+    def grammar_from(self) -> str:
+        """The field params.grammar came from (its 422s name it)."""
+        return "tools" if self.tools is not None else "response_format" if self.params.grammar else ""
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, open_lo: bool = False) -> float:
@@ -173,8 +177,7 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
     if body.get("tools") is not None and body["tools"] != [] or body.get("tool_choice") is not None:
         raise ApiError(422, "tools and tool_choice are for /v1/chat/completions", param="tools", code="unsupported")
     params = sampling(body, limits)
-    return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1), None,
-                      "response_format" if params.grammar else "")
+    return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1))
 
 
 def _check_size(chars: int, limits: GenLimits, param: str) -> None:
@@ -222,8 +225,7 @@ def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
             params = replace(params, grammar=json_schema_grammar(tools.schema()))
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
-    source = "tools" if tools is not None else "response_format" if params.grammar else ""
-    return GenRequest(None, with_tools(out, tools), params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, source)
+    return GenRequest(None, with_tools(out, tools), params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools)
 
 
 # ---------------------------------------------------------------------------- bodies
