@@ -67,10 +67,10 @@ PRECISION_TOL = {"fp32": (1e-5, 1e-4, 1.0), "bf16": (0.025, 0.12, 0.9), "int8": 
 def precision(eng: Engine) -> str:
     """What the engine's Linears run in: "int8" (millis's kernels), "int8-torch", "bf16" or "fp32"."""
     from millis.gen.kernels.cpu_int8 import Int8Linear
-    from millis.gen.models.native_llama import NativeLlama
+    from millis.gen.models.native_llama import INT8, TYPE_IDS, NativeLlama
 
     if isinstance(eng.model, NativeLlama):
-        return "int8" if eng.model.layers[0].q.type == 8 else "fp32"
+        return "int8" if eng.model.layers[0].q.type == TYPE_IDS[INT8] else "fp32"
     kinds = {type(m) for m in eng.model.modules()}
     if Int8Linear in kinds:
         return "int8"

@@ -1,6 +1,6 @@
-"""millis's int8 on CPU: Llama-family models as Q8_0 blocks on the native kernels, GPT-2 on the per-row
-kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the batch, odd shapes padded
-correctly; the torch fallback; and the mask-free attention paths of make_batch."""
+"""millis's int8 on CPU: Llama-family models as int8 blocks (int16 activations) on the native kernels,
+GPT-2 on the per-row kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the
+batch, odd shapes padded correctly; the torch fallback; and the mask-free attention paths of make_batch."""
 import pytest
 import torch
 
@@ -67,10 +67,11 @@ def test_mask_free_batches_equal_masked_ones():
 def test_engine_int8_tokens_do_not_depend_on_batch():
     from test_gen_engine import GREEDY, engine, run
 
-    from millis.gen.models.native_llama import NativeLlama
+    from millis.gen.models.native_llama import INT8, TYPE_IDS, NativeLlama
 
-    eng = engine(quant="int8")  # a Llama: Q8_0 blocks on the native kernels, the head included
-    assert isinstance(eng.model, NativeLlama) and eng.model.m.head.type == 8 and eng.model.layers[0].q.type == 8
+    eng = engine(quant="int8")  # a Llama: millis's int8 blocks on the native kernels, the head included
+    int8 = TYPE_IDS[INT8]
+    assert isinstance(eng.model, NativeLlama) and eng.model.m.head.type == int8 and eng.model.layers[0].q.type == int8
     prompts = ["the cat", "in a", "he"]
     alone = [run(eng, [p], GREEDY)[0]["ids"] for p in prompts]
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == alone

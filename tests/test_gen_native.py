@@ -17,7 +17,8 @@ from millis.gen.kernels.native import build, native_isa
 from millis.gen.models import native_llama
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
-from millis.gen.models.native_llama import KERNEL_SOURCES, TYPE_IDS, XBLOCK_BYTES, Mat, pack_matrix
+from millis.gen.models.native_llama import (INT8, KERNEL_SOURCES, TYPE_IDS, X16BLOCK_BYTES, XBLOCK_BYTES, Mat,
+                                            pack_matrix)
 
 FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ISAS = sorted({"scalar", native_isa() or "scalar"})
@@ -64,6 +65,49 @@ def test_block_matmul_matches_reference(isa, qtype, M):
     assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max(), qtype
     before = y.copy()  # accumulate: y += W x
     lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 1, 3)
+    assert np.allclose(y, 2 * before, rtol=1e-6, atol=1e-6)
+
+
+def int16_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) -> (x16block bytes, the fp32 values they hold): millis's int8 activations, int16 per 32."""
+    M, K = x.shape
+    xq = np.zeros(M * (K // 32) * X16BLOCK_BYTES, np.uint8)
+    lib.quantize_x16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    for m in range(M):
+        lib.quantize_x16(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * X16BLOCK_BYTES)
+    b = xq.reshape(M, K // 32, X16BLOCK_BYTES)
+    d, q = b[:, :, 0:4].copy().view(np.float32), b[:, :, 4:].copy().view(np.int16).astype(np.float32)
+    assert np.abs(q).max() == 32767  # every random block reaches full scale
+    return xq, (q * d).reshape(M, K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 2, 5, 9])
+def test_int8_weights_against_int16_activations(isa, M):
+    """millis's int8: Q8_0 bytes x int16 activation blocks equal dequant(W) @ dequant(x16) up to fp32
+    rounding (packed on SIMD builds, GGUF's layout on the scalar one), and the result sits far closer
+    to the exact fp32 product than Q8_0 with int8 activations does."""
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    rng = np.random.default_rng(3)
+    N, K = 37, 512
+    raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), "Q8_0", rng)
+    raw = np.ascontiguousarray(raw)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x16, xd = int16_rows(lib, x)
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    keep: list = []
+    mat = pack_matrix(lib, Mat(TYPE_IDS[INT8], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+    assert mat.packed == (isa != "scalar")
+    y = np.full((M, N), np.nan, np.float32)
+    lib.matmul(ctypes.addressof(mat), x16.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
+    ref = xd.astype(np.float64) @ wd.astype(np.float64).T
+    assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
+    exact = x.astype(np.float64) @ wd.astype(np.float64).T
+    _, x8 = quantized_rows(lib, x)
+    assert np.abs(y - exact).max() * 50 < np.abs(x8.astype(np.float64) @ wd.astype(np.float64).T - exact).max()
+    before = y.copy()
+    lib.matmul(ctypes.addressof(mat), x16.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 1, 3)
     assert np.allclose(y, 2 * before, rtol=1e-6, atol=1e-6)
 
 
@@ -206,15 +250,21 @@ def test_kv_cache_is_sized_by_memory_and_admission_waits(tmp_path):
     assert long not in small.requests
 
 
-def test_int8_requantizes_to_q8_0(tmp_path):
+def test_int8_requantizes_float_matrices(tmp_path):
+    """--quant int8 on a float file: every matrix as millis's int8 (int16 activations); on a file of
+    another block format: refused, naming the tensor."""
     path, cfg, ref = tiny_file(tmp_path)
     eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, quant="int8"))
-    assert eng.model.layers[0].q.type == TYPE_IDS["Q8_0"] and eng.model.m.head.type == TYPE_IDS["Q8_0"]
+    assert eng.model.layers[0].q.type == TYPE_IDS[INT8] and eng.model.m.head.type == TYPE_IDS[INT8]
+    assert eng.model.m.act16 == 1
     ids = [1, 30, 40, 50, 60, 70, 80]
     with torch.inference_mode():
         want = ref(make_batch([ids], [0], [0], last_only=False))[0]
     cos = torch.nn.functional.cosine_similarity(eng.logits(ids), want, dim=-1)
     assert cos.min() > 0.995
+    q4, _, _ = tiny_file(tmp_path, "Q4_0")
+    with pytest.raises(MillisError, match="is Q4_0 already"):
+        open_engine(q4, EngineConfig(max_batch=1, max_seq=64, quant="int8"))
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -194,3 +194,27 @@ def test_chat_templates_stay_sandboxed():
     with pytest.raises(jinja2.exceptions.TemplateError, match="no tools"):
         render_chat("{{ raise_exception('no tools') }}", CONVERSATION, {})
     assert render_chat("{{ ''.__class__ }}", CONVERSATION, {}) == ""  # unsafe attributes are undefined
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_tools.jinja", "llama3_tools.jinja"])
+def test_tool_templates_render_as_transformers(name):
+    """Templates that show tools (Qwen2.5's `<tool_call>`, Llama 3's JSON) get the tools and earlier calls
+    as transformers passes them, and render to transformers' own text."""
+    from pathlib import Path
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from millis.gen.chat_template import render_chat
+
+    template = (Path(__file__).parent / "data" / name).read_text()
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "the time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "integer"}}, "required": ["zone"]}}}]
+    chat = [{"role": "user", "content": "time in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {"zone": 1}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    want = render_jinja_template([chat], tools=tools, chat_template=template, add_generation_prompt=True,
+                                 **special)[0][0]
+    got = render_chat(template, chat, special, tools)
+    assert got == want and "get_time" in got and '{"zone": 1}' in got

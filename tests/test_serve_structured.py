@@ -2,7 +2,9 @@
 json_schema (every answer parses and validates, streamed too), tools and tool_choice (tool_calls
 parsed, arguments valid under the tool's parameters, also when streaming), n choices (distinct when
 sampled, seeded reproducibly), and the 422s that name the field."""
+import dataclasses
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -146,3 +148,92 @@ def test_millis_bench_times_streamed_generation(server, tmp_path):
         assert 0 < r["output_tokens"] <= 6 * r["ok"] and r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
         assert 0 <= r["goodput"] <= 1 and r["output_tok_s"] > 0
     assert (tmp_path / "out" / "bench.json").is_file()
+
+
+# ------------------------------------------------------------------ templates with their own tool syntax
+DATA = Path(__file__).parent / "data"
+
+
+def test_tool_formats_follow_the_template():
+    """Qwen2.5's template (Hermes `<tool_call>`) and Llama 3's ("Given the following functions") get
+    the tools through the template and earlier calls as their own syntax; others get the generic JSON."""
+    from millis.gen.chat_template import render_chat
+    from millis.serve.generation.tool_formats import GENERIC, HERMES, LLAMA3, tool_format
+    from millis.serve.generation.tools import tool_spec
+
+    qwen, llama = (DATA / "qwen2_5_tools.jinja").read_text(), (DATA / "llama3_tools.jinja").read_text()
+    assert (tool_format(qwen), tool_format(llama), tool_format("{{ messages }}"), tool_format(None)) == \
+        (HERMES, LLAMA3, GENERIC, GENERIC)
+    spec = tool_spec({"tools": [WEATHER, TIME]})
+    history = MSGS + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    msgs, tools = HERMES.conversation(history, spec)
+    text = render_chat(qwen, msgs, {}, tools)
+    assert '"name": "get_time"' in text and "<tools>" in text  # the tools, as the template lists them
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>' in text
+    assert "<tool_response>\n18 C\n</tool_response>" in text
+    msgs, tools = LLAMA3.conversation(history, spec)
+    text = render_chat(llama, msgs, {"bos_token": "<s>"}, tools)
+    assert "Given the following functions" in text and '"get_time"' in text
+    assert '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}' in text
+
+
+def test_native_tool_calls_are_parsed_back():
+    from millis.serve.generation.tool_formats import HERMES, LLAMA3
+    from millis.serve.generation.tools import tool_spec
+
+    spec = tool_spec({"tools": [WEATHER, TIME]})
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "no_such_tool", "arguments": {}}\n</tool_call><tool_call>{broken</tool_call>')
+    content, calls = HERMES.parse(text, spec)
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"] and content == "Let me check."
+    assert json.loads(calls[1]["function"]["arguments"]) == {"zone": 1}
+    one = tool_spec({"tools": [WEATHER, TIME], "parallel_tool_calls": False})
+    assert len(HERMES.parse(text, one)[1]) == 1
+    assert HERMES.parse("Paris is sunny.", spec) == ("Paris is sunny.", [])
+    content, calls = LLAMA3.parse('<|python_tag|>{"name": "get_time", "parameters": {"zone": -3}}', spec)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"zone": -3}
+    assert LLAMA3.parse('{"name": "nope", "parameters": {}}', spec)[1] == []
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_tools.jinja", "llama3_tools.jinja"])
+def native_server(tmp_path_factory, request):
+    path = tmp_path_factory.mktemp("native") / "tiny.gguf"
+    cfg = dataclasses.replace(CFG, max_seq=4096)  # Llama 3's tool listing is ~1,500 byte-level tokens
+    write_tiny_gguf(str(path), cfg, random_llama_tensors(cfg, "Q8_0", embed_qtype="Q8_0"))
+    s = Server(path, "--max-batch", "4", "--model-name", "tiny", "--max-tokens", "400",
+               "--chat-template", str(DATA / request.param))
+    yield s
+    assert s.stop() == 0
+
+
+def test_native_template_calls_parse_and_validate_also_streamed(native_server):
+    """Through Qwen2.5's template (`<tool_call>` blocks) and Llama 3's (one JSON call): required / named
+    choices are constrained to the template's call syntax, whose JSON names a tool and validates against
+    its parameters; streamed the same; auto answers freely."""
+    hermes_server = native_server
+    tools = [WEATHER, TIME]
+    for seed, (choice, parallel) in enumerate([("required", True), ("required", False),
+                                               ({"type": "function", "function": {"name": "get_time"}}, False)]):
+        status, _, body = hermes_server.post("/v1/chat/completions", {
+            "messages": MSGS, "tools": tools, "tool_choice": choice, "seed": seed, "temperature": 1.0,
+            "parallel_tool_calls": parallel, "max_tokens": 300})
+        assert status == 200, body
+        c = body["choices"][0]
+        # one call ends the answer; parallel calls may go on until max_tokens (the whole blocks still parse)
+        assert c["finish_reason"] == "tool_calls" or (parallel and c["finish_reason"] == "length"), c
+        assert "tool_calls" in c["message"], c
+        check_calls(c["message"]["tool_calls"], tools)
+        if not parallel:
+            assert len(c["message"]["tool_calls"]) == 1
+        if isinstance(choice, dict):
+            assert c["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    events = stream(hermes_server, "/v1/chat/completions", {
+        "messages": MSGS, "tools": tools, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 300})
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    check_calls([c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls", [])], tools)
+    status, _, body = hermes_server.post("/v1/chat/completions", {"messages": MSGS, "tools": tools, "max_tokens": 16})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")

@@ -15,7 +15,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as mill
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")  # the engine's precisions (torch dtypes: millis.common.dtypes); no fp16 decode
-QUANTS = ("none", "int8", "int8-torch")  # int8: Q8_0 blocks on millis's native kernels; int8-torch: torch dynamic
+QUANTS = ("none", "int8", "int8-torch")  # int8: Q8_0 weights x int16 activations, native kernels; int8-torch: torch
 # Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
@@ -87,7 +87,7 @@ class EngineConfig:
     max_batch: int = 8        # slots: requests decoded together; a KV cache row each
     max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
     dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
-    quant: str = "none"       # none | int8 (Q8_0: int8 weights and activations with a scale per 32) | int8-torch
+    quant: str = "none"       # none | int8 (int8 weights, int16 activations, a scale per 32 each) | int8-torch
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
@@ -162,8 +162,8 @@ class GenerateConfig:
     stream: bool = _f(False, "print tokens as they come")
     chat: bool = _f(False, "send the prompt as a user message through the model's chat template")
     dtype: str = _f("fp32", "fp32 or bf16", choices=DTYPES)
-    quant: str = _f("none", "none, int8 (Q8_0 blocks: a scale per 32 weights and per 32 activations, millis's "
-                            "kernels; Llama-family and GGUF models) or int8-torch (torch dynamic quantization); "
+    quant: str = _f("none", "none, int8 (int8 weights with a scale per 32 against int16 activations, millis's "
+                            "kernels; Llama-family and float GGUF models) or int8-torch (torch dynamic quantization); "
                             "with dtype fp32", choices=QUANTS)
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
     kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = min(512, a quarter of free memory)")

@@ -26,7 +26,7 @@ the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
 tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
-This holds for `quant=int8` (a scale per 32 activations of a row), not for `int8-torch` (fbgemm).
+This holds for `quant=int8` (exact integer sums per 32 values of a row), not for `int8-torch` (fbgemm).
 
 Thread use: `add` and `cancel` from any thread, also while a step runs (they never wait for the
 model); `step` from one thread at a time (a server's one worker thread runs the step loop).

@@ -28,11 +28,13 @@ from millis.common.errors import MillisError
 # whole budget on blank lines (the commonest constrained-JSON failure).
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,12}",
                 "item_separator": ",", "key_separator": ":"}
+# JSON exactly as json.dumps (and chat templates' tojson) writes it: for call syntaxes a model was trained on
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHED_GRAMMARS = 64      # compiled grammars kept per engine (a schema sent again is a deep copy)
 MAX_SCHEMA_CHARS = 65536  # a schema larger than this is refused before compiling
 
 
-def json_schema_grammar(schema: dict | bool | None) -> str:
+def json_schema_grammar(schema: dict | bool | None, options: dict = JSON_OPTIONS) -> str:
     """The grammar for a JSON value valid under `schema` (None: any JSON object, OpenAI's json_object)."""
     from llguidance import LLMatcher
 
@@ -44,9 +46,28 @@ def json_schema_grammar(schema: dict | bool | None) -> str:
     if len(text) > MAX_SCHEMA_CHARS:
         raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
     try:
-        return LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(text, overrides=options)
     except ValueError as e:
         raise MillisError(f"invalid JSON schema: {e}") from None
+
+
+def lark_grammar(text: str) -> str:
+    """A grammar in llguidance's Lark syntax (JSON values inside it as `json_rule(schema)`), checked."""
+    from llguidance import LLMatcher
+
+    g = LLMatcher.grammar_from_lark(text)
+    failed, warnings = LLMatcher.validate_grammar_with_warnings(g)
+    if failed:
+        raise MillisError(f"invalid grammar: {' '.join(warnings).strip()}")
+    return g
+
+
+def json_rule(schema: dict, options: dict = JSON_OPTIONS) -> str:
+    """A Lark rule body for a JSON value valid under `schema` (whitespace as json_schema_grammar's)."""
+    text = json.dumps({**schema, "x-guidance": options})
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+    return f"%json {text}"
 
 
 def _spm_tokens(tok, n: int) -> list[bytes]:

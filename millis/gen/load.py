@@ -115,9 +115,9 @@ def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
         raise MillisError("GGUF models run on millis's CPU kernels: --device cuda is not supported for them")
     if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
         raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
-                          f"matrices to Q8_0): got dtype {engine.dtype}, quant {engine.quant}")
+                          f"matrices to millis's int8): got dtype {engine.dtype}, quant {engine.quant}")
     g = read_gguf(path)
-    tensors = q8_0_matrices(g.tensors) if engine.quant == "int8" else g.tensors
+    tensors = int8_matrices(g.tensors) if engine.quant == "int8" else g.tensors
     return _native(g.config, tensors, g.rope_neox, g.tokenizer, f"gguf:{g.arch}", engine,
                    g.chat_template, g.special_tokens)
 
@@ -133,7 +133,7 @@ def _native(c: LlamaConfig, tensors: dict, neox: bool, tok, source: str, engine:
                           f"({kv_bytes_per_token(c)} bytes each)")
     model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
     model.kv.prefix_cache = engine.prefix_cache
-    return Loaded(model, c, tok, max_seq, source, "millis-q8_0" if engine.quant == "int8" else None,
+    return Loaded(model, c, tok, max_seq, source, "millis-int8" if engine.quant == "int8" else None,
                   max_batch=engine.max_batch, device="cpu", kv=model.kv, chat_template=template,
                   special_tokens=special)
 
@@ -147,27 +147,34 @@ class Weight:
     data: object  # numpy: fp32 values, or block bytes (rows, row_bytes)
 
 
-def q8_0_matrices(tensors: dict) -> dict:
-    """millis's int8: every float matrix (a whole number of 32-blocks per row) as Q8_0, llama.cpp's
-    format: int8 weights with one fp16 scale per 32, run against activations quantized per 32."""
+def int8_matrices(tensors: dict) -> dict:
+    """millis's int8: every float matrix as Q8_0 bytes (int8 weights, one fp16 scale per 32, llama.cpp's
+    format; a Q8_0 matrix as it is), run against activations quantized to int16 per 32 (packed16.c).
+    A file whose matrices already hold another block format is refused: it is quantized already."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
     from millis.gen.gguf import dequantize
+    from millis.gen.models.native_llama import INT8
 
     out = {}
     for name, t in tensors.items():
-        if len(t.shape) == 2 and t.qtype in ("F32", "F16", "BF16") and t.shape[1] % 32 == 0:
+        if len(t.shape) == 2 and t.qtype == "Q8_0":
+            t = Weight(INT8, tuple(t.shape), t.data)
+        elif len(t.shape) == 2 and t.qtype in ("F32", "F16", "BF16") and t.shape[1] % 32 == 0:
             w = np.asarray(t.data, dtype=np.float32) if t.qtype == "F32" else dequantize(t).numpy()
-            t = Weight("Q8_0", tuple(t.shape), quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q8_0))
+            t = Weight(INT8, tuple(t.shape), quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q8_0))
+        elif len(t.shape) == 2 and t.qtype not in ("F32", "F16", "BF16"):
+            raise MillisError(f"--quant int8 requantizes float matrices, but {name} is {t.qtype} already: "
+                              f"run the file as it is (--quant none)")
         out[name] = t
     return out
 
 
 def native_from_state(c: LlamaConfig, sd: dict[str, torch.Tensor], tok, source: str, engine: EngineConfig) -> Loaded:
     """A Llama state dict in millis's layout (HF rotate_half RoPE, fused wqkv / w13) on the native
-    kernels with Q8_0 weights: `--quant int8` for HF and llama2.c Llama-family models."""
+    kernels with millis's int8 weights: `--quant int8` for HF and llama2.c Llama-family models."""
     f32 = lambda x: Weight("F32", tuple(x.shape), x.detach().float().contiguous().numpy())  # noqa: E731
     qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     t = {"token_embd.weight": f32(sd["tok_emb.weight"]), "output_norm.weight": f32(sd["norm.weight"])}
@@ -185,7 +192,7 @@ def native_from_state(c: LlamaConfig, sd: dict[str, torch.Tensor], tok, source: 
                   b + "ffn_up.weight": f32(up), b + "ffn_down.weight": f32(sd[p + "ffn.w2.weight"]),
                   b + "attn_norm.weight": f32(sd[p + "attn_norm.weight"]),
                   b + "ffn_norm.weight": f32(sd[p + "ffn_norm.weight"])})
-    return _native(c, q8_0_matrices(t), True, tok, source, engine)
+    return _native(c, int8_matrices(t), True, tok, source, engine)
 
 
 # ---------------------------------------------------------------------------- HF directories

@@ -38,7 +38,7 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
+        case T_Q8_0: case T_Q8_0_X16: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
@@ -71,7 +71,7 @@ void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn) {
     *mn = 0.f;
     switch (type) {
-    case T_Q8_0: {
+    case T_Q8_0: case T_Q8_0_X16: {
         const block_q8_0* b = (const block_q8_0*)row + i;
         memcpy(w, b->qs, 32); sc[0] = sc[1] = f16_to_f32(b->d); return; }
     case T_Q4_0: {
@@ -205,7 +205,7 @@ static float dot_blocks(int type, const uint8_t* row, const xblock* x, int64_t n
 
 #define MTILE 64 /* activation rows per pass over the weight rows (they stay in cache meanwhile) */
 
-void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const float* Xf, int64_t M,
+void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M,
                  float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols, nb = K / QK;
 #ifdef __AVX2__
@@ -236,7 +236,9 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const f
     }
     for (int64_t n = n0; n < n1; n++)  /* GGUF's layout: the scalar reference */
         for (int64_t m = 0; m < M; m++) {
-            const float v = dot_blocks(W->type, W->data + n * W->row_bytes, Xq + m * nb, nb);
+            const uint8_t* row = W->data + n * W->row_bytes;
+            const float v = W->type == T_Q8_0_X16 ? dot16_blocks(row, (const x16block*)Xq + m * nb, nb)
+                                                  : dot_blocks(W->type, row, (const xblock*)Xq + m * nb, nb);
             float* y = Y + m * ldy + n;
             *y = acc ? *y + v : v;
         }
@@ -246,14 +248,15 @@ void pool_begin(int threads);
 void pool_end(void);
 void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 
-typedef struct { const mat* W; const xblock* Xq; const float* Xf; int64_t M; float* Y; int64_t ldy, per; int acc; } mm_args;
+typedef struct { const mat* W; const void* Xq; const float* Xf; int64_t M; float* Y; int64_t ldy, per; int acc; }
+    mm_args;
 static void mm_chunk1(void* p, int64_t c) {
     const mm_args* a = p;
     const int64_t n0 = c * a->per, n1 = n0 + a->per < a->W->rows ? n0 + a->per : a->W->rows;
     matmul_rows(a->W, n0, n1, a->Xq, a->Xf, a->M, a->Y, a->ldy, a->acc);
 }
 
-API void matmul(const mat* W, const xblock* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
+API void matmul(const mat* W, const void* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
                 int nthreads) {
     mm_args a = {W, Xq, Xf, M, Y, ldy, 16, acc};
     if (W->rows > 16 * 8 * nthreads) a.per = (W->rows / (8 * nthreads) + 15) / 16 * 16;

@@ -5,7 +5,8 @@
 
 /* ggml type ids, as GGUF stores them */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
-       T_BF16 = 30 };
+       T_BF16 = 30,
+       T_Q8_0_X16 = 108 /* millis's int8, not a ggml id: Q8_0 blocks run against int16 activations (packed16.c) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 
@@ -24,6 +25,8 @@ typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d;
 /* One activation block: 32 int8 values with their scale (as llama.cpp's Q8_1): x ~ d * q, and
    s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply. 44 bytes. */
 typedef struct { float d, s; int32_t sum; int8_t q[32]; } xblock;  /* sum: of q */
+/* One int16 activation block (for T_Q8_0_X16 matrices): x ~ d * q, |q| <= 32767. 68 bytes. */
+typedef struct { float d; int16_t q[32]; } x16block;
 
 /* A weight matrix (rows, cols): in GGUF's layout (row r is `row_bytes` bytes at data + r * row_bytes), or
    with `packed` set in packed.c's layout (the AVX2 kernels' for the quantized types). */
@@ -50,16 +53,23 @@ int type_block(int type);                 /* values per block of `type` (1 for f
 /* Block i (of 32 values) of a GGUF row: integers w[32], per-half scales sc[2], offset mn (value = sc * w + mn) */
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn);
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m);  /* K-quant sub-block j's 6-bit scale and min */
-void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const float* Xf, int64_t M, float* Y,
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* X, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc);
+API void quantize_x16(const float* x, int64_t K, x16block* out);  /* K % 32 == 0 */
+float dot16_blocks(const uint8_t* row, const x16block* x, int64_t nb);  /* T_Q8_0_X16, GGUF's layout */
+int64_t packed16_bytes(int64_t rows, int64_t cols);
+void pack16_group(const mat* W, int64_t g, uint8_t* dst);
+void packed16_rows(const mat* W, int64_t n0, int64_t n1, const x16block* X, int64_t M, float* Y, int64_t ldy,
+                   int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the
-   quantized types, fp32 rows (K per row) for the float ones. `acc`: add to Y instead of writing. */
-void matmul_rows(const mat* W, int64_t n0, int64_t n1, const xblock* Xq, const float* Xf, int64_t M,
+   quantized types (x16blocks for T_Q8_0_X16), fp32 rows (K per row) for the float ones. `acc`: add to Y
+   instead of writing. */
+void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M,
                  float* Y, int64_t ldy, int acc);
 /* The same, rows [0, W.rows) split over `nthreads` OpenMP threads (the standalone entry point). */
-API void matmul(const mat* W, const xblock* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
+API void matmul(const mat* W, const void* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
             int nthreads);

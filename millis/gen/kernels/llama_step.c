@@ -39,11 +39,12 @@ typedef struct {
     int64_t n_blocks;
     const int32_t* block_table;
     int64_t table_stride;
+    int32_t act16;                              /* matrices are T_Q8_0_X16: int16 activation blocks */
 } model_w;
 
 typedef struct {   /* buffers for up to n_max tokens */
     float *x, *h, *q, *k, *v, *att, *g, *u;     /* x, h (n, dim); q, att (n, nh*hd); k, v (n, nkv*hd); g, u (n, hidden) */
-    xblock* xq;                                 /* (n, max(dim, nh*hd, hidden) / 32) */
+    void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with act16 */
 } scratch_w;
 
 #ifdef __AVX2__
@@ -232,7 +233,7 @@ int64_t pool_wait_ns(void);
 
 typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split by chunks of rows */
     const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
-    const xblock* Xq; const float* Xf; int64_t M, rows_per_chunk, first_chunk[4];
+    const void* Xq; const float* Xf; int64_t M, rows_per_chunk, first_chunk[4];
 } mm_job;
 
 static void mm_chunk(void* p, int64_t c) {
@@ -253,7 +254,7 @@ static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTON
 API void llm_profile(double* out) { for (int i = 0; i < P_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
 #define SOLO_STEPS 32
 
-static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const xblock* Xq,
+static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
                    const float* Xf, int64_t M) {
     mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
     int64_t rows = 0;
@@ -272,6 +273,11 @@ typedef struct {
     const layer_w* w; int l;
 } step_ctx;
 
+/* row t of x (K values) -> its activation blocks in the scratch (the kind the model's matrices take) */
+static void quant_row(const step_ctx* c, const float* x, int64_t K, int64_t t) {
+    if (c->m->act16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
+    else quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
+}
 static void op_embed(void* p, int64_t t) {
     const step_ctx* c = p; const model_w* m = c->m;
     dequant_row(m->tok_emb.type, m->tok_emb.data + c->ids[t] * m->tok_emb.row_bytes, m->dim, c->s->x + t * m->dim);
@@ -279,12 +285,12 @@ static void op_embed(void* p, int64_t t) {
 static void op_attn_norm(void* p, int64_t t) {
     const step_ctx* c = p; const int D = c->m->dim;
     rmsnorm(c->s->x + t * D, c->w->attn_norm, D, c->m->eps, c->s->h + t * D);
-    quantize_x(c->s->h + t * D, D, c->s->xq + t * (D / QK));
+    quant_row(c, c->s->h + t * D, D, t);
 }
 static void op_ffn_norm(void* p, int64_t t) {
     const step_ctx* c = p; const int D = c->m->dim;
     rmsnorm(c->s->x + t * D, c->w->ffn_norm, D, c->m->eps, c->s->h + t * D);
-    quantize_x(c->s->h + t * D, D, c->s->xq + t * (D / QK));
+    quant_row(c, c->s->h + t * D, D, t);
 }
 static void op_rope_store(void* p, int64_t t) {
     const step_ctx* c = p; const model_w* m = c->m; const scratch_w* s = c->s; const layer_w* w = c->w;
@@ -314,17 +320,17 @@ static void op_attend(void* p, int64_t th) {  /* one job per (token, KV head): i
 }
 static void op_quant_att(void* p, int64_t t) {
     const step_ctx* c = p; const int QD = c->m->n_heads * c->m->head_dim;
-    quantize_x(c->s->att + t * QD, QD, c->s->xq + t * (QD / QK));
+    quant_row(c, c->s->att + t * QD, QD, t);
 }
 static void op_swiglu(void* p, int64_t t) {
     const step_ctx* c = p; const int H = c->m->hidden;
     silu_mul(c->s->g + t * H, c->s->u + t * H, H);
-    quantize_x(c->s->g + t * H, H, c->s->xq + t * (H / QK));
+    quant_row(c, c->s->g + t * H, H, t);
 }
 static void op_out_norm(void* p, int64_t r) {
     const step_ctx* c = p; const int D = c->m->dim;
     rmsnorm(c->s->x + (int64_t)c->out_rows[r] * D, c->m->out_norm, D, c->m->eps, c->s->h + r * D);
-    quantize_x(c->s->h + r * D, D, c->s->xq + r * (D / QK));
+    quant_row(c, c->s->h + r * D, D, r);
 }
 
 API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32_t* ids, const int32_t* pos,

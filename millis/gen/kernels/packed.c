@@ -60,6 +60,7 @@ static int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K 
 API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
 #ifdef __AVX2__
     if (type == T_F32) return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 4;
+    if (type == T_Q8_0_X16) return packed16_bytes(rows, cols);
     if (!kind_of(type)) return 0;
     return (rows + 7) / 8 * (cols / (is_super(type) ? QK_K : QK)) * unit_bytes(type);
 #else
@@ -140,6 +141,7 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 static void pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
     uint8_t* dst = ((void**)p)[1];
+    if (W->type == T_Q8_0_X16) { pack16_group(W, g, dst); return; }
     if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
         float* o = (float*)dst + g * 8 * W->cols;
         for (int r = 0; r < 8; r++) {
@@ -377,11 +379,13 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
     }
 }
 
-/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. X: the
-   activation blocks (quantized types), Xf: fp32 rows (F32). */
-void packed_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, const float* Xf, int64_t M, float* Y,
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. Xv: the
+   activation blocks (quantized types; x16blocks for T_Q8_0_X16), Xf: fp32 rows (F32). */
+void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc) {
     if (W->type == T_F32) { float_rows(W, n0, n1, Xf, M, Y, ldy, acc); return; }
+    if (W->type == T_Q8_0_X16) { packed16_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
+    const xblock* X = Xv;
     group_fn f1, f4;
     group_fns(W->type, &f1, &f4);
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;

@@ -25,9 +25,13 @@ from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
 
-TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED}  # the ggml type id kernels switch on
-KERNEL_SOURCES = ("blockq.c", "packed.c", "llama_step.c", "pool.c")
+# the type ids the kernels switch on: ggml's, and millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run
+# against int16 activations, packed16.c)
+INT8 = "Q8_0_X16"
+TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: 108}
+KERNEL_SOURCES = ("blockq.c", "packed.c", "packed16.c", "llama_step.c", "pool.c")
 XBLOCK_BYTES = 44  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8
+X16BLOCK_BYTES = 68  # one int16 activation block (x16block, for INT8 matrices): scale, 32 int16
 MAX_GROUP = 64  # query heads per KV head the C attention takes (llama_step.c MAX_GROUP)
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
@@ -47,7 +51,7 @@ class ModelW(ctypes.Structure):
                                    "rope_neox", "window", "block_size")] + [
         ("eps", F), ("attn_scale", F), ("rope_cos", P), ("rope_sin", P), ("max_pos", I64),
         ("tok_emb", Mat), ("head", Mat), ("out_norm", P), ("layers", P), ("k_pool", P), ("v_pool", P),
-        ("n_blocks", I64), ("block_table", P), ("table_stride", I64)]
+        ("n_blocks", I64), ("block_table", P), ("table_stride", I64), ("act16", I32)]
 
 
 class ScratchW(ctypes.Structure):
@@ -62,7 +66,7 @@ def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
     if t.qtype not in TYPE_IDS:
         raise MillisError(f"tensor {name} has type {t.qtype}, which millis's kernels do not run")
     rows, cols = t.shape
-    if cols % BLOCKS[t.qtype][0] or (t.qtype not in ("F32", "F16", "BF16") and cols % 32):
+    if cols % BLOCKS.get(t.qtype, (32,))[0] or (t.qtype not in ("F32", "F16", "BF16") and cols % 32):
         raise MillisError(f"tensor {name}: {cols} columns is not a whole number of {t.qtype} blocks")
     data = np.ascontiguousarray(t.data)
     return Mat(TYPE_IDS[t.qtype], 0, data.ctypes.data, rows, cols, data.nbytes // rows), data
@@ -130,11 +134,21 @@ class NativeLlama:
             tok_emb=self._matrix(get("token_embd.weight"), "token_embd", pack=False), head=self._matrix(head, "output"),
             out_norm=self._vec(get("output_norm.weight")), layers=ctypes.addressof(layers),
             k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
-            block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1])
+            block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1],
+            act16=int(self._activations(tensors) == INT8))
         self.keep += [cos, sin]
         self._scratch_n = 0
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _activations(tensors: dict) -> str:
+        """INT8 when the block matrices are millis's int8 (int16 activation blocks), else "Q8_1" (int8
+        blocks); float matrices take fp32 rows either way. One step quantizes to one kind only."""
+        kinds = {t.qtype for t in tensors.values() if len(t.shape) == 2 and t.qtype not in ("F32", "F16", "BF16")}
+        if INT8 in kinds and len(kinds) > 1:
+            raise MillisError(f"millis's int8 matrices cannot run beside other block formats ({sorted(kinds)})")
+        return INT8 if INT8 in kinds else "Q8_1"
+
     @staticmethod
     def _tensor(tensors: dict, name: str):
         if name not in tensors:
@@ -177,7 +191,8 @@ class NativeLlama:
             self._bufs = {k: np.empty(n * w, np.float32) for k, w in (
                 ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", c.hidden_dim),
                 ("u", c.hidden_dim))}
-            self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * XBLOCK_BYTES, np.uint8)  # per 32 values
+            per_block = X16BLOCK_BYTES if self.m.act16 else XBLOCK_BYTES
+            self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * per_block, np.uint8)  # per 32 values
             self._sw = ScratchW(**{k: v.ctypes.data for k, v in self._bufs.items()})
             self._scratch_n = n
         return self._sw

@@ -38,6 +38,7 @@ from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.respond import respond
 from millis.serve.generation.tokenize import tokenize_routes
+from millis.serve.generation.tool_formats import tool_format
 from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response)
@@ -254,6 +255,10 @@ class GenState:
             raise schemas.ApiError(503, msg, code="not_ready", headers={"Retry-After": "1"})
         return self.engine
 
+    @property
+    def tool_format(self):
+        return tool_format(self.template)  # the template's own call syntax, else the generic JSON one
+
     async def prompt_ids(self, g: gs.GenRequest) -> list[int]:
         if isinstance(g.prompt, list):
             return g.prompt
@@ -275,7 +280,7 @@ class GenState:
         if g.messages is None:
             return tok.encode(g.prompt)
         try:
-            text = render_chat(self.template, g.messages, self.special)
+            text = render_chat(self.template, g.messages, self.special, g.template_tools)
         except Exception as e:  # noqa: BLE001 -- the template refused the conversation (raise_exception, ...)
             raise schemas.ApiError(422, f"the chat template cannot render these messages: {e}", param="messages",
                                    code="invalid_messages") from None
@@ -323,8 +328,8 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     async def generate(request: Request, chat: bool) -> Response:
         eng = st.require()
         body = await read_json(request, st.limits)
-        parse = gs.chat_request if chat else gs.completion_request
-        g = parse(body, st.name, st.gen_limits)
+        g = gs.chat_request(body, st.name, st.gen_limits, st.tool_format) if chat else \
+            gs.completion_request(body, st.name, st.gen_limits)
         if g.params.grammar:  # compiled off the loop (1-1000 ms) and cached: the engine's add only copies it
             try:
                 await off_loop(eng.grammars.matcher, g.params.grammar)

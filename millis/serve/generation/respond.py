@@ -20,7 +20,6 @@ from starlette.responses import Response
 
 from millis.serve import schemas
 from millis.serve.generation import schemas as gs
-from millis.serve.generation.tools import parse_answer
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
 
@@ -39,7 +38,7 @@ def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list,
     """(content, tool_calls, finish_reason) of one finished choice."""
     if g.tools is None:
         return text, [], finish
-    content, calls = parse_answer(text)
+    content, calls = g.tool_format.parse(text, g.tools)
     return content, calls, "tool_calls" if calls and finish == "stop" else finish
 
 

@@ -16,7 +16,8 @@ from millis.common.errors import MillisError
 from millis.gen.config import (MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN,
                                SamplingParams)
 from millis.gen.grammar import json_schema_grammar
-from millis.serve.generation.tools import ToolSpec, tool_spec, with_tools
+from millis.serve.generation.tool_formats import GENERIC, GenericFormat
+from millis.serve.generation.tools import ToolSpec, tool_spec
 from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -48,6 +49,8 @@ class GenRequest:
     include_usage: bool                 # stream_options.include_usage: a last chunk with `usage`
     n: int = 1                          # choices: n engine requests sharing the prompt's cached KV
     tools: ToolSpec | None = None       # chat: the tools the answer may call (params.grammar constrains it)
+    tool_format: GenericFormat = GENERIC  # chat: how the template shows tools and the model writes calls
+    template_tools: list | None = None    # chat: the chat template's `tools` variable
 
     @property
     def grammar_from(self) -> str:
@@ -197,7 +200,7 @@ def _content(m: dict, i: int) -> str | None:
                    code="invalid_type")
 
 
-def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
+def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat = GENERIC) -> GenRequest:
     check_model(body, served)
     if "messages" not in body:
         raise ApiError(422, "missing field 'messages' (a list of {role, content})", param="messages", code="missing")
@@ -222,10 +225,12 @@ def chat_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
                             "or no tools)", param="response_format", code="invalid_value")
     if tools is not None:
         try:
-            params = replace(params, grammar=json_schema_grammar(tools.schema()))
+            params = replace(params, grammar=fmt.grammar(tools) or "")
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
-    return GenRequest(None, with_tools(out, tools), params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools)
+    messages, template_tools = fmt.conversation(out, tools)
+    return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
+                      template_tools)
 
 
 # ---------------------------------------------------------------------------- bodies

@@ -1,7 +1,7 @@
-"""Tool calls (`tools` / `tool_choice` on /v1/chat/completions), in one format for every model.
+"""Tool calls (`tools` / `tool_choice` on /v1/chat/completions): the request's checks, and the generic
+format, for templates without a tool syntax of their own (tool_formats.py has the native ones).
 
-Chat templates disagree on how tools are shown and called (Hermes `<tool_call>` tags, Llama 3 JSON,
-Mistral `[TOOL_CALLS]`, and most small models have none), so millis does what llama.cpp's server
+Most small models' templates (SmolLM2's too) show no tools, so millis does what llama.cpp's server
 does for templates it does not know: the tools are described in a system message, and the answer
 is constrained (millis.gen.grammar) to one JSON value the server parses, never free text it guesses at:
 
@@ -106,7 +106,7 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
     for m in messages:
         calls = m.get("tool_calls")
         if m["role"] == "assistant" and calls:
-            shown = [{"name": c.get("function", {}).get("name"), "arguments": _arguments(c)} for c in calls
+            shown = [{"name": c.get("function", {}).get("name"), "arguments": arguments_of(c)} for c in calls
                      if isinstance(c, dict)]
             out.append({"role": "assistant", "content": json.dumps({"tool_calls": shown})})
         elif m["role"] == "tool":
@@ -121,7 +121,8 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
     return [{"role": "system", "content": text}, *out]
 
 
-def _arguments(call: dict) -> Any:
+def arguments_of(call: dict) -> Any:
+    """An OpenAI tool_call's arguments as a value (the JSON string parsed; left as it is when it does not parse)."""
     args = call.get("function", {}).get("arguments", "{}")
     try:
         return json.loads(args) if isinstance(args, str) else args
