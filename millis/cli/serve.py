@@ -13,21 +13,29 @@ from millis.cli.flags import Command, Given
 if TYPE_CHECKING:
     from millis.loadgen import BenchConfig
     from millis.serve.config import ServeConfig
+    from millis.serve.ray.config import RayConfig
 
 
 def serve_groups() -> tuple[type, ...]:
     from millis.serve.config import ServeConfig
+    from millis.serve.ray.config import RayConfig
 
-    return (ServeConfig,)
+    return (ServeConfig, RayConfig)
 
 
-def serve_config(given: Given) -> ServeConfig:
+def serve_config(given: Given) -> tuple[ServeConfig, RayConfig]:
     from millis.serve.config import ServeConfig
+    from millis.serve.ray.config import RayConfig
 
-    return given.build(ServeConfig)
+    return given.build(ServeConfig), given.build(RayConfig)
 
 
-def serve(cfg: ServeConfig) -> int:
+def serve(cfgs: tuple[ServeConfig, RayConfig]) -> int:
+    cfg, ray = cfgs
+    if ray.wanted:  # replicas on Ray Serve (Ray is imported only here)
+        from millis.serve.ray.deploy import serve_on_ray
+
+        return serve_on_ray(cfg, ray)
     from millis.serve import serve
 
     return serve(cfg)

@@ -17,7 +17,7 @@ from millis.common.errors import MillisError
 from millis.serve.config import ServeConfig
 
 
-def _loader(cfg: ServeConfig):
+def app_and_loader(cfg: ServeConfig):
     """Check the artifact now (anything wrong fails before binding, with the message `millis.load`
     gives); load it later, in the app. Returns (app factory, loader): the encoder app (publishing
     only its task's route when the task is known), or the generation app for a decoder."""
@@ -73,7 +73,7 @@ def serve(cfg: ServeConfig, loader=None) -> int:
     """Serve `cfg.artifact` over HTTP; returns the exit status (0 after a graceful drain)."""
     from millis.serve.encoder.app import create_app
 
-    factory, loader = (create_app, loader) if loader is not None else _loader(cfg)
+    factory, loader = (create_app, loader) if loader is not None else app_and_loader(cfg)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,127 @@
+"""`serve_on_ray(cfg, ray_cfg)`: the same `millis serve` as a Ray Serve application.
+
+    Ray's HTTP proxy -> millis-gateway (1 replica, no CPU reserved; gateway.py)
+                     -> millis-replica x N (each its own model and engine; replica.py)
+
+Each replica reserves `--threads` CPUs (Ray's num_cpus; num_gpus 1 with --device cuda) and runs the
+single-process server's app: the same routes, OpenAI shapes, admission (429), metrics and drain.
+`--replicas N` fixes the count; `--autoscale MIN:MAX` lets Ray scale on ongoing requests per replica.
+Generation replicas are chosen by router.PrefixRouter (a shared prompt prefix stays on one replica's
+prefix cache), encoders by Ray's default (power of two choices). `--emit-ray-config FILE` writes the
+config `serve deploy FILE` takes (its import path is `build` below) and exits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from millis.common.errors import MillisError
+from millis.serve.config import ServeConfig
+from millis.serve.ray.config import RayConfig
+
+APP_NAME = "millis"
+BUILD_PATH = "millis.serve.ray.deploy:build"
+SHUTDOWN_GRACE_S = 10.0  # past the drain limit, this long for Serve's own shutdown before giving up on it
+
+
+def is_generation(cfg: ServeConfig) -> bool:
+    """Checks the artifact as `millis serve` does (a bad one fails here, before anything deploys)."""
+    from millis.serve.server import app_and_loader
+
+    factory, _ = app_and_loader(cfg)
+    return getattr(factory, "__name__", "") == "create_gen_app"
+
+
+def application(cfg: ServeConfig, rc: RayConfig):
+    """The bound Ray Serve application (gateway over replicas) for `cfg`."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from millis.serve.ray.gateway import Gateway
+    from millis.serve.ray.replica import Replica
+
+    threads = cfg.threads or 1
+    gen = is_generation(cfg)
+    opts: dict = {"ray_actor_options": {"num_cpus": threads, "num_gpus": 1 if cfg.device == "cuda" else 0},
+                  "max_ongoing_requests": cfg.max_queue + cfg.max_batch,  # the replica's own 429 decides past this
+                  "graceful_shutdown_timeout_s": cfg.shutdown_timeout_s, "health_check_period_s": 5.0}
+    if rc.autoscale:
+        lo, hi = rc.scale_range()
+        opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                      "target_ongoing_requests": rc.target_ongoing}
+    else:
+        opts["num_replicas"] = rc.replicas or 1
+    if gen and rc.prefix_chars:
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class="millis.serve.ray.router:PrefixRouter")
+    replica = serve.deployment(Replica, name="millis-replica", **opts)
+    gateway = serve.deployment(serve.ingress()(Gateway), name="millis-gateway", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1 << 16)
+    fields = {**dataclasses.asdict(cfg), "threads": threads}
+    return gateway.bind(replica.bind(fields), cfg.max_body_bytes, rc.prefix_chars if gen else 0)
+
+
+def build(args: dict):
+    """What `serve deploy` imports (the emitted config's import_path): args {"serve": {...}, "ray": {...}}."""
+    return application(ServeConfig(**args.get("serve", {})), RayConfig(**args.get("ray", {})))
+
+
+def ray_config_text(cfg: ServeConfig, rc: RayConfig) -> str:
+    """A Serve config file (JSON, which YAML readers take) deploying `build` with these settings."""
+    changed = lambda c: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)  # noqa: E731
+                         if getattr(c, f.name) != f.default and f.name != "emit_ray_config"}
+    return json.dumps({"proxy_location": "EveryNode", "http_options": {"host": cfg.host, "port": cfg.port or 8000},
+                       "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": BUILD_PATH,
+                                         "args": {"serve": changed(cfg), "ray": changed(rc)}}]}, indent=2)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
+    """Deploy, print the address, serve until SIGTERM/SIGINT, then shut Serve (replicas drain) and the
+    local Ray instance down. Returns the exit status."""
+    if rc.emit_ray_config:
+        Path(rc.emit_ray_config).write_text(ray_config_text(cfg, rc) + "\n")
+        print(f"millis serve: wrote {rc.emit_ray_config} (deploy it with `serve deploy {rc.emit_ray_config}`)")
+        return 0
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise MillisError("serving on Ray needs Ray Serve: pip install 'millis[ray]'") from None
+    app = application(cfg, rc)
+    ray.init(address=rc.ray_address or None, include_dashboard=False, log_to_driver=False,
+             logging_level=cfg.log_level.upper())
+    try:
+        need = (cfg.threads or 1) * (rc.scale_range()[0] if rc.autoscale else rc.replicas or 1)
+        have = ray.cluster_resources().get("CPU", 0)
+        if need > have:
+            raise MillisError(f"{need:g} CPUs wanted for the replicas (--threads x replicas); the Ray cluster has "
+                              f"{have:g}")
+        port = cfg.port or free_port(cfg.host)
+        serve.start(http_options={"host": cfg.host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"millis serve: listening on http://{cfg.host}:{port} (Ray Serve, "
+              f"{rc.autoscale or rc.replicas or 1} replicas, each loaded before it takes requests)", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):  # a timed wait: the signal handler runs between waits
+            pass
+        print("millis serve: stopping (replicas drain)", flush=True)
+        # replicas drain: admitted requests finish within shutdown_timeout_s. Bounded: a signal sent to the
+        # whole process group (not just this process) has already killed Ray's own processes
+        done = threading.Thread(target=serve.shutdown, daemon=True)
+        done.start()
+        done.join(cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
+        return 0 if not done.is_alive() else 1
+    finally:
+        ray.shutdown()
