@@ -25,6 +25,7 @@ from millis.serve.ray.config import RayConfig
 
 APP_NAME = "millis"
 BUILD_PATH = "millis.serve.ray.deploy:build"
+QUIET_LOGS = {"log_level": "WARNING", "enable_access_log": False}  # no log line per request (ms each here)
 SHUTDOWN_GRACE_S = 10.0  # past the drain limit, this long for Serve's own shutdown before giving up on it
 
 
@@ -48,7 +49,8 @@ def application(cfg: ServeConfig, rc: RayConfig):
     gen = is_generation(cfg)
     opts: dict = {"ray_actor_options": {"num_cpus": threads, "num_gpus": 1 if cfg.device == "cuda" else 0},
                   "max_ongoing_requests": cfg.max_queue + cfg.max_batch,  # the replica's own 429 decides past this
-                  "graceful_shutdown_timeout_s": cfg.shutdown_timeout_s, "health_check_period_s": 5.0}
+                  "graceful_shutdown_timeout_s": cfg.shutdown_timeout_s, "health_check_period_s": 5.0,
+                  "logging_config": QUIET_LOGS}
     if rc.autoscale:
         lo, hi = rc.scale_range()
         opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
@@ -60,7 +62,8 @@ def application(cfg: ServeConfig, rc: RayConfig):
             request_router_class="millis.serve.ray.router:PrefixRouter")
     replica = serve.deployment(Replica, name="millis-replica", **opts)
     gateway = serve.deployment(serve.ingress()(Gateway), name="millis-gateway", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1 << 16)
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1 << 16,
+                               logging_config=QUIET_LOGS)
     fields = {**dataclasses.asdict(cfg), "threads": threads}
     return gateway.bind(replica.bind(fields), cfg.max_body_bytes, rc.prefix_chars if gen else 0)
 
@@ -107,7 +110,7 @@ def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
             raise MillisError(f"{need:g} CPUs wanted for the replicas (--threads x replicas); the Ray cluster has "
                               f"{have:g}")
         port = cfg.port or free_port(cfg.host)
-        serve.start(http_options={"host": cfg.host, "port": port})
+        serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET_LOGS)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"millis serve: listening on http://{cfg.host}:{port} (Ray Serve, "
               f"{rc.autoscale or rc.replicas or 1} replicas, each loaded before it takes requests)", flush=True)

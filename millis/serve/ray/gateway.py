@@ -1,11 +1,12 @@
 """The HTTP ingress of a millis Ray Serve application: Ray's proxy hands it every request, and it
-forwards each one whole to a replica through a deployment handle (streaming, so SSE passes through).
+forwards each one whole to a replica through a deployment handle (as a stream when it asks for one: SSE passes through).
 
 Why a gateway and not each replica's app behind Ray's proxy directly: the handle call carries the
 prompt, which the prefix router (router.py) needs, and a replica that dies before it answered can be
 retried here. A request that no replica started answering (it died, or was being replaced) is sent
 again, up to RETRIES times: encoder requests are idempotent, and a generation request retried so
-sent no token yet. One that dies mid-answer ends at once: an SSE stream with an error event, a
+sent no token yet (an answer that does not stream is sent whole, so a lost one is asked again). A
+stream that dies mid-answer ends at once: an SSE stream with an error event, a
 body cut short otherwise; nothing waits on a dead replica.
 """
 from __future__ import annotations
@@ -27,16 +28,21 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
-def routing_prompt(path: str, body: bytes, chars: int) -> str | None:
-    """The first `chars` characters of a generation request's prompt (chat: the messages' texts in
-    order, the system prompt first), or None (not generation, not JSON, chars 0)."""
-    if not chars or path not in GENERATION_ROUTES:
+def generation_body(path: str, body: bytes) -> dict | None:
+    """A generation request's JSON body, or None (another route, not a JSON object)."""
+    if path not in GENERATION_ROUTES:
         return None
     try:
         b = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(b, dict):
+    return b if isinstance(b, dict) else None
+
+
+def routing_prompt(b: dict | None, chars: int) -> str | None:
+    """The first `chars` characters of a generation request's prompt (chat: the messages' texts in
+    order, the system prompt first), or None (not generation, chars 0)."""
+    if not chars or b is None:
         return None
     if isinstance(b.get("messages"), list):
         text = "".join(m["content"] for m in b["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str))
@@ -66,9 +72,12 @@ class Gateway:
         if len(body) > self.max_body:
             return error(413, f"request body over {self.max_body} bytes", "body_too_large")
         path = request.url.path
+        gen = generation_body(path, body)
         fwd = Forwarded(request.method, path, request.url.query.encode(),
                         [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP], body,
-                        routing_prompt(path, body, self.chars))
+                        routing_prompt(gen, self.chars))
+        if not (gen and gen.get("stream") is True):  # one round trip for an answer that does not stream
+            return await self.whole(fwd)
         for attempt in range(RETRIES):
             answer = self.replicas.options(stream=True).call.remote(fwd)
             try:
@@ -99,5 +108,24 @@ class Gateway:
                     yield f"data: {json.dumps(msg)}\n\ndata: [DONE]\n\n".encode()
 
         resp = StreamingResponse(rest(), status_code=status)
+        resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        return resp
+
+    async def whole(self, fwd: Forwarded) -> Response:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(RETRIES):
+            try:
+                status, headers, body = await self.replicas.call_whole.remote(fwd)
+                break
+            except RayActorError as e:  # the replica died: the request's answer was lost, so ask again
+                log.warning("millis gateway: replica failed on %s (%s); attempt %d of %d", fwd.path,
+                            type(e).__name__, attempt + 1, RETRIES)
+            except Exception as e:  # noqa: BLE001 -- the replica raised: this request alone fails
+                log.warning("millis gateway: %s failed on its replica: %s", fwd.path, e)
+                return error(500, f"the replica failed on this request ({type(e).__name__})", "replica_error")
+        else:
+            return error(503, f"no replica answered after {RETRIES} attempts", "replicas_unavailable")
+        resp = Response(body, status_code=status)
         resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         return resp

@@ -111,6 +111,16 @@ class Replica:
         async for item in drive(self.app, req, asyncio.Event(), [(REPLICA_HEADER.encode(), self.name.encode())]):
             yield item
 
+    async def call_whole(self, req: Forwarded) -> tuple[int, list, bytes]:
+        """The app's whole answer to a request that does not stream: one round trip, not one per chunk."""
+        status, headers, body = 500, [], []
+        async for item in self.call(req):
+            if isinstance(item, tuple):
+                _, status, headers = item
+            else:
+                body.append(item)
+        return status, headers, b"".join(body)
+
     async def check_health(self) -> None:  # Ray's periodic health check: the app still answers
         if await self._status("/health") != 200:
             raise RuntimeError("millis replica: /health is failing")
