@@ -243,3 +243,18 @@ def test_gpu_buckets_and_device_errors(classify_artifact):
         ServeConfig(artifact="x", device="tpu")
     with pytest.raises(MillisError, match="max_inputs"):
         ServeConfig(artifact="x", max_inputs=10, max_queue=5)
+
+
+def test_tokenize_returns_the_ids_inference_runs(embed_server, embed_artifact):
+    model = millis.load(embed_artifact)
+    long = "word " * 2000
+    status, _, body = embed_server.post("/tokenize", {"input": [TEXTS[0], long]})
+    assert status == 200, body
+    want, cut = model.encoder.token_ids([TEXTS[0], long])
+    assert [d["tokens"] for d in body["data"]] == [list(map(int, w)) for w in want]
+    assert [d["truncated"] for d in body["data"]] == [False, True] == list(map(bool, cut))
+    assert body["data"][1]["count"] == body["max_length"] == model.max_length
+    for bad, param in (({"input": 5}, "input"), ({"input": []}, "input"), ({}, "input"),
+                       ({"input": "x", "model": "other"}, "model")):
+        status, _, err = embed_server.post("/tokenize", bad)
+        assert status in (404, 422) and err["error"]["param"] == param, err

@@ -97,6 +97,15 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
+    tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
+        "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
+        "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}
+    ok = {"type": "object", "required": ["object", "data", "model", "max_length"], "properties": {
+        "object": {"const": "list"}, "model": {"const": name}, "max_length": {"type": "integer"},
+        "data": {"type": "array", "items": tok_item, "minItems": 1}}}
+    paths["/tokenize"] = _post("the token ids the model runs for each text (cut at its max length, as inference is)",
+                               {"type": "object", "required": ["input"], "properties": {"input": texts, "model": model}},
+                               _json(ok))
     return _spec("millis serve (encoder)", paths)
 
 

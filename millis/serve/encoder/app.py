@@ -189,6 +189,17 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
+    async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
+        model = st.require(st.model.task if st.model is not None else "")
+        body = await read_json(request, st.limits)
+        schemas.check_model(body, st.name)
+        texts = schemas.texts_of(body, "input", st.limits)
+        ids, cut = await off_loop(model.encoder.token_ids, texts) if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS \
+            else model.encoder.token_ids(texts)
+        return json_response({"object": "list", "model": st.name, "max_length": model.max_length, "data": [
+            {"index": i, "tokens": list(map(int, t)), "count": len(t), "truncated": bool(c)}
+            for i, (t, c) in enumerate(zip(ids, cut))]})
+
     async def models(request: Request) -> Response:
         card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis"}
         if st.model is not None:
@@ -212,6 +223,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
                    "classify": Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"])}
     routes = [r for t, r in task_routes.items() if task in ("", t)] + [
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
+              Route("/tokenize", endpoint(st, "/tokenize", tokenize), methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
     return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
