@@ -103,9 +103,9 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     ok = {"type": "object", "required": ["object", "data", "model", "max_length"], "properties": {
         "object": {"const": "list"}, "model": {"const": name}, "max_length": {"type": "integer"},
         "data": {"type": "array", "items": tok_item, "minItems": 1}}}
+    req = {"type": "object", "required": ["input"], "properties": {"input": texts, "model": model}}
     paths["/tokenize"] = _post("the token ids the model runs for each text (cut at its max length, as inference is)",
-                               {"type": "object", "required": ["input"], "properties": {"input": texts, "model": model}},
-                               _json(ok))
+                               req, _json(ok))
     return _spec("millis serve (encoder)", paths)
 
 
