@@ -263,3 +263,24 @@ def test_optimize_never_chooses_a_variant_that_stalls(tmp_path, tiny_dirs, quick
     chosen = rows[report["chosen"]]
     assert chosen["ok"] and not chosen["serve_mix"]["stalls"]
     assert meta["measured"]["serve_mix"]["rows_per_s"] == chosen["serve_mix"]["rows_per_s"]
+
+
+def test_speedups_are_paired_by_round_and_a_busy_machine_is_flagged():
+    """A ratio comes from interleaved rounds (a slow round slows both sides of its pair); the measurement
+    warns when other processes took the CPUs, the hypervisor stole time, or rounds disagree."""
+    from millis.common import machine_load
+    from millis.optimize.measure import paired_ratio, stats
+
+    ref, fast = [10.0, 20.0, 10.0], [2.0, 4.0, 2.0]  # round 2 twice as slow for both: still 5x every round
+    assert paired_ratio(ref, fast) == (5.0, 5.0, 5.0)
+    assert paired_ratio([], fast) is None
+    s = stats([1.0, 1.0, 2.0], 1, [1.0, 1.5])
+    assert s["round_p50_ms"] == [1.0, 1.5] and s["spread"] == 0.5
+    quiet = {"wall": 0.0, "busy": 0.0, "steal": 0.0, "total": 0.0, "own": 0.0}
+    busy = {"wall": 1.0, "busy": 2.0 * machine_load.usable_cpus(), "steal": 0.2, "total": 2.0, "own": 0.1}
+    got = machine_load.check(quiet, busy, {"a b1xs16": 0.1, "b b1xs16": 0.6})
+    assert got["other_share"] > 0.9 and got["steal_share"] == 0.1 and got["max_spread"] == 0.6
+    assert len(got["warnings"]) == 3 and "b b1xs16" in got["warnings"][2]
+    calm = machine_load.check(quiet, {**quiet, "wall": 1.0, "total": 2.0, "busy": 0.1, "own": 0.1}, {"a": 0.05})
+    assert calm["warnings"] == []
+    assert isinstance(machine_load.snapshot()["busy"], float)

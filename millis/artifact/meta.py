@@ -129,6 +129,18 @@ class LatencyStats:
     mean_ms: float
     n: int                        # timed calls
     rows_per_s: float
+    round_p50_ms: tuple[float, ...] = optional(())  # each interleaved round's own p50
+    spread: float | None = optional()               # slowest round's p50 over the fastest's, minus 1
+
+
+@dataclass(frozen=True)
+class MeasureLoad:
+    """What else ran while millis measured (millis.common.machine_load)."""
+
+    other_share: float            # share of the CPUs other processes used
+    steal_share: float            # share of CPU time the hypervisor stole
+    max_spread: float             # the widest round spread of any timed cell
+    warnings: tuple[str, ...] = optional(())
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,7 @@ class Measured:
     serve_mix: ServeMix | None = optional()
     fidelity_texts: str = optional("")         # which texts fidelity was measured on
     selection_data: str = optional("")         # which labelled rows selection judged accuracy on
+    load: MeasureLoad | None = optional()      # the machine while measuring (warnings when it was busy)
 
 
 @dataclass(frozen=True)

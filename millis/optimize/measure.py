@@ -22,11 +22,23 @@ from millis.encoder.text import bucket_length
 SERVE_MIX_SEED = 0
 
 
-def stats(samples_ms: list[float], batch: int) -> dict[str, float]:
+def stats(samples_ms: list[float], batch: int, round_p50s: list[float] | None = None) -> dict[str, Any]:
+    """p50 / p95 / p99 / mean of the pooled samples; each round's own p50 and their spread (slowest over
+    fastest, minus 1), so ratios can be taken round by round."""
     a = np.asarray(samples_ms)
     p50 = float(np.percentile(a, 50))
+    rounds = [round(x, 4) for x in round_p50s or []]
+    spread = max(rounds) / min(rounds) - 1 if rounds and min(rounds) > 0 else 0.0
     return {"p50_ms": p50, "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean()), "n": int(a.size), "rows_per_s": batch * 1000.0 / p50}
+            "mean_ms": float(a.mean()), "n": int(a.size), "rows_per_s": batch * 1000.0 / p50,
+            "round_p50_ms": rounds, "spread": round(spread, 4)}
+
+
+def paired_ratio(ref_rounds: list[float], rounds: list[float]) -> tuple[float, float, float] | None:
+    """(median, min, max) over rounds of ref p50 / this p50: the speed-up from interleaved pairs (a load
+    that hits one round hits both sides of its pair)."""
+    pairs = [r / x for r, x in zip(ref_rounds, rounds) if x > 0]
+    return (float(np.median(pairs)), min(pairs), max(pairs)) if pairs else None
 
 
 def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarray]], cfg: MeasureConfig,
@@ -34,6 +46,7 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
     """Return {variant: {shape_name: stats}} over interleaved rounds."""
     names = list(runtimes)
     samples: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
+    by_round: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
     per_round = max(1, cfg.iters // cfg.rounds)
     for shape, feeds in inputs.items():  # warm-up: fill caches, grow memory arenas
         for n in names:
@@ -45,7 +58,7 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
             for n in order:
                 time.sleep(0.005)  # let the previous runtime's spinning worker threads park
                 cell, budget = samples[(n, shape)], cfg.max_seconds_per_cell / cfg.rounds
-                t_round = 0.0
+                t_round, first = 0.0, len(cell)
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     runtimes[n].run(feeds)
@@ -54,9 +67,10 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
                     t_round += dt
                     if t_round > budget and len(cell) >= 3:  # a very slow cell: fewer calls, noted by n
                         break
+                by_round[(n, shape)].append(float(np.median(cell[first:])))
         if on_round:
             on_round(r)
-    return {n: {s.name: stats(samples[(n, s)], s.batch) for s in inputs} for n in names}
+    return {n: {s.name: stats(samples[(n, s)], s.batch, by_round[(n, s)]) for s in inputs} for n in names}
 
 
 def serve_mix_shapes(cfg: MeasureConfig, token_counts: list[int], max_length: int,

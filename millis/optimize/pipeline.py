@@ -19,6 +19,7 @@ from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
 from millis.evaluate.run import check_labels
 from millis.optimize.judge import Judged, JudgeContext, Reference, judge, judge_reference
+from millis.common import machine_load
 from millis.common.readers import Labeled, read_labeled
 from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
@@ -113,8 +114,13 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                                                               src, work, calibration, judge_one, progress))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
+        before = machine_load.snapshot()
         lat = measure(runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
+        load = machine_load.check(before, machine_load.snapshot(),
+                                  {f"{n} {s}": c["spread"] for n, per in lat.items() for s, c in per.items()})
+        for w in load["warnings"]:
+            progress(f"warning: {w}")
         for name, per_shape in lat.items():
             pool[name].result.latency = per_shape
         _serve_mix(cfg, pool, enc, texts, max_len, shapes, progress)
@@ -122,7 +128,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                                    j.result.serve_mix.get("rows_per_s", 0.0))
                          for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
-        return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress)
+        return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress,
+                      load)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -157,7 +164,8 @@ def _serve_mix(cfg: OptimizeConfig, pool: dict[str, Judged], enc: TextEncoder, t
 
 
 def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, Judged], ref: Reference,
-           recovery: dict[str, Any], chosen: str, fidelity_texts: str, selection: str, progress: Progress) -> Path:
+           recovery: dict[str, Any], chosen: str, fidelity_texts: str, selection: str, progress: Progress,
+           load: dict[str, Any] | None = None) -> Path:
     results = {n: j.result for n, j in pool.items()}
     best = results[chosen]
 
@@ -178,7 +186,8 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
         measured = from_dict(Measured, {"target": cfg.target.name, "latency": best.latency, "fidelity": best.fidelity,
                                         "accuracy": best.accuracy, "reference_accuracy": ref.accuracy,
                                         "cold_start": best.cold_start, "serve_mix": best.serve_mix,
-                                        "fidelity_texts": fidelity_texts, "selection_data": selection},
+                                        "fidelity_texts": fidelity_texts, "selection_data": selection,
+                                        "load": load},
                              f"the measurements of {best.name}", strict=True)
         meta = ArtifactMeta(task=cfg.task, output=OUTPUT_NAME[cfg.task], input_names=tuple(src.input_names),
                             max_length=max_len, id2label=dict(src.id2label), source=SourceMeta.of(src),

@@ -51,6 +51,25 @@ def recovery_lines(recovery: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def speedup_text(rows: list[dict[str, Any]], row: dict[str, Any], shape: str) -> str:
+    """Speed-up over torch fp32 at `shape`: the median of per-round ratios [min-max] (interleaved pairs)."""
+    from millis.optimize.build.variants import REFERENCE
+    from millis.optimize.measure import paired_ratio
+
+    ref = next((r for r in rows if r["name"] == REFERENCE), None)
+    got = paired_ratio((ref or {}).get("latency", {}).get(shape, {}).get("round_p50_ms") or [],
+                       row.get("latency", {}).get(shape, {}).get("round_p50_ms") or [])
+    return f"{got[0]:.2f}x [{got[1]:.2f}-{got[2]:.2f}]" if got else "-"
+
+
+def load_lines(load: Any) -> list[str]:
+    if load is None:
+        return []
+    lines = [f"While measuring, other processes used {100 * load.other_share:.0f}% of the CPUs, the hypervisor "
+             f"stole {100 * load.steal_share:.0f}%, and the widest round spread was {100 * load.max_spread:.0f}%.", ""]
+    return lines + [f"**Warning: {w}.**" for w in load.warnings] + ([""] if load.warnings else [])
+
+
 def config_of(meta: ArtifactMeta) -> OptimizeConfig:
     """The OptimizeConfig that built the artifact (budget, selection data...)."""
     return optimize_config_from_dict(meta.config)
@@ -72,9 +91,11 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
              "load + first call at the target shape; RSS MB = resident memory added by loading the variant; "
              "serve mix = rows/s over shapes a server forms that the variant had not run, each cold then warm "
              "(worst call in brackets).", "",
+             f"x fp32 = speed-up over torch fp32 at {m.target}: the median of per-round ratios "
+             f"(variants interleaved), [min-max] over rounds.", ""] + load_lines(m.load) + [
              "| variant | runtime | precision | " + " | ".join(shapes) +
-             " | serve mix rows/s | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
-             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|"]
+             " | x fp32 | serve mix rows/s | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
+             "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['latency'][s]['p50_ms']:.2f} / {r['latency'][s]['p99_ms']:.2f}" if s in r["latency"] else "-"
                  for s in shapes]
@@ -83,7 +104,7 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
         size = r["facts"].get("bytes")
         size_txt = f"{size / 2**20:.1f}" if size else "-"
         lines.append(f"| {mark}{r['name']}{mark} | {r['runtime']} | {r['precision']} | " + " | ".join(cells) +
-                     f" | {serve_mix_text(r.get('serve_mix'))} | {fidelity_text(task, r['fidelity'])} | "
+                     f" | {speedup_text(rows, r, m.target)} | {serve_mix_text(r.get('serve_mix'))} | {fidelity_text(task, r['fidelity'])} | "
                      f"{accuracy_text(r)} | {ok} | "
                      f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
     errors = [r for r in rows if r.get("error")]

@@ -1,0 +1,59 @@
+"""Is the machine quiet enough to trust a timing? What else ran while millis measured.
+
+`snapshot()` before and after a measurement; `check(before, after, spreads)` says how much of the
+CPUs other processes used meanwhile (all CPU time on the machine, from /proc/stat, minus this
+process's own), the hypervisor's steal, and how far the timing rounds disagree, with a warning for
+each past its limit. A ratio read off a loaded machine can be off by 2x (report.md's speed-up over
+eager swung from 7.8x to 14.1x with the machine's load), so the warnings go in the report and the log.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+from millis.common.hardware import usable_cpus
+
+OTHER_LIMIT = 0.25   # share of the CPUs other processes may use while measuring before a warning
+STEAL_LIMIT = 0.05   # share of CPU time the hypervisor may steal
+SPREAD_LIMIT = 0.25  # slowest round's p50 over the fastest's, minus 1
+
+
+def _proc_stat() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of the whole machine since boot; zeros where /proc is absent."""
+    try:
+        with open("/proc/stat") as f:
+            v = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
+    steal = v[7] if len(v) > 7 else 0.0
+    total = sum(v[:8])
+    return (total - idle - steal) / hz, steal / hz, total / hz
+
+
+def snapshot() -> dict[str, float]:
+    busy, steal, total = _proc_stat()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": ru.ru_utime + ru.ru_stime}
+
+
+def check(before: dict[str, float], after: dict[str, float], spreads: dict[str, float]) -> dict:
+    """{other_share, steal_share, max_spread, warnings}: `spreads` is each timed cell's round spread."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    other = max(0.0, (after["busy"] - before["busy"]) - (after["own"] - before["own"])) / (wall * usable_cpus())
+    total = after["total"] - before["total"]
+    steal = (after["steal"] - before["steal"]) / total if total > 0 else 0.0
+    worst = max(spreads.items(), key=lambda kv: kv[1], default=("", 0.0))
+    warnings = []
+    if other > OTHER_LIMIT:
+        warnings.append(f"other processes used {100 * other:.0f}% of the CPUs while millis measured: the timings "
+                        f"(and the choice made from them) may not hold on a quiet machine")
+    if steal > STEAL_LIMIT:
+        warnings.append(f"the hypervisor took {100 * steal:.0f}% of the CPU time (steal) while millis measured")
+    if worst[1] > SPREAD_LIMIT:
+        warnings.append(f"timing rounds disagree: {worst[0]}'s slowest round is {100 * worst[1]:.0f}% over its "
+                        f"fastest")
+    return {"other_share": round(other, 3), "steal_share": round(steal, 3), "max_spread": round(worst[1], 3),
+            "warnings": warnings}
