@@ -161,7 +161,8 @@ def main() -> int:
     for k, r in rows.items():
         print(f"{k:<10} {r['rps']:10.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['c1_p50_ms']:8.2f} "
               f"{r['c1_p99_ms']:8.2f} {r['errors']:6d}")
-    print(f"ray-2x1 / ray-1x1 at c{a.concurrency}: {scale:.2f}x (target >= 1.6x: {'met' if scale >= 1.6 else 'NOT met'})")
+    verdict = "met" if scale >= 1.6 else "NOT met"
+    print(f"ray-2x1 / ray-1x1 at c{a.concurrency}: {scale:.2f}x (target >= 1.6x: {verdict})")
     print(f"Ray's added p50 at c1 (ray-1x1 - single-t1): {added:.2f} ms (target <= 1 ms: "
           f"{'met' if added <= 1 else 'NOT met'})")
     print(f"fault drill: {fault}")

@@ -104,7 +104,8 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
         size = r["facts"].get("bytes")
         size_txt = f"{size / 2**20:.1f}" if size else "-"
         lines.append(f"| {mark}{r['name']}{mark} | {r['runtime']} | {r['precision']} | " + " | ".join(cells) +
-                     f" | {speedup_text(rows, r, m.target)} | {serve_mix_text(r.get('serve_mix'))} | {fidelity_text(task, r['fidelity'])} | "
+                     f" | {speedup_text(rows, r, m.target)} | {serve_mix_text(r.get('serve_mix'))} | "
+                     f"{fidelity_text(task, r['fidelity'])} | "
                      f"{accuracy_text(r)} | {ok} | "
                      f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
     errors = [r for r in rows if r.get("error")]

@@ -68,7 +68,9 @@ void pack16_group(const mat* W, int64_t g, uint8_t* dst) {  /* group g of a GGUF
 #define AI static inline __attribute__((always_inline))
 
 AI __m256i pair_at(const x16block* x, int p) { int32_t v; memcpy(&v, x->q + 2 * p, 4); return _mm256_set1_epi32(v); }
-AI __m256i wpair(const uint8_t* b, int p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 16 + 16 * p))); }
+AI __m256i wpair(const uint8_t* b, int p) {  /* rows 0..7's values (2p, 2p + 1) as int16 */
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 16 + 16 * p)));
+}
 AI __m256 block_scale(const uint8_t* b, const x16block* x) {  /* d of the 8 rows x the token's dx */
     return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b)), _mm256_set1_ps(x->d));
 }
