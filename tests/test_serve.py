@@ -258,3 +258,36 @@ def test_tokenize_returns_the_ids_inference_runs(embed_server, embed_artifact):
                        ({"input": "x", "model": "other"}, "model")):
         status, _, err = embed_server.post("/tokenize", bad)
         assert status in (404, 422) and err["error"]["param"] == param, err
+
+
+def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_artifact):
+    """/v1/rerank on a sequence classifier: each (query, document) pair encoded as the HF tokenizer's
+    pair encoding (token types included), scored by the model, most relevant first; top_n, documents
+    as objects, return_documents; 4xx naming the field."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from millis.common.numeric import softmax
+
+    model = millis.load(classify_artifact)
+    tok = AutoTokenizer.from_pretrained(str(classify_artifact / "tokenizer"))
+    query, docs = "where is my card?", ["I lost my card", "the weather is nice", "card delivery time", "hi"]
+    enc = tok([query] * len(docs), docs, padding=True, return_tensors="np")
+    feeds = {k: enc[k].astype(np.int64) for k in model.runtime.input_names}
+    want = softmax(np.asarray(model.runtime.run(feeds)[model.meta.output], dtype=np.float64))[:, -1]
+    status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": [docs[0], {"text": docs[1]},
+                                                                                        *docs[2:]],
+                                                          "top_n": 3, "return_documents": True})
+    assert status == 200, body
+    got = body["results"]
+    assert [r["index"] for r in got] == list(np.argsort(-want, kind="stable")[:3])
+    assert np.allclose([r["relevance_score"] for r in got], want[[r["index"] for r in got]], atol=1e-4)
+    assert [r["document"]["text"] for r in got] == [docs[r["index"]] for r in got]
+    assert body["usage"]["total_tokens"] == int(enc["attention_mask"].sum())
+    status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 8})
+    assert status == 200 and len(body["results"]) == 4 and "document" not in body["results"][0]
+    for bad, param in (({"documents": docs}, "query"), ({"query": query, "documents": []}, "documents"),
+                       ({"query": query, "documents": ["ok", 3]}, "documents"),
+                       ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):
+        status, _, err = classify_server.post("/v1/rerank", bad)
+        assert status == 422 and err["error"]["param"] == param, err

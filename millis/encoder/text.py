@@ -77,6 +77,19 @@ class TextEncoder:
             out.append(r)
         return out, cut
 
+    def pair_ids(self, query: str, docs: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a
+        pair over max_length loses the end of its document (its final special token kept)."""
+        if self._fast is not None:
+            rows = [self._fast.encode(query, d, add_special_tokens=True).ids for d in docs]
+        else:
+            rows = [self.tok(query, d, add_special_tokens=True, truncation=False)["input_ids"] for d in docs]
+        out, cut = [], []
+        for r in rows:
+            cut.append(len(r) > self.max_length)
+            out.append(r[: self.max_length - 1] + r[-1:] if cut[-1] else r)
+        return out, cut
+
     def encode(self, texts: list[str], pad_to: int = 0) -> Encoded:
         ids, cut = self.token_ids(check_texts(texts))
         longest = max(len(r) for r in ids)
@@ -93,8 +106,18 @@ class TextEncoder:
             mask[i, : len(r)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+            feeds["token_type_ids"] = self.token_types(rows, t)
         return feeds
+
+    def token_types(self, rows: list[list[int]], t: int) -> np.ndarray:
+        """(B, t) segment ids: 0, except a pair row's second text (after its first of two or more [SEP]s)
+        and its final [SEP], which are 1, as the tokenizer's pair encoding sets them."""
+        types = np.zeros((len(rows), t), dtype=np.int64)
+        sep = self.tok.sep_token_id
+        for i, r in enumerate(rows):
+            if sep is not None and r.count(sep) >= 2:
+                types[i, r.index(sep) + 1: len(r)] = 1
+        return types
 
     def fill(self, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
         """A (batch, seq) batch of real text with a full mask: texts are chained until seq tokens."""

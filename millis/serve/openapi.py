@@ -97,6 +97,19 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
+        doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
+        req = {"type": "object", "required": ["query", "documents"], "properties": {
+            "query": TEXT, "model": model, "return_documents": {"type": "boolean"},
+            "documents": {"type": "array", "items": doc, "minItems": 1, "maxItems": max_inputs},
+            "top_n": nullable({"type": "integer", "minimum": 1, "maximum": max_inputs})}}
+        hit = {"type": "object", "required": ["index", "relevance_score"], "properties": {
+            "index": {"type": "integer", "minimum": 0}, "relevance_score": {"type": "number"},
+            "truncated": {"type": "boolean"}, "document": {"type": "object"}}}
+        ok = {"type": "object", "required": ["id", "model", "results", "usage"], "properties": {
+            "id": {"type": "string"}, "model": {"const": name}, "usage": {"type": "object"},
+            "results": {"type": "array", "items": hit}}}
+        paths["/v1/rerank"] = _post("cross-encoder reranking (Jina / Cohere shape): documents by relevance to "
+                                    "the query", req, _json(ok))
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}

@@ -24,6 +24,7 @@ from millis.artifact.model import Model
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
+from millis.serve.encoder.rerank import relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response, watch_disconnect)
@@ -189,6 +190,25 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
+    async def rerank(request: Request) -> Response:  # a cross-encoder: (query, document) pairs, one row each
+        model, body = await _infer(request, "classify")
+        query, docs, top_n, with_docs = rerank_request(body, st.name, st.limits)
+        t0 = perf_counter()
+        size = len(query) * len(docs) + sum(map(len, docs))
+        ids, cut = await off_loop(model.encoder.pair_ids, query, docs) if size > INLINE_TOKENIZE_CHARS \
+            else model.encoder.pair_ids(query, docs)
+        if cfg.too_long == "reject" and any(cut):
+            raise schemas.ApiError(413, f"documents[{cut.index(True)}] with the query is longer than the model's "
+                                        f"{model.max_length} tokens (the server rejects long texts)",
+                                   code="text_too_long")
+        tok_s = perf_counter() - t0
+        job = await st.run(ids, request)
+        m.tokenize.observe(tok_s)
+        m.queue.observe(max(job.queue_s, 0.0))
+        m.inference.observe(job.infer_s)
+        return json_response(rerank_response(relevance(job.out), docs, top_n, with_docs, cut, st.name,
+                                             sum(map(len, ids))), headers=timing_headers(job, tok_s, cut))
+
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         model = st.require(st.model.task if st.model is not None else "")
         body = await read_json(request, st.limits)
@@ -221,7 +241,9 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
 
     task_routes = {"embed": Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
                    "classify": Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"])}
-    routes = [r for t, r in task_routes.items() if task in ("", t)] + [
+    if task in ("", "classify"):  # a sequence classifier over (query, document) pairs: a cross-encoder
+        task_routes["rerank"] = Route("/v1/rerank", endpoint(st, "/v1/rerank", rerank), methods=["POST"])
+    routes = [r for t, r in task_routes.items() if task in ("", t) or t == "rerank"] + [
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/tokenize", endpoint(st, "/tokenize", tokenize), methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
