@@ -11,6 +11,11 @@ from millis.common.schema import from_dict
 TASKS = ("classify", "embed")
 
 
+def task_of(text: str) -> str:
+    """--task: rerank is a sequence classifier over (query, document) pairs, so it builds as classify."""
+    return "classify" if text == "rerank" else text
+
+
 DEFAULT_SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
 
 
@@ -69,7 +74,8 @@ class OptimizeConfig:
 
     source: str = flag(help="local Hugging Face model dir, builtin:minilm, or "
                             "tiny:bert|distilbert|roberta|xlm-roberta")
-    task: str = flag("embed", "what the model is for", choices=TASKS)
+    task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
+                              "served with /v1/rerank)", choices=TASKS, parse=task_of)
     out: str = flag("artifacts/model", "artifact directory to write")
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
