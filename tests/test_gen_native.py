@@ -27,16 +27,23 @@ TINY = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
-def quantized_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (M, K) -> (xblock bytes, the fp32 values they hold): activations quantized per 32 by the kernel."""
+def quantized_rows(lib, x: np.ndarray, int16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) -> (activation block bytes, the fp32 values they hold), quantized per 32 by the kernel:
+    xblocks (int8, Q8_0 files) or x16blocks (int16, millis's int8)."""
     M, K = x.shape
-    xq = np.zeros(M * (K // 32) * XBLOCK_BYTES, np.uint8)
-    lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    size, fn = (X16BLOCK_BYTES, lib.quantize_x16) if int16 else (XBLOCK_BYTES, lib.quantize_x)
+    xq = np.zeros(M * (K // 32) * size, np.uint8)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for m in range(M):
-        lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
-    b = xq.reshape(M, K // 32, XBLOCK_BYTES)
-    d, q = b[:, :, 0:4].copy().view(np.float32), b[:, :, 12:44].view(np.int8).astype(np.float32)
-    assert (b[:, :, 8:12].copy().view(np.int32)[..., 0] == q.sum(-1)).all()  # the integer sum
+        fn(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * size)
+    b = xq.reshape(M, K // 32, size)
+    d = b[:, :, 0:4].copy().view(np.float32)
+    if int16:
+        q = b[:, :, 4:].copy().view(np.int16).astype(np.float32)
+        assert np.abs(q).max() == 32767  # every random block reaches full scale
+    else:
+        q = b[:, :, 12:44].view(np.int8).astype(np.float32)
+        assert (b[:, :, 8:12].copy().view(np.int32)[..., 0] == q.sum(-1)).all()  # the integer sum
     return xq, (q * d).reshape(M, K)
 
 
@@ -68,19 +75,6 @@ def test_block_matmul_matches_reference(isa, qtype, M):
     assert np.allclose(y, 2 * before, rtol=1e-6, atol=1e-6)
 
 
-def int16_rows(lib, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (M, K) -> (x16block bytes, the fp32 values they hold): millis's int8 activations, int16 per 32."""
-    M, K = x.shape
-    xq = np.zeros(M * (K // 32) * X16BLOCK_BYTES, np.uint8)
-    lib.quantize_x16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    for m in range(M):
-        lib.quantize_x16(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * X16BLOCK_BYTES)
-    b = xq.reshape(M, K // 32, X16BLOCK_BYTES)
-    d, q = b[:, :, 0:4].copy().view(np.float32), b[:, :, 4:].copy().view(np.int16).astype(np.float32)
-    assert np.abs(q).max() == 32767  # every random block reaches full scale
-    return xq, (q * d).reshape(M, K)
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("M", [1, 2, 5, 9])
 def test_int8_weights_against_int16_activations(isa, M):
@@ -93,7 +87,7 @@ def test_int8_weights_against_int16_activations(isa, M):
     raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), "Q8_0", rng)
     raw = np.ascontiguousarray(raw)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    x16, xd = int16_rows(lib, x)
+    x16, xd = quantized_rows(lib, x, int16=True)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     keep: list = []

@@ -197,6 +197,12 @@ def test_native_tool_calls_are_parsed_back():
     content, calls = LLAMA3.parse('<|python_tag|>{"name": "get_time", "parameters": {"zone": -3}}', spec)
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"zone": -3}
     assert LLAMA3.parse('{"name": "nope", "parameters": {}}', spec)[1] == []
+    # streaming auto answers: text that cannot belong to a call goes out as it comes
+    assert HERMES.streamable("Let me check.\n<tool_c", False) == len("Let me check.\n")
+    assert HERMES.streamable("ab<tool_call>{", False) == 2 and HERMES.streamable("plain <b>", False) == 9
+    assert HERMES.streamable("anything", True) == 0  # constrained: all of it is the call
+    assert LLAMA3.streamable("Paris is sunny", False) == 14
+    assert [LLAMA3.streamable(t, False) for t in ("  {", "<|python", "<|python_tag|>{", " ")] == [0, 0, 0, 0]
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_tools.jinja", "llama3_tools.jinja"])
@@ -235,5 +241,11 @@ def test_native_template_calls_parse_and_validate_also_streamed(native_server):
         "messages": MSGS, "tools": tools, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 300})
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
     check_calls([c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls", [])], tools)
-    status, _, body = hermes_server.post("/v1/chat/completions", {"messages": MSGS, "tools": tools, "max_tokens": 16})
-    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    auto = {"messages": MSGS, "tools": tools, "max_tokens": 16, "temperature": 0}
+    status, _, body = hermes_server.post("/v1/chat/completions", auto)
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    events = stream(hermes_server, "/v1/chat/completions", auto)  # the same greedy answer, streamed
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    msg = body["choices"][0]["message"]
+    if not msg.get("tool_calls"):
+        assert "".join(d.get("content") or "" for d in deltas) == msg["content"]

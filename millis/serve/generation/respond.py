@@ -4,8 +4,9 @@ Each choice is a `Live` of its own in the engine (the scheduler shares the promp
 between them); the answer waits for every choice's first token (503 past request_timeout_s), then:
 
 - JSON: each choice's text joined; a tool-constrained answer is parsed into `tool_calls`;
-- events: each choice's chunks as they come, tagged with its index; a tool-constrained choice is held
-  until it ends (its JSON is only parsed whole) and sent as content or tool_calls deltas;
+- events: each choice's chunks as they come, tagged with its index; a choice that may call tools is
+  held until it ends (its calls are only parsed whole) and sent as content or tool_calls deltas, except
+  text a native format's auto answer shows cannot be a call (before a `<tool_call>`), streamed as it comes;
   then (usage,) `[DONE]`.
 
 Whatever ends the request (finished, client gone, timeout, error) cancels every choice still running.
@@ -100,7 +101,8 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             merged.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, live, f)) for i, (live, f) in enumerate(zip(lives, firsts))]
-    held = [""] * len(lives)  # tool-constrained choices: their text, parsed when they end
+    held = [""] * len(lives)  # choices that may call tools: their text, parsed when they end
+    sent = [0] * len(lives)   # how much of it went out as content already
     try:
         if chat:
             for i in range(len(lives)):
@@ -110,8 +112,12 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             i, o = await merged.get()
             if isinstance(o, Exception):
                 raise o
-            if g.tools is not None:
+            if g.tools is not None:  # held until it cannot be part of a call (native formats' auto)
                 held[i] += o.text
+                n = g.tool_format.streamable(held[i], bool(g.params.grammar))
+                if n > sent[i]:
+                    yield gs.chunk(chat, rid, created, st.name, held[i][sent[i]:n], None, with_usage=wu, index=i)
+                    sent[i] = n
             elif o.text or o.logprobs:  # held-back text (a possible stop string) still reports its logprobs
                 yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i,
                                logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
@@ -120,7 +126,13 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                 finish = o.finished
                 if g.tools is not None:
                     content, calls, finish = _answer(g, held[i], o.finished)
-                    yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i, calls=calls)
+                    if sent[i] and not calls:  # streamed free text: the rest of it
+                        content = held[i][sent[i]:] or None
+                    elif sent[i]:  # the content before the calls went out already
+                        content = None
+                    if content is not None or calls:
+                        yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i,
+                                       calls=calls)
                 yield gs.chunk(chat, rid, created, st.name, None, finish, with_usage=wu, index=i)
     except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
         yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})

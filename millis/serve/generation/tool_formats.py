@@ -49,6 +49,10 @@ class GenericFormat:
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         return parse_answer(text)
 
+    def streamable(self, text: str, constrained: bool) -> int:
+        """How much of a choice's text so far can be streamed as content: none of a JSON answer."""
+        return 0
+
 
 class NativeFormat(GenericFormat):
     """A template's own syntax: the tools and earlier calls go to the template as OpenAI objects (arguments
@@ -86,6 +90,7 @@ class NativeFormat(GenericFormat):
 
 class HermesFormat(NativeFormat):
     name = "hermes"
+    MARK = "<tool_call>"
     BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     def grammar(self, spec: ToolSpec) -> str | None:
@@ -94,6 +99,16 @@ class HermesFormat(NativeFormat):
         calls = 'call ("\\n" call)*' if spec.parallel else "call"
         return lark_grammar(f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n'
                             f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}")
+
+    def streamable(self, text: str, constrained: bool) -> int:
+        """auto: the text before a `<tool_call>` (or before a tail that may begin one) is content."""
+        if constrained:
+            return 0
+        at = text.find(self.MARK)
+        if at >= 0:
+            return at
+        tail = next((k for k in range(min(len(self.MARK) - 1, len(text)), 0, -1) if text.endswith(self.MARK[:k])), 0)
+        return len(text) - tail
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         calls = []
@@ -113,12 +128,20 @@ class HermesFormat(NativeFormat):
 class Llama3Format(NativeFormat):
     name = "llama3"
     args_key = "parameters"
+    TAG = "<|python_tag|>"
 
     def grammar(self, spec: ToolSpec) -> str | None:
         return json_schema_grammar(self.call_schema(spec), COMPACT_JSON) if spec.required else None
 
+    def streamable(self, text: str, constrained: bool) -> int:
+        """auto: an answer that cannot be a call (it does not open with `{` or <|python_tag|>) is content."""
+        s = text.lstrip()
+        if constrained or not s or s.startswith(("{", self.TAG)) or self.TAG.startswith(s):
+            return 0
+        return len(text)
+
     def parse(self, text: str, spec: ToolSpec) -> Calls:
-        body = text.strip().removeprefix("<|python_tag|>").strip()
+        body = text.strip().removeprefix(self.TAG).strip()
         try:
             call = self.call_of(json.loads(body), spec)
         except ValueError:

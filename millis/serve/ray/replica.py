@@ -84,10 +84,12 @@ class Replica:
         self.life = self.app.router.lifespan_context(self.app)
         await self.life.__aenter__()  # starts the model load in the background, as the server does
         self.name = self._replica_name()
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline, st = time.monotonic() + READY_TIMEOUT_S, self.app.state.millis
         while await self._status("/ready") != 200:  # Ray sends traffic only once __init__ returns
-            if time.monotonic() > deadline or await self._status("/health") != 200:
-                raise RuntimeError(f"millis replica: the model did not load ({cfg.artifact})")
+            if st.load_error:  # fail the replica at once, with the reason (Ray reports it and retries)
+                raise RuntimeError(f"millis replica: {cfg.artifact} failed to load: {st.load_error}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"millis replica: {cfg.artifact} did not load within {READY_TIMEOUT_S:g} s")
             await asyncio.sleep(0.05)
 
     @staticmethod
