@@ -255,3 +255,18 @@ def test_each_unscoped_variable_has_one_meaning():
         readers = {c.name for c in COMMANDS for f in flags_of(c) if f"MILLIS_{name}" in f.variables()}
         assert len(readers) <= 1, (name, readers)
     assert "MILLIS_PRESET" not in seen and "MILLIS_DATA" not in seen  # MILLIS_DATA is the benches' data directory
+
+
+def test_training_progress_reaches_a_log_file():
+    """Output that is not a terminal gets a plain line per 5% of an epoch (loss, rate, ETA), not a silent
+    progress bar; each epoch starts counting again."""
+    from millis.cli.train import StepLog
+
+    log = StepLog(every=0.05)
+    lines = [log.line({"step": s, "epoch": 1, "loss": 0.5, "rows_per_s": 100.0}, 200) for s in range(1, 201)]
+    said = [x for x in lines if x]
+    assert len(said) == 20 and said[0].startswith("epoch 1: 5% (10/200 steps), loss 0.5000, 100 rows/s, epoch ETA")
+    assert said[-1].startswith("epoch 1: 100% (200/200 steps)")
+    log.restart()
+    assert log.line({"step": 3, "epoch": 2, "loss": 0.4, "rows_per_s": 90.0}, 40) is not None  # 7.5% of epoch 2
+    assert log.line({"step": 1, "epoch": 1, "loss": 0.4, "rows_per_s": 90.0}, 1000) is None

@@ -5,6 +5,7 @@ given override it. Each command's own flags (the positional model, `--out`, `--p
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,6 +70,28 @@ def prune_config_of(given: Given) -> PruneConfig:
                         **given.of(PruneConfig))
 
 
+class StepLog:
+    """Progress as plain lines, for output that is not a terminal (a log file sees no progress bar): a line
+    each time an epoch passes another `every` of its steps, with loss, rate and the epoch's ETA."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.every = every
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.next = time.monotonic(), self.every
+
+    def line(self, f: dict, total: int) -> str | None:
+        done = f["step"] / max(total, 1)
+        if done < self.next:
+            return None
+        self.next = (int(done / self.every + 1e-9) + 1) * self.every
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed * (1 - done) / done if done > 0 else 0.0
+        return (f"epoch {f['epoch']}: {100 * done:.0f}% ({f['step']}/{total} steps), loss {f['loss']:.4f}, "
+                f"{f['rows_per_s']:.0f} rows/s, epoch ETA {eta:.0f} s")
+
+
 def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int:
     """Run a training function with a progress bar; print `summary(millis.json)` at the end."""
     from rich.console import Console
@@ -79,6 +102,7 @@ def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int
     console = Console(stderr=True)
     cols = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} rows/s"), TimeRemainingColumn())
+    steps = None if console.is_terminal else StepLog()  # a file: lines instead of a bar it would not show
     with Progress(*cols, console=console) as bar:
         task = None
 
@@ -92,13 +116,19 @@ def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int
                 console.log(f"{f.get('what', 'training')}: {f['rows']} rows"
                             + (f", validating on {f['val_rows']}" if "val_rows" in f else "") + extra)
                 task = bar.add_task("train", total=f["steps_per_epoch"], epoch=1, loss=0.0, rate=0.0)
+                if steps:
+                    steps.restart()
             elif event == "step":
                 bar.update(task, completed=f["step"], epoch=f["epoch"], loss=f["loss"], rate=f["rows_per_s"])
+                if steps and (line := steps.line(f, bar.tasks[0].total)):
+                    console.log(line)
             elif event == "epoch":
                 name = next(k for k in ("val_accuracy", "val_cosine") if k in f)
                 console.log(f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, {name.replace('_', ' ')} "
                             f"{100 * f[name]:.2f}%{' (best)' if f['improved'] else ''}, {f['seconds']:.0f} s")
                 bar.reset(task, total=bar.tasks[0].total)
+                if steps:
+                    steps.restart()
         out = fn(cfg, progress)
     print(f"model: {out}  ({summary(read_train_meta(out))})")
     return 0
