@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -66,26 +67,29 @@ def artifact() -> Path:
     return out
 
 
-def replica_names(url: str, make, tries: int = 24) -> set[str]:
-    """The replicas that answer a few requests (x-millis-replica)."""
-    srv = ServerProcess.__new__(ServerProcess)  # only its HTTP helpers: host and port
+def answered_by(url: str) -> tuple[int, str, int]:
+    """(status, replica id, its pid) of one request (x-millis-replica: "<id> pid <pid>")."""
     t = Target(url)
-    srv.host, srv.port = t.host, t.port
-    names = set()
-    for _ in range(tries):
-        status, headers, _ = srv.request("POST", ROUTE, {"input": ["where is my card?"]})
-        if status == 200:
-            names.add(headers.get("x-millis-replica", "").partition(" pid ")[0])
-    return names
+    c = http.client.HTTPConnection(t.host, t.port, timeout=30)
+    try:
+        c.request("POST", ROUTE, json.dumps({"input": ["where is my card?"]}), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        name, _, pid = (r.getheader("x-millis-replica") or "").partition(" pid ")
+        return r.status, name, int(pid or 0)
+    finally:
+        c.close()
+
+
+def replica_names(url: str, tries: int = 24) -> set[str]:
+    """The replicas that answer a few requests."""
+    return {name for status, name, _ in (answered_by(url) for _ in range(tries)) if status == 200}
 
 
 def fault_drill(url: str, make, capacity: float, seconds: float) -> dict:
     """Kill one replica at a third of an open loop at half capacity: lost requests, seconds to recover."""
-    srv = ServerProcess.__new__(ServerProcess)
     t = Target(url)
-    srv.host, srv.port = t.host, t.port
-    headers = srv.request("POST", ROUTE, {"input": ["x"]})[1]
-    victim, _, pid = headers["x-millis-replica"].partition(" pid ")
+    _, victim, pid = answered_by(url)
 
     async def drill():
         loop = asyncio.create_task(open_loop(t, make, capacity / 2, seconds, 0, 30.0, 1))
@@ -97,7 +101,7 @@ def fault_drill(url: str, make, capacity: float, seconds: float) -> dict:
     rec, killed = asyncio.run(drill())
     back = None
     while time.perf_counter() - killed < 60:
-        names = replica_names(url, make, 8)
+        names = replica_names(url, 8)
         if len(names) == 2 and victim not in names:
             back = round(time.perf_counter() - killed, 1)
             break

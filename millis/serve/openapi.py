@@ -12,10 +12,12 @@ from typing import Any
 
 from millis.gen.config import MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
 from millis.serve.generation import schemas as gs
+from millis.serve.encoder.rerank import MAX_QUERY_CHARS
 from millis.serve.generation.tools import MAX_TOOLS
 
 NULL = {"type": "null"}
-TEXT = {"type": "string", "pattern": r"\S"}  # a text with something besides whitespace (str.strip)
+# a text with something besides whitespace as str.strip sees it (\x1c-\x1f and \x85 too, which ECMA's \S keeps)
+TEXT = {"type": "string", "pattern": r"[^\s\x1c-\x1f\x85]"}
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -99,7 +101,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
-            "query": TEXT, "model": model, "return_documents": {"type": "boolean"},
+            "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model, "return_documents": {"type": "boolean"},
             "documents": {"type": "array", "items": doc, "minItems": 1, "maxItems": max_inputs},
             "top_n": nullable({"type": "integer", "minimum": 1, "maximum": max_inputs})}}
         hit = {"type": "object", "required": ["index", "relevance_score"], "properties": {

@@ -109,15 +109,20 @@ class State:
                                    code="wrong_task")
         return self.model
 
-    async def tokenize(self, model: Model, texts: list[str]) -> tuple[list[list[int]], list[bool], float]:
+    async def token_ids(self, model: Model, texts: list[str], query: str | None = None):
+        """(ids, cut) of the texts, or of (query, text) pairs when a query is given; off the loop when large."""
+        enc, size = model.encoder, sum(map(len, texts)) + (len(query) * len(texts) if query is not None else 0)
+        fn, args = (enc.pair_ids, (query, texts)) if query is not None else (enc.token_ids, (texts,))
+        return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await off_loop(fn, *args)
+
+    async def tokenize(self, model: Model, texts: list[str],
+                       query: str | None = None) -> tuple[list[list[int]], list[bool], float]:
         t0 = perf_counter()
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            ids, cut = model.encoder.token_ids(texts)
-        else:
-            ids, cut = await off_loop(model.encoder.token_ids, texts)
+        ids, cut = await self.token_ids(model, texts, query)
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
-            raise schemas.ApiError(413, f"input[{i}] is longer than the model's {model.max_length} tokens "
+            what = f"documents[{i}] with the query" if query is not None else f"input[{i}]"
+            raise schemas.ApiError(413, f"{what} is longer than the model's {model.max_length} tokens "
                                         f"(the server rejects long texts; send shorter ones)", code="text_too_long")
         return ids, cut, perf_counter() - t0
 
@@ -168,8 +173,8 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         body = await read_json(request, st.limits)
         return model, body
 
-    async def _answer(request, model, texts):
-        ids, cut, tok_s = await st.tokenize(model, texts)
+    async def _answer(request, model, texts, query=None):
+        ids, cut, tok_s = await st.tokenize(model, texts, query)
         job = await st.run(ids, request)
         m.tokenize.observe(tok_s)
         m.queue.observe(max(job.queue_s, 0.0))
@@ -193,29 +198,16 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     async def rerank(request: Request) -> Response:  # a cross-encoder: (query, document) pairs, one row each
         model, body = await _infer(request, "classify")
         query, docs, top_n, with_docs = rerank_request(body, st.name, st.limits)
-        t0 = perf_counter()
-        size = len(query) * len(docs) + sum(map(len, docs))
-        ids, cut = await off_loop(model.encoder.pair_ids, query, docs) if size > INLINE_TOKENIZE_CHARS \
-            else model.encoder.pair_ids(query, docs)
-        if cfg.too_long == "reject" and any(cut):
-            raise schemas.ApiError(413, f"documents[{cut.index(True)}] with the query is longer than the model's "
-                                        f"{model.max_length} tokens (the server rejects long texts)",
-                                   code="text_too_long")
-        tok_s = perf_counter() - t0
-        job = await st.run(ids, request)
-        m.tokenize.observe(tok_s)
-        m.queue.observe(max(job.queue_s, 0.0))
-        m.inference.observe(job.infer_s)
-        return json_response(rerank_response(relevance(job.out), docs, top_n, with_docs, cut, st.name,
-                                             sum(map(len, ids))), headers=timing_headers(job, tok_s, cut))
+        job, cut, tok_s, n_tok = await _answer(request, model, docs, query)
+        return json_response(rerank_response(relevance(job.out), docs, top_n, with_docs, cut, st.name, n_tok),
+                             headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         model = st.require(st.model.task if st.model is not None else "")
         body = await read_json(request, st.limits)
         schemas.check_model(body, st.name)
         texts = schemas.texts_of(body, "input", st.limits)
-        ids, cut = await off_loop(model.encoder.token_ids, texts) if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS \
-            else model.encoder.token_ids(texts)
+        ids, cut = await st.token_ids(model, texts)
         return json_response({"object": "list", "model": st.name, "max_length": model.max_length, "data": [
             {"index": i, "tokens": list(map(int, t)), "count": len(t), "truncated": bool(c)}
             for i, (t, c) in enumerate(zip(ids, cut))]})

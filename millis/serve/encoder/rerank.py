@@ -21,6 +21,9 @@ from millis.common.numeric import softmax
 from millis.serve.schemas import ApiError, Limits, check_model, integer
 
 
+MAX_QUERY_CHARS = 16384  # tokenized once per document: bounded work per request (models read <= ~512 tokens)
+
+
 def _fail(msg: str, param: str, code: str = "invalid_value", status: int = 422) -> ApiError:
     return ApiError(status, msg, param=param, code=code)
 
@@ -29,8 +32,8 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits) -> tuple[s
     """(query, documents, top_n, return_documents), checked; errors name the field."""
     check_model(body, served)
     q = body.get("query")
-    if not isinstance(q, str) or not q.strip():
-        raise _fail("query must be a non-empty string", "query")
+    if not isinstance(q, str) or not q.strip() or len(q) > MAX_QUERY_CHARS:
+        raise _fail(f"query must be a non-empty string of at most {MAX_QUERY_CHARS} characters", "query")
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
         raise _fail("documents must be a non-empty list of strings (or {\"text\": ...} objects)", "documents")

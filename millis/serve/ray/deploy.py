@@ -31,10 +31,10 @@ SHUTDOWN_GRACE_S = 10.0  # past the drain limit, this long for Serve's own shutd
 
 def is_generation(cfg: ServeConfig) -> bool:
     """Checks the artifact as `millis serve` does (a bad one fails here, before anything deploys)."""
+    from millis.serve.generation.app import create_gen_app
     from millis.serve.server import app_and_loader
 
-    factory, _ = app_and_loader(cfg)
-    return getattr(factory, "__name__", "") == "create_gen_app"
+    return app_and_loader(cfg)[0] is create_gen_app
 
 
 def application(cfg: ServeConfig, rc: RayConfig):

@@ -77,23 +77,22 @@ class Gateway:
                         [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP], body,
                         routing_prompt(gen, self.chars))
         if not (gen and gen.get("stream") is True):  # one round trip for an answer that does not stream
-            return await self.whole(fwd)
-        for attempt in range(RETRIES):
+            got, failed = await self.ask(path, lambda: self.replicas.call_whole.remote(fwd))
+            if failed:
+                return failed
+            status, headers, body = got
+            resp = Response(body, status_code=status)
+            resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+            return resp
+
+        async def opened():  # the stream and its first item, ("start", status, headers)
             answer = self.replicas.options(stream=True).call.remote(fwd)
-            try:
-                first = await answer.__anext__()
-                break
-            except RayActorError as e:  # died before answering: nothing was sent, so send it again
-                log.warning("millis gateway: replica failed before answering %s (%s); attempt %d of %d",
-                            path, type(e).__name__, attempt + 1, RETRIES)
-            except StopAsyncIteration:
-                return error(502, "the replica closed the request without an answer", "bad_gateway")
-            except Exception as e:  # noqa: BLE001 -- the replica raised: this request alone fails
-                log.warning("millis gateway: %s failed on its replica: %s", path, e)
-                return error(500, f"the replica failed on this request ({type(e).__name__})", "replica_error")
-        else:
-            return error(503, f"no replica answered after {RETRIES} attempts", "replicas_unavailable")
-        _, status, headers = first
+            return answer, await answer.__anext__()
+
+        got, failed = await self.ask(path, opened)
+        if failed:
+            return failed
+        answer, (_, status, headers) = got
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
         async def rest():
@@ -111,21 +110,20 @@ class Gateway:
         resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         return resp
 
-    async def whole(self, fwd: Forwarded) -> Response:
+    async def ask(self, path: str, start) -> tuple[object, Response | None]:
+        """(what `start()` awaits to, None), sent again while its replica dies before answering; or
+        (None, the error answer) when the replica raised or no replica answered."""
         from ray.exceptions import RayActorError
 
         for attempt in range(RETRIES):
             try:
-                status, headers, body = await self.replicas.call_whole.remote(fwd)
-                break
-            except RayActorError as e:  # the replica died: the request's answer was lost, so ask again
-                log.warning("millis gateway: replica failed on %s (%s); attempt %d of %d", fwd.path,
-                            type(e).__name__, attempt + 1, RETRIES)
+                return await start(), None
+            except RayActorError as e:  # died before answering: nothing was sent, so send it again
+                log.warning("millis gateway: replica failed before answering %s (%s); attempt %d of %d",
+                            path, type(e).__name__, attempt + 1, RETRIES)
+            except StopAsyncIteration:
+                return None, error(502, "the replica closed the request without an answer", "bad_gateway")
             except Exception as e:  # noqa: BLE001 -- the replica raised: this request alone fails
-                log.warning("millis gateway: %s failed on its replica: %s", fwd.path, e)
-                return error(500, f"the replica failed on this request ({type(e).__name__})", "replica_error")
-        else:
-            return error(503, f"no replica answered after {RETRIES} attempts", "replicas_unavailable")
-        resp = Response(body, status_code=status)
-        resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
-        return resp
+                log.warning("millis gateway: %s failed on its replica: %s", path, e)
+                return None, error(500, f"the replica failed on this request ({type(e).__name__})", "replica_error")
+        return None, error(503, f"no replica answered after {RETRIES} attempts", "replicas_unavailable")
