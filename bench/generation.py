@@ -15,14 +15,17 @@ systems rotated by r; figures are medians over rounds x repeats.
 - ttft_ms (batch-1 rows): time to the first token of a 128-token prompt (ttft_512_ms: 512 tokens);
 - gbps: the matmul weights (head included, embeddings not) read per step / ms_per_token: a batch-1
   decode step reads each of them once, so this is the achieved share of memory bandwidth;
+- pct_bw: gbps as a share of the machine's read bandwidth, measured in the same run (bench/peers/bandwidth.py);
+- x_ct2: millis's step time / CTranslate2's at the same precision (fp32 - float32, int8 - int8), the median
+  of per-round ratios [min-max] (each round's step from that round's calls): below 1 is faster;
 - agree: leading greedy tokens equal to HF fp32's (batch 1, N tokens): fp32 systems should agree fully.
-Writes bench/results/generation_<device>.json (`rows`) and prints a table.
+Systems: millis:fp32 and millis:int8 run millis's native C step (millis.gen.load.runs_native); millis:fp32-torch
+and millis:int8-torch the torch model. Writes bench/results/generation_<device>.json (`rows`) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,15 +36,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 import harness  # noqa: E402
+from bandwidth import measure_bandwidth  # noqa: E402
 import models  # noqa: E402
 
 RUNNER = str(HERE / "peers" / "gen_runner.py")
 VENV = {"millis": None, "hf": None, "ct2": "ct2"}  # system -> venv under bench/.venvs (None: this one)
-DEFAULT_SYSTEMS = {"cpu": "millis:fp32,millis:int8,hf:fp32,ct2:int8,ct2:float32",
+DEFAULT_SYSTEMS = {"cpu": "millis:fp32,millis:int8,hf:fp32,ct2:int8,ct2:float32,millis:fp32-torch",
                    "cuda": "millis:bf16,hf:bf16,hf:static-compile"}
 MODEL = {"cpu": "gpt2", "cuda": "llama-1b"}
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "float16": 2, "static-compile": 2,
-         "int8": 1, "int8_float32": 1, "int8_bfloat16": 1, "int8_float16": 1}
+         "int8": 1, "int8-torch": 1, "fp32-torch": 4, "int8_float32": 1, "int8_bfloat16": 1, "int8_float16": 1}
 PROMPT = 16  # prompt length of the decode cells
 
 
@@ -59,6 +63,17 @@ def matmul_params(model_dir: str) -> int:
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab - 1, size=(batch, length)).tolist()
+
+
+CT2_SAME = {"fp32": "float32", "fp32-torch": "float32", "int8": "int8", "int8-torch": "int8"}
+
+
+def round_steps(ms: dict, dk, fk, reps: int) -> list[float]:
+    """One decode-step time per round: (median decode call - median 1-token call) / (N - 1) of that round."""
+    n = dk[1][3]
+    d, f = ms[dk], ms[fk]
+    return [round((statistics.median(d[i:i + reps]) - statistics.median(f[i:i + reps])) / (n - 1), 3)
+            for i in range(0, min(len(d), len(f)), reps)]
 
 
 def gen(peer, ps, n, reps, warmup):
@@ -79,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pause", type=float, default=0.3,
                     help="seconds idle before each system's turn: the previous one's spinning threads go quiet")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024, help="read-bandwidth probe size (0: skip)")
     ap.add_argument("--out", default="", help="results JSON (default bench/results/generation_<device>.json)")
     a = ap.parse_args()
     device = a.device
@@ -141,6 +157,7 @@ def main() -> None:
         p.close()
 
     med = {k: statistics.median(v) for k, v in ms.items() if v}
+    bw = measure_bandwidth(a.bandwidth_mib, a.threads, Path(work)) if a.bandwidth_mib else {}
     wparams = matmul_params(model_dir)
     ref = toks.get("hf:fp32")
     rows = []
@@ -154,7 +171,9 @@ def main() -> None:
             row = {"system": sysname, "model": MODEL[device], "precision": prec, "batch": b,
                    "ms_per_token": round(step, 2), "ttft_ms": None, "tokens_per_s": round(b * 1e3 / step, 1),
                    "gbps": round(wparams * BYTES.get(prec, 4) / step / 1e6, 2),
-                   "e2e_ms": round(med[dk], 1), "new_tokens": newtok[b]}
+                   "e2e_ms": round(med[dk], 1), "new_tokens": newtok[b], "round_ms": round_steps(ms, dk, fk, a.reps)}
+            if bw:
+                row["pct_bw"] = round(100 * row["gbps"] / bw["gbps"], 1)
             if b == 1:
                 for L in ttfts:
                     key = (p.name, ("ttft", 1, L, 1))
@@ -165,6 +184,13 @@ def main() -> None:
                     row["agree"] = f"{same}/{len(ref)}"
                 row["cold_first_call_ms"] = round(cold.get(p.name, float("nan")), 1)
             rows.append(row)
+    for r in rows:  # millis against CTranslate2 at the same precision, round by round
+        peer = next((c for c in rows if c["system"] == "ct2" and c["batch"] == r["batch"] and
+                     c["precision"] == CT2_SAME.get(r["precision"])), None)
+        if r["system"] == "millis" and peer:
+            ratios = [x / y for x, y in zip(r["round_ms"], peer["round_ms"])]
+            r["x_ct2"] = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+                          "max": round(max(ratios), 3), "rounds": [round(x, 3) for x in ratios]}
     for b in batches:  # tokens/s against CTranslate2 int8 in the same run
         ct2 = next((r for r in rows if r["system"] == "ct2" and r["precision"] == "int8" and r["batch"] == b), None)
         for r in rows:
@@ -174,14 +200,19 @@ def main() -> None:
     print(f"\n{MODEL[device]} ({model_dir}), {device}, {a.threads} threads, {a.rounds} rounds x {a.reps} calls; "
           f"decode after a {PROMPT}-token prompt")
     hdr = f"{'system':<22} {'batch':>5} {'ms/token':>9} {'tokens/s':>9} {'x ct2 int8':>10} {'TTFT 128':>9} " \
-          f"{'TTFT 512':>9} {'GB/s':>6} {'agree':>6}"
+          f"{'TTFT 512':>9} {'GB/s':>6} {'% bw':>5} {'agree':>6}  x ct2 same precision [min-max]"
     print(hdr)
     for r in rows:
         print(f"{r['system'] + ':' + r['precision']:<22} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
               f"{r['tokens_per_s']:>9.1f} {r.get('vs_ct2_int8', float('nan')):>10.2f} "
               f"{r['ttft_ms'] or float('nan'):>9.1f} {r.get('ttft_512_ms', float('nan')):>9.1f} "
-              f"{r['gbps']:>6.2f} {r.get('agree', ''):>6}")
-    out = {"date": time.strftime("%Y-%m-%d"), "device": device, "cpu": platform.processor() or platform.machine(),
+              f"{r['gbps']:>6.2f} {r.get('pct_bw', float('nan')):>5.0f} {r.get('agree', ''):>6}  "
+              + (f"{x['median']:.2f} [{x['min']:.2f}-{x['max']:.2f}]" if (x := r.get("x_ct2")) else ""))
+    if bw:
+        print(f"machine read bandwidth: {bw['gbps']} GB/s ({bw})")
+    from millis.common.hardware import describe
+
+    out = {"date": time.strftime("%Y-%m-%d"), "device": device, "machine": describe(), "bandwidth": bw,
            "command": " ".join(sys.argv), "threads": a.threads, "rounds": a.rounds, "reps": a.reps, "prompt": PROMPT,
            "model_dir": model_dir,
            "matmul_params": wparams, "systems": infos, "cold_first_call_ms": cold, "rows": rows,

@@ -1,5 +1,8 @@
 """The engine's contract: sampling options, stop strings, max tokens, requests joining mid-run,
 cancellation freeing slots, and clear errors for bad input."""
+import os
+from unittest import mock
+
 import pytest
 import torch
 
@@ -22,7 +25,9 @@ def char_tokenizer() -> Llama2cTokenizer:
     return Llama2cTokenizer(PIECES, scores)
 
 
-def engine(max_batch: int = 4, max_seq: int = 48, dtype: str = "fp32", quant: str = "none") -> Engine:
+def engine(max_batch: int = 4, max_seq: int = 48, dtype: str = "fp32", quant: str = "none",
+           runtime: str = "native") -> Engine:
+    """runtime "torch": the torch model even in fp32 (as with MILLIS_NO_KERNELS), for tests of its internals."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(PIECES), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64,
@@ -32,7 +37,8 @@ def engine(max_batch: int = 4, max_seq: int = 48, dtype: str = "fp32", quant: st
         torch.nn.init.normal_(p, std=0.3)
     sd = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
     ecfg = EngineConfig(max_batch=max_batch, max_seq=max_seq, dtype=dtype, quant=quant)
-    return Engine(build(cfg, sd, char_tokenizer(), "test", ecfg), max_prefills_per_step=2)
+    with mock.patch.dict(os.environ, {"MILLIS_NO_KERNELS": "1"} if runtime == "torch" else {}):
+        return Engine(build(cfg, sd, char_tokenizer(), "test", ecfg), max_prefills_per_step=2)
 
 
 def run(eng: Engine, prompts, params) -> dict:
@@ -134,7 +140,7 @@ def test_sampling_options():
 
 
 def test_max_tokens_eos_and_stop_strings():
-    eng = engine()
+    eng = engine(runtime="torch")  # the EOS check moves a torch head weight
     assert len(run(eng, ["an"], SamplingParams(max_tokens=3, ignore_eos=True))[0]["ids"]) == 3
     full = run(eng, ["the cat"], GREEDY)[0]
     text = full["text"]
@@ -185,7 +191,7 @@ def test_precisions_agree_with_fp32():
         assert_close_to_fp32(ref, eng, prompts, 20)
     with pytest.raises(MillisError, match="int8 .* needs dtype fp32"):
         EngineConfig(dtype="bf16", quant="int8")
-    bad = engine()  # the check bites: fp32, one weight matrix 10% off
+    bad = engine(runtime="torch")  # the check bites: fp32, one weight matrix 10% off
     bad.model.layers[1].ffn.w2.weight.data *= 1.1
     with pytest.raises(AssertionError, match="relative error"):
         assert_close_to_fp32(ref, bad, prompts, 20)
@@ -227,7 +233,7 @@ def test_static_decode_matches_eager():
 
     prompts = ["the cat", "in a he", "a", "he the an"]
     ref = run(engine(), prompts, GREEDY)
-    eng = engine()
+    eng = engine(runtime="torch")
     eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2))
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
 
@@ -255,7 +261,7 @@ def test_cancel_while_a_step_runs():
     request and frees its slot when it ends."""
     import threading
 
-    eng = engine(max_batch=1)
+    eng = engine(max_batch=1, runtime="torch")
     rid = eng.add("the cat", GREEDY)
     eng.step()
     started, release = threading.Event(), threading.Event()

@@ -56,16 +56,40 @@ def _run(eng, prompts, params=SamplingParams(max_tokens=N_NEW)) -> list[list[int
     return run_all(eng, prompts, params)
 
 
-def test_logits_match_hf(hf_model):
+@pytest.mark.parametrize("runtime", ["native", "torch"])
+def test_logits_match_hf(hf_model, runtime, monkeypatch):
+    """fp32 on the CPU runs on millis's C step (GPT-2 too); torch runs it when the kernels are off."""
     from millis.gen.models.layers import make_batch
+    from millis.gen.models.native_llama import NativeLlama
 
     kind, model, d = hf_model
+    if runtime == "torch":
+        monkeypatch.setenv("MILLIS_NO_KERNELS", "1")
     eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+    assert isinstance(eng.model, NativeLlama) == (runtime == "native")
     prompt = PROMPTS[2]
     with torch.inference_mode():
         ref = model(torch.tensor([prompt])).logits[0]
         ours = eng.model(make_batch([prompt], [0], [0], eng.window, last_only=False))[0]
     assert torch.allclose(ours, ref, atol=1e-4), (kind, (ours - ref).abs().max())
+
+
+def test_int8_logits_close_to_hf(hf_model):
+    """millis's int8 (Q8_0 weights, int16 activation blocks) on the native step, GPT-2 included: every
+    position's logits within 2% of HF fp32's range, and the same top-1 token at nearly all of them."""
+    from millis.gen.models.layers import make_batch
+    from millis.gen.models.native_llama import INT8, TYPE_IDS, NativeLlama
+
+    kind, model, d = hf_model
+    eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64, quant="int8"))
+    assert isinstance(eng.model, NativeLlama) and eng.model.layers[0].up.type == TYPE_IDS[INT8]
+    prompt = PROMPTS[2]
+    with torch.inference_mode():
+        ref = model(torch.tensor([prompt])).logits[0]
+        ours = eng.model(make_batch([prompt], [0], [0], eng.window, last_only=False))[0]
+    err = (ours - ref).abs().max() / (ref.max() - ref.min())
+    assert 0 < err < 0.02, (kind, err)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9, kind
 
 
 def test_greedy_alone_and_batched_match_hf(hf_model):
@@ -107,7 +131,7 @@ def test_cli_on_hf_dir_with_tokenizer_json(hf_model, capsys):
     assert capsys.readouterr().out.split()[:len(PROMPTS[0]) + len(words)] == prompt.split() + words
 
 
-def test_static_decode_matches_hf(hf_model):
+def test_static_decode_matches_hf(hf_model, monkeypatch):
     """The CUDA-graph decode (millis.gen.cuda_graph) with capture=False: its static-shape step (bucket
     rows, all max_seq keys, idle rows at the scratch position, its own mask) run eagerly on CPU gives
     the eager decode's logits and HF's greedy tokens, Mistral's sliding window included."""
@@ -116,6 +140,7 @@ def test_static_decode_matches_hf(hf_model):
     from millis.gen.models.layers import make_batch
 
     kind, model, d = hf_model
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "1")  # the torch model (as on a GPU)
     eng = open_engine(str(d), EngineConfig(max_batch=4, max_seq=64))
     with pytest.raises(MillisError, match="CUDA"):
         GraphedDecode(eng.model, eng.max_batch, eng.max_seq)  # capture needs CUDA

@@ -49,15 +49,21 @@ class Millis(Base):
         from millis.gen import EngineConfig, SamplingParams, open_engine
         from millis.gen.engine import run_all
         self.torch, self.SamplingParams, self.run_all = torch, SamplingParams, run_all
-        variant = self.precision
+        variant = self.precision  # fp32 | int8 (native C step) | fp32-torch | int8-torch | bf16 (torch)
+        if variant == "fp32-torch":
+            os.environ["MILLIS_NO_KERNELS"] = "1"  # the torch model in fp32 (millis.gen.load.runs_native)
         dtype = "bf16" if variant == "bf16" else "fp32"
-        quant = "int8" if variant == "int8" else "none"
+        quant = variant if variant in ("int8", "int8-torch") else "none"
         self.eng = open_engine(self.a.model_dir, EngineConfig(
             max_batch=self.a.max_batch, max_seq=self.a.max_seq, dtype=dtype, quant=quant, threads=self.threads,
             device=self.a.device, max_prefills_per_step=self.a.max_batch))
 
     def generate(self, prompts, n):
         return self.run_all(self.eng, prompts, self.SamplingParams(max_tokens=n, ignore_eos=True))
+
+    def extra_info(self):
+        m = self.eng.model
+        return {"runtime": type(m).__name__, "isa": getattr(m, "isa", None)}
 
 
 @system("hf")

@@ -66,7 +66,7 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     from millis.gen.models.gpt2 import GPT2
     from millis.gen.models.llama import Llama
 
-    if engine.quant == "int8" and isinstance(cfg, LlamaConfig) and engine.device == "cpu":
+    if runs_native(engine):
         return native_from_state(cfg, sd, tok, source, engine)
 
     if engine.device == "cuda" and not torch.cuda.is_available():
@@ -122,7 +122,7 @@ def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
                    g.chat_template, g.special_tokens)
 
 
-def _native(c: LlamaConfig, tensors: dict, neox: bool, tok, source: str, engine: EngineConfig,
+def _native(c: ModelConfig, tensors: dict, neox: bool, tok, source: str, engine: EngineConfig,
             template: str | None = None, special: dict | None = None) -> Loaded:
     from millis.gen.models.native_llama import NativeLlama, kv_bytes_per_token
 
@@ -160,7 +160,9 @@ def int8_matrices(tensors: dict) -> dict:
 
     out = {}
     for name, t in tensors.items():
-        if len(t.shape) == 2 and t.qtype == "Q8_0":
+        if name == "position_embd.weight":  # GPT-2's position table: added to the embedding, not a matmul
+            pass
+        elif len(t.shape) == 2 and t.qtype == "Q8_0":
             t = Weight(INT8, tuple(t.shape), t.data)
         elif len(t.shape) == 2 and t.qtype in ("F32", "F16", "BF16") and t.shape[1] % 32 == 0:
             w = np.asarray(t.data, dtype=np.float32) if t.qtype == "F32" else dequantize(t).numpy()
@@ -172,11 +174,31 @@ def int8_matrices(tensors: dict) -> dict:
     return out
 
 
-def native_from_state(c: LlamaConfig, sd: dict[str, torch.Tensor], tok, source: str, engine: EngineConfig) -> Loaded:
-    """A Llama state dict in millis's layout (HF rotate_half RoPE, fused wqkv / w13) on the native
-    kernels with millis's int8 weights: `--quant int8` for HF and llama2.c Llama-family models."""
-    f32 = lambda x: Weight("F32", tuple(x.shape), x.detach().float().contiguous().numpy())  # noqa: E731
-    qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+def runs_native(engine: EngineConfig) -> bool:
+    """The one rule for HF and llama2.c models: on the CPU, fp32 and millis's int8 run on millis's C step
+    (GGUF-layout tensors, paged KV cache); torch runs bf16, int8-torch, CUDA, and fp32 when the native
+    kernels are off (MILLIS_NO_KERNELS). GGUF files always run native."""
+    from millis.gen.kernels.native import native_isa
+
+    if engine.device != "cpu":
+        return False
+    return engine.quant == "int8" or (engine.quant == "none" and engine.dtype == "fp32" and native_isa() is not None)
+
+
+def native_from_state(c: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engine: EngineConfig) -> Loaded:
+    """A state dict in millis's layout (models/llama.py, models/gpt2.py) on the native kernels: its fp32
+    matrices as they are, or as millis's int8 with `--quant int8`."""
+    t = (gpt2_tensors if isinstance(c, GPT2Config) else llama_tensors)(c, sd)
+    return _native(c, int8_matrices(t) if engine.quant == "int8" else t, True, tok, source, engine)
+
+
+def f32_weight(x: torch.Tensor) -> Weight:
+    return Weight("F32", tuple(x.shape), x.detach().float().contiguous().numpy())
+
+
+def llama_tensors(c: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, Weight]:
+    """millis's Llama layout (HF rotate_half RoPE, fused wqkv / w13) -> GGUF tensor names."""
+    f32, qd, kd = f32_weight, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     t = {"token_embd.weight": f32(sd["tok_emb.weight"]), "output_norm.weight": f32(sd["norm.weight"])}
     if not c.tie_head:
         t["output.weight"] = f32(sd["head.weight"])
@@ -192,7 +214,26 @@ def native_from_state(c: LlamaConfig, sd: dict[str, torch.Tensor], tok, source: 
                   b + "ffn_up.weight": f32(up), b + "ffn_down.weight": f32(sd[p + "ffn.w2.weight"]),
                   b + "attn_norm.weight": f32(sd[p + "attn_norm.weight"]),
                   b + "ffn_norm.weight": f32(sd[p + "ffn_norm.weight"])})
-    return _native(c, int8_matrices(t), True, tok, source, engine)
+    return t
+
+
+def gpt2_tensors(c: GPT2Config, sd: dict[str, torch.Tensor]) -> dict[str, Weight]:
+    """millis's GPT-2 layout (Linear (out, in), fused wqkv) -> GGUF-style names, LayerNorm biases beside."""
+    f32 = f32_weight
+    t = {"token_embd.weight": f32(sd["wte.weight"]), "position_embd.weight": f32(sd["wpe.weight"]),
+         "output_norm.weight": f32(sd["ln_f.weight"]), "output_norm.bias": f32(sd["ln_f.bias"])}
+    if not c.tie_head:
+        t["output.weight"] = f32(sd["head.weight"])
+    names = {"attn.wo": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down", "ln_1": "attn_norm",
+             "ln_2": "ffn_norm"}
+    for i in range(c.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        for part in ("weight", "bias"):
+            for name, w in zip(("attn_q", "attn_k", "attn_v"), sd[p + "attn.wqkv." + part].split(c.dim)):
+                t[b + name + "." + part] = f32(w)
+            for src, dst in names.items():
+                t[b + dst + "." + part] = f32(sd[p + src + "." + part])
+    return t
 
 
 # ---------------------------------------------------------------------------- HF directories

@@ -1,11 +1,13 @@
-/* One forward pass of a Llama-family decoder (llama, mistral, qwen2) in one C call: a flat batch of
-   n tokens, each (id, position, slot), prefill and decode alike; logits of the chosen rows.
+/* One forward pass of a Llama-family decoder (llama, mistral, qwen2) or of GPT-2 in one C call: a flat
+   batch of n tokens, each (id, position, slot), prefill and decode alike; logits of the chosen rows.
    Threads: pool.c (no barriers; a thread another process preempts does not stall the step).
 
    Per layer: RMSNorm -> Q, K, V (one work split over the three matrices) -> bias, RoPE, K/V written
    to the paged cache -> attention over the slot's positions -> O (+ residual) -> RMSNorm -> gate and
    up (one split) -> SiLU * up -> down (+ residual). Ten pool jobs per layer in one C call (not one
-   Python dispatch per op). Matrices are split by chunks of output rows; per-token ops by token.
+   Python dispatch per op). GPT-2: LayerNorms, learned positions added to the embedding instead of RoPE,
+   GELU(up + bias) instead of SwiGLU, O's and down's biases added to the residual before their matmuls.
+   Matrices are split by chunks of output rows; per-token ops by token.
 
    KV cache (paged, fp32): k_pool / v_pool (n_layers, n_blocks, n_kv, block_size, head_dim); position p
    of slot s lives in block block_table[s * table_stride + p / block_size]. Python allocates the
@@ -23,8 +25,9 @@
 
 typedef struct {
     const float *attn_norm, *ffn_norm;          /* (dim,) */
-    const float *bq, *bk, *bv;                  /* qwen2 biases or NULL */
-    mat q, k, v, o, gate, up, down;
+    const float *bq, *bk, *bv;                  /* qwen2 / gpt2 biases or NULL */
+    mat q, k, v, o, gate, up, down;             /* gpt2: no gate (rows 0) */
+    const float *attn_norm_b, *ffn_norm_b, *bo, *bup, *bdown;  /* gpt2: LayerNorm and projection biases */
 } layer_w;
 
 typedef struct {
@@ -40,6 +43,8 @@ typedef struct {
     const int32_t* block_table;
     int64_t table_stride;
     int32_t act16;                              /* matrices are T_Q8_0_X16: int16 activation blocks */
+    int32_t gpt2;      /* GPT-2: LayerNorm with biases, learned positions (no RoPE), GELU(up) MLP, biases */
+    const float *pos_emb, *out_norm_b;          /* gpt2: (max_pos, dim) positions; the final LayerNorm's bias */
 } model_w;
 
 typedef struct {   /* buffers for up to n_max tokens */
@@ -47,91 +52,7 @@ typedef struct {   /* buffers for up to n_max tokens */
     void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with act16 */
 } scratch_w;
 
-#ifdef __AVX2__
-static inline __m256 exp256(__m256 x) {  /* Cephes expf, ~1 ulp on [-88, 88] */
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
-
-static inline float dotf(const float* a, const float* b, int n) {
-    int i = 0; float r = 0.f;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    r = hsum8(acc);
-#endif
-    for (; i < n; i++) r += a[i] * b[i];
-    return r;
-}
-
-static inline void axpy(float* y, float a, const float* x, int n) {  /* y += a * x */
-    int i = 0;
-#ifdef __AVX2__
-    const __m256 av = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-/* x[i] = exp(x[i] - mx); returns the sum */
-static float exp_shift(float* x, int n, float mx) {
-    int i = 0; float sum = 0.f;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
-        _mm256_storeu_ps(x + i, e); acc = _mm256_add_ps(acc, e);
-    }
-    sum = hsum8(acc);
-#endif
-    for (; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
-    return sum;
-}
-
-static void silu_mul(float* g, const float* u, int n) {  /* g = g * sigmoid(g) * u */
-    int i = 0;
-#ifdef __AVX2__
-    for (; i + 8 <= n; i += 8) {
-        __m256 gv = _mm256_loadu_ps(g + i);
-        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-}
-
-static void rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
-    float ss = dotf(x, x, n) / (float)n;
-    const float r = 1.f / sqrtf(ss + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
-}
-
-static void rope(float* v, int n_heads, int hd, const float* c, const float* s, int neox) {
-    const int half = hd / 2;
-    for (int h = 0; h < n_heads; h++) {
-        float* x = v + h * hd;
-        for (int i = 0; i < half; i++) {
-            const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-            const float x0 = x[a], x1 = x[b];
-            x[a] = x0 * c[i] - x1 * s[i];
-            x[b] = x0 * s[i] + x1 * c[i];
-        }
-    }
-}
+#include "step_math.h"
 
 static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p, int g) {
     const int64_t blk = m->block_table[(int64_t)slot * m->table_stride + p / m->block_size];
@@ -281,15 +202,21 @@ static void quant_row(const step_ctx* c, const float* x, int64_t K, int64_t t) {
 static void op_embed(void* p, int64_t t) {
     const step_ctx* c = p; const model_w* m = c->m;
     dequant_row(m->tok_emb.type, m->tok_emb.data + c->ids[t] * m->tok_emb.row_bytes, m->dim, c->s->x + t * m->dim);
+    if (m->pos_emb) add_bias(c->s->x + t * m->dim, m->pos_emb + (int64_t)c->pos[t] * m->dim, m->dim);
+}
+/* RMSNorm, or GPT-2's LayerNorm when the norm has a bias */
+static void norm(const model_w* m, const float* x, const float* w, const float* b, float* out) {
+    if (b) layernorm(x, w, b, m->dim, m->eps, out);
+    else rmsnorm(x, w, m->dim, m->eps, out);
 }
 static void op_attn_norm(void* p, int64_t t) {
     const step_ctx* c = p; const int D = c->m->dim;
-    rmsnorm(c->s->x + t * D, c->w->attn_norm, D, c->m->eps, c->s->h + t * D);
+    norm(c->m, c->s->x + t * D, c->w->attn_norm, c->w->attn_norm_b, c->s->h + t * D);
     quant_row(c, c->s->h + t * D, D, t);
 }
 static void op_ffn_norm(void* p, int64_t t) {
     const step_ctx* c = p; const int D = c->m->dim;
-    rmsnorm(c->s->x + t * D, c->w->ffn_norm, D, c->m->eps, c->s->h + t * D);
+    norm(c->m, c->s->x + t * D, c->w->ffn_norm, c->w->ffn_norm_b, c->s->h + t * D);
     quant_row(c, c->s->h + t * D, D, t);
 }
 static void op_rope_store(void* p, int64_t t) {
@@ -297,10 +224,12 @@ static void op_rope_store(void* p, int64_t t) {
     const int HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
     float *q = s->q + t * QD, *k = s->k + t * KD, *v = s->v + t * KD;
     add_bias(q, w->bq, QD); add_bias(k, w->bk, KD); add_bias(v, w->bv, KD);
-    const float* cs = m->rope_cos + (int64_t)c->pos[t] * (HD / 2);
-    const float* sn = m->rope_sin + (int64_t)c->pos[t] * (HD / 2);
-    rope(q, m->n_heads, HD, cs, sn, m->rope_neox);
-    rope(k, m->n_kv, HD, cs, sn, m->rope_neox);
+    if (!m->gpt2) {
+        const float* cs = m->rope_cos + (int64_t)c->pos[t] * (HD / 2);
+        const float* sn = m->rope_sin + (int64_t)c->pos[t] * (HD / 2);
+        rope(q, m->n_heads, HD, cs, sn, m->rope_neox);
+        rope(k, m->n_kv, HD, cs, sn, m->rope_neox);
+    }
     for (int g = 0; g < m->n_kv; g++) {
         memcpy(kv_at(m, m->k_pool, c->l, c->slots[t], c->pos[t], g), k + g * HD, sizeof(float) * HD);
         memcpy(kv_at(m, m->v_pool, c->l, c->slots[t], c->pos[t], g), v + g * HD, sizeof(float) * HD);
@@ -320,16 +249,19 @@ static void op_attend(void* p, int64_t th) {  /* one job per (token, KV head): i
 }
 static void op_quant_att(void* p, int64_t t) {
     const step_ctx* c = p; const int QD = c->m->n_heads * c->m->head_dim;
+    add_bias(c->s->x + t * c->m->dim, c->w->bo, c->m->dim);  /* O's bias, into the residual O adds to */
     quant_row(c, c->s->att + t * QD, QD, t);
 }
 static void op_swiglu(void* p, int64_t t) {
     const step_ctx* c = p; const int H = c->m->hidden;
-    silu_mul(c->s->g + t * H, c->s->u + t * H, H);
+    if (c->m->gpt2) bias_gelu(c->s->g + t * H, c->w->bup, H);  /* g = up x: gelu(g + b) */
+    else silu_mul(c->s->g + t * H, c->s->u + t * H, H);
+    add_bias(c->s->x + t * c->m->dim, c->w->bdown, c->m->dim);  /* down's bias, into the residual */
     quant_row(c, c->s->g + t * H, H, t);
 }
 static void op_out_norm(void* p, int64_t r) {
     const step_ctx* c = p; const int D = c->m->dim;
-    rmsnorm(c->s->x + (int64_t)c->out_rows[r] * D, c->m->out_norm, D, c->m->eps, c->s->h + r * D);
+    norm(c->m, c->s->x + (int64_t)c->out_rows[r] * D, c->m->out_norm, c->m->out_norm_b, c->s->h + r * D);
     quant_row(c, c->s->h + r * D, D, r);
 }
 
@@ -363,8 +295,8 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
         TIMED(P_NORM, pool_run(op_ffn_norm, &c, n));
-        { const mat* W[2] = {&w->gate, &w->up}; float* Y[2] = {s->g, s->u}; const int64_t ld[2] = {H, H};
-          TIMED(P_FFN_UP, mm_run(2, W, Y, ld, 0, s->xq, s->h, n)); }
+        { const mat* W[2] = {m->gpt2 ? &w->up : &w->gate, &w->up}; float* Y[2] = {s->g, s->u}; const int64_t ld[2] = {H, H};
+          TIMED(P_FFN_UP, mm_run(m->gpt2 ? 1 : 2, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_SWIGLU, pool_run(op_swiglu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->g, n)); }

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from millis.common.errors import MillisError
-from millis.gen.config import LlamaConfig
+from millis.gen.config import GPT2Config, ModelConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
@@ -43,7 +43,8 @@ class Mat(ctypes.Structure):
 
 class LayerW(ctypes.Structure):
     _fields_ = [("attn_norm", P), ("ffn_norm", P), ("bq", P), ("bk", P), ("bv", P)] + [
-        (n, Mat) for n in ("q", "k", "v", "o", "gate", "up", "down")]
+        (n, Mat) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        (n, P) for n in ("attn_norm_b", "ffn_norm_b", "bo", "bup", "bdown")]
 
 
 class ModelW(ctypes.Structure):
@@ -51,14 +52,20 @@ class ModelW(ctypes.Structure):
                                    "rope_neox", "window", "block_size")] + [
         ("eps", F), ("attn_scale", F), ("rope_cos", P), ("rope_sin", P), ("max_pos", I64),
         ("tok_emb", Mat), ("head", Mat), ("out_norm", P), ("layers", P), ("k_pool", P), ("v_pool", P),
-        ("n_blocks", I64), ("block_table", P), ("table_stride", I64), ("act16", I32)]
+        ("n_blocks", I64), ("block_table", P), ("table_stride", I64), ("act16", I32), ("gpt2", I32),
+        ("pos_emb", P), ("out_norm_b", P)]
 
 
 class ScratchW(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "h", "q", "k", "v", "att", "g", "u", "xq")]
 
 
-def kv_bytes_per_token(c: LlamaConfig) -> int:
+def hidden_of(c: ModelConfig) -> int:
+    """The MLP's inner width: SwiGLU's intermediate size, or GPT-2's 4 x dim."""
+    return 4 * c.dim if isinstance(c, GPT2Config) else c.hidden_dim
+
+
+def kv_bytes_per_token(c: ModelConfig) -> int:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, fp32
 
 
@@ -91,7 +98,7 @@ class NativeLlama:
     """A GGUF-layout Llama run by the C forward. `tensors`: GGUF names -> objects with `qtype`,
     `shape` ((rows, cols) or (n,)) and `data` (numpy: block bytes (rows, row_bytes) or fp32)."""
 
-    def __init__(self, c: LlamaConfig, tensors: dict, rope_neox: bool, max_batch: int, max_seq: int,
+    def __init__(self, c: ModelConfig, tensors: dict, rope_neox: bool, max_batch: int, max_seq: int,
                  kv_bytes: int, threads: int, block_size: int = 32) -> None:
         from millis.gen.kernels.native import build, native_isa
 
@@ -110,32 +117,41 @@ class NativeLlama:
         self.max_batch, self.max_seq = max_batch, max_seq
         self.keep: list = []  # every array a pointer refers to
         get = lambda n: self._tensor(tensors, n)  # noqa: E731
+        vec = lambda n: self._vec(get(n))  # noqa: E731
+        gpt2 = isinstance(c, GPT2Config)  # LayerNorms, learned positions, GELU MLP, biases everywhere
         layers = (LayerW * c.n_layers)()
         for i in range(c.n_layers):
             L, b = layers[i], f"blk.{i}."
-            L.attn_norm, L.ffn_norm = self._vec(get(b + "attn_norm.weight")), self._vec(get(b + "ffn_norm.weight"))
-            for f, n in (("bq", "attn_q.bias"), ("bk", "attn_k.bias"), ("bv", "attn_v.bias")):
-                setattr(L, f, self._vec(tensors[b + n]) if c.qkv_bias else None)
+            L.attn_norm, L.ffn_norm = vec(b + "attn_norm.weight"), vec(b + "ffn_norm.weight")
+            biases = ("bq", "attn_q"), ("bk", "attn_k"), ("bv", "attn_v")
+            if gpt2:
+                biases += ("attn_norm_b", "attn_norm"), ("ffn_norm_b", "ffn_norm"), ("bo", "attn_output"), \
+                          ("bup", "ffn_up"), ("bdown", "ffn_down")
+            for f, n in biases if gpt2 or c.qkv_bias else ():
+                setattr(L, f, vec(b + n + ".bias"))
             for f, n in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
                          ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
-                setattr(L, f, self._matrix(get(b + n + ".weight"), b + n))
-        self.layers = layers
+                if not (gpt2 and f == "gate"):
+                    setattr(L, f, self._matrix(get(b + n + ".weight"), b + n))
+        self.layers, self.hidden = layers, hidden_of(c)
         head = tensors.get("output.weight") or get("token_embd.weight")
-        cos, sin = self._rope(c, max_seq)
+        cos, sin = (np.zeros((1, 1), np.float32),) * 2 if gpt2 else self._rope(c, max_seq)
         n_blocks = max(1, kv_bytes // (kv_bytes_per_token(c) * block_size))
         self.kv = PagedKV(n_blocks, block_size, max_batch, max_seq)
         pool = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
         self.k_pool, self.v_pool = np.empty(pool, np.float32), np.empty(pool, np.float32)
         self.m = ModelW(
             n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv=c.n_kv_heads, head_dim=c.head_dim,
-            hidden=c.hidden_dim, vocab=c.vocab_size, rope_neox=int(rope_neox), window=c.sliding_window,
-            block_size=block_size, eps=c.norm_eps, attn_scale=1.0 / math.sqrt(c.head_dim),
-            rope_cos=cos.ctypes.data, rope_sin=sin.ctypes.data, max_pos=max_seq,
-            tok_emb=self._matrix(get("token_embd.weight"), "token_embd", pack=False), head=self._matrix(head, "output"),
-            out_norm=self._vec(get("output_norm.weight")), layers=ctypes.addressof(layers),
+            hidden=self.hidden, vocab=c.vocab_size, rope_neox=int(rope_neox),
+            window=getattr(c, "sliding_window", 0), block_size=block_size, eps=c.norm_eps,
+            attn_scale=1.0 / math.sqrt(c.head_dim), rope_cos=cos.ctypes.data, rope_sin=sin.ctypes.data,
+            max_pos=max_seq, tok_emb=self._matrix(get("token_embd.weight"), "token_embd", pack=False),
+            head=self._matrix(head, "output"), out_norm=vec("output_norm.weight"), layers=ctypes.addressof(layers),
             k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
             block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1],
-            act16=int(self._activations(tensors) == INT8))
+            act16=int(self._activations(tensors) == INT8), gpt2=int(gpt2),
+            pos_emb=vec("position_embd.weight") if gpt2 else None,
+            out_norm_b=vec("output_norm.bias") if gpt2 else None)
         self.keep += [cos, sin]
         self._scratch_n = 0
 
@@ -179,7 +195,7 @@ class NativeLlama:
         return packed
 
     @staticmethod
-    def _rope(c: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rope(c: ModelConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
         freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), rope_inv_freq(c).float())  # (S, hd/2)
         return np.ascontiguousarray(freqs.cos().numpy()), np.ascontiguousarray(freqs.sin().numpy())
 
@@ -187,10 +203,10 @@ class NativeLlama:
         if n > self._scratch_n:
             c = self.config
             qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-            widest = max(c.dim, qd, c.hidden_dim)
+            widest = max(c.dim, qd, self.hidden)
             self._bufs = {k: np.empty(n * w, np.float32) for k, w in (
-                ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", c.hidden_dim),
-                ("u", c.hidden_dim))}
+                ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", self.hidden),
+                ("u", self.hidden))}
             per_block = X16BLOCK_BYTES if self.m.act16 else XBLOCK_BYTES
             self._bufs["xq"] = np.empty(n * (widest // 32 + 1) * per_block, np.uint8)  # per 32 values
             self._sw = ScratchW(**{k: v.ctypes.data for k, v in self._bufs.items()})

@@ -1,0 +1,46 @@
+"""The machine's read bandwidth, the ceiling of a batch-1 decode step (it reads every weight once):
+bench/generation.py and bench/generation_gguf.py report each system's GB/s as a share of it."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def measure_bandwidth(mib: int, threads: int, work: Path) -> dict:
+    """Read bandwidth (GB/s, best of 5) of a `mib` MiB float32 reduction: numpy a.sum() on 1 thread and on
+    `threads` threads (one half each: numpy releases the GIL), and a C loop (cc -O3 -fopenmp) when cc works."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones((mib << 20) // 4, np.float32)  # written once: every page is resident
+    parts = np.array_split(a, threads)
+
+    def best(f):
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+        return round(a.nbytes / min(t) / 1e9, 2)
+    out = {"bytes": a.nbytes, "numpy_1": best(a.sum)}
+    with ThreadPoolExecutor(threads) as ex:
+        out[f"numpy_{threads}"] = best(lambda: list(ex.map(np.sum, parts)))
+    src, lib = work / "bw.c", work / "bw.so"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("double bw_sum(const float *a, long n, int t) { float s = 0.f;\n"
+                   "#pragma omp parallel for num_threads(t) reduction(+:s) schedule(static)\n"
+                   "for (long i = 0; i < n; i++) s += a[i];\nreturn s; }\n")
+    r = subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", str(src),
+                        "-o", str(lib)], check=False, capture_output=True, text=True)
+    if r.returncode == 0:
+        import ctypes
+        c = ctypes.CDLL(str(lib))
+        c.bw_sum.restype, c.bw_sum.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        for t in sorted({1, threads}):
+            out[f"c_{t}"] = best(lambda t=t: c.bw_sum(a.ctypes.data, a.size, t))
+    else:
+        out["c_error"] = r.stderr[-300:]
+    out["gbps"] = max(v for k, v in out.items() if k.startswith(("numpy_", "c_")) and isinstance(v, float))
+    return out
