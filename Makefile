@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,19 @@ demo: $(STAMP)
 	$(VENV)/bin/millis predict artifacts/minilm "where is my card?" "I lost my card yesterday"
 	$(VENV)/bin/millis generate builtin:smollm2 --chat --prompt "What is the capital city of France? Answer in one sentence." --max-tokens 32
 
-test: $(STAMP)
+# Browser tests (tests/browser.py) drive a headless Chromium: install Debian's package when it is missing and
+# we can (root with apt-get); never fail here, the browser tests skip themselves without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || true; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || echo "chromium is not installed and could not be: browser tests will be skipped"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

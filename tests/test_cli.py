@@ -215,6 +215,7 @@ OLD_FLAGS = {
     "eval": "model --data --text-col --label-col --limit --threads --json",
     "info": "artifact --json",
     "predict": "artifact texts --threads",
+    "report": "artifact --out",
     "serve": "artifact --host --port --model-name --max-batch --max-batch-tokens --max-wait-ms --max-queue "
              "--max-inputs --max-body-bytes --too-long --request-timeout-s --threads --device --warmup --no-warmup "
              "--shutdown-timeout-s --log-level --chat-template --max-tokens --max-seq --dtype --quant",

@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from millis.cli import artifact, evaluate, generate, optimize, serve, train
+from millis.cli import artifact, evaluate, generate, optimize, report, serve, train
 from millis.cli.flags import Command, parse
 from millis.common.errors import MillisError
 
 COMMANDS: tuple[Command, ...] = (optimize.COMMAND, train.TRAIN, train.DISTILL, train.PRUNE, evaluate.COMMAND,
-                                 artifact.INFO, artifact.PREDICT, serve.SERVE, serve.BENCH, generate.COMMAND)
+                                 artifact.INFO, artifact.PREDICT, report.COMMAND, serve.SERVE, serve.BENCH,
+                                 generate.COMMAND)
 
 
 def config_from_argv(argv: list[str]) -> tuple[Command, Any]:

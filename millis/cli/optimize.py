@@ -40,7 +40,7 @@ def run(cfg: OptimizeConfig) -> int:
             status.update(msg)
         out = optimize(cfg, progress)
     print((out / "report.md").read_text())
-    print(f"artifact: {out}")
+    print(f"artifact: {out} (report.html: the same with charts)")
     return 0
 
 

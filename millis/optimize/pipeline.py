@@ -14,6 +14,7 @@ from millis.artifact import store as artifact
 from millis.artifact.meta import ArtifactMeta, Hardware, Measured, SourceMeta, VariantRecipe
 from millis.common.schema import from_dict
 from millis.optimize import report
+from millis.optimize.report_html import write_html_report
 from millis.optimize.config import OptimizeConfig
 from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
@@ -198,4 +199,6 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
         return meta
 
     progress(f"writing artifact to {cfg.out}")
-    return artifact.write(Path(cfg.out), fill)
+    out = artifact.write(Path(cfg.out), fill)
+    write_html_report(out)  # after the hashing: a view of report.json that `millis report` may rewrite
+    return out
