@@ -261,7 +261,7 @@ def test_each_unscoped_variable_has_one_meaning():
 def test_training_progress_reaches_a_log_file():
     """Output that is not a terminal gets a plain line per 5% of an epoch (loss, rate, ETA), not a silent
     progress bar; each epoch starts counting again."""
-    from millis.cli.train import StepLog
+    from millis.train.step_log import StepLog
 
     log = StepLog(every=0.05)
     lines = [log.line({"step": s, "epoch": 1, "loss": 0.5, "rows_per_s": 100.0}, 200) for s in range(1, 201)]
@@ -271,3 +271,19 @@ def test_training_progress_reaches_a_log_file():
     log.restart()
     assert log.line({"step": 3, "epoch": 2, "loss": 0.4, "rows_per_s": 90.0}, 40) is not None  # 7.5% of epoch 2
     assert log.line({"step": 1, "epoch": 1, "loss": 0.4, "rows_per_s": 90.0}, 1000) is None
+
+
+def test_optimize_compression_progress_has_step_lines():
+    """`millis optimize --compress`: the students' training reports a line per 5% of an epoch too."""
+    from millis.optimize.compress import training_lines
+
+    said: list[str] = []
+    on = training_lines("student-3l", said.append)
+    on("start", {"rows": 400, "steps_per_epoch": 40})
+    for s in range(1, 41):
+        on("step", {"step": s, "epoch": 1, "loss": 0.3, "rows_per_s": 50.0})
+    on("epoch", {"epoch": 1, "train_loss": 0.3, "val_accuracy": 0.9, "seconds": 8.0})
+    steps = [x for x in said if "% (" in x]
+    assert said[0] == "compress student-3l: training on 400 rows" and len(steps) == 20
+    assert steps[0].startswith("compress student-3l: epoch 1: 5% (2/40 steps), loss 0.3000, 50 rows/s")
+    assert said[-1].startswith("compress student-3l: epoch 1, loss 0.3000, val_accuracy 0.9000")

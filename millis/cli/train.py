@@ -5,7 +5,6 @@ given override it. Each command's own flags (the positional model, `--out`, `--p
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ from millis.common.config import flag
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
 from millis.train.distill import DISTILL_PRESETS, STUDENT_DIR, DistillConfig, distill_config
 from millis.train.prune import PRUNE_PRESETS, PRUNED_DIR, PruneConfig, prune_config
+from millis.train.step_log import StepLog
 
 PRESET_HELP = "named schedule: {}; the flags given override it"
 
@@ -68,28 +68,6 @@ def prune_config_of(given: Given) -> PruneConfig:
     own, schedule = given.build(PruneFlags), given.of(TrainConfig)
     return prune_config(own.source, schedule.pop("data"), own.preset, out=own.out, train=schedule,
                         **given.of(PruneConfig))
-
-
-class StepLog:
-    """Progress as plain lines, for output that is not a terminal (a log file sees no progress bar): a line
-    each time an epoch passes another `every` of its steps, with loss, rate and the epoch's ETA."""
-
-    def __init__(self, every: float = 0.05) -> None:
-        self.every = every
-        self.restart()
-
-    def restart(self) -> None:
-        self.t0, self.next = time.monotonic(), self.every
-
-    def line(self, f: dict, total: int) -> str | None:
-        done = f["step"] / max(total, 1)
-        if done < self.next:
-            return None
-        self.next = (int(done / self.every + 1e-9) + 1) * self.every
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed * (1 - done) / done if done > 0 else 0.0
-        return (f"epoch {f['epoch']}: {100 * done:.0f}% ({f['step']}/{total} steps), loss {f['loss']:.4f}, "
-                f"{f['rows_per_s']:.0f} rows/s, epoch ETA {eta:.0f} s")
 
 
 def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int:

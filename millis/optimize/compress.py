@@ -139,7 +139,7 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
                 continue
             dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split),
                                  layers=n, task="embed" if task == "embed" else "")
-            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, _relay(r.name, progress)))))
+            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, training_lines(r.name, progress)))))
         if r.drop_layers >= model.num_layers:
             progress(f"compress: skipping {r.name}: cannot drop {r.drop_layers} of {model.num_layers} layers")
             continue
@@ -147,19 +147,28 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             pcfg = PruneConfig(train=train_config(str(model.path), data, text_col=tcol, label_col=lcol,
                                                   **{**PRUNE_PRESETS["default"], **split}),
                                heads=r.heads, ffn=r.ffn, layers=r.drop_layers)
-            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, _relay(r.name, progress)))))
+            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, training_lines(r.name, progress)))))
         if not compress_data:
             check_same_holdout(src.path, model.path)
         out.append((r, model.path))
     return out
 
 
-def _relay(name: str, progress: Callable[[str], None]):
-    """Training events -> one line per epoch in optimize's progress."""
+def training_lines(name: str, progress: Callable[[str], None]):
+    """Training events -> optimize's progress: a line per 5% of an epoch (loss, rate, ETA) and per epoch."""
+    from millis.train.step_log import StepLog
+
+    steps, total = StepLog(), [1]
+
     def on(event: str, f: dict[str, Any]) -> None:
         if event == "start":
             progress(f"compress {name}: {f.get('what', 'training')} on {f['rows']} rows")
+            total[0] = f.get("steps_per_epoch", 1)
+            steps.restart()
+        elif event == "step" and (line := steps.line(f, total[0])):
+            progress(f"compress {name}: {line}")
         elif event == "epoch":
+            steps.restart()
             score = next((k for k in ("val_accuracy", "val_cosine") if k in f), None)
             progress(f"compress {name}: epoch {f['epoch']}, loss {f['train_loss']:.4f}"
                      + (f", {score} {f[score]:.4f}" if score else "") + f", {f['seconds']:.0f} s")
