@@ -131,6 +131,7 @@ class LatencyStats:
     rows_per_s: float
     round_p50_ms: tuple[float, ...] = optional(())  # each interleaved round's own p50
     spread: float | None = optional()               # slowest round's p50 over the fastest's, minus 1
+    cdf_ms: tuple[float, ...] = optional(())        # the latency at 0%, 5%, ..., 100% of calls (21 values)
 
 
 @dataclass(frozen=True)

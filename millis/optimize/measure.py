@@ -31,7 +31,8 @@ def stats(samples_ms: list[float], batch: int, round_p50s: list[float] | None = 
     spread = max(rounds) / min(rounds) - 1 if rounds and min(rounds) > 0 else 0.0
     return {"p50_ms": p50, "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)),
             "mean_ms": float(a.mean()), "n": int(a.size), "rows_per_s": batch * 1000.0 / p50,
-            "round_p50_ms": rounds, "spread": round(spread, 4)}
+            "round_p50_ms": rounds, "spread": round(spread, 4),
+            "cdf_ms": [round(float(x), 4) for x in np.percentile(a, np.arange(0, 101, 5))]}
 
 
 def paired_ratio(ref_rounds: list[float], rounds: list[float]) -> tuple[float, float, float] | None:

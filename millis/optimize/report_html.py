@@ -25,7 +25,16 @@ from millis.optimize.svg import esc
 
 REPORT = "report.json"
 HTML = "report.html"
-CDF_LEVELS = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))  # what report.json keeps per cell
+CDF_LEVELS = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))  # reports written before cdf_ms
+
+
+def cdf_points(c: dict[str, Any]) -> list[tuple[float, float]]:
+    """(ms, share of calls at or below): the 21 stored levels 0%, 5%, ..., 100% (`cdf_ms`), or the
+    p50 / p95 / p99 of a report written before them."""
+    if c.get("cdf_ms"):
+        n = len(c["cdf_ms"]) - 1
+        return [(x, i / n) for i, x in enumerate(c["cdf_ms"]) if math.isfinite(x)]
+    return [(c[k], q) for k, q in CDF_LEVELS if k in c and math.isfinite(c[k])]
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1200px;
  padding:0 1em;color:#222}
@@ -124,16 +133,17 @@ def pareto_chart(rep: dict[str, Any], budget: dict[str, Any]) -> str:
 
 
 def cdf_chart(rep: dict[str, Any], shape: str) -> str:
-    """A latency CDF at `shape` per variant, from the percentiles report.json stores (no raw samples)."""
+    """A latency CDF at `shape` per variant, from the quantiles report.json stores (no raw samples)."""
     rows, chosen = rep["variants"], rep.get("chosen", "")
     cells = [(i, r, r["latency"][shape]) for i, r in enumerate(rows) if shape in (r.get("latency") or {})]
-    xs = [c[k] for _, _, c in cells for k, _ in CDF_LEVELS if k in c]
+    xs = [x for _, _, c in cells for x, _ in cdf_points(c)]
+    full = all(c.get("cdf_ms") for _, _, c in cells)
     f = svg.frame(f"cdf-{shape}", f"latency CDF at {shape}", "ms per call (log)", "share of calls at or below",
-                  svg.value_range(xs, log=True), (0.45, 1.0), x_log=True, width=760, height=360, right=220)
+                  svg.value_range(xs, log=True), (0.0 if full else 0.45, 1.0), x_log=True, width=760, height=360, right=220)
     body, entries, points = [], [], 0
     for i, r, c in cells:
         color, star = color_of(r, chosen, i), r["name"] == chosen
-        level = [(c[k], q) for k, q in CDF_LEVELS if k in c and math.isfinite(c[k])]
+        level = cdf_points(c)
         # a step CDF: flat until the next stored percentile, then up to its share
         steps = [(f.x.at(x), f.y.at(q)) for x, q in level]
         path = [p for a, b in zip(steps, steps[1:]) for p in (a, (b[0], a[1]))] + steps[-1:]
@@ -144,10 +154,10 @@ def cdf_chart(rep: dict[str, Any], shape: str) -> str:
             points += 1
         entries.append((r["name"] + (" (chosen)" if star else "" if r.get("ok") else " (rejected)"), color))
     body += svg.legend(f, entries)
+    kept = ("the latency at every 5% of calls (0% = fastest, 100% = slowest)" if full else
+            "p50, p95 and p99 only (a step CDF from 50% up: this report predates the 5% levels)")
     caption = (f"Latency at {shape}, per variant (dashed: outside the budget or rejected). report.json keeps "
-               f"percentiles, not every call, so each line "
-               f"joins the stored p50, p95 and p99 (a step CDF from 50% up; the share of calls below p50 "
-               f"is not stored). Calls per variant in the point tooltips.")
+               f"{kept}, not every call; each line joins them. Calls per variant in the point tooltips.")
     return figure(svg.render(f, body, points), caption)
 
 
