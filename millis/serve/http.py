@@ -89,8 +89,7 @@ async def watch_disconnect(request: Request, job) -> None:
 
 
 def count(st, route: str, status: int, t0: float) -> None:
-    st.metrics.requests.labels(route, str(status)).inc()
-    st.metrics.duration.labels(route).observe(perf_counter() - t0)
+    st.metrics.on_request(route, status, perf_counter() - t0)
 
 
 def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
@@ -98,7 +97,7 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
     leaves (mid-body or while waiting) is counted as 499, not logged as an error."""
     async def handler(request: Request) -> Response:
         t0 = perf_counter()
-        st.metrics.inflight.inc()
+        st.metrics.on_admit()
         try:
             resp = await fn(request)
         except schemas.ApiError as e:
@@ -109,17 +108,24 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
             log.exception("millis serve: %s failed", route)
             resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
         finally:
-            st.metrics.inflight.dec()
+            st.metrics.on_done()
         count(st, route, resp.status_code, t0)
         return resp
     return handler
 
 
+def model_status(st, loaded: bool) -> str:
+    """ready, loading, draining or failed: <why>."""
+    if loaded and not st.draining:
+        return "ready"
+    return "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
+
+
 def ready_response(st, loaded: bool) -> Response:
     """/ready: 200 once the model is loaded and warmed, 503 while loading, failed or draining."""
-    if loaded and not st.draining:
+    status = model_status(st, loaded)
+    if status == "ready":
         return json_response({"status": "ready", "model": st.name, "cold_start_s": round(st.cold_start_s, 3)})
-    status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
     return json_response({"status": status}, 503)
 
 

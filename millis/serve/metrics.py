@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from millis.serve.live import Live
+
 # seconds: sub-millisecond resolution at the low end, where an optimized encoder lives
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -14,7 +16,11 @@ disable_created_metrics()  # no *_created series: they double the scrape for not
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The Prometheus series, and `live`: the same observations per second for /stats and /dashboard.
+    Observe through the on_* methods so both see every observation."""
+
+    def __init__(self, live: Live | None = None) -> None:
+        self.live = live or Live()
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("millis_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
@@ -37,10 +43,36 @@ class Metrics:
         self.ready = Gauge("millis_ready", "1 once the model is loaded and warmed", registry=r)
         self.info = Gauge("millis_model_info", "the served model", ["model", "variant", "runtime", "task"], registry=r)
 
+    def on_request(self, route: str, status: int, seconds: float) -> None:
+        """An answer (event loop)."""
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+        self.live.request(route, status, seconds)
+
+    def on_admit(self) -> None:
+        self.inflight.inc()
+        self.live.inflight += 1
+
+    def on_done(self) -> None:
+        self.inflight.dec()
+        self.live.inflight -= 1
+
+    def on_stages(self, queue_s: float, tokenize_s: float, inference_s: float) -> None:
+        """An encoder request's time per stage (event loop)."""
+        self.queue.observe(queue_s)
+        self.tokenize.observe(tokenize_s)
+        self.inference.observe(inference_s)
+        self.live.stages(queue_s, tokenize_s, inference_s)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+        self.live.queue_depth(depth)
+
     def on_batch(self, rows: int, tokens: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
         self.batch_tokens.observe(tokens)
         self.batch_seconds.observe(seconds)
+        self.live.batch(rows, tokens, seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -53,8 +85,8 @@ FINISH = ("stop", "length", "cancelled", "timeout", "error")
 class GenMetrics(Metrics):
     """A generation server's: the encoder set (a step is a "batch"), plus per-token latencies."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, live: Live | None = None) -> None:
+        super().__init__(live or Live(generation=True))
         r = self.registry
         self.ttft = Histogram("millis_time_to_first_token_seconds", "per request: admitted -> first token sampled",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -76,6 +108,26 @@ class GenMetrics(Metrics):
                                   "verified, since start (--speculate)", registry=r)
         for reason in FINISH:
             self.finished.labels(reason)
+
+    def on_step(self, eng, outputs: int, seconds: float) -> None:
+        """After one engine step (engine thread): a step is a batch of `outputs` rows."""
+        self.on_batch(outputs, outputs, seconds)
+        running, waiting = eng.max_batch - eng.free_slots, len(eng.waiting)
+        self.running.set(running)
+        self.queue_depth.set(waiting)
+        self.live.engine(running, waiting, eng.kv)
+
+    def on_tokens(self, n: int) -> None:
+        self.generated_tokens.inc(n)
+        self.live.tokens(n)
+
+    def on_ttft(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.live.ttft(seconds)
+
+    def on_itl(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.live.itl(seconds)
 
     def observe_engine(self, eng) -> None:
         """The gauges read off the engine when /metrics is scraped."""

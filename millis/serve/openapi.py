@@ -14,8 +14,10 @@ from millis.gen.config import MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PE
 from millis.serve.generation import schemas as gs
 from millis.serve.encoder.rerank import MAX_QUERY_CHARS
 from millis.serve.generation.tools import MAX_TOOLS
+from millis.serve.live import SECONDS
 
 NULL = {"type": "null"}
+TEXT_BODY = {"type": "string"}
 # a text with something besides whitespace as str.strip sees it (\x1c-\x1f and \x85 too, which ECMA's \S keeps)
 TEXT = {"type": "string", "pattern": r"[^\s\x1c-\x1f\x85]"}
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -58,7 +60,22 @@ def _common(name: str) -> dict[str, Any]:
             "type": "object", "required": ["id", "object"], "properties": {"id": {"const": name},
                                                                         "object": {"const": "model"}}}}}}
     return {"/v1/models": _get("the served model", _json(models)), "/health": _get("alive"),
-            "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format")}
+            "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format"),
+            "/stats": _stats(), "/dashboard": _get("a live page of /stats", {"text/html": {"schema": TEXT_BODY}})}
+
+
+def _stats() -> dict[str, Any]:
+    """/stats: per-second series and a last-minute summary (their keys: millis.serve.live.Live.snapshot)."""
+    obj = {"type": "object"}
+    ok = {"type": "object", "required": ["now", "window_s", "series", "summary", "model", "gauges"], "properties": {
+        "now": {"type": "number"}, "window_s": {"type": "integer", "minimum": 1, "maximum": SECONDS},
+        "series": obj, "summary": obj, "model": obj, "gauges": obj}}
+    window = {"name": "window", "in": "query", "required": False, "description": "seconds of per-second series",
+              "schema": {"type": "integer", "minimum": 1, "maximum": SECONDS}}
+    return {"get": {"summary": "the last minutes of this server, per second", "parameters": [window],
+                    "responses": {"200": {"description": "OK", "content": _json(ok)},
+                                  "400": {"description": "window is not an integer in 1..600",
+                                          "content": _json(ERROR)}}}}
 
 
 def _spec(title: str, paths: dict) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
 from millis.serve.encoder.rerank import relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
+from millis.serve.dashboard import encoder_live_routes
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response, watch_disconnect)
 from millis.serve.metrics import Metrics
@@ -136,7 +137,7 @@ class State:
             raise schemas.ApiError(429, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after_s)})
         except ShuttingDown as e:
             raise schemas.ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "1"})
-        self.metrics.queue_depth.set(self.batcher.depth)
+        self.metrics.on_queue_depth(self.batcher.depth)
         timer = loop.call_later(self.cfg.request_timeout_s, job.drop,
                                 RequestTimeout(f"not answered within {self.cfg.request_timeout_s} s"))
         watcher = loop.create_task(watch_disconnect(request, job))
@@ -148,7 +149,7 @@ class State:
             timer.cancel()
             if not watcher.done():
                 watcher.cancel()
-            self.metrics.queue_depth.set(self.batcher.depth)
+            self.metrics.on_queue_depth(self.batcher.depth)
         return job
 
 
@@ -176,9 +177,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     async def _answer(request, model, texts, query=None):
         ids, cut, tok_s = await st.tokenize(model, texts, query)
         job = await st.run(ids, request)
-        m.tokenize.observe(tok_s)
-        m.queue.observe(max(job.queue_s, 0.0))
-        m.inference.observe(job.infer_s)
+        m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
 
     async def embeddings(request: Request) -> Response:
@@ -239,6 +238,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/tokenize", endpoint(st, "/tokenize", tokenize), methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+              Route("/metrics", metrics, methods=["GET"]),
+              *encoder_live_routes(st)]
     return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
                                                            cfg.max_inputs, st.dim, st.dim))

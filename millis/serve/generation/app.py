@@ -43,6 +43,7 @@ from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop,
                                read_json, ready_response)
 from millis.serve.config import ServeConfig
+from millis.serve.dashboard import generation_live_routes
 from millis.serve.metrics import GenMetrics
 
 log = logging.getLogger("millis.serve")
@@ -194,9 +195,7 @@ class GenState:
                 self._post(self._fail_all, RequestFailed(f"generation failed: {type(e).__name__}: {e}"))
                 continue
             t1 = perf_counter()
-            m.on_batch(len(outs), len(outs), t1 - t0)
-            m.running.set(eng.max_batch - eng.free_slots)
-            m.queue_depth.set(len(eng.waiting))
+            m.on_step(eng, len(outs), t1 - t0)
             if outs:
                 self._post(self._deliver, t1, outs)
 
@@ -216,12 +215,12 @@ class GenState:
                 live.queue.put_nowait(RequestFailed(f"generation failed for this request: {o.error}"))
                 continue
             live.n_out += len(o.token_ids)
-            m.generated_tokens.inc(len(o.token_ids))
+            m.on_tokens(len(o.token_ids))
             if live.t_first == 0.0:
                 live.t_first = t
-                m.ttft.observe(t - live.t_submit)
+                m.on_ttft(t - live.t_submit)
             else:
-                m.itl.observe(t - live.t_last)
+                m.on_itl(t - live.t_last)
             live.t_last = t
             if o.finished:
                 self._end(live, o.finished)
@@ -379,7 +378,8 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
               Route("/v1/chat/completions", endpoint(st, "/v1/chat/completions", chat_completions), methods=["POST"]),
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st)]
+              Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st),
+              *generation_live_routes(st)]
     return make_app(st, routes, lambda: openapi.generation_spec(
         st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
 
