@@ -139,7 +139,8 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
                 continue
             dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split),
                                  layers=n, task="embed" if task == "embed" else "")
-            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, training_lines(r.name, progress)))))
+            lines = training_lines(r.name, progress)
+            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, lines))))
         if r.drop_layers >= model.num_layers:
             progress(f"compress: skipping {r.name}: cannot drop {r.drop_layers} of {model.num_layers} layers")
             continue
@@ -147,7 +148,8 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             pcfg = PruneConfig(train=train_config(str(model.path), data, text_col=tcol, label_col=lcol,
                                                   **{**PRUNE_PRESETS["default"], **split}),
                                heads=r.heads, ffn=r.ffn, layers=r.drop_layers)
-            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, training_lines(r.name, progress)))))
+            lines = training_lines(r.name, progress)
+            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, lines))))
         if not compress_data:
             check_same_holdout(src.path, model.path)
         out.append((r, model.path))

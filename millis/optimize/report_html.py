@@ -139,7 +139,8 @@ def cdf_chart(rep: dict[str, Any], shape: str) -> str:
     xs = [x for _, _, c in cells for x, _ in cdf_points(c)]
     full = all(c.get("cdf_ms") for _, _, c in cells)
     f = svg.frame(f"cdf-{shape}", f"latency CDF at {shape}", "ms per call (log)", "share of calls at or below",
-                  svg.value_range(xs, log=True), (0.0 if full else 0.45, 1.0), x_log=True, width=760, height=360, right=220)
+                  svg.value_range(xs, log=True), (0.0 if full else 0.45, 1.0), x_log=True, width=760, height=360,
+                  right=220)
     body, entries, points = [], [], 0
     for i, r, c in cells:
         color, star = color_of(r, chosen, i), r["name"] == chosen

@@ -295,7 +295,8 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
         TIMED(P_NORM, pool_run(op_ffn_norm, &c, n));
-        { const mat* W[2] = {m->gpt2 ? &w->up : &w->gate, &w->up}; float* Y[2] = {s->g, s->u}; const int64_t ld[2] = {H, H};
+        { const mat* W[2] = {m->gpt2 ? &w->up : &w->gate, &w->up}; float* Y[2] = {s->g, s->u};
+          const int64_t ld[2] = {H, H};  /* gpt2: up alone, into g */
           TIMED(P_FFN_UP, mm_run(m->gpt2 ? 1 : 2, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_SWIGLU, pool_run(op_swiglu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
