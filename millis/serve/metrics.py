@@ -111,11 +111,8 @@ class GenMetrics(Metrics):
 
     def on_step(self, eng, outputs: int, seconds: float) -> None:
         """After one engine step (engine thread): a step is a batch of `outputs` rows."""
-        self.on_batch(outputs, outputs, seconds)
-        running, waiting = eng.max_batch - eng.free_slots, len(eng.waiting)
-        self.running.set(running)
-        self.queue_depth.set(waiting)
-        self.live.engine(running, waiting, eng.kv)
+        self.on_batch(outputs, outputs, seconds)  # the Prometheus gauges are read at scrape (observe_engine)
+        self.live.engine(eng.max_batch - eng.free_slots, len(eng.waiting), eng.kv)
 
     def on_tokens(self, n: int) -> None:
         self.generated_tokens.inc(n)
