@@ -47,14 +47,15 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") != "bert":
-            raise MillisError(f"the CUDA encoder supports BERT-family models (BERT, MiniLM), "
+            raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
+                              f"(BERT, MiniLM, bge), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                               f"(absolute only)")
         if cfg.get("millis_pruned"):  # heads x head size != hidden: not this kernel's layout (yet)
-            raise MillisError("the CUDA encoder does not run models with pruned attention heads; "
-                              "serve them on CPU (ONNX Runtime)")
+            raise MillisError("millis's compact encoder (CUDA and native CPU) does not run models with pruned "
+                              "attention heads; serve them with ONNX Runtime")
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
         return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),

@@ -13,7 +13,7 @@ import numpy as np
 from millis.common import hardware
 from millis.common.errors import MillisError
 
-KINDS = ("torch", "onnxruntime", "openvino", "cuda")
+KINDS = ("torch", "onnxruntime", "openvino", "native", "cuda")
 
 
 @runtime_checkable

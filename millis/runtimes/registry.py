@@ -25,6 +25,10 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
         from millis.runtimes.torch_eager import TorchRuntime
         return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
                             options.get("pooling"))
+    if kind == "native":
+        from millis.runtimes.native import NativeRuntime
+        return NativeRuntime(model_dir, name, input_names, output_name, threads, options["task"],
+                             options.get("pooling"), options.get("precision", "fp32"))
     if kind == "cuda":  # threads are irrelevant: one CUDA graph replay per call
         from millis.runtimes.cuda import CudaGraphRuntime
         return CudaGraphRuntime.from_options(model_dir, name, input_names, output_name, options)

@@ -52,64 +52,12 @@ typedef struct {   /* buffers for up to n_max tokens */
     void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with act16 */
 } scratch_w;
 
+#include "mm_jobs.h"
 #include "step_math.h"
 
 static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p, int g) {
     const int64_t blk = m->block_table[(int64_t)slot * m->table_stride + p / m->block_size];
     return pool + ((((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size + p % m->block_size) * m->head_dim;
-}
-
-#ifdef __AVX2__
-static inline __m256 hsum8x8(const __m256* a) {  /* lane i = the sum of a[i]'s 8 lanes */
-    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-#endif
-
-/* sc[r] = <q, k row r> * scale for r < cnt (rows hd apart); returns the max */
-static float scores(const float* q, const float* k, int cnt, int hd, float scale, float* sc) {
-    int r = 0; float mx = -INFINITY;
-#ifdef __AVX2__
-    if (hd % 8 == 0) {
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        for (; r + 8 <= cnt; r += 8) {  /* 8 positions at once: one transposing sum, not 8 horizontal ones */
-            __m256 a[8];
-            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-            for (int d = 0; d < hd; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + d);
-                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(r + i) * hd + d), a[i]);
-            }
-            const __m256 s = _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale));
-            _mm256_storeu_ps(sc + r, s); mv = _mm256_max_ps(mv, s);
-        }
-        float t[8]; _mm256_storeu_ps(t, mv);
-        for (int i = 0; i < 8; i++) mx = t[i] > mx ? t[i] : mx;
-    }
-#endif
-    for (; r < cnt; r++) { sc[r] = dotf(q, k + (int64_t)r * hd, hd) * scale; mx = sc[r] > mx ? sc[r] : mx; }
-    return mx;
-}
-
-/* out[d0 .. d0 + 32) += sum over r < cnt of w[r] * v row r (rows hd apart), out held in registers */
-static void weighted_rows(float* out, const float* w, float inv, const float* v, int cnt, int hd, int d0) {
-#ifdef __AVX2__
-    if (hd % 32 == 0) {
-        __m256 o0 = _mm256_loadu_ps(out + d0), o1 = _mm256_loadu_ps(out + d0 + 8);
-        __m256 o2 = _mm256_loadu_ps(out + d0 + 16), o3 = _mm256_loadu_ps(out + d0 + 24);
-        for (int r = 0; r < cnt; r++) {
-            const __m256 a = _mm256_set1_ps(w[r] * inv);
-            const float* x = v + (int64_t)r * hd + d0;
-            o0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), o0); o1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8), o1);
-            o2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 16), o2); o3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 24), o3);
-        }
-        _mm256_storeu_ps(out + d0, o0); _mm256_storeu_ps(out + d0 + 8, o1);
-        _mm256_storeu_ps(out + d0 + 16, o2); _mm256_storeu_ps(out + d0 + 24, o3);
-        return;
-    }
-#endif
-    const int n = hd - d0 < 32 ? hd - d0 : 32;
-    for (int r = 0; r < cnt; r++) axpy(out + d0, w[r] * inv, v + (int64_t)r * hd + d0, n);
 }
 
 #define MAX_GROUP 64  /* query heads per KV head (native_llama.py MAX_GROUP refuses more at load) */
@@ -145,28 +93,7 @@ static void attend(const model_w* m, int l, int slot, int p, const float* q, flo
 
 static void add_bias(float* y, const float* b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
 
-/* ---- the step as a sequence of pool jobs (pool.c): each op is split into chunks ---- */
-void pool_begin(int threads);
-void pool_end(void);
-void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
-void pool_solo(int solo);
-int64_t pool_wait_ns(void);
-
-typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split by chunks of rows */
-    const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
-    const void* Xq; const float* Xf; int64_t M, rows_per_chunk, first_chunk[4];
-} mm_job;
-
-static void mm_chunk(void* p, int64_t c) {
-    const mm_job* j = p;
-    int i = 0;
-    while (c >= j->first_chunk[i + 1]) i++;
-    const int64_t n0 = (c - j->first_chunk[i]) * j->rows_per_chunk;
-    const int64_t n1 = n0 + j->rows_per_chunk < j->W[i]->rows ? n0 + j->rows_per_chunk : j->W[i]->rows;
-    matmul_rows(j->W[i], n0, n1, j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc);
-}
-
-static int g_threads = 1;
+/* ---- the step as a sequence of pool jobs (mm_jobs.h, pool.c) ---- */
 /* time per op kind, summed over steps (llm_profile reads and resets it): where a step's time goes */
 enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTN, P_QUANT, P_O, P_FFN_UP, P_SWIGLU, P_DOWN, P_HEAD, P_N };
 static double prof[P_N];
@@ -174,20 +101,6 @@ static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTON
 #define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
 API void llm_profile(double* out) { for (int i = 0; i < P_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
 #define SOLO_STEPS 32
-
-static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
-                   const float* Xf, int64_t M) {
-    mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
-    int64_t rows = 0;
-    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; rows += W[i]->rows; }
-    /* ~8 chunks per thread (a preempted thread's share is small), at least 16 rows (per-chunk cost) */
-    int64_t per = rows / (8 * (int64_t)g_threads);
-    per = per < 16 ? 16 : (per + 15) / 16 * 16;
-    j.rows_per_chunk = per;
-    j.first_chunk[0] = 0;
-    for (int i = 0; i < n; i++) j.first_chunk[i + 1] = j.first_chunk[i] + (W[i]->rows + per - 1) / per;
-    pool_run(mm_chunk, &j, j.first_chunk[n]);
-}
 
 typedef struct {
     const model_w* m; const scratch_w* s; int64_t n; const int32_t *ids, *pos, *slots, *out_rows;

@@ -1,5 +1,6 @@
-/* Per-token math of the decoder step (llama_step.c): vector exp, dot, axpy, softmax pieces, SiLU / GELU,
-   RMSNorm / LayerNorm, RoPE. AVX2 where the build has it, plain C otherwise (the same results to rounding). */
+/* Per-token math of the decoder step (llama_step.c) and the encoder (bert_forward.c): vector exp, dot, axpy,
+   softmax pieces, SiLU / GELU (tanh and erf), RMSNorm / LayerNorm, RoPE, attention scores and weighted sums.
+   AVX2 where the build has it, plain C otherwise (the same results to rounding). */
 #pragma once
 #include "blockq.h"
 
@@ -98,14 +99,72 @@ static void rmsnorm(const float* x, const float* w, int n, float eps, float* out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
+/* out = w * (x - mean) / sqrt(var + eps) + b (two passes over x: the mean, then the variance) */
 static void layernorm(const float* x, const float* w, const float* b, int n, float eps, float* out) {
-    float mean = 0.f;
-    for (int i = 0; i < n; i++) mean += x[i];
-    mean /= (float)n;
-    float var = 0.f;
-    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    int i = 0; float sum = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+    sum = hsum8(acc);
+#endif
+    for (; i < n; i++) sum += x[i];
+    const float mean = sum / (float)n;
+    float var = 0.f; i = 0;
+#ifdef __AVX2__
+    const __m256 mv = _mm256_set1_ps(mean);
+    acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+        acc = _mm256_fmadd_ps(d, d, acc);
+    }
+    var = hsum8(acc);
+#endif
+    for (; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
     const float r = 1.f / sqrtf(var / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * ((x[i] - mean) * r) + b[i];
+    i = 0;
+#ifdef __AVX2__
+    const __m256 rv = _mm256_set1_ps(r);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv), rv);
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_loadu_ps(w + i), d, _mm256_loadu_ps(b + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = w[i] * ((x[i] - mean) * r) + b[i];
+}
+
+/* g = gelu(g + b) with the exact (erf) GELU of BERT: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz and
+   Stegun 7.1.26 (absolute error under 1.5e-7) on both builds, so they agree to rounding */
+static inline float erf_as(float x) {
+    const float a = fabsf(x), t = 1.f / (1.f + 0.3275911f * a);
+    const float p = 0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)));
+    const float y = 1.f - t * p * expf(-a * a);
+    return x < 0.f ? -y : y;
+}
+static void bias_gelu_erf(float* g, const float* b, int n) {
+    int i = 0;
+#ifdef __AVX2__
+    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        if (b) x = _mm256_add_ps(x, _mm256_loadu_ps(b + i));
+        const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+        const __m256 a = _mm256_andnot_ps(sign, z);
+        const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+        __m256 p = _mm256_set1_ps(1.061405429f);
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+        const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a));
+        __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), e, one);      /* erf(|z|) */
+        y = _mm256_or_ps(y, _mm256_and_ps(sign, z));                     /* erf(z): z's sign */
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, y)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float x = g[i] + (b ? b[i] : 0.f);
+        g[i] = 0.5f * x * (1.f + erf_as(x * 0.70710678118654752f));
+    }
 }
 
 static void rope(float* v, int n_heads, int hd, const float* c, const float* s, int neox) {
@@ -119,4 +178,57 @@ static void rope(float* v, int n_heads, int hd, const float* c, const float* s, 
             x[b] = x0 * s[i] + x1 * c[i];
         }
     }
+}
+
+#ifdef __AVX2__
+static inline __m256 hsum8x8(const __m256* a) {  /* lane i = the sum of a[i]'s 8 lanes */
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+#endif
+
+/* sc[r] = <q, k row r> * scale for r < cnt (rows hd apart); returns the max */
+static float scores(const float* q, const float* k, int cnt, int hd, float scale, float* sc) {
+    int r = 0; float mx = -INFINITY;
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        for (; r + 8 <= cnt; r += 8) {  /* 8 positions at once: one transposing sum, not 8 horizontal ones */
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(r + i) * hd + d), a[i]);
+            }
+            const __m256 s = _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(sc + r, s); mv = _mm256_max_ps(mv, s);
+        }
+        float t[8]; _mm256_storeu_ps(t, mv);
+        for (int i = 0; i < 8; i++) mx = t[i] > mx ? t[i] : mx;
+    }
+#endif
+    for (; r < cnt; r++) { sc[r] = dotf(q, k + (int64_t)r * hd, hd) * scale; mx = sc[r] > mx ? sc[r] : mx; }
+    return mx;
+}
+
+/* out[d0 .. d0 + 32) += sum over r < cnt of w[r] * v row r (rows hd apart), out held in registers */
+static void weighted_rows(float* out, const float* w, float inv, const float* v, int cnt, int hd, int d0) {
+#ifdef __AVX2__
+    if (hd % 32 == 0) {
+        __m256 o0 = _mm256_loadu_ps(out + d0), o1 = _mm256_loadu_ps(out + d0 + 8);
+        __m256 o2 = _mm256_loadu_ps(out + d0 + 16), o3 = _mm256_loadu_ps(out + d0 + 24);
+        for (int r = 0; r < cnt; r++) {
+            const __m256 a = _mm256_set1_ps(w[r] * inv);
+            const float* x = v + (int64_t)r * hd + d0;
+            o0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), o0); o1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8), o1);
+            o2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 16), o2); o3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 24), o3);
+        }
+        _mm256_storeu_ps(out + d0, o0); _mm256_storeu_ps(out + d0 + 8, o1);
+        _mm256_storeu_ps(out + d0 + 16, o2); _mm256_storeu_ps(out + d0 + 24, o3);
+        return;
+    }
+#endif
+    const int n = hd - d0 < 32 ? hd - d0 : 32;
+    for (int r = 0; r < cnt; r++) axpy(out + d0, w[r] * inv, v + (int64_t)r * hd + d0, n);
 }

@@ -57,6 +57,12 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "OpenVINO bf16 (AMX/AVX512-BF16 where the CPU has them)"),
     Variant("ov-int8", "openvino", "int8", ("export", "openvino-ir", "nncf-int8"),
             {"precision": "f32"}, "OpenVINO + NNCF int8 (transformer preset), one dynamic-shape model"),
+    Variant("native-fp32", "native", "fp32", ("weights",), {"precision": "fp32"},
+            "millis's C encoder: one call per batch, padding skipped, fp32 weights packed at load"),
+    Variant("native-int8", "native", "int8", ("weights",), {"precision": "int8"},
+            "millis's C encoder, int8 weights (scale per 32) x int8 activations (scale per 32), no saturation"),
+    Variant("native-int8-a16", "native", "int8", ("weights",), {"precision": "int8-a16"},
+            "millis's C encoder, int8 weights (scale per 32) x int16 activations (scale per 32)"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments
@@ -110,9 +116,10 @@ class Builder:
             raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
                               "as fp32 or emulated, so it is skipped")
         path = self._apply(v.passes, v.keep_fp32)
-        files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
-        for f in files:
-            shutil.copy2(f, out / f"model{f.suffix}")
+        files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []) + \
+            ([path.with_name("config.json")] if path.suffix == ".safetensors" else [])
+        for f in files:  # the model file as model.<ext>; the native runtime's HF config keeps its name
+            shutil.copy2(f, out / (f.name if f.name == "config.json" else f"model{f.suffix}"))
         facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
         if path.suffix == ".onnx":
             facts["ops"] = graph.count_ops(path)
@@ -131,7 +138,9 @@ class Builder:
         tag = f"-keep{len(keep)}-{hashlib.sha1(chr(0).join(keep).encode()).hexdigest()[:8]}" if keep else ""
         d = self.work / "_passes" / ("+".join(passes) + tag)
         d.mkdir(parents=True, exist_ok=True)
-        if step == "export":
+        if step == "weights":  # the fp32 weights as they are (the native runtime packs them at load)
+            path = _fp32_weights(self.src, d)
+        elif step == "export":
             from millis.optimize.build.export import export
             path = export(self.src, self.task, d)
         elif step == "fuse":
@@ -155,6 +164,23 @@ class Builder:
     def graph(self, passes: tuple[str, ...]) -> Path:
         """The file after `passes` (built if needed), e.g. the fused fp32 graph for sensitivity."""
         return self._apply(passes)
+
+
+def _fp32_weights(src: ModelSource, d: Path) -> Path:
+    """config.json + model.safetensors (fp32) of `src` in `d`, for the native runtime; checked at build:
+    a model it cannot run (not BERT-family, pruned heads) fails here, naming why."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from millis.gpu.encoder import EncoderConfig, load_state
+
+    cfg, state = load_state(src.path)
+    EncoderConfig.from_hf(cfg)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    path = d / "model.safetensors"
+    save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in state.items()}, str(path))
+    return path
 
 
 def _to_openvino(onnx_path: Path, d: Path) -> Path:

@@ -1,0 +1,182 @@
+"""A BERT-family encoder on millis's own C kernels (`gen/kernels/bert_forward.c`): the whole forward pass
+in one C call over the real tokens of a batch (padding is dropped, not computed), weights prepacked
+once at load, the thread pool of the decoder (no barriers, sleeps when idle).
+
+Precisions (PRECISIONS): `fp32`; `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
+activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
+the same weights against int16 activations per 32 (closer to fp32, a little slower). The task head
+(pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
+the (B, D) rows, as millis.encoder.tasks does in torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+from millis.common.errors import MillisError
+from millis.encoder.source import Pooling
+from millis.gen.models.native_llama import INT8, TYPE_IDS, Mat, pack_matrix
+
+PRECISIONS = ("fp32", "int8", "int8-a16")
+SOURCES = ("blockq.c", "packed.c", "packed16.c", "bert_forward.c", "pool.c")
+ACT = {"fp32": 0, "int8": 1, "int8-a16": 2}  # bert_forward.c ACT_*: what the matrices take
+BLOCK_BYTES = {"fp32": 0, "int8": 44, "int8-a16": 68}  # one activation block (blockq.h xblock / x16block)
+P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(n, Mat) for n in ("qkv", "o", "inter", "down")] + \
+               [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "head_dim", "hidden", "max_pos", "type_vocab",
+                                   "act")] + [("eps", F)] + \
+               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P)]
+
+
+class Scratch(ctypes.Structure):
+    _fields_ = [(n, P) for n in ("x", "qkv", "att", "h", "xq")]
+
+
+def library():
+    """The encoder kernels for this CPU's ISA (built on first use), or None when native kernels are off."""
+    from millis.gen.kernels.native import build, native_isa
+
+    isa = native_isa()
+    if isa is None:
+        return None
+    lib = build("bert_forward", SOURCES, isa)
+    lib.bert_forward.restype = ctypes.c_int
+    lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int]
+    return lib
+
+
+class NativeBert:
+    """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
+
+    def __init__(self, encoder, precision: str = "fp32", threads: int = 1):
+        from millis.gen.kernels.native import native_isa
+
+        if precision not in PRECISIONS:
+            raise MillisError(f"unknown native precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+        lib = library()
+        if lib is None:
+            raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
+        self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
+        e, c = encoder, encoder.cfg
+        if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
+            raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
+                              f"multiple of 8 (hidden {c.hidden}, heads {c.heads}, intermediate {c.intermediate})")
+        self.cfg, self.task, self.pooling = c, e.task, e.pooling
+        self.keep: list = []  # every array the C structs point into
+        layers = (Layer * c.layers)()
+        for i, lw in enumerate(e.layers):
+            L = layers[i]
+            L.qkv, L.o, L.inter, L.down = (self._matrix(w) for w in (lw.wqkv, lw.wo, lw.w1, lw.w2))
+            for name, t in zip(("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b"),
+                               (lw.bqkv, lw.bo, lw.b1, lw.b2, lw.ln1w, lw.ln1b, lw.ln2w, lw.ln2b)):
+                setattr(L, name, self._vec(t))
+        self.keep.append(layers)
+        self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
+                           c.type_vocab, ACT[precision], c.eps, self._vec(e.word), self._vec(e.pos), self._vec(e.typ),
+                           self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab, ctypes.addressof(layers))
+        self.head = None
+        if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier
+            self.head = tuple(t.detach().float().numpy() for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
+        self.out_dim = e.out_dim
+        self.buffers: dict[str, np.ndarray] = {}
+        self.capacity = 0
+        self.lock = threading.Lock()  # one forward at a time: the scratch is shared
+
+    def _vec(self, t) -> int:
+        a = np.ascontiguousarray(t.detach().float().numpy())
+        self.keep.append(a)
+        return a.ctypes.data
+
+    def _matrix(self, t):
+        """A (rows, cols) fp32 tensor -> a packed Mat of this precision (Q8_0 bytes for the int8 ones)."""
+        w = np.ascontiguousarray(t.detach().float().numpy())
+        rows, cols = w.shape
+        if self.precision == "fp32":
+            data, type_id = w, TYPE_IDS["F32"]
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+
+            data = quantize(w, GGMLQuantizationType.Q8_0)
+            type_id = TYPE_IDS[INT8] if self.precision == "int8-a16" else TYPE_IDS["Q8_0"]
+        m = Mat(type_id, 0, data.ctypes.data, rows, cols, data.nbytes // rows)
+        self.keep.append(data)
+        return pack_matrix(self.lib, m, self.keep, self.threads)
+
+    def _scratch(self, n: int) -> Scratch:
+        c = self.cfg
+        if n > self.capacity:  # grow to the next power of two tokens: few reallocations under mixed shapes
+            cap = 1 << max(6, (n - 1).bit_length())
+            blocks = cap * (max(c.hidden, c.intermediate) // 32) * max(1, BLOCK_BYTES[self.precision])
+            self.buffers = {"x": np.empty((cap, c.hidden), np.float32), "qkv": np.empty((cap, 3 * c.hidden), np.float32),
+                            "att": np.empty((cap, c.hidden), np.float32),
+                            "h": np.empty((cap, c.intermediate), np.float32), "xq": np.empty(blocks, np.uint8)}
+            self.capacity = cap
+        return Scratch(*(self.buffers[k].ctypes.data for k in ("x", "qkv", "att", "h", "xq")))
+
+    def hidden_states(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """Flat tokens (n,) int32 with sequence offsets start (S + 1,) -> last hidden states (n, D), a copy."""
+        n = len(ids)
+        ids, pos, types, start = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types, start))
+        with self.lock:
+            s = self._scratch(max(n, 1))
+            rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
+                                       pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
+                                       self.threads)
+            if rc:
+                raise MillisError(f"a token id, position or token type is out of range for this model "
+                                  f"(vocabulary {self.cfg.vocab}, {self.cfg.max_positions} positions, "
+                                  f"{self.cfg.type_vocab} token types)")
+            return self.buffers["x"][:n].copy()
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector."""
+        B, T = input_ids.shape
+        if T > self.cfg.max_positions:
+            raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
+        types = np.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        c = self.cfg
+        if input_ids.min() < 0 or input_ids.max() >= c.vocab or types.min() < 0 or types.max() >= c.type_vocab:
+            raise MillisError(f"a token id or token type is out of range for this model (vocabulary {c.vocab}, "
+                              f"{c.type_vocab} token types)")
+        keep = np.asarray(attention_mask) != 0                        # (B, T): the tokens computed
+        rows, cols = np.nonzero(keep)                                 # row-major: sequences contiguous
+        lengths = keep.sum(1)
+        start = np.concatenate([[0], np.cumsum(lengths)])
+        h = self.hidden_states(input_ids[rows, cols], cols, types[rows, cols], start)  # (n, D)
+        return self.head_of(h, start, lengths, cols)
+
+    def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head."""
+        B, D = len(lengths), h.shape[1]
+        nz = lengths > 0
+        first = np.zeros((B, D), np.float32)  # each sequence's column-0 token ([CLS]); zeros if masked out
+        firsts = start[:-1][nz]
+        cls = np.zeros(B, bool)
+        cls[nz] = cols[firsts] == 0
+        first[cls] = h[start[:-1][cls]]
+        if self.task == "classify":
+            pw, pb, cw, cb = self.head
+            return (np.tanh(first @ pw.T + pb) @ cw.T + cb).astype(np.float32)
+        p: Pooling = self.pooling
+        if p.mode == "cls":
+            out = first
+        elif p.mode == "max":
+            out = np.full((B, D), -1e9, np.float32)
+            out[nz] = np.maximum.reduceat(h, start[:-1][nz], axis=0)
+        else:
+            out = np.zeros((B, D), np.float32)
+            out[nz] = np.add.reduceat(h, start[:-1][nz], axis=0) / lengths[nz, None]
+        if p.normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)

@@ -1,0 +1,165 @@
+/* One forward pass of a BERT-family encoder (BERT, MiniLM, bge: post-LayerNorm, absolute positions, erf
+   GELU) in one C call, over a flat batch of the real tokens only: padding is never computed.
+
+   Tokens: n rows of (id, position, token type), sequences contiguous: sequence s is tokens
+   [start[s], start[s + 1]). Every token attends to the tokens of its own sequence (a padding mask's
+   zeros are simply absent), at the position the caller gives (HF: its column in the padded batch).
+
+   Per layer (post-LN, as HF's BertLayer):
+     qkv = x Wqkv                      one matmul over the fused (3D, D) matrix
+     att = softmax(q k^T / sqrt(hd)) v per (sequence, head) job; q, k, v biases added as they are read
+     x = LN1(x + att Wo + bo)          Wo accumulates into x (the residual), then bias + LN per token
+     h = gelu(x Wi + bi)               the exact (erf) GELU
+     x = LN2(x + h Wd + bd)
+   Matrices: fp32 (packed 8 rows interleaved), Q8_0 against int8 activation blocks (per 32 values, llama.cpp's
+   Q8_1 scheme: no maddubs saturation, packed.c), or Q8_0 against int16 activation blocks (packed16.c).
+   Each op that feeds a matmul quantizes its rows as it writes them. x (n, D) holds the last hidden
+   states when the call returns; pooling and the task head are the caller's (a (B, D) sized job). */
+#include "blockq.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "mm_jobs.h"
+#include "step_math.h"
+
+typedef struct {
+    mat qkv, o, inter, down;                 /* (3D, D), (D, D), (hidden, D), (D, hidden) */
+    const float *bqkv, *bo, *bi, *bd;        /* (3D,), (D,), (hidden,), (D,) */
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+} bert_layer;
+
+typedef struct {
+    int32_t n_layers, dim, n_heads, head_dim, hidden, max_pos, type_vocab, act;  /* act: ACT_* */
+    float eps;
+    const float *word, *pos, *typ, *emb_ln_w, *emb_ln_b;  /* (vocab, D), (max_pos, D), (type_vocab, D), (D,) */
+    int64_t vocab;
+    const bert_layer* layers;
+} bert_w;
+
+enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2 };  /* what the matrices take: fp32 rows, xblocks, x16blocks */
+
+typedef struct {   /* buffers for up to n tokens */
+    float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
+    void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
+} bert_scratch;
+
+typedef struct {
+    const bert_w* m; const bert_scratch* s; const int32_t *ids, *pos, *types, *start; const bert_layer* w;
+} ctx_t;
+
+static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
+    if (c->m->act == ACT_Q8) quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
+    else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
+}
+
+static void op_embed(void* p, int64_t t) {  /* x = LN(word + position + type) */
+    const ctx_t* c = p; const bert_w* m = c->m; const int D = m->dim;
+    float* x = c->s->x + t * D;
+    const float *w = m->word + (int64_t)c->ids[t] * D, *ps = m->pos + (int64_t)c->pos[t] * D;
+    const float* ty = m->typ + (int64_t)c->types[t] * D;
+    for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
+    layernorm(x, m->emb_ln_w, m->emb_ln_b, D, m->eps, x);
+    quant_row(c, x, D, t);
+}
+
+static __thread float* tl_buf;   /* per thread: K and V of one head (2 L hd), q (hd), scores (L) */
+static __thread int64_t tl_cap;
+
+/* one (sequence, head): its L queries over its L keys */
+static void op_attend(void* p, int64_t job) {
+    const ctx_t* c = p; const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim, NH = m->n_heads;
+    const int64_t sq = job / NH, t0 = c->start[sq];
+    const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0);
+    if (L <= 0) return;
+    const int64_t need = 2 * (int64_t)L * HD + HD + L + 16;
+    if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
+    float *K = tl_buf, *V = K + (int64_t)L * HD, *q = V + (int64_t)L * HD, *sc = q + HD;
+    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D;
+    for (int j = 0; j < L; j++) {  /* gather the head's K and V rows (biases added): L * hd contiguous */
+        const float* r = c->s->qkv + (t0 + j) * 3 * D + h * HD;
+        for (int d = 0; d < HD; d++) { K[j * HD + d] = r[D + d] + bk[d]; V[j * HD + d] = r[2 * D + d] + bv[d]; }
+    }
+    const float scale = 1.f / sqrtf((float)HD);
+    for (int i = 0; i < L; i++) {
+        const float* r = c->s->qkv + (t0 + i) * 3 * D + h * HD;
+        for (int d = 0; d < HD; d++) q[d] = r[d] + bq[d];
+        const float mx = scores(q, K, L, HD, scale, sc);
+        const float inv = 1.f / exp_shift(sc, L, mx);
+        float* out = c->s->att + (t0 + i) * D + h * HD;
+        memset(out, 0, sizeof(float) * HD);
+        for (int d0 = 0; d0 < HD; d0 += 32) weighted_rows(out, sc, inv, V, L, HD, d0);
+    }
+}
+
+static void op_quant_att(void* p, int64_t t) {
+    const ctx_t* c = p; const int D = c->m->dim;
+    quant_row(c, c->s->att + t * D, D, t);
+}
+
+static void op_ln1(void* p, int64_t t) {  /* x holds x + att Wo: add bo, LayerNorm */
+    const ctx_t* c = p; const bert_layer* w = c->w; const int D = c->m->dim;
+    float* x = c->s->x + t * D;
+    for (int i = 0; i < D; i++) x[i] += w->bo[i];
+    layernorm(x, w->ln1_w, w->ln1_b, D, c->m->eps, x);
+    quant_row(c, x, D, t);
+}
+
+static void op_gelu(void* p, int64_t t) {
+    const ctx_t* c = p; const int H = c->m->hidden;
+    float* h = c->s->h + t * H;
+    bias_gelu_erf(h, c->w->bi, H);
+    quant_row(c, h, H, t);
+}
+
+static void op_ln2(void* p, int64_t t) {  /* x holds x + h Wd: add bd, LayerNorm */
+    const ctx_t* c = p; const bert_layer* w = c->w; const int D = c->m->dim;
+    float* x = c->s->x + t * D;
+    for (int i = 0; i < D; i++) x[i] += w->bd[i];
+    layernorm(x, w->ln2_w, w->ln2_b, D, c->m->eps, x);
+    quant_row(c, x, D, t);
+}
+
+/* time per op kind, summed over calls (bert_profile reads and resets it) */
+enum { B_EMBED, B_QKV, B_ATTN, B_O, B_LN, B_INTER, B_GELU, B_DOWN, B_N };
+static double prof[B_N];
+static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+#define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
+API void bert_profile(double* out) { for (int i = 0; i < B_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
+
+/* Returns 0, or 1 when an id, position or token type is out of range (nothing is computed then). */
+API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const int32_t* ids, const int32_t* pos,
+                     const int32_t* types, int64_t n_seq, const int32_t* start, int nthreads) {
+    const int D = m->dim, H = m->hidden;
+    for (int64_t t = 0; t < n; t++)
+        if (ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 || pos[t] >= m->max_pos || types[t] < 0 ||
+            types[t] >= m->type_vocab) return 1;
+    if (start[0] != 0 || start[n_seq] != n) return 1;
+    for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
+    pool_begin(nthreads);
+    g_threads = nthreads < 1 ? 1 : nthreads;
+    ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start};
+    const int f32 = m->act == ACT_F32;
+    TIMED(B_EMBED, pool_run(op_embed, &c, n));
+    for (int l = 0; l < m->n_layers; l++) {
+        const bert_layer* w = &m->layers[l];
+        c.w = w;
+        { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
+          TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32) pool_run(op_quant_att, &c, n));
+        { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+          TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
+        TIMED(B_LN, pool_run(op_ln1, &c, n));
+        { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
+          TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+        TIMED(B_GELU, pool_run(op_gelu, &c, n));
+        { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+          TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, n)); }
+        TIMED(B_LN, pool_run(op_ln2, &c, n));
+    }
+    pool_end();
+    return 0;
+}

@@ -1,0 +1,31 @@
+"""millis's native encoder: BERT-family models on millis's own C kernels (millis.encoder.native), in fp32,
+int8 (Q8_0 weights x int8 activation blocks) or int8-a16 (the same weights x int16 activation blocks).
+
+The variant directory holds the model's fp32 weights (config.json + model.safetensors); they are
+quantized and packed for this CPU's ISA at load, and the padding of a batch is never computed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from millis.encoder.source import Pooling
+from millis.runtimes.base import check_batch
+
+
+class NativeRuntime:
+    def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
+                 threads: int, task: str, pooling: dict | None = None, precision: str = "fp32"):
+        from millis.encoder.native import NativeBert
+        from millis.gpu.encoder import RunOptions, from_hf
+
+        cpu = RunOptions(dtype="fp32", fuse="torch", device="cpu")
+        encoder = from_hf(Path(model_dir), task, Pooling(**(pooling or {})), cpu)
+        self.model = NativeBert(encoder, precision, threads)
+        self.name, self.input_names, self.output_name = name, input_names, output_name
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_batch(batch, self.input_names)
+        out = self.model(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
+        return {self.output_name: out}

@@ -1,0 +1,139 @@
+"""millis's native C encoder (millis.encoder.native, runtime kind "native") against HF transformers in fp32:
+the real all-MiniLM-L6-v2 and a tiny BERT classifier, every precision, the SIMD and the scalar build,
+padding and mask holes, rows independent of their batch-mates, errors, and optimize's native variants
+built, judged and loaded from an artifact."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from millis.common.errors import MillisError
+from millis.encoder.native import PRECISIONS, NativeBert
+from millis.encoder.source import Pooling, resolve
+from millis.encoder.tasks import load_task_model
+from millis.gen.kernels.native import native_isa
+from millis.gpu.encoder import RunOptions, from_hf
+
+CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
+ISAS = sorted({"scalar", native_isa() or "scalar"})
+
+
+def batch(rng, B: int, T: int, vocab: int, holes: bool = True, low: int = 1000):
+    """(B, T) ids starting with [CLS] (101), right padding of several lengths, token types 0 / 1, and
+    (holes) a masked-out token inside one row, which HF's attention mask skips too."""
+    ids = rng.integers(low, vocab, (B, T))
+    ids[:, 0] = 101
+    mask = np.ones((B, T), np.int64)
+    for b in range(1, B):
+        mask[b, max(2, T - 7 * b):] = 0
+    if holes:
+        mask[0, T // 2] = 0
+    types = np.zeros((B, T), np.int64)
+    types[:, T // 3:] = 1
+    return ids, mask, types
+
+
+def hf_outputs(tm, ids, mask, types) -> np.ndarray:
+    with torch.inference_mode():
+        return tm(*(torch.from_numpy(a) for a in (ids, mask, types))).numpy()
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    src = resolve("builtin:minilm")
+    tm = load_task_model(src, "embed")
+    return tm, from_hf(tm, "embed", src.pooling, CPU)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_minilm_matches_hf(minilm, isa, monkeypatch):
+    """fp32 equals HF to 1e-5 (same math, another summation order); int8 and int8-a16 keep cosine >= 0.999."""
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+    tm, enc = minilm
+    ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
+    ref = hf_outputs(tm, ids, mask, types)
+    floor = {"fp32": 0.99999, "int8": 0.999, "int8-a16": 0.9995}
+    for precision in PRECISIONS:
+        out = NativeBert(enc, precision, 2)(ids, mask, types)
+        assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
+        assert cosine_min(out, ref) >= floor[precision], precision
+        if precision == "fp32":
+            assert np.abs(out - ref).max() < 1e-5
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)  # the model's Normalize
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_rows_do_not_depend_on_batch_mates(minilm, precision):
+    """A text's vector is the same alone, padded in a batch, and beside other texts: bit for bit."""
+    _, enc = minilm
+    model = NativeBert(enc, precision, 2)
+    ids, mask, types = batch(np.random.default_rng(1), 5, 33, 30000, holes=False)
+    together = model(ids, mask, types)
+    for b in range(5):
+        n = int(mask[b].sum())
+        alone = model(ids[b:b + 1, :n], mask[b:b + 1, :n], types[b:b + 1, :n])
+        assert np.array_equal(alone[0], together[b]), b
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
+    """tiny:bert (hidden 32, head size 8: the scalar attention tail) as a classifier (pooler + classifier
+    head) and as an embedder with each pooling, against HF through millis.encoder.tasks."""
+    src = resolve(str(tiny_dirs["bert"]))
+    ids, mask, types = batch(np.random.default_rng(2), 3, 24, 100, low=5)
+    ids[:, 0] = 2
+    for task, pooling in (("classify", Pooling()), ("embed", Pooling(mode, normalize=mode == "mean"))):
+        tm = load_task_model(src, task)
+        tm.pooling = pooling
+        ref = hf_outputs(tm, ids, mask, types)
+        out = NativeBert(from_hf(tm, task, pooling, CPU), "fp32", 1)(ids, mask, types)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() < 1e-5, (task, mode)
+
+
+def test_errors_name_the_problem(minilm, tiny_dirs):
+    _, enc = minilm
+    model = NativeBert(enc, "int8", 2)
+    ids, mask, types = batch(np.random.default_rng(3), 2, 8, 30000)
+    bad = ids.copy()
+    bad[1, 3] = 10 ** 6
+    with pytest.raises(MillisError, match="out of range"):
+        model(bad, mask, types)
+    with pytest.raises(MillisError, match="exceeds the model's 512 positions"):
+        model(np.ones((1, 600), np.int64), np.ones((1, 600), np.int64))
+    with pytest.raises(MillisError, match="native precision"):
+        NativeBert(enc, "int4")
+    with pytest.raises(MillisError, match="BERT-family"):
+        from_hf(resolve(str(tiny_dirs["distilbert"])).path, "classify", Pooling(), CPU)
+    assert model(ids, mask, types).shape == (2, 384)  # the failed calls left it usable
+
+
+def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measure):
+    """optimize with the native variants only: each is built (fp32 weights in the variant), judged against
+    the torch reference, and the artifact of the chosen one loads and answers like the reference."""
+    from millis.artifact.model import load, open_model
+    from millis.common.config import Shape
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    out = tmp_path / "art"
+    cfg = OptimizeConfig(source="tiny:bert", task="classify", out=str(out), target=Shape(1, 16),
+                         variants=("native-fp32", "native-int8", "native-int8-a16"), measure=quick_measure)
+    art = optimize(cfg)
+    rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
+    for name in ("native-fp32", "native-int8", "native-int8-a16"):
+        assert not rows[name].get("error"), rows[name]
+        assert rows[name]["runtime"] == "native" and rows[name]["latency"]
+    model = load(art)
+    texts = ["refund my card payment", "where is my parcel", "a"]
+    ref = open_model("tiny:bert", task="classify")
+    got, want = model.run(texts).outputs, ref.run(texts).outputs  # logits (3, labels)
+    assert got.shape == want.shape
+    if model.meta.variant.runtime == "native":
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    np.testing.assert_allclose(got, want, atol=0.05)
