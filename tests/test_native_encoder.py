@@ -96,6 +96,30 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
         assert np.abs(out - ref).max() < 1e-5, (task, mode)
 
 
+@pytest.mark.skipif(native_isa() in (None, "scalar"), reason="needs the SIMD build beside the scalar one")
+def test_simd_activation_quantizers_equal_the_scalar_ones():
+    """quantize_x (int8 blocks) and quantize_x16 (int16 blocks): the AVX2 code writes the scalar code's
+    bytes (the same amax, products and round-to-nearest-even), ties and zero blocks included."""
+    import ctypes
+
+    from millis.gen.kernels.native import build
+    from millis.gen.models.native_llama import KERNEL_SOURCES, X16BLOCK_BYTES, XBLOCK_BYTES
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((4, 256)) * [[1.0], [1e-3], [0.0], [50.0]]).astype(np.float32)
+    x[3, :32] = np.arange(32) - 15.5  # exact .5 products: round half to even
+    for fn, size in (("quantize_x", XBLOCK_BYTES), ("quantize_x16", X16BLOCK_BYTES)):
+        got = []
+        for isa in ("scalar", native_isa()):
+            f = getattr(build("llama_step", KERNEL_SOURCES, isa), fn)
+            f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            out = np.zeros(4 * 8 * size, np.uint8)
+            for m in range(4):
+                f(x[m].ctypes.data, 256, out.ctypes.data + m * 8 * size)
+            got.append(out)
+        assert np.array_equal(got[0], got[1]), fn
+
+
 def test_errors_name_the_problem(minilm, tiny_dirs):
     _, enc = minilm
     model = NativeBert(enc, "int8", 2)

