@@ -57,7 +57,7 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     tm, enc = minilm
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
-    floor = {"fp32": 0.99999, "int8": 0.999, "int8-a16": 0.9995}
+    floor = {"fp32": 0.99999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998}
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -94,6 +94,46 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
         out = NativeBert(from_hf(tm, task, pooling, CPU), "fp32", 1)(ids, mask, types)
         assert out.shape == ref.shape
         assert np.abs(out - ref).max() < 1e-5, (task, mode)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_q7_0_matmul_matches_reference(isa):
+    """millis's int7 (Q7_0: values in [-63, 63] per 32, stored w + 64 in the packed layout) times int8
+    activation blocks equals dequant(W) @ dequant(x) up to fp32 rounding, for 1 to 9 tokens (the 4-token
+    kernel and the 1-token rest), packed on the SIMD build and in Q8_0's layout on the scalar one."""
+    import ctypes
+
+    from millis.encoder.native import Q7_0, q7_0
+    from millis.gen.kernels.native import build
+    from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES, Mat, pack_matrix
+
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    rng = np.random.default_rng(5)
+    N, K = 37, 256
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    raw = q7_0(w)
+    blocks = raw.reshape(N, K // 32, 34)
+    q = blocks[..., 2:].view(np.int8).astype(np.float64)
+    assert np.abs(q).max() == 63
+    wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
+    assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
+    keep: list = []
+    mat = pack_matrix(lib, Mat(Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
+    assert mat.packed == (isa != "scalar")
+    lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    for M in (1, 4, 9):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        xq = np.zeros(M * (K // 32) * XBLOCK_BYTES, np.uint8)
+        for m in range(M):
+            lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
+        xb = xq.reshape(M, K // 32, XBLOCK_BYTES)
+        xd = (xb[:, :, 12:44].view(np.int8).astype(np.float64) * xb[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
+        y = np.full((M, N), np.nan, np.float32)
+        lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
+        ref = xd @ wd.T
+        assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max(), M
 
 
 @pytest.mark.skipif(native_isa() in (None, "scalar"), reason="needs the SIMD build beside the scalar one")

@@ -38,7 +38,7 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q8_0_X16: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
+        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
@@ -92,7 +92,7 @@ void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn) {
     *mn = 0.f;
     switch (type) {
-    case T_Q8_0: case T_Q8_0_X16: {
+    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: {
         const block_q8_0* b = (const block_q8_0*)row + i;
         memcpy(w, b->qs, 32); sc[0] = sc[1] = f16_to_f32(b->d); return; }
     case T_Q4_0: {

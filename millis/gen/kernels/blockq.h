@@ -6,7 +6,8 @@
 /* ggml type ids, as GGUF stores them */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
        T_BF16 = 30,
-       T_Q8_0_X16 = 108 /* millis's int8, not a ggml id: Q8_0 blocks run against int16 activations (packed16.c) */ };
+       T_Q8_0_X16 = 108 /* millis's int8, not a ggml id: Q8_0 blocks run against int16 activations (packed16.c) */,
+       T_Q7_0 = 109 /* millis's int7, not a ggml id: Q8_0's block with values in [-63, 63] (packed.c) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 

@@ -1,170 +1,7 @@
-/* Packed weights for the AVX2 kernels: every block format re-laid once at load, 8 rows interleaved.
+/* The packed kernels: every block format times activation blocks (and F32 times fp32 rows), 8 rows at a
+   time in packed.h's layout (written by repack.c at load); see packed.h for the layout and numerics. */
+#include "packed.h"
 
-   Why: in GGUF's layout a row's blocks are contiguous, so a dot product per row pays, per 32 values,
-   an fp16 scale conversion, an int -> float conversion, a scale multiply and an FMA, then a
-   horizontal sum per row. Packed, one 32-byte load holds 4 consecutive values of each of 8 rows, so
-   maddubs against 4 activation values broadcast gives all 8 rows' partial sums in one vector: the
-   float work (scales, conversion, FMA) is done once per 8 rows, no horizontal sums remain (lane r is
-   row r), and the whole matrix streams as one sequential read (what the hardware prefetcher does best).
-   llama.cpp repacks Q4_0 / Q4_K the same way on AVX2 ("CPU_REPACK", block_q4_0x8).
-
-   Layout: groups of 8 rows (the last one padded with zero rows), each a run of units; a unit is one
-   32-value block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or one 256-value super-block (Q4_K, Q5_K, Q6_K):
-     simple:  d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) | payload
-     Q4/5_K:  d[8] fp16 | dmin[8] fp16 | scale[8 sub][8 rows] u8 | min[8 sub][8 rows] u8 | 8 payloads
-     Q6_K:    d[8] fp16 | scale[16 halves][8 rows] i8 | 8 payloads
-   A payload holds one 32-value block of the 8 rows in 8 steps; step s is values 4s..4s+3:
-     4-bit: 128 bytes, byte 32 * (s % 4) + 4 * r + j holds step s's value j of row r in its low
-            nibble (s < 4) or high nibble (s >= 4);
-     5-bit: the 4-bit part, then 8 words of 32 bits: bit 4 * r + j of word s = the fifth bit;
-     6-bit: the 4-bit part, then 64 bytes: bits 2 * (s % 4) of byte 32 * (s / 4) + 4 * r + j;
-     8-bit: 256 bytes, byte 32 * s + 4 * r + j.
-   Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed).
-
-   Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of
-   pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4); then per 32 values and row
-   acc += float(isum) * (d * dx), and the offsets of Q4_1 / Q5_1 / K-quant mins in their own sum. A
-   row's operations are the same for 1 and for 4 tokens, so its result never depends on batch-mates. */
-#include "blockq.h"
-
-#include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
-#define AI static inline __attribute__((always_inline))
-#define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
-
-static int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */
-    switch (type) {
-        case T_Q4_0: case T_Q4_1: case T_Q4_K: return 4;
-        case T_Q5_0: case T_Q5_1: case T_Q5_K: return 5;
-        case T_Q6_K: return 6;
-        case T_Q8_0: return 8;
-        default: return 0;
-    }
-}
-static int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
-static int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
-static int head_bytes(int type) {
-    switch (type) {
-        case T_Q4_1: case T_Q5_1: return 32;
-        case T_Q4_K: case T_Q5_K: return 160;
-        case T_Q6_K: return 144;
-        default: return 16;
-    }
-}
-static int64_t unit_bytes(int type) { return head_bytes(type) + (is_super(type) ? 8 : 1) * payload_bytes(kind_of(type)); }
-static int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K : QK); }
-
-API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
-#ifdef __AVX2__
-    if (type == T_F32) return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 4;
-    if (type == T_Q8_0_X16) return packed16_bytes(rows, cols);
-    if (!kind_of(type)) return 0;
-    return (rows + 7) / 8 * (cols / (is_super(type) ? QK_K : QK)) * unit_bytes(type);
-#else
-    (void)type; (void)rows; (void)cols;
-    return 0;  /* the scalar build runs GGUF's layout */
-#endif
-}
-
-/* ------------------------------------------------------------------ repacking (at load) */
-
-static void put_payload(int kind, uint8_t* q, int r, const int8_t* w) {  /* block values w[32] of row r */
-    for (int s = 0; s < 8; s++)
-        for (int j = 0; j < 4; j++) {
-            const uint8_t u = (uint8_t)w[4 * s + j];
-            const int b = 4 * r + j;
-            if (kind == 8) { q[32 * s + b] = u; continue; }
-            q[32 * (s & 3) + b] |= (uint8_t)((u & 0xF) << (4 * (s >> 2)));
-            if (kind == 5) q[128 + 4 * s + b / 8] |= (uint8_t)(((u >> 4) & 1) << (b % 8));
-            if (kind == 6) q[128 + 32 * (s >> 2) + b] |= (uint8_t)(((u >> 4) & 3) << (2 * (s & 3)));
-        }
-}
-
-static int block_bytes(int type) {
-    switch (type) {
-        case T_Q8_0: return sizeof(block_q8_0);
-        case T_Q4_0: return sizeof(block_q4_0);
-        case T_Q4_1: return sizeof(block_q4_1);
-        case T_Q5_0: return sizeof(block_q5_0);
-        case T_Q5_1: return sizeof(block_q5_1);
-        case T_Q4_K: return sizeof(block_q4_K);
-        case T_Q5_K: return sizeof(block_q5_K);
-        default: return sizeof(block_q6_K);
-    }
-}
-
-static void pack_unit(const mat* W, int64_t g, int64_t u, uint8_t* dst) {
-    const int type = W->type, kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
-    const int offset = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q6_K ? 32 : 0;  /* stored = w + offset */
-    memset(dst, 0, unit_bytes(type));
-    uint16_t* d = (uint16_t*)dst;
-    for (int r = 0; r < 8 && 8 * g + r < W->rows; r++) {
-        const uint8_t* row = W->data + (8 * g + r) * W->row_bytes;
-        const uint8_t* blk = row + u * block_bytes(type);
-        int8_t w[32]; float sc[2], mn;
-        if (!is_super(type)) {  /* d (and m) are each block's first fp16 fields */
-            memcpy(d + r, blk, 2);
-            if (head == 32) memcpy(d + 8 + r, blk + 2, 2);
-            decode_block(type, row, u, w, sc, &mn);
-            for (int l = 0; l < 32; l++) w[l] = (int8_t)(w[l] + offset);
-            put_payload(kind, dst + head, r, w);
-            continue;
-        }
-        if (type == T_Q6_K) {
-            const block_q6_K* b = (const block_q6_K*)blk;
-            d[r] = b->d;
-            for (int h = 0; h < 16; h++) dst[16 + 8 * h + r] = (uint8_t)b->scales[h];
-        } else {
-            const block_q4_K* b = (const block_q4_K*)blk;  /* Q5_K starts the same way */
-            d[r] = b->d; d[8 + r] = b->dmin;
-            for (int j = 0; j < 8; j++) {
-                int s, m;
-                scale_min_k4(j, b->scales, &s, &m);
-                dst[32 + 8 * j + r] = (uint8_t)s; dst[96 + 8 * j + r] = (uint8_t)m;
-            }
-        }
-        for (int j = 0; j < 8; j++) {
-            decode_block(type, row, 8 * u + j, w, sc, &mn);
-            for (int l = 0; l < 32; l++) w[l] = (int8_t)(w[l] + offset);
-            put_payload(kind, dst + head + j * pb, r, w);
-        }
-    }
-}
-
-void pool_begin(int threads);
-void pool_end(void);
-void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
-
-static void pack_group(void* p, int64_t g) {
-    const mat* W = ((const void**)p)[0];
-    uint8_t* dst = ((void**)p)[1];
-    if (W->type == T_Q8_0_X16) { pack16_group(W, g, dst); return; }
-    if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
-        float* o = (float*)dst + g * 8 * W->cols;
-        for (int r = 0; r < 8; r++) {
-            const float* row = (const float*)(W->data + (8 * g + r) * W->row_bytes);
-            for (int64_t k = 0; k < W->cols; k++) o[8 * k + r] = 8 * g + r < W->rows ? row[k] : 0.f;
-        }
-        return;
-    }
-    const int64_t nu = units(W), ub = unit_bytes(W->type);
-    for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
-}
-
-/* GGUF layout -> packed (dst: packed_bytes(...) bytes). 0 on success, -1 when the type is not packed. */
-API int repack(const mat* W, uint8_t* dst, int nthreads) {
-    if (!packed_bytes(W->type, W->rows, W->cols)) return -1;
-    const void* ctx[2] = {W, dst};
-    pool_begin(nthreads);
-    pool_run(pack_group, (void*)ctx, (W->rows + 7) / 8);
-    pool_end();
-    return 0;
-}
-
-/* ------------------------------------------------------------------ the kernels */
 #ifdef __AVX2__
 AI __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 AI __m256i bits32(const uint8_t* p) {  /* 32 bits -> 32 bytes, 0xFF where the bit is set */
@@ -184,6 +21,18 @@ AI __m256i load8s(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi6
    int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi. Q8_0 (kind 8): unweighted. */
 AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, const int T, __m256i mlo, __m256i mhi,
                     __m256i* out) {
+    if (kind == 7) {  /* Q7_0: 8-bit payload of unsigned w + 64 */
+        __m256i a[4];
+        for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
+            for (int t = 0; t < T; t++)
+                a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, bcast4(x[t]->q + 4 * s)),
+                                                                _mm256_set1_epi16(1)));
+        }
+        for (int t = 0; t < T; t++) out[t] = a[t];
+        return;
+    }
     if (kind == 8) {
         __m256i a[4];
         for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
@@ -231,7 +80,8 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
 AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
     const int64_t ub = unit_bytes(type);
-    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 0;  /* subtracted from every stored value */
+    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q7_0 ? 64 : 0;  /* stored - value */
+    const int pk = type == T_Q7_0 ? 7 : kind;  /* payload_dot's kind: Q7_0 is an unsigned 8-bit payload */
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     const __m256i one = _mm256_set1_epi16(1);
     __m256 acc[4], off[4];
@@ -244,7 +94,7 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
         __m256i is[4];
         if (!is_super(type)) {
             for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
-            payload_dot(kind, b + head, xb, T, one, one, is);
+            payload_dot(pk, b + head, xb, T, one, one, is);
             for (int t = 0; t < T; t++) {
                 __m256i i = is[t];
                 if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
@@ -328,7 +178,8 @@ typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*
         group_dot(TYPE, 1, g, nu, x, xs, out); }                                                        \
     static void NAME##_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
         group_dot(TYPE, 4, g, nu, x, xs, out); }
-GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1) GROUP_FNS(g_q5_0, T_Q5_0)
+GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q7_0, T_Q7_0) GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1)
+GROUP_FNS(g_q5_0, T_Q5_0)
 GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
 
 /* Q8_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
@@ -361,9 +212,38 @@ static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, fl
     _mm256_storeu_ps(out + 24, f3);
 }
 
+/* Q7_0 x 4 tokens, written out like q8_0_4 (the same integer sums and float steps as group_dot): per
+   step and token one maddubs, one madd, one add; 64 * (the block's activation sum) taken off per block. */
+static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(T_Q7_0);
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t* b = g + u * ub;
+        const uint8_t* q = b + 16;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 1
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
+#define TOK(X, A) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(w, bcast4(X[u].q + 4 * s)), one));
+            TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
+#undef TOK
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+#define ACC(X, A, F) F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(A, _mm256_set1_epi32(64 * X[u].sum))), \
+                                         _mm256_mul_ps(dv, _mm256_set1_ps(X[u].d)), F);
+        ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
+#undef ACC
+    }
+    _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
+    _mm256_storeu_ps(out + 24, f3);
+}
+
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
     switch (type) {
         case T_Q8_0: *f1 = g_q8_0_1; *f4 = q8_0_4; return;
+        case T_Q7_0: *f1 = g_q7_0_1; *f4 = q7_0_4; return;
         case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
         case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
         case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;

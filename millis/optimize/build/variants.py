@@ -63,6 +63,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, int8 weights (scale per 32) x int8 activations (scale per 32), no saturation"),
     Variant("native-int8-a16", "native", "int8", ("weights",), {"precision": "int8-a16"},
             "millis's C encoder, int8 weights (scale per 32) x int16 activations (scale per 32)"),
+    Variant("native-int7", "native", "int8", ("weights",), {"precision": "int7"},
+            "millis's C encoder, 7-bit weights (scale per 32) x int8 activations: AVX2 maddubs, no sign fix-ups"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments

@@ -1,0 +1,62 @@
+/* Packed weights for the AVX2 kernels: every block format re-laid once at load, 8 rows interleaved.
+
+   Why: in GGUF's layout a row's blocks are contiguous, so a dot product per row pays, per 32 values,
+   an fp16 scale conversion, an int -> float conversion, a scale multiply and an FMA, then a
+   horizontal sum per row. Packed, one 32-byte load holds 4 consecutive values of each of 8 rows, so
+   maddubs against 4 activation values broadcast gives all 8 rows' partial sums in one vector: the
+   float work (scales, conversion, FMA) is done once per 8 rows, no horizontal sums remain (lane r is
+   row r), and the whole matrix streams as one sequential read (what the hardware prefetcher does best).
+   llama.cpp repacks Q4_0 / Q4_K the same way on AVX2 ("CPU_REPACK", block_q4_0x8).
+
+   Layout: groups of 8 rows (the last one padded with zero rows), each a run of units; a unit is one
+   32-value block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or one 256-value super-block (Q4_K, Q5_K, Q6_K):
+     simple:  d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) | payload
+     Q4/5_K:  d[8] fp16 | dmin[8] fp16 | scale[8 sub][8 rows] u8 | min[8 sub][8 rows] u8 | 8 payloads
+     Q6_K:    d[8] fp16 | scale[16 halves][8 rows] i8 | 8 payloads
+   A payload holds one 32-value block of the 8 rows in 8 steps; step s is values 4s..4s+3:
+     4-bit: 128 bytes, byte 32 * (s % 4) + 4 * r + j holds step s's value j of row r in its low
+            nibble (s < 4) or high nibble (s >= 4);
+     5-bit: the 4-bit part, then 8 words of 32 bits: bit 4 * r + j of word s = the fifth bit;
+     6-bit: the 4-bit part, then 64 bytes: bits 2 * (s % 4) of byte 32 * (s / 4) + 4 * r + j;
+     8-bit: 256 bytes, byte 32 * s + 4 * r + j.
+   Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed);
+   millis's Q7_0 (values in [-63, 63]) as w + 64: maddubs takes it as its unsigned operand against the
+   signed activations directly (pairs at most 2 * 127 * 127, no saturation), with no sign fix-ups.
+
+   Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of
+   pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4); then per 32 values and row
+   acc += float(isum) * (d * dx), and the offsets of Q4_1 / Q5_1 / K-quant mins in their own sum. A
+   row's operations are the same for 1 and for 4 tokens, so its result never depends on batch-mates. */
+#pragma once
+#include "blockq.h"
+
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define AI static inline __attribute__((always_inline))
+#define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
+
+static inline int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */
+    switch (type) {
+        case T_Q4_0: case T_Q4_1: case T_Q4_K: return 4;
+        case T_Q5_0: case T_Q5_1: case T_Q5_K: return 5;
+        case T_Q6_K: return 6;
+        case T_Q8_0: case T_Q7_0: return 8;
+        default: return 0;
+    }
+}
+static inline int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
+static inline int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
+static inline int head_bytes(int type) {
+    switch (type) {
+        case T_Q4_1: case T_Q5_1: return 32;
+        case T_Q4_K: case T_Q5_K: return 160;
+        case T_Q6_K: return 144;
+        default: return 16;
+    }
+}
+static inline int64_t unit_bytes(int type) { return head_bytes(type) + (is_super(type) ? 8 : 1) * payload_bytes(kind_of(type)); }
+static inline int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K : QK); }
+
