@@ -115,27 +115,22 @@ static void op_quant_att(void* p, int64_t t) {
     quant_row(c, c->s->att + t * D, D, t);
 }
 
-static void op_ln1(void* p, int64_t t) {  /* x holds x + att Wo: add bo, LayerNorm */
-    const ctx_t* c = p; const bert_layer* w = c->w; const int D = c->m->dim;
+/* x (a residual row that a matmul accumulated into) += bias, then LayerNorm and quantized for the next */
+static void bias_ln(const ctx_t* c, int64_t t, const float* b, const float* w, const float* lb) {
+    const int D = c->m->dim;
     float* x = c->s->x + t * D;
-    for (int i = 0; i < D; i++) x[i] += w->bo[i];
-    layernorm(x, w->ln1_w, w->ln1_b, D, c->m->eps, x);
+    for (int i = 0; i < D; i++) x[i] += b[i];
+    layernorm(x, w, lb, D, c->m->eps, x);
     quant_row(c, x, D, t);
 }
+static void op_ln1(void* p, int64_t t) { const ctx_t* c = p; bias_ln(c, t, c->w->bo, c->w->ln1_w, c->w->ln1_b); }
+static void op_ln2(void* p, int64_t t) { const ctx_t* c = p; bias_ln(c, t, c->w->bd, c->w->ln2_w, c->w->ln2_b); }
 
 static void op_gelu(void* p, int64_t t) {
     const ctx_t* c = p; const int H = c->m->hidden;
     float* h = c->s->h + t * H;
     bias_gelu_erf(h, c->w->bi, H);
     quant_row(c, h, H, t);
-}
-
-static void op_ln2(void* p, int64_t t) {  /* x holds x + h Wd: add bd, LayerNorm */
-    const ctx_t* c = p; const bert_layer* w = c->w; const int D = c->m->dim;
-    float* x = c->s->x + t * D;
-    for (int i = 0; i < D; i++) x[i] += w->bd[i];
-    layernorm(x, w->ln2_w, w->ln2_b, D, c->m->eps, x);
-    quant_row(c, x, D, t);
 }
 
 /* time per op kind, summed over calls (bert_profile reads and resets it) */

@@ -35,6 +35,18 @@ typedef struct { int32_t type; int32_t packed; const uint8_t* data; int64_t rows
 
 #ifdef __AVX2__
 #include <immintrin.h>
+/* the largest |r[i]| of a 32-value block, its 4 vectors left in v (the activation quantizers' first step:
+   the same value as the scalar loop's) */
+static inline float block_amax(const float* r, __m256* v) {
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(r + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
 static inline float hsum8(__m256 a) {  /* the sum of a vector's 8 lanes */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);

@@ -182,10 +182,12 @@ GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q7_0, T_Q7_0) GROUP_FNS(g_q4_0, T_Q4_0) GR
 GROUP_FNS(g_q5_0, T_Q5_0)
 GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
 
-/* Q8_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
+/* Q8_0 or Q7_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
    unrolled) has GCC compute all 32 products of a block before summing them, spilling them to the stack.
-   The same integer sum per block and the same float steps as group_dot, so the same results. */
-static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+   The same integer sum per block and the same float steps as group_dot, so the same results.
+   Q8_0: |w| against the activations with w's signs. Q7_0 (stored w + 64): the stored bytes against the
+   activations as they are, one maddubs + madd + add per step and token, 64 * (the block's sum) off. */
+AI void q8_tile4(const int q7, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     const int64_t ub = unit_bytes(T_Q8_0);
     const __m256i one = _mm256_set1_epi16(1);
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
@@ -196,48 +198,27 @@ static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, fl
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 1
         for (int s = 0; s < 8; s++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
-#define TOK(X, A) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, \
-                      _mm256_sign_epi8(bcast4(X[u].q + 4 * s), w)), one));
-            TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
-#undef TOK
-        }
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(dv, _mm256_set1_ps(x0[u].d)), f0);
-        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(dv, _mm256_set1_ps(x1[u].d)), f1);
-        f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), _mm256_mul_ps(dv, _mm256_set1_ps(x2[u].d)), f2);
-        f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), _mm256_mul_ps(dv, _mm256_set1_ps(x3[u].d)), f3);
-    }
-    _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
-    _mm256_storeu_ps(out + 24, f3);
-}
-
-/* Q7_0 x 4 tokens, written out like q8_0_4 (the same integer sums and float steps as group_dot): per
-   step and token one maddubs, one madd, one add; 64 * (the block's activation sum) taken off per block. */
-static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    const int64_t ub = unit_bytes(T_Q7_0);
-    const __m256i one = _mm256_set1_epi16(1);
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
-    for (int64_t u = 0; u < nu; u++) {
-        const uint8_t* b = g + u * ub;
-        const uint8_t* q = b + 16;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-#pragma GCC unroll 1
-        for (int s = 0; s < 8; s++) {
             const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
-#define TOK(X, A) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(w, bcast4(X[u].q + 4 * s)), one));
+            const __m256i aw = q7 ? w : _mm256_sign_epi8(w, w);
+#define TOK(X, A) { const __m256i xv = bcast4(X[u].q + 4 * s), sx = q7 ? xv : _mm256_sign_epi8(xv, w); \
+                    A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), one)); }
             TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
 #undef TOK
         }
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-#define ACC(X, A, F) F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(A, _mm256_set1_epi32(64 * X[u].sum))), \
-                                         _mm256_mul_ps(dv, _mm256_set1_ps(X[u].d)), F);
+#define ACC(X, A, F) { const __m256i i = q7 ? _mm256_sub_epi32(A, _mm256_set1_epi32(64 * X[u].sum)) : A; \
+                       F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(X[u].d)), F); }
         ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
 #undef ACC
     }
     _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
     _mm256_storeu_ps(out + 24, f3);
+}
+static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    q8_tile4(0, g, nu, x, xs, out);
+}
+static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    q8_tile4(1, g, nu, x, xs, out);
 }
 
 static void group_fns(int type, group_fn* f1, group_fn* f4) {

@@ -31,13 +31,8 @@ API void quantize_x16(const float* x, int64_t K, x16block* out) {
         const float* r = x + b * QK;
 #ifdef __AVX2__
         /* the scalar code below, 8 lanes at a time: the same amax, products and rounding, the same values */
-        __m256 v[4], m = _mm256_setzero_ps();
-        const __m256 sign = _mm256_set1_ps(-0.f);
-        for (int i = 0; i < 4; i++) { v[i] = _mm256_loadu_ps(r + 8 * i); m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i])); }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float amax = _mm_cvtss_f32(h);
+        __m256 v[4];
+        const float amax = block_amax(r, v);
         const float id = amax > 0.f ? 32767.f / amax : 0.f;
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
