@@ -180,7 +180,7 @@ def main() -> int:
     a = ap.parse_args()
     from millis.common import hardware
 
-    from millis.gen.kernels.native import native_isa
+    from millis.kernels.native import native_isa
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware.describe(),
             "kernels": native_isa(),  # the build millis's native kernels run here (avx2 | scalar)

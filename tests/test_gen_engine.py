@@ -72,7 +72,7 @@ PRECISION_TOL = {"fp32": (1e-5, 1e-4, 1.0), "bf16": (0.025, 0.12, 0.9), "int8": 
 
 def precision(eng: Engine) -> str:
     """What the engine's Linears run in: "int8" (millis's kernels), "int8-torch", "bf16" or "fp32"."""
-    from millis.gen.kernels.cpu_int8 import Int8Linear
+    from millis.kernels.cpu_int8 import Int8Linear
     from millis.gen.models.native_llama import INT8, TYPE_IDS, NativeLlama
 
     if isinstance(eng.model, NativeLlama):

@@ -1,10 +1,10 @@
 """millis's int8 on CPU: Llama-family models as int8 blocks (int16 activations) on the native kernels,
-GPT-2 on the per-row kernel (millis/gen/kernels/qgemm.c): close to fp32, exact per row whatever the
+GPT-2 on the per-row kernel (millis/kernels/qgemm.c): close to fp32, exact per row whatever the
 batch, odd shapes padded correctly; the torch fallback; and the mask-free attention paths of make_batch."""
 import pytest
 import torch
 
-from millis.gen.kernels.cpu_int8 import Int8Linear, library, why_unavailable
+from millis.kernels.cpu_int8 import Int8Linear, library, why_unavailable
 from millis.gen.models.layers import make_batch
 
 needs_kernel = pytest.mark.skipif(library() is None, reason=f"int8 kernel unavailable: {why_unavailable()}")
@@ -27,8 +27,8 @@ def test_int8_linear_close_to_fp32_and_batch_invariant(k, n, bias):
 
 
 def test_int8_torch_backend_and_fallback(monkeypatch):
-    from millis.gen.kernels import cpu_int8
-    from millis.gen.kernels.quant import quantize_int8
+    from millis.kernels import cpu_int8
+    from millis.kernels.quant import quantize_int8
 
     lin = torch.nn.Sequential(torch.nn.Linear(16, 8))
     assert quantize_int8(lin, "torch") == "torch-dynamic" and not isinstance(lin[0], Int8Linear)

@@ -13,7 +13,7 @@ from millis.common.errors import MillisError
 from millis.gen import EngineConfig, SamplingParams, open_engine
 from millis.gen.config import LlamaConfig
 from millis.gen.engine import run_all
-from millis.gen.kernels.native import build, native_isa
+from millis.kernels.native import build, native_isa
 from millis.gen.models import native_llama
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama

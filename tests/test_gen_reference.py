@@ -71,7 +71,7 @@ def test_llama2c_precisions_close_to_fp32(ref, dtype, quant):
     greedy run (3 prompts x 60 tokens, teacher-forced) logits within test_gen_engine.PRECISION_TOL."""
     import warnings
 
-    from millis.gen.kernels.cpu_int8 import library
+    from millis.kernels.cpu_int8 import library
     from test_gen_engine import assert_close_to_fp32, precision
 
     d = str(shared_model(ref["dir"]))

@@ -12,7 +12,7 @@ from millis.common.errors import MillisError
 from millis.encoder.native import PRECISIONS, NativeBert
 from millis.encoder.source import Pooling, resolve
 from millis.encoder.tasks import load_task_model
-from millis.gen.kernels.native import native_isa
+from millis.kernels.native import native_isa
 from millis.gpu.encoder import RunOptions, from_hf
 
 CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
@@ -103,9 +103,10 @@ def test_q7_0_matmul_matches_reference(isa):
     kernel and the 1-token rest), packed on the SIMD build and in Q8_0's layout on the scalar one."""
     import ctypes
 
-    from millis.encoder.native import Q7_0, q7_0
-    from millis.gen.kernels.native import build
-    from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES, Mat, pack_matrix
+    from millis.encoder.native import q7_0
+    from millis.kernels.native import build
+    from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES
+    from millis.kernels.native import TYPE_Q7_0, Mat, pack_matrix
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
     rng = np.random.default_rng(5)
@@ -118,7 +119,7 @@ def test_q7_0_matmul_matches_reference(isa):
     wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
     assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
     keep: list = []
-    mat = pack_matrix(lib, Mat(Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
+    mat = pack_matrix(lib, Mat(TYPE_Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
     assert mat.packed == (isa != "scalar")
     lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
@@ -142,7 +143,7 @@ def test_simd_activation_quantizers_equal_the_scalar_ones():
     bytes (the same amax, products and round-to-nearest-even), ties and zero blocks included."""
     import ctypes
 
-    from millis.gen.kernels.native import build
+    from millis.kernels.native import build
     from millis.gen.models.native_llama import KERNEL_SOURCES, X16BLOCK_BYTES, XBLOCK_BYTES
 
     rng = np.random.default_rng(4)

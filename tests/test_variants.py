@@ -46,6 +46,10 @@ def test_variant_matches_reference(built, case, name):
         with pytest.raises(MillisError, match="no native bf16"):
             builder.build(v)
         return
+    if v.runtime == "native" and case[0] != "bert":  # the C encoder runs the BERT family only
+        with pytest.raises(MillisError, match="BERT-family"):
+            builder.build(v)
+        return
     vdir, facts = builder.build(v)
     rt = open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
                       dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)

@@ -1,4 +1,4 @@
-"""A BERT-family encoder on millis's own C kernels (`gen/kernels/bert_forward.c`): the whole forward pass
+"""A BERT-family encoder on millis's own C kernels (`kernels/bert_forward.c`): the whole forward pass
 in one C call over the real tokens of a batch (padding is dropped, not computed), weights prepacked
 once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
@@ -20,13 +20,12 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.gen.models.native_llama import INT8, TYPE_IDS, Mat, pack_matrix
+from millis.kernels.native import TYPE_F32, TYPE_Q7_0, TYPE_Q8_0, TYPE_Q8_0_X16, Mat, pack_matrix
 
 PRECISIONS = ("fp32", "int8", "int8-a16", "int7")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "bert_forward.c", "pool.c")
 ACT = {"fp32": 0, "int8": 1, "int8-a16": 2, "int7": 1}  # bert_forward.c ACT_*: what the matrices take
 BLOCK_BYTES = {"fp32": 0, "int8": 44, "int8-a16": 68, "int7": 44}  # an activation block (xblock / x16block)
-Q7_0 = 109  # blockq.h T_Q7_0
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -47,7 +46,7 @@ class Scratch(ctypes.Structure):
 
 def library():
     """The encoder kernels for this CPU's ISA (built on first use), or None when native kernels are off."""
-    from millis.gen.kernels.native import build, native_isa
+    from millis.kernels.native import build, native_isa
 
     isa = native_isa()
     if isa is None:
@@ -78,7 +77,7 @@ class NativeBert:
     """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
 
     def __init__(self, encoder, precision: str = "fp32", threads: int = 1):
-        from millis.gen.kernels.native import native_isa
+        from millis.kernels.native import native_isa
 
         if precision not in PRECISIONS:
             raise MillisError(f"unknown native precision {precision!r}; supported: {', '.join(PRECISIONS)}")
@@ -121,15 +120,15 @@ class NativeBert:
         w = np.ascontiguousarray(t.detach().float().numpy())
         rows, cols = w.shape
         if self.precision == "fp32":
-            data, type_id = w, TYPE_IDS["F32"]
+            data, type_id = w, TYPE_F32
         elif self.precision == "int7":
-            data, type_id = q7_0(w), Q7_0
+            data, type_id = q7_0(w), TYPE_Q7_0
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize
 
             data = quantize(w, GGMLQuantizationType.Q8_0)
-            type_id = TYPE_IDS[INT8] if self.precision == "int8-a16" else TYPE_IDS["Q8_0"]
+            type_id = TYPE_Q8_0_X16 if self.precision == "int8-a16" else TYPE_Q8_0
         m = Mat(type_id, 0, data.ctypes.data, rows, cols, data.nbytes // rows)
         self.keep.append(data)
         return pack_matrix(self.lib, m, self.keep, self.threads)

@@ -83,7 +83,7 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         model.head.weight = getattr(model, "wte" if isinstance(cfg, GPT2Config) else "tok_emb").weight
     quant_backend = None
     if engine.quant != "none":
-        from millis.gen.kernels.quant import quantize_int8
+        from millis.kernels.quant import quantize_int8
 
         quant_backend = quantize_int8(model, "torch" if engine.quant == "int8-torch" else "auto")
     max_seq = min(engine.max_seq or cfg.max_seq, cfg.max_seq)
@@ -178,7 +178,7 @@ def runs_native(engine: EngineConfig) -> bool:
     """The one rule for HF and llama2.c models: on the CPU, fp32 and millis's int8 run on millis's C step
     (GGUF-layout tensors, paged KV cache); torch runs bf16, int8-torch, CUDA, and fp32 when the native
     kernels are off (MILLIS_NO_KERNELS). GGUF files always run native."""
-    from millis.gen.kernels.native import native_isa
+    from millis.kernels.native import native_isa
 
     if engine.device != "cpu":
         return False

@@ -6,6 +6,7 @@ quantized and packed for this CPU's ISA at load, and the padding of a batch is n
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ class NativeRuntime:
         from millis.gpu.encoder import RunOptions, from_hf
 
         cpu = RunOptions(dtype="fp32", fuse="torch", device="cpu")
+        if pooling is None:  # a variant directory records its source's pooling in config.json (millis_pooling)
+            cfg_file = Path(model_dir) / "config.json"
+            pooling = json.loads(cfg_file.read_text()).get("millis_pooling") if cfg_file.is_file() else None
         encoder = from_hf(Path(model_dir), task, Pooling(**(pooling or {})), cpu)
         self.model = NativeBert(encoder, precision, threads)
         self.name, self.input_names, self.output_name = name, input_names, output_name

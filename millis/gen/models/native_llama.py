@@ -24,21 +24,18 @@ from millis.gen.config import GPT2Config, ModelConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
+from millis.kernels.native import TYPE_Q8_0_X16, Mat, pack_matrix  # noqa: F401 -- Mat, pack_matrix re-exported
 
 # the type ids the kernels switch on: ggml's, and millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run
 # against int16 activations, packed16.c)
 INT8 = "Q8_0_X16"
-TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: 108}
+TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: TYPE_Q8_0_X16}
 KERNEL_SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "llama_step.c", "pool.c")
 XBLOCK_BYTES = 44  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8
 X16BLOCK_BYTES = 68  # one int16 activation block (x16block, for INT8 matrices): scale, 32 int16
 MAX_GROUP = 64  # query heads per KV head the C attention takes (llama_step.c MAX_GROUP)
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-
-
-class Mat(ctypes.Structure):
-    _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
 
 
 class LayerW(ctypes.Structure):
@@ -79,28 +76,13 @@ def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
     return Mat(TYPE_IDS[t.qtype], 0, data.ctypes.data, rows, cols, data.nbytes // rows), data
 
 
-def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:
-    """`m` re-laid in packed.c's layout (8 rows interleaved) when the build packs its type, else `m`.
-    The packed copy goes to `keep`; the GGUF bytes are then no longer read."""
-    lib.packed_bytes.restype, lib.packed_bytes.argtypes = I64, [I32, I64, I64]
-    lib.repack.restype, lib.repack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
-    n = lib.packed_bytes(m.type, m.rows, m.cols)
-    if not n:
-        return m
-    dst = np.empty(n, np.uint8)
-    if lib.repack(ctypes.addressof(m), dst.ctypes.data, threads):
-        raise MillisError(f"repacking a type {m.type} matrix failed")
-    keep.append(dst)
-    return Mat(m.type, 1, dst.ctypes.data, m.rows, m.cols, m.row_bytes)
-
-
 class NativeLlama:
     """A GGUF-layout Llama run by the C forward. `tensors`: GGUF names -> objects with `qtype`,
     `shape` ((rows, cols) or (n,)) and `data` (numpy: block bytes (rows, row_bytes) or fp32)."""
 
     def __init__(self, c: ModelConfig, tensors: dict, rope_neox: bool, max_batch: int, max_seq: int,
                  kv_bytes: int, threads: int, block_size: int = 32) -> None:
-        from millis.gen.kernels.native import build, native_isa
+        from millis.kernels.native import build, native_isa
 
         isa = native_isa()
         if isa is None:

@@ -179,6 +179,8 @@ def _fp32_weights(src: ModelSource, d: Path) -> Path:
 
     cfg, state = load_state(src.path)
     EncoderConfig.from_hf(cfg)
+    # the sentence-transformers pooling lives beside the weights in the source; the runtime reads it here
+    cfg = dict(cfg, millis_pooling={"mode": src.pooling.mode, "normalize": src.pooling.normalize})
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     path = d / "model.safetensors"
     save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in state.items()}, str(path))

@@ -1,4 +1,4 @@
-/* Int8 matmul for CPU decode (AVX2), built by millis/gen/kernels/cpu_int8.py on first use.
+/* Int8 matmul for CPU decode (AVX2), built by millis/kernels/cpu_int8.py on first use.
 
    y (M, N) = sx[m] * sw[n] * <xq[m], wq[n]> + bias[n]
    Weights: int8 symmetric per output row (scale sw), packed as (Np/4, Kp/32, 4, 32): four rows'

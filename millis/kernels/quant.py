@@ -1,7 +1,7 @@
 """Int8 for CPU decode: every Linear (the head included) gets int8 weights, one scale per output row.
 
 Two backends, picked by `EngineConfig.quant`:
-- `int8`: millis's AVX2 kernel (`millis.gen.kernels.cpu_int8`: int8 activations with one scale per row, so
+- `int8`: millis's AVX2 kernel (`millis.kernels.cpu_int8`: int8 activations with one scale per row, so
   a row's tokens do not depend on its batch-mates); when it cannot be built here (no AVX2, no C
   compiler), torch's dynamic quantization instead, with a warning;
 - `int8-torch`: torch's dynamic quantization (fbgemm): activations quantized per call with one
@@ -19,7 +19,7 @@ from torch import nn
 
 def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
     """Quantize `model`'s Linears in place; returns the backend used ("millis-avx2" or "torch-dynamic")."""
-    from millis.gen.kernels.cpu_int8 import Int8Linear, library, why_unavailable
+    from millis.kernels.cpu_int8 import Int8Linear, library, why_unavailable
 
     if backend in ("auto", "millis") and library() is not None:
         _swap(model, Int8Linear)

@@ -1,5 +1,5 @@
 /* Block-quantized matmul for CPU: GGUF's F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
-   weights against activations quantized per block of 32 (xblock), built by millis/gen/kernels/native.py.
+   weights against activations quantized per block of 32 (xblock), built by millis/kernels/native.py.
 
    Numerics (as llama.cpp): a weight block decodes to 32 small integers w with a scale (and for Q4_1 /
    K-quants an offset); <w, x> = dw * dx * sum(w * q) (+ offset * s).

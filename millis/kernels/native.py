@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from millis.common.errors import MillisError
 
 HERE = Path(__file__).parent
@@ -73,3 +75,29 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
     import torch  # noqa: F401 -- load torch's libgomp first: one OpenMP runtime in the process
 
     return ctypes.CDLL(str(so))
+
+
+P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+# blockq.h's type ids beside ggml's: millis's int8 (Q8_0 bytes x int16 activations) and int7 (Q7_0)
+TYPE_F32, TYPE_Q8_0, TYPE_Q8_0_X16, TYPE_Q7_0 = 0, 8, 108, 109
+
+
+class Mat(ctypes.Structure):  # blockq.h mat
+    _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
+
+
+def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:
+    """`m` re-laid in packed.c's layout (8 rows interleaved) when the build packs its type, else `m`.
+    The packed copy goes to `keep`; the GGUF bytes are then no longer read."""
+    lib.packed_bytes.restype, lib.packed_bytes.argtypes = I64, [I32, I64, I64]
+    lib.repack.restype, lib.repack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
+    n = lib.packed_bytes(m.type, m.rows, m.cols)
+    if not n:
+        return m
+    dst = np.empty(n, np.uint8)
+    if lib.repack(ctypes.addressof(m), dst.ctypes.data, threads):
+        raise MillisError(f"repacking a type {m.type} matrix failed")
+    keep.append(dst)
+    return Mat(m.type, 1, dst.ctypes.data, m.rows, m.cols, m.row_bytes)
+
+

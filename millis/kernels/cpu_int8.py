@@ -46,7 +46,7 @@ def library() -> ctypes.CDLL | None:
         _why.append("MILLIS_NO_KERNELS is set")
         return None
     from millis.common.errors import MillisError
-    from millis.gen.kernels.native import build
+    from millis.kernels.native import build
 
     try:  # torch is imported first there: its libgomp.so.1 is reused, one OpenMP thread pool
         lib = build("qgemm", (SOURCE.name,), "avx2", tuple(FLAGS))
