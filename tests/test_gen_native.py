@@ -13,7 +13,7 @@ from millis.common.errors import MillisError
 from millis.gen import EngineConfig, SamplingParams, open_engine
 from millis.gen.config import LlamaConfig
 from millis.gen.engine import run_all
-from millis.kernels.native import build, native_isa
+from millis.kernels.native import build, native_isa, runnable_isas
 from millis.gen.models import native_llama
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
@@ -21,7 +21,7 @@ from millis.gen.models.native_llama import (INT8, KERNEL_SOURCES, TYPE_IDS, X16B
                                             pack_matrix)
 
 FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ISAS = sorted({"scalar", native_isa() or "scalar"})
+ISAS = runnable_isas() if native_isa() else ["scalar"]  # every build this CPU runs
 TINY = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=256, hidden_dim=128,
                    norm_eps=1e-5, rope_theta=10000.0)
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -103,6 +103,35 @@ def test_int8_weights_against_int16_activations(isa, M):
     before = y.copy()
     lib.matmul(ctypes.addressof(mat), x16.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 1, 3)
     assert np.allclose(y, 2 * before, rtol=1e-6, atol=1e-6)
+
+
+SIMD = [isa for isa in ISAS if isa != "scalar"]
+
+
+@pytest.mark.skipif(len(SIMD) < 2, reason="needs two SIMD builds: an AVX-512 VNNI CPU runs avx512 beside avx2")
+@pytest.mark.parametrize("qtype", FORMATS + (INT8,))
+def test_simd_builds_agree_bitwise(qtype):
+    """The avx512 build (vpdpbusd / vpdpwssd, 16- and 32-row tiles) computes every (row, token) sum the
+    avx2 build does, in the same order: the same bytes, at decode (M = 1) and GEMM shapes, with 16-row
+    pairs, 32-row quads and lone groups (N = 45: 6 groups, the last padded)."""
+    rng = np.random.default_rng(5)
+    N, K = 45, 512
+    raw, _ = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), "Q8_0" if qtype == INT8 else qtype, rng)
+    raw = np.ascontiguousarray(raw)
+    for M in (1, 4, 11):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        got = []
+        for isa in SIMD:
+            lib = build("llama_step", KERNEL_SOURCES, isa)
+            xq, _ = quantized_rows(lib, x, int16=qtype == INT8)
+            lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                           ctypes.c_int, ctypes.c_int]
+            keep: list = []
+            mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+            y = np.full((M, N), np.nan, np.float32)
+            lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 1)  # one range
+            got.append(y)
+        assert all(np.array_equal(got[0], g) for g in got[1:]), (qtype, M)
 
 
 def test_activation_blocks_round_to_nearest():

@@ -47,11 +47,29 @@ static inline float block_amax(const float* r, __m256* v) {
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
+/* The integer dot steps, per int32 lane: acc + sum of 4 products u8 x s8 (dot_u8s8), of 2 products
+   s16 x s16 (dot_s16). AVX-512 VNNI does each in one instruction (vpdpbusd / vpdpwssd, exact int32 sums);
+   AVX2 as maddubs + madd(1) + add / madd + add: the same sums as long as maddubs's pairs do not saturate
+   (every caller keeps a pair within int16: |u| * |s| * 2 <= 2 * 128 * 127). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+static inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+#else
+#define HAVE_VNNI 0
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+static inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
 static inline float hsum8(__m256 a) {  /* the sum of a vector's 8 lanes */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(s);
 }
+#endif
+#ifndef HAVE_VNNI
+#define HAVE_VNNI 0
 #endif
 
 /* fp16 -> fp32, inlined (an exported function would be called through the PLT in the hot loops) */

@@ -3,10 +3,11 @@
 `build(name, sources, isa)` compiles the sources with the system C compiler (`$CC`, else `cc`) into
 the millis cache, once per (source text, flags), atomically (a concurrent build never loads a half-
 written file). `native_isa()` picks the best build the CPU runs: `avx2` (AVX2 + FMA + F16C: the
-SIMD kernels) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
-`MILLIS_KERNEL_ISA=scalar` forces the scalar build; `MILLIS_NO_KERNELS=1` disables native kernels.
-
-On AVX-512 CPUs the `avx2` kernels run (no AVX-512 / VNNI / AMX specific kernels yet).
+SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF16 on top: the integer
+dot products become `vpdpbusd` / `vpdpwssd`, with the same integer sums, so the same results, and 32
+vector registers) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
+`MILLIS_KERNEL_ISA=avx2|scalar` forces a build; `MILLIS_NO_KERNELS=1` disables native kernels.
+No AMX kernels yet: on Sapphire Rapids the `avx512` build runs.
 """
 from __future__ import annotations
 
@@ -25,27 +26,42 @@ import numpy as np
 from millis.common.errors import MillisError
 
 HERE = Path(__file__).parent
-ISA_FLAGS = {
+ISA_FLAGS = {  # best first
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+               "-mavx512bf16"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],
+}
+ISA_CPU_FLAGS = {  # /proc/cpuinfo flags each build needs
+    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "scalar": set(),
 }
 COMMON_FLAGS = ["-O3", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden"]
 
 
 def native_isa() -> str | None:
     """The build this CPU runs, or None when native kernels are off (MILLIS_NO_KERNELS, not x86-64)."""
-    from millis.common.hardware import cpu_flags
-
     if os.environ.get("MILLIS_NO_KERNELS"):
         return None
     forced = os.environ.get("MILLIS_KERNEL_ISA", "")
     if forced:
         if forced not in ISA_FLAGS:
             raise MillisError(f"MILLIS_KERNEL_ISA={forced!r}: expected one of {', '.join(ISA_FLAGS)}")
+        if forced not in runnable_isas():
+            raise MillisError(f"MILLIS_KERNEL_ISA={forced}: this CPU runs only {', '.join(runnable_isas())}")
         return forced
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags():
-        return "avx2"
-    return "scalar"
+    return runnable_isas()[0]
+
+
+def runnable_isas() -> list[str]:
+    """Every build this CPU runs, best first (the tests check each SIMD build against `scalar`)."""
+    from millis.common.hardware import cpu_flags
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["scalar"]
+    have = cpu_flags()
+    return [isa for isa, need in ISA_CPU_FLAGS.items() if need <= have]
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 /* The packed kernels: every block format times activation blocks (and F32 times fp32 rows), 8 rows at a
    time in packed.h's layout (written by repack.c at load); see packed.h for the layout and numerics. */
 #include "packed.h"
+#include "packed512.h"
 
 #ifdef __AVX2__
 AI __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
@@ -18,17 +19,17 @@ AI __m256i load8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64
 AI __m256i load8s(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 
 /* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
-   int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi. Q8_0 (kind 8): unweighted. */
-AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, const int T, __m256i mlo, __m256i mhi,
-                    __m256i* out) {
+   int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi when `weighted` (K-quants' sub-block
+   scales), else unweighted (mlo = mhi = 1). Q8_0 / Q7_0 (kind 8 / 7): unweighted. */
+AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, const int T, const int weighted,
+                    __m256i mlo, __m256i mhi, __m256i* out) {
     if (kind == 7) {  /* Q7_0: 8-bit payload of unsigned w + 64 */
         __m256i a[4];
         for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
             for (int t = 0; t < T; t++)
-                a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, bcast4(x[t]->q + 4 * s)),
-                                                                _mm256_set1_epi16(1)));
+                a[t] = dot_u8s8(a[t], w, bcast4(x[t]->q + 4 * s));
         }
         for (int t = 0; t < T; t++) out[t] = a[t];
         return;
@@ -38,10 +39,7 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
         for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
-            for (int t = 0; t < T; t++) {
-                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(x[t]->q + 4 * s), w));
-                a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-            }
+            for (int t = 0; t < T; t++) a[t] = dot_u8s8(a[t], aw, _mm256_sign_epi8(bcast4(x[t]->q + 4 * s), w));
         }
         for (int t = 0; t < T; t++) out[t] = a[t];
         return;
@@ -69,19 +67,27 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
             continue;
         }
         for (int t = 0; t < T; t++) {
+            if (HAVE_VNNI && !weighted) {  /* int32 sums straight away: no int16 stage, no madd */
+                lo[t] = dot_u8s8(lo[t], wl, bcast4(x[t]->q + 4 * p));
+                hi[t] = dot_u8s8(hi[t], wh, bcast4(x[t]->q + 16 + 4 * p));
+                continue;
+            }
             lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(wl, bcast4(x[t]->q + 4 * p)));
             hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(wh, bcast4(x[t]->q + 16 + 4 * p)));
         }
     }
-    for (int t = 0; t < T; t++) out[t] = _mm256_add_epi32(_mm256_madd_epi16(lo[t], mlo), _mm256_madd_epi16(hi[t], mhi));
+    for (int t = 0; t < T; t++)
+        out[t] = HAVE_VNNI && !weighted ? _mm256_add_epi32(lo[t], hi[t])
+                                        : _mm256_add_epi32(_mm256_madd_epi16(lo[t], mlo), _mm256_madd_epi16(hi[t], mhi));
 }
 
 /* One group of 8 rows against T tokens (x: token t's blocks at x + t * xs): out[8 * t + r]. */
 AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
     const int64_t ub = unit_bytes(type);
-    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q7_0 ? 64 : 0;  /* stored - value */
-    const int pk = type == T_Q7_0 ? 7 : kind;  /* payload_dot's kind: Q7_0 is an unsigned 8-bit payload */
+    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q7_0 ? 64 : type == T_Q8_0 ? Q8_ZERO : 0;
+    /* payload_dot's kind: an 8-bit payload stored with an offset (Q7_0, Q8_0 on VNNI) is an unsigned one */
+    const int pk = kind == 8 && zero ? 7 : kind;
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     const __m256i one = _mm256_set1_epi16(1);
     __m256 acc[4], off[4];
@@ -94,7 +100,7 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
         __m256i is[4];
         if (!is_super(type)) {
             for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
-            payload_dot(pk, b + head, xb, T, one, one, is);
+            payload_dot(pk, b + head, xb, T, 0, one, one, is);
             for (int t = 0; t < T; t++) {
                 __m256i i = is[t];
                 if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
@@ -112,7 +118,7 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
             __m256i mlo, mhi;
             if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
             else mlo = mhi = pairs16(load8(b + 32 + 8 * j));
-            payload_dot(kind, b + head + j * pb, xb, T, mlo, mhi, is);
+            payload_dot(kind, b + head + j * pb, xb, T, 1, mlo, mhi, is);
             for (int t = 0; t < T; t++)
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
             if (has_min) {
@@ -185,11 +191,11 @@ GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GR
 /* Q8_0 or Q7_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
    unrolled) has GCC compute all 32 products of a block before summing them, spilling them to the stack.
    The same integer sum per block and the same float steps as group_dot, so the same results.
-   Q8_0: |w| against the activations with w's signs. Q7_0 (stored w + 64): the stored bytes against the
-   activations as they are, one maddubs + madd + add per step and token, 64 * (the block's sum) off. */
-AI void q8_tile4(const int q7, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+   zero = 0 (Q8_0 on AVX2): |w| against the activations with w's signs. Otherwise (stored w + zero: Q7_0,
+   Q8_0 on VNNI): the stored bytes against the activations as they are, zero * (the block's sum) off. */
+AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    const int q7 = zero != 0;
     const int64_t ub = unit_bytes(T_Q8_0);
-    const __m256i one = _mm256_set1_epi16(1);
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
     for (int64_t u = 0; u < nu; u++) {
@@ -201,12 +207,12 @@ AI void q8_tile4(const int q7, const uint8_t* g, int64_t nu, const xblock* x, in
             const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
             const __m256i aw = q7 ? w : _mm256_sign_epi8(w, w);
 #define TOK(X, A) { const __m256i xv = bcast4(X[u].q + 4 * s), sx = q7 ? xv : _mm256_sign_epi8(xv, w); \
-                    A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), one)); }
+                    A = dot_u8s8(A, aw, sx); }
             TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
 #undef TOK
         }
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-#define ACC(X, A, F) { const __m256i i = q7 ? _mm256_sub_epi32(A, _mm256_set1_epi32(64 * X[u].sum)) : A; \
+#define ACC(X, A, F) { const __m256i i = q7 ? _mm256_sub_epi32(A, _mm256_set1_epi32(zero * X[u].sum)) : A; \
                        F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(X[u].d)), F); }
         ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
 #undef ACC
@@ -215,10 +221,10 @@ AI void q8_tile4(const int q7, const uint8_t* g, int64_t nu, const xblock* x, in
     _mm256_storeu_ps(out + 24, f3);
 }
 static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(0, g, nu, x, xs, out);
+    q8_tile4(Q8_ZERO, g, nu, x, xs, out);
 }
 static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(1, g, nu, x, xs, out);
+    q8_tile4(64, g, nu, x, xs, out);
 }
 
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
@@ -256,16 +262,31 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
     const int64_t K = W->cols;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
-        for (int64_t g = n0 / 8; g * 8 < n1; g += 2) {
-            const int R = (g + 1) * 8 < n1 ? 2 : 1;
+        for (int64_t g = n0 / 8; g * 8 < n1;) {
+            const int quad = HAVE_AVX512 && (g + 3) * 8 < n1;  /* 4 groups: the 32-row AVX-512 tile */
+            const int R = quad ? 4 : (g + 1) * 8 < n1 ? 2 : 1;
             const float* g0 = (const float*)W->data + g * 8 * K;
             for (int64_t m = m0; m < m1;) {
                 const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
-                float out[96];
-                FLOAT_FNS[R - 1][T - 1](g0, g0 + 8 * K, K, X + m * K, out);
-                for (int r = 0; r < R; r++) store_group(Y, ldy, m, T, g + r, n1, out + 8 * r, 16, acc);
+#if HAVE_AVX512
+                if (quad && T == 6) {
+                    float out[192];
+                    float_tile32x6(g0, 8 * K, K, X + m * K, out);
+                    for (int r = 0; r < 4; r++) store_group(Y, ldy, m, T, g + r, n1, out + 8 * r, 32, acc);
+                    m += T;
+                    continue;
+                }
+#endif
+                for (int h = 0; h < R; h += 2) {  /* pairs of groups (the last one alone) */
+                    const int Rh = R - h < 2 ? 1 : 2;
+                    const float* gh = g0 + h * 8 * K;
+                    float out[96];
+                    FLOAT_FNS[Rh - 1][T - 1](gh, gh + 8 * K, K, X + m * K, out);
+                    for (int r = 0; r < Rh; r++) store_group(Y, ldy, m, T, g + h + r, n1, out + 8 * r, 16, acc);
+                }
                 m += T;
             }
+            g += R;
         }
     }
 }
@@ -282,15 +303,40 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
-        for (int64_t g = n0 / 8; g * 8 < n1; g++) {
+        for (int64_t g = n0 / 8; g * 8 < n1;) {
+            /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile) */
+            const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0);
+            const int span = !q8 ? 1 : (g + 3) * 8 < n1 ? 4 : (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
+#if HAVE_AVX512
+                const int zero = W->type == T_Q7_0 ? 64 : Q8_ZERO;
+                if (span == 4 && m + 6 <= m1) {
+                    float out[192];
+                    q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
+                    for (int i = 0; i < 4; i++) store_group(Y, ldy, m, 6, g + i, n1, out + 8 * i, 32, acc);
+                    m += 6;
+                    continue;
+                }
+                if (span >= 2 && m + 4 <= m1) {
+                    for (int h = 0; h < span; h += 2) {
+                        float out[64];
+                        q8_tile16x4(zero, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        for (int i = 0; i < 2; i++) store_group(Y, ldy, m, 4, g + h + i, n1, out + 8 * i, 16, acc);
+                    }
+                    m += 4;
+                    continue;
+                }
+#endif
                 const int T = m + 4 <= m1 ? 4 : 1;
-                float out[32];
-                (T == 4 ? f4 : f1)(gp, nu, X + m * nbx, nbx, out);
-                store_group(Y, ldy, m, T, g, n1, out, 8, acc);
+                for (int i = 0; i < span; i++) {
+                    float out[32];
+                    (T == 4 ? f4 : f1)(gp + i * gb, nu, X + m * nbx, nbx, out);
+                    store_group(Y, ldy, m, T, g + i, n1, out, 8, acc);
+                }
                 m += T;
             }
+            g += span;
         }
     }
 }

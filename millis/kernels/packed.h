@@ -19,7 +19,8 @@
      5-bit: the 4-bit part, then 8 words of 32 bits: bit 4 * r + j of word s = the fifth bit;
      6-bit: the 4-bit part, then 64 bytes: bits 2 * (s % 4) of byte 32 * (s / 4) + 4 * r + j;
      8-bit: 256 bytes, byte 32 * s + 4 * r + j.
-   Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed);
+   Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed, or w + 128
+   in VNNI builds: Q8_ZERO);
    millis's Q7_0 (values in [-63, 63]) as w + 64: maddubs takes it as its unsigned operand against the
    signed activations directly (pairs at most 2 * 127 * 127, no saturation), with no sign fix-ups.
 
@@ -36,6 +37,10 @@
 #endif
 
 #define AI static inline __attribute__((always_inline))
+/* Q8_0's stored offset in this build: VNNI builds store w + 128 (vpdpbusd takes it as its unsigned operand:
+   no sign fix-ups, no int16 stage that could saturate; 128 x the block's activation sum comes off once per
+   block, as for Q7_0); AVX2 builds store w (maddubs(|w|, sign(x, w)): w + 128 would saturate its pairs). */
+#define Q8_ZERO (HAVE_VNNI ? 128 : 0)
 #define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
 
 static inline int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */

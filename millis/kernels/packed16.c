@@ -97,8 +97,8 @@ static void group16_1(const uint8_t* g, int64_t nb, const x16block* x, int64_t x
         for (int o = 0; o < UNIT; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
         __m256i s0 = _mm256_setzero_si256(), s1 = s0;
         for (int p = 0; p < 16; p += 2) {
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(wpair(b, p), pair_at(x + u, p)));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(wpair(b, p + 1), pair_at(x + u, p + 1)));
+            s0 = dot_s16(s0, wpair(b, p), pair_at(x + u, p));
+            s1 = dot_s16(s1, wpair(b, p + 1), pair_at(x + u, p + 1));
         }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), block_scale(b, x + u), acc);
     }
@@ -112,10 +112,10 @@ static void group16_4(const uint8_t* g, int64_t nb, const x16block* x, int64_t x
         __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
         for (int p = 0; p < 16; p++) {
             const __m256i w = wpair(b, p);
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w, pair_at(x0 + u, p)));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w, pair_at(x1 + u, p)));
-            s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(w, pair_at(x2 + u, p)));
-            s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(w, pair_at(x3 + u, p)));
+            s0 = dot_s16(s0, w, pair_at(x0 + u, p));
+            s1 = dot_s16(s1, w, pair_at(x1 + u, p));
+            s2 = dot_s16(s2, w, pair_at(x2 + u, p));
+            s3 = dot_s16(s3, w, pair_at(x3 + u, p));
         }
         a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), block_scale(b, x0 + u), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), block_scale(b, x1 + u), a1);

@@ -1,0 +1,108 @@
+/* The AVX-512 GEMM tiles (the `avx512` build; included by packed.c): the same packed layout (packed.h: 8 rows
+   interleaved per group), two groups side by side in one 512-bit vector, so one instruction does 16 rows.
+
+   Q8_0 / Q7_0 x 4 tokens (q8_tile16x4): per step, 32 bytes of group g and 32 of group g + 1 (rows 0..7 and
+   8..15, values 4s..4s+3) in one vector against the token's 4 values broadcast, vpdpbusd: 64 products;
+   x 6 tokens over 4 groups (q8_tile32x6): two such vectors per step.
+   F32 x 6 tokens (float_tile32x6): four groups, 32 rows, in two vectors per value k, against x[t][k].
+
+   Numerics: every (row, token) sum is the one packed.c's 8-row tiles compute, in the same order (a block's
+   exact integer sum, then one FMA per block; one FMA per k for fp32), so the results are bitwise the
+   same as the avx2 build's and never depend on batch-mates. */
+#pragma once
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_AVX512 1
+
+AI __m512i cat_i(const uint8_t* a, const uint8_t* b) {  /* 32 bytes at a | 32 bytes at b */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                              _mm256_loadu_si256((const __m256i*)b), 1);
+}
+AI __m512 cat_f(const float* a, const float* b) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+AI __m512 scales16(const uint8_t* a, const uint8_t* b) {  /* two groups' 8 fp16 scales -> 16 floats */
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a)),
+                                                   _mm_loadu_si128((const __m128i*)b), 1));
+}
+AI __m512i bcast4z(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+
+/* groups g0, g1 (16 rows) x tokens x, x + xs, x + 2xs, x + 3xs: out[16 * t + r]. The payload holds w + zero
+   (Q7_0: 64; Q8_0: 128, Q8_ZERO): the stored bytes against the activations as they are, zero * (the block's
+   activation sum) off. */
+AI void q8_tile16x4(const int zero, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs,
+                    float* out) {
+    const int64_t ub = unit_bytes(T_Q8_0);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g0 + u * ub, *b1 = g1 + u * ub;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 2
+        for (int s = 0; s < 8; s++) {
+            const __m512i w = cat_i(b0 + 16 + 32 * s, b1 + 16 + 32 * s);
+            a0 = _mm512_dpbusd_epi32(a0, w, bcast4z(x0[u].q + 4 * s));
+            a1 = _mm512_dpbusd_epi32(a1, w, bcast4z(x1[u].q + 4 * s));
+            a2 = _mm512_dpbusd_epi32(a2, w, bcast4z(x2[u].q + 4 * s));
+            a3 = _mm512_dpbusd_epi32(a3, w, bcast4z(x3[u].q + 4 * s));
+        }
+        const __m512 dv = scales16(b0, b1);
+#define ACC(X, A, F) F = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(A, _mm512_set1_epi32(zero * X[u].sum))), \
+                                         _mm512_mul_ps(dv, _mm512_set1_ps(X[u].d)), F);
+        ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
+#undef ACC
+    }
+    _mm512_storeu_ps(out, f0); _mm512_storeu_ps(out + 16, f1); _mm512_storeu_ps(out + 32, f2);
+    _mm512_storeu_ps(out + 48, f3);
+}
+
+/* groups g .. g + 3 (32 rows, gb bytes apart) x 6 tokens: out[32 * t + r]. 12 integer and 12 float
+   accumulators in registers (AVX-512 has 32): per step 2 weight vectors and 6 broadcasts feed 12 vpdpbusd,
+   where the 16-row tile's 1 and 4 feed 4 (loads, not multiplies, bound that one). */
+AI void q8_tile32x6(const int zero, const uint8_t* g, int64_t gb, int64_t nu, const xblock* x, int64_t xs,
+                    float* out) {
+    const int64_t ub = unit_bytes(T_Q8_0);
+    __m512 fa0 = _mm512_setzero_ps(), fa1 = fa0, fa2 = fa0, fa3 = fa0, fa4 = fa0, fa5 = fa0;
+    __m512 fb0 = fa0, fb1 = fa0, fb2 = fa0, fb3 = fa0, fb4 = fa0, fb5 = fa0;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
+        __m512i ia0 = _mm512_setzero_si512(), ia1 = ia0, ia2 = ia0, ia3 = ia0, ia4 = ia0, ia5 = ia0;
+        __m512i ib0 = ia0, ib1 = ia0, ib2 = ia0, ib3 = ia0, ib4 = ia0, ib5 = ia0;
+#pragma GCC unroll 1
+        for (int s = 0; s < 8; s++) {
+            const __m512i w0 = cat_i(b0 + 16 + 32 * s, b1 + 16 + 32 * s), w1 = cat_i(b2 + 16 + 32 * s, b3 + 16 + 32 * s);
+#define TOK(t) { const __m512i xv = bcast4z(x[t * xs + u].q + 4 * s); \
+                 ia##t = _mm512_dpbusd_epi32(ia##t, w0, xv); ib##t = _mm512_dpbusd_epi32(ib##t, w1, xv); }
+            TOK(0) TOK(1) TOK(2) TOK(3) TOK(4) TOK(5)
+#undef TOK
+        }
+        const __m512 d0 = scales16(b0, b1), d1 = scales16(b2, b3);
+#define ACC(t) { const xblock* xb = x + t * xs + u;                                                   \
+                 const __m512i zs = _mm512_set1_epi32(zero * xb->sum);                                 \
+                 const __m512 dx = _mm512_set1_ps(xb->d);                                              \
+                 fa##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, zs)), _mm512_mul_ps(d0, dx), fa##t); \
+                 fb##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zs)), _mm512_mul_ps(d1, dx), fb##t); }
+        ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
+#undef ACC
+    }
+    const __m512 r[12] = {fa0, fb0, fa1, fb1, fa2, fb2, fa3, fb3, fa4, fb4, fa5, fb5};
+    for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
+}
+
+/* groups g, g + 1, g + 2, g + 3 (32 rows; gs floats apart) x 6 tokens (rows of x, K apart): out[32 * t + r].
+   Written out: 12 accumulators in registers (an accumulator array is stored to the stack every k). */
+static void float_tile32x6(const float* g, int64_t gs, int64_t K, const float* x, float* out) {
+    __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 w0 = cat_f(g + 8 * k, g + gs + 8 * k), w1 = cat_f(g + 2 * gs + 8 * k, g + 3 * gs + 8 * k);
+#define TOKEN(t, A, B) { const __m512 v = _mm512_set1_ps(x[t * K + k]); \
+                         A = _mm512_fmadd_ps(w0, v, A); B = _mm512_fmadd_ps(w1, v, B); }
+        TOKEN(0, a0, b0) TOKEN(1, a1, b1) TOKEN(2, a2, b2) TOKEN(3, a3, b3) TOKEN(4, a4, b4) TOKEN(5, a5, b5)
+#undef TOKEN
+    }
+    const __m512 r[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
+    for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
+}
+#else
+#define HAVE_AVX512 0
+#endif
