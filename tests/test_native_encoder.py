@@ -57,7 +57,7 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     tm, enc = minilm
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
-    floor = {"fp32": 0.99999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998}
+    floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998}
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -149,6 +149,47 @@ def test_q7_0_matmul_matches_reference(isa):
         lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
         ref = xd @ wd.T
         assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max(), M
+
+
+def test_bf16_matmul_matches_reference():
+    """millis's bf16: weights and activations rounded to bf16 (to nearest even: the kernel's to_bf16 writes
+    numpy's bits), products summed in fp32. Every build this CPU runs (scalar reference, AVX2 tiles, AVX-512
+    BF16 vdpbf16ps tiles; 1 to 13 tokens, 45 rows: 32-row tiles, lone groups, a padded one) gives the same
+    bits, within fp32 rounding of the float64 product of the rounded values."""
+    import ctypes
+
+    from millis.encoder.native import to_bf16
+    from millis.gen.models.native_llama import KERNEL_SOURCES
+    from millis.kernels.native import TYPE_BF16_PAIRS, Mat, build, pack_matrix
+
+    rng = np.random.default_rng(7)
+    N, K = 45, 256
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0, :4] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.0]  # ties: to even
+    wb = to_bf16(w)
+    assert list(wb[0, :4]) == [0x3F80, 0x3F82, 0xBF80, 0x4040]
+    as_f32 = lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    for M in (1, 4, 13):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        ref = as_f32(to_bf16(x)) @ as_f32(wb).T
+        outs = []
+        for isa in ISAS:
+            lib = build("llama_step", KERNEL_SOURCES, isa)
+            lib.to_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            xb = np.zeros((M, K), np.uint16)
+            for m in range(M):
+                lib.to_bf16(x[m].ctypes.data, K, xb[m].ctypes.data)
+            assert np.array_equal(xb, to_bf16(x)), isa
+            keep: list = []
+            mat = pack_matrix(lib, Mat(TYPE_BF16_PAIRS, 0, wb.ctypes.data, N, K, 2 * K), keep, 1)
+            assert mat.packed == (isa != "scalar")
+            lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                           ctypes.c_int, ctypes.c_int]
+            y = np.full((M, N), np.nan, np.float32)
+            lib.matmul(ctypes.addressof(mat), xb.ctypes.data, None, M, y.ctypes.data, N, 0, 1)
+            assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (isa, M)
+            outs.append(y)
+        assert all(np.array_equal(outs[0], o) for o in outs[1:]), M
 
 
 @pytest.mark.skipif(native_isa() in (None, "scalar"), reason="needs the SIMD build beside the scalar one")

@@ -2,7 +2,8 @@
 in one C call over the real tokens of a batch (padding is dropped, not computed), weights prepacked
 once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
-Precisions (PRECISIONS): `fp32`; `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
+Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounded to bf16 per row, fp32
+accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes the weights as its
@@ -20,12 +21,13 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import TYPE_F32, TYPE_Q7_0, TYPE_Q8_0, TYPE_Q8_0_X16, Mat, pack_matrix
+from millis.kernels.native import TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q8_0, TYPE_Q8_0_X16, Mat, pack_matrix
 
-PRECISIONS = ("fp32", "int8", "int8-a16", "int7")
-SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "bert_forward.c", "pool.c")
-ACT = {"fp32": 0, "int8": 1, "int8-a16": 2, "int7": 1}  # bert_forward.c ACT_*: what the matrices take
-BLOCK_BYTES = {"fp32": 0, "int8": 44, "int8-a16": 68, "int7": 44}  # an activation block (xblock / x16block)
+PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7")
+SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "bert_forward.c", "pool.c")
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1}  # bert_forward.c ACT_*: what the matrices take
+# the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
+BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": 44, "int8-a16": 68, "int7": 44}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -55,6 +57,12 @@ def library():
     lib.bert_forward.restype = ctypes.c_int
     lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int]
     return lib
+
+
+def to_bf16(w: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), rounded to nearest even (packedbf16.c's bf16_rne)."""
+    u = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def q7_0(w: np.ndarray) -> np.ndarray:
@@ -121,6 +129,8 @@ class NativeBert:
         rows, cols = w.shape
         if self.precision == "fp32":
             data, type_id = w, TYPE_F32
+        elif self.precision == "bf16":
+            data, type_id = to_bf16(w), TYPE_BF16_PAIRS
         elif self.precision == "int7":
             data, type_id = q7_0(w), TYPE_Q7_0
         else:

@@ -12,7 +12,8 @@
      h = gelu(x Wi + bi)               the exact (erf) GELU
      x = LN2(x + h Wd + bd)
    Matrices: fp32 (packed 8 rows interleaved), Q8_0 against int8 activation blocks (per 32 values, llama.cpp's
-   Q8_1 scheme: no maddubs saturation, packed.c), or Q8_0 against int16 activation blocks (packed16.c).
+   Q8_1 scheme: no maddubs saturation, packed.c), Q8_0 against int16 activation blocks (packed16.c), or bf16
+   against bf16 rows (packedbf16.c).
    Each op that feeds a matmul quantizes its rows as it writes them. x (n, D) holds the last hidden
    states when the call returns; pooling and the task head are the caller's (a (B, D) sized job). */
 #include "blockq.h"
@@ -39,7 +40,8 @@ typedef struct {
     const bert_layer* layers;
 } bert_w;
 
-enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2 };  /* what the matrices take: fp32 rows, xblocks, x16blocks */
+enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3 };  /* what the matrices take: fp32 rows, xblocks,
+                                                                  x16blocks, bf16 rows */
 
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
@@ -53,6 +55,7 @@ typedef struct {
 static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
     if (c->m->act == ACT_Q8) quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
+    else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
 }
 
 static void op_embed(void* p, int64_t t) {  /* x = LN(word + position + type) */

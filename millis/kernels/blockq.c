@@ -253,8 +253,9 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const flo
     for (int64_t n = n0; n < n1; n++)  /* GGUF's layout: the scalar reference */
         for (int64_t m = 0; m < M; m++) {
             const uint8_t* row = W->data + n * W->row_bytes;
-            const float v = W->type == T_Q8_0_X16 ? dot16_blocks(row, (const x16block*)Xq + m * nb, nb)
-                                                  : dot_blocks(W->type, row, (const xblock*)Xq + m * nb, nb);
+            const float v = W->type == T_Q8_0_X16     ? dot16_blocks(row, (const x16block*)Xq + m * nb, nb)
+                            : W->type == T_BF16_PAIRS ? dot_bf16((const uint16_t*)row, (const uint16_t*)Xq + m * K, K)
+                                                      : dot_blocks(W->type, row, (const xblock*)Xq + m * nb, nb);
             float* y = Y + m * ldy + n;
             *y = acc ? *y + v : v;
         }

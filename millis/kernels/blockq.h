@@ -7,7 +7,8 @@
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
        T_BF16 = 30,
        T_Q8_0_X16 = 108 /* millis's int8, not a ggml id: Q8_0 blocks run against int16 activations (packed16.c) */,
-       T_Q7_0 = 109 /* millis's int7, not a ggml id: Q8_0's block with values in [-63, 63] (packed.c) */ };
+       T_Q7_0 = 109 /* millis's int7, not a ggml id: Q8_0's block with values in [-63, 63] (packed.c) */,
+       T_BF16_PAIRS = 110 /* millis's bf16, not a ggml id: bf16 weights against bf16 activation rows (packedbf16.c) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 
@@ -92,6 +93,11 @@ int64_t packed16_bytes(int64_t rows, int64_t cols);
 void pack16_group(const mat* W, int64_t g, uint8_t* dst);
 void packed16_rows(const mat* W, int64_t n0, int64_t n1, const x16block* X, int64_t M, float* Y, int64_t ldy,
                    int acc);
+API void to_bf16(const float* x, int64_t K, uint16_t* out);  /* fp32 -> bf16, round to nearest even */
+float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K);  /* T_BF16_PAIRS, row-major */
+int64_t bf16p_bytes(int64_t rows, int64_t cols);
+void bf16p_pack_group(const mat* W, int64_t g, uint8_t* dst);
+void bf16p_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);

@@ -243,21 +243,6 @@ static void group_fns(int type, group_fn* f1, group_fn* f4) {
 
 #define MTILE 64 /* tokens per pass over a chunk's groups (the groups stay in cache meanwhile) */
 
-/* rows [8g, 8g + 8) of tokens m..m+T-1 from out[8 * t]: Y (+)= out, rows at or past n1 skipped */
-static void store_group(float* Y, int64_t ldy, int64_t m, int T, int64_t g, int64_t n1, const float* out, int ostride,
-                        int acc) {
-    for (int t = 0; t < T; t++) {
-        float* y = Y + (m + t) * ldy + g * 8;
-        const float* o = out + ostride * t;
-        if (g * 8 + 8 <= n1) {
-            const __m256 v = _mm256_loadu_ps(o);
-            _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), v) : v);
-        } else {
-            for (int r = 0; g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
-        }
-    }
-}
-
 static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int64_t M, float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
@@ -297,6 +282,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                  int64_t ldy, int acc) {
     if (W->type == T_F32) { float_rows(W, n0, n1, Xf, M, Y, ldy, acc); return; }
     if (W->type == T_Q8_0_X16) { packed16_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
+    if (W->type == T_BF16_PAIRS) { bf16p_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
     const xblock* X = Xv;
     group_fn f1, f4;
     group_fns(W->type, &f1, &f4);

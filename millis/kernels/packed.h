@@ -65,3 +65,19 @@ static inline int head_bytes(int type) {
 static inline int64_t unit_bytes(int type) { return head_bytes(type) + (is_super(type) ? 8 : 1) * payload_bytes(kind_of(type)); }
 static inline int64_t units(const mat* W) { return W->cols / (is_super(W->type) ? QK_K : QK); }
 
+#ifdef __AVX2__
+/* rows [8g, 8g + 8) of tokens m..m+T-1 from out[8 * t]: Y (+)= out, rows at or past n1 skipped */
+static inline void store_group(float* Y, int64_t ldy, int64_t m, int T, int64_t g, int64_t n1, const float* out, int ostride,
+                        int acc) {
+    for (int t = 0; t < T; t++) {
+        float* y = Y + (m + t) * ldy + g * 8;
+        const float* o = out + ostride * t;
+        if (g * 8 + 8 <= n1) {
+            const __m256 v = _mm256_loadu_ps(o);
+            _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), v) : v);
+        } else {
+            for (int r = 0; g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
+        }
+    }
+}
+#endif

@@ -5,6 +5,7 @@ API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
 #ifdef __AVX2__
     if (type == T_F32) return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 4;
     if (type == T_Q8_0_X16) return packed16_bytes(rows, cols);
+    if (type == T_BF16_PAIRS) return bf16p_bytes(rows, cols);
     if (!kind_of(type)) return 0;
     return (rows + 7) / 8 * (cols / (is_super(type) ? QK_K : QK)) * unit_bytes(type);
 #else
@@ -86,6 +87,7 @@ static void pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
     uint8_t* dst = ((void**)p)[1];
     if (W->type == T_Q8_0_X16) { pack16_group(W, g, dst); return; }
+    if (W->type == T_BF16_PAIRS) { bf16p_pack_group(W, g, dst); return; }
     if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
         float* o = (float*)dst + g * 8 * W->cols;
         for (int r = 0; r < 8; r++) {

@@ -24,6 +24,26 @@ static inline __m256 exp256(__m256 x) {  /* Cephes expf, ~1 ulp on [-88, 88] */
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 #endif
+#ifdef __AVX512F__
+/* The AVX-512 loops below do each lane's operations of the AVX2 ones (exp512 = exp256's steps, sums kept
+   in 8-lane halves, in the same order): every build gives the same bits. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
 
 static inline float dotf(const float* a, const float* b, int n) {
     int i = 0; float r = 0.f;
@@ -59,6 +79,9 @@ static inline float vmax(const float* x, int n) {  /* the largest of x[0..n), n 
 
 static inline void vscale(float* x, float a, int n) {  /* x *= a */
     int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(a)));
+#endif
 #ifdef __AVX2__
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(a)));
 #endif
@@ -70,6 +93,14 @@ static float exp_shift(float* x, int n, float mx) {
     int i = 0; float sum = 0.f;
 #ifdef __AVX2__
     __m256 acc = _mm256_setzero_ps();
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(mx)));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+        acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
         __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
         _mm256_storeu_ps(x + i, e); acc = _mm256_add_ps(acc, e);
@@ -162,6 +193,26 @@ static inline float erf_as(float x) {
 }
 static void bias_gelu_erf(float* g, const float* b, int n) {
     int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        if (b) x = _mm512_add_ps(x, _mm512_loadu_ps(b + i));
+        const __m512 one = _mm512_set1_ps(1.f);
+        const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+        const __m512 a = _mm512_abs_ps(z);
+        const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+        __m512 p = _mm512_set1_ps(1.061405429f);
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
+        __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);      /* erf(|z|) */
+        y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), _mm512_and_si512(
+                _mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000))));  /* erf(z): z's sign */
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, y)));
+    }
+#endif
 #ifdef __AVX2__
     const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
     for (; i + 8 <= n; i += 8) {

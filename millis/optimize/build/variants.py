@@ -59,6 +59,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             {"precision": "f32"}, "OpenVINO + NNCF int8 (transformer preset), one dynamic-shape model"),
     Variant("native-fp32", "native", "fp32", ("weights",), {"precision": "fp32"},
             "millis's C encoder: one call per batch, padding skipped, fp32 weights packed at load"),
+    Variant("native-bf16", "native", "bf16", ("weights",), {"precision": "bf16"},
+            "millis's C encoder, bf16 weights x bf16 activations, fp32 sums (AVX-512 BF16: vdpbf16ps)"),
     Variant("native-int8", "native", "int8", ("weights",), {"precision": "int8"},
             "millis's C encoder, int8 weights (scale per 32) x int8 activations (scale per 32), no saturation"),
     Variant("native-int8-a16", "native", "int8", ("weights",), {"precision": "int8-a16"},
