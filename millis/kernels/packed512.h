@@ -65,8 +65,11 @@ AI void q8_tile32x6(const int zero, const uint8_t* g, int64_t gb, int64_t nu, co
     __m512 fb0 = fa0, fb1 = fa0, fb2 = fa0, fb3 = fa0, fb4 = fa0, fb5 = fa0;
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
-        __m512i ia0 = _mm512_setzero_si512(), ia1 = ia0, ia2 = ia0, ia3 = ia0, ia4 = ia0, ia5 = ia0;
-        __m512i ib0 = ia0, ib1 = ia0, ib2 = ia0, ib3 = ia0, ib4 = ia0, ib5 = ia0;
+        /* the accumulators start at -zero * (the block's activation sum): the offset is off when they end */
+#define START(t) _mm512_set1_epi32(-zero * x[t * xs + u].sum)
+        __m512i ia0 = START(0), ia1 = START(1), ia2 = START(2), ia3 = START(3), ia4 = START(4), ia5 = START(5);
+#undef START
+        __m512i ib0 = ia0, ib1 = ia1, ib2 = ia2, ib3 = ia3, ib4 = ia4, ib5 = ia5;
 #pragma GCC unroll 1
         for (int s = 0; s < 8; s++) {
             const __m512i w0 = cat_i(b0 + 16 + 32 * s, b1 + 16 + 32 * s), w1 = cat_i(b2 + 16 + 32 * s, b3 + 16 + 32 * s);
@@ -76,11 +79,9 @@ AI void q8_tile32x6(const int zero, const uint8_t* g, int64_t gb, int64_t nu, co
 #undef TOK
         }
         const __m512 d0 = scales16(b0, b1), d1 = scales16(b2, b3);
-#define ACC(t) { const xblock* xb = x + t * xs + u;                                                   \
-                 const __m512i zs = _mm512_set1_epi32(zero * xb->sum);                                 \
-                 const __m512 dx = _mm512_set1_ps(xb->d);                                              \
-                 fa##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, zs)), _mm512_mul_ps(d0, dx), fa##t); \
-                 fb##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zs)), _mm512_mul_ps(d1, dx), fb##t); }
+#define ACC(t) { const __m512 dx = _mm512_set1_ps(x[t * xs + u].d);                                   \
+                 fa##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia##t), _mm512_mul_ps(d0, dx), fa##t);     \
+                 fb##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib##t), _mm512_mul_ps(d1, dx), fb##t); }
         ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
 #undef ACC
     }
