@@ -1,6 +1,6 @@
 """Accuracy-aware selection on real data: fine-tuned MiniLM on Banking77 and SST-2.
 
-    .venv/bin/python bench/accuracy.py [--datasets banking77,sst2] [--iters 200]
+    .venv/bin/python bench/accuracy.py [--datasets banking77,sst2] [--iters 200] [--out results.json]
 
 Per dataset: `millis train` fine-tunes builtin:minilm (cached under bench/.cache/models, keyed by
 the data's and the recipe's hash) and keeps the 10% of the training file it held out (seeded,
@@ -192,6 +192,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--max-drop", type=float, default=0.5)
     ap.add_argument("--embed-min-cosine", type=float, default=0.995, help="0 skips the embedder recovery run")
+    ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
     a = ap.parse_args()
     rows, summaries = [], []
     for name in a.datasets.split(","):
@@ -224,9 +225,9 @@ def main() -> int:
     res = {"meta": {"command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                     "hardware": hardware.describe(), "max_drop": a.max_drop, "anchor": ANCHOR},
            "summary": summaries, "rows": rows, "embed_recovery": embed}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "accuracy.json").write_text(json.dumps(res, indent=2))
-    print(f"wrote {HERE / 'results' / 'accuracy.json'}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {a.out}")
     return 0
 
 

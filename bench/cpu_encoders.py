@@ -30,7 +30,7 @@ import models  # noqa: E402
 PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8", "fastembed")
 BASELINE = "torch_eager"
 # millis's C encoder, each precision as its own system
-NATIVE = ("native-fp32", "native-int8", "native-int8-a16", "native-int7")
+NATIVE = ("native-fp32", "native-bf16", "native-int8", "native-int8-a16", "native-int7")
 FAITHFUL = 0.995  # the fidelity bar: peers whose cosine min vs fp32 reaches it
 
 
@@ -83,6 +83,9 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
     model_dir = models.encoder_dir(model)
     shapes = [s.strip() for s in a.shapes.split(",")]
     systems = [s for s in a.systems.split(",") if s]
+    known = {BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE)}
+    if set(systems) - known:  # a misspelt or new system must not vanish from the table silently
+        raise SystemExit(f"unknown systems {sorted(set(systems) - known)}; known: {sorted(known)}")
     arts = {}
     if "millis" in systems:  # optimize's own selection over the whole catalog
         arts["millis"] = build_millis(model, model_dir, shapes, HERE / ".cache" / "millis" / model, a.reuse)
