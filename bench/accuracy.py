@@ -1,6 +1,7 @@
 """Accuracy-aware selection on real data: fine-tuned MiniLM on Banking77 and SST-2.
 
     .venv/bin/python bench/accuracy.py [--datasets banking77,sst2] [--iters 200] [--out results.json]
+                                       [--variants native-int8,native-int7]   # select among these only
 
 Per dataset: `millis train` fine-tunes builtin:minilm (cached under bench/.cache/models, keyed by
 the data's and the recipe's hash) and keeps the 10% of the training file it held out (seeded,
@@ -91,7 +92,7 @@ def eval_scores(model: Path, test_file: Path, label_col: str) -> dict:
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "n": r["n"]}
 
 
-def run(name: str, iters: int, max_drop: float) -> tuple[list[dict], dict]:
+def run(name: str, iters: int, max_drop: float, variants: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     from millis.artifact.validation import read_validation
     from millis.optimize.pipeline import optimize
 
@@ -102,7 +103,7 @@ def run(name: str, iters: int, max_drop: float) -> tuple[list[dict], dict]:
     out = HERE / ".cache" / "artifacts" / name
     cfg = OptimizeConfig(source=str(model_dir), task="classify", out=str(out), target=shape,
                          calibration_texts=str(data_root() / train_file), budget=Budget(max_drop=max_drop),
-                         measure=MeasureConfig(shapes=(shape,), warmup=20, iters=iters, rounds=5))
+                         measure=MeasureConfig(shapes=(shape,), warmup=20, iters=iters, rounds=5), variants=variants)
     t0 = time.perf_counter()
     optimize(cfg, progress=lambda m: print(f"  [optimize {name}] {m}", flush=True))
     seconds = time.perf_counter() - t0
@@ -193,10 +194,11 @@ def main() -> int:
     ap.add_argument("--max-drop", type=float, default=0.5)
     ap.add_argument("--embed-min-cosine", type=float, default=0.995, help="0 skips the embedder recovery run")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
+    ap.add_argument("--variants", default="", help="comma-separated: select among these only (default: the catalog)")
     a = ap.parse_args()
     rows, summaries = [], []
     for name in a.datasets.split(","):
-        r, s = run(name, a.iters, a.max_drop)
+        r, s = run(name, a.iters, a.max_drop, tuple(v for v in a.variants.split(",") if v))
         rows += r
         summaries.append(s)
     print("\nselection on the validation split each model kept (accuracy and drop: validation rows)")
