@@ -27,7 +27,7 @@ GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
 LONG = {"temperature": 0, "max_tokens": 4000, "ignore_eos": True}  # ~5 s of decoding: only ever cancelled
 
 
-def build_llama(d: Path, template: str | None) -> Path:
+def build_llama(d: Path, template: str | None, hidden: int = 64, intermediate: int = 96, layers: int = 2) -> Path:
     """A random Llama (GQA, untied head) with a byte-level BPE tokenizer that adds BOS, like Llama's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,7 +45,8 @@ def build_llama(d: Path, template: str | None) -> Path:
         tc["chat_template"] = template
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=0,
                       eos_token_id=1, tie_word_embeddings=False, initializer_range=0.3)  # no near-ties
     LlamaForCausalLM(cfg).save_pretrained(d)

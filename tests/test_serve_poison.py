@@ -204,7 +204,9 @@ def test_sigterm_under_load_answers_every_admitted_request_and_exits_0(stories):
 
 
 def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
-    model = build_llama(tmp_path / "slow-llama", None)   # 4096 positions: ~5 s of decoding
+    # 4000 tokens of a 13M-parameter model (54 MB read per token): seconds of decoding on any CPU seen so far
+    # (the 64-wide test model finished inside the 1 s drain limit on Zen 5)
+    model = build_llama(tmp_path / "slow-llama", None, hidden=512, intermediate=1536, layers=4)
     s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", "1")
     c = http.client.HTTPConnection(s.host, s.port, timeout=30)
     c.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,

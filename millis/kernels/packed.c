@@ -290,9 +290,11 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
-            /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile) */
+            /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile);
+               Q4_0 / Q4_1: 2 groups x 4 tokens */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0);
-            const int span = !q8 ? 1 : (g + 3) * 8 < n1 ? 4 : (g + 1) * 8 < n1 ? 2 : 1;
+            const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
+            const int span = q8 && (g + 3) * 8 < n1 ? 4 : (q8 || q4) && (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
 #if HAVE_AVX512
@@ -307,7 +309,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 if (span >= 2 && m + 4 <= m1) {
                     for (int h = 0; h < span; h += 2) {
                         float out[64];
-                        q8_tile16x4(zero, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        if (q4) q4_tile16x4(W->type == T_Q4_1, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        else q8_tile16x4(zero, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
                         for (int i = 0; i < 2; i++) store_group(Y, ldy, m, 4, g + h + i, n1, out + 8 * i, 16, acc);
                     }
                     m += 4;

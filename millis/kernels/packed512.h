@@ -55,6 +55,42 @@ AI void q8_tile16x4(const int zero, const uint8_t* g0, const uint8_t* g1, int64_
     _mm512_storeu_ps(out + 48, f3);
 }
 
+/* Q4_0 / Q4_1 (4-bit payloads, packed.h: step p's values in the low nibbles, step p + 4's in the high ones)
+   x 4 tokens over groups g0, g1: out[16 * t + r]. Q4_0 stores w + 8: 8 * (the block's activation sum) starts
+   each accumulator; Q4_1's offsets m * (d_x * sum) add up beside, as group_dot's do. */
+AI void q4_tile16x4(const int has_min, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs,
+                    float* out) {
+    const int64_t ub = unit_bytes(has_min ? T_Q4_1 : T_Q4_0);
+    const int head = head_bytes(has_min ? T_Q4_1 : T_Q4_0), zero = has_min ? 0 : 8;
+    const __m512i m4 = _mm512_set1_epi8(0xF);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, o0 = f0, o1 = f0, o2 = f0, o3 = f0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g0 + u * ub, *b1 = g1 + u * ub;
+        __m512i a0 = _mm512_set1_epi32(-zero * x0[u].sum), a1 = _mm512_set1_epi32(-zero * x1[u].sum);
+        __m512i a2 = _mm512_set1_epi32(-zero * x2[u].sum), a3 = _mm512_set1_epi32(-zero * x3[u].sum);
+        for (int p = 0; p < 4; p++) {
+            const __m512i raw = cat_i(b0 + head + 32 * p, b1 + head + 32 * p);
+            const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+#define TOK(X, A) A = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(A, lo, bcast4z(X[u].q + 4 * p)), hi, \
+                                          bcast4z(X[u].q + 16 + 4 * p));
+            TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
+#undef TOK
+        }
+        const __m512 dv = scales16(b0, b1);
+#define ACC(X, A, F) F = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A), _mm512_mul_ps(dv, _mm512_set1_ps(X[u].d)), F);
+        ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
+#undef ACC
+        if (has_min) {
+            const __m512 mv = scales16(b0 + 16, b1 + 16);
+            o0 = _mm512_fmadd_ps(mv, _mm512_set1_ps(x0[u].s), o0); o1 = _mm512_fmadd_ps(mv, _mm512_set1_ps(x1[u].s), o1);
+            o2 = _mm512_fmadd_ps(mv, _mm512_set1_ps(x2[u].s), o2); o3 = _mm512_fmadd_ps(mv, _mm512_set1_ps(x3[u].s), o3);
+        }
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(f0, o0)); _mm512_storeu_ps(out + 16, _mm512_add_ps(f1, o1));
+    _mm512_storeu_ps(out + 32, _mm512_add_ps(f2, o2)); _mm512_storeu_ps(out + 48, _mm512_add_ps(f3, o3));
+}
+
 /* groups g .. g + 3 (32 rows, gb bytes apart) x 6 tokens: out[32 * t + r]. 12 integer and 12 float
    accumulators in registers (AVX-512 has 32): per step 2 weight vectors and 6 broadcasts feed 12 vpdpbusd,
    where the 16-row tile's 1 and 4 feed 4 (loads, not multiplies, bound that one). */
