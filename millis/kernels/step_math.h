@@ -179,45 +179,43 @@ static inline float erf_as(float x) {
     const float y = 1.f - t * p * expf(-a * a);
     return x < 0.f ? -y : y;
 }
+/* 0.5 x (1 + erf(x / sqrt 2)) at a vector width W (256 / 512) with exp EXP: one body for both builds'
+   loops, lane by lane the scalar erf_as's steps */
+#define DEFINE_GELU_ERF(NAME, VF, W, EXP)                                                                  \
+    static inline VF NAME(VF x) {                                                                        \
+        const VF sign = _mm##W##_set1_ps(-0.f), one = _mm##W##_set1_ps(1.f);                             \
+        const VF z = _mm##W##_mul_ps(x, _mm##W##_set1_ps(0.70710678118654752f));                         \
+        const VF a = _mm##W##_andnot_ps(sign, z);                                                        \
+        const VF t = _mm##W##_div_ps(one, _mm##W##_fmadd_ps(_mm##W##_set1_ps(0.3275911f), a, one));      \
+        VF p = _mm##W##_set1_ps(1.061405429f);                                                           \
+        p = _mm##W##_fmadd_ps(p, t, _mm##W##_set1_ps(-1.453152027f));                                    \
+        p = _mm##W##_fmadd_ps(p, t, _mm##W##_set1_ps(1.421413741f));                                     \
+        p = _mm##W##_fmadd_ps(p, t, _mm##W##_set1_ps(-0.284496736f));                                    \
+        p = _mm##W##_fmadd_ps(p, t, _mm##W##_set1_ps(0.254829592f));                                     \
+        const VF e = EXP(_mm##W##_mul_ps(_mm##W##_sub_ps(_mm##W##_setzero_ps(), a), a));                 \
+        VF y = _mm##W##_fnmadd_ps(_mm##W##_mul_ps(p, t), e, one);              /* erf(|z|) */            \
+        y = _mm##W##_or_ps(y, _mm##W##_and_ps(sign, z));                       /* erf(z): z's sign */    \
+        return _mm##W##_mul_ps(_mm##W##_mul_ps(_mm##W##_set1_ps(0.5f), x), _mm##W##_add_ps(one, y));     \
+    }
+#ifdef __AVX2__
+DEFINE_GELU_ERF(gelu_erf256, __m256, 256, exp256)
+#endif
+#ifdef __AVX512DQ__
+DEFINE_GELU_ERF(gelu_erf512, __m512, 512, exp512)
+#endif
+
 static void bias_gelu_erf(float* g, const float* b, int n) {
     int i = 0;
-#ifdef __AVX512F__
+#ifdef __AVX512DQ__
     for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_loadu_ps(g + i);
-        if (b) x = _mm512_add_ps(x, _mm512_loadu_ps(b + i));
-        const __m512 one = _mm512_set1_ps(1.f);
-        const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
-        const __m512 a = _mm512_abs_ps(z);
-        const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
-        __m512 p = _mm512_set1_ps(1.061405429f);
-        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
-        __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);      /* erf(|z|) */
-        y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), _mm512_and_si512(
-                _mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000))));  /* erf(z): z's sign */
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, y)));
+        const __m512 x = _mm512_loadu_ps(g + i);
+        _mm512_storeu_ps(g + i, gelu_erf512(b ? _mm512_add_ps(x, _mm512_loadu_ps(b + i)) : x));
     }
 #endif
 #ifdef __AVX2__
-    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
     for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(g + i);
-        if (b) x = _mm256_add_ps(x, _mm256_loadu_ps(b + i));
-        const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
-        const __m256 a = _mm256_andnot_ps(sign, z);
-        const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
-        __m256 p = _mm256_set1_ps(1.061405429f);
-        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-        const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a));
-        __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), e, one);      /* erf(|z|) */
-        y = _mm256_or_ps(y, _mm256_and_ps(sign, z));                     /* erf(z): z's sign */
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, y)));
+        const __m256 x = _mm256_loadu_ps(g + i);
+        _mm256_storeu_ps(g + i, gelu_erf256(b ? _mm256_add_ps(x, _mm256_loadu_ps(b + i)) : x));
     }
 #endif
     for (; i < n; i++) {
