@@ -6,7 +6,7 @@ written file). `native_isa()` picks the best build the CPU runs: `avx2` (AVX2 + 
 SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF16 on top: the integer
 dot products become `vpdpbusd` / `vpdpwssd`, with the same integer sums, so the same results, and 32
 vector registers) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
-`MILLIS_KERNEL_ISA=avx2|scalar` forces a build; `MILLIS_NO_KERNELS=1` disables native kernels.
+`MILLIS_KERNEL_ISA=avx512|avx2|scalar` forces a build the CPU runs; `MILLIS_NO_KERNELS=1` disables them.
 No AMX kernels yet: on Sapphire Rapids the `avx512` build runs.
 """
 from __future__ import annotations
