@@ -85,7 +85,7 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
 AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
     const int64_t ub = unit_bytes(type);
-    const int zero = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q7_0 ? 64 : type == T_Q8_0 ? Q8_ZERO : 0;
+    const int zero = type == T_Q6_K ? 0 : stored_offset(type);  /* Q6_K's 32 comes off inside payload_dot */
     /* payload_dot's kind: an 8-bit payload stored with an offset (Q7_0, Q8_0 on VNNI) is an unsigned one */
     const int pk = kind == 8 && zero ? 7 : kind;
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
@@ -221,10 +221,10 @@ AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, 
     _mm256_storeu_ps(out + 24, f3);
 }
 static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(Q8_ZERO, g, nu, x, xs, out);
+    q8_tile4(stored_offset(T_Q8_0), g, nu, x, xs, out);
 }
 static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(64, g, nu, x, xs, out);
+    q8_tile4(stored_offset(T_Q7_0), g, nu, x, xs, out);
 }
 
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
@@ -301,7 +301,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
 #if HAVE_AVX512
-                const int zero = W->type == T_Q7_0 ? 64 : Q8_ZERO;
+                const int zero = stored_offset(W->type);
                 if (span == 4 && (m + 6 <= m1 || m1 - m < 4)) {  /* 6 tokens, or 1 (decode, rests) */
                     float out[192];
                     const int T = m + 6 <= m1 ? 6 : 1;

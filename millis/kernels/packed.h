@@ -52,6 +52,17 @@ static inline int kind_of(int type) {  /* bits per stored value, 0 when the type
         default: return 0;
     }
 }
+/* stored value - value, per packed type: the one offset rule of repack.c and the kernels */
+static inline int stored_offset(int type) {
+    switch (type) {
+        case T_Q4_0: return 8;
+        case T_Q5_0: return 16;
+        case T_Q6_K: return 32;
+        case T_Q7_0: return 64;
+        case T_Q8_0: return Q8_ZERO;
+        default: return 0;
+    }
+}
 static inline int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
 static inline int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
 static inline int head_bytes(int type) {

@@ -41,9 +41,7 @@ static int block_bytes(int type) {
 
 static void pack_unit(const mat* W, int64_t g, int64_t u, uint8_t* dst) {
     const int type = W->type, kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
-    const int offset = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q6_K ? 32 : type == T_Q7_0 ? 64
-                     : type == T_Q8_0 ? Q8_ZERO : 0;
-    /* stored = w + offset */
+    const int offset = stored_offset(type);  /* stored = w + offset */
     memset(dst, 0, unit_bytes(type));
     uint16_t* d = (uint16_t*)dst;
     for (int r = 0; r < 8 && 8 * g + r < W->rows; r++) {
