@@ -61,6 +61,21 @@ def check_calls(calls: list, tools: list) -> None:
         jsonschema.validate(json.loads(c["function"]["arguments"]), by_name[c["function"]["name"]])
 
 
+def joined_calls(events: list) -> list:
+    """Streamed tool call deltas -> whole calls: each announced once (id, type, name), then its arguments'
+    parts, in order."""
+    calls: list = []
+    for e in events:
+        for d in e["choices"][0]["delta"].get("tool_calls", []):
+            if d["index"] == len(calls):
+                assert d["id"].startswith("call_") and d["type"] == "function" and d["function"]["name"]
+                calls.append({"id": d["id"], "type": "function", "function": dict(d["function"])})
+            else:
+                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
+                calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+    return calls
+
+
 def test_tool_calls_parse_and_validate_also_streamed(server):
     tools = [WEATHER, TIME]
     for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "get_time"}}] * 2):
@@ -74,11 +89,17 @@ def test_tool_calls_parse_and_validate_also_streamed(server):
         assert len(c["message"]["tool_calls"]) == 1
         if isinstance(choice, dict):
             assert c["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    events = stream(server, "/v1/chat/completions", {"messages": MSGS, "tools": tools, "tool_choice": "required",
-                                                     "parallel_tool_calls": False, "max_tokens": 300})
-    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    # streamed: the call announced once, its arguments in parts, joined equal to the same greedy answer's
+    greedy = {"messages": MSGS, "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 300,
+              "parallel_tool_calls": False}
+    events = stream(server, "/v1/chat/completions", greedy)
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
-    check_calls([c for d in deltas for c in d.get("tool_calls", [])], tools)
+    calls = joined_calls(events[:-1])
+    check_calls(calls, tools)
+    parts = [d for e in events[:-1] for d in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert len(parts) > len(calls) + 1, parts  # arguments streamed in pieces, not whole at the end
+    _, _, body = server.post("/v1/chat/completions", greedy)
+    assert [c["function"] for c in body["choices"][0]["message"]["tool_calls"]] == [c["function"] for c in calls]
     # auto: a call or an answer, never anything else; the conversation goes on with the tool's result
     status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "tools": tools, "max_tokens": 300})
     c = body["choices"][0]
@@ -181,7 +202,8 @@ def test_tool_formats_follow_the_template():
 
 
 def test_native_tool_calls_are_parsed_back():
-    from millis.serve.generation.tool_formats import HERMES, LLAMA3
+    from millis.serve.generation.tool_formats import GENERIC, HERMES, LLAMA3
+    from millis.serve.generation.tool_stream import CallStream
     from millis.serve.generation.tools import tool_spec
 
     spec = tool_spec({"tools": [WEATHER, TIME]})
@@ -197,6 +219,24 @@ def test_native_tool_calls_are_parsed_back():
     content, calls = LLAMA3.parse('<|python_tag|>{"name": "get_time", "parameters": {"zone": -3}}', spec)
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"zone": -3}
     assert LLAMA3.parse('{"name": "nope", "parameters": {}}', spec)[1] == []
+    # streaming: every prefix's calls and content only grow, and end as the parsed answer's
+    answers = [(HERMES, '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","unit":"C"}}\n</tool_call>\n'
+                        '<tool_call>\n{"name":"get_time","arguments":{"zone":-1}}\n</tool_call>'),
+               (LLAMA3, '<|python_tag|>{"name": "get_time", "parameters": {"zone": 3}}'),
+               (GENERIC, '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "F"}}, '
+                         '{"name": "get_time", "arguments": {"zone": 12}}]}')]
+    for fmt, text in answers:
+        stream_calls, shown = CallStream(), ""
+        deltas = [d for n in range(len(text) + 1) for d in stream_calls.update(fmt.spans(text[:n]))]
+        joined = joined_calls([{"choices": [{"delta": {"tool_calls": [d]}}]} for d in deltas])
+        assert [c["function"] for c in joined] == [c["function"] for c in fmt.parse(text, spec)[1]], fmt.name
+    text = '{"response": "caf\\u00e9 \\ud83d\\ude00 \\"ok\\"\\n"}'
+    for n in range(len(text) + 1):
+        now = GENERIC.content_so_far(text[:n], True)
+        assert now.startswith(shown), (shown, now)
+        shown = now
+    assert shown == GENERIC.parse(text, spec)[0] == 'caf\u00e9 \U0001F600 "ok"\n'
+    assert CallStream().update(GENERIC.spans('{"tool_calls": [{"arguments": {"a"')) == []  # no name yet
     # streaming auto answers: text that cannot belong to a call goes out as it comes
     assert HERMES.streamable("Let me check.\n<tool_c", False) == len("Let me check.\n")
     assert HERMES.streamable("ab<tool_call>{", False) == 2 and HERMES.streamable("plain <b>", False) == 9
@@ -237,10 +277,14 @@ def test_native_template_calls_parse_and_validate_also_streamed(native_server):
             assert len(c["message"]["tool_calls"]) == 1
         if isinstance(choice, dict):
             assert c["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    events = stream(hermes_server, "/v1/chat/completions", {
-        "messages": MSGS, "tools": tools, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 300})
+    greedy = {"messages": MSGS, "tools": tools, "tool_choice": "required", "parallel_tool_calls": False,
+              "max_tokens": 300, "temperature": 0}
+    events = stream(hermes_server, "/v1/chat/completions", greedy)
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
-    check_calls([c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls", [])], tools)
+    calls = joined_calls(events[:-1])
+    check_calls(calls, tools)
+    _, _, body = hermes_server.post("/v1/chat/completions", greedy)
+    assert [c["function"] for c in body["choices"][0]["message"]["tool_calls"]] == [c["function"] for c in calls]
     auto = {"messages": MSGS, "tools": tools, "max_tokens": 16, "temperature": 0}
     status, _, body = hermes_server.post("/v1/chat/completions", auto)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")

@@ -4,10 +4,12 @@ Each choice is a `Live` of its own in the engine (the scheduler shares the promp
 between them); the answer waits for every choice's first token (503 past request_timeout_s), then:
 
 - JSON: each choice's text joined; a tool-constrained answer is parsed into `tool_calls`;
-- events: each choice's chunks as they come, tagged with its index; a choice that may call tools is
-  held until it ends (its calls are only parsed whole) and sent as content or tool_calls deltas, except
-  text a native format's auto answer shows cannot be a call (before a `<tool_call>`), streamed as it comes;
-  then (usage,) `[DONE]`.
+- events: each choice's chunks as they come, tagged with its index. A choice that may call tools sends
+  what its text so far shows for sure: content (a generic {"response": ...} answer's string, or text a
+  native format's auto answer shows cannot be a call, before a `<tool_call>`), and, while the answer is
+  grammar-constrained, each call as OpenAI streams it (announced with its name, then its arguments' text
+  as it grows: tool_stream.py). Calls of an unconstrained answer are parsed when it ends and sent whole.
+  Then (usage,) `[DONE]`.
 
 Whatever ends the request (finished, client gone, timeout, error) cancels every choice still running.
 """
@@ -21,6 +23,7 @@ from starlette.responses import Response
 
 from millis.serve import schemas
 from millis.serve.generation import schemas as gs
+from millis.serve.generation.tool_stream import CallStream
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
 
@@ -101,8 +104,10 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             merged.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, live, f)) for i, (live, f) in enumerate(zip(lives, firsts))]
-    held = [""] * len(lives)  # choices that may call tools: their text, parsed when they end
-    sent = [0] * len(lives)   # how much of it went out as content already
+    held = [""] * len(lives)  # choices that may call tools: their text so far
+    shown = [""] * len(lives)  # the content that went out already
+    calls_out = [CallStream() for _ in lives]  # the calls that went out already (constrained answers)
+    constrained = bool(g.params.grammar)
     try:
         if chat:
             for i in range(len(lives)):
@@ -112,12 +117,15 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             i, o = await merged.get()
             if isinstance(o, Exception):
                 raise o
-            if g.tools is not None:  # held until it cannot be part of a call (native formats' auto)
+            if g.tools is not None:
                 held[i] += o.text
-                n = g.tool_format.streamable(held[i], bool(g.params.grammar))
-                if n > sent[i]:
-                    yield gs.chunk(chat, rid, created, st.name, held[i][sent[i]:n], None, with_usage=wu, index=i)
-                    sent[i] = n
+                text = g.tool_format.content_so_far(held[i], constrained)
+                if len(text) > len(shown[i]) and text.startswith(shown[i]):
+                    yield gs.chunk(chat, rid, created, st.name, text[len(shown[i]):], None, with_usage=wu, index=i)
+                    shown[i] = text
+                deltas = calls_out[i].update(g.tool_format.spans(held[i])) if constrained else []
+                if deltas:
+                    yield gs.chunk(chat, rid, created, st.name, None, None, with_usage=wu, index=i, calls=deltas)
             elif o.text or o.logprobs:  # held-back text (a possible stop string) still reports its logprobs
                 yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i,
                                logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
@@ -126,13 +134,14 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                 finish = o.finished
                 if g.tools is not None:
                     content, calls, finish = _answer(g, held[i], o.finished)
-                    if sent[i] and not calls:  # streamed free text: the rest of it
-                        content = held[i][sent[i]:] or None
-                    elif sent[i]:  # the content before the calls went out already
-                        content = None
-                    if content is not None or calls:
+                    if calls_out[i].started:  # the calls went out as written (a cut answer's unfinished one too)
+                        content, calls = None, []
+                    elif shown[i]:  # the content went out as it came: the rest of it (before calls: all of it)
+                        content = content[len(shown[i]):] if content and not calls and \
+                            content.startswith(shown[i]) else None
+                    if content or calls:
                         yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i,
-                                       calls=calls)
+                                       calls=[{"index": k, **c} for k, c in enumerate(calls)])
                 yield gs.chunk(chat, rid, created, st.name, None, finish, with_usage=wu, index=i)
     except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
         yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})

@@ -275,13 +275,13 @@ def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, fini
           first: bool = False, with_usage: bool = False, logprobs: dict | None = None, index: int = 0,
           calls: list | None = None) -> bytes:
     """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role; `calls`:
-    tool calls, each whole in one delta (index, id, type, function {name, arguments})."""
+    tool call deltas (index, then id, type, function {name, arguments} or a part of arguments)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
         if calls:
-            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            delta["tool_calls"] = calls
         body_choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
         body_choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}

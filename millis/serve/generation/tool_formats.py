@@ -20,24 +20,30 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
+from millis.serve.generation.tool_stream import CallSpan, array_items, call_span, object_fields, tool_call
 from millis.serve.generation.tools import ToolSpec, arguments_of, parse_answer, with_tools
 
-Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects)
+Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
 
-def tool_call(name: str, args) -> dict:
-    """An OpenAI tool_call object; arguments as a JSON string."""
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}}
+def partial_string(raw: str) -> str:
+    """The text of a JSON string's body written so far (no quotes), up to its last whole escape."""
+    for cut in range(len(raw), max(len(raw) - 12, -1), -1):  # an unfinished escape: at most \uXXXX\uXX
+        try:
+            text = json.loads(f'"{raw[:cut]}"')
+        except ValueError:
+            continue
+        return text[:-1] if text and 0xD800 <= ord(text[-1]) <= 0xDBFF else text  # half a surrogate pair
+    return ""
 
 
 class GenericFormat:
     """tools.py's one JSON format, for templates without a tool syntax of their own."""
 
     name = "generic"
+    args_keys = ("arguments",)
 
     def conversation(self, messages: list[dict], spec: ToolSpec | None) -> tuple[list[dict], list[dict] | None]:
         """(the messages as the template takes them, its `tools` variable)."""
@@ -47,11 +53,32 @@ class GenericFormat:
         return json_schema_grammar(spec.schema())
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
-        return parse_answer(text)
+        content, calls = parse_answer(text)
+        spans = self.spans(text)
+        if len(spans) == len(calls):  # the arguments as the model wrote them (what streaming sends)
+            for c, sp in zip(calls, spans):
+                c["function"]["arguments"] = sp.args
+        return content, calls
+
+    def spans(self, text: str) -> list[CallSpan]:
+        """The calls of an answer written so far: {"tool_calls": [call, ...]}."""
+        fields, _ = object_fields(text, 0)
+        if "tool_calls" not in fields:
+            return []
+        spans = [call_span(text, i, self.args_keys) for i in array_items(text, fields["tool_calls"][0])]
+        return [sp for sp in spans if sp is not None]
 
     def streamable(self, text: str, constrained: bool) -> int:
-        """How much of a choice's text so far can be streamed as content: none of a JSON answer."""
+        """How much of a choice's text so far can be streamed as it is: none of a JSON answer."""
         return 0
+
+    def content_so_far(self, text: str, constrained: bool) -> str:
+        """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written."""
+        fields, _ = object_fields(text, 0)
+        if "response" not in fields or not text[fields["response"][0]:].startswith('"'):
+            return ""
+        a, b = fields["response"]
+        return partial_string(text[a + 1:b - 1] if b is not None else text[a + 1:])
 
 
 class NativeFormat(GenericFormat):
@@ -79,13 +106,24 @@ class NativeFormat(GenericFormat):
                            "properties": {"name": {"const": t["name"]}, self.args_key: t["parameters"]},
                            "required": ["name", self.args_key], "additionalProperties": False} for t in spec.tools]}
 
-    def call_of(self, value, spec: ToolSpec) -> dict | None:
-        """The tool_call a parsed JSON value stands for, or None when it is not a call of a known tool."""
+    def call_of(self, body: str, spec: ToolSpec) -> dict | None:
+        """The tool_call a call's JSON text stands for (its arguments as written), or None when it does not
+        parse or is not a call of a known tool."""
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
         names = {t["name"] for t in spec.tools}
         if not isinstance(value, dict) or value.get("name") not in names:
             return None
         args = value.get(self.args_key, value.get("arguments", value.get("parameters")))
-        return tool_call(value["name"], args) if isinstance(args, dict) else None
+        if not isinstance(args, dict):
+            return None
+        sp = call_span(body, 0, self.args_keys)
+        return tool_call(value["name"], sp.args if sp is not None and sp.done else args)
+
+    def content_so_far(self, text: str, constrained: bool) -> str:
+        return text[:self.streamable(text, constrained)]
 
 
 class HermesFormat(NativeFormat):
@@ -110,15 +148,18 @@ class HermesFormat(NativeFormat):
         tail = next((k for k in range(min(len(self.MARK) - 1, len(text)), 0, -1) if text.endswith(self.MARK[:k])), 0)
         return len(text) - tail
 
+    def spans(self, text: str) -> list[CallSpan]:
+        """The `<tool_call>` blocks written so far."""
+        spans, at = [], text.find(self.MARK)
+        while at >= 0:
+            sp = call_span(text, at + len(self.MARK), self.args_keys)
+            if sp is not None:
+                spans.append(sp)
+            at = text.find(self.MARK, at + 1)
+        return spans
+
     def parse(self, text: str, spec: ToolSpec) -> Calls:
-        calls = []
-        for block in self.BLOCK.findall(text):
-            try:
-                call = self.call_of(json.loads(block), spec)
-            except ValueError:
-                call = None
-            if call is not None:
-                calls.append(call)
+        calls = [c for c in (self.call_of(block, spec) for block in self.BLOCK.findall(text)) if c is not None]
         if not calls:
             return text, []
         rest = self.BLOCK.sub("", text).strip()
@@ -128,7 +169,15 @@ class HermesFormat(NativeFormat):
 class Llama3Format(NativeFormat):
     name = "llama3"
     args_key = "parameters"
+    args_keys = ("parameters", "arguments")
     TAG = "<|python_tag|>"
+
+    def spans(self, text: str) -> list[CallSpan]:
+        """The one call, as far as it is written."""
+        s = text.lstrip()
+        s = s.removeprefix(self.TAG) if s.startswith(self.TAG) else s
+        sp = call_span(s, 0, self.args_keys)
+        return [sp] if sp is not None else []
 
     def grammar(self, spec: ToolSpec) -> str | None:
         return json_schema_grammar(self.call_schema(spec), COMPACT_JSON) if spec.required else None
@@ -141,11 +190,7 @@ class Llama3Format(NativeFormat):
         return len(text)
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
-        body = text.strip().removeprefix(self.TAG).strip()
-        try:
-            call = self.call_of(json.loads(body), spec)
-        except ValueError:
-            call = None
+        call = self.call_of(text.strip().removeprefix(self.TAG).strip(), spec)
         return (None, [call]) if call is not None else (text, [])
 
 

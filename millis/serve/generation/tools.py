@@ -17,10 +17,10 @@ tool_calls as its content, a tool message's result as a "tool" turn.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from millis.serve.generation.tool_stream import tool_call
 from millis.serve.schemas import ApiError
 
 MAX_TOOLS = 64
@@ -138,9 +138,7 @@ def parse_answer(text: str) -> tuple[str | None, list[dict]]:
     except ValueError:
         return text, []
     if isinstance(v, dict) and isinstance(v.get("tool_calls"), list):
-        return None, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-                      for c in v["tool_calls"]]
+        return None, [tool_call(c["name"], c["arguments"]) for c in v["tool_calls"]]
     if isinstance(v, dict) and isinstance(v.get("response"), str):
         return v["response"], []
     return text, []
