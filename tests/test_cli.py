@@ -196,7 +196,8 @@ def test_an_empty_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("MILLIS_PORT", "")
     monkeypatch.setenv("MILLIS_SHAPES", "")
     assert config_from_argv(["serve", "art"])[1][0].port == 8000
-    assert config_from_argv(["optimize", "x", "--task", "rerank"])[1].task == "classify"  # a cross-encoder
+    cfg = config_from_argv(["optimize", "x", "--task", "rerank"])[1]  # a cross-encoder: built as classify
+    assert (cfg.task, cfg.model_task) == ("rerank", "classify")
     serve, ray = config_from_argv(["serve", "art", "--replicas", "2", "--autoscale", "1:4"])[1]
     assert (serve.artifact, ray.replicas, ray.scale_range()) == ("art", 2, (1, 4))
     assert config_from_argv(["optimize", "x", "--preset", "quick"])[1].measure.shapes == (Shape(1, 16), Shape(2, 32))

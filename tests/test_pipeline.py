@@ -170,3 +170,47 @@ def test_reference_embed_artifact_keeps_pooling(tmp_path, tiny_dirs, quick_measu
     assert m.variant == "torch-fp32"
     texts = sample_texts()[:8]
     np.testing.assert_allclose(m.embed(texts), reference_outputs(tiny_dirs["bert"], "embed", texts), atol=1e-5)
+
+
+def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_measure, monkeypatch):
+    """--task rerank: built and shipped as a classifier, but every variant's fidelity is judged on (query,
+    document) pairs encoded as the cross-encoder reads them (token types 1 on the document), not on
+    single texts; run_pairs scores a pair as the HF tokenizer's pair encoding does."""
+    from transformers import AutoTokenizer
+
+    import millis.optimize.judge as judge_mod
+    from millis.artifact.model import run_pairs
+    from millis.optimize.pipeline import rerank_pairs
+
+    texts = ["where is my card", "the weather is nice", "card delivery", "hello", "a b c"]
+    pairs = rerank_pairs(texts)
+    assert len(pairs) == 5 and pairs[0] == (texts[0], texts[0]) and pairs[1] == (texts[1], texts[2])
+    assert pairs[4] == (texts[4], texts[4]) and pairs[3] == (texts[3], texts[4])
+    seen = []
+
+    def spy(rt, enc, ps, max_batch=32):
+        seen.append((rt, enc, list(ps)))
+        return run_pairs(rt, enc, ps, max_batch)
+
+    monkeypatch.setattr(judge_mod, "run_pairs", spy)
+    cfg = OptimizeConfig(source="tiny:bert", task="rerank", out=str(tmp_path / "r"), target=Shape(1, 16),
+                         variants=("ort-fp32-fused", "ort-int8-dynamic"),
+                         measure=replace(quick_measure, threads=1, serve_mix=0))
+    assert cfg.model_task == "classify"
+    out = optimize(cfg)
+    meta = json.loads((out / "millis.json").read_text())
+    assert meta["task"] == "classify" and meta["config"]["task"] == "rerank"
+    n = len(sample_texts()[:512])
+    assert meta["measured"]["fidelity_texts"].startswith(f"{n} (query, document) pairs of {n} texts")
+    assert len(seen) == 3 and all(ps == list(rerank_pairs(sample_texts()[:512])) for _, _, ps in seen)
+    report = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in report["variants"] if "max_logit_diff" in (v["fidelity"] or {})] == \
+        ["torch-fp32", "ort-fp32-fused", "ort-int8-dynamic"]
+    # a pair is scored as the tokenizer's pair encoding: the runtime on HF's own batch gives the same logits
+    rt, enc, _ = seen[0]
+    tok = AutoTokenizer.from_pretrained(str(tiny_dirs["bert"]))
+    q, d = ["where is my card?", "card"], ["I lost my card", "delivery of a new card takes a week"]
+    hf = tok(q, d, padding=True, return_tensors="np")
+    assert (hf["token_type_ids"] == 1).any()
+    want = rt.run({k: hf[k].astype(np.int64) for k in rt.input_names})[rt.output_name]
+    np.testing.assert_allclose(run_pairs(rt, enc, list(zip(q, d))).outputs, want, atol=1e-5)

@@ -28,8 +28,26 @@ class Result:
 def run_texts(runtime: Runtime, encoder: TextEncoder, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
     """Texts -> outputs in input order: rows sorted by length, cut into batches of `max_batch`,
     each padded to its bucket (`bucket_length`: a static-shape runtime sees few shapes)."""
-    texts = check_texts(texts)
-    ids, cut = encoder.token_ids(texts)
+    ids, cut = encoder.token_ids(check_texts(texts))
+    return run_rows(runtime, encoder, ids, cut, max_batch)
+
+
+def run_pairs(runtime: Runtime, encoder: TextEncoder, pairs: list[tuple[str, str]],
+              max_batch: int = MAX_BATCH) -> Result:
+    """(query, document) pairs -> outputs in input order, each encoded as a cross-encoder reads it (as
+    /v1/rerank does: `TextEncoder.pair_ids`)."""
+    ids: list[list[int]] = []
+    cut: list[bool] = []
+    for q, d in pairs:
+        r, c = encoder.pair_ids(q, [d])
+        ids += r
+        cut += c
+    return run_rows(runtime, encoder, ids, cut, max_batch)
+
+
+def run_rows(runtime: Runtime, encoder: TextEncoder, ids: list[list[int]], cut: list[bool],
+             max_batch: int = MAX_BATCH) -> Result:
+    """Token rows -> outputs in input order (run_texts's batching)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for start in range(0, len(order), max_batch):

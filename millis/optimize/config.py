@@ -8,12 +8,7 @@ from millis.common.config import Shape, flag
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
 
-TASKS = ("classify", "embed")
-
-
-def task_of(text: str) -> str:
-    """--task: rerank is a sequence classifier over (query, document) pairs, so it builds as classify."""
-    return "classify" if text == "rerank" else text
+TASKS = ("classify", "embed", "rerank")
 
 
 DEFAULT_SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
@@ -75,7 +70,7 @@ class OptimizeConfig:
     source: str = flag(help="local Hugging Face model dir, builtin:minilm, or "
                             "tiny:bert|distilbert|roberta|xlm-roberta")
     task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
-                              "served with /v1/rerank)", choices=TASKS, parse=task_of)
+                              "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
     out: str = flag("artifacts/model", "artifact directory to write")
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
@@ -99,6 +94,12 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
+
+    @property
+    def model_task(self) -> str:
+        """What is built, judged and shipped: a reranker is a sequence classifier over (query, document)
+        pairs (its fidelity is judged on pairs: `cfg.task` stays rerank for that)."""
+        return "classify" if self.task == "rerank" else self.task
 
 
 def optimize_config_from_dict(d: dict[str, Any], where: str = "the optimize config") -> OptimizeConfig:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from millis.artifact.model import run_texts
+from millis.artifact.model import run_pairs, run_texts
 from millis.common.readers import Labeled
 from millis.encoder.source import ModelSource
 from millis.encoder.tasks import OUTPUT_NAME
@@ -93,6 +93,14 @@ class JudgeContext:
     data: Labeled | None                   # selection data (accuracy gate); None = fidelity gate
     progress: Progress = lambda msg: None
     open: Opener | None = None             # None = open_variant (tests pass fakes)
+    pairs: tuple[tuple[str, str], ...] = ()  # rerank: fidelity on these (query, document) pairs, not texts
+
+
+def fidelity_outputs(rt: Runtime, ctx: JudgeContext) -> np.ndarray:
+    """`rt`'s outputs on the fidelity inputs: the pairs of a reranker, else the texts."""
+    if ctx.pairs:
+        return run_pairs(rt, ctx.enc, list(ctx.pairs), max_batch=8).outputs
+    return run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
 
 
 class Judge(Protocol):
@@ -146,7 +154,7 @@ def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Refere
     v = CATALOG[REFERENCE]
     r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v))
     vdir, rt = _build_and_open(v, ctx, builder, r)
-    y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
+    y = fidelity_outputs(rt, ctx)
     r.fidelity = compare(ctx.task, y, y)
     if ctx.task == "embed":
         r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
@@ -166,7 +174,7 @@ def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recov
         r.recipe["compressed"] = compressed
     try:
         vdir, rt = _build_and_open(v, ctx, builder, r)
-        y = run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
+        y = fidelity_outputs(rt, ctx)
         r.fidelity = compare(ctx.task, ref.outputs, y)
         if ctx.task == "embed":
             r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})

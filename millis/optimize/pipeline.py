@@ -45,11 +45,18 @@ def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: 
     return [enc.encode(texts[i:i + batch], pad_to=length).feeds for i in range(0, n, batch)]
 
 
+def rerank_pairs(texts: list[str]) -> tuple[tuple[str, str], ...]:
+    """(query, document) pairs for a reranker's fidelity, from the fidelity texts: each text against the
+    next one (unrelated), and every fourth against itself (a match, the high scores a ranking turns on)."""
+    n = len(texts)
+    return tuple((texts[i], texts[i] if i % 4 == 0 else texts[(i + 1) % n]) for i in range(n))
+
+
 def selection_data(cfg: OptimizeConfig, src: ModelSource) -> tuple[Labeled | None, str]:
     """(the labelled rows selection judges accuracy on, where they came from). classify only: `--data`
     when given (the user's choice), else the validation split `millis train` kept with the model, so
     the test file stays unseen for `millis eval`; (None, "") means the fidelity gate."""
-    if cfg.task != "classify":
+    if cfg.task != "classify":  # a reranker's pairs have no labels here: the fidelity gate
         return None, ""
     if cfg.data:
         trained = read_train_meta(src.path)
@@ -89,6 +96,9 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     else:
         texts, where = sample_texts(), "the texts shipped with millis"
     fidelity_texts = f"{len(texts)} texts from {where}"
+    pairs = rerank_pairs(texts) if cfg.task == "rerank" else ()
+    if pairs:
+        fidelity_texts = f"{len(pairs)} (query, document) pairs of {fidelity_texts}"
     calib_texts = read_texts(cfg.calibration_texts, cfg.text_col, limit=512) if cfg.calibration_texts else texts
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
@@ -98,9 +108,9 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
 
     work = Path(tempfile.mkdtemp(prefix="millis-work-"))
     try:
-        builder = Builder(src, cfg.task, work, calibration)
-        ctx = JudgeContext(cfg.task, cfg.budget, cfg.measure.threads, src, enc, texts, inputs[cfg.target],
-                           data, progress)
+        builder = Builder(src, cfg.model_task, work, calibration)
+        ctx = JudgeContext(cfg.model_task, cfg.budget, cfg.measure.threads, src, enc, texts, inputs[cfg.target],
+                           data, progress, pairs=pairs)
         reference, ref = judge_reference(ctx, builder)
         judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
         pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset))  # name -> judged, in order
@@ -111,7 +121,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         pool.update((j.name, j) for j in recovery.judged)
         if cfg.compress:
             from millis.optimize.compress import judge_compressed
-            pool.update((j.name, j) for j in judge_compressed(cfg.task, cfg.compress, cfg.compress_data, cfg.text_col,
+            pool.update((j.name, j) for j in judge_compressed(cfg.model_task, cfg.compress, cfg.compress_data, cfg.text_col,
                                                               src, work, calibration, judge_one, progress))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
@@ -175,7 +185,7 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
 
         if best.runtime == "torch":  # the reference won (tiny models): ship the HF weights
             from millis.encoder.tasks import load_task_model
-            load_task_model(src, cfg.task).hf.save_pretrained(tmp / "hf")
+            load_task_model(src, cfg.model_task).hf.save_pretrained(tmp / "hf")
         else:
             vdir = pool[chosen].dir
             for f in vdir.iterdir():
@@ -190,7 +200,7 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
                                         "fidelity_texts": fidelity_texts, "selection_data": selection,
                                         "load": load},
                              f"the measurements of {best.name}", strict=True)
-        meta = ArtifactMeta(task=cfg.task, output=OUTPUT_NAME[cfg.task], input_names=tuple(src.input_names),
+        meta = ArtifactMeta(task=cfg.model_task, output=OUTPUT_NAME[cfg.model_task], input_names=tuple(src.input_names),
                             max_length=max_len, id2label=dict(src.id2label), source=SourceMeta.of(src),
                             variant=variant, millis_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             measured=measured, hardware=Hardware.this_machine(), config=to_dict(cfg),
