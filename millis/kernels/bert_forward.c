@@ -76,6 +76,53 @@ static __thread int64_t tl_cap;
 #define PACKED 0   /* the scalar build: row-major, as its matmul_rows takes float weights */
 #endif
 
+#if PACKED
+static inline void transpose8(__m256* r) {  /* an 8 x 8 block of floats, rows <-> columns */
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* one head's Q (L, HD: (q + bq) * scale), K (packed: 8 keys interleaved, value d of key j at
+   (j / 8) * 8 * HD + 8 * d + j % 8, padded keys zero) and V^T (packed: dims d..d+7 of key j at
+   (d / 8) * 8 * Lp + 8 * j, padded keys zero) from the qkv rows r (row stride ld): the scalar loop's
+   sums and products, 8 lanes at a time, K transposed 8 x 8 in registers */
+static void pack_qkv(const float* r, int64_t ld, const float* bq, const float* bk, const float* bv, float scale,
+                     int L, int Lp, int HD, float* Q, float* K, float* V) {
+    const __m256 vs = _mm256_set1_ps(scale), z = _mm256_setzero_ps();
+    for (int j = 0; j < Lp; j++) {
+        const float* q = r + j * ld;
+        for (int d = 0; d < HD; d += 8) {
+            if (j < L) {
+                _mm256_storeu_ps(Q + (int64_t)j * HD + d, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(q + d),
+                                                                                   _mm256_loadu_ps(bq + d)), vs));
+                _mm256_storeu_ps(V + (int64_t)(d / 8) * 8 * Lp + 8 * j, _mm256_add_ps(_mm256_loadu_ps(q + 2 * (ld / 3) + d),
+                                                                                       _mm256_loadu_ps(bv + d)));
+            } else {
+                _mm256_storeu_ps(V + (int64_t)(d / 8) * 8 * Lp + 8 * j, z);
+            }
+        }
+    }
+    for (int j0 = 0; j0 < L; j0 += 8)
+        for (int d = 0; d < HD; d += 8) {
+            __m256 k[8];
+            for (int i = 0; i < 8; i++)
+                k[i] = j0 + i < L ? _mm256_add_ps(_mm256_loadu_ps(r + (j0 + i) * ld + ld / 3 + d), _mm256_loadu_ps(bk + d)) : z;
+            transpose8(k);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(K + (int64_t)j0 * HD + 8 * (d + i), k[i]);
+        }
+}
+#endif
+
 /* one (sequence, head): S = Q K^T (L x L, Q scaled), softmax by rows, att = S V: two small GEMMs on the
    matmul kernels, K and V^T packed per job (L <= 512: they stay in L2) */
 static void op_attend(void* p, int64_t job) {
@@ -88,6 +135,9 @@ static void op_attend(void* p, int64_t job) {
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
     float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+#if PACKED
+    pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
+#else
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
     for (int j = 0; j < L; j++) {
         const float* r = c->s->qkv + (t0 + j) * 3 * D + h * HD;
@@ -102,6 +152,7 @@ static void op_attend(void* p, int64_t job) {
         else
             for (int d = 0; d < HD; d++) V[(int64_t)d * Lp + j] = r[2 * D + d] + bv[d];
     }
+#endif
     const mat Km = {T_F32, PACKED, (const uint8_t*)K, L, HD, HD * 4};
     matmul_rows(&Km, 0, L, 0, Q, L, S, Lp, 0);              /* S[i][j] = <q_i, k_j> / sqrt(hd) */
     for (int i = 0; i < L; i++) {
