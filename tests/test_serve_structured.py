@@ -203,7 +203,7 @@ def test_tool_formats_follow_the_template():
 
 def test_native_tool_calls_are_parsed_back():
     from millis.serve.generation.tool_formats import GENERIC, HERMES, LLAMA3
-    from millis.serve.generation.tool_stream import CallStream
+    from millis.serve.generation.tool_stream import CallStream, string_end, value_end
     from millis.serve.generation.tools import tool_spec
 
     spec = tool_spec({"tools": [WEATHER, TIME]})
@@ -237,6 +237,11 @@ def test_native_tool_calls_are_parsed_back():
         shown = now
     assert shown == GENERIC.parse(text, spec)[0] == 'caf\u00e9 \U0001F600 "ok"\n'
     assert CallStream().update(GENERIC.spans('{"tool_calls": [{"arguments": {"a"')) == []  # no name yet
+    # the scanner: a string ends at a quote after an even run of backslashes; a value at its closing bracket
+    assert [string_end(t, 0) for t in ('"ab\\"c"x', '"ab\\', '"ab\\"', '"a\\\\"b', '"\\\\\\""x', '""')] == \
+        [7, None, None, 5, 6, 2]
+    assert value_end('{"a": "}", "b": [1, {"c": 2}]} tail', 0) == 30
+    assert value_end('{"a": "}", "b": [1, {"c": 2}]', 0) is None and value_end("12", 0) is None
     # streaming auto answers: text that cannot belong to a call goes out as it comes
     assert HERMES.streamable("Let me check.\n<tool_c", False) == len("Let me check.\n")
     assert HERMES.streamable("ab<tool_call>{", False) == 2 and HERMES.streamable("plain <b>", False) == 9
