@@ -86,6 +86,7 @@ class NativeFormat(GenericFormat):
     as objects, as transformers' templates expect); subclasses say how calls are written."""
 
     args_key = "arguments"
+    args_keys = ("arguments", "parameters")  # where a call's arguments are read, first found (call_of's order)
 
     def conversation(self, messages: list[dict], spec: ToolSpec | None) -> tuple[list[dict], list[dict] | None]:
         out = []
