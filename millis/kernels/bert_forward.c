@@ -94,29 +94,27 @@ static inline void transpose8(__m256* r) {  /* an 8 x 8 block of floats, rows <-
 
 /* one head's Q (L, HD: (q + bq) * scale), K (packed: 8 keys interleaved, value d of key j at
    (j / 8) * 8 * HD + 8 * d + j % 8, padded keys zero) and V^T (packed: dims d..d+7 of key j at
-   (d / 8) * 8 * Lp + 8 * j, padded keys zero) from the qkv rows r (row stride ld): the scalar loop's
-   sums and products, 8 lanes at a time, K transposed 8 x 8 in registers */
-static void pack_qkv(const float* r, int64_t ld, const float* bq, const float* bk, const float* bv, float scale,
+   (d / 8) * 8 * Lp + 8 * j, padded keys zero) from the head's qkv rows r (q at r, k at r + D, v at r + 2D;
+   row stride 3D): the scalar loop's sums and products, 8 lanes at a time, K transposed 8 x 8 in registers */
+static void pack_qkv(const float* r, int D, const float* bq, const float* bk, const float* bv, float scale,
                      int L, int Lp, int HD, float* Q, float* K, float* V) {
     const __m256 vs = _mm256_set1_ps(scale), z = _mm256_setzero_ps();
-    for (int j = 0; j < Lp; j++) {
-        const float* q = r + j * ld;
+    const int64_t ld = 3 * (int64_t)D;
+    for (int j = 0; j < Lp; j++)
         for (int d = 0; d < HD; d += 8) {
-            if (j < L) {
-                _mm256_storeu_ps(Q + (int64_t)j * HD + d, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(q + d),
-                                                                                   _mm256_loadu_ps(bq + d)), vs));
-                _mm256_storeu_ps(V + (int64_t)(d / 8) * 8 * Lp + 8 * j, _mm256_add_ps(_mm256_loadu_ps(q + 2 * (ld / 3) + d),
-                                                                                       _mm256_loadu_ps(bv + d)));
-            } else {
-                _mm256_storeu_ps(V + (int64_t)(d / 8) * 8 * Lp + 8 * j, z);
-            }
+            float* v = V + (int64_t)(d / 8) * 8 * Lp + 8 * j;
+            if (j >= L) { _mm256_storeu_ps(v, z); continue; }
+            const float* q = r + j * ld + d;
+            _mm256_storeu_ps(Q + (int64_t)j * HD + d,
+                             _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(bq + d)), vs));
+            _mm256_storeu_ps(v, _mm256_add_ps(_mm256_loadu_ps(q + 2 * D), _mm256_loadu_ps(bv + d)));
         }
-    }
     for (int j0 = 0; j0 < L; j0 += 8)
         for (int d = 0; d < HD; d += 8) {
             __m256 k[8];
             for (int i = 0; i < 8; i++)
-                k[i] = j0 + i < L ? _mm256_add_ps(_mm256_loadu_ps(r + (j0 + i) * ld + ld / 3 + d), _mm256_loadu_ps(bk + d)) : z;
+                k[i] = j0 + i >= L ? z : _mm256_add_ps(_mm256_loadu_ps(r + (j0 + i) * ld + D + d),
+                                                       _mm256_loadu_ps(bk + d));
             transpose8(k);
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(K + (int64_t)j0 * HD + 8 * (d + i), k[i]);
         }
@@ -136,7 +134,7 @@ static void op_attend(void* p, int64_t job) {
     float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
 #if PACKED
-    pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
+    pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
 #else
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
     for (int j = 0; j < L; j++) {

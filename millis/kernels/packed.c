@@ -246,7 +246,8 @@ AI void q7_tile16(const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
         }
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)c));
-#define ACC(X, A, F, E, H) { const __m256i z = _mm256_set1_epi32(zero * X[u].sum); const __m256 xd = _mm256_set1_ps(X[u].d); \
+#define ACC(X, A, F, E, H) {                                                                                  \
+        const __m256i z = _mm256_set1_epi32(zero * X[u].sum); const __m256 xd = _mm256_set1_ps(X[u].d);          \
         F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(A, z)), _mm256_mul_ps(dv, xd), F);                \
         H = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(E, z)), _mm256_mul_ps(dw, xd), H); }
         ACC(x0, a0, f0, e0, h0)

@@ -121,8 +121,9 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         pool.update((j.name, j) for j in recovery.judged)
         if cfg.compress:
             from millis.optimize.compress import judge_compressed
-            pool.update((j.name, j) for j in judge_compressed(cfg.model_task, cfg.compress, cfg.compress_data, cfg.text_col,
-                                                              src, work, calibration, judge_one, progress))
+            pool.update((j.name, j) for j in judge_compressed(cfg.model_task, cfg.compress, cfg.compress_data,
+                                                              cfg.text_col, src, work, calibration, judge_one,
+                                                              progress))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
         before = machine_load.snapshot()

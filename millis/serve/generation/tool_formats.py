@@ -175,9 +175,7 @@ class Llama3Format(NativeFormat):
 
     def spans(self, text: str) -> list[CallSpan]:
         """The one call, as far as it is written."""
-        s = text.lstrip()
-        s = s.removeprefix(self.TAG) if s.startswith(self.TAG) else s
-        sp = call_span(s, 0, self.args_keys)
+        sp = call_span(text.lstrip().removeprefix(self.TAG), 0, self.args_keys)
         return [sp] if sp is not None else []
 
     def grammar(self, spec: ToolSpec) -> str | None:

@@ -5,7 +5,7 @@
 
 The arguments are the model's own JSON text of the call's arguments value, character for character, so
 the deltas joined equal the `arguments` of the same answer unstreamed (tool_formats.py reads calls with
-`call_spans` too). Streamed only while the answer is grammar-constrained (the generic format, a native
+`call_span` too). Streamed only while the answer is grammar-constrained (the generic format, a native
 format under `required` or a named function): then the text is the format's syntax and a character that
 belongs to an arguments value never stops belonging to it. An unconstrained answer is parsed when it ends.
 
