@@ -57,7 +57,7 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     tm, enc = minilm
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
-    floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998}
+    floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998, "int7-a7": 0.997}
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -111,21 +111,26 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_q7_0_matmul_matches_reference(isa):
+@pytest.mark.parametrize("a7", [False, True], ids=["int8-act", "int7-act"])
+def test_q7_0_matmul_matches_reference(isa, a7):
     """millis's int7 (Q7_0: values in [-63, 63] per 32, stored w + 64 in the packed layout) times int8
-    activation blocks equals dequant(W) @ dequant(x) up to fp32 rounding, for 1 to 9 tokens (the 4-token
-    kernel and the 1-token rest), packed on the SIMD build and in Q8_0's layout on the scalar one."""
+    activation blocks (quantize_x), or as T_Q7_A7 times 7-bit ones (quantize_x7: AVX2 adds two steps in
+    int16), equals dequant(W) @ dequant(x) up to fp32 rounding, for 1 to 9 tokens (the 16 x 3 and 16 x 2
+    tiles, the 4-token kernel and the 1-token rest), packed on the SIMD build and in Q8_0's layout on the
+    scalar one. Rows and tokens at full scale (every pair at its largest) would show an int16 overflow."""
     import ctypes
 
     from millis.encoder.native import q7_0
     from millis.kernels.native import build
     from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES
-    from millis.kernels.native import TYPE_Q7_0, Mat, pack_matrix
+    from millis.kernels.native import TYPE_Q7_0, TYPE_Q7_A7, Mat, pack_matrix
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
     rng = np.random.default_rng(5)
     N, K = 37, 256
     w = rng.standard_normal((N, K)).astype(np.float32)
+    w[:3] = np.abs(w[:3]).max()           # rows at full scale: stored 127 everywhere
+    w[3] = -np.abs(w[3]).max()            # and at -63 (stored 1)
     raw = q7_0(w)
     blocks = raw.reshape(N, K // 32, 34)
     q = blocks[..., 2:].view(np.int8).astype(np.float64)
@@ -133,18 +138,25 @@ def test_q7_0_matmul_matches_reference(isa):
     wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
     assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
     keep: list = []
-    mat = pack_matrix(lib, Mat(TYPE_Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
+    mat = pack_matrix(lib, Mat(TYPE_Q7_A7 if a7 else TYPE_Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
     assert mat.packed == (isa != "scalar")
-    lib.quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    quantize = lib.quantize_x7 if a7 else lib.quantize_x
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
-    for M in (1, 4, 9):
+    for M in (1, 2, 3, 4, 5, 9):
         x = rng.standard_normal((M, K)).astype(np.float32)
+        x[0] = 2.0                        # a token at full scale: +63 (or +127) everywhere
+        if M > 1:
+            x[1] = -2.0
         xq = np.zeros(M * (K // 32) * XBLOCK_BYTES, np.uint8)
         for m in range(M):
-            lib.quantize_x(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
+            quantize(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
         xb = xq.reshape(M, K // 32, XBLOCK_BYTES)
-        xd = (xb[:, :, 12:44].view(np.int8).astype(np.float64) * xb[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
+        xi = xb[:, :, 12:44].view(np.int8).astype(np.float64)
+        assert np.abs(xi).max() == (63 if a7 else 127)
+        assert (xb[:, :, 8:12].copy().view(np.int32)[..., 0] == xi.sum(-1)).all()  # the block sums
+        xd = (xi * xb[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
         y = np.full((M, N), np.nan, np.float32)
         lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
         ref = xd @ wd.T

@@ -8,7 +8,9 @@ activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes the weights as its
 unsigned operand directly (w + 64: pairs stay under 2^15), a quarter fewer instructions than Q8_0's
-sign fix-ups, for half a bit of weight precision. The task head
+sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights against activations in [-63, 63]
+per 32: a pair stays under 2^14, so AVX2 adds two steps in int16 before widening them (a quarter fewer
+multiplier-port instructions again), for half a bit of activation precision. The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """
@@ -21,13 +23,14 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q8_0, TYPE_Q8_0_X16, Mat, pack_matrix
+from millis.kernels.native import (TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16, Mat,
+                                   pack_matrix)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "bert_forward.c", "pool.c")
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1}  # bert_forward.c ACT_*: what the matrices take
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 4}  # bert_forward.c ACT_*: what the matrices take
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
-BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": 44, "int8-a16": 68, "int7": 44}
+BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": 44, "int8-a16": 68, "int7": 44, "int7-a7": 44}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -56,6 +59,8 @@ def library():
     lib = build("bert_forward", SOURCES, isa)
     lib.bert_forward.restype = ctypes.c_int
     lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int]
+    lib.bert_pool.restype = None
+    lib.bert_pool.argtypes = [P, ctypes.c_int, I64, P, ctypes.c_int, ctypes.c_int, P]
     return lib
 
 
@@ -131,8 +136,8 @@ class NativeBert:
             data, type_id = w, TYPE_F32
         elif self.precision == "bf16":
             data, type_id = to_bf16(w), TYPE_BF16_PAIRS
-        elif self.precision == "int7":
-            data, type_id = q7_0(w), TYPE_Q7_0
+        elif self.precision in ("int7", "int7-a7"):
+            data, type_id = q7_0(w), TYPE_Q7_0 if self.precision == "int7" else TYPE_Q7_A7
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize
@@ -155,20 +160,24 @@ class NativeBert:
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in ("x", "qkv", "att", "h", "xq")))
 
-    def hidden_states(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
-        """Flat tokens (n,) int32 with sequence offsets start (S + 1,) -> last hidden states (n, D), a copy."""
+    def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """bert_forward on flat tokens; the last hidden states (n, D) as a view of the scratch (hold the lock)."""
         n = len(ids)
         ids, pos, types, start = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types, start))
+        s = self._scratch(max(n, 1))
+        rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
+                                   pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
+                                   self.threads)
+        if rc:
+            raise MillisError(f"a token id, position or token type is out of range for this model "
+                              f"(vocabulary {self.cfg.vocab}, {self.cfg.max_positions} positions, "
+                              f"{self.cfg.type_vocab} token types)")
+        return self.buffers["x"][:n]
+
+    def hidden_states(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """Flat tokens (n,) int32 with sequence offsets start (S + 1,) -> last hidden states (n, D), a copy."""
         with self.lock:
-            s = self._scratch(max(n, 1))
-            rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
-                                       pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
-                                       self.threads)
-            if rc:
-                raise MillisError(f"a token id, position or token type is out of range for this model "
-                                  f"(vocabulary {self.cfg.vocab}, {self.cfg.max_positions} positions, "
-                                  f"{self.cfg.type_vocab} token types)")
-            return self.buffers["x"][:n].copy()
+            return self._forward(ids, pos, types, start).copy()
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  token_type_ids: np.ndarray | None = None) -> np.ndarray:
@@ -185,12 +194,21 @@ class NativeBert:
         rows, cols = np.nonzero(keep)                                 # row-major: sequences contiguous
         lengths = keep.sum(1)
         start = np.concatenate([[0], np.cumsum(lengths)])
-        h = self.hidden_states(input_ids[rows, cols], cols, types[rows, cols], start)  # (n, D)
-        return self.head_of(h, start, lengths, cols)
+        with self.lock:  # the task head reads the scratch: no copy of the hidden states
+            h = self._forward(input_ids[rows, cols], cols, types[rows, cols], start)  # (n, D)
+            return self.head_of(h, start, lengths, cols)
 
     def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head."""
+        """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head:
+        mean / max pooling (and the normalisation) in C (bert_pool), the rest on the (B, D) rows in numpy."""
         B, D = len(lengths), h.shape[1]
+        p: Pooling = self.pooling
+        if self.task != "classify" and p.mode in ("mean", "max"):
+            out = np.empty((B, D), np.float32)
+            st = np.ascontiguousarray(start, np.int32)
+            self.lib.bert_pool(h.ctypes.data, D, B, st.ctypes.data, int(p.mode == "max"), int(p.normalize),
+                               out.ctypes.data)
+            return out
         nz = lengths > 0
         first = np.zeros((B, D), np.float32)  # each sequence's column-0 token ([CLS]); zeros if masked out
         firsts = start[:-1][nz]
@@ -200,15 +218,7 @@ class NativeBert:
         if self.task == "classify":
             pw, pb, cw, cb = self.head
             return (np.tanh(first @ pw.T + pb) @ cw.T + cb).astype(np.float32)
-        p: Pooling = self.pooling
-        if p.mode == "cls":
-            out = first
-        elif p.mode == "max":
-            out = np.full((B, D), -1e9, np.float32)
-            out[nz] = np.maximum.reduceat(h, start[:-1][nz], axis=0)
-        else:
-            out = np.zeros((B, D), np.float32)
-            out[nz] = np.add.reduceat(h, start[:-1][nz], axis=0) / lengths[nz, None]
+        out = first
         if p.normalize:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)

@@ -11,9 +11,9 @@
      x = LN1(x + att Wo + bo)          Wo accumulates into x (the residual), then bias + LN per token
      h = gelu(x Wi + bi)               the exact (erf) GELU
      x = LN2(x + h Wd + bd)
-   Matrices: fp32 (packed 8 rows interleaved), Q8_0 against int8 activation blocks (per 32 values, llama.cpp's
-   Q8_1 scheme: no maddubs saturation, packed.c), Q8_0 against int16 activation blocks (packed16.c), or bf16
-   against bf16 rows (packedbf16.c).
+   Matrices: fp32 (packed 8 rows interleaved), Q8_0 or Q7_0 against int8 activation blocks (per 32 values,
+   llama.cpp's Q8_1 scheme: no maddubs saturation, packed.c), Q7_0 against 7-bit ones (T_Q7_A7), Q8_0
+   against int16 activation blocks (packed16.c), or bf16 against bf16 rows (packedbf16.c).
    Each op that feeds a matmul quantizes its rows as it writes them. x (n, D) holds the last hidden
    states when the call returns; pooling and the task head are the caller's (a (B, D) sized job). */
 #include "blockq.h"
@@ -40,8 +40,8 @@ typedef struct {
     const bert_layer* layers;
 } bert_w;
 
-enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3 };  /* what the matrices take: fp32 rows, xblocks,
-                                                                  x16blocks, bf16 rows */
+enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3, ACT_Q7 = 4 };  /* what the matrices take: fp32
+                                                    rows, xblocks, x16blocks, bf16 rows, xblocks in [-63, 63] */
 
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
@@ -54,6 +54,7 @@ typedef struct {
 
 static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
     if (c->m->act == ACT_Q8) quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
+    else if (c->m->act == ACT_Q7) quantize_x7(x, K, (xblock*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
 }
@@ -224,4 +225,27 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     }
     pool_end();
     return 0;
+}
+
+/* Sentence vectors from the last hidden states x (n, D) of sequences [start[s], start[s + 1]): the mean
+   (mode 0; zeros for an empty sequence) or the max (mode 1; -1e9 for an empty one) of each sequence's
+   rows, then L2-normalized when `normalize` (norm floored at 1e-12). out (n_seq, D). */
+API void bert_pool(const float* x, int D, int64_t n_seq, const int32_t* start, int mode, int normalize, float* out) {
+    for (int64_t q = 0; q < n_seq; q++) {
+        float* o = out + q * D;
+        const int64_t t0 = start[q], t1 = start[q + 1];
+        for (int i = 0; i < D; i++) o[i] = mode == 1 ? -1e9f : 0.f;
+        for (int64_t t = t0; t < t1; t++) {
+            const float* r = x + t * D;
+            if (mode == 1) for (int i = 0; i < D; i++) o[i] = r[i] > o[i] ? r[i] : o[i];
+            else for (int i = 0; i < D; i++) o[i] += r[i];
+        }
+        if (mode == 0 && t1 > t0) for (int i = 0; i < D; i++) o[i] /= (float)(t1 - t0);
+        if (normalize) {
+            double ss = 0.;
+            for (int i = 0; i < D; i++) ss += (double)o[i] * o[i];
+            const float nrm = (float)sqrt(ss), inv = 1.f / (nrm > 1e-12f ? nrm : 1e-12f);
+            for (int i = 0; i < D; i++) o[i] *= inv;
+        }
+    }
 }

@@ -38,7 +38,7 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
+        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
@@ -46,7 +46,8 @@ int type_block(int type) {
 
 int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T_BF16; }
 
-API void quantize_x(const float* x, int64_t K, xblock* out) {
+/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7) */
+static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float* r = x + b * QK;
 #ifdef __AVX2__
@@ -54,7 +55,7 @@ API void quantize_x(const float* x, int64_t K, xblock* out) {
            (cvtps under the default MXCSR rounds as nearbyintf does), so the same bytes */
         __m256 v[4];
         const float amax = block_amax(r, v);
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
         __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
@@ -66,7 +67,7 @@ API void quantize_x(const float* x, int64_t K, xblock* out) {
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) { float v = fabsf(r[i]); amax = v > amax ? v : amax; }
-        float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
         int sum = 0;
         for (int i = 0; i < QK; i++) { int v = (int)nearbyintf(r[i] * id); out[b].q[i] = (int8_t)v; sum += v; }
 #endif
@@ -75,6 +76,8 @@ API void quantize_x(const float* x, int64_t K, xblock* out) {
         out[b].sum = sum;
     }
 }
+API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f); }
+API void quantize_x7(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 63.f); }
 
 /* K-quant 6-bit scale and min of sub-block j (0..7) */
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
@@ -87,7 +90,7 @@ void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn) {
     *mn = 0.f;
     switch (type) {
-    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: {
+    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: {
         const block_q8_0* b = (const block_q8_0*)row + i;
         memcpy(w, b->qs, 32); sc[0] = sc[1] = f16_to_f32(b->d); return; }
     case T_Q4_0: {

@@ -224,20 +224,37 @@ AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, 
    each step's two weight vectors shared by the tokens (q8_tile4: 4 accumulators, one weight vector). The
    MiniLM int7 forward took 0.93-0.95x q8_tile4's time (Zen 3, builds alternated); Q8_0 on AVX2, whose sign
    fix-ups need more registers, measured 1.08x in this shape and stays on q8_tile4. The same integer sum per
-   (row, block) and the same float steps as q8_tile4 and group_dot: the same results. */
-AI void q7_tile16(const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs,
-                  float* out) {
+   (row, block) and the same float steps as q8_tile4 and group_dot: the same results.
+   a7 (T_Q7_A7: activations in [-63, 63]): a maddubs pair is at most 2 * 127 * 63 = 16002, so two steps add in
+   int16 (at most 32004) before one madd widens them: 3 multiplier-port instructions per 2 steps, not 4. */
+AI void q7_tile16(const int a7, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x,
+                  int64_t xs, float* out) {
     const int zero = stored_offset(T_Q7_0);
     const int64_t ub = unit_bytes(T_Q7_0);
+    const __m256i one = _mm256_set1_epi16(1);
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, h0 = f0, h1 = f0, h2 = f0;
     const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0;
 #pragma GCC unroll 1
-        for (int s = 0; s < 8; s++) {
+        for (int s = 0; s < 8; s += a7 ? 2 : 1) {
             const __m256i w = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * s));
             const __m256i v = _mm256_loadu_si256((const __m256i*)(c + 16 + 32 * s));
+            if (a7) {
+                const __m256i w2 = _mm256_loadu_si256((const __m256i*)(b + 48 + 32 * s));
+                const __m256i v2 = _mm256_loadu_si256((const __m256i*)(c + 48 + 32 * s));
+#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);              \
+        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w, xv),                    \
+                                                                   _mm256_maddubs_epi16(w2, xw)), one));           \
+        E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(v, xv),                    \
+                                                                   _mm256_maddubs_epi16(v2, xw)), one)); }
+                TOK(x0, a0, e0)
+                if (T > 1) TOK(x1, a1, e1)
+                if (T > 2) TOK(x2, a2, e2)
+#undef TOK
+                continue;
+            }
 #define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s); A = dot_u8s8(A, w, xv); E = dot_u8s8(E, v, xv); }
             TOK(x0, a0, e0)
             if (T > 1) TOK(x1, a1, e1)
@@ -258,12 +275,10 @@ AI void q7_tile16(const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
     const __m256 r[6] = {f0, h0, f1, h1, f2, h2};
     for (int i = 0; i < 2 * T; i++) _mm256_storeu_ps(out + 8 * i, r[i]);
 }
-static void q7_16x3(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q7_tile16(3, g0, g1, nu, x, xs, out);
-}
-static void q7_16x2(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q7_tile16(2, g0, g1, nu, x, xs, out);
-}
+typedef void (*tile16_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, float*);
+#define TILE16(NAME, A7, T) static void NAME(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, \
+                                             int64_t xs, float* out) { q7_tile16(A7, T, g0, g1, nu, x, xs, out); }
+TILE16(q7_16x3, 0, 3) TILE16(q7_16x2, 0, 2) TILE16(q7a7_16x3, 1, 3) TILE16(q7a7_16x2, 1, 2)
 static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     q8_tile4(stored_offset(T_Q8_0), g, nu, x, xs, out);
 }
@@ -274,7 +289,7 @@ static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, fl
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
     switch (type) {
         case T_Q8_0: *f1 = g_q8_0_1; *f4 = q8_0_4; return;
-        case T_Q7_0: *f1 = g_q7_0_1; *f4 = q7_0_4; return;
+        case T_Q7_0: case T_Q7_A7: *f1 = g_q7_0_1; *f4 = q7_0_4; return;
         case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
         case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
         case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;
@@ -339,9 +354,9 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                Q8_0 / Q7_0 also 4 groups x 1 token (decode: 4 streams); Q4_0 / Q4_1: 2 groups x 4 tokens (their
                1-token rows stay on the 8-row kernel: a 4-stream Q4 tile measured slower on the 1B Q4_0 decode,
                0.83x llama.cpp's time against 0.75x) */
-            const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0);
+            const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
-            const int q7 = !HAVE_AVX512 && W->type == T_Q7_0;  /* AVX2 Q7_0: 2 groups x 3 tokens (q7_tile16) */
+            const int a7 = W->type == T_Q7_A7, q7 = !HAVE_AVX512 && (W->type == T_Q7_0 || a7);  /* AVX2: q7_tile16 */
             const int span = q8 && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || q7) && (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
@@ -370,7 +385,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 if (q7 && span == 2 && m + 2 <= m1) {
                     const int T = m + 3 <= m1 ? 3 : 2;
                     float out[48];
-                    (T == 3 ? q7_16x3 : q7_16x2)(gp, gp + gb, nu, X + m * nbx, nbx, out);
+                    const tile16_fn f = a7 ? (T == 3 ? q7a7_16x3 : q7a7_16x2) : T == 3 ? q7_16x3 : q7_16x2;
+                    f(gp, gp + gb, nu, X + m * nbx, nbx, out);
                     for (int i = 0; i < 2; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
                     m += T;
                     continue;

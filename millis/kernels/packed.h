@@ -48,7 +48,7 @@ static inline int kind_of(int type) {  /* bits per stored value, 0 when the type
         case T_Q4_0: case T_Q4_1: case T_Q4_K: return 4;
         case T_Q5_0: case T_Q5_1: case T_Q5_K: return 5;
         case T_Q6_K: return 6;
-        case T_Q8_0: case T_Q7_0: return 8;
+        case T_Q8_0: case T_Q7_0: case T_Q7_A7: return 8;
         default: return 0;
     }
 }
@@ -58,7 +58,7 @@ static inline int stored_offset(int type) {
         case T_Q4_0: return 8;
         case T_Q5_0: return 16;
         case T_Q6_K: return 32;
-        case T_Q7_0: return 64;
+        case T_Q7_0: case T_Q7_A7: return 64;
         case T_Q8_0: return Q8_ZERO;
         default: return 0;
     }

@@ -67,6 +67,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, int8 weights (scale per 32) x int16 activations (scale per 32)"),
     Variant("native-int7", "native", "int8", ("weights",), {"precision": "int7"},
             "millis's C encoder, 7-bit weights (scale per 32) x int8 activations: AVX2 maddubs, no sign fix-ups"),
+    Variant("native-int7-a7", "native", "int8", ("weights",), {"precision": "int7-a7"},
+            "millis's C encoder, 7-bit weights x 7-bit activations (scales per 32): AVX2 sums 2 steps in int16"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments
