@@ -53,6 +53,8 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
         from millis.gen.cuda_graph import GraphedDecode
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
+    elif loaded.kv is not None and hasattr(loaded.model, "decode_rows"):  # native: flat lists, no Batch
+        decode = loaded.model.decode_rows
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
                   speculate=engine.speculate, drafter=drafter)
 

@@ -300,11 +300,14 @@ class Engine:
         return self.model(b)[:, -1]
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        penalized = any(r.params.repetition_penalty != 1.0 for r in rows)
+        # `seen` (a slot's prompt and output tokens) is read only for a row with a repetition penalty, and
+        # reset when a request takes the slot: only those rows keep it up to date
+        pen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        slots = torch.tensor([r.slot for r in rows], device=self.device) if pen else None
         tok = sample(logits, RowParams([r.params for r in rows], [r.generator for r in rows],
-                                       self.seen[slots] if penalized else None))
-        self.seen[slots, tok] = True
+                                       self.seen[slots] if pen else None))
+        if pen:
+            self.seen[slots[pen], tok[pen]] = True
         return tok
 
     def _update(self, rows: list[Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:

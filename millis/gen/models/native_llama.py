@@ -212,6 +212,15 @@ class NativeLlama:
             raise MillisError(f"token ids must be in 0..{self.config.vocab_size - 1} and positions below {self.max_seq}")
         return logits
 
+    def decode_rows(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """The engine's decode step (Engine's `decode`): one new token per row at its position in its slot ->
+        logits (n, vocab), straight from flat lists (no Batch tensors on the way: a decode step of a small
+        model is short, and the Python around it counts)."""
+        i32 = np.int32
+        out = self.forward_flat(np.asarray(tokens, i32), np.asarray(positions, i32), np.asarray(slots, i32),
+                                np.arange(len(tokens), dtype=i32))
+        return torch.from_numpy(out)
+
     def __call__(self, b: Batch) -> torch.Tensor:
         B, T = b.ids.shape
         ids, pos = b.ids.numpy().astype(np.int32), b.pos.numpy().astype(np.int32)
