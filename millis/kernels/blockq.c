@@ -38,7 +38,8 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return QK;
+        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q4_0: case T_Q4_1: case T_Q5_0:
+        case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
