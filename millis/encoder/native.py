@@ -194,7 +194,7 @@ class NativeBert:
         keep = np.asarray(attention_mask) != 0                        # (B, T): the tokens computed
         rows, cols = np.nonzero(keep)                                 # row-major: sequences contiguous
         lengths = keep.sum(1)
-        start = np.concatenate([[0], np.cumsum(lengths)])
+        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # what bert_forward / bert_pool read
         with self.lock:  # the task head reads the scratch: no copy of the hidden states
             h = self._forward(input_ids[rows, cols], cols, types[rows, cols], start)  # (n, D)
             return self.head_of(h, start, lengths, cols)
@@ -206,7 +206,7 @@ class NativeBert:
         p: Pooling = self.pooling
         if self.task != "classify" and p.mode in ("mean", "max"):
             out = np.empty((B, D), np.float32)
-            st = np.ascontiguousarray(start, np.int32)
+            st = np.ascontiguousarray(start, np.int32)  # a no-op from __call__
             self.lib.bert_pool(h.ctypes.data, D, B, st.ctypes.data, int(p.mode == "max"), int(p.normalize),
                                out.ctypes.data)
             return out

@@ -138,18 +138,13 @@ static void op_attend(void* p, int64_t job) {
     pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
 #else
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
-    for (int j = 0; j < L; j++) {
+    for (int j = 0; j < L; j++) {  /* row-major Q and K, V^T (HD, Lp) */
         const float* r = c->s->qkv + (t0 + j) * 3 * D + h * HD;
-        float* k = K + (PACKED ? (j / 8) * 8 * HD + j % 8 : (int64_t)j * HD);
-        const int kstep = PACKED ? 8 : 1;
         for (int d = 0; d < HD; d++) {
             Q[j * HD + d] = (r[d] + bq[d]) * scale;
-            k[kstep * d] = r[D + d] + bk[d];
+            K[(int64_t)j * HD + d] = r[D + d] + bk[d];
+            V[(int64_t)d * Lp + j] = r[2 * D + d] + bv[d];
         }
-        if (PACKED)  /* value d of key j at (d / 8, j, d % 8): 8 contiguous floats per 8 dims */
-            for (int d = 0; d < HD; d++) V[(d / 8) * 8 * Lp + 8 * j + d % 8] = r[2 * D + d] + bv[d];
-        else
-            for (int d = 0; d < HD; d++) V[(int64_t)d * Lp + j] = r[2 * D + d] + bv[d];
     }
 #endif
     const mat Km = {T_F32, PACKED, (const uint8_t*)K, L, HD, HD * 4};

@@ -68,10 +68,6 @@ class GenericFormat:
         spans = [call_span(text, i, self.args_keys) for i in array_items(text, fields["tool_calls"][0])]
         return [sp for sp in spans if sp is not None]
 
-    def streamable(self, text: str, constrained: bool) -> int:
-        """How much of a choice's text so far can be streamed as it is: none of a JSON answer."""
-        return 0
-
     def content_so_far(self, text: str, constrained: bool) -> str:
         """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written."""
         fields, _ = object_fields(text, 0)
@@ -122,6 +118,10 @@ class NativeFormat(GenericFormat):
             return None
         sp = call_span(body, 0, self.args_keys)
         return tool_call(value["name"], sp.args if sp is not None and sp.done else args)
+
+    def streamable(self, text: str, constrained: bool) -> int:
+        """How much of a choice's text so far can be streamed as it is (a subclass's syntax says; none here)."""
+        return 0
 
     def content_so_far(self, text: str, constrained: bool) -> str:
         return text[:self.streamable(text, constrained)]
