@@ -248,7 +248,7 @@ class Engine:
                 logits.append(out)
         if not rows:
             return tokens
-        logits = torch.cat(logits)
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # one part: no copy of (B, V)
         for i, r in enumerate(rows):  # constrained rows: only what their grammar allows next
             if r.matcher is not None:
                 isolated(failed, r, lambda i=i, r=r: allow_only(r.matcher, logits[i]))

@@ -24,13 +24,22 @@ class RowParams:
     seen: torch.Tensor | None  # (B, V) bool: tokens in each row's prompt or output (repetition penalty)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) index of each row's first maximum. fp32 on the CPU goes through numpy: torch's
+    argmax over a 128K vocabulary takes ~140 us against numpy's ~12 (a greedy decode step of a
+    small model is a few ms). Same ties (first maximum) and NaN rule (first NaN) either way."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """logits (B, V) fp32 -> token ids (B,) on the same device."""
     ps, dev = rows.params, logits.device
     if rows.seen is not None and any(p.repetition_penalty != 1.0 for p in ps):
         pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
         logits = torch.where(rows.seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
-    greedy = logits.argmax(-1)
+    greedy = argmax_rows(logits)
     if all(p.greedy for p in ps):
         return greedy
     V = logits.shape[-1]

@@ -9,34 +9,43 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 void pool_solo(int solo);
 int64_t pool_wait_ns(void);
 
-typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split by chunks of rows */
+#define MM_CHUNKS 256  /* at most this many chunks per job (a table on the caller's stack) */
+typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split into chunks of rows */
     const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
-    const void* Xq; const float* Xf; int64_t M, rows_per_chunk, first_chunk[4];
+    const void* Xq; const float* Xf; int64_t M, nc;
+    int8_t mat_of[MM_CHUNKS]; int64_t row0[MM_CHUNKS], row1[MM_CHUNKS];  /* chunk c: W[mat_of[c]] rows [row0, row1) */
 } mm_job;
 
 static void mm_chunk(void* p, int64_t c) {
     const mm_job* j = p;
-    int i = 0;
-    while (c >= j->first_chunk[i + 1]) i++;
-    const int64_t n0 = (c - j->first_chunk[i]) * j->rows_per_chunk;
-    const int64_t n1 = n0 + j->rows_per_chunk < j->W[i]->rows ? n0 + j->rows_per_chunk : j->W[i]->rows;
-    matmul_rows(j->W[i], n0, n1, j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc);
+    const int i = j->mat_of[c];
+    matmul_rows(j->W[i], j->row0[c], j->row1[c], j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc);
 }
 
 static int g_threads = 1;  /* the threads of the running pass (set after pool_begin) */
 
 /* Y[i] (+)= W[i] X for i < n (up to 3 matrices sharing the input X: activation blocks Xq or fp32 rows Xf,
-   M tokens), rows split over the pool */
+   M tokens), rows split over the pool.
+   Chunks shrink as the job goes (guided): each is a quarter of the rows left per thread, down to
+   1/128 of the job (at least 16 rows). Big chunks first keep the per-chunk cost low; small ones at the
+   end bound the time the last thread runs alone. Equal chunks of 1/16 left up to a sixteenth of each
+   matmul to one thread: at 4 matmuls per layer, a few % of a decode step. Rows are multiples of 16
+   (packed groups of 8, the 2-group tiles) except at a matrix's end. A row's sum does not depend on its
+   chunk. */
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
                    const float* Xf, int64_t M) {
     mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
-    int64_t rows = 0;
-    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; rows += W[i]->rows; }
-    /* ~8 chunks per thread (a preempted thread's share is small), at least 16 rows (per-chunk cost) */
-    int64_t per = rows / (8 * (int64_t)g_threads);
-    per = per < 16 ? 16 : (per + 15) / 16 * 16;
-    j.rows_per_chunk = per;
-    j.first_chunk[0] = 0;
-    for (int i = 0; i < n; i++) j.first_chunk[i + 1] = j.first_chunk[i] + (W[i]->rows + per - 1) / per;
-    pool_run(mm_chunk, &j, j.first_chunk[n]);
+    int64_t left = 0;
+    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; left += W[i]->rows; }
+    const int64_t T = g_threads, least = left / 128 < 16 ? 16 : (left / 128 + 15) / 16 * 16;
+    for (int i = 0; i < n; i++)
+        for (int64_t r = 0; r < W[i]->rows;) {
+            int64_t size = (left / (4 * T) + 15) / 16 * 16;
+            if (size < least) size = least;
+            /* the table's last entries: the rest of each matrix in one chunk (keeps every matrix covered) */
+            if (r + size > W[i]->rows || j.nc >= MM_CHUNKS - (n - i)) size = W[i]->rows - r;
+            j.mat_of[j.nc] = (int8_t)i; j.row0[j.nc] = r; j.row1[j.nc] = r + size; j.nc++;
+            r += size; left -= size;
+        }
+    pool_run(mm_chunk, &j, j.nc);
 }
