@@ -10,6 +10,8 @@
   extraction prompt (copy a given passage) and on free-form chat, --spec-rounds (21: decode speed on
   this VM moves 10% between runs). Decode tokens/s after the first token; the ratio spec / plain per
   round, median; the text must be identical; acceptance of draft tokens.
+- draft: the same two tasks with a draft model (`--draft-model`, `--speculate 4`): SmolLM2 cut to its first
+  --draft-layers of 30 blocks (bench/gguf_files.py; no smaller SmolLM2 is offline), --draft-rounds rounds.
 - json: --json-requests banking77 test messages (real customer-service text), each asked to be filed
   as JSON under a schema (topic enum, urgency, a short summary), sampled at temperature 0.7 with its
   own seed, b1: every answer must parse and validate (jsonschema). The same prompts without the
@@ -68,9 +70,10 @@ def ttft_rows(model: str, threads: int, rounds: int, text: str) -> dict:
             "ratio_range": [min(ratios), max(ratios)], "hit_rate": warm.kv.hit_rate}
 
 
-def spec_rows(model: str, threads: int, rounds: int, text: str) -> list[dict]:
+def spec_rows(model: str, threads: int, rounds: int, text: str, speculate: int = 6, draft_model: str = "") -> list[dict]:
     plain = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads))
-    spec = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads, speculate=6))
+    spec = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads, speculate=speculate,
+                                           draft_model=draft_model))
     passage = text[2000:2600]
     chat = lambda msg: chat_prompt(plain, msg)  # noqa: E731
     tasks = {"extraction": chat(f"Copy the following passage exactly, word for word.\n\n{passage}"),
@@ -153,16 +156,18 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2")
     ap.add_argument("--rounds", type=int, default=9, help="TTFT rounds")
     ap.add_argument("--spec-rounds", type=int, default=21, help="speculation rounds (decode speed is noisy here)")
+    ap.add_argument("--draft-rounds", type=int, default=5)
+    ap.add_argument("--draft-layers", type=int, default=8, help="the draft model: SmolLM2's first N blocks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-requests", type=int, default=200)
-    ap.add_argument("--parts", default="ttft,speculate,json", help="a subset updates those parts of --out")
+    ap.add_argument("--parts", default="ttft,speculate,draft,json", help="a subset updates those parts of --out")
     ap.add_argument("--out", default=str(HERE / "results" / "generation_features.json"))
     a = ap.parse_args()
     parts = set(a.parts.split(","))
     text = (Path(harness.data_root()) / "tinyshakespeare" / "input.txt").read_text()
     text = text[int(len(text) * 0.9):]  # the held-out tail, as the perplexity bench
     t0 = time.time()
-    out = json.loads(Path(a.out).read_text()) if parts != {"ttft", "speculate", "json"} and Path(a.out).exists() \
+    out = json.loads(Path(a.out).read_text()) if parts != {"ttft", "speculate", "draft", "json"} and Path(a.out).exists() \
         else {}
     m = describe()
     print(f"{m.get('cpu')} ({', '.join(m.get('isa', []))}), {a.threads} threads, model {a.model}")
@@ -175,6 +180,16 @@ def main() -> None:
         spec = out["speculate"] = spec_rows(a.model, a.threads, a.spec_rounds, text)
         print(f"{'task':12s} {'plain tok/s':>11s} {'spec tok/s':>10s} {'x':>6s} {'identical':>9s} {'accepted':>14s}")
         for r in spec:
+            print(f"{r['task']:12s} {r['plain_tok_s']:11.1f} {r['spec_tok_s']:10.1f} {r['ratio']:6.2f} "
+                  f"{r['identical']!s:>9s} {r['accepted']:6d}/{r['drafted']:<6d}")
+    if "draft" in parts:
+        import gguf_files  # noqa: E402 -- the draft file is built on first use
+
+        path = gguf_files.smollm2_draft(a.draft_layers)
+        rows = spec_rows(a.model, a.threads, a.draft_rounds, text, speculate=4, draft_model=path)
+        out["draft_model"] = {"layers": a.draft_layers, "of": 30, "speculate": 4, "rows": rows}
+        print(f"draft model: SmolLM2's first {a.draft_layers} of 30 blocks, --speculate 4")
+        for r in rows:
             print(f"{r['task']:12s} {r['plain_tok_s']:11.1f} {r['spec_tok_s']:10.1f} {r['ratio']:6.2f} "
                   f"{r['identical']!s:>9s} {r['accepted']:6d}/{r['drafted']:<6d}")
     if "json" in parts:

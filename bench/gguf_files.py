@@ -6,6 +6,7 @@
     smollm2-q8_0     smollm2-f32 through llama.cpp's quantizer (LLAMA_FTYPE_MOSTLY_Q8_0)
     smollm2-q4_k_m   likewise, LLAMA_FTYPE_MOSTLY_Q4_K_M. SmolLM2's 576-wide rows are not whole Q4_K
                      super-blocks (256 values): llama.cpp falls back to Q5_0 for those tensors
+    smollm2-draft-lN the Q4_1 file cut to its first N blocks: a draft model for speculation
     llama1b-*        a Llama-3.2-1B-shaped model, random weights (latency only): F32 written here,
                      then Q4_0 / Q8_0 / Q4_K_M by llama.cpp's quantizer; the F32 file is deleted after
 
@@ -205,6 +206,36 @@ def smollm2_files(cache: Path = CACHE, threads: int = 2, want=("q4_1", "f32", "q
             out[f"smollm2-{q}"] = str(_build(cache / f"smollm2-{q}.gguf", {"from": f32.name, "ftype": FTYPES[q]},
                                              lambda tmp, q=q: quantize(f32, tmp, q, threads)))
     return out
+
+
+def write_truncated(src: str, dst: Path, n_layers: int) -> None:
+    """`src` with only its first `n_layers` blocks (tensors copied in their own types, block_count
+    rewritten): a draft model that shares the target's vocabulary, embeddings and head."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer writes these itself
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(key, n_layers if key == f"{arch}.block_count" else f.contents(), f.types[0], sub)
+    for t in r.tensors:
+        if not (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers):
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def smollm2_draft(n_layers: int, cache: Path = CACHE) -> str:
+    """SmolLM2's Q4_1 file cut to its first `n_layers` of 30 blocks (no smaller SmolLM2 is offline)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    src = smollm2_path()
+    recipe = {"from": Path(src).name, "bytes": os.path.getsize(src), "layers": n_layers}
+    return str(_build(cache / f"smollm2-draft-l{n_layers}.gguf", recipe, lambda tmp: write_truncated(src, tmp, n_layers)))
 
 
 def llama_files(shape: LlamaShape, tag: str, cache: Path = CACHE, threads: int = 2,
