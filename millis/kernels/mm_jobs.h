@@ -26,10 +26,11 @@ static int g_threads = 1;  /* the threads of the running pass (set after pool_be
 
 /* Y[i] (+)= W[i] X for i < n (up to 3 matrices sharing the input X: activation blocks Xq or fp32 rows Xf,
    M tokens), rows split over the pool.
-   Chunks shrink as the job goes (guided): each is a quarter of the rows left per thread, down to
-   1/128 of the job (at least 16 rows). Big chunks first keep the per-chunk cost low; small ones at the
-   end bound the time the last thread runs alone. Equal chunks of 1/16 left up to a sixteenth of each
-   matmul to one thread: at 4 matmuls per layer, a few % of a decode step. Rows are multiples of 16
+   Chunks shrink as the job goes (guided): each is an eighth of the rows left per thread, down to
+   1/128 of the job (at least 16 rows). Small ones at the end bound the time the last thread runs
+   alone: equal chunks of 1/16 left up to a sixteenth of each matmul to one thread (at 4 matmuls per
+   layer, a few % of a decode step). The first chunk stays at 1/16 at 2 threads, so a worker preempted
+   holding one (a shared machine) delays the job no more than before. Rows are multiples of 16
    (packed groups of 8, the 2-group tiles) except at a matrix's end. A row's sum does not depend on its
    chunk. */
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
@@ -40,7 +41,7 @@ static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* l
     const int64_t T = g_threads, least = left / 128 < 16 ? 16 : (left / 128 + 15) / 16 * 16;
     for (int i = 0; i < n; i++)
         for (int64_t r = 0; r < W[i]->rows;) {
-            int64_t size = (left / (4 * T) + 15) / 16 * 16;
+            int64_t size = (left / (8 * T) + 15) / 16 * 16;
             if (size < least) size = least;
             /* the table's last entries: the rest of each matrix in one chunk (keeps every matrix covered) */
             if (r + size > W[i]->rows || j.nc >= MM_CHUNKS - (n - i)) size = W[i]->rows - r;
