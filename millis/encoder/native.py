@@ -23,15 +23,16 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import (TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16, Mat,
-                                   pack_matrix)
+from millis.kernels.native import (TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16,
+                                   XBLOCK_BYTES, Mat, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 4}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
-BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": 44, "int8-a16": 68, "int7": 44, "int7-a7": 44}
+BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
+               "int7-a7": XBLOCK_BYTES}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 

@@ -59,22 +59,31 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         const float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-        __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-        t4 = _mm_hadd_epi32(t4, t4); t4 = _mm_hadd_epi32(t4, t4);
-        const int sum = _mm_cvtsi128_si32(t4);
+        /* q[0], q[1]: values 0..15; q[2], q[3]: 16..31 -> the two half sums, then their total */
+        const __m256i a = _mm256_add_epi32(q[0], q[1]), c = _mm256_add_epi32(q[2], q[3]);
+        __m128i h = _mm_hadd_epi32(_mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)),
+                                   _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
+        h = _mm_hadd_epi32(h, h);  /* lanes 0, 1: the half sums */
+        const int h0 = _mm_cvtsi128_si32(h), h1 = _mm_extract_epi32(h, 1), sum = h0 + h1;
         const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256((__m256i*)out[b].q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) { float v = fabsf(r[i]); amax = v > amax ? v : amax; }
         float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
-        int sum = 0;
-        for (int i = 0; i < QK; i++) { int v = (int)nearbyintf(r[i] * id); out[b].q[i] = (int8_t)v; sum += v; }
+        int h0 = 0, h1 = 0;
+        for (int i = 0; i < QK; i++) {
+            int v = (int)nearbyintf(r[i] * id);
+            out[b].q[i] = (int8_t)v;
+            if (i < QK / 2) h0 += v; else h1 += v;
+        }
+        const int sum = h0 + h1;
 #endif
         out[b].d = d;
         out[b].s = d * (float)sum;
         out[b].sum = sum;
+        out[b].half[0] = (int16_t)h0;  /* |h| <= 16 * 127 */
+        out[b].half[1] = (int16_t)h1;
     }
 }
 API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f); }

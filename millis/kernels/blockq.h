@@ -27,8 +27,9 @@ typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t q
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;       /* 210 */
 
 /* One activation block: 32 int8 values with their scale (as llama.cpp's Q8_1): x ~ d * q, and
-   s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply. 44 bytes. */
-typedef struct { float d, s; int32_t sum; int8_t q[32]; } xblock;  /* sum: of q */
+   s = d * sum(q), which the formats with an offset (Q4_1's m, K-quants' mins) multiply; half: the sums of
+   q[0..15] and q[16..31] (Q6_K's offset of 32 per half-block, packed.c). 48 bytes. */
+typedef struct { float d, s; int32_t sum; int8_t q[32]; int16_t half[2]; } xblock;  /* sum: of q */
 /* One int16 activation block (for T_Q8_0_X16 matrices): x ~ d * q, |q| <= 32767. 68 bytes. */
 typedef struct { float d; int16_t q[32]; } x16block;
 

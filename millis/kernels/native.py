@@ -97,6 +97,7 @@ P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 # blockq.h's type ids beside ggml's: millis's int8 (Q8_0 bytes x int16 activations), int7 (Q7_0) and bf16
 # (bf16 weights x bf16 activation rows)
 TYPE_F32, TYPE_Q8_0, TYPE_Q8_0_X16, TYPE_Q7_0, TYPE_BF16_PAIRS, TYPE_Q7_A7 = 0, 8, 108, 109, 110, 111
+XBLOCK_BYTES = 48  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8, 2 half sums
 
 
 class Mat(ctypes.Structure):  # blockq.h mat

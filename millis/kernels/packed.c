@@ -18,6 +18,41 @@ AI __m256i pairs16(__m256i v) { /* int32 lanes -> the same value in both int16 h
 AI __m256i load8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 AI __m256i load8s(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 
+/* Q6_K's payload (out as payload_dot's): the stored values s = w + 32 (0..63) go to maddubs as they are,
+   two steps summed in int16 (pairs at most 2 * 63 * 127: at most 32004) before each madd by the scales,
+   and the 32 comes off once per payload: 32 * (sc_lo * X_lo + sc_hi * X_hi) per row, X the activation
+   block's sums of values 0..15 and 16..31 (xblock.half), one madd. The same integer sum as w * x with
+   sign fix-ups (3 more instructions per step and token), so the same results. */
+AI void q6k_dot(const uint8_t* q, const xblock* const* x, const int T, __m256i mlo, __m256i mhi, __m256i* out) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m3 = _mm256_set1_epi8(0x30);
+    const __m256i h0 = _mm256_loadu_si256((const __m256i*)(q + 128)), h1 = _mm256_loadu_si256((const __m256i*)(q + 160));
+    __m256i acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_si256();
+    for (int p = 0; p < 4; p += 2) {  /* steps p, p + 1 (values 4p..4p+7) and p + 4, p + 5 (16 + 4p..) */
+        __m256i wl[2], wh[2];
+        for (int i = 0; i < 2; i++) {  /* step p + i's 2-bit high parts (bits 2 (p + i)) -> bits 4, 5 */
+            const int sh = 2 * (p + i);
+            const __m256i raw = _mm256_loadu_si256((const __m256i*)(q + 32 * (p + i)));
+            const __m256i bl = sh < 4 ? _mm256_slli_epi16(h0, 4 - sh) : sh > 4 ? _mm256_srli_epi16(h0, sh - 4) : h0;
+            const __m256i bh = sh < 4 ? _mm256_slli_epi16(h1, 4 - sh) : sh > 4 ? _mm256_srli_epi16(h1, sh - 4) : h1;
+            wl[i] = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(bl, m3));
+            wh[i] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), _mm256_and_si256(bh, m3));
+        }
+        for (int t = 0; t < T; t++) {
+            const int8_t* xq = x[t]->q + 4 * p;
+            const __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(wl[0], bcast4(xq)), _mm256_maddubs_epi16(wl[1], bcast4(xq + 4)));
+            const __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(wh[0], bcast4(xq + 16)),
+                                               _mm256_maddubs_epi16(wh[1], bcast4(xq + 20)));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(l, mlo), _mm256_madd_epi16(h, mhi)));
+        }
+    }
+    const __m256i sc = _mm256_blend_epi16(mlo, mhi, 0xAA);  /* int16 lanes 2r: row r's sc_lo, 2r + 1: sc_hi */
+    for (int t = 0; t < T; t++) {
+        int32_t halves; memcpy(&halves, x[t]->half, 4);  /* X_lo | X_hi << 16 */
+        out[t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(_mm256_madd_epi16(sc, _mm256_set1_epi32(halves)), 5));
+    }
+}
+
 /* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
    int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi when `weighted` (K-quants' sub-block
    scales), else unweighted (mlo = mhi = 1). Q8_0 / Q7_0 (kind 8 / 7): unweighted. */
@@ -45,26 +80,14 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
         return;
     }
     const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256i lo[4], hi[4], h0 = _mm256_setzero_si256(), h1 = h0;
+    __m256i lo[4], hi[4];
     for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
-    if (kind == 6) { h0 = _mm256_loadu_si256((const __m256i*)(q + 128)); h1 = _mm256_loadu_si256((const __m256i*)(q + 160)); }
     for (int p = 0; p < 4; p++) {  /* steps p (values 4p..) and p + 4 (values 16 + 4p..) */
         const __m256i raw = _mm256_loadu_si256((const __m256i*)(q + 32 * p));
         __m256i wl = _mm256_and_si256(raw, m4), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
         if (kind == 5) {
             wl = _mm256_or_si256(wl, _mm256_and_si256(bits32(q + 128 + 4 * p), _mm256_set1_epi8(0x10)));
             wh = _mm256_or_si256(wh, _mm256_and_si256(bits32(q + 144 + 4 * p), _mm256_set1_epi8(0x10)));
-        }
-        if (kind == 6) {  /* the 2-bit high parts -> bits 4, 5; then signed: w = stored - 32 */
-            const __m256i m3 = _mm256_set1_epi8(0x30), c = _mm256_set1_epi8(32);
-            wl = _mm256_sub_epi8(_mm256_or_si256(wl, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h0, 2 * p), 4), m3)), c);
-            wh = _mm256_sub_epi8(_mm256_or_si256(wh, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h1, 2 * p), 4), m3)), c);
-            const __m256i al = _mm256_sign_epi8(wl, wl), ah = _mm256_sign_epi8(wh, wh);
-            for (int t = 0; t < T; t++) {
-                lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(al, _mm256_sign_epi8(bcast4(x[t]->q + 4 * p), wl)));
-                hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(ah, _mm256_sign_epi8(bcast4(x[t]->q + 16 + 4 * p), wh)));
-            }
-            continue;
         }
         for (int t = 0; t < T; t++) {
             if (HAVE_VNNI && !weighted) {  /* int32 sums straight away: no int16 stage, no madd */
@@ -85,7 +108,7 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
 AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
     const int64_t ub = unit_bytes(type);
-    const int zero = type == T_Q6_K ? 0 : stored_offset(type);  /* Q6_K's 32 comes off inside payload_dot */
+    const int zero = type == T_Q6_K ? 0 : stored_offset(type);  /* Q6_K's 32 comes off inside q6k_dot */
     /* payload_dot's kind: an 8-bit payload stored with an offset (Q7_0, Q8_0 on VNNI) is an unsigned one */
     const int pk = kind == 8 && zero ? 7 : kind;
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
@@ -118,7 +141,8 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
             __m256i mlo, mhi;
             if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
             else mlo = mhi = pairs16(load8(b + 32 + 8 * j));
-            payload_dot(kind, b + head + j * pb, xb, T, 1, mlo, mhi, is);
+            if (type == T_Q6_K) q6k_dot(b + head + j * pb, xb, T, mlo, mhi, is);
+            else payload_dot(kind, b + head + j * pb, xb, T, 1, mlo, mhi, is);
             for (int t = 0; t < T; t++)
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
             if (has_min) {

@@ -24,14 +24,13 @@ from millis.gen.config import GPT2Config, ModelConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
-from millis.kernels.native import TYPE_Q8_0_X16, Mat, pack_matrix  # noqa: F401 -- Mat, pack_matrix re-exported
+from millis.kernels.native import XBLOCK_BYTES, TYPE_Q8_0_X16, Mat, pack_matrix  # noqa: F401 -- re-exported
 
 # the type ids the kernels switch on: ggml's, and millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run
 # against int16 activations, packed16.c)
 INT8 = "Q8_0_X16"
 TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: TYPE_Q8_0_X16}
 KERNEL_SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "llama_step.c", "pool.c")
-XBLOCK_BYTES = 44  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8
 X16BLOCK_BYTES = 68  # one int16 activation block (x16block, for INT8 matrices): scale, 32 int16
 MAX_GROUP = 64  # query heads per KV head the C attention takes (llama_step.c MAX_GROUP)
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
