@@ -70,7 +70,8 @@ def ttft_rows(model: str, threads: int, rounds: int, text: str) -> dict:
             "ratio_range": [min(ratios), max(ratios)], "hit_rate": warm.kv.hit_rate}
 
 
-def spec_rows(model: str, threads: int, rounds: int, text: str, speculate: int = 6, draft_model: str = "") -> list[dict]:
+def spec_rows(model: str, threads: int, rounds: int, text: str, speculate: int = 6,
+              draft_model: str = "") -> list[dict]:
     plain = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads))
     spec = open_engine(model, EngineConfig(max_batch=1, max_seq=1024, threads=threads, speculate=speculate,
                                            draft_model=draft_model))
@@ -167,8 +168,8 @@ def main() -> None:
     text = (Path(harness.data_root()) / "tinyshakespeare" / "input.txt").read_text()
     text = text[int(len(text) * 0.9):]  # the held-out tail, as the perplexity bench
     t0 = time.time()
-    out = json.loads(Path(a.out).read_text()) if parts != {"ttft", "speculate", "draft", "json"} and Path(a.out).exists() \
-        else {}
+    everything = {"ttft", "speculate", "draft", "json"}
+    out = json.loads(Path(a.out).read_text()) if parts != everything and Path(a.out).exists() else {}
     m = describe()
     print(f"{m.get('cpu')} ({', '.join(m.get('isa', []))}), {a.threads} threads, model {a.model}")
     if "ttft" in parts:

@@ -235,7 +235,8 @@ def smollm2_draft(n_layers: int, cache: Path = CACHE) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     src = smollm2_path()
     recipe = {"from": Path(src).name, "bytes": os.path.getsize(src), "layers": n_layers}
-    return str(_build(cache / f"smollm2-draft-l{n_layers}.gguf", recipe, lambda tmp: write_truncated(src, tmp, n_layers)))
+    path = cache / f"smollm2-draft-l{n_layers}.gguf"
+    return str(_build(path, recipe, lambda tmp: write_truncated(src, tmp, n_layers)))
 
 
 def llama_files(shape: LlamaShape, tag: str, cache: Path = CACHE, threads: int = 2,

@@ -25,7 +25,8 @@
    signed activations directly (pairs at most 2 * 127 * 127, no saturation), with no sign fix-ups.
 
    Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of
-   pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4); then per 32 values and row
+   pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4, 2 steps of 2 * 63 * 127 for Q6_K's
+   unsigned 6 bits); then per 32 values and row
    acc += float(isum) * (d * dx), and the offsets of Q4_1 / Q5_1 / K-quant mins in their own sum. A
    row's operations are the same for 1 and for 4 tokens, so its result never depends on batch-mates. */
 #pragma once
