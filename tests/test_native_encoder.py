@@ -113,11 +113,12 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("a7", [False, True], ids=["int8-act", "int7-act"])
 def test_q7_0_matmul_matches_reference(isa, a7):
-    """millis's int7 (Q7_0: values in [-63, 63] per 32, stored w + 64 in the packed layout) times int8
-    activation blocks (quantize_x), or as T_Q7_A7 times 7-bit ones (quantize_x7: AVX2 adds two steps in
-    int16), equals dequant(W) @ dequant(x) up to fp32 rounding, for 1 to 9 tokens (the 16 x 3 and 16 x 2
-    tiles, the 4-token kernel and the 1-token rest), packed on the SIMD build and in Q8_0's layout on the
-    scalar one. Rows and tokens at full scale (every pair at its largest) would show an int16 overflow."""
+    """millis's int7 (Q7_0: values in [-63, 63] per 32) times int8 activation blocks, or as T_Q7_A7 times
+    7-bit ones (AVX2 adds two steps in int16), quantized by quantize_act for the matrix's type (AVX2: made
+    unsigned, q + 128 or q + 64, against the signed weights), equals dequant(W) @ dequant(x) up to fp32
+    rounding, for 1 to 9 tokens (3-, 2- and 1-token tiles over 16 rows and the lone last 8), packed on the
+    SIMD builds and in Q8_0's layout on the scalar one. Rows and tokens at full scale (every pair at its
+    largest) would show an int16 overflow, a wrong offset or block sum a shifted result."""
     import ctypes
 
     from millis.encoder.native import q7_0
@@ -140,8 +141,10 @@ def test_q7_0_matmul_matches_reference(isa, a7):
     keep: list = []
     mat = pack_matrix(lib, Mat(TYPE_Q7_A7 if a7 else TYPE_Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
     assert mat.packed == (isa != "scalar")
-    quantize = lib.quantize_x7 if a7 else lib.quantize_x
-    quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    type_id = TYPE_Q7_A7 if a7 else TYPE_Q7_0
+    lib.quantize_act.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    off = lib.activation_offset(type_id)
+    assert off == ((64 if a7 else 128) if isa == "avx2" else 0)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     for M in (1, 2, 3, 4, 5, 9):
@@ -151,9 +154,9 @@ def test_q7_0_matmul_matches_reference(isa, a7):
             x[1] = -2.0
         xq = np.zeros(M * (K // 32) * XBLOCK_BYTES, np.uint8)
         for m in range(M):
-            quantize(x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
+            lib.quantize_act(type_id, x[m].ctypes.data, K, xq.ctypes.data + m * (K // 32) * XBLOCK_BYTES)
         xb = xq.reshape(M, K // 32, XBLOCK_BYTES)
-        xi = xb[:, :, 12:44].view(np.int8).astype(np.float64)
+        xi = (xb[:, :, 12:44].astype(np.float64) - off) if off else xb[:, :, 12:44].view(np.int8).astype(np.float64)
         assert np.abs(xi).max() == (63 if a7 else 127)
         assert (xb[:, :, 8:12].copy().view(np.int32)[..., 0] == xi.sum(-1)).all()  # the block sums
         xd = (xi * xb[:, :, 0:4].copy().view(np.float32)).reshape(M, K)

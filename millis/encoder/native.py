@@ -6,9 +6,9 @@ Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounde
 accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
-[-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes the weights as its
-unsigned operand directly (w + 64: pairs stay under 2^15), a quarter fewer instructions than Q8_0's
-sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights against activations in [-63, 63]
+[-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
+unsigned (q + 128) against the signed weights read from memory (pairs stay under 2^15), a quarter fewer
+instructions than Q8_0's sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights against activations in [-63, 63]
 per 32: a pair stays under 2^14, so AVX2 adds two steps in int16 before widening them (a quarter fewer
 multiplier-port instructions again), for half a bit of activation precision. The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on

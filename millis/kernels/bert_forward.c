@@ -53,8 +53,8 @@ typedef struct {
 } ctx_t;
 
 static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
-    if (c->m->act == ACT_Q8) quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
-    else if (c->m->act == ACT_Q7) quantize_x7(x, K, (xblock*)c->s->xq + t * (K / QK));
+    if (c->m->act == ACT_Q8 || c->m->act == ACT_Q7)  /* as the matrices' type takes them (all share one) */
+        quantize_act(c->m->layers[0].qkv.type, x, K, (xblock*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
 }

@@ -104,6 +104,7 @@ void bf16p_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void quantize_x7(const float* x, int64_t K, xblock* out);  /* the same blocks, values in [-63, 63] */
+API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the

@@ -10,7 +10,7 @@
 
    Layout: groups of 8 rows (the last one padded with zero rows), each a run of units; a unit is one
    32-value block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or one 256-value super-block (Q4_K, Q5_K, Q6_K):
-     simple:  d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) | payload
+     simple:  d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) or wsum[8] int16 (Q7_0 on AVX2) | payload
      Q4/5_K:  d[8] fp16 | dmin[8] fp16 | scale[8 sub][8 rows] u8 | min[8 sub][8 rows] u8 | 8 payloads
      Q6_K:    d[8] fp16 | scale[16 halves][8 rows] i8 | 8 payloads
    A payload holds one 32-value block of the 8 rows in 8 steps; step s is values 4s..4s+3:
@@ -21,8 +21,12 @@
      8-bit: 256 bytes, byte 32 * s + 4 * r + j.
    Values are stored unsigned as GGUF's bits are (Q4_0 w + 8, Q5_0 w + 16, Q6_K w + 32; Q8_0 signed, or w + 128
    in VNNI builds: Q8_ZERO);
-   millis's Q7_0 (values in [-63, 63]) as w + 64: maddubs takes it as its unsigned operand against the
-   signed activations directly (pairs at most 2 * 127 * 127, no saturation), with no sign fix-ups.
+   millis's Q7_0 (values in [-63, 63]): signed on AVX2, with its 8 rows' block sums after d (d[8] fp16 |
+   wsum[8] int16 | payload), against activations made unsigned (act_offset: q + 64 for T_Q7_A7, q + 128 for
+   T_Q7_0). maddubs then reads each weight vector straight from memory as its signed operand (pairs at most
+   2 * 127 * 63 or 2 * 255 * 63), the registers hold only accumulators and broadcasts, and off * wsum comes
+   off once per block and row (packed.c's q7s_tile).
+   VNNI builds store w + 64 (vpdpbusd's unsigned operand) against the signed activations.
 
    Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of
    pairs at most 2 * 31 * 127 for 5 bits, 8 steps of 2 * 15 * 127 for 4, 2 steps of 2 * 63 * 127 for Q6_K's
@@ -42,6 +46,12 @@
    no sign fix-ups, no int16 stage that could saturate; 128 x the block's activation sum comes off once per
    block, as for Q7_0); AVX2 builds store w (maddubs(|w|, sign(x, w)): w + 128 would saturate its pairs). */
 #define Q8_ZERO (HAVE_VNNI ? 128 : 0)
+/* Q7_0 / Q7_A7 stored signed, activations unsigned (above): every AVX2 build without packed512.h's tiles */
+#if defined(__AVX2__) && !(defined(__AVX512BW__) && defined(__AVX512VNNI__))
+#define Q7_SIGNED 1
+#else
+#define Q7_SIGNED 0
+#endif
 #define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
 
 static inline int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */
@@ -59,16 +69,19 @@ static inline int stored_offset(int type) {
         case T_Q4_0: return 8;
         case T_Q5_0: return 16;
         case T_Q6_K: return 32;
-        case T_Q7_0: case T_Q7_A7: return 64;
+        case T_Q7_0: case T_Q7_A7: return Q7_SIGNED ? 0 : 64;
         case T_Q8_0: return Q8_ZERO;
         default: return 0;
     }
 }
+/* activation value as the kernels take it - quantized value, per matrix type (quantize_act adds it) */
+static inline int act_offset(int type) { return !Q7_SIGNED ? 0 : type == T_Q7_A7 ? 64 : type == T_Q7_0 ? 128 : 0; }
 static inline int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
 static inline int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
 static inline int head_bytes(int type) {
     switch (type) {
         case T_Q4_1: case T_Q5_1: return 32;
+        case T_Q7_0: case T_Q7_A7: return Q7_SIGNED ? 32 : 16;
         case T_Q4_K: case T_Q5_K: return 160;
         case T_Q6_K: return 144;
         default: return 16;

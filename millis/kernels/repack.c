@@ -50,8 +50,12 @@ static void pack_unit(const mat* W, int64_t g, int64_t u, uint8_t* dst) {
         int8_t w[32]; float sc[2], mn;
         if (!is_super(type)) {  /* d (and m) are each block's first fp16 fields */
             memcpy(d + r, blk, 2);
-            if (head == 32) memcpy(d + 8 + r, blk + 2, 2);
             decode_block(type, row, u, w, sc, &mn);
+            if (head == 32 && kind == 8) {  /* Q7_0 on AVX2: the block's sum, |sum| <= 32 * 63 */
+                int16_t sum = 0;
+                for (int l = 0; l < 32; l++) sum = (int16_t)(sum + w[l]);
+                memcpy(d + 8 + r, &sum, 2);
+            } else if (head == 32) memcpy(d + 8 + r, blk + 2, 2);
             for (int l = 0; l < 32; l++) w[l] = (int8_t)(w[l] + offset);
             put_payload(kind, dst + head, r, w);
             continue;
@@ -108,3 +112,18 @@ API int repack(const mat* W, uint8_t* dst, int nthreads) {
     return 0;
 }
 
+
+/* x (K values, K % 32 == 0) -> the activation blocks a packed matrix of this type takes: quantize_x7's for
+   T_Q7_A7, else quantize_x's, with act_offset added to every value (AVX2's Q7_0: unsigned, packed.h) */
+API void quantize_act(int type, const float* x, int64_t K, xblock* out) {
+    if (type == T_Q7_A7) quantize_x7(x, K, out);
+    else quantize_x(x, K, out);
+    const uint8_t off = (uint8_t)act_offset(type);
+    if (!off) return;
+    for (int64_t b = 0; b < K / QK; b++) {
+        uint8_t* q = (uint8_t*)out[b].q;
+        for (int j = 0; j < QK; j++) q[j] = (uint8_t)(q[j] + off);
+    }
+}
+
+API int activation_offset(int type) { return act_offset(type); }  /* for the tests */
