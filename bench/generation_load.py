@@ -14,6 +14,10 @@ the same GGUF, streamed chat requests with a shared 512-token system prompt.
   --interrupt_requests False, or a new request cuts off the running one). From `millis.loadgen.streams`:
   TTFT (from the scheduled send), ITL, output tokens/s over the level (all answered tokens / span),
   each request's own decode tokens/s, and goodput (TTFT <= 1 s and mean ITL <= 100 ms).
+- saturation (--saturate C, 0 to skip): a closed loop of C clients for --capacity-s per system and round,
+  alternated: the output tokens/s each server reaches when it is never idle. At a fixed offered rate both
+  servers answer every request, so their output tokens/s over the level can differ only by a backlog;
+  how many tokens a second each can give is this number.
 Writes bench/results/generation_load.json and prints a table with the millis / llama.cpp ratios.
 """
 from __future__ import annotations
@@ -109,6 +113,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--saturate", type=int, default=8, help="clients of the closed-loop saturation runs (0: none)")
     ap.add_argument("--out", default=str(HERE / "results" / "generation_load.json"))
     a = ap.parse_args()
     if not LLAMACPP.exists():
@@ -131,22 +136,31 @@ def main() -> None:
             print(json.dumps({k: rows[-1][k] for k in ("system", "round", "ok", "sent", "ttft_p50_ms", "ttft_p99_ms",
                                                          "output_tok_s", "request_tok_s_p50", "goodput")}), flush=True)
 
-    def med(system: str, key: str) -> float:
+    saturated = []
+    sat_cfg = BenchConfig(**{**cfg.__dict__, "duration": a.capacity_s})
+    for r in range(a.rounds if a.saturate else 0):
+        for system_name in (["millis", "llamacpp"] if r % 2 == 0 else ["llamacpp", "millis"]):
+            saturated.append({**run(system_name, gguf, a, Level("closed", a.saturate), sat_cfg, logdir), "round": r})
+            print(json.dumps({k: saturated[-1][k] for k in ("system", "round", "load", "ok", "output_tok_s",
+                                                              "ttft_p50_ms", "request_tok_s_p50")}), flush=True)
+
+    def med(rows: list[dict], system: str, key: str) -> float:
         return statistics.median(x[key] for x in rows if x["system"] == system and x[key] is not None)
 
     keys = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s", "request_tok_s_p50", "goodput")
-    summary = {k: {s: med(s, k) for s in ("millis", "llamacpp")} for k in keys}
-    for k in keys:
-        summary[k]["ratio"] = summary[k]["millis"] / summary[k]["llamacpp"] if summary[k]["llamacpp"] else None
+    summary = {k: {s: med(rows, s, k) for s in ("millis", "llamacpp")} for k in keys}
+    if saturated:
+        summary["saturated_output_tok_s"] = {s: med(saturated, s, "output_tok_s") for s in ("millis", "llamacpp")}
+    for k, s in summary.items():
+        s["ratio"] = s["millis"] / s["llamacpp"] if s["llamacpp"] else None
     m = describe()
     print(f"\n{m.get('cpu')} ({', '.join(m.get('isa', []))}), {a.threads} threads each; llama.cpp capacity "
           f"{cap['rps']:.3f} req/s (c1), load {rate} req/s Poisson, {len(system)}-char system prompt")
-    print(f"{'metric':20s} {'millis':>10s} {'llama.cpp':>10s} {'ratio':>7s}")
-    for k in keys:
-        s = summary[k]
-        print(f"{k:20s} {s['millis']:10.2f} {s['llamacpp']:10.2f} {s['ratio'] or float('nan'):7.3f}")
+    print(f"{'metric':22s} {'millis':>10s} {'llama.cpp':>10s} {'ratio':>7s}")
+    for k, s in summary.items():
+        print(f"{k:22s} {s['millis']:10.2f} {s['llamacpp']:10.2f} {s['ratio'] or float('nan'):7.3f}")
     out = {"machine": m, "threads": a.threads, "model": gguf, "capacity": cap, "rate": rate, "rows": rows,
-           "summary": summary, "llama_cpp_build": llamacpp_build(), "seconds": round(time.time() - t0),
+           "saturated": saturated, "summary": summary, "llama_cpp_build": llamacpp_build(), "seconds": round(time.time() - t0),
            "command": "bench/generation_load.py " + " ".join(sys.argv[1:])}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
