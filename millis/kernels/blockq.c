@@ -8,7 +8,7 @@
    weight kernels (AVX2 2-row x 4-token tiles, or plain loops) and the scalar reference for the
    quantized types in GGUF's layout (dot_blocks: what the tests compare the AVX2 kernels against).
    The AVX2 build runs quantized matrices packed at load (packed.c). */
-#include "blockq.h"
+#include "packed.h"  /* blockq.h, and act_offset */
 
 #define PREFETCH_ROWS 8 /* float decode: weight rows prefetched this far ahead */
 
@@ -47,8 +47,9 @@ int type_block(int type) {
 
 int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T_BF16; }
 
-/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7) */
-static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv) {
+/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7), stored
+   as q + off (mod 256: packed.h's act_offset; sum and half keep q's sums) */
+static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float* r = x + b * QK;
 #ifdef __AVX2__
@@ -66,7 +67,8 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         h = _mm_hadd_epi32(h, h);  /* lanes 0, 1: the half sums */
         const int h0 = _mm_cvtsi128_si32(h), h1 = _mm_extract_epi32(h, 1), sum = h0 + h1;
         const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i*)out[b].q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i o = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i*)out[b].q, _mm256_add_epi8(o, _mm256_set1_epi8((char)off)));
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) { float v = fabsf(r[i]); amax = v > amax ? v : amax; }
@@ -74,7 +76,7 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         int h0 = 0, h1 = 0;
         for (int i = 0; i < QK; i++) {
             int v = (int)nearbyintf(r[i] * id);
-            out[b].q[i] = (int8_t)v;
+            out[b].q[i] = (int8_t)(uint8_t)(v + off);
             if (i < QK / 2) h0 += v; else h1 += v;
         }
         const int sum = h0 + h1;
@@ -86,8 +88,13 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         out[b].half[1] = (int16_t)h1;
     }
 }
-API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f); }
-API void quantize_x7(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 63.f); }
+API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0); }
+API void quantize_x7(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 63.f, 0); }
+/* for a packed matrix of this type: quantize_x7's blocks for T_Q7_A7, else quantize_x's, each value plus
+   act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
+API void quantize_act(int type, const float* x, int64_t K, xblock* out) {
+    quantize_levels(x, K, out, type == T_Q7_A7 ? 63.f : 127.f, (uint8_t)act_offset(type));
+}
 
 /* K-quant 6-bit scale and min of sub-block j (0..7) */
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {

@@ -112,18 +112,4 @@ API int repack(const mat* W, uint8_t* dst, int nthreads) {
     return 0;
 }
 
-
-/* x (K values, K % 32 == 0) -> the activation blocks a packed matrix of this type takes: quantize_x7's for
-   T_Q7_A7, else quantize_x's, with act_offset added to every value (AVX2's Q7_0: unsigned, packed.h) */
-API void quantize_act(int type, const float* x, int64_t K, xblock* out) {
-    if (type == T_Q7_A7) quantize_x7(x, K, out);
-    else quantize_x(x, K, out);
-    const uint8_t off = (uint8_t)act_offset(type);
-    if (!off) return;
-    for (int64_t b = 0; b < K / QK; b++) {
-        uint8_t* q = (uint8_t*)out[b].q;
-        for (int j = 0; j < QK; j++) q[j] = (uint8_t)(q[j] + off);
-    }
-}
-
 API int activation_offset(int type) { return act_offset(type); }  /* for the tests */
