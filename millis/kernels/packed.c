@@ -5,6 +5,7 @@
 
 #ifdef __AVX2__
 #include "packed_dot.h"
+#include "packed_q7.h"
 
 /* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
    int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi when `weighted` (K-quants' sub-block
@@ -197,79 +198,6 @@ AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, 
     _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
     _mm256_storeu_ps(out + 24, f3);
 }
-/* Q7_0 on AVX2 (Q7_SIGNED, packed.h): R groups (R <= 2: g0, g1) x T tokens (T <= 3), every shape of the GEMM.
-   maddubs takes the token's 4 unsigned values (q + off, broadcast) as its first operand and 32 weight bytes
-   of 8 rows straight from memory as its signed one, so the registers hold only the 2T integer and 2T float
-   accumulators and the broadcasts (with the weights in registers, as the unsigned operand w + 64, GCC
-   spilled and reloaded one of the four each step). Zen 3, A/B in one process: the 16 x 3 tile in L1 took
-   0.96x (a7) and 0.93x (int7) the time, the MiniLM int7-a7 forward 0.92-0.95x; BERT-base's was unchanged
-   (the multiplier port is the limit: 12 maddubs + 6 madd per 8 values x 16 rows x 3 tokens). off * wsum
-   comes off once per block and row: the same integer sum per (row, block) as x * w, then the same float
-   steps as group_dot, so every shape gives the same bits and a row never depends on its batch-mates.
-   The step loops stay rolled: unrolled, GCC computes a block's products first and spills them.
-   a7 (T_Q7_A7, off 64): a maddubs pair is at most 2 * 127 * 63 = 16002, so two steps add in int16 (at most
-   32004) before one madd widens them: 3 multiplier-port instructions per 2 steps, not 4. T_Q7_0 (off 128):
-   pairs up to 2 * 255 * 63 = 32130, one madd per step. */
-AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
-                 const xblock* x, int64_t xs, float* out) {
-    const int64_t ub = unit_bytes(T_Q7_0);
-    const int shift = a7 ? 6 : 7;  /* off = 1 << shift */
-    const __m256i one = _mm256_set1_epi16(1);
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, h0 = f0, h1 = f0, h2 = f0;
-    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
-    for (int64_t u = 0; u < nu; u++) {
-        const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
-        const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0;
-        if (a7) {
-#pragma GCC unroll 1
-            for (int s = 0; s < 8; s += 2) {
-#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);               \
-        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_add_epi16(                                                 \
-            _mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), _mm256_maddubs_epi16(xw, _mm256_loadu_si256(w + s + 1))), one)); \
-        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_add_epi16(                                      \
-            _mm256_maddubs_epi16(xv, _mm256_loadu_si256(v + s)), _mm256_maddubs_epi16(xw, _mm256_loadu_si256(v + s + 1))), one)); }
-                TOK(x0, a0, e0)
-                if (T > 1) TOK(x1, a1, e1)
-                if (T > 2) TOK(x2, a2, e2)
-#undef TOK
-            }
-        } else {
-#pragma GCC unroll 1
-            for (int s = 0; s < 8; s++) {
-#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                                 \
-        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), one));     \
-        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(v + s)), one)); }
-                TOK(x0, a0, e0)
-                if (T > 1) TOK(x1, a1, e1)
-                if (T > 2) TOK(x2, a2, e2)
-#undef TOK
-            }
-        }
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-        const __m256i zv = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(b + 16))), shift);
-        const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)c)) : dv;
-        const __m256i zw = R > 1 ? _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(c + 16))), shift)
-                                 : zv;
-#define ACC(X, A, F, E, H) { const __m256 xd = _mm256_set1_ps(X[u].d);                                          \
-        F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(A, zv)), _mm256_mul_ps(dv, xd), F);               \
-        if (R > 1) H = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(E, zw)), _mm256_mul_ps(dw, xd), H); }
-        ACC(x0, a0, f0, e0, h0)
-        if (T > 1) ACC(x1, a1, f1, e1, h1)
-        if (T > 2) ACC(x2, a2, f2, e2, h2)
-#undef ACC
-    }
-    const __m256 r[6] = {f0, h0, f1, h1, f2, h2};
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < R; i++) _mm256_storeu_ps(out + 16 * t + 8 * i, r[2 * t + i]);
-}
-typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, float*);
-#define Q7S(A7, R, T) static void q7s_##A7##_##R##_##T(const uint8_t* g0, const uint8_t* g1, int64_t nu,     \
-                          const xblock* x, int64_t xs, float* out) { q7s_tile(A7, R, T, g0, g1, nu, x, xs, out); }
-Q7S(0, 1, 1) Q7S(0, 1, 2) Q7S(0, 1, 3) Q7S(0, 2, 1) Q7S(0, 2, 2) Q7S(0, 2, 3)
-Q7S(1, 1, 1) Q7S(1, 1, 2) Q7S(1, 1, 3) Q7S(1, 2, 1) Q7S(1, 2, 2) Q7S(1, 2, 3)
-static const q7s_fn Q7S_FNS[2][2][3] = {{{q7s_0_1_1, q7s_0_1_2, q7s_0_1_3}, {q7s_0_2_1, q7s_0_2_2, q7s_0_2_3}},
-                                        {{q7s_1_1_1, q7s_1_1_2, q7s_1_1_3}, {q7s_1_2_1, q7s_1_2_2, q7s_1_2_3}}};
 static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     q8_tile4(stored_offset(T_Q8_0), g, nu, x, xs, out);
 }
@@ -374,11 +302,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 }
 #endif
                 if (q7) {
-                    const int T = m1 - m < 3 ? (int)(m1 - m) : 3;
-                    float out[48];
-                    Q7S_FNS[a7][span - 1][T - 1](gp, gp + (span - 1) * gb, nu, X + m * nbx, nbx, out);
-                    for (int i = 0; i < span; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
-                    m += T;
+                    Q7S_FNS[a7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+                    m = m1;
                     continue;
                 }
                 const int T = m + 4 <= m1 ? 4 : 1;

@@ -25,7 +25,7 @@
    wsum[8] int16 | payload), against activations made unsigned (act_offset: q + 64 for T_Q7_A7, q + 128 for
    T_Q7_0). maddubs then reads each weight vector straight from memory as its signed operand (pairs at most
    2 * 127 * 63 or 2 * 255 * 63), the registers hold only accumulators and broadcasts, and off * wsum comes
-   off once per block and row (packed.c's q7s_tile).
+   off once per block and row (packed_q7.h's q7s_tile).
    VNNI builds store w + 64 (vpdpbusd's unsigned operand) against the signed activations.
 
    Numerics: the integer sums of a block are exact (int16 partial sums stay below 2^15: 4 steps of

@@ -1,0 +1,94 @@
+/* millis's int7 (Q7_0, T_Q7_A7) on AVX2 builds without VNNI (Q7_SIGNED): the GEMM tiles of packed.c's
+   packed_rows, included there. */
+#pragma once
+#include "packed.h"
+#include "packed_dot.h"
+
+/* Q7_0 on AVX2 (Q7_SIGNED, packed.h): R groups (R <= 2) x T tokens (T <= 3). maddubs takes the token's 4
+   unsigned values (q + off, broadcast) against 32 weight bytes of 8 rows read from memory as its signed
+   operand: the registers hold only accumulators and broadcasts (with the weights as the unsigned operand
+   in registers, GCC reloaded one of four each step; Zen 3, one process: MiniLM int7-a7 forward 0.92-0.95x,
+   BERT-base unchanged: the multiplier port is the limit). off * wsum comes off once per block and row: the
+   same integer sums as x * w, then group_dot's float steps, so every shape gives the same bits and a row
+   never depends on its batch-mates. Step loops stay rolled (unrolled, GCC spills a block's products).
+   a7 (off 64): maddubs pairs <= 2 * 127 * 63 = 16002, so two steps add in int16 (<= 32004) before one madd:
+   3 multiplier-port instructions per 2 steps, not 4. T_Q7_0 (off 128): pairs <= 32130, a madd per step. */
+AI __m256i q7s_steps(__m256i xv, __m256i xw, const __m256i* w) {  /* two steps' pairs, added in int16 (a7) */
+    return _mm256_add_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w)),
+                            _mm256_maddubs_epi16(xw, _mm256_loadu_si256(w + 1)));
+}
+AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
+                 const xblock* x, int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(T_Q7_0);
+    const int shift = a7 ? 6 : 7;  /* off = 1 << shift */
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, h0 = f0, h1 = f0, h2 = f0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
+        const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0;
+        if (a7) {
+#pragma GCC unroll 1
+            for (int s = 0; s < 8; s += 2) {
+#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);               \
+        A = _mm256_add_epi32(A, _mm256_madd_epi16(q7s_steps(xv, xw, w + s), one));                                \
+        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(q7s_steps(xv, xw, v + s), one)); }
+                TOK(x0, a0, e0)
+                if (T > 1) TOK(x1, a1, e1)
+                if (T > 2) TOK(x2, a2, e2)
+#undef TOK
+            }
+        } else {
+#pragma GCC unroll 1
+            for (int s = 0; s < 8; s++) {
+#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                                 \
+        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), one));     \
+        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(v + s)), \
+                                                             one)); }
+                TOK(x0, a0, e0)
+                if (T > 1) TOK(x1, a1, e1)
+                if (T > 2) TOK(x2, a2, e2)
+#undef TOK
+            }
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+        const __m256i zv = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(b + 16))), shift);
+        const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)c)) : dv;
+        const __m256i zw =
+            R > 1 ? _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(c + 16))), shift) : zv;
+#define ACC(X, A, F, E, H) { const __m256 xd = _mm256_set1_ps(X[u].d);                                          \
+        F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(A, zv)), _mm256_mul_ps(dv, xd), F);               \
+        if (R > 1) H = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(E, zw)), _mm256_mul_ps(dw, xd), H); }
+        ACC(x0, a0, f0, e0, h0)
+        if (T > 1) ACC(x1, a1, f1, e1, h1)
+        if (T > 2) ACC(x2, a2, f2, e2, h2)
+#undef ACC
+    }
+    const __m256 r[6] = {f0, h0, f1, h1, f2, h2};
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < R; i++) _mm256_storeu_ps(out + 16 * t + 8 * i, r[2 * t + i]);
+}
+/* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
+   (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3) */
+AI void q7s_panel(const int a7, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
+                  int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
+    while (m < m1) {
+        const int64_t left = m1 - m;
+        const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
+        float out[48];
+        if (T == 3) q7s_tile(a7, R, 3, g0, g1, nu, X + m * nbx, nbx, out);
+        else if (T == 2) q7s_tile(a7, R, 2, g0, g1, nu, X + m * nbx, nbx, out);
+        else q7s_tile(a7, R, 1, g0, g1, nu, X + m * nbx, nbx, out);
+        for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
+        m += T;
+    }
+}
+typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, int64_t, int64_t, float*,
+                       int64_t, int64_t, int64_t, int);
+#define Q7S(A7, R)                                                                                          \
+    static void q7s_##A7##_##R(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, \
+                               int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) { \
+        q7s_panel(A7, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
+Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2)
+static const q7s_fn Q7S_FNS[2][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}};
