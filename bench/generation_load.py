@@ -160,7 +160,8 @@ def main() -> None:
     for k, s in summary.items():
         print(f"{k:22s} {s['millis']:10.2f} {s['llamacpp']:10.2f} {s['ratio'] or float('nan'):7.3f}")
     out = {"machine": m, "threads": a.threads, "model": gguf, "capacity": cap, "rate": rate, "rows": rows,
-           "saturated": saturated, "summary": summary, "llama_cpp_build": llamacpp_build(), "seconds": round(time.time() - t0),
+           "saturated": saturated, "summary": summary, "llama_cpp_build": llamacpp_build(),
+           "seconds": round(time.time() - t0),
            "command": "bench/generation_load.py " + " ".join(sys.argv[1:])}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
