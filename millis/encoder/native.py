@@ -8,9 +8,10 @@ activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
 unsigned (q + 128) against the signed weights read from memory (pairs stay under 2^15), a quarter fewer
-instructions than Q8_0's sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights against activations in [-63, 63]
-per 32: a pair stays under 2^14, so AVX2 adds two steps in int16 before widening them (a quarter fewer
-multiplier-port instructions again), for half a bit of activation precision. The task head
+instructions than Q8_0's sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights
+against activations in [-63, 63] per 32: a pair stays under 2^14, so AVX2 adds two steps in int16 before
+widening them (a quarter fewer multiplier-port instructions again), for half a bit of activation
+precision. The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """
@@ -29,7 +30,7 @@ from millis.kernels.native import (TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 4}
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
 BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
                "int7-a7": XBLOCK_BYTES}

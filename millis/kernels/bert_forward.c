@@ -40,8 +40,9 @@ typedef struct {
     const bert_layer* layers;
 } bert_w;
 
-enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3, ACT_Q7 = 4 };  /* what the matrices take: fp32
-                                                    rows, xblocks, x16blocks, bf16 rows, xblocks in [-63, 63] */
+/* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
+   x16blocks, bf16 rows */
+enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3 };
 
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
@@ -53,7 +54,7 @@ typedef struct {
 } ctx_t;
 
 static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
-    if (c->m->act == ACT_Q8 || c->m->act == ACT_Q7)  /* as the matrices' type takes them (all share one) */
+    if (c->m->act == ACT_Q8)  /* as the matrices' type takes them (all share one) */
         quantize_act(c->m->layers[0].qkv.type, x, K, (xblock*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
