@@ -7,8 +7,12 @@
    thread's chunks instead of waiting for it: the step slows by the missing core, not by a scheduler
    time slice per op. A worker spins briefly for the next job, then sleeps on a futex.
 
-   The counter holds (job << 32 | next chunk): a worker that read an old job's function can never
-   take a chunk of the next job (its compare-and-swap fails), so jobs never mix. */
+   The counter holds (job << 32 | next chunk), and it works as a sequence lock over the job's fields
+   (fn, ctx, total): the caller first closes it (chunk CLOSED), then writes the fields, then opens
+   it at chunk 0. A worker reads the counter, then the fields, then claims a chunk by compare-and-swap
+   on the value it read; the claim fails if the caller closed the counter meanwhile, so a worker that
+   read another job's fields never runs a chunk with them, and jobs never mix (the pool self-test
+   below caught a chunk run twice, or the caller returning early, when this was not so). */
 #include "blockq.h"
 
 #include <linux/futex.h>
@@ -37,9 +41,9 @@ static struct {
     _Atomic uint64_t next;          /* job << 32 | next chunk */
     _Atomic int64_t done;           /* chunks finished in the current job */
     _Atomic int sleeping, stop;
-    task_fn fn;
-    void* ctx;
-    int64_t total;
+    _Atomic(task_fn) fn;            /* the job's fields: written only while the counter is CLOSED */
+    _Atomic(void*) ctx;
+    _Atomic int64_t total;
     int solo;                       /* run jobs on the caller alone (the workers sleep) */
     int64_t wait_ns;                /* time the caller spent waiting for workers' chunks */
 } P = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -52,14 +56,21 @@ static int64_t now_ns(void) {
 static void futex_wait(_Atomic uint32_t* a, uint32_t v) { syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, 0, 0, 0); }
 static void futex_wake(_Atomic uint32_t* a) { syscall(SYS_futex, a, FUTEX_WAKE_PRIVATE, MAX_THREADS, 0, 0, 0); }
 
+#define CLOSED 0xffffffffu  /* the counter's chunk while the caller writes a job's fields */
+
 /* take and run chunks of job `job` until none is left */
 static void work(uint32_t job) {
-    task_fn fn = P.fn; void* ctx = P.ctx; const int64_t total = P.total;
     uint64_t v = atomic_load(&P.next);
     for (;;) {
-        if ((uint32_t)(v >> 32) != job || (int64_t)(v & 0xffffffffu) >= total) return;
+        const uint32_t chunk = (uint32_t)v;
+        if ((uint32_t)(v >> 32) != job || chunk == CLOSED) return;
+        const task_fn fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
+        void* ctx = atomic_load_explicit(&P.ctx, memory_order_relaxed);
+        const int64_t total = atomic_load_explicit(&P.total, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);  /* the fields are read before the claim below */
+        if (chunk >= total) return;
         if (!atomic_compare_exchange_weak(&P.next, &v, v + 1)) continue;  /* v reloaded */
-        fn(ctx, (int64_t)(v & 0xffffffffu));
+        fn(ctx, chunk);  /* the claim held: no new job had closed the counter, so the fields are this job's */
         atomic_fetch_add(&P.done, 1);
         v = atomic_load(&P.next);
     }
@@ -105,9 +116,13 @@ void pool_run(task_fn fn, void* ctx, int64_t total) {
     if (total <= 0) return;
     if (P.n == 0 || P.solo || total == 1) { for (int64_t c = 0; c < total; c++) fn(ctx, c); return; }
     const uint32_t job = atomic_load(&P.seq) + 1;
-    P.fn = fn; P.ctx = ctx; P.total = total;
+    atomic_store(&P.next, (uint64_t)job << 32 | CLOSED);  /* claims on the old job's value fail from now */
+    atomic_thread_fence(memory_order_seq_cst);
+    atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&P.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&P.total, total, memory_order_relaxed);
     atomic_store(&P.done, 0);
-    atomic_store(&P.next, (uint64_t)job << 32);
+    atomic_store(&P.next, (uint64_t)job << 32);  /* opens it (seq_cst: after the fields above) */
     atomic_store(&P.seq, job);  /* publishes the job (seq_cst: after the fields above) */
     if (atomic_load(&P.sleeping)) futex_wake(&P.seq);
     work(job);
@@ -116,4 +131,27 @@ void pool_run(task_fn fn, void* ctx, int64_t total) {
         while (atomic_load(&P.done) < total) RELAX();
         P.wait_ns += now_ns() - t0;
     }
+}
+
+/* ---- a check of the pool's one promise: every chunk of every job runs exactly once, before
+   pool_run returns. Jobs of 1..5 chunks alternate (a stale worker that mixes two jobs runs a
+   chunk twice or lets the caller return early); returns the chunks run other than once. */
+typedef struct { _Atomic int32_t runs[8]; } selftest_job;
+static void selftest_chunk(void* p, int64_t c) {
+    selftest_job* j = p;
+    for (volatile int i = 0; i < 50; i++) {}  /* a little work, so that threads overlap */
+    atomic_fetch_add(&j->runs[c], 1);
+}
+API int64_t pool_selftest(int threads, int64_t jobs) {
+    int64_t bad = 0;
+    pool_begin(threads);
+    for (int64_t n = 0; n < jobs; n++) {
+        selftest_job j[2];
+        const int total = 2 + (int)(n % 4);
+        for (int i = 0; i < 8; i++) atomic_store(&j[n % 2].runs[i], 0);
+        pool_run(selftest_chunk, &j[n % 2], total);
+        for (int i = 0; i < 8; i++) bad += atomic_load(&j[n % 2].runs[i]) != (i < total);
+    }
+    pool_end();
+    return bad;
 }

@@ -1,0 +1,25 @@
+"""The native kernels' thread pool (kernels/pool.c) runs every chunk of every job exactly once and
+returns only when all have run. A worker delayed between reading a job and claiming a chunk used to
+run the next job's chunk with a stale count: a chunk ran twice (a bias added twice) or the caller went
+on before a chunk was done. That showed as rare wrong tokens under load (CI: a Qwen2 greedy row off
+HF's). The self-test alternates jobs of 2..5 chunks; the old pool failed it at every thread count."""
+import ctypes
+
+import pytest
+
+from millis.kernels.native import build, native_isa
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])  # 3 and 4 oversubscribe a 2-core machine: workers get preempted
+@pytest.mark.parametrize("lib_name", ["llama_step", "bert_forward"])
+def test_every_chunk_runs_once(lib_name, threads):
+    from millis.encoder.native import SOURCES
+    from millis.gen.models.native_llama import KERNEL_SOURCES
+
+    isa = native_isa()
+    if isa is None:
+        pytest.skip("native kernels are off (MILLIS_NO_KERNELS)")
+    lib = build(lib_name, KERNEL_SOURCES if lib_name == "llama_step" else SOURCES, isa)
+    lib.pool_selftest.restype = ctypes.c_int64
+    lib.pool_selftest.argtypes = [ctypes.c_int, ctypes.c_int64]
+    assert lib.pool_selftest(threads, 300_000) == 0
