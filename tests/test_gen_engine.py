@@ -283,3 +283,42 @@ def test_cancel_while_a_step_runs():
     assert eng.last == [] and eng.free_slots == 1
     eng.model.forward = forward
     assert [o.id for o in eng.step()] == [other]
+
+
+def test_torch_kv_cache_sized_by_memory():
+    """The torch models' static cache (max_batch x max_seq positions, allocated at load) takes what the
+    KV budget holds when --max-seq is not given: a long-context config does not allocate its whole
+    context per slot. Too small a budget, or --max-seq over an explicit one, is a clear error."""
+    from millis.gen.models.layers import Attention
+
+    cfg = LlamaConfig(vocab_size=len(PIECES), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=4096,
+                      hidden_dim=64, bos_id=1, eos_id=2)
+    sd = {k: v for k, v in Llama(cfg).state_dict().items() if k != "head.weight"}
+    # fp32: 2 (K, V) x 2 layers x 2 kv heads x 8 dims x 4 bytes = 256 bytes per position and slot
+    with mock.patch.dict(os.environ, {"MILLIS_NO_KERNELS": "1"}):
+        loaded = build(cfg, dict(sd), None, "test", EngineConfig(max_batch=4, kv_memory_mb=1))
+        assert loaded.max_seq == 1024  # 1 MiB / (256 bytes x 4 slots), under the model's 4096
+        caches = [m.cache.k.shape for m in loaded.model.modules() if isinstance(m, Attention)]
+        assert caches == [(4, 2, 1024, 8)] * 2
+        assert build(cfg, dict(sd), None, "test", EngineConfig(max_batch=1, kv_memory_mb=8)).max_seq == 4096
+        assert build(cfg, dict(sd), None, "test", EngineConfig(max_batch=4, max_seq=100)).max_seq == 100
+        with pytest.raises(MillisError, match="holds 16 positions per slot"):
+            build(cfg, dict(sd), None, "test", EngineConfig(max_batch=256, kv_memory_mb=1))
+        with pytest.raises(MillisError, match="--max-seq 2048 at --max-batch 4 needs 2 MiB"):
+            build(cfg, dict(sd), None, "test", EngineConfig(max_batch=4, max_seq=2048, kv_memory_mb=1))
+
+
+def test_decode_attention_softmax_in_fp32():
+    """bf16 decode attention takes its softmax in fp32 (as HF), then weights V in bf16; masked keys count
+    for nothing."""
+    from millis.gen.models.layers import _attend_one
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).mul(4).bfloat16() for n in (1, 9, 9))
+    k, v = k[:, :2], v[:, :2]  # 2 kv heads for 4 query heads
+    s = torch.matmul(q.view(2, 2, 2, 16), k.transpose(-1, -2)) * 0.25
+    ref = torch.matmul(s.float().softmax(-1).bfloat16(), v).view(2, 4, 1, 16)
+    assert torch.equal(_attend_one(q, k, v, None, 2), ref)  # (torch's CPU kernel upcasts a bf16 softmax too)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 5:] = False  # row 1 sees 5 keys: as if V had only those
+    assert torch.equal(_attend_one(q, k, v, mask, 2)[1:], _attend_one(q[1:], k[1:, :, :5], v[1:, :, :5], None, 2))

@@ -159,3 +159,34 @@ def test_static_decode_matches_hf(hf_model, monkeypatch):
     small = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64, max_prefills_per_step=1))
     small.decode = GraphedDecode(small.model, small.max_batch, small.max_seq, capture=False)
     assert _run(small, PROMPTS + PROMPTS[::-1]) == ref + ref[::-1], kind  # slots reused
+
+
+def test_static_decode_length_buckets_and_compaction(hf_model, monkeypatch):
+    """The CUDA-graph decode's KV-length buckets (a step attends over the live length rounded up, not
+    over max_seq) and the engine's compaction (a request left above a finished one moves down with its
+    KV, so the batch bucket shrinks): HF's greedy tokens for requests that end at different steps."""
+    from millis.gen.cuda_graph import GraphedDecode, kv_buckets
+
+    assert kv_buckets(64) == (64,) and kv_buckets(1000) == (256, 512, 1000) and kv_buckets(512) == (256, 512)
+    kind, model, d = hf_model
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "1")
+    eng = open_engine(str(d), EngineConfig(max_batch=4, max_seq=64))
+    static = eng.decode = GraphedDecode(eng.model, 4, 64, capture=False, lengths=(8, 16, 32))
+    moves = []
+    move = static.move_slot
+    static.move_slot = lambda src, dst, n: (moves.append((src, dst)), move(src, dst, n))
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (2, 20, 3, 20)]  # slots 0, 2 end first
+
+    def run(e):
+        ids = [e.add(p, sp) for p, sp in zip(PROMPTS, params)]
+        got = {i: [] for i in ids}
+        while e.has_work:
+            for o in e.step():
+                got[o.id] += o.token_ids
+        return [got[i] for i in ids]
+
+    eager = open_engine(str(d), EngineConfig(max_batch=4, max_seq=64))  # the eager decode (HF's tokens, above)
+    assert run(eng) == run(eager), kind
+    assert moves == [(3, 0)], moves  # slot 3's request moved down to slot 0 when that one ended
+    assert {n for _, n in static.steps} == {16, 32}, static.steps  # prompt 2 starts at 12: never 8, never 64
+    assert max(b for b, n in static.steps if n == 32) == 2, static.steps  # after the move: bucket 2, not 4

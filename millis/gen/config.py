@@ -85,13 +85,13 @@ class EngineConfig:
     """The engine's static resources, fixed at load (gpt-fast style: nothing grows while serving)."""
 
     max_batch: int = 8        # slots: requests decoded together; a KV cache row each
-    max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq
+    max_seq: int = 0          # positions per slot (prompt + generated); 0 = the model's max_seq, within kv_memory_mb
     dtype: str = "fp32"       # fp32 | bf16 weights and activations (fp32 measured faster on AVX2 CPUs)
     quant: str = "none"       # none | int8 (int8 weights, int16 activations, a scale per 32 each) | int8-torch
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
     max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
-    kv_memory_mb: int = 0     # native (GGUF) models: the paged KV cache's size; 0 = min(512, 1/4 of free memory)
+    kv_memory_mb: int = 0     # KV cache memory (native: the paged pool; torch: caps max_seq); 0 = load.kv_budget_bytes
     prefix_cache: bool = True  # native models: prompts share the cached KV blocks of their common prefix
     speculate: int = 0        # native models, greedy requests: draft tokens verified per step; 0 = off
     draft_model: str = ""     # a smaller GGUF of the same vocabulary drafts them ("" = prompt lookup)
@@ -165,8 +165,9 @@ class GenerateConfig:
     quant: str = _f("none", "none, int8 (int8 weights with a scale per 32 against int16 activations, millis's "
                             "kernels; Llama-family and float GGUF models) or int8-torch (torch dynamic quantization); "
                             "with dtype fp32", choices=QUANTS)
-    max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum")
-    kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = min(512, a quarter of free memory)")
+    max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum (torch models: within --kv-memory-mb)")
+    kv_memory_mb: int = _f(0, "KV cache memory in MiB; 0 = min(512, a quarter of free memory), on a GPU half of "
+                              "its free memory")
     threads: int = _f(0, "torch intra-op threads (GGUF: the kernels' threads); 0 = all usable cores")
     speculate: int = _f(0, "GGUF models, greedy: draft tokens verified per step (the same text, faster when the "
                            "drafts are right: prompt lookup, or --draft-model); 0 = off")

@@ -1,80 +1,115 @@
-"""Static-shape decode, captured as one CUDA graph per batch-size bucket (gpt-fast style). A sketch:
-it has run on CPU (eagerly, in the tests) but not yet on a GPU.
+"""Static-shape decode, captured as one CUDA graph per (batch bucket, KV-length bucket), gpt-fast style.
+It has run on CPU (eagerly, in the tests) but not yet on a GPU.
 
-The decode step of bucket B always feeds slots 0..B-1 and attends over all max_seq positions, so
-its shapes never change and the whole forward can be replayed from a graph: the host only copies
-B token ids and positions into the static inputs and replays. The mask is computed inside the
-graph from those positions by the engine's own rule (`visible_keys`, with the model's sliding
-window). Rows of the bucket with no running request are fed token 0 at position max_seq - 1, a
-scratch position no request ever reaches (a request ends when prompt + output reach max_seq, so it
-writes at most position max_seq - 2). The engine assigns the lowest free slot, which keeps running
-requests in the low slots and the bucket small.
+The decode step of bucket (B, L) feeds slots 0..B-1 and attends over their first L positions (a view
+of the static cache, no copy), so its shapes never change and the forward is replayed from a graph:
+the host copies B token ids and positions into the static inputs and replays. L is the smallest KV
+bucket holding every row's position, so a step attends over the live length rounded up to a power
+of two, not over the whole cache. The mask is computed inside the graph from the positions by the
+engine's own rule (`visible_keys`, with the model's sliding window). Rows of the bucket with no running
+request are fed token 0 at position max_seq - 1, a scratch position no request reaches (a request
+ends when prompt + output reach max_seq, so it writes at most position max_seq - 2); the scratch
+write lands past L, where no row of the step looks.
 
-`capture=False` runs the same static-shape step eagerly, on any device: the CPU stand-in that the
+The bucket follows the highest running slot, so the engine keeps running requests in the lowest slots:
+when a request ends below others, `move_slot` moves the highest one's KV row down into the hole (the
+engine calls it; one copy of the row's live positions per layer). One request left in slot 31 would
+otherwise replay the 32-row graph.
+
+All graphs share one memory pool (vLLM's practice): they replay one at a time, and a step's logits are
+gathered out of the pool (`out[rows]`) before the next replay. Capture runs largest first.
+
+`capture=False` runs the same static-shape steps eagerly, on any device: the CPU stand-in that the
 tests compare with HF and with the engine's own decode (tests/test_gen_hf.py).
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
 
 from millis.common.errors import MillisError
-from millis.gen.models.layers import Batch, visible_keys
+from millis.gen.models.layers import Attention, Batch, visible_keys
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_KV_BUCKET = 256  # the shortest KV bucket: below it a decode step is launch-bound, not length-bound
+
+
+def kv_buckets(max_seq: int, smallest: int = MIN_KV_BUCKET) -> tuple[int, ...]:
+    """Powers of two from `smallest` below max_seq, then max_seq itself."""
+    out, n = [], smallest
+    while n < max_seq:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_seq,)
 
 
 class GraphedDecode:
     """Callable (tokens, positions, slots) -> logits (n, vocab) for the engine's decode rows."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_seq: int, capture: bool = True,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, lengths: tuple[int, ...] | None = None) -> None:
         dev = next(model.parameters()).device
         if capture and dev.type != "cuda":
             raise MillisError("CUDA graphs need the model on a CUDA device")
         self.model, self.max_seq, self.device = model, max_seq, dev
         self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
         self.pos = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
-        self.out: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.out: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.steps: Counter[tuple[int, int]] = Counter()  # (B, L) -> decode steps run with it
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         if capture:
-            for b in self.buckets:
-                self._capture(b)
+            for b in reversed(self.buckets):
+                for n in reversed(self.lengths):
+                    self._capture(b, n)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, n: int) -> torch.Tensor:
         pos = self.pos[b]
-        mask = visible_keys(pos, self.max_seq, self.window)                     # (B, 1, 1, max_seq)
-        batch = Batch(ids=self.ids[b], pos=pos, slots=torch.arange(b, device=self.device), kv_len=self.max_seq,
+        mask = visible_keys(pos, n, self.window)                                # (B, 1, 1, L)
+        batch = Batch(ids=self.ids[b], pos=pos, slots=torch.arange(b, device=self.device), kv_len=n,
                       mask=mask, rows=slice(0, b))
         return self.model(batch)[:, -1]                                         # (B, vocab)
 
     @torch.inference_mode()
-    def _capture(self, b: int) -> None:
+    def _capture(self, b: int, n: int) -> None:
         self.pos[b].fill_(self.max_seq - 1)  # warm-up and capture write only the scratch position
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph: lazy inits, cuBLAS workspaces
-                self._forward(b)
+                self._forward(b, n)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self.out[b] = self._forward(b)
-        self.graphs[b] = g
+        with torch.cuda.graph(g, pool=self.pool):
+            self.out[b, n] = self._forward(b, n)
+        self.graphs[b, n] = g
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         b = next(x for x in self.buckets if x > max(slots))
+        n = next(x for x in self.lengths if x > max(positions))  # positions [0, p] of every row
         ids = [0] * b
         pos = [self.max_seq - 1] * b
         for t, p, s in zip(tokens, positions, slots):
             ids[s], pos[s] = t, p
         self.ids[b].copy_(torch.tensor(ids)[:, None], non_blocking=True)
         self.pos[b].copy_(torch.tensor(pos)[:, None], non_blocking=True)
-        if b in self.graphs:
-            self.graphs[b].replay()
-            out = self.out[b]
+        self.steps[b, n] += 1
+        if (b, n) in self.graphs:
+            self.graphs[b, n].replay()
+            out = self.out[b, n]
         else:
-            out = self._forward(b)
-        return out[torch.tensor(slots, device=self.device)]
+            out = self._forward(b, n)
+        return out[torch.tensor(slots, device=self.device)]  # out of the shared pool before the next replay
+
+    @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, n_pos: int) -> None:
+        """Move a request's KV (positions [0, n_pos) of slot src) to the free slot dst, every layer."""
+        for m in self.model.modules():
+            if isinstance(m, Attention) and m.cache is not None:
+                m.cache.k[dst, :, :n_pos] = m.cache.k[src, :, :n_pos]
+                m.cache.v[dst, :, :n_pos] = m.cache.v[src, :, :n_pos]

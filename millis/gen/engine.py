@@ -14,6 +14,9 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
   grammar and a full slot end a request, and its slot is free for the next step.
 
+CUDA (`cuda_graph.GraphedDecode`, one graph per batch bucket): running requests are kept in the lowest
+slots, moved down with their KV when one below them ends (`_compact`).
+
 Native (GGUF) models: a prompt prefills only past its prefix cached in the paged KV
 (`models/paged_kv.py`), and greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft
 model, `draft_model.py`). A row with a grammar (`grammar.py`) samples only what the grammar allows.
@@ -214,7 +217,22 @@ class Engine:
             self.seen[r.slot] = False
             self.seen[r.slot, torch.tensor(r.prompt, device=self.device)] = True
             new.append(r)
+        self._compact()
         return new, running
+
+    def _compact(self) -> None:
+        """GraphedDecode's bucket follows the highest running slot: move the highest requests (with their KV)
+        down into free slots below them. After admission, which fills the lowest free slots: none is new."""
+        move = getattr(self.decode, "move_slot", None)
+        while move is not None and self.kv is None and None in self.slots:
+            hole = self.slots.index(None)
+            top = max((i for i, r in enumerate(self.slots) if r is not None), default=-1)
+            if top < hole:
+                return
+            r = self.slots[top]
+            move(top, hole, r.n_cached)
+            self.slots[hole], self.slots[top], r.slot = r, None, hole
+            self.seen[hole] = self.seen[top]
 
     def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified

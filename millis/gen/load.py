@@ -86,9 +86,30 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         from millis.kernels.quant import quantize_int8
 
         quant_backend = quantize_int8(model, "torch" if engine.quant == "int8-torch" else "auto")
-    max_seq = min(engine.max_seq or cfg.max_seq, cfg.max_seq)
+    max_seq = static_max_seq(cfg, engine, torch_dtype(engine.dtype).itemsize)
     setup_caches(model, engine.max_batch, max_seq)
     return Loaded(model, cfg, tok, max_seq, source, quant_backend, engine.max_batch, engine.device)
+
+
+def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int:
+    """Positions per slot of the torch models' static KV cache (max_batch rows of max_seq positions, K and V
+    per layer), sized by memory: --max-seq when given, else as many as the KV budget holds for every slot,
+    at most the model's maximum. Without the cap, a Llama-3.2-1B config (131,072 positions) at 32 slots
+    would allocate about 275 GB."""
+    per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * engine.max_batch  # all slots
+    budget = kv_budget_bytes(engine)
+    if engine.max_seq:
+        max_seq = min(engine.max_seq, cfg.max_seq)
+        if engine.kv_memory_mb and max_seq * per_position > budget:
+            raise MillisError(f"--max-seq {max_seq} at --max-batch {engine.max_batch} needs "
+                              f"{max_seq * per_position >> 20} MiB of KV cache, over --kv-memory-mb {engine.kv_memory_mb}")
+        return max_seq
+    max_seq = min(cfg.max_seq, budget // per_position)
+    if max_seq < MIN_POSITIONS:
+        raise MillisError(f"the KV cache budget of {budget >> 20} MiB holds {max_seq} positions per slot at "
+                          f"--max-batch {engine.max_batch} (at least {MIN_POSITIONS}): raise --kv-memory-mb, "
+                          f"lower --max-batch or give --max-seq")
+    return max_seq
 
 
 # ---------------------------------------------------------------------------- GGUF files
@@ -98,13 +119,18 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
 # gigabytes it never uses.
 
 DEFAULT_KV_MB = 512
+MIN_POSITIONS = 32  # the fewest KV positions per slot (and per pool) a model loads with
 
 
 def kv_budget_bytes(engine: EngineConfig) -> int:
+    """The KV cache's memory: --kv-memory-mb, else on the CPU min(512 MiB, a quarter of the memory
+    available now), on a GPU half of the device memory free after the weights are loaded."""
     from millis.common.hardware import available_memory
 
     if engine.kv_memory_mb:
         return engine.kv_memory_mb << 20
+    if engine.device == "cuda":
+        return torch.cuda.mem_get_info()[0] // 2
     return min(DEFAULT_KV_MB << 20, available_memory() // 4)
 
 
@@ -128,8 +154,8 @@ def _native(c: ModelConfig, tensors: dict, neox: bool, tok, source: str, engine:
 
     max_seq = min(engine.max_seq or c.max_seq, c.max_seq)
     budget = kv_budget_bytes(engine)
-    if budget < kv_bytes_per_token(c) * 32:
-        raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than 32 positions of this model "
+    if budget < kv_bytes_per_token(c) * MIN_POSITIONS:
+        raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than {MIN_POSITIONS} positions of this model "
                           f"({kv_bytes_per_token(c)} bytes each)")
     model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
     model.kv.prefix_cache = engine.prefix_cache

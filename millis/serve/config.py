@@ -45,9 +45,10 @@ class ServeConfig:
     chat_template: str = _f("", "generation: a Jinja chat template file for /v1/chat/completions (default: the "
                                 "model's chat_template.jinja or tokenizer_config.json `chat_template`)")
     max_tokens: int = _f(256, "generation: max_tokens of a request that gives none")
-    max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum")
-    kv_memory_mb: int = _f(0, "generation, GGUF models: paged KV cache memory in MiB, shared by all slots; 0 = "
-                              "min(512, a quarter of free memory)")
+    max_seq: int = _f(0, "generation: KV cache positions per request (prompt + output); 0 = the model's maximum "
+                         "(torch models: within --kv-memory-mb)")
+    kv_memory_mb: int = _f(0, "generation: KV cache memory in MiB, shared by all slots (torch models: caps "
+                              "--max-seq); 0 = min(512, a quarter of free memory), on a GPU half of its free memory")
     prefix_cache: bool = _f(True, "generation, GGUF models: requests share the KV blocks of a common prompt prefix "
                                   "(a cached prefix is not prefilled again)")
     speculate: int = _f(0, "generation, GGUF models: draft tokens verified per step for greedy requests (the "

@@ -153,7 +153,8 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     s = torch.matmul(q.view(B, nh // group, group, hs), k.transpose(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, nkv, g, L)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    return torch.matmul(s.softmax(-1), v).view(B, nh, 1, hs)
+    p = s.softmax(-1, dtype=torch.float32).to(v.dtype)  # in fp32, as HF (bf16 scores: exp of bf16 differences)
+    return torch.matmul(p, v).view(B, nh, 1, hs)
 
 
 def setup_caches(model: nn.Module, max_batch: int, max_seq: int) -> None:
