@@ -322,3 +322,29 @@ def test_decode_attention_softmax_in_fp32():
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[1, ..., 5:] = False  # row 1 sees 5 keys: as if V had only those
     assert torch.equal(_attend_one(q, k, v, mask, 2)[1:], _attend_one(q[1:], k[1:, :, :5], v[1:, :, :5], None, 2))
+
+
+def test_an_id_reused_while_a_step_runs_is_the_new_request():
+    """cancel(X) then add(..., id=X) from another thread while a step runs (a client retrying under its own
+    id): the step reports nothing more for the old request and frees its slot; the new X runs to its end
+    with its own tokens (the step once told the two apart by id: the old kept running, the new was lost)."""
+    eng = engine(max_batch=2, runtime="torch")
+    want = run(engine(max_batch=2, runtime="torch"), ["in a he"], GREEDY)[0]["ids"]
+    eng.add("the cat", GREEDY, id="X")
+    eng.step()
+    model, fired = eng.model, []
+
+    def cancel_and_reuse(*a):  # inside the step, with the engine's lock released: where another thread gets in
+        if not fired:
+            fired.append(eng.cancel("X"))
+            eng.add("in a he", GREEDY, id="X")
+        return model(*a)
+
+    eng.model = cancel_and_reuse
+    got, ends = [], []
+    while eng.has_work:
+        for o in eng.step():
+            got += o.token_ids
+            ends.append(o.finished)
+    assert fired == [True] and got == want and ends[-1] == "length" and ends.count("length") == 1
+    assert eng.slots == [None, None] and not eng.requests

@@ -132,3 +132,23 @@ def test_draft_model_gives_the_targets_greedy_text(model_path, tmp_path):
         open_engine(model_path, EngineConfig(max_batch=1, max_seq=256, speculate=2, draft_model=wrong))
     with pytest.raises(MillisError, match="speculate"):
         EngineConfig(draft_model=other)
+
+
+def test_draft_model_with_a_shorter_context_drafts_for_the_rows_that_fit(model_path, tmp_path):
+    """A request longer than the draft model's context goes without drafts alone: its batch-mates' drafts
+    go on (once, its draft forward raised and every row lost its drafts on every step), with the same text."""
+    from dataclasses import replace
+
+    short = str(tmp_path / "ctx64.gguf")
+    write_tiny_gguf(short, replace(CFG, max_seq=64), random_llama_tensors(CFG, "Q4_0", embed_qtype="Q8_0"))
+    story = [1] + [10 + (i % 23) for i in range(40)]  # repeats: the target's own weights draft it right
+    long_prompt = [1] + [3 + (i * 7) % 300 for i in range(90)]  # 91 + 20 positions: past the draft's 64
+    greedy = SamplingParams(max_tokens=20, ignore_eos=True)
+    want = run_all(open_engine(model_path, EngineConfig(max_batch=2, max_seq=160, threads=2)), [story, long_prompt],
+                   greedy)
+    drafted = []
+    for prompts in ([story], [story, long_prompt]):
+        eng = open_engine(model_path, EngineConfig(max_batch=2, max_seq=160, threads=2, speculate=3, draft_model=short))
+        assert run_all(eng, prompts, greedy) == want[:len(prompts)]
+        drafted.append((eng.draft_stats.drafted, eng.draft_stats.accepted))
+    assert drafted[0][0] > 0 and drafted[1] == drafted[0], drafted  # the story drafts as much beside the long one

@@ -38,11 +38,13 @@ class DraftModel:
         if loaded.tokenizer is not None and target.tokenizer is not None and \
                 loaded.tokenizer.encode(PROBE) != target.tokenizer.encode(PROBE):
             raise MillisError("the draft model's tokenizer splits text differently from the target's")
-        self.model, self.kv = loaded.model, loaded.kv
+        self.model, self.kv, self.max_seq = loaded.model, loaded.kv, loaded.max_seq
         self.done: dict[int, int] = {}  # slot -> leading positions of its sequence held in the draft cache
 
     def admit(self, slot: int, n_pos: int) -> bool:
-        ok = self.kv.reserve(slot, n_pos)
+        """Room in the draft's cache for n_pos positions; False (no drafts for this slot alone) when they do
+        not fit, also past the draft's own context (its forward would raise, failing every row's drafts)."""
+        ok = n_pos <= self.max_seq and self.kv.reserve(slot, n_pos)
         if ok:
             self.done[slot] = 0
         return ok

@@ -14,8 +14,7 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
   grammar and a full slot end a request, and its slot is free for the next step.
 
-CUDA (`cuda_graph.GraphedDecode`, one graph per batch bucket): running requests are kept in the lowest
-slots, moved down with their KV when one below them ends (`_compact`).
+CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots (`_compact`).
 
 Native (GGUF) models: a prompt prefills only past its prefix cached in the paged KV
 (`models/paged_kv.py`), and greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft
@@ -191,7 +190,7 @@ class Engine:
                 self._stepping = False
                 outs = self._update(new + running, tokens, failed)
                 for i, r in enumerate(self.slots):  # cancelled while the step ran: free now
-                    if r is not None and r.id not in self.requests:
+                    if r is not None and self.requests.get(r.id) is not r:  # by object: add() may reuse the id
                         self._free(i)
         return outs
 
@@ -331,7 +330,7 @@ class Engine:
     def _update(self, rows: list[Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:
         outs = []
         for r in rows:
-            if r.id not in self.requests:  # cancelled during the step: nothing to report
+            if self.requests.get(r.id) is not r:  # cancelled during the step (its id maybe reused): nothing to report
                 continue
             if r.id in tokens and r.id not in failed:
                 try:
@@ -387,7 +386,8 @@ class Engine:
     def _finish(self, r: Request) -> None:
         if r.slot >= 0 and self.slots[r.slot] is r:
             self._free(r.slot)
-        self.requests.pop(r.id, None)
+        if self.requests.get(r.id) is r:  # not a new request that took this cancelled one's id
+            del self.requests[r.id]
 
 
 def run_all(eng: Engine, prompts: list, params: SamplingParams) -> list[list[int]]:
