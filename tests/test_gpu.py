@@ -184,6 +184,12 @@ def test_triton_kernels_match_torch(dtype, hidden):
                                                                        w.float(), b.float(), 1e-12)),
         (kernels.bias_gelu(ffn.clone(), fb), kernels.bias_gelu_torch(ffn.float(), fb.float())),
     ]
+    # strided views (every other row of a wider buffer, a transposed id matrix): the same as dense inputs
+    wide, ids_t = rnd(B * T, 2 * hidden), ids.t().contiguous().t()
+    pairs += [(kernels.embed_ln(ids_t, types, mask, word, pos, typ, w, b, 1e-12)[0], x_ref),
+              (kernels.add_ln(wide[:, ::2], b, res, w, b, 1e-12),
+               kernels.add_ln_torch(wide[:, ::2].float(), b.float(), res.float(), w.float(), b.float(), 1e-12)),
+              (kernels.bias_gelu(wide[:, ::2], b), kernels.bias_gelu_torch(wide[:, ::2].float(), b.float()))]
     for got, ref in pairs:
         assert got.dtype == dt and got.shape == ref.shape
         err = (got.float() - ref).norm() / ref.norm()

@@ -237,6 +237,15 @@ def test_gpu_buckets_and_device_errors(classify_artifact):
     b = gpu_buckets(32, 512)
     assert b[0] == "b1xs16" and b[-1] == "b32xs512" and len(b) == 6 * 6
     assert gpu_buckets(24, 100) == [f"b{x}xs{t}" for x in (1, 2, 4, 8, 16, 24) for t in (16, 32, 64, 100)]
+    # under the batcher's token budget: no graph no batch can reach, and one for every batch that can
+    from millis.common.config import Shape
+    from millis.runtimes.cuda import pick_bucket
+
+    assert set(gpu_buckets(32, 512)) - set(gpu_buckets(32, 512, 4096)) == {"b32xs512"}  # 17 x 272 > 4096
+    for budget in (4096, 1024, 600):
+        shapes = tuple(Shape.parse(x) for x in gpu_buckets(32, 512, budget))
+        picked = {pick_bucket(shapes, B, T) for B in range(1, 33) for T in range(16, 513, 16) if B * T <= budget}
+        assert None not in picked and picked == set(shapes), budget  # each batch has a graph, each graph a batch
     with pytest.raises(MillisError, match="CPU artifact"):
         open_model(classify_artifact, device="cuda")
     with pytest.raises(MillisError, match="device must be"):

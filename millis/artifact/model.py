@@ -99,19 +99,27 @@ class Model:
         return out
 
 
-def gpu_buckets(max_batch: int, max_length: int) -> list[str]:
-    """CUDA-graph shapes for a server: batch 1, 2, 4 .. max_batch x seq 16, 32, 64 .. max_length.
-    The batcher pads T to a multiple of 16 and the runtime pads (B, T) up to the next captured shape."""
+def gpu_buckets(max_batch: int, max_length: int, max_batch_tokens: int = 0) -> list[str]:
+    """CUDA-graph shapes for a server: batch 1, 2, 4 .. max_batch x seq 16, 32, 64 .. max_length, less the
+    ones no batch reaches under the batcher's token budget (rows x padded length <= max_batch_tokens; 0:
+    no budget). The batcher pads T to a multiple of BUCKET and the runtime pads (B, T) up to the next
+    captured shape, so (b, t) is needed when its smallest batch, (previous b + 1) x (previous t + BUCKET),
+    fits the budget."""
+    from millis.encoder.text import BUCKET
+
     def pow2(lo: int, hi: int) -> list[int]:
         out = [lo]
         while out[-1] < hi:
             out.append(min(out[-1] * 2, hi))
         return out
-    return [f"b{b}xs{t}" for b in pow2(1, max_batch) for t in pow2(16, max_length)]
+    bs, ts = pow2(1, max_batch), pow2(BUCKET, max_length)
+    least = {(b, t): (bs[i - 1] + 1 if i else 1) * ((ts[j - 1] if j else 0) + BUCKET)  # its smallest batch's tokens
+             for i, b in enumerate(bs) for j, t in enumerate(ts)}
+    return [f"b{b}xs{t}" for (b, t), n in least.items() if not max_batch_tokens or n <= max_batch_tokens]
 
 
 def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "cpu",
-               max_batch: int = MAX_BATCH) -> Model:
+               max_batch: int = MAX_BATCH, max_batch_tokens: int = 0) -> Model:
     """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
     `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike.
     device="cuda" serves a source (BERT family) through the CUDA-graph runtime in fp16 instead."""
@@ -135,7 +143,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     kind, name, precision = "torch", "torch-fp32", "fp32"
     if device == "cuda":
         kind, name, precision = "cuda", "cuda-fp16", "fp16"
-        options.update(dtype="fp16", buckets=gpu_buckets(max_batch, max_len))
+        options.update(dtype="fp16", buckets=gpu_buckets(max_batch, max_len, max_batch_tokens))
     rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
     meta = ModelMeta(task, OUTPUT_NAME[task], tuple(src.input_names), max_len, dict(src.id2label),
                      SourceMeta.of(src), VariantRecipe(name, kind, precision, passes=(), options={}))

@@ -106,9 +106,15 @@ def _row_warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
+def _dense(*ts):
+    """The kernels index rows as ptr + row * N: a strided view (a slice, a transpose) becomes a copy."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
+
+
 def embed_ln(ids, types, mask, word, pos, typ, w, b, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not triton_ok(word):
         return embed_ln_torch(ids, types, mask, word, pos, typ, w, b, eps)
+    ids, types, mask, word, pos, typ, w, b = _dense(ids, types, mask, word, pos, typ, w, b)
     B, T = ids.shape
     N = word.shape[1]
     out = torch.empty(B * T, N, device=word.device, dtype=word.dtype)
@@ -123,6 +129,7 @@ def add_ln(h, bias, res, w, b, eps: float) -> torch.Tensor:
     """LayerNorm(h + bias + res) -> (M, H) in res's dtype; h (M, H) or (S, M, H) fp32 partials."""
     if not triton_ok(h):
         return add_ln_torch(h, bias, res, w, b, eps)
+    h, bias, res, w, b = _dense(h, bias, res, w, b)
     M, N = res.shape
     S = h.shape[0] if h.dim() == 3 else 1
     out = torch.empty_like(res)
@@ -134,6 +141,9 @@ def add_ln(h, bias, res, w, b, eps: float) -> torch.Tensor:
 def bias_gelu(h, bias) -> torch.Tensor:
     if not triton_ok(h):
         return bias_gelu_torch(h, bias)
+    if not h.is_contiguous():  # in place below: a strided h is made dense first (and that copy returned)
+        h = h.contiguous()
+    bias, = _dense(bias)
     total, N = h.numel(), h.shape[-1]
     block = 1024
     _bias_gelu_kernel[(triton.cdiv(total, block),)](h, bias, h, total, N, BLOCK=block, num_warps=4)

@@ -123,8 +123,9 @@ class CudaGraphRuntime:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
         """Device tensors (B, T) in, (B, N) float32 on the device out, for callers that tokenize onto
-        the GPU themselves. A graph's output is a view of its buffer, valid until the next call.
-        full=True: the caller knows attention_mask is all ones (reading it here would sync)."""
+        the GPU themselves. A graph's output is copied out of the graphs' shared pool: another bucket's
+        replay may reuse that memory. full=True: the caller knows attention_mask is all ones (reading it
+        here would sync)."""
         B, T = input_ids.shape
         shape = pick_bucket(self.buckets, B, T)
         with self._lock, torch.inference_mode():
@@ -139,9 +140,9 @@ class CudaGraphRuntime:
                 slot.dev[2, :B, :T].copy_(token_type_ids)
             if full and slot.dense is not None and (B, T) == (shape.batch, shape.seq):
                 slot.dense.replay()
-                return slot.dense_out
+                return slot.dense_out.clone()
             slot.graph.replay()
-            return slot.out[:B]
+            return slot.out[:B].clone()
 
     def _replay(self, slot: _Slot, feeds: dict[str, np.ndarray], B: int, T: int) -> np.ndarray:
         h = slot.host.numpy()

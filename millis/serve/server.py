@@ -55,7 +55,8 @@ def app_and_loader(cfg: ServeConfig):
     # ORT keeps its default spinning thread pool: measured here, turning it off (so idle threads sleep)
     # cost ~2 ms at concurrency 1 and lowered throughput under load (bench/serve_vs_infinity.py notes)
     return partial(create_app, task=task), lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,
-                                                              max_batch=cfg.max_batch)
+                                                              max_batch=cfg.max_batch,
+                                                              max_batch_tokens=cfg.max_batch_tokens)
 
 
 def _gen_loader(cfg: ServeConfig, model: str):
