@@ -6,6 +6,14 @@ import numpy as np
 import torch
 
 
+def gpu_slug(name: str) -> str:
+    """The model of a GPU as results files name it: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100"."""
+    import re
+
+    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"\W+", "-", name).strip("-")).lower()
+
+
 def dev_inputs(feeds):
     return [torch.from_numpy(feeds[n]).cuda() for n in ("input_ids", "attention_mask", "token_type_ids")]
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from millis.common.readers import read_texts  # noqa: E402
 from millis.loadgen import request_maker  # noqa: E402
 from millis.loadgen.client import Target  # noqa: E402
 from millis.loadgen.load import Level, run_level, warm  # noqa: E402
 from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
+from gpu_probes import gpu_slug  # noqa: E402
 
 
 def build_bert_base(out: Path, tokenizer: Path) -> Path:
@@ -98,7 +100,7 @@ def main() -> int:
           f"SIGTERM exit {exit_code}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"gpu_serve_{gpu_slug(gpu)}.json").write_text(json.dumps(res, indent=2) + "\n")  # as committed: _h100
     return 0
 
 
