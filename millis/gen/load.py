@@ -135,10 +135,21 @@ def kv_budget_bytes(engine: EngineConfig) -> int:
 
 
 def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
+    """On the CPU, the file's block formats on millis's native kernels; on a GPU (or with the kernels off),
+    its weights dequantized into the torch model at the engine's dtype (gguf_torch.py)."""
     from millis.gen.gguf import read_gguf
+    from millis.kernels.native import native_isa
 
-    if engine.device != "cpu":
-        raise MillisError("GGUF models run on millis's CPU kernels: --device cuda is not supported for them")
+    if engine.device != "cpu" or native_isa() is None:
+        if engine.quant != "none":
+            raise MillisError(f"--quant {engine.quant} runs on the CPU kernels; a GGUF file on {engine.device} "
+                              f"is dequantized to --dtype {engine.dtype}")
+        from millis.gen.gguf_torch import gguf_state_dict
+
+        g = read_gguf(path)
+        loaded = build(g.config, gguf_state_dict(g), g.tokenizer, f"gguf:{g.arch}", engine)
+        loaded.chat_template, loaded.special_tokens = g.chat_template, g.special_tokens
+        return loaded
     if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
         raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
                           f"matrices to millis's int8): got dtype {engine.dtype}, quant {engine.quant}")
