@@ -87,6 +87,18 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_harms_no_one(stories):
     assert time.perf_counter() - t0 < 60
 
 
+def test_tools_and_tool_calls_count_toward_the_prompt_limit(stories):
+    """What the template renders besides content (tool definitions, earlier calls) is refused as a long
+    prompt is, before rendering or tokenizing (this model has no template: it would be a 400 after)."""
+    s, big = stories[1], "Once upon a time " * 6000
+    tools = [{"type": "function", "function": {"name": "f", "description": big}}]
+    status, _, body = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    assert status == 413 and body["error"]["param"] == "tools", body
+    call = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": big}}]}
+    status, _, body = s.post("/v1/chat/completions", {"messages": [call, {"role": "user", "content": "hi"}]})
+    assert status == 413 and body["error"]["param"] == "messages", body
+
+
 def test_smaller_defects(stories):
     model, s = stories
     status, _, body = s.post("/v1/completions", {"prompt": "Once", "max_tokens": 14.0, "top_k": 5.0, "n": 1.0})

@@ -27,6 +27,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
     "required": ["zone"], "additionalProperties": False}}}
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+DEEP = '{"type": "array", "items": ' * 1000 + "{}" + "}" * 1000  # JSON past Python's recursion limit: sent as text
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +148,20 @@ def test_n_choices_are_distinct_seeded_and_reproducible(server):
         "name": "f", "parameters": {"type": "no-such-type"}}}]}, "tools"),
     ("/v1/completions", {"tools": [WEATHER]}, "tools"),
     ("/v1/completions", {"n": 17}, "n"),
+    ("/v1/completions", {"n": 5}, "n"),  # over --max-batch 4: the fifth choice could start only after a whole one
+    *[(route, {"messages": [{"role": "assistant", "tool_calls": calls}, *MSGS]}, "messages")
+      for route in ("/v1/chat/completions", "/tokenize")
+      for calls in ([{"function": "f"}], 5, [{"function": None}], [{"function": {"name": "f", "arguments": 5}}])],
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": "$deep"}}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": "$deep"}}]},
+     "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "$deep"}}]}, *MSGS]}, "messages"),
 ])
 def test_bad_structured_requests_are_422_naming_the_field(server, route, extra, param):
-    body = {"messages": MSGS} if "chat" in route else {"prompt": "hi"}
-    status, _, err = server.post(route, {**body, **extra})
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": MSGS}
+    status, _, err = server.post(route, raw=json.dumps({**body, **extra}).replace('"$deep"', DEEP).encode())
     assert status == 422 and err["error"]["param"] == param, err
 
 
@@ -298,3 +309,22 @@ def test_native_template_calls_parse_and_validate_also_streamed(native_server):
     msg = body["choices"][0]["message"]
     if not msg.get("tool_calls"):
         assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
+
+
+def test_tokenize_counts_what_the_chat_route_sends(native_server):
+    """An earlier tool call is shown in the template's own syntax on /tokenize as on the chat route."""
+    history = MSGS + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    status, _, tok = native_server.post("/tokenize", {"messages": history})
+    _, _, chat = native_server.post("/v1/chat/completions", {"messages": history, "max_tokens": 1})
+    assert status == 200 and tok["count"] == chat["usage"]["prompt_tokens"], (tok, chat)
+
+
+def test_a_lone_surrogate_in_arguments_is_a_422(native_server):
+    """Escaped in the JSON text it passes the body's parser; the template's tojson writes it raw."""
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"city": "\\ud800"}'}}]
+    msgs = MSGS + [{"role": "assistant", "content": None, "tool_calls": calls}]
+    for route in ("/v1/chat/completions", "/tokenize"):
+        status, _, err = native_server.post(route, {"messages": msgs})
+        assert status == 422 and err["error"]["param"] == "messages", (route, err)

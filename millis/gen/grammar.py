@@ -42,9 +42,7 @@ def json_schema_grammar(schema: dict | bool | None, options: dict = JSON_OPTIONS
         schema = {"type": "object"}
     if not isinstance(schema, (dict, bool)):
         raise MillisError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    text = json.dumps(schema)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+    text = schema_text(schema)
     try:
         return LLMatcher.grammar_from_json_schema(text, overrides=options)
     except ValueError as e:
@@ -64,10 +62,18 @@ def lark_grammar(text: str) -> str:
 
 def json_rule(schema: dict, options: dict = JSON_OPTIONS) -> str:
     """A Lark rule body for a JSON value valid under `schema` (whitespace as json_schema_grammar's)."""
-    text = json.dumps({**schema, "x-guidance": options})
+    return f"%json {schema_text({**schema, 'x-guidance': options})}"
+
+
+def schema_text(schema: dict | bool) -> str:
+    """`schema` as JSON text, refused when it is too large or too deep to compile."""
+    try:
+        text = json.dumps(schema)
+    except RecursionError:  # the servers refuse deep schemas before this; other callers may not
+        raise MillisError("the JSON schema nests too deeply") from None
     if len(text) > MAX_SCHEMA_CHARS:
         raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
-    return f"%json {text}"
+    return text
 
 
 def _spm_tokens(tok, n: int) -> list[bytes]:

@@ -162,7 +162,7 @@ def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
         "repetition_penalty": nullable({"type": "number", "minimum": MIN_PENALTY, "maximum": MAX_PENALTY}),
         "ignore_eos": nullable({"type": "boolean"}), "stream": nullable({"type": "boolean"}),
         "stream_options": nullable({"type": "object", "properties": {"include_usage": nullable({"type": "boolean"})}}),
-        "n": nullable({"type": "integer", "minimum": 1, "maximum": gs.MAX_N}),
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_n}),
         "stop": {"anyOf": [NULL, stop_s, {"type": "array", "items": stop_s, "maxItems": gs.MAX_STOPS}]},
         "response_format": {"anyOf": [NULL, {"type": "object", "required": ["type"], "additionalProperties": False,
                                              "properties": {"type": {"enum": ["text", "json_object"]}}},

@@ -68,6 +68,30 @@ def integer(body: dict[str, Any], key: str, lo: int, hi: int, default: int | Non
     return int(v)
 
 
+# JSON a request nests (schemas, tool arguments): Python's json and the grammar compiler recurse per level,
+# with a limit near 1000 levels; a body can nest deeper (orjson reads 1024). Deeper is a 422.
+MAX_JSON_DEPTH = 100
+
+
+def json_shape(value: Any) -> tuple[int, int]:
+    """(nesting depth, characters of its keys, strings and scalars) of a parsed JSON value: what a template
+    may render of it. Walked with a stack, so a value nested past the recursion limit is measured too."""
+    depth = chars = 0
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            chars += sum(len(k) for k in v)
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+        else:
+            chars += len(v if isinstance(v, str) else str(v))
+            continue
+        depth = max(depth, d + 1)
+    return depth, chars
+
+
 def same_value(v: Any, ref: Any) -> bool:
     """Equal as JSON values: 0 == 0.0, but false is not 0 and true is not 1."""
     return v == ref and isinstance(v, bool) == isinstance(ref, bool)

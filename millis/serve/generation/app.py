@@ -138,7 +138,8 @@ class GenState:
             log.error("millis serve: model failed to load: %s", self.load_error)
             return
         self.cold_start_s = perf_counter() - t0
-        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq))
+        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq),
+                                       min(gs.MAX_N, eng.max_batch))
         self.engine = eng
         self._thread = threading.Thread(target=self._run, name="millis-engine", daemon=True)
         self._thread.start()
@@ -269,8 +270,7 @@ class GenState:
                                         f"chat_template in tokenizer_config.json): start the server with "
                                         f"--chat-template FILE, or use /v1/completions", param="messages",
                                    code="no_chat_template")
-        size = len(g.prompt or "") + sum(len(m.get("content") or "") for m in g.messages or [])
-        if size <= INLINE_TOKENIZE_CHARS:
+        if g.chars <= INLINE_TOKENIZE_CHARS:
             return self._encode(g)
         return await off_loop(self._encode, g)  # bounded: the text is at most gen_limits.max_prompt_chars
 
@@ -282,6 +282,12 @@ class GenState:
             text = render_chat(self.template, g.messages, self.special, g.template_tools)
         except Exception as e:  # noqa: BLE001 -- the template refused the conversation (raise_exception, ...)
             raise schemas.ApiError(422, f"the chat template cannot render these messages: {e}", param="messages",
+                                   code="invalid_messages") from None
+        try:  # a lone surrogate (an escaped one in tool-call arguments, parsed): not text a tokenizer takes
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise schemas.ApiError(422, f"the rendered conversation is not valid Unicode ({e.reason} at character "
+                                        f"{e.start}): a lone surrogate escape in the messages?", param="messages",
                                    code="invalid_messages") from None
         return encode_rendered(tok, text)
 

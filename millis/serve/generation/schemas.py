@@ -7,6 +7,7 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,7 +19,7 @@ from millis.gen.config import (MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_P
 from millis.gen.grammar import json_schema_grammar
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
-from millis.serve.schemas import ApiError, check_model, integer, is_integral, same_value
+from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, check_model, integer, is_integral, json_shape, same_value
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 16
@@ -32,12 +33,14 @@ MAX_N = 16                    # choices per request: each is a slot's work
 
 @dataclass(frozen=True)
 class GenLimits:
-    """The per-request bounds that depend on the server: its default and largest max_tokens, and the
-    longest prompt text it tokenizes (longer: 413 before any tokenizing work)."""
+    """The per-request bounds that depend on the server: its default and largest max_tokens, the
+    longest prompt text it tokenizes (longer: 413 before any tokenizing work), and the most choices
+    (a request's choices must all start within the first-token timeout: at most the engine's slots)."""
 
     default_max_tokens: int
     max_tokens: int
     max_prompt_chars: int
+    max_n: int = MAX_N
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class GenRequest:
     tools: ToolSpec | None = None       # chat: the tools the answer may call (params.grammar constrains it)
     tool_format: GenericFormat = GENERIC  # chat: how the template shows tools and the model writes calls
     template_tools: list | None = None    # chat: the chat template's `tools` variable
+    chars: int = 0                        # text characters the prompt is made of (chat: all the template shows)
 
     @property
     def grammar_from(self) -> str:
@@ -99,7 +103,10 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
         if not any(same_value(body.get(key), o) for o in off):
             raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
                            code="unsupported")
-    integer(body, "n", 1, MAX_N, 1)  # read by the request parsers; checked with the rest here
+    n = integer(body, "n", 1, MAX_N, 1)  # read by the request parsers; checked with the rest here
+    if n > limits.max_n:
+        raise ApiError(422, f"n is {n}; this server runs at most {limits.max_n} choices of a request at once "
+                            f"(its --max-batch)", param="n", code="invalid_value")
     mt = integer(body, "max_tokens", 1, limits.max_tokens, limits.default_max_tokens)
     top_k = integer(body, "top_k", -1, MAX_TOP_K, 0)
     seed = integer(body, "seed", SEED_MIN, SEED_MAX)
@@ -138,6 +145,9 @@ def response_format(body: dict) -> str:
     if kind not in ("json_object", "json_schema"):
         raise ApiError(422, f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                             f"{{\"type\": \"json_schema\", \"json_schema\": {{...}}}}, got {rf!r}",
+                       param="response_format", code="invalid_value")
+    if kind == "json_schema" and json_shape(schema["schema"])[0] > MAX_JSON_DEPTH:
+        raise ApiError(422, f"response_format: the JSON schema nests deeper than {MAX_JSON_DEPTH} levels",
                        param="response_format", code="invalid_value")
     try:
         return json_schema_grammar(schema["schema"] if kind == "json_schema" else None)
@@ -180,13 +190,15 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
     if body.get("tools") is not None and body["tools"] != [] or body.get("tool_choice") is not None:
         raise ApiError(422, "tools and tool_choice are for /v1/chat/completions", param="tools", code="unsupported")
     params = sampling(body, limits)
-    return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1))
+    return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1),
+                      chars=len(prompt) if isinstance(prompt, str) else 0)
 
 
-def _check_size(chars: int, limits: GenLimits, param: str) -> None:
+def _check_size(chars: int, limits: GenLimits, param: str, what: str = "") -> None:
     if chars > limits.max_prompt_chars:
-        raise ApiError(413, f"{param} has {chars} characters; this server tokenizes at most {limits.max_prompt_chars} "
-                            f"(more could never fit the model's context)", param=param, code="prompt_too_long")
+        raise ApiError(413, f"{what or param}: {chars} characters; this server tokenizes at most "
+                            f"{limits.max_prompt_chars} (more could never fit the model's context)", param=param,
+                       code="prompt_too_long")
 
 
 def _content(m: dict, i: int) -> str | None:
@@ -198,6 +210,35 @@ def _content(m: dict, i: int) -> str | None:
         return "".join(x["text"] for x in c)
     raise ApiError(422, f"messages[{i}].content must be a string or a list of text parts", param="messages",
                    code="invalid_type")
+
+
+def _check_tool_calls(m: dict, i: int) -> None:
+    """An earlier answer's tool_calls: [{id?, function: {name, arguments?: JSON text or object}}], as the tool
+    formats read them; arguments at most MAX_JSON_DEPTH deep (they are parsed and written again)."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+
+    def well_formed(c) -> bool:
+        f = c.get("function") if isinstance(c, dict) else None
+        return isinstance(f, dict) and isinstance(f.get("name"), str) \
+            and (c.get("id") is None or isinstance(c["id"], str)) \
+            and (f.get("arguments") is None or isinstance(f["arguments"], (str, dict)))
+
+    if not isinstance(calls, list) or not all(well_formed(c) for c in calls):
+        raise ApiError(422, f"messages[{i}].tool_calls must be a list of {{\"id\": str, \"function\": {{\"name\": "
+                            f"str, \"arguments\": a JSON string or object}}}}", param="messages", code="invalid_value")
+    for c in calls:
+        args = c["function"].get("arguments")
+        try:
+            deep = json_shape(json.loads(args) if isinstance(args, str) else args)[0] > MAX_JSON_DEPTH
+        except ValueError:  # not JSON: shown as the text it is
+            deep = False
+        except RecursionError:
+            deep = True
+        if deep:
+            raise ApiError(422, f"messages[{i}].tool_calls: arguments nest deeper than {MAX_JSON_DEPTH} levels",
+                           param="messages", code="invalid_value")
 
 
 def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat = GENERIC) -> GenRequest:
@@ -213,6 +254,7 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(422, f"messages[{i}] must be an object with role in {', '.join(ROLES)}", param="messages",
                            code="invalid_value")
+        _check_tool_calls(m, i)
         out.append({k: v for k, v in {**m, "content": _content(m, i)}.items() if v is not None})
     _check_size(sum(len(m.get("content") or "") for m in out), limits, "messages")
     params = sampling(body, limits, chat=True)  # checks max_tokens (OpenAI's older name) even when the newer is given
@@ -220,6 +262,13 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
     tools = tool_spec(body)
+    messages, template_tools = fmt.conversation(out, tools)
+    # what the template renders besides content (tool definitions, earlier calls) is tokenized too
+    chars = json_shape(messages)[1] + json_shape(template_tools)[1]
+    if chars > limits.max_prompt_chars:
+        tools_chars = json_shape(tools.tools)[1] if tools is not None else 0
+        param = "tools" if chars - tools_chars <= limits.max_prompt_chars else "messages"
+        _check_size(chars, limits, param, "messages and tools" if tools is not None else "messages")
     if tools is not None and params.grammar:
         raise ApiError(422, "response_format cannot be combined with tools the model may call (tool_choice none "
                             "or no tools)", param="response_format", code="invalid_value")
@@ -228,9 +277,8 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
             params = replace(params, grammar=fmt.grammar(tools) or "")
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
-    messages, template_tools = fmt.conversation(out, tools)
     return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
-                      template_tools)
+                      template_tools, chars)
 
 
 # ---------------------------------------------------------------------------- bodies

@@ -26,7 +26,9 @@ def tokenize_routes(st) -> list[Route]:
         if chat and "prompt" in body:
             raise ApiError(422, "send either prompt or messages, not both", param="messages", code="invalid_value")
         fields = {k: body[k] for k in ("model", "messages" if chat else "prompt") if k in body}
-        g = (gs.chat_request if chat else gs.completion_request)(fields, st.name, st.gen_limits)
+        # the chat route's tool format: earlier calls are shown, and counted, as that route shows them
+        g = gs.chat_request(fields, st.name, st.gen_limits, st.tool_format) if chat else \
+            gs.completion_request(fields, st.name, st.gen_limits)
         ids = await st.prompt_ids(g)
         return json_response({"tokens": ids, "count": len(ids), "max_model_len": eng.max_seq})
 

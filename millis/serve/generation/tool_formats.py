@@ -89,9 +89,9 @@ class NativeFormat(GenericFormat):
         for m in messages:
             m = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
             if m["role"] == "assistant" and m.get("tool_calls"):
-                m["tool_calls"] = [{"id": c.get("id", ""), "type": "function", "function": {
-                    "name": c.get("function", {}).get("name"), "arguments": arguments_of(c)}}
-                    for c in m["tool_calls"] if isinstance(c, dict)]
+                m["tool_calls"] = [{"id": c.get("id") or "", "type": "function", "function": {
+                    "name": c["function"]["name"], "arguments": arguments_of(c)}}
+                    for c in m["tool_calls"]]  # their shape checked by the request's parser
                 m["content"] = m.get("content") or ""
             out.append(m)
         tools = None if spec is None else [{"type": "function", "function": t} for t in spec.tools]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from millis.serve.generation.tool_stream import tool_call
-from millis.serve.schemas import ApiError
+from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, json_shape
 
 MAX_TOOLS = 64
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -80,6 +80,8 @@ def tool_spec(body: dict) -> ToolSpec | None:
         params = f.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict) or not isinstance(f.get("description", ""), str):
             raise _fail(f"tools[{i}].function.parameters must be a JSON schema object and description a string")
+        if json_shape(params)[0] > MAX_JSON_DEPTH:
+            raise _fail(f"tools[{i}].function.parameters nests deeper than {MAX_JSON_DEPTH} levels")
         specs.append({"name": f["name"], "description": f.get("description", ""), "parameters": params})
     if len({s["name"] for s in specs}) != len(specs):
         raise _fail("tools must have distinct names")
@@ -106,8 +108,7 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
     for m in messages:
         calls = m.get("tool_calls")
         if m["role"] == "assistant" and calls:
-            shown = [{"name": c.get("function", {}).get("name"), "arguments": arguments_of(c)} for c in calls
-                     if isinstance(c, dict)]
+            shown = [{"name": c["function"]["name"], "arguments": arguments_of(c)} for c in calls]  # checked
             out.append({"role": "assistant", "content": json.dumps({"tool_calls": shown})})
         elif m["role"] == "tool":
             out.append({"role": "tool", "content": m.get("content") or ""})
@@ -122,8 +123,10 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
 
 
 def arguments_of(call: dict) -> Any:
-    """An OpenAI tool_call's arguments as a value (the JSON string parsed; left as it is when it does not parse)."""
-    args = call.get("function", {}).get("arguments", "{}")
+    """An OpenAI tool_call's arguments as a value (the JSON string parsed; left as it is when it does not parse;
+    absent or null: {})."""
+    args = call["function"].get("arguments")
+    args = "{}" if args is None else args
     try:
         return json.loads(args) if isinstance(args, str) else args
     except ValueError:
