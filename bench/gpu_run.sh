@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one device run for issue 20: every GPU figure in under 10 minutes, each part time-boxed so that one
+# hang costs its part alone; results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh,
+# whose header gives the two run calls). Order: what the issue's targets need most comes first.
+set -u
+OUT=${OUT:-/tmp/millis-gpu-out}
+C=bench/.gpu_carry
+mkdir -p "$OUT"
+export PYTHONPATH=".:$C/py" PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_run.log"
+part() {  # part SECONDS NAME CMD...: one time-boxed step, its exit status logged
+    local t=$1 name=$2; shift 2
+    echo "== $(date +%T) $name: $*" | tee -a "$LOG"
+    timeout -k 10 "$t" "$@" >> "$LOG" 2>&1
+    echo "== $(date +%T) $name: rc=$?" | tee -a "$LOG"
+    tail -n 25 "$LOG" | grep -v '^==' || true
+}
+python3 - > "$OUT/env.json" <<'PYEOF'
+import json, platform, subprocess, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for mod in ("transformers", "triton", "pytest", "gguf"):
+    try:
+        info[mod] = __import__(mod).__version__
+    except Exception as e:  # noqa: BLE001
+        info[mod] = f"missing ({type(e).__name__})"
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                      "--format=csv,noheader"], capture_output=True, text=True)
+info["nvidia_smi"] = smi.stdout.strip()
+print(json.dumps(info, indent=1))
+PYEOF
+cat "$OUT/env.json"
+if [ ! -f "$C/smollm2.gguf" ] && [ -f "$C/smollm2.gguf.part-aa" ] && [ -f "$C/smollm2.gguf.part-ab" ]; then
+    cat "$C/smollm2.gguf.part-aa" "$C/smollm2.gguf.part-ab" > "$C/smollm2.gguf"
+    [ "$(sha256sum "$C/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$C/tok/smollm2.gguf.sha256")" ] \
+        || { echo "smollm2.gguf: checksum mismatch" | tee -a "$LOG"; rm -f "$C/smollm2.gguf"; }
+fi
+# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (90 s)
+if python3 -c "import pytest" 2>/dev/null; then
+    part 90 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
+fi
+# 2. Llama-3.2-1B shape (random weights): millis bf16 against HF eager and HF static cache + torch.compile (170 s)
+part 170 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 2 --batches 1,32 --bandwidth-mib 0 \
+    --pause 0.05 --out "$OUT/generation_h200.json"
+# 3. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32, HTTP ITL (120 s)
+if [ -f "$C/smollm2.gguf" ]; then
+    part 120 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
+fi
+# 4. encoders: MiniLM and BERT-base, millis fp16 graphs against HF eager / compile / whole graph (120 s)
+part 120 encoders python3 bench/gpu_encoders.py --seconds 0.6 --rounds 3 --no-probes --out "$OUT"
+# 5. millis serve --device cuda, BERT-base classifier over HTTP (80 s)
+if [ -d "$C/tok" ] && [ -f "$C/texts.txt" ]; then
+    part 80 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 4 --out "$OUT"
+fi
+ls -la "$OUT"
