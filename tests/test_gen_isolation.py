@@ -74,9 +74,10 @@ class RaisingModel(torch.nn.Module):
         return self.inner(batch)
 
 
+@pytest.mark.parametrize("runtime", ["native", "torch"])  # torch: new prompts prefill in one padded forward
 @pytest.mark.parametrize("where", ["prefill", "decode"])
-def test_a_request_whose_forward_raises_fails_alone(where):
-    eng = engine()
+def test_a_request_whose_forward_raises_fails_alone(where, runtime):
+    eng = engine(runtime=runtime)
     z = eng.tok.ids["z"]
     eng.model = RaisingModel(eng.model, z)
     # prefill: 'z' in the prompt; decode: once prefilled, the poison row's next input is forced to 'z'

@@ -12,8 +12,8 @@ ends when prompt + output reach max_seq, so it writes at most position max_seq -
 write lands past L, where no row of the step looks.
 
 The bucket follows the highest running slot, so the engine keeps running requests in the lowest slots:
-when a request ends below others, `move_slot` moves the highest one's KV row down into the hole (the
-engine calls it; one copy of the row's live positions per layer). One request left in slot 31 would
+when a request ends below others, `compact_slots` moves the highest one down into the hole with its KV
+row (`move_slot`: one copy of the row's live positions per layer). One request left in slot 31 would
 otherwise replay the 32-row graph.
 
 All graphs share one memory pool (vLLM's practice): they replay one at a time, and a step's logits are
@@ -113,3 +113,18 @@ class GraphedDecode:
             if isinstance(m, Attention) and m.cache is not None:
                 m.cache.k[dst, :, :n_pos] = m.cache.k[src, :, :n_pos]
                 m.cache.v[dst, :, :n_pos] = m.cache.v[src, :, :n_pos]
+
+
+def compact_slots(slots: list, seen: torch.Tensor, move) -> None:
+    """The engine's slots (Request or None), after admission filled the lowest free ones: move the highest
+    running requests down into the free slots below them, with their KV (`move(src, dst, n_pos)`, e.g.
+    GraphedDecode.move_slot) and repetition-penalty rows, so the batch bucket follows the running count."""
+    while None in slots:
+        hole = slots.index(None)
+        top = max((i for i, r in enumerate(slots) if r is not None), default=-1)
+        if top < hole:
+            return
+        r = slots[top]
+        move(top, hole, r.n_cached)
+        slots[hole], slots[top], r.slot = r, None, hole
+        seen[hole] = seen[top]

@@ -9,16 +9,15 @@
 
 Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute, update:
 - schedule: waiting requests take free slots (FIFO, at most `max_prefills_per_step` per step);
-- execute: each new request is prefilled alone, and every running request decodes one token, all
-  rows in one batched forward at their own positions; all their logits are sampled together;
+- execute: new requests are prefilled (native: each alone; torch: in one right-padded forward), every
+  running request decodes one token, all rows in one batched forward at their own positions; all
+  their logits are sampled together;
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
   grammar and a full slot end a request, and its slot is free for the next step.
-
-CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots (`_compact`).
-
-Native (GGUF) models: a prompt prefills only past its prefix cached in the paged KV
-(`models/paged_kv.py`), and greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft
-model, `draft_model.py`). A row with a grammar (`grammar.py`) samples only what the grammar allows.
+CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots.
+Native models: a prompt prefills only past its prefix cached in the paged KV (`models/paged_kv.py`), and
+greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft model, `draft_model.py`).
+A row with a grammar (`grammar.py`) samples only what the grammar allows.
 
 One request never fails another: whatever one request raises in a step (its prefill, decode row,
 sampling, grammar or text) ends that request alone with `finished="error"` and the reason in
@@ -26,9 +25,9 @@ sampling, grammar or text) ends that request alone with `finished="error"` and t
 The work of a step is bounded by the batch: stop strings are searched only in the new text, and
 the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
 
-A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same
-tokens as alone (tested against HF `generate`), and a seeded row draws from its own generator.
-This holds for `quant=int8` (exact integer sums per 32 values of a row), not for `int8-torch` (fbgemm).
+A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same tokens as
+alone (tested against HF `generate`), and a seeded row draws from its own generator. This holds for
+`quant=int8` (exact integer sums per 32 values of a row), not for `int8-torch` (fbgemm).
 
 Thread use: `add` and `cancel` from any thread, also while a step runs (they never wait for the
 model); `step` from one thread at a time (a server's one worker thread runs the step loop).
@@ -43,7 +42,8 @@ import torch
 
 from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
-from millis.gen.models.layers import make_batch
+from millis.gen.cuda_graph import compact_slots
+from millis.gen.models.layers import make_batch, padded_batch
 from millis.gen.grammar import allow_only
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput
@@ -216,27 +216,20 @@ class Engine:
             self.seen[r.slot] = False
             self.seen[r.slot, torch.tensor(r.prompt, device=self.device)] = True
             new.append(r)
-        self._compact()
+        if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
+            compact_slots(self.slots, self.seen, self.decode.move_slot)
         return new, running
-
-    def _compact(self) -> None:
-        """GraphedDecode's bucket follows the highest running slot: move the highest requests (with their KV)
-        down into free slots below them. After admission, which fills the lowest free slots: none is new."""
-        move = getattr(self.decode, "move_slot", None)
-        while move is not None and self.kv is None and None in self.slots:
-            hole = self.slots.index(None)
-            top = max((i for i, r in enumerate(self.slots) if r is not None), default=-1)
-            if top < hole:
-                return
-            r = self.slots[top]
-            move(top, hole, r.n_cached)
-            self.slots[hole], self.slots[top], r.slot = r, None, hole
-            self.seen[hole] = self.seen[top]
 
     def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified
         draft's several). A request whose part raises lands in `failed` (id -> reason), the others go on."""
         rows, logits = [], []
+        if self.kv is None and len(new) > 1:  # the torch model: the new prompts in one forward, right-padded
+            pad = lambda rs: self.model(padded_batch([r.prompt for r in rs], [r.slot for r in rs],  # noqa: E731
+                                                     self.window, self.device))[:, -1]
+            for part, out in per_row_on_error(new, pad, failed):
+                rows, logits = rows + part, logits + [out]
+            new = []
         for r in new:  # prefill: the prompt past its cached prefix, logits of its last position
             out = isolated(failed, r, lambda r=r: self.model(
                 make_batch([r.prompt[r.cached:]], [r.cached], [r.slot], self.window, device=self.device))[:, -1])

@@ -52,6 +52,5 @@ class GPT2(nn.Module):
         x = self.wte(b.ids) + self.wpe(b.pos)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, b)
-        if b.last_only:
-            x = x[:, -1:]
+        x = b.last_rows(x)  # (B, 1, dim) unless every position's logits are asked for
         return self.head(self.ln_f(x)).float()

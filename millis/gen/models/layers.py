@@ -28,6 +28,13 @@ class Batch:
     last_only: bool = True  # logits of the last position of each row only (all a sampler needs)
     start: int | None = None  # every row starts at this position and `rows` is set: cache writes are slices
     causal: bool = False    # with mask None: plain causal attention (True) or every key visible (False)
+    last: torch.Tensor | None = None  # (B,) with last_only: each row's position to give logits of; None: T - 1
+
+    def last_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dim) -> (B, 1, dim) at each row's last position (last_only), else x."""
+        if not self.last_only:
+            return x
+        return x[:, -1:] if self.last is None else x[torch.arange(x.shape[0], device=x.device), self.last][:, None]
 
 
 def make_batch(ids: list[list[int]], starts: list[int], slots: list[int], window: int = 0,
@@ -51,6 +58,17 @@ def make_batch(ids: list[list[int]], starts: list[int], slots: list[int], window
         mask = visible_keys(pos, kv_len, window)
     return Batch(ids=torch.tensor(ids, device=device), pos=pos, slots=torch.tensor(slots, device=device),
                  kv_len=kv_len, mask=mask, rows=rows, last_only=last_only, start=start, causal=causal)
+
+
+def padded_batch(prompts: list[list[int]], slots: list[int], window: int = 0,
+                 device: str | torch.device = "cpu") -> Batch:
+    """New prompts of any lengths from position 0 in one forward, right-padded with token 0 to the longest,
+    logits at each prompt's own last token. Causal attention: a row never sees its padding, whose cache
+    writes land past its prompt, where its own decode writes each position before it reads it."""
+    T = max(len(p) for p in prompts)
+    b = make_batch([p + [0] * (T - len(p)) for p in prompts], [0] * len(prompts), slots, window, device=device)
+    b.last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    return b
 
 
 def visible_keys(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor:

@@ -72,6 +72,5 @@ class Llama(nn.Module):
         rope = (self.cos[b.pos][:, None].to(dtype), self.sin[b.pos][:, None].to(dtype))  # (B, 1, T, hs)
         for layer in self.layers:
             x = layer(x, b, rope)
-        if b.last_only:
-            x = x[:, -1:]
+        x = b.last_rows(x)  # (B, 1, dim) unless every position's logits are asked for
         return self.head(self.norm(x)).float()
