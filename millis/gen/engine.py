@@ -26,7 +26,7 @@ The work of a step is bounded by the batch: stop strings are searched only in th
 the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same tokens as
-alone (tested against HF `generate`), and a seeded row draws from its own generator. This holds for
+alone (tested against HF `generate`), and a seeded row draws from its own stream. This holds for
 `quant=int8` (exact integer sums per 32 values of a row), not for `int8-torch` (fbgemm).
 
 Thread use: `add` and `cancel` from any thread, also while a step runs (they never wait for the
@@ -104,13 +104,12 @@ class Engine:
         if params.stop and self.tok is None:
             raise MillisError("stop strings need a tokenizer; this model has none")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         matcher = self.grammars.matcher(params.grammar) if params.grammar else None
         with self._lock:
             rid = id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise MillisError(f"request id {rid!r} is already in use")
-            r = Request(rid, ids, params, gen, matcher=matcher)
+            r = Request(rid, ids, params, seed, matcher=matcher)
             self.requests[rid] = r
             self.waiting.append(r)
         return rid
@@ -140,7 +139,7 @@ class Engine:
             slot = self.slots.index(None)
             if self.kv is not None and not self.kv.reserve(slot, len(ids)):
                 raise MillisError(f"{len(ids)} positions do not fit the KV cache now (raise --kv-memory-mb)")
-            self.slots[slot] = Request("logits", list(ids), SamplingParams(), torch.Generator(), slot)
+            self.slots[slot] = Request("logits", list(ids), SamplingParams(), 0, slot)
         try:
             b = make_batch([list(ids)], [0], [slot], self.window, last_only=False, device=self.device)
             return self.model(b)[0].float()
@@ -262,17 +261,10 @@ class Engine:
         for i, r in enumerate(rows):  # constrained rows: only what their grammar allows next
             if r.matcher is not None:
                 isolated(failed, r, lambda i=i, r=r: allow_only(r.matcher, logits[i]))
-        # a sampled row retried alone must draw the same noise: keep its generator's state (temperature-0
-        # rows draw none; `!=` rather than `.greedy` so that no field value can raise here, outside isolation)
-        states = {i: r.generator.get_state() for i, r in enumerate(rows) if r.params.temperature != 0}
 
-        def sample_rows(idx: list[int]) -> torch.Tensor:
-            if len(idx) < len(rows):
-                for i in idx:
-                    if i in states:
-                        rows[i].generator.set_state(states[i])
-                return self._sample([rows[i] for i in idx], logits[idx])
-            return self._sample(rows, logits)
+        def sample_rows(idx: list[int]) -> torch.Tensor:  # a row retried alone draws the same: (seed, drawn)
+            return self._sample(rows, logits) if len(idx) == len(rows) else self._sample([rows[i] for i in idx],
+                                                                                       logits[idx])
 
         for part, tok in per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
             for i, t in zip(part, tok.tolist()):  # the step's one host sync
@@ -314,7 +306,7 @@ class Engine:
         # reset when a request takes the slot: only those rows keep it up to date
         pen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         slots = torch.tensor([r.slot for r in rows], device=self.device) if pen else None
-        tok = sample(logits, RowParams([r.params for r in rows], [r.generator for r in rows],
+        tok = sample(logits, RowParams([r.params for r in rows], [r.seed for r in rows], [len(r.out) for r in rows],
                                        self.seen[slots] if pen else None))
         if pen:
             self.seen[slots[pen], tok[pen]] = True

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from millis.gen.config import SamplingParams
 from millis.gen.speculate import DraftStats
 
@@ -24,7 +22,7 @@ class Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int              # its sampling stream (sampling.uniform): the seed given, else one the engine drew
     slot: int = -1
     cached: int = 0        # leading prompt positions whose KV the prefix cache already held
     keys: list | None = None  # its prompt blocks' prefix-cache keys, hashed once (native models)

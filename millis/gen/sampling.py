@@ -1,10 +1,13 @@
 """Batched sampling on the device: each row has its own temperature, top-k, top-p, repetition penalty
-and random generator, and nothing here reads a value back to the host.
+and random stream, and nothing here reads a value back to the host.
 
 The order is HF `generate`'s: repetition penalty, temperature, top-k, top-p. A row with temperature
-0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. Sampling is an exponential
-race (argmax of p / E with E ~ Exp(1), as gpt-fast does): each row draws its noise from its own
-generator, so a seeded request gets the same tokens whatever else shares the batch.
+0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. A sampled row takes the token
+where one uniform draw falls in its filtered distribution's cumulative sum (inverse CDF, in fp64). The
+draw is a hash of the request's seed and of how many tokens it has drawn (splitmix64), computed on the
+host: no random-number kernel per row, one host-to-device copy per step for every row's parameters,
+and a seeded request gets the same tokens whatever shares its batch, on any device, also when its row
+is retried alone after a batch-mate raised.
 """
 from __future__ import annotations
 
@@ -20,8 +23,20 @@ class RowParams:
     """The sampling inputs of one step, one entry per batch row."""
 
     params: list[SamplingParams]
-    generators: list[torch.Generator]
+    seeds: list[int]           # each request's seed (any int: taken modulo 2**64)
+    drawn: list[int]           # tokens each request has drawn before this step: its position in its stream
     seen: torch.Tensor | None  # (B, V) bool: tokens in each row's prompt or output (repetition penalty)
+
+
+MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, n: int) -> float:
+    """The n-th draw of seed's stream, in [0, 1): splitmix64's finalizer over (seed, n)."""
+    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xD1B54A32D192ED03) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -43,18 +58,19 @@ def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     if all(p.greedy for p in ps):
         return greedy
     V = logits.shape[-1]
-    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in ps], device=dev)[:, None]
-    top_k = torch.tensor([min(p.top_k or V, V) for p in ps], device=dev)[:, None]  # above V: all
-    top_p = torch.tensor([p.top_p for p in ps], device=dev)[:, None]
+    # every row's parameters and draw in one host-to-device copy: (B, 5) temperature, top-k, top-p, greedy, u
+    host = torch.tensor([[1.0 if p.greedy else p.temperature, min(p.top_k or V, V), p.top_p, p.greedy, uniform(s, n)]
+                         for p, s, n in zip(ps, rows.seeds, rows.drawn)], dtype=torch.float64)
+    prm = host.to(dev, non_blocking=True)
+    temp, top_k, top_p = prm[:, 0:1].to(logits.dtype), prm[:, 1:2], prm[:, 2:3]
     srt, idx = (logits / temp).sort(dim=-1, descending=True)                  # (B, V)
     rank = torch.arange(V, device=dev)[None]
     srt = srt.masked_fill(rank >= top_k, float("-inf"))
     probs = srt.softmax(-1)
     # drop a token when the mass before it already reaches top_p (the most likely one always stays)
     srt = srt.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    probs = srt.softmax(-1)
-    noise = torch.stack([torch.empty(V, device=dev).exponential_(1, generator=g) for g in rows.generators])
-    choice = (probs / noise).argmax(-1, keepdim=True)                         # (B, 1) rank sampled
+    cdf = srt.softmax(-1).double().cumsum(-1)                                 # (B, V), flat past the kept tokens
+    # the first rank whose cumulative mass passes u: never a dropped token (u < 1, right=True)
+    choice = torch.searchsorted(cdf, prm[:, 4:5] * cdf[:, -1:], right=True).clamp_(max=V - 1)  # (B, 1)
     sampled = idx.gather(-1, choice).squeeze(-1)
-    is_greedy = torch.tensor([p.greedy for p in ps], device=dev)
-    return torch.where(is_greedy, greedy, sampled)
+    return torch.where(prm[:, 3].bool(), greedy, sampled)
