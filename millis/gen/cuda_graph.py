@@ -9,7 +9,8 @@ of two, not over the whole cache. The mask is computed inside the graph from the
 engine's own rule (`visible_keys`, with the model's sliding window). Rows of the bucket with no running
 request are fed token 0 at position max_seq - 1, a scratch position no request reaches (a request
 ends when prompt + output reach max_seq, so it writes at most position max_seq - 2); the scratch
-write lands past L, where no row of the step looks.
+write lands past L, where no row of the step looks, and an idle row sees every key of the step (with
+a sliding window it would see none: an all-masked row gives NaN, which its slot would keep).
 
 The bucket follows the highest running slot, so the engine keeps running requests in the lowest slots:
 when a request ends below others, `compact_slots` moves the highest one down into the hole with its KV
@@ -70,7 +71,9 @@ class GraphedDecode:
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
         pos = self.pos[b]
-        mask = visible_keys(pos, n, self.window)                                # (B, 1, 1, L)
+        # an idle row (the scratch position) sees every key: with a sliding window none of the first L would be
+        # visible to it, and an all-masked row's NaN, written to its slot, would reach a later request there
+        mask = visible_keys(pos, n, self.window) | (pos == self.max_seq - 1)[:, None, :, None]  # (B, 1, 1, L)
         batch = Batch(ids=self.ids[b], pos=pos, slots=torch.arange(b, device=self.device), kv_len=n,
                       mask=mask, rows=slice(0, b))
         return self.model(batch)[:, -1]                                         # (B, vocab)
