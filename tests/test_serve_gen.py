@@ -300,6 +300,9 @@ def test_tokenize_and_detokenize(server, llama):
                        ({"prompt": "a", "messages": msgs}, "messages")):
         status, _, err = server.post("/tokenize", bad)
         assert status == 422 and err["error"]["param"] == field, (bad, err)
+    status, _, err = server.post("/tokenize", {"prompt": [5, 10 ** 6]})  # as /v1/completions answers it
+    assert status == 400 and err["error"]["param"] == "prompt" and err["error"]["code"] == "invalid_prompt"
+    assert server.post("/tokenize", {"prompt": [5, 6]})[2]["tokens"] == [5, 6]  # ids in range: as they are
 
 
 def test_no_template_is_a_clear_error_and_the_flag_supplies_one(plain_llama, tmp_path):

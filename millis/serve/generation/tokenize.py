@@ -30,6 +30,9 @@ def tokenize_routes(st) -> list[Route]:
         g = gs.chat_request(fields, st.name, st.gen_limits, st.tool_format) if chat else \
             gs.completion_request(fields, st.name, st.gen_limits)
         ids = await st.prompt_ids(g)
+        if isinstance(g.prompt, list) and any(t < 0 or t >= eng.config.vocab_size for t in ids):  # as completions
+            raise ApiError(400, f"prompt token ids must be in 0..{eng.config.vocab_size - 1}", param="prompt",
+                           code="invalid_prompt")
         return json_response({"tokens": ids, "count": len(ids), "max_model_len": eng.max_seq})
 
     async def detokenize(request: Request) -> Response:
