@@ -296,6 +296,7 @@ static void mm_chunk1(void* p, int64_t c) {
 API void matmul(const mat* W, const void* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
                 int nthreads) {
     mm_args a = {W, Xq, Xf, M, Y, ldy, 16, acc};
+    if (nthreads < 1) nthreads = 1;
     if (W->rows > 16 * 8 * nthreads) a.per = (W->rows / (8 * nthreads) + 15) / 16 * 16;
     pool_begin(nthreads);
     pool_run(mm_chunk1, &a, (W->rows + a.per - 1) / a.per);
