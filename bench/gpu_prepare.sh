@@ -29,7 +29,10 @@ with open(root / "banking77" / "test.csv", newline="") as f:
 PYEOF
 GGUF=$($PY -c 'from millis.gen.builtin import resolve_model; print(resolve_model("builtin:smollm2"))')
 split -n 2 -d -a 2 "$GGUF" "$C/smollm2.gguf.part-" 2>/dev/null || split -n 2 "$GGUF" "$C/smollm2.gguf.part-"
-ls "$C"/smollm2.gguf.part-* | head -2 | { read -r a; read -r b; mv "$a" "$C/smollm2.gguf.part-aa"; mv "$b" "$C/smollm2.gguf.part-ab"; }
+ls "$C"/smollm2.gguf.part-* | head -2 | {
+    read -r a; read -r b
+    mv "$a" "$C/smollm2.gguf.part-aa"; mv "$b" "$C/smollm2.gguf.part-ab"
+}
 sha256sum "$GGUF" | cut -d' ' -f1 > "$C/smollm2.gguf.sha256"
 cp "$C/smollm2.gguf.sha256" "$C/tok/"  # travels with the first call
 du -sh "$C"/* | sed 's/^/  /'

@@ -284,7 +284,8 @@ def test_gguf_on_the_torch_model_matches_the_native_kernels(tmp_path, monkeypatc
     cfg = LlamaConfig(**{**TINY.__dict__, "rope_type": "llama3", "rope_factor": 8.0, "rope_theta": 5e5,
                          "qkv_bias": arch == "qwen2", "tie_head": arch == "llama"})
     path = str(tmp_path / f"{arch}.gguf")
-    write_tiny_gguf(path, cfg, random_llama_tensors(cfg, "F32"), arch=arch, pre="qwen2" if arch == "qwen2" else "smollm")
+    write_tiny_gguf(path, cfg, random_llama_tensors(cfg, "F32"), arch=arch,
+                    pre="qwen2" if arch == "qwen2" else "smollm")
     prompts = [[1, 5, 90, 7, 33, 2, 100, 64], [1, 300, 4]]
     ecfg = EngineConfig(max_batch=2, max_seq=64)
     native = open_engine(path, ecfg)

@@ -102,7 +102,8 @@ def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int
         max_seq = min(engine.max_seq, cfg.max_seq)
         if engine.kv_memory_mb and max_seq * per_position > budget:
             raise MillisError(f"--max-seq {max_seq} at --max-batch {engine.max_batch} needs "
-                              f"{max_seq * per_position >> 20} MiB of KV cache, over --kv-memory-mb {engine.kv_memory_mb}")
+                              f"{max_seq * per_position >> 20} MiB of KV cache, over --kv-memory-mb "
+                              f"{engine.kv_memory_mb}")
         return max_seq
     max_seq = min(cfg.max_seq, budget // per_position)
     if max_seq < MIN_POSITIONS:
@@ -166,8 +167,8 @@ def _native(c: ModelConfig, tensors: dict, neox: bool, tok, source: str, engine:
     max_seq = min(engine.max_seq or c.max_seq, c.max_seq)
     budget = kv_budget_bytes(engine)
     if budget < kv_bytes_per_token(c) * MIN_POSITIONS:
-        raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than {MIN_POSITIONS} positions of this model "
-                          f"({kv_bytes_per_token(c)} bytes each)")
+        raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than {MIN_POSITIONS} positions of "
+                          f"this model ({kv_bytes_per_token(c)} bytes each)")
     model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
     model.kv.prefix_cache = engine.prefix_cache
     return Loaded(model, c, tok, max_seq, source, "millis-int8" if engine.quant == "int8" else None,
