@@ -35,21 +35,24 @@ if [ ! -f "$C/smollm2.gguf" ] && [ -f "$C/smollm2.gguf.part-aa" ] && [ -f "$C/sm
     [ "$(sha256sum "$C/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$C/tok/smollm2.gguf.sha256")" ] \
         || { echo "smollm2.gguf: checksum mismatch" | tee -a "$LOG"; rm -f "$C/smollm2.gguf"; }
 fi
-# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (90 s)
+# 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (on its CPU: a minute or more) (60 s)
+part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
+'cuda'); import models; print(models.decoder_dir('llama-1b'))"
+# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s)
 if python3 -c "import pytest" 2>/dev/null; then
-    part 90 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
+    part 60 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
 fi
-# 2. Llama-3.2-1B shape (random weights): millis bf16 against HF eager and HF static cache + torch.compile (170 s)
-part 170 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 2 --batches 1,32 --bandwidth-mib 0 \
-    --pause 0.05 --out "$OUT/generation_h200.json"
-# 3. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32, HTTP ITL (120 s)
+# 2. Llama-3.2-1B shape: millis bf16 against HF eager and HF static cache + torch.compile, alternated (180 s)
+part 180 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 1 --batches 1,32 --new-tokens 32 \
+    --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 --out "$OUT/generation_h200.json"
+# 3. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32, HTTP ITL (110 s)
 if [ -f "$C/smollm2.gguf" ]; then
-    part 120 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
+    part 110 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
 fi
-# 4. encoders: MiniLM and BERT-base, millis fp16 graphs against HF eager / compile / whole graph (120 s)
-part 120 encoders python3 bench/gpu_encoders.py --seconds 0.6 --rounds 3 --no-probes --out "$OUT"
-# 5. millis serve --device cuda, BERT-base classifier over HTTP (80 s)
+# 4. encoders: MiniLM and BERT-base, millis fp16 graphs against HF eager / compile / whole graph (100 s)
+part 100 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT"
+# 5. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
 if [ -d "$C/tok" ] && [ -f "$C/texts.txt" ]; then
-    part 80 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 4 --out "$OUT"
+    part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"
 fi
 ls -la "$OUT"
