@@ -227,7 +227,8 @@ class Engine:
             pad = lambda rs: self.model(padded_batch([r.prompt for r in rs], [r.slot for r in rs],  # noqa: E731
                                                      self.window, self.device))[:, -1]
             for part, out in per_row_on_error(new, pad, failed):
-                rows, logits = rows + part, logits + [out]
+                rows += part
+                logits.append(out)
             new = []
         for r in new:  # prefill: the prompt past its cached prefix, logits of its last position
             out = isolated(failed, r, lambda r=r: self.model(

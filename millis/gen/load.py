@@ -96,7 +96,9 @@ def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int
     per layer), sized by memory: --max-seq when given, else as many as the KV budget holds for every slot,
     at most the model's maximum. Without the cap, a Llama-3.2-1B config (131,072 positions) at 32 slots
     would allocate about 275 GB."""
-    per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * engine.max_batch  # all slots
+    from millis.gen.models.native_llama import kv_bytes_per_token
+
+    per_position = kv_bytes_per_token(cfg, itemsize) * engine.max_batch  # all slots
     budget = kv_budget_bytes(engine)
     if engine.max_seq:
         max_seq = min(engine.max_seq, cfg.max_seq)
@@ -141,20 +143,19 @@ def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
     from millis.gen.gguf import read_gguf
     from millis.kernels.native import native_isa
 
+    g = read_gguf(path)
     if engine.device != "cpu" or native_isa() is None:
         if engine.quant != "none":
             raise MillisError(f"--quant {engine.quant} runs on the CPU kernels; a GGUF file on {engine.device} "
                               f"is dequantized to --dtype {engine.dtype}")
         from millis.gen.gguf_torch import gguf_state_dict
 
-        g = read_gguf(path)
         loaded = build(g.config, gguf_state_dict(g), g.tokenizer, f"gguf:{g.arch}", engine)
         loaded.chat_template, loaded.special_tokens = g.chat_template, g.special_tokens
         return loaded
     if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
         raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
                           f"matrices to millis's int8): got dtype {engine.dtype}, quant {engine.quant}")
-    g = read_gguf(path)
     tensors = int8_matrices(g.tensors) if engine.quant == "int8" else g.tensors
     return _native(g.config, tensors, g.rope_neox, g.tokenizer, f"gguf:{g.arch}", engine,
                    g.chat_template, g.special_tokens)

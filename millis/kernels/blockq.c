@@ -89,8 +89,7 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
     }
 }
 API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0); }
-API void quantize_x7(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 63.f, 0); }
-/* for a packed matrix of this type: quantize_x7's blocks for T_Q7_A7, else quantize_x's, each value plus
+/* for a packed matrix of this type: values in [-63, 63] for T_Q7_A7, else quantize_x's, each value plus
    act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) {
     quantize_levels(x, K, out, type == T_Q7_A7 ? 63.f : 127.f, (uint8_t)act_offset(type));

@@ -9,7 +9,7 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
        T_Q8_0_X16 = 108 /* millis's int8, not a ggml id: Q8_0 blocks run against int16 activations (packed16.c) */,
        T_Q7_0 = 109 /* millis's int7, not a ggml id: Q8_0's block with values in [-63, 63] (packed.c) */,
        T_BF16_PAIRS = 110 /* millis's bf16, not a ggml id: bf16 weights against bf16 activation rows (packedbf16.c) */,
-       T_Q7_A7 = 111 /* millis's int7-a7, not a ggml id: Q7_0's bytes against activations in [-63, 63] (quantize_x7):
+       T_Q7_A7 = 111 /* millis's int7-a7, not a ggml id: Q7_0's bytes against activations in [-63, 63] (quantize_act):
                         maddubs pairs stay under 2^14, so AVX2 adds two steps in int16 before widening (packed.c) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
@@ -103,7 +103,6 @@ void bf16p_pack_group(const mat* W, int64_t g, uint8_t* dst);
 void bf16p_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
-API void quantize_x7(const float* x, int64_t K, xblock* out);  /* the same blocks, values in [-63, 63] */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 

@@ -61,8 +61,8 @@ def hidden_of(c: ModelConfig) -> int:
     return 4 * c.dim if isinstance(c, GPT2Config) else c.hidden_dim
 
 
-def kv_bytes_per_token(c: ModelConfig) -> int:
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, fp32
+def kv_bytes_per_token(c: ModelConfig, itemsize: int = 4) -> int:
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize  # K and V (the native cache: fp32)
 
 
 def _mat(t, name: str) -> tuple[Mat, np.ndarray]:
