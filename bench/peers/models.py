@@ -100,6 +100,11 @@ def decoder_dir(name, cache=None):
             vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True,
             bos_token_id=128000, eos_token_id=128001, rope_theta=500000.0)).to(torch.bfloat16)
+    elif name == "llama-tiny":  # smoke runs of the GPU benches on a CPU
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+            eos_token_id=2)).to(torch.bfloat16)
     else:
         raise ValueError(f"unknown decoder {name!r}")
     model.eval().save_pretrained(tmp, safe_serialization=True)

@@ -6,6 +6,7 @@ from typing import Any
 from millis.common.errors import MillisError
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+WEIGHT_ONLY_FORMATS = ("int8", "int4", "fp8")  # the GPU's weight-only matmuls (millis.gpu.weight_only)
 
 
 def torch_dtype(name: str) -> Any:

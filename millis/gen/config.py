@@ -9,13 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from millis.common.config import flag as _f
+from millis.common.dtypes import WEIGHT_ONLY_FORMATS
 from millis.common.errors import MillisError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values read as millis.gen.models.llama.Llama
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)       # every HF model_type millis.gen loads
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("fp32", "bf16")  # the engine's precisions (torch dtypes: millis.common.dtypes); no fp16 decode
-QUANTS = ("none", "int8", "int8-torch")  # int8: Q8_0 weights x int16 activations, native kernels; int8-torch: torch
+# cpu: int8 = Q8_0 weights x int16 activations (native kernels), int8-torch = torch dynamic quantization;
+# cuda: the GPU_QUANTS, weight-only (millis.gpu.weight_only) against bf16 activations
+QUANTS = ("none", "int8", "int8-torch", "int4", "fp8")
+GPU_QUANTS = WEIGHT_ONLY_FORMATS
 # Bounds of a request's sampling fields, checked by SamplingParams and named in the server's 422s
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
@@ -105,7 +109,13 @@ class EngineConfig:
             raise MillisError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.quant != "none" and (self.dtype != "fp32" or self.device != "cpu"):
+        if self.device == "cuda" and self.quant != "none":
+            if self.quant not in GPU_QUANTS or self.dtype != "bf16":
+                raise MillisError(f"on cuda, quant is weight-only ({', '.join(GPU_QUANTS)}) with dtype bf16 "
+                                  f"activations: got quant {self.quant}, dtype {self.dtype}")
+        elif self.quant in GPU_QUANTS[1:]:
+            raise MillisError(f"quant {self.quant} is a GPU weight-only format: it needs device cuda")
+        elif self.quant != "none" and self.dtype != "fp32":
             raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")
         if self.draft_model and not self.speculate:
             raise MillisError("a draft model needs speculate >= 1: the draft tokens it proposes per step")
@@ -162,9 +172,11 @@ class GenerateConfig:
     stream: bool = _f(False, "print tokens as they come")
     chat: bool = _f(False, "send the prompt as a user message through the model's chat template")
     dtype: str = _f("fp32", "fp32 or bf16", choices=DTYPES)
-    quant: str = _f("none", "none, int8 (int8 weights with a scale per 32 against int16 activations, millis's "
-                            "kernels; Llama-family and float GGUF models) or int8-torch (torch dynamic quantization); "
-                            "with dtype fp32", choices=QUANTS)
+    quant: str = _f("none", "none; on cpu with dtype fp32: int8 (int8 weights with a scale per 32 against int16 "
+                            "activations, millis's kernels; Llama-family and float GGUF models) or int8-torch (torch "
+                            "dynamic quantization); on cuda with dtype bf16: int8, int4 or fp8 weight-only",
+                    choices=QUANTS)
+    device: str = _f("cpu", "cpu, or cuda (the torch model through CUDA graphs)", choices=("cpu", "cuda"))
     max_seq: int = _f(0, "KV cache positions; 0 = the model's maximum (torch models: within --kv-memory-mb)")
     kv_memory_mb: int = _f(0, "KV cache memory in MiB; 0 = min(512, a quarter of free memory), on a GPU half of "
                               "its free memory")
@@ -182,5 +194,5 @@ class GenerateConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
-                            threads=self.threads, kv_memory_mb=self.kv_memory_mb, speculate=self.speculate,
-                            draft_model=self.draft_model)
+                            threads=self.threads, device=self.device, kv_memory_mb=self.kv_memory_mb,
+                            speculate=self.speculate, draft_model=self.draft_model)

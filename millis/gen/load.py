@@ -29,7 +29,7 @@ class Loaded:
     tokenizer: object  # millis.gen.tokenizer.Tokenizer, or None (the engine then takes ids only)
     max_seq: int       # KV cache positions per slot
     source: str        # "hf:<model_type>", "llama2c" or "gguf:<arch>"
-    quant_backend: str | None = None  # int8: "millis-avx2" or "torch-dynamic"; None unquantized
+    quant_backend: str | None = None  # "millis-avx2", "torch-dynamic", "triton-<format>" (GPU); None unquantized
     max_batch: int = 1  # slots
     device: str = "cpu"
     kv: object = None   # native models: their PagedKV (the engine reserves and releases blocks)
@@ -82,13 +82,25 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     if cfg.tie_head and engine.quant == "none":
         model.head.weight = getattr(model, "wte" if isinstance(cfg, GPT2Config) else "tok_emb").weight
     quant_backend = None
-    if engine.quant != "none":
+    if engine.device == "cuda" and engine.quant != "none":
+        quant_backend = weight_only(model, engine.quant)
+    elif engine.quant != "none":
         from millis.kernels.quant import quantize_int8
 
         quant_backend = quantize_int8(model, "torch" if engine.quant == "int8-torch" else "auto")
     max_seq = static_max_seq(cfg, engine, torch_dtype(engine.dtype).itemsize)
     setup_caches(model, engine.max_batch, max_seq)
     return Loaded(model, cfg, tok, max_seq, source, quant_backend, engine.max_batch, engine.device)
+
+
+def weight_only(model: nn.Module, fmt: str) -> str:
+    """The GPU's weight-only formats (millis.gpu.weight_only), run by its Triton kernels."""
+    from millis.gpu.weight_only import quantize_weight_only, triton
+
+    if triton is None:
+        raise MillisError(f"--quant {fmt} on cuda runs Triton kernels, and Triton is not installed")
+    quantize_weight_only(model, fmt)
+    return f"triton-{fmt}"
 
 
 def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int:
@@ -145,9 +157,9 @@ def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
 
     g = read_gguf(path)
     if engine.device != "cpu" or native_isa() is None:
-        if engine.quant != "none":
-            raise MillisError(f"--quant {engine.quant} runs on the CPU kernels; a GGUF file on {engine.device} "
-                              f"is dequantized to --dtype {engine.dtype}")
+        if engine.quant != "none" and engine.device == "cpu":
+            raise MillisError(f"--quant {engine.quant} runs on the CPU kernels, which are off: a GGUF file is "
+                              f"then dequantized to --dtype {engine.dtype}")
         from millis.gen.gguf_torch import gguf_state_dict
 
         loaded = build(g.config, gguf_state_dict(g), g.tokenizer, f"gguf:{g.arch}", engine)

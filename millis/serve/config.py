@@ -56,8 +56,8 @@ class ServeConfig:
     draft_model: str = _f("", "generation, GGUF models: a smaller GGUF of the same vocabulary that drafts the "
                               "tokens (with --speculate N); default: prompt lookup")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
-    quant: str = _f("none", "generation: none, int8 (millis's AVX2 kernel) or int8-torch (torch dynamic "
-                            "quantization); dtype fp32 on cpu")
+    quant: str = _f("none", "generation: none; on cpu with dtype fp32, int8 (millis's kernels) or int8-torch "
+                            "(torch dynamic quantization); on cuda with dtype bf16, int8, int4 or fp8 weight-only")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "max_tokens"):

@@ -1,0 +1,201 @@
+"""Weight-only quantized linears for GPU decode: int8 and fp8 (e4m3) with a scale per output channel,
+int4 with a scale and a minimum per 64 inputs. Activations stay in the model's dtype (bf16).
+
+Decode reads every weight once per token, so at batch 1 to 32 a step is bound by weight bytes: int8
+halves bf16's, int4 quarters them (plus 1/16 for its scales). `WeightOnlyLinear` keeps the packed weights
+and runs them through a Triton kernel that loads the packed tile and converts it in registers before the
+tensor-core dot (no dequantized copy in memory) for up to KERNEL_ROWS rows; longer inputs (prefill,
+compute-bound) dequantize once per call and use cuBLAS. The torch path (`dequantize` + `F.linear`) is the
+reference and the CPU stand-in: the same values the kernel multiplies.
+
+int4 layout (N rows, K inputs, K padded to a multiple of GROUP with zero columns): in group g of a row,
+byte j holds input g*GROUP + j in its low nibble and g*GROUP + GROUP/2 + j in its high nibble, so a kernel
+takes the two halves of a group as two dots without interleaving. w = q * scale + low, q in 0..15, with
+scale and low stored (groups, N): a group's values for BLOCK_N consecutive rows are one coalesced load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from millis.common.errors import MillisError
+from millis.common.dtypes import WEIGHT_ONLY_FORMATS as FORMATS
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU-only machines
+    triton = None
+
+GROUP = 64          # int4 inputs per scale / low: divides SmolLM2's 576 and every Llama width
+KERNEL_ROWS = 64    # at most this many rows (batch x tokens) take the fused kernel; more dequantize + cuBLAS
+FP8_MAX = 448.0     # largest finite float8_e4m3fn
+
+
+# ---- quantization (at load, on the weights' device) ----
+
+def quantize_channel(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> q (N, K) int8 or float8_e4m3fn, scale (N,) fp32 with w ~ q * scale."""
+    w = w.float()
+    amax = w.abs().amax(1).clamp_min(1e-12)                                # (N,)
+    if fmt == "int8":
+        scale = amax / 127.0
+        return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    scale = amax / FP8_MAX
+    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> packed (N, Kp/2) uint8, scale (G, N) fp32, low (G, N) fp32; Kp = G * GROUP.
+
+    Asymmetric per group: q = round((w - min) / scale) in 0..15, scale = (max - min) / 15. Padding columns
+    are 0 (they meet zero activations in the kernel and are cut by `dequantize`)."""
+    N, K = w.shape
+    G = -(-K // GROUP)
+    wf = F.pad(w.float(), (0, G * GROUP - K)).view(N, G, GROUP)            # (N, G, GROUP)
+    lo, hi = wf.amin(2), wf.amax(2)                                       # (N, G)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    q = torch.round((wf - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    half = GROUP // 2
+    packed = q[..., :half] | (q[..., half:] << 4)                          # (N, G, GROUP/2)
+    return packed.reshape(N, G * half).contiguous(), scale.t().contiguous(), lo.t().contiguous()
+
+
+def dequantize(fmt: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, k: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, k) weights a packed matrix stands for, computed in `dtype`: in fp32 exactly what the kernel
+    multiplies; in bf16 (the prefill path) one rounding more, without fp32 copies of the whole matrix."""
+    if fmt != "int4":
+        return q.to(dtype) * scale[:, None].to(dtype)
+    N = q.shape[0]
+    b = q.view(N, -1, GROUP // 2)                                         # (N, G, GROUP/2)
+    v = torch.cat((b & 15, b >> 4), dim=2).to(dtype)                      # (N, G, GROUP)
+    w = v * scale.t().to(dtype)[..., None] + low.t().to(dtype)[..., None]
+    return w.reshape(N, -1)[:, :k]
+
+
+# ---- Triton kernels: y (M, N) = x (M, K) @ W^T, W packed; fp32 accumulation ----
+
+if triton is not None:
+    @triton.jit
+    def _channel_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # int8 / fp8 weights (N, K), scale (N,): the tile converts to x's dtype (exact) before the dot
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)))  # via fp32: exact, any Triton
+        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], (acc * s[None, :]).to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _int4_kernel(x_ptr, w_ptr, s_ptr, l_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                     BM: tl.constexpr, BN: tl.constexpr, GROUP_: tl.constexpr):
+        # packed (N, Kp/2) uint8; scale, low (G, N): per group, two half-group dots (low / high nibbles),
+        # then acc += dot * scale + sum(x) * low
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rh = tl.arange(0, GROUP_ // 2)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for g in range(0, tl.cdiv(K, GROUP_)):
+            ka = g * GROUP_ + rh
+            kb = ka + GROUP_ // 2
+            xm = rm[:, None] < M
+            xa = tl.load(x_ptr + rm[:, None] * sxm + ka[None, :], mask=xm & (ka[None, :] < K), other=0.0)
+            xb = tl.load(x_ptr + rm[:, None] * sxm + kb[None, :], mask=xm & (kb[None, :] < K), other=0.0)
+            b = tl.load(w_ptr + rn[:, None] * swn + (g * (GROUP_ // 2) + rh)[None, :], mask=rn[:, None] < N, other=0)
+            qa = (b & 15).to(tl.float32).to(xa.dtype)                      # (BN, GROUP/2), exact in bf16
+            qb = (b >> 4).to(tl.float32).to(xa.dtype)
+            part = tl.dot(xa, tl.trans(qa)) + tl.dot(xb, tl.trans(qb))      # (BM, BN) fp32
+            xs = tl.sum(xa.to(tl.float32), axis=1) + tl.sum(xb.to(tl.float32), axis=1)  # (BM,)
+            s = tl.load(s_ptr + g * N + rn, mask=rn < N, other=0.0)
+            lo = tl.load(l_ptr + g * N + rn, mask=rn < N, other=0.0)
+            acc += part * s[None, :] + xs[:, None] * lo[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def block_sizes(M: int, N: int) -> tuple[int, int]:
+    """(BM, BN): BM the rows rounded up to a power of two (>= 16, tl.dot's smallest); BN 16 while that
+    still gives a program to every SM of a large GPU (~132) for a 2,048-wide output, else 32."""
+    bm = max(16, 1 << (M - 1).bit_length())
+    return bm, 16 if N <= 4096 else 32
+
+
+def kernel_matmul(fmt: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
+                  n: int, k: int, config: dict | None = None) -> torch.Tensor:
+    """x (M, k) contiguous -> (M, n) in x's dtype, through the Triton kernel of `fmt`. `config` overrides
+    BN, BK (int8 / fp8), num_warps and num_stages (bench/gpu_weight_only.py's sweep)."""
+    M = x.shape[0]
+    y = torch.empty(M, n, dtype=x.dtype, device=x.device)
+    bm, bn = block_sizes(M, n)
+    c = {"BN": bn, "BK": 256, "num_warps": 4, "num_stages": 4, **(config or {})}
+    grid = (triton.cdiv(n, c["BN"]), triton.cdiv(M, bm))
+    if fmt == "int4":
+        _int4_kernel[grid](x, q, scale, low, y, M, n, k, x.stride(0), q.stride(0), y.stride(0), BM=bm, BN=c["BN"],
+                           GROUP_=GROUP, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    else:
+        _channel_kernel[grid](x, q, scale, y, M, n, k, x.stride(0), q.stride(0), y.stride(0), BM=bm, BN=c["BN"],
+                              BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return y
+
+
+def packed_bytes(m: "WeightOnlyLinear") -> int:
+    """Bytes a matmul reads of its weights: the packed values and the scales (and int4's minima)."""
+    return sum(t.numel() * t.element_size() for t in (m.q, m.scale, m.low) if t is not None)
+
+
+class WeightOnlyLinear(nn.Module):
+    """An nn.Linear with packed weights: forward(x (..., K)) -> (..., N) in x's dtype."""
+
+    def __init__(self, lin: nn.Linear, fmt: str) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise MillisError(f"weight-only format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        self.fmt, self.out_features, self.in_features = fmt, lin.out_features, lin.in_features
+        w = lin.weight.detach()
+        low = None
+        if fmt == "int4":
+            q, scale, low = quantize_int4(w)
+        else:
+            q, scale = quantize_channel(w, fmt)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone())
+        self.use_kernel = triton is not None and w.is_cuda  # tests turn it on under TRITON_INTERPRET
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.fmt, self.q, self.scale, self.low, self.in_features, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and x2.shape[0] <= KERNEL_ROWS:
+            y = kernel_matmul(self.fmt, x2.contiguous(), self.q, self.scale, self.low, self.out_features,
+                              self.in_features)
+        else:
+            y = F.linear(x2, self.weight(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def quantize_weight_only(model: nn.Module, fmt: str) -> int:
+    """Replace the model's nn.Linear layers (projections and the output head; not the embedding) with
+    WeightOnlyLinear in place. With int4 the head is int8: its 4-bit error lands on every logit (llama.cpp's
+    Q4 files keep the output matrix at 6 bits for the same reason). Returns the number of layers replaced."""
+    if fmt not in FORMATS:
+        raise MillisError(f"weight-only format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Linear)]
+    for parent, name, child in swaps:
+        setattr(parent, name, WeightOnlyLinear(child, "int8" if fmt == "int4" and name == "head" else fmt))
+    return len(swaps)
