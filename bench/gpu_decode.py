@@ -45,6 +45,17 @@ def steps_ms(eng, prompt: list[int], n: int, rows: int = 1) -> list[float]:
     return out
 
 
+def decode_figures(eng, prompt: list[int], n: int) -> dict:
+    """b1 ms/token and b8 tokens/s (median decode step; the first step, the prefill, left out) and the TTFT
+    of a 512-token prompt (median of 3), after a warm-up request."""
+    steps_ms(eng, prompt, 8)
+    b1 = statistics.median(steps_ms(eng, prompt, n)[1:])
+    b8 = statistics.median(steps_ms(eng, prompt, n, rows=8)[1:])  # the first step prefills all 8
+    long = (prompt * 40)[:512]
+    return {"b1_ms_per_token": round(b1, 4), "b8_tokens_per_s": round(8 * 1e3 / b8, 1),
+            "ttft_512_ms": round(statistics.median([steps_ms(eng, long, 1)[0] for _ in range(3)]), 3)}
+
+
 def kernels_per_step(eng) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -118,13 +129,7 @@ def main() -> int:
     res["cold_start_s"] = round(time.perf_counter() - t0, 2)
     res["graphs"] = len(eng.decode.graphs) if cuda else 0
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
-    steps_ms(eng, prompt, 8)  # warm-up
-    b1 = steps_ms(eng, prompt, a.new_tokens)[1:]
-    b8 = steps_ms(eng, prompt, a.new_tokens, rows=8)[1:]  # the first step prefills all 8
-    res["b1_ms_per_token"] = round(statistics.median(b1), 4)
-    res["b8_tokens_per_s"] = round(8 * 1e3 / statistics.median(b8), 1)
-    long = (prompt * 40)[:512]
-    res["ttft_512_ms"] = round(statistics.median([steps_ms(eng, long, 1)[0] for _ in range(3)]), 3)
+    res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
     greedy = SamplingParams(max_tokens=32)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)

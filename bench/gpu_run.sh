@@ -2,7 +2,7 @@
 # The one device run for issue 20: every GPU figure in under 10 minutes, each part time-boxed so that one
 # hang costs its part alone; results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh,
 # whose header gives the two run calls). Order: what the issue's targets need most comes first. The boxes
-# sum to 650 s, over the call's 600: parts usually end early, and a long run loses the last (serve) first.
+# sum to 710 s, over the call's 600: parts usually end early, and a long run loses the last (serve) first.
 set -u
 OUT=${OUT:-/tmp/millis-gpu-out}
 C=bench/.gpu_carry
@@ -39,20 +39,21 @@ fi
 # 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (on its CPU: a minute or more) (60 s)
 part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
-# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s)
+# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s), the weight-only
+#    kernels against their torch path (60 s: about 30 Triton compiles)
 if python3 -c "import pytest" 2>/dev/null; then
-    part 60 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py \
-        tests/test_weight_only.py
+    part 60 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
+    part 60 weight-only-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_weight_only.py
 fi
 # 2. Llama-3.2-1B shape: millis bf16 against HF eager and HF static cache + torch.compile, alternated (160 s)
 part 160 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 1 --batches 1,32 --new-tokens 32 \
     --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 --out "$OUT/generation_h200.json"
-# 2b. the same shape weight-only: bf16 / int8 / int4 / fp8 decode, and each matmul against cuBLAS (100 s)
-part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
 # 3. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32, HTTP ITL (110 s)
 if [ -f "$C/smollm2.gguf" ]; then
     part 110 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
 fi
+# 3b. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, and each matmul against cuBLAS (100 s)
+part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
 # 4. encoders: MiniLM and BERT-base, millis fp16 graphs against HF eager / compile / whole graph (90 s)
 part 90 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT"
 # 5. millis serve --device cuda, BERT-base classifier over HTTP (70 s)

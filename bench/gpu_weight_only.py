@@ -4,8 +4,8 @@ repo root, after bench/peers/models.decoder_dir('llama-1b') has written the rand
 
     PYTHONPATH=. python3 bench/gpu_weight_only.py --out $OUT
 
-- matmuls: for each (N, K) of a decode step and M in 1 / 8 / 32 rows, the median time of one call (50 calls
-  captured in a CUDA graph, replayed 5 times, so no launch overhead) and the weight GB/s it reaches, for
+- matmuls: for each (N, K) of a decode step and M in 1 / 8 / 32 rows, the median time of one call (calls
+  captured in a CUDA graph and replayed: gpu_probes.graph_time_us, so no launch overhead) and the weight GB/s it reaches, for
   cuBLAS bf16 and each format at its default kernel configuration, and at M = 1 at a few others (the sweep
   says whether `block_sizes` should change);
 - decode: per format, the engine (`open_engine`, CUDA graphs) at b1 and b8, the median step in ms, the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,33 +30,14 @@ sys.path.insert(0, str(HERE / "peers"))
 FORMATS = ("bf16", "int8", "int4", "fp8")
 ROWS = (1, 8, 32)
 # other kernel configurations tried at M = 1 (each a Triton compile: a second or so)
-SWEEP = [{"BN": 32}, {"BN": 64, "num_warps": 8}, {"BN": 16, "BK": 512, "num_stages": 3}]
+SWEEP = [{"BN": 16, "num_warps": 2}, {"BN": 32}, {"BN": 64, "num_warps": 8}, {"BN": 16, "BK": 512, "num_stages": 3}]
 TARGETS_MS = {"bf16": 0.75, "int8": 0.5, "int4": 0.35}  # Llama-1B b1 decode on an H200
 
 
-def graph_time_us(fn, calls: int = 50, reps: int = 5) -> float:
-    """Median time (us) of one fn() call: `calls` captured in one CUDA graph, replayed `reps` times."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+def emit(rows: list[dict], row: dict) -> None:
+    """Keep a row and print it as a JSON line: the log keeps every figure if the part's time box ends the run."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
 
 
 def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
@@ -65,16 +45,17 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     import torch.nn.functional as F
 
     from millis.gpu import weight_only as wo
+    from gpu_probes import graph_time_us
 
     rows = []
     for n, k in shapes:
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         mods = {f: wo.WeightOnlyLinear(lin, f) for f in wo.FORMATS}
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = graph_time_us(lambda: F.linear(x, lin.weight))
-            rows.append({"N": n, "K": k, "M": m, "system": "cublas-bf16", "us": round(base, 2),
-                         "GBps": round(n * k * 2 / base / 1e3, 1)})
+            emit(rows, {"N": n, "K": k, "M": m, "system": "cublas-bf16", "us": round(base, 2),
+                        "GBps": round(n * k * 2 / base / 1e3, 1)})
             for f, mod in mods.items():
                 for cfg in [None] + (SWEEP if m == 1 else []):
                     if f == "int4" and cfg and "BK" in cfg:
@@ -82,11 +63,10 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
                     try:
                         us = graph_time_us(lambda: wo.kernel_matmul(f, x, mod.q, mod.scale, mod.low, n, k, cfg))
                     except Exception as e:  # noqa: BLE001 -- a config Triton refuses (shared memory) is a row
-                        rows.append({"N": n, "K": k, "M": m, "system": f, "config": cfg, "error": str(e)[:200]})
+                        emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": cfg, "error": str(e)[:200]})
                         continue
-                    rows.append({"N": n, "K": k, "M": m, "system": f, "config": cfg or "default", "us": round(us, 2),
-                                 "GBps": round(wo.packed_bytes(mod) / us / 1e3, 1),
-                                 "vs_cublas": round(us / base, 3)})
+                    emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": cfg or "default", "us": round(us, 2),
+                                "GBps": round(wo.packed_bytes(mod) / us / 1e3, 1), "vs_cublas": round(us / base, 3)})
         print(f"matmul N{n} K{k}: done", flush=True)
     return rows
 
@@ -94,45 +74,46 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
 def decode_rows(model_dir: str, device: str, new_tokens: int) -> list[dict]:
     import torch
 
-    from millis.gen import EngineConfig, SamplingParams, open_engine
-    from millis.gpu.weight_only import WeightOnlyLinear, packed_bytes, quantize_weight_only
-    from gpu_decode import kernels_per_step, steps_ms
-
     out = []
     for f in FORMATS:
-        quant = "none" if f == "bf16" else f
-        t0 = time.perf_counter()
-        if device == "cuda":
-            eng = open_engine(model_dir, EngineConfig(max_batch=8, max_seq=1024, dtype="bf16", quant=quant,
-                                                      device="cuda", max_prefills_per_step=8))
-            torch.cuda.synchronize()
-        else:  # smoke: the torch model on the CPU, quantized in place (the engine refuses weight-only on cpu)
-            os.environ["MILLIS_NO_KERNELS"] = "1"
-            eng = open_engine(model_dir, EngineConfig(max_batch=8, max_seq=1024, dtype="bf16"))
-            if quant != "none":
-                quantize_weight_only(eng.model, quant)
-        cold = time.perf_counter() - t0
-        weights = sum(packed_bytes(m) if isinstance(m, WeightOnlyLinear) else m.weight.numel() * 2
-                      for m in eng.model.modules() if isinstance(m, (WeightOnlyLinear, torch.nn.Linear)))
-        prompt = list(range(100, 116))
-        steps_ms(eng, prompt, 8)  # warm-up
-        b1 = statistics.median(steps_ms(eng, prompt, new_tokens)[1:])
-        b8 = statistics.median(steps_ms(eng, prompt, new_tokens, rows=8)[1:])
-        long = (prompt * 40)[:512]
-        ttft = statistics.median([steps_ms(eng, long, 1)[0] for _ in range(3)])
-        row = {"format": f, "b1_ms_per_token": round(b1, 4), "b8_tokens_per_s": round(8e3 / b8, 1),
-               "ttft_512_ms": round(ttft, 3), "weight_bytes": weights, "b1_weight_GBps": round(weights / b1 / 1e6, 1),
-               "cold_start_s": round(cold, 2),
-               "kernels_per_decode_step": kernels_per_step(eng) if device == "cuda" else None}
-        if f in TARGETS_MS:
-            row["target_ms"] = TARGETS_MS[f]
-            row["target_met"] = b1 <= TARGETS_MS[f]
-        print(json.dumps(row), flush=True)
-        out.append(row)
-        del eng
+        try:
+            emit(out, decode_row(model_dir, device, new_tokens, f))
+        except Exception as e:  # noqa: BLE001 -- one format's failure is its row; the others still run
+            emit(out, {"format": f, "error": f"{type(e).__name__}: {e}"[:500]})
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
+    """One format through the engine: b1 / b8 decode, TTFT, the weight bytes a step reads, cold start."""
+    import torch
+
+    from millis.gen import EngineConfig, open_engine
+    from millis.gpu.weight_only import WeightOnlyLinear, packed_bytes, quantize_weight_only
+    from gpu_decode import decode_figures, kernels_per_step
+
+    quant = "none" if f == "bf16" else f
+    t0 = time.perf_counter()
+    if device == "cuda":
+        eng = open_engine(model_dir, EngineConfig(max_batch=8, max_seq=1024, dtype="bf16", quant=quant,
+                                                  device="cuda", max_prefills_per_step=8))
+        torch.cuda.synchronize()
+    else:  # smoke: the torch model on the CPU, quantized in place (the engine refuses weight-only on cpu)
+        os.environ["MILLIS_NO_KERNELS"] = "1"
+        eng = open_engine(model_dir, EngineConfig(max_batch=8, max_seq=1024, dtype="bf16"))
+        if quant != "none":
+            quantize_weight_only(eng.model, quant)
+    cold = time.perf_counter() - t0
+    weights = sum(packed_bytes(m) if isinstance(m, WeightOnlyLinear) else m.weight.numel() * 2
+                  for m in eng.model.modules() if isinstance(m, (WeightOnlyLinear, torch.nn.Linear)))
+    row = {"format": f, **decode_figures(eng, list(range(100, 116)), new_tokens), "weight_bytes": weights,
+           "cold_start_s": round(cold, 2), "kernels_per_decode_step": kernels_per_step(eng) if device == "cuda" else None}
+    row["b1_weight_GBps"] = round(weights / row["b1_ms_per_token"] / 1e6, 1)
+    if f in TARGETS_MS:
+        row["target_ms"] = TARGETS_MS[f]
+        row["target_met"] = row["b1_ms_per_token"] <= TARGETS_MS[f]
+    return row
 
 
 def main() -> int:
@@ -156,18 +137,23 @@ def main() -> int:
     res = {"bench": "gpu_weight_only", "device": torch.cuda.get_device_name() if cuda else "cpu (smoke run)",
            "torch": torch.__version__,
            "model": "llama-3.2-1b shape, random weights" if cuda else "tiny", "date": time.strftime("%Y-%m-%d")}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_weight_only_{gpu_slug(res['device'])}.json"
+    res["decode"] = decode_rows(model_dir, a.device, a.new_tokens)  # the targets first
+    res["triton"] = getattr(sys.modules.get("triton"), "__version__", None)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"{'format':7} {'b1 ms/tok':>10} {'GB/s':>8} {'b8 tok/s':>10} {'TTFT512':>8} {'kernels':>8} {'target':>7}")
+    for r in res["decode"]:
+        if "error" in r:
+            print(f"{r['format']:7} {r['error']}")
+            continue
+        print(f"{r['format']:7} {r['b1_ms_per_token']:10.4f} {r['b1_weight_GBps']:8.1f} {r['b8_tokens_per_s']:10.1f} "
+              f"{r['ttft_512_ms']:8.2f} {str(r['kernels_per_decode_step']):>8} {str(r.get('target_met', '')):>7}")
     if cuda and not a.no_matmuls:
         shapes = [(d + 2 * kv, d), (d, d), (2 * ff, d), (d, ff), (vocab, d)]  # wqkv, wo, w13, w2, head
         res["matmuls"] = matmul_rows(shapes)
-    res["triton"] = getattr(sys.modules.get("triton"), "__version__", None)
-    res["decode"] = decode_rows(model_dir, a.device, a.new_tokens)
-    print(f"{'format':7} {'b1 ms/tok':>10} {'GB/s':>8} {'b8 tok/s':>10} {'TTFT512':>8} {'kernels':>8} {'target':>7}")
-    for r in res["decode"]:
-        print(f"{r['format']:7} {r['b1_ms_per_token']:10.4f} {r['b1_weight_GBps']:8.1f} {r['b8_tokens_per_s']:10.1f} "
-              f"{r['ttft_512_ms']:8.2f} {str(r['kernels_per_decode_step']):>8} {str(r.get('target_met', '')):>7}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_weight_only_{gpu_slug(res['device'])}.json").write_text(json.dumps(res, indent=1) + "\n")
+        path.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
