@@ -2,7 +2,7 @@
 # The one device run for issue 20: every GPU figure in under 10 minutes, each part time-boxed so that one
 # hang costs its part alone; results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh,
 # whose header gives the two run calls). Order: what the issue's targets need most comes first. The boxes
-# sum to 710 s, over the call's 600: parts usually end early, and a long run loses the last (serve) first.
+# sum to 760 s, over the call's 600: parts usually end early, and a long run loses the last ones first.
 set -u
 OUT=${OUT:-/tmp/millis-gpu-out}
 C=bench/.gpu_carry
@@ -60,4 +60,8 @@ part 90 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-pro
 if [ -d "$C/tok" ] && [ -f "$C/texts.txt" ]; then
     part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"
 fi
+# 6. optimize --device cuda on a tiny BERT: the GPU variants judged, measured and written as an artifact (50 s)
+part 50 optimize-cuda python3 -m millis.cli optimize tiny:bert --task classify --device cuda --preset quick \
+    --out "$OUT/optimize-cuda-tiny"
+rm -rf "$OUT/optimize-cuda-tiny/tokenizer" "$OUT/optimize-cuda-tiny/model.safetensors"  # keep the reports
 ls -la "$OUT"

@@ -63,6 +63,7 @@ class Hardware:
     machine: str
     python: str
     versions: dict[str, str]      # library -> version (torch, onnxruntime, openvino...)
+    gpu: str = optional("")       # the CUDA GPU's name, when torch saw one (GPU artifacts and figures)
 
     @classmethod
     def this_machine(cls) -> "Hardware":

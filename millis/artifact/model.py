@@ -118,18 +118,16 @@ def gpu_buckets(max_batch: int, max_length: int, max_batch_tokens: int = 0) -> l
     return [f"b{b}xs{t}" for (b, t), n in least.items() if not max_batch_tokens or n <= max_batch_tokens]
 
 
-def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "cpu",
+def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "",
                max_batch: int = MAX_BATCH, max_batch_tokens: int = 0) -> Model:
     """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
     `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike.
     device="cuda" serves a source (BERT family) through the CUDA-graph runtime in fp16 instead."""
     p = Path(spec)
-    if device not in ("cpu", "cuda"):
+    if device not in ("", "cpu", "cuda"):
         raise MillisError(f"device must be cpu or cuda, got {device!r}")
     if artifact.format_of(p) == artifact.FORMAT:
-        if device == "cuda":
-            raise MillisError(f"{p} is a CPU artifact; on a GPU serve the source model directory with --device cuda")
-        model = load(p, threads=threads)
+        model = load(p, threads=threads, device=device, max_batch=max_batch, max_batch_tokens=max_batch_tokens)
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
         return model
@@ -150,12 +148,22 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
 
 
-def load(path: str | Path, threads: int = 0, verify: bool = True) -> Model:
-    """Load an artifact written by `millis optimize`; verifies format version and file hashes."""
+def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = "", max_batch: int = MAX_BATCH,
+         max_batch_tokens: int = 0) -> Model:
+    """Load an artifact written by `millis optimize`; verifies format version and file hashes. `device`
+    ("cpu" / "cuda"; "" = the artifact's own) must match where its variant runs: a GPU artifact (optimize
+    --device cuda) captures the shapes a server of `max_batch` rows and `max_batch_tokens` reaches."""
     path = Path(path)
     meta = artifact.read_meta(path, verify=verify)
     v = meta.variant
+    if device == "cuda" and v.runtime != "cuda":
+        raise MillisError(f"{path} is a CPU artifact ({v.name}); on a GPU serve the source model directory, or an "
+                          f"artifact of `millis optimize --device cuda`, with --device cuda")
+    if device == "cpu" and v.runtime == "cuda":
+        raise MillisError(f"{path} is a GPU artifact ({v.name}): serve it with --device cuda")
     model_dir = path / "hf" if v.runtime == "torch" else path
     options = dict(v.options, task=meta.task, pooling=to_dict(meta.source.pooling))
+    if v.runtime == "cuda":
+        options.setdefault("buckets", gpu_buckets(max_batch, meta.max_length, max_batch_tokens))
     rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
     return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length))

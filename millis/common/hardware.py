@@ -58,6 +58,13 @@ def has_bf16() -> bool:
     return has_amx() or "avx512_bf16" in cpu_flags()
 
 
+def has_cuda() -> bool:
+    """A CUDA GPU torch can use (torch imported only when asked)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def describe() -> dict:
     """Machine and library versions, JSON-ready."""
     versions = {}
@@ -68,4 +75,15 @@ def describe() -> dict:
             pass
     return {"cpu": cpu_model(), "cores": usable_cpus(),
             "isa": sorted(f for f in ISA_FLAGS if f in cpu_flags()), "machine": platform.machine(),
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions, "gpu": gpu_name()}
+
+
+def gpu_name() -> str:
+    """The CUDA GPU torch would use, or "" (none, or torch not imported yet: nothing is imported here)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else ""
+    except Exception:  # noqa: BLE001 -- a broken driver is "no GPU" for a description
+        return ""

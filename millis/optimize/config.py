@@ -80,6 +80,9 @@ class OptimizeConfig:
     sample_texts: str = flag("", "texts for fidelity checks (.txt lines or CSV 'text' column; default: the "
                                  "selection rows' texts when selecting on accuracy, else the shipped samples)")
     calibration_texts: str = flag("", "texts for static int8 calibration (default: the sample texts)")
+    device: str = flag("cpu", "cpu, or cuda: judge and measure the GPU variants (millis's compact encoder in fp16 / "
+                              "bf16 through CUDA graphs) against the fp32 reference, and write a GPU artifact "
+                              "(serve it with --device cuda)", choices=("cpu", "cuda"))
     preset: str = flag("cpu", "measurement preset: cpu (full) or quick (2 small shapes, 10 timed calls); "
                               "--shapes / --iters override it", choices=tuple(PRESETS), scoped=True)
     data: str = flag("", "labelled CSV/TSV/JSONL to select on by accuracy (--max-drop); default: the validation "
@@ -94,6 +97,8 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
 
     @property
     def model_task(self) -> str:

@@ -94,6 +94,7 @@ class JudgeContext:
     progress: Progress = lambda msg: None
     open: Opener | None = None             # None = open_variant (tests pass fakes)
     pairs: tuple[tuple[str, str], ...] = ()  # rerank: fidelity on these (query, document) pairs, not texts
+    gpu_buckets: tuple[str, ...] = ()      # GPU variants: the shapes they capture (measured and serve-mix ones)
 
 
 def fidelity_outputs(rt: Runtime, ctx: JudgeContext) -> np.ndarray:
@@ -118,8 +119,11 @@ def recipe_of(v: Variant) -> dict[str, Any]:
     return r
 
 
-def open_variant(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path) -> Runtime:
+def open_variant(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path,
+                 gpu_buckets: tuple[str, ...] = ()) -> Runtime:
     opts = dict(v.options, task=task)
+    if v.runtime == "cuda" and gpu_buckets:
+        opts.setdefault("buckets", list(gpu_buckets))
     return open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[task], opts, threads)
 
 
@@ -138,7 +142,7 @@ def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantR
     t0 = time.perf_counter()
     vdir, r.facts = builder.build(v)
     r.facts["build_s"] = time.perf_counter() - t0
-    opener = ctx.open or (lambda var, d: open_variant(ctx.task, ctx.threads, ctx.src, var, d))
+    opener = ctx.open or (lambda var, d: open_variant(ctx.task, ctx.threads, ctx.src, var, d, ctx.gpu_buckets))
     rss0 = rss_mb()
     rt, load_s, first_s = cold_start(lambda: opener(v, vdir), ctx.target_batch)
     r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}

@@ -20,7 +20,7 @@ from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
 from millis.evaluate.run import check_labels
 from millis.optimize.judge import Judged, JudgeContext, Reference, judge, judge_reference
-from millis.common import machine_load
+from millis.common import hardware, machine_load
 from millis.common.readers import Labeled, read_labeled
 from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
@@ -78,6 +78,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     """Run the whole pipeline for `cfg`; return the artifact directory. `choose` picks the variant
     to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
     src = resolve(cfg.source)
+    if cfg.device == "cuda" and not hardware.has_cuda():
+        raise MillisError("optimize --device cuda needs a CUDA GPU (torch sees none)")
     max_len = model_max_length(src, cfg.max_length)
     for s in cfg.measure.shapes + (cfg.target,):
         if s.seq > max_len:
@@ -110,10 +112,10 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     try:
         builder = Builder(src, cfg.model_task, work, calibration)
         ctx = JudgeContext(cfg.model_task, cfg.budget, cfg.measure.threads, src, enc, texts, inputs[cfg.target],
-                           data, progress, pairs=pairs)
+                           data, progress, pairs=pairs, gpu_buckets=capture_shapes(cfg, max_len, shapes))
         reference, ref = judge_reference(ctx, builder)
         judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
-        pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset))  # name -> judged, in order
+        pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset, cfg.device))  # name -> judged, in order
         recovery = Recovery({"needed": False, "why": "disabled", "attempts": []})
         if cfg.recover:
             recovery = recover({n: j.result for n, j in pool.items()}, judge_one,
@@ -144,6 +146,14 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                       load)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def capture_shapes(cfg: OptimizeConfig, max_len: int, shapes: tuple) -> tuple[str, ...]:
+    """The shapes a GPU variant captures while judged: the measured ones and those of the serve mix."""
+    from millis.artifact.model import gpu_buckets
+
+    mix = gpu_buckets(cfg.measure.serve_max_batch, max_len, cfg.measure.serve_max_tokens)
+    return tuple(dict.fromkeys([s.name for s in shapes] + mix))
 
 
 def judge_all(reference: Judged, judge_one: Callable[..., Judged], variants: list) -> dict[str, Judged]:

@@ -176,4 +176,4 @@ class CudaGraphRuntime:
         buckets = tuple(Shape.parse(s) for s in options.get("buckets", ())) or DEFAULT_BUCKETS
         return cls(model_dir, name, input_names, output_name, options["task"], pooling,
                    dtype=options.get("dtype", "fp16"), buckets=buckets, fuse=options.get("fuse", "triton"),
-                   dense=bool(options.get("dense", False)))
+                   device=options.get("device", "cuda"), dense=bool(options.get("dense", False)))

@@ -23,7 +23,7 @@ from millis.encoder.source import ModelSource
 @dataclass(frozen=True)
 class Variant:
     name: str
-    runtime: str                   # torch | onnxruntime | openvino
+    runtime: str                   # torch | onnxruntime | openvino | native | cuda
     precision: str                 # fp32 | bf16 | int8
     passes: tuple[str, ...]        # applied in order, see PASSES
     options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, precision...)
@@ -69,6 +69,10 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, 7-bit weights (scale per 32) x int8 activations: AVX2 maddubs, no sign fix-ups"),
     Variant("native-int7-a7", "native", "int8", ("weights",), {"precision": "int7-a7"},
             "millis's C encoder, 7-bit weights x 7-bit activations (scales per 32): AVX2 sums 2 steps in int16"),
+    Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
+            "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
+    Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},
+            "millis's compact encoder on the GPU: bf16, fused Triton epilogues, a CUDA graph per shape bucket"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments
@@ -87,13 +91,16 @@ RECOVERY = ("ort-int8-dynamic-pc", "ort-int8-static", "ort-int8-static-percentil
 MIXED_BASE = "ort-int8-dynamic-pc"  # the sensitivity fallback keeps some of its MatMuls in fp32
 
 PRESET_VARIANTS = {
-    "cpu": tuple(n for n in CATALOG if n not in RECOVERY[2:]),
+    "cpu": tuple(n for n, v in CATALOG.items() if n not in RECOVERY[2:] and v.runtime != "cuda"),
     "quick": (REFERENCE, "ort-fp32-fused", "ort-int8-attention", "ort-int8-dynamic-pc"),
 }
+GPU_VARIANTS = tuple(n for n, v in CATALOG.items() if v.runtime == "cuda")  # optimize --device cuda
 
 
-def variants_for(names: tuple[str, ...], preset: str) -> list[Variant]:
-    names = names or preset_of(PRESET_VARIANTS, preset, "--preset")
+def variants_for(names: tuple[str, ...], preset: str, device: str = "cpu") -> list[Variant]:
+    """The named variants, else the device's defaults (cuda: the GPU variants; cpu: the preset's), the
+    reference first."""
+    names = names or (GPU_VARIANTS if device == "cuda" else preset_of(PRESET_VARIANTS, preset, "--preset"))
     unknown = [n for n in names if n not in CATALOG]
     if unknown:
         raise MillisError(f"unknown variant(s) {', '.join(unknown)}; available: {', '.join(CATALOG)}")
@@ -118,7 +125,9 @@ class Builder:
         out.mkdir(parents=True)
         if v.runtime == "torch":
             return self.src.path, {"file": None}
-        if v.precision == "bf16" and not hardware.has_bf16():
+        if v.runtime == "cuda" and v.options.get("device", "cuda") == "cuda" and not hardware.has_cuda():
+            raise MillisError("no CUDA device: the GPU variant is skipped (optimize --device cuda on a GPU machine)")
+        if v.precision == "bf16" and v.runtime != "cuda" and not hardware.has_bf16():
             raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
                               "as fp32 or emulated, so it is skipped")
         path = self._apply(v.passes, v.keep_fp32)
