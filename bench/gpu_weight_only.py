@@ -4,12 +4,12 @@ repo root, after bench/peers/models.decoder_dir('llama-1b') has written the rand
 
     PYTHONPATH=. python3 bench/gpu_weight_only.py --out $OUT
 
+- decode (first: the targets): per format, the engine (`open_engine`, CUDA graphs) at b1 and b8, the median
+  step in ms, the weight bytes a step reads and the GB/s that makes, the kernel each matmul shape was tuned
+  to; cold start (load, quantize, tune, capture) apart;
 - matmuls: for each (N, K) of a decode step and M in 1 / 8 / 32 rows, the median time of one call (calls
-  captured in a CUDA graph and replayed: gpu_probes.graph_time_us, so no launch overhead) and the weight GB/s it reaches, for
-  cuBLAS bf16 and each format at its default kernel configuration, and at M = 1 at a few others (the sweep
-  says whether `block_sizes` should change);
-- decode: per format, the engine (`open_engine`, CUDA graphs) at b1 and b8, the median step in ms, the
-  weight bytes a step reads and the GB/s that makes; cold start (load, quantize, capture) apart.
+  captured in a CUDA graph and replayed, so no launch overhead) and the weight GB/s it reaches, for cuBLAS
+  bf16 and each format at the kernel `weight_only_kernels.tune` picks, with every candidate's time.
 `--device cpu` is a smoke run of the script itself (a tiny random model, the torch path, no timings that mean
 anything). Writes $OUT/gpu_weight_only_<gpu>.json and prints a table.
 """
@@ -29,8 +29,6 @@ sys.path.insert(0, str(HERE / "peers"))
 
 FORMATS = ("bf16", "int8", "int4", "fp8")
 ROWS = (1, 8, 32)
-# other kernel configurations tried at M = 1 (each a Triton compile: a second or so)
-SWEEP = [{"BN": 16, "num_warps": 2}, {"BN": 32}, {"BN": 64, "num_warps": 8}, {"BN": 16, "BK": 512, "num_stages": 3}]
 TARGETS_MS = {"bf16": 0.75, "int8": 0.5, "int4": 0.35}  # Llama-1B b1 decode on an H200
 
 
@@ -41,32 +39,30 @@ def emit(rows: list[dict], row: dict) -> None:
 
 
 def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
+    """Each matmul shape at 1 / 8 / 32 rows: cuBLAS bf16, and each format at the kernel `tune` picks (every
+    candidate's time kept beside it)."""
     import torch
     import torch.nn.functional as F
 
     from millis.gpu import weight_only as wo
-    from gpu_probes import graph_time_us
+    from millis.gpu.weight_only_kernels import TUNED, graph_us, kernel_matmul, tune, tune_key
 
+    TUNED.clear()  # the decode part tuned some of these shapes: measure every candidate again, for the record
     rows = []
     for n, k in shapes:
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-        mods = {f: wo.WeightOnlyLinear(lin, f) for f in wo.FORMATS}
-        for m in ROWS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base = graph_time_us(lambda: F.linear(x, lin.weight))
-            emit(rows, {"N": n, "K": k, "M": m, "system": "cublas-bf16", "us": round(base, 2),
-                        "GBps": round(n * k * 2 / base / 1e3, 1)})
-            for f, mod in mods.items():
-                for cfg in [None] + (SWEEP if m == 1 else []):
-                    if f == "int4" and cfg and "BK" in cfg:
-                        continue  # int4 walks its groups of 64
-                    try:
-                        us = graph_time_us(lambda: wo.kernel_matmul(f, x, mod.q, mod.scale, mod.low, n, k, cfg))
-                    except Exception as e:  # noqa: BLE001 -- a config Triton refuses (shared memory) is a row
-                        emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": cfg, "error": str(e)[:200]})
-                        continue
-                    emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": cfg or "default", "us": round(us, 2),
-                                "GBps": round(wo.packed_bytes(mod) / us / 1e3, 1), "vs_cublas": round(us / base, 3)})
+        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in ROWS}
+        base = {m: graph_us(lambda: F.linear(xs[m], lin.weight)) for m in ROWS}
+        for f in wo.FORMATS:
+            mod = wo.WeightOnlyLinear(lin, f)
+            timed = tune([mod], rows=(1, 16, 32))
+            for m in ROWS:
+                x, key = xs[m], tune_key(f, n, k, m)
+                us = graph_us(lambda: kernel_matmul(f, x, mod.q, mod.scale, mod.low, n, k))
+                emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": TUNED.get(key), "us": round(us, 2),
+                            "GBps": round(wo.packed_bytes(mod) / us / 1e3, 1), "cublas_bf16_us": round(base[m], 2),
+                            "cublas_GBps": round(n * k * 2 / base[m] / 1e3, 1), "vs_cublas": round(us / base[m], 3),
+                            "candidates_us": [[c, round(t, 2)] for c, t in timed.get(key, [])]})
         print(f"matmul N{n} K{k}: done", flush=True)
     return rows
 
@@ -91,6 +87,7 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
 
     from millis.gen import EngineConfig, open_engine
     from millis.gpu.weight_only import WeightOnlyLinear, packed_bytes, quantize_weight_only
+    from millis.gpu.weight_only_kernels import TUNED
     from gpu_decode import decode_figures, kernels_per_step
 
     quant = "none" if f == "bf16" else f
@@ -110,6 +107,7 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
     row = {"format": f, **decode_figures(eng, list(range(100, 116)), new_tokens), "weight_bytes": weights,
            "cold_start_s": round(cold, 2), "kernels_per_decode_step": kernels_per_step(eng) if device == "cuda" else None}
     row["b1_weight_GBps"] = round(weights / row["b1_ms_per_token"] / 1e6, 1)
+    row["tuned"] = {f"{n}x{k} rows<={r}": c for (fmt, n, k, r), c in TUNED.items() if fmt == quant}
     if f in TARGETS_MS:
         row["target_ms"] = TARGETS_MS[f]
         row["target_met"] = row["b1_ms_per_token"] <= TARGETS_MS[f]

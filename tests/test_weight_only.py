@@ -19,6 +19,7 @@ from millis.gen.config import EngineConfig, LlamaConfig
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
 from millis.gpu import weight_only as wo
+from millis.gpu.weight_only_kernels import GEMV_CANDIDATES, TILE_CANDIDATES, kernel_matmul, tune, tune_key
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = wo.triton is not None and os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
@@ -127,7 +128,7 @@ def test_engine_config_rules():
 
 # ---- the Triton kernels against the torch path ----
 
-SHAPES = [(1, 40, 96), (5, 48, 130), (17, 33, 64), (64, 96, 576)]
+SHAPES = [(1, 40, 96), (1, 24, 1100), (5, 48, 130), (17, 33, 64), (64, 96, 576)]
 
 
 @pytest.mark.parametrize("fmt", wo.FORMATS)
@@ -142,6 +143,10 @@ def test_kernels_in_the_interpreter(fmt):
             m.use_kernel = True
             out = m(x).float()
             assert torch.allclose(out, ref, atol=tol * max(1.0, ref.abs().max().item())), (fmt, M, N, K, dt)
+            # every candidate `tune` may pick (the one-row gemv kernels at one row), through the same call
+            for cand in (GEMV_CANDIDATES if M == 1 else []) + TILE_CANDIDATES:
+                y = kernel_matmul(fmt, x, m.q, m.scale, m.low, N, K, cand).float() + m.bias
+                assert torch.allclose(y.to(dt).float(), ref, atol=tol * max(1.0, ref.abs().max().item())), cand
 
 
 @pytest.mark.gpu
@@ -161,3 +166,15 @@ def test_kernels_on_cuda(fmt):
         out = m(x).float()
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (fmt, M, N, K, err)  # bf16 output rounding (~4e-3) on fp32 sums of the same products
+        if N in (1536, 3072):  # every candidate `tune` may pick, and `tune` itself
+            for cand in (GEMV_CANDIDATES if M == 1 else []) + TILE_CANDIDATES:
+                y = kernel_matmul(fmt, x, m.q, m.scale, m.low, N, K, cand).float()
+                assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (fmt, M, N, K, cand)
+    picked = tune([m], rows=(1, 16))
+    assert set(picked) == {tune_key(fmt, m.out_features, m.in_features, r) for r in (1, 16)}
+
+
+@pytest.mark.skipif(wo.triton is not None, reason="the error of a machine without Triton")
+def test_without_triton_the_gpu_formats_say_so():
+    with pytest.raises(MillisError, match="Triton is not installed"):
+        wo.quantize_and_tune(tiny_llama(), "int4", 8)

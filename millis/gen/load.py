@@ -85,7 +85,9 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         model.head.weight = getattr(model, "wte" if isinstance(cfg, GPT2Config) else "tok_emb").weight
     quant_backend = None
     if engine.device == "cuda" and engine.quant != "none":
-        quant_backend = weight_only(model, engine.quant)
+        from millis.gpu.weight_only import quantize_and_tune
+
+        quant_backend = quantize_and_tune(model, engine.quant, engine.max_batch)
     elif engine.quant != "none":
         from millis.kernels.quant import quantize_int8
 
@@ -107,16 +109,6 @@ def no_weight_init():
     finally:
         for cls, fn in saved:
             cls.reset_parameters = fn
-
-
-def weight_only(model: nn.Module, fmt: str) -> str:
-    """The GPU's weight-only formats (millis.gpu.weight_only), run by its Triton kernels."""
-    from millis.gpu.weight_only import quantize_weight_only, triton
-
-    if triton is None:
-        raise MillisError(f"--quant {fmt} on cuda runs Triton kernels, and Triton is not installed")
-    quantize_weight_only(model, fmt)
-    return f"triton-{fmt}"
 
 
 def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int:

@@ -22,13 +22,8 @@ from torch import nn
 from millis.common.errors import MillisError
 from millis.common.dtypes import WEIGHT_ONLY_FORMATS as FORMATS
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU-only machines
-    triton = None
+from millis.gpu.weight_only_kernels import GROUP, kernel_matmul, triton
 
-GROUP = 64          # int4 inputs per scale / low: divides SmolLM2's 576 and every Llama width
 KERNEL_ROWS = 64    # at most this many rows (batch x tokens) take the fused kernel; more dequantize + cuBLAS
 FP8_MAX = 448.0     # largest finite float8_e4m3fn
 
@@ -73,78 +68,6 @@ def dequantize(fmt: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
     v = torch.cat((b & 15, b >> 4), dim=2).to(dtype)                      # (N, G, GROUP)
     w = v * scale.t().to(dtype)[..., None] + low.t().to(dtype)[..., None]
     return w.reshape(N, -1)[:, :k]
-
-
-# ---- Triton kernels: y (M, N) = x (M, K) @ W^T, W packed; fp32 accumulation ----
-
-if triton is not None:
-    @triton.jit
-    def _channel_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # int8 / fp8 weights (N, K), scale (N,): the tile converts to x's dtype (exact) before the dot
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)))  # via fp32: exact, any Triton
-        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], (acc * s[None, :]).to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    @triton.jit
-    def _int4_kernel(x_ptr, w_ptr, s_ptr, l_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                     BM: tl.constexpr, BN: tl.constexpr, GROUP_: tl.constexpr):
-        # packed (N, Kp/2) uint8; scale, low (G, N): per group, two half-group dots (low / high nibbles),
-        # then acc += dot * scale + sum(x) * low
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rh = tl.arange(0, GROUP_ // 2)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for g in range(0, tl.cdiv(K, GROUP_)):
-            ka = g * GROUP_ + rh
-            kb = ka + GROUP_ // 2
-            xm = rm[:, None] < M
-            xa = tl.load(x_ptr + rm[:, None] * sxm + ka[None, :], mask=xm & (ka[None, :] < K), other=0.0)
-            xb = tl.load(x_ptr + rm[:, None] * sxm + kb[None, :], mask=xm & (kb[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + rn[:, None] * swn + (g * (GROUP_ // 2) + rh)[None, :], mask=rn[:, None] < N, other=0)
-            qa = (b & 15).to(tl.float32).to(xa.dtype)                      # (BN, GROUP/2), exact in bf16
-            qb = (b >> 4).to(tl.float32).to(xa.dtype)
-            part = tl.dot(xa, tl.trans(qa)) + tl.dot(xb, tl.trans(qb))      # (BM, BN) fp32
-            xs = tl.sum(xa.to(tl.float32), axis=1) + tl.sum(xb.to(tl.float32), axis=1)  # (BM,)
-            s = tl.load(s_ptr + g * N + rn, mask=rn < N, other=0.0)
-            lo = tl.load(l_ptr + g * N + rn, mask=rn < N, other=0.0)
-            acc += part * s[None, :] + xs[:, None] * lo[None, :]
-        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def block_sizes(M: int, N: int) -> tuple[int, int]:
-    """(BM, BN): BM the rows rounded up to a power of two (>= 16, tl.dot's smallest); BN 16 while that
-    still gives a program to every SM of a large GPU (~132) for a 2,048-wide output, else 32."""
-    bm = max(16, 1 << (M - 1).bit_length())
-    return bm, 16 if N <= 4096 else 32
-
-
-def kernel_matmul(fmt: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
-                  n: int, k: int, config: dict | None = None) -> torch.Tensor:
-    """x (M, k) contiguous -> (M, n) in x's dtype, through the Triton kernel of `fmt`. `config` overrides
-    BN, BK (int8 / fp8), num_warps and num_stages (bench/gpu_weight_only.py's sweep)."""
-    M = x.shape[0]
-    y = torch.empty(M, n, dtype=x.dtype, device=x.device)
-    bm, bn = block_sizes(M, n)
-    c = {"BN": bn, "BK": 256, "num_warps": 4, "num_stages": 4, **(config or {})}
-    grid = (triton.cdiv(n, c["BN"]), triton.cdiv(M, bm))
-    if fmt == "int4":
-        _int4_kernel[grid](x, q, scale, low, y, M, n, k, x.stride(0), q.stride(0), y.stride(0), BM=bm, BN=c["BN"],
-                           GROUP_=GROUP, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    else:
-        _channel_kernel[grid](x, q, scale, y, M, n, k, x.stride(0), q.stride(0), y.stride(0), BM=bm, BN=c["BN"],
-                              BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
-    return y
 
 
 def packed_bytes(m: "WeightOnlyLinear") -> int:
@@ -199,3 +122,16 @@ def quantize_weight_only(model: nn.Module, fmt: str) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, WeightOnlyLinear(child, "int8" if fmt == "int4" and name == "head" else fmt))
     return len(swaps)
+
+
+def quantize_and_tune(model: nn.Module, fmt: str, max_batch: int) -> str:
+    """A decoder on CUDA in a weight-only format: quantized in place, then each matmul shape's kernel measured
+    for one row and for the tiles of up to max_batch rows (weight_only_kernels.tune). Returns its backend name."""
+    from millis.gpu.weight_only_kernels import block_sizes, tune
+
+    if triton is None:
+        raise MillisError(f"--quant {fmt} on cuda runs Triton kernels, and Triton is not installed")
+    quantize_weight_only(model, fmt)
+    rows = (1, *sorted({block_sizes(b, 1)[0] for b in range(2, min(max_batch, KERNEL_ROWS) + 1)}))
+    tune([m for m in model.modules() if isinstance(m, WeightOnlyLinear)], rows)
+    return f"triton-{fmt}"
