@@ -128,6 +128,7 @@ def main() -> int:
         torch.cuda.synchronize()
     res["cold_start_s"] = round(time.perf_counter() - t0, 2)
     res["graphs"] = len(eng.decode.graphs) if cuda else 0
+    res["fused_decode"] = bool(cuda and eng.decode.fused)  # 9 Triton kernels a layer (MILLIS_NO_FUSED_DECODE=1: off)
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None

@@ -39,11 +39,12 @@ fi
 # 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (on its CPU: a minute or more) (60 s)
 part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
-# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s), the weight-only
-#    kernels against their torch path (60 s: about 30 Triton compiles)
+# 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s); the weight-only
+#    and fused decode kernels against their torch paths (60 s: about 40 Triton compiles)
 if python3 -c "import pytest" 2>/dev/null; then
     part 60 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
-    part 60 weight-only-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_weight_only.py
+    part 60 triton-decode-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_weight_only.py \
+        tests/test_fused_decode.py
 fi
 # 2. Llama-3.2-1B shape: millis bf16 against HF eager and HF static cache + torch.compile, alternated (160 s)
 part 160 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 1 --batches 1,32 --new-tokens 32 \

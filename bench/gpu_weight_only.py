@@ -104,8 +104,10 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
     cold = time.perf_counter() - t0
     weights = sum(packed_bytes(m) if isinstance(m, WeightOnlyLinear) else m.weight.numel() * 2
                   for m in eng.model.modules() if isinstance(m, (WeightOnlyLinear, torch.nn.Linear)))
+    cuda = device == "cuda"
     row = {"format": f, **decode_figures(eng, list(range(100, 116)), new_tokens), "weight_bytes": weights,
-           "cold_start_s": round(cold, 2), "kernels_per_decode_step": kernels_per_step(eng) if device == "cuda" else None}
+           "cold_start_s": round(cold, 2), "kernels_per_decode_step": kernels_per_step(eng) if cuda else None,
+           "fused_decode": bool(cuda and eng.decode.fused)}
     row["b1_weight_GBps"] = round(weights / row["b1_ms_per_token"] / 1e6, 1)
     row["tuned"] = {f"{n}x{k} rows<={r}": c for (fmt, n, k, r), c in TUNED.items() if fmt == quant}
     if f in TARGETS_MS:

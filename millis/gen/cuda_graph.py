@@ -32,6 +32,8 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.gen.models.layers import Attention, Batch, visible_keys
+from millis.gen.models.fused_decode import fused_decode
+from millis.gen.models.fused_decode import usable as fused_usable
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 256  # the shortest KV bucket: below it a decode step is launch-bound, not length-bound
@@ -56,6 +58,7 @@ class GraphedDecode:
             raise MillisError("CUDA graphs need the model on a CUDA device")
         self.model, self.max_seq, self.device = model, max_seq, dev
         self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
+        self.fused = fused_usable(model)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
@@ -70,6 +73,8 @@ class GraphedDecode:
                     self._capture(b, n)
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
+        if self.fused:  # Llama family on CUDA: 9 fused kernels a layer (models/fused_decode.py)
+            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window, self.max_seq - 1)
         pos = self.pos[b]
         # an idle row (the scratch position) sees every key: with a sliding window none of the first L would be
         # visible to it, and an all-masked row's NaN, written to its slot, would reach a later request there

@@ -1,0 +1,96 @@
+"""The fused decode step (millis.gen.models.fused_decode, millis.gpu.decode_kernels) against the torch
+Llama's own decode step: the same logits and the same KV-cache writes, for batches with an idle row (a graph
+bucket's scratch position), grouped-query heads that are not a power of two, and a sliding window.
+
+The kernels run on CUDA (marked gpu, bf16) or, on the CPU, in Triton's interpreter when Triton is installed
+and TRITON_INTERPRET=1 (fp32 / fp16); skipped otherwise. `usable` is checked everywhere.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from millis.gen.config import LlamaConfig
+from millis.gen.cuda_graph import GraphedDecode
+from millis.gen.models.fused_decode import fused_decode, usable
+from millis.gen.models.layers import make_batch, setup_caches
+from millis.gen.models.llama import Llama
+from millis.gpu import decode_kernels as dk
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = dk.triton is not None and os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
+MAX_SEQ, SLOTS = 128, 4
+
+
+def prefilled(heads: int, kv: int, window: int, dtype: torch.dtype, device: str) -> tuple[Llama, list[int]]:
+    """A tiny Llama whose rows 0..2 hold prompts of 5, 40 and 17 tokens; row 3 is idle."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, dim=heads * 32, n_layers=2, n_heads=heads, n_kv_heads=kv, hidden_dim=160,
+                      max_seq=MAX_SEQ, sliding_window=window, tie_head=True)
+    model = Llama(cfg).eval()
+    for name, p in model.named_parameters():
+        torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.08)
+    model = model.to(device=device, dtype=dtype)
+    setup_caches(model, SLOTS, MAX_SEQ)
+    lengths = [5, 40, 17]
+    with torch.inference_mode():
+        for slot, n in enumerate(lengths):
+            model(make_batch([list(range(3 + slot, 3 + slot + n))], [0], [slot], window, device=device))
+    return model, lengths
+
+
+def step(model: Llama, lengths: list[int], fused: bool, kv_len: int = 64):
+    gd = GraphedDecode(model, SLOTS, MAX_SEQ, capture=False)
+    ids, pos = [7, 8, 9, 0], lengths + [MAX_SEQ - 1]
+    gd.ids[SLOTS].copy_(torch.tensor(ids)[:, None])
+    gd.pos[SLOTS].copy_(torch.tensor(pos)[:, None])
+    with torch.inference_mode():
+        if fused:
+            return fused_decode(model, gd.ids[SLOTS], gd.pos[SLOTS], kv_len, gd.window, MAX_SEQ - 1)
+        gd.fused = False
+        return gd._forward(SLOTS, kv_len)
+
+
+CASES = [(4, 2, 0), (6, 2, 0), (4, 1, 8)]  # (heads, kv heads, window): GQA 2, GQA 3 (padded to 4), a window
+
+
+def check(dtype, device, tol):
+    for heads, kv, window in CASES:
+        model, lengths = prefilled(heads, kv, window, dtype, device)
+        twin = copy.deepcopy(model)
+        want = step(model, lengths, fused=False)
+        got = step(twin, lengths, fused=True)
+        assert got.shape == want.shape == (SLOTS, 256)
+        assert torch.isfinite(got).all()
+        err = ((got[:3] - want[:3]).norm() / want[:3].norm()).item()  # the idle row's logits are never read
+        assert err < tol, (heads, kv, window, err)
+        assert (got[:3].argmax(-1) == want[:3].argmax(-1)).all()
+        for a, b in zip(model.layers, twin.layers):  # the same keys and values written at each row's position
+            for r, p in enumerate(lengths):
+                assert torch.allclose(a.attn.cache.k[r, :, p].float(), b.attn.cache.k[r, :, p].float(), atol=tol)
+                assert torch.allclose(a.attn.cache.v[r, :, p].float(), b.attn.cache.v[r, :, p].float(), atol=tol)
+
+
+def test_usable_only_on_cuda_with_triton(monkeypatch):
+    model, _ = prefilled(4, 2, 0, torch.float32, "cpu")
+    assert not usable(model)  # CPU tensors: the torch forward
+    if HAS_CUDA and dk.triton is not None:
+        model = model.cuda()
+        assert usable(model)
+        monkeypatch.setenv("MILLIS_NO_FUSED_DECODE", "1")
+        assert not usable(model)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter on the CPU: needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_fused_step_in_the_interpreter(dtype, tol):
+    check(dtype, "cpu", tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and dk.triton is not None), reason="needs CUDA and Triton")
+def test_fused_step_on_cuda():
+    check(torch.bfloat16, "cuda", 3e-2)
