@@ -74,12 +74,15 @@ def check(dtype, device, tol):
                 assert torch.allclose(a.attn.cache.v[r, :, p].float(), b.attn.cache.v[r, :, p].float(), atol=tol)
 
 
-def test_usable_only_on_cuda_with_triton(monkeypatch):
+def test_usable_only_on_cuda_with_triton_and_power_of_two_heads(monkeypatch):
     model, _ = prefilled(4, 2, 0, torch.float32, "cpu")
     assert not usable(model)  # CPU tensors: the torch forward
     if HAS_CUDA and dk.triton is not None:
         model = model.cuda()
         assert usable(model)
+        odd = Llama(LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64,
+                                max_seq=32)).cuda()
+        assert not usable(odd)  # 48-wide heads: the kernels' aranges need a power of two
         monkeypatch.setenv("MILLIS_NO_FUSED_DECODE", "1")
         assert not usable(model)
 

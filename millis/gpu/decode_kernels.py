@@ -5,7 +5,8 @@ a step of small kernels is bound by how many it launches, not by bytes.
 
 The elementwise kernels round where the torch layers round (RMSNorm's normalised row to the dtype before the
 weight, RoPE's two products and their sum, SiLU before the product), so they give the torch model's values;
-attention sums in fp32 (one pass, online softmax), as the torch path's fp32 softmax, within rounding.
+attention takes its softmax in fp32 (one pass, online) and both products as tensor-core dots, as the torch
+path's fp32 softmax and bf16 matmuls, within rounding.
 Shapes: x (B, D) rows; qkv (B, (nh + 2 nkv) hs); the cache (slots, nkv, S, hs) with row b in slot b.
 """
 from __future__ import annotations
@@ -73,9 +74,10 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, NH, NKV, S, L, window, scratch, scale,
                           G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr, BL: tl.constexpr):
-        # program (row b, kv head j): its G query heads (padded to GP) over keys [0, L) of slot b, online
-        # softmax in fp32. Visible: key <= pos (and pos - window < key with a window); the idle rows of a
-        # graph bucket (pos == scratch) see every key, so nothing is all-masked
+        # program (row b, kv head j): its G query heads, padded to GP >= 16 rows so both products are
+        # tensor-core dots (and the K / V loads pipeline), over keys [0, L) of slot b; online softmax in fp32,
+        # the probabilities in the dtype for the second dot (as the torch step). Visible: key <= pos (and
+        # pos - window < key with a window); the idle rows of a graph bucket (pos == scratch) see every key
         b = tl.program_id(0)
         j = tl.program_id(1)
         rg = tl.arange(0, GP)
@@ -83,19 +85,18 @@ if triton is not None:
         rl = tl.arange(0, BL)
         gm = rg < G
         q = tl.load(q_ptr + (b * NH + j * G + rg[:, None]) * HS + rd[None, :], mask=gm[:, None], other=0.0)
-        q = q.to(tl.float32) * scale                                         # (GP, HS)
         p = tl.load(pos_ptr + b)
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, HS), tl.float32)
-        kv = (b * NKV + j) * S * HS
+        kv = (b.to(tl.int64) * NKV + j) * S * HS  # int64: one layer's cache may pass 2**31 elements
         for l0 in range(0, L, BL):
             key = l0 + rl                                                    # (BL,)
             seen = (key < L) & ((key <= p) | (p == scratch))
             if window > 0:
                 seen = seen & ((key > p - window) | (p == scratch))
             k = tl.load(k_ptr + kv + key[:, None] * HS + rd[None, :], mask=(key < L)[:, None], other=0.0)
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (GP, BL)
+            s = tl.dot(q, tl.trans(k)) * scale                               # (GP, BL) fp32
             s = tl.where(seen[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block all masked so far (a window): no NaN
@@ -103,9 +104,9 @@ if triton is not None:
             pr = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(pr, axis=1)
             v = tl.load(v_ptr + kv + key[:, None] * HS + rd[None, :], mask=(key < L)[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padded query rows see nothing: 0, not NaN
         tl.store(o_ptr + (b * NH + j * G + rg[:, None]) * HS + rd[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=gm[:, None])
 
@@ -154,7 +155,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     g = nh // nkv
     o = torch.empty(B, nh * hs, device=q.device, dtype=q.dtype)
     _attention_kernel[(B, nkv)](q, k_cache, v_cache, pos, o, nh, nkv, S, kv_len, window, scratch, hs ** -0.5,
-                                G=g, GP=triton.next_power_of_2(g), HS=hs, BL=32, num_warps=4)
+                                G=g, GP=max(16, triton.next_power_of_2(g)), HS=hs, BL=64, num_warps=4, num_stages=3)
     return o
 
 

@@ -198,7 +198,9 @@ def tune(layers, rows: tuple[int, ...] = (1, 16)) -> dict:
             for cand in (GEMV_CANDIDATES + TILE_CANDIDATES[:1] if M == 1 else TILE_CANDIDATES):
                 try:
                     timed.append((cand, graph_us(lambda: kernel_matmul(fmt, x, m.q, m.scale, m.low, n, k, cand))))
-                except Exception:  # noqa: BLE001 -- a config this GPU or Triton refuses
+                except Exception as e:  # noqa: BLE001 -- a config this GPU or Triton refuses (resources)...
+                    if "CUDA error" in str(e):  # ...but a fault poisons the context: not a candidate's problem
+                        raise
                     continue
             if timed:
                 out[key] = sorted(timed, key=lambda t: t[1])
