@@ -2,7 +2,6 @@
 bytes floor beside them, SDPA backends with and without a padding mask, and a kernel profile."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -20,25 +19,9 @@ def dev_inputs(feeds):
 
 def graph_time_us(fn, n: int = 20, reps: int = 20) -> float:
     """Median time of one fn() call, from replays of a graph of n calls (launch gaps hidden)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / n)
-    return float(np.median(ts))
+    from millis.gpu.graph_timing import graph_us
+
+    return graph_us(fn, n, reps)
 
 
 def gemm_probe(bw_tbs: float) -> list[dict]:

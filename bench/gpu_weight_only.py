@@ -45,7 +45,8 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     import torch.nn.functional as F
 
     from millis.gpu import weight_only as wo
-    from millis.gpu.weight_only_kernels import TUNED, graph_us, kernel_matmul, tune, tune_key
+    from millis.gpu.graph_timing import graph_us
+    from millis.gpu.weight_only_kernels import TUNED, kernel_matmul, tune, tune_key
 
     TUNED.clear()  # the decode part tuned some of these shapes: measure every candidate again, for the record
     rows = []

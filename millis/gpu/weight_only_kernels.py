@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from millis.gpu.graph_timing import graph_us
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
     import triton.language as tl
@@ -151,29 +153,6 @@ def kernel_matmul(fmt: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
 GEMV_CANDIDATES = [{"gemv": True, "BN": bn, "BK": bk, "GPS": gps, "num_warps": w}
                    for bn, bk, gps, w in ((4, 512, 4, 2), (8, 512, 4, 4), (16, 256, 2, 4), (8, 1024, 8, 4))]
 TILE_CANDIDATES = [{"BN": 16}, {"BN": 32}, {"BN": 64, "num_warps": 8}]
-
-
-def graph_us(fn, calls: int = 20, reps: int = 5) -> float:
-    """Median time (us) of one fn() call: `calls` captured in a CUDA graph (no launch gaps), replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # compiles, outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def tune_key(fmt: str, n: int, k: int, rows: int) -> tuple[str, int, int, int]:
