@@ -17,7 +17,7 @@ from conftest import reference_outputs
 
 TEXTS = sample_texts()[:24]
 # precision -> (max |delta| on normalised embeddings / logits, min cosine)
-TOL = {"fp32": (1e-4, 0.99999), "bf16": (0.05, 0.99), "int8": (0.25, 0.95)}
+TOL = {"fp32": (1e-4, 0.99999), "fp16": (0.02, 0.999), "bf16": (0.05, 0.99), "int8": (0.25, 0.95)}
 
 
 def _outputs(rt, enc, texts):
@@ -42,11 +42,15 @@ def built(tmp_path_factory, tiny_dirs):
 def test_variant_matches_reference(built, case, name):
     src, enc, builder, ref = built[case]
     v = CATALOG[name]
-    if v.precision == "bf16" and not hardware.has_bf16():
+    if v.runtime == "cuda" and not hardware.has_cuda():  # optimize --device cuda's variants need a GPU
+        with pytest.raises(MillisError, match="no CUDA device"):
+            builder.build(v)
+        return
+    if v.precision == "bf16" and v.runtime != "cuda" and not hardware.has_bf16():
         with pytest.raises(MillisError, match="no native bf16"):
             builder.build(v)
         return
-    if v.runtime == "native" and case[0] != "bert":  # the C encoder runs the BERT family only
+    if v.runtime in ("native", "cuda") and case[0] != "bert":  # the compact encoders run the BERT family only
         with pytest.raises(MillisError, match="BERT-family"):
             builder.build(v)
         return
