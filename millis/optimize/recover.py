@@ -19,7 +19,6 @@ import numpy as np
 
 from millis.artifact.model import run_texts
 from millis.encoder.tasks import OUTPUT_NAME
-from millis.optimize.build import quantize
 from millis.optimize.build.variants import CATALOG, DYNAMIC_INT8, MIXED_BASE, RECOVERY, Builder, Variant
 from millis.optimize.judge import Judge, Judged, JudgeContext, VariantResult
 from millis.runtimes import open_runtime
@@ -56,6 +55,8 @@ def error(ref: np.ndarray, out: np.ndarray) -> float:
 
 def sensitivity(ctx: JudgeContext, builder: Builder, base: Variant, texts: list[str]) -> list[tuple[str, float]]:
     """[(node, error when only that node is int8)], most harmful first."""
+    from millis.optimize.build import quantize  # onnx: only the CPU's int8 recovery needs it
+
     fused = builder.graph(base.passes[:-1])  # the fp32 graph the int8 pass starts from
     args = {k: v for k, v in DYNAMIC_INT8[base.passes[-1]].items() if k != "op_types"}
     nodes = quantize.quantizable_nodes(fused)

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from millis.optimize.build import graph, quantize
 from millis.common.config import preset_of
 from millis.common import hardware
 from millis.common.errors import MillisError
@@ -137,6 +136,7 @@ class Builder:
             shutil.copy2(f, out / (f.name if f.name == "config.json" else f"model{f.suffix}"))
         facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
         if path.suffix == ".onnx":
+            from millis.optimize.build import graph
             facts["ops"] = graph.count_ops(path)
         return out, facts
 
@@ -153,6 +153,8 @@ class Builder:
         tag = f"-keep{len(keep)}-{hashlib.sha1(chr(0).join(keep).encode()).hexdigest()[:8]}" if keep else ""
         d = self.work / "_passes" / ("+".join(passes) + tag)
         d.mkdir(parents=True, exist_ok=True)
+        if step != "weights":  # onnx, imported here: the native and GPU variants' runs need none of it
+            from millis.optimize.build import graph, quantize
         if step == "weights":  # the fp32 weights as they are (the native runtime packs them at load)
             path = _fp32_weights(self.src, d)
         elif step == "export":
