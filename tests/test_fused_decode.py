@@ -97,3 +97,20 @@ def test_fused_step_in_the_interpreter(dtype, tol):
 @pytest.mark.skipif(not (HAS_CUDA and dk.triton is not None), reason="needs CUDA and Triton")
 def test_fused_step_on_cuda():
     check(torch.bfloat16, "cuda", 3e-2)
+
+
+def test_kernels_that_do_not_build_leave_the_torch_step(monkeypatch):
+    import millis.gen.cuda_graph as cg
+
+    def broken(*a, **k):
+        raise RuntimeError("triton.compiler.errors.CompilationError: arange's range must be a power of 2")
+    monkeypatch.setattr(cg, "fused_usable", lambda model: True)
+    monkeypatch.setattr(cg, "fused_decode", broken)
+    model, lengths = prefilled(4, 2, 0, torch.float32, "cpu")
+    with pytest.warns(UserWarning, match="fused decode kernels unavailable"):
+        gd = GraphedDecode(model, SLOTS, MAX_SEQ, capture=False)
+    assert not gd.fused
+    gd.ids[1].fill_(7)
+    gd.pos[1].fill_(lengths[0])
+    with torch.inference_mode():
+        assert gd._forward(1, 64).shape == (1, 256)  # the torch step

@@ -25,6 +25,7 @@ tests compare with HF and with the engine's own decode (tests/test_gen_hf.py).
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -67,10 +68,28 @@ class GraphedDecode:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps: Counter[tuple[int, int]] = Counter()  # (B, L) -> decode steps run with it
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        if self.fused:
+            self._try_fused()
         if capture:
             for b in reversed(self.buckets):
                 for n in reversed(self.lengths):
                     self._capture(b, n)
+
+    @torch.inference_mode()
+    def _try_fused(self) -> None:
+        """Compile the fused kernels with one eager step at the scratch position; a Triton that cannot build
+        them leaves the torch step in their place (with a warning), not an engine that fails to open."""
+        b = self.buckets[0]
+        self.pos[b].fill_(self.max_seq - 1)
+        try:
+            self._forward(b, self.lengths[0])
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
+            if "CUDA error" in str(e):  # a fault poisons the context: no fallback can help
+                raise
+            warnings.warn(f"fused decode kernels unavailable ({type(e).__name__}: {str(e)[:300]}); "
+                          f"decoding with the torch step")
+            self.fused = False
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
         if self.fused:  # Llama family on CUDA: 9 fused kernels a layer (models/fused_decode.py)

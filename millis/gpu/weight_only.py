@@ -15,6 +15,8 @@ scale and low stored (groups, N): a group's values for BLOCK_N consecutive rows 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,11 +129,18 @@ def quantize_weight_only(model: nn.Module, fmt: str) -> int:
 def quantize_and_tune(model: nn.Module, fmt: str, max_batch: int) -> str:
     """A decoder on CUDA in a weight-only format: quantized in place, then each matmul shape's kernel measured
     for one row and for the tiles of up to max_batch rows (weight_only_kernels.tune). Returns its backend name."""
-    from millis.gpu.weight_only_kernels import block_sizes, tune
+    from millis.gpu.weight_only_kernels import TUNED, block_sizes, tune
 
     if triton is None:
         raise MillisError(f"--quant {fmt} on cuda runs Triton kernels, and Triton is not installed")
     quantize_weight_only(model, fmt)
     rows = (1, *sorted({block_sizes(b, 1)[0] for b in range(2, min(max_batch, KERNEL_ROWS) + 1)}))
-    tune([m for m in model.modules() if isinstance(m, WeightOnlyLinear)], rows)
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    tune(layers, rows)
+    failed = {(m.fmt, m.out_features, m.in_features) for m in layers} - {k[:3] for k in TUNED}
+    for m in layers:  # no candidate built for this shape (this Triton / GPU): dequantize + cuBLAS, slower, works
+        if (m.fmt, m.out_features, m.in_features) in failed:
+            m.use_kernel = False
+    if failed:
+        warnings.warn(f"no {fmt} kernel built for {sorted(failed)}: those matmuls dequantize per call")
     return f"triton-{fmt}"
