@@ -114,3 +114,33 @@ def test_kernels_that_do_not_build_leave_the_torch_step(monkeypatch):
     gd.pos[1].fill_(lengths[0])
     with torch.inference_mode():
         assert gd._forward(1, 64).shape == (1, 256)  # the torch step
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter on the CPU: needs triton and TRITON_INTERPRET=1")
+def test_engine_decodes_the_same_tokens_through_the_fused_step():
+    """Continuous batching (4 requests through 2 slots, rows joining and leaving, idle bucket rows) with the
+    fused step in GraphedDecode's place: the greedy tokens of the torch step."""
+    from unittest import mock
+
+    from millis.gen import EngineConfig, SamplingParams
+    from millis.gen.engine import Engine, run_all
+    from millis.gen.load import build
+    from test_gen_engine import PIECES, char_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(PIECES), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64,
+                      hidden_dim=96, bos_id=1, eos_id=2)
+    model = Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    sd = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    with mock.patch.dict(os.environ, {"MILLIS_NO_KERNELS": "1"}):
+        engines = [Engine(build(cfg, sd, char_tokenizer(), "test", EngineConfig(max_batch=2, max_seq=48)),
+                          max_prefills_per_step=2) for _ in range(2)]
+    for eng, fused in zip(engines, (False, True)):
+        eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2))
+        eng.decode.fused = fused
+    prompts = [[1, 5, 9, 14], [1, 20, 7], [1, 3], [1, 30, 31, 32, 33, 8]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    want, got = (run_all(e, prompts, greedy) for e in engines)
+    assert got == want and all(len(t) == 12 for t in got)

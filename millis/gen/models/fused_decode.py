@@ -16,14 +16,16 @@ from millis.gpu import decode_kernels as dk
 
 
 def usable(model: nn.Module) -> bool:
-    """A Llama-family model on CUDA with Triton whose head size is a power of two (the kernels' tl.arange;
-    48 or 80-wide heads keep the torch step), unless MILLIS_NO_FUSED_DECODE=1 (the A/B switch)."""
+    """A Llama-family model on CUDA with Triton whose head size is a power of two of at least 16 (the kernels'
+    tl.arange and tl.dot; 48 or 80-wide heads keep the torch step), unless MILLIS_NO_FUSED_DECODE=1 (the A/B
+    switch)."""
     from millis.gen.models.llama import Llama
 
     if not isinstance(model, Llama) or dk.triton is None or os.environ.get("MILLIS_NO_FUSED_DECODE") == "1":
         return False
     a = model.layers[0].attn
-    return next(model.parameters()).device.type == "cuda" and a.hs & (a.hs - 1) == 0 and a.nh % a.nkv == 0
+    pow2 = a.hs >= 16 and a.hs & (a.hs - 1) == 0
+    return next(model.parameters()).device.type == "cuda" and pow2 and a.nh % a.nkv == 0
 
 
 def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int,
