@@ -113,7 +113,7 @@ class EngineConfig:
             if self.quant not in GPU_QUANTS or self.dtype != "bf16":
                 raise MillisError(f"on cuda, quant is weight-only ({', '.join(GPU_QUANTS)}) with dtype bf16 "
                                   f"activations: got quant {self.quant}, dtype {self.dtype}")
-        elif self.quant in GPU_QUANTS[1:]:
+        elif self.quant in set(GPU_QUANTS) - {"int8"}:  # int8 is also the CPU kernels' format
             raise MillisError(f"quant {self.quant} is a GPU weight-only format: it needs device cuda")
         elif self.quant != "none" and self.dtype != "fp32":
             raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")

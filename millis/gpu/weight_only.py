@@ -3,9 +3,10 @@ int4 with a scale and a minimum per 64 inputs. Activations stay in the model's d
 
 Decode reads every weight once per token, so at batch 1 to 32 a step is bound by weight bytes: int8
 halves bf16's, int4 quarters them (plus 1/16 for its scales). `WeightOnlyLinear` keeps the packed weights
-and runs them through a Triton kernel that loads the packed tile and converts it in registers before the
-tensor-core dot (no dequantized copy in memory) for up to KERNEL_ROWS rows; longer inputs (prefill,
-compute-bound) dequantize once per call and use cuBLAS. The torch path (`dequantize` + `F.linear`) is the
+and runs them through Triton kernels (weight_only_kernels.py: tensor-core tiles, one-row gemv kernels, the
+fastest per shape measured at load) that convert the packed values in registers, with no dequantized copy
+in memory, for up to KERNEL_ROWS rows; longer inputs (prefill, compute-bound) dequantize once per call
+and use cuBLAS. The torch path (`dequantize` + `F.linear`) is the
 reference and the CPU stand-in: the same values the kernel multiplies.
 
 int4 layout (N rows, K inputs, K padded to a multiple of GROUP with zero columns): in group g of a row,
@@ -21,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from millis.common.errors import MillisError
 from millis.common.dtypes import WEIGHT_ONLY_FORMATS as FORMATS
-
+from millis.common.errors import MillisError
 from millis.gpu.weight_only_kernels import GROUP, kernel_matmul, triton
 
 KERNEL_ROWS = 64    # at most this many rows (batch x tokens) take the fused kernel; more dequantize + cuBLAS
