@@ -14,6 +14,12 @@ rm -rf "$C"
 mkdir -p "$C/py" "$C/tok"
 # gguf (pure Python, 1.4 MB): dequantizes the GGUF's tensors for the torch model on the GPU
 cp -r "$($PY -c 'import gguf, os; print(os.path.dirname(gguf.__file__))')" "$C/py/"
+# pytest and its pure-Python dependencies (about 4 MB), in case the device's Python has none: the GPU tests
+SITE=$($PY -c 'import pytest, os; print(os.path.dirname(os.path.dirname(pytest.__file__)))')
+for p in _pytest pytest pluggy iniconfig py.py pytest_timeout.py "$SITE"/pytest-*.dist-info "$SITE"/pluggy-*.dist-info \
+         "$SITE"/iniconfig-*.dist-info "$SITE"/pytest_timeout-*.dist-info; do
+    cp -r "$SITE/$(basename "$p")" "$C/py/"
+done
 # a BERT WordPiece tokenizer (MiniLM's, bert-base-uncased's vocabulary) for the random-weight BERT-base
 MINILM=$($PY -c 'from millis.encoder.source import builtin_minilm_dir; print(builtin_minilm_dir())')
 for f in vocab.txt tokenizer.json tokenizer_config.json special_tokens_map.json; do
