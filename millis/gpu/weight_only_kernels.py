@@ -7,7 +7,7 @@ with W packed, fp32 accumulation, written in x's dtype.
   a program: no 16-row padding, and small BN gives every SM several programs at a 2,048-wide output.
 
 Which kernel and tile a shape gets is measured at load (`tune`, CUDA graphs of each candidate) and kept
-per (format, N, K, BM); untuned shapes take `block_sizes`' guess.
+per `tune_key` (format, N, K and one row or the tile's BM); untuned shapes take `block_sizes`' guess.
 """
 from __future__ import annotations
 
