@@ -110,11 +110,10 @@ def main() -> int:
 
     from millis.gen import EngineConfig, SamplingParams, chat_prompt, open_engine
     from millis.gen.engine import run_all
-    from gpu_probes import gpu_slug
+    from gpu_probes import cuda_or_smoke, gpu_slug
 
-    cuda = a.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("needs a CUDA GPU (--device cpu: a smoke run of this script on the torch model)")
+    cuda = cuda_or_smoke(a.device)
+    if cuda is None:
         return 2
     if not cuda:
         os.environ["MILLIS_NO_KERNELS"] = "1"

@@ -17,6 +17,17 @@ def dev_inputs(feeds):
     return [torch.from_numpy(feeds[n]).cuda() for n in ("input_ids", "attention_mask", "token_type_ids")]
 
 
+def cuda_or_smoke(device: str) -> bool | None:
+    """A GPU bench's --device: True for cuda, False for a cpu smoke run of the script itself, None (said why)
+    when cuda was asked for and torch sees no GPU."""
+    if device != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (--device cpu: a smoke run of this script)")
+        return None
+    return True
+
+
 def graph_time_us(fn, n: int = 20, reps: int = 20) -> float:
     """Median time of one fn() call, from replays of a graph of n calls (launch gaps hidden)."""
     from millis.gpu.graph_timing import graph_us

@@ -126,12 +126,11 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from gpu_probes import gpu_slug
+    from gpu_probes import cuda_or_smoke, gpu_slug
     import models
 
-    cuda = a.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("needs a CUDA GPU (--device cpu: a smoke run of this script)")
+    cuda = cuda_or_smoke(a.device)
+    if cuda is None:
         return 2
     model_dir = models.decoder_dir("llama-1b" if cuda else "llama-tiny")
     d, ff, kv, vocab = 2048, 8192, 512, 128256  # Llama-3.2-1B: hidden, intermediate, k (or v) width, vocabulary
