@@ -1,7 +1,7 @@
 """Fused Triton kernels of a Llama-family decode step (one new token per row), so a layer is 9 kernels:
 add + RMSNorm, qkv, RoPE + KV-cache write, attention, out projection, add + RMSNorm, gate/up, SwiGLU, down.
-The torch layers run ~43 kernels a layer (RMSNorm alone 8: casts, pow, mean, rsqrt, muls), and at batch 1
-a step of small kernels is bound by how many it launches, not by bytes.
+The torch layers launch over 40 kernels a layer (RMSNorm alone 8: casts, pow, mean, rsqrt, muls), and at
+batch 1 a step of small kernels is bound by how many it launches, not by bytes.
 
 The elementwise kernels round where the torch layers round (RMSNorm's normalised row to the dtype before the
 weight, RoPE's two products and their sum, SiLU before the product), so they give the torch model's values;

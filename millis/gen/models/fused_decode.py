@@ -1,4 +1,4 @@
-"""A Llama-family decode step through millis.gpu.decode_kernels: 9 kernels a layer instead of ~43.
+"""A Llama-family decode step through millis.gpu.decode_kernels: 9 kernels a layer instead of over 40.
 
 `fused_decode` computes what `Llama.forward` does for one new token per row in rows 0..B-1 of the caches
 (GraphedDecode's buckets), with the residual adds folded into the next RMSNorm: the stream is x + the
