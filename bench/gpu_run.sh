@@ -2,7 +2,7 @@
 # The one device run for issue 20: every GPU figure in under 10 minutes, each part time-boxed so that one
 # hang costs its part alone; results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh,
 # whose header gives the two run calls). Order: what the issue's targets need most comes first. The boxes
-# sum to 760 s, over the call's 600: parts usually end early, and a long run loses the last ones first.
+# sum to 790 s, over the call's 600: parts usually end early, and a long run loses the last ones first.
 set -u
 OUT=${OUT:-/tmp/millis-gpu-out}
 C=bench/.gpu_carry
@@ -40,11 +40,12 @@ fi
 part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
 # 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s); the weight-only
-#    and fused decode kernels against their torch paths (60 s: about 40 Triton compiles)
+#    and fused decode kernels and the encoder's W8A8 GEMM against their torch paths (80 s: about 60 Triton
+#    compiles)
 if python3 -c "import pytest" 2>/dev/null; then
     part 60 gpu-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gen_engine.py
-    part 60 triton-decode-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_weight_only.py \
-        tests/test_fused_decode.py
+    part 80 triton-tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_weight_only.py \
+        tests/test_fused_decode.py tests/test_w8a8.py
 fi
 # 2. Llama-3.2-1B shape: millis bf16 against HF eager and HF static cache + torch.compile, alternated (160 s)
 part 160 llama1b python3 bench/generation.py --device cuda --rounds 2 --reps 1 --batches 1,32 --new-tokens 32 \
@@ -55,8 +56,10 @@ if [ -f "$C/smollm2.gguf" ]; then
 fi
 # 3b. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, and each matmul against cuBLAS (100 s)
 part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
-# 4. encoders: MiniLM and BERT-base, millis fp16 graphs against HF eager / compile / whole graph (90 s)
-part 90 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT"
+# 4. encoders: MiniLM and BERT-base, millis fp16 / bf16 / W8A8 int8 and fp8 graphs against HF eager / compile /
+#    whole graph (the research layers measured no better on the H100: left out) (100 s)
+part 100 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT" --systems \
+    hf-eager-fp32,hf-eager-fp16,hf-compile-fp16,hf-graph-fp16,millis-fp16,millis-bf16,millis-fp16-dense,millis-int8,millis-fp8
 # 5. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
 if [ -d "$C/tok" ] && [ -f "$C/texts.txt" ]; then
     part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"

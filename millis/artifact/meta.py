@@ -115,7 +115,7 @@ class VariantRecipe:
 
     name: str
     runtime: str                  # torch | onnxruntime | openvino | cuda
-    precision: str                # fp32 | bf16 | int8 | fp16
+    precision: str                # fp32 | bf16 | int8 | fp16 | fp8
     passes: tuple[str, ...]       # build passes in order (export, fuse, int8-...)
     options: dict[str, Any]       # runtime options (graph level, precision...)
     keep_fp32: tuple[str, ...] = optional(())         # graph nodes left in fp32 (sensitivity recovery)

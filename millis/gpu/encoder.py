@@ -7,7 +7,8 @@ the FFN-out GEMM, bias + residual + LayerNorm: 7 launches (HF eager launches ~12
 last hidden states, so it matches millis.encoder.tasks.TaskModel.
 
 `fuse` picks the epilogues: "triton" (millis.gpu.kernels) or "torch" (plain ops; the CPU path and
-the reference). Research variants of the layer (Triton split-K GEMMs, a tanh-GELU epilogue, the
+the reference). `gemm` int8 / fp8 runs the four GEMMs W8A8 (millis.gpu.w8a8: weights per channel,
+activations per token quantized inside the GEMM kernel, bias + GELU in the FFN-in GEMM's epilogue). Research variants of the layer (Triton split-K GEMMs, a tanh-GELU epilogue, the
 layer compiled by Inductor) measured no better and live in bench/gpu_research/, which swaps
 `Encoder.layer` for its own function of the same signature.
 """
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from millis.common.dtypes import DTYPE_NAMES, torch_dtype
 from millis.common.errors import MillisError
 from millis.gpu import kernels
+from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
+from millis.gpu.w8a8_kernels import linear
 from millis.encoder.source import Pooling
 from millis.encoder.tasks import pool
 
@@ -71,34 +74,40 @@ class RunOptions:
     dtype: str = "fp16"      # fp16 | bf16 | fp32 (fp32 is the CPU / reference path)
     fuse: str = "triton"     # triton | torch (see the module docstring)
     device: str = "cuda"
+    gemm: str = "fp"         # fp (dtype's GEMMs) | int8 | fp8 (W8A8, millis.gpu.w8a8)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise MillisError(f"unknown dtype {self.dtype!r}; supported: {', '.join(DTYPE_NAMES)}")
+        if self.gemm not in GEMMS:
+            raise MillisError(f"unknown gemm {self.gemm!r}; supported: {', '.join(GEMMS)}")
         if self.fuse not in FUSES:
             raise MillisError(f"unknown fuse {self.fuse!r}; supported: {', '.join(FUSES)}")
 
 
+Weight = torch.Tensor | QuantWeight  # the GEMMs' weights: in the run dtype, or W8A8 (gemm int8 / fp8)
+
+
 class LayerWeights(NamedTuple):
-    wqkv: torch.Tensor  # (3H, H): query, key, value stacked, so one GEMM projects all three
+    wqkv: Weight        # (3H, H): query, key, value stacked, so one GEMM projects all three
     bqkv: torch.Tensor  # (3H,)
-    wo: torch.Tensor    # (H, H) attention output
+    wo: Weight          # (H, H) attention output
     bo: torch.Tensor
     ln1w: torch.Tensor
     ln1b: torch.Tensor
-    w1: torch.Tensor    # (I, H) FFN in
+    w1: Weight          # (I, H) FFN in
     b1: torch.Tensor
-    w2: torch.Tensor    # (H, I) FFN out
+    w2: Weight          # (H, I) FFN out
     b2: torch.Tensor
     ln2w: torch.Tensor
     ln2b: torch.Tensor
 
 
 def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int,
-              heads: int) -> torch.Tensor:
+              heads: int, fused: bool = False) -> torch.Tensor:
     """Self-attention before its output projection: x (B*T, H) -> (B*T, H)."""
     H = x.shape[1]
-    qkv = F.linear(x, lw.wqkv, lw.bqkv)                                     # (B*T, 3H)
+    qkv = linear(x, lw.wqkv, lw.bqkv, kernel=fused)                         # (B*T, 3H)
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hd), strided
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)        # (B, nh, T, hd)
     return a.transpose(1, 2).reshape(B * T, H)                              # a view when SDPA wrote BTHD
@@ -107,13 +116,15 @@ def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights,
 def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int, heads: int,
                   eps: float, fused: bool) -> torch.Tensor:
     """One encoder layer. x (B*T, H) -> (B*T, H); attn_bias (B, 1, 1, T) additive, or None.
-    fused: the Triton epilogues (CUDA), else the torch ones."""
+    fused: the Triton epilogues and W8A8 kernels (CUDA), else the torch ones."""
     add_ln = kernels.add_ln if fused else kernels.add_ln_torch
-    bias_gelu = kernels.bias_gelu if fused else kernels.bias_gelu_torch
-    a = attention(x, attn_bias, lw, B, T, heads)
-    x = add_ln(F.linear(a, lw.wo), lw.bo, x, lw.ln1w, lw.ln1b, eps)
-    f = bias_gelu(F.linear(x, lw.w1), lw.b1)                                # (B*T, I)
-    return add_ln(F.linear(f, lw.w2), lw.b2, x, lw.ln2w, lw.ln2b, eps)
+    a = attention(x, attn_bias, lw, B, T, heads, fused)
+    x = add_ln(linear(a, lw.wo, kernel=fused), lw.bo, x, lw.ln1w, lw.ln1b, eps)
+    if isinstance(lw.w1, QuantWeight):  # bias + GELU in the W8A8 kernel's epilogue
+        f = linear(x, lw.w1, lw.b1, gelu=True, kernel=fused)                # (B*T, I)
+    else:
+        f = (kernels.bias_gelu if fused else kernels.bias_gelu_torch)(F.linear(x, lw.w1), lw.b1)
+    return add_ln(linear(f, lw.w2, kernel=fused), lw.b2, x, lw.ln2w, lw.ln2b, eps)
 
 
 class Encoder:
@@ -127,12 +138,20 @@ class Encoder:
         dev, dt = torch.device(options.device), torch_dtype(options.dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise MillisError("the CUDA encoder needs a CUDA GPU (torch.cuda.is_available() is False)")
+        if options.gemm == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+            raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
+                              f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         s = _strip_prefix(state)
 
         def get(name: str, dtype=dt) -> torch.Tensor:
             if name not in s:
                 raise MillisError(f"the weights have no {name!r}: not a BERT checkpoint")
             return s[name].detach().to(device=dev, dtype=dtype).contiguous()
+
+        def gemm(*names: str) -> Weight:  # a GEMM's weight (rows of several stacked): W8A8 from fp32
+            if options.gemm == "fp":
+                return torch.cat([get(n) for n in names])
+            return quantize_weight(torch.cat([get(n, torch.float32) for n in names]), options.gemm)
 
         e = "embeddings."
         self.word, self.pos = get(e + "word_embeddings.weight"), get(e + "position_embeddings.weight")
@@ -142,13 +161,13 @@ class Encoder:
         for i in range(cfg.layers):
             p = f"encoder.layer.{i}."
             at = p + "attention."
-            wqkv = torch.cat([get(at + f"self.{n}.weight") for n in ("query", "key", "value")])
+            wqkv = gemm(*(at + f"self.{n}.weight" for n in ("query", "key", "value")))
             bqkv = torch.cat([get(at + f"self.{n}.bias") for n in ("query", "key", "value")])
             self.layers.append(LayerWeights(
-                wqkv, bqkv, get(at + "output.dense.weight"), get(at + "output.dense.bias"),
+                wqkv, bqkv, gemm(at + "output.dense.weight"), get(at + "output.dense.bias"),
                 get(at + "output.LayerNorm.weight"), get(at + "output.LayerNorm.bias"),
-                get(p + "intermediate.dense.weight"), get(p + "intermediate.dense.bias"),
-                get(p + "output.dense.weight"), get(p + "output.dense.bias"),
+                gemm(p + "intermediate.dense.weight"), get(p + "intermediate.dense.bias"),
+                gemm(p + "output.dense.weight"), get(p + "output.dense.bias"),
                 get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")))
         if task == "classify":  # the head stays fp32: (B, H) work, and logits keep their precision
             if "classifier.weight" not in s or "pooler.dense.weight" not in s:

@@ -47,18 +47,21 @@ class _Slot:
 class CudaGraphRuntime:
     def __init__(self, model: Any, name: str, input_names: tuple[str, ...], output_name: str, task: str,
                  pooling: Pooling | None = None, dtype: str = "fp16", buckets: tuple[Shape, ...] = DEFAULT_BUCKETS,
-                 fuse: str = "triton", device: str = "cuda", capture: bool = True, dense: bool = False):
+                 fuse: str = "triton", device: str = "cuda", capture: bool = True, dense: bool = False,
+                 gemm: str = "fp"):
         """model: a local HF directory, an in-memory HF BERT model, or a millis.gpu Encoder.
         capture=False (or device="cpu") pads into the buckets but runs eagerly: the same code path
         without graphs, for CPU tests and debugging. dense=True also captures each bucket without the
-        attention mask; a batch that fills its bucket exactly with no padding replays that one."""
+        attention mask; a batch that fills its bucket exactly with no padding replays that one.
+        gemm int8 / fp8: W8A8 GEMMs (millis.gpu.w8a8), their kernels' tiles measured for the buckets' row
+        counts before capture (`tuned`: what was timed)."""
         t0 = time.perf_counter()
         if isinstance(model, Encoder):
             self.encoder = model
         else:
             if pooling is None:
                 pooling = read_pooling(Path(model)) if isinstance(model, (str, Path)) else Pooling()
-            self.encoder = from_hf(model, task, pooling, RunOptions(dtype=dtype, fuse=fuse, device=device))
+            self.encoder = from_hf(model, task, pooling, RunOptions(dtype=dtype, fuse=fuse, device=device, gemm=gemm))
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self.device = self.encoder.device
         self.max_length = self.encoder.cfg.max_positions
@@ -71,6 +74,7 @@ class CudaGraphRuntime:
         self._lock = threading.Lock()
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._slots: dict[Shape, _Slot] = {}
+        self.tuned = self._tune_w8a8() if self.capture else {}
         with torch.inference_mode():
             for s in self.buckets:
                 self._slots[s] = self._make_slot(s)
@@ -91,6 +95,19 @@ class CudaGraphRuntime:
         if self.dense:
             slot.dense, slot.dense_out = self._capture(dev, dense=True)
         return slot
+
+    def _tune_w8a8(self) -> dict:
+        """W8A8 GEMMs: each weight shape's fastest kernel tile at each bucket's row count (B' x T')."""
+        lw = self.encoder.layers[0] if self.encoder.layers else None
+        if lw is None or self.encoder.options.gemm == "fp" or self.encoder.options.fuse != "triton":
+            return {}
+        from millis.gpu import w8a8_kernels
+
+        if w8a8_kernels.triton is None:
+            return {}
+        gemms = [(lw.wqkv, True, False), (lw.wo, False, False), (lw.w1, True, True), (lw.w2, False, False)]
+        with torch.inference_mode():
+            return w8a8_kernels.tune(gemms, tuple(s.batch * s.seq for s in self.buckets), self.encoder.dtype)
 
     def _capture(self, dev: torch.Tensor, dense: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
@@ -176,4 +193,5 @@ class CudaGraphRuntime:
         buckets = tuple(Shape.parse(s) for s in options.get("buckets", ())) or DEFAULT_BUCKETS
         return cls(model_dir, name, input_names, output_name, options["task"], pooling,
                    dtype=options.get("dtype", "fp16"), buckets=buckets, fuse=options.get("fuse", "triton"),
-                   device=options.get("device", "cuda"), dense=bool(options.get("dense", False)))
+                   device=options.get("device", "cuda"), dense=bool(options.get("dense", False)),
+                   gemm=options.get("gemm", "fp"))

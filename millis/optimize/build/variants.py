@@ -23,7 +23,7 @@ from millis.encoder.source import ModelSource
 class Variant:
     name: str
     runtime: str                   # torch | onnxruntime | openvino | native | cuda
-    precision: str                 # fp32 | bf16 | int8
+    precision: str                 # fp32 | fp16 | bf16 | int8 | fp8
     passes: tuple[str, ...]        # applied in order, see PASSES
     options: dict[str, Any] = field(default_factory=dict)  # runtime options (graph level, precision...)
     note: str = ""
@@ -72,6 +72,10 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
     Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},
             "millis's compact encoder on the GPU: bf16, fused Triton epilogues, a CUDA graph per shape bucket"),
+    Variant("cuda-int8", "cuda", "int8", ("weights",), {"dtype": "fp16", "gemm": "int8"},
+            "the GPU encoder with W8A8 int8 GEMMs: weights per channel, activations per token (in the kernel)"),
+    Variant("cuda-fp8", "cuda", "fp8", ("weights",), {"dtype": "fp16", "gemm": "fp8"},
+            "the GPU encoder with W8A8 fp8 (e4m3) GEMMs: weights per channel, activations per token (Hopper+)"),
 ]}
 
 # dynamic int8 passes -> quantize.dynamic arguments
