@@ -127,7 +127,7 @@ def main() -> int:
         torch.cuda.synchronize()
     res["cold_start_s"] = round(time.perf_counter() - t0, 2)
     res["graphs"] = len(eng.decode.graphs) if cuda else 0
-    res["fused_decode"] = bool(cuda and eng.decode.fused)  # 9 Triton kernels a layer (MILLIS_NO_FUSED_DECODE=1: off)
+    res["fused_decode"] = bool(cuda and eng.decode.fused)  # Triton kernels, 5 a layer at b1 (MILLIS_NO_FUSED_DECODE=1)
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
@@ -154,7 +154,18 @@ def main() -> int:
     print(json.dumps(res, indent=1))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_decode_{gpu_slug(res['device'])}.json").write_text(json.dumps(res, indent=1) + "\n")
+    path = out / f"gpu_decode_{gpu_slug(res['device'])}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    if cuda and res["fused_decode"]:  # last (a time box cuts it first): b1 without the batch-1 gemv kernels
+        os.environ["MILLIS_NO_DECODE_GEMV"] = "1"
+        del eng, ref_eng
+        torch.cuda.empty_cache()
+        eng = open_engine(a.gguf, EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device))
+        b1 = decode_figures(eng, prompt, a.new_tokens)
+        res["without_decode_gemv"] = {"b1_ms_per_token": b1["b1_ms_per_token"],
+                                      "kernels_per_decode_step": kernels_per_step(eng)}
+        print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
+        path.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""The fused decode step (millis.gen.models.fused_decode, millis.gpu.decode_kernels) against the torch
-Llama's own decode step: the same logits and the same KV-cache writes, for batches with an idle row (a graph
-bucket's scratch position), grouped-query heads that are not a power of two, and a sliding window.
+"""The fused decode step (millis.gen.models.fused_decode: millis.gpu.decode_kernels, and decode_gemv at batch 1)
+against the torch Llama's own decode step: the same logits and the same KV-cache writes, for batches with an
+idle row (a graph bucket's scratch position) and for one row, grouped-query heads that are not a power of two,
+a sliding window and Qwen2's qkv biases.
 
 The kernels run on CUDA (marked gpu, bf16) or, on the CPU, in Triton's interpreter when Triton is installed
 and TRITON_INTERPRET=1 (fp32 / fp16); skipped otherwise. `usable` is checked everywhere.
@@ -8,6 +9,7 @@ and TRITON_INTERPRET=1 (fp32 / fp16); skipped otherwise. `usable` is checked eve
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import pytest
@@ -25,49 +27,56 @@ INTERPRET = dk.triton is not None and os.environ.get("TRITON_INTERPRET") == "1" 
 MAX_SEQ, SLOTS = 128, 4
 
 
-def prefilled(heads: int, kv: int, window: int, dtype: torch.dtype, device: str) -> tuple[Llama, list[int]]:
-    """A tiny Llama whose rows 0..2 hold prompts of 5, 40 and 17 tokens; row 3 is idle."""
+def prefilled(heads: int, kv: int, window: int, dtype: torch.dtype, device: str,
+              bias: bool = False) -> tuple[Llama, list[int]]:
+    """A tiny Llama whose rows 0..2 hold prompts of 5, 90 and 17 tokens (90: past the first 64-key block, which
+    a window skips); row 3 is idle."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, dim=heads * 32, n_layers=2, n_heads=heads, n_kv_heads=kv, hidden_dim=160,
-                      max_seq=MAX_SEQ, sliding_window=window, tie_head=True)
+                      max_seq=MAX_SEQ, sliding_window=window, tie_head=True, qkv_bias=bias)
     model = Llama(cfg).eval()
     for name, p in model.named_parameters():
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.08)
     model = model.to(device=device, dtype=dtype)
     setup_caches(model, SLOTS, MAX_SEQ)
-    lengths = [5, 40, 17]
+    lengths = [5, 90, 17]
     with torch.inference_mode():
         for slot, n in enumerate(lengths):
             model(make_batch([list(range(3 + slot, 3 + slot + n))], [0], [slot], window, device=device))
     return model, lengths
 
 
-def step(model: Llama, lengths: list[int], fused: bool, kv_len: int = 64):
+def step(model: Llama, lengths: list[int], fused: bool, kv_len: int = MAX_SEQ, rows: int = SLOTS):
+    """One decode step of rows 0..rows-1 (rows == SLOTS: the idle row 3 at the scratch position)."""
     gd = GraphedDecode(model, SLOTS, MAX_SEQ, capture=False)
-    ids, pos = [7, 8, 9, 0], lengths + [MAX_SEQ - 1]
-    gd.ids[SLOTS].copy_(torch.tensor(ids)[:, None])
-    gd.pos[SLOTS].copy_(torch.tensor(pos)[:, None])
+    ids, pos = [7, 8, 9, 0][:rows], (lengths + [MAX_SEQ - 1])[:rows]
+    gd.ids[rows].copy_(torch.tensor(ids)[:, None])
+    gd.pos[rows].copy_(torch.tensor(pos)[:, None])
     with torch.inference_mode():
         if fused:
-            return fused_decode(model, gd.ids[SLOTS], gd.pos[SLOTS], kv_len, gd.window, MAX_SEQ - 1)
+            return fused_decode(model, gd.ids[rows], gd.pos[rows], kv_len, gd.window)
         gd.fused = False
-        return gd._forward(SLOTS, kv_len)
+        return gd._forward(rows, kv_len)
 
 
-CASES = [(4, 2, 0), (6, 2, 0), (4, 1, 8)]  # (heads, kv heads, window): GQA 2, GQA 3 (padded to 4), a window
+# (heads, kv heads, window, qkv bias): GQA 2, GQA 3 (padded to 4), a window, Qwen2's biases
+CASES = [(4, 2, 0, False), (6, 2, 0, False), (4, 1, 8, False), (4, 2, 0, True)]
 
 
 def check(dtype, device, tol):
-    for heads, kv, window in CASES:
-        model, lengths = prefilled(heads, kv, window, dtype, device)
+    """Four rows (one idle: the multi-row kernels) and one row (the batch-1 gemv path)."""
+    for (heads, kv, window, bias), rows in itertools.product(CASES, (SLOTS, 1)):
+        model, lengths = prefilled(heads, kv, window, dtype, device, bias)
         twin = copy.deepcopy(model)
-        want = step(model, lengths, fused=False)
-        got = step(twin, lengths, fused=True)
-        assert got.shape == want.shape == (SLOTS, 256)
+        want = step(model, lengths, fused=False, rows=rows)
+        got = step(twin, lengths, fused=True, rows=rows)
+        assert got.shape == want.shape == (rows, 256)
         assert torch.isfinite(got).all()
-        err = ((got[:3] - want[:3]).norm() / want[:3].norm()).item()  # the idle row's logits are never read
-        assert err < tol, (heads, kv, window, err)
-        assert (got[:3].argmax(-1) == want[:3].argmax(-1)).all()
+        real = min(rows, 3)  # the idle row's logits are never read
+        err = ((got[:real] - want[:real]).norm() / want[:real].norm()).item()
+        assert err < tol, (heads, kv, window, bias, rows, err)
+        assert (got[:real].argmax(-1) == want[:real].argmax(-1)).all()
+        lengths = lengths[:real]
         for a, b in zip(model.layers, twin.layers):  # the same keys and values written at each row's position
             for r, p in enumerate(lengths):
                 assert torch.allclose(a.attn.cache.k[r, :, p].float(), b.attn.cache.k[r, :, p].float(), atol=tol)

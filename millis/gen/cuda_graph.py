@@ -33,8 +33,9 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.gen.models.layers import Attention, Batch, visible_keys
-from millis.gen.models.fused_decode import fused_decode
+from millis.gen.models.fused_decode import fused_decode, gemv_shapes, gemv_usable
 from millis.gen.models.fused_decode import usable as fused_usable
+from millis.gpu import decode_gemv
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 256  # the shortest KV bucket: below it a decode step is launch-bound, not length-bound
@@ -79,10 +80,12 @@ class GraphedDecode:
     def _try_fused(self) -> None:
         """Compile the fused kernels with one eager step at the scratch position; a Triton that cannot build
         them leaves the torch step in their place (with a warning), not an engine that fails to open."""
-        b = self.buckets[0]
-        self.pos[b].fill_(self.max_seq - 1)
         try:
-            self._forward(b, self.lengths[0])
+            if self.device.type == "cuda" and gemv_usable(self.model):  # the batch-1 matmuls' tiles, measured
+                decode_gemv.tune(gemv_shapes(self.model))
+            for b in self.buckets[:2]:  # batch 1 (its own kernels) and a batch of several rows
+                self.pos[b].fill_(self.max_seq - 1)
+                self._forward(b, self.lengths[0])
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
@@ -93,8 +96,8 @@ class GraphedDecode:
             self.fused = False
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
-        if self.fused:  # Llama family on CUDA: 9 fused kernels a layer (models/fused_decode.py)
-            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window, self.max_seq - 1)
+        if self.fused:  # Llama family on CUDA: 8 fused kernels a layer, 5 at batch 1 (models/fused_decode.py)
+            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window)
         pos = self.pos[b]
         # an idle row (the scratch position) sees every key: with a sliding window none of the first L would be
         # visible to it, and an all-masked row's NaN, written to its slot, would reach a later request there

@@ -1,5 +1,6 @@
-"""Fused Triton kernels of a Llama-family decode step (one new token per row), so a layer is 9 kernels:
-add + RMSNorm, qkv, RoPE + KV-cache write, attention, out projection, add + RMSNorm, gate/up, SwiGLU, down.
+"""Fused Triton kernels of a Llama-family decode step (one new token per row), so a layer is 8 kernels:
+add + RMSNorm, qkv, RoPE + KV-cache write + attention, out projection, add + RMSNorm, gate/up, SwiGLU, down
+(5 at batch 1, where millis.gpu.decode_gemv's matmuls take the norms, the residual adds and SwiGLU).
 The torch layers launch over 40 kernels a layer (RMSNorm alone 8: casts, pow, mean, rsqrt, muls), and at
 batch 1 a step of small kernels is bound by how many it launches, not by bytes.
 
@@ -38,77 +39,81 @@ if triton is not None:
         tl.store(y_ptr + row * D + cols, (w * n).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, NH, NKV, S, QKV_W,
-                           HS: tl.constexpr):
-        # program (row b, head h): h < NH rotates query head h into q (B, NH, HS); else kv head j = h - NH:
-        # rotates key j and writes it, and value j, at the row's position of its cache slot (slot b)
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        half = tl.arange(0, HS // 2)
-        p = tl.load(pos_ptr + b)
-        base = qkv_ptr + b * QKV_W + h * HS
-        x1 = tl.load(base + half)
-        x2 = tl.load(base + HS // 2 + half)
+    def _rope(x1, x2, c1, c2, s1, s2):
+        # x * cos + rotate_half(x) * sin on the two halves of a head, rotate_half(x) = (-x2, x1); each product
+        # and the sum rounded to the dtype, as the torch layers (the tables cast to the dtype first)
         dt = x1.dtype
-        c1 = tl.load(cos_ptr + p * HS + half).to(dt).to(tl.float32)          # the table cast to the dtype, as torch
-        c2 = tl.load(cos_ptr + p * HS + HS // 2 + half).to(dt).to(tl.float32)
-        s1 = tl.load(sin_ptr + p * HS + half).to(dt).to(tl.float32)
-        s2 = tl.load(sin_ptr + p * HS + HS // 2 + half).to(dt).to(tl.float32)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded
         o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
         o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
-        if h < NH:
-            out = q_ptr + (b * NH + h) * HS
-            tl.store(out + half, o1)
-            tl.store(out + HS // 2 + half, o2)
-        else:
-            j = h - NH
-            dst = ((b * NKV + j) * S + p) * HS
-            tl.store(k_ptr + dst + half, o1)
-            tl.store(k_ptr + dst + HS // 2 + half, o2)
-            vsrc = qkv_ptr + b * QKV_W + (NH + NKV + j) * HS
-            tl.store(v_ptr + dst + half, tl.load(vsrc + half))
-            tl.store(v_ptr + dst + HS // 2 + half, tl.load(vsrc + HS // 2 + half))
+        return o1, o2
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, NH, NKV, S, L, window, scratch, scale,
-                          G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr, BL: tl.constexpr):
-        # program (row b, kv head j): its G query heads, padded to GP >= 16 rows so both products are
-        # tensor-core dots (and the K / V loads pipeline), over keys [0, L) of slot b; online softmax in fp32,
-        # the probabilities in the dtype for the second dot (as the torch step). Visible: key <= pos (and
-        # pos - window < key with a window); the idle rows of a graph bucket (pos == scratch) see every key
+    def _rope_attention_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S, QKV_W, L,
+                               window, scale, G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr,
+                               BL: tl.constexpr):
+        # program (row b, kv head j): RoPE on its G query heads (padded to GP >= 16 rows: tensor-core dots) and
+        # its key; the key and value written at the row's position p of cache slot b; attention over the new
+        # key (from registers) and the cached keys [lo, min(p, L)): key < p, and p - window < key with a
+        # window. Online softmax in fp32, the probabilities in the dtype for the second dot (as the torch
+        # step). Heads stay in halves (HS/2 wide) from RoPE to the output: no register shuffles.
         b = tl.program_id(0)
         j = tl.program_id(1)
         rg = tl.arange(0, GP)
-        rd = tl.arange(0, HS)
+        rh = tl.arange(0, HS // 2)
         rl = tl.arange(0, BL)
         gm = rg < G
-        q = tl.load(q_ptr + (b * NH + j * G + rg[:, None]) * HS + rd[None, :], mask=gm[:, None], other=0.0)
         p = tl.load(pos_ptr + b)
-        m_i = tl.full((GP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, HS), tl.float32)
+        row = qkv_ptr + b * QKV_W
+        qb = row + (j * G + rg[:, None]) * HS
+        q1 = tl.load(qb + rh[None, :], mask=gm[:, None], other=0.0)          # (GP, HS/2)
+        q2 = tl.load(qb + HS // 2 + rh[None, :], mask=gm[:, None], other=0.0)
+        dt = q1.dtype
+        c1 = tl.load(cos_ptr + p * HS + rh).to(dt).to(tl.float32)
+        c2 = tl.load(cos_ptr + p * HS + HS // 2 + rh).to(dt).to(tl.float32)
+        s1 = tl.load(sin_ptr + p * HS + rh).to(dt).to(tl.float32)
+        s2 = tl.load(sin_ptr + p * HS + HS // 2 + rh).to(dt).to(tl.float32)
+        q1, q2 = _rope(q1, q2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+        k1, k2 = _rope(tl.load(row + (NH + j) * HS + rh), tl.load(row + (NH + j) * HS + HS // 2 + rh),
+                       c1, c2, s1, s2)                                       # (HS/2,) each
+        v1 = tl.load(row + (NH + NKV + j) * HS + rh)
+        v2 = tl.load(row + (NH + NKV + j) * HS + HS // 2 + rh)
         kv = (b.to(tl.int64) * NKV + j) * S * HS  # int64: one layer's cache may pass 2**31 elements
-        for l0 in range(0, L, BL):
+        dst = kv + p * HS
+        tl.store(k_ptr + dst + rh, k1)
+        tl.store(k_ptr + dst + HS // 2 + rh, k2)
+        tl.store(v_ptr + dst + rh, v1)
+        tl.store(v_ptr + dst + HS // 2 + rh, v2)
+        # the new key first: its probability is exp(0) = 1, so the sums start at (1, v)
+        m_i = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1)
+               + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)) * scale   # (GP,)
+        l_i = tl.full((GP,), 1.0, tl.float32)
+        a1 = tl.zeros((GP, HS // 2), tl.float32) + v1.to(tl.float32)[None, :]
+        a2 = tl.zeros((GP, HS // 2), tl.float32) + v2.to(tl.float32)[None, :]
+        hi = tl.minimum(p, L).to(tl.int32)
+        lo = tl.where(window > 0, tl.maximum(p - window + 1, 0) // BL * BL, 0).to(tl.int32)
+        for l0 in range(lo, hi, BL):
             key = l0 + rl                                                    # (BL,)
-            seen = (key < L) & ((key <= p) | (p == scratch))
+            seen = key < hi
             if window > 0:
-                seen = seen & ((key > p - window) | (p == scratch))
-            k = tl.load(k_ptr + kv + key[:, None] * HS + rd[None, :], mask=(key < L)[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale                               # (GP, BL) fp32
-            s = tl.where(seen[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block all masked so far (a window): no NaN
-            alpha = tl.exp(m_i - m_safe)
-            pr = tl.exp(s - m_safe[:, None])
+                seen = seen & (key > p - window)
+            km = seen[:, None]
+            kp = k_ptr + kv + key[:, None] * HS + rh[None, :]
+            s = tl.dot(q1, tl.trans(tl.load(kp, mask=km, other=0.0))) + \
+                tl.dot(q2, tl.trans(tl.load(kp + HS // 2, mask=km, other=0.0)))   # (GP, BL) fp32
+            s = tl.where(seen[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))                       # finite: m_i starts finite
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, axis=1)
-            v = tl.load(v_ptr + kv + key[:, None] * HS + rd[None, :], mask=(key < L)[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            vp = v_ptr + kv + key[:, None] * HS + rh[None, :]
+            pd = pr.to(dt)
+            a1 = a1 * alpha[:, None] + tl.dot(pd, tl.load(vp, mask=km, other=0.0))
+            a2 = a2 * alpha[:, None] + tl.dot(pd, tl.load(vp + HS // 2, mask=km, other=0.0))
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padded query rows see nothing: 0, not NaN
-        tl.store(o_ptr + (b * NH + j * G + rg[:, None]) * HS + rd[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=gm[:, None])
+        ob = o_ptr + (b * NH + j * G + rg[:, None]) * HS
+        tl.store(ob + rh[None, :], (a1 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(ob + HS // 2 + rh[None, :], (a2 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
     @triton.jit
     def _swiglu_kernel(g_ptr, y_ptr, H, BLOCK: tl.constexpr):
@@ -134,28 +139,21 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     return h, y
 
 
-def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, nh: int, nkv: int) -> torch.Tensor:
-    """qkv (B, (nh + 2 nkv) hs), pos (B,) -> rotated queries (B, nh, hs); rotated keys and the values written
-    into rows 0..B-1 of the caches (slots, nkv, S, hs) at each row's position. cos, sin: the model's RoPE
-    tables (max_seq, hs), fp32 or its dtype (cast to the dtype here, as the torch layers do)."""
+def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, nh: int, nkv: int, kv_len: int,
+                   window: int) -> torch.Tensor:
+    """qkv (B, (nh + 2 nkv) hs), pos (B,) -> attention output (B, nh * hs) in qkv's dtype; the rotated keys and
+    the values written into rows 0..B-1 of the caches (slots, nkv, S, hs) at each row's position, every row
+    attending its new key and its cached keys below `kv_len` (the graph bucket's bound). cos, sin: the model's
+    RoPE tables (max_seq, hs). An idle bucket row (the scratch position) attends like any other: its own
+    key keeps its softmax finite."""
     B = qkv.shape[0]
     hs, S = k_cache.shape[-1], k_cache.shape[2]
-    q = torch.empty(B, nh, hs, device=qkv.device, dtype=qkv.dtype)
-    _rope_cache_kernel[(B, nh + nkv)](qkv, pos, cos, sin, q, k_cache, v_cache, nh, nkv, S, qkv.shape[1], HS=hs,
-                                      num_warps=1)
-    return q
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, kv_len: int,
-                     window: int, scratch: int) -> torch.Tensor:
-    """q (B, nh, hs) against keys [0, kv_len) of cache rows 0..B-1 -> (B, nh * hs) in q's dtype."""
-    B, nh, hs = q.shape
-    nkv, S = k_cache.shape[1], k_cache.shape[2]
     g = nh // nkv
-    o = torch.empty(B, nh * hs, device=q.device, dtype=q.dtype)
-    _attention_kernel[(B, nkv)](q, k_cache, v_cache, pos, o, nh, nkv, S, kv_len, window, scratch, hs ** -0.5,
-                                G=g, GP=max(16, triton.next_power_of_2(g)), HS=hs, BL=64, num_warps=4, num_stages=3)
+    o = torch.empty(B, nh * hs, device=qkv.device, dtype=qkv.dtype)
+    _rope_attention_kernel[(B, nkv)](qkv, pos, cos, sin, k_cache, v_cache, o, nh, nkv, S, qkv.shape[1], kv_len,
+                                     window, hs ** -0.5, G=g, GP=max(16, triton.next_power_of_2(g)), HS=hs, BL=64,
+                                     num_warps=4, num_stages=3)
     return o
 
 

@@ -1,9 +1,12 @@
-"""A Llama-family decode step through millis.gpu.decode_kernels: 9 kernels a layer instead of over 40.
+"""A Llama-family decode step through Triton kernels: 8 kernels a layer instead of over 40, 5 at batch 1.
 
 `fused_decode` computes what `Llama.forward` does for one new token per row in rows 0..B-1 of the caches
-(GraphedDecode's buckets), with the residual adds folded into the next RMSNorm: the stream is x + the
-previous block's output, normalised in the same kernel. The matmuls stay the model's own modules (cuBLAS,
-or the weight-only kernels). Used on CUDA with Triton (`usable`); the torch forward is the reference.
+(GraphedDecode's buckets). Batches of several rows (millis.gpu.decode_kernels) fold the residual adds into
+the next RMSNorm (the stream is x + the previous block's output, normalised in the same kernel) and keep the
+model's own matmul modules (cuBLAS, or the weight-only kernels). One row with plain weights
+(millis.gpu.decode_gemv) takes the norms into the matmuls that read them, the residual adds into the
+matmuls that produce them and SwiGLU into gate/up. Used on CUDA with Triton (`usable`); the torch forward
+is the reference.
 """
 from __future__ import annotations
 
@@ -12,25 +15,48 @@ import os
 import torch
 from torch import nn
 
+from millis.gpu import decode_gemv as dg
 from millis.gpu import decode_kernels as dk
 
 
 def usable(model: nn.Module) -> bool:
-    """A Llama-family model on CUDA with Triton whose head size is a power of two of at least 16 (the kernels'
-    tl.arange and tl.dot; 48 or 80-wide heads keep the torch step), unless MILLIS_NO_FUSED_DECODE=1 (the A/B
-    switch)."""
+    """A Llama-family model on CUDA with Triton whose head size is a power of two of at least 32 (the kernels'
+    aranges, and tl.dot over half a head; 48 or 80-wide heads keep the torch step), unless
+    MILLIS_NO_FUSED_DECODE=1 (the A/B switch)."""
     from millis.gen.models.llama import Llama
 
     if not isinstance(model, Llama) or dk.triton is None or os.environ.get("MILLIS_NO_FUSED_DECODE") == "1":
         return False
     a = model.layers[0].attn
-    pow2 = a.hs >= 16 and a.hs & (a.hs - 1) == 0
+    pow2 = a.hs >= 32 and a.hs & (a.hs - 1) == 0
     return next(model.parameters()).device.type == "cuda" and pow2 and a.nh % a.nkv == 0
 
 
-def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int,
-                 scratch: int) -> torch.Tensor:
-    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32; `scratch`: the idle rows' position."""
+def gemv_usable(model: nn.Module) -> bool:
+    """The batch-1 path reads the weights itself: every matmul a plain nn.Linear (not a weight-only format),
+    bias only on qkv (Qwen2), unless MILLIS_NO_DECODE_GEMV=1 (the A/B switch)."""
+    if os.environ.get("MILLIS_NO_DECODE_GEMV") == "1" or type(model.head) is not nn.Linear \
+            or model.head.bias is not None:
+        return False
+    for layer in model.layers:
+        mods = (layer.attn.wqkv, layer.attn.wo, layer.ffn.w13, layer.ffn.w2)
+        if any(type(m) is not nn.Linear or not m.weight.is_contiguous() for m in mods) \
+                or any(m.bias is not None for m in mods[1:]):
+            return False
+    return model.head.weight.is_contiguous()
+
+
+def gemv_shapes(model: nn.Module) -> list[tuple[torch.Tensor, bool, bool]]:
+    """(weight, norm, gateup) of each kind of batch-1 matmul, for decode_gemv.tune."""
+    layer = model.layers[0]
+    return [(layer.attn.wqkv.weight, True, False), (layer.attn.wo.weight, False, False),
+            (layer.ffn.w13.weight, True, True), (layer.ffn.w2.weight, False, False), (model.head.weight, True, False)]
+
+
+def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
+    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32."""
+    if ids.shape[0] == 1 and gemv_usable(model):
+        return _one_row(model, ids, pos, kv_len, window)
     c = model.config
     p = pos[:, 0].contiguous()
     x = model.tok_emb(ids[:, 0])                                         # (B, D)
@@ -38,9 +64,22 @@ def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len:
     for layer in model.layers:
         a = layer.attn
         x, h = dk.add_rmsnorm(x, res, layer.attn_norm.weight, c.norm_eps)
-        q = dk.rope_cache(a.wqkv(h), p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv)
-        o = a.wo(dk.decode_attention(q, a.cache.k, a.cache.v, p, kv_len, window, scratch))
-        x, h = dk.add_rmsnorm(x, o, layer.ffn_norm.weight, c.norm_eps)
+        o = dk.rope_attention(a.wqkv(h), p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window)
+        x, h = dk.add_rmsnorm(x, a.wo(o), layer.ffn_norm.weight, c.norm_eps)
         res = layer.ffn.w2(dk.swiglu(layer.ffn.w13(h)))
     _, h = dk.add_rmsnorm(x, res, model.norm.weight, c.norm_eps)
     return model.head(h).float()
+
+
+def _one_row(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
+    c, eps = model.config, model.config.norm_eps
+    p = pos[:, 0].contiguous()
+    x = model.tok_emb(ids[0, 0:1])[0]                                    # (D,): the residual stream, updated in place
+    for layer in model.layers:
+        a, f = layer.attn, layer.ffn
+        qkv = dg.gemv(x, a.wqkv.weight, layer.attn_norm.weight, eps, bias=a.wqkv.bias)
+        o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window)
+        dg.gemv(o[0], a.wo.weight, resid=x)
+        h = dg.gemv(x, f.w13.weight, layer.ffn_norm.weight, eps, gateup=True)
+        dg.gemv(h, f.w2.weight, resid=x)
+    return dg.gemv(x, model.head.weight, model.norm.weight, eps, out_f32=True)[None]   # (1, vocab)
