@@ -75,7 +75,10 @@ def check(dtype, device, tol):
         real = min(rows, 3)  # the idle row's logits are never read
         err = ((got[:real] - want[:real]).norm() / want[:real].norm()).item()
         assert err < tol, (heads, kv, window, bias, rows, err)
-        assert (got[:real].argmax(-1) == want[:real].argmax(-1)).all()
+        # the reference's top token is the fused step's top, or within rounding of it (bf16 logits tie often)
+        top = want[:real].argmax(-1, keepdim=True)
+        slack = tol * want[:real].abs().max()
+        assert (got[:real].gather(1, top)[:, 0] >= got[:real].max(-1).values - slack).all()
         lengths = lengths[:real]
         for a, b in zip(model.layers, twin.layers):  # the same keys and values written at each row's position
             for r, p in enumerate(lengths):

@@ -119,7 +119,7 @@ def exact_fp8_rows(M: int, K: int, g: torch.Generator) -> torch.Tensor:
 
 def kernel_cases(fmt: str, device: str, interpreter: bool):
     g = torch.Generator().manual_seed(1)
-    for M, N, K in ((5, 48, 64), (40, 96, 200), (128, 64, 384)):
+    for M, N, K in ((5, 48, 64), (40, 96, 208), (128, 64, 384)):  # K % 16 == 0: cuBLAS fp8; 208: a K tail
         x = exact_fp8_rows(M, K, g) if fmt == "fp8" and interpreter else torch.randn(M, K, generator=g)
         yield x.to(device), w8a8.quantize_weight(torch.randn(N, K, generator=g).to(device), fmt), \
             torch.randn(N, generator=g).to(device)
@@ -156,7 +156,7 @@ def test_kernel_and_tuning_on_cuda(fmt):
         pytest.skip("fp8 needs compute capability 8.9+")
     check_kernel(fmt, "cuda", torch.float16, interpreter=False)
     qw = w8a8.quantize_weight(torch.randn(768, 768, device="cuda"), fmt)
-    timed = wk.tune([(qw, True, False)], (128,), torch.float16)
+    timed = wk.tune([qw], (128,), torch.float16)
     key = wk.tune_key(fmt, 768, 768, 128)
     assert key in timed and wk.TUNED[key] == timed[key][0][0] and all(us > 0 for _, us in timed[key])
 

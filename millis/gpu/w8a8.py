@@ -5,8 +5,9 @@ Numerics, the same in the torch path and the kernel (w8a8_kernels.py):
 - weights: millis.gpu.weight_only.quantize_channel, w ~ q * s_w[n] (int8 in -127..127, fp8 e4m3);
 - activations: per row, amax = max|x| (at least 1e-12), v = x * (QMAX / amax); int8 rounds half away from
   zero (trunc(v +- 0.5)), fp8 casts to e4m3 (round to nearest even); s_x = amax / QMAX;
-- y = (xq . wq) * s_x[m] * s_w[n] (+ bias) (GELU), sums exact in int32 (int8) or fp32 (fp8), written in
-  x's dtype.
+- y = (xq . wq) * s_x[m] * s_w[n] (+ bias) (GELU), written in x's dtype. int8 sums are exact (int32);
+  fp8 sums are fp32, except that Hopper's fp8 tensor-core dot (tiles of 64+ rows) adds each BK-wide block
+  at reduced precision before the fp32 accumulator takes it (about 1e-4 relative).
 
 The torch path here (`linear_torch`: torch._int_mm / torch._scaled_mm, cuBLAS on CUDA, oneDNN on CPU) is
 the reference and the CPU stand-in: CI runs the int8 / fp8 encoder end to end with it. The encoder's layers
@@ -66,14 +67,16 @@ def epilogue(acc: torch.Tensor, sx: torch.Tensor, w: QuantWeight, bias: torch.Te
 
 def matmul_torch(xq: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """xq (M, K) . wq^T -> (M, N): int32 (int8) or fp32 (fp8) sums, by torch's own quantized GEMMs."""
-    M = xq.shape[0]
+    M, K = xq.shape
+    if w.fmt == "fp8" and xq.is_cuda and (K % 16 or w.q.shape[0] % 16):
+        raise MillisError(f"cuBLAS fp8 GEMMs need K and N divisible by 16, got K={K}, N={w.q.shape[0]}")
     pad = 32 - M if xq.is_cuda and M < 32 else 0  # cuBLASLt int8 wants more than 16 rows
     if pad:
         xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
     if w.fmt == "int8":
         acc = torch._int_mm(xq, w.q.t())
     else:
-        one = torch.ones((), device=xq.device)
+        one = torch.ones((), device=xq.device, dtype=torch.float32)
         acc = torch._scaled_mm(xq, w.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     return acc[:M]
 

@@ -127,14 +127,14 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     return linear_torch(x, w, bias, gelu)
 
 
-def tune(weights: list[tuple[QuantWeight, bool, bool]], rows: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """Measure the candidates on each distinct (format, N, K) of `weights` ((weight, has bias, GELU), on
-    CUDA) at each of `rows`, keep the fastest in TUNED and return {TUNED key: [(config, us), ...]}, fastest
-    first. Shapes already tuned are skipped; a candidate Triton or cuBLAS refuses is passed over."""
+def tune(weights: list[QuantWeight], rows: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """Measure the candidates on each distinct (format, N, K) of `weights` (on CUDA) at each of `rows`, keep
+    the fastest in TUNED and return {TUNED key: [(config, us), ...]}, fastest first. Timed without bias or
+    GELU (the epilogue costs every tile alike), so only the chosen tiles compile their epilogue variants.
+    Shapes already tuned are skipped; a candidate Triton or cuBLAS refuses is passed over."""
     out = {}
-    shapes = {(w.fmt, w.q.shape[0], w.q.shape[1]): (w, b, g) for w, b, g in weights}
-    for (fmt, n, k), (w, has_bias, gelu) in shapes.items():
-        bias = torch.zeros(n, device=w.q.device, dtype=dtype) if has_bias else None
+    shapes = {(w.fmt, w.q.shape[0], w.q.shape[1]): w for w in weights}
+    for (fmt, n, k), w in shapes.items():
         for M in sorted({tune_key(fmt, n, k, r)[3] for r in rows}):
             key = tune_key(fmt, n, k, M)
             if key in TUNED:
@@ -143,7 +143,7 @@ def tune(weights: list[tuple[QuantWeight, bool, bool]], rows: tuple[int, ...], d
             timed = []
             for cand in CANDIDATES + (FP8_EXTRA if fmt == "fp8" else []):
                 try:
-                    timed.append((cand, graph_us(lambda: kernel_linear(x, w, bias, gelu, cand))))
+                    timed.append((cand, graph_us(lambda: kernel_linear(x, w, None, False, cand))))
                 except Exception as e:  # noqa: BLE001 -- a config this GPU refuses (resources, fp8 dots, a
                     # cuBLAS status)... but a fault poisons the context: not a candidate's problem
                     if "CUDA error" in str(e) and "CUBLAS_STATUS" not in str(e):

@@ -105,9 +105,9 @@ class CudaGraphRuntime:
 
         if w8a8_kernels.triton is None:
             return {}
-        gemms = [(lw.wqkv, True, False), (lw.wo, False, False), (lw.w1, True, True), (lw.w2, False, False)]
         with torch.inference_mode():
-            return w8a8_kernels.tune(gemms, tuple(s.batch * s.seq for s in self.buckets), self.encoder.dtype)
+            return w8a8_kernels.tune([lw.wqkv, lw.wo, lw.w1, lw.w2], tuple(s.batch * s.seq for s in self.buckets),
+                                     self.encoder.dtype)
 
     def _capture(self, dev: torch.Tensor, dense: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
