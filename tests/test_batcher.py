@@ -198,3 +198,43 @@ def test_runtime_failure_fails_that_batch_only():
             j1.future.result()
         assert j2.future.result() is None and j2.out[0].shape == (2,)
     run(go())
+
+
+def test_the_server_loads_warms_and_runs_its_model_in_one_thread(tiny_dirs):
+    """torch's OpenMP teams are per thread: a second thread's team makes libgomp stop spinning on 2 cores
+    (torch eager 3x slower). The encoder server's loader, warm-up and every runtime call share one thread."""
+    import threading
+
+    from millis.artifact.model import open_model
+    from millis.serve.config import ServeConfig
+    from millis.serve.encoder.app import State
+
+    seen: list[tuple[str, int]] = []
+
+    def loader():
+        seen.append(("load", threading.get_ident()))
+        model = open_model(tiny_dirs["bert"])
+        inner = model.runtime.run
+
+        def recorded(batch):
+            seen.append(("run", threading.get_ident()))
+            return inner(batch)
+        model.runtime.run = recorded
+        return model
+
+    async def go():
+        st = State(ServeConfig(artifact=str(tiny_dirs["bert"])), loader)
+        await st.load()
+        assert st.load_error is None and st.batcher is not None
+        warm_runs = len(seen) - 1
+        job = Job([[2, 5, 7, 3]], asyncio.get_running_loop().create_future())
+        st.batcher.submit(job)
+        await job.future
+        await st.close()
+        return warm_runs, job
+
+    warm_runs, job = run(go())
+    assert warm_runs >= 1 and job.out[0] is not None and np.isfinite(job.out[0]).all()
+    kinds = [k for k, _ in seen]
+    assert kinds[0] == "load" and kinds.count("run") == warm_runs + 1
+    assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()

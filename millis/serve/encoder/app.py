@@ -23,7 +23,7 @@ from starlette.routing import Route
 from millis.artifact.model import Model
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
-from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, runtime_thread
 from millis.serve.encoder.rerank import relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
@@ -56,15 +56,17 @@ class State:
     # ---- start-up -------------------------------------------------------------------------
     async def load(self) -> None:
         t0 = perf_counter()
+        loop, pool = asyncio.get_running_loop(), runtime_thread()
         try:
-            model = await asyncio.to_thread(self.loader)
+            model = await loop.run_in_executor(pool, self.loader)  # the thread that will run it (runtime_thread)
             batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
                               self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
-                              self.metrics.on_batch)
-            self.dim = await asyncio.to_thread(self._warm, model)
+                              self.metrics.on_batch, pool)
+            self.dim = await loop.run_in_executor(pool, self._warm, model)
         except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("millis serve: model failed to load: %s", self.load_error)
+            pool.shutdown(wait=False)
             return
         self.cold_start_s = perf_counter() - t0
         self.model, self.batcher = model, batcher

@@ -28,6 +28,15 @@ from millis.encoder.text import bucket_length
 InferFn = Callable[[list[list[int]], int], np.ndarray]
 
 
+def runtime_thread() -> ThreadPoolExecutor:
+    """The worker thread that loads, warms and runs the model. One thread for all three: torch's OpenMP
+    keeps a thread team per calling thread, and once two threads' teams exist (say, the loader's and the
+    runtime's) they outnumber 2 cores, so libgomp stops spinning between parallel regions and every small op
+    waits for its workers to wake: torch eager ran 3x slower in the server than in process (tiny BERT, 2
+    cores). The native, ONNX Runtime and OpenVINO runtimes have pools of their own."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-runtime")
+
+
 class Overloaded(Exception):
     """The queue cannot take this request now: answer 429 and suggest when to retry."""
 
@@ -66,7 +75,10 @@ class Job:
 
 class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
-                 max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None):
+                 max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None,
+                 pool: ThreadPoolExecutor | None = None):
+        """pool: the one worker thread runtime calls run in (`runtime_thread`); the caller may have loaded the
+        model in it already."""
         self.infer, self.max_length = infer, max_length
         self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
         self.on_batch = on_batch                         # metrics hook: (rows, tokens, seconds)
@@ -74,7 +86,7 @@ class Batcher:
         self._queues: dict[int, deque[tuple[Job, int]]] = {}
         self._wake = asyncio.Event()
         self._closing = False
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-runtime")
+        self._pool = pool or runtime_thread()
         self._task: asyncio.Task | None = None
         self._rows_per_s = 0.0                           # recent throughput, for Retry-After
 
