@@ -382,3 +382,42 @@ def test_llama2c_stories260k_completion_equals_engine():
         assert status == 400 and body["error"]["code"] == "no_chat_template"
     finally:
         assert s.stop() == 0
+
+
+def test_the_engine_opens_and_steps_in_one_thread(llama):
+    """As the encoder server's runtime thread: torch's OpenMP teams are per thread, so the thread that opens
+    (and warms) the engine is the one that steps it."""
+    import asyncio
+    import threading
+
+    from millis.gen import EngineConfig, SamplingParams, open_engine
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation.app import GenState
+
+    seen: list[tuple[str, int]] = []
+
+    def loader():
+        seen.append(("open", threading.get_ident()))
+        eng = open_engine(str(llama), EngineConfig(max_batch=2, max_seq=64))
+        inner = eng.step
+
+        def step():
+            seen.append(("step", threading.get_ident()))
+            return inner()
+        eng.step = step
+        return eng
+
+    async def go():
+        st = GenState(ServeConfig(artifact=str(llama)), loader)
+        await st.load()
+        assert st.load_error is None and st.engine is not None
+        live, = st.admit([1, 5, 9], SamplingParams(max_tokens=3, ignore_eos=True), chat=False)
+        n = 0
+        while not (o := await st.next(live, timeout=30)).finished:
+            n += 1
+        await st.close()
+        return n + 1
+
+    assert asyncio.run(go()) == 3
+    assert [k for k, _ in seen][:2] == ["open", "step"] and len(seen) >= 4  # warm-up steps, then the request's
+    assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()

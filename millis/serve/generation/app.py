@@ -1,6 +1,6 @@
 """Serving a decoder: OpenAI `/v1/completions` and `/v1/chat/completions` over one `millis.gen` engine.
 
-One worker thread owns the engine loop: it runs `eng.step()` while there is work and hands each
+One worker thread opens the engine and owns its loop: it runs `eng.step()` while there is work and hands each
 `StepOutput` to the event loop, onto its request's asyncio queue. HTTP handlers only add and cancel
 (thread-safe in the engine): the engine's scheduler alone decides which requests run together.
 
@@ -20,7 +20,9 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable
@@ -123,6 +125,7 @@ class GenState:
         self.live: dict[str, Live] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
+        self._started = threading.Event()  # load() -> the engine thread: the engine is published, step it
         self._closing = False
         self._thread: threading.Thread | None = None
         self._request_s = 0.0  # moving mean of request durations, for Retry-After
@@ -130,9 +133,12 @@ class GenState:
     # ---- start-up and shutdown ---------------------------------------------------------------
     async def load(self) -> None:
         t0 = perf_counter()
-        self._loop = asyncio.get_running_loop()
+        self._loop, opened = asyncio.get_running_loop(), Future()
+        # one thread opens, warms and steps the engine (torch's OpenMP teams: encoder.batcher.runtime_thread)
+        thread = threading.Thread(target=self._engine_thread, args=(opened,), name="millis-engine", daemon=True)
+        thread.start()
         try:
-            eng = await asyncio.to_thread(self._open)
+            eng = await asyncio.wrap_future(opened)
         except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("millis serve: model failed to load: %s", self.load_error)
@@ -140,9 +146,8 @@ class GenState:
         self.cold_start_s = perf_counter() - t0
         self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq),
                                        min(gs.MAX_N, eng.max_batch))
-        self.engine = eng
-        self._thread = threading.Thread(target=self._run, name="millis-engine", daemon=True)
-        self._thread.start()
+        self.engine, self._thread = eng, thread
+        self._started.set()  # the engine thread goes on from opening to stepping
         m = self.metrics
         m.cold_start.set(self.cold_start_s)
         m.info.labels(self.name, f"{self.cfg.dtype}/{self.cfg.quant}", "millis.gen", "generate").set(1)
@@ -152,6 +157,16 @@ class GenState:
         log.warning("millis serve: %s (generation, %d slots x %d positions%s) ready in %.2f s", self.name,
                     eng.max_batch, eng.max_seq, f"; paged KV: {eng.kv.capacity} positions" if eng.kv else "",
                     self.cold_start_s)
+
+    def _engine_thread(self, opened: Future) -> None:
+        try:
+            opened.set_result(self._open())
+        except Exception as e:  # noqa: BLE001 -- load() reports it
+            opened.set_exception(e)
+            return
+        self._started.wait()  # until load() has published the engine (or close() gave up on it)
+        if self.engine is not None:
+            self._run()
 
     def _open(self):
         from millis.gen import SamplingParams
@@ -173,6 +188,7 @@ class GenState:
         for live in list(self.live.values()):
             self.cancel(live, "cancelled")
         self._wake.set()
+        self._started.set()  # an engine thread still opening stops once it has (the process does not wait)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
@@ -352,12 +368,6 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
             log.warning("millis serve: %s", e)
             raise schemas.ApiError(500, str(e), code="generation_failed") from None
 
-    async def completions(request: Request) -> Response:
-        return await generate(request, chat=False)
-
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, chat=True)
-
     async def models(request: Request) -> Response:
         card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
                                 "task": "generate"}
@@ -380,12 +390,11 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         data, ctype = st.metrics.render()
         return Response(data, 200, media_type=ctype)
 
-    routes = [Route("/v1/completions", endpoint(st, "/v1/completions", completions), methods=["POST"]),
-              Route("/v1/chat/completions", endpoint(st, "/v1/chat/completions", chat_completions), methods=["POST"]),
+    routes = [Route(path, endpoint(st, path, partial(generate, chat=chat)), methods=["POST"])
+              for path, chat in (("/v1/completions", False), ("/v1/chat/completions", True))] + [
               Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st),
-              *generation_live_routes(st)]
+              Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st), *generation_live_routes(st)]
     return make_app(st, routes, lambda: openapi.generation_spec(
         st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
 
