@@ -148,12 +148,19 @@ def test_kernel_in_the_interpreter(fmt):
     assert torch.allclose(wk.kernel_linear(x, qw, config=wk.DEFAULT), w8a8.linear_torch(x, qw), atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_kernel_and_tuning_on_cuda(fmt):
+def gpu_has(fmt: str) -> None:
     if fmt == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
+
+
+on_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_kernel_and_tuning_on_cuda(fmt):
+    gpu_has(fmt)
     check_kernel(fmt, "cuda", torch.float16, interpreter=False)
     qw = w8a8.quantize_weight(torch.randn(768, 768, device="cuda"), fmt)
     timed = wk.tune([qw], (128,), torch.float16)
@@ -162,14 +169,35 @@ def test_kernel_and_tuning_on_cuda(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@on_cuda
 @pytest.mark.parametrize("gemm", ["int8", "fp8"])
 def test_quantized_graphs_against_hf(gemm):
     from test_gpu import minilm_errors, runtime
 
-    if gemm == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability 8.9+")
+    gpu_has(gemm)
     results = minilm_errors(lambda model, task, pooling: runtime(model, task, pooling=pooling, dtype="fp16",
                                                                  gemm=gemm, buckets=(Shape(4, 64),)))
     limit = 0.03 if gemm == "int8" else 0.06
     assert results["classify"] < limit and results["embed"] < limit, results
+
+
+def test_time_candidates_skips_refused_configs_and_raises_faults(monkeypatch):
+    """The tuners' rule (millis.gpu.graph_timing.time_candidates), with graph_us stood in for: fastest first;
+    a config Triton or cuBLAS refuses is passed over; a CUDA fault (the context is poisoned) is raised."""
+    from millis.gpu import graph_timing
+
+    monkeypatch.setattr(graph_timing, "graph_us", lambda fn: fn())
+
+    def run(c):
+        if c["n"] == 1:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        if c["n"] == 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+        if c["n"] == 9:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return 10.0 / c["n"]
+
+    got = graph_timing.time_candidates([{"n": n} for n in (4, 1, 2, 8, 5)], run)
+    assert [c["n"] for c, _ in got] == [8, 5, 4] and [us for _, us in got] == [1.25, 2.0, 2.5]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        graph_timing.time_candidates([{"n": 4}, {"n": 9}], run)

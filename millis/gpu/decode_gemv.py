@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from millis.gpu.graph_timing import graph_us
+from millis.gpu.graph_timing import time_candidates
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
@@ -103,8 +103,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, e
 
 def tune(shapes: list[tuple[torch.Tensor, bool, bool]]) -> dict:
     """Measure the candidates on each distinct (N, K, norm, gateup) of `shapes` ((weight, norm, gateup), on
-    CUDA), keep the fastest in TUNED and return {TUNED key: [(config, us), ...]}, fastest first. A candidate
-    Triton refuses is passed over; a CUDA fault is raised."""
+    CUDA), keep the fastest in TUNED and return {TUNED key: [(config, us), ...]}, fastest first
+    (graph_timing.time_candidates)."""
     out = {}
     for w, norm, gateup in shapes:
         K = w.shape[1]
@@ -114,14 +114,8 @@ def tune(shapes: list[tuple[torch.Tensor, bool, bool]]) -> dict:
             continue
         x = torch.randn(K, device=w.device, dtype=w.dtype)
         nw = torch.ones(K, device=w.device, dtype=w.dtype) if norm else None
-        timed = []
-        for cand in CANDIDATES:
-            try:
-                timed.append((cand, graph_us(lambda: gemv(x, w, nw, 1e-6, gateup=gateup, config=cand))))
-            except Exception as e:  # noqa: BLE001 -- a config this GPU or Triton refuses (resources)...
-                if "CUDA error" in str(e):  # ...but a fault poisons the context: not a candidate's problem
-                    raise
+        timed = time_candidates(CANDIDATES, lambda cand: gemv(x, w, nw, 1e-6, gateup=gateup, config=cand))
         if timed:
-            out[key] = sorted(timed, key=lambda t: t[1])
-            TUNED[key] = out[key][0][0]
+            out[key] = timed
+            TUNED[key] = timed[0][0]
     return out

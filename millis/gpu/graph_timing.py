@@ -1,5 +1,5 @@
-"""GPU timing without launch overhead: the calls captured in one CUDA graph and replayed (the kernel tuner
-and the GPU benches share it)."""
+"""GPU timing without launch overhead: the calls captured in one CUDA graph and replayed (the kernel tuners
+and the GPU benches share it), and the tuners' one rule for timing candidate configs."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +26,17 @@ def graph_us(fn, calls: int = 20, reps: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+def time_candidates(candidates: list[dict], run) -> list[tuple[dict, float]]:
+    """[(config, us)] of each candidate config that runs, fastest first: run(config) is the call timed by
+    graph_us. A config Triton or cuBLAS refuses (resources, an unsupported dot or status) is passed over; a
+    CUDA fault poisons the context, so it is raised."""
+    timed = []
+    for cand in candidates:
+        try:
+            timed.append((cand, graph_us(lambda: run(cand))))
+        except Exception as e:  # noqa: BLE001 -- see the docstring
+            if "CUDA error" in str(e) and "CUBLAS_STATUS" not in str(e):
+                raise
+    return sorted(timed, key=lambda t: t[1])

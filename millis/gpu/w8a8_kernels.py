@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from millis.gpu.graph_timing import graph_us
+from millis.gpu.graph_timing import time_candidates
 from millis.gpu.w8a8 import QMAX, ROW_FLOOR, QuantWeight, linear_torch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
@@ -140,16 +140,9 @@ def tune(weights: list[QuantWeight], rows: tuple[int, ...], dtype: torch.dtype) 
             if key in TUNED:
                 continue
             x = torch.randn(M, k, device=w.q.device, dtype=dtype)
-            timed = []
-            for cand in CANDIDATES + (FP8_EXTRA if fmt == "fp8" else []):
-                try:
-                    timed.append((cand, graph_us(lambda: kernel_linear(x, w, None, False, cand))))
-                except Exception as e:  # noqa: BLE001 -- a config this GPU refuses (resources, fp8 dots, a
-                    # cuBLAS status)... but a fault poisons the context: not a candidate's problem
-                    if "CUDA error" in str(e) and "CUBLAS_STATUS" not in str(e):
-                        raise
-                    continue
+            timed = time_candidates(CANDIDATES + (FP8_EXTRA if fmt == "fp8" else []),
+                                    lambda cand: kernel_linear(x, w, None, False, cand))
             if timed:
-                out[key] = sorted(timed, key=lambda t: t[1])
-                TUNED[key] = out[key][0][0]
+                out[key] = timed
+                TUNED[key] = timed[0][0]
     return out

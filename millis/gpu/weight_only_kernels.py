@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from millis.gpu.graph_timing import graph_us
+from millis.gpu.graph_timing import time_candidates
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
@@ -173,15 +173,9 @@ def tune(layers, rows: tuple[int, ...] = (1, 16)) -> dict:
             if key in TUNED:
                 continue
             x = torch.randn(M, k, device=m.q.device, dtype=torch.bfloat16)
-            timed = []
-            for cand in (GEMV_CANDIDATES + TILE_CANDIDATES[:1] if M == 1 else TILE_CANDIDATES):
-                try:
-                    timed.append((cand, graph_us(lambda: kernel_matmul(fmt, x, m.q, m.scale, m.low, n, k, cand))))
-                except Exception as e:  # noqa: BLE001 -- a config this GPU or Triton refuses (resources)...
-                    if "CUDA error" in str(e):  # ...but a fault poisons the context: not a candidate's problem
-                        raise
-                    continue
+            timed = time_candidates(GEMV_CANDIDATES + TILE_CANDIDATES[:1] if M == 1 else TILE_CANDIDATES,
+                                    lambda cand: kernel_matmul(fmt, x, m.q, m.scale, m.low, n, k, cand))
             if timed:
-                out[key] = sorted(timed, key=lambda t: t[1])
-                TUNED[key] = out[key][0][0]
+                out[key] = timed
+                TUNED[key] = timed[0][0]
     return out
