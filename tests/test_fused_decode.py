@@ -1,7 +1,7 @@
 """The fused decode step (millis.gen.models.fused_decode: millis.gpu.decode_kernels, and decode_gemv at batch 1)
 against the torch Llama's own decode step: the same logits and the same KV-cache writes, for batches with an
 idle row (a graph bucket's scratch position) and for one row, grouped-query heads that are not a power of two,
-a sliding window and Qwen2's qkv biases.
+a sliding window, Qwen2's qkv biases and the weight-only formats.
 
 The kernels run on CUDA (marked gpu, bf16) or, on the CPU, in Triton's interpreter when Triton is installed
 and TRITON_INTERPRET=1 (fp32 / fp16); skipped otherwise. `usable` is checked everywhere.
@@ -28,7 +28,7 @@ MAX_SEQ, SLOTS = 128, 4
 
 
 def prefilled(heads: int, kv: int, window: int, dtype: torch.dtype, device: str,
-              bias: bool = False) -> tuple[Llama, list[int]]:
+              bias: bool = False, quant: str = "") -> tuple[Llama, list[int]]:
     """A tiny Llama whose rows 0..2 hold prompts of 5, 90 and 17 tokens (90: past the first 64-key block, which
     a window skips); row 3 is idle."""
     torch.manual_seed(0)
@@ -38,6 +38,10 @@ def prefilled(heads: int, kv: int, window: int, dtype: torch.dtype, device: str,
     for name, p in model.named_parameters():
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.08)
     model = model.to(device=device, dtype=dtype)
+    if quant:  # GPU weight-only formats: both steps run the same packed weights
+        from millis.gpu.weight_only import quantize_weight_only
+
+        quantize_weight_only(model, quant)
     setup_caches(model, SLOTS, MAX_SEQ)
     lengths = [5, 90, 17]
     with torch.inference_mode():
@@ -59,14 +63,16 @@ def step(model: Llama, lengths: list[int], fused: bool, kv_len: int = MAX_SEQ, r
         return gd._forward(rows, kv_len)
 
 
-# (heads, kv heads, window, qkv bias): GQA 2, GQA 3 (padded to 4), a window, Qwen2's biases
-CASES = [(4, 2, 0, False), (6, 2, 0, False), (4, 1, 8, False), (4, 2, 0, True)]
+# (heads, kv heads, window, qkv bias, weight-only format): GQA 2, GQA 3 (padded to 4), a window, Qwen2's
+# biases, and the GPU's weight-only formats (int4: w2's 160 inputs padded to 3 groups of 64)
+CASES = [(4, 2, 0, False, ""), (6, 2, 0, False, ""), (4, 1, 8, False, ""), (4, 2, 0, True, ""),
+         (4, 2, 0, True, "int8"), (4, 2, 8, False, "int4"), (4, 2, 0, False, "fp8")]
 
 
 def check(dtype, device, tol):
     """Four rows (one idle: the multi-row kernels) and one row (the batch-1 gemv path)."""
-    for (heads, kv, window, bias), rows in itertools.product(CASES, (SLOTS, 1)):
-        model, lengths = prefilled(heads, kv, window, dtype, device, bias)
+    for (heads, kv, window, bias, quant), rows in itertools.product(CASES, (SLOTS, 1)):
+        model, lengths = prefilled(heads, kv, window, dtype, device, bias, quant)
         twin = copy.deepcopy(model)
         want = step(model, lengths, fused=False, rows=rows)
         got = step(twin, lengths, fused=True, rows=rows)
@@ -74,7 +80,7 @@ def check(dtype, device, tol):
         assert torch.isfinite(got).all()
         real = min(rows, 3)  # the idle row's logits are never read
         err = ((got[:real] - want[:real]).norm() / want[:real].norm()).item()
-        assert err < tol, (heads, kv, window, bias, rows, err)
+        assert err < tol, (heads, kv, window, bias, quant, rows, err)
         # the reference's top token is the fused step's top, or within rounding of it (bf16 logits tie often)
         top = want[:real].argmax(-1, keepdim=True)
         slack = tol * want[:real].abs().max()

@@ -82,7 +82,7 @@ class GraphedDecode:
         them leaves the torch step in their place (with a warning), not an engine that fails to open."""
         try:
             if self.device.type == "cuda" and gemv_usable(self.model):  # the batch-1 matmuls' tiles, measured
-                decode_gemv.tune(gemv_shapes(self.model))
+                decode_gemv.tune(gemv_shapes(self.model), self.model.tok_emb.weight.dtype)
             for b in self.buckets[:2]:  # batch 1 (its own kernels) and a batch of several rows
                 self.pos[b].fill_(self.max_seq - 1)
                 self._forward(b, self.lengths[0])

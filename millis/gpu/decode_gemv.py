@@ -3,7 +3,9 @@ RMSNorm + qkv, RoPE + cache + attention (decode_kernels), out projection + resid
 SwiGLU, down projection + residual add. At batch 1 a step is bound by how many kernels it launches: the
 9-kernel step of SmolLM2's 30 layers is about 270.
 
-`gemv` computes y (N,) = W (N, K) . x' on the CUDA cores, fp32 sums, BN output rows a program:
+`gemv` computes y (N,) = W (N, K) . x' on the CUDA cores, fp32 sums, BN output rows a program, for plain
+weights (an nn.Linear) and millis.gpu.weight_only's formats (int8 / fp8 with a scale per row, scaled after
+the sums; int4 with a scale and a minimum per 64 inputs, GPS groups a step, as its one-row kernel):
 - NORM: x' = RMSNorm(x) * w_norm. Every program takes the row's sum of squares itself (K <= a few
   thousand: one extra read of x from L1 / L2), so the norm needs no kernel of its own;
 - GATEUP: W holds [gate | up] (2N, K); y = silu(gate . x') * (up . x');
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from millis.gpu.graph_timing import time_candidates
+from millis.gpu.weight_only_kernels import GROUP
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
@@ -29,13 +32,40 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, eps, NORM: tl.constexpr,
-                     GATEUP: tl.constexpr, RESID: tl.constexpr, HAS_B: tl.constexpr, OUT_F32: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
+    def _xn(x_ptr, nw_ptr, k, km, rstd, NORM: tl.constexpr):
+        # x[k] in fp32, or RMSNorm(x)[k] * w_norm[k] as the torch layer rounds it (the normalised value to the
+        # dtype, then the weight's product to the dtype)
+        dt = x_ptr.dtype.element_ty
+        xf = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        if NORM:
+            n = (xf * rstd).to(dt).to(tl.float32)
+            xf = (tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32) * n).to(dt).to(tl.float32)
+        return xf
+
+    @triton.jit
+    def _int4_part(w_ptr, s_ptr, l_ptr, rows, nm, g, gm, rh, xa, xb, xs, swn, NT, GROUP: tl.constexpr):
+        # rows (BN,) x GPS groups: packed bytes (BN, GPS, GROUP/2), low nibble = the group's first half;
+        # per group dot * scale + sum(x) * low, summed over the groups -> (BN,)
+        off = rows[:, None, None] * swn + (g[:, None] * (GROUP // 2) + rh[None, :])[None, :, :]
+        b = tl.load(w_ptr + off, mask=nm[:, None, None] & gm[None, :, None], other=0)
+        dots = tl.sum((b & 15).to(tl.float32) * xa[None, :, :], axis=2) + \
+            tl.sum((b >> 4).to(tl.float32) * xb[None, :, :], axis=2)          # (BN, GPS)
+        sm = nm[:, None] & gm[None, :]
+        s = tl.load(s_ptr + g[None, :] * NT + rows[:, None], mask=sm, other=0.0)
+        lo = tl.load(l_ptr + g[None, :] * NT + rows[:, None], mask=sm, other=0.0)
+        return tl.sum(dots * s + xs[None, :] * lo, axis=1)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, eps,
+                     FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
+                     HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GPS: tl.constexpr, GROUP: tl.constexpr):
+        # FMT 0: plain weights (N', K); 1: int8 / fp8 with a scale per row; 2: int4, GROUP inputs per scale and
+        # minimum (millis.gpu.weight_only's layouts). NT = the weight's rows (2N with GATEUP).
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         nm = rn < N
-        dt = w_ptr.dtype.element_ty
+        dt = x_ptr.dtype.element_ty
         rstd = 1.0
         if NORM:  # pass 1: the row's mean square
             ss = tl.zeros((BK,), tl.float32)
@@ -45,19 +75,35 @@ if triton is not None:
             rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
         acc = tl.zeros((BN,), tl.float32)
         acc2 = tl.zeros((BN,), tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            km = kk < K
-            xf = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm as the torch layer: normalised row rounded to the dtype, then the weight
-                n = (xf * rstd).to(dt).to(tl.float32)
-                xf = (tl.load(nw_ptr + kk, mask=km, other=0.0).to(tl.float32) * n).to(dt).to(tl.float32)
-            wm = nm[:, None] & km[None, :]
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=wm, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
-            if GATEUP:
-                u = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=wm, other=0.0)
-                acc2 += tl.sum(u.to(tl.float32) * xf[None, :], axis=1)
+        if FMT == 2:
+            rg = tl.arange(0, GPS)
+            rh = tl.arange(0, GROUP // 2)
+            n_groups = tl.cdiv(K, GROUP)
+            for g0 in range(0, n_groups, GPS):
+                g = g0 + rg
+                ka = g[:, None] * GROUP + rh[None, :]                         # (GPS, GROUP/2)
+                xa = _xn(x_ptr, nw_ptr, ka, ka < K, rstd, NORM)
+                xb = _xn(x_ptr, nw_ptr, ka + GROUP // 2, ka + GROUP // 2 < K, rstd, NORM)
+                xs = tl.sum(xa, axis=1) + tl.sum(xb, axis=1)                 # (GPS,)
+                gm = g < n_groups
+                acc += _int4_part(w_ptr, s_ptr, l_ptr, rn, nm, g, gm, rh, xa, xb, xs, swn, NT, GROUP)
+                if GATEUP:
+                    acc2 += _int4_part(w_ptr, s_ptr, l_ptr, rn + N, nm, g, gm, rh, xa, xb, xs, swn, NT, GROUP)
+        else:
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                km = kk < K
+                xf = _xn(x_ptr, nw_ptr, kk, km, rstd, NORM)
+                wm = nm[:, None] & km[None, :]
+                w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
+                if GATEUP:
+                    u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
+                    acc2 += tl.sum(u.to(tl.float32) * xf[None, :], axis=1)
+            if FMT == 1:
+                acc = acc * tl.load(s_ptr + rn, mask=nm, other=0.0)
+                if GATEUP:
+                    acc2 = acc2 * tl.load(s_ptr + N + rn, mask=nm, other=0.0)
         if HAS_B:
             acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)
         y = acc.to(dt).to(tl.float32)
@@ -72,49 +118,60 @@ if triton is not None:
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
-DEFAULT = {"BN": 8, "BK": 256, "num_warps": 4}
-CANDIDATES = [{"BN": 4, "BK": 512, "num_warps": 4}, DEFAULT, {"BN": 16, "BK": 256, "num_warps": 4},
-              {"BN": 16, "BK": 512, "num_warps": 8}]
+FORMATS = {"plain": 0, "int8": 1, "fp8": 1, "int4": 2}  # nn.Linear, or millis.gpu.weight_only's formats
+DEFAULT = {"BN": 8, "BK": 256, "GPS": 4, "num_warps": 4}
+CANDIDATES = [{"BN": 4, "BK": 512, "GPS": 8, "num_warps": 4}, DEFAULT, {"BN": 16, "BK": 256, "GPS": 2, "num_warps": 4},
+              {"BN": 16, "BK": 512, "GPS": 4, "num_warps": 8}]
 TUNED: dict[tuple, dict] = {}  # tune_key -> the config `tune` measured fastest
 
 
-def tune_key(n: int, k: int, norm: bool, gateup: bool) -> tuple:
-    return n, k, norm, gateup
+def fmt_of(lin) -> str:
+    """The weights' format: "plain" for an nn.Linear, else a WeightOnlyLinear's own."""
+    return getattr(lin, "fmt", "plain")
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, eps: float = 0.0,
-         bias: torch.Tensor | None = None, gateup: bool = False, resid: torch.Tensor | None = None,
-         out_f32: bool = False, config: dict | None = None) -> torch.Tensor:
-    """x (K,) contiguous, w (N, K) or [gate | up] (2N, K) contiguous -> y (N,): in place into `resid` when given
-    (and returned), else a new tensor in w's dtype (fp32 with out_f32). norm_w: RMSNorm x first."""
-    K = x.shape[-1]
-    N = w.shape[0] // 2 if gateup else w.shape[0]
+def tune_key(fmt: str, n: int, k: int, norm: bool, gateup: bool) -> tuple:
+    return fmt, n, k, norm, gateup
+
+
+def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 0.0, gateup: bool = False,
+         resid: torch.Tensor | None = None, out_f32: bool = False, config: dict | None = None) -> torch.Tensor:
+    """x (K,) contiguous in the model's dtype through `lin` (an nn.Linear, or a WeightOnlyLinear: int8, fp8,
+    int4), its bias included; gateup: lin holds [gate | up] (2N rows). -> y (N,): in place into `resid`
+    when given (and returned), else a new tensor in x's dtype (fp32 with out_f32). norm_w: RMSNorm x first."""
+    fmt = fmt_of(lin)
+    w = lin.weight if fmt == "plain" else lin.q
+    K, NT = lin.in_features, lin.out_features
+    N = NT // 2 if gateup else NT
     if resid is not None:
         y = resid
     else:
-        y = torch.empty(N, device=x.device, dtype=torch.float32 if out_f32 else w.dtype)
-    c = {**DEFAULT, **(TUNED.get(tune_key(N, K, norm_w is not None, gateup), {}) if config is None else config)}
+        y = torch.empty(N, device=x.device, dtype=torch.float32 if out_f32 else x.dtype)
+    key = tune_key(fmt, N, K, norm_w is not None, gateup)
+    c = {**DEFAULT, **(TUNED.get(key, {}) if config is None else config)}
+    scale, low = getattr(lin, "scale", None), getattr(lin, "low", None)
     _gemv_kernel[(triton.cdiv(N, c["BN"]),)](
-        x, norm_w if norm_w is not None else w, w, bias if bias is not None else w, y, y, K, N, eps,
-        NORM=norm_w is not None, GATEUP=gateup, RESID=resid is not None, HAS_B=bias is not None, OUT_F32=out_f32,
-        BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"])
+        x, norm_w if norm_w is not None else x, w, scale if scale is not None else x, low if low is not None else x,
+        lin.bias if lin.bias is not None else x, y, y, K, N, NT, w.stride(0), eps, FMT=FORMATS[fmt],
+        NORM=norm_w is not None, GATEUP=gateup, RESID=resid is not None, HAS_B=lin.bias is not None,
+        OUT_F32=out_f32, BN=c["BN"], BK=c["BK"], GPS=c["GPS"], GROUP=GROUP, num_warps=c["num_warps"])
     return y
 
 
-def tune(shapes: list[tuple[torch.Tensor, bool, bool]]) -> dict:
-    """Measure the candidates on each distinct (N, K, norm, gateup) of `shapes` ((weight, norm, gateup), on
-    CUDA), keep the fastest in TUNED and return {TUNED key: [(config, us), ...]}, fastest first
-    (graph_timing.time_candidates)."""
+def tune(shapes: list[tuple], dtype: torch.dtype) -> dict:
+    """Measure the candidates on each distinct (format, N, K, norm, gateup) of `shapes` ((linear, norm, gateup),
+    on CUDA) for inputs in the model's `dtype`, keep the fastest in TUNED and return {TUNED key: [(config, us),
+    ...]}, fastest first (graph_timing.time_candidates)."""
     out = {}
-    for w, norm, gateup in shapes:
-        K = w.shape[1]
-        N = w.shape[0] // 2 if gateup else w.shape[0]
-        key = tune_key(N, K, norm, gateup)
+    for lin, norm, gateup in shapes:
+        K, N = lin.in_features, lin.out_features // 2 if gateup else lin.out_features
+        key = tune_key(fmt_of(lin), N, K, norm, gateup)
         if key in TUNED:
             continue
-        x = torch.randn(K, device=w.device, dtype=w.dtype)
-        nw = torch.ones(K, device=w.device, dtype=w.dtype) if norm else None
-        timed = time_candidates(CANDIDATES, lambda cand: gemv(x, w, nw, 1e-6, gateup=gateup, config=cand))
+        dev = (lin.weight if fmt_of(lin) == "plain" else lin.q).device
+        x = torch.randn(K, device=dev, dtype=dtype)
+        nw = torch.ones(K, device=dev, dtype=dtype) if norm else None
+        timed = time_candidates(CANDIDATES, lambda cand: gemv(x, lin, nw, 1e-6, gateup=gateup, config=cand))
         if timed:
             out[key] = timed
             TUNED[key] = timed[0][0]

@@ -3,8 +3,8 @@
 `fused_decode` computes what `Llama.forward` does for one new token per row in rows 0..B-1 of the caches
 (GraphedDecode's buckets). Batches of several rows (millis.gpu.decode_kernels) fold the residual adds into
 the next RMSNorm (the stream is x + the previous block's output, normalised in the same kernel) and keep the
-model's own matmul modules (cuBLAS, or the weight-only kernels). One row with plain weights
-(millis.gpu.decode_gemv) takes the norms into the matmuls that read them, the residual adds into the
+model's own matmul modules (cuBLAS, or the weight-only kernels). One row (millis.gpu.decode_gemv, plain or
+weight-only weights) takes the norms into the matmuls that read them, the residual adds into the
 matmuls that produce them and SwiGLU into gate/up. Used on CUDA with Triton (`usable`); the torch forward
 is the reference.
 """
@@ -33,24 +33,29 @@ def usable(model: nn.Module) -> bool:
 
 
 def gemv_usable(model: nn.Module) -> bool:
-    """The batch-1 path reads the weights itself: every matmul a plain nn.Linear (not a weight-only format),
-    bias only on qkv (Qwen2), unless MILLIS_NO_DECODE_GEMV=1 (the A/B switch)."""
-    if os.environ.get("MILLIS_NO_DECODE_GEMV") == "1" or type(model.head) is not nn.Linear \
+    """The batch-1 path reads the weights itself: every matmul an nn.Linear or a weight-only format
+    (millis.gpu.weight_only), contiguous, bias only on qkv (Qwen2), unless MILLIS_NO_DECODE_GEMV=1 (the A/B
+    switch)."""
+    from millis.gpu.weight_only import WeightOnlyLinear
+
+    def plain_or_packed(m: nn.Module) -> bool:
+        return (type(m) is nn.Linear and m.weight.is_contiguous()) or isinstance(m, WeightOnlyLinear)
+
+    if os.environ.get("MILLIS_NO_DECODE_GEMV") == "1" or not plain_or_packed(model.head) \
             or model.head.bias is not None:
         return False
     for layer in model.layers:
         mods = (layer.attn.wqkv, layer.attn.wo, layer.ffn.w13, layer.ffn.w2)
-        if any(type(m) is not nn.Linear or not m.weight.is_contiguous() for m in mods) \
-                or any(m.bias is not None for m in mods[1:]):
+        if not all(map(plain_or_packed, mods)) or any(m.bias is not None for m in mods[1:]):
             return False
-    return model.head.weight.is_contiguous()
+    return True
 
 
-def gemv_shapes(model: nn.Module) -> list[tuple[torch.Tensor, bool, bool]]:
-    """(weight, norm, gateup) of each kind of batch-1 matmul, for decode_gemv.tune."""
+def gemv_shapes(model: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
+    """(linear, norm, gateup) of each kind of batch-1 matmul, for decode_gemv.tune."""
     layer = model.layers[0]
-    return [(layer.attn.wqkv.weight, True, False), (layer.attn.wo.weight, False, False),
-            (layer.ffn.w13.weight, True, True), (layer.ffn.w2.weight, False, False), (model.head.weight, True, False)]
+    return [(layer.attn.wqkv, True, False), (layer.attn.wo, False, False), (layer.ffn.w13, True, True),
+            (layer.ffn.w2, False, False), (model.head, True, False)]
 
 
 def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
@@ -77,9 +82,9 @@ def _one_row(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int
     x = model.tok_emb(ids[0, 0:1])[0]                                    # (D,): the residual stream, updated in place
     for layer in model.layers:
         a, f = layer.attn, layer.ffn
-        qkv = dg.gemv(x, a.wqkv.weight, layer.attn_norm.weight, eps, bias=a.wqkv.bias)
+        qkv = dg.gemv(x, a.wqkv, layer.attn_norm.weight, eps)
         o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window)
-        dg.gemv(o[0], a.wo.weight, resid=x)
-        h = dg.gemv(x, f.w13.weight, layer.ffn_norm.weight, eps, gateup=True)
-        dg.gemv(h, f.w2.weight, resid=x)
-    return dg.gemv(x, model.head.weight, model.norm.weight, eps, out_f32=True)[None]   # (1, vocab)
+        dg.gemv(o[0], a.wo, resid=x)
+        h = dg.gemv(x, f.w13, layer.ffn_norm.weight, eps, gateup=True)
+        dg.gemv(h, f.w2, resid=x)
+    return dg.gemv(x, model.head, model.norm.weight, eps, out_f32=True)[None]   # (1, vocab)
