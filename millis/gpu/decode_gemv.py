@@ -105,6 +105,8 @@ if triton is not None:
                 if GATEUP:
                     acc2 = acc2 * tl.load(s_ptr + N + rn, mask=nm, other=0.0)
         if HAS_B:
+            if FMT != 0:  # WeightOnlyLinear rounds its product to the dtype, then adds the bias (cuBLAS: one rounding)
+                acc = acc.to(dt).to(tl.float32)
             acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)
         y = acc.to(dt).to(tl.float32)
         if GATEUP:  # SiLU rounded to the dtype before the product, as the torch layer
