@@ -26,7 +26,8 @@ def test_gpu_variants_are_the_cuda_defaults_and_not_the_cpus():
     assert set(GPU_VARIANTS) == {"cuda-fp16", "cuda-bf16", "cuda-int8", "cuda-fp8"}
     assert not set(GPU_VARIANTS) & set(PRESET_VARIANTS["cpu"])
     names = [v.name for v in variants_for((), "cpu", "cuda")]
-    assert names == ["torch-fp32", "cuda-fp16", "cuda-bf16", "cuda-int8", "cuda-fp8"]  # the reference first: fidelity is against it
+    # the reference first: fidelity is against it
+    assert names == ["torch-fp32", "cuda-fp16", "cuda-bf16", "cuda-int8", "cuda-fp8"]
     with pytest.raises(MillisError, match="device must be"):
         OptimizeConfig(source="tiny:bert", device="tpu")
 

@@ -8,9 +8,10 @@ last hidden states, so it matches millis.encoder.tasks.TaskModel.
 
 `fuse` picks the epilogues: "triton" (millis.gpu.kernels) or "torch" (plain ops; the CPU path and
 the reference). `gemm` int8 / fp8 runs the four GEMMs W8A8 (millis.gpu.w8a8: weights per channel,
-activations per token quantized inside the GEMM kernel, bias + GELU in the FFN-in GEMM's epilogue). Research variants of the layer (Triton split-K GEMMs, a tanh-GELU epilogue, the
-layer compiled by Inductor) measured no better and live in bench/gpu_research/, which swaps
-`Encoder.layer` for its own function of the same signature.
+activations per token quantized inside the GEMM kernel, bias + GELU in the FFN-in GEMM's epilogue).
+Research variants of the layer (Triton split-K GEMMs, a tanh-GELU epilogue, the layer compiled by
+Inductor) measured no better and live in bench/gpu_research/, which swaps `Encoder.layer` for its own
+function of the same signature.
 """
 from __future__ import annotations
 
