@@ -32,8 +32,8 @@ def runtime_thread() -> ThreadPoolExecutor:
     """The worker thread that loads, warms and runs the model. One thread for all three: torch's OpenMP
     keeps a thread team per calling thread, and once two threads' teams exist (say, the loader's and the
     runtime's) they outnumber 2 cores, so libgomp stops spinning between parallel regions and every small op
-    waits for its workers to wake: torch eager ran 3x slower in the server than in process (tiny BERT, 2
-    cores). The native, ONNX Runtime and OpenVINO runtimes have pools of their own."""
+    waits for its workers to wake: torch eager MiniLM ran 1.7x slower in the server than in process on 2
+    cores (docs/serving.md). The native, ONNX Runtime and OpenVINO runtimes have pools of their own."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-runtime")
 
 
