@@ -61,6 +61,7 @@ class GraphedDecode:
         self.model, self.max_seq, self.device = model, max_seq, dev
         self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
         self.fused = fused_usable(model)
+        self.one_row = gemv_usable(model)  # with self.fused: batch 1 through decode_gemv's kernels
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
@@ -81,7 +82,7 @@ class GraphedDecode:
         """Compile the fused kernels with one eager step at the scratch position; a Triton that cannot build
         them leaves the torch step in their place (with a warning), not an engine that fails to open."""
         try:
-            if self.device.type == "cuda" and gemv_usable(self.model):  # the batch-1 matmuls' tiles, measured
+            if self.device.type == "cuda" and self.one_row:  # the batch-1 matmuls' tiles, measured
                 decode_gemv.tune(gemv_shapes(self.model), self.model.tok_emb.weight.dtype)
             for b in self.buckets[:2]:  # batch 1 (its own kernels) and a batch of several rows
                 self.pos[b].fill_(self.max_seq - 1)
@@ -97,7 +98,7 @@ class GraphedDecode:
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
         if self.fused:  # Llama family on CUDA: 8 fused kernels a layer, 5 at batch 1 (models/fused_decode.py)
-            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window)
+            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window, self.one_row)
         pos = self.pos[b]
         # an idle row (the scratch position) sees every key: with a sliding window none of the first L would be
         # visible to it, and an all-masked row's NaN, written to its slot, would reach a later request there

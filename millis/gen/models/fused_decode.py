@@ -33,10 +33,14 @@ def usable(model: nn.Module) -> bool:
 
 
 def gemv_usable(model: nn.Module) -> bool:
-    """The batch-1 path reads the weights itself: every matmul an nn.Linear or a weight-only format
+    """The batch-1 path reads a Llama's weights itself: every matmul an nn.Linear or a weight-only format
     (millis.gpu.weight_only), contiguous, bias only on qkv (Qwen2), unless MILLIS_NO_DECODE_GEMV=1 (the A/B
     switch)."""
+    from millis.gen.models.llama import Llama
     from millis.gpu.weight_only import WeightOnlyLinear
+
+    if not isinstance(model, Llama):
+        return False
 
     def plain_or_packed(m: nn.Module) -> bool:
         return (type(m) is nn.Linear and m.weight.is_contiguous()) or isinstance(m, WeightOnlyLinear)
@@ -58,9 +62,11 @@ def gemv_shapes(model: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
             (layer.ffn.w2, False, False), (model.head, True, False)]
 
 
-def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
-    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32."""
-    if ids.shape[0] == 1 and gemv_usable(model):
+def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int,
+                 one_row: bool | None = None) -> torch.Tensor:
+    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32. one_row: `gemv_usable(model)`, which a
+    caller stepping the same model may decide once (None: decided here)."""
+    if ids.shape[0] == 1 and (gemv_usable(model) if one_row is None else one_row):
         return _one_row(model, ids, pos, kv_len, window)
     c = model.config
     p = pos[:, 0].contiguous()
