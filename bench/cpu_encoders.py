@@ -133,7 +133,7 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
                                 "n": int(ms.size), "cos_min": fid[p.name]["cos_min"],
                                 "cos_mean": fid[p.name]["cos_mean"], "precision": info.get("precision", ""),
                                 "cpu": meta["hardware"]["cpu"], "isa": meta["hardware"]["isa"],
-                                "kernels": meta["kernels"] if p.name.startswith("millis") else None})
+                                "kernels": kernels_of(p.name, meta)})
     finally:
         for p in live:
             p.close()
@@ -166,6 +166,15 @@ def print_table(rows: list[dict]) -> None:
         fair = f"{r.get('ratio_vs_best_peer_same_fidelity', float('nan')):.2f}"
         print(f"{r['model']:9} {r['shape']:8} {r['system']:24} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
               f"{ratio:>11} {faithful:>12} {fair:>12} {r['cos_min']:8.5f}  {r['precision'][:40]}")
+
+
+def kernels_of(system: str, meta: dict) -> str | None:
+    """The kernels a millis row ran: the build, and AMX for native bf16 where it runs (amx_expected)."""
+    from millis.kernels.native import amx_expected
+
+    if not system.startswith("millis"):
+        return None
+    return f"{meta['kernels']}+amx" if system.endswith("native-bf16") and amx_expected() else meta["kernels"]
 
 
 def main() -> int:

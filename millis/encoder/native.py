@@ -3,7 +3,8 @@ in one C call over the real tokens of a batch (padding is dropped, not computed)
 once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
 Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounded to bf16 per row, fp32
-accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
+accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction; AMX's bf16 tiles
+where the CPU and kernel allow them, kernels/amx.c); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
@@ -24,11 +25,11 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import (TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16,
-                                   XBLOCK_BYTES, Mat, pack_matrix)
+from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16,
+                                   XBLOCK_BYTES, Mat, init_amx, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
-SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "bert_forward.c", "pool.c")
+SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
@@ -101,6 +102,8 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
+        self.amx = precision == "bf16" and init_amx(lib)  # bf16 matrices in AMX tiles, run by the tile unit
+        self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
@@ -138,7 +141,7 @@ class NativeBert:
         if self.precision == "fp32":
             data, type_id = w, TYPE_F32
         elif self.precision == "bf16":
-            data, type_id = to_bf16(w), TYPE_BF16_PAIRS
+            data, type_id = to_bf16(w), TYPE_BF16_AMX if self.amx else TYPE_BF16_PAIRS
         elif self.precision in ("int7", "int7-a7"):
             data, type_id = q7_0(w), TYPE_Q7_0 if self.precision == "int7" else TYPE_Q7_A7
         else:

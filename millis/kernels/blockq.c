@@ -243,6 +243,7 @@ static float dot_blocks(int type, const uint8_t* row, const xblock* x, int64_t n
 void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M,
                  float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols, nb = K / QK;
+    if (W->packed && W->type == T_BF16_AMX) { amx_rows(W, n0, n1, Xq, M, Y, ldy, acc); return; }
 #ifdef __AVX2__
     if (W->packed) { packed_rows(W, n0, n1, Xq, Xf, M, Y, ldy, acc); return; }
 #endif
@@ -272,9 +273,10 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const flo
     for (int64_t n = n0; n < n1; n++)  /* GGUF's layout: the scalar reference */
         for (int64_t m = 0; m < M; m++) {
             const uint8_t* row = W->data + n * W->row_bytes;
-            const float v = W->type == T_Q8_0_X16     ? dot16_blocks(row, (const x16block*)Xq + m * nb, nb)
-                            : W->type == T_BF16_PAIRS ? dot_bf16((const uint16_t*)row, (const uint16_t*)Xq + m * K, K)
-                                                      : dot_blocks(W->type, row, (const xblock*)Xq + m * nb, nb);
+            const int bf16 = W->type == T_BF16_PAIRS || W->type == T_BF16_AMX;  /* row-major bf16 */
+            const float v = W->type == T_Q8_0_X16 ? dot16_blocks(row, (const x16block*)Xq + m * nb, nb)
+                            : bf16                ? dot_bf16((const uint16_t*)row, (const uint16_t*)Xq + m * K, K)
+                                                  : dot_blocks(W->type, row, (const xblock*)Xq + m * nb, nb);
             float* y = Y + m * ldy + n;
             *y = acc ? *y + v : v;
         }

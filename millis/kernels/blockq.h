@@ -10,7 +10,8 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
        T_Q7_0 = 109 /* millis's int7, not a ggml id: Q8_0's block with values in [-63, 63] (packed.c) */,
        T_BF16_PAIRS = 110 /* millis's bf16, not a ggml id: bf16 weights against bf16 activation rows (packedbf16.c) */,
        T_Q7_A7 = 111 /* millis's int7-a7, not a ggml id: Q7_0's bytes against activations in [-63, 63] (quantize_act):
-                        maddubs pairs stay under 2^14, so AVX2 adds two steps in int16 before widening (packed.c) */ };
+                        maddubs pairs stay under 2^14, so AVX2 adds two steps in int16 before widening (packed.c) */,
+       T_BF16_AMX = 112 /* millis's bf16 for AMX, not a ggml id: T_BF16_PAIRS's values in 16-row tiles (amx.c) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 
@@ -101,6 +102,10 @@ float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K);  /* T_BF16_PAIR
 int64_t bf16p_bytes(int64_t rows, int64_t cols);
 void bf16p_pack_group(const mat* W, int64_t g, uint8_t* dst);
 void bf16p_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
+int64_t amx_bytes(int64_t rows, int64_t cols);
+void amx_pack_group(const mat* W, int64_t g, uint8_t* dst);
+void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
+API int amx_init(int want);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */

@@ -7,7 +7,8 @@ SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF
 dot products become `vpdpbusd` / `vpdpwssd`, with the same integer sums, so the same results, and 32
 vector registers) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
 `MILLIS_KERNEL_ISA=avx512|avx2|scalar` forces a build the CPU runs; `MILLIS_NO_KERNELS=1` disables them.
-No AMX kernels yet: on Sapphire Rapids the `avx512` build runs.
+AMX (Sapphire Rapids and later): the `avx512` build also holds a bf16 tile GEMM (amx.c), used for bf16
+matrices when `init_amx` finds the tile unit usable; `MILLIS_NO_AMX=1` keeps them on the AVX-512 kernels.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from millis.common.errors import MillisError
 HERE = Path(__file__).parent
 ISA_FLAGS = {  # best first
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-               "-mavx512bf16"],
+               "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],  # AMX: only amx.c's intrinsics, run when present
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],
 }
@@ -97,11 +98,28 @@ P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 # blockq.h's type ids beside ggml's: millis's int8 (Q8_0 bytes x int16 activations), int7 (Q7_0) and bf16
 # (bf16 weights x bf16 activation rows)
 TYPE_F32, TYPE_Q8_0, TYPE_Q8_0_X16, TYPE_Q7_0, TYPE_BF16_PAIRS, TYPE_Q7_A7 = 0, 8, 108, 109, 110, 111
+TYPE_BF16_AMX = 112  # bf16 in AMX's 16-row tiles (amx.c): the tile unit where init_amx allows it, else plain C
 XBLOCK_BYTES = 48  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8, 2 half sums
 
 
 class Mat(ctypes.Structure):  # blockq.h mat
     _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
+
+
+def amx_expected() -> bool:
+    """Whether native bf16 matrices should run on AMX here (the CPU's flags and the build; what benches
+    record: init_amx also needs the kernel's grant, asked for in the process that runs them)."""
+    from millis.common.hardware import cpu_flags
+
+    return (native_isa() == "avx512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
+            and not os.environ.get("MILLIS_NO_AMX"))
+
+
+def init_amx(lib: ctypes.CDLL) -> bool:
+    """Whether `lib`'s bf16 matrices run on AMX tiles: the `avx512` build on a CPU with AMX-BF16 whose kernel
+    grants the tile state (one request per process), unless MILLIS_NO_AMX is set."""
+    lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
+    return bool(lib.amx_init(0 if os.environ.get("MILLIS_NO_AMX") else 1))
 
 
 def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:

@@ -2,6 +2,7 @@
 #include "packed.h"
 
 API int64_t packed_bytes(int type, int64_t rows, int64_t cols) {
+    if (type == T_BF16_AMX) return amx_bytes(rows, cols);  /* every build: the C form runs where AMX does not */
 #ifdef __AVX2__
     if (type == T_F32) return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 4;
     if (type == T_Q8_0_X16) return packed16_bytes(rows, cols);
@@ -88,6 +89,7 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 static void pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
     uint8_t* dst = ((void**)p)[1];
+    if (W->type == T_BF16_AMX) { amx_pack_group(W, g, dst); return; }  /* g counts groups of 16 rows */
     if (W->type == T_Q8_0_X16) { pack16_group(W, g, dst); return; }
     if (W->type == T_BF16_PAIRS) { bf16p_pack_group(W, g, dst); return; }
     if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
@@ -107,7 +109,8 @@ API int repack(const mat* W, uint8_t* dst, int nthreads) {
     if (!packed_bytes(W->type, W->rows, W->cols)) return -1;
     const void* ctx[2] = {W, dst};
     pool_begin(nthreads);
-    pool_run(pack_group, (void*)ctx, (W->rows + 7) / 8);
+    const int64_t group = W->type == T_BF16_AMX ? 16 : 8;
+    pool_run(pack_group, (void*)ctx, (W->rows + group - 1) / group);
     pool_end();
     return 0;
 }

@@ -30,7 +30,8 @@ from millis.kernels.native import XBLOCK_BYTES, TYPE_Q8_0_X16, Mat, pack_matrix 
 # against int16 activations, packed16.c)
 INT8 = "Q8_0_X16"
 TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: TYPE_Q8_0_X16}
-KERNEL_SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "llama_step.c", "pool.c")
+KERNEL_SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "llama_step.c",
+                  "pool.c")
 X16BLOCK_BYTES = 68  # one int16 activation block (x16block, for INT8 matrices): scale, 32 int16
 MAX_GROUP = 64  # query heads per KV head the C attention takes (llama_step.c MAX_GROUP)
 CHUNK = 512  # most tokens per C call (a prompt longer than this is prefilled in chunks)
