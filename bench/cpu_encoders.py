@@ -169,12 +169,14 @@ def print_table(rows: list[dict]) -> None:
 
 
 def kernels_of(system: str, meta: dict) -> str | None:
-    """The kernels a millis row ran: the build, and AMX for native bf16 where it runs (amx_expected)."""
+    """The kernels a millis row ran: the build, and AMX for the native bf16 / int8 / int7 variants where it
+    runs (amx_expected)."""
     from millis.kernels.native import amx_expected
 
     if not system.startswith("millis"):
         return None
-    return f"{meta['kernels']}+amx" if system.endswith("native-bf16") and amx_expected() else meta["kernels"]
+    amx = system.split(":")[-1] in ("native-bf16", "native-int8", "native-int7", "native-int7-a7")
+    return f"{meta['kernels']}+amx" if amx and amx_expected() else meta["kernels"]
 
 
 def main() -> int:

@@ -9,8 +9,8 @@ import pytest
 
 from millis.encoder.native import to_bf16
 from millis.gen.models.native_llama import KERNEL_SOURCES
-from millis.kernels.native import (TYPE_BF16_AMX, Mat, amx_expected, build, init_amx, native_isa, pack_matrix,
-                                   runnable_isas)
+from millis.kernels.native import (TYPE_BF16_AMX, Mat, add_amx_tiles, amx_expected, build, init_amx, native_isa,
+                                   pack_matrix, runnable_isas)
 
 ISAS = runnable_isas() if native_isa() else ["scalar"]
 
@@ -27,8 +27,9 @@ def modes(lib) -> list[int]:
 @pytest.mark.parametrize("isa", ISAS)
 def test_amx_matmul_matches_reference(isa):
     """Every (rows, tokens) mix of full and partial tiles: 45 and 300 rows (matmul's chunks of 16 and 48
-    rows: lone 16-row groups, pairs of them, a padded last one), 1 to 40 tokens (a lone partial tile, one full, full + partial, two full + partial), 1 and 2
-    threads, written and accumulated: the sum of the bf16 values' products within fp32 rounding."""
+    rows: lone 16-row groups, pairs of them, a padded last one), 1 to 40 tokens (a lone partial tile, one
+    full, full + partial, two full + partial), 1 and 2 threads, written and accumulated: the sum of the
+    bf16 values' products within fp32 rounding."""
     lib = build("llama_step", KERNEL_SOURCES, isa)
     lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
@@ -70,10 +71,10 @@ def test_amx_needs_the_cpu_and_can_be_switched_off(monkeypatch):
     assert init_amx(lib) == amx_expected() or not amx_expected()  # the kernel may still refuse the tile state
 
 
-def test_native_encoder_in_the_amx_layout(monkeypatch):
-    """The real MiniLM's native bf16 forward with its matrices in AMX tiles (the C form here, the tile unit
-    on an AMX machine) keeps HF fp32's cosine >= 0.999 and equals the AVX bf16 kernels' result to fp32
-    rounding of different summation orders."""
+def test_native_encoder_on_amx_tiles(monkeypatch):
+    """The real MiniLM's native bf16 forward with its matrices in AMX tiles and its int8 forward with Q8
+    tiles (the C form here, the tile unit on an AMX machine) keep HF fp32's cosine >= 0.999 and equal the
+    AVX kernels' results to fp32 rounding of different summation orders."""
     import millis.encoder.native as native
     from millis.encoder.source import resolve
     from millis.encoder.tasks import load_task_model
@@ -104,3 +105,89 @@ def test_native_encoder_in_the_amx_layout(monkeypatch):
     cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.999
     assert np.abs(out - base).max() < 2e-3
+    # int8 with Q8 tiles: 16 tokens or more (all 47 here, in one flat batch) on the tiles
+    monkeypatch.setattr(native, "init_amx", lambda lib: False)
+    plain = native.NativeBert(enc, "int8", 2)
+    monkeypatch.setattr(native, "init_amx", lambda lib: True)
+    tiled = native.NativeBert(enc, "int8", 2)
+    first = lambda nb: native.Layer.from_address(nb.model.layers)  # noqa: E731
+    assert first(tiled).inter.tiles and not first(plain).inter.tiles
+    out, base = tiled(ids, mask), plain(ids, mask)
+    cosine = lambda a, b: ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()  # noqa
+    assert cosine(out, ref) >= 0.999
+    if tiled.isa != "scalar":  # the block kernels' integer sums and float steps: the same bits
+        assert np.array_equal(out, base)
+
+
+# GGUF block formats the Q8 tiles take: (ggml type id, block bytes, offsets of its fp16 scale fields)
+BLOCKS = {"Q8_0": (8, 34, (0,)), "Q4_0": (2, 18, (0,)), "Q4_1": (3, 20, (0, 2)), "Q5_0": (6, 22, (0,)),
+          "Q5_1": (7, 24, (0, 2)), "Q4_K": (12, 144, (0, 2)), "Q5_K": (13, 176, (0, 2))}
+
+
+def random_blocks(rng, size: int, scales: tuple, rows: int, cols: int) -> np.ndarray:
+    """(rows, bytes) of random blocks of a GGUF format, their fp16 scale fields set to small values (the
+    second, a min's scale, negative)."""
+    per_row = cols // (256 if size > 34 else 32)
+    raw = rng.integers(0, 256, (rows, per_row, size), dtype=np.uint8)
+    for i, off in enumerate(scales):
+        vals = rng.uniform(0.002, 0.02, (rows, per_row)).astype(np.float16) * (1 if i == 0 else -1)
+        raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(rows, per_row, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_amx_q8_tiles_match_the_block_kernels(isa):
+    """Prefill on AMX Q8 tiles (16 tokens or more): every block format they take, against the dequantized
+    weights times the dequantized activation blocks (float64), and bit for bit against the SIMD builds'
+    block kernels (the same integer sums and float steps: a row never depends on its batch-mates); fewer
+    than 16 tokens keep the build's kernels; Q6_K and the formats whose activations carry an offset in
+    this build get no tiles."""
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    for name, sig in (("amx_init", ([ctypes.c_int], ctypes.c_int)),
+                      ("dequant_row", ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None)),
+                      ("quantize_act", ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None)),
+                      ("activation_offset", ([ctypes.c_int], ctypes.c_int)),
+                      ("amxq_bytes", ([ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64))):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = sig
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    assert lib.amxq_bytes(14, 16, 256) == 0  # Q6_K: scales per 16 values
+    for t in (109, 111):  # Q7_0 / Q7_A7 take tiles only where their activations are signed
+        assert (lib.amxq_bytes(t, 16, 64) > 0) == (lib.activation_offset(t) == 0)
+    rng = np.random.default_rng(5)
+    N, K = 300, 512
+    try:
+        for mode in modes(lib):
+            assert lib.amx_init(mode) == mode
+            for fmt, (type_id, size, scales) in BLOCKS.items():
+                raw = random_blocks(rng, size, scales, N, K)
+                wd = np.empty((N, K), np.float32)
+                for r in range(N):
+                    lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
+                keep: list = []
+                m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
+                plain = pack_matrix(lib, m, keep, 1)
+                tiled = add_amx_tiles(lib, m, plain, keep, 2)
+                assert tiled.tiles and tiled.data == plain.data and not plain.tiles
+                for M in (8, 16, 17, 40):
+                    x = rng.standard_normal((M, K)).astype(np.float32)
+                    xq = np.empty((M, K // 32 * 48), np.uint8)
+                    for i in range(M):
+                        lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
+                    blocks = xq.reshape(M, K // 32, 48)
+                    xd = (blocks[:, :, 12:44].view(np.int8).astype(np.float64)
+                          * blocks[:, :, 0:4].copy().view(np.float32).astype(np.float64)).reshape(M, K)
+                    ref = xd @ wd.astype(np.float64).T
+                    ys = {}
+                    for key, w in (("tiles", tiled), ("plain", plain)):
+                        ys[key] = np.full((M, N), np.nan, np.float32)
+                        lib.matmul(ctypes.addressof(w), xq.ctypes.data, None, M, ys[key].ctypes.data, N, 0, 2)
+                        assert np.abs(ys[key] - ref).max() <= 2e-5 * np.abs(ref).max(), (mode, fmt, M, key)
+                    if M < 16 or isa != "scalar":  # the block kernels' integer sums and float steps
+                        assert np.array_equal(ys["tiles"], ys["plain"]), (mode, fmt, M)
+                    base = rng.standard_normal((M, N)).astype(np.float32)
+                    y = base.copy()
+                    lib.matmul(ctypes.addressof(tiled), xq.ctypes.data, None, M, y.ctypes.data, N, 1, 1)
+                    assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, fmt, M)
+    finally:
+        init_amx(lib)

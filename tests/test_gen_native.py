@@ -327,3 +327,26 @@ def test_smollm2_matches_hf_transformers(smollm2):
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
     nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]))  # noqa: E731
     assert agree >= 0.9 and abs(float(nll(got).exp() / nll(want).exp()) - 1) < 0.015, (agree, nll(got), nll(want))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
+def test_prefill_on_amx_tiles_keeps_the_logits(tmp_path, qtype, monkeypatch):
+    """With AMX Q8 tiles beside the packed weights (the C form of amx.c here, the tile unit on an AMX
+    machine), prefills of 24 and 40 tokens (partial tiles of tokens) give the block kernels' logits bit
+    for bit."""
+    from millis.gen.models import native_llama
+
+    path, cfg, _ = tiny_file(tmp_path, qtype)
+    ids = [int(i) for i in torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(4))]
+    outs = []
+    for amx in (False, True):
+        monkeypatch.setattr(native_llama, "init_amx", lambda lib, on=amx: on)
+        eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2))
+        assert bool(eng.model.layers[0].q.tiles) == amx and bool(eng.model.layers[0].down.tiles) == amx
+        outs.append((eng.logits(ids[:24]), eng.logits(ids)))
+    for plain, tiled in zip(*outs):  # the block kernels' integer sums and float steps: the same bits
+        assert plain.shape == tiled.shape
+        if eng.model.isa == "scalar":  # the scalar build's reference sums blocks in another order
+            assert (tiled - plain).abs().max() <= 5e-3 * plain.abs().max()
+        else:
+            assert torch.equal(plain, tiled)

@@ -4,7 +4,8 @@ once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
 Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounded to bf16 per row, fp32
 accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction; AMX's bf16 tiles
-where the CPU and kernel allow them, kernels/amx.c); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
+where the CPU and kernel allow them, kernels/amx.c; int8 / int7 run 16 tokens or more on AMX's int8 tiles
+there); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
@@ -25,8 +26,8 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0, TYPE_Q8_0_X16,
-                                   XBLOCK_BYTES, Mat, init_amx, pack_matrix)
+from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0,
+                                   TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles, init_amx, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
@@ -102,7 +103,8 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
-        self.amx = precision == "bf16" and init_amx(lib)  # bf16 matrices in AMX tiles, run by the tile unit
+        # AMX: bf16 matrices in its tiles; int8 / int7 ones with Q8 tiles beside them (16 tokens or more)
+        self.amx = precision in ("bf16", "int8", "int7", "int7-a7") and init_amx(lib)
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
@@ -152,7 +154,8 @@ class NativeBert:
             type_id = TYPE_Q8_0_X16 if self.precision == "int8-a16" else TYPE_Q8_0
         m = Mat(type_id, 0, data.ctypes.data, rows, cols, data.nbytes // rows)
         self.keep.append(data)
-        return pack_matrix(self.lib, m, self.keep, self.threads)
+        packed = pack_matrix(self.lib, m, self.keep, self.threads)
+        return add_amx_tiles(self.lib, m, packed, self.keep, self.threads) if self.amx else packed
 
     def _scratch(self, n: int) -> Scratch:
         c = self.cfg

@@ -1,6 +1,7 @@
-/* millis's bf16 on AMX (T_BF16_AMX): bf16 weights against bf16 activation rows, fp32 accumulation, on
-   Sapphire Rapids' tile unit (TDPBF16PS: 16 tokens x 16 rows x 32 values per instruction, 16x AVX-512
-   BF16's multiply-adds per instruction).
+/* AMX, Sapphire Rapids' tile unit: two tile GEMMs (amx_tiles.h).
+
+   bf16 (T_BF16_AMX): bf16 weights against bf16 activation rows, fp32 accumulation (TDPBF16PS: 16 tokens
+   x 16 rows x 32 values per instruction, 16x AVX-512 BF16's multiply-adds per instruction).
 
    Layout: groups of 16 rows (the last padded with zero rows); per pair of values p, 64 bytes: row r's
    values 2p, 2p + 1 at 4r, 4r + 2 (packedbf16.c's pairs, 16 rows wide): the 16 pairs of a 32-value step
@@ -10,16 +11,30 @@
    Numerics (SDM, TDPBF16PS): per pair, value 2p then 2p + 1 added in fp32 (round to nearest even,
    denormals flushed); a bf16 x bf16 product is exact in fp32. The C form (every build) adds in the same
    order.
-   The hardware path runs only where amx_init(1) found AMX-BF16 and the kernel granted the tile state
-   (arch_prctl ARCH_REQ_XCOMP_PERM): everywhere else T_BF16_AMX matrices run the C form. */
+
+   int8 blocks ("Q8 tiles", mat.tiles beside a matrix's own layout, used for 16 tokens or more: prefill):
+   any block format whose 32-value blocks read as value = d * w + m with int8 w (decode_block: Q8_0, Q4_0,
+   Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q7_0; not Q6_K, whose scales change every 16 values), against xblocks
+   (signed: builds whose activations carry no offset). Per 16-row group and block, AMXQ_UNIT bytes: the B
+   tile (8 quads x 16 rows x 4 values: byte 64q + 4r + j = value 4q + j of row r), then the rows' scales.
+   TDPBSSD sums one block of 16 tokens x 16 rows exactly in int32 (the block kernels' integer sums);
+   amxq_scale then takes the block kernels' float steps, so a row gets the same bits either way.
+
+   The hardware paths run only where amx_init(1) found AMX-BF16 and AMX-INT8 and the kernel granted the
+   tile state (arch_prctl ARCH_REQ_XCOMP_PERM): everywhere else the C form runs them. */
 #include "packed.h"
 
+#include <math.h>
 #include <stdlib.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+
+void pool_begin(int threads);
+void pool_end(void);
+void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette, start_row, reserved[14];
@@ -31,6 +46,43 @@ static void amx_config(tilecfg* cfg) {  /* palette 1: tiles 0-7 of 16 rows x 64 
     memset(cfg, 0, sizeof *cfg);
     cfg->palette = 1;
     for (int t = 0; t < 8; t++) { cfg->colsb[t] = 64; cfg->rows[t] = 16; }
+}
+static void amxq_config(tilecfg* cfg) {  /* C 16 x 16 int32, A 16 tokens x 32 int8, B 8 quads x 64 bytes */
+    amx_config(cfg);
+    cfg->colsb[4] = cfg->colsb[5] = 32;
+    cfg->rows[6] = cfg->rows[7] = 8;
+}
+
+/* bytes per 16 rows x 32 values: the B tile (512), then per row d (fp32), sc (int32), m (fp32), dmin (fp32) */
+#define AMXQ_UNIT 768
+/* the scales (d) and scaled sums (s) of 16 tokens' block (x: token 0's, nb apart). Not vectorized: GCC 12's
+   -O3 vectorizes these strided reads with a load past the 16th token (valgrind: a read just after the
+   zero-padded tile's buffer, a crash when that buffer ends a mapping). */
+__attribute__((optimize("no-tree-vectorize"))) static void token_scales(const xblock* x, int64_t nb, float* d,
+                                                                        float* s) {
+    for (int r = 0; r < 16; r++) { d[r] = x[r * nb].d; s[r] = x[r * nb].s; }
+}
+/* One block's float steps for 16 tokens x 16 rows, those of the block kernels (packed.c group_dot), so a
+   row's result is the same bits on the tiles as there (rows never depend on their batch-mates):
+     sum += float(C * sc) * (d * token d)         sc = 1, or the K-quant sub-block's scale
+     off += m * token s                           Q4_1 / Q5_1 (m = 0 otherwise: adds nothing)
+   K-quants: mins += m_j * token s, folded once per super-block (fold): off -= dmin * mins.
+   f: the tile's sums, offsets and mins (3 x 256). */
+static void amxq_scale(const int32_t* c, float* f, const uint8_t* unit, const xblock* x, int64_t nb, int super,
+                       int fold) {
+    float d[16], m[16], dmin[16], xd[16], xs[16];
+    int32_t sc[16];
+    memcpy(d, unit + 512, 64); memcpy(sc, unit + 576, 64); memcpy(m, unit + 640, 64); memcpy(dmin, unit + 704, 64);
+    token_scales(x, nb, xd, xs);
+    float *sum = f, *off = f + 256, *mins = f + 512;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 16; n++) {
+            const int i = 16 * r + n;
+            sum[i] = fmaf((float)(c[i] * sc[n]), d[n] * xd[r], sum[i]);
+            if (!super) { off[i] = fmaf(m[n], xs[r], off[i]); continue; }
+            mins[i] = fmaf(m[n], xs[r], mins[i]);
+            if (fold) { off[i] = fmaf(-dmin[n], mins[i], off[i]); mins[i] = 0.f; }
+        }
 }
 
 /* Y rows m..m+15 (those < M), columns n..n+15 (those in [n0, n1)) (+)= the C tile c (16 x 16 fp32): the
@@ -46,21 +98,22 @@ static void amx_store(const float* c, float* Y, int64_t ldy, int64_t m, int64_t 
     }
 }
 
-/* ---- the C form: 8 tiles per thread, the instructions' semantics ---- */
+/* ---- the C form: 8 tiles per thread, shaped by the last TCONFIG, with the instructions' semantics ---- */
 static __thread uint8_t emu[8][16][64];
+static __thread tilecfg emu_cfg;
 static inline float bf16_value(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
 static void emu_load(int t, const void* p, int64_t stride) {
-    for (int r = 0; r < 16; r++) memcpy(emu[t][r], (const uint8_t*)p + r * stride, 64);
+    for (int r = 0; r < emu_cfg.rows[t]; r++) memcpy(emu[t][r], (const uint8_t*)p + r * stride, emu_cfg.colsb[t]);
 }
 static void emu_store(int t, void* p, int64_t stride) {
-    for (int r = 0; r < 16; r++) memcpy((uint8_t*)p + r * stride, emu[t][r], 64);
+    for (int r = 0; r < emu_cfg.rows[t]; r++) memcpy((uint8_t*)p + r * stride, emu[t][r], emu_cfg.colsb[t]);
 }
-static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b */
+static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b, pairs in order, value 2p then 2p + 1 */
     for (int m = 0; m < 16; m++) {
         float acc[16];
         const uint16_t* x = (const uint16_t*)emu[a][m];
         memcpy(acc, emu[c][m], 64);
-        for (int p = 0; p < 16; p++) {
+        for (int p = 0; p < emu_cfg.colsb[a] / 4; p++) {
             const uint16_t* w = (const uint16_t*)emu[b][p];
             for (int n = 0; n < 16; n++) {
                 acc[n] += bf16_value(x[2 * p]) * bf16_value(w[2 * n]);
@@ -70,15 +123,32 @@ static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b */
         memcpy(emu[c][m], acc, 64);
     }
 }
+static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 quads, int32 sums */
+    for (int m = 0; m < 16; m++) {
+        int32_t acc[16];
+        const int8_t* x = (const int8_t*)emu[a][m];
+        memcpy(acc, emu[c][m], 64);
+        for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
+            const int8_t* w = (const int8_t*)emu[b][q];
+            for (int n = 0; n < 16; n++)
+                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
+        }
+        memcpy(emu[c][m], acc, 64);
+    }
+}
 #define AMX_FN amx_rows_c
-#define TCONFIG(cfg) (void)(cfg)
+#define AMXQ_FN amxq_rows_c
+#define TCONFIG(cfg) (emu_cfg = *(cfg))
 #define TRELEASE() (void)0
 #define TZERO(t) memset(emu[t], 0, sizeof emu[t])
 #define TLOAD(t, p, s) emu_load(t, p, s)
 #define TSTORE(t, p, s) emu_store(t, p, s)
 #define TDP(c, a, b) emu_dp(c, a, b)
+#define TDPI(c, a, b) emu_dpi(c, a, b)
 #include "amx_tiles.h"
 #undef AMX_FN
+#undef AMXQ_FN
+#undef TDPI
 #undef TCONFIG
 #undef TRELEASE
 #undef TZERO
@@ -86,15 +156,17 @@ static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b */
 #undef TSTORE
 #undef TDP
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #include <immintrin.h>
 #define AMX_FN amx_rows_hw
+#define AMXQ_FN amxq_rows_hw
 #define TCONFIG(cfg) _tile_loadconfig(cfg)
 #define TRELEASE() _tile_release()
 #define TZERO(t) _tile_zero(t)
 #define TLOAD(t, p, s) _tile_loadd(t, p, s)
 #define TSTORE(t, p, s) _tile_stored(t, p, s)
 #define TDP(c, a, b) _tile_dpbf16ps(c, a, b)
+#define TDPI(c, a, b) _tile_dpbssd(c, a, b)
 #include "amx_tiles.h"
 #define HAVE_AMX_BUILD 1
 #else
@@ -103,13 +175,13 @@ static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b */
 
 static int g_amx_hw;  /* amx_init(1) found the tile unit usable in this process */
 
-/* want 1: use AMX when the CPU has AMX-BF16 and the kernel grants the tile state; 0: never.
-   Returns 1 when T_BF16_AMX matrices run on the tile unit from now on, else 0 (they run the C form). */
+/* want 1: use AMX when the CPU has AMX-BF16 and AMX-INT8 and the kernel grants the tile state; 0: never.
+   Returns 1 when T_BF16_AMX matrices and Q8 tiles run on the tile unit from now on, else 0 (the C form). */
 API int amx_init(int want) {
     g_amx_hw = 0;
 #if HAVE_AMX_BUILD && defined(__x86_64__)
     unsigned a, b, c, d;
-    if (want && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1))
+    if (want && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) && (d >> 25 & 1))
         g_amx_hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 #else
     (void)want;
@@ -144,4 +216,69 @@ void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M
     if (g_amx_hw) { amx_rows_hw(W, n0, n1, X, M, Y, ldy, acc, tl_pad); return; }
 #endif
     amx_rows_c(W, n0, n1, X, M, Y, ldy, acc, tl_pad);
+}
+
+/* ---- Q8 tiles ---- */
+static int amxq_type(int type) {  /* blocks of value = d * w + m, int8 w; activations without an offset */
+    switch (type) {
+        case T_Q8_0: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q4_K: case T_Q5_K: case T_Q7_0:
+        case T_Q7_A7: return act_offset(type) == 0;
+        default: return 0;
+    }
+}
+/* bytes of W's Q8 tiles (W in GGUF's layout), 0 when its type has none */
+API int64_t amxq_bytes(int type, int64_t rows, int64_t cols) {
+    return amxq_type(type) && cols % QK == 0 ? (rows + 15) / 16 * (cols / QK) * AMXQ_UNIT : 0;
+}
+static void amxq_pack_group(void* p, int64_t g) {
+    const mat* W = ((const void**)p)[0];
+    uint8_t* dst = (uint8_t*)((void**)p)[1] + g * (W->cols / QK) * AMXQ_UNIT;
+    for (int64_t u = 0; u < W->cols / QK; u++) {
+        uint8_t* unit = dst + u * AMXQ_UNIT;
+        float d[16] = {0}, m[16] = {0}, dmin[16] = {0};
+        int32_t sc[16];
+        memset(unit, 0, 512);
+        for (int r = 0; r < 16; r++) sc[r] = 1;
+        for (int r = 0; r < 16 && 16 * g + r < W->rows; r++) {
+            const uint8_t* row = W->data + (16 * g + r) * W->row_bytes;
+            int8_t w[32]; float s2[2], mn;
+            decode_block(W->type, row, u, w, s2, &mn);
+            for (int k = 0; k < 32; k++) unit[64 * (k / 4) + 4 * r + k % 4] = (uint8_t)w[k];
+            if (!is_super(W->type)) { d[r] = s2[0]; m[r] = mn; continue; }
+            /* K-quants as the block kernels take them: d and dmin per super-block, sub-block j's integer
+               scale and min (Q4_K and Q5_K start alike) */
+            const block_q4_K* b = (const block_q4_K*)(row + (u / 8) * (W->type == T_Q4_K ? sizeof(block_q4_K)
+                                                                                      : sizeof(block_q5_K)));
+            int s, mj;
+            scale_min_k4((int)(u % 8), b->scales, &s, &mj);
+            d[r] = f16_to_f32(b->d); dmin[r] = f16_to_f32(b->dmin); sc[r] = s; m[r] = (float)mj;
+        }
+        memcpy(unit + 512, d, 64); memcpy(unit + 576, sc, 64); memcpy(unit + 640, m, 64); memcpy(unit + 704, dmin, 64);
+    }
+}
+/* W (GGUF's layout) -> its Q8 tiles in dst (amxq_bytes); 0, or -1 when the type has none */
+API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
+    if (!amxq_bytes(W->type, W->rows, W->cols)) return -1;
+    const void* ctx[2] = {W, dst};
+    pool_begin(nthreads);
+    pool_run(amxq_pack_group, (void*)ctx, (W->rows + 15) / 16);
+    pool_end();
+    return 0;
+}
+
+static __thread xblock* tl_xpad;  /* per thread: the last partial tile of tokens' blocks, zero-padded to 16 */
+static __thread int64_t tl_xpad_cap;
+
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) from W's Q8 tiles (W->tiles), X: xblocks */
+void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
+    const int64_t nb = W->cols / QK, full = M / 16 * 16;
+    if (full < M) {
+        if (tl_xpad_cap < 16 * nb) { free(tl_xpad); tl_xpad = malloc(sizeof(xblock) * 16 * nb); tl_xpad_cap = 16 * nb; }
+        memset(tl_xpad, 0, sizeof(xblock) * 16 * nb);
+        memcpy(tl_xpad, X + full * nb, sizeof(xblock) * (M - full) * nb);
+    }
+#if HAVE_AMX_BUILD
+    if (g_amx_hw) { amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, tl_xpad); return; }
+#endif
+    amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, tl_xpad);
 }

@@ -1,14 +1,15 @@
-/* The bf16 tile GEMM of amx.c, written once over tile operations that amx.c defines twice: as AMX's
-   instructions (builds with -mamx-bf16, run only where the CPU and the kernel allow them) and as plain C
-   (every build: the CI machines have no AMX, so the layout, the tails and the stores are checked there).
+/* The tile GEMMs of amx.c (bf16, and int8 blocks), written once over tile operations that amx.c defines
+   twice: as AMX's instructions (builds with -mamx-*, run only where the CPU and the kernel allow them) and
+   as plain C (every build: the CI machines have no AMX, so the layouts, the tails and the stores are
+   checked there).
 
-   Before including: AMX_FN (the function's name) and
-     TCONFIG(cfg) TRELEASE() TZERO(t) TLOAD(t, ptr, stride) TSTORE(t, ptr, stride) TDP(c, a, b)
+   Before including: AMX_FN, AMXQ_FN (the functions' names) and
+     TCONFIG(cfg) TRELEASE() TZERO(t) TLOAD(t, ptr, stride) TSTORE(t, ptr, stride) TDP(c, a, b) TDPI(c, a, b)
    with tile ids as literal constants (AMX encodes them in the instruction).
 
-   Tiles: 0-3 C (16 tokens x 16 rows, fp32), 4-5 A (16 tokens x 32 values, bf16), 6-7 B (16 pairs x
-   16 rows x 2 values: the VNNI pairs of amx.c's layout). One step of 32 values: two A and two B loads,
-   four dot products (2 x 2 blocking, as oneDNN's bf16 brgemm kernels do). */
+   Tiles, 2 x 2 blocking (two A and two B loads per four dot products, as oneDNN's brgemm kernels do):
+   0-3 C (16 tokens x 16 rows: fp32, or int32 for one block), 4-5 A (16 tokens x 32 values: bf16 rows, or
+   the int8 of xblocks), 6-7 B (16 rows' values in VNNI pairs (bf16) or quads (int8)). */
 
 static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy,
                    int acc, const uint16_t* pad) {
@@ -55,6 +56,57 @@ static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int6
             if (both && two) { FINISH(3, in1 && whole1, y1 + 16, m + 16, g * 16 + 16) }
 #undef INIT
 #undef FINISH
+        }
+        g += two ? 2 : 1;
+    }
+    TRELEASE();
+}
+
+/* int8 blocks (amx.c's Q8 tiles): per 32-value block, C = the int32 sums of 16 tokens x 16 rows (TDPBSSD),
+   then amxq_scale's float steps, those of the block kernels (packed.c): a block's scales differ from the
+   next one's, so the tile unit sums one block at a time. */
+static void AMXQ_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy,
+                    int acc, const xblock* pad) {
+    const int64_t nb = W->cols / QK, gu = nb * AMXQ_UNIT;     /* blocks per row, bytes per 16-row group */
+    const int64_t xs = nb * (int64_t)sizeof(xblock);          /* A tiles: one token's blocks apart */
+    const int64_t full = M / 16 * 16;
+    const int super = is_super(W->type);                      /* K-quants: mins folded per 8 blocks */
+    int32_t c[4][256];
+    float f[4][3][256];                                       /* per C tile: sums, offsets, mins of a super-block */
+    tilecfg cfg;
+    amxq_config(&cfg);
+    TCONFIG(&cfg);
+    for (int64_t g = n0 / 16; g * 16 < n1;) {
+        const int two = (g + 1) * 16 < n1;
+        const uint8_t* t0 = W->tiles + g * gu;
+        for (int64_t m = 0; m < M; m += 32) {
+            const int both = m + 16 < M;
+            const xblock* x0 = m < full ? X + m * nb : pad;
+            const xblock* x1 = m + 16 < full ? X + (m + 16) * nb : pad;
+            memset(f, 0, sizeof f);
+            for (int64_t u = 0; u < nb; u++) {
+                const uint8_t *b0 = t0 + u * AMXQ_UNIT, *b1 = b0 + gu;
+                const int fold = super && u % 8 == 7;
+                TZERO(0);
+                TLOAD(4, x0[u].q, xs);
+                TLOAD(6, b0, 64);
+                TDPI(0, 4, 6);
+                if (two) { TZERO(1); TLOAD(7, b1, 64); TDPI(1, 4, 7); }
+                if (both) {
+                    TZERO(2); TLOAD(5, x1[u].q, xs); TDPI(2, 5, 6);
+                    if (two) { TZERO(3); TDPI(3, 5, 7); }
+                }
+                TSTORE(0, c[0], 64);
+                amxq_scale(c[0], f[0][0], b0, x0 + u, nb, super, fold);
+                if (two) { TSTORE(1, c[1], 64); amxq_scale(c[1], f[1][0], b1, x0 + u, nb, super, fold); }
+                if (both) { TSTORE(2, c[2], 64); amxq_scale(c[2], f[2][0], b0, x1 + u, nb, super, fold); }
+                if (both && two) { TSTORE(3, c[3], 64); amxq_scale(c[3], f[3][0], b1, x1 + u, nb, super, fold); }
+            }
+            for (int t = 0; t < 4; t++)
+                for (int i = 0; i < 256; i++) f[t][0][i] += f[t][1][i];  /* the kernels' acc + off */
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 2; j++)
+                    amx_store(f[2 * i + j][0], Y, ldy, m + 16 * i, M, (g + j) * 16, n0, n1, acc);
         }
         g += two ? 2 : 1;
     }

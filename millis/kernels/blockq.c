@@ -244,6 +244,7 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const flo
                  float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols, nb = K / QK;
     if (W->packed && W->type == T_BF16_AMX) { amx_rows(W, n0, n1, Xq, M, Y, ldy, acc); return; }
+    if (W->tiles && M >= 16) { amxq_rows(W, n0, n1, Xq, M, Y, ldy, acc); return; }  /* prefill on AMX */
 #ifdef __AVX2__
     if (W->packed) { packed_rows(W, n0, n1, Xq, Xf, M, Y, ldy, acc); return; }
 #endif

@@ -35,8 +35,9 @@ typedef struct { float d, s; int32_t sum; int8_t q[32]; int16_t half[2]; } xbloc
 typedef struct { float d; int16_t q[32]; } x16block;
 
 /* A weight matrix (rows, cols): in GGUF's layout (row r is `row_bytes` bytes at data + r * row_bytes), or
-   with `packed` set in packed.c's layout (the AVX2 kernels' for the quantized types). */
-typedef struct { int32_t type; int32_t packed; const uint8_t* data; int64_t rows, cols, row_bytes; } mat;
+   with `packed` set in packed.c's layout (the AVX2 kernels' for the quantized types). `tiles`: NULL, or
+   the same values as AMX Q8 tiles (amx.c), which products over 16 tokens or more run on. */
+typedef struct { int32_t type; int32_t packed; const uint8_t* data; int64_t rows, cols, row_bytes; const uint8_t* tiles; } mat;
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -106,6 +107,7 @@ int64_t amx_bytes(int64_t rows, int64_t cols);
 void amx_pack_group(const mat* W, int64_t g, uint8_t* dst);
 void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
 API int amx_init(int want);
+void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */

@@ -7,8 +7,9 @@ SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF
 dot products become `vpdpbusd` / `vpdpwssd`, with the same integer sums, so the same results, and 32
 vector registers) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
 `MILLIS_KERNEL_ISA=avx512|avx2|scalar` forces a build the CPU runs; `MILLIS_NO_KERNELS=1` disables them.
-AMX (Sapphire Rapids and later): the `avx512` build also holds a bf16 tile GEMM (amx.c), used for bf16
-matrices when `init_amx` finds the tile unit usable; `MILLIS_NO_AMX=1` keeps them on the AVX-512 kernels.
+AMX (Sapphire Rapids and later): the `avx512` build also holds amx.c's tile GEMMs (bf16 matrices in AMX
+tiles; int8 tiles beside block-format matrices for 16 tokens or more), used when `init_amx` finds the tile
+unit usable; `MILLIS_NO_AMX=1` keeps everything on the AVX-512 kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from millis.common.errors import MillisError
 HERE = Path(__file__).parent
 ISA_FLAGS = {  # best first
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-               "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],  # AMX: only amx.c's intrinsics, run when present
+               "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],  # AMX: amx.c's intrinsics, run if present
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],
 }
@@ -103,7 +104,8 @@ XBLOCK_BYTES = 48  # one activation block (blockq.h xblock): scale, scaled sum, 
 
 
 class Mat(ctypes.Structure):  # blockq.h mat
-    _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64)]
+    _fields_ = [("type", I32), ("packed", I32), ("data", P), ("rows", I64), ("cols", I64), ("row_bytes", I64),
+                ("tiles", P)]  # tiles: AMX Q8 tiles of the same values, or None (add_amx_tiles)
 
 
 def amx_expected() -> bool:
@@ -120,6 +122,21 @@ def init_amx(lib: ctypes.CDLL) -> bool:
     grants the tile state (one request per process), unless MILLIS_NO_AMX is set."""
     lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
     return bool(lib.amx_init(0 if os.environ.get("MILLIS_NO_AMX") else 1))
+
+
+def add_amx_tiles(lib: ctypes.CDLL, raw: Mat, m: Mat, keep: list, threads: int) -> Mat:
+    """`m` (`raw` packed, or `raw` itself) with AMX Q8 tiles of `raw` (GGUF's layout) beside it, which
+    products over 16 tokens or more (prefill) run on; `m` unchanged when `raw`'s type has none (amx.c)."""
+    lib.amxq_bytes.restype, lib.amxq_bytes.argtypes = I64, [I32, I64, I64]
+    lib.amxq_pack.restype, lib.amxq_pack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
+    n = lib.amxq_bytes(raw.type, raw.rows, raw.cols)
+    if not n:
+        return m
+    dst = np.empty(n, np.uint8)
+    if lib.amxq_pack(ctypes.addressof(raw), dst.ctypes.data, threads):
+        raise MillisError(f"AMX tiles of a type {raw.type} matrix failed")
+    keep.append(dst)
+    return Mat(m.type, m.packed, m.data, m.rows, m.cols, m.row_bytes, dst.ctypes.data)
 
 
 def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:
