@@ -54,6 +54,12 @@ def test_amx_matmul_matches_reference(isa):
                     y = base.copy()
                     lib.matmul(ctypes.addressof(mat), xb.ctypes.data, None, M, y.ctypes.data, N, 1, 2)
                     assert np.abs(y - (base + ref)).max() <= 1e-5 * np.abs(ref).max() + 1e-6, (mode, N, K, M)
+                    for acc in (0, 1):  # a row's result never depends on its batch-mates (whole tiles or not)
+                        one = base[:1].copy()
+                        lib.matmul(ctypes.addressof(mat), xb.ctypes.data, None, 1, one.ctypes.data, N, acc, 1)
+                        full = base.copy()
+                        lib.matmul(ctypes.addressof(mat), xb.ctypes.data, None, M, full.ctypes.data, N, acc, 1)
+                        assert np.array_equal(one[0], full[0]), (mode, N, K, M, acc)
     finally:
         init_amx(lib)  # the process's own answer again
 

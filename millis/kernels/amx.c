@@ -8,9 +8,11 @@
    are one B tile (16 rows of 64 bytes, stride 64). Activations: bf16 rows as to_bf16 writes them, loaded
    as A tiles straight from the rows (stride 2K); a last partial tile of tokens from a zero-padded copy.
    K must be a multiple of 32 (the native encoder checks its widths).
-   Numerics (SDM, TDPBF16PS): per pair, value 2p then 2p + 1 added in fp32 (round to nearest even,
-   denormals flushed); a bf16 x bf16 product is exact in fp32. The C form (every build) adds in the same
-   order.
+   Numerics: a bf16 x bf16 product is exact in fp32; the C form (every build) adds them one by one in fp32,
+   value 2p then 2p + 1 (the Intrinsics Guide's order). The tile unit rounds its own way (the SDM sums even
+   and odd products apart within an instruction, denormals flushed), so AMX bf16 agrees with the C form and
+   the AVX kernels to fp32 rounding, not bit for bit. A row's sum never depends on its batch-mates: every
+   tile sums from zero, then is stored (or added to Y) whole.
 
    int8 blocks ("Q8 tiles", mat.tiles beside a matrix's own layout, used for 16 tokens or more: prefill):
    any block format whose 32-value blocks read as value = d * w + m with int8 w (decode_block: Q8_0, Q4_0,
@@ -76,13 +78,12 @@ static void amxq_scale(const int32_t* c, float* f, const uint8_t* unit, const xb
     token_scales(x, nb, xd, xs);
     float *sum = f, *off = f + 256, *mins = f + 512;
     for (int r = 0; r < 16; r++)
-        for (int n = 0; n < 16; n++) {
-            const int i = 16 * r + n;
-            sum[i] = fmaf((float)(c[i] * sc[n]), d[n] * xd[r], sum[i]);
-            if (!super) { off[i] = fmaf(m[n], xs[r], off[i]); continue; }
-            mins[i] = fmaf(m[n], xs[r], mins[i]);
-            if (fold) { off[i] = fmaf(-dmin[n], mins[i], off[i]); mins[i] = 0.f; }
-        }
+        for (int n = 0; n < 16; n++) sum[16 * r + n] = fmaf((float)(c[16 * r + n] * sc[n]), d[n] * xd[r], sum[16 * r + n]);
+    float* into = super ? mins : off;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 16; n++) into[16 * r + n] = fmaf(m[n], xs[r], into[16 * r + n]);
+    if (fold)
+        for (int i = 0; i < 256; i++) { off[i] = fmaf(-dmin[i % 16], mins[i], off[i]); mins[i] = 0.f; }
 }
 
 /* Y rows m..m+15 (those < M), columns n..n+15 (those in [n0, n1)) (+)= the C tile c (16 x 16 fp32): the
@@ -92,9 +93,9 @@ static void amx_store(const float* c, float* Y, int64_t ldy, int64_t m, int64_t 
     const int64_t lo = n0 > n ? n0 : n, hi = n1 < n + 16 ? n1 : n + 16;
     for (int64_t r = 0; r < 16 && m + r < M; r++) {
         float* y = Y + (m + r) * ldy;
-        const float* cr = c + 16 * r - n;
-        if (acc) for (int64_t j = lo; j < hi; j++) y[j] += cr[j];
-        else for (int64_t j = lo; j < hi; j++) y[j] = cr[j];
+        const float* cr = c + 16 * r;
+        if (acc) for (int64_t j = lo; j < hi; j++) y[j] += cr[j - n];
+        else for (int64_t j = lo; j < hi; j++) y[j] = cr[j - n];
     }
 }
 
@@ -160,10 +161,12 @@ static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 q
 #include <immintrin.h>
 #define AMX_FN amx_rows_hw
 #define AMXQ_FN amxq_rows_hw
-#define TCONFIG(cfg) _tile_loadconfig(cfg)
+/* GCC 12's ldtilecfg / tileloadd asm declare no memory read (beyond 8 bytes of the config): a compiler barrier
+   first, so every store they read (the config, the padded tokens) is made before them */
+#define TCONFIG(cfg) do { __asm__ volatile("" ::: "memory"); _tile_loadconfig(cfg); } while (0)
 #define TRELEASE() _tile_release()
 #define TZERO(t) _tile_zero(t)
-#define TLOAD(t, p, s) _tile_loadd(t, p, s)
+#define TLOAD(t, p, s) do { __asm__ volatile("" ::: "memory"); _tile_loadd(t, p, s); } while (0)
 #define TSTORE(t, p, s) _tile_stored(t, p, s)
 #define TDP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define TDPI(c, a, b) _tile_dpbssd(c, a, b)

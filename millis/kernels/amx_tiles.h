@@ -23,22 +23,22 @@ static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int6
     for (int64_t g = n0 / 16; g * 16 < n1;) {
         const int two = (g + 1) * 16 < n1;   /* a second group of 16 rows */
         const uint16_t *b0 = Wd + g * gs, *b1 = b0 + gs;
-        /* whole tiles of Y (16 tokens x 16 rows inside [n0, n1)) are loaded (acc) and stored in place */
-        const int whole0 = g * 16 >= n0 && g * 16 + 16 <= n1, whole1 = (g + 1) * 16 + 16 <= n1;
+        /* whole tiles of Y (16 tokens x 16 rows inside [n0, n1)) are stored in place unless accumulating: a
+           tile always sums from zero, then goes to Y (+)= through amx_store (the same sums for every row) */
+        const int whole0 = !acc && g * 16 >= n0 && g * 16 + 16 <= n1, whole1 = !acc && (g + 1) * 16 + 16 <= n1;
         for (int64_t m = 0; m < M; m += 32) {
             const int both = m + 16 < M;     /* a second tile of 16 tokens */
             const int in0 = m + 16 <= M, in1 = m + 32 <= M;
             const uint16_t* a0 = m < full ? X + m * K : pad;
             const uint16_t* a1 = m + 16 < full ? X + (m + 16) * K : pad;
             float *y0 = Y + m * ldy + g * 16, *y1 = y0 + 16 * ldy;
-#define INIT(t, WHOLE, y) { if (acc && (WHOLE)) TLOAD(t, y, 4 * ldy); else TZERO(t); }
 #define FINISH(t, WHOLE, y, mm, n)                                                                     \
     if (WHOLE) TSTORE(t, y, 4 * ldy);                                                                  \
     else { TSTORE(t, c, 64); amx_store(c, Y, ldy, mm, M, n, n0, n1, acc); }
-            INIT(0, in0 && whole0, y0)
-            if (two) INIT(1, in0 && whole1, y0 + 16)
-            if (both) INIT(2, in1 && whole0, y1)
-            if (both && two) INIT(3, in1 && whole1, y1 + 16)
+            TZERO(0);
+            if (two) TZERO(1);
+            if (both) TZERO(2);
+            if (both && two) TZERO(3);
             for (int64_t k = 0; k < K; k += 32) {  /* pairs k / 2 .. k / 2 + 15: 64 bytes each */
                 TLOAD(4, a0 + k, 2 * K);
                 TLOAD(6, b0 + 16 * k, 64);
@@ -54,7 +54,6 @@ static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int6
             if (two) { FINISH(1, in0 && whole1, y0 + 16, m, g * 16 + 16) }
             if (both) { FINISH(2, in1 && whole0, y1, m + 16, g * 16) }
             if (both && two) { FINISH(3, in1 && whole1, y1 + 16, m + 16, g * 16 + 16) }
-#undef INIT
 #undef FINISH
         }
         g += two ? 2 : 1;
