@@ -204,21 +204,31 @@ void amx_pack_group(const mat* W, int64_t g, uint8_t* dst) {  /* rows 16g .. 16g
     }
 }
 
-static __thread uint16_t* tl_pad;  /* per thread: the last partial tile of tokens, zero-padded to 16 */
-static __thread int64_t tl_pad_cap;
+/* the last partial tile of tokens (rows full..M-1 of X, row_bytes each), zero-padded to 16 rows, in a buffer of
+   this thread's (grown as needed); NULL when M is a multiple of 16 (no tile reads it) */
+static const void* padded_tail(const void* X, int64_t row_bytes, int64_t M) {
+    static __thread uint8_t* buf;
+    static __thread int64_t cap;
+    const int64_t full = M / 16 * 16;
+    if (full == M) return NULL;
+    if (cap < 16 * row_bytes) {
+        free(buf);
+        buf = malloc(16 * row_bytes);
+        if (!buf) abort();  /* as any other allocation failure in the process would end it */
+        cap = 16 * row_bytes;
+    }
+    memset(buf, 0, 16 * row_bytes);
+    memcpy(buf, (const uint8_t*)X + full * row_bytes, (M - full) * row_bytes);
+    return buf;
+}
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1): W packed (amx_pack_group), X bf16 rows (K apart) */
 void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc) {
-    const int64_t K = W->cols, full = M / 16 * 16;
-    if (full < M) {
-        if (tl_pad_cap < 16 * K) { free(tl_pad); tl_pad = malloc(sizeof(uint16_t) * 16 * K); tl_pad_cap = 16 * K; }
-        memset(tl_pad, 0, sizeof(uint16_t) * 16 * K);
-        memcpy(tl_pad, X + full * K, sizeof(uint16_t) * (M - full) * K);
-    }
+    const uint16_t* pad = padded_tail(X, 2 * W->cols, M);
 #if HAVE_AMX_BUILD
-    if (g_amx_hw) { amx_rows_hw(W, n0, n1, X, M, Y, ldy, acc, tl_pad); return; }
+    if (g_amx_hw) { amx_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad); return; }
 #endif
-    amx_rows_c(W, n0, n1, X, M, Y, ldy, acc, tl_pad);
+    amx_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
 }
 
 /* ---- Q8 tiles ---- */
@@ -269,19 +279,11 @@ API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
     return 0;
 }
 
-static __thread xblock* tl_xpad;  /* per thread: the last partial tile of tokens' blocks, zero-padded to 16 */
-static __thread int64_t tl_xpad_cap;
-
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) from W's Q8 tiles (W->tiles), X: xblocks */
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
-    const int64_t nb = W->cols / QK, full = M / 16 * 16;
-    if (full < M) {
-        if (tl_xpad_cap < 16 * nb) { free(tl_xpad); tl_xpad = malloc(sizeof(xblock) * 16 * nb); tl_xpad_cap = 16 * nb; }
-        memset(tl_xpad, 0, sizeof(xblock) * 16 * nb);
-        memcpy(tl_xpad, X + full * nb, sizeof(xblock) * (M - full) * nb);
-    }
+    const xblock* pad = padded_tail(X, W->cols / QK * (int64_t)sizeof(xblock), M);
 #if HAVE_AMX_BUILD
-    if (g_amx_hw) { amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, tl_xpad); return; }
+    if (g_amx_hw) { amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad); return; }
 #endif
-    amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, tl_xpad);
+    amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
 }

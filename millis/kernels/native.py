@@ -127,30 +127,28 @@ def init_amx(lib: ctypes.CDLL) -> bool:
 def add_amx_tiles(lib: ctypes.CDLL, raw: Mat, m: Mat, keep: list, threads: int) -> Mat:
     """`m` (`raw` packed, or `raw` itself) with AMX Q8 tiles of `raw` (GGUF's layout) beside it, which
     products over 16 tokens or more (prefill) run on; `m` unchanged when `raw`'s type has none (amx.c)."""
-    lib.amxq_bytes.restype, lib.amxq_bytes.argtypes = I64, [I32, I64, I64]
-    lib.amxq_pack.restype, lib.amxq_pack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
-    n = lib.amxq_bytes(raw.type, raw.rows, raw.cols)
-    if not n:
-        return m
-    dst = np.empty(n, np.uint8)
-    if lib.amxq_pack(ctypes.addressof(raw), dst.ctypes.data, threads):
-        raise MillisError(f"AMX tiles of a type {raw.type} matrix failed")
-    keep.append(dst)
-    return Mat(m.type, m.packed, m.data, m.rows, m.cols, m.row_bytes, dst.ctypes.data)
+    dst = relaid(lib, "amxq_bytes", "amxq_pack", raw, keep, threads, "AMX tiles of")
+    return m if dst is None else Mat(m.type, m.packed, m.data, m.rows, m.cols, m.row_bytes, dst.ctypes.data)
 
 
 def pack_matrix(lib: ctypes.CDLL, m: Mat, keep: list, threads: int) -> Mat:
     """`m` re-laid in packed.c's layout (8 rows interleaved) when the build packs its type, else `m`.
     The packed copy goes to `keep`; the GGUF bytes are then no longer read."""
-    lib.packed_bytes.restype, lib.packed_bytes.argtypes = I64, [I32, I64, I64]
-    lib.repack.restype, lib.repack.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
-    n = lib.packed_bytes(m.type, m.rows, m.cols)
+    dst = relaid(lib, "packed_bytes", "repack", m, keep, threads, "repacking")
+    return m if dst is None else Mat(m.type, 1, dst.ctypes.data, m.rows, m.cols, m.row_bytes)
+
+
+def relaid(lib: ctypes.CDLL, size_fn: str, fill_fn: str, m: Mat, keep: list, threads: int, what: str):
+    """A copy of `m`'s values that lib's `fill_fn` writes in the layout `size_fn` sizes (appended to `keep`),
+    or None when that layout does not take `m`'s type in this build."""
+    size, fill = getattr(lib, size_fn), getattr(lib, fill_fn)
+    size.restype, size.argtypes = I64, [I32, I64, I64]
+    fill.restype, fill.argtypes = ctypes.c_int, [P, P, ctypes.c_int]
+    n = size(m.type, m.rows, m.cols)
     if not n:
-        return m
+        return None
     dst = np.empty(n, np.uint8)
-    if lib.repack(ctypes.addressof(m), dst.ctypes.data, threads):
-        raise MillisError(f"repacking a type {m.type} matrix failed")
+    if fill(ctypes.addressof(m), dst.ctypes.data, threads):
+        raise MillisError(f"{what} a type {m.type} matrix failed")
     keep.append(dst)
-    return Mat(m.type, 1, dst.ctypes.data, m.rows, m.cols, m.row_bytes)
-
-
+    return dst
