@@ -65,11 +65,11 @@ def test_amx_matmul_matches_reference(isa):
 
 
 def test_amx_needs_the_cpu_and_can_be_switched_off(monkeypatch):
-    """Without AMX-BF16 in the CPU's flags (or with MILLIS_NO_AMX) bf16 stays on the AVX kernels."""
+    """Without AMX-BF16 / AMX-INT8 in the CPU's flags (or with MILLIS_NO_AMX) nothing runs on tiles."""
     from millis.common.hardware import cpu_flags
 
     lib = build("llama_step", KERNEL_SOURCES, ISAS[0])
-    if not {"amx_tile", "amx_bf16"} <= cpu_flags() or ISAS[0] != "avx512":
+    if not {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags() or ISAS[0] != "avx512":
         assert not init_amx(lib) and not amx_expected()
     monkeypatch.setenv("MILLIS_NO_AMX", "1")
     assert not init_amx(lib) and not amx_expected()

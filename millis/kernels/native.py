@@ -113,13 +113,14 @@ def amx_expected() -> bool:
     record: init_amx also needs the kernel's grant, asked for in the process that runs them)."""
     from millis.common.hardware import cpu_flags
 
-    return (native_isa() == "avx512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    return (native_isa() == "avx512" and {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags()
             and not os.environ.get("MILLIS_NO_AMX"))
 
 
 def init_amx(lib: ctypes.CDLL) -> bool:
-    """Whether `lib`'s bf16 matrices run on AMX tiles: the `avx512` build on a CPU with AMX-BF16 whose kernel
-    grants the tile state (one request per process), unless MILLIS_NO_AMX is set."""
+    """Whether `lib` runs amx.c's tile GEMMs on the tile unit (bf16 matrices in AMX tiles, int8 tiles beside
+    block-format ones): the `avx512` build on a CPU with AMX-BF16 and AMX-INT8 whose kernel grants the tile
+    state (one request per process), unless MILLIS_NO_AMX is set. Callers build those layouts only then."""
     lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
     return bool(lib.amx_init(0 if os.environ.get("MILLIS_NO_AMX") else 1))
 
