@@ -171,11 +171,12 @@ def print_table(rows: list[dict]) -> None:
 def kernels_of(system: str, meta: dict) -> str | None:
     """The kernels a millis row ran: the build, and AMX for the native bf16 / int8 / int7 variants where it
     runs (amx_expected)."""
+    from millis.encoder.native import AMX_PRECISIONS
     from millis.kernels.native import amx_expected
 
     if not system.startswith("millis"):
         return None
-    amx = system.split(":")[-1] in ("native-bf16", "native-int8", "native-int7", "native-int7-a7")
+    amx = system.split(":")[-1] in {f"native-{p}" for p in AMX_PRECISIONS}
     return f"{meta['kernels']}+amx" if amx and amx_expected() else meta["kernels"]
 
 

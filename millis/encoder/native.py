@@ -30,6 +30,7 @@ from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYP
                                    TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles, init_amx, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
+AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7")  # bf16 in AMX tiles; the int8 ones with Q8 tiles beside
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1}
@@ -103,8 +104,7 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
-        # AMX: bf16 matrices in its tiles; int8 / int7 ones with Q8 tiles beside them (16 tokens or more)
-        self.amx = precision in ("bf16", "int8", "int7", "int7-a7") and init_amx(lib)
+        self.amx = precision in AMX_PRECISIONS and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:

@@ -194,16 +194,6 @@ API int amx_init(int want) {
 
 int64_t amx_bytes(int64_t rows, int64_t cols) { return cols % 32 ? 0 : (rows + 15) / 16 * 16 * cols * 2; }
 
-void amx_pack_group(const mat* W, int64_t g, uint8_t* dst) {  /* rows 16g .. 16g + 15 (g counts 16-row groups) */
-    uint16_t* o = (uint16_t*)dst + g * 16 * W->cols;
-    for (int r = 0; r < 16; r++) {
-        const int64_t n = 16 * g + r;
-        const uint16_t* row = (const uint16_t*)(W->data + n * W->row_bytes);
-        for (int64_t p = 0; p < W->cols / 2; p++)
-            for (int i = 0; i < 2; i++) o[32 * p + 2 * r + i] = n < W->rows ? row[2 * p + i] : 0;
-    }
-}
-
 /* the last partial tile of tokens (rows full..M-1 of X, row_bytes each), zero-padded to 16 rows, in a buffer of
    this thread's (grown as needed); NULL when M is a multiple of 16 (no tile reads it) */
 static const void* padded_tail(const void* X, int64_t row_bytes, int64_t M) {
@@ -222,7 +212,7 @@ static const void* padded_tail(const void* X, int64_t row_bytes, int64_t M) {
     return buf;
 }
 
-/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1): W packed (amx_pack_group), X bf16 rows (K apart) */
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1): W in 16-row bf16p_pack_group groups, X bf16 rows */
 void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc) {
     const uint16_t* pad = padded_tail(X, 2 * W->cols, M);
 #if HAVE_AMX_BUILD

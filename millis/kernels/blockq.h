@@ -101,10 +101,9 @@ void packed16_rows(const mat* W, int64_t n0, int64_t n1, const x16block* X, int6
 API void to_bf16(const float* x, int64_t K, uint16_t* out);  /* fp32 -> bf16, round to nearest even */
 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K);  /* T_BF16_PAIRS, row-major */
 int64_t bf16p_bytes(int64_t rows, int64_t cols);
-void bf16p_pack_group(const mat* W, int64_t g, uint8_t* dst);
+void bf16p_pack_group(const mat* W, int64_t g, int width, uint8_t* dst);  /* width 8 or 16 (AMX) rows */
 void bf16p_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
 int64_t amx_bytes(int64_t rows, int64_t cols);
-void amx_pack_group(const mat* W, int64_t g, uint8_t* dst);
 void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M, float* Y, int64_t ldy, int acc);
 API int amx_init(int want);
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);

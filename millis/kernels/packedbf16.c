@@ -44,12 +44,15 @@ __attribute__((optimize("no-tree-vectorize"))) float dot_bf16(const uint16_t* w,
 
 int64_t bf16p_bytes(int64_t rows, int64_t cols) { return cols % 2 ? 0 : (rows + 7) / 8 * 8 * cols * 2; }
 
-void bf16p_pack_group(const mat* W, int64_t g, uint8_t* dst) {
-    uint16_t* o = (uint16_t*)dst + g * 8 * W->cols;
-    for (int r = 0; r < 8; r++) {
-        const uint16_t* row = (const uint16_t*)(W->data + (8 * g + r) * W->row_bytes);
+/* rows width * g .. + width - 1 (zero past the matrix) as pairs: per pair of values p, 4 * width bytes, row r's
+   values 2p, 2p + 1 at 4r, 4r + 2 (width 8: the AVX groups; 16: AMX's B tiles, amx.c) */
+void bf16p_pack_group(const mat* W, int64_t g, int width, uint8_t* dst) {
+    uint16_t* o = (uint16_t*)dst + g * width * W->cols;
+    for (int r = 0; r < width; r++) {
+        const int64_t n = width * g + r;
+        const uint16_t* row = (const uint16_t*)(W->data + n * W->row_bytes);
         for (int64_t p = 0; p < W->cols / 2; p++)
-            for (int i = 0; i < 2; i++) o[16 * p + 2 * r + i] = 8 * g + r < W->rows ? row[2 * p + i] : 0;
+            for (int i = 0; i < 2; i++) o[2 * width * p + 2 * r + i] = n < W->rows ? row[2 * p + i] : 0;
     }
 }
 

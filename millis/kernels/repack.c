@@ -89,9 +89,9 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 static void pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
     uint8_t* dst = ((void**)p)[1];
-    if (W->type == T_BF16_AMX) { amx_pack_group(W, g, dst); return; }  /* g counts groups of 16 rows */
+    if (W->type == T_BF16_AMX) { bf16p_pack_group(W, g, 16, dst); return; }  /* g counts groups of 16 rows */
     if (W->type == T_Q8_0_X16) { pack16_group(W, g, dst); return; }
-    if (W->type == T_BF16_PAIRS) { bf16p_pack_group(W, g, dst); return; }
+    if (W->type == T_BF16_PAIRS) { bf16p_pack_group(W, g, 8, dst); return; }
     if (W->type == T_F32) {  /* value k of the group's 8 rows: 8 floats at 8 * k */
         float* o = (float*)dst + g * 8 * W->cols;
         for (int r = 0; r < 8; r++) {
