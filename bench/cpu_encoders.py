@@ -30,7 +30,8 @@ import models  # noqa: E402
 PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8", "fastembed")
 BASELINE = "torch_eager"
 # millis's C encoder, each precision as its own system
-NATIVE = ("native-fp32", "native-bf16", "native-int8", "native-int8-a16", "native-int7", "native-int7-a7")
+NATIVE = ("native-fp32", "native-bf16", "native-int8", "native-int8-a16", "native-int7", "native-int7-a7",
+          "native-int7-row")
 FAITHFUL = 0.995  # the fidelity bar: peers whose cosine min vs fp32 reaches it
 
 
@@ -86,6 +87,8 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
     known = {BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE)}
     if set(systems) - known:  # a misspelt or new system must not vanish from the table silently
         raise SystemExit(f"unknown systems {sorted(set(systems) - known)}; known: {sorted(known)}")
+    if BASELINE not in systems:  # the fidelity reference: fail before minutes of building, not after
+        raise SystemExit(f"--systems must include {BASELINE}: every cosine is measured against it")
     arts = {}
     if "millis" in systems:  # optimize's own selection over the whole catalog
         arts["millis"] = build_millis(model, model_dir, shapes, HERE / ".cache" / "millis" / model, a.reuse)

@@ -57,7 +57,8 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     tm, enc = minilm
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
-    floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998, "int7-a7": 0.997}
+    floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998, "int7-a7": 0.997,
+             "int7-row": 0.98}  # int7-row: one activation scale per token (MiniLM's outliers: 0.986 here)
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -111,20 +112,21 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("a7", [False, True], ids=["int8-act", "int7-act"])
-def test_q7_0_matmul_matches_reference(isa, a7):
+@pytest.mark.parametrize("kind", ["int7", "int7-a7", "int7-row"])
+def test_q7_0_matmul_matches_reference(isa, kind):
     """millis's int7 (Q7_0: values in [-63, 63] per 32) times int8 activation blocks, or as T_Q7_A7 times
-    7-bit ones (AVX2 adds two steps in int16), quantized by quantize_act for the matrix's type (AVX2: made
-    unsigned, q + 128 or q + 64, against the signed weights), equals dequant(W) @ dequant(x) up to fp32
-    rounding, for 1 to 9 tokens (3-, 2- and 1-token tiles over 16 rows and the lone last 8), packed on the
-    SIMD builds and in Q8_0's layout on the scalar one. Rows and tokens at full scale (every pair at its
+    7-bit ones (AVX2 adds two steps in int16), or as T_Q7_ROW (one scale per row and per token: the SIMD
+    builds sum a row's products in int32 over all of K), quantized by quantize_act for the matrix's type
+    (AVX2: made unsigned, q + 128 or q + 64, against the signed weights), equals dequant(W) @ dequant(x) up
+    to fp32 rounding, for 1 to 9 tokens (3-, 2- and 1-token tiles over 16 rows and the lone last 8), packed on
+    the SIMD builds and in Q8_0's layout on the scalar one. Rows and tokens at full scale (every pair at its
     largest) would show an int16 overflow, a wrong offset or block sum a shifted result."""
     import ctypes
 
     from millis.encoder.native import q7_0
     from millis.kernels.native import build
     from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES
-    from millis.kernels.native import TYPE_Q7_0, TYPE_Q7_A7, Mat, pack_matrix
+    from millis.kernels.native import TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW, Mat, pack_matrix
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
     rng = np.random.default_rng(5)
@@ -132,19 +134,22 @@ def test_q7_0_matmul_matches_reference(isa, a7):
     w = rng.standard_normal((N, K)).astype(np.float32)
     w[:3] = np.abs(w[:3]).max()           # rows at full scale: stored 127 everywhere
     w[3] = -np.abs(w[3]).max()            # and at -63 (stored 1)
-    raw = q7_0(w)
+    a7, row = kind != "int7", kind == "int7-row"
+    raw = q7_0(w, per_row=row)
     blocks = raw.reshape(N, K // 32, 34)
     q = blocks[..., 2:].view(np.int8).astype(np.float64)
     assert np.abs(q).max() == 63
     wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
     assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
     keep: list = []
-    mat = pack_matrix(lib, Mat(TYPE_Q7_A7 if a7 else TYPE_Q7_0, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
+    type_id = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW}[kind]
+    if row:  # one scale per row: every block's the same
+        assert (blocks[..., :2] == blocks[:, :1, :2]).all()
+    mat = pack_matrix(lib, Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
     assert mat.packed == (isa != "scalar")
-    type_id = TYPE_Q7_A7 if a7 else TYPE_Q7_0
     lib.quantize_act.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     off = lib.activation_offset(type_id)
-    assert off == ((64 if a7 else 128) if isa == "avx2" else 0)
+    assert off == ((64 if a7 else 128) if isa == "avx2" or (row and isa != "scalar") else 0)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     for M in (1, 2, 3, 4, 5, 9):
@@ -159,7 +164,10 @@ def test_q7_0_matmul_matches_reference(isa, a7):
         xi = (xb[:, :, 12:44].astype(np.float64) - off) if off else xb[:, :, 12:44].view(np.int8).astype(np.float64)
         assert np.abs(xi).max() == (63 if a7 else 127)
         assert (xb[:, :, 8:12].copy().view(np.int32)[..., 0] == xi.sum(-1)).all()  # the block sums
-        xd = (xi * xb[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
+        xs = xb[:, :, 0:4].copy().view(np.float32)
+        if row:  # one scale per token
+            assert (xs == xs[:, :1]).all()
+        xd = (xi * xs).reshape(M, K)
         y = np.full((M, N), np.nan, np.float32)
         lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 2)
         ref = xd @ wd.T

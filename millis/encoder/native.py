@@ -13,7 +13,11 @@ unsigned (q + 128) against the signed weights read from memory (pairs stay under
 instructions than Q8_0's sign fix-ups, for half a bit of weight precision; `int7-a7`: Q7_0 weights
 against activations in [-63, 63] per 32: a pair stays under 2^14, so AVX2 adds two steps in int16 before
 widening them (a quarter fewer multiplier-port instructions again), for half a bit of activation
-precision. The task head
+precision; `int7-row`: int7-a7's values with one scale per weight row and one per token (per channel and
+per token, as ORT's dynamic int8 and the GPU's W8A8): a row's integer sums run over all of K and the float
+step comes once per row and token, not per 32 values (Zen 3: 1.2x the AVX2 tile's speed in L1; 0.85-1.10x
+int7-a7's forward time, docs/encoders.md), for what one scale per token loses on activation outliers
+(MiniLM's cosine to fp32 about 0.986; random-weight BERT shapes 0.999). The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """
@@ -26,17 +30,18 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.source import Pooling
-from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q8_0,
-                                   TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles, init_amx, pack_matrix)
+from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
+                                   TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles, init_amx,
+                                   pack_matrix)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row")
 AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7")  # bf16 in AMX tiles; the int8 ones with Q8 tiles beside
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1}
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
 BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
-               "int7-a7": XBLOCK_BYTES}
+               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -76,14 +81,15 @@ def to_bf16(w: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def q7_0(w: np.ndarray) -> np.ndarray:
+def q7_0(w: np.ndarray, per_row: bool = False) -> np.ndarray:
     """(rows, cols) fp32 -> Q7_0 bytes (rows, cols / 32 * 34): per 32 values an fp16 scale d = amax / 63 and
-    32 int8 in [-63, 63] (round to nearest), Q8_0's block layout."""
+    32 int8 in [-63, 63] (round to nearest), Q8_0's block layout. per_row: amax over the whole row, so every
+    block of a row has the same d (T_Q7_ROW)."""
     rows, cols = w.shape
     if cols % 32:
         raise MillisError(f"a Q7_0 matrix needs a multiple of 32 columns, not {cols}")
     b = w.reshape(rows, cols // 32, 32).astype(np.float32)
-    amax = np.abs(b).max(-1, keepdims=True)
+    amax = np.abs(b).max((-2, -1) if per_row else -1, keepdims=True)
     d = amax / 63.0
     q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -63, 63).astype(np.int8)
     out = np.empty((rows, cols // 32, 34), np.uint8)
@@ -144,8 +150,9 @@ class NativeBert:
             data, type_id = w, TYPE_F32
         elif self.precision == "bf16":
             data, type_id = to_bf16(w), TYPE_BF16_AMX if self.amx else TYPE_BF16_PAIRS
-        elif self.precision in ("int7", "int7-a7"):
-            data, type_id = q7_0(w), TYPE_Q7_0 if self.precision == "int7" else TYPE_Q7_A7
+        elif self.precision in ("int7", "int7-a7", "int7-row"):
+            type_id = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW}[self.precision]
+            data = q7_0(w, per_row=self.precision == "int7-row")
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize

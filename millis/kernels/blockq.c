@@ -38,8 +38,8 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q4_0: case T_Q4_1: case T_Q5_0:
-        case T_Q5_1: return QK;
+        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q4_0: case T_Q4_1:
+        case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
         default: return 1;
     }
@@ -47,16 +47,18 @@ int type_block(int type) {
 
 int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T_BF16; }
 
-/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7), stored
-   as q + off (mod 256: packed.h's act_offset; sum and half keep q's sums) */
-static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off) {
+/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7 and
+   T_Q7_ROW), stored as q + off (mod 256: packed.h's act_offset; sum and half keep q's sums). amax: the
+   block's largest |x|, or the whole row's when row_amax >= 0 (one scale per token: T_Q7_ROW) */
+static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
+                                   const float row_amax) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float* r = x + b * QK;
 #ifdef __AVX2__
         /* the scalar code below, 8 lanes at a time: the same amax, products and round-to-nearest-even
            (cvtps under the default MXCSR rounds as nearbyintf does), so the same bytes */
         __m256 v[4];
-        const float amax = block_amax(r, v);
+        const float block = block_amax(r, v), amax = row_amax >= 0.f ? row_amax : block;
         const float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
@@ -72,6 +74,7 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) { float v = fabsf(r[i]); amax = v > amax ? v : amax; }
+        if (row_amax >= 0.f) amax = row_amax;
         float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
         int h0 = 0, h1 = 0;
         for (int i = 0; i < QK; i++) {
@@ -88,11 +91,17 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         out[b].half[1] = (int16_t)h1;
     }
 }
-API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0); }
+API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0, -1.f); }
 /* for a packed matrix of this type: values in [-63, 63] for T_Q7_A7, else quantize_x's, each value plus
    act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) {
-    quantize_levels(x, K, out, type == T_Q7_A7 ? 63.f : 127.f, (uint8_t)act_offset(type));
+    float row_amax = -1.f;  /* per block */
+    if (type == T_Q7_ROW) {
+        row_amax = 0.f;
+        for (int64_t i = 0; i < K; i++) row_amax = fabsf(x[i]) > row_amax ? fabsf(x[i]) : row_amax;
+    }
+    quantize_levels(x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type),
+                    row_amax);
 }
 
 /* K-quant 6-bit scale and min of sub-block j (0..7) */
@@ -106,7 +115,7 @@ void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn) {
     *mn = 0.f;
     switch (type) {
-    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: {
+    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: {
         const block_q8_0* b = (const block_q8_0*)row + i;
         memcpy(w, b->qs, 32); sc[0] = sc[1] = f16_to_f32(b->d); return; }
     case T_Q4_0: {

@@ -11,7 +11,11 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
        T_BF16_PAIRS = 110 /* millis's bf16, not a ggml id: bf16 weights against bf16 activation rows (packedbf16.c) */,
        T_Q7_A7 = 111 /* millis's int7-a7, not a ggml id: Q7_0's bytes against activations in [-63, 63] (quantize_act):
                         maddubs pairs stay under 2^14, so AVX2 adds two steps in int16 before widening (packed.c) */,
-       T_BF16_AMX = 112 /* millis's bf16 for AMX, not a ggml id: T_BF16_PAIRS's values in 16-row tiles (amx.c) */ };
+       T_BF16_AMX = 112 /* millis's bf16 for AMX, not a ggml id: T_BF16_PAIRS's values in 16-row tiles (amx.c) */,
+       T_Q7_ROW = 113 /* millis's int7-row, not a ggml id: Q7_0's bytes with one scale per row (every block's d the
+                         same) against activations in [-63, 63] with one scale per token (quantize_act): the
+                         SIMD builds sum a row's products in int32 over all its blocks, one float step per row
+                         and token (packed_q7.h's q7r_tile) */ };
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 

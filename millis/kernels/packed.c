@@ -266,6 +266,17 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     group_fn f1, f4;
     group_fns(W->type, &f1, &f4);
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
+    if (W->type == T_Q7_ROW) {  /* every SIMD build: q7r_tile, 2 groups x 3 tokens */
+        for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
+            const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
+            for (int64_t g = n0 / 8; g * 8 < n1; g += 2) {
+                const uint8_t* gp = W->data + g * gb;
+                if ((g + 1) * 8 < n1) q7r_2(gp, gp + gb, nu, X, nbx, m0, m1, Y, ldy, g, n1, acc);
+                else q7r_1(gp, gp, nu, X, nbx, m0, m1, Y, ldy, g, n1, acc);
+            }
+        }
+        return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {

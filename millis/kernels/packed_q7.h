@@ -18,6 +18,10 @@ AI __m256i q7s_steps(__m256i xv, __m256i xw, const __m256i* w) {  /* two steps' 
     return _mm256_add_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w)),
                             _mm256_maddubs_epi16(xw, _mm256_loadu_si256(w + 1)));
 }
+/* a7: steps s and s + 1 of block u, token X, against groups w (and v when R > 1): A (E) += their int32 sums */
+#define A7_STEPS(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);           \
+        A = _mm256_add_epi32(A, _mm256_madd_epi16(q7s_steps(xv, xw, w + s), one));                                \
+        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(q7s_steps(xv, xw, v + s), one)); }
 AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
                  const xblock* x, int64_t xs, float* out) {
     const int64_t ub = unit_bytes(T_Q7_0);
@@ -32,13 +36,9 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
         if (a7) {
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s += 2) {
-#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);               \
-        A = _mm256_add_epi32(A, _mm256_madd_epi16(q7s_steps(xv, xw, w + s), one));                                \
-        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(q7s_steps(xv, xw, v + s), one)); }
-                TOK(x0, a0, e0)
-                if (T > 1) TOK(x1, a1, e1)
-                if (T > 2) TOK(x2, a2, e2)
-#undef TOK
+                A7_STEPS(x0, a0, e0)
+                if (T > 1) A7_STEPS(x1, a1, e1)
+                if (T > 2) A7_STEPS(x2, a2, e2)
             }
         } else {
 #pragma GCC unroll 1
@@ -93,3 +93,63 @@ typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, i
         q7s_panel(A7, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
 Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2)
 static const q7s_fn Q7S_FNS[2][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}};
+
+/* T_Q7_ROW (every SIMD build): Q7_A7's units and steps, but a row's scale and a token's scale are the same in
+   every block, so the int32 sums run over the whole row and the float step comes once per row and token:
+   (sum over blocks of (x + 64) * w - 64 * (the row's weight sum)) * d_row * d_token. Per block that drops the
+   sub / cvt / mul / fma of q7s_tile's epilogue (in L1 on Zen 3: 1.2x its MACs per cycle, near the
+   maddubs / madd mix's own limit). |sums| <= K * 127 * 63: int32 holds K up to 268,000. The same integer
+   sums and float steps for every T and R, so a row never depends on its batch-mates. */
+AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x,
+                 int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(T_Q7_ROW);
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0, z0 = a0, z1 = a0;
+    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
+        const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
+        z0 = _mm256_add_epi32(z0, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(b + 16))));
+        if (R > 1) z1 = _mm256_add_epi32(z1, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(c + 16))));
+#pragma GCC unroll 1
+        for (int s = 0; s < 8; s += 2) {
+            A7_STEPS(x0, a0, e0)
+            if (T > 1) A7_STEPS(x1, a1, e1)
+            if (T > 2) A7_STEPS(x2, a2, e2)
+        }
+    }
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g0));  /* the rows' scales */
+    const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g1)) : dv;
+    z0 = _mm256_slli_epi32(z0, 6);
+    z1 = _mm256_slli_epi32(z1, 6);
+    const __m256i r[6] = {a0, e0, a1, e1, a2, e2};
+    for (int t = 0; t < T; t++) {
+        const __m256 xd = _mm256_set1_ps(x[t * xs].d);  /* the token's scale (every block's) */
+        for (int i = 0; i < R; i++)
+            _mm256_storeu_ps(out + 16 * t + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r[2 * t + i],
+                                                                                          i ? z1 : z0)),
+                                                             _mm256_mul_ps(i ? dw : dv, xd)));
+    }
+}
+/* q7s_panel's tiling for T_Q7_ROW */
+AI void q7r_panel(const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx,
+                  int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
+    while (m < m1) {
+        const int64_t left = m1 - m;
+        const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
+        float out[48];
+        if (T == 3) q7r_tile(R, 3, g0, g1, nu, X + m * nbx, nbx, out);
+        else if (T == 2) q7r_tile(R, 2, g0, g1, nu, X + m * nbx, nbx, out);
+        else q7r_tile(R, 1, g0, g1, nu, X + m * nbx, nbx, out);
+        for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
+        m += T;
+    }
+}
+static void q7r_1(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, int64_t m,
+                  int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
+    q7r_panel(1, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+}
+static void q7r_2(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, int64_t m,
+                  int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
+    q7r_panel(2, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+}

@@ -68,6 +68,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, 7-bit weights (scale per 32) x int8 activations: AVX2 maddubs, no sign fix-ups"),
     Variant("native-int7-a7", "native", "int8", ("weights",), {"precision": "int7-a7"},
             "millis's C encoder, 7-bit weights x 7-bit activations (scales per 32): AVX2 sums 2 steps in int16"),
+    Variant("native-int7-row", "native", "int8", ("weights",), {"precision": "int7-row"},
+            "millis's C encoder, int7-a7 with one scale per weight row and per token: int32 sums over all of K"),
     Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
             "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
     Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},
