@@ -17,7 +17,7 @@ precision; `int7-row`: int7-a7's values with one scale per weight row and one pe
 per token, as ORT's dynamic int8 and the GPU's W8A8): a row's integer sums run over all of K and the float
 step comes once per row and token, not per 32 values (Zen 3: 1.2x the AVX2 tile's speed in L1; 0.85-1.10x
 int7-a7's forward time, docs/encoders.md), for what one scale per token loses on activation outliers
-(MiniLM's cosine to fp32 about 0.986; random-weight BERT shapes 0.999). The task head
+(MiniLM's cosine min to fp32 0.96-0.99 by text set; random-weight BERT shapes 0.999). The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """

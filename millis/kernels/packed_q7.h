@@ -1,5 +1,6 @@
-/* millis's int7 (Q7_0, T_Q7_A7) on AVX2 builds without VNNI (Q7_SIGNED): the GEMM tiles of packed.c's
-   packed_rows, included there. */
+/* millis's int7 (Q7_0, T_Q7_A7) on AVX2 builds without VNNI (Q7_SIGNED), and T_Q7_ROW (the same signed layout
+   with one scale per row and per token) on every SIMD build: the GEMM tiles of packed.c's packed_rows,
+   included there. */
 #pragma once
 #include "packed.h"
 #include "packed_dot.h"
