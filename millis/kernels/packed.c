@@ -266,17 +266,6 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     group_fn f1, f4;
     group_fns(W->type, &f1, &f4);
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
-    if (W->type == T_Q7_ROW) {  /* every SIMD build: q7r_tile, 2 groups x 3 tokens */
-        for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
-            const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
-            for (int64_t g = n0 / 8; g * 8 < n1; g += 2) {
-                const uint8_t* gp = W->data + g * gb;
-                if ((g + 1) * 8 < n1) q7r_2(gp, gp + gb, nu, X, nbx, m0, m1, Y, ldy, g, n1, acc);
-                else q7r_1(gp, gp, nu, X, nbx, m0, m1, Y, ldy, g, n1, acc);
-            }
-        }
-        return;
-    }
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
@@ -286,7 +275,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                0.83x llama.cpp's time against 0.75x) */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
-            const int a7 = W->type == T_Q7_A7, q7 = Q7_SIGNED && (W->type == T_Q7_0 || a7);  /* AVX2: q7s_tile */
+            const int a7 = W->type == T_Q7_A7, row = W->type == T_Q7_ROW;
+            const int q7 = row || (Q7_SIGNED && (W->type == T_Q7_0 || a7));  /* q7s_panel: AVX2 builds, and T_Q7_ROW */
             const int span = q8 && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || q7) && (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
@@ -301,7 +291,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                     m += T;
                     continue;
                 }
-                if (span >= 2 && m + 4 <= m1) {
+                if (span >= 2 && m + 4 <= m1 && !q7) {
                     for (int h = 0; h < span; h += 2) {
                         float out[64];
                         if (q4) q4_tile16x4(W->type == T_Q4_1, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
@@ -313,7 +303,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 }
 #endif
                 if (q7) {
-                    Q7S_FNS[a7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+                    Q7S_FNS[row ? 2 : a7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
                     m = m1;
                     continue;
                 }

@@ -71,30 +71,6 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
     for (int t = 0; t < T; t++)
         for (int i = 0; i < R; i++) _mm256_storeu_ps(out + 16 * t + 8 * i, r[2 * t + i]);
 }
-/* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
-   (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3) */
-AI void q7s_panel(const int a7, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
-                  int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
-    while (m < m1) {
-        const int64_t left = m1 - m;
-        const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
-        float out[48];
-        if (T == 3) q7s_tile(a7, R, 3, g0, g1, nu, X + m * nbx, nbx, out);
-        else if (T == 2) q7s_tile(a7, R, 2, g0, g1, nu, X + m * nbx, nbx, out);
-        else q7s_tile(a7, R, 1, g0, g1, nu, X + m * nbx, nbx, out);
-        for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
-        m += T;
-    }
-}
-typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, int64_t, int64_t, float*,
-                       int64_t, int64_t, int64_t, int);
-#define Q7S(A7, R)                                                                                          \
-    static void q7s_##A7##_##R(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, \
-                               int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) { \
-        q7s_panel(A7, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
-Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2)
-static const q7s_fn Q7S_FNS[2][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}};
-
 /* T_Q7_ROW (every SIMD build): Q7_A7's units and steps, but a row's scale and a token's scale are the same in
    every block, so the int32 sums run over the whole row and the float step comes once per row and token:
    (sum over blocks of (x + 64) * w - 64 * (the row's weight sum)) * d_row * d_token. Per block that drops the
@@ -132,25 +108,30 @@ AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1,
                                                              _mm256_mul_ps(i ? dw : dv, xd)));
     }
 }
-/* q7s_panel's tiling for T_Q7_ROW */
-AI void q7r_panel(const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx,
-                  int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
+/* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
+   (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3);
+   kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile) */
+AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
+                  int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
     while (m < m1) {
         const int64_t left = m1 - m;
         const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
         float out[48];
-        if (T == 3) q7r_tile(R, 3, g0, g1, nu, X + m * nbx, nbx, out);
-        else if (T == 2) q7r_tile(R, 2, g0, g1, nu, X + m * nbx, nbx, out);
-        else q7r_tile(R, 1, g0, g1, nu, X + m * nbx, nbx, out);
+#define TILE(T) { if (kind == 2) q7r_tile(R, T, g0, g1, nu, X + m * nbx, nbx, out); \
+                  else q7s_tile(kind, R, T, g0, g1, nu, X + m * nbx, nbx, out); }
+        if (T == 3) TILE(3)
+        else if (T == 2) TILE(2)
+        else TILE(1)
+#undef TILE
         for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
         m += T;
     }
 }
-static void q7r_1(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, int64_t m,
-                  int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
-    q7r_panel(1, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
-}
-static void q7r_2(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, int64_t m,
-                  int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
-    q7r_panel(2, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
-}
+typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, int64_t, int64_t, float*,
+                       int64_t, int64_t, int64_t, int);
+#define Q7S(KIND, R)                                                                                        \
+    static void q7s_##KIND##_##R(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, \
+                                 int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) { \
+        q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
+Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2)
+static const q7s_fn Q7S_FNS[3][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}};
