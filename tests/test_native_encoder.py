@@ -58,7 +58,7 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
     floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998, "int7-a7": 0.997,
-             "int7-row": 0.98}  # int7-row: one activation scale per token (MiniLM's outliers: 0.986 here)
+             "int7-row": 0.988, "int7-row-a8": 0.994}  # one activation scale per token, smoothed: 0.991, 0.996
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -112,13 +112,15 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["int7", "int7-a7", "int7-row"])
+@pytest.mark.parametrize("kind", ["int7", "int7-a7", "int7-row", "int7-row-a8"])
 def test_q7_0_matmul_matches_reference(isa, kind):
     """millis's int7 (Q7_0: values in [-63, 63] per 32) times int8 activation blocks, or as T_Q7_A7 times
     7-bit ones (AVX2 adds two steps in int16), or as T_Q7_ROW (one scale per row and per token: the SIMD
-    builds sum a row's products in int32 over all of K), quantized by quantize_act for the matrix's type
+    builds sum a row's products in int32 over all of K; T_Q7_ROW8 against 8-bit activations), quantized by
+    quantize_act for the matrix's type
     (AVX2: made unsigned, q + 128 or q + 64, against the signed weights), equals dequant(W) @ dequant(x) up
-    to fp32 rounding, for 1 to 9 tokens (3-, 2- and 1-token tiles over 16 rows and the lone last 8), packed on
+    to fp32 rounding, for 1 to 13 tokens (AVX2: 3-, 2- and 1-token tiles over 16 rows and the lone last 8;
+    AVX-512 int7-row: 6 tokens or the rest over 32 rows, then 16, then the lone last 8), packed on
     the SIMD builds and in Q8_0's layout on the scalar one. Rows and tokens at full scale (every pair at its
     largest) would show an int16 overflow, a wrong offset or block sum a shifted result."""
     import ctypes
@@ -126,15 +128,16 @@ def test_q7_0_matmul_matches_reference(isa, kind):
     from millis.encoder.native import q7_0
     from millis.kernels.native import build
     from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES
-    from millis.kernels.native import TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW, Mat, pack_matrix
+    from millis.encoder.native import Q7_TYPES
+    from millis.kernels.native import Mat, pack_matrix
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
     rng = np.random.default_rng(5)
-    N, K = 37, 256
+    N, K = 53, 256  # 7 groups of 8 rows: 4 + 2 + 1 (the last 5 rows and 3 of padding)
     w = rng.standard_normal((N, K)).astype(np.float32)
     w[:3] = np.abs(w[:3]).max()           # rows at full scale: stored 127 everywhere
     w[3] = -np.abs(w[3]).max()            # and at -63 (stored 1)
-    a7, row = kind != "int7", kind == "int7-row"
+    a7, row = kind in ("int7-a7", "int7-row"), kind.startswith("int7-row")
     raw = q7_0(w, per_row=row)
     blocks = raw.reshape(N, K // 32, 34)
     q = blocks[..., 2:].view(np.int8).astype(np.float64)
@@ -142,7 +145,7 @@ def test_q7_0_matmul_matches_reference(isa, kind):
     wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
     assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
     keep: list = []
-    type_id = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW}[kind]
+    type_id = Q7_TYPES[kind]
     if row:  # one scale per row: every block's the same
         assert (blocks[..., :2] == blocks[:, :1, :2]).all()
     mat = pack_matrix(lib, Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1]), keep, 2)
@@ -152,7 +155,7 @@ def test_q7_0_matmul_matches_reference(isa, kind):
     assert off == ((64 if a7 else 128) if isa == "avx2" or (row and isa != "scalar") else 0)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
-    for M in (1, 2, 3, 4, 5, 9):
+    for M in (1, 2, 3, 4, 5, 9, 13):
         x = rng.standard_normal((M, K)).astype(np.float32)
         x[0] = 2.0                        # a token at full scale: +63 (or +127) everywhere
         if M > 1:
@@ -237,6 +240,52 @@ def test_simd_activation_quantizers_equal_the_scalar_ones():
                 f(x[m].ctypes.data, 256, out.ctypes.data + m * 8 * size)
             got.append(out)
         assert np.array_equal(got[0], got[1]), fn
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_smoothed_quantizer_is_the_quantizer_of_the_divided_row(isa):
+    """quantize_act_smooth(type, x, inv) writes quantize_act(type, x * inv)'s bytes (row amax included), and
+    with inv NULL quantize_act's: per-block and per-row types."""
+    import ctypes
+
+    from millis.encoder.native import Q7_TYPES
+    from millis.kernels.native import build
+    from millis.gen.models.native_llama import KERNEL_SOURCES, XBLOCK_BYTES
+
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.quantize_act.argtypes = [I, P, ctypes.c_int64, P]
+    lib.quantize_act_smooth.argtypes = [I, P, P, ctypes.c_int64, P]
+    rng = np.random.default_rng(7)
+    K = 256
+    x = rng.standard_normal(K).astype(np.float32)
+    x[5] = 40.0  # an outlier channel
+    inv = rng.uniform(0.05, 3.0, K).astype(np.float32)
+    inv[5] = 0.02
+    for type_id in Q7_TYPES.values():
+        out = [np.zeros(K // 32 * XBLOCK_BYTES, np.uint8) for _ in range(3)]
+        xs = (x * inv).astype(np.float32)
+        lib.quantize_act(type_id, xs.ctypes.data, K, out[0].ctypes.data)
+        lib.quantize_act_smooth(type_id, x.ctypes.data, inv.ctypes.data, K, out[1].ctypes.data)
+        lib.quantize_act_smooth(type_id, xs.ctypes.data, None, K, out[2].ctypes.data)
+        assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2]), type_id
+
+
+def test_smoothing_scales_and_calibration(minilm):
+    """s = amax_x^0.5 / amax_w^0.5 per input channel; the calibration sees each GEMM's input at its width."""
+    from millis.encoder.smooth import input_amax, smoothing_scales
+
+    w = np.array([[1.0, -4.0, 0.0], [-2.0, 1.0, 0.0]], np.float32)
+    s = smoothing_scales(np.array([16.0, 1.0, 0.0], np.float32), w)
+    np.testing.assert_allclose(s, [16 ** 0.5 / 2 ** 0.5, 1 / 2.0, 1.0], rtol=1e-6)  # floors: 1e-5 / 1e-5
+    _, enc = minilm
+    stats = input_amax(enc)
+    assert len(stats) == enc.cfg.layers
+    for seen in stats:
+        assert {k: v.shape for k, v in seen.items()} == {"qkv": (384,), "o": (384,), "inter": (384,),
+                                                         "down": (1536,)}
+        assert all(np.isfinite(v).all() and (v >= 0).all() and v.max() > 0 for v in seen.values())
+    assert max(seen["inter"].max() / np.median(seen["inter"]) for seen in stats) > 10  # MiniLM's outlier channels
 
 
 def test_errors_name_the_problem(minilm, tiny_dirs):

@@ -17,7 +17,11 @@ precision; `int7-row`: int7-a7's values with one scale per weight row and one pe
 per token, as ORT's dynamic int8 and the GPU's W8A8): a row's integer sums run over all of K and the float
 step comes once per row and token, not per 32 values (Zen 3: 1.2x the AVX2 tile's speed in L1; 0.85-1.10x
 int7-a7's forward time, docs/encoders.md), for what one scale per token loses on activation outliers
-(MiniLM's cosine min to fp32 0.96-0.99 by text set; random-weight BERT shapes 0.999). The task head
+(unsmoothed: MiniLM's cosine min to fp32 0.96-0.99 by text set; random-weight BERT shapes 0.999);
+`int7-row-a8`: int7-row's weights against 8-bit activations per token (on AVX-512 VNNI as fast as int7-row;
+AVX2 takes a madd per step). Both row precisions smooth each matrix's input (millis.encoder.smooth: x / s
+against W * s, s from a data-free calibration at load): activation outliers move into the per-row weight
+scales. The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """
@@ -29,25 +33,29 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder.smooth import input_amax, smoothing_scales
 from millis.encoder.source import Pooling
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
-                                   TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles, init_amx,
-                                   pack_matrix)
+                                   TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
+                                   init_amx, pack_matrix)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8")
+Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8}
+ROW_PRECISIONS = ("int7-row", "int7-row-a8")  # one scale per weight row and per token; smoothed inputs
 AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7")  # bf16 in AMX tiles; the int8 ones with Q8 tiles beside
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1}
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
 BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
-               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES}
+               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES, "int7-row-a8": XBLOCK_BYTES}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
 class Layer(ctypes.Structure):
     _fields_ = [(n, Mat) for n in ("qkv", "o", "inter", "down")] + \
-               [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")]
+               [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")] + \
+               [(n, P) for n in ("sqkv", "so", "si", "sd")]  # 1 / smoothing scale per input channel, or NULL
 
 
 class Model(ctypes.Structure):
@@ -119,9 +127,17 @@ class NativeBert:
         self.cfg, self.task, self.pooling = c, e.task, e.pooling
         self.keep: list = []  # every array the C structs point into
         layers = (Layer * c.layers)()
+        amax = input_amax(e) if precision in ROW_PRECISIONS else None  # (the weights' own calibration)
         for i, lw in enumerate(e.layers):
             L = layers[i]
-            L.qkv, L.o, L.inter, L.down = (self._matrix(w) for w in (lw.wqkv, lw.wo, lw.w1, lw.w2))
+            for name, w, s in zip(("qkv", "o", "inter", "down"), (lw.wqkv, lw.wo, lw.w1, lw.w2),
+                                  ("sqkv", "so", "si", "sd")):
+                w = w.detach().float().numpy()
+                if amax is not None:  # W * s, against x / s
+                    scale = smoothing_scales(amax[i][name], w)
+                    w = w * scale
+                    setattr(L, s, self._array(1.0 / scale))
+                setattr(L, name, self._matrix(w))
             for name, t in zip(("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b"),
                                (lw.bqkv, lw.bo, lw.b1, lw.b2, lw.ln1w, lw.ln1b, lw.ln2w, lw.ln2b)):
                 setattr(L, name, self._vec(t))
@@ -138,21 +154,24 @@ class NativeBert:
         self.lock = threading.Lock()  # one forward at a time: the scratch is shared
 
     def _vec(self, t) -> int:
-        a = np.ascontiguousarray(t.detach().float().numpy())
+        return self._array(t.detach().float().numpy())
+
+    def _array(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a, np.float32)
         self.keep.append(a)
         return a.ctypes.data
 
-    def _matrix(self, t):
-        """A (rows, cols) fp32 tensor -> a packed Mat of this precision (Q8_0 bytes for the int8 ones)."""
-        w = np.ascontiguousarray(t.detach().float().numpy())
+    def _matrix(self, w: np.ndarray):
+        """A (rows, cols) fp32 array -> a packed Mat of this precision (Q8_0 bytes for the int8 ones)."""
+        w = np.ascontiguousarray(w, np.float32)
         rows, cols = w.shape
         if self.precision == "fp32":
             data, type_id = w, TYPE_F32
         elif self.precision == "bf16":
             data, type_id = to_bf16(w), TYPE_BF16_AMX if self.amx else TYPE_BF16_PAIRS
-        elif self.precision in ("int7", "int7-a7", "int7-row"):
-            type_id = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW}[self.precision]
-            data = q7_0(w, per_row=self.precision == "int7-row")
+        elif self.precision in Q7_TYPES:
+            type_id = Q7_TYPES[self.precision]
+            data = q7_0(w, per_row=self.precision in ROW_PRECISIONS)
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize

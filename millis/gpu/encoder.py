@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,16 +115,22 @@ def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights,
 
 
 def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int, heads: int,
-                  eps: float, fused: bool) -> torch.Tensor:
+                  eps: float, fused: bool, observe: Callable | None = None) -> torch.Tensor:
     """One encoder layer. x (B*T, H) -> (B*T, H); attn_bias (B, 1, 1, T) additive, or None.
-    fused: the Triton epilogues and W8A8 kernels (CUDA), else the torch ones."""
+    fused: the Triton epilogues and W8A8 kernels (CUDA), else the torch ones. observe(lw, name, input): sees
+    the input of each GEMM (name: qkv, o, inter, down; millis.encoder.smooth's calibration)."""
+    see = observe or (lambda *a: None)
     add_ln = kernels.add_ln if fused else kernels.add_ln_torch
+    see(lw, "qkv", x)
     a = attention(x, attn_bias, lw, B, T, heads, fused)
+    see(lw, "o", a)
     x = add_ln(linear(a, lw.wo, kernel=fused), lw.bo, x, lw.ln1w, lw.ln1b, eps)
-    if isinstance(lw.w1, QuantWeight):  # bias + GELU in the W8A8 kernel's epilogue
+    see(lw, "inter", x)
+    if isinstance(lw.w1, QuantWeight):  # bias + GELU in the W8A8 kernel's epilogue (not observed: no down input)
         f = linear(x, lw.w1, lw.b1, gelu=True, kernel=fused)                # (B*T, I)
     else:
         f = (kernels.bias_gelu if fused else kernels.bias_gelu_torch)(F.linear(x, lw.w1), lw.b1)
+        see(lw, "down", f)
     return add_ln(linear(f, lw.w2, kernel=fused), lw.b2, x, lw.ln2w, lw.ln2b, eps)
 
 

@@ -30,6 +30,9 @@ typedef struct {
     mat qkv, o, inter, down;                 /* (3D, D), (D, D), (hidden, D), (D, hidden) */
     const float *bqkv, *bo, *bi, *bd;        /* (3D,), (D,), (hidden,), (D,) */
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    /* per input channel, 1 / the smoothing scale of each matrix's input (NULL: none): the row precisions
+       quantize x / s against weights stored as W * s (the same product; millis/encoder/smooth.py) */
+    const float *sqkv, *so, *si, *sd;        /* (D,), (D,), (D,), (hidden,) */
 } bert_layer;
 
 typedef struct {
@@ -53,9 +56,10 @@ typedef struct {
     const bert_w* m; const bert_scratch* s; const int32_t *ids, *pos, *types, *start; const bert_layer* w;
 } ctx_t;
 
-static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t) {
+/* row t of a matrix's input (K values) -> its activation blocks; inv: 1 / smoothing scale per channel, or NULL */
+static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t, const float* inv) {
     if (c->m->act == ACT_Q8)  /* as the matrices' type takes them (all share one) */
-        quantize_act(c->m->layers[0].qkv.type, x, K, (xblock*)c->s->xq + t * (K / QK));
+        quantize_act_smooth(c->m->layers[0].qkv.type, x, inv, K, (xblock*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
     else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
 }
@@ -67,7 +71,7 @@ static void op_embed(void* p, int64_t t) {  /* x = LN(word + position + type) */
     const float* ty = m->typ + (int64_t)c->types[t] * D;
     for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
     layernorm(x, m->emb_ln_w, m->emb_ln_b, D, m->eps, x);
-    quant_row(c, x, D, t);
+    quant_row(c, x, D, t, m->layers[0].sqkv);
 }
 
 static __thread float* tl_buf;   /* per thread: one head's Q, K, V and scores (op_attend) */
@@ -161,25 +165,31 @@ static void op_attend(void* p, int64_t job) {
 
 static void op_quant_att(void* p, int64_t t) {
     const ctx_t* c = p; const int D = c->m->dim;
-    quant_row(c, c->s->att + t * D, D, t);
+    quant_row(c, c->s->att + t * D, D, t, c->w->so);
 }
 
 /* x (a residual row that a matmul accumulated into) += bias, then LayerNorm and quantized for the next */
-static void bias_ln(const ctx_t* c, int64_t t, const float* b, const float* w, const float* lb) {
+static void bias_ln(const ctx_t* c, int64_t t, const float* b, const float* w, const float* lb, const float* inv) {
     const int D = c->m->dim;
     float* x = c->s->x + t * D;
     for (int i = 0; i < D; i++) x[i] += b[i];
     layernorm(x, w, lb, D, c->m->eps, x);
-    quant_row(c, x, D, t);
+    quant_row(c, x, D, t, inv);
 }
-static void op_ln1(void* p, int64_t t) { const ctx_t* c = p; bias_ln(c, t, c->w->bo, c->w->ln1_w, c->w->ln1_b); }
-static void op_ln2(void* p, int64_t t) { const ctx_t* c = p; bias_ln(c, t, c->w->bd, c->w->ln2_w, c->w->ln2_b); }
+/* LN1 feeds this layer's inter matrix; LN2 the next layer's qkv (the last layer's quantized rows go unread) */
+static void op_ln1(void* p, int64_t t) {
+    const ctx_t* c = p; bias_ln(c, t, c->w->bo, c->w->ln1_w, c->w->ln1_b, c->w->si);
+}
+static void op_ln2(void* p, int64_t t) {
+    const ctx_t* c = p; const int last = c->w == c->m->layers + c->m->n_layers - 1;
+    bias_ln(c, t, c->w->bd, c->w->ln2_w, c->w->ln2_b, last ? NULL : (c->w + 1)->sqkv);
+}
 
 static void op_gelu(void* p, int64_t t) {
     const ctx_t* c = p; const int H = c->m->hidden;
     float* h = c->s->h + t * H;
     bias_gelu_erf(h, c->w->bi, H);
-    quant_row(c, h, H, t);
+    quant_row(c, h, H, t, c->w->sd);
 }
 
 /* time per op kind, summed over calls (bert_profile reads and resets it) */

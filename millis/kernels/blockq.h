@@ -15,7 +15,10 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
        T_Q7_ROW = 113 /* millis's int7-row, not a ggml id: Q7_0's bytes with one scale per row (every block's d the
                          same) against activations in [-63, 63] with one scale per token (quantize_act): the
                          SIMD builds sum a row's products in int32 over all its blocks, one float step per row
-                         and token (packed_q7.h's q7r_tile) */ };
+                         and token (packed_q7.h's q7r_tile) */,
+       T_Q7_ROW8 = 114 /* millis's int7-row-a8, not a ggml id: T_Q7_ROW's weights against activations in
+                          [-127, 127] with one scale per token (the same tiles with a madd per step on AVX2) */ };
+static inline int is_row_type(int type) { return type == T_Q7_ROW || type == T_Q7_ROW8; }  /* one scale per row */
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 
@@ -114,6 +117,7 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */
+API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out);  /* of x * inv */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the

@@ -272,15 +272,24 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
             /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile);
                Q8_0 / Q7_0 also 4 groups x 1 token (decode: 4 streams); Q4_0 / Q4_1: 2 groups x 4 tokens (their
                1-token rows stay on the 8-row kernel: a 4-stream Q4 tile measured slower on the 1B Q4_0 decode,
-               0.83x llama.cpp's time against 0.75x) */
+               0.83x llama.cpp's time against 0.75x); T_Q7_ROW / ROW8: 4 or 2 groups x up to 6 tokens */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
-            const int a7 = W->type == T_Q7_A7, row = W->type == T_Q7_ROW;
+            const int a7 = W->type == T_Q7_A7, row = is_row_type(W->type);
             const int q7 = row || (Q7_SIGNED && (W->type == T_Q7_0 || a7));  /* q7s_panel: AVX2 builds, and T_Q7_ROW */
-            const int span = q8 && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || q7) && (g + 1) * 8 < n1 ? 2 : 1;
+            const int wide = q8 || (HAVE_AVX512 && row);  /* 32-row tiles */
+            const int span = wide && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || q7) && (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
 #if HAVE_AVX512
+                if (row && span >= 2) {  /* int7-row: 16 or 32 rows x up to 6 tokens (packed512.h) */
+                    const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
+                    float out[192];
+                    Q7R512_FNS[span / 2 - 1][T - 1](W->type == T_Q7_ROW ? 6 : 7, gp, gb, nu, X + m * nbx, nbx, out);
+                    for (int i = 0; i < span; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
+                    m += T;
+                    continue;
+                }
                 const int zero = stored_offset(W->type);
                 if (span == 4 && (m + 6 <= m1 || m1 - m < 4)) {  /* 6 tokens, or 1 (decode, rests) */
                     float out[192];
@@ -303,7 +312,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 }
 #endif
                 if (q7) {
-                    Q7S_FNS[row ? 2 : a7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+                    const int kind7 = row ? 2 + (W->type == T_Q7_ROW8) : a7;  /* q7s_panel's kind */
+                    Q7S_FNS[kind7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
                     m = m1;
                     continue;
                 }

@@ -177,6 +177,52 @@ static void float_tile32x6(const float* g, int64_t gs, int64_t K, const float* x
     const __m512 r[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
     for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
 }
+/* T_Q7_ROW / T_Q7_ROW8 (int7-row, int7-row-a8: shift 6 / 7) over 2Q groups (Q <= 2: 16 or 32 rows, gb bytes
+   apart) x T tokens (T <= 6): out[32 * t + r]. packed_q7.h's q7r_tile with vpdpbusd: the token's values + 64 or
+   + 128 (unsigned operand,
+   broadcast) against the signed weights; the int32 sums over the whole row are the AVX2 build's exactly
+   (maddubs / madd of the same products), and so is the one float step per row and token: the same bits
+   in both builds. Per unit only the rows' weight sums add up beside (no per-block float work). */
+AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g, int64_t gb, int64_t nu,
+                    const xblock* x, int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(T_Q7_ROW);
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero, za = zero;
+    __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero, zb = zero;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
+#define WSUMS(P, R) _mm512_cvtepi16_epi32(_mm256_inserti128_si256(                                       \
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(P + 16))), _mm_loadu_si128((const __m128i*)(R + 16)), 1))
+        za = _mm512_add_epi32(za, WSUMS(b0, b1));
+        if (Q > 1) zb = _mm512_add_epi32(zb, WSUMS(b2, b3));
+#undef WSUMS
+#pragma GCC unroll 1
+        for (int s = 0; s < 8; s++) {
+            const __m512i w0 = cat_i(b0 + 32 + 32 * s, b1 + 32 + 32 * s);
+            const __m512i w1 = Q > 1 ? cat_i(b2 + 32 + 32 * s, b3 + 32 + 32 * s) : w0;
+#define TOK(t) if (T > t) { const __m512i xv = bcast4z(x[t * xs + u].q + 4 * s); ia##t = _mm512_dpbusd_epi32(ia##t, xv, w0); \
+                            if (Q > 1) ib##t = _mm512_dpbusd_epi32(ib##t, xv, w1); }
+            TOK(0) TOK(1) TOK(2) TOK(3) TOK(4) TOK(5)
+#undef TOK
+        }
+    }
+    const __m512 da = scales16(g, g + gb), db = Q > 1 ? scales16(g + 2 * gb, g + 3 * gb) : da;  /* rows' scales */
+    za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
+    zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
+#define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
+        _mm512_storeu_ps(out + 32 * t, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd))); \
+        if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16,                                                         \
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)), _mm512_mul_ps(db, xd))); }
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
+#undef OUT
+}
+typedef void (*q7r512_fn)(int, const uint8_t*, int64_t, int64_t, const xblock*, int64_t, float*);
+#define Q7R512(Q, T) static void q7r512_##Q##_##T(int shift, const uint8_t* g, int64_t gb, int64_t nu, const xblock* x, \
+                                                  int64_t xs, float* out) { q7r_tile512(Q, T, shift, g, gb, nu, x, xs, out); }
+Q7R512(1, 1) Q7R512(1, 2) Q7R512(1, 3) Q7R512(1, 4) Q7R512(1, 5) Q7R512(1, 6)
+Q7R512(2, 1) Q7R512(2, 2) Q7R512(2, 3) Q7R512(2, 4) Q7R512(2, 5) Q7R512(2, 6)
+static const q7r512_fn Q7R512_FNS[2][6] = {{q7r512_1_1, q7r512_1_2, q7r512_1_3, q7r512_1_4, q7r512_1_5, q7r512_1_6},
+                                           {q7r512_2_1, q7r512_2_2, q7r512_2_3, q7r512_2_4, q7r512_2_5, q7r512_2_6}};
 #else
 #define HAVE_AVX512 0
 #endif

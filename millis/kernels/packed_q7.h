@@ -1,5 +1,5 @@
-/* millis's int7 (Q7_0, T_Q7_A7) on AVX2 builds without VNNI (Q7_SIGNED), and T_Q7_ROW (the same signed layout
-   with one scale per row and per token) on every SIMD build: the GEMM tiles of packed.c's packed_rows,
+/* millis's int7 (Q7_0, T_Q7_A7) on AVX2 builds without VNNI (Q7_SIGNED), and T_Q7_ROW / T_Q7_ROW8 (the same signed
+   layout with one scale per row and per token) on every SIMD build: the GEMM tiles of packed.c's packed_rows,
    included there. */
 #pragma once
 #include "packed.h"
@@ -23,6 +23,11 @@ AI __m256i q7s_steps(__m256i xv, __m256i xw, const __m256i* w) {  /* two steps' 
 #define A7_STEPS(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);           \
         A = _mm256_add_epi32(A, _mm256_madd_epi16(q7s_steps(xv, xw, w + s), one));                                \
         if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(q7s_steps(xv, xw, v + s), one)); }
+/* 8-bit (off 128): step s of block u, token X: a madd per step */
+#define A8_STEP(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                            \
+        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), one));     \
+        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(v + s)), \
+                                                             one)); }
 AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
                  const xblock* x, int64_t xs, float* out) {
     const int64_t ub = unit_bytes(T_Q7_0);
@@ -44,14 +49,9 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
         } else {
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
-#define TOK(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                                 \
-        A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), one));     \
-        if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(v + s)), \
-                                                             one)); }
-                TOK(x0, a0, e0)
-                if (T > 1) TOK(x1, a1, e1)
-                if (T > 2) TOK(x2, a2, e2)
-#undef TOK
+                A8_STEP(x0, a0, e0)
+                if (T > 1) A8_STEP(x1, a1, e1)
+                if (T > 2) A8_STEP(x2, a2, e2)
             }
         }
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
@@ -76,9 +76,11 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
    (sum over blocks of (x + 64) * w - 64 * (the row's weight sum)) * d_row * d_token. Per block that drops the
    sub / cvt / mul / fma of q7s_tile's epilogue (in L1 on Zen 3: 1.2x its MACs per cycle, near the
    maddubs / madd mix's own limit). |sums| <= K * 127 * 63: int32 holds K up to 268,000. The same integer
-   sums and float steps for every T and R, so a row never depends on its batch-mates. */
-AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x,
-                 int64_t xs, float* out) {
+   sums and float steps for every T and R, so a row never depends on its batch-mates.
+   a8 (T_Q7_ROW8): 8-bit activations, x + 128 (pairs <= 2 * 255 * 63 = 32130: a madd per step; |sums| <=
+   K * 255 * 63, K up to 133,000). */
+AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
+                 const xblock* x, int64_t xs, float* out) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
     const __m256i one = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0, z0 = a0, z1 = a0;
@@ -88,6 +90,15 @@ AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1,
         const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
         z0 = _mm256_add_epi32(z0, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(b + 16))));
         if (R > 1) z1 = _mm256_add_epi32(z1, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(c + 16))));
+        if (a8) {
+#pragma GCC unroll 1
+            for (int s = 0; s < 8; s++) {
+                A8_STEP(x0, a0, e0)
+                if (T > 1) A8_STEP(x1, a1, e1)
+                if (T > 2) A8_STEP(x2, a2, e2)
+            }
+            continue;
+        }
 #pragma GCC unroll 1
         for (int s = 0; s < 8; s += 2) {
             A7_STEPS(x0, a0, e0)
@@ -97,8 +108,8 @@ AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1,
     }
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g0));  /* the rows' scales */
     const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g1)) : dv;
-    z0 = _mm256_slli_epi32(z0, 6);
-    z1 = _mm256_slli_epi32(z1, 6);
+    z0 = _mm256_slli_epi32(z0, a8 ? 7 : 6);
+    z1 = _mm256_slli_epi32(z1, a8 ? 7 : 6);
     const __m256i r[6] = {a0, e0, a1, e1, a2, e2};
     for (int t = 0; t < T; t++) {
         const __m256 xd = _mm256_set1_ps(x[t * xs].d);  /* the token's scale (every block's) */
@@ -110,14 +121,14 @@ AI void q7r_tile(const int R, const int T, const uint8_t* g0, const uint8_t* g1,
 }
 /* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
    (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3);
-   kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile) */
+   kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile), 3 int7-row-a8 (T_Q7_ROW8) */
 AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
                   int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
     while (m < m1) {
         const int64_t left = m1 - m;
         const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
         float out[48];
-#define TILE(T) { if (kind == 2) q7r_tile(R, T, g0, g1, nu, X + m * nbx, nbx, out); \
+#define TILE(T) { if (kind >= 2) q7r_tile(kind == 3, R, T, g0, g1, nu, X + m * nbx, nbx, out); \
                   else q7s_tile(kind, R, T, g0, g1, nu, X + m * nbx, nbx, out); }
         if (T == 3) TILE(3)
         else if (T == 2) TILE(2)
@@ -133,5 +144,5 @@ typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, i
     static void q7s_##KIND##_##R(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, \
                                  int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) { \
         q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
-Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2)
-static const q7s_fn Q7S_FNS[3][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}};
+Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2) Q7S(3, 1) Q7S(3, 2)
+static const q7s_fn Q7S_FNS[4][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}, {q7s_3_1, q7s_3_2}};

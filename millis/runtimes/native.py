@@ -1,5 +1,5 @@
 """millis's native encoder: BERT-family models on millis's own C kernels (millis.encoder.native), in one of
-its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7 or int7-row.
+its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7, int7-row or int7-row-a8.
 
 The variant directory holds the model's fp32 weights (config.json + model.safetensors); they are
 quantized and packed for this CPU's ISA at load, and the padding of a batch is never computed.

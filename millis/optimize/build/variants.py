@@ -70,6 +70,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, 7-bit weights x 7-bit activations (scales per 32): AVX2 sums 2 steps in int16"),
     Variant("native-int7-row", "native", "int8", ("weights",), {"precision": "int7-row"},
             "millis's C encoder, int7-a7 with one scale per weight row and per token: int32 sums over all of K"),
+    Variant("native-int7-row-a8", "native", "int8", ("weights",), {"precision": "int7-row-a8"},
+            "millis's C encoder, int7-row's weights x 8-bit activations per token, smoothed (as fast on VNNI)"),
     Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
             "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
     Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},
