@@ -177,10 +177,10 @@ static void float_tile32x6(const float* g, int64_t gs, int64_t K, const float* x
     const __m512 r[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
     for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
 }
-/* T_Q7_ROW / T_Q7_ROW8 (int7-row, int7-row-a8: shift 6 / 7) over 2Q groups (Q <= 2: 16 or 32 rows, gb bytes
-   apart) x T tokens (T <= 6): out[32 * t + r]. packed_q7.h's q7r_tile with vpdpbusd: the token's values + 64 or
-   + 128 (unsigned operand,
-   broadcast) against the signed weights; the int32 sums over the whole row are the AVX2 build's exactly
+/* T_Q7_ROW / T_Q7_ROW8 (int7-row, int7-row-a8: shift 6 / 7) over Q pairs of groups (Q <= 2: 16 or 32 rows;
+   packed.h's PAIRED_ROWS layout, pairs 2 * gb bytes apart) x T tokens (T <= 6): out[32 * t + r]. packed_q7.h's
+   q7r_tile with vpdpbusd: the token's values + 64 or + 128 (unsigned operand, broadcast) against the signed
+   weights (one 64-byte load per 16 rows and step); the int32 sums over the whole row are the AVX2 build's exactly
    (maddubs / madd of the same products), and so is the one float step per row and token: the same bits
    in both builds. Per unit only the rows' weight sums add up beside (no per-block float work). */
 AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g, int64_t gb, int64_t nu,
@@ -189,24 +189,22 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g,
     const __m512i zero = _mm512_setzero_si512();
     __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero, za = zero;
     __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero, zb = zero;
-    for (int64_t u = 0; u < nu; u++) {
-        const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
-#define WSUMS(P, R) _mm512_cvtepi16_epi32(_mm256_inserti128_si256(                                       \
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(P + 16))), _mm_loadu_si128((const __m128i*)(R + 16)), 1))
-        za = _mm512_add_epi32(za, WSUMS(b0, b1));
-        if (Q > 1) zb = _mm512_add_epi32(zb, WSUMS(b2, b3));
-#undef WSUMS
+    for (int64_t u = 0; u < nu; u++) {  /* pairs of groups (packed.h's PAIRED_ROWS): 2 * ub bytes a unit */
+        const uint8_t *p0 = g + 2 * u * ub, *p1 = p0 + 2 * gb;
+        za = _mm512_add_epi32(za, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p0 + 32))));
+        if (Q > 1) zb = _mm512_add_epi32(zb, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p1 + 32))));
 #pragma GCC unroll 1
         for (int s = 0; s < 8; s++) {
-            const __m512i w0 = cat_i(b0 + 32 + 32 * s, b1 + 32 + 32 * s);
-            const __m512i w1 = Q > 1 ? cat_i(b2 + 32 + 32 * s, b3 + 32 + 32 * s) : w0;
+            const __m512i w0 = _mm512_loadu_si512(p0 + 64 + 64 * s);
+            const __m512i w1 = Q > 1 ? _mm512_loadu_si512(p1 + 64 + 64 * s) : w0;
 #define TOK(t) if (T > t) { const __m512i xv = bcast4z(x[t * xs + u].q + 4 * s); ia##t = _mm512_dpbusd_epi32(ia##t, xv, w0); \
                             if (Q > 1) ib##t = _mm512_dpbusd_epi32(ib##t, xv, w1); }
             TOK(0) TOK(1) TOK(2) TOK(3) TOK(4) TOK(5)
 #undef TOK
         }
     }
-    const __m512 da = scales16(g, g + gb), db = Q > 1 ? scales16(g + 2 * gb, g + 3 * gb) : da;  /* rows' scales */
+    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));  /* the rows' scales */
+    const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
     zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \

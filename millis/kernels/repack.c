@@ -102,6 +102,18 @@ static void pack_group(void* p, int64_t g) {
         return;
     }
     const int64_t nu = units(W), ub = unit_bytes(W->type);
+    if (paired(W->type, g, W->rows)) {  /* this group's halves of its pair's units (packed.h) */
+        uint8_t unit[288];
+        const int h = (int)(g & 1);
+        for (int64_t u = 0; u < nu; u++) {
+            pack_unit(W, g, u, unit);
+            uint8_t* pu = dst + ((g & ~(int64_t)1) * nu + 2 * u) * ub;
+            memcpy(pu + 16 * h, unit, 16);
+            memcpy(pu + 32 + 16 * h, unit + 16, 16);
+            for (int s = 0; s < 8; s++) memcpy(pu + 64 + 64 * s + 32 * h, unit + 32 + 32 * s, 32);
+        }
+        return;
+    }
     for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
 }
 
