@@ -31,6 +31,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_family_model() -> str:
+    """'family F model M' from /proc/cpuinfo, or "" when unknown. A VM's model name is often just "AMD EPYC":
+    AMD family 25 is Zen 3 (model 1: Milan) or Zen 4 (model 17: Genoa), family 26 Zen 5."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+
+
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (its affinity mask; each hyper-thread counts as one)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -73,7 +90,7 @@ def describe() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # an optional runtime not installed
             pass
-    return {"cpu": cpu_model(), "cores": usable_cpus(),
+    return {"cpu": cpu_model(), "cpu_id": cpu_family_model(), "cores": usable_cpus(),
             "isa": sorted(f for f in ISA_FLAGS if f in cpu_flags()), "machine": platform.machine(),
             "python": platform.python_version(), "versions": versions, "gpu": gpu_name()}
 
