@@ -26,8 +26,6 @@ def input_amax(encoder) -> list[dict[str, np.ndarray]]:
     """Per layer, the largest |x| per input channel of each GEMM (qkv, o, inter, down) on random token ids."""
     from functools import partial
 
-    from millis.gpu.encoder import layer_forward
-
     c = encoder.cfg
     B, T = CALIBRATION[0], min(CALIBRATION[1], c.max_positions)
     low = 1000 if c.vocab > 2000 else 0  # past BERT vocabularies' special and unused tokens
@@ -40,8 +38,8 @@ def input_amax(encoder) -> list[dict[str, np.ndarray]]:
         seen = stats[index[id(lw)]]
         seen[name] = np.maximum(seen[name], a) if name in seen else a
 
-    layer = encoder.layer
-    encoder.layer = partial(layer_forward, observe=observe)
+    layer = encoder.layer  # millis.gpu.encoder.layer_forward (its `observe` hook sees each GEMM's input)
+    encoder.layer = partial(layer, observe=observe)
     try:
         with torch.no_grad():
             encoder(ids, torch.ones_like(ids), torch.zeros_like(ids))
