@@ -285,7 +285,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 if (row && span >= 2) {  /* int7-row: 16 or 32 rows x up to 6 tokens (packed512.h) */
                     const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
                     float out[192];
-                    Q7R512_FNS[span / 2 - 1][T - 1](W->type == T_Q7_ROW ? 6 : 7, gp, gb, nu, X + m * nbx, nbx, out);
+                    const int shift = __builtin_ctz(act_offset(W->type));  /* log2 of the activations' 64 / 128 */
+                    Q7R512_FNS[span / 2 - 1][T - 1](shift, gp, gb, nu, X + m * nbx, nbx, out);
                     for (int i = 0; i < span; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
                     m += T;
                     continue;
