@@ -162,7 +162,8 @@ def fr(r: dict | None) -> str:
 def print_tables(out: dict) -> None:
     m, bw = out.get("machine", {}), out.get("bandwidth") or {}
     print(f"\n{m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores, {out.get('threads')} threads; "
-          f"read bandwidth {fmt(bw.get('gbps'))} GB/s; llama.cpp {out.get('llama_cpp_build', {}).get('version')}")
+          f"read bandwidth {fmt(bw.get('gbps'))} GB/s (median run {fmt(bw.get('gbps_median'))}); "
+          f"llama.cpp {out.get('llama_cpp_build', {}).get('version')}")
     print("\nfiles")
     for n, f in out.get("files", {}).items():
         import gguf_files
