@@ -13,8 +13,8 @@ def measure_bandwidth(mib: int, threads: int, work: Path) -> dict:
     """Read bandwidth (GB/s, best of 5) of a `mib` MiB float32 reduction: numpy a.sum() on 1 thread and on
     `threads` threads (one half each: numpy releases the GIL), and a C loop (cc -O3 -fopenmp) when cc works.
     `gbps` is the best method's best run; `gbps_median` the highest of the methods' median runs, recorded
-    beside it because a VM's best run can be a spike (Zen 4, 2026-12-02: runs of the C loop at 2 threads read 27-32
-    GB/s, and one run in a few read 47-55)."""
+    beside it because a VM's bandwidth moves by the minute (Zen 4, 2026-12-02: the C loop at 2 threads read
+    27-33 GB/s in some minutes and 42-55 in others)."""
     from concurrent.futures import ThreadPoolExecutor
 
     a = np.ones((mib << 20) // 4, np.float32)  # written once: every page is resident
