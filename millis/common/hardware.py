@@ -9,43 +9,35 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("flags", "model name", "cpu family", "model", ...), or {}."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    return frozenset(cpuinfo().get("flags", "").split())
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_family_model() -> str:
-    """'family F model M' from /proc/cpuinfo, or "" when unknown. A VM's model name is often just "AMD EPYC":
-    AMD family 25 is Zen 3 (model 1: Milan) or Zen 4 (model 17: Genoa), family 26 Zen 5."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
-                if not line.strip():
-                    break
-    except OSError:
-        pass
-    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+    """'family F model M', or "" when unknown. A VM's model name is often just "AMD EPYC": AMD family 25 is
+    Zen 3 (model 1: Milan) or Zen 4 (model 17: Genoa), family 26 Zen 5."""
+    info = cpuinfo()
+    return f"family {info['cpu family']} model {info['model']}" if {"cpu family", "model"} <= info.keys() else ""
 
 
 def usable_cpus() -> int:

@@ -48,21 +48,13 @@ int type_block(int type) {
 
 int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T_BF16; }
 
-/* block b of x, or of x * inv (computed into sm) when inv is not NULL */
-static inline const float* smooth_block(const float* x, const float* inv, int64_t b, float* sm) {
-    if (!inv) return x + b * QK;
-    for (int i = 0; i < QK; i++) sm[i] = x[b * QK + i] * inv[b * QK + i];
-    return sm;
-}
-
-/* x (or x * inv) -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7 and
+/* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7 and
    T_Q7_ROW), stored as q + off (mod 256: packed.h's act_offset; sum and half keep q's sums). amax: the
    block's largest |x|, or the whole row's when row_amax >= 0 (one scale per token: T_Q7_ROW, T_Q7_ROW8) */
-static inline void quantize_levels(const float* x, const float* inv, int64_t K, xblock* out, const float lv,
-                                   const uint8_t off, const float row_amax) {
-    float sm[QK];
+static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
+                                   const float row_amax) {
     for (int64_t b = 0; b < K / QK; b++) {
-        const float* r = smooth_block(x, inv, b, sm);
+        const float* r = x + b * QK;
 #ifdef __AVX2__
         /* the scalar code below, 8 lanes at a time: the same amax, products and round-to-nearest-even
            (cvtps under the default MXCSR rounds as nearbyintf does), so the same bytes */
@@ -100,16 +92,20 @@ static inline void quantize_levels(const float* x, const float* inv, int64_t K, 
         out[b].half[1] = (int16_t)h1;
     }
 }
-API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, NULL, K, out, 127.f, 0, -1.f); }
+API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0, -1.f); }
 /* x * inv (inv: per channel, or NULL for x) for a packed matrix of this type: values in [-63, 63] for T_Q7_A7
    and T_Q7_ROW, else quantize_x's, each value plus act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out) {
+    float sm[inv ? K : 1];  /* x * inv, once: the row's amax and its quantization both read it */
+    if (inv) {
+        for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
+        x = sm;
+    }
     float row_amax = -1.f;  /* per block */
     if (is_row_type(type)) {
         row_amax = 0.f;
-        float sm[QK];
         for (int64_t b = 0; b < K / QK; b++) {
-            const float* r = smooth_block(x, inv, b, sm);
+            const float* r = x + b * QK;
 #ifdef __AVX2__  /* 8 lanes at a time (the scalar loop is a 1-cycle dependency chain: +1.4 ms of BERT-base
                     b1xs128's 46 on Zen 4); a max is exact, so the same value */
             __m256 v[4];
@@ -121,7 +117,7 @@ API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t
             row_amax = a > row_amax ? a : row_amax;
         }
     }
-    quantize_levels(x, inv, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type),
+    quantize_levels(x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type),
                     row_amax);
 }
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) { quantize_act_smooth(type, x, NULL, K, out); }

@@ -108,8 +108,9 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
     }
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g0));  /* the rows' scales */
     const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g1)) : dv;
-    z0 = _mm256_slli_epi32(z0, a8 ? 7 : 6);
-    z1 = _mm256_slli_epi32(z1, a8 ? 7 : 6);
+    const int shift = __builtin_ctz(act_offset(a8 ? T_Q7_ROW8 : T_Q7_ROW));  /* x 64 / 128: the activations' offset */
+    z0 = _mm256_sll_epi32(z0, _mm_cvtsi32_si128(shift));
+    z1 = _mm256_sll_epi32(z1, _mm_cvtsi32_si128(shift));
     const __m256i r[6] = {a0, e0, a1, e1, a2, e2};
     for (int t = 0; t < T; t++) {
         const __m256 xd = _mm256_set1_ps(x[t * xs].d);  /* the token's scale (every block's) */
