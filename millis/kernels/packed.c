@@ -162,7 +162,7 @@ typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*
         group_dot(TYPE, 1, g, nu, x, xs, out); }                                                        \
     static void NAME##_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
         group_dot(TYPE, 4, g, nu, x, xs, out); }
-GROUP_FNS(g_q8_0, T_Q8_0) GROUP_FNS(g_q7_0, T_Q7_0) GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1)
+GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1)
 GROUP_FNS(g_q5_0, T_Q5_0)
 GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
 
@@ -198,6 +198,41 @@ AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, 
     _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
     _mm256_storeu_ps(out + 24, f3);
 }
+/* Q8_0 / Q7_0 (VNNI builds' w + 64 or w + 128: zero) x 1 token (decode): one group of 8 rows, one sequential stream
+   prefetched PF_BYTES ahead, two integer chains (even and odd steps) added exactly per block, then q8_tile4's
+   float step. Zen 4, SmolLM2 decode, processes alternated (2026-12-02): the Q8_0 head (49152 x 576) 1.0-1.15 ms
+   against 1.3-2.1 ms on the 4-stream, 32-row AVX-512 tile this replaced, Llama-1B-shape Q8_0 decode 35-44 ms
+   against 47-49 (why is not settled: that tile's 4 streams run only 4.9 KB each at K = 576; micro-benchmarks
+   of the matrices alone did not show the gap). */
+AI void q8_stream1(const int zero, const uint8_t* g, int64_t nu, const xblock* x, float* out) {
+    const int q7 = zero != 0;
+    const int64_t ub = unit_bytes(T_Q8_0);
+    __m256 f = _mm256_setzero_ps();
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t* b = g + u * ub;
+        for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
+        const uint8_t* q = b + 16;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+        for (int s = 0; s < 8; s += 2) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i*)(q + 32 * s + 32));
+            const __m256i x0 = bcast4(x[u].q + 4 * s), x1 = bcast4(x[u].q + 4 * s + 4);
+            a0 = dot_u8s8(a0, q7 ? w0 : _mm256_sign_epi8(w0, w0), q7 ? x0 : _mm256_sign_epi8(x0, w0));
+            a1 = dot_u8s8(a1, q7 ? w1 : _mm256_sign_epi8(w1, w1), q7 ? x1 : _mm256_sign_epi8(x1, w1));
+        }
+        __m256i i = _mm256_add_epi32(a0, a1);
+        if (q7) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * x[u].sum));
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(x[u].d)), f);
+    }
+    _mm256_storeu_ps(out, _mm256_add_ps(f, _mm256_setzero_ps()));  /* + 0.f: group_dot's zero offset */
+}
+static void q8_0_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    (void)xs; q8_stream1(stored_offset(T_Q8_0), g, nu, x, out);
+}
+static void q7_0_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    (void)xs; q8_stream1(stored_offset(T_Q7_0), g, nu, x, out);
+}
 static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
     q8_tile4(stored_offset(T_Q8_0), g, nu, x, xs, out);
 }
@@ -207,8 +242,8 @@ static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, fl
 
 static void group_fns(int type, group_fn* f1, group_fn* f4) {
     switch (type) {
-        case T_Q8_0: *f1 = g_q8_0_1; *f4 = q8_0_4; return;
-        case T_Q7_0: case T_Q7_A7: *f1 = g_q7_0_1; *f4 = q7_0_4; return;
+        case T_Q8_0: *f1 = q8_0_1; *f4 = q8_0_4; return;
+        case T_Q7_0: case T_Q7_A7: *f1 = q7_0_1; *f4 = q7_0_4; return;
         case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
         case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
         case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;
@@ -270,9 +305,9 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
             /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile);
-               Q8_0 / Q7_0 also 4 groups x 1 token (decode: 4 streams); Q4_0 / Q4_1: 2 groups x 4 tokens (their
-               1-token rows stay on the 8-row kernel: a 4-stream Q4 tile measured slower on the 1B Q4_0 decode,
-               0.83x llama.cpp's time against 0.75x); T_Q7_ROW / ROW8: 4 or 2 groups x up to 6 tokens */
+               Q4_0 / Q4_1: 2 groups x 4 tokens; 1-token rows of every type on the 8-row kernels, one stream
+               (4-stream tiles measured slower: the 1B Q4_0 decode at 0.83x llama.cpp's time against 0.75x, and
+               Q8_0: q8_stream1); T_Q7_ROW / ROW8: 4 or 2 groups x up to 6 tokens */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
             const int a7 = W->type == T_Q7_A7, row = is_row_type(W->type);
@@ -292,13 +327,11 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                     continue;
                 }
                 const int zero = stored_offset(W->type);
-                if (span == 4 && (m + 6 <= m1 || m1 - m < 4)) {  /* 6 tokens, or 1 (decode, rests) */
+                if (span == 4 && m + 6 <= m1) {  /* 6 tokens */
                     float out[192];
-                    const int T = m + 6 <= m1 ? 6 : 1;
-                    if (T == 6) q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
-                    else q8_tile32x1(zero, gp, gb, nu, X + m * nbx, out);
-                    for (int i = 0; i < 4; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
-                    m += T;
+                    q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
+                    for (int i = 0; i < 4; i++) store_group(Y, ldy, m, 6, g + i, n1, out + 8 * i, 32, acc);
+                    m += 6;
                     continue;
                 }
                 if (span >= 2 && m + 4 <= m1 && !q7) {
