@@ -134,6 +134,42 @@ def test_simd_builds_agree_bitwise(qtype):
         assert all(np.array_equal(got[0], g) for g in got[1:]), (qtype, M)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", ("F32", "Q8_0"))
+def test_decode_streams_give_the_same_bytes(isa, qtype):
+    """packed.c's decode_streams: one stream per 8-row group, or four groups' at once (the AVX-512 32-row
+    tiles), the same sums in the same order: the same bytes at decode (M = 1) and for a batch's 1-token rests
+    (M = 5), over 32-row quads and a padded lone group (N = 45). The default follows the CPU: 4 on AMD family
+    26 (Zen 5), else 1."""
+    from millis.common.hardware import cpu_family_model
+
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    lib.decode_streams.restype, lib.decode_streams.argtypes = ctypes.c_int, [ctypes.c_int]
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    before = lib.decode_streams(0)
+    assert before == (4 if cpu_family_model().startswith("family 26 ") else 1)
+    rng = np.random.default_rng(6)
+    N, K = 45, 512
+    raw, _ = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
+    raw = np.ascontiguousarray(raw)
+    keep: list = []
+    mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+    try:
+        for M in (1, 5):
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            xq, _ = quantized_rows(lib, x)
+            got = []
+            for streams in (1, 4):
+                assert lib.decode_streams(streams) == streams
+                y = np.full((M, N), np.nan, np.float32)
+                lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 1)
+                got.append(y)
+            assert np.isfinite(got[0]).all() and np.array_equal(got[0], got[1]), (qtype, M)
+    finally:
+        lib.decode_streams(before)
+
+
 def test_activation_blocks_round_to_nearest():
     lib = build("llama_step", KERNEL_SOURCES, ISAS[-1])
     x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32) * [[1.0], [1e-3], [0.0]]

@@ -3,6 +3,32 @@
 #include "packed.h"
 #include "packed512.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+/* How decode (1 token) reads Q8_0 / Q7_0 and F32 matrices on AVX-512: 1, one sequential stream per 8-row group
+   (q8_stream1, float_tile); 4, four groups' streams at once (packed512.h's 32-row tiles). Measured, SmolLM2 and
+   Llama-1B-shaped decode against llama.cpp: on Zen 5 (2026-12-01) 4 streams took the 1B Q8_0 decode from 0.82x
+   to 0.68x llama.cpp's time; on Zen 4 (2026-12-02) 1 stream took it from 0.84-0.92x to 0.69x, and the F32
+   decode from 0.96-1.07x to 0.88-0.94x. So 4 on AMD family 26 (Zen 5), 1 elsewhere (AVX2 builds read one
+   stream per group whatever this says). Same sums either way: only the speed differs. */
+static int g_streams;  /* 0 until first asked */
+API int decode_streams(int n) {  /* n = 1 or 4 sets the rule (tests); returns the one in force */
+    if (n == 1 || n == 4) g_streams = n;
+    if (!g_streams) {
+        int family = 0;
+#if defined(__x86_64__)
+        unsigned a, b, c, d;
+        if (__get_cpuid(1, &a, &b, &c, &d)) family = (a >> 8 & 0xF) == 0xF ? 15 + (a >> 20 & 0xFF) : a >> 8 & 0xF;
+#endif
+        g_streams = family == 26 ? 4 : 1;
+    }
+    return g_streams;
+}
+
+static inline int streams_now(void) { return g_streams ? g_streams : decode_streams(0); }
+
 #ifdef __AVX2__
 #include "packed_dot.h"
 #include "packed_q7.h"
@@ -201,9 +227,9 @@ AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, 
 /* Q8_0 / Q7_0 (VNNI builds' w + 64 or w + 128: zero) x 1 token (decode): one group of 8 rows, one sequential stream
    prefetched PF_BYTES ahead, two integer chains (even and odd steps) added exactly per block, then q8_tile4's
    float step. Zen 4, SmolLM2 decode, processes alternated (2026-12-02): the Q8_0 head (49152 x 576) 1.0-1.15 ms
-   against 1.3-2.1 ms on the 4-stream, 32-row AVX-512 tile this replaced, Llama-1B-shape Q8_0 decode 35-44 ms
-   against 47-49 (why is not settled: that tile's 4 streams run only 4.9 KB each at K = 576; micro-benchmarks
-   of the matrices alone did not show the gap). */
+   against 1.3-2.1 ms on the 4-stream tile (decode_streams), Llama-1B-shape Q8_0 decode 35-44 ms against 47-49
+   (why is not settled: that tile's 4 streams run only 4.9 KB each at K = 576; micro-benchmarks of the matrices
+   alone did not show the gap). */
 AI void q8_stream1(const int zero, const uint8_t* g, int64_t nu, const xblock* x, float* out) {
     const int q7 = zero != 0;
     const int64_t ub = unit_bytes(T_Q8_0);
@@ -267,7 +293,7 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
             for (int64_t m = m0; m < m1;) {
                 const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
 #if HAVE_AVX512
-                if (quad && (T == 6 || T == 1)) {
+                if (quad && (T == 6 || (T == 1 && streams_now() == 4))) {
                     float out[192];
                     if (T == 6) float_tile32x6(g0, 8 * K, K, X + m * K, out);
                     else float_tile32x1(g0, 8 * K, K, X + m * K, out);
@@ -276,8 +302,8 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
                     continue;
                 }
 #endif
-                for (int h = 0; h < R; h += 2) {  /* pairs of groups (the last one alone) */
-                    const int Rh = R - h < 2 ? 1 : 2;
+                for (int h = 0; h < R; h += T == 1 ? 1 : 2) {  /* pairs of groups (decode: one group, one stream) */
+                    const int Rh = R - h < 2 || T == 1 ? 1 : 2;
                     const float* gh = g0 + h * 8 * K;
                     float out[96];
                     FLOAT_FNS[Rh - 1][T - 1](gh, gh + 8 * K, K, X + m * K, out);
@@ -305,9 +331,10 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
             /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile);
-               Q4_0 / Q4_1: 2 groups x 4 tokens; 1-token rows of every type on the 8-row kernels, one stream
-               (4-stream tiles measured slower: the 1B Q4_0 decode at 0.83x llama.cpp's time against 0.75x, and
-               Q8_0: q8_stream1); T_Q7_ROW / ROW8: 4 or 2 groups x up to 6 tokens */
+               Q8_0 / Q7_0 also 4 groups x 1 token where decode_streams is 4; Q4_0 / Q4_1: 2 groups x 4 tokens
+               (their 1-token rows stay on the 8-row kernel: a 4-stream Q4 tile measured slower on the 1B Q4_0
+               decode on Zen 5, 0.83x llama.cpp's time against 0.75x); T_Q7_ROW / ROW8: 4 or 2 groups x up to
+               6 tokens */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
             const int a7 = W->type == T_Q7_A7, row = is_row_type(W->type);
@@ -327,11 +354,13 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                     continue;
                 }
                 const int zero = stored_offset(W->type);
-                if (span == 4 && m + 6 <= m1) {  /* 6 tokens */
+                if (span == 4 && (m + 6 <= m1 || (streams_now() == 4 && m1 - m < 4))) {  /* 6 tokens, or 1 (decode, rests) */
                     float out[192];
-                    q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
-                    for (int i = 0; i < 4; i++) store_group(Y, ldy, m, 6, g + i, n1, out + 8 * i, 32, acc);
-                    m += 6;
+                    const int T = m + 6 <= m1 ? 6 : 1;
+                    if (T == 6) q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
+                    else q8_tile32x1(zero, gp, gb, nu, X + m * nbx, out);
+                    for (int i = 0; i < 4; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
+                    m += T;
                     continue;
                 }
                 if (span >= 2 && m + 4 <= m1 && !q7) {

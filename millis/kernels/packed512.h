@@ -125,6 +125,32 @@ AI void q8_tile32x6(const int zero, const uint8_t* g, int64_t gb, int64_t nu, co
     for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
 }
 
+/* Decode (1 token) over 4 groups: four interleaved streams, each prefetched PF_BYTES ahead (one stream per
+   group, as the 8-row kernels read, leaves a core's memory parallelism unused at Zen 5's bandwidth; on Zen 4
+   it is the slower way: packed.c's decode_streams). The same per-row sums and float steps as q8_stream1 /
+   float_tile at T = 1 (+ 0.f: group_dot's zero offset). */
+AI void q8_tile32x1(const int zero, const uint8_t* g, int64_t gb, int64_t nu, const xblock* x, float* out) {
+    const int64_t ub = unit_bytes(T_Q8_0);
+    __m512 fa = _mm512_setzero_ps(), fb = fa;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
+        for (int64_t o = 0; o < ub; o += 64) {
+            _mm_prefetch((const char*)b0 + PF_BYTES + o, _MM_HINT_T0); _mm_prefetch((const char*)b1 + PF_BYTES + o, _MM_HINT_T0);
+            _mm_prefetch((const char*)b2 + PF_BYTES + o, _MM_HINT_T0); _mm_prefetch((const char*)b3 + PF_BYTES + o, _MM_HINT_T0);
+        }
+        __m512i ia = _mm512_set1_epi32(-zero * x[u].sum), ib = ia;
+        for (int s = 0; s < 8; s++) {
+            const __m512i xv = bcast4z(x[u].q + 4 * s);
+            ia = _mm512_dpbusd_epi32(ia, cat_i(b0 + 16 + 32 * s, b1 + 16 + 32 * s), xv);
+            ib = _mm512_dpbusd_epi32(ib, cat_i(b2 + 16 + 32 * s, b3 + 16 + 32 * s), xv);
+        }
+        const __m512 dx = _mm512_set1_ps(x[u].d);
+        fa = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(scales16(b0, b1), dx), fa);
+        fb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), _mm512_mul_ps(scales16(b2, b3), dx), fb);
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(fa, _mm512_setzero_ps()));
+    _mm512_storeu_ps(out + 16, _mm512_add_ps(fb, _mm512_setzero_ps()));
+}
 static void float_tile32x1(const float* g, int64_t gs, int64_t K, const float* x, float* out) {
     __m512 a = _mm512_setzero_ps(), b = a;
     for (int64_t k = 0; k < K; k++) {
