@@ -11,8 +11,9 @@
    (q8_stream1, float_tile); 4, four groups' streams at once (packed512.h's 32-row tiles). Measured, SmolLM2 and
    Llama-1B-shaped decode against llama.cpp: on Zen 5 (2026-12-01) 4 streams took the 1B Q8_0 decode from 0.82x
    to 0.68x llama.cpp's time; on Zen 4 (2026-12-02) 1 stream took it from 0.84-0.92x to 0.69x, and the F32
-   decode from 0.96-1.07x to 0.88-0.94x. So 4 on AMD family 26 (Zen 5), 1 elsewhere (AVX2 builds read one
-   stream per group whatever this says). Same sums either way: only the speed differs. */
+   decode from 0.96-1.07x to 0.88-0.94x. So 4 on AMD family 26 (Zen 5), 1 elsewhere. AVX2 builds have no
+   32-row tiles: Q8_0 one stream per group, F32 pairs of groups, whatever this says. Same sums either way:
+   only the speed differs. */
 static int g_streams;  /* 0 until first asked */
 API int decode_streams(int n) {  /* n = 1 or 4 sets the rule (tests); returns the one in force */
     if (n == 1 || n == 4) g_streams = n;
@@ -302,8 +303,9 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
                     continue;
                 }
 #endif
-                for (int h = 0; h < R; h += T == 1 ? 1 : 2) {  /* pairs of groups (decode: one group, one stream) */
-                    const int Rh = R - h < 2 || T == 1 ? 1 : 2;
+                const int one = HAVE_AVX512 && T == 1;  /* AVX-512 decode (decode_streams 1): a group at a time */
+                for (int h = 0; h < R; h += one ? 1 : 2) {  /* pairs of groups (the last one alone) */
+                    const int Rh = R - h < 2 || one ? 1 : 2;
                     const float* gh = g0 + h * 8 * K;
                     float out[96];
                     FLOAT_FNS[Rh - 1][T - 1](gh, gh + 8 * K, K, X + m * K, out);
