@@ -53,14 +53,22 @@ int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T
    block's largest |x|, or the whole row's when row_amax >= 0 (one scale per token: T_Q7_ROW, T_Q7_ROW8) */
 static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
                                    const float row_amax) {
+#ifdef __AVX2__
+    const int row = row_amax >= 0.f;  /* one scale per token: its d and 1 / d once, no block maxima */
+    const float row_d = row_amax / lv, row_id = row_amax > 0.f ? lv / row_amax : 0.f;
+#endif
     for (int64_t b = 0; b < K / QK; b++) {
         const float* r = x + b * QK;
 #ifdef __AVX2__
         /* the scalar code below, 8 lanes at a time: the same amax, products and round-to-nearest-even
            (cvtps under the default MXCSR rounds as nearbyintf does), so the same bytes */
         __m256 v[4];
-        const float block = block_amax(r, v), amax = row_amax >= 0.f ? row_amax : block;
-        const float d = amax / lv, id = amax > 0.f ? lv / amax : 0.f;
+        float d = row_d, id = row_id;
+        if (row) for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(r + 8 * i);
+        else {
+            const float amax = block_amax(r, v);
+            d = amax / lv; id = amax > 0.f ? lv / amax : 0.f;
+        }
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
         /* q[0], q[1]: values 0..15; q[2], q[3]: 16..31 -> the two half sums, then their total */
@@ -97,25 +105,28 @@ API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x,
    and T_Q7_ROW, else quantize_x's, each value plus act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out) {
     float sm[inv ? K : 1];  /* x * inv, once: the row's amax and its quantization both read it */
+    float row_amax = -1.f;  /* per block */
+#ifdef __AVX2__
+    if (is_row_type(type)) {  /* one pass: x * inv stored and its largest |value| (a max is exact: the scalar
+                                 loop's value; that loop as a 1-cycle chain cost BERT-base b1xs128 1.4 ms of 46) */
+        __m256 m = _mm256_setzero_ps();
+        for (int64_t i = 0; i < K; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            if (inv) { v = _mm256_mul_ps(v, _mm256_loadu_ps(inv + i)); _mm256_storeu_ps(sm + i, v); }
+            m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
+        }
+        row_amax = hmax8(m);
+        if (inv) x = sm;
+        inv = NULL;
+    }
+#endif
     if (inv) {
         for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
         x = sm;
     }
-    float row_amax = -1.f;  /* per block */
-    if (is_row_type(type)) {
+    if (is_row_type(type) && row_amax < 0.f) {  /* the scalar build */
         row_amax = 0.f;
-        for (int64_t b = 0; b < K / QK; b++) {
-            const float* r = x + b * QK;
-#ifdef __AVX2__  /* 8 lanes at a time (the scalar loop is a 1-cycle dependency chain: +1.4 ms of BERT-base
-                    b1xs128's 46 on Zen 4); a max is exact, so the same value */
-            __m256 v[4];
-            const float a = block_amax(r, v);
-#else
-            float a = 0.f;
-            for (int i = 0; i < QK; i++) a = fabsf(r[i]) > a ? fabsf(r[i]) : a;
-#endif
-            row_amax = a > row_amax ? a : row_amax;
-        }
+        for (int64_t i = 0; i < K; i++) row_amax = fabsf(x[i]) > row_amax ? fabsf(x[i]) : row_amax;
     }
     quantize_levels(x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type),
                     row_amax);

@@ -48,6 +48,11 @@ typedef struct { int32_t type; int32_t packed; const uint8_t* data; int64_t rows
 
 #ifdef __AVX2__
 #include <immintrin.h>
+static inline float hmax8(__m256 m) {  /* the largest of a vector's 8 lanes */
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
 /* the largest |r[i]| of a 32-value block, its 4 vectors left in v (the activation quantizers' first step:
    the same value as the scalar loop's) */
 static inline float block_amax(const float* r, __m256* v) {
@@ -56,9 +61,7 @@ static inline float block_amax(const float* r, __m256* v) {
         v[i] = _mm256_loadu_ps(r + 8 * i);
         m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
     }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    return hmax8(m);
 }
 /* The integer dot steps, per int32 lane: acc + sum of 4 products u8 x s8 (dot_u8s8), of 2 products
    s16 x s16 (dot_s16). AVX-512 VNNI does each in one instruction (vpdpbusd / vpdpwssd, exact int32 sums);
