@@ -103,33 +103,34 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
 API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0, -1.f); }
 /* x * inv (inv: per channel, or NULL for x) for a packed matrix of this type: values in [-63, 63] for T_Q7_A7
    and T_Q7_ROW, else quantize_x's, each value plus act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
+/* x * inv into sm (inv NULL: x as it is, sm unwritten) and the largest |value|, in one pass (a max is exact:
+   every build the same value; the scalar loop is a 1-cycle chain that cost BERT-base b1xs128 1.4 ms of 46) */
+static float smooth_amax(const float* x, const float* inv, int64_t K, float* sm) {
+    int64_t i = 0;
+    float amax = 0.f;
+#ifdef __AVX2__
+    __m256 m = _mm256_setzero_ps();
+    for (; i + 8 <= K; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        if (inv) { v = _mm256_mul_ps(v, _mm256_loadu_ps(inv + i)); _mm256_storeu_ps(sm + i, v); }
+        m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
+    }
+    amax = hmax8(m);
+#endif
+    for (; i < K; i++) {
+        const float v = inv ? x[i] * inv[i] : x[i];
+        if (inv) sm[i] = v;
+        amax = fabsf(v) > amax ? fabsf(v) : amax;
+    }
+    return amax;
+}
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out) {
     float sm[inv ? K : 1];  /* x * inv, once: the row's amax and its quantization both read it */
     float row_amax = -1.f;  /* per block */
-#ifdef __AVX2__
-    if (is_row_type(type)) {  /* one pass: x * inv stored and its largest |value| (a max is exact: the scalar
-                                 loop's value; that loop as a 1-cycle chain cost BERT-base b1xs128 1.4 ms of 46) */
-        __m256 m = _mm256_setzero_ps();
-        for (int64_t i = 0; i < K; i += 8) {
-            __m256 v = _mm256_loadu_ps(x + i);
-            if (inv) { v = _mm256_mul_ps(v, _mm256_loadu_ps(inv + i)); _mm256_storeu_ps(sm + i, v); }
-            m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
-        }
-        row_amax = hmax8(m);
-        if (inv) x = sm;
-        inv = NULL;
-    }
-#endif
-    if (inv) {
-        for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
-        x = sm;
-    }
-    if (is_row_type(type) && row_amax < 0.f) {  /* the scalar build */
-        row_amax = 0.f;
-        for (int64_t i = 0; i < K; i++) row_amax = fabsf(x[i]) > row_amax ? fabsf(x[i]) : row_amax;
-    }
-    quantize_levels(x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type),
-                    row_amax);
+    if (is_row_type(type)) row_amax = smooth_amax(x, inv, K, sm);
+    else if (inv) for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
+    quantize_levels(inv ? sm : x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f,
+                    (uint8_t)act_offset(type), row_amax);
 }
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) { quantize_act_smooth(type, x, NULL, K, out); }
 

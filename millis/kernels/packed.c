@@ -36,30 +36,9 @@ static inline int streams_now(void) { return g_streams ? g_streams : decode_stre
 
 /* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
    int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi when `weighted` (K-quants' sub-block
-   scales), else unweighted (mlo = mhi = 1). Q8_0 / Q7_0 (kind 8 / 7): unweighted. Q6_K: q6k_dot. */
+   scales), else unweighted (mlo = mhi = 1); kind 4 or 5 (Q8_0 / Q7_0: q8_stream1, q8_tile4; Q6_K: q6k_dot). */
 AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, const int T, const int weighted,
                     __m256i mlo, __m256i mhi, __m256i* out) {
-    if (kind == 7) {  /* Q7_0: 8-bit payload of unsigned w + 64 */
-        __m256i a[4];
-        for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
-        for (int s = 0; s < 8; s++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
-            for (int t = 0; t < T; t++)
-                a[t] = dot_u8s8(a[t], w, bcast4(x[t]->q + 4 * s));
-        }
-        for (int t = 0; t < T; t++) out[t] = a[t];
-        return;
-    }
-    if (kind == 8) {
-        __m256i a[4];
-        for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
-        for (int s = 0; s < 8; s++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
-            for (int t = 0; t < T; t++) a[t] = dot_u8s8(a[t], aw, _mm256_sign_epi8(bcast4(x[t]->q + 4 * s), w));
-        }
-        for (int t = 0; t < T; t++) out[t] = a[t];
-        return;
-    }
     const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256i lo[4], hi[4];
     for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
@@ -90,8 +69,6 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
     const int64_t ub = unit_bytes(type);
     const int zero = type == T_Q6_K ? 0 : stored_offset(type);  /* Q6_K's 32 comes off inside q6k_dot */
-    /* payload_dot's kind: an 8-bit payload stored with an offset (Q7_0, Q8_0 on VNNI) is an unsigned one */
-    const int pk = kind == 8 && zero ? 7 : kind;
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     const __m256i one = _mm256_set1_epi16(1);
     __m256 acc[4], off[4];
@@ -104,7 +81,7 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
         __m256i is[4];
         if (!is_super(type)) {
             for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
-            payload_dot(pk, b + head, xb, T, 0, one, one, is);
+            payload_dot(kind, b + head, xb, T, 0, one, one, is);
             for (int t = 0; t < T; t++) {
                 __m256i i = is[t];
                 if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
