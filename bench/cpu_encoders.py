@@ -172,14 +172,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def kernels_of(system: str, meta: dict) -> str | None:
-    """The kernels a millis row ran: the build, and AMX for the native bf16 / int8 / int7 variants where it
-    runs (amx_expected)."""
-    from millis.encoder.native import AMX_PRECISIONS
+    """The kernels a millis row ran: the build, and AMX for the native variants whose matmuls run on tiles
+    where the tile unit is usable (on_tiles, amx_expected)."""
+    from millis.encoder.native import on_tiles
     from millis.kernels.native import amx_expected
 
     if not system.startswith("millis"):
         return None
-    amx = system.split(":")[-1] in {f"native-{p}" for p in AMX_PRECISIONS}
+    name = system.split(":")[-1]
+    amx = name.startswith("native-") and on_tiles(name.removeprefix("native-"))
     return f"{meta['kernels']}+amx" if amx and amx_expected() else meta["kernels"]
 
 

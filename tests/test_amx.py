@@ -112,9 +112,11 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     assert cos.min() >= 0.999
     assert np.abs(out - base).max() < 2e-3
     # int8 with Q8 tiles: 16 tokens or more (all 47 here, in one flat batch) on the tiles
+    assert not native.NativeBert(enc, "int8", 2).amx  # off by default (kernels.native.Q8_TILES)
     monkeypatch.setattr(native, "init_amx", lambda lib: False)
     plain = native.NativeBert(enc, "int8", 2)
     monkeypatch.setattr(native, "init_amx", lambda lib: True)
+    monkeypatch.setattr(native, "on_tiles", lambda precision: True)
     tiled = native.NativeBert(enc, "int8", 2)
     first = lambda nb: native.Layer.from_address(nb.model.layers)  # noqa: E731
     assert first(tiled).inter.tiles and not first(plain).inter.tiles

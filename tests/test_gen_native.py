@@ -376,7 +376,7 @@ def test_prefill_on_amx_tiles_keeps_the_logits(tmp_path, qtype, monkeypatch):
     ids = [int(i) for i in torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(4))]
     outs = []
     for amx in (False, True):
-        monkeypatch.setattr(native_llama, "init_amx", lambda lib, on=amx: on)
+        monkeypatch.setattr(native_llama, "q8_tiles", lambda lib, on=amx: on)
         eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2))
         assert bool(eng.model.layers[0].q.tiles) == amx and bool(eng.model.layers[0].down.tiles) == amx
         outs.append((eng.logits(ids[:24]), eng.logits(ids)))

@@ -4,8 +4,8 @@ once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
 Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounded to bf16 per row, fp32
 accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction; AMX's bf16 tiles
-where the CPU and kernel allow them, kernels/amx.c; int8 / int7 run 16 tokens or more on AMX's int8 tiles
-there); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
+where the CPU and kernel allow them, kernels/amx.c; int8 / int7 can run 16 tokens or more on AMX's int8
+tiles, off while they measure slower: kernels.native.Q8_TILES); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
@@ -106,6 +106,14 @@ def q7_0(w: np.ndarray, per_row: bool = False) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+def on_tiles(precision: str) -> bool:
+    """Whether this precision's matmuls run on AMX's tile unit where it is usable: bf16; the int8 ones only
+    while their Q8 tiles are on (kernels.native.Q8_TILES)."""
+    from millis.kernels import native
+
+    return precision == "bf16" or (precision in AMX_PRECISIONS and native.Q8_TILES)
+
+
 class NativeBert:
     """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
 
@@ -118,7 +126,7 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
-        self.amx = precision in AMX_PRECISIONS and init_amx(lib)  # the tile unit runs its matmuls
+        self.amx = on_tiles(precision) and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:

@@ -72,6 +72,7 @@ static void AMXQ_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64
     const int super = is_super(W->type);                      /* K-quants: mins folded per 8 blocks */
     int32_t c[4][256];
     float f[4][3][256];                                       /* per C tile: sums, offsets, mins of a super-block */
+    float xd[2][16], xsum[2][16];                             /* the two token tiles' block scales and sums */
     tilecfg cfg;
     amxq_config(&cfg);
     TCONFIG(&cfg);
@@ -95,11 +96,17 @@ static void AMXQ_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64
                     TZERO(2); TLOAD(5, x1[u].q, xs); TDPI(2, 5, 6);
                     if (two) { TZERO(3); TDPI(3, 5, 7); }
                 }
+                token_scales(x0 + u, nb, xd[0], xsum[0]);
+                if (both) token_scales(x1 + u, nb, xd[1], xsum[1]);
+                /* the four stores first: a tile store's lines reach the vector loads late */
                 TSTORE(0, c[0], 64);
-                amxq_scale(c[0], f[0][0], b0, x0 + u, nb, super, fold);
-                if (two) { TSTORE(1, c[1], 64); amxq_scale(c[1], f[1][0], b1, x0 + u, nb, super, fold); }
-                if (both) { TSTORE(2, c[2], 64); amxq_scale(c[2], f[2][0], b0, x1 + u, nb, super, fold); }
-                if (both && two) { TSTORE(3, c[3], 64); amxq_scale(c[3], f[3][0], b1, x1 + u, nb, super, fold); }
+                if (two) TSTORE(1, c[1], 64);
+                if (both) TSTORE(2, c[2], 64);
+                if (both && two) TSTORE(3, c[3], 64);
+                amxq_scale(c[0], f[0][0], b0, xd[0], xsum[0], super, fold);
+                if (two) amxq_scale(c[1], f[1][0], b1, xd[0], xsum[0], super, fold);
+                if (both) amxq_scale(c[2], f[2][0], b0, xd[1], xsum[1], super, fold);
+                if (both && two) amxq_scale(c[3], f[3][0], b1, xd[1], xsum[1], super, fold);
             }
             for (int t = 0; t < 4; t++)
                 for (int i = 0; i < 256; i++) f[t][0][i] += f[t][1][i];  /* the kernels' acc + off */

@@ -127,6 +127,18 @@ def init_amx(lib: ctypes.CDLL) -> bool:
     return bool(lib.amx_init(0 if os.environ.get("MILLIS_NO_AMX") else 1))
 
 
+# amx.c's int8 Q8 tiles beside block-format matrices: off. Run on Sapphire Rapids (2026-12-02, 2 threads, the
+# same bits) they were slower than the AVX-512 VNNI block kernels: SmolLM2 Q4_1 prefill of 16 / 128 / 512 tokens
+# 1.18x / 1.06x / 1.01x their time (after vectorizing the per-block float step: 1.6x before), MiniLM int8
+# b1xs128 1.07x; and they add 1.5 bytes per weight. bf16 matrices keep the tile unit (3.4x faster there).
+Q8_TILES = False
+
+
+def q8_tiles(lib: ctypes.CDLL) -> bool:
+    """Whether block-format matrices get amx.c's Q8 tiles: Q8_TILES, where init_amx allows the tile unit."""
+    return Q8_TILES and init_amx(lib)
+
+
 def add_amx_tiles(lib: ctypes.CDLL, raw: Mat, m: Mat, keep: list, threads: int) -> Mat:
     """`m` (`raw` packed, or `raw` itself) with AMX Q8 tiles of `raw` (GGUF's layout) beside it, which
     products over 16 tokens or more (prefill) run on; `m` unchanged when `raw`'s type has none (amx.c)."""

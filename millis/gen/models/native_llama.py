@@ -24,7 +24,7 @@ from millis.gen.config import GPT2Config, ModelConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
-from millis.kernels.native import (XBLOCK_BYTES, TYPE_Q8_0_X16, Mat, add_amx_tiles, init_amx,  # noqa: F401
+from millis.kernels.native import (XBLOCK_BYTES, TYPE_Q8_0_X16, Mat, add_amx_tiles, q8_tiles,  # noqa: F401
                                    pack_matrix)  # XBLOCK_BYTES, TYPE_Q8_0_X16: re-exported
 
 # the type ids the kernels switch on: ggml's, and millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run
@@ -92,7 +92,7 @@ class NativeLlama:
             raise MillisError(f"{c.n_heads} query heads over {c.n_kv_heads} KV heads: the native attention takes "
                               f"at most {MAX_GROUP} query heads per KV head")
         self.lib = build("llama_step", KERNEL_SOURCES, isa)
-        self.amx = init_amx(self.lib)  # prefill (16 tokens or more) on AMX Q8 tiles beside the packed weights
+        self.amx = q8_tiles(self.lib)  # prefill (16 tokens or more) on AMX Q8 tiles beside the packed weights
         self.lib.llm_forward.restype = ctypes.c_int
         self.lib.llm_forward.argtypes = [P, P, I64, P, P, P, I64, P, P, ctypes.c_int]
         from millis.common.hardware import usable_cpus
