@@ -4,8 +4,6 @@ per-round ratios millis / llama.cpp of time, with its [min, max] over rounds (< 
 from __future__ import annotations
 
 import json
-import os
-import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -17,11 +15,11 @@ LABEL = {"millis": "millis", "millis-int8": "millis int8", "llamacpp": "llama.cp
 
 def llamacpp_build() -> dict:
     """llama-cpp-python's version and llama_print_system_info() (from its venv), and the build flags
-    bench/peers/setup.sh passes (CMAKE_ARGS; MILLIS_LLAMACPP_CMAKE_ARGS overrides them at setup)."""
-    setup = (HERE / "peers" / "setup.sh").read_text()
-    m = re.search(r'CMAKE_ARGS="\$\{MILLIS_LLAMACPP_CMAKE_ARGS:-([^}]*)\}"', setup)
-    out = {"cmake_args": m.group(1) if m else None, "setup": "bench/peers/setup.sh llamacpp",
-           "cmake_args_override_now": os.environ.get("MILLIS_LLAMACPP_CMAKE_ARGS")}
+    bench/peers/setup.sh built it with (CMAKE_ARGS, written beside the venv: the native ISA, less AMX on CPUs
+    that have it; MILLIS_LLAMACPP_CMAKE_ARGS overrides them at setup)."""
+    flags = HERE / ".venvs" / "llamacpp" / ".millis-cmake-args"
+    out = {"cmake_args": flags.read_text().strip() if flags.exists() else None,
+           "setup": "bench/peers/setup.sh llamacpp"}
     py = HERE / ".venvs" / "llamacpp" / "bin" / "python"
     code = ("import json, llama_cpp as L; print(json.dumps({'version': L.__version__, "
             "'system_info': L.llama_print_system_info().decode()}))")

@@ -78,9 +78,10 @@ def test_amx_needs_the_cpu_and_can_be_switched_off(monkeypatch):
 
 
 def test_native_encoder_on_amx_tiles(monkeypatch):
-    """The real MiniLM's native bf16 forward with its matrices in AMX tiles and its int8 forward with Q8
-    tiles (the C form here, the tile unit on an AMX machine) keep HF fp32's cosine >= 0.999 and equal the
-    AVX kernels' results to fp32 rounding of different summation orders."""
+    """The real MiniLM's native bf16 forward with its matrices in AMX tiles, its int8 forward with Q8 tiles and
+    its int7-row-a8 forward with row tiles (the C form here, the tile unit on an AMX machine) keep HF fp32's
+    cosine (>= 0.999; 0.99 for int7-row-a8 on random tokens) and equal the AVX kernels' results: to fp32
+    rounding of different summation orders for bf16, bit for bit for the integer ones."""
     import millis.encoder.native as native
     from millis.encoder.source import resolve
     from millis.encoder.tasks import load_task_model
@@ -124,6 +125,17 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     cosine = lambda a, b: ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()  # noqa
     assert cosine(out, ref) >= 0.999
     if tiled.isa != "scalar":  # the block kernels' integer sums and float steps: the same bits
+        assert np.array_equal(out, base)
+    # int7-row-a8 on row tiles (on by default where the tile unit is usable): whole-row sums, the same bits
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "init_amx", lambda lib: False)
+    plain = native.NativeBert(enc, "int7-row-a8", 2)
+    monkeypatch.setattr(native, "init_amx", lambda lib: True)
+    tiled = native.NativeBert(enc, "int7-row-a8", 2)
+    assert tiled.amx and first(tiled).qkv.tiles and not first(plain).qkv.tiles
+    out, base = tiled(ids, mask), plain(ids, mask)
+    assert cosine(out, ref) >= 0.99
+    if tiled.isa != "scalar":
         assert np.array_equal(out, base)
 
 
@@ -197,5 +209,61 @@ def test_amx_q8_tiles_match_the_block_kernels(isa):
                     y = base.copy()
                     lib.matmul(ctypes.addressof(tiled), xq.ctypes.data, None, M, y.ctypes.data, N, 1, 1)
                     assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, fmt, M)
+    finally:
+        init_amx(lib)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_amx_row_tiles_match_the_row_kernels(isa):
+    """int7-row / int7-row-a8 (one scale per weight row and per token) on AMX tiles: whole-row int32 sums
+    (TDPBUSD against the activations' unsigned bytes), one float step per row and token: against the
+    dequantized weights times the dequantized activations (float64), and bit for bit against the SIMD builds'
+    row kernels (q7r_tile512's steps); partial tiles of rows and tokens, written and accumulated."""
+    from millis.encoder.native import q7_0
+
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    for name, sig in (("amx_init", ([ctypes.c_int], ctypes.c_int)),
+                      ("dequant_row", ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None)),
+                      ("quantize_act", ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None)),
+                      ("activation_offset", ([ctypes.c_int], ctypes.c_int))):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = sig
+    lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_int]
+    rng = np.random.default_rng(6)
+    N, K = 300, 384
+    try:
+        for mode in modes(lib):
+            assert lib.amx_init(mode) == mode
+            for type_id in (113, 114):  # T_Q7_ROW, T_Q7_ROW8
+                raw = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True).reshape(N, -1)
+                wd = np.empty((N, K), np.float32)
+                for r in range(N):
+                    lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
+                keep: list = []
+                m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
+                plain = pack_matrix(lib, m, keep, 1)
+                tiled = add_amx_tiles(lib, m, plain, keep, 2)
+                assert tiled.tiles and not plain.tiles
+                off = lib.activation_offset(type_id)
+                for M in (16, 17, 40):
+                    x = rng.standard_normal((M, K)).astype(np.float32)
+                    xq = np.empty((M, K // 32 * 48), np.uint8)
+                    for i in range(M):
+                        lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
+                    blocks = xq.reshape(M, K // 32, 48)
+                    q = blocks[:, :, 12:44].astype(np.int64) - off if off else blocks[:, :, 12:44].view(np.int8)
+                    xd = (q.astype(np.float64) * blocks[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
+                    ref = xd @ wd.astype(np.float64).T
+                    ys = {}
+                    for key, w in (("tiles", tiled), ("plain", plain)):
+                        ys[key] = np.full((M, N), np.nan, np.float32)
+                        lib.matmul(ctypes.addressof(w), xq.ctypes.data, None, M, ys[key].ctypes.data, N, 0, 2)
+                        assert np.abs(ys[key] - ref).max() <= 2e-5 * np.abs(ref).max(), (mode, type_id, M, key)
+                    if isa != "scalar":  # the row kernels' integer sums and float step
+                        assert np.array_equal(ys["tiles"], ys["plain"]), (mode, type_id, M)
+                    base = rng.standard_normal((M, N)).astype(np.float32)
+                    y = base.copy()
+                    lib.matmul(ctypes.addressof(tiled), xq.ctypes.data, None, M, y.ctypes.data, N, 1, 1)
+                    assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, type_id, M)
     finally:
         init_amx(lib)

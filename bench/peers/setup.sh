@@ -36,12 +36,30 @@ peer_spec() {
   esac
 }
 
+# llama.cpp's build flags: native ISA (what its users get from a source build), no examples/tests/tools (they
+# only cost build time on 2 cores). On a CPU with AMX, llama.cpp's AMX backend segfaults in its first matmul of
+# a quantized model (Sapphire Rapids, 2026-12-02: Q4_1, Q8_0, Q4_K_M, Q4_0 all exit with SIGSEGV; upstream
+# ggml-org/llama.cpp#20824, which dspy's CI answered by dropping that build variant): there the native ISA
+# less AMX, spelled out (GGML_NATIVE would turn AMX on with -march=native).
+llamacpp_cmake_args() {
+  local rest="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+  if [[ -n "${MILLIS_LLAMACPP_CMAKE_ARGS:-}" ]]; then echo "$MILLIS_LLAMACPP_CMAKE_ARGS"
+  elif grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+    local isa="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+    isa="$isa -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+    echo "$isa -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF $rest"
+  else echo "-DGGML_NATIVE=ON $rest"; fi
+}
+
 setup_one() {
   local name="$1" spec torch pkgs check dir stamp
   spec="$(peer_spec "$name")" || { echo "unknown peer $name" >&2; return 1; }
   IFS='|' read -r torch pkgs check <<<"$spec"
   dir="$VENVS/$name"
   stamp="$torch $pkgs"
+  # llama.cpp is built from source: its flags are part of what was installed (and pip's wheel cache would
+  # hand back a wheel built with other flags)
+  [[ "$name" == llamacpp ]] && stamp="$stamp $(llamacpp_cmake_args)" && export PIP_NO_CACHE_DIR=1
   if [[ -f "$dir/.millis-ok" && "$(cat "$dir/.millis-ok")" == "$stamp" ]]; then
     echo "[$name] up to date"; return 0
   fi
@@ -51,9 +69,9 @@ setup_one() {
   (  # subshell: the first failing step exits it non-zero (explicit: set -e is void under `||`)
     [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir" || exit 1
     "$dir/bin/python" -m pip install -q --upgrade pip wheel || exit 1
-    # llama.cpp's build flags: native ISA (what its users get from a source build), no
-    # examples/tests/tools (they only cost build time on 2 cores)
-    export CMAKE_ARGS="${MILLIS_LLAMACPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+    export CMAKE_ARGS="$(llamacpp_cmake_args)"
+    # a llama.cpp built with other flags would count as installed: remove it first
+    [[ "$name" == llamacpp ]] && { "$dir/bin/python" -m pip uninstall -q -y llama-cpp-python || true; }
     if [[ "$torch" == torch ]]; then
       "$dir/bin/python" -m pip install "$TORCH" || exit 1
       # torch stays pinned while the rest resolves
@@ -75,6 +93,7 @@ setup_one() {
     echo "[$name] FAILED: $(cat "$dir/.millis-fail")"; return 1
   fi
   echo "$stamp" >"$dir/.millis-ok"
+  [[ "$name" == llamacpp ]] && llamacpp_cmake_args >"$dir/.millis-cmake-args"  # bench/gguf_report.py records it
   "$dir/bin/python" -m pip freeze >"$dir/.millis-freeze" 2>/dev/null
   echo "[$name] ok in $((SECONDS - t0)) s"
 }

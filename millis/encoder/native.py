@@ -42,7 +42,8 @@ from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYP
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8")
 Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8}
 ROW_PRECISIONS = ("int7-row", "int7-row-a8")  # one scale per weight row and per token; smoothed inputs
-AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7")  # bf16 in AMX tiles; the int8 ones with Q8 tiles beside
+# bf16 in AMX tiles; the int8 ones with int8 tiles beside (row tiles: whole-row sums; Q8 tiles: per block)
+AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1}
@@ -107,11 +108,12 @@ def q7_0(w: np.ndarray, per_row: bool = False) -> np.ndarray:
 
 
 def on_tiles(precision: str) -> bool:
-    """Whether this precision's matmuls run on AMX's tile unit where it is usable: bf16; the int8 ones only
-    while their Q8 tiles are on (kernels.native.Q8_TILES)."""
+    """Whether this precision's matmuls run on AMX's tile unit where it is usable: bf16 and the row-scaled ones
+    (int7-row, int7-row-a8: whole-row int32 sums); the per-block int8 ones only while their Q8 tiles are on
+    (kernels.native.Q8_TILES)."""
     from millis.kernels import native
 
-    return precision == "bf16" or (precision in AMX_PRECISIONS and native.Q8_TILES)
+    return precision in ("bf16", *ROW_PRECISIONS) or (precision in AMX_PRECISIONS and native.Q8_TILES)
 
 
 class NativeBert:

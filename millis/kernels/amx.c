@@ -57,6 +57,7 @@ static void amxq_config(tilecfg* cfg) {  /* C 16 x 16 int32, A 16 tokens x 32 in
 
 /* bytes per 16 rows x 32 values: the B tile (512), then per row d (fp32), sc (int32), m (fp32), dmin (fp32) */
 #define AMXQ_UNIT 768
+#define AMXR_GROUP(nb) ((nb) * 512 + 128) /* row types: bytes per 16 rows (amxr_pack_group) */
 /* the scales (d) and scaled sums (s) of 16 tokens' block (x: token 0's, nb apart). Not vectorized: GCC 12's
    -O3 vectorizes these strided reads with a load past the 16th token (valgrind: a read just after the
    zero-padded tile's buffer, a crash when that buffer ends a mapping). */
@@ -135,6 +136,25 @@ static void amx_store(const float* c, float* Y, int64_t ldy, int64_t m, int64_t 
     }
 }
 
+/* Row types' one float step per row and token (q7r_tile512's, so the same bits): y = float(C - z) * (d * token
+   d), z = off * the row's weight sum; c: a 16 tokens x 16 rows int32 tile, t: its rows' d[16] then z[16];
+   y: 16 rows of 16, ld apart */
+static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t, const float* xd) {
+#if defined(__AVX512F__)
+    const __m512 d = _mm512_loadu_ps(t);
+    const __m512i z = _mm512_loadu_si512(t + 64);
+    for (int r = 0; r < 16; r++) {
+        const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(c + 16 * r), z);
+        _mm512_storeu_ps(y + ld * r, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(xd[r]))));
+    }
+#else
+    float d[16]; int32_t z[16];
+    memcpy(d, t, 64); memcpy(z, t + 64, 64);
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 16; n++) y[ld * r + n] = (float)(c[16 * r + n] - z[n]) * (d[n] * xd[r]);
+#endif
+}
+
 /* ---- the C form: 8 tiles per thread, shaped by the last TCONFIG, with the instructions' semantics ---- */
 static __thread uint8_t emu[8][16][64];
 static __thread tilecfg emu_cfg;
@@ -173,8 +193,22 @@ static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 q
         memcpy(emu[c][m], acc, 64);
     }
 }
+static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a against signed b quads, int32 sums */
+    for (int m = 0; m < 16; m++) {
+        int32_t acc[16];
+        const uint8_t* x = emu[a][m];
+        memcpy(acc, emu[c][m], 64);
+        for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
+            const int8_t* w = (const int8_t*)emu[b][q];
+            for (int n = 0; n < 16; n++)
+                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
+        }
+        memcpy(emu[c][m], acc, 64);
+    }
+}
 #define AMX_FN amx_rows_c
 #define AMXQ_FN amxq_rows_c
+#define AMXR_FN amxr_rows_c
 #define TCONFIG(cfg) (emu_cfg = *(cfg))
 #define TRELEASE() (void)0
 #define TZERO(t) memset(emu[t], 0, sizeof emu[t])
@@ -182,10 +216,13 @@ static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 q
 #define TSTORE(t, p, s) emu_store(t, p, s)
 #define TDP(c, a, b) emu_dp(c, a, b)
 #define TDPI(c, a, b) emu_dpi(c, a, b)
+#define TDPU(c, a, b) emu_dpu(c, a, b)
 #include "amx_tiles.h"
 #undef AMX_FN
 #undef AMXQ_FN
+#undef AMXR_FN
 #undef TDPI
+#undef TDPU
 #undef TCONFIG
 #undef TRELEASE
 #undef TZERO
@@ -197,6 +234,7 @@ static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 q
 #include <immintrin.h>
 #define AMX_FN amx_rows_hw
 #define AMXQ_FN amxq_rows_hw
+#define AMXR_FN amxr_rows_hw
 /* GCC 12's ldtilecfg / tileloadd asm declare no memory read (beyond 8 bytes of the config): a compiler barrier
    first, so every store they read (the config, the padded tokens) is made before them */
 #define TCONFIG(cfg) do { __asm__ volatile("" ::: "memory"); _tile_loadconfig(cfg); } while (0)
@@ -206,6 +244,7 @@ static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 q
 #define TSTORE(t, p, s) _tile_stored(t, p, s)
 #define TDP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define TDPI(c, a, b) _tile_dpbssd(c, a, b)
+#define TDPU(c, a, b) _tile_dpbusd(c, a, b)
 #include "amx_tiles.h"
 #define HAVE_AMX_BUILD 1
 #else
@@ -267,6 +306,7 @@ static int amxq_type(int type) {  /* blocks of value = d * w + m, int8 w; activa
 }
 /* bytes of W's Q8 tiles (W in GGUF's layout), 0 when its type has none */
 API int64_t amxq_bytes(int type, int64_t rows, int64_t cols) {
+    if (is_row_type(type)) return cols % QK ? 0 : (rows + 15) / 16 * AMXR_GROUP(cols / QK);
     return amxq_type(type) && cols % QK == 0 ? (rows + 15) / 16 * (cols / QK) * AMXQ_UNIT : 0;
 }
 static void amxq_pack_group(void* p, int64_t g) {
@@ -295,12 +335,33 @@ static void amxq_pack_group(void* p, int64_t g) {
         memcpy(unit + 512, d, 64); memcpy(unit + 576, sc, 64); memcpy(unit + 640, m, 64); memcpy(unit + 704, dmin, 64);
     }
 }
+/* row types: per 16-row group the B tiles of every block (512 bytes each, amxq_pack_group's), then the rows'
+   scales d (fp32) and off * their weight sums (int32: what the activations' offset adds, amxr_scale) */
+static void amxr_pack_group(void* p, int64_t g) {
+    const mat* W = ((const void**)p)[0];
+    const int64_t nb = W->cols / QK;
+    uint8_t* dst = (uint8_t*)((void**)p)[1] + g * AMXR_GROUP(nb);
+    float d[16] = {0};
+    int32_t z[16] = {0};
+    memset(dst, 0, nb * 512);
+    for (int r = 0; r < 16 && 16 * g + r < W->rows; r++) {
+        const uint8_t* row = W->data + (16 * g + r) * W->row_bytes;
+        for (int64_t u = 0; u < nb; u++) {
+            int8_t w[32]; float s2[2], mn;
+            decode_block(W->type, row, u, w, s2, &mn);
+            for (int k = 0; k < 32; k++) { dst[u * 512 + 64 * (k / 4) + 4 * r + k % 4] = (uint8_t)w[k]; z[r] += w[k]; }
+            d[r] = s2[0];  /* the row's scale: every block's */
+        }
+        z[r] *= act_offset(W->type);
+    }
+    memcpy(dst + nb * 512, d, 64); memcpy(dst + nb * 512 + 64, z, 64);
+}
 /* W (GGUF's layout) -> its Q8 tiles in dst (amxq_bytes); 0, or -1 when the type has none */
 API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
     if (!amxq_bytes(W->type, W->rows, W->cols)) return -1;
     const void* ctx[2] = {W, dst};
     pool_begin(nthreads);
-    pool_run(amxq_pack_group, (void*)ctx, (W->rows + 15) / 16);
+    pool_run(is_row_type(W->type) ? amxr_pack_group : amxq_pack_group, (void*)ctx, (W->rows + 15) / 16);
     pool_end();
     return 0;
 }
@@ -309,7 +370,12 @@ API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
     const xblock* pad = padded_tail(X, W->cols / QK * (int64_t)sizeof(xblock), M);
 #if HAVE_AMX_BUILD
-    if (g_amx_hw) { amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad); return; }
+    if (g_amx_hw) {
+        if (is_row_type(W->type)) amxr_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad);
+        else amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad);
+        return;
+    }
 #endif
-    amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
+    if (is_row_type(W->type)) amxr_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
+    else amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
 }

@@ -5,6 +5,7 @@
 
    Before including: AMX_FN, AMXQ_FN (the functions' names) and
      TCONFIG(cfg) TRELEASE() TZERO(t) TLOAD(t, ptr, stride) TSTORE(t, ptr, stride) TDP(c, a, b) TDPI(c, a, b)
+     TDPU(c, a, b) (bf16, signed int8 and unsigned x signed int8 products)
    with tile ids as literal constants (AMX encodes them in the instruction).
 
    Tiles, 2 x 2 blocking (two A and two B loads per four dot products, as oneDNN's brgemm kernels do):
@@ -113,6 +114,64 @@ static void AMXQ_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64
             for (int i = 0; i < 2; i++)
                 for (int j = 0; j < 2; j++)
                     amx_store(f[2 * i + j][0], Y, ldy, m + 16 * i, M, (g + j) * 16, n0, n1, acc);
+        }
+        g += two ? 2 : 1;
+    }
+    TRELEASE();
+}
+
+/* Row types (T_Q7_ROW, T_Q7_ROW8: one scale per weight row and per token): a C tile sums a whole row in int32
+   (TDPBUSD: the activations' bytes q + off, unsigned, against the signed weights, as vpdpbusd takes them;
+   TDPBSSD where a build stores them signed), then amxr_scale's one float step per row and token, q7r_tile512's:
+   the same bits as the AVX-512 kernels, with no float work per block. */
+static void AMXR_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy,
+                    int acc, const xblock* pad) {
+    const int64_t nb = W->cols / QK, gu = AMXR_GROUP(nb);     /* blocks per row, bytes per 16-row group */
+    const int64_t xs = nb * (int64_t)sizeof(xblock);
+    const int64_t full = M / 16 * 16;
+    const int off = act_offset(W->type);
+    int32_t c[256];
+    float y[256], xd[2][16], xsum[16];
+    tilecfg cfg;
+    amxq_config(&cfg);
+    TCONFIG(&cfg);
+    for (int64_t g = n0 / 16; g * 16 < n1;) {
+        const int two = (g + 1) * 16 < n1;
+        const uint8_t *t0 = W->tiles + g * gu, *t1 = t0 + gu;
+        for (int64_t m = 0; m < M; m += 32) {
+            const int both = m + 16 < M;
+            const xblock* x0 = m < full ? X + m * nb : pad;
+            const xblock* x1 = m + 16 < full ? X + (m + 16) * nb : pad;
+            TZERO(0);
+            if (two) TZERO(1);
+            if (both) TZERO(2);
+            if (both && two) TZERO(3);
+            for (int64_t u = 0; u < nb; u++) {
+#define DOT(c, a, b) do { if (off) TDPU(c, a, b); else TDPI(c, a, b); } while (0)
+                TLOAD(4, x0[u].q, xs);
+                TLOAD(6, t0 + 512 * u, 64);
+                DOT(0, 4, 6);
+                if (two) { TLOAD(7, t1 + 512 * u, 64); DOT(1, 4, 7); }
+                if (both) {
+                    TLOAD(5, x1[u].q, xs);
+                    DOT(2, 5, 6);
+                    if (two) DOT(3, 5, 7);
+                }
+#undef DOT
+            }
+            token_scales(x0, nb, xd[0], xsum);  /* every block's scale is the token's */
+            if (both) token_scales(x1, nb, xd[1], xsum);
+            /* whole tiles (16 tokens x 16 rows in [n0, n1), written) go straight to Y */
+#define FINISH(t, tiles, x, mm, n)                                                                      \
+    { TSTORE(t, c, 64);                                                                                 \
+      if (!acc && (mm) + 16 <= M && (n) >= n0 && (n) + 16 <= n1)                                        \
+          amxr_scale(c, Y + (mm) * ldy + (n), ldy, (tiles) + 512 * nb, x);                              \
+      else { amxr_scale(c, y, 16, (tiles) + 512 * nb, x); amx_store(y, Y, ldy, mm, M, n, n0, n1, acc); } }
+            FINISH(0, t0, xd[0], m, g * 16)
+            if (two) FINISH(1, t1, xd[0], m, g * 16 + 16)
+            if (both) FINISH(2, t0, xd[1], m + 16, g * 16)
+            if (both && two) FINISH(3, t1, xd[1], m + 16, g * 16 + 16)
+#undef FINISH
         }
         g += two ? 2 : 1;
     }
