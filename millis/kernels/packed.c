@@ -312,14 +312,15 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
             /* AVX-512, Q8_0 / Q7_0: 4 groups x 6 tokens (32-row tile), 2 groups x 4 tokens (16-row tile);
                Q8_0 / Q7_0 also 4 groups x 1 token where decode_streams is 4; Q4_0 / Q4_1: 2 groups x 4 tokens
                (their 1-token rows stay on the 8-row kernel: a 4-stream Q4 tile measured slower on the 1B Q4_0
-               decode on Zen 5, 0.83x llama.cpp's time against 0.75x); T_Q7_ROW / ROW8: 4 or 2 groups x up to
-               6 tokens */
+               decode on Zen 5, 0.83x llama.cpp's time against 0.75x); Q4_K / Q6_K: 2 groups x 4 tokens
+               (qk_tile16x4); T_Q7_ROW / ROW8: 4 or 2 groups x up to 6 tokens */
             const int q8 = HAVE_AVX512 && (W->type == T_Q8_0 || W->type == T_Q7_0 || W->type == T_Q7_A7);
             const int q4 = HAVE_AVX512 && (W->type == T_Q4_0 || W->type == T_Q4_1);
+            const int qk = HAVE_AVX512 && (W->type == T_Q4_K || W->type == T_Q6_K);  /* qk_tile16x4 */
             const int a7 = W->type == T_Q7_A7, row = is_row_type(W->type);
             const int q7 = row || (Q7_SIGNED && (W->type == T_Q7_0 || a7));  /* q7s_panel: AVX2 builds, and T_Q7_ROW */
             const int wide = q8 || (HAVE_AVX512 && row);  /* 32-row tiles */
-            const int span = wide && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || q7) && (g + 1) * 8 < n1 ? 2 : 1;
+            const int span = wide && (g + 3) * 8 < n1 ? 4 : (q8 || q4 || qk || q7) && (g + 1) * 8 < n1 ? 2 : 1;
             const uint8_t* gp = W->data + g * gb;
             for (int64_t m = m0; m < m1;) {
 #if HAVE_AVX512
@@ -345,7 +346,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 if (span >= 2 && m + 4 <= m1 && !q7) {
                     for (int h = 0; h < span; h += 2) {
                         float out[64];
-                        if (q4) q4_tile16x4(W->type == T_Q4_1, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        if (qk) qk_tile16x4(W->type, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        else if (q4) q4_tile16x4(W->type == T_Q4_1, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
                         else q8_tile16x4(zero, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
                         for (int i = 0; i < 2; i++) store_group(Y, ldy, m, 4, g + h + i, n1, out + 8 * i, 16, acc);
                     }

@@ -91,6 +91,81 @@ AI void q4_tile16x4(const int has_min, const uint8_t* g0, const uint8_t* g1, int
     _mm512_storeu_ps(out + 32, _mm512_add_ps(f2, o2)); _mm512_storeu_ps(out + 48, _mm512_add_ps(f3, o3));
 }
 
+AI __m512i bytes16(const uint8_t* a, const uint8_t* b, const int sign) {  /* two groups' 8 bytes -> 16 int32 */
+    const __m128i v = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)a), _mm_loadl_epi64((const __m128i*)b));
+    return sign ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v);
+}
+
+/* Q4_K / Q6_K (super-blocks of 8 sub-blocks of 32; packed.h's unit) x 4 tokens over groups g0, g1: out[16 * t + r].
+   Per sub-block j and row, the exact integer sum of scale * w * x (Q4_K: the unsigned nibbles, one scale; Q6_K:
+   w + 32 in 6 bits, a signed scale per half, 32 * (the half's activation sum) off), then group_dot's float steps
+   in its order: acc += float(isum) * (d * d_x), K-quant mins m * s_x summed per super-block, times dmin, off.
+   group_dot's sums by maddubs / madd, here by vpdpbusd: the same integers, so the same bits. */
+AI void qk_tile16x4(const int type, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs,
+                    float* out) {
+    const int q6 = type == T_Q6_K, head = head_bytes(type), pb = payload_bytes(kind_of(type));
+    const int64_t ub = unit_bytes(type);
+    const __m512i m4 = _mm512_set1_epi8(0xF), m3 = _mm512_set1_epi8(0x30);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, o0 = f0, o1 = f0, o2 = f0, o3 = f0;
+    for (int64_t u = 0; u < nu; u++) {
+        const uint8_t *b0 = g0 + u * ub, *b1 = g1 + u * ub;
+        const __m512 dv = scales16(b0, b1);
+        __m512 n0 = _mm512_setzero_ps(), n1 = n0, n2 = n0, n3 = n0;  /* the mins' share of this super-block */
+        for (int j = 0; j < 8; j++) {
+            const xblock *x0 = x + 8 * u + j, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+            const uint8_t *q0 = b0 + head + j * pb, *q1 = b1 + head + j * pb;
+            __m512i l0, l1, l2, l3, h0, h1, h2, h3;  /* per token: sums over the low / high half of the block */
+            if (q6) {
+#define START(X, L, H) L = _mm512_set1_epi32(-32 * X->half[0]); H = _mm512_set1_epi32(-32 * X->half[1]);
+                START(x0, l0, h0) START(x1, l1, h1) START(x2, l2, h2) START(x3, l3, h3)
+#undef START
+            } else {
+                l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = _mm512_setzero_si512();
+            }
+            const __m512i hb0 = q6 ? cat_i(q0 + 128, q1 + 128) : m4, hb1 = q6 ? cat_i(q0 + 160, q1 + 160) : m4;
+            for (int p = 0; p < 4; p++) {  /* steps p (values 4p..4p+3) and p + 4 (16 + 4p..) */
+                const __m512i raw = cat_i(q0 + 32 * p, q1 + 32 * p);
+                __m512i wl = _mm512_and_si512(raw, m4), wh = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                if (q6) {  /* step p's 2-bit high parts: bits 2p of hb0 (p + 4's: of hb1) -> bits 4, 5 */
+                    const int sh = 2 * p;
+                    const __m512i bl = sh < 4 ? _mm512_slli_epi16(hb0, 4 - sh) : _mm512_srli_epi16(hb0, sh - 4);
+                    const __m512i bh = sh < 4 ? _mm512_slli_epi16(hb1, 4 - sh) : _mm512_srli_epi16(hb1, sh - 4);
+                    wl = _mm512_or_si512(wl, _mm512_and_si512(bl, m3));
+                    wh = _mm512_or_si512(wh, _mm512_and_si512(bh, m3));
+                }
+#define TOK(X, L, H) L = _mm512_dpbusd_epi32(L, wl, bcast4z(X->q + 4 * p)); \
+                     H = _mm512_dpbusd_epi32(H, wh, bcast4z(X->q + 16 + 4 * p));
+                TOK(x0, l0, h0) TOK(x1, l1, h1) TOK(x2, l2, h2) TOK(x3, l3, h3)
+#undef TOK
+            }
+            /* Q4_K: one scale per sub-block (u8); Q6_K: one per half (i8) */
+            const __m512i sl = q6 ? bytes16(b0 + 16 + 16 * j, b1 + 16 + 16 * j, 1)
+                                  : bytes16(b0 + 32 + 8 * j, b1 + 32 + 8 * j, 0);
+            const __m512i sh = q6 ? bytes16(b0 + 24 + 16 * j, b1 + 24 + 16 * j, 1) : sl;
+#define ISUM(L, H) (q6 ? _mm512_add_epi32(_mm512_mullo_epi32(L, sl), _mm512_mullo_epi32(H, sh)) \
+                        : _mm512_mullo_epi32(_mm512_add_epi32(L, H), sl))
+#define ACC(X, L, H, F) F = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ISUM(L, H)), _mm512_mul_ps(dv, _mm512_set1_ps(X->d)), F);
+            ACC(x0, l0, h0, f0) ACC(x1, l1, h1, f1) ACC(x2, l2, h2, f2) ACC(x3, l3, h3, f3)
+#undef ACC
+#undef ISUM
+            if (!q6) {
+                const __m512 mf = _mm512_cvtepi32_ps(bytes16(b0 + 96 + 8 * j, b1 + 96 + 8 * j, 0));
+                n0 = _mm512_fmadd_ps(mf, _mm512_set1_ps(x0->s), n0);
+                n1 = _mm512_fmadd_ps(mf, _mm512_set1_ps(x1->s), n1);
+                n2 = _mm512_fmadd_ps(mf, _mm512_set1_ps(x2->s), n2);
+                n3 = _mm512_fmadd_ps(mf, _mm512_set1_ps(x3->s), n3);
+            }
+        }
+        if (!q6) {  /* value = d * sc * w - dmin * m */
+            const __m512 dmin = scales16(b0 + 16, b1 + 16);
+            o0 = _mm512_fnmadd_ps(dmin, n0, o0); o1 = _mm512_fnmadd_ps(dmin, n1, o1);
+            o2 = _mm512_fnmadd_ps(dmin, n2, o2); o3 = _mm512_fnmadd_ps(dmin, n3, o3);
+        }
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(f0, o0)); _mm512_storeu_ps(out + 16, _mm512_add_ps(f1, o1));
+    _mm512_storeu_ps(out + 32, _mm512_add_ps(f2, o2)); _mm512_storeu_ps(out + 48, _mm512_add_ps(f3, o3));
+}
+
 /* groups g .. g + 3 (32 rows, gb bytes apart) x 6 tokens: out[32 * t + r]. 12 integer and 12 float
    accumulators in registers (AVX-512 has 32): per step 2 weight vectors and 6 broadcasts feed 12 vpdpbusd,
    where the 16-row tile's 1 and 4 feed 4 (loads, not multiplies, bound that one). */
