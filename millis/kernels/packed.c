@@ -346,7 +346,8 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 if (span >= 2 && m + 4 <= m1 && !q7) {
                     for (int h = 0; h < span; h += 2) {
                         float out[64];
-                        if (qk) qk_tile16x4(W->type, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
+                        if (qk) (W->type == T_Q4_K ? q4k_tile16x4 : q6k_tile16x4)(gp + h * gb, gp + (h + 1) * gb, nu,
+                                                                                  X + m * nbx, nbx, out);
                         else if (q4) q4_tile16x4(W->type == T_Q4_1, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
                         else q8_tile16x4(zero, gp + h * gb, gp + (h + 1) * gb, nu, X + m * nbx, nbx, out);
                         for (int i = 0; i < 2; i++) store_group(Y, ldy, m, 4, g + h + i, n1, out + 8 * i, 16, acc);

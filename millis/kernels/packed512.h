@@ -166,6 +166,14 @@ AI void qk_tile16x4(const int type, const uint8_t* g0, const uint8_t* g1, int64_
     _mm512_storeu_ps(out + 32, _mm512_add_ps(f2, o2)); _mm512_storeu_ps(out + 48, _mm512_add_ps(f3, o3));
 }
 
+/* the K-quant tiles, the type a constant in each (the q6 branches compiled out of the loops) */
+static void q4k_tile16x4(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    qk_tile16x4(T_Q4_K, g0, g1, nu, x, xs, out);
+}
+static void q6k_tile16x4(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    qk_tile16x4(T_Q6_K, g0, g1, nu, x, xs, out);
+}
+
 /* groups g .. g + 3 (32 rows, gb bytes apart) x 6 tokens: out[32 * t + r]. 12 integer and 12 float
    accumulators in registers (AVX-512 has 32): per step 2 weight vectors and 6 broadcasts feed 12 vpdpbusd,
    where the 16-row tile's 1 and 4 feed 4 (loads, not multiplies, bound that one). */
