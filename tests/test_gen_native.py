@@ -112,13 +112,14 @@ SIMD = [isa for isa in ISAS if isa != "scalar"]
 @pytest.mark.parametrize("qtype", FORMATS + (INT8,))
 def test_simd_builds_agree_bitwise(qtype):
     """The avx512 build (vpdpbusd / vpdpwssd, 16- and 32-row tiles) computes every (row, token) sum the
-    avx2 build does, in the same order: the same bytes, at decode (M = 1) and GEMM shapes, with 16-row
-    pairs, 32-row quads and lone groups (N = 45: 6 groups, the last padded)."""
+    avx2 build does, in the same order: the same bytes, at decode (M = 1) and GEMM shapes (M = 53: F32's
+    48-token passes of 12-token tiles and a 5-token rest), with 16-row pairs, 32-row quads and lone groups
+    (N = 45: 6 groups, the last padded)."""
     rng = np.random.default_rng(5)
     N, K = 45, 512
     raw, _ = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), "Q8_0" if qtype == INT8 else qtype, rng)
     raw = np.ascontiguousarray(raw)
-    for M in (1, 4, 11):
+    for M in (1, 4, 11, 53):
         x = rng.standard_normal((M, K)).astype(np.float32)
         got = []
         for isa in SIMD:
@@ -284,6 +285,24 @@ def test_threads_and_chunks_do_not_change_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(native_llama, "CHUNK", 7)  # the prompt prefilled in 6 calls through the cache
     chunked = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2)).logits(ids)
     assert (chunked - one).abs().max() <= 1e-4 * one.abs().max()
+
+
+@pytest.mark.skipif(len(SIMD) < 2, reason="needs two SIMD builds: an AVX-512 VNNI CPU runs avx512 beside avx2")
+@pytest.mark.parametrize("qtype", ["F32", "Q4_K"])
+def test_simd_builds_give_the_same_logits(tmp_path, qtype, monkeypatch):
+    """The whole forward (matmuls, attention over 8-position chunks and rests, norms, RoPE) in the avx512
+    build does each value's operations of the avx2 build: the same logits bit for bit at every position of a
+    45-token prompt."""
+    path, cfg, _ = tiny_file(tmp_path, qtype)
+    ids = [int(i) for i in torch.randint(3, 320, (45,), generator=torch.Generator().manual_seed(4))]
+    monkeypatch.setenv("MILLIS_NO_AMX", "1")  # the tile unit's bf16 / int8 paths are test_amx's
+    got = []
+    for isa in SIMD:
+        monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+        eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=2))
+        assert eng.model.isa == isa
+        got.append(eng.logits(ids))
+    assert all(torch.equal(got[0], g) for g in got[1:])
 
 
 def test_kv_cache_is_sized_by_memory_and_admission_waits(tmp_path):

@@ -9,7 +9,8 @@
    GELU(up + bias) instead of SwiGLU, O's and down's biases added to the residual before their matmuls.
    Matrices are split by chunks of output rows; per-token ops by token.
 
-   KV cache (paged, fp32): k_pool / v_pool (n_layers, n_blocks, n_kv, block_size, head_dim); position p
+   KV cache (paged, fp32): v_pool (n_layers, n_blocks, n_kv, block_size, head_dim), k_pool the same with each
+   block's K transposed (head_dim, block_size): scores take a block's positions as vector lanes. Position p
    of slot s lives in block block_table[s * table_stride + p / block_size]. Python allocates the
    blocks before the call. Attention of a token at position p sees positions [lo, p] of its slot
    (lo = p - window + 1 with a sliding window), which the same call has written when they are new. */
@@ -55,16 +56,18 @@ typedef struct {   /* buffers for up to n_max tokens */
 #include "mm_jobs.h"
 #include "step_math.h"
 
-static inline float* kv_at(const model_w* m, float* pool, int l, int slot, int p, int g) {
+/* the block of KV head g that holds position p of the slot, in layer l: block_size x head_dim values */
+static inline float* kv_block(const model_w* m, float* pool, int l, int slot, int p, int g) {
     const int64_t blk = m->block_table[(int64_t)slot * m->table_stride + p / m->block_size];
-    return pool + ((((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size + p % m->block_size) * m->head_dim;
+    return pool + (((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size * m->head_dim;
 }
 
 #define MAX_GROUP 64  /* query heads per KV head (native_llama.py MAX_GROUP refuses more at load) */
 
 /* attention of the G query heads that share KV head g (grouped-query attention) over positions [lo, p]
    of their slot, walked block by block (one table lookup per block of positions): each block of K (then
-   of V) is read from memory once for all G heads, which take it from L1 in turn. q, out: G heads of hd
+   of V) is read from memory once for all G heads (scores_block takes K's positions as vector lanes, the
+   heads against the same loads; weighted_block likewise over V's rows). q, out: G heads of hd
    values, contiguous; sc: G * (p - lo + 1) scores. */
 static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g, int G) {
     const int hd = m->head_dim, bs = m->block_size, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
@@ -73,20 +76,15 @@ static void attend(const model_w* m, int l, int slot, int p, const float* q, flo
     for (int h = 0; h < G; h++) mx[h] = -INFINITY;
     for (int j = lo; j <= p;) {
         const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        const float* k = kv_at(m, m->k_pool, l, slot, j, g);
-        for (int h = 0; h < G; h++) {
-            const float s = scores(q + h * hd, k, cnt, hd, m->attn_scale, sc + h * n + j - lo);
-            mx[h] = s > mx[h] ? s : mx[h];
-        }
+        scores_block(q, G, hd, kv_block(m, m->k_pool, l, slot, j, g), bs, j % bs, cnt, m->attn_scale, sc + j - lo, n, mx);
         j += cnt;
     }
     for (int h = 0; h < G; h++) inv[h] = 1.f / exp_shift(sc + h * n, n, mx[h]);
     memset(out, 0, sizeof(float) * hd * G);
     for (int j = lo; j <= p;) {
         const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        const float* v = kv_at(m, m->v_pool, l, slot, j, g);
-        for (int h = 0; h < G; h++)
-            for (int d0 = 0; d0 < hd; d0 += 32) weighted_rows(out + h * hd, sc + h * n + j - lo, inv[h], v, cnt, hd, d0);
+        const float* v = kv_block(m, m->v_pool, l, slot, j, g) + (int64_t)(j % bs) * hd;
+        weighted_block(out, sc + j - lo, n, inv, v, cnt, hd, G);
         j += cnt;
     }
 }
@@ -132,6 +130,16 @@ static void op_ffn_norm(void* p, int64_t t) {
     norm(c->m, c->s->x + t * D, c->w->ffn_norm, c->w->ffn_norm_b, c->s->h + t * D);
     quant_row(c, c->s->h + t * D, D, t);
 }
+/* K of token t, head g, into its block, transposed (kv_block). A block's 32 positions share its 64-byte lines,
+   so a prefill (K_JOB_TOKENS tokens or more) stores K in a job per KV head (op_store_k), after RoPE, where a
+   job per token had two threads writing the same lines (2.5x the time of RoPE and the stores together). */
+#define K_JOB_TOKENS 32
+static void store_k(const step_ctx* c, int64_t t, int g) {
+    const model_w* m = c->m; const int HD = m->head_dim, bs = m->block_size;
+    float* kt = kv_block(m, m->k_pool, c->l, c->slots[t], c->pos[t], g) + c->pos[t] % bs;
+    const float* k = c->s->k + t * m->n_kv * HD + g * HD;
+    for (int d = 0; d < HD; d++) kt[(int64_t)d * bs] = k[d];
+}
 static void op_rope_store(void* p, int64_t t) {
     const step_ctx* c = p; const model_w* m = c->m; const scratch_w* s = c->s; const layer_w* w = c->w;
     const int HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
@@ -144,9 +152,14 @@ static void op_rope_store(void* p, int64_t t) {
         rope(k, m->n_kv, HD, cs, sn, m->rope_neox);
     }
     for (int g = 0; g < m->n_kv; g++) {
-        memcpy(kv_at(m, m->k_pool, c->l, c->slots[t], c->pos[t], g), k + g * HD, sizeof(float) * HD);
-        memcpy(kv_at(m, m->v_pool, c->l, c->slots[t], c->pos[t], g), v + g * HD, sizeof(float) * HD);
+        if (c->n < K_JOB_TOKENS) store_k(c, t, g);
+        memcpy(kv_block(m, m->v_pool, c->l, c->slots[t], c->pos[t], g) + (int64_t)(c->pos[t] % m->block_size) * HD,
+               v + g * HD, sizeof(float) * HD);
     }
+}
+static void op_store_k(void* p, int64_t g) {  /* every token's K of KV head g (steps of K_JOB_TOKENS or more) */
+    const step_ctx* c = p;
+    for (int64_t t = 0; t < c->n; t++) store_k(c, t, (int)g);
 }
 static __thread float* tl_scores;   /* attention scores: one buffer per thread, grown as needed */
 static __thread int64_t tl_cap;
@@ -203,6 +216,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
           TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
+        if (n >= K_JOB_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
         TIMED(P_ATTN, pool_run(op_attend, &c, n * m->n_kv));
         TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};

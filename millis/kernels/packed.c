@@ -259,27 +259,29 @@ static void group_fns(int type, group_fn* f1, group_fn* f4) {
 }
 
 #define MTILE 64 /* tokens per pass over a chunk's groups (the groups stay in cache meanwhile) */
+#define FLOAT_MTILE (HAVE_AVX512 ? 48 : MTILE)  /* F32: four passes of float_tile512's 12 tokens */
 
 static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int64_t M, float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols;
-    for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
-        const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
+    for (int64_t m0 = 0; m0 < M; m0 += FLOAT_MTILE) {
+        const int64_t m1 = m0 + FLOAT_MTILE < M ? m0 + FLOAT_MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
             const int quad = HAVE_AVX512 && (g + 3) * 8 < n1;  /* 4 groups: the 32-row AVX-512 tile */
             const int R = quad ? 4 : (g + 1) * 8 < n1 ? 2 : 1;
             const float* g0 = (const float*)W->data + g * 8 * K;
             for (int64_t m = m0; m < m1;) {
-                const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
 #if HAVE_AVX512
-                if (quad && (T == 6 || (T == 1 && streams_now() == 4))) {
-                    float out[192];
-                    if (T == 6) float_tile32x6(g0, 8 * K, K, X + m * K, out);
-                    else float_tile32x1(g0, 8 * K, K, X + m * K, out);
-                    for (int r = 0; r < 4; r++) store_group(Y, ldy, m, T, g + r, n1, out + 8 * r, 32, acc);
-                    m += T;
+                /* 32 or 16 rows x up to 12 tokens; 1 token on 32 rows where decode_streams is 4 */
+                const int T12 = m1 - m < 12 ? (int)(m1 - m) : 12;
+                if (R > 1 && (T12 > 1 || (quad && streams_now() == 4))) {
+                    float out[384];
+                    FLOAT512_FNS[R / 2 - 1][T12 - 1](g0, 8 * K, K, X + m * K, out);
+                    for (int r = 0; r < R; r++) store_group(Y, ldy, m, T12, g + r, n1, out + 8 * r, 32, acc);
+                    m += T12;
                     continue;
                 }
 #endif
+                const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
                 const int one = HAVE_AVX512 && T == 1;  /* AVX-512 decode (decode_streams 1): a group at a time */
                 for (int h = 0; h < R; h += one ? 1 : 2) {  /* pairs of groups (the last one alone) */
                     const int Rh = R - h < 2 || one ? 1 : 2;

@@ -4,7 +4,8 @@
    Q8_0 / Q7_0 x 4 tokens (q8_tile16x4): per step, 32 bytes of group g and 32 of group g + 1 (rows 0..7 and
    8..15, values 4s..4s+3) in one vector against the token's 4 values broadcast, vpdpbusd: 64 products;
    x 6 tokens over 4 groups (q8_tile32x6): two such vectors per step.
-   F32 x 6 tokens (float_tile32x6): four groups, 32 rows, in two vectors per value k, against x[t][k].
+   F32 x up to 12 tokens (float_tile512): two or four groups, 16 or 32 rows, in a vector per pair and value k,
+   against x[t][k].
 
    Numerics: every (row, token) sum is the one packed.c's 8-row tiles compute, in the same order (a block's
    exact integer sum, then one FMA per block; one FMA per k for fp32), so the results are bitwise the
@@ -246,21 +247,42 @@ static void float_tile32x1(const float* g, int64_t gs, int64_t K, const float* x
     _mm512_storeu_ps(out, a); _mm512_storeu_ps(out + 16, b);
 }
 
-/* groups g, g + 1, g + 2, g + 3 (32 rows; gs floats apart) x 6 tokens (rows of x, K apart): out[32 * t + r].
-   Written out: 12 accumulators in registers (an accumulator array is stored to the stack every k). */
-static void float_tile32x6(const float* g, int64_t gs, int64_t K, const float* x, float* out) {
-    __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
-           a5 = a0, b5 = a0;
+/* Q pairs of groups (Q <= 2: groups g .. g + 2Q - 1, 16 or 32 rows; gs floats apart) x T tokens (T <= 12; rows
+   of x, K apart): out[32 * t + r]. One FMA per k for each (row, token), k in order: the 8-row tiles' bits at
+   any Q and T. 12 tokens (24 accumulators) do 24 FMAs per two weight vectors: the weights stream from L2 half
+   as often as at 6. With Q and T constants the accumulator arrays stay in registers. */
+AI void float_tile512(const int Q, const int T, const float* g, int64_t gs, int64_t K, const float* x, float* out) {
+    __m512 a[12], b[12];
+    for (int t = 0; t < T; t++) a[t] = b[t] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
-        const __m512 w0 = cat_f(g + 8 * k, g + gs + 8 * k), w1 = cat_f(g + 2 * gs + 8 * k, g + 3 * gs + 8 * k);
-#define TOKEN(t, A, B) { const __m512 v = _mm512_set1_ps(x[t * K + k]); \
-                         A = _mm512_fmadd_ps(w0, v, A); B = _mm512_fmadd_ps(w1, v, B); }
-        TOKEN(0, a0, b0) TOKEN(1, a1, b1) TOKEN(2, a2, b2) TOKEN(3, a3, b3) TOKEN(4, a4, b4) TOKEN(5, a5, b5)
-#undef TOKEN
+        const __m512 w0 = cat_f(g + 8 * k, g + gs + 8 * k);
+        const __m512 w1 = Q > 1 ? cat_f(g + 2 * gs + 8 * k, g + 3 * gs + 8 * k) : w0;
+#pragma GCC unroll 12
+        for (int t = 0; t < T; t++) {
+            const __m512 v = _mm512_set1_ps(x[t * K + k]);
+            a[t] = _mm512_fmadd_ps(w0, v, a[t]);
+            if (Q > 1) b[t] = _mm512_fmadd_ps(w1, v, b[t]);
+        }
     }
-    const __m512 r[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
-    for (int i = 0; i < 12; i++) _mm512_storeu_ps(out + 16 * i, r[i]);
+    for (int t = 0; t < T; t++) {
+        _mm512_storeu_ps(out + 32 * t, a[t]);
+        if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16, b[t]);
+    }
 }
+typedef void (*float512_fn)(const float*, int64_t, int64_t, const float*, float*);
+#define FT512(Q, T) static void float512_##Q##_##T(const float* g, int64_t gs, int64_t K, const float* x, float* out) \
+                    { float_tile512(Q, T, g, gs, K, x, out); }
+#define FT512_ALL(Q) FT512(Q, 2) FT512(Q, 3) FT512(Q, 4) FT512(Q, 5) FT512(Q, 6) FT512(Q, 7) FT512(Q, 8) FT512(Q, 9) \
+                     FT512(Q, 10) FT512(Q, 11) FT512(Q, 12)
+FT512(1, 1) FT512_ALL(1) FT512_ALL(2)
+#define FT512_ROW(Q, ONE) {ONE, float512_##Q##_2, float512_##Q##_3, float512_##Q##_4, float512_##Q##_5, float512_##Q##_6, \
+                           float512_##Q##_7, float512_##Q##_8, float512_##Q##_9, float512_##Q##_10, float512_##Q##_11,   \
+                           float512_##Q##_12}
+/* [Q - 1][T - 1]; 32 rows x 1 token is decode's four-stream kernel */
+static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT512_ROW(2, float_tile32x1)};
+#undef FT512
+#undef FT512_ALL
+#undef FT512_ROW
 /* T_Q7_ROW / T_Q7_ROW8 (int7-row, int7-row-a8: shift 6 / 7) over Q pairs of groups (Q <= 2: 16 or 32 rows;
    packed.h's PAIRED_ROWS layout, pairs 2 * gb bytes apart) x T tokens (T <= 6): out[32 * t + r]. packed_q7.h's
    q7r_tile with vpdpbusd: the token's values + 64 or + 128 (unsigned operand, broadcast) against the signed

@@ -237,55 +237,148 @@ static void rope(float* v, int n_heads, int hd, const float* c, const float* s, 
     }
 }
 
-#ifdef __AVX2__
-static inline __m256 hsum8x8(const __m256* a) {  /* lane i = the sum of a[i]'s 8 lanes */
-    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-#endif
 
-/* sc[r] = <q, k row r> * scale for r < cnt (rows hd apart); returns the max */
-static float scores(const float* q, const float* k, int cnt, int hd, float scale, float* sc) {
-    int r = 0; float mx = -INFINITY;
-#ifdef __AVX2__
-    if (hd % 8 == 0) {
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        for (; r + 8 <= cnt; r += 8) {  /* 8 positions at once: one transposing sum, not 8 horizontal ones */
-            __m256 a[8];
-            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-            for (int d = 0; d < hd; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + d);
-                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(r + i) * hd + d), a[i]);
+/* Scores of G query heads against one block of the K cache, which holds K transposed: kt[d * bs + j] is
+   value d of the block's position j (bs positions). For i < cnt: sc[h * ldsc + i] = <q head h, position
+   off + i> * scale; mx[h] = max(mx[h], those). Vector lanes are positions: each lane does one FMA per d in
+   order from 0, so every vector width (and the fmaf rest) gives the same bits. Heads go four (AVX-512) or
+   two (AVX2) at a time against the same loads: 8 independent FMA chains. */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void scores_heads512(const int H, const float* q, int hd, const float* kt, int bs, int off, int cnt, float scale,
+                        float* sc, int ldsc, float* mx) {
+    for (int i = 0; i < cnt; i += 32) {
+        const int c = cnt - i;
+        const __mmask16 m0 = c >= 16 ? 0xffff : (__mmask16)((1u << c) - 1);
+        const __mmask16 m1 = c >= 32 ? 0xffff : c > 16 ? (__mmask16)((1u << (c - 16)) - 1) : 0;
+        __m512 a[4][2];
+        for (int h = 0; h < H; h++) a[h][0] = a[h][1] = _mm512_setzero_ps();
+        const float* k = kt + off + i;
+        for (int d = 0; d < hd; d++) {
+            const __m512 k0 = _mm512_maskz_loadu_ps(m0, k + (int64_t)d * bs), k1 = _mm512_maskz_loadu_ps(m1, k + (int64_t)d * bs + 16);
+            for (int h = 0; h < H; h++) {
+                const __m512 qv = _mm512_set1_ps(q[h * hd + d]);
+                a[h][0] = _mm512_fmadd_ps(qv, k0, a[h][0]); a[h][1] = _mm512_fmadd_ps(qv, k1, a[h][1]);
             }
-            const __m256 s = _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale));
-            _mm256_storeu_ps(sc + r, s); mv = _mm256_max_ps(mv, s);
         }
-        float t[8]; _mm256_storeu_ps(t, mv);
-        for (int i = 0; i < 8; i++) mx = t[i] > mx ? t[i] : mx;
+        for (int h = 0; h < H; h++) {
+            const __m512 s0 = _mm512_mul_ps(a[h][0], _mm512_set1_ps(scale)), s1 = _mm512_mul_ps(a[h][1], _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sc + h * ldsc + i, m0, s0);
+            _mm512_mask_storeu_ps(sc + h * ldsc + i + 16, m1, s1);
+            float t = _mm512_mask_reduce_max_ps(m0, s0);
+            if (m1) { const float t1 = _mm512_mask_reduce_max_ps(m1, s1); t = t1 > t ? t1 : t; }
+            mx[h] = t > mx[h] ? t : mx[h];
+        }
     }
+}
+#elif defined(__AVX2__)
+static inline __m256i lanes_below(int c) {  /* lane l all ones where l < c */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline __attribute__((always_inline)) void scores_heads256(const int H, const float* q, int hd, const float* kt, int bs, int off, int cnt, float scale,
+                        float* sc, int ldsc, float* mx) {
+    for (int i = 0; i < cnt; i += 32) {
+        const int c = cnt - i;
+        const __m256i m[4] = {lanes_below(c), lanes_below(c - 8), lanes_below(c - 16), lanes_below(c - 24)};
+        __m256 a[2][4];
+        for (int h = 0; h < H; h++) for (int v = 0; v < 4; v++) a[h][v] = _mm256_setzero_ps();
+        const float* k = kt + off + i;
+        for (int d = 0; d < hd; d++) {
+            __m256 kv[4];
+            for (int v = 0; v < 4; v++) kv[v] = _mm256_maskload_ps(k + (int64_t)d * bs + 8 * v, m[v]);
+            for (int h = 0; h < H; h++) {
+                const __m256 qv = _mm256_set1_ps(q[h * hd + d]);
+                for (int v = 0; v < 4; v++) a[h][v] = _mm256_fmadd_ps(qv, kv[v], a[h][v]);
+            }
+        }
+        for (int h = 0; h < H; h++)
+            for (int v = 0; v < 4 && 8 * v < c; v++) {
+                float t[8];
+                _mm256_storeu_ps(t, _mm256_mul_ps(a[h][v], _mm256_set1_ps(scale)));
+                for (int l = 0; l < 8 && 8 * v + l < c; l++) {
+                    sc[h * ldsc + i + 8 * v + l] = t[l];
+                    mx[h] = t[l] > mx[h] ? t[l] : mx[h];
+                }
+            }
+    }
+}
 #endif
-    for (; r < cnt; r++) { sc[r] = dotf(q, k + (int64_t)r * hd, hd) * scale; mx = sc[r] > mx ? sc[r] : mx; }
-    return mx;
+static void scores_block(const float* q, int G, int hd, const float* kt, int bs, int off, int cnt, float scale,
+                         float* sc, int ldsc, float* mx) {
+#if defined(__AVX512F__)
+    for (int h = 0; h < G; h += 4) {
+        const float* qh = q + h * hd; float* sh = sc + h * ldsc;
+        switch (G - h < 4 ? G - h : 4) {  /* the heads as a constant: accumulators in registers */
+            case 1: scores_heads512(1, qh, hd, kt, bs, off, cnt, scale, sh, ldsc, mx + h); break;
+            case 2: scores_heads512(2, qh, hd, kt, bs, off, cnt, scale, sh, ldsc, mx + h); break;
+            case 3: scores_heads512(3, qh, hd, kt, bs, off, cnt, scale, sh, ldsc, mx + h); break;
+            default: scores_heads512(4, qh, hd, kt, bs, off, cnt, scale, sh, ldsc, mx + h);
+        }
+    }
+#elif defined(__AVX2__)
+    int h = 0;
+    for (; h + 2 <= G; h += 2) scores_heads256(2, q + h * hd, hd, kt, bs, off, cnt, scale, sc + h * ldsc, ldsc, mx + h);
+    for (; h < G; h++) scores_heads256(1, q + h * hd, hd, kt, bs, off, cnt, scale, sc + h * ldsc, ldsc, mx + h);
+#else
+    for (int h = 0; h < G; h++)
+        for (int i = 0; i < cnt; i++) {
+            float a = 0.f;
+            for (int d = 0; d < hd; d++) a += q[h * hd + d] * kt[(int64_t)d * bs + off + i];
+            sc[h * ldsc + i] = a * scale;
+            mx[h] = sc[h * ldsc + i] > mx[h] ? sc[h * ldsc + i] : mx[h];
+        }
+#endif
 }
 
-/* out[d0 .. d0 + 32) += sum over r < cnt of w[r] * v row r (rows hd apart), out held in registers */
-static void weighted_rows(float* out, const float* w, float inv, const float* v, int cnt, int hd, int d0) {
-#ifdef __AVX2__
+/* For heads h < G: out[h * hd + d] += sum over r < cnt of (w[h * ldw + r] * inv[h]) * v[r * hd + d] (V's rows,
+   hd apart), one FMA per r in order for each value: the same bits at every vector width and grouping. Heads
+   go together against the same row loads (AVX-512: 3 heads x 64 values, AVX2: 2 x 32): 8 to 12 independent
+   FMA chains, where one head's 32 values (2 to 4 chains) waited on the FMA latency. */
+#define WBLOCK(NAME, VEC, LANES, SET1, LOAD, STORE, FMA)                                                        \
+    static inline __attribute__((always_inline)) void NAME(const int H, const int V, float* out, const float* w, \
+                                                          int ldw, const float* inv, const float* v, int cnt,   \
+                                                          int hd) {                                           \
+        VEC o[3][4];                                                                                         \
+        for (int h = 0; h < H; h++) for (int j = 0; j < V; j++) o[h][j] = LOAD(out + h * hd + LANES * j);      \
+        for (int r = 0; r < cnt; r++) {                                                                      \
+            VEC x[4];                                                                                        \
+            for (int j = 0; j < V; j++) x[j] = LOAD(v + (int64_t)r * hd + LANES * j);                          \
+            for (int h = 0; h < H; h++) {                                                                    \
+                const VEC a = SET1(w[h * ldw + r] * inv[h]);                                                 \
+                for (int j = 0; j < V; j++) o[h][j] = FMA(a, x[j], o[h][j]);                                   \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int h = 0; h < H; h++) for (int j = 0; j < V; j++) STORE(out + h * hd + LANES * j, o[h][j]);      \
+    }
+#if defined(__AVX512F__)
+WBLOCK(wblock512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps)
+#elif defined(__AVX2__)
+WBLOCK(wblock256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps)
+#endif
+#undef WBLOCK
+static void weighted_block(float* out, const float* w, int ldw, const float* inv, const float* v, int cnt, int hd, int G) {
+#if defined(__AVX512F__)
     if (hd % 32 == 0) {
-        __m256 o0 = _mm256_loadu_ps(out + d0), o1 = _mm256_loadu_ps(out + d0 + 8);
-        __m256 o2 = _mm256_loadu_ps(out + d0 + 16), o3 = _mm256_loadu_ps(out + d0 + 24);
-        for (int r = 0; r < cnt; r++) {
-            const __m256 a = _mm256_set1_ps(w[r] * inv);
-            const float* x = v + (int64_t)r * hd + d0;
-            o0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), o0); o1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8), o1);
-            o2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 16), o2); o3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 24), o3);
-        }
-        _mm256_storeu_ps(out + d0, o0); _mm256_storeu_ps(out + d0 + 8, o1);
-        _mm256_storeu_ps(out + d0 + 16, o2); _mm256_storeu_ps(out + d0 + 24, o3);
+        for (int d0 = 0; d0 < hd; d0 += 64)  /* 64 values (4 vectors), or the last 32 */
+            for (int h = 0; h < G; h += 3) {
+                float* o = out + h * hd + d0; const float* wh = w + h * ldw; const float* vd = v + d0;
+                const int H = G - h < 3 ? G - h : 3, wide = hd - d0 >= 64;
+                if (H == 3) { if (wide) wblock512(3, 4, o, wh, ldw, inv + h, vd, cnt, hd); else wblock512(3, 2, o, wh, ldw, inv + h, vd, cnt, hd); }
+                else if (H == 2) { if (wide) wblock512(2, 4, o, wh, ldw, inv + h, vd, cnt, hd); else wblock512(2, 2, o, wh, ldw, inv + h, vd, cnt, hd); }
+                else { if (wide) wblock512(1, 4, o, wh, ldw, inv + h, vd, cnt, hd); else wblock512(1, 2, o, wh, ldw, inv + h, vd, cnt, hd); }
+            }
+        return;
+    }
+#elif defined(__AVX2__)
+    if (hd % 32 == 0) {
+        for (int d0 = 0; d0 < hd; d0 += 32)
+            for (int h = 0; h < G; h += 2) {
+                float* o = out + h * hd + d0; const float* wh = w + h * ldw; const float* vd = v + d0;
+                if (G - h >= 2) wblock256(2, 4, o, wh, ldw, inv + h, vd, cnt, hd);
+                else wblock256(1, 4, o, wh, ldw, inv + h, vd, cnt, hd);
+            }
         return;
     }
 #endif
-    const int n = hd - d0 < 32 ? hd - d0 : 32;
-    for (int r = 0; r < cnt; r++) axpy(out + d0, w[r] * inv, v + (int64_t)r * hd + d0, n);
+    for (int h = 0; h < G; h++)
+        for (int r = 0; r < cnt; r++) axpy(out + h * hd, w[h * ldw + r] * inv[h], v + (int64_t)r * hd, hd);
 }
