@@ -55,6 +55,7 @@ typedef struct {   /* buffers for up to n_max tokens */
 
 #include "mm_jobs.h"
 #include "step_math.h"
+#include "attention.h"
 
 /* the block of KV head g that holds position p of the slot, in layer l: block_size x head_dim values */
 static inline float* kv_block(const model_w* m, float* pool, int l, int slot, int p, int g) {
@@ -64,28 +65,46 @@ static inline float* kv_block(const model_w* m, float* pool, int l, int slot, in
 
 #define MAX_GROUP 64  /* query heads per KV head (native_llama.py MAX_GROUP refuses more at load) */
 
-/* attention of the G query heads that share KV head g (grouped-query attention) over positions [lo, p]
-   of their slot, walked block by block (one table lookup per block of positions): each block of K (then
-   of V) is read from memory once for all G heads (scores_block takes K's positions as vector lanes, the
-   heads against the same loads; weighted_block likewise over V's rows). q, out: G heads of hd
-   values, contiguous; sc: G * (p - lo + 1) scores. */
-static void attend(const model_w* m, int l, int slot, int p, const float* q, float* out, float* sc, int g, int G) {
-    const int hd = m->head_dim, bs = m->block_size, lo = m->window > 0 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
-    const int n = p - lo + 1;
-    float mx[MAX_GROUP], inv[MAX_GROUP];
-    for (int h = 0; h < G; h++) mx[h] = -INFINITY;
-    for (int j = lo; j <= p;) {
-        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        scores_block(q, G, hd, kv_block(m, m->k_pool, l, slot, j, g), bs, j % bs, cnt, m->attn_scale, sc + j - lo, n, mx);
-        j += cnt;
+/* Attention of Q tokens (Q <= RUN_TOKENS) of one slot at positions pos[0..Q) (a prefill's run of consecutive
+   positions, or one token), the G query heads of KV head g each, over positions [lo_i, pos[i]] of the slot,
+   block by block (one table lookup per block): each block of K (then of V) is read once for all the heads of
+   the tokens that see the same part of it (attention.h: those heads against the same loads). q[i], out[i]:
+   token i's G heads of hd values, contiguous; sc: room for Q * G * max_pos scores. */
+#define RUN_TOKENS 4
+#define RUN_HEADS (RUN_TOKENS * MAX_GROUP)
+static void attend(const model_w* m, int l, int slot, int Q, const int32_t* pos, const float* const* q,
+                   float* const* out, float* sc, int g, int G) {
+    const int hd = m->head_dim, bs = m->block_size;
+    int lo[RUN_TOKENS], first = pos[0], last = pos[0];
+    const float* qh[RUN_HEADS]; float *oh[RUN_HEADS], *sh[RUN_HEADS]; float mx[RUN_HEADS], inv[RUN_HEADS];
+    for (int i = 0; i < Q; i++) {
+        lo[i] = m->window > 0 && pos[i] - m->window + 1 > 0 ? pos[i] - m->window + 1 : 0;
+        first = lo[i] < first ? lo[i] : first; last = pos[i] > last ? pos[i] : last;
+        for (int h = 0; h < G; h++) {
+            const int e = i * G + h;
+            qh[e] = q[i] + h * hd; oh[e] = out[i] + h * hd; sh[e] = sc + (int64_t)e * m->max_pos; mx[e] = -INFINITY;
+        }
+        memset(out[i], 0, sizeof(float) * hd * G);
     }
-    for (int h = 0; h < G; h++) inv[h] = 1.f / exp_shift(sc + h * n, n, mx[h]);
-    memset(out, 0, sizeof(float) * hd * G);
-    for (int j = lo; j <= p;) {
-        const int cnt = bs - j % bs < p - j + 1 ? bs - j % bs : p - j + 1;
-        const float* v = kv_block(m, m->v_pool, l, slot, j, g) + (int64_t)(j % bs) * hd;
-        weighted_block(out, sc + j - lo, n, inv, v, cnt, hd, G);
-        j += cnt;
+    for (int pass = 0; pass < 2; pass++) {  /* scores; then, after the softmax, V's weighted rows */
+        if (pass == 1)
+            for (int e = 0; e < Q * G; e++) inv[e] = 1.f / exp_shift(sh[e], pos[e / G] - lo[e / G] + 1, mx[e]);
+        for (int j = first - first % bs; j <= last; j += bs) {  /* the block of positions [j, j + bs) */
+            const float* kv = kv_block(m, pass == 0 ? m->k_pool : m->v_pool, l, slot, j, g);
+            for (int i = 0; i < Q;) {  /* tokens i..k-1 see the same part [s0, s1] of it (s0 and s1 grow with i) */
+                const int s0 = lo[i] > j ? lo[i] : j, s1 = pos[i] < j + bs - 1 ? pos[i] : j + bs - 1;
+                int k = i + 1;
+                while (k < Q && (lo[k] > j ? lo[k] : j) == s0 && (pos[k] < j + bs - 1 ? pos[k] : j + bs - 1) == s1) k++;
+                if (s0 <= s1) {
+                    float* at[RUN_HEADS]; const float* wt[RUN_HEADS];  /* each head's scores from position s0 */
+                    for (int e = i * G; e < k * G; e++) wt[e - i * G] = at[e - i * G] = sh[e] + s0 - lo[e / G];
+                    if (pass == 0)
+                        scores_block((k - i) * G, qh + i * G, kv, bs, s0 - j, s1 - s0 + 1, hd, m->attn_scale, at, mx + i * G);
+                    else weighted_block((k - i) * G, oh + i * G, wt, inv + i * G, kv + (int64_t)(s0 - j) * hd, s1 - s0 + 1, hd);
+                }
+                i = k;
+            }
+        }
     }
 }
 
@@ -130,10 +149,11 @@ static void op_ffn_norm(void* p, int64_t t) {
     norm(c->m, c->s->x + t * D, c->w->ffn_norm, c->w->ffn_norm_b, c->s->h + t * D);
     quant_row(c, c->s->h + t * D, D, t);
 }
-/* K of token t, head g, into its block, transposed (kv_block). A block's 32 positions share its 64-byte lines,
-   so a prefill (K_JOB_TOKENS tokens or more) stores K in a job per KV head (op_store_k), after RoPE, where a
-   job per token had two threads writing the same lines (2.5x the time of RoPE and the stores together). */
-#define K_JOB_TOKENS 32
+/* A step of PREFILL_TOKENS tokens or more runs as a prefill: K stored in a job per KV head (op_store_k), and
+   attention in runs of RUN_TOKENS tokens (op_attend). K of token t, head g, goes into its block transposed
+   (kv_block); a block's 32 positions share its 64-byte lines, and a job per token had two threads writing the
+   same lines (2.5x the time of RoPE and the stores together). */
+#define PREFILL_TOKENS 32
 static void store_k(const step_ctx* c, int64_t t, int g) {
     const model_w* m = c->m; const int HD = m->head_dim, bs = m->block_size;
     float* kt = kv_block(m, m->k_pool, c->l, c->slots[t], c->pos[t], g) + c->pos[t] % bs;
@@ -152,26 +172,35 @@ static void op_rope_store(void* p, int64_t t) {
         rope(k, m->n_kv, HD, cs, sn, m->rope_neox);
     }
     for (int g = 0; g < m->n_kv; g++) {
-        if (c->n < K_JOB_TOKENS) store_k(c, t, g);
+        if (c->n < PREFILL_TOKENS) store_k(c, t, g);
         memcpy(kv_block(m, m->v_pool, c->l, c->slots[t], c->pos[t], g) + (int64_t)(c->pos[t] % m->block_size) * HD,
                v + g * HD, sizeof(float) * HD);
     }
 }
-static void op_store_k(void* p, int64_t g) {  /* every token's K of KV head g (steps of K_JOB_TOKENS or more) */
+static void op_store_k(void* p, int64_t g) {  /* every token's K of KV head g (steps of PREFILL_TOKENS or more) */
     const step_ctx* c = p;
     for (int64_t t = 0; t < c->n; t++) store_k(c, t, (int)g);
 }
 static __thread float* tl_scores;   /* attention scores: one buffer per thread, grown as needed */
 static __thread int64_t tl_cap;
-static void op_attend(void* p, int64_t th) {  /* one job per (token, KV head): its group of query heads */
+/* one job per KV head and token, or, in a prefill, per KV head and RUN_TOKENS tokens (split into runs of
+   consecutive positions of one slot) */
+static int64_t attend_tokens(const step_ctx* c) { return c->n >= PREFILL_TOKENS ? RUN_TOKENS : 1; }
+static void op_attend(void* p, int64_t job) {
     const step_ctx* c = p; const model_w* m = c->m;
-    const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD, G = NH / m->n_kv;
-    const int64_t t = th / m->n_kv; const int g = (int)(th % m->n_kv);
-    if (tl_cap < G * m->max_pos) {
-        free(tl_scores); tl_scores = malloc(sizeof(float) * G * m->max_pos); tl_cap = G * m->max_pos;
+    const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD, G = NH / m->n_kv, g = (int)(job % m->n_kv);
+    const int64_t per = attend_tokens(c), t0 = job / m->n_kv * per, t1 = t0 + per < c->n ? t0 + per : c->n;
+    if (tl_cap < RUN_TOKENS * G * m->max_pos) {
+        free(tl_scores); tl_cap = RUN_TOKENS * G * m->max_pos; tl_scores = malloc(sizeof(float) * tl_cap);
     }
-    attend(m, c->l, c->slots[t], c->pos[t], c->s->q + t * QD + g * G * HD, c->s->att + t * QD + g * G * HD,
-           tl_scores, g, G);
+    for (int64_t t = t0; t < t1;) {
+        int64_t e = t + 1;
+        while (e < t1 && c->slots[e] == c->slots[t] && c->pos[e] == c->pos[e - 1] + 1) e++;
+        const float* q[RUN_TOKENS]; float* out[RUN_TOKENS];
+        for (int64_t i = t; i < e; i++) { q[i - t] = c->s->q + i * QD + g * G * HD; out[i - t] = c->s->att + i * QD + g * G * HD; }
+        attend(m, c->l, c->slots[t], (int)(e - t), c->pos + t, q, out, tl_scores, g, G);
+        t = e;
+    }
 }
 static void op_quant_att(void* p, int64_t t) {
     const step_ctx* c = p; const int QD = c->m->n_heads * c->m->head_dim;
@@ -216,8 +245,8 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
           TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
-        if (n >= K_JOB_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
-        TIMED(P_ATTN, pool_run(op_attend, &c, n * m->n_kv));
+        if (n >= PREFILL_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
+        TIMED(P_ATTN, pool_run(op_attend, &c, (n + attend_tokens(&c) - 1) / attend_tokens(&c) * m->n_kv));
         TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
