@@ -3,109 +3,94 @@
    (one token's G heads of a KV head, or several tokens' in a prefill run), against the same block loads.
 
    K blocks hold K transposed (kt[d * bs + j]: value d of the block's position j), so vector lanes are
-   positions. Every output value gets one FMA per d (scores) or per position (weighted sums) in order, in
-   each lane alone: the same bits at every vector width, head grouping and batch (the avx2 and avx512
-   builds agree bit for bit; the scalar build's plain C rounds on its own). Heads go several at a time so
-   that 8-24 FMA chains are independent: one head's 2-4 chains waited on the FMA latency, and one token at
-   a time streamed each K / V block from L2 per token. */
+   positions. Every output value gets its operations in each lane alone, in the order the row-major kernels
+   used (scores: 8 chains over d, then their sums; weighted sums: one FMA per position in order): the same
+   bits at every vector width, head grouping and batch, and as before this layout (the avx2 and avx512
+   builds agree bit for bit; the scalar build's plain C rounds on its own). Heads and tokens go together
+   against the same loads: one token at a time streamed each K / V block from L2 per token. */
 #pragma once
 #include "step_math.h"
 
 #define AI_ static inline __attribute__((always_inline))
-#define MAX_HEADS 8  /* heads per scores call (AVX-512: 2 x 8 accumulators) */
-
-/* For heads h < H, i < cnt: sc[h][i] = <q[h], position off + i of the block> * scale, mx[h] = max(mx[h], them). */
+/* For heads h < H, i < cnt: sc[h][i] = <q[h], position off + i of the block> * scale, mx[h] = max(mx[h], them).
+   Each score is 8 chains c_r (r = d mod 8, d in order) summed as the row-major kernels did: positions in whole
+   eights ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)) (hsum8x8), the last cnt % 8 as dotf
+   ((c0 + c4) + (c1 + c5)) + ((c2 + c6) + (c3 + c7)) (hsum8): the same bits as before K was transposed.
+   hd % 8 == 0 (scores_block sums other widths in one chain). */
 #if defined(__AVX512F__)
 AI_ void scores_heads(const int H, const float* const* q, const float* kt, int bs, int off, int cnt, int hd,
                       float scale, float* const* sc, float* mx) {
-    for (int i = 0; i < cnt; i += 32) {
-        const int c = cnt - i;
-        const __mmask16 m0 = c >= 16 ? 0xffff : (__mmask16)((1u << c) - 1);
-        const __mmask16 m1 = c >= 32 ? 0xffff : c > 16 ? (__mmask16)((1u << (c - 16)) - 1) : 0;
-        __m512 a[MAX_HEADS][2];
-        for (int h = 0; h < H; h++) a[h][0] = a[h][1] = _mm512_setzero_ps();
+    const int whole = cnt - cnt % 8;
+    for (int i = 0; i < cnt; i += 16) {
+        const int c = cnt - i, w = whole - i;
+        const __mmask16 m = c >= 16 ? 0xffff : (__mmask16)((1u << c) - 1);
+        const __mmask16 mw = w >= 16 ? 0xffff : w > 0 ? (__mmask16)((1u << w) - 1) : 0;  /* lanes in whole eights */
+        __m512 a[2][8];
+        for (int h = 0; h < H; h++) for (int r = 0; r < 8; r++) a[h][r] = _mm512_setzero_ps();
         const float* k = kt + off + i;
-        for (int d = 0; d < hd; d++) {
-            const __m512 k0 = _mm512_maskz_loadu_ps(m0, k + (int64_t)d * bs);
-            const __m512 k1 = _mm512_maskz_loadu_ps(m1, k + (int64_t)d * bs + 16);
-            for (int h = 0; h < H; h++) {
-                const __m512 qv = _mm512_set1_ps(q[h][d]);
-                a[h][0] = _mm512_fmadd_ps(qv, k0, a[h][0]); a[h][1] = _mm512_fmadd_ps(qv, k1, a[h][1]);
+        for (int d0 = 0; d0 < hd; d0 += 8)
+            for (int r = 0; r < 8; r++) {
+                const __m512 kv = _mm512_maskz_loadu_ps(m, k + (int64_t)(d0 + r) * bs);
+                for (int h = 0; h < H; h++) a[h][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d0 + r]), kv, a[h][r]);
             }
-        }
         for (int h = 0; h < H; h++) {
-            const __m512 s0 = _mm512_mul_ps(a[h][0], _mm512_set1_ps(scale)), s1 = _mm512_mul_ps(a[h][1], _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(sc[h] + i, m0, s0);
-            _mm512_mask_storeu_ps(sc[h] + i + 16, m1, s1);
-            float t = _mm512_mask_reduce_max_ps(m0, s0);
-            if (m1) { const float t1 = _mm512_mask_reduce_max_ps(m1, s1); t = t1 > t ? t1 : t; }
-            mx[h] = t > mx[h] ? t : mx[h];
+            const __m512* v = a[h];
+            const __m512 e = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])),
+                                           _mm512_add_ps(_mm512_add_ps(v[4], v[5]), _mm512_add_ps(v[6], v[7])));
+            const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[1], v[5])),
+                                           _mm512_add_ps(_mm512_add_ps(v[2], v[6]), _mm512_add_ps(v[3], v[7])));
+            const __m512 sv = _mm512_mul_ps(_mm512_mask_mov_ps(t, mw, e), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sc[h] + i, m, sv);
+            const float x = _mm512_mask_reduce_max_ps(m, sv);
+            mx[h] = x > mx[h] ? x : mx[h];
         }
     }
 }
-#define SCORE_HEADS 8
+#define SCORE_HEADS 2  /* 2 heads x 8 chains: 16 accumulators */
 #elif defined(__AVX2__)
-static inline __m256i lanes_below(int c) {  /* lane l all ones where l < c */
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 AI_ void scores_heads(const int H, const float* const* q, const float* kt, int bs, int off, int cnt, int hd,
                       float scale, float* const* sc, float* mx) {
-    for (int i = 0; i < cnt; i += 32) {
+    (void)H;  /* one head: 8 chains of 16 registers */
+    const int whole = cnt - cnt % 8;
+    for (int i = 0; i < cnt; i += 8) {
         const int c = cnt - i;
-        const __m256i m[4] = {lanes_below(c), lanes_below(c - 8), lanes_below(c - 16), lanes_below(c - 24)};
-        __m256 a[2][4];
-        for (int h = 0; h < H; h++) for (int v = 0; v < 4; v++) a[h][v] = _mm256_setzero_ps();
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 v[8];
+        for (int r = 0; r < 8; r++) v[r] = _mm256_setzero_ps();
         const float* k = kt + off + i;
-        for (int d = 0; d < hd; d++) {
-            __m256 kv[4];
-            for (int v = 0; v < 4; v++) kv[v] = _mm256_maskload_ps(k + (int64_t)d * bs + 8 * v, m[v]);
-            for (int h = 0; h < H; h++) {
-                const __m256 qv = _mm256_set1_ps(q[h][d]);
-                for (int v = 0; v < 4; v++) a[h][v] = _mm256_fmadd_ps(qv, kv[v], a[h][v]);
-            }
-        }
-        for (int h = 0; h < H; h++)
-            for (int v = 0; v < 4 && 8 * v < c; v++) {
-                float t[8];
-                _mm256_storeu_ps(t, _mm256_mul_ps(a[h][v], _mm256_set1_ps(scale)));
-                for (int l = 0; l < 8 && 8 * v + l < c; l++) {
-                    sc[h][i + 8 * v + l] = t[l];
-                    mx[h] = t[l] > mx[h] ? t[l] : mx[h];
-                }
-            }
+        for (int d0 = 0; d0 < hd; d0 += 8)
+            for (int r = 0; r < 8; r++)
+                v[r] = _mm256_fmadd_ps(_mm256_set1_ps(q[0][d0 + r]), _mm256_maskload_ps(k + (int64_t)(d0 + r) * bs, m), v[r]);
+        const __m256 e = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
+                                       _mm256_add_ps(_mm256_add_ps(v[4], v[5]), _mm256_add_ps(v[6], v[7])));
+        const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[4]), _mm256_add_ps(v[1], v[5])),
+                                       _mm256_add_ps(_mm256_add_ps(v[2], v[6]), _mm256_add_ps(v[3], v[7])));
+        float o[8];
+        _mm256_storeu_ps(o, _mm256_mul_ps(i < whole ? e : t, _mm256_set1_ps(scale)));  /* eights start at 0 */
+        for (int l = 0; l < 8 && l < c; l++) { sc[0][i + l] = o[l]; mx[0] = o[l] > mx[0] ? o[l] : mx[0]; }
     }
-}
-#define SCORE_HEADS 2
-#else
-static void scores_heads(const int H, const float* const* q, const float* kt, int bs, int off, int cnt, int hd,
-                         float scale, float* const* sc, float* mx) {
-    for (int h = 0; h < H; h++)
-        for (int i = 0; i < cnt; i++) {
-            float a = 0.f;
-            for (int d = 0; d < hd; d++) a += q[h][d] * kt[(int64_t)d * bs + off + i];
-            sc[h][i] = a * scale;
-            mx[h] = sc[h][i] > mx[h] ? sc[h][i] : mx[h];
-        }
 }
 #define SCORE_HEADS 1
 #endif
 /* any number of heads, SCORE_HEADS at a time (each count a constant: the accumulators stay in registers) */
 static void scores_block(int nh, const float* const* q, const float* kt, int bs, int off, int cnt, int hd, float scale,
                          float* const* sc, float* mx) {
-    for (int h = 0; h < nh; h += SCORE_HEADS) {
-        const float* const* qh = q + h; float* const* sh = sc + h;
-        switch (nh - h < SCORE_HEADS ? nh - h : SCORE_HEADS) {
-#define CASE(H) case H: scores_heads(H, qh, kt, bs, off, cnt, hd, scale, sh, mx + h); break;
-            CASE(1)
-#if SCORE_HEADS > 1
-            CASE(2)
-#endif
-#if SCORE_HEADS > 2
-            CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#endif
-#undef CASE
+#ifdef SCORE_HEADS
+    if (hd % 8 == 0) {
+        for (int h = 0; h < nh; h += SCORE_HEADS) {
+            if (nh - h >= 2) scores_heads(SCORE_HEADS, q + h, kt, bs, off, cnt, hd, scale, sc + h, mx + h);
+            else scores_heads(1, q + h, kt, bs, off, cnt, hd, scale, sc + h, mx + h);
         }
+        return;
     }
+#endif
+    for (int h = 0; h < nh; h++)  /* plain C (the scalar build, or hd % 8 != 0): one chain, d in order */
+        for (int i = 0; i < cnt; i++) {
+            float a = 0.f;
+            for (int d = 0; d < hd; d++) a += q[h][d] * kt[(int64_t)d * bs + off + i];
+            sc[h][i] = a * scale;
+            mx[h] = sc[h][i] > mx[h] ? sc[h][i] : mx[h];
+        }
 }
 
 /* For heads h < H: out[h][d] += sum over r < cnt of (w[h][r] * inv[h]) * v[r * hd + d] for d < V vectors' lanes
