@@ -6,8 +6,8 @@
    positions. Every output value gets its operations in each lane alone, in the order the row-major kernels
    used (scores: 8 chains over d, then their sums; weighted sums: one FMA per position in order): the same
    bits at every vector width, head grouping and batch, and as before this layout (the avx2 and avx512
-   builds agree bit for bit; the scalar build's plain C rounds on its own). Heads and tokens go together
-   against the same loads: one token at a time streamed each K / V block from L2 per token. */
+   builds agree bit for bit; the scalar build's plain C rounds on its own). Heads, and a prefill run's tokens,
+   go together against the same loads; before, each token streamed every K / V block from L2 on its own. */
 #pragma once
 #include "step_math.h"
 
