@@ -72,6 +72,10 @@ static inline float* kv_block(const model_w* m, float* pool, int l, int slot, in
    token i's G heads of hd values, contiguous; sc: room for Q * G * max_pos scores. */
 #define RUN_TOKENS 4
 #define RUN_HEADS (RUN_TOKENS * MAX_GROUP)
+/* the part [*s0, *s1] of the block of positions [j, j + bs) that a token seeing [lo, p] sees (empty: s0 > s1) */
+static inline void seen_part(int lo, int p, int j, int bs, int* s0, int* s1) {
+    *s0 = lo > j ? lo : j; *s1 = p < j + bs - 1 ? p : j + bs - 1;
+}
 static void attend(const model_w* m, int l, int slot, int Q, const int32_t* pos, const float* const* q,
                    float* const* out, float* sc, int g, int G) {
     const int hd = m->head_dim, bs = m->block_size;
@@ -92,9 +96,9 @@ static void attend(const model_w* m, int l, int slot, int Q, const int32_t* pos,
         for (int j = first - first % bs; j <= last; j += bs) {  /* the block of positions [j, j + bs) */
             const float* kv = kv_block(m, pass == 0 ? m->k_pool : m->v_pool, l, slot, j, g);
             for (int i = 0; i < Q;) {  /* tokens i..k-1 see the same part [s0, s1] of it (s0 and s1 grow with i) */
-                const int s0 = lo[i] > j ? lo[i] : j, s1 = pos[i] < j + bs - 1 ? pos[i] : j + bs - 1;
-                int k = i + 1;
-                while (k < Q && (lo[k] > j ? lo[k] : j) == s0 && (pos[k] < j + bs - 1 ? pos[k] : j + bs - 1) == s1) k++;
+                int s0, s1, k = i + 1, k0, k1;
+                seen_part(lo[i], pos[i], j, bs, &s0, &s1);
+                while (k < Q && (seen_part(lo[k], pos[k], j, bs, &k0, &k1), k0 == s0 && k1 == s1)) k++;
                 if (s0 <= s1) {
                     float* at[RUN_HEADS]; const float* wt[RUN_HEADS];  /* each head's scores from position s0 */
                     for (int e = i * G; e < k * G; e++) wt[e - i * G] = at[e - i * G] = sh[e] + s0 - lo[e / G];
@@ -237,6 +241,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     const int was_solo = solo_left > 0;
     if (solo_left > 0) solo_left--;
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
+    const int64_t per_job = attend_tokens(&c);  /* tokens per attention job */
     TIMED(P_EMBED, pool_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
         const layer_w* w = &m->layers[l];
@@ -246,7 +251,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
           TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
         TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
         if (n >= PREFILL_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
-        TIMED(P_ATTN, pool_run(op_attend, &c, (n + attend_tokens(&c) - 1) / attend_tokens(&c) * m->n_kv));
+        TIMED(P_ATTN, pool_run(op_attend, &c, (n + per_job - 1) / per_job * m->n_kv));
         TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
