@@ -135,13 +135,18 @@ def test_simd_builds_agree_bitwise(qtype):
         assert all(np.array_equal(got[0], g) for g in got[1:]), (qtype, M)
 
 
+READ_ONE, READ_QUAD, READ_SPREAD = 1, 4, 8  # packed.h: decode_streams's modes
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", ("F32", "Q8_0"))
+@pytest.mark.parametrize("qtype", FORMATS)
 def test_decode_streams_give_the_same_bytes(isa, qtype):
-    """packed.c's decode_streams: one stream per 8-row group, or four groups' at once (the AVX-512 32-row
-    tiles), the same sums in the same order: the same bytes at decode (M = 1) and for a batch's 1-token rests
-    (M = 5), over 32-row quads and a padded lone group (N = 45). The default follows the CPU: 4 on AMD family
-    26 (Zen 5), else 1."""
+    """packed.c's decode_streams: one stream per 8-row group, four adjacent groups' at once (the AVX-512 32-row
+    tiles), or a chunk's groups in four runs read side by side (spread_rows), the same sums in the same order:
+    the same bytes at decode (M = 1) and for a batch's 1-token rests (M = 5), over 6 groups (N = 45: runs of
+    one group, two left over, the last padded) and 126 (N = 1001: matmul's chunks of 16 groups, runs of 4; the
+    last chunk runs of 3 and two left over, one padded), at 1 and 2 threads. The default follows the CPU: READ_QUAD on AMD family 26 (Zen 5), READ_SPREAD on Intel, else
+    READ_ONE."""
     from millis.common.hardware import cpu_family_model
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
@@ -149,24 +154,30 @@ def test_decode_streams_give_the_same_bytes(isa, qtype):
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     before = lib.decode_streams(0)
-    assert before == (4 if cpu_family_model().startswith("family 26 ") else 1)
+    family = cpu_family_model()
+    assert before == (READ_QUAD if family.startswith("family 26 ") else
+                      READ_SPREAD if family.startswith("family 6 ") else READ_ONE)
     rng = np.random.default_rng(6)
-    N, K = 45, 512
-    raw, _ = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
-    raw = np.ascontiguousarray(raw)
-    keep: list = []
-    mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+    K = 512
     try:
-        for M in (1, 5):
-            x = rng.standard_normal((M, K)).astype(np.float32)
-            xq, _ = quantized_rows(lib, x)
-            got = []
-            for streams in (1, 4):
-                assert lib.decode_streams(streams) == streams
-                y = np.full((M, N), np.nan, np.float32)
-                lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, 1)
-                got.append(y)
-            assert np.isfinite(got[0]).all() and np.array_equal(got[0], got[1]), (qtype, M)
+        for N in (45, 1001):
+            raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
+            raw = np.ascontiguousarray(raw)
+            keep: list = []
+            mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
+            for M in (1, 5):
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                xq, _ = quantized_rows(lib, x)
+                got = []
+                for streams in (READ_ONE, READ_QUAD, READ_SPREAD):
+                    assert lib.decode_streams(streams) == streams
+                    for threads in (1, 2):
+                        y = np.full((M, N), np.nan, np.float32)
+                        lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, threads)
+                        got.append(y)
+                assert np.isfinite(got[0]).all() and all(np.array_equal(got[0], g) for g in got[1:]), (qtype, N, M)
+                ref = x.astype(np.float64) @ wd.astype(np.float64).T  # and they are the product
+                assert np.abs(got[0] - ref).max() < 0.05 * np.abs(ref).max(), (qtype, N, M)
     finally:
         lib.decode_streams(before)
 

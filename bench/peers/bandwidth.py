@@ -14,7 +14,10 @@ def measure_bandwidth(mib: int, threads: int, work: Path) -> dict:
     `threads` threads (one half each: numpy releases the GIL), and a C loop (cc -O3 -fopenmp) when cc works.
     `gbps` is the best method's best run; `gbps_median` the highest of the methods' median runs, recorded
     beside it because a VM's bandwidth moves by the minute (Zen 4, 2026-12-02: the C loop at 2 threads read
-    27-33 GB/s in some minutes and 42-55 in others)."""
+    27-33 GB/s in some minutes and 42-55 in others). `c4s_*`: the same C sum with each thread's part read as 4
+    streams side by side (a quarter each), prefetched 1 KiB ahead: some cores read far more that way (Sapphire
+    Rapids, 2026-12-03: 24-30 GB/s at 2 threads against 20 as one stream each), and millis's decode reads so
+    there (kernels/packed.c decode_streams), so the ceiling is the higher of the two."""
     from concurrent.futures import ThreadPoolExecutor
 
     a = np.ones((mib << 20) // 4, np.float32)  # written once: every page is resident
@@ -35,20 +38,30 @@ def measure_bandwidth(mib: int, threads: int, work: Path) -> dict:
         out[f"numpy_{threads}"] = best(lambda: list(ex.map(np.sum, parts)), f"numpy_{threads}")
     src, lib = work / "bw.c", work / "bw.so"
     src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text("double bw_sum(const float *a, long n, int t) { float s = 0.f;\n"
+    src.write_text("#include <omp.h>\n"
+                   "double bw_sum(const float *a, long n, int t) { float s = 0.f;\n"
                    "#pragma omp parallel for num_threads(t) reduction(+:s) schedule(static)\n"
-                   "for (long i = 0; i < n; i++) s += a[i];\nreturn s; }\n")
+                   "for (long i = 0; i < n; i++) s += a[i];\nreturn s; }\n"
+                   "double bw_sum4(const float *a, long n, int t) { float s = 0.f;\n"  # exact when 256 * t divides n
+                   "#pragma omp parallel num_threads(t) reduction(+:s)\n"
+                   "{ const long q = n / t / 4 / 64 * 64; const float *p = a + omp_get_thread_num() * (n / t);\n"
+                   "  for (long i = 0; i < q; i += 64) for (int k = 0; k < 4; k++) {\n"
+                   "    const float *r = p + k * q + i; __builtin_prefetch(r + 256); __builtin_prefetch(r + 272);\n"
+                   "    __builtin_prefetch(r + 288); __builtin_prefetch(r + 304);\n"
+                   "    for (int j = 0; j < 64; j++) s += r[j]; } }\nreturn s; }\n")
     r = subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", str(src),
                         "-o", str(lib)], check=False, capture_output=True, text=True)
     if r.returncode == 0:
         import ctypes
         c = ctypes.CDLL(str(lib))
         c.bw_sum.restype, c.bw_sum.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        c.bw_sum4.restype, c.bw_sum4.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         for t in sorted({1, threads}):
             out[f"c_{t}"] = best(lambda t=t: c.bw_sum(a.ctypes.data, a.size, t), f"c_{t}")
+            out[f"c4s_{t}"] = best(lambda t=t: c.bw_sum4(a.ctypes.data, a.size, t), f"c4s_{t}")
     else:
         out["c_error"] = r.stderr[-300:]
-    out["gbps"] = max(v for k, v in out.items() if k.startswith(("numpy_", "c_")) and isinstance(v, float))
+    out["gbps"] = max(v for k, v in out.items() if k.startswith(("numpy_", "c_", "c4s_")) and isinstance(v, float))
     out["medians"] = medians
     out["gbps_median"] = max(medians.values())
     return out

@@ -7,23 +7,31 @@
 #include <cpuid.h>
 #endif
 
-/* How decode (1 token) reads Q8_0 / Q7_0 and F32 matrices on AVX-512: 1, one sequential stream per 8-row group
-   (q8_stream1, float_tile); 4, four groups' streams at once (packed512.h's 32-row tiles). Measured, SmolLM2 and
-   Llama-1B-shaped decode against llama.cpp: on Zen 5 (2026-12-01) 4 streams took the 1B Q8_0 decode from 0.82x
-   to 0.68x llama.cpp's time; on Zen 4 (2026-12-02) 1 stream took it from 0.84-0.92x to 0.69x, and the F32
-   decode from 0.96-1.07x to 0.88-0.94x. So 4 on AMD family 26 (Zen 5), 1 elsewhere. AVX2 builds have no
-   32-row tiles: Q8_0 one stream per group, F32 pairs of groups, whatever this says. Same sums either way:
-   only the speed differs. */
+/* How decode (1 token) reads a matrix's rows (a thread's chunk of them), packed.h's READ_*:
+   READ_ONE, one group of 8 rows after another: one sequential stream (q8_stream1, group_dot, float_tile);
+   READ_QUAD (AVX-512 Q8_0 / Q7_0 / F32), four adjacent groups at once (packed512.h's 32-row tiles): four short
+   streams, a group (K values) long each;
+   READ_SPREAD, the chunk's groups in four equal runs, the runs read side by side (spread_rows): four streams as
+   long as a quarter of the chunk each.
+   Measured, SmolLM2 and Llama-1B-shaped decode against llama.cpp: on Zen 5 (2026-12-01) READ_QUAD took the 1B
+   Q8_0 decode from 0.82x to 0.68x llama.cpp's time; on Zen 4 (2026-12-02) READ_ONE took it from 0.84-0.92x to
+   0.69x, and the F32 decode from 0.96-1.07x to 0.88-0.94x. On Sapphire Rapids (2026-12-03) one core reads far
+   more from several long streams than from one (a plain sum of 1 GiB at 2 threads: 20 GB/s as one stream per
+   thread, 24-30 as four), and READ_SPREAD took the Q4_0 matrix-vector product over 300 MB of weights from
+   17 to 28 GB/s, Q8_0 from 19 to 27, Q4_K / Q5_0 / Q6_K by 1.16-1.29x (those spend more work per byte).
+   So READ_QUAD on AMD family 26 (Zen 5), READ_SPREAD on Intel (family 6), READ_ONE elsewhere (READ_SPREAD not
+   yet measured on AMD). AVX2 builds have no 32-row tiles (READ_QUAD reads as READ_ONE there) and no F32
+   spread. Same sums in every mode: only the speed differs. */
 static int g_streams;  /* 0 until first asked */
-API int decode_streams(int n) {  /* n = 1 or 4 sets the rule (tests); returns the one in force */
-    if (n == 1 || n == 4) g_streams = n;
+API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets the rule (tests); returns the one in force */
+    if (n == READ_ONE || n == READ_QUAD || n == READ_SPREAD) g_streams = n;
     if (!g_streams) {
         int family = 0;
 #if defined(__x86_64__)
         unsigned a, b, c, d;
         if (__get_cpuid(1, &a, &b, &c, &d)) family = (a >> 8 & 0xF) == 0xF ? 15 + (a >> 20 & 0xFF) : a >> 8 & 0xF;
 #endif
-        g_streams = family == 26 ? 4 : 1;
+        g_streams = family == 26 ? READ_QUAD : family == 6 ? READ_SPREAD : READ_ONE;
     }
     return g_streams;
 }
@@ -33,6 +41,7 @@ static inline int streams_now(void) { return g_streams ? g_streams : decode_stre
 #ifdef __AVX2__
 #include "packed_dot.h"
 #include "packed_q7.h"
+#include "packed_q8.h"
 
 /* out[t] lane r = row r's sum over the payload's 32 values of w * x[t], values 0..15 weighted by the
    int16 multipliers mlo (lanes 2r, 2r+1 for row r), 16..31 by mhi when `weighted` (K-quants' sub-block
@@ -64,56 +73,75 @@ AI void payload_dot(const int kind, const uint8_t* q, const xblock* const* x, co
                                         : _mm256_add_epi32(_mm256_madd_epi16(lo[t], mlo), _mm256_madd_epi16(hi[t], mhi));
 }
 
-/* One group of 8 rows against T tokens (x: token t's blocks at x + t * xs): out[8 * t + r]. */
-AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+/* One unit (a block, or a K-quant super-block) u of a group of 8 rows at b against T tokens (x: token t's blocks
+   at x + t * xs): acc[t] += its scaled sums, off[t] += its offsets' share (Q4_1, Q5_1, K-quant mins). */
+AI void unit_dot(const int type, const int T, const uint8_t* b, int64_t u, const xblock* x, int64_t xs, __m256* acc,
+                 __m256* off) {
     const int kind = kind_of(type), head = head_bytes(type), pb = payload_bytes(kind);
-    const int64_t ub = unit_bytes(type);
     const int zero = type == T_Q6_K ? 0 : stored_offset(type);  /* Q6_K's 32 comes off inside q6k_dot */
     const int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     const __m256i one = _mm256_set1_epi16(1);
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+    const xblock* xb[4];
+    __m256i is[4];
+    if (!is_super(type)) {
+        for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
+        payload_dot(kind, b + head, xb, T, 0, one, one, is);
+        for (int t = 0; t < T; t++) {
+            __m256i i = is[t];
+            if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
+            if (has_min)
+                off[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16))),
+                                         _mm256_set1_ps(xb[t]->s), off[t]);
+        }
+        return;
+    }
+    __m256 mo[4];
+    for (int t = 0; t < T; t++) mo[t] = _mm256_setzero_ps();
+    for (int j = 0; j < 8; j++) {
+        for (int t = 0; t < T; t++) xb[t] = x + t * xs + 8 * u + j;
+        __m256i mlo, mhi;
+        if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
+        else mlo = mhi = pairs16(load8(b + 32 + 8 * j));
+        if (type == T_Q6_K) q6k_dot(b + head + j * pb, xb, T, mlo, mhi, is);
+        else payload_dot(kind, b + head + j * pb, xb, T, 1, mlo, mhi, is);
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
+        if (has_min) {
+            const __m256 mf = _mm256_cvtepi32_ps(load8(b + 96 + 8 * j));
+            for (int t = 0; t < T; t++) mo[t] = _mm256_fmadd_ps(mf, _mm256_set1_ps(xb[t]->s), mo[t]);
+        }
+    }
+    if (has_min) {  /* value = d * sc * w - dmin * m: the mins' share, once per super-block */
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16)));
+        for (int t = 0; t < T; t++) off[t] = _mm256_fnmadd_ps(dmin, mo[t], off[t]);
+    }
+}
+
+/* One group of 8 rows against T tokens (x: token t's blocks at x + t * xs): out[8 * t + r]. */
+AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
+    const int64_t ub = unit_bytes(type);
     __m256 acc[4], off[4];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
     for (int64_t u = 0; u < nu; u++) {
-        const uint8_t* b = g + u * ub;
-        if (T == 1) for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-        const xblock* xb[4];
-        __m256i is[4];
-        if (!is_super(type)) {
-            for (int t = 0; t < T; t++) xb[t] = x + t * xs + u;
-            payload_dot(kind, b + head, xb, T, 0, one, one, is);
-            for (int t = 0; t < T; t++) {
-                __m256i i = is[t];
-                if (zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * xb[t]->sum));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
-                if (has_min)
-                    off[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16))),
-                                             _mm256_set1_ps(xb[t]->s), off[t]);
-            }
-            continue;
-        }
-        __m256 mo[4];
-        for (int t = 0; t < T; t++) mo[t] = _mm256_setzero_ps();
-        for (int j = 0; j < 8; j++) {
-            for (int t = 0; t < T; t++) xb[t] = x + t * xs + 8 * u + j;
-            __m256i mlo, mhi;
-            if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
-            else mlo = mhi = pairs16(load8(b + 32 + 8 * j));
-            if (type == T_Q6_K) q6k_dot(b + head + j * pb, xb, T, mlo, mhi, is);
-            else payload_dot(kind, b + head + j * pb, xb, T, 1, mlo, mhi, is);
-            for (int t = 0; t < T; t++)
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, _mm256_set1_ps(xb[t]->d)), acc[t]);
-            if (has_min) {
-                const __m256 mf = _mm256_cvtepi32_ps(load8(b + 96 + 8 * j));
-                for (int t = 0; t < T; t++) mo[t] = _mm256_fmadd_ps(mf, _mm256_set1_ps(xb[t]->s), mo[t]);
-            }
-        }
-        if (has_min) {  /* value = d * sc * w - dmin * m: the mins' share, once per super-block */
-            const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16)));
-            for (int t = 0; t < T; t++) off[t] = _mm256_fnmadd_ps(dmin, mo[t], off[t]);
-        }
+        if (T == 1) prefetch_unit(g + u * ub, ub);
+        unit_dot(type, T, g + u * ub, u, x, xs, acc, off);
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], off[t]));
+}
+/* Decode: 4 groups (g + k * gs) against 1 token, read as 4 streams side by side: out[8 * k + r], group_dot's
+   sums per group. */
+AI void group_spread(const int type, const uint8_t* g, int64_t gs, int64_t nu, const xblock* x, float* out) {
+    const int64_t ub = unit_bytes(type);
+    __m256 acc[4], off[4];
+    for (int k = 0; k < 4; k++) acc[k] = off[k] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < nu; u++)
+        for (int k = 0; k < 4; k++) {
+            prefetch_unit(g + k * gs + u * ub, ub);
+            unit_dot(type, 1, g + k * gs + u * ub, u, x, 0, acc + k, off + k);
+        }
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, _mm256_add_ps(acc[k], off[k]));
 }
 
 /* F32: R groups (8 rows each, R <= 2) x T tokens (T <= 6): 12 accumulators, value k of 16 rows
@@ -161,7 +189,10 @@ static const float_fn FLOAT_FNS[2][6] = {{float_1_1, float_1_2, float_1_3, float
                                          {float_2_1, float_2_2, float_2_3, float_2_4, float_2_5, float_2_6}};
 
 typedef void (*group_fn)(const uint8_t*, int64_t, const xblock*, int64_t, float*);
+typedef void (*spread_fn)(const uint8_t*, int64_t, int64_t, const xblock*, float*);
 #define GROUP_FNS(NAME, TYPE)                                                                           \
+    static void NAME##_s(const uint8_t* g, int64_t gs, int64_t nu, const xblock* x, float* out) {      \
+        group_spread(TYPE, g, gs, nu, x, out); }                                                        \
     static void NAME##_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
         group_dot(TYPE, 1, g, nu, x, xs, out); }                                                        \
     static void NAME##_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {      \
@@ -170,90 +201,18 @@ GROUP_FNS(g_q4_0, T_Q4_0) GROUP_FNS(g_q4_1, T_Q4_1)
 GROUP_FNS(g_q5_0, T_Q5_0)
 GROUP_FNS(g_q5_1, T_Q5_1) GROUP_FNS(g_q4_k, T_Q4_K) GROUP_FNS(g_q5_k, T_Q5_K) GROUP_FNS(g_q6_k, T_Q6_K)
 
-/* Q8_0 or Q7_0 x 4 tokens, written out, the step loop kept rolled: group_dot's generic form (and this one
-   unrolled) has GCC compute all 32 products of a block before summing them, spilling them to the stack.
-   The same integer sum per block and the same float steps as group_dot, so the same results.
-   zero = 0 (Q8_0 on AVX2): |w| against the activations with w's signs. Otherwise (stored w + zero: Q7_0,
-   Q8_0 on VNNI): the stored bytes against the activations as they are, zero * (the block's sum) off. */
-AI void q8_tile4(const int zero, const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    const int q7 = zero != 0;
-    const int64_t ub = unit_bytes(T_Q8_0);
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-    const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
-    for (int64_t u = 0; u < nu; u++) {
-        const uint8_t* b = g + u * ub;
-        const uint8_t* q = b + 16;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-#pragma GCC unroll 1
-        for (int s = 0; s < 8; s++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
-            const __m256i aw = q7 ? w : _mm256_sign_epi8(w, w);
-#define TOK(X, A) { const __m256i xv = bcast4(X[u].q + 4 * s), sx = q7 ? xv : _mm256_sign_epi8(xv, w); \
-                    A = dot_u8s8(A, aw, sx); }
-            TOK(x0, a0) TOK(x1, a1) TOK(x2, a2) TOK(x3, a3)
-#undef TOK
-        }
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-#define ACC(X, A, F) { const __m256i i = q7 ? _mm256_sub_epi32(A, _mm256_set1_epi32(zero * X[u].sum)) : A; \
-                       F = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(X[u].d)), F); }
-        ACC(x0, a0, f0) ACC(x1, a1, f1) ACC(x2, a2, f2) ACC(x3, a3, f3)
-#undef ACC
-    }
-    _mm256_storeu_ps(out, f0); _mm256_storeu_ps(out + 8, f1); _mm256_storeu_ps(out + 16, f2);
-    _mm256_storeu_ps(out + 24, f3);
-}
-/* Q8_0 / Q7_0 (VNNI builds' w + 64 or w + 128: zero) x 1 token (decode): one group of 8 rows, one sequential stream
-   prefetched PF_BYTES ahead, two integer chains (even and odd steps) added exactly per block, then q8_tile4's
-   float step. Zen 4, SmolLM2 decode, processes alternated (2026-12-02): the Q8_0 head (49152 x 576) 1.0-1.15 ms
-   against 1.3-2.1 ms on the 4-stream tile (decode_streams), Llama-1B-shape Q8_0 decode 35-44 ms against 47-49
-   (why is not settled: that tile's 4 streams run only 4.9 KB each at K = 576; micro-benchmarks of the matrices
-   alone did not show the gap). */
-AI void q8_stream1(const int zero, const uint8_t* g, int64_t nu, const xblock* x, float* out) {
-    const int q7 = zero != 0;
-    const int64_t ub = unit_bytes(T_Q8_0);
-    __m256 f = _mm256_setzero_ps();
-    for (int64_t u = 0; u < nu; u++) {
-        const uint8_t* b = g + u * ub;
-        for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
-        const uint8_t* q = b + 16;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
-        for (int s = 0; s < 8; s += 2) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i*)(q + 32 * s));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i*)(q + 32 * s + 32));
-            const __m256i x0 = bcast4(x[u].q + 4 * s), x1 = bcast4(x[u].q + 4 * s + 4);
-            a0 = dot_u8s8(a0, q7 ? w0 : _mm256_sign_epi8(w0, w0), q7 ? x0 : _mm256_sign_epi8(x0, w0));
-            a1 = dot_u8s8(a1, q7 ? w1 : _mm256_sign_epi8(w1, w1), q7 ? x1 : _mm256_sign_epi8(x1, w1));
-        }
-        __m256i i = _mm256_add_epi32(a0, a1);
-        if (q7) i = _mm256_sub_epi32(i, _mm256_set1_epi32(zero * x[u].sum));
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_set1_ps(x[u].d)), f);
-    }
-    _mm256_storeu_ps(out, _mm256_add_ps(f, _mm256_setzero_ps()));  /* + 0.f: group_dot's zero offset */
-}
-static void q8_0_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    (void)xs; q8_stream1(stored_offset(T_Q8_0), g, nu, x, out);
-}
-static void q7_0_1(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    (void)xs; q8_stream1(stored_offset(T_Q7_0), g, nu, x, out);
-}
-static void q8_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(stored_offset(T_Q8_0), g, nu, x, xs, out);
-}
-static void q7_0_4(const uint8_t* g, int64_t nu, const xblock* x, int64_t xs, float* out) {
-    q8_tile4(stored_offset(T_Q7_0), g, nu, x, xs, out);
-}
-
-static void group_fns(int type, group_fn* f1, group_fn* f4) {
+static void group_fns(int type, group_fn* f1, group_fn* f4, spread_fn* fs) {
+    *fs = 0;
     switch (type) {
-        case T_Q8_0: *f1 = q8_0_1; *f4 = q8_0_4; return;
-        case T_Q7_0: case T_Q7_A7: *f1 = q7_0_1; *f4 = q7_0_4; return;
-        case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; return;
-        case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; return;
-        case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; return;
-        case T_Q5_1: *f1 = g_q5_1_1; *f4 = g_q5_1_4; return;
-        case T_Q4_K: *f1 = g_q4_k_1; *f4 = g_q4_k_4; return;
-        case T_Q5_K: *f1 = g_q5_k_1; *f4 = g_q5_k_4; return;
+        case T_Q8_0: *f1 = q8_0_1; *f4 = q8_0_4; *fs = q8_0_s; return;
+        case T_Q7_0: case T_Q7_A7: *f1 = q7_0_1; *f4 = q7_0_4; *fs = Q7_SIGNED ? 0 : q7_0_s; return;
+        case T_Q4_0: *f1 = g_q4_0_1; *f4 = g_q4_0_4; *fs = g_q4_0_s; return;
+        case T_Q4_1: *f1 = g_q4_1_1; *f4 = g_q4_1_4; *fs = g_q4_1_s; return;
+        case T_Q5_0: *f1 = g_q5_0_1; *f4 = g_q5_0_4; *fs = g_q5_0_s; return;
+        case T_Q5_1: *f1 = g_q5_1_1; *f4 = g_q5_1_4; *fs = g_q5_1_s; return;
+        case T_Q4_K: *f1 = g_q4_k_1; *f4 = g_q4_k_4; *fs = g_q4_k_s; return;
+        case T_Q5_K: *f1 = g_q5_k_1; *f4 = g_q5_k_4; *fs = g_q5_k_s; return;
+        case T_Q6_K: *f1 = g_q6_k_1; *f4 = g_q6_k_4; *fs = g_q6_k_s; return;
         default: *f1 = g_q6_k_1; *f4 = g_q6_k_4; return;
     }
 }
@@ -263,6 +222,18 @@ static void group_fns(int type, group_fn* f1, group_fn* f4) {
 
 static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int64_t M, float* Y, int64_t ldy, int acc) {
     const int64_t K = W->cols;
+#if HAVE_AVX512
+    if (M == 1 && streams_now() == READ_SPREAD) {  /* decode: 4 runs of groups side by side (spread_rows) */
+        const int64_t g0 = n0 / 8, q = ((n1 + 7) / 8 - g0) / 4;
+        for (int64_t i = 0; i < q; i++) {
+            float out[32];
+            float_tile32x1((const float*)W->data + (g0 + i) * 8 * K, q * 8 * K, K, X, out);
+            for (int k = 0; k < 4; k++) store_group(Y, 0, 0, 1, g0 + i + k * q, n1, out + 8 * k, 32, acc);
+        }
+        n0 = (g0 + 4 * q) * 8;  /* the rest below, a group at a time */
+        if (n0 >= n1) return;
+    }
+#endif
     for (int64_t m0 = 0; m0 < M; m0 += FLOAT_MTILE) {
         const int64_t m1 = m0 + FLOAT_MTILE < M ? m0 + FLOAT_MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
@@ -273,7 +244,7 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
 #if HAVE_AVX512
                 /* 32 or 16 rows x up to 12 tokens; 1 token on 32 rows where decode_streams is 4 */
                 const int T12 = m1 - m < 12 ? (int)(m1 - m) : 12;
-                if (R > 1 && (T12 > 1 || (quad && streams_now() == 4))) {
+                if (R > 1 && (T12 > 1 || (quad && streams_now() == READ_QUAD))) {
                     float out[384];
                     FLOAT512_FNS[R / 2 - 1][T12 - 1](g0, 8 * K, K, X + m * K, out);
                     for (int r = 0; r < R; r++) store_group(Y, ldy, m, T12, g + r, n1, out + 8 * r, 32, acc);
@@ -297,6 +268,25 @@ static void float_rows(const mat* W, int64_t n0, int64_t n1, const float* X, int
     }
 }
 
+/* decode (1 token): the chunk's groups in 4 equal runs read side by side, one stream each */
+static int spread_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, float* Y, int acc, group_fn f1,
+                       spread_fn fs) {
+    if (!fs) return 0;
+    const int64_t gb = units(W) * unit_bytes(W->type), g0 = n0 / 8, ng = (n1 + 7) / 8 - g0, q = ng / 4, nu = units(W);
+    for (int64_t i = 0; i < q; i++) {
+        float out[32];
+        const uint8_t* gp = W->data + (g0 + i) * gb;
+        fs(gp, q * gb, nu, X, out);
+        for (int k = 0; k < 4; k++) store_group(Y, 0, 0, 1, g0 + i + k * q, n1, out + 8 * k, 32, acc);
+    }
+    for (int64_t g = g0 + 4 * q; g < g0 + ng; g++) {
+        float out[8];
+        f1(W->data + g * gb, nu, X, 0, out);
+        store_group(Y, 0, 0, 1, g, n1, out, 8, acc);
+    }
+    return 1;
+}
+
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. Xv: the
    activation blocks (quantized types; x16blocks for T_Q8_0_X16), Xf: fp32 rows (F32). */
 void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const float* Xf, int64_t M, float* Y,
@@ -306,7 +296,9 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     if (W->type == T_BF16_PAIRS) { bf16p_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
     const xblock* X = Xv;
     group_fn f1, f4;
-    group_fns(W->type, &f1, &f4);
+    spread_fn fs;
+    group_fns(W->type, &f1, &f4, &fs);
+    if (M == 1 && streams_now() == READ_SPREAD && spread_rows(W, n0, n1, X, Y, acc, f1, fs)) return;
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
@@ -336,7 +328,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                     continue;
                 }
                 const int zero = stored_offset(W->type);
-                if (span == 4 && (m + 6 <= m1 || (streams_now() == 4 && m1 - m < 4))) {  /* 6 tokens, or 1 (decode, rests) */
+                if (span == 4 && (m + 6 <= m1 || (streams_now() == READ_QUAD && m1 - m < 4))) {  /* 6 tokens, or 1 (decode, rests) */
                     float out[192];
                     const int T = m + 6 <= m1 ? 6 : 1;
                     if (T == 6) q8_tile32x6(zero, gp, gb, nu, X + m * nbx, nbx, out);
