@@ -21,17 +21,19 @@ static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int6
     tilecfg cfg;
     amx_config(&cfg);
     TCONFIG(&cfg);
-    for (int64_t g = n0 / 16; g * 16 < n1;) {
-        const int two = (g + 1) * 16 < n1;   /* a second group of 16 rows */
-        const uint16_t *b0 = Wd + g * gs, *b1 = b0 + gs;
-        /* whole tiles of Y (16 tokens x 16 rows inside [n0, n1)) are stored in place unless accumulating: a
-           tile always sums from zero, then goes to Y (+)= through amx_store (the same sums for every row) */
-        const int whole0 = !acc && g * 16 >= n0 && g * 16 + 16 <= n1, whole1 = !acc && (g + 1) * 16 + 16 <= n1;
-        for (int64_t m = 0; m < M; m += 32) {
-            const int both = m + 16 < M;     /* a second tile of 16 tokens */
-            const int in0 = m + 16 <= M, in1 = m + 32 <= M;
-            const uint16_t* a0 = m < full ? X + m * K : pad;
-            const uint16_t* a1 = m + 16 < full ? X + (m + 16) * K : pad;
+    /* tokens outer, rows inner: a block of 32 tokens' A tiles is read from L1 by every group of the chunk, and Y's
+       rows are written 32 at a time across the chunk's columns */
+    for (int64_t m = 0; m < M; m += 32) {
+        const int both = m + 16 < M;     /* a second tile of 16 tokens */
+        const int in0 = m + 16 <= M, in1 = m + 32 <= M;
+        const uint16_t* a0 = m < full ? X + m * K : pad;
+        const uint16_t* a1 = m + 16 < full ? X + (m + 16) * K : pad;
+        for (int64_t g = n0 / 16; g * 16 < n1;) {
+            const int two = (g + 1) * 16 < n1;   /* a second group of 16 rows */
+            const uint16_t *b0 = Wd + g * gs, *b1 = b0 + gs;
+            /* whole tiles of Y (16 tokens x 16 rows inside [n0, n1)) are stored in place unless accumulating: a
+               tile always sums from zero, then goes to Y (+)= through amx_store (the same sums for every row) */
+            const int whole0 = !acc && g * 16 >= n0 && g * 16 + 16 <= n1, whole1 = !acc && (g + 1) * 16 + 16 <= n1;
             float *y0 = Y + m * ldy + g * 16, *y1 = y0 + 16 * ldy;
 #define FINISH(t, WHOLE, y, mm, n)                                                                     \
     if (WHOLE) TSTORE(t, y, 4 * ldy);                                                                  \
@@ -56,8 +58,8 @@ static void AMX_FN(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int6
             if (both) { FINISH(2, in1 && whole0, y1, m + 16, g * 16) }
             if (both && two) { FINISH(3, in1 && whole1, y1 + 16, m + 16, g * 16 + 16) }
 #undef FINISH
+            g += two ? 2 : 1;
         }
-        g += two ? 2 : 1;
     }
     TRELEASE();
 }

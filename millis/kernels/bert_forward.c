@@ -212,22 +212,22 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     g_threads = nthreads < 1 ? 1 : nthreads;
     ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start};
     const int f32 = m->act == ACT_F32;
-    TIMED(B_EMBED, pool_run(op_embed, &c, n));
+    TIMED(B_EMBED, rows_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
         const bert_layer* w = &m->layers[l];
         c.w = w;
         { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
-        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32) pool_run(op_quant_att, &c, n));
+        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32) rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
-        TIMED(B_LN, pool_run(op_ln1, &c, n));
+        TIMED(B_LN, rows_run(op_ln1, &c, n));
         { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
           TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
-        TIMED(B_GELU, pool_run(op_gelu, &c, n));
+        TIMED(B_GELU, rows_run(op_gelu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, n)); }
-        TIMED(B_LN, pool_run(op_ln2, &c, n));
+        TIMED(B_LN, rows_run(op_ln2, &c, n));
     }
     pool_end();
     return 0;

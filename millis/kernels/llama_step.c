@@ -242,28 +242,28 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     if (solo_left > 0) solo_left--;
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
     const int64_t per_job = attend_tokens(&c);  /* tokens per attention job */
-    TIMED(P_EMBED, pool_run(op_embed, &c, n));
+    TIMED(P_EMBED, rows_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
         const layer_w* w = &m->layers[l];
         c.w = w; c.l = l;
-        TIMED(P_NORM, pool_run(op_attn_norm, &c, n));
+        TIMED(P_NORM, rows_run(op_attn_norm, &c, n));
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
           TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
-        TIMED(P_ROPE, pool_run(op_rope_store, &c, n));
+        TIMED(P_ROPE, rows_run(op_rope_store, &c, n));
         if (n >= PREFILL_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
         TIMED(P_ATTN, pool_run(op_attend, &c, (n + per_job - 1) / per_job * m->n_kv));
-        TIMED(P_QUANT, pool_run(op_quant_att, &c, n));
+        TIMED(P_QUANT, rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
-        TIMED(P_NORM, pool_run(op_ffn_norm, &c, n));
+        TIMED(P_NORM, rows_run(op_ffn_norm, &c, n));
         { const mat* W[2] = {m->gpt2 ? &w->up : &w->gate, &w->up}; float* Y[2] = {s->g, s->u};
           const int64_t ld[2] = {H, H};  /* gpt2: up alone, into g */
           TIMED(P_FFN_UP, mm_run(m->gpt2 ? 1 : 2, W, Y, ld, 0, s->xq, s->h, n)); }
-        TIMED(P_SWIGLU, pool_run(op_swiglu, &c, n));
+        TIMED(P_SWIGLU, rows_run(op_swiglu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(P_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->g, n)); }
     }
-    TIMED(P_NORM, pool_run(op_out_norm, &c, n_out));
+    TIMED(P_NORM, rows_run(op_out_norm, &c, n_out));
     { const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
       TIMED(P_HEAD, mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out)); }
     clock_gettime(CLOCK_MONOTONIC, &t1);
