@@ -139,7 +139,7 @@ READ_ONE, READ_QUAD, READ_SPREAD = 1, 4, 8  # packed.h: decode_streams's modes
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("qtype", FORMATS + (INT8,))
 def test_decode_streams_give_the_same_bytes(isa, qtype):
     """packed.c's decode_streams: one stream per 8-row group, four adjacent groups' at once (the AVX-512 32-row
     tiles), or a chunk's groups in four runs read side by side (spread_rows), the same sums in the same order:
@@ -161,13 +161,14 @@ def test_decode_streams_give_the_same_bytes(isa, qtype):
     K = 512
     try:
         for N in (45, 1001):
-            raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32), qtype, rng)
+            raw, wd = encode_tensor(rng.standard_normal((N, K)).astype(np.float32),
+                                    "Q8_0" if qtype == INT8 else qtype, rng)
             raw = np.ascontiguousarray(raw)
             keep: list = []
             mat = pack_matrix(lib, Mat(TYPE_IDS[qtype], 0, raw.ctypes.data, N, K, raw.nbytes // N), keep, 2)
             for M in (1, 5):
                 x = rng.standard_normal((M, K)).astype(np.float32)
-                xq, _ = quantized_rows(lib, x)
+                xq, _ = quantized_rows(lib, x, int16=qtype == INT8)
                 got = []
                 for streams in (READ_ONE, READ_QUAD, READ_SPREAD):
                     assert lib.decode_streams(streams) == streams

@@ -102,6 +102,9 @@ void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc,
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m);  /* K-quant sub-block j's 6-bit scale and min */
 void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* X, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc);
+/* how a 1-token product reads a chunk of rows (packed.c decode_streams: the rule for this CPU, or the one set) */
+enum { READ_ONE = 1, READ_QUAD = 4, READ_SPREAD = 8 };
+API int decode_streams(int n);
 API void quantize_x16(const float* x, int64_t K, x16block* out);  /* K % 32 == 0 */
 float dot16_blocks(const uint8_t* row, const x16block* x, int64_t nb);  /* T_Q8_0_X16, GGUF's layout */
 int64_t packed16_bytes(int64_t rows, int64_t cols);

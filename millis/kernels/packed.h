@@ -64,8 +64,6 @@
 static inline int paired(int type, int64_t g, int64_t rows) {  /* group g is stored in a pair */
     return PAIRED_ROWS && is_row_type(type) && (g | 1) * 8 < rows;
 }
-/* decode_streams's modes (packed.c): how a 1-token product reads a chunk of rows */
-enum { READ_ONE = 1, READ_QUAD = 4, READ_SPREAD = 8 };
 #define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
 
 static inline int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */

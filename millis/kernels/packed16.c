@@ -87,22 +87,43 @@ AI __m256 block_scale(const uint8_t* b, const x16block* x) {  /* d of the 8 rows
     return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b)), _mm256_set1_ps(x->d));
 }
 
+/* one block (unit b) of a group of 8 rows against a token's block x: acc += its scaled sums */
+AI void unit16(const uint8_t* b, const x16block* x, __m256* acc) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int p = 0; p < 16; p += 2) {
+        s0 = dot_s16(s0, wpair(b, p), pair_at(x, p));
+        s1 = dot_s16(s1, wpair(b, p + 1), pair_at(x, p + 1));
+    }
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), block_scale(b, x), *acc);
+}
+AI void prefetch16(const uint8_t* b) { for (int o = 0; o < UNIT; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0); }
+
 /* One group of 8 rows against 1 or 4 tokens (token t's blocks at x + t * xs): out[8 * t + r]. Written
    out per token: GCC spills an accumulator array indexed by t to the stack every step. */
 static void group16_1(const uint8_t* g, int64_t nb, const x16block* x, int64_t xs, float* out) {
     (void)xs;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t u = 0; u < nb; u++) {
-        const uint8_t* b = g + u * UNIT;
-        for (int o = 0; o < UNIT; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-        for (int p = 0; p < 16; p += 2) {
-            s0 = dot_s16(s0, wpair(b, p), pair_at(x + u, p));
-            s1 = dot_s16(s1, wpair(b, p + 1), pair_at(x + u, p + 1));
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), block_scale(b, x + u), acc);
+        prefetch16(g + u * UNIT);
+        unit16(g + u * UNIT, x + u, &acc);
     }
     _mm256_storeu_ps(out, acc);
+}
+/* decode: groups g + k * gs (k < 4) against 1 token, read as 4 streams side by side (packed.c's READ_SPREAD):
+   out[8 * k + r], group16_1's sums per group */
+static void group16_spread(const uint8_t* g, int64_t gs, int64_t nb, const x16block* x, float* out) {
+    __m256 acc[4];
+    for (int k = 0; k < 4; k++) acc[k] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < nb; u++)
+        for (int k = 0; k < 4; k++) {
+            prefetch16(g + k * gs + u * UNIT);
+            unit16(g + k * gs + u * UNIT, x + u, acc + k);
+        }
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+static void store16(float* Y, int64_t g, int64_t n1, const float* o, int acc) {  /* rows 8g.. of one token */
+    float* y = Y + g * 8;
+    for (int r = 0; r < 8 && g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
 }
 static void group16_4(const uint8_t* g, int64_t nb, const x16block* x, int64_t xs, float* out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -130,6 +151,20 @@ static void group16_4(const uint8_t* g, int64_t nb, const x16block* x, int64_t x
 void packed16_rows(const mat* W, int64_t n0, int64_t n1, const x16block* X, int64_t M, float* Y, int64_t ldy,
                    int acc) {
     const int64_t nb = W->cols / QK;
+    if (M == 1 && decode_streams(0) == READ_SPREAD) {  /* the chunk's groups in 4 runs side by side */
+        const int64_t g0 = n0 / 8, ng = (n1 + 7) / 8 - g0, q = ng / 4;
+        for (int64_t i = 0; i < q; i++) {
+            float out[32];
+            group16_spread(W->data + (g0 + i) * nb * UNIT, q * nb * UNIT, nb, X, out);
+            for (int k = 0; k < 4; k++) store16(Y, g0 + i + k * q, n1, out + 8 * k, acc);
+        }
+        for (int64_t g = g0 + 4 * q; g < g0 + ng; g++) {
+            float out[8];
+            group16_1(W->data + g * nb * UNIT, nb, X, 0, out);
+            store16(Y, g, n1, out, acc);
+        }
+        return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1; g++) {
