@@ -100,6 +100,10 @@ AI void unit_dot(const int type, const int T, const uint8_t* b, int64_t u, const
     __m256 mo[4];
     for (int t = 0; t < T; t++) mo[t] = _mm256_setzero_ps();
     for (int j = 0; j < 8; j++) {
+        if (T == 1)  /* decode: the unit PF_BYTES ahead, an eighth per sub-block (a whole unit's 27 lines at once
+                        stalled on the core's fill buffers) */
+            for (int64_t o = j * unit_bytes(type) / 8 / 64 * 64; o < (j + 1) * unit_bytes(type) / 8; o += 64)
+                _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
         for (int t = 0; t < T; t++) xb[t] = x + t * xs + 8 * u + j;
         __m256i mlo, mhi;
         if (type == T_Q6_K) { mlo = pairs16(load8s(b + 16 + 16 * j)); mhi = pairs16(load8s(b + 24 + 16 * j)); }
@@ -125,7 +129,7 @@ AI void group_dot(const int type, const int T, const uint8_t* g, int64_t nu, con
     __m256 acc[4], off[4];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
     for (int64_t u = 0; u < nu; u++) {
-        if (T == 1) prefetch_unit(g + u * ub, ub);
+        if (T == 1 && !is_super(type)) prefetch_unit(g + u * ub, ub);  /* super-blocks: inside unit_dot */
         unit_dot(type, T, g + u * ub, u, x, xs, acc, off);
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], off[t]));
@@ -138,7 +142,7 @@ AI void group_spread(const int type, const uint8_t* g, int64_t gs, int64_t nu, c
     for (int k = 0; k < 4; k++) acc[k] = off[k] = _mm256_setzero_ps();
     for (int64_t u = 0; u < nu; u++)
         for (int k = 0; k < 4; k++) {
-            prefetch_unit(g + k * gs + u * ub, ub);
+            if (!is_super(type)) prefetch_unit(g + k * gs + u * ub, ub);
             unit_dot(type, 1, g + k * gs + u * ub, u, x, 0, acc + k, off + k);
         }
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, _mm256_add_ps(acc[k], off[k]));
