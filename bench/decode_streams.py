@@ -3,7 +3,7 @@ kernels/packed.c's decode_streams modes, alternated in one process, so a new CPU
 
     .venv/bin/python bench/decode_streams.py [--files llama1b-q4_0,smollm2-f32] [--rounds 5] [--steps 32]
 
-Modes (packed.h READ_*): one (a group of 8 rows after another: one stream per thread), quad (AVX-512 Q8_0 /
+Modes (kernels/blockq.h READ_*): one (a group of 8 rows after another: one stream per thread), quad (AVX-512 Q8_0 /
 F32: four adjacent groups), spread (a chunk's rows in four runs read side by side). Per round every mode runs
 `steps` greedy-free decode steps (the same token each step) after a 16-token prompt at 2 threads; ms is the
 median step, ratio the median over rounds of mode / one (< 1: faster than one). The modes give the same
@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from generation_gguf import build_files  # noqa: E402
 
-MODES = {"one": 1, "quad": 4, "spread": 8}  # kernels/packed.h READ_ONE, READ_QUAD, READ_SPREAD
+MODES = {"one": 1, "quad": 4, "spread": 8}  # kernels/blockq.h READ_ONE, READ_QUAD, READ_SPREAD
 
 
 def run_file(path: str, rounds: int, steps: int, threads: int) -> dict:

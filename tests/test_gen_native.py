@@ -135,7 +135,7 @@ def test_simd_builds_agree_bitwise(qtype):
         assert all(np.array_equal(got[0], g) for g in got[1:]), (qtype, M)
 
 
-READ_ONE, READ_QUAD, READ_SPREAD = 1, 4, 8  # packed.h: decode_streams's modes
+READ_ONE, READ_QUAD, READ_SPREAD = 1, 4, 8  # blockq.h: decode_streams's modes
 
 
 @pytest.mark.parametrize("isa", ISAS)

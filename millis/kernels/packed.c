@@ -7,7 +7,7 @@
 #include <cpuid.h>
 #endif
 
-/* How decode (1 token) reads a matrix's rows (a thread's chunk of them), packed.h's READ_*:
+/* How decode (1 token) reads a matrix's rows (a thread's chunk of them), blockq.h's READ_*:
    READ_ONE, one group of 8 rows after another: one sequential stream (q8_stream1, group_dot, float_tile);
    READ_QUAD (AVX-512 Q8_0 / Q7_0 / F32), four adjacent groups at once (packed512.h's 32-row tiles): four short
    streams, a group (K values) long each;
