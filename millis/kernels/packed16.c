@@ -121,7 +121,7 @@ static void group16_spread(const uint8_t* g, int64_t gs, int64_t nb, const x16bl
         }
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, acc[k]);
 }
-static void store16(float* Y, int64_t g, int64_t n1, const float* o, int acc) {  /* rows 8g.. of one token */
+static void store16(float* Y, int64_t g, int64_t n1, const float* o, int acc) {  /* one token's rows 8g.. (< n1) */
     float* y = Y + g * 8;
     for (int r = 0; r < 8 && g * 8 + r < n1; r++) y[r] = acc ? y[r] + o[r] : o[r];
 }
@@ -173,10 +173,7 @@ void packed16_rows(const mat* W, int64_t n0, int64_t n1, const x16block* X, int6
                 const int T = m + 4 <= m1 ? 4 : 1;
                 float out[32];
                 (T == 4 ? group16_4 : group16_1)(gp, nb, X + m * nb, nb, out);
-                for (int t = 0; t < T; t++) {
-                    float* y = Y + (m + t) * ldy + g * 8;
-                    for (int r = 0; r < 8 && g * 8 + r < n1; r++) y[r] = acc ? y[r] + out[8 * t + r] : out[8 * t + r];
-                }
+                for (int t = 0; t < T; t++) store16(Y + (m + t) * ldy, g, n1, out + 8 * t, acc);
                 m += T;
             }
         }
