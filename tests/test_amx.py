@@ -78,7 +78,7 @@ def test_amx_needs_the_cpu_and_can_be_switched_off(monkeypatch):
 
 
 def test_native_encoder_on_amx_tiles(monkeypatch):
-    """The real MiniLM's native bf16 forward with its matrices in AMX tiles, its int8 forward with Q8 tiles and
+    """The real MiniLM's native bf16 forward with its matrices and attention in AMX tiles, its int8 forward with Q8 tiles and
     its int7-row-a8 forward with row tiles (the C form here, the tile unit on an AMX machine) keep HF fp32's
     cosine (>= 0.999; 0.99 for int7-row-a8 on random tokens) and equal the AVX kernels' results: to fp32
     rounding of different summation orders for bf16, bit for bit for the integer ones."""
@@ -107,6 +107,7 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     monkeypatch.setattr(native, "init_amx", lambda lib: True)
     tiles = native.NativeBert(enc, "bf16", 2)
     assert tiles.amx and not avx.amx and tiles.kernels.endswith("+amx")
+    assert (tiles.model.attn, avx.model.attn) == (native.ATTN_BF16_TILES, native.ATTN_F32)  # bf16 attention too
     out, base = tiles(ids, mask), avx(ids, mask)
     assert out.shape == ref.shape == (3, 384)
     cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)

@@ -59,9 +59,12 @@ class Layer(ctypes.Structure):
                [(n, P) for n in ("sqkv", "so", "si", "sd")]  # 1 / smoothing scale per input channel, or NULL
 
 
+ATTN_F32, ATTN_BF16_TILES = 0, 1  # bert_forward.c's attention kinds
+
+
 class Model(ctypes.Structure):
     _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "head_dim", "hidden", "max_pos", "type_vocab",
-                                   "act")] + [("eps", F)] + \
+                                   "act")] + [("eps", F), ("attn", I32)] + \
                [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P)]
 
 
@@ -130,6 +133,8 @@ class NativeBert:
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
         self.amx = on_tiles(precision) and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
+        # attention in bf16 on the tile unit where the matrices are bf16 tiles too (bert_forward.c ATTN_*)
+        self.attn = ATTN_BF16_TILES if self.amx and precision == "bf16" else ATTN_F32
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
@@ -153,7 +158,7 @@ class NativeBert:
                 setattr(L, name, self._vec(t))
         self.keep.append(layers)
         self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
-                           c.type_vocab, ACT[precision], c.eps, self._vec(e.word), self._vec(e.pos), self._vec(e.typ),
+                           c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos), self._vec(e.typ),
                            self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab, ctypes.addressof(layers))
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier

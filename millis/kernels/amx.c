@@ -155,60 +155,11 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #endif
 }
 
-/* ---- the C form: 8 tiles per thread, shaped by the last TCONFIG, with the instructions' semantics ---- */
-static __thread uint8_t emu[8][16][64];
-static __thread tilecfg emu_cfg;
-static inline float bf16_value(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-static void emu_load(int t, const void* p, int64_t stride) {
-    for (int r = 0; r < emu_cfg.rows[t]; r++) memcpy(emu[t][r], (const uint8_t*)p + r * stride, emu_cfg.colsb[t]);
-}
-static void emu_store(int t, void* p, int64_t stride) {
-    for (int r = 0; r < emu_cfg.rows[t]; r++) memcpy((uint8_t*)p + r * stride, emu[t][r], emu_cfg.colsb[t]);
-}
-static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b, pairs in order, value 2p then 2p + 1 */
-    for (int m = 0; m < 16; m++) {
-        float acc[16];
-        const uint16_t* x = (const uint16_t*)emu[a][m];
-        memcpy(acc, emu[c][m], 64);
-        for (int p = 0; p < emu_cfg.colsb[a] / 4; p++) {
-            const uint16_t* w = (const uint16_t*)emu[b][p];
-            for (int n = 0; n < 16; n++) {
-                acc[n] += bf16_value(x[2 * p]) * bf16_value(w[2 * n]);
-                acc[n] += bf16_value(x[2 * p + 1]) * bf16_value(w[2 * n + 1]);
-            }
-        }
-        memcpy(emu[c][m], acc, 64);
-    }
-}
-static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 quads, int32 sums */
-    for (int m = 0; m < 16; m++) {
-        int32_t acc[16];
-        const int8_t* x = (const int8_t*)emu[a][m];
-        memcpy(acc, emu[c][m], 64);
-        for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
-            const int8_t* w = (const int8_t*)emu[b][q];
-            for (int n = 0; n < 16; n++)
-                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
-        }
-        memcpy(emu[c][m], acc, 64);
-    }
-}
-static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a against signed b quads, int32 sums */
-    for (int m = 0; m < 16; m++) {
-        int32_t acc[16];
-        const uint8_t* x = emu[a][m];
-        memcpy(acc, emu[c][m], 64);
-        for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
-            const int8_t* w = (const int8_t*)emu[b][q];
-            for (int n = 0; n < 16; n++)
-                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
-        }
-        memcpy(emu[c][m], acc, 64);
-    }
-}
+#include "amx_emu.h"  /* the C form of the tile operations */
 #define AMX_FN amx_rows_c
 #define AMXQ_FN amxq_rows_c
 #define AMXR_FN amxr_rows_c
+#define ATT_FN attend_c
 #define TCONFIG(cfg) (emu_cfg = *(cfg))
 #define TRELEASE() (void)0
 #define TZERO(t) memset(emu[t], 0, sizeof emu[t])
@@ -218,9 +169,11 @@ static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a ag
 #define TDPI(c, a, b) emu_dpi(c, a, b)
 #define TDPU(c, a, b) emu_dpu(c, a, b)
 #include "amx_tiles.h"
+#include "amx_attend.h"
 #undef AMX_FN
 #undef AMXQ_FN
 #undef AMXR_FN
+#undef ATT_FN
 #undef TDPI
 #undef TDPU
 #undef TCONFIG
@@ -235,6 +188,7 @@ static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a ag
 #define AMX_FN amx_rows_hw
 #define AMXQ_FN amxq_rows_hw
 #define AMXR_FN amxr_rows_hw
+#define ATT_FN attend_hw
 /* GCC 12's ldtilecfg / tileloadd asm declare no memory read (beyond 8 bytes of the config): a compiler barrier
    first, so every store they read (the config, the padded tokens) is made before them */
 #define TCONFIG(cfg) do { __asm__ volatile("" ::: "memory"); _tile_loadconfig(cfg); } while (0)
@@ -246,6 +200,7 @@ static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a ag
 #define TDPI(c, a, b) _tile_dpbssd(c, a, b)
 #define TDPU(c, a, b) _tile_dpbusd(c, a, b)
 #include "amx_tiles.h"
+#include "amx_attend.h"
 #define HAVE_AMX_BUILD 1
 #else
 #define HAVE_AMX_BUILD 0
@@ -378,4 +333,33 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
 #endif
     if (is_row_type(W->type)) amxr_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
     else amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
+}
+
+/* ---- attention ---- */
+/* One (sequence, head) of the encoder's attention on tiles in bf16 (amx_attend.h): for i < L, out[i * ldo + d]
+   (d < HD) = the softmax over j < L of <(q_i + bq) scale, k_j + bk> times (v_j + bv), from the job's rows of the
+   qkv matrix (token t's q at r + t * ld, k D values on, v 2D). Returns 1, or 0 (nothing done) unless HD is 32
+   or 64. */
+API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
+                   float scale, int L, int HD, float* out, int64_t ldo) {
+    static __thread uint8_t* buf;
+    static __thread int64_t cap;
+    if ((HD != 32 && HD != 64) || L <= 0) return 0;
+    const int Lk = (L + 31) / 32 * 32;
+    const int64_t q = (int64_t)Lk * HD * 2, s = 16 * (int64_t)Lk * 4;  /* bytes: q, kt, vt alike; s, and p half */
+    const int64_t need = 3 * q + s + s / 2 + 16 * HD * 4;
+    if (cap < need) {
+        free(buf);
+        buf = aligned_alloc(64, (need + 63) / 64 * 64);
+        if (!buf) abort();  /* as any other allocation failure in the process would end it */
+        cap = need;
+    }
+    const att_job j = {L, Lk, HD, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
+                       (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2), out, ldo};
+    att_pack(&j, r, ld, D, bq, bk, bv, scale);
+#if HAVE_AMX_BUILD
+    if (g_amx_hw) { attend_hw(&j); return 1; }
+#endif
+    attend_c(&j);
+    return 1;
 }

@@ -38,6 +38,7 @@ typedef struct {
 typedef struct {
     int32_t n_layers, dim, n_heads, head_dim, hidden, max_pos, type_vocab, act;  /* act: ACT_* */
     float eps;
+    int32_t attn;  /* ATTN_*: how op_attend multiplies */
     const float *word, *pos, *typ, *emb_ln_w, *emb_ln_b;  /* (vocab, D), (max_pos, D), (type_vocab, D), (D,) */
     int64_t vocab;
     const bert_layer* layers;
@@ -46,6 +47,9 @@ typedef struct {
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
    x16blocks, bf16 rows */
 enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3 };
+/* attention: fp32 on the matmul kernels, or bf16 on the tile unit (amx_attend: AMX, else its C form; head sizes
+   32 and 64, others stay fp32) */
+enum { ATTN_F32 = 0, ATTN_BF16_TILES = 1 };
 
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
@@ -135,10 +139,13 @@ static void op_attend(void* p, int64_t job) {
     const int64_t sq = job / NH, t0 = c->start[sq];
     const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
     if (L <= 0) return;
+    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+    if (m->attn == ATTN_BF16_TILES &&
+        amx_attend(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, HD, c->s->att + t0 * D + h * HD, D))
+        return;
     const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
     float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
-    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
 #if PACKED
     pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
 #else

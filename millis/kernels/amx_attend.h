@@ -1,0 +1,171 @@
+/* The encoder's attention on the tile unit, in bf16 (amx.c's amx_attend): one (sequence, head) job of
+   bert_forward.c's op_attend, fused. For 16 queries at a time: S = Q K^T (a 16 x 16 tile is one TDPBF16PS per
+   32 head values), the softmax of those rows in fp32 (the fp32 path's own functions), P rounded to bf16, then
+   P V on the tiles, stored straight into the job's rows. Operands bf16 (round to nearest even), sums fp32:
+   the precision OpenVINO's bf16 runs attention in. The fp32 path (two GEMMs on the AVX kernels) spends 3x
+   its FMA count's time on these small products (K = 32) and its packing; here a 128-token job is ~200 tile
+   instructions.
+
+   A job's buffers (att_job), keys padded to Lk (a multiple of 32) with zeros in K, V and P:
+     q:  Lk rows of HD bf16, (q + bq) * scale, zero rows past L        A tiles, 16 queries x 32 values
+     kt: per 16 keys and 32 head values one B tile: row p = values 2p, 2p + 1 of each key (4 bytes a key)
+     vt: per 32 keys and 16 head values one B tile: row p = keys 2p, 2p + 1 of each value
+     s:  16 x Lk fp32 scores;  p: 16 x Lk bf16 probabilities (A tiles of 32 keys, stride 2 Lk)
+     o:  16 x HD fp32, a last partial block of queries (whole blocks go straight to the output rows)
+
+   The first part (once): the job, its packing and softmax. The second (included twice by amx.c, as
+   amx_tiles.h): ATT_FN over the tile operations TCONFIG TRELEASE TZERO TLOAD TSTORE TDP. */
+#ifndef AMX_ATTEND_ONCE
+#define AMX_ATTEND_ONCE
+#include "step_math.h"
+
+typedef struct {
+    int L, Lk, HD;              /* tokens; keys padded to 32; head values (32 or 64) */
+    uint16_t *q, *kt, *vt, *p;  /* Lk x HD; (Lk / 16) x (HD / 32) tiles; (Lk / 32) x (HD / 16) tiles; 16 x Lk */
+    float *s, *o;               /* 16 x Lk; 16 x HD */
+    float* out;                 /* the job's output rows, ldo apart: HD values each */
+    int64_t ldo;
+} att_job;
+
+/* the job's bf16 operands from its rows of the qkv matrix: token t's q at r + t * ld, k D values on, v 2D */
+static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, const float* bq, const float* bk,
+                     const float* bv, float scale) {
+    const int L = j->L, HD = j->HD, C = HD / 32;
+    float tmp[64];
+    uint16_t kb[64], vb[2][64];
+    memset(j->q + (int64_t)L * HD, 0, sizeof(uint16_t) * (j->Lk - L) * HD);
+    for (int t = 0; t < j->Lk; t++) {
+        const float* x = r + t * ld;
+        if (t + 8 < L) {  /* the rows are strided (a head's values in each token's 3D): fetched 8 tokens ahead */
+            const char* a = (const char*)(x + 8 * ld);
+            for (int o = 0; o < 3; o++)
+                for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch(a + o * D * 4 + b);
+        }
+        if (t < L) {
+            for (int d = 0; d < HD; d++) tmp[d] = (x[d] + bq[d]) * scale;
+            to_bf16(tmp, HD, j->q + (int64_t)t * HD);
+            for (int d = 0; d < HD; d++) tmp[d] = x[D + d] + bk[d];
+            to_bf16(tmp, HD, kb);
+            for (int d = 0; d < HD; d++) tmp[d] = x[2 * D + d] + bv[d];
+            to_bf16(tmp, HD, vb[t & 1]);
+        } else {
+            memset(kb, 0, sizeof kb);
+            memset(vb[t & 1], 0, sizeof vb[0]);
+        }
+        /* key t: column t % 16 of its tiles, the pair (2p, 2p + 1) of chunk c in row p */
+        uint32_t* k = (uint32_t*)j->kt + (int64_t)(t / 16) * C * 256 + t % 16;
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < 16; p++) memcpy(k + c * 256 + p * 16, kb + 32 * c + 2 * p, 4);
+        if (t & 1) {  /* keys t - 1, t: row (t % 32) / 2 of their chunk's tiles, interleaved per value */
+            uint16_t* v = j->vt + (int64_t)(t / 32) * (HD / 16) * 512 + (t % 32 / 2) * 32;
+            for (int b = 0; b < HD / 16; b++)
+                for (int n = 0; n < 16; n++) {
+                    v[b * 512 + 2 * n] = vb[0][16 * b + n];
+                    v[b * 512 + 2 * n + 1] = vb[1][16 * b + n];
+                }
+        }
+    }
+}
+
+#if defined(__AVX512BF16__)
+/* e^x for x <= 0 (underflow to 0 below -87), relative error ~3e-6: 2^f (|f| <= 1/2) by its degree-5 Taylor
+   polynomial, scaled by 2^n. Enough for probabilities rounded to bf16 (2^-9) and summed in fp32. */
+static inline __m512 att_exp(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.33335581e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61812911e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147181e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* rows r < rows of s -> e^(s - the row's max) over the L keys, as bf16 in p, and inv[r] = 1 / their sum (the
+   outputs are scaled after P V); the keys past L and the rows past `rows` (queries past L: their outputs are
+   never stored) zero */
+static void att_softmax(const att_job* j, int rows, float* inv) {
+    const int L = j->L, Lk = j->Lk;
+    for (int r = 0; r < 16; r++) {
+        uint16_t* p = j->p + (int64_t)r * Lk;
+        inv[r] = 0.f;
+        if (r >= rows) { memset(p, 0, sizeof(uint16_t) * Lk); continue; }
+        float* s = j->s + (int64_t)r * Lk;
+#if defined(__AVX512BF16__)
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int i = 0; i < L; i += 16)
+            m = _mm512_max_ps(m, _mm512_maskz_loadu_ps(L - i >= 16 ? 0xffff : (__mmask16)((1u << (L - i)) - 1), s + i));
+        m = _mm512_set1_ps(_mm512_reduce_max_ps(m));  /* the masked lanes' zeros never exceed a real max's e^0 */
+        for (int i = 0; i < Lk; i += 32) {  /* keys past L: lanes masked to 0 */
+            const __mmask16 ka = L - i >= 16 ? 0xffff : L - i > 0 ? (__mmask16)((1u << (L - i)) - 1) : 0;
+            const __mmask16 kb = L - i >= 32 ? 0xffff : L - i > 16 ? (__mmask16)((1u << (L - i - 16)) - 1) : 0;
+            const __m512 a = _mm512_maskz_mov_ps(ka, att_exp(_mm512_sub_ps(_mm512_loadu_ps(s + i), m)));
+            const __m512 b = _mm512_maskz_mov_ps(kb, att_exp(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16), m)));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+            _mm512_storeu_si512(p + i, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+        inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+#else
+        inv[r] = 1.f / exp_shift(s, L, vmax(s, L));
+        to_bf16(s, L, p);
+        memset(p + L, 0, sizeof(uint16_t) * (Lk - L));
+#endif
+    }
+}
+#endif
+
+/* S tile i (16 queries x keys 16 (k + i)..): C tile i = Q K^T, B tiles 6 and 7 in turn (A: 4, and 5 for the
+   second 32 head values); the stores follow all of a group's products */
+#define ATT_SCORES(i, B)                                                            \
+    TZERO(i);                                                                       \
+    TLOAD(B, kt + (int64_t)((k + i) * C) * 1024, 64);                               \
+    TDP(i, 4, B);                                                                   \
+    if (C == 2) { TLOAD(B, kt + (int64_t)((k + i) * C + 1) * 1024, 64); TDP(i, 5, B); }
+#define ATT_STORE(i) TSTORE(i, j->s + 16 * (k + i), 4 * Lk);
+
+static void ATT_FN(const att_job* j) {
+    const int L = j->L, Lk = j->Lk, HD = j->HD, C = HD / 32, nk = Lk / 16;
+    const uint8_t *kt = (const uint8_t*)j->kt, *vt = (const uint8_t*)j->vt;
+    tilecfg cfg;
+    amx_config(&cfg);
+    TCONFIG(&cfg);
+    for (int q0 = 0; q0 < L; q0 += 16) {
+        const int rows = L - q0 < 16 ? L - q0 : 16;
+        TLOAD(4, j->q + (int64_t)q0 * HD, 2 * HD);
+        if (C == 2) TLOAD(5, j->q + (int64_t)q0 * HD + 32, 2 * HD);
+        for (int k = 0; k < nk; k += 4) {  /* nk is even: tiles 0, 1, and 2, 3 unless two are left */
+            if (k + 2 < nk) {
+                ATT_SCORES(0, 6) ATT_SCORES(1, 7) ATT_SCORES(2, 6) ATT_SCORES(3, 7)
+                ATT_STORE(0) ATT_STORE(1) ATT_STORE(2) ATT_STORE(3)
+            } else {
+                ATT_SCORES(0, 6) ATT_SCORES(1, 7)
+                ATT_STORE(0) ATT_STORE(1)
+            }
+        }
+        float inv[16];
+        att_softmax(j, rows, inv);
+        /* O (16 queries x HD) = P V: C tiles 0..HD/16 - 1, P's 32 keys in tile 4, V's in 6 and 7 in turn */
+        TZERO(0); TZERO(1);
+        if (C == 2) { TZERO(2); TZERO(3); }
+        for (int kc = 0; kc < Lk / 32; kc++) {
+            const uint8_t* b = vt + (int64_t)kc * (HD / 16) * 1024;
+            TLOAD(4, j->p + 32 * kc, 2 * Lk);
+            TLOAD(6, b, 64); TDP(0, 4, 6);
+            TLOAD(7, b + 1024, 64); TDP(1, 4, 7);
+            if (C == 2) { TLOAD(6, b + 2048, 64); TDP(2, 4, 6); TLOAD(7, b + 3072, 64); TDP(3, 4, 7); }
+        }
+        float* y = rows == 16 ? j->out + q0 * j->ldo : j->o;
+        const int64_t ld = rows == 16 ? j->ldo : HD;
+        TSTORE(0, y, 4 * ld); TSTORE(1, y + 16, 4 * ld);
+        if (C == 2) { TSTORE(2, y + 32, 4 * ld); TSTORE(3, y + 48, 4 * ld); }
+        for (int r = 0; r < rows; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
+            if (rows < 16) memcpy(j->out + (q0 + r) * j->ldo, j->o + (int64_t)r * HD, sizeof(float) * HD);
+            vscale(j->out + (q0 + r) * j->ldo, inv[r], HD);
+        }
+    }
+    TRELEASE();
+}
+#undef ATT_SCORES
+#undef ATT_STORE
