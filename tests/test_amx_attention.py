@@ -36,7 +36,7 @@ def test_amx_attention_matches_reference(isa):
     f = lib.amx_attend
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
-                 [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+                 [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     rng = np.random.default_rng(7)
     modes = [0, 1] if lib.amx_init(1) else [0]
     try:
@@ -52,10 +52,15 @@ def test_amx_attention_matches_reference(isa):
                     # the job's rows inside a wider output (ld D + 16), with a row past L: all NaN beforehand
                     out = np.full((L + 1, D + 16), np.nan, np.float32)
                     h = 1
-                    ok = f(qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data,
-                           b[D + h * HD:].ctypes.data, b[2 * D + h * HD:].ctypes.data, scale, L, HD,
-                           out[:, h * HD:].ctypes.data, D + 16)
-                    assert ok == 1
+                    args = (qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data, b[D + h * HD:].ctypes.data,
+                            b[2 * D + h * HD:].ctypes.data, scale, L, HD)
+                    assert f(*args, out[:, h * HD:].ctypes.data, None, D + 16) == 1
+                    # as bf16 rows (the bf16 matmuls' input): the fp32 results rounded, nothing else written
+                    outb = np.full((L + 1, D + 16), 0xFFFF, np.uint16)
+                    assert f(*args, None, outb[:, h * HD:].ctypes.data, D + 16) == 1
+                    assert np.array_equal(outb[:L, h * HD:(h + 1) * HD], to_bf16(out[:L, h * HD:(h + 1) * HD]))
+                    outb[:L, h * HD:(h + 1) * HD] = 0xFFFF
+                    assert (outb == 0xFFFF).all(), "wrote outside the job"
                     ref, vmax = reference(qkv, b, D, HD, h, scale)
                     got = out[:L, h * HD:(h + 1) * HD]
                     assert np.abs(got - ref).max() <= 4e-3 * vmax, (mode, HD, L, np.abs(got - ref).max())
@@ -67,7 +72,7 @@ def test_amx_attention_matches_reference(isa):
             out = np.full((8, 48), np.nan, np.float32)
             for HD in (16, 48, 96):
                 assert f(qkv.ctypes.data, 3 * 48, 48, b.ctypes.data, b.ctypes.data, b.ctypes.data, 0.1, 8, HD,
-                         out.ctypes.data, 48) == 0
+                         out.ctypes.data, None, 48) == 0
             assert np.isnan(out).all()
     finally:
         init_amx(lib)  # the process's own answer again

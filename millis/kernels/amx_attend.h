@@ -23,7 +23,8 @@ typedef struct {
     int L, Lk, HD;              /* tokens; keys padded to 32; head values (32 or 64) */
     uint16_t *q, *kt, *vt, *p;  /* Lk x HD; (Lk / 16) x (HD / 32) tiles; (Lk / 32) x (HD / 16) tiles; 16 x Lk */
     float *s, *o;               /* 16 x Lk; 16 x HD */
-    float* out;                 /* the job's output rows, ldo apart: HD values each */
+    float* out;                 /* the job's output rows, ldo apart: HD values each (fp32) */
+    uint16_t* outb;             /* or, when not NULL, as bf16 (the next matmul's input rows: no fp32 pass) */
     int64_t ldo;
 } att_job;
 
@@ -156,13 +157,16 @@ static void ATT_FN(const att_job* j) {
             TLOAD(7, b + 1024, 64); TDP(1, 4, 7);
             if (C == 2) { TLOAD(6, b + 2048, 64); TDP(2, 4, 6); TLOAD(7, b + 3072, 64); TDP(3, 4, 7); }
         }
-        float* y = rows == 16 ? j->out + q0 * j->ldo : j->o;
-        const int64_t ld = rows == 16 ? j->ldo : HD;
+        const int direct = rows == 16 && !j->outb;  /* fp32 rows of a whole block: stored in place */
+        float* y = direct ? j->out + q0 * j->ldo : j->o;
+        const int64_t ld = direct ? j->ldo : HD;
         TSTORE(0, y, 4 * ld); TSTORE(1, y + 16, 4 * ld);
         if (C == 2) { TSTORE(2, y + 32, 4 * ld); TSTORE(3, y + 48, 4 * ld); }
         for (int r = 0; r < rows; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
-            if (rows < 16) memcpy(j->out + (q0 + r) * j->ldo, j->o + (int64_t)r * HD, sizeof(float) * HD);
-            vscale(j->out + (q0 + r) * j->ldo, inv[r], HD);
+            float* o = direct ? j->out + (q0 + r) * j->ldo : j->o + (int64_t)r * HD;
+            vscale(o, inv[r], HD);
+            if (j->outb) to_bf16(o, HD, j->outb + (q0 + r) * j->ldo);
+            else if (!direct) memcpy(j->out + (q0 + r) * j->ldo, o, sizeof(float) * HD);
         }
     }
     TRELEASE();

@@ -140,8 +140,10 @@ static void op_attend(void* p, int64_t job) {
     const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
     if (L <= 0) return;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+    /* bf16 matrices take the output as bf16 rows straight from the tiles (op_quant_att is skipped then) */
     if (m->attn == ATTN_BF16_TILES &&
-        amx_attend(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, HD, c->s->att + t0 * D + h * HD, D))
+        amx_attend(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, HD, c->s->att + t0 * D + h * HD,
+                   m->act == ACT_BF16 ? (uint16_t*)c->s->xq + t0 * D + h * HD : NULL, D))
         return;
     const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
@@ -225,7 +227,9 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         c.w = w;
         { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
-        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32) rows_run(op_quant_att, &c, n));
+        /* (the bf16 attention on tiles writes bf16 rows itself, unless a head size sent a job to the fp32 path) */
+        const int bf16_rows = m->attn == ATTN_BF16_TILES && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
+        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32 && !bf16_rows) rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
         TIMED(B_LN, rows_run(op_ln1, &c, n));
