@@ -194,6 +194,36 @@ def _running(s: Server) -> int:
     return json.loads(s.get("/health")[1])["running"]
 
 
+def _start_long(s: Server, prompt: str) -> http.client.HTTPConnection:
+    """A LONG non-streaming request, left running (its connection returned): once the server runs it."""
+    c = http.client.HTTPConnection(s.host, s.port, timeout=30)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": prompt, **LONG}), {"Content-Type": "application/json"})
+    deadline = time.time() + 5.0
+    while not _running(s) and time.time() < deadline:
+        time.sleep(0.01)
+    assert _running(s) == 1
+    return c
+
+
+def _wait_idle(s: Server, timeout: float = 2.0) -> None:
+    deadline = time.time() + timeout
+    while _running(s) and time.time() < deadline:
+        time.sleep(0.02)
+    assert _running(s) == 0, "the slot was not freed"
+
+
+def _steps_and_rows(s: Server) -> tuple[float, float]:
+    """Engine steps so far and the rows they held, from one scrape: two scrapes apart let the running request's
+    steps in between count in one and not the other (tens of steps on a loaded machine)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = s.get("/metrics")
+    assert status == 200
+    got = {smp.name: smp.value for fam in text_string_to_metric_families(text.decode()) for smp in fam.samples
+           if smp.name in ("millis_batch_size_count", "millis_batch_size_sum")}
+    return got["millis_batch_size_count"], got["millis_batch_size_sum"]
+
+
 def test_client_disconnect_frees_the_slot_at_once(server):
     cancelled = _metric(server, "millis_generation_requests_total", reason="cancelled")
     generated = _metric(server, "millis_generated_tokens_total")
@@ -205,26 +235,14 @@ def test_client_disconnect_frees_the_slot_at_once(server):
     assert got[0].startswith(b"data: ") and _running(server) == 1
     c.sock.close()                               # the client goes away mid-stream
     c.close()
-    deadline = time.time() + 2.0
-    while _running(server) and time.time() < deadline:
-        time.sleep(0.02)
-    assert _running(server) == 0, "the slot was not freed"
+    _wait_idle(server)
     assert _metric(server, "millis_generation_requests_total", reason="cancelled") == cancelled + 1
     assert _metric(server, "millis_generated_tokens_total") - generated < LONG["max_tokens"]
     # without streaming: the disconnect watcher cancels it
-    c = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", **LONG}),
-              {"Content-Type": "application/json"})
-    deadline = time.time() + 2.0
-    while not _running(server) and time.time() < deadline:
-        time.sleep(0.01)
-    assert _running(server) == 1
+    c = _start_long(server, "the dog")
     c.sock.close()
     c.close()
-    deadline = time.time() + 2.0
-    while _running(server) and time.time() < deadline:
-        time.sleep(0.02)
-    assert _running(server) == 0
+    _wait_idle(server)
     assert _metric(server, "millis_generation_requests_total", reason="cancelled") == cancelled + 2
 
 
@@ -232,32 +250,22 @@ def test_concurrent_requests_each_equal_alone(server):
     alone = [server.post("/v1/completions", {"prompt": p, **GREEDY})[2]["choices"][0]["text"] for p in PROMPTS]
     # a long request holds a slot first, so the four below surely join a running batch (the tiny model decodes 24
     # tokens faster than four client threads start: without it they may well run one after another). It decodes
-    # 4000 tokens in ~3 s alone: a stalled host (CI) can let it finish before the four are in, which voids the
-    # sharing count, not the texts; so that attempt is retried (the texts are checked every time)
+    # 4000 tokens in ~3 s alone: should a stalled host let it end before the four do, the attempt is run again
+    # (the sharing count needs it; the texts are checked on every attempt)
     for attempt in range(3):
-        c = http.client.HTTPConnection(server.host, server.port, timeout=30)
-        c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", **LONG}),
-                  {"Content-Type": "application/json"})
-        deadline = time.time() + 5.0
-        while not _running(server) and time.time() < deadline:
-            time.sleep(0.01)
-        assert _running(server) == 1
-        steps, rows = _metric(server, "millis_batch_size_count"), _metric(server, "millis_batch_size_sum")
+        c = _start_long(server, "the dog")
+        steps, rows = _steps_and_rows(server)
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             together = list(pool.map(lambda p: server.post("/v1/completions", {"prompt": p, **GREEDY}), PROMPTS))
-        steps = _metric(server, "millis_batch_size_count") - steps
-        rows = _metric(server, "millis_batch_size_sum") - rows
+        steps, rows = (after - before for after, before in zip(_steps_and_rows(server), (steps, rows)))
         long_held = _running(server) == 1
         c.sock.close()                           # cancels the long one
         c.close()
         assert [b["choices"][0]["text"] for _, _, b in together] == alone
-        deadline = time.time() + 2.0
-        while _running(server) and time.time() < deadline:
-            time.sleep(0.02)
-        assert _running(server) == 0
+        _wait_idle(server)
         if long_held:
             break
-    assert long_held, "the long request finished before the four ran, three times"
+    assert long_held, "the long request ended before the four did, three times"
     # they shared steps with the running request (and each other): each of their decode steps holds the long one
     # too (a step that only prefills a newcomer need not: at most half of their rows are lost that way)
     assert rows - steps >= len(PROMPTS) * GREEDY["max_tokens"] // 2, (rows, steps)
