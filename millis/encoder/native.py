@@ -160,8 +160,9 @@ class NativeBert:
                 setattr(L, name, self._vec(t))
         self.keep.append(layers)
         self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
-                           c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos), self._vec(e.typ),
-                           self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab, ctypes.addressof(layers))
+                           c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos),
+                           self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
+                           ctypes.addressof(layers))
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier
             self.head = tuple(t.detach().float().numpy() for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))

@@ -356,7 +356,8 @@ API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const
         cap = need;
     }
     const att_job j = {L, Lk, HD, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
-                       (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2), out, outb, ldo};
+                       (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2),
+                       out, outb, ldo};
     att_pack(&j, r, ld, D, bq, bk, bv, scale);
 #if HAVE_AMX_BUILD
     if (g_amx_hw) { attend_hw(&j); return 1; }

@@ -229,7 +229,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
         /* (the bf16 attention on tiles writes bf16 rows itself, unless a head size sent a job to the fp32 path) */
         const int bf16_rows = m->attn == ATTN_BF16_TILES && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
-        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads); if (!f32 && !bf16_rows) rows_run(op_quant_att, &c, n));
+        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads);
+              if (!f32 && !bf16_rows) rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
         TIMED(B_LN, rows_run(op_ln1, &c, n));
