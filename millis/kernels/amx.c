@@ -166,8 +166,8 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #define TLOAD(t, p, s) emu_load(t, p, s)
 #define TSTORE(t, p, s) emu_store(t, p, s)
 #define TDP(c, a, b) emu_dp(c, a, b)
-#define TDPI(c, a, b) emu_dpi(c, a, b)
-#define TDPU(c, a, b) emu_dpu(c, a, b)
+#define TDPI(c, a, b) emu_dp8(c, a, b, 0)
+#define TDPU(c, a, b) emu_dp8(c, a, b, 1)
 #include "amx_tiles.h"
 #include "amx_attend.h"
 #undef AMX_FN

@@ -26,28 +26,19 @@ static void emu_dp(int c, int a, int b) {  /* TDPBF16PS c += a . b, pairs in ord
         memcpy(emu[c][m], acc, 64);
     }
 }
-static void emu_dpi(int c, int a, int b) {  /* TDPBSSD c += a . b, signed int8 quads, int32 sums */
+/* TDPBSSD (a_unsigned 0) / TDPBUSD (1): c += a . b over int8 quads, a's bytes signed or unsigned against signed
+   b, int32 sums */
+static void emu_dp8(int c, int a, int b, int a_unsigned) {
     for (int m = 0; m < 16; m++) {
         int32_t acc[16];
-        const int8_t* x = (const int8_t*)emu[a][m];
         memcpy(acc, emu[c][m], 64);
         for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
             const int8_t* w = (const int8_t*)emu[b][q];
-            for (int n = 0; n < 16; n++)
-                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
-        }
-        memcpy(emu[c][m], acc, 64);
-    }
-}
-static void emu_dpu(int c, int a, int b) {  /* TDPBUSD c += a . b, unsigned a against signed b quads, int32 sums */
-    for (int m = 0; m < 16; m++) {
-        int32_t acc[16];
-        const uint8_t* x = emu[a][m];
-        memcpy(acc, emu[c][m], 64);
-        for (int q = 0; q < emu_cfg.colsb[a] / 4; q++) {
-            const int8_t* w = (const int8_t*)emu[b][q];
-            for (int n = 0; n < 16; n++)
-                for (int j = 0; j < 4; j++) acc[n] += (int32_t)x[4 * q + j] * (int32_t)w[4 * n + j];
+            for (int j = 0; j < 4; j++) {
+                const uint8_t xb = emu[a][m][4 * q + j];
+                const int32_t x = a_unsigned ? (int32_t)xb : (int32_t)(int8_t)xb;
+                for (int n = 0; n < 16; n++) acc[n] += x * (int32_t)w[4 * n + j];
+            }
         }
         memcpy(emu[c][m], acc, 64);
     }
