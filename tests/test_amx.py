@@ -3,6 +3,7 @@ tiles of tokens and rows, and accumulation, in the C form every build runs (this
 and on the tile unit where the CPU and the kernel allow it; the native encoder in that layout against
 HF fp32 and against the AVX bf16 kernels; the switch that turns AMX off."""
 import ctypes
+import itertools
 
 import numpy as np
 import pytest
@@ -219,7 +220,8 @@ def test_amx_row_tiles_match_the_row_kernels(isa):
     """int7-row / int7-row-a8 (one scale per weight row and per token) on AMX tiles: whole-row int32 sums
     (TDPBUSD against the activations' unsigned bytes), one float step per row and token: against the
     dequantized weights times the dequantized activations (float64), and bit for bit against the SIMD builds'
-    row kernels (q7r_tile512's steps); partial tiles of rows and tokens, written and accumulated."""
+    row kernels (q7r_tile512's steps); partial tiles of rows and tokens, written and accumulated; an odd count
+    of blocks (the tiles take two at a time: a zero block pads the row)."""
     from millis.encoder.native import q7_0
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
@@ -231,40 +233,39 @@ def test_amx_row_tiles_match_the_row_kernels(isa):
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     rng = np.random.default_rng(6)
-    N, K = 300, 384
+    N = 300
     try:
-        for mode in modes(lib):
+        for mode, K, type_id in itertools.product(modes(lib), (384, 160), (113, 114)):  # T_Q7_ROW, T_Q7_ROW8
             assert lib.amx_init(mode) == mode
-            for type_id in (113, 114):  # T_Q7_ROW, T_Q7_ROW8
-                raw = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True).reshape(N, -1)
-                wd = np.empty((N, K), np.float32)
-                for r in range(N):
-                    lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
-                keep: list = []
-                m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
-                plain = pack_matrix(lib, m, keep, 1)
-                tiled = add_amx_tiles(lib, m, plain, keep, 2)
-                assert tiled.tiles and not plain.tiles
-                off = lib.activation_offset(type_id)
-                for M in (16, 17, 40):
-                    x = rng.standard_normal((M, K)).astype(np.float32)
-                    xq = np.empty((M, K // 32 * 48), np.uint8)
-                    for i in range(M):
-                        lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
-                    blocks = xq.reshape(M, K // 32, 48)
-                    q = blocks[:, :, 12:44].astype(np.int64) - off if off else blocks[:, :, 12:44].view(np.int8)
-                    xd = (q.astype(np.float64) * blocks[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
-                    ref = xd @ wd.astype(np.float64).T
-                    ys = {}
-                    for key, w in (("tiles", tiled), ("plain", plain)):
-                        ys[key] = np.full((M, N), np.nan, np.float32)
-                        lib.matmul(ctypes.addressof(w), xq.ctypes.data, None, M, ys[key].ctypes.data, N, 0, 2)
-                        assert np.abs(ys[key] - ref).max() <= 2e-5 * np.abs(ref).max(), (mode, type_id, M, key)
-                    if isa != "scalar":  # the row kernels' integer sums and float step
-                        assert np.array_equal(ys["tiles"], ys["plain"]), (mode, type_id, M)
-                    base = rng.standard_normal((M, N)).astype(np.float32)
-                    y = base.copy()
-                    lib.matmul(ctypes.addressof(tiled), xq.ctypes.data, None, M, y.ctypes.data, N, 1, 1)
-                    assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, type_id, M)
+            raw = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True).reshape(N, -1)
+            wd = np.empty((N, K), np.float32)
+            for r in range(N):
+                lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
+            keep: list = []
+            m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
+            plain = pack_matrix(lib, m, keep, 1)
+            tiled = add_amx_tiles(lib, m, plain, keep, 2)
+            assert tiled.tiles and not plain.tiles
+            off = lib.activation_offset(type_id)
+            for M in (16, 17, 40, 48):
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                xq = np.empty((M, K // 32 * 48), np.uint8)
+                for i in range(M):
+                    lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
+                blocks = xq.reshape(M, K // 32, 48)
+                q = blocks[:, :, 12:44].astype(np.int64) - off if off else blocks[:, :, 12:44].view(np.int8)
+                xd = (q.astype(np.float64) * blocks[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
+                ref = xd @ wd.astype(np.float64).T
+                ys = {}
+                for key, w in (("tiles", tiled), ("plain", plain)):
+                    ys[key] = np.full((M, N), np.nan, np.float32)
+                    lib.matmul(ctypes.addressof(w), xq.ctypes.data, None, M, ys[key].ctypes.data, N, 0, 2)
+                    assert np.abs(ys[key] - ref).max() <= 2e-5 * np.abs(ref).max(), (mode, type_id, K, M, key)
+                if isa != "scalar":  # the row kernels' integer sums and float step
+                    assert np.array_equal(ys["tiles"], ys["plain"]), (mode, type_id, K, M)
+                base = rng.standard_normal((M, N)).astype(np.float32)
+                y = base.copy()
+                lib.matmul(ctypes.addressof(tiled), xq.ctypes.data, None, M, y.ctypes.data, N, 1, 1)
+                assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, type_id, M)
     finally:
         init_amx(lib)

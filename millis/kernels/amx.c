@@ -57,7 +57,7 @@ static void amxq_config(tilecfg* cfg) {  /* C 16 x 16 int32, A 16 tokens x 32 in
 
 /* bytes per 16 rows x 32 values: the B tile (512), then per row d (fp32), sc (int32), m (fp32), dmin (fp32) */
 #define AMXQ_UNIT 768
-#define AMXR_GROUP(nb) ((nb) * 512 + 128) /* row types: bytes per 16 rows (amxr_pack_group) */
+#define AMXR_GROUP(nb) (((nb) + 1) / 2 * 1024 + 128) /* row types: bytes per 16 rows (amxr_pack_group) */
 /* the scales (d) and scaled sums (s) of 16 tokens' block (x: token 0's, nb apart). Not vectorized: GCC 12's
    -O3 vectorizes these strided reads with a load past the 16th token (valgrind: a read just after the
    zero-padded tile's buffer, a crash when that buffer ends a mapping). */
@@ -222,21 +222,27 @@ API int amx_init(int want) {
     return g_amx_hw;
 }
 
+/* *buf (64-byte aligned, this thread's: the caller's statics are __thread) grown to at least `need` bytes */
+static uint8_t* thread_buffer(void** buf, int64_t* cap, int64_t need) {
+    if (*cap < need) {
+        free(*buf);
+        *buf = aligned_alloc(64, (need + 63) / 64 * 64);
+        if (!*buf) abort();  /* as any other allocation failure in the process would end it */
+        *cap = need;
+    }
+    return *buf;
+}
+
 int64_t amx_bytes(int64_t rows, int64_t cols) { return cols % 32 ? 0 : (rows + 15) / 16 * 16 * cols * 2; }
 
 /* the last partial tile of tokens (rows full..M-1 of X, row_bytes each), zero-padded to 16 rows, in a buffer of
    this thread's (grown as needed); NULL when M is a multiple of 16 (no tile reads it) */
 static const void* padded_tail(const void* X, int64_t row_bytes, int64_t M) {
-    static __thread uint8_t* buf;
+    static __thread void* mem;
     static __thread int64_t cap;
     const int64_t full = M / 16 * 16;
     if (full == M) return NULL;
-    if (cap < 16 * row_bytes) {
-        free(buf);
-        buf = malloc(16 * row_bytes);
-        if (!buf) abort();  /* as any other allocation failure in the process would end it */
-        cap = 16 * row_bytes;
-    }
+    uint8_t* buf = thread_buffer(&mem, &cap, 16 * row_bytes);
     memset(buf, 0, 16 * row_bytes);
     memcpy(buf, (const uint8_t*)X + full * row_bytes, (M - full) * row_bytes);
     return buf;
@@ -290,15 +296,16 @@ static void amxq_pack_group(void* p, int64_t g) {
         memcpy(unit + 512, d, 64); memcpy(unit + 576, sc, 64); memcpy(unit + 640, m, 64); memcpy(unit + 704, dmin, 64);
     }
 }
-/* row types: per 16-row group the B tiles of every block (512 bytes each, amxq_pack_group's), then the rows'
-   scales d (fp32) and off * their weight sums (int32: what the activations' offset adds, amxr_scale) */
+/* row types: per 16-row group the B tiles of every block (512 bytes each, amxq_pack_group's; a zero block after
+   an odd count: two blocks make one 16 x 64-byte tile), then the rows' scales d (fp32) and off * their weight
+   sums (int32: what the activations' offset adds, amxr_scale) */
 static void amxr_pack_group(void* p, int64_t g) {
     const mat* W = ((const void**)p)[0];
-    const int64_t nb = W->cols / QK;
+    const int64_t nb = W->cols / QK, scales = (nb + 1) / 2 * 1024;
     uint8_t* dst = (uint8_t*)((void**)p)[1] + g * AMXR_GROUP(nb);
     float d[16] = {0};
     int32_t z[16] = {0};
-    memset(dst, 0, nb * 512);
+    memset(dst, 0, scales);
     for (int r = 0; r < 16 && 16 * g + r < W->rows; r++) {
         const uint8_t* row = W->data + (16 * g + r) * W->row_bytes;
         for (int64_t u = 0; u < nb; u++) {
@@ -309,7 +316,7 @@ static void amxr_pack_group(void* p, int64_t g) {
         }
         z[r] *= act_offset(W->type);
     }
-    memcpy(dst + nb * 512, d, 64); memcpy(dst + nb * 512 + 64, z, 64);
+    memcpy(dst + scales, d, 64); memcpy(dst + scales + 64, z, 64);
 }
 /* W (GGUF's layout) -> its Q8 tiles in dst (amxq_bytes); 0, or -1 when the type has none */
 API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
@@ -323,16 +330,21 @@ API int amxq_pack(const mat* W, uint8_t* dst, int nthreads) {
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) from W's Q8 tiles (W->tiles), X: xblocks */
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc) {
-    const xblock* pad = padded_tail(X, W->cols / QK * (int64_t)sizeof(xblock), M);
+    if (is_row_type(W->type)) {  /* the A rows of 32 tokens, contiguous (amx_tiles.h AMXR_FN) */
+        static __thread void* xa;
+        static __thread int64_t cap;
+        uint8_t* a = thread_buffer(&xa, &cap, 32 * 64 * ((W->cols / QK + 1) / 2));
 #if HAVE_AMX_BUILD
-    if (g_amx_hw) {
-        if (is_row_type(W->type)) amxr_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad);
-        else amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad);
+        if (g_amx_hw) { amxr_rows_hw(W, n0, n1, X, M, Y, ldy, acc, a); return; }
+#endif
+        amxr_rows_c(W, n0, n1, X, M, Y, ldy, acc, a);
         return;
     }
+    const xblock* pad = padded_tail(X, W->cols / QK * (int64_t)sizeof(xblock), M);
+#if HAVE_AMX_BUILD
+    if (g_amx_hw) { amxq_rows_hw(W, n0, n1, X, M, Y, ldy, acc, pad); return; }
 #endif
-    if (is_row_type(W->type)) amxr_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
-    else amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
+    amxq_rows_c(W, n0, n1, X, M, Y, ldy, acc, pad);
 }
 
 /* ---- attention ---- */
@@ -343,18 +355,12 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
 API int amx_attend_takes(int HD) { return HD == 32 || HD == 64; }  /* head sizes of whole tiles (1 or 2) */
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                    float scale, int L, int HD, float* out, uint16_t* outb, int64_t ldo) {
-    static __thread uint8_t* buf;
+    static __thread void* mem;
     static __thread int64_t cap;
     if (!amx_attend_takes(HD) || L <= 0) return 0;
     const int Lk = (L + 31) / 32 * 32;
     const int64_t q = (int64_t)Lk * HD * 2, s = 16 * (int64_t)Lk * 4;  /* bytes: q, kt, vt alike; s, and p half */
-    const int64_t need = 3 * q + s + s / 2 + 16 * HD * 4;
-    if (cap < need) {
-        free(buf);
-        buf = aligned_alloc(64, (need + 63) / 64 * 64);
-        if (!buf) abort();  /* as any other allocation failure in the process would end it */
-        cap = need;
-    }
+    uint8_t* buf = thread_buffer(&mem, &cap, 3 * q + s + s / 2 + 16 * HD * 4);
     const att_job j = {L, Lk, HD, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
                        (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2),
                        out, outb, ldo};

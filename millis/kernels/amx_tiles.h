@@ -130,58 +130,66 @@ static void AMXQ_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64
 
 /* Row types (T_Q7_ROW, T_Q7_ROW8: one scale per weight row and per token): a C tile sums a whole row in int32
    (TDPBUSD: the activations' bytes q + off, unsigned, against the signed weights, as vpdpbusd takes them;
-   TDPBSSD where a build stores them signed), then amxr_scale's one float step per row and token, q7r_tile512's:
-   the same bits as the AVX-512 kernels, with no float work per block. */
+   TDPBSSD where a build stores them signed), 64 values an instruction, then amxr_scale's one float step per row
+   and token, q7r_tile512's: the same bits as the AVX-512 kernels, with no float work per block.
+   Per 32 tokens their blocks' bytes are first copied into one contiguous row each (xa: 32 rows of K2 bytes, the
+   row's blocks rounded up to pairs, zeros past K and past M): an A tile is then 16 tokens x 64 bytes, where a
+   block's 32 bytes inside its 48-byte xblock made 16 x 32 (SPR, alone in a C loop: 1.7-2x the rate, the copy
+   included); a B tile is two blocks' 512 bytes (amxr_pack_group pads a row to pairs of blocks). Tokens outer,
+   rows inner: the 32 tokens' A rows are read from cache by every group of the chunk (mm_run gives these
+   matrices two chunks per thread, as bf16's). */
 static void AMXR_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy,
-                    int acc, const xblock* pad) {
-    const int64_t nb = W->cols / QK, gu = AMXR_GROUP(nb);     /* blocks per row, bytes per 16-row group */
-    const int64_t xs = nb * (int64_t)sizeof(xblock);
-    const int64_t full = M / 16 * 16;
+                    int acc, uint8_t* xa) {
+    const int64_t nb = W->cols / QK, np = (nb + 1) / 2, K2 = 64 * np, gu = AMXR_GROUP(nb);
     const int off = act_offset(W->type);
     int32_t c[256];
-    float y[256], xd[2][16], xsum[16];
+    float y[256], xd[2][16];
     tilecfg cfg;
-    amxq_config(&cfg);
+    amx_config(&cfg);
     TCONFIG(&cfg);
-    for (int64_t g = n0 / 16; g * 16 < n1;) {
-        const int two = (g + 1) * 16 < n1;
-        const uint8_t *t0 = W->tiles + g * gu, *t1 = t0 + gu;
-        for (int64_t m = 0; m < M; m += 32) {
-            const int both = m + 16 < M;
-            const xblock* x0 = m < full ? X + m * nb : pad;
-            const xblock* x1 = m + 16 < full ? X + (m + 16) * nb : pad;
+    for (int64_t m = 0; m < M; m += 32) {
+        const int rows = M - m < 32 ? (int)(M - m) : 32, both = rows > 16;
+        for (int t = 0; t < (both ? 32 : 16); t++) {  /* the A rows (tiles read 16 or 32 of them) */
+            uint8_t* a = xa + t * K2;
+            if (t >= rows) { memset(a, 0, K2); xd[t / 16][t % 16] = 0.f; continue; }
+            const xblock* x = X + (m + t) * nb;
+            for (int64_t u = 0; u < nb; u++) memcpy(a + 32 * u, x[u].q, 32);
+            if (nb % 2) memset(a + 32 * nb, 0, 32);
+            xd[t / 16][t % 16] = x[0].d;  /* every block's scale is the token's */
+        }
+        for (int64_t g = n0 / 16; g * 16 < n1;) {
+            const int two = (g + 1) * 16 < n1;
+            const uint8_t *t0 = W->tiles + g * gu, *t1 = t0 + gu;
             TZERO(0);
             if (two) TZERO(1);
             if (both) TZERO(2);
             if (both && two) TZERO(3);
-            for (int64_t u = 0; u < nb; u++) {
+            for (int64_t p = 0; p < np; p++) {
 #define DOT(c, a, b) do { if (off) TDPU(c, a, b); else TDPI(c, a, b); } while (0)
-                TLOAD(4, x0[u].q, xs);
-                TLOAD(6, t0 + 512 * u, 64);
+                TLOAD(4, xa + 64 * p, K2);
+                TLOAD(6, t0 + 1024 * p, 64);
                 DOT(0, 4, 6);
-                if (two) { TLOAD(7, t1 + 512 * u, 64); DOT(1, 4, 7); }
+                if (two) { TLOAD(7, t1 + 1024 * p, 64); DOT(1, 4, 7); }
                 if (both) {
-                    TLOAD(5, x1[u].q, xs);
+                    TLOAD(5, xa + 16 * K2 + 64 * p, K2);
                     DOT(2, 5, 6);
                     if (two) DOT(3, 5, 7);
                 }
 #undef DOT
             }
-            token_scales(x0, nb, xd[0], xsum);  /* every block's scale is the token's */
-            if (both) token_scales(x1, nb, xd[1], xsum);
             /* whole tiles (16 tokens x 16 rows in [n0, n1), written) go straight to Y */
 #define FINISH(t, tiles, x, mm, n)                                                                      \
     { TSTORE(t, c, 64);                                                                                 \
       if (!acc && (mm) + 16 <= M && (n) >= n0 && (n) + 16 <= n1)                                        \
-          amxr_scale(c, Y + (mm) * ldy + (n), ldy, (tiles) + 512 * nb, x);                              \
-      else { amxr_scale(c, y, 16, (tiles) + 512 * nb, x); amx_store(y, Y, ldy, mm, M, n, n0, n1, acc); } }
+          amxr_scale(c, Y + (mm) * ldy + (n), ldy, (tiles) + 1024 * np, x);                             \
+      else { amxr_scale(c, y, 16, (tiles) + 1024 * np, x); amx_store(y, Y, ldy, mm, M, n, n0, n1, acc); } }
             FINISH(0, t0, xd[0], m, g * 16)
             if (two) FINISH(1, t1, xd[0], m, g * 16 + 16)
             if (both) FINISH(2, t0, xd[1], m + 16, g * 16)
             if (both && two) FINISH(3, t1, xd[1], m + 16, g * 16 + 16)
 #undef FINISH
+            g += two ? 2 : 1;
         }
-        g += two ? 2 : 1;
     }
     TRELEASE();
 }

@@ -48,7 +48,7 @@ static void rows_run(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
    (packed groups of 8, the 2-group tiles) except at a matrix's end. A row's sum does not depend on its
    chunk. bf16 on AMX tiles: two chunks per thread (multiples of 32 rows), since each chunk streams all the
    tokens' tiles again (SPR, MiniLM native-bf16, alternated with guided chunks in one process: b8xs128 0.91x,
-   b1xs128 0.93x, b1xs16 0.81x the time; int7-row's row tiles gained at b1xs16 only, so they stay guided). */
+   b1xs128 0.93x, b1xs16 0.81x the time). The row types' tiles (int7-row) alike, since they read tokens outer. */
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
                    const float* Xf, int64_t M) {
     mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
@@ -59,7 +59,8 @@ static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* l
         for (int64_t r = 0; r < W[i]->rows;) {
             int64_t size = (left / (8 * T) + 15) / 16 * 16;
             if (size < least) size = least;
-            if (W[i]->type == T_BF16_AMX) size = (W[i]->rows / (2 * T) + 31) / 32 * 32;  /* AMX: below */
+            if (W[i]->type == T_BF16_AMX || (W[i]->tiles && is_row_type(W[i]->type) && M >= 16))
+                size = (W[i]->rows / (2 * T) + 31) / 32 * 32;  /* AMX: below */
             /* the table's last entries: the rest of each matrix in one chunk (keeps every matrix covered) */
             if (r + size > W[i]->rows || j.nc >= MM_CHUNKS - (n - i)) size = W[i]->rows - r;
             j.mat_of[j.nc] = (int8_t)i; j.row0[j.nc] = r; j.row1[j.nc] = r + size; j.nc++;
