@@ -133,10 +133,11 @@ class NativeBert:
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
         self.amx = on_tiles(precision) and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
-        # attention in bf16 on the tile unit where the matrices are bf16 tiles too (bert_forward.c ATTN_*)
+        # attention in bf16 on the tile unit where the matrices are on tiles too (bert_forward.c ATTN_*); the int8
+        # variants' cosine to fp32 stays as it was with fp32 attention (BERT-base int7-row-a8 0.99940 either way)
         lib.amx_attend_takes.restype, lib.amx_attend_takes.argtypes = ctypes.c_int, [ctypes.c_int]
         takes = bool(lib.amx_attend_takes(encoder.cfg.hidden // encoder.cfg.heads))  # head sizes 32 and 64
-        self.attn = ATTN_BF16_TILES if self.amx and precision == "bf16" and takes else ATTN_F32
+        self.attn = ATTN_BF16_TILES if self.amx and takes else ATTN_F32
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "

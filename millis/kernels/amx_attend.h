@@ -157,16 +157,14 @@ static void ATT_FN(const att_job* j) {
             TLOAD(7, b + 1024, 64); TDP(1, 4, 7);
             if (C == 2) { TLOAD(6, b + 2048, 64); TDP(2, 4, 6); TLOAD(7, b + 3072, 64); TDP(3, 4, 7); }
         }
-        const int direct = rows == 16 && !j->outb;  /* fp32 rows of a whole block: stored in place */
-        float* y = direct ? j->out + q0 * j->ldo : j->o;
-        const int64_t ld = direct ? j->ldo : HD;
-        TSTORE(0, y, 4 * ld); TSTORE(1, y + 16, 4 * ld);
-        if (C == 2) { TSTORE(2, y + 32, 4 * ld); TSTORE(3, y + 48, 4 * ld); }
+        /* into the job's buffer (L1), then scaled into the output rows */
+        TSTORE(0, j->o, 4 * HD); TSTORE(1, j->o + 16, 4 * HD);
+        if (C == 2) { TSTORE(2, j->o + 32, 4 * HD); TSTORE(3, j->o + 48, 4 * HD); }
         for (int r = 0; r < rows; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
-            float* o = direct ? j->out + (q0 + r) * j->ldo : j->o + (int64_t)r * HD;
-            vscale(o, inv[r], HD);
-            if (j->outb) to_bf16(o, HD, j->outb + (q0 + r) * j->ldo);
-            else if (!direct) memcpy(j->out + (q0 + r) * j->ldo, o, sizeof(float) * HD);
+            float* o = j->o + (int64_t)r * HD;
+            if (j->outb) { vscale(o, inv[r], HD); to_bf16(o, HD, j->outb + (q0 + r) * j->ldo); continue; }
+            float* y = j->out + (q0 + r) * j->ldo;
+            for (int d = 0; d < HD; d++) y[d] = o[d] * inv[r];
         }
     }
     TRELEASE();
