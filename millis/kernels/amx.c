@@ -358,9 +358,10 @@ API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const
     static __thread void* mem;
     static __thread int64_t cap;
     if (!amx_attend_takes(HD) || L <= 0) return 0;
-    const int Lk = (L + 31) / 32 * 32;
-    const int64_t q = (int64_t)Lk * HD * 2, s = 16 * (int64_t)Lk * 4;  /* bytes: q, kt, vt alike; s, and p half */
-    uint8_t* buf = thread_buffer(&mem, &cap, 3 * q + s + s / 2 + 16 * HD * 4);
+    const int Lk = (L + 31) / 32 * 32, G = Lk < ATT_GROUP ? Lk : ATT_GROUP;
+    /* bytes: q, kt, vt alike; s, and p half of it; o */
+    const int64_t q = (int64_t)Lk * HD * 2, s = (int64_t)G * Lk * 4, o = (int64_t)G * HD * 4;
+    uint8_t* buf = thread_buffer(&mem, &cap, 3 * q + s + s / 2 + o);
     const att_job j = {L, Lk, HD, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
                        (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2),
                        out, outb, ldo};

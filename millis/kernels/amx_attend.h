@@ -10,8 +10,9 @@
      q:  Lk rows of HD bf16, (q + bq) * scale, zero rows past L        A tiles, 16 queries x 32 values
      kt: per 16 keys and 32 head values one B tile: row p = values 2p, 2p + 1 of each key (4 bytes a key)
      vt: per 32 keys and 16 head values one B tile: row p = keys 2p, 2p + 1 of each value
-     s:  16 x Lk fp32 scores;  p: 16 x Lk bf16 probabilities (A tiles of 32 keys, stride 2 Lk)
-     o:  16 x HD fp32, a last partial block of queries (whole blocks go straight to the output rows)
+     s:  G x Lk fp32 scores;  p: G x Lk bf16 probabilities (A tiles of 32 keys, stride 2 Lk)
+     o:  G x HD fp32 outputs before the softmax's division
+   (G: the queries of a phase, ATT_GROUP, or Lk when fewer)
 
    The first part (once): the job, its packing and softmax. The second (included twice by amx.c, as
    amx_tiles.h): ATT_FN over the tile operations TCONFIG TRELEASE TZERO TLOAD TSTORE TDP. */
@@ -19,10 +20,11 @@
 #define AMX_ATTEND_ONCE
 #include "step_math.h"
 
+#define ATT_GROUP 128  /* queries per phase (ATT_FN): s, p and o hold this many rows */
 typedef struct {
     int L, Lk, HD;              /* tokens; keys padded to 32; head values (32 or 64) */
-    uint16_t *q, *kt, *vt, *p;  /* Lk x HD; (Lk / 16) x (HD / 32) tiles; (Lk / 32) x (HD / 16) tiles; 16 x Lk */
-    float *s, *o;               /* 16 x Lk; 16 x HD */
+    uint16_t *q, *kt, *vt, *p;  /* Lk x HD; (Lk / 16) x (HD / 32) tiles; (Lk / 32) x (HD / 16) tiles; ATT_GROUP x Lk */
+    float *s, *o;               /* ATT_GROUP x Lk; ATT_GROUP x HD */
     float* out;                 /* the job's output rows, ldo apart: HD values each (fp32) */
     uint16_t* outb;             /* or, when not NULL, as bf16 (the next matmul's input rows: no fp32 pass) */
     int64_t ldo;
@@ -32,9 +34,51 @@ typedef struct {
 static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, const float* bq, const float* bk,
                      const float* bv, float scale) {
     const int L = j->L, HD = j->HD, C = HD / 32;
+    memset(j->q + (int64_t)L * HD, 0, sizeof(uint16_t) * (j->Lk - L) * HD);
+#if defined(__AVX512BF16__)
+    /* 32 values a step: (x + b) (* scale) in fp32, rounded to bf16 by vcvtne2ps2bf16 (nearest even, as to_bf16;
+       denormals flushed, which scores and probabilities never meet); key t's 16 pairs of a chunk scattered down
+       column t % 16 of its tile; keys t - 1, t's values interleaved per value as 16 dwords (lo: t - 1, hi: t).
+       Per token the scalar form below took ~500 cycles, most of a 128-token job's time. */
+    const __m512 vs = _mm512_set1_ps(scale);
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    __m512i vprev[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  /* key t - 1's values, 2 chunks */
+    for (int t = 0; t < j->Lk; t++) {
+        const float* x = r + t * ld;
+        if (t + 8 < L) {  /* the rows are strided (a head's values in each token's 3D): fetched 8 tokens ahead */
+            const char* a = (const char*)(x + 8 * ld);
+            for (int o = 0; o < 3; o++)
+                for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch(a + o * D * 4 + b);
+        }
+        uint32_t* k = (uint32_t*)j->kt + (int64_t)(t / 16) * C * 256 + t % 16;
+        uint32_t* v = (uint32_t*)j->vt + (int64_t)(t / 32) * (HD / 16) * 256 + (t % 32 / 2) * 16;
+        for (int c = 0; c < C; c++) {
+            __m512i kq = _mm512_setzero_si512(), vq = _mm512_setzero_si512();
+            if (t < L) {
+                const int o = 32 * c;
+                const __m512 q0 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o), _mm512_loadu_ps(bq + o)), vs);
+                const __m512 q1 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o + 16), _mm512_loadu_ps(bq + o + 16)), vs);
+                _mm512_storeu_si512(j->q + (int64_t)t * HD + o, (__m512i)_mm512_cvtne2ps_pbh(q1, q0));
+                kq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(x + D + o + 16), _mm512_loadu_ps(bk + o + 16)),
+                                                  _mm512_add_ps(_mm512_loadu_ps(x + D + o), _mm512_loadu_ps(bk + o)));
+                vq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(x + 2 * D + o + 16), _mm512_loadu_ps(bv + o + 16)),
+                                                  _mm512_add_ps(_mm512_loadu_ps(x + 2 * D + o), _mm512_loadu_ps(bv + o)));
+            }
+            _mm512_i32scatter_epi32(k + c * 256, rows16, kq, 4);  /* pair p (dword p of kq) to row p */
+            if (t & 1) {  /* value n of 16: (key t - 1, key t) as one dword, row (t % 32) / 2 of the tile */
+                for (int h = 0; h < 2; h++) {
+                    const __m512i lo = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(vprev[c], 1)
+                                                               : _mm512_castsi512_si256(vprev[c]));
+                    const __m512i hi = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(vq, 1) : _mm512_castsi512_si256(vq));
+                    _mm512_storeu_si512(v + (2 * c + h) * 256, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+            } else vprev[c] = vq;
+        }
+    }
+#else
     float tmp[64];
     uint16_t kb[64], vb[2][64];
-    memset(j->q + (int64_t)L * HD, 0, sizeof(uint16_t) * (j->Lk - L) * HD);
     for (int t = 0; t < j->Lk; t++) {
         const float* x = r + t * ld;
         if (t + 8 < L) {  /* the rows are strided (a head's values in each token's 3D): fetched 8 tokens ahead */
@@ -66,6 +110,7 @@ static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, co
                 }
         }
     }
+#endif
 }
 
 #if defined(__AVX512BF16__)
@@ -87,13 +132,13 @@ static inline __m512 att_exp(__m512 x) {
 /* rows r < rows of s -> e^(s - the row's max) over the L keys, as bf16 in p, and inv[r] = 1 / their sum (the
    outputs are scaled after P V); the keys past L and the rows past `rows` (queries past L: their outputs are
    never stored) zero */
-static void att_softmax(const att_job* j, int rows, float* inv) {
+static void att_softmax(const att_job* j, const float* s16, uint16_t* p16, int rows, float* inv) {
     const int L = j->L, Lk = j->Lk;
     for (int r = 0; r < 16; r++) {
-        uint16_t* p = j->p + (int64_t)r * Lk;
+        uint16_t* p = p16 + (int64_t)r * Lk;
         inv[r] = 0.f;
         if (r >= rows) { memset(p, 0, sizeof(uint16_t) * Lk); continue; }
-        float* s = j->s + (int64_t)r * Lk;
+        const float* s = s16 + (int64_t)r * Lk;
 #if defined(__AVX512BF16__)
         __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int i = 0; i < L; i += 16)
@@ -124,47 +169,57 @@ static void att_softmax(const att_job* j, int rows, float* inv) {
     TLOAD(B, kt + (int64_t)((k + i) * C) * 1024, 64);                               \
     TDP(i, 4, B);                                                                   \
     if (C == 2) { TLOAD(B, kt + (int64_t)((k + i) * C + 1) * 1024, 64); TDP(i, 5, B); }
-#define ATT_STORE(i) TSTORE(i, j->s + 16 * (k + i), 4 * Lk);
+#define ATT_STORE(i) TSTORE(i, s + 16 * (k + i), 4 * Lk);
 
+/* In phases over up to ATT_GROUP queries: every block's scores, then their softmax, then every block's P V, then
+   the outputs. A tile's rows read by vector loads soon after its store (and P's rows by a tile load soon after
+   the vector stores) wait for them: one 16-query block through all four steps in turn spent most of its time
+   there (SPR, a 128-token job of head size 32: 30 us, where its ~130 tile products take ~3) */
 static void ATT_FN(const att_job* j) {
     const int L = j->L, Lk = j->Lk, HD = j->HD, C = HD / 32, nk = Lk / 16;
     const uint8_t *kt = (const uint8_t*)j->kt, *vt = (const uint8_t*)j->vt;
+    float inv[ATT_GROUP];
     tilecfg cfg;
     amx_config(&cfg);
     TCONFIG(&cfg);
-    for (int q0 = 0; q0 < L; q0 += 16) {
-        const int rows = L - q0 < 16 ? L - q0 : 16;
-        TLOAD(4, j->q + (int64_t)q0 * HD, 2 * HD);
-        if (C == 2) TLOAD(5, j->q + (int64_t)q0 * HD + 32, 2 * HD);
-        for (int k = 0; k < nk; k += 4) {  /* nk is even: tiles 0, 1, and 2, 3 unless two are left */
-            if (k + 2 < nk) {
-                ATT_SCORES(0, 6) ATT_SCORES(1, 7) ATT_SCORES(2, 6) ATT_SCORES(3, 7)
-                ATT_STORE(0) ATT_STORE(1) ATT_STORE(2) ATT_STORE(3)
-            } else {
-                ATT_SCORES(0, 6) ATT_SCORES(1, 7)
-                ATT_STORE(0) ATT_STORE(1)
+    for (int g0 = 0; g0 < L; g0 += ATT_GROUP) {
+        const int n = L - g0 < ATT_GROUP ? L - g0 : ATT_GROUP;  /* queries g0 .. g0 + n - 1 */
+        for (int b = 0; b < n; b += 16) {  /* S = Q K^T: 16 queries x Lk keys per block, fp32 */
+            float* s = j->s + (int64_t)b * Lk;
+            TLOAD(4, j->q + (int64_t)(g0 + b) * HD, 2 * HD);
+            if (C == 2) TLOAD(5, j->q + (int64_t)(g0 + b) * HD + 32, 2 * HD);
+            for (int k = 0; k < nk; k += 4) {  /* nk is even: tiles 0, 1, and 2, 3 unless two are left */
+                if (k + 2 < nk) {
+                    ATT_SCORES(0, 6) ATT_SCORES(1, 7) ATT_SCORES(2, 6) ATT_SCORES(3, 7)
+                    ATT_STORE(0) ATT_STORE(1) ATT_STORE(2) ATT_STORE(3)
+                } else {
+                    ATT_SCORES(0, 6) ATT_SCORES(1, 7)
+                    ATT_STORE(0) ATT_STORE(1)
+                }
             }
         }
-        float inv[16];
-        att_softmax(j, rows, inv);
-        /* O (16 queries x HD) = P V: C tiles 0..HD/16 - 1, P's 32 keys in tile 4, V's in 6 and 7 in turn */
-        TZERO(0); TZERO(1);
-        if (C == 2) { TZERO(2); TZERO(3); }
-        for (int kc = 0; kc < Lk / 32; kc++) {
-            const uint8_t* b = vt + (int64_t)kc * (HD / 16) * 1024;
-            TLOAD(4, j->p + 32 * kc, 2 * Lk);
-            TLOAD(6, b, 64); TDP(0, 4, 6);
-            TLOAD(7, b + 1024, 64); TDP(1, 4, 7);
-            if (C == 2) { TLOAD(6, b + 2048, 64); TDP(2, 4, 6); TLOAD(7, b + 3072, 64); TDP(3, 4, 7); }
+        for (int b = 0; b < n; b += 16)
+            att_softmax(j, j->s + (int64_t)b * Lk, j->p + (int64_t)b * Lk, n - b < 16 ? n - b : 16, inv + b);
+        for (int b = 0; b < n; b += 16) {  /* O (16 queries x HD) = P V: C tiles 0..HD/16 - 1, P's 32 keys in tile 4 */
+            const uint16_t* p = j->p + (int64_t)b * Lk;
+            float* o = j->o + (int64_t)b * HD;
+            TZERO(0); TZERO(1);
+            if (C == 2) { TZERO(2); TZERO(3); }
+            for (int kc = 0; kc < Lk / 32; kc++) {  /* V's 32 keys in tiles 6 and 7 in turn */
+                const uint8_t* v = vt + (int64_t)kc * (HD / 16) * 1024;
+                TLOAD(4, p + 32 * kc, 2 * Lk);
+                TLOAD(6, v, 64); TDP(0, 4, 6);
+                TLOAD(7, v + 1024, 64); TDP(1, 4, 7);
+                if (C == 2) { TLOAD(6, v + 2048, 64); TDP(2, 4, 6); TLOAD(7, v + 3072, 64); TDP(3, 4, 7); }
+            }
+            TSTORE(0, o, 4 * HD); TSTORE(1, o + 16, 4 * HD);
+            if (C == 2) { TSTORE(2, o + 32, 4 * HD); TSTORE(3, o + 48, 4 * HD); }
         }
-        /* into the job's buffer (L1), then scaled into the output rows */
-        TSTORE(0, j->o, 4 * HD); TSTORE(1, j->o + 16, 4 * HD);
-        if (C == 2) { TSTORE(2, j->o + 32, 4 * HD); TSTORE(3, j->o + 48, 4 * HD); }
-        for (int r = 0; r < rows; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
+        for (int r = 0; r < n; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
             float* o = j->o + (int64_t)r * HD;
-            if (j->outb) { vscale(o, inv[r], HD); to_bf16(o, HD, j->outb + (q0 + r) * j->ldo); continue; }
-            float* y = j->out + (q0 + r) * j->ldo;
-            for (int d = 0; d < HD; d++) y[d] = o[d] * inv[r];
+            const int64_t at = (int64_t)(g0 + r) * j->ldo;
+            if (j->outb) { vscale(o, inv[r], HD); to_bf16(o, HD, j->outb + at); continue; }
+            for (int d = 0; d < HD; d++) j->out[at + d] = o[d] * inv[r];
         }
     }
     TRELEASE();
