@@ -136,22 +136,28 @@ static void amx_store(const float* c, float* Y, int64_t ldy, int64_t m, int64_t 
     }
 }
 
-/* Row types' one float step per row and token (q7r_tile512's, so the same bits): y = float(C - z) * (d * token
+/* Row types' one float step per row and token (q7r_tile512's, so the same bits): y (+)= float(C - z) * (d * token
    d), z = off * the row's weight sum; c: a 16 tokens x 16 rows int32 tile, t: its rows' d[16] then z[16];
-   y: 16 rows of 16, ld apart */
-static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t, const float* xd) {
+   y: 16 rows of 16, ld apart; acc: added to y (the product rounded first, as a separate add would) */
+static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t, const float* xd, int acc) {
 #if defined(__AVX512F__)
     const __m512 d = _mm512_loadu_ps(t);
     const __m512i z = _mm512_loadu_si512(t + 64);
     for (int r = 0; r < 16; r++) {
         const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(c + 16 * r), z);
-        _mm512_storeu_ps(y + ld * r, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(xd[r]))));
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(xd[r])));
+        __asm__("" : "+v"(v));  /* rounded before the add: not contracted into an FMA */
+        if (acc) v = _mm512_add_ps(_mm512_loadu_ps(y + ld * r), v);
+        _mm512_storeu_ps(y + ld * r, v);
     }
 #else
     float d[16]; int32_t z[16];
     memcpy(d, t, 64); memcpy(z, t + 64, 64);
     for (int r = 0; r < 16; r++)
-        for (int n = 0; n < 16; n++) y[ld * r + n] = (float)(c[16 * r + n] - z[n]) * (d[n] * xd[r]);
+        for (int n = 0; n < 16; n++) {
+            volatile float v = (float)(c[16 * r + n] - z[n]) * (d[n] * xd[r]);  /* (not contracted) */
+            y[ld * r + n] = acc ? y[ld * r + n] + v : v;
+        }
 #endif
 }
 

@@ -177,12 +177,12 @@ static void AMXR_FN(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64
                 }
 #undef DOT
             }
-            /* whole tiles (16 tokens x 16 rows in [n0, n1), written) go straight to Y */
+            /* whole tiles (16 tokens x 16 rows in [n0, n1)) go straight to Y, written or added to */
 #define FINISH(t, tiles, x, mm, n)                                                                      \
     { TSTORE(t, c, 64);                                                                                 \
-      if (!acc && (mm) + 16 <= M && (n) >= n0 && (n) + 16 <= n1)                                        \
-          amxr_scale(c, Y + (mm) * ldy + (n), ldy, (tiles) + 1024 * np, x);                             \
-      else { amxr_scale(c, y, 16, (tiles) + 1024 * np, x); amx_store(y, Y, ldy, mm, M, n, n0, n1, acc); } }
+      if ((mm) + 16 <= M && (n) >= n0 && (n) + 16 <= n1)                                                \
+          amxr_scale(c, Y + (mm) * ldy + (n), ldy, (tiles) + 1024 * np, x, acc);                        \
+      else { amxr_scale(c, y, 16, (tiles) + 1024 * np, x, 0); amx_store(y, Y, ldy, mm, M, n, n0, n1, acc); } }
             FINISH(0, t0, xd[0], m, g * 16)
             if (two) FINISH(1, t1, xd[0], m, g * 16 + 16)
             if (both) FINISH(2, t0, xd[1], m + 16, g * 16)
