@@ -167,6 +167,30 @@ def random_blocks(rng, size: int, scales: tuple, rows: int, cols: int) -> np.nda
     return raw.reshape(rows, -1)
 
 
+def plain_and_tiled(lib, type_id: int, raw: np.ndarray, K: int):
+    """(dequantized weights, the packed matrix, the same with AMX tiles, what their structs point into) of a
+    (rows, bytes) matrix of `type_id`."""
+    N = raw.shape[0]
+    wd = np.empty((N, K), np.float32)
+    for r in range(N):
+        lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
+    keep: list = [raw]
+    m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
+    plain = pack_matrix(lib, m, keep, 1)
+    tiled = add_amx_tiles(lib, m, plain, keep, 2)
+    assert tiled.tiles and not plain.tiles
+    return wd, plain, tiled, keep
+
+
+def quantized(lib, type_id: int, x: np.ndarray):
+    """x (M, K) as the activation blocks a `type_id` matrix takes: (M, K / 32 * 48) bytes and (M, K / 32, 48)."""
+    M, K = x.shape
+    xq = np.empty((M, K // 32 * 48), np.uint8)
+    for i in range(M):
+        lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
+    return xq, xq.reshape(M, K // 32, 48)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_amx_q8_tiles_match_the_block_kernels(isa):
     """Prefill on AMX Q8 tiles (16 tokens or more): every block format they take, against the dequantized
@@ -193,20 +217,10 @@ def test_amx_q8_tiles_match_the_block_kernels(isa):
             assert lib.amx_init(mode) == mode
             for fmt, (type_id, size, scales) in BLOCKS.items():
                 raw = random_blocks(rng, size, scales, N, K)
-                wd = np.empty((N, K), np.float32)
-                for r in range(N):
-                    lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
-                keep: list = []
-                m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
-                plain = pack_matrix(lib, m, keep, 1)
-                tiled = add_amx_tiles(lib, m, plain, keep, 2)
-                assert tiled.tiles and tiled.data == plain.data and not plain.tiles
+                wd, plain, tiled, keep = plain_and_tiled(lib, type_id, raw, K)
+                assert tiled.data == plain.data
                 for M in (8, 16, 17, 40):
-                    x = rng.standard_normal((M, K)).astype(np.float32)
-                    xq = np.empty((M, K // 32 * 48), np.uint8)
-                    for i in range(M):
-                        lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
-                    blocks = xq.reshape(M, K // 32, 48)
+                    xq, blocks = quantized(lib, type_id, rng.standard_normal((M, K)).astype(np.float32))
                     xd = (blocks[:, :, 12:44].view(np.int8).astype(np.float64)
                           * blocks[:, :, 0:4].copy().view(np.float32).astype(np.float64)).reshape(M, K)
                     ref = xd @ wd.astype(np.float64).T
@@ -248,21 +262,10 @@ def test_amx_row_tiles_match_the_row_kernels(isa):
         for mode, K, type_id in itertools.product(modes(lib), (384, 160), (113, 114)):  # T_Q7_ROW, T_Q7_ROW8
             assert lib.amx_init(mode) == mode
             raw = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True).reshape(N, -1)
-            wd = np.empty((N, K), np.float32)
-            for r in range(N):
-                lib.dequant_row(type_id, raw[r].ctypes.data, K, wd[r].ctypes.data)
-            keep: list = []
-            m = Mat(type_id, 0, raw.ctypes.data, N, K, raw.shape[1])
-            plain = pack_matrix(lib, m, keep, 1)
-            tiled = add_amx_tiles(lib, m, plain, keep, 2)
-            assert tiled.tiles and not plain.tiles
+            wd, plain, tiled, keep = plain_and_tiled(lib, type_id, raw, K)
             off = lib.activation_offset(type_id)
             for M in (16, 17, 40, 48):
-                x = rng.standard_normal((M, K)).astype(np.float32)
-                xq = np.empty((M, K // 32 * 48), np.uint8)
-                for i in range(M):
-                    lib.quantize_act(type_id, x[i].ctypes.data, K, xq[i].ctypes.data)
-                blocks = xq.reshape(M, K // 32, 48)
+                xq, blocks = quantized(lib, type_id, rng.standard_normal((M, K)).astype(np.float32))
                 q = blocks[:, :, 12:44].astype(np.int64) - off if off else blocks[:, :, 12:44].view(np.int8)
                 xd = (q.astype(np.float64) * blocks[:, :, 0:4].copy().view(np.float32)).reshape(M, K)
                 ref = xd @ wd.astype(np.float64).T

@@ -30,6 +30,13 @@ typedef struct {
     int64_t ldo;
 } att_job;
 
+/* a token's q, k and v rows (x, x + D, x + 2D: HD values each) into cache: the rows are strided (a head's values
+   in each token's 3D), so att_pack fetches them 8 tokens ahead */
+static inline void att_prefetch(const float* x, int64_t D, int HD) {
+    for (int o = 0; o < 3; o++)
+        for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch((const char*)(x + o * D) + b);
+}
+
 /* the job's bf16 operands from its rows of the qkv matrix: token t's q at r + t * ld, k D values on, v 2D */
 static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, const float* bq, const float* bk,
                      const float* bv, float scale) {
@@ -46,11 +53,7 @@ static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, co
     __m512i vprev[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  /* key t - 1's values, 2 chunks */
     for (int t = 0; t < j->Lk; t++) {
         const float* x = r + t * ld;
-        if (t + 8 < L) {  /* the rows are strided (a head's values in each token's 3D): fetched 8 tokens ahead */
-            const char* a = (const char*)(x + 8 * ld);
-            for (int o = 0; o < 3; o++)
-                for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch(a + o * D * 4 + b);
-        }
+        if (t + 8 < L) att_prefetch(x + 8 * ld, D, HD);
         uint32_t* k = (uint32_t*)j->kt + (int64_t)(t / 16) * C * 256 + t % 16;
         uint32_t* v = (uint32_t*)j->vt + (int64_t)(t / 32) * (HD / 16) * 256 + (t % 32 / 2) * 16;
         for (int c = 0; c < C; c++) {
@@ -81,11 +84,7 @@ static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, co
     uint16_t kb[64], vb[2][64];
     for (int t = 0; t < j->Lk; t++) {
         const float* x = r + t * ld;
-        if (t + 8 < L) {  /* the rows are strided (a head's values in each token's 3D): fetched 8 tokens ahead */
-            const char* a = (const char*)(x + 8 * ld);
-            for (int o = 0; o < 3; o++)
-                for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch(a + o * D * 4 + b);
-        }
+        if (t + 8 < L) att_prefetch(x + 8 * ld, D, HD);
         if (t < L) {
             for (int d = 0; d < HD; d++) tmp[d] = (x[d] + bq[d]) * scale;
             to_bf16(tmp, HD, j->q + (int64_t)t * HD);
