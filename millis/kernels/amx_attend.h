@@ -2,9 +2,9 @@
    bert_forward.c's op_attend, fused. For 16 queries at a time: S = Q K^T (a 16 x 16 tile is one TDPBF16PS per
    32 head values), the softmax of those rows in fp32 (the fp32 path's own functions), P rounded to bf16, then
    P V on the tiles, through the job's buffer into its rows (in phases, ATT_FN). Operands bf16 (round to
-   nearest even), sums fp32: the precision OpenVINO's bf16 runs attention in. The fp32 path (two GEMMs on the AVX kernels) spends 3x
-   its FMA count's time on these small products (K = 32) and its packing; here a 128-token job is ~200 tile
-   instructions.
+   nearest even), sums fp32: the precision OpenVINO's bf16 runs attention in. The fp32 path (two GEMMs on the
+   AVX kernels) spends 3x its FMA count's time on these small products (K = 32) and its packing; here a
+   128-token job is ~200 tile instructions.
 
    A job's buffers (att_job), keys padded to Lk (a multiple of 32) with zeros in K, V and P:
      q:  Lk rows of HD bf16, (q + bq) * scale, zero rows past L        A tiles, 16 queries x 32 values
