@@ -78,12 +78,11 @@ def test_amx_needs_the_cpu_and_can_be_switched_off(monkeypatch):
     assert init_amx(lib) == amx_expected() or not amx_expected()  # the kernel may still refuse the tile state
 
 
-def test_native_encoder_on_amx_tiles(monkeypatch):
-    """The real MiniLM's native bf16 forward with its matrices and attention in AMX tiles, its int8 forward with Q8 tiles and
-    its int7-row-a8 forward with row tiles (the C form here, the tile unit on an AMX machine; attention in bf16 on
-    tiles for all three) keep HF fp32's cosine (>= 0.999; 0.99 for int7-row-a8 on random tokens) and equal the AVX
-    kernels' results: to fp32 rounding of different summation orders for bf16, bit for bit for the integer ones
-    given the same attention."""
+def minilm_case():
+    """The real MiniLM loaded for the native encoder, 3 sequences of random tokens (two padded) and HF fp32's
+    embeddings of them."""
+    import torch
+
     import millis.encoder.native as native
     from millis.encoder.source import resolve
     from millis.encoder.tasks import load_task_model
@@ -100,10 +99,25 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     mask = np.ones((3, 21), np.int64)
     mask[1, 9:] = 0
     mask[2, 17:] = 0
-    import torch
-
     with torch.inference_mode():
         ref = tm(torch.from_numpy(ids), torch.from_numpy(mask), torch.zeros_like(torch.from_numpy(ids))).numpy()
+    return enc, ids, mask, ref
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:  # the least of the rows'
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def test_native_encoder_on_amx_tiles(monkeypatch):
+    """The real MiniLM's native bf16 forward with its matrices and attention in AMX tiles, its int8 forward with Q8 tiles and
+    its int7-row-a8 forward with row tiles (the C form here, the tile unit on an AMX machine; attention in bf16 on
+    tiles for all three) keep HF fp32's cosine (>= 0.999; 0.99 for int7-row-a8 on random tokens) and equal the AVX
+    kernels' results: to fp32 rounding of different summation orders for bf16, bit for bit for the integer ones
+    given the same attention. (The AVX kernels' own bf16 attention on vectors is off here: test below.)"""
+    import millis.encoder.native as native
+
+    enc, ids, mask, ref = minilm_case()
+    monkeypatch.setattr(native, "vector_attention", lambda lib: False)
     monkeypatch.setattr(native, "init_amx", lambda lib: False)
     avx = native.NativeBert(enc, "bf16", 2)
     monkeypatch.setattr(native, "init_amx", lambda lib: True)
@@ -128,12 +142,12 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     assert (tiled.model.attn, plain.model.attn) == (native.ATTN_BF16_TILES, native.ATTN_F32)
     plain.model.attn = native.ATTN_BF16_TILES
     out, base = tiled(ids, mask), plain(ids, mask)
-    cosine = lambda a, b: ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()  # noqa
     assert cosine(out, ref) >= 0.999
     if tiled.isa != "scalar":  # the block kernels' integer sums and float steps: the same bits
         assert np.array_equal(out, base)
     # int7-row-a8 on row tiles (on by default where the tile unit is usable): whole-row sums, the same bits
     monkeypatch.undo()
+    monkeypatch.setattr(native, "vector_attention", lambda lib: False)
     monkeypatch.setattr(native, "init_amx", lambda lib: False)
     plain = native.NativeBert(enc, "int7-row-a8", 2)
     monkeypatch.setattr(native, "init_amx", lambda lib: True)
@@ -149,6 +163,41 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     assert cosine(out, ref) >= 0.99
     if tiled.isa != "scalar":
         assert np.array_equal(out, base)
+
+
+def test_native_encoder_attention_on_bf16_vectors(monkeypatch):
+    """Off the tile unit the avx512 build runs the bf16 attention on AVX-512 BF16 vectors (vec_tiles.h) for the
+    precisions below fp32 (encoder.native.bf16_attention), and fp32 keeps fp32 attention. The real MiniLM's int8 and
+    int7-row-a8 forwards with it keep their cosine to HF fp32 as with fp32 attention (within 1e-3), and equal the
+    C form of the same attention to its rounding (cosine >= 0.9999)."""
+    import millis.encoder.native as native
+
+    enc, ids, mask, ref = minilm_case()
+    monkeypatch.setattr(native, "init_amx", lambda lib: False)
+    lib = native.library()
+    vectors = native.vector_attention(lib)
+    assert vectors == (native_isa() == "avx512")
+    assert native.NativeBert(enc, "fp32", 2).model.attn == native.ATTN_F32
+    assert native.NativeBert(enc, "int8-a16", 2).model.attn == native.ATTN_F32
+    if not vectors:
+        assert native.NativeBert(enc, "int8", 2).model.attn == native.ATTN_F32
+        pytest.skip("no AVX-512 BF16 build on this CPU")
+    try:
+        for precision in ("int8", "int7-row-a8"):
+            nb = native.NativeBert(enc, precision, 2)
+            assert nb.model.attn == native.ATTN_BF16_TILES and not nb.amx
+            out = nb(ids, mask)
+            nb.model.attn = native.ATTN_F32
+            fp32_attention = nb(ids, mask)
+            nb.model.attn = native.ATTN_BF16_TILES
+            assert lib.attend_vectors(0) == 0
+            c_form = nb(ids, mask)
+            assert lib.attend_vectors(1) == 1
+            assert cosine(out, ref) >= cosine(fp32_attention, ref) - 1e-3, (precision, cosine(out, ref))
+            assert cosine(out, ref) >= (0.999 if precision == "int8" else 0.99)
+            assert cosine(out, c_form) >= 0.9999 and not np.array_equal(out, fp32_attention)
+    finally:
+        lib.attend_vectors(1)
 
 
 # GGUF block formats the Q8 tiles take: (ggml type id, block bytes, offsets of its fp16 scale fields)

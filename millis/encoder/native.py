@@ -119,6 +119,24 @@ def on_tiles(precision: str) -> bool:
     return precision in ("bf16", *ROW_PRECISIONS) or (precision in AMX_PRECISIONS and native.Q8_TILES)
 
 
+def vector_attention(lib: ctypes.CDLL) -> bool:
+    """Whether amx.c's bf16 attention runs on AVX-512 BF16 vectors off the tile unit (the avx512 build)."""
+    lib.attend_vectors.restype, lib.attend_vectors.argtypes = ctypes.c_int, [ctypes.c_int]
+    return bool(lib.attend_vectors(-1))
+
+
+def bf16_attention(lib: ctypes.CDLL, precision: str, amx: bool, cfg) -> bool:
+    """The rule for bert_forward.c's attention (ATTN_*): in bf16 (amx.c's amx_attend) for head sizes of whole
+    tiles (32, 64) where the CPU multiplies bf16 itself, on the tile unit with the matrices (`amx`) or on
+    AVX-512 BF16 vectors, for the precisions already below fp32 (AMX_PRECISIONS; not fp32, nor int8-a16, kept
+    for its fidelity). Their cosine to fp32 stays as it was with fp32 attention (BERT-base int7-row-a8 0.99940
+    either way, Sapphire Rapids); on Zen 4 it doubles the attention's products per instruction."""
+    lib.amx_attend_takes.restype, lib.amx_attend_takes.argtypes = ctypes.c_int, [ctypes.c_int]
+    if not lib.amx_attend_takes(cfg.hidden // cfg.heads):
+        return False
+    return amx or (precision in AMX_PRECISIONS and vector_attention(lib))
+
+
 class NativeBert:
     """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
 
@@ -133,11 +151,7 @@ class NativeBert:
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
         self.amx = on_tiles(precision) and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
-        # attention in bf16 on the tile unit where the matrices are on tiles too (bert_forward.c ATTN_*); the int8
-        # variants' cosine to fp32 stays as it was with fp32 attention (BERT-base int7-row-a8 0.99940 either way)
-        lib.amx_attend_takes.restype, lib.amx_attend_takes.argtypes = ctypes.c_int, [ctypes.c_int]
-        takes = bool(lib.amx_attend_takes(encoder.cfg.hidden // encoder.cfg.heads))  # head sizes 32 and 64
-        self.attn = ATTN_BF16_TILES if self.amx and takes else ATTN_F32
+        self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) else ATTN_F32
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "

@@ -189,6 +189,28 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #undef TSTORE
 #undef TDP
 
+#if defined(__AVX512BF16__)
+#include "vec_tiles.h"  /* the attention's tile operations on AVX-512 BF16 vectors */
+#define ATT_FN attend_vec
+#define TCONFIG(cfg) (void)(cfg)
+#define TRELEASE() (void)0
+#define TZERO(t) memset(vt_acc[t], 0, sizeof vt_acc[t])
+#define TLOAD(t, p, s) (vt_src[t] = (vt_ref){(const uint8_t*)(p), (s)})
+#define TSTORE(t, p, s) vt_store(t, p, s)
+#define TDP(c, a, b) vt_dp(c, a, b)
+#include "amx_attend.h"
+#undef ATT_FN
+#undef TCONFIG
+#undef TRELEASE
+#undef TZERO
+#undef TLOAD
+#undef TSTORE
+#undef TDP
+#define HAVE_VEC_ATTEND 1
+#else
+#define HAVE_VEC_ATTEND 0
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #include <immintrin.h>
 #define AMX_FN amx_rows_hw
@@ -359,6 +381,13 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
    qkv matrix (token t's q at r + t * ld, k D values on, v 2D); written to outb as bf16 instead when outb is not
    NULL. Returns 1, or 0 (nothing done) unless HD is 32 or 64. */
 API int amx_attend_takes(int HD) { return HD == 32 || HD == 64; }  /* head sizes of whole tiles (1 or 2) */
+static int g_vec_attend = HAVE_VEC_ATTEND;
+/* Off the tile unit, amx_attend runs on AVX-512 BF16 vectors (vec_tiles.h) where the build has them, else the C
+   form. want 0 / 1 sets it (tests: 0 runs the C form), -1 asks; returns 1 when the vector form is in force. */
+API int attend_vectors(int want) {
+    if (want == 0 || want == 1) g_vec_attend = want && HAVE_VEC_ATTEND;
+    return g_vec_attend;
+}
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                    float scale, int L, int HD, float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;
@@ -374,6 +403,9 @@ API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const
     att_pack(&j, r, ld, D, bq, bk, bv, scale);
 #if HAVE_AMX_BUILD
     if (g_amx_hw) { attend_hw(&j); return 1; }
+#endif
+#if HAVE_VEC_ATTEND
+    if (g_vec_attend) { attend_vec(&j); return 1; }
 #endif
     attend_c(&j);
     return 1;
