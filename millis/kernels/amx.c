@@ -176,18 +176,7 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #define TDPU(c, a, b) emu_dp8(c, a, b, 1)
 #include "amx_tiles.h"
 #include "amx_attend.h"
-#undef AMX_FN
-#undef AMXQ_FN
-#undef AMXR_FN
-#undef ATT_FN
-#undef TDPI
-#undef TDPU
-#undef TCONFIG
-#undef TRELEASE
-#undef TZERO
-#undef TLOAD
-#undef TSTORE
-#undef TDP
+#include "tile_undef.h"
 
 #if defined(__AVX512BF16__)
 #include "vec_tiles.h"  /* the attention's tile operations on AVX-512 BF16 vectors */
@@ -199,13 +188,7 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #define TSTORE(t, p, s) vt_store(t, p, s)
 #define TDP(c, a, b) vt_dp(c, a, b)
 #include "amx_attend.h"
-#undef ATT_FN
-#undef TCONFIG
-#undef TRELEASE
-#undef TZERO
-#undef TLOAD
-#undef TSTORE
-#undef TDP
+#include "tile_undef.h"
 #define HAVE_VEC_ATTEND 1
 #else
 #define HAVE_VEC_ATTEND 0
