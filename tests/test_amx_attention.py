@@ -1,7 +1,8 @@
 """The encoder's attention in bf16 on AMX tiles (kernels/amx_attend.h, amx.c's amx_attend): one (sequence,
 head) job against softmax(Q K^T) V in float64 of the same bf16 operands, in the C form every build runs, on
-AVX-512 BF16 vectors (vec_tiles.h, the avx512 build) and on the tile unit where the CPU and the kernel allow it; sequence lengths around the 16-query and 32-key tiles;
-the rows and columns around a job's output left alone; head sizes it does not take refused."""
+AVX-512 BF16 vectors (vec_tiles.h, the avx512 build) and on the tile unit where the CPU and the kernel allow
+it; sequence lengths around the 16-query and 32-key tiles; the rows and columns around a job's output left
+alone; head sizes it does not take refused."""
 import ctypes
 
 import numpy as np

@@ -134,7 +134,7 @@ def bf16_attention(lib: ctypes.CDLL, precision: str, amx: bool, cfg) -> bool:
     lib.amx_attend_takes.restype, lib.amx_attend_takes.argtypes = ctypes.c_int, [ctypes.c_int]
     if not lib.amx_attend_takes(cfg.hidden // cfg.heads):
         return False
-    return amx or (precision in AMX_PRECISIONS and vector_attention(lib))
+    return precision in AMX_PRECISIONS and (amx or vector_attention(lib))  # (on tiles implies AMX_PRECISIONS)
 
 
 class NativeBert:

@@ -21,8 +21,8 @@
    17 to 28 GB/s, Q8_0 from 19 to 27, Q4_K / Q5_0 / Q6_K by 1.16-1.29x (those spend more work per byte).
    So READ_QUAD on AMD family 26 (Zen 5), READ_SPREAD on Intel (family 6), READ_ONE elsewhere. On Zen 4
    (2026-12-03, bench/decode_streams.py, time over READ_ONE's) READ_SPREAD read no faster: 1B Q4_0 1.15,
-   Q8_0 0.95 [0.85-1.10], SmolLM2 F32 1.03, Q4_K_M 1.22; READ_QUAD 1.09-1.14. AVX2 builds have no 32-row tiles (READ_QUAD reads as READ_ONE there) and no F32
-   spread. Same sums in every mode: only the speed differs. */
+   Q8_0 0.95 [0.85-1.10], SmolLM2 F32 1.03, Q4_K_M 1.22; READ_QUAD 1.09-1.14. AVX2 builds have no 32-row
+   tiles (READ_QUAD reads as READ_ONE there) and no F32 spread. Same sums in every mode: only the speed differs. */
 static int g_streams;  /* 0 until first asked */
 API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets the rule (tests); returns the one in force */
     if (n == READ_ONE || n == READ_QUAD || n == READ_SPREAD) g_streams = n;
