@@ -288,15 +288,29 @@ static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT51
    q7r_tile with vpdpbusd: the token's values + 64 or + 128 (unsigned operand, broadcast) against the signed
    weights (one 64-byte load per 16 rows and step); the int32 sums over the whole row are the AVX2 build's exactly
    (maddubs / madd of the same products), and so is the one float step per row and token: the same bits
-   in both builds. Per unit only the rows' weight sums add up beside (no per-block float work). */
-AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g, int64_t gb, int64_t nu,
-                    const xblock* x, int64_t xs, float* out) {
+   in both builds. Per unit only the rows' weight sums add up beside (no per-block float work).
+   Units [u0, u1) of K (a slab, packed.c's row_panel512): the sums start from `part` unless `first`, and go back
+   there unless `last`, which ends with the float step. pn: where to prefetch pstep bytes a unit (and 2 * gb on
+   for the second pair), or NULL. */
+AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g,
+                    int64_t gb, int64_t u0, int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last,
+                    float* out) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
     const __m512i zero = _mm512_setzero_si512();
     __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero, za = zero;
     __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero, zb = zero;
-    for (int64_t u = 0; u < nu; u++) {  /* pairs of groups (packed.h's PAIRED_ROWS): 2 * ub bytes a unit */
+    __m512i* pv = (__m512i*)part;  /* the slabs before: ia0..5, ib0..5, za, zb (unaligned) */
+#define LD(i, v) v = _mm512_loadu_si512(pv + i)
+    if (!first) { LD(0, ia0); LD(1, ia1); LD(2, ia2); LD(3, ia3); LD(4, ia4); LD(5, ia5); LD(6, ib0); LD(7, ib1);
+                  LD(8, ib2); LD(9, ib3); LD(10, ib4); LD(11, ib5); LD(12, za); LD(13, zb); }
+#undef LD
+    for (int64_t u = u0; u < u1; u++) {  /* pairs of groups (packed.h's PAIRED_ROWS): 2 * ub bytes a unit */
         const uint8_t *p0 = g + 2 * u * ub, *p1 = p0 + 2 * gb;
+        if (pn)  /* this call's share of the next slab, a few lines a unit from each pair of groups */
+            for (int64_t o = (u - u0) * pstep; o < (u - u0 + 1) * pstep; o += 64) {
+                _mm_prefetch((const char*)pn + o, _MM_HINT_T1);
+                if (Q > 1) _mm_prefetch((const char*)pn + 2 * gb + o, _MM_HINT_T1);
+            }
         za = _mm512_add_epi32(za, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p0 + 32))));
         if (Q > 1) zb = _mm512_add_epi32(zb, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p1 + 32))));
 #pragma GCC unroll 1
@@ -309,6 +323,13 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g,
 #undef TOK
         }
     }
+    if (!last) {
+#define ST(i, v) _mm512_storeu_si512(pv + i, v)
+        ST(0, ia0); ST(1, ia1); ST(2, ia2); ST(3, ia3); ST(4, ia4); ST(5, ia5); ST(6, ib0); ST(7, ib1);
+        ST(8, ib2); ST(9, ib3); ST(10, ib4); ST(11, ib5); ST(12, za); ST(13, zb);
+#undef ST
+        return;
+    }
     const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));  /* the rows' scales */
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
@@ -320,9 +341,12 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* g,
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
 #undef OUT
 }
-typedef void (*q7r512_fn)(int, const uint8_t*, int64_t, int64_t, const xblock*, int64_t, float*);
-#define Q7R512(Q, T) static void q7r512_##Q##_##T(int shift, const uint8_t* g, int64_t gb, int64_t nu, const xblock* x, \
-                                                  int64_t xs, float* out) { q7r_tile512(Q, T, shift, g, gb, nu, x, xs, out); }
+typedef void (*q7r512_fn)(int, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, const xblock*, int64_t,
+                          int32_t*, int, int, float*);
+#define Q7R512(Q, T)                                                                                                 \
+    static void q7r512_##Q##_##T(int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g, int64_t gb, int64_t u0, \
+                                 int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last, float* out) { \
+        q7r_tile512(Q, T, shift, pn, pstep, g, gb, u0, u1, x, xs, part, first, last, out); }
 Q7R512(1, 1) Q7R512(1, 2) Q7R512(1, 3) Q7R512(1, 4) Q7R512(1, 5) Q7R512(1, 6)
 Q7R512(2, 1) Q7R512(2, 2) Q7R512(2, 3) Q7R512(2, 4) Q7R512(2, 5) Q7R512(2, 6)
 static const q7r512_fn Q7R512_FNS[2][6] = {{q7r512_1_1, q7r512_1_2, q7r512_1_3, q7r512_1_4, q7r512_1_5, q7r512_1_6},
