@@ -1,14 +1,15 @@
 """CPU encoder benchmark: millis's selected variant against the peers, in one run, systems alternated.
 
     bash bench/peers/setup.sh            # once: peer venvs (Optimum, OpenVINO+NNCF, CTranslate2)
-    .venv/bin/python bench/cpu_encoders.py [--models minilm,bert-base] [--rounds 5 --n 40]
+    .venv/bin/python bench/cpu_encoders.py [--models minilm,bert-base] [--rounds 10 --n 20]
 
 For each model: `millis optimize` builds and selects its variant (budget: cosine >= 0.995 on 512
 seeded Banking77 train texts, none of them in test.csv; calibrated on Banking77 train texts); then
 every system runs in its own process and they are timed round-robin (round r rotates the order) at
 each shape on real Banking77 text filling exactly b x s tokens. Embedding cosine vs torch fp32 is
 reported on Banking77 test texts, which the budget never saw.
-Writes bench/results/cpu_encoders.json (`rows`: system, model, shape, p50_ms, p99_ms, cos_min).
+Writes bench/results/cpu_encoders.json (`rows`: system, model, shape, p50_ms, p99_ms, cos_min, round_p50_ms,
+and the ratios to the fastest peers: of the pooled p50s, and round by round, rounds_ratio_*).
 """
 from __future__ import annotations
 
@@ -131,8 +132,10 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
                 ms = np.asarray(samples.get((p.name, (b, t)), []))
                 if ms.size == 0:
                     continue
+                rounds = [float(np.median(ms[i:i + n])) for i in range(0, ms.size - n + 1, n)]  # n calls a round
                 results.append({"system": p.name, "model": model, "shape": f"b{b}xs{t}",
                                 "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                                "round_p50_ms": rounds,
                                 "n": int(ms.size), "cos_min": fid[p.name]["cos_min"],
                                 "cos_mean": fid[p.name]["cos_mean"], "precision": info.get("precision", ""),
                                 "cpu": meta["hardware"]["cpu"], "isa": meta["hardware"]["isa"],
@@ -142,8 +145,19 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
             p.close()
 
 
+def round_ratios(r: dict, peer: dict) -> dict | None:
+    """r's time / peer's, round by round (each round times every system back to back): the median and spread.
+    A VM that slows for tens of seconds at a time (Zen 4, 2026-12-04) hits the systems of a round alike, so this
+    median moves less than the ratio of pooled p50s, which a slow spell during one system's turns skews."""
+    pairs = [a / b for a, b in zip(r.get("round_p50_ms", []), peer.get("round_p50_ms", [])) if b > 0]
+    if not pairs:
+        return None
+    return {"median": float(np.median(pairs)), "min": float(min(pairs)), "max": float(max(pairs))}
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_vs_best_peer: p50 / the fastest peer's p50 at the same model and shape (same run)."""
+    """ratio_vs_best_peer: p50 / the fastest peer's p50 at the same model and shape (same run); each ratio's
+    round-by-round median and spread beside it (rounds_ratio_*)."""
     for r in rows:
         peers = [x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"] and x["system"] in PEERS]
         if peers:
@@ -158,17 +172,23 @@ def add_ratios(rows: list[dict]) -> None:
                 bf = min(fair, key=lambda x: x["p50_ms"])
                 r["best_peer_same_fidelity"], r["ratio_vs_best_peer_same_fidelity"] = (bf["system"],
                                                                                        r["p50_ms"] / bf["p50_ms"])
+            for key in ("best_peer", "best_faithful_peer", "best_peer_same_fidelity"):
+                peer = next((x for x in peers if x["system"] == r.get(key)), None)
+                if peer is not None:
+                    r[f"rounds_ratio_vs_{key}"] = round_ratios(r, peer)
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':9} {'shape':8} {'system':24} {'p50 ms':>8} {'p99 ms':>8} {'x best peer':>11} "
-          f"{'x best>=.995':>12} {'x best >=fid':>12} {'cos min':>8}  precision")
+          f"{'x best>=.995':>12} {'x best >=fid':>12} {'rounds >=fid':>16} {'cos min':>8}  precision")
     for r in sorted(rows, key=lambda r: (r["model"], r["shape"], r["p50_ms"])):
         ratio = f"{r.get('ratio_vs_best_peer', float('nan')):.2f}"
         faithful = f"{r.get('ratio_vs_best_faithful_peer', float('nan')):.2f}"
         fair = f"{r.get('ratio_vs_best_peer_same_fidelity', float('nan')):.2f}"
+        rr = r.get("rounds_ratio_vs_best_peer_same_fidelity")
+        rounds = f"{rr['median']:.2f} [{rr['min']:.2f}-{rr['max']:.2f}]" if rr else "-"
         print(f"{r['model']:9} {r['shape']:8} {r['system']:24} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-              f"{ratio:>11} {faithful:>12} {fair:>12} {r['cos_min']:8.5f}  {r['precision'][:40]}")
+              f"{ratio:>11} {faithful:>12} {fair:>12} {rounds:>16} {r['cos_min']:8.5f}  {r['precision'][:40]}")
 
 
 def kernels_of(system: str, meta: dict) -> str | None:
@@ -189,8 +209,8 @@ def main() -> int:
     ap.add_argument("--models", default="minilm,bge-small,bert-base")
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE))))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--n", default="minilm=40,bge-small=20,bert-base=12",
+    ap.add_argument("--rounds", type=int, default=10)  # short rounds: a slow spell of the VM spans whole rounds
+    ap.add_argument("--n", default="minilm=20,bge-small=10,bert-base=6",
                     help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)
