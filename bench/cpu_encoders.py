@@ -146,13 +146,14 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
 
 
 def round_ratios(r: dict, peer: dict) -> dict | None:
-    """r's time / peer's, round by round (each round times every system back to back): the median and spread.
-    A VM that slows for tens of seconds at a time (Zen 4, 2026-12-04) hits the systems of a round alike, so this
-    median moves less than the ratio of pooled p50s, which a slow spell during one system's turns skews."""
-    pairs = [a / b for a, b in zip(r.get("round_p50_ms", []), peer.get("round_p50_ms", [])) if b > 0]
-    if not pairs:
-        return None
-    return {"median": float(np.median(pairs)), "min": float(min(pairs)), "max": float(max(pairs))}
+    """r's time / peer's, round by round (each round times every system back to back): optimize's paired_ratio,
+    the median and spread. A VM that slows for tens of seconds at a time (Zen 4, 2026-12-04) hits the systems of
+    a round alike, so this median moves less than the ratio of pooled p50s, which a slow spell during one
+    system's turns skews."""
+    from millis.optimize.measure import paired_ratio
+
+    got = paired_ratio(r.get("round_p50_ms", []), peer.get("round_p50_ms", []))
+    return None if got is None else dict(zip(("median", "min", "max"), (float(x) for x in got)))
 
 
 def add_ratios(rows: list[dict]) -> None:
