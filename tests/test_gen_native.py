@@ -292,8 +292,17 @@ def test_threads_and_chunks_do_not_change_logits(tmp_path, monkeypatch):
     path, cfg, _ = tiny_file(tmp_path, "Q4_K")
     ids = [int(i) for i in torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(4))]
     one = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=1)).logits(ids)
-    many = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=5)).logits(ids)
+    eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, threads=5))
+    many = eng.logits(ids)
     assert torch.equal(one, many)  # rows split differently, each row's sum is the same
+    lib = eng.model.lib  # 4 shares per thread (mm_jobs.h), not one: other chunks, the same sums
+    assert lib.mm_shares(0) == 1
+    try:
+        lib.mm_shares(4)
+        shares = eng.logits(ids)
+    finally:
+        lib.mm_shares(1)
+    assert torch.equal(shares, one)
     # the prompt prefilled in 6 calls through the cache: 7 tokens a step attend one at a time, where the whole
     # prompt's step (PREFILL_TOKENS or more) attends in runs of tokens against shared K / V loads; each value
     # gets the same operations either way

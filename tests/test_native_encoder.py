@@ -108,6 +108,22 @@ def test_row_tiles_prefetch_keeps_the_bytes(minilm):
             assert on.shape == (B, 384) and np.array_equal(on, off), (precision, B, T)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int7-row"])
+def test_row_chunks_keep_the_bytes(minilm, precision):
+    """A job's rows in 1 share per thread (the default) or 3 (mm_jobs.h): the same vectors, bit for bit."""
+    _, enc = minilm
+    model = NativeBert(enc, precision, 2)
+    ids, mask, types = batch(np.random.default_rng(3), 3, 40, 30000)
+    one = model(ids, mask, types)
+    assert model.lib.mm_shares(0) == 1
+    try:
+        model.lib.mm_shares(3)
+        three = model(ids, mask, types)
+    finally:
+        model.lib.mm_shares(1)
+    assert one.shape == (3, 384) and np.array_equal(one, three)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_rows_do_not_depend_on_batch_mates(minilm, precision):
     """A text's vector is the same alone, padded in a batch, and beside other texts: bit for bit."""

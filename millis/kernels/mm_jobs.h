@@ -40,31 +40,36 @@ static void rows_run(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
 
 /* Y[i] (+)= W[i] X for i < n (up to 3 matrices sharing the input X: activation blocks Xq or fp32 rows Xf,
    M tokens), rows split over the pool.
-   Chunks shrink as the job goes (guided): each is an eighth of the rows left per thread, down to
-   1/128 of the job (at least 16 rows). Small ones at the end bound the time the last thread runs
-   alone: equal chunks of 1/16 left up to a sixteenth of each matmul to one thread (at 4 matmuls per
-   layer, a few % of a decode step). The first chunk stays at 1/16 at 2 threads, so a worker preempted
-   holding one (a shared machine) delays the job no more than before. Rows are multiples of 16
-   (packed groups of 8, the 2-group tiles) except at a matrix's end. A row's sum does not depend on its
-   chunk. bf16 on AMX tiles: two chunks per thread (multiples of 32 rows), since each chunk streams all the
-   tokens' tiles again (SPR, MiniLM native-bf16, alternated with guided chunks in one process: b8xs128 0.91x,
-   b1xs128 0.93x, b1xs16 0.81x the time). The row types' tiles (int7-row) alike, since they read tokens outer. */
+   The job's rows (all its matrices in turn) go in equal shares, one per thread (mm_shares: per thread), in
+   multiples of 16 rows (packed groups of 8, the 2-group tiles); a share is cut where a matrix ends (QKV at 2
+   threads: q[0,480) | q[480,576) k v). Each chunk is one long stream, and the pool's shared counter is
+   claimed a few times a job. Guided chunks (an eighth of the rows left per thread, down to 1/128 of the
+   job) cost more than the balance they bought: Zen 4 VM, 2 threads, alternated in one process (2026-12-04,
+   the same bits): SmolLM2-shaped decode Q8_0 0.75x / Q4_1 0.77x the step's time (QKV 0.95 -> 0.65 ms a
+   token, O 0.66 -> 0.40), prefill of 128 tokens 0.98x, batch 8 0.96x; encoders int7-row b1xs16 BERT-base
+   0.80x, bge-small 0.74x, MiniLM 0.83x, b1xs128 0.93-0.95x, b8xs128 0.97x; 2 chunks per thread sat in
+   between (decode 0.84x), and with a CPU-bound process beside it decode still ran 0.97x guided's time
+   (a preempted worker's share is the caller's to wait for; pool.c's solo steps bound that).
+   bf16 on AMX tiles, and the row types' tiles (int7-row) at 16 tokens or more: two chunks per thread per
+   matrix (multiples of 32 rows), as measured on SPR against guided chunks (MiniLM native-bf16 b8xs128
+   0.91x, b1xs128 0.93x, b1xs16 0.81x the time). A row's sum does not depend on its chunk. */
+static int g_shares = 1;
+API int mm_shares(int n) { if (n > 0 && n <= 16) g_shares = n; return g_shares; }  /* n <= 0 asks */
 static void mm_run(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
                    const float* Xf, int64_t M) {
     mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
-    int64_t left = 0;
-    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; left += W[i]->rows; }
-    const int64_t T = g_threads, least = left / 128 < 16 ? 16 : (left / 128 + 15) / 16 * 16;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; total += W[i]->rows; }
+    const int64_t parts = (int64_t)g_threads * g_shares, share = ((total + parts - 1) / parts + 15) / 16 * 16;
+    int64_t room = share;  /* rows left in the current share */
     for (int i = 0; i < n; i++)
         for (int64_t r = 0; r < W[i]->rows;) {
-            int64_t size = (left / (8 * T) + 15) / 16 * 16;
-            if (size < least) size = least;
-            if (W[i]->type == T_BF16_AMX || (W[i]->tiles && is_row_type(W[i]->type) && M >= 16))
-                size = (W[i]->rows / (2 * T) + 31) / 32 * 32;  /* AMX: below */
+            const int amx = W[i]->type == T_BF16_AMX || (W[i]->tiles && is_row_type(W[i]->type) && M >= 16);
+            int64_t size = amx ? (W[i]->rows / (2 * (int64_t)g_threads) + 31) / 32 * 32 : room;
             /* the table's last entries: the rest of each matrix in one chunk (keeps every matrix covered) */
             if (r + size > W[i]->rows || j.nc >= MM_CHUNKS - (n - i)) size = W[i]->rows - r;
             j.mat_of[j.nc] = (int8_t)i; j.row0[j.nc] = r; j.row1[j.nc] = r + size; j.nc++;
-            r += size; left -= size;
+            r += size; room = room - size > 0 ? room - size : share;
         }
     pool_run(mm_chunk, &j, j.nc);
 }
