@@ -37,7 +37,7 @@ def test_amx_attention_matches_reference(isa):
     f = lib.amx_attend
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
-                 [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                 [ctypes.c_float] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     rng = np.random.default_rng(7)
     lib.attend_vectors.restype, lib.attend_vectors.argtypes = ctypes.c_int, [ctypes.c_int]
     vectors = lib.attend_vectors(1) == 1  # the avx512 build: AVX-512 BF16 vectors (vec_tiles.h) off the tile unit
@@ -58,11 +58,11 @@ def test_amx_attention_matches_reference(isa):
                     out = np.full((L + 1, D + 16), np.nan, np.float32)
                     h = 1
                     args = (qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data, b[D + h * HD:].ctypes.data,
-                            b[2 * D + h * HD:].ctypes.data, scale, L, HD)
-                    assert f(*args, out[:, h * HD:].ctypes.data, None, D + 16) == 1
+                            b[2 * D + h * HD:].ctypes.data, scale, L)
+                    assert f(*args, 0, L, HD, out[:, h * HD:].ctypes.data, None, D + 16) == 1
                     # as bf16 rows (the bf16 matmuls' input): the fp32 results rounded, nothing else written
                     outb = np.full((L + 1, D + 16), 0xFFFF, np.uint16)
-                    assert f(*args, None, outb[:, h * HD:].ctypes.data, D + 16) == 1
+                    assert f(*args, 0, L, HD, None, outb[:, h * HD:].ctypes.data, D + 16) == 1
                     assert np.array_equal(outb[:L, h * HD:(h + 1) * HD], to_bf16(out[:L, h * HD:(h + 1) * HD]))
                     outb[:L, h * HD:(h + 1) * HD] = 0xFFFF
                     assert (outb == 0xFFFF).all(), "wrote outside the job"
@@ -71,12 +71,22 @@ def test_amx_attention_matches_reference(isa):
                     assert np.abs(got - ref).max() <= 4e-3 * vmax, (mode, HD, L, np.abs(got - ref).max())
                     assert np.isnan(out[L]).all() and np.isnan(out[:, :h * HD]).all(), "wrote outside the job"
                     assert np.isnan(out[:, (h + 1) * HD:]).all(), "wrote outside the job"
+                    # a range of the queries (a part of bert_forward's token split): those rows, the same bits,
+                    # written from the output's first row
+                    for q0, q1 in {(0, 1), (L // 2, L), (L // 3, L - L // 4), (L - 1, L)}:
+                        part = np.full((L + 1, D + 16), np.nan, np.float32)
+                        assert f(*args, q0, q1, HD, part[:, h * HD:].ctypes.data, None, D + 16) == 1
+                        assert np.array_equal(part[:q1 - q0, h * HD:(h + 1) * HD], got[q0:q1]), (mode, HD, L, q0, q1)
+                        part[:q1 - q0, h * HD:(h + 1) * HD] = np.nan
+                        assert np.isnan(part).all(), "wrote outside the queries"
+                    for q0, q1 in ((0, 0), (3, 2), (-1, L), (0, L + 1)):
+                        assert f(*args, q0, q1, HD, out[:, h * HD:].ctypes.data, None, D + 16) == 0
             # head sizes the tiles do not take: nothing done, the caller's fp32 path runs them
             qkv = rng.standard_normal((8, 3 * 48)).astype(np.float32)
             b = np.zeros(3 * 48, np.float32)
             out = np.full((8, 48), np.nan, np.float32)
             for HD in (16, 48, 96):
-                assert f(qkv.ctypes.data, 3 * 48, 48, b.ctypes.data, b.ctypes.data, b.ctypes.data, 0.1, 8, HD,
+                assert f(qkv.ctypes.data, 3 * 48, 48, b.ctypes.data, b.ctypes.data, b.ctypes.data, 0.1, 8, 0, 8, HD,
                          out.ctypes.data, None, 48) == 0
             assert np.isnan(out).all()
     finally:

@@ -125,6 +125,28 @@ def test_row_chunks_keep_the_bytes(minilm, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+def test_token_split_keeps_the_bytes(minilm, precision):
+    """bert_forward.c's token split (each thread its tokens through a whole layer, sequences cut across parts)
+    against the row split (each matrix's rows shared out): the same vectors, bit for bit, at 2 and 3 threads."""
+    _, enc = minilm
+    ids, mask, types = batch(np.random.default_rng(5), 4, 45, 30000)
+    for threads in (2, 3):
+        model = NativeBert(enc, precision, threads)
+        default = model.lib.bert_token_split(-1)
+        assert default > 0
+        try:
+            model.lib.bert_token_split(0)  # always
+            tokens = model(ids, mask, types)
+            one = model(ids[:1], mask[:1], types[:1])  # one sequence cut in `threads` parts
+            model.lib.bert_token_split(1 << 20)  # never
+            rows = model(ids, mask, types)
+            assert np.array_equal(one[0], model(ids[:1], mask[:1], types[:1])[0])
+        finally:
+            model.lib.bert_token_split(default)
+        assert tokens.shape == (4, 384) and np.isfinite(tokens).all() and np.array_equal(tokens, rows), threads
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_rows_do_not_depend_on_batch_mates(minilm, precision):
     """A text's vector is the same alone, padded in a batch, and beside other texts: bit for bit."""
     _, enc = minilm

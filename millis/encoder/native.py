@@ -69,7 +69,8 @@ class Model(ctypes.Structure):
 
 
 class Scratch(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "qkv", "att", "h", "xq")]
+    names = ("x", "qkv", "att", "h", "xq", "qkv2")  # bert_forward.c's bert_scratch
+    _fields_ = [(n, P) for n in names]
 
 
 def library():
@@ -224,9 +225,9 @@ class NativeBert:
             f32 = np.float32
             self.buffers = {"x": np.empty((cap, c.hidden), f32), "qkv": np.empty((cap, 3 * c.hidden), f32),
                             "att": np.empty((cap, c.hidden), f32), "h": np.empty((cap, c.intermediate), f32),
-                            "xq": np.empty(blocks, np.uint8)}
+                            "xq": np.empty(blocks, np.uint8), "qkv2": np.empty((cap, 3 * c.hidden), f32)}
             self.capacity = cap
-        return Scratch(*(self.buffers[k].ctypes.data for k in ("x", "qkv", "att", "h", "xq")))
+        return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 
     def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
         """bert_forward on flat tokens; the last hidden states (n, D) as a view of the scratch (hold the lock)."""

@@ -359,8 +359,8 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
 }
 
 /* ---- attention ---- */
-/* One (sequence, head) of the encoder's attention on tiles in bf16 (amx_attend.h): for i < L, out[i * ldo + d]
-   (d < HD) = the softmax over j < L of <(q_i + bq) scale, k_j + bk> times (v_j + bv), from the job's rows of the
+/* One (sequence, head) of the encoder's attention on tiles in bf16 (amx_attend.h): for queries q0 <= i < q1 (of
+   the L), out[(i - q0) * ldo + d] (d < HD) = the softmax over j < L of <(q_i + bq) scale, k_j + bk> times (v_j + bv), from the job's rows of the
    qkv matrix (token t's q at r + t * ld, k D values on, v 2D); written to outb as bf16 instead when outb is not
    NULL. Returns 1, or 0 (nothing done) unless HD is 32 or 64. */
 API int amx_attend_takes(int HD) { return HD == 32 || HD == 64; }  /* head sizes of whole tiles (1 or 2) */
@@ -372,15 +372,15 @@ API int attend_vectors(int want) {
     return g_vec_attend;
 }
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
-                   float scale, int L, int HD, float* out, uint16_t* outb, int64_t ldo) {
+                   float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;
     static __thread int64_t cap;
-    if (!amx_attend_takes(HD) || L <= 0) return 0;
+    if (!amx_attend_takes(HD) || L <= 0 || q0 < 0 || q1 > L || q0 >= q1) return 0;
     const int Lk = (L + 31) / 32 * 32, G = Lk < ATT_GROUP ? Lk : ATT_GROUP;
     /* bytes: q, kt, vt alike; s, and p half of it; o */
     const int64_t q = (int64_t)Lk * HD * 2, s = (int64_t)G * Lk * 4, o = (int64_t)G * HD * 4;
     uint8_t* buf = thread_buffer(&mem, &cap, 3 * q + s + s / 2 + o);
-    const att_job j = {L, Lk, HD, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
+    const att_job j = {L, Lk, HD, q0, q1, (uint16_t*)buf, (uint16_t*)(buf + q), (uint16_t*)(buf + 2 * q),
                        (uint16_t*)(buf + 3 * q + s), (float*)(buf + 3 * q), (float*)(buf + 3 * q + s + s / 2),
                        out, outb, ldo};
     att_pack(&j, r, ld, D, bq, bk, bv, scale);

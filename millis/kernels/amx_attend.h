@@ -24,9 +24,10 @@
 #define ATT_GROUP 128  /* queries per phase (ATT_FN): s, p and o hold this many rows */
 typedef struct {
     int L, Lk, HD;              /* tokens; keys padded to 32; head values (32 or 64) */
+    int q0, q1;                 /* the queries computed: [q0, q1) of the L (a part of a token split: bert_forward.c) */
     uint16_t *q, *kt, *vt, *p;  /* Lk x HD; (Lk / 16) x (HD / 32) tiles; (Lk / 32) x (HD / 16) tiles; ATT_GROUP x Lk */
     float *s, *o;               /* ATT_GROUP x Lk; ATT_GROUP x HD */
-    float* out;                 /* the job's output rows, ldo apart: HD values each (fp32) */
+    float* out;                 /* the job's output rows from query q0's, ldo apart: HD values each (fp32) */
     uint16_t* outb;             /* or, when not NULL, as bf16 (the next matmul's input rows: no fp32 pass) */
     int64_t ldo;
 } att_job;
@@ -38,38 +39,71 @@ static inline void att_prefetch(const float* x, int64_t D, int HD) {
         for (int b = 0; b < HD * 4; b += 64) __builtin_prefetch((const char*)(x + o * D) + b);
 }
 
-/* the job's bf16 operands from its rows of the qkv matrix: token t's q at r + t * ld, k D values on, v 2D */
+#if defined(__AVX512BF16__)
+/* r[i] lane j <-> r[j] lane i (16 x 16 dwords): pairs within 128-bit lanes, then the lanes themselves */
+static inline void transpose16_epi32(__m512i* r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[4g + k], lane l: column 4l + k of rows 4g .. 4g + 3 */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {  /* row 4l + k: lane g of it from u[4g + k]'s lane l */
+        const __m512i p0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), p1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
+        const __m512i p2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        const __m512i p3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
+        r[k] = _mm512_shuffle_i32x4(p0, p2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(p1, p3, 0x88);
+        r[8 + k] = _mm512_shuffle_i32x4(p0, p2, 0xdd);
+        r[12 + k] = _mm512_shuffle_i32x4(p1, p3, 0xdd);
+    }
+}
+#endif
+
+/* the job's bf16 operands from its rows of the qkv matrix: token t's q at r + t * ld, k D values on, v 2D (q only
+   for the job's queries [q0, q1): the tiles of other rows' scores are never read) */
 static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, const float* bq, const float* bk,
                      const float* bv, float scale) {
     const int L = j->L, HD = j->HD, C = HD / 32;
     memset(j->q + (int64_t)L * HD, 0, sizeof(uint16_t) * (j->Lk - L) * HD);
 #if defined(__AVX512BF16__)
     /* 32 values a step: (x + b) (* scale) in fp32, rounded to bf16 by vcvtne2ps2bf16 (nearest even, as to_bf16;
-       denormals flushed, which scores and probabilities never meet); key t's 16 pairs of a chunk scattered down
-       column t % 16 of its tile; keys t - 1, t's values interleaved per value as 16 dwords (lo: t - 1, hi: t).
+       denormals flushed, which scores and probabilities never meet); 16 keys' 16 pairs of a chunk transposed in
+       registers into the 16 rows of their tile (a scatter down column t % 16 per key cost ~40% of a 128-token
+       job on Zen 4); keys t - 1, t's values interleaved per value as 16 dwords (lo: t - 1, hi: t).
        Per token the scalar form below took ~500 cycles, most of a 128-token job's time. */
     const __m512 vs = _mm512_set1_ps(scale);
-    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
     __m512i vprev[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  /* key t - 1's values, 2 chunks */
+    __m512i kb[2][16];  /* the pairs of keys t - t % 16 .. t, per chunk */
     for (int t = 0; t < j->Lk; t++) {
         const float* x = r + t * ld;
         if (t + 8 < L) att_prefetch(x + 8 * ld, D, HD);
-        uint32_t* k = (uint32_t*)j->kt + (int64_t)(t / 16) * C * 256 + t % 16;
+        uint32_t* k = (uint32_t*)j->kt + (int64_t)(t / 16) * C * 256;
         uint32_t* v = (uint32_t*)j->vt + (int64_t)(t / 32) * (HD / 16) * 256 + (t % 32 / 2) * 16;
         for (int c = 0; c < C; c++) {
             __m512i kq = _mm512_setzero_si512(), vq = _mm512_setzero_si512();
             if (t < L) {
                 const int o = 32 * c;
-                const __m512 q0 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o), _mm512_loadu_ps(bq + o)), vs);
-                const __m512 q1 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o + 16), _mm512_loadu_ps(bq + o + 16)), vs);
-                _mm512_storeu_si512(j->q + (int64_t)t * HD + o, (__m512i)_mm512_cvtne2ps_pbh(q1, q0));
+                if (t >= j->q0 && t < j->q1) {
+                    const __m512 q0 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o), _mm512_loadu_ps(bq + o)), vs);
+                    const __m512 q1 = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(x + o + 16), _mm512_loadu_ps(bq + o + 16)), vs);
+                    _mm512_storeu_si512(j->q + (int64_t)t * HD + o, (__m512i)_mm512_cvtne2ps_pbh(q1, q0));
+                }
                 kq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(x + D + o + 16), _mm512_loadu_ps(bk + o + 16)),
                                                   _mm512_add_ps(_mm512_loadu_ps(x + D + o), _mm512_loadu_ps(bk + o)));
                 vq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(x + 2 * D + o + 16), _mm512_loadu_ps(bv + o + 16)),
                                                   _mm512_add_ps(_mm512_loadu_ps(x + 2 * D + o), _mm512_loadu_ps(bv + o)));
             }
-            _mm512_i32scatter_epi32(k + c * 256, rows16, kq, 4);  /* pair p (dword p of kq) to row p */
+            kb[c][t % 16] = kq;
+            if (t % 16 == 15) {  /* Lk is a multiple of 32: every group of 16 keys ends here */
+                transpose16_epi32(kb[c]);  /* row p: pair p of each key */
+                for (int p = 0; p < 16; p++) _mm512_storeu_si512(k + c * 256 + p * 16, kb[c][p]);
+            }
             if (t & 1) {  /* value n of 16: (key t - 1, key t) as one dword, row (t % 32) / 2 of the tile */
                 for (int h = 0; h < 2; h++) {
                     const __m512i lo = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(vprev[c], 1)
@@ -176,14 +210,14 @@ static void att_softmax(const att_job* j, const float* s16, uint16_t* p16, int r
    the vector stores) wait for them: one 16-query block through all four steps in turn spent most of its time
    there (SPR, a 128-token job of head size 32: 30 us, where its ~130 tile products take ~3) */
 static void ATT_FN(const att_job* j) {
-    const int L = j->L, Lk = j->Lk, HD = j->HD, C = HD / 32, nk = Lk / 16;
+    const int Lk = j->Lk, HD = j->HD, C = HD / 32, nk = Lk / 16;
     const uint8_t *kt = (const uint8_t*)j->kt, *vt = (const uint8_t*)j->vt;
     float inv[ATT_GROUP];
     tilecfg cfg;
     amx_config(&cfg);
     TCONFIG(&cfg);
-    for (int g0 = 0; g0 < L; g0 += ATT_GROUP) {
-        const int n = L - g0 < ATT_GROUP ? L - g0 : ATT_GROUP;  /* queries g0 .. g0 + n - 1 */
+    for (int g0 = j->q0; g0 < j->q1; g0 += ATT_GROUP) {
+        const int n = j->q1 - g0 < ATT_GROUP ? j->q1 - g0 : ATT_GROUP;  /* queries g0 .. g0 + n - 1 */
         for (int b = 0; b < n; b += 16) {  /* S = Q K^T: 16 queries x Lk keys per block, fp32 */
             float* s = j->s + (int64_t)b * Lk;
             TLOAD(4, j->q + (int64_t)(g0 + b) * HD, 2 * HD);
@@ -217,7 +251,7 @@ static void ATT_FN(const att_job* j) {
         }
         for (int r = 0; r < n; r++) {  /* the rows' sums of e^(s - max): the softmax's division */
             float* o = j->o + (int64_t)r * HD;
-            const int64_t at = (int64_t)(g0 + r) * j->ldo;
+            const int64_t at = (int64_t)(g0 - j->q0 + r) * j->ldo;
             if (j->outb) { vscale(o, inv[r], HD); to_bf16(o, HD, j->outb + at); continue; }
             for (int d = 0; d < HD; d++) j->out[at + d] = o[d] * inv[r];
         }

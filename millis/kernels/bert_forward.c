@@ -54,29 +54,45 @@ enum { ATTN_F32 = 0, ATTN_BF16_TILES = 1 };
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
+    float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
 } bert_scratch;
 
 typedef struct {
     const bert_w* m; const bert_scratch* s; const int32_t *ids, *pos, *types, *start; const bert_layer* w;
+    int64_t n_seq;
+    const int64_t* tb;   /* the token split (NULL: the row split): part q holds tokens [tb[q], tb[q + 1]) */
+    /* this layer's q, k, v rows, and where the token split writes the next layer's: a part that reaches the next
+       layer's qkv must not overwrite keys and values another part's attention is still reading */
+    float *qkv, *qkv_next;
+    int64_t xs, unit;    /* xq per token of a part's region: xs units of 32 values (max(D, hidden) / 32), unit bytes each */
 } ctx_t;
 
-/* row t of a matrix's input (K values) -> its activation blocks; inv: 1 / smoothing scale per channel, or NULL */
-static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t t, const float* inv) {
-    if (c->m->act == ACT_Q8)  /* as the matrices' type takes them (all share one) */
-        quantize_act_smooth(c->m->layers[0].qkv.type, x, inv, K, (xblock*)c->s->xq + t * (K / QK));
-    else if (c->m->act == ACT_Q16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
-    else if (c->m->act == ACT_BF16) to_bf16(x, K, (uint16_t*)c->s->xq + t * K);
+/* token t's activation blocks for a K-wide input, in the region of the part whose first token is `base`: that
+   part's tokens K / 32 units apart from unit base * xs, so that parts writing D- and hidden-wide rows at once
+   never overlap (the row split is one part, base 0: token t at t * K / 32) */
+static void* xq_at(const ctx_t* c, int64_t K, int64_t base, int64_t t) {
+    return (uint8_t*)c->s->xq + (base * c->xs + (t - base) * (K / QK)) * c->unit;
 }
 
-static void op_embed(void* p, int64_t t) {  /* x = LN(word + position + type) */
-    const ctx_t* c = p; const bert_w* m = c->m; const int D = m->dim;
+/* row t of a matrix's input (K values) -> its activation blocks; inv: 1 / smoothing scale per channel, or NULL */
+static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t base, int64_t t, const float* inv) {
+    void* dst = xq_at(c, K, base, t);
+    if (c->m->act == ACT_Q8)  /* as the matrices' type takes them (all share one) */
+        quantize_act_smooth(c->m->layers[0].qkv.type, x, inv, K, dst);
+    else if (c->m->act == ACT_Q16) quantize_x16(x, K, dst);
+    else if (c->m->act == ACT_BF16) to_bf16(x, K, dst);
+}
+
+static void embed_row(const ctx_t* c, int64_t base, int64_t t) {  /* x = LN(word + position + type) */
+    const bert_w* m = c->m; const int D = m->dim;
     float* x = c->s->x + t * D;
     const float *w = m->word + (int64_t)c->ids[t] * D, *ps = m->pos + (int64_t)c->pos[t] * D;
     const float* ty = m->typ + (int64_t)c->types[t] * D;
     for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
     layernorm(x, m->emb_ln_w, m->emb_ln_b, D, m->eps, x);
-    quant_row(c, x, D, t, m->layers[0].sqkv);
+    quant_row(c, x, D, base, t, m->layers[0].sqkv);
 }
+static void op_embed(void* p, int64_t t) { embed_row(p, 0, t); }
 
 static __thread float* tl_buf;   /* per thread: one head's Q, K, V and scores (op_attend) */
 static __thread int64_t tl_cap;
@@ -131,29 +147,29 @@ static void pack_qkv(const float* r, int D, const float* bq, const float* bk, co
 }
 #endif
 
-/* one (sequence, head): S = Q K^T (L x L, Q scaled), softmax by rows, att = S V: two small GEMMs on the
-   matmul kernels, K and V^T packed per job (L <= 512: they stay in L2) */
-static void op_attend(void* p, int64_t job) {
-    const ctx_t* c = p; const bert_w* m = c->m;
-    const int D = m->dim, HD = m->head_dim, NH = m->n_heads;
-    const int64_t sq = job / NH, t0 = c->start[sq];
-    const int h = (int)(job % NH), L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
-    if (L <= 0) return;
+/* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V: two small
+   GEMMs on the matmul kernels, K and V^T packed per job (L <= 512: they stay in L2). The rows go to att (and,
+   bf16 matrices taking the output straight from the tiles, to outb: op_quant_att is skipped then). */
+static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, uint16_t* outb) {
+    const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim;
+    const int64_t t0 = c->start[sq];
+    const int L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
+    if (L <= 0 || qa >= qb) return;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
-    /* bf16 matrices take the output as bf16 rows straight from the tiles (op_quant_att is skipped then) */
+    float* out = c->s->att + (t0 + qa) * D + h * HD;
     if (m->attn == ATTN_BF16_TILES &&
-        amx_attend(c->s->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, HD, c->s->att + t0 * D + h * HD,
-                   m->act == ACT_BF16 ? (uint16_t*)c->s->xq + t0 * D + h * HD : NULL, D))
+        amx_attend(c->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
     const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
     float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
 #if PACKED
-    pack_qkv(c->s->qkv + t0 * 3 * D + h * HD, D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
+    pack_qkv(c->qkv + t0 * 3 * D + h * HD, D, bq, bk, bv, scale, L, Lp, HD, Q, K, V);
 #else
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
     for (int j = 0; j < L; j++) {  /* row-major Q and K, V^T (HD, Lp) */
-        const float* r = c->s->qkv + (t0 + j) * 3 * D + h * HD;
+        const float* r = c->qkv + (t0 + j) * 3 * D + h * HD;
         for (int d = 0; d < HD; d++) {
             Q[j * HD + d] = (r[d] + bq[d]) * scale;
             K[(int64_t)j * HD + d] = r[D + d] + bk[d];
@@ -161,52 +177,147 @@ static void op_attend(void* p, int64_t job) {
         }
     }
 #endif
+    const int nq = qb - qa;
     const mat Km = {T_F32, PACKED, (const uint8_t*)K, L, HD, HD * 4};
-    matmul_rows(&Km, 0, L, 0, Q, L, S, Lp, 0);              /* S[i][j] = <q_i, k_j> / sqrt(hd) */
-    for (int i = 0; i < L; i++) {
+    matmul_rows(&Km, 0, L, 0, Q + (int64_t)qa * HD, nq, S, Lp, 0);  /* S[i][j] = <q_i, k_j> / sqrt(hd) */
+    for (int i = 0; i < nq; i++) {
         float* s = S + (int64_t)i * Lp;
         vscale(s, 1.f / exp_shift(s, L, vmax(s, L)), L);
         for (int j = L; j < Lp; j++) s[j] = 0.f;
     }
     const mat Vm = {T_F32, PACKED, (const uint8_t*)V, HD, Lp, (int64_t)Lp * 4};
-    matmul_rows(&Vm, 0, HD, 0, S, L, c->s->att + t0 * D + h * HD, D, 0);  /* att_i = sum_j s_ij v_j */
+    matmul_rows(&Vm, 0, HD, 0, S, nq, out, D, 0);  /* att_i = sum_j s_ij v_j */
+}
+/* the bf16 attention on the tiles writes the bf16 rows itself, unless a head size sent its jobs to the fp32 path */
+static int bf16_rows(const bert_w* m) {
+    return m->attn == ATTN_BF16_TILES && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
+}
+static void op_attend(void* p, int64_t job) {  /* the row split: one (sequence, head), all its queries */
+    const ctx_t* c = p; const bert_w* m = c->m;
+    const int64_t sq = job / m->n_heads, t0 = c->start[sq];
+    const int h = (int)(job % m->n_heads);
+    attend(c, sq, h, 0, (int)(c->start[sq + 1] - t0),
+           m->act == ACT_BF16 ? (uint16_t*)xq_at(c, m->dim, 0, t0) + h * m->head_dim : NULL);
 }
 
-static void op_quant_att(void* p, int64_t t) {
-    const ctx_t* c = p; const int D = c->m->dim;
-    quant_row(c, c->s->att + t * D, D, t, c->w->so);
+static void quant_att_row(const ctx_t* c, int64_t base, int64_t t) {
+    const int D = c->m->dim;
+    quant_row(c, c->s->att + t * D, D, base, t, c->w->so);
 }
+static void op_quant_att(void* p, int64_t t) { quant_att_row(p, 0, t); }
 
 /* x (a residual row that a matmul accumulated into) += bias, then LayerNorm and quantized for the next */
-static void bias_ln(const ctx_t* c, int64_t t, const float* b, const float* w, const float* lb, const float* inv) {
+static void bias_ln(const ctx_t* c, int64_t base, int64_t t, const float* b, const float* w, const float* lb,
+                    const float* inv) {
     const int D = c->m->dim;
     float* x = c->s->x + t * D;
     for (int i = 0; i < D; i++) x[i] += b[i];
     layernorm(x, w, lb, D, c->m->eps, x);
-    quant_row(c, x, D, t, inv);
+    quant_row(c, x, D, base, t, inv);
 }
 /* LN1 feeds this layer's inter matrix; LN2 the next layer's qkv (the last layer's quantized rows go unread) */
-static void op_ln1(void* p, int64_t t) {
-    const ctx_t* c = p; bias_ln(c, t, c->w->bo, c->w->ln1_w, c->w->ln1_b, c->w->si);
+static void ln1_row(const ctx_t* c, int64_t base, int64_t t) {
+    bias_ln(c, base, t, c->w->bo, c->w->ln1_w, c->w->ln1_b, c->w->si);
 }
-static void op_ln2(void* p, int64_t t) {
-    const ctx_t* c = p; const int last = c->w == c->m->layers + c->m->n_layers - 1;
-    bias_ln(c, t, c->w->bd, c->w->ln2_w, c->w->ln2_b, last ? NULL : (c->w + 1)->sqkv);
+static void ln2_row(const ctx_t* c, int64_t base, int64_t t) {
+    const int last = c->w == c->m->layers + c->m->n_layers - 1;
+    bias_ln(c, base, t, c->w->bd, c->w->ln2_w, c->w->ln2_b, last ? NULL : (c->w + 1)->sqkv);
 }
+static void op_ln1(void* p, int64_t t) { ln1_row(p, 0, t); }
+static void op_ln2(void* p, int64_t t) { ln2_row(p, 0, t); }
 
-static void op_gelu(void* p, int64_t t) {
-    const ctx_t* c = p; const int H = c->m->hidden;
+static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
+    const int H = c->m->hidden;
     float* h = c->s->h + t * H;
     bias_gelu_erf(h, c->w->bi, H);
-    quant_row(c, h, H, t, c->w->sd);
+    quant_row(c, h, H, base, t, c->w->sd);
 }
+static void op_gelu(void* p, int64_t t) { gelu_row(p, 0, t); }
 
 /* time per op kind, summed over calls (bert_profile reads and resets it) */
 enum { B_EMBED, B_QKV, B_ATTN, B_O, B_LN, B_INTER, B_GELU, B_DOWN, B_N };
 static double prof[B_N];
 static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 #define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
+/* in the token split: the caller's own part's ops (a part's time, not the job's) */
+#define PART_TIMED(K, STMT) { const double t_ = secs(); STMT; if (pool_thread_id() == 0) prof[K] += secs() - t_; }
 API void bert_profile(double* out) { for (int i = 0; i < B_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
+
+/* ---- the token split: each thread its own tokens through a whole layer ----
+   From g_split_min tokens a thread, the tokens go in one part per thread (cut at a sequence's end where one is
+   near the even cut), and each part runs a layer on its own rows: attention for its queries (every key and
+   value of its sequences is there once the job before has ended), O, LN1, inter, GELU, down, LN2, then the
+   next layer's qkv, each matrix whole over the part's tokens. One pool job a layer instead of eight, and each
+   row an op reads was written by the same core. In the row split the matrices' rows (output features) go in
+   one share per thread, and the next op read every token's row from both cores' caches (BERT-base b1xs128,
+   Zen 4 VM: the GELU and the LayerNorms took 5.7 and 3.3 ms a forward at 2 threads, 2.7 and 1.5 at one).
+   Weights: each thread reads all of every matrix, where the row split's threads read their half once per 64
+   tokens (MTILE): the same bytes at 128 tokens. The same bits either way: a row's sum depends neither on its
+   chunk nor on its token's tile, and a query's attention not on the other queries.
+   Zen 4 VM, 2 threads, int7-row, alternated in one process (2026-12-04): BERT-base b1xs128 0.83x the row split's
+   time (GELU 4.7 -> 1.4 ms, LayerNorms 2.8 -> 0.8, attention 5.0 -> 3.7), b1xs64 0.81x, b1xs32 0.78x;
+   bge-small b1xs64 0.73x, b1xs32 0.97x, b1xs128 0.94-0.98x; b8xs128 0.99-1.04x. At 8 tokens a thread each
+   thread's reading all the weights cost more (BERT-base b1xs16 1.15x), so from 16. */
+static int g_split_min = 16;
+/* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
+API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
+
+/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part */
+static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int64_t* tb) {
+    tb[0] = 0; tb[P] = n;
+    int64_t sq = 0;
+    for (int q = 1; q < P; q++) {
+        const int64_t cut = n * q / P, slack = n / (8 * P);
+        while (sq < n_seq && start[sq + 1] <= cut) sq++;  /* the sequence holding token `cut` */
+        const int64_t lo = start[sq], hi = sq < n_seq ? start[sq + 1] : n;
+        int64_t at = cut;
+        if (cut - lo <= hi - cut) { if (cut - lo <= slack) at = lo; } else if (hi - cut <= slack) at = hi;
+        tb[q] = at < tb[q - 1] ? tb[q - 1] : at;
+    }
+}
+
+/* Y rows [t0, t1) (+)= W's whole rows times the part's inputs (xq in its region; Xf the fp32 rows, K wide) */
+static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc, const float* Xf, int64_t t0,
+                    int64_t t1) {
+    const int64_t K = W->cols;
+    matmul_rows(W, 0, W->rows, xq_at(c, K, t0, t0), Xf + t0 * K, t1 - t0, Y + t0 * ld, ld, acc);
+}
+static void part_rows(const ctx_t* c, int64_t q, void (*row)(const ctx_t*, int64_t, int64_t)) {
+    for (int64_t t = c->tb[q]; t < c->tb[q + 1]; t++) row(c, c->tb[q], t);
+}
+static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t0, t1), every head */
+    const bert_w* m = c->m;
+    int64_t sq = 0;
+    while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
+    for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
+        const int64_t s0 = c->start[sq], a = t0 > s0 ? t0 : s0, b = t1 < c->start[sq + 1] ? t1 : c->start[sq + 1];
+        for (int h = 0; h < m->n_heads; h++)
+            attend(c, sq, h, (int)(a - s0), (int)(b - s0),
+                   m->act == ACT_BF16 ? (uint16_t*)xq_at(c, m->dim, t0, a) + h * m->head_dim : NULL);
+    }
+}
+static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
+    const ctx_t* c = p;
+    const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
+    if (t0 >= t1) return;
+    PART_TIMED(B_EMBED, part_rows(c, q, embed_row));
+    PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, c->s->x, t0, t1));
+}
+static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention on, then the next layer's qkv */
+    const ctx_t* c = p; const bert_w* m = c->m; const bert_layer* w = c->w; const bert_scratch* s = c->s;
+    const int D = m->dim, H = m->hidden;
+    const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
+    if (t0 >= t1) return;
+    PART_TIMED(B_ATTN, part_attend(c, t0, t1);
+               if (m->act != ACT_F32 && !bf16_rows(m)) part_rows(c, q, quant_att_row));
+    PART_TIMED(B_O, mm_part(c, &w->o, s->x, D, 1, s->att, t0, t1));
+    PART_TIMED(B_LN, part_rows(c, q, ln1_row));
+    PART_TIMED(B_INTER, mm_part(c, &w->inter, s->h, H, 0, s->x, t0, t1));
+    PART_TIMED(B_GELU, part_rows(c, q, gelu_row));
+    PART_TIMED(B_DOWN, mm_part(c, &w->down, s->x, D, 1, s->h, t0, t1));
+    PART_TIMED(B_LN, part_rows(c, q, ln2_row));
+    if (w + 1 < m->layers + m->n_layers) PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1));
+}
 
 /* Returns 0, or 1 when an id, position or token type is out of range (nothing is computed then). */
 API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const int32_t* ids, const int32_t* pos,
@@ -219,7 +330,25 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
-    ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start};
+    const int64_t unit = m->act == ACT_Q8 ? (int64_t)sizeof(xblock) : m->act == ACT_Q16 ? (int64_t)sizeof(x16block)
+                         : m->act == ACT_BF16 ? 64 : 0;
+    ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start, .n_seq = n_seq,
+               .xs = (D > H ? D : H) / QK, .unit = unit, .qkv = s->qkv};
+    const int P = g_threads;
+    if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
+        int64_t tb[MAX_PARTS + 1];
+        split_tokens(n, n_seq, start, P, tb);
+        c.tb = tb;
+        parts_run(part_embed, &c, P);  /* layer 0's qkv into s->qkv */
+        for (int l = 0; l < m->n_layers; l++) {
+            c.w = &m->layers[l];
+            c.qkv = l % 2 ? s->qkv2 : s->qkv;
+            c.qkv_next = l % 2 ? s->qkv : s->qkv2;
+            parts_run(part_layer, &c, P);
+        }
+        pool_end();
+        return 0;
+    }
     const int f32 = m->act == ACT_F32;
     TIMED(B_EMBED, rows_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
@@ -227,10 +356,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         c.w = w;
         { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
-        /* (the bf16 attention on tiles writes bf16 rows itself, unless a head size sent a job to the fp32 path) */
-        const int bf16_rows = m->attn == ATTN_BF16_TILES && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
         TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads);
-              if (!f32 && !bf16_rows) rows_run(op_quant_att, &c, n));
+              if (!f32 && !bf16_rows(m)) rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
           TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
         TIMED(B_LN, rows_run(op_ln1, &c, n));

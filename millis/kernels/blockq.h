@@ -121,7 +121,7 @@ void amx_rows(const mat* W, int64_t n0, int64_t n1, const uint16_t* X, int64_t M
 API int amx_init(int want);
 API int amx_attend_takes(int HD);
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
-                   float scale, int L, int HD, float* out, uint16_t* outb, int64_t ldo);  /* encoder attention, tiles */
+                   float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo);  /* encoder attention, tiles */
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */

@@ -3,11 +3,14 @@
 #pragma once
 #include "blockq.h"
 
+#include <stdatomic.h>
+
 void pool_begin(int threads);
 void pool_end(void);
 void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 void pool_solo(int solo);
 int64_t pool_wait_ns(void);
+int pool_thread_id(void);  /* 0: the caller of pool_run; its workers 1, 2, ... */
 
 #define MM_CHUNKS 256  /* at most this many chunks per job (a table on the caller's stack) */
 typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split into chunks of rows */
@@ -36,6 +39,28 @@ static void rows_run(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
     const int64_t per = n / (8 * g_threads) > 1 ? n / (8 * g_threads) : 1;
     rows_job j = {fn, ctx, n, per};
     pool_run(rows_chunk, &j, (n + per - 1) / per);
+}
+
+/* fn(ctx, q) for each part q < parts, part q by thread q (pool_thread_id) where that thread comes for it, else
+   by whichever thread is free: a part's rows stay in the cache of the core that wrote them in the job before (a
+   token split, bert_forward.c), and a preempted thread's part is still taken by the others. Each of the
+   pool's `parts` calls claims one part not yet taken, its own first, so every part runs once. */
+#define MAX_PARTS 64
+typedef struct { void (*fn)(void*, int64_t); void* ctx; int64_t parts; _Atomic int taken[MAX_PARTS]; } parts_job;
+static void parts_chunk(void* p, int64_t c) {
+    parts_job* j = p;
+    (void)c;
+    const int64_t own = pool_thread_id() % j->parts;
+    for (int64_t k = 0; k < j->parts; k++) {
+        const int64_t q = (own + k) % j->parts;
+        int free_ = 0;
+        if (atomic_compare_exchange_strong(&j->taken[q], &free_, 1)) { j->fn(j->ctx, q); return; }
+    }
+}
+static void parts_run(void (*fn)(void*, int64_t), void* ctx, int64_t parts) {
+    parts_job j = {.fn = fn, .ctx = ctx, .parts = parts};
+    for (int64_t q = 0; q < parts; q++) atomic_init(&j.taken[q], 0);
+    pool_run(parts_chunk, &j, parts);
 }
 
 /* Y[i] (+)= W[i] X for i < n (up to 3 matrices sharing the input X: activation blocks Xq or fp32 rows Xf,

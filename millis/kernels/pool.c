@@ -76,8 +76,11 @@ static void work(uint32_t job) {
     }
 }
 
+static __thread int tl_id;  /* 0: the caller; worker i: i + 1 */
+int pool_thread_id(void) { return tl_id; }
+
 static void* worker(void* arg) {
-    (void)arg;
+    tl_id = (int)(intptr_t)arg;
     uint32_t seen = atomic_load(&P.seq);
     while (!atomic_load(&P.stop)) {
         uint32_t s;
@@ -103,7 +106,7 @@ static void resize(int threads) {  /* with P.lock held */
         atomic_store(&P.stop, 0); P.n = 0;
     }
     for (int i = 0; i < threads - 1 && i < MAX_THREADS; i++)
-        if (pthread_create(&P.th[i], 0, worker, 0) == 0) P.n++;
+        if (pthread_create(&P.th[i], 0, worker, (void*)(intptr_t)(P.n + 1)) == 0) P.n++;
 }
 
 void pool_begin(int threads) { pthread_mutex_lock(&P.lock); resize(threads < 1 ? 1 : threads); P.wait_ns = 0; }
