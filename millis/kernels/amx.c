@@ -359,10 +359,11 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
 }
 
 /* ---- attention ---- */
-/* One (sequence, head) of the encoder's attention on tiles in bf16 (amx_attend.h): for queries q0 <= i < q1 (of
-   the L), out[(i - q0) * ldo + d] (d < HD) = the softmax over j < L of <(q_i + bq) scale, k_j + bk> times (v_j + bv), from the job's rows of the
-   qkv matrix (token t's q at r + t * ld, k D values on, v 2D); written to outb as bf16 instead when outb is not
-   NULL. Returns 1, or 0 (nothing done) unless HD is 32 or 64. */
+/* One (sequence, head) of the encoder's attention on tiles in bf16 (amx_attend.h): for queries q0 <= i < q1 of
+   the L, out[(i - q0) * ldo + d] (d < HD) = the softmax over j < L of <(q_i + bq) scale, k_j + bk> times
+   (v_j + bv), from the job's rows of the qkv matrix (token t's q at r + t * ld, k D values on, v 2D); written to
+   outb as bf16 instead when outb is not NULL. Returns 1, or 0 (nothing done) unless HD is 32 or 64 and
+   0 <= q0 < q1 <= L. */
 API int amx_attend_takes(int HD) { return HD == 32 || HD == 64; }  /* head sizes of whole tiles (1 or 2) */
 static int g_vec_attend = HAVE_VEC_ATTEND;
 /* Off the tile unit, amx_attend runs on AVX-512 BF16 vectors (vec_tiles.h) where the build has them, else the C

@@ -64,7 +64,7 @@ typedef struct {
     /* this layer's q, k, v rows, and where the token split writes the next layer's: a part that reaches the next
        layer's qkv must not overwrite keys and values another part's attention is still reading */
     float *qkv, *qkv_next;
-    int64_t xs, unit;    /* xq per token of a part's region: xs units of 32 values (max(D, hidden) / 32), unit bytes each */
+    int64_t xs, unit;    /* a part's region of xq: xs units of 32 values a token (max(D, hidden) / 32), of `unit` bytes */
 } ctx_t;
 
 /* token t's activation blocks for a K-wide input, in the region of the part whose first token is `base`: that
@@ -316,7 +316,8 @@ static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention o
     PART_TIMED(B_GELU, part_rows(c, q, gelu_row));
     PART_TIMED(B_DOWN, mm_part(c, &w->down, s->x, D, 1, s->h, t0, t1));
     PART_TIMED(B_LN, part_rows(c, q, ln2_row));
-    if (w + 1 < m->layers + m->n_layers) PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1));
+    if (w + 1 < m->layers + m->n_layers)
+        PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1));
 }
 
 /* Returns 0, or 1 when an id, position or token type is out of range (nothing is computed then). */

@@ -53,8 +53,8 @@ static void parts_chunk(void* p, int64_t c) {
     const int64_t own = pool_thread_id() % j->parts;
     for (int64_t k = 0; k < j->parts; k++) {
         const int64_t q = (own + k) % j->parts;
-        int free_ = 0;
-        if (atomic_compare_exchange_strong(&j->taken[q], &free_, 1)) { j->fn(j->ctx, q); return; }
+        int untaken = 0;
+        if (atomic_compare_exchange_strong(&j->taken[q], &untaken, 1)) { j->fn(j->ctx, q); return; }
     }
 }
 static void parts_run(void (*fn)(void*, int64_t), void* ctx, int64_t parts) {
