@@ -149,8 +149,9 @@ static void pack_qkv(const float* r, int D, const float* bq, const float* bk, co
 
 /* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V: two small
    GEMMs on the matmul kernels, K and V^T packed per job (L <= 512: they stay in L2). The rows go to att (and,
-   bf16 matrices taking the output straight from the tiles, to outb: op_quant_att is skipped then). */
-static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, uint16_t* outb) {
+   bf16 matrices taking the output straight from the tiles, to their xq rows in the region of the part whose
+   first token is `base`: op_quant_att is skipped then). */
+static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base) {
     const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim;
     const int64_t t0 = c->start[sq];
@@ -158,6 +159,7 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, uint16_t* 
     if (L <= 0 || qa >= qb) return;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
     float* out = c->s->att + (t0 + qa) * D + h * HD;
+    uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, t0 + qa) + h * HD : NULL;
     if (m->attn == ATTN_BF16_TILES &&
         amx_attend(c->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
@@ -196,8 +198,7 @@ static void op_attend(void* p, int64_t job) {  /* the row split: one (sequence, 
     const ctx_t* c = p; const bert_w* m = c->m;
     const int64_t sq = job / m->n_heads, t0 = c->start[sq];
     const int h = (int)(job % m->n_heads);
-    attend(c, sq, h, 0, (int)(c->start[sq + 1] - t0),
-           m->act == ACT_BF16 ? (uint16_t*)xq_at(c, m->dim, 0, t0) + h * m->head_dim : NULL);
+    attend(c, sq, h, 0, (int)(c->start[sq + 1] - t0), 0);
 }
 
 static void quant_att_row(const ctx_t* c, int64_t base, int64_t t) {
@@ -291,9 +292,7 @@ static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t
     while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
     for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
         const int64_t s0 = c->start[sq], a = t0 > s0 ? t0 : s0, b = t1 < c->start[sq + 1] ? t1 : c->start[sq + 1];
-        for (int h = 0; h < m->n_heads; h++)
-            attend(c, sq, h, (int)(a - s0), (int)(b - s0),
-                   m->act == ACT_BF16 ? (uint16_t*)xq_at(c, m->dim, t0, a) + h * m->head_dim : NULL);
+        for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0);
     }
 }
 static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
