@@ -7,7 +7,9 @@ For each model: `millis optimize` builds and selects its variant (budget: cosine
 seeded Banking77 train texts, none of them in test.csv; calibrated on Banking77 train texts); then
 every system runs in its own process and they are timed round-robin (round r rotates the order) at
 each shape on real Banking77 text filling exactly b x s tokens. Embedding cosine vs torch fp32 is
-reported on Banking77 test texts, which the budget never saw.
+reported on Banking77 test texts, which the budget never saw. Models: minilm (real weights), bge-small and
+bert-base (random weights, mean-pooled like MiniLM), bge-small-cls (bge-small's weights pooled by [CLS], as
+bge-small-en-v1.5 is: every system pools so; millis then runs the last layer at the [CLS] rows alone).
 Writes bench/results/cpu_encoders.json (`rows`: system, model, shape, p50_ms, p99_ms, cos_min, round_p50_ms,
 and the ratios to the fastest peers: of the pooled p50s, and round by round, rounds_ratio_*).
 """
@@ -211,7 +213,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE))))
     ap.add_argument("--rounds", type=int, default=10)  # short rounds: a slow spell of the VM spans whole rounds
-    ap.add_argument("--n", default="minilm=20,bge-small=10,bert-base=6",
+    ap.add_argument("--n", default="minilm=20,bge-small=10,bge-small-cls=10,bert-base=6",
                     help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)

@@ -17,7 +17,9 @@ systems' order rotated by r, a pause before each turn. Per round and system:
 - batch8_ms: median of 32 steps of 8 sequences, one token each (both systems batch 8 sequences);
 - ratio (millis / llama.cpp, time: < 1 is millis faster): the median of per-round ratios, [min, max];
 - gbps: weight bytes one decode step reads (bench/gguf_files.decode_bytes; tied head counted) / decode_ms,
-  and its share of the machine's read bandwidth (--only bandwidth: a 1 GiB reduction, best of 5);
+  and its share of the machine's read bandwidth (--only bandwidth: a 1 GiB reduction, best of 5); with
+  decode, each round also reads the bandwidth before its cells (bandwidth_rounds), and decode_pct_bw_round
+  is the median over rounds of the decode's GB/s over that round's probe;
 - ppl: perplexity of the last 10% of tinyshakespeare, first --ppl-tokens tokens (millis's tokenizer, the
   same ids and windows for every system), context 512 / stride 256; top-1 agreement with F32 per position;
 - greedy: 32 greedy tokens of 3 chat prompts (the GGUF's chat template); leading tokens equal to millis F32;
@@ -42,7 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
-from bandwidth import measure_bandwidth  # noqa: E402
+from bandwidth import RoundProbe, measure_bandwidth  # noqa: E402
 import gguf_files  # noqa: E402
 import gguf_report  # noqa: E402
 import harness  # noqa: E402
@@ -106,12 +108,16 @@ def proc_memory(pid: int) -> dict:
             for k in ("VmRSS", "VmHWM")}
 
 
-def alternate(peers, cells, rounds: int, pause: float, log: str) -> list[dict]:
-    """rounds x cells x peers (order rotated per round): [{label: {cell: reply}}] per round."""
+def alternate(peers, cells, rounds: int, pause: float, log: str, probe=None, probed=None) -> list[dict]:
+    """rounds x cells x peers (order rotated per round): [{label: {cell: reply}}] per round. With a probe
+    (bandwidth.RoundProbe), each round reads the bandwidth first (appended to `probed`)."""
     out = []
     for r in range(rounds):
         t0, got = time.perf_counter(), {p.label: {} for p in peers}
         k = r % max(1, len(peers))
+        if probe is not None:
+            time.sleep(pause)
+            probed.append(probe.read())
         for cell, req in cells:
             for p in peers[k:] + peers[:k]:
                 if not p.alive:
@@ -163,7 +169,12 @@ def run_file(a, name: str, files: dict[str, str], ppl_ids: list[int], chat_ids: 
             cells.append(("batch8", {"cmd": "batch", "prompts": [ids(PROMPT) for _ in range(8)],
                                      "steps": a.batch_steps}))
         if cells:
-            replies = alternate(peers, cells, a.rounds, a.pause, "timing")
+            probe, probed = None, []
+            if "decode" in a.only:  # new decode rounds: the old rounds' probes no longer pair with them
+                res["bandwidth_rounds"] = probed if "bandwidth" in a.only else None
+                probe = RoundProbe(a.bandwidth_mib, a.threads, WORK) if "bandwidth" in a.only else None
+            replies = alternate(peers, cells, a.rounds, a.pause, "timing", probe, probed)
+            del probe  # its buffer
             res["cells"] = per_round(replies, cells)
             res["decode_tokens"] = {lab: cs["decode"]["tokens"] for lab, cs in replies[-1].items() if "decode" in cs}
             res["memory"] = {p.label: proc_memory(p.proc.pid) for p in peers if p.alive}

@@ -90,6 +90,11 @@ def rows(out: dict) -> list[dict]:
                 if nb:
                     r["decode_gbps"] = round(nb / r["decode_ms"] / 1e6, 2)
                     r["decode_pct_bw"] = round(100 * r["decode_gbps"] / bw, 1) if bw else None
+                    probed = e.get("bandwidth_rounds") or []
+                    shares = [100 * nb / rd[label] / 1e6 / g for rd, g in zip(cells["decode"], probed)
+                              if g and rd.get(label)]
+                    if shares:  # each round's decode over the probe read just before it
+                        r["decode_pct_bw_round"] = round(med(shares), 1)
             if "batch8_ms" in r:
                 r["batch8_tok_s"] = round(8e3 / r["batch8_ms"], 1)
             toks = e.get("decode_tokens", {})
@@ -169,10 +174,11 @@ def print_tables(out: dict) -> None:
               f"{gguf_files.type_mix(f)}")
     cells = sorted({k[:-3] for r in out.get("rows", []) for k in r if k.endswith("_ms") and k != "busy_ms"},
                    key=lambda c: (c != "decode", c == "batch8", len(c), c))  # decode, prefill_*, batch8
-    print("\ntiming: ms (x = millis / llama.cpp time, median [min-max] of rounds; < 1 millis faster)")
+    print("\ntiming: ms (x = millis / llama.cpp time, median [min-max] of rounds; < 1 millis faster; %bw: decode"
+          " GB/s over the run's probe, %bw/r: the median over rounds of that over the round's own probe)")
     w = {c: max(9, len(c) + 3) for c in cells}
     print(f"{'file':<16} {'system':<12} " + " ".join(f"{c + ' ms':>{w[c]}} {'x':>16}" for c in cells) +
-          f" {'tok/s':>7} {'GB/s':>6} {'%bw':>5} {'RSS GiB':>7} {'agree':>6}")
+          f" {'tok/s':>7} {'GB/s':>6} {'%bw':>5} {'%bw/r':>5} {'RSS GiB':>7} {'agree':>6}")
     for r in out.get("rows", []):
         if "skipped" in r:
             print(f"{r['file']:<16} {LABEL.get(r['system'], r['system']):<12} skipped: {r['skipped'][:150]}")
@@ -180,7 +186,8 @@ def print_tables(out: dict) -> None:
         print(f"{r['file']:<16} {LABEL.get(r['system'], r['system']):<12} " +
               " ".join(f"{fmt(r.get(c + '_ms')):>{w[c]}} {fr(r.get(c + '_ratio')):>16}" for c in cells) +
               f" {fmt(r.get('decode_tok_s'), '.1f'):>7} {fmt(r.get('decode_gbps')):>6} "
-              f"{fmt(r.get('decode_pct_bw'), '.0f'):>5} {fmt(r.get('vmrss_gib')):>7} {r.get('decode_agree', ''):>6}")
+              f"{fmt(r.get('decode_pct_bw'), '.0f'):>5} {fmt(r.get('decode_pct_bw_round'), '.0f'):>5} "
+              f"{fmt(r.get('vmrss_gib')):>7} {r.get('decode_agree', ''):>6}")
     if out.get("ppl"):
         print(f"\nperplexity ({out.get('ppl_setup')})")
         print(f"{'file':<16} {'system':<12} {'ppl':>9} {'agree own F32':>13} {'agree millis F32':>16} {'pos/s':>7}")

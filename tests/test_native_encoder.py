@@ -159,6 +159,43 @@ def test_rows_do_not_depend_on_batch_mates(minilm, precision):
         assert np.array_equal(alone[0], together[b]), b
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_first_token_heads_skip_the_rest_of_the_last_layer(minilm, precision):
+    """A [CLS] head (CLS pooling, a classifier) runs the last layer at each sequence's first token alone
+    (bert_forward.c's first_only): those rows equal the whole layer's bit for bit, in the row split and the
+    token split, at 1 to 3 threads, with mask holes, padding, an empty sequence and one-token sequences; the
+    other rows hold the layer before's states, so the whole forward's would differ there."""
+    _, enc = minilm
+    ids, mask, types = batch(np.random.default_rng(7), 5, 40, 30000)
+    mask[2] = 0  # no tokens: its vector is zeros either way
+    mask[3, 1:] = 0  # its [CLS] alone
+    keep = mask != 0
+    rows, cols = np.nonzero(keep)
+    lengths = keep.sum(1)
+    start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    for threads in (1, 2, 3):
+        model = NativeBert(enc, precision, threads)
+        model.pooling = Pooling("cls", normalize=True)
+        assert not model.pools_tokens()
+        default = model.lib.bert_token_split(-1)
+        try:
+            for split in (0, 1 << 20):  # always the token split (from 2 threads), never
+                model.lib.bert_token_split(split)
+                whole = model.hidden_states(ids[rows, cols], cols, types[rows, cols], start)
+                want = model.head_of(whole, start, lengths, cols)
+                got = model(ids, mask, types)
+                assert got.shape == (5, 384) and np.array_equal(got, want), (threads, split)
+                assert not got[2].any() and np.isfinite(got).all()
+                with model.lock:
+                    part = model._forward(ids[rows, cols], cols, types[rows, cols], start, True).copy()
+                firsts = start[:-1][lengths > 0]
+                assert np.array_equal(part[firsts], whole[firsts])
+                others = np.setdiff1d(np.arange(len(rows)), firsts)
+                assert not np.array_equal(part[others], whole[others])  # not computed: the layer before's
+        finally:
+            model.lib.bert_token_split(default)
+
+
 @pytest.mark.parametrize("mode", ["mean", "cls", "max"])
 def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
     """tiny:bert (hidden 32, head size 8: the scalar attention tail) as a classifier (pooler + classifier

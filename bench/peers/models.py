@@ -29,6 +29,10 @@ RANDOM_ENCODERS = {
     # BAAI/bge-small-en-v1.5's shape: 12 layers x 384, 12 heads, FFN 1536 (pooled by mean like every system here)
     "bge-small": ({"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
                    "intermediate_size": 1536}, "mean"),
+    # the same weights pooled by [CLS], as bge-small-en-v1.5 itself is (its 1_Pooling config): every system pools
+    # by CLS (runner.pool_normalise, fastembed's CLS pooling), and a system may skip work no pooled row needs
+    "bge-small-cls": ({"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "intermediate_size": 1536}, "cls"),
 }
 
 

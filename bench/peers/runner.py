@@ -7,7 +7,7 @@ of the model dir), then print one line {"ok":true,"ready":true,...} (or
 {"ok":false,"error":...} and exit 1). Then one request per line, one reply per line:
   {"cmd":"time","input_ids":[[..]],"attention_mask":[[..]],"n":N,"warmup":W} -> {"ok":true,"ms":[N floats]}
   {"cmd":"embed","input_ids":..,"attention_mask":..}  -> {"ok":true,"emb":[[..]]}
-      (b x hidden, mean-pooled, L2-normalised)
+      (b x hidden, pooled as the model dir's 1_Pooling says (mean or [CLS]), L2-normalised)
   {"cmd":"info"} -> {"ok":true,"system","precision","versions","prep_s",...};  {"cmd":"quit"}
 Errors -> {"ok":false,"error":"..."} and the runner keeps serving. Logs go to stderr only.
 Only the stdlib is imported at top level (systems.py holds the systems): each system imports its own
@@ -16,7 +16,7 @@ libraries, since every system runs in its own venv.
 import hashlib, os, sys
 
 from protocol import arg_parser, serve, threads_from_argv, timed_ms, versions  # bench/peers/ is the script's own folder
-from systems import SYSTEMS
+from systems import SYSTEMS, pooling_mode
 
 
 def dir_hash(model_dir):
@@ -33,12 +33,16 @@ def dir_hash(model_dir):
     return h.hexdigest()[:16]
 
 
-def mean_pool_normalise(h, mask):
-    """sentence-transformers all-MiniLM-L6-v2: masked mean over tokens, then L2 normalise."""
+def pool_normalise(h, mask, mode="mean"):
+    """sentence-transformers' head: the masked mean over tokens (all-MiniLM-L6-v2) or the [CLS] token's row
+    (mode "cls", bge), then L2 normalise."""
     import numpy as np
     h = np.asarray(h, dtype=np.float32)
-    m = np.asarray(mask, dtype=np.float32)[:, : h.shape[1], None]
-    e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    if mode == "cls":
+        e = h[:, 0]
+    else:
+        m = np.asarray(mask, dtype=np.float32)[:, : h.shape[1], None]
+        e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
@@ -51,7 +55,7 @@ def handle(sysobj, req, prep_s):
         return {"ok": True, "ms": timed_ms(lambda: sysobj.run(feed), int(req["n"]))}
     if cmd == "embed":
         out = sysobj.hidden(sysobj.run(sysobj.feed(req["input_ids"], req["attention_mask"])))
-        emb = out if sysobj.outputs_embedding else mean_pool_normalise(out, req["attention_mask"])
+        emb = out if sysobj.outputs_embedding else pool_normalise(out, req["attention_mask"], sysobj.pooling)
         return {"ok": True, "emb": emb.tolist()}
     if cmd == "info":
         return {"ok": True, "system": sysobj.name, "precision": sysobj.precision,
@@ -66,6 +70,7 @@ def main():
     def make():
         sysobj = SYSTEMS[a.system](a.model_dir, a.work_dir, a.threads)
         sysobj.work = os.path.join(a.work_dir, dir_hash(a.model_dir))
+        sysobj.pooling = pooling_mode(a.model_dir)
         sysobj.prepare()
         return sysobj
     return serve(make, handle, a.system)

@@ -37,6 +37,16 @@ def banking77(split, limit):
         return [r["text"] for r, _ in zip(csv.DictReader(f), range(limit))]
 
 
+def pooling_mode(model_dir):
+    """"cls" when the model dir's sentence-transformers pooling takes the [CLS] token, else "mean" (MiniLM's)."""
+    path = os.path.join(model_dir, "1_Pooling", "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f).get("pooling_mode_cls_token"):
+                return "cls"
+    return "mean"
+
+
 class Base:
     precision = "fp32"
     pkgs = ()
@@ -261,14 +271,14 @@ class FastEmbed(Base):
 
     Build (once, cached): optimum-onnx exports the local HF dir to model.onnx (library "transformers":
     last_hidden_state, not the sentence-transformers head), the tokenizer files beside it. Load: the
-    documented custom-model route, TextEmbedding.add_custom_model(MEAN pooling, normalised) plus
+    documented custom-model route, TextEmbedding.add_custom_model(MEAN or CLS pooling, normalised) plus
     TextEmbedding(specific_model_path=<that dir>, threads=threads, local_files_only=True): fastembed
     builds the ORT session itself (its options: ORT_ENABLE_ALL, intra = inter = threads, CPU EP) and
     nothing is fetched from a hub. Inference skips fastembed's tokenizer so every system sees the same
     ids: run() does what its onnx_embed() does after tokenizing, through the model's own private
     methods _preprocess_onnx_input / _run_model / _post_process_onnx_output (no public API takes ids).
-    Its mean pooling + L2 normalisation is inside run(), as in fastembed's embed(), hence
-    outputs_embedding (always MEAN, the protocol's pooling, whatever the model dir's own head says).
+    Its pooling + L2 normalisation is inside run(), as in fastembed's embed(), hence outputs_embedding
+    (the protocol's pooling: CLS where the model dir's 1_Pooling says so, else MEAN).
     """
     pkgs = ("fastembed", "onnxruntime", "optimum-onnx", "tokenizers")
     outputs_embedding = True
@@ -293,7 +303,8 @@ class FastEmbed(Base):
         with open(os.path.join(self.model_dir, "config.json")) as f:
             dim = json.load(f)["hidden_size"]
         name = "millis-peer/" + os.path.basename(self.work)  # unique per model dir content
-        TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
+        pooling = PoolingType.CLS if pooling_mode(self.model_dir) == "cls" else PoolingType.MEAN
+        TextEmbedding.add_custom_model(model=name, pooling=pooling, normalization=True,
                                        sources=ModelSource(hf=name), dim=dim, model_file="model.onnx")
         self.te = TextEmbedding(model_name=name, cache_dir=os.path.join(self.work, "fastembed_cache"),
                                 threads=self.threads, providers=["CPUExecutionProvider"],

@@ -82,7 +82,7 @@ def library():
         return None
     lib = build("bert_forward", SOURCES, isa)
     lib.bert_forward.restype = ctypes.c_int
-    lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int]
+    lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int, ctypes.c_int]
     lib.bert_pool.restype = None
     lib.bert_pool.argtypes = [P, ctypes.c_int, I64, P, ctypes.c_int, ctypes.c_int, P]
     return lib
@@ -229,14 +229,17 @@ class NativeBert:
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 
-    def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:
-        """bert_forward on flat tokens; the last hidden states (n, D) as a view of the scratch (hold the lock)."""
+    def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray,
+                 first_only: bool = False) -> np.ndarray:
+        """bert_forward on flat tokens; the last hidden states (n, D) as a view of the scratch (hold the lock).
+        first_only: only each sequence's first row is the last layer's (bert_forward.c: a [CLS] head reads no
+        other), the others are the layer before's."""
         n = len(ids)
         ids, pos, types, start = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types, start))
         s = self._scratch(max(n, 1))
         rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
                                    pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
-                                   self.threads)
+                                   self.threads, int(first_only))
         if rc:
             raise MillisError(f"a token id, position or token type is out of range for this model "
                               f"(vocabulary {self.cfg.vocab}, {self.cfg.max_positions} positions, "
@@ -264,15 +267,20 @@ class NativeBert:
         lengths = keep.sum(1)
         start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # what bert_forward / bert_pool read
         with self.lock:  # the task head reads the scratch: no copy of the hidden states
-            h = self._forward(input_ids[rows, cols], cols, types[rows, cols], start)  # (n, D)
+            first_only = not self.pools_tokens()  # a [CLS] head: the last layer at the first tokens alone
+            h = self._forward(input_ids[rows, cols], cols, types[rows, cols], start, first_only)  # (n, D)
             return self.head_of(h, start, lengths, cols)
+
+    def pools_tokens(self) -> bool:
+        """Whether head_of reads every token's row (mean / max pooling), not each sequence's first alone."""
+        return self.task != "classify" and self.pooling.mode in ("mean", "max")
 
     def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head:
         mean / max pooling (and the normalisation) in C (bert_pool), the rest on the (B, D) rows in numpy."""
         B, D = len(lengths), h.shape[1]
         p: Pooling = self.pooling
-        if self.task != "classify" and p.mode in ("mean", "max"):
+        if self.pools_tokens():
             out = np.empty((B, D), np.float32)
             st = np.ascontiguousarray(start, np.int32)  # a no-op from __call__
             self.lib.bert_pool(h.ctypes.data, D, B, st.ctypes.data, int(p.mode == "max"), int(p.normalize),

@@ -60,6 +60,7 @@ typedef struct {   /* buffers for up to n tokens */
 typedef struct {
     const bert_w* m; const bert_scratch* s; const int32_t *ids, *pos, *types, *start; const bert_layer* w;
     int64_t n_seq;
+    const int64_t* firsts;  /* first_only's last layer: the sequences with tokens (row j of its compact rows: firsts[j]) */
     const int64_t* tb;   /* the token split (NULL: the row split): part q holds tokens [tb[q], tb[q + 1]) */
     /* this layer's q, k, v rows, and where the token split writes the next layer's: a part that reaches the next
        layer's qkv must not overwrite keys and values another part's attention is still reading */
@@ -148,18 +149,19 @@ static void pack_qkv(const float* r, int D, const float* bq, const float* bk, co
 #endif
 
 /* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V: two small
-   GEMMs on the matmul kernels, K and V^T packed per job (L <= 512: they stay in L2). The rows go to att (and,
-   bf16 matrices taking the output straight from the tiles, to their xq rows in the region of the part whose
-   first token is `base`: op_quant_att is skipped then). */
-static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base) {
+   GEMMs on the matmul kernels, K and V^T packed per job (L <= 512: they stay in L2). The rows go to att from row
+   `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices taking the
+   output straight from the tiles, to their xq rows in the region of the part whose first token is `base`:
+   op_quant_att is skipped then). */
+static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base, int64_t dst) {
     const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim;
     const int64_t t0 = c->start[sq];
     const int L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
     if (L <= 0 || qa >= qb) return;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
-    float* out = c->s->att + (t0 + qa) * D + h * HD;
-    uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, t0 + qa) + h * HD : NULL;
+    float* out = c->s->att + dst * D + h * HD;
+    uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
     if (m->attn == ATTN_BF16_TILES &&
         amx_attend(c->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
@@ -198,7 +200,7 @@ static void op_attend(void* p, int64_t job) {  /* the row split: one (sequence, 
     const ctx_t* c = p; const bert_w* m = c->m;
     const int64_t sq = job / m->n_heads, t0 = c->start[sq];
     const int h = (int)(job % m->n_heads);
-    attend(c, sq, h, 0, (int)(c->start[sq + 1] - t0), 0);
+    attend(c, sq, h, 0, (int)(c->start[sq + 1] - t0), 0, t0);
 }
 
 static void quant_att_row(const ctx_t* c, int64_t base, int64_t t) {
@@ -292,7 +294,7 @@ static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t
     while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
     for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
         const int64_t s0 = c->start[sq], a = t0 > s0 ? t0 : s0, b = t1 < c->start[sq + 1] ? t1 : c->start[sq + 1];
-        for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0);
+        for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a);
     }
 }
 static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
@@ -319,9 +321,52 @@ static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention o
         PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1));
 }
 
-/* Returns 0, or 1 when an id, position or token type is out of range (nothing is computed then). */
+/* ---- first_only: the last layer for each sequence's first token alone ----
+   A [CLS] head (a classifier, a reranker, CLS pooling) reads one row a sequence of the last hidden states. Every
+   token's keys and values of the last layer come from the layer before (its qkv rows are all there), but the
+   last layer's queries, O, LayerNorms, inter, GELU and down matter only at the first tokens: those rows are
+   gathered into k compact rows (one per sequence with tokens) of `spare` (the qkv buffer the last layer does not
+   read: x then att, 2 k D <= 3 n D floats), run through the row split's ops, and written back to x at their
+   tokens. The other rows of x keep the layer before's states. The same bits at the first tokens as the whole
+   layer: a row's ops never read another row, and a query's attention reads only keys and values. One layer in
+   L of the per-token work is gone (MiniLM-L6: a sixth). */
+static void op_attend_first(void* p, int64_t job) {  /* (compact row j, head): query 0 of sequence firsts[j] */
+    const ctx_t* c = p;
+    const int64_t j = job / c->m->n_heads;
+    attend(c, c->firsts[j], (int)(job % c->m->n_heads), 0, 1, 0, j);
+}
+static void last_layer_first_tokens(const ctx_t* c, float* spare) {
+    const bert_w* m = c->m; const bert_scratch* s = c->s; const bert_layer* w = c->w;
+    const int D = m->dim, H = m->hidden;
+    int64_t* firsts = malloc(sizeof(int64_t) * (c->n_seq ? c->n_seq : 1)), k = 0;
+    if (!firsts) abort();  /* as any other allocation failure in the process would end it */
+    for (int64_t sq = 0; sq < c->n_seq; sq++)
+        if (c->start[sq + 1] > c->start[sq]) firsts[k++] = sq;
+    bert_scratch cs = *s;
+    cs.x = spare;
+    cs.att = spare + k * D;
+    for (int64_t j = 0; j < k; j++) memcpy(cs.x + j * D, s->x + (int64_t)c->start[firsts[j]] * D, sizeof(float) * D);
+    ctx_t cc = *c;
+    cc.s = &cs; cc.tb = NULL; cc.firsts = firsts;
+    TIMED(B_ATTN, pool_run(op_attend_first, &cc, k * m->n_heads);
+          if (m->act != ACT_F32 && !bf16_rows(m)) rows_run(op_quant_att, &cc, k));
+    { const mat* W[1] = {&w->o}; float* Y[1] = {cs.x}; const int64_t ld[1] = {D};
+      TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, cs.att, k)); }
+    TIMED(B_LN, rows_run(op_ln1, &cc, k));
+    { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
+      TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, cs.x, k)); }
+    TIMED(B_GELU, rows_run(op_gelu, &cc, k));
+    { const mat* W[1] = {&w->down}; float* Y[1] = {cs.x}; const int64_t ld[1] = {D};
+      TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, k)); }
+    TIMED(B_LN, rows_run(op_ln2, &cc, k));
+    for (int64_t j = 0; j < k; j++) memcpy(s->x + (int64_t)c->start[firsts[j]] * D, cs.x + j * D, sizeof(float) * D);
+    free(firsts);
+}
+
+/* Returns 0, or 1 when an id, position or token type is out of range (nothing is computed then). first_only: the
+   last layer computes each sequence's first token only (above); x's other rows then hold the layer before's. */
 API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const int32_t* ids, const int32_t* pos,
-                     const int32_t* types, int64_t n_seq, const int32_t* start, int nthreads) {
+                     const int32_t* types, int64_t n_seq, const int32_t* start, int nthreads, int first_only) {
     const int D = m->dim, H = m->hidden;
     for (int64_t t = 0; t < n; t++)
         if (ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 || pos[t] >= m->max_pos || types[t] < 0 ||
@@ -344,7 +389,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             c.w = &m->layers[l];
             c.qkv = l % 2 ? s->qkv2 : s->qkv;
             c.qkv_next = l % 2 ? s->qkv : s->qkv2;
-            parts_run(part_layer, &c, P);
+            if (first_only && l == m->n_layers - 1) last_layer_first_tokens(&c, c.qkv_next);
+            else parts_run(part_layer, &c, P);
         }
         pool_end();
         return 0;
@@ -356,6 +402,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         c.w = w;
         { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+        if (first_only && l == m->n_layers - 1) { last_layer_first_tokens(&c, s->qkv2); break; }
         TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads);
               if (!f32 && !bf16_rows(m)) rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
