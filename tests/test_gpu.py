@@ -84,6 +84,28 @@ def test_pooling_modes_match_task_model(bert_dir, mode):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("task, mode", [("classify", "mean"), ("embed", "cls"), ("embed", "mean")])
+def test_first_token_heads_run_the_last_layer_at_the_first_rows(bert_dir, task, mode, monkeypatch):
+    """A head that reads only the [CLS] rows (a classifier, CLS pooling) runs the last layer at those rows alone
+    (last_layer_first_rows), and gives what the whole last layer gives; mean pooling runs the whole layer."""
+    from functools import partial
+
+    import millis.gpu.encoder as genc
+
+    calls = []
+    real = genc.last_layer_first_rows
+    monkeypatch.setattr(genc, "last_layer_first_rows", lambda *a: calls.append(1) or real(*a))
+    enc = from_hf(bert_dir, task, Pooling(mode=mode, normalize=True), CPU)
+    feeds = as_torch(feeds_for(bert_dir, texts()))
+    with torch.inference_mode():
+        first = enc(*feeds).numpy()
+        assert len(calls) == (mode == "cls" or task == "classify")
+        enc.layer = partial(genc.layer_forward)  # a swapped layer (a calibration, a bench) runs every row
+        whole = enc(*feeds).numpy()
+    assert len(calls) <= 1 and first.shape == whole.shape
+    np.testing.assert_allclose(first, whole, atol=2e-6)
+
+
 def test_encoder_rejects_what_it_cannot_run(tiny_dirs):
     with pytest.raises(MillisError, match="BERT-family"):
         from_hf(tiny_dirs["distilbert"], "embed", Pooling(), CPU)

@@ -35,6 +35,7 @@ import numpy as np
 from millis.common.errors import MillisError
 from millis.encoder.smooth import input_amax, smoothing_scales
 from millis.encoder.source import Pooling
+from millis.encoder.tasks import pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
                                    init_amx, pack_matrix)
@@ -273,7 +274,7 @@ class NativeBert:
 
     def pools_tokens(self) -> bool:
         """Whether head_of reads every token's row (mean / max pooling), not each sequence's first alone."""
-        return self.task != "classify" and self.pooling.mode in ("mean", "max")
+        return pools_tokens(self.task, self.pooling)
 
     def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head:

@@ -29,7 +29,7 @@ from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
 from millis.encoder.source import Pooling
-from millis.encoder.tasks import pool
+from millis.encoder.tasks import pool, pools_tokens
 
 FUSES = ("triton", "torch")
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
@@ -105,13 +105,16 @@ class LayerWeights(NamedTuple):
 
 
 def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int,
-              heads: int, fused: bool = False) -> torch.Tensor:
-    """Self-attention before its output projection: x (B*T, H) -> (B*T, H)."""
+              heads: int, fused: bool = False, first_only: bool = False) -> torch.Tensor:
+    """Self-attention before its output projection: x (B*T, H) -> (B*T, H); first_only: the queries of each
+    sequence's first token alone, against every key -> (B, H)."""
     H = x.shape[1]
     qkv = linear(x, lw.wqkv, lw.bqkv, kernel=fused)                         # (B*T, 3H)
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hd), strided
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)        # (B, nh, T, hd)
-    return a.transpose(1, 2).reshape(B * T, H)                              # a view when SDPA wrote BTHD
+    if first_only:
+        q = q[:, :, :1]                                                     # (B, nh, 1, hd)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)        # (B, nh, T or 1, hd)
+    return a.transpose(1, 2).reshape(-1, H)                                 # a view when SDPA wrote BTHD
 
 
 def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int, heads: int,
@@ -120,9 +123,24 @@ def layer_forward(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeig
     fused: the Triton epilogues and W8A8 kernels (CUDA), else the torch ones. observe(lw, name, input): sees
     the input of each GEMM (name: qkv, o, inter, down; millis.encoder.smooth's calibration)."""
     see = observe or (lambda *a: None)
-    add_ln = kernels.add_ln if fused else kernels.add_ln_torch
     see(lw, "qkv", x)
-    a = attention(x, attn_bias, lw, B, T, heads, fused)
+    return after_attention(attention(x, attn_bias, lw, B, T, heads, fused), x, lw, eps, fused, see)
+
+
+def last_layer_first_rows(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights, B: int, T: int,
+                          heads: int, eps: float, fused: bool) -> torch.Tensor:
+    """The last layer at each sequence's first token alone, for a head that reads no other row (pools_tokens
+    false): every token's keys and values, one query a sequence, then O, LayerNorms and the FFN on those B
+    rows. x (B*T, H) -> (B, H): the rows the whole layer gives at column 0."""
+    a = attention(x, attn_bias, lw, B, T, heads, fused, first_only=True)   # (B, H)
+    x0 = x.view(B, T, -1)[:, 0].contiguous()                                # the residual of those rows
+    return after_attention(a, x0, lw, eps, fused, lambda *a: None)
+
+
+def after_attention(a: torch.Tensor, x: torch.Tensor, lw: LayerWeights, eps: float, fused: bool,
+                    see: Callable) -> torch.Tensor:
+    """A layer from its attention's rows a on: x = LN1(x + a Wo + bo), then LN2(x + FFN(x)); (M, H) -> (M, H)."""
+    add_ln = kernels.add_ln if fused else kernels.add_ln_torch
     see(lw, "o", a)
     x = add_ln(linear(a, lw.wo, kernel=fused), lw.bo, x, lw.ln1w, lw.ln1b, eps)
     see(lw, "inter", x)
@@ -201,9 +219,13 @@ class Encoder:
                              self.emb_lnw, self.emb_lnb, cfg.eps)
         if dense:  # no padding anywhere: no mask, so SDPA may take the flash kernel
             attn_bias = None
-        for lw in self.layers:
+        # a [CLS] head: the last layer at the first tokens alone (not while a calibration or a bench swaps the layer)
+        first_only = not pools_tokens(self.task, self.pooling) and self.layer is layer_forward
+        for lw in self.layers[:-1] if first_only else self.layers:
             x = self.layer(x, attn_bias, lw, B, T, cfg.heads, cfg.eps, self.fused)
-        h = x.view(B, T, cfg.hidden)
+        if first_only:
+            x = last_layer_first_rows(x, attn_bias, self.layers[-1], B, T, cfg.heads, cfg.eps, self.fused)
+        h = x.view(B, -1, cfg.hidden)  # (B, T, H), or (B, 1, H): the first rows
         if self.task == "classify":
             pooled = torch.tanh(F.linear(h[:, 0].float(), self.pool_w, self.pool_b))
             return F.linear(pooled, self.cls_w, self.cls_b)
