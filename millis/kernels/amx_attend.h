@@ -75,7 +75,8 @@ static void att_pack(const att_job* j, const float* r, int64_t ld, int64_t D, co
     /* 32 values a step: (x + b) (* scale) in fp32, rounded to bf16 by vcvtne2ps2bf16 (nearest even, as to_bf16;
        denormals flushed, which scores and probabilities never meet); 16 keys' 16 pairs of a chunk transposed in
        registers into the 16 rows of their tile (in place of a scatter down column t % 16 per key: the same
-       bytes; no speed-up was measurable on Zen 4, where packing is ~3 of a job's ~19 us); keys t - 1, t's values interleaved per value as 16 dwords (lo: t - 1, hi: t).
+       bytes; no speed-up was measurable on Zen 4, where packing is ~3 of a job's ~19 us); keys t - 1, t's values
+       interleaved per value as 16 dwords (lo: t - 1, hi: t).
        Per token the scalar form below took ~500 cycles, most of a 128-token job's time. */
     const __m512 vs = _mm512_set1_ps(scale);
     __m512i vprev[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  /* key t - 1's values, 2 chunks */

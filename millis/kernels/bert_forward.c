@@ -235,14 +235,31 @@ static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention o
    tokens. The other rows of x keep the layer before's states. The same bits at the first tokens as the whole
    layer: a row's ops never read another row, and a query's attention reads only keys and values. One layer in
    L of the per-token work is gone (MiniLM-L6: a sixth). */
+/* the row split's ops of layer c->w after its attention, over rows [0, n) of c->s (att -> x): the attention rows
+   quantized (unless the bf16 tiles wrote them), O into x, LN1, inter, GELU, down into x, LN2 */
+static void rows_after_attention(const ctx_t* c, int64_t n) {
+    const bert_w* m = c->m; const bert_scratch* s = c->s; const bert_layer* w = c->w;
+    const int D = m->dim, H = m->hidden;
+    if (m->act != ACT_F32 && !bf16_rows(m)) TIMED(B_ATTN, rows_run(op_quant_att, (void*)c, n));
+    { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+      TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
+    TIMED(B_LN, rows_run(op_ln1, (void*)c, n));
+    { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
+      TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+    TIMED(B_GELU, rows_run(op_gelu, (void*)c, n));
+    { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
+      TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, n)); }
+    TIMED(B_LN, rows_run(op_ln2, (void*)c, n));
+}
+
 static void op_attend_first(void* p, int64_t job) {  /* (compact row j, head): query 0 of sequence firsts[j] */
     const ctx_t* c = p;
     const int64_t j = job / c->m->n_heads;
     attend(c, c->firsts[j], (int)(job % c->m->n_heads), 0, 1, 0, j);
 }
 static void last_layer_first_tokens(const ctx_t* c, float* spare) {
-    const bert_w* m = c->m; const bert_scratch* s = c->s; const bert_layer* w = c->w;
-    const int D = m->dim, H = m->hidden;
+    const bert_w* m = c->m; const bert_scratch* s = c->s;
+    const int D = m->dim;
     int64_t* firsts = malloc(sizeof(int64_t) * (c->n_seq ? c->n_seq : 1)), k = 0;
     if (!firsts) abort();  /* as any other allocation failure in the process would end it */
     for (int64_t sq = 0; sq < c->n_seq; sq++)
@@ -253,17 +270,8 @@ static void last_layer_first_tokens(const ctx_t* c, float* spare) {
     for (int64_t j = 0; j < k; j++) memcpy(cs.x + j * D, s->x + (int64_t)c->start[firsts[j]] * D, sizeof(float) * D);
     ctx_t cc = *c;
     cc.s = &cs; cc.tb = NULL; cc.firsts = firsts;
-    TIMED(B_ATTN, pool_run(op_attend_first, &cc, k * m->n_heads);
-          if (m->act != ACT_F32 && !bf16_rows(m)) rows_run(op_quant_att, &cc, k));
-    { const mat* W[1] = {&w->o}; float* Y[1] = {cs.x}; const int64_t ld[1] = {D};
-      TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, cs.att, k)); }
-    TIMED(B_LN, rows_run(op_ln1, &cc, k));
-    { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
-      TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, cs.x, k)); }
-    TIMED(B_GELU, rows_run(op_gelu, &cc, k));
-    { const mat* W[1] = {&w->down}; float* Y[1] = {cs.x}; const int64_t ld[1] = {D};
-      TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, k)); }
-    TIMED(B_LN, rows_run(op_ln2, &cc, k));
+    TIMED(B_ATTN, pool_run(op_attend_first, &cc, k * m->n_heads));
+    rows_after_attention(&cc, k);
     for (int64_t j = 0; j < k; j++) memcpy(s->x + (int64_t)c->start[firsts[j]] * D, cs.x + j * D, sizeof(float) * D);
     free(firsts);
 }
@@ -300,7 +308,6 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         pool_end();
         return 0;
     }
-    const int f32 = m->act == ACT_F32;
     TIMED(B_EMBED, rows_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
         const bert_layer* w = &m->layers[l];
@@ -308,17 +315,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
           TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
         if (first_only && l == m->n_layers - 1) { last_layer_first_tokens(&c, s->qkv2); break; }
-        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads);
-              if (!f32 && !bf16_rows(m)) rows_run(op_quant_att, &c, n));
-        { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
-        TIMED(B_LN, rows_run(op_ln1, &c, n));
-        { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
-          TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
-        TIMED(B_GELU, rows_run(op_gelu, &c, n));
-        { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, n)); }
-        TIMED(B_LN, rows_run(op_ln2, &c, n));
+        TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads));
+        rows_after_attention(&c, n);
     }
     pool_end();
     return 0;
