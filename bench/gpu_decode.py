@@ -156,6 +156,19 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_decode_{gpu_slug(res['device'])}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
+    if cuda:  # the same check with the GPU engine in fp32: bf16's rounding alone can flip a near-tie
+        del eng
+        torch.cuda.empty_cache()
+        eng = open_engine(a.gguf, EngineConfig(max_batch=3, max_seq=512, dtype="fp32", device=a.device))
+        g32 = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
+        agree32 = [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), min(len(g), len(r)))
+                   for g, r in zip(g32, ref)]
+        res["greedy_agreement_fp32"] = {"leading_equal": agree32, "of": [len(r) for r in ref],
+                                        "fused_decode": bool(eng.decode.fused)}
+        res["targets"]["greedy tokens equal on 3 prompts, GPU fp32"] = all(
+            len(g) == len(r) == n for g, r, n in zip(g32, ref, agree32))
+        print("GPU fp32 against CPU fp32:", res["greedy_agreement_fp32"])
+        path.write_text(json.dumps(res, indent=1) + "\n")
     if cuda and res["fused_decode"]:  # last (a time box cuts it first): b1 without the batch-1 gemv kernels
         os.environ["MILLIS_NO_DECODE_GEMV"] = "1"
         del eng, ref_eng

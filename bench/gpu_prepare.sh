@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Prepares bench/.gpu_carry/ (git-ignored) for the one device run, bench/gpu_run.sh: what the lent GPU
 # machine cannot download. A run call carries at most 64 MiB, and SmolLM2's Q4_1 GGUF is 98 MB, so the
-# file goes in two halves over two calls on the warm machine (joined there):
+# file goes in two halves over two calls on the warm machine (joined there), one stage of the run each:
 #   run(carry=[bench/.gpu_carry/py, bench/.gpu_carry/tok, bench/.gpu_carry/texts.txt,
-#              bench/.gpu_carry/smollm2.gguf.part-aa], command="true", timeout_s=60)
-#   run(carry=[bench/.gpu_carry/smollm2.gguf.part-ab], command="bash bench/gpu_run.sh", timeout_s=600)
-# (the first call's carried paths stay on the machine: the second names only its own).
+#              bench/.gpu_carry/smollm2.gguf.part-aa], command="bash bench/gpu_run.sh 1 265", timeout_s=280)
+#   run(carry=[bench/.gpu_carry/smollm2.gguf.part-ab], command="bash bench/gpu_run.sh 2 S", timeout_s=S+15)
+# with S from the device time left (status), the second call at once (the machine stays warm 30 s); the first
+# call's carried paths stay on the machine: the second names only its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -14,12 +15,15 @@ rm -rf "$C"
 mkdir -p "$C/py" "$C/tok"
 # gguf (pure Python, 1.4 MB): dequantizes the GGUF's tensors for the torch model on the GPU
 cp -r "$($PY -c 'import gguf, os; print(os.path.dirname(gguf.__file__))')" "$C/py/"
-# pytest and its pure-Python dependencies (about 4 MB), in case the device's Python has none: the GPU tests
-SITE=$($PY -c 'import pytest, os; print(os.path.dirname(os.path.dirname(pytest.__file__)))')
-for p in _pytest pytest pluggy iniconfig py.py pytest_timeout.py "$SITE"/pytest-*.dist-info "$SITE"/pluggy-*.dist-info \
-         "$SITE"/iniconfig-*.dist-info "$SITE"/pytest_timeout-*.dist-info; do
-    cp -r "$SITE/$(basename "$p")" "$C/py/"
-done
+# (pytest and pytest-timeout are in the device image: KINDS.md's package list)
+# the HTTP server's packages the device's image lacks (starlette, uvicorn, orjson, httptools: 0.9 MB), as
+# wheels for its Python 3.12, unpacked onto the same path (its anyio, h11 and click serve their needs)
+WHL=$(mktemp -d)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHL" \
+    starlette==1.10.0 uvicorn==0.54.0 orjson==3.13.0 httptools==0.9.0
+for w in "$WHL"/*.whl; do $PY -m zipfile -e "$w" "$C/py/"; done
+rm -rf "$WHL"
 # a BERT WordPiece tokenizer (MiniLM's, bert-base-uncased's vocabulary) for the random-weight BERT-base
 MINILM=$($PY -c 'from millis.encoder.source import builtin_minilm_dir; print(builtin_minilm_dir())')
 for f in vocab.txt tokenizer.json tokenizer_config.json special_tokens_map.json; do

@@ -45,8 +45,15 @@ def main() -> int:
     ap.add_argument("--texts", required=True)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu: a smoke run of the script itself")
     a = ap.parse_args()
     import torch
+
+    from gpu_probes import cuda_or_smoke
+
+    cuda = cuda_or_smoke(a.device)
+    if cuda is None:
+        return 2
 
     import millis.artifact.model as api
 
@@ -55,7 +62,7 @@ def main() -> int:
 
     # in process: the same runtime and buckets the server captures
     t0 = time.perf_counter()
-    model = api.open_model(model_dir, device="cuda", max_batch=32)
+    model = api.open_model(model_dir, device=a.device, max_batch=32)
     cold = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     for t in texts[:200]:
@@ -68,13 +75,14 @@ def main() -> int:
         lat.append(time.perf_counter() - s)
     inproc = {"p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
               "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
-              "cold_start_s": round(cold, 2), "graphs": model.runtime.graphs}
+              "cold_start_s": round(cold, 2), "graphs": getattr(model.runtime, "graphs", 0)}
     print("in process", inproc, flush=True)
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     try:
-        srv = ServerProcess(serve_command(model_dir, "--device", "cuda", "--model-name", "bert-base"))
+        srv = ServerProcess(serve_command(model_dir, "--device", a.device, "--model-name", "bert-base"))
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
@@ -88,7 +96,7 @@ def main() -> int:
 
     rows = asyncio.run(loads())
     exit_code = srv.stop()
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke run)"
     res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": "bert-base (random), classify",
            "texts": "banking77 test, 1 per request", "in_process": inproc, "server_ready_s": round(ready_s, 2),
            "sigterm_exit": exit_code, "rows": [dict(system="millis-serve-cuda", **r) for r in rows],
