@@ -86,10 +86,13 @@ def check(dtype, device, tol):
         slack = tol * want[:real].abs().max()
         assert (got[:real].gather(1, top)[:, 0] >= got[:real].max(-1).values - slack).all()
         lengths = lengths[:real]
-        for a, b in zip(model.layers, twin.layers):  # the same keys and values written at each row's position
+        # the same keys and values written at each row's position, within a few roundings of the cache's dtype
+        # (bf16 keys near 2 are 0.0078 apart: the H200 saw 0.016 where RoPE rounds at another step)
+        for a, b in zip(model.layers, twin.layers):
             for r, p in enumerate(lengths):
-                assert torch.allclose(a.attn.cache.k[r, :, p].float(), b.attn.cache.k[r, :, p].float(), atol=tol)
-                assert torch.allclose(a.attn.cache.v[r, :, p].float(), b.attn.cache.v[r, :, p].float(), atol=tol)
+                for x, y in ((a.attn.cache.k[r, :, p], b.attn.cache.k[r, :, p]),
+                             (a.attn.cache.v[r, :, p], b.attn.cache.v[r, :, p])):
+                    assert torch.allclose(x.float(), y.float(), atol=tol, rtol=tol), (heads, kv, window, quant, rows)
 
 
 def test_usable_only_on_cuda_with_triton_and_power_of_two_heads(monkeypatch):

@@ -244,7 +244,7 @@ def test_cuda_graph_decode_matches_eager():
         pytest.skip("needs CUDA")
     from millis.gen.cuda_graph import GraphedDecode
 
-    eng = engine()
+    eng = engine(runtime="torch")  # the torch model, moved to the GPU below (the native one is CPU code)
     ref = run(eng, ["the cat", "in a he"], GREEDY)
     eng.model.cuda()
     for m in eng.model.modules():

@@ -121,6 +121,14 @@ def model_max_length(src: ModelSource, requested: int = 0) -> int:
     return src.max_length
 
 
+def dir_pooling(path: Path) -> Pooling:
+    """A model directory's pooling, as every runtime reads it: a variant directory records its source's in
+    config.json (millis_pooling), a sentence-transformers folder declares it in modules.json (read_pooling)."""
+    cfg_file = path / "config.json"
+    recorded = json.loads(cfg_file.read_text()).get("millis_pooling") if cfg_file.is_file() else None
+    return Pooling(**recorded) if recorded else read_pooling(path)
+
+
 def read_pooling(path: Path) -> Pooling:
     """Pooling declared by a sentence-transformers folder; mean without normalisation otherwise."""
     modules_file = path / "modules.json"

@@ -22,7 +22,7 @@ from millis.common.config import Shape
 from millis.common.errors import MillisError
 from millis.gpu.encoder import Encoder, RunOptions, from_hf
 from millis.runtimes.base import check_batch
-from millis.encoder.source import Pooling, read_pooling
+from millis.encoder.source import Pooling, dir_pooling
 
 # What `millis serve` batches into by default: powers of two up to 32 rows, 16..128 tokens.
 DEFAULT_BUCKETS = tuple(Shape(b, s) for b in (1, 2, 4, 8, 16, 32) for s in (16, 32, 64, 128))
@@ -60,7 +60,7 @@ class CudaGraphRuntime:
             self.encoder = model
         else:
             if pooling is None:
-                pooling = read_pooling(Path(model)) if isinstance(model, (str, Path)) else Pooling()
+                pooling = dir_pooling(Path(model)) if isinstance(model, (str, Path)) else Pooling()
             self.encoder = from_hf(model, task, pooling, RunOptions(dtype=dtype, fuse=fuse, device=device, gemm=gemm))
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self.device = self.encoder.device

@@ -6,12 +6,11 @@ quantized and packed for this CPU's ISA at load, and the padding of a batch is n
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from millis.encoder.source import Pooling
+from millis.encoder.source import Pooling, dir_pooling
 from millis.runtimes.base import check_batch
 
 
@@ -22,10 +21,8 @@ class NativeRuntime:
         from millis.gpu.encoder import RunOptions, from_hf
 
         cpu = RunOptions(dtype="fp32", fuse="torch", device="cpu")
-        if pooling is None:  # a variant directory records its source's pooling in config.json (millis_pooling)
-            cfg_file = Path(model_dir) / "config.json"
-            pooling = json.loads(cfg_file.read_text()).get("millis_pooling") if cfg_file.is_file() else None
-        encoder = from_hf(Path(model_dir), task, Pooling(**(pooling or {})), cpu)
+        p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
+        encoder = from_hf(Path(model_dir), task, p, cpu)
         self.model = NativeBert(encoder, precision, threads)
         self.name, self.input_names, self.output_name = name, input_names, output_name
 
