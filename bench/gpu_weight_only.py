@@ -46,7 +46,7 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
 
     from millis.gpu import weight_only as wo
     from millis.gpu.graph_timing import graph_us
-    from millis.gpu.weight_only_kernels import TUNED, kernel_matmul, tune, tune_key
+    from millis.gpu.weight_only_kernels import TUNED, tune, tune_key
 
     TUNED.clear()  # the decode part tuned some of these shapes: measure every candidate again, for the record
     rows = []
@@ -59,7 +59,7 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
             timed = tune([mod], rows=(1, 16, 32))
             for m in ROWS:
                 x, key = xs[m], tune_key(f, n, k, m)
-                us = graph_us(lambda: kernel_matmul(f, x, mod.q, mod.scale, mod.low, n, k))
+                us = graph_us(lambda: mod.matmul(x, TUNED.get(key)))
                 emit(rows, {"N": n, "K": k, "M": m, "system": f, "config": TUNED.get(key), "us": round(us, 2),
                             "GBps": round(wo.packed_bytes(mod) / us / 1e3, 1), "cublas_bf16_us": round(base[m], 2),
                             "cublas_GBps": round(n * k * 2 / base[m] / 1e3, 1), "vs_cublas": round(us / base[m], 3),

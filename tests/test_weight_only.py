@@ -70,6 +70,38 @@ def test_torch_path_is_linear_on_the_dequantized_weights(fmt):
     assert rel < {"int8": 0.01, "fp8": 0.05, "int4": 0.12}[fmt], rel
 
 
+@pytest.mark.parametrize("fmt", wo.FORMATS)
+def test_a_shape_tuned_to_dequantize_runs_cublas_on_the_same_weights(fmt, monkeypatch):
+    """`tune` may find dequantize + cuBLAS fastest at several rows (int4's tile on the H200); forward then
+    takes it for that shape and row class alone, on the weights the kernels multiply (no Triton needed)."""
+    from millis.gpu import weight_only_kernels as wk
+
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(130, 40, bias=True)
+    m = wo.WeightOnlyLinear(lin, fmt)
+    m.use_kernel = True  # the kernel path's dispatch, on CPU tensors
+    key = wk.tune_key(fmt, 40, 130, 8)
+    # tune keeps what time_candidates ranks first: stand DEQUANT in as the fastest of the tiles + DEQUANT
+    seen = {}
+
+    def fastest_last(cands, run):
+        seen["cands"] = list(cands)
+        return [(c, 1.0 + i) for i, c in enumerate(reversed(cands))]
+
+    monkeypatch.setattr(wk, "time_candidates", fastest_last)
+    monkeypatch.setattr(wk, "TUNED", {})
+    monkeypatch.setattr(wo, "TUNED", wk.TUNED)
+    picked = wk.tune([m], rows=(8,))
+    assert wk.DEQUANT in seen["cands"] and wk.TUNED[key] == wk.DEQUANT and picked[key][0][0] == wk.DEQUANT
+    x = torch.randn(8, 130)
+    y = m(x)  # 8 rows: the DEQUANT entry, no kernel launched
+    assert torch.allclose(y, F.linear(x, m.weight(), lin.bias), atol=1e-5)
+    launched = []  # one row: no entry for that row class, so the kernel (its guess) is asked, not cuBLAS
+    monkeypatch.setattr(wo, "kernel_matmul", lambda *a: launched.append(a) or torch.zeros(a[1].shape[0], a[5]))
+    m(torch.randn(1, 130))
+    assert len(launched) == 1 and launched[0][-1] is None
+
+
 def tiny_llama() -> Llama:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64, hidden_dim=256,

@@ -24,7 +24,7 @@ from torch import nn
 
 from millis.common.dtypes import WEIGHT_ONLY_FORMATS as FORMATS
 from millis.common.errors import MillisError
-from millis.gpu.weight_only_kernels import GROUP, kernel_matmul, triton
+from millis.gpu.weight_only_kernels import GROUP, TUNED, kernel_matmul, triton, tune_key
 
 KERNEL_ROWS = 64    # at most this many rows (batch x tokens) take the fused kernel; more dequantize + cuBLAS
 FP8_MAX = 448.0     # largest finite float8_e4m3fn
@@ -100,12 +100,19 @@ class WeightOnlyLinear(nn.Module):
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.fmt, self.q, self.scale, self.low, self.in_features, dtype)
 
+    def matmul(self, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+        """x (M, K) contiguous -> (M, N), no bias: a kernel config (weight_only_kernels.kernel_matmul; None: its
+        guess), or {"dequant": True}: the weights dequantized into x's dtype, then cuBLAS."""
+        if config is not None and config.get("dequant"):
+            return F.linear(x, self.weight(x.dtype))
+        return kernel_matmul(self.fmt, x, self.q, self.scale, self.low, self.out_features, self.in_features, config)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.use_kernel and x2.shape[0] <= KERNEL_ROWS:
-            y = kernel_matmul(self.fmt, x2.contiguous(), self.q, self.scale, self.low, self.out_features,
-                              self.in_features)
+            y = self.matmul(x2.contiguous(), TUNED.get(tune_key(self.fmt, self.out_features, self.in_features,
+                                                                x2.shape[0])))
         else:
             y = F.linear(x2, self.weight(x.dtype))
         if self.bias is not None:
