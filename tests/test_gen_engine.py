@@ -238,6 +238,48 @@ def test_static_decode_matches_eager():
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
 
 
+@pytest.mark.parametrize("buckets", [(2, 4, 8, 16, 32), (2, 4)])
+def test_static_prefill_matches_eager(buckets):
+    """The CUDA-graph prefill's static shapes (right-padded to a token bucket, logits at the last real token,
+    the slot and last position as device tensors), run eagerly on CPU: the same tokens as the engine's own
+    prefill, with prompts in several slots; prompts past the largest bucket fall back to the eager forward."""
+    from millis.gen.cuda_prefill import GraphedPrefill
+
+    prompts = ["the cat", "in a he", "a", "he the an the cat in a"]
+    ref = run(engine(runtime="torch"), prompts, GREEDY)
+    eng = engine(runtime="torch")
+    eng.max_prefills = 1  # a lone new prompt a step: the graphed path
+    gp = GraphedPrefill(eng.model, eng.max_seq, capture=False, buckets=buckets)
+    served = []
+    eng.prefill = lambda prompt, slot: served.append(len(prompt) <= buckets[-1]) or gp(prompt, slot)
+    assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
+    assert len(served) == len(prompts) and any(served)
+    assert all(served) == (buckets[-1] >= 32)  # the short buckets leave the longest prompt to the eager path
+    with pytest.raises(MillisError, match="past the cache"):
+        GraphedPrefill(eng.model, 8, capture=False, buckets=(16,))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_prefill_matches_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from millis.gen.cuda_graph import GraphedDecode
+    from millis.gen.cuda_prefill import GraphedPrefill
+
+    prompts = ["the cat", "in a he", "a", "he the an the cat in a"]
+    ref = run(engine(runtime="torch"), prompts, GREEDY)
+    eng = engine(runtime="torch")
+    eng.model.cuda()
+    for m in eng.model.modules():
+        if getattr(m, "cache", None) is not None:
+            m.cache.cuda()
+    eng.device, eng.seen, eng.max_prefills = torch.device("cuda"), eng.seen.cuda(), 1
+    eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq)
+    eng.prefill = GraphedPrefill(eng.model, eng.max_seq, buckets=(4, 8, 16))
+    assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
+    assert eng.prefill.replays >= 3
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager():
     if not torch.cuda.is_available():

@@ -161,6 +161,24 @@ def test_static_decode_matches_hf(hf_model, monkeypatch):
     assert _run(small, PROMPTS + PROMPTS[::-1]) == ref + ref[::-1], kind  # slots reused
 
 
+def test_static_prefill_matches_hf(hf_model, monkeypatch):
+    """The CUDA-graph prefill (millis.gen.cuda_prefill) with capture=False: a lone prompt right-padded to its
+    token bucket (a bucket past Mistral's window of 6 masks explicitly) gives HF's greedy tokens, with the
+    static decode after it, in reused slots."""
+    from millis.gen.cuda_graph import GraphedDecode
+    from millis.gen.cuda_prefill import GraphedPrefill
+
+    kind, model, d = hf_model
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "1")
+    eng = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64, max_prefills_per_step=1))
+    eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False)
+    eng.prefill = GraphedPrefill(eng.model, eng.max_seq, capture=False, buckets=(4, 16))
+    if kind == "mistral-window":
+        assert eng.prefill.mask[4] is None and eng.prefill.mask[16] is not None
+    ref = [_hf_greedy(model, p) for p in PROMPTS]
+    assert _run(eng, PROMPTS + PROMPTS[::-1]) == ref + ref[::-1], kind
+
+
 def test_static_decode_length_buckets_and_compaction(hf_model, monkeypatch):
     """The CUDA-graph decode's KV-length buckets (a step attends over the live length rounded up, not
     over max_seq) and the engine's compaction (a request left above a finished one moves down with its

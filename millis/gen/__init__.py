@@ -48,15 +48,18 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
         from millis.gen.draft_model import DraftModel
 
         drafter = DraftModel(load(engine.draft_model, replace(engine, draft_model="", prefix_cache=False)), loaded)
-    decode = None
-    if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket
+    decode = prefill = None
+    if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket, a lone prompt's
+        from millis.gen import cuda_prefill  # prefill from one per token bucket
         from millis.gen.cuda_graph import GraphedDecode
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
+        if cuda_prefill.wanted():
+            prefill = cuda_prefill.GraphedPrefill(loaded.model, loaded.max_seq)
     elif loaded.kv is not None and hasattr(loaded.model, "decode_rows"):  # native: flat lists, no Batch
         decode = loaded.model.decode_rows
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
-                  speculate=engine.speculate, drafter=drafter)
+                  speculate=engine.speculate, drafter=drafter, prefill=prefill)
 
 
 def chat_prompt(eng: Engine, text: str) -> list[int]:

@@ -1,5 +1,5 @@
 """Static-shape decode, captured as one CUDA graph per (batch bucket, KV-length bucket), gpt-fast style.
-It has run on CPU (eagerly, in the tests) but not yet on a GPU.
+First run on a GPU on 2026-12-04 (an H200: docs/gpu.md); eagerly on CPU in the tests.
 
 The decode step of bucket (B, L) feeds slots 0..B-1 and attends over their first L positions (a view
 of the static cache, no copy), so its shapes never change and the forward is replayed from a graph:

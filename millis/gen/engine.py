@@ -55,13 +55,15 @@ from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-
 
 class Engine:
     def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None,
-                 speculate: int = 0, drafter=None) -> None:
+                 speculate: int = 0, drafter=None, prefill=None) -> None:
         """`decode`: optional (tokens, positions, slots) -> logits (n, vocab) for the decode rows,
         e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows.
+        `prefill`: optional (prompt, slot) -> logits (1, vocab) or None, for a step's lone new prompt
+        (`millis.gen.cuda_prefill.GraphedPrefill`); None from it, or no `prefill`: one eager forward.
         `speculate`: draft tokens per step for greedy rows of native models (0 = off), from prompt lookup
         or from `drafter` (a draft_model.DraftModel)."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
-        self.decode = decode
+        self.decode, self.prefill = decode, prefill
         self.config = loaded.config
         self.max_batch, self.device = loaded.max_batch, torch.device(loaded.device)
         self.kv = loaded.kv  # paged KV (native models): admission reserves a request's positions
@@ -231,8 +233,7 @@ class Engine:
                 logits.append(out)
             new = []
         for r in new:  # prefill: the prompt past its cached prefix, logits of its last position
-            out = isolated(failed, r, lambda r=r: self.model(
-                make_batch([r.prompt[r.cached:]], [r.cached], [r.slot], self.window, device=self.device))[:, -1])
+            out = isolated(failed, r, lambda r=r: self._prefill_one(r))
             if out is not None:
                 rows.append(r)
                 logits.append(out)
@@ -294,6 +295,14 @@ class Engine:
             return list(zip([r for r, _ in rows], proposed))
         except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
             return [(r, []) for r, _ in rows]
+
+    def _prefill_one(self, r: Request) -> torch.Tensor:
+        """Logits (1, vocab) at the last token of r's prompt past its cached prefix, written into its slot."""
+        out = self.prefill(r.prompt, r.slot) if self.prefill is not None and r.cached == 0 else None
+        if out is None:
+            out = self.model(make_batch([r.prompt[r.cached:]], [r.cached], [r.slot], self.window,
+                                        device=self.device))[:, -1]
+        return out
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
         if self.decode is not None:
