@@ -57,15 +57,42 @@ def decode_figures(eng, prompt: list[int], n: int) -> dict:
 
 
 def kernels_per_step(eng) -> int:
+    return step_profile(eng, calls=1)["kernels"]
+
+
+def safe_step_profile(eng) -> dict:
+    """step_profile, or the error it raised: a profiler that fails costs its figure, not the run's results."""
+    try:
+        return step_profile(eng)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def step_profile(eng, calls: int = 20) -> dict:
+    """The batch-1 decode step's kernels, from `calls` eager steps at the scratch position (what a replay
+    launches): their count, the sum of their device times, and the costliest by name (us a step). The
+    replay's time less that sum is what the launches between kernels cost."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     gd = eng.decode
     gd.pos[1].fill_(gd.max_seq - 1)
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode():
         gd._forward(1, gd.lengths[0])
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                gd._forward(1, gd.lengths[0])
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name[:80], []).append(e.device_time_total if hasattr(e, "device_time_total")
+                                                    else e.cuda_time_total)
+    top = sorted(({"kernel": k, "per_step": len(v) // calls, "us_per_step": round(sum(v) / calls, 2)}
+                  for k, v in by_name.items()), key=lambda r: -r["us_per_step"])
+    return {"kernels": len(events) // calls, "kernel_us_sum": round(sum(sum(v) for v in by_name.values()) / calls, 1),
+            "top": top[:15]}
 
 
 def http_itl(gguf: str, prompt: str, n: int, device: str, dtype: str) -> dict:
@@ -131,6 +158,9 @@ def main() -> int:
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
+    if cuda:
+        res["decode_step_profile"] = safe_step_profile(eng)
+        print("b1 decode step's kernels:", json.dumps(res["decode_step_profile"]), flush=True)
     greedy = SamplingParams(max_tokens=32)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
     os.environ["MILLIS_NO_KERNELS"] = "1"  # the CPU reference: the torch model in fp32 on the same weights

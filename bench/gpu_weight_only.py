@@ -89,7 +89,7 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
     from millis.gen import EngineConfig, open_engine
     from millis.gpu.weight_only import WeightOnlyLinear, packed_bytes, quantize_weight_only
     from millis.gpu.weight_only_kernels import TUNED
-    from gpu_decode import decode_figures, kernels_per_step
+    from gpu_decode import decode_figures, kernels_per_step, safe_step_profile
 
     quant = "none" if f == "bf16" else f
     t0 = time.perf_counter()
@@ -110,6 +110,8 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
            "cold_start_s": round(cold, 2), "kernels_per_decode_step": kernels_per_step(eng) if cuda else None,
            "fused_decode": bool(cuda and eng.decode.fused)}
     row["b1_weight_GBps"] = round(weights / row["b1_ms_per_token"] / 1e6, 1)
+    if cuda:  # where the batch-1 step's time goes: each kernel's device time, and the launch gaps left over
+        row["step_profile"] = safe_step_profile(eng)
     row["tuned"] = {f"{n}x{k} rows<={r}": c for (fmt, n, k, r), c in TUNED.items() if fmt == quant}
     if f in TARGETS_MS:
         row["target_ms"] = TARGETS_MS[f]
