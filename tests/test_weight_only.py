@@ -102,6 +102,22 @@ def test_a_shape_tuned_to_dequantize_runs_cublas_on_the_same_weights(fmt, monkey
     assert len(launched) == 1 and launched[0][-1] is None
 
 
+def test_shapes_whose_kernels_never_build_dequantize_even_if_cublas_was_timed(monkeypatch):
+    """On a GPU where no kernel of a format compiles (fp8 before sm89), tuning times DEQUANT alone at several
+    rows: that must not count as built, or one row would ask for the kernel that failed."""
+    from millis.gpu import weight_only_kernels as wk
+
+    monkeypatch.setattr(wk, "TUNED", {})
+    monkeypatch.setattr(wo, "TUNED", wk.TUNED)
+    monkeypatch.setattr(wo, "triton", object())  # as if Triton were installed
+    monkeypatch.setattr(wk, "time_candidates", lambda cands, run: [(c, 1.0) for c in cands if c.get("dequant")])
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="no fp8 kernel built"):
+        wo.quantize_and_tune(model, "fp8", 8)
+    x = torch.randn(1, 128)  # and the layers run on the weights the kernels would have multiplied
+    assert torch.allclose(model.layers[0].attn.wqkv(x), F.linear(x, model.layers[0].attn.wqkv.weight()), atol=1e-5)
+
+
 def tiny_llama() -> Llama:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64, hidden_dim=256,
@@ -156,6 +172,9 @@ def test_engine_config_rules():
     with pytest.raises(MillisError, match="must be one of"):
         wo.WeightOnlyLinear(torch.nn.Linear(64, 8), "int2")
     EngineConfig(quant="fp8", device="cuda", dtype="bf16")  # valid without touching a GPU
+    with pytest.raises(MillisError, match="not with device cuda"):  # it would be a silent no-op there
+        EngineConfig(device="cuda", speculate=4)
+    EngineConfig(speculate=4)
 
 
 # ---- the Triton kernels against the torch path ----

@@ -119,6 +119,8 @@ class EngineConfig:
             raise MillisError(f"quant {self.quant} is a CPU kernel with fp32 activations: it needs dtype fp32 on cpu")
         if self.draft_model and not self.speculate:
             raise MillisError("a draft model needs speculate >= 1: the draft tokens it proposes per step")
+        if self.speculate and self.device == "cuda":  # the GPU's torch model has no paged KV to verify drafts in
+            raise MillisError("speculate (and draft_model) run on the CPU's native kernels: not with device cuda")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ if triton is not None:
     @triton.jit
     def _rope_attention_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S, QKV_W, L,
                                window, scale, G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr,
-                               BL: tl.constexpr):
+                               BL: tl.constexpr, PREC: tl.constexpr):
         # program (row b, kv head j): RoPE on its G query heads (padded to GP >= 16 rows: tensor-core dots) and
         # its key; the key and value written at the row's position p of cache slot b; attention over the new
         # key (from registers) and the cached keys [lo, min(p, L)): key < p, and p - window < key with a
@@ -99,8 +99,8 @@ if triton is not None:
                 seen = seen & (key > p - window)
             km = seen[:, None]
             kp = k_ptr + kv + key[:, None] * HS + rh[None, :]
-            s = tl.dot(q1, tl.trans(tl.load(kp, mask=km, other=0.0))) + \
-                tl.dot(q2, tl.trans(tl.load(kp + HS // 2, mask=km, other=0.0)))   # (GP, BL) fp32
+            s = tl.dot(q1, tl.trans(tl.load(kp, mask=km, other=0.0)), input_precision=PREC) + \
+                tl.dot(q2, tl.trans(tl.load(kp + HS // 2, mask=km, other=0.0)), input_precision=PREC)  # (GP, BL) fp32
             s = tl.where(seen[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))                       # finite: m_i starts finite
             alpha = tl.exp(m_i - m_new)
@@ -108,8 +108,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(pr, axis=1)
             vp = v_ptr + kv + key[:, None] * HS + rh[None, :]
             pd = pr.to(dt)
-            a1 = a1 * alpha[:, None] + tl.dot(pd, tl.load(vp, mask=km, other=0.0))
-            a2 = a2 * alpha[:, None] + tl.dot(pd, tl.load(vp + HS // 2, mask=km, other=0.0))
+            a1 = a1 * alpha[:, None] + tl.dot(pd, tl.load(vp, mask=km, other=0.0), input_precision=PREC)
+            a2 = a2 * alpha[:, None] + tl.dot(pd, tl.load(vp + HS // 2, mask=km, other=0.0), input_precision=PREC)
             m_i = m_new
         ob = o_ptr + (b * NH + j * G + rg[:, None]) * HS
         tl.store(ob + rh[None, :], (a1 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
@@ -153,6 +153,9 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin:
     o = torch.empty(B, nh * hs, device=qkv.device, dtype=qkv.dtype)
     _rope_attention_kernel[(B, nkv)](qkv, pos, cos, sin, k_cache, v_cache, o, nh, nkv, S, qkv.shape[1], kv_len,
                                      window, hs ** -0.5, G=g, GP=max(16, triton.next_power_of_2(g)), HS=hs, BL=64,
+                                     # an fp32 model's dots in fp32, not Triton's default TF32 (10-bit mantissa:
+                                     # HF fp32 and the torch step compute in full fp32); 16-bit inputs ignore it
+                                     PREC="ieee" if qkv.dtype == torch.float32 else "tf32",
                                      num_warps=4, num_stages=3)
     return o
 

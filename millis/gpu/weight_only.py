@@ -144,7 +144,10 @@ def quantize_and_tune(model: nn.Module, fmt: str, max_batch: int) -> str:
     rows = (1, *sorted({block_sizes(b, 1)[0] for b in range(2, min(max_batch, KERNEL_ROWS) + 1)}))
     layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     tune(layers, rows)
-    failed = {(m.fmt, m.out_features, m.in_features) for m in layers} - {k[:3] for k in TUNED}
+    # a shape is built when one of its kernels ran: a DEQUANT entry alone (cuBLAS won, or was all that ran)
+    # leaves the rows without an entry to a kernel that may not compile
+    failed = {(m.fmt, m.out_features, m.in_features) for m in layers} - {
+        k[:3] for k, c in TUNED.items() if not c.get("dequant")}
     for m in layers:  # no candidate built for this shape (this Triton / GPU): dequantize + cuBLAS, slower, works
         if (m.fmt, m.out_features, m.in_features) in failed:
             m.use_kernel = False
