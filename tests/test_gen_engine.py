@@ -259,6 +259,21 @@ def test_static_prefill_matches_eager(buckets):
         GraphedPrefill(eng.model, 8, capture=False, buckets=(16,))
 
 
+def test_prefill_graphs_that_fail_to_capture_leave_eager_prefill(monkeypatch):
+    """A capture this GPU or torch refuses: the engine opens without prefill graphs (warned), not at all."""
+    from millis.gen import cuda_prefill
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_prefill, "GraphedPrefill", refuse)
+    with pytest.warns(UserWarning, match="prefill graphs unavailable"):
+        assert cuda_prefill.open_prefill(engine(runtime="torch").model, 48) is None
+    monkeypatch.setattr(cuda_prefill, "GraphedPrefill", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: x")))
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        cuda_prefill.open_prefill(engine(runtime="torch").model, 48)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_prefill_matches_eager():
     if not torch.cuda.is_available():

@@ -55,7 +55,7 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
         if cuda_prefill.wanted():
-            prefill = cuda_prefill.GraphedPrefill(loaded.model, loaded.max_seq)
+            prefill = cuda_prefill.open_prefill(loaded.model, loaded.max_seq)
     elif loaded.kv is not None and hasattr(loaded.model, "decode_rows"):  # native: flat lists, no Batch
         decode = loaded.model.decode_rows
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,

@@ -17,6 +17,7 @@ compare with the engine's own prefill. MILLIS_NO_PREFILL_GRAPHS=1 turns it off (
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -39,6 +40,19 @@ def prefill_buckets(max_seq: int, smallest: int = SMALLEST, largest: int = LARGE
 
 def wanted() -> bool:
     return os.environ.get("MILLIS_NO_PREFILL_GRAPHS") != "1"
+
+
+def open_prefill(model: nn.Module, max_seq: int) -> "GraphedPrefill | None":
+    """The engine's prefill graphs, or None (with a warning) where capture fails on this GPU / torch: prefills
+    then run eagerly, as before the graphs, rather than the engine failing to open. A CUDA fault is raised:
+    it poisons the context, and no fallback can help."""
+    try:
+        return GraphedPrefill(model, max_seq)
+    except Exception as e:  # noqa: BLE001
+        if "CUDA error" in str(e):
+            raise
+        warnings.warn(f"prefill graphs unavailable ({type(e).__name__}: {str(e)[:300]}); prefilling eagerly")
+        return None
 
 
 class GraphedPrefill:
