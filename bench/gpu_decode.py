@@ -167,6 +167,11 @@ def main() -> int:
     res["cold_start_s"] = round(time.perf_counter() - t0, 2)
     res["graphs"] = len(eng.decode.graphs) if cuda else 0
     res["fused_decode"] = bool(cuda and eng.decode.fused)  # Triton kernels, 5 a layer at b1 (MILLIS_NO_FUSED_DECODE=1)
+    if cuda:  # their launches overlapped by programmatic dependent launch (MILLIS_NO_PDL=1; off where it failed)
+        from millis.gpu import decode_kernels as dk
+
+        res["pdl"] = res["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)
+        res["pdl_off_because"] = dk.PDL["off"]
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
@@ -220,6 +225,15 @@ def main() -> int:
         res["without_decode_gemv"] = {"b1_ms_per_token": b1["b1_ms_per_token"],
                                       "kernels_per_decode_step": kernels_per_step(eng)}
         print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
+        path.write_text(json.dumps(res, indent=1) + "\n")
+    if cuda and res.get("pdl"):  # and b1 without programmatic dependent launch between its kernels
+        del os.environ["MILLIS_NO_DECODE_GEMV"]
+        os.environ["MILLIS_NO_PDL"] = "1"
+        del eng
+        torch.cuda.empty_cache()
+        eng = open_engine(a.gguf, EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device))
+        res["without_pdl"] = {"b1_ms_per_token": decode_figures(eng, prompt, a.new_tokens)["b1_ms_per_token"]}
+        print("without PDL (MILLIS_NO_PDL=1):", res["without_pdl"])
         path.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 

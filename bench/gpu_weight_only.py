@@ -111,6 +111,9 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
            "fused_decode": bool(cuda and eng.decode.fused)}
     row["b1_weight_GBps"] = round(weights / row["b1_ms_per_token"] / 1e6, 1)
     if cuda:  # where the batch-1 step's time goes: each kernel's device time, and the launch gaps left over
+        from millis.gpu import decode_kernels as dk
+
+        row["pdl"] = row["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)  # programmatic dependent launch
         row["step_profile"] = safe_step_profile(eng)
     row["tuned"] = {f"{n}x{k} rows<={r}": c for (fmt, n, k, r), c in TUNED.items() if fmt == quant}
     if f in TARGETS_MS:

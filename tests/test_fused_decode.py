@@ -137,6 +137,41 @@ def test_kernels_that_do_not_build_leave_the_torch_step(monkeypatch):
         assert gd._forward(1, 64).shape == (1, 256)  # the torch step
 
 
+def test_a_pdl_launch_that_fails_retries_the_fused_kernels_without_it(monkeypatch):
+    """Programmatic dependent launch is the newest part of the fused step (a Triton without launch_pdl, a driver
+    that refuses it): its failure turns PDL off and keeps the fused kernels, warned; a second failure without
+    it leaves the torch step."""
+    import millis.gen.cuda_graph as cg
+
+    monkeypatch.setitem(dk.PDL, "off", "")
+    monkeypatch.setattr(dk, "pdl", lambda t: not dk.PDL["off"])  # as on a Hopper GPU with a PDL-capable Triton
+    calls = []
+
+    def fails_with_pdl(model, ids, pos, kv_len, window, one_row=False):
+        calls.append(dk.PDL["off"])
+        if not dk.PDL["off"]:
+            raise RuntimeError("launch_pdl: unexpected keyword argument")
+        return torch.zeros(ids.shape[0], 256)
+
+    monkeypatch.setattr(cg, "fused_usable", lambda model: True)
+    monkeypatch.setattr(cg, "fused_decode", fails_with_pdl)
+    model, _ = prefilled(4, 2, 0, torch.float32, "cpu")
+    with pytest.warns(UserWarning, match="programmatic dependent launch unavailable"):
+        gd = GraphedDecode(model, SLOTS, MAX_SEQ, capture=False)
+    assert gd.fused and "launch_pdl" in dk.PDL["off"] and calls[0] == "" and calls[-1]
+    monkeypatch.setitem(dk.PDL, "off", "")
+    monkeypatch.setattr(cg, "fused_decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no tl.dot here")))
+    with pytest.warns(UserWarning, match="fused decode kernels unavailable"):
+        assert not GraphedDecode(model, SLOTS, MAX_SEQ, capture=False).fused
+
+
+def test_pdl_is_off_without_cuda_and_when_switched_off(monkeypatch):
+    assert not dk.pdl(torch.zeros(1))  # CPU tensors (and no Triton in CI): never
+    assert dk.pdl_launch(torch.zeros(1), True) == {"GDC": False}
+    monkeypatch.setenv("MILLIS_NO_PDL", "1")
+    assert not dk.pdl(torch.zeros(1))
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter on the CPU: needs triton and TRITON_INTERPRET=1")
 def test_engine_decodes_the_same_tokens_through_the_fused_step():
     """Continuous batching (4 requests through 2 slots, rows joining and leaving, idle bucket rows) with the

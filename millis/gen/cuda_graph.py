@@ -36,6 +36,7 @@ from millis.gen.models.layers import Attention, Batch, visible_keys
 from millis.gen.models.fused_decode import fused_decode, gemv_shapes, gemv_usable
 from millis.gen.models.fused_decode import usable as fused_usable
 from millis.gpu import decode_gemv
+from millis.gpu import decode_kernels as dk
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 256  # the shortest KV bucket: below it a decode step is launch-bound, not length-bound
@@ -80,21 +81,30 @@ class GraphedDecode:
     @torch.inference_mode()
     def _try_fused(self) -> None:
         """Compile the fused kernels with one eager step at the scratch position; a Triton that cannot build
-        them leaves the torch step in their place (with a warning), not an engine that fails to open."""
-        try:
-            if self.device.type == "cuda" and self.one_row:  # the batch-1 matmuls' tiles, measured
-                decode_gemv.tune(gemv_shapes(self.model), self.model.tok_emb.weight.dtype)
-            for b in self.buckets[:2]:  # batch 1 (its own kernels) and a batch of several rows
-                self.pos[b].fill_(self.max_seq - 1)
-                self._forward(b, self.lengths[0])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
-            if "CUDA error" in str(e):  # a fault poisons the context: no fallback can help
-                raise
-            warnings.warn(f"fused decode kernels unavailable ({type(e).__name__}: {str(e)[:300]}); "
-                          f"decoding with the torch step")
-            self.fused = False
+        them leaves the torch step in their place (with a warning), not an engine that fails to open. With PDL
+        on (decode_kernels.pdl), a failure first retries the kernels without it."""
+        weight = self.model.tok_emb.weight
+        for attempt in range(2):
+            try:
+                if self.device.type == "cuda" and self.one_row:  # the batch-1 matmuls' tiles, measured
+                    decode_gemv.tune(gemv_shapes(self.model), weight.dtype)
+                for b in self.buckets[:2]:  # batch 1 (its own kernels) and a batch of several rows
+                    self.pos[b].fill_(self.max_seq - 1)
+                    self._forward(b, self.lengths[0])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                return
+            except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
+                why = f"{type(e).__name__}: {str(e)[:300]}"
+                if attempt == 0 and dk.pdl(weight):  # any failure: PDL is the newest part, try without it
+                    dk.pdl_off(why)
+                    warnings.warn(f"programmatic dependent launch unavailable ({why}); the kernels without it")
+                    continue
+                if "CUDA error" in str(e):  # a fault poisons the context: no fallback can help
+                    raise
+                warnings.warn(f"fused decode kernels unavailable ({why}); decoding with the torch step")
+                self.fused = False
+                return
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
         if self.fused:  # Llama family on CUDA: 8 fused kernels a layer, 5 at batch 1 (models/fused_decode.py)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from millis.gpu.decode_kernels import pdl_launch
 from millis.gpu.graph_timing import time_candidates
 from millis.gpu.weight_only_kernels import GROUP
 
@@ -31,6 +32,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
 if triton is not None:
+    from millis.gpu.decode_kernels import gdc_enter
+
     @triton.jit
     def _xn(x_ptr, nw_ptr, k, km, rstd, NORM: tl.constexpr):
         # x[k] in fp32, or RMSNorm(x)[k] * w_norm[k] as the torch layer rounds it (the normalised value to the
@@ -59,9 +62,10 @@ if triton is not None:
     def _gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, eps,
                      FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
                      HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GPS: tl.constexpr, GROUP: tl.constexpr):
+                     GPS: tl.constexpr, GROUP: tl.constexpr, GDC: tl.constexpr):
         # FMT 0: plain weights (N', K); 1: int8 / fp8 with a scale per row; 2: int4, GROUP inputs per scale and
         # minimum (millis.gpu.weight_only's layouts). NT = the weight's rows (2N with GATEUP).
+        gdc_enter(GDC)  # PDL (decode_kernels): the kernel before it done, the one after it may launch
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         nm = rn < N
@@ -156,7 +160,8 @@ def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 
         x, norm_w if norm_w is not None else x, w, scale if scale is not None else x, low if low is not None else x,
         lin.bias if lin.bias is not None else x, y, y, K, N, NT, w.stride(0), eps, FMT=FORMATS[fmt],
         NORM=norm_w is not None, GATEUP=gateup, RESID=resid is not None, HAS_B=lin.bias is not None,
-        OUT_F32=out_f32, BN=c["BN"], BK=c["BK"], GPS=c["GPS"], GROUP=GROUP, num_warps=c["num_warps"])
+        OUT_F32=out_f32, BN=c["BN"], BK=c["BK"], GPS=c["GPS"], GROUP=GROUP, num_warps=c["num_warps"],
+        **pdl_launch(x, True))
     return y
 
 

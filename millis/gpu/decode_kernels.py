@@ -12,6 +12,8 @@ Shapes: x (B, D) rows; qkv (B, (nh + 2 nkv) hs); the cache (slots, nkv, S, hs) w
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
@@ -20,7 +22,35 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
 except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
+# Programmatic dependent launch (Hopper and newer) for the batch-1 step's chain of Triton kernels: each kernel
+# waits for the one before it to finish (gdc_wait: its writes visible) and then lets the next one launch
+# (gdc_launch_dependents), so a kernel's launch and scheduling overlap its predecessor's tail instead of
+# following it; inside a CUDA graph the launch attribute becomes a programmatic edge. Every kernel of the chain
+# waits before it reads, so a kernel never sees a predecessor's partial writes, transitively (a kernel ends only
+# after its own wait). A torch kernel between them launches plainly and serializes as usual.
+# MILLIS_NO_PDL=1 turns it off (the A/B switch); a Triton that cannot build it turns it off (`pdl_off`).
+PDL = {"off": ""}  # why it is off in this process ("" : not turned off)
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL: CUDA, compute capability 9.0+, a Triton with gdc_wait."""
+    if PDL["off"] or triton is None or not t.is_cuda or os.environ.get("MILLIS_NO_PDL") == "1":
+        return False
+    return hasattr(tl.extra.cuda, "gdc_wait") and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def pdl_off(reason: str) -> None:
+    PDL["off"] = reason
+
+
 if triton is not None:
+    @triton.jit
+    def gdc_enter(GDC: tl.constexpr):
+        # the predecessor's writes visible, then the successor may launch (it waits in turn)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
         # h = x + r (the residual stream, rounded to the dtype); y = w * (h * rsqrt(mean(h^2) + eps)) rounded
@@ -51,12 +81,13 @@ if triton is not None:
     @triton.jit
     def _rope_attention_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S, QKV_W, L,
                                window, scale, G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr,
-                               BL: tl.constexpr, PREC: tl.constexpr):
+                               BL: tl.constexpr, PREC: tl.constexpr, GDC: tl.constexpr):
         # program (row b, kv head j): RoPE on its G query heads (padded to GP >= 16 rows: tensor-core dots) and
         # its key; the key and value written at the row's position p of cache slot b; attention over the new
         # key (from registers) and the cached keys [lo, min(p, L)): key < p, and p - window < key with a
         # window. Online softmax in fp32, the probabilities in the dtype for the second dot (as the torch
         # step). Heads stay in halves (HS/2 wide) from RoPE to the output: no register shuffles.
+        gdc_enter(GDC)
         b = tl.program_id(0)
         j = tl.program_id(1)
         rg = tl.arange(0, GP)
@@ -128,6 +159,13 @@ if triton is not None:
         tl.store(y_ptr + row * H + cols, (a * up).to(y_ptr.dtype.element_ty), mask=m)
 
 
+def pdl_launch(t: torch.Tensor, chained: bool) -> dict:
+    """A chained kernel's launch arguments: GDC (its constexpr) and launch_pdl, on when `chained` (the batch-1
+    step: every kernel around it waits too) and PDL is on for t's device."""
+    on = chained and pdl(t)
+    return {"GDC": on, "launch_pdl": True} if on else {"GDC": False}
+
+
 def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float):
     """(x + r, RMSNorm(x + r) * w) for x, r (B, D) contiguous; r None: (x, RMSNorm(x) * w)."""
     B, D = x.shape
@@ -141,12 +179,12 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
 
 def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, nh: int, nkv: int, kv_len: int,
-                   window: int) -> torch.Tensor:
+                   window: int, chained: bool = False) -> torch.Tensor:
     """qkv (B, (nh + 2 nkv) hs), pos (B,) -> attention output (B, nh * hs) in qkv's dtype; the rotated keys and
     the values written into rows 0..B-1 of the caches (slots, nkv, S, hs) at each row's position, every row
     attending its new key and its cached keys below `kv_len` (the graph bucket's bound). cos, sin: the model's
     RoPE tables (max_seq, hs). An idle bucket row (the scratch position) attends like any other: its own
-    key keeps its softmax finite."""
+    key keeps its softmax finite. chained: between PDL kernels (the batch-1 step of decode_gemv's matmuls)."""
     B = qkv.shape[0]
     hs, S = k_cache.shape[-1], k_cache.shape[2]
     g = nh // nkv
@@ -156,7 +194,7 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin:
                                      # an fp32 model's dots in fp32, not Triton's default TF32 (10-bit mantissa:
                                      # HF fp32 and the torch step compute in full fp32); 16-bit inputs ignore it
                                      PREC="ieee" if qkv.dtype == torch.float32 else "tf32",
-                                     num_warps=4, num_stages=3)
+                                     num_warps=4, num_stages=3, **pdl_launch(qkv, chained))
     return o
 
 

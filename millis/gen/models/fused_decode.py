@@ -89,7 +89,8 @@ def _one_row(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int
     for layer in model.layers:
         a, f = layer.attn, layer.ffn
         qkv = dg.gemv(x, a.wqkv, layer.attn_norm.weight, eps)
-        o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window)
+        o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window,
+                              chained=True)
         dg.gemv(o[0], a.wo, resid=x)
         h = dg.gemv(x, f.w13, layer.ffn_norm.weight, eps, gateup=True)
         dg.gemv(h, f.w2, resid=x)
