@@ -44,7 +44,10 @@ from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen.client import Conn, Target  # noqa: E402
 from millis.loadgen.process import HOST, ServerProcess  # noqa: E402
 
-STAGES = ("queue", "tokenize", "inference")
+sys.path.insert(0, str(HERE))
+from gpu_decode import steps_ms  # noqa: E402
+from request_rounds import STAGES, http_round, inproc_round  # noqa: E402
+
 FLOOR_ANSWER = b'{"object":"list","model":"m","data":[{"index":0,"label":"neutral","score":0.34,"truncated":false}]}'
 
 
@@ -91,21 +94,6 @@ def pcts(xs: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(xs, 99)), 3), "n": len(xs)}
 
 
-async def http_round(conn: Conn, bodies: list[bytes], seconds: float, rng, lat: list[float],
-                     stages: dict[str, list[float]] | None) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        raw = bodies[rng.integers(len(bodies))]
-        t0 = time.perf_counter()
-        status, headers, _ = await conn.send(raw)
-        lat.append((time.perf_counter() - t0) * 1e3)
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}")
-        if stages is not None:
-            for s in STAGES:
-                stages[s].append(float(headers[f"x-millis-{s}-ms"]))
-
-
 async def alternate(servers: dict[str, ServerProcess], model, texts: list[str], rounds: int,
                     seconds: float) -> dict:
     rng = np.random.default_rng(0)
@@ -122,12 +110,7 @@ async def alternate(servers: dict[str, ServerProcess], model, texts: list[str], 
         for n in servers:
             await conns[n].send(bodies[n][i % len(texts)])
     for _ in range(rounds):
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            x = texts[rng.integers(len(texts))]
-            t0 = time.perf_counter()
-            model.run([x])
-            lat["in_process"].append((time.perf_counter() - t0) * 1e3)
+        inproc_round(model, texts, seconds, rng, lat["in_process"])
         for n in servers:
             await http_round(conns[n], bodies[n], seconds, rng, lat[n], stages.get(n))
     for c in conns.values():
@@ -169,21 +152,12 @@ async def stream_itl(url: str, prompt: str, max_tokens: int, n: int) -> tuple[li
 
 def engine_step_ms(model: str, prompt: str, max_tokens: int, n: int) -> list[float]:
     """The same decode in process: wall time of each engine step after the first (the prefill), ms."""
-    from millis.gen import EngineConfig, SamplingParams, open_engine
+    from millis.gen import EngineConfig, open_engine
 
     eng = open_engine(model, EngineConfig(max_batch=4))
     ids = eng.tok.encode(prompt)
-    gaps: list[float] = []
-    for k in range(n + 1):  # the first request warms up
-        eng.add(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        steps = []
-        while eng.has_work:
-            t = time.perf_counter()
-            eng.step()
-            steps.append((time.perf_counter() - t) * 1e3)
-        if k:
-            gaps += steps[1:]
-    return gaps
+    steps_ms(eng, ids, max_tokens)  # warm-up
+    return [t for _ in range(n) for t in steps_ms(eng, ids, max_tokens)[1:]]
 
 
 def main() -> int:

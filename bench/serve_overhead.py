@@ -31,7 +31,8 @@ from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen.client import Conn, Target  # noqa: E402
 from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 
-STAGES = ("queue", "tokenize", "inference")
+sys.path.insert(0, str(HERE))
+from request_rounds import STAGES, http_round, inproc_round  # noqa: E402
 
 
 def pcts(xs: list[float]) -> dict:
@@ -51,22 +52,8 @@ async def alternate(url: str, model, texts: list[str], rounds: int, seconds: flo
         model.run([texts[i % len(texts)]])
         await conn.send(bodies[i % len(bodies)])
     for _ in range(rounds):
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            x = texts[rng.integers(len(texts))]
-            t0 = time.perf_counter()
-            model.run([x])
-            inproc.append((time.perf_counter() - t0) * 1e3)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            raw = bodies[rng.integers(len(bodies))]
-            t0 = time.perf_counter()
-            status, headers, _ = await conn.send(raw)
-            http.append((time.perf_counter() - t0) * 1e3)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}")
-            for s in STAGES:
-                stages[s].append(float(headers[f"x-millis-{s}-ms"]))
+        inproc_round(model, texts, seconds, rng, inproc)
+        await http_round(conn, bodies, seconds, rng, http, stages)
     conn.close()
     res = {"in_process": pcts(inproc), "http_c1": pcts(http),
            "server_stages_p50_ms": {s: round(statistics.median(v), 3) for s, v in stages.items()}}

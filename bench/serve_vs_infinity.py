@@ -36,6 +36,7 @@ from millis.loadgen import plot, request_maker  # noqa: E402
 from millis.loadgen.client import Conn, Target  # noqa: E402
 from millis.loadgen.load import Level, Recorder, run_level, summarize, warm  # noqa: E402
 from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
+from request_rounds import inproc_round  # noqa: E402
 
 RESULTS = HERE / "results"
 INFINITY = HERE / ".venvs" / "infinity"
@@ -63,12 +64,7 @@ async def interleaved_c1(t: Target, make, model, texts: list[str], rounds: int, 
     rec.t_first = time.perf_counter()
     http_time = 0.0
     for _ in range(rounds):
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            x = texts[rng.integers(len(texts))]
-            t0 = time.perf_counter()
-            model.run([x])
-            inproc.append(time.perf_counter() - t0)
+        inproc_round(model, texts, seconds, rng, inproc)  # ms
         start = time.perf_counter()
         end = start + seconds
         while time.perf_counter() < end:
@@ -90,8 +86,8 @@ async def run_system(url: str, texts: list[str], levels: list[Level], duration: 
     for lv in levels:
         if lv.name == "c1" and model is not None:
             row, inproc = await interleaved_c1(t, make, model, texts, rounds, duration / rounds * 2, timeout)
-            extra["in_process"] = {"p50_ms": round(float(np.percentile(inproc, 50)) * 1e3, 3),
-                                   "p99_ms": round(float(np.percentile(inproc, 99)) * 1e3, 3), "calls": len(inproc)}
+            extra["in_process"] = {"p50_ms": round(float(np.percentile(inproc, 50)), 3),
+                                   "p99_ms": round(float(np.percentile(inproc, 99)), 3), "calls": len(inproc)}
         else:
             # the seed follows the level, not its position: both systems get the same arrival times
             row = await run_level(t, make, lv, duration, 0, timeout, seed=zlib.crc32(lv.name.encode()))
