@@ -67,9 +67,8 @@ if stage 2; then
     fi
     # 4. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (100 s)
     part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
-    # 5. encoders: MiniLM and BERT-base, millis fp16 / bf16 / W8A8 int8 and fp8 graphs against HF eager /
-    #    compile / whole graph (100 s)
-    #    (9 systems took over 100 s on the first H200 run: the slower ones of that run left out) (120 s)
+    # 5. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
+    #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out) (120 s)
     part 120 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT" --systems \
         hf-eager-fp16,hf-compile-fp16,millis-fp16,millis-fp16-dense,millis-int8
     # 6. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
