@@ -170,8 +170,13 @@ def main() -> int:
     if cuda:  # their launches overlapped by programmatic dependent launch (MILLIS_NO_PDL=1; off where it failed)
         from millis.gpu import decode_kernels as dk
 
+        from millis.gpu import decode_gemv
+
         res["pdl"] = res["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)
         res["pdl_off_because"] = dk.PDL["off"]
+        ptx = decode_gemv.compiled_ptx()  # the instructions compiled in, or PDL changes nothing
+        res["pdl_ptx"] = {"kernels": len(ptx), "wait": sum("griddepcontrol.wait" in p for p in ptx),
+                          "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
     res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
@@ -226,14 +231,22 @@ def main() -> int:
                                       "kernels_per_decode_step": kernels_per_step(eng)}
         print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
         path.write_text(json.dumps(res, indent=1) + "\n")
-    if cuda and res.get("pdl"):  # and b1 without programmatic dependent launch between its kernels
+    if cuda and res.get("pdl"):  # b1 with and without programmatic dependent launch: like engines, alternated
         del os.environ["MILLIS_NO_DECODE_GEMV"]
-        os.environ["MILLIS_NO_PDL"] = "1"
         del eng
         torch.cuda.empty_cache()
-        eng = open_engine(a.gguf, EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device))
-        res["without_pdl"] = {"b1_ms_per_token": decode_figures(eng, prompt, a.new_tokens)["b1_ms_per_token"]}
-        print("without PDL (MILLIS_NO_PDL=1):", res["without_pdl"])
+        cfg = EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device)
+        engines = {"pdl": open_engine(a.gguf, cfg)}
+        os.environ["MILLIS_NO_PDL"] = "1"  # read at each launch: the second engine's graphs capture without it
+        engines["no_pdl"] = open_engine(a.gguf, cfg)
+        del os.environ["MILLIS_NO_PDL"]
+        ms: dict[str, list[float]] = {k: [] for k in engines}
+        for r in range(6):
+            for k in list(engines)[r % 2:] + list(engines)[:r % 2]:
+                ms[k].append(statistics.median(steps_ms(engines[k], prompt, a.new_tokens)[1:]))
+        res["pdl_ab"] = {k: {"b1_ms_per_token": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v]}
+                         for k, v in ms.items()}
+        print("b1 with / without PDL, alternated:", res["pdl_ab"])
         path.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 

@@ -146,7 +146,8 @@ async def stream_itl(url: str, prompt: str, max_tokens: int, n: int) -> tuple[li
                 stamps.append(time.perf_counter())
         w.close()
         gaps += [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
-        means.append((stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1))
+        if len(stamps) >= 2:  # a stream of one text event has no gap
+            means.append((stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1))
     return gaps, means
 
 

@@ -118,6 +118,7 @@ def test_fused_step_in_the_interpreter(dtype, tol):
 @pytest.mark.skipif(not (HAS_CUDA and dk.triton is not None), reason="needs CUDA and Triton")
 def test_fused_step_on_cuda():
     check(torch.bfloat16, "cuda", 3e-2)
+    check(torch.float32, "cuda", 1e-4)  # fp32 models' attention dots in IEEE fp32, not TF32
 
 
 def test_kernels_that_do_not_build_leave_the_torch_step(monkeypatch):
@@ -165,11 +166,26 @@ def test_a_pdl_launch_that_fails_retries_the_fused_kernels_without_it(monkeypatc
         assert not GraphedDecode(model, SLOTS, MAX_SEQ, capture=False).fused
 
 
-def test_pdl_is_off_without_cuda_and_when_switched_off(monkeypatch):
+def test_pdl_only_on_hopper_with_a_triton_that_has_it_and_not_when_switched_off(monkeypatch):
+    from types import SimpleNamespace as NS
+
     assert not dk.pdl(torch.zeros(1))  # CPU tensors (and no Triton in CI): never
     assert dk.pdl_launch(torch.zeros(1), True) == {"GDC": False}
+    gpu = NS(is_cuda=True, device="cuda:0")  # a tensor on a GPU, as pdl reads it
+    monkeypatch.setattr(dk, "triton", object())
+    monkeypatch.setattr(dk, "tl", NS(extra=NS(cuda=NS(gdc_wait=None))), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setitem(dk.PDL, "off", "")
+    assert dk.pdl(gpu) and dk.pdl_launch(gpu, True) == {"GDC": True, "launch_pdl": True}
+    assert dk.pdl_launch(gpu, False) == {"GDC": False}  # a kernel outside the batch-1 chain
     monkeypatch.setenv("MILLIS_NO_PDL", "1")
-    assert not dk.pdl(torch.zeros(1))
+    assert not dk.pdl(gpu)
+    monkeypatch.delenv("MILLIS_NO_PDL")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # Ampere: no PDL
+    assert not dk.pdl(gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(dk, "tl", NS(extra=NS(cuda=NS())), raising=False)  # a Triton without gdc_wait
+    assert not dk.pdl(gpu)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter on the CPU: needs triton and TRITON_INTERPRET=1")

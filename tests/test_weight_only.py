@@ -113,7 +113,7 @@ def test_shapes_whose_kernels_never_build_dequantize_even_if_cublas_was_timed(mo
     monkeypatch.setattr(wk, "time_candidates", lambda cands, run: [(c, 1.0) for c in cands if c.get("dequant")])
     model = tiny_llama()
     with pytest.warns(UserWarning, match="no fp8 kernel built"):
-        wo.quantize_and_tune(model, "fp8", 8)
+        wo.quantize_and_tune(model, "fp8")
     x = torch.randn(1, 128)  # and the layers run on the weights the kernels would have multiplied
     assert torch.allclose(model.layers[0].attn.wqkv(x), F.linear(x, model.layers[0].attn.wqkv.weight()), atol=1e-5)
 
@@ -228,4 +228,4 @@ def test_kernels_on_cuda(fmt):
 @pytest.mark.skipif(wo.triton is not None, reason="the error of a machine without Triton")
 def test_without_triton_the_gpu_formats_say_so():
     with pytest.raises(MillisError, match="Triton is not installed"):
-        wo.quantize_and_tune(tiny_llama(), "int4", 8)
+        wo.quantize_and_tune(tiny_llama(), "int4")

@@ -37,6 +37,7 @@ from millis.gen.models.fused_decode import fused_decode, gemv_shapes, gemv_usabl
 from millis.gen.models.fused_decode import usable as fused_usable
 from millis.gpu import decode_gemv
 from millis.gpu import decode_kernels as dk
+from millis.gpu.graph_timing import context_usable
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 256  # the shortest KV bucket: below it a decode step is launch-bound, not length-bound
@@ -96,12 +97,12 @@ class GraphedDecode:
                 return
             except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
                 why = f"{type(e).__name__}: {str(e)[:300]}"
-                if attempt == 0 and dk.pdl(weight):  # any failure: PDL is the newest part, try without it
+                if not context_usable():  # a kernel fault poisons the context: no fallback can help
+                    raise
+                if attempt == 0 and dk.pdl(weight):  # PDL is the newest part: the kernels again without it
                     dk.pdl_off(why)
                     warnings.warn(f"programmatic dependent launch unavailable ({why}); the kernels without it")
                     continue
-                if "CUDA error" in str(e):  # a fault poisons the context: no fallback can help
-                    raise
                 warnings.warn(f"fused decode kernels unavailable ({why}); decoding with the torch step")
                 self.fused = False
                 return

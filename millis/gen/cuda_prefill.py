@@ -24,6 +24,7 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.gen.models.layers import Batch, visible_keys
+from millis.gpu.graph_timing import context_usable
 
 SMALLEST, LARGEST = 64, 2048  # below 64 tokens a replay saves little; above 2048 the arithmetic dominates
 
@@ -44,12 +45,12 @@ def wanted() -> bool:
 
 def open_prefill(model: nn.Module, max_seq: int) -> "GraphedPrefill | None":
     """The engine's prefill graphs, or None (with a warning) where capture fails on this GPU / torch: prefills
-    then run eagerly, as before the graphs, rather than the engine failing to open. A CUDA fault is raised:
-    it poisons the context, and no fallback can help."""
+    then run eagerly, as before the graphs, rather than the engine failing to open. A failure that left the
+    CUDA context unusable (a kernel fault) is raised: no fallback can help."""
     try:
         return GraphedPrefill(model, max_seq)
     except Exception as e:  # noqa: BLE001
-        if "CUDA error" in str(e):
+        if not context_usable():
             raise
         warnings.warn(f"prefill graphs unavailable ({type(e).__name__}: {str(e)[:300]}); prefilling eagerly")
         return None

@@ -9,7 +9,8 @@
 
 Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute, update:
 - schedule: waiting requests take free slots (FIFO, at most `max_prefills_per_step` per step);
-- execute: new requests are prefilled (native: each alone; torch: in one right-padded forward), every
+- execute: new requests are prefilled (native: each alone; torch: in one right-padded forward, or a lone
+  prompt from a CUDA graph of its token bucket, cuda_prefill.GraphedPrefill), every
   running request decodes one token, all rows in one batched forward at their own positions; all
   their logits are sampled together;
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete

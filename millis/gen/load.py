@@ -87,7 +87,7 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     if engine.device == "cuda" and engine.quant != "none":
         from millis.gpu.weight_only import quantize_and_tune
 
-        quant_backend = quantize_and_tune(model, engine.quant, engine.max_batch)
+        quant_backend = quantize_and_tune(model, engine.quant)
     elif engine.quant != "none":
         from millis.kernels.quant import quantize_int8
 

@@ -165,6 +165,18 @@ def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 
     return y
 
 
+def compiled_ptx() -> list[str]:
+    """The PTX of every gemv kernel compiled in this process (a GPU run checks that PDL's griddepcontrol
+    instructions survived compilation); [] where there is none or this Triton keeps it elsewhere."""
+    if triton is None:
+        return []
+    try:
+        return [k.asm.get("ptx", "") for per_device in _gemv_kernel.device_caches.values()
+                for k in per_device[0].values()]
+    except Exception:  # noqa: BLE001 -- Triton's cache layout is internal: a figure lost, not the run
+        return []
+
+
 def tune(shapes: list[tuple], dtype: torch.dtype) -> dict:
     """Measure the candidates on each distinct (format, N, K, norm, gateup) of `shapes` ((linear, norm, gateup),
     on CUDA) for inputs in the model's `dtype`, keep the fastest in TUNED and return {TUNED key: [(config, us),

@@ -7,7 +7,7 @@ batch 1 a step of small kernels is bound by how many it launches, not by bytes.
 The elementwise kernels round where the torch layers round (RMSNorm's normalised row to the dtype before the
 weight, RoPE's two products and their sum, SiLU before the product), so they give the torch model's values;
 attention takes its softmax in fp32 (one pass, online) and both products as tensor-core dots, as the torch
-path's fp32 softmax and bf16 matmuls, within rounding.
+path's fp32 softmax and bf16 matmuls, within rounding (an fp32 model's dots in IEEE fp32, not TF32).
 Shapes: x (B, D) rows; qkv (B, (nh + 2 nkv) hs); the cache (slots, nkv, S, hs) with row b in slot b.
 """
 from __future__ import annotations

@@ -28,6 +28,19 @@ def graph_us(fn, calls: int = 20, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def context_usable() -> bool:
+    """After a failure: whether the CUDA context still runs work. A failed capture or compile leaves it usable
+    (torch words a capture's failure "CUDA error: operation not permitted when stream is capturing" too); a
+    kernel fault (an illegal address) poisons it, and every later call fails. True without CUDA."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2.0
+    except Exception:  # noqa: BLE001 -- the question asked
+        return False
+
+
 def time_candidates(candidates: list[dict], run) -> list[tuple[dict, float]]:
     """[(config, us)] of each candidate config that runs, fastest first: run(config) is the call timed by
     graph_us. A config Triton or cuBLAS refuses (resources, an unsupported dot or status) is passed over; a

@@ -133,15 +133,17 @@ def quantize_weight_only(model: nn.Module, fmt: str) -> int:
     return len(swaps)
 
 
-def quantize_and_tune(model: nn.Module, fmt: str, max_batch: int) -> str:
+def quantize_and_tune(model: nn.Module, fmt: str) -> str:
     """A decoder on CUDA in a weight-only format: quantized in place, then each matmul shape's kernel measured
-    for one row and for the tiles of up to max_batch rows (weight_only_kernels.tune). Returns its backend name."""
+    for one row and for each tile of up to KERNEL_ROWS rows (weight_only_kernels.tune): decode and prefill
+    reach every row class. Returns its backend name."""
     from millis.gpu.weight_only_kernels import TUNED, block_sizes, tune
 
     if triton is None:
         raise MillisError(f"--quant {fmt} on cuda runs Triton kernels, and Triton is not installed")
     quantize_weight_only(model, fmt)
-    rows = (1, *sorted({block_sizes(b, 1)[0] for b in range(2, min(max_batch, KERNEL_ROWS) + 1)}))
+    # every row class the kernels take, whatever max_batch: a prefill of up to KERNEL_ROWS tokens runs them too
+    rows = (1, *sorted({block_sizes(b, 1)[0] for b in range(2, KERNEL_ROWS + 1)}))
     layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     tune(layers, rows)
     # a shape is built when one of its kernels ran: a DEQUANT entry alone (cuBLAS won, or was all that ran)

@@ -167,8 +167,8 @@ def tune(layers, rows: tuple[int, ...] = (1, 16)) -> dict:
     """Measure the candidates on each distinct (format, N, K) of `layers` (WeightOnlyLinear, on CUDA) at each
     of `rows` through their `matmul`, keep the fastest in TUNED, and return {TUNED key: [(config, us), ...]}
     of what it measured, fastest first. Shapes already tuned are skipped; a candidate Triton refuses (shared
-    memory, registers) is passed over. A shape whose fastest is DEQUANT still counts as tuned: the kernels
-    built, cuBLAS won."""
+    memory, registers) is passed over. DEQUANT can be a row class's fastest (cuBLAS won) or all that ran there
+    (no kernel built): weight_only.quantize_and_tune counts a shape as built only by a kernel's entry."""
     out = {}
     shapes = {(m.fmt, m.out_features, m.in_features): m for m in layers}
     for (fmt, n, k), m in shapes.items():
