@@ -42,22 +42,11 @@ class Metrics:
         self.cold_start = Gauge("millis_cold_start_seconds", "model load + warm-up time", registry=r)
         self.ready = Gauge("millis_ready", "1 once the model is loaded and warmed", registry=r)
         self.info = Gauge("millis_model_info", "the served model", ["model", "variant", "runtime", "task"], registry=r)
-        self._answer_series: dict[tuple[str, int], tuple] = {}  # (route, status) -> its two series
-
-    def _series(self, route: str, status: int) -> tuple:
-        """The request counter and duration histogram of (route, status), looked up once: `labels()` takes a
-        lock and checks its arguments on every call, a cost every answer paid twice."""
-        s = self._answer_series.get((route, status))
-        if s is None:
-            s = self._answer_series[(route, status)] = (self.requests.labels(route, str(status)),
-                                                        self.duration.labels(route))
-        return s
 
     def on_request(self, route: str, status: int, seconds: float) -> None:
         """An answer (event loop)."""
-        count, duration = self._series(route, status)
-        count.inc()
-        duration.observe(seconds)
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
         self.live.request(route, status, seconds)
 
     def on_admit(self) -> None:
