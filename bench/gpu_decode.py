@@ -168,9 +168,8 @@ def main() -> int:
     res["graphs"] = len(eng.decode.graphs) if cuda else 0
     res["fused_decode"] = bool(cuda and eng.decode.fused)  # Triton kernels, 5 a layer at b1 (MILLIS_NO_FUSED_DECODE=1)
     if cuda:  # their launches overlapped by programmatic dependent launch (MILLIS_NO_PDL=1; off where it failed)
-        from millis.gpu import decode_kernels as dk
-
         from millis.gpu import decode_gemv
+        from millis.gpu import decode_kernels as dk
 
         res["pdl"] = res["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)
         res["pdl_off_because"] = dk.PDL["off"]
@@ -179,9 +178,10 @@ def main() -> int:
                           "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     res.update(decode_figures(eng, prompt, a.new_tokens))
-    res["kernels_per_decode_step"] = kernels_per_step(eng) if cuda else None
+    res["kernels_per_decode_step"] = None
     if cuda:
         res["decode_step_profile"] = safe_step_profile(eng)
+        res["kernels_per_decode_step"] = res["decode_step_profile"].get("kernels")
         print("b1 decode step's kernels:", json.dumps(res["decode_step_profile"]), flush=True)
     greedy = SamplingParams(max_tokens=32)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
@@ -232,7 +232,7 @@ def main() -> int:
         print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
         path.write_text(json.dumps(res, indent=1) + "\n")
     if cuda and res.get("pdl"):  # b1 with and without programmatic dependent launch: like engines, alternated
-        del os.environ["MILLIS_NO_DECODE_GEMV"]
+        os.environ.pop("MILLIS_NO_DECODE_GEMV", None)
         del eng
         torch.cuda.empty_cache()
         cfg = EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device)
