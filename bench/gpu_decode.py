@@ -45,6 +45,26 @@ def steps_ms(eng, prompt: list[int], n: int, rows: int = 1) -> list[float]:
     return out
 
 
+def alternated(a, prompt: list[int], switch: str, names: tuple[str, str], rounds: int = 6) -> dict:
+    """b1 ms/token of two batch-1 engines on a.gguf, the second opened with `switch`=1 (an A/B variable read
+    while the engine opens and captures), alternated like systems: {name: {b1_ms_per_token, rounds}}."""
+    from millis.gen import EngineConfig, open_engine
+
+    cfg = EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device)
+    engines = {names[0]: open_engine(a.gguf, cfg)}
+    os.environ[switch] = "1"
+    try:
+        engines[names[1]] = open_engine(a.gguf, cfg)
+    finally:
+        del os.environ[switch]
+    ms: dict[str, list[float]] = {k: [] for k in engines}
+    for r in range(rounds):
+        for k in list(engines)[r % 2:] + list(engines)[:r % 2]:
+            ms[k].append(statistics.median(steps_ms(engines[k], prompt, a.new_tokens)[1:]))
+    return {k: {"b1_ms_per_token": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v]}
+            for k, v in ms.items()}
+
+
 def decode_figures(eng, prompt: list[int], n: int) -> dict:
     """b1 ms/token and b8 tokens/s (median decode step; the first step, the prefill, left out) and the TTFT
     of a 512-token prompt (median of 3), after a warm-up request."""
@@ -171,9 +191,15 @@ def main() -> int:
         from millis.gpu import decode_gemv
         from millis.gpu import decode_kernels as dk
 
+        from millis.gpu import decode_layer
+
         res["pdl"] = res["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)
         res["pdl_off_because"] = dk.PDL["off"]
-        ptx = decode_gemv.compiled_ptx()  # the instructions compiled in, or PDL changes nothing
+        # one kernel a layer at b1, its phases behind grid barriers (MILLIS_NO_DECODE_LAYER=1; off where it failed)
+        res["per_layer"] = bool(res["fused_decode"] and eng.decode.per_layer)
+        res["per_layer_tuned"] = {str(k): v for k, v in decode_layer.TUNED.items()}
+        res["layer_us"] = eng.decode.layer_us  # layer 0 in one kernel and in five: the engine keeps the faster
+        ptx = decode_gemv.compiled_ptx() + decode_layer.compiled_ptx()  # compiled in, or PDL changes nothing
         res["pdl_ptx"] = {"kernels": len(ptx), "wait": sum("griddepcontrol.wait" in p for p in ptx),
                           "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
@@ -183,6 +209,9 @@ def main() -> int:
         res["decode_step_profile"] = safe_step_profile(eng)
         res["kernels_per_decode_step"] = res["decode_step_profile"].get("kernels")
         print("b1 decode step's kernels:", json.dumps(res["decode_step_profile"]), flush=True)
+    if cuda and res["per_layer"]:  # b1 in one kernel a layer against five, alternated
+        res["per_layer_ab"] = alternated(a, prompt, "MILLIS_NO_DECODE_LAYER", ("per_layer", "five_kernels"))
+        print("b1 one kernel a layer / five, alternated:", res["per_layer_ab"], flush=True)
     greedy = SamplingParams(max_tokens=32)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
     os.environ["MILLIS_NO_KERNELS"] = "1"  # the CPU reference: the torch model in fp32 on the same weights
@@ -231,21 +260,11 @@ def main() -> int:
                                       "kernels_per_decode_step": kernels_per_step(eng)}
         print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
         path.write_text(json.dumps(res, indent=1) + "\n")
-    if cuda and res.get("pdl"):  # b1 with and without programmatic dependent launch: like engines, alternated
+    if cuda and res.get("pdl"):  # b1 with and without programmatic dependent launch, alternated
         os.environ.pop("MILLIS_NO_DECODE_GEMV", None)
         del eng
         torch.cuda.empty_cache()
-        cfg = EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device)
-        engines = {"pdl": open_engine(a.gguf, cfg)}
-        os.environ["MILLIS_NO_PDL"] = "1"  # read at each launch: the second engine's graphs capture without it
-        engines["no_pdl"] = open_engine(a.gguf, cfg)
-        del os.environ["MILLIS_NO_PDL"]
-        ms: dict[str, list[float]] = {k: [] for k in engines}
-        for r in range(6):
-            for k in list(engines)[r % 2:] + list(engines)[:r % 2]:
-                ms[k].append(statistics.median(steps_ms(engines[k], prompt, a.new_tokens)[1:]))
-        res["pdl_ab"] = {k: {"b1_ms_per_token": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v]}
-                         for k, v in ms.items()}
+        res["pdl_ab"] = alternated(a, prompt, "MILLIS_NO_PDL", ("pdl", "no_pdl"))
         print("b1 with / without PDL, alternated:", res["pdl_ab"])
         path.write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -47,8 +47,9 @@ if stage 1; then
     # 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (its CPU needs a minute or more) (60 s)
     part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
-    # 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch (60 s)
-    part 60 gpu-tests $T -m gpu tests/test_gpu.py tests/test_gen_engine.py
+    # 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch, the batch-1 layer
+    #    kernel's grid barriers (the first run of it) (90 s)
+    part 90 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gpu.py tests/test_gen_engine.py
     # 2. Llama-3.2-1B shape: millis bf16 against HF eager, alternated (the first H200 run: 41 s) (100 s)
     part 100 llama1b python3 bench/generation.py --device cuda --systems millis:bf16,hf:bf16 --rounds 2 --reps 1 \
         --batches 1,32 --new-tokens 32 --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
@@ -68,8 +69,9 @@ if stage 2; then
     # 4. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (100 s)
     part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
     # 5. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
-    #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out) (120 s)
-    part 120 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --out "$OUT" --systems \
+    #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out; the second
+    #    ran out of its 120 s box at MiniLM after the cold starts, 6.0 s and 5.6 s: now left out) (130 s)
+    part 130 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --no-cold-start --out "$OUT" --systems \
         hf-eager-fp16,hf-compile-fp16,millis-fp16,millis-fp16-dense,millis-int8
     # 6. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
     part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"

@@ -148,7 +148,7 @@ def test_a_pdl_launch_that_fails_retries_the_fused_kernels_without_it(monkeypatc
     monkeypatch.setattr(dk, "pdl", lambda t: not dk.PDL["off"])  # as on a Hopper GPU with a PDL-capable Triton
     calls = []
 
-    def fails_with_pdl(model, ids, pos, kv_len, window, one_row=False):
+    def fails_with_pdl(model, ids, pos, kv_len, window, *rest):
         calls.append(dk.PDL["off"])
         if not dk.PDL["off"]:
             raise RuntimeError("launch_pdl: unexpected keyword argument")

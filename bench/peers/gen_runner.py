@@ -6,8 +6,8 @@
 
 Systems (each imports its own libraries in prepare(), so each may live in its own venv):
   millis    millis.gen's engine (main venv); precision fp32 | int8 | bf16 (cuda: bf16 | fp32)
-  hf        transformers `generate`, eager; precision fp32 | bf16, or static-compile (static cache +
-            torch.compile of the forward; meant for CUDA)
+  hf        transformers `generate`, eager; precision fp32 | bf16, or static-compile (static cache, and
+            `generate`'s own torch.compile of the decode forward: CUDA only, eager elsewhere)
   ct2       CTranslate2 `Generator.generate_batch` (ct2 venv); precision = compute_type (int8, float32, ...)
 Startup: prepare, print {"ok":true,"ready":true,...}. Then per line:
   {"cmd":"gen","prompts":[[ids]..],"new_tokens":N,"n":R,"warmup":W}
@@ -79,9 +79,14 @@ class HF(Base):
             else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(self.a.model_dir, dtype=dtype).to(dev).eval()
         self.kw = {}
-        if self.precision == "static-compile":  # HF's recipe: static cache, compiled forward
+        if self.precision == "static-compile":
+            # HF's own recipe: a static cache, and `generate` compiles the decode forward itself (CUDA graphs,
+            # "reduce-overhead") after initialising the cache outside the capture. Compiling `model.forward` by
+            # hand instead lets the cache's lazy init run inside a captured graph, whose pool then overwrites
+            # it (the H200 run: "accessing tensor output of CUDAGraphs that has been overwritten")
+            from transformers import CompileConfig
             self.model.generation_config.cache_implementation = "static"
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+            self.model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
 
     def sync(self):
         if self.a.device == "cuda":

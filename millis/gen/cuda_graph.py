@@ -33,9 +33,9 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.gen.models.layers import Attention, Batch, visible_keys
-from millis.gen.models.fused_decode import fused_decode, gemv_shapes, gemv_usable
+from millis.gen.models.fused_decode import fused_decode, gemv_shapes, gemv_usable, layer_us
 from millis.gen.models.fused_decode import usable as fused_usable
-from millis.gpu import decode_gemv
+from millis.gpu import decode_gemv, decode_layer
 from millis.gpu import decode_kernels as dk
 from millis.gpu.graph_timing import context_usable
 
@@ -64,6 +64,8 @@ class GraphedDecode:
         self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
         self.fused = fused_usable(model)
         self.one_row = gemv_usable(model)  # with self.fused: batch 1 through decode_gemv's kernels
+        self.per_layer = self.one_row and decode_layer.usable(model)  # ... in one kernel a layer
+        self.layer_us: dict = {}  # on CUDA: layer 0 in one kernel and in five (fused_decode.layer_us)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
@@ -82,10 +84,11 @@ class GraphedDecode:
     @torch.inference_mode()
     def _try_fused(self) -> None:
         """Compile the fused kernels with one eager step at the scratch position; a Triton that cannot build
-        them leaves the torch step in their place (with a warning), not an engine that fails to open. With PDL
-        on (decode_kernels.pdl), a failure first retries the kernels without it."""
+        them leaves the torch step in their place (with a warning), not an engine that fails to open. The newest
+        parts go first: a failure retries without one kernel a layer (decode_layer, also dropped when one of its
+        barriers gave up), then without PDL (decode_kernels.pdl)."""
         weight = self.model.tok_emb.weight
-        for attempt in range(2):
+        for _ in range(3):
             try:
                 if self.device.type == "cuda" and self.one_row:  # the batch-1 matmuls' tiles, measured
                     decode_gemv.tune(gemv_shapes(self.model), weight.dtype)
@@ -94,12 +97,25 @@ class GraphedDecode:
                     self._forward(b, self.lengths[0])
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
+                if self.per_layer:  # its barriers opened (every program resident), then its tiles measured
+                    self._check_layer_barriers()
+                    if self.device.type == "cuda":
+                        decode_layer.tune(self.model, self.lengths[0], self.window)
+                        self.layer_us = layer_us(self.model, self.lengths[0], self.window)
+                        self._check_layer_barriers()
+                        # measured, not assumed: one kernel a layer where it beats five (a layer of wide matmuls
+                        # may stream its weights faster from many short programs than from one an SM)
+                        self.per_layer = self.layer_us["per_layer"] < self.layer_us["five_kernels"]
                 return
             except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
                 why = f"{type(e).__name__}: {str(e)[:300]}"
                 if not context_usable():  # a kernel fault poisons the context: no fallback can help
                     raise
-                if attempt == 0 and dk.pdl(weight):  # PDL is the newest part: the kernels again without it
+                if self.per_layer:
+                    self.per_layer = False
+                    warnings.warn(f"one kernel a layer unavailable ({why}); decode_gemv's five a layer")
+                    continue
+                if dk.pdl(weight):
                     dk.pdl_off(why)
                     warnings.warn(f"programmatic dependent launch unavailable ({why}); the kernels without it")
                     continue
@@ -107,9 +123,13 @@ class GraphedDecode:
                 self.fused = False
                 return
 
+    def _check_layer_barriers(self) -> None:
+        if decode_layer.failed(self.model):
+            raise RuntimeError("a grid barrier of the layer kernel gave up: its programs were not all resident")
+
     def _forward(self, b: int, n: int) -> torch.Tensor:
         if self.fused:  # Llama family on CUDA: 8 fused kernels a layer, 5 at batch 1 (models/fused_decode.py)
-            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window, self.one_row)
+            return fused_decode(self.model, self.ids[b], self.pos[b], n, self.window, self.one_row, self.per_layer)
         pos = self.pos[b]
         # an idle row (the scratch position) sees every key: with a sliding window none of the first L would be
         # visible to it, and an all-masked row's NaN, written to its slot, would reach a later request there

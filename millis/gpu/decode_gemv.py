@@ -35,11 +35,12 @@ if triton is not None:
     from millis.gpu.decode_kernels import gdc_enter
 
     @triton.jit
-    def _xn(x_ptr, nw_ptr, k, km, rstd, NORM: tl.constexpr):
+    def _xn(x_ptr, nw_ptr, k, km, rstd, NORM: tl.constexpr, CM: tl.constexpr):
         # x[k] in fp32, or RMSNorm(x)[k] * w_norm[k] as the torch layer rounds it (the normalised value to the
-        # dtype, then the weight's product to the dtype)
+        # dtype, then the weight's product to the dtype). CM: the loads' cache modifier (".cg" where another
+        # program of the same kernel wrote x: decode_layer)
         dt = x_ptr.dtype.element_ty
-        xf = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        xf = tl.load(x_ptr + k, mask=km, other=0.0, cache_modifier=CM).to(tl.float32)
         if NORM:
             n = (xf * rstd).to(dt).to(tl.float32)
             xf = (tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32) * n).to(dt).to(tl.float32)
@@ -59,24 +60,28 @@ if triton is not None:
         return tl.sum(dots * s + xs[None, :] * lo, axis=1)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, eps,
-                     FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
-                     HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GPS: tl.constexpr, GROUP: tl.constexpr, GDC: tl.constexpr):
-        # FMT 0: plain weights (N', K); 1: int8 / fp8 with a scale per row; 2: int4, GROUP inputs per scale and
-        # minimum (millis.gpu.weight_only's layouts). NT = the weight's rows (2N with GATEUP).
-        gdc_enter(GDC)  # PDL (decode_kernels): the kernel before it done, the one after it may launch
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    def row_rstd(x_ptr, K, eps, BK: tl.constexpr, CM: tl.constexpr):
+        # 1 / sqrt(mean(x^2) + eps) of the row x (K,), fp32
+        rk = tl.arange(0, BK)
+        ss = tl.zeros((BK,), tl.float32)
+        for k0 in range(0, K, BK):
+            xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0, cache_modifier=CM).to(tl.float32)
+            ss += xk * xk
+        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+    @triton.jit
+    def gemv_tile(t, rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn,
+                  FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
+                  HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  GPS: tl.constexpr, GROUP: tl.constexpr, CM: tl.constexpr):
+        # output rows [t * BN, (t + 1) * BN) of the one-row matmul (see the module's docstring); rstd: the
+        # row's row_rstd when NORM. FMT 0: plain weights (N', K); 1: int8 / fp8 with a scale per row; 2: int4,
+        # GROUP inputs per scale and minimum (millis.gpu.weight_only's layouts). NT = the weight's rows (2N
+        # with GATEUP).
+        rn = t * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         nm = rn < N
         dt = x_ptr.dtype.element_ty
-        rstd = 1.0
-        if NORM:  # pass 1: the row's mean square
-            ss = tl.zeros((BK,), tl.float32)
-            for k0 in range(0, K, BK):
-                xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-                ss += xk * xk
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
         acc = tl.zeros((BN,), tl.float32)
         acc2 = tl.zeros((BN,), tl.float32)
         if FMT == 2:
@@ -86,8 +91,8 @@ if triton is not None:
             for g0 in range(0, n_groups, GPS):
                 g = g0 + rg
                 ka = g[:, None] * GROUP + rh[None, :]                         # (GPS, GROUP/2)
-                xa = _xn(x_ptr, nw_ptr, ka, ka < K, rstd, NORM)
-                xb = _xn(x_ptr, nw_ptr, ka + GROUP // 2, ka + GROUP // 2 < K, rstd, NORM)
+                xa = _xn(x_ptr, nw_ptr, ka, ka < K, rstd, NORM, CM)
+                xb = _xn(x_ptr, nw_ptr, ka + GROUP // 2, ka + GROUP // 2 < K, rstd, NORM, CM)
                 xs = tl.sum(xa, axis=1) + tl.sum(xb, axis=1)                 # (GPS,)
                 gm = g < n_groups
                 acc += _int4_part(w_ptr, s_ptr, l_ptr, rn, nm, g, gm, rh, xa, xb, xs, swn, NT, GROUP)
@@ -97,7 +102,7 @@ if triton is not None:
             for k0 in range(0, K, BK):
                 kk = k0 + rk
                 km = kk < K
-                xf = _xn(x_ptr, nw_ptr, kk, km, rstd, NORM)
+                xf = _xn(x_ptr, nw_ptr, kk, km, rstd, NORM, CM)
                 wm = nm[:, None] & km[None, :]
                 w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
                 acc += tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
@@ -116,12 +121,24 @@ if triton is not None:
         if GATEUP:  # SiLU rounded to the dtype before the product, as the torch layer
             a = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32)
             y = (a * acc2.to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        if RESID:
-            y = y + tl.load(r_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+        if RESID:  # rows t * BN.. of r are this tile's alone: no other program reads or writes them meanwhile
+            y = y + tl.load(r_ptr + rn, mask=nm, other=0.0, cache_modifier=CM).to(tl.float32)
         if OUT_F32:
             tl.store(y_ptr + rn, y.to(dt).to(tl.float32), mask=nm)
         else:
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, eps,
+                     FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
+                     HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GPS: tl.constexpr, GROUP: tl.constexpr, GDC: tl.constexpr):
+        gdc_enter(GDC)  # PDL (decode_kernels): the kernel before it done, the one after it may launch
+        rstd = 1.0
+        if NORM:  # every program takes the row's mean square itself: no norm kernel
+            rstd = row_rstd(x_ptr, K, eps, BK, "")
+        gemv_tile(tl.program_id(0), rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn,
+                  FMT, NORM, GATEUP, RESID, HAS_B, OUT_F32, BN, BK, GPS, GROUP, "")
 
 
 FORMATS = {"plain": 0, "int8": 1, "fp8": 1, "int4": 2}  # nn.Linear, or millis.gpu.weight_only's formats
@@ -165,16 +182,21 @@ def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 
     return y
 
 
-def compiled_ptx() -> list[str]:
-    """The PTX of every gemv kernel compiled in this process (a GPU run checks that PDL's griddepcontrol
-    instructions survived compilation); [] where there is none or this Triton keeps it elsewhere."""
+def ptx_of(kernel) -> list[str]:
+    """The PTX of every compilation of a Triton kernel in this process (a GPU run checks that PDL's
+    griddepcontrol instructions survived compilation); [] where there is none or this Triton keeps it
+    elsewhere."""
     if triton is None:
         return []
     try:
-        return [k.asm.get("ptx", "") for per_device in _gemv_kernel.device_caches.values()
-                for k in per_device[0].values()]
+        return [k.asm.get("ptx", "") for per_device in kernel.device_caches.values() for k in per_device[0].values()]
     except Exception:  # noqa: BLE001 -- Triton's cache layout is internal: a figure lost, not the run
         return []
+
+
+def compiled_ptx() -> list[str]:
+    """ptx_of the gemv kernel."""
+    return ptx_of(_gemv_kernel) if triton is not None else []
 
 
 def tune(shapes: list[tuple], dtype: torch.dtype) -> dict:

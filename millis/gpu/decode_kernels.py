@@ -82,14 +82,20 @@ if triton is not None:
     def _rope_attention_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S, QKV_W, L,
                                window, scale, G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr,
                                BL: tl.constexpr, PREC: tl.constexpr, GDC: tl.constexpr):
-        # program (row b, kv head j): RoPE on its G query heads (padded to GP >= 16 rows: tensor-core dots) and
+        gdc_enter(GDC)
+        rope_attention_head(tl.program_id(0), tl.program_id(1), qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr,
+                            o_ptr, NH, NKV, S, QKV_W, L, window, scale, G, GP, HS, BL, PREC, "")
+
+    @triton.jit
+    def rope_attention_head(b, j, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S, QKV_W, L,
+                            window, scale, G: tl.constexpr, GP: tl.constexpr, HS: tl.constexpr,
+                            BL: tl.constexpr, PREC: tl.constexpr, CM: tl.constexpr):
+        # row b (a tensor), kv head j: RoPE on its G query heads (padded to GP >= 16 rows: tensor-core dots) and
         # its key; the key and value written at the row's position p of cache slot b; attention over the new
         # key (from registers) and the cached keys [lo, min(p, L)): key < p, and p - window < key with a
         # window. Online softmax in fp32, the probabilities in the dtype for the second dot (as the torch
         # step). Heads stay in halves (HS/2 wide) from RoPE to the output: no register shuffles.
-        gdc_enter(GDC)
-        b = tl.program_id(0)
-        j = tl.program_id(1)
+        # CM: the cache modifier of qkv's loads (".cg" where another program of the same kernel wrote it)
         rg = tl.arange(0, GP)
         rh = tl.arange(0, HS // 2)
         rl = tl.arange(0, BL)
@@ -97,18 +103,19 @@ if triton is not None:
         p = tl.load(pos_ptr + b)
         row = qkv_ptr + b * QKV_W
         qb = row + (j * G + rg[:, None]) * HS
-        q1 = tl.load(qb + rh[None, :], mask=gm[:, None], other=0.0)          # (GP, HS/2)
-        q2 = tl.load(qb + HS // 2 + rh[None, :], mask=gm[:, None], other=0.0)
+        q1 = tl.load(qb + rh[None, :], mask=gm[:, None], other=0.0, cache_modifier=CM)          # (GP, HS/2)
+        q2 = tl.load(qb + HS // 2 + rh[None, :], mask=gm[:, None], other=0.0, cache_modifier=CM)
         dt = q1.dtype
         c1 = tl.load(cos_ptr + p * HS + rh).to(dt).to(tl.float32)
         c2 = tl.load(cos_ptr + p * HS + HS // 2 + rh).to(dt).to(tl.float32)
         s1 = tl.load(sin_ptr + p * HS + rh).to(dt).to(tl.float32)
         s2 = tl.load(sin_ptr + p * HS + HS // 2 + rh).to(dt).to(tl.float32)
         q1, q2 = _rope(q1, q2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
-        k1, k2 = _rope(tl.load(row + (NH + j) * HS + rh), tl.load(row + (NH + j) * HS + HS // 2 + rh),
+        k1, k2 = _rope(tl.load(row + (NH + j) * HS + rh, cache_modifier=CM),
+                       tl.load(row + (NH + j) * HS + HS // 2 + rh, cache_modifier=CM),
                        c1, c2, s1, s2)                                       # (HS/2,) each
-        v1 = tl.load(row + (NH + NKV + j) * HS + rh)
-        v2 = tl.load(row + (NH + NKV + j) * HS + HS // 2 + rh)
+        v1 = tl.load(row + (NH + NKV + j) * HS + rh, cache_modifier=CM)
+        v2 = tl.load(row + (NH + NKV + j) * HS + HS // 2 + rh, cache_modifier=CM)
         kv = (b.to(tl.int64) * NKV + j) * S * HS  # int64: one layer's cache may pass 2**31 elements
         dst = kv + p * HS
         tl.store(k_ptr + dst + rh, k1)

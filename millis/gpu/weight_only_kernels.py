@@ -27,7 +27,7 @@ GROUP = 64  # int4 inputs per scale / low: divides SmolLM2's 576 and every Llama
 if triton is not None:
     @triton.jit
     def _channel_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         # int8 / fp8 weights (N, K), scale (N,): the tile converts to x's dtype (exact) before the dot
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -37,14 +37,14 @@ if triton is not None:
             kk = k0 + rk
             x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)))  # via fp32: exact, any Triton
+            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=PREC)  # via fp32: exact
         s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], (acc * s[None, :]).to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, l_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                     BM: tl.constexpr, BN: tl.constexpr, GROUP_: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, GROUP_: tl.constexpr, PREC: tl.constexpr):
         # packed (N, Kp/2) uint8; scale, low (G, N): per group, two half-group dots (low / high nibbles),
         # then acc += dot * scale + sum(x) * low
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -60,7 +60,8 @@ if triton is not None:
             b = tl.load(w_ptr + rn[:, None] * swn + (g * (GROUP_ // 2) + rh)[None, :], mask=rn[:, None] < N, other=0)
             qa = (b & 15).to(tl.float32).to(xa.dtype)                      # (BN, GROUP/2), exact in bf16
             qb = (b >> 4).to(tl.float32).to(xa.dtype)
-            part = tl.dot(xa, tl.trans(qa)) + tl.dot(xb, tl.trans(qb))      # (BM, BN) fp32
+            part = tl.dot(xa, tl.trans(qa), input_precision=PREC) + \
+                tl.dot(xb, tl.trans(qb), input_precision=PREC)             # (BM, BN) fp32
             xs = tl.sum(xa.to(tl.float32), axis=1) + tl.sum(xb.to(tl.float32), axis=1)  # (BM,)
             s = tl.load(s_ptr + g * N + rn, mask=rn < N, other=0.0)
             lo = tl.load(l_ptr + g * N + rn, mask=rn < N, other=0.0)
@@ -139,6 +140,7 @@ def kernel_matmul(fmt: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
         return y
     bn = c["BN"] if not c.get("gemv") else bn  # a gemv config asked of several rows: the tile's guess
     grid = (triton.cdiv(n, bn), triton.cdiv(M, bm))
+    launch["PREC"] = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models' dots not in TF32 (bf16: moot)
     if fmt == "int4":
         _int4_kernel[grid](x, q, scale, low, y, M, n, k, x.stride(0), q.stride(0), y.stride(0), BM=bm, BN=bn,
                            GROUP_=GROUP, **launch)

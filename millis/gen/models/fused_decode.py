@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from millis.gpu import decode_gemv as dg
+from millis.gpu import decode_layer as dl
 from millis.gpu import decode_kernels as dk
 
 
@@ -63,11 +64,13 @@ def gemv_shapes(model: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
 
 
 def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int,
-                 one_row: bool | None = None) -> torch.Tensor:
-    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32. one_row: `gemv_usable(model)`, which a
-    caller stepping the same model may decide once (None: decided here)."""
+                 one_row: bool | None = None, per_layer: bool | None = None) -> torch.Tensor:
+    """ids, pos (B, 1) of cache rows 0..B-1 -> logits (B, vocab) fp32. one_row: `gemv_usable(model)`; per_layer:
+    one kernel a layer at batch 1 (`decode_layer.usable`); a caller stepping the same model may decide both
+    once (None: decided here)."""
     if ids.shape[0] == 1 and (gemv_usable(model) if one_row is None else one_row):
-        return _one_row(model, ids, pos, kv_len, window)
+        per_layer = dl.usable(model) if per_layer is None else per_layer
+        return _one_row(model, ids, pos, kv_len, window, per_layer)
     c = model.config
     p = pos[:, 0].contiguous()
     x = model.tok_emb(ids[:, 0])                                         # (B, D)
@@ -82,16 +85,54 @@ def fused_decode(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len:
     return model.head(h).float()
 
 
-def _one_row(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
-    c, eps = model.config, model.config.norm_eps
+def _one_row(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, window: int,
+             per_layer: bool) -> torch.Tensor:
     p = pos[:, 0].contiguous()
     x = model.tok_emb(ids[0, 0:1])[0]                                    # (D,): the residual stream, updated in place
-    for layer in model.layers:
-        a, f = layer.attn, layer.ffn
-        qkv = dg.gemv(x, a.wqkv, layer.attn_norm.weight, eps)
-        o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window,
-                              chained=True)
-        dg.gemv(o[0], a.wo, resid=x)
-        h = dg.gemv(x, f.w13, layer.ffn_norm.weight, eps, gateup=True)
-        dg.gemv(h, f.w2, resid=x)
-    return dg.gemv(x, model.head, model.norm.weight, eps, out_f32=True)[None]   # (1, vocab)
+    if per_layer:  # one kernel a layer (decode_layer), its barrier counters zeroed once a step
+        dl.sync_state(model)[0].zero_()
+    for i, layer in enumerate(model.layers):
+        if per_layer:
+            dl.layer_step(x, layer, i, model, p, kv_len, window)
+        else:
+            five_kernel_layer(x, layer, model, p, kv_len, window)
+    return dg.gemv(x, model.head, model.norm.weight, model.config.norm_eps, out_f32=True)[None]   # (1, vocab)
+
+
+def five_kernel_layer(x: torch.Tensor, layer: nn.Module, model: nn.Module, p: torch.Tensor, kv_len: int,
+                      window: int) -> None:
+    """One layer of the batch-1 step on x (D,) in place, at position p (1,): decode_gemv's matmuls around the
+    attention kernel."""
+    a, f, eps = layer.attn, layer.ffn, model.config.norm_eps
+    qkv = dg.gemv(x, a.wqkv, layer.attn_norm.weight, eps)
+    o = dk.rope_attention(qkv[None], p, model.cos, model.sin, a.cache.k, a.cache.v, a.nh, a.nkv, kv_len, window,
+                          chained=True)
+    dg.gemv(o[0], a.wo, resid=x)
+    h = dg.gemv(x, f.w13, layer.ffn_norm.weight, eps, gateup=True)
+    dg.gemv(h, f.w2, resid=x)
+
+
+def layer_us(model: nn.Module, kv_len: int, window: int) -> dict:
+    """On CUDA: layer 0 of the batch-1 step in one kernel (decode_layer, its tuned tiles) and in five, each
+    timed in a CUDA graph at the scratch position (the cache's last, which no request reaches):
+    {"per_layer": us, "five_kernels": us}. The engine keeps the faster."""
+    from millis.gpu.graph_timing import graph_us
+
+    layer = model.layers[0]
+    w = model.tok_emb.weight
+    x0 = torch.randn(w.shape[1], device=w.device, dtype=w.dtype) * 0.1
+    x = x0.clone()
+    p = torch.full((1,), layer.attn.cache.k.shape[2] - 1, dtype=torch.long, device=w.device)
+    bars = dl.sync_state(model)[0]
+
+    def one() -> None:  # from the same x each call: the residual adds would otherwise accumulate
+        x.copy_(x0)
+        bars.zero_()
+        dl.layer_step(x, layer, 0, model, p, kv_len, window)
+
+    def five() -> None:
+        x.copy_(x0)
+        five_kernel_layer(x, layer, model, p, kv_len, window)
+
+    with torch.inference_mode():
+        return {"per_layer": round(graph_us(one), 2), "five_kernels": round(graph_us(five), 2)}
