@@ -68,8 +68,12 @@ class GraphedDecode:
         self.layer_us: dict = {}  # on CUDA: layer 0 in one kernel and in five (fused_decode.layer_us)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
-        self.ids = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
-        self.pos = {b: torch.zeros(b, 1, dtype=torch.long, device=dev) for b in self.buckets}   # (B, 1)
+        # a bucket's inputs: ids and positions (B, 1) as two views of one (2, B, 1) tensor, filled from one
+        # pinned host buffer by one copy a step
+        self.inputs = {b: torch.zeros(2, b, 1, dtype=torch.long, device=dev) for b in self.buckets}
+        self.host = {b: torch.zeros(2, b, 1, dtype=torch.long, pin_memory=dev.type == "cuda") for b in self.buckets}
+        self.ids = {b: self.inputs[b][0] for b in self.buckets}   # (B, 1)
+        self.pos = {b: self.inputs[b][1] for b in self.buckets}   # (B, 1)
         self.out: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps: Counter[tuple[int, int]] = Counter()  # (B, L) -> decode steps run with it
@@ -155,19 +159,21 @@ class GraphedDecode:
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         b = next(x for x in self.buckets if x > max(slots))
         n = next(x for x in self.lengths if x > max(positions))  # positions [0, p] of every row
-        ids = [0] * b
-        pos = [self.max_seq - 1] * b
-        for t, p, s in zip(tokens, positions, slots):
-            ids[s], pos[s] = t, p
-        self.ids[b].copy_(torch.tensor(ids)[:, None], non_blocking=True)
-        self.pos[b].copy_(torch.tensor(pos)[:, None], non_blocking=True)
+        host = self.host[b].numpy()  # (2, B, 1); the last step's copy from it is done (its tokens were read)
+        host[0] = 0
+        host[1] = self.max_seq - 1
+        host[0, slots, 0], host[1, slots, 0] = tokens, positions
+        self.inputs[b].copy_(self.host[b], non_blocking=True)
         self.steps[b, n] += 1
         if (b, n) in self.graphs:
             self.graphs[b, n].replay()
             out = self.out[b, n]
         else:
             out = self._forward(b, n)
-        return out[torch.tensor(slots, device=self.device)]  # out of the shared pool before the next replay
+        # out of the shared pool before the next replay; compacted rows (the engine's usual case) need no index
+        if slots == list(range(len(slots))):
+            return out[:len(slots)].clone()
+        return out[torch.tensor(slots, device=self.device)]
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, n_pos: int) -> None:
