@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from millis.common.readers import read_texts  # noqa: E402
 from millis.loadgen import request_maker  # noqa: E402
-from millis.loadgen.client import Target  # noqa: E402
+from millis.loadgen.client import Conn, Target  # noqa: E402
 from millis.loadgen.load import Level, run_level, warm  # noqa: E402
 from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 from gpu_probes import gpu_slug  # noqa: E402
+from request_rounds import STAGES, http_round  # noqa: E402
 
 
 def build_bert_base(out: Path, tokenizer: Path) -> Path:
@@ -92,18 +93,32 @@ def main() -> int:
         t = Target(url)
         make = request_maker(t, "/v1/classify", "bert-base", texts, 1, 0)
         await warm(t, make, 300, 10)
-        return [await run_level(t, make, Level("closed", c, f"c{c}"), a.duration, 0, 10) for c in (1, 4, 16)]
+        levels = [await run_level(t, make, Level("closed", c, f"c{c}"), a.duration, 0, 10) for c in (1, 4, 16)]
+        # concurrency 1 again on one keep-alive connection, with the server's own stage times (its
+        # x-millis-queue / tokenize / inference-ms headers): where the HTTP path's time goes
+        conn = await Conn.connect(t)
+        bodies = [t.request_bytes("POST", "/v1/classify", json.dumps({"model": "bert-base", "inputs": [x]}).encode())
+                  for x in texts[:2000]]
+        ms, stages = [], {s: [] for s in STAGES}
+        try:
+            await http_round(conn, bodies, a.duration, np.random.default_rng(1), ms, stages)
+        finally:
+            conn.close()
+        c1 = {"p50_ms": round(float(np.median(ms)), 3),
+              "server_stages_p50_ms": {k: round(float(np.median(v)), 3) for k, v in stages.items()}}
+        return levels, c1
 
-    rows = asyncio.run(loads())
+    rows, c1_stages = asyncio.run(loads())
     exit_code = srv.stop()
     gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke run)"
     res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": "bert-base (random), classify",
            "texts": "banking77 test, 1 per request", "in_process": inproc, "server_ready_s": round(ready_s, 2),
            "sigterm_exit": exit_code, "rows": [dict(system="millis-serve-cuda", **r) for r in rows],
-           "c1_overhead_ms": round(rows[0]["p50_ms"] - inproc["p50_ms"], 3)}
+           "c1_overhead_ms": round(rows[0]["p50_ms"] - inproc["p50_ms"], 3), "c1_one_connection": c1_stages}
     for r in rows:
         print(f"{r['load']:>5}: {r['rps']:9.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
               f"errors {r['errors']}")
+    print("c1 on one connection, with the server's stages:", c1_stages)
     print(f"HTTP c1 p50 {rows[0]['p50_ms']} ms vs in process {inproc['p50_ms']} ms; ready in {ready_s:.1f} s; "
           f"SIGTERM exit {exit_code}")
     out = Path(a.out)
