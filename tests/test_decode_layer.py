@@ -127,7 +127,7 @@ def test_layer_kernel_compiles_for_hopper_with_its_barriers(fmt):
     cfg = dl.DEFAULT
     consts = dict(FMT=fmt, HAS_B=fmt == 0, G=3, GP=16, HS=64, BL=64, PREC="tf32", BN=cfg["BN"], BK=cfg["BK"],
                   GPS=cfg["GPS"], GROUP_=64, PH0=0, PH1=5, SYNC=True, CM=".cg", MAX_SPIN_=dl.MAX_SPIN, PROGS=132,
-                  GDC=True)
+                  PRE=fmt != 2, GDC=True)
     weights = "*bf16" if fmt == 0 else "*u8"
     sig = {}
     for n in inspect.signature(dl._layer_kernel.fn).parameters:

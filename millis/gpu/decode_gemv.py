@@ -70,14 +70,27 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
 
     @triton.jit
-    def gemv_tile(t, rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn,
+    def first_chunk(t, w_ptr, K, N, swn, GATEUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # tile t's weights over its first BK inputs (and its up rows' with GATEUP), loaded ahead of a PDL wait
+        # or a grid barrier: weights are read-only, so nothing the wait guards; their latency then overlaps it
+        rn = t * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=m, other=0.0)
+        u = w
+        if GATEUP:
+            u = tl.load(w_ptr + (rn[:, None] + N) * swn + rk[None, :], mask=m, other=0.0)
+        return w, u
+
+    @triton.jit
+    def gemv_tile(t, rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, w0, u0, pre,
                   FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
                   HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  GPS: tl.constexpr, GROUP: tl.constexpr, CM: tl.constexpr):
+                  GPS: tl.constexpr, GROUP: tl.constexpr, CM: tl.constexpr, PRE: tl.constexpr):
         # output rows [t * BN, (t + 1) * BN) of the one-row matmul (see the module's docstring); rstd: the
         # row's row_rstd when NORM. FMT 0: plain weights (N', K); 1: int8 / fp8 with a scale per row; 2: int4,
         # GROUP inputs per scale and minimum (millis.gpu.weight_only's layouts). NT = the weight's rows (2N
-        # with GATEUP).
+        # with GATEUP). PRE (not int4): where `pre` holds, w0 / u0 are this tile's first_chunk, loaded ahead.
         rn = t * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         nm = rn < N
@@ -104,10 +117,22 @@ if triton is not None:
                 km = kk < K
                 xf = _xn(x_ptr, nw_ptr, kk, km, rstd, NORM, CM)
                 wm = nm[:, None] & km[None, :]
-                w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
+                if PRE:
+                    if pre & (k0 == 0):
+                        w = w0
+                        u = u0
+                    else:
+                        w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
+                        u = w
+                        if GATEUP:
+                            u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
+                else:
+                    w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
+                    u = w
+                    if GATEUP:
+                        u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
                 acc += tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
                 if GATEUP:
-                    u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
                     acc2 += tl.sum(u.to(tl.float32) * xf[None, :], axis=1)
             if FMT == 1:
                 acc = acc * tl.load(s_ptr + rn, mask=nm, other=0.0)
@@ -133,12 +158,16 @@ if triton is not None:
                      FMT: tl.constexpr, NORM: tl.constexpr, GATEUP: tl.constexpr, RESID: tl.constexpr,
                      HAS_B: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GPS: tl.constexpr, GROUP: tl.constexpr, GDC: tl.constexpr):
+        t = tl.program_id(0)
+        w0, u0 = 0.0, 0.0
+        if FMT != 2:  # the weights' first chunk before the PDL wait: their load overlaps the kernel before
+            w0, u0 = first_chunk(t, w_ptr, K, N, swn, GATEUP, BN, BK)
         gdc_enter(GDC)  # PDL (decode_kernels): the kernel before it done, the one after it may launch
         rstd = 1.0
         if NORM:  # every program takes the row's mean square itself: no norm kernel
             rstd = row_rstd(x_ptr, K, eps, BK, "")
-        gemv_tile(tl.program_id(0), rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn,
-                  FMT, NORM, GATEUP, RESID, HAS_B, OUT_F32, BN, BK, GPS, GROUP, "")
+        gemv_tile(t, rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, w0, u0, t >= 0,
+                  FMT, NORM, GATEUP, RESID, HAS_B, OUT_F32, BN, BK, GPS, GROUP, "", FMT != 2)
 
 
 FORMATS = {"plain": 0, "int8": 1, "fp8": 1, "int4": 2}  # nn.Linear, or millis.gpu.weight_only's formats

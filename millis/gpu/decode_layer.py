@@ -54,7 +54,7 @@ WIDE = [{"BN": 8, "BK": 256, "GPS": 4, "num_warps": 4, "per_sm": 2},
 TUNED: dict[tuple, dict] = {}  # (format, D, H, qkv rows) -> the config `tune` measured fastest
 
 if triton is not None:
-    from millis.gpu.decode_gemv import gemv_tile, row_rstd
+    from millis.gpu.decode_gemv import first_chunk, gemv_tile, row_rstd
     from millis.gpu.decode_kernels import gdc_enter, rope_attention_head
 
     @triton.jit
@@ -81,44 +81,65 @@ if triton is not None:
                       HS: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, GPS: tl.constexpr, GROUP_: tl.constexpr, PH0: tl.constexpr,
                       PH1: tl.constexpr, SYNC: tl.constexpr, CM: tl.constexpr, MAX_SPIN_: tl.constexpr,
-                      PROGS: tl.constexpr, GDC: tl.constexpr):
+                      PROGS: tl.constexpr, PRE: tl.constexpr, GDC: tl.constexpr):
         # one layer of the batch-1 step, phases [PH0, PH1) (all five with SYNC: barriers between them).
         # x (D,): the residual stream, updated in place; qkv (NQKV,), o (NH * HS,), h (H,): scratch rows.
-        # PROGS: the grid's size (programs loop over tiles with that stride).
-        gdc_enter(GDC)
+        # PROGS: the grid's size (programs loop over tiles with that stride). PRE (not int4): each program's
+        # first tile of a matmul phase has its weights' first chunk loaded ahead (decode_gemv.first_chunk):
+        # qkv's before the PDL wait, the others' before the barrier in front of their phase, so their latency
+        # overlaps the wait (the phased launches, without barriers, load them as their phase starts).
         pid = tl.program_id(0)
         programs = PROGS
+        q0, _q = 0.0, 0.0
+        if PRE and PH0 <= 0 and PH1 > 0:
+            q0, _q = first_chunk(pid, wq_ptr, D, NQKV, swq, False, BN, BK)
+        gdc_enter(GDC)
         if PH0 <= 0 and PH1 > 0:  # RMSNorm + qkv (+ Qwen2's bias)
             rstd = row_rstd(x_ptr, D, eps, BK, CM)
             for t in range(pid, tl.cdiv(NQKV, BN), programs):
                 gemv_tile(t, rstd, x_ptr, n1_ptr, wq_ptr, sq_ptr, lq_ptr, bq_ptr, x_ptr, qkv_ptr, D, NQKV, NQKV, swq,
-                          FMT, True, False, False, HAS_B, False, BN, BK, GPS, GROUP_, CM)
+                          q0, q0, t == pid, FMT, True, False, False, HAS_B, False, BN, BK, GPS, GROUP_, CM, PRE)
             if SYNC:
                 grid_sync(bar_ptr, flag_ptr, programs, MAX_SPIN_)
+        o0, _o = 0.0, 0.0
         if PH0 <= 1 and PH1 > 1:  # RoPE + the cache's new key and value + attention, a program per KV head
             row = pid * 0
             for j in range(pid, NKV, programs):
                 rope_attention_head(row, j, qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, NH, NKV, S,
                                     NQKV, L, window, scale, G, GP, HS, BL, PREC, CM)
             if SYNC:
+                if PRE:
+                    o0, _o = first_chunk(pid, wo_ptr, NH * HS, D, swo, False, BN, BK)
                 grid_sync(bar_ptr + 1, flag_ptr, programs, MAX_SPIN_)
+        g0, u0 = 0.0, 0.0
         if PH0 <= 2 and PH1 > 2:  # out projection, added into x
+            if PRE and not SYNC:
+                o0, _o = first_chunk(pid, wo_ptr, NH * HS, D, swo, False, BN, BK)
             for t in range(pid, tl.cdiv(D, BN), programs):
                 gemv_tile(t, 1.0, o_ptr, o_ptr, wo_ptr, so_ptr, lo_ptr, o_ptr, x_ptr, x_ptr, NH * HS, D, D, swo,
-                          FMT, False, False, True, False, False, BN, BK, GPS, GROUP_, CM)
+                          o0, o0, t == pid, FMT, False, False, True, False, False, BN, BK, GPS, GROUP_, CM, PRE)
             if SYNC:
+                if PRE:
+                    g0, u0 = first_chunk(pid, wu_ptr, D, H, swu, True, BN, BK)
                 grid_sync(bar_ptr + 2, flag_ptr, programs, MAX_SPIN_)
+        d0, _d = 0.0, 0.0
         if PH0 <= 3 and PH1 > 3:  # RMSNorm + gate/up + SwiGLU
+            if PRE and not SYNC:
+                g0, u0 = first_chunk(pid, wu_ptr, D, H, swu, True, BN, BK)
             rstd = row_rstd(x_ptr, D, eps, BK, CM)
             for t in range(pid, tl.cdiv(H, BN), programs):
                 gemv_tile(t, rstd, x_ptr, n2_ptr, wu_ptr, su_ptr, lu_ptr, x_ptr, x_ptr, h_ptr, D, H, 2 * H, swu,
-                          FMT, True, True, False, False, False, BN, BK, GPS, GROUP_, CM)
+                          g0, u0, t == pid, FMT, True, True, False, False, False, BN, BK, GPS, GROUP_, CM, PRE)
             if SYNC:
+                if PRE:
+                    d0, _d = first_chunk(pid, wd_ptr, H, D, swd, False, BN, BK)
                 grid_sync(bar_ptr + 3, flag_ptr, programs, MAX_SPIN_)
         if PH0 <= 4 and PH1 > 4:  # down projection, added into x
+            if PRE and not SYNC:
+                d0, _d = first_chunk(pid, wd_ptr, H, D, swd, False, BN, BK)
             for t in range(pid, tl.cdiv(D, BN), programs):
                 gemv_tile(t, 1.0, h_ptr, h_ptr, wd_ptr, sd_ptr, ld_ptr, h_ptr, x_ptr, x_ptr, H, D, D, swd,
-                          FMT, False, False, True, False, False, BN, BK, GPS, GROUP_, CM)
+                          d0, d0, t == pid, FMT, False, False, True, False, False, BN, BK, GPS, GROUP_, CM, PRE)
 
 
 def usable(model: nn.Module) -> bool:
@@ -194,7 +215,7 @@ def layer_step(x: torch.Tensor, layer: nn.Module, index: int, model: nn.Module, 
             FMT=FORMATS[fmt], HAS_B=a.wqkv.bias is not None, G=g, GP=max(16, triton.next_power_of_2(g)), HS=hs,
             BL=64, PREC="ieee" if x.dtype == torch.float32 else "tf32", BN=cfg["BN"], BK=cfg["BK"],
             GPS=cfg["GPS"], GROUP_=GROUP, PH0=ph0, PH1=ph1, SYNC=sync, CM=".cg" if sync else "",
-            MAX_SPIN_=MAX_SPIN, PROGS=grid[0], num_warps=cfg["num_warps"], **pdl_launch(x, True))
+            MAX_SPIN_=MAX_SPIN, PROGS=grid[0], PRE=fmt != "int4", num_warps=cfg["num_warps"], **pdl_launch(x, True))
 
 
 def tune(model: nn.Module, kv_len: int, window: int) -> dict:
