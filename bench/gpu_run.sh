@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The device run for issue 20, in two stages, one a run call (the call's limit and the 64 MiB carry: SmolLM2's
 # GGUF travels in two halves, one a call, joined on the warm machine for stage 2):
-#   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, GPU tests, decode against HF (with part-aa)
-#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, weight-only formats, encoders, serve, optimize, Triton tests,
-#                                     HF + torch.compile last (with part-ab)
+#   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, GPU tests, decode against HF, weight-only
+#                                     formats (with part-aa)
+#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, encoders, serve, optimize, Triton tests, HF + torch.compile
+#                                     last (with part-ab)
 # Each part is time-boxed so that one hang costs its part alone, and no box runs past SECONDS from the start
 # (the call's timeout less a margin): a part with too little time left is skipped, the last parts first.
 # Results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh, whose header gives the calls).
@@ -54,6 +55,9 @@ if stage 1; then
     part 100 llama1b python3 bench/generation.py --device cuda --systems millis:bf16,hf:bf16 --rounds 2 --reps 1 \
         --batches 1,32 --new-tokens 32 --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
         --out "$OUT/generation_h200.json"
+    # 3. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (the second
+    #    H200 run: 60 s; each format now also compiles and tunes the layer kernel) (130 s)
+    part 130 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
 fi
 if stage 2; then
     if [ ! -f "$C/smollm2.gguf" ] && [ -f "$C/smollm2.gguf.part-aa" ] && [ -f "$C/smollm2.gguf.part-ab" ]; then
@@ -61,13 +65,11 @@ if stage 2; then
         [ "$(sha256sum "$C/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$C/tok/smollm2.gguf.sha256")" ] \
             || { echo "smollm2.gguf: checksum mismatch" | tee -a "$LOG"; rm -f "$C/smollm2.gguf"; }
     fi
-    # 3. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32 (GPU bf16 and
+    # 4. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32 (GPU bf16 and
     #    fp32), HTTP ITL (120 s)
     if [ -f "$C/smollm2.gguf" ]; then
         part 120 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
     fi
-    # 4. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (100 s)
-    part 100 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
     # 5. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
     #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out; the second
     #    ran out of its 120 s box at MiniLM after the cold starts, 6.0 s and 5.6 s: now left out) (130 s)
