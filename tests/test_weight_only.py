@@ -19,7 +19,8 @@ from millis.gen.config import EngineConfig, LlamaConfig
 from millis.gen.models.layers import make_batch, setup_caches
 from millis.gen.models.llama import Llama
 from millis.gpu import weight_only as wo
-from millis.gpu.weight_only_kernels import GEMV_CANDIDATES, TILE_CANDIDATES, kernel_matmul, tune, tune_key
+from millis.gpu.weight_only_kernels import (GEMV_CANDIDATES, TILE_CANDIDATES, kernel_dequantize, kernel_matmul, tune,
+                                           tune_key)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = wo.triton is not None and os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA
@@ -200,6 +201,31 @@ def test_kernels_in_the_interpreter(fmt):
                 assert torch.allclose(y.to(dt).float(), ref, atol=tol * max(1.0, ref.abs().max().item())), cand
 
 
+def dequant_shapes():
+    return [(40, 96), (24, 1100), (33, 64), (96, 576), (7, 130)]  # int4: K past its groups (1100, 130)
+
+
+@pytest.mark.parametrize("fmt", wo.FORMATS)
+@pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="Triton's interpreter on the CPU, or CUDA")
+def test_one_pass_dequantize_gives_the_torch_values_exactly(fmt):
+    """The prefill path's Triton dequantize (weight_only_kernels.kernel_dequantize) against the torch ops it
+    replaces, bit for bit, in every dtype a model may run (bf16 on CUDA only: numpy has none)."""
+    dev = "cuda" if HAS_CUDA else "cpu"
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if HAS_CUDA else ())
+    torch.manual_seed(4)
+    for N, K in dequant_shapes():
+        m = wo.WeightOnlyLinear(torch.nn.Linear(K, N, device=dev), fmt)
+        for dt in dtypes:
+            ref = wo.dequantize(fmt, m.q, m.scale, m.low, K, dt)
+            got = kernel_dequantize(fmt, m.q, m.scale, m.low, K, dt)
+            assert got.shape == ref.shape == (N, K) and got.dtype == dt
+            assert torch.equal(got, ref), (fmt, N, K, dt, (got.float() - ref.float()).abs().max().item())
+        m.use_kernel = True  # the prefill path: rows past KERNEL_ROWS through the one-pass dequantize
+        x = torch.randn(wo.KERNEL_ROWS + 3, K, device=dev)
+        want = F.linear(x, wo.dequantize(fmt, m.q, m.scale, m.low, K)) + m.bias
+        assert torch.allclose(m(x), want, atol=1e-5), (fmt, N, K)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", wo.FORMATS)
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -213,7 +239,7 @@ def test_kernels_on_cuda(fmt):
         m = wo.WeightOnlyLinear(lin, fmt)
         assert m.use_kernel
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        ref = F.linear(x.float(), m.weight())
+        ref = F.linear(x.float(), wo.dequantize(fmt, m.q, m.scale, m.low, K))  # the torch path's weights
         out = m(x).float()
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (fmt, M, N, K, err)  # bf16 output rounding (~4e-3) on fp32 sums of the same products

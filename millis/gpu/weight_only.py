@@ -6,7 +6,7 @@ halves bf16's, int4 quarters them (plus 1/16 for its scales). `WeightOnlyLinear`
 and runs them through Triton kernels (weight_only_kernels.py: tensor-core tiles, one-row gemv kernels, the
 fastest per shape measured at load) that convert the packed values in registers, with no dequantized copy
 in memory, for up to KERNEL_ROWS rows; longer inputs (prefill, compute-bound) dequantize once per call
-and use cuBLAS. The torch path (`dequantize` + `F.linear`) is the
+(one Triton pass: `kernel_dequantize`) and use cuBLAS. The torch path (`dequantize` + `F.linear`) is the
 reference and the CPU stand-in: the same values the kernel multiplies.
 
 int4 layout (N rows, K inputs, K padded to a multiple of GROUP with zero columns): in group g of a row,
@@ -24,7 +24,7 @@ from torch import nn
 
 from millis.common.dtypes import WEIGHT_ONLY_FORMATS as FORMATS
 from millis.common.errors import MillisError
-from millis.gpu.weight_only_kernels import GROUP, TUNED, kernel_matmul, triton, tune_key
+from millis.gpu.weight_only_kernels import GROUP, TUNED, kernel_dequantize, kernel_matmul, triton, tune_key
 
 KERNEL_ROWS = 64    # at most this many rows (batch x tokens) take the fused kernel; more dequantize + cuBLAS
 FP8_MAX = 448.0     # largest finite float8_e4m3fn
@@ -98,6 +98,8 @@ class WeightOnlyLinear(nn.Module):
         self.use_kernel = triton is not None and w.is_cuda  # tests turn it on under TRITON_INTERPRET
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.use_kernel and triton is not None:  # one Triton pass (the same values), not the torch ops' several
+            return kernel_dequantize(self.fmt, self.q, self.scale, self.low, self.in_features, dtype)
         return dequantize(self.fmt, self.q, self.scale, self.low, self.in_features, dtype)
 
     def matmul(self, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:

@@ -110,6 +110,45 @@ if triton is not None:
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
+if triton is not None:
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, l_ptr, w_ptr, N, K, sqn, INT4: tl.constexpr, GROUP_: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr):
+        # the (N, K) weights in w's dtype, one pass over the packed ones, rounded as weight_only.dequantize in
+        # that dtype: int8 / fp8 q * scale (the scale in the dtype first); int4 (q * scale) + low, q the
+        # nibble of byte g * GROUP/2 + j % (GROUP/2) of input g * GROUP + j (low nibble for j < GROUP/2)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.program_id(1) * BK + tl.arange(0, BK)
+        m = (rn[:, None] < N) & (rk[None, :] < K)
+        dt = w_ptr.dtype.element_ty
+        if INT4:
+            g = rk // GROUP_
+            j = rk % GROUP_
+            b = tl.load(q_ptr + rn[:, None] * sqn + (g * (GROUP_ // 2) + j % (GROUP_ // 2))[None, :], mask=m, other=0)
+            v = ((b >> tl.where(j < GROUP_ // 2, 0, 4)[None, :].to(tl.uint8)) & 15).to(tl.float32)
+            sg = tl.load(s_ptr + g[None, :] * N + rn[:, None], mask=m, other=0.0).to(dt).to(tl.float32)
+            lo = tl.load(l_ptr + g[None, :] * N + rn[:, None], mask=m, other=0.0).to(dt).to(tl.float32)
+            w = ((v * sg).to(dt).to(tl.float32) + lo).to(dt)
+        else:
+            v = tl.load(q_ptr + rn[:, None] * sqn + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            sc = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(dt).to(tl.float32)
+            w = (v * sc[:, None]).to(dt)
+        tl.store(w_ptr + rn[:, None] * K + rk[None, :], w, mask=m)
+
+
+def kernel_dequantize(fmt: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, k: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """weight_only.dequantize's (N, k) weights in `dtype` from one Triton kernel (the prefill path: the torch
+    ops take several passes and full-size temporaries; int4's over a dozen)."""
+    N = q.shape[0]
+    w = torch.empty(N, k, device=q.device, dtype=dtype)
+    bn, bk = 16, 256
+    _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(k, bk))](
+        q, scale, low if low is not None else scale, w, N, k, q.stride(0), INT4=fmt == "int4", GROUP_=GROUP,
+        BN=bn, BK=bk, num_warps=4)
+    return w
+
+
 def block_sizes(M: int, N: int) -> tuple[int, int]:
     """(BM, BN): BM the rows rounded up to a power of two (>= 16, tl.dot's smallest); BN 16 while that
     still gives a program to every SM of a large GPU (~132) for a 2,048-wide output, else 32."""
