@@ -59,7 +59,18 @@ def test_barriers_that_give_up_leave_the_five_kernel_step(monkeypatch):
     model, _ = prefilled(4, 2, 0, torch.float32, "cpu")
     monkeypatch.setattr(cg.decode_layer, "failed", lambda model: False)
     gd = GraphedDecode(model, SLOTS, MAX_SEQ, capture=False)
-    assert gd.fused and gd.one_row and gd.per_layer and calls == [True, True]
+    # batch 1 and 2 at the scratch position, then one step both ways: the same logits keep the layer kernel
+    assert gd.fused and gd.one_row and gd.per_layer and calls == [True, True, True, False]
+    calls.clear()
+    assert gd._layer_kernel_agrees() and calls == [True, False]
+
+    def disagrees(model, ids, pos, kv_len, window, one_row=None, per_layer=None):
+        return torch.full((ids.shape[0], 256), 1.0 if per_layer else 2.0)
+
+    monkeypatch.setattr(cg, "fused_decode", disagrees)
+    with pytest.warns(UserWarning, match="other logits than five"):
+        assert not gd._layer_kernel_agrees()
+    monkeypatch.setattr(cg, "fused_decode", fused)
     calls.clear()
     monkeypatch.setattr(cg.decode_layer, "failed", lambda model: True)  # a grid that was not all resident
     with pytest.warns(UserWarning, match="one kernel a layer unavailable"):

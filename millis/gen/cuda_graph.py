@@ -110,6 +110,8 @@ class GraphedDecode:
                         # measured, not assumed: one kernel a layer where it beats five (a layer of wide matmuls
                         # may stream its weights faster from many short programs than from one an SM)
                         self.per_layer = self.layer_us["per_layer"] < self.layer_us["five_kernels"]
+                    if self.per_layer:
+                        self.per_layer = self._layer_kernel_agrees()
                 return
             except Exception as e:  # noqa: BLE001 -- a compile error of this Triton / GPU
                 why = f"{type(e).__name__}: {str(e)[:300]}"
@@ -126,6 +128,19 @@ class GraphedDecode:
                 warnings.warn(f"fused decode kernels unavailable ({why}); decoding with the torch step")
                 self.fused = False
                 return
+
+    def _layer_kernel_agrees(self, tol: float = 2e-2) -> bool:
+        """One batch-1 step at the scratch position in one kernel a layer and in five: the same logits within
+        rounding (their tiles sum in another order), or the five stay (a barrier that let a phase read another
+        program's unfinished writes would show here, not in a user's tokens)."""
+        self.pos[1].fill_(self.max_seq - 1)
+        one = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, True)
+        five = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, False)
+        err = ((one - five).norm() / five.norm().clamp_min(1e-30)).item()
+        if torch.isfinite(one).all() and err < tol:
+            return True
+        warnings.warn(f"one kernel a layer gave other logits than five (relative error {err:.3g}): five a layer")
+        return False
 
     def _check_layer_barriers(self) -> None:
         if decode_layer.failed(self.model):
