@@ -213,7 +213,7 @@ def main() -> int:
         # one kernel a layer at b1, its phases behind grid barriers (MILLIS_NO_DECODE_LAYER=1; off where it failed)
         res["per_layer"] = bool(res["fused_decode"] and eng.decode.per_layer)
         res["per_layer_tuned"] = {str(k): v for k, v in decode_layer.TUNED.items()}
-        res["layer_us"] = eng.decode.layer_us  # layer 0 in one kernel and in five: the engine keeps the faster
+        res["layer_us"] = eng.decode.layer_us  # all layers in one kernel each and in five: the engine keeps the faster
         ptx = decode_gemv.compiled_ptx() + decode_layer.compiled_ptx()  # compiled in, or PDL changes nothing
         res["pdl_ptx"] = {"kernels": len(ptx), "wait": sum("griddepcontrol.wait" in p for p in ptx),
                           "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}

@@ -3,7 +3,7 @@
 # GGUF travels in two halves, one a call, joined on the warm machine for stage 2):
 #   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, GPU tests, decode against HF, weight-only
 #                                     formats (with part-aa)
-#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, encoders, serve, optimize, Triton tests, HF + torch.compile
+#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, Triton tests, encoders, serve, optimize, HF + torch.compile
 #                                     last (with part-ab)
 # Each part is time-boxed so that one hang costs its part alone, and no box runs past SECONDS from the start
 # (the call's timeout less a margin): a part with too little time left is skipped, the last parts first.
@@ -49,8 +49,8 @@ if stage 1; then
     part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
     # 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch, the batch-1 layer
-    #    kernel's grid barriers (the first run of it) (90 s)
-    part 90 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gpu.py tests/test_gen_engine.py
+    #    kernel's grid barriers (the first run of it; a 1B-width model's compiles and tuning) (150 s)
+    part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gpu.py tests/test_gen_engine.py
     # 2. Llama-3.2-1B shape: millis bf16 against HF eager, alternated (the first H200 run: 41 s) (100 s)
     part 100 llama1b python3 bench/generation.py --device cuda --systems millis:bf16,hf:bf16 --rounds 2 --reps 1 \
         --batches 1,32 --new-tokens 32 --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
@@ -70,20 +70,20 @@ if stage 2; then
     if [ -f "$C/smollm2.gguf" ]; then
         part 120 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
     fi
-    # 5. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
+    # 5. the weight-only and fused decode kernels, the one-pass dequantize and the encoder's W8A8 GEMM against
+    #    their torch paths (about 60 Triton compiles) (80 s)
+    part 80 triton-tests $T -m gpu tests/test_weight_only.py tests/test_fused_decode.py tests/test_w8a8.py
+    # 6. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
     #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out; the second
     #    ran out of its 120 s box at MiniLM after the cold starts, 6.0 s and 5.6 s: now left out) (130 s)
     part 130 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --no-cold-start --out "$OUT" --systems \
         hf-eager-fp16,hf-compile-fp16,millis-fp16,millis-fp16-dense,millis-int8
-    # 6. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
+    # 7. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
     part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"
-    # 7. optimize --device cuda: the GPU variants built, checked against HF fp32, judged, measured, written and
+    # 8. optimize --device cuda: the GPU variants built, checked against HF fp32, judged, measured, written and
     #    loaded back (tiny BERT; CI runs these through a CPU stand-in) (50 s)
     part 50 optimize-cuda $T tests/test_optimize_gpu.py tests/test_variants.py \
         -k "(gpu_artifact or gpu_variants or cuda) and not refused_on_cuda"
-    # 8. the weight-only and fused decode kernels and the encoder's W8A8 GEMM against their torch paths (about
-    #    60 Triton compiles) (80 s)
-    part 80 triton-tests $T -m gpu tests/test_weight_only.py tests/test_fused_decode.py tests/test_w8a8.py
     # 9. the Llama-1B shape against HF static cache + torch.compile (its compile ran past 160 s on the first
     #    H200 run: last, so that it costs nothing else) (200 s)
     part 200 llama1b-compile python3 bench/generation.py --device cuda --systems millis:bf16,hf:static-compile \

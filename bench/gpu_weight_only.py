@@ -115,7 +115,7 @@ def decode_row(model_dir: str, device: str, new_tokens: int, f: str) -> dict:
 
         row["pdl"] = row["fused_decode"] and dk.pdl(eng.model.tok_emb.weight)  # programmatic dependent launch
         row["per_layer"] = bool(row["fused_decode"] and eng.decode.per_layer)  # one kernel a layer at b1
-        row["layer_us"] = eng.decode.layer_us  # layer 0 in one kernel and in five: the engine keeps the faster
+        row["layer_us"] = eng.decode.layer_us  # all layers in one kernel each and in five: the engine keeps the faster
         row["step_profile"] = safe_step_profile(eng)
     row["tuned"] = {f"{n}x{k} rows<={r}": c for (fmt, n, k, r), c in TUNED.items() if fmt == quant}
     if f in TARGETS_MS:

@@ -71,6 +71,13 @@ def test_barriers_that_give_up_leave_the_five_kernel_step(monkeypatch):
     with pytest.warns(UserWarning, match="other logits than five"):
         assert not gd._layer_kernel_agrees()
     monkeypatch.setattr(cg, "fused_decode", fused)
+    # a barrier that gives up while decoding: its flag, copied to the host after the step, is read at the next
+    # batch-1 step, which goes back to five kernels a layer
+    gd.per_layer = True
+    gd.flag_host.fill_(1)
+    with pytest.warns(UserWarning, match="gave up while decoding"):
+        gd([7], [5], [0])
+    assert not gd.per_layer and calls[-1] is False and not gd.flag_host[0]
     calls.clear()
     monkeypatch.setattr(cg.decode_layer, "failed", lambda model: True)  # a grid that was not all resident
     with pytest.warns(UserWarning, match="one kernel a layer unavailable"):
@@ -159,6 +166,61 @@ def test_layer_kernel_compiles_for_hopper_with_its_barriers(fmt):
     src = ASTSource(dl._layer_kernel, sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     ptx = dl.triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": cfg["num_warps"], "launch_pdl": True}).asm["ptx"]
-    assert ptx.count("atom.global.gpu.release.add") == 4  # one arrival a barrier
+    arrivals = [line.strip() for line in ptx.splitlines() if "atom.global.gpu.release.add" in line]
+    assert len(arrivals) == 4 and all(a.startswith("@%p") for a in arrivals)  # a barrier: one thread arrives
     assert ptx.count("ld.global.gpu.acquire") >= 4        # its polls
     assert "ld.global.cg" in ptx and "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+def llama_1b_like(layers: int = 3) -> "torch.nn.Module":
+    """A Llama with Llama-3.2-1B's layer shapes (2048 wide, 32 / 8 heads of 64, 8192 hidden), a few layers:
+    tiles over every program of a large GPU, phases long enough for a missing barrier to show."""
+    from millis.gen.config import LlamaConfig
+    from millis.gen.models.layers import setup_caches
+    from millis.gen.models.llama import Llama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, dim=2048, n_layers=layers, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                      max_seq=MAX_SEQ, tie_head=True)
+    model = Llama(cfg).eval()
+    for name, prm in model.named_parameters():
+        torch.nn.init.ones_(prm) if "norm" in name else torch.nn.init.normal_(prm, std=0.02)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    setup_caches(model, SLOTS, MAX_SEQ)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and dk.triton is not None), reason="needs CUDA and Triton")
+def test_layer_kernel_at_llama_1b_width_over_many_replays(monkeypatch):
+    """Realistic widths, a prompt, then 24 replayed steps: the same greedy tokens and logits as five kernels
+    a layer; the barriers never gave up."""
+    model = llama_1b_like()
+    twin = copy.deepcopy(model)
+    monkeypatch.setattr(cg, "layer_us", lambda *a: {"per_layer": 1.0, "five_kernels": 2.0})
+    gd = GraphedDecode(model, SLOTS, MAX_SEQ)
+    monkeypatch.setenv("MILLIS_NO_DECODE_LAYER", "1")
+    ref = GraphedDecode(twin, SLOTS, MAX_SEQ)
+    assert gd.per_layer and not ref.per_layer
+    tok = 5
+    for p in range(24):
+        got, want = gd([tok], [p], [0]), ref([tok], [p], [0])
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 3e-2, p
+        tok = int(want.argmax())
+    torch.cuda.synchronize()
+    assert not dl.failed(model) and not gd.flag_host[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and dk.triton is not None), reason="needs CUDA and Triton")
+def test_a_barrier_that_gives_up_sets_the_flag_and_poisons_the_step(monkeypatch):
+    """The negative control: polls capped at zero, the programs that arrive before the last leave at once:
+    the flag is raised and the residual stream is NaN (never a plausible wrong answer)."""
+    model = llama_1b_like(layers=1)
+    monkeypatch.setattr(dl, "MAX_SPIN", 0)
+    x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    p = torch.full((1,), MAX_SEQ - 1, dtype=torch.long, device="cuda")
+    dl.sync_state(model)[0].zero_()
+    dl.layer_step(x, model.layers[0], 0, model, p, 128, 0, dl.DEFAULT)
+    torch.cuda.synchronize()
+    assert dl.failed(model) and torch.isnan(x).any()

@@ -65,7 +65,7 @@ class GraphedDecode:
         self.fused = fused_usable(model)
         self.one_row = gemv_usable(model)  # with self.fused: batch 1 through decode_gemv's kernels
         self.per_layer = self.one_row and decode_layer.usable(model)  # ... in one kernel a layer
-        self.layer_us: dict = {}  # on CUDA: layer 0 in one kernel and in five (fused_decode.layer_us)
+        self.layer_us: dict = {}  # on CUDA: the layers in one kernel each and in five (fused_decode.layer_us)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         # a bucket's inputs: ids and positions (B, 1) as two views of one (2, B, 1) tensor, filled from one
@@ -74,6 +74,11 @@ class GraphedDecode:
         self.host = {b: torch.zeros(2, b, 1, dtype=torch.long, pin_memory=dev.type == "cuda") for b in self.buckets}
         self.ids = {b: self.inputs[b][0] for b in self.buckets}   # (B, 1)
         self.pos = {b: self.inputs[b][1] for b in self.buckets}   # (B, 1)
+        cuda = dev.type == "cuda"
+        # the copy from a host buffer is done before it is written again (rows retried one by one after a
+        # batch-mate raised are stepped with no sync between)
+        self.copied = {b: torch.cuda.Event() if cuda else None for b in self.buckets}
+        self.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)  # the layer kernel's flag, each step
         self.out: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps: Counter[tuple[int, int]] = Counter()  # (B, L) -> decode steps run with it
@@ -142,6 +147,19 @@ class GraphedDecode:
         warnings.warn(f"one kernel a layer gave other logits than five (relative error {err:.3g}): five a layer")
         return False
 
+    @torch.inference_mode()
+    def _leave_layer_kernel(self) -> None:
+        """A barrier gave up while decoding (its step's logits came out NaN): five kernels a layer from now on,
+        the batch-1 graphs captured again."""
+        warnings.warn("a grid barrier of the layer kernel gave up while decoding (that step's logits were NaN): "
+                      "five kernels a layer from now on")
+        self.per_layer = False
+        decode_layer.sync_state(self.model)[1].zero_()
+        self.flag_host.zero_()
+        for n in self.lengths:
+            if (1, n) in self.graphs:
+                self._capture(1, n)
+
     def _check_layer_barriers(self) -> None:
         if decode_layer.failed(self.model):
             raise RuntimeError("a grid barrier of the layer kernel gave up: its programs were not all resident")
@@ -174,17 +192,25 @@ class GraphedDecode:
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         b = next(x for x in self.buckets if x > max(slots))
         n = next(x for x in self.lengths if x > max(positions))  # positions [0, p] of every row
-        host = self.host[b].numpy()  # (2, B, 1); the last step's copy from it is done (its tokens were read)
+        if b == 1 and self.per_layer and self.flag_host[0]:  # an earlier step's barrier gave up (no sync here)
+            self._leave_layer_kernel()
+        if self.copied[b] is not None:
+            self.copied[b].synchronize()  # at once in a plain step: its tokens were read since
+        host = self.host[b].numpy()  # (2, B, 1)
         host[0] = 0
         host[1] = self.max_seq - 1
         host[0, slots, 0], host[1, slots, 0] = tokens, positions
         self.inputs[b].copy_(self.host[b], non_blocking=True)
+        if self.copied[b] is not None:
+            self.copied[b].record()
         self.steps[b, n] += 1
         if (b, n) in self.graphs:
             self.graphs[b, n].replay()
             out = self.out[b, n]
         else:
             out = self._forward(b, n)
+        if b == 1 and self.per_layer and self.device.type == "cuda":  # read at the next step, after its sync
+            self.flag_host.copy_(decode_layer.sync_state(self.model)[1], non_blocking=True)
         # out of the shared pool before the next replay; compacted rows (the engine's usual case) need no index
         if slots == list(range(len(slots))):
             return out[:len(slots)].clone()

@@ -13,8 +13,10 @@ and the gaps between them, not by bytes.
   semantics and polls it with acquire semantics until every program has arrived. The counters (4 a layer)
   are zeroed once a step, before the layers (a memset in the graph). Loads of what another program wrote in
   the same kernel (x, qkv, the attention output, gate/up's output) bypass L1 (".cg"), which is not coherent
-  across SMs. A poll gives up after MAX_SPIN tries and raises the step's flag instead of hanging; the engine
-  checks the flag after its first steps (`failed`) and keeps decode_gemv's kernels then.
+  across SMs. A poll gives up after MAX_SPIN tries instead of hanging: it raises the model's flag and fills
+  the residual stream with NaN (the step's logits visibly wrong, not plausibly so). The engine checks the flag
+  at load (`failed`) and after every batch-1 step (GraphedDecode: a copy to pinned memory, read at the next
+  step, no sync of its own), and goes back to decode_gemv's kernels when it is set.
 - Without a GPU (Triton's interpreter runs programs one after another, so a barrier would never open) each
   phase is its own launch of the same kernel: the tests check the phases' arithmetic against the torch step;
   only the barrier is left to the GPU.
@@ -56,9 +58,10 @@ if triton is not None:
     from millis.gpu.decode_kernels import gdc_enter, rope_attention_head
 
     @triton.jit
-    def grid_sync(bar_ptr, flag_ptr, programs: tl.constexpr, MAX_SPIN_: tl.constexpr):
+    def grid_sync(bar_ptr, flag_ptr, x_ptr, D, programs: tl.constexpr, MAX_SPIN_: tl.constexpr):
         # every program of the grid arrives once on the counter bar_ptr (zero before the kernel) and leaves when
-        # all `programs` have; after MAX_SPIN_ polls it leaves anyway and sets flag_ptr (the step is wrong)
+        # all `programs` have; after MAX_SPIN_ polls it leaves anyway, sets flag_ptr and poisons the residual
+        # stream x (D,) with NaN: the step's logits are then visibly wrong, never plausibly so
         tl.debug_barrier()  # this program's threads' writes done before it arrives
         tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
         n = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
@@ -68,6 +71,9 @@ if triton is not None:
             spins += 1
         if n < programs:
             tl.atomic_xchg(flag_ptr, 1)
+            rd = tl.arange(0, 1024)
+            for d0 in range(0, D, 1024):
+                tl.store(x_ptr + d0 + rd, float("nan"), mask=d0 + rd < D)
         tl.debug_barrier()
 
     @triton.jit
@@ -98,7 +104,7 @@ if triton is not None:
                 gemv_tile(t, rstd, x_ptr, n1_ptr, wq_ptr, sq_ptr, lq_ptr, bq_ptr, x_ptr, qkv_ptr, D, NQKV, NQKV, swq,
                           q0, q0, t == pid, FMT, True, False, False, HAS_B, False, BN, BK, GPS, GROUP_, CM, PRE)
             if SYNC:
-                grid_sync(bar_ptr, flag_ptr, programs, MAX_SPIN_)
+                grid_sync(bar_ptr, flag_ptr, x_ptr, D, programs, MAX_SPIN_)
         o0, _o = 0.0, 0.0
         if PH0 <= 1 and PH1 > 1:  # RoPE + the cache's new key and value + attention, a program per KV head
             row = pid * 0
@@ -108,7 +114,7 @@ if triton is not None:
             if SYNC:
                 if PRE:
                     o0, _o = first_chunk(pid, wo_ptr, NH * HS, D, swo, False, BN, BK)
-                grid_sync(bar_ptr + 1, flag_ptr, programs, MAX_SPIN_)
+                grid_sync(bar_ptr + 1, flag_ptr, x_ptr, D, programs, MAX_SPIN_)
         g0, u0 = 0.0, 0.0
         if PH0 <= 2 and PH1 > 2:  # out projection, added into x
             if PRE and not SYNC:
@@ -119,7 +125,7 @@ if triton is not None:
             if SYNC:
                 if PRE:
                     g0, u0 = first_chunk(pid, wu_ptr, D, H, swu, True, BN, BK)
-                grid_sync(bar_ptr + 2, flag_ptr, programs, MAX_SPIN_)
+                grid_sync(bar_ptr + 2, flag_ptr, x_ptr, D, programs, MAX_SPIN_)
         d0, _d = 0.0, 0.0
         if PH0 <= 3 and PH1 > 3:  # RMSNorm + gate/up + SwiGLU
             if PRE and not SYNC:
@@ -131,7 +137,7 @@ if triton is not None:
             if SYNC:
                 if PRE:
                     d0, _d = first_chunk(pid, wd_ptr, H, D, swd, False, BN, BK)
-                grid_sync(bar_ptr + 3, flag_ptr, programs, MAX_SPIN_)
+                grid_sync(bar_ptr + 3, flag_ptr, x_ptr, D, programs, MAX_SPIN_)
         if PH0 <= 4 and PH1 > 4:  # down projection, added into x
             if PRE and not SYNC:
                 d0, _d = first_chunk(pid, wd_ptr, H, D, swd, False, BN, BK)
@@ -238,11 +244,14 @@ def tune(model: nn.Module, kv_len: int, window: int) -> dict:
     if not timed or failed(model):  # the caller drops the layer kernel
         return {}
     flag = sync_state(model)[1]
-    wide = time_candidates(WIDE, run)
-    torch.cuda.synchronize()
-    if failed(model):  # two programs an SM did not all fit: their barriers gave up, and their figures mean nothing
-        flag.zero_()
-        wide = []
+    wide = []
+    for cand in WIDE:  # one launch first: two programs an SM that do not all fit give up their barriers, and
+        run(cand)      # timing them would spin MAX_SPIN polls a barrier, a hundred times over
+        torch.cuda.synchronize()
+        if failed(model):
+            flag.zero_()
+            continue
+        wide += time_candidates([cand], run)
     timed = sorted(timed + wide, key=lambda cu: cu[1])
     TUNED[key] = timed[0][0]
     return {key: timed}
