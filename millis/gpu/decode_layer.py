@@ -1,7 +1,7 @@
 """One kernel a layer for a batch-1 Llama decode step: the five kernels of millis.gpu.decode_gemv's step
 (RMSNorm + qkv, RoPE + cache + attention, out projection + residual, RMSNorm + gate/up + SwiGLU, down +
 residual) as five phases of one persistent kernel, a grid-wide barrier between them. SmolLM2's step goes from
-152 kernels to 33 (embedding, the barriers' reset, 30 layers, the head): on the first H200 runs a step of
+152 kernels to 33 (embedding, the barriers' reset, 30 layers, the head): on the two H200 runs a step of
 152 kernels took 0.81-0.87 ms where its matmuls read 0.27 GB (~0.06 ms at 4.8 TB/s), bound by launches
 and the gaps between them, not by bytes.
 
@@ -18,8 +18,9 @@ and the gaps between them, not by bytes.
   at load (`failed`) and after every batch-1 step (GraphedDecode: a copy to pinned memory, read at the next
   step, no sync of its own), and goes back to decode_gemv's kernels when it is set.
 - Without a GPU (Triton's interpreter runs programs one after another, so a barrier would never open) each
-  phase is its own launch of the same kernel: the tests check the phases' arithmetic against the torch step;
-  only the barrier is left to the GPU.
+  phase is its own launch of the same kernel: the tests check the phases' arithmetic against the torch step,
+  and the kernel compiled for sm_90 here (ptxas ships with Triton) shows the barrier's instructions; its
+  run is left to the GPU tests.
 - `MILLIS_NO_DECODE_LAYER=1` turns it off (the A/B switch; bench/gpu_decode.py reports both).
 """
 from __future__ import annotations
