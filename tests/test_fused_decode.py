@@ -216,3 +216,24 @@ def test_engine_decodes_the_same_tokens_through_the_fused_step():
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
     want, got = (run_all(e, prompts, greedy) for e in engines)
     assert got == want and all(len(t) == 12 for t in got)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter on the CPU: needs triton and TRITON_INTERPRET=1")
+def test_every_gemv_candidate_gives_the_matmul():
+    """Each tile `decode_gemv.tune` may pick, for plain, int8 and int4 weights, K past a tile (1100) and past
+    a group step (int4's GPS 16 over 2048 / 64 = 32 groups): the torch matmul on the same weights."""
+    import torch.nn.functional as F
+
+    from millis.gpu import decode_gemv as dg
+    from millis.gpu.weight_only import WeightOnlyLinear, dequantize
+
+    torch.manual_seed(0)
+    for K, N in ((576, 192), (1100, 40), (2048, 64)):
+        lin = torch.nn.Linear(K, N, bias=False)
+        x = torch.randn(K)
+        for fmt in ("plain", "int8", "int4"):
+            m = lin if fmt == "plain" else WeightOnlyLinear(lin, fmt)
+            ref = F.linear(x, lin.weight if fmt == "plain" else dequantize(fmt, m.q, m.scale, m.low, K))
+            for c in dg.CANDIDATES:
+                err = ((dg.gemv(x, m, config=c) - ref).norm() / ref.norm()).item()
+                assert err < 1e-5, (K, N, fmt, c, err)

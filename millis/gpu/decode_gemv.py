@@ -172,11 +172,12 @@ if triton is not None:
 
 FORMATS = {"plain": 0, "int8": 1, "fp8": 1, "int4": 2}  # nn.Linear, or millis.gpu.weight_only's formats
 DEFAULT = {"BN": 8, "BK": 256, "GPS": 4, "num_warps": 4}
-# the last two: more bytes in flight a program for the wide matrices (the second H200 run: the Llama-1B shape's
-# bf16 gemv kernels averaged 2.5 TB/s where cuBLAS reads its gate/up matrix at 3.5)
+# the last two: more bytes in flight a program for the wide matrices, and half the K loop's dependent steps for
+# int4 (GPS 16): the second H200 run's bf16 gemv kernels averaged 2.5 TB/s where cuBLAS reads the Llama-1B
+# shape's gate/up matrix at 3.5, and int4's 2048 x 8192 matmul took 17.6 us (0.5 TB/s)
 CANDIDATES = [{"BN": 4, "BK": 512, "GPS": 8, "num_warps": 4}, DEFAULT, {"BN": 16, "BK": 256, "GPS": 2, "num_warps": 4},
-              {"BN": 16, "BK": 512, "GPS": 4, "num_warps": 8}, {"BN": 32, "BK": 256, "GPS": 2, "num_warps": 8},
-              {"BN": 8, "BK": 1024, "GPS": 8, "num_warps": 8}]
+              {"BN": 16, "BK": 512, "GPS": 4, "num_warps": 8}, {"BN": 32, "BK": 256, "GPS": 4, "num_warps": 8},
+              {"BN": 8, "BK": 1024, "GPS": 16, "num_warps": 8}]
 TUNED: dict[tuple, dict] = {}  # tune_key -> the config `tune` measured fastest
 
 
