@@ -70,17 +70,21 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
 
     @triton.jit
+    def _chunk(w_ptr, rn, kk, m, N, swn, GATEUP: tl.constexpr):
+        # weights (rn, kk) under mask m, and with GATEUP their up rows' (rn + N, kk); else the same tile twice
+        w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=m, other=0.0)
+        u = w
+        if GATEUP:
+            u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=m, other=0.0)
+        return w, u
+
+    @triton.jit
     def first_chunk(t, w_ptr, K, N, swn, GATEUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # tile t's weights over its first BK inputs (and its up rows' with GATEUP), loaded ahead of a PDL wait
         # or a grid barrier: weights are read-only, so nothing the wait guards; their latency then overlaps it
         rn = t * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        m = (rn[:, None] < N) & (rk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=m, other=0.0)
-        u = w
-        if GATEUP:
-            u = tl.load(w_ptr + (rn[:, None] + N) * swn + rk[None, :], mask=m, other=0.0)
-        return w, u
+        return _chunk(w_ptr, rn, rk, (rn[:, None] < N) & (rk[None, :] < K), N, swn, GATEUP)
 
     @triton.jit
     def gemv_tile(t, rstd, x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, b_ptr, r_ptr, y_ptr, K, N, NT, swn, w0, u0, pre,
@@ -119,18 +123,11 @@ if triton is not None:
                 wm = nm[:, None] & km[None, :]
                 if PRE:
                     if pre & (k0 == 0):
-                        w = w0
-                        u = u0
+                        w, u = w0, u0
                     else:
-                        w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
-                        u = w
-                        if GATEUP:
-                            u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
+                        w, u = _chunk(w_ptr, rn, kk, wm, N, swn, GATEUP)
                 else:
-                    w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :], mask=wm, other=0.0)
-                    u = w
-                    if GATEUP:
-                        u = tl.load(w_ptr + (rn[:, None] + N) * swn + kk[None, :], mask=wm, other=0.0)
+                    w, u = _chunk(w_ptr, rn, kk, wm, N, swn, GATEUP)
                 acc += tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
                 if GATEUP:
                     acc2 += tl.sum(u.to(tl.float32) * xf[None, :], axis=1)

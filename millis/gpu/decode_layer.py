@@ -223,6 +223,16 @@ def layer_step(x: torch.Tensor, layer: nn.Module, index: int, model: nn.Module, 
             MAX_SPIN_=MAX_SPIN, PROGS=grid[0], PRE=fmt != "int4", num_warps=cfg["num_warps"], **pdl_launch(x, True))
 
 
+def scratch_row(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For timing a batch-1 step's layers: a random residual row x0 (D,), a copy x to step in place (from x0
+    again each call: the residual adds would otherwise accumulate), and the scratch position (1,), the
+    cache's last, which no request reaches."""
+    w = model.tok_emb.weight
+    x0 = torch.randn(w.shape[1], device=w.device, dtype=w.dtype) * 0.1
+    pos = torch.full((1,), model.layers[0].attn.cache.k.shape[2] - 1, dtype=torch.long, device=w.device)
+    return x0, x0.clone(), pos
+
+
 def tune(model: nn.Module, kv_len: int, window: int) -> dict:
     """Time the candidates on layer 0 at the scratch position (the last of the cache, which no request
     reaches), keep the fastest in TUNED and return {key: [(config, us), ...]}, fastest first."""
@@ -231,10 +241,8 @@ def tune(model: nn.Module, kv_len: int, window: int) -> dict:
     key = (fmt_of(a.wqkv), model.tok_emb.weight.shape[1], layer.ffn.w13.out_features // 2, a.wqkv.out_features)
     if key in TUNED:
         return {}
-    dev = model.tok_emb.weight.device
-    x = torch.randn(key[1], device=dev, dtype=model.tok_emb.weight.dtype) * 0.1
-    pos = torch.full((1,), a.cache.k.shape[2] - 1, dtype=torch.long, device=dev)
-    x0, bars = x.clone(), sync_state(model)[0]
+    x0, x, pos = scratch_row(model)
+    bars = sync_state(model)[0]
 
     def run(cand: dict) -> None:  # from the same x each time: the residual adds would otherwise accumulate
         x.copy_(x0)

@@ -119,13 +119,10 @@ def layer_us(model: nn.Module, kv_len: int, window: int) -> dict:
     faster."""
     from millis.gpu.graph_timing import graph_us
 
-    w = model.tok_emb.weight
-    x0 = torch.randn(w.shape[1], device=w.device, dtype=w.dtype) * 0.1
-    x = x0.clone()
-    p = torch.full((1,), model.layers[0].attn.cache.k.shape[2] - 1, dtype=torch.long, device=w.device)
+    x0, x, p = dl.scratch_row(model)
     bars = dl.sync_state(model)[0]
 
-    def one() -> None:  # from the same x each call: the residual adds would otherwise accumulate
+    def one() -> None:
         x.copy_(x0)
         bars.zero_()
         for i, layer in enumerate(model.layers):
