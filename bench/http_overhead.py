@@ -9,7 +9,7 @@ connection, what bench/gpu_serve.py's `run_level` uses):
                   answers fixed JSON: what any Starlette server pays
   floor_thread    the same route awaiting one no-op call in a worker thread (`run_in_executor`): the
                   floor plus one hand-off to a thread and back, as the batcher does per batch
-  millis[:LABEL]  `millis serve MODEL` /v1/classify; --code DIR (repeatable, LABEL=DIR) serves the same
+  millis[:LABEL]  `millis serve MODEL` /v1/classify (an embedder: /v1/embeddings); --code DIR (repeatable, LABEL=DIR) serves the same
                   model from another checkout (e.g. the commit before a change) for a before/after
 Per millis system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too.
 With --gen, the streaming route as well: a llama2.c model (stories260K, ../shared/models) through
@@ -72,7 +72,8 @@ def floor_server(thread_hop: bool) -> None:
     async def ready(request):
         return Response(b'{"status":"ready"}', 200, media_type="application/json")
 
-    app = Starlette(routes=[Route("/v1/classify", classify, methods=["POST"]), Route("/ready", ready)])
+    app = Starlette(routes=[Route("/v1/classify", classify, methods=["POST"]),  # either task's route: the same answer
+                            Route("/v1/embeddings", classify, methods=["POST"]), Route("/ready", ready)])
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, 0))
@@ -94,15 +95,20 @@ def pcts(xs: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(xs, 99)), 3), "n": len(xs)}
 
 
+def route_of(model) -> tuple[str, str]:
+    """(route, the field its texts go in) for the model's task: a classifier's or an embedder's route."""
+    return ("/v1/classify", "inputs") if model.task == "classify" else ("/v1/embeddings", "input")
+
+
 async def alternate(servers: dict[str, ServerProcess], model, texts: list[str], rounds: int,
                     seconds: float) -> dict:
     rng = np.random.default_rng(0)
     conns, bodies = {}, {}
+    route, field = route_of(model)
     for name, srv in servers.items():
         t = Target(srv.url)
         conns[name] = await Conn.connect(t)
-        bodies[name] = [t.request_bytes("POST", "/v1/classify", json.dumps({"model": "m", "inputs": [x]}).encode())
-                        for x in texts]
+        bodies[name] = [t.request_bytes("POST", route, json.dumps({"model": "m", field: [x]}).encode()) for x in texts]
     lat: dict[str, list[float]] = {"in_process": [], **{n: [] for n in servers}}
     stages = {n: {s: [] for s in STAGES} for n in servers if n.startswith("millis")}
     for i in range(300):  # warm every system
@@ -163,7 +169,8 @@ def engine_step_ms(model: str, prompt: str, max_tokens: int, n: int) -> list[flo
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny:bert", help="a classifier spec (source model or artifact)")
+    ap.add_argument("--model", default="tiny:bert", help="a classifier or embedder: source model spec or artifact "
+                                                         "(served on /v1/classify or /v1/embeddings)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=2.0, help="per system and round")
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
@@ -196,7 +203,7 @@ def main() -> int:
     inproc = res["in_process"]["p50_ms"]
     for n in servers:
         res[n]["over_in_process_p50_ms"] = round(res[n]["p50_ms"] - inproc, 3)
-    out = {"bench": "http_overhead", "model": a.model, "variant": model.variant, "route": "/v1/classify",
+    out = {"bench": "http_overhead", "model": a.model, "variant": model.variant, "route": route_of(model)[0],
            "client": "millis.loadgen.client.Conn, one keep-alive connection, concurrency 1 (asyncio loop)",
            "systems": res, "sigterm_exit": exits}
     print("\n| system | p50 ms | p90 ms | p99 ms | n | over in-process p50 ms | server stages p50 ms |")

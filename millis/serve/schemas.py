@@ -171,15 +171,15 @@ def embeddings_response(out: list[np.ndarray], fmt: str, model: str, tokens: int
 
 def classify_response(out: list[np.ndarray], id2label: dict[int, str], top_k: int, logits: bool,
                       truncated: list[bool], model: str, tokens: int) -> dict[str, Any]:
-    x = np.stack(out)
+    x = np.stack(out)                                                      # (n, labels) logits
     probs = softmax(x)
+    tops = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()  # per row: top_k labels, best first
     data = []
-    for i, p in enumerate(probs):
-        order = np.argsort(-p, kind="stable")[:top_k]
-        item: dict[str, Any] = {"index": i, "label": id2label.get(int(order[0]), str(int(order[0]))),
-                                "score": float(p[order[0]]), "truncated": truncated[i]}
+    for i, (p, order) in enumerate(zip(probs.tolist(), tops)):  # Python floats and ints: no numpy per item
+        item: dict[str, Any] = {"index": i, "label": id2label.get(order[0], str(order[0])), "score": p[order[0]],
+                                "truncated": truncated[i]}
         if top_k > 1:
-            item["top_k"] = [{"label": id2label.get(int(k), str(int(k))), "score": float(p[k])} for k in order]
+            item["top_k"] = [{"label": id2label.get(k, str(k)), "score": p[k]} for k in order]
         if logits:
             item["logits"] = x[i].tolist()
         data.append(item)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,13 +29,60 @@ from millis.encoder.text import bucket_length
 InferFn = Callable[[list[list[int]], int], np.ndarray]
 
 
-def runtime_thread() -> ThreadPoolExecutor:
+class RuntimeThread:
     """The worker thread that loads, warms and runs the model. One thread for all three: torch's OpenMP
     keeps a thread team per calling thread, and once two threads' teams exist (say, the loader's and the
     runtime's) they outnumber 2 cores, so libgomp stops spinning between parallel regions and every small op
     waits for its workers to wake: torch eager MiniLM ran 1.7x slower in the server than in process on 2
-    cores (docs/serving.md). The native, ONNX Runtime and OpenVINO runtimes have pools of their own."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="millis-runtime")
+    cores (docs/serving.md). The native, ONNX Runtime and OpenVINO runtimes have pools of their own.
+
+    `await thread.call(fn, *args)`: fn(*args) in the thread, its result (or exception) back on the loop. One
+    queue put and one call_soon_threadsafe a call, where run_in_executor also builds a concurrent Future (and
+    its Condition) and chains it to an asyncio one. A daemon thread: a call still running never holds the
+    process's exit (the server's watchdog bounds that)."""
+
+    def __init__(self, name: str = "millis-runtime") -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        if self._closed:
+            raise RuntimeError("the runtime thread is shut down")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._calls.put((loop, fut, fn, args))
+        return fut
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Run the calls already queued, then end the thread (wait: until it has)."""
+        if not self._closed:
+            self._closed = True
+            self._calls.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, fut, fn, args = item
+            try:
+                ok, value = True, fn(*args)
+            except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
+                ok, value = False, e
+            try:
+                loop.call_soon_threadsafe(settle, fut, ok, value)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+
+def settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if not fut.done():  # a waiter that was cancelled is done already
+        (fut.set_result if ok else fut.set_exception)(value)
+
+
+def runtime_thread() -> RuntimeThread:
+    return RuntimeThread()
 
 
 class Overloaded(Exception):
@@ -76,7 +124,7 @@ class Job:
 class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None,
-                 pool: ThreadPoolExecutor | None = None):
+                 pool: RuntimeThread | None = None):
         """pool: the one worker thread runtime calls run in (`runtime_thread`); the caller may have loaded the
         model in it already."""
         self.infer, self.max_length = infer, max_length
@@ -116,7 +164,6 @@ class Batcher:
 
     # ---- the loop -------------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if self.depth == 0:
                 if self._closing:
@@ -136,7 +183,7 @@ class Batcher:
                 if job.queue_s < 0:
                     job.queue_s = t0 - job.t_submit
             try:
-                y = await loop.run_in_executor(self._pool, self.infer, [j.rows[i] for j, i in rows], t)
+                y = await self._pool.call(self.infer, [j.rows[i] for j, i in rows], t)
                 err = None
             except Exception as e:  # a runtime failure fails this batch's requests, not the server
                 y, err = None, e

@@ -1,0 +1,168 @@
+"""Counters, gauges and histograms for the request path, at a microsecond or less an observation.
+
+prometheus_client's own metrics cost a request of the encoder server ~25 us in 8 observations (Python
+layers per call: label lookup, a check per call, a lock per bucket, a Python loop over the buckets; Zen 4
+VM, an ASGI loop with a no-op runtime: 222 -> 195 us a request without them). These keep plain lists under
+one lock per metric and are read by the same registry as prometheus_client's (a custom collector: the
+exposition, /metrics and `registry.collect()` see the same families, names and types).
+
+Labelled metrics: `.labels(*values)` returns the child of that label set (created on first use; the
+same object after), whose `inc` / `set` / `observe` update it. An unlabelled metric takes them itself.
+"""
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from typing import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+
+def label_text(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
+class Series:
+    """What the three kinds share: a name, help, label names, children per label set, one lock."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), registry: CollectorRegistry | None = None):
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.lock = threading.Lock()
+        self.children: dict[tuple[str, ...], object] = {}
+        self.one = None if self.labelnames else self.labels()  # an unlabelled metric's child: exported from the start
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values):
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            with self.lock:
+                child = self.children.setdefault(label_text(values), self.child())
+            self.children[values] = child  # the caller's own tuple finds it at once next time
+        return child
+
+    def own(self):
+        """The unlabelled metric's one child."""
+        if self.one is None:
+            raise ValueError(f"{self.name} is labelled by {self.labelnames}: use .labels(...)")
+        return self.one
+
+    def samples(self) -> Iterator[tuple[tuple[str, ...], object]]:
+        """(label values, child) per distinct label set (the caller's own tuples are aliases)."""
+        seen = set()
+        for values, child in list(self.children.items()):
+            if id(child) not in seen and all(isinstance(v, str) for v in values):
+                seen.add(id(child))
+                yield values, child
+
+    def child(self):
+        raise NotImplementedError
+
+
+class Value:
+    """A counter's or a gauge's value."""
+
+    __slots__ = ("v", "lock")
+
+    def __init__(self, lock: threading.Lock):
+        self.v, self.lock = 0.0, lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self.lock:
+            self.v += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        with self.lock:
+            self.v -= amount
+
+    def set(self, value: float) -> None:
+        self.v = float(value)
+
+
+class Counter(Series):
+    def child(self) -> Value:
+        return Value(self.lock)
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self.own().inc(amount)
+
+    def collect(self) -> list[Metric]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, c in self.samples():
+            fam.add_metric(values, c.v)
+        return [fam]
+
+
+class Gauge(Series):
+    def child(self) -> Value:
+        return Value(self.lock)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.own().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.own().dec(amount)
+
+    def set(self, value: float) -> None:
+        self.own().set(value)
+
+    def collect(self) -> list[Metric]:
+        fam = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, c in self.samples():
+            fam.add_metric(values, c.v)
+        return [fam]
+
+
+class Buckets:
+    """One histogram's counts: counts[i] observations in (bounds[i - 1], bounds[i]] (Prometheus's `le`),
+    the last past every bound (+Inf)."""
+
+    __slots__ = ("bounds", "counts", "sum", "lock")
+
+    def __init__(self, bounds: list[float], lock: threading.Lock):
+        self.bounds, self.lock = bounds, lock
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        i = bisect_left(self.bounds, amount)  # the first bound >= amount
+        with self.lock:
+            self.counts[i] += 1
+            self.sum += amount
+
+
+class Histogram(Series):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = (),
+                 registry: CollectorRegistry | None = None):
+        self.bounds = sorted(float(b) for b in buckets)
+        if not self.bounds:
+            raise ValueError(f"{name}: give the histogram's buckets")
+        super().__init__(name, doc, labelnames, registry)
+
+    def child(self) -> Buckets:
+        return Buckets(self.bounds, self.lock)
+
+    def observe(self, amount: float) -> None:
+        self.own().observe(amount)
+
+    def collect(self) -> list[Metric]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, h in self.samples():
+            with self.lock:
+                counts, total = list(h.counts), h.sum
+            cum, rows = 0, []
+            for bound, n in zip([*map(float_text, self.bounds), "+Inf"], counts):
+                cum += n
+                rows.append((bound, cum))
+            fam.add_metric(values, rows, total)
+        return [fam]
+
+
+def float_text(b: float) -> str:
+    """A bucket bound as prometheus_client writes `le`: 0.005, 1.0, 30.0."""
+    return repr(float(b))
