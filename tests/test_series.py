@@ -66,6 +66,25 @@ def test_counters_and_gauges_expose_what_prometheus_client_does():
     assert "z 0.0" in text(fresh)
 
 
+def test_odd_inputs_expose_what_prometheus_client_does():
+    """Label values that are not strings (1, True and 1.0 are three series), labels by name, bounds written as
+    Go floats (1e+06), an explicit +Inf bound, NaN observations (summed, in no bucket, not counted)."""
+    pc.disable_created_metrics()
+    (rc, rcr), (oc, ocr) = both("Counter", "c", "odd labels", ["k"])
+    for v in (1, True, 1.0, "1", None, ("a", 1)):
+        rc.labels(v).inc()
+        oc.labels(v).inc()
+    rc.labels(k="named").inc(2)
+    oc.labels(k="named").inc(2)
+    assert text(ocr) == text(rcr)
+    bounds = (2.5e-7, 0.5, 1e6, float("inf"))
+    (rh, rhr), (oh, ohr) = both("Histogram", "h", "odd bounds", buckets=bounds)
+    for v in (0.1, 1e6, 3e6, float("nan"), 1e-9):
+        rh.observe(v)
+        oh.observe(v)
+    assert text(ohr) == text(rhr)
+
+
 def test_misuse_raises():
     reg = CollectorRegistry(auto_describe=True)  # as Metrics's: it reads each collector's names
     c = series.Counter("c", "x", ["a"], registry=reg)
@@ -76,7 +95,13 @@ def test_misuse_raises():
     with pytest.raises(ValueError):
         series.Counter("d", "x", registry=reg).inc(-1)  # a counter only goes up
     with pytest.raises(ValueError):
+        c.labels("x").inc(-1)       # a labelled one too
+    with pytest.raises(ValueError):
+        c.labels(b="x")             # an unknown label name
+    with pytest.raises(ValueError):
         series.Histogram("h", "x", registry=reg)  # no buckets
+    with pytest.raises(ValueError):
+        series.Histogram("h", "x", buckets=(2, 1), registry=reg)  # out of order
     with pytest.raises(ValueError):
         series.Counter("c", "again", registry=reg)  # the registry refuses a duplicate name
 

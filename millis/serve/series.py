@@ -6,8 +6,9 @@ VM, an ASGI loop with a no-op runtime: 222 -> 195 us a request without them). Th
 one lock per metric and are read by the same registry as prometheus_client's (a custom collector: the
 exposition, /metrics and `registry.collect()` see the same families, names and types).
 
-Labelled metrics: `.labels(*values)` returns the child of that label set (created on first use; the
-same object after), whose `inc` / `set` / `observe` update it. An unlabelled metric takes them itself.
+Labelled metrics: `.labels(*values)` (or by name) returns the child of that label set, keyed by the values'
+text as prometheus_client keys it (created on first use; the same object after), whose `inc` / `set` /
+`observe` update it. An unlabelled metric takes them itself.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString  # how prometheus_client writes a bucket's `le`
 
 
 def label_text(values: Sequence[str]) -> tuple[str, ...]:
@@ -34,14 +36,25 @@ class Series:
         if registry is not None:
             registry.register(self)
 
-    def labels(self, *values):
-        child = self.children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            with self.lock:
-                child = self.children.setdefault(label_text(values), self.child())
-            self.children[values] = child  # the caller's own tuple finds it at once next time
+    def labels(self, *values, **by_name):
+        """The child of this label set (values in labelnames' order, or by name), created on first use."""
+        if by_name:
+            if values or set(by_name) != set(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values or by_name}")
+            values = tuple(by_name[n] for n in self.labelnames)
+        try:
+            child = self.children.get(values)  # the caller's strings: the key itself
+        except TypeError:  # an unhashable value: found by its text below
+            child = None
+        if child is not None:
+            return child
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        key = label_text(values)
+        with self.lock:
+            child = self.children.get(key)
+            if child is None:
+                child = self.children[key] = self.child()
         return child
 
     def own(self):
@@ -50,20 +63,17 @@ class Series:
             raise ValueError(f"{self.name} is labelled by {self.labelnames}: use .labels(...)")
         return self.one
 
-    def samples(self) -> Iterator[tuple[tuple[str, ...], object]]:
-        """(label values, child) per distinct label set (the caller's own tuples are aliases)."""
-        seen = set()
-        for values, child in list(self.children.items()):
-            if id(child) not in seen and all(isinstance(v, str) for v in values):
-                seen.add(id(child))
-                yield values, child
+    def samples(self) -> list[tuple[tuple[str, ...], object]]:
+        """(label values, child) per label set, a copy taken under the lock (children may be added meanwhile)."""
+        with self.lock:
+            return list(self.children.items())
 
     def child(self):
         raise NotImplementedError
 
 
 class Value:
-    """A counter's or a gauge's value."""
+    """A gauge's value."""
 
     __slots__ = ("v", "lock")
 
@@ -79,16 +89,27 @@ class Value:
             self.v -= amount
 
     def set(self, value: float) -> None:
-        self.v = float(value)
+        with self.lock:
+            self.v = float(value)
 
 
-class Counter(Series):
-    def child(self) -> Value:
-        return Value(self.lock)
+class Total(Value):
+    """A counter's value: it only goes up."""
+
+    __slots__ = ()
 
     def inc(self, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
+        with self.lock:
+            self.v += amount
+
+
+class Counter(Series):
+    def child(self) -> Total:
+        return Total(self.lock)
+
+    def inc(self, amount: float = 1.0) -> None:
         self.own().inc(amount)
 
     def collect(self) -> list[Metric]:
@@ -130,6 +151,10 @@ class Buckets:
         self.sum = 0.0
 
     def observe(self, amount: float) -> None:
+        if amount != amount:  # NaN: in no bucket and not counted, only summed (as prometheus_client)
+            with self.lock:
+                self.sum += amount
+            return
         i = bisect_left(self.bounds, amount)  # the first bound >= amount
         with self.lock:
             self.counts[i] += 1
@@ -139,9 +164,9 @@ class Buckets:
 class Histogram(Series):
     def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = (),
                  registry: CollectorRegistry | None = None):
-        self.bounds = sorted(float(b) for b in buckets)
-        if not self.bounds:
-            raise ValueError(f"{name}: give the histogram's buckets")
+        self.bounds = [float(b) for b in buckets if float(b) != float("inf")]  # +Inf: the last count
+        if not self.bounds or self.bounds != sorted(self.bounds):
+            raise ValueError(f"{name}: give the histogram's buckets, in increasing order")
         super().__init__(name, doc, labelnames, registry)
 
     def child(self) -> Buckets:
@@ -156,13 +181,9 @@ class Histogram(Series):
             with self.lock:
                 counts, total = list(h.counts), h.sum
             cum, rows = 0, []
-            for bound, n in zip([*map(float_text, self.bounds), "+Inf"], counts):
+            for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], counts):
                 cum += n
                 rows.append((bound, cum))
             fam.add_metric(values, rows, total)
         return [fam]
 
-
-def float_text(b: float) -> str:
-    """A bucket bound as prometheus_client writes `le`: 0.005, 1.0, 30.0."""
-    return repr(float(b))

@@ -74,11 +74,15 @@ class RuntimeThread:
                 loop.call_soon_threadsafe(settle, fut, ok, value)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
+            del item, loop, fut, fn, args, value  # an idle thread holds no batch, result or traceback
 
 
 def settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
-    if not fut.done():  # a waiter that was cancelled is done already
-        (fut.set_result if ok else fut.set_exception)(value)
+    if fut.done():  # a waiter that was cancelled is done already
+        return
+    if not ok and isinstance(value, StopIteration):  # a future refuses it (TypeError): the waiter would hang
+        value = RuntimeError(f"runtime call raised {type(value).__name__}")
+    (fut.set_result if ok else fut.set_exception)(value)
 
 
 def runtime_thread() -> RuntimeThread:
