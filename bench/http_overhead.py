@@ -11,7 +11,9 @@ connection, what bench/gpu_serve.py's `run_level` uses):
                   floor plus one hand-off to a thread and back, as the batcher does per batch
   millis[:LABEL]  `millis serve MODEL` /v1/classify (an embedder: /v1/embeddings); --code DIR (repeatable, LABEL=DIR) serves the same
                   model from another checkout (e.g. the commit before a change) for a before/after
-Per millis system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too.
+Per millis system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too, and per
+round each system's p50: its overhead over the same round's in-process p50 (median and range over rounds), and
+millis:here's p50 over each other checkout's, round by round.
 With --gen, the streaming route as well: a llama2.c model (stories260K, ../shared/models) through
 /v1/completions (64 tokens, EOS ignored), the gaps between streamed text events as the client reads them
 and each request's mean gap ((last - first) / (events - 1)), vs the engine's own step time in process. With
@@ -115,15 +117,31 @@ async def alternate(servers: dict[str, ServerProcess], model, texts: list[str], 
         model.run([texts[i % len(texts)]])
         for n in servers:
             await conns[n].send(bodies[n][i % len(texts)])
+    per_round: dict[str, list[float]] = {n: [] for n in lat}  # each round's p50 per system
     for _ in range(rounds):
+        start = {n: len(v) for n, v in lat.items()}
         inproc_round(model, texts, seconds, rng, lat["in_process"])
         for n in servers:
             await http_round(conns[n], bodies[n], seconds, rng, lat[n], stages.get(n))
+        for n, v in lat.items():
+            per_round[n].append(statistics.median(v[start[n]:]))
     for c in conns.values():
         c.close()
     res = {n: pcts(v) for n, v in lat.items()}
     for n, st in stages.items():
         res[n]["server_stages_p50_ms"] = {s: round(statistics.median(v), 3) for s, v in st.items()}
+    for n, r in per_round.items():
+        res[n]["round_p50_ms"] = [round(x, 3) for x in r]
+        if n != "in_process":  # this round's p50 less the same round's in-process p50: the median and range
+            over = [x - y for x, y in zip(r, per_round["in_process"])]
+            res[n]["rounds_over_in_process_ms"] = {"median": round(statistics.median(over), 3),
+                                                   "min": round(min(over), 3), "max": round(max(over), 3)}
+    if "millis:here" in per_round:  # against each other checkout, round by round: here's p50 / its p50
+        for n in per_round:
+            if n.startswith("millis:") and n != "millis:here":
+                ratio = [x / y for x, y in zip(per_round["millis:here"], per_round[n])]
+                res["millis:here"][f"rounds_ratio_vs_{n}"] = {"median": round(statistics.median(ratio), 3),
+                                                             "min": round(min(ratio), 3), "max": round(max(ratio), 3)}
     return res
 
 
@@ -206,11 +224,18 @@ def main() -> int:
     out = {"bench": "http_overhead", "model": a.model, "variant": model.variant, "route": route_of(model)[0],
            "client": "millis.loadgen.client.Conn, one keep-alive connection, concurrency 1 (asyncio loop)",
            "systems": res, "sigterm_exit": exits}
-    print("\n| system | p50 ms | p90 ms | p99 ms | n | over in-process p50 ms | server stages p50 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| system | p50 ms | p90 ms | p99 ms | n | over in-process p50 ms | round by round [range] | "
+          "server stages p50 ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, r in res.items():
+        o = r.get("rounds_over_in_process_ms")
+        rr = f"{o['median']} [{o['min']}, {o['max']}]" if o else ""
         print(f"| {n} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['n']} | "
-              f"{r.get('over_in_process_p50_ms', '')} | {r.get('server_stages_p50_ms', '')} |")
+              f"{r.get('over_in_process_p50_ms', '')} | {rr} | {r.get('server_stages_p50_ms', '')} |")
+    for k, v in res.get("millis:here", {}).items():
+        if k.startswith("rounds_ratio_vs_"):
+            print(f"millis:here p50 / {k[len('rounds_ratio_vs_'):]} p50, round by round: {v['median']} "
+                  f"[{v['min']}-{v['max']}]")
 
     if a.gen:
         llm = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
