@@ -105,38 +105,35 @@ class Total(Value):
             self.v += amount
 
 
-class Counter(Series):
-    def child(self) -> Total:
-        return Total(self.lock)
+class Scalar(Series):
+    """A counter or a gauge: one number per label set, exposed as `family`."""
+
+    family: type = GaugeMetricFamily
+    value: type = Value
+
+    def child(self) -> Value:
+        return self.value(self.lock)
 
     def inc(self, amount: float = 1.0) -> None:
         self.own().inc(amount)
 
     def collect(self) -> list[Metric]:
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        fam = self.family(self.name, self.doc, labels=self.labelnames)
         for values, c in self.samples():
             fam.add_metric(values, c.v)
         return [fam]
 
 
-class Gauge(Series):
-    def child(self) -> Value:
-        return Value(self.lock)
+class Counter(Scalar):
+    family, value = CounterMetricFamily, Total
 
-    def inc(self, amount: float = 1.0) -> None:
-        self.own().inc(amount)
 
+class Gauge(Scalar):
     def dec(self, amount: float = 1.0) -> None:
         self.own().dec(amount)
 
     def set(self, value: float) -> None:
         self.own().set(value)
-
-    def collect(self) -> list[Metric]:
-        fam = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for values, c in self.samples():
-            fam.add_metric(values, c.v)
-        return [fam]
 
 
 class Buckets:
