@@ -74,8 +74,18 @@ def main() -> int:
         s = time.perf_counter()
         model.run([x])
         lat.append(time.perf_counter() - s)
+    # the same calls 0.5 ms apart, as an HTTP round trip spaces them: on the Zen 4 VM a CPU forward after such a
+    # pause took 1.1-1.5x its back-to-back time (docs/serving.md); this tells whether a GPU call does too
+    paced = []
+    for _ in range(1000):
+        x = texts[rng.integers(len(texts))]
+        time.sleep(0.0005)
+        s = time.perf_counter()
+        model.run([x])
+        paced.append(time.perf_counter() - s)
     inproc = {"p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
               "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+              "paced_p50_ms": round(float(np.percentile(paced, 50)) * 1e3, 3),
               "cold_start_s": round(cold, 2), "graphs": getattr(model.runtime, "graphs", 0)}
     print("in process", inproc, flush=True)
     del model
