@@ -9,8 +9,9 @@ connection, what bench/gpu_serve.py's `run_level` uses):
                   answers fixed JSON: what any Starlette server pays
   floor_thread    the same route awaiting one no-op call in a worker thread (`run_in_executor`): the
                   floor plus one hand-off to a thread and back, as the batcher does per batch
-  millis[:LABEL]  `millis serve MODEL` /v1/classify (an embedder: /v1/embeddings); --code DIR (repeatable, LABEL=DIR) serves the same
-                  model from another checkout (e.g. the commit before a change) for a before/after
+  millis[:LABEL]  `millis serve MODEL` /v1/classify (an embedder: /v1/embeddings); --code DIR (repeatable,
+                  LABEL=DIR) serves the same model from another checkout (e.g. the commit before a change) for a
+                  before/after
 Per millis system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too, and per
 round each system's p50: its overhead over the same round's in-process p50 (median and range over rounds), and
 millis:here's p50 over each other checkout's, round by round.

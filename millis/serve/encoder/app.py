@@ -148,7 +148,8 @@ class State:
         # a request still waiting after WATCH_AFTER_S starts watching for its client leaving (its rows are then
         # skipped); one answered sooner never pays for the task (~10 us a request)
         watcher: list[asyncio.Task] = []
-        starter = loop.call_later(WATCH_AFTER_S, lambda: watcher.append(loop.create_task(watch_disconnect(request, job))))
+        starter = loop.call_later(WATCH_AFTER_S,
+                                  lambda: watcher.append(loop.create_task(watch_disconnect(request, job))))
         try:
             await job.future
         except RequestTimeout as e:
