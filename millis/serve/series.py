@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -164,6 +164,7 @@ class Histogram(Series):
         self.bounds = [float(b) for b in buckets if float(b) != float("inf")]  # +Inf: the last count
         if not self.bounds or self.bounds != sorted(self.bounds):
             raise ValueError(f"{name}: give the histogram's buckets, in increasing order")
+        self.le = [*map(floatToGoString, self.bounds), "+Inf"]  # each count's `le`, as prometheus_client writes it
         super().__init__(name, doc, labelnames, registry)
 
     def child(self) -> Buckets:
@@ -178,7 +179,7 @@ class Histogram(Series):
             with self.lock:
                 counts, total = list(h.counts), h.sum
             cum, rows = 0, []
-            for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], counts):
+            for bound, n in zip(self.le, counts):
                 cum += n
                 rows.append((bound, cum))
             fam.add_metric(values, rows, total)

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from millis.artifact.model import Model
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
-from millis.serve.encoder.batcher import Batcher, Job, Overloaded, ShuttingDown, runtime_thread
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
 from millis.serve.encoder.rerank import relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
@@ -59,9 +59,9 @@ class State:
     # ---- start-up -------------------------------------------------------------------------
     async def load(self) -> None:
         t0 = perf_counter()
-        pool = runtime_thread()
+        pool = RuntimeThread()
         try:
-            model = await pool.call(self.loader)  # the thread that will run it (runtime_thread)
+            model = await pool.call(self.loader)  # the thread that will run it (RuntimeThread)
             batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
                               self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
                               self.metrics.on_batch, pool)

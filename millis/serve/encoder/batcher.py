@@ -85,10 +85,6 @@ def settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
     (fut.set_result if ok else fut.set_exception)(value)
 
 
-def runtime_thread() -> RuntimeThread:
-    return RuntimeThread()
-
-
 class Overloaded(Exception):
     """The queue cannot take this request now: answer 429 and suggest when to retry."""
 
@@ -129,7 +125,7 @@ class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None,
                  pool: RuntimeThread | None = None):
-        """pool: the one worker thread runtime calls run in (`runtime_thread`); the caller may have loaded the
+        """pool: the one worker thread runtime calls run in (`RuntimeThread`); the caller may have loaded the
         model in it already."""
         self.infer, self.max_length = infer, max_length
         self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
@@ -138,7 +134,7 @@ class Batcher:
         self._queues: dict[int, deque[tuple[Job, int]]] = {}
         self._wake = asyncio.Event()
         self._closing = False
-        self._pool = pool or runtime_thread()
+        self._pool = pool or RuntimeThread()
         self._task: asyncio.Task | None = None
         self._rows_per_s = 0.0                           # recent throughput, for Retry-After
 

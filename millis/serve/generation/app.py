@@ -134,7 +134,7 @@ class GenState:
     async def load(self) -> None:
         t0 = perf_counter()
         self._loop, opened = asyncio.get_running_loop(), Future()
-        # one thread opens, warms and steps the engine (torch's OpenMP teams: encoder.batcher.runtime_thread)
+        # one thread opens, warms and steps the engine (torch's OpenMP teams: encoder.batcher.RuntimeThread)
         thread = threading.Thread(target=self._engine_thread, args=(opened,), name="millis-engine", daemon=True)
         thread.start()
         try:
