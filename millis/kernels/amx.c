@@ -183,7 +183,7 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #define ATT_FN attend_vec
 #define TCONFIG(cfg) (void)(cfg)
 #define TRELEASE() (void)0
-#define TZERO(t) memset(vt_acc[t], 0, sizeof vt_acc[t])
+#define TZERO(t) vt_tzero(t)
 #define TLOAD(t, p, s) (vt_src[t] = (vt_ref){(const uint8_t*)(p), (s)})
 #define TSTORE(t, p, s) vt_store(t, p, s)
 #define TDP(c, a, b) vt_dp(c, a, b)
