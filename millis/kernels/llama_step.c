@@ -9,8 +9,12 @@
    GELU(up + bias) instead of SwiGLU, O's and down's biases added to the residual before their matmuls.
    Matrices are split by chunks of output rows; per-token ops by token.
 
-   KV cache (paged, fp32): v_pool (n_layers, n_blocks, n_kv, block_size, head_dim), k_pool the same with each
-   block's K transposed (head_dim, block_size): scores take a block's positions as vector lanes. Position p
+   KV cache (paged, fp32): v_pool (n_blocks, n_layers, n_kv, block_size, head_dim), k_pool the same with each
+   block's K transposed (head_dim, block_size): scores take a block's positions as vector lanes. A block holds
+   every layer's part side by side, so a sequence's memory is one run per block, not one per layer: numpy
+   gives the pools transparent huge pages, and with the layers' regions apart the first write to each layer's
+   part faulted in (and zeroed) a 2 MB page per layer and pool, 60 for SmolLM2: its first step took ~150 ms
+   more than the next (Zen 4 VM, 2026-12-04; 10-30 ms with the layers side by side). Position p
    of slot s lives in block block_table[s * table_stride + p / block_size]. Python allocates the
    blocks before the call. Attention of a token at position p sees positions [lo, p] of its slot
    (lo = p - window + 1 with a sliding window), which the same call has written when they are new. */
@@ -60,7 +64,7 @@ typedef struct {   /* buffers for up to n_max tokens */
 /* the block of KV head g that holds position p of the slot, in layer l: block_size x head_dim values */
 static inline float* kv_block(const model_w* m, float* pool, int l, int slot, int p, int g) {
     const int64_t blk = m->block_table[(int64_t)slot * m->table_stride + p / m->block_size];
-    return pool + (((int64_t)l * m->n_blocks + blk) * m->n_kv + g) * m->block_size * m->head_dim;
+    return pool + (((int64_t)blk * m->n_layers + l) * m->n_kv + g) * m->block_size * m->head_dim;
 }
 
 #define MAX_GROUP 64  /* query heads per KV head (native_llama.py MAX_GROUP refuses more at load) */

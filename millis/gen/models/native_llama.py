@@ -122,7 +122,7 @@ class NativeLlama:
         cos, sin = (np.zeros((1, 1), np.float32),) * 2 if gpt2 else self._rope(c, max_seq)
         n_blocks = max(1, kv_bytes // (kv_bytes_per_token(c) * block_size))
         self.kv = PagedKV(n_blocks, block_size, max_batch, max_seq)
-        pool = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
+        pool = (n_blocks, c.n_layers, c.n_kv_heads, block_size, c.head_dim)  # a block: every layer's part (llama_step.c)
         self.k_pool, self.v_pool = np.empty(pool, np.float32), np.empty(pool, np.float32)
         self.m = ModelW(
             n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv=c.n_kv_heads, head_dim=c.head_dim,
