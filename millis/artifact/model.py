@@ -166,4 +166,4 @@ def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = 
     if v.runtime == "cuda":
         options.setdefault("buckets", gpu_buckets(max_batch, meta.max_length, max_batch_tokens))
     rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
-    return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length))
+    return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length, saved=True))

@@ -39,34 +39,52 @@ def check_texts(texts) -> list[str]:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int):
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # we report truncation ourselves
-        self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int, saved: bool = False):
+        """`saved`: tokenizer_dir was written by transformers' save_pretrained (an artifact's `tokenizer/`):
+        its tokenizer.json is the backend AutoTokenizer built, so the Rust tokenizer is read from it directly
+        and transformers is never imported (loading an artifact: ~1.3 s of imports less). Any other
+        directory goes through AutoTokenizer, which may adjust the backend (a BERT normalizer from
+        tokenizer_config's do_lower_case, added tokens)."""
         self.input_names, self.max_length = input_names, max_length
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         # The Rust tokenizer, called directly: half the per-call cost of the HF wrapper (which also
         # re-applies truncation/padding settings on every call). Its own settings are cleared once,
         # on a private copy, so it is never mutated afterwards and threads may share it.
-        self._fast = None
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is not None:
+        self.tok, self._fast = None, None
+        if saved and (Path(tokenizer_dir) / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+            special = saved_special_tokens(Path(tokenizer_dir))
+            pad, sep = (self._fast.token_to_id(special[k]) if special.get(k) else None for k in ("pad", "sep"))
+        else:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()  # we report truncation ourselves
+            self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            pad, sep = self.tok.pad_token_id, self.tok.sep_token_id
+            backend = getattr(self.tok, "backend_tokenizer", None)
+            if backend is not None:
+                from tokenizers import Tokenizer
+
+                self._fast = Tokenizer.from_str(backend.to_str())
+        if self._fast is not None:
             self._fast.no_truncation()
             self._fast.no_padding()
+        self.pad_id = pad if pad is not None else 0
+        self.sep_id = sep
+
+    def ids_of(self, texts: list[str], special: bool) -> list[list[int]]:
+        """Each text's token ids, with or without the special tokens, no truncation."""
+        if self._fast is not None and len(texts) <= 8:  # one by one: no wake-up of the Rust thread pool
+            return [self._fast.encode(t, add_special_tokens=special).ids for t in texts]
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=special)]
+        return self.tok(texts, add_special_tokens=special, truncation=False)["input_ids"]
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Tokenize with special tokens; cut rows over max_length, keeping the final special token."""
-        if self._fast is not None and len(texts) <= 8:  # one by one: no wake-up of the Rust thread pool
-            rows = [self._fast.encode(t, add_special_tokens=True).ids for t in texts]
-        elif self._fast is not None:
-            rows = [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=True)]
-        else:
-            rows = self.tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        rows = self.ids_of(texts, special=True)
         out, cut = [], []
         for r in rows:
             if len(r) > self.max_length:
@@ -113,7 +131,7 @@ class TextEncoder:
         """(B, t) segment ids: 0, except a pair row's second text (after its first of two or more [SEP]s)
         and its final [SEP], which are 1, as the tokenizer's pair encoding sets them."""
         types = np.zeros((len(rows), t), dtype=np.int64)
-        sep = self.tok.sep_token_id
+        sep = self.sep_id
         for i, r in enumerate(rows):
             if sep is not None and r.count(sep) >= 2:
                 types[i, r.index(sep) + 1: len(r)] = 1
@@ -123,10 +141,10 @@ class TextEncoder:
         """A (batch, seq) batch of real text with a full mask: texts are chained until seq tokens."""
         if seq < 2:
             raise MillisError("a measured shape needs seq >= 2 (two special tokens)")
-        body = [t for r in self.tok(texts, add_special_tokens=False)["input_ids"] for t in r]
+        body = [t for r in self.ids_of(list(texts), special=False) for t in r]
         if not body:
             raise MillisError("the sample texts produce no tokens")
-        first = self.tok("a", add_special_tokens=True)["input_ids"]
+        first = self.ids_of(["a"], special=True)[0]
         cls_id, sep_id = first[0], first[-1]
         rows, k = [], 0
         for _ in range(batch):
@@ -138,3 +156,19 @@ class TextEncoder:
         return self.pack(rows, seq)
 
 
+
+
+def saved_special_tokens(tokenizer_dir: Path) -> dict[str, str]:
+    """{"pad": token, "sep": token} as save_pretrained wrote them in tokenizer_config.json (a string, or an
+    added token's {"content": ...}); a missing one is left out."""
+    import json
+
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) \
+        if (tokenizer_dir / "tokenizer_config.json").is_file() else {}
+    out = {}
+    for k in ("pad", "sep"):
+        v = cfg.get(f"{k}_token")
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str) and v:
+            out[k] = v
+    return out

@@ -1,0 +1,92 @@
+"""An artifact's tokenizer read straight from its tokenizer.json (TextEncoder(saved=True), what `millis.load`
+does: no transformers import) gives the ids, pairs, token types and padding that AutoTokenizer gives on the
+same directory, on real texts (Banking77's test file when ../shared/data is there) and on edge cases."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from millis.encoder.source import resolve
+from millis.encoder.text import TextEncoder
+
+EDGE = ["where is my card?", "WHERE IS MY CARD", "Café naïve résumé", "你好，世界", "emoji 🙂 test", "tabs\tand\nnewlines",
+        "  leading and trailing  ", "a [SEP] inside the text", "[CLS] [PAD] [MASK] [UNK]", "x" * 3000,
+        " ".join(["word"] * 400), "ﬁ ligature and ＦＵＬＬＷＩＤＴＨ", "don't won't can't", "3.14159 and 1,000,000"]
+
+
+def real_texts(n: int = 400) -> list[str]:
+    data = Path(os.environ.get("MILLIS_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    f = data / "banking77" / "test.csv"
+    if not f.is_file():
+        return []
+    with f.open(newline="") as fh:
+        return [row["text"] for _, row in zip(range(n), csv.DictReader(fh))]
+
+
+@pytest.fixture(scope="module", params=["tiny:bert", "builtin:minilm"])
+def saved_dir(request, tmp_path_factory):
+    """A source's tokenizer as optimize writes it into an artifact (save_pretrained), and the source."""
+    from transformers import AutoTokenizer
+
+    try:
+        src = resolve(request.param)
+    except Exception as e:  # noqa: BLE001 -- the builtin package may be absent on a bare machine
+        pytest.skip(f"{request.param}: {e}")
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(out))
+    return src, out
+
+
+def test_saved_tokenizer_matches_autotokenizer(saved_dir):
+    src, out = saved_dir
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    ref, fast = TextEncoder(out, names, 128), TextEncoder(out, names, 128, saved=True)
+    assert fast.tok is None and ref.tok is not None
+    assert (fast.pad_id, fast.sep_id) == (ref.pad_id, ref.sep_id) and fast.sep_id is not None
+    texts = EDGE + real_texts()
+    for special in (True, False):
+        assert fast.ids_of(texts, special) == ref.tok(texts, add_special_tokens=special, truncation=False)["input_ids"]
+    assert fast.token_ids(texts) == ref.token_ids(texts)
+    assert any(fast.token_ids(texts)[1])  # the long edge cases were cut
+    assert fast.pair_ids("where is my card?", texts[:40]) == ref.pair_ids("where is my card?", texts[:40])
+    a, b = fast.encode(texts[:32]), ref.encode(texts[:32])
+    assert a.lengths == b.lengths and a.truncated == b.truncated
+    for k in names:
+        np.testing.assert_array_equal(a.feeds[k], b.feeds[k])
+    rows, _ = fast.pair_ids("q", ["a document"])
+    np.testing.assert_array_equal(fast.token_types(rows, 32), ref.token_types(rows, 32))
+    r, types, cut = rows[0], fast.token_types(rows, 32)[0], rows[0].index(fast.sep_id) + 1
+    assert not types[:cut].any() and types[cut:len(r)].all() and not types[len(r):].any()  # "a document [SEP]": 1
+    for k, v in fast.fill(texts[:5], 2, 24).items():
+        np.testing.assert_array_equal(v, ref.fill(texts[:5], 2, 24)[k])
+
+
+def test_saved_tokenizer_never_imports_transformers(saved_dir):
+    _, out = saved_dir
+    code = ("import sys; from millis.encoder.text import TextEncoder; "
+            f"e = TextEncoder({str(out)!r}, ('input_ids', 'attention_mask'), 64, saved=True); "
+            "assert e.token_ids(['hello world'])[0][0]; print('transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_saved_without_tokenizer_json_falls_back(tmp_path):
+    """A directory with only a vocabulary (no tokenizer.json) still loads, through AutoTokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = resolve("tiny:bert")
+    for f in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(src.path / f, tmp_path / f)
+    enc = TextEncoder(tmp_path, ("input_ids", "attention_mask"), 32, saved=True)
+    assert enc.tok is not None
+    assert enc.token_ids(["hello world"])[0] == [AutoTokenizer.from_pretrained(str(src.path))("hello world")["input_ids"]]
