@@ -389,6 +389,30 @@ def test_smoothing_scales_and_calibration(minilm):
     assert max(seen["inter"].max() / np.median(seen["inter"]) for seen in stats) > 10  # MiniLM's outlier channels
 
 
+def test_stored_calibration_loads_the_same_model(minilm, tmp_path):
+    """The calibration optimize stores beside a variant's weights (save_amax) round-trips, and a model
+    built from it computes exactly what one calibrating at load computes; a file of other shapes is refused."""
+    from millis.encoder.smooth import AMAX_FILE, input_amax, load_amax, save_amax
+
+    _, enc = minilm
+    assert load_amax(tmp_path, enc.cfg.layers) is None  # an older artifact: none stored
+    stats = input_amax(enc)
+    save_amax(stats, tmp_path)
+    loaded = load_amax(tmp_path, enc.cfg.layers)
+    assert all(np.array_equal(a[g], b[g]) for a, b in zip(stats, loaded) for g in a)
+    ids, mask, types = batch(np.random.default_rng(5), 3, 24, 30000)
+    for precision in ("int7-row", "int7-row-a8"):
+        here, stored = NativeBert(enc, precision, 2), NativeBert(enc, precision, 2, loaded)
+        assert np.array_equal(here(ids, mask, types), stored(ids, mask, types)), precision
+    save_amax(stats[:-1], tmp_path)
+    with pytest.raises(KeyError):
+        load_amax(tmp_path, enc.cfg.layers)  # a layer short
+    bad = [dict(a, down=a["down"][:-32]) for a in stats]
+    with pytest.raises(MillisError, match="does not fit"):
+        NativeBert(enc, "int7-row", 2, bad)
+    (tmp_path / AMAX_FILE).unlink()
+
+
 def test_errors_name_the_problem(minilm, tiny_dirs):
     _, enc = minilm
     model = NativeBert(enc, "int8", 2)
@@ -416,10 +440,11 @@ def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measur
 
     out = tmp_path / "art"
     cfg = OptimizeConfig(source="tiny:bert", task="classify", out=str(out), target=Shape(1, 16),
-                         variants=("native-fp32", "native-int8", "native-int8-a16"), measure=quick_measure)
+                         variants=("native-fp32", "native-int8", "native-int8-a16", "native-int7-row"),
+                         measure=quick_measure)
     art = optimize(cfg)
     rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
-    for name in ("native-fp32", "native-int8", "native-int8-a16"):
+    for name in ("native-fp32", "native-int8", "native-int8-a16", "native-int7-row"):
         assert not rows[name].get("error"), rows[name]
         assert rows[name]["runtime"] == "native" and rows[name]["latency"]
     model = load(art)
@@ -429,4 +454,5 @@ def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measur
     assert got.shape == want.shape
     if model.meta.variant.runtime == "native":
         assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+        assert (out / "smoothing_amax.npz").is_file()  # the row precisions' calibration, stored (no load-time run)
     np.testing.assert_allclose(got, want, atol=0.05)

@@ -33,7 +33,7 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder.smooth import input_amax, smoothing_scales
+from millis.encoder.smooth import GEMMS, input_amax, smoothing_scales
 from millis.encoder.source import Pooling
 from millis.encoder.tasks import pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
@@ -142,7 +142,9 @@ def bf16_attention(lib: ctypes.CDLL, precision: str, amx: bool, cfg) -> bool:
 class NativeBert:
     """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
 
-    def __init__(self, encoder, precision: str = "fp32", threads: int = 1):
+    def __init__(self, encoder, precision: str = "fp32", threads: int = 1, amax: list | None = None):
+        """amax: the row precisions' calibration (millis.encoder.smooth.input_amax of these weights), stored
+        with a variant; None runs it here."""
         from millis.kernels.native import native_isa
 
         if precision not in PRECISIONS:
@@ -161,7 +163,13 @@ class NativeBert:
         self.cfg, self.task, self.pooling = c, e.task, e.pooling
         self.keep: list = []  # every array the C structs point into
         layers = (Layer * c.layers)()
-        amax = input_amax(e) if precision in ROW_PRECISIONS else None  # (the weights' own calibration)
+        if precision not in ROW_PRECISIONS:
+            amax = None
+        elif amax is None:
+            amax = input_amax(e)  # (the weights' own calibration)
+        elif len(amax) != c.layers or any(a[g].shape != (k,) for a in amax
+                                           for g, k in zip(GEMMS, (c.hidden, c.hidden, c.hidden, c.intermediate))):
+            raise MillisError("the stored smoothing calibration does not fit this model's shapes")
         for i, lw in enumerate(e.layers):
             L = layers[i]
             for name, w, s in zip(("qkv", "o", "inter", "down"), (lw.wqkv, lw.wo, lw.w1, lw.w2),

@@ -15,8 +15,9 @@ text: Banking77 train texts gave 0.9965 against the random ids' 0.9959 in the sa
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-import torch
 
 ALPHA = 0.5
 CALIBRATION = (32, 64)  # sequences x tokens of random ids (on Banking77 train texts, int7-row-a8's
@@ -27,6 +28,8 @@ FLOOR = 1e-5           # amax floor: a dead channel or a zero weight column keep
 def input_amax(encoder) -> list[dict[str, np.ndarray]]:
     """Per layer, the largest |x| per input channel of each GEMM (qkv, o, inter, down) on random token ids."""
     from functools import partial
+
+    import torch
 
     c = encoder.cfg
     B, T = CALIBRATION[0], min(CALIBRATION[1], c.max_positions)
@@ -48,6 +51,27 @@ def input_amax(encoder) -> list[dict[str, np.ndarray]]:
     finally:
         encoder.layer = layer
     return stats
+
+
+AMAX_FILE = "smoothing_amax.npz"  # beside a native variant's weights: input_amax, so a load runs no calibration
+GEMMS = ("qkv", "o", "inter", "down")
+
+
+def save_amax(stats: list[dict[str, np.ndarray]], d: Path) -> Path:
+    """input_amax's result as d/AMAX_FILE (arrays "<layer>.<gemm>", float32)."""
+    path = d / AMAX_FILE
+    np.savez(path, **{f"{i}.{g}": np.asarray(a[g], np.float32) for i, a in enumerate(stats) for g in GEMMS})
+    return path
+
+
+def load_amax(d: Path, layers: int) -> list[dict[str, np.ndarray]] | None:
+    """save_amax's file in d for a model of `layers` layers, or None when d has none (an artifact written
+    before it existed: the load calibrates)."""
+    path = d / AMAX_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return [{g: z[f"{i}.{g}"] for g in GEMMS} for i in range(layers)]
 
 
 def smoothing_scales(x_amax: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """millis's native encoder: BERT-family models on millis's own C kernels (millis.encoder.native), in one of
 its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7, int7-row or int7-row-a8.
 
-The variant directory holds the model's fp32 weights (config.json + model.safetensors); they are
+The variant directory holds the model's fp32 weights (config.json + model.safetensors) and the smoothing's
+calibration (smoothing_amax.npz, the row precisions'; an older artifact without it calibrates at load); they are
 quantized and packed for this CPU's ISA at load, and the padding of a batch is never computed.
 """
 from __future__ import annotations
@@ -18,12 +19,13 @@ class NativeRuntime:
     def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
                  threads: int, task: str, pooling: dict | None = None, precision: str = "fp32"):
         from millis.encoder.native import NativeBert
+        from millis.encoder.smooth import load_amax
         from millis.gpu.encoder import RunOptions, from_hf
 
         cpu = RunOptions(dtype="fp32", fuse="torch", device="cpu")
         p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
         encoder = from_hf(Path(model_dir), task, p, cpu)
-        self.model = NativeBert(encoder, precision, threads)
+        self.model = NativeBert(encoder, precision, threads, load_amax(Path(model_dir), encoder.cfg.layers))
         self.name, self.input_names, self.output_name = name, input_names, output_name
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import numpy as np
 from millis.common.config import preset_of
 from millis.common import hardware
 from millis.common.errors import MillisError
+from millis.encoder.smooth import AMAX_FILE
 from millis.encoder.source import ModelSource
 
 
@@ -139,9 +140,10 @@ class Builder:
                               "as fp32 or emulated, so it is skipped")
         path = self._apply(v.passes, v.keep_fp32)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []) + \
-            ([path.with_name("config.json")] if path.suffix == ".safetensors" else [])
-        for f in files:  # the model file as model.<ext>; the native runtime's HF config keeps its name
-            shutil.copy2(f, out / (f.name if f.name == "config.json" else f"model{f.suffix}"))
+            ([path.with_name("config.json")] if path.suffix == ".safetensors" else []) + \
+            [f for f in [path.with_name(AMAX_FILE)] if path.suffix == ".safetensors" and f.is_file()]
+        for f in files:  # the model file as model.<ext>; the native runtime's HF config and amax keep their names
+            shutil.copy2(f, out / (f.name if f.name in ("config.json", AMAX_FILE) else f"model{f.suffix}"))
         facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
         if path.suffix == ".onnx":
             from millis.optimize.build import graph
@@ -193,12 +195,15 @@ class Builder:
 
 def _fp32_weights(src: ModelSource, d: Path) -> Path:
     """config.json + model.safetensors (fp32) of `src` in `d`, for the native runtime; checked at build:
-    a model it cannot run (not BERT-family, pruned heads) fails here, naming why."""
+    a model it cannot run (not BERT-family, pruned heads) fails here, naming why. Beside them the smoothing's
+    calibration (millis.encoder.smooth: each GEMM's input amax on its random ids), so that loading a row
+    precision runs no fp32 forward (BERT-base: ~3 s of a load)."""
     import json
 
     from safetensors.numpy import save_file
 
-    from millis.gpu.encoder import EncoderConfig, load_state
+    from millis.encoder.smooth import input_amax, save_amax
+    from millis.gpu.encoder import EncoderConfig, RunOptions, from_hf, load_state
 
     cfg, state = load_state(src.path)
     EncoderConfig.from_hf(cfg)
@@ -207,6 +212,7 @@ def _fp32_weights(src: ModelSource, d: Path) -> Path:
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     path = d / "model.safetensors"
     save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in state.items()}, str(path))
+    save_amax(input_amax(from_hf(d, "embed", options=RunOptions(dtype="fp32", fuse="torch", device="cpu"))), d)
     return path
 
 
