@@ -413,6 +413,55 @@ def test_stored_calibration_loads_the_same_model(minilm, tmp_path):
     (tmp_path / AMAX_FILE).unlink()
 
 
+@pytest.mark.parametrize("which", ["minilm-embed", "tiny-classify"])
+def test_numpy_weights_build_the_same_model(which, tiny_dirs):
+    """An artifact's load reads the weights with numpy (millis.encoder.bert_weights: no torch); NativeBert built
+    from them computes exactly what it computes from the torch Encoder of the same directory, every precision
+    (the row ones with the calibration stored as optimize stores it); without that calibration a row
+    precision asks for it by name."""
+    from millis.encoder.bert_weights import load_arrays
+    from millis.encoder.smooth import input_amax
+
+    if which == "minilm-embed":
+        src, task, pooling = resolve("builtin:minilm"), "embed", None
+    else:
+        src, task, pooling = resolve(str(tiny_dirs["bert"])), "classify", Pooling()
+    pooling = pooling or src.pooling
+    enc, arrays = from_hf(src.path, task, pooling, CPU), load_arrays(src.path, task, pooling)
+    assert arrays.out_dim == enc.out_dim and arrays.cfg == enc.cfg
+    amax = input_amax(enc)
+    ids, mask, types = batch(np.random.default_rng(11), 3, 20, enc.cfg.vocab, low=min(1000, enc.cfg.vocab // 2))
+    for precision in PRECISIONS:
+        stored = amax if precision in ("int7-row", "int7-row-a8") else None
+        a = NativeBert(enc, precision, 2, stored)(ids, mask, types)
+        b = NativeBert(arrays, precision, 2, stored)(ids, mask, types)
+        assert np.array_equal(a, b), precision
+    with pytest.raises(MillisError, match="needs its smoothing calibration"):
+        NativeBert(arrays, "int7-row", 2)
+
+
+def test_native_artifact_loads_without_torch(tmp_path, quick_measure):
+    """Loading and running a native artifact imports neither torch nor transformers (cold start)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from millis.common.config import Shape
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    out = tmp_path / "art"
+    optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(out), target=Shape(1, 16),
+                            variants=("native-int7-row",), measure=quick_measure))
+    code = ("import sys, millis; m = millis.load(sys.argv[1]); assert m.meta.variant.runtime == 'native'; "
+            "e = m.embed(['where is my card?', 'hello']); assert e.shape[0] == 2; "
+            "print(sorted(k for k in ('torch', 'transformers') if k in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_errors_name_the_problem(minilm, tiny_dirs):
     _, enc = minilm
     model = NativeBert(enc, "int8", 2)

@@ -34,8 +34,7 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.smooth import GEMMS, input_amax, smoothing_scales
-from millis.encoder.source import Pooling
-from millis.encoder.tasks import pools_tokens
+from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
                                    init_amx, pack_matrix)
@@ -139,8 +138,14 @@ def bf16_attention(lib: ctypes.CDLL, precision: str, amx: bool, cfg) -> bool:
     return precision in AMX_PRECISIONS and (amx or vector_attention(lib))  # (on tiles implies AMX_PRECISIONS)
 
 
+def f32(t) -> np.ndarray:
+    """A weight as a float32 array: numpy (millis.encoder.bert_weights) or a torch tensor (millis.gpu.Encoder)."""
+    return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().numpy(), np.float32)
+
+
 class NativeBert:
-    """`encoder`: a millis.gpu.Encoder loaded in fp32 on the CPU (its weights, task and pooling)."""
+    """`encoder`: millis.encoder.bert_weights.BertArrays (numpy: an artifact's load), or a millis.gpu.Encoder
+    loaded in fp32 on the CPU (its weights, task and pooling; needed to calibrate the row precisions here)."""
 
     def __init__(self, encoder, precision: str = "fp32", threads: int = 1, amax: list | None = None):
         """amax: the row precisions' calibration (millis.encoder.smooth.input_amax of these weights), stored
@@ -166,6 +171,9 @@ class NativeBert:
         if precision not in ROW_PRECISIONS:
             amax = None
         elif amax is None:
+            if isinstance(e.word, np.ndarray):
+                raise MillisError(f"{precision} needs its smoothing calibration: stored with the variant, or "
+                                  f"run here on a millis.gpu.Encoder (torch) of these weights")
             amax = input_amax(e)  # (the weights' own calibration)
         elif len(amax) != c.layers or any(a[g].shape != (k,) for a in amax
                                            for g, k in zip(GEMMS, (c.hidden, c.hidden, c.hidden, c.intermediate))):
@@ -174,7 +182,7 @@ class NativeBert:
             L = layers[i]
             for name, w, s in zip(("qkv", "o", "inter", "down"), (lw.wqkv, lw.wo, lw.w1, lw.w2),
                                   ("sqkv", "so", "si", "sd")):
-                w = w.detach().float().numpy()
+                w = f32(w)
                 if amax is not None:  # W * s, against x / s
                     scale = smoothing_scales(amax[i][name], w)
                     w = w * scale
@@ -190,14 +198,14 @@ class NativeBert:
                            ctypes.addressof(layers))
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier
-            self.head = tuple(t.detach().float().numpy() for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
+            self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
         self.out_dim = e.out_dim
         self.buffers: dict[str, np.ndarray] = {}
         self.capacity = 0
         self.lock = threading.Lock()  # one forward at a time: the scratch is shared
 
     def _vec(self, t) -> int:
-        return self._array(t.detach().float().numpy())
+        return self._array(f32(t))
 
     def _array(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a, np.float32)

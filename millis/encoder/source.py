@@ -26,6 +26,13 @@ class Pooling:
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
+def pools_tokens(task: str, pooling: Pooling) -> bool:
+    """Whether a task's head reads every token's last hidden state (mean / max pooling), not only each sequence's
+    first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at the
+    first tokens alone (millis.gpu.encoder, millis.encoder.native)."""
+    return task != "classify" and pooling.mode in ("mean", "max")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     spec: str                # what the user typed

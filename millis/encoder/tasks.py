@@ -15,13 +15,6 @@ from millis.encoder.source import ModelSource, Pooling
 OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}
 
 
-def pools_tokens(task: str, pooling: Pooling) -> bool:
-    """Whether a task's head reads every token's last hidden state (mean / max pooling), not only each sequence's
-    first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at the
-    first tokens alone (millis.gpu.encoder, millis.encoder.native)."""
-    return task != "classify" and pooling.mode in ("mean", "max")
-
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     # hidden (B, T, H), mask (B, T) of 0/1 -> (B, H)
     m = mask.unsqueeze(-1).to(hidden.dtype)

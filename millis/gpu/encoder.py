@@ -28,46 +28,12 @@ from millis.common.errors import MillisError
 from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.source import Pooling
-from millis.encoder.tasks import pool, pools_tokens
+from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, EncoderConfig, check_parts, layer_parts,
+                                         strip_prefix)
+from millis.encoder.source import Pooling, pools_tokens
+from millis.encoder.tasks import pool
 
 FUSES = ("triton", "torch")
-ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """The architecture, read from a BERT config.json."""
-
-    hidden: int              # H
-    layers: int
-    heads: int               # nh; head size hd = H / nh
-    intermediate: int        # FFN width
-    vocab: int
-    max_positions: int       # absolute position embeddings: T <= max_positions
-    type_vocab: int          # token type (segment) embeddings
-    eps: float = 1e-12       # LayerNorm epsilon
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "EncoderConfig":
-        if cfg.get("model_type") != "bert":
-            raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge), "
-                              f"not {cfg.get('model_type') or '(none)'!r}")
-        if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
-                              f"(absolute only)")
-        if cfg.get("millis_pruned"):  # heads x head size != hidden: not this kernel's layout (yet)
-            raise MillisError("millis's compact encoder (CUDA and native CPU) does not run models with pruned "
-                              "attention heads; serve them with ONNX Runtime")
-        if cfg.get("hidden_act", "gelu") not in ACTS:
-            raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
-        return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
-                   heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
-                   vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)),
-                   type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)))
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """How the encoder runs (not what it is)."""
@@ -157,8 +123,6 @@ class Encoder:
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, torch.Tensor], task: str, pooling: Pooling,
                  options: RunOptions = RunOptions()):
-        if task not in ("classify", "embed"):
-            raise MillisError(f"unknown task {task!r}; supported tasks: classify, embed")
         self.cfg, self.task, self.pooling, self.options = cfg, task, pooling, options
         dev, dt = torch.device(options.device), torch_dtype(options.dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -166,40 +130,25 @@ class Encoder:
         if options.gemm == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
             raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
-        s = _strip_prefix(state)
+        s = strip_prefix(state)
+        check_parts(s, task)
 
-        def get(name: str, dtype=dt) -> torch.Tensor:
-            if name not in s:
-                raise MillisError(f"the weights have no {name!r}: not a BERT checkpoint")
-            return s[name].detach().to(device=dev, dtype=dtype).contiguous()
+        def get(names: tuple[str, ...], dtype=dt) -> torch.Tensor:  # the parts' tensors stacked (bert_weights)
+            for n in names:
+                if n not in s:
+                    raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
+            return torch.cat([s[n].detach().to(device=dev, dtype=dtype) for n in names]).contiguous()
 
-        def gemm(*names: str) -> Weight:  # a GEMM's weight (rows of several stacked): W8A8 from fp32
-            if options.gemm == "fp":
-                return torch.cat([get(n) for n in names])
-            return quantize_weight(torch.cat([get(n, torch.float32) for n in names]), options.gemm)
+        def gemm(names: tuple[str, ...]) -> Weight:  # a GEMM's weight: W8A8 from fp32
+            return get(names) if options.gemm == "fp" else quantize_weight(get(names, torch.float32), options.gemm)
 
-        e = "embeddings."
-        self.word, self.pos = get(e + "word_embeddings.weight"), get(e + "position_embeddings.weight")
-        self.typ = get(e + "token_type_embeddings.weight")
-        self.emb_lnw, self.emb_lnb = get(e + "LayerNorm.weight"), get(e + "LayerNorm.bias")
-        self.layers = []
-        for i in range(cfg.layers):
-            p = f"encoder.layer.{i}."
-            at = p + "attention."
-            wqkv = gemm(*(at + f"self.{n}.weight" for n in ("query", "key", "value")))
-            bqkv = torch.cat([get(at + f"self.{n}.bias") for n in ("query", "key", "value")])
-            self.layers.append(LayerWeights(
-                wqkv, bqkv, gemm(at + "output.dense.weight"), get(at + "output.dense.bias"),
-                get(at + "output.LayerNorm.weight"), get(at + "output.LayerNorm.bias"),
-                gemm(p + "intermediate.dense.weight"), get(p + "intermediate.dense.bias"),
-                gemm(p + "output.dense.weight"), get(p + "output.dense.bias"),
-                get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")))
+        for k, names in EMBEDDINGS.items():
+            setattr(self, k, get(names))
+        self.layers = [LayerWeights(**{k: gemm(n) if k in GEMM_PARTS else get(n) for k, n in layer_parts(i).items()})
+                       for i in range(cfg.layers)]
         if task == "classify":  # the head stays fp32: (B, H) work, and logits keep their precision
-            if "classifier.weight" not in s or "pooler.dense.weight" not in s:
-                raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
-            f32 = torch.float32
-            self.pool_w, self.pool_b = get("pooler.dense.weight", f32), get("pooler.dense.bias", f32)
-            self.cls_w, self.cls_b = get("classifier.weight", f32), get("classifier.bias", f32)
+            for k, names in HEAD.items():
+                setattr(self, k, get(names, torch.float32))
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
         self.device, self.dtype = dev, dt
         self.fused = options.fuse == "triton" and dev.type == "cuda"
@@ -230,17 +179,6 @@ class Encoder:
             pooled = torch.tanh(F.linear(h[:, 0].float(), self.pool_w, self.pool_b))
             return F.linear(pooled, self.cls_w, self.cls_b)
         return pool(h.float(), attention_mask, self.pooling)
-
-
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF names: 'bert.embeddings...' in *ForSequenceClassification, 'embeddings...' in BertModel;
-    old checkpoints call LayerNorm's parameters gamma / beta."""
-    out = {}
-    for k, v in state.items():
-        k = (k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-             .replace("LayerNorm.beta", "LayerNorm.bias"))
-        out[k] = v
-    return out
 
 
 def load_state(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

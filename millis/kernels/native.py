@@ -90,7 +90,8 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
             if r.returncode:
                 raise MillisError(f"building the {isa} kernels failed: {r.stderr.strip()[-800:]}")
             os.replace(out, so)
-    import torch  # noqa: F401 -- load torch's libgomp first: one OpenMP runtime in the process
+    if "-fopenmp" in flags:
+        import torch  # noqa: F401 -- load torch's libgomp first: one OpenMP runtime in the process
 
     return ctypes.CDLL(str(so))
 

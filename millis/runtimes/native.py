@@ -18,14 +18,18 @@ from millis.runtimes.base import check_batch
 class NativeRuntime:
     def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
                  threads: int, task: str, pooling: dict | None = None, precision: str = "fp32"):
-        from millis.encoder.native import NativeBert
+        from millis.encoder.bert_weights import load_arrays
+        from millis.encoder.native import ROW_PRECISIONS, NativeBert
         from millis.encoder.smooth import load_amax
-        from millis.gpu.encoder import RunOptions, from_hf
 
-        cpu = RunOptions(dtype="fp32", fuse="torch", device="cpu")
         p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
-        encoder = from_hf(Path(model_dir), task, p, cpu)
-        self.model = NativeBert(encoder, precision, threads, load_amax(Path(model_dir), encoder.cfg.layers))
+        weights = load_arrays(Path(model_dir), task, p)  # numpy: no torch import
+        amax = load_amax(Path(model_dir), weights.cfg.layers)
+        if amax is None and precision in ROW_PRECISIONS:  # an artifact from before the stored calibration
+            from millis.gpu.encoder import RunOptions, from_hf
+
+            weights = from_hf(Path(model_dir), task, p, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+        self.model = NativeBert(weights, precision, threads, amax)
         self.name, self.input_names, self.output_name = name, input_names, output_name
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

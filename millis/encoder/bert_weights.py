@@ -1,0 +1,142 @@
+"""A BERT checkpoint's architecture and weights by role, without torch: the one map from Hugging Face tensor
+names to the compact encoder's parts (millis.gpu.encoder builds torch tensors from it, millis.encoder.native
+reads numpy arrays from it), and a numpy loader of a local directory, so that loading a native artifact
+imports no torch (its ~0.9 s import was most of the load).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from millis.common.errors import MillisError
+from millis.encoder.source import Pooling
+
+ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
+TASKS = ("classify", "embed")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The architecture, read from a BERT config.json."""
+
+    hidden: int              # H
+    layers: int
+    heads: int               # nh; head size hd = H / nh
+    intermediate: int        # FFN width
+    vocab: int
+    max_positions: int       # absolute position embeddings: T <= max_positions
+    type_vocab: int          # token type (segment) embeddings
+    eps: float = 1e-12       # LayerNorm epsilon
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "EncoderConfig":
+        if cfg.get("model_type") != "bert":
+            raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
+                              f"(BERT, MiniLM, bge), "
+                              f"not {cfg.get('model_type') or '(none)'!r}")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                              f"(absolute only)")
+        if cfg.get("millis_pruned"):  # heads x head size != hidden: not this kernel's layout (yet)
+            raise MillisError("millis's compact encoder (CUDA and native CPU) does not run models with pruned "
+                              "attention heads; serve them with ONNX Runtime")
+        if cfg.get("hidden_act", "gelu") not in ACTS:
+            raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
+        return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
+                   heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
+                   vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)),
+                   type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)))
+
+
+# Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.
+EMBEDDINGS = {"word": ("embeddings.word_embeddings.weight",), "pos": ("embeddings.position_embeddings.weight",),
+              "typ": ("embeddings.token_type_embeddings.weight",), "emb_lnw": ("embeddings.LayerNorm.weight",),
+              "emb_lnb": ("embeddings.LayerNorm.bias",)}
+GEMM_PARTS = ("wqkv", "wo", "w1", "w2")  # the layer's matrices (the W8A8 / native quantizers' inputs)
+HEAD = {"pool_w": ("pooler.dense.weight",), "pool_b": ("pooler.dense.bias",),  # task classify
+        "cls_w": ("classifier.weight",), "cls_b": ("classifier.bias",)}
+
+
+def layer_parts(i: int) -> dict[str, tuple[str, ...]]:
+    """Layer i's parts in LayerWeights' field order: q, k, v stacked so one GEMM projects all three."""
+    p = f"encoder.layer.{i}."
+    at, qkv = p + "attention.", ("query", "key", "value")
+    return {"wqkv": tuple(f"{at}self.{n}.weight" for n in qkv), "bqkv": tuple(f"{at}self.{n}.bias" for n in qkv),
+            "wo": (at + "output.dense.weight",), "bo": (at + "output.dense.bias",),
+            "ln1w": (at + "output.LayerNorm.weight",), "ln1b": (at + "output.LayerNorm.bias",),
+            "w1": (p + "intermediate.dense.weight",), "b1": (p + "intermediate.dense.bias",),
+            "w2": (p + "output.dense.weight",), "b2": (p + "output.dense.bias",),
+            "ln2w": (p + "output.LayerNorm.weight",), "ln2b": (p + "output.LayerNorm.bias",)}
+
+
+def strip_prefix(state: dict) -> dict:
+    """HF names: 'bert.embeddings...' in *ForSequenceClassification, 'embeddings...' in BertModel;
+    old checkpoints call LayerNorm's parameters gamma / beta."""
+    return {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+            .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
+
+
+def check_parts(state: dict, task: str) -> None:
+    """A clear error for a checkpoint that lacks a part (state: strip_prefix'd names)."""
+    if task not in TASKS:
+        raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
+    if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
+        raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
+    for names in EMBEDDINGS.values():
+        for n in names:
+            if n not in state:
+                raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
+
+
+class LayerArrays(NamedTuple):  # millis.gpu.encoder.LayerWeights' fields, as float32 arrays
+    wqkv: np.ndarray
+    bqkv: np.ndarray
+    wo: np.ndarray
+    bo: np.ndarray
+    ln1w: np.ndarray
+    ln1b: np.ndarray
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    ln2w: np.ndarray
+    ln2b: np.ndarray
+
+
+class BertArrays:
+    """The parts millis.encoder.native.NativeBert reads from an encoder (cfg, task, pooling, embeddings,
+    layers, head, out_dim), as float32 numpy arrays: what millis.gpu.encoder.Encoder holds as tensors."""
+
+    def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
+        s = strip_prefix(state)
+        check_parts(s, task)
+        self.cfg, self.task, self.pooling = cfg, task, pooling
+
+        def get(names: tuple[str, ...]) -> np.ndarray:
+            for n in names:
+                if n not in s:
+                    raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
+            parts = [np.asarray(s[n], np.float32) for n in names]
+            return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+        for k, names in EMBEDDINGS.items():
+            setattr(self, k, get(names))
+        self.layers = [LayerArrays(**{k: get(n) for k, n in layer_parts(i).items()}) for i in range(cfg.layers)]
+        if task == "classify":
+            for k, names in HEAD.items():
+                setattr(self, k, get(names))
+        self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
+
+
+def load_arrays(model_dir: Path, task: str, pooling: Pooling) -> BertArrays:
+    """A local HF BERT directory (config.json + model.safetensors) as BertArrays; no torch."""
+    from safetensors.numpy import load_file
+
+    cfg_file, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise MillisError(f"{model_dir} needs config.json and model.safetensors (the native variant's weights)")
+    return BertArrays(EncoderConfig.from_hf(json.loads(cfg_file.read_text())), load_file(str(weights)), task, pooling)
