@@ -441,7 +441,8 @@ def test_numpy_weights_build_the_same_model(which, tiny_dirs):
 
 
 def test_native_artifact_loads_without_torch(tmp_path, quick_measure):
-    """Loading and running a native artifact imports neither torch nor transformers (cold start)."""
+    """Loading and running a native artifact, and the encoder server's app, import neither torch nor
+    transformers (cold start: ~1 s each)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -455,6 +456,7 @@ def test_native_artifact_loads_without_torch(tmp_path, quick_measure):
                             variants=("native-int7-row",), measure=quick_measure))
     code = ("import sys, millis; m = millis.load(sys.argv[1]); assert m.meta.variant.runtime == 'native'; "
             "e = m.embed(['where is my card?', 'hello']); assert e.shape[0] == 2; "
+            "from millis.serve.encoder.app import create_app; "
             "print(sorted(k for k in ('torch', 'transformers') if k in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
                        cwd=str(Path(__file__).resolve().parents[1]))

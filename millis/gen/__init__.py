@@ -12,10 +12,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 from millis.gen.config import EngineConfig, GenerateConfig, SamplingParams
-from millis.gen.engine import Engine, StepOutput
 
 __all__ = ["generate", "open_engine", "Engine", "EngineConfig", "GenerateConfig", "SamplingParams",
            "StepOutput", "GenerateResult"]
+
+
+def __getattr__(name: str):
+    """Engine and StepOutput on first use: the engine imports torch (~1 s), which importing millis.gen.config
+    (the server's OpenAPI limits, the encoder server's) must not."""
+    if name in ("Engine", "StepOutput"):
+        from millis.gen import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'millis.gen' has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
             prefill = cuda_prefill.open_prefill(loaded.model, loaded.max_seq)
     elif loaded.kv is not None and hasattr(loaded.model, "decode_rows"):  # native: flat lists, no Batch
         decode = loaded.model.decode_rows
+    from millis.gen.engine import Engine
+
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
                   speculate=engine.speculate, drafter=drafter, prefill=prefill)
 

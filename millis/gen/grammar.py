@@ -20,7 +20,6 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-import torch
 
 from millis.common.errors import MillisError
 
@@ -157,6 +156,8 @@ class Grammars:
 
 def allow_only(matcher, logits: torch.Tensor) -> None:
     """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf."""
+    import torch  # here, not at the top: the encoder server imports this module (its OpenAPI) without torch
+
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
     if matcher.is_error():
         raise MillisError(f"constrained decoding failed: {matcher.get_error()}")
