@@ -38,7 +38,8 @@ def load_run(code: Path, art: Path) -> tuple[float, str]:
     wall = time.perf_counter() - t0
     if r.returncode:
         raise RuntimeError(f"load from {code} failed: {r.stderr[-2000:]}")
-    return wall, r.stdout.strip().splitlines()[-1].removeprefix("IMPORTS ")
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("IMPORTS")][-1]
+    return wall, line[len("IMPORTS"):].strip()
 
 
 def ready(code: Path, art: Path) -> float:
