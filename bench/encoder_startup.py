@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 from millis.common.hardware import cpu_flags, describe  # noqa: E402
 from millis.loadgen.process import HOST, ServerProcess  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from checkouts import add_code_flag, checkouts, write_result  # noqa: E402
+
 HEAVY = ("torch", "transformers", "onnxruntime", "openvino")
 LOAD_RUN = ("import sys; sys.path.insert(0, CODE); import millis; m = millis.load(ART); m.run(['where is my card?']); "
             "print('IMPORTS', ','.join(k for k in HEAVY if k in sys.modules))")
@@ -56,19 +59,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="artifacts/minilm", help="an artifact directory (make demo writes this one)")
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
-                    help="another checkout to start the same artifact from (e.g. the commit before a change)")
+    add_code_flag(ap)
     ap.add_argument("--out", default=str(HERE / "results" / "encoder_startup.json"))
     a = ap.parse_args()
     art = Path(a.model).resolve()
     if not (art / "millis.json").is_file():
         ap.error(f"{art} is not an artifact (no millis.json): run make demo, or millis optimize")
-    systems = {"here": ROOT}
-    for spec in a.code:
-        label, _, d = spec.partition("=")
-        if not d or not Path(d, "millis").is_dir():
-            ap.error(f"--code takes LABEL=DIR with DIR a millis checkout: {spec!r}")
-        systems[label] = Path(d).resolve()
+    systems = {"here": ROOT, **checkouts(ap, a.code)}
     for code in systems.values():  # kernels built, files in the page cache, before anything is timed
         load_run(code, art)
     runs: dict[str, dict[str, list]] = {n: {"load_run_s": [], "ready_s": [], "imports": []} for n in systems}
@@ -89,9 +86,7 @@ def main() -> int:
     out = {"bench": "encoder_startup", "model": str(a.model), "variant": meta["variant"]["name"], "runs": a.runs,
            "medians": table, "per_run": runs, "machine": describe(), "cpu_flags": sorted(cpu_flags()),
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
     return 0
 
 

@@ -49,6 +49,7 @@ from millis.loadgen.process import HOST, ServerProcess  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from gpu_decode import steps_ms  # noqa: E402
+from checkouts import checkouts, write_result  # noqa: E402
 from request_rounds import STAGES, http_round, inproc_round  # noqa: E402
 
 FLOOR_ANSWER = b'{"object":"list","model":"m","data":[{"index":0,"label":"neutral","score":0.34,"truncated":false}]}'
@@ -208,9 +209,9 @@ def main() -> int:
     me = [sys.executable, str(Path(__file__).resolve()), "--floor-server"]
     commands = {"floor": me + ["plain"], "floor_thread": me + ["thread"],
                 "millis:here": millis_command(ROOT, a.model)}
-    for spec in a.code:
-        label, _, d = spec.partition("=")
-        commands[f"millis:{label}"] = millis_command(Path(d).resolve(), a.model)
+    others = checkouts(ap, a.code)
+    for label, d in others.items():
+        commands[f"millis:{label}"] = millis_command(d, a.model)
     servers: dict[str, ServerProcess] = {}
     try:
         for name, cmd in commands.items():
@@ -244,8 +245,7 @@ def main() -> int:
         steps = engine_step_ms(str(llm), prompt, max_tokens, 10)
         gen = {"model": "stories260K (llama2.c)", "route": "/v1/completions stream", "max_tokens": max_tokens,
                "in_process_itl": pcts(steps), "in_process_mean_step_ms": round(float(np.mean(steps)), 3)}
-        labels = {"millis:here": ROOT, **{f"millis:{c.partition('=')[0]}": Path(c.partition('=')[2]).resolve()
-                                          for c in a.code}}
+        labels = {"millis:here": ROOT, **{f"millis:{label}": d for label, d in others.items()}}
         gen_servers: dict[str, ServerProcess] = {}
         got = {n: ([], []) for n in labels}
         try:
@@ -273,8 +273,7 @@ def main() -> int:
                seconds=a.seconds, command="bench/http_overhead.py " + " ".join(sys.argv[1:]))
     slug = re.sub(r"[^a-z0-9]+", "_", machine["cpu"].lower()).strip("_") or "cpu"
     path = Path(a.out or HERE / "results" / f"http_overhead_{slug}.json")
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(path, out)
     return 0
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from checkouts import add_code_flag, checkouts, write_result  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -82,19 +84,13 @@ def run_child(code: Path, mode: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
-                    help="another checkout to run the same child from (e.g. the commit before a change)")
+    add_code_flag(ap)
     ap.add_argument("--out", default=str(HERE / "results" / "kv_first_touch.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from millis.common.hardware import cpu_flags, describe
 
-    systems = {"here": ROOT}
-    for spec in a.code:
-        label, _, d = spec.partition("=")
-        if not d or not Path(d, "millis").is_dir():
-            ap.error(f"--code takes LABEL=DIR with DIR a millis checkout: {spec!r}")
-        systems[label] = Path(d).resolve()
+    systems = {"here": ROOT, **checkouts(ap, a.code)}
     for code in systems.values():  # builds each checkout's kernels before anything is timed
         run_child(code, "first")
     # the first steps in one phase, the waves in the next: a process started just after one that held a
@@ -118,9 +114,7 @@ def main() -> int:
            "medians": table, "runs": runs, "machine": describe(), "cpu_flags": sorted(cpu_flags()),
            "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
     return 0
 
 
