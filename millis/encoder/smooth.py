@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from millis.common.errors import MillisError
+
 ALPHA = 0.5
 CALIBRATION = (32, 64)  # sequences x tokens of random ids (on Banking77 train texts, int7-row-a8's
 #                         cosine min: 0.9929 at 8 x 64, 0.9952 at 16 x 64, 0.9953 here)
@@ -71,6 +73,10 @@ def load_amax(d: Path, layers: int) -> list[dict[str, np.ndarray]] | None:
     if not path.is_file():
         return None
     with np.load(path) as z:
+        missing = [f"{i}.{g}" for i in range(layers) for g in GEMMS if f"{i}.{g}" not in z.files]
+        if missing:
+            raise MillisError(f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: not "
+                              f"this {layers}-layer model's calibration")
         return [{g: z[f"{i}.{g}"] for g in GEMMS} for i in range(layers)]
 
 
