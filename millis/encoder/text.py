@@ -1,6 +1,7 @@
 """Texts -> flat (B, T) int64 batches: truncation that is reported, padding to length buckets."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +157,9 @@ class TextEncoder:
         return self.pack(rows, seq)
 
 
-
-
 def saved_special_tokens(tokenizer_dir: Path) -> dict[str, str]:
     """{"pad": token, "sep": token} as save_pretrained wrote them in tokenizer_config.json (a string, or an
     added token's {"content": ...}); a missing one is left out."""
-    import json
-
     cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) \
         if (tokenizer_dir / "tokenizer_config.json").is_file() else {}
     out = {}
