@@ -440,6 +440,30 @@ def test_numpy_weights_build_the_same_model(which, tiny_dirs):
         NativeBert(arrays, "int7-row", 2)
 
 
+def test_runtime_without_stored_calibration_calibrates(tiny_dirs, tmp_path):
+    """A native variant written before the calibration was stored (no smoothing_amax.npz) still loads a row
+    precision (through torch, calibrating) and answers exactly as one with the file."""
+    import shutil
+
+    from millis.encoder.smooth import AMAX_FILE
+    from millis.optimize.build.variants import native_weights
+    from millis.runtimes.native import NativeRuntime
+
+    src = resolve(str(tiny_dirs["bert"]))
+    native_weights(src, tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / f, old / f)
+    assert (tmp_path / AMAX_FILE).is_file() and not (old / AMAX_FILE).exists()
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    ids, mask, types = batch(np.random.default_rng(2), 2, 12, 400, low=110)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    outs = [NativeRuntime(d, "v", names, "embedding", 2, "embed", precision="int7-row").run(feeds)["embedding"]
+            for d in (tmp_path, old)]
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_native_artifact_loads_without_torch(tmp_path, quick_measure):
     """Loading and running a native artifact, and the encoder server's app, import neither torch nor
     transformers (cold start: ~1 s each)."""

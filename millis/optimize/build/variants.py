@@ -166,7 +166,7 @@ class Builder:
         if step != "weights":  # onnx, imported here: the native and GPU variants' runs need none of it
             from millis.optimize.build import graph, quantize
         if step == "weights":  # the fp32 weights as they are (the native runtime packs them at load)
-            path = _fp32_weights(self.src, d)
+            path = native_weights(self.src, d)
         elif step == "export":
             from millis.optimize.build.export import export
             path = export(self.src, self.task, d)
@@ -193,7 +193,7 @@ class Builder:
         return self._apply(passes)
 
 
-def _fp32_weights(src: ModelSource, d: Path) -> Path:
+def native_weights(src: ModelSource, d: Path) -> Path:
     """config.json + model.safetensors (fp32) of `src` in `d`, for the native runtime; checked at build:
     a model it cannot run (not BERT-family, pruned heads) fails here, naming why. Beside them the smoothing's
     calibration (millis.encoder.smooth: each GEMM's input amax on its random ids), so that loading a row
