@@ -80,13 +80,15 @@ def strip_prefix(state: dict) -> dict:
             .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
 
 
-def check_parts(state: dict, task: str) -> None:
-    """A clear error for a checkpoint that lacks a part (state: strip_prefix'd names)."""
+def check_parts(state: dict, task: str, layers: int) -> None:
+    """A clear error for a checkpoint that lacks a part the encoder reads (state: strip_prefix'd names)."""
     if task not in TASKS:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
-    for names in EMBEDDINGS.values():
+    parts = [*EMBEDDINGS.values(), *(n for i in range(layers) for n in layer_parts(i).values()),
+             *(HEAD.values() if task == "classify" else ())]
+    for names in parts:
         for n in names:
             if n not in state:
                 raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
@@ -113,13 +115,10 @@ class BertArrays:
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
         s = strip_prefix(state)
-        check_parts(s, task)
+        check_parts(s, task, cfg.layers)
         self.cfg, self.task, self.pooling = cfg, task, pooling
 
         def get(names: tuple[str, ...]) -> np.ndarray:
-            for n in names:
-                if n not in s:
-                    raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
             parts = [np.asarray(s[n], np.float32) for n in names]
             return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
