@@ -432,3 +432,26 @@ def test_sampler_draws_follow_the_filtered_distribution():
         got = torch.bincount(tok, minlength=5).double() / N
         assert (got - want).abs().max() < 0.015, (kw, got, want)
         assert (got[keep:] == 0).all()
+
+
+def test_sampler_applies_bias_and_output_penalties_before_temperature():
+    """logit_bias, then presence / frequency penalties (c * frequency + (c > 0) * presence off, c the count in
+    the output), then temperature: sampled rows draw from exactly that distribution; rows without the
+    fields in the same batch draw from the model's own."""
+    from millis.gen.sampling import RowParams, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    counts = torch.tensor([3.0, 0.0, 1.0, 0.0, 0.0])  # token 0 three times in the output, token 2 once
+    N = 20_000
+    pen = SamplingParams(temperature=0.7, presence_penalty=0.4, frequency_penalty=0.5, logit_bias=((4, 2.5), (1, -100.0)))
+    plain = SamplingParams(temperature=0.7)
+    adjusted = logits + torch.tensor([0.0, -100.0, 0.0, 0.0, 2.5]) - counts * 0.5 - (counts > 0).float() * 0.4
+    ps = [pen, plain] * (N // 2)
+    tok = sample(logits.repeat(N, 1), RowParams(ps, list(range(N)), [0] * N, None, counts.repeat(N // 2, 1)))
+    for rows, want_logits in ((tok[0::2], adjusted), (tok[1::2], logits)):
+        want = torch.softmax(want_logits / 0.7, -1)
+        got = torch.bincount(rows, minlength=5).double() / (N // 2)
+        assert (got - want).abs().max() < 0.02, (got, want)
+    assert (tok[0::2] != 1).all()  # -100: never drawn
+    greedy = SamplingParams(frequency_penalty=2.0)
+    assert sample(logits[None], RowParams([greedy], [0], [0], None, counts[None])).item() == 1  # 2 - 6 < 1

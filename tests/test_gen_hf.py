@@ -1,6 +1,8 @@
 """Greedy tokens equal HF transformers `generate` (fp32) for tiny random Llama (GQA, tied and untied
 head, llama3 RoPE scaling), Mistral (sliding window), Qwen2 (q/k/v biases) and GPT-2: alone, and
 as rows of different lengths in one continuous batch."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -112,6 +114,53 @@ def test_repetition_penalty_matches_hf(hf_model):
     assert ours == [_hf_greedy(model, p, repetition_penalty=1.8) for p in PROMPTS[1:3]], kind
 
 
+BIAS = ((5, 3.0), (17, -100.0), (40, 2.5), (127, 1.5))
+
+
+def test_logit_bias_matches_hf_sequence_bias(hf_model):
+    """OpenAI's logit_bias = HF's sequence_bias of one-token sequences: the same greedy tokens."""
+    kind, model, d = hf_model
+    eng = open_engine(str(d), EngineConfig(max_batch=2, max_seq=64))
+    ours = _run(eng, PROMPTS[1:3], SamplingParams(max_tokens=N_NEW, logit_bias=BIAS))
+    ref = [_hf_greedy(model, p, sequence_bias=[[[t], b] for t, b in BIAS]) for p in PROMPTS[1:3]]
+    assert ours == ref, kind
+    assert ref != [_hf_greedy(model, p) for p in PROMPTS[1:3]], "the bias changes the text"
+
+
+def _penalized_reference(model, prompt: list[int], presence: float, frequency: float, bias=()) -> list[int]:
+    """OpenAI's penalties by hand: each step a full forward of HF's model over prompt + output, the logit
+    bias added, c * frequency + (c > 0) * presence off (c: the token's count in the output), the argmax."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(N_NEW):
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].double()
+            for t, b in bias:
+                logits[t] += b
+            c = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).double()
+            out.append(int((logits - c * frequency - (c > 0).double() * presence).argmax()))
+    return out
+
+
+@pytest.mark.parametrize("presence,frequency,bias", [(1.5, 0.0, ()), (0.0, 2.0, ()), (0.8, 0.6, BIAS), (-2.0, 0.0, ())])
+def test_presence_and_frequency_penalties_match_a_reference(hf_model, presence, frequency, bias):
+    """Greedy rows with OpenAI's presence / frequency penalties (and a logit bias) in one continuous batch
+    beside a plain row: each row's tokens equal the step-by-step reference's, the plain row HF's greedy."""
+    kind, model, d = hf_model
+    eng = open_engine(str(d), EngineConfig(max_batch=4, max_seq=64))
+    pen = SamplingParams(max_tokens=N_NEW, ignore_eos=True, presence_penalty=presence,
+                         frequency_penalty=frequency, logit_bias=bias)
+    ids = [eng.add(PROMPTS[1], pen), eng.add(PROMPTS[0], SamplingParams(max_tokens=N_NEW)), eng.add(PROMPTS[2], pen)]
+    got = {i: [] for i in ids}
+    while eng.has_work:
+        for o in eng.step():
+            got[o.id] += o.token_ids
+    ref = [_penalized_reference(model, p, presence, frequency, bias) for p in (PROMPTS[1], PROMPTS[2])]
+    assert [got[ids[0]], got[ids[2]]] == ref, kind
+    assert got[ids[1]] == _hf_greedy(model, PROMPTS[0]), kind
+    plain = [_penalized_reference(model, p, 0.0, 0.0) for p in (PROMPTS[1], PROMPTS[2])]
+    assert ref != plain, "the penalties change the text"
+
+
 def test_cli_on_hf_dir_with_tokenizer_json(hf_model, capsys):
     """A HF directory with tokenizer.json takes text prompts (a word-level tokenizer: word i is id i)."""
     from tokenizers import Tokenizer
@@ -213,3 +262,8 @@ def test_static_decode_length_buckets_and_compaction(hf_model, monkeypatch):
     # would reach this request (weight 0 x NaN) once it attends over all 64
     long = [SamplingParams(max_tokens=20, ignore_eos=True)] * 4
     assert run(eng, long) == run(eager, long), kind
+    # rows with output penalties: the moved request's output counts move with it
+    moves.clear()
+    pen = [replace(sp, frequency_penalty=1.5, presence_penalty=0.5) for sp in params]
+    assert run(eng, pen) == run(eager, pen), kind
+    assert moves == [(3, 0)], moves

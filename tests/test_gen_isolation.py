@@ -118,10 +118,17 @@ def test_a_request_whose_text_raises_fails_alone(monkeypatch):
 
 def test_sampling_params_are_bounded():
     for bad in [dict(temperature=1e9), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e9),
-                dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(top_p=0), dict(top_k=-1)]:
+                dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(top_p=0), dict(top_k=-1),
+                dict(presence_penalty=2.01), dict(frequency_penalty=-1e300), dict(presence_penalty=float("nan")),
+                dict(logit_bias=((5, 100.5),)), dict(logit_bias=((-1, 1.0),)), dict(logit_bias=((5, 1.0), (5, 2.0))),
+                dict(logit_bias=((5, float("nan")),)), dict(logit_bias=tuple((i, 1.0) for i in range(301)))]:
         with pytest.raises(MillisError):
             SamplingParams(**bad)
-    SamplingParams(seed=(1 << 64) - 1, temperature=100, repetition_penalty=0.01)
+    SamplingParams(seed=(1 << 64) - 1, temperature=100, repetition_penalty=0.01, presence_penalty=-2,
+                   frequency_penalty=2, logit_bias=tuple((i, (-1) ** i * 100.0) for i in range(300)))
+    eng = engine()
+    with pytest.raises(MillisError, match="logit_bias"):  # the vocabulary is the engine's to check
+        eng.add(PROMPTS[0], SamplingParams(logit_bias=((eng.config.vocab_size, 1.0),)))
 
 
 def test_tiny_temperature_is_greedy_and_huge_top_k_keeps_all():

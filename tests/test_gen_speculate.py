@@ -60,6 +60,20 @@ def test_greedy_text_identical_with_and_without_drafts(model_path):
     assert spec.free_slots == 4 and spec.kv.in_use == 0 and sum(spec.kv.pending) == 0
 
 
+@pytest.mark.parametrize("fields", [dict(repetition_penalty=1.3), dict(presence_penalty=1.0),
+                                    dict(frequency_penalty=0.7), dict(logit_bias=((11, 4.0), (12, -3.0)))])
+def test_penalized_and_biased_rows_never_draft(model_path, fields):
+    """A greedy row whose logits are changed (penalties, logit bias) is not the argmax of the model's own
+    logits that drafts verify: it decodes plainly, with the text of an engine that never drafts."""
+    story = [1] + [10 + (i % 23) for i in range(60)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True, **fields)
+    plain = open_engine(model_path, EngineConfig(max_batch=2, max_seq=128, threads=2))
+    spec = open_engine(model_path, EngineConfig(max_batch=2, max_seq=128, threads=2, speculate=4))
+    want = run_all(plain, [story, story[:40]], params)
+    assert run_all(spec, [story, story[:40]], params) == want and spec.draft_stats.drafted == 0
+    assert want[0] != run_all(plain, [story], SamplingParams(max_tokens=20, ignore_eos=True))[0], "fields change it"
+
+
 class ScriptedModel:
     """forward_flat whose greedy choice after each position is `script[position]`."""
 

@@ -170,6 +170,16 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     ("/v1/completions", b'{"prompt": "hi", "stop": [""]}', 422, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 422, "invalid_type"),
     ("/v1/completions", b'{"prompt": "hi", "echo": true}', 422, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "presence_penalty": 2.5}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "frequency_penalty": "x"}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": [5]}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"a5": 1}}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": 101}}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": true}}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": 1, "05": 2}}', 422, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"200": 1}}', 422, "invalid_value"),  # vocab: 200
+    ("/v1/completions", json.dumps({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}).encode(), 422,
+     "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "logprobs": 21}', 422, "invalid_value"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 422,
      "invalid_value"),
@@ -311,6 +321,25 @@ def test_logprobs_are_the_models_own(server, llama):
     streamed = [c for e in events[:-1] for ch in e["choices"] if ch.get("logprobs") for c in ch["logprobs"]["content"]]
     assert [c["token"] for c in streamed] == [c["token"] for c in content]
     assert all(c["top_logprobs"] == [] for c in streamed)
+
+
+def test_penalties_and_logit_bias_equal_the_engine(server, llama):
+    """presence / frequency penalties and logit_bias reach the engine as sent: the server's text is the
+    engine's with the same fields; a +100 bias makes every token that one, and a 422 names its field."""
+    pen = {**GREEDY, "presence_penalty": 1.2, "frequency_penalty": 0.5, "logit_bias": {"7": 3.5, "9": -2}}
+    ref = engine_text(llama, PROMPTS[0], {**pen, "logit_bias": ((7, 3.5), (9, -2.0))})
+    assert ref[0] != engine_text(llama, PROMPTS[0], GREEDY)[0], "the fields change the text"
+    status, _, body = server.post("/v1/completions", {"prompt": PROMPTS[0], **pen})
+    assert status == 200 and body["choices"][0]["text"] == ref[0], body
+    msgs = {"messages": [{"role": "user", "content": "hello"}], **GREEDY, "max_tokens": 5, "logprobs": True}
+    status, _, chat = server.post("/v1/chat/completions", {**msgs, "logit_bias": {"42": 100}})
+    tokens = [c["token"] for c in chat["choices"][0]["logprobs"]["content"]]
+    from tokenizers import Tokenizer
+
+    assert status == 200 and tokens == [Tokenizer.from_file(str(llama / "tokenizer.json")).id_to_token(42)] * 5
+    for field, value in [("presence_penalty", -3), ("frequency_penalty", 1e9), ("logit_bias", {"1": "x"})]:
+        status, _, body = server.post("/v1/completions", raw=json.dumps({"prompt": "hi", field: value}).encode())
+        assert status == 422 and body["error"]["param"] == field, body
 
 
 def test_tokenize_and_detokenize(server, llama):

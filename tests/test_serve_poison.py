@@ -59,7 +59,9 @@ def test_huge_top_k_is_a_422_and_harms_no_one(stories):
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 1e300), ("seed", 2 ** 64), ("repetition_penalty", 1e-300),
-                                         ("max_tokens", 10 ** 9), ("top_p", 0), ("n", 17)])
+                                         ("max_tokens", 10 ** 9), ("top_p", 0), ("n", 17), ("presence_penalty", -1e300),
+                                         ("frequency_penalty", 1e300), ("logit_bias", {"0": 1e300}),
+                                         ("logit_bias", {"0": -1e300}), ("logit_bias", {"1" * 10: 1})])
 def test_every_sampling_field_has_an_upper_and_lower_bound(stories, field, value):
     status, _, body = stories[1].post("/v1/completions", {"prompt": "Once", field: value})
     assert status == 422 and body["error"]["param"] == field, body

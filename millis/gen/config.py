@@ -24,6 +24,9 @@ GPU_QUANTS = WEIGHT_ONLY_FORMATS
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5                       # a temperature under this samples greedily (logits / t would overflow)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0    # repetition penalty
+MAX_OUTPUT_PENALTY = 2.0                  # presence / frequency penalty in [-2, 2] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0                    # a logit_bias value in [-100, 100] (OpenAI's range)
+MAX_BIASED_TOKENS = 300                   # logit_bias entries per request
 MAX_LOGPROBS = 20                         # top alternatives a request may ask for per token
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
@@ -132,6 +135,9 @@ class SamplingParams:
     top_k: int = 0                     # keep the k most likely tokens; 0 = all
     top_p: float = 1.0                 # keep the smallest set with this much probability; 1 = all
     repetition_penalty: float = 1.0    # > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0      # OpenAI's: off a token's logit once it is in the output
+    frequency_penalty: float = 0.0     # OpenAI's: off a token's logit per time it is in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
     seed: int | None = None            # same seed, same tokens (whatever else is in the batch)
     stop: tuple[str, ...] = ()         # the text is cut before the first of these, and the request ends
     ignore_eos: bool = False           # keep going past the model's EOS token
@@ -145,6 +151,14 @@ class SamplingParams:
                 and MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY):
             raise MillisError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g}, top_k >= 0, 0 < top_p <= 1 and "
                               f"{MIN_PENALTY:g} <= repetition_penalty <= {MAX_PENALTY:g}")
+        if not (abs(self.presence_penalty) <= MAX_OUTPUT_PENALTY and abs(self.frequency_penalty) <= MAX_OUTPUT_PENALTY):
+            raise MillisError(f"presence_penalty and frequency_penalty must be in [-{MAX_OUTPUT_PENALTY:g}, "
+                              f"{MAX_OUTPUT_PENALTY:g}], got {self.presence_penalty} and {self.frequency_penalty}")
+        ids = [t for t, _ in self.logit_bias]
+        if len(ids) > MAX_BIASED_TOKENS or len(set(ids)) < len(ids) or min(ids, default=0) < 0 or \
+                not all(abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias):
+            raise MillisError(f"logit_bias takes at most {MAX_BIASED_TOKENS} distinct token ids >= 0, each with a "
+                              f"bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise MillisError(f"seed must fit 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
@@ -155,6 +169,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether its logits depend on how often each token is in its output (presence / frequency)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain(self) -> bool:
+        """Whether its token comes from the model's own logits: no penalty, no bias."""
+        return self.repetition_penalty == 1.0 and not self.counts_output and not self.logit_bias
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,8 @@ class GenerateConfig:
     top_k: int = _f(0, "sample from the k most likely tokens; 0 = all")
     top_p: float = _f(1.0, "sample from the smallest set holding this probability; 1 = all")
     repetition_penalty: float = _f(1.0, "> 1 discourages tokens already seen (HF semantics)")
+    presence_penalty: float = _f(0.0, "-2..2, off a token's logit once it is in the output (OpenAI semantics)")
+    frequency_penalty: float = _f(0.0, "-2..2, off a token's logit per time it is in the output (OpenAI semantics)")
     seed: int = _f(-1, "sampling seed; -1 = random")
     stop: str = _f("", "stop strings, comma-separated (\\n for a newline); the text ends before the first")
     stream: bool = _f(False, "print tokens as they come")
@@ -192,6 +218,7 @@ class GenerateConfig:
         stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               seed=None if self.seed < 0 else self.seed, stop=stops)
 
     def engine(self) -> EngineConfig:

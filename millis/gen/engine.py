@@ -78,6 +78,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.counts: torch.Tensor | None = None  # (max_batch, vocab) fp32 output counts: at the first request with
+        # a presence or frequency penalty
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
@@ -106,6 +108,8 @@ class Engine:
                               f"in all (raise --kv-memory-mb)")
         if params.stop and self.tok is None:
             raise MillisError("stop strings need a tokenizer; this model has none")
+        if any(t >= self.config.vocab_size for t, _ in params.logit_bias):
+            raise MillisError(f"logit_bias token ids must be in 0..{self.config.vocab_size - 1}")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         matcher = self.grammars.matcher(params.grammar) if params.grammar else None
         with self._lock:
@@ -217,9 +221,13 @@ class Engine:
             self.slots[r.slot] = r
             self.seen[r.slot] = False
             self.seen[r.slot, torch.tensor(r.prompt, device=self.device)] = True
+            if r.params.counts_output:
+                if self.counts is None:
+                    self.counts = torch.zeros(self.max_batch, self.config.vocab_size, device=self.device)
+                self.counts[r.slot] = 0
             new.append(r)
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
-            compact_slots(self.slots, self.seen, self.decode.move_slot)
+            compact_slots(self.slots, (self.seen, self.counts), self.decode.move_slot)
         return new, running
 
     def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
@@ -313,14 +321,18 @@ class Engine:
         return self.model(b)[:, -1]
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        # `seen` (a slot's prompt and output tokens) is read only for a row with a repetition penalty, and
-        # reset when a request takes the slot: only those rows keep it up to date
+        # `seen` (a slot's prompt and output tokens) is read only for a row with a repetition penalty, `counts`
+        # (its output tokens' counts) only for one with a presence or frequency penalty; each is reset when such
+        # a request takes the slot, and only those rows keep it up to date
         pen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        slots = torch.tensor([r.slot for r in rows], device=self.device) if pen else None
+        cnt = [i for i, r in enumerate(rows) if r.params.counts_output]
+        slots = torch.tensor([r.slot for r in rows], device=self.device) if pen or cnt else None
         tok = sample(logits, RowParams([r.params for r in rows], [r.seed for r in rows], [len(r.out) for r in rows],
-                                       self.seen[slots] if pen else None))
+                                       self.seen[slots] if pen else None, self.counts[slots[cnt]] if cnt else None))
         if pen:
             self.seen[slots[pen], tok[pen]] = True
+        if cnt:  # one row per slot: no index twice
+            self.counts[slots[cnt], tok[cnt]] += 1
         return tok
 
     def _update(self, rows: list[Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:

@@ -1,7 +1,9 @@
-"""Batched sampling on the device: each row has its own temperature, top-k, top-p, repetition penalty
-and random stream, and nothing here reads a value back to the host.
+"""Batched sampling on the device: each row has its own temperature, top-k, top-p, penalties, logit
+bias and random stream, and nothing here reads a value back to the host.
 
-The order is HF `generate`'s: repetition penalty, temperature, top-k, top-p. A row with temperature
+The order: logit bias, repetition penalty, presence / frequency penalties (OpenAI's: c * frequency +
+(c > 0) * presence off a token's logit, c its count in the output), then HF `generate`'s temperature,
+top-k, top-p. A row with temperature
 0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. A sampled row takes the token
 where one uniform draw falls in its filtered distribution's cumulative sum (inverse CDF, in fp64). The
 draw is a hash of the request's seed and of how many tokens it has drawn (splitmix64), computed on the
@@ -26,6 +28,8 @@ class RowParams:
     seeds: list[int]           # each request's seed (any int: taken modulo 2**64)
     drawn: list[int]           # tokens each request has drawn before this step: its position in its stream
     seen: torch.Tensor | None  # (B, V) bool: tokens in each row's prompt or output (repetition penalty)
+    counts: torch.Tensor | None = None  # (n, V) fp32, the rows with a presence or frequency penalty in order:
+    #                                     times each token is in that row's output
 
 
 MASK64 = (1 << 64) - 1
@@ -51,9 +55,20 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """logits (B, V) fp32 -> token ids (B,) on the same device."""
     ps, dev = rows.params, logits.device
+    if any(p.logit_bias for p in ps):
+        at = [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias]
+        r, t = (torch.tensor([a[k] for a in at], device=dev) for k in (0, 1))
+        logits = logits.index_put((r, t), torch.tensor([a[2] for a in at], dtype=logits.dtype, device=dev),
+                                  accumulate=True)
     if rows.seen is not None and any(p.repetition_penalty != 1.0 for p in ps):
         pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
         logits = torch.where(rows.seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    if rows.counts is not None:  # only the penalized rows' (n, V): a batch of plain rows copies nothing
+        pen = [(i, p.frequency_penalty, p.presence_penalty) for i, p in enumerate(ps) if p.counts_output]
+        fp = torch.tensor([[f, q] for _, f, q in pen], dtype=logits.dtype, device=dev)
+        c = rows.counts.to(logits.dtype)
+        logits = logits.index_add(0, torch.tensor([i for i, _, _ in pen], device=dev),
+                                  -(c * fp[:, 0:1] + (c > 0).to(logits.dtype) * fp[:, 1:2]))
     greedy = argmax_rows(logits)
     if all(p.greedy for p in ps):
         return greedy

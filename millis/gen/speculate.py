@@ -51,10 +51,9 @@ def lookup(ctx: list[int], k: int, min_n: int = 1) -> list[int]:
 
 
 def draftable(params, stats: DraftStats) -> bool:
-    """Only greedy rows without repetition penalty, logprobs or a grammar are drafted (their tokens are
-    the argmax of the plain logits), and only while drafting pays."""
-    return params.greedy and params.repetition_penalty == 1.0 and params.logprobs < 0 and not params.grammar \
-        and not stats.off
+    """Only greedy rows without penalties, logit bias, logprobs or a grammar are drafted (their tokens are
+    the argmax of the model's own logits), and only while drafting pays."""
+    return params.greedy and params.plain and params.logprobs < 0 and not params.grammar and not stats.off
 
 
 def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) -> list[int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from millis.gen.config import MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN
+from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
+                               MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN)
 from millis.serve.generation import schemas as gs
 from millis.serve.encoder.rerank import MAX_QUERY_CHARS
 from millis.serve.generation.tools import MAX_TOOLS
@@ -147,8 +148,7 @@ def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
     stop_s = {"type": "string", "minLength": 1, "maxLength": gs.MAX_STOP_CHARS}
     off = {k: {"enum": list(v)} for k, v in gs.UNSUPPORTED.items()
            if all(not isinstance(x, (dict, list)) for x in v)}
-    off.update({"logit_bias": nullable({"type": "object", "maxProperties": 0}),
-                "tools": nullable({"type": "array", "maxItems": 0}),
+    off.update({"tools": nullable({"type": "array", "maxItems": 0}),
                 "functions": nullable({"type": "array", "maxItems": 0})})
     return {
         "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
@@ -160,6 +160,12 @@ def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
                      "description": "chat: true / false; completions: how many top alternatives per token"},
         "top_logprobs": nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
         "repetition_penalty": nullable({"type": "number", "minimum": MIN_PENALTY, "maximum": MAX_PENALTY}),
+        **{k: nullable({"type": "number", "minimum": -MAX_OUTPUT_PENALTY, "maximum": MAX_OUTPUT_PENALTY})
+           for k in ("presence_penalty", "frequency_penalty")},
+        "logit_bias": nullable({"type": "object", "maxProperties": MAX_BIASED_TOKENS,
+                                "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                                "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                         "maximum": MAX_LOGIT_BIAS}}),
         "ignore_eos": nullable({"type": "boolean"}), "stream": nullable({"type": "boolean"}),
         "stream_options": nullable({"type": "object", "properties": {"include_usage": nullable({"type": "boolean"})}}),
         "n": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_n}),

@@ -2,7 +2,7 @@
 
 A request becomes a `GenRequest` (the prompt or the messages, `SamplingParams`, streaming options);
 anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults are OpenAI's
-(temperature 1, top_p 1); `top_k`, `repetition_penalty` and `ignore_eos` are extensions.
+(temperature 1, top_p 1, no penalties); `top_k`, `repetition_penalty` and `ignore_eos` are extensions.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 
 from millis.common.errors import MillisError
-from millis.gen.config import (MAX_LOGPROBS, MAX_PENALTY, MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN,
-                               SamplingParams)
+from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
+                               MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams)
 from millis.gen.grammar import json_schema_grammar
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
@@ -26,8 +26,7 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check costs O(len) per step
 MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
 # fields the engine cannot honour: accepted only at their "off" value
-UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "functions": (None, [])}
+UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "functions": (None, [])}
 MAX_N = 16                    # choices per request: each is a slot's work
 
 
@@ -41,6 +40,7 @@ class GenLimits:
     max_tokens: int
     max_prompt_chars: int
     max_n: int = MAX_N
+    vocab: int = 0  # token ids (logit_bias) are below it; 0: not known here (the engine still checks)
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,34 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
             top_p=_number(body, "top_p", 1.0, 0, 1, open_lo=True),
             top_k=max(top_k, 0), seed=seed, stop=tuple(stops),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_PENALTY, MAX_PENALTY),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),
+            logit_bias=logit_bias(body, limits.vocab),
             ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat), grammar=response_format(body))
     except MillisError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
+
+
+def logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {token id as a string: bias in [-100, 100]} -> (id, bias) pairs, at most
+    MAX_BIASED_TOKENS, ids distinct and in the vocabulary."""
+    lb = body.get("logit_bias")
+    if lb is None:
+        return ()
+    bad = lambda why: ApiError(422, f"logit_bias {why}", param="logit_bias", code="invalid_value")  # noqa: E731
+    if not isinstance(lb, dict) or len(lb) > MAX_BIASED_TOKENS:
+        raise bad(f"must be an object of at most {MAX_BIASED_TOKENS} token ids (strings) to numbers")
+    out = {}
+    for k, v in lb.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 10):
+            raise bad(f"keys must be token ids (decimal strings), got {k!r}")
+        t = int(k)
+        if (vocab and t >= vocab) or t in out:
+            raise bad(f"token id {k} is {'given twice' if t in out else f'not in 0..{vocab - 1}'}")
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_LOGIT_BIAS):
+            raise bad(f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {v!r} for {k}")
+        out[t] = float(v)
+    return tuple(out.items())
 
 
 def response_format(body: dict) -> str:
