@@ -145,18 +145,21 @@ def test_decode_streams_give_the_same_bytes(isa, qtype):
     tiles), or a chunk's groups in four runs read side by side (spread_rows), the same sums in the same order:
     the same bytes at decode (M = 1) and for a batch's 1-token rests (M = 5), over 6 groups (N = 45: runs of
     one group, two left over, the last padded) and 126 (N = 1001: matmul's chunks of 16 groups, runs of 4; the
-    last chunk runs of 3 and two left over, one padded), at 1 and 2 threads. The default follows the CPU: READ_QUAD on AMD family 26 (Zen 5), READ_SPREAD on Intel, else
-    READ_ONE."""
+    last chunk runs of 3 and two left over, one padded), at 1 and 2 threads, with and without the software
+    prefetch (decode_prefetch: 0 or 1024 bytes ahead). The defaults follow the CPU: READ_QUAD on AMD family 26
+    (Zen 5), READ_SPREAD on Intel, else READ_ONE; no prefetch on AMD family 25 with AVX-512 (Zen 4), else 1024."""
     from millis.common.hardware import cpu_family_model
 
     lib = build("llama_step", KERNEL_SOURCES, isa)
-    lib.decode_streams.restype, lib.decode_streams.argtypes = ctypes.c_int, [ctypes.c_int]
+    for f in (lib.decode_streams, lib.decode_prefetch):
+        f.restype, f.argtypes = ctypes.c_int, [ctypes.c_int]
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
-    before = lib.decode_streams(0)
+    before, before_pf = lib.decode_streams(0), lib.decode_prefetch(-1)
     family = cpu_family_model()
     assert before == (READ_QUAD if family.startswith("family 26 ") else
                       READ_SPREAD if family.startswith("family 6 ") else READ_ONE)
+    assert before_pf == (0 if family.startswith("family 25 ") and isa == "avx512" else 1024)
     rng = np.random.default_rng(6)
     K = 512
     try:
@@ -170,8 +173,8 @@ def test_decode_streams_give_the_same_bytes(isa, qtype):
                 x = rng.standard_normal((M, K)).astype(np.float32)
                 xq, _ = quantized_rows(lib, x, int16=qtype == INT8)
                 got = []
-                for streams in (READ_ONE, READ_QUAD, READ_SPREAD):
-                    assert lib.decode_streams(streams) == streams
+                for streams, pf in ((READ_ONE, 0), (READ_ONE, 1024), (READ_QUAD, 0), (READ_SPREAD, 1024)):
+                    assert lib.decode_streams(streams) == streams and lib.decode_prefetch(pf) == pf
                     for threads in (1, 2):
                         y = np.full((M, N), np.nan, np.float32)
                         lib.matmul(ctypes.addressof(mat), xq.ctypes.data, x.ctypes.data, M, y.ctypes.data, N, 0, threads)
@@ -181,6 +184,7 @@ def test_decode_streams_give_the_same_bytes(isa, qtype):
                 assert np.abs(got[0] - ref).max() < 0.05 * np.abs(ref).max(), (qtype, N, M)
     finally:
         lib.decode_streams(before)
+        lib.decode_prefetch(before_pf)
 
 
 def test_activation_blocks_round_to_nearest():

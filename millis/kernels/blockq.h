@@ -104,6 +104,11 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* X, const floa
                  int64_t ldy, int acc);
 /* how a 1-token product reads a chunk of rows (packed.c decode_streams: the rule for this CPU, or the one set) */
 enum { READ_ONE = 1, READ_QUAD = 4, READ_SPREAD = 8 };
+/* decode (1 token): how far ahead of a stream the kernels prefetch with software, in bytes (0: not at all);
+   packed.c's decode_prefetch sets the rule on first use */
+extern int g_pf_bytes;
+API int decode_prefetch(int n);
+static inline int pf_distance(void) { return g_pf_bytes >= 0 ? g_pf_bytes : decode_prefetch(-1); }
 API int decode_streams(int n);
 API void quantize_x16(const float* x, int64_t K, x16block* out);  /* K % 32 == 0 */
 float dot16_blocks(const uint8_t* row, const x16block* x, int64_t nb);  /* T_Q8_0_X16, GGUF's layout */

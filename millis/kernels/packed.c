@@ -23,18 +23,34 @@
    (2026-12-03, bench/decode_streams.py, time over READ_ONE's) READ_SPREAD read no faster: 1B Q4_0 1.15,
    Q8_0 0.95 [0.85-1.10], SmolLM2 F32 1.03, Q4_K_M 1.22; READ_QUAD 1.09-1.14. AVX2 builds have no 32-row
    tiles (READ_QUAD reads as READ_ONE there) and no F32 spread. Same sums in every mode: only the speed differs. */
+static int cpu_family(void) {
+    int family = 0;
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (__get_cpuid(1, &a, &b, &c, &d)) family = (a >> 8 & 0xF) == 0xF ? 15 + (a >> 20 & 0xFF) : a >> 8 & 0xF;
+#endif
+    return family;
+}
 static int g_streams;  /* 0 until first asked */
 API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets the rule (tests); returns the one in force */
     if (n == READ_ONE || n == READ_QUAD || n == READ_SPREAD) g_streams = n;
     if (!g_streams) {
-        int family = 0;
-#if defined(__x86_64__)
-        unsigned a, b, c, d;
-        if (__get_cpuid(1, &a, &b, &c, &d)) family = (a >> 8 & 0xF) == 0xF ? 15 + (a >> 20 & 0xFF) : a >> 8 & 0xF;
-#endif
+        const int family = cpu_family();
         g_streams = family == 26 ? READ_QUAD : family == 6 ? READ_SPREAD : READ_ONE;
     }
     return g_streams;
+}
+
+/* Decode's software prefetch (blockq.h's pf_distance): each stream's lines this many bytes ahead, or none (0).
+   The kernels were written with 1024 (on Zen 5, 2026-11-30; 512-4096 measured alike). On Zen 4 (2026-12-05, the
+   VM of the earlier Zen 4 figures, bench/decode_streams.py's prefetch modes) the hardware prefetchers alone read
+   faster whenever the machine's bandwidth is high: 1B Q4_0 0.88x the time, Q8_0 0.85x, SmolLM2 F32 0.91x, Q4_1
+   0.84x, and alike when it is low. So none on AMD family 25 with AVX-512 (Zen 4), 1024 elsewhere. */
+int g_pf_bytes = -1;  /* -1 until first asked */
+API int decode_prefetch(int n) {  /* n >= 0 sets the distance (tests, A/B runs); returns the one in force */
+    if (n >= 0) g_pf_bytes = n;
+    if (g_pf_bytes < 0) g_pf_bytes = cpu_family() == 25 && HAVE_AVX512 ? 0 : 1024;
+    return g_pf_bytes;
 }
 
 static inline int streams_now(void) { return g_streams ? g_streams : decode_streams(0); }
@@ -101,7 +117,7 @@ AI void unit_dot(const int type, const int T, const uint8_t* b, int64_t u, const
     __m256 mo[4];
     for (int t = 0; t < T; t++) mo[t] = _mm256_setzero_ps();
     for (int j = 0; j < 8; j++) {
-        if (T == 1)  /* decode: the unit PF_BYTES ahead, an eighth per sub-block (a whole unit's 27 lines at once
+        if (T == 1 && PF_BYTES)  /* decode: the unit PF_BYTES ahead, an eighth per sub-block (a whole unit's 27 lines at once
                         stalled on the core's fill buffers) */
             for (int64_t o = j * unit_bytes(type) / 8 / 64 * 64; o < (j + 1) * unit_bytes(type) / 8; o += 64)
                 _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
@@ -156,7 +172,7 @@ AI void float_tile(const int R, const int T, const float* g0, const float* g1, i
     __m256 a[6][2];
     for (int t = 0; t < T; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
-        if (T == 1 && (k & 1) == 0) {  /* decode: one line of each group per two values */
+        if (T == 1 && (k & 1) == 0 && PF_BYTES) {  /* decode: one line of each group per two values */
             _mm_prefetch((const char*)(g0 + 8 * k) + PF_BYTES, _MM_HINT_T0);
             if (R == 2) _mm_prefetch((const char*)(g1 + 8 * k) + PF_BYTES, _MM_HINT_T0);
         }

@@ -64,7 +64,7 @@
 static inline int paired(int type, int64_t g, int64_t rows) {  /* group g is stored in a pair */
     return PAIRED_ROWS && is_row_type(type) && (g | 1) * 8 < rows;
 }
-#define PF_BYTES 1024 /* decode: software prefetch this far ahead of the stream (512-4096 measured alike) */
+#define PF_BYTES pf_distance() /* decode: software prefetch this far ahead of the stream (blockq.h) */
 
 static inline int kind_of(int type) {  /* bits per stored value, 0 when the type is not packed */
     switch (type) {

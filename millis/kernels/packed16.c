@@ -23,7 +23,7 @@
 #endif
 
 #define UNIT 272     /* bytes per (8 rows x 32 values): 8 fp16 scales + 256 int8 */
-#define PF_BYTES 1024 /* decode: software prefetch this far ahead (packed.c's distance) */
+#define PF_BYTES pf_distance() /* decode: software prefetch this far ahead (packed.c's rule) */
 #define MTILE 64      /* tokens quantized and run per pass over a chunk's groups */
 
 API void quantize_x16(const float* x, int64_t K, x16block* out) {
@@ -96,7 +96,7 @@ AI void unit16(const uint8_t* b, const x16block* x, __m256* acc) {
     }
     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), block_scale(b, x), *acc);
 }
-AI void prefetch16(const uint8_t* b) { for (int o = 0; o < UNIT; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0); }
+AI void prefetch16(const uint8_t* b) { if (PF_BYTES) for (int o = 0; o < UNIT; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0); }
 
 /* One group of 8 rows against 1 or 4 tokens (token t's blocks at x + t * xs): out[8 * t + r]. Written
    out per token: GCC spills an accumulator array indexed by t to the stack every step. */

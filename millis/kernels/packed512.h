@@ -218,7 +218,7 @@ AI void q8_tile32x1(const int zero, const uint8_t* g, int64_t gb, int64_t nu, co
     __m512 fa = _mm512_setzero_ps(), fb = fa;
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b0 = g + u * ub, *b1 = b0 + gb, *b2 = b1 + gb, *b3 = b2 + gb;
-        for (int64_t o = 0; o < ub; o += 64) {
+        if (PF_BYTES) for (int64_t o = 0; o < ub; o += 64) {
             _mm_prefetch((const char*)b0 + PF_BYTES + o, _MM_HINT_T0); _mm_prefetch((const char*)b1 + PF_BYTES + o, _MM_HINT_T0);
             _mm_prefetch((const char*)b2 + PF_BYTES + o, _MM_HINT_T0); _mm_prefetch((const char*)b3 + PF_BYTES + o, _MM_HINT_T0);
         }
@@ -238,7 +238,7 @@ AI void q8_tile32x1(const int zero, const uint8_t* g, int64_t gb, int64_t nu, co
 static void float_tile32x1(const float* g, int64_t gs, int64_t K, const float* x, float* out) {
     __m512 a = _mm512_setzero_ps(), b = a;
     for (int64_t k = 0; k < K; k++) {
-        if ((k & 1) == 0)  /* one line of each stream per two values */
+        if ((k & 1) == 0 && PF_BYTES)  /* one line of each stream per two values */
             for (int i = 0; i < 4; i++) _mm_prefetch((const char*)(g + i * gs + 8 * k) + PF_BYTES, _MM_HINT_T0);
         const __m512 v = _mm512_set1_ps(x[k]);
         a = _mm512_fmadd_ps(cat_f(g + 8 * k, g + gs + 8 * k), v, a);

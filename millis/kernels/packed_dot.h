@@ -4,7 +4,7 @@
 #include "packed.h"
 
 AI void prefetch_unit(const uint8_t* b, int64_t ub) {  /* decode: PF_BYTES ahead of a stream at b */
-    for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
+    if (PF_BYTES) for (int64_t o = 0; o < ub; o += 64) _mm_prefetch((const char*)b + PF_BYTES + o, _MM_HINT_T0);
 }
 AI __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 AI __m256i bits32(const uint8_t* p) {  /* 32 bits -> 32 bytes, 0xFF where the bit is set */
