@@ -43,9 +43,10 @@ API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets 
 
 /* Decode's software prefetch (blockq.h's pf_distance): each stream's lines this many bytes ahead, or none (0).
    The kernels were written with 1024 (on Zen 5, 2026-11-30; 512-4096 measured alike). On Zen 4 (2026-12-05, the
-   VM of the earlier Zen 4 figures, bench/decode_streams.py's prefetch modes) the hardware prefetchers alone read
-   faster whenever the machine's bandwidth is high: 1B Q4_0 0.88x the time, Q8_0 0.85x, SmolLM2 F32 0.91x, Q4_1
-   0.84x, and alike when it is low. So none on AMD family 25 with AVX-512 (Zen 4), 1024 elsewhere. */
+   VM of the earlier Zen 4 figures) the hardware prefetchers alone read faster: bench/decode_streams.py, 7 rounds,
+   1024 bytes ahead took 1.12x the time of none on the 1B Q4_0 decode, 1.13x on Q8_0, 1.02x on SmolLM2 F32 and
+   1.07x on Q4_1 (bench/results/decode_streams_zen4_prefetch.json); alike when the VM's bandwidth is low. So none
+   on AMD family 25 with AVX-512 (Zen 4), 1024 elsewhere. */
 int g_pf_bytes = -1;  /* -1 until first asked */
 API int decode_prefetch(int n) {  /* n >= 0 sets the distance (tests, A/B runs); returns the one in force */
     if (n >= 0) g_pf_bytes = n;
