@@ -3,6 +3,7 @@ bench/generation.py and bench/generation_gguf.py report each system's GB/s as a 
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +32,18 @@ def c_sums(work: Path):
                         "-o", str(lib)], check=False, capture_output=True, text=True)
     if r.returncode:
         return r.stderr[-300:]
-    c = ctypes.CDLL(str(lib))
+    # the sums' threads sleep as soon as a sum ends (libgomp reads this when bw.so brings it in; the processes
+    # the bench starts later do not inherit it): spinning on, one took a core from the cell after a probe, and
+    # millis's pool, taking that for another process's, ran the next steps on one thread (llama_step.c)
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        c = ctypes.CDLL(str(lib))
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = before
     for f in (c.bw_sum, c.bw_sum4):
         f.restype, f.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     return c.bw_sum, c.bw_sum4
