@@ -12,6 +12,7 @@ from millis.gen.config import LlamaConfig
 from millis.gen.engine import Engine, run_all
 from millis.gen.models.layers import make_batch
 from millis.gen.models.llama import Llama
+from millis.gen.sampling import SlotPenalties
 from millis.gen.load import build
 from millis.gen.tokenizer import Llama2cTokenizer
 
@@ -294,7 +295,8 @@ def test_cuda_graph_prefill_matches_eager():
     for m in eng.model.modules():
         if getattr(m, "cache", None) is not None:
             m.cache.cuda()
-    eng.device, eng.seen, eng.max_prefills = torch.device("cuda"), eng.seen.cuda(), 1
+    eng.device, eng.max_prefills = torch.device("cuda"), 1
+    eng.penalties = SlotPenalties(eng.max_batch, eng.config.vocab_size, "cuda")
     eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq)
     eng.prefill = GraphedPrefill(eng.model, eng.max_seq, buckets=(4, 8, 16))
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
@@ -313,7 +315,7 @@ def test_cuda_graph_decode_matches_eager():
     for m in eng.model.modules():
         if getattr(m, "cache", None) is not None:
             m.cache.cuda()
-    eng.device, eng.seen = torch.device("cuda"), eng.seen.cuda()
+    eng.device, eng.penalties = torch.device("cuda"), SlotPenalties(eng.max_batch, eng.config.vocab_size, "cuda")
     eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq)
     got = run(eng, ["the cat", "in a he"], GREEDY)
     assert [r["ids"] for r in got] == [r["ids"] for r in ref]

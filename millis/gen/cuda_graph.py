@@ -225,11 +225,11 @@ class GraphedDecode:
                 m.cache.v[dst, :, :n_pos] = m.cache.v[src, :, :n_pos]
 
 
-def compact_slots(slots: list, rows: tuple, move) -> None:
+def compact_slots(slots: list, move, move_rows) -> None:
     """The engine's slots (Request or None), after admission filled the lowest free ones: move the highest
     running requests down into the free slots below them, with their KV (`move(src, dst, n_pos)`, e.g.
-    GraphedDecode.move_slot) and their rows of the per-slot tensors in `rows` (None: skipped; the penalties'
-    `seen` and `counts`), so the batch bucket follows the running count."""
+    GraphedDecode.move_slot) and their penalty rows (`move_rows(dst, src)`, SlotPenalties.move), so the batch
+    bucket follows the running count."""
     while None in slots:
         hole = slots.index(None)
         top = max((i for i, r in enumerate(slots) if r is not None), default=-1)
@@ -238,6 +238,4 @@ def compact_slots(slots: list, rows: tuple, move) -> None:
         r = slots[top]
         move(top, hole, r.n_cached)
         slots[hole], slots[top], r.slot = r, None, hole
-        for t in rows:
-            if t is not None:
-                t[hole] = t[top]
+        move_rows(hole, top)

@@ -49,7 +49,7 @@ from millis.gen.grammar import allow_only
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput
 from millis.gen.rows import isolated, per_row_on_error
-from millis.gen.sampling import RowParams, sample
+from millis.gen.sampling import SlotPenalties
 from millis.gen.speculate import DraftStats, draft, draftable, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
 
@@ -77,9 +77,7 @@ class Engine:
         self.slots: list[Request | None] = [None] * self.max_batch
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
-        self.seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
-        self.counts: torch.Tensor | None = None  # (max_batch, vocab) fp32 output counts: at the first request with
-        # a presence or frequency penalty
+        self.penalties = SlotPenalties(self.max_batch, self.config.vocab_size, self.device)
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
@@ -219,15 +217,10 @@ class Engine:
             self.waiting.popleft()
             r.slot = slot
             self.slots[r.slot] = r
-            self.seen[r.slot] = False
-            self.seen[r.slot, torch.tensor(r.prompt, device=self.device)] = True
-            if r.params.counts_output:
-                if self.counts is None:
-                    self.counts = torch.zeros(self.max_batch, self.config.vocab_size, device=self.device)
-                self.counts[r.slot] = 0
+            self.penalties.admit(r.slot, r.prompt, r.params)
             new.append(r)
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
-            compact_slots(self.slots, (self.seen, self.counts), self.decode.move_slot)
+            compact_slots(self.slots, self.decode.move_slot, self.penalties.move)
         return new, running
 
     def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
@@ -321,19 +314,8 @@ class Engine:
         return self.model(b)[:, -1]
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        # `seen` (a slot's prompt and output tokens) is read only for a row with a repetition penalty, `counts`
-        # (its output tokens' counts) only for one with a presence or frequency penalty; each is reset when such
-        # a request takes the slot, and only those rows keep it up to date
-        pen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        cnt = [i for i, r in enumerate(rows) if r.params.counts_output]
-        slots = torch.tensor([r.slot for r in rows], device=self.device) if pen or cnt else None
-        tok = sample(logits, RowParams([r.params for r in rows], [r.seed for r in rows], [len(r.out) for r in rows],
-                                       self.seen[slots] if pen else None, self.counts[slots[cnt]] if cnt else None))
-        if pen:
-            self.seen[slots[pen], tok[pen]] = True
-        if cnt:  # one row per slot: no index twice
-            self.counts[slots[cnt], tok[cnt]] += 1
-        return tok
+        return self.penalties.sample(logits, [r.slot for r in rows], [r.params for r in rows],
+                                     [r.seed for r in rows], [len(r.out) for r in rows])
 
     def _update(self, rows: list[Request], tokens: dict[str, int], failed: dict[str, str]) -> list[StepOutput]:
         outs = []

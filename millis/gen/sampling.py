@@ -89,3 +89,42 @@ def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     choice = torch.searchsorted(cdf, prm[:, 4:5] * cdf[:, -1:], right=True).clamp_(max=V - 1)  # (B, 1)
     sampled = idx.gather(-1, choice).squeeze(-1)
     return torch.where(prm[:, 3].bool(), greedy, sampled)
+
+
+class SlotPenalties:
+    """What the penalties read, per engine slot: `seen` (slots, V) bool, the tokens of the slot's prompt and
+    output (repetition penalty), and `counts` (slots, V) fp32, how often each token is in its output (presence
+    / frequency; made at the first request with one). A slot's rows are reset when a request that reads them
+    takes it, and only such requests keep them up to date."""
+
+    def __init__(self, slots: int, vocab: int, device) -> None:
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self.counts: torch.Tensor | None = None
+
+    def admit(self, slot: int, prompt: list[int], params: SamplingParams) -> None:
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt, device=self.seen.device)] = True
+        if params.counts_output:
+            if self.counts is None:
+                self.counts = torch.zeros(self.seen.shape, device=self.seen.device)
+            self.counts[slot] = 0
+
+    def move(self, dst: int, src: int) -> None:
+        """A request moved from slot src to dst (the CUDA-graph decode's compaction)."""
+        for t in (self.seen, self.counts):
+            if t is not None:
+                t[dst] = t[src]
+
+    def sample(self, logits: torch.Tensor, slots: list[int], params: list[SamplingParams], seeds: list[int],
+               drawn: list[int]) -> torch.Tensor:
+        """`sample` over rows in these slots, then the drawn tokens into the rows that read them."""
+        pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        cnt = [i for i, p in enumerate(params) if p.counts_output]
+        at = torch.tensor(slots, device=self.seen.device) if pen or cnt else None
+        tok = sample(logits, RowParams(params, seeds, drawn, self.seen[at] if pen else None,
+                                       self.counts[at[cnt]] if cnt else None))
+        if pen:
+            self.seen[at[pen], tok[pen]] = True
+        if cnt:  # one row per slot: no index twice
+            self.counts[at[cnt], tok[cnt]] += 1
+        return tok
