@@ -3,13 +3,12 @@ bias and random stream, and nothing here reads a value back to the host.
 
 The order: logit bias, repetition penalty, presence / frequency penalties (OpenAI's: c * frequency +
 (c > 0) * presence off a token's logit, c its count in the output), then HF `generate`'s temperature,
-top-k, top-p. A row with temperature
-0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary keeps all. A sampled row takes the token
-where one uniform draw falls in its filtered distribution's cumulative sum (inverse CDF, in fp64). The
-draw is a hash of the request's seed and of how many tokens it has drawn (splitmix64), computed on the
-host: no random-number kernel per row, one host-to-device copy per step for every row's parameters,
-and a seeded request gets the same tokens whatever shares its batch, on any device, also when its row
-is retried alone after a batch-mate raised.
+top-k, top-p. A row with temperature 0 (below GREEDY_BELOW) is greedy; a top-k above the vocabulary
+keeps all. A sampled row takes the token where one uniform draw falls in its filtered distribution's
+cumulative sum (inverse CDF, in fp64). The draw is a hash of the request's seed and of how many tokens
+it has drawn (splitmix64), computed on the host: no random-number kernel per row, one host-to-device
+copy per step for every row's parameters, and a seeded request gets the same tokens whatever shares
+its batch, on any device, also when its row is retried alone after a batch-mate raised.
 """
 from __future__ import annotations
 
