@@ -54,20 +54,20 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """logits (B, V) fp32 -> token ids (B,) on the same device."""
     ps, dev = rows.params, logits.device
-    if any(p.logit_bias for p in ps):
-        at = [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias]
-        r, t = (torch.tensor([a[k] for a in at], device=dev) for k in (0, 1))
-        logits = logits.index_put((r, t), torch.tensor([a[2] for a in at], dtype=logits.dtype, device=dev),
-                                  accumulate=True)
+    if any(p.logit_bias for p in ps):  # (row, token id, bias) triples
+        r, t, b = zip(*((i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias))
+        logits = logits.index_put((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
+                                  torch.tensor(b, dtype=logits.dtype, device=dev), accumulate=True)
     if rows.seen is not None and any(p.repetition_penalty != 1.0 for p in ps):
         pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
         logits = torch.where(rows.seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     if rows.counts is not None:  # only the penalized rows' (n, V): a batch of plain rows copies nothing
-        pen = [(i, p.frequency_penalty, p.presence_penalty) for i, p in enumerate(ps) if p.counts_output]
-        fp = torch.tensor([[f, q] for _, f, q in pen], dtype=logits.dtype, device=dev)
+        idx = [i for i, p in enumerate(ps) if p.counts_output]
+        fp = torch.tensor([[ps[i].frequency_penalty, ps[i].presence_penalty] for i in idx], dtype=logits.dtype,
+                          device=dev)
         c = rows.counts.to(logits.dtype)
-        logits = logits.index_add(0, torch.tensor([i for i, _, _ in pen], device=dev),
-                                  -(c * fp[:, 0:1] + (c > 0).to(logits.dtype) * fp[:, 1:2]))
+        off = c * fp[:, 0:1] + (c > 0).to(logits.dtype) * fp[:, 1:2]
+        logits = logits.index_add(0, torch.tensor(idx, device=dev), -off)
     greedy = argmax_rows(logits)
     if all(p.greedy for p in ps):
         return greedy
