@@ -1,6 +1,6 @@
 """The encoder's attention in bf16 on AMX tiles (kernels/amx_attend.h, amx.c's amx_attend): one (sequence,
 head) job against softmax(Q K^T) V in float64 of the same bf16 operands, in the C form every build runs, on
-AVX-512 BF16 vectors (vec_tiles.h, the avx512 build) and on the tile unit where the CPU and the kernel allow
+AVX-512 BF16 vectors (vec_attend.h, the avx512 build) and on the tile unit where the CPU and the kernel allow
 it; sequence lengths around the 16-query and 32-key tiles; the rows and columns around a job's output left
 alone; head sizes it does not take refused."""
 import ctypes
@@ -40,7 +40,7 @@ def test_amx_attention_matches_reference(isa):
                  [ctypes.c_float] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     rng = np.random.default_rng(7)
     lib.attend_vectors.restype, lib.attend_vectors.argtypes = ctypes.c_int, [ctypes.c_int]
-    vectors = lib.attend_vectors(1) == 1  # the avx512 build: AVX-512 BF16 vectors (vec_tiles.h) off the tile unit
+    vectors = lib.attend_vectors(1) == 1  # the avx512 build: AVX-512 BF16 vectors (vec_attend.h) off the tile unit
     assert vectors == (isa == "avx512")
     # (tile unit, vectors): the C form, the vector form, the tile unit
     modes = [(0, 0)] + [(0, 1)] * vectors + [(1, 0)] * (lib.amx_init(1) == 1)

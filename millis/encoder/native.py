@@ -69,7 +69,7 @@ class Model(ctypes.Structure):
 
 
 class Scratch(ctypes.Structure):
-    names = ("x", "qkv", "att", "h", "xq", "qkv2")  # bert_forward.c's bert_scratch
+    names = ("x", "qkv", "att", "h", "xq", "qkv2", "kv")  # bert_forward.c's bert_scratch
     _fields_ = [(n, P) for n in names]
 
 
@@ -242,7 +242,8 @@ class NativeBert:
             f32 = np.float32
             self.buffers = {"x": np.empty((cap, c.hidden), f32), "qkv": np.empty((cap, 3 * c.hidden), f32),
                             "att": np.empty((cap, c.hidden), f32), "h": np.empty((cap, c.intermediate), f32),
-                            "xq": np.empty(blocks, np.uint8), "qkv2": np.empty((cap, 3 * c.hidden), f32)}
+                            "xq": np.empty(blocks, np.uint8), "qkv2": np.empty((cap, 3 * c.hidden), f32),
+                            "kv": np.empty(2 * 4 * (2 * cap + 8) * c.hidden, np.uint8)}  # packed keys, values
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 

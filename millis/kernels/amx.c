@@ -179,17 +179,7 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #include "tile_undef.h"
 
 #if defined(__AVX512BF16__)
-#include "vec_tiles.h"  /* the attention's tile operations on AVX-512 BF16 vectors */
-#define ATT_FN attend_vec
-#define TCONFIG(cfg) (void)(cfg)
-#define TRELEASE() (void)0
-#define TZERO(t) vt_tzero(t)
-#define TLOAD(t, p, s) (vt_src[t] = (vt_ref){(const uint8_t*)(p), (s)})
-#define TSTORE(t, p, s) vt_store(t, p, s)
-#define TDP(c, a, b) vt_dp(c, a, b)
-#include "amx_attend.h"
-#include "tile_undef.h"
-#define HAVE_VEC_ATTEND 1
+#define HAVE_VEC_ATTEND 1  /* vec_attend.h: the attention on AVX-512 BF16 vectors, queries in lanes */
 #else
 #define HAVE_VEC_ATTEND 0
 #endif
@@ -366,17 +356,21 @@ void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M,
    0 <= q0 < q1 <= L. */
 API int amx_attend_takes(int HD) { return HD == 32 || HD == 64; }  /* head sizes of whole tiles (1 or 2) */
 static int g_vec_attend = HAVE_VEC_ATTEND;
-/* Off the tile unit, amx_attend runs on AVX-512 BF16 vectors (vec_tiles.h) where the build has them, else the C
+/* Off the tile unit, amx_attend runs on AVX-512 BF16 vectors (vec_attend.h) where the build has them, else the C
    form. want 0 / 1 sets it (tests: 0 runs the C form), -1 asks; returns 1 when the vector form is in force. */
 API int attend_vectors(int want) {
     if (want == 0 || want == 1) g_vec_attend = want && HAVE_VEC_ATTEND;
     return g_vec_attend;
 }
+#include "vec_attend.h"  /* vec_attend, and the token split's packed keys: kv_packed, kv_pack_pair, kv_attend */
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                    float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;
     static __thread int64_t cap;
     if (!amx_attend_takes(HD) || L <= 0 || q0 < 0 || q1 > L || q0 >= q1) return 0;
+#if HAVE_VEC_ATTEND
+    if (g_vec_attend && !g_amx_hw) { vec_attend(r, ld, D, bq, bk, bv, scale, L, q0, q1, HD, out, outb, ldo); return 1; }
+#endif
     const int Lk = (L + 31) / 32 * 32, G = Lk < ATT_GROUP ? Lk : ATT_GROUP;
     /* bytes: q, kt, vt alike; s, and p half of it; o */
     const int64_t q = (int64_t)Lk * HD * 2, s = (int64_t)G * Lk * 4, o = (int64_t)G * HD * 4;
@@ -387,9 +381,6 @@ API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const
     att_pack(&j, r, ld, D, bq, bk, bv, scale);
 #if HAVE_AMX_BUILD
     if (g_amx_hw) { attend_hw(&j); return 1; }
-#endif
-#if HAVE_VEC_ATTEND
-    if (g_vec_attend) { attend_vec(&j); return 1; }
 #endif
     attend_c(&j);
     return 1;

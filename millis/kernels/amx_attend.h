@@ -14,9 +14,9 @@
      o:  G x HD fp32 outputs before the softmax's division
    (G: the queries of a phase, ATT_GROUP, or Lk when fewer)
 
-   The first part (once): the job, its packing and softmax. The second (included by amx.c for the C form, the
-   tile unit and AVX-512 BF16 vectors, vec_tiles.h): ATT_FN over the tile operations TCONFIG TRELEASE TZERO TLOAD
-   TSTORE TDP. */
+   The first part (once): the job, its packing and softmax. The second (included by amx.c for the C form and the
+   tile unit): ATT_FN over the tile operations TCONFIG TRELEASE TZERO TLOAD TSTORE TDP. Off the tile unit, AVX-512
+   BF16 builds run vec_attend.h instead (queries in lanes). */
 #ifndef AMX_ATTEND_ONCE
 #define AMX_ATTEND_ONCE
 #include "step_math.h"

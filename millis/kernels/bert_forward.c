@@ -55,6 +55,7 @@ typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
     float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
+    uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes: the token split's packed keys and values (part_pack_kv) */
 } bert_scratch;
 
 typedef struct {
@@ -65,6 +66,11 @@ typedef struct {
     /* this layer's q, k, v rows, and where the token split writes the next layer's: a part that reaches the next
        layer's qkv must not overwrite keys and values another part's attention is still reading */
     float *qkv, *qkv_next;
+    /* the token split's packed keys and values (kv_packed): this layer's, and where the parts pack the next
+       layer's (NULL: none); sequence s's keys from row koff[s] of a head's krows */
+    uint8_t *kv, *kv_next;
+    const int64_t* koff;
+    int64_t krows;
     int64_t xs, unit;    /* a part's region of xq: xs units of 32 values a token (max(D, hidden) / 32), of `unit` bytes */
 } ctx_t;
 
@@ -170,7 +176,8 @@ static int g_split_min = 16;
 /* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
 API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
 
-/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part */
+/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part, and
+   a cut inside a sequence at an even key (a pair of keys is packed by one part: part_pack_kv) */
 static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int64_t* tb) {
     tb[0] = 0; tb[P] = n;
     int64_t sq = 0;
@@ -180,6 +187,7 @@ static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, 
         const int64_t lo = start[sq], hi = sq < n_seq ? start[sq + 1] : n;
         int64_t at = cut;
         if (cut - lo <= hi - cut) { if (cut - lo <= slack) at = lo; } else if (hi - cut <= slack) at = hi;
+        if (at > lo && at < hi && (at - lo) % 2) at++;
         tb[q] = at < tb[q - 1] ? tb[q - 1] : at;
     }
 }
@@ -193,13 +201,46 @@ static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc,
 static void part_rows(const ctx_t* c, int64_t q, void (*row)(const ctx_t*, int64_t, int64_t)) {
     for (int64_t t = c->tb[q]; t < c->tb[q + 1]; t++) row(c, c->tb[q], t);
 }
+/* head h's packed keys (K: krows rows of HD bf16) and values (V: krows / 2 rows of HD dwords) in a kv buffer */
+static uint16_t* kv_keys(const ctx_t* c, uint8_t* kv, int h) {
+    return (uint16_t*)kv + (int64_t)h * c->krows * c->m->head_dim;
+}
+static uint32_t* kv_values(const ctx_t* c, uint8_t* kv, int h) {
+    const int64_t HD = c->m->head_dim;
+    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD * 2) + (int64_t)h * (c->krows / 2) * HD;
+}
+/* the part's tokens [t0, t1) of the layer whose qkv rows and biases these are, packed into kv for every head: key
+   j of sequence s at row koff[s] + j; keys 2i, 2i + 1 share a V row, so parts start at even keys (split_tokens) */
+static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qkv, const float* bqkv, uint8_t* kv) {
+    const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim;
+    int64_t sq = 0;
+    while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
+    for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
+        const int64_t s0 = c->start[sq], s1 = c->start[sq + 1], a = t0 > s0 ? t0 : s0, b = t1 < s1 ? t1 : s1;
+        for (int64_t t = a; t < b; t += 2) {
+            const int64_t row = c->koff[sq] + t - s0;  /* even */
+            for (int h = 0; h < m->n_heads; h++)
+                kv_pack_pair(qkv + t * 3 * D + h * HD, 3 * D, D, bqkv + D + h * HD, bqkv + 2 * D + h * HD, t + 1 < b,
+                             HD, kv_keys(c, kv, h) + row * HD, kv_values(c, kv, h) + row / 2 * HD);
+        }
+    }
+}
 static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t0, t1), every head */
     const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim;
     int64_t sq = 0;
     while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
     for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
         const int64_t s0 = c->start[sq], a = t0 > s0 ? t0 : s0, b = t1 < c->start[sq + 1] ? t1 : c->start[sq + 1];
-        for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a);
+        for (int h = 0; h < m->n_heads; h++) {
+            if (!c->kv) { attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a); continue; }
+            uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, t0, a) + h * HD : NULL;
+            kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD,
+                      c->qkv + s0 * 3 * D + h * HD, 3 * D, c->w->bqkv + h * HD, 1.f / sqrtf((float)HD),
+                      (int)(c->start[sq + 1] - s0), (int)(a - s0), (int)(b - s0), HD, c->s->att + a * D + h * HD,
+                      outb, D);
+        }
     }
 }
 static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
@@ -207,7 +248,8 @@ static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv 
     const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
     if (t0 >= t1) return;
     PART_TIMED(B_EMBED, part_rows(c, q, embed_row));
-    PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, c->s->x, t0, t1));
+    PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, c->s->x, t0, t1);
+               if (c->kv_next) part_pack_kv(c, t0, t1, c->s->qkv, c->m->layers[0].bqkv, c->kv_next));
 }
 static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention on, then the next layer's qkv */
     const ctx_t* c = p; const bert_w* m = c->m; const bert_layer* w = c->w; const bert_scratch* s = c->s;
@@ -223,7 +265,8 @@ static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention o
     PART_TIMED(B_DOWN, mm_part(c, &w->down, s->x, D, 1, s->h, t0, t1));
     PART_TIMED(B_LN, part_rows(c, q, ln2_row));
     if (w + 1 < m->layers + m->n_layers)
-        PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1));
+        PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1);
+                   if (c->kv_next) part_pack_kv(c, t0, t1, c->qkv_next, (w + 1)->bqkv, c->kv_next));
 }
 
 /* ---- first_only: the last layer for each sequence's first token alone ----
@@ -297,14 +340,31 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         int64_t tb[MAX_PARTS + 1];
         split_tokens(n, n_seq, start, P, tb);
         c.tb = tb;
-        parts_run(part_embed, &c, P);  /* layer 0's qkv into s->qkv */
+        /* packed keys and values: sequence s from row koff[s] (lengths rounded up to pairs), 8 rows to spare (the
+           score loop reads keys in eights); two buffers of 4 krows D bytes, a layer's and the next's */
+        int64_t* koff = NULL;
+        uint8_t* kvb[2] = {NULL, NULL};
+        if (s->kv && m->attn == ATTN_BF16_TILES && kv_packed(m->head_dim) && (koff = malloc(sizeof(int64_t) * (n_seq + 1)))) {
+            koff[0] = 0;
+            for (int64_t q = 0; q < n_seq; q++) koff[q + 1] = koff[q] + (start[q + 1] - start[q] + 1) / 2 * 2;
+            c.koff = koff;
+            c.krows = koff[n_seq] + 8;
+            kvb[0] = s->kv;
+            kvb[1] = s->kv + 4 * c.krows * D;
+        }
+        c.kv_next = kvb[0];
+        parts_run(part_embed, &c, P);  /* layer 0's qkv into s->qkv (and its keys and values packed) */
         for (int l = 0; l < m->n_layers; l++) {
             c.w = &m->layers[l];
             c.qkv = l % 2 ? s->qkv2 : s->qkv;
             c.qkv_next = l % 2 ? s->qkv : s->qkv2;
+            c.kv = kvb[l % 2];
+            /* first_only's last layer attends from the qkv rows (attend): nothing to pack for it */
+            c.kv_next = first_only && l + 2 == m->n_layers ? NULL : kvb[(l + 1) % 2];
             if (first_only && l == m->n_layers - 1) last_layer_first_tokens(&c, c.qkv_next);
             else parts_run(part_layer, &c, P);
         }
+        free(koff);
         pool_end();
         return 0;
     }

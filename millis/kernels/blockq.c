@@ -100,6 +100,35 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         out[b].half[1] = (int16_t)h1;
     }
 }
+#if defined(__AVX512BW__)
+/* quantize_levels for one scale per token (the row types, off 64 or 128: every q + off is a byte in [1, 255]), 16
+   lanes at a time: the same products and rounding, q to bytes by vpmovdb (|q| <= lv: no saturation), and each half's
+   sum from the stored bytes (vpsadbw: the sum of q + off); the same bytes as the AVX2 loop, in about half its
+   instructions (the native encoder quantizes every LayerNorm's, GELU's and attention's row: ~4% of bge-small's
+   b1xs128 forward on Zen 4) */
+static void quantize_row512(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
+                            const float row_amax) {
+    const float d = row_amax / lv, id = row_amax > 0.f ? lv / row_amax : 0.f;
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m256i vo = _mm256_set1_epi8((char)off);
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float* r = x + b * QK;
+        const __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r), vid)));
+        const __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r + 16), vid)));
+        const __m256i u = _mm256_add_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1), vo);
+        _mm256_storeu_si256((__m256i*)out[b].q, u);
+        const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  /* 4 x 8 bytes' sums */
+        const __m128i lo = _mm256_castsi256_si128(sad), hi = _mm256_extracti128_si256(sad, 1);
+        const int h0 = (int)(_mm_cvtsi128_si64(lo) + _mm_extract_epi64(lo, 1)) - 16 * off;
+        const int h1 = (int)(_mm_cvtsi128_si64(hi) + _mm_extract_epi64(hi, 1)) - 16 * off;
+        out[b].d = d;
+        out[b].s = d * (float)(h0 + h1);
+        out[b].sum = h0 + h1;
+        out[b].half[0] = (int16_t)h0;
+        out[b].half[1] = (int16_t)h1;
+    }
+}
+#endif
 API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x, K, out, 127.f, 0, -1.f); }
 /* x * inv (inv: per channel, or NULL for x) for a packed matrix of this type: values in [-63, 63] for T_Q7_A7
    and T_Q7_ROW, else quantize_x's, each value plus act_offset (AVX2's Q7_0 takes them unsigned, packed.h) */
@@ -108,6 +137,15 @@ API void quantize_x(const float* x, int64_t K, xblock* out) { quantize_levels(x,
 static float smooth_amax(const float* x, const float* inv, int64_t K, float* sm) {
     int64_t i = 0;
     float amax = 0.f;
+#if defined(__AVX512F__)
+    __m512 m16 = _mm512_setzero_ps();
+    for (; i + 16 <= K; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (inv) { v = _mm512_mul_ps(v, _mm512_loadu_ps(inv + i)); _mm512_storeu_ps(sm + i, v); }
+        m16 = _mm512_max_ps(m16, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(m16);
+#endif
 #ifdef __AVX2__
     __m256 m = _mm256_setzero_ps();
     for (; i + 8 <= K; i += 8) {
@@ -115,7 +153,7 @@ static float smooth_amax(const float* x, const float* inv, int64_t K, float* sm)
         if (inv) { v = _mm256_mul_ps(v, _mm256_loadu_ps(inv + i)); _mm256_storeu_ps(sm + i, v); }
         m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
     }
-    amax = hmax8(m);
+    amax = fmaxf(amax, hmax8(m));
 #endif
     for (; i < K; i++) {
         const float v = inv ? x[i] * inv[i] : x[i];
@@ -129,6 +167,12 @@ API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t
     float row_amax = -1.f;  /* per block */
     if (is_row_type(type)) row_amax = smooth_amax(x, inv, K, sm);
     else if (inv) for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
+#if defined(__AVX512BW__)
+    if (is_row_type(type)) {
+        quantize_row512(inv ? sm : x, K, out, type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type), row_amax);
+        return;
+    }
+#endif
     quantize_levels(inv ? sm : x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f,
                     (uint8_t)act_offset(type), row_amax);
 }

@@ -1,0 +1,56 @@
+"""The activations' quantization for the row types (blockq.c quantize_act_smooth with one scale per token: int7-row
+and int7-row-a8, what every LayerNorm, GELU and attention row of the native encoder goes through): each build
+(AVX-512's 16-lane loop, AVX2's, plain C) writes numpy's reference blocks, field by field."""
+import ctypes
+
+import numpy as np
+import pytest
+
+from millis.gen.models.native_llama import KERNEL_SOURCES
+from millis.kernels.native import TYPE_Q7_ROW, TYPE_Q7_ROW8, build, native_isa, runnable_isas
+
+ISAS = runnable_isas() if native_isa() else []
+XBLOCK = np.dtype([("d", "<f4"), ("s", "<f4"), ("sum", "<i4"), ("q", "u1", 32), ("half", "<i2", 2)])  # 48 bytes
+
+
+def reference(x: np.ndarray, inv, levels: int, off: int) -> np.ndarray:
+    """blockq.c's steps in float32: x * inv, the row's largest |value|, q = round-half-even(v * levels / amax)."""
+    v = x * inv if inv is not None else x
+    amax = np.float32(np.abs(v).max())
+    d, ident = np.float32(amax / np.float32(levels)), np.float32(np.float32(levels) / amax) if amax > 0 else np.float32(0)
+    q = np.rint(v * ident).astype(np.int32).reshape(-1, 32)
+    out = np.zeros(len(q), XBLOCK)
+    out["q"] = ((q + off) % 256).astype(np.uint8)
+    out["sum"] = q.sum(1)
+    out["half"] = np.stack([q[:, :16].sum(1), q[:, 16:].sum(1)], 1)
+    out["d"] = d
+    out["s"] = d * out["sum"].astype(np.float32)
+    return out
+
+
+@pytest.mark.skipif(not ISAS, reason="native kernels are off")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("type_id,levels", [(TYPE_Q7_ROW, 63), (TYPE_Q7_ROW8, 127)])
+def test_row_quantization_matches_numpy(isa, type_id, levels):
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    lib.quantize_act_smooth.restype = None
+    lib.quantize_act_smooth.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    off = 0 if isa == "scalar" else (64 if type_id == TYPE_Q7_ROW else 128)  # packed.h act_offset: SIMD builds unsigned
+    rng = np.random.default_rng(3)
+    for K in (32, 384, 1536):
+        for case in ("plain", "smoothed", "outlier", "zeros", "halves"):
+            x = (rng.standard_normal(K) * 3).astype(np.float32)
+            inv = rng.uniform(0.25, 2.0, K).astype(np.float32) if case == "smoothed" else None
+            if case == "outlier":
+                x[rng.integers(K)] = -250.0
+            elif case == "zeros":
+                x[:] = 0.0
+            elif case == "halves":  # values at exactly half a level: round half to even
+                x = ((rng.integers(-levels, levels, K) + 0.5) / levels).astype(np.float32)
+                x[0] = 1.0
+            out = np.zeros(K // 32, XBLOCK)
+            lib.quantize_act_smooth(type_id, x.ctypes.data, None if inv is None else inv.ctypes.data, K,
+                                    out.ctypes.data)
+            want = reference(x, inv, levels, off)
+            for field in XBLOCK.names:
+                assert np.array_equal(out[field], want[field]), (isa, type_id, K, case, field)
