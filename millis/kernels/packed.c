@@ -340,6 +340,7 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
         for (int i = 0; i < span / 2; i++) prefetch_bytes(gp + 2 * i * gb, 2 * su * ub);
     int32_t part[(MTILE + 5) / 6][14 * 16];  /* per tile: 12 accumulators and the 2 weight sums, 16 lanes each */
     float out[192];
+    const int whole = (g + span) * 8 <= n1;  /* every row of the panel in the chunk: the tiles write Y themselves */
     for (int64_t sl = 0; sl < slabs; sl++) {
         const int64_t u0 = sl * su, u1 = u0 + su < nu ? u0 + su : nu;
         /* the slab after this one (this panel's next, or the next panel's first), spread over this slab's calls */
@@ -348,8 +349,9 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
         for (int64_t m = m0, tile = 0; m < m1; tile++) {
             const int T = m1 - m < 6 ? (int)(m1 - m) : 6;
             Q7R512_FNS[span / 2 - 1][T - 1](shift, target ? target + tile * share : NULL, pstep, gp, gb, u0, u1,
-                                            X + (m - m0) * nbx, nbx, part[tile], sl == 0, sl == slabs - 1, out);
-            if (sl == slabs - 1)
+                                            X + (m - m0) * nbx, nbx, part[tile], sl == 0, sl == slabs - 1, out,
+                                            whole ? Y + m * ldy + g * 8 : NULL, ldy, acc);
+            if (sl == slabs - 1 && !whole)
                 for (int i = 0; i < span; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
             m += T;
         }

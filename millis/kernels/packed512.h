@@ -290,11 +290,13 @@ static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT51
    (maddubs / madd of the same products), and so is the one float step per row and token: the same bits
    in both builds. Per unit only the rows' weight sums add up beside (no per-block float work).
    Units [u0, u1) of K (a slab, packed.c's row_panel512): the sums start from `part` unless `first`, and go back
-   there unless `last`, which ends with the float step. pn: where to prefetch pstep bytes a unit (and 2 * gb on
-   for the second pair), or NULL. */
+   there unless `last`, which ends with the float step: into out (32 floats a token), or, when y is not NULL,
+   straight into the output rows (token t's 16 Q values at y + t * ldy, added to them when acc: the copy through
+   out and store_group took ~2% of a K = 384 matrix's time). pn: where to prefetch pstep bytes a unit (and 2 * gb
+   on for the second pair), or NULL. */
 AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g,
                     int64_t gb, int64_t u0, int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last,
-                    float* out) {
+                    float* out, float* y, int64_t ldy, int acc) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
     const __m512i zero = _mm512_setzero_si512();
     __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero, za = zero;
@@ -334,19 +336,23 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
     zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
+#define PUT(p, v) { float* p_ = (p); const __m512 v_ = (v); _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
-        _mm512_storeu_ps(out + 32 * t, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd))); \
-        if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16,                                                         \
-                                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)), _mm512_mul_ps(db, xd))); }
+        const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd));     \
+        const __m512 vb = Q > 1 ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)), _mm512_mul_ps(db, xd)) : va; \
+        if (y) { PUT(y + t * ldy, va) if (Q > 1) PUT(y + t * ldy + 16, vb) }                                       \
+        else { _mm512_storeu_ps(out + 32 * t, va); if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16, vb); } }
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
 #undef OUT
+#undef PUT
 }
 typedef void (*q7r512_fn)(int, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, const xblock*, int64_t,
-                          int32_t*, int, int, float*);
+                          int32_t*, int, int, float*, float*, int64_t, int);
 #define Q7R512(Q, T)                                                                                                 \
     static void q7r512_##Q##_##T(int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g, int64_t gb, int64_t u0, \
-                                 int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last, float* out) { \
-        q7r_tile512(Q, T, shift, pn, pstep, g, gb, u0, u1, x, xs, part, first, last, out); }
+                                 int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last, float* out, \
+                                 float* y, int64_t ldy, int acc) {                                                   \
+        q7r_tile512(Q, T, shift, pn, pstep, g, gb, u0, u1, x, xs, part, first, last, out, y, ldy, acc); }
 Q7R512(1, 1) Q7R512(1, 2) Q7R512(1, 3) Q7R512(1, 4) Q7R512(1, 5) Q7R512(1, 6)
 Q7R512(2, 1) Q7R512(2, 2) Q7R512(2, 3) Q7R512(2, 4) Q7R512(2, 5) Q7R512(2, 6)
 static const q7r512_fn Q7R512_FNS[2][6] = {{q7r512_1_1, q7r512_1_2, q7r512_1_3, q7r512_1_4, q7r512_1_5, q7r512_1_6},
