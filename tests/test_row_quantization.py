@@ -17,7 +17,8 @@ def reference(x: np.ndarray, inv, levels: int, off: int) -> np.ndarray:
     """blockq.c's steps in float32: x * inv, the row's largest |value|, q = round-half-even(v * levels / amax)."""
     v = x * inv if inv is not None else x
     amax = np.float32(np.abs(v).max())
-    d, ident = np.float32(amax / np.float32(levels)), np.float32(np.float32(levels) / amax) if amax > 0 else np.float32(0)
+    d = np.float32(amax / np.float32(levels))
+    ident = np.float32(np.float32(levels) / amax) if amax > 0 else np.float32(0)
     q = np.rint(v * ident).astype(np.int32).reshape(-1, 32)
     out = np.zeros(len(q), XBLOCK)
     out["q"] = ((q + off) % 256).astype(np.uint8)

@@ -344,7 +344,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
            score loop reads keys in eights); two buffers of 4 krows D bytes, a layer's and the next's */
         int64_t* koff = NULL;
         uint8_t* kvb[2] = {NULL, NULL};
-        if (s->kv && m->attn == ATTN_BF16_TILES && kv_packed(m->head_dim) && (koff = malloc(sizeof(int64_t) * (n_seq + 1)))) {
+        if (s->kv && m->attn == ATTN_BF16_TILES && kv_packed(m->head_dim) &&
+            (koff = malloc(sizeof(int64_t) * (n_seq + 1)))) {
             koff[0] = 0;
             for (int64_t q = 0; q < n_seq; q++) koff[q + 1] = koff[q] + (start[q + 1] - start[q] + 1) / 2 * 2;
             c.koff = koff;

@@ -78,7 +78,8 @@ static inline void f32_pack_q(const float* r, int64_t ld, const float* bq, float
     static void NAME(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,      \
                      float scale, int L, int q0, int q1, int HD, float* out, int64_t ldo, float* buf) {              \
         const int L8 = (L + 7) / 8 * 8;                                                                            \
-        float *kr = buf, *vr = kr + (int64_t)(L8 + 8) * HD, *qt = vr + (int64_t)L * HD, *st = qt + (int64_t)HD * W;      \
+        float *kr = buf, *vr = kr + (int64_t)(L8 + 8) * HD, *qt = vr + (int64_t)L * HD;                             \
+        float* st = qt + (int64_t)HD * W;                                                                         \
         for (int j = 0; j < L; j++)                                                                               \
             for (int d = 0; d < HD; d++) {                                                                        \
                 kr[(int64_t)j * HD + d] = r[j * ld + D + d] + bk[d];                                              \

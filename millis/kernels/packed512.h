@@ -337,10 +337,12 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
     zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
-#define PUT(p, v) { float* p_ = (p); const __m512 v_ = (v); _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
+#define PUT(p, v) { float* p_ = (p); const __m512 v_ = (v);                                                     \
+                    _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
         const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd));     \
-        const __m512 vb = Q > 1 ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)), _mm512_mul_ps(db, xd)) : va; \
+        const __m512 vb = Q > 1 ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)),                 \
+                                                _mm512_mul_ps(db, xd)) : va;                                        \
         if (y) { PUT(y + t * ldy, va) if (Q > 1) PUT(y + t * ldy + 16, vb) }                                       \
         else { _mm512_storeu_ps(out + 32 * t, va); if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16, vb); } }
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
@@ -351,8 +353,8 @@ typedef void (*q7r512_fn)(int, const uint8_t*, int64_t, const uint8_t*, int64_t,
                           int32_t*, int, int, float*, float*, int64_t, int);
 #define Q7R512(Q, T)                                                                                                 \
     static void q7r512_##Q##_##T(int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g, int64_t gb, int64_t u0, \
-                                 int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last, float* out, \
-                                 float* y, int64_t ldy, int acc) {                                                   \
+                                 int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last,     \
+                                 float* out, float* y, int64_t ldy, int acc) {                                       \
         q7r_tile512(Q, T, shift, pn, pstep, g, gb, u0, u1, x, xs, part, first, last, out, y, ldy, acc); }
 Q7R512(1, 1) Q7R512(1, 2) Q7R512(1, 3) Q7R512(1, 4) Q7R512(1, 5) Q7R512(1, 6)
 Q7R512(2, 1) Q7R512(2, 2) Q7R512(2, 3) Q7R512(2, 4) Q7R512(2, 5) Q7R512(2, 6)

@@ -52,15 +52,17 @@ static inline void vatt_pack_pair(const float* x, int64_t ld, int64_t D, const f
             __m512i kq = _mm512_setzero_si512();
             vq[e] = kq;
             if (e && !two) continue;
-            kq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(y + D + o + 16), _mm512_loadu_ps(bk + o + 16)),
-                                              _mm512_add_ps(_mm512_loadu_ps(y + D + o), _mm512_loadu_ps(bk + o)));
-            vq[e] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(y + 2 * D + o + 16), _mm512_loadu_ps(bv + o + 16)),
-                                                 _mm512_add_ps(_mm512_loadu_ps(y + 2 * D + o), _mm512_loadu_ps(bv + o)));
+            const float *k = y + D + o, *v = y + 2 * D + o;
+            kq = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(k + 16), _mm512_loadu_ps(bk + o + 16)),
+                                              _mm512_add_ps(_mm512_loadu_ps(k), _mm512_loadu_ps(bk + o)));
+            vq[e] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(bv + o + 16)),
+                                                 _mm512_add_ps(_mm512_loadu_ps(v), _mm512_loadu_ps(bv + o)));
             _mm512_storeu_si512(kb + e * HD + o, kq);
         }
         for (int h = 0; h < 2; h++) {  /* values o + 16h ..: key t in the low half of each dword, t + 1 high */
-            const __m512i lo = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(vq[0], 1) : _mm512_castsi512_si256(vq[0]));
-            const __m512i hi = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(vq[1], 1) : _mm512_castsi512_si256(vq[1]));
+            const __m256i l = h ? _mm512_extracti64x4_epi64(vq[0], 1) : _mm512_castsi512_si256(vq[0]);
+            const __m256i u = h ? _mm512_extracti64x4_epi64(vq[1], 1) : _mm512_castsi512_si256(vq[1]);
+            const __m512i lo = _mm512_cvtepu16_epi32(l), hi = _mm512_cvtepu16_epi32(u);
             _mm512_storeu_si512(vp + o + 16 * h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
     }
@@ -100,7 +102,8 @@ static inline __m512 vatt_scores8(const uint32_t* qt, const uint16_t* kb, int j0
     return mx;
 }
 
-/* P V for head values d0 .. d0 + 15: a[k] lane i = sum over key pairs p of pt[p] . (values d0 + k of keys 2p, 2p + 1) */
+/* P V for head values d0 .. d0 + 15: a[k] lane i = the sum over key pairs p of pt[p] . (values d0 + k of keys 2p,
+   2p + 1) */
 static inline void vatt_pv16(const uint32_t* pt, const uint32_t* vp, int np, int HD, int d0, __m512* a) {
     for (int k = 0; k < 16; k++) a[k] = _mm512_setzero_ps();
     for (int p = 0; p < np; p++) {
@@ -128,8 +131,8 @@ static inline __m512 vatt_exp2(__m512 t) {
 
 /* queries [q0, q1) of a job (query i's row at q + i * ld) against its packed keys and values (kb, vp: L keys,
    kb readable to L rounded up to 8 keys; rows past L never read into a result), outputs as amx_attend's */
-static void vatt_blocks(const uint16_t* kb, const uint32_t* vp, const float* q, int64_t ld, const float* bq, float scale,
-                        int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo) {
+static void vatt_blocks(const uint16_t* kb, const uint32_t* vp, const float* q, int64_t ld, const float* bq,
+                        float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;
     static __thread int64_t cap;
     const int Lp = (L + 7) / 8 * 8, np = (L + 1) / 2;
