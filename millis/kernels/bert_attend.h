@@ -13,30 +13,47 @@ static __thread int64_t tl_cap;
 #define LANES_F32 0
 #endif
 
+/* head h's packed keys (K: krows rows of HD bf16) and values (V: krows / 2 rows of HD dwords) in a kv buffer */
+static uint16_t* kv_keys(const ctx_t* c, uint8_t* kv, int h) {
+    return (uint16_t*)kv + (int64_t)h * c->krows * c->m->head_dim;
+}
+static uint32_t* kv_values(const ctx_t* c, uint8_t* kv, int h) {
+    const int64_t HD = c->m->head_dim;
+    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD * 2) + (int64_t)h * (c->krows / 2) * HD;
+}
+
 /* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V. The rows go
    to att from row `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices
    taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
-   `base`: op_quant_att is skipped then). */
+   `base`: op_quant_att is skipped then). Where the token split packed this layer's keys and values (c->kv), from
+   those. */
 static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base, int64_t dst) {
     const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim;
     const int64_t t0 = c->start[sq];
-    const int L = (int)(c->start[sq + 1] - t0), Lp = (L + 7) / 8 * 8;
+    const int L = (int)(c->start[sq + 1] - t0);
     if (L <= 0 || qa >= qb) return;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+    const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
-    if (m->attn == ATTN_BF16_TILES &&
-        amx_attend(c->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
+    if (c->kv) {
+        kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD, rows,
+                  3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
+        return;
+    }
+    if (m->attn == ATTN_BF16_TILES && amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
 #if LANES_F32
-    (void)Lp;
     const int64_t need = f32_lanes_floats(L, HD);
-    if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
-    attend_f32_lanes(c->qkv + t0 * 3 * D + h * HD, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, tl_buf);
 #else
+    const int Lp = (L + 7) / 8 * 8;
     const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
+#endif
     if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
+#if LANES_F32
+    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, tl_buf);
+#else
     float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
     for (int j = 0; j < L; j++) {  /* row-major Q and K, V^T (HD, Lp) */

@@ -201,14 +201,6 @@ static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc,
 static void part_rows(const ctx_t* c, int64_t q, void (*row)(const ctx_t*, int64_t, int64_t)) {
     for (int64_t t = c->tb[q]; t < c->tb[q + 1]; t++) row(c, c->tb[q], t);
 }
-/* head h's packed keys (K: krows rows of HD bf16) and values (V: krows / 2 rows of HD dwords) in a kv buffer */
-static uint16_t* kv_keys(const ctx_t* c, uint8_t* kv, int h) {
-    return (uint16_t*)kv + (int64_t)h * c->krows * c->m->head_dim;
-}
-static uint32_t* kv_values(const ctx_t* c, uint8_t* kv, int h) {
-    const int64_t HD = c->m->head_dim;
-    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD * 2) + (int64_t)h * (c->krows / 2) * HD;
-}
 /* the part's tokens [t0, t1) of the layer whose qkv rows and biases these are, packed into kv for every head: key
    j of sequence s at row koff[s] + j; keys 2i, 2i + 1 share a V row, so parts start at even keys (split_tokens) */
 static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qkv, const float* bqkv, uint8_t* kv) {
@@ -228,19 +220,11 @@ static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qk
 }
 static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t0, t1), every head */
     const bert_w* m = c->m;
-    const int D = m->dim, HD = m->head_dim;
     int64_t sq = 0;
     while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
     for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
         const int64_t s0 = c->start[sq], a = t0 > s0 ? t0 : s0, b = t1 < c->start[sq + 1] ? t1 : c->start[sq + 1];
-        for (int h = 0; h < m->n_heads; h++) {
-            if (!c->kv) { attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a); continue; }
-            uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, t0, a) + h * HD : NULL;
-            kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD,
-                      c->qkv + s0 * 3 * D + h * HD, 3 * D, c->w->bqkv + h * HD, 1.f / sqrtf((float)HD),
-                      (int)(c->start[sq + 1] - s0), (int)(a - s0), (int)(b - s0), HD, c->s->att + a * D + h * HD,
-                      outb, D);
-        }
+        for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a);
     }
 }
 static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
@@ -359,8 +343,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             c.w = &m->layers[l];
             c.qkv = l % 2 ? s->qkv2 : s->qkv;
             c.qkv_next = l % 2 ? s->qkv : s->qkv2;
-            c.kv = kvb[l % 2];
-            /* first_only's last layer attends from the qkv rows (attend): nothing to pack for it */
+            c.kv = c.kv_next;  /* what the job before packed this layer's keys into (NULL: nothing) */
+            /* first_only's last layer attends from the qkv rows: nothing to pack for it */
             c.kv_next = first_only && l + 2 == m->n_layers ? NULL : kvb[(l + 1) % 2];
             if (first_only && l == m->n_layers - 1) last_layer_first_tokens(&c, c.qkv_next);
             else parts_run(part_layer, &c, P);
