@@ -58,6 +58,12 @@ def test_variant_matches_reference(built, case, name):
         with pytest.raises(MillisError, match="BERT-family"):
             builder.build(v)
         return
+    if v.options.get("attention") == "int8":  # AVX-512 VNNI and head sizes 32 / 64 (the tiny models': 8)
+        with pytest.raises(MillisError, match="int8 attention"):
+            vdir, facts = builder.build(v)
+            open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
+                         dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)
+        return
     vdir, facts = builder.build(v)
     rt = open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
                       dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)

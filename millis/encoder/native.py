@@ -59,7 +59,9 @@ class Layer(ctypes.Structure):
                [(n, P) for n in ("sqkv", "so", "si", "sd")]  # 1 / smoothing scale per input channel, or NULL
 
 
-ATTN_F32, ATTN_BF16_TILES = 0, 1  # bert_forward.c's attention kinds
+ATTN_F32, ATTN_BF16_TILES, ATTN_INT8 = 0, 1, 2  # bert_forward.c's attention kinds
+# "auto": bf16_attention's rule; "int8": i8_attend.h (the avx512 build: AVX-512 VNNI; head sizes 32 and 64)
+ATTENTIONS = ("auto", "int8")
 
 
 class Model(ctypes.Structure):
@@ -147,9 +149,10 @@ class NativeBert:
     """`encoder`: millis.encoder.bert_weights.BertArrays (numpy: an artifact's load), or a millis.gpu.Encoder
     loaded in fp32 on the CPU (its weights, task and pooling; needed to calibrate the row precisions here)."""
 
-    def __init__(self, encoder, precision: str = "fp32", threads: int = 1, amax: list | None = None):
+    def __init__(self, encoder, precision: str = "fp32", threads: int = 1, amax: list | None = None,
+                 attention: str = "auto"):
         """amax: the row precisions' calibration (millis.encoder.smooth.input_amax of these weights), stored
-        with a variant; None runs it here."""
+        with a variant; None runs it here. attention: ATTENTIONS."""
         from millis.kernels.native import native_isa
 
         if precision not in PRECISIONS:
@@ -160,7 +163,18 @@ class NativeBert:
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
         self.amx = on_tiles(precision) and init_amx(lib)  # the tile unit runs its matmuls
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
-        self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) else ATTN_F32
+        if attention not in ATTENTIONS:
+            raise MillisError(f"unknown native attention {attention!r}; supported: {', '.join(ATTENTIONS)}")
+        if attention == "int8":
+            lib.kv8_takes.restype, lib.kv8_takes.argtypes = ctypes.c_int, [ctypes.c_int]
+            if not lib.kv8_takes(encoder.cfg.hidden // encoder.cfg.heads):
+                raise MillisError(f"the int8 attention needs the avx512 build (AVX-512 VNNI) and a head size of 32 "
+                                  f"or 64; this CPU runs the {self.isa} build, head size "
+                                  f"{encoder.cfg.hidden // encoder.cfg.heads}")
+            self.attn = ATTN_INT8
+        else:
+            self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) else ATTN_F32
+        self.attention = attention
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
@@ -243,7 +257,8 @@ class NativeBert:
             self.buffers = {"x": np.empty((cap, c.hidden), f32), "qkv": np.empty((cap, 3 * c.hidden), f32),
                             "att": np.empty((cap, c.hidden), f32), "h": np.empty((cap, c.intermediate), f32),
                             "xq": np.empty(blocks, np.uint8), "qkv2": np.empty((cap, 3 * c.hidden), f32),
-                            "kv": np.empty(2 * 4 * (2 * cap + 8) * c.hidden, np.uint8)}  # packed keys, values
+                            # packed keys and values: up to 4n + 8 rows of at most 4D bytes (int8: whole quads)
+                            "kv": np.empty(2 * 4 * (4 * cap + 8) * c.hidden, np.uint8)}
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 

@@ -363,6 +363,7 @@ API int attend_vectors(int want) {
     return g_vec_attend;
 }
 #include "vec_attend.h"  /* vec_attend, and the token split's packed keys: kv_packed, kv_pack_pair, kv_attend */
+#include "i8_attend.h"  /* the int8 attention: kv8_takes, kv8_pack_quad, kv8_attend, attend_int8 */
 API int amx_attend(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                    float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;

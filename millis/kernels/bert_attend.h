@@ -1,6 +1,7 @@
-/* bert_forward.c's attention of one (sequence, head) over a range of its queries: attend(), in bf16 on the tile
-   unit, on AVX-512 BF16 vectors or in C (amx.c's amx_attend), else in fp32: queries in vector lanes on the SIMD
-   builds (f32_attend.h), two small GEMMs on the scalar build's matmul_rows. Included by bert_forward.c after its
+/* bert_forward.c's attention of one (sequence, head) over a range of its queries: attend(), in int8 on AVX-512 VNNI
+   vectors (amx.c's attend_int8), in bf16 on the tile unit, on AVX-512 BF16 vectors or in C (amx_attend), else in
+   fp32: queries in vector lanes on the SIMD builds (f32_attend.h), two small GEMMs on the scalar build's
+   matmul_rows; and the token split's packing of each part's keys and values. Included by bert_forward.c after its
    context (ctx_t, xq_at). */
 #pragma once
 
@@ -22,6 +23,63 @@ static uint32_t* kv_values(const ctx_t* c, uint8_t* kv, int h) {
     return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD * 2) + (int64_t)h * (c->krows / 2) * HD;
 }
 
+/* int8 (i8_attend.h): head h's kq (krows rows of HD bytes), vq (krows / 4 rows of HD dwords), and its scales: sk,
+   log2 sv, 1 / sv (krows floats each, one after the other) */
+static uint8_t* kv8_keys(const ctx_t* c, uint8_t* kv, int h) { return kv + (int64_t)h * c->krows * c->m->head_dim; }
+static uint32_t* kv8_values(const ctx_t* c, uint8_t* kv, int h) {
+    const int64_t HD = c->m->head_dim;
+    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD) + (int64_t)h * (c->krows / 4) * HD;
+}
+static float* kv8_scales(const ctx_t* c, uint8_t* kv, int h) {
+    return (float*)(kv + 2 * (int64_t)c->m->n_heads * c->krows * c->m->head_dim) + (int64_t)h * 3 * c->krows;
+}
+
+/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part, and
+   a cut inside a sequence at a multiple of `unit` keys from its start (the keys one part packs together) */
+static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int unit, int64_t* tb) {
+    tb[0] = 0; tb[P] = n;
+    int64_t sq = 0;
+    for (int q = 1; q < P; q++) {
+        const int64_t cut = n * q / P, slack = n / (8 * P);
+        while (sq < n_seq && start[sq + 1] <= cut) sq++;  /* the sequence holding token `cut` */
+        const int64_t lo = start[sq], hi = sq < n_seq ? start[sq + 1] : n;
+        int64_t at = cut;
+        if (cut - lo <= hi - cut) { if (cut - lo <= slack) at = lo; } else if (hi - cut <= slack) at = hi;
+        if (at > lo && at < hi && (at - lo) % unit) at += unit - (at - lo) % unit;
+        if (at > hi) at = hi;
+        tb[q] = at < tb[q - 1] ? tb[q - 1] : at;
+    }
+}
+
+/* the part's tokens [t0, t1) of the layer whose qkv rows and biases these are, packed into kv for every head: key
+   j of sequence s at row koff[s] + j; a pair (bf16) or quad (int8) of keys shares a V row, so parts start at whole
+   units (split_tokens) */
+static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qkv, const float* bqkv, uint8_t* kv) {
+    const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim, unit = m->attn == ATTN_INT8 ? 4 : 2;
+    int64_t sq = 0;
+    while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
+    for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
+        const int64_t s0 = c->start[sq], s1 = c->start[sq + 1], a = t0 > s0 ? t0 : s0, b = t1 < s1 ? t1 : s1;
+        for (int64_t t = a; t < b; t += unit) {
+            const int64_t row = c->koff[sq] + t - s0;  /* a multiple of unit */
+            const float* x = qkv + t * 3 * D;
+            for (int h = 0; h < m->n_heads; h++) {
+                const float *bk = bqkv + D + h * HD, *bv = bqkv + 2 * D + h * HD;
+                if (unit == 4) {
+                    float* sc = kv8_scales(c, kv, h) + row;
+                    kv8_pack_quad(x + h * HD, 3 * D, D, bk, bv, b - t < 4 ? (int)(b - t) : 4, HD,
+                                  kv8_keys(c, kv, h) + row * HD, kv8_values(c, kv, h) + row / 4 * HD, sc,
+                                  sc + c->krows, sc + 2 * c->krows);
+                } else {
+                    kv_pack_pair(x + h * HD, 3 * D, D, bk, bv, t + 1 < b, HD, kv_keys(c, kv, h) + row * HD,
+                                 kv_values(c, kv, h) + row / 2 * HD);
+                }
+            }
+        }
+    }
+}
+
 /* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V. The rows go
    to att from row `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices
    taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
@@ -37,11 +95,18 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
+    if (c->kv && m->attn == ATTN_INT8) {
+        const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
+        kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD, kv8_values(c, c->kv, h) + c->koff[sq] / 4 * HD, sc,
+                   sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
+        return;
+    }
     if (c->kv) {
         kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD, rows,
                   3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
+    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D)) return;
     if (m->attn == ATTN_BF16_TILES && amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
 #if LANES_F32

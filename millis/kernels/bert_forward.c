@@ -47,15 +47,15 @@ typedef struct {
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
    x16blocks, bf16 rows */
 enum { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q16 = 2, ACT_BF16 = 3 };
-/* attention: fp32 on the matmul kernels, or bf16 on the tile unit (amx_attend: AMX, else its C form; head sizes
-   32 and 64, others stay fp32) */
-enum { ATTN_F32 = 0, ATTN_BF16_TILES = 1 };
+/* attention: fp32 on the matmul kernels, bf16 on the tile unit (amx_attend: AMX, AVX-512 BF16 vectors, else its C
+   form), or int8 on AVX-512 VNNI vectors (i8_attend.h); head sizes 32 and 64, others stay fp32 */
+enum { ATTN_F32 = 0, ATTN_BF16_TILES = 1, ATTN_INT8 = 2 };
 
 typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
     float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
-    uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes: the token split's packed keys and values (part_pack_kv) */
+    uint8_t* kv;                /* 2 x 4 (4n + 8) D bytes: the token split's packed keys and values (part_pack_kv) */
 } bert_scratch;
 
 typedef struct {
@@ -105,7 +105,7 @@ static void op_embed(void* p, int64_t t) { embed_row(p, 0, t); }
 
 /* the bf16 attention on the tiles writes the bf16 rows itself, unless a head size sent its jobs to the fp32 path */
 static int bf16_rows(const bert_w* m) {
-    return m->attn == ATTN_BF16_TILES && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
+    return m->attn != ATTN_F32 && m->act == ACT_BF16 && amx_attend_takes(m->head_dim);
 }
 static void op_attend(void* p, int64_t job) {  /* the row split: one (sequence, head), all its queries */
     const ctx_t* c = p; const bert_w* m = c->m;
@@ -176,22 +176,6 @@ static int g_split_min = 16;
 /* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
 API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
 
-/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part, and
-   a cut inside a sequence at an even key (a pair of keys is packed by one part: part_pack_kv) */
-static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int64_t* tb) {
-    tb[0] = 0; tb[P] = n;
-    int64_t sq = 0;
-    for (int q = 1; q < P; q++) {
-        const int64_t cut = n * q / P, slack = n / (8 * P);
-        while (sq < n_seq && start[sq + 1] <= cut) sq++;  /* the sequence holding token `cut` */
-        const int64_t lo = start[sq], hi = sq < n_seq ? start[sq + 1] : n;
-        int64_t at = cut;
-        if (cut - lo <= hi - cut) { if (cut - lo <= slack) at = lo; } else if (hi - cut <= slack) at = hi;
-        if (at > lo && at < hi && (at - lo) % 2) at++;
-        tb[q] = at < tb[q - 1] ? tb[q - 1] : at;
-    }
-}
-
 /* Y rows [t0, t1) (+)= W's whole rows times the part's inputs (xq in its region; Xf the fp32 rows, K wide) */
 static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc, const float* Xf, int64_t t0,
                     int64_t t1) {
@@ -200,23 +184,6 @@ static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc,
 }
 static void part_rows(const ctx_t* c, int64_t q, void (*row)(const ctx_t*, int64_t, int64_t)) {
     for (int64_t t = c->tb[q]; t < c->tb[q + 1]; t++) row(c, c->tb[q], t);
-}
-/* the part's tokens [t0, t1) of the layer whose qkv rows and biases these are, packed into kv for every head: key
-   j of sequence s at row koff[s] + j; keys 2i, 2i + 1 share a V row, so parts start at even keys (split_tokens) */
-static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qkv, const float* bqkv, uint8_t* kv) {
-    const bert_w* m = c->m;
-    const int D = m->dim, HD = m->head_dim;
-    int64_t sq = 0;
-    while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
-    for (; sq < c->n_seq && c->start[sq] < t1; sq++) {
-        const int64_t s0 = c->start[sq], s1 = c->start[sq + 1], a = t0 > s0 ? t0 : s0, b = t1 < s1 ? t1 : s1;
-        for (int64_t t = a; t < b; t += 2) {
-            const int64_t row = c->koff[sq] + t - s0;  /* even */
-            for (int h = 0; h < m->n_heads; h++)
-                kv_pack_pair(qkv + t * 3 * D + h * HD, 3 * D, D, bqkv + D + h * HD, bqkv + 2 * D + h * HD, t + 1 < b,
-                             HD, kv_keys(c, kv, h) + row * HD, kv_values(c, kv, h) + row / 2 * HD);
-        }
-    }
 }
 static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t0, t1), every head */
     const bert_w* m = c->m;
@@ -322,16 +289,17 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     const int P = g_threads;
     if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
-        split_tokens(n, n_seq, start, P, tb);
+        const int unit = m->attn == ATTN_INT8 ? 4 : 2;  /* keys packed together: a quad (int8), a pair (bf16) */
+        split_tokens(n, n_seq, start, P, unit, tb);
         c.tb = tb;
-        /* packed keys and values: sequence s from row koff[s] (lengths rounded up to pairs), 8 rows to spare (the
-           score loop reads keys in eights); two buffers of 4 krows D bytes, a layer's and the next's */
+        /* packed keys and values: sequence s from row koff[s] (lengths rounded up to whole units), 8 rows to spare
+           (the score loop reads keys in eights); two buffers of 4 krows D bytes, a layer's and the next's */
         int64_t* koff = NULL;
         uint8_t* kvb[2] = {NULL, NULL};
-        if (s->kv && m->attn == ATTN_BF16_TILES && kv_packed(m->head_dim) &&
-            (koff = malloc(sizeof(int64_t) * (n_seq + 1)))) {
+        if (s->kv && (m->attn == ATTN_INT8 ? kv8_takes(m->head_dim) : m->attn == ATTN_BF16_TILES && kv_packed(m->head_dim))
+            && (koff = malloc(sizeof(int64_t) * (n_seq + 1)))) {
             koff[0] = 0;
-            for (int64_t q = 0; q < n_seq; q++) koff[q + 1] = koff[q] + (start[q + 1] - start[q] + 1) / 2 * 2;
+            for (int64_t q = 0; q < n_seq; q++) koff[q + 1] = koff[q] + (start[q + 1] - start[q] + unit - 1) / unit * unit;
             c.koff = koff;
             c.krows = koff[n_seq] + 8;
             kvb[0] = s->kv;

@@ -17,7 +17,8 @@ from millis.runtimes.base import check_batch
 
 class NativeRuntime:
     def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str,
-                 threads: int, task: str, pooling: dict | None = None, precision: str = "fp32"):
+                 threads: int, task: str, pooling: dict | None = None, precision: str = "fp32",
+                 attention: str = "auto"):
         from millis.encoder.bert_weights import load_arrays
         from millis.encoder.native import ROW_PRECISIONS, NativeBert
         from millis.encoder.smooth import load_amax
@@ -29,7 +30,7 @@ class NativeRuntime:
             from millis.gpu.encoder import RunOptions, from_hf
 
             weights = from_hf(Path(model_dir), task, p, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
-        self.model = NativeBert(weights, precision, threads, amax)
+        self.model = NativeBert(weights, precision, threads, amax, attention)
         self.name, self.input_names, self.output_name = name, input_names, output_name
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
