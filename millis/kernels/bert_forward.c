@@ -90,14 +90,31 @@ static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t base, i
     else if (c->m->act == ACT_BF16) to_bf16(x, K, dst);
 }
 
+/* the row types (one activation scale per token) take their smoothing and amax from the op that writes the row */
+static int row_quantized(const bert_w* m) { return m->act == ACT_Q8 && is_row_type(m->layers[0].qkv.type); }
+
+/* row t's x (x += add first, add NULL: none) through LayerNorm (w, lb), then quantized for the next matrix */
+static void ln_quant(const ctx_t* c, float* x, const float* add, const float* w, const float* lb, int64_t base,
+                     int64_t t, const float* inv) {
+    const int D = c->m->dim;
+    if (row_quantized(c->m)) {
+        float sm[D];
+        const smooth_out q = {inv, sm};
+        const float amax = layernorm_q(x, add, w, lb, D, c->m->eps, x, &q);
+        quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : x, amax, D, xq_at(c, D, base, t));
+        return;
+    }
+    layernorm_q(x, add, w, lb, D, c->m->eps, x, NULL);
+    quant_row(c, x, D, base, t, inv);
+}
+
 static void embed_row(const ctx_t* c, int64_t base, int64_t t) {  /* x = LN(word + position + type) */
     const bert_w* m = c->m; const int D = m->dim;
     float* x = c->s->x + t * D;
     const float *w = m->word + (int64_t)c->ids[t] * D, *ps = m->pos + (int64_t)c->pos[t] * D;
     const float* ty = m->typ + (int64_t)c->types[t] * D;
     for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
-    layernorm(x, m->emb_ln_w, m->emb_ln_b, D, m->eps, x);
-    quant_row(c, x, D, base, t, m->layers[0].sqkv);
+    ln_quant(c, x, NULL, m->emb_ln_w, m->emb_ln_b, base, t, m->layers[0].sqkv);
 }
 static void op_embed(void* p, int64_t t) { embed_row(p, 0, t); }
 
@@ -123,11 +140,7 @@ static void op_quant_att(void* p, int64_t t) { quant_att_row(p, 0, t); }
 /* x (a residual row that a matmul accumulated into) += bias, then LayerNorm and quantized for the next */
 static void bias_ln(const ctx_t* c, int64_t base, int64_t t, const float* b, const float* w, const float* lb,
                     const float* inv) {
-    const int D = c->m->dim;
-    float* x = c->s->x + t * D;
-    for (int i = 0; i < D; i++) x[i] += b[i];
-    layernorm(x, w, lb, D, c->m->eps, x);
-    quant_row(c, x, D, base, t, inv);
+    ln_quant(c, c->s->x + t * c->m->dim, b, w, lb, base, t, inv);
 }
 /* LN1 feeds this layer's inter matrix; LN2 the next layer's qkv (the last layer's quantized rows go unread) */
 static void ln1_row(const ctx_t* c, int64_t base, int64_t t) {
@@ -143,6 +156,13 @@ static void op_ln2(void* p, int64_t t) { ln2_row(p, 0, t); }
 static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
     const int H = c->m->hidden;
     float* h = c->s->h + t * H;
+    if (row_quantized(c->m)) {
+        float sm[H];
+        const smooth_out q = {c->w->sd, sm};
+        const float amax = bias_gelu_erf_q(h, c->w->bi, H, &q);
+        quantize_row_act(c->m->layers[0].qkv.type, c->w->sd ? sm : h, amax, H, xq_at(c, H, base, t));
+        return;
+    }
     bias_gelu_erf(h, c->w->bi, H);
     quant_row(c, h, H, base, t, c->w->sd);
 }

@@ -162,19 +162,24 @@ static float smooth_amax(const float* x, const float* inv, int64_t K, float* sm)
     }
     return amax;
 }
+/* the row types' second pass: x (already times inv) with its largest |value| known (smooth_amax, or the op that
+   wrote the row: step_math.h's smooth_max) */
+void quantize_row_act(int type, const float* x, float row_amax, int64_t K, xblock* out) {
+#if defined(__AVX512BW__)
+    quantize_row512(x, K, out, type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type), row_amax);
+#else
+    quantize_levels(x, K, out, type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type), row_amax);
+#endif
+}
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out) {
     float sm[inv ? K : 1];  /* x * inv, once: the row's amax and its quantization both read it */
-    float row_amax = -1.f;  /* per block */
-    if (is_row_type(type)) row_amax = smooth_amax(x, inv, K, sm);
-    else if (inv) for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
-#if defined(__AVX512BW__)
     if (is_row_type(type)) {
-        quantize_row512(inv ? sm : x, K, out, type == T_Q7_ROW ? 63.f : 127.f, (uint8_t)act_offset(type), row_amax);
+        const float row_amax = smooth_amax(x, inv, K, sm);
+        quantize_row_act(type, inv ? sm : x, row_amax, K, out);
         return;
     }
-#endif
-    quantize_levels(inv ? sm : x, K, out, type == T_Q7_A7 || type == T_Q7_ROW ? 63.f : 127.f,
-                    (uint8_t)act_offset(type), row_amax);
+    if (inv) for (int64_t i = 0; i < K; i++) sm[i] = x[i] * inv[i];
+    quantize_levels(inv ? sm : x, K, out, type == T_Q7_A7 ? 63.f : 127.f, (uint8_t)act_offset(type), -1.f);
 }
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) { quantize_act_smooth(type, x, NULL, K, out); }
 

@@ -145,6 +145,7 @@ int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with f
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */
 API void quantize_act(int type, const float* x, int64_t K, xblock* out);  /* for a packed matrix (repack.c) */
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out);  /* of x * inv */
+void quantize_row_act(int type, const float* x, float row_amax, int64_t K, xblock* out);  /* T_Q7_ROW / ROW8 */
 API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the
