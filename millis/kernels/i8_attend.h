@@ -78,10 +78,10 @@ static inline __attribute__((always_inline)) void i8_pack_quad_hd(const float* x
     }
     __m512 mk, mv;
     i8_max8(am, &mk, &mv);
-    const __m512 c127 = _mm512_set1_ps(127.f);
+    const __m512 c127 = _mm512_set1_ps(127.f), r127 = _mm512_set1_ps(1.f / 127.f);
     const __m512 ik = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mk, _mm512_setzero_ps(), _CMP_GT_OQ), c127, mk);
-    const __m512 sv = _mm512_max_ps(_mm512_div_ps(mv, c127), _mm512_set1_ps(1e-20f)), iv = _mm512_div_ps(_mm512_set1_ps(1.f), sv);
-    _mm_storeu_ps(sk, i8_lanes4(_mm512_div_ps(mk, c127)));
+    const __m512 sv = _mm512_max_ps(_mm512_mul_ps(mv, r127), _mm512_set1_ps(1e-20f)), iv = _mm512_div_ps(_mm512_set1_ps(1.f), sv);
+    _mm_storeu_ps(sk, i8_lanes4(_mm512_mul_ps(mk, r127)));
     _mm_storeu_ps(lsv, i8_log2_4(i8_lanes4(sv)));
     _mm_storeu_ps(isv, i8_lanes4(iv));
 #define LANE(V, E) _mm512_shuffle_f32x4(V, V, 0x55 * (E))  /* 128-bit lane E in all four */
