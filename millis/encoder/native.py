@@ -44,7 +44,8 @@ Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "
 ROW_PRECISIONS = ("int7-row", "int7-row-a8")  # one scale per weight row and per token; smoothed inputs
 # bf16 in AMX tiles; the int8 ones with int8 tiles beside (row tiles: whole-row sums; Q8 tiles: per block)
 AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8")
-SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "pool.c")
+SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c",
+           "pool.c")
 # bert_forward.c ACT_*: what the matrices take
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
@@ -87,6 +88,9 @@ def library():
     lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int, ctypes.c_int]
     lib.bert_pool.restype = None
     lib.bert_pool.argtypes = [P, ctypes.c_int, I64, P, ctypes.c_int, ctypes.c_int, P]
+    lib.bert_encode.restype = ctypes.c_int
+    lib.bert_encode.argtypes = [P, P, P, ctypes.c_int, I64, I64, I64, I64, P, P, P, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_int, P]
     return lib
 
 
@@ -286,23 +290,34 @@ class NativeBert:
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  token_type_ids: np.ndarray | None = None) -> np.ndarray:
-        """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector."""
-        B, T = input_ids.shape
+        """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector. One C
+        call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
+        at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
+        ids = np.ascontiguousarray(input_ids, np.int64)
+        mask = np.ascontiguousarray(attention_mask, np.int64)
+        types = None if token_type_ids is None else np.ascontiguousarray(token_type_ids, np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape or (types is not None and types.shape != ids.shape):
+            raise MillisError(f"input_ids, attention_mask and token_type_ids must be (batch, seq) arrays of one "
+                              f"shape, got {ids.shape}, {mask.shape}, {None if types is None else types.shape}")
+        B, T = ids.shape
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
-        types = np.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        c = self.cfg
-        if input_ids.min() < 0 or input_ids.max() >= c.vocab or types.min() < 0 or types.max() >= c.type_vocab:
+        p: Pooling = self.pooling
+        tokens = self.pools_tokens()
+        mode = (1 if p.mode == "max" else 0) if tokens else 2
+        out = np.empty((B, self.cfg.hidden), np.float32)
+        with self.lock:  # the scratch is shared
+            s = self._scratch(max(B * T, 1))
+            rc = self.lib.bert_encode(ctypes.addressof(self.model), ctypes.addressof(s), self.buffers["x"].ctypes.data,
+                                      self.cfg.hidden, self.cfg.vocab, self.cfg.type_vocab, B, T, ids.ctypes.data,
+                                      mask.ctypes.data,
+                                      None if types is None else types.ctypes.data, self.threads, mode,
+                                      int(tokens and p.normalize), out.ctypes.data)
+        if rc:
+            c = self.cfg
             raise MillisError(f"a token id or token type is out of range for this model (vocabulary {c.vocab}, "
                               f"{c.type_vocab} token types)")
-        keep = np.asarray(attention_mask) != 0                        # (B, T): the tokens computed
-        rows, cols = np.nonzero(keep)                                 # row-major: sequences contiguous
-        lengths = keep.sum(1)
-        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # what bert_forward / bert_pool read
-        with self.lock:  # the task head reads the scratch: no copy of the hidden states
-            first_only = not self.pools_tokens()  # a [CLS] head: the last layer at the first tokens alone
-            h = self._forward(input_ids[rows, cols], cols, types[rows, cols], start, first_only)  # (n, D)
-            return self.head_of(h, start, lengths, cols)
+        return out if tokens else self.first_rows_head(out)
 
     def pools_tokens(self) -> bool:
         """Whether head_of reads every token's row (mean / max pooling), not each sequence's first alone."""
@@ -315,7 +330,7 @@ class NativeBert:
         p: Pooling = self.pooling
         if self.pools_tokens():
             out = np.empty((B, D), np.float32)
-            st = np.ascontiguousarray(start, np.int32)  # a no-op from __call__
+            st = np.ascontiguousarray(start, np.int32)
             self.lib.bert_pool(h.ctypes.data, D, B, st.ctypes.data, int(p.mode == "max"), int(p.normalize),
                                out.ctypes.data)
             return out
@@ -325,6 +340,11 @@ class NativeBert:
         cls = np.zeros(B, bool)
         cls[nz] = cols[firsts] == 0
         first[cls] = h[start[:-1][cls]]
+        return self.first_rows_head(first)
+
+    def first_rows_head(self, first: np.ndarray) -> np.ndarray:
+        """Each sequence's [CLS] row (B, D) -> the classifier's logits, or the (normalized) CLS vector."""
+        p: Pooling = self.pooling
         if self.task == "classify":
             pw, pb, cw, cb = self.head
             return (np.tanh(first @ pw.T + pb) @ cw.T + cb).astype(np.float32)

@@ -354,26 +354,3 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     pool_end();
     return 0;
 }
-
-/* Sentence vectors from the last hidden states x (n, D) of sequences [start[s], start[s + 1]): the mean
-   (mode 0; zeros for an empty sequence) or the max (mode 1; -1e9 for an empty one) of each sequence's
-   rows, then L2-normalized when `normalize` (norm floored at 1e-12). out (n_seq, D). */
-API void bert_pool(const float* x, int D, int64_t n_seq, const int32_t* start, int mode, int normalize, float* out) {
-    for (int64_t q = 0; q < n_seq; q++) {
-        float* o = out + q * D;
-        const int64_t t0 = start[q], t1 = start[q + 1];
-        for (int i = 0; i < D; i++) o[i] = mode == 1 ? -1e9f : 0.f;
-        for (int64_t t = t0; t < t1; t++) {
-            const float* r = x + t * D;
-            if (mode == 1) for (int i = 0; i < D; i++) o[i] = r[i] > o[i] ? r[i] : o[i];
-            else for (int i = 0; i < D; i++) o[i] += r[i];
-        }
-        if (mode == 0 && t1 > t0) for (int i = 0; i < D; i++) o[i] /= (float)(t1 - t0);
-        if (normalize) {
-            double ss = 0.;
-            for (int i = 0; i < D; i++) ss += (double)o[i] * o[i];
-            const float nrm = (float)sqrt(ss), inv = 1.f / (nrm > 1e-12f ? nrm : 1e-12f);
-            for (int i = 0; i < D; i++) o[i] *= inv;
-        }
-    }
-}
