@@ -16,6 +16,7 @@ from millis.encoder.source import Pooling, resolve
 from millis.encoder.tasks import load_task_model
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa
+from native_checks import token_and_row_split
 
 P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -141,16 +142,7 @@ def test_minilm_with_int8_attention(minilm):
     for threads in (2, 3):
         model = NativeBert(enc, "int7-row", threads, attention="int8")
         assert model.attention == "int8"
-        default = model.lib.bert_token_split(-1)
-        try:
-            model.lib.bert_token_split(0)  # always
-            tokens = model(ids, mask, types)
-            one = model(ids[:1], mask[:1], types[:1])  # one sequence cut in `threads` parts
-            model.lib.bert_token_split(1 << 20)  # never
-            rows = model(ids, mask, types)
-            assert np.array_equal(one[0], model(ids[:1], mask[:1], types[:1])[0])
-        finally:
-            model.lib.bert_token_split(default)
+        tokens, rows = token_and_row_split(model, ids, mask, types)
         assert tokens.shape == (4, 384) and np.isfinite(tokens).all() and np.array_equal(tokens, rows), threads
     # int7-row's own rounding dominates (test_native_encoder's floor 0.988): the int8 attention adds little to it
     assert cosine_min(tokens, ref) >= max(0.988, cosine_min(auto, ref) - 0.003)

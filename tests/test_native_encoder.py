@@ -14,6 +14,7 @@ from millis.encoder.source import Pooling, resolve
 from millis.encoder.tasks import load_task_model
 from millis.kernels.native import native_isa, runnable_isas
 from millis.gpu.encoder import RunOptions, from_hf
+from native_checks import token_and_row_split
 
 CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 ISAS = runnable_isas() if native_isa() else ["scalar"]  # every build this CPU runs
@@ -131,18 +132,7 @@ def test_token_split_keeps_the_bytes(minilm, precision):
     _, enc = minilm
     ids, mask, types = batch(np.random.default_rng(5), 4, 45, 30000)
     for threads in (2, 3):
-        model = NativeBert(enc, precision, threads)
-        default = model.lib.bert_token_split(-1)
-        assert default > 0
-        try:
-            model.lib.bert_token_split(0)  # always
-            tokens = model(ids, mask, types)
-            one = model(ids[:1], mask[:1], types[:1])  # one sequence cut in `threads` parts
-            model.lib.bert_token_split(1 << 20)  # never
-            rows = model(ids, mask, types)
-            assert np.array_equal(one[0], model(ids[:1], mask[:1], types[:1])[0])
-        finally:
-            model.lib.bert_token_split(default)
+        tokens, rows = token_and_row_split(NativeBert(enc, precision, threads), ids, mask, types)
         assert tokens.shape == (4, 384) and np.isfinite(tokens).all() and np.array_equal(tokens, rows), threads
 
 
