@@ -261,10 +261,16 @@ class NativeBert:
             self.buffers = {"x": np.empty((cap, c.hidden), f32), "qkv": np.empty((cap, 3 * c.hidden), f32),
                             "att": np.empty((cap, c.hidden), f32), "h": np.empty((cap, c.intermediate), f32),
                             "xq": np.empty(blocks, np.uint8), "qkv2": np.empty((cap, 3 * c.hidden), f32),
-                            # packed keys and values: up to 4n + 8 rows of at most 4D bytes (int8: whole quads)
-                            "kv": np.empty(2 * 4 * (4 * cap + 8) * c.hidden, np.uint8)}
+                            "kv": np.empty(2 * self._kv_half(cap), np.uint8)}
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
+
+    def _kv_half(self, cap: int) -> int:
+        """Bytes of one of the token split's two packed key / value buffers for cap tokens, 4D a key row (the
+        second buffer starts 4D bytes a row on: bert_forward.c). Each sequence's keys are rounded up to whole pairs
+        (bf16: up to 2 cap rows) or quads (int8: up to 4 cap rows, of 2D bytes and 3 scales a head <= 4D), and 8
+        rows spare."""
+        return 4 * ((4 if self.attn == ATTN_INT8 else 2) * cap + 8) * self.cfg.hidden
 
     def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray,
                  first_only: bool = False) -> np.ndarray:

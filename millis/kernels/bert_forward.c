@@ -55,7 +55,7 @@ typedef struct {   /* buffers for up to n tokens */
     float *x, *qkv, *att, *h;   /* x, att (n, D); qkv (n, 3D); h (n, hidden) */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
     float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
-    uint8_t* kv;                /* 2 x 4 (4n + 8) D bytes: the token split's packed keys and values (part_pack_kv) */
+    uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes (int8: 4n + 8): the token split's packed keys and values */
 } bert_scratch;
 
 typedef struct {
