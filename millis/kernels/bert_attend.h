@@ -34,6 +34,9 @@ static float* kv8_scales(const ctx_t* c, uint8_t* kv, int h) {
     return (float*)(kv + 2 * (int64_t)c->m->n_heads * c->krows * c->m->head_dim) + (int64_t)h * 3 * c->krows;
 }
 
+/* keys packed together, sharing a V row: a quad (int8, i8_attend.h), a pair (bf16, vec_attend.h) */
+static int kv_unit(const bert_w* m) { return m->attn == ATTN_INT8 ? 4 : 2; }
+
 /* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part, and
    a cut inside a sequence at a multiple of `unit` keys from its start (the keys one part packs together) */
 static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int unit, int64_t* tb) {
@@ -56,7 +59,7 @@ static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, 
    units (split_tokens) */
 static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qkv, const float* bqkv, uint8_t* kv) {
     const bert_w* m = c->m;
-    const int D = m->dim, HD = m->head_dim, unit = m->attn == ATTN_INT8 ? 4 : 2;
+    const int D = m->dim, HD = m->head_dim, unit = kv_unit(m);
     int64_t sq = 0;
     while (sq < c->n_seq && c->start[sq + 1] <= t0) sq++;
     for (; sq < c->n_seq && c->start[sq] < t1; sq++) {

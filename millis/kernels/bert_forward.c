@@ -309,7 +309,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     const int P = g_threads;
     if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
-        const int unit = m->attn == ATTN_INT8 ? 4 : 2;  /* keys packed together: a quad (int8), a pair (bf16) */
+        const int unit = kv_unit(m);
         split_tokens(n, n_seq, start, P, unit, tb);
         c.tb = tb;
         /* packed keys and values: sequence s from row koff[s] (lengths rounded up to whole units), 8 rows to spare

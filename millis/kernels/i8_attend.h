@@ -184,9 +184,8 @@ static inline void i8_pv16(const uint32_t* pt, const uint32_t* vq, int nq, int H
 /* queries [q0, q1) of a job (query i's row at q + i * ld) against its packed keys and values (L keys; kq readable
    to L rounded up to 8 keys), outputs as amx_attend's */
 static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
-                      const float* q,
-                      int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD, float* out,
-                      uint16_t* outb, int64_t ldo) {
+                      const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD,
+                      float* out, uint16_t* outb, int64_t ldo) {
     static __thread void* mem;
     static __thread int64_t cap;
     const int Lp = (L + 7) / 8 * 8, nq = (L + 3) / 4;
