@@ -55,3 +55,40 @@ def test_row_quantization_matches_numpy(isa, type_id, levels):
             want = reference(x, inv, levels, off)
             for field in XBLOCK.names:
                 assert np.array_equal(out[field], want[field]), (isa, type_id, K, case, field)
+
+
+@pytest.mark.skipif(not ISAS, reason="native kernels are off")
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+def test_row_matmul_rounds_every_token_alike(isa):
+    """int7-row matmuls (q7r_tile / q7r_tile512), writing and adding into Y, against numpy's float32 steps:
+    y (+)= float(sum_k x w) * (d_row * d_tok), the product rounded before the add. Every token of the tiles (13
+    tokens: 6 + 6 + 1) and both row spans (80 rows: 32 + 32 + 16). GCC once contracted the add into an FMA
+    in some tiles, so a token's last bit depended on its place in the tile."""
+    from millis.encoder.native import q7_0
+    from millis.kernels.native import XBLOCK_BYTES, Mat, pack_matrix
+
+    lib = build("llama_step", KERNEL_SOURCES, isa)
+    P = ctypes.c_void_p
+    lib.quantize_act.restype, lib.matmul.restype = None, None
+    lib.quantize_act.argtypes = [ctypes.c_int, P, ctypes.c_int64, P]
+    lib.matmul.argtypes = [P, P, P, ctypes.c_int64, P, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    rng = np.random.default_rng(5)
+    M, N, K = 13, 80, 384
+    data = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True)
+    keep = [data]
+    mat = pack_matrix(lib, Mat(TYPE_Q7_ROW, 0, data.ctypes.data, N, K, data.nbytes // N), keep, 1)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    xq = np.zeros((M, K // 32), XBLOCK)
+    assert XBLOCK.itemsize == XBLOCK_BYTES
+    for m in range(M):
+        lib.quantize_act(TYPE_Q7_ROW, x[m].ctypes.data, K, xq[m].ctypes.data)
+    blocks = data.reshape(N, K // 32, 34)
+    w = blocks[..., 2:].copy().view(np.int8).reshape(N, K).astype(np.int64)
+    d_row = blocks[:, 0, :2].copy().view(np.float16).reshape(N).astype(np.float32)
+    xs = xq["q"].reshape(M, K).astype(np.int64) - 64  # SIMD builds store x + 64
+    product = (xs @ w.T).astype(np.float32) * (d_row[None, :] * xq["d"][:, :1])  # each step in float32
+    for acc, start in ((0, 0.0), (1, 1.5)):
+        y = np.full((M, N), start, np.float32)
+        lib.matmul(ctypes.addressof(mat), xq.ctypes.data, None, M, y.ctypes.data, N, acc, 1)
+        want = np.float32(start) + product if acc else product
+        assert np.array_equal(y, want), (isa, acc, np.argwhere(y != want)[:5])

@@ -337,7 +337,9 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
     zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
-#define PUT(p, v) { float* p_ = (p); const __m512 v_ = (v);                                                     \
+/* the product rounded before the add (an empty asm on it: GCC contracted mul + add into an FMA in some tiles, and
+   a token's sum then depended on its place in the tile: see tests/test_row_types.py) */
+#define PUT(p, v) { float* p_ = (p); __m512 v_ = (v); __asm__("" : "+v"(v_));                                  \
                     _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
         const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd));     \
