@@ -257,7 +257,8 @@ def test_q7_0_matmul_matches_reference(isa, kind):
         xb = xq.reshape(M, K // 32, XBLOCK_BYTES)
         xi = (xb[:, :, 12:44].astype(np.float64) - off) if off else xb[:, :, 12:44].view(np.int8).astype(np.float64)
         assert np.abs(xi).max() == (63 if a7 else 127)
-        assert (xb[:, :, 8:12].copy().view(np.int32)[..., 0] == xi.sum(-1)).all()  # the block sums
+        if not (row and isa != "scalar"):  # the block sums (the row types' SIMD blocks carry none: ROW_BLOCKS_DQ)
+            assert (xb[:, :, 8:12].copy().view(np.int32)[..., 0] == xi.sum(-1)).all()
         xs = xb[:, :, 0:4].copy().view(np.float32)
         if row:  # one scale per token
             assert (xs == xs[:, :1]).all()

@@ -50,7 +50,11 @@ int is_float_type(int type) { return type == T_F32 || type == T_F16 || type == T
 
 /* x -> blocks of 32 values q in [-lv, lv] with x ~ d * q, d = amax / lv (lv: 127, or 63 for T_Q7_A7 and
    T_Q7_ROW), stored as q + off (mod 256: packed.h's act_offset; sum and half keep q's sums). amax: the
-   block's largest |x|, or the whole row's when row_amax >= 0 (one scale per token: T_Q7_ROW, T_Q7_ROW8) */
+   block's largest |x|, or the whole row's when row_amax >= 0 (one scale per token: T_Q7_ROW, T_Q7_ROW8).
+   ROW_BLOCKS_DQ: the row types' blocks carry d and q alone in the SIMD builds (their tiles, AVX2's, AVX-512's and
+   AMX's, read nothing else): the sums took 1-3% of a native encoder forward (Zen 4, alternated in one process:
+   bge-small b1xs128 0.985x, b1xs16 0.97x, MiniLM 0.98x, BERT-base 0.993x); s, sum and half keep what they held.
+   The scalar build, the reference, writes every field. */
 static inline void quantize_levels(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
                                    const float row_amax) {
 #ifdef __AVX2__
@@ -71,15 +75,16 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
         }
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        const __m256i o = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i*)out[b].q, _mm256_add_epi8(o, _mm256_set1_epi8((char)off)));
+        if (row) { out[b].d = d; continue; }  /* the row types' tiles read d and q alone (ROW_BLOCKS_DQ) */
         /* q[0], q[1]: values 0..15; q[2], q[3]: 16..31 -> the two half sums, then their total */
         const __m256i a = _mm256_add_epi32(q[0], q[1]), c = _mm256_add_epi32(q[2], q[3]);
         __m128i h = _mm_hadd_epi32(_mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)),
                                    _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
         h = _mm_hadd_epi32(h, h);  /* lanes 0, 1: the half sums */
         const int h0 = _mm_cvtsi128_si32(h), h1 = _mm_extract_epi32(h, 1), sum = h0 + h1;
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        const __m256i o = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i*)out[b].q, _mm256_add_epi8(o, _mm256_set1_epi8((char)off)));
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) { float v = fabsf(r[i]); amax = v > amax ? v : amax; }
@@ -102,10 +107,9 @@ static inline void quantize_levels(const float* x, int64_t K, xblock* out, const
 }
 #if defined(__AVX512BW__)
 /* quantize_levels for one scale per token (the row types, off 64 or 128: every q + off is a byte in [1, 255]), 16
-   lanes at a time: the same products and rounding, q to bytes by vpmovdb (|q| <= lv: no saturation), and each half's
-   sum from the stored bytes (vpsadbw: the sum of q + off); the same bytes as the AVX2 loop, in about half its
-   instructions (the native encoder quantizes every LayerNorm's, GELU's and attention's row: ~4% of bge-small's
-   b1xs128 forward on Zen 4) */
+   lanes at a time: the same products and rounding, q to bytes by vpmovdb (|q| <= lv: no saturation); the same
+   bytes as the AVX2 loop, in about half its instructions (the native encoder quantizes every LayerNorm's, GELU's
+   and attention's row: ~4% of bge-small's b1xs128 forward on Zen 4). ROW_BLOCKS_DQ: d and q alone. */
 static void quantize_row512(const float* x, int64_t K, xblock* out, const float lv, const uint8_t off,
                             const float row_amax) {
     const float d = row_amax / lv, id = row_amax > 0.f ? lv / row_amax : 0.f;
@@ -117,15 +121,7 @@ static void quantize_row512(const float* x, int64_t K, xblock* out, const float 
         const __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r + 16), vid)));
         const __m256i u = _mm256_add_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1), vo);
         _mm256_storeu_si256((__m256i*)out[b].q, u);
-        const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  /* 4 x 8 bytes' sums */
-        const __m128i lo = _mm256_castsi256_si128(sad), hi = _mm256_extracti128_si256(sad, 1);
-        const int h0 = (int)(_mm_cvtsi128_si64(lo) + _mm_extract_epi64(lo, 1)) - 16 * off;
-        const int h1 = (int)(_mm_cvtsi128_si64(hi) + _mm_extract_epi64(hi, 1)) - 16 * off;
         out[b].d = d;
-        out[b].s = d * (float)(h0 + h1);
-        out[b].sum = h0 + h1;
-        out[b].half[0] = (int16_t)h0;
-        out[b].half[1] = (int16_t)h1;
     }
 }
 #endif
@@ -321,7 +317,8 @@ static float dot_blocks(int type, const uint8_t* row, const xblock* x, int64_t n
         decode_block(type, row, i, w, sc, &mn);
         int s0 = 0, s1 = 0;
         for (int l = 0; l < 16; l++) { s0 += w[l] * x[i].q[l]; s1 += w[l + 16] * x[i].q[l + 16]; }
-        r += x[i].d * (sc[0] * (float)s0 + sc[1] * (float)s1) + mn * x[i].s;
+        /* (mn is 0 for the row types, whose blocks carry no s in the SIMD builds: ROW_BLOCKS_DQ) */
+        r += x[i].d * (sc[0] * (float)s0 + sc[1] * (float)s1) + (mn != 0.f ? mn * x[i].s : 0.f);
     }
     return r;
 }
