@@ -338,7 +338,7 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
     zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
 /* the product rounded before the add (an empty asm on it: GCC contracted mul + add into an FMA in some tiles, and
-   a token's sum then depended on its place in the tile: see tests/test_row_types.py) */
+   a token's sum then depended on its place in the tile: tests/test_row_quantization.py) */
 #define PUT(p, v) { float* p_ = (p); __m512 v_ = (v); __asm__("" : "+v"(v_));                                  \
                     _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
