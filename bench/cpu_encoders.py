@@ -11,7 +11,9 @@ reported on Banking77 test texts, which the budget never saw. Models: minilm (re
 bert-base (random weights, mean-pooled like MiniLM), bge-small-cls (bge-small's weights pooled by [CLS], as
 bge-small-en-v1.5 is: every system pools so; millis then runs the last layer at the [CLS] rows alone).
 Writes bench/results/cpu_encoders.json (`rows`: system, model, shape, p50_ms, p99_ms, cos_min, round_p50_ms,
-and the ratios to the fastest peers: of the pooled p50s, and round by round, rounds_ratio_*).
+and the ratios to the fastest peers: of the pooled p50s, and round by round, rounds_ratio_*; `meta.machine_load`:
+per model, the share of the CPUs other processes used while it was timed (its workers' own excluded), the
+hypervisor's steal, the widest round spread of a cell, and millis.common.machine_load's warnings).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 import models  # noqa: E402
+
+from millis.common import machine_load  # noqa: E402
 
 PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8", "fastembed")
 BASELINE = "torch_eager"
@@ -127,7 +131,11 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
         fid = embeddings_fidelity(live, tok, texts[: a.fidelity_texts])
         n = int(a.n) if a.n.isdigit() else int(dict(x.split("=") for x in a.n.split(","))[model])
         print(f"  timing {len(live)} systems x {len(shapes)} shapes, {a.rounds} rounds x {n}", flush=True)
+        pids = [p.proc.pid for p in live if getattr(p, "proc", None) is not None]
+        before = machine_load.snapshot(pids)
         samples = harness.run_round_robin(live, list(inputs), inputs, n_per_round=n, rounds=a.rounds)
+        after = machine_load.snapshot(pids)
+        spreads = {}
         for p in live:
             info = p.info()
             for (b, t) in inputs:
@@ -135,6 +143,7 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
                 if ms.size == 0:
                     continue
                 rounds = [float(np.median(ms[i:i + n])) for i in range(0, ms.size - n + 1, n)]  # n calls a round
+                spreads[f"{p.name} b{b}xs{t}"] = max(rounds) / min(rounds) - 1 if rounds else 0.0
                 results.append({"system": p.name, "model": model, "shape": f"b{b}xs{t}",
                                 "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
                                 "round_p50_ms": rounds,
@@ -142,6 +151,11 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
                                 "cos_mean": fid[p.name]["cos_mean"], "precision": info.get("precision", ""),
                                 "cpu": meta["hardware"]["cpu"], "isa": meta["hardware"]["isa"],
                                 "kernels": kernels_of(p.name, meta)})
+        # what else ran meanwhile, the hypervisor's steal and the rounds' disagreement: a ratio read off a slow
+        # spell of the VM is not the machine's (machine_load's limits and warnings, as optimize's report)
+        load = meta.setdefault("machine_load", {})[model] = machine_load.check(before, after, spreads)
+        for w in load["warnings"]:
+            print(f"  WARNING {w}", flush=True)
     finally:
         for p in live:
             p.close()

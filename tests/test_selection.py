@@ -284,3 +284,27 @@ def test_speedups_are_paired_by_round_and_a_busy_machine_is_flagged():
     calm = machine_load.check(quiet, {**quiet, "wall": 1.0, "total": 2.0, "busy": 0.1, "own": 0.1}, {"a": 0.05})
     assert calm["warnings"] == []
     assert isinstance(machine_load.snapshot()["busy"], float)
+
+
+def test_a_benchmarks_own_workers_are_not_other_processes():
+    """A worker process that times on the measurement's behalf (bench/cpu_encoders.py's peers) counts as its own
+    CPU time when its pid is given, and as another process's when not."""
+    import subprocess
+    import sys
+
+    from millis.common import machine_load
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.4: pass\ntime.sleep(30)"])
+    try:
+        before, bare = machine_load.snapshot([child.pid]), machine_load.snapshot()
+        deadline = time.monotonic() + 20
+        while machine_load.process_cpu(child.pid) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after, bare_after = machine_load.snapshot([child.pid]), machine_load.snapshot()
+        assert after["own"] - before["own"] >= 0.3  # the worker's busy loop
+        assert bare_after["own"] - bare["own"] < 0.3  # this process alone idled meanwhile
+    finally:
+        child.kill()
+        child.wait()
+    assert machine_load.process_cpu(child.pid) == 0.0  # gone: nothing to read

@@ -1,6 +1,7 @@
 """Is the machine quiet enough to trust a timing? What else ran while millis measured.
 
-`snapshot()` before and after a measurement; `check(before, after, spreads)` says how much of the
+`snapshot()` before and after a measurement (`snapshot(pids)` where worker processes time on its behalf, as
+bench/cpu_encoders.py's); `check(before, after, spreads)` says how much of the
 CPUs other processes used meanwhile (all CPU time on the machine, from /proc/stat, minus this
 process's own), the hypervisor's steal, and how far the timing rounds disagree, with a warning for
 each past its limit. A ratio read off a loaded machine can be off by 2x (report.md's speed-up over
@@ -33,10 +34,23 @@ def _proc_stat() -> tuple[float, float, float]:
     return (total - idle - steal) / hz, steal / hz, total / hz
 
 
-def snapshot() -> dict[str, float]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process `pid` has used; 0 where /proc has none of it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def snapshot(pids: tuple[int, ...] | list[int] = ()) -> dict[str, float]:
+    """pids: processes that measure on this one's behalf (a benchmark's workers): their CPU time counts as its
+    own, not as other processes'."""
     busy, steal, total = _proc_stat()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": ru.ru_utime + ru.ru_stime}
+    own = ru.ru_utime + ru.ru_stime + sum(process_cpu(p) for p in pids)
+    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": own}
 
 
 def check(before: dict[str, float], after: dict[str, float], spreads: dict[str, float]) -> dict:
