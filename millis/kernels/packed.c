@@ -338,7 +338,7 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
     const int next_panel = (g + 2 * span) * 8 <= n1;  /* the chunk has another whole panel */
     if (g_row_pf && g * 8 == n0)  /* the chunk's first slab: all its lines at once, not one stream's at a time */
         for (int i = 0; i < span / 2; i++) prefetch_bytes(gp + 2 * i * gb, 2 * su * ub);
-    int32_t part[(MTILE + 5) / 6][14 * 16];  /* per tile: 12 accumulators and the 2 weight sums, 16 lanes each */
+    int32_t part[(MTILE + 5) / 6][12 * 16];  /* per tile: 12 accumulators, 16 lanes each */
     float out[192];
     const int whole = (g + span) * 8 <= n1;  /* every row of the panel in the chunk: the tiles write Y themselves */
     for (int64_t sl = 0; sl < slabs; sl++) {

@@ -54,7 +54,8 @@
 #endif
 /* AVX-512 builds store T_Q7_ROW / T_Q7_ROW8 groups in pairs (repack.c): per unit d[16] fp16 | wsum[16] int16 |
    8 steps of 64 bytes (the pair's first group's 32, then its second's), so q7r_tile512 loads 16 rows' step
-   as one vector, not two 32-byte loads and an insert (Zen 4: a gain inside the VM's noise). A matrix's
+   as one vector, not two 32-byte loads and an insert (Zen 4: a gain inside the VM's noise); unit 1's head
+   holds instead the 16 rows' weight sums over the whole row (int32), which the tile reads once. A matrix's
    last group, when alone, keeps the 8-row unit. Chunks start at multiples of 16 rows (mm_jobs.h). */
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PAIRED_ROWS 1

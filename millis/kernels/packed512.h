@@ -288,24 +288,30 @@ static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT51
    q7r_tile with vpdpbusd: the token's values + 64 or + 128 (unsigned operand, broadcast) against the signed
    weights (one 64-byte load per 16 rows and step); the int32 sums over the whole row are the AVX2 build's exactly
    (maddubs / madd of the same products), and so is the one float step per row and token: the same bits
-   in both builds. Per unit only the rows' weight sums add up beside (no per-block float work).
+   in both builds. No per-block float work; the rows' weight sums (the offset's term) are read once.
    Units [u0, u1) of K (a slab, packed.c's row_panel512): the sums start from `part` unless `first`, and go back
    there unless `last`, which ends with the float step: into out (32 floats a token), or, when y is not NULL,
    straight into the output rows (token t's 16 Q values at y + t * ldy, added to them when acc: the copy through
    out and store_group, 512-bit stores read back in 256-bit halves, took ~5% of a K = 384 matrix's time: one
    thread, M 64, Zen 4, 87% -> 92% of the VNNI peak). pn: where to prefetch pstep bytes a unit (and 2 * gb
    on for the second pair), or NULL. */
+/* the 16 rows' weight sums over all u1 units of a pair (repack.c: whole rows' int32 sums in unit 1's head; one
+   unit: its int16 wsum), read once a tile at its float step where the unit loop added up each unit's (Zen 4,
+   bge-small b1xs128: 0.98x the forward's time) */
+static inline __m512i row_wsums(const uint8_t* g, int64_t ub, int64_t u1) {
+    return u1 > 1 ? _mm512_loadu_si512(g + 2 * ub) : _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(g + 32)));
+}
 AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn, int64_t pstep, const uint8_t* g,
                     int64_t gb, int64_t u0, int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last,
                     float* out, float* y, int64_t ldy, int acc) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
     const __m512i zero = _mm512_setzero_si512();
-    __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero, za = zero;
-    __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero, zb = zero;
-    __m512i* pv = (__m512i*)part;  /* the slabs before: ia0..5, ib0..5, za, zb (unaligned) */
+    __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero;
+    __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero;
+    __m512i* pv = (__m512i*)part;  /* the slabs before: ia0..5, ib0..5 (unaligned) */
 #define LD(i, v) v = _mm512_loadu_si512(pv + i)
     if (!first) { LD(0, ia0); LD(1, ia1); LD(2, ia2); LD(3, ia3); LD(4, ia4); LD(5, ia5); LD(6, ib0); LD(7, ib1);
-                  LD(8, ib2); LD(9, ib3); LD(10, ib4); LD(11, ib5); LD(12, za); LD(13, zb); }
+                  LD(8, ib2); LD(9, ib3); LD(10, ib4); LD(11, ib5); }
 #undef LD
     for (int64_t u = u0; u < u1; u++) {  /* pairs of groups (packed.h's PAIRED_ROWS): 2 * ub bytes a unit */
         const uint8_t *p0 = g + 2 * u * ub, *p1 = p0 + 2 * gb;
@@ -314,8 +320,6 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
                 _mm_prefetch((const char*)pn + o, _MM_HINT_T1);
                 if (Q > 1) _mm_prefetch((const char*)pn + 2 * gb + o, _MM_HINT_T1);
             }
-        za = _mm512_add_epi32(za, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p0 + 32))));
-        if (Q > 1) zb = _mm512_add_epi32(zb, _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(p1 + 32))));
 #pragma GCC unroll 1
         for (int s = 0; s < 8; s++) {
             const __m512i w0 = _mm512_loadu_si512(p0 + 64 + 64 * s);
@@ -329,14 +333,14 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     if (!last) {
 #define ST(i, v) _mm512_storeu_si512(pv + i, v)
         ST(0, ia0); ST(1, ia1); ST(2, ia2); ST(3, ia3); ST(4, ia4); ST(5, ia5); ST(6, ib0); ST(7, ib1);
-        ST(8, ib2); ST(9, ib3); ST(10, ib4); ST(11, ib5); ST(12, za); ST(13, zb);
+        ST(8, ib2); ST(9, ib3); ST(10, ib4); ST(11, ib5);
 #undef ST
         return;
     }
     const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));  /* the rows' scales */
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
-    za = _mm512_sll_epi32(za, _mm_cvtsi32_si128(shift));
-    zb = _mm512_sll_epi32(zb, _mm_cvtsi32_si128(shift));
+    const __m512i za = _mm512_sll_epi32(row_wsums(g, ub, u1), _mm_cvtsi32_si128(shift));
+    const __m512i zb = Q > 1 ? _mm512_sll_epi32(row_wsums(g + 2 * gb, ub, u1), _mm_cvtsi32_si128(shift)) : za;
 /* the product rounded before the add (an empty asm on it: GCC contracted mul + add into an FMA in some tiles, and
    a token's sum then depended on its place in the tile: tests/test_row_quantization.py) */
 #define PUT(p, v) { float* p_ = (p); __m512 v_ = (v); __asm__("" : "+v"(v_));                                  \

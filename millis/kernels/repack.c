@@ -105,13 +105,20 @@ static void pack_group(void* p, int64_t g) {
     if (paired(W->type, g, W->rows)) {  /* this group's halves of its pair's units (packed.h) */
         uint8_t unit[288];
         const int h = (int)(g & 1);
+        int32_t total[8] = {0};  /* each row's weight sum over the whole row */
         for (int64_t u = 0; u < nu; u++) {
             pack_unit(W, g, u, unit);
             uint8_t* pu = dst + ((g & ~(int64_t)1) * nu + 2 * u) * ub;
-            memcpy(pu + 16 * h, unit, 16);
-            memcpy(pu + 32 + 16 * h, unit + 16, 16);
+            for (int r = 0; r < 8; r++) { int16_t w; memcpy(&w, unit + 16 + 2 * r, 2); total[r] += w; }
+            if (u != 1) {  /* unit 1's head holds the pair's totals (below) */
+                memcpy(pu + 16 * h, unit, 16);
+                memcpy(pu + 32 + 16 * h, unit + 16, 16);
+            }
             for (int s = 0; s < 8; s++) memcpy(pu + 64 + 64 * s + 32 * h, unit + 32 + 32 * s, 32);
         }
+        /* q7r_tile512 reads the 16 rows' totals (int32) from unit 1's head once a tile, not each unit's wsum
+           (one unit: its wsum) */
+        if (nu > 1) memcpy(dst + ((g & ~(int64_t)1) * nu + 2) * ub + 32 * h, total, 32);
         return;
     }
     for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
