@@ -295,9 +295,9 @@ static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT51
    out and store_group, 512-bit stores read back in 256-bit halves, took ~5% of a K = 384 matrix's time: one
    thread, M 64, Zen 4, 87% -> 92% of the VNNI peak). pn: where to prefetch pstep bytes a unit (and 2 * gb
    on for the second pair), or NULL. */
-/* the 16 rows' weight sums over all u1 units of a pair (repack.c: whole rows' int32 sums in unit 1's head; one
-   unit: its int16 wsum), read once a tile at its float step where the unit loop added up each unit's (Zen 4,
-   bge-small b1xs128: 0.98x the forward's time) */
+/* the 16 rows' weight sums over the whole row (repack.c: int32 in unit 1's head; a one-unit row, u1 == 1: its
+   unit's int16 wsum), read once a tile as its sums' start where the unit loop added up each unit's, and
+   subtracted at the float step (Zen 4, bge-small b1xs128: 0.98-0.99x the forward's time) */
 static inline __m512i row_wsums(const uint8_t* g, int64_t ub, int64_t u1) {
     return u1 > 1 ? _mm512_loadu_si512(g + 2 * ub) : _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(g + 32)));
 }
@@ -305,9 +305,13 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
                     int64_t gb, int64_t u0, int64_t u1, const xblock* x, int64_t xs, int32_t* part, int first, int last,
                     float* out, float* y, int64_t ldy, int acc) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
+    /* the sums start at -offset * the rows' weight sums (exact in int32; the slabs after carry them on) */
+    const __m128i sh = _mm_cvtsi32_si128(shift);
     const __m512i zero = _mm512_setzero_si512();
-    __m512i ia0 = zero, ia1 = zero, ia2 = zero, ia3 = zero, ia4 = zero, ia5 = zero;
-    __m512i ib0 = zero, ib1 = zero, ib2 = zero, ib3 = zero, ib4 = zero, ib5 = zero;
+    const __m512i za = first ? _mm512_sub_epi32(zero, _mm512_sll_epi32(row_wsums(g, ub, u1), sh)) : zero;
+    const __m512i zb = first && Q > 1 ? _mm512_sub_epi32(zero, _mm512_sll_epi32(row_wsums(g + 2 * gb, ub, u1), sh)) : za;
+    __m512i ia0 = za, ia1 = za, ia2 = za, ia3 = za, ia4 = za, ia5 = za;
+    __m512i ib0 = zb, ib1 = zb, ib2 = zb, ib3 = zb, ib4 = zb, ib5 = zb;
     __m512i* pv = (__m512i*)part;  /* the slabs before: ia0..5, ib0..5 (unaligned) */
 #define LD(i, v) v = _mm512_loadu_si512(pv + i)
     if (!first) { LD(0, ia0); LD(1, ia1); LD(2, ia2); LD(3, ia3); LD(4, ia4); LD(5, ia5); LD(6, ib0); LD(7, ib1);
@@ -339,15 +343,13 @@ AI void q7r_tile512(const int Q, const int T, const int shift, const uint8_t* pn
     }
     const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));  /* the rows' scales */
     const __m512 db = Q > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 2 * gb))) : da;
-    const __m512i za = _mm512_sll_epi32(row_wsums(g, ub, u1), _mm_cvtsi32_si128(shift));
-    const __m512i zb = Q > 1 ? _mm512_sll_epi32(row_wsums(g + 2 * gb, ub, u1), _mm_cvtsi32_si128(shift)) : za;
 /* the product rounded before the add (an empty asm on it: GCC contracted mul + add into an FMA in some tiles, and
    a token's sum then depended on its place in the tile: tests/test_row_quantization.py) */
 #define PUT(p, v) { float* p_ = (p); __m512 v_ = (v); __asm__("" : "+v"(v_));                                  \
                     _mm512_storeu_ps(p_, acc ? _mm512_add_ps(_mm512_loadu_ps(p_), v_) : v_); }
 #define OUT(t) if (T > t) { const __m512 xd = _mm512_set1_ps(x[t * xs].d);                                          \
-        const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia##t, za)), _mm512_mul_ps(da, xd));     \
-        const __m512 vb = Q > 1 ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ib##t, zb)),                 \
+        const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(ia##t), _mm512_mul_ps(da, xd));     \
+        const __m512 vb = Q > 1 ? _mm512_mul_ps(_mm512_cvtepi32_ps(ib##t),                 \
                                                 _mm512_mul_ps(db, xd)) : va;                                        \
         if (y) { PUT(y + t * ldy, va) if (Q > 1) PUT(y + t * ldy + 16, vb) }                                       \
         else { _mm512_storeu_ps(out + 32 * t, va); if (Q > 1) _mm512_storeu_ps(out + 32 * t + 16, vb); } }
