@@ -37,23 +37,6 @@ static float* kv8_scales(const ctx_t* c, uint8_t* kv, int h) {
 /* keys packed together, sharing a V row: a quad (int8, i8_attend.h), a pair (bf16, vec_attend.h) */
 static int kv_unit(const bert_w* m) { return m->attn == ATTN_INT8 ? 4 : 2; }
 
-/* part q of P: tokens [tb[q], tb[q + 1]), the even cuts moved to a sequence's end within an eighth of a part, and
-   a cut inside a sequence at a multiple of `unit` keys from its start (the keys one part packs together) */
-static void split_tokens(int64_t n, int64_t n_seq, const int32_t* start, int P, int unit, int64_t* tb) {
-    tb[0] = 0; tb[P] = n;
-    int64_t sq = 0;
-    for (int q = 1; q < P; q++) {
-        const int64_t cut = n * q / P, slack = n / (8 * P);
-        while (sq < n_seq && start[sq + 1] <= cut) sq++;  /* the sequence holding token `cut` */
-        const int64_t lo = start[sq], hi = sq < n_seq ? start[sq + 1] : n;
-        int64_t at = cut;
-        if (cut - lo <= hi - cut) { if (cut - lo <= slack) at = lo; } else if (hi - cut <= slack) at = hi;
-        if (at > lo && at < hi && (at - lo) % unit) at += unit - (at - lo) % unit;
-        if (at > hi) at = hi;
-        tb[q] = at < tb[q - 1] ? tb[q - 1] : at;
-    }
-}
-
 /* the part's tokens [t0, t1) of the layer whose qkv rows and biases these are, packed into kv for every head: key
    j of sequence s at row koff[s] + j; a pair (bf16) or quad (int8) of keys shares a V row, so parts start at whole
    units (split_tokens) */

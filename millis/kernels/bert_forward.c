@@ -25,6 +25,7 @@
 
 #include "mm_jobs.h"
 #include "step_math.h"
+#include "token_split.h"
 
 typedef struct {
     mat qkv, o, inter, down;                 /* (3D, D), (D, D), (hidden, D), (D, hidden) */
@@ -72,6 +73,8 @@ typedef struct {
     const int64_t* koff;
     int64_t krows;
     int64_t xs, unit;    /* a part's region of xq: xs units of 32 values a token (max(D, hidden) / 32), of `unit` bytes */
+    double* part_s;      /* the token split: part q's seconds, and the thread that ran it (token_split.h) */
+    int* part_tid;
 } ctx_t;
 
 /* token t's activation blocks for a K-wide input, in the region of the part whose first token is `base`: that
@@ -191,7 +194,8 @@ API void bert_profile(double* out) { for (int i = 0; i < B_N; i++) { out[i] = pr
    Zen 4 VM, 2 threads, int7-row, alternated in one process (2026-12-04): BERT-base b1xs128 0.83x the row split's
    time (GELU 4.7 -> 1.4 ms, LayerNorms 2.8 -> 0.8, attention 5.0 -> 3.7), b1xs64 0.81x, b1xs32 0.78x;
    bge-small b1xs64 0.73x, b1xs32 0.97x, b1xs128 0.94-0.98x; b8xs128 0.99-1.04x. At 8 tokens a thread each
-   thread's reading all the weights cost more (BERT-base b1xs16 1.15x), so from 16. */
+   thread's reading all the weights cost more (BERT-base b1xs16 1.15x), so from 16. The cuts follow each
+   thread's measured speed (token_split.h). */
 static int g_split_min = 16;
 /* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
 API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
@@ -214,16 +218,22 @@ static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t
         for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a);
     }
 }
-static void part_embed(void* p, int64_t q) {  /* embeddings, then layer 0's qkv */
-    const ctx_t* c = p;
+/* a part's seconds and thread, for the next forward's cuts (token_split.h) */
+#define PART_CLOCK(c, q, STMT) { const double t_ = secs(); STMT; (c)->part_s[q] += secs() - t_; \
+                                 (c)->part_tid[q] = pool_thread_id(); }
+static void part_embed_(const ctx_t* c, int64_t q);
+static void part_embed(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_embed_(p, q)) }
+static void part_layer_(const ctx_t* c, int64_t q);
+static void part_layer(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_layer_(p, q)) }
+static void part_embed_(const ctx_t* c, int64_t q) {  /* embeddings, then layer 0's qkv */
     const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
     if (t0 >= t1) return;
     PART_TIMED(B_EMBED, part_rows(c, q, embed_row));
     PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, c->s->x, t0, t1);
                if (c->kv_next) part_pack_kv(c, t0, t1, c->s->qkv, c->m->layers[0].bqkv, c->kv_next));
 }
-static void part_layer(void* p, int64_t q) {  /* layer c->w from its attention on, then the next layer's qkv */
-    const ctx_t* c = p; const bert_w* m = c->m; const bert_layer* w = c->w; const bert_scratch* s = c->s;
+static void part_layer_(const ctx_t* c, int64_t q) {  /* layer c->w from its attention on, then the next layer's qkv */
+    const bert_w* m = c->m; const bert_layer* w = c->w; const bert_scratch* s = c->s;
     const int D = m->dim, H = m->hidden;
     const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
     if (t0 >= t1) return;
@@ -309,9 +319,14 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     const int P = g_threads;
     if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
+        double part_s[MAX_PARTS] = {0};
+        int part_tid[MAX_PARTS];
+        for (int q = 0; q < P; q++) part_tid[q] = -1;
         const int unit = kv_unit(m);
         split_tokens(n, n_seq, start, P, unit, tb);
         c.tb = tb;
+        c.part_s = part_s;
+        c.part_tid = part_tid;
         /* packed keys and values: sequence s from row koff[s] (lengths rounded up to whole units), 8 rows to spare
            (the score loop reads keys in eights); two buffers of 4 krows D bytes, a layer's and the next's */
         int64_t* koff = NULL;
@@ -339,6 +354,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         }
         free(koff);
         pool_end();
+        update_speeds(P, tb, part_s, part_tid);
         return 0;
     }
     TIMED(B_EMBED, rows_run(op_embed, &c, n));
