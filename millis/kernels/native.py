@@ -31,7 +31,8 @@ from millis.common.errors import MillisError
 HERE = Path(__file__).parent
 ISA_FLAGS = {  # best first
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-               "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],  # AMX: amx.c's intrinsics, run if present
+               "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8",  # AMX: amx.c's intrinsics, run if present
+               "-mprfchw"],  # __builtin_prefetch(p, 1) as prefetchw (every AVX-512 CPU has it)
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],
 }
