@@ -297,7 +297,7 @@ static const float512_fn FLOAT512_FNS[2][12] = {FT512_ROW(1, float512_1_1), FT51
    on for the second pair), or NULL. */
 /* the 16 rows' weight sums over the whole row (repack.c: int32 in unit 1's head; a one-unit row, u1 == 1: its
    unit's int16 wsum), read once a tile as its sums' start where the unit loop added up each unit's, and
-   subtracted at the float step (Zen 4, bge-small b1xs128: 0.98-0.99x the forward's time) */
+   subtracted at the float step (Zen 4, bge-small b1xs128: 0.99x the forward's time) */
 static inline __m512i row_wsums(const uint8_t* g, int64_t ub, int64_t u1) {
     return u1 > 1 ? _mm512_loadu_si512(g + 2 * ub) : _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(g + 32)));
 }
