@@ -25,6 +25,7 @@
 
 #include "mm_jobs.h"
 #include "step_math.h"
+#include "solo_rule.h"
 #include "token_split.h"
 
 typedef struct {
@@ -197,6 +198,9 @@ API void bert_profile(double* out) { for (int i = 0; i < B_N; i++) { out[i] = pr
    thread's reading all the weights cost more (BERT-base b1xs16 1.15x), so from 16. The cuts follow each
    thread's measured speed (token_split.h). */
 static int g_split_min = 16;
+static solo_rule g_solo = SOLO_RULE_INIT;  /* forwards on the caller alone while another process holds a core */
+/* window_ms >= 0 sets the solo rule's window (solo_rule.h); returns the times the solo forwards began */
+API int64_t bert_solo(int window_ms) { if (window_ms >= 0) g_solo.window_ns = window_ms * 1e6; return g_solo.entered; }
 /* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
 API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
 
@@ -310,13 +314,15 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             types[t] >= m->type_vocab) return 1;
     if (start[0] != 0 || start[n_seq] != n) return 1;
     for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
+    const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
+    const int solo = solo_begin(&g_solo);  /* a shared machine: the caller alone (solo_rule.h) */
     const int64_t unit = m->act == ACT_Q8 ? (int64_t)sizeof(xblock) : m->act == ACT_Q16 ? (int64_t)sizeof(x16block)
                          : m->act == ACT_BF16 ? 64 : 0;
     ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start, .n_seq = n_seq,
                .xs = (D > H ? D : H) / QK, .unit = unit, .qkv = s->qkv};
-    const int P = g_threads;
+    const int P = solo ? 1 : g_threads;
     if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
         double part_s[MAX_PARTS] = {0};
@@ -353,6 +359,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             else parts_run(part_layer, &c, P);
         }
         free(koff);
+        solo_end(&g_solo, solo, g_threads, (secs() - began) * 1e9, (double)pool_wait_ns());
         pool_end();
         update_speeds(P, tb, part_s, part_tid);
         return 0;
@@ -367,6 +374,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
         TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads));
         rows_after_attention(&c, n);
     }
+    solo_end(&g_solo, solo, g_threads, (secs() - began) * 1e9, (double)pool_wait_ns());
     pool_end();
     return 0;
 }

@@ -58,6 +58,7 @@ typedef struct {   /* buffers for up to n_max tokens */
 } scratch_w;
 
 #include "mm_jobs.h"
+#include "solo_rule.h"
 #include "step_math.h"
 #include "attention.h"
 
@@ -125,12 +126,10 @@ static double prof[P_N];
 static inline double secs(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 #define TIMED(K, STMT) { const double t_ = secs(); STMT; prof[K] += secs() - t_; }
 API void llm_profile(double* out) { for (int i = 0; i < P_N; i++) { out[i] = prof[i]; prof[i] = 0; } }
-#define SOLO_STEPS 32
-static double g_solo_window_ns = 50e6;  /* the solo rule judges the caller's waiting over steps this long */
-static int64_t g_solo_entered;          /* times the solo steps began */
-/* window_ms >= 0 sets that window (0: each step alone, the rule before 2026-12-05); returns the times the solo
-   steps began in this process */
-API int64_t llm_solo(int window_ms) { if (window_ms >= 0) g_solo_window_ns = window_ms * 1e6; return g_solo_entered; }
+static solo_rule g_solo = SOLO_RULE_INIT;  /* a shared machine's steps on the caller alone (solo_rule.h) */
+/* window_ms >= 0 sets the rule's window (0: each step alone, the rule before 2026-12-05); returns the times the
+   solo steps began in this process */
+API int64_t llm_solo(int window_ms) { if (window_ms >= 0) g_solo.window_ns = window_ms * 1e6; return g_solo.entered; }
 
 typedef struct {
     const model_w* m; const scratch_w* s; int64_t n; const int32_t *ids, *pos, *slots, *out_rows;
@@ -242,17 +241,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     clock_gettime(CLOCK_MONOTONIC, &t0);
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
-    /* Shared machine: when the caller spent over a third of its steps' time waiting for a worker that another
-       process had preempted holding a chunk, judged over steps spanning g_solo_window_ns, run the next
-       SOLO_STEPS steps on the caller alone (one full core beats two contended ones), then try the workers
-       again. One step was the window before: on the Zen 4 VM a few milliseconds of another thread's spinning
-       (an OpenMP pool's, after its parallel region) then sent most SmolLM2 F32 steps solo, at about half the
-       speed (2026-12-05: 20.5 against 12 ms a step in the minutes the VM reads fast). */
-    static int solo_left = 0;
-    static double win_ns = 0, win_wait_ns = 0;
-    pool_solo(solo_left > 0);
-    const int was_solo = solo_left > 0;
-    if (solo_left > 0) solo_left--;
+    const int was_solo = solo_begin(&g_solo);  /* a shared machine: solo_rule.h */
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
     const int64_t per_job = attend_tokens(&c);  /* tokens per attention job */
     TIMED(P_EMBED, rows_run(op_embed, &c, n));
@@ -281,13 +270,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
       TIMED(P_HEAD, mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out)); }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
-    if (!was_solo && g_threads > 1) {
-        win_ns += step_ns; win_wait_ns += pool_wait_ns();
-        if (win_ns >= g_solo_window_ns) {
-            if (win_wait_ns > win_ns / 3) { solo_left = SOLO_STEPS; g_solo_entered++; }
-            win_ns = win_wait_ns = 0;
-        }
-    }
+    solo_end(&g_solo, was_solo, g_threads, step_ns, (double)pool_wait_ns());
     pool_end();
     return 0;
 }
