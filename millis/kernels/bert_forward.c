@@ -196,12 +196,21 @@ API void bert_profile(double* out) { for (int i = 0; i < B_N; i++) { out[i] = pr
    time (GELU 4.7 -> 1.4 ms, LayerNorms 2.8 -> 0.8, attention 5.0 -> 3.7), b1xs64 0.81x, b1xs32 0.78x;
    bge-small b1xs64 0.73x, b1xs32 0.97x, b1xs128 0.94-0.98x; b8xs128 0.99-1.04x. At 8 tokens a thread each
    thread's reading all the weights cost more (BERT-base b1xs16 1.15x), so from 16. The cuts follow each
-   thread's measured speed (token_split.h). */
+   thread's measured speed (token_split.h). Narrower models from half as many (their weights a quarter the
+   bytes): Zen 4 VM, b1xs16 (8 tokens a thread) alternated in one process (2026-12-05), the row split over the
+   token split: bge-small 1.04x in quiet minutes and 1.5x in the VM's slow spells, MiniLM 1.5x; BERT-base 0.95x
+   quiet, 1.0-1.14x slow (so it stays from 16). */
 static int g_split_min = 16;
+/* tokens a thread from which a model of width D splits by tokens: g_split_min at D >= 768, half at D <= 384 */
+static int64_t split_min_for(int D) {
+    const int64_t w = D < 384 ? 384 : D > 768 ? 768 : D;
+    return (int64_t)g_split_min * w / 768;
+}
 static solo_rule g_solo = SOLO_RULE_INIT;  /* forwards on the caller alone while another process holds a core */
 /* window_ms >= 0 sets the solo rule's window (solo_rule.h); returns the times the solo forwards began */
 API int64_t bert_solo(int window_ms) { if (window_ms >= 0) g_solo.window_ns = window_ms * 1e6; return g_solo.entered; }
-/* tokens per thread from which bert_forward splits by tokens: n >= 0 sets it (0: always), -1 asks */
+/* tokens per thread (at width 768; split_min_for) from which bert_forward splits by tokens: n >= 0 sets it (0:
+   always), -1 asks */
 API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_min; }
 
 /* Y rows [t0, t1) (+)= W's whole rows times the part's inputs (xq in its region; Xf the fp32 rows, K wide) */
@@ -323,7 +332,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start, .n_seq = n_seq,
                .xs = (D > H ? D : H) / QK, .unit = unit, .qkv = s->qkv};
     const int P = solo ? 1 : g_threads;
-    if (n >= (int64_t)g_split_min * P && P <= MAX_PARTS) {  /* the token split */
+    if (n >= split_min_for(D) * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
         double part_s[MAX_PARTS] = {0};
         int part_tid[MAX_PARTS];
