@@ -231,13 +231,6 @@ static void part_attend(const ctx_t* c, int64_t t0, int64_t t1) {  /* queries [t
         for (int h = 0; h < m->n_heads; h++) attend(c, sq, h, (int)(a - s0), (int)(b - s0), t0, a);
     }
 }
-/* a part's seconds and thread, for the next forward's cuts (token_split.h) */
-#define PART_CLOCK(c, q, STMT) { const double t_ = secs(); STMT; (c)->part_s[q] += secs() - t_; \
-                                 (c)->part_tid[q] = pool_thread_id(); }
-static void part_embed_(const ctx_t* c, int64_t q);
-static void part_embed(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_embed_(p, q)) }
-static void part_layer_(const ctx_t* c, int64_t q);
-static void part_layer(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_layer_(p, q)) }
 static void part_embed_(const ctx_t* c, int64_t q) {  /* embeddings, then layer 0's qkv */
     const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
     if (t0 >= t1) return;
@@ -262,6 +255,11 @@ static void part_layer_(const ctx_t* c, int64_t q) {  /* layer c->w from its att
         PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1);
                    if (c->kv_next) part_pack_kv(c, t0, t1, c->qkv_next, (w + 1)->bqkv, c->kv_next));
 }
+/* parts_run's jobs: a part's seconds and thread kept for the next forward's cuts (token_split.h) */
+#define PART_CLOCK(c, q, STMT) { const double t_ = secs(); STMT; (c)->part_s[q] += secs() - t_; \
+                                 (c)->part_tid[q] = pool_thread_id(); }
+static void part_embed(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_embed_(p, q)) }
+static void part_layer(void* p, int64_t q) { PART_CLOCK((const ctx_t*)p, q, part_layer_(p, q)) }
 
 /* ---- first_only: the last layer for each sequence's first token alone ----
    A [CLS] head (a classifier, a reranker, CLS pooling) reads one row a sequence of the last hidden states. Every

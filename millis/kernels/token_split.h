@@ -9,19 +9,15 @@
 #pragma once
 #include <stdatomic.h>
 
-/* per pool thread: its speed relative to the others (1: even), an average over forwards; off: even shares */
-static _Atomic double g_speed[MAX_PARTS];
-static _Atomic int g_speed_init, g_adapt = 1;
+/* per pool thread: its speed relative to the others, an average over forwards, stored less 1 (zero: even) */
+static _Atomic double g_speed_less1[MAX_PARTS];
+static _Atomic int g_adapt = 1;  /* 0: even shares whatever was measured */
 #define SPEED_KEEP 0.75  /* of the average a forward keeps (4 forwards to follow a change) */
 #define SPEED_MIN 0.5    /* a thread's share is not cut below half the even one */
 
-static double thread_speed(int t) {
-    if (!atomic_load(&g_speed_init)) {
-        for (int i = 0; i < MAX_PARTS; i++) atomic_store(&g_speed[i], 1.0);
-        atomic_store(&g_speed_init, 1);
-    }
-    return atomic_load(&g_adapt) ? atomic_load(&g_speed[t]) : 1.0;
-}
+static double speed_of(int t) { return 1.0 + atomic_load(&g_speed_less1[t]); }
+static void set_speed(int t, double v) { atomic_store(&g_speed_less1[t], v - 1.0); }
+static double thread_speed(int t) { return atomic_load(&g_adapt) ? speed_of(t) : 1.0; }  /* what the cuts use */
 
 /* part q of P: tokens [tb[q], tb[q + 1]); part q runs on pool thread q (mm_jobs.h's parts_chunk claims its own
    first), so its share is thread q's speed over the sum. The cuts move to a sequence's end within an eighth of a
@@ -61,9 +57,9 @@ static void update_speeds(int P, const int64_t* tb, const double* secs, const in
     mean /= m;
     for (int q = 0; q < P; q++) {
         if (rate[q] <= 0.0) continue;
-        double v = SPEED_KEEP * atomic_load(&g_speed[tid[q]]) + (1.0 - SPEED_KEEP) * rate[q] / mean;
+        double v = SPEED_KEEP * speed_of(tid[q]) + (1.0 - SPEED_KEEP) * rate[q] / mean;
         v = v < SPEED_MIN ? SPEED_MIN : v > 1.0 / SPEED_MIN ? 1.0 / SPEED_MIN : v;
-        atomic_store(&g_speed[tid[q]], v);
+        set_speed(tid[q], v);
     }
 }
 
@@ -74,10 +70,9 @@ API int bert_adaptive_split(int on) {
 }
 /* threads' speeds: n values read into out (when not NULL), then set from in (when not NULL) */
 API void bert_thread_speeds(int n, double* out, const double* in) {
-    thread_speed(0);
     for (int i = 0; i < n && i < MAX_PARTS; i++) {
-        if (out) out[i] = atomic_load(&g_speed[i]);
-        if (in) atomic_store(&g_speed[i], in[i]);
+        if (out) out[i] = speed_of(i);
+        if (in) set_speed(i, in[i]);
     }
 }
 /* split_tokens for tests: P parts of n tokens in n_seq sequences (start: n_seq + 1 offsets) into tb (P + 1) */
