@@ -135,7 +135,8 @@ def shape_rows(ceiling_int8: float, threads: int, peers: list[dict]) -> list[dic
                 row.update(peer=p["system"], peer_p50_ms=p["p50_ms"], floor_over_peer=row["floor_ms"] / p["p50_ms"])
             if mine:
                 m = min(mine, key=lambda r: r["p50_ms"])
-                row.update(millis=m["system"], millis_p50_ms=m["p50_ms"], millis_over_floor=m["p50_ms"] / row["floor_ms"])
+                row.update(millis=m["system"], millis_p50_ms=m["p50_ms"],
+                           millis_over_floor=m["p50_ms"] / row["floor_ms"])
             rows.append(row)
     return rows
 

@@ -4,7 +4,7 @@ probabilities times each key's value scale to 8 bits per query) and against fp32
 around the 16-query blocks and 4-key quads; rows around a job's output left alone; the packed form equal to the
 job's own packing bit for bit. Then the whole encoder with it: MiniLM against HF and the bf16 attention, the token
 split equal to the row split, rows independent of their batch-mates, a [CLS] head's last layer at the first tokens
-alone; and the builds that lack it refuse it by name."""
+alone; the avx2 and avx512 forms equal bit for bit; and the build that lacks it refuses it by name."""
 import ctypes
 
 import numpy as np
@@ -27,7 +27,8 @@ def lib_with_int8():
         pytest.skip("native kernels off")
     lib.kv8_takes.restype, lib.kv8_takes.argtypes = I32, [I32]
     if not lib.kv8_takes(32):
-        pytest.skip(f"the int8 attention runs on the avx512 build; this CPU runs {native_isa()}")
+        pytest.skip(f"the int8 attention runs on the avx512 and avx2 builds; this runs {native_isa()}")
+    lib.kv8_keys_per_dword.restype, lib.kv8_keys_per_dword.argtypes = I32, []
     lib.attend_int8.restype = I32
     lib.attend_int8.argtypes = [P, I64, I64, P, P, P, ctypes.c_float] + [I32] * 4 + [P, P, I64]
     lib.kv8_pack_quad.restype = None
@@ -88,12 +89,13 @@ def test_int8_attention_matches_its_emulation_and_fp32(HD):
             assert np.isnan(out[q1 - q0:]).all() and np.isnan(out[:, :HD]).all() and np.isnan(out[:, 2 * HD:]).all()
             # the token split's form: quads packed apart (kq, scales readable to 8 keys past L), then the blocks
             Lp = (L + 7) // 8 * 8
-            kq, vq = np.zeros(Lp * HD, np.uint8), np.zeros(Lp * HD // 4 + HD, np.uint32)
+            per = lib.kv8_keys_per_dword()  # keys a V dword holds: 4 int8 (avx512) or 2 int16 (avx2)
+            kq, vq = np.zeros(Lp * HD, np.uint8), np.zeros(Lp * HD // per + HD, np.uint32)
             sc = np.zeros((3, Lp), np.float32)
             for t in range(0, L, 4):
                 lib.kv8_pack_quad(qkv[t:, h * HD:].ctypes.data, 3 * D, D, b[D + h * HD:].ctypes.data,
                                   b[2 * D + h * HD:].ctypes.data, min(4, L - t), HD, kq[t * HD:].ctypes.data,
-                                  vq[t // 4 * HD:].ctypes.data, sc[0, t:].ctypes.data, sc[1, t:].ctypes.data,
+                                  vq[t // per * HD:].ctypes.data, sc[0, t:].ctypes.data, sc[1, t:].ctypes.data,
                                   sc[2, t:].ctypes.data)
             packed = np.full((L + 1, D + 16), np.nan, np.float32)
             lib.kv8_attend(kq.ctypes.data, vq.ctypes.data, sc[0].ctypes.data, sc[1].ctypes.data, sc[2].ctypes.data,
@@ -184,6 +186,62 @@ def test_int8_attention_refused_by_name(minilm, monkeypatch):
         NativeBert(enc, "int7-row", 1, attention="int4")
     if native_isa() is None:
         return
-    monkeypatch.setenv("MILLIS_KERNEL_ISA", "avx2")  # a build without it
-    with pytest.raises(MillisError, match="int8 attention needs the avx512 build"):
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", "scalar")  # the build without it
+    with pytest.raises(MillisError, match="int8 attention needs a SIMD build"):
         NativeBert(enc, "int7-row", 1, attention="int8")
+
+
+def simd_builds() -> list[str]:
+    from millis.kernels.native import runnable_isas
+
+    isas = [i for i in runnable_isas() if i != "scalar"] if native_isa() else []
+    if len(isas) < 2:
+        pytest.skip(f"one SIMD build runs here ({', '.join(isas) or 'none'}): nothing to compare")
+    return isas
+
+
+@pytest.mark.parametrize("HD", [32, 64])
+def test_builds_give_the_same_attention_bytes(monkeypatch, HD):
+    """The avx2 form (i8_attend256.h: vpmaddubsw with q's signs on signed keys, vpmaddwd over int16 pairs of p and
+    v, 8 queries a block) and the avx512 one (vpdpbusd, 16 queries) sum the same integers and take the same float
+    steps: their outputs are equal bit for bit, by the job's packing and by the token split's, over lengths around
+    both builds' blocks and quads, with keys whose values are all zero (sv floored) and scores that spread past
+    2^-126 (exponents clamped)."""
+    rng = np.random.default_rng(11)
+    heads, h = 2, 1
+    D = heads * HD
+    libs = {}
+    for isa in simd_builds():
+        monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+        libs[isa] = lib_with_int8()
+    for L in (1, 2, 5, 8, 9, 16, 33, 100):
+        qkv = (rng.standard_normal((L, 3 * D)) * 2).astype(np.float32)
+        qkv[:, h * HD:(h + 1) * HD] *= 40  # peaked scores: most probabilities far under 2^-126 of the largest
+        b = (rng.standard_normal(3 * D) * 0.5).astype(np.float32)
+        if L > 2:  # a key whose values are all zero (v + bv)
+            qkv[L // 2, 2 * D + h * HD:2 * D + (h + 1) * HD] = -b[2 * D + h * HD:2 * D + (h + 1) * HD]
+        q0 = L // 3
+        outs = {}
+        for isa, lib in libs.items():
+            out = np.zeros((L, D), np.float32)
+            assert lib.attend_int8(qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data,
+                                   b[D + h * HD:].ctypes.data, b[2 * D + h * HD:].ctypes.data, 1 / np.sqrt(HD), L,
+                                   q0, L, HD, out.ctypes.data, None, D) == 1
+            outs[isa] = out
+        first = next(iter(outs.values()))
+        assert np.isfinite(first).all() and np.abs(first[:L - q0, :HD]).max() > 0, L
+        for isa, out in outs.items():
+            assert np.array_equal(out, first), (isa, L)
+
+
+def test_builds_give_the_same_encoder_bytes(minilm, monkeypatch):
+    """MiniLM with the int8 attention, token split and row split, on every SIMD build: equal bit for bit."""
+    _, enc = minilm
+    ids, mask, types = batch(np.random.default_rng(12), 3, 70)
+    outs = []
+    for isa in simd_builds():
+        monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+        model = NativeBert(enc, "int7-row", 2, attention="int8")
+        outs.append(token_and_row_split(model, ids, mask, types))
+    for tokens, rows in outs:
+        assert np.array_equal(tokens, rows) and np.array_equal(tokens, outs[0][0])

@@ -61,7 +61,7 @@ class Layer(ctypes.Structure):
 
 
 ATTN_F32, ATTN_BF16_TILES, ATTN_INT8 = 0, 1, 2  # bert_forward.c's attention kinds
-# "auto": bf16_attention's rule; "int8": i8_attend.h (the avx512 build: AVX-512 VNNI; head sizes 32 and 64)
+# "auto": bf16_attention's rule; "int8": i8_attend.h (the avx512 and avx2 builds, the same bits; head sizes 32 and 64)
 ATTENTIONS = ("auto", "int8")
 
 
@@ -172,8 +172,8 @@ class NativeBert:
         if attention == "int8":
             lib.kv8_takes.restype, lib.kv8_takes.argtypes = ctypes.c_int, [ctypes.c_int]
             if not lib.kv8_takes(encoder.cfg.hidden // encoder.cfg.heads):
-                raise MillisError(f"the int8 attention needs the avx512 build (AVX-512 VNNI) and a head size of 32 "
-                                  f"or 64; this CPU runs the {self.isa} build, head size "
+                raise MillisError(f"the int8 attention needs a SIMD build (avx512 or avx2) and a head size of 32 "
+                                  f"or 64; this runs the {self.isa} build, head size "
                                   f"{encoder.cfg.hidden // encoder.cfg.heads}")
             self.attn = ATTN_INT8
         else:

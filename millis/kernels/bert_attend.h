@@ -1,9 +1,10 @@
-/* bert_forward.c's attention of one (sequence, head) over a range of its queries: attend(), in int8 on AVX-512 VNNI
-   vectors (amx.c's attend_int8), in bf16 on the tile unit, on AVX-512 BF16 vectors or in C (amx_attend), else in
-   fp32: queries in vector lanes on the SIMD builds (f32_attend.h), two small GEMMs on the scalar build's
-   matmul_rows; and the token split's packing of each part's keys and values. Included by bert_forward.c after its
-   context (ctx_t, xq_at). */
+/* bert_forward.c's attention of one (sequence, head) over a range of its queries: attend(), in int8 on AVX-512
+   VNNI or AVX2 vectors (amx.c's attend_int8), in bf16 on the tile unit, on AVX-512 BF16 vectors or in C
+   (amx_attend), else in fp32: queries in vector lanes on the SIMD builds (f32_attend.h), two small GEMMs on the
+   scalar build's matmul_rows; and the token split's packing of each part's keys and values. Included by
+   bert_forward.c after its context (ctx_t, xq_at). */
 #pragma once
+#include "kv8_layout.h"
 
 static __thread float* tl_buf;   /* per thread: the fp32 attention's buffers (op_attend) */
 static __thread int64_t tl_cap;
@@ -23,15 +24,16 @@ static uint32_t* kv_values(const ctx_t* c, uint8_t* kv, int h) {
     return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD * 2) + (int64_t)h * (c->krows / 2) * HD;
 }
 
-/* int8 (i8_attend.h): head h's kq (krows rows of HD bytes), vq (krows / 4 rows of HD dwords), and its scales: sk,
-   log2 sv, 1 / sv (krows floats each, one after the other) */
+/* int8 (i8_attend.h): head h's kq (krows rows of HD bytes), vq (krows / KV8_PER_DWORD rows of HD dwords:
+   kv8_layout.h), and its scales: sk, log2 sv, 1 / sv (krows floats each, one after the other) */
 static uint8_t* kv8_keys(const ctx_t* c, uint8_t* kv, int h) { return kv + (int64_t)h * c->krows * c->m->head_dim; }
 static uint32_t* kv8_values(const ctx_t* c, uint8_t* kv, int h) {
     const int64_t HD = c->m->head_dim;
-    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD) + (int64_t)h * (c->krows / 4) * HD;
+    return (uint32_t*)(kv + (int64_t)c->m->n_heads * c->krows * HD) + (int64_t)h * (c->krows / KV8_PER_DWORD) * HD;
 }
 static float* kv8_scales(const ctx_t* c, uint8_t* kv, int h) {
-    return (float*)(kv + 2 * (int64_t)c->m->n_heads * c->krows * c->m->head_dim) + (int64_t)h * 3 * c->krows;
+    const int64_t keys = (int64_t)c->m->n_heads * c->krows * c->m->head_dim;  /* bytes of kq; vq's: 4 / KV8 times */
+    return (float*)(kv + keys + keys * 4 / KV8_PER_DWORD) + (int64_t)h * 3 * c->krows;
 }
 
 /* keys packed together, sharing a V row: a quad (int8, i8_attend.h), a pair (bf16, vec_attend.h) */
@@ -65,14 +67,16 @@ static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qk
                        far apart, the packing took 0.19 -> 0.62 ms a forward; bge-small b1xs128 0.98x then) */
                     if (t + 4 < b) {
                         const uint8_t* dk = kv8_keys(c, kv, h) + (row + 4) * HD;
-                        const uint8_t* dv = (const uint8_t*)(kv8_values(c, kv, h) + (row + 4) / 4 * HD);
-                        for (int o = 0; o < 4 * HD; o += 64) { __builtin_prefetch(dk + o, 1); __builtin_prefetch(dv + o, 1); }
+                        const uint8_t* dv =
+                            (const uint8_t*)(kv8_values(c, kv, h) + (row + 4) / KV8_PER_DWORD * HD);
+                        for (int o = 0; o < 4 * HD; o += 64) __builtin_prefetch(dk + o, 1);
+                        for (int o = 0; o < 16 * HD / KV8_PER_DWORD; o += 64) __builtin_prefetch(dv + o, 1);
                         if ((row + 4) % 16 == 0)  /* sk, log2 sv, 1 / sv: 16 keys a line */
                             for (int i = 0; i < 3; i++) __builtin_prefetch(kv8_scales(c, kv, h) + i * c->krows + row + 4, 1);
                     }
                     float* sc = kv8_scales(c, kv, h) + row;
                     kv8_pack_quad(x + h * HD, 3 * D, D, bk, bv, b - t < 4 ? (int)(b - t) : 4, HD,
-                                  kv8_keys(c, kv, h) + row * HD, kv8_values(c, kv, h) + row / 4 * HD, sc,
+                                  kv8_keys(c, kv, h) + row * HD, kv8_values(c, kv, h) + row / KV8_PER_DWORD * HD, sc,
                                   sc + c->krows, sc + 2 * c->krows);
                 } else {
                     kv_pack_pair(x + h * HD, 3 * D, D, bk, bv, t + 1 < b, HD, kv_keys(c, kv, h) + row * HD,
@@ -100,7 +104,8 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
     if (c->kv && m->attn == ATTN_INT8) {
         const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
-        kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD, kv8_values(c, c->kv, h) + c->koff[sq] / 4 * HD, sc,
+        kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,
+                   kv8_values(c, c->kv, h) + c->koff[sq] / KV8_PER_DWORD * HD, sc,
                    sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }

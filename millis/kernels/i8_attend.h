@@ -17,8 +17,10 @@
      P V: one integer accumulator per head value (16 queries; p vq = 255 2^(score - m) v), over the sum at the end.
    Zen 4, one thread, 128 keys, 12 heads (ad hoc, /tmp harness): 0.71x bf16's time at head size 32, 0.67x at 64;
    error against fp32 attention 1.1e-2 of the values' scale where bf16's is 3.3e-3.
-   Included by amx.c after vec_attend.h (its helpers: vatt_rows, vatt_bcast, transpose16_epi32, thread_buffer). */
+   Included by amx.c after vec_attend.h (its helpers: vatt_rows, vatt_bcast, transpose16_epi32, thread_buffer); the
+   avx2 build gets i8_attend256.h's form of the same steps, bit for bit, and the scalar build stubs. */
 #pragma once
+#include "kv8_layout.h"
 #if HAVE_VEC_ATTEND
 
 /* log2 x for x > 0 (normal), 4 lanes: the exponent, and log2 of the mantissa in [0.75, 1.5) by a degree-5
@@ -209,7 +211,10 @@ static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, co
             __m512i w = _mm512_setzero_si512();
             for (int j = 0; j < 4 && 4 * g + j < L; j++) {
                 const int k = 4 * g + j;
-                const __m512 p = i8_exp2(_mm512_add_ps(_mm512_loadu_ps(st + 16 * k), top));
+                /* t >= -126 (p then far under the 8 bits' half step): the AVX2 form's 2^n stays normal */
+                const __m512 t = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(st + 16 * k), top),
+                                               _mm512_set1_ps(-126.f));
+                const __m512 p = i8_exp2(t);
                 sum = _mm512_fmadd_ps(p, _mm512_set1_ps(isv[k]), sum);
                 w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtps_epi32(p), 8 * j));
             }
@@ -227,6 +232,11 @@ static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, co
     }
 }
 
+#elif defined(__AVX2__)
+#include "i8_attend256.h"  /* the same steps on AVX2, 8 queries a block */
+#endif
+
+#if HAVE_VEC_ATTEND || defined(__AVX2__)
 /* The entry points. In the token split each part packs its own tokens' quads once (kv8_pack_quad) and every part's
    attention reads them (kv8_attend); elsewhere a (sequence, head) job packs its keys itself (attend_int8). */
 API int kv8_takes(int HD) { return amx_attend_takes(HD); }  /* head sizes 32 and 64 (1 to 4 vectors a row) */
@@ -245,15 +255,17 @@ API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, cons
     static __thread void* mem;
     static __thread int64_t cap;
     if (!kv8_takes(HD) || L <= 0 || q0 < 0 || q1 > L || q0 >= q1) return 0;
-    const int64_t Lp = (L + 7) / 8 * 8;  /* kq and the scales readable to Lp keys; vq: Lp / 4 rows */
-    uint8_t* buf = thread_buffer(&mem, &cap, 2 * Lp * HD + 12 * Lp);
+    const int64_t Lp = (L + 7) / 8 * 8;  /* kq and the scales readable to Lp keys; vq: Lp / KV8_PER_DWORD rows */
+    const int64_t vb = Lp / KV8_PER_DWORD * HD * 4;
+    uint8_t* buf = thread_buffer(&mem, &cap, Lp * HD + vb + 12 * Lp);
     uint8_t* kq = buf;
     uint32_t* vq = (uint32_t*)(buf + Lp * HD);
-    float *sk = (float*)(buf + 2 * Lp * HD), *lsv = sk + Lp, *isv = lsv + Lp;
+    float *sk = (float*)(buf + Lp * HD + vb), *lsv = sk + Lp, *isv = lsv + Lp;
     for (int t = 0; t < L; t += 4) {
         const float* x = r + t * ld;
         for (int e = 8; e < 12 && t + e < L; e++) att_prefetch(x + e * ld, D, HD);
-        i8_pack_quad(x, ld, D, bk, bv, L - t < 4 ? L - t : 4, HD, kq + (int64_t)t * HD, vq + (int64_t)t / 4 * HD,
+        i8_pack_quad(x, ld, D, bk, bv, L - t < 4 ? L - t : 4, HD, kq + (int64_t)t * HD,
+                     vq + (int64_t)t / KV8_PER_DWORD * HD,
                      sk + t, lsv + t, isv + t);
     }
     i8_blocks(kq, vq, sk, lsv, isv, r, ld, bq, scale, L, q0, q1, HD, out, outb, ldo);
@@ -279,3 +291,5 @@ API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, cons
     return 0;
 }
 #endif
+/* keys a packed V dword holds (kv8_layout.h): 4 on the avx512 build, 2 on avx2 */
+API int kv8_keys_per_dword(void) { return KV8_PER_DWORD; }

@@ -75,7 +75,7 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
     Variant("native-int7-row-a8", "native", "int8", ("weights",), {"precision": "int7-row-a8"},
             "millis's C encoder, int7-row's weights x 8-bit activations per token, smoothed (as fast on VNNI)"),
     Variant("native-int7-row-att8", "native", "int8", ("weights",), {"precision": "int7-row", "attention": "int8"},
-            "int7-row with the attention in int8 (q, k, v per token and head; AVX-512 VNNI: twice bf16's products)"),
+            "int7-row with the attention in int8 (q, k, v per token and head; AVX-512 VNNI or AVX2, the same bits)"),
     Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
             "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
     Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},
@@ -141,8 +141,8 @@ class Builder:
         if v.precision == "bf16" and v.runtime != "cuda" and not hardware.has_bf16():
             raise MillisError("this CPU has no native bf16 (AMX or AVX512-BF16): the variant would run "
                               "as fp32 or emulated, so it is skipped")
-        if v.options.get("attention") == "int8" and native_isa() != "avx512":
-            raise MillisError("the int8 attention runs on AVX-512 VNNI (the avx512 build), which this CPU lacks: "
+        if v.options.get("attention") == "int8" and native_isa() not in ("avx512", "avx2"):
+            raise MillisError("the int8 attention runs on the avx512 and avx2 builds, which this CPU lacks: "
                               "the variant is skipped")
         path = self._apply(v.passes, v.keep_fp32)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []) + \
