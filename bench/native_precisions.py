@@ -3,6 +3,9 @@
     .venv/bin/python bench/native_precisions.py [--models minilm,bge-small,bert-base]
         [--precisions int7,int7-a7] [--shapes b1xs16,b1xs128] [--rounds 7] [--out FILE]
 
+MILLIS_KERNEL_ISA=avx2 times another build the CPU runs (kernels/native.py); a precision named with "-att8"
+(int7-row-att8) runs with the int8 attention.
+
 Cross-process benches (bench/cpu_encoders.py) put each system in its own process and see the machine's
 load move between cells; a kernel change that is worth 5-10% needs a tighter comparison. Here every
 precision of one model is loaded in this process (the same weights, the same C build), and each round
@@ -29,6 +32,9 @@ sys.path.insert(0, str(HERE.parent))
 import models  # noqa: E402
 
 
+ATT8 = "-att8"  # a precision with this suffix runs the int8 attention (as the variant native-int7-row-att8)
+
+
 def time_model(model: str, precisions: list[str], shapes: list[tuple[int, int]], rounds: int,
                threads: int) -> list[dict]:
     from millis.encoder.native import NativeBert
@@ -37,7 +43,8 @@ def time_model(model: str, precisions: list[str], shapes: list[tuple[int, int]],
 
     enc = from_hf(Path(models.encoder_dir(model)), "embed", Pooling(mode="mean", normalize=True),
                   RunOptions(dtype="fp32", fuse="torch", device="cpu"))
-    runs = {p: NativeBert(enc, p, threads) for p in precisions}
+    runs = {p: NativeBert(enc, p.removesuffix(ATT8), threads, attention="int8" if p.endswith(ATT8) else "auto")
+            for p in precisions}
     rng = np.random.default_rng(0)
     rows = []
     for B, T in shapes:
@@ -62,7 +69,7 @@ def time_model(model: str, precisions: list[str], shapes: list[tuple[int, int]],
                          "p50_ms": float(np.median(per_round[p])), "ratio": float(np.median(ratios)),
                          "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()),
                          "round_ms": per_round[p]})
-            print(f"{model:9} b{B}xs{T:<5} {p:10} {rows[-1]['p50_ms']:9.3f} ms  x{rows[-1]['ratio']:.3f} "
+            print(f"{model:9} b{B}xs{T:<5} {p:14} {rows[-1]['p50_ms']:9.3f} ms  x{rows[-1]['ratio']:.3f} "
                   f"[{rows[-1]['ratio_min']:.2f}-{rows[-1]['ratio_max']:.2f}]", flush=True)
     return rows
 
@@ -70,7 +77,8 @@ def time_model(model: str, precisions: list[str], shapes: list[tuple[int, int]],
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,bge-small,bert-base")
-    ap.add_argument("--precisions", default="int7,int7-a7", help="the first is the baseline of the ratios")
+    ap.add_argument("--precisions", default="int7,int7-a7",
+                    help=f"the first is the baseline of the ratios; a precision + {ATT8}: with the int8 attention")
     ap.add_argument("--shapes", default="b1xs16,b1xs128")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -81,8 +89,8 @@ def main() -> int:
     from millis.kernels.native import native_isa
 
     precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
-    if not precisions or set(precisions) - set(PRECISIONS):
-        raise SystemExit(f"--precisions: choose from {', '.join(PRECISIONS)}")
+    if not precisions or {p.removesuffix(ATT8) for p in precisions} - set(PRECISIONS):
+        raise SystemExit(f"--precisions: choose from {', '.join(PRECISIONS)}, each with or without {ATT8}")
     shapes = [tuple(int(x) for x in s.strip().replace("b", "").replace("s", "").split("x"))
               for s in a.shapes.split(",")]
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware.describe(), "kernels": native_isa(),
