@@ -38,6 +38,16 @@ def lib_with_int8():
     return lib
 
 
+def on_build(monkeypatch, isa: str) -> None:
+    """Run the test on `isa`'s build (each form of the int8 attention where the CPU runs it)."""
+    from millis.kernels.native import runnable_isas
+
+    if native_isa() is None or isa not in runnable_isas():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+    lib_with_int8()
+
+
 def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, HD) fp32 -> int8 values (as float64) and their scales amax / 127, as the kernel rounds them."""
     amax = np.abs(x).max(1, keepdims=True)
@@ -63,8 +73,10 @@ def softmax_attention(q, k, v, scale):
     return (p / p.sum(1, keepdims=True)) @ v
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("HD", [32, 64])
-def test_int8_attention_matches_its_emulation_and_fp32(HD):
+def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, monkeypatch):
+    on_build(monkeypatch, isa)
     lib = lib_with_int8()
     rng = np.random.default_rng(3)
     heads, h = 3, 1
@@ -130,12 +142,13 @@ def cosine_min(a, b) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def test_minilm_with_int8_attention(minilm):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_minilm_with_int8_attention(minilm, monkeypatch, isa):
     """Against HF fp32, near the same precision with the bf16 attention; the token split (cut at quads of
     keys, at 2 and 3 threads) equal to the row split bit for bit; each row the same alone as in its batch."""
     import torch
 
-    lib_with_int8()
+    on_build(monkeypatch, isa)
     tm, enc = minilm
     ids, mask, types = batch(np.random.default_rng(0), 4, 45)
     with torch.inference_mode():
@@ -156,10 +169,11 @@ def test_minilm_with_int8_attention(minilm):
             assert np.array_equal(alone[0], tokens[r]), r
 
 
-def test_first_tokens_with_int8_attention(minilm):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_first_tokens_with_int8_attention(minilm, monkeypatch, isa):
     """A [CLS] head's last layer at the first tokens alone (first_only: that layer's keys unpacked, each job packs
     its own) equals the whole layer's rows there, in the row and the token split."""
-    lib_with_int8()
+    on_build(monkeypatch, isa)
     _, enc = minilm
     ids, mask, types = batch(np.random.default_rng(7), 5, 40)
     mask[3, 1:] = 0
