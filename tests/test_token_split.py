@@ -83,7 +83,10 @@ def test_uneven_cuts_keep_the_bits_and_forwards_move_the_speeds(model):
             speeds(lib, s, 2)
             assert np.array_equal(model(ids, mask), even), s
         moved = False
-        for _ in range(5):  # a forward whose parts one thread ran alone leaves the speeds as they were
+        # a forward whose parts one thread ran alone leaves the speeds as they were: the caller when the worker woke
+        # late, or up to 32 forwards in a row where the shared-machine rule (solo_rule.h) had tripped (an earlier
+        # test's three threads on two cores)
+        for _ in range(64):
             speeds(lib, [2.0, 0.5], 2)
             model(ids, mask)
             s0, s1 = speeds(lib, None, 2)

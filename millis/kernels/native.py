@@ -197,6 +197,15 @@ class HugePages:
         return self.buf[at:at + n]
 
 
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary (a cache line; numpy's own start 16 bytes
+    apart, so every 64-byte vector access to rows a multiple of 64 bytes long then spans two lines)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + 64, np.uint8)
+    at = -raw.ctypes.data % 64
+    return raw[at:at + n].view(dtype).reshape(shape)  # the view holds raw
+
+
 def weight_array(keep: list, n: int) -> np.ndarray:
     """n bytes for a re-laid matrix of the model whose arrays `keep` holds: in its HugePages arena (created in
     `keep` on first use) where the platform advises huge pages, else a plain array."""
