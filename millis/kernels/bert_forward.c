@@ -102,7 +102,7 @@ static void ln_quant(const ctx_t* c, float* x, const float* add, const float* w,
                      int64_t t, const float* inv) {
     const int D = c->m->dim;
     if (row_quantized(c->m)) {
-        float sm[D];
+        float sm[D] __attribute__((aligned(64)));  /* whole lines for its 64-byte vectors */
         const smooth_out q = {inv, sm};
         const float amax = layernorm_q(x, add, w, lb, D, c->m->eps, x, &q);
         quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : x, amax, D, xq_at(c, D, base, t));
@@ -161,7 +161,7 @@ static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
     const int H = c->m->hidden;
     float* h = c->s->h + t * H;
     if (row_quantized(c->m)) {
-        float sm[H];
+        float sm[H] __attribute__((aligned(64)));
         const smooth_out q = {c->w->sd, sm};
         const float amax = bias_gelu_erf_q(h, c->w->bi, H, &q);
         quantize_row_act(c->m->layers[0].qkv.type, c->w->sd ? sm : h, amax, H, xq_at(c, H, base, t));

@@ -168,7 +168,7 @@ void quantize_row_act(int type, const float* x, float row_amax, int64_t K, xbloc
 #endif
 }
 API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t K, xblock* out) {
-    float sm[inv ? K : 1];  /* x * inv, once: the row's amax and its quantization both read it */
+    float sm[inv ? K : 1] __attribute__((aligned(64)));  /* x * inv, once: the amax and the quantization read it */
     if (is_row_type(type)) {
         const float row_amax = smooth_amax(x, inv, K, sm);
         quantize_row_act(type, inv ? sm : x, row_amax, K, out);
