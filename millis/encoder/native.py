@@ -271,8 +271,8 @@ class NativeBert:
     def _kv_half(self, cap: int) -> int:
         """Bytes of one of the token split's two packed key / value buffers for cap tokens, 4D a key row (the
         second buffer starts 4D bytes a row on: bert_forward.c). Each sequence's keys are rounded up to whole pairs
-        (bf16: up to 2 cap rows) or quads (int8: up to 4 cap rows, of 2D bytes and 3 scales a head <= 4D), and 8
-        rows spare."""
+        (bf16: up to 2 cap rows) or quads (int8: up to 4 cap rows, of D key bytes, D value bytes (2D on the avx2
+        build: kv8_layout.h) and 3 scales a head <= 4D), and 8 rows spare."""
         return 4 * ((4 if self.attn == ATTN_INT8 else 2) * cap + 8) * self.cfg.hidden
 
     def _forward(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray,
