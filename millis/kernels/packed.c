@@ -310,10 +310,11 @@ static int spread_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, fl
 }
 
 static int g_row_pf = 1;
-/* the int7-row tiles' prefetch (row_panel512): 0 / 1 sets it (tests, A/B runs), -1 asks; 1 when in force */
+/* the int7-row tiles' prefetch (row_panel512's next slab; q7s_panel's next panel on AVX2): 0 / 1 sets it (tests,
+   A/B runs), -1 asks; 1 when in force */
 API int row_prefetch(int want) {
     if (want == 0 || want == 1) g_row_pf = want;
-    return g_row_pf && HAVE_AVX512;
+    return g_row_pf;
 }
 #if HAVE_AVX512
 /* int7-row (T_Q7_ROW / ROW8) on AVX-512: groups g .. g + span - 1 (span 2 or 4: 16 or 32 rows at gp) x tokens
@@ -420,7 +421,17 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
 #endif
                 if (q7) {
                     const int kind7 = row ? 2 + (W->type == T_Q7_ROW8) : a7;  /* q7s_panel's kind */
-                    Q7S_FNS[kind7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc);
+                    /* int7-row: the chunk's next panel (up to `span` groups) into L2, a share per token tile, in the
+                       first pass (later passes find the chunk in cache). The avx2 build on Zen 4 (2 threads, in one
+                       process, alternated, the same bits; three runs): BERT-base b1xs16 / b1xs32 / b1xs128 0.84-0.91x
+                       / 0.76-0.87x / 0.89-0.98x the time without it, bge-small 0.83-0.87x / 0.88-0.94x / 0.95-0.98x;
+                       b8xs128 0.98-1.02x (1.02-1.05x with every pass prefetching). A 32-row x 2-token asm tile
+                       beside it (8 accumulators, a step's broadcasts shared by 4 groups) gained 0-2% at 16 tokens
+                       and lost 3-15% from 64 (its 4 groups' panel no longer fits L1): not kept. */
+                    const int64_t ahead = (n1 + 7) / 8 - (g + span) < span ? (n1 + 7) / 8 - (g + span) : span;
+                    const uint8_t* pf = row && g_row_pf && m0 == 0 && ahead > 0 ? gp + span * gb : NULL;
+                    Q7S_FNS[kind7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m, m1, Y, ldy, g, n1, acc, pf,
+                                                 ahead * gb);
                     m = m1;
                     continue;
                 }

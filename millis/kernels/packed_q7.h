@@ -120,12 +120,20 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
                                                              _mm256_mul_ps(i ? dw : dv, xd)));
     }
 }
+AI void pf_share(const uint8_t* pf, int64_t bytes, int64_t k, int64_t n) {  /* share k of n of pf's bytes, into L2 */
+    if (!pf) return;
+    const int64_t share = (bytes + n - 1) / n, end = (k + 1) * share < bytes ? (k + 1) * share : bytes;
+    for (int64_t o = k * share / 64 * 64; o < end; o += 64) _mm_prefetch((const char*)pf + o, _MM_HINT_T1);
+}
 /* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
    (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3);
    kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile), 3 int7-row-a8 (T_Q7_ROW8) */
 AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
-                  int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) {
-    while (m < m1) {
+                  int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc,
+                  const uint8_t* pf, int64_t pf_bytes) {
+    const int64_t tiles = (m1 - m + 2) / 3;
+    for (int64_t k = 0; m < m1; k++) {
+        pf_share(pf, pf_bytes, k, tiles);
         const int64_t left = m1 - m;
         const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
         float out[48];
@@ -140,10 +148,11 @@ AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t*
     }
 }
 typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, int64_t, int64_t, int64_t, float*,
-                       int64_t, int64_t, int64_t, int);
+                       int64_t, int64_t, int64_t, int, const uint8_t*, int64_t);
 #define Q7S(KIND, R)                                                                                        \
     static void q7s_##KIND##_##R(const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X, int64_t nbx, \
-                                 int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc) { \
-        q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc); }
+                                 int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc,  \
+                                 const uint8_t* pf, int64_t pf_bytes) {                                          \
+        q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc, pf, pf_bytes); }
 Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2) Q7S(3, 1) Q7S(3, 2)
 static const q7s_fn Q7S_FNS[4][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}, {q7s_3_1, q7s_3_2}};
