@@ -4,7 +4,8 @@
                                           [--out bench/results/cpu_ceiling.json]
 
 Builds bench/ceiling/mac_rate.c (the system C compiler) and runs each vector multiply-add kernel this CPU has
-(int8: `vpdpbusd` on zmm / ymm, AVX2's `vpmaddubsw` + `vpmaddwd`; bf16 `vdpbf16ps`; fp32 FMA; and half-and-half
+(int8: `vpdpbusd` on zmm / ymm, AVX2's `vpmaddubsw` + `vpmaddwd`, AMX's `tdpbusd`; bf16 `vdpbf16ps` and AMX's
+`tdpbf16ps`; fp32 FMA; and half-and-half
 mixes, which show whether a second kind of instruction finds multiply pipes the first leaves idle) on 1 thread
 and on --threads threads at once, the best of --repeats. The int8 ceiling is the fastest int8 kernel (mixes
 included, counting their int8 and other products alike only where both are int8).
@@ -47,6 +48,8 @@ KERNELS = {
     "vnni512+fma512": ({"avx512f", "avx512_vnni"}, "mixed"),
     "fma512": ({"avx512f"}, "fp32"),
     "fma256": ({"avx2", "fma"}, "fp32"),
+    "amx_int8": ({"amx_tile", "amx_int8"}, "int8"),  # tdpbusd on tiles (none of it run yet: no AMX CPU since)
+    "amx_bf16": ({"amx_tile", "amx_bf16"}, "bf16"),
 }
 # name -> (layers, width, FFN width, pooling): bench/peers/models.py's shapes, MiniLM's real one
 ENCODERS = {"minilm": (6, 384, 1536, "mean")}
@@ -110,6 +113,9 @@ def measure(exe: Path, threads: int, iters: int, repeats: int) -> dict[str, dict
             continue
         for t in sorted({1, threads}):
             best = max((run_kernel(exe, kernel, t, iters) for _ in range(repeats)), key=lambda r: r["gmacs_per_s"])
+            if best["macs"] == 0:  # an AMX kernel the OS refused the tile state
+                print(f"{kernel}: the kernel refused the AMX tile state; skipped")
+                break
             best["per_clock_per_thread"] = best["instructions"] / best["seconds"] / t / (ghz * 1e9)
             rates[f"{kernel} x{t}"] = {"kernel": kernel, "threads": t, "precision": precision, **best}
     return {"clock_ghz": ghz, "rates": rates}

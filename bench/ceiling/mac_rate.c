@@ -16,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
@@ -86,11 +88,43 @@ T256 static double k_fma256(long n, double* instr) {
     SETUP256; LOOP(Y12("vfmadd231ps", "%%ymm14", "%%ymm15")); *instr = 12.0 * n; return 8 * 12.0 * n;
 }
 
+/* AMX (Sapphire Rapids and later): 4 accumulator tiles (tmm0-3, 16 rows x 16 int32 / fp32) against 4 source tiles
+   (tmm4-7, 16 rows x 64 bytes), all in the tile registers: one tdpbusd is 16 x 16 x 64 int8 products, one tdpbf16ps
+   16 x 16 x 32 bf16 ones. Each thread asks the kernel for the tile state (arch_prctl ARCH_REQ_XCOMP_PERM) and loads
+   its configuration; the caller runs these only where /proc/cpuinfo lists amx_tile and amx_int8 / amx_bf16. */
+#define TAMX __attribute__((target("amx-tile,amx-int8,amx-bf16")))
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+TAMX static int amx_setup(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) return 0;
+    static __thread tile_config cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    __asm__ volatile("ldtilecfg %0\n\ttilezero %%tmm4\n\ttilezero %%tmm5\n\ttilezero %%tmm6\n\ttilezero %%tmm7\n\t"
+                     "tilezero %%tmm0\n\ttilezero %%tmm1\n\ttilezero %%tmm2\n\ttilezero %%tmm3" :: "m"(cfg) : "memory");
+    return 1;
+}
+#define A4(OP) OP " %%tmm4, %%tmm5, %%tmm0\n\t" OP " %%tmm6, %%tmm5, %%tmm1\n\t" OP " %%tmm4, %%tmm7, %%tmm2\n\t" \
+    OP " %%tmm6, %%tmm7, %%tmm3\n\t"
+TAMX static double k_amx_int8(long n, double* instr) {
+    if (!amx_setup()) { *instr = 0; return 0; }
+    for (long i = 0; i < n / 4; i++) __asm__ volatile(A4("tdpbusd") ::: "memory");
+    __asm__ volatile("tilerelease" ::: "memory");
+    *instr = 4.0 * (n / 4); return 16.0 * 16 * 64 * 4 * (n / 4);
+}
+TAMX static double k_amx_bf16(long n, double* instr) {
+    if (!amx_setup()) { *instr = 0; return 0; }
+    for (long i = 0; i < n / 4; i++) __asm__ volatile(A4("tdpbf16ps") ::: "memory");
+    __asm__ volatile("tilerelease" ::: "memory");
+    *instr = 4.0 * (n / 4); return 16.0 * 16 * 32 * 4 * (n / 4);
+}
+
 typedef double (*kernel_fn)(long, double*);
 static const struct { const char* name; kernel_fn fn; } KERNELS[] = {
     {"vnni512", k_vnni512}, {"vnni256", k_vnni256}, {"bf16dot512", k_bf16dot512}, {"fma512", k_fma512},
     {"vnni512+bf16dot512", k_vnni512_bf16dot512}, {"vnni512+fma512", k_vnni512_fma512},
     {"vnni512+maddubs256", k_vnni512_maddubs256}, {"maddubs256", k_maddubs256}, {"fma256", k_fma256},
+    {"amx_int8", k_amx_int8}, {"amx_bf16", k_amx_bf16},
 };
 
 typedef struct { kernel_fn fn; long n; int cpu; double secs, macs, instr; pthread_barrier_t* go; } job;
