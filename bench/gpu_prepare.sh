@@ -3,7 +3,7 @@
 # machine cannot download. A run call carries at most 64 MiB, and SmolLM2's Q4_1 GGUF is 98 MB, so the
 # file goes in two halves over two calls on the warm machine (joined there), one stage of the run each:
 #   run(carry=[bench/.gpu_carry/py, bench/.gpu_carry/tok, bench/.gpu_carry/texts.txt,
-#              bench/.gpu_carry/smollm2.gguf.part-aa], command="bash bench/gpu_run.sh 1 330", timeout_s=345)
+#              bench/.gpu_carry/smollm2.gguf.part-aa], command="bash bench/gpu_run.sh 1 400", timeout_s=415)
 #   run(carry=[bench/.gpu_carry/smollm2.gguf.part-ab], command="bash bench/gpu_run.sh 2 S", timeout_s=S+15)
 # with S from the device time left (status), the second call at once (the machine stays warm 30 s); the first
 # call's carried paths stay on the machine: the second names only its own.

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The device run for issue 20, in two stages, one a run call (the call's limit and the 64 MiB carry: SmolLM2's
 # GGUF travels in two halves, one a call, joined on the warm machine for stage 2):
-#   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, GPU tests, decode against HF, weight-only
-#                                     formats (with part-aa)
-#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, Triton tests, encoders, serve, optimize, HF + torch.compile
-#                                     last (with part-ab)
+#   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, decode against HF, weight-only formats,
+#                                     then the GPU tests (with part-aa)
+#   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, encoders, serve, then Triton tests, optimize, HF +
+#                                     torch.compile last (with part-ab)
+# Measurements first, tests after (the benches check their tokens and vectors against HF themselves): with 15
+# minutes of device time for both calls the boxes sum to more than the calls hold, and the last parts go.
 # Each part is time-boxed so that one hang costs its part alone, and no box runs past SECONDS from the start
 # (the call's timeout less a margin): a part with too little time left is skipped, the last parts first.
 # Results and a log under $OUT. Prepare the carry first (bench/gpu_prepare.sh, whose header gives the calls).
@@ -43,21 +45,25 @@ info["nvidia_smi"] = smi.stdout.strip()
 print(json.dumps(info, indent=1))
 PYEOF
 cat "$OUT/env.json"
+# results files name the card ("h200", "h100": bench/gpu_probes.py gpu_slug), whichever was lent
+SLUG=$(python3 -c "import sys; sys.path.insert(0, 'bench'); import torch; from gpu_probes import gpu_slug
+print(gpu_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else 'nogpu')" 2>/dev/null || echo gpu)
 T="python3 -m pytest -q --maxfail=3 -rfE --tb=short -p no:cacheprovider"
 if stage 1; then
     # 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (its CPU needs a minute or more) (60 s)
     part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
-    # 1. the GPU tests: CUDA graphs against eager and HF, Triton kernels against torch, the batch-1 layer
-    #    kernel's grid barriers (the first run of it; a 1B-width model's compiles and tuning) (150 s)
-    part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gpu.py tests/test_gen_engine.py
-    # 2. Llama-3.2-1B shape: millis bf16 against HF eager, alternated (the first H200 run: 41 s) (100 s)
+    # 1. Llama-3.2-1B shape: millis bf16 against HF eager, alternated (the first H200 run: 41 s) (100 s)
     part 100 llama1b python3 bench/generation.py --device cuda --systems millis:bf16,hf:bf16 --rounds 2 --reps 1 \
         --batches 1,32 --new-tokens 32 --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
-        --out "$OUT/generation_h200.json"
-    # 3. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (the second
+        --out "$OUT/generation_$SLUG.json"
+    # 2. the Llama-1B shape weight-only: bf16 / int8 / int4 / fp8 decode, each matmul against cuBLAS (the second
     #    H200 run: 60 s; each format now also compiles and tunes the layer kernel) (130 s)
     part 130 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
+    # 3. the GPU tests, last (the benches above check their own tokens against HF): CUDA graphs against eager and
+    #    HF, Triton kernels against torch, the batch-1 layer kernel's grid barriers (a 1B-width model's compiles and
+    #    tuning) (150 s; what the call's time leaves)
+    part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gen_engine.py tests/test_gpu.py
 fi
 if stage 2; then
     if [ ! -f "$C/smollm2.gguf" ] && [ -f "$C/smollm2.gguf.part-aa" ] && [ -f "$C/smollm2.gguf.part-ab" ]; then
@@ -70,16 +76,16 @@ if stage 2; then
     if [ -f "$C/smollm2.gguf" ]; then
         part 120 smollm2 python3 bench/gpu_decode.py --gguf "$C/smollm2.gguf" --out "$OUT"
     fi
-    # 5. the weight-only and fused decode kernels, the one-pass dequantize and the encoder's W8A8 GEMM against
-    #    their torch paths (about 60 Triton compiles) (80 s)
-    part 80 triton-tests $T -m gpu tests/test_weight_only.py tests/test_fused_decode.py tests/test_w8a8.py
-    # 6. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
+    # 5. encoders: MiniLM and BERT-base, millis fp16 / fp16 dense / W8A8 int8 graphs against HF eager and
     #    torch.compile (9 systems took over 100 s on the first H200 run: the slower ones left out; the second
     #    ran out of its 120 s box at MiniLM after the cold starts, 6.0 s and 5.6 s: now left out) (130 s)
     part 130 encoders python3 bench/gpu_encoders.py --seconds 0.5 --rounds 3 --no-probes --no-cold-start --out "$OUT" --systems \
         hf-eager-fp16,hf-compile-fp16,millis-fp16,millis-fp16-dense,millis-int8
-    # 7. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
+    # 6. millis serve --device cuda, BERT-base classifier over HTTP (70 s)
     part 70 serve python3 bench/gpu_serve.py --tokenizer "$C/tok" --texts "$C/texts.txt" --duration 3 --out "$OUT"
+    # 7. the weight-only and fused decode kernels, the one-pass dequantize and the encoder's W8A8 GEMM against
+    #    their torch paths (about 60 Triton compiles) (80 s)
+    part 80 triton-tests $T -m gpu tests/test_weight_only.py tests/test_fused_decode.py tests/test_w8a8.py
     # 8. optimize --device cuda: the GPU variants built, checked against HF fp32, judged, measured, written and
     #    loaded back (tiny BERT; CI runs these through a CPU stand-in) (50 s)
     part 50 optimize-cuda $T tests/test_optimize_gpu.py tests/test_variants.py \
@@ -88,6 +94,6 @@ if stage 2; then
     #    H200 run: last, so that it costs nothing else) (200 s)
     part 200 llama1b-compile python3 bench/generation.py --device cuda --systems millis:bf16,hf:static-compile \
         --rounds 1 --reps 1 --batches 1 --new-tokens 32 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
-        --out "$OUT/generation_compile_h200.json"
+        --out "$OUT/generation_compile_$SLUG.json"
 fi
 ls -la "$OUT"

@@ -61,9 +61,13 @@ def main() -> int:
     model_dir = build_bert_base(Path("/tmp/millis-bert-base-cls"), Path(a.tokenizer))
     texts = read_texts(a.texts)
 
-    # in process: the same runtime and buckets the server captures
+    # in process: the same runtime and buckets the server captures (its defaults: rows and the token budget)
+    from millis.serve.config import ServeConfig
+
+    serve = ServeConfig()
     t0 = time.perf_counter()
-    model = api.open_model(model_dir, device=a.device, max_batch=32)
+    model = api.open_model(model_dir, device=a.device, max_batch=serve.max_batch,
+                           max_batch_tokens=serve.max_batch_tokens)
     cold = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     for t in texts[:200]:

@@ -239,6 +239,41 @@ def test_static_decode_matches_eager():
     assert [r["ids"] for r in run(eng, prompts, GREEDY)] == [r["ids"] for r in ref]
 
 
+def test_a_decode_step_whose_barrier_gave_up_ends_its_request_alone():
+    """The GPU layer kernel's grid barrier giving up poisons that step's rows with NaN (logits and KV cache):
+    the engine asks the decode after the step's sync (failed_step) and ends those requests with an error,
+    no token drawn from NaN; the others go on with the tokens they would have had."""
+    from millis.gen.cuda_graph import GraphedDecode
+
+    prompts = ["the cat", "in a he"]
+    ref = run(engine(runtime="torch"), prompts, GREEDY)
+    eng = engine(runtime="torch")
+    inner = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2, 4))
+    assert not inner.failed_step()  # no flag read on CPU
+
+    class Flagging:  # the graphed decode, its first call (the first request alone, batch 1) flagged as on a GPU
+        def __init__(self):
+            self.calls, self.slots = 0, None
+
+        def __call__(self, tokens, positions, slots):
+            self.calls, self.slots = self.calls + 1, list(slots)
+            return inner(tokens, positions, slots)
+
+        def failed_step(self):
+            return self.calls == 1 and self.slots == [0]
+
+        def __getattr__(self, name):  # move_slot
+            return getattr(inner, name)
+
+    eng.decode = flagging = Flagging()
+    eng.max_prefills = 1  # one prompt a step: the first decode call holds the first request alone
+    out = run(eng, prompts, GREEDY)
+    assert flagging.calls > 10
+    assert out[0]["finished"] == "error" and len(out[0]["ids"]) == 1  # its prefill's token, then the error
+    assert out[0]["ids"] == ref[0]["ids"][:len(out[0]["ids"])]  # nothing after the flagged step
+    assert out[1]["ids"] == ref[1]["ids"] and out[1]["finished"] == ref[1]["finished"]
+
+
 @pytest.mark.parametrize("buckets", [(2, 4, 8, 16, 32), (2, 4)])
 def test_static_prefill_matches_eager(buckets):
     """The CUDA-graph prefill's static shapes (right-padded to a token bucket, logits at the last real token,
@@ -353,7 +388,8 @@ def test_cancel_while_a_step_runs():
 def test_torch_kv_cache_sized_by_memory():
     """The torch models' static cache (max_batch x max_seq positions, allocated at load) takes what the
     KV budget holds when --max-seq is not given: a long-context config does not allocate its whole
-    context per slot. Too small a budget, or --max-seq over an explicit one, is a clear error."""
+    context per slot. Too small a budget, or --max-seq over an explicit one or over the memory free, is a clear
+    error."""
     from millis.gen.models.layers import Attention
 
     cfg = LlamaConfig(vocab_size=len(PIECES), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=4096,
@@ -371,6 +407,10 @@ def test_torch_kv_cache_sized_by_memory():
             build(cfg, dict(sd), None, "test", EngineConfig(max_batch=256, kv_memory_mb=1))
         with pytest.raises(MillisError, match="--max-seq 2048 at --max-batch 4 needs 2 MiB"):
             build(cfg, dict(sd), None, "test", EngineConfig(max_batch=4, max_seq=2048, kv_memory_mb=1))
+        # an explicit --max-seq past the memory free now (a GPU's, or here the host's): a clear error at load
+        with mock.patch("millis.gen.load.free_memory", lambda device: 1 << 20):
+            with pytest.raises(MillisError, match="needs 2 MiB of KV cache, over the 1 MiB free on the cpu"):
+                build(cfg, dict(sd), None, "test", EngineConfig(max_batch=4, max_seq=2048))
 
 
 def test_decode_attention_softmax_in_fp32():

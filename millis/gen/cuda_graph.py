@@ -79,6 +79,7 @@ class GraphedDecode:
         # batch-mate raised are stepped with no sync between)
         self.copied = {b: torch.cuda.Event() if cuda else None for b in self.buckets}
         self.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)  # the layer kernel's flag, each step
+        self.flag_read = False  # the last call copied the flag into flag_host
         self.out: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps: Counter[tuple[int, int]] = Counter()  # (B, L) -> decode steps run with it
@@ -192,8 +193,9 @@ class GraphedDecode:
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         b = next(x for x in self.buckets if x > max(slots))
         n = next(x for x in self.lengths if x > max(positions))  # positions [0, p] of every row
-        if b == 1 and self.per_layer and self.flag_host[0]:  # an earlier step's barrier gave up (no sync here)
+        if self.per_layer and self.flag_host[0]:  # the step before's barrier gave up (read after its sync)
             self._leave_layer_kernel()
+        self.flag_read = False
         if self.copied[b] is not None:
             self.copied[b].synchronize()  # at once in a plain step: its tokens were read since
         host = self.host[b].numpy()  # (2, B, 1)
@@ -209,12 +211,19 @@ class GraphedDecode:
             out = self.out[b, n]
         else:
             out = self._forward(b, n)
-        if b == 1 and self.per_layer and self.device.type == "cuda":  # read at the next step, after its sync
+        if b == 1 and self.per_layer and self.device.type == "cuda":  # read after the step's sync (failed_step)
             self.flag_host.copy_(decode_layer.sync_state(self.model)[1], non_blocking=True)
+            self.flag_read = True
         # out of the shared pool before the next replay; compacted rows (the engine's usual case) need no index
         if slots == list(range(len(slots))):
             return out[:len(slots)].clone()
         return out[torch.tensor(slots, device=self.device)]
+
+    def failed_step(self) -> bool:
+        """Whether the last call's rows came out NaN because a grid barrier of the layer kernel gave up: asked by
+        the engine after the step's host sync (the flag's copy is ordered before it). Their KV caches then hold
+        NaN at that position, so the engine ends those requests with an error, not a token."""
+        return self.flag_read and bool(self.flag_host[0])
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, n_pos: int) -> None:

@@ -243,6 +243,7 @@ class Engine:
                     self.kv.register(r.slot, r.keys)  # its whole prompt blocks, for later requests
         tokens: dict[str, list[int]] = {}
         drafts = self._drafts(running, failed) if self.speculate else []
+        decoded: list[Request] = []  # the rows of this step's decode calls
         if any(d for _, d in drafts):  # one forward: rows with a draft verify it, the others get logits
             rd = [(r, d or []) for r, d in drafts if r.id not in failed]
             run = lambda items: verify(self.model, [(r.out[-1], r.n_cached, r.slot, d) for r, d in items])  # noqa: E731
@@ -258,6 +259,7 @@ class Engine:
         elif running:  # decode: one token per running row, each at its own position, one batched forward
             for part, out in per_row_on_error([r for r in running if r.id not in failed], self._decode, failed):
                 rows += part
+                decoded += part
                 logits.append(out)
         if not rows:
             return tokens
@@ -273,6 +275,10 @@ class Engine:
         for part, tok in per_row_on_error(list(range(len(rows))), sample_rows, failed, key=lambda i: rows[i].id):
             for i, t in zip(part, tok.tolist()):  # the step's one host sync
                 tokens[rows[i].id] = [t]
+        if decoded and getattr(self.decode, "failed_step", None) and self.decode.failed_step():
+            for r in decoded:  # NaN logits and NaN in its KV cache: an error, not a token drawn from them
+                tokens.pop(r.id, None)
+                failed[r.id] = "RuntimeError: a grid barrier of the GPU layer kernel gave up at this step"
         want = [i for i, r in enumerate(rows) if r.params.logprobs >= 0 and r.id in tokens]
         if want:  # the model's own distribution (before temperature, top-k/p and penalties), as vLLM
             lp = torch.log_softmax(logits[want].float(), -1).cpu()

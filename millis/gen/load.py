@@ -122,10 +122,14 @@ def static_max_seq(cfg: ModelConfig, engine: EngineConfig, itemsize: int) -> int
     budget = kv_budget_bytes(engine)
     if engine.max_seq:
         max_seq = min(engine.max_seq, cfg.max_seq)
+        need = (f"--max-seq {max_seq} at --max-batch {engine.max_batch} needs {max_seq * per_position >> 20} MiB "
+                "of KV cache")
         if engine.kv_memory_mb and max_seq * per_position > budget:
-            raise MillisError(f"--max-seq {max_seq} at --max-batch {engine.max_batch} needs "
-                              f"{max_seq * per_position >> 20} MiB of KV cache, over --kv-memory-mb "
-                              f"{engine.kv_memory_mb}")
+            raise MillisError(f"{need}, over --kv-memory-mb {engine.kv_memory_mb}")
+        free = free_memory(engine.device)  # an explicit size still has to fit: a clear error, not an OOM at load
+        if max_seq * per_position > free:
+            raise MillisError(f"{need}, over the {free >> 20} MiB free on the {engine.device}: lower --max-seq or "
+                              f"--max-batch")
         return max_seq
     max_seq = min(cfg.max_seq, budget // per_position)
     if max_seq < MIN_POSITIONS:
@@ -145,16 +149,21 @@ DEFAULT_KV_MB = 512
 MIN_POSITIONS = 32  # the fewest KV positions per slot (and per pool) a model loads with
 
 
+def free_memory(device: str) -> int:
+    """Bytes free now: the GPU's (torch.cuda.mem_get_info) on "cuda", else the host's available memory."""
+    from millis.common.hardware import available_memory
+
+    return torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory()
+
+
 def kv_budget_bytes(engine: EngineConfig) -> int:
     """The KV cache's memory: --kv-memory-mb, else on the CPU min(512 MiB, a quarter of the memory
     available now), on a GPU half of the device memory free after the weights are loaded."""
-    from millis.common.hardware import available_memory
-
     if engine.kv_memory_mb:
         return engine.kv_memory_mb << 20
     if engine.device == "cuda":
-        return torch.cuda.mem_get_info()[0] // 2
-    return min(DEFAULT_KV_MB << 20, available_memory() // 4)
+        return free_memory("cuda") // 2
+    return min(DEFAULT_KV_MB << 20, free_memory("cpu") // 4)
 
 
 def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
