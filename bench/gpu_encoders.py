@@ -178,7 +178,7 @@ def hf_graph_system(model, feeds):
     """HF's model captured whole. The bench's feeds have no padding, so it is captured without
     attention_mask (the same outputs): transformers may read the mask on the host, which a capture
     cannot do, and a failed capture is not retried in the same process (the CUDA context may be left
-    unusable): it fails this system alone."""
+    unusable), at this shape or a later one: it fails this system alone."""
     static = dev_inputs(feeds)
     if not feeds["attention_mask"].all():
         raise RuntimeError("hf-graph-fp16 runs unpadded feeds only")
@@ -277,12 +277,16 @@ def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, b
                 extra.setdefault("w8a8_tuning", {})[f"{s}/{name}"] = [
                     {"key": list(k), "us": [[c, round(us, 2)] for c, us in v]} for k, v in rt.tuned.items()]
             print(f"  {s} {name}: loaded + {rt.graphs} graphs in {load_s:.1f} s", flush=True)
+    refused: dict[str, str] = {}  # system -> why it is not run at the shapes left
     for shape in shapes:
         feeds = make_inputs(shape, vocab)
         with torch.inference_mode():
             ref = m32(*dev_inputs(feeds)).float().cpu().numpy()
         cells, notes = {}, {}
         for s in systems:
+            if s in refused:  # a capture failed at an earlier shape: no second capture in this process
+                rows.append({"system": s, "model": name, "shape": shape.name, "error": refused[s]})
+                continue
             try:
                 if s == "hf-eager-fp32":
                     fn, e2e, note = eager_system(m32, feeds)
@@ -300,6 +304,8 @@ def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, b
             except Exception as e:
                 rows.append({"system": s, "model": name, "shape": shape.name,
                              "error": f"{type(e).__name__}: {e}"[:300]})
+                if s == "hf-graph-fp16":
+                    refused[s] = f"not run: its capture failed at {shape.name}"
                 print(f"  {s} {name} {shape.name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         n = {s: iters_for(c.fn, budget_s / rounds) for s, c in cells.items()}
         for r in range(rounds):
