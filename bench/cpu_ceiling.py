@@ -4,7 +4,8 @@
                                           [--out bench/results/cpu_ceiling.json]
 
 Builds bench/ceiling/mac_rate.c (the system C compiler) and runs each vector multiply-add kernel this CPU has
-(int8: `vpdpbusd` on zmm / ymm, AVX2's `vpmaddubsw` + `vpmaddwd`, AMX's `tdpbusd`; bf16 `vdpbf16ps` and AMX's
+(int8: `vpdpbusd` on zmm / ymm, AVX2's `vpmaddubsw` + `vpmaddwd` (and two `vpmaddubsw` a `vpmaddwd`, millis's
+int7 form), AMX's `tdpbusd`; bf16 `vdpbf16ps` and AMX's
 `tdpbf16ps`; fp32 FMA; and half-and-half
 mixes, which show whether a second kind of instruction finds multiply pipes the first leaves idle) on 1 thread
 and on --threads threads at once, the best of --repeats. The int8 ceiling is the fastest int8 kernel (mixes
@@ -43,6 +44,7 @@ KERNELS = {
     "vnni256": ({"avx512vl", "avx512_vnni"}, "int8"),
     "vnni512+maddubs256": ({"avx512f", "avx512bw", "avx512_vnni"}, "int8"),
     "maddubs256": ({"avx2"}, "int8"),
+    "maddubs256x2": ({"avx2"}, "int8"),  # millis's int7 form: two steps in int16 a vpmaddwd (7-bit operands)
     "bf16dot512": ({"avx512f", "avx512_bf16"}, "bf16"),
     "vnni512+bf16dot512": ({"avx512f", "avx512_vnni", "avx512_bf16"}, "mixed"),
     "vnni512+fma512": ({"avx512f", "avx512_vnni"}, "mixed"),

@@ -84,6 +84,18 @@ T256 static double k_maddubs256(long n, double* instr) {
          STEP256(0, 6) STEP256(1, 7) STEP256(2, 8) STEP256(3, 9) STEP256(4, 10) STEP256(5, 11));
     *instr = 24.0 * n; return 32 * 12.0 * n;
 }
+/* the same with two steps summed in int16 before the vpmaddwd (millis's int7 form on AVX2: 7-bit activations and
+   weights keep two steps' pairs within int16): 64 products per two vpmaddubsw, one vpaddw, one vpmaddwd and one
+   vpaddd; *instr counts the vpmaddubsw (32 products each) */
+#define STEP2X(K, A) "vpmaddubsw %%ymm14, %%ymm15, %%ymm" #K "\n\tvpmaddubsw %%ymm15, %%ymm14, %%ymm12\n\t"        \
+    "vpaddw %%ymm12, %%ymm" #K ", %%ymm" #K "\n\tvpmaddwd %%ymm13, %%ymm" #K ", %%ymm" #K "\n\t"                 \
+    "vpaddd %%ymm" #K ", %%ymm" #A ", %%ymm" #A "\n\t"
+T256 static double k_maddubs256x2(long n, double* instr) {
+    SETUP256;
+    __asm__ volatile("vpcmpeqw %%ymm13, %%ymm13, %%ymm13\n\tvpsrlw $15, %%ymm13, %%ymm13" ::: CLOBBER);  /* ones */
+    LOOP(STEP2X(0, 6) STEP2X(1, 7) STEP2X(2, 8) STEP2X(3, 9) STEP2X(4, 10) STEP2X(5, 11));
+    *instr = 12.0 * n; return 64 * 6.0 * n;
+}
 T256 static double k_fma256(long n, double* instr) {
     SETUP256; LOOP(Y12("vfmadd231ps", "%%ymm14", "%%ymm15")); *instr = 12.0 * n; return 8 * 12.0 * n;
 }
@@ -123,7 +135,8 @@ typedef double (*kernel_fn)(long, double*);
 static const struct { const char* name; kernel_fn fn; } KERNELS[] = {
     {"vnni512", k_vnni512}, {"vnni256", k_vnni256}, {"bf16dot512", k_bf16dot512}, {"fma512", k_fma512},
     {"vnni512+bf16dot512", k_vnni512_bf16dot512}, {"vnni512+fma512", k_vnni512_fma512},
-    {"vnni512+maddubs256", k_vnni512_maddubs256}, {"maddubs256", k_maddubs256}, {"fma256", k_fma256},
+    {"vnni512+maddubs256", k_vnni512_maddubs256}, {"maddubs256", k_maddubs256},
+    {"maddubs256x2", k_maddubs256x2}, {"fma256", k_fma256},
     {"amx_int8", k_amx_int8}, {"amx_bf16", k_amx_bf16},
 };
 
