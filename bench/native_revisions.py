@@ -6,8 +6,9 @@ across code versions).
 
 What a figure measured on another CPU against the peers would be with today's code, where that CPU is not at
 hand: on one machine, the same weights and shapes through `NativeBert` of the base commit (`git archive` into
-bench/.cache/revisions/<commit>) and of this tree, each call in a fresh process (each tree imports its own
-`millis` and builds its own kernels), the two trees back to back in every round, base first. The ratio is the
+bench/.cache/revisions/<commit>, a checkout such as bench/checkouts.py's --code takes) and of this tree, each
+call in a fresh process (each tree imports its own `millis` and builds its own kernels), the two trees back to
+back in every round, base first. The ratio is the
 median over rounds of (this tree's p50 / the base's p50 at the same precision), with its range. A precision
 named with "-att8" runs this tree with the int8 attention against the base's plain precision (its attention
 as it was then). MILLIS_KERNEL_ISA=avx2 times the build an AVX2-only CPU (Zen 3) runs, on this CPU's pipes.
@@ -17,7 +18,6 @@ kernels' build, both commits) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -92,11 +92,13 @@ def main() -> int:
     sys.path.insert(0, str(HERE / "peers"))
     import models
     import numpy as np
+    from checkouts import write_result
 
     from millis.common import hardware
     from millis.kernels.native import native_isa
 
-    shapes = [tuple(int(x) for x in s.strip().replace("b", "").replace("s", "").split("x")) for s in a.shapes.split(",")]
+    shapes = [tuple(int(x) for x in s.strip().replace("b", "").replace("s", "").split("x"))
+              for s in a.shapes.split(",")]
     precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     base = base_tree(a.base)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True, capture_output=True,
@@ -126,9 +128,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"{model:10} {row['shape']:8} {p:16} {row['base_p50_ms']:8.2f} {row['head_p50_ms']:8.2f} "
                       f"{row['ratio']:6.3f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]", flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {a.out}")
+    write_result(a.out, {"meta": meta, "rows": rows})
     return 0
 
 
