@@ -63,12 +63,14 @@ def test_row_quantization_matches_numpy(isa, type_id, levels):
 @pytest.mark.skipif(not ISAS, reason="native kernels are off")
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
 @pytest.mark.parametrize("K", [32, 384, 1600])
-def test_row_matmul_rounds_every_token_alike(isa, K):
+@pytest.mark.parametrize("N", [88, 85])
+def test_row_matmul_rounds_every_token_alike(isa, K, N):
     """int7-row matmuls (q7r_tile / q7r_tile512), writing and adding into Y, against numpy's float32 steps:
     y (+)= float(sum_k x w) * (d_row * d_tok), the product rounded before the add. Every token of the tiles (13
     tokens: 6 + 6 + 1), every row span (88 rows: 32 + 32 + 16 + a lone 8) and K in one unit, one slab and three
-    (the weight sums' offset term: one unit's, or the whole rows' that repack stores once). GCC once contracted
-    the add into an FMA in some tiles, so a token's last bit depended on its place in the tile."""
+    (the weight sums' offset term: one unit's, or the whole rows' that repack stores once), with the last group
+    whole or cut (85 rows: its tile's values go through store_group, the others straight into Y). GCC once
+    contracted the add into an FMA in some tiles, so a token's last bit depended on its place in the tile."""
     from millis.encoder.native import q7_0
     from millis.kernels.native import XBLOCK_BYTES, Mat, pack_matrix
 
@@ -78,7 +80,7 @@ def test_row_matmul_rounds_every_token_alike(isa, K):
     lib.quantize_act.argtypes = [ctypes.c_int, P, ctypes.c_int64, P]
     lib.matmul.argtypes = [P, P, P, ctypes.c_int64, P, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     rng = np.random.default_rng(5)
-    M, N = 13, 88
+    M = 13
     data = q7_0(rng.standard_normal((N, K)).astype(np.float32), per_row=True)
     keep = [data]
     mat = pack_matrix(lib, Mat(TYPE_Q7_ROW, 0, data.ctypes.data, N, K, data.nbytes // N), keep, 1)

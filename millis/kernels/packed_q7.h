@@ -79,17 +79,26 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
    sums and float steps for every T and R, so a row never depends on its batch-mates.
    a8 (T_Q7_ROW8): 8-bit activations, x + 128 (pairs <= 2 * 255 * 63 = 32130: a madd per step; |sums| <=
    K * 255 * 63, K up to 133,000). */
+/* the 8 rows' weight sums over the whole row: repack.c's int32 totals in unit 1's head (a one-unit row: its wsum),
+   read once a tile, and the tile's values stored straight into Y where its groups are whole: the avx2 build on
+   Zen 4, one panel in L1 (ad hoc), 32.3 -> 36.5 MAC a clock at K 768, 36 -> 37.8 at 3072 (each unit's sums
+   converted and added, then the values copied through out and store_group, took ~10% at K 768); forwards
+   (bench/native_revisions.py --base the commit before) 0.90-0.96x bge-small's time, 0.93-0.99x BERT-base's. */
+AI __m256i row_wsum8(const uint8_t* g, int64_t nu) {
+    return nu > 1 ? _mm256_loadu_si256((const __m256i*)(g + unit_bytes(T_Q7_ROW)))
+                  : _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(g + 16)));
+}
+/* y: token t's R x 8 values go straight to y + t * ldy (added to it when acc), else into out[16 * t + 8 * i] */
 AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, const uint8_t* g1, int64_t nu,
-                 const xblock* x, int64_t xs, float* out) {
+                 const xblock* x, int64_t xs, float* out, float* y, int64_t ldy, int acc) {
     const int64_t ub = unit_bytes(T_Q7_ROW);
     const __m256i one = _mm256_set1_epi16(1);
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0, z0 = a0, z1 = a0;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, e0 = a0, e1 = a0, e2 = a0;
+    __m256i z0 = row_wsum8(g0, nu), z1 = R > 1 ? row_wsum8(g1, nu) : z0;
     const xblock *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
         const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
-        z0 = _mm256_add_epi32(z0, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(b + 16))));
-        if (R > 1) z1 = _mm256_add_epi32(z1, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(c + 16))));
         if (a8) {
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
@@ -114,10 +123,14 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
     const __m256i r[6] = {a0, e0, a1, e1, a2, e2};
     for (int t = 0; t < T; t++) {
         const __m256 xd = _mm256_set1_ps(x[t * xs].d);  /* the token's scale (every block's) */
-        for (int i = 0; i < R; i++)
-            _mm256_storeu_ps(out + 16 * t + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r[2 * t + i],
-                                                                                          i ? z1 : z0)),
-                                                             _mm256_mul_ps(i ? dw : dv, xd)));
+        for (int i = 0; i < R; i++) {
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r[2 * t + i], i ? z1 : z0)),
+                                     _mm256_mul_ps(i ? dw : dv, xd));
+            if (!y) { _mm256_storeu_ps(out + 16 * t + 8 * i, v); continue; }
+            __asm__("" : "+x"(v));  /* the product rounded before the add (no FMA contraction: store_group's bits) */
+            float* p = y + t * ldy + 8 * i;
+            _mm256_storeu_ps(p, acc ? _mm256_add_ps(_mm256_loadu_ps(p), v) : v);
+        }
     }
 }
 AI void pf_share(const uint8_t* pf, int64_t bytes, int64_t k, int64_t n) {  /* share k of n of pf's bytes, into L2 */
@@ -132,18 +145,21 @@ AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t*
                   int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc,
                   const uint8_t* pf, int64_t pf_bytes) {
     const int64_t tiles = (m1 - m + 2) / 3;
+    const int whole = (g + R) * 8 <= n1;  /* every row of the R groups in the chunk: the row tiles write Y */
     for (int64_t k = 0; m < m1; k++) {
         pf_share(pf, pf_bytes, k, tiles);
         const int64_t left = m1 - m;
         const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
-        float out[48];
-#define TILE(T) { if (kind >= 2) q7r_tile(kind == 3, R, T, g0, g1, nu, X + m * nbx, nbx, out); \
+        float out[48], *y = Y + m * ldy + g * 8;
+#define TILE(T) { if (kind >= 2) q7r_tile(kind == 3, R, T, g0, g1, nu, X + m * nbx, nbx, out, whole ? y : NULL, \
+                                        ldy, acc);                                                             \
                   else q7s_tile(kind, R, T, g0, g1, nu, X + m * nbx, nbx, out); }
         if (T == 3) TILE(3)
         else if (T == 2) TILE(2)
         else TILE(1)
 #undef TILE
-        for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
+        if (!(whole && kind >= 2))
+            for (int i = 0; i < R; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 16, acc);
         m += T;
     }
 }

@@ -122,6 +122,16 @@ static void pack_group(void* p, int64_t g) {
         return;
     }
     for (int64_t u = 0; u < nu; u++) pack_unit(W, g, u, dst + (g * nu + u) * ub);
+    if (is_row_type(W->type) && nu > 1) {  /* q7r_tile reads its rows' totals (int32) from unit 1's head once a tile */
+        int32_t total[8] = {0};
+        for (int64_t u = 0; u < nu; u++)
+            for (int r = 0; r < 8; r++) {
+                int16_t w;
+                memcpy(&w, dst + (g * nu + u) * ub + 16 + 2 * r, 2);
+                total[r] += w;
+            }
+        memcpy(dst + (g * nu + 1) * ub, total, 32);
+    }
 }
 
 /* GGUF layout -> packed (dst: packed_bytes(...) bytes). 0 on success, -1 when the type is not packed. */
