@@ -200,6 +200,34 @@ def test_runtime_failure_fails_that_batch_only():
     run(go())
 
 
+def test_a_row_the_runtime_refuses_fails_its_own_request_not_its_batch_mates():
+    """Three requests in one batch, one holding a row the runtime raises on (token id 999 here; in a server, any
+    row the model cannot take): the batch fails, each request runs again alone, and only that one fails."""
+    async def go():
+        calls: list[int] = []
+
+        def strict(rows, t):
+            calls.append(len(rows))
+            if any(999 in r for r in rows):
+                raise ValueError("token id 999 is out of range")
+            return np.array([[t, r[0]] for r in rows], np.float32)
+
+        b = Batcher(strict, 128, 8, 4096, 0, 100)
+        good1, bad, good2 = make_job(5, 6, first=1), Job([[999] * 5], asyncio.get_running_loop().create_future()), \
+            make_job(4, first=7)
+        for j in (good1, bad, good2):
+            b.submit(j)
+        b.start()
+        await asyncio.wait({good1.future, bad.future, good2.future})
+        await b.close()
+        with pytest.raises(RuntimeError, match="out of range"):
+            bad.future.result()
+        assert good1.future.result() is None and good2.future.result() is None
+        assert [o[1] for o in good1.out] == [1, 2] and good2.out[0][1] == 7
+        assert calls == [4, 2, 1, 1]  # the batch, then each request alone
+    run(go())
+
+
 def test_the_server_loads_warms_and_runs_its_model_in_one_thread(tiny_dirs):
     """torch's OpenMP teams are per thread: a second thread's team makes libgomp stop spinning on 2 cores
     (torch eager 3x slower). The encoder server's loader, warm-up and every runtime call share one thread."""

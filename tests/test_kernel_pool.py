@@ -23,3 +23,33 @@ def test_every_chunk_runs_once(lib_name, threads):
     lib.pool_selftest.restype = ctypes.c_int64
     lib.pool_selftest.argtypes = [ctypes.c_int, ctypes.c_int64]
     assert lib.pool_selftest(threads, 300_000) == 0
+
+
+def test_workers_free_their_buffers_when_the_pool_resizes(tiny_dirs):
+    """Two models of different thread counts in one process: each forward resizes the shared pool (its workers
+    end and new ones start). Each worker's scratch (attention buffers) goes with it: the bytes the library's
+    threads hold stay flat however many times the pool is resized (they grew by every switch before)."""
+    import numpy as np
+
+    from millis.encoder.native import NativeBert
+    from millis.encoder.source import Pooling
+    from millis.gpu.encoder import RunOptions, from_hf
+
+    if native_isa() is None:
+        pytest.skip("native kernels are off (MILLIS_NO_KERNELS)")
+    enc = from_hf(tiny_dirs["bert"], "embed", Pooling(mode="mean", normalize=True),
+                  RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    two, three = NativeBert(enc, "fp32", 2), NativeBert(enc, "fp32", 3)
+    lib = two.lib
+    lib.pool_buffer_bytes.restype = ctypes.c_int64
+    ids = np.random.default_rng(0).integers(5, 90, (1, 96))
+    mask = np.ones_like(ids)
+    want = two(ids, mask)
+    for _ in range(3):
+        two(ids, mask), three(ids, mask)
+    base = lib.pool_buffer_bytes()
+    assert base > 0  # the threads do hold attention buffers
+    for _ in range(40):
+        np.testing.assert_array_equal(two(ids, mask), want)
+        three(ids, mask)
+    assert lib.pool_buffer_bytes() <= 2 * base, (base, lib.pool_buffer_bytes())

@@ -214,3 +214,26 @@ def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_mea
     assert (hf["token_type_ids"] == 1).any()
     want = rt.run({k: hf[k].astype(np.int64) for k in rt.input_names})[rt.output_name]
     np.testing.assert_allclose(run_pairs(rt, enc, list(zip(q, d))).outputs, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+def test_pairs_on_a_one_token_type_model_score_as_hf(tiny_dirs, family):
+    """RoBERTa and XLM-R embed one token type: a (query, document) pair goes in with every type 0, as HF runs it
+    (its tokenizer may still mark the document 1: a type 1 was an index error, every rerank a 500), and a literal
+    separator inside a text changes nothing about the types."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from millis.artifact.model import run_pairs
+
+    m = open_model(f"tiny:{family}", task="classify")
+    assert m.encoder.segments is False
+    sep = AutoTokenizer.from_pretrained(str(tiny_dirs[family])).sep_token
+    pairs = [("where is my card", "my card is lost"), (f"q {sep} x", f"the {sep} stock")]
+    got = run_pairs(m.runtime, m.encoder, pairs).outputs
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tiny_dirs[family])).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_dirs[family]))
+    with torch.no_grad():
+        want = np.concatenate([hf(**{k: v for k, v in tok(q, d, return_tensors="pt").items()
+                                     if k != "token_type_ids"}).logits.numpy() for q, d in pairs])
+    np.testing.assert_allclose(got, want, atol=1e-5)

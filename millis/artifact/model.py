@@ -131,7 +131,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
         return model
-    from millis.encoder.source import model_max_length, resolve
+    from millis.encoder.source import model_max_length, resolve, takes_segments
     from millis.encoder.tasks import OUTPUT_NAME
 
     src = resolve(str(spec))
@@ -145,7 +145,8 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
     meta = ModelMeta(task, OUTPUT_NAME[task], tuple(src.input_names), max_len, dict(src.id2label),
                      SourceMeta.of(src), VariantRecipe(name, kind, precision, passes=(), options={}))
-    return Model(src.path, meta, rt, TextEncoder(src.path, src.input_names, max_len))
+    enc = TextEncoder(src.path, src.input_names, max_len, segments=takes_segments(src.model_type))
+    return Model(src.path, meta, rt, enc)
 
 
 def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = "", max_batch: int = MAX_BATCH,
@@ -166,4 +167,7 @@ def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = 
     if v.runtime == "cuda":
         options.setdefault("buckets", gpu_buckets(max_batch, meta.max_length, max_batch_tokens))
     rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
-    return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length, saved=True))
+    from millis.encoder.source import takes_segments
+
+    return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length, saved=True,
+                                             segments=takes_segments(meta.source.model_type)))

@@ -14,6 +14,12 @@ from millis.common.files import hash_files
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta"}
 SUPPORTED_TEXT = "BERT (incl. MiniLM), DistilBERT, RoBERTa, XLM-RoBERTa encoders"
+ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
+
+
+def takes_segments(model_type: str) -> bool:
+    """Whether a pair's second text gets token type 1 (BERT's segment B; RoBERTa and XLM-R have one type)."""
+    return model_type not in ONE_TOKEN_TYPE
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 POOLING_MODES = ("mean", "cls", "max")
 

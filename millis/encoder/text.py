@@ -19,6 +19,18 @@ def bucket_length(n_tokens: int, max_length: int) -> int:
     return min(max_length, -(-max(n_tokens, 1) // BUCKET) * BUCKET)
 
 
+class PairRow(list):
+    """A (query, document) pair's token ids and where its second segment starts: token type 1 from `second` to
+    the row's end, as the tokenizer's pair encoding sets them (None: every token type 0). Only pairs carry it: a
+    single text's ids are a plain list and type 0 throughout, whatever special tokens its text spells out (a
+    literal "[SEP]" in a text is a [SEP] token, not a second segment)."""
+    __slots__ = ("second",)
+
+    def __init__(self, ids, second: int | None):
+        super().__init__(ids)
+        self.second = second
+
+
 @dataclass
 class Encoded:
     feeds: dict[str, np.ndarray]   # (B, T) int64 each
@@ -40,13 +52,16 @@ def check_texts(texts) -> list[str]:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int, saved: bool = False):
-        """`saved`: tokenizer_dir was written by transformers' save_pretrained (an artifact's `tokenizer/`):
+    def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int, saved: bool = False,
+                 segments: bool = True):
+        """`segments`: the model embeds a second token type (BERT's segment B); False for RoBERTa and XLM-R
+        (one token type: every id 0, as their tokenizers give none; `source.takes_segments`).
+        `saved`: tokenizer_dir was written by transformers' save_pretrained (an artifact's `tokenizer/`):
         its tokenizer.json is the backend AutoTokenizer built, so the Rust tokenizer is read from it directly
         and transformers is never imported (loading an artifact: ~1.3 s of imports less). Any other
         directory goes through AutoTokenizer, which may adjust the backend (a BERT normalizer from
         tokenizer_config's do_lower_case, added tokens)."""
-        self.input_names, self.max_length = input_names, max_length
+        self.input_names, self.max_length, self.segments = input_names, max_length, segments
         # The Rust tokenizer, called directly: half the per-call cost of the HF wrapper (which also
         # re-applies truncation/padding settings on every call). Its own settings are cleared once,
         # on a private copy, so it is never mutated afterwards and threads may share it.
@@ -100,13 +115,19 @@ class TextEncoder:
         """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a
         pair over max_length loses the end of its document (its final special token kept)."""
         if self._fast is not None:
-            rows = [self._fast.encode(query, d, add_special_tokens=True).ids for d in docs]
+            encs = [self._fast.encode(query, d, add_special_tokens=True) for d in docs]
+            rows = [(e.ids, e.type_ids) for e in encs]
         else:
-            rows = [self.tok(query, d, add_special_tokens=True, truncation=False)["input_ids"] for d in docs]
+            encs = [self.tok(query, d, add_special_tokens=True, truncation=False) for d in docs]
+            rows = [(e["input_ids"], e.get("token_type_ids") or []) for e in encs]
         out, cut = [], []
-        for r in rows:
+        for r, types in rows:
+            second = types.index(1) if 1 in types else None
             cut.append(len(r) > self.max_length)
-            out.append(r[: self.max_length - 1] + r[-1:] if cut[-1] else r)
+            if cut[-1]:  # the document's end goes; its final special token (type 1) stays
+                r = r[: self.max_length - 1] + r[-1:]
+                second = None if second is None else min(second, self.max_length - 1)
+            out.append(PairRow(r, second))
         return out, cut
 
     def encode(self, texts: list[str], pad_to: int = 0) -> Encoded:
@@ -129,13 +150,14 @@ class TextEncoder:
         return feeds
 
     def token_types(self, rows: list[list[int]], t: int) -> np.ndarray:
-        """(B, t) segment ids: 0, except a pair row's second text (after its first of two or more [SEP]s)
-        and its final [SEP], which are 1, as the tokenizer's pair encoding sets them."""
+        """(B, t) segment ids: 0, except a pair row's second segment (`PairRow.second` on), which is 1 where the
+        model has a second token type."""
         types = np.zeros((len(rows), t), dtype=np.int64)
-        sep = self.sep_id
-        for i, r in enumerate(rows):
-            if sep is not None and r.count(sep) >= 2:
-                types[i, r.index(sep) + 1: len(r)] = 1
+        if self.segments:
+            for i, r in enumerate(rows):
+                second = getattr(r, "second", None)
+                if second is not None:
+                    types[i, second: len(r)] = 1
         return types
 
     def fill(self, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@
 void pool_begin(int threads);
 void pool_end(void);
 void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
+void* pool_buffer(void** buf, int64_t* cap, int64_t need);
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette, start_row, reserved[14];
@@ -223,16 +224,9 @@ API int amx_init(int want) {
     return g_amx_hw;
 }
 
-/* *buf (64-byte aligned, this thread's: the caller's statics are __thread) grown to at least `need` bytes */
-static uint8_t* thread_buffer(void** buf, int64_t* cap, int64_t need) {
-    if (*cap < need) {
-        free(*buf);
-        *buf = aligned_alloc(64, (need + 63) / 64 * 64);
-        if (!*buf) abort();  /* as any other allocation failure in the process would end it */
-        *cap = need;
-    }
-    return *buf;
-}
+/* *buf (64-byte aligned, this thread's: the caller's statics are __thread) grown to at least `need` bytes (pool.c's
+   pool_buffer: freed when a pool worker ends) */
+static uint8_t* thread_buffer(void** buf, int64_t* cap, int64_t need) { return pool_buffer(buf, cap, need); }
 
 int64_t amx_bytes(int64_t rows, int64_t cols) { return cols % 32 ? 0 : (rows + 15) / 16 * 16 * cols * 2; }
 

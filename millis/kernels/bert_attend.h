@@ -6,8 +6,8 @@
 #pragma once
 #include "kv8_layout.h"
 
-static __thread float* tl_buf;   /* per thread: the fp32 attention's buffers (op_attend) */
-static __thread int64_t tl_cap;
+static __thread void* tl_buf;    /* per thread: the fp32 attention's buffers (op_attend; pool_buffer) */
+static __thread int64_t tl_cap;  /* bytes */
 #ifdef __AVX2__
 #include "f32_attend.h"  /* attend_f32_lanes */
 #define LANES_F32 1
@@ -123,11 +123,11 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const int Lp = (L + 7) / 8 * 8;
     const int64_t need = 3 * (int64_t)Lp * HD + (int64_t)L * Lp;
 #endif
-    if (tl_cap < need) { free(tl_buf); tl_buf = malloc(sizeof(float) * need); tl_cap = need; }
+    float* buf = pool_buffer(&tl_buf, &tl_cap, (int64_t)sizeof(float) * need);
 #if LANES_F32
-    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, tl_buf);
+    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, buf);
 #else
-    float *Q = tl_buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
+    float *Q = buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
     for (int j = 0; j < L; j++) {  /* row-major Q and K, V^T (HD, Lp) */
         const float* r = c->qkv + (t0 + j) * 3 * D + h * HD;

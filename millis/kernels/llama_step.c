@@ -193,8 +193,8 @@ static void op_store_k(void* p, int64_t g) {  /* every token's K of KV head g (s
     const step_ctx* c = p;
     for (int64_t t = 0; t < c->n; t++) store_k(c, t, (int)g);
 }
-static __thread float* tl_scores;   /* attention scores: one buffer per thread, grown as needed */
-static __thread int64_t tl_cap;
+static __thread void* tl_scores;    /* attention scores: one buffer per thread, grown as needed (pool_buffer) */
+static __thread int64_t tl_cap;     /* bytes */
 /* one job per KV head and token, or, in a prefill, per KV head and RUN_TOKENS tokens (split into runs of
    consecutive positions of one slot) */
 static int64_t attend_tokens(const step_ctx* c) { return c->n >= PREFILL_TOKENS ? RUN_TOKENS : 1; }
@@ -202,15 +202,13 @@ static void op_attend(void* p, int64_t job) {
     const step_ctx* c = p; const model_w* m = c->m;
     const int NH = m->n_heads, HD = m->head_dim, QD = NH * HD, G = NH / m->n_kv, g = (int)(job % m->n_kv);
     const int64_t per = attend_tokens(c), t0 = job / m->n_kv * per, t1 = t0 + per < c->n ? t0 + per : c->n;
-    if (tl_cap < RUN_TOKENS * G * m->max_pos) {
-        free(tl_scores); tl_cap = RUN_TOKENS * G * m->max_pos; tl_scores = malloc(sizeof(float) * tl_cap);
-    }
+    float* scores = pool_buffer(&tl_scores, &tl_cap, (int64_t)sizeof(float) * RUN_TOKENS * G * m->max_pos);
     for (int64_t t = t0; t < t1;) {
         int64_t e = t + 1;
         while (e < t1 && c->slots[e] == c->slots[t] && c->pos[e] == c->pos[e - 1] + 1) e++;
         const float* q[RUN_TOKENS]; float* out[RUN_TOKENS];
         for (int64_t i = t; i < e; i++) { q[i - t] = c->s->q + i * QD + g * G * HD; out[i - t] = c->s->att + i * QD + g * G * HD; }
-        attend(m, c->l, c->slots[t], (int)(e - t), c->pos + t, q, out, tl_scores, g, G);
+        attend(m, c->l, c->slots[t], (int)(e - t), c->pos + t, q, out, scores, g, G);
         t = e;
     }
 }

@@ -11,6 +11,7 @@ void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 void pool_solo(int solo);
 int64_t pool_wait_ns(void);
 int pool_thread_id(void);  /* 0: the caller of pool_run; its workers 1, 2, ... */
+void* pool_buffer(void** buf, int64_t* cap, int64_t need);  /* this thread's scratch, freed as a worker ends */
 
 #define MM_CHUNKS 256  /* at most this many chunks per job (a table on the caller's stack) */
 typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split into chunks of rows */

@@ -25,7 +25,7 @@ from millis.common.readers import Labeled, read_labeled
 from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
 from millis.optimize.select import Candidate, select, serve_gate
-from millis.encoder.source import ModelSource, model_max_length, resolve
+from millis.encoder.source import ModelSource, model_max_length, resolve, takes_segments
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
 from millis.common.readers import read_texts
@@ -84,7 +84,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     for s in cfg.measure.shapes + (cfg.target,):
         if s.seq > max_len:
             raise MillisError(f"shape {s.name} is longer than the model's max length {max_len}")
-    enc = TextEncoder(src.path, src.input_names, max_len)
+    enc = TextEncoder(src.path, src.input_names, max_len, segments=takes_segments(src.model_type))
     data, selection = selection_data(cfg, src)
     if data is not None:
         progress(f"selecting on accuracy on {selection}")

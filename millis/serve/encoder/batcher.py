@@ -194,7 +194,25 @@ class Batcher:
             for job in jobs:
                 job.infer_s += dt
                 job.batch_rows.append(len(rows))
-            self._finish(rows, y, err)
+            if err is not None and len(jobs) > 1:
+                await self._each_alone(jobs, rows, t)
+            else:
+                self._finish(rows, y, err)
+
+    async def _each_alone(self, jobs: list[Job], rows: list[tuple[Job, int]], t: int) -> None:
+        """A batch of several requests failed: each request's rows run again on their own, so the one whose
+        rows fail (a row the runtime cannot take) fails alone and its batch-mates are answered. At most one
+        call a request of the batch (max_batch rows): bounded, and only after a failure."""
+        for job in jobs:
+            mine = [(j, i) for j, i in rows if j is job]
+            t0 = perf_counter()
+            try:
+                y, err = await self._pool.call(self.infer, [job.rows[i] for _, i in mine], t), None
+            except Exception as e:  # this request's own rows fail: it alone gets the error
+                y, err = None, e
+            job.infer_s += perf_counter() - t0
+            job.batch_rows.append(len(mine))
+            self._finish(mine, y, err)
 
     def _oldest(self) -> tuple[int, deque] | None:
         best = None
