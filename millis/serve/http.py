@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
+import weakref
 from time import perf_counter
 from typing import Any, Awaitable, Callable
 
@@ -57,14 +59,35 @@ async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
     return schemas.parse_json(b"".join(chunks), limits)
 
 
+OFF_LOOP_THREADS = max(2, os.cpu_count() or 2)  # off_loop's calls running at once; the next ones wait
+OFF_LOOP_WAITING = 256  # calls waiting for one of those threads; past this a request is refused (429)
+_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> [Semaphore, callers waiting]
+
+
 async def off_loop(fn: Callable, *args) -> Any:
     """fn(*args) in a daemon thread of its own, awaited. Unlike asyncio.to_thread, a long call never
     holds up the process's exit (Python 3.11 joins the default executor's threads at shutdown);
-    a caller that stops waiting (client gone) leaves the bounded call to finish alone."""
+    a caller that stops waiting (client gone) leaves the bounded call to finish alone. At most
+    OFF_LOOP_THREADS run at once (a flood of large requests, tokenized before the queue's admission, used to
+    start a thread each): the others wait their turn, and past OFF_LOOP_WAITING waiting the request is
+    answered 429."""
     loop = asyncio.get_running_loop()
+    gate = _gates.get(loop)
+    if gate is None:
+        gate = _gates[loop] = [asyncio.Semaphore(OFF_LOOP_THREADS), 0]
+    sem = gate[0]
+    if sem.locked() and gate[1] >= OFF_LOOP_WAITING:
+        raise schemas.ApiError(429, f"server busy: {gate[1]} large requests wait to be tokenized; retry shortly",
+                               code="overloaded", headers={"Retry-After": "1"})
+    gate[1] += 1
+    try:
+        await sem.acquire()
+    finally:
+        gate[1] -= 1
     fut = loop.create_future()
 
     def done(ok: bool, value: Any) -> None:
+        sem.release()  # the thread has ended: the slot is free whether or not its caller still waits
         if not fut.done():
             (fut.set_result if ok else fut.set_exception)(value)
 
@@ -76,7 +99,11 @@ async def off_loop(fn: Callable, *args) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(done, ok, result)
 
-    threading.Thread(target=work, name="millis-offloop", daemon=True).start()
+    try:
+        threading.Thread(target=work, name="millis-offloop", daemon=True).start()
+    except BaseException:  # no thread (the process's limit): the slot goes back, the request fails alone
+        sem.release()
+        raise
     return await fut
 
 

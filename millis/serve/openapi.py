@@ -121,7 +121,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model, "return_documents": {"type": "boolean"},
             "documents": {"type": "array", "items": doc, "minItems": 1, "maxItems": max_inputs},
-            "top_n": nullable({"type": "integer", "minimum": 1, "maximum": max_inputs})}}
+            "top_n": nullable({"type": "integer", "minimum": 1})}}
         hit = {"type": "object", "required": ["index", "relevance_score"], "properties": {
             "index": {"type": "integer", "minimum": 0}, "relevance_score": {"type": "number"},
             "truncated": {"type": "boolean"}, "document": {"type": "object"}}}

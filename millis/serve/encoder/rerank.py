@@ -46,7 +46,7 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits) -> tuple[s
         if not isinstance(t, str) or not t.strip():
             raise _fail(f"documents[{i}] must be a non-empty string or {{\"text\": <string>}}", "documents")
         texts.append(t)
-    top_n = min(integer(body, "top_n", 1, limits.max_inputs, len(texts)), len(texts))  # more than sent: all
+    top_n = min(integer(body, "top_n", 1, 2**31 - 1, len(texts)), len(texts))  # more than sent: all (as Cohere)
     ret = body.get("return_documents", False)
     if not isinstance(ret, bool):
         raise _fail(f"return_documents must be true or false, got {ret!r}", "return_documents", "invalid_type")
