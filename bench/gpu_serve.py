@@ -11,6 +11,7 @@ import asyncio
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +29,18 @@ from gpu_probes import gpu_slug  # noqa: E402
 from request_rounds import STAGES, http_round  # noqa: E402
 
 
-def build_bert_base(out: Path, tokenizer: Path) -> Path:
+MODEL, SMOKE_MODEL = "bert-base (random), classify", "2 x 64 BERT (random, the smoke run), classify"
+
+
+def build_bert_base(out: Path, tokenizer: Path, small: bool = False) -> Path:
+    """BERT-base's shape (small: 2 layers x 64, the CPU smoke run's, its code path the same)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if small else {}
+    cfg = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                     **shape)
     BertForSequenceClassification(cfg).save_pretrained(out)
     for f in tokenizer.iterdir():
         shutil.copy(f, out / f.name)
@@ -46,7 +53,7 @@ def main() -> int:
     ap.add_argument("--texts", required=True)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu: a smoke run of the script itself")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu: a smoke run of the script itself (a 2-layer BERT)")
     a = ap.parse_args()
     import torch
 
@@ -58,7 +65,8 @@ def main() -> int:
 
     import millis.artifact.model as api
 
-    model_dir = build_bert_base(Path("/tmp/millis-bert-base-cls"), Path(a.tokenizer))
+    model_dir = build_bert_base(Path(tempfile.mkdtemp(prefix="millis-bert-base-cls-")), Path(a.tokenizer),
+                                small=a.device == "cpu")
     texts = read_texts(a.texts)
 
     # in process: the same runtime and buckets the server captures (its defaults: rows and the token budget)
@@ -125,7 +133,7 @@ def main() -> int:
     rows, c1_stages = asyncio.run(loads())
     exit_code = srv.stop()
     gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke run)"
-    res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": "bert-base (random), classify",
+    res = {"bench": "gpu_serve", "device": gpu, "torch": torch.__version__, "model": MODEL if cuda else SMOKE_MODEL,
            "texts": "banking77 test, 1 per request", "in_process": inproc, "server_ready_s": round(ready_s, 2),
            "sigterm_exit": exit_code, "rows": [dict(system="millis-serve-cuda", **r) for r in rows],
            "c1_overhead_ms": round(rows[0]["p50_ms"] - inproc["p50_ms"], 3), "c1_one_connection": c1_stages}
