@@ -356,6 +356,14 @@ def format_of(path: str | Path) -> str | None:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
+def is_artifact(path: str | Path) -> bool:
+    """Whether a directory is, or means to be, an artifact: its millis.json declares the artifact format, or cannot
+    be read (then read_meta says why, where the directory used to pass for a model directory and fail on a
+    missing config.json)."""
+    p = Path(path)
+    return (p / META).is_file() and format_of(p) in (FORMAT, None)
+
+
 def read_train_meta(model_dir: str | Path) -> TrainMeta | None:
     """The training record of a directory written by `millis train`, or None for any other model dir.
     A millis-train millis.json that is malformed or newer than this millis fails (naming the field)."""

@@ -126,7 +126,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     p = Path(spec)
     if device not in ("", "cpu", "cuda"):
         raise MillisError(f"device must be cpu or cuda, got {device!r}")
-    if artifact.format_of(p) == artifact.FORMAT:
+    if artifact.is_artifact(p):
         model = load(p, threads=threads, device=device, max_batch=max_batch, max_batch_tokens=max_batch_tokens)
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")

@@ -13,11 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from millis.artifact.meta import FORMAT, FORMAT_VERSION, META, ArtifactMeta, TrainMeta, format_of
+from millis.artifact.meta import FORMAT, FORMAT_VERSION, META, ArtifactMeta, TrainMeta, format_of, is_artifact
 from millis.common.errors import MillisError
 from millis.common.files import hash_files
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META", "format_of", "read_meta", "write"]
+UNHASHED = "report.html"  # the one file written into an artifact after its millis.json (optimize.report_html)
+__all__ = ["FORMAT", "FORMAT_VERSION", "META", "format_of", "is_artifact", "read_meta", "write"]
 
 M = TypeVar("M", ArtifactMeta, TrainMeta)
 
@@ -64,6 +65,14 @@ def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
         raise MillisError(f"{mf} is corrupted (not valid JSON: {e})") from None
     meta = ArtifactMeta.from_dict(raw, str(mf))
     if verify:
+        # every file write() put there is listed: an empty list, or a file the list lacks (report.html, a view
+        # written after, aside), is a millis.json edited or replaced, not one to trust
+        listed = set(meta.files)
+        unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                          if p.is_file() and p.name not in (META, UNHASHED) and str(p.relative_to(path)) not in listed)
+        if not listed or unlisted:
+            what = "lists no files" if not listed else f"does not list {', '.join(unlisted[:3])}"
+            raise MillisError(f"artifact {path} is corrupted: its {META} {what}")
         for rel, digest in meta.files.items():
             f = path / rel
             if not f.is_file():

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 
 from millis.cli.flags import Command, Given
-from millis.common.config import flag
+from millis.common.config import check_at_least, flag
 
 ARTIFACT_HELP = "artifact directory written by `millis optimize`"
 
@@ -22,6 +22,9 @@ class PredictFlags:
     artifact: str = flag(help=ARTIFACT_HELP)
     texts: tuple[str, ...] = flag(help="texts to run, or - to read one per line from stdin", env=False)
     threads: int = flag(0, "intra-op threads (0 = all cores)")
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "threads")
 
 
 def info(a: InfoFlags) -> int:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from functools import cache
@@ -83,10 +84,9 @@ def read_bool(text: str) -> bool:
 
 
 def read_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("expected an integer") from None
+    if re.fullmatch(r"[+-]?[0-9]+", text.strip()) is None:  # int() also takes "1_0" and other scripts' digits
+        raise ValueError("expected an integer")
+    return int(text)
 
 
 def read_float(text: str) -> float:
@@ -169,6 +169,8 @@ class Flag:
             elif self.many:
                 item = READERS[typing.get_args(self.type)[0]]
                 items = [t.strip() for t in text.split(",")] if items is None else items
+                if len(items) > 1 and not all(items):
+                    raise ValueError("an empty item in the list")
                 value = tuple(item(t) for t in items if t)
                 if not value and self.field.default != ():  # an empty list means the default where that is empty
                     raise ValueError("expected a comma-separated list")

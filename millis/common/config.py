@@ -7,6 +7,7 @@ artifact's `millis.json` holds the exact recipe that built it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -31,6 +32,15 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, parse: Callable[
     """
     meta = {"help": help, "parse": parse, "choices": choices, "const": const, "scoped": scoped, "env": env}
     return field(default=default, metadata=meta)
+
+
+def check_at_least(obj: Any, lo: float, *names: str) -> None:
+    """Each named field of a config at least lo, else a MillisError naming its flag (a negative --limit used to
+    drop rows from the end, a negative --sample to raise from deep inside)."""
+    for n in names:
+        v = getattr(obj, n)
+        if v < lo:
+            raise MillisError(f"--{n.replace('_', '-')} must be >= {lo:g}, got {v}")
 
 
 def flag_fields(cls) -> list:
@@ -73,12 +83,11 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        """Parse `b1xs128`, `1x128` or `1,128`."""
-        t = text.strip().lower().replace("b", "").replace("s", "").replace(",", "x")
-        try:
-            b, s = (int(p) for p in t.split("x"))
-        except ValueError:
-            raise MillisError(f"cannot parse shape {text!r}; expected e.g. b1xs128") from None
+        """Parse `b1xs128`, `1x128` or `1,128` (ASCII digits; nothing else)."""
+        m = re.fullmatch(r"(?:b?([0-9]+)xs?([0-9]+)|([0-9]+),([0-9]+))", text.strip().lower())
+        if m is None:
+            raise MillisError(f"cannot parse shape {text!r}; expected e.g. b1xs128")
+        b, s = (int(g) for g in m.groups() if g is not None)
         return cls(b, s)
 
 

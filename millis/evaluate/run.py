@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from millis.common.config import flag
+from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.numeric import unit_rows
 from millis.common.readers import Labeled, read_labeled
@@ -29,6 +29,9 @@ class EvalConfig:
                               "label/category/...)")
     limit: int = flag(0, "first N rows only (0 = all)")
     threads: int = flag(0, "intra-op threads (0 = all cores)")
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "limit", "threads")
 
 
 def classification_metrics(y_true: list[str], y_pred: list[str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from millis.common.config import Shape, flag
+from millis.common.config import Shape, check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
 
@@ -54,6 +54,10 @@ class Budget:
     max_drop: float = flag(0.5, "classify, selecting on labelled rows (the kept validation split or --data): "
                                  "accuracy points a variant may lose against fp32")
 
+    def __post_init__(self) -> None:
+        check_at_least(self, -1, "min_cosine")  # above 1: only the fp32 reference qualifies
+        check_at_least(self, 0, "max_logit_diff", "max_drop", "min_top1_agreement")
+
 
 # Named measurement presets (`--preset`): the full one for real measurements, a quick one for tests and
 # smoke runs. Flags given (--shapes, --iters, --threads) override the preset's values.
@@ -95,6 +99,7 @@ class OptimizeConfig:
     compress_data: str = flag("", "what the students train on (default: the teacher's `millis train` file)")
 
     def __post_init__(self) -> None:
+        check_at_least(self, 0, "max_length")
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
         if self.device not in ("cpu", "cuda"):

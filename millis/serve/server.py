@@ -35,8 +35,7 @@ def app_and_loader(cfg: ServeConfig):
     if not cfg.artifact:
         raise MillisError("millis serve needs an artifact directory (or MILLIS_ARTIFACT)")
     task = ""
-    fmt = artifact.format_of(p) if p.is_dir() else None
-    if fmt == artifact.FORMAT or (p.is_dir() and fmt is None and (p / artifact.META).exists()):
+    if artifact.is_artifact(p):
         task = artifact.read_meta(p, verify=True).task  # format, version, hashes; or why not
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from millis.common.config import flag, preset_of
+from millis.common.config import check_at_least, flag, preset_of
 from millis.common.errors import MillisError
 from millis.train.loop import Progress, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import load_hf
@@ -49,6 +49,7 @@ class TrainConfig:
                 raise MillisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise MillisError(f"--lr must be > 0, got {self.lr}")
+        check_at_least(self, 0, "limit", "sample", "patience", "threads", "weight_decay", "warmup")
 
 
 # Named presets (`--preset`): overrides applied to a TrainConfig; the flags given override them in turn.
