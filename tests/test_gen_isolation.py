@@ -158,3 +158,29 @@ def test_held_back_equals_the_quadratic_definition():
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
         ref = max((n for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
         assert held_back(text, stop) == ref, (text, stop)
+
+
+def test_text_held_back_every_step_still_moves_the_anchor():
+    """A request whose text always ends in a stop string's start (a run of "a" against the stop "a" * 20 + "b")
+    holds text back at every step; its decode anchor still moves (short of the held-back text), so a step decodes
+    a bounded tail, not the whole output (it stayed at 0: O(output) work a step, under the engine's lock). The
+    text handed out is the same either way."""
+    from types import SimpleNamespace
+
+    from millis.gen.stops import new_text
+    from test_gen_engine import char_tokenizer
+
+    tok = char_tokenizer()
+    a = tok.encode("a")[-1]
+    stop = "a" * 20 + "b"
+    r = SimpleNamespace(out=[], prompt=tok.encode("the"), params=SamplingParams(stop=(stop,), ignore_eos=True),
+                        anchor=0, anchor_text="", emitted="")
+    got = ""
+    for step in range(300):
+        r.out.append(a)
+        new, stopped = new_text(tok, 2, r, final=False)
+        assert not stopped
+        got += new
+        assert got == "a" * max(0, len(r.out) - 20)  # all but the 20 that may yet start the stop string
+    assert r.anchor >= 300 - len(stop) - 8 - 16, r.anchor  # a bounded tail decoded each step
+    assert r.anchor_text == "a" * r.anchor

@@ -45,7 +45,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
 from millis.gen.cuda_graph import compact_slots
 from millis.gen.models.layers import make_batch, padded_batch
-from millis.gen.grammar import allow_only
+from millis.gen.grammar import GrammarFailed, allow_only, grammar_error
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput
 from millis.gen.rows import isolated, per_row_on_error
@@ -354,7 +354,7 @@ class Engine:
         p = r.params
         finished = None
         if r.matcher is not None and not r.matcher.consume_token(t):
-            raise MillisError(f"token {t} broke the request's grammar: {r.matcher.get_error()}")
+            raise GrammarFailed(f"token {t} broke the request's grammar: {grammar_error(r.matcher)}")
         if t == self.config.eos_id and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
             finished = "stop"  # EOS, or the grammar is complete (nothing may follow)
         elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):

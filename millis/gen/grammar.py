@@ -154,16 +154,26 @@ class Grammars:
         return base.deep_copy()
 
 
+class GrammarFailed(MillisError):
+    """The grammar compiled, but decoding cannot follow it (llguidance's parser limits: a schema whose rows
+    outgrow them; no token allowed): the request's own input, a 422 naming the field it came from."""
+
+
+def grammar_error(matcher) -> str:
+    e = matcher.get_error() or ""
+    return e if len(e) <= 300 else e[:300] + " ..."  # llguidance's message can quote the whole grammar
+
+
 def allow_only(matcher, logits: torch.Tensor) -> None:
     """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf."""
     import torch  # here, not at the top: the encoder server imports this module (its OpenAPI) without torch
 
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
     if matcher.is_error():
-        raise MillisError(f"constrained decoding failed: {matcher.get_error()}")
+        raise GrammarFailed(f"constrained decoding failed: {grammar_error(matcher)}")
     allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
     if not allowed.any():
-        raise MillisError("the grammar allows no token here")
+        raise GrammarFailed("the grammar allows no token here")
     mask = torch.from_numpy(~allowed)
     if mask.shape[0] < logits.shape[-1]:  # rows past the tokenizer's vocabulary (padding): never allowed
         mask = torch.cat([mask, torch.ones(logits.shape[-1] - mask.shape[0], dtype=torch.bool)])

@@ -11,7 +11,8 @@ def isolated(failed: dict[str, str], r, fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 -- one request's failure ends that request alone
-        failed[r.id] = f"{type(e).__name__}: {e}"
+        msg = str(e)
+        failed[r.id] = f"{type(e).__name__}: {msg if len(msg) <= 500 else msg[:500] + ' ...'}"
         return None
 
 

@@ -40,6 +40,15 @@ def new_text(tok, eos_id: int | None, r, final: bool) -> tuple[str, bool]:
     if not full.startswith(r.emitted):
         return "", stopped
     new, r.emitted = full[len(r.emitted):], full
-    if len(ids) - r.anchor >= 16 and full == whole and not final:  # nothing held back: ids so far are final
-        r.anchor, r.anchor_text = len(ids), full  # decode cost per step stays flat
+    if len(ids) - r.anchor >= 16 and not final:  # decode cost per step stays flat
+        if full == whole:  # nothing held back: ids so far are final
+            r.anchor, r.anchor_text = len(ids), full
+        else:  # a stop string's start or a partial character waits at the end: anchor short of it, where the text
+            # is out already (a request whose text always ended so used to decode its whole output every step)
+            a = len(ids) - max(map(len, r.params.stop), default=0) - 8
+            if a - r.anchor >= 16:
+                context = (r.prompt[-4:] + ids[max(0, r.anchor - 4):r.anchor])[-4:]
+                text = r.anchor_text + text_delta(tok, context, ids[r.anchor:a])
+                if r.emitted.startswith(text) and not text.endswith("\ufffd"):
+                    r.anchor, r.anchor_text = a, text
     return new, stopped

@@ -38,7 +38,7 @@ from millis.gen.chat_template import chat_template_of, encode_rendered, render_c
 from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
-from millis.serve.generation.respond import respond
+from millis.serve.generation.respond import failure_answer, respond
 from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve.generation.tool_formats import tool_format
 from millis.serve import openapi, schemas
@@ -364,9 +364,8 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
 
         try:
             return await respond(st, request, g, lives, chat, on_close)
-        except RequestFailed as e:  # this request alone failed in the engine: its own 500
-            log.warning("millis serve: %s", e)
-            raise schemas.ApiError(500, str(e), code="generation_failed") from None
+        except RequestFailed as e:  # this request alone failed in the engine: its own answer
+            raise failure_answer(g, e) from None
 
     async def models(request: Request) -> Response:
         card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",

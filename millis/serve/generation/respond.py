@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from starlette.responses import Response
@@ -25,6 +26,18 @@ from millis.serve import schemas
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.tool_stream import CallStream
 from millis.serve.http import ClientGone, json_response, watch_disconnect
+
+log = logging.getLogger("millis.serve")
+
+
+def failure_answer(g, e: Exception) -> schemas.ApiError:
+    """What a request that failed in the engine's step is answered (it alone): a 422 naming the field its grammar
+    came from when decoding could not follow that grammar (`GrammarFailed`: a schema past llguidance's parser
+    limits), else a 500 with the reason (engine rows.isolated keeps it short)."""
+    if g.params.grammar and ": GrammarFailed: " in f": {e}":  # the engine's reason: "<exception type>: <message>"
+        return schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from, code="grammar_too_complex")
+    log.warning("millis serve: %s", e)
+    return schemas.ApiError(500, str(e), code="generation_failed")
 
 
 class Choices:
