@@ -68,9 +68,10 @@ def test_saved_tokenizer_matches_autotokenizer(saved_dir):
 
 
 def test_token_types_are_the_tokenizers_own(saved_dir):
-    """Token types as AutoTokenizer gives them: a single text's all 0, a literal separator in it or not (it used to
-    start a second segment at the text's first [SEP]); a pair's second text 1, a separator in the query or not, cut
-    to the model's length as truncation="only_second" cuts it; and none for a model with one token type."""
+    """Ids and token types as AutoTokenizer gives them: a single text's types all 0, a literal separator in it or not
+    (it used to start a second segment at the text's first [SEP]); a pair's second text 1, a separator in the query
+    or not, cut to the model's length as truncation=True (longest_first) cuts it, what sentence-transformers'
+    CrossEncoder trains on (a long query loses its end, not the whole document); no types for one token type."""
     from transformers import AutoTokenizer
 
     src, out = saved_dir
@@ -80,9 +81,10 @@ def test_token_types_are_the_tokenizers_own(saved_dir):
     for enc in (TextEncoder(out, names, 64), TextEncoder(out, names, 64, saved=True)):
         single = enc.encode([f"where {sep} is my card", f"{sep} {sep} x {sep}"])
         assert not single.feeds["token_type_ids"].any()
-        for q, d in ((f"lost {sep} my card", "a document"), ("q", "word " * 80), (f"{sep}", f"d {sep} e")):
+        for q, d in ((f"lost {sep} my card", "a document"), ("q", "word " * 80), (f"{sep}", f"d {sep} e"),
+                     ("query " * 50, "a short document"), ("query " * 40, "document " * 40), ("q " * 90, "d")):
             rows, cut = enc.pair_ids(q, [d])
-            want = hf(q, d, truncation="only_second", max_length=64)
+            want = hf(q, d, truncation=True, max_length=64)
             assert rows[0] == want["input_ids"] and cut[0] == (len(hf(q, d)["input_ids"]) > 64)
             types = enc.token_types(rows, 64)[0]
             assert types[:len(rows[0])].tolist() == want["token_type_ids"] and not types[len(rows[0]):].any()

@@ -84,9 +84,14 @@ class TextEncoder:
                 from tokenizers import Tokenizer
 
                 self._fast = Tokenizer.from_str(backend.to_str())
+        self._pairs = None  # pairs cut as HF's truncation=True (longest_first) cuts them: what cross-encoders train on
         if self._fast is not None:
+            from tokenizers import Tokenizer
+
             self._fast.no_truncation()
             self._fast.no_padding()
+            self._pairs = Tokenizer.from_str(self._fast.to_str())
+            self._pairs.enable_truncation(max_length, strategy="longest_first")
         self.pad_id = pad if pad is not None else 0
         self.sep_id = sep
 
@@ -112,22 +117,22 @@ class TextEncoder:
         return out, cut
 
     def pair_ids(self, query: str, docs: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a
-        pair over max_length loses the end of its document (its final special token kept)."""
-        if self._fast is not None:
-            encs = [self._fast.encode(query, d, add_special_tokens=True) for d in docs]
-            rows = [(e.ids, e.type_ids) for e in encs]
+        """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a pair over
+        max_length is cut as HF's `truncation=True` (longest_first) cuts it, the longer text's end first, as
+        sentence-transformers' CrossEncoder trains (a long query loses its end too, not the whole document)."""
+        if self._pairs is not None:
+            encs = [self._pairs.encode(query, d, add_special_tokens=True) for d in docs]
+            rows = [(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
         else:
-            encs = [self.tok(query, d, add_special_tokens=True, truncation=False) for d in docs]
-            rows = [(e["input_ids"], e.get("token_type_ids") or []) for e in encs]
+            rows = []
+            for d in docs:
+                e = self.tok(query, d, add_special_tokens=True, truncation="longest_first", max_length=self.max_length)
+                n = len(self.tok(query, d, add_special_tokens=True, truncation=False)["input_ids"])
+                rows.append((e["input_ids"], e.get("token_type_ids") or [], n > self.max_length))
         out, cut = [], []
-        for r, types in rows:
-            second = types.index(1) if 1 in types else None
-            cut.append(len(r) > self.max_length)
-            if cut[-1]:  # the document's end goes; its final special token (type 1) stays
-                r = r[: self.max_length - 1] + r[-1:]
-                second = None if second is None else min(second, self.max_length - 1)
-            out.append(PairRow(r, second))
+        for r, types, was_cut in rows:
+            out.append(PairRow(r, types.index(1) if 1 in types else None))
+            cut.append(was_cut)
         return out, cut
 
     def encode(self, texts: list[str], pad_to: int = 0) -> Encoded:

@@ -124,12 +124,6 @@ class State:
     async def tokenize(self, model: Model, texts: list[str],
                        query: str | None = None) -> tuple[list[list[int]], list[bool], float]:
         t0 = perf_counter()
-        if query is not None:  # a pair holds the query whole: one the model's length cannot fit beside a document
-            q = (await self.token_ids(model, [query]))[0][0]  # is refused, not scored on no document at all
-            if len(q) + 3 > model.max_length:  # + the separators and the document's first token
-                raise schemas.ApiError(413, f"query is {len(q)} tokens; the model reads {model.max_length} a "
-                                            f"(query, document) pair: shorten the query", param="query",
-                                       code="text_too_long")
         ids, cut = await self.token_ids(model, texts, query)
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
