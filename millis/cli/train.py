@@ -38,7 +38,7 @@ class DistillFlags:
     """`millis distill`'s own flags; the rest are TrainConfig's (the schedule) and DistillConfig's."""
 
     source: str = flag(help="the teacher: a model dir from `millis train` (classify) or any encoder dir (embed)")
-    out: str = flag(STUDENT_DIR, "student directory to write")
+    out: str = flag(STUDENT_DIR, "student directory to write", scoped=True)
     preset: str = flag("default", PRESET_HELP.format(presets(DISTILL_PRESETS)), choices=tuple(DISTILL_PRESETS),
                        scoped=True)
 
@@ -48,7 +48,7 @@ class PruneFlags:
     """`millis prune`'s own flags; the rest are TrainConfig's (the recovery schedule) and PruneConfig's."""
 
     source: str = flag(help="the model to prune: a model dir from `millis train` (a classifier)")
-    out: str = flag(PRUNED_DIR, "pruned model directory to write")
+    out: str = flag(PRUNED_DIR, "pruned model directory to write", scoped=True)
     preset: str = flag("default", PRESET_HELP.format(presets(PRUNE_PRESETS)), choices=tuple(PRUNE_PRESETS),
                        scoped=True)
 

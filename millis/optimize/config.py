@@ -75,7 +75,7 @@ class OptimizeConfig:
                             "tiny:bert|distilbert|roberta|xlm-roberta")
     task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
                               "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
-    out: str = flag("artifacts/model", "artifact directory to write")
+    out: str = flag("artifacts/model", "artifact directory to write (replaced)", scoped=True)
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")

@@ -23,7 +23,7 @@ class TrainConfig:
     # overrides the --preset's value (TRAIN_PRESETS).
     source: str = flag(help="local Hugging Face model dir, builtin:minilm, or tiny:bert...")
     data: str = flag(help="training file: labelled CSV / TSV / JSONL", scoped=True)
-    out: str = flag("models/classifier", "model directory to write")
+    out: str = flag("models/classifier", "model directory to write", scoped=True)
     text_col: str = flag("text", "text column of the data")
     label_col: str = flag("", "label column (default: label, category, intent... whichever the file has)")
     validation: str = flag("", "labelled validation file (default: hold out --val-fraction of the data, per class)")
