@@ -308,3 +308,22 @@ def test_a_benchmarks_own_workers_are_not_other_processes():
         child.kill()
         child.wait()
     assert machine_load.process_cpu(child.pid) == 0.0  # gone: nothing to read
+
+
+def test_a_slow_cell_still_gets_three_calls_a_round():
+    """A variant over its time cap (max_seconds_per_cell) is cut to fewer calls, but to three a round: its round
+    medians, which the interleaved ratios are built from, were one call each after the first round."""
+    from millis.optimize.measure import measure
+
+    class Slow:
+        name, input_names, output_name = "slow", ("input_ids",), "out"
+        calls = 0
+
+        def run(self, feeds):
+            Slow.calls += 1
+            time.sleep(0.004)
+            return {"out": np.zeros((1, 1), np.float32)}
+
+    cfg = MeasureConfig(shapes=(Shape(1, 16),), warmup=0, iters=40, rounds=4, max_seconds_per_cell=0.02)
+    measure({"slow": Slow()}, {Shape(1, 16): {"input_ids": np.zeros((1, 16), np.int64)}}, cfg)
+    assert Slow.calls == 4 * 3  # the cap cuts each round to 3 calls, no fewer

@@ -66,7 +66,7 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
                     dt = time.perf_counter() - t0
                     cell.append(dt * 1e3)
                     t_round += dt
-                    if t_round > budget and len(cell) >= 3:  # a very slow cell: fewer calls, noted by n
+                    if t_round > budget and len(cell) - first >= 3:  # a very slow cell: fewer calls (3 a round)
                         break
                 by_round[(n, shape)].append(float(np.median(cell[first:])))
         if on_round:
