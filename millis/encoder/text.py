@@ -84,14 +84,10 @@ class TextEncoder:
                 from tokenizers import Tokenizer
 
                 self._fast = Tokenizer.from_str(backend.to_str())
-        self._pairs = None  # pairs cut as HF's truncation=True (longest_first) cuts them: what cross-encoders train on
+        self._pairs = None  # pair_tokenizer's, made on first use (~10 ms: only a cross-encoder's loads pay it)
         if self._fast is not None:
-            from tokenizers import Tokenizer
-
             self._fast.no_truncation()
             self._fast.no_padding()
-            self._pairs = Tokenizer.from_str(self._fast.to_str())
-            self._pairs.enable_truncation(max_length, strategy="longest_first")
         self.pad_id = pad if pad is not None else 0
         self.sep_id = sep
 
@@ -116,12 +112,23 @@ class TextEncoder:
             out.append(r)
         return out, cut
 
+    def pair_tokenizer(self):
+        """A copy of the Rust tokenizer that cuts pairs as HF's truncation=True (longest_first) does: what
+        cross-encoders train on. Two threads that race here build it twice, harmlessly."""
+        if self._pairs is None:
+            from tokenizers import Tokenizer
+
+            pairs = Tokenizer.from_str(self._fast.to_str())
+            pairs.enable_truncation(self.max_length, strategy="longest_first")
+            self._pairs = pairs
+        return self._pairs
+
     def pair_ids(self, query: str, docs: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a pair over
         max_length is cut as HF's `truncation=True` (longest_first) cuts it, the longer text's end first, as
         sentence-transformers' CrossEncoder trains (a long query loses its end too, not the whole document)."""
-        if self._pairs is not None:
-            encs = [self._pairs.encode(query, d, add_special_tokens=True) for d in docs]
+        if self._fast is not None:
+            encs = [self.pair_tokenizer().encode(query, d, add_special_tokens=True) for d in docs]
             rows = [(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
         else:
             rows = []
