@@ -13,6 +13,7 @@ from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
 from millis.common.numeric import softmax
+from millis.encoder.source import takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
 
 MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
@@ -131,7 +132,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
         return model
-    from millis.encoder.source import model_max_length, resolve, takes_segments
+    from millis.encoder.source import model_max_length, resolve
     from millis.encoder.tasks import OUTPUT_NAME
 
     src = resolve(str(spec))
@@ -167,7 +168,5 @@ def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = 
     if v.runtime == "cuda":
         options.setdefault("buckets", gpu_buckets(max_batch, meta.max_length, max_batch_tokens))
     rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
-    from millis.encoder.source import takes_segments
-
     return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length, saved=True,
                                              segments=takes_segments(meta.source.model_type)))

@@ -68,8 +68,8 @@ def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
         # every file write() put there is listed: an empty list, or a file the list lacks (report.html, a view
         # written after, aside), is a millis.json edited or replaced, not one to trust
         listed = set(meta.files)
-        unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                          if p.is_file() and p.name not in (META, UNHASHED) and str(p.relative_to(path)) not in listed)
+        present = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (META, UNHASHED))
+        unlisted = sorted(rel for rel in present if rel not in listed)
         if not listed or unlisted:
             what = "lists no files" if not listed else f"does not list {', '.join(unlisted[:3])}"
             raise MillisError(f"artifact {path} is corrupted: its {META} {what}")

@@ -15,13 +15,13 @@ from millis.common.files import hash_files
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta"}
 SUPPORTED_TEXT = "BERT (incl. MiniLM), DistilBERT, RoBERTa, XLM-RoBERTa encoders"
 ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+POOLING_MODES = ("mean", "cls", "max")
 
 
 def takes_segments(model_type: str) -> bool:
     """Whether a pair's second text gets token type 1 (BERT's segment B; RoBERTa and XLM-R have one type)."""
     return model_type not in ONE_TOKEN_TYPE
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-POOLING_MODES = ("mean", "cls", "max")
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
 from millis.gen.cuda_graph import compact_slots
 from millis.gen.models.layers import make_batch, padded_batch
-from millis.gen.grammar import GrammarFailed, allow_only, grammar_error
+from millis.gen.grammar import GrammarFailed, allow_only
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput
-from millis.gen.rows import isolated, per_row_on_error
+from millis.gen.rows import isolated, per_row_on_error, reason
 from millis.gen.sampling import SlotPenalties
 from millis.gen.speculate import DraftStats, draft, draftable, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
@@ -333,7 +333,7 @@ class Engine:
                     outs.append(self._advance_all(r, tokens[r.id]))
                     continue
                 except Exception as e:  # noqa: BLE001 -- this request's text failed: end it alone
-                    failed[r.id] = f"{type(e).__name__}: {e}"
+                    failed[r.id] = reason(e)
             outs.append(StepOutput(r.id, [], "", "error", failed[r.id]))  # no token: it failed (step fills failed)
             self._finish(r)
         return outs
@@ -354,7 +354,7 @@ class Engine:
         p = r.params
         finished = None
         if r.matcher is not None and not r.matcher.consume_token(t):
-            raise GrammarFailed(f"token {t} broke the request's grammar: {grammar_error(r.matcher)}")
+            raise GrammarFailed(f"token {t} broke the request's grammar: {r.matcher.get_error()}")
         if t == self.config.eos_id and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
             finished = "stop"  # EOS, or the grammar is complete (nothing may follow)
         elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):

@@ -159,18 +159,13 @@ class GrammarFailed(MillisError):
     outgrow them; no token allowed): the request's own input, a 422 naming the field it came from."""
 
 
-def grammar_error(matcher) -> str:
-    e = matcher.get_error() or ""
-    return e if len(e) <= 300 else e[:300] + " ..."  # llguidance's message can quote the whole grammar
-
-
 def allow_only(matcher, logits: torch.Tensor) -> None:
     """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf."""
     import torch  # here, not at the top: the encoder server imports this module (its OpenAPI) without torch
 
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
     if matcher.is_error():
-        raise GrammarFailed(f"constrained decoding failed: {grammar_error(matcher)}")
+        raise GrammarFailed(f"constrained decoding failed: {matcher.get_error()}")
     allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
     if not allowed.any():
         raise GrammarFailed("the grammar allows no token here")

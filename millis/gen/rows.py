@@ -5,14 +5,21 @@ sampling) once, and only when it raises retries its rows one at a time, recordin
 request's reason in `failed` (request id -> reason) so the engine ends that request alone."""
 from __future__ import annotations
 
+REASON_CHARS = 500  # a reason is the request's answer and a log line: some messages quote a whole grammar
+
+
+def reason(e: Exception) -> str:
+    """The reason recorded for a request that raised: its exception's type and message, cut short."""
+    msg = str(e)
+    return f"{type(e).__name__}: {msg if len(msg) <= REASON_CHARS else msg[:REASON_CHARS] + ' ...'}"
+
 
 def isolated(failed: dict[str, str], r, fn):
     """fn() or, when it raises, None with the reason recorded for request r."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 -- one request's failure ends that request alone
-        msg = str(e)
-        failed[r.id] = f"{type(e).__name__}: {msg if len(msg) <= 500 else msg[:500] + ' ...'}"
+        failed[r.id] = reason(e)
         return None
 
 
@@ -23,12 +30,12 @@ def per_row_on_error(items: list, fn, failed: dict[str, str], key=lambda r: r.id
         return [(items, fn(items))]
     except Exception as e:  # noqa: BLE001 -- find which row raised; the rest of the batch goes on
         if len(items) == 1:
-            failed[key(items[0])] = f"{type(e).__name__}: {e}"
+            failed[key(items[0])] = reason(e)
             return []
     parts = []
     for it in items:
         try:
             parts.append(([it], fn([it])))
         except Exception as e:  # noqa: BLE001
-            failed[key(it)] = f"{type(e).__name__}: {e}"
+            failed[key(it)] = reason(e)
     return parts

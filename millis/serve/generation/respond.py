@@ -33,8 +33,8 @@ log = logging.getLogger("millis.serve")
 def failure_answer(g, e: Exception) -> schemas.ApiError:
     """What a request that failed in the engine's step is answered (it alone): a 422 naming the field its grammar
     came from when decoding could not follow that grammar (`GrammarFailed`: a schema past llguidance's parser
-    limits), else a 500 with the reason (engine rows.isolated keeps it short)."""
-    if g.params.grammar and ": GrammarFailed: " in f": {e}":  # the engine's reason: "<exception type>: <message>"
+    limits), else a 500 with the reason (gen.rows.reason keeps it short)."""
+    if g.params.grammar and "GrammarFailed: " in str(e):  # the engine's reason: "<exception type>: <message>"
         return schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from, code="grammar_too_complex")
     log.warning("millis serve: %s", e)
     return schemas.ApiError(500, str(e), code="generation_failed")
