@@ -24,7 +24,8 @@ from starlette.responses import Response
 
 from millis.serve import schemas
 from millis.serve.generation import schemas as gs
-from millis.serve.generation.tool_stream import CallStream
+from millis.serve.generation.logprobs import answer_logprobs, logprobs_body
+from millis.serve.generation.tool_stream import CallStream, Scan
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
 log = logging.getLogger("millis.serve")
@@ -88,7 +89,7 @@ async def respond(st, request, g: gs.GenRequest, lives: list, chat: bool, on_clo
         per_choice = await asyncio.gather(*(rest(live, f) for live, f in zip(lives, firsts)))
         choices = []
         for i, outs in enumerate(per_choice):
-            lp = gs.logprobs_body(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
+            lp = await answer_logprobs(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
             content, calls, finish = _answer(g, "".join(o.text for o in outs), outs[-1].finished)
             choices.append(gs.choice(chat, i, content, finish, lp, calls))
         use = gs.usage(lives[0].prompt_tokens, sum(live.n_out for live in lives))
@@ -117,7 +118,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             merged.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, live, f)) for i, (live, f) in enumerate(zip(lives, firsts))]
-    held = [""] * len(lives)  # choices that may call tools: their text so far
+    held = [Scan() for _ in lives]  # choices that may call tools: their text so far, and what scans found
     shown = [""] * len(lives)  # the content that went out already
     calls_out = [CallStream() for _ in lives]  # the calls that went out already (constrained answers)
     constrained = bool(g.params.grammar)
@@ -131,7 +132,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             if isinstance(o, Exception):
                 raise o
             if g.tools is not None:
-                held[i] += o.text
+                held[i].extend(o.text)
                 text = g.tool_format.content_so_far(held[i], constrained)
                 if len(text) > len(shown[i]) and text.startswith(shown[i]):
                     yield gs.chunk(chat, rid, created, st.name, text[len(shown[i]):], None, with_usage=wu, index=i)
@@ -141,12 +142,12 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                     yield gs.chunk(chat, rid, created, st.name, None, None, with_usage=wu, index=i, calls=deltas)
             elif o.text or o.logprobs:  # held-back text (a possible stop string) still reports its logprobs
                 yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i,
-                               logprobs=gs.logprobs_body(chat, o.logprobs, st.engine.tok))
+                               logprobs=logprobs_body(chat, o.logprobs, st.engine.tok))
             if o.finished:
                 left -= 1
                 finish = o.finished
                 if g.tools is not None:
-                    content, calls, finish = _answer(g, held[i], o.finished)
+                    content, calls, finish = _answer(g, held[i].s, o.finished)
                     if calls_out[i].started:  # the calls went out as written (a cut answer's unfinished one too)
                         content, calls = None, []
                     elif shown[i]:  # the content went out as it came: the rest of it (before calls: all of it)

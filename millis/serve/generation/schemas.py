@@ -6,7 +6,6 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 """
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -311,22 +310,6 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def logprobs_body(chat: bool, entries, tok) -> dict[str, Any] | None:
-    """OpenAI's logprobs object for `entries` (StepOutput.logprobs items: (id, log p, top)), tokens as
-    `tok` decodes each alone (no tokenizer: the id). Chat: {content: [{token, logprob, bytes,
-    top_logprobs}]}; completions: {tokens, token_logprobs, top_logprobs, text_offset}."""
-    if not entries:
-        return None
-    piece = (lambda i: tok.decode([i])) if tok is not None else str  # noqa: E731
-    if chat:
-        item = lambda i, v: {"token": piece(i), "logprob": v, "bytes": list(piece(i).encode())}  # noqa: E731
-        return {"content": [{**item(t, v), "top_logprobs": [item(i, w) for i, w in top]} for t, v, top in entries]}
-    tokens = [piece(t) for t, _, _ in entries]
-    offsets = [0, *itertools.accumulate(len(x) for x in tokens[:-1])]
-    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries], "text_offset": offsets,
-            "top_logprobs": [{piece(i): w for i, w in top} for _, _, top in entries] if entries[0][2] else None}
 
 
 def choice(chat: bool, index: int, content: str | None, finish: str, logprobs: dict | None = None,

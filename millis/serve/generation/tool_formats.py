@@ -22,21 +22,33 @@ import json
 import re
 
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
-from millis.serve.generation.tool_stream import CallSpan, array_items, call_span, object_fields, tool_call
+from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
 from millis.serve.generation.tools import ToolSpec, arguments_of, parse_answer, with_tools
 
 Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
 
-def partial_string(raw: str) -> str:
-    """The text of a JSON string's body written so far (no quotes), up to its last whole escape."""
+def string_prefix(raw: str) -> tuple[str, int]:
+    """(text, n): the text of `raw[:n]`, the longest prefix of a JSON string's body written so far that
+    decodes whole: no unfinished escape at its end, and no half of a surrogate pair."""
     for cut in range(len(raw), max(len(raw) - 12, -1), -1):  # an unfinished escape: at most \uXXXX\uXX
         try:
             text = json.loads(f'"{raw[:cut]}"')
         except ValueError:
             continue
-        return text[:-1] if text and 0xD800 <= ord(text[-1]) <= 0xDBFF else text  # half a surrogate pair
-    return ""
+        if text and 0xD800 <= ord(text[-1]) <= 0xDBFF:  # half a pair: it waits for its other half
+            return text[:-1], cut - 6 if raw[cut - 6:cut - 4] == "\\u" else cut - 1
+        return text, cut
+    return "", 0
+
+
+def string_so_far(scan: Scan, start: int, end: int) -> str:
+    """The text of the JSON string body scan.s[start:end] written so far; a streamed answer's Scan keeps what
+    it decoded, so each token decodes only the characters after it."""
+    cut, text = scan.memo.get(f"string@{start}", (start, ""))
+    more, n = string_prefix(scan.s[cut:end])
+    scan.memo[f"string@{start}"] = (cut + n, text + more)
+    return text + more
 
 
 class GenericFormat:
@@ -60,21 +72,23 @@ class GenericFormat:
                 c["function"]["arguments"] = sp.args
         return content, calls
 
-    def spans(self, text: str) -> list[CallSpan]:
+    def spans(self, text: str | Scan) -> list[CallSpan]:
         """The calls of an answer written so far: {"tool_calls": [call, ...]}."""
-        fields, _ = object_fields(text, 0)
+        scan = as_scan(text)
+        fields, _ = scan.object_fields(0)
         if "tool_calls" not in fields:
             return []
-        spans = [call_span(text, i, self.args_keys) for i in array_items(text, fields["tool_calls"][0])]
+        spans = [scan.call_span(i, self.args_keys) for i in scan.array_items(fields["tool_calls"][0])]
         return [sp for sp in spans if sp is not None]
 
-    def content_so_far(self, text: str, constrained: bool) -> str:
+    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
         """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written."""
-        fields, _ = object_fields(text, 0)
-        if "response" not in fields or not text[fields["response"][0]:].startswith('"'):
+        scan = as_scan(text)
+        fields, _ = scan.object_fields(0)
+        if "response" not in fields or scan.s[fields["response"][0]] != '"':
             return ""
         a, b = fields["response"]
-        return partial_string(text[a + 1:b - 1] if b is not None else text[a + 1:])
+        return string_so_far(scan, a + 1, b - 1 if b is not None else len(scan.s))
 
 
 class NativeFormat(GenericFormat):
@@ -123,8 +137,9 @@ class NativeFormat(GenericFormat):
         """How much of a choice's text so far can be streamed as it is (a subclass's syntax says; none here)."""
         return 0
 
-    def content_so_far(self, text: str, constrained: bool) -> str:
-        return text[:self.streamable(text, constrained)]
+    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
+        s = as_scan(text).s
+        return s[:self.streamable(s, constrained)]
 
 
 class HermesFormat(NativeFormat):
@@ -149,14 +164,15 @@ class HermesFormat(NativeFormat):
         tail = next((k for k in range(min(len(self.MARK) - 1, len(text)), 0, -1) if text.endswith(self.MARK[:k])), 0)
         return len(text) - tail
 
-    def spans(self, text: str) -> list[CallSpan]:
+    def spans(self, text: str | Scan) -> list[CallSpan]:
         """The `<tool_call>` blocks written so far."""
-        spans, at = [], text.find(self.MARK)
+        scan = as_scan(text)
+        spans, at = [], scan.s.find(self.MARK)
         while at >= 0:
-            sp = call_span(text, at + len(self.MARK), self.args_keys)
+            sp = scan.call_span(at + len(self.MARK), self.args_keys)
             if sp is not None:
                 spans.append(sp)
-            at = text.find(self.MARK, at + 1)
+            at = scan.s.find(self.MARK, at + 1)
         return spans
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
@@ -173,9 +189,11 @@ class Llama3Format(NativeFormat):
     args_keys = ("parameters", "arguments")
     TAG = "<|python_tag|>"
 
-    def spans(self, text: str) -> list[CallSpan]:
+    def spans(self, text: str | Scan) -> list[CallSpan]:
         """The one call, as far as it is written."""
-        sp = call_span(text.lstrip().removeprefix(self.TAG), 0, self.args_keys)
+        scan = as_scan(text)
+        at = len(scan.s) - len(scan.s.lstrip())
+        sp = scan.call_span(at + len(self.TAG) if scan.s.startswith(self.TAG, at) else at, self.args_keys)
         return [sp] if sp is not None else []
 
     def grammar(self, spec: ToolSpec) -> str | None:
