@@ -327,3 +327,53 @@ def test_a_slow_cell_still_gets_three_calls_a_round():
     cfg = MeasureConfig(shapes=(Shape(1, 16),), warmup=0, iters=40, rounds=4, max_seconds_per_cell=0.02)
     measure({"slow": Slow()}, {Shape(1, 16): {"input_ids": np.zeros((1, 16), np.int64)}}, cfg)
     assert Slow.calls == 4 * 3  # the cap cuts each round to 3 calls, no fewer
+
+
+class NaNRuntime(FakeRuntime):
+    """`base`'s logits, NaN on the rows of `texts` (an fp16 overflow, say)."""
+
+    def __init__(self, base: FakeRuntime, enc: TextEncoder, texts: list[str]):
+        self.__dict__.update(base.__dict__)
+        self.nan_ids = {tuple(r) for r in enc.token_ids(texts)[0]}
+
+    def run(self, batch):
+        out = super().run(batch)["logits"]
+        for i, (row, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+            if tuple(row[mask == 1].tolist()) in self.nan_ids:
+                out[i] = np.nan
+        return {"logits": out}
+
+
+def test_nan_or_inf_outputs_never_pass_a_gate(setup):
+    """NaN compares false, so `cos_min < budget` and `dlogit > budget` let a NaN variant through, and argmax of a
+    NaN row is 0: a variant with NaN rows counted as within budget. Now any such row fails it, with or without
+    labels, whether the NaN is on the fidelity texts or only on the selection data; the figures stay numbers."""
+    from millis.optimize.fidelity import compare, within
+
+    src, enc, data, fakes = setup
+    ref = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    for task in ("embed", "classify"):
+        for bad in (np.nan, np.inf):
+            out = ref.copy()
+            out[2, 3] = bad
+            fid = compare(task, ref, out)
+            assert fid["nonfinite_rows"] == 1 and all(np.isfinite(v) for v in fid.values()), fid
+            assert within(task, fid, Budget(max_logit_diff=1e9, min_cosine=-1.0, min_top1_agreement=0.0)) == \
+                (False, "1 output rows hold NaN or Inf")
+            json.dumps(fid, allow_nan=False)  # millis.json stays JSON
+    for where in (data.texts[3:4], data.texts[500:501]):  # a fidelity text; a selection row only
+        for with_data in (True, False):
+            ctx = JudgeContext("classify", Budget(max_drop=5.0, max_logit_diff=1e9, min_top1_agreement=0.0), 1, src,
+                               enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds, data if with_data else None,
+                               open=lambda v, vdir: NaNRuntime(fakes["same"], enc, list(where))
+                               if v.name == "nan" else fakes[v.name])
+            _, reference = judge_reference(ctx, FakeBuilder())
+            r = judge(Variant("nan", "onnxruntime", "int8", ("export",)), ctx, reference, FakeBuilder()).result
+            if where[0] == data.texts[500] and not with_data:
+                assert r.ok  # never ran on that text: nothing to see
+            else:
+                assert not r.ok and "NaN" in r.reason, (where, with_data, r.reason)
+    ctx = JudgeContext("classify", Budget(), 1, src, enc, list(data.texts[:40]), enc.encode(["refund?"]).feeds, data,
+                       open=lambda v, vdir: NaNRuntime(fakes[REFERENCE], enc, [data.texts[7]]))
+    with pytest.raises(MillisError, match="reference itself gives NaN"):
+        judge_reference(ctx, FakeBuilder())

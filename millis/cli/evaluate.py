@@ -64,6 +64,8 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
     else:
         print("agreement with fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                                   if k in ("cos_min", "cos_mean", "nn_agreement", "top10_overlap")))
+        if res.get("nonfinite_rows"):
+            print(f"warning: {res['nonfinite_rows']} of the {res['n']} embeddings hold NaN or Inf")
     return 0
 
 

@@ -55,9 +55,11 @@ def embedding_agreement(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[s
     """ref/out: (N, D). Cosine per row, and how often each row's nearest neighbour (and top-k) agree."""
     if ref.shape != out.shape:
         raise MillisError(f"embedding shapes differ: {ref.shape} vs {out.shape}")
-    rn, on = unit_rows(ref), unit_rows(out)
-    cos = (rn * on).sum(1)  # row_cosines(ref, out), reusing the unit rows for the neighbour search
-    res = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "n": int(len(ref))}
+    bad = ~np.isfinite(out).all(1)  # NaN / Inf rows: a cosine of -1, zero vectors in the neighbour search
+    rn, on = unit_rows(ref), unit_rows(np.where(bad[:, None], 0.0, out))
+    cos = np.where(bad, -1.0, (rn * on).sum(1))  # row_cosines(ref, out), reusing the unit rows for the search
+    res = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "n": int(len(ref)),
+           "nonfinite_rows": int(bad.sum())}
     if len(ref) < 2:
         return res
     k = min(k, len(ref) - 1)

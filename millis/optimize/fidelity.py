@@ -8,27 +8,33 @@ from millis.optimize.config import Budget
 
 
 def compare(task: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """ref/out: (N, D) outputs for the same N texts."""
+    """ref/out: (N, D) outputs for the same N texts. A row with a NaN or an Inf (an fp16 overflow, ...) is
+    `nonfinite_rows`, never within a budget; the other figures stay finite numbers (millis.json is JSON):
+    such a row counts as a cosine of -1 and a disagreement, and the differences are the finite rows'."""
     if ref.shape != out.shape:
         raise ValueError(f"output shape {out.shape} differs from the reference {ref.shape}")
-    res = {"max_abs_diff": float(np.abs(ref - out).max())}
+    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    diff = np.abs(ref[~bad] - out[~bad])
+    res = {"max_abs_diff": float(diff.max()) if diff.size else 0.0, "nonfinite_rows": int(bad.sum())}
     if task == "classify":
         res["max_logit_diff"] = res["max_abs_diff"]
-        res["top1_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
+        res["top1_agreement"] = float(((ref.argmax(-1) == np.nan_to_num(out).argmax(-1)) & ~bad).mean())
     else:
-        cos = row_cosines(ref, out)
+        cos = np.where(bad, -1.0, row_cosines(ref, np.where(bad[:, None], 0.0, out)))
         res["cos_min"], res["cos_mean"] = float(cos.min()), float(cos.mean())
     return res
 
 
 def within(task: str, fid: dict[str, float], budget: Budget) -> tuple[bool, str]:
-    """(ok, reason): does the variant keep the fidelity the budget asks for?"""
+    """(ok, reason): does the variant keep the fidelity the budget asks for? (Written so that a NaN fails.)"""
+    if fid.get("nonfinite_rows"):
+        return False, f"{fid['nonfinite_rows']} output rows hold NaN or Inf"
     if task == "classify":
-        if fid["max_logit_diff"] > budget.max_logit_diff:
+        if not fid["max_logit_diff"] <= budget.max_logit_diff:
             return False, f"max |dlogit| {fid['max_logit_diff']:.3g} > {budget.max_logit_diff}"
-        if fid["top1_agreement"] < budget.min_top1_agreement:
+        if not fid["top1_agreement"] >= budget.min_top1_agreement:
             return False, f"top-1 agreement {fid['top1_agreement']:.3f} < {budget.min_top1_agreement}"
         return True, "within budget"
-    if fid["cos_min"] < budget.min_cosine:
+    if not fid["cos_min"] >= budget.min_cosine:
         return False, f"cosine min {fid['cos_min']:.5f} < {budget.min_cosine}"
     return True, "within budget"

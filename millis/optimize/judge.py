@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from millis.artifact.model import run_pairs, run_texts
+from millis.common.errors import MillisError
 from millis.common.readers import Labeled
 from millis.encoder.source import ModelSource
 from millis.encoder.tasks import OUTPUT_NAME
@@ -134,7 +135,7 @@ def accuracy(rt: Runtime, ctx: JudgeContext, ref_accuracy: float | None) -> dict
     m = classification_metrics(list(ctx.data.labels), argmax_labels(logits, ctx.src.id2label))
     base = m["accuracy"] if ref_accuracy is None else ref_accuracy
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],
-            "drop_pts": 100.0 * (base - m["accuracy"])}
+            "drop_pts": 100.0 * (base - m["accuracy"]), "nonfinite_rows": int((~np.isfinite(logits)).any(-1).sum())}
 
 
 def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantResult) -> tuple[Path, Runtime]:
@@ -164,6 +165,10 @@ def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Refere
         r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
     if ctx.data is not None:
         r.accuracy = accuracy(rt, ctx, None)
+    bad = r.fidelity.pop("nonfinite_rows") + (r.accuracy.pop("nonfinite_rows") if r.accuracy else 0)
+    if bad:
+        raise MillisError(f"the fp32 reference itself gives NaN or Inf outputs on {bad} texts: nothing can be "
+                          f"judged against it (is the model's checkpoint corrupt?)")
     r.ok, r.reason = True, "reference"
     return Judged(r, vdir, rt), Reference(y, r.accuracy["accuracy"] if r.accuracy else None)
 
@@ -182,9 +187,13 @@ def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recov
         r.fidelity = compare(ctx.task, ref.outputs, y)
         if ctx.task == "embed":
             r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})
-        if ctx.data is not None:
+        if r.fidelity["nonfinite_rows"]:  # whatever the labels say: such a variant is broken
+            r.ok, r.reason = within(ctx.task, r.fidelity, ctx.budget)
+        elif ctx.data is not None:
             r.accuracy = accuracy(rt, ctx, ref.accuracy)
             r.ok, r.reason = accuracy_gate(ref.accuracy, r.accuracy["accuracy"], ctx.budget.max_drop)
+            if r.accuracy.pop("nonfinite_rows"):
+                r.ok, r.reason = False, "NaN or Inf logits on the selection data"
         else:
             r.ok, r.reason = within(ctx.task, r.fidelity, ctx.budget)
     except Exception as e:  # e.g. a runtime missing
