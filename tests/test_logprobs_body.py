@@ -60,3 +60,16 @@ def test_the_loop_serves_others_between_slices():
     turns, body = asyncio.run(main())
     assert len(body["content"]) == 2048 and len(body["content"][0]["top_logprobs"]) == 20
     assert turns >= 2048 // LOGPROBS_SLICE - 1
+
+
+def test_minus_infinity_is_a_number_in_json():
+    """A grammar masks tokens to -inf before the logprobs are taken: an alternative at -inf was written as
+    `null` (orjson), where OpenAI's logprob is a number; it is -9999.0, as vLLM writes it."""
+    import orjson
+
+    es = [(1, 0.0, [(1, 0.0), (2, float("-inf"))])]
+    chat = logprobs_body(True, es, Tok())
+    assert chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
+    comp = logprobs_body(False, es, Tok(), offset=7)
+    assert list(comp["top_logprobs"][0].values()) == [0.0, -9999.0] and comp["text_offset"] == [7]
+    assert b"null" not in orjson.dumps(chat) + orjson.dumps(comp)

@@ -321,6 +321,11 @@ def test_logprobs_are_the_models_own(server, llama):
     streamed = [c for e in events[:-1] for ch in e["choices"] if ch.get("logprobs") for c in ch["logprobs"]["content"]]
     assert [c["token"] for c in streamed] == [c["token"] for c in content]
     assert all(c["top_logprobs"] == [] for c in streamed)
+    # streamed completions: the offsets run on over the whole answer, as unstreamed (each chunk restarted at 0)
+    events = stream(server, "/v1/completions", {"prompt": "the cat", "logprobs": 3, **GREEDY, "max_tokens": 6})
+    parts = [ch["logprobs"] for e in events[:-1] for ch in e["choices"] if ch.get("logprobs")]
+    assert [t for p in parts for t in p["tokens"]] == lp["tokens"]
+    assert [o for p in parts for o in p["text_offset"]] == lp["text_offset"]
 
 
 def test_penalties_and_logit_bias_equal_the_engine(server, llama):

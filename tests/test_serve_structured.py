@@ -101,6 +101,13 @@ def test_tool_calls_parse_and_validate_also_streamed(server):
     assert len(parts) > len(calls) + 1, parts  # arguments streamed in pieces, not whole at the end
     _, _, body = server.post("/v1/chat/completions", greedy)
     assert [c["function"] for c in body["choices"][0]["message"]["tool_calls"]] == [c["function"] for c in calls]
+    # logprobs with tools, streamed: every token's, as unstreamed (the tools branch sent none)
+    _, _, whole = server.post("/v1/chat/completions", {**greedy, "logprobs": True})
+    events = stream(server, "/v1/chat/completions", {**greedy, "logprobs": True})
+    streamed = [c["token"] for e in events[:-1] for ch in e["choices"] if ch.get("logprobs")
+                for c in ch["logprobs"]["content"]]
+    assert streamed == [c["token"] for c in whole["choices"][0]["logprobs"]["content"]]
+    assert len(streamed) == whole["usage"]["completion_tokens"]
     # auto: a call or an answer, never anything else; the conversation goes on with the tool's result
     status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "tools": tools, "max_tokens": 300})
     c = body["choices"][0]

@@ -86,3 +86,42 @@ def test_a_long_streamed_call_costs_work_linear_in_its_length():
             calls.update(fmt.spans(scan))
         assert scan.steps < 4 * len(text), (fmt.name, scan.steps, len(text))
         assert len(fmt.spans(scan)) == (0 if "response" in text else 1)
+
+
+def test_a_mark_inside_a_calls_string_is_not_a_block():
+    """`<tool_call>{` written inside an argument string (the grammar allows it) was read as the next block:
+    the scan ran from that `{` into the next call and the stream died on a JSON error."""
+    text = ('<tool_call>\n{"name": "get_time", "arguments": {"text": "the syntax is <tool_call>{"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"text": "<tool_call>\\n{\\"x"}}\n</tool_call>')
+    for seed in range(3):
+        scan, calls, deltas = Scan(), CallStream(), []
+        for piece in cuts(text, random.Random(seed)):
+            scan.extend(piece)
+            deltas += calls.update(HERMES.spans(scan))
+        args: dict[int, str] = {}
+        for d in deltas:
+            args[d["index"]] = args.get(d["index"], "") + d["function"]["arguments"]
+        assert [json.loads(a) for a in args.values()] == [{"text": "the syntax is <tool_call>{"},
+                                                          {"text": "<tool_call>\n{\"x"}]
+
+
+def test_many_short_calls_cost_work_linear_in_the_answer(monkeypatch):
+    """Each token looked at every call so far (spans and CallStream.update): 2,000 short calls were O(calls^2)."""
+    counted = {"n": 0}
+    real = Scan.call_span
+
+    def counting(self, i, keys):
+        counted["n"] += 1
+        return real(self, i, keys)
+    monkeypatch.setattr(Scan, "call_span", counting)
+    call = '{"name":"f","arguments":{"a":1}}'
+    for fmt, text in [(GENERIC, '{"tool_calls":[' + ",".join([call] * 500) + "]}"),
+                      (HERMES, "\n".join([f"<tool_call>\n{call}\n</tool_call>"] * 500))]:
+        scan, calls, tokens, n = Scan(), CallStream(), 0, 0
+        counted["n"] = 0
+        for i in range(0, len(text), 4):
+            scan.extend(text[i:i + 4])
+            n += len(calls.update(fmt.spans(scan)))
+            tokens += 1
+        assert len(fmt.spans(scan)) == 500 and calls.settled == 500
+        assert counted["n"] < 3 * tokens, (fmt.name, counted["n"], tokens)

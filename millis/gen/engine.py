@@ -86,8 +86,10 @@ class Engine:
         self._grammar_lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
-    def add(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), id: str | None = None) -> str:
-        """Queue a request; returns its id. Raises MillisError for input it could never run."""
+    def add(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), id: str | None = None,
+            matcher=None) -> str:
+        """Queue a request; returns its id. Raises MillisError for input it could never run. `matcher`: its
+        grammar's, compiled by the caller (a server compiles off its event loop), else compiled here."""
         if isinstance(prompt, str):
             if self.tok is None:
                 raise MillisError("this model has no tokenizer (tokenizer.json): give the prompt as token ids")
@@ -109,7 +111,8 @@ class Engine:
         if any(t >= self.config.vocab_size for t, _ in params.logit_bias):
             raise MillisError(f"logit_bias token ids must be in 0..{self.config.vocab_size - 1}")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        matcher = self.grammars.matcher(params.grammar) if params.grammar else None
+        if matcher is None and params.grammar:
+            matcher = self.grammars.matcher(params.grammar)
         with self._lock:
             rid = id or f"req-{next(self._ids)}"
             if rid in self.requests:

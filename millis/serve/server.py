@@ -41,7 +41,7 @@ def app_and_loader(cfg: ServeConfig):
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")
     elif p.exists():
-        from millis.serve.generation.app import is_generation_model
+        from millis.serve.generation.models import is_generation_model
 
         if is_generation_model(p):
             return _gen_loader(cfg, cfg.artifact)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import threading
@@ -35,7 +34,6 @@ from starlette.routing import Route
 from millis.common.errors import MillisError
 from millis.gen.config import SEED_MAX, SEED_MIN
 from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
-from millis.gen.gguf import is_gguf
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.respond import failure_answer, respond
@@ -49,26 +47,6 @@ from millis.serve.dashboard import generation_live_routes
 from millis.serve.metrics import GenMetrics
 
 log = logging.getLogger("millis.serve")
-
-
-def is_generation_model(path: str | Path) -> bool:
-    """A GGUF file, a HF directory of a model_type millis.gen loads, or a llama2.c checkpoint (or a dir with one)."""
-    from millis.gen.config import MODEL_TYPES
-
-    p = Path(path)
-    if is_gguf(p):
-        return True
-    if p.is_dir() and (p / "config.json").is_file():
-        try:
-            return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_TYPES
-        except (ValueError, AttributeError):
-            return False
-    bins = [p] if p.is_file() else sorted(p.glob("*.bin")) if p.is_dir() else []
-    if not bins:
-        return False
-    from millis.gen.load import is_llama2c_checkpoint
-
-    return any(is_llama2c_checkpoint(b) for b in bins)
 
 
 @dataclass(eq=False)
@@ -307,8 +285,9 @@ class GenState:
                                    code="invalid_messages") from None
         return encode_rendered(tok, text)
 
-    def admit(self, ids: list[int], params, chat: bool, n: int = 1) -> list[Live]:
-        """n engine requests for one prompt (choice i seeded seed + i when a seed is given), or none."""
+    def admit(self, ids: list[int], params, chat: bool, n: int = 1, matchers: list | None = None) -> list[Live]:
+        """n engine requests for one prompt (choice i seeded seed + i when a seed is given; its grammar's matcher
+        `matchers[i]`, compiled off the loop), or none."""
         eng = self.require()
         if self.draining:
             raise schemas.ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
@@ -321,7 +300,7 @@ class GenState:
         try:
             for i, live in enumerate(lives):
                 seed = None if params.seed is None else (params.seed + i - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
-                eng.add(ids, replace(params, seed=seed), id=live.id)
+                eng.add(ids, replace(params, seed=seed), id=live.id, matcher=matchers[i] if matchers else None)
                 self.live[live.id] = live
         except MillisError as e:  # prompt too long for a slot, token ids out of range, ...
             for live in lives:
@@ -351,13 +330,14 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         body = await read_json(request, st.limits)
         g = gs.chat_request(body, st.name, st.gen_limits, st.tool_format) if chat else \
             gs.completion_request(body, st.name, st.gen_limits)
-        if g.params.grammar:  # compiled off the loop (1-1000 ms) and cached: the engine's add only copies it
+        matchers = None
+        if g.params.grammar:  # compiled off the loop (1-1000 ms; the tokenizer's view the first time), one a choice
             try:
-                await off_loop(eng.grammars.matcher, g.params.grammar)
+                matchers = await off_loop(lambda: [eng.grammars.matcher(g.params.grammar) for _ in range(g.n)])
             except MillisError as e:
                 raise schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from,
                                        code="invalid_value") from None
-        lives = st.admit(await st.prompt_ids(g), g.params, chat, g.n)
+        lives = st.admit(await st.prompt_ids(g), g.params, chat, g.n, matchers)
 
         def on_close(stream):
             return SSEResponse(stream, lambda: [st.cancel(live, "cancelled") for live in lives])

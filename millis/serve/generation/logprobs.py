@@ -5,12 +5,16 @@ import asyncio
 import itertools
 from typing import Any
 
+LOWEST = -9999.0  # the log p given for -inf (JSON has no -inf)
 
-def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None) -> dict[str, Any] | None:
+
+def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None, offset: int = 0) -> dict[str, Any] | None:
     """OpenAI's logprobs object for `entries` (StepOutput.logprobs items: (id, log p, top)), tokens as
     `tok` decodes each alone (no tokenizer: the id), each id decoded once (`pieces`: id -> (text, its UTF-8
     bytes), shared by the calls of one answer). Chat: {content: [{token, logprob, bytes, top_logprobs}]};
-    completions: {tokens, token_logprobs, top_logprobs, text_offset}."""
+    completions: {tokens, token_logprobs, top_logprobs, text_offset} (offsets from `offset`: where the first
+    token starts in the answer's text). A log p of -inf (a token a grammar rules out, among the alternatives)
+    is given as -9999.0, as vLLM gives it: JSON has no -inf (orjson would write null)."""
     if not entries:
         return None
     pieces = {} if pieces is None else pieces
@@ -23,12 +27,13 @@ def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None) -> dict[
     if chat:
         def item(i: int, v: float) -> dict[str, Any]:
             text, raw = piece(i)
-            return {"token": text, "logprob": v, "bytes": raw}
+            return {"token": text, "logprob": max(v, LOWEST), "bytes": raw}
         return {"content": [{**item(t, v), "top_logprobs": [item(i, w) for i, w in top]} for t, v, top in entries]}
     tokens = [piece(t)[0] for t, _, _ in entries]
-    offsets = [0, *itertools.accumulate(len(x) for x in tokens[:-1])]
-    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries], "text_offset": offsets,
-            "top_logprobs": [{piece(i)[0]: w for i, w in top} for _, _, top in entries] if entries[0][2] else None}
+    offsets = list(itertools.accumulate((len(x) for x in tokens[:-1]), initial=offset))
+    return {"tokens": tokens, "token_logprobs": [max(v, LOWEST) for _, v, _ in entries], "text_offset": offsets,
+            "top_logprobs": [{piece(i)[0]: max(w, LOWEST) for i, w in top} for _, _, top in entries]
+            if entries[0][2] else None}
 
 
 def joined_logprobs(chat: bool, parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -121,6 +121,8 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
     held = [Scan() for _ in lives]  # choices that may call tools: their text so far, and what scans found
     shown = [""] * len(lives)  # the content that went out already
     calls_out = [CallStream() for _ in lives]  # the calls that went out already (constrained answers)
+    offsets = [0] * len(lives)  # completions' logprobs: where each choice's next token starts in its text
+    pieces: dict = {}  # logprobs: token id -> its text, decoded once
     constrained = bool(g.params.grammar)
     try:
         if chat:
@@ -131,18 +133,22 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             i, o = await merged.get()
             if isinstance(o, Exception):
                 raise o
-            if g.tools is not None:
+            lp = logprobs_body(chat, o.logprobs, st.engine.tok, pieces, offsets[i])
+            if lp is not None and not chat:  # completions: offsets run on over the whole answer
+                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            if g.tools is not None:  # the step's logprobs ride on its first chunk (an empty delta when none)
                 held[i].extend(o.text)
                 text = g.tool_format.content_so_far(held[i], constrained)
                 if len(text) > len(shown[i]) and text.startswith(shown[i]):
-                    yield gs.chunk(chat, rid, created, st.name, text[len(shown[i]):], None, with_usage=wu, index=i)
-                    shown[i] = text
+                    yield gs.chunk(chat, rid, created, st.name, text[len(shown[i]):], None, with_usage=wu, index=i,
+                                   logprobs=lp)
+                    shown[i], lp = text, None
                 deltas = calls_out[i].update(g.tool_format.spans(held[i])) if constrained else []
-                if deltas:
-                    yield gs.chunk(chat, rid, created, st.name, None, None, with_usage=wu, index=i, calls=deltas)
+                if deltas or lp is not None:
+                    yield gs.chunk(chat, rid, created, st.name, None, None, with_usage=wu, index=i, calls=deltas,
+                                   logprobs=lp)
             elif o.text or o.logprobs:  # held-back text (a possible stop string) still reports its logprobs
-                yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i,
-                               logprobs=logprobs_body(chat, o.logprobs, st.engine.tok))
+                yield gs.chunk(chat, rid, created, st.name, o.text, None, with_usage=wu, index=i, logprobs=lp)
             if o.finished:
                 left -= 1
                 finish = o.finished
@@ -157,7 +163,9 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                         yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i,
                                        calls=[{"index": k, **c} for k, c in enumerate(calls)])
                 yield gs.chunk(chat, rid, created, st.name, None, finish, with_usage=wu, index=i)
-    except (ClientGone, RuntimeError) as e:  # headers are sent: the error goes in the stream (RequestFailed too)
+    except Exception as e:  # noqa: BLE001 -- headers are sent: the error goes in the stream, then [DONE]
+        if not isinstance(e, (ClientGone, RuntimeError)):  # RequestFailed is a RuntimeError: its reason is given
+            log.exception("millis serve: a stream failed")
         yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
     else:
         if wu:

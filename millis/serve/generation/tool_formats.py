@@ -78,8 +78,18 @@ class GenericFormat:
         fields, _ = scan.object_fields(0)
         if "tool_calls" not in fields:
             return []
-        spans = [scan.call_span(i, self.args_keys) for i in scan.array_items(fields["tool_calls"][0])]
-        return [sp for sp in spans if sp is not None]
+        items = scan.array_items(fields["tool_calls"][0])
+        whole, looked = scan.memo.get("generic", ([], 0))  # the whole calls, of the first `looked` items
+        tail = []
+        for k in range(looked, len(items)):
+            sp = scan.call_span(items[k], self.args_keys)
+            if scan.object_end(items[k]) is None:  # only the last item can be unfinished
+                tail += [sp] if sp is not None else []
+                break
+            whole += [sp] if sp is not None else []
+            looked = k + 1
+        scan.memo["generic"] = (whole, looked)
+        return whole + tail
 
     def content_so_far(self, text: str | Scan, constrained: bool) -> str:
         """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written."""
@@ -167,13 +177,18 @@ class HermesFormat(NativeFormat):
     def spans(self, text: str | Scan) -> list[CallSpan]:
         """The `<tool_call>` blocks written so far."""
         scan = as_scan(text)
-        spans, at = [], scan.s.find(self.MARK)
-        while at >= 0:
-            sp = scan.call_span(at + len(self.MARK), self.args_keys)
-            if sp is not None:
-                spans.append(sp)
-            at = scan.s.find(self.MARK, at + 1)
-        return spans
+        whole, at = scan.memo.get("hermes", ([], 0))  # the whole calls so far; where the next block may begin
+        tail = []
+        while (mark := scan.s.find(self.MARK, at)) >= 0:
+            start = mark + len(self.MARK)
+            sp, end = scan.call_span(start, self.args_keys), scan.object_end(start)
+            if end is None:  # the call is being written (a mark inside its strings is not a block)
+                tail += [sp] if sp is not None else []
+                break
+            whole += [sp] if sp is not None else []
+            at = end
+        scan.memo["hermes"] = (whole, at)
+        return whole + tail
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         calls = [c for c in (self.call_of(block, spec) for block in self.BLOCK.findall(text)) if c is not None]

@@ -52,6 +52,7 @@ class Scan:
         self.ends: dict[int, int] = {}                      # value start -> the index after it (finished)
         self.resume: dict[int, object] = {}                 # value start -> where its unfinished scan stopped
         self.objects: dict[int, tuple[dict, int]] = {}      # object start -> (finished fields, index after them)
+        self.closed: dict[int, int] = {}                    # object start -> the index after it, all fields read
         self.arrays: dict[int, tuple[list[int], int]] = {}  # array start -> (finished items' starts, index after)
         self.calls: dict[tuple[int, tuple[str, ...]], CallSpan] = {}  # whole calls
         self.memo: dict[str, object] = {}                   # a format's own resumable state (tool_formats.py)
@@ -127,6 +128,8 @@ class Scan:
         if i >= len(s) or s[i] != "{":
             return {}, None
         done, at = self.objects.get(i, ({}, i + 1))  # fields whose values are finished; where the next begins
+        if (closed := self.closed.get(i)) is not None:
+            return dict(done), closed
         j = at
         while True:
             self.steps += 1
@@ -134,6 +137,7 @@ class Scan:
             if j >= len(s):
                 break
             if s[j] == "}":
+                self.objects[i], self.closed[i] = (done, at), j + 1
                 return dict(done), j + 1
             if s[j] == ",":
                 j += 1
@@ -143,7 +147,10 @@ class Scan:
             k_end = self.string_end(j)
             if k_end is None:
                 break
-            key = json.loads(s[j:k_end])
+            try:
+                key = json.loads(s[j:k_end])
+            except ValueError:  # a raw control character: not JSON
+                break
             v = skip_ws(s, k_end)
             if v >= len(s) or s[v] != ":":
                 break
@@ -184,6 +191,10 @@ class Scan:
         self.arrays[i] = (starts, at)
         return list(starts)
 
+    def object_end(self, i: int) -> int | None:
+        """The index after the object that begins at s[i] (after blanks), None while unfinished or not one."""
+        return self.object_fields(i)[1]
+
     def call_span(self, i: int, args_keys: tuple[str, ...]) -> CallSpan | None:
         """The call object that begins at s[i]: {"name": N, <args key>: {...}} in either order."""
         if (sp := self.calls.get((i, args_keys))) is not None:
@@ -192,7 +203,10 @@ class Scan:
         fields, end = self.object_fields(i)
         name = None
         if "name" in fields and fields["name"][1] is not None:
-            v = json.loads(s[fields["name"][0]:fields["name"][1]])
+            try:
+                v = json.loads(s[fields["name"][0]:fields["name"][1]])
+            except ValueError:  # not a JSON value (a raw control character, a bare word)
+                v = None
             name = v if isinstance(v, str) else None
         key = next((k for k in args_keys if k in fields), None)
         if key is None:
@@ -234,6 +248,7 @@ class CallStream:
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.sent: list[int] = []
+        self.settled = 0  # the leading calls whose whole arguments went out: never looked at again
 
     @property
     def started(self) -> bool:
@@ -241,7 +256,8 @@ class CallStream:
 
     def update(self, spans: list[CallSpan]) -> list[dict]:
         deltas = []
-        for k, c in enumerate(spans):
+        for k in range(self.settled, len(spans)):
+            c = spans[k]
             if k == len(self.ids):
                 if c.name is None:
                     break  # calls are announced in order, each once its name is known
@@ -252,4 +268,6 @@ class CallStream:
             elif len(c.args) > self.sent[k]:
                 deltas.append({"index": k, "function": {"arguments": c.args[self.sent[k]:]}})
                 self.sent[k] = len(c.args)
+            if k == self.settled and c.done:
+                self.settled += 1
         return deltas
