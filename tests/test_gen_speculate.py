@@ -166,3 +166,30 @@ def test_draft_model_with_a_shorter_context_drafts_for_the_rows_that_fit(model_p
         assert run_all(eng, prompts, greedy) == want[:len(prompts)]
         drafted.append((eng.draft_stats.drafted, eng.draft_stats.accepted))
     assert drafted[0][0] > 0 and drafted[1] == drafted[0], drafted  # the story drafts as much beside the long one
+
+
+def test_the_kept_index_finds_what_a_scan_finds():
+    """NgramIndex (kept up as tokens come, a dict read a step) against `lookup` over the whole context, for
+    every prefix of random token streams with repeats, split between prompt and output anywhere."""
+    import random
+
+    from millis.gen.speculate import NgramIndex
+
+    rng = random.Random(0)
+    for trial in range(40):
+        seq = [rng.randrange(6 if trial % 2 else 40) for _ in range(rng.randrange(1, 120))]
+        split = rng.randrange(0, len(seq) + 1)
+        index = NgramIndex()
+        for end in range(max(split, 1), len(seq) + 1):  # the prompt, then one output token at a time
+            prompt, out = seq[:split] if split else seq[:1], seq[max(split, 1):end]
+            for k, min_n in ((4, 1), (2, 2), (1, 3)):
+                assert index.lookup(prompt, out, k, min_n) == lookup(prompt + out, k, min_n), (trial, end, k)
+    big = NgramIndex()
+    assert big.lookup([2**31 + 5, 7, 2**31 + 5], [], 3) == [7, 2**31 + 5]  # large ids do not collide
+    from millis.gen.speculate import INDEX_PER_STEP
+
+    long = [1, 2, 3] * (INDEX_PER_STEP // 3) + [9] * INDEX_PER_STEP + [1, 2]  # a prompt past a step's indexing
+    index, calls = NgramIndex(), 0
+    while not (got := index.lookup(long, [], 4, 1)):
+        calls += 1
+    assert calls == 1 and got == lookup(long, 4, 1) == [3, 9, 9, 9]  # no draft until it is all in, then the same

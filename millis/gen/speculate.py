@@ -24,12 +24,14 @@ NGRAMS = (3, 2, 1)   # suffix lengths looked up, longest first
 MIN_DRAFTED = 8      # draft tokens tried before a request's acceptance rate may switch drafting off
 FIRST_DRAFTS = 2     # draft length until one of the request's drafts was accepted
 MIN_ACCEPT = 0.3     # ... when below this share of them was accepted
+INDEX_PER_STEP = 4096  # prompt positions a request's n-gram index takes in a step (~7 ms)
 
 
 @dataclass
 class DraftStats:
     drafted: int = 0   # draft tokens verified
     accepted: int = 0  # of them, kept
+    index: NgramIndex | None = None  # a request's: its tokens' n-grams, once it drafts
 
     @property
     def off(self) -> bool:
@@ -50,6 +52,49 @@ def lookup(ctx: list[int], k: int, min_n: int = 1) -> list[int]:
     return []
 
 
+class NgramIndex:
+    """`lookup` kept up as a request's tokens come (prompt, then output; neither ever shrinks): the latest start
+    of every n-gram that ends before the last token, so a lookup is a dict read. (`lookup` over the whole
+    context each step cost 0.18 / 0.54 / 2.3 ms a row at 2 K / 8 K / 32 K tokens, and a row whose lookups never
+    match never drafts, so nothing switched it off.) Keys: an n-gram's ids as one integer (base 2^32)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, dict[int, int]] = {n: {} for n in NGRAMS}
+        self.ends = 0  # windows ending at positions < ends are in
+
+    def key(self, tokens, start: int, n: int) -> int:
+        k = 0
+        for t in tokens[start:start + n]:
+            k = (k << 32) + t
+        return k
+
+    def lookup(self, prompt: list[int], out: list[int], k: int, min_n: int = 1) -> list[int]:
+        """lookup(prompt + out, k, min_n), without building prompt + out."""
+        length, split = len(prompt) + len(out), len(prompt)
+
+        def span(a: int, b: int) -> list[int]:  # tokens [a, b) of prompt + out
+            return (prompt[a:b] if a < split else []) + (out[max(a - split, 0):b - split] if b > split else [])
+        if self.ends < length - 1:  # at most INDEX_PER_STEP positions a call (a long prompt: no draft until in)
+            upto = min(length - 1, self.ends + INDEX_PER_STEP)
+            first = max(self.ends - NGRAMS[0] + 1, 0)
+            new = span(first, upto)  # what the new windows read
+            for end in range(self.ends, upto):
+                for n in NGRAMS:
+                    if end - n + 1 >= 0:
+                        self.latest[n][self.key(new, end - n + 1 - first, n)] = end - n + 1
+            self.ends = upto
+            if upto < length - 1:
+                return []
+        tail = span(max(length - NGRAMS[0], 0), length)
+        for n in NGRAMS:
+            if length <= n or n < min_n:
+                continue
+            j = self.latest[n].get(self.key(tail, len(tail) - n, n))
+            if j is not None:
+                return span(j + n, min(j + n + k, length))
+        return []
+
+
 def draftable(params, stats: DraftStats) -> bool:
     """Only greedy rows without penalties, logit bias, logprobs or a grammar are drafted (their tokens are
     the argmax of the model's own logits), and only while drafting pays."""
@@ -60,9 +105,12 @@ def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) 
     """A request's prompt-lookup draft of at most k tokens (`draftable` rows only)."""
     if k < 1 or not draftable(params, stats):
         return []
+    if stats.index is None:
+        stats.index = NgramIndex()
     # until a draft of the request has been right, drafts are short and need a match of 2+ tokens: text
     # that does not repeat pays little before drafting switches off
-    return lookup(prompt + out, k, 1) if stats.accepted else lookup(prompt + out, min(k, FIRST_DRAFTS), 2)
+    return stats.index.lookup(prompt, out, k, 1) if stats.accepted else \
+        stats.index.lookup(prompt, out, min(k, FIRST_DRAFTS), 2)
 
 
 def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:
