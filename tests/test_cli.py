@@ -288,3 +288,33 @@ def test_optimize_compression_progress_has_step_lines():
     assert said[0] == "compress student-3l: training on 400 rows" and len(steps) == 20
     assert steps[0].startswith("compress student-3l: epoch 1: 5% (2/40 steps), loss 0.3000, 50 rows/s")
     assert said[-1].startswith("compress student-3l: epoch 1, loss 0.3000, val_accuracy 0.9000")
+
+
+@pytest.mark.parametrize("text", ["1_0", "\u0661", "\uff11", "nan", "inf", "-Infinity", "1e999", "0x10", "1.2.3", ""])
+def test_float_flags_take_ascii_decimal_numbers_only(text, monkeypatch, capsys):
+    """float() took "1_0", Arabic-Indic and fullwidth digits, nan and inf: a --max-drop of nan let every variant
+    pass."""
+    assert main(["optimize", "tiny:bert", f"--max-drop={text}"]) == 2
+    want = "expected a finite number" if text == "1e999" else "expected a number"
+    assert capsys.readouterr().err == f"error: --max-drop={text!r}: {want}\n"
+    if text:
+        monkeypatch.setenv("MILLIS_MAX_DROP", text)
+        assert main(["optimize", "tiny:bert"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: MILLIS_MAX_DROP={text!r}: expected a")
+
+
+@pytest.mark.parametrize("text, value", [("1", 1.0), ("-2.", -2.0), (".5", 0.5), ("+3e-2", 0.03), (" 1E2 ", 100.0)])
+def test_float_flags_read_the_usual_forms(text, value):
+    assert config_from_argv(["optimize", "x", f"--max-drop={text}"])[1].budget.max_drop == value
+
+
+def test_unknown_variants_fail_before_any_work(capsys, tmp_path):
+    from millis.optimize.build.variants import CATALOG
+
+    out = tmp_path / "art"
+    assert main(["optimize", "tiny:bert", "--variants", "ort-fp32-fused,ort-int9", "--preset", "quick",
+                 "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()[-1]
+    assert err.startswith("error: --variants: unknown variant(s) ort-int9; known: ") and not out.exists()
+    assert all(name in err for name in CATALOG) and "building" not in captured.out + captured.err

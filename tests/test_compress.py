@@ -267,18 +267,104 @@ def test_students_hold_out_the_teachers_validation_rows(tmp_path, student, train
     import shutil
 
     from millis.artifact.validation import VALIDATION_FILE
+    from millis.common.files import hash_files
     from millis.optimize.compress import check_same_holdout, teacher_split
 
     split = teacher_split(resolve(str(trained_classifier)), "")
     assert split == {"seed": 0, "val_fraction": 0.1, "validation": "", "limit": 0, "sample": 0}
-    assert teacher_split(resolve(str(trained_classifier)), str(topics_data["train"])) == {}  # --compress-data
+    # --compress-data naming the teacher's own file (its sha256): the same split; another file: the students' own
+    assert teacher_split(resolve(str(trained_classifier)), str(topics_data["train"])) == split
+    assert teacher_split(resolve(str(trained_classifier)), str(topics_data["test"])) == {}
     check_same_holdout(trained_classifier, student[0])  # distilled with the same split: the same rows
     other = tmp_path / "other"
     shutil.copytree(student[0], other)
     rows = (other / VALIDATION_FILE).read_text().splitlines()
     (other / VALIDATION_FILE).write_text("\n".join(rows[1:]) + "\n")  # one held-out row less: it trained on it
+    meta = json.loads((other / "millis.json").read_text())  # as its own millis.json says (else: not verified)
+    meta["files"][VALIDATION_FILE] = hash_files([other / VALIDATION_FILE])
+    (other / "millis.json").write_text(json.dumps(meta))
     with pytest.raises(MillisError, match="held out other validation rows than its teacher"):
         check_same_holdout(trained_classifier, other)
+
+
+def fake_students(monkeypatch, teacher):
+    """Replace the training of students: record what each would train on, and hand back the teacher."""
+    from millis.optimize import compress
+
+    trained, holdout_checked = [], []
+    monkeypatch.setattr(compress, "cached", lambda kind, src, data, cfg, build, progress=None: trained.append(
+        (data, cfg)) or teacher)
+    monkeypatch.setattr(compress, "check_same_holdout", lambda t, s: holdout_checked.append(s))
+    return trained, holdout_checked
+
+
+def test_compress_data_that_is_the_teachers_file_keeps_the_teachers_split(tmp_path, trained_classifier, topics_data,
+                                                                         monkeypatch):
+    """--compress-data with the sha256 `millis train` recorded: the students hold out the teacher's rows,
+    and that is checked."""
+    import shutil
+
+    from millis.optimize.compress import candidates
+
+    copy = tmp_path / "elsewhere" / topics_data["train"].name
+    copy.parent.mkdir()
+    shutil.copy(topics_data["train"], copy)
+    trained, holdout_checked = fake_students(monkeypatch, trained_classifier)
+    out = candidates(resolve(str(trained_classifier)), "classify", "quick", str(copy), "text", lambda m: None)
+    assert [r.name for r, _ in out] == ["l-half"] and trained[0][0] == str(copy)
+    assert holdout_checked == [trained_classifier]
+
+
+def test_students_never_train_on_the_rows_selection_judges(tmp_path, trained_classifier, topics_data, monkeypatch):
+    """--compress-data another file: its rows that are selection rows (text and label) are dropped, said so."""
+    from millis.artifact.validation import read_validation
+    from millis.common.readers import read_labeled
+    from millis.optimize.compress import candidates
+
+    selection = read_validation(trained_classifier)
+    other = tmp_path / "more.csv"  # the teacher's rows under another name: another file, selection rows and all
+    other.write_text(topics_data["train"].read_text() + "card pin today,market\n")
+    assert ("card pin today", "market") not in set(zip(selection.texts, selection.labels))
+    trained, holdout_checked = fake_students(monkeypatch, trained_classifier)
+    msgs = []
+    candidates(resolve(str(trained_classifier)), "classify", "quick", str(other), "text", msgs.append, selection)
+    used = read_labeled(trained[0][0], "text", trained[0][1].train.label_col)
+    judged = set(zip(selection.texts, selection.labels))
+    assert not judged & set(zip(used.texts, used.labels)) and ("card pin today", "market") in set(zip(used.texts,
+                                                                                                      used.labels))
+    dropped = 201 - len(used)
+    assert dropped >= len(judged) and any(m.startswith(f"compress: dropped {dropped} of the 201 rows of {other}")
+                                          for m in msgs)
+    assert holdout_checked == []  # their own split: not the teacher's
+
+
+def test_a_cached_student_that_fails_verification_is_rebuilt(tmp_path, monkeypatch, trained_classifier):
+    from millis.artifact import store
+    from millis.artifact.meta import TrainMeta
+    from millis.optimize.compress import cached
+    from millis.train.distill import distill_config
+
+    from test_artifact_meta import V1_TRAIN
+
+    monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
+    builds, msgs = [], []
+
+    def build(cfg):
+        builds.append(cfg.train.out)
+
+        def fill(d):
+            (d / "validation.jsonl").write_text('{"text": "card", "label": "bank"}\n')
+            return TrainMeta.from_dict(V1_TRAIN, "a test record")
+        return store.write(cfg.train.out, fill)
+
+    teacher, cfg = resolve(str(trained_classifier)), distill_config("t", str(trained_classifier / "validation.jsonl"))
+    out = cached("distill", teacher, cfg.train.data, cfg, build, msgs.append)
+    assert cached("distill", teacher, cfg.train.data, cfg, build, msgs.append) == out and len(builds) == 1  # reused
+    (out / "validation.jsonl").write_text('{"text": "card", "label": "market"}\n')  # edited after training
+    assert cached("distill", teacher, cfg.train.data, cfg, build, msgs.append) == out and len(builds) == 2
+    assert msgs == [f"compress: rebuilding the cached student: model directory {out} is corrupted: validation.jsonl "
+                    f"does not match its recorded sha256"]
+    assert "bank" in (out / "validation.jsonl").read_text()
 
 
 def test_compress_needs_training_data(tmp_path, topics_data, tiny_dirs):

@@ -63,7 +63,6 @@ def test_every_preset_of_every_table_builds_its_config():
             build()
 
 
-
 def test_a_bad_recorded_config_names_the_field_and_the_file():
     d = to_dict(OptimizeConfig(source="tiny:bert"))
     with pytest.raises(MillisError, match=r"^a/millis.json: field 'target' should be a shape name"):

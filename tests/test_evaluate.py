@@ -133,3 +133,40 @@ def test_embed_eval_needs_the_fp32_source(embed_artifact, tmp_path):
     txt.write_text("where is my card?\nrefund?\n")
     with pytest.raises(MillisError, match="fp32 source .*gone is gone"):
         evaluate(EvalConfig(model=str(art), data=str(txt)))
+
+
+def test_eval_warns_on_the_rows_that_selected_the_model(tmp_path, trained_classifier, topics_data, quick_measure,
+                                                        capsys):
+    """optimize records the sha256 of its selection data: `millis eval ART --data` on that file (any copy of it)
+    warns and says so in its JSON; on the test file it does not. A model from `millis train` on its validation
+    rows alike."""
+    import shutil
+    from dataclasses import replace
+
+    from millis.artifact.validation import VALIDATION_FILE
+    from millis.common.config import Shape
+    from millis.common.files import file_sha256
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    dev = tmp_path / "dev.csv"
+    dev.write_text("".join(topics_data["test"].read_text().splitlines(keepends=True)[:31]))
+    art = optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "art"),
+                                  target=Shape(1, 16), variants=("ort-fp32-fused",), data=str(dev), recover=False,
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
+    recorded = json.loads((art / "millis.json").read_text())["measured"]["selection_sha256"]
+    assert recorded == [file_sha256(dev), file_sha256(trained_classifier / VALIDATION_FILE)]
+    copy = tmp_path / "copy" / "renamed.csv"
+    copy.parent.mkdir()
+    shutil.copy(dev, copy)
+    for data, seen in ((dev, True), (copy, True), (trained_classifier / VALIDATION_FILE, True),
+                       (topics_data["test"], False)):
+        res = tmp_path / "res.json"
+        assert main(["eval", str(art), "--data", str(data), "--json", str(res), "--threads", "1"]) == 0
+        err = capsys.readouterr().err
+        assert json.loads(res.read_text())["seen_by_selection"] is seen
+        assert ("warning: " in err and f"{data} holds the rows that selected this model" in err) is seen, err
+    on_val = evaluate(EvalConfig(model=str(trained_classifier), data=str(trained_classifier / VALIDATION_FILE)))
+    assert on_val["seen_by_selection"] is True
+    assert evaluate(EvalConfig(model=str(trained_classifier), data=str(topics_data["test"])))["seen_by_selection"] \
+        is False

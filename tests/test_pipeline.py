@@ -106,6 +106,78 @@ def test_selection_data_is_the_users_file_or_nothing(trained_classifier, topics_
     assert selection_data(OptimizeConfig(source=str(trained_classifier), task="embed"), src) == (None, "")
 
 
+def test_an_edited_validation_split_is_refused(tmp_path, trained_classifier):
+    """validation.jsonl is hashed into millis.json: an edit (here: a label flipped) would change what selection
+    judges on, silently; it fails, naming the file."""
+    import shutil
+
+    from millis.artifact.validation import VALIDATION_FILE
+    from millis.encoder.source import resolve
+    from millis.optimize.pipeline import selection_data
+
+    model = tmp_path / "m"
+    shutil.copytree(trained_classifier, model)
+    kept = model / VALIDATION_FILE
+    kept.write_text(kept.read_text().replace('"label": "bank"', '"label": "market"', 1))
+    with pytest.raises(millis.MillisError, match=rf"model directory {model} is corrupted: {VALIDATION_FILE} does not "
+                                                 rf"match its recorded sha256"):
+        selection_data(OptimizeConfig(source=str(model), task="classify"), resolve(str(model)))
+
+
+def test_selection_on_a_validation_file_says_so_and_is_recorded(tmp_path, topics_data, tiny_dirs):
+    """A model trained with --validation FILE: selection names that file (not "held out of" the training file),
+    and the artifact records the sha256 of every file whose rows chose it."""
+    from conftest import train_one_thread
+    from millis.artifact.validation import VALIDATION_FILE
+    from millis.common.files import file_sha256
+    from millis.encoder.source import resolve
+    from millis.optimize.pipeline import selection_data, selection_sha256
+    from millis.train.classify import train_config
+
+    model = train_one_thread(train_config("tiny:bert", str(topics_data["train"]), out=str(tmp_path / "m"), epochs=1,
+                                          validation=str(topics_data["test"]), limit=48))
+    src = resolve(str(model))
+    data, where = selection_data(OptimizeConfig(source=str(model), task="classify"), src)
+    assert where == (f"{model / VALIDATION_FILE}: the validation rows `millis train` read from {topics_data['test']}, "
+                     f"60 rows")
+    assert selection_sha256(data, src) == (file_sha256(model / VALIDATION_FILE), file_sha256(topics_data["test"]))
+
+
+def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier, topics_data, quick_measure,
+                                                   monkeypatch):
+    """Static int8 calibration and the sensitivity ranking default to rows selection does not judge on: the
+    teacher's training rows less its validation rows (and less --data's rows), else the shipped texts."""
+    from millis.artifact.validation import read_validation
+    from millis.common.readers import read_labeled
+    from millis.encoder.source import resolve
+    from millis.optimize import pipeline
+    from millis.optimize.recover import Recovery
+
+    calibrated, ranked = [], []
+    batches = pipeline.calibration_batches
+    monkeypatch.setattr(pipeline, "calibration_batches", lambda enc, texts, length: calibrated.append(texts) or
+                        batches(enc, texts, length))
+    monkeypatch.setattr(pipeline, "recover", lambda judged, judge, rank, texts, progress: ranked.append(texts) or
+                        Recovery({"needed": False, "why": "test", "attempts": []}))
+    optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "a"),
+                            target=Shape(1, 16), variants=("ort-int8-static",),
+                            measure=replace(quick_measure, threads=1, serve_mix=0)))
+    judged = set(read_validation(trained_classifier).texts)
+    assert len(calibrated) == 1 and len(ranked) == 1 and calibrated[0] and ranked[0] == calibrated[0]
+    assert not judged & set(calibrated[0]) and set(calibrated[0]) <= set(read_labeled(topics_data["train"]).texts)
+    src = resolve(str(trained_classifier))
+    test = read_labeled(topics_data["test"])
+    texts, _ = pipeline.calibration_rows(OptimizeConfig(source=str(trained_classifier), task="classify",
+                                                        data=str(topics_data["test"])), src, test)
+    assert texts and not (judged | set(test.texts)) & set(texts)
+    shipped = tmp_path / "d.csv"  # no training file: the shipped texts, less the selection rows
+    shipped.write_text("text,label\n" + "".join(f'"{t}",x\n' for t in sample_texts()[:5] if '"' not in t))
+    rows = read_labeled(shipped)
+    texts, where = pipeline.calibration_rows(OptimizeConfig(source="tiny:bert", task="classify", data=str(shipped)),
+                                             resolve("tiny:bert"), rows)
+    assert where == "the texts shipped with millis" and texts and not set(rows.texts) & set(texts)
+
+
 def test_loaded_artifact_matches_reference(classify_artifact, tiny_dirs):
     m = millis.load(classify_artifact)
     texts = sample_texts()[:16]

@@ -1,7 +1,8 @@
 """Directories described by a `millis.json` (millis.artifact.meta): artifacts (the chosen model, its tokenizer)
 and the model dirs `millis train` / distill / prune write.
 
-Written atomically (built in a temp dir beside the target, then renamed into place); loading checks
+Written atomically (built in a temp dir beside the target, then renamed into place), replacing only an empty
+directory or one millis wrote, never what the command reads (check_out); loading checks
 the format version and every file's sha256, so a corrupted or half-copied artifact fails clearly.
 """
 from __future__ import annotations
@@ -13,22 +14,44 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from millis.artifact.meta import FORMAT, FORMAT_VERSION, META, ArtifactMeta, TrainMeta, format_of, is_artifact
+from millis.artifact.meta import (FORMAT, FORMAT_VERSION, META, TRAIN_FORMAT, ArtifactMeta, TrainMeta, format_of,
+                                  is_artifact, read_train_meta)
 from millis.common.errors import MillisError
 from millis.common.files import hash_files
 
 UNHASHED = "report.html"  # the one file written into an artifact after its millis.json (optimize.report_html)
-__all__ = ["FORMAT", "FORMAT_VERSION", "META", "format_of", "is_artifact", "read_meta", "write"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "META", "check_out", "format_of", "is_artifact", "read_meta",
+           "verified_train_meta", "write"]
 
 M = TypeVar("M", ArtifactMeta, TrainMeta)
 
 
-def write(out: Path, fill: Callable[[Path], M]) -> Path:
+def check_out(out: str | Path, keep: tuple[str | Path, ...] = ()) -> None:
+    """Refuse an `--out` that write() must not replace: anything but an empty directory or one millis wrote
+    (its millis.json declares an artifact or a trained model, any version), and any path that is, holds or
+    lies inside one of `keep` (the source model, the files the command reads). Called before the work
+    starts too, so a bad --out fails in a second, not after the training or the measurements."""
+    out = Path(out).resolve()
+    for k in (Path(k).resolve() for k in keep if k):  # "": a file not given (Path("") would be the cwd)
+        if out == k or out in k.parents or k in out.parents:
+            what = "is" if out == k else "contains" if out in k.parents else "is inside"
+            raise MillisError(f"--out {out} {what} {k}, which this command reads: choose another --out")
+    if out.is_dir():
+        if any(out.iterdir()) and format_of(out) not in (FORMAT, TRAIN_FORMAT):
+            raise MillisError(f"--out {out} is a directory that millis did not write (it is not empty and has no "
+                              f"{META}): refusing to replace it; choose another --out or remove it")
+    elif out.exists():
+        raise MillisError(f"--out {out} is a file, not a directory: refusing to replace it")
+
+
+def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = ()) -> Path:
     """Create `out` atomically. `fill(tmp)` writes the files into tmp and returns their millis.json
     (an ArtifactMeta or TrainMeta, which says the format); every file then present (but millis.json)
     is hashed into its `files`. What is written is read back first: a file this millis cannot read
-    is never written."""
+    is never written. Only an empty directory or one millis wrote is replaced, never one of `keep`
+    (check_out)."""
     out = Path(out)
+    check_out(out, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -65,18 +88,34 @@ def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
         raise MillisError(f"{mf} is corrupted (not valid JSON: {e})") from None
     meta = ArtifactMeta.from_dict(raw, str(mf))
     if verify:
-        # every file write() put there is listed: an empty list, or a file the list lacks (report.html, a view
-        # written after, aside), is a millis.json edited or replaced, not one to trust
-        listed = set(meta.files)
-        present = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (META, UNHASHED))
-        unlisted = sorted(rel for rel in present if rel not in listed)
-        if not listed or unlisted:
-            what = "lists no files" if not listed else f"does not list {', '.join(unlisted[:3])}"
-            raise MillisError(f"artifact {path} is corrupted: its {META} {what}")
-        for rel, digest in meta.files.items():
-            f = path / rel
-            if not f.is_file():
-                raise MillisError(f"artifact {path} is corrupted: {rel} is missing")
-            if hash_files([f]) != digest:
-                raise MillisError(f"artifact {path} is corrupted: {rel} does not match its recorded sha256")
+        verify_files(path, meta, "artifact")
+    return meta
+
+
+def verify_files(path: Path, meta: ArtifactMeta | TrainMeta, what: str) -> None:
+    """Check that `path` holds exactly the files `meta.files` lists, each with its recorded sha256; else a
+    MillisError naming `what` (artifact, model directory), the directory and the file."""
+    # every file write() put there is listed: an empty list, or a file the list lacks (report.html, a view
+    # written after, aside), is a millis.json edited or replaced, not one to trust
+    listed = set(meta.files)
+    present = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (META, UNHASHED))
+    unlisted = sorted(rel for rel in present if rel not in listed)
+    if not listed or unlisted:
+        why = "lists no files" if not listed else f"does not list {', '.join(unlisted[:3])}"
+        raise MillisError(f"{what} {path} is corrupted: its {META} {why}")
+    for rel, digest in meta.files.items():
+        f = path / rel
+        if not f.is_file():
+            raise MillisError(f"{what} {path} is corrupted: {rel} is missing")
+        if hash_files([f]) != digest:
+            raise MillisError(f"{what} {path} is corrupted: {rel} does not match its recorded sha256")
+
+
+def verified_train_meta(model_dir: str | Path) -> TrainMeta | None:
+    """read_train_meta, with every file the record lists checked against its sha256 (an edited
+    validation.jsonl would silently change what optimize selects on); None for a dir `millis train`
+    (distill, prune) did not write."""
+    meta = read_train_meta(model_dir)
+    if meta is not None:
+        verify_files(Path(model_dir), meta, "model directory")
     return meta

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from millis.artifact.meta import read_train_meta
+from millis.artifact.store import verified_train_meta
 from millis.common.readers import Labeled, read_labeled
 
 VALIDATION_FILE = "validation.jsonl"
@@ -30,9 +31,22 @@ def write_validation(model_dir: Path, rows: Labeled) -> Path:
 
 def read_validation(model_dir: str | Path) -> Labeled | None:
     """The validation rows a trained model dir keeps, or None (not from `millis train`, or trained before
-    the split was kept, or an embedder: only labelled splits are kept)."""
-    meta = read_train_meta(model_dir)
+    the split was kept, or an embedder: only labelled splits are kept). The dir's files are checked against
+    their recorded sha256 first: an edited validation.jsonl fails, naming the file."""
+    meta = verified_train_meta(model_dir)
     path = Path(model_dir) / VALIDATION_FILE
     if meta is None or not path.is_file():
         return None
     return read_labeled(path, meta.data.text_col, meta.data.label_col)
+
+
+def selection_files(model_dir: str | Path) -> list[Path]:
+    """The files whose rows chose a trained model's best epoch, those still there: its validation.jsonl and
+    the --validation file it was read from ([] for a dir `millis train` did not write)."""
+    meta = read_train_meta(model_dir)
+    if meta is None:
+        return []
+    files = [Path(model_dir) / VALIDATION_FILE]
+    if meta.train_config.get("validation"):  # read from --validation FILE, not held out of the training file
+        files.append(Path(meta.train_config["validation"]))
+    return [f for f in files if f.is_file()]

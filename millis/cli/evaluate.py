@@ -3,6 +3,7 @@ with `--text FILE`, the perplexity of a decoder on that text instead (an EvalTex
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
     if own.json:
         Path(own.json).write_text(json.dumps(res, indent=2))
     print(f"model {cfg.model} ({res['variant']}, {res['task']}) on {cfg.data}: {res['n']} rows, {res['seconds']:.1f} s")
+    if res["seen_by_selection"]:
+        print(f"warning: {cfg.data} holds the rows that selected this model (optimize's selection data or training's "
+              f"validation rows): these figures are not a test score; report on a file selection never saw",
+              file=sys.stderr)
     if res["task"] == "classify":
         print(f"accuracy {100 * res['accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%\n")
         print(f"{'label':<40} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")

@@ -89,13 +89,16 @@ def read_int(text: str) -> int:
     return int(text)
 
 
+FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def read_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    # float() also takes "1_0", other scripts' and fullwidth digits, "nan" and "inf"
+    if FLOAT.fullmatch(text.strip()) is None:
         raise ValueError("expected a number")
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError("expected a finite number")
     return value
 
 

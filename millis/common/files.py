@@ -16,6 +16,15 @@ def hash_files(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes alone (hash_files hashes the names too: there a renamed copy differs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     d = Path(os.environ.get("MILLIS_CACHE", Path.home() / ".cache" / "millis"))
     d.mkdir(parents=True, exist_ok=True)

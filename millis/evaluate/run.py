@@ -15,6 +15,7 @@ import numpy as np
 
 from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
+from millis.common.files import file_sha256
 from millis.common.numeric import unit_rows
 from millis.common.readers import Labeled, read_labeled
 from millis.common.readers import read_texts
@@ -103,6 +104,17 @@ def _label_col(cfg: EvalConfig, model) -> str:
     return ""
 
 
+def seen_by_selection(data_file: str, model_dir: str, model) -> bool:
+    """Whether `data_file` holds rows that chose this model, by the sha256 of its bytes: an artifact's selection
+    data (recorded in millis.json), or a trained model's validation rows. Its accuracy there is no test score."""
+    from millis.artifact.meta import ArtifactMeta
+    from millis.artifact.validation import selection_files
+
+    seen = set(model.meta.measured.selection_sha256) if isinstance(model.meta, ArtifactMeta) else set()
+    seen |= {file_sha256(f) for f in selection_files(model_dir)}
+    return file_sha256(data_file) in seen
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.data`; return a JSON-ready dict (see module doc)."""
     from millis.artifact.model import open_model
@@ -117,6 +129,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         res["seconds"] = time.perf_counter() - t0
         res.update(classification_metrics(list(data.labels), pred))
         res["label_col"] = data.label_col
+        res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model)
         return res
     texts = read_texts(cfg.data, cfg.text_col, cfg.limit)
     ref_spec = model.meta.source.path if model.variant != "torch-fp32" else None
@@ -131,4 +144,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         reference = open_model(ref_spec, task="embed", threads=cfg.threads, max_length=model.max_length)
         ref = reference.run(texts).outputs
     res.update(embedding_agreement(ref, out))
+    res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model)
     return res

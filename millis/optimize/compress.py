@@ -4,19 +4,23 @@ A recipe says how deep the student is and how much of it is pruned afterwards; e
 trained once and cached under the millis cache, keyed by the teacher's weights, the training data
 and the recipe, so a second `optimize --compress` (or the benchmark) reuses it. The training data
 is the teacher's own (`millis train` records it) unless `--compress-data` names another file:
-never the evaluation file.
+never the evaluation file. On the teacher's file (recorded, or `--compress-data` with its sha256) the
+students hold out the teacher's validation rows; on another file they never train on a row selection
+judges (such rows are dropped first).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
+from millis.common.readers import Labeled, read_labeled
 from millis.encoder.source import ModelSource
 from millis.common.files import cache_dir, hash_files
 
@@ -63,6 +67,8 @@ def training_data(src: ModelSource, task: str, compress_data: str, text_col: str
 
     trained = read_train_meta(src.path)
     label_col = trained.data.label_col if trained else ""
+    if compress_data and is_teacher_data(src, compress_data):  # the teacher's file elsewhere: read as it was
+        return compress_data, trained.data.text_col, label_col
     if compress_data:
         return compress_data, text_col, label_col if task == "classify" else ""
     if trained and Path(trained.data.path).is_file():
@@ -77,12 +83,24 @@ def training_data(src: ModelSource, task: str, compress_data: str, text_col: str
 SPLIT_FIELDS = ("seed", "val_fraction", "validation", "limit", "sample")
 
 
-def teacher_split(src: ModelSource, compress_data: str) -> dict[str, Any]:
-    """TrainConfig overrides that reproduce the teacher's validation split ({} with `--compress-data`:
-    another file, the user's choice)."""
+def is_teacher_data(src: ModelSource, compress_data: str) -> bool:
+    """Whether the students train on the teacher's own training file: no `--compress-data`, or one whose
+    sha256 is the one `millis train` recorded for that file."""
     from millis.artifact.meta import read_train_meta
 
-    trained = read_train_meta(src.path) if not compress_data else None
+    if not compress_data:
+        return True
+    trained = read_train_meta(src.path)
+    return (trained is not None and bool(trained.data.sha256) and Path(compress_data).is_file()
+            and hash_files([Path(compress_data)]) == trained.data.sha256)
+
+
+def teacher_split(src: ModelSource, compress_data: str) -> dict[str, Any]:
+    """TrainConfig overrides that reproduce the teacher's validation split ({} when `--compress-data` is
+    another file than the teacher's: the students hold out their own rows, see without_selection_rows)."""
+    from millis.artifact.meta import read_train_meta
+
+    trained = read_train_meta(src.path) if is_teacher_data(src, compress_data) else None
     cfg = trained.train_config if trained else {}  # a distilled / pruned teacher nests its TrainConfig
     return {k: cfg[k] for k in SPLIT_FIELDS if k in cfg}
 
@@ -97,6 +115,28 @@ def check_same_holdout(teacher: Path, student: Path) -> None:
                           f"it may have trained on rows selection judges")
 
 
+def without_selection_rows(data_file: str, text_col: str, label_col: str, selection: Labeled | None,
+                           progress: Callable[[str], None]) -> tuple[str, str]:
+    """(file, label column) the students train on, from a labelled `data_file` that is not the teacher's: the
+    file itself, or a copy (JSONL, in the millis cache) without the rows whose (text, label) is among the
+    `selection` rows (a student trained on them would be judged on rows it learnt)."""
+    if selection is None:
+        return data_file, label_col
+    rows = read_labeled(data_file, text_col, label_col)
+    judged = set(zip(selection.texts, selection.labels))
+    keep = [(t, y) for t, y in zip(rows.texts, rows.labels) if (t, y) not in judged]
+    if len(keep) == len(rows):
+        return data_file, rows.label_col
+    text = "".join(json.dumps({rows.text_col: t, rows.label_col: y}, ensure_ascii=False) + "\n" for t, y in keep)
+    out = cache_dir() / "compressed" / f"data-{hashlib.sha256(text.encode()).hexdigest()[:16]}" / \
+        f"{Path(data_file).stem}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    progress(f"compress: dropped {len(rows) - len(keep)} of the {len(rows)} rows of {data_file}: they are among "
+             f"the rows selection judges ({selection.path}); the students train on the other {len(keep)}")
+    return str(out), rows.label_col
+
+
 def cache_key(kind: str, teacher_sha: str, data_file: str, cfg: Any) -> str:
     """Identifies a trained student: what it was trained from, on what, and how (paths excluded)."""
     d = to_dict(cfg)
@@ -106,25 +146,37 @@ def cache_key(kind: str, teacher_sha: str, data_file: str, cfg: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached(kind: str, teacher: ModelSource, data_file: str, cfg: Any, build: Callable[[Any], Path]) -> Path:
-    """The cached output of `build(cfg with out set)` for this teacher, data and recipe."""
-    from millis.artifact.meta import read_train_meta
+def cached(kind: str, teacher: ModelSource, data_file: str, cfg: Any, build: Callable[[Any], Path],
+           progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """The cached output of `build(cfg with out set)` for this teacher, data and recipe; one whose files no
+    longer match their recorded sha256 (an edited validation.jsonl...) is built again."""
+    from millis.artifact.store import verified_train_meta
 
     out = cache_dir() / "compressed" / f"{kind}-{cache_key(kind, teacher.sha256, data_file, cfg)}"
-    if read_train_meta(out) is None:
+    try:
+        reuse = verified_train_meta(out) is not None
+    except MillisError as e:
+        progress(f"compress: rebuilding the cached student: {e}")
+        reuse = False
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)  # the cache's own directory, whatever is left of it
         build(replace(cfg, train=replace(cfg.train, out=str(out))))
     return out
 
 
 def candidates(src: ModelSource, task: str, preset: str, compress_data: str, text_col: str,
-               progress: Callable[[str], None]) -> list[tuple[CompressRecipe, Path]]:
-    """Train (or reuse) every recipe of `preset` for teacher `src`; [(recipe, model dir)]."""
+               progress: Callable[[str], None], selection: Labeled | None = None) -> list[tuple[CompressRecipe, Path]]:
+    """Train (or reuse) every recipe of `preset` for teacher `src`; [(recipe, model dir)]. `selection`: the
+    labelled rows selection judges, which no student trains on."""
     from millis.train.distill import DistillConfig, distill
     from millis.train.prune import PRUNE_PRESETS, PruneConfig, prune
     from millis.encoder.source import resolve
     from millis.train.classify import train_config
 
     data, tcol, lcol = training_data(src, task, compress_data, text_col)
+    own_data = is_teacher_data(src, compress_data)  # then the teacher's split holds the selection rows out
+    if not own_data and task == "classify":
+        data, lcol = without_selection_rows(data, tcol, lcol, selection, progress)
     split = teacher_split(src, compress_data)
     out = []
     for r in recipes_for(preset):
@@ -140,7 +192,7 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
             dcfg = DistillConfig(train=train_config(str(src.path), data, text_col=tcol, label_col=lcol, **split),
                                  layers=n, task="embed" if task == "embed" else "")
             lines = training_lines(r.name, progress)
-            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, lines))))
+            model = resolve(str(cached("distill", src, data, dcfg, lambda c: distill(c, lines), progress)))
         if r.drop_layers >= model.num_layers:
             progress(f"compress: skipping {r.name}: cannot drop {r.drop_layers} of {model.num_layers} layers")
             continue
@@ -149,8 +201,8 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
                                                   **{**PRUNE_PRESETS["default"], **split}),
                                heads=r.heads, ffn=r.ffn, layers=r.drop_layers)
             lines = training_lines(r.name, progress)
-            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, lines))))
-        if not compress_data:
+            model = resolve(str(cached("prune", model, data, pcfg, lambda c: prune(c, lines), progress)))
+        if own_data:
             check_same_holdout(src.path, model.path)
         out.append((r, model.path))
     return out
@@ -178,16 +230,17 @@ def training_lines(name: str, progress: Callable[[str], None]):
 
 
 def judge_compressed(task: str, preset: str, compress_data: str, text_col: str, src: ModelSource, work: Path,
-                     calibration, judge: Judge, progress: Callable[[str], None]) -> list[Judged]:
+                     calibration, judge: Judge, progress: Callable[[str], None],
+                     selection: Labeled | None = None) -> list[Judged]:
     """Every compressed candidate's variants (the students of `preset`), each built from its student and
-    judged by `judge` like the rest (accuracy on the selection data when given, else fidelity to the fp32
-    teacher)."""
+    judged by `judge` like the rest (accuracy on the `selection` rows when given, which no student trains
+    on, else fidelity to the fp32 teacher)."""
     from millis.encoder.source import resolve
     from millis.artifact.meta import read_train_meta
     from millis.optimize.build.variants import CATALOG, Builder
 
     out = []
-    for r, path in candidates(src, task, preset, compress_data, text_col, progress):
+    for r, path in candidates(src, task, preset, compress_data, text_col, progress, selection):
         csrc = resolve(str(path))
         trained = read_train_meta(path)
         desc = {"recipe": to_dict(r), "model": str(path), "sha256": csrc.sha256, "layers": csrc.num_layers,

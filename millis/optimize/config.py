@@ -75,7 +75,8 @@ class OptimizeConfig:
                             "tiny:bert|distilbert|roberta|xlm-roberta")
     task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
                               "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
-    out: str = flag("artifacts/model", "artifact directory to write (replaced)", scoped=True)
+    out: str = flag("artifacts/model", "artifact directory to write (an empty one or one millis wrote is replaced; "
+                                       "never the source model)", scoped=True)
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")
@@ -83,7 +84,9 @@ class OptimizeConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     sample_texts: str = flag("", "texts for fidelity checks (.txt lines or CSV 'text' column; default: the "
                                  "selection rows' texts when selecting on accuracy, else the shipped samples)")
-    calibration_texts: str = flag("", "texts for static int8 calibration (default: the sample texts)")
+    calibration_texts: str = flag("", "texts for static int8 calibration and the sensitivity ranking (default: "
+                                      "rows selection never judges: the training rows `millis train` recorded, "
+                                      "less its validation rows, else the shipped samples)")
     device: str = flag("cpu", "cpu, or cuda: judge and measure the GPU variants (millis's compact encoder in fp16 / "
                               "bf16 through CUDA graphs) against the fp32 reference, and write a GPU artifact "
                               "(serve it with --device cuda)", choices=("cpu", "cuda"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import shutil
 import tempfile
 import time
@@ -31,8 +32,9 @@ from millis.encoder.text import TextEncoder
 from millis.common.readers import read_texts
 from millis.common.samples import sample_texts
 from millis.artifact.meta import read_train_meta
-from millis.artifact.validation import read_validation
-from millis.optimize.build.variants import REFERENCE, Builder, variants_for
+from millis.artifact.validation import read_validation, selection_files
+from millis.common.files import file_sha256
+from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, variants_for
 
 Progress = Callable[[str], None]
 
@@ -67,10 +69,49 @@ def selection_data(cfg: OptimizeConfig, src: ModelSource) -> tuple[Labeled | Non
         if data is None:
             return None, ""
         trained = read_train_meta(src.path)
+        given = trained.train_config.get("validation") if trained else ""  # millis train --validation FILE
         train_file = trained.data.path if trained else "the training file"
-        where = f"{data.path}: the validation split `millis train` held out of {train_file}"
+        where = (f"{data.path}: the validation rows `millis train` read from {given}" if given else
+                 f"{data.path}: the validation split `millis train` held out of {train_file}")
     check_labels(data, src.id2label)
     return data, f"{where}, {len(data)} rows"
+
+
+def read_paths(cfg: OptimizeConfig, src: ModelSource) -> tuple[str, ...]:
+    """What optimize reads, which --out must neither be, hold nor lie inside: the source model, the files
+    the flags name, and the training file `millis train` recorded (students and calibration read it)."""
+    trained = read_train_meta(src.path)
+    return (str(src.path), cfg.data, cfg.sample_texts, cfg.calibration_texts, cfg.compress_data,
+            trained.data.path if trained else "")
+
+
+def selection_sha256(data: Labeled | None, src: ModelSource) -> tuple[str, ...]:
+    """sha256 of each file whose rows chose what optimize ships (Measured.selection_sha256): the selection
+    rows' file, and a trained source's validation rows."""
+    files = ([Path(data.path)] if data is not None else []) + selection_files(src.path)
+    return tuple(dict.fromkeys(file_sha256(f) for f in files))
+
+
+def calibration_rows(cfg: OptimizeConfig, src: ModelSource, data: Labeled | None) -> tuple[list[str], str]:
+    """(texts, where from) for int8 calibration and the sensitivity ranking: --calibration-texts, else rows
+    selection never judges: a seeded 512 of the training rows `millis train` recorded, less the validation
+    rows it kept and the selection rows; else the shipped texts (less the selection rows)."""
+    if cfg.calibration_texts:
+        return read_texts(cfg.calibration_texts, cfg.text_col, limit=512), cfg.calibration_texts
+    judged = set(data.texts) if data is not None else set()
+    kept = read_validation(src.path)
+    judged |= set(kept.texts) if kept is not None else set()
+    trained = read_train_meta(src.path)
+    if trained is not None and Path(trained.data.path).is_file():
+        try:
+            rows = read_texts(trained.data.path, trained.data.text_col)
+        except MillisError:  # unreadable now: fall back to the shipped texts
+            rows = []
+        rows = [t for t in dict.fromkeys(r.strip() for r in rows) if t not in judged]
+        if rows:  # a seeded sample: a training file is often sorted by label
+            rows = random.Random(0).sample(rows, min(512, len(rows)))
+            return rows, f"{trained.data.path} (training rows, not the validation or selection rows)"
+    return [t for t in sample_texts() if t.strip() not in judged], "the texts shipped with millis"
 
 
 def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
@@ -80,6 +121,10 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     src = resolve(cfg.source)
     if cfg.device == "cuda" and not hardware.has_cuda():
         raise MillisError("optimize --device cuda needs a CUDA GPU (torch sees none)")
+    artifact.check_out(cfg.out, read_paths(cfg, src))  # now, not after the measurements: _write checks again
+    unknown = [n for n in cfg.variants if n not in CATALOG]  # now, not after minutes of building the others (not
+    if unknown:  # in the config: an artifact's recorded config may name a variant a later millis dropped)
+        raise MillisError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(CATALOG)}")
     max_len = model_max_length(src, cfg.max_length)
     for s in cfg.measure.shapes + (cfg.target,):
         if s.seq > max_len:
@@ -101,7 +146,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     pairs = rerank_pairs(texts) if cfg.task == "rerank" else ()
     if pairs:
         fidelity_texts = f"{len(pairs)} (query, document) pairs of {fidelity_texts}"
-    calib_texts = read_texts(cfg.calibration_texts, cfg.text_col, limit=512) if cfg.calibration_texts else texts
+    calib_texts, calib_where = calibration_rows(cfg, src, data)
+    progress(f"calibrating on {len(calib_texts)} texts from {calib_where}")
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
     calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len))
@@ -125,7 +171,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
             from millis.optimize.compress import judge_compressed
             pool.update((j.name, j) for j in judge_compressed(cfg.model_task, cfg.compress, cfg.compress_data,
                                                               cfg.text_col, src, work, calibration, judge_one,
-                                                              progress))
+                                                              progress, data))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
         before = machine_load.snapshot()
@@ -143,7 +189,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                          for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
         return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress,
-                      load)
+                      load, selection_sha256(data, src))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -187,7 +233,7 @@ def _serve_mix(cfg: OptimizeConfig, pool: dict[str, Judged], enc: TextEncoder, t
 
 def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, Judged], ref: Reference,
            recovery: dict[str, Any], chosen: str, fidelity_texts: str, selection: str, progress: Progress,
-           load: dict[str, Any] | None = None) -> Path:
+           load: dict[str, Any] | None = None, selected_by: tuple[str, ...] = ()) -> Path:
     results = {n: j.result for n, j in pool.items()}
     best = results[chosen]
 
@@ -209,7 +255,7 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
                                         "accuracy": best.accuracy, "reference_accuracy": ref.accuracy,
                                         "cold_start": best.cold_start, "serve_mix": best.serve_mix,
                                         "fidelity_texts": fidelity_texts, "selection_data": selection,
-                                        "load": load},
+                                        "load": load, "selection_sha256": selected_by},
                              f"the measurements of {best.name}", strict=True)
         meta = ArtifactMeta(task=cfg.model_task, output=OUTPUT_NAME[cfg.model_task], input_names=tuple(src.input_names),
                             max_length=max_len, id2label=dict(src.id2label), source=SourceMeta.of(src),
@@ -220,6 +266,6 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
         return meta
 
     progress(f"writing artifact to {cfg.out}")
-    out = artifact.write(Path(cfg.out), fill)
+    out = artifact.write(Path(cfg.out), fill, keep=read_paths(cfg, src))
     write_html_report(out)  # after the hashing: a view of report.json that `millis report` may rewrite
     return out

@@ -12,7 +12,7 @@ from typing import Any
 
 from millis.common.config import check_at_least, flag, preset_of
 from millis.common.errors import MillisError
-from millis.train.loop import Progress, data_meta, fit, prepare, save, seed_all, val_accuracy
+from millis.train.loop import Progress, check_out, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import load_hf
 from millis.encoder.source import resolve
 
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress is shown instead
     src = resolve(cfg.source)
+    check_out(cfg, src)
     td = prepare(cfg, src)
     seed_all(cfg.seed, cfg.threads)
     label2id = {c: i for i, c in enumerate(td.classes)}

@@ -22,7 +22,8 @@ from typing import Any
 
 from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
-from millis.train.loop import Progress, TaskData, data_meta, fit, prepare, save, seed_all, val_accuracy
+from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, prepare, save, seed_all,
+                               val_accuracy)
 from millis.encoder.hf import cut_layers, layer_list, load_hf
 from millis.encoder.source import ModelSource, resolve
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
@@ -160,6 +161,7 @@ def distill(cfg: DistillConfig, progress: Progress = lambda event, fields: None)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     src = resolve(cfg.train.source)
+    check_out(cfg, src)
     task = cfg.task or ("classify" if src.has_classifier else "embed")
     if task == "classify" and not src.has_classifier:
         raise MillisError(f"teacher {src.spec} has no sequence-classification head: use --task embed, "

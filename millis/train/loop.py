@@ -231,6 +231,18 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
     return res
 
 
+def read_paths(cfg, src: ModelSource) -> tuple[str, ...]:
+    """What a training command reads, which its --out must neither be, hold nor lie inside: the source model
+    (and distill's other student), the training and validation files. `cfg`: a Train-, Distill- or PruneConfig."""
+    t = getattr(cfg, "train", cfg)  # distill and prune nest their TrainConfig
+    return (str(src.path), getattr(cfg, "student", ""), t.data, t.validation)
+
+
+def check_out(cfg, src: ModelSource) -> None:
+    """Refuse a bad --out before training (save() checks it again): see millis.artifact.store.check_out."""
+    artifact.check_out(getattr(cfg, "train", cfg).out, read_paths(cfg, src))
+
+
 def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str, Any],
          extra: dict[str, Any] | None = None, write_model: Callable[[Path], None] | None = None,
          validation: Labeled | None = None) -> Path:
@@ -250,7 +262,7 @@ def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str
                   "hardware": Hardware.this_machine(), "config": to_dict(cfg), **(extra or {})}
         return from_dict(TrainMeta, record, f"the training record of {out}", strict=True)  # typed, or fails here
 
-    return artifact.write(Path(out), fill)
+    return artifact.write(Path(out), fill, keep=read_paths(cfg, src))
 
 
 def data_meta(td: TaskData) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import numpy as np
 from millis.train.distill import kd_loss
 from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
-from millis.train.loop import Progress, TaskData, data_meta, fit, predict, prepare, save, seed_all, val_accuracy
+from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, predict, prepare, save, seed_all,
+                               val_accuracy)
 from millis.encoder.hf import cut_ffn, cut_heads, cut_layers, encoder_layers, load_hf, masks, num_heads
 from millis.encoder.source import resolve
 from millis.train.classify import TrainConfig, train_config
@@ -166,6 +167,7 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     src = resolve(cfg.train.source)
+    check_out(cfg, src)
     if not src.has_classifier:
         raise MillisError(f"{src.spec} has no sequence-classification head: pruning ranks heads by the task "
                           f"loss, so fine-tune it first (`millis train`)")
