@@ -266,3 +266,50 @@ def test_the_server_loads_warms_and_runs_its_model_in_one_thread(tiny_dirs):
     kinds = [k for k, _ in seen]
     assert kinds[0] == "load" and kinds.count("run") == warm_runs + 1
     assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()
+
+
+class ScaleSharingRuntime:
+    """A fake runtime that declares its rows share one activation scale (as ORT's dynamic int8 per tensor):
+    remembers the requests (each row's second token marks its request) of every call."""
+
+    name, input_names, output_name = "fake-dynamic-int8", ("input_ids", "attention_mask", "token_type_ids"), "logits"
+    shares_scales_across_rows = True
+
+    def __init__(self):
+        self.calls: list[set[int]] = []
+
+    def run(self, batch):
+        ids = batch["input_ids"]
+        self.calls.append(set(ids[:, 1].tolist()))
+        return {"logits": np.zeros((len(ids), 2), np.float32)}
+
+
+def test_requests_never_share_a_call_on_a_runtime_whose_rows_share_scales(tiny_dirs):
+    from millis.artifact.model import open_model
+    from millis.serve.config import ServeConfig
+    from millis.serve.encoder.app import State
+
+    fake = ScaleSharingRuntime()
+
+    def loader():
+        model = open_model(tiny_dirs["bert"])
+        model.runtime = fake
+        return model
+
+    async def go():
+        st = State(ServeConfig(artifact=str(tiny_dirs["bert"]), max_wait_ms=20), loader)
+        await st.load()
+        assert st.load_error is None
+        fake.calls.clear()  # the warm-up's
+        loop = asyncio.get_running_loop()
+        jobs = [Job([[101, 7, 102], [101, 7, 7, 7, 102]], loop.create_future()),  # two requests, one bucket
+                Job([[101, 9, 9, 102]], loop.create_future()), Job([[101, 11, 102]], loop.create_future())]
+        for job in jobs:  # in one loop turn: all queued before the batcher looks
+            st.batcher.submit(job)
+        await asyncio.gather(*(j.future for j in jobs))
+        await st.close()
+        return jobs
+
+    jobs = run(go())
+    assert fake.calls == [{7}, {9}, {11}], f"requests (by marker) of each runtime call: {fake.calls}"
+    assert [j.batch_rows for j in jobs] == [[2], [1], [1]]  # a request's own rows still run together

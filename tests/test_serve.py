@@ -101,7 +101,12 @@ def test_batched_equals_single(embed_server):
     (b'{"input": []}', 422, "empty_input"),
     (b'{"input": ["ok", "  "]}', 422, "empty_input"),
     (b'{"input": ["ok", 3]}', 422, "invalid_type"),
-    (b'{"input": [[101, 102]]}', 422, "invalid_type"),
+    (b'{"input": [[101, 102], "x"]}', 422, "invalid_type"),
+    (b'{"input": [[101, 102], []]}', 422, "empty_input"),
+    (b'{"input": [[101, 102], [1, -1]]}', 422, "invalid_value"),
+    (b'{"input": [101, 1.5]}', 422, "invalid_value"),
+    (b'{"input": [101, true]}', 422, "invalid_value"),
+    (json.dumps({"input": [[101, 102]] * 65}).encode(), 413, "too_many_inputs"),
     (b'{"input": {"a": 1}}', 422, "invalid_type"),
     (b'{"input": "x", "model": "gpt-4"}', 404, "model_not_found"),
     (b'{"input": "x", "encoding_format": "int8"}', 422, "invalid_value"),
@@ -267,6 +272,31 @@ def test_tokenize_returns_the_ids_inference_runs(embed_server, embed_artifact):
                        ({"input": "x", "model": "other"}, "model")):
         status, _, err = embed_server.post("/tokenize", bad)
         assert status in (404, 422) and err["error"]["param"] == param, err
+
+
+def test_token_id_input_embeds_as_its_text(embed_server):
+    """OpenAI's token-array input ([int], [[int]], as LangChain's OpenAIEmbeddings sends): the ids run as given
+    (no special tokens added), cut at max_length and reported; an id outside the vocabulary is a 422 naming it."""
+    text = TEXTS[0]
+    ids = embed_server.post("/tokenize", {"input": [text]})[2]["data"][0]["tokens"]  # [CLS] ... [SEP]
+    want = embed_server.post("/v1/embeddings", {"input": text})[2]["data"][0]["embedding"]
+    for body in ({"input": ids}, {"input": [ids, ids[:3]]}):
+        status, headers, got = embed_server.post("/v1/embeddings", body)
+        assert status == 200, got
+        np.testing.assert_allclose(got["data"][0]["embedding"], want, atol=1e-5)
+        assert "x-millis-truncated" not in headers
+    assert got["usage"]["prompt_tokens"] == len(ids) + 3 and len(got["data"]) == 2
+    status, headers, got = embed_server.post("/v1/embeddings", {"input": [ids * 400]})  # checked in a thread
+    assert status == 200 and headers["x-millis-truncated"] == "0", got
+    assert got["usage"]["prompt_tokens"] == json.loads(embed_server.get("/v1/models")[1])["data"][0]["max_length"]
+    spec = json.loads(embed_server.get("/openapi.json")[1])
+    schema = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    vocab = schema["properties"]["input"]["oneOf"][2]["items"]["maximum"] + 1  # the model's vocabulary
+    assert embed_server.post("/v1/embeddings", {"input": [[vocab - 1]]})[0] == 200
+    for bad, where in (([ids, [ids[0], 5, vocab]], "input[1][2]"), ([ids[0], -3], "input[1]"), ([ids, []], "input[1]"),
+                       (ids * 400 + [vocab], f"input[{len(ids) * 400}]")):
+        status, _, err = embed_server.post("/v1/embeddings", {"input": bad})
+        assert status == 422 and where in err["error"]["message"] and err["error"]["param"] == "input", err
 
 
 def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_artifact):

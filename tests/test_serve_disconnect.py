@@ -1,10 +1,12 @@
 """The encoder server, driven through its ASGI app: a client that leaves while its rows wait behind a busy
 runtime is answered 499 (counted) once the watcher (started after WATCH_AFTER_S) sees it go, and its rows are
-never run; a request answered sooner never starts a watcher."""
+never run; a request answered sooner never starts a watcher. The wait for a tokenizer thread counts toward the
+request timeout and is watched too; a shutdown during the model's load does not wait for it."""
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
@@ -20,14 +22,17 @@ SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "met
          "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
 
 
-async def request(app, leave_after_s: float | None = None) -> int:
-    """One POST; leave_after_s: the client disconnects that long after sending its body. Returns the status."""
+async def exchange(app, body: bytes = BODY, leave_after_s: float | None = None) -> tuple[int, bytes]:
+    """One POST; leave_after_s: the client disconnects that long after sending its body. Returns the status
+    and the answer's body."""
     done, sent, first = asyncio.Event(), [], [True]
+    scope = dict(SCOPE, headers=[(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())])
 
     async def receive():
         if first[0]:
             first[0] = False
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         if leave_after_s is not None:
             await asyncio.sleep(leave_after_s)
         else:
@@ -39,8 +44,12 @@ async def request(app, leave_after_s: float | None = None) -> int:
         if msg["type"] == "http.response.body" and not msg.get("more_body"):
             done.set()
 
-    await app(dict(SCOPE), receive, send)
-    return sent[0]["status"]
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def request(app, leave_after_s: float | None = None) -> int:
+    return (await exchange(app, BODY, leave_after_s))[0]
 
 
 def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypatch):
@@ -100,3 +109,95 @@ def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypat
     assert waited < 0.3, f"the departed client's answer waited {waited:.3f} s: the watcher did not start"
     assert calls == [1], f"runtime calls after ready (rows each): {calls}; the departed client's row ran"
     assert 'millis_requests_total{route="/v1/classify",status="499"} 1.0' in metrics
+
+
+async def started(app) -> tuple[asyncio.Queue, asyncio.Task]:
+    """The app's lifespan started: (its message queue, its task)."""
+    lifespan: asyncio.Queue = asyncio.Queue()
+    ready = asyncio.Event()
+
+    async def lsend(m):
+        if m["type"] == "lifespan.startup.complete":
+            ready.set()
+
+    await lifespan.put({"type": "lifespan.startup"})
+    life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lifespan.get, lsend))
+    await ready.wait()
+    return lifespan, life
+
+
+def test_waiting_for_a_tokenizer_thread_counts_toward_the_timeout_and_is_watched(monkeypatch):
+    """Large inputs are tokenized in a thread (off_loop, at most OFF_LOOP_THREADS at once). A request waiting for
+    one is answered 503 at its deadline (request_timeout_s from its arrival), or 499 once its client leaves,
+    and its text is never tokenized."""
+    from millis.serve import http
+
+    model = open_model("tiny:bert")
+    tokenized: list[int] = []
+    real_token_ids = model.encoder.token_ids
+
+    def recording(texts):
+        tokenized.append(sum(map(len, texts)))
+        return real_token_ids(texts)
+
+    monkeypatch.setattr(model.encoder, "token_ids", recording)
+    monkeypatch.setattr(appmod.State, "_infer",
+                        staticmethod(lambda model, rows, t: np.zeros((len(rows), len(model.id2label)), np.float32)))
+    monkeypatch.setattr(http, "OFF_LOOP_THREADS", 1)
+    app = appmod.create_app(ServeConfig(artifact="tiny:bert", model_name="m", request_timeout_s=0.3), lambda: model,
+                            task="classify")
+    large = json.dumps({"model": "m", "inputs": ["where is my card " * 200]}).encode()  # 3,400 chars: off the loop
+
+    async def main():
+        lifespan, life = await started(app)
+        while await request(app) != 200:  # 503 until loaded and warmed
+            await asyncio.sleep(0.02)
+        release = threading.Event()
+        busy = asyncio.create_task(http.off_loop(release.wait, 3.0))  # the one tokenizer thread, taken
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        timed_out = await exchange(app, large)
+        t1 = time.perf_counter()
+        left = await exchange(app, large, leave_after_s=0.05)
+        t2 = time.perf_counter()
+        release.set()
+        await busy
+        await asyncio.sleep(0.1)
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await life
+        return timed_out, t1 - t0, left, t2 - t1
+
+    (status, body), waited, (left, _), left_after = asyncio.run(main())
+    assert status == 503 and json.loads(body)["error"]["code"] == "timeout", body
+    assert waited < 1.0, f"answered after {waited:.2f} s: the wait for the tokenizer was not bounded"
+    assert left == 499 and left_after < 1.0, (left, left_after)
+    assert max(tokenized) < 3000, "a large text was tokenized after its request ended"
+
+
+def test_shutdown_while_the_model_loads_does_not_wait_for_the_load():
+    model = open_model("tiny:bert")
+    release, returned = threading.Event(), threading.Event()
+
+    def slow_loader():  # a long load (and warm-up)
+        release.wait(5.0)
+        returned.set()
+        return model
+
+    app = appmod.create_app(ServeConfig(artifact="tiny:bert", model_name="m"), slow_loader, task="classify")
+
+    async def main():
+        lifespan, life = await started(app)
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await life
+        took = time.perf_counter() - t0
+        release.set()  # the abandoned load ends in its daemon thread: nothing starts after it
+        await asyncio.to_thread(returned.wait, 5.0)
+        await asyncio.sleep(0.1)
+        return took
+
+    took = asyncio.run(main())
+    st = app.state.millis
+    assert took < 1.0, f"shutdown waited {took:.2f} s for the load"
+    assert st.model is None and st.batcher is None and st.load_error is None

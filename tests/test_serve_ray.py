@@ -194,3 +194,121 @@ def test_ray_config_and_emitted_serve_config(tmp_path):
     app = json.loads(text)["applications"][0]
     assert app["import_path"] == "millis.serve.ray.deploy:build" and app["route_prefix"] == "/"
     assert app["args"] == {"serve": {"artifact": "tiny:bert", "threads": 1}, "ray": {"autoscale": "1:4"}}
+
+
+class FakeReplicas:
+    """The replicas' deployment handle, without Ray: a call's answer is `answer(forwarded)`, awaited."""
+
+    def __init__(self, answer):
+        self.answer, self.calls, self.cancelled = answer, 0, 0
+
+    @property
+    def call_whole(self):
+        return self
+
+    def remote(self, fwd):
+        self.calls += 1
+        return FakeResponse(self, fwd)
+
+
+class FakeResponse:
+    def __init__(self, replicas: FakeReplicas, fwd):
+        self.replicas, self.fwd = replicas, fwd
+
+    def __await__(self):
+        return self.replicas.answer(self.fwd).__await__()
+
+    def cancel(self):
+        self.replicas.cancelled += 1
+
+
+def through_gateway(gateway, chunks: list[bytes], content_length: int | None = None):
+    """POST /v1/embeddings through the gateway's ASGI app, the body sent in `chunks`: (status, headers, body,
+    chunks the gateway read)."""
+    import asyncio
+
+    headers = [(b"content-type", b"application/json")]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+    read, sent = [0], []
+
+    async def receive():
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(gateway.__serve_build_asgi_app__()(scope, receive, send))
+    heads = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], heads, b"".join(m.get("body", b"") for m in sent[1:]), read[0]
+
+
+async def answered(fwd):
+    return 200, [(b"content-type", b"application/json")], b'{"ok": true}'
+
+
+def test_gateway_refuses_a_large_body_before_reading_it():
+    from millis.serve.ray.gateway import Gateway
+
+    replicas = FakeReplicas(answered)
+    gateway = Gateway(replicas, 100_000, 0, 5.0)
+    chunk = b"x" * 65536
+    status, _, body, read = through_gateway(gateway, [chunk] * 8, content_length=200 << 20)  # 200 MiB declared
+    err = json.loads(body)["error"]
+    assert status == 413 and read == 0, (status, read)  # nothing read: the declared size decides
+    assert err["code"] == "body_too_large" and err["type"] == "invalid_request_error"
+    status, _, body, read = through_gateway(gateway, [chunk] * 8)  # chunked: refused once past the limit
+    assert status == 413 and read == 2 and json.loads(body)["error"]["code"] == "body_too_large", (status, read)
+    assert replicas.calls == 0
+    assert through_gateway(gateway, [b'{"input": "x"}'])[0] == 200
+
+
+def test_gateway_answers_a_full_replica_queue_429():
+    from ray.serve.exceptions import BackPressureError
+
+    from millis.serve.ray.gateway import Gateway
+
+    async def queue_full(fwd):  # max_queued_requests wait for a replica already (deploy.replica_options)
+        raise BackPressureError(num_queued_requests=128, max_queued_requests=128)
+
+    status, headers, body, _ = through_gateway(Gateway(FakeReplicas(queue_full), 1 << 20, 0, 5.0), [b"{}"])
+    assert status == 429 and int(headers["retry-after"]) >= 1, (status, body)
+    assert json.loads(body)["error"]["code"] == "overloaded"
+
+
+def test_gateway_bounds_the_wait_for_a_replica_by_the_request_timeout():
+    import asyncio
+    import time
+
+    from millis.serve.ray.gateway import Gateway
+
+    async def never_taken(fwd):  # waits in the handle's queue for a replica
+        await asyncio.sleep(3.0)
+        return await answered(fwd)
+
+    replicas = FakeReplicas(never_taken)
+    t0 = time.perf_counter()
+    status, headers, body, _ = through_gateway(Gateway(replicas, 1 << 20, 0, 0.2), [b"{}"])
+    waited = time.perf_counter() - t0
+    assert status == 503 and json.loads(body)["error"]["code"] == "timeout" and headers["retry-after"] == "1", body
+    assert waited < 1.5 and replicas.cancelled == 1, (waited, replicas.cancelled)
+
+
+def test_replica_options_bound_the_queue_at_the_gateway():
+    from ray import serve
+
+    from millis.serve.config import ServeConfig
+    from millis.serve.ray.deploy import application, replica_options
+    from millis.serve.ray.replica import Replica
+
+    cfg = ServeConfig(artifact="tiny:bert", threads=1, max_queue=80, max_batch=8, request_timeout_s=7.0)
+    rc = RayConfig(replicas=2)
+    replica = serve.deployment(Replica, name="millis-replica", **replica_options(cfg, rc, gen=False))  # Ray takes them
+    assert replica.max_queued_requests == 80 and replica.max_ongoing_requests == 88
+    application(cfg, rc)  # the whole application binds without a cluster

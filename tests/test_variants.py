@@ -7,6 +7,7 @@ from millis.common.errors import MillisError
 from millis.optimize.fidelity import compare
 from millis.optimize.pipeline import calibration_batches
 from millis.runtimes import open_runtime
+from millis.runtimes.base import shares_scales_across_rows
 from millis.encoder.source import resolve
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
@@ -67,6 +68,8 @@ def test_variant_matches_reference(built, case, name):
     vdir, facts = builder.build(v)
     rt = open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[case[1]],
                       dict(v.options, task=case[1], file=facts.get("file") or ""), threads=1)
+    # one activation scale per tensor (quantize_dynamic's graphs): the server must not batch requests together
+    assert shares_scales_across_rows(rt) == any(p.startswith("int8-dynamic") for p in v.passes), name
     out = _outputs(rt, enc, TEXTS)
     assert out.shape == ref.shape
     fid = compare(case[1], ref, out)
@@ -144,3 +147,47 @@ def test_openvino_serves_new_shapes_with_one_compile(built, monkeypatch, options
         assert out.shape == (b, ref.run(feeds)["embedding"].shape[1])
         np.testing.assert_allclose(out, ref.run(feeds)["embedding"], atol=1e-4, err_msg=f"b{b}xs{t}")
     assert len(compiles) == 1, f"{len(compiles)} compiles for {len(NEW_SHAPES)} shapes"
+
+
+def test_dynamic_int8_serves_a_request_apart_from_its_batch_mates(built):
+    """ORT's dynamic int8 quantizes each activation with one scale for the whole batch (DynamicQuantizeLinear),
+    so a batch-mate moves a row's result (~7e-5 here, against ~3e-8 for the same row batched with itself). Such a
+    runtime says so, and the server's batcher runs each request's rows in calls of their own: a row served beside
+    another request equals the row served alone."""
+    import asyncio
+
+    from millis.serve.encoder.batcher import Batcher, Job
+
+    src, enc, builder, _ = built[("bert", "embed")]
+    runtimes = {}
+    for name in ("ort-fp32-fused", "ort-int8-dynamic"):
+        v = CATALOG[name]
+        vdir, facts = builder.build(v)
+        runtimes[name] = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding",
+                                      dict(v.options, file=facts["file"]), threads=1)
+    assert not shares_scales_across_rows(runtimes["ort-fp32-fused"])
+    rt = runtimes["ort-int8-dynamic"]
+    assert shares_scales_across_rows(rt)
+
+    def infer(rows, t):
+        return rt.run(enc.pack(rows, t))["embedding"]
+
+    ids, _ = enc.token_ids(TEXTS[:5])
+    row, mates = ids[0], [[5] * 14] + ids[1:5]  # the batch-mates: one request of 5 rows, all in the 16-token bucket
+    alone = infer([row], 16)[0]
+    assert np.abs(infer([row] + mates, 16)[0] - alone).max() > 1e-5  # in one call, the mates would move it
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        mine, theirs = Job([row], loop.create_future()), Job(mates, loop.create_future())
+        b = Batcher(infer, 128, 32, 4096, 0.0, 64, one_request_per_call=shares_scales_across_rows(rt))
+        b.submit(theirs)
+        b.submit(mine)
+        b.start()
+        await asyncio.gather(mine.future, theirs.future)
+        await b.close()
+        return mine, theirs
+
+    mine, theirs = asyncio.run(serve())
+    np.testing.assert_allclose(mine.out[0], alone, rtol=0, atol=1e-6)
+    assert theirs.batch_rows == [5] and mine.batch_rows == [1]  # a request's own rows still batch together

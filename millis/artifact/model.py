@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,13 @@ class Model:
     @property
     def variant(self) -> str:
         return self.meta.variant.name
+
+    @cached_property
+    def vocab_size(self) -> int:
+        """Token ids this model takes are 0..vocab_size-1: its tokenizer's, capped by the runtime's embedding
+        table where the runtime knows it (`Runtime.vocab_size`)."""
+        table = getattr(self.runtime, "vocab_size", 0)
+        return min(self.encoder.vocab_size, table) if table else self.encoder.vocab_size
 
     def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
         """Tokenize, batch rows of similar length together, run, restore input order."""

@@ -91,6 +91,13 @@ class TextEncoder:
         self.pad_id = pad if pad is not None else 0
         self.sep_id = sep
 
+    @property
+    def vocab_size(self) -> int:
+        """How many ids the tokenizer knows (its vocabulary and added tokens): ids 0..vocab_size-1."""
+        if self._fast is not None:
+            return self._fast.get_vocab_size(with_added_tokens=True)
+        return len(self.tok)
+
     def ids_of(self, texts: list[str], special: bool) -> list[list[int]]:
         """Each text's token ids, with or without the special tokens, no truncation."""
         if self._fast is not None and len(texts) <= 8:  # one by one: no wake-up of the Rust thread pool

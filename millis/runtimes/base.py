@@ -3,6 +3,13 @@
 
 A runtime takes one flat batch, a dict of int64 arrays of shape (B, T) named like the graph inputs,
 and returns {output_name: float32 array}. Padding and batching are the caller's business.
+
+Two optional attributes a runtime may declare (read with `shares_scales_across_rows` / getattr):
+- `shares_scales_across_rows: bool`: one row's output depends on the other rows of its call (dynamic int8 with
+  one activation scale per tensor: ONNX Runtime's DynamicQuantizeLinear). A server then never runs rows of
+  different requests in one call, so a request's result does not depend on its batch-mates. Absent: False.
+- `vocab_size: int`: the rows of its token embedding table, where the runtime knows them (an id past it is a
+  device fault on CUDA): a bound on the ids it may be given.
 """
 from __future__ import annotations
 
@@ -25,6 +32,11 @@ class Runtime(Protocol):
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """(B, T) int64 inputs -> {output_name: (B, N) float32}."""
         ...
+
+
+def shares_scales_across_rows(runtime: Runtime) -> bool:
+    """The runtime's rows change one another's outputs (see the module's docstring)."""
+    return bool(getattr(runtime, "shares_scales_across_rows", False))
 
 
 def default_threads() -> int:

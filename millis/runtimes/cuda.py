@@ -65,6 +65,7 @@ class CudaGraphRuntime:
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self.device = self.encoder.device
         self.max_length = self.encoder.cfg.max_positions
+        self.vocab_size = self.encoder.cfg.vocab  # an id past the embedding table is a device fault, not an error
         self.buckets = tuple(sorted(set(buckets), key=lambda s: (-s.batch * s.seq, -s.seq)))  # largest first
         for s in self.buckets:
             if s.seq > self.max_length:

@@ -32,6 +32,7 @@ class NativeRuntime:
             weights = from_hf(Path(model_dir), task, p, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
         self.model = NativeBert(weights, precision, threads, amax, attention)
         self.name, self.input_names, self.output_name = name, input_names, output_name
+        self.vocab_size = self.model.cfg.vocab
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_batch(batch, self.input_names)

@@ -41,11 +41,10 @@ def error_response(e: schemas.ApiError) -> Response:
     return Response(e.body(), e.status, e.headers, "application/json")
 
 
-async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
-    """The body as a JSON object, refused with 413 as soon as it is known to be too large: from
-    Content-Length before reading anything, else while it streams in (nothing past the limit is
-    kept: uvicorn pauses reading while a chunk waits, so memory stays at the limit)."""
-    limit = limits.max_body_bytes
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes: from Content-Length
+    before reading anything, else while it streams in (nothing past the limit is kept: uvicorn pauses
+    reading while a chunk waits, so memory stays at the limit)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise schemas.ApiError(413, f"request body is {declared} bytes (Content-Length); the limit is {limit}",
@@ -56,7 +55,12 @@ async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
         if size > limit:
             raise schemas.ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
         chunks.append(chunk)
-    return schemas.parse_json(b"".join(chunks), limits)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
+    """The body as a JSON object, within the body limit (`read_body`)."""
+    return schemas.parse_json(await read_body(request, limits.max_body_bytes), limits)
 
 
 OFF_LOOP_THREADS = max(2, os.cpu_count() or 2)  # off_loop's calls running at once; the next ones wait
@@ -159,12 +163,14 @@ def ready_response(st, loaded: bool) -> Response:
 def make_app(st, routes: list[Route], spec: Callable[[], dict[str, Any]]) -> Starlette:
     """The Starlette app around a state `st`: the model loads in the background after start-up, so
     /health answers at once; /openapi.json serves `spec()` (it names what is loaded); unknown paths and
-    methods get the OpenAI JSON error (404 / 405) and are counted; on shutdown admitted work finishes."""
+    methods get the OpenAI JSON error (404 / 405) and are counted; on shutdown admitted work finishes (a model
+    still loading is given up: SIGTERM during a long load and warm-up exits at once)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loading = asyncio.create_task(st.load())
         yield
         st.draining = True
+        loading.cancel()  # a load still running is abandoned, not awaited: its thread is a daemon
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await st.close()

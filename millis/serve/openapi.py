@@ -85,15 +85,22 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ encoder
 
-def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0) -> dict[str, Any]:
-    """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels 0
+def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0,
+                 vocab_size: int = 0) -> dict[str, Any]:
+    """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size 0
     while the model loads."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
+                                                     **({"maximum": vocab_size - 1} if vocab_size else {})}}
+    embed_input = {"oneOf": [*texts["oneOf"], ids, {"type": "array", "items": ids, "minItems": 1,
+                                                    "maxItems": max_inputs}],
+                   "description": "texts, or token ids (OpenAI's [int] / [[int]]) taken as they are: no special "
+                                  "tokens added, cut at the model's max length"}
     model = {"enum": [name, None]}
     paths = _common(name)
     if task in ("", "embed"):
         req = {"type": "object", "required": ["input"], "properties": {
-            "input": texts, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
+            "input": embed_input, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
             "dimensions": {"enum": [dim, None]} if dim else nullable({"type": "integer"})}}
         item = {"type": "object", "required": ["object", "index", "embedding"], "properties": {
             "object": {"const": "embedding"}, "index": {"type": "integer", "minimum": 0},

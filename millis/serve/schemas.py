@@ -113,12 +113,63 @@ def texts_of(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
                        param=key, code="too_many_inputs")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            hint = " (token-id input is not supported: send text)" if isinstance(t, (int, list)) else ""
+            hint = (" (token ids are taken by /v1/embeddings only, and not mixed with text)"
+                    if isinstance(t, (int, list)) else "")
             raise ApiError(422, f"{key}[{i}] is {type(t).__name__}, expected a string{hint}", param=key,
                            code="invalid_type")
         if not t.strip():
             raise ApiError(422, f"{key}[{i}] is empty", param=key, code="empty_input")
     return texts
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """/v1/embeddings' `input` given as token ids (OpenAI's [int] for one input, [[int]] for several), as
+    `embedding_input` found it: rows of ids not yet checked (`token_rows` checks them, off the event loop
+    when they are many)."""
+    rows: list[list[Any]]
+    nested: bool  # [[int]]: an id is named input[i][j]; [int]: one input, input[j]
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.rows))
+
+
+def embedding_input(body: dict[str, Any], limits: Limits) -> list[str] | TokenInput:
+    """/v1/embeddings' `input`: a string, a list of strings, a list of token ids or a list of lists of them.
+    The lists' shape is checked here; the ids themselves by `token_rows`."""
+    v = body.get("input")
+    if not (isinstance(v, list) and v and (isinstance(v[0], list) or is_integral(v[0]))):
+        return texts_of(body, "input", limits)
+    if not isinstance(v[0], list):
+        return TokenInput([v], nested=False)
+    if len(v) > limits.max_inputs:
+        raise ApiError(413, f"'input' has {len(v)} inputs; at most {limits.max_inputs} per request", param="input",
+                       code="too_many_inputs")
+    for i, row in enumerate(v):
+        if not isinstance(row, list):
+            raise ApiError(422, f"input[{i}] is {type(row).__name__}, expected a list of token ids (as input[0])",
+                           param="input", code="invalid_type")
+        if not row:
+            raise ApiError(422, f"input[{i}] is an empty list of token ids", param="input", code="empty_input")
+    return TokenInput(v, nested=True)
+
+
+def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
+    """The given rows as ints, every id checked to be an integer in 0..vocab_size-1: the model's ids as they
+    are (an id past the embedding table faults a CUDA device, failing every request on it)."""
+    out = []
+    for i, row in enumerate(given.rows):
+        if set(map(type, row)) == {int} and min(row) >= 0 and max(row) < vocab_size:  # all fine: C loops only
+            out.append(row)
+            continue
+        for j, t in enumerate(row):
+            if not (is_integral(t) and 0 <= t < vocab_size):
+                where = f"input[{i}][{j}]" if given.nested else f"input[{j}]"
+                raise ApiError(422, f"{where} is {t!r}: a token id is an integer in 0..{vocab_size - 1} (this "
+                                    f"model's vocabulary)", param="input", code="invalid_value")
+        out.append([int(t) for t in row])
+    return out
 
 
 def check_model(body: dict[str, Any], served: str) -> None:
@@ -128,8 +179,10 @@ def check_model(body: dict[str, Any], served: str) -> None:
                        code="model_not_found")
 
 
-def embeddings_request(body: dict[str, Any], served: str, dim: int, limits: Limits) -> tuple[list[str], str]:
-    """OpenAI /v1/embeddings: input, model, encoding_format float|base64, dimensions (= native only)."""
+def embeddings_request(body: dict[str, Any], served: str, dim: int,
+                       limits: Limits) -> tuple[list[str] | TokenInput, str]:
+    """OpenAI /v1/embeddings: input (texts or token ids: `embedding_input`), model, encoding_format
+    float|base64, dimensions (= native only)."""
     check_model(body, served)
     fmt = body.get("encoding_format")
     fmt = "float" if fmt is None else fmt
@@ -140,7 +193,7 @@ def embeddings_request(body: dict[str, Any], served: str, dim: int, limits: Limi
     if dims is not None and not (is_integral(dims) and dims == dim):
         raise ApiError(422, f"dimensions={dims!r} is not supported: this model gives {dim}", param="dimensions",
                        code="invalid_value")
-    return texts_of(body, "input", limits), fmt
+    return embedding_input(body, limits), fmt
 
 
 def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: Limits) -> tuple[list[str], int, bool]:

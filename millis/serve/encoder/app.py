@@ -3,12 +3,14 @@
 The model loads in a thread after the server starts, so `/health` answers at once and `/ready`
 turns 200 when every length bucket has run once (cold start = load + warm-up, a metric).
 A request: parse and validate (4xx on any bad input) -> tokenize (on the loop for small inputs,
-in a thread for large ones) -> submit its rows (429 if the queue is full) -> await the rows,
-watching for the client leaving and for the request timeout -> JSON with timing headers.
+in a thread for large ones) -> submit its rows (429 if the queue is full) -> await the rows -> JSON
+with timing headers. From its arrival to its answer it watches for its client leaving and for the
+request timeout (`Watch`): the wait for the tokenizer's thread counts, not only the queue's.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from millis.artifact.model import Model
+from millis.runtimes.base import shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
@@ -38,7 +41,52 @@ class RequestTimeout(ClientGone):
     pass
 
 
-WATCH_AFTER_S = 0.02  # how long a request waits for its rows before it watches for its client leaving
+WATCH_AFTER_S = 0.02  # how long a request waits (tokenizer, queue) before it watches for its client leaving
+
+
+class Watch:
+    """What ends a request before its answer: its deadline, request_timeout_s after it arrived, and its
+    client leaving, watched once it has waited WATCH_AFTER_S (a request answered sooner never pays for the
+    watcher task, ~10 us). Either drops its job once submitted (its rows are then skipped, not run)."""
+
+    def __init__(self, request: Request, arrived: float, timeout_s: float):
+        """arrived: the event loop's time when the request came in."""
+        loop = asyncio.get_running_loop()
+        self.job: Job | None = None
+        self.ended: asyncio.Future = loop.create_future()  # its result: why the request ended (a ClientGone)
+        self.timer = loop.call_at(arrived + timeout_s, self.drop, RequestTimeout(f"not answered within {timeout_s} s"))
+        self.watcher: asyncio.Task | None = None
+        self.starter = loop.call_later(WATCH_AFTER_S, self.start_watching, request)
+
+    def start_watching(self, request: Request) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, self))
+
+    def drop(self, exc: ClientGone) -> None:
+        if not self.ended.done():
+            self.ended.set_result(exc)
+        if self.job is not None:
+            self.job.drop(exc)
+
+    def check(self) -> None:
+        """Raise why the request ended, if it has."""
+        if self.ended.done():
+            raise self.ended.result()
+
+    async def until(self, work: Any) -> Any:
+        """The awaitable's result, unless the request ends first: it is then cancelled (an off_loop call still
+        waiting for a thread never starts one) and why it ended is raised."""
+        task = asyncio.ensure_future(work)
+        await asyncio.wait((task, self.ended), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            self.check()
+        return task.result()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.starter.cancel()
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
 
 
 class State:
@@ -64,13 +112,17 @@ class State:
             model = await pool.call(self.loader)  # the thread that will run it (RuntimeThread)
             batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
                               self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
-                              self.metrics.on_batch, pool)
+                              self.metrics.on_batch, pool,
+                              one_request_per_call=shares_scales_across_rows(model.runtime))
             self.dim = await pool.call(self._warm, model)
         except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("millis serve: model failed to load: %s", self.load_error)
             pool.shutdown(wait=False)
             return
+        except asyncio.CancelledError:  # shut down while loading: no batcher starts; the thread ends after its call
+            pool.shutdown(wait=False)
+            raise
         self.cold_start_s = perf_counter() - t0
         self.model, self.batcher = model, batcher
         batcher.start()
@@ -115,16 +167,23 @@ class State:
                                    code="wrong_task")
         return self.model
 
-    async def token_ids(self, model: Model, texts: list[str], query: str | None = None):
-        """(ids, cut) of the texts, or of (query, text) pairs when a query is given; off the loop when large."""
-        enc, size = model.encoder, sum(map(len, texts)) + (len(query) * len(texts) if query is not None else 0)
-        fn, args = (enc.pair_ids, (query, texts)) if query is not None else (enc.token_ids, (texts,))
-        return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await off_loop(fn, *args)
+    async def token_ids(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
+                        query: str | None = None):
+        """(ids, cut) of the texts, or of (query, text) pairs when a query is given, or of ids given as they are;
+        off the loop when large, and only while the request lasts (`watch`)."""
+        enc = model.encoder
+        if isinstance(texts, schemas.TokenInput):
+            fn, args, size = given_ids, (texts, model.vocab_size, model.max_length), texts.size
+        elif query is not None:
+            fn, args, size = enc.pair_ids, (query, texts), sum(map(len, texts)) + len(query) * len(texts)
+        else:
+            fn, args, size = enc.token_ids, (texts,), sum(map(len, texts))
+        return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await watch.until(off_loop(fn, *args))
 
-    async def tokenize(self, model: Model, texts: list[str],
+    async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
                        query: str | None = None) -> tuple[list[list[int]], list[bool], float]:
         t0 = perf_counter()
-        ids, cut = await self.token_ids(model, texts, query)
+        ids, cut = await self.token_ids(model, texts, watch, query)
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
             what = f"documents[{i}] with the query" if query is not None else f"input[{i}]"
@@ -132,9 +191,10 @@ class State:
                                         f"(the server rejects long texts; send shorter ones)", code="text_too_long")
         return ids, cut, perf_counter() - t0
 
-    async def run(self, rows: list[list[int]], request: Request) -> Job:
-        """Submit rows and wait for them; the client leaving or the timeout drops the job."""
+    async def run(self, rows: list[list[int]], watch: Watch) -> Job:
+        """Submit rows and wait for them; the client leaving or the timeout (`watch`) drops the job."""
         loop = asyncio.get_running_loop()
+        watch.check()  # it ended while tokenizing: nothing is queued
         job = Job(rows, loop.create_future())
         try:
             self.batcher.submit(job)
@@ -142,25 +202,32 @@ class State:
             raise schemas.ApiError(429, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after_s)})
         except ShuttingDown as e:
             raise schemas.ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "1"})
+        watch.job = job
         self.metrics.on_queue_depth(self.batcher.depth)
-        timer = loop.call_later(self.cfg.request_timeout_s, job.drop,
-                                RequestTimeout(f"not answered within {self.cfg.request_timeout_s} s"))
-        # a request still waiting after WATCH_AFTER_S starts watching for its client leaving (its rows are then
-        # skipped); one answered sooner never pays for the task (~10 us a request)
-        watcher: list[asyncio.Task] = []
-        starter = loop.call_later(WATCH_AFTER_S,
-                                  lambda: watcher.append(loop.create_task(watch_disconnect(request, job))))
         try:
             await job.future
-        except RequestTimeout as e:
-            raise schemas.ApiError(503, str(e), code="timeout", headers={"Retry-After": "1"})
         finally:
-            timer.cancel()
-            starter.cancel()
-            if watcher and not watcher[0].done():
-                watcher[0].cancel()
             self.metrics.on_queue_depth(self.batcher.depth)
         return job
+
+
+def given_ids(given: schemas.TokenInput, vocab_size: int, max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids sent as they are (no special tokens added), checked against the vocabulary and cut to
+    max_length like texts (the cut reported)."""
+    rows = schemas.token_rows(given, vocab_size)
+    return [r[:max_length] for r in rows], [len(r) > max_length for r in rows]
+
+
+@contextlib.contextmanager
+def watched(st: State, request: Request, arrived: float):
+    """A `Watch` over the request's work; its timeout answered 503."""
+    watch = Watch(request, arrived, st.cfg.request_timeout_s)
+    try:
+        yield watch
+    except RequestTimeout as e:
+        raise schemas.ApiError(503, str(e), code="timeout", headers={"Retry-After": "1"}) from None
+    finally:
+        watch.close()
 
 
 def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
@@ -180,43 +247,47 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     m = st.metrics
 
     async def _infer(request: Request, task: str):
+        arrived = asyncio.get_running_loop().time()  # the request's deadline counts from here
         model = st.require(task)
         body = await read_json(request, st.limits)
-        return model, body
+        return model, body, arrived
 
-    async def _answer(request, model, texts, query=None):
-        ids, cut, tok_s = await st.tokenize(model, texts, query)
-        job = await st.run(ids, request)
+    async def _answer(request, arrived, model, texts, query=None):
+        with watched(st, request, arrived) as watch:
+            ids, cut, tok_s = await st.tokenize(model, texts, watch, query)
+            job = await st.run(ids, watch)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
 
     async def embeddings(request: Request) -> Response:
-        model, body = await _infer(request, "embed")
+        model, body, arrived = await _infer(request, "embed")
         texts, fmt = schemas.embeddings_request(body, st.name, st.dim, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, model, texts)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts)
         return json_response(schemas.embeddings_response(job.out, fmt, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
     async def classify(request: Request) -> Response:
-        model, body = await _infer(request, "classify")
+        model, body, arrived = await _infer(request, "classify")
         texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, model, texts)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts)
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
     async def rerank(request: Request) -> Response:  # a cross-encoder: (query, document) pairs, one row each
-        model, body = await _infer(request, "classify")
+        model, body, arrived = await _infer(request, "classify")
         query, docs, top_n, with_docs = rerank_request(body, st.name, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, model, docs, query)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, docs, query)
         return json_response(rerank_response(relevance(job.out), docs, top_n, with_docs, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
+        arrived = asyncio.get_running_loop().time()
         model = st.require(st.model.task if st.model is not None else "")
         body = await read_json(request, st.limits)
         schemas.check_model(body, st.name)
         texts = schemas.texts_of(body, "input", st.limits)
-        ids, cut = await st.token_ids(model, texts)
+        with watched(st, request, arrived) as watch:
+            ids, cut = await st.token_ids(model, texts, watch)
         return json_response({"object": "list", "model": st.name, "max_length": model.max_length, "data": [
             {"index": i, "tokens": list(map(int, t)), "count": len(t), "truncated": bool(c)}
             for i, (t, c) in enumerate(zip(ids, cut))]})
@@ -251,4 +322,5 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
               Route("/metrics", metrics, methods=["GET"]),
               *encoder_live_routes(st)]
     return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
-                                                           cfg.max_inputs, st.dim, st.dim))
+                                                           cfg.max_inputs, st.dim, st.dim,
+                                                           st.model.vocab_size if st.model else 0))

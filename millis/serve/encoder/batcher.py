@@ -9,6 +9,9 @@ for the batch to fill; with 0 it never idles the runtime, and batches still form
 that arrive while the previous batch runs. The runtime call runs in a worker thread, so the event
 loop keeps accepting and answering while the model computes; the batcher resolves the futures on
 the loop itself. Rows of a request whose client has gone (or timed out) are skipped, not run.
+With `one_request_per_call` (a runtime whose rows share one activation scale: dynamic int8 per tensor,
+`millis.runtimes.base.shares_scales_across_rows`) a call holds the rows of one request only, so no request's
+result depends on its batch-mates; its own rows still run together.
 """
 from __future__ import annotations
 
@@ -124,10 +127,10 @@ class Job:
 class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None,
-                 pool: RuntimeThread | None = None):
+                 pool: RuntimeThread | None = None, one_request_per_call: bool = False):
         """pool: the one worker thread runtime calls run in (`RuntimeThread`); the caller may have loaded the
-        model in it already."""
-        self.infer, self.max_length = infer, max_length
+        model in it already. one_request_per_call: never put rows of different requests in one call."""
+        self.infer, self.max_length, self.one_request_per_call = infer, max_length, one_request_per_call
         self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
         self.on_batch = on_batch                         # metrics hook: (rows, tokens, seconds)
         self.depth = 0                                   # rows queued, gone ones included until popped
@@ -171,7 +174,7 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.max_wait_s > 0 and not self._closing:
+            if self.max_wait_s > 0 and not self._closing and not self.one_request_per_call:  # nothing to wait for
                 await self._coalesce()
             picked = self._take()
             if picked is None:
@@ -247,6 +250,8 @@ class Batcher:
         t, q = best
         cap, rows = self._cap(t), []
         while q and len(rows) < cap:
+            if self.one_request_per_call and rows and q[0][0] is not rows[0][0]:  # a request's rows queue together
+                break
             job, i = q.popleft()
             self.depth -= 1
             if not job.gone:

@@ -138,10 +138,14 @@ class GenState:
 
     def _engine_thread(self, opened: Future) -> None:
         try:
-            opened.set_result(self._open())
+            eng = self._open()
         except Exception as e:  # noqa: BLE001 -- load() reports it
-            opened.set_exception(e)
+            if not opened.cancelled():
+                opened.set_exception(e)
             return
+        if opened.cancelled():  # shut down while it opened: nobody will step it
+            return
+        opened.set_result(eng)
         self._started.wait()  # until load() has published the engine (or close() gave up on it)
         if self.engine is not None:
             self._run()

@@ -4,7 +4,9 @@
                      -> millis-replica x N (each its own model and engine; replica.py)
 
 Each replica reserves `--threads` CPUs (Ray's num_cpus; num_gpus 1 with --device cuda) and runs the
-single-process server's app: the same routes, OpenAI shapes, admission (429), metrics and drain.
+single-process server's app: the same routes, OpenAI shapes, admission (429), metrics and drain. Ray sends a
+replica at most max_queue + max_batch requests at once; past that, requests wait in the gateway's handle
+queue, at most max_queue of them (max_queued_requests), and the next ones are answered 429 (gateway.py).
 `--replicas N` fixes the count; `--autoscale MIN:MAX` lets Ray scale on ongoing requests per replica.
 Generation replicas are chosen by router.PrefixRouter (a shared prompt prefix stays on one replica's
 prefix cache), encoders by Ray's default (power of two choices). `--emit-ray-config FILE` writes the
@@ -37,18 +39,15 @@ def is_generation(cfg: ServeConfig) -> bool:
     return app_and_loader(cfg)[0] is create_gen_app
 
 
-def application(cfg: ServeConfig, rc: RayConfig):
-    """The bound Ray Serve application (gateway over replicas) for `cfg`."""
-    from ray import serve
+def replica_options(cfg: ServeConfig, rc: RayConfig, gen: bool) -> dict:
+    """The replica deployment's Ray Serve options."""
     from ray.serve.config import RequestRouterConfig
 
-    from millis.serve.ray.gateway import Gateway
-    from millis.serve.ray.replica import Replica
-
-    threads = cfg.threads or 1
-    gen = is_generation(cfg)
-    opts: dict = {"ray_actor_options": {"num_cpus": threads, "num_gpus": 1 if cfg.device == "cuda" else 0},
+    opts: dict = {"ray_actor_options": {"num_cpus": cfg.threads or 1, "num_gpus": 1 if cfg.device == "cuda" else 0},
                   "max_ongoing_requests": cfg.max_queue + cfg.max_batch,  # the replica's own 429 decides past this
+                  # requests no replica has room for wait in the gateway's handle; past this many: 429, not an
+                  # unbounded wait (Ray's BackPressureError, answered in gateway.ask)
+                  "max_queued_requests": cfg.max_queue,
                   "graceful_shutdown_timeout_s": cfg.shutdown_timeout_s, "health_check_period_s": 5.0,
                   "logging_config": QUIET_LOGS}
     if rc.autoscale:
@@ -60,12 +59,24 @@ def application(cfg: ServeConfig, rc: RayConfig):
     if gen and rc.prefix_chars:
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class="millis.serve.ray.router:PrefixRouter")
-    replica = serve.deployment(Replica, name="millis-replica", **opts)
+    return opts
+
+
+def application(cfg: ServeConfig, rc: RayConfig):
+    """The bound Ray Serve application (gateway over replicas) for `cfg`."""
+    from ray import serve
+
+    from millis.serve.ray.gateway import Gateway
+    from millis.serve.ray.replica import Replica
+
+    gen = is_generation(cfg)
+    replica = serve.deployment(Replica, name="millis-replica", **replica_options(cfg, rc, gen))
     gateway = serve.deployment(serve.ingress()(Gateway), name="millis-gateway", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1 << 16,
                                logging_config=QUIET_LOGS)
-    fields = {**dataclasses.asdict(cfg), "threads": threads}
-    return gateway.bind(replica.bind(fields), cfg.max_body_bytes, rc.prefix_chars if gen else 0)
+    fields = {**dataclasses.asdict(cfg), "threads": cfg.threads or 1}
+    return gateway.bind(replica.bind(fields), cfg.max_body_bytes, rc.prefix_chars if gen else 0,
+                        cfg.request_timeout_s)
 
 
 def build(args: dict):

@@ -8,17 +8,28 @@ again, up to RETRIES times: encoder requests are idempotent, and a generation re
 sent no token yet (an answer that does not stream is sent whole, so a lost one is asked again). A
 stream that dies mid-answer ends at once: an SSE stream with an error event, a
 body cut short otherwise; nothing waits on a dead replica.
+
+Overload and waiting: the body is refused (413) past --max-body-bytes before it is read whole; requests
+wait for a replica in the handle's queue, at most max_queued_requests of them (deploy.py), and past that
+Ray's BackPressureError is answered 429 with Retry-After; a request's deadline (--request-timeout-s)
+counts from its arrival here: no first answer by then (the whole answer, a stream's start, or for a
+generation answered whole a replica taking it) is a 503 timeout, and the call is cancelled.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
+import time
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from millis.serve import schemas
+from millis.serve.http import error_response, read_body
 from millis.serve.ray.replica import Forwarded
 
 log = logging.getLogger("millis.serve.ray")
@@ -51,16 +62,41 @@ def routing_prompt(b: dict | None, chars: int) -> str | None:
     return text[:chars] or None
 
 
-def error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
-                        status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+def error(status: int, message: str, code: str, retry_after_s: float | None = None) -> Response:
+    """The OpenAI error shape, as the single-process server answers it (schemas.ApiError); 429 and 503
+    say when to retry."""
+    retry = max(1, math.ceil(retry_after_s or 1)) if status in (429, 503) else None
+    return error_response(schemas.ApiError(status, message, code=code,
+                                           headers={"Retry-After": str(retry)} if retry else None))
+
+
+async def within(response, awaitable, deadline: float):
+    """`awaitable` (a step of the handle call `response`) by the monotonic `deadline`; past it the call is
+    cancelled (it leaves the handle's queue, or its replica) and TimeoutError raised."""
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        response.cancel()
+        raise
+
+
+async def gathered(answer) -> tuple[int, list, bytes]:
+    """A streamed answer's rest as (status, headers, body): ("start", status, headers), then chunks."""
+    status, headers, body = 502, [], []
+    async for item in answer:
+        if isinstance(item, tuple):
+            _, status, headers = item
+        else:
+            body.append(item)
+    return status, headers, b"".join(body)
 
 
 class Gateway:
     """The ingress deployment class (decorated in deploy.py): `replicas` is the replicas' handle."""
 
-    def __init__(self, replicas, max_body_bytes: int, prefix_chars: int) -> None:
+    def __init__(self, replicas, max_body_bytes: int, prefix_chars: int, request_timeout_s: float = 30.0) -> None:
         self.replicas, self.max_body, self.chars = replicas, max_body_bytes, prefix_chars
+        self.timeout_s = request_timeout_s
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self.forward, methods=METHODS)])
@@ -68,16 +104,30 @@ class Gateway:
     async def forward(self, request: Request) -> Response:
         from ray.exceptions import RayActorError
 
-        body = await request.body()
-        if len(body) > self.max_body:
-            return error(413, f"request body over {self.max_body} bytes", "body_too_large")
+        deadline = time.monotonic() + self.timeout_s  # the request's deadline counts from its arrival
+        try:
+            body = await read_body(request, self.max_body)  # 413 before reading past the limit
+        except schemas.ApiError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return Response(b"", 499)  # nobody reads it
         path = request.url.path
         gen = generation_body(path, body)
         fwd = Forwarded(request.method, path, request.url.query.encode(),
                         [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP], body,
                         routing_prompt(gen, self.chars))
-        if not (gen and gen.get("stream") is True):  # one round trip for an answer that does not stream
-            got, failed = await self.ask(path, lambda: self.replicas.call_whole.remote(fwd))
+        if not (gen and gen.get("stream") is True):
+            if gen is None:  # one round trip for an answer that does not stream: it is the first answer
+                async def whole():
+                    answer = self.replicas.call_whole.remote(fwd)
+                    return await within(answer, answer, deadline)
+            else:  # a generation answered whole may run past the deadline: the deadline covers the wait for a
+                # replica to take it (its first item); the replica's own timeout then bounds its first token
+                async def whole():
+                    answer = self.replicas.options(stream=True).call.remote(fwd, True)
+                    await within(answer, answer.__anext__(), deadline)
+                    return await gathered(answer)
+            got, failed = await self.ask(path, whole)
             if failed:
                 return failed
             status, headers, body = got
@@ -87,7 +137,7 @@ class Gateway:
 
         async def opened():  # the stream and its first item, ("start", status, headers)
             answer = self.replicas.options(stream=True).call.remote(fwd)
-            return answer, await answer.__anext__()
+            return answer, await within(answer, answer.__anext__(), deadline)
 
         got, failed = await self.ask(path, opened)
         if failed:
@@ -112,8 +162,10 @@ class Gateway:
 
     async def ask(self, path: str, start) -> tuple[object, Response | None]:
         """(what `start()` awaits to, None), sent again while its replica dies before answering; or
-        (None, the error answer) when the replica raised or no replica answered."""
+        (None, the error answer) when the replica raised, no replica answered, the replicas' queue is full
+        (429) or the request's deadline passed (503)."""
         from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
 
         for attempt in range(RETRIES):
             try:
@@ -121,6 +173,10 @@ class Gateway:
             except RayActorError as e:  # died before answering: nothing was sent, so send it again
                 log.warning("millis gateway: replica failed before answering %s (%s); attempt %d of %d",
                             path, type(e).__name__, attempt + 1, RETRIES)
+            except BackPressureError as e:  # max_queued_requests wait for a replica already: overloaded
+                return None, error(429, f"server busy: {e.message}; retry shortly", "overloaded", e.retry_after_s)
+            except TimeoutError:
+                return None, error(503, f"not answered within {self.timeout_s:g} s", "timeout")
             except StopAsyncIteration:
                 return None, error(502, "the replica closed the request without an answer", "bad_gateway")
             except Exception as e:  # noqa: BLE001 -- the replica raised: this request alone fails

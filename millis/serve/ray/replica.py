@@ -108,8 +108,11 @@ class Replica:
                 return item[1]
         return 500
 
-    async def call(self, req: Forwarded):
-        """The app's answer to `req` as ("start", status, headers) then body chunks (a streaming call)."""
+    async def call(self, req: Forwarded, say_taken: bool = False):
+        """The app's answer to `req` as ("start", status, headers) then body chunks (a streaming call).
+        say_taken: first ("taken",) at once, so the gateway knows a replica has the request."""
+        if say_taken:
+            yield ("taken",)
         async for item in drive(self.app, req, asyncio.Event(), [(REPLICA_HEADER.encode(), self.name.encode())]):
             yield item
 
