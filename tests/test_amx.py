@@ -333,3 +333,50 @@ def test_amx_row_tiles_match_the_row_kernels(isa):
                 assert np.abs(y - (base + ref)).max() <= 2e-5 * np.abs(ref).max() + 1e-6, (mode, type_id, M)
     finally:
         init_amx(lib)
+
+
+TSAN_DRIVER = r"""
+#include <pthread.h>
+#include <stdint.h>
+int amx_init(int want);
+int kv_packed(int HD);
+static void* forward(void* arg) {  /* a forward's reads of g_amx_hw (kv_packed: the token split's choice) */
+    intptr_t s = 0;
+    for (int i = 0; i < 20000; i++) s += kv_packed(64);
+    return (void*)s;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, forward, 0);
+    for (int i = 0; i < 2000; i++) amx_init(1);  /* other models' loads */
+    pthread_join(t, 0);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="g_amx_hw is read in the avx512 build (AVX-512 BF16)")
+def test_amx_init_races_no_forward(tmp_path):
+    """A model's load calls amx_init while another thread's forward reads g_amx_hw: it used to store 0 there, then
+    maybe 1 after the kernel's grant (a forward in between took the C form), in plain stores. One atomic store of
+    the answer now: the thread sanitizer finds no race between them (it reported one on g_amx_hw before)."""
+    import shutil
+    import subprocess
+
+    from millis.kernels.native import HERE, ISA_FLAGS
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if cc is None or subprocess.run([cc, "-fsanitize=thread", str(probe), "-o", str(tmp_path / "probe")],
+                                    capture_output=True).returncode:
+        pytest.skip("no C compiler with the thread sanitizer")
+    (tmp_path / "driver.c").write_text(TSAN_DRIVER)
+    sources = [HERE / f for f in ("amx.c", "pool.c", "blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c")]
+    exe = tmp_path / "race"
+    r = subprocess.run([cc, "-O3", "-fsanitize=thread", "-pthread", "-std=gnu11", *ISA_FLAGS["avx512"],
+                        str(tmp_path / "driver.c"), *map(str, sources), "-o", str(exe), "-lm"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ThreadSanitizer" not in r.stderr, r.stderr[-3000:]

@@ -53,3 +53,66 @@ def test_workers_free_their_buffers_when_the_pool_resizes(tiny_dirs):
         np.testing.assert_array_equal(two(ids, mask), want)
         three(ids, mask)
     assert lib.pool_buffer_bytes() <= 2 * base, (base, lib.pool_buffer_bytes())
+
+
+def test_caller_threads_free_their_buffers_when_they_end(tiny_dirs):
+    """A server calls a model from whatever thread serves the request. The calling thread runs chunks too and keeps
+    its own scratch (attention buffers); when that thread ends, a pthread key's destructor frees it: the bytes held
+    stay flat over many short-lived caller threads (each dead thread kept ~9 KB here before)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from millis.encoder.bert_weights import load_arrays
+    from millis.encoder.native import NativeBert
+    from millis.encoder.source import Pooling
+
+    if native_isa() is None:
+        pytest.skip("native kernels are off (MILLIS_NO_KERNELS)")
+    model = NativeBert(load_arrays(tiny_dirs["bert"], "embed", Pooling("mean")), "fp32", 1)  # the caller alone
+    lib = model.lib
+    lib.pool_buffer_bytes.restype = ctypes.c_int64
+    ids = np.random.default_rng(1).integers(5, 90, (2, 64))
+
+    held = []
+
+    def call():
+        model(ids, np.ones_like(ids))
+        held.append(lib.pool_buffer_bytes())
+
+    def in_thread():
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+
+    call()  # (1 thread: any other test's workers end, their buffers with them; this thread's stay)
+    base = lib.pool_buffer_bytes()
+    for _ in range(40):
+        in_thread()
+    assert held[1] > base  # a caller thread holds buffers while it lives
+    deadline = time.monotonic() + 5  # join returns before the thread's pthread key destructors have run
+    while lib.pool_buffer_bytes() > base and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lib.pool_buffer_bytes() <= base, (base, lib.pool_buffer_bytes())
+
+
+def test_a_request_past_max_threads_keeps_its_workers():
+    """resize() compares a request with the last one, not with the workers it got: 300 threads (past MAX_THREADS,
+    256 workers) start their workers once, not at every pass (every pool_begin joined and recreated them)."""
+    from millis.encoder.native import SOURCES
+
+    if native_isa() is None:
+        pytest.skip("native kernels are off (MILLIS_NO_KERNELS)")
+    lib = build("bert_forward", SOURCES, native_isa())
+    lib.pool_selftest.restype = lib.pool_workers_started.restype = ctypes.c_int64
+    lib.pool_selftest.argtypes = [ctypes.c_int, ctypes.c_int64]
+    try:
+        assert lib.pool_selftest(300, 20) == 0
+        started = lib.pool_workers_started()
+        for _ in range(3):
+            assert lib.pool_selftest(300, 20) == 0
+        assert lib.pool_workers_started() == started
+        assert lib.pool_selftest(3, 20) == 0 and lib.pool_workers_started() == started + 2  # a new count: new workers
+    finally:
+        lib.pool_selftest(1, 1)  # (no 256 idle workers left for the other tests)

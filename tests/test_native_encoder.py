@@ -316,6 +316,32 @@ def test_bf16_matmul_matches_reference():
         assert all(np.array_equal(outs[0], o) for o in outs[1:]), M
 
 
+def test_bf16_rounding_keeps_nan_a_nan():
+    """to_bf16 (numpy, and the C one of every build: its 8-lane loop and its tail) leaves a NaN a NaN, made quiet
+    with its sign and top bits (as vcvtneps2bf16): rounding carried a NaN of low mantissa bits into Inf, and one
+    of bits >= 0x7FFF8000 wrapped past 32 bits into -0 / +0. Infinities, zeros and finite values round as before
+    (the largest float to Inf: round to nearest)."""
+    import ctypes
+
+    from millis.encoder.native import to_bf16
+    from millis.gen.models.native_llama import KERNEL_SOURCES
+    from millis.kernels.native import build
+
+    nans = [0x7FC00000, 0x7F800001, 0x7FBFFFFF, 0x7FFF8000, 0x7FFFFFFF, 0xFF800001, 0xFFFF8000, 0xFFFFFFFF]
+    others = {0x7F800000: 0x7F80, 0xFF800000: 0xFF80, 0: 0, 0x80000000: 0x8000, 0x3F808000: 0x3F80,
+              0x3F818000: 0x3F82, 0x7F7FFFFF: 0x7F80}
+    bits = np.array((nans + list(others)) * 2 + nans[:3], np.uint32)  # 33 values: four 8-lane steps and a tail
+    want = np.array([b >> 16 | 0x40 if b in nans else others[b] for b in bits.tolist()], np.uint16)
+    x = bits.view(np.float32)
+    assert np.array_equal(to_bf16(x), want)
+    for isa in ISAS:
+        lib = build("llama_step", KERNEL_SOURCES, isa)
+        lib.to_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        out = np.zeros(len(x), np.uint16)
+        lib.to_bf16(x.ctypes.data, len(x), out.ctypes.data)
+        assert np.array_equal(out, want), (isa, [hex(v) for v in out])
+
+
 @pytest.mark.skipif(native_isa() in (None, "scalar"), reason="needs the SIMD build beside the scalar one")
 def test_simd_activation_quantizers_equal_the_scalar_ones():
     """quantize_x (int8 blocks) and quantize_x16 (int16 blocks): the AVX2 code writes the scalar code's

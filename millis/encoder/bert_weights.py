@@ -94,6 +94,32 @@ def check_parts(state: dict, task: str, layers: int) -> None:
                 raise MillisError(f"the weights have no {n!r}: not a BERT checkpoint")
 
 
+def check_shapes(enc) -> None:
+    """A clear error for weights whose shapes disagree with config.json (enc: BertArrays, or a millis.gpu.Encoder:
+    numpy arrays or torch tensors). The native kernels take every table size, width and stride from the config and
+    read the arrays unchecked, so a short one was read past its end (a 10-row word table under vocab_size 1000
+    crashed on id 10)."""
+    c = enc.cfg
+    H, I = c.hidden, c.intermediate
+    if len(enc.layers) != c.layers:
+        raise MillisError(f"the weights have {len(enc.layers)} layers, config.json's num_hidden_layers {c.layers}")
+    want = {"word": (c.vocab, H), "pos": (c.max_positions, H), "typ": (c.type_vocab, H), "emb_lnw": (H,),
+            "emb_lnb": (H,)}
+    parts = [(EMBEDDINGS[k], getattr(enc, k), s) for k, s in want.items()]
+    sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (I, H), "b1": (I,), "w2": (H, I)}
+    for i, lw in enumerate(enc.layers):
+        parts += [(n, getattr(lw, k), sizes.get(k, (H,))) for k, n in layer_parts(i).items()]
+    if enc.task == "classify":
+        n = enc.cls_w.shape[0]
+        parts += [(HEAD[k], getattr(enc, k), s) for k, s in (("pool_w", (H, H)), ("pool_b", (H,)),
+                                                               ("cls_w", (n, H)), ("cls_b", (n,)))]
+    for names, t, s in parts:
+        got = tuple(t.shape)
+        if got != s and not (names == EMBEDDINGS["pos"] and len(got) == 2 and got[0] >= s[0] and got[1] == H):
+            at_least = "at least " if names == EMBEDDINGS["pos"] else ""
+            raise MillisError(f"the weights' {' + '.join(names)} is {got}, but config.json needs {at_least}{s}")
+
+
 class LayerArrays(NamedTuple):  # millis.gpu.encoder.LayerWeights' fields, as float32 arrays
     wqkv: np.ndarray
     bqkv: np.ndarray
@@ -120,6 +146,8 @@ class BertArrays:
 
         def get(names: tuple[str, ...]) -> np.ndarray:
             parts = [np.asarray(s[n], np.float32) for n in names]
+            if len({a.shape[1:] for a in parts}) > 1:  # (check_shapes checks the stack)
+                raise MillisError(f"the weights' {' + '.join(names)} do not stack: {[a.shape for a in parts]}")
             return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
         for k, names in EMBEDDINGS.items():
@@ -129,6 +157,7 @@ class BertArrays:
             for k, names in HEAD.items():
                 setattr(self, k, get(names))
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
+        check_shapes(self)
 
 
 def load_arrays(model_dir: Path, task: str, pooling: Pooling) -> BertArrays:

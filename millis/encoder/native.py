@@ -33,6 +33,7 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder.bert_weights import check_shapes
 from millis.encoder.smooth import GEMMS, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
@@ -95,9 +96,10 @@ def library():
 
 
 def to_bf16(w: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bits (uint16), rounded to nearest even (packedbf16.c's bf16_rne)."""
+    """fp32 -> bf16 bits (uint16), rounded to nearest even (packedbf16.c's bf16_rne: a NaN stays one, quiet)."""
     u = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def q7_0(w: np.ndarray, per_row: bool = False) -> np.ndarray:
@@ -149,6 +151,20 @@ def f32(t) -> np.ndarray:
     return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().numpy(), np.float32)
 
 
+def offsets(start, n: int, exact: bool = False) -> np.ndarray:
+    """Sequence offsets (S + 1,) as int32, after checking them: the C reads start[0..S] and the rows between
+    unchecked (an empty array made S -1). Rising, within n rows; exact: from 0 to n (bert_forward's tokens)."""
+    s = np.asarray(start)
+    ok = s.ndim == 1 and len(s) >= 1 and np.issubdtype(s.dtype, np.integer)
+    if ok:
+        s = s.astype(np.int64)  # (np.diff of unsigned offsets would wrap)
+        ok = s[0] >= 0 and s[-1] <= n and bool((np.diff(s) >= 0).all()) and not (exact and (s[0] or s[-1] != n))
+    if not ok:
+        raise MillisError(f"sequence offsets must be a 1-D integer array rising from {'0' if exact else '>= 0'} to "
+                          f"{'' if exact else 'at most '}{n} (the tokens), got {np.asarray(start)!r}"[:400])
+    return np.ascontiguousarray(s, np.int32)
+
+
 class NativeBert:
     """`encoder`: millis.encoder.bert_weights.BertArrays (numpy: an artifact's load), or a millis.gpu.Encoder
     loaded in fp32 on the CPU (its weights, task and pooling; needed to calibrate the row precisions here)."""
@@ -183,6 +199,7 @@ class NativeBert:
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
                               f"multiple of 8 (hidden {c.hidden}, heads {c.heads}, intermediate {c.intermediate})")
+        check_shapes(e)  # the C reads every array to the config's sizes
         self.cfg, self.task, self.pooling = c, e.task, e.pooling
         self.keep: list = []  # every array the C structs point into
         layers = (Layer * c.layers)()
@@ -280,8 +297,17 @@ class NativeBert:
         """bert_forward on flat tokens; the last hidden states (n, D) as a view of the scratch (hold the lock).
         first_only: only each sequence's first row is the last layer's (bert_forward.c: a [CLS] head reads no
         other), the others are the layer before's."""
-        n = len(ids)
-        ids, pos, types, start = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types, start))
+        c, n = self.cfg, len(ids)
+        start = offsets(start, n, exact=True)
+        for a, top in ((ids, c.vocab), (pos, c.max_positions), (types, c.type_vocab)):
+            a = np.asarray(a)  # in range before the int32 cast below, which would wrap a large id into range
+            if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
+                raise MillisError(f"ids, positions and token types must be 1-D integer arrays of one length, "
+                                  f"got {np.shape(ids)}, {np.shape(pos)}, {np.shape(types)}")
+            if n and (a.min() < 0 or a.max() >= top):
+                raise MillisError(f"a token id, position or token type is out of range for this model "
+                                  f"(vocabulary {c.vocab}, {c.max_positions} positions, {c.type_vocab} token types)")
+        ids, pos, types = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types))
         s = self._scratch(max(n, 1))
         rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
                                    pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
@@ -335,12 +361,16 @@ class NativeBert:
     def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head:
         mean / max pooling (and the normalisation) in C (bert_pool), the rest on the (B, D) rows in numpy."""
+        h = np.ascontiguousarray(h, np.float32)  # bert_pool reads D-float rows from its start
+        if h.ndim != 2 or np.shape(start) != (len(lengths) + 1,):
+            raise MillisError(f"head_of takes hidden states (n, D) and offsets (B + 1,) for B lengths, got "
+                              f"{h.shape}, {np.shape(start)}, {np.shape(lengths)}")
+        start = offsets(start, len(h))
         B, D = len(lengths), h.shape[1]
         p: Pooling = self.pooling
         if self.pools_tokens():
             out = np.empty((B, D), np.float32)
-            st = np.ascontiguousarray(start, np.int32)
-            self.lib.bert_pool(h.ctypes.data, D, B, st.ctypes.data, int(p.mode == "max"), int(p.normalize),
+            self.lib.bert_pool(h.ctypes.data, D, B, start.ctypes.data, int(p.mode == "max"), int(p.normalize),
                                out.ctypes.data)
             return out
         nz = lengths > 0

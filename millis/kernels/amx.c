@@ -27,6 +27,7 @@
 #include "packed.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -208,20 +209,23 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 #define HAVE_AMX_BUILD 0
 #endif
 
-static int g_amx_hw;  /* amx_init(1) found the tile unit usable in this process */
+/* amx_init(1) found the tile unit usable in this process. Atomic: a model's load calls amx_init while another
+   thread's forward reads it (a plain load on x86) */
+static _Atomic int g_amx_hw;
 
 /* want 1: use AMX when the CPU has AMX-BF16 and AMX-INT8 and the kernel grants the tile state; 0: never.
    Returns 1 when T_BF16_AMX matrices and Q8 tiles run on the tile unit from now on, else 0 (the C form). */
 API int amx_init(int want) {
-    g_amx_hw = 0;
+    int hw = 0;  /* one store below: a concurrent forward never sees a passing 0 */
 #if HAVE_AMX_BUILD && defined(__x86_64__)
     unsigned a, b, c, d;
     if (want && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) && (d >> 25 & 1))
-        g_amx_hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 #else
     (void)want;
 #endif
-    return g_amx_hw;
+    atomic_store(&g_amx_hw, hw);
+    return hw;
 }
 
 /* *buf (64-byte aligned, this thread's: the caller's statics are __thread) grown to at least `need` bytes (pool.c's

@@ -132,7 +132,10 @@ static void i8_pack_q(const float* r, int64_t ld, const float* bq, float scale, 
             sum = _mm512_add_epi32(sum, qi);
             b[o] = _mm512_cvtepi32_epi8(qi);
         }
-        for (int o = 0; o < HD / 16; o++) m[i] = _mm512_inserti32x4(m[i], b[o], o);
+        /* immediates spelled out, not a loop's counter: a build that does not unroll it (the thread sanitizer's,
+           tests/test_amx.py) could not compile it */
+        m[i] = _mm512_inserti32x4(_mm512_inserti32x4(m[i], b[0], 0), b[1], 1);
+        if (HD == 64) m[i] = _mm512_inserti32x4(_mm512_inserti32x4(m[i], b[2], 2), b[3], 3);
         cs[i] = -128 * _mm512_reduce_add_epi32(sum);
         ss[i] = mq / 127.f * scale;
     }

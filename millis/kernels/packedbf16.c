@@ -13,8 +13,11 @@
 #include "packed.h"
 
 static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+/* a NaN keeps its sign and top mantissa bits, made quiet (vcvtneps2bf16's rule): rounding it would carry a
+   mantissa of low bits alone into Inf, or wrap one >= 0x7FFF8000 past 32 bits into +-0 */
 static inline uint16_t bf16_rne(float f) {
     uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(u >> 16 | 0x40);
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
@@ -22,9 +25,12 @@ API void to_bf16(const float* x, int64_t K, uint16_t* out) {
     int64_t i = 0;
 #ifdef __AVX2__
     for (; i + 8 <= K; i += 8) {  /* bf16_rne, 8 lanes; the results fit 16 bits, so packus keeps them */
-        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + i));
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        const __m256 f = _mm256_loadu_ps(x + i);
+        const __m256i u = _mm256_castps_si256(f), hi = _mm256_srli_epi32(u, 16);
+        const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)),
+                               _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));  /* NaN lanes */
         _mm_storeu_si128((__m128i*)(out + i), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
     }
 #endif

@@ -35,7 +35,10 @@ typedef void (*task_fn)(void* ctx, int64_t chunk);
 
 static struct {
     pthread_mutex_t lock;           /* serializes pool_run callers and resizing */
-    int n;                          /* workers (threads - 1) */
+    int n;                          /* workers running (threads - 1, fewer past MAX_THREADS or a failed start) */
+    int want;                       /* the thread count last asked for (0: none yet): resize compares with it,
+                                       not with n, which a capped or failed start leaves short for good */
+    _Atomic int64_t started;        /* workers ever started (tests: pool_workers_started) */
     pthread_t th[MAX_THREADS];
     _Atomic uint32_t seq;           /* job number; workers wait for it to change */
     _Atomic uint64_t next;          /* job << 32 | next chunk */
@@ -81,17 +84,27 @@ int pool_thread_id(void) { return tl_id; }
 
 /* ---- per-thread scratch ----
    Buffers a thread keeps between calls (attention scores, tiles' staging rows: the callers' pointers are
-   __thread), grown as needed. A worker's go when it ends: resize() ends the workers whenever a caller asks for
+   __thread), grown as needed. A thread's go when it ends: resize() ends the workers whenever a caller asks for
    another thread count, and two models of different thread counts in one process used to leak every worker's
-   buffers at each switch (MiniLM, 2 and 3 threads alternated: +14 MB of RSS in 1200 pairs of forwards). */
+   buffers at each switch (MiniLM, 2 and 3 threads alternated: +14 MB of RSS in 1200 pairs of forwards); a
+   caller's thread (a server's request thread) is not ours to end, so a pthread key's destructor frees its
+   buffers as it exits (a tiny model called from a fresh thread each time kept every dead thread's). */
 #define MAX_BUFFERS 16
 static __thread void** tl_bufs[MAX_BUFFERS];
 static __thread int64_t* tl_caps[MAX_BUFFERS];
 static __thread int tl_nbufs;
 static _Atomic int64_t g_buffer_bytes;  /* held by every thread of this library, for tests (pool_buffer_bytes) */
+static pthread_key_t g_exit_key;  /* set (non-NULL) in a thread that holds buffers: its destructor frees them */
+static pthread_once_t g_exit_once = PTHREAD_ONCE_INIT;
+static void free_buffers(void);
+static void exit_free(void* unused) { (void)unused; free_buffers(); }  /* the thread's __thread vars still live */
+static void make_exit_key(void) { if (pthread_key_create(&g_exit_key, exit_free)) abort(); }
 void* pool_buffer(void** buf, int64_t* cap, int64_t need) {  /* *buf, 64-byte aligned, of >= need bytes */
     if (*cap < need) {
-        if (!*buf && tl_nbufs < MAX_BUFFERS) { tl_bufs[tl_nbufs] = buf; tl_caps[tl_nbufs++] = cap; }
+        if (!*buf && tl_nbufs < MAX_BUFFERS) {
+            if (!tl_nbufs) { pthread_once(&g_exit_once, make_exit_key); pthread_setspecific(g_exit_key, (void*)1); }
+            tl_bufs[tl_nbufs] = buf; tl_caps[tl_nbufs++] = cap;
+        }
         free(*buf);
         atomic_fetch_sub(&g_buffer_bytes, *cap);
         *buf = aligned_alloc(64, (need + 63) / 64 * 64);
@@ -101,7 +114,7 @@ void* pool_buffer(void** buf, int64_t* cap, int64_t need) {  /* *buf, 64-byte al
     }
     return *buf;
 }
-static void free_buffers(void) {  /* a thread's pool_buffer blocks, as it ends */
+static void free_buffers(void) {  /* a thread's pool_buffer blocks, as it ends (twice is harmless) */
     for (int i = 0; i < tl_nbufs; i++) {
         free(*tl_bufs[i]);
         atomic_fetch_sub(&g_buffer_bytes, *tl_caps[i]);
@@ -110,6 +123,7 @@ static void free_buffers(void) {  /* a thread's pool_buffer blocks, as it ends *
     tl_nbufs = 0;
 }
 API int64_t pool_buffer_bytes(void) { return atomic_load(&g_buffer_bytes); }
+API int64_t pool_workers_started(void) { return atomic_load(&P.started); }
 
 static void* worker(void* arg) {
     tl_id = (int)(intptr_t)arg;
@@ -132,14 +146,16 @@ static void* worker(void* arg) {
 }
 
 static void resize(int threads) {  /* with P.lock held */
-    if (threads - 1 == P.n) return;
+    if (threads == P.want) return;
     if (P.n) {
         atomic_store(&P.stop, 1); atomic_fetch_add(&P.seq, 1); futex_wake(&P.seq);
         for (int i = 0; i < P.n; i++) pthread_join(P.th[i], 0);
         atomic_store(&P.stop, 0); P.n = 0;
     }
+    P.want = threads;
+    /* into th[n]: after a failed start, th[0..n) still holds exactly the running workers' handles */
     for (int i = 0; i < threads - 1 && i < MAX_THREADS; i++)
-        if (pthread_create(&P.th[i], 0, worker, (void*)(intptr_t)(P.n + 1)) == 0) P.n++;
+        if (pthread_create(&P.th[P.n], 0, worker, (void*)(intptr_t)(P.n + 1)) == 0) { P.n++; P.started++; }
 }
 
 /* each pass starts with every thread (a solo pass's flag does not reach the next caller: packing at a model's load) */
