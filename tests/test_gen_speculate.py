@@ -131,7 +131,7 @@ def test_draft_model_gives_the_targets_greedy_text(model_path, tmp_path):
         assert [run_all(eng, [p], greedy)[0] for p in prompts] == want
         d = eng.draft_stats
         assert d.drafted > 0 and (d.accepted == d.drafted if all_right else d.accepted < d.drafted)
-        sampled = eng.add([1, 7, 8], SamplingParams(max_tokens=20, temperature=1.0, seed=3))
+        sampled = eng.add([1, 7, 8], SamplingParams(max_tokens=20, temperature=1.0, seed=3, ignore_eos=True))
         ids = [eng.add(p, greedy) for p in prompts]
         got = {i: [] for i in ids + [sampled]}
         while eng.has_work:

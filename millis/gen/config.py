@@ -44,6 +44,12 @@ class ModelConfig:
     tie_head: bool = True      # output head shares the token embedding's weight
     bos_id: int | None = None  # prepended by the tokenizer (llama2.c, Llama); None for GPT-2
     eos_id: int | None = None  # generation stops here
+    stop_ids: tuple[int, ...] = ()  # and at these: an EOS list's others, end-of-turn tokens (HF generate, llama.cpp)
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Every token id that ends a request's generation (unless ignore_eos)."""
+        return frozenset(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
 
     @property
     def head_dim(self) -> int:
@@ -225,3 +231,11 @@ class GenerateConfig:
         return EngineConfig(max_batch=1, max_seq=self.max_seq, dtype=self.dtype, quant=self.quant,
                             threads=self.threads, device=self.device, kv_memory_mb=self.kv_memory_mb,
                             speculate=self.speculate, draft_model=self.draft_model)
+
+
+def eos_ids(*values) -> tuple[int | None, tuple[int, ...]]:
+    """(eos_id, stop_ids) from eos_token_id values as HF writes them (an id or a list, in config.json and
+    generation_config.json; HF generate stops at any of them): the first id, then the others."""
+    ids = [int(v) for x in values for v in (x if isinstance(x, list) else [x]) if isinstance(v, int)]
+    ids = list(dict.fromkeys(ids))
+    return (ids[0], tuple(ids[1:])) if ids else (None, ())

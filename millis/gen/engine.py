@@ -358,11 +358,11 @@ class Engine:
         finished = None
         if r.matcher is not None and not r.matcher.consume_token(t):
             raise GrammarFailed(f"token {t} broke the request's grammar: {r.matcher.get_error()}")
-        if t == self.config.eos_id and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
+        if t in self.config.end_ids and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
             finished = "stop"  # EOS, or the grammar is complete (nothing may follow)
         elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):
             finished = "length"
-        text, stopped = new_text(self.tok, self.config.eos_id, r, finished is not None)
+        text, stopped = new_text(self.tok, self.config.end_ids, r, finished is not None)
         finished = "stop" if stopped else finished
         if finished:
             self._finish(r)

@@ -21,7 +21,7 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.gen.config import LlamaConfig
-from millis.gen.gguf_tokenizer import opt_int, tokenizer_of
+from millis.gen.gguf_tokenizer import CONTROL, opt_int, tokenizer_of
 
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ARCHS = ("llama", "mistral", "qwen2")
@@ -234,11 +234,30 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict[str, GGUFTensor]) -
         vocab_size=tensors["token_embd.weight"].shape[0], dim=dim, n_layers=int(get("block_count")),
         n_heads=n_heads, n_kv_heads=int(get("attention.head_count_kv", n_heads)), max_seq=int(get("context_length")),
         tie_head="output.weight" not in tensors, bos_id=opt_int(meta.get("tokenizer.ggml.bos_token_id")),
-        eos_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")), hidden_dim=int(get("feed_forward_length")),
+        eos_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")), stop_ids=end_of_generation_ids(meta),
+        hidden_dim=int(get("feed_forward_length")),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
         qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=int(get("attention.sliding_window", 0)),
         head_dim_override=head_dim if head_dim != dim // n_heads else 0,
         **_rope_scaling(path, meta, arch, tensors, theta, head_dim))
+
+
+# control tokens llama.cpp ends generation at by their text (llama-vocab.cpp's end-of-generation set), beside the
+# tokenizer.ggml.eos / eot / eom ids: an Instruct model's end of turn is often one of these, not its EOS
+END_OF_TURN_TEXTS = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                               "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+                               "<end_of_utterance>", "<\uff5cend\u2581of\u2581sentence\uff5c>"})
+
+
+def end_of_generation_ids(meta: dict) -> tuple[int, ...]:
+    """The ids besides EOS that end generation, as llama.cpp ends it: the eot / eom ids, and control tokens
+    spelled as an end of turn."""
+    eos = opt_int(meta.get("tokenizer.ggml.eos_token_id"))
+    ids = [opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("eot", "eom")]
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")  # (arrays, maybe)
+    tokens, types = ([], []) if tokens is None or types is None else (tokens, types)
+    ids += [i for i, (t, k) in enumerate(zip(tokens, types)) if int(k) == CONTROL and t in END_OF_TURN_TEXTS]
+    return tuple(dict.fromkeys(i for i in ids if i is not None and i != eos))
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float = 1.0, high: float = 4.0,

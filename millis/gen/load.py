@@ -18,7 +18,8 @@ from torch import nn
 
 from millis.common.dtypes import torch_dtype
 from millis.common.errors import MillisError
-from millis.gen.config import LLAMA_TYPES, MODEL_TYPES, EngineConfig, GPT2Config, LlamaConfig, ModelConfig
+from millis.gen.config import (LLAMA_TYPES, MODEL_TYPES, EngineConfig, GPT2Config, LlamaConfig, ModelConfig,
+                               eos_ids)
 from millis.gen.llama2c import is_llama2c_checkpoint, read_llama2c
 from millis.gen.models.layers import setup_caches
 
@@ -322,7 +323,8 @@ def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
 
 def _hf_config(d: dict, tied: bool) -> ModelConfig:
     mt = d.get("model_type")
-    common = dict(bos_id=d.get("bos_token_id"), eos_id=_first(d.get("eos_token_id")), tie_head=tied)
+    eos, more = eos_ids(d.get("eos_token_id"), d.get("generation_config", {}).get("eos_token_id"))
+    common = dict(bos_id=d.get("bos_token_id"), eos_id=eos, stop_ids=more, tie_head=tied)
     if mt == "gpt2":
         return GPT2Config(vocab_size=d["vocab_size"], dim=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
                           n_kv_heads=d["n_head"], max_seq=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
@@ -347,14 +349,12 @@ def _hf_config(d: dict, tied: bool) -> ModelConfig:
         sliding_window=window, head_dim_override=d.get("head_dim") or 0, **common)
 
 
-def _first(x):
-    return x[0] if isinstance(x, list) else x
-
-
 def _read_hf(d: Path):
     from millis.gen.tokenizer import HFTokenizer
 
     raw = json.loads((d / "config.json").read_text())
+    if (d / "generation_config.json").is_file():  # its eos_token_id list ends generation too (HF generate)
+        raw["generation_config"] = json.loads((d / "generation_config.json").read_text())
     hf = _read_safetensors(d)
     hf = {k.removeprefix("transformer.").removeprefix("model."): v.float() for k, v in hf.items()}
     cfg = _hf_config(raw, tied="lm_head.weight" not in hf)

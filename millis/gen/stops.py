@@ -18,12 +18,12 @@ def held_back(text: str, stop: str) -> int:
     return 0
 
 
-def new_text(tok, eos_id: int | None, r, final: bool) -> tuple[str, bool]:
+def new_text(tok, end_ids: frozenset[int], r, final: bool) -> tuple[str, bool]:
     """The new text of engine request `r` (its out, prompt, params and text bookkeeping) and whether a
     stop string ended it."""
     if tok is None:
         return "", False
-    ids = r.out[:-1] if r.out[-1] == eos_id and not r.params.ignore_eos else r.out
+    ids = r.out[:-1] if r.out[-1] in end_ids and not r.params.ignore_eos else r.out
     context = (r.prompt[-4:] + ids[max(0, r.anchor - 4):r.anchor])[-4:]  # a few ids before (SentencePiece
     # spaces need them), sliced without copying the whole prompt and output each step
     full = r.anchor_text + text_delta(tok, context, ids[r.anchor:])
