@@ -55,6 +55,7 @@ def bench_config(given: Given) -> BenchConfig:
 
 def bench(cfg: BenchConfig) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from millis.loadgen import bench
@@ -62,31 +63,48 @@ def bench(cfg: BenchConfig) -> int:
     console = Console()
     console.print(f"[bold]millis bench[/] {cfg.url}: {cfg.duration:g} s per level")
 
+    def ms(r: dict, key: str) -> str:
+        # a percentile that lands on a request not answered within the timeout is a bound, not a latency
+        return ">=timeout" if key in r.get("beyond_timeout", ()) else str(r[key])
+
     def row(r: dict) -> None:
         if "ttft_p50_ms" in r:  # generation
-            console.print(f"  {r['load']:>8}: {r['rps']:6.2f} req/s  TTFT p50 {r['ttft_p50_ms']} p99 {r['ttft_p99_ms']} ms  "
-                          f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  {r['output_tok_s']} tok/s  "
-                          f"goodput {r['goodput']}  ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}")
-            return
-        console.print(f"  {r['load']:>8}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                      f"ok {r['ok']}  429 {r['rejected']}  errors {r['errors']}  timeouts {r['timeouts']}")
+            console.print(f"  {r['load']:>8}: {r['rps']:6.2f} req/s  TTFT p50 {ms(r, 'ttft_p50_ms')} "
+                          f"p99 {ms(r, 'ttft_p99_ms')} ms  ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  "
+                          f"{r['output_tok_s']} tok/s  goodput {r['goodput']}  ok {r['ok']}  429 {r['rejected']}  "
+                          f"503 {r['shed']}  errors {r['errors']} (empty {r['empty_stream']})  "
+                          f"timeouts {r['timeouts']}  drain {r['drain_s']} s  send lag p99 {r['send_lag_p99_ms']} ms",
+                          highlight=False, markup=False)
+        else:
+            console.print(f"  {r['load']:>8}: {r['rps']:8.1f} req/s  p50 {ms(r, 'p50_ms')} ms  p99 {ms(r, 'p99_ms')} "
+                          f"ms  ok {r['ok']}  429 {r['rejected']}  503 {r['shed']}  errors {r['errors']}  "
+                          f"timeouts {r['timeouts']}", highlight=False, markup=False)
+        for w in r["warnings"]:
+            console.print(f"  [yellow]{r['load']}: {escape(w)}[/]")
 
     res = bench(cfg, on_row=row)
     if res["rows"] and "ttft_p50_ms" in res["rows"][0]:
         console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png (TTFT)")
         return 0
     t = Table(title=f"{res['url']}{res['route']} ({res['model']})")
-    for c in ("load", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "errors", "timeouts"):
+    for c in ("load", "req/s", "offered/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "503", "errors", "timeouts",
+              "drain s", "send lag p99 ms"):
         t.add_column(c, justify="right")
     for r in res["rows"]:
-        t.add_row(r["load"], f"{r['rps']:.1f}", *(str(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms", "ok", "rejected",
-                                                                       "errors", "timeouts")))
+        lag = f"{r['send_lag_p99_ms']}" + (" (!)" if r["warnings"] else "")
+        t.add_row(r["load"], f"{r['rps']:.1f}", f"{r['offered_rps']:.1f}",
+                  *(ms(r, k) for k in ("p50_ms", "p90_ms", "p99_ms")),
+                  *(str(r[k]) for k in ("ok", "rejected", "shed", "errors", "timeouts", "drain_s")), lag)
     console.print(t)
+    console.print("req/s: 2xx answered within each level's sending window; >=timeout: the percentile lands on a "
+                  "request not answered in time (timed out, failed or shed)"
+                  + ("; (!): the client sent late, see the warnings above" if any(r["warnings"] for r in res["rows"])
+                     else ""), highlight=False, markup=False)
     console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png")
     return 0
 
 
 SERVE = Command("serve", "serve an artifact (dynamic batching) or a decoder (OpenAI completions / chat) over HTTP; "
                          "every flag also MILLIS_*", serve_groups, serve_config, serve, positionals=("artifact",))
-BENCH = Command("bench", "load-test a running server: closed and open loop, p50/p90/p99, 429s",
+BENCH = Command("bench", "load-test a running server: closed and open loop, p50/p90/p99, 429s and 503s",
                 bench_groups, bench_config, bench, positionals=("url",))

@@ -57,7 +57,14 @@ async def discover(t: Target, route: str, model: str, timeout: float) -> tuple[s
         status, body = await fetch(t, "GET", "/v1/models", timeout=timeout)
     except OSError as e:
         raise MillisError(f"cannot reach {t.url}: {e}") from None
-    card = orjson.loads(body)["data"][0] if status == 200 else {}
+    try:
+        card = orjson.loads(body)["data"][0] if status == 200 else {}
+        if not isinstance(card, dict):
+            raise TypeError("a model card is a JSON object")
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON, no data, an empty list
+        need = " and ".join(f for f, given in (("--route", route), ("--model", model)) if not given)
+        raise MillisError(f"GET {t.url}/v1/models answered 200 without a model card ({type(e).__name__}: {e}); "
+                          f"give {need}") from None
     route = route or {"classify": "/v1/classify", "generate": "/v1/chat/completions"}.get(card.get("task"),
                                                                                          "/v1/embeddings")
     return route, model or card.get("id", "")
@@ -119,6 +126,8 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
         raise MillisError("millis bench needs --data (a file of texts)")
     if cfg.inputs < 1 or cfg.duration <= 0:
         raise MillisError("--inputs must be >= 1 and --duration > 0")
+    if cfg.timeout <= 0 or cfg.count < 0:
+        raise MillisError(f"--timeout must be > 0 and --count >= 0, got {cfg.timeout:g} / {cfg.count}")
     t, texts = Target(cfg.url), read_texts(cfg.data, cfg.text_col)
     levels = parse_levels(cfg.concurrency, cfg.rate)
 
@@ -157,10 +166,13 @@ def plot(series: dict[str, list[dict]], path: Path) -> None:
         color = f"C{k}"
         x = [r["rps"] for r in rows]
         ax.plot(x, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
-        ax.plot(x, [r["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99")
+        # a p99 past the timeout is no number (None): a gap in the line, not a point
+        ax.plot(x, [r["p99_ms"] if r["p99_ms"] is not None else float("nan") for r in rows], "s--", color=color,
+                label=f"{name} p99")
         for r in rows:
-            ax.annotate(r["load"], (r["rps"], r["p99_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("throughput (answered 2xx per s)")
+            y = r["p99_ms"] if r["p99_ms"] is not None else r["p50_ms"]
+            ax.annotate(r["load"], (r["rps"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("throughput (2xx answered within the sending window, per s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)

@@ -34,6 +34,8 @@ class Target:
 class Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer, self.open = reader, writer, True
+        self.requests = 0      # requests sent on this connection
+        self.replied = False   # the last request's status line and headers arrived
 
     @classmethod
     async def connect(cls, t: Target) -> "Conn":
@@ -42,8 +44,10 @@ class Conn:
 
     async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         """One request on this connection -> (status, lower-cased headers, body)."""
+        self.requests, self.replied = self.requests + 1, False
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
+        self.replied = True
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         headers = {}
@@ -72,6 +76,14 @@ class Conn:
             parts.append(await self.reader.readexactly(size))
             await self.reader.readexactly(2)
 
+    def stale(self, e: BaseException) -> bool:
+        """Did `e` end a request on a reused connection before any byte of its answer? Then the server
+        had closed the connection (an idle timeout racing the request) and never saw the request: it may
+        be sent again. An OSError mid-head is counted as no answer too (a reset drops what was read)."""
+        if self.requests < 2 or self.replied:
+            return False
+        return not isinstance(e, asyncio.IncompleteReadError) or not e.partial
+
     def close(self) -> None:
         self.open = False
         self.writer.close()
@@ -86,9 +98,31 @@ class Pool:
     async def acquire(self) -> Conn:
         while self.idle:
             c = self.idle.pop()
-            if c.open:
+            if c.open and not c.reader.at_eof():  # at EOF: the server closed it while idle
                 return c
+            c.close()
         return await Conn.connect(self.target)
+
+    async def send(self, raw: bytes) -> int:
+        """One request on an idle connection (else a new one) -> its status. A reused connection that
+        turns out closed before any byte of the answer is not the server's failure: the request is sent
+        again, once, on a new connection. A connection left mid-request (an error, a cancelled wait) is
+        closed, never reused."""
+        c = await self.acquire()
+        try:
+            try:
+                status, _, _ = await c.send(raw)
+            except (OSError, asyncio.IncompleteReadError) as e:
+                if not c.stale(e):
+                    raise
+                c.close()
+                c = await Conn.connect(self.target)
+                status, _, _ = await c.send(raw)
+        except BaseException:
+            c.close()
+            raise
+        self.release(c, True)
+        return status
 
     def release(self, c: Conn, ok: bool) -> None:
         if ok and c.open:

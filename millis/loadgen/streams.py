@@ -6,11 +6,15 @@ that falls behind is charged for the queue), the gaps between content events (in
 ITL), and the output tokens (the last event's `usage` when the server sends one, else the content
 events). A level's summary: TTFT / ITL / end-to-end percentiles, output tokens/s over the level,
 and goodput, the share of all requests sent that were answered with TTFT and mean ITL within budget.
+
+As in `load.py`: every request sent is counted once (ok, rejected 429, shed 503, errors, timeouts; a
+200 that streams no content, or answers a streaming request unstreamed, is the error `empty_stream`);
+TTFT and end-to-end percentiles rank a request that was not answered above the timeout (null when one
+decides them); rps and output tokens/s count what arrived within the sending window.
 """
 from __future__ import annotations
 
 import asyncio
-import random
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Callable
@@ -19,16 +23,20 @@ import numpy as np
 import orjson
 
 from millis.loadgen.client import Conn, Target
-from millis.loadgen.load import Level
+from millis.loadgen.load import Level, check_lag, percentiles, poisson
+
+EMPTY = -2  # a 200 without a streamed content event
 
 
 @dataclass
 class Streamed:
-    status: int = 0                  # HTTP status; 0 = broken connection, -1 = timed out
+    status: int = 0                  # HTTP status; 0 = broken connection, -1 = timed out, -2 = EMPTY
     ttft: float | None = None        # seconds from the scheduled send to the first content event
     gaps: list[float] = field(default_factory=list)  # seconds between content events
     tokens: int = 0
     e2e: float | None = None
+    lag: float = 0.0                 # seconds the request was sent after its scheduled time
+    at: float = 0.0                  # seconds from the level's start to the scheduled send (gen_level)
 
 
 def _content(event: dict) -> str:
@@ -70,12 +78,15 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
 
 
 async def stream_one(t: Target, raw: bytes, timeout: float, t_sched: float) -> Streamed:
-    out, c = Streamed(), None
+    out, c = Streamed(lag=perf_counter() - t_sched), None
     try:
-        c = await Conn.connect(t)
-        c.writer.write(raw)
-        await asyncio.wait_for(_read_stream(c, out, t_sched), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):  # connecting included: a server that never accepts is a timeout
+            c = await Conn.connect(t)
+            c.writer.write(raw)
+            await _read_stream(c, out, t_sched)
+        if out.status == 200 and out.ttft is None:  # else counted nowhere: not ok, not an error
+            out.status = EMPTY
+    except TimeoutError:
         out.status = -1
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
         out.status = 0
@@ -88,50 +99,70 @@ async def stream_one(t: Target, raw: bytes, timeout: float, t_sched: float) -> S
 
 async def gen_level(t: Target, make: Callable[[], bytes], level: Level, duration: float, count: int,
                     timeout: float, seed: int) -> tuple[list[Streamed], float]:
-    """Every request's record and the level's span in seconds."""
+    """Every request's record and the level's sending window in seconds (the duration, or until
+    `count` were sent; not the wait for the last answers)."""
     results: list[Streamed] = []
     start = perf_counter()
     if level.kind == "closed":
-        stop_at = start + duration
+        stop_at = end = start + duration
 
         async def client() -> None:
+            nonlocal end
             while perf_counter() < stop_at and (not count or len(results) < count):
                 results.append(Streamed())  # holds the count while in flight
-                k = len(results) - 1
-                results[k] = await stream_one(t, make(), timeout, perf_counter())
+                k, t0 = len(results) - 1, perf_counter()
+                results[k] = await stream_one(t, make(), timeout, t0)
+                results[k].at = t0 - start
+            if count and len(results) >= count:  # as load.closed_loop: nothing left to send ends the window
+                end = min(end, perf_counter())
 
         await asyncio.gather(*(client() for _ in range(int(level.value))))
     else:
-        rng, tasks, t_next = random.Random(seed), [], start
-        while True:
-            t_next += rng.expovariate(level.value)
-            if t_next - start > duration or (count and len(tasks) >= count):
-                break
-            if (delay := t_next - perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(stream_one(t, make(), timeout, t_next)))
+        async def one(t_sched: float) -> Streamed:
+            r = await stream_one(t, make(), timeout, t_sched)
+            r.at = t_sched - start
+            return r
+
+        tasks, end = await poisson(level.value, duration, count, seed, start, one)
         results = list(await asyncio.gather(*tasks))
-    return results, perf_counter() - start
+    return results, end - start
 
 
 def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_s: float,
                 itl_budget_s: float) -> dict[str, Any]:
+    """span: the sending window (gen_level's); what arrived after it counts in totals, not in rates."""
     ok = [r for r in results if r.status == 200 and r.ttft is not None]
-    ttft = np.array([r.ttft for r in ok]) * 1e3
+    asked = [r for r in results if r.status != 429]
+    okay = np.array([r.status == 200 and r.ttft is not None for r in asked], dtype=bool)
+    ttft = np.array([r.ttft or 0.0 for r in asked]) * 1e3
+    e2e = np.array([r.e2e or 0.0 for r in asked]) * 1e3
     gaps = np.array([g for r in ok for g in r.gaps]) * 1e3
-    e2e = np.array([r.e2e for r in ok]) * 1e3
     good = [r for r in ok if r.ttft <= ttft_budget_s and (not r.gaps or np.mean(r.gaps) <= itl_budget_s)]
 
     def pct(x: np.ndarray, q: float) -> float | None:
         return round(float(np.percentile(x, q)), 2) if len(x) else None
 
+    def in_window(r: Streamed) -> float:
+        """r's output tokens that arrived within the window (usage tokens spread over its events)."""
+        times = r.at + r.ttft + np.cumsum([0.0, *r.gaps])
+        return r.tokens * float((times <= span).sum()) / len(times)
+
     tokens = sum(r.tokens for r in ok)
+    drain = max((r.at + r.e2e for r in results if r.e2e is not None), default=span) - span
+    tt, beyond = percentiles(ttft, okay, {"ttft_p50_ms": 50, "ttft_p90_ms": 90, "ttft_p99_ms": 99}, 2)
+    ee, beyond_e = percentiles(e2e, okay, {"e2e_p50_ms": 50, "e2e_p99_ms": 99}, 2)
     speed = np.array([len(r.gaps) / sum(r.gaps) for r in ok if r.gaps and sum(r.gaps) > 0])  # each request's own
-    return {"load": level.name, "kind": level.kind, "value": level.value, "sent": len(results), "ok": len(ok),
-            "rejected": sum(r.status == 429 for r in results), "timeouts": sum(r.status == -1 for r in results),
-            "errors": sum(r.status not in (200, 429, -1) for r in results),
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p90_ms": pct(ttft, 90), "ttft_p99_ms": pct(ttft, 99),
-            "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99), "e2e_p50_ms": pct(e2e, 50),
-            "e2e_p99_ms": pct(e2e, 99), "output_tokens": tokens, "output_tok_s": round(tokens / span, 2),
-            "request_tok_s_p50": pct(speed, 50), "rps": round(len(ok) / span, 3), "goodput": round(len(good) / len(results), 4) if results else None,
-            "seconds": round(span, 2), "p50_ms": pct(ttft, 50), "p99_ms": pct(ttft, 99)}  # p50/p99: TTFT (the plot's)
+    span = max(span, 1e-9)
+    row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": len(results), "ok": len(ok),
+           "rejected": sum(r.status == 429 for r in results), "shed": sum(r.status == 503 for r in results),
+           "timeouts": sum(r.status == -1 for r in results),
+           "errors": sum(r.status not in (200, 429, 503, -1) for r in results),
+           "empty_stream": sum(r.status == EMPTY for r in results), **tt,
+           "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99), **ee, "beyond_timeout": beyond + beyond_e,
+           "output_tokens": tokens, "output_tok_s": round(sum(in_window(r) for r in ok) / span, 2),
+           "request_tok_s_p50": pct(speed, 50), "rps": round(sum(r.at + r.e2e <= span for r in ok) / span, 3),
+           "offered_rps": round(len(results) / span, 3),
+           "goodput": round(len(good) / len(results), 4) if results else None,
+           "seconds": round(span, 2), "drain_s": round(max(drain, 0.0), 3),
+           "p50_ms": tt["ttft_p50_ms"], "p99_ms": tt["ttft_p99_ms"]}  # p50/p99: TTFT (the plot's)
+    return check_lag(row, [r.lag for r in results])
