@@ -137,3 +137,63 @@ def test_read_texts_takes_the_text_column_of_jsonl(tmp_path):
     assert read_texts(p) == ["where is my card?", "refund?"]
     with pytest.raises(MillisError, match=r"no column 'body' \(columns: text, label\)"):
         read_texts(p, "body")
+
+
+def test_tsv_quotes_are_text_not_quoting(tmp_path):
+    """GLUE-style TSV has no quoting: an unbalanced '"' is part of the text, never merges lines into one row."""
+    p = tmp_path / "d.tsv"
+    p.write_text('text\tlabel\n"a gem\t1\nplain\t0\nit is "fine" really\t1\n', encoding="utf-8")
+    d = read_labeled(p)
+    assert d.texts == ('"a gem', "plain", 'it is "fine" really') and d.labels == ("1", "0", "1")
+    assert d.lines == (2, 3, 4)
+
+
+def test_rows_with_more_or_fewer_fields_than_the_header_name_the_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nmy card,lost_card\nI lost my card, please help,lost_card\n")
+    with pytest.raises(MillisError, match=r"d\.csv: line 3 has 3 field\(s\) but the header has 2 \(text, label\); "
+                                          r"quote a text that holds a comma"):
+        read_labeled(p)
+    q = tmp_path / "e.tsv"
+    q.write_text("text\tlabel\nok\tx\nno label here\n")
+    with pytest.raises(MillisError, match=r"e\.tsv: line 3 has 1 field\(s\) but the header has 2 \(text, label\)$"):
+        read_labeled(q)
+    t = tmp_path / "f.tsv"
+    t.write_text("text\tlabel\na\tb\tc\n")
+    with pytest.raises(MillisError, match=r"line 2 has 3 field\(s\).*must not hold a tab"):
+        read_labeled(t)
+
+
+@pytest.mark.parametrize("value, shown", [(["x", "y"], r'\["x", "y"\]'), ({"a": 1}, r'\{"a": 1\}'),
+                                          (True, "true"), (None, "null")])
+def test_jsonl_label_that_is_not_a_string_or_number_names_line_and_column(tmp_path, value, shown):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": value}) + "\n")
+    with pytest.raises(MillisError, match=rf"d\.jsonl: line 2, column 'label': {shown} is not a string or a number"):
+        read_labeled(p)
+
+
+def test_whole_number_float_labels_are_integers(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": f"t{i}", "label": y}) + "\n" for i, y in enumerate([1, 1.0, 0, 2.5])))
+    d = read_labeled(p)
+    assert d.labels == ("1", "1", "0", "2.5") and d.classes == ["0", "1", "2.5"]
+
+
+def test_classes_of_digit_like_labels_that_are_not_numbers(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\na,\u00b2\nb,1\nc,--1\nd,2\n", encoding="utf-8")  # '²'.isdigit() but int('²') fails
+    assert read_labeled(p).classes == sorted(["\u00b2", "1", "--1", "2"])
+    q = tmp_path / "e.csv"
+    q.write_text("text,label\na,--1\nb,1\n")  # '--1'.lstrip('-') is decimal, int('--1') is not a number
+    assert read_labeled(q).classes == ["--1", "1"]
+
+
+def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], indent=1))
+    with pytest.raises(MillisError, match=r"d\.json is a JSON array: millis reads JSON Lines \(one JSON object per"):
+        read_labeled(p)
+    p.write_text(json.dumps([{"text": "a", "label": "x"}]))  # on one line too
+    with pytest.raises(MillisError, match="is a JSON array: millis reads JSON Lines"):
+        read_labeled(p)

@@ -193,3 +193,26 @@ def test_optimize_writes_the_page_and_it_matches_report_md(classify_artifact):
     assert page.row_class[rep["chosen"]] == "chosen"
     write_html_report(classify_artifact)  # a view, not hashed: rewriting it leaves the artifact valid
     read_meta(classify_artifact, verify=True)
+
+
+def test_non_finite_values_are_listed_not_plotted(tmp_path):
+    """A NaN accuracy or an infinite p50 (a diverged variant) would write cx="nan": such a point is left out of
+    the Pareto chart and named in its "Not plotted" note; the budget line from a NaN reference is not drawn."""
+    art = synthetic(tmp_path / "a")
+    rep = json.loads((art / "report.json").read_text())
+    rows = {r["name"]: r for r in rep["variants"]}
+    rows[EVIL]["accuracy"]["accuracy"] = float("nan")
+    rows["torch-fp32"]["latency"][SHAPES[0]]["p50_ms"] = float("inf")
+    (art / "report.json").write_text(json.dumps(rep))  # json writes NaN / Infinity, and reads them back
+    html = write_html_report(art).read_text()
+    pareto = parse(html).charts["pareto"]
+    assert pareto["points"] == len(pareto["markers"]) == 1 and pareto["markers"][0][0] == "ort-int8-dynamic"
+    svg_part = html[html.index('data-chart="pareto"'):html.index("</svg>", html.index('data-chart="pareto"'))]
+    assert not re.search(r'="[^"]*\b(nan|inf)', svg_part, re.I), svg_part
+    note = re.search(r"Not plotted \(p50 or accuracy on the labelled data not a finite number\): ([^.]*)\.", html)
+    assert note and note.group(1) == "torch-fp32, &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;"
+    rep["measured"]["reference_accuracy"] = float("nan")
+    (art / "report.json").write_text(json.dumps(rep))
+    html = write_html_report(art).read_text()
+    svg_part = html[html.index('data-chart="pareto"'):html.index("</svg>", html.index('data-chart="pareto"'))]
+    assert not re.search(r'="[^"]*\b(nan|inf)', svg_part, re.I) and ">budget<" not in svg_part

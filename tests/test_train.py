@@ -8,7 +8,8 @@ from millis.common.errors import MillisError
 from millis.evaluate.run import EvalConfig, evaluate
 from millis.common.readers import Labeled
 from millis.encoder.source import resolve
-from millis.train.loop import length_batches, split
+from millis.train.holdout import split
+from millis.train.loop import length_batches
 from millis.artifact.meta import read_train_meta
 from millis.train.classify import train_config
 
@@ -179,7 +180,7 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
 
 def test_subsample_spreads_over_a_file_sorted_by_label():
     from millis.common.readers import Labeled
-    from millis.train.loop import subsample
+    from millis.train.holdout import subsample
 
     labels = tuple(c for c in "abcd" for _ in range(100))  # sorted by label, like Banking77's train.csv
     data = Labeled(tuple(f"t{i}" for i in range(400)), labels, tuple(range(2, 402)), "x.csv", "text", "label")
@@ -188,3 +189,34 @@ def test_subsample_spreads_over_a_file_sorted_by_label():
     assert list(s.lines) == sorted(s.lines) and s.texts == tuple(f"t{n - 2}" for n in s.lines)
     assert subsample(data, 40, seed=0) == s and subsample(data, 40, seed=1) != s
     assert subsample(data, 0, seed=0) is data and subsample(data, 400, seed=0) is data
+
+
+def _fit_with_scores(scores, **kw):
+    """fit() on a one-weight model whose epoch scores are `scores`: (FitResult, epochs run)."""
+    import torch
+
+    from millis.train.loop import fit
+
+    model = torch.nn.Linear(1, 1)
+    it = iter(scores)
+    cfg = train_config("tiny:bert", "x.csv", epochs=len(scores), batch_size=4, **kw)
+    res = fit(model, cfg, [3] * 8, lambda idx: (model.weight ** 2).sum(), lambda: next(it), lambda e, f: None,
+              score_name="val_cosine")
+    return res, len(res.history)
+
+
+def test_patience_zero_means_no_early_stopping():
+    res, epochs = _fit_with_scores([0.5, 0.4, 0.3, 0.2], patience=0)
+    assert epochs == 4 and res.best_epoch == 1 and res.best == 0.5
+    assert _fit_with_scores([0.5, 0.4, 0.3, 0.2], patience=1)[1] == 2  # 1: stop after one epoch without a gain
+
+
+def test_non_finite_scores_never_win_and_all_non_finite_is_a_clear_error():
+    nan = float("nan")
+    res, _ = _fit_with_scores([nan, 0.3, nan], patience=0)
+    assert res.best_epoch == 2 and res.best == 0.3
+    res, _ = _fit_with_scores([-1.0, -1.5], patience=0)  # a cosine of -1 is still a score (below the old -1 start)
+    assert res.best_epoch == 1 and res.best == -1.0
+    with pytest.raises(MillisError, match=r"no epoch gave a finite val_cosine \(scores: nan, nan\): training "
+                                          r"diverged; try a lower --lr"):
+        _fit_with_scores([nan, nan], patience=0)

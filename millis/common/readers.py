@@ -34,8 +34,11 @@ class Labeled:
     def classes(self) -> list[str]:
         """Sorted label names; numeric labels sort as numbers (2 before 10)."""
         names = set(self.labels)
-        if all(n.lstrip("-").isdigit() for n in names):
-            return sorted(names, key=int)
+        if all(n.lstrip("-").isdecimal() for n in names):
+            try:
+                return sorted(names, key=int)
+            except ValueError:  # "--1": decimal digits, not a number
+                pass
         return sorted(names)
 
 
@@ -53,6 +56,9 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(line, record)]) for any supported format."""
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
+        if text.lstrip().startswith("["):
+            raise MillisError(f"{p} is a JSON array: millis reads JSON Lines (one JSON object per line, "
+                              f"e.g. {{\"text\": ..., \"label\": ...}}); write each row on a line of its own")
         rows, cols = [], {}
         # split on "\n" only: str.splitlines also breaks at U+2028, form feeds... inside a text
         for n, raw in enumerate(text.split("\n"), start=1):
@@ -61,18 +67,30 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise MillisError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+                raise MillisError(f"{p}: line {n} is not valid JSON ({e.msg}); millis reads JSON Lines: "
+                                  f"one JSON object per line") from None
             if not isinstance(rec, dict):
-                raise MillisError(f"{p}: line {n} is not a JSON object")
+                raise MillisError(f"{p}: line {n} is not a JSON object; millis reads JSON Lines: "
+                                  f"one JSON object per line")
             cols.update(dict.fromkeys(rec))
             rows.append((n, rec))
         return list(cols), rows
-    # newline="": only \n, \r\n and \r end a line, as the csv module expects
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    # newline="": only \n, \r\n and \r end a line, as the csv module expects. TSV: no quoting (the GLUE
+    # convention): a '"' is text, so an unbalanced one cannot merge the lines after it into one row
+    tsv = suffix == ".tsv"
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     cols = list(reader.fieldnames or [])
     rows = []
     for rec in reader:
-        rows.append((reader.line_num, rec))
+        line = reader.line_num  # the row's last line (a quoted CSV field may span lines)
+        if None in rec or None in rec.values():  # more fields than the header (under None), or fewer (None values)
+            n = len(cols) + len(rec.get(None) or ()) - sum(v is None for v in rec.values())
+            hint = ("" if n < len(cols) else "; a text must not hold a tab" if tsv
+                    else '; quote a text that holds a comma: "a, b"')
+            raise MillisError(f"{p}: line {line} has {n} field(s) but the header has {len(cols)} "
+                              f"({', '.join(cols)}){hint}")
+        rows.append((line, rec))
     return cols, rows
 
 
@@ -97,6 +115,18 @@ def _pick_label_col(p: Path, cols: list[str], text_col: str) -> str:
                       f"name it with --label-col")
 
 
+def _value(p: Path, line: int, rec: dict, col: str) -> str:
+    """A cell as text. JSON: a whole-number float is that integer (1.0 and 1 are one class); a list, an
+    object, true / false and (for a present key) null are errors: str() would make classes like "['x']"."""
+    v = rec.get(col)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (list, dict, bool)) or (v is None and col in rec and p.suffix.lower() in (".jsonl", ".json")):
+        raise MillisError(f"{p}: line {line}, column {col!r}: {json.dumps(v)[:40]} is not a string or a number "
+                          f"(each row needs one text and one label)")
+    return "" if v is None else str(v)
+
+
 def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", limit: int = 0) -> Labeled:
     """Read a labelled file; `label_col` "" picks a usual name (label, category, ...)."""
     p = Path(path)
@@ -114,9 +144,8 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
         raise MillisError(f"{p} has no column {label_col!r} (columns: {', '.join(cols)}); name it with --label-col")
     texts, labels, lines, empty_text, empty_label = [], [], [], [], []
     for n, rec in rows:
-        t, y = rec.get(text_col), rec.get(label_col)
-        t = "" if t is None else str(t)
-        y = "" if y is None else str(y).strip()
+        t, y = _value(p, n, rec, text_col), _value(p, n, rec, label_col)
+        y = y.strip()
         if not t.strip():
             empty_text.append(n)
         if not y:

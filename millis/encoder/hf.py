@@ -5,7 +5,9 @@ Three cuts, each uniform across layers so the model stays one regular shape that
 transformer fusions handle (one head count for every Attention node):
 - heads: Q/K/V rows and attention-output columns of the removed heads go; the config keeps the
   head size, so a head count of k is stored as `millis_pruned: {"attention_heads": k, "head_dim": d}`
-  in config.json (transformers 5 has no `pruned_heads` any more) and `load_hf` rebuilds that shape;
+  in config.json and `load_hf` rebuilds that shape. Plain transformers cannot load such a directory
+  (`from_pretrained` raises a size mismatch): transformers 5 has no `pruned_heads` any more, and BERT's
+  head size is always hidden / heads;
 - FFN neurons: intermediate rows and output columns go; `intermediate_size` says the new width, a
   plain HF config;
 - layers: whole layers go; `num_hidden_layers` says how many are left, a plain HF config.
@@ -70,8 +72,11 @@ def _uniform(keep: list[list[int]], what: str) -> int:
 
 
 def cut_heads(model, keep: list[list[int]]) -> None:
-    """Keep heads `keep[layer]` (sorted indices) in each layer; same count in every layer."""
+    """Keep heads `keep[layer]` (sorted indices) in each layer; same count in every layer. Keeping every head
+    changes nothing (and writes no `millis_pruned`: the model stays a plain HF one)."""
     k, d = _uniform(keep, "attention heads"), head_dim(model)
+    if k == num_heads(model):
+        return
     for layer, heads in zip(encoder_layers(model), keep):
         rows = [h * d + j for h in sorted(heads) for j in range(d)]
         sa = layer.attention.self

@@ -108,7 +108,11 @@ def pareto_chart(rep: dict[str, Any], budget: dict[str, Any]) -> str:
     label, y_of, line = pareto_axis(rep, budget)
     pts = [(r, r["latency"][target]["p50_ms"], y_of(r)) for r in rows if target in (r.get("latency") or {})]
     missing = [r["name"] for r, _, y in pts if y is None]
-    pts = [(r, x, y) for r, x, y in pts if y is not None]
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    # NaN / inf (a diverged variant) would write cx="nan": listed under the chart instead
+    broken = [r["name"] for r, x, y in pts if y is not None and not (finite(x) and finite(y))]
+    pts = [(r, x, y) for r, x, y in pts if y is not None and finite(x) and finite(y)]
+    line = line if line is None or finite(line) else None
     ys = [y for _, _, y in pts] + ([line] if line is not None else [])
     f = svg.frame("pareto", f"p50 at {target} against {label.split(' (')[0]}", f"p50 ms at {target} (log)",
                   label, svg.value_range([x for _, x, _ in pts], log=True), svg.value_range(ys, log=False, pad=0.15),
@@ -124,6 +128,8 @@ def pareto_chart(rep: dict[str, Any], budget: dict[str, Any]) -> str:
     labels, left_out = svg.place_labels(f, [(f.x.at(x), f.y.at(y), r["name"]) for r, x, y in order])
     body += labels
     note = f" Not plotted (no {label.split(' (')[0]}): {', '.join(missing)}." if missing else ""
+    if broken:
+        note += f" Not plotted (p50 or {label.split(' (')[0]} not a finite number): {', '.join(broken)}."
     if left_out:
         note += f" {left_out} label(s) left out where they would overlap: hover a point for its name."
     caption = (f"Each variant measured at {target}: x = its p50 (log scale), y = {label}. Green star = chosen; "

@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = flag(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = flag(0.01, "AdamW weight decay (not on biases / LayerNorm)")
     warmup: float = flag(0.06, "share of all steps spent warming up", scoped=True)
-    patience: int = flag(2, "epochs without a better validation score before stopping")
+    patience: int = flag(2, "epochs without a better validation score before stopping (0 = never stop early)")
     max_length: int = flag(128, "truncate texts to this many tokens")
     seed: int = flag(0, "seed of the split, the shuffling and the weights")
     limit: int = flag(0, "use only the first N training rows (0 = all)")

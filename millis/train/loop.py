@@ -1,16 +1,17 @@
 """The training loop shared by `millis train`, `millis distill` and `millis prune`.
 
-`prepare` reads and tokenizes a labelled file (stratified hold-out unless a validation file is
-given); `fit` runs AdamW with linear warm-up and decay over length-grouped batches, scores every
-epoch, stops early and restores the best epoch's weights; `save` writes the HF directory with its
+`prepare` reads and tokenizes a labelled file (which rows validate: millis.train.holdout); `fit` runs
+AdamW with linear warm-up and decay over length-grouped batches, scores every epoch, stops early
+(unless --patience is 0) and restores the best epoch's weights; `save` writes the HF directory with its
 recipe. What differs between the commands is only the loss of a batch (`LossFn`).
 """
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from millis.common.config import to_dict
 from millis.common.schema import from_dict
 from millis.common.errors import MillisError
 from millis.common.readers import Labeled, read_labeled
+from millis.train.holdout import held_out, subsample
 from millis.encoder.source import ModelSource
 from millis.common.files import hash_files
 from millis.encoder.text import TextEncoder
@@ -31,32 +33,6 @@ from millis.artifact.validation import VALIDATION_FILE, write_validation
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, fields): "start", "step", "epoch", "done"
 LossFn = Callable[[list[int]], Any]               # training row indices -> scalar loss tensor
-
-
-def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified (train, validation) row indices; a class with one example stays in training."""
-    rng = random.Random(seed)
-    by_class: dict[str, list[int]] = {}
-    for i, y in enumerate(data.labels):
-        by_class.setdefault(y, []).append(i)
-    train, val = [], []
-    for y in sorted(by_class):
-        idx = by_class[y][:]
-        rng.shuffle(idx)
-        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
-        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val += idx[:k]
-        train += idx[k:]
-    return sorted(train), sorted(val)
-
-
-def subsample(data: Labeled, n: int, seed: int) -> Labeled:
-    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file)."""
-    if not n or n >= len(data):
-        return data
-    keep = sorted(random.Random(seed).sample(range(len(data)), n))
-    return replace(data, texts=tuple(data.texts[i] for i in keep), labels=tuple(data.labels[i] for i in keep),
-                   lines=tuple(data.lines[i] for i in keep))
 
 
 def length_batches(lengths: list[int], batch: int, rng: random.Random, window: int = 50) -> list[list[int]]:
@@ -106,13 +82,13 @@ class TaskData:
 
 
 def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData:
-    """Read, split and tokenize `cfg.data` (a TrainConfig). `classes` fixes the label order (a model
-    that already has labels); otherwise the file's sorted classes are used."""
+    """Read, split (millis.train.holdout.held_out) and tokenize `cfg.data` (a TrainConfig). `classes` fixes
+    the label order (a model that already has labels); otherwise the file's sorted classes are used."""
     from transformers import AutoTokenizer
 
     data = subsample(read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit), cfg.sample, cfg.seed)
-    val_file = read_labeled(cfg.validation, cfg.text_col, data.label_col) if cfg.validation else None
-    found = check_classes(data, val_file)
+    tr_idx, val, validation = held_out(cfg, data, src)  # a millis-trained source's validation rows stay held out
+    found = check_classes(data, val)
     if classes is not None:
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -120,12 +96,6 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData
                               f"the model's labels: {classes[:8]}{'...' if len(classes) > 8 else ''}")
     classes = list(classes) if classes is not None else found
     label2id = {c: i for i, c in enumerate(classes)}
-    if val_file is not None:
-        tr_idx, val = list(range(len(data))), val_file
-    else:
-        tr_idx, va_idx = split(data, cfg.val_fraction, cfg.seed)
-        val = replace(data, texts=tuple(data.texts[i] for i in va_idx), labels=tuple(data.labels[i] for i in va_idx),
-                      lines=tuple(data.lines[i] for i in va_idx))
     val_texts, val_y = list(val.texts), [label2id[y] for y in val.labels]
     if not val_texts:
         raise MillisError(f"{data.path}: too few rows to hold out a validation set; pass --validation FILE")
@@ -134,8 +104,7 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData
     tr_ids = tok([data.texts[i] for i in tr_idx], truncation=True, max_length=max_len)["input_ids"]
     va_ids = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
     return TaskData(data, classes, tr_ids, [label2id[data.labels[i]] for i in tr_idx], va_ids, val_y,
-                    TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len,
-                    cfg.validation or f"{cfg.val_fraction:.0%} held out per class", val)
+                    TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len, validation, val)
 
 
 def predict(model, td: TaskData, ids: list[list[int]], batch: int = 64) -> np.ndarray:
@@ -216,15 +185,19 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
         row = {"epoch": epoch, "train_loss": loss_sum / seen, score_name: s,
                "seconds": time.perf_counter() - t0, "rows_per_s": seen / (time.perf_counter() - t0)}
         res.history.append(row)
-        improved = s > res.best
+        improved = math.isfinite(s) and (best_state is None or s > res.best)  # NaN: a diverged epoch
         if improved:
             res.best, res.best_epoch, bad_epochs = s, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad_epochs += 1
         progress("epoch", {**row, "best": res.best, "improved": improved})
-        if bad_epochs >= cfg.patience:
+        if cfg.patience and bad_epochs >= cfg.patience:  # --patience 0: no early stopping
             break
+    if best_state is None:
+        scores = ", ".join(str(h[score_name]) for h in res.history)
+        raise MillisError(f"no epoch gave a finite {score_name} (scores: {scores}): training diverged; "
+                          f"try a lower --lr (now {cfg.lr:g})")
     model.load_state_dict(best_state)
     model.eval()
     res.seconds = time.perf_counter() - t_start

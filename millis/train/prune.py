@@ -2,8 +2,8 @@
 
 Importance is measured on the task data before anything is cut:
 - heads and FFN neurons: |dL/dm| of a mask m = 1 multiplying each head's context / each neuron's
-  activation, summed over `importance_rows` training rows (Michel et al. 2019; Molchanov et al.
-  2019 for neurons); head scores are L2-normalised per layer;
+  activation, summed over `importance_rows` training rows, a seeded sample stratified by class (Michel
+  et al. 2019; Molchanov et al. 2019 for neurons); head scores are L2-normalised per layer;
 - layers: the validation loss with the layer skipped, greedily, one layer at a time.
 The cut is structural (smaller matrices, see millis.encoder.hf) and uniform across layers; then a
 short recovery fine-tune distils from the unpruned model (soft + hard loss).
@@ -11,6 +11,7 @@ short recovery fine-tune distils from the unpruned model (soft + hard loss).
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class PruneConfig:
     heads: float = flag(0.0, "share of attention heads to remove in every layer, in (0, 1)")
     layers: int = flag(0, "whole layers to drop", scoped=True)
     ffn: float = flag(0.0, "share of FFN neurons to remove in every layer, in (0, 1)")
-    importance_rows: int = flag(1024, "training rows that score heads and neurons")
+    importance_rows: int = flag(1024, "training rows that score heads and neurons (a seeded sample, "
+                                            "stratified by class)")
     # recovery distils from the unpruned model
     temperature: float = flag(2.0, "softmax temperature of the recovery's soft loss", scoped=True)
     soft_weight: float = 1.0
@@ -77,8 +79,23 @@ class Plan:
     scores: dict[str, Any]
 
 
-def importance(model, td: TaskData, rows: int, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(head scores (L, H), neuron scores (L, I)) from mask gradients on the first `rows` rows."""
+def sample_rows(labels: list[int], n: int, seed: int) -> list[int]:
+    """`n` row indices (in row order), seeded and stratified: each class in proportion to its rows, so a file
+    sorted by label (Banking77's first 1024 rows hold 9 of its 77 classes) is scored on all of them."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    keyed = []  # (place in its class, as a share of the class, jittered; row): the first n spread over classes
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        keyed += [((r + rng.random()) / len(idx), i) for r, i in enumerate(idx)]
+    return sorted(i for _, i in sorted(keyed)[:n])
+
+
+def importance(model, td: TaskData, rows: int, batch: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(head scores (L, H), neuron scores (L, I)) from mask gradients on `rows` training rows (sample_rows)."""
     import torch
     import torch.nn.functional as F
 
@@ -88,7 +105,7 @@ def importance(model, td: TaskData, rows: int, batch: int = 32) -> tuple[np.ndar
     fm = torch.ones(L, inter, requires_grad=True)
     h_acc, f_acc = torch.zeros(L, H), torch.zeros(L, inter)
     model.eval()  # no dropout: the gradient of the model as it will run
-    idx = list(range(min(rows, len(td.tr_ids))))
+    idx = sample_rows(td.tr_y, rows, seed)
     with masks(model, hm, fm):
         for s in range(0, len(idx), batch):
             part = idx[s:s + batch]
@@ -110,11 +127,27 @@ def val_loss(model, td: TaskData, skip: set[int]) -> float:
     return float(F.cross_entropy(logits, torch.tensor(td.va_y)))
 
 
+def kept(model, cfg: PruneConfig, progress: Progress) -> tuple[int | None, int | None]:
+    """(heads, FFN neurons) each layer keeps, None where nothing is cut: a share that rounds to removing none
+    is said so and skipped (cutting "all heads" would still mark the model head-pruned: not plain HF)."""
+    H, inter = num_heads(model), encoder_layers(model)[0].intermediate.dense.out_features
+    k_h, k_f = max(1, round(H * (1 - cfg.heads))), max(1, round(inter * (1 - cfg.ffn)))
+    out = (k_h if cfg.heads and k_h < H else None, k_f if cfg.ffn and k_f < inter else None)
+    for flag, share, k, n, what in (("heads", cfg.heads, k_h, H, "heads"), ("ffn", cfg.ffn, k_f, inter, "FFN neurons")):
+        if share and k == n:
+            if not (cfg.layers or any(k is not None for k in out)):
+                raise MillisError(f"nothing to prune: --{flag} {share:g} of {n} {what} per layer removes none "
+                                  f"(it rounds to all {n} kept); give a larger share")
+            progress("plan", {f"--{flag} {share:g}": f"removes none of the {n} {what} per layer: all kept"})
+    return out
+
+
 def plan(model, td: TaskData, cfg: PruneConfig, progress: Progress) -> Plan:
     L = len(encoder_layers(model))
     if cfg.layers >= L:
         raise MillisError(f"cannot drop {cfg.layers} of the model's {L} layers: at least one must stay")
-    h_imp, f_imp = importance(model, td, cfg.importance_rows)
+    k_h, k_f = kept(model, cfg, progress)
+    h_imp, f_imp = importance(model, td, cfg.importance_rows, seed=cfg.train.seed)
     skipped: set[int] = set()
     losses = []
     for _ in range(cfg.layers):  # greedy: drop the layer whose absence hurts validation loss least
@@ -124,10 +157,8 @@ def plan(model, td: TaskData, cfg: PruneConfig, progress: Progress) -> Plan:
         losses.append({"dropped": best, "val_loss": trial[best], "tried": trial})
         progress("plan", {"dropped_layer": best, "val_loss": trial[best]})
     layers = [i for i in range(L) if i not in skipped]
-    H, inter = h_imp.shape[1], f_imp.shape[1]
-    k_h, k_f = max(1, round(H * (1 - cfg.heads))), max(1, round(inter * (1 - cfg.ffn)))
-    heads = [sorted(np.argsort(-h_imp[i])[:k_h].tolist()) for i in layers] if cfg.heads else None
-    ffn = [sorted(np.argsort(-f_imp[i])[:k_f].tolist()) for i in layers] if cfg.ffn else None
+    heads = [sorted(np.argsort(-h_imp[i])[:k_h].tolist()) for i in layers] if k_h else None
+    ffn = [sorted(np.argsort(-f_imp[i])[:k_f].tolist()) for i in layers] if k_f else None
     return Plan(layers, heads, ffn, {"head_importance": h_imp.round(5).tolist(), "layer_drops": losses})
 
 
@@ -176,6 +207,9 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
     encoder_layers(original)  # a clear error for families we cannot cut
     td = prepare(cfg.train, src, classes=[original.config.id2label[i] for i in range(original.config.num_labels)])
     p = plan(original, td, cfg, progress)
+    if p.heads is not None:
+        progress("plan", {"note": "head-pruned: millis loads it (millis.encoder.hf.load_hf), plain transformers' "
+                                  "from_pretrained cannot (size mismatch)"})
     model = copy.deepcopy(original)
     apply(model, p)
     for q in original.parameters():

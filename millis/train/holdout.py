@@ -1,0 +1,174 @@
+"""Which rows a training command validates on, and which it trains on.
+
+`millis train` holds out `--val-fraction` of each class (`split`) or reads `--validation FILE`. A model dir
+that millis trained keeps the rows it validated on (validation.jsonl) and its training file's sha256
+(millis.json). A command that starts from such a model (distill, prune, or train going on from it) must
+not validate on rows that model trained on: they would inflate its score (the teacher's validation
+accuracy) and the new model's validation.jsonl, which `millis optimize` selects on. So:
+- the same training file (sha256) and no --validation: the source's validation rows are the validation
+  rows, and the rows with their (text, label) do not train;
+- another training file: rows whose (text, label) is among the source's validation rows do not train, and
+  held-out rows the source trained on go to training instead (when its training file is there, unchanged,
+  to tell which rows it trained on; a warning says when it is not);
+- --validation FILE: never the training file itself (same sha256); a warning when they share texts; rows
+  the source trained on are dropped from it, with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from millis.artifact.meta import read_train_meta
+from millis.artifact.validation import LINE_KEY, VALIDATION_FILE, read_validation
+from millis.common.errors import MillisError
+from millis.common.files import file_sha256, hash_files
+from millis.common.readers import Labeled, read_labeled
+from millis.encoder.source import ModelSource
+
+Row = tuple[str, str]  # (text, label): a row's identity across files
+
+
+def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified (train, validation) row indices; a class with one example stays in training."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def subsample(data: Labeled, n: int, seed: int) -> Labeled:
+    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file)."""
+    if not n or n >= len(data):
+        return data
+    return rows_of(data, sorted(random.Random(seed).sample(range(len(data)), n)))
+
+
+def rows_of(data: Labeled, idx: list[int]) -> Labeled:
+    return replace(data, texts=tuple(data.texts[i] for i in idx), labels=tuple(data.labels[i] for i in idx),
+                   lines=tuple(data.lines[i] for i in idx))
+
+
+def pairs(data: Labeled) -> list[Row]:
+    return list(zip(data.texts, data.labels))
+
+
+@dataclass(frozen=True)
+class SourceSplit:
+    """What a millis-trained source model validated and trained on."""
+
+    spec: str
+    val: Labeled                      # its validation.jsonl
+    same_data: bool                   # trained on the file --data names (same sha256, same columns)
+    trained: frozenset[Row] | None    # the rows it trained on; None: its training file is gone or changed
+    data_path: str                    # its training file
+
+
+def source_split(src: ModelSource, data: Labeled) -> SourceSplit | None:
+    """The source's split, None for a model millis did not train (or an embedder: no labelled rows)."""
+    meta = read_train_meta(src.path)
+    if meta is None or not meta.data.sha256:
+        return None
+    val = read_validation(src.path)  # hash-checked against millis.json
+    if val is None:
+        return None
+    same = (_hash_as(Path(data.path), Path(meta.data.path).name) == meta.data.sha256
+            and (data.text_col, data.label_col) == (meta.data.text_col, meta.data.label_col))
+    path = Path(data.path) if same else Path(meta.data.path)
+    here = same or (path.is_file() and hash_files([path]) == meta.data.sha256)
+    trained = _trained(meta, path, val, _source_lines(Path(src.path) / VALIDATION_FILE)) if here else None
+    return SourceSplit(src.spec, val, same, trained, meta.data.path)
+
+
+def _hash_as(path: Path, name: str) -> str:
+    """hash_files([path]) as if the file were called `name`: a renamed copy of the source's training file is
+    that file (hash_files hashes the name, then the bytes)."""
+    h = hashlib.sha256(name.encode())
+    h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _source_lines(path: Path) -> list[int | None]:
+    """The `source_line` of each row of a validation.jsonl: the row's line in the file it was held out of."""
+    return [json.loads(x).get(LINE_KEY) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
+def _trained(meta, path: Path, val: Labeled, lines: list[int | None]) -> frozenset[Row]:
+    """The rows the source trained on: its file as it read it (--limit, --sample, --seed), less the rows it held
+    out, by line, when its validation rows are those lines of the file; when it validated on another file (a
+    --validation FILE) every row counts as trained on (a row also in that file may have been)."""
+    cfg = meta.train_config
+    rows = subsample(read_labeled(path, meta.data.text_col, meta.data.label_col, int(cfg.get("limit") or 0)),
+                     int(cfg.get("sample") or 0), int(cfg.get("seed") or 0))
+    full = read_labeled(path, meta.data.text_col, meta.data.label_col)
+    at = dict(zip(full.lines, pairs(full)))
+    if all(at.get(n) == r for n, r in zip(lines, pairs(val))):
+        held = set(lines)
+        return frozenset(r for n, r in zip(rows.lines, pairs(rows)) if n not in held)
+    return frozenset(pairs(rows))
+
+
+def held_out(cfg, data: Labeled, src: ModelSource) -> tuple[list[int], Labeled, str]:
+    """(training row indices of `data`, validation rows, where they came from) for a TrainConfig `cfg`."""
+    source = source_split(src, data)
+    if cfg.validation:
+        return list(range(len(data))), given_validation(cfg, data, source), cfg.validation
+    if source is not None and source.same_data:
+        judged = set(pairs(source.val))
+        tr = [i for i, r in enumerate(pairs(data)) if r not in judged]
+        val = replace(source.val, text_col=data.text_col, label_col=data.label_col)
+        return tr, val, f"the validation rows of {source.spec} (trained on this file)"
+    tr, va = split(data, cfg.val_fraction, cfg.seed)
+    what = f"{cfg.val_fraction:.0%} held out per class"
+    if source is None:
+        return tr, rows_of(data, va), what
+    rows, judged, trained = pairs(data), set(pairs(source.val)), source.trained or frozenset()
+    moved = [i for i in va if rows[i] in trained]
+    keep_tr = sorted(i for i in tr + moved if rows[i] not in judged)
+    va = [i for i in va if rows[i] not in trained]
+    if source.trained is None:
+        warnings.warn(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which "
+                      f"rows of {data.path} it trained on, so some validation rows may be rows it learnt",
+                      stacklevel=2)
+    dropped = len(tr) + len(moved) - len(keep_tr)
+    if moved or dropped:
+        warnings.warn(f"{data.path}: {len(moved)} held-out row(s) are rows {source.spec} trained on (they train "
+                      f"instead) and {dropped} row(s) are among its validation rows (they do not train)",
+                      stacklevel=2)
+        what += f", less the rows {source.spec} trained on"
+    return keep_tr, rows_of(data, va), what
+
+
+def given_validation(cfg, data: Labeled, source: SourceSplit | None) -> Labeled:
+    """The --validation file's rows: not the training file, and none the source model trained on."""
+    val = read_labeled(cfg.validation, cfg.text_col, data.label_col)
+    if file_sha256(cfg.validation) == file_sha256(data.path):
+        raise MillisError(f"--validation {cfg.validation} is the training file {data.path} (the same sha256): "
+                          f"validation rows must be rows the model does not train on; leave --validation out "
+                          f"to hold out --val-fraction of each class")
+    shared = set(val.texts) & set(data.texts)
+    if shared:
+        warnings.warn(f"{len(shared)} text(s) of the validation file {cfg.validation} are also training rows of "
+                      f"{data.path}: validation accuracy on them is accuracy on trained rows", stacklevel=2)
+    if source is None or not source.trained:
+        return val
+    keep = [j for j, r in enumerate(pairs(val)) if r not in source.trained]
+    if not keep:
+        raise MillisError(f"every row of --validation {cfg.validation} is a row {source.spec} trained on: "
+                          f"validate on rows it did not see")
+    if len(keep) < len(val):
+        warnings.warn(f"dropped {len(val) - len(keep)} of the {len(val)} rows of --validation {cfg.validation}: "
+                      f"{source.spec} trained on them", stacklevel=2)
+    return rows_of(val, keep)
