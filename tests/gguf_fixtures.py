@@ -41,29 +41,34 @@ def byte_chars() -> list[str]:
     return [chr(b if b in keep else next(extra)) for b in range(256)]
 
 
-def gpt2_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of a tiny byte-level BPE padded with unused tokens to vocab_size."""
+def gpt2_vocab(vocab_size: int, added: list[tuple[str, int]] = ()) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of a tiny byte-level BPE padded with unused tokens to vocab_size;
+    `added` ((text, type) pairs) are its last ids, as a model's added tokens follow its vocabulary."""
     merged = ["".join(m.split(" ")) for m in GPT2_MERGES]
     tokens = GPT2_SPECIAL + byte_chars() + merged
     types = [3] * len(GPT2_SPECIAL) + [1] * (256 + len(merged))
-    return _pad(tokens, types, vocab_size) + (GPT2_MERGES,)
+    return _pad(tokens, types, vocab_size, added) + (GPT2_MERGES,)
 
 
-def spm_vocab(vocab_size: int) -> tuple[list[str], list[int], list[float]]:
-    """(tokens, token types, scores) of a tiny SentencePiece BPE with byte fallback, padded to vocab_size."""
+def spm_vocab(vocab_size: int, added: list[tuple[str, int]] = ()) -> tuple[list[str], list[int], list[float]]:
+    """(tokens, token types, scores) of a tiny SentencePiece BPE with byte fallback, padded to vocab_size;
+    `added` as gpt2_vocab's."""
     tokens = ["<unk>"] + SPM_CONTROL + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_CHARS) + SPM_MERGED
     types = [2] + [3] * len(SPM_CONTROL) + [6] * 256 + [1] * (len(SPM_CHARS) + len(SPM_MERGED))
     scores = ([0.0] * (1 + len(SPM_CONTROL) + 256) + [-100.0 - i for i in range(len(SPM_CHARS))]
               + [-1.0 - i for i in range(len(SPM_MERGED))])  # earlier merges score higher, chars lowest
-    tokens, types = _pad(tokens, types, vocab_size)
-    return tokens, types, scores + [-1e9] * (len(tokens) - len(scores))
+    n_unused = vocab_size - len(tokens) - len(added)
+    tokens, types = _pad(tokens, types, vocab_size, added)
+    return tokens, types, scores + [-1e9] * n_unused + [0.0] * len(added)
 
 
-def _pad(tokens: list[str], types: list[int], vocab_size: int) -> tuple[list[str], list[int]]:
-    if vocab_size < len(tokens):
-        raise ValueError(f"the tiny tokenizer needs vocab_size >= {len(tokens)}, got {vocab_size}")
-    n = vocab_size - len(tokens)
-    return tokens + [f"<unused{i}>" for i in range(n)], types + [5] * n
+def _pad(tokens: list[str], types: list[int], vocab_size: int,
+         added: list[tuple[str, int]] = ()) -> tuple[list[str], list[int]]:
+    n = vocab_size - len(tokens) - len(added)
+    if n < 0:
+        raise ValueError(f"the tiny tokenizer needs vocab_size >= {len(tokens) + len(added)}, got {vocab_size}")
+    return (tokens + [f"<unused{i}>" for i in range(n)] + [t for t, _ in added],
+            types + [5] * n + [k for _, k in added])
 
 
 def random_llama_tensors(cfg: LlamaConfig, qtype: str = "F32", qtypes: dict[str, str] | None = None,
@@ -109,12 +114,13 @@ def encode_tensor(w: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[
 def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray, str]], tokenizer: str = "gpt2",
                     arch: str = "llama", pre: str = "smollm", add_bos: bool | None = None,
                     chat_template: str | None = SMALL_CHAT, extra: dict | None = None,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, added: list[tuple[str, int]] = ()) -> dict[str, np.ndarray]:
     """Write a GGUF holding `cfg` as llama.cpp's converter writes it, `tensors` ({name: (fp32 array in
     torch order, qtype)}) and a tiny `gpt2` (byte-level BPE, pre-tokenizer `pre`) or `llama`
     (SentencePiece) tokenizer of cfg.vocab_size tokens: BOS 1, EOS 2, unknown 0 whatever cfg says.
     A llama3 RoPE config adds rope_freqs.weight. `extra`: more metadata {key: str | int | float |
-    bool | list}. Returns {name: the fp32 value stored}."""
+    bool | list}. `added`: (text, token type) pairs that take the vocabulary's last ids. Returns
+    {name: the fp32 value stored}."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(Path(path)), arch)
     k = arch + "."
@@ -138,7 +144,7 @@ def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray,
         f = llama3_rope_factors(cfg.rope_theta, cfg.head_dim, cfg.rope_factor, cfg.rope_low_freq_factor,
                                 cfg.rope_high_freq_factor, cfg.rope_original_max_seq)
         tensors["rope_freqs.weight"] = (f.astype(np.float32), "F32")
-    _write_tokenizer(w, cfg, tokenizer, pre, add_bos)
+    _write_tokenizer(w, cfg, tokenizer, pre, add_bos, added)
     if chat_template:
         w.add_chat_template(chat_template)
     for key, val in (extra or {}).items():
@@ -156,16 +162,17 @@ def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray,
     return ref
 
 
-def _write_tokenizer(w: GGUFWriter, cfg: LlamaConfig, kind: str, pre: str, add_bos: bool | None) -> None:
+def _write_tokenizer(w: GGUFWriter, cfg: LlamaConfig, kind: str, pre: str, add_bos: bool | None,
+                     added: list[tuple[str, int]]) -> None:
     if kind == "gpt2":
-        tokens, types, merges = gpt2_vocab(cfg.vocab_size)
+        tokens, types, merges = gpt2_vocab(cfg.vocab_size, added)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_merges(merges)
         bos, eos, unk = 1, 2, 0
         w.add_add_bos_token(bool(add_bos))
     elif kind == "llama":
-        tokens, types, scores = spm_vocab(cfg.vocab_size)
+        tokens, types, scores = spm_vocab(cfg.vocab_size, added)
         w.add_tokenizer_model("llama")
         w.add_token_scores(scores)
         bos, eos, unk = 1, 2, 0

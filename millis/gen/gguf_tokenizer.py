@@ -48,18 +48,22 @@ class GGUFBPETokenizer(HFTokenizer):
 class GGUFSpmTokenizer(Llama2cTokenizer):
     """llama.cpp's SentencePiece BPE (tokenizer.ggml.model llama) on Llama2cTokenizer's merge loop, with
     the file's <unk>/BOS/EOS ids and <0xXX> byte ids; control and user-defined tokens in the text are
-    matched whole and only normal pieces are merged into. Each stretch of text between them gets the
-    dummy-prefix space, even one that starts with a space (SentencePiece, llama.cpp and Llama 2's own
-    tokenizer.json; transformers' GGUF converter adds it at the start only, and not before a space)."""
+    matched whole by their raw text (`▁` kept, as llama.cpp matches them before escaping spaces) and
+    only normal pieces are merged into. Each stretch of text between them gets the dummy-prefix space,
+    even one that starts with a space (SentencePiece, llama.cpp and Llama 2's own tokenizer.json;
+    transformers' GGUF converter adds it at the start only, and not before a space)."""
 
-    def __init__(self, pieces: list[str], scores: list[float], types: list[int], unk: int, bos: int | None,
+    def __init__(self, tokens: list[str], scores: list[float], types: list[int], unk: int, bos: int | None,
                  eos: int | None, add_bos: bool, add_space_prefix: bool) -> None:
-        super().__init__(pieces, [s if t == NORMAL else -1e30 for s, t in zip(scores, types)])
+        super().__init__([t.replace("\u2581", " ") for t in tokens],
+                         [s if t == NORMAL else -1e30 for s, t in zip(scores, types)])
+        self.raw = tokens
         self.UNK, self.BOS, self.EOS, self.eos_id = unk, bos, eos, eos  # instance ids shadow llama2.c's 0/1/2
         self.types, self.add_bos, self.add_space_prefix = types, add_bos and bos is not None, add_space_prefix
-        self.byte_ids = {int(m.group(1), 16): i for i, p in enumerate(pieces) if types[i] == BYTE
+        self.byte_ids = {int(m.group(1), 16): i for i, p in enumerate(tokens) if types[i] == BYTE
                          and (m := re.match(r"^<0x([0-9A-Fa-f]{2})>$", p))}
-        whole = sorted((p for p, t in zip(pieces, types) if t in (CONTROL, USER_DEFINED) and p), key=len, reverse=True)
+        self.whole_ids = {p: i for i, (p, t) in enumerate(zip(tokens, types)) if t in (CONTROL, USER_DEFINED) and p}
+        whole = sorted(self.whole_ids, key=len, reverse=True)
         self.whole = re.compile("(" + "|".join(map(re.escape, whole)) + ")") if whole else None
 
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -67,7 +71,7 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
         parts = self.whole.split(text) if self.whole else [text]
         for k, part in enumerate(parts):
             if k % 2:  # a matched control / user-defined token
-                ids.append(self.ids[part])
+                ids.append(self.whole_ids[part])
             elif part:
                 ids += self._merge(self.symbols(" " + part if self.add_space_prefix else part))
         return ids
@@ -84,14 +88,14 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
         return toks
 
     def decode(self, ids: list[int]) -> str:
-        """Control tokens (BOS, EOS...) are skipped, as HFTokenizer skips special tokens; the dummy prefix
-        is taken off the first piece."""
+        """Control tokens (BOS, EOS...) are skipped, as HFTokenizer skips special tokens; user-defined ones
+        are their raw text (llama.cpp); the dummy prefix is taken off the first piece."""
         out, first = bytearray(), True
         for i in ids:
             t = self.types[i] if 0 <= i < len(self.pieces) else UNKNOWN
             if t in (CONTROL, UNKNOWN):
                 continue
-            piece = self.pieces[i]
+            piece = self.raw[i] if t == USER_DEFINED else self.pieces[i]
             if first and self.add_space_prefix and piece.startswith(" "):
                 piece = piece[1:]
             first = False
@@ -122,8 +126,7 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     if model == "llama":
         scores = meta.get("tokenizer.ggml.scores")
         scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
-        pieces = [t.replace("\u2581", " ") for t in tokens]
-        tok = GGUFSpmTokenizer(pieces, scores, types, ids["unknown"] or 0, ids["bos"], ids["eos"], add_bos,
+        tok = GGUFSpmTokenizer(tokens, scores, types, ids["unknown"] or 0, ids["bos"], ids["eos"], add_bos,
                                bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
         return tok, special
     if pre not in PRE_TOKENIZERS:
@@ -141,9 +144,13 @@ def _byte_level(meta: dict, tokens: list[str], types: list[int], pre: str, bos: 
 
     alphabet = byte_alphabet()
     spelled = set(alphabet.values())
-    # a token outside the byte alphabet (rare) is respelled byte by byte, as transformers' GGUF converter does
-    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
+    # Control and user-defined tokens keep their raw text (e.g. DeepSeek's "<｜User｜>"): llama.cpp and the
+    # model's tokenizer.json match them in the text by it, and the tokenizers library finds an added
+    # token's id by looking its text up in the vocabulary. Any other token outside the byte alphabet
+    # (rare) is respelled byte by byte, as transformers' GGUF converter does.
+    whole = (CONTROL, USER_DEFINED)
+    vocab = {t if k in whole or set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
+             for i, (t, k) in enumerate(zip(tokens, types))}
     # the BPE model from its JSON form: merges stay "a b" strings, parsed in Rust (a Python split of ~50k
     # merges into pairs cost 0.15 s of the server's start)
     bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -164,11 +171,12 @@ def _byte_level(meta: dict, tokens: list[str], types: list[int], pre: str, bos: 
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                               use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    # a control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
+    # every one, whatever its characters (transformers' GGUF loader skips those outside the byte alphabet:
+    # DeepSeek-R1-Distill's turn markers would be tokenized as bytes and decoded as text)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
-                            if k == CONTROL and set(t) <= spelled])
+                            if k == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
-                    if k == USER_DEFINED and t in vocab])
+                    if k == USER_DEFINED])
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=[tokens[bos], "$A"],
                                                            pair=[tokens[bos], "$A", tokens[bos], "$B"],
