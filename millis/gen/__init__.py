@@ -34,7 +34,7 @@ class GenerateResult:
     prompt_ids: list[int]
     finished: str          # "stop" or "length"
     load_s: float          # reading the checkpoint and allocating the cache
-    prefill_ms: float      # the first step: the prompt's forward pass and the first token
+    prefill_ms: float      # the steps up to the first token: the prompt's forward passes (in chunks) and the token
     decode_ms_per_token: float  # mean of the later steps (0 when there is one token only)
 
 
@@ -56,7 +56,8 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
 
         from millis.gen.draft_model import DraftModel
 
-        drafter = DraftModel(load(engine.draft_model, replace(engine, draft_model="", prefix_cache=False)), loaded)
+        drafter = DraftModel(load(engine.draft_model, replace(engine, draft_model="", prefix_cache=False)), loaded,
+                             engine.prefill_tokens)
     decode = prefill = None
     if engine.device == "cuda":  # decode replayed from one CUDA graph per batch bucket, a lone prompt's
         from millis.gen import cuda_prefill  # prefill from one per token bucket
@@ -64,13 +65,13 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
 
         decode = GraphedDecode(loaded.model, engine.max_batch, loaded.max_seq)
         if cuda_prefill.wanted():
-            prefill = cuda_prefill.open_prefill(loaded.model, loaded.max_seq)
+            prefill = cuda_prefill.open_prefill(loaded.model, loaded.max_seq, engine.prefill_tokens)
     elif loaded.kv is not None and hasattr(loaded.model, "decode_rows"):  # native: flat lists, no Batch
         decode = loaded.model.decode_rows
     from millis.gen.engine import Engine
 
     return Engine(loaded, max_prefills_per_step=engine.max_prefills_per_step, seed=seed, decode=decode,
-                  speculate=engine.speculate, drafter=drafter, prefill=prefill)
+                  speculate=engine.speculate, drafter=drafter, prefill=prefill, prefill_tokens=engine.prefill_tokens)
 
 
 def chat_prompt(eng: Engine, text: str) -> list[int]:
@@ -95,16 +96,20 @@ def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) 
     load_s = time.perf_counter() - t0
     rid = eng.add(chat_prompt(eng, cfg.prompt) if cfg.chat else cfg.prompt, params)
     prompt_ids = list(eng.requests[rid].prompt)
-    text, ids, times, finished = [], [], [], None
+    text, ids, times, finished, first = [], [], [], None, 0
     while finished is None:
         t = time.perf_counter()
-        (out,) = eng.step()
+        outs = eng.step()  # none while the prompt is part-way in (EngineConfig.prefill_tokens a step)
         times.append(time.perf_counter() - t)
+        if not outs:
+            continue
+        (out,) = outs
+        first = first or len(times)  # the steps up to the first token: the prompt's prefill
         text.append(out.text)
         ids += out.token_ids
         finished = out.finished
         if on_text and out.text:
             on_text(out.text)
-    decode = times[1:]
-    return GenerateResult("".join(text), ids, prompt_ids, finished, load_s, 1e3 * times[0],
+    decode = times[first:]
+    return GenerateResult("".join(text), ids, prompt_ids, finished, load_s, 1e3 * sum(times[:first]),
                           1e3 * sum(decode) / len(decode) if decode else 0.0)

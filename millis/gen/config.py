@@ -29,6 +29,13 @@ MAX_LOGIT_BIAS = 100.0                    # a logit_bias value in [-100, 100] (O
 MAX_BIASED_TOKENS = 300                   # logit_bias entries per request
 MAX_LOGPROBS = 20                         # top alternatives a request may ask for per token
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+# Prompt tokens one step prefills, all requests together (EngineConfig.prefill_tokens_per_step = 0). CPU: three
+# 1,500-token prompts joining a running stream (SmolLM2-135M Q4_1, 1 thread, a 2-core box) stalled it 7.2 s in
+# one step unchunked; at 128 / 256 / 512 tokens a step its longest step took 0.30 / 0.54 / 1.04 s and the three
+# prefills 7.7 / 7.5 / 7.3 s (the C calls' throughput levels off from ~256 tokens): 256 keeps the stall near
+# half a second for ~4% of prefill time. CUDA: cuda_prefill.LARGEST, so a prompt up to the largest graph
+# bucket still prefills whole from one replay (not timed on a GPU yet).
+PREFILL_TOKENS = {"cpu": 256, "cuda": 2048}
 
 
 @dataclass(frozen=True)
@@ -103,15 +110,22 @@ class EngineConfig:
     quant: str = "none"       # none | int8 (int8 weights, int16 activations, a scale per 32 each) | int8-torch
     threads: int = 0          # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"       # cpu | cuda
-    max_prefills_per_step: int = 4  # new requests prefilled per step: bounds the stall of running rows
+    max_prefills_per_step: int = 4  # new requests admitted per step (they prefill within the step's budget)
+    prefill_tokens_per_step: int = 0  # prompt tokens a step prefills: bounds running rows' stall; 0 = PREFILL_TOKENS
     kv_memory_mb: int = 0     # KV cache memory (native: the paged pool; torch: caps max_seq); 0 = load.kv_budget_bytes
     prefix_cache: bool = True  # native models: prompts share the cached KV blocks of their common prefix
     speculate: int = 0        # native models, greedy requests: draft tokens verified per step; 0 = off
     draft_model: str = ""     # a smaller GGUF of the same vocabulary drafts them ("" = prompt lookup)
 
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prefill_tokens_per_step or PREFILL_TOKENS[self.device]
+
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or min(self.kv_memory_mb, self.speculate) < 0:
-            raise MillisError("max_batch and max_prefills_per_step must be >= 1; max_seq, kv_memory_mb, speculate >= 0")
+        if self.max_batch < 1 or self.max_seq < 0 or self.max_prefills_per_step < 1 or \
+                min(self.kv_memory_mb, self.speculate, self.prefill_tokens_per_step) < 0:
+            raise MillisError("max_batch and max_prefills_per_step must be >= 1; max_seq, kv_memory_mb, speculate, "
+                              "prefill_tokens_per_step >= 0")
         if self.dtype not in DTYPES:
             raise MillisError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quant not in QUANTS:

@@ -9,6 +9,9 @@ causal, so no real token sees the padding; the padding's cache writes land past 
 request's own slot, where its decode writes each position before it reads it. Logits are taken at the
 prompt's last token (`Batch.last`, a device tensor the host fills) and copied out of the graphs' pool.
 
+A graph serves a step that prefills one whole prompt alone. A prompt longer than the step's prefill budget
+(EngineConfig.prefill_tokens, on cuda LARGEST unless set) is prefilled in chunks over several steps, eagerly
+(its later chunks start past position 0); buckets stop at the budget, as a longer prompt never comes whole.
 Prompts longer than the largest bucket, and steps that prefill several prompts at once (one right-padded
 eager forward: many short prompts in one launch sequence beat a replay each), take the eager path.
 `capture=False` runs the same static-shape forward eagerly on any device: the CPU stand-in the tests
@@ -43,12 +46,13 @@ def wanted() -> bool:
     return os.environ.get("MILLIS_NO_PREFILL_GRAPHS") != "1"
 
 
-def open_prefill(model: nn.Module, max_seq: int) -> "GraphedPrefill | None":
+def open_prefill(model: nn.Module, max_seq: int, budget: int = LARGEST) -> "GraphedPrefill | None":
     """The engine's prefill graphs, or None (with a warning) where capture fails on this GPU / torch: prefills
     then run eagerly, as before the graphs, rather than the engine failing to open. A failure that left the
-    CUDA context unusable (a kernel fault) is raised: no fallback can help."""
+    CUDA context unusable (a kernel fault) is raised: no fallback can help. `budget`: the engine's prompt tokens
+    a step (no bucket past it)."""
     try:
-        return GraphedPrefill(model, max_seq)
+        return GraphedPrefill(model, max_seq, buckets=prefill_buckets(max_seq, largest=min(LARGEST, budget)))
     except Exception as e:  # noqa: BLE001
         if not context_usable():
             raise

@@ -9,12 +9,17 @@ flat forward, which also gives each row its first draft token. Then k - 1 single
 all rows together, give the rest. Positions written for draft tokens are rewritten next step
 before anything attends to them, as in the target's cache. A slot whose draft cache cannot hold
 its request gets no drafts (the draft is an optimisation, never a condition of admission).
+
+The catch-up feeds at most `budget` tokens a step, all rows together (the engine's prefill budget): rows
+missing the fewest go first, so rows already caught up draft every step, and a new row's prompt goes in over
+several steps, the row decoding without drafts until it is in (its text is the same either way).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.gen.config import PREFILL_TOKENS
 from millis.gen.models.native_llama import CHUNK
 
 PROBE = "The quick brown fox: 3.14, {\"a\": [1, 2]} \u00e9t\u00e9 \u4f60\u597d"  # tokenizers must agree on this
@@ -27,8 +32,9 @@ def _tail(prompt: list[int], out: list[int], start: int) -> list[int]:
 
 
 class DraftModel:
-    def __init__(self, loaded, target) -> None:
-        """`loaded`: the draft's millis.gen.load.Loaded (native); `target`: the engine's Loaded."""
+    def __init__(self, loaded, target, budget: int = PREFILL_TOKENS["cpu"]) -> None:
+        """`loaded`: the draft's millis.gen.load.Loaded (native); `target`: the engine's Loaded; `budget`: tokens
+        the catch-up feeds a step."""
         if loaded.kv is None:
             raise MillisError("a draft model must be a GGUF model (millis's native kernels)")
         c, t = loaded.config, target.config
@@ -38,7 +44,7 @@ class DraftModel:
         if loaded.tokenizer is not None and target.tokenizer is not None and \
                 loaded.tokenizer.encode(PROBE) != target.tokenizer.encode(PROBE):
             raise MillisError("the draft model's tokenizer splits text differently from the target's")
-        self.model, self.kv, self.max_seq = loaded.model, loaded.kv, loaded.max_seq
+        self.model, self.kv, self.max_seq, self.budget = loaded.model, loaded.kv, loaded.max_seq, budget
         self.done: dict[int, int] = {}  # slot -> leading positions of its sequence held in the draft cache
 
     def admit(self, slot: int, n_pos: int) -> bool:
@@ -58,24 +64,28 @@ class DraftModel:
         live = [(_tail(prompt, out, self.done[slot]), len(prompt) + len(out), slot, k)
                 for prompt, out, slot, k in rows if slot in self.done and k > 0]
         out: dict[int, list[int]] = {}
-        if live:
-            ids, pos, slots, last = [], [], [], []
-            for tail, n, slot, _ in live:  # catch up: the tokens the cache misses, ending with the newest
-                start = n - len(tail)
-                while n - start > CHUNK:  # a long prompt: its head in chunks of bounded scratch
-                    self.model.forward_flat(*(np.asarray(a, dtype=np.int32) for a in (
-                        tail[:CHUNK], range(start, start + CHUNK), [slot] * CHUNK, [])))
-                    tail, start = tail[CHUNK:], start + CHUNK
-                ids += tail
-                pos += range(start, n)
-                slots += [slot] * (n - start)
+        ids, pos, slots, last, budget, fed, ready = [], [], [], [], self.budget, {}, []
+        for tail, n, slot, k in sorted(live, key=lambda row: len(row[0])):  # catch up: what the cache misses
+            start, tail = n - len(tail), tail[:budget]  # past the budget: the rest next step, no draft now
+            budget -= len(tail)
+            while len(tail) > CHUNK:  # a long prompt: its head in chunks of bounded scratch
+                self.model.forward_flat(*(np.asarray(a, dtype=np.int32) for a in (
+                    tail[:CHUNK], range(start, start + CHUNK), [slot] * CHUNK, [])))
+                tail, start = tail[CHUNK:], start + CHUNK
+            ids += tail
+            pos += range(start, start + len(tail))
+            slots += [slot] * len(tail)
+            fed[slot] = start + len(tail)
+            if fed[slot] == n:  # in up to the newest token: its logits give the first draft token
                 last.append(len(ids) - 1)
+                ready.append((n, slot, k))
+        if ids:
             tok = self._forward(ids, pos, slots, last)
-            for (_, n, slot, _), t in zip(live, tok):
+            self.done.update(fed)
+            for (_, slot, _), t in zip(ready, tok):
                 out[slot] = [t]
-                self.done[slot] = n
-            for j in range(1, max(k for *_, k in live)):
-                more = [(n, slot) for _, n, slot, k in live if k > j]
+            for j in range(1, max((k for *_, k in ready), default=0)):
+                more = [(n, slot) for n, slot, k in ready if k > j]
                 tok = self._forward([out[s][-1] for _, s in more], [n + j - 1 for n, _ in more],
                                     [s for _, s in more], list(range(len(more))))
                 for (_, slot), t in zip(more, tok):

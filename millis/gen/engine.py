@@ -8,11 +8,13 @@
     eng.cancel(rid)                     # frees the request's slot at once; False if unknown / done
 
 Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute, update:
-- schedule: waiting requests take free slots (FIFO, at most `max_prefills_per_step` per step);
-- execute: new requests are prefilled (native: each alone; torch: in one right-padded forward, or a lone
-  prompt from a CUDA graph of its token bucket, cuda_prefill.GraphedPrefill), every
-  running request decodes one token, all rows in one batched forward at their own positions; all
-  their logits are sampled together;
+- schedule (`scheduling.py`): at most `prefill_tokens` prompt tokens a step, all requests together: a prompt
+  part-way prefilled continues, then waiting requests take free slots (FIFO, but one that fits may pass a
+  request that does not, a bounded number of times; at most `max_prefills_per_step` a step);
+- execute: the step's prompt chunks are prefilled (native: each alone; torch: whole prompts in one
+  right-padded forward, or a lone one from a CUDA graph of its token bucket, cuda_prefill.GraphedPrefill), every
+  running request decodes one token, all rows in one batched forward at their own positions; the logits
+  of the running rows and of the prompts whose last chunk ran are sampled together;
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
   grammar and a full slot end a request, and its slot is free for the next step.
 CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots.
@@ -23,7 +25,8 @@ A row with a grammar (`grammar.py`) samples only what the grammar allows.
 One request never fails another: whatever one request raises in a step (its prefill, decode row,
 sampling, grammar or text) ends that request alone with `finished="error"` and the reason in
 `StepOutput.error`; when a batched call raises, its rows are retried one at a time to find which.
-The work of a step is bounded by the batch: stop strings are searched only in the new text, and
+The work of a step is bounded by the batch and `prefill_tokens` (a long prompt takes several steps, with
+no output until its last chunk): stop strings are searched only in the new text, and
 the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same tokens as
@@ -42,27 +45,29 @@ from collections import deque
 import torch
 
 from millis.common.errors import MillisError
-from millis.gen.config import SamplingParams
+from millis.gen.chunked_prefill import prefill_chunks
+from millis.gen.config import PREFILL_TOKENS, SamplingParams
 from millis.gen.cuda_graph import compact_slots
-from millis.gen.models.layers import make_batch, padded_batch
+from millis.gen.models.layers import make_batch
 from millis.gen.grammar import GrammarFailed, allow_only
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput
 from millis.gen.rows import isolated, per_row_on_error, reason
 from millis.gen.sampling import SlotPenalties
+from millis.gen.scheduling import Chunk, schedule
 from millis.gen.speculate import DraftStats, draft, draftable, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
 
 
 class Engine:
     def __init__(self, loaded: Loaded, max_prefills_per_step: int = 4, seed: int = 0, decode=None,
-                 speculate: int = 0, drafter=None, prefill=None) -> None:
+                 speculate: int = 0, drafter=None, prefill=None, prefill_tokens: int = PREFILL_TOKENS["cpu"]) -> None:
         """`decode`: optional (tokens, positions, slots) -> logits (n, vocab) for the decode rows,
         e.g. `millis.gen.cuda_graph.GraphedDecode`; default: one eager forward over those rows.
-        `prefill`: optional (prompt, slot) -> logits (1, vocab) or None, for a step's lone new prompt
+        `prefill`: optional (prompt, slot) -> logits (1, vocab) or None, for a step's lone whole prompt
         (`millis.gen.cuda_prefill.GraphedPrefill`); None from it, or no `prefill`: one eager forward.
         `speculate`: draft tokens per step for greedy rows of native models (0 = off), from prompt lookup
-        or from `drafter` (a draft_model.DraftModel)."""
+        or from `drafter` (a draft_model.DraftModel). `prefill_tokens`: prompt tokens a step prefills."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
         self.decode, self.prefill = decode, prefill
         self.config = loaded.config
@@ -71,6 +76,7 @@ class Engine:
         self.chat_template, self.special_tokens = loaded.chat_template, loaded.special_tokens
         self.source_path = loaded.source_path  # where the model came from (its HF dir holds a chat template)
         self.max_prefills, self.speculate = max_prefills_per_step, speculate
+        self.prefill_tokens, self.max_passes = prefill_tokens, 2 * self.max_batch  # scheduling.py
         self.draft_stats = DraftStats()  # all requests' drafts: verified and accepted tokens
         self.drafter = drafter
         self.window = getattr(self.config, "sliding_window", 0)
@@ -184,66 +190,61 @@ class Engine:
         """Schedule, execute, update. The lock is not held while the model runs: `add` and `cancel`
         from other threads wait only for the bookkeeping."""
         with self._lock:
-            new, running = self._schedule()
+            chunks, running = self._schedule()
             self._stepping = True
         tokens: dict[str, list[int]] = {}
         failed: dict[str, str] = {}
+        rows = [c.r for c in chunks] + running
         try:
-            tokens = self._execute(new, running, failed)
+            tokens = self._execute(chunks, running, failed)
         except Exception as e:  # noqa: BLE001 -- outside any one request's part (a bug): end the step's rows
-            failed.update({r.id: f"{type(e).__name__}: {e}" for r in new + running if r.id not in failed})
+            failed.update({r.id: f"{type(e).__name__}: {e}" for r in rows if r.id not in failed})
         finally:
             with self._lock:
                 self._stepping = False
-                outs = self._update(new + running, tokens, failed)
+                outs = self._update(rows, tokens, failed)
                 for i, r in enumerate(self.slots):  # cancelled while the step ran: free now
                     if r is not None and self.requests.get(r.id) is not r:  # by object: add() may reuse the id
                         self._free(i)
         return outs
 
-    def _schedule(self) -> tuple[list[Request], list[Request]]:
-        running = [r for r in self.slots if r is not None]
-        new, coming = [], set()  # coming: prefix keys this step's prefills will register
-        while self.waiting and len(new) < self.max_prefills and None in self.slots:
-            r, slot = self.waiting[0], self.slots.index(None)
-            if self.kv is not None:
-                r.keys = self.kv.keys(r.prompt) if r.keys is None else r.keys  # a waiting head retries
-                if self.kv.next_uncached(r.prompt, r.keys) in coming:
-                    break  # its prefix is being prefilled now (n choices, a shared system prompt): next step shares it
-                coming.update(r.keys)
-                cached = self.kv.admit(slot, self._limit(r), r.prompt, r.keys)
-                if cached is None:
-                    break  # FIFO: the head waits until finished requests give their KV blocks back
-                r.cached = cached
-                if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
-                    self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
-            self.waiting.popleft()
-            r.slot = slot
-            self.slots[r.slot] = r
-            self.penalties.admit(r.slot, r.prompt, r.params)
-            new.append(r)
+    def _schedule(self) -> tuple[list[Chunk], list[Request]]:
+        running = [r for r in self.slots if r is not None and r.out]  # decode rows: their prompts are in
+        coming = {k for r in self.slots if r is not None and not r.out for k in r.keys or ()}  # keys being prefilled
+        budget = self.prefill_tokens
+        if not running:  # no row decodes, none to stall: the first prompt in line goes whole (a lone request's
+            # TTFT as unchunked; chunks cost ~4% more on CPU), later ones within the budget as usual
+            first = next((r for r in self.slots if r is not None and not r.out), None) or \
+                (self.waiting[0] if self.waiting else None)
+            budget = max(budget, len(first.prompt) - first.prefilled) if first is not None else budget
+        chunks = schedule(self.slots, self.waiting, budget, self.max_prefills, self.max_passes,
+                          lambda r: self._admit(r, coming))
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
             compact_slots(self.slots, self.decode.move_slot, self.penalties.move)
-        return new, running
+        return chunks, running
 
-    def _execute(self, new: list[Request], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
+    def _admit(self, r: Request, coming: set) -> bool:
+        """r into the lowest free slot, with the KV promise of its positions; False when it must wait."""
+        slot = self.slots.index(None)
+        if self.kv is not None:
+            r.keys = self.kv.keys(r.prompt) if r.keys is None else r.keys  # hashed once: a waiting request retries
+            if self.kv.next_uncached(r.prompt, r.keys) in coming:
+                return False  # its prefix is being prefilled (n choices, a shared system prompt): shared once written
+            cached = self.kv.admit(slot, self._limit(r), r.prompt, r.keys)
+            if cached is None:
+                return False  # not until running requests give their KV blocks back
+            r.cached = r.prefilled = cached
+            coming.update(r.keys)
+            if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
+                self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
+        r.slot, self.slots[slot] = slot, r
+        self.penalties.admit(slot, r.prompt, r.params)
+        return True
+
+    def _execute(self, chunks: list[Chunk], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified
         draft's several). A request whose part raises lands in `failed` (id -> reason), the others go on."""
-        rows, logits = [], []
-        if self.kv is None and len(new) > 1:  # the torch model: the new prompts in one forward, right-padded
-            pad = lambda rs: self.model(padded_batch([r.prompt for r in rs], [r.slot for r in rs],  # noqa: E731
-                                                     self.window, self.device))[:, -1]
-            for part, out in per_row_on_error(new, pad, failed):
-                rows += part
-                logits.append(out)
-            new = []
-        for r in new:  # prefill: the prompt past its cached prefix, logits of its last position
-            out = isolated(failed, r, lambda r=r: self._prefill_one(r))
-            if out is not None:
-                rows.append(r)
-                logits.append(out)
-                if self.kv is not None:
-                    self.kv.register(r.slot, r.keys)  # its whole prompt blocks, for later requests
+        rows, logits = prefill_chunks(self.model, chunks, failed, self.kv, self.prefill, self.window, self.device)
         tokens: dict[str, list[int]] = {}
         drafts = self._drafts(running, failed) if self.speculate else []
         decoded: list[Request] = []  # the rows of this step's decode calls
@@ -307,14 +308,6 @@ class Engine:
         except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
             return [(r, []) for r, _ in rows]
 
-    def _prefill_one(self, r: Request) -> torch.Tensor:
-        """Logits (1, vocab) at the last token of r's prompt past its cached prefix, written into its slot."""
-        out = self.prefill(r.prompt, r.slot) if self.prefill is not None and r.cached == 0 else None
-        if out is None:
-            out = self.model(make_batch([r.prompt[r.cached:]], [r.cached], [r.slot], self.window,
-                                        device=self.device))[:, -1]
-        return out
-
     def _decode(self, rows: list[Request]) -> torch.Tensor:
         if self.decode is not None:
             return self.decode([r.out[-1] for r in rows], [r.n_cached for r in rows], [r.slot for r in rows])
@@ -330,6 +323,8 @@ class Engine:
         outs = []
         for r in rows:
             if self.requests.get(r.id) is not r:  # cancelled during the step (its id maybe reused): nothing to report
+                continue
+            if r.prefilled < len(r.prompt) and r.id not in failed:  # its prompt part-way in: no token yet
                 continue
             if r.id in tokens and r.id not in failed:
                 try:

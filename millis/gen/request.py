@@ -25,6 +25,8 @@ class Request:
     seed: int              # its sampling stream (sampling.uniform): the seed given, else one the engine drew
     slot: int = -1
     cached: int = 0        # leading prompt positions whose KV the prefix cache already held
+    prefilled: int = 0     # leading prompt positions whose KV is written (cached, then chunk by chunk: scheduling.py)
+    passed: int = 0        # requests admitted before it while it waited (scheduling.py: at most max_passes)
     keys: list | None = None  # its prompt blocks' prefix-cache keys, hashed once (native models)
     drafts: DraftStats = field(default_factory=DraftStats)  # its speculative drafts' acceptance
     lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)

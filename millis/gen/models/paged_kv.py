@@ -124,8 +124,8 @@ class PagedKV:
             self.pending[slot] = max(self.pending[slot] - 1, 0)
 
     def register(self, slot: int, keys: list[bytes]) -> None:
-        """After `slot` prefilled its prompt: key its whole prompt blocks (`keys(prompt)`) for later
-        requests to share."""
+        """Key `slot`'s leading prompt blocks (`keys(prompt)[:n]`) for later requests to share, once every
+        position of them is written (a prompt prefilled in chunks registers its blocks as they complete)."""
         for i, k in enumerate(keys):
             b = self.owned[slot][i]
             if k not in self.block_of and b not in self.key_of:

@@ -1,0 +1,80 @@
+"""The engine's schedule: which prompt tokens a step prefills, and which waiting requests it admits.
+
+Prefill budget: a step prefills at most `budget` prompt tokens, all requests together (EngineConfig.
+prefill_tokens_per_step), so a long prompt stalls the running rows by a bounded time a step, not by its whole
+length: it is prefilled in chunks over several steps while it holds its slot (`Request.prefilled`: the
+leading prompt positions whose KV is written) and the running rows decode a token every step. A prompt
+part-way prefilled continues first; what is left of the budget starts waiting requests, each with the
+rest of the budget, so a step ends with at most one prompt part-way. Chunking does not change tokens:
+a chunk attends to the positions before it through the cache, and the native kernels give every token the
+logits a whole prefill gives it (tests/test_gen_native.py, CHUNK).
+
+Admission: the queue is FIFO, but a request that cannot start now (its promise, prompt + max_tokens, does not
+fit the KV pool, or its prefix is being prefilled by another request and it will share it) does not hold
+up the requests behind it: a later one that can start passes it. Every request passed counts the pass, and
+one passed `max_passes` times is passed no more: nothing behind it starts until it has (bounded overtaking,
+so no request starves). Passes are counted, not steps waited: a request that waits for a long running one to
+give its blocks back would wait thousands of steps under strict FIFO too, and a limit on steps would close
+the queue behind it without anything having harmed it; what can delay it past FIFO's wait is requests that
+passed it holding blocks it needs, each pass one of them, so its extra wait is at most the lifetimes (prompt
++ max_tokens each) of max_passes requests. The engine allows 2 x max_batch: two batches of later requests
+may run beside a blocked long request before the queue waits for it.
+
+A step looks at most LOOKAHEAD requests into the queue past those it admits (bounded work per step).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable
+
+from millis.gen.request import Request
+
+LOOKAHEAD = 64  # waiting requests a step tries and leaves waiting, at most
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt positions [start, end) of request r, prefilled this step."""
+
+    r: Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:  # it ends the prompt: its last position's logits give the first token
+        return self.end == len(self.r.prompt)
+
+
+def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes: int,
+             start: Callable[[Request], bool]) -> list[Chunk]:
+    """This step's prefill chunks, at most `budget` prompt tokens in all: the prompts part-way prefilled
+    continue, then waiting requests start in queue order while budget, a free slot and `max_new` allow.
+    `start(r)`: True when r took a free slot and its resources (then it leaves the queue), False when it
+    must wait (then later requests may pass it, up to max_passes times)."""
+    chunks: list[Chunk] = []
+
+    def take(r: Request) -> None:
+        nonlocal budget
+        chunks.append(Chunk(r, r.prefilled, min(len(r.prompt), r.prefilled + budget)))
+        budget -= chunks[-1].end - chunks[-1].start
+
+    for r in slots:
+        if budget and r is not None and r.prefilled < len(r.prompt):
+            take(r)
+    new = i = 0
+    room = max_passes  # passes the requests left waiting so far may still take: the fewest of theirs
+    while room > 0 and budget and new < max_new and None in slots and i < min(len(waiting), LOOKAHEAD):
+        r = waiting[i]
+        if start(r):
+            del waiting[i]
+            for q in islice(waiting, i):  # the requests it passed
+                q.passed += 1
+            room -= 1 if i else 0
+            take(r)
+            new += 1
+        else:  # one passed max_passes times already: the requests behind it wait until it starts
+            room = min(room, max_passes - r.passed)
+            i += 1
+    return chunks

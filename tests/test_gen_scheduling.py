@@ -1,0 +1,244 @@
+"""The engine's schedule (millis/gen/scheduling.py): a step prefills at most its budget of prompt tokens, long
+prompts over several steps while the running rows decode a token every step, with the tokens of an
+unchunked prefill; prefix-cache blocks shared as their chunks complete; the draft model's catch-up within
+the same budget; and admission that lets a request that fits pass one that does not, a bounded number of
+times."""
+from collections import deque
+
+import pytest
+from gguf_fixtures import random_llama_tensors, write_tiny_gguf
+
+from millis.gen import EngineConfig, SamplingParams, open_engine
+from millis.gen.config import LlamaConfig
+from millis.gen.engine import run_all
+from millis.gen.request import Request
+from millis.gen.scheduling import schedule
+
+CFG = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=256, hidden_dim=128,
+                  norm_eps=1e-5, rope_theta=10000.0)
+BUDGET = 40  # not a multiple of the KV block (32): chunks end inside blocks
+LONG = [[1] + [3 + (i * k) % 300 for i in range(149)] for k in (7, 11, 13)]  # 150 tokens each, no shared block
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sched") / "tiny.gguf")
+    write_tiny_gguf(path, CFG, random_llama_tensors(CFG, "Q8_0", embed_qtype="Q8_0"))
+    return path
+
+
+def open_tiny(path, budget=BUDGET, **over):
+    return open_engine(path, EngineConfig(**{"max_batch": 4, "max_seq": 256, "threads": 2,
+                                             "prefill_tokens_per_step": budget, **over}))
+
+
+def count_prompt_tokens(eng) -> list:
+    """Wrap the native forward: per call, the tokens that were prompt positions of their slot's request."""
+    calls, inner = [], eng.model.forward_flat
+
+    def counted(ids, pos, slots, rows):
+        calls.append(sum(int(p) < len(eng.slots[s].prompt) for p, s in zip(pos, slots)))
+        return inner(ids, pos, slots, rows)
+
+    eng.model.forward_flat = counted
+    return calls
+
+
+def test_long_prompts_prefill_within_the_budget_while_a_stream_decodes(model_path):
+    """Three 150-token prompts join a running stream: every step prefills at most BUDGET prompt tokens, the
+    stream gets its token every step, and every request's tokens are those of the unchunked engine."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    stream = [1, 5, 6, 7]
+    whole = open_tiny(model_path, budget=10_000)
+    want = run_all(whole, [stream] + LONG, params)
+    assert want == [run_all(whole, [p], params)[0] for p in [stream] + LONG]
+    eng = open_tiny(model_path)
+    calls = count_prompt_tokens(eng)
+    sid = eng.add(stream, params)
+    got = {sid: list(eng.step()[0].token_ids)}
+    ids = [eng.add(p, params) for p in LONG]
+    got.update({i: [] for i in ids})
+    per_step, first_at = [], {}
+    for step in range(1, 100):
+        if not eng.has_work:
+            break
+        n = len(calls)
+        outs = {o.id: o for o in eng.step()}
+        per_step.append(sum(calls[n:]))
+        if len(got[sid]) < params.max_tokens:
+            assert len(outs[sid].token_ids) == 1, step  # the stream decodes every step
+        for o in outs.values():
+            first_at.setdefault(o.id, step)
+            got[o.id] += o.token_ids
+    assert max(per_step) == BUDGET and sum(per_step) == 3 * 150
+    assert [first_at[i] for i in ids] == [4, 8, 12]  # 450 prompt tokens at 40 a step: the 4th, 8th, 12th step
+    assert [got[i] for i in [sid] + ids] == want
+    assert eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
+
+
+def test_prefix_blocks_are_shared_once_their_chunk_is_written(model_path):
+    """A block is keyed for sharing as soon as every position of it is written, not before: a request whose
+    prefix is written already shares it while the first prompt is still prefilling; one whose prefix is
+    still to come waits for it. The tokens are those without the prefix cache."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    a, b, c = LONG[0], LONG[0][:70] + [9], LONG[0] + [9]
+    off = open_tiny(model_path, prefix_cache=False)
+    want = [run_all(off, [p], params)[0] for p in (a, b, c)]
+    eng = open_tiny(model_path)
+    kv = eng.kv
+    eng.add([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))  # a row decoding: prompts go in chunks
+    eng.step()
+    ra = eng.add(a, params)
+    r = eng.requests[ra]
+    for written in (40, 80):
+        eng.step()
+        assert r.prefilled == written and len(kv.block_of) == written // kv.block_size
+    rb, rc = eng.add(b, params), eng.add(c, params)
+    got = {i: [] for i in (ra, rb, rc)}
+    reqs = {i: eng.requests[i] for i in got}
+    while eng.has_work:
+        for o in eng.step():
+            if o.id in got:
+                got[o.id] += o.token_ids
+        assert len(kv.block_of) == min(r.prefilled // kv.block_size, 4) or r.out
+    assert reqs[rb].cached == 64  # 2 blocks written when it came: shared while a's prompt went on
+    assert reqs[rc].cached == 128  # its 4th block was being written: it waited, then shared all 4
+    assert [got[i] for i in (ra, rb, rc)] == want
+
+
+def test_draft_model_catch_up_within_the_budget(model_path):
+    """The draft model feeds new rows' prompts at most BUDGET tokens a step, all rows together, and the text
+    is the target's plain greedy text."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    story = [1] + [10 + (i % 23) for i in range(40)]
+    prompts = [story, LONG[1], LONG[2]]
+    want = run_all(open_tiny(model_path), prompts, params)
+    eng = open_tiny(model_path, speculate=4, draft_model=model_path)
+    d, fed, inner = eng.drafter, [], eng.drafter.propose
+
+    def propose(rows):
+        before = dict(d.done)
+        out = inner(rows)
+        fed.append(sum(n - before.get(s, 0) for s, n in d.done.items()))
+        return out
+
+    d.propose = propose
+    assert run_all(eng, prompts, params) == want
+    assert max(fed) == BUDGET and eng.draft_stats.accepted > 0
+
+
+def test_chunked_prefill_on_the_torch_model_and_its_graph_stand_ins(monkeypatch):
+    """The torch model prefills a prompt past the budget in chunks (later ones masked from their start); with
+    the CUDA-graph stand-ins (capture=False: static decode with slot compaction, graphed whole prompts) the
+    tokens are the unchunked engine's, and only whole prompts within the budget take the prefill graph,
+    whose buckets stop at the budget (on cuda by default the largest bucket)."""
+    from millis.gen import cuda_prefill
+    from millis.gen.config import PREFILL_TOKENS
+    from millis.gen.cuda_graph import GraphedDecode
+    from millis.gen.cuda_prefill import GraphedPrefill
+    from test_gen_engine import GREEDY, engine, run
+
+    assert EngineConfig(device="cuda").prefill_tokens == PREFILL_TOKENS["cuda"] == cuda_prefill.LARGEST
+    monkeypatch.setattr(cuda_prefill, "GraphedPrefill", lambda model, max_seq, buckets: buckets)
+    assert cuda_prefill.open_prefill(None, 4096, 300) == (64, 128, 256)
+    assert cuda_prefill.open_prefill(None, 4096) == (64, 128, 256, 512, 1024, 2048)
+
+    prompts = ["in a he", "a", "the cat in a hat then the end", "he the an the cat in a bat and a ant"]  # 7, 3, 21, 27
+    want = [r["ids"] for r in run(engine(runtime="torch"), prompts, GREEDY)]
+    eng = engine(runtime="torch")
+    eng.prefill_tokens = 6
+    assert [r["ids"] for r in run(eng, prompts, GREEDY)] == want
+    eng = engine(runtime="torch")
+    eng.prefill_tokens, eng.max_prefills = 10, 1  # a lone whole prompt a step: the graphed path
+    eng.decode = GraphedDecode(eng.model, eng.max_batch, eng.max_seq, capture=False, buckets=(1, 2))
+    gp, served = GraphedPrefill(eng.model, eng.max_seq, capture=False, buckets=(4, 8, 16, 32)), []
+    eng.prefill = lambda prompt, slot: served.append(len(prompt)) or gp(prompt, slot)
+    assert [r["ids"] for r in run(eng, prompts, GREEDY)] == want
+    assert served == [7, 3]  # the longer prompts came in chunks, past position 0: eagerly
+
+
+def waiting_requests(n: int) -> deque:
+    return deque(Request(f"r{i}", [1, 2, 3], SamplingParams(), 0) for i in range(n))
+
+
+def test_a_request_that_fits_passes_a_blocked_head_at_most_max_passes_times():
+    """The scheduling policy alone: the head cannot start; later requests pass it, each pass counted on it,
+    until it has been passed max_passes times; then nothing starts until it does."""
+    slots, waiting = [None] * 8, waiting_requests(6)
+    head = waiting[0]
+    head_fits = False
+
+    def start(r):
+        if r is head and not head_fits:
+            return False
+        r.slot = slots.index(None)
+        slots[r.slot] = r
+        return True
+
+    chunks = schedule(slots, waiting, budget=100, max_new=2, max_passes=3, start=start)
+    assert [c.r.id for c in chunks] == ["r1", "r2"] and head.passed == 2  # max_new a step
+    chunks = schedule(slots, waiting, budget=100, max_new=2, max_passes=3, start=start)
+    assert [c.r.id for c in chunks] == ["r1", "r2", "r3"] and head.passed == 3  # r1, r2 continue (budget)
+    for r in slots:
+        if r is not None:
+            r.prefilled = len(r.prompt)
+    assert schedule(slots, waiting, budget=100, max_new=2, max_passes=3, start=start) == []  # aged: nothing passes
+    assert [r.id for r in waiting] == ["r0", "r4", "r5"]
+    head_fits = True
+    chunks = schedule(slots, waiting, budget=100, max_new=2, max_passes=3, start=start)
+    assert [c.r.id for c in chunks] == ["r0", "r4"] and waiting[0].passed == 0
+
+
+def test_a_short_request_is_not_held_up_by_a_long_one_that_waits(model_path):
+    """A long request runs and another waits for its KV blocks: a short request behind it starts at once
+    (strict FIFO held it until the long one ended). Passed max_passes times, the waiting one is passed no
+    more, and starts before the short requests behind it."""
+    eng = open_tiny(model_path, budget=256, max_batch=4)
+    eng.kv.n_blocks, eng.kv.free, eng.max_passes = 10, list(range(9, -1, -1)), 2  # 320 positions in all
+    long = SamplingParams(max_tokens=200, ignore_eos=True)  # 210 positions: 7 of the 10 blocks
+    short = SamplingParams(max_tokens=5, ignore_eos=True)   # 1 block
+    a = eng.add([1] + [5] * 9, long)
+    eng.step()
+    h = eng.add([1] + [6] * 9, long)
+    s = [eng.add([1, 7, i], short) for i in (8, 9, 10, 11)]
+    eng.step()
+    assert eng.requests[s[0]].slot >= 0 and eng.requests[h].slot < 0  # s0 passed the waiting long request
+    assert eng.requests[s[1]].slot >= 0 and eng.requests[h].passed == 2
+    first, end, step = {}, {}, 2
+    while eng.has_work:
+        step += 1
+        for o in eng.step():
+            first.setdefault(o.id, step)
+            if o.finished:
+                end[o.id] = step
+    assert end[a] == 200 and first[h] == end[a] + 1  # the long request's blocks went to h at once
+    assert first[s[2]] >= first[h] and first[s[3]] >= first[h]  # h aged: s2, s3 waited behind it
+    assert eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
+
+
+def test_generate_waits_out_the_steps_of_a_chunked_prompt(model_path, monkeypatch):
+    """`millis generate` (one prompt through the engine): a lone prompt goes whole even under a small budget
+    (no row decodes, none to stall), so its text and timing are the unchunked ones."""
+    from millis.gen import GenerateConfig, config, generate
+
+    cfg = GenerateConfig(model=model_path, prompt="the cat sat on the mat and then the dog sat on it " * 3,
+                         max_tokens=6, threads=2)
+    whole = generate(cfg)
+    monkeypatch.setitem(config.PREFILL_TOKENS, "cpu", 8)
+    chunked = generate(cfg)
+    assert len(chunked.prompt_ids) > 3 * 8 and chunked.token_ids == whole.token_ids and len(whole.token_ids) == 6
+    assert chunked.text == whole.text and chunked.prefill_ms > 0
+
+
+def test_a_lone_prompt_is_not_chunked_but_one_beside_a_decoding_row_is(model_path):
+    """The budget bounds the stall of rows that decode; with none decoding, the first prompt in line goes whole
+    (its time to first token as unchunked), and the others wait for the budget as usual."""
+    eng = open_tiny(model_path)
+    calls = count_prompt_tokens(eng)
+    eng.add(LONG[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    assert calls == [150]
+    eng.add(LONG[1], SamplingParams(max_tokens=4, ignore_eos=True))  # LONG[0] decodes now: LONG[1] in chunks
+    n = len(calls)
+    eng.step()
+    assert sum(calls[n:]) == BUDGET
