@@ -1,9 +1,10 @@
 """What the before / after benches share: other checkouts to run the same thing from (--code LABEL=DIR,
-alternated with this one), and the result file."""
+alternated with this one), and the result file (strict JSON: no bare NaN)."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -23,7 +24,36 @@ def checkouts(ap: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def write_result(path: str | Path, out: dict) -> None:
+def finite(obj, where: str = "$", found: list[str] | None = None):
+    """obj with every non-finite float (NaN, inf) replaced by None; `found` collects where each was (a
+    JSON path such as $.rows[3].cos_min)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if found is not None:
+            found.append(where)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v, f"{where}.{k}", found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def result_json(out: dict, indent: int | None = 1) -> str:
+    """The result as strict JSON (allow_nan=False: never a bare NaN, which no JSON parser takes). A non-finite
+    number the script did not catch itself becomes null and its place is listed under `non_finite`, so a
+    long run is never lost to one NaN at the end."""
+    try:
+        return json.dumps(out, indent=indent, allow_nan=False)
+    except ValueError:
+        found: list[str] = []
+        clean = finite(out, found=found)
+        clean["non_finite"] = found
+        print(f"WARNING non-finite numbers written as null: {', '.join(found[:10])}", flush=True)
+        return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+def write_result(path: str | Path, out: dict, indent: int | None = 1, quiet: bool = False) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    Path(path).write_text(result_json(out, indent) + "\n")
+    if not quiet:
+        print(f"wrote {path}")

@@ -6,8 +6,8 @@
 
 Every system runs in its own process (bench/peers/gen_runner.py; CTranslate2 in its own venv) with the
 same thread count, and decodes greedily exactly N new tokens per row (EOS ignored) from the same
-equal-length prompts of random ids. Round r times every cell for every system, the order of the
-systems rotated by r; figures are medians over rounds x repeats.
+equal-length prompts of random ids. Round r times every cell for every system, the systems in a seeded
+random order drawn for that round; figures are medians over rounds x repeats.
 
 - ms_per_token: one decode step (every row gets one token), prefill excluded:
   (T(prompt 16, N new) - T(prompt 16, 1 new)) / (N - 1), T the median wall time of one whole call;
@@ -17,7 +17,9 @@ systems rotated by r; figures are medians over rounds x repeats.
   decode step reads each of them once, so this is the achieved share of memory bandwidth;
 - pct_bw: gbps as a share of the machine's read bandwidth, measured in the same run (bench/peers/bandwidth.py);
 - x_ct2: millis's step time / CTranslate2's at the same precision (fp32 - float32, int8 - int8), the median
-  of per-round ratios [min-max] (each round's step from that round's calls): below 1 is faster;
+  of per-round ratios [min-max] (each round's step from that round's calls, rounds paired by number; a round
+  where a call failed, or a system decoded other than the asked token count, is left out and listed in the
+  row's `errors`): below 1 is faster;
 - agree: leading greedy tokens equal to HF fp32's (batch 1, N tokens): fp32 systems should agree fully.
 Systems: millis:fp32 and millis:int8 run millis's native C step (millis.gen.load.runs_native); millis:fp32-torch
 and millis:int8-torch the torch model. Writes bench/results/generation_<device>.json (`rows`) and prints a table.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -35,7 +38,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
+sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
+from checkouts import write_result  # noqa: E402
 from bandwidth import measure_bandwidth  # noqa: E402
 import models  # noqa: E402
 
@@ -68,12 +73,22 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 CT2_SAME = {"fp32": "float32", "fp32-torch": "float32", "int8": "int8", "int8-torch": "int8"}
 
 
-def round_steps(ms: dict, dk, fk, reps: int) -> list[float]:
-    """One decode-step time per round: (median decode call - median 1-token call) / (N - 1) of that round."""
+def round_steps(ms: dict, dk, fk) -> tuple[list[int], list[float]]:
+    """One decode-step time per round: (median decode call - median 1-token call) / (N - 1) of that round.
+    ms[key]: {round: [that round's calls]}; a round where either cell failed is left out (never paired with
+    another round's calls) -> (the rounds, their step times)."""
     n = dk[1][3]
     d, f = ms[dk], ms[fk]
-    return [round((statistics.median(d[i:i + reps]) - statistics.median(f[i:i + reps])) / (n - 1), 3)
-            for i in range(0, min(len(d), len(f)), reps)]
+    rounds = sorted(set(d) & set(f))
+    return rounds, [round((statistics.median(d[r]) - statistics.median(f[r])) / (n - 1), 3) for r in rounds]
+
+
+def wrong_count(tokens, batch: int, n: int) -> str | None:
+    """Why a reply's tokens are not `batch` rows of `n` new tokens each (None: they are)."""
+    if not isinstance(tokens, list) or len(tokens) != batch:
+        return f"{len(tokens) if isinstance(tokens, list) else tokens!r} rows, not {batch}"
+    bad = [len(t) for t in tokens if len(t) != n]
+    return f"rows of {sorted(set(bad))} tokens, not {n}" if bad else None
 
 
 def gen(peer, ps, n, reps, warmup):
@@ -126,13 +141,15 @@ def main() -> None:
         cells += [("decode", b, PROMPT, newtok[b]), ("first", b, PROMPT, 1)]
     cells += [("ttft", 1, L, 1) for L in ttfts]
     inputs = {c: prompts(c[1], c[2], vocab, seed=c[1] * 1000 + c[2]) for c in cells}
-    ms = {(p.name, c): [] for p in peers for c in cells}
-    toks, cold = {}, {}
+    ms = {(p.name, c): {} for p in peers for c in cells}  # {round: that round's calls}
+    toks, cold, errors = {}, {}, {}
+    shuffle = random.Random(0)
     for r in range(a.rounds):
         t0 = time.perf_counter()
-        k = r % len(peers)
+        order = list(peers)
+        shuffle.shuffle(order)  # a seeded random order each round (a rotation: each system always after the same)
         for c in cells:
-            for p in peers[k:] + peers[:k]:
+            for p in order:
                 if not p.alive:
                     continue
                 time.sleep(a.pause)
@@ -143,8 +160,13 @@ def main() -> None:
                         cold[p.name] = 1e3 * (time.perf_counter() - t1) - sum(got)  # the warm-up call
                 except harness.PeerError as e:
                     print(f"  {e}", file=sys.stderr)
+                    errors.setdefault(p.name, []).append(f"round {r} {'/'.join(map(str, c))}: {e}")
                     continue
-                ms[(p.name, c)] += got
+                if why := wrong_count(tk, c[1], c[3]):  # every system must decode exactly the asked tokens
+                    print(f"  {p.name} {'/'.join(map(str, c))}: {why}", file=sys.stderr)
+                    errors.setdefault(p.name, []).append(f"round {r} {'/'.join(map(str, c))}: {why}")
+                    continue
+                ms[(p.name, c)][r] = got
                 if c[0] == "decode" and c[1] == 1:
                     toks[p.name] = tk[0]
         print(f"round {r + 1}/{a.rounds}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -156,7 +178,8 @@ def main() -> None:
             pass
         p.close()
 
-    med = {k: statistics.median(v) for k, v in ms.items() if v}
+    flat = {k: [x for r in sorted(v) for x in v[r]] for k, v in ms.items()}
+    med = {k: statistics.median(v) for k, v in flat.items() if v}
     bw = measure_bandwidth(a.bandwidth_mib, a.threads, Path(work)) if a.bandwidth_mib else {}
     wparams = matmul_params(model_dir)
     ref = toks.get("hf:fp32")
@@ -168,10 +191,13 @@ def main() -> None:
             if dk not in med or fk not in med:
                 continue
             step = (med[dk] - med[fk]) / (newtok[b] - 1)
+            rounds, steps = round_steps(ms, dk, fk)
             row = {"system": sysname, "model": MODEL[device], "precision": prec, "batch": b,
                    "ms_per_token": round(step, 2), "ttft_ms": None, "tokens_per_s": round(b * 1e3 / step, 1),
                    "gbps": round(wparams * BYTES.get(prec, 4) / step / 1e6, 2),
-                   "e2e_ms": round(med[dk], 1), "new_tokens": newtok[b], "round_ms": round_steps(ms, dk, fk, a.reps)}
+                   "e2e_ms": round(med[dk], 1), "new_tokens": newtok[b], "round_ms": steps, "round_ids": rounds}
+            if p.name in errors:
+                row["errors"] = errors[p.name]
             if bw:
                 row["pct_bw"] = round(100 * row["gbps"] / bw["gbps"], 1)
             if b == 1:
@@ -182,15 +208,19 @@ def main() -> None:
                 if ref and p.name in toks:
                     same = next((i for i, (x, y) in enumerate(zip(toks[p.name], ref)) if x != y), len(ref))
                     row["agree"] = f"{same}/{len(ref)}"
-                row["cold_first_call_ms"] = round(cold.get(p.name, float("nan")), 1)
+                row["cold_first_call_ms"] = round(cold[p.name], 1) if p.name in cold else None
+                if p.name not in cold:
+                    row["cold_first_call_error"] = "the first call failed: no cold start measured"
             rows.append(row)
     for r in rows:  # millis against CTranslate2 at the same precision, round by round
         peer = next((c for c in rows if c["system"] == "ct2" and c["batch"] == r["batch"] and
                      c["precision"] == CT2_SAME.get(r["precision"])), None)
-        if r["system"] == "millis" and peer:
-            ratios = [x / y for x, y in zip(r["round_ms"], peer["round_ms"])]
-            r["x_ct2"] = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-                          "max": round(max(ratios), 3), "rounds": [round(x, 3) for x in ratios]}
+        if r["system"] == "millis" and peer:  # paired by round, not by position
+            theirs = dict(zip(peer["round_ids"], peer["round_ms"]))
+            ratios = [x / theirs[i] for i, x in zip(r["round_ids"], r["round_ms"]) if theirs.get(i)]
+            if ratios:
+                r["x_ct2"] = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+                              "max": round(max(ratios), 3), "rounds": [round(x, 3) for x in ratios]}
     for b in batches:  # tokens/s against CTranslate2 int8 in the same run
         ct2 = next((r for r in rows if r["system"] == "ct2" and r["precision"] == "int8" and r["batch"] == b), None)
         for r in rows:
@@ -215,15 +245,14 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "device": device, "machine": describe(), "bandwidth": bw,
            "command": " ".join(sys.argv), "threads": a.threads, "rounds": a.rounds, "reps": a.reps, "prompt": PROMPT,
            "model_dir": model_dir,
-           "matmul_params": wparams, "systems": infos, "cold_first_call_ms": cold, "rows": rows,
-           "samples_ms": {f"{k[0]}|{'/'.join(map(str, k[1]))}": [round(x, 2) for x in v] for k, v in ms.items()}}
+           "matmul_params": wparams, "systems": infos, "cold_first_call_ms": cold, "rows": rows, "errors": errors,
+           "samples_ms": {f"{k[0]}|{'/'.join(map(str, k[1]))}": [round(x, 2) for x in v] for k, v in flat.items()},
+           "sample_rounds": {f"{k[0]}|{'/'.join(map(str, k[1]))}": sorted(v) for k, v in ms.items()}}
     if device == "cuda":
         import torch
         out["gpu"] = torch.cuda.get_device_name()
     path = Path(a.out) if a.out else HERE / "results" / f"generation_{device}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(path, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ On smollm2-q8_0, `millis-int8` is millis's own int8 (EngineConfig quant="int8": 
 requantized to Q8_0 at load) beside millis and llama.cpp on llama.cpp's Q8_0 file.
 Each system runs in its own process (bench/peers/gguf_runner.py; llama.cpp in bench/.venvs/llamacpp),
 both through the same flat-batch forward call. Per file, round r runs every cell for every system, the
-systems' order rotated by r, a pause before each turn. Per round and system:
+systems in a seeded random order drawn for that round, a pause before each turn. Per round and system:
 - decode_ms: median of 64 greedy batch-1 steps after a 16-token prompt (one step = one forward call);
 - prefill_<n>_ms: median of --prefill-reps fresh prompts of n tokens (logits of the last one);
 - batch8_ms: median of 32 steps of 8 sequences, one token each (both systems batch 8 sequences);
@@ -26,12 +26,15 @@ systems' order rotated by r, a pause before each turn. Per round and system:
 - contention: decode_ms while one other CPU-bound process runs, as a ratio to the quiet figure;
 - serve: `millis serve builtin:smollm2` at its defaults, 3 chat completions, VmRSS / VmHWM.
 Writes bench/results/generation_gguf.json, merged with what is there (a rerun of one section or file
-replaces only that), and prints the tables from the merged results.
+replaces only that; each file's entry and each cell records the date, threads and CPU it was measured with, in
+`cell_runs`), and prints the tables from the merged results. It refuses to merge into a file measured on
+another machine (CPU, cores, ISA) or thread count: --fresh, or another --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 import subprocess
@@ -109,17 +112,18 @@ def proc_memory(pid: int) -> dict:
 
 
 def alternate(peers, cells, rounds: int, pause: float, log: str, probe=None, probed=None) -> list[dict]:
-    """rounds x cells x peers (order rotated per round): [{label: {cell: reply}}] per round. With a probe
+    """rounds x cells x peers (a seeded random order per round): [{label: {cell: reply}}] per round. With a probe
     (bandwidth.RoundProbe), each round reads the bandwidth first (appended to `probed`)."""
-    out = []
+    out, shuffle = [], random.Random(0)
     for r in range(rounds):
         t0, got = time.perf_counter(), {p.label: {} for p in peers}
-        k = r % max(1, len(peers))
+        order = list(peers)
+        shuffle.shuffle(order)  # a seeded random order each round (a rotation: each system always after the same)
         if probe is not None:
             time.sleep(pause)
             probed.append(probe.read())
         for cell, req in cells:
-            for p in peers[k:] + peers[:k]:
+            for p in order:
                 if not p.alive:
                     continue
                 time.sleep(pause)  # the previous system's spinning threads go quiet
@@ -280,18 +284,43 @@ def parse_args() -> argparse.Namespace:
     a.files = [f for f in a.files.split(",") if f]
     a.prefill = [int(n) for n in a.prefill.split(",") if n]
     a.contention_files = [f for f in a.contention_files.split(",") if f]
+    from gguf_runner import CHUNK
+
+    if "ppl" in a.only and a.context > CHUNK:  # llama.cpp's batch holds CHUNK tokens a call
+        raise SystemExit(f"--context {a.context}: at most {CHUNK} (a perplexity window is one forward call of "
+                         f"llama.cpp's {CHUNK}-token batch)")
     return a
+
+
+SAME_MACHINE = ("cpu", "cpu_id", "cores", "isa", "machine")
+
+
+def merge_mismatch(old: dict, machine: dict, threads: int) -> str | None:
+    """Why results in `old` may not be merged with a run on `machine` at `threads` (None: they may): cells
+    from another CPU or thread count would be read under this run's label."""
+    was = old.get("machine") or {}
+    diff = [f"{k} {was.get(k)!r} (here {machine.get(k)!r})" for k in SAME_MACHINE if was.get(k) != machine.get(k)]
+    if old.get("threads") != threads:
+        diff.append(f"threads {old.get('threads')!r} (here {threads})")
+    return ", ".join(diff) or None
 
 
 def main() -> None:
     from millis.common.hardware import describe
 
+    from checkouts import write_result
+
     a = parse_args()
     path = Path(a.out)
     old = json.loads(path.read_text()) if path.is_file() and not a.fresh else {}
-    out = {**old, "machine": describe(), "threads": a.threads}
+    machine = describe()
+    if old and (why := merge_mismatch(old, machine, a.threads)):
+        raise SystemExit(f"{path} was measured with {why}: its cells would be merged under this machine's label. "
+                         f"Run with --fresh, or give another --out")
+    out = {**old, "machine": machine, "threads": a.threads}
+    stamp = {"threads": a.threads, **{k: machine.get(k) for k in ("cpu", "cpu_id", "cores")}}
     out.setdefault("runs", []).append({"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-                                       "settings": {k: v for k, v in vars(a).items() if k != "out"}})
+                                       "settings": {k: v for k, v in vars(a).items() if k != "out"}, **stamp})
     out["llama_cpp_build"] = gguf_report.llamacpp_build()
     t_start = time.perf_counter()
     if "bandwidth" in a.only:
@@ -310,10 +339,11 @@ def main() -> None:
             is_smol = name.startswith("smollm2")
             res = run_file(a, name, files, ppl_ids if is_smol else [], chat_ids if is_smol else [])
             entry = out.setdefault("by_file", {}).setdefault(name, {})
-            entry.setdefault("cells", {}).update(res.pop("cells", {}))  # a rerun of one cell replaces that cell
-            entry.update(res)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out) + "\n")  # progress kept if a later file fails
+            cells = res.pop("cells", {})
+            entry.setdefault("cells", {}).update(cells)  # a rerun of one cell replaces that cell
+            entry.setdefault("cell_runs", {}).update({c: {"date": res["date"], **stamp} for c in cells})
+            entry.update(res, **stamp)
+            write_result(path, out, indent=None, quiet=True)  # progress kept if a later file fails
     if "serve" in a.only:
         out["serve"] = serve_memory()
         print(f"serve: {out['serve']}", flush=True)
@@ -323,8 +353,7 @@ def main() -> None:
     out["greedy"] = gguf_report.greedy_rows(out)
     out["contention"] = gguf_report.contention_rows(out)
     gguf_report.print_tables(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(path, out, quiet=True)
     print(f"wrote {path} ({out['runs'][-1]['seconds']} s)")
 
 

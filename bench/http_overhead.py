@@ -12,14 +12,16 @@ connection, what bench/gpu_serve.py's `run_level` uses):
   millis[:LABEL]  `millis serve MODEL` /v1/classify (an embedder: /v1/embeddings); --code DIR (repeatable,
                   LABEL=DIR) serves the same model from another checkout (e.g. the commit before a change) for a
                   before/after
-Per millis system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too, and per
+Each round runs the systems (in_process among them) in a seeded random order (`in_process.orders`). Per millis
+system the server's own stage headers (x-millis-queue/tokenize/inference-ms) are kept too, and per
 round each system's p50: its overhead over the same round's in-process p50 (median and range over rounds), and
 millis:here's p50 over each other checkout's, round by round.
 With --gen, the streaming route as well: a llama2.c model (stories260K, ../shared/models) through
 /v1/completions (64 tokens, EOS ignored), the gaps between streamed text events as the client reads them
 and each request's mean gap ((last - first) / (events - 1)), vs the engine's own step time in process. With
 a model this small the engine outruns the event loop and events arrive several to a read (gaps of ~0),
-so the per-request mean is the figure to compare.
+so the per-request mean is the figure to compare: over_in_process_p50_ms is its median less the median of the
+in-process decodes' mean steps.
 
     PYTHONPATH=. .venv/bin/python bench/http_overhead.py [--model tiny:bert] [--rounds 5] [--seconds 2]
         [--code before=/tmp/millis-before] [--out bench/results/http_overhead_<cpu>.json]
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -120,16 +123,24 @@ async def alternate(servers: dict[str, ServerProcess], model, texts: list[str], 
         for n in servers:
             await conns[n].send(bodies[n][i % len(texts)])
     per_round: dict[str, list[float]] = {n: [] for n in lat}  # each round's p50 per system
+    shuffle = random.Random(0)
+    orders = []
     for _ in range(rounds):
         start = {n: len(v) for n, v in lat.items()}
-        inproc_round(model, texts, seconds, rng, lat["in_process"])
-        for n in servers:
-            await http_round(conns[n], bodies[n], seconds, rng, lat[n], stages.get(n))
+        order = list(lat)
+        shuffle.shuffle(order)  # a seeded random order each round: no system always follows the same one
+        orders.append(order)
+        for n in order:
+            if n == "in_process":
+                inproc_round(model, texts, seconds, rng, lat["in_process"])
+            else:
+                await http_round(conns[n], bodies[n], seconds, rng, lat[n], stages.get(n))
         for n, v in lat.items():
             per_round[n].append(statistics.median(v[start[n]:]))
     for c in conns.values():
         c.close()
     res = {n: pcts(v) for n, v in lat.items()}
+    res["in_process"]["orders"] = orders
     for n, st in stages.items():
         res[n]["server_stages_p50_ms"] = {s: round(statistics.median(v), 3) for s, v in st.items()}
     for n, r in per_round.items():
@@ -177,14 +188,15 @@ async def stream_itl(url: str, prompt: str, max_tokens: int, n: int) -> tuple[li
     return gaps, means
 
 
-def engine_step_ms(model: str, prompt: str, max_tokens: int, n: int) -> list[float]:
-    """The same decode in process: wall time of each engine step after the first (the prefill), ms."""
+def engine_step_ms(model: str, prompt: str, max_tokens: int, n: int) -> list[list[float]]:
+    """The same decode in process, n times: per decode, the wall time of each engine step after the first (the
+    prefill), ms."""
     from millis.gen import EngineConfig, open_engine
 
     eng = open_engine(model, EngineConfig(max_batch=4))
     ids = eng.tok.encode(prompt)
     steps_ms(eng, ids, max_tokens)  # warm-up
-    return [t for _ in range(n) for t in steps_ms(eng, ids, max_tokens)[1:]]
+    return [steps_ms(eng, ids, max_tokens)[1:] for _ in range(n)]
 
 
 def main() -> int:
@@ -242,9 +254,13 @@ def main() -> int:
     if a.gen:
         llm = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
         prompt, max_tokens = "Once upon a time", 64
-        steps = engine_step_ms(str(llm), prompt, max_tokens, 10)
+        runs = engine_step_ms(str(llm), prompt, max_tokens, 10)
+        steps = [t for r in runs for t in r]
+        # per decode, its mean step: what a stream's per-request mean gap ((last - first) / (events - 1)) reads
+        run_means = [float(np.mean(r)) for r in runs if r]
         gen = {"model": "stories260K (llama2.c)", "route": "/v1/completions stream", "max_tokens": max_tokens,
-               "in_process_itl": pcts(steps), "in_process_mean_step_ms": round(float(np.mean(steps)), 3)}
+               "in_process_itl": pcts(steps), "in_process_mean_step_ms": round(float(np.mean(steps)), 3),
+               "in_process_request_mean_step_p50_ms": round(statistics.median(run_means), 3)}
         labels = {"millis:here": ROOT, **{f"millis:{label}": d for label, d in others.items()}}
         gen_servers: dict[str, ServerProcess] = {}
         got = {n: ([], []) for n in labels}
@@ -252,9 +268,12 @@ def main() -> int:
             for n, code in labels.items():
                 gen_servers[n] = ServerProcess(millis_command(code, str(llm), "--max-batch", "4"), ready_timeout=300)
                 asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 3))  # warm
-            for _ in range(a.rounds):  # alternated, as the encoder systems are
-                for n, srv in gen_servers.items():
-                    gaps, means = asyncio.run(stream_itl(srv.url, prompt, max_tokens, 6))
+            shuffle = random.Random(1)
+            for _ in range(a.rounds):  # alternated, as the encoder systems are: a seeded random order each round
+                order = list(gen_servers)
+                shuffle.shuffle(order)
+                for n in order:
+                    gaps, means = asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 6))
                     got[n][0].extend(gaps)
                     got[n][1].extend(means)
         finally:
@@ -262,7 +281,11 @@ def main() -> int:
                 srv.stop()
         for n, (gaps, means) in got.items():
             gen[n] = {"itl": pcts(gaps), "request_mean_itl_p50_ms": round(statistics.median(means), 3)}
-            gen[n]["over_in_process_p50_ms"] = round(gen[n]["itl"]["p50_ms"] - gen["in_process_itl"]["p50_ms"], 3)
+            # the per-request mean gap, not the p50 of gaps (~0 when events arrive several to a read)
+            gen[n]["over_in_process_p50_ms"] = round(gen[n]["request_mean_itl_p50_ms"]
+                                                     - gen["in_process_request_mean_step_p50_ms"], 3)
+            gen[n]["over_in_process_basis"] = ("median per-request mean gap - median per-decode mean engine step "
+                                               "(before 2026-12-05: p50 of the gaps - p50 of the steps)")
             print(f"stream ITL {n}: {gen[n]}")
         print(f"stream ITL in process: {gen['in_process_itl']}")
         out["generation"] = gen

@@ -8,12 +8,17 @@ What a figure measured on another CPU against the peers would be with today's co
 hand: on one machine, the same weights and shapes through `NativeBert` of the base commit (`git archive` into
 bench/.cache/revisions/<commit>, a checkout such as bench/checkouts.py's --code takes) and of this tree, each
 call in a fresh process (each tree imports its own `millis` and builds its own kernels), the two trees back to
-back in every round, base first. The ratio is the
+back in every round, in ABBA order (base first in even rounds, this tree first in odd ones: neither always runs
+after the other). Each process times max(8, --tokens / (b x s)) calls after 3 warm-up ones (2048 tokens: 128
+calls at b1xs16, 16 at b1xs128, 8 at b8xs128, against 40 / 5 / 4 before; a process's start, ~2 s, still
+dominates its time). The ratio is the
 median over rounds of (this tree's p50 / the base's p50 at the same precision), with its range. A precision
 named with "-att8" runs this tree with the int8 attention against the base's plain precision (its attention
 as it was then). MILLIS_KERNEL_ISA=avx2 times the build an AVX2-only CPU (Zen 3) runs, on this CPU's pipes.
-Writes JSON (`rows`: model, shape, precision, base / head p50 per round, ratio, range; `meta`: CPU, ISA, the
-kernels' build, both commits) and prints a table.
+Writes JSON after each cell (`rows`: model, shape, precision, base / head p50 per round (rounds where both ran),
+ratio, range, calls per process; a process that failed is in the row's `failures` (round, tree, error) and its
+round in no ratio: one failure does not end the run; `meta`: CPU, ISA, the kernels' build, both commits) and
+prints a table.
 """
 from __future__ import annotations
 
@@ -64,8 +69,12 @@ def base_tree(commit: str) -> Path:
     return tree
 
 
-def one_run(tree: Path, model_dir: str, precision: str, B: int, T: int, threads: int) -> float:
-    n = max(4, 640 // (B * T))
+def calls(B: int, T: int, tokens: int) -> int:
+    """Timed calls per process at b x s."""
+    return max(8, tokens // (B * T))
+
+
+def one_run(tree: Path, model_dir: str, precision: str, B: int, T: int, threads: int, n: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--worker", str(tree), model_dir, precision, str(B), str(T), str(n),
                           str(threads)], capture_output=True, text=True, env=dict(os.environ))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("p50 ")]
@@ -86,6 +95,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=2048,
+                    help="timed tokens per process: max(8, tokens / (b x s)) calls (before: max(4, 640 / (b x s)))")
     ap.add_argument("--out", default=str(HERE / "results" / "native_revisions.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -106,7 +117,7 @@ def main() -> int:
     dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True).stdout.strip())
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware.describe(), "kernels": native_isa(),
-            "base": base.name, "head": head, "head_dirty": dirty,
+            "base": base.name, "head": head, "head_dirty": dirty, "order": "ABBA (base first in even rounds)",
             "settings": {k: v for k, v in vars(a).items() if k != "out"}}
     print(f"{hardware.cpu_model()}, kernels {native_isa()}; base {base.name[:9]}, this tree {head[:9]}"
           f"{' (uncommitted changes)' if dirty else ''}")
@@ -116,18 +127,38 @@ def main() -> int:
         model_dir = str(models.encoder_dir(model))
         for B, T in shapes:
             for p in precisions:
-                base_ms, head_ms = [], []
-                for _ in range(a.rounds):
-                    base_ms.append(one_run(base, model_dir, p.removesuffix(ATT8), B, T, a.threads))
-                    head_ms.append(one_run(ROOT, model_dir, p, B, T, a.threads))
-                ratios = np.asarray(head_ms) / np.asarray(base_ms)
+                n = calls(B, T, a.tokens)
+                base_ms, head_ms, orders, failures = [], [], [], []
+                for r in range(a.rounds):
+                    runs = [("base", base, p.removesuffix(ATT8)), ("head", ROOT, p)]
+                    got = {}
+                    for label, tree, prec in (runs if r % 2 == 0 else runs[::-1]):  # ABBA
+                        try:
+                            got[label] = one_run(tree, model_dir, prec, B, T, a.threads, n)
+                        except RuntimeError as e:
+                            failures.append({"round": r, "tree": label, "error": str(e)})
+                            print(f"  FAILED round {r + 1}: {e}", flush=True)
+                    if len(got) == 2:  # a round pairs only when both trees ran
+                        base_ms.append(got["base"])
+                        head_ms.append(got["head"])
+                        orders.append("base,head" if r % 2 == 0 else "head,base")
                 row = {"model": model, "shape": f"b{B}xs{T}", "precision": p, "base_ms": base_ms, "head_ms": head_ms,
-                       "base_p50_ms": float(np.median(base_ms)), "head_p50_ms": float(np.median(head_ms)),
-                       "ratio": float(np.median(ratios)), "ratio_min": float(ratios.min()),
-                       "ratio_max": float(ratios.max())}
+                       "order": orders, "calls_per_process": n, "rounds_ok": len(base_ms), "rounds_asked": a.rounds}
+                if base_ms:
+                    ratios = np.asarray(head_ms) / np.asarray(base_ms)
+                    row.update(base_p50_ms=float(np.median(base_ms)), head_p50_ms=float(np.median(head_ms)),
+                               ratio=float(np.median(ratios)), ratio_min=float(ratios.min()),
+                               ratio_max=float(ratios.max()))
+                    print(f"{model:10} {row['shape']:8} {p:16} {row['base_p50_ms']:8.2f} {row['head_p50_ms']:8.2f} "
+                          f"{row['ratio']:6.3f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
+                          + (f"  ({len(base_ms)} of {a.rounds} rounds)" if len(base_ms) < a.rounds else ""), flush=True)
+                else:
+                    row.update(base_p50_ms=None, head_p50_ms=None, ratio=None, ratio_min=None, ratio_max=None)
+                    print(f"{model:10} {row['shape']:8} {p:16} no round ran on both trees", flush=True)
+                if failures:
+                    row["failures"] = failures
                 rows.append(row)
-                print(f"{model:10} {row['shape']:8} {p:16} {row['base_p50_ms']:8.2f} {row['head_p50_ms']:8.2f} "
-                      f"{row['ratio']:6.3f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]", flush=True)
+                write_result(a.out, {"meta": meta, "rows": rows}, quiet=True)  # a later failure loses nothing
     write_result(a.out, {"meta": meta, "rows": rows})
     return 0
 

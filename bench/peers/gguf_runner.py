@@ -121,6 +121,8 @@ class LlamaCpp:
 
     def forward(self, ids, pos, seqs, rows):
         b, n = self.batch, len(ids)
+        if n > CHUNK:  # the batch was allocated for CHUNK tokens: more would be written past it
+            raise RuntimeError(f"llama.cpp: {n} tokens in one call, its batch holds {CHUNK}")
         ids, pos = np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(pos, np.int32)
         ctypes.memmove(b.token, ids.ctypes.data, 4 * n)
         ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
@@ -253,6 +255,8 @@ def main():
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"), help="llama.cpp")
     a = ap.parse_args()
+    if a.system == "llamacpp" and a.context > CHUNK:  # a perplexity window is one forward call
+        ap.error(f"--context {a.context}: llama.cpp's batch holds {CHUNK} tokens a call (--context <= {CHUNK})")
     return serve(lambda: SYSTEMS[a.system](a), handle, f"{a.system} {os.path.basename(a.model_dir)}")
 
 

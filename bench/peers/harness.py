@@ -5,7 +5,7 @@ for it to prepare its model. Every request has a timeout; a peer that errors at 
 hangs is killed and marked failed (peer.error holds the reason) -- it never hangs the benchmark.
 Arrays: ids / mask are int b x s (numpy or nested lists); embeddings come back float32 b x hidden.
 """
-import csv, json, os, queue, subprocess, sys, threading, time
+import csv, json, os, queue, random, subprocess, sys, threading, time
 import numpy as np
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,24 +186,32 @@ def start_peers(systems, model_dir, **kw):
     return live, skipped
 
 
-def run_round_robin(peers, shapes, inputs, n_per_round, rounds, warmup=5, rewarm=1, timeout=None):
+def run_round_robin(peers, shapes, inputs, n_per_round, rounds, warmup=5, rewarm=1, timeout=None, seed=0,
+                    pause=0.005, done=None):
     """Interleave systems so machine drift hits all alike.
 
-    Round r: for each shape (b, s), for each live peer in order rotated by r: `n_per_round` timed
-    calls (after `warmup` untimed calls in round 0, `rewarm` in later rounds).
+    Round r: for each shape (b, s), the live peers in a seeded random order drawn for that round (a cyclic
+    rotation would make each system always follow the same one), a `pause` before each turn (the previous
+    system's spinning threads park, as millis.optimize.measure does), then `n_per_round` timed calls
+    (after `warmup` untimed calls in round 0, `rewarm` in later rounds).
     inputs: {(b, s): (ids, mask)}. Returns {(peer.name, (b, s)): [ms, ...]} with
     n_per_round * rounds samples each; a peer that fails mid-run keeps its samples so far,
-    gets peer.error set, and is left out of later calls.
+    gets peer.error set, and is left out of later calls. `done` (a dict): {peer.name: rounds it completed
+    at every shape}, filled as it goes.
     """
+    rng = random.Random(seed)
     samples = {(p.name, tuple(sh)): [] for p in peers for sh in shapes}
+    done = {} if done is None else done
+    done.update({p.name: 0 for p in peers})
     for r in range(rounds):
-        k = r % max(len(peers), 1)
-        order = peers[k:] + peers[:k]
+        order = list(peers)
+        rng.shuffle(order)
         for sh in shapes:
             ids, mask = inputs[tuple(sh)]
             for p in order:
                 if not p.alive:
                     continue
+                time.sleep(pause)
                 try:
                     samples[(p.name, tuple(sh))] += p.time(ids, mask, n_per_round,
                                                            warmup if r == 0 else rewarm, timeout)
@@ -212,6 +220,9 @@ def run_round_robin(peers, shapes, inputs, n_per_round, rounds, warmup=5, rewarm
                     if p.alive:  # a request error on a live peer: count it as failed too
                         p.error = str(e)
                         p.close()
+        for p in peers:
+            if p.alive:
+                done[p.name] = r + 1
     return samples
 
 

@@ -342,14 +342,32 @@ class FastEmbed(Base):
 
 @system("millis")
 class Millis(Base):
-    pkgs = ("millis", "torch", "onnxruntime")
+    pkgs = ("millis", "torch", "onnxruntime", "openvino")
     outputs_embedding = True
 
     def prepare(self):
         import millis
-        self.art = millis.load(self.model_dir)
+        self.art = millis.load(self.model_dir, threads=self.threads)  # threads=0 would take every CPU
         v = self.art.meta.variant
         self.precision = f"{v.name} ({v.runtime} {v.precision})"
+
+    def extra_info(self):
+        """The variant and what runs it: NativeBert's kernels (its build, +amx on tiles) and threads, or the
+        library's session threads."""
+        v, rt = self.art.meta.variant, self.art.runtime
+        out = {"variant": v.name, "runtime": v.runtime, "precision": v.precision, "options": dict(v.options)}
+        model = getattr(rt, "model", None)
+        if v.runtime == "native" and model is not None:
+            out.update(kernels=getattr(model, "kernels", None), threads=getattr(model, "threads", None),
+                       attention={0: "fp32", 1: "bf16", 2: "int8"}.get(getattr(model, "attn", None)))  # ATTN_*
+        session = getattr(rt, "session", None)
+        if session is not None and hasattr(session, "get_session_options"):  # onnxruntime
+            so = session.get_session_options()
+            out.update(threads=so.intra_op_num_threads, inter_op_threads=so.inter_op_num_threads,
+                       graph_optimization_level=str(so.graph_optimization_level))
+        if v.runtime == "torch" and "torch" in sys.modules:
+            out["threads"] = sys.modules["torch"].get_num_threads()
+        return out
 
     def feed(self, ids, mask):
         import numpy as np
