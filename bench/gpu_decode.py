@@ -12,7 +12,7 @@ the issue-20 figures a generation bench does not give. Run on the device from th
   file dequantized to fp32 on the device's CPU, MILLIS_NO_KERNELS: the torch model);
 - HTTP inter-token latency at concurrency 1 (`millis serve FILE --device cuda --dtype bf16`, one streamed
   completion) against the in-process step.
-Writes $OUT/gpu_decode_<gpu>.json and prints the figures.
+Writes $OUT/gpu_decode_<gpu>.json and prints the figures after every section (a time box keeps what came before).
 """
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ def steps_ms(eng, prompt: list[int], n: int, rows: int = 1) -> list[float]:
 
 def alternated(a, prompt: list[int], switch: str, names: tuple[str, str], rounds: int = 6) -> dict:
     """b1 ms/token of two batch-1 engines on a.gguf, the second opened with `switch`=1 (an A/B variable read
-    while the engine opens and captures), alternated like systems: {name: {b1_ms_per_token, rounds}}."""
+    while the engine opens and captures), alternated like systems: {name: {b1_ms_per_token, rounds, per_layer,
+    per_layer_after, layer_us}}. Each engine decides at load whether it runs one kernel a layer (from its own
+    timing of the layers both ways, GraphedDecode.layer_us), so what each one ran is recorded beside its
+    figure: per_layer as opened, and after the rounds (a barrier that gave up while decoding turns it off)."""
     from millis.gen import EngineConfig, open_engine
 
     cfg = EngineConfig(max_batch=1, max_seq=1024, dtype=a.dtype, device=a.device)
@@ -57,12 +60,48 @@ def alternated(a, prompt: list[int], switch: str, names: tuple[str, str], rounds
         engines[names[1]] = open_engine(a.gguf, cfg)
     finally:
         del os.environ[switch]
+
+    def decode_of(k: str):
+        return getattr(engines[k], "decode", None)
+
+    opened = {k: bool(getattr(decode_of(k), "per_layer", False)) for k in engines}
     ms: dict[str, list[float]] = {k: [] for k in engines}
     for r in range(rounds):
         for k in list(engines)[r % 2:] + list(engines)[:r % 2]:
             ms[k].append(statistics.median(steps_ms(engines[k], prompt, a.new_tokens)[1:]))
-    return {k: {"b1_ms_per_token": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v]}
+    return {k: {"b1_ms_per_token": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v],
+                "per_layer": opened[k], "per_layer_after": bool(getattr(decode_of(k), "per_layer", False)),
+                "layer_us": getattr(decode_of(k), "layer_us", None)}
             for k, v in ms.items()}
+
+
+def safe_alternated(a, prompt: list[int], switch: str, names: tuple[str, str]) -> dict:
+    """alternated, or the error it raised (an A/B that fails costs its figure, not the results after it)."""
+    import torch
+
+    try:
+        return alternated(a, prompt, switch, names)
+    except Exception as e:  # noqa: BLE001 -- reported in the results
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def layer_ab_validity(ab: dict) -> dict:
+    """The per-layer A/B compares one kernel a layer with five only if its first engine kept one kernel a layer
+    (it re-decides from its own, noisy, timing of the layers at load) and its second did not: else it measured
+    five kernels against five. -> {"valid": bool, "invalid_because": str | None}."""
+    if "error" in ab:
+        return {"valid": False, "invalid_because": "the A/B raised"}
+    one, five = ab["per_layer"], ab["five_kernels"]
+    why = None
+    if not one["per_layer"]:
+        why = f"the per_layer engine chose five kernels a layer at load (its layer_us: {one['layer_us']})"
+    elif not one["per_layer_after"]:
+        why = "the per_layer engine left one kernel a layer while decoding (a barrier gave up)"
+    elif five["per_layer"]:
+        why = "the five_kernels engine ran one kernel a layer (MILLIS_NO_DECODE_LAYER not read)"
+    return {"valid": why is None, "invalid_because": why}
 
 
 def decode_figures(eng, prompt: list[int], n: int) -> dict:
@@ -194,6 +233,16 @@ def main() -> int:
     res: dict = {"bench": "gpu_decode", "device": torch.cuda.get_device_name() if cuda else "cpu (smoke run)",
                  "torch": torch.__version__,
                  "model": Path(a.gguf).name, "date": time.strftime("%Y-%m-%d")}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_decode_{gpu_slug(res['device'])}.json"
+
+    def save(section: str, *keys: str) -> None:
+        """Print a section's figures and write every result so far: a time box that ends the run (or a later
+        section that raises) keeps what came before it, in the file and in the log."""
+        print(f"{section}:", json.dumps({k: res[k] for k in keys if k in res}), flush=True)
+        path.write_text(json.dumps(res, indent=1) + "\n")
+
     t0 = time.perf_counter()
     eng = open_engine(a.gguf, EngineConfig(max_batch=8, max_seq=1024, dtype=a.dtype, device=a.device,
                                            max_prefills_per_step=8))
@@ -217,16 +266,22 @@ def main() -> int:
         ptx = decode_gemv.compiled_ptx() + decode_layer.compiled_ptx()  # compiled in, or PDL changes nothing
         res["pdl_ptx"] = {"kernels": len(ptx), "wait": sum("griddepcontrol.wait" in p for p in ptx),
                           "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}
+    save("engine", "cold_start_s", "graphs", "fused_decode", "pdl", "pdl_off_because", "per_layer", "layer_us",
+         "pdl_ptx")
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
-    res.update(decode_figures(eng, prompt, a.new_tokens))
+    figures = decode_figures(eng, prompt, a.new_tokens)
+    res.update(figures)
+    res["targets"] = {"b1_ms_per_token <= 0.30": res["b1_ms_per_token"] <= 0.30}
+    save("decode figures", *figures)
     res["kernels_per_decode_step"] = None
     if cuda:
         res["decode_step_profile"] = safe_step_profile(eng)
         res["kernels_per_decode_step"] = res["decode_step_profile"].get("kernels")
-        print("b1 decode step's kernels:", json.dumps(res["decode_step_profile"]), flush=True)
+        save("b1 decode step's kernels", "decode_step_profile")
     if cuda and res["per_layer"]:  # b1 in one kernel a layer against five, alternated
-        res["per_layer_ab"] = alternated(a, prompt, "MILLIS_NO_DECODE_LAYER", ("per_layer", "five_kernels"))
-        print("b1 one kernel a layer / five, alternated:", res["per_layer_ab"], flush=True)
+        ab = safe_alternated(a, prompt, "MILLIS_NO_DECODE_LAYER", ("per_layer", "five_kernels"))
+        res["per_layer_ab"] = {**ab, **layer_ab_validity(ab)}
+        save("b1 one kernel a layer / five, alternated", "per_layer_ab")
     greedy = SamplingParams(max_tokens=32)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
     os.environ["MILLIS_NO_KERNELS"] = "1"  # the CPU reference: the torch model in fp32 on the same weights
@@ -238,20 +293,17 @@ def main() -> int:
              for g, r in zip(gpu_tokens, ref)]
     res["greedy_agreement"] = {"leading_equal": agree, "of": [len(r) for r in ref],
                                "gpu_text": [eng.tok.decode(g) for g in gpu_tokens]}
+    res["targets"]["greedy tokens equal on 3 prompts (32, or to EOS)"] = all(
+        len(g) == len(r) == n for g, r, n in zip(gpu_tokens, ref, agree))
+    save("greedy tokens against the CPU fp32 path", "greedy_agreement", "targets")
     if not a.no_http:
         try:
             res["http"] = http_itl(a.gguf, "Once upon a time", a.new_tokens, a.device, a.dtype)
             res["http"]["overhead_ms"] = round(res["http"]["itl_p50_ms"] - res["b1_ms_per_token"], 3)
         except Exception as e:  # noqa: BLE001 -- reported, the rest of the results stand
             res["http"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-    res["targets"] = {"b1_ms_per_token <= 0.30": res["b1_ms_per_token"] <= 0.30,
-                      "greedy tokens equal on 3 prompts (32, or to EOS)": all(
-                          len(g) == len(r) == n for g, r, n in zip(gpu_tokens, ref, agree))}
-    print(json.dumps(res, indent=1))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_decode_{gpu_slug(res['device'])}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
+        save("HTTP inter-token latency", "http")
+    print(json.dumps(res, indent=1), flush=True)
     if cuda:  # the same check with the GPU engine in fp32: bf16's rounding alone can flip a near-tie
         del eng
         torch.cuda.empty_cache()
@@ -263,8 +315,7 @@ def main() -> int:
                                         "fused_decode": bool(eng.decode.fused)}
         res["targets"]["greedy tokens equal on 3 prompts, GPU fp32"] = all(
             len(g) == len(r) == n for g, r, n in zip(g32, ref, agree32))
-        print("GPU fp32 against CPU fp32:", res["greedy_agreement_fp32"])
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        save("GPU fp32 against CPU fp32", "greedy_agreement_fp32", "targets")
     if cuda and res["fused_decode"]:  # last (a time box cuts it first): b1 without the batch-1 gemv kernels
         os.environ["MILLIS_NO_DECODE_GEMV"] = "1"
         del eng, ref_eng
@@ -273,15 +324,16 @@ def main() -> int:
         b1 = decode_figures(eng, prompt, a.new_tokens)
         res["without_decode_gemv"] = {"b1_ms_per_token": b1["b1_ms_per_token"],
                                       "kernels_per_decode_step": kernels_per_step(eng)}
-        print("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1):", res["without_decode_gemv"])
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        save("without the batch-1 gemv kernels (MILLIS_NO_DECODE_GEMV=1)", "without_decode_gemv")
     if cuda and res.get("pdl"):  # b1 with and without programmatic dependent launch, alternated
         os.environ.pop("MILLIS_NO_DECODE_GEMV", None)
         del eng
         torch.cuda.empty_cache()
-        res["pdl_ab"] = alternated(a, prompt, "MILLIS_NO_PDL", ("pdl", "no_pdl"))
-        print("b1 with / without PDL, alternated:", res["pdl_ab"])
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        res["pdl_ab"] = safe_alternated(a, prompt, "MILLIS_NO_PDL", ("pdl", "no_pdl"))
+        if "error" not in res["pdl_ab"]:  # each engine chose one kernel a layer or five itself: the same, or PDL's
+            res["pdl_ab"]["same_layer_kernels"] = (  # figure also holds that choice's
+                res["pdl_ab"]["pdl"]["per_layer"] == res["pdl_ab"]["no_pdl"]["per_layer"])
+        save("b1 with / without PDL, alternated", "pdl_ab")
     return 0
 
 

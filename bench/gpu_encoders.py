@@ -251,7 +251,9 @@ def cold_start(model_dir: Path, buckets: str, fresh_cache: bool) -> dict:
 # ---- main ----
 
 def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, budget_s: float,
-              rows: list[dict], extra: dict) -> None:
+              rows: list[dict], extra: dict, save=lambda: None) -> None:
+    """One model's cells: each system at each shape, alternated; `save` is called once a shape's rows are in
+    `rows` (and again after the kernel profiles in `extra`), so a time box that ends the run keeps them."""
     from millis.runtimes.cuda import CudaGraphRuntime
     from millis.encoder.tasks import OUTPUT_NAME
 
@@ -317,11 +319,16 @@ def run_model(name: str, shapes: list[Shape], systems: list[str], rounds: int, b
             rows.append(row)
             print(f"  {name:9s} {shape.name:9s} {s:30s} p50 {row['p50_ms']:8.3f}  p99 {row['p99_ms']:8.3f}  "
                   f"wall {row['wall_p50_ms']:8.3f}  e2e {row['e2e_p50_ms']:8.3f}  err {row['rel_err']:.1e}", flush=True)
+        save()  # this shape's rows, before the next shape and before the profiles below
     for s in ("millis-fp16", "millis-int8"):  # BERT-base's kernels: fp16, and W8A8 (slower than fp16 on the H200)
         if name == "bert-base" and s in runtimes:
             for sh in shapes:
-                extra.setdefault("profile", {})[f"{s}/{name}/{sh.name}"] = kernel_profile(runtimes[s],
-                                                                                       make_inputs(sh, vocab))
+                try:
+                    prof = kernel_profile(runtimes[s], make_inputs(sh, vocab))
+                except Exception as e:  # noqa: BLE001 -- a profiler that fails costs its figure, not the run
+                    prof = [{"error": f"{type(e).__name__}: {e}"[:300]}]
+                extra.setdefault("profile", {})[f"{s}/{name}/{sh.name}"] = prof
+            save()
     del runtimes, compiled, m16, m32, hf32
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -393,10 +400,14 @@ def main() -> int:
     extra: dict = {}
     shapes = [Shape.parse(s) for s in a.shapes.split(",")]
     systems = a.systems.split(",")
-    for m in a.models.split(","):
-        run_model(m, shapes, systems, a.rounds, a.seconds, result["rows"], extra)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
         out.write_text(json.dumps({**result, **extra}, indent=1))
+
+    for m in a.models.split(","):
+        run_model(m, shapes, systems, a.rounds, a.seconds, result["rows"], extra, save)
+        save()
     result.update(extra)
     if not a.no_probes:
         bw = bandwidth_tbs()
@@ -414,7 +425,8 @@ def main() -> int:
     for k, v in result.get("profile", {}).items():
         print(f"\nprofile {k} (us per forward):")
         for r in v[:14]:
-            print(f"  {r['us_per_forward']:8.2f}  x{r['per_call']:<3d} {r['kernel']}")
+            print(f"  {r['us_per_forward']:8.2f}  x{r['per_call']:<3d} {r['kernel']}" if "error" not in r
+                  else f"  {r['error']}")
     print_table(result["rows"])
     print("\ntargets (the best p50 of the millis systems each target allows):")
     for t in result["targets"]:

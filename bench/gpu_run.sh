@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The device run for issue 20, in two stages, one a run call (the call's limit and the 64 MiB carry: SmolLM2's
-# GGUF travels in two halves, one a call, joined on the warm machine for stage 2):
+# GGUF travels in two halves, one a call, joined on the machine for stage 2 if it stayed warm since stage 1):
 #   bash bench/gpu_run.sh 1 SECONDS   the Llama-1B shape: weights, decode against HF, weight-only formats,
-#                                     then the GPU tests (with part-aa)
+#                                     then the GPU tests (with py, tok, texts.txt and part-aa)
 #   bash bench/gpu_run.sh 2 SECONDS   SmolLM2, encoders, serve, then Triton tests, optimize, HF +
-#                                     torch.compile last (with part-ab)
+#                                     torch.compile last (with py, tok, texts.txt and part-ab)
+# Stage 2 needs nothing else from stage 1 but what a fresh machine cannot have: SmolLM2 needs stage 1's part-aa
+# (without it the part is skipped, said in the log), and the Llama-1B weights stage 1 built (bench/.cache,
+# git-ignored: without them they are built here first where the time left holds that and the compile part).
 # Measurements first, tests after (the benches check their tokens and vectors against HF themselves): with 15
 # minutes of device time for both calls the boxes sum to more than the calls hold, and the last parts go.
 # Each part is time-boxed so that one hang costs its part alone, and no box runs past SECONDS from the start
@@ -17,10 +20,12 @@ OUT=${OUT:-/tmp/millis-gpu-out}
 C=bench/.gpu_carry
 mkdir -p "$OUT"
 export PYTHONPATH=".:$C/py" PYTHONUNBUFFERED=1
-LOG="$OUT/gpu_run.log"
+TAG=$([ "$STAGE" = all ] && echo all || echo "stage$STAGE")  # each stage's log and environment its own
+LOG="$OUT/gpu_run_$TAG.log"
+left() { echo $(( END - $(date +%s) - 15 )); }  # seconds a box may take: its 10 s kill grace and a margin off
 part() {  # part SECONDS NAME CMD...: one time-boxed step, its exit status logged
     local t=$1 name=$2 left; shift 2
-    left=$(( END - $(date +%s) - 15 ))  # the box, its 10 s kill grace and a margin
+    left=$(left)
     if [ "$left" -lt 20 ]; then echo "== $name: skipped, ${left} s left" | tee -a "$LOG"; return; fi
     [ "$left" -lt "$t" ] && t=$left
     echo "== $(date +%T) $name (box ${t} s): $*" | tee -a "$LOG"
@@ -30,7 +35,7 @@ part() {  # part SECONDS NAME CMD...: one time-boxed step, its exit status logge
     tail -n 25 "$LOG" | grep -v '^==' || true
 }
 stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
-python3 - > "$OUT/env.json" <<'PYEOF'
+python3 - > "$OUT/env_$TAG.json" <<'PYEOF'
 import json, platform, subprocess, torch
 info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -44,15 +49,19 @@ smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.tota
 info["nvidia_smi"] = smi.stdout.strip()
 print(json.dumps(info, indent=1))
 PYEOF
-cat "$OUT/env.json"
+cat "$OUT/env_$TAG.json"
 # results files name the card ("h200", "h100": bench/gpu_probes.py gpu_slug), whichever was lent
 SLUG=$(python3 -c "import sys; sys.path.insert(0, 'bench'); import torch; from gpu_probes import gpu_slug
 print(gpu_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else 'nogpu')" 2>/dev/null || echo gpu)
 T="python3 -m pytest -q --maxfail=3 -rfE --tb=short -p no:cacheprovider"
-if stage 1; then
-    # 0. the Llama-3.2-1B-shaped random weights, initialised on the GPU (its CPU needs a minute or more) (60 s)
+WEIGHTS=bench/.cache/llama-1b-random/config.json  # bench/peers/models.py decoder_dir's, written last
+llama1b_weights() {  # the Llama-3.2-1B-shaped random weights, initialised on the GPU (its CPU needs a minute or more)
     part 60 llama1b-weights python3 -c "import sys, torch; sys.path.insert(0, 'bench/peers'); torch.set_default_device(
 'cuda'); import models; print(models.decoder_dir('llama-1b'))"
+}
+if stage 1; then
+    # 0. the Llama-1B-shaped weights (60 s)
+    llama1b_weights
     # 1. Llama-3.2-1B shape: millis bf16 against HF eager, alternated (the first H200 run: 41 s) (100 s)
     part 100 llama1b python3 bench/generation.py --device cuda --systems millis:bf16,hf:bf16 --rounds 2 --reps 1 \
         --batches 1,32 --new-tokens 32 --new-tokens-batched 16 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
@@ -66,10 +75,20 @@ if stage 1; then
     part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gen_engine.py tests/test_gpu.py
 fi
 if stage 2; then
-    if [ ! -f "$C/smollm2.gguf" ] && [ -f "$C/smollm2.gguf.part-aa" ] && [ -f "$C/smollm2.gguf.part-ab" ]; then
-        cat "$C/smollm2.gguf.part-aa" "$C/smollm2.gguf.part-ab" > "$C/smollm2.gguf"
-        [ "$(sha256sum "$C/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$C/tok/smollm2.gguf.sha256")" ] \
-            || { echo "smollm2.gguf: checksum mismatch" | tee -a "$LOG"; rm -f "$C/smollm2.gguf"; }
+    # SmolLM2's GGUF: stage 1's part-aa (on this machine only if it stayed warm since stage 1) and this call's part-ab
+    if [ ! -f "$C/smollm2.gguf" ]; then
+        if [ ! -f "$C/smollm2.gguf.part-aa" ]; then
+            echo "== smollm2: skipped, stage 1's part-aa is not on this machine (a fresh machine since stage 1)" \
+                | tee -a "$LOG"
+        elif [ ! -f "$C/smollm2.gguf.part-ab" ]; then
+            echo "== smollm2: skipped, part-ab was not carried" | tee -a "$LOG"
+        else
+            cat "$C/smollm2.gguf.part-aa" "$C/smollm2.gguf.part-ab" > "$C/smollm2.gguf"
+            SUM=$(sha256sum "$C/smollm2.gguf" | cut -d' ' -f1)
+            [ "$SUM" = "$(cat "$C/tok/smollm2.gguf.sha256" 2>/dev/null)" ] \
+                || { echo "== smollm2: skipped, the joined GGUF's checksum does not match (part-aa of another" \
+                          "prepare?)" | tee -a "$LOG"; rm -f "$C/smollm2.gguf"; }
+        fi
     fi
     # 4. SmolLM2-135M-Instruct from its GGUF: b1 ms/token, kernels per step, greedy vs CPU fp32 (GPU bf16 and
     #    fp32), HTTP ITL (120 s)
@@ -91,9 +110,19 @@ if stage 2; then
     part 50 optimize-cuda $T tests/test_optimize_gpu.py tests/test_variants.py \
         -k "(gpu_artifact or gpu_variants or cuda) and not refused_on_cuda"
     # 9. the Llama-1B shape against HF static cache + torch.compile (its compile ran past 160 s on the first
-    #    H200 run: last, so that it costs nothing else) (200 s)
-    part 200 llama1b-compile python3 bench/generation.py --device cuda --systems millis:bf16,hf:static-compile \
-        --rounds 1 --reps 1 --batches 1 --new-tokens 32 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
-        --out "$OUT/generation_compile_$SLUG.json"
+    #    H200 run: last, so that it costs nothing else) (200 s), on stage 1's weights: on a fresh machine they are
+    #    built first (60 s) where the time left also holds the compile (160 s), else the part is skipped
+    if [ ! -f "$WEIGHTS" ] && [ "$(left)" -ge 220 ]; then
+        echo "== llama1b-weights: not on this machine (stage 1's; a fresh machine since): built here" | tee -a "$LOG"
+        llama1b_weights
+    fi
+    if [ -f "$WEIGHTS" ]; then
+        part 200 llama1b-compile python3 bench/generation.py --device cuda --systems millis:bf16,hf:static-compile \
+            --rounds 1 --reps 1 --batches 1 --new-tokens 32 --ttft-prompts 512 --bandwidth-mib 0 --pause 0.05 \
+            --out "$OUT/generation_compile_$SLUG.json"
+    else
+        echo "== llama1b-compile: skipped, no Llama-1B weights on this machine (stage 1's; a fresh machine since)" \
+             "and $(left) s left" | tee -a "$LOG"
+    fi
 fi
 ls -la "$OUT"

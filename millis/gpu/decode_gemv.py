@@ -183,8 +183,14 @@ def fmt_of(lin) -> str:
     return getattr(lin, "fmt", "plain")
 
 
-def tune_key(fmt: str, n: int, k: int, norm: bool, gateup: bool) -> tuple:
-    return fmt, n, k, norm, gateup
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float16", "float32": a tuned config's key names its inputs' dtype (an fp32 engine opened after
+    a bf16 one takes its own configs, not ones measured, and checked to fit, for bf16)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tune_key(fmt: str, dtype: torch.dtype, n: int, k: int, norm: bool, gateup: bool) -> tuple:
+    return fmt, dtype_name(dtype), n, k, norm, gateup
 
 
 def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 0.0, gateup: bool = False,
@@ -200,7 +206,7 @@ def gemv(x: torch.Tensor, lin, norm_w: torch.Tensor | None = None, eps: float = 
         y = resid
     else:
         y = torch.empty(N, device=x.device, dtype=torch.float32 if out_f32 else x.dtype)
-    key = tune_key(fmt, N, K, norm_w is not None, gateup)
+    key = tune_key(fmt, x.dtype, N, K, norm_w is not None, gateup)
     c = {**DEFAULT, **(TUNED.get(key, {}) if config is None else config)}
     scale, low = getattr(lin, "scale", None), getattr(lin, "low", None)
     _gemv_kernel[(triton.cdiv(N, c["BN"]),)](
@@ -231,12 +237,12 @@ def compiled_ptx() -> list[str]:
 
 def tune(shapes: list[tuple], dtype: torch.dtype) -> dict:
     """Measure the candidates on each distinct (format, N, K, norm, gateup) of `shapes` ((linear, norm, gateup),
-    on CUDA) for inputs in the model's `dtype`, keep the fastest in TUNED and return {TUNED key: [(config, us),
-    ...]}, fastest first (graph_timing.time_candidates)."""
+    on CUDA) for inputs in the model's `dtype`, keep the fastest in TUNED (keyed with the dtype too) and return
+    {TUNED key: [(config, us), ...]}, fastest first (graph_timing.time_candidates)."""
     out = {}
     for lin, norm, gateup in shapes:
         K, N = lin.in_features, lin.out_features // 2 if gateup else lin.out_features
-        key = tune_key(fmt_of(lin), N, K, norm, gateup)
+        key = tune_key(fmt_of(lin), dtype, N, K, norm, gateup)
         if key in TUNED:
             continue
         dev = (lin.weight if fmt_of(lin) == "plain" else lin.q).device

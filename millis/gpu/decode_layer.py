@@ -30,7 +30,7 @@ import os
 import torch
 from torch import nn
 
-from millis.gpu.decode_gemv import FORMATS, fmt_of, ptx_of
+from millis.gpu.decode_gemv import FORMATS, dtype_name, fmt_of, ptx_of
 from millis.gpu.decode_kernels import pdl_launch
 from millis.gpu.graph_timing import time_candidates
 from millis.gpu.weight_only_kernels import GROUP
@@ -52,7 +52,7 @@ DEFAULT = {"BN": 8, "BK": 512, "GPS": 4, "num_warps": 8, "per_sm": 1}
 CANDIDATES = [DEFAULT, {"BN": 16, "BK": 512, "GPS": 4, "num_warps": 8, "per_sm": 1},
               {"BN": 4, "BK": 1024, "GPS": 8, "num_warps": 8, "per_sm": 1}]
 WIDE = [{"BN": 8, "BK": 256, "GPS": 4, "num_warps": 4, "per_sm": 2}]
-TUNED: dict[tuple, dict] = {}  # (format, D, H, qkv rows) -> the config `tune` measured fastest
+TUNED: dict[tuple, dict] = {}  # tune_key -> the config `tune` measured fastest (and found resident)
 
 if triton is not None:
     from millis.gpu.decode_gemv import first_chunk, gemv_tile, row_rstd
@@ -184,6 +184,12 @@ def _packed(lin: nn.Module, fallback: torch.Tensor) -> tuple[torch.Tensor, torch
     return lin.q, lin.scale, low if low is not None else fallback
 
 
+def tune_key(fmt: str, dtype: torch.dtype, D: int, H: int, nqkv: int) -> tuple:
+    """TUNED's key: the weights' format, the activations' dtype (fp32's registers may not fit a WIDE config that
+    bf16's do: its barriers would then spin), the model's width, its FFN's and the qkv rows."""
+    return fmt, dtype_name(dtype), D, H, nqkv
+
+
 def programs(dev: torch.device, per_sm: int = 1) -> int:
     """per_sm programs an SM on CUDA (all resident at once: the barrier's condition); 3 elsewhere (the
     interpreter's tests then see programs with several tiles and programs with none)."""
@@ -206,7 +212,7 @@ def layer_step(x: torch.Tensor, layer: nn.Module, index: int, model: nn.Module, 
     wo, so, lo = _packed(a.wo, x)
     wu, su, lu = _packed(f.w13, x)
     wd, sd, ld = _packed(f.w2, x)
-    cfg = {**DEFAULT, **(TUNED.get((fmt, D, H, nqkv), {}) if config is None else config)}
+    cfg = {**DEFAULT, **(TUNED.get(tune_key(fmt, x.dtype, D, H, nqkv), {}) if config is None else config)}
     g = a.nh // a.nkv
     sync = x.is_cuda
     grid = (programs(x.device, cfg["per_sm"]),)
@@ -238,7 +244,8 @@ def tune(model: nn.Module, kv_len: int, window: int) -> dict:
     reaches), keep the fastest in TUNED and return {key: [(config, us), ...]}, fastest first."""
     layer = model.layers[0]
     a = layer.attn
-    key = (fmt_of(a.wqkv), model.tok_emb.weight.shape[1], layer.ffn.w13.out_features // 2, a.wqkv.out_features)
+    w = model.tok_emb.weight  # scratch_row's x: the model's dtype, as layer_step's key reads it
+    key = tune_key(fmt_of(a.wqkv), w.dtype, w.shape[1], layer.ffn.w13.out_features // 2, a.wqkv.out_features)
     if key in TUNED:
         return {}
     x0, x, pos = scratch_row(model)

@@ -53,8 +53,9 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
         for n in names:
             for _ in range(cfg.warmup):
                 runtimes[n].run(feeds)
-    for r in range(cfg.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+    shuffle = random.Random(0)  # a seeded random order each round: a rotation made each variant always follow the
+    for r in range(cfg.rounds):  # same one, whose spinning worker threads then always landed on it
+        order = shuffle.sample(names, len(names))
         for shape, feeds in inputs.items():
             for n in order:
                 time.sleep(0.005)  # let the previous runtime's spinning worker threads park
