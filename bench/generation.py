@@ -170,6 +170,10 @@ def main() -> None:
                 if c[0] == "decode" and c[1] == 1:
                     toks[p.name] = tk[0]
         print(f"round {r + 1}/{a.rounds}: {time.perf_counter() - t0:.0f} s", flush=True)
+        partial = (Path(a.out) if a.out else HERE / "results" / f"generation_{device}.json").with_suffix(".partial.json")
+        write_result(partial, {"rounds_done": r + 1, "errors": errors, "samples_ms": {  # a cut run keeps its rounds
+            f"{k[0]}|{'/'.join(map(str, k[1]))}": {str(i): [round(x, 3) for x in v] for i, v in rounds.items()}
+            for k, rounds in ms.items()}}, indent=1)
     infos = {}
     for p in peers:
         try:
@@ -253,6 +257,7 @@ def main() -> None:
         out["gpu"] = torch.cuda.get_device_name()
     path = Path(a.out) if a.out else HERE / "results" / f"generation_{device}.json"
     write_result(path, out, indent=2)
+    path.with_suffix(".partial.json").unlink(missing_ok=True)  # the whole result is written
 
 
 if __name__ == "__main__":
