@@ -55,6 +55,9 @@ class ServeConfig:
                            "same text, faster when answers quote the prompt or a draft model guesses well); 0 = off")
     draft_model: str = _f("", "generation, GGUF models: a smaller GGUF of the same vocabulary that drafts the "
                               "tokens (with --speculate N); default: prompt lookup")
+    prefill_tokens_per_step: int = _f(0, "generation: prompt tokens one engine step prefills while requests decode "
+                                         "(a long prompt goes over several steps: bounds their stall); 0 = 256 on "
+                                         "cpu, 2048 on cuda")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
     quant: str = _f("none", "generation: none; on cpu with dtype fp32, int8 (millis's kernels) or int8-torch "
                             "(torch dynamic quantization); on cuda with dtype bf16, int8, int4 or fp8 weight-only")

@@ -64,8 +64,8 @@ def _gen_loader(cfg: ServeConfig, model: str):
 
     engine = EngineConfig(max_batch=cfg.max_batch, max_seq=cfg.max_seq, dtype=cfg.dtype, quant=cfg.quant,
                           threads=cfg.threads, device=cfg.device, kv_memory_mb=cfg.kv_memory_mb,
-                          prefix_cache=cfg.prefix_cache, speculate=cfg.speculate,
-                          draft_model=cfg.draft_model)  # fails before binding
+                          prefix_cache=cfg.prefix_cache, speculate=cfg.speculate, draft_model=cfg.draft_model,
+                          prefill_tokens_per_step=cfg.prefill_tokens_per_step)  # fails before binding
     return create_gen_app, lambda: open_engine(model, engine)
 
 
