@@ -53,7 +53,8 @@ class Watch:
         """arrived: the event loop's time when the request came in."""
         loop = asyncio.get_running_loop()
         self.job: Job | None = None
-        self.ended: asyncio.Future = loop.create_future()  # its result: why the request ended (a ClientGone)
+        self.why: ClientGone | None = None  # why the request ended, once it has
+        self.ended: asyncio.Future | None = None  # the same as a future, made only for `until` (large inputs)
         self.timer = loop.call_at(arrived + timeout_s, self.drop, RequestTimeout(f"not answered within {timeout_s} s"))
         self.watcher: asyncio.Task | None = None
         self.starter = loop.call_later(WATCH_AFTER_S, self.start_watching, request)
@@ -62,20 +63,26 @@ class Watch:
         self.watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, self))
 
     def drop(self, exc: ClientGone) -> None:
-        if not self.ended.done():
+        if self.why is None:
+            self.why = exc
+        if self.ended is not None and not self.ended.done():
             self.ended.set_result(exc)
         if self.job is not None:
             self.job.drop(exc)
 
     def check(self) -> None:
         """Raise why the request ended, if it has."""
-        if self.ended.done():
-            raise self.ended.result()
+        if self.why is not None:
+            raise self.why
 
     async def until(self, work: Any) -> Any:
         """The awaitable's result, unless the request ends first: it is then cancelled (an off_loop call still
         waiting for a thread never starts one) and why it ended is raised."""
         task = asyncio.ensure_future(work)
+        if self.ended is None:
+            self.ended = asyncio.get_running_loop().create_future()
+            if self.why is not None:
+                self.ended.set_result(self.why)
         await asyncio.wait((task, self.ended), return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
