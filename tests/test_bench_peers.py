@@ -305,6 +305,24 @@ def test_llamacpp_runner_refuses_a_context_past_its_batch(tmp_path):
 
 # ---- serve_vs_infinity: alternated turns, every request in the compared percentiles ---------------
 
+def stub_handler(on_request, delay: float):
+    """An asyncio HTTP/1.1 keep-alive handler: each POST answered `{}` after `delay` s, its status on_request()'s."""
+    async def handle(r, w):
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                await r.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head)[1]))
+                status = on_request()
+                await asyncio.sleep(delay)
+                w.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+    return handle
+
+
 def test_serve_comparison_alternates_and_counts_every_request():
     svi = load("serve_vs_infinity", BENCH / "serve_vs_infinity.py")
     from millis.loadgen.client import Target
@@ -315,23 +333,12 @@ def test_serve_comparison_alternates_and_counts_every_request():
     def server(name, delay, reject_every=0):
         count = [0]
 
-        async def handle(r, w):
-            try:
-                while True:
-                    head = await r.readuntil(b"\r\n\r\n")
-                    await r.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head)[1]))
-                    count[0] += 1
-                    if not seen or seen[-1] != name:
-                        seen.append(name)
-                    status = 429 if reject_every and count[0] % reject_every == 0 else 200
-                    await asyncio.sleep(delay)
-                    w.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\n{{}}".encode())
-                    await w.drain()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            finally:
-                w.close()
-        return handle
+        def on_request() -> int:
+            count[0] += 1
+            if not seen or seen[-1] != name:
+                seen.append(name)
+            return 429 if reject_every and count[0] % reject_every == 0 else 200
+        return stub_handler(on_request, delay)
 
     async def run():
         a = await asyncio.start_server(server("millis", 0.002, reject_every=5), "127.0.0.1", 0)
@@ -382,20 +389,10 @@ class StubServer:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
 
-        async def handle(r, w):
-            try:
-                while True:
-                    head = await r.readuntil(b"\r\n\r\n")
-                    await r.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head)[1]))
-                    self.count += 1
-                    status = 429 if self.reject_every and self.count % self.reject_every == 0 else 200
-                    await asyncio.sleep(self.delay)
-                    w.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\n{{}}".encode())
-                    await w.drain()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-            finally:
-                w.close()
+        def on_request() -> int:
+            self.count += 1
+            return 429 if self.reject_every and self.count % self.reject_every == 0 else 200
+        handle = stub_handler(on_request, self.delay)
 
         def serve():
             asyncio.set_event_loop(self.loop)

@@ -75,17 +75,7 @@ def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypat
     app = appmod.create_app(ServeConfig(artifact="tiny:bert", model_name="m"), lambda: model, task="classify")
 
     async def main():
-        lifespan: asyncio.Queue = asyncio.Queue()
-        started = asyncio.Event()
-
-        async def lsend(m):
-            if m["type"] == "lifespan.startup.complete":
-                started.set()
-
-        await lifespan.put({"type": "lifespan.startup"})
-        life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-                                       lifespan.get, lsend))
-        await started.wait()
+        lifespan, life = await started(app)
         while await request(app) != 200:  # 503 until loaded and warmed
             await asyncio.sleep(0.02)
         before = len(watched)
