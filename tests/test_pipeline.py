@@ -176,6 +176,14 @@ def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier,
     texts, where = pipeline.calibration_rows(OptimizeConfig(source="tiny:bert", task="classify", data=str(shipped)),
                                              resolve("tiny:bert"), rows)
     assert where == "the texts shipped with millis" and texts and not set(rows.texts) & set(texts)
+    # an embedder with no data: fidelity on every other shipped text, calibration on the rest (they judged each
+    # other's variants: calibration fitted on the very texts the fidelity gate read)
+    calibrated.clear()
+    optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "e"), target=Shape(1, 16),
+                            variants=("ort-int8-static",), measure=replace(quick_measure, threads=1, serve_mix=0)))
+    meta = json.loads((tmp_path / "e" / "millis.json").read_text())
+    assert meta["measured"]["fidelity_texts"].startswith(f"{len(sample_texts()[::2])} texts from the texts shipped")
+    assert calibrated and not set(calibrated[-1]) & {t.strip() for t in sample_texts()[::2]}
 
 
 def test_loaded_artifact_matches_reference(classify_artifact, tiny_dirs):
@@ -272,9 +280,9 @@ def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_mea
     out = optimize(cfg)
     meta = json.loads((out / "millis.json").read_text())
     assert meta["task"] == "classify" and meta["config"]["task"] == "rerank"
-    n = len(sample_texts()[:512])
+    n = len(sample_texts()[::2])  # every other shipped text judges; the rest calibrate
     assert meta["measured"]["fidelity_texts"].startswith(f"{n} (query, document) pairs of {n} texts")
-    assert len(seen) == 3 and all(ps == list(rerank_pairs(sample_texts()[:512])) for _, _, ps in seen)
+    assert len(seen) == 3 and all(ps == list(rerank_pairs(sample_texts()[::2])) for _, _, ps in seen)
     report = json.loads((out / "report.json").read_text())
     assert [v["name"] for v in report["variants"] if "max_logit_diff" in (v["fidelity"] or {})] == \
         ["torch-fp32", "ort-fp32-fused", "ort-int8-dynamic"]

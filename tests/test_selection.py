@@ -277,7 +277,7 @@ def test_speedups_are_paired_by_round_and_a_busy_machine_is_flagged():
     s = stats([1.0, 1.0, 2.0], 1, [1.0, 1.5])
     assert s["round_p50_ms"] == [1.0, 1.5] and s["spread"] == 0.5
     quiet = {"wall": 0.0, "busy": 0.0, "steal": 0.0, "total": 0.0, "own": 0.0}
-    busy = {"wall": 1.0, "busy": 2.0 * machine_load.usable_cpus(), "steal": 0.2, "total": 2.0, "own": 0.1}
+    busy = {"wall": 1.0, "busy": 2.0 * len(machine_load.masked_cpus()), "steal": 0.2, "total": 2.0, "own": 0.1}
     got = machine_load.check(quiet, busy, {"a b1xs16": 0.1, "b b1xs16": 0.6})
     assert got["other_share"] > 0.9 and got["steal_share"] == 0.1 and got["max_spread"] == 0.6
     assert len(got["warnings"]) == 3 and "b b1xs16" in got["warnings"][2]
@@ -377,3 +377,15 @@ def test_nan_or_inf_outputs_never_pass_a_gate(setup):
                        open=lambda v, vdir: NaNRuntime(fakes[REFERENCE], enc, [data.texts[7]]))
     with pytest.raises(MillisError, match="reference itself gives NaN"):
         judge_reference(ctx, FakeBuilder())
+
+
+def test_an_embedding_of_another_length_fails_the_gate():
+    """The cosine alone passed a variant that dropped, doubled or rescaled its normalisation."""
+    from millis.optimize.fidelity import compare, within
+
+    ref = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
+    assert within("embed", compare("embed", ref, ref * 1.02), Budget()) == (True, "within budget")
+    ok, why = within("embed", compare("embed", ref, ref * 2.0), Budget())
+    assert not ok and "lengths off by up to 100.0%" in why
+    unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    assert not within("embed", compare("embed", ref, unit), Budget())[0]  # normalised where the model is not

@@ -143,24 +143,50 @@ def dir_pooling(path: Path) -> Pooling:
 
 
 def read_pooling(path: Path) -> Pooling:
-    """Pooling declared by a sentence-transformers folder; mean without normalisation otherwise."""
+    """Pooling declared by a sentence-transformers folder (modules.json: Transformer, Pooling, Normalize); mean
+    without normalisation otherwise. Read in both of sentence-transformers' formats (the `pooling_mode_*`
+    booleans; since 5.x one `pooling_mode` string) and refused, naming the file, where millis would compute
+    another function than the folder declares: a mode it lacks, two modes at once (sentence-transformers joins
+    them into one vector), a prompt left out of the pooling, a module beyond these three (a Dense layer after
+    the pooling: LaBSE, distiluse-base-multilingual), or texts lower-cased before tokenizing."""
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return Pooling()
     modules = json.loads(modules_file.read_text())
+    other = [m.get("type", "?") for m in modules
+             if not m.get("type", "").endswith(("Transformer", "Pooling", "Normalize"))]
+    if other:
+        raise MillisError(f"{modules_file} has the module(s) {', '.join(other)} beyond Transformer, Pooling and "
+                          f"Normalize: millis would compute another embedding than sentence-transformers does")
+    sb = path / "sentence_bert_config.json"
+    if sb.is_file() and json.loads(sb.read_text()).get("do_lower_case"):
+        raise MillisError(f"{sb} asks for texts lower-cased before tokenizing (do_lower_case), which millis does not "
+                          f"do: lower-case them yourself, or set it false if the tokenizer lower-cases already")
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
     for m in modules:
         if m.get("type", "").endswith("Pooling"):
             pc = path / m.get("path", "") / "config.json"
             if pc.is_file():
-                p = json.loads(pc.read_text())
-                if p.get("pooling_mode_cls_token"):
-                    mode = "cls"
-                elif p.get("pooling_mode_max_tokens"):
-                    mode = "max"
-                elif p.get("pooling_mode_mean_sqrt_len_tokens") or p.get("pooling_mode_weightedmean_tokens"):
-                    raise MillisError(f"pooling mode in {pc} is not supported; supported: {', '.join(POOLING_MODES)}")
+                mode = pooling_mode(pc, json.loads(pc.read_text()))
     return Pooling(mode=mode, normalize=normalize)
+
+
+def pooling_mode(pc: Path, p: dict) -> str:
+    """The one mode a Pooling config.json declares (its `pooling_mode` string, or its booleans)."""
+    names = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+             "weightedmean_tokens": "weightedmean", "lasttoken": "lasttoken"}
+    on = [names[k] for k in names if p.get(f"pooling_mode_{k}")]
+    if isinstance(p.get("pooling_mode"), str):
+        on = [{"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}.get(p["pooling_mode"], p["pooling_mode"])]
+    if p.get("include_prompt") is False:
+        raise MillisError(f"{pc}: include_prompt false (the prompt's tokens left out of the pooling) is not supported")
+    if len(on) > 1:
+        raise MillisError(f"{pc} turns on {' + '.join(on)} pooling at once (one vector of both): millis pools one way; "
+                          f"supported: {', '.join(POOLING_MODES)}")
+    mode = on[0] if on else "mean"
+    if mode not in POOLING_MODES:
+        raise MillisError(f"pooling mode {mode!r} in {pc} is not supported; supported: {', '.join(POOLING_MODES)}")
+    return mode
 
 

@@ -22,7 +22,13 @@ def compare(task: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     else:
         cos = np.where(bad, -1.0, row_cosines(ref, np.where(bad[:, None], 0.0, out)))
         res["cos_min"], res["cos_mean"] = float(cos.min()), float(cos.mean())
+        ref_norm, out_norm = np.linalg.norm(ref[~bad], axis=-1), np.linalg.norm(out[~bad], axis=-1)
+        res["norm_ratio_off"] = float(np.abs(out_norm / np.maximum(ref_norm, 1e-12) - 1).max()) if len(ref_norm) else 0.0
     return res
+
+
+NORM_TOLERANCE = 0.1  # an embedding's length may be off by 10% (int8 moves it < 1%): the cosine alone passed a
+# variant that dropped, doubled or rescaled the normalisation
 
 
 def within(task: str, fid: dict[str, float], budget: Budget) -> tuple[bool, str]:
@@ -37,4 +43,6 @@ def within(task: str, fid: dict[str, float], budget: Budget) -> tuple[bool, str]
         return True, "within budget"
     if not fid["cos_min"] >= budget.min_cosine:
         return False, f"cosine min {fid['cos_min']:.5f} < {budget.min_cosine}"
+    if not fid.get("norm_ratio_off", 0.0) <= NORM_TOLERANCE:
+        return False, f"embedding lengths off by up to {fid['norm_ratio_off']:.1%} (> {NORM_TOLERANCE:.0%})"
     return True, "within budget"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from millis.common.errors import MillisError
 from millis.runtimes.base import check_batch
 
 # ops that quantize their float input with one scale computed over the whole tensor at run time: every row of a
@@ -12,19 +13,34 @@ from millis.runtimes.base import check_batch
 PER_TENSOR_DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
 
 
-def has_per_tensor_dynamic_quantization(path: Path) -> bool:
-    """The ONNX graph at `path` holds an op of PER_TENSOR_DYNAMIC_OPS. Every such op's name contains
-    "DynamicQuantize", so a file without those bytes is settled by a scan (parsing a 400 MB model takes
-    ~0.5 s and its size in memory); only one with them is parsed to look at its nodes."""
+# ORT's fused BERT ops (the transformers optimizer's `MaskIndexEnd` format): the 2-D attention mask becomes one
+# length per row, so only a mask of ones then zeros (right padding) means what it says (a left-padded row
+# attended to the wrong tokens: 0.25 off on MiniLM's unit vectors)
+MASK_AS_LENGTH_OPS = frozenset({"EmbedLayerNormalization", "Attention"})
+
+
+def graph_traits(path: Path) -> tuple[bool, bool]:
+    """(holds an op of PER_TENSOR_DYNAMIC_OPS, holds one of MASK_AS_LENGTH_OPS) for the ONNX graph at `path`.
+    A file without those names' bytes is settled by a scan (parsing a 400 MB model takes ~0.5 s and its size
+    in memory); only one with them is parsed to look at its nodes."""
     import mmap
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data.find(b"DynamicQuantize") < 0:
-            return False
+        if data.find(b"DynamicQuantize") < 0 and data.find(b"EmbedLayerNormalization") < 0 and \
+                data.find(b"Attention") < 0:
+            return False, False
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(n.op_type in PER_TENSOR_DYNAMIC_OPS for n in graph.node)
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return (any(n.op_type in PER_TENSOR_DYNAMIC_OPS for n in nodes),  # ONNX's own Attention (opset 23) reads a mask:
+            any(n.op_type in MASK_AS_LENGTH_OPS and n.domain == "com.microsoft" for n in nodes))  # ORT's does not
+
+
+def check_right_padded(mask: np.ndarray) -> None:
+    """A mask a fused graph reads right: each row ones, then zeros."""
+    if mask.ndim == 2 and mask.shape[1] > 1 and (np.diff(mask, axis=1) > 0).any():
+        raise MillisError("this ONNX Runtime variant (fused attention) takes right-padded attention masks only: "
+                          "each row's ones first, then its zeros")
 
 
 class OrtRuntime:
@@ -46,8 +62,10 @@ class OrtRuntime:
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self._outputs = [output_name]
-        self.shares_scales_across_rows = has_per_tensor_dynamic_quantization(Path(path))
+        self.shares_scales_across_rows, self.mask_as_length = graph_traits(Path(path))
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_batch(batch, self.input_names)
+        if self.mask_as_length and "attention_mask" in feeds:
+            check_right_padded(feeds["attention_mask"])
         return {self.output_name: self.session.run(self._outputs, feeds)[0]}
