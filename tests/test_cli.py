@@ -71,7 +71,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unrecognized arguments: --no-such-flag" in err and err.count("\n") == 1
     assert main(["eval", "model-dir"]) == 2
     err = capsys.readouterr().err
-    assert "required: --data" in err and err.count("\n") == 1
+    assert "needs --data FILE" in err and "--text FILE" in err and err.count("\n") == 1
 
 
 def test_console_script_and_module_entry_points():

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from millis.cli.flags import Command, Given
 from millis.common.config import check_at_least, flag
+from millis.common.errors import MillisError
 
 ARTIFACT_HELP = "artifact directory written by `millis optimize`"
 
@@ -60,10 +62,27 @@ def info(a: InfoFlags) -> int:
     return 0
 
 
+def stdin_texts(stream: Any) -> list[str]:
+    """One text per non-blank line of a binary stream, decoded as UTF-8 here: the text layer's surrogateescape
+    (a C locale, UTF-8 mode) would turn a bad byte into a lone surrogate the tokenizer fails on with a TypeError."""
+    data = stream.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MillisError(f"stdin: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    return [t for t in text.splitlines() if t.strip()]
+
+
 def predict(a: PredictFlags) -> int:
     from millis.artifact.model import load
 
-    texts = [t for t in sys.stdin.read().splitlines() if t.strip()] if a.texts == ("-",) else list(a.texts)
+    texts = stdin_texts(sys.stdin.buffer) if a.texts == ("-",) else list(a.texts)
+    for i, t in enumerate(texts, start=1):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # an argument holding bytes that are not UTF-8 (surrogate-escaped by Python)
+            raise MillisError(f"text {i} is not valid UTF-8") from None
     model = load(a.artifact, threads=a.threads)
     if model.task == "classify":
         for t, p in zip(texts, model.predict(texts)):

@@ -7,8 +7,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from millis.cli.flags import Command, Given
+from millis.cli.flags import Command, Given, check_out_file
 from millis.common.config import flag
+from millis.common.errors import MillisError
 from millis.evaluate.run import EvalConfig
 
 
@@ -28,17 +29,24 @@ def groups() -> tuple[type, ...]:
 def config(given: Given):
     from millis.gen.perplexity import EvalTextConfig
 
+    own = given.build(EvalFlags)
+    if own.json:
+        check_out_file(own.json, "--json")
+    data = given.of(EvalConfig).get("data")
     if given.of(EvalTextConfig).get("text"):  # a decoder on a text: model and threads are EvalConfig's flags
+        if data:
+            raise MillisError("--data (labelled data) and --text (a decoder's perplexity) are two kinds of "
+                              "evaluation: give one")
         shared = {k: v for k, v in given.of(EvalConfig).items() if k in ("model", "threads")}
-        return given.build(EvalTextConfig, **shared), given.build(EvalFlags)
-    return given.build(EvalConfig), given.build(EvalFlags)
+        return given.build(EvalTextConfig, **shared), own
+    return given.build(EvalConfig), own  # without --data: EvalConfig's error names both flags
 
 
 def run_perplexity(cfg, own: EvalFlags) -> int:
     from millis.gen.perplexity import perplexity
 
     r = perplexity(cfg)
-    res = {"model": cfg.model, "text": cfg.text, "context": cfg.context, "stride": cfg.stride,
+    res = {"model": cfg.model, "text": cfg.text, "context": cfg.context, "stride": cfg.window_stride,
            "perplexity": round(r.perplexity, 4), "nll": round(r.nll, 5), "tokens": r.tokens, "windows": r.windows,
            "tokens_per_s": round(r.tokens_per_s, 1)}
     if own.json:

@@ -23,6 +23,7 @@ import re
 import typing
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, Callable
 
 from millis.common.config import Shape, flag_fields
@@ -37,16 +38,24 @@ EPILOG = ("Every flag is also a MILLIS_* variable (named in its help; booleans a
 class Given:
     """The fields a command's flags and variables set, parsed, per config class they belong to."""
 
-    def __init__(self, values: dict[type, dict[str, Any]]):
+    def __init__(self, values: dict[type, dict[str, Any]], variables: dict[str, str] | None = None):
         self.values = values
+        self.variables = variables or {}  # field -> the MILLIS_* variable its value came from (not a flag)
 
     def of(self, cls: type) -> dict[str, Any]:
         """{field: value} of `cls` given on the command line or in the environment (a fresh dict)."""
         return dict(self.values.get(cls, {}))
 
     def build(self, cls: type, **fixed: Any) -> Any:
-        """`cls` from its given fields (plus `fixed`); its defaults fill the rest."""
-        return cls(**self.of(cls), **fixed)
+        """`cls` from its given fields (plus `fixed`); its defaults fill the rest. A config's check names the flag
+        (`--threads must be >= 0`): where the value came from a variable, the error names the variable instead."""
+        try:
+            return cls(**self.of(cls), **fixed)
+        except MillisError as e:
+            msg = str(e)
+            for name, variable in self.variables.items():
+                msg = re.sub(rf"--{re.escape(name.replace('_', '-'))}(?![\w-])", variable, msg)
+            raise MillisError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -236,6 +245,21 @@ class Flag:
             p.add_argument(self.option, required=needed, **kw)
 
 
+def check_out_file(path: str, option: str, make_parents: bool = False) -> None:
+    """Refuse an output file that cannot be written, before the work that produces it runs (an evaluation that
+    took minutes used to end in a traceback from the final write). make_parents: missing directories are made."""
+    p = Path(path)
+    if p.is_dir():
+        raise MillisError(f"{option} {path}: is a directory; name a file")
+    parent = p.parent
+    while not parent.exists() and make_parents and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MillisError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise MillisError(f"{option} {path}: not writable")
+
+
 def flags_of(command: Command) -> list[Flag]:
     """The command's flags: positionals first, in the command's order, then the options in field order."""
     out: dict[str, Flag] = {}
@@ -251,17 +275,20 @@ def flags_of(command: Command) -> list[Flag]:
 def given(flags: list[Flag], ns: argparse.Namespace) -> Given:
     """The flags' values: from the command line, else the environment; required ones checked."""
     values: dict[type, dict[str, Any]] = {}
+    variables: dict[str, str] = {}
     for fl in flags:
         value = fl.from_argument(getattr(ns, fl.name)) if hasattr(ns, fl.name) else ABSENT
         if value is ABSENT:
             value = fl.from_environment()
+            if value is not ABSENT:
+                variables[fl.name] = next(n for n in fl.variables() if os.environ.get(n))
         if value is ABSENT:
             if fl.required:
                 alt = f" (or set {fl.variable()})" if fl.variables() else ""
                 raise MillisError(f"millis {fl.command}: {fl.option} is required{alt}")
             continue
         values.setdefault(fl.owner, {})[fl.name] = value
-    return Given(values)
+    return Given(values, variables)
 
 
 def parser(commands: tuple[Command, ...], chosen: Command | None) -> tuple[Parser, list[Flag]]:

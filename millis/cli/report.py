@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from millis.cli.artifact import ARTIFACT_HELP
-from millis.cli.flags import Command, Given
+from millis.cli.flags import Command, Given, check_out_file
 from millis.common.config import flag
 
 
@@ -15,7 +15,10 @@ class ReportFlags:
 
 
 def report_flags(given: Given) -> ReportFlags:
-    return given.build(ReportFlags)
+    a = given.build(ReportFlags)
+    if a.out:
+        check_out_file(a.out, "--out", make_parents=True)  # write_html_report makes the missing directories
+    return a
 
 
 def run(a: ReportFlags) -> int:

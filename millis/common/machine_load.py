@@ -13,25 +13,40 @@ import os
 import resource
 import time
 
-from millis.common.hardware import usable_cpus
-
 OTHER_LIMIT = 0.25   # share of the CPUs other processes may use while measuring before a warning
 STEAL_LIMIT = 0.05   # share of CPU time the hypervisor may steal
 SPREAD_LIMIT = 0.25  # slowest round's p50 over the fastest's, minus 1
 
 
-def _proc_stat() -> tuple[float, float, float]:
-    """(busy, steal, total) CPU seconds of the whole machine since boot; zeros where /proc is absent."""
+def masked_cpus() -> set[int]:
+    """The CPU numbers of this process's affinity mask (all of them where the OS has no masks)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def _proc_stat(text: str | None = None, cpus: set[int] | None = None) -> tuple[float, float, float, int]:
+    """(busy, steal, total) CPU seconds since boot summed over the masked CPUs' cpuN lines, and how many CPUs that
+    is: the first line's whole-machine figures divided by the mask's size would count a 64-core host's load
+    against 2 pinned CPUs. Zeros where /proc is absent. text / cpus: /proc/stat and the mask (tests)."""
     try:
-        with open("/proc/stat") as f:
-            v = [float(x) for x in f.readline().split()[1:]]
+        if text is None:
+            with open("/proc/stat") as f:
+                text = f.read()
+        cpus = masked_cpus() if cpus is None else cpus
+        rows = []
+        for line in text.splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                rows.append([float(x) for x in fields])
     except (OSError, ValueError):
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0
     hz = os.sysconf("SC_CLK_TCK")
-    idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
-    steal = v[7] if len(v) > 7 else 0.0
-    total = sum(v[:8])
-    return (total - idle - steal) / hz, steal / hz, total / hz
+    busy = steal = total = 0.0
+    for v in rows:
+        idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
+        s = v[7] if len(v) > 7 else 0.0
+        t = sum(v[:8])
+        busy, steal, total = busy + t - idle - s, steal + s, total + t
+    return busy / hz, steal / hz, total / hz, len(rows)
 
 
 def process_cpu(pid: int) -> float:
@@ -47,16 +62,17 @@ def process_cpu(pid: int) -> float:
 def snapshot(pids: tuple[int, ...] | list[int] = ()) -> dict[str, float]:
     """pids: processes that measure on this one's behalf (a benchmark's workers): their CPU time counts as its
     own, not as other processes'."""
-    busy, steal, total = _proc_stat()
+    busy, steal, total, cpus = _proc_stat()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     own = ru.ru_utime + ru.ru_stime + sum(process_cpu(p) for p in pids)
-    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": own}
+    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": own, "cpus": cpus}
 
 
 def check(before: dict[str, float], after: dict[str, float], spreads: dict[str, float]) -> dict:
     """{other_share, steal_share, max_spread, warnings}: `spreads` is each timed cell's round spread."""
     wall = max(after["wall"] - before["wall"], 1e-9)
-    other = max(0.0, (after["busy"] - before["busy"]) - (after["own"] - before["own"])) / (wall * usable_cpus())
+    cpus = after.get("cpus") or len(masked_cpus())  # the CPUs whose counters "busy" sums
+    other = max(0.0, (after["busy"] - before["busy"]) - (after["own"] - before["own"])) / (wall * cpus)
     total = after["total"] - before["total"]
     steal = (after["steal"] - before["steal"]) / total if total > 0 else 0.0
     worst = max(spreads.items(), key=lambda kv: kv[1], default=("", 0.0))

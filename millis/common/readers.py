@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from millis.common.errors import MillisError
 FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 LABEL_COLUMNS = ("label", "category", "intent", "labels", "class")  # tried in order when none is named
 MAX_LISTED = 8  # row numbers quoted in one error
+# csv's default field limit is 131072 characters: a long document in one cell (a book chapter to embed) would be a
+# _csv.Error. The whole file is in memory already, so no field can be larger than the limit set here.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,15 @@ def _decode(p: Path) -> str:
         line = data[:e.start].count(b"\n") + 1
         raise MillisError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
                           f"re-save the file as UTF-8") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (a BOM dropped); a byte that is not UTF-8 is one error naming its line."""
+    p = Path(path)
+    try:
+        return _decode(p)
+    except OSError as e:
+        raise MillisError(f"cannot read {p}: {e.strerror or e}") from None
 
 
 def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:

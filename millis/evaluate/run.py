@@ -21,10 +21,14 @@ from millis.common.readers import Labeled, read_labeled
 from millis.common.readers import read_texts
 
 
+NO_DATA = "millis eval needs --data FILE (labelled data) or --text FILE (a decoder's perplexity on a text)"
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     model: str = flag(help="artifact dir, model dir from `millis train`, or a source spec")
-    data: str = flag(help="labelled CSV / TSV / JSONL (embed: texts only are enough)", scoped=True)
+    # not required: `millis eval MODEL --text FILE` (a decoder's perplexity) has no --data
+    data: str = flag("", "labelled CSV / TSV / JSONL (embed: texts only are enough)", scoped=True)
     text_col: str = flag("text", "text column of --data")
     label_col: str = flag("", "label column of --data (default: the column `millis train` used, else "
                               "label/category/...)")
@@ -33,6 +37,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "limit", "threads")
+        if not self.data:
+            raise MillisError(NO_DATA)
 
 
 def classification_metrics(y_true: list[str], y_pred: list[str]) -> dict[str, Any]:

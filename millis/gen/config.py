@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.dtypes import WEIGHT_ONLY_FORMATS
 from millis.common.errors import MillisError
@@ -205,7 +206,7 @@ class SamplingParams:
 class GenerateConfig:
     """`millis generate`: one prompt through the engine. Every field is a flag (and MILLIS_* variable)."""
 
-    model: str = _f("", "a GGUF file, builtin:smollm2, a HF directory (config.json + model.safetensors) or a "
+    model: str = _f(help="a GGUF file, builtin:smollm2, a HF directory (config.json + model.safetensors) or a "
                         "llama2.c .bin / directory holding one")
     prompt: str = _f("", "the text to continue")
     max_tokens: int = _f(64, "most new tokens")
@@ -233,6 +234,23 @@ class GenerateConfig:
                            "drafts are right: prompt lookup, or --draft-model); 0 = off")
     draft_model: str = _f("", "GGUF models: a smaller GGUF model of the same vocabulary that drafts the tokens "
                               "(with --speculate N); default: prompt lookup")
+
+    def __post_init__(self) -> None:
+        # one message per flag, before any load: SamplingParams' combined check (and torch.set_num_threads(-1)'s
+        # RuntimeError) name no flag
+        if not self.model:
+            raise MillisError("the model is empty: name a GGUF file, builtin:smollm2, a HF directory or a llama2.c model")
+        check_at_least(self, 1, "max_tokens")
+        check_at_least(self, 0, "top_k", "max_seq", "kv_memory_mb", "threads", "speculate")
+        check_at_least(self, -1, "seed")
+        for name, lo, hi in (("temperature", 0.0, MAX_TEMPERATURE), ("top_p", 0.0, 1.0),
+                             ("repetition_penalty", MIN_PENALTY, MAX_PENALTY),
+                             ("presence_penalty", -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),
+                             ("frequency_penalty", -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY)):
+            v = getattr(self, name)
+            if not lo <= v <= hi or (name == "top_p" and v == 0):
+                span = f"({lo:g}, {hi:g}]" if name == "top_p" else f"[{lo:g}, {hi:g}]"
+                raise MillisError(f"--{name.replace('_', '-')} must be in {span}, got {v:g}")
 
     def sampling(self) -> SamplingParams:
         stops = tuple(s.replace("\\n", "\n") for s in self.stop.split(",") if s)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
+from millis.common.readers import read_text
 from millis.gen.config import DTYPES, QUANTS, EngineConfig
 
 
@@ -24,19 +26,30 @@ class EvalTextConfig:
     """`millis eval`: perplexity of a decoder on a text. Every field is a flag (and MILLIS_EVAL_* variable)."""
 
     model: str = _f("", "a GGUF file, builtin:smollm2, a HF directory or a llama2.c checkpoint")
-    text: str = _f("", "a UTF-8 text file to score")
-    context: int = _f(512, "tokens per window")
-    stride: int = _f(256, "tokens the window moves; each window scores the tokens the previous one did not")
-    score_tokens: int = _f(0, "score at most the first this-many tokens of the file; 0 = all")
+    # scoped (MILLIS_EVAL_TEXT, ...): a MILLIS_TEXT meant for another tool must not switch every `millis eval`
+    # into perplexity mode
+    text: str = _f("", "a UTF-8 text file to score", scoped=True)
+    context: int = _f(512, "tokens per window (at most the model's positions)", scoped=True)
+    stride: int = _f(0, "tokens the window moves; each window scores the tokens the previous one did not; "
+                        "0 = half of --context", scoped=True)
+    score_tokens: int = _f(0, "score at most this many tokens: the first N after the file's first token (the BOS, "
+                              "where the model has one); 0 = all", scoped=True)
     dtype: str = _f("fp32", "fp32 or bf16 (HF / llama2.c models)", choices=DTYPES)
     quant: str = _f("none", "none, int8 or int8-torch (HF / llama2.c models)", choices=QUANTS)
     threads: int = _f(0, "threads; 0 = all usable cores")
     kv_memory_mb: int = _f(0, "GGUF models: KV cache memory in MiB; 0 = the default")
 
     def __post_init__(self) -> None:
-        if self.context < 2 or not 1 <= self.stride <= self.context or self.score_tokens < 0:
-            raise MillisError(f"need context >= 2, 1 <= stride <= context and score_tokens >= 0 "
-                              f"(got {self.context}, {self.stride}, {self.max_tokens})")
+        if self.context < 2:
+            raise MillisError(f"--context must be >= 2, got {self.context}")
+        if not 0 <= self.stride <= self.context:
+            raise MillisError(f"--stride must be in 1..{self.context} (--context; 0 = half of it), got {self.stride}")
+        check_at_least(self, 0, "score_tokens", "threads", "kv_memory_mb")
+
+    @property
+    def window_stride(self) -> int:
+        """The stride used: --stride, else half the window (so a small --context alone works)."""
+        return self.stride or self.context // 2
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,11 @@ def score_ids(engine, ids: list[int], context: int, stride: int) -> Perplexity:
     """Perplexity of token ids under an open engine (millis.gen.engine.Engine)."""
     if len(ids) < 2:
         raise MillisError("the text has fewer than 2 tokens: nothing to score")
-    context = min(context, engine.max_seq)
+    if context > engine.max_seq:  # a shorter window than asked for would leave gaps between the windows unscored
+        raise MillisError(f"--context {context} is more than the model's {engine.max_seq} positions: use --context "
+                          f"{engine.max_seq} or less")
+    if not 1 <= stride <= context:
+        raise MillisError(f"--stride must be in 1..{context} (--context), got {stride}")
     nll, count, ran, top = 0.0, 0, 0, []
     t0 = time.perf_counter()
     wins = windows(len(ids), context, stride)
@@ -79,6 +96,8 @@ def score_ids(engine, ids: list[int], context: int, stride: int) -> Perplexity:
         count += end - first
         ran += end - begin
     dt = time.perf_counter() - t0
+    # overlapping windows score every token but the first exactly once (stride == context skips each window's first)
+    assert stride == context or count == len(ids) - 1, (count, len(ids))
     return Perplexity(math.exp(nll / count), nll / count, count, len(wins), ran / dt, top)
 
 
@@ -91,7 +110,7 @@ def perplexity(cfg: EvalTextConfig) -> Perplexity:
                                               threads=cfg.threads, kv_memory_mb=cfg.kv_memory_mb))
     if eng.tok is None:
         raise MillisError(f"{cfg.model} has no tokenizer: perplexity needs one to read the text")
-    ids = eng.tok.encode(Path(cfg.text).read_text(encoding="utf-8"))
-    if cfg.score_tokens:
-        ids = ids[:cfg.score_tokens]
-    return score_ids(eng, ids, cfg.context, cfg.stride)
+    ids = eng.tok.encode(read_text(cfg.text))
+    if cfg.score_tokens:  # N scored tokens: the first token (BOS) is only ever context
+        ids = ids[:cfg.score_tokens + 1]
+    return score_ids(eng, ids, cfg.context, cfg.window_stride)

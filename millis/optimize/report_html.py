@@ -311,6 +311,11 @@ def write_html_report(artifact_dir: str | Path, out: str | Path | None = None) -
         raise MillisError(f"{artifact_dir / REPORT} is not a report this millis can render "
                           f"({type(e).__name__}: {e})") from None
     path = Path(out) if out else artifact_dir / HTML
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    if path.is_dir():
+        raise MillisError(f"--out {path}: is a directory; name the HTML file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise MillisError(f"cannot write {path}: {e.strerror or e}") from None
     return path

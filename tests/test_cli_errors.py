@@ -1,0 +1,99 @@
+"""Bad input is one line on stderr and exit 2 (a closed pipe: a quiet exit), never a traceback; each flag's
+error names that flag, or the MILLIS_* variable where the value came from one."""
+import importlib
+import io
+import subprocess
+import sys
+
+import pytest
+
+from conftest import shared_model
+from millis.cli.main import main
+from millis.common.readers import read_labeled
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def stories() -> str:
+    return str(shared_model("stories260K") / "stories260K.bin")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--threads", "-1"), "--threads must be >= 0, got -1"),
+    (("--max-tokens", "0"), "--max-tokens must be >= 1, got 0"),
+    (("--top-p", "0"), "--top-p must be in (0, 1], got 0"),
+    (("--top-p", "1.5"), "--top-p must be in (0, 1]"),
+    (("--temperature", "-1"), "--temperature must be in [0, 100]"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+    (("--repetition-penalty", "0"), "--repetition-penalty must be in [0.01, 100]"),
+    (("--presence-penalty", "3"), "--presence-penalty must be in [-2, 2]"),
+    (("--frequency-penalty", "-3"), "--frequency-penalty must be in [-2, 2]"),
+    (("--seed", "-2"), "--seed must be >= -1"),
+])
+def test_generate_flags_one_message_each(capsys, stories, flags, named):
+    assert named in one_line_error(capsys, "generate", stories, *flags)
+
+
+def test_generate_errors_name_the_variable(capsys, stories, monkeypatch):
+    monkeypatch.setenv("MILLIS_THREADS", "-1")
+    assert "MILLIS_THREADS must be >= 0, got -1" in one_line_error(capsys, "generate", stories)
+    monkeypatch.delenv("MILLIS_THREADS")
+    monkeypatch.setenv("MILLIS_TOP_P", "0")
+    assert "MILLIS_TOP_P must be in (0, 1]" in one_line_error(capsys, "generate", stories)
+    assert "--top-p must be" in one_line_error(capsys, "generate", stories, "--top-p", "2")  # the flag beats it
+
+
+def test_generate_needs_a_model(capsys):
+    assert "required: model" in one_line_error(capsys, "generate")
+    assert "the model is empty" in one_line_error(capsys, "generate", "")
+
+
+def test_stream_into_a_closed_pipe_exits_quietly(stories):
+    p = subprocess.Popen([sys.executable, "-m", "millis.cli", "generate", stories, "--prompt", "Once upon a time",
+                          "--stream", "--max-tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # `| head -c 0`: the reader is gone before the first token
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_predict_texts_not_utf8(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine\n\xff\xfe bad\n"), errors="surrogateescape"))
+    assert "stdin: line 2 is not valid UTF-8" in one_line_error(capsys, "predict", str(tmp_path), "-")
+    assert "text 2 is not valid UTF-8" in one_line_error(capsys, "predict", str(tmp_path), "ok", "a\udcff")
+
+
+def test_long_csv_field(tmp_path):
+    p = tmp_path / "long.csv"
+    long = "word " * 40_000  # 200,000 characters: past csv's default limit of 131,072
+    p.write_text(f'text,label\n"{long}",a\nshort,b\n')
+    assert read_labeled(p).texts[0] == long.strip()
+
+
+def test_report_out_checked_before_running(capsys, tmp_path):
+    assert "is a directory" in one_line_error(capsys, "report", str(tmp_path / "art"), "--out", str(tmp_path))
+    (tmp_path / "file").write_text("")
+    assert "does not exist" in one_line_error(capsys, "report", str(tmp_path), "--out",
+                                              str(tmp_path / "file" / "r.html"))
+
+
+def test_eval_json_checked_before_running(capsys, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,b\n")
+    err = one_line_error(capsys, "eval", "tiny:missing", "--data", str(data), "--json", str(tmp_path / "no" / "r.json"))
+    assert "--json" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), UnicodeError("bad text"),
+                                 __import__("csv").Error("field larger than field limit")])
+def test_last_resort_is_one_line(capsys, monkeypatch, exc):
+    def boom(argv):
+        raise exc
+
+    monkeypatch.setattr(importlib.import_module("millis.cli.main"), "config_from_argv", boom)
+    one_line_error(capsys, "info", "x")
