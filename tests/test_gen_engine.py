@@ -224,7 +224,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "hi", "--max-tokens", "0"]) == 2
-    assert "max_tokens must be >= 1" in capsys.readouterr().err
+    assert "--max-tokens must be >= 1" in capsys.readouterr().err  # the flag named
 
 
 def test_static_decode_matches_eager():
