@@ -158,13 +158,7 @@ def test_dynamic_int8_serves_a_request_apart_from_its_batch_mates(built):
 
     from millis.serve.encoder.batcher import Batcher, Job
 
-    src, enc, builder, _ = built[("bert", "embed")]
-    runtimes = {}
-    for name in ("ort-fp32-fused", "ort-int8-dynamic"):
-        v = CATALOG[name]
-        vdir, facts = builder.build(v)
-        runtimes[name] = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding",
-                                      dict(v.options, file=facts["file"]), threads=1)
+    enc, runtimes = embed_runtimes(built, ("ort-fp32-fused", "ort-int8-dynamic"))
     assert not shares_scales_across_rows(runtimes["ort-fp32-fused"])
     rt = runtimes["ort-int8-dynamic"]
     assert shares_scales_across_rows(rt)
@@ -199,13 +193,7 @@ def test_fused_ort_graphs_refuse_masks_they_would_misread(built):
     one runs as before, and the unfused graph takes any mask."""
     from millis.common.errors import MillisError
 
-    src, enc, builder, _ = built[("bert", "embed")]
-    runtimes = {}
-    for name in ("ort-fp32", "ort-fp32-fused"):
-        v = CATALOG[name]
-        vdir, facts = builder.build(v)
-        runtimes[name] = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding",
-                                      dict(v.options, file=facts["file"]), threads=1)
+    enc, runtimes = embed_runtimes(built, ("ort-fp32", "ort-fp32-fused"))
     assert runtimes["ort-fp32-fused"].mask_as_length and not runtimes["ort-fp32"].mask_as_length
     feeds = enc.pack(enc.token_ids(TEXTS[:2])[0], 16)
     right = {k: v.copy() for k, v in feeds.items()}
@@ -215,3 +203,15 @@ def test_fused_ort_graphs_refuse_masks_they_would_misread(built):
     with pytest.raises(MillisError, match="right-padded"):
         runtimes["ort-fp32-fused"].run(left)
     runtimes["ort-fp32"].run(left)  # the unfused graph reads the mask as it is
+
+
+def embed_runtimes(built, names: tuple[str, ...]):
+    """(the encoder, {name: runtime}) of the tiny BERT embedder's variants `names`, one thread each."""
+    src, enc, builder, _ = built[("bert", "embed")]
+    runtimes = {}
+    for name in names:
+        v = CATALOG[name]
+        vdir, facts = builder.build(v)
+        runtimes[name] = open_runtime(v.runtime, vdir, v.name, src.input_names, "embedding",
+                                      dict(v.options, file=facts["file"]), threads=1)
+    return enc, runtimes
