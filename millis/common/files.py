@@ -6,23 +6,27 @@ import os
 from pathlib import Path
 
 
-def hash_files(files: list[Path]) -> str:
+def hash_files(files: list[Path], names: list[str] | None = None) -> str:
+    """sha256 over each file's name, then its bytes (`names`: hashed in place of the files' own, so a renamed
+    copy can be matched with the file it copies)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for f, name in zip(files, names or [f.name for f in files]):
+        h.update(name.encode())
+        read_into(h, f)
     return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes alone (hash_files hashes the names too: there a renamed copy differs)."""
-    h = hashlib.sha256()
+    return read_into(hashlib.sha256(), path).hexdigest()
+
+
+def read_into(h, path: str | Path):
+    """h updated with the file's bytes, a MiB at a time; returns h."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
 def cache_dir() -> Path:

@@ -71,6 +71,7 @@ class Engine:
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
         self.decode, self.prefill = decode, prefill
         self.config = loaded.config
+        self.end_ids = self.config.end_ids  # ids that end generation (every token checks)
         self.max_batch, self.device = loaded.max_batch, torch.device(loaded.device)
         self.kv = loaded.kv  # paged KV (native models): admission reserves a request's positions
         self.chat_template, self.special_tokens = loaded.chat_template, loaded.special_tokens
@@ -353,11 +354,11 @@ class Engine:
         finished = None
         if r.matcher is not None and not r.matcher.consume_token(t):
             raise GrammarFailed(f"token {t} broke the request's grammar: {r.matcher.get_error()}")
-        if t in self.config.end_ids and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
+        if t in self.end_ids and not p.ignore_eos or r.matcher is not None and r.matcher.is_stopped():
             finished = "stop"  # EOS, or the grammar is complete (nothing may follow)
         elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self._limit(r):
             finished = "length"
-        text, stopped = new_text(self.tok, self.config.end_ids, r, finished is not None)
+        text, stopped = new_text(self.tok, self.end_ids, r, finished is not None)
         finished = "stop" if stopped else finished
         if finished:
             self._finish(r)

@@ -15,7 +15,6 @@ accuracy) and the new model's validation.jsonl, which `millis optimize` selects 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import warnings
@@ -84,20 +83,12 @@ def source_split(src: ModelSource, data: Labeled) -> SourceSplit | None:
     val = read_validation(src.path)  # hash-checked against millis.json
     if val is None:
         return None
-    same = (_hash_as(Path(data.path), Path(meta.data.path).name) == meta.data.sha256
+    same = (hash_files([Path(data.path)], [Path(meta.data.path).name]) == meta.data.sha256  # a renamed copy too
             and (data.text_col, data.label_col) == (meta.data.text_col, meta.data.label_col))
     path = Path(data.path) if same else Path(meta.data.path)
     here = same or (path.is_file() and hash_files([path]) == meta.data.sha256)
     trained = _trained(meta, path, val, _source_lines(Path(src.path) / VALIDATION_FILE)) if here else None
     return SourceSplit(src.spec, val, same, trained, meta.data.path)
-
-
-def _hash_as(path: Path, name: str) -> str:
-    """hash_files([path]) as if the file were called `name`: a renamed copy of the source's training file is
-    that file (hash_files hashes the name, then the bytes)."""
-    h = hashlib.sha256(name.encode())
-    h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _source_lines(path: Path) -> list[int | None]:

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from millis.serve import schemas
 from millis.serve.generation import schemas as gs
-from millis.serve.generation.logprobs import answer_logprobs, logprobs_body
+from millis.serve.generation.logprobs import answer_logprobs, logprobs_body, next_offset
 from millis.serve.generation.tool_stream import CallStream, Scan
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
@@ -134,8 +134,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             if isinstance(o, Exception):
                 raise o
             lp = logprobs_body(chat, o.logprobs, st.engine.tok, pieces, offsets[i])
-            if lp is not None and not chat:  # completions: offsets run on over the whole answer
-                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            offsets[i] = next_offset(lp, offsets[i])  # completions: offsets run on over the whole answer
             if g.tools is not None:  # the step's logprobs ride on its first chunk (an empty delta when none)
                 held[i].extend(o.text)
                 text = g.tool_format.content_so_far(held[i], constrained)
