@@ -8,7 +8,9 @@ seeded Banking77 train texts, none of them in test.csv; calibrated on Banking77 
 every system runs in its own process (each on --threads threads) and they are timed round-robin (each round
 the systems in a seeded random order, a 5 ms pause before each turn) at each shape on real Banking77 text
 filling exactly b x s tokens. Embedding cosine vs torch fp32 is reported on --fidelity-texts Banking77 test
-texts spread over the file (harness.banking77_spread: all 77 intents), which the budget never saw. Models:
+texts spread over the file (harness.banking77_spread: all 77 intents) and short ones (harness.short_texts: "ok",
+"thanks", test.csv's texts of <= 3 words; cos_min_short their own min; --no-short-texts: none), which the budget
+never saw. Models:
 minilm (real weights), bge-small and
 bert-base (random weights, mean-pooled like MiniLM), bge-small-cls (bge-small's weights pooled by [CLS], as
 bge-small-en-v1.5 is: every system pools so; millis then runs the last layer at the [CLS] rows alone).
@@ -44,7 +46,7 @@ PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8"
 BASELINE = "torch_eager"
 # millis's C encoder, each precision as its own system
 NATIVE = ("native-fp32", "native-bf16", "native-int8", "native-int8-a16", "native-int7", "native-int7-a7",
-          "native-int7-row", "native-int7-row-a8", "native-int7-row-att8")
+          "native-int7-row", "native-int7-row-a8", "native-int7-row-att8", "native-int8-row")
 FAITHFUL = 0.995  # the issue's fidelity bar: peers whose cosine min vs fp32 reaches it
 # a peer's library, whose kernels it runs
 PEER_LIBRARY = {"torch_eager": "torch", "optimum_o3_int8": "onnxruntime", "openvino_default": "openvino",
@@ -80,9 +82,10 @@ def build_millis(model: str, model_dir: Path, shapes: list[str], out: Path, reus
     return out
 
 
-def embeddings_fidelity(peers, tok, texts: list[str]) -> dict[str, dict]:
+def embeddings_fidelity(peers, tok, texts: list[str], short: int = 0) -> dict[str, dict]:
     """Cosine of each system's embeddings vs torch_eager's on the same padded batches: {name: {cos_min,
-    cos_mean}}. A system whose request failed, or whose embeddings or cosines are not finite (a NaN would read as
+    cos_mean, cos_min_short}} (cos_min over all the texts, cos_min_short over the last `short`, the short ones).
+    A system whose request failed, or whose embeddings or cosines are not finite (a NaN would read as
     unfaithful in every comparison and be written as bare NaN), gets None for both and its `fidelity_error`:
     one system's error never ends the run (a peer that died is then left out of the timing too)."""
     outs, errors = {}, {}
@@ -108,11 +111,12 @@ def embeddings_fidelity(peers, tok, texts: list[str]) -> dict[str, dict]:
         if p.name in outs and ref is not None:
             c = harness.row_cosines(outs[p.name], ref)
             if np.isfinite(c).all():
-                fid[p.name] = {"cos_min": float(c.min()), "cos_mean": float(c.mean())}
+                fid[p.name] = {"cos_min": float(c.min()), "cos_mean": float(c.mean()),
+                               "cos_min_short": float(c[len(c) - short:].min()) if short else None}
                 continue
             errors[p.name] = "non-finite cosines (an all-zero embedding row)"
         why = errors.get(p.name) or f"no reference: {BASELINE} {errors.get(BASELINE, 'not run')}"
-        fid[p.name] = {"cos_min": None, "cos_mean": None, "fidelity_error": why}
+        fid[p.name] = {"cos_min": None, "cos_mean": None, "cos_min_short": None, "fidelity_error": why}
     return fid
 
 
@@ -160,8 +164,11 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
             inputs[(b, t)] = harness.texts_for_shape(tok, texts, b, t)
         # test.csv is sorted by intent: its first 512 rows are 13 of the 77; the spread sample covers them all
         fid_texts = harness.banking77_spread(a.fidelity_texts)
-        print(f"  fidelity on {len(fid_texts)} Banking77 test texts spread over the file", flush=True)
-        fid = embeddings_fidelity(live, tok, fid_texts)
+        # and short queries ("ok", "thanks", test.csv's texts of <= 3 words): a variant's fidelity holds for them too
+        short = [] if a.no_short_texts else harness.short_texts()
+        print(f"  fidelity on {len(fid_texts)} Banking77 test texts spread over the file and {len(short)} short "
+              f"texts", flush=True)
+        fid = embeddings_fidelity(live, tok, fid_texts + short, len(short))
         n = int(a.n) if a.n.isdigit() else int(dict(x.split("=") for x in a.n.split(","))[model])
         print(f"  timing {sum(p.alive for p in live)} systems x {len(shapes)} shapes, {a.rounds} rounds x {n}",
               flush=True)
@@ -196,7 +203,8 @@ def run_model(model: str, a, results: list[dict], meta: dict) -> None:
                        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
                        "round_p50_ms": rounds, "rounds": len(rounds),
                        "n": int(ms.size), "cos_min": fid[p.name]["cos_min"],
-                       "cos_mean": fid[p.name]["cos_mean"], "precision": info.get("precision", ""),
+                       "cos_mean": fid[p.name]["cos_mean"], "cos_min_short": fid[p.name]["cos_min_short"],
+                       "precision": info.get("precision", ""),
                        "cpu": meta["hardware"]["cpu"], "isa": meta["hardware"]["isa"],
                        "kernels": kernels_of(p.name, meta, info, model), "runtime": runtime_of(p.name, info)}
                 if "fidelity_error" in fid[p.name]:
@@ -327,6 +335,8 @@ def main() -> int:
                     help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)
+    ap.add_argument("--no-short-texts", action="store_true",
+                    help="fidelity on the Banking77 spread alone (runs before 2026-12-05 evening: no short texts)")
     ap.add_argument("--seed", type=int, default=0, help="seeds each round's random order of the systems")
     ap.add_argument("--reuse", action="store_true", help="reuse an existing millis artifact")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu_encoders.json"))
@@ -341,7 +351,8 @@ def main() -> int:
             "settings": {k: v for k, v in vars(a).items() if k != "out"},
             # fidelity texts: harness.banking77_spread (every intent); runs before 2026-12-05 took test.csv's first
             # rows, 13 of the 77 intents
-            "fidelity_sample": "banking77_spread", "models_done": []}
+            "fidelity_sample": "banking77_spread" if a.no_short_texts else "banking77_spread+short",
+            "models_done": []}
     rows: list[dict] = []
     for model in a.models.split(","):
         print(f"== {model}", flush=True)

@@ -14,8 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "peers"))
 
 from checkouts import write_result  # noqa: E402
+from harness import SHORT_QUERIES  # noqa: E402
 from millis.artifact.model import open_model, run_texts  # noqa: E402
 from millis.common.hardware import describe  # noqa: E402
 from millis.common.numeric import row_cosines  # noqa: E402
@@ -24,8 +26,8 @@ from millis.encoder.source import resolve  # noqa: E402
 from millis.encoder.text import TextEncoder  # noqa: E402
 from millis.runtimes.registry import open_runtime  # noqa: E402
 
-SHORT = ["ok", "hi", "yes", "no", "thanks", "help", "card", "ok thanks", "where is my card", "hello there"]
-PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8")
+SHORT = SHORT_QUERIES
+PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 
 
 def main() -> None:

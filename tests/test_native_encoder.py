@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from millis.common.errors import MillisError
-from millis.encoder.native import PRECISIONS, NativeBert
+from millis.encoder.native import PRECISIONS, ROW_PRECISIONS, NativeBert
 from millis.encoder.source import Pooling, resolve
 from millis.encoder.tasks import load_task_model
 from millis.kernels.native import native_isa, runnable_isas
@@ -59,7 +59,8 @@ def test_minilm_matches_hf(minilm, isa, monkeypatch):
     ids, mask, types = batch(np.random.default_rng(0), 4, 40, 30000)
     ref = hf_outputs(tm, ids, mask, types)
     floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.999, "int8-a16": 0.9995, "int7": 0.998, "int7-a7": 0.997,
-             "int7-row": 0.988, "int7-row-a8": 0.994}  # one activation scale per token, smoothed: 0.991, 0.996
+             "int7-row": 0.988, "int7-row-a8": 0.994,  # one activation scale per token, smoothed: 0.991, 0.996
+             "int8-row": 0.998}
     for precision in PRECISIONS:
         out = NativeBert(enc, precision, 2)(ids, mask, types)
         assert out.shape == ref.shape == (4, 384) and out.dtype == np.float32
@@ -209,7 +210,7 @@ def test_tiny_bert_classify_and_pooling(tiny_dirs, mode):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["int7", "int7-a7", "int7-row", "int7-row-a8"])
+@pytest.mark.parametrize("kind", ["int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row"])
 def test_q7_0_matmul_matches_reference(isa, kind):
     """millis's int7 (Q7_0: values in [-63, 63] per 32) times int8 activation blocks, or as T_Q7_A7 times
     7-bit ones (AVX2 adds two steps in int16), or as T_Q7_ROW (one scale per row and per token: the SIMD
@@ -234,13 +235,14 @@ def test_q7_0_matmul_matches_reference(isa, kind):
     w = rng.standard_normal((N, K)).astype(np.float32)
     w[:3] = np.abs(w[:3]).max()           # rows at full scale: stored 127 everywhere
     w[3] = -np.abs(w[3]).max()            # and at -63 (stored 1)
-    a7, row = kind in ("int7-a7", "int7-row"), kind.startswith("int7-row")
-    raw = q7_0(w, per_row=row)
+    a7, row, q8 = kind in ("int7-a7", "int7-row"), kind.endswith("-row") or "-row-" in kind, kind == "int8-row"
+    levels = 127 if q8 else 63
+    raw = q7_0(w, per_row=row, levels=levels)
     blocks = raw.reshape(N, K // 32, 34)
     q = blocks[..., 2:].view(np.int8).astype(np.float64)
-    assert np.abs(q).max() == 63
+    assert np.abs(q).max() == levels
     wd = (q * blocks[..., :2].copy().view(np.float16).astype(np.float64)).reshape(N, K)
-    assert np.abs(wd - w).max() <= np.abs(w).max() / 63  # half a step of the largest block scale, and some
+    assert np.abs(wd - w).max() <= np.abs(w).max() / levels  # half a step of the largest block scale, and some
     keep: list = []
     type_id = Q7_TYPES[kind]
     if row:  # one scale per row: every block's the same
@@ -249,7 +251,8 @@ def test_q7_0_matmul_matches_reference(isa, kind):
     assert mat.packed == (isa != "scalar")
     lib.quantize_act.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     off = lib.activation_offset(type_id)
-    assert off == ((64 if a7 else 128) if isa == "avx2" or (row and isa != "scalar") else 0)
+    # int8-row's on the avx2 build signed (maddubs(|w|, sign(x, w)))
+    assert off == (0 if q8 and isa == "avx2" else (64 if a7 else 128) if isa == "avx2" or (row and isa != "scalar") else 0)
     lib.matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_int]
     for M in (1, 2, 3, 4, 5, 9, 13):
@@ -395,6 +398,39 @@ def test_smoothed_quantizer_is_the_quantizer_of_the_divided_row(isa):
         assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2]), type_id
 
 
+def test_int8_row_sequence_ends_keep_short_texts(minilm):
+    """int8-row gives each sequence's first and last token ([CLS], [SEP]: MiniLM's massive activations) a second,
+    residual activation row (bert_forward.c's ends_rows.h). On one- to three-word texts, where those two tokens are
+    most of the mean-pooled vector, that lifts the cosine to HF fp32 from ~0.985 without them to >= 0.994 (int7-row-a8
+    keeps ~0.975 here), and on sentences it stays >= 0.998; the residual rows change nothing but those tokens'
+    products (rows never depend on batch-mates: test_rows_do_not_depend_on_batch_mates)."""
+    from transformers import AutoTokenizer
+
+    tm, enc = minilm
+    tok = AutoTokenizer.from_pretrained(str(resolve("builtin:minilm").path))
+    short = ["ok", "hi", "yes", "thanks", "card", "ok thanks", "where is my card", "hello there"]
+    sentences = ["I still have not received my new card, can you check where it is?",
+                 "Why was I charged twice for the same purchase at the supermarket yesterday?"]
+    model = NativeBert(enc, "int8-row", 2)
+    assert model.model.ends == 1
+    for texts, floor in ((short, 0.994), (sentences, 0.998)):
+        b = tok(texts, padding=True, return_tensors="np")
+        ids, mask = b["input_ids"].astype(np.int64), b["attention_mask"].astype(np.int64)
+        types = np.zeros_like(ids)
+        ref = hf_outputs(tm, ids, mask, types)
+        with_ends = model(ids, mask, types)
+        model.model.ends = 0
+        try:
+            without = model(ids, mask, types)
+        finally:
+            model.model.ends = 1
+        assert cosine_min(with_ends, ref) >= floor, texts
+        if texts is short:
+            assert cosine_min(without, ref) < 0.99 < cosine_min(with_ends, ref)
+            row8 = NativeBert(enc, "int7-row-a8", 2)(ids, mask, types)
+            assert cosine_min(row8, ref) < cosine_min(with_ends, ref)
+
+
 def test_smoothing_scales_and_calibration(minilm):
     """s = amax_x^0.5 / amax_w^0.5 per input channel; the calibration sees each GEMM's input at its width."""
     from millis.encoder.smooth import input_amax, smoothing_scales
@@ -424,7 +460,7 @@ def test_stored_calibration_loads_the_same_model(minilm, tmp_path):
     loaded = load_amax(tmp_path, enc.cfg.layers)
     assert all(np.array_equal(a[g], b[g]) for a, b in zip(stats, loaded) for g in a)
     ids, mask, types = batch(np.random.default_rng(5), 3, 24, 30000)
-    for precision in ("int7-row", "int7-row-a8"):
+    for precision in ROW_PRECISIONS:
         here, stored = NativeBert(enc, precision, 2), NativeBert(enc, precision, 2, loaded)
         assert np.array_equal(here(ids, mask, types), stored(ids, mask, types)), precision
     save_amax(stats[:-1], tmp_path)
@@ -455,7 +491,7 @@ def test_numpy_weights_build_the_same_model(which, tiny_dirs):
     amax = input_amax(enc)
     ids, mask, types = batch(np.random.default_rng(11), 3, 20, enc.cfg.vocab, low=min(1000, enc.cfg.vocab // 2))
     for precision in PRECISIONS:
-        stored = amax if precision in ("int7-row", "int7-row-a8") else None
+        stored = amax if precision in ROW_PRECISIONS else None
         a = NativeBert(enc, precision, 2, stored)(ids, mask, types)
         b = NativeBert(arrays, precision, 2, stored)(ids, mask, types)
         assert np.array_equal(a, b), precision

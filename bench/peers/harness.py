@@ -237,6 +237,16 @@ def banking77_spread(n, split="test"):
     return every[::max(1, len(every) // n)][:n]
 
 
+# one- to three-word queries: where one activation scale per token loses most (mean pooling over three tokens, two
+# of them [CLS] and [SEP]; docs/encoders.md, "a fourteenth session")
+SHORT_QUERIES = ["ok", "hi", "yes", "no", "thanks", "help", "card", "ok thanks", "where is my card", "hello there"]
+
+
+def short_texts(split="test"):
+    """SHORT_QUERIES, then the split's Banking77 texts of at most three words (11 in test.csv)."""
+    return SHORT_QUERIES + [t for t in banking77_texts(split) if len(t.split()) <= 3]
+
+
 def banking77_texts(split="test", limit=None):
     with open(os.path.join(data_root(), "banking77", f"{split}.csv"), newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f)]

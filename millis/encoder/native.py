@@ -34,24 +34,26 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder.bert_weights import check_shapes
-from millis.encoder.smooth import GEMMS, input_amax, smoothing_scales
+from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
-                                   TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
+                                   TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_ROW, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
                                    aligned_empty, init_amx, pack_matrix)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8")
-Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8}
-ROW_PRECISIONS = ("int7-row", "int7-row-a8")  # one scale per weight row and per token; smoothed inputs
+PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
+Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8,
+            "int8-row": TYPE_Q8_ROW}
+ROW_PRECISIONS = ("int7-row", "int7-row-a8", "int8-row")  # one scale per weight row and per token; smoothed inputs
 # bf16 in AMX tiles; the int8 ones with int8 tiles beside (row tiles: whole-row sums; Q8 tiles: per block)
-AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8")
+AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c",
            "pool.c")
 # bert_forward.c ACT_*: what the matrices take
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1}
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1,
+       "int8-row": 1}
 # the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
 BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
-               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES, "int7-row-a8": XBLOCK_BYTES}
+               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES, "int7-row-a8": XBLOCK_BYTES, "int8-row": XBLOCK_BYTES}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -69,11 +71,11 @@ ATTENTIONS = ("auto", "int8")
 class Model(ctypes.Structure):
     _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "head_dim", "hidden", "max_pos", "type_vocab",
                                    "act")] + [("eps", F), ("attn", I32)] + \
-               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P)]
+               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P), ("ends", I32)]
 
 
 class Scratch(ctypes.Structure):
-    names = ("x", "qkv", "att", "h", "xq", "qkv2", "kv")  # bert_forward.c's bert_scratch
+    names = ("x", "qkv", "att", "h", "xq", "qkv2", "kv", "xr", "yr")  # bert_forward.c's bert_scratch
     _fields_ = [(n, P) for n in names]
 
 
@@ -102,17 +104,17 @@ def to_bf16(w: np.ndarray) -> np.ndarray:
     return np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def q7_0(w: np.ndarray, per_row: bool = False) -> np.ndarray:
+def q7_0(w: np.ndarray, per_row: bool = False, levels: int = 63) -> np.ndarray:
     """(rows, cols) fp32 -> Q7_0 bytes (rows, cols / 32 * 34): per 32 values an fp16 scale d = amax / 63 and
     32 int8 in [-63, 63] (round to nearest), Q8_0's block layout. per_row: amax over the whole row, so every
-    block of a row has the same d (T_Q7_ROW)."""
+    block of a row has the same d (T_Q7_ROW). levels 127: int8-row's weights (T_Q8_ROW), in [-127, 127]."""
     rows, cols = w.shape
     if cols % 32:
         raise MillisError(f"a Q7_0 matrix needs a multiple of 32 columns, not {cols}")
     b = w.reshape(rows, cols // 32, 32).astype(np.float32)
     amax = np.abs(b).max((-2, -1) if per_row else -1, keepdims=True)
-    d = amax / 63.0
-    q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -63, 63).astype(np.int8)
+    d = amax / float(levels)
+    q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -levels, levels).astype(np.int8)
     out = np.empty((rows, cols // 32, 34), np.uint8)
     out[..., :2] = d.astype(np.float16).view(np.uint8)
     out[..., 2:] = q.view(np.uint8)
@@ -219,7 +221,7 @@ class NativeBert:
                                   ("sqkv", "so", "si", "sd")):
                 w = f32(w)
                 if amax is not None:  # W * s, against x / s
-                    scale = smoothing_scales(amax[i][name], w)
+                    scale = smoothing_scales(amax[i][name], w, alpha_for(precision))
                     w = w * scale
                     setattr(L, s, self._array(1.0 / scale))
                 setattr(L, name, self._matrix(w))
@@ -230,7 +232,7 @@ class NativeBert:
         self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
                            c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos),
                            self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
-                           ctypes.addressof(layers))
+                           ctypes.addressof(layers), int(precision == "int8-row"))
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
@@ -257,7 +259,7 @@ class NativeBert:
             data, type_id = to_bf16(w), TYPE_BF16_AMX if self.amx else TYPE_BF16_PAIRS
         elif self.precision in Q7_TYPES:
             type_id = Q7_TYPES[self.precision]
-            data = q7_0(w, per_row=self.precision in ROW_PRECISIONS)
+            data = q7_0(w, per_row=self.precision in ROW_PRECISIONS, levels=127 if self.precision == "int8-row" else 63)
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize
@@ -281,7 +283,10 @@ class NativeBert:
             self.buffers = {"x": new((cap, c.hidden), f32), "qkv": new((cap, 3 * c.hidden), f32),
                             "att": new((cap, c.hidden), f32), "h": new((cap, c.intermediate), f32),
                             "xq": new((blocks,), np.uint8), "qkv2": new((cap, 3 * c.hidden), f32),
-                            "kv": new((2 * self._kv_half(cap),), np.uint8)}
+                            "kv": new((2 * self._kv_half(cap),), np.uint8),
+                            # int8-row's residual rows at the sequences' ends (ends_rows.h): up to one a token
+                            "xr": new((blocks if self.precision == "int8-row" else 64,), np.uint8),
+                            "yr": new((cap if self.precision == "int8-row" else 1, max(3 * c.hidden, c.intermediate)), f32)}
             self.capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 

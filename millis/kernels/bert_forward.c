@@ -44,6 +44,7 @@ typedef struct {
     const float *word, *pos, *typ, *emb_ln_w, *emb_ln_b;  /* (vocab, D), (max_pos, D), (type_vocab, D), (D,) */
     int64_t vocab;
     const bert_layer* layers;
+    int32_t ends;  /* int8-row: each sequence's first and last token add a residual row (ends_rows.h) */
 } bert_w;
 
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
@@ -58,6 +59,8 @@ typedef struct {   /* buffers for up to n tokens */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
     float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
     uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes (int8: 4n + 8): the token split's packed keys and values */
+    void* xr;                   /* (n, max(D, hidden) / 32) activation blocks: ends_rows.h's residual slots */
+    float* yr;                  /* (n, max(3D, hidden)): their products */
 } bert_scratch;
 
 typedef struct {
@@ -76,6 +79,7 @@ typedef struct {
     int64_t xs, unit;    /* a part's region of xq: xs units of 32 values a token (max(D, hidden) / 32), of `unit` bytes */
     double* part_s;      /* the token split: part q's seconds, and the thread that ran it (token_split.h) */
     int* part_tid;
+    const int32_t *rix, *rtok, *rpre;  /* ends_rows.h's slots (NULL: none): a row's, a slot's row, slots before a row */
 } ctx_t;
 
 /* token t's activation blocks for a K-wide input, in the region of the part whose first token is `base`: that
@@ -84,6 +88,8 @@ typedef struct {
 static void* xq_at(const ctx_t* c, int64_t K, int64_t base, int64_t t) {
     return (uint8_t*)c->s->xq + (base * c->xs + (t - base) * (K / QK)) * c->unit;
 }
+
+#include "ends_rows.h"
 
 /* row t of a matrix's input (K values) -> its activation blocks; inv: 1 / smoothing scale per channel, or NULL */
 static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t base, int64_t t, const float* inv) {
@@ -106,6 +112,7 @@ static void ln_quant(const ctx_t* c, float* x, const float* add, const float* w,
         const smooth_out q = {inv, sm};
         const float amax = layernorm_q(x, add, w, lb, D, c->m->eps, x, &q);
         quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : x, amax, D, xq_at(c, D, base, t));
+        ends_residual(c, inv ? sm : x, NULL, D, xq_at(c, D, base, t), base, t);
         return;
     }
     layernorm_q(x, add, w, lb, D, c->m->eps, x, NULL);
@@ -138,6 +145,7 @@ static void op_attend(void* p, int64_t job) {  /* the row split: one (sequence, 
 static void quant_att_row(const ctx_t* c, int64_t base, int64_t t) {
     const int D = c->m->dim;
     quant_row(c, c->s->att + t * D, D, base, t, c->w->so);
+    ends_residual(c, c->s->att + t * D, c->w->so, D, xq_at(c, D, base, t), base, t);
 }
 static void op_quant_att(void* p, int64_t t) { quant_att_row(p, 0, t); }
 
@@ -165,6 +173,7 @@ static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
         const smooth_out q = {c->w->sd, sm};
         const float amax = bias_gelu_erf_q(h, c->w->bi, H, &q);
         quantize_row_act(c->m->layers[0].qkv.type, c->w->sd ? sm : h, amax, H, xq_at(c, H, base, t));
+        ends_residual(c, c->w->sd ? sm : h, NULL, H, xq_at(c, H, base, t), base, t);
         return;
     }
     bias_gelu_erf(h, c->w->bi, H);
@@ -217,7 +226,10 @@ API int bert_token_split(int n) { if (n >= 0) g_split_min = n; return g_split_mi
 static void mm_part(const ctx_t* c, const mat* W, float* Y, int64_t ld, int acc, const float* Xf, int64_t t0,
                     int64_t t1) {
     const int64_t K = W->cols;
-    matmul_rows(W, 0, W->rows, xq_at(c, K, t0, t0), Xf + t0 * K, t1 - t0, Y + t0 * ld, ld, acc);
+    const int64_t r0 = c->rix ? c->rpre[t0] : 0, r1 = c->rix ? c->rpre[t1] : 0;  /* the part's residual rows */
+    const more_rows more = ends_rows_of(c, W, r0, r1);
+    matmul_rows_more(W, 0, W->rows, xq_at(c, K, t0, t0), Xf + t0 * K, t1 - t0, Y + t0 * ld, ld, acc, &more);
+    ends_fold(c, W, Y, ld, r0, r1);
 }
 static void part_rows(const ctx_t* c, int64_t q, void (*row)(const ctx_t*, int64_t, int64_t)) {
     for (int64_t t = c->tb[q]; t < c->tb[q + 1]; t++) row(c, c->tb[q], t);
@@ -276,14 +288,11 @@ static void rows_after_attention(const ctx_t* c, int64_t n) {
     const bert_w* m = c->m; const bert_scratch* s = c->s; const bert_layer* w = c->w;
     const int D = m->dim, H = m->hidden;
     if (m->act != ACT_F32 && !bf16_rows(m)) TIMED(B_ATTN, rows_run(op_quant_att, (void*)c, n));
-    { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-      TIMED(B_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
+    TIMED(B_O, mm_ends(c, &w->o, s->x, D, 1, s->att, n));
     TIMED(B_LN, rows_run(op_ln1, (void*)c, n));
-    { const mat* W[1] = {&w->inter}; float* Y[1] = {s->h}; const int64_t ld[1] = {H};
-      TIMED(B_INTER, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+    TIMED(B_INTER, mm_ends(c, &w->inter, s->h, H, 0, s->x, n));
     TIMED(B_GELU, rows_run(op_gelu, (void*)c, n));
-    { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-      TIMED(B_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->h, n)); }
+    TIMED(B_DOWN, mm_ends(c, &w->down, s->x, D, 1, s->h, n));
     TIMED(B_LN, rows_run(op_ln2, (void*)c, n));
 }
 
@@ -305,8 +314,11 @@ static void last_layer_first_tokens(const ctx_t* c, float* spare) {
     for (int64_t j = 0; j < k; j++) memcpy(cs.x + j * D, s->x + (int64_t)c->start[firsts[j]] * D, sizeof(float) * D);
     ctx_t cc = *c;
     cc.s = &cs; cc.tb = NULL; cc.firsts = firsts;
+    int32_t* slots = c->rix ? ends_slots(m, k, 0, NULL, 1) : NULL;  /* every compact row is a first token */
+    ends_use(&cc, slots, k);
     TIMED(B_ATTN, pool_run(op_attend_first, &cc, k * m->n_heads));
     rows_after_attention(&cc, k);
+    free(slots);
     for (int64_t j = 0; j < k; j++) memcpy(s->x + (int64_t)c->start[firsts[j]] * D, cs.x + j * D, sizeof(float) * D);
     free(firsts);
 }
@@ -329,6 +341,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
                          : m->act == ACT_BF16 ? 64 : 0;
     ctx_t c = {.m = m, .s = s, .ids = ids, .pos = pos, .types = types, .start = start, .n_seq = n_seq,
                .xs = (D > H ? D : H) / QK, .unit = unit, .qkv = s->qkv};
+    int32_t* slots = ends_slots(m, n, n_seq, start, 0);
+    ends_use(&c, slots, n);
     const int P = solo ? 1 : g_threads;
     if (n >= split_min_for(D) * P && P <= MAX_PARTS) {  /* the token split */
         int64_t tb[MAX_PARTS + 1];
@@ -366,6 +380,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             else parts_run(part_layer, &c, P);
         }
         free(koff);
+        free(slots);
         solo_end(&g_solo, solo, g_threads, (secs() - began) * 1e9, (double)pool_wait_ns());
         pool_end();
         update_speeds(P, tb, part_s, part_tid);
@@ -375,12 +390,12 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     for (int l = 0; l < m->n_layers; l++) {
         const bert_layer* w = &m->layers[l];
         c.w = w;
-        { const mat* W[1] = {&w->qkv}; float* Y[1] = {s->qkv}; const int64_t ld[1] = {3 * D};
-          TIMED(B_QKV, mm_run(1, W, Y, ld, 0, s->xq, s->x, n)); }
+        TIMED(B_QKV, mm_ends(&c, &w->qkv, s->qkv, 3 * D, 0, s->x, n));
         if (first_only && l == m->n_layers - 1) { last_layer_first_tokens(&c, s->qkv2); break; }
         TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads));
         rows_after_attention(&c, n);
     }
+    free(slots);
     solo_end(&g_solo, solo, g_threads, (secs() - began) * 1e9, (double)pool_wait_ns());
     pool_end();
     return 0;

@@ -38,7 +38,8 @@ static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; fl
 
 int type_block(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: case T_Q4_0:
+        case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW:
+        case T_Q4_0:
         case T_Q4_1:
         case T_Q5_0: case T_Q5_1: return QK;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return QK_K;
@@ -190,7 +191,7 @@ void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc, float* mn) {
     *mn = 0.f;
     switch (type) {
-    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: {
+    case T_Q8_0: case T_Q8_0_X16: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW: {
         const block_q8_0* b = (const block_q8_0*)row + i;
         memcpy(w, b->qs, 32); sc[0] = sc[1] = f16_to_f32(b->d); return; }
     case T_Q4_0: {
@@ -368,24 +369,51 @@ void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const flo
         }
 }
 
+/* matmul_rows, and `more` rows (NULL or M 0: none): a row type's packed panels take them in the same pass (the
+   SIMD builds off the tile unit), any other matrix in a second call */
+void matmul_rows_more(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M, float* Y,
+                      int64_t ldy, int acc, const more_rows* more) {
+    if (!more || more->M <= 0) { matmul_rows(W, n0, n1, Xq, Xf, M, Y, ldy, acc); return; }
+#ifdef __AVX2__
+    if (M > 0 && W->packed && is_row_type(W->type) && !(W->tiles && M >= 16)) {
+        packed_rows_more(W, n0, n1, Xq, Xf, M, Y, ldy, acc, more);
+        return;
+    }
+#endif
+    if (M > 0) matmul_rows(W, n0, n1, Xq, Xf, M, Y, ldy, acc);
+    matmul_rows(W, n0, n1, more->X, NULL, more->M, more->Y, more->ldy, 0);
+}
+
 void pool_begin(int threads);
 void pool_end(void);
 void pool_run(void (*fn)(void*, int64_t), void* ctx, int64_t total);
 
-typedef struct { const mat* W; const void* Xq; const float* Xf; int64_t M; float* Y; int64_t ldy, per; int acc; }
-    mm_args;
+typedef struct { const mat* W; const void* Xq; const float* Xf; int64_t M; float* Y; int64_t ldy, per; int acc;
+                 const more_rows* more; } mm_args;
 static void mm_chunk1(void* p, int64_t c) {
     const mm_args* a = p;
     const int64_t n0 = c * a->per, n1 = n0 + a->per < a->W->rows ? n0 + a->per : a->W->rows;
-    matmul_rows(a->W, n0, n1, a->Xq, a->Xf, a->M, a->Y, a->ldy, a->acc);
+    matmul_rows_more(a->W, n0, n1, a->Xq, a->Xf, a->M, a->Y, a->ldy, a->acc, a->more);
+}
+
+static void run_chunks(mm_args* a, int nthreads) {  /* a's rows in chunks of `per` over the pool's threads */
+    if (nthreads < 1) nthreads = 1;
+    if (a->W->rows > 16 * 8 * nthreads) a->per = (a->W->rows / (8 * nthreads) + 15) / 16 * 16;
+    pool_begin(nthreads);
+    pool_run(mm_chunk1, a, (a->W->rows + a->per - 1) / a->per);
+    pool_end();
 }
 
 API void matmul(const mat* W, const void* Xq, const float* Xf, int64_t M, float* Y, int64_t ldy, int acc,
                 int nthreads) {
-    mm_args a = {W, Xq, Xf, M, Y, ldy, 16, acc};
-    if (nthreads < 1) nthreads = 1;
-    if (W->rows > 16 * 8 * nthreads) a.per = (W->rows / (8 * nthreads) + 15) / 16 * 16;
-    pool_begin(nthreads);
-    pool_run(mm_chunk1, &a, (W->rows + a.per - 1) / a.per);
-    pool_end();
+    mm_args a = {W, Xq, Xf, M, Y, ldy, 16, acc, NULL};
+    run_chunks(&a, nthreads);
+}
+/* matmul, and M2 more rows X2 (quantized blocks, K / 32 a row) written into Y2 (ldy2 apart) in the same pass
+   (matmul_rows_more; the tests hold it to two matmul calls' bits) */
+API void matmul_more(const mat* W, const void* Xq, int64_t M, float* Y, int64_t ldy, int acc, const void* X2,
+                     int64_t M2, float* Y2, int64_t ldy2, int nthreads) {
+    const more_rows more = {X2, M2, Y2, ldy2};
+    mm_args a = {W, Xq, NULL, M, Y, ldy, 16, acc, &more};
+    run_chunks(&a, nthreads);
 }

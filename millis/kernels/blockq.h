@@ -17,8 +17,12 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
                          SIMD builds sum a row's products in int32 over all its blocks, one float step per row
                          and token (packed_q7.h's q7r_tile) */,
        T_Q7_ROW8 = 114 /* millis's int7-row-a8, not a ggml id: T_Q7_ROW's weights against activations in
-                          [-127, 127] with one scale per token (the same tiles with a madd per step on AVX2) */ };
-static inline int is_row_type(int type) { return type == T_Q7_ROW || type == T_Q7_ROW8; }  /* one scale per row */
+                          [-127, 127] with one scale per token (the same tiles with a madd per step on AVX2) */,
+       T_Q8_ROW = 115 /* millis's int8-row, not a ggml id: T_Q7_ROW8's layout with weights in [-127, 127] (one scale
+                         per row) against 8-bit activations per token: the avx512 build's vpdpbusd takes them as
+                         ROW8's (activations + 128), the avx2 build signed (maddubs(|w|, sign(x, w)): pairs <=
+                         2 * 127 * 127, no saturation) */ };
+static inline int is_row_type(int type) { return type == T_Q7_ROW || type == T_Q7_ROW8 || type == T_Q8_ROW; }  /* one scale per row */
 
 #define API __attribute__((visibility("default")))  /* what Python calls; the rest stays internal */
 
@@ -102,6 +106,14 @@ void decode_block(int type, const uint8_t* row, int64_t i, int8_t* w, float* sc,
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m);  /* K-quant sub-block j's 6-bit scale and min */
 void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* X, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc);
+/* more rows through the same weights in the same call (the native encoder's residual rows, bert_forward.c's
+   ends_rows.h): M activation rows X (quantized blocks) into Y (written, not added), each panel of a row type's
+   weights read for them while it is in cache from the main rows */
+typedef struct { const void* X; int64_t M; float* Y; int64_t ldy; } more_rows;
+void packed_rows_more(const mat* W, int64_t n0, int64_t n1, const void* X, const float* Xf, int64_t M, float* Y,
+                      int64_t ldy, int acc, const more_rows* more);
+void matmul_rows_more(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M, float* Y,
+                      int64_t ldy, int acc, const more_rows* more);
 /* how a 1-token product reads a chunk of rows (packed.c decode_streams: the rule for this CPU, or the one set) */
 enum { READ_ONE = 1, READ_QUAD = 4, READ_SPREAD = 8 };
 /* decode (1 token): how far ahead of a stream the kernels prefetch with software, in bytes (0: not at all);

@@ -105,6 +105,7 @@ TYPE_F32, TYPE_Q8_0, TYPE_Q8_0_X16, TYPE_Q7_0, TYPE_BF16_PAIRS, TYPE_Q7_A7 = 0, 
 TYPE_BF16_AMX = 112  # bf16 in AMX's 16-row tiles (amx.c): the tile unit where init_amx allows it, else plain C
 TYPE_Q7_ROW = 113  # Q7_0's bytes, one scale per row, against 7-bit activations with one scale per token
 TYPE_Q7_ROW8 = 114  # the same weights against 8-bit activations with one scale per token
+TYPE_Q8_ROW = 115  # ROW8's layout with weights in [-127, 127] (one scale per row), 8-bit activations per token
 XBLOCK_BYTES = 48  # one activation block (blockq.h xblock): scale, scaled sum, integer sum, 32 int8, 2 half sums
 
 

@@ -5,6 +5,9 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <string.h>
+
+void* pool_buffer(void** buf, int64_t* cap, int64_t need);  /* pool.c: this thread's scratch */
 #endif
 
 /* How decode (1 token) reads a matrix's rows (a thread's chunk of them), blockq.h's READ_*:
@@ -239,15 +242,23 @@ API int row_prefetch(int want) {
 static void prefetch_bytes(const uint8_t* p, int64_t n) {
     for (int64_t o = 0; o < n; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T1);
 }
+/* the last token tile's rows and `more`'s (packed_rows_more), copied into one run of rows X: rows [0, main) are Y's
+   rows from m (added to when acc), the rest more's (written into Y2): a part tile of main rows takes the residual
+   rows beside it (MiniLM b1xs16, a part of 8 tokens and 1 residual row: tiles 6 + 3, not 6 + 2 and then 1) */
+typedef struct { const xblock* X; int64_t rows, main, m; float* Y2; int64_t ldy2; } staged_rows;
+#define STAGED_MORE 12  /* more rows than this go in a pass of their own (row_more) */
 static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, int64_t nu, int64_t g, int64_t n0,
-                         int64_t n1, const xblock* X, int64_t nbx, int64_t m0, int64_t m1, float* Y, int64_t ldy, int acc) {
+                         int64_t n1, const xblock* X, int64_t nbx, int64_t m0, int64_t m1, float* Y, int64_t ldy, int acc,
+                         const staged_rows* sr) {
     const int shift = __builtin_ctz(act_offset(W->type));  /* log2 of the activations' 64 / 128 */
     const int64_t ub = unit_bytes(W->type);
-    const int64_t tiles = (m1 - m0 + 5) / 6, slabs = (nu + SLAB_UNITS - 1) / SLAB_UNITS, su = (nu + slabs - 1) / slabs;
+    const int64_t tiles = m1 > m0 ? (m1 - m0 + 5) / 6 : 1, slabs = (nu + SLAB_UNITS - 1) / SLAB_UNITS,
+                  su = (nu + slabs - 1) / slabs;
     const int next_panel = (g + 2 * span) * 8 <= n1;  /* the chunk has another whole panel */
     if (g_row_pf && g * 8 == n0)  /* the chunk's first slab: all its lines at once, not one stream's at a time */
         for (int i = 0; i < span / 2; i++) prefetch_bytes(gp + 2 * i * gb, 2 * su * ub);
     int32_t part[(MTILE + 5) / 6][12 * 16];  /* per tile: 12 accumulators, 16 lanes each */
+    int32_t part2[(5 + STAGED_MORE + 5) / 6][12 * 16];  /* the staged rows' tiles */
     float out[192];
     const int whole = (g + span) * 8 <= n1;  /* every row of the panel in the chunk: the tiles write Y themselves */
     for (int64_t sl = 0; sl < slabs; sl++) {
@@ -264,14 +275,52 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
                 for (int i = 0; i < span; i++) store_group(Y, ldy, m, T, g + i, n1, out + 8 * i, 32, acc);
             m += T;
         }
+        for (int64_t s = 0, k = 0; sr && s < sr->rows; k++) {  /* the same tiles, through out */
+            const int T = sr->rows - s < 6 ? (int)(sr->rows - s) : 6;
+            Q7R512_FNS[span / 2 - 1][T - 1](shift, NULL, pstep, gp, gb, u0, u1, sr->X + s * nbx, nbx, part2[k], sl == 0,
+                                            sl == slabs - 1, out, NULL, ldy, acc);
+            if (sl == slabs - 1) {
+                const int nm = sr->main - s <= 0 ? 0 : sr->main - s < T ? (int)(sr->main - s) : T;  /* Y's rows */
+                for (int i = 0; i < span; i++) {
+                    store_group(Y, ldy, sr->m + s, nm, g + i, n1, out + 8 * i, 32, acc);
+                    store_group(sr->Y2, sr->ldy2, s + nm - sr->main, T - nm, g + i, n1, out + 32 * nm + 8 * i, 32, 0);
+                }
+            }
+            s += T;
+        }
     }
 }
 #endif
 
-/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. Xv: the
-   activation blocks (quantized types; x16blocks for T_Q8_0_X16), Xf: fp32 rows (F32). */
+/* a row type's panel (span groups from g) against `more`'s rows, written into its Y: packed_rows' tiles */
+static void row_more(const mat* W, int span, const uint8_t* gp, int64_t gb, int64_t nu, int64_t g, int64_t n0,
+                     int64_t n1, int64_t nbx, const more_rows* more) {
+    const xblock* X = more->X;
+    for (int64_t m0 = 0; m0 < more->M; m0 += MTILE) {
+        const int64_t m1 = m0 + MTILE < more->M ? m0 + MTILE : more->M;
+#if HAVE_AVX512
+        if (span >= 2) {
+            row_panel512(W, span, gp, gb, nu, g, n0, n1, X + m0 * nbx, nbx, m0, m1, more->Y, more->ldy, 0, NULL);
+            continue;
+        }
+#else
+        (void)n0;
+#endif
+        const int kind7 = 2 + (W->type == T_Q7_ROW8) + 2 * (W->type == T_Q8_ROW);
+        Q7S_FNS[kind7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m0, m1, more->Y, more->ldy, g, n1, 0, NULL, 0);
+    }
+}
+
 void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const float* Xf, int64_t M, float* Y,
                  int64_t ldy, int acc) {
+    packed_rows_more(W, n0, n1, Xv, Xf, M, Y, ldy, acc, NULL);
+}
+
+/* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1) (n0 a multiple of 8), m < M: W packed. Xv: the
+   activation blocks (quantized types; x16blocks for T_Q8_0_X16), Xf: fp32 rows (F32). more (NULL: none): a row
+   type's further rows (blockq.h), each panel's in the first token pass right after the main rows' */
+void packed_rows_more(const mat* W, int64_t n0, int64_t n1, const void* Xv, const float* Xf, int64_t M, float* Y,
+                      int64_t ldy, int acc, const more_rows* more) {
     if (W->type == T_F32) { float_rows(W, n0, n1, Xf, M, Y, ldy, acc); return; }
     if (W->type == T_Q8_0_X16) { packed16_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
     if (W->type == T_BF16_PAIRS) { bf16p_rows(W, n0, n1, Xv, M, Y, ldy, acc); return; }
@@ -279,8 +328,22 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
     group_fn f1, f4;
     spread_fn fs;
     group_fns(W->type, &f1, &f4, &fs);
-    if (M == 1 && streams_now() == READ_SPREAD && spread_rows(W, n0, n1, X, Y, acc, f1, fs)) return;
+    if (!more && M == 1 && streams_now() == READ_SPREAD && spread_rows(W, n0, n1, X, Y, acc, f1, fs)) return;
     const int64_t nu = units(W), gb = nu * unit_bytes(W->type), nbx = W->cols / QK;
+    int staged = 0;
+#if HAVE_AVX512
+    staged_rows sr = {0};
+    if (more && is_row_type(W->type) && more->M <= STAGED_MORE && M > 0) {  /* the last tile's rows and more's */
+        static __thread void* buf;
+        static __thread int64_t cap;
+        const int64_t rest = (M - (M - 1) / MTILE * MTILE) % 6;  /* the last chunk's part tile */
+        xblock* st = pool_buffer(&buf, &cap, (int64_t)sizeof(xblock) * (rest + more->M) * nbx);
+        memcpy(st, X + (M - rest) * nbx, sizeof(xblock) * rest * nbx);
+        memcpy(st + rest * nbx, more->X, sizeof(xblock) * more->M * nbx);
+        sr = (staged_rows){st, rest + more->M, rest, M - rest, more->Y, more->ldy};
+        staged = 1;
+    }
+#endif
     for (int64_t m0 = 0; m0 < M; m0 += MTILE) {
         const int64_t m1 = m0 + MTILE < M ? m0 + MTILE : M;
         for (int64_t g = n0 / 8; g * 8 < n1;) {
@@ -300,7 +363,9 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
             for (int64_t m = m0; m < m1;) {
 #if HAVE_AVX512
                 if (row && span >= 2) {  /* int7-row: 16 or 32 rows x up to 6 tokens (packed512.h) */
-                    row_panel512(W, span, gp, gb, nu, g, n0, n1, X + m0 * nbx, nbx, m0, m1, Y, ldy, acc);
+                    const int last = staged && m1 == M;  /* the staged rows go with the last chunk */
+                    row_panel512(W, span, gp, gb, nu, g, n0, n1, X + m0 * nbx, nbx, m0, last ? sr.m : m1, Y, ldy, acc,
+                                 last ? &sr : NULL);
                     m = m1;
                     continue;
                 }
@@ -328,7 +393,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 }
 #endif
                 if (q7) {
-                    const int kind7 = row ? 2 + (W->type == T_Q7_ROW8) : a7;  /* q7s_panel's kind */
+                    const int kind7 = row ? 2 + (W->type == T_Q7_ROW8) + 2 * (W->type == T_Q8_ROW) : a7;  /* q7s_panel's kind */
                     /* int7-row: the chunk's next panel (up to `span` groups) into L2, a share per token tile, in the
                        first pass (later passes find the chunk in cache). The avx2 build on Zen 4 (2 threads, in one
                        process, alternated, the same bits; three runs): BERT-base b1xs16 / b1xs32 / b1xs128 0.84-0.91x
@@ -351,6 +416,7 @@ void packed_rows(const mat* W, int64_t n0, int64_t n1, const void* Xv, const flo
                 }
                 m += T;
             }
+            if (more && row && m0 == 0 && !(HAVE_AVX512 && span >= 2 && staged)) row_more(W, span, gp, gb, nu, g, n0, n1, nbx, more);
             g += span;
         }
     }

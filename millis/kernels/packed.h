@@ -72,7 +72,7 @@ static inline int kind_of(int type) {  /* bits per stored value, 0 when the type
         case T_Q4_0: case T_Q4_1: case T_Q4_K: return 4;
         case T_Q5_0: case T_Q5_1: case T_Q5_K: return 5;
         case T_Q6_K: return 6;
-        case T_Q8_0: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: return 8;
+        case T_Q8_0: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW: return 8;
         default: return 0;
     }
 }
@@ -83,7 +83,7 @@ static inline int stored_offset(int type) {
         case T_Q5_0: return 16;
         case T_Q6_K: return 32;
         case T_Q7_0: case T_Q7_A7: return Q7_SIGNED ? 0 : 64;
-        case T_Q7_ROW: case T_Q7_ROW8: return 0;  /* every SIMD build: q7r_tile's layout */
+        case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW: return 0;  /* every SIMD build: q7r_tile's layout */
         case T_Q8_0: return Q8_ZERO;
         default: return 0;
     }
@@ -91,8 +91,8 @@ static inline int stored_offset(int type) {
 /* activation value as the kernels take it - quantized value, per matrix type (quantize_act adds it) */
 static inline int act_offset(int type) {
 #ifdef __AVX2__
-    if (is_row_type(type)) return type == T_Q7_ROW ? 64 : 128;  /* every SIMD build (q7r_tile); the scalar
-                                                                   build takes them signed */
+    /* every SIMD build (q7r_tile); the scalar build takes them signed, and so does the avx2 build's T_Q8_ROW */
+    if (is_row_type(type)) return type == T_Q7_ROW ? 64 : type == T_Q7_ROW8 || PAIRED_ROWS ? 128 : 0;
 #endif
     return !Q7_SIGNED ? 0 : type == T_Q7_A7 ? 64 : type == T_Q7_0 ? 128 : 0;
 }
@@ -102,7 +102,7 @@ static inline int head_bytes(int type) {
     switch (type) {
         case T_Q4_1: case T_Q5_1: return 32;
         case T_Q7_0: case T_Q7_A7: return Q7_SIGNED ? 32 : 16;
-        case T_Q7_ROW: case T_Q7_ROW8: return 32;
+        case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW: return 32;
         case T_Q4_K: case T_Q5_K: return 160;
         case T_Q6_K: return 144;
         default: return 16;

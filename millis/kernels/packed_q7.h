@@ -23,6 +23,16 @@ AI __m256i q7s_steps(__m256i xv, __m256i xw, const __m256i* w) {  /* two steps' 
 #define A7_STEPS(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s), xw = bcast4(X[u].q + 4 * s + 4);           \
         A = _mm256_add_epi32(A, _mm256_madd_epi16(q7s_steps(xv, xw, w + s), one));                                \
         if (R > 1) E = _mm256_add_epi32(E, _mm256_madd_epi16(q7s_steps(xv, xw, v + s), one)); }
+/* T_Q8_ROW's step: the avx512 build's vpdpbusd (activations + 128); the avx2 build's sign trick (signed ones) */
+#if PAIRED_ROWS
+#define S8_DOT(A, XV, W) A = _mm256_dpbusd_epi32(A, XV, W)
+#else
+#define S8_DOT(A, XV, W) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(W), \
+                                                                                     _mm256_sign_epi8(XV, W)), one))
+#endif
+#define S8_STEP(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                            \
+        S8_DOT(A, xv, _mm256_loadu_si256(w + s));                                                                 \
+        if (R > 1) S8_DOT(E, xv, _mm256_loadu_si256(v + s)); }
 /* 8-bit (off 128): step s of block u, token X: a madd per step */
 #define A8_STEP(X, A, E) { const __m256i xv = bcast4(X[u].q + 4 * s);                                            \
         A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_loadu_si256(w + s)), one));     \
@@ -78,7 +88,10 @@ AI void q7s_tile(const int a7, const int R, const int T, const uint8_t* g0, cons
    maddubs / madd mix's own limit). |sums| <= K * 127 * 63: int32 holds K up to 268,000. The same integer
    sums and float steps for every T and R, so a row never depends on its batch-mates.
    a8 (T_Q7_ROW8): 8-bit activations, x + 128 (pairs <= 2 * 255 * 63 = 32130: a madd per step; |sums| <=
-   K * 255 * 63, K up to 133,000). */
+   K * 255 * 63, K up to 133,000).
+   int8-row (T_Q8_ROW, a8 == 2): weights in [-127, 127]; the avx512 build's vpdpbusd (256-bit: a lone group) takes
+   the activations + 128 as ROW8's, the avx2 build's maddubs takes |w| against x * sign(w) (signed activations, off
+   0: pairs <= 2 * 127 * 127 = 32258, no saturation). |sums| <= K * 255 * 127: K up to 66,000. */
 /* the 8 rows' weight sums over the whole row: repack.c's int32 totals in unit 1's head (a one-unit row: its wsum),
    read once a tile, and the tile's values stored straight into Y where its groups are whole: the avx2 build on
    Zen 4, one panel in L1 (ad hoc), 32.3 -> 36.5 MAC a clock at K 768, 36 -> 37.8 at 3072 (each unit's sums
@@ -99,6 +112,15 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
         const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
+        if (a8 == 2) {
+#pragma GCC unroll 1
+            for (int s = 0; s < 8; s++) {
+                S8_STEP(x0, a0, e0)
+                if (T > 1) S8_STEP(x1, a1, e1)
+                if (T > 2) S8_STEP(x2, a2, e2)
+            }
+            continue;
+        }
         if (a8) {
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
@@ -117,9 +139,9 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
     }
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g0));  /* the rows' scales */
     const __m256 dw = R > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g1)) : dv;
-    const int shift = __builtin_ctz(act_offset(a8 ? T_Q7_ROW8 : T_Q7_ROW));  /* x 64 / 128: the activations' offset */
-    z0 = _mm256_sll_epi32(z0, _mm_cvtsi32_si128(shift));
-    z1 = _mm256_sll_epi32(z1, _mm_cvtsi32_si128(shift));
+    const int off = act_offset(a8 == 2 ? T_Q8_ROW : a8 ? T_Q7_ROW8 : T_Q7_ROW);  /* the activations' 0 / 64 / 128 */
+    z0 = off ? _mm256_sll_epi32(z0, _mm_cvtsi32_si128(__builtin_ctz(off))) : _mm256_setzero_si256();
+    z1 = off ? _mm256_sll_epi32(z1, _mm_cvtsi32_si128(__builtin_ctz(off))) : _mm256_setzero_si256();
     const __m256i r[6] = {a0, e0, a1, e1, a2, e2};
     for (int t = 0; t < T; t++) {
         const __m256 xd = _mm256_set1_ps(x[t * xs].d);  /* the token's scale (every block's) */
@@ -140,7 +162,8 @@ AI void pf_share(const uint8_t* pf, int64_t bytes, int64_t k, int64_t n) {  /* s
 }
 /* R groups x tokens [m, m1) in tiles of 3 (a rest of 4 as 2 + 2), stored into Y: one call per token pass
    (the MiniLM int7-a7 forward: 0.95-0.98x the time of one call per tile, one process, Zen 3);
-   kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile), 3 int7-row-a8 (T_Q7_ROW8) */
+   kind: 0 int7 (Q7_0), 1 int7-a7 (T_Q7_A7), 2 int7-row (T_Q7_ROW: q7r_tile), 3 int7-row-a8 (T_Q7_ROW8), 4 int8-row
+   (T_Q8_ROW) */
 AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t* g1, int64_t nu, const xblock* X,
                   int64_t nbx, int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc,
                   const uint8_t* pf, int64_t pf_bytes) {
@@ -151,7 +174,7 @@ AI void q7s_panel(const int kind, const int R, const uint8_t* g0, const uint8_t*
         const int64_t left = m1 - m;
         const int T = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
         float out[48], *y = Y + m * ldy + g * 8;
-#define TILE(T) { if (kind >= 2) q7r_tile(kind == 3, R, T, g0, g1, nu, X + m * nbx, nbx, out, whole ? y : NULL, \
+#define TILE(T) { if (kind >= 2) q7r_tile(kind - 2, R, T, g0, g1, nu, X + m * nbx, nbx, out, whole ? y : NULL, \
                                         ldy, acc);                                                             \
                   else q7s_tile(kind, R, T, g0, g1, nu, X + m * nbx, nbx, out); }
         if (T == 3) TILE(3)
@@ -170,5 +193,6 @@ typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, i
                                  int64_t m, int64_t m1, float* Y, int64_t ldy, int64_t g, int64_t n1, int acc,  \
                                  const uint8_t* pf, int64_t pf_bytes) {                                          \
         q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc, pf, pf_bytes); }
-Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2) Q7S(3, 1) Q7S(3, 2)
-static const q7s_fn Q7S_FNS[4][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}, {q7s_3_1, q7s_3_2}};
+Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2) Q7S(3, 1) Q7S(3, 2) Q7S(4, 1) Q7S(4, 2)
+static const q7s_fn Q7S_FNS[5][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}, {q7s_3_1, q7s_3_2},
+                                     {q7s_4_1, q7s_4_2}};

@@ -29,7 +29,7 @@ static void put_payload(int kind, uint8_t* q, int r, const int8_t* w) {  /* bloc
 
 static int block_bytes(int type) {
     switch (type) {
-        case T_Q8_0: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8:
+        case T_Q8_0: case T_Q7_0: case T_Q7_A7: case T_Q7_ROW: case T_Q7_ROW8: case T_Q8_ROW:
             return sizeof(block_q8_0);
         case T_Q4_0: return sizeof(block_q4_0);
         case T_Q4_1: return sizeof(block_q4_1);

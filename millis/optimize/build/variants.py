@@ -74,6 +74,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, int7-a7 with one scale per weight row and per token: int32 sums over all of K"),
     Variant("native-int7-row-a8", "native", "int8", ("weights",), {"precision": "int7-row-a8"},
             "millis's C encoder, int7-row's weights x 8-bit activations per token, smoothed (as fast on VNNI)"),
+    Variant("native-int8-row", "native", "int8", ("weights",), {"precision": "int8-row"},
+            "millis's C encoder, 8-bit weights a row x 8-bit activations a token, [CLS] / [SEP] given a residual row"),
     Variant("native-int7-row-att8", "native", "int8", ("weights",), {"precision": "int7-row", "attention": "int8"},
             "int7-row with the attention in int8 (q, k, v per token and head; AVX-512 VNNI or AVX2, the same bits)"),
     Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
