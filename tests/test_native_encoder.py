@@ -574,11 +574,12 @@ def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measur
 
     out = tmp_path / "art"
     cfg = OptimizeConfig(source="tiny:bert", task="classify", out=str(out), target=Shape(1, 16),
-                         variants=("native-fp32", "native-int8", "native-int8-a16", "native-int7-row"),
+                         variants=("native-fp32", "native-int8", "native-int8-a16", "native-int7-row",
+                                   "native-int8-row"),
                          measure=quick_measure)
     art = optimize(cfg)
     rows = {r["name"]: r for r in json.loads((art / "report.json").read_text())["variants"]}
-    for name in ("native-fp32", "native-int8", "native-int8-a16", "native-int7-row"):
+    for name in ("native-fp32", "native-int8", "native-int8-a16", "native-int7-row", "native-int8-row"):
         assert not rows[name].get("error"), rows[name]
         assert rows[name]["runtime"] == "native" and rows[name]["latency"]
     model = load(art)

@@ -19,9 +19,12 @@ step comes once per row and token, not per 32 values (Zen 3: 1.2x the AVX2 tile'
 int7-a7's forward time, docs/encoders.md), for what one scale per token loses on activation outliers
 (unsmoothed: MiniLM's cosine min to fp32 0.96-0.99 by text set; random-weight BERT shapes 0.999);
 `int7-row-a8`: int7-row's weights against 8-bit activations per token (on AVX-512 VNNI as fast as int7-row;
-AVX2 takes a madd per step). Both row precisions smooth each matrix's input (millis.encoder.smooth: x / s
-against W * s, s from a data-free calibration at load): activation outliers move into the per-row weight
-scales. The task head
+AVX2 takes a madd per step); `int8-row`: weights in [-127, 127] with one scale per row against 8-bit
+activations per token, and each sequence's first and last token ([CLS], [SEP]: the massive activations) given
+a residual activation row that every matrix takes in the same pass (kernels/ends_rows.h): short texts keep
+int8's fidelity at int7-row-a8's speed from 128 tokens (docs/encoders.md). The row precisions smooth each
+matrix's input (millis.encoder.smooth: x / s against W * s, s from a data-free calibration at load): activation
+outliers move into the per-row weight scales. The task head
 (pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
 the (B, D) rows, as millis.encoder.tasks does in torch.
 """
@@ -48,12 +51,9 @@ ROW_PRECISIONS = ("int7-row", "int7-row-a8", "int8-row")  # one scale per weight
 AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c",
            "pool.c")
-# bert_forward.c ACT_*: what the matrices take
-ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, "int7": 1, "int7-a7": 1, "int7-row": 1, "int7-row-a8": 1,
-       "int8-row": 1}
-# the activation bytes per 32 values: an xblock / x16block, 32 bf16 values
-BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, "int7": XBLOCK_BYTES,
-               "int7-a7": XBLOCK_BYTES, "int7-row": XBLOCK_BYTES, "int7-row-a8": XBLOCK_BYTES, "int8-row": XBLOCK_BYTES}
+# bert_forward.c ACT_*: what the matrices take; the activation bytes per 32 values (xblock, x16block, bf16 values)
+ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, **{p: 1 for p in Q7_TYPES}}
+BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, **{p: XBLOCK_BYTES for p in Q7_TYPES}}
 P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
