@@ -429,6 +429,10 @@ def test_int8_row_sequence_ends_keep_short_texts(minilm):
             assert cosine_min(without, ref) < 0.99 < cosine_min(with_ends, ref)
             row8 = NativeBert(enc, "int7-row-a8", 2)(ids, mask, types)
             assert cosine_min(row8, ref) < cosine_min(with_ends, ref)
+    # the residual rows' buffers grow with the sequences (2 each), not the tokens
+    ids, mask, types = batch(np.random.default_rng(4), 1, 300, 30000, holes=False)
+    assert model(ids, mask, types).shape == (1, 384)
+    assert model.capacity >= 300 and model.buffers["yr"].shape[0] == model.slot_capacity == 16
 
 
 def test_smoothing_scales_and_calibration(minilm):

@@ -48,7 +48,7 @@ Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "
             "int8-row": TYPE_Q8_ROW}
 ROW_PRECISIONS = ("int7-row", "int7-row-a8", "int8-row")  # one scale per weight row and per token; smoothed inputs
 # bf16 in AMX tiles; the int8 ones with int8 tiles beside (row tiles: whole-row sums; Q8 tiles: per block)
-AMX_PRECISIONS = ("bf16", "int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
+AMX_PRECISIONS = ("bf16", "int8", *Q7_TYPES)
 SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c",
            "pool.c")
 # bert_forward.c ACT_*: what the matrices take; the activation bytes per 32 values (xblock, x16block, bf16 values)
@@ -116,8 +116,7 @@ def q7_0(w: np.ndarray, per_row: bool = False, levels: int = 63) -> np.ndarray:
     d = amax / float(levels)
     q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -levels, levels).astype(np.int8)
     out = np.empty((rows, cols // 32, 34), np.uint8)
-    out[..., :2] = d.astype(np.float16).view(np.uint8)
-    out[..., 2:] = q.view(np.uint8)
+    out[..., :2], out[..., 2:] = d.astype(np.float16).view(np.uint8), q.view(np.uint8)
     return out.reshape(rows, -1)
 
 
@@ -238,7 +237,7 @@ class NativeBert:
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
         self.out_dim = e.out_dim
         self.buffers: dict[str, np.ndarray] = {}
-        self.capacity = 0
+        self.capacity = self.slot_capacity = 0
         self.lock = threading.Lock()  # one forward at a time: the scratch is shared
 
     def _vec(self, t) -> int:
@@ -271,23 +270,26 @@ class NativeBert:
         packed = pack_matrix(self.lib, m, self.keep, self.threads)
         return add_amx_tiles(self.lib, m, packed, self.keep, self.threads) if self.amx else packed
 
-    def _scratch(self, n: int) -> Scratch:
+    def _scratch(self, n: int, seqs: int) -> Scratch:  # n tokens in `seqs` sequences
         c = self.cfg
+        f32, new = np.float32, aligned_empty
         if n > self.capacity:  # grow to the next power of two tokens: few reallocations under mixed shapes
             cap = 1 << max(6, (n - 1).bit_length())
             blocks = cap * (max(c.hidden, c.intermediate) // 32) * max(1, BLOCK_BYTES[self.precision])
-            f32, new = np.float32, aligned_empty
             # cache-line aligned: the kernels' 64-byte vectors on rows then never straddle two lines (Zen 4,
             # alternated in one process against starts 16-48 bytes off, ad hoc: bge-small b1xs128 0.97-0.98x the
             # time, b8xs128 0.95x, BERT-base 0.98-1.0x; the avx2 build's bge-small 0.93x)
-            self.buffers = {"x": new((cap, c.hidden), f32), "qkv": new((cap, 3 * c.hidden), f32),
-                            "att": new((cap, c.hidden), f32), "h": new((cap, c.intermediate), f32),
-                            "xq": new((blocks,), np.uint8), "qkv2": new((cap, 3 * c.hidden), f32),
-                            "kv": new((2 * self._kv_half(cap),), np.uint8),
-                            # int8-row's residual rows at the sequences' ends (ends_rows.h): up to one a token
-                            "xr": new((blocks if self.precision == "int8-row" else 64,), np.uint8),
-                            "yr": new((cap if self.precision == "int8-row" else 1, max(3 * c.hidden, c.intermediate)), f32)}
+            self.buffers.update({"x": new((cap, c.hidden), f32), "qkv": new((cap, 3 * c.hidden), f32),
+                                 "att": new((cap, c.hidden), f32), "h": new((cap, c.intermediate), f32),
+                                 "xq": new((blocks,), np.uint8), "qkv2": new((cap, 3 * c.hidden), f32),
+                                 "kv": new((2 * self._kv_half(cap),), np.uint8)})
             self.capacity = cap
+        slots = min(n, 2 * seqs) if self.precision == "int8-row" else 1  # ends_rows.h: 2 a sequence, <= n
+        if slots > self.slot_capacity:
+            cap = 1 << max(4, (slots - 1).bit_length())
+            self.buffers.update({"xr": new((cap * (max(c.hidden, c.intermediate) // 32) * XBLOCK_BYTES,), np.uint8),
+                                 "yr": new((cap, max(3 * c.hidden, c.intermediate)), f32)})
+            self.slot_capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 
     def _kv_half(self, cap: int) -> int:
@@ -313,7 +315,7 @@ class NativeBert:
                 raise MillisError(f"a token id, position or token type is out of range for this model "
                                   f"(vocabulary {c.vocab}, {c.max_positions} positions, {c.type_vocab} token types)")
         ids, pos, types = (np.ascontiguousarray(a, np.int32) for a in (ids, pos, types))
-        s = self._scratch(max(n, 1))
+        s = self._scratch(max(n, 1), max(len(start) - 1, 1))
         rc = self.lib.bert_forward(ctypes.addressof(self.model), ctypes.addressof(s), n, ids.ctypes.data,
                                    pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
                                    self.threads, int(first_only))
@@ -347,7 +349,7 @@ class NativeBert:
         mode = (1 if p.mode == "max" else 0) if tokens else 2
         out = np.empty((B, self.cfg.hidden), np.float32)
         with self.lock:  # the scratch is shared
-            s = self._scratch(max(B * T, 1))
+            s = self._scratch(max(B * T, 1), max(B, 1))
             rc = self.lib.bert_encode(ctypes.addressof(self.model), ctypes.addressof(s), self.buffers["x"].ctypes.data,
                                       self.cfg.hidden, self.cfg.vocab, self.cfg.type_vocab, B, T, ids.ctypes.data,
                                       mask.ctypes.data,
