@@ -112,22 +112,15 @@ AI void q7r_tile(const int a8, const int R, const int T, const uint8_t* g0, cons
     for (int64_t u = 0; u < nu; u++) {
         const uint8_t *b = g0 + u * ub, *c = g1 + u * ub;
         const __m256i *w = (const __m256i*)(b + 32), *v = (const __m256i*)(c + 32);
-        if (a8 == 2) {
+        if (a8) {  /* (a8 a constant in each tile: the branch folds) */
+#define STEP8(X, A, E) { if (a8 == 2) S8_STEP(X, A, E) else A8_STEP(X, A, E) }
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
-                S8_STEP(x0, a0, e0)
-                if (T > 1) S8_STEP(x1, a1, e1)
-                if (T > 2) S8_STEP(x2, a2, e2)
+                STEP8(x0, a0, e0)
+                if (T > 1) STEP8(x1, a1, e1)
+                if (T > 2) STEP8(x2, a2, e2)
             }
-            continue;
-        }
-        if (a8) {
-#pragma GCC unroll 1
-            for (int s = 0; s < 8; s++) {
-                A8_STEP(x0, a0, e0)
-                if (T > 1) A8_STEP(x1, a1, e1)
-                if (T > 2) A8_STEP(x2, a2, e2)
-            }
+#undef STEP8
             continue;
         }
 #pragma GCC unroll 1
