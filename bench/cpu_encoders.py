@@ -86,7 +86,7 @@ def embeddings_fidelity(peers, tok, texts: list[str], short: int = 0) -> dict[st
     """Cosine of each system's embeddings vs torch_eager's on the same padded batches: {name: {cos_min,
     cos_mean, cos_min_short}} (cos_min over all the texts, cos_min_short over the last `short`, the short ones).
     A system whose request failed, or whose embeddings or cosines are not finite (a NaN would read as
-    unfaithful in every comparison and be written as bare NaN), gets None for both and its `fidelity_error`:
+    unfaithful in every comparison and be written as bare NaN), gets None for each and its `fidelity_error`:
     one system's error never ends the run (a peer that died is then left out of the timing too)."""
     outs, errors = {}, {}
     for p in peers:

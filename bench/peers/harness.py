@@ -237,7 +237,7 @@ def banking77_spread(n, split="test"):
     return every[::max(1, len(every) // n)][:n]
 
 
-# one- to three-word queries: where one activation scale per token loses most (mean pooling over three tokens, two
+# one- to four-word queries: where one activation scale per token loses most (mean pooling over three tokens, two
 # of them [CLS] and [SEP]; docs/encoders.md, "a fourteenth session")
 SHORT_QUERIES = ["ok", "hi", "yes", "no", "thanks", "help", "card", "ok thanks", "where is my card", "hello there"]
 

@@ -284,11 +284,11 @@ class NativeBert:
                                  "xq": new((blocks,), np.uint8), "qkv2": new((cap, 3 * c.hidden), f32),
                                  "kv": new((2 * self._kv_half(cap),), np.uint8)})
             self.capacity = cap
-        slots = min(n, 2 * seqs) if self.precision == "int8-row" else 1  # ends_rows.h: 2 a sequence, <= n
-        if slots > self.slot_capacity:
-            cap = 1 << max(4, (slots - 1).bit_length())
-            self.buffers.update({"xr": new((cap * (max(c.hidden, c.intermediate) // 32) * XBLOCK_BYTES,), np.uint8),
-                                 "yr": new((cap, max(3 * c.hidden, c.intermediate)), f32)})
+        slots = min(n, 2 * seqs) if self.precision == "int8-row" else 0  # ends_rows.h: 2 a sequence, <= n
+        if slots > self.slot_capacity or "xr" not in self.buffers:  # (none read but int8-row's)
+            cap = 1 << max(4, (slots - 1).bit_length()) if slots else 0
+            self.buffers.update({"xr": new((max(1, cap * (max(c.hidden, c.intermediate) // 32) * XBLOCK_BYTES),),
+                                           np.uint8), "yr": new((max(1, cap), max(3 * c.hidden, c.intermediate)), f32)})
             self.slot_capacity = cap
         return Scratch(*(self.buffers[k].ctypes.data for k in Scratch.names))
 

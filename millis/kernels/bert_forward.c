@@ -59,8 +59,8 @@ typedef struct {   /* buffers for up to n tokens */
     void* xq;                   /* activation blocks (n, max(D, hidden) / 32) of the matrices' kind */
     float* qkv2;                /* (n, 3D): the token split's other qkv (odd layers) */
     uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes (int8: 4n + 8): the token split's packed keys and values */
-    void* xr;                   /* (n, max(D, hidden) / 32) activation blocks: ends_rows.h's residual slots */
-    float* yr;                  /* (n, max(3D, hidden)): their products */
+    void* xr;                   /* (slots, max(D, hidden) / 32) activation blocks: ends_rows.h's residual slots */
+    float* yr;                  /* (slots, max(3D, hidden)): their products; slots <= min(n, 2 sequences) */
 } bert_scratch;
 
 typedef struct {

@@ -252,8 +252,11 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
                          const staged_rows* sr) {
     const int shift = __builtin_ctz(act_offset(W->type));  /* log2 of the activations' 64 / 128 */
     const int64_t ub = unit_bytes(W->type);
-    const int64_t tiles = m1 > m0 ? (m1 - m0 + 5) / 6 : 1, slabs = (nu + SLAB_UNITS - 1) / SLAB_UNITS,
-                  su = (nu + slabs - 1) / slabs;
+    /* the tiles that share the prefetch of the next slab: the tokens', or the staged rows' when there are no others
+       (1 to 5 tokens: their only tile is staged) */
+    const int staged_only = m1 == m0 && sr;
+    const int64_t tiles = staged_only ? (sr->rows + 5) / 6 : m1 > m0 ? (m1 - m0 + 5) / 6 : 1,
+                  slabs = (nu + SLAB_UNITS - 1) / SLAB_UNITS, su = (nu + slabs - 1) / slabs;
     const int next_panel = (g + 2 * span) * 8 <= n1;  /* the chunk has another whole panel */
     if (g_row_pf && g * 8 == n0)  /* the chunk's first slab: all its lines at once, not one stream's at a time */
         for (int i = 0; i < span / 2; i++) prefetch_bytes(gp + 2 * i * gb, 2 * su * ub);
@@ -277,8 +280,9 @@ static void row_panel512(const mat* W, int span, const uint8_t* gp, int64_t gb, 
         }
         for (int64_t s = 0, k = 0; sr && s < sr->rows; k++) {  /* the same tiles, through out */
             const int T = sr->rows - s < 6 ? (int)(sr->rows - s) : 6;
-            Q7R512_FNS[span / 2 - 1][T - 1](shift, NULL, pstep, gp, gb, u0, u1, sr->X + s * nbx, nbx, part2[k], sl == 0,
-                                            sl == slabs - 1, out, NULL, ldy, acc);
+            Q7R512_FNS[span / 2 - 1][T - 1](shift, staged_only && target ? target + k * share : NULL, pstep, gp, gb, u0,
+                                            u1, sr->X + s * nbx, nbx, part2[k], sl == 0, sl == slabs - 1, out, NULL,
+                                            ldy, acc);
             if (sl == slabs - 1) {
                 const int nm = sr->main - s <= 0 ? 0 : sr->main - s < T ? (int)(sr->main - s) : T;  /* Y's rows */
                 for (int i = 0; i < span; i++) {
