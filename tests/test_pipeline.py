@@ -155,8 +155,8 @@ def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier,
 
     calibrated, ranked = [], []
     batches = pipeline.calibration_batches
-    monkeypatch.setattr(pipeline, "calibration_batches", lambda enc, texts, length: calibrated.append(texts) or
-                        batches(enc, texts, length))
+    monkeypatch.setattr(pipeline, "calibration_batches", lambda enc, texts, length, **kw: calibrated.append(texts)
+                        or batches(enc, texts, length, **kw))
     monkeypatch.setattr(pipeline, "recover", lambda judged, judge, rank, texts, progress: ranked.append(texts) or
                         Recovery({"needed": False, "why": "test", "attempts": []}))
     optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "a"),
@@ -317,3 +317,41 @@ def test_pairs_on_a_one_token_type_model_score_as_hf(tiny_dirs, family):
         want = np.concatenate([hf(**{k: v for k, v in tok(q, d, return_tensors="pt").items()
                                      if k != "token_type_ids"}).logits.numpy() for q, d in pairs])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_reranker_calibrates_and_ranks_sensitivity_on_pairs():
+    """--task rerank: static int8's calibration batches are (query, document) rows as the cross-encoder reads
+    them ([CLS] q [SEP] d [SEP], token type 1 on d), not single texts; and the sensitivity ranking's outputs
+    (judge.outputs_on) are the pairs' when the run judges pairs, the texts' otherwise."""
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.optimize import judge
+    from millis.optimize.pipeline import calibration_batches
+
+    src = resolve("tiny:bert")
+    enc = TextEncoder(src.path, src.input_names, 32)
+    texts = ["where is my card", "the weather is nice today", "card delivery", "hello"] * 3
+    singles = calibration_batches(enc, texts, 32)
+    pairs = calibration_batches(enc, texts, 32, pairs=True)
+    assert len(pairs) == len(singles) == 2 and all(b["input_ids"].shape == (8, 32) for b in pairs)
+    sep = enc.ids_of(["a"], special=True)[0][-1]
+    for b in pairs:
+        assert ((b["input_ids"] == sep).sum(1) == 2).all()  # two segments a row
+        assert (b["token_type_ids"].max(1) == 1).all() and not (b["token_type_ids"] * (1 - b["attention_mask"])).any()
+    assert all(((b["input_ids"] == sep).sum(1) == 1).all() and not b["token_type_ids"].any() for b in singles)
+    want = [enc.pair_ids(q, [d])[0][0] for q, d in judge.rerank_pairs(texts[:8])]
+    assert [list(r[:m.sum()]) for r, m in zip(pairs[0]["input_ids"], pairs[0]["attention_mask"])] == want
+
+    class Echo:  # a runtime whose output is each row's token count and its type-1 count
+        input_names, output_name = src.input_names, "o"
+
+        def run(self, feeds):
+            return {"o": np.stack([feeds["attention_mask"].sum(1), feeds["token_type_ids"].sum(1)], 1)}
+
+    class Ctx:
+        enc, pairs = TextEncoder(src.path, src.input_names, 32), ()
+
+    ctx = Ctx()
+    assert not judge.outputs_on(Echo(), ctx, texts[:4])[:, 1].any()
+    ctx.pairs = (("q", "d"),)
+    assert (judge.outputs_on(Echo(), ctx, texts[:4])[:, 1] > 0).all()

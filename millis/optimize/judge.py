@@ -98,6 +98,20 @@ class JudgeContext:
     gpu_buckets: tuple[str, ...] = ()      # GPU variants: the shapes they capture (measured and serve-mix ones)
 
 
+def rerank_pairs(texts: list[str]) -> tuple[tuple[str, str], ...]:
+    """(query, document) pairs for a reranker's fidelity, from the fidelity texts: each text against the
+    next one (unrelated), and every fourth against itself (a match, the high scores a ranking turns on)."""
+    n = len(texts)
+    return tuple((texts[i], texts[i] if i % 4 == 0 else texts[(i + 1) % n]) for i in range(n))
+
+
+def outputs_on(rt: Runtime, ctx: JudgeContext, texts: list[str]) -> np.ndarray:
+    """`rt`'s outputs on other texts (the sensitivity ranking's): a reranker's on their rerank_pairs."""
+    if ctx.pairs:
+        return run_pairs(rt, ctx.enc, list(rerank_pairs(texts)), max_batch=8).outputs
+    return run_texts(rt, ctx.enc, texts).outputs
+
+
 def fidelity_outputs(rt: Runtime, ctx: JudgeContext) -> np.ndarray:
     """`rt`'s outputs on the fidelity inputs: the pairs of a reranker, else the texts."""
     if ctx.pairs:

@@ -35,23 +35,22 @@ from millis.artifact.meta import read_train_meta
 from millis.artifact.validation import read_validation, selection_files
 from millis.common.files import file_sha256
 from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, variants_for
+from millis.optimize.judge import rerank_pairs
 
 Progress = Callable[[str], None]
 
 
-def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: int = 8) -> list[dict]:
+def calibration_batches(enc: TextEncoder, texts: list[str], length: int, batch: int = 8,
+                        pairs: bool = False) -> list[dict]:
     """Equal (batch, length) feeds: Percentile / Entropy stack all batches, so the last one is filled
-    by wrapping around to the first texts."""
+    by wrapping around to the first texts. pairs: a reranker's, (query, document) rows of the texts
+    (rerank_pairs: [CLS] q [SEP] d [SEP], token type 1 on d), as it will read them, not single texts."""
     n = -(-len(texts) // batch) * batch
     texts = [texts[i % len(texts)] for i in range(n)]
+    if pairs:  # the pair tokenizer cuts each row to enc's max length (<= length)
+        rows = [enc.pair_ids(q, [d])[0][0] for q, d in rerank_pairs(texts)]
+        return [enc.pack(rows[i:i + batch], length) for i in range(0, n, batch)]
     return [enc.encode(texts[i:i + batch], pad_to=length).feeds for i in range(0, n, batch)]
-
-
-def rerank_pairs(texts: list[str]) -> tuple[tuple[str, str], ...]:
-    """(query, document) pairs for a reranker's fidelity, from the fidelity texts: each text against the
-    next one (unrelated), and every fourth against itself (a match, the high scores a ranking turns on)."""
-    n = len(texts)
-    return tuple((texts[i], texts[i] if i % 4 == 0 else texts[(i + 1) % n]) for i in range(n))
 
 
 def selection_data(cfg: OptimizeConfig, src: ModelSource) -> tuple[Labeled | None, str]:
@@ -153,7 +152,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     progress(f"calibrating on {len(calib_texts)} texts from {calib_where}")
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
-    calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len))
+    calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len,
+                                                              pairs=cfg.task == "rerank"))
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))
     inputs = {s: enc.fill(texts, s.batch, s.seq) for s in shapes}
 

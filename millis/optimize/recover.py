@@ -17,10 +17,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from millis.artifact.model import run_texts
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.optimize.build.variants import CATALOG, DYNAMIC_INT8, MIXED_BASE, RECOVERY, Builder, Variant
-from millis.optimize.judge import Judge, Judged, JudgeContext, VariantResult
+from millis.optimize.judge import Judge, Judged, JudgeContext, VariantResult, outputs_on
 from millis.runtimes import open_runtime
 
 PLAIN_INT8 = "ort-int8-dynamic"
@@ -64,7 +63,7 @@ def sensitivity(ctx: JudgeContext, builder: Builder, base: Variant, texts: list[
     opts = {"graph_level": "all", "task": task}
     ref_rt = open_runtime("onnxruntime", fused.parent, "fp32", names, OUTPUT_NAME[task], dict(opts, file=fused.name),
                           threads)
-    ref = run_texts(ref_rt, ctx.enc, texts).outputs
+    ref = outputs_on(ref_rt, ctx, texts)
     tmp = Path(tempfile.mkdtemp(prefix="millis-sens-"))
     scores = []
     try:
@@ -73,7 +72,7 @@ def sensitivity(ctx: JudgeContext, builder: Builder, base: Variant, texts: list[
             path = tmp / "model.onnx"
             quantize.dynamic(fused, path, only=(node,), **args)
             rt = open_runtime("onnxruntime", tmp, node, names, OUTPUT_NAME[task], opts, threads)
-            scores.append((node, error(ref, run_texts(rt, ctx.enc, texts).outputs)))
+            scores.append((node, error(ref, outputs_on(rt, ctx, texts))))
             del rt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
