@@ -310,8 +310,7 @@ static void row_more(const mat* W, int span, const uint8_t* gp, int64_t gb, int6
 #else
         (void)n0;
 #endif
-        const int kind7 = 2 + (W->type == T_Q7_ROW8) + 2 * (W->type == T_Q8_ROW);
-        Q7S_FNS[kind7][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m0, m1, more->Y, more->ldy, g, n1, 0, NULL, 0);
+        Q7S_FNS[q7s_kind(W->type)][span - 1](gp, gp + (span - 1) * gb, nu, X, nbx, m0, m1, more->Y, more->ldy, g, n1, 0, NULL, 0);
     }
 }
 
@@ -397,7 +396,7 @@ void packed_rows_more(const mat* W, int64_t n0, int64_t n1, const void* Xv, cons
                 }
 #endif
                 if (q7) {
-                    const int kind7 = row ? 2 + (W->type == T_Q7_ROW8) + 2 * (W->type == T_Q8_ROW) : a7;  /* q7s_panel's kind */
+                    const int kind7 = q7s_kind(W->type);
                     /* int7-row: the chunk's next panel (up to `span` groups) into L2, a share per token tile, in the
                        first pass (later passes find the chunk in cache). The avx2 build on Zen 4 (2 threads, in one
                        process, alternated, the same bits; three runs): BERT-base b1xs16 / b1xs32 / b1xs128 0.84-0.91x

@@ -187,5 +187,8 @@ typedef void (*q7s_fn)(const uint8_t*, const uint8_t*, int64_t, const xblock*, i
                                  const uint8_t* pf, int64_t pf_bytes) {                                          \
         q7s_panel(KIND, R, g0, g1, nu, X, nbx, m, m1, Y, ldy, g, n1, acc, pf, pf_bytes); }
 Q7S(0, 1) Q7S(0, 2) Q7S(1, 1) Q7S(1, 2) Q7S(2, 1) Q7S(2, 2) Q7S(3, 1) Q7S(3, 2) Q7S(4, 1) Q7S(4, 2)
+static inline int q7s_kind(int type) {  /* q7s_panel's kind of a Q7_0 / row type */
+    return type == T_Q7_A7 ? 1 : type == T_Q7_ROW ? 2 : type == T_Q7_ROW8 ? 3 : type == T_Q8_ROW ? 4 : 0;
+}
 static const q7s_fn Q7S_FNS[5][2] = {{q7s_0_1, q7s_0_2}, {q7s_1_1, q7s_1_2}, {q7s_2_1, q7s_2_2}, {q7s_3_1, q7s_3_2},
                                      {q7s_4_1, q7s_4_2}};
