@@ -46,7 +46,8 @@ PEERS = ("optimum_o3_int8", "openvino_default", "openvino_nncf_int8", "ct2_int8"
 BASELINE = "torch_eager"
 # millis's C encoder, each precision as its own system
 NATIVE = ("native-fp32", "native-bf16", "native-int8", "native-int8-a16", "native-int7", "native-int7-a7",
-          "native-int7-row", "native-int7-row-a8", "native-int7-row-att8", "native-int8-row")
+          "native-int7-row", "native-int7-row-a8", "native-int7-row-att8", "native-int8-row",
+          "native-int8-row-att8")
 FAITHFUL = 0.995  # the fidelity bar: peers whose cosine min vs fp32 reaches it
 # a peer's library, whose kernels it runs
 PEER_LIBRARY = {"torch_eager": "torch", "optimum_o3_int8": "onnxruntime", "openvino_default": "openvino",

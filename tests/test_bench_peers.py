@@ -468,3 +468,39 @@ def test_a_millis_row_names_the_path_its_variant_ran():
     assert enc.kernels_of("millis:native-int7-row", meta, native) == "avx512+amx"
     assert enc.runtime_of("millis:native-int7-row", native) == "millis native native-int7-row (avx512+amx, 2 threads)"
     assert enc.kernels_of("ct2_int8", meta, {}) == "ctranslate2's own (ISA picked at run time)"
+
+
+# ---- encoder_targets: the issue's cells from a cpu_encoders run ---------------------------------------------------
+
+def test_encoder_targets_hold_millis_to_each_bar_by_the_rounds_ratio():
+    """The b1 bars (<= 0.7x the fastest faithful peer, <= 1.0x any peer) and the b8 throughput bar (>= 1.2x the
+    fastest peer at least as faithful), read off cpu_encoders' ratios: the rounds' median where a row has one (here
+    it decides against the pooled p50s' ratio), a millis row below 0.995 never counted, a cell without a faithful
+    millis row said so."""
+    et = load("encoder_targets", BENCH / "encoder_targets.py")
+    ce = load("cpu_encoders", BENCH / "cpu_encoders.py")
+
+    def row(system, shape, p50, cos, rounds):
+        return {"system": system, "model": "m", "shape": shape, "p50_ms": p50, "p99_ms": p50, "cos_min": cos,
+                "round_p50_ms": rounds}
+    rows = [row("optimum_o3_int8", "b1xs128", 10.0, 0.9999, [10.0, 10.0, 10.0]),
+            row("openvino_nncf_int8", "b1xs128", 8.0, 0.99, [8.0, 8.0, 8.0]),  # fast, not faithful
+            # pooled 6.8 / 10 = 0.68, but round by round 0.72: the rounds decide (not met)
+            row("millis:native-int8-row", "b1xs128", 6.8, 0.9990, [7.2, 7.2, 6.0]),
+            row("millis:native-int7-row-att8", "b1xs128", 5.0, 0.99, [5.0, 5.0, 5.0]),  # faster, below the bar
+            row("openvino_default", "b8xs128", 60.0, 0.99999, [60.0, 60.0, 60.0]),
+            row("optimum_o3_int8", "b8xs128", 40.0, 0.999, [40.0, 40.0, 40.0]),  # less faithful than millis
+            row("millis:native-int8", "b8xs128", 48.0, 0.9998, [48.0, 48.0, 48.0]),
+            row("optimum_o3_int8", "b1xs16", 2.0, 0.9999, [2.0, 2.0, 2.0]),
+            row("millis:native-int7-row-a8", "b1xs16", 1.0, 0.97, [1.0, 1.0, 1.0])]
+    ce.add_ratios(rows)
+    got = {c["shape"]: c for c in et.cells(rows)}
+    b1 = got["b1xs128"]
+    assert b1["millis"] == "millis:native-int8-row" and b1["faithful"]["peer"] == "optimum_o3_int8"
+    assert b1["faithful"]["ratio"] == pytest.approx(0.72) and b1["faithful"]["met"] is False
+    assert b1["any"]["peer"] == "openvino_nncf_int8" and b1["any"]["ratio"] == pytest.approx(0.9)
+    assert b1["any"]["met"] is True
+    b8 = got["b8xs128"]  # the peer at least as faithful is OpenVINO fp32: 60 / 48 = 1.25x
+    assert b8["throughput"]["peer"] == "openvino_default" and b8["throughput"]["ratio"] == pytest.approx(1.25)
+    assert b8["throughput"]["met"] is True
+    assert got["b1xs16"]["millis"] is None and "faithful" not in got["b1xs16"]

@@ -143,9 +143,11 @@ def cosine_min(a, b) -> float:
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_minilm_with_int8_attention(minilm, monkeypatch, isa):
+@pytest.mark.parametrize("precision", ["int7-row", "int8-row"])
+def test_minilm_with_int8_attention(minilm, monkeypatch, isa, precision):
     """Against HF fp32, near the same precision with the bf16 attention; the token split (cut at quads of
-    keys, at 2 and 3 threads) equal to the row split bit for bit; each row the same alone as in its batch."""
+    keys, at 2 and 3 threads) equal to the row split bit for bit; each row the same alone as in its batch
+    (int8-row: its sequences' end rows through the int8 attention's outputs too)."""
     import torch
 
     on_build(monkeypatch, isa)
@@ -153,9 +155,9 @@ def test_minilm_with_int8_attention(minilm, monkeypatch, isa):
     ids, mask, types = batch(np.random.default_rng(0), 4, 45)
     with torch.inference_mode():
         ref = tm(*(torch.from_numpy(a) for a in (ids, mask, types))).numpy()
-    auto = NativeBert(enc, "int7-row", 2)(ids, mask, types)
+    auto = NativeBert(enc, precision, 2)(ids, mask, types)
     for threads in (2, 3):
-        model = NativeBert(enc, "int7-row", threads, attention="int8")
+        model = NativeBert(enc, precision, threads, attention="int8")
         assert model.attention == "int8"
         tokens, rows = token_and_row_split(model, ids, mask, types)
         assert tokens.shape == (4, 384) and np.isfinite(tokens).all() and np.array_equal(tokens, rows), threads
@@ -248,14 +250,15 @@ def test_builds_give_the_same_attention_bytes(monkeypatch, HD):
             assert np.array_equal(out, first), (isa, L)
 
 
-def test_builds_give_the_same_encoder_bytes(minilm, monkeypatch):
+@pytest.mark.parametrize("precision", ["int7-row", "int8-row"])
+def test_builds_give_the_same_encoder_bytes(minilm, monkeypatch, precision):
     """MiniLM with the int8 attention, token split and row split, on every SIMD build: equal bit for bit."""
     _, enc = minilm
     ids, mask, types = batch(np.random.default_rng(12), 3, 70)
     outs = []
     for isa in simd_builds():
         monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
-        model = NativeBert(enc, "int7-row", 2, attention="int8")
+        model = NativeBert(enc, precision, 2, attention="int8")
         outs.append(token_and_row_split(model, ids, mask, types))
     for tokens, rows in outs:
         assert np.array_equal(tokens, rows) and np.array_equal(tokens, outs[0][0])

@@ -565,7 +565,24 @@ def test_errors_name_the_problem(minilm, tiny_dirs):
         NativeBert(enc, "int4")
     with pytest.raises(MillisError, match="BERT-family"):
         from_hf(resolve(str(tiny_dirs["distilbert"])).path, "classify", Pooling(), CPU)
+    with pytest.raises(MillisError, match="ids integers"):  # a float id is refused, not floored (7.9 -> 7)
+        model(ids.astype(np.float64) + 0.9, mask, types)
     assert model(ids, mask, types).shape == (2, 384)  # the failed calls left it usable
+
+
+def test_scratch_follows_the_kept_tokens(minilm):
+    """The scratch holds the tokens the mask keeps, not the padded batch: 64 rows of 5 tokens padded to 512 (as
+    padding="max_length" sends them) once took scratch for 32,768 tokens (~350 MB at MiniLM's width, 2 GB at
+    BERT-base's), kept for the model's life; the same vectors as the rows unpadded."""
+    _, enc = minilm
+    model = NativeBert(enc, "int8-row", 2)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1000, 20000, (64, 512))
+    mask = np.zeros((64, 512), np.int64)
+    mask[:, :5] = 1
+    padded = model(ids, mask)
+    assert model.capacity <= 512, model.capacity  # 320 kept tokens
+    assert np.array_equal(padded, model(ids[:, :5], mask[:, :5]))
 
 
 def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measure):

@@ -131,7 +131,9 @@ def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
     assert "/v1/embeddings" not in json.loads(classify_server.get("/openapi.json")[1])["paths"]
     long = " ".join(["card transfer account"] * 200)
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["ok", long]})   # --too-long reject
-    assert s == 413 and "input[1]" in body["error"]["message"]
+    assert s == 413 and body["error"]["message"].startswith("inputs[1]") and body["error"]["param"] == "inputs"
+    s, _, body = classify_server.post("/v1/classify", {"input": [long]})  # the field as the client named it
+    assert s == 413 and body["error"]["message"].startswith("input[0]") and body["error"]["param"] == "input"
     s, h, body = embed_server.post("/v1/embeddings", {"input": ["ok", long]})     # default: truncate
     assert s == 200 and h["x-millis-truncated"] == "1"
 
@@ -329,6 +331,10 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
     assert status == 200 and len(body["results"]) == 4  # any top_n past the documents: all of them, as Cohere
     status, _, err = classify_server.post("/v1/rerank", {"query": "word " * 600, "documents": docs})
     assert status == 413 and err["error"]["code"] == "text_too_long", err  # this server refuses long texts
+    assert err["error"]["param"] == "query" and err["error"]["message"].startswith("query is"), err
+    status, _, err = classify_server.post("/v1/rerank", {"query": query, "documents": ["hi", "word " * 600]})
+    assert status == 413 and err["error"]["param"] == "documents", err
+    assert err["error"]["message"].startswith("documents[1] with the query"), err
     for bad, param in (({"documents": docs}, "query"), ({"query": query, "documents": []}, "documents"),
                        ({"query": query, "documents": ["ok", 3]}, "documents"),
                        ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):

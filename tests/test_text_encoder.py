@@ -92,6 +92,45 @@ def test_token_types_are_the_tokenizers_own(saved_dir):
     assert not one_type.token_types(one_type.pair_ids("q", ["a document"])[0], 64).any()
 
 
+def test_long_pairs_cut_as_hf_from_texts_cut_first(saved_dir):
+    """Pairs far over the length (a 16 KB query with 20 KB documents once took 17 s and GBs: the Rust pair truncation
+    builds every overflowing piece of both texts) come out as AutoTokenizer's truncation=True cuts them, cut flags
+    included, while the pair tokenizer only ever sees texts of at most max_length + 2 tokens: words cut mid-piece,
+    accents, CJK, one 3000-character word, either text the longer, ties, texts under the length."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    _, out = saved_dir
+    hf = AutoTokenizer.from_pretrained(str(out))
+    enc = TextEncoder(out, ("input_ids", "attention_mask", "token_type_ids"), 64, saved=True)
+    seen = []
+
+    class Recording:  # the pair tokenizer, noting how many tokens each text it encodes has
+        def __init__(self, inner):
+            self.inner = inner
+
+        def num_special_tokens_to_add(self, pair):
+            return self.inner.num_special_tokens_to_add(pair)
+
+        def encode(self, q, d, add_special_tokens):
+            seen.append(max(len(enc.ids_of([q], False)[0]), len(enc.ids_of([d], False)[0])))
+            return self.inner.encode(q, d, add_special_tokens=add_special_tokens)
+    enc._pairs = Recording(enc.pair_tokenizer())
+    rng = random.Random(3)
+    words = ["unbelievable", "café", "naïve", "日本語", "the", "a", ",", "supercalifragilistic", "x" * 3000, "card"]
+    cases = [("q " * 2000, "d " * 2500), ("d " * 2500, "q " * 2000), ("w " * 500, "w " * 500), ("short", "d " * 900),
+             ("q " * 900, "short"), ("", "d " * 100)]
+    cases += [(" ".join(rng.choices(words, k=rng.randint(1, 120))), " ".join(rng.choices(words, k=rng.randint(1, 120))))
+              for _ in range(120)]
+    for q, d in cases:
+        rows, cut = enc.pair_ids(q, [d])
+        want = hf(q, d, truncation=True, max_length=64)
+        assert rows[0] == want["input_ids"], (q[:40], d[:40])
+        assert cut[0] == (len(hf(q, d)["input_ids"]) > 64)
+    assert max(seen) <= 64 + 2
+
+
 def test_saved_tokenizer_never_imports_transformers(saved_dir):
     _, out = saved_dir
     code = ("import sys; from millis.encoder.text import TextEncoder; "

@@ -335,12 +335,13 @@ class NativeBert:
         """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector. One C
         call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
         at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
-        ids = np.ascontiguousarray(input_ids, np.int64)
+        whole = all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in (input_ids, token_type_ids) if a is not None)
+        ids = np.ascontiguousarray(input_ids, np.int64)  # (a float id would be floored: 7.9 -> 7; refused below)
         mask = np.ascontiguousarray(attention_mask, np.int64)
         types = None if token_type_ids is None else np.ascontiguousarray(token_type_ids, np.int64)
-        if ids.ndim != 2 or mask.shape != ids.shape or (types is not None and types.shape != ids.shape):
-            raise MillisError(f"input_ids, attention_mask and token_type_ids must be (batch, seq) arrays of one "
-                              f"shape, got {ids.shape}, {mask.shape}, {None if types is None else types.shape}")
+        if not whole or ids.ndim != 2 or mask.shape != ids.shape or (types is not None and types.shape != ids.shape):
+            raise MillisError(f"input_ids, attention_mask and token_type_ids must be (batch, seq) arrays of one shape, "
+                              f"ids integers: got {ids.shape}, {mask.shape}, {None if types is None else types.shape}")
         B, T = ids.shape
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
@@ -349,11 +350,10 @@ class NativeBert:
         mode = (1 if p.mode == "max" else 0) if tokens else 2
         out = np.empty((B, self.cfg.hidden), np.float32)
         with self.lock:  # the scratch is shared
-            s = self._scratch(max(B * T, 1), max(B, 1))
+            s = self._scratch(max(int(np.count_nonzero(mask)), 1), max(B, 1))  # the kept tokens (bert_encode's n)
             rc = self.lib.bert_encode(ctypes.addressof(self.model), ctypes.addressof(s), self.buffers["x"].ctypes.data,
                                       self.cfg.hidden, self.cfg.vocab, self.cfg.type_vocab, B, T, ids.ctypes.data,
-                                      mask.ctypes.data,
-                                      None if types is None else types.ctypes.data, self.threads, mode,
+                                      mask.ctypes.data, None if types is None else types.ctypes.data, self.threads, mode,
                                       int(tokens and p.normalize), out.ctypes.data)
         if rc:
             c = self.cfg

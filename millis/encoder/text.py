@@ -130,13 +130,52 @@ class TextEncoder:
             self._pairs = pairs
         return self._pairs
 
+    def clipped(self, text: str, enc, keep: int) -> tuple[str, int] | None:
+        """(text cut after its first `keep` tokens, its token count) (enc: text's encoding without special tokens):
+        cut at the end of token keep - 1, else of that token's word, where the cut text tokenizes to the same first
+        ids; the text itself when it has no more; None when neither cut does (pieces that depend on what follows)."""
+        if len(enc.ids) <= keep:
+            return text, len(enc.ids)
+        words, last = enc.word_ids, keep - 1
+        while words[last] is not None and last + 1 < len(words) and words[last + 1] == words[last]:
+            last += 1
+        for j in dict.fromkeys((keep - 1, last)):
+            cut = text[:enc.offsets[j][1]]
+            if self._fast.encode(cut, add_special_tokens=False).ids == enc.ids[:j + 1]:
+                return cut, j + 1
+        return None
+
     def pair_ids(self, query: str, docs: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Each (query, document) pair as the model's pair encoding ([CLS] q [SEP] d [SEP] for BERT); a pair over
         max_length is cut as HF's `truncation=True` (longest_first) cuts it, the longer text's end first, as
-        sentence-transformers' CrossEncoder trains (a long query loses its end too, not the whole document)."""
+        sentence-transformers' CrossEncoder trains (a long query loses its end too, not the whole document).
+        Each text is tokenized once alone and cut after max_length + 1 tokens (+ 2 for a query longer than its
+        document): longest_first's outcome depends only on whether the query is the longer, and on the other text's
+        length where that fits, and the Rust tokenizer's pair truncation builds every overflowing piece of both texts,
+        quadratic in their lengths (a 16 KB query with a 20 KB document took 17 s and GBs, holding the GIL). Where
+        no cut keeps the outcome (a tokenizer whose pieces depend on what follows), the whole texts up to 4 x
+        max_length tokens each, else the texts cut at the token (bounded, the last pieces perhaps not HF's)."""
         if self._fast is not None:
-            encs = [self.pair_tokenizer().encode(query, d, add_special_tokens=True) for d in docs]
-            rows = [(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
+            L, pairs = self.max_length, self.pair_tokenizer()
+            specials = pairs.num_special_tokens_to_add(True)
+            q_enc = self._fast.encode(query, add_special_tokens=False)
+            d_encs = (self._fast.encode_batch(docs, add_special_tokens=False) if len(docs) > 8
+                      else [self._fast.encode(d, add_special_tokens=False) for d in docs])
+            q_cuts = {keep: self.clipped(query, q_enc, keep) for keep in (L + 1, L + 2)}  # (the query's two cuts)
+            rows = []
+            for d, d_enc in zip(docs, d_encs):
+                nq, nd = len(q_enc.ids), len(d_enc.ids)
+                keep_q = L + 1 + (nq > nd)
+                q_cut, d_cut = q_cuts[keep_q], self.clipped(d, d_enc, L + 1)
+                if q_cut and d_cut and (q_cut[1] > d_cut[1]) == (nq > nd):  # (longest_first swaps on q > d)
+                    texts = q_cut[0], d_cut[0]
+                elif max(nq, nd) <= 4 * L:
+                    texts = query, d
+                else:
+                    texts = (query[:q_enc.offsets[min(nq, keep_q) - 1][1]] if nq else query,
+                             d[:d_enc.offsets[min(nd, L + 1) - 1][1]] if nd else d)
+                e = pairs.encode(*texts, add_special_tokens=True)
+                rows.append((e.ids, e.type_ids, nq + nd + specials > L))
         else:
             rows = []
             for d in docs:

@@ -78,6 +78,8 @@ CATALOG: dict[str, Variant] = {v.name: v for v in [
             "millis's C encoder, 8-bit weights a row x 8-bit activations a token, [CLS] / [SEP] given a residual row"),
     Variant("native-int7-row-att8", "native", "int8", ("weights",), {"precision": "int7-row", "attention": "int8"},
             "int7-row with the attention in int8 (q, k, v per token and head; AVX-512 VNNI or AVX2, the same bits)"),
+    Variant("native-int8-row-att8", "native", "int8", ("weights",), {"precision": "int8-row", "attention": "int8"},
+            "int8-row with the attention in int8 (as native-int7-row-att8's)"),
     Variant("cuda-fp16", "cuda", "fp16", ("weights",), {"dtype": "fp16"},
             "millis's compact encoder on the GPU: fp16, fused Triton epilogues, a CUDA graph per shape bucket"),
     Variant("cuda-bf16", "cuda", "bf16", ("weights",), {"dtype": "bf16"},

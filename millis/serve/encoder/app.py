@@ -188,14 +188,21 @@ class State:
         return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await watch.until(off_loop(fn, *args))
 
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
-                       query: str | None = None) -> tuple[list[list[int]], list[bool], float]:
+                       query: str | None = None, field: str = "input") -> tuple[list[list[int]], list[bool], float]:
+        """(ids, cut, seconds); `field`: the request's name for the texts, which a 413 names (with a query: the query
+        where it alone is too long, else the document)."""
         t0 = perf_counter()
         ids, cut = await self.token_ids(model, texts, watch, query)
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
-            what = f"documents[{i}] with the query" if query is not None else f"input[{i}]"
+            if query is not None:
+                alone = model.encoder.token_ids([query])[1][0]  # the query alone over the length
+                field, what = ("query", "query") if alone else ("documents", f"documents[{i}] with the query")
+            else:
+                what = f"{field}[{i}]"
             raise schemas.ApiError(413, f"{what} is longer than the model's {model.max_length} tokens "
-                                        f"(the server rejects long texts; send shorter ones)", code="text_too_long")
+                                        f"(the server rejects long texts; send shorter ones)", param=field,
+                                   code="text_too_long")
         return ids, cut, perf_counter() - t0
 
     async def run(self, rows: list[list[int]], watch: Watch) -> Job:
@@ -259,9 +266,9 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         body = await read_json(request, st.limits)
         return model, body, arrived
 
-    async def _answer(request, arrived, model, texts, query=None):
+    async def _answer(request, arrived, model, texts, query=None, field="input"):
         with watched(st, request, arrived) as watch:
-            ids, cut, tok_s = await st.tokenize(model, texts, watch, query)
+            ids, cut, tok_s = await st.tokenize(model, texts, watch, query, field)
             job = await st.run(ids, watch)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
@@ -276,7 +283,8 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     async def classify(request: Request) -> Response:
         model, body, arrived = await _infer(request, "classify")
         texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts)
+        field = "inputs" if isinstance(body, dict) and "inputs" in body else "input"
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, field=field)
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
