@@ -1,6 +1,7 @@
 """The shared-machine rule (kernels/solo_rule.h) of the decoder's steps and the encoder's forwards: passes whose
-caller waited over a third of a window's time for preempted workers send the next 32 passes to the caller alone,
-then the workers are tried again; quiet passes and one-thread passes never go solo."""
+caller waited over a third of a window's time for preempted workers send the passes of the next 100 ms to the caller
+alone, then the workers are tried again for a window (twice as long alone each time that window is contended too,
+up to 1.6 s; a quiet window starts over at 100 ms); quiet passes and one-thread passes never go solo."""
 import ctypes
 
 import numpy as np
@@ -33,11 +34,34 @@ def replay(request):
 
 def test_contended_passes_go_solo_for_a_while(replay):
     solo, entered = replay([10.0] * 45, [5.0] * 45)  # half of every pass spent waiting
-    # a 50 ms window of workers, 32 passes alone, the workers again for a window, alone again
-    assert solo[:5] == [0] * 5 and solo[5:37] == [1] * 32 and solo[37:42] == [0] * 5 and solo[42:] == [1] * 3
-    assert entered == 2
+    # a 50 ms window of workers, 100 ms alone, the workers again for a window, 200 ms alone, a window ...
+    assert solo == [0] * 5 + [1] * 10 + [0] * 5 + [1] * 20 + [0] * 5 and entered == 3
     solo, entered = replay([10.0] * 43, [5.0] * 43, window_ms=0.0)  # each pass judged alone
-    assert solo[0] == 0 and solo[1:33] == [1] * 32 and solo[33] == 0 and solo[34] == 1 and entered == 2
+    assert solo == [0] + [1] * 10 + [0] + [1] * 20 + [0] + [1] * 10 and entered == 3
+
+
+def runs_of_ones(solo: list[int]) -> list[int]:
+    out, n = [], 0
+    for x in solo + [0]:
+        if x:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+def test_solo_spans_are_time_and_end_with_the_contention(replay):
+    """A span is time, not passes: 58 ms forwards (BERT-base b1xs128 alone) go solo for two passes, where 32 passes
+    (1.9 s) once outlasted a 0.5 s hog; the spans double while each probe window is contended (up to 1.6 s) and
+    start over at 100 ms once a window is quiet."""
+    solo, entered = replay([58.0] * 40, [30.0, 30.0] + [0.0] * 38)  # a hog for the first two passes
+    assert solo == [0, 1, 1] + [0] * 37 and entered == 1
+    solo, _ = replay([10.0] * 800, [5.0] * 800)  # contended throughout: 100, 200, 400, 800 ms, then 1.6 s each
+    assert runs_of_ones(solo)[:6] == [10, 20, 40, 80, 160, 160] and max(runs_of_ones(solo)) == 160
+    wait = [5.0] * 5 + [0.0] * 60 + [5.0] * 40  # contended, quiet for a while, contended again
+    solo, entered = replay([10.0] * len(wait), wait)
+    assert runs_of_ones(solo)[:2] == [10, 10] and entered >= 2  # the second span is 100 ms again, not 200
 
 
 def test_quiet_or_single_thread_passes_stay_parallel(replay):
@@ -46,5 +70,5 @@ def test_quiet_or_single_thread_passes_stay_parallel(replay):
     spike = [0.0] * 200
     spike[7] = 30.0  # one preempted pass in a 50 ms window of quiet ones: 30 of 50 ms
     solo, _ = replay([10.0] * 200, spike)
-    assert sum(solo) == 32  # went solo once; with a 100 ms window the same spike would not
+    assert sum(solo) == 10  # went solo once, for 100 ms; with a 100 ms window the same spike would not
     assert replay([10.0] * 200, spike, window_ms=100.0) == ([0] * 200, 0)

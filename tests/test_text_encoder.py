@@ -154,3 +154,40 @@ def test_saved_without_tokenizer_json_falls_back(tmp_path):
     enc = TextEncoder(tmp_path, ("input_ids", "attention_mask"), 32, saved=True)
     assert enc.tok is not None
     assert enc.token_ids(["hello world"])[0] == [AutoTokenizer.from_pretrained(str(src.path))("hello world")["input_ids"]]
+
+
+def test_long_texts_are_tokenized_off_the_gil(saved_dir):
+    """Tokenizer.encode holds the GIL throughout (a 900 KB text stopped a server's event loop for 337 ms);
+    encode_batch lets go of it: texts over GIL_FREE_CHARS in all (single texts, pairs, prompts) go through
+    encode_batch, a few short ones through encode (no wake-up of the Rust thread pool); the same ids either way."""
+    from millis.common.rust_tokenizer import GIL_FREE_CHARS, encode_all
+
+    _, out = saved_dir
+    enc = TextEncoder(out, ("input_ids", "attention_mask", "token_type_ids"), 64, saved=True)
+    calls = []
+
+    class Recording:  # the Rust tokenizer, noting which entry point each call took
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode(self, text, add_special_tokens):
+            calls.append("encode")
+            return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+        def encode_batch(self, texts, add_special_tokens):
+            calls.append("encode_batch")
+            return self.inner.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    inner = enc._fast
+    short, long = "where is my card", "card " * (GIL_FREE_CHARS // 5 + 1)
+    want = [e.ids for e in inner.encode_batch([short, long], add_special_tokens=True)]
+    enc._fast = Recording(inner)
+    assert enc.ids_of([short], True) == want[:1] and calls == ["encode"]
+    calls.clear()
+    assert enc.ids_of([long], True) == want[1:] and calls == ["encode_batch"]
+    calls.clear()
+    enc.pair_ids(long, ["a document"])  # the query's and the document's counts: off the GIL
+    assert calls[0] == "encode_batch"
+    assert [e.ids for e in encode_all(inner, [short] * 9, True)] == [want[0]] * 9  # 9 texts: one batch

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.common.rust_tokenizer import encode_all
 
 BUCKET = 16  # pad T up to a multiple of this: few distinct shapes for static-shape runtimes
 
@@ -99,11 +100,9 @@ class TextEncoder:
         return len(self.tok)
 
     def ids_of(self, texts: list[str], special: bool) -> list[list[int]]:
-        """Each text's token ids, with or without the special tokens, no truncation."""
-        if self._fast is not None and len(texts) <= 8:  # one by one: no wake-up of the Rust thread pool
-            return [self._fast.encode(t, add_special_tokens=special).ids for t in texts]
+        """Each text's token ids, with or without the special tokens, no truncation (long texts off the GIL)."""
         if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=special)]
+            return [e.ids for e in encode_all(self._fast, texts, special)]
         return self.tok(texts, add_special_tokens=special, truncation=False)["input_ids"]
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
@@ -158,9 +157,7 @@ class TextEncoder:
         if self._fast is not None:
             L, pairs = self.max_length, self.pair_tokenizer()
             specials = pairs.num_special_tokens_to_add(True)
-            q_enc = self._fast.encode(query, add_special_tokens=False)
-            d_encs = (self._fast.encode_batch(docs, add_special_tokens=False) if len(docs) > 8
-                      else [self._fast.encode(d, add_special_tokens=False) for d in docs])
+            q_enc, d_encs = encode_all(self._fast, [query], False)[0], encode_all(self._fast, docs, False)
             q_cuts = {keep: self.clipped(query, q_enc, keep) for keep in (L + 1, L + 2)}  # (the query's two cuts)
             rows = []
             for d, d_enc in zip(docs, d_encs):

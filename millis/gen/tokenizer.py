@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from millis.common.errors import MillisError
+from millis.common.rust_tokenizer import encode_all
 
 _BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -42,7 +43,7 @@ class HFTokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """`special=False`: no BOS or other post-processor tokens (a rendered chat template has its own)."""
-        return self._tok.encode(text, add_special_tokens=special).ids
+        return encode_all(self._tok, [text], special)[0].ids  # (a long prompt off the GIL)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -22,10 +22,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from millis.common.rust_tokenizer import GIL_FREE_CHARS
 from millis.serve import schemas
 
 log = logging.getLogger("millis.serve")
-INLINE_TOKENIZE_CHARS = 2048  # above this a request is tokenized in a thread, not on the event loop
+INLINE_TOKENIZE_CHARS = GIL_FREE_CHARS  # above this a request is tokenized in a thread (and off the GIL)
 UNMATCHED = "unmatched"       # the route label of answers to unknown paths and methods
 
 
