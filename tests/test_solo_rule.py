@@ -21,13 +21,16 @@ def replay(request):
     lib = build(request.param, KERNEL_SOURCES if request.param == "llama_step" else SOURCES, isa)
     f = lib.solo_rule_replay
     f.restype = ctypes.c_int64
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double,
+                  ctypes.c_void_p]
 
-    def run(pass_ms, wait_ms, threads=2, window_ms=50.0):
+    def run(pass_ms, wait_ms, threads=2, window_ms=50.0, gap_ms=None):
         p = np.asarray(pass_ms, np.float64) * 1e6
         w = np.asarray(wait_ms, np.float64) * 1e6
+        g = None if gap_ms is None else np.asarray(gap_ms, np.float64) * 1e6
         solo = np.zeros(len(p), np.int32)
-        entered = f(len(p), p.ctypes.data, w.ctypes.data, threads, window_ms * 1e6, solo.ctypes.data)
+        entered = f(len(p), p.ctypes.data, w.ctypes.data, None if g is None else g.ctypes.data, threads,
+                    window_ms * 1e6, solo.ctypes.data)
         return solo.tolist(), entered
     return run
 
@@ -62,6 +65,11 @@ def test_solo_spans_are_time_and_end_with_the_contention(replay):
     wait = [5.0] * 5 + [0.0] * 60 + [5.0] * 40  # contended, quiet for a while, contended again
     solo, entered = replay([10.0] * len(wait), wait)
     assert runs_of_ones(solo)[:2] == [10, 10] and entered >= 2  # the second span is 100 ms again, not 200
+    # contended until the span reached 1.6 s, then a minute with no passes: the next episode starts at 100 ms
+    gap = [0.0] * 400 + [60e3] + [0.0] * 99
+    solo, _ = replay([10.0] * 500, [5.0] * 500, gap_ms=gap)
+    assert runs_of_ones(solo[:400])[:5] == [10, 20, 40, 80, 160]
+    assert runs_of_ones(solo[400:])[0] == 10 and solo[400:405] == [0] * 5
 
 
 def test_quiet_or_single_thread_passes_stay_parallel(replay):

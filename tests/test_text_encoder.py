@@ -116,6 +116,9 @@ def test_long_pairs_cut_as_hf_from_texts_cut_first(saved_dir):
         def encode(self, q, d, add_special_tokens):
             seen.append(max(len(enc.ids_of([q], False)[0]), len(enc.ids_of([d], False)[0])))
             return self.inner.encode(q, d, add_special_tokens=add_special_tokens)
+
+        def encode_batch(self, inputs, add_special_tokens):  # (long texts: off the GIL)
+            return [self.encode(q, d, add_special_tokens) for q, d in inputs]
     enc._pairs = Recording(enc.pair_tokenizer())
     rng = random.Random(3)
     words = ["unbelievable", "café", "naïve", "日本語", "the", "a", ",", "supercalifragilistic", "x" * 3000, "card"]
@@ -190,4 +193,73 @@ def test_long_texts_are_tokenized_off_the_gil(saved_dir):
     calls.clear()
     enc.pair_ids(long, ["a document"])  # the query's and the document's counts: off the GIL
     assert calls[0] == "encode_batch"
-    assert [e.ids for e in encode_all(inner, [short] * 9, True)] == [want[0]] * 9  # 9 texts: one batch
+    calls.clear()
+    assert [e.ids for e in encode_all(enc._fast, [short] * 9, True)] == [want[0]] * 9 and calls == ["encode_batch"]
+    calls.clear()  # a pair of long texts (the pair tokenizer's call) goes the same way
+    got = encode_all(enc._fast, [(long, short)], True)[0]
+    assert calls == ["encode_batch"] and got.ids == inner.encode(long, short, add_special_tokens=True).ids
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_pairs_cut_first_on_byte_bpe_and_unigram_tokenizers(tmp_path, kind):
+    """The cut-first pairs on RoBERTa's (byte-level BPE) and XLM-R's (Unigram, Metaspace) kinds of tokenizer, trained
+    here on a few words: the rows and cut flags of the Rust pair truncation on the whole texts (what AutoTokenizer's
+    truncation=True runs), spaced and unspaced texts, spelled special tokens; and a text whose cut never re-tokenizes
+    alike (a spelled <s> before a 4,000-token word: the word cut, unbounded, once sent it all to the pair tokenizer)
+    gives the pair tokenizer at most max_length + 2 tokens a text."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    rng = random.Random(1)
+    base = ["unbelievable", "café", "naïve", "日本語", "the", "a", ",", "supercalifragilistic", "card", "transfer",
+            "account", "don't", "hello", "world", "🙂", "...", "1,000"]
+    corpus = [" ".join(rng.choices(base, k=30)) for _ in range(500)]
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer, tok.pre_tokenizer = normalizers.NFKC(), pre_tokenizers.Metaspace()
+        tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    L = 64
+    enc = TextEncoder(tmp_path, ("input_ids",), L, saved=True)
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ref.enable_truncation(L, strategy="longest_first")
+    words = base + ["x" * 300, "</s>", "<s>", "\n"]
+    cases = [(" ".join(rng.choices(words, k=rng.randint(1, 150))), " ".join(rng.choices(words, k=rng.randint(1, 150))))
+             for _ in range(80)]
+    cases += [("".join(rng.choices(words, k=rng.randint(1, 150))), "".join(rng.choices(words, k=rng.randint(1, 150))))
+              for _ in range(80)]
+    for q, d in cases:
+        rows, cut = enc.pair_ids(q, [d])
+        want = ref.encode(q, d)
+        assert list(rows[0]) == want.ids and cut[0] == bool(want.overflowing), (q[:40], d[:40])
+    seen = []
+    pairs = enc.pair_tokenizer()
+
+    class Recording:
+        def num_special_tokens_to_add(self, pair):
+            return pairs.num_special_tokens_to_add(pair)
+
+        def encode(self, q, d, add_special_tokens):
+            seen.append(max(len(enc.ids_of([q], False)[0]), len(enc.ids_of([d], False)[0])))
+            return pairs.encode(q, d, add_special_tokens=add_special_tokens)
+
+        def encode_batch(self, inputs, add_special_tokens):
+            return [self.encode(q, d, add_special_tokens) for q, d in inputs]
+    enc._pairs = Recording()
+    for k in range(70):  # the spelled <s> lands where the query is cut
+        q = "a " * k + "<s>" + "hellocard" * 500
+        e = enc._fast.encode(q, add_special_tokens=False)
+        if len(e.ids) > L + 2 and e.tokens[L - 1] == "<s>":
+            break
+    rows, cut = enc.pair_ids(q, ["a " * 31 + "<s>" + "worldcard" * 625])
+    assert cut[0] and len(rows[0]) == L and max(seen) <= L + 2 + 16

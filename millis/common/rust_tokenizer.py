@@ -14,9 +14,11 @@ from typing import Any
 GIL_FREE_CHARS = 2048
 
 
-def encode_all(tok: Any, texts: list[str], special: bool) -> list[Any]:
-    """tok's encodings of texts (its own truncation and padding settings apply), one by one for up to 8 texts of
-    GIL_FREE_CHARS in all, else by encode_batch."""
-    if len(texts) <= 8 and sum(map(len, texts)) <= GIL_FREE_CHARS:
-        return [tok.encode(t, add_special_tokens=special) for t in texts]
+def encode_all(tok: Any, texts: list, special: bool) -> list[Any]:
+    """tok's encodings of texts, each a str or a (text, pair) tuple (its own truncation and padding settings apply),
+    one by one for up to 8 texts of GIL_FREE_CHARS in all, else by encode_batch."""
+    chars = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
+    if len(texts) <= 8 and chars <= GIL_FREE_CHARS:
+        return [tok.encode(t, add_special_tokens=special) if isinstance(t, str) else
+                tok.encode(t[0], t[1], add_special_tokens=special) for t in texts]
     return tok.encode_batch(texts, add_special_tokens=special)

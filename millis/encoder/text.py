@@ -11,6 +11,7 @@ from millis.common.errors import MillisError
 from millis.common.rust_tokenizer import encode_all
 
 BUCKET = 16  # pad T up to a multiple of this: few distinct shapes for static-shape runtimes
+WORD_SLACK = 16  # TextEncoder.clipped cuts a text at the end of a word only this many tokens past its cut at most
 
 
 def bucket_length(n_tokens: int, max_length: int) -> int:
@@ -131,16 +132,19 @@ class TextEncoder:
 
     def clipped(self, text: str, enc, keep: int) -> tuple[str, int] | None:
         """(text cut after its first `keep` tokens, its token count) (enc: text's encoding without special tokens):
-        cut at the end of token keep - 1, else of that token's word, where the cut text tokenizes to the same first
-        ids; the text itself when it has no more; None when neither cut does (pieces that depend on what follows)."""
+        cut at the end of token keep - 1, else of that token's word (within WORD_SLACK tokens), where the cut text
+        tokenizes to the same first ids; the text itself when it has no more; None when neither cut does (pieces
+        that depend on what follows)."""
         if len(enc.ids) <= keep:
             return text, len(enc.ids)
         words, last = enc.word_ids, keep - 1
-        while words[last] is not None and last + 1 < len(words) and words[last + 1] == words[last]:
+        while (words[last] is not None and last + 1 < len(words) and words[last + 1] == words[last]
+               and last < keep + WORD_SLACK):
             last += 1
-        for j in dict.fromkeys((keep - 1, last)):
+        ends = (keep - 1, last) if last < keep + WORD_SLACK else (keep - 1,)  # (a longer word: no word cut)
+        for j in dict.fromkeys(ends):
             cut = text[:enc.offsets[j][1]]
-            if self._fast.encode(cut, add_special_tokens=False).ids == enc.ids[:j + 1]:
+            if encode_all(self._fast, [cut], False)[0].ids == enc.ids[:j + 1]:
                 return cut, j + 1
         return None
 
@@ -171,7 +175,7 @@ class TextEncoder:
                 else:
                     texts = (query[:q_enc.offsets[min(nq, keep_q) - 1][1]] if nq else query,
                              d[:d_enc.offsets[min(nd, L + 1) - 1][1]] if nd else d)
-                e = pairs.encode(*texts, add_special_tokens=True)
+                e = encode_all(pairs, [texts], True)[0]
                 rows.append((e.ids, e.type_ids, nq + nd + specials > L))
         else:
             rows = []

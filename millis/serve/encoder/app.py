@@ -196,7 +196,7 @@ class State:
         if self.cfg.too_long == "reject" and any(cut):
             i = cut.index(True)
             if query is not None:
-                alone = model.encoder.token_ids([query])[1][0]  # the query alone over the length
+                alone = (await self.token_ids(model, [query], watch))[1][0]  # the query alone over the length
                 field, what = ("query", "query") if alone else ("documents", f"documents[{i}] with the query")
             else:
                 what = f"{field}[{i}]"
