@@ -27,7 +27,8 @@ from millis.encoder.text import TextEncoder  # noqa: E402
 from millis.runtimes.registry import open_runtime  # noqa: E402
 
 SHORT = SHORT_QUERIES
-PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
+PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row", "int7-row-att8", "int8-row-att8")
+ATT8 = "-att8"  # with the int8 attention (the variants native-int7-row-att8, native-int8-row-att8)
 
 
 def main() -> None:
@@ -42,7 +43,9 @@ def main() -> None:
     rows = []
     for prec in PRECISIONS:
         rt = open_runtime("native", src.path, f"native-{prec}", src.input_names, "embedding",
-                          {"task": "embed", "pooling": {"mode": "mean", "normalize": True}, "precision": prec}, 2)
+                          {"task": "embed", "pooling": {"mode": "mean", "normalize": True},
+                           "precision": prec.removesuffix(ATT8), "attention": "int8" if prec.endswith(ATT8) else "auto"},
+                          2)
         row = {"precision": prec, "kernels": getattr(rt.model, "isa", None)}
         for k, texts in sets.items():
             cos = row_cosines(refs[k], run_texts(rt, enc, texts).outputs)
