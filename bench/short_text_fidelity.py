@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "bench" / "peers"))
 
 from checkouts import write_result  # noqa: E402
 from harness import SHORT_QUERIES  # noqa: E402
+from native_precisions import ATT8  # noqa: E402  (a precision with it: the int8 attention)
 from millis.artifact.model import open_model, run_texts  # noqa: E402
 from millis.common.hardware import describe  # noqa: E402
 from millis.common.numeric import row_cosines  # noqa: E402
@@ -27,8 +28,7 @@ from millis.encoder.text import TextEncoder  # noqa: E402
 from millis.runtimes.registry import open_runtime  # noqa: E402
 
 SHORT = SHORT_QUERIES
-PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row", "int7-row-att8", "int8-row-att8")
-ATT8 = "-att8"  # with the int8 attention (the variants native-int7-row-att8, native-int8-row-att8)
+PRECISIONS = ("int8", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row", "int7-row" + ATT8, "int8-row" + ATT8)
 
 
 def main() -> None:

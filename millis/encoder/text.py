@@ -163,9 +163,9 @@ class TextEncoder:
             specials = pairs.num_special_tokens_to_add(True)
             q_enc, d_encs = encode_all(self._fast, [query], False)[0], encode_all(self._fast, docs, False)
             q_cuts = {keep: self.clipped(query, q_enc, keep) for keep in (L + 1, L + 2)}  # (the query's two cuts)
-            rows = []
+            rows, nq = [], len(q_enc.ids)
             for d, d_enc in zip(docs, d_encs):
-                nq, nd = len(q_enc.ids), len(d_enc.ids)
+                nd = len(d_enc.ids)
                 keep_q = L + 1 + (nq > nd)
                 q_cut, d_cut = q_cuts[keep_q], self.clipped(d, d_enc, L + 1)
                 if q_cut and d_cut and (q_cut[1] > d_cut[1]) == (nq > nd):  # (longest_first swaps on q > d)

@@ -19,13 +19,13 @@
 #define SOLO_IDLE_NS 1e9  /* a gap this long without passes starts over: window and span (a new episode) */
 typedef struct {
     double until_ns;            /* passes that start before this (CLOCK_MONOTONIC, ns) run alone */
-    double span_ns;             /* the next solo span (0: SOLO_NS) */
+    double span_ns;             /* the next solo span: SOLO_NS, doubled while contended */
     double last_ns;             /* when the last pass ended (0: none yet) */
     double win_ns, win_wait_ns; /* the window so far: passes' time, the caller's waiting in it */
     double window_ns;           /* how long a window the rule judges (0: each pass alone) */
     int64_t entered;            /* times the solo passes began */
 } solo_rule;
-#define SOLO_RULE_INIT {0.0, 0.0, 0.0, 0.0, 0.0, 50e6, 0}
+#define SOLO_RULE_INIT {0.0, SOLO_NS, 0.0, 0.0, 0.0, 50e6, 0}
 
 static double solo_now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e9 + t.tv_nsec; }
 static int solo_take(const solo_rule* r, double now_ns) { return now_ns < r->until_ns; }  /* whether this pass runs alone */
@@ -38,16 +38,15 @@ static int solo_begin(solo_rule* r) {
 /* at a pass's end (now_ns; before pool_end): a pass of pass_ns on `threads` threads, the caller's waiting from
    pool_wait_ns */
 static void solo_judge(solo_rule* r, int was_solo, int threads, double pass_ns, double wait_ns, double now_ns) {
-    if (r->last_ns > 0 && now_ns - pass_ns - r->last_ns > SOLO_IDLE_NS) { r->span_ns = 0; r->win_ns = r->win_wait_ns = 0; }
+    if (r->last_ns > 0 && now_ns - pass_ns - r->last_ns > SOLO_IDLE_NS) { r->span_ns = SOLO_NS; r->win_ns = r->win_wait_ns = 0; }
     r->last_ns = now_ns;
     if (was_solo || threads <= 1) return;
     r->win_ns += pass_ns;
     r->win_wait_ns += wait_ns;
     if (r->win_ns >= r->window_ns) {
-        const double span = r->span_ns > 0 ? r->span_ns : SOLO_NS;
         if (r->win_wait_ns > r->win_ns / 3) {
-            r->until_ns = now_ns + span;
-            r->span_ns = 2 * span < SOLO_MAX_NS ? 2 * span : SOLO_MAX_NS;
+            r->until_ns = now_ns + r->span_ns;
+            r->span_ns = 2 * r->span_ns < SOLO_MAX_NS ? 2 * r->span_ns : SOLO_MAX_NS;
             r->entered++;
         } else {
             r->span_ns = SOLO_NS;
