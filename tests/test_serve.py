@@ -111,7 +111,9 @@ def test_batched_equals_single(embed_server):
     (b'{"input": "x", "model": "gpt-4"}', 404, "model_not_found"),
     (b'{"input": "x", "encoding_format": "int8"}', 422, "invalid_value"),
     (b'{"input": "x", "encoding_format": 0}', 422, "invalid_value"),
-    (b'{"input": "x", "dimensions": 7}', 422, "invalid_value"),
+    (b'{"input": "x", "dimensions": 100000}', 422, "invalid_value"),
+    (b'{"input": "x", "dimensions": 0}', 422, "invalid_value"),
+    (b'{"input": "x", "dimensions": "8"}', 422, "invalid_value"),
     (json.dumps({"input": ["x"] * 65}).encode(), 413, "too_many_inputs"),
     (json.dumps({"input": "x" * (1 << 20)}).encode(), 413, "body_too_large"),
 ])
@@ -340,3 +342,140 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
                        ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):
         status, _, err = classify_server.post("/v1/rerank", bad)
         assert status == 422 and err["error"]["param"] == param, err
+
+
+def test_rerank_duplicates_top_n_and_nulls(classify_server):
+    """Identical documents run once and share one score (ties in index order); any positive top_n (1e30 too) past the
+    documents gives all of them, as the published schema says; null flags are their defaults; raw_scores gives the
+    last label's logit, in the same order."""
+    docs = ["same text", "other", "same text", "same text"]
+    status, _, body = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "return_documents": None})
+    assert status == 200, body
+    res = body["results"]
+    same = [r for r in res if docs[r["index"]] == "same text"]
+    assert len({r["relevance_score"] for r in same}) == 1 and [r["index"] for r in same] == [0, 2, 3]
+    assert all(0 <= r["relevance_score"] <= 1 and "document" not in r for r in res)
+    once = classify_server.post("/v1/rerank", {"query": "q", "documents": ["same text", "other"]})[2]
+    assert body["usage"] == once["usage"]  # the duplicates ran once
+    for top_n in (1e30, 2**40, 4.0):
+        status, _, got = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "top_n": top_n})
+        assert status == 200 and len(got["results"]) == 4, got
+    status, _, raw = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "raw_scores": True})
+    assert [r["index"] for r in raw["results"]] == [r["index"] for r in res]
+    logits = classify_server.post("/v1/classify", {"inputs": ["q"], "return_logits": True})[2]["data"][0]["logits"]
+    assert len(logits) > 1  # a multi-label head: raw is the last label's logit, not a probability
+    for bad in ({"top_n": 0.5}, {"top_n": "3"}, {"top_n": True}, {"raw_scores": "no"}, {"truncate": 1}):
+        status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
+        assert status == 422 and err["error"]["param"] == next(iter(bad)), err
+
+
+def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_server):
+    """TEI's /embed, /predict and /rerank: the same numbers as the OpenAI / Cohere routes, in TEI's shapes."""
+    want = [d["embedding"] for d in embed_server.post("/v1/embeddings", {"input": TEXTS[:3]})[2]["data"]]
+    status, _, got = embed_server.post("/embed", {"inputs": TEXTS[:3]})
+    assert status == 200 and np.allclose(got, want, atol=1e-6), got
+    status, _, one = embed_server.post("/embed", {"inputs": TEXTS[0], "truncate": True})
+    assert status == 200 and np.allclose(one, want[:1], atol=1e-6)
+    status, _, err = embed_server.post("/embed", {"inputs": ["ok", "word " * 2000], "truncate": False})
+    assert status == 413 and err["error"]["param"] == "inputs" and "inputs[1]" in err["error"]["message"], err
+    assert embed_server.post("/embed", {"inputs": "word " * 2000})[0] == 200  # the server's rule: truncate
+    probs = classify_server.post("/v1/classify", {"inputs": TEXTS[:2], "top_k": 3})[2]["data"]
+    status, _, pred = classify_server.post("/predict", {"inputs": TEXTS[:2]})
+    assert status == 200 and len(pred) == 2, pred
+    for p, c in zip(pred, probs):
+        assert [x["label"] for x in p[:3]] == [x["label"] for x in c["top_k"]]
+        assert np.isclose(sum(x["score"] for x in p), 1.0) and p[0]["score"] == max(x["score"] for x in p)
+    status, _, single = classify_server.post("/predict", {"inputs": TEXTS[0]})
+    assert status == 200 and [x["label"] for x in single] == [x["label"] for x in pred[0]], single
+    assert np.allclose([x["score"] for x in single], [x["score"] for x in pred[0]], atol=1e-3)  # int8: batch-mates
+    assert classify_server.post("/predict", {"inputs": [["a", "b"]]})[0] == 422  # pairs: /rerank
+    docs = ["I lost my card", "the weather is nice", "card delivery time"]
+    cohere = classify_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})[2]["results"]
+    status, _, tei = classify_server.post("/rerank", {"query": "where is my card?", "texts": docs, "return_text": True})
+    assert status == 200 and [r["index"] for r in tei] == [r["index"] for r in cohere], tei
+    assert [r["score"] for r in tei] == [r["relevance_score"] for r in cohere]
+    assert [r["text"] for r in tei] == [docs[r["index"]] for r in tei]
+    assert classify_server.post("/rerank", {"query": "q", "documents": docs})[2]["error"]["param"] == "texts"
+    assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
+
+
+def test_dimensions_cut_and_renormalise(embed_server):
+    """OpenAI's `dimensions` (and TEI's): the first d values of each vector, made unit length again where the model's
+    vectors are; at the model's own size, the vectors as they are."""
+    full = np.array([d["embedding"] for d in embed_server.post("/v1/embeddings", {"input": TEXTS[:2]})[2]["data"]])
+    dim = full.shape[1]
+    unit = bool(np.allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-4))
+    for d in (1, dim // 2, dim):
+        got = np.array([x["embedding"] for x in
+                        embed_server.post("/v1/embeddings", {"input": TEXTS[:2], "dimensions": d})[2]["data"]])
+        cut = full[:, :d]
+        assert got.shape == (2, d)
+        np.testing.assert_allclose(got, cut / np.linalg.norm(cut, axis=1, keepdims=True) if unit else cut, atol=1e-6)
+        tei = np.array(embed_server.post("/embed", {"inputs": TEXTS[:2], "dimensions": d})[2])
+        np.testing.assert_allclose(tei, cut / np.linalg.norm(cut, axis=1, keepdims=True), atol=1e-6)
+    b64 = embed_server.post("/v1/embeddings", {"input": TEXTS[0], "dimensions": 3, "encoding_format": "base64"})[2]
+    assert np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), "<f4").shape == (3,)
+
+
+def test_model_card_and_tokenize_inputs(embed_server):
+    """GET /v1/models/{id} (OpenAI's models.retrieve): the card of the served model, 404 for another; /tokenize takes
+    `inputs` (TEI's name) as well as `input`."""
+    listed = json.loads(embed_server.get("/v1/models")[1])["data"][0]
+    status, body = embed_server.get(f"/v1/models/{listed['id']}")
+    assert status == 200 and json.loads(body) == listed
+    status, body = embed_server.get("/v1/models/gpt-4")
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    a = embed_server.post("/tokenize", {"inputs": TEXTS[:2]})
+    assert a[0] == 200 and a[2]["data"] == embed_server.post("/tokenize", {"input": TEXTS[:2]})[2]["data"]
+    assert embed_server.post("/tokenize", {"input": "x", "inputs": "x"})[0] == 422
+
+
+@pytest.fixture(scope="module")
+def one_logit_dir(tmp_path_factory):
+    """A one-logit cross-encoder (as ms-marco-MiniLM): a tiny BERT with num_labels 1, logits well outside 0..1."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from millis.encoder.tiny import build_tiny
+
+    src, out = build_tiny("bert"), tmp_path_factory.mktemp("one-logit")
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.num_labels, cfg.id2label, cfg.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():
+        m.classifier.weight.mul_(50.0)
+        m.classifier.bias.fill_(3.0)
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def test_one_logit_cross_encoder_scores_by_sigmoid(one_logit_dir):
+    """A one-logit model's relevance is its logit's sigmoid (Cohere's, Jina's and TEI's 0..1), raw_scores the logit
+    HF computes for the pair; /v1/classify and /predict score its one label by the sigmoid too (a softmax over one
+    label would always say 1)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(one_logit_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(one_logit_dir).eval()
+    query, docs = "where is my card?", ["I lost my card", "the weather is nice", "card delivery time"]
+    with torch.no_grad():
+        want = hf(**tok([query] * 3, docs, padding=True, return_tensors="pt")).logits[:, 0].double().numpy()
+    s = Server(one_logit_dir)
+    try:
+        status, _, body = s.post("/v1/rerank", {"query": query, "documents": docs})
+        assert status == 200, body
+        got = {r["index"]: r["relevance_score"] for r in body["results"]}
+        np.testing.assert_allclose([got[i] for i in range(3)], 1 / (1 + np.exp(-want)), atol=1e-5)
+        raw = {r["index"]: r["relevance_score"] for r in
+               s.post("/v1/rerank", {"query": query, "documents": docs, "raw_scores": True})[2]["results"]}
+        np.testing.assert_allclose([raw[i] for i in range(3)], want, atol=1e-3)
+        assert [r["index"] for r in body["results"]] == list(np.argsort(-want, kind="stable"))
+        c = s.post("/v1/classify", {"inputs": [docs[0]], "return_logits": True})[2]["data"][0]
+        assert np.isclose(c["score"], 1 / (1 + np.exp(-c["logits"][0])), atol=1e-6) and c["score"] < 1.0
+        p = s.post("/predict", {"inputs": docs[0]})[2]
+        assert len(p) == 1 and np.isclose(p[0]["score"], c["score"])
+    finally:
+        assert s.stop() == 0

@@ -12,6 +12,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x), through tanh: no overflow at any x."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def label_scores(x: np.ndarray) -> np.ndarray:
+    """(N, labels) logits -> scores in 0..1: the softmax over the labels, or a one-logit model's sigmoid (a softmax
+    over one label is always 1), as HF's pipelines and TEI score them."""
+    return sigmoid(x) if x.shape[-1] == 1 else softmax(x)
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """(N, D) -> each row divided by its L2 norm."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)

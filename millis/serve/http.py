@@ -146,6 +146,19 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
     return handler
 
 
+def model_routes(st, card: Callable[[], dict[str, Any]]) -> list[Route]:
+    """OpenAI's GET /v1/models (a list of the one served model's card) and GET /v1/models/{id} (the card, or
+    404 for another id), over `card()`: the served model's description now."""
+    async def models(request: Request) -> Response:
+        return json_response({"object": "list", "data": [card()]})
+
+    async def model(request: Request) -> Response:
+        schemas.check_model({"model": request.path_params["id"]}, st.name)
+        return json_response(card())
+    return [Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
+            Route("/v1/models/{id:path}", endpoint(st, "/v1/models/{id}", model), methods=["GET"])]
+
+
 def model_status(st, loaded: bool) -> str:
     """ready, loading, draining or failed: <why>."""
     if loaded and not st.draining:

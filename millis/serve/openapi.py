@@ -60,7 +60,12 @@ def _common(name: str) -> dict[str, Any]:
         "object": {"const": "list"}, "data": {"type": "array", "items": {
             "type": "object", "required": ["id", "object"], "properties": {"id": {"const": name},
                                                                         "object": {"const": "model"}}}}}}
-    return {"/v1/models": _get("the served model", _json(models)), "/health": _get("alive"),
+    card = models["properties"]["data"]["items"]
+    one = {"get": {"summary": "the served model's card (OpenAI's models.retrieve)", "parameters": [
+        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}], "responses": {
+        "200": {"description": "the card", "content": _json(card)},
+        "404": {"description": "another model", "content": _json(ERROR)}}}}
+    return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one, "/health": _get("alive"),
             "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format"),
             "/stats": _stats(), "/dashboard": _get("a live page of /stats", {"text/html": {"schema": TEXT_BODY}})}
 
@@ -86,9 +91,9 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ encoder
 
 def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0,
-                 vocab_size: int = 0) -> dict[str, Any]:
+                 vocab_size: int = 0, unit: bool = False) -> dict[str, Any]:
     """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size 0
-    while the model loads."""
+    while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false refused)."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -101,7 +106,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     if task in ("", "embed"):
         req = {"type": "object", "required": ["input"], "properties": {
             "input": embed_input, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
-            "dimensions": {"enum": [dim, None]} if dim else nullable({"type": "integer"})}}
+            "dimensions": nullable({"type": "integer", "minimum": 1, **({"maximum": dim} if dim else {})})}}
         item = {"type": "object", "required": ["object", "index", "embedding"], "properties": {
             "object": {"const": "embedding"}, "index": {"type": "integer", "minimum": 0},
             "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}
@@ -109,6 +114,12 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/embeddings"] = _post("OpenAI-compatible sentence embeddings", req, _json(ok))
+        req = {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": texts, "normalize": {"const": True} if unit else {"type": "boolean"},
+            "truncate": nullable({"type": "boolean"}),
+            "dimensions": req["properties"]["dimensions"]}}
+        vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+        paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs))
     if task in ("", "classify"):
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
@@ -124,9 +135,15 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "object": {"const": "list"}, "model": {"const": name}, "usage": USAGE,
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
+        labels = {"type": "array", "items": scored}
+        req = {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": texts, "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"})}}
+        paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, per text (a list of "
+                                  "those for a list)", req, _json({"oneOf": [labels, {"type": "array", "items": labels}]}))
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
-            "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model, "return_documents": {"type": "boolean"},
+            "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,
+            "return_documents": nullable({"type": "boolean"}), "raw_scores": nullable({"type": "boolean"}),
             "documents": {"type": "array", "items": doc, "minItems": 1, "maxItems": max_inputs},
             "top_n": nullable({"type": "integer", "minimum": 1})}}
         hit = {"type": "object", "required": ["index", "relevance_score"], "properties": {
@@ -137,13 +154,23 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "results": {"type": "array", "items": hit}}}
         paths["/v1/rerank"] = _post("cross-encoder reranking (Jina / Cohere shape): documents by relevance to "
                                     "the query", req, _json(ok))
+        req = {"type": "object", "required": ["query", "texts"], "properties": {
+            "query": req["properties"]["query"], "texts": {"type": "array", "items": TEXT, "minItems": 1,
+                                                           "maxItems": max_inputs},
+            "return_text": nullable({"type": "boolean"}), "raw_scores": nullable({"type": "boolean"}),
+            "truncate": nullable({"type": "boolean"})}}
+        hit = {"type": "object", "required": ["index", "score"], "properties": {
+            "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": {"type": "string"}}}
+        paths["/rerank"] = _post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
+                                 _json({"type": "array", "items": hit}))
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}
     ok = {"type": "object", "required": ["object", "data", "model", "max_length"], "properties": {
         "object": {"const": "list"}, "model": {"const": name}, "max_length": {"type": "integer"},
         "data": {"type": "array", "items": tok_item, "minItems": 1}}}
-    req = {"type": "object", "required": ["input"], "properties": {"input": texts, "model": model}}
+    req = {"type": "object", "properties": {"input": texts, "inputs": texts, "model": model},
+           "oneOf": [{"required": ["inputs"]}, {"required": ["input"]}]}
     paths["/tokenize"] = _post("the token ids the model runs for each text (cut at its max length, as inference is)",
                                req, _json(ok))
     return _spec("millis serve (encoder)", paths)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from millis.common.numeric import softmax
+from millis.common.numeric import label_scores, unit_rows
 
 
 class ApiError(Exception):
@@ -180,20 +180,25 @@ def check_model(body: dict[str, Any], served: str) -> None:
 
 
 def embeddings_request(body: dict[str, Any], served: str, dim: int,
-                       limits: Limits) -> tuple[list[str] | TokenInput, str]:
+                       limits: Limits) -> tuple[list[str] | TokenInput, str, int]:
     """OpenAI /v1/embeddings: input (texts or token ids: `embedding_input`), model, encoding_format
-    float|base64, dimensions (= native only)."""
+    float|base64, dimensions (1..the model's: `shortened`)."""
     check_model(body, served)
     fmt = body.get("encoding_format")
     fmt = "float" if fmt is None else fmt
     if fmt not in ("float", "base64"):
         raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format",
                        code="invalid_value")
-    dims = body.get("dimensions")
-    if dims is not None and not (is_integral(dims) and dims == dim):
-        raise ApiError(422, f"dimensions={dims!r} is not supported: this model gives {dim}", param="dimensions",
-                       code="invalid_value")
-    return embedding_input(body, limits), fmt
+    return embedding_input(body, limits), fmt, integer(body, "dimensions", 1, dim, dim)
+
+
+def shortened(out: list[np.ndarray], dims: int, unit: bool) -> list[np.ndarray]:
+    """Each vector's first `dims` values (OpenAI's `dimensions`, a Matryoshka cut), made unit length again when
+    `unit` (the model's vectors are); at the model's own size the vectors as they are."""
+    if not out or dims >= len(out[0]):
+        return out
+    cut = np.stack(out)[:, :dims]
+    return list(unit_rows(cut)) if unit else list(cut)
 
 
 def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: Limits) -> tuple[list[str], int, bool]:
@@ -206,10 +211,16 @@ def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: L
     if not isinstance(logits, bool):
         raise ApiError(422, f"return_logits must be true or false, got {logits!r}", param="return_logits",
                        code="invalid_type")
+    return input_texts(body, limits)[0], top_k, logits
+
+
+def input_texts(body: dict[str, Any], limits: Limits, default: str = "inputs") -> tuple[list[str], str]:
+    """(texts, the field they came in): `inputs` (HF's, TEI's) or `input` (OpenAI's), not both; with neither, the
+    error names `default`."""
     if "inputs" in body and "input" in body:
-        raise ApiError(422, "give the texts as 'inputs' (or 'input'), not both", param="inputs", code="invalid_body")
-    key = "inputs" if "inputs" in body or "input" not in body else "input"
-    return texts_of(body, key, limits), top_k, logits
+        raise ApiError(422, "give the texts as 'inputs' or 'input', not both", param=default, code="invalid_body")
+    key = "inputs" if "inputs" in body else "input" if "input" in body else default
+    return texts_of(body, key, limits), key
 
 
 def embeddings_response(out: list[np.ndarray], fmt: str, model: str, tokens: int) -> dict[str, Any]:
@@ -225,7 +236,7 @@ def embeddings_response(out: list[np.ndarray], fmt: str, model: str, tokens: int
 def classify_response(out: list[np.ndarray], id2label: dict[int, str], top_k: int, logits: bool,
                       truncated: list[bool], model: str, tokens: int) -> dict[str, Any]:
     x = np.stack(out)                                                      # (n, labels) logits
-    probs = softmax(x)
+    probs = label_scores(x)                                                # one logit: its sigmoid
     tops = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()  # per row: top_k labels, best first
     data = []
     for i, (p, order) in enumerate(zip(probs.tolist(), tops)):  # Python floats and ints: no numpy per item

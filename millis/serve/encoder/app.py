@@ -27,11 +27,13 @@ from millis.runtimes.base import shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
-from millis.serve.encoder.rerank import relevance, rerank_request, rerank_response
+from millis.serve.encoder import tei
+from millis.serve.encoder.rerank import (COHERE, TEI, Shape, distinct, relevance, rerank_request, rerank_response,
+                                         tei_rerank_response)
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, off_loop,
-                               read_json, ready_response, watch_disconnect)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, model_routes,
+                               off_loop, read_json, ready_response, watch_disconnect)
 from millis.serve.metrics import Metrics
 
 log = logging.getLogger("millis.serve")
@@ -188,13 +190,16 @@ class State:
         return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await watch.until(off_loop(fn, *args))
 
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
-                       query: str | None = None, field: str = "input") -> tuple[list[list[int]], list[bool], float]:
+                       query: str | None = None, field: str = "input",
+                       reject: bool = False, places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
         """(ids, cut, seconds); `field`: the request's name for the texts, which a 413 names (with a query: the query
-        where it alone is too long, else the document)."""
+        where it alone is too long, else the document); reject: refuse long texts whatever the server's rule;
+        places: each text's index in the request (default: its own)."""
         t0 = perf_counter()
         ids, cut = await self.token_ids(model, texts, watch, query)
-        if self.cfg.too_long == "reject" and any(cut):
+        if (reject or self.cfg.too_long == "reject") and any(cut):
             i = cut.index(True)
+            i = places[i] if places else i
             if query is not None:
                 alone = (await self.token_ids(model, [query], watch))[1][0]  # the query alone over the length
                 field, what = ("query", "query") if alone else ("documents", f"documents[{i}] with the query")
@@ -266,53 +271,81 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         body = await read_json(request, st.limits)
         return model, body, arrived
 
-    async def _answer(request, arrived, model, texts, query=None, field="input"):
+    async def _answer(request, arrived, model, texts, query=None, field="input", reject=False, places=None):
         with watched(st, request, arrived) as watch:
-            ids, cut, tok_s = await st.tokenize(model, texts, watch, query, field)
+            ids, cut, tok_s = await st.tokenize(model, texts, watch, query, field, reject, places)
             job = await st.run(ids, watch)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
 
     async def embeddings(request: Request) -> Response:
         model, body, arrived = await _infer(request, "embed")
-        texts, fmt = schemas.embeddings_request(body, st.name, st.dim, st.limits)
+        texts, fmt, dims = schemas.embeddings_request(body, st.name, st.dim, st.limits)
         job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts)
-        return json_response(schemas.embeddings_response(job.out, fmt, st.name, n_tok),
+        out = schemas.shortened(job.out, dims, model.meta.source.pooling.normalize)
+        return json_response(schemas.embeddings_response(out, fmt, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
     async def classify(request: Request) -> Response:
         model, body, arrived = await _infer(request, "classify")
         texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
-        field = "inputs" if isinstance(body, dict) and "inputs" in body else "input"
+        field = "inputs" if "inputs" in body else "input"
         job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, field=field)
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
-    async def rerank(request: Request) -> Response:  # a cross-encoder: (query, document) pairs, one row each
+    async def _rerank(request: Request, shape: Shape):
+        """A cross-encoder: (query, document) pairs, one row each; identical documents run once."""
         model, body, arrived = await _infer(request, "classify")
-        query, docs, top_n, with_docs = rerank_request(body, st.name, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, arrived, model, docs, query)
-        return json_response(rerank_response(relevance(job.out), docs, top_n, with_docs, cut, st.name, n_tok),
+        req = rerank_request(body, st.name, st.limits, shape)
+        once, where, firsts = distinct(req.documents)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, once, req.query, shape.documents,
+                                               reject=req.reject, places=firsts)
+        scores = relevance(job.out, req.raw_scores)[where]
+        return req, scores, [cut[k] for k in where], job, tok_s, n_tok
+
+    async def rerank(request: Request) -> Response:
+        req, scores, cut, job, tok_s, n_tok = await _rerank(request, COHERE)
+        return json_response(rerank_response(scores, req.documents, req.top_n, req.return_documents, cut, st.name,
+                                             n_tok), headers=timing_headers(job, tok_s, cut))
+
+    async def tei_rerank(request: Request) -> Response:
+        req, scores, cut, job, tok_s, _ = await _rerank(request, TEI)
+        return json_response(tei_rerank_response(scores, req.documents, req.top_n, req.return_documents),
                              headers=timing_headers(job, tok_s, cut))
+
+    async def tei_embed(request: Request) -> Response:
+        model, body, arrived = await _infer(request, "embed")
+        unit = model.meta.source.pooling.normalize
+        req = tei.embed_request(body, st.dim, unit, st.limits)
+        job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
+                                           reject=req.truncate is False)
+        return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
+
+    async def tei_predict(request: Request) -> Response:
+        model, body, arrived = await _infer(request, "classify")
+        req = tei.predict_request(body, st.limits)
+        job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
+                                           reject=req.truncate is False)
+        return json_response(tei.predict_response(job.out, model.id2label, req), headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         arrived = asyncio.get_running_loop().time()
         model = st.require(st.model.task if st.model is not None else "")
         body = await read_json(request, st.limits)
         schemas.check_model(body, st.name)
-        texts = schemas.texts_of(body, "input", st.limits)
+        texts = schemas.input_texts(body, st.limits, "input")[0]
         with watched(st, request, arrived) as watch:
             ids, cut = await st.token_ids(model, texts, watch)
         return json_response({"object": "list", "model": st.name, "max_length": model.max_length, "data": [
             {"index": i, "tokens": list(map(int, t)), "count": len(t), "truncated": bool(c)}
             for i, (t, c) in enumerate(zip(ids, cut))]})
 
-    async def models(request: Request) -> Response:
-        card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis"}
+    def card() -> dict[str, Any]:
+        c: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis"}
         if st.model is not None:
-            card.update(task=st.model.task, variant=st.model.variant, max_length=st.model.max_length,
-                        dimensions=st.dim)
-        return json_response({"object": "list", "data": [card]})
+            c.update(task=st.model.task, variant=st.model.variant, max_length=st.model.max_length, dimensions=st.dim)
+        return c
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -326,16 +359,20 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         data, ctype = m.render()
         return Response(data, 200, media_type=ctype)
 
-    task_routes = {"embed": Route("/v1/embeddings", endpoint(st, "/v1/embeddings", embeddings), methods=["POST"]),
-                   "classify": Route("/v1/classify", endpoint(st, "/v1/classify", classify), methods=["POST"])}
-    if task in ("", "classify"):  # a sequence classifier over (query, document) pairs: a cross-encoder
-        task_routes["rerank"] = Route("/v1/rerank", endpoint(st, "/v1/rerank", rerank), methods=["POST"])
-    routes = [r for t, r in task_routes.items() if task in ("", t) or t == "rerank"] + [
-              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
-              Route("/tokenize", endpoint(st, "/tokenize", tokenize), methods=["POST"]),
+    def post(path: str, fn) -> Route:
+        return Route(path, endpoint(st, path, fn), methods=["POST"])
+
+    # a sequence classifier over (query, document) pairs is a cross-encoder: classify models rerank too
+    by_task = {"embed": [post("/v1/embeddings", embeddings), post("/embed", tei_embed)],
+               "classify": [post("/v1/classify", classify), post("/predict", tei_predict), post("/v1/rerank", rerank),
+                            post("/rerank", tei_rerank)]}
+    routes = [r for t, rs in by_task.items() if task in ("", t) for r in rs] + [
+              *model_routes(st, card),
+              post("/tokenize", tokenize),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               *encoder_live_routes(st)]
     return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
                                                            cfg.max_inputs, st.dim, st.dim,
-                                                           st.model.vocab_size if st.model else 0))
+                                                           st.model.vocab_size if st.model else 0,
+                                                           bool(st.model and st.model.meta.source.pooling.normalize)))

@@ -40,7 +40,7 @@ from millis.serve.generation.respond import failure_answer, respond
 from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve.generation.tool_formats import tool_format
 from millis.serve import openapi, schemas
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, off_loop,
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, model_routes, off_loop,
                                read_json, ready_response)
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import generation_live_routes
@@ -351,13 +351,12 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         except RequestFailed as e:  # this request alone failed in the engine: its own answer
             raise failure_answer(g, e) from None
 
-    async def models(request: Request) -> Response:
-        card: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
-                                "task": "generate"}
+    def card() -> dict[str, Any]:
+        c: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
+                             "task": "generate"}
         if st.engine is not None:
-            card.update(max_model_len=st.engine.max_seq, slots=st.engine.max_batch,
-                        chat_template=st.template is not None)
-        return json_response({"object": "list", "data": [card]})
+            c.update(max_model_len=st.engine.max_seq, slots=st.engine.max_batch, chat_template=st.template is not None)
+        return c
 
     async def health(request: Request) -> Response:
         eng = st.engine
@@ -375,8 +374,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
 
     routes = [Route(path, endpoint(st, path, partial(generate, chat=chat)), methods=["POST"])
               for path, chat in (("/v1/completions", False), ("/v1/chat/completions", True))] + [
-              Route("/v1/models", endpoint(st, "/v1/models", models), methods=["GET"]),
-              Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+              *model_routes(st, card), Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]), *tokenize_routes(st), *generation_live_routes(st)]
     return make_app(st, routes, lambda: openapi.generation_spec(
         st.name, st.gen_limits, st.engine.config.vocab_size if st.engine is not None else 0))
