@@ -389,3 +389,30 @@ def test_an_embedding_of_another_length_fails_the_gate():
     assert not ok and "lengths off by up to 100.0%" in why
     unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     assert not within("embed", compare("embed", ref, unit), Budget())[0]  # normalised where the model is not
+
+
+def test_a_reranker_is_judged_by_its_ranking():
+    """A one-logit cross-encoder's argmax over its one label always agrees: the rerank gate reads the documents'
+    order by query instead (groups of RERANK_DOCS rows), by the score /v1/rerank returns."""
+    from millis.optimize.fidelity import compare, within
+    from millis.optimize.judge import RERANK_DOCS
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(4 * RERANK_DOCS, 1)) * 3
+    fid = compare("classify", ref, ref + 0.01, RERANK_DOCS)
+    assert fid["top1_agreement"] == fid["order_agreement"] == 1.0 and within("classify", fid, Budget())[0]
+    swapped = ref.copy()
+    g = ref[:RERANK_DOCS, 0]
+    best, second = np.argsort(-g)[:2]
+    swapped[[best, second]] = swapped[[second, best]]  # the first query's two best documents change places
+    fid = compare("classify", ref, swapped, RERANK_DOCS)
+    assert fid["top1_agreement"] == 0.75 and fid["order_agreement"] < 1.0
+    ok, why = within("classify", fid, Budget(max_logit_diff=1e9))
+    assert not ok and "top-1 agreement 0.750" in why
+    assert compare("classify", ref, swapped)["top1_agreement"] == 1.0  # per row, one label: blind to the swap
+    tie = np.array([[5.0], [4.99], [-1.0], [-2.0], [-3.0]] * 4)  # sigmoids 0.99331 / 0.99325: within RANK_TIE
+    near = tie.copy()
+    near[[0, 1]] = near[[1, 0]]
+    assert compare("classify", tie, near, RERANK_DOCS)["top1_agreement"] == 1.0  # a tie swapped keeps the ranking
+    two = np.concatenate([np.zeros_like(ref), ref], 1)  # a two-label head: the last label's probability ranks
+    assert compare("classify", two, two[::-1].copy(), RERANK_DOCS)["order_agreement"] < 1.0

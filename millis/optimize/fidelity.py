@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from millis.common.numeric import row_cosines
+from millis.common.numeric import label_scores, row_cosines
 from millis.optimize.config import Budget
 
 
-def compare(task: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+def compare(task: str, ref: np.ndarray, out: np.ndarray, group: int = 0) -> dict[str, float]:
     """ref/out: (N, D) outputs for the same N texts. A row with a NaN or an Inf (an fp16 overflow, ...) is
     `nonfinite_rows`, never within a budget; the other figures stay finite numbers (millis.json is JSON):
-    such a row counts as a cosine of -1 and a disagreement, and the differences are the finite rows'."""
+    such a row counts as a cosine of -1 and a disagreement, and the differences are the finite rows'.
+    group: a reranker's rows, `group` documents a query in a row: top1_agreement is then the share of queries whose
+    most relevant document is unchanged, and order_agreement the share of a query's document pairs kept in order,
+    by the score /v1/rerank returns (a one-logit model's argmax over its one label would always agree)."""
     if ref.shape != out.shape:
         raise ValueError(f"output shape {out.shape} differs from the reference {ref.shape}")
     bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
@@ -19,12 +22,34 @@ def compare(task: str, ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     if task == "classify":
         res["max_logit_diff"] = res["max_abs_diff"]
         res["top1_agreement"] = float(((ref.argmax(-1) == np.nan_to_num(out).argmax(-1)) & ~bad).mean())
+        if group:
+            res.update(rank_agreement(ref, out, bad, group))
     else:
         cos = np.where(bad, -1.0, row_cosines(ref, np.where(bad[:, None], 0.0, out)))
         res["cos_min"], res["cos_mean"] = float(cos.min()), float(cos.mean())
         ref_norm, out_norm = np.linalg.norm(ref[~bad], axis=-1), np.linalg.norm(out[~bad], axis=-1)
         res["norm_ratio_off"] = float(np.abs(out_norm / np.maximum(ref_norm, 1e-12) - 1).max()) if len(ref_norm) else 0.0
     return res
+
+
+RANK_TIE = 0.005  # two documents whose reference scores (0..1) are this close are a tie: either order keeps it
+
+
+def rank_agreement(ref: np.ndarray, out: np.ndarray, bad: np.ndarray, group: int) -> dict[str, float]:
+    """A reranker's rows grouped by query (`compare`): how far the variant keeps the reference's ranking. A query's
+    top document is kept when the variant's pick scores within RANK_TIE of the best in the reference; a pair of
+    documents is kept in order unless the reference tells them apart (by more than RANK_TIE) and the variant swaps
+    them."""
+    n = len(ref) // group * group
+    r = label_scores(ref[:n].astype(np.float64))[:, -1].reshape(-1, group)
+    o = label_scores(np.nan_to_num(out[:n]).astype(np.float64))[:, -1].reshape(-1, group)
+    broken = bad[:n].reshape(-1, group).any(1)
+    picked = np.take_along_axis(r, o.argmax(1)[:, None], 1)[:, 0]
+    top1 = (picked >= r.max(1) - RANK_TIE) & ~broken
+    i, j = np.triu_indices(group, 1)
+    apart = np.abs(r[:, i] - r[:, j]) > RANK_TIE
+    swapped = apart & (np.sign(r[:, i] - r[:, j]) != np.sign(o[:, i] - o[:, j]))
+    return {"top1_agreement": float(top1.mean()), "order_agreement": float((~swapped & ~broken[:, None]).mean())}
 
 
 NORM_TOLERANCE = 0.1  # an embedding's length may be off by 10% (int8 moves it < 1%): the cosine alone passed a

@@ -98,11 +98,26 @@ class JudgeContext:
     gpu_buckets: tuple[str, ...] = ()      # GPU variants: the shapes they capture (measured and serve-mix ones)
 
 
+RERANK_DOCS = 5  # documents each query of a reranker's fidelity pairs is ranked among
+
+
 def rerank_pairs(texts: list[str]) -> tuple[tuple[str, str], ...]:
-    """(query, document) pairs for a reranker's fidelity, from the fidelity texts: each text against the
-    next one (unrelated), and every fourth against itself (a match, the high scores a ranking turns on)."""
-    n = len(texts)
-    return tuple((texts[i], texts[i] if i % 4 == 0 else texts[(i + 1) % n]) for i in range(n))
+    """(query, document) pairs for a reranker's fidelity, RERANK_DOCS a query, from the fidelity texts: every
+    fourth text is a query, ranked among itself (a match), its first half (a near match: the close scores a
+    ranking turns on) and the three texts after it (unrelated); `fidelity.compare(group=RERANK_DOCS)` reads
+    them by query."""
+    n, pairs = len(texts), []
+    for i in range(0, n, 4):
+        q = texts[i]
+        words = q.split()
+        pairs += [(q, q), (q, " ".join(words[:max(1, len(words) // 2)]))]
+        pairs += [(q, texts[(i + k) % n]) for k in (1, 2, 3)]
+    return tuple(pairs)
+
+
+def gate_group(ctx: "JudgeContext") -> int:
+    """compare's `group`: a reranker's pairs are ranked by query."""
+    return RERANK_DOCS if ctx.pairs else 0
 
 
 def outputs_on(rt: Runtime, ctx: JudgeContext, texts: list[str]) -> np.ndarray:
@@ -174,7 +189,7 @@ def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Refere
     r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v))
     vdir, rt = _build_and_open(v, ctx, builder, r)
     y = fidelity_outputs(rt, ctx)
-    r.fidelity = compare(ctx.task, y, y)
+    r.fidelity = compare(ctx.task, y, y, gate_group(ctx))
     if ctx.task == "embed":
         r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
     if ctx.data is not None:
@@ -198,7 +213,7 @@ def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recov
     try:
         vdir, rt = _build_and_open(v, ctx, builder, r)
         y = fidelity_outputs(rt, ctx)
-        r.fidelity = compare(ctx.task, ref.outputs, y)
+        r.fidelity = compare(ctx.task, ref.outputs, y, gate_group(ctx))
         if ctx.task == "embed":
             r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})
         if r.fidelity["nonfinite_rows"]:  # whatever the labels say: such a variant is broken

@@ -16,7 +16,8 @@ def fidelity_text(task: str, fid: dict[str, float]) -> str:
     if not fid:
         return "-"
     if task == "classify":
-        return f"dlogit {fid['max_logit_diff']:.2e}, top1 {fid['top1_agreement']:.3f}"
+        order = f", order {fid['order_agreement']:.3f}" if "order_agreement" in fid else ""  # a reranker's, by query
+        return f"dlogit {fid['max_logit_diff']:.2e}, top1 {fid['top1_agreement']:.3f}{order}"
     return f"cos min {fid['cos_min']:.5f}"
 
 
