@@ -170,8 +170,8 @@ def test_flag_beats_variable_beats_default(monkeypatch):
     assert cfg.measure.shapes == (Shape(4, 64), Shape(1, 8)) and cfg.measure.iters == 7
     assert cfg.measure.rounds == PRESETS["quick"].rounds and cfg.target == Shape(1, 128)
     monkeypatch.setenv("MILLIS_MAX_DROP", "2")
-    assert config_from_argv(["optimize", "x", "--max-drop", "1.5"])[1].budget.max_drop == 1.5
-    assert config_from_argv(["optimize", "x"])[1].budget.max_drop == 2.0
+    assert config_from_argv(["optimize", "x", "--task", "classify", "--max-drop", "1.5"])[1].budget.max_drop == 1.5
+    assert config_from_argv(["optimize", "x", "--task", "classify"])[1].budget.max_drop == 2.0
 
 
 def test_flags_with_structure():
@@ -305,7 +305,7 @@ def test_float_flags_take_ascii_decimal_numbers_only(text, monkeypatch, capsys):
 
 @pytest.mark.parametrize("text, value", [("1", 1.0), ("-2.", -2.0), (".5", 0.5), ("+3e-2", 0.03), (" 1E2 ", 100.0)])
 def test_float_flags_read_the_usual_forms(text, value):
-    assert config_from_argv(["optimize", "x", f"--max-drop={text}"])[1].budget.max_drop == value
+    assert config_from_argv(["optimize", "x", "--task", "classify", f"--max-drop={text}"])[1].budget.max_drop == value
 
 
 def test_unknown_variants_fail_before_any_work(capsys, tmp_path):

@@ -97,3 +97,22 @@ def test_last_resort_is_one_line(capsys, monkeypatch, exc):
 
     monkeypatch.setattr(importlib.import_module("millis.cli.main"), "config_from_argv", boom)
     one_line_error(capsys, "info", "x")
+
+
+@pytest.mark.parametrize("env, argv, named", [
+    ({"MILLIS_OPTIMIZE_PRSET": "quick"}, ("--preset", "quick"), "MILLIS_OPTIMIZE_PRSET: not a variable of millis "
+                                                                "optimize (its own: MILLIS_OPTIMIZE_DATA, "),
+    ({"MILLIS_ITERS": "-1"}, (), "MILLIS_ITERS must be >= 1, got -1"),
+    ({}, ("--iters", "0"), "--iters must be >= 1, got 0"),
+    ({}, ("--threads", "-2"), "--threads must be >= 0, got -2"),
+    ({"MILLIS_COMPRESS": "foo"}, (), "unknown MILLIS_COMPRESS preset 'foo'"),
+    ({}, ("--task", "rerank", "--max-drop", "0"), "--max-drop: for --task classify"),
+    ({"MILLIS_LABEL_COL": "y"}, ("--task", "embed"), "MILLIS_LABEL_COL: for --task classify"),
+    ({"MILLIS_OPTIMIZE_PRESET": "fast"}, (), "MILLIS_OPTIMIZE_PRESET='fast': expected one of cpu, quick"),
+])
+def test_optimize_errors_name_the_flag_or_variable(capsys, monkeypatch, env, argv, named):
+    """A misspelt scoped variable is refused (it silently ran the full preset), and the measurement's and the presets'
+    checks name the flag, or the variable the value came from."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert named in one_line_error(capsys, "optimize", "tiny:bert", *argv)

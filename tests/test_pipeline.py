@@ -140,7 +140,14 @@ def test_selection_on_a_validation_file_says_so_and_is_recorded(tmp_path, topics
     data, where = selection_data(OptimizeConfig(source=str(model), task="classify"), src)
     assert where == (f"{model / VALIDATION_FILE}: the validation rows `millis train` read from {topics_data['test']}, "
                      f"60 rows")
-    assert selection_sha256(data, src) == (file_sha256(model / VALIDATION_FILE), file_sha256(topics_data["test"]))
+    cfg = OptimizeConfig(source=str(model), task="classify")
+    assert selection_sha256(cfg, data, src) == (file_sha256(model / VALIDATION_FILE), file_sha256(topics_data["test"]))
+    # every file whose rows chose or fitted the shipped variant: the fidelity texts' and the calibration texts' too
+    texts, calib = tmp_path / "texts.txt", tmp_path / "calib.txt"
+    texts.write_text("a text\n")
+    calib.write_text("another text\n")
+    got = selection_sha256(replace(cfg, sample_texts=str(texts), calibration_texts=str(calib)), None, src)
+    assert set(got) == {file_sha256(f) for f in (texts, calib, model / VALIDATION_FILE, topics_data["test"])}
 
 
 def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier, topics_data, quick_measure,
@@ -176,6 +183,16 @@ def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier,
     texts, where = pipeline.calibration_rows(OptimizeConfig(source="tiny:bert", task="classify", data=str(shipped)),
                                              resolve("tiny:bert"), rows)
     assert where == "the texts shipped with millis" and texts and not set(rows.texts) & set(texts)
+    # --calibration-texts: less the rows selection judges (it fitted static int8 on the very validation rows)
+    kept = trained_classifier / "validation.jsonl"
+    cfg = OptimizeConfig(source=str(trained_classifier), task="classify", calibration_texts=str(kept))
+    with pytest.raises(millis.MillisError, match="every text is one selection judges"):
+        pipeline.calibration_rows(cfg, src, read_validation(trained_classifier))
+    mixed = tmp_path / "calib.txt"
+    mixed.write_text("\n".join(sorted(judged)[:3] + ["a text nobody judges"]) + "\n")
+    texts, where = pipeline.calibration_rows(replace(cfg, calibration_texts=str(mixed)), src,
+                                             read_validation(trained_classifier))
+    assert texts == ["a text nobody judges"] and where == f"{mixed} (less 3 texts selection judges)"
     # an embedder with no data: fidelity on every other shipped text, calibration on the rest (they judged each
     # other's variants: calibration fitted on the very texts the fidelity gate read)
     calibrated.clear()

@@ -16,6 +16,7 @@ only, after argparse has handled `--help`: a bad MILLIS_THREADS does not break `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -46,11 +47,18 @@ class Given:
         """{field: value} of `cls` given on the command line or in the environment (a fresh dict)."""
         return dict(self.values.get(cls, {}))
 
-    def build(self, cls: type, **fixed: Any) -> Any:
-        """`cls` from its given fields (plus `fixed`); its defaults fill the rest. A config's check names the flag
-        (`--threads must be >= 0`): where the value came from a variable, the error names the variable instead."""
+    def build(self, cls: type, base: Any = None, **fixed: Any) -> Any:
+        """`cls` from its given fields (plus `fixed`); its defaults fill the rest, or `base`'s (a preset) where
+        given. A config's check names the flag (`--threads must be >= 0`): where the value came from a variable,
+        the error names the variable instead (`named`)."""
+        with self.named():
+            return dataclasses.replace(base, **self.of(cls), **fixed) if base is not None else cls(**self.of(cls), **fixed)
+
+    @contextlib.contextmanager
+    def named(self):
+        """A MillisError raised inside names the variable a value came from where it names its flag."""
         try:
-            return cls(**self.of(cls), **fixed)
+            yield
         except MillisError as e:
             msg = str(e)
             for name, variable in self.variables.items():
@@ -288,6 +296,13 @@ def given(flags: list[Flag], ns: argparse.Namespace) -> Given:
                 raise MillisError(f"millis {fl.command}: {fl.option} is required{alt}")
             continue
         values.setdefault(fl.owner, {})[fl.name] = value
+    command = flags[0].command.upper() if flags else ""
+    known = {v for fl in flags for v in fl.variables()}
+    unknown = sorted(n for n, v in os.environ.items() if n.startswith(f"MILLIS_{command}_") and v and n not in known)
+    if command and unknown:  # a misspelt MILLIS_OPTIMIZE_PRSET ran the full preset without a word
+        scoped = sorted(n for n in known if n.startswith(f"MILLIS_{command}_"))
+        raise MillisError(f"{', '.join(unknown)}: not a variable of millis {command.lower()} (its own: "
+                          f"{', '.join(scoped) or 'none'}; the others are MILLIS_<FLAG>, listed in --help)")
     return Given(values, variables)
 
 

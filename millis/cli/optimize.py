@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from millis.cli.flags import Command, Given
 from millis.common.config import preset_of
+from millis.common.errors import MillisError
 
 if TYPE_CHECKING:
     from millis.optimize.config import OptimizeConfig
@@ -22,10 +23,18 @@ def config(given: Given) -> OptimizeConfig:
     from millis.optimize.compress import COMPRESS_PRESETS
     from millis.optimize.config import PRESETS, Budget, MeasureConfig, OptimizeConfig
 
-    cfg = OptimizeConfig(**given.of(OptimizeConfig), budget=given.build(Budget))
-    if cfg.compress:  # checked now, not after the variants are built
-        preset_of(COMPRESS_PRESETS, cfg.compress, "--compress preset")
-    return replace(cfg, measure=replace(preset_of(PRESETS, cfg.preset, "--preset"), **given.of(MeasureConfig)))
+    cfg = given.build(OptimizeConfig, budget=given.build(Budget))
+    unused = [f for f in ("max_drop", "label_col") if f in {**given.of(Budget), **given.of(OptimizeConfig)}]
+    if cfg.task != "classify" and unused:  # a run that ignored --max-drop 0 said "within budget"
+        with given.named():
+            raise MillisError(f"{', '.join('--' + f.replace('_', '-') for f in unused)}: for --task classify (labelled "
+                              f"rows); --task {cfg.task} is judged by fidelity to fp32 "
+                              f"({'--min-cosine' if cfg.task == 'embed' else '--max-logit-diff and the ranking'})")
+    with given.named():
+        if cfg.compress:  # checked now, not after the variants are built
+            preset_of(COMPRESS_PRESETS, cfg.compress, "--compress preset")
+        preset = preset_of(PRESETS, cfg.preset, "--preset")
+    return replace(cfg, measure=given.build(MeasureConfig, base=preset))
 
 
 def run(cfg: OptimizeConfig) -> int:

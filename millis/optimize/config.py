@@ -39,9 +39,8 @@ class MeasureConfig:
     def __post_init__(self) -> None:
         if not self.shapes:
             raise MillisError("measure: give at least one shape")
-        if self.iters < 1 or self.rounds < 1 or self.warmup < 0 or self.threads < 0:
-            raise MillisError(f"measure: iters and rounds must be >= 1, warmup and threads >= 0; got iters "
-                              f"{self.iters}, rounds {self.rounds}, warmup {self.warmup}, threads {self.threads}")
+        check_at_least(self, 1, "iters", "rounds")
+        check_at_least(self, 0, "warmup", "threads")
 
 
 @dataclass(frozen=True)

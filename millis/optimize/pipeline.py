@@ -84,24 +84,34 @@ def read_paths(cfg: OptimizeConfig, src: ModelSource) -> tuple[str, ...]:
             trained.data.path if trained else "")
 
 
-def selection_sha256(data: Labeled | None, src: ModelSource) -> tuple[str, ...]:
-    """sha256 of each file whose rows chose what optimize ships (Measured.selection_sha256): the selection
-    rows' file, and a trained source's validation rows."""
-    files = ([Path(data.path)] if data is not None else []) + selection_files(src.path)
+def selection_sha256(cfg: OptimizeConfig, data: Labeled | None, src: ModelSource) -> tuple[str, ...]:
+    """sha256 of each file whose rows chose or fitted what optimize ships (Measured.selection_sha256): the
+    selection rows' file, the fidelity texts' (--sample-texts, or --data read as texts), the calibration texts'
+    and a trained source's validation rows: `millis eval` on any of them is no test score."""
+    given = [cfg.data, cfg.sample_texts, cfg.calibration_texts]
+    files = ([Path(data.path)] if data is not None else []) + [Path(f) for f in given if f] + selection_files(src.path)
     return tuple(dict.fromkeys(file_sha256(f) for f in files))
 
 
 def calibration_rows(cfg: OptimizeConfig, src: ModelSource, data: Labeled | None,
                      fidelity: list[str] = ()) -> tuple[list[str], str]:
-    """(texts, where from) for int8 calibration and the sensitivity ranking: --calibration-texts, else rows
-    selection never judges: a seeded 512 of the training rows `millis train` recorded, less the validation
-    rows it kept, the selection rows and the fidelity texts; else the shipped texts (less those)."""
-    if cfg.calibration_texts:
-        return read_texts(cfg.calibration_texts, cfg.text_col, limit=512), cfg.calibration_texts
-    judged = set(data.texts) if data is not None else set()
+    """(texts, where from) for int8 calibration and the sensitivity ranking, never rows selection judges (the
+    validation rows a trained model kept, the selection rows, the fidelity texts): --calibration-texts less those,
+    else a seeded 512 of the training rows `millis train` recorded, less those; else the shipped texts (less
+    those). A static variant fitted on the rows that judge it looks better than it is."""
+    judged = {t.strip() for t in data.texts} if data is not None else set()
     judged |= {t.strip() for t in fidelity}
     kept = read_validation(src.path)
-    judged |= set(kept.texts) if kept is not None else set()
+    judged |= {t.strip() for t in kept.texts} if kept is not None else set()
+    if cfg.calibration_texts:
+        given = read_texts(cfg.calibration_texts, cfg.text_col)
+        rows = [t for t in dict.fromkeys(r.strip() for r in given) if t not in judged][:512]
+        if not rows:
+            raise MillisError(f"--calibration-texts {cfg.calibration_texts}: every text is one selection judges "
+                              f"(the validation, selection or fidelity rows); give texts it does not")
+        dropped = len(set(r.strip() for r in given)) - len(set(r.strip() for r in given) - judged)
+        note = f" (less {dropped} texts selection judges)" if dropped else ""
+        return rows, f"{cfg.calibration_texts}{note}"
     trained = read_train_meta(src.path)
     if trained is not None and Path(trained.data.path).is_file():
         try:
@@ -192,7 +202,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                          for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
         return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress,
-                      load, selection_sha256(data, src))
+                      load, selection_sha256(cfg, data, src))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
