@@ -98,7 +98,7 @@ def sample_meta() -> ArtifactMeta:
     measured = Measured("b1xs16", {"b1xs16": LatencyStats(1.0, 1.5, 2.0, 1.1, 10, 1000.0)},
                         {"cos_min": 0.999}, ColdStart(0.1, 0.01, 0.11), Accuracy(0.9, 0.88, 50, 0.4), 0.904,
                         ServeMix(("b2xs32",), 2, 500.0, 4.0, "b2xs32", 2.0, ()), "30 texts", "val.jsonl, 50 rows")
-    return ArtifactMeta(task="embed", output="embeddings", input_names=("input_ids", "attention_mask"), max_length=128,
+    return ArtifactMeta(task="embed", output="embedding", input_names=("input_ids", "attention_mask"), max_length=128,
                         id2label={},
                         source=SourceMeta("tiny:bert", "/s", "cafe", "bert", 2, 32, 4, Pooling("cls", True)),
                         variant=variant, millis_version="0.1.0", created="2026-01-01T00:00:00+0000", measured=measured,
@@ -143,6 +143,9 @@ def test_an_unreadable_meta_is_never_written(tmp_path):
     (lambda m: m.__setitem__("version", 2), "has millis artifact format version 2; this millis reads 1 to 1"),
     (lambda m: m.__setitem__("version", "1"), "format version '1'"),
     (lambda m: m.__setitem__("format", "millis-train"), "is not a millis artifact description"),
+    (lambda m: m.__setitem__("task", "translate"), "task 'translate': expected one of classify, embed"),
+    (lambda m: m.__setitem__("max_length", -5), "max_length -5: expected a positive number of tokens"),
+    (lambda m: m.__setitem__("output", "embedding"), "output 'embedding': the classify task's output is 'logits'"),
 ])
 def test_a_malformed_artifact_names_the_file_and_the_field(tmp_path, change, message):
     raw = copy.deepcopy(V1_ARTIFACT)
@@ -184,3 +187,25 @@ def test_a_real_artifact_round_trips_and_info_prints_it(classify_artifact):
     r = subprocess.run([sys.executable, "-m", "millis.cli", "info", str(classify_artifact), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout) == meta.to_dict()
+
+
+def test_an_edited_artifact_fails_with_a_message_not_a_traceback(classify_artifact, tmp_path):
+    """A millis.json of another format is read as an artifact (it passed for a model directory: "no config.json"),
+    and an artifact whose tokenizer went, with the list edited to match, is refused at load."""
+    import shutil
+
+    from millis.artifact.model import load, open_model
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "millis.json").write_text(json.dumps({**V1_ARTIFACT, "format": "x"}))
+    with pytest.raises(MillisError, match="is not a millis artifact description"):
+        open_model(other)
+    art = tmp_path / "art"
+    shutil.copytree(classify_artifact, art)
+    shutil.rmtree(art / "tokenizer")
+    meta = json.loads((art / "millis.json").read_text())
+    meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith("tokenizer/")}
+    (art / "millis.json").write_text(json.dumps(meta))
+    with pytest.raises(MillisError, match="lists no tokenizer files"):
+        load(art)

@@ -21,7 +21,7 @@ from millis.common import hardware
 from millis.common.config import optional, to_dict
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
-from millis.encoder.source import ModelSource, Pooling
+from millis.encoder.source import OUTPUT_NAME, ModelSource, Pooling
 
 META = "millis.json"
 FORMAT = "millis-artifact"
@@ -211,6 +211,20 @@ class ModelMeta:
     source: SourceMeta
     variant: VariantRecipe
 
+    def __post_init__(self) -> None:
+        """The values the types allow but no model has (an edited millis.json ran the wrong path, or failed deep in a
+        runtime with a traceback). Types are the writer's check (to_dict): a value of another type is left to it."""
+        if not (isinstance(self.task, str) and isinstance(self.max_length, int)):
+            return
+        if self.task not in OUTPUT_NAME:
+            raise MillisError(f"task {self.task!r}: expected one of {', '.join(OUTPUT_NAME)}")
+        if self.output != OUTPUT_NAME[self.task]:
+            raise MillisError(f"output {self.output!r}: the {self.task} task's output is {OUTPUT_NAME[self.task]!r}")
+        if self.max_length < 1:
+            raise MillisError(f"max_length {self.max_length}: expected a positive number of tokens")
+        if not self.input_names:
+            raise MillisError("input_names is empty")
+
 
 @dataclass(frozen=True)
 class ArtifactMeta(ModelMeta, Versioned):
@@ -360,11 +374,11 @@ def format_of(path: str | Path) -> str | None:
 
 
 def is_artifact(path: str | Path) -> bool:
-    """Whether a directory is, or means to be, an artifact: its millis.json declares the artifact format, or cannot
-    be read (then read_meta says why, where the directory used to pass for a model directory and fail on a
-    missing config.json)."""
+    """Whether a directory is, or means to be, an artifact: it has a millis.json that is not `millis train`'s (one of
+    another format, or that cannot be read: read_meta then says why, where the directory used to pass for a model
+    directory and fail on a missing config.json)."""
     p = Path(path)
-    return (p / META).is_file() and format_of(p) in (FORMAT, None)
+    return (p / META).is_file() and format_of(p) != TRAIN_FORMAT
 
 
 def read_train_meta(model_dir: str | Path) -> TrainMeta | None:

@@ -171,6 +171,8 @@ def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = 
                           f"artifact of `millis optimize --device cuda`, with --device cuda")
     if device == "cpu" and v.runtime == "cuda":
         raise MillisError(f"{path} is a GPU artifact ({v.name}): serve it with --device cuda")
+    if not any(rel.startswith("tokenizer/") for rel in meta.files):  # every artifact optimize writes ships one
+        raise MillisError(f"artifact {path} is corrupted: its millis.json lists no tokenizer files")
     model_dir = path / "hf" if v.runtime == "torch" else path
     options = dict(v.options, task=meta.task, pooling=to_dict(meta.source.pooling))
     if v.runtime == "cuda":

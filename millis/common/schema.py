@@ -50,7 +50,10 @@ def from_dict(cls: type[T], data: Any, where: str, path: str = "", strict: bool 
             kw[f.name] = convert(hints[f.name], data[f.name], where, p, strict)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise MillisError(f"{where}: field {p!r} is missing")
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except MillisError as e:  # a class's own check of its values (__post_init__): name the file too
+        raise MillisError(f"{where}: {e}") from None
 
 
 def convert(tp: Any, v: Any, where: str, path: str, strict: bool = False) -> Any:

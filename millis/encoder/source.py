@@ -32,6 +32,9 @@ class Pooling:
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
+OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}  # each task's runtime output (millis.encoder.tasks)
+
+
 def pools_tokens(task: str, pooling: Pooling) -> bool:
     """Whether a task's head reads every token's last hidden state (mean / max pooling), not only each sequence's
     first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at the

@@ -10,9 +10,7 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.encoder.hf import load_hf
-from millis.encoder.source import ModelSource, Pooling
-
-OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}
+from millis.encoder.source import OUTPUT_NAME, ModelSource, Pooling  # noqa: F401 -- OUTPUT_NAME: read from here too
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
