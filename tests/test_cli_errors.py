@@ -107,7 +107,7 @@ def test_last_resort_is_one_line(capsys, monkeypatch, exc):
     ({}, ("--threads", "-2"), "--threads must be >= 0, got -2"),
     ({"MILLIS_COMPRESS": "foo"}, (), "unknown MILLIS_COMPRESS preset 'foo'"),
     ({}, ("--task", "rerank", "--max-drop", "0"), "--max-drop: for --task classify"),
-    ({"MILLIS_LABEL_COL": "y"}, ("--task", "embed"), "MILLIS_LABEL_COL: for --task classify"),
+    ({}, ("--task", "embed", "--label-col", "y"), "--label-col: for --task classify"),
     ({"MILLIS_OPTIMIZE_PRESET": "fast"}, (), "MILLIS_OPTIMIZE_PRESET='fast': expected one of cpu, quick"),
 ])
 def test_optimize_errors_name_the_flag_or_variable(capsys, monkeypatch, env, argv, named):

@@ -347,7 +347,7 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
 def test_rerank_duplicates_top_n_and_nulls(classify_server):
     """Identical documents run once and share one score (ties in index order); any positive top_n (1e30 too) past the
     documents gives all of them, as the published schema says; null flags are their defaults; raw_scores gives the
-    last label's logit, in the same order."""
+    last label's log-odds, in the same order."""
     docs = ["same text", "other", "same text", "same text"]
     status, _, body = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "return_documents": None})
     assert status == 200, body
@@ -364,7 +364,7 @@ def test_rerank_duplicates_top_n_and_nulls(classify_server):
     assert [r["index"] for r in raw["results"]] == [r["index"] for r in res]
     logits = classify_server.post("/v1/classify", {"inputs": ["q"], "return_logits": True})[2]["data"][0]["logits"]
     assert len(logits) > 1  # a multi-label head: raw is the last label's logit, not a probability
-    for bad in ({"top_n": 0.5}, {"top_n": "3"}, {"top_n": True}, {"raw_scores": "no"}, {"truncate": 1}):
+    for bad in ({"top_n": 0.5}, {"top_n": "3"}, {"top_n": True}, {"raw_scores": "no"}):
         status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
         assert status == 422 and err["error"]["param"] == next(iter(bad)), err
 
@@ -396,6 +396,11 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     assert [r["score"] for r in tei] == [r["relevance_score"] for r in cohere]
     assert [r["text"] for r in tei] == [docs[r["index"]] for r in tei]
     assert classify_server.post("/rerank", {"query": "q", "documents": docs})[2]["error"]["param"] == "texts"
+    assert classify_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["error"]["param"] == \
+        "truncate"
+    status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a", "a", "word " * 600]})
+    assert status == 413 and err["error"]["param"] == "texts", err  # this server rejects long texts
+    assert err["error"]["message"].startswith("texts[2] with the query"), err
     assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
 
 
@@ -428,6 +433,19 @@ def test_model_card_and_tokenize_inputs(embed_server):
     a = embed_server.post("/tokenize", {"inputs": TEXTS[:2]})
     assert a[0] == 200 and a[2]["data"] == embed_server.post("/tokenize", {"input": TEXTS[:2]})[2]["data"]
     assert embed_server.post("/tokenize", {"input": "x", "inputs": "x"})[0] == 422
+
+
+def test_raw_relevance_ranks_as_the_score():
+    """raw_scores is the last label's log-odds: the order of its probability (the last logit alone is not)."""
+    from millis.common.numeric import relevance_scores
+
+    x = np.array([[0.0, 1.0], [-5.0, 0.5], [2.0, 2.5]])
+    prob, raw = relevance_scores(x), relevance_scores(x, raw=True)
+    assert list(np.argsort(-prob)) == list(np.argsort(-raw)) == [1, 0, 2] != list(np.argsort(-x[:, -1]))
+    np.testing.assert_allclose(raw, np.log(prob / (1 - prob)))
+    one = np.array([[3.0], [-1.0]])
+    np.testing.assert_allclose(relevance_scores(one, raw=True), [3.0, -1.0])
+    np.testing.assert_allclose(relevance_scores(one), 1 / (1 + np.exp(-one[:, 0])))
 
 
 @pytest.fixture(scope="module")

@@ -194,8 +194,9 @@ class Measured:
     fidelity_texts: str = optional("")         # which texts fidelity was measured on
     selection_data: str = optional("")         # which labelled rows selection judged accuracy on
     load: MeasureLoad | None = optional()      # the machine while measuring (warnings when it was busy)
-    # sha256 of the bytes of each file whose rows chose this artifact: the selection data, and a trained
-    # source's validation rows (its best epoch was chosen on them); `millis eval` warns when given one of them
+    # sha256 of the bytes of each file whose rows chose or fitted this artifact: the selection data, the fidelity
+    # texts' and calibration texts' files, and a trained source's validation rows (its best epoch was chosen on
+    # them); `millis eval` warns when given one of them
     selection_sha256: tuple[str, ...] = optional(())
 
 

@@ -24,12 +24,13 @@ def config(given: Given) -> OptimizeConfig:
     from millis.optimize.config import PRESETS, Budget, MeasureConfig, OptimizeConfig
 
     cfg = given.build(OptimizeConfig, budget=given.build(Budget))
-    unused = [f for f in ("max_drop", "label_col") if f in {**given.of(Budget), **given.of(OptimizeConfig)}]
+    # flags only: MILLIS_LABEL_COL / MILLIS_MAX_DROP may be set for the other commands (train, eval) that read them
+    unused = [f for f in ("max_drop", "label_col")
+              if f in {**given.of(Budget), **given.of(OptimizeConfig)} and f not in given.variables]
     if cfg.task != "classify" and unused:  # a run that ignored --max-drop 0 said "within budget"
-        with given.named():
-            raise MillisError(f"{', '.join('--' + f.replace('_', '-') for f in unused)}: for --task classify (labelled "
-                              f"rows); --task {cfg.task} is judged by fidelity to fp32 "
-                              f"({'--min-cosine' if cfg.task == 'embed' else '--max-logit-diff and the ranking'})")
+        raise MillisError(f"{', '.join('--' + f.replace('_', '-') for f in unused)}: for --task classify (labelled "
+                          f"rows); --task {cfg.task} is judged by fidelity to fp32 "
+                          f"({'--min-cosine' if cfg.task == 'embed' else '--max-logit-diff and the ranking'})")
     with given.named():
         if cfg.compress:  # checked now, not after the variants are built
             preset_of(COMPRESS_PRESETS, cfg.compress, "--compress preset")

@@ -23,6 +23,20 @@ def label_scores(x: np.ndarray) -> np.ndarray:
     return sigmoid(x) if x.shape[-1] == 1 else softmax(x)
 
 
+def relevance_scores(x: np.ndarray, raw: bool = False) -> np.ndarray:
+    """(N, labels) logits of a cross-encoder -> (N,) relevance: the last label's score (label_scores: a one-logit
+    model's sigmoid, else its probability), in 0..1; raw: its log-odds instead, the one logit itself or the last
+    logit less the logsumexp of the others, which ranks as the score does (the last logit alone need not)."""
+    x = np.asarray(x, dtype=np.float64)
+    if not raw:
+        return label_scores(x)[:, -1]
+    if x.shape[1] == 1:
+        return x[:, 0]
+    rest = x[:, :-1]
+    top = rest.max(1, keepdims=True)
+    return x[:, -1] - (top[:, 0] + np.log(np.exp(rest - top).sum(1)))
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """(N, D) -> each row divided by its L2 norm."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)

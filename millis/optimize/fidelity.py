@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from millis.common.numeric import label_scores, row_cosines
+from millis.common.numeric import relevance_scores, row_cosines
 from millis.optimize.config import Budget
 
 
@@ -40,10 +40,11 @@ def rank_agreement(ref: np.ndarray, out: np.ndarray, bad: np.ndarray, group: int
     top document is kept when the variant's pick scores within RANK_TIE of the best in the reference; a pair of
     documents is kept in order unless the reference tells them apart (by more than RANK_TIE) and the variant swaps
     them."""
-    n = len(ref) // group * group
-    r = label_scores(ref[:n].astype(np.float64))[:, -1].reshape(-1, group)
-    o = label_scores(np.nan_to_num(out[:n]).astype(np.float64))[:, -1].reshape(-1, group)
-    broken = bad[:n].reshape(-1, group).any(1)
+    if not len(ref) or len(ref) % group:
+        raise ValueError(f"{len(ref)} reranker rows are not whole groups of {group} documents a query")
+    r = relevance_scores(ref).reshape(-1, group)
+    o = relevance_scores(np.nan_to_num(out)).reshape(-1, group)
+    broken = bad.reshape(-1, group).any(1)
     picked = np.take_along_axis(r, o.argmax(1)[:, None], 1)[:, 0]
     top1 = (picked >= r.max(1) - RANK_TIE) & ~broken
     i, j = np.triu_indices(group, 1)

@@ -202,12 +202,12 @@ class State:
             i = places[i] if places else i
             if query is not None:
                 alone = (await self.token_ids(model, [query], watch))[1][0]  # the query alone over the length
-                field, what = ("query", "query") if alone else ("documents", f"documents[{i}] with the query")
+                field, what = ("query", "query") if alone else (field, f"{field}[{i}] with the query")
             else:
                 what = f"{field}[{i}]"
-            raise schemas.ApiError(413, f"{what} is longer than the model's {model.max_length} tokens "
-                                        f"(the server rejects long texts; send shorter ones)", param=field,
-                                   code="text_too_long")
+            why = "the server rejects long texts" if self.cfg.too_long == "reject" else "the request asked truncate=false"
+            raise schemas.ApiError(413, f"{what} is longer than the model's {model.max_length} tokens ({why}; send "
+                                        f"shorter ones)", param=field, code="text_too_long")
         return ids, cut, perf_counter() - t0
 
     async def run(self, rows: list[list[int]], watch: Watch) -> Job:

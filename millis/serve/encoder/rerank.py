@@ -14,7 +14,7 @@ a pair over the model's length loses the end of its document) and goes through t
 as rows of their own, batched with other requests' rows. Identical documents of a request run once and
 share their score (a row's last bits depend on its place in a batch, so duplicates run apart could rank
 apart). The score: a one-logit model's sigmoid, else the probability of the last label, in 0..1 as Cohere,
-Jina and TEI give it; `raw_scores` gives the logit instead (the same order). Results come most relevant
+Jina and TEI give it; `raw_scores` gives its log-odds instead (the logit of a one-logit model; the same order). Results come most relevant
 first, ties by `index`, the document's place in the request."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from millis.common.numeric import label_scores
+from millis.common.numeric import relevance_scores
 from millis.serve.schemas import ApiError, Limits, check_model
 
 
@@ -36,10 +36,11 @@ class Shape:
     """One request shape's field names."""
     documents: str
     return_documents: str
+    truncate: bool  # reads `truncate` (TEI's)
 
 
-COHERE = Shape("documents", "return_documents")
-TEI = Shape("texts", "return_text")
+COHERE = Shape("documents", "return_documents", truncate=False)
+TEI = Shape("texts", "return_text", truncate=True)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
             raise _fail(f"{key}[{i}] must be a non-empty string or {{\"text\": <string>}}", key)
         texts.append(t)
     return RerankRequest(q, texts, top_n_of(body, len(texts)), flag(body, shape.return_documents),
-                         flag(body, "raw_scores"), truncate_of(body) is False)
+                         flag(body, "raw_scores"), shape.truncate and truncate_of(body) is False)
 
 
 def distinct(texts: list[str]) -> tuple[list[str], list[int], list[int]]:
@@ -120,12 +121,9 @@ def distinct(texts: list[str]) -> tuple[list[str], list[int], list[int]]:
 
 
 def relevance(out: list[np.ndarray], raw: bool = False) -> np.ndarray:
-    """(N,) scores from the model's (N, labels) logits: one logit's sigmoid, else the last label's
-    probability; raw: that logit."""
-    x = np.stack(out).astype(np.float64)
-    if raw:
-        return x[:, -1]
-    return label_scores(x)[:, -1]
+    """(N,) scores from the model's (N, labels) logits (numeric.relevance_scores, the rule the fidelity gate ranks
+    by too)."""
+    return relevance_scores(np.stack(out), raw)
 
 
 def ranked(scores: np.ndarray, top_n: int) -> list[int]:
