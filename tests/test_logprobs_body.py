@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from millis.serve.generation.logprobs import LOGPROBS_SLICE, answer_logprobs, joined_logprobs, logprobs_body
+from millis.serve.generation.logprobs import LOGPROBS_SLICE, TextOffset, answer_logprobs, joined_logprobs, logprobs_body
 
 
 class Tok:
@@ -70,6 +70,52 @@ def test_minus_infinity_is_a_number_in_json():
     es = [(1, 0.0, [(1, 0.0), (2, float("-inf"))])]
     chat = logprobs_body(True, es, Tok())
     assert chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
-    comp = logprobs_body(False, es, Tok(), offset=7)
+    at = TextOffset()
+    at.chars = 7
+    comp = logprobs_body(False, es, Tok(), at=at)
     assert list(comp["top_logprobs"][0].values()) == [0.0, -9999.0] and comp["text_offset"] == [7]
     assert b"null" not in orjson.dumps(chat) + orjson.dumps(comp)
+
+
+class ByteTok:
+    """A byte-fallback vocabulary: ids 0..255 are single bytes, 256 is "ab", 257 " c"."""
+
+    def token_bytes(self, i):
+        return bytes([i]) if i < 256 else {256: b"ab", 257: b" c"}[i]
+
+    def decode(self, ids):
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def test_bytes_and_offsets_of_characters_several_tokens_spell():
+    """A character spelt by several byte tokens: each token's `bytes` is its byte (joined, the text), not U+FFFD's
+    three; and every token of it starts where the character starts (offsets counted in the answer's characters,
+    sliced or whole, streamed chunk by chunk or at once)."""
+    text = "ab😀é c😀"
+    ids = [256, *text[2].encode(), *text[3].encode(), 257, *text[6].encode()]
+    es = [(i, -0.5, []) for i in ids]
+    chat = logprobs_body(True, es, ByteTok())
+    assert b"".join(bytes(c["bytes"]) for c in chat["content"]).decode() == text
+    comp = logprobs_body(False, es, ByteTok())
+    assert comp["text_offset"] == [0, 2, 2, 2, 2, 3, 3, 4, 6, 6, 6, 6]
+    assert all(text[o:].startswith(text[o]) for o in comp["text_offset"])  # every offset inside the text
+    at = TextOffset()
+    streamed = [o for k in range(len(es)) for o in logprobs_body(False, es[k:k + 1], ByteTok(), at=at)["text_offset"]]
+    assert streamed == comp["text_offset"] and at.chars == len(text)
+
+
+@pytest.mark.parametrize("which", ["stories260K", "smollm2"])
+def test_token_bytes_spell_the_text_on_real_tokenizers(which, request):
+    """llama2.c's <0xXX> byte pieces and SmolLM2's byte-level BPE: the tokens' bytes, joined, are the text's UTF-8
+    (decoding each token alone gives U+FFFD for a character's bytes)."""
+    from conftest import shared_model
+    from millis.gen import EngineConfig, open_engine
+    from millis.gen.tokenizer import token_bytes
+
+    model = (str(shared_model("stories260K") / "stories260K.bin") if which == "stories260K"
+             else request.getfixturevalue("smollm2"))
+    tok = open_engine(model, EngineConfig(max_batch=1, max_seq=64)).tok
+    text = "héllo 😀 wörld"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token is a piece of a character
+    assert b"".join(token_bytes(tok, i) for i in ids).decode().strip() == text

@@ -148,11 +148,12 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref
     assert events[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finished}
-    # content as a list of text parts is the same message
-    parts = [{**msgs[0]}, {"role": "user", "content": [{"type": "text", "text": "hello how "},
+    # content as a list of text parts is the parts joined by newlines (as vLLM joins them)
+    parts = [{**msgs[0]}, {"role": "user", "content": [{"type": "text", "text": "hello how"},
                                                          {"type": "text", "text": "are you"}]}]
-    body = server.post("/v1/chat/completions", {"messages": parts, **GREEDY})[2]
-    assert body["choices"][0]["message"]["content"] == ref
+    joined = [{**msgs[0]}, {"role": "user", "content": "hello how\nare you"}]
+    got, want = (server.post("/v1/chat/completions", {"messages": m, **GREEDY, "logprobs": True})[2] for m in (parts, joined))
+    assert got["choices"][0]["logprobs"] == want["choices"][0]["logprobs"] and got["usage"] == want["usage"]
 
 
 @pytest.mark.parametrize("route,raw,status,code", [
@@ -198,6 +199,15 @@ def test_bad_input_is_a_4xx_openai_error(server, route, raw, status, code):
     s, _, body = server.post(route, raw=raw)
     assert s == status, body
     assert body["error"]["code"] == code and len(body["error"]["message"]) > 10, body
+
+
+def test_a_chat_prompt_too_long_names_messages(server):
+    """A chat request has no `prompt`: its templated messages too long for a slot are blamed on `messages`."""
+    for words in (2500, 3000):  # past the slot's 4,096 tokens, within the characters a prompt may have
+        s, _, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "the cat " * words}]})
+        if s == 400:
+            break
+    assert s == 400 and body["error"]["param"] == "messages" and "(messages)" in body["error"]["message"], body
 
 
 def _running(s: Server) -> int:

@@ -125,3 +125,18 @@ def test_many_short_calls_cost_work_linear_in_the_answer(monkeypatch):
             tokens += 1
         assert len(fmt.spans(scan)) == 500 and calls.settled == 500
         assert counted["n"] < 3 * tokens, (fmt.name, counted["n"], tokens)
+
+
+def test_an_answer_cut_among_its_calls_gives_the_calls_streamed_or_not():
+    """max_tokens ends a generic answer inside its calls: the whole answer gives the calls as far as written, as the
+    stream sent them, not the wire JSON as content (7 calls were lost, the two modes disagreed)."""
+    from millis.serve.generation.tools import ToolSpec
+
+    whole = json.dumps({"tool_calls": [{"name": "f", "arguments": {}}] * 3 + [{"name": "g", "arguments": {"x": 1}}]})
+    cut = whole[:whole.rindex('"x"') + 3]  # inside the last call's arguments
+    content, calls = GENERIC.parse(cut, ToolSpec(({"name": "f"}, {"name": "g"}), required=True, parallel=True))
+    assert content is None and [c["function"]["name"] for c in calls] == ["f", "f", "f", "g"]
+    assert [c["function"]["arguments"] for c in calls] == ["{}"] * 3 + ['{"x"']
+    stream = CallStream()
+    deltas = stream.update(GENERIC.spans(cut))
+    assert [d["function"].get("name") for d in deltas if "name" in d["function"]] == ["f", "f", "f", "g"]

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from millis.common.errors import MillisError
-from millis.gen.tokenizer import HFTokenizer, Llama2cTokenizer
+from millis.gen.tokenizer import HFTokenizer, Llama2cTokenizer, byte_alphabet  # noqa: F401 -- read from here too
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # tokenizer.ggml.token_type values
 
@@ -31,11 +31,6 @@ PRE_TOKENIZERS = {
 IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
 
 
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (bytes_to_unicode): how byte-level vocabularies spell bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
 class GGUFBPETokenizer(HFTokenizer):
@@ -86,6 +81,14 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
             else:
                 toks.append(self.UNK)
         return toks
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i adds to a text (logprobs' `bytes`): a <0xXX> piece its byte, control tokens none."""
+        t = self.types[i] if 0 <= i < len(self.pieces) else UNKNOWN
+        if t in (CONTROL, UNKNOWN):
+            return b""
+        m = re.match(r"^<0x([0-9A-Fa-f]{2})>$", self.pieces[i]) if t == BYTE else None
+        return bytes([int(m.group(1), 16)]) if m else (self.raw[i] if t == USER_DEFINED else self.pieces[i]).encode()
 
     def decode(self, ids: list[int]) -> str:
         """Control tokens (BOS, EOS...) are skipped, as HFTokenizer skips special tokens; user-defined ones

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import functools
 import heapq
+import json
 import re
 import struct
 from pathlib import Path
@@ -19,6 +21,29 @@ from millis.common.errors import MillisError
 from millis.common.rust_tokenizer import encode_all
 
 _BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (bytes_to_unicode): how byte-level vocabularies spell bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+@functools.cache
+def byte_values() -> dict[str, int]:
+    """byte_alphabet's inverse: a byte-level piece's character -> its byte."""
+    return {c: b for b, c in byte_alphabet().items()}
+
+
+def token_bytes(tok, i: int) -> bytes:
+    """The UTF-8 bytes token i adds to a text: one byte of a character several tokens spell (a byte-fallback
+    <0xXX> piece, a byte-level BPE piece), which decoding the token alone turns into U+FFFD. A tokenizer without
+    `token_bytes`: its decoding of the token alone; no tokenizer: the id."""
+    if tok is None:
+        return str(i).encode()
+    own = getattr(tok, "token_bytes", None)
+    return own(i) if own is not None else tok.decode([i]).encode()
 
 
 class Tokenizer(Protocol):
@@ -47,6 +72,22 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, i: int) -> bytes:
+        """A special token none; a byte-level piece its bytes; a <0xXX> piece its byte; else the piece (▁ a space)."""
+        piece = self._tok.id_to_token(i)
+        if piece is None or not self._tok.decode([i], skip_special_tokens=True):
+            return b""
+        if (m := _BYTE.match(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+        if self.byte_level and all(c in byte_values() for c in piece):
+            return bytes(byte_values()[c] for c in piece)
+        return piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def byte_level(self) -> bool:
+        """Whether the vocabulary spells bytes as GPT-2's printable characters (a ByteLevel decoder)."""
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
 
 
 class Llama2cTokenizer:
@@ -145,6 +186,13 @@ class Llama2cTokenizer:
             i = nxt[i]
         return out
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i adds to a text: a <0xXX> piece its byte, BOS / EOS none."""
+        if i in (self.BOS, self.EOS) or not 0 <= i < len(self.pieces):
+            return b""
+        m = _BYTE.match(self.pieces[i])
+        return bytes([int(m.group(1), 16)]) if m else self.pieces[i].encode("utf-8")
+
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
         prev = None
@@ -173,6 +221,14 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+    def token_bytes(self, i: int) -> bytes:
+        if self._sp.is_control(i) or self._sp.is_unknown(i):
+            return b""
+        piece = self._sp.id_to_piece(i)
+        if self._sp.is_byte(i) and (m := _BYTE.match(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
 
 def llama2c_tokenizer(folder: Path, model_file: Path, vocab_size: int):

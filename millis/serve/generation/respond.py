@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from millis.serve import schemas
 from millis.serve.generation import schemas as gs
-from millis.serve.generation.logprobs import answer_logprobs, logprobs_body, next_offset
+from millis.serve.generation.logprobs import TextOffset, answer_logprobs, logprobs_body
 from millis.serve.generation.tool_stream import CallStream, Scan
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
@@ -121,7 +121,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
     held = [Scan() for _ in lives]  # choices that may call tools: their text so far, and what scans found
     shown = [""] * len(lives)  # the content that went out already
     calls_out = [CallStream() for _ in lives]  # the calls that went out already (constrained answers)
-    offsets = [0] * len(lives)  # completions' logprobs: where each choice's next token starts in its text
+    offsets = [TextOffset() for _ in lives]  # completions' logprobs: where each choice's next token starts
     pieces: dict = {}  # logprobs: token id -> its text, decoded once
     constrained = bool(g.params.grammar)
     try:
@@ -133,8 +133,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             i, o = await merged.get()
             if isinstance(o, Exception):
                 raise o
-            lp = logprobs_body(chat, o.logprobs, st.engine.tok, pieces, offsets[i])
-            offsets[i] = next_offset(lp, offsets[i])  # completions: offsets run on over the whole answer
+            lp = logprobs_body(chat, o.logprobs, st.engine.tok, pieces, offsets[i])  # offsets run on over the answer
             if g.tools is not None:  # the step's logprobs ride on its first chunk (an empty delta when none)
                 held[i].extend(o.text)
                 text = g.tool_format.content_so_far(held[i], constrained)

@@ -231,7 +231,7 @@ def _content(m: dict, i: int) -> str | None:
         return c
     if isinstance(c, list) and all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
                                    for x in c):
-        return "".join(x["text"] for x in c)
+        return "\n".join(x["text"] for x in c)  # as vLLM joins them
     raise ApiError(422, f"messages[{i}].content must be a string or a list of text parts", param="messages",
                    code="invalid_type")
 

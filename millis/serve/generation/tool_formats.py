@@ -67,6 +67,9 @@ class GenericFormat:
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         content, calls = parse_answer(text)
         spans = self.spans(text)
+        named = [sp for sp in spans if sp.name is not None]
+        if not calls and named:  # cut by max_tokens among its calls: the calls as far as written, as streamed (the
+            return None, [tool_call(sp.name, sp.args) for sp in named]  # wire JSON was the content)
         if len(spans) == len(calls):  # the arguments as the model wrote them (what streaming sends)
             for c, sp in zip(calls, spans):
                 c["function"]["arguments"] = sp.args
