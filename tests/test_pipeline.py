@@ -200,6 +200,7 @@ def test_calibration_never_sees_the_selection_rows(tmp_path, trained_classifier,
                             variants=("ort-int8-static",), measure=replace(quick_measure, threads=1, serve_mix=0)))
     meta = json.loads((tmp_path / "e" / "millis.json").read_text())
     assert meta["measured"]["fidelity_texts"].startswith(f"{len(sample_texts()[::2])} texts from the texts shipped")
+    assert "short forms of them (their first word or two)" in meta["measured"]["fidelity_texts"]
     assert calibrated and not set(calibrated[-1]) & {t.strip() for t in sample_texts()[::2]}
 
 

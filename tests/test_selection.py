@@ -416,3 +416,13 @@ def test_a_reranker_is_judged_by_its_ranking():
     assert compare("classify", tie, near, RERANK_DOCS)["top1_agreement"] == 1.0  # a tie swapped keeps the ranking
     two = np.concatenate([np.zeros_like(ref), ref], 1)  # a two-label head: the last label's probability ranks
     assert compare("classify", two, two[::-1].copy(), RERANK_DOCS)["order_agreement"] < 1.0
+
+
+def test_the_fidelity_gate_reads_short_forms_of_its_texts():
+    """A word or two of every eighth fidelity text (no text twice, none already there): the short queries where
+    row-scaled int7 loses most are judged too."""
+    from millis.optimize.judge import SHORT_EVERY, short_forms
+
+    texts = ["where is my card", "hi", "card", "where is", *["filler text here"] * (SHORT_EVERY - 4), "lost card now"]
+    assert short_forms(texts) == ["where", "lost", "lost card"]  # "where is" is a text already; "hi" has no form
+    assert short_forms([]) == []

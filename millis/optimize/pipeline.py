@@ -35,7 +35,7 @@ from millis.artifact.meta import read_train_meta
 from millis.artifact.validation import read_validation, selection_files
 from millis.common.files import file_sha256
 from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, variants_for
-from millis.optimize.judge import rerank_pairs
+from millis.optimize.judge import rerank_pairs, short_forms
 
 Progress = Callable[[str], None]
 
@@ -158,7 +158,11 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     pairs = rerank_pairs(texts) if cfg.task == "rerank" else ()
     if pairs:
         fidelity_texts = f"{len(pairs)} (query, document) pairs of {fidelity_texts}"
-    calib_texts, calib_where = calibration_rows(cfg, src, data, texts)
+    judged = texts  # what the fidelity gate reads: with a word or two of some, where row-scaled int7 loses most
+    if not pairs and (short := short_forms(texts)):  # (timing and the serve mix keep the texts' own lengths)
+        judged = texts + short
+        fidelity_texts += f", and {len(short)} short forms of them (their first word or two)"
+    calib_texts, calib_where = calibration_rows(cfg, src, data, judged)
     progress(f"calibrating on {len(calib_texts)} texts from {calib_where}")
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
@@ -170,7 +174,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     work = Path(tempfile.mkdtemp(prefix="millis-work-"))
     try:
         builder = Builder(src, cfg.model_task, work, calibration)
-        ctx = JudgeContext(cfg.model_task, cfg.budget, cfg.measure.threads, src, enc, texts, inputs[cfg.target],
+        ctx = JudgeContext(cfg.model_task, cfg.budget, cfg.measure.threads, src, enc, judged, inputs[cfg.target],
                            data, progress, pairs=pairs, gpu_buckets=capture_shapes(cfg, max_len, shapes))
         reference, ref = judge_reference(ctx, builder)
         judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
