@@ -31,7 +31,8 @@ def test_sliced_answer_equals_the_whole(chat, n, top):
     es = entries(n, top)
     for tok in (Tok(), None):
         whole = logprobs_body(chat, es, tok)
-        assert asyncio.run(answer_logprobs(chat, es, tok)) == whole
+        steps = [(es[k:k + 3], "") for k in range(0, len(es), 3)]  # engine steps of 3 tokens (speculation)
+        assert asyncio.run(answer_logprobs(chat, steps, tok)) == whole
         if not chat:
             assert whole["text_offset"] == [sum(len(t) for t in whole["tokens"][:k]) for k in range(n)]
             assert (whole["top_logprobs"] is None) == (top == 0)
@@ -54,7 +55,7 @@ def test_the_loop_serves_others_between_slices():
         t = asyncio.create_task(ticker())
         await asyncio.sleep(0)
         before = ticks
-        body = await answer_logprobs(True, es, Tok())
+        body = await answer_logprobs(True, [([e], "x") for e in es], Tok())
         t.cancel()
         return ticks - before, body
     turns, body = asyncio.run(main())
@@ -119,3 +120,34 @@ def test_token_bytes_spell_the_text_on_real_tokenizers(which, request):
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token is a piece of a character
     assert b"".join(token_bytes(tok, i) for i in ids).decode().strip() == text
+
+
+def test_offsets_after_a_first_token_whose_space_the_text_drops():
+    """After BOS a SentencePiece decoder drops the first token's leading space from the answer's text: the offsets
+    after it count one less, so each still points at its token's place in the text."""
+    tok = ByteTok()
+    es = [(257, -0.1, []), (256, -0.1, []), (257, -0.1, [])]  # " c", "ab", " c": the answer's text "cab c"
+    steps = [([e], t) for e, t in zip(es, ["c", "ab", " c"])]
+    got = asyncio.run(answer_logprobs(False, steps, tok))
+    assert got["text_offset"] == [0, 1, 3]
+    text = "cab c"
+    assert text[1:].startswith("ab") and text[3:] == " c"  # without the step's correction: 0, 2, 4 (past "ab")
+
+
+def test_token_bytes_of_a_metaspace_tokenizer(tmp_path):
+    """A Llama 2 style tokenizer.json (Metaspace, byte fallback, a Strip decoder): the lone ▁ token is a space (its
+    decoding alone is empty, which was read as a special token: no bytes), byte pieces their byte, specials none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from millis.gen.tokenizer import HFTokenizer, token_bytes
+
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581": 2, "\u2581hello": 3, "<0xC3>": 4, "<0xA9>": 5}
+    t = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.add_special_tokens(["<s>"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json", eos_id=None)
+    assert tok.decode([2]) == ""  # alone, the space is stripped
+    assert [token_bytes(tok, i) for i in (3, 2, 4, 5, 1)] == [b" hello", b" ", b"\xc3", b"\xa9", b""]

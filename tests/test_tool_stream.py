@@ -140,3 +140,18 @@ def test_an_answer_cut_among_its_calls_gives_the_calls_streamed_or_not():
     stream = CallStream()
     deltas = stream.update(GENERIC.spans(cut))
     assert [d["function"].get("name") for d in deltas if "name" in d["function"]] == ["f", "f", "f", "g"]
+
+
+def test_calls_cut_by_a_stop_string_do_not_finish_as_tool_calls():
+    """finish_reason tool_calls only when every call's arguments are whole JSON: calls cut by a stop string end "stop"
+    (a client parsing their arguments failed)."""
+    from types import SimpleNamespace
+
+    from millis.serve.generation.respond import _answer
+    from millis.serve.generation.tools import ToolSpec
+
+    g = SimpleNamespace(tools=ToolSpec(({"name": "f"},), required=True, parallel=True), tool_format=GENERIC)
+    whole = json.dumps({"tool_calls": [{"name": "f", "arguments": {"city": "Paris"}}]})
+    assert _answer(g, whole, "stop")[2] == "tool_calls"
+    content, calls, finish = _answer(g, whole[:whole.index("Paris") + 6], "stop")
+    assert content is None and calls and finish == "stop"

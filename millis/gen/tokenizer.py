@@ -76,13 +76,18 @@ class HFTokenizer:
     def token_bytes(self, i: int) -> bytes:
         """A special token none; a byte-level piece its bytes; a <0xXX> piece its byte; else the piece (▁ a space)."""
         piece = self._tok.id_to_token(i)
-        if piece is None or not self._tok.decode([i], skip_special_tokens=True):
+        if piece is None or i in self.specials:
             return b""
         if (m := _BYTE.match(piece)) is not None:
             return bytes([int(m.group(1), 16)])
         if self.byte_level and all(c in byte_values() for c in piece):
             return bytes(byte_values()[c] for c in piece)
         return piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def specials(self) -> frozenset[int]:
+        """The special tokens' ids (decoding skips them); not a token whose text decoding alone drops (a lone ▁)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     @functools.cached_property
     def byte_level(self) -> bool:
@@ -223,8 +228,10 @@ class SentencePieceTokenizer:
         return self._sp.decode(ids)
 
     def token_bytes(self, i: int) -> bytes:
-        if self._sp.is_control(i) or self._sp.is_unknown(i):
+        if not 0 <= i < self._sp.get_piece_size() or self._sp.is_control(i):
             return b""
+        if self._sp.is_unknown(i):  # its surface, as decode writes it
+            return self._sp.decode([i]).encode()
         piece = self._sp.id_to_piece(i)
         if self._sp.is_byte(i) and (m := _BYTE.match(piece)) is not None:
             return bytes([int(m.group(1), 16)])

@@ -309,9 +309,8 @@ class GenState:
         except MillisError as e:  # prompt too long for a slot, token ids out of range, ...
             for live in lives:
                 self.cancel(live, "error") if live.id in self.live else None
-            field = "messages" if chat else "prompt"  # a chat request's prompt is its messages, templated
-            raise schemas.ApiError(400, str(e).replace("the prompt", f"the prompt ({field})", 1), param=field,
-                                   code="invalid_prompt") from None
+            msg = str(e).replace("the prompt", "the prompt (messages)", 1) if chat else str(e)  # chat: no `prompt`
+            raise schemas.ApiError(400, msg, param="messages" if chat else "prompt", code="invalid_prompt") from None
         self.metrics.prompt_tokens.inc(len(ids))
         self._wake.set()
         return lives

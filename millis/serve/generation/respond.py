@@ -16,6 +16,7 @@ Whatever ends the request (finished, client gone, timeout, error) cancels every 
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import logging
 import time
@@ -57,7 +58,16 @@ def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list,
     if g.tools is None:
         return text, [], finish
     content, calls = g.tool_format.parse(text, g.tools)
-    return content, calls, "tool_calls" if calls and finish == "stop" else finish
+    whole = all(is_json(c["function"]["arguments"]) for c in calls)  # calls cut by a stop string end as "stop"
+    return content, calls, "tool_calls" if calls and finish == "stop" and whole else finish
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def respond(st, request, g: gs.GenRequest, lives: list, chat: bool, on_close) -> Response:
@@ -89,7 +99,7 @@ async def respond(st, request, g: gs.GenRequest, lives: list, chat: bool, on_clo
         per_choice = await asyncio.gather(*(rest(live, f) for live, f in zip(lives, firsts)))
         choices = []
         for i, outs in enumerate(per_choice):
-            lp = await answer_logprobs(chat, [e for o in outs for e in o.logprobs], st.engine.tok)
+            lp = await answer_logprobs(chat, [(o.logprobs, o.text) for o in outs], st.engine.tok)
             content, calls, finish = _answer(g, "".join(o.text for o in outs), outs[-1].finished)
             choices.append(gs.choice(chat, i, content, finish, lp, calls))
         use = gs.usage(lives[0].prompt_tokens, sum(live.n_out for live in lives))
@@ -134,6 +144,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             if isinstance(o, Exception):
                 raise o
             lp = logprobs_body(chat, o.logprobs, st.engine.tok, pieces, offsets[i])  # offsets run on over the answer
+            offsets[i].step(o.text)
             if g.tools is not None:  # the step's logprobs ride on its first chunk (an empty delta when none)
                 held[i].extend(o.text)
                 text = g.tool_format.content_so_far(held[i], constrained)
