@@ -95,15 +95,13 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
         are their raw text (llama.cpp); the dummy prefix is taken off the first piece."""
         out, first = bytearray(), True
         for i in ids:
-            t = self.types[i] if 0 <= i < len(self.pieces) else UNKNOWN
-            if t in (CONTROL, UNKNOWN):
+            if (self.types[i] if 0 <= i < len(self.pieces) else UNKNOWN) in (CONTROL, UNKNOWN):
                 continue
-            piece = self.raw[i] if t == USER_DEFINED else self.pieces[i]
-            if first and self.add_space_prefix and piece.startswith(" "):
-                piece = piece[1:]
+            raw = self.token_bytes(i)
+            if first and self.add_space_prefix and raw.startswith(b" "):
+                raw = raw[1:]
             first = False
-            m = re.match(r"^<0x([0-9A-Fa-f]{2})>$", piece) if t == BYTE else None
-            out += bytes([int(m.group(1), 16)]) if m else piece.encode("utf-8")
+            out += raw
         return out.decode("utf-8", errors="replace")
 
 

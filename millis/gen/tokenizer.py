@@ -205,11 +205,10 @@ class Llama2cTokenizer:
             if i in (self.BOS, self.EOS):
                 prev = i
                 continue
-            piece = self.pieces[i] if 0 <= i < len(self.pieces) else ""
-            if prev == self.BOS and piece.startswith(" "):
-                piece = piece[1:]  # the dummy prefix
-            m = _BYTE.match(piece)
-            out += bytes([int(m.group(1), 16)]) if m else piece.encode("utf-8")
+            raw = self.token_bytes(i)
+            if prev == self.BOS and raw.startswith(b" "):
+                raw = raw[1:]  # the dummy prefix
+            out += raw
             prev = i
         return out.decode("utf-8", errors="replace")
 

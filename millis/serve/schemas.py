@@ -68,6 +68,16 @@ def integer(body: dict[str, Any], key: str, lo: int, hi: int, default: int | Non
     return int(v)
 
 
+def boolean(body: dict[str, Any], key: str, default: bool | None = None) -> bool | None:
+    """body[key] as true / false (absent or null: default)."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(422, f"{key} must be true or false, got {v!r}", param=key, code="invalid_type")
+    return v
+
+
 # JSON a request nests (schemas, tool arguments): Python's json and the grammar compiler recurse per level,
 # with a limit near 1000 levels; a body can nest deeper (orjson reads 1024). Deeper is a 422.
 MAX_JSON_DEPTH = 100

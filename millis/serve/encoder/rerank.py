@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from millis.common.numeric import relevance_scores
-from millis.serve.schemas import ApiError, Limits, check_model
+from millis.serve.schemas import ApiError, Limits, boolean, check_model
 
 
 MAX_QUERY_CHARS = 16384  # tokenized once per document: bounded work per request (models read <= ~512 tokens)
@@ -55,24 +55,6 @@ class RerankRequest:
 
 def _fail(msg: str, param: str, code: str = "invalid_value", status: int = 422) -> ApiError:
     return ApiError(status, msg, param=param, code=code)
-
-
-def flag(body: dict[str, Any], key: str) -> bool:
-    """body[key] as a boolean; absent or null: false."""
-    v = body.get(key)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise _fail(f"{key} must be true or false, got {v!r}", key, "invalid_type")
-    return v
-
-
-def truncate_of(body: dict[str, Any]) -> bool | None:
-    """TEI's `truncate`: true / false, or None (absent or null: the server's rule)."""
-    v = body.get("truncate")
-    if v is not None and not isinstance(v, bool):
-        raise _fail(f"truncate must be true or false, got {v!r}", "truncate", "invalid_type")
-    return v
 
 
 def top_n_of(body: dict[str, Any], n_docs: int) -> int:
@@ -105,8 +87,8 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
         if not isinstance(t, str) or not t.strip():
             raise _fail(f"{key}[{i}] must be a non-empty string or {{\"text\": <string>}}", key)
         texts.append(t)
-    return RerankRequest(q, texts, top_n_of(body, len(texts)), flag(body, shape.return_documents),
-                         flag(body, "raw_scores"), shape.truncate and truncate_of(body) is False)
+    return RerankRequest(q, texts, top_n_of(body, len(texts)), boolean(body, shape.return_documents, False),
+                         boolean(body, "raw_scores", False), shape.truncate and boolean(body, "truncate") is False)
 
 
 def distinct(texts: list[str]) -> tuple[list[str], list[int], list[int]]:

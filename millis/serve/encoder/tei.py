@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from millis.common.numeric import label_scores, unit_rows
-from millis.serve.encoder.rerank import flag, truncate_of
-from millis.serve.schemas import ApiError, Limits, integer, shortened, texts_of
+from millis.serve.schemas import ApiError, Limits, boolean, integer, shortened, texts_of
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
     if not normalize and graph_normalizes:
         raise ApiError(422, "normalize=false is not available: this model normalizes its vectors in its graph",
                        param="normalize", code="invalid_value")
-    return TeiRequest(texts_of(body, "inputs", limits), isinstance(body.get("inputs"), str), truncate_of(body),
+    return TeiRequest(texts_of(body, "inputs", limits), isinstance(body.get("inputs"), str), boolean(body, "truncate"),
                       normalize, integer(body, "dimensions", 1, dim, dim))
 
 
@@ -55,8 +54,8 @@ def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
     if isinstance(v, list) and v and isinstance(v[0], list):
         raise ApiError(422, "inputs: text pairs are scored by /rerank (a query and its texts) here, not /predict",
                        param="inputs", code="invalid_type")
-    return TeiRequest(texts_of(body, "inputs", limits), isinstance(v, str), truncate_of(body),
-                      raw_scores=flag(body, "raw_scores"))
+    return TeiRequest(texts_of(body, "inputs", limits), isinstance(v, str), boolean(body, "truncate"),
+                      raw_scores=boolean(body, "raw_scores", False))
 
 
 def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRequest) -> list[Any]:
