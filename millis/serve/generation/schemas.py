@@ -18,7 +18,8 @@ from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, 
 from millis.gen.grammar import json_schema_grammar
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
-from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, check_model, integer, is_integral, json_shape, same_value
+from millis.serve.schemas import (MAX_JSON_DEPTH, ApiError, boolean, check_model, integer, is_integral, json_shape,
+                                  same_value)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 16
@@ -73,15 +74,6 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, open_lo:
     return float(v)
 
 
-def _bool(body: dict, key: str) -> bool:
-    v = body.get(key)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise ApiError(422, f"{key} must be true or false, got {v!r}", param=key, code="invalid_type")
-    return v
-
-
 def _logprobs(body: dict, chat: bool) -> int:
     """-1 (off) or how many top alternatives per token. Chat: logprobs true/false and top_logprobs;
     completions: logprobs = the number of alternatives (OpenAI's legacy field)."""
@@ -89,7 +81,7 @@ def _logprobs(body: dict, chat: bool) -> int:
     if not chat:
         v = -1 if body.get("logprobs") is False else integer(body, "logprobs", 0, MAX_LOGPROBS, -1)
         return -1 if v is None else v
-    on = _bool(body, "logprobs")
+    on = boolean(body, "logprobs", False)
     if top and not on:
         raise ApiError(422, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     return top if on else -1
@@ -124,7 +116,8 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
             presence_penalty=_number(body, "presence_penalty", 0.0, -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),
             logit_bias=logit_bias(body, limits.vocab),
-            ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat), grammar=response_format(body))
+            ignore_eos=boolean(body, "ignore_eos", False), logprobs=_logprobs(body, chat),
+            grammar=response_format(body))
     except MillisError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
 
@@ -180,14 +173,14 @@ def response_format(body: dict) -> str:
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
-    stream = _bool(body, "stream")
+    stream = boolean(body, "stream", False)
     opts = body.get("stream_options")
     if opts is None:
         return stream, False
     if not isinstance(opts, dict):
         raise ApiError(422, f"stream_options must be an object, got {opts!r}", param="stream_options",
                        code="invalid_type")
-    return stream, _bool(opts, "include_usage")
+    return stream, boolean(opts, "include_usage", False)
 
 
 def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest:
