@@ -116,3 +116,17 @@ def test_optimize_errors_name_the_flag_or_variable(capsys, monkeypatch, env, arg
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert named in one_line_error(capsys, "optimize", "tiny:bert", *argv)
+
+
+@pytest.mark.parametrize("command, env, named", [
+    ("train", {"MILLIS_VAL_FRACTION": "2"}, "MILLIS_VAL_FRACTION must be between 0 and 1, got 2"),
+    ("distill", {"MILLIS_DISTILL_TEMPERATURE": "0"}, "MILLIS_DISTILL_TEMPERATURE must be > 0, got 0"),
+    ("prune", {"MILLIS_HEADS": "1.5"}, "MILLIS_HEADS"),
+    ("distill", {"MILLIS_STUDENT": "some/dir", "MILLIS_DISTILL_LAYERS": "1"}, "MILLIS_DISTILL_LAYERS and --layer-map "
+                                                                               "cut the teacher's own layers"),
+])
+def test_training_commands_name_the_variable_a_bad_value_came_from(capsys, monkeypatch, command, env, named):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    err = one_line_error(capsys, command, "tiny:bert", "--data", "x.csv")
+    assert named in err and "--" + named.split()[0].removeprefix("MILLIS_").lower().replace("_", "-") not in err, err

@@ -170,3 +170,27 @@ def test_eval_warns_on_the_rows_that_selected_the_model(tmp_path, trained_classi
     assert on_val["seen_by_selection"] is True
     assert evaluate(EvalConfig(model=str(trained_classifier), data=str(topics_data["test"])))["seen_by_selection"] \
         is False
+
+
+def test_eval_finds_selection_rows_by_content_and_the_training_file(tmp_path, trained_classifier, topics_data,
+                                                                    capsys):
+    """The validation rows saved again (CRLF, as CSV, another path): other bytes, the same rows, so still no test
+    score; a file holding some of them says how many. The model's own training file warns too; the test file
+    does neither."""
+    from millis.artifact.validation import read_validation
+
+    val = read_validation(trained_classifier)
+    rows = [f"{t},{y}" for t, y in zip(val.texts, val.labels)]
+    again = tmp_path / "again.csv"
+    again.write_bytes(("text,label\r\n" + "\r\n".join(rows) + "\r\n").encode())
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(topics_data["test"].read_text() + "\n".join(rows[:3]) + "\n")
+    for data, seen, n_rows, trained in ((again, True, len(rows), False), (mixed, True, 3, False),
+                                        (topics_data["train"], True, 20, True),  # the rows held out of it, too
+                                        (topics_data["test"], False, 0, False)):
+        res = tmp_path / "res.json"
+        assert main(["eval", str(trained_classifier), "--data", str(data), "--json", str(res), "--threads", "1"]) == 0
+        err, got = capsys.readouterr().err, json.loads(res.read_text())
+        assert (got["seen_by_selection"], got["selection_rows"], got["trained_on"]) == (seen, n_rows, trained), data
+        assert (f"holds the rows that selected this model ({n_rows} of its" in err) is seen, err
+        assert (f"{data} is the file this model (or the model it was built from) trained on" in err) is trained, err

@@ -55,7 +55,7 @@ def test_same_training_file_reuses_the_sources_validation_rows(tmp_path, trained
     td = _prepare(trained_classifier, topics_data["train"], seed=1, val_fraction=0.3, sample=150, threads=1)
     assert _pairs(td.val.texts, td.val.labels) == judged and len(td.val) == 20
     assert not _pairs(td.val.texts, td.val.labels) & trained
-    assert td.validation == f"the validation rows of {trained_classifier} (trained on this file)"
+    assert td.validation == f"the validation rows of {trained_classifier} (held out of this file's rows)"
     # the training rows: the sampled rows less the teacher's validation rows
     assert _trains_on(trained_classifier, td, seed=1, val_fraction=0.3, sample=150) == [
         r for r in zip(td.data.texts, td.data.labels) if r not in judged]
@@ -63,15 +63,17 @@ def test_same_training_file_reuses_the_sources_validation_rows(tmp_path, trained
     copy = tmp_path / "renamed.csv"  # the same bytes under another name: the same file
     shutil.copy(topics_data["train"], copy)
     td = _prepare(trained_classifier, copy, seed=2, threads=1)
-    assert _pairs(td.val.texts, td.val.labels) == judged and "(trained on this file)" in td.validation
+    assert _pairs(td.val.texts, td.val.labels) == judged and "(held out of this file's rows)" in td.validation
 
 
 def test_another_training_file_keeps_the_sources_rows_apart(tmp_path, trained_classifier, topics_data):
-    """Another file (other sha256) holding the teacher's rows: held-out rows the teacher trained on train
-    instead, and the teacher's validation rows do not train."""
+    """Another file (other sha256) holding the teacher's rows but one of its validation rows: held-out rows the
+    teacher trained on train instead, and the teacher's validation rows do not train."""
     judged, trained = _teacher_rows(trained_classifier)
+    lines = topics_data["train"].read_text().splitlines(keepends=True)
+    gone = next(i for i, x in enumerate(lines) if tuple(x.rstrip("\n").rsplit(",", 1)) in judged)
     other = tmp_path / "more.csv"
-    other.write_text(topics_data["train"].read_text() + "card pin today,bank\nstock oil merger,market\n")
+    other.write_text("".join(lines[:gone] + lines[gone + 1:]) + "card pin today,bank\nstock oil merger,market\n")
     with pytest.warns(UserWarning, match=r"more\.csv: \d+ held-out row\(s\) are rows .* trained on"):
         td = _prepare(trained_classifier, other, seed=5, threads=1)
     val = _pairs(td.val.texts, td.val.labels)
@@ -79,8 +81,42 @@ def test_another_training_file_keeps_the_sources_rows_apart(tmp_path, trained_cl
     assert td.validation.startswith("10% held out per class, less the rows")
     train = _trains_on(trained_classifier, td, seed=5)
     assert not set(train) & judged and not set(train) & val
-    assert len(train) + len(val) + len(judged - val) == len(td.data)  # only teacher validation rows are left out
+    left_out = judged & set(zip(td.data.texts, td.data.labels)) - val
+    assert len(train) + len(val) + len(left_out) == len(td.data)  # only teacher validation rows are left out
     assert ("card pin today", "bank") in set(train) | val
+
+
+def test_the_same_rows_saved_again_keep_the_sources_validation_rows(tmp_path, trained_classifier, topics_data):
+    """The teacher's file saved with CRLF line ends (other bytes, the same rows), or with rows added: every
+    validation row of the teacher is there, so they stay the validation rows (a new split would keep only those
+    the new draw happens to hold out, about a tenth of them)."""
+    judged, _ = _teacher_rows(trained_classifier)
+    text = topics_data["train"].read_text()
+    crlf, more = tmp_path / "crlf.csv", tmp_path / "more.csv"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    more.write_text(text + "card pin today,bank\n")
+    for data in (crlf, more):
+        td = _prepare(trained_classifier, data, seed=1, threads=1)
+        assert _pairs(td.val.texts, td.val.labels) == judged, data
+        assert not set(_trains_on(trained_classifier, td, seed=1)) & judged
+
+
+def test_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
+    """A text twice in the file (SST-2's train.tsv repeats 366 rows) is held out or trained on whole: never one
+    copy in each (its held-out twin would be a trained row). Without duplicates the draw is the old one."""
+    from millis.train.holdout import split
+
+    rows = [(f"text {i % 150}", "ab"[i % 2]) for i in range(300)]  # each text twice, its label the same
+    path = tmp_path / "dups.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    data = read_labeled(path)
+    tr, va = split(data, 0.2, 0)
+    assert sorted(tr + va) == list(range(300)) and 50 <= len(va) <= 70
+    assert not {data.texts[i] for i in tr} & {data.texts[i] for i in va}
+    uniq = tmp_path / "uniq.csv"
+    uniq.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(40)))
+    tr, va = split(read_labeled(uniq), 0.25, 3)
+    assert va == [6, 10, 11, 12, 15, 16, 19, 23, 29, 30]  # the per-row draw before copies were grouped
 
 
 def test_unknown_source_training_rows_are_warned_about(tmp_path, trained_classifier, topics_data):
@@ -89,10 +125,16 @@ def test_unknown_source_training_rows_are_warned_about(tmp_path, trained_classif
     meta = json.loads((moved / "millis.json").read_text())
     meta["data"]["path"] = str(tmp_path / "gone.csv")
     (moved / "millis.json").write_text(json.dumps(meta))
-    other = tmp_path / "more.csv"
-    other.write_text(topics_data["train"].read_text() + "card pin today,bank\n")
+    judged, _ = _teacher_rows(trained_classifier)
+    lines = topics_data["train"].read_text().splitlines(keepends=True)
+    gone = next(i for i, x in enumerate(lines) if tuple(x.rstrip("\n").rsplit(",", 1)) in judged)
+    other = tmp_path / "more.csv"  # not every validation row of the teacher: a new split
+    other.write_text("".join(lines[:gone] + lines[gone + 1:]) + "card pin today,bank\n")
     with pytest.warns(UserWarning, match=r"training file .*gone\.csv is gone or changed: cannot tell which rows"):
         _prepare(moved, other, threads=1)
+    with pytest.warns(UserWarning, match=r"training file .*gone\.csv is gone or changed: cannot tell which rows "
+                                         r"of --validation .*test\.csv"):
+        _prepare(moved, other, validation=str(topics_data["test"]), threads=1)
 
 
 def test_validation_file_that_is_the_training_file_is_refused(tmp_path, topics_data, tiny_dirs):

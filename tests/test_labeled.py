@@ -165,7 +165,8 @@ def test_rows_with_more_or_fewer_fields_than_the_header_name_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("value, shown", [(["x", "y"], r'\["x", "y"\]'), ({"a": 1}, r'\{"a": 1\}'),
-                                          (True, "true"), (None, "null")])
+                                          (True, "true"), (None, "null"), (float("nan"), "NaN"),
+                                          (float("inf"), "Infinity")])
 def test_jsonl_label_that_is_not_a_string_or_number_names_line_and_column(tmp_path, value, shown):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": value}) + "\n")
@@ -196,4 +197,12 @@ def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
         read_labeled(p)
     p.write_text(json.dumps([{"text": "a", "label": "x"}]))  # on one line too
     with pytest.raises(MillisError, match="is a JSON array: millis reads JSON Lines"):
+        read_labeled(p)
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    """csv.DictReader keeps the last of two columns with one name: training read the wrong labels, without a word."""
+    p = tmp_path / "d.csv"
+    p.write_text("text,label,label\nhello,a,b\n")
+    with pytest.raises(MillisError, match=r"d\.csv: the header names column\(s\) 'label' more than once"):
         read_labeled(p)

@@ -131,6 +131,8 @@ def test_bad_config_values():
         train_config("tiny:bert", "x.csv", batch_size=0)
     with pytest.raises(MillisError, match="unknown training preset 'fast'"):
         train_config("tiny:bert", "x.csv", preset="fast")
+    with pytest.raises(MillisError, match="--warmup is a share of all steps, below 1, got 4"):
+        train_config("tiny:bert", "x.csv", warmup=4.0)  # the rate would never pass a quarter of --lr
 
 
 def test_split_is_stratified_and_disjoint():

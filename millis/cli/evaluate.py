@@ -66,9 +66,13 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
         Path(own.json).write_text(json.dumps(res, indent=2))
     print(f"model {cfg.model} ({res['variant']}, {res['task']}) on {cfg.data}: {res['n']} rows, {res['seconds']:.1f} s")
     if res["seen_by_selection"]:
-        print(f"warning: {cfg.data} holds the rows that selected this model (optimize's selection data or training's "
-              f"validation rows): these figures are not a test score; report on a file selection never saw",
-              file=sys.stderr)
+        rows = f" ({res['selection_rows']} of its {res['n']} rows)" if res.get("selection_rows") else ""
+        print(f"warning: {cfg.data} holds the rows that selected this model{rows} (optimize's selection data or "
+              f"training's validation rows): these figures are not a test score; report on a file selection never "
+              f"saw", file=sys.stderr)
+    if res["trained_on"]:
+        print(f"warning: {cfg.data} is the file this model (or the model it was built from) trained on: these "
+              f"figures are not a test score", file=sys.stderr)
     if res["task"] == "classify":
         print(f"accuracy {100 * res['accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%\n")
         print(f"{'label':<40} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")

@@ -54,20 +54,23 @@ class PruneFlags:
 
 
 def train_config_of(given: Given) -> TrainConfig:
-    schedule = given.of(TrainConfig)
-    return train_config(schedule.pop("source"), schedule.pop("data"), given.build(TrainFlags).preset, **schedule)
+    schedule, preset = given.of(TrainConfig), given.build(TrainFlags).preset
+    with given.named():  # a bad MILLIS_* value is named as the variable, not as its flag
+        return train_config(schedule.pop("source"), schedule.pop("data"), preset, **schedule)
 
 
 def distill_config_of(given: Given) -> DistillConfig:
     own, schedule = given.build(DistillFlags), given.of(TrainConfig)
-    return distill_config(own.source, schedule.pop("data"), own.preset, out=own.out, train=schedule,
-                          **given.of(DistillConfig))
+    with given.named():
+        return distill_config(own.source, schedule.pop("data"), own.preset, out=own.out, train=schedule,
+                              **given.of(DistillConfig))
 
 
 def prune_config_of(given: Given) -> PruneConfig:
     own, schedule = given.build(PruneFlags), given.of(TrainConfig)
-    return prune_config(own.source, schedule.pop("data"), own.preset, out=own.out, train=schedule,
-                        **given.of(PruneConfig))
+    with given.named():
+        return prune_config(own.source, schedule.pop("data"), own.preset, out=own.out, train=schedule,
+                            **given.of(PruneConfig))
 
 
 def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,9 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     cols = list(reader.fieldnames or [])
+    twice = sorted({c for c in cols if cols.count(c) > 1})
+    if twice:  # DictReader would keep the last of them: the wrong column, without a word
+        raise MillisError(f"{p}: the header names column(s) {', '.join(map(repr, twice))} more than once")
     rows = []
     for rec in reader:
         line = reader.line_num  # the row's last line (a quoted CSV field may span lines)
@@ -130,11 +134,12 @@ def _pick_label_col(p: Path, cols: list[str], text_col: str) -> str:
 
 def _value(p: Path, line: int, rec: dict, col: str) -> str:
     """A cell as text. JSON: a whole-number float is that integer (1.0 and 1 are one class); a list, an
-    object, true / false and (for a present key) null are errors: str() would make classes like "['x']"."""
+    object, true / false, NaN / Infinity and (for a present key) null are errors: str() would make classes like "['x']"."""
     v = rec.get(col)
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    if isinstance(v, (list, dict, bool)) or (v is None and col in rec and p.suffix.lower() in (".jsonl", ".json")):
+    json_null = v is None and col in rec and p.suffix.lower() in (".jsonl", ".json")
+    if isinstance(v, (list, dict, bool)) or (isinstance(v, float) and not math.isfinite(v)) or json_null:
         raise MillisError(f"{p}: line {line}, column {col!r}: {json.dumps(v)[:40]} is not a string or a number "
                           f"(each row needs one text and one label)")
     return "" if v is None else str(v)

@@ -15,7 +15,7 @@ import numpy as np
 
 from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
-from millis.common.files import file_sha256
+from millis.common.files import file_sha256, hash_files
 from millis.common.numeric import unit_rows
 from millis.common.readers import Labeled, read_labeled
 from millis.common.readers import read_texts
@@ -121,6 +121,35 @@ def seen_by_selection(data_file: str, model_dir: str, model) -> bool:
     return file_sha256(data_file) in seen
 
 
+def selection_rows(data: Labeled, model_dir: str, model) -> int:
+    """How many rows of `data` are, by (text, label), validation rows that chose this model or the model it was
+    built from: a student keeps its teacher's --validation rows under another sha256, a path given relative to
+    another directory is not found, a re-saved copy has other bytes; the rows are the same."""
+    from millis.artifact.validation import read_validation
+
+    chosen: set[tuple[str, str]] = set()
+    for d in {model_dir, model.meta.source.path}:
+        try:
+            val = read_validation(d) if d and Path(d).is_dir() else None
+        except MillisError:  # an edited validation.jsonl: not this command's error
+            val = None
+        if val is not None:
+            chosen |= set(zip(val.texts, val.labels))
+    return sum(r in chosen for r in zip(data.texts, data.labels))
+
+
+def trained_on(data_file: str, model_dir: str, model) -> bool:
+    """Whether `data_file` is (by sha256) the file this model, or the model it was built from, trained on."""
+    from millis.artifact.meta import read_train_meta
+
+    for d in {model_dir, model.meta.source.path}:
+        meta = read_train_meta(d) if d and Path(d).is_dir() else None
+        # millis.json's data sha256 is hash_files' over (name, bytes): a renamed copy under the recorded name
+        if meta is not None and hash_files([Path(data_file)], [Path(meta.data.path).name]) == meta.data.sha256:
+            return True
+    return False
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.data`; return a JSON-ready dict (see module doc)."""
     from millis.artifact.model import open_model
@@ -135,7 +164,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         res["seconds"] = time.perf_counter() - t0
         res.update(classification_metrics(list(data.labels), pred))
         res["label_col"] = data.label_col
-        res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model)
+        res["selection_rows"] = selection_rows(data, cfg.model, model)
+        res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model) or res["selection_rows"] > 0
+        res["trained_on"] = trained_on(cfg.data, cfg.model, model)
         return res
     texts = read_texts(cfg.data, cfg.text_col, cfg.limit)
     ref_spec = model.meta.source.path if model.variant != "torch-fp32" else None
@@ -151,4 +182,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         ref = reference.run(texts).outputs
     res.update(embedding_agreement(ref, out))
     res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model)
+    res["trained_on"] = trained_on(cfg.data, cfg.model, model)
     return res

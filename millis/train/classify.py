@@ -50,6 +50,8 @@ class TrainConfig:
         if self.lr <= 0:
             raise MillisError(f"--lr must be > 0, got {self.lr}")
         check_at_least(self, 0, "limit", "sample", "patience", "threads", "weight_decay", "warmup")
+        if self.warmup >= 1:  # a share of all steps: at 1 or more the rate never reaches --lr
+            raise MillisError(f"--warmup is a share of all steps, below 1, got {self.warmup}")
 
 
 # Named presets (`--preset`): overrides applied to a TrainConfig; the flags given override them in turn.

@@ -49,6 +49,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.layers < 0:
             raise MillisError(f"--layers must be >= 1 (or 0 for half the teacher's), got {self.layers}")
+        if self.student and (self.layers or self.layer_map):
+            raise MillisError("--layers and --layer-map cut the teacher's own layers into the student; "
+                              f"--student {self.student} brings its own layers: give one or the other")
         if self.temperature <= 0:
             raise MillisError(f"--temperature must be > 0, got {self.temperature}")
         if min(self.soft_weight, self.hard_weight, self.hidden_weight, self.attention_weight) < 0:
@@ -227,7 +230,8 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student, layer_of = build_student(cfg, src, teacher, AutoModel)
-    texts = read_texts(cfg.train.data, cfg.train.text_col, limit=cfg.train.limit)
+    # each text once: a copy in training would make its held-out twin a trained row
+    texts = list(dict.fromkeys(read_texts(cfg.train.data, cfg.train.text_col, limit=cfg.train.limit)))
     if cfg.train.sample and cfg.train.sample < len(texts):
         texts = random.Random(cfg.train.seed).sample(texts, cfg.train.sample)
     if len(texts) < 4:

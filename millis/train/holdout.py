@@ -5,8 +5,8 @@ that millis trained keeps the rows it validated on (validation.jsonl) and its tr
 (millis.json). A command that starts from such a model (distill, prune, or train going on from it) must
 not validate on rows that model trained on: they would inflate its score (the teacher's validation
 accuracy) and the new model's validation.jsonl, which `millis optimize` selects on. So:
-- the same training file (sha256) and no --validation: the source's validation rows are the validation
-  rows, and the rows with their (text, label) do not train;
+- the same training file (sha256), or one that holds every validation row of the source, and no --validation:
+  the source's validation rows are the validation rows, and the rows with their (text, label) do not train;
 - another training file: rows whose (text, label) is among the source's validation rows do not train, and
   held-out rows the source trained on go to training instead (when its training file is there, unchanged,
   to tell which rows it trained on; a warning says when it is not);
@@ -32,19 +32,25 @@ Row = tuple[str, str]  # (text, label): a row's identity across files
 
 
 def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified (train, validation) row indices; a class with one example stays in training."""
+    """Stratified (train, validation) row indices. Rows are drawn by text: every copy of a text lands on one
+    side (a duplicate in training would make its held-out twin a trained row; SST-2's train.tsv repeats 366),
+    a text's class being its first row's label; a class with one text stays in training."""
     rng = random.Random(seed)
-    by_class: dict[str, list[int]] = {}
-    for i, y in enumerate(data.labels):
-        by_class.setdefault(y, []).append(i)
+    copies: dict[str, list[int]] = {}
+    for i, t in enumerate(data.texts):
+        copies.setdefault(t, []).append(i)
+    by_class: dict[str, list[list[int]]] = {}
+    for rows in copies.values():  # first-seen order: without duplicates, the draws of one row a group
+        by_class.setdefault(data.labels[rows[0]], []).append(rows)
     train, val = [], []
     for y in sorted(by_class):
-        idx = by_class[y][:]
-        rng.shuffle(idx)
-        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
-        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val += idx[:k]
-        train += idx[k:]
+        groups = by_class[y][:]
+        rng.shuffle(groups)
+        n = len(groups)
+        k = int(round(n * fraction)) if n > 1 else 0
+        k = min(max(k, 1 if n > 1 else 0), n - 1)
+        val += [i for g in groups[:k] for i in g]
+        train += [i for g in groups[k:] for i in g]
     return sorted(train), sorted(val)
 
 
@@ -70,7 +76,8 @@ class SourceSplit:
 
     spec: str
     val: Labeled                      # its validation.jsonl
-    same_data: bool                   # trained on the file --data names (same sha256, same columns)
+    same_data: bool                   # trained on the file --data names (same sha256 and columns), or --data
+                                      # holds every one of its validation rows
     trained: frozenset[Row] | None    # the rows it trained on; None: its training file is gone or changed
     data_path: str                    # its training file
 
@@ -83,10 +90,13 @@ def source_split(src: ModelSource, data: Labeled) -> SourceSplit | None:
     val = read_validation(src.path)  # hash-checked against millis.json
     if val is None:
         return None
-    same = (hash_files([Path(data.path)], [Path(meta.data.path).name]) == meta.data.sha256  # a renamed copy too
-            and (data.text_col, data.label_col) == (meta.data.text_col, meta.data.label_col))
-    path = Path(data.path) if same else Path(meta.data.path)
-    here = same or (path.is_file() and hash_files([path]) == meta.data.sha256)
+    same_file = (hash_files([Path(data.path)], [Path(meta.data.path).name]) == meta.data.sha256  # a renamed copy
+                 and (data.text_col, data.label_col) == (meta.data.text_col, meta.data.label_col))
+    # the same rows saved again (CRLF, a BOM, re-exported) or a file holding them all: its validation rows stay
+    # the validation rows (they are rows it never trained on), where a new split would shrink them
+    same = same_file or (len(val) > 0 and set(pairs(val)) <= set(pairs(data)))
+    path = Path(data.path) if same_file else Path(meta.data.path)
+    here = same_file or (path.is_file() and hash_files([path]) == meta.data.sha256)
     trained = _trained(meta, path, val, _source_lines(Path(src.path) / VALIDATION_FILE)) if here else None
     return SourceSplit(src.spec, val, same, trained, meta.data.path)
 
@@ -120,7 +130,7 @@ def held_out(cfg, data: Labeled, src: ModelSource) -> tuple[list[int], Labeled, 
         judged = set(pairs(source.val))
         tr = [i for i, r in enumerate(pairs(data)) if r not in judged]
         val = replace(source.val, text_col=data.text_col, label_col=data.label_col)
-        return tr, val, f"the validation rows of {source.spec} (trained on this file)"
+        return tr, val, f"the validation rows of {source.spec} (held out of this file's rows)"
     tr, va = split(data, cfg.val_fraction, cfg.seed)
     what = f"{cfg.val_fraction:.0%} held out per class"
     if source is None:
@@ -153,7 +163,12 @@ def given_validation(cfg, data: Labeled, source: SourceSplit | None) -> Labeled:
     if shared:
         warnings.warn(f"{len(shared)} text(s) of the validation file {cfg.validation} are also training rows of "
                       f"{data.path}: validation accuracy on them is accuracy on trained rows", stacklevel=2)
-    if source is None or not source.trained:
+    if source is None:
+        return val
+    if source.trained is None:
+        warnings.warn(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which "
+                      f"rows of --validation {cfg.validation} it trained on, so some may be rows it learnt",
+                      stacklevel=2)
         return val
     keep = [j for j, r in enumerate(pairs(val)) if r not in source.trained]
     if not keep:
