@@ -261,6 +261,10 @@ def test_gpu_buckets_and_device_errors(classify_artifact):
         ServeConfig(artifact="x", device="tpu")
     with pytest.raises(MillisError, match="max_inputs"):
         ServeConfig(artifact="x", max_inputs=10, max_queue=5)
+    with pytest.raises(MillisError, match="log_level must be one of critical, error, warning, info, debug"):
+        ServeConfig(artifact="x", log_level="verbose")  # was logging's traceback after parsing
+    with pytest.raises(MillisError, match="threads must be >= 0"):
+        ServeConfig(artifact="x", threads=-1)  # was a /ready that never turned ready
 
 
 def test_tokenize_returns_the_ids_inference_runs(embed_server, embed_artifact):

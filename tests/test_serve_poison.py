@@ -172,6 +172,58 @@ def test_a_client_leaving_mid_body_is_a_499_not_a_500(stories):
     assert _metric(s, "millis_requests_total", route="/v1/completions", status="500") == errors
 
 
+def test_a_body_that_stalls_is_answered_408_within_the_request_timeout():
+    """uvicorn has no read timeout: a client that sent part of its body and stopped held the request (and up to
+    --max-body-bytes of memory) until it left; the body now has --request-timeout-s to come in."""
+    s = Server(shared_model("stories260K"), "--request-timeout-s", "1")
+    try:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        t0 = time.perf_counter()
+        with socket.create_connection((s.host, s.port), timeout=10) as c:
+            c.sendall(head + b'{"prompt": "Once' + b" a" * 1000)
+            out = b""
+            while b"}}" not in out:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        assert out.startswith(b"HTTP/1.1 408") and b"connection: close" in out.lower(), out
+        assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
+        assert time.perf_counter() - t0 < 5
+        assert _metric(s, "millis_inflight_requests") == 0
+        assert s.post("/v1/completions", {"prompt": "Once", "max_tokens": 2})[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_requests_still_waiting_at_the_drain_limit_get_a_json_503(tmp_path):
+    """One slot, decoding a long stream; two requests wait for it. SIGTERM with a 2 s drain: shortly before the
+    limit the waiting two are answered 503 shutting_down (uvicorn used to cancel them at the limit: a plain-text
+    500 each, and their rows ran on after)."""
+    model = build_llama(tmp_path / "slow-llama", None, hidden=512, intermediate=1536, layers=4)
+    s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", "2")
+    c = http.client.HTTPConnection(s.host, s.port, timeout=30)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,
+                                                     "temperature": 0, "stream": True}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.readline().startswith(b"data: ")
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(s.post, "/v1/completions", {"prompt": [5, 6], "max_tokens": 4}) for _ in range(2)]
+        deadline = time.time() + 10
+        while _metric(s, "millis_inflight_requests") < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        answers = [f.result() for f in waiting]
+    code = s.proc.wait(30)
+    assert time.time() - t0 < 2 + 5 + 3 and code in (0, 1)
+    assert [(a[0], a[2]["error"]["code"]) for a in answers] == [(503, "shutting_down")] * 2, answers
+    assert all(a[1].get("retry-after") == "1" for a in answers)
+    c.close()
+
+
 def test_chat_ids_and_spec_of_a_model_with_a_template(tmp_path):
     model = build_llama(tmp_path / "chat-llama", TEMPLATE)
     s = Server(model, "--max-batch", "2")

@@ -187,8 +187,10 @@ def test_ray_config_and_emitted_serve_config(tmp_path):
     from millis.serve.config import ServeConfig
     from millis.serve.ray.deploy import ray_config_text
 
-    with pytest.raises(MillisError, match="MIN:MAX"):
-        RayConfig(autoscale="3:1")
+    for bad in ("3:1", "\u00b2:3", "\u0661:\u0663", "1:", ":2", " 1:2"):  # superscript and Arabic-Indic digits too
+        with pytest.raises(MillisError, match="MIN:MAX"):
+            RayConfig(autoscale=bad)
+    assert RayConfig(autoscale="0:3").scale_range() == (0, 3)
     assert not RayConfig().wanted and RayConfig(replicas=2).wanted
     text = ray_config_text(ServeConfig(artifact="tiny:bert", threads=1), RayConfig(autoscale="1:4"))
     app = json.loads(text)["applications"][0]
@@ -312,3 +314,13 @@ def test_replica_options_bound_the_queue_at_the_gateway():
     replica = serve.deployment(Replica, name="millis-replica", **replica_options(cfg, rc, gen=False))  # Ray takes them
     assert replica.max_queued_requests == 80 and replica.max_ongoing_requests == 88
     application(cfg, rc)  # the whole application binds without a cluster
+
+
+def test_gateway_reads_generation_bodies_as_the_replica_does():
+    """50,000 nested brackets (100 KB, under the body limit) were a RecursionError in the gateway: a plain-text 500
+    that never reached a replica. orjson refuses them as the replica does (its 400 invalid_json)."""
+    from millis.serve.ray.gateway import generation_body
+
+    assert generation_body("/v1/completions", b"[" * 50000) is None
+    assert generation_body("/v1/completions", b'{"prompt": "hi"}') == {"prompt": "hi"}
+    assert generation_body("/v1/completions", b"NaN") is None and generation_body("/v1/embeddings", b"{}") is None

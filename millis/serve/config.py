@@ -12,6 +12,7 @@ from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 
 TOO_LONG = ("truncate", "reject")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ServeConfig:
                             "captured for batch 1..max_batch x 16..max-length tokens")
     warmup: bool = _f(True, "run every length bucket once before /ready turns ready")
     shutdown_timeout_s: float = _f(60.0, "on SIGTERM, longest wait for admitted requests before exiting anyway")
-    log_level: str = _f("warning", "uvicorn log level: critical|error|warning|info|debug")
+    log_level: str = _f("warning", "uvicorn log level", choices=LOG_LEVELS)
     chat_template: str = _f("", "generation: a Jinja chat template file for /v1/chat/completions (default: the "
                                 "model's chat_template.jinja or tokenizer_config.json `chat_template`)")
     max_tokens: int = _f(256, "generation: max_tokens of a request that gives none")
@@ -75,6 +76,10 @@ class ServeConfig:
             raise MillisError(f"too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise MillisError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.threads < 0:
+            raise MillisError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.max_seq < 0 or self.kv_memory_mb < 0:
             raise MillisError(f"max_seq and kv_memory_mb must be >= 0, got {self.max_seq}, {self.kv_memory_mb}")
         if not 0 <= self.port < 65536:

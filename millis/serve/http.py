@@ -42,26 +42,33 @@ def error_response(e: schemas.ApiError) -> Response:
     return Response(e.body(), e.status, e.headers, "application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The body, refused with 413 as soon as it is known to be over `limit` bytes: from Content-Length
     before reading anything, else while it streams in (nothing past the limit is kept: uvicorn pauses
-    reading while a chunk waits, so memory stays at the limit)."""
+    reading while a chunk waits, so memory stays at the limit). A body not all in within `timeout_s` of the
+    call (a client that stalls mid-body: uvicorn has no read timeout) is answered 408 and its chunks freed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise schemas.ApiError(413, f"request body is {declared} bytes (Content-Length); the limit is {limit}",
                                code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise schemas.ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise schemas.ApiError(413, f"request body is over the limit of {limit} bytes",
+                                           code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise schemas.ApiError(408, f"request body not received within {timeout_s:g} s ({size} bytes came)",
+                               code="body_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
 async def read_json(request: Request, limits: schemas.Limits) -> dict[str, Any]:
-    """The body as a JSON object, within the body limit (`read_body`)."""
-    return schemas.parse_json(await read_body(request, limits.max_body_bytes), limits)
+    """The body as a JSON object, within the body limit and the body's time (`read_body`)."""
+    return schemas.parse_json(await read_body(request, limits.max_body_bytes, limits.body_timeout_s), limits)
 
 
 OFF_LOOP_THREADS = max(2, os.cpu_count() or 2)  # off_loop's calls running at once; the next ones wait

@@ -32,6 +32,7 @@ class ApiError(Exception):
 class Limits:
     max_inputs: int
     max_body_bytes: int
+    body_timeout_s: float = 30.0  # a body not all received by then is answered 408 (a stalled client)
 
 
 def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`serve(cfg)`: bind, print the address, run uvicorn until SIGTERM/SIGINT, drain, exit 0."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -100,6 +101,7 @@ def serve(cfg: ServeConfig, loader=None) -> int:
     return code
 
 
+EXPIRE_BEFORE_S = 1.0  # this long before the drain limit, requests not started are answered 503
 HARD_EXIT_GRACE_S = 5.0  # after the drain limit, this long for the app's own shutdown before the process ends
 
 
@@ -118,8 +120,23 @@ class _Server(uvicorn.Server):
             self.force_exit = True  # a second Ctrl-C: stop waiting
         if not self.should_exit:
             threading.Thread(target=self._watchdog, name="millis-exit-watchdog", daemon=True).start()
+            self._expire_before_the_limit()
         self.should_exit = True
         print(f"millis serve: {signal.Signals(sig).name}: draining admitted requests", file=sys.stderr, flush=True)
+
+    def _expire_before_the_limit(self) -> None:
+        """Shortly before the drain's limit, the app answers the requests that have not started 503
+        (`expire_waiting`): past the limit uvicorn would cancel them, a plain-text 500 each."""
+        st = getattr(getattr(self.config.app, "state", None), "millis", None)
+        expire = getattr(st, "expire_waiting", None)
+        try:
+            loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread
+        except RuntimeError:
+            return
+        if expire is not None:
+            limit = self.config.timeout_graceful_shutdown or 0.0
+            delay = max(0.0, limit - min(EXPIRE_BEFORE_S, limit / 4))
+            loop.call_soon_threadsafe(loop.call_later, delay, expire)  # signal-safe: the loop's self-pipe
 
     def _watchdog(self) -> None:
         time.sleep(self.hard_exit_s)

@@ -103,7 +103,7 @@ class State:
 
     def __init__(self, cfg: ServeConfig, loader: Callable[[], Model]):
         self.cfg, self.loader, self.metrics = cfg, loader, Metrics()
-        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes)
+        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes, cfg.request_timeout_s)
         self.model: Model | None = None
         self.batcher: Batcher | None = None
         self.name = cfg.model_name or Path(cfg.artifact).name or "model"
@@ -165,6 +165,13 @@ class State:
         if self.batcher is not None:
             await self.batcher.close()
 
+    def expire_waiting(self) -> None:
+        """Near the drain's limit: requests still queued get a 503 now (their rows never run)."""
+        self.draining = True
+        if self.batcher is not None:
+            self.batcher.expire(ShuttingDown("server is shutting down: the drain limit passed before this request "
+                                             "started"))
+
     # ---- one request ----------------------------------------------------------------------
     def require(self, task: str) -> Model:
         if self.model is None:
@@ -225,6 +232,11 @@ class State:
         self.metrics.on_queue_depth(self.batcher.depth)
         try:
             await job.future
+        except ShuttingDown as e:  # expired at the drain's limit (expire_waiting)
+            raise schemas.ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "1"}) from None
+        except asyncio.CancelledError:  # the server cancelled the request (past the drain): its rows never run
+            job.drop(ClientGone("request cancelled"))
+            raise
         finally:
             self.metrics.on_queue_depth(self.batcher.depth)
         return job

@@ -157,6 +157,14 @@ class Batcher:
         self.depth += n
         self._wake.set()
 
+    def expire(self, exc: Exception) -> int:
+        """Drop every queued request none of whose rows has started (the drain's limit is near: they are answered
+        `exc` now, not cut off by the server's exit); the number dropped. Their rows are skipped when popped."""
+        jobs = {id(j): j for q in self._queues.values() for j, _ in q if not j.gone and j.queue_s < 0}
+        for job in jobs.values():
+            job.drop(exc)
+        return len(jobs)
+
     async def close(self) -> None:
         """Admit nothing more, run every queued row, then stop the worker."""
         self._closing = True

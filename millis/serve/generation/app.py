@@ -91,7 +91,7 @@ class GenState:
 
     def __init__(self, cfg: ServeConfig, loader: Callable[[], Any]):
         self.cfg, self.loader, self.metrics = cfg, loader, GenMetrics()
-        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes)
+        self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes, cfg.request_timeout_s)
         self.gen_limits: gs.GenLimits | None = None  # once the engine is loaded: bounds from its context
         self.template, self.special = chat_template_of(cfg.artifact, cfg.chat_template)
         self.name = cfg.model_name or Path(cfg.artifact).name or "model"
@@ -173,6 +173,16 @@ class GenState:
         self._started.set()  # an engine thread still opening stops once it has (the process does not wait)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+    def expire_waiting(self) -> None:
+        """Near the drain's limit: requests without a token yet get a 503 now and free their slots (streams under
+        way go on until the server's exit cuts them)."""
+        self.draining = True
+        for live in [v for v in self.live.values() if v.t_first == 0.0]:
+            self.cancel(live, "cancelled")
+            live.queue.put_nowait(schemas.ApiError(503, "server is shutting down: the drain limit passed before this "
+                                                        "request's first token", code="shutting_down",
+                                                   headers={"Retry-After": "1"}))
 
     # ---- the engine loop (worker thread) -----------------------------------------------------
     def _run(self) -> None:

@@ -3,6 +3,7 @@ ServeConfig's). `replicas` 0, no `autoscale` and no `ray_address`: the single-pr
 never imports Ray."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from millis.common.config import flag as _f
@@ -34,7 +35,7 @@ class RayConfig:
         return bool(self.replicas or self.autoscale or self.ray_address or self.emit_ray_config)
 
     def scale_range(self) -> tuple[int, int]:
-        lo, sep, hi = self.autoscale.partition(":")
-        if not sep or not lo.isdigit() or not hi.isdigit() or not 0 <= int(lo) <= int(hi) or int(hi) < 1:
+        m = re.fullmatch(r"([0-9]+):([0-9]+)", self.autoscale)  # ASCII digits: str.isdigit takes "²" and "١"
+        if m is None or not 0 <= int(m[1]) <= int(m[2]) or int(m[2]) < 1:
             raise MillisError(f"autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale!r}")
-        return int(lo), int(hi)
+        return int(m[1]), int(m[2])

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -44,8 +45,8 @@ def generation_body(path: str, body: bytes) -> dict | None:
     if path not in GENERATION_ROUTES:
         return None
     try:
-        b = json.loads(body)
-    except ValueError:
+        b = orjson.loads(body)  # the replica's parser and limits: 1,024 levels of nesting, not a RecursionError
+    except orjson.JSONDecodeError:
         return None
     return b if isinstance(b, dict) else None
 
@@ -106,7 +107,8 @@ class Gateway:
 
         deadline = time.monotonic() + self.timeout_s  # the request's deadline counts from its arrival
         try:
-            body = await read_body(request, self.max_body)  # 413 before reading past the limit
+            # 413 before reading past the limit, 408 for a body not in by the request's timeout
+            body = await read_body(request, self.max_body, self.timeout_s)
         except schemas.ApiError as e:
             return error_response(e)
         except ClientDisconnect:
