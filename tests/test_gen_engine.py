@@ -476,6 +476,25 @@ def test_sampler_draws_follow_the_filtered_distribution():
         assert (got[keep:] == 0).all()
 
 
+def test_partial_sort_picks_what_the_full_sort_picks():
+    """On the CPU a filtered row looks for its token among the HEAD most likely first (a partial sort): top-k up to
+    HEAD, a nucleus the head's mass covers; other rows (top-k past HEAD, a nucleus past the head) take the sort of
+    the vocabulary. Flat to peaked rows, every kind of filter, the same uniforms: the same tokens as the sort."""
+    from millis.gen.sampling import HEAD, filtered, filtered_on_host, uniform
+
+    g = torch.Generator().manual_seed(0)
+    V = 3000
+    kinds = [(k, p) for k in (V, 5, HEAD, HEAD + 1, 1000) for p in (1.0, 0.99, 0.9, 0.5)]
+    n = 16 * len(kinds)
+    scale = torch.tensor([0.5, 1.0, 3.0, 8.0] * (n // 4))[:, None]  # flat (a nucleus of thousands) to peaked
+    z = torch.randn(n, V, generator=g) * scale
+    host = torch.tensor([[1.0, *kinds[i % len(kinds)], 0.0, uniform(7, i)] for i in range(n)], dtype=torch.float64)
+    head_mass = z.softmax(-1).topk(HEAD, -1).values.sum(-1).double()
+    by_head = (host[:, 1] <= HEAD) | ((host[:, 1] >= V) & (head_mass >= host[:, 2]))
+    assert 0.2 < by_head.double().mean() < 0.9  # both ways are taken
+    assert torch.equal(filtered_on_host(z, host, host), filtered(z, host))
+
+
 def test_sampler_applies_bias_and_output_penalties_before_temperature():
     """logit_bias, then presence / frequency penalties (c * frequency + (c > 0) * presence off, c the count in
     the output), then temperature: sampled rows draw from exactly that distribution; rows without the

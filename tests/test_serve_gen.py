@@ -498,3 +498,53 @@ def test_the_engine_opens_and_steps_in_one_thread(llama):
     assert asyncio.run(go()) == 3
     assert [k for k, _ in seen][:2] == ["open", "step"] and len(seen) >= 4  # warm-up steps, then the request's
     assert len({t for _, t in seen}) == 1 and seen[0][1] != threading.get_ident()
+
+
+def test_unseeded_requests_differ_between_server_processes():
+    """The server's engine seeds the stream of unseeded requests anew each start: a restart or another replica
+    gave the very same 'random' answers (a fixed seed 0). A request's own seed still fixes its tokens."""
+    from millis.gen import SamplingParams
+    from millis.serve.config import ServeConfig
+    from millis.serve.server import app_and_loader
+
+    cfg = ServeConfig(artifact=str(shared_model("stories260K")), max_batch=1, threads=1, warmup=False)
+    texts = {}
+    for seed in (None, 5):
+        for start in range(2):
+            eng = app_and_loader(cfg)[1]()  # what each server process opens
+            rid = eng.add("Once upon a time", SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True,
+                                                             seed=seed))
+            out = []
+            while eng.has_work:
+                out += [o.text for o in eng.step() if o.id == rid]
+            texts[seed, start] = "".join(out)
+    assert texts[None, 0] != texts[None, 1]
+    assert texts[5, 0] == texts[5, 1]
+
+
+def test_n_is_bounded_by_the_queue_too(llama):
+    """n choices are n rows waiting for slots: with --max-queue 2 a request with n=3 could never be admitted (a 429
+    for ever on an idle server); it is a 422 naming n."""
+    import asyncio
+
+    from millis.gen import EngineConfig, open_engine
+    from millis.serve import schemas
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation import schemas as gs
+    from millis.serve.generation.app import GenState
+
+    async def go():
+        st = GenState(ServeConfig(artifact=str(llama), max_batch=4, max_queue=2, max_inputs=2, warmup=False),
+                      lambda: open_engine(str(llama), EngineConfig(max_batch=4, max_seq=64)))
+        await st.load()
+        try:
+            return st.gen_limits
+        finally:
+            await st.close()
+
+    limits = asyncio.run(go())
+    assert limits.max_n == 2
+    gs.completion_request({"prompt": "a", "n": 2}, "m", limits)
+    with pytest.raises(schemas.ApiError, match="n is 3; this server runs at most 2") as e:
+        gs.completion_request({"prompt": "a", "n": 3}, "m", limits)
+    assert e.value.status == 422 and e.value.param == "n"

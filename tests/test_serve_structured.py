@@ -338,3 +338,14 @@ def test_a_lone_surrogate_in_arguments_is_a_422(native_server):
     for route in ("/v1/chat/completions", "/tokenize"):
         status, _, err = native_server.post(route, {"messages": msgs})
         assert status == 422 and err["error"]["param"] == "messages", (route, err)
+
+
+def test_tokenize_counts_the_tools_as_the_chat_route_does(server):
+    """The tools are shown to the model (the template's tools, or a system message): /tokenize of messages and
+    tools counts what /v1/chat/completions sends, which without them it did not (34 against 108 on SmolLM2)."""
+    ask = {"messages": MSGS, "tools": [WEATHER, TIME], "tool_choice": "auto"}
+    status, _, tok = server.post("/tokenize", ask)
+    _, _, bare = server.post("/tokenize", {"messages": MSGS})
+    status2, _, body = server.post("/v1/chat/completions", {**ask, "max_tokens": 1, "temperature": 0})
+    assert status == status2 == 200, (tok, body)
+    assert tok["count"] == body["usage"]["prompt_tokens"] > bare["count"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -67,7 +68,9 @@ def _gen_loader(cfg: ServeConfig, model: str):
                           threads=cfg.threads, device=cfg.device, kv_memory_mb=cfg.kv_memory_mb,
                           prefix_cache=cfg.prefix_cache, speculate=cfg.speculate, draft_model=cfg.draft_model,
                           prefill_tokens_per_step=cfg.prefill_tokens_per_step)  # fails before binding
-    return create_gen_app, lambda: open_engine(model, engine)
+    # requests without a seed draw from a stream seeded anew per process: a restart, or another replica, does
+    # not repeat the last one's answers (a fixed 0 did)
+    return create_gen_app, lambda: open_engine(model, engine, seed=secrets.randbits(62))
 
 
 def serve(cfg: ServeConfig, loader=None) -> int:

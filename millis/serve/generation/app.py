@@ -123,7 +123,9 @@ class GenState:
             return
         self.cold_start_s = perf_counter() - t0
         self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq),
-                                       min(gs.MAX_N, eng.max_batch), eng.config.vocab_size)
+                                       # n choices are n rows: at most the slots, and the queue (more could never
+                                       # be admitted: a 429 for ever)
+                                       min(gs.MAX_N, eng.max_batch, self.cfg.max_queue), eng.config.vocab_size)
         self.engine, self._thread = eng, thread
         self._started.set()  # the engine thread goes on from opening to stepping
         m = self.metrics

@@ -97,7 +97,7 @@ def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParam
     n = integer(body, "n", 1, MAX_N, 1)  # read by the request parsers; checked with the rest here
     if n > limits.max_n:
         raise ApiError(422, f"n is {n}; this server runs at most {limits.max_n} choices of a request at once "
-                            f"(its --max-batch)", param="n", code="invalid_value")
+                            f"(its --max-batch and --max-queue)", param="n", code="invalid_value")
     mt = integer(body, "max_tokens", 1, limits.max_tokens, limits.default_max_tokens)
     top_k = integer(body, "top_k", -1, MAX_TOP_K, 0)
     seed = integer(body, "seed", SEED_MIN, SEED_MAX)

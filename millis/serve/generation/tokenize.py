@@ -25,7 +25,9 @@ def tokenize_routes(st) -> list[Route]:
         chat = "messages" in body
         if chat and "prompt" in body:
             raise ApiError(422, "send either prompt or messages, not both", param="messages", code="invalid_value")
-        fields = {k: body[k] for k in ("model", "messages" if chat else "prompt") if k in body}
+        # chat: the tools too, which the template shows the model (they count), as /v1/chat/completions renders them
+        keep = ("model", "messages", "tools", "tool_choice", "parallel_tool_calls") if chat else ("model", "prompt")
+        fields = {k: body[k] for k in keep if k in body}
         # the chat route's tool format: earlier calls are shown, and counted, as that route shows them
         g = gs.chat_request(fields, st.name, st.gen_limits, st.tool_format) if chat else \
             gs.completion_request(fields, st.name, st.gen_limits)
