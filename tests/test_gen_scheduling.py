@@ -189,31 +189,72 @@ def test_a_request_that_fits_passes_a_blocked_head_at_most_max_passes_times():
     assert [c.r.id for c in chunks] == ["r0", "r4"] and waiting[0].passed == 0
 
 
-def test_a_short_request_is_not_held_up_by_a_long_one_that_waits(model_path):
-    """A long request runs and another waits for its KV blocks: a short request behind it starts at once
-    (strict FIFO held it until the long one ended). Passed max_passes times, the waiting one is passed no
-    more, and starts before the short requests behind it."""
+def test_kv_blocks_are_taken_as_positions_are_written_and_the_newest_request_is_preempted(model_path):
+    """Two long requests (210 positions each) and four short ones on a pool of 320 positions: every request
+    starts at once (a promise of its whole max_tokens made the second long one, and the short ones behind it,
+    wait for the first's 200 tokens); when the two long ones fill the pool, the newer gives its blocks back,
+    waits first in line, and when the older ends it is prefilled again (prompt and output so far) and goes on:
+    every request's tokens are the ones it gets alone, and no block is left behind."""
     eng = open_tiny(model_path, budget=256, max_batch=4)
-    eng.kv.n_blocks, eng.kv.free, eng.max_passes = 10, list(range(9, -1, -1)), 2  # 320 positions in all
+    eng.kv.n_blocks, eng.kv.free = 10, list(range(9, -1, -1))  # 320 positions in all
     long = SamplingParams(max_tokens=200, ignore_eos=True)  # 210 positions: 7 of the 10 blocks
     short = SamplingParams(max_tokens=5, ignore_eos=True)   # 1 block
-    a = eng.add([1] + [5] * 9, long)
-    eng.step()
-    h = eng.add([1] + [6] * 9, long)
-    s = [eng.add([1, 7, i], short) for i in (8, 9, 10, 11)]
-    eng.step()
-    assert eng.requests[s[0]].slot >= 0 and eng.requests[h].slot < 0  # s0 passed the waiting long request
-    assert eng.requests[s[1]].slot >= 0 and eng.requests[h].passed == 2
-    first, end, step = {}, {}, 2
+    prompts = [([1] + [5] * 9, long), ([1] + [6] * 9, long)] + [([1, 7, i], short) for i in (8, 9, 10, 11)]
+    alone = []
+    for prompt, params in prompts:
+        ref = open_tiny(model_path, budget=256, max_batch=4)
+        rid = ref.add(prompt, params)
+        toks = []
+        while ref.has_work:
+            toks += [t for o in ref.step() if o.id == rid for t in o.token_ids]
+        alone.append(toks)
+    a = eng.add(*prompts[0])
+    got, first = {a: [t for o in eng.step() for t in o.token_ids]}, {a: 1}
+    ids = [a] + [eng.add(*pp) for pp in prompts[1:]]
+    got.update({i: [] for i in ids[1:]})
+    step = 1
     while eng.has_work:
         step += 1
         for o in eng.step():
+            got[o.id] += o.token_ids
             first.setdefault(o.id, step)
-            if o.finished:
-                end[o.id] = step
-    assert end[a] == 200 and first[h] == end[a] + 1  # the long request's blocks went to h at once
-    assert first[s[2]] >= first[h] and first[s[3]] >= first[h]  # h aged: s2, s3 waited behind it
-    assert eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
+    assert [got[i] for i in ids] == alone
+    # the second long one and two short ones start at once (four slots), the other two as the first two short
+    # ones end: nobody waited for a's 200 tokens
+    assert [first[i] for i in ids[1:4]] == [2, 2, 2] and all(first[i] <= 2 + 6 for i in ids[4:]), first
+    assert eng.preempted >= 1 and eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
+
+
+def alone_tokens(model_path, prompt, params, **over) -> list[int]:
+    ref = open_tiny(model_path, budget=256, **over)
+    rid, toks = ref.add(prompt, params), []
+    while ref.has_work:
+        toks += [t for o in ref.step() if o.id == rid for t in o.token_ids]
+    return toks
+
+
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_preempted_sampled_penalized_and_drafted_requests_go_on_as_alone(model_path, speculate):
+    """A pool of 192 positions, three requests of up to 150 each: seeded sampling with presence / frequency and
+    repetition penalties (the returning request's counts are its output's), greedy with prompt-lookup drafts.
+    Preempted and prefilled again, each request's tokens are the ones it draws alone."""
+    rep = [1] + [5, 6, 7, 8] * 10
+    asks = [(rep, SamplingParams(max_tokens=140, ignore_eos=True)),
+            ([1, 9, 9, 4], SamplingParams(max_tokens=140, temperature=1.0, seed=3, frequency_penalty=0.8,
+                                          presence_penalty=0.3, ignore_eos=True)),
+            ([1, 2, 3], SamplingParams(max_tokens=140, temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=4,
+                                       ignore_eos=True))]
+    want = [alone_tokens(model_path, p, sp, speculate=speculate) for p, sp in asks]
+    eng = open_tiny(model_path, budget=256, speculate=speculate)
+    eng.kv.n_blocks, eng.kv.free = 6, list(range(5, -1, -1))
+    ids = [eng.add(p, sp) for p, sp in asks]
+    got = {i: [] for i in ids}
+    while eng.has_work:
+        for o in eng.step():
+            assert o.finished != "error", o.error
+            got[o.id] += o.token_ids
+    assert [got[i] for i in ids] == want
+    assert eng.preempted >= 2 and eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
 
 
 def test_generate_waits_out_the_steps_of_a_chunked_prompt(model_path, monkeypatch):

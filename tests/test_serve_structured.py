@@ -4,12 +4,13 @@ parsed, arguments valid under the tool's parameters, also when streaming), n cho
 sampled, seeded reproducibly), and the 422s that name the field."""
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
 import pytest
 from gguf_fixtures import random_llama_tensors, write_tiny_gguf
-from test_serve import Server
+from test_serve import Server, _metric
 from test_serve_gen import stream
 
 from millis.gen.config import LlamaConfig
@@ -349,3 +350,26 @@ def test_tokenize_counts_the_tools_as_the_chat_route_does(server):
     status2, _, body = server.post("/v1/chat/completions", {**ask, "max_tokens": 1, "temperature": 0})
     assert status == status2 == 200, (tok, body)
     assert tok["count"] == body["usage"]["prompt_tokens"] > bare["count"]
+
+
+def test_a_small_kv_pool_bounds_max_tokens_and_requests_share_it(tmp_path):
+    """A GGUF model's context (1,024 here) within a KV pool of less: the card's max_model_len is the pool's, a
+    max_tokens past it a 422 naming max_tokens (it was cut at the pool without a word), and two requests that
+    each fill most of the pool both finish: blocks are taken as they are written, the newer preempted."""
+    cfg = dataclasses.replace(CFG, dim=128, n_layers=4, n_kv_heads=4, hidden_dim=256)  # 4 KB of KV a position
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(path), cfg, random_llama_tensors(cfg, "Q8_0", embed_qtype="Q8_0"))
+    s = Server(path, "--max-batch", "2", "--kv-memory-mb", "1", "--max-tokens", "16")
+    try:
+        ctx = s.get("/v1/models/" + path.name)[1]
+        ctx = json.loads(ctx)["max_model_len"]
+        assert 64 <= ctx < CFG.max_seq
+        status, _, err = s.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": ctx + 1})
+        assert status == 422 and err["error"]["param"] == "max_tokens"
+        ask = {"max_tokens": ctx * 3 // 4, "temperature": 0, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: s.post("/v1/completions", {"prompt": p, **ask}), ([1, 5], [1, 6])))
+        assert [(a[0], a[2]["usage"]["completion_tokens"]) for a in answers] == [(200, ask["max_tokens"])] * 2
+        assert _metric(s, "millis_preempted_requests") >= 1
+    finally:
+        assert s.stop() == 0

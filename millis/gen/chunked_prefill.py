@@ -25,12 +25,12 @@ def prefill_chunks(model, chunks: list[Chunk], failed: dict[str, str], kv=None, 
     rows, logits = [], []
     if kv is None and len(chunks) > 1 and all(c.start == 0 and c.last for c in chunks):
         def pad(rs: list[Request]) -> torch.Tensor:
-            return model(padded_batch([r.prompt for r in rs], [r.slot for r in rs], window, device))[:, -1]
+            return model(padded_batch([r.feed for r in rs], [r.slot for r in rs], window, device))[:, -1]
         for part, out in per_row_on_error([c.r for c in chunks], pad, failed):
             rows += part
             logits.append(out)
         for r in rows:
-            r.prefilled = len(r.prompt)
+            r.prefilled = len(r.feed)
         return rows, logits
     for c in chunks:
         out = isolated(failed, c.r, lambda c=c: _forward(model, c, graphed, window, device))
@@ -48,7 +48,7 @@ def prefill_chunks(model, chunks: list[Chunk], failed: dict[str, str], kv=None, 
 def _forward(model, c: Chunk, graphed, window: int, device) -> torch.Tensor:
     """Positions [start, end) of c's prompt written into its slot; logits (1, vocab) at the last of them."""
     r = c.r
-    out = graphed(r.prompt, r.slot) if graphed is not None and c.start == 0 and c.last else None
+    out = graphed(r.feed, r.slot) if graphed is not None and c.start == 0 and c.last else None
     if out is None:
-        out = model(make_batch([r.prompt[c.start:c.end]], [c.start], [r.slot], window, device=device))[:, -1]
+        out = model(make_batch([r.feed[c.start:c.end]], [c.start], [r.slot], window, device=device))[:, -1]
     return out

@@ -18,9 +18,10 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
 - update: the step's one host sync reads the tokens back; EOS, stop strings, max tokens, a complete
   grammar and a full slot end a request, and its slot is free for the next step.
 CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots.
-Native models: a prompt prefills only past its prefix cached in the paged KV (`models/paged_kv.py`), and
-greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft model, `draft_model.py`).
-A row with a grammar (`grammar.py`) samples only what the grammar allows.
+Native models: a prompt prefills only past its prefix cached in the paged KV (`models/paged_kv.py`), whose
+blocks a request takes as it writes positions (the newest is preempted when the pool is full: `_make_room`);
+greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft model, `draft_model.py`). A row with a
+grammar (`grammar.py`) samples only what the grammar allows.
 
 One request never fails another: whatever one request raises in a step (its prefill, decode row,
 sampling, grammar or text) ends that request alone with `finished="error"` and the reason in
@@ -51,7 +52,7 @@ from millis.gen.cuda_graph import compact_slots
 from millis.gen.models.layers import make_batch
 from millis.gen.grammar import GrammarFailed, allow_only
 from millis.gen.load import Loaded
-from millis.gen.request import Request, StepOutput
+from millis.gen.request import Request, StepOutput, checked_prompt
 from millis.gen.rows import isolated, per_row_on_error, reason
 from millis.gen.sampling import SlotPenalties
 from millis.gen.scheduling import Chunk, schedule
@@ -86,6 +87,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.penalties = SlotPenalties(self.max_batch, self.config.vocab_size, self.device)
         self._ids = itertools.count()
+        self._admissions, self.preempted = itertools.count(), 0  # Request.admitted; preemptions (`_make_room`)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
         self._stepping = False         # a step is running: cancel leaves slot freeing to it
@@ -97,26 +99,8 @@ class Engine:
             matcher=None) -> str:
         """Queue a request; returns its id. Raises MillisError for input it could never run. `matcher`: its
         grammar's, compiled by the caller (a server compiles off its event loop), else compiled here."""
-        if isinstance(prompt, str):
-            if self.tok is None:
-                raise MillisError("this model has no tokenizer (tokenizer.json): give the prompt as token ids")
-            ids = self.tok.encode(prompt)
-        else:
-            ids = [int(i) for i in prompt]
-        if not ids:
-            raise MillisError("the prompt is empty")
-        if len(ids) >= self.max_seq:
-            raise MillisError(f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq} "
-                              f"positions per request (prompt + output), so at most {self.max_seq - 1}")
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise MillisError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}")
-        if self.kv is not None and len(ids) >= self.kv.capacity:
-            raise MillisError(f"the prompt has {len(ids)} tokens but the KV cache holds {self.kv.capacity} positions "
-                              f"in all (raise --kv-memory-mb)")
-        if params.stop and self.tok is None:
-            raise MillisError("stop strings need a tokenizer; this model has none")
-        if any(t >= self.config.vocab_size for t, _ in params.logit_bias):
-            raise MillisError(f"logit_bias token ids must be in 0..{self.config.vocab_size - 1}")
+        ids = checked_prompt(prompt, params, self.tok, self.config.vocab_size, self.max_seq,
+                             self.kv.capacity if self.kv is not None else 0)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         if matcher is None and params.grammar:
             matcher = self.grammars.matcher(params.grammar)
@@ -210,14 +194,16 @@ class Engine:
         return outs
 
     def _schedule(self) -> tuple[list[Chunk], list[Request]]:
-        running = [r for r in self.slots if r is not None and r.out]  # decode rows: their prompts are in
-        coming = {k for r in self.slots if r is not None and not r.out for k in r.keys or ()}  # keys being prefilled
+        if self.kv is not None:
+            self._make_room()
+        running = [r for r in self.slots if r is not None and not r.prefilling]  # decode rows: their feeds are in
+        coming = {k for r in self.slots if r is not None and r.prefilling for k in r.keys or ()}  # being prefilled
         budget = self.prefill_tokens
         if not running:  # no row decodes, none to stall: the first prompt in line goes whole (a lone request's
             # TTFT as unchunked; chunks cost ~4% more on CPU), later ones within the budget as usual
-            first = next((r for r in self.slots if r is not None and not r.out), None) or \
+            first = next((r for r in self.slots if r is not None and r.prefilling), None) or \
                 (self.waiting[0] if self.waiting else None)
-            budget = max(budget, len(first.prompt) - first.prefilled) if first is not None else budget
+            budget = max(budget, len(first.feed) - first.prefilled) if first is not None else budget
         chunks = schedule(self.slots, self.waiting, budget, self.max_prefills, self.max_passes,
                           lambda r: self._admit(r, coming))
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
@@ -225,22 +211,40 @@ class Engine:
         return chunks, running
 
     def _admit(self, r: Request, coming: set) -> bool:
-        """r into the lowest free slot, with the KV promise of its positions; False when it must wait."""
+        """r into the lowest free slot, promised the KV of its feed + a block (grown: `_make_room`); False: wait."""
         slot = self.slots.index(None)
         if self.kv is not None:
-            r.keys = self.kv.keys(r.prompt) if r.keys is None else r.keys  # hashed once: a waiting request retries
-            if self.kv.next_uncached(r.prompt, r.keys) in coming:
+            feed = r.feed
+            r.keys = self.kv.keys(feed) if r.keys is None else r.keys  # hashed once: a waiting request retries
+            if self.kv.next_uncached(feed, r.keys) in coming:
                 return False  # its prefix is being prefilled (n choices, a shared system prompt): shared once written
-            cached = self.kv.admit(slot, self._limit(r), r.prompt, r.keys)
+            cached = self.kv.admit(slot, min(len(feed) + self.kv.block_size, self._limit(r)), feed, r.keys)
             if cached is None:
                 return False  # not until running requests give their KV blocks back
             r.cached = r.prefilled = cached
             coming.update(r.keys)
             if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
                 self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
-        r.slot, self.slots[slot] = slot, r
-        self.penalties.admit(slot, r.prompt, r.params)
+        r.slot, self.slots[slot], r.admitted = slot, r, next(self._admissions)
+        self.penalties.admit(slot, r.prompt, r.params, r.out)
         return True
+
+    def _make_room(self) -> None:
+        """Each decoding row's KV promise grows to the position this step writes (its drafts' where the pool has
+        room). Where it cannot, the newest request gives its blocks back and waits first in line (vLLM's
+        recompute: it returns with its prompt + output prefilled and goes on, its draws as before)."""
+        for r in sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.admitted):
+            need = min(len(r.prompt) + len(r.out), self._limit(r))  # positions once this step's token is written
+            while r.slot >= 0 and not self.kv.grow(r.slot, need):
+                self._preempt(max((q for q in self.slots if q is not None), key=lambda q: q.admitted))
+            if r.slot >= 0 and self.speculate:  # room for drafts only where nobody need give it up
+                self.kv.grow(r.slot, min(need + self.speculate + 1, self._limit(r)))
+
+    def _preempt(self, r: Request) -> None:
+        self._free(r.slot)
+        r.slot, r.prefilled, r.cached, r.keys, r.resumed = -1, 0, 0, None, r.prompt + r.out if r.out else None
+        self.waiting.appendleft(r)
+        self.preempted += 1
 
     def _execute(self, chunks: list[Chunk], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified
@@ -296,8 +300,9 @@ class Engine:
     def _drafts(self, running: list[Request], failed: dict[str, str]) -> list[tuple[Request, list[int]]]:
         """(request, draft tokens) per running row: prompt lookup, or the draft model's proposals."""
         rows = []
-        for r in running:  # k: draft tokens that still fit the request's room
-            room = min(self._limit(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
+        for r in running:  # k: draft tokens that still fit the request's room (its KV promise)
+            limit = min(self._limit(r), self.kv.promised(r.slot)) if self.kv is not None else self._limit(r)
+            room = min(limit - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
             rows.append((r, min(self.speculate, room) if self.kv is not None and r.matcher is None else 0))
         if self.drafter is None:
             return [(r, isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)))
@@ -325,7 +330,7 @@ class Engine:
         for r in rows:
             if self.requests.get(r.id) is not r:  # cancelled during the step (its id maybe reused): nothing to report
                 continue
-            if r.prefilled < len(r.prompt) and r.id not in failed:  # its prompt part-way in: no token yet
+            if r.prefilling and r.id not in failed:  # its feed part-way in: no token yet
                 continue
             if r.id in tokens and r.id not in failed:
                 try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from millis.common.errors import MillisError
 from millis.gen.config import SamplingParams
 from millis.gen.speculate import DraftStats
 
@@ -32,6 +33,8 @@ class Request:
     lp: tuple = ()         # this step's token log-probability entry (params.logprobs >= 0)
     matcher: object = None  # params.grammar: its llguidance matcher (`grammar.py`), advanced token by token
     out: list[int] = field(default_factory=list)
+    resumed: list[int] | None = None  # preempted (its KV given back): prompt + out then, prefilled again on return
+    admitted: int = 0      # the engine's admission count when it last took a slot: the newest is preempted first
     emitted: str = ""      # text already handed out
     anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
     anchor_text: str = ""
@@ -39,3 +42,37 @@ class Request:
     @property
     def n_cached(self) -> int:  # positions of the slot written: all but the last sampled token
         return len(self.prompt) + len(self.out) - 1
+
+    @property
+    def feed(self) -> list[int]:  # what the prefill writes: the prompt, or after a preemption prompt + out then
+        return self.prompt if self.resumed is None else self.resumed
+
+    @property
+    def prefilling(self) -> bool:  # holds a slot, its feed not all written yet: no token this step
+        return self.prefilled < len(self.feed)
+
+
+def checked_prompt(prompt: str | list[int], params: SamplingParams, tok, vocab_size: int, max_seq: int,
+                   kv_capacity: int = 0) -> list[int]:
+    """The prompt's token ids, or a MillisError for a request the engine could never run."""
+    if isinstance(prompt, str):
+        if tok is None:
+            raise MillisError("this model has no tokenizer (tokenizer.json): give the prompt as token ids")
+        ids = tok.encode(prompt)
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise MillisError("the prompt is empty")
+    if len(ids) >= max_seq:
+        raise MillisError(f"the prompt has {len(ids)} tokens; this engine holds at most {max_seq} "
+                          f"positions per request (prompt + output), so at most {max_seq - 1}")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise MillisError(f"prompt token ids must be in 0..{vocab_size - 1}")
+    if kv_capacity and len(ids) >= kv_capacity:
+        raise MillisError(f"the prompt has {len(ids)} tokens but the KV cache holds {kv_capacity} positions "
+                          f"in all (raise --kv-memory-mb)")
+    if params.stop and tok is None:
+        raise MillisError("stop strings need a tokenizer; this model has none")
+    if any(t >= vocab_size for t, _ in params.logit_bias):
+        raise MillisError(f"logit_bias token ids must be in 0..{vocab_size - 1}")
+    return ids

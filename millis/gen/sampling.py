@@ -158,13 +158,17 @@ class SlotPenalties:
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self.counts: torch.Tensor | None = None
 
-    def admit(self, slot: int, prompt: list[int], params: SamplingParams) -> None:
+    def admit(self, slot: int, prompt: list[int], params: SamplingParams, out: list[int] = ()) -> None:
+        """A request takes the slot; `out`: the tokens it generated before (a preempted request returning)."""
         self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt, device=self.seen.device)] = True
+        self.seen[slot, torch.tensor(list(prompt) + list(out), device=self.seen.device)] = True
         if params.counts_output:
             if self.counts is None:
                 self.counts = torch.zeros(self.seen.shape, device=self.seen.device)
             self.counts[slot] = 0
+            if out:
+                self.counts[slot] = torch.bincount(torch.tensor(list(out)), minlength=self.seen.shape[1]).to(
+                    self.counts)
 
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot src to dst (the CUDA-graph decode's compaction)."""

@@ -9,7 +9,7 @@ rest of the budget, so a step ends with at most one prompt part-way. Chunking do
 a chunk attends to the positions before it through the cache, and the native kernels give every token the
 logits a whole prefill gives it (tests/test_gen_native.py, CHUNK).
 
-Admission: the queue is FIFO, but a request that cannot start now (its promise, prompt + max_tokens, does not
+Admission: the queue is FIFO, but a request that cannot start now (its promise, its feed and a block, does not
 fit the KV pool, or its prefix is being prefilled by another request and it will share it) does not hold
 up the requests behind it: a later one that can start passes it. Every request passed counts the pass, and
 one passed `max_passes` times is passed no more: nothing behind it starts until it has (bounded overtaking,
@@ -36,7 +36,8 @@ LOOKAHEAD = 64  # waiting requests a step tries and leaves waiting, at most
 
 @dataclass(frozen=True)
 class Chunk:
-    """Prompt positions [start, end) of request r, prefilled this step."""
+    """Positions [start, end) of request r's feed (its prompt; after a preemption prompt + output), prefilled
+    this step."""
 
     r: Request
     start: int
@@ -44,7 +45,7 @@ class Chunk:
 
     @property
     def last(self) -> bool:  # it ends the prompt: its last position's logits give the first token
-        return self.end == len(self.r.prompt)
+        return self.end == len(self.r.feed)
 
 
 def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes: int,
@@ -57,11 +58,11 @@ def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes:
 
     def take(r: Request) -> None:
         nonlocal budget
-        chunks.append(Chunk(r, r.prefilled, min(len(r.prompt), r.prefilled + budget)))
+        chunks.append(Chunk(r, r.prefilled, min(len(r.feed), r.prefilled + budget)))
         budget -= chunks[-1].end - chunks[-1].start
 
     for r in slots:
-        if budget and r is not None and r.prefilled < len(r.prompt):
+        if budget and r is not None and r.prefilling:
             take(r)
     new = i = 0
     room = max_passes  # passes the requests left waiting so far may still take: the fewest of theirs

@@ -109,6 +109,8 @@ class GenMetrics(Metrics):
                                      "tokens, since start (GGUF models)", registry=r)
         self.draft_accept = Gauge("millis_speculative_acceptance_ratio", "prompt-lookup draft tokens accepted / "
                                   "verified, since start (--speculate)", registry=r)
+        self.preempted = Gauge("millis_preempted_requests", "requests that gave their KV blocks back for older ones "
+                               "to decode and were prefilled again later, since start (GGUF models)", registry=r)
         for reason in FINISH:
             self.finished.labels(reason)
 
@@ -136,5 +138,6 @@ class GenMetrics(Metrics):
         if eng.kv is not None:
             self.prefix_hit_tokens.set(eng.kv.hit_tokens)
             self.prefix_hit_rate.set(eng.kv.hit_rate)
+            self.preempted.set(eng.preempted)
         d = eng.draft_stats
         self.draft_accept.set(d.accepted / d.drafted if d.drafted else 0.0)

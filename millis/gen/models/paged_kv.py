@@ -2,7 +2,8 @@
 
 The pool holds `n_blocks` blocks of `block_size` positions; `table[slot]` lists the blocks of a slot's
 positions in order (the C forward reads it). A slot takes blocks as its sequence grows (`ensure`) within
-what admission promised it (`admit`), and gives them back when its request ends (`release`).
+what admission promised it (`admit`) and what it was promised since (`grow`, step by step as a request decodes),
+and gives them back when its request ends or is preempted (`release`).
 
 Prefix caching: a block that holds a whole `block_size` run of a prompt is keyed by a hash of the
 prompt's tokens up to its end (a chain: each key covers every token before it, so equal keys mean
@@ -98,6 +99,21 @@ class PagedKV:
             self.prompt_tokens += len(prompt)
             self.hit_tokens += len(hit) * self.block_size
         return len(hit) * self.block_size
+
+    def grow(self, slot: int, n_pos: int) -> bool:
+        """Extend `slot`'s promise to n_pos positions, from blocks nobody holds or was promised (free or idle);
+        False, promising nothing more, when the pool has too few (the engine then preempts a request)."""
+        need = self.blocks(n_pos) - len(self.owned[slot]) - self.pending[slot]
+        if need <= 0:
+            return True
+        if self.in_use + sum(self.pending) + need > self.n_blocks:
+            return False
+        self.pending[slot] += need
+        return True
+
+    def promised(self, slot: int) -> int:
+        """Positions `slot` holds or was promised."""
+        return (len(self.owned[slot]) + self.pending[slot]) * self.block_size
 
     def reserve(self, slot: int, n_pos: int) -> bool:
         """Promise `slot` room for n_pos positions (no sharing); False when the pool cannot."""

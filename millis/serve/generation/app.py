@@ -96,6 +96,7 @@ class GenState:
         self.template, self.special = chat_template_of(cfg.artifact, cfg.chat_template)
         self.name = cfg.model_name or Path(cfg.artifact).name or "model"
         self.engine = None
+        self.context = 0  # once loaded: positions one request may fill (prompt + output)
         self.load_error: str | None = None
         self.cold_start_s = 0.0
         self.draining = False
@@ -122,7 +123,9 @@ class GenState:
             log.error("millis serve: model failed to load: %s", self.load_error)
             return
         self.cold_start_s = perf_counter() - t0
-        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, eng.max_seq, prompt_char_limit(eng.tok, eng.max_seq),
+        # one request's positions: the context, within the paged KV pool (max_tokens past it: 422, not a cut)
+        self.context = min(eng.max_seq, eng.kv.capacity) if eng.kv is not None else eng.max_seq
+        self.gen_limits = gs.GenLimits(self.cfg.max_tokens, self.context, prompt_char_limit(eng.tok, eng.max_seq),
                                        # n choices are n rows: at most the slots, and the queue (more could never
                                        # be admitted: a 429 for ever)
                                        min(gs.MAX_N, eng.max_batch, self.cfg.max_queue), eng.config.vocab_size)
@@ -368,7 +371,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         c: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
                              "task": "generate"}
         if st.engine is not None:
-            c.update(max_model_len=st.engine.max_seq, slots=st.engine.max_batch, chat_template=st.template is not None)
+            c.update(max_model_len=st.context, slots=st.engine.max_batch, chat_template=st.template is not None)
         return c
 
     async def health(request: Request) -> Response:

@@ -35,7 +35,7 @@ def tokenize_routes(st) -> list[Route]:
         if isinstance(g.prompt, list) and any(t < 0 or t >= eng.config.vocab_size for t in ids):  # as completions
             raise ApiError(400, f"prompt token ids must be in 0..{eng.config.vocab_size - 1}", param="prompt",
                            code="invalid_prompt")
-        return json_response({"tokens": ids, "count": len(ids), "max_model_len": eng.max_seq})
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": st.context})
 
     async def detokenize(request: Request) -> Response:
         eng = st.require()
