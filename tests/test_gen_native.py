@@ -380,6 +380,11 @@ def test_errors_name_the_problem(tmp_path):
     eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64))
     with pytest.raises(MillisError, match="token ids"):
         eng.model.forward_flat(np.array([999]), np.array([0]), np.array([0]), np.array([0]))
+    # each read outside the C scratch or block table, or ran another token (the int32 cast of 2**32 + 7 is 7)
+    for ids, slots, rows in (([2**32 + 7], [0], [0]), ([5], [-1], [0]), ([5], [1], [0]), ([5, 6], [0, 0], [2]),
+                             ([5], [0], [0, 0]), ([5], [0], [-1])):
+        with pytest.raises(MillisError, match="forward_flat: token ids in 0.."):
+            eng.model.forward_flat(np.array(ids), np.arange(len(ids)), np.array(slots), np.array(rows))
     with pytest.raises(MillisError, match="has no tensor"):
         native_llama.NativeLlama(cfg, {}, False, 1, 64, 1 << 20, 1)
 

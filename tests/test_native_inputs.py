@@ -2,6 +2,7 @@
 (millis.encoder.bert_weights.check_shapes) and the flat-token calls' arrays (hidden_states, head_of). Each of
 these used to read past an array: the crash cases run in a subprocess, so a crash is a failed test."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -147,3 +148,36 @@ def test_flat_token_calls_check_their_arrays(tiny_dirs):
         assert out[case].startswith("MillisError ids, positions and token types must be 1-D"), (case, out[case])
     assert out["wrapping id"].startswith("MillisError a token id, position or token type is out of range"), out
     assert out["head float64"] == out["head F order"] == "ran True", out
+
+
+def test_the_attention_mask_is_0_or_1(tiny_dirs):
+    """A mask of 0.5 was cast to 0 (every token dropped: a zero vector), 2 and -1 counted as 1; HF's runtimes read
+    such masks otherwise. Only 0 / 1 integers or booleans are taken."""
+    if native_isa() is None:
+        pytest.skip("native kernels are off (MILLIS_NO_KERNELS)")
+    from millis.encoder.native import NativeBert
+
+    cfg, state = tiny_state(tiny_dirs)
+    m = NativeBert(BertArrays(cfg, state, "embed", Pooling()), "fp32", 1)
+    ids = np.array([[2, 5, 6, 3]])
+    ref = m(ids, np.ones((1, 4), np.int64))
+    assert np.array_equal(m(ids, np.ones((1, 4), bool)), ref)
+    for bad in (np.full((1, 4), 0.5), np.array([[1, 1, 2, 1]]), np.array([[1, -1, 1, 1]])):
+        with pytest.raises(MillisError, match="the mask 0 / 1"):
+            m(ids, bad)
+
+
+def test_the_avx512_build_compiles_below_O3():
+    """i8_attend.h's lane shuffle took a loop counter as its immediate: a constant only once -O3 had unrolled the
+    loop, so debug and sanitizer builds (-O0 / -O1) of the avx512 kernels did not compile."""
+    import shutil
+
+    from millis.kernels.native import ISA_FLAGS
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = ROOT / "millis" / "kernels" / "amx.c"
+    r = subprocess.run([cc, "-O1", "-std=gnu11", "-c", "-o", os.devnull, *ISA_FLAGS["avx512"], str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -4,9 +4,9 @@ once at load, the thread pool of the decoder (no barriers, sleeps when idle).
 
 Precisions (PRECISIONS): `fp32`; `bf16`: bf16 weights against activations rounded to bf16 per row, fp32
 accumulation (AVX-512 BF16's `vdpbf16ps`: twice fp32's multiply-adds per instruction; AMX's bf16 tiles
-where the CPU and kernel allow them, kernels/amx.c; int8 / int7 can run 16 tokens or more on AMX's int8
-tiles, off while they measure slower: kernels.native.Q8_TILES); `int8`: Q8_0 weights (int8, one fp16 scale per 32) against int8
-activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
+where the CPU and kernel allow them, kernels/amx.c; int8 / int7 can run 16 tokens or more on AMX's int8 tiles,
+off while they measure slower: kernels.native.Q8_TILES); `int8`: Q8_0 weights (int8, one fp16 scale per 32)
+against int8 activations quantized per 32 values (llama.cpp's Q8_1 scheme: integer sums never saturate); `int8-a16`:
 the same weights against int16 activations per 32 (closer to fp32, a little slower); `int7`: weights in
 [-63, 63] per 32 (Q7_0) against the same int8 activations: on AVX2 `vpmaddubsw` takes them made
 unsigned (q + 128) against the signed weights read from memory (pairs stay under 2^15), a quarter fewer
@@ -24,9 +24,8 @@ activations per token, and each sequence's first and last token ([CLS], [SEP]: t
 a residual activation row that every matrix takes in the same pass (kernels/ends_rows.h): short texts keep
 int8's fidelity at int7-row-a8's speed from 128 tokens (docs/encoders.md). The row precisions smooth each
 matrix's input (millis.encoder.smooth: x / s against W * s, s from a data-free calibration at load): activation
-outliers move into the per-row weight scales. The task head
-(pooling, normalisation, BertForSequenceClassification's pooler + classifier) runs in fp32 numpy on
-the (B, D) rows, as millis.encoder.tasks does in torch.
+outliers move into the per-row weight scales. The task head (pooling, normalisation, the pooler + classifier)
+runs in fp32 numpy on the (B, D) rows, as millis.encoder.tasks does in torch.
 """
 from __future__ import annotations
 
@@ -44,13 +43,11 @@ from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYP
                                    aligned_empty, init_amx, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
-Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8,
-            "int8-row": TYPE_Q8_ROW}
+Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8, "int8-row": TYPE_Q8_ROW}
 ROW_PRECISIONS = ("int7-row", "int7-row-a8", "int8-row")  # one scale per weight row and per token; smoothed inputs
 # bf16 in AMX tiles; the int8 ones with int8 tiles beside (row tiles: whole-row sums; Q8 tiles: per block)
 AMX_PRECISIONS = ("bf16", "int8", *Q7_TYPES)
-SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c",
-           "pool.c")
+SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "bert_forward.c", "bert_batch.c", "pool.c")
 # bert_forward.c ACT_*: what the matrices take; the activation bytes per 32 values (xblock, x16block, bf16 values)
 ACT = {"fp32": 0, "bf16": 3, "int8": 1, "int8-a16": 2, **{p: 1 for p in Q7_TYPES}}
 BLOCK_BYTES = {"fp32": 0, "bf16": 64, "int8": XBLOCK_BYTES, "int8-a16": 68, **{p: XBLOCK_BYTES for p in Q7_TYPES}}
@@ -335,13 +332,16 @@ class NativeBert:
         """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector. One C
         call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
         at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
-        whole = all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in (input_ids, token_type_ids) if a is not None)
+        m = np.asarray(attention_mask)  # the mask 0 / 1 only: 0.5 was "no token" (a zero vector), 2 and -1 "a token"
+        whole = all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in (input_ids, token_type_ids) if a is not None) \
+            and (np.issubdtype(m.dtype, np.integer) or m.dtype == bool) and (not m.size or 0 <= m.min() <= m.max() <= 1)
         ids = np.ascontiguousarray(input_ids, np.int64)  # (a float id would be floored: 7.9 -> 7; refused below)
         mask = np.ascontiguousarray(attention_mask, np.int64)
         types = None if token_type_ids is None else np.ascontiguousarray(token_type_ids, np.int64)
         if not whole or ids.ndim != 2 or mask.shape != ids.shape or (types is not None and types.shape != ids.shape):
             raise MillisError(f"input_ids, attention_mask and token_type_ids must be (batch, seq) arrays of one shape, "
-                              f"ids integers: got {ids.shape}, {mask.shape}, {None if types is None else types.shape}")
+                              f"ids integers, the mask 0 / 1: got {ids.shape}, {mask.shape}, "
+                              f"{None if types is None else types.shape}")
         B, T = ids.shape
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")

@@ -86,18 +86,21 @@ static inline __attribute__((always_inline)) void i8_pack_quad_hd(const float* x
     _mm_storeu_ps(sk, i8_lanes4(_mm512_mul_ps(mk, r127)));
     _mm_storeu_ps(lsv, i8_log2_4(i8_lanes4(sv)));
     _mm_storeu_ps(isv, i8_lanes4(iv));
-#define LANE(V, E) _mm512_shuffle_f32x4(V, V, 0x55 * (E))  /* 128-bit lane E in all four */
+    /* 128-bit lane e in all four, immediates spelled out (a loop counter is one only once the loop is unrolled) */
+    const __m512 ikl[4] = {_mm512_shuffle_f32x4(ik, ik, 0x00), _mm512_shuffle_f32x4(ik, ik, 0x55),
+                           _mm512_shuffle_f32x4(ik, ik, 0xAA), _mm512_shuffle_f32x4(ik, ik, 0xFF)};
+    const __m512 ivl[4] = {_mm512_shuffle_f32x4(iv, iv, 0x00), _mm512_shuffle_f32x4(iv, iv, 0x55),
+                           _mm512_shuffle_f32x4(iv, iv, 0xAA), _mm512_shuffle_f32x4(iv, iv, 0xFF)};
     for (int o = 0; o < nv; o++) {
         __m512i w = _mm512_setzero_si512();
         for (int e = 0; e < 4; e++) {
-            const __m512i kk = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(k[e][o], LANE(ik, e))), off);
+            const __m512i kk = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(k[e][o], ikl[e])), off);
             _mm_storeu_si128((__m128i*)(kq + e * HD + 16 * o), _mm512_cvtepi32_epi8(kk));
-            const __m512i b = _mm512_and_si512(_mm512_cvtps_epi32(_mm512_mul_ps(v[e][o], LANE(iv, e))), lo8);
+            const __m512i b = _mm512_and_si512(_mm512_cvtps_epi32(_mm512_mul_ps(v[e][o], ivl[e])), lo8);
             w = _mm512_or_si512(w, _mm512_slli_epi32(b, 8 * e));
         }
         _mm512_storeu_si512(vq + 16 * o, w);
     }
-#undef LANE
 }
 static void i8_pack_quad(const float* x, int64_t ld, int64_t D, const float* bk, const float* bv, int n, int HD,
                          uint8_t* kq, uint32_t* vq, float* sk, float* lsv, float* isv) {  /* HD a constant in each */

@@ -205,6 +205,14 @@ class NativeLlama:
         """ids, pos, slots (n,) int32 -> logits (len(out_rows), vocab) fp32 of the rows out_rows."""
         if not len(ids):
             return np.empty((0, self.config.vocab_size), np.float32)
+        ids, slots, out_rows = np.asarray(ids), np.asarray(slots), np.asarray(out_rows)
+        n, V, S = len(ids), self.config.vocab_size, self.kv.table.shape[0]
+        if (ids.min() < 0 or ids.max() >= V or len(slots) != n or len(pos) != n or slots.min() < 0 or slots.max() >= S
+                or len(out_rows) > n or (len(out_rows) and (out_rows.min() < 0 or out_rows.max() >= n))):
+            # checked before the int32 cast: an id of 2**32 + 7 ran as 7, slot -1 and rows past n read outside the C
+            # scratch and block table
+            raise MillisError(f"forward_flat: token ids in 0..{V - 1}, a slot (0..{S - 1}) and a position per token, "
+                              f"at most {n} output rows in 0..{n - 1}")
         for s in np.unique(slots):
             self.kv.ensure(int(s), int(pos[slots == s].max()) + 1)
         ids, pos, slots, out_rows = (np.ascontiguousarray(a, dtype=np.int32) for a in (ids, pos, slots, out_rows))
