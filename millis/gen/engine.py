@@ -19,7 +19,7 @@ Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute
   grammar and a full slot end a request, and its slot is free for the next step.
 CUDA (`cuda_graph.GraphedDecode`, a graph per batch bucket): running requests keep the lowest slots.
 Native models: a prompt prefills only past its prefix cached in the paged KV (`models/paged_kv.py`), whose
-blocks a request takes as it writes positions (the newest is preempted when the pool is full: `_make_room`);
+blocks a request takes as it writes positions (the latest to arrive is preempted when the pool is full: `_make_room`);
 greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft model, `draft_model.py`). A row with a
 grammar (`grammar.py`) samples only what the grammar allows.
 
@@ -87,7 +87,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.penalties = SlotPenalties(self.max_batch, self.config.vocab_size, self.device)
         self._ids = itertools.count()
-        self._admissions, self.preempted = itertools.count(), 0  # Request.admitted; preemptions (`_make_room`)
+        self._arrivals, self.preempted = itertools.count(), 0  # Request.arrived; preemptions (`_make_room`)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._lock = threading.Lock()  # guards waiting, requests and slots
         self._stepping = False         # a step is running: cancel leaves slot freeing to it
@@ -108,7 +108,7 @@ class Engine:
             rid = id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise MillisError(f"request id {rid!r} is already in use")
-            r = Request(rid, ids, params, seed, matcher=matcher)
+            r = Request(rid, ids, params, seed, matcher=matcher, arrived=next(self._arrivals))
             self.requests[rid] = r
             self.waiting.append(r)
         return rid
@@ -225,18 +225,18 @@ class Engine:
             coming.update(r.keys)
             if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
                 self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
-        r.slot, self.slots[slot], r.admitted = slot, r, next(self._admissions)
+        r.slot, self.slots[slot] = slot, r
         self.penalties.admit(slot, r.prompt, r.params, r.out)
         return True
 
     def _make_room(self) -> None:
         """Each decoding row's KV promise grows to the position this step writes (its drafts' where the pool has
-        room). Where it cannot, the newest request gives its blocks back and waits first in line (vLLM's
+        room). Where it cannot, the latest to arrive gives its blocks back and waits first in line (vLLM's
         recompute: it returns with its prompt + output prefilled and goes on, its draws as before)."""
-        for r in sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.admitted):
+        for r in sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.arrived):
             need = min(len(r.prompt) + len(r.out), self._limit(r))  # positions once this step's token is written
             while r.slot >= 0 and not self.kv.grow(r.slot, need):
-                self._preempt(max((q for q in self.slots if q is not None), key=lambda q: q.admitted))
+                self._preempt(max((q for q in self.slots if q is not None), key=lambda q: q.arrived))
             if r.slot >= 0 and self.speculate:  # room for drafts only where nobody need give it up
                 self.kv.grow(r.slot, min(need + self.speculate + 1, self._limit(r)))
 

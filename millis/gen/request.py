@@ -34,7 +34,8 @@ class Request:
     matcher: object = None  # params.grammar: its llguidance matcher (`grammar.py`), advanced token by token
     out: list[int] = field(default_factory=list)
     resumed: list[int] | None = None  # preempted (its KV given back): prompt + out then, prefilled again on return
-    admitted: int = 0      # the engine's admission count when it last took a slot: the newest is preempted first
+    arrived: int = 0       # the engine's count of adds: the latest to arrive is preempted first (one that was
+    #                        preempted keeps its place: it is not the first to go again when it returns)
     emitted: str = ""      # text already handed out
     anchor: int = 0        # out[:anchor] is final text (`anchor_text`): only what follows is decoded
     anchor_text: str = ""
