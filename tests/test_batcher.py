@@ -177,6 +177,29 @@ def test_close_drains_then_refuses():
     assert sum(r for r, _ in rec.calls) == 10
 
 
+def test_expire_answers_the_waiting_and_refuses_later_requests():
+    """Near the drain's limit: requests none of whose rows started get ShuttingDown (their rows never run), one
+    whose rows are running finishes, and a request that arrives after is refused at once (it would be cut off)."""
+    async def go():
+        rec = Recorder(delay=0.05)
+        b = Batcher(rec, 128, 1, 4096, 0, 100)
+        b.start()
+        jobs = [make_job(5, first=i) for i in range(4)]
+        for j in jobs:
+            b.submit(j)
+        await asyncio.sleep(0.02)  # the first row is in the runtime
+        assert b.expire(ShuttingDown("drain limit")) == 3
+        with pytest.raises(ShuttingDown):
+            b.submit(make_job(5))
+        done = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        await b.close()
+        return rec, done
+
+    rec, done = run(go())
+    assert done[0] is None and all(isinstance(d, ShuttingDown) for d in done[1:])
+    assert rec.calls == [(1, 16)]  # only the row that had started ran
+
+
 def test_runtime_failure_fails_that_batch_only():
     async def go():
         calls = {"n": 0}

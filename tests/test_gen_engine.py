@@ -493,6 +493,12 @@ def test_partial_sort_picks_what_the_full_sort_picks():
     by_head = (host[:, 1] <= HEAD) | ((host[:, 1] >= V) & (head_mass >= host[:, 2]))
     assert 0.2 < by_head.double().mean() < 0.9  # both ways are taken
     assert torch.equal(filtered_on_host(z, host, host), filtered(z, host))
+    # top-p right at the head's mass (+-2e-7): the sort's own sums decide whether the 257th token stays
+    z = torch.randn(400, V, generator=g) * 1.5
+    hm = z.softmax(-1).topk(HEAD, -1).values.sum(-1).double()
+    host = torch.tensor([[1.0, V, float(hm[i]) + (i % 5 - 2) * 1e-7, 0.0, uniform(3, i)] for i in range(400)],
+                        dtype=torch.float64)
+    assert torch.equal(filtered_on_host(z, host, host), filtered(z, host))
 
 
 def test_sampler_applies_bias_and_output_penalties_before_temperature():

@@ -255,6 +255,7 @@ def test_preempted_sampled_penalized_and_drafted_requests_go_on_as_alone(model_p
             got[o.id] += o.token_ids
     assert [got[i] for i in ids] == want
     assert eng.preempted >= 2 and eng.kv.in_use == 0 and sum(eng.kv.pending) == 0
+    assert eng.kv.prompt_tokens == sum(len(p) for p, _ in asks)  # a returning request's feed is no new prompt
 
 
 def test_generate_waits_out_the_steps_of_a_chunked_prompt(model_path, monkeypatch):

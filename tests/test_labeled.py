@@ -200,9 +200,17 @@ def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
         read_labeled(p)
 
 
-def test_a_header_naming_a_column_twice_is_refused(tmp_path):
-    """csv.DictReader keeps the last of two columns with one name: training read the wrong labels, without a word."""
+def test_a_header_naming_a_column_read_twice_is_refused(tmp_path):
+    """csv.DictReader keeps the last of two columns with one name: training read the wrong labels, without a word.
+    Repeated names of columns nothing reads (a spreadsheet's blank header cells) are fine."""
+    from millis.common.readers import read_column
+
     p = tmp_path / "d.csv"
     p.write_text("text,label,label\nhello,a,b\n")
-    with pytest.raises(MillisError, match=r"d\.csv: the header names column\(s\) 'label' more than once"):
+    with pytest.raises(MillisError, match=r"d\.csv: the header names column 'label' 2 times"):
         read_labeled(p)
+    p.write_text("text,text,label\nhello,hi,b\n")
+    with pytest.raises(MillisError, match=r"the header names column 'text' 2 times"):
+        read_column(p, "text")
+    p.write_text("text,label,,,notes,notes\nhello,a,,,x,y\nbye,b,,,z,w\n")
+    assert read_labeled(p).labels == ("a", "b") and read_column(p, "text") == ["hello", "bye"]

@@ -95,9 +95,6 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     cols = list(reader.fieldnames or [])
-    twice = sorted({c for c in cols if cols.count(c) > 1})
-    if twice:  # DictReader would keep the last of them: the wrong column, without a word
-        raise MillisError(f"{p}: the header names column(s) {', '.join(map(repr, twice))} more than once")
     rows = []
     for rec in reader:
         line = reader.line_num  # the row's last line (a quoted CSV field may span lines)
@@ -117,8 +114,17 @@ def read_column(path: str | Path, column: str) -> list[str]:
     cols, rows = _records(p, _decode(p))
     if column not in cols:
         raise MillisError(f"{p} has no column {column!r} (columns: {', '.join(cols)}); name it with --text-col")
+    _once(p, cols, column)
     values = ("" if rec.get(column) is None else str(rec[column]) for _, rec in rows)
     return [v for v in values if v.strip()]
+
+
+def _once(p: Path, cols: list[str], *used: str) -> None:
+    """A column read must be named once in the header: DictReader keeps the last of two (the wrong labels, without
+    a word). Other repeated names (blank cells a spreadsheet leaves, two unused notes columns) do not matter."""
+    for c in used:
+        if cols.count(c) > 1:
+            raise MillisError(f"{p}: the header names column {c!r} {cols.count(c)} times; which one holds the data?")
 
 
 def _pick_label_col(p: Path, cols: list[str], text_col: str) -> str:
@@ -160,6 +166,7 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
     label_col = label_col or _pick_label_col(p, cols, text_col)
     if label_col not in cols:
         raise MillisError(f"{p} has no column {label_col!r} (columns: {', '.join(cols)}); name it with --label-col")
+    _once(p, cols, text_col, label_col)
     texts, labels, lines, empty_text, empty_label = [], [], [], [], []
     for n, rec in rows:
         t, y = _value(p, n, rec, text_col), _value(p, n, rec, label_col)

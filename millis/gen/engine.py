@@ -23,12 +23,11 @@ blocks a request takes as it writes positions (the latest to arrive is preempted
 greedy rows may verify a draft (prompt lookup, `speculate.py`, or a draft model, `draft_model.py`). A row with a
 grammar (`grammar.py`) samples only what the grammar allows.
 
-One request never fails another: whatever one request raises in a step (its prefill, decode row,
-sampling, grammar or text) ends that request alone with `finished="error"` and the reason in
-`StepOutput.error`; when a batched call raises, its rows are retried one at a time to find which.
-The work of a step is bounded by the batch and `prefill_tokens` (a long prompt takes several steps, with
-no output until its last chunk): stop strings are searched only in the new text, and
-the hold-back check looks at the last len(stop) - 1 characters (`stops.py`).
+One request never fails another: whatever one request raises in a step (its prefill, decode row, sampling,
+grammar or text) ends that request alone with `finished="error"` and the reason in `StepOutput.error`; when a
+batched call raises, its rows are retried one at a time to find which. The work of a step is bounded by the
+batch and `prefill_tokens` (a long prompt takes several steps, with no output until its last chunk): stop
+strings are searched only in the new text, the hold-back check in the last len(stop) - 1 characters (`stops.py`).
 
 A request's tokens do not depend on what else is in the batch: in fp32, greedy rows give the same tokens as
 alone (tested against HF `generate`), and a seeded row draws from its own stream. This holds for
@@ -218,7 +217,8 @@ class Engine:
             r.keys = self.kv.keys(feed) if r.keys is None else r.keys  # hashed once: a waiting request retries
             if self.kv.next_uncached(feed, r.keys) in coming:
                 return False  # its prefix is being prefilled (n choices, a shared system prompt): shared once written
-            cached = self.kv.admit(slot, min(len(feed) + self.kv.block_size, self._limit(r)), feed, r.keys)
+            cached = self.kv.admit(slot, min(len(feed) + self.kv.block_size, self._limit(r)), feed, r.keys,
+                                   count=not r.preempted)  # the prefix cache's hit rate: prompts once
             if cached is None:
                 return False  # not until running requests give their KV blocks back
             r.cached = r.prefilled = cached
@@ -233,18 +233,18 @@ class Engine:
         """Each decoding row's KV promise grows to the position this step writes (its drafts' where the pool has
         room). Where it cannot, the latest to arrive gives its blocks back and waits first in line (vLLM's
         recompute: it returns with its prompt + output prefilled and goes on, its draws as before)."""
-        for r in sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.arrived):
-            need = min(len(r.prompt) + len(r.out), self._limit(r))  # positions once this step's token is written
-            while r.slot >= 0 and not self.kv.grow(r.slot, need):
+        rows = sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.arrived)
+        for r in rows:  # positions once this step's token is written
+            while r.slot >= 0 and not self.kv.grow(r.slot, min(len(r.prompt) + len(r.out), self._limit(r))):
                 self._preempt(max((q for q in self.slots if q is not None), key=lambda q: q.arrived))
-            if r.slot >= 0 and self.speculate:  # room for drafts only where nobody need give it up
-                self.kv.grow(r.slot, min(need + self.speculate + 1, self._limit(r)))
+        for r in (q for q in rows if q.slot >= 0 and self.speculate and draftable(q.params, q.drafts)):
+            self.kv.grow(r.slot, min(len(r.prompt) + len(r.out) + self.speculate + 1, self._limit(r)))  # if free
 
     def _preempt(self, r: Request) -> None:
         self._free(r.slot)
         r.slot, r.prefilled, r.cached, r.keys, r.resumed = -1, 0, 0, None, r.prompt + r.out if r.out else None
         self.waiting.appendleft(r)
-        self.preempted += 1
+        r.preempted, self.preempted = r.preempted + 1, self.preempted + 1
 
     def _execute(self, chunks: list[Chunk], running: list[Request], failed: dict[str, str]) -> dict[str, list[int]]:
         """Logits of every row, then one batched sample: {request id: its new tokens} (one, or a verified

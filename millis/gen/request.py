@@ -34,6 +34,7 @@ class Request:
     matcher: object = None  # params.grammar: its llguidance matcher (`grammar.py`), advanced token by token
     out: list[int] = field(default_factory=list)
     resumed: list[int] | None = None  # preempted (its KV given back): prompt + out then, prefilled again on return
+    preempted: int = 0     # times it gave its KV blocks back (`Engine._make_room`)
     arrived: int = 0       # the engine's count of adds: the latest to arrive is preempted first (one that was
     #                        preempted keeps its place: it is not the first to go again when it returns)
     emitted: str = ""      # text already handed out

@@ -134,8 +134,9 @@ def filtered_on_host(z: torch.Tensor, prm: torch.Tensor, host: torch.Tensor) -> 
     vals, idx = z.topk(m, dim=-1)                                          # (n, m) sorted descending
     top_k, top_p = host[:, 1], host[:, 2]
     lse = z.logsumexp(-1, keepdim=True)                                     # (n, 1): the vocabulary's mass
-    # the whole top-k set is in the head, or (no top-k) the head's mass reaches top-p: the nucleus ends in it
-    in_head = (top_k <= m) | ((top_k >= V) & ((vals - lse).exp().sum(-1).double() >= top_p))
+    # the whole top-k set is in the head, or (no top-k) the head's mass passes top-p: the nucleus ends in it (by a
+    # margin: within 1e-6 the sort's own sums decide, which may keep a token past the head)
+    in_head = (top_k <= m) | ((top_k >= V) & ((vals - lse).exp().sum(-1).double() >= top_p + 1e-6))
     out = torch.empty(n, dtype=torch.int64)
     for rows, norm in ((in_head & (top_k <= m), None), (in_head & (top_k > m), lse)):
         if rows.any():

@@ -71,7 +71,7 @@ class PagedKV:
         return next((k for k in keys[:(len(prompt) - 1) // self.block_size] if k not in self.block_of), None)
 
     def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None,
-              keys: list[bytes] | None = None) -> int | None:
+              keys: list[bytes] | None = None, count: bool = True) -> int | None:
         """Promise `slot` room for n_pos positions, sharing the cached blocks of `prompt`'s leading runs
         (never its last token: its logits are computed; `keys`: `keys(prompt)` if already known).
         Returns the positions already cached (a multiple of block_size), or None (nothing promised)
@@ -95,7 +95,7 @@ class PagedKV:
             self.table[slot, i] = b
             owned.append(b)
         self.pending[slot] = need
-        if prompt:
+        if prompt and count:  # (not a preempted request's return: its prompt counted once)
             self.prompt_tokens += len(prompt)
             self.hit_tokens += len(hit) * self.block_size
         return len(hit) * self.block_size

@@ -160,6 +160,7 @@ class Batcher:
     def expire(self, exc: Exception) -> int:
         """Drop every queued request none of whose rows has started (the drain's limit is near: they are answered
         `exc` now, not cut off by the server's exit); the number dropped. Their rows are skipped when popped."""
+        self._closing = True  # and nothing more is admitted: a request that came later would be cut off too
         jobs = {id(j): j for q in self._queues.values() for j, _ in q if not j.gone and j.queue_s < 0}
         for job in jobs.values():
             job.drop(exc)
