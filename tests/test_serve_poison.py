@@ -128,13 +128,14 @@ def test_unknown_routes_and_methods_answer_json_and_are_counted(stories):
     assert _metric(s, "millis_requests_total", route="unmatched") == before + 2
 
 
-def raw_request(s: Server, head: bytes, body: bytes = b"", read: bool = True) -> bytes:
+def raw_request(s: Server, head: bytes, body: bytes = b"", read: bool = True, until: bytes = b"\r\n\r\n") -> bytes:
+    """Send head + body on a socket of its own; what comes back until `until` is in it (or the server closes)."""
     with socket.create_connection((s.host, s.port), timeout=10) as c:
         c.sendall(head + body)
         if not read:
             return b""
         out = b""
-        while b"\r\n\r\n" not in out:
+        while until not in out:
             chunk = c.recv(65536)
             if not chunk:
                 break
@@ -180,14 +181,7 @@ def test_a_body_that_stalls_is_answered_408_within_the_request_timeout():
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000\r\n\r\n")
         t0 = time.perf_counter()
-        with socket.create_connection((s.host, s.port), timeout=10) as c:
-            c.sendall(head + b'{"prompt": "Once' + b" a" * 1000)
-            out = b""
-            while b"}}" not in out:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
+        out = raw_request(s, head, b'{"prompt": "Once' + b" a" * 1000, until=b"}}")  # ~2 KB of the 100 KB, then stalls
         assert out.startswith(b"HTTP/1.1 408") and b"connection: close" in out.lower(), out
         assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
         assert time.perf_counter() - t0 < 5
@@ -201,14 +195,7 @@ def test_requests_still_waiting_at_the_drain_limit_get_a_json_503(tmp_path):
     """One slot, decoding a long stream; two requests wait for it. SIGTERM with a 2 s drain: shortly before the
     limit the waiting two are answered 503 shutting_down (uvicorn used to cancel them at the limit: a plain-text
     500 each, and their rows ran on after)."""
-    model = build_llama(tmp_path / "slow-llama", None, hidden=512, intermediate=1536, layers=4)
-    s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", "2")
-    c = http.client.HTTPConnection(s.host, s.port, timeout=30)
-    c.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,
-                                                     "temperature": 0, "stream": True}),
-              {"Content-Type": "application/json"})
-    r = c.getresponse()
-    assert r.readline().startswith(b"data: ")
+    s, c, r = slow_stream(tmp_path, "2")
     with ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(s.post, "/v1/completions", {"prompt": [5, 6], "max_tokens": 4}) for _ in range(2)]
         deadline = time.time() + 10
@@ -269,17 +256,23 @@ def test_sigterm_under_load_answers_every_admitted_request_and_exits_0(stories):
     assert all(r[2]["usage"]["completion_tokens"] == 480 for r in results)
 
 
-def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
-    # 4000 tokens of a 13M-parameter model (54 MB read per token): seconds of decoding on any CPU seen so far
-    # (the 64-wide test model finished inside the 1 s drain limit on Zen 5)
+def slow_stream(tmp_path, drain_s: str):
+    """A one-slot server (drain limit `drain_s`) and a stream holding its slot: (server, connection, response).
+    4000 tokens of a 13M-parameter model (54 MB read per token): seconds of decoding on any CPU seen so far (the
+    64-wide test model finished inside a 1 s drain limit on Zen 5)."""
     model = build_llama(tmp_path / "slow-llama", None, hidden=512, intermediate=1536, layers=4)
-    s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", "1")
+    s = Server(model, "--max-batch", "1", "--shutdown-timeout-s", drain_s)
     c = http.client.HTTPConnection(s.host, s.port, timeout=30)
     c.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,
                                                      "temperature": 0, "stream": True}),
               {"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.readline().startswith(b"data: ")
+    return s, c, r
+
+
+def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
+    s, c, r = slow_stream(tmp_path, "1")
     t0 = time.time()
     s.proc.send_signal(signal.SIGTERM)
     code = s.proc.wait(30)
