@@ -41,6 +41,28 @@ def test_only_an_empty_directory_or_one_millis_wrote_is_replaced(tmp_path):
     assert store.read_meta(trained).task == "embed" and not (trained / "model.safetensors").exists()
 
 
+def test_an_artifact_is_readable_by_others_as_the_umask_says_and_an_unwritable_out_fails_first(tmp_path):
+    """mkdtemp makes 0700 and safetensors 0600: another user (a service account) could not serve the artifact. And
+    an --out whose directory cannot be written failed only at the end, after the whole optimize."""
+    import os
+    import stat
+
+    def fill_private(d):
+        (d / "weights.bin").write_bytes(b"w")
+        (d / "weights.bin").chmod(0o600)
+        return fill(d)
+
+    old = os.umask(0o022)
+    try:
+        art = store.write(tmp_path / "art", fill_private)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(art.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in art.iterdir()} == {0o644}
+    with pytest.raises(MillisError, match=r"--out /proc/millis-art/x: cannot write in /proc"):
+        store.check_out("/proc/millis-art/x")
+
+
 @pytest.mark.parametrize("out", ["models", "models/clf", "models/clf/art"])
 def test_out_is_never_the_source_nor_holds_it_nor_lies_inside_it(tmp_path, out):
     src = tmp_path / "models" / "clf"

@@ -227,6 +227,47 @@ def test_embed_pipeline_other_families(tmp_path, tiny_dirs, quick_measure, famil
     assert (emb * ref).sum(1).min() > 0.98  # both are normalised
 
 
+def test_a_roberta_reranker_calibrates_on_its_one_token_type(tmp_path, tiny_dirs, quick_measure):
+    """RoBERTa has one token type: calibration's pair rows gave the document type 1 (the fidelity rows did not), and
+    static int8 failed to build ("idx=1 must be within [-1,0]"); a --sample-texts file's column is --text-col's."""
+    texts = tmp_path / "st.csv"
+    texts.write_text("sentence,id\n" + "".join(f"{t.replace(',', ' ')},{i}\n" for i, t in enumerate(sample_texts()[:40])))
+    out = optimize(OptimizeConfig(source="tiny:roberta", task="rerank", out=str(tmp_path / "rr"), target=Shape(1, 16),
+                                  variants=("ort-int8-static",), sample_texts=str(texts), text_col="sentence",
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
+    report = json.loads((out / "report.json").read_text())
+    static = next(r for r in report["variants"] if r["name"] == "ort-int8-static")
+    assert "Gather" not in str(static["reason"]) and static["latency"], static["reason"]
+
+
+def test_a_variant_with_nan_outputs_is_rejected_and_the_report_still_written(tmp_path, monkeypatch, trained_classifier,
+                                                                             topics_data, quick_measure):
+    """A variant whose outputs are NaN on short rows (an fp16 overflow) gets no accuracy: the Pareto plot read its
+    accuracy and the run died writing the report, after every measurement."""
+    import millis.optimize.judge as judge
+
+    real = judge.open_variant
+
+    class NanOnShort:
+        def __init__(self, rt):
+            self.rt, self.name, self.input_names, self.output_name = rt, rt.name, rt.input_names, rt.output_name
+
+        def run(self, feeds):
+            y = self.rt.run(feeds)[self.output_name].copy()
+            y[feeds["attention_mask"].sum(1) <= 4] = np.nan
+            return {self.output_name: y}
+
+    monkeypatch.setattr(judge, "open_variant", lambda task, threads, src, v, vdir, gpu_buckets=(): (
+        NanOnShort if v.name == "ort-int8-dynamic" else (lambda rt: rt))(real(task, threads, src, v, vdir, gpu_buckets)))
+    rows = tmp_path / "sel.csv"
+    rows.write_text(topics_data["test"].read_text() + "card,bank\n")
+    out = optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "a"),
+                                  target=Shape(1, 16), data=str(rows), variants=("ort-fp32-fused", "ort-int8-dynamic"),
+                                  recover=False, measure=replace(quick_measure, threads=1, serve_mix=0)))
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] == "ort-fp32-fused" and (out / "pareto.png").is_file()
+
+
 def test_selection_respects_the_budget(tmp_path, tiny_dirs, quick_measure):
     """An impossible budget leaves only the exact variants: int8 must not be chosen."""
     from millis.optimize.config import Budget

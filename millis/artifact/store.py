@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,21 @@ def check_out(out: str | Path, keep: tuple[str | Path, ...] = ()) -> None:
                               f"{META}): refusing to replace it; choose another --out or remove it")
     elif out.exists():
         raise MillisError(f"--out {out} is a file, not a directory: refusing to replace it")
+    parent = next(p for p in out.parents if p.exists())  # where write() makes its temporary directory (or above)
+    try:  # a real write: access() says yes to root on a read-only or kernel file system
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.check-"))
+    except OSError as e:
+        raise MillisError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
+
+
+def readable(tmp: Path) -> None:
+    """The modes the umask gives new files (mkdtemp makes 0700, safetensors 0600): an artifact built by one user
+    is served by another (a service account, a container's user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for f in tmp.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = ()) -> Path:
@@ -61,6 +77,7 @@ def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = (
         text = json.dumps(meta.to_dict(), indent=2, sort_keys=True)
         type(meta).from_dict(json.loads(text), f"{META} being written to {out}")
         (tmp / META).write_text(text)
+        readable(tmp)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")

@@ -147,7 +147,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         if not cfg.data:  # the artifact's config records the rows selection used, and their columns
             cfg = replace(cfg, data=str(data.path), text_col=data.text_col, label_col=data.label_col)
     if cfg.sample_texts:
-        texts, where = read_texts(cfg.sample_texts, limit=512), cfg.sample_texts
+        texts, where = read_texts(cfg.sample_texts, cfg.text_col, limit=512), cfg.sample_texts
     elif cfg.data:  # fidelity on the user's own texts (classify: the selection data's first rows)
         texts = list(data.texts[:512]) if data is not None else read_texts(cfg.data, cfg.text_col, limit=512)
         where = cfg.data
@@ -165,7 +165,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     calib_texts, calib_where = calibration_rows(cfg, src, data, judged)
     progress(f"calibrating on {len(calib_texts)} texts from {calib_where}")
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
-    calib_enc = TextEncoder(src.path, src.input_names, calib_len)  # truncates at that length too
+    # truncates at that length too; token types as `enc` gives them (a RoBERTa pair: all 0, its one type)
+    calib_enc = TextEncoder(src.path, src.input_names, calib_len, segments=takes_segments(src.model_type))
     calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len,
                                                               pairs=cfg.task == "rerank"))
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))

@@ -164,9 +164,14 @@ def pareto(path: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: s
     else:
         key, label, line = (lambda r: r["fidelity"]["top1_agreement"]), "top-1 agreement with fp32", \
             budget.min_top1_agreement
+    def value(r: dict[str, Any]) -> float | None:  # None: not scored (NaN outputs: no accuracy was computed)
+        try:
+            return key(r)
+        except (KeyError, TypeError):
+            return None
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    for i, r in enumerate(rows):
-        x, y = r["latency"][target]["p50_ms"], key(r)
+    for i, (r, y) in enumerate((r, y) for r in rows if (y := value(r)) is not None):
+        x = r["latency"][target]["p50_ms"]
         color = "tab:green" if r["name"] == chosen else ("tab:blue" if r["ok"] else "tab:gray")
         ax.scatter([x], [y], s=90 if r["name"] == chosen else 40, color=color,
                    marker="*" if r["name"] == chosen else "o", zorder=3)
