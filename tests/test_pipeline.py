@@ -268,6 +268,42 @@ def test_a_variant_with_nan_outputs_is_rejected_and_the_report_still_written(tmp
     assert report["chosen"] == "ort-fp32-fused" and (out / "pareto.png").is_file()
 
 
+@pytest.mark.parametrize("where", ["timing", "serve mix"])
+def test_a_variant_that_raises_while_timed_is_rejected_not_the_run(tmp_path, monkeypatch, tiny_dirs, quick_measure,
+                                                                   where):
+    """A runtime that raises at one shape (memory, a kernel refusing it) while measured or in the serve mix: that
+    variant is rejected with the reason, the others measured, the artifact written (the run died with a traceback)."""
+    import millis.optimize.judge as judge
+    import millis.optimize.pipeline as pipeline
+
+    real, armed = judge.open_variant, []
+    stage = "measure" if where == "timing" else "serve_mix"
+    inner = getattr(pipeline, stage)
+    monkeypatch.setattr(pipeline, stage, lambda *a, **k: armed.append(1) or inner(*a, **k))
+
+    class FailsWide:  # from the stage on, at more than one row
+        def __init__(self, rt):
+            self.rt, self.name, self.input_names, self.output_name = rt, rt.name, rt.input_names, rt.output_name
+
+        def run(self, feeds):
+            if armed and feeds["input_ids"].shape[0] > 1:
+                raise RuntimeError("out of memory")
+            return self.rt.run(feeds)
+
+    monkeypatch.setattr(judge, "open_variant", lambda task, threads, src, v, vdir, gpu_buckets=(): (
+        FailsWide if v.name == "ort-int8-dynamic" else (lambda rt: rt))(real(task, threads, src, v, vdir, gpu_buckets)))
+    shapes = (Shape(1, 16), Shape(2, 32)) if where == "timing" else (Shape(1, 16),)
+    out = optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "a"), target=Shape(1, 16),
+                                  variants=("ort-fp32-fused", "ort-int8-dynamic"), recover=False,
+                                  measure=replace(quick_measure, threads=1, shapes=shapes,
+                                                  serve_mix=0 if where == "timing" else 6)))
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["variants"]}
+    bad = rows["ort-int8-dynamic"]
+    assert not bad["ok"] and "failed at b" in bad["reason"] and "RuntimeError: out of memory" in bad["reason"], bad
+    assert rows["ort-fp32-fused"]["latency"] and json.loads((out / "millis.json").read_text())["variant"]["name"] != \
+        "ort-int8-dynamic"
+
+
 def test_selection_respects_the_budget(tmp_path, tiny_dirs, quick_measure):
     """An impossible budget leaves only the exact variants: int8 must not be chosen."""
     from millis.optimize.config import Budget

@@ -42,37 +42,54 @@ def paired_ratio(ref_rounds: list[float], rounds: list[float]) -> tuple[float, f
     return (float(np.median(pairs)), min(pairs), max(pairs)) if pairs else None
 
 
+def ran(runtimes: dict[str, Runtime], n: str, shape: Shape, feeds: dict[str, np.ndarray], failed: dict[str, str]) -> bool:
+    """One call of variant n; False, its reason in `failed`, when it raises (a shape its kernels refuse, memory):
+    that variant is measured no more, the others go on."""
+    try:
+        runtimes[n].run(feeds)
+        return True
+    except Exception as e:  # noqa: BLE001 -- one variant's failure, not the run's
+        failed[n] = f"measurement failed at {shape.name}: {type(e).__name__}: {e}"
+        return False
+
+
 def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarray]], cfg: MeasureConfig,
-            on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Return {variant: {shape_name: stats}} over interleaved rounds."""
-    names = list(runtimes)
+            on_round: Callable[[int], None] | None = None,
+            failed: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Return {variant: {shape_name: stats}} over interleaved rounds; a variant that raised is left out, its reason
+    in `failed`."""
+    names, failed = list(runtimes), {} if failed is None else failed
     samples: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
     by_round: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
     per_round = max(1, cfg.iters // cfg.rounds)
     for shape, feeds in inputs.items():  # warm-up: fill caches, grow memory arenas
         for n in names:
             for _ in range(cfg.warmup):
-                runtimes[n].run(feeds)
+                if n in failed or not ran(runtimes, n, shape, feeds, failed):
+                    break
     shuffle = random.Random(0)  # a seeded random order each round: a rotation made each variant always follow the
     for r in range(cfg.rounds):  # same one, whose spinning worker threads then always landed on it
         order = shuffle.sample(names, len(names))
         for shape, feeds in inputs.items():
-            for n in order:
+            for n in (n for n in order if n not in failed):
                 time.sleep(0.005)  # let the previous runtime's spinning worker threads park
                 cell, budget = samples[(n, shape)], cfg.max_seconds_per_cell / cfg.rounds
                 t_round, first = 0.0, len(cell)
                 for _ in range(per_round):
                     t0 = time.perf_counter()
-                    runtimes[n].run(feeds)
+                    if not ran(runtimes, n, shape, feeds, failed):
+                        break
                     dt = time.perf_counter() - t0
                     cell.append(dt * 1e3)
                     t_round += dt
                     if t_round > budget and len(cell) - first >= 3:  # a very slow cell: fewer calls (3 a round)
                         break
-                by_round[(n, shape)].append(float(np.median(cell[first:])))
+                if n not in failed:
+                    by_round[(n, shape)].append(float(np.median(cell[first:])))
         if on_round:
             on_round(r)
-    return {n: {s.name: stats(samples[(n, s)], s.batch, by_round[(n, s)]) for s in inputs} for n in names}
+    return {n: {s.name: stats(samples[(n, s)], s.batch, by_round[(n, s)]) for s in inputs} for n in names
+            if n not in failed}
 
 
 def serve_mix_shapes(cfg: MeasureConfig, token_counts: list[int], max_length: int,
@@ -107,12 +124,13 @@ def is_stall(cold_s: float, warm_s: float, cfg: MeasureConfig) -> bool:
 
 
 def serve_mix(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarray]],
-              cfg: MeasureConfig) -> dict[str, dict[str, Any]]:
+              cfg: MeasureConfig, failed: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Every shape of `inputs` (shapes no runtime has seen) twice in a row per variant: cold, then warm.
     Shape by shape, the variant order rotating, so a neighbour's load hits all variants alike, and the
     adjacent cold and warm calls alike. Returns per variant rows/s over its whole sequence, the worst
-    call and the shapes that stalled (millis.optimize.select.serve_gate judges them)."""
-    names = list(runtimes)
+    call and the shapes that stalled (millis.optimize.select.serve_gate judges them); a variant that raised is
+    left out, its reason in `failed`."""
+    names, failed = list(runtimes), {} if failed is None else failed
     cold: dict[str, dict[Shape, float]] = {n: {} for n in names}
     warm: dict[str, dict[Shape, float]] = {n: {} for n in names}
     for i, (s, feeds) in enumerate(inputs.items()):
@@ -120,11 +138,12 @@ def serve_mix(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.nda
             time.sleep(0.005)  # let the previous runtime's spinning worker threads park
             for calls in (cold[n], warm[n]):
                 t0 = time.perf_counter()
-                runtimes[n].run(feeds)
+                if n in failed or not ran(runtimes, n, s, feeds, failed):
+                    break
                 calls[s] = time.perf_counter() - t0
     rows = 2 * sum(s.batch for s in inputs)
     out = {}
-    for n in names:
+    for n in (n for n in names if n not in failed):
         c, w = cold[n], warm[n]
         worst = max(inputs, key=lambda s: max(c[s], w[s]))
         stalls = sorted(({"shape": s.name, "cold_ms": 1e3 * c[s], "warm_ms": 1e3 * w[s]}

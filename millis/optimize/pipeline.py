@@ -192,9 +192,10 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                                                               progress, data))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
-        before = machine_load.snapshot()
+        before, failed = machine_load.snapshot(), {}
         lat = measure(runtimes, inputs, cfg.measure,
-                      on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"))
+                      on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"), failed=failed)
+        reject_failed(pool, failed, progress)
         load = machine_load.check(before, machine_load.snapshot(),
                                   {f"{n} {s}": c["spread"] for n, per in lat.items() for s, c in per.items()})
         for w in load["warnings"]:
@@ -229,6 +230,16 @@ def judge_all(reference: Judged, judge_one: Callable[..., Judged], variants: lis
     return pool
 
 
+def reject_failed(pool: dict[str, Judged], failed: dict[str, str], progress: Progress) -> None:
+    """Variants whose runtime raised while timed: not ok, measured no more (the fp32 reference cannot be spared)."""
+    for name, why in failed.items():
+        if name == REFERENCE:
+            raise MillisError(f"the fp32 reference {REFERENCE}: {why}")
+        j = pool[name]
+        j.result.ok, j.result.reason, j.runtime = False, why, None
+        progress(f"rejected {name}: {why}")
+
+
 def _serve_mix(cfg: OptimizeConfig, pool: dict[str, Judged], enc: TextEncoder, texts: list[str], max_len: int,
                measured: tuple[Shape, ...], progress: Progress) -> None:
     """Run the serve mix; a variant within budget that stalls on new shapes, or serves far below the
@@ -239,7 +250,9 @@ def _serve_mix(cfg: OptimizeConfig, pool: dict[str, Judged], enc: TextEncoder, t
         return
     runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
     progress(f"serve mix: {len(runtimes)} variants x {len(mix_shapes)} new shapes, cold then warm")
-    mix = serve_mix(runtimes, {s: enc.fill(texts, s.batch, s.seq) for s in mix_shapes}, cfg.measure)
+    failed: dict[str, str] = {}
+    mix = serve_mix(runtimes, {s: enc.fill(texts, s.batch, s.seq) for s in mix_shapes}, cfg.measure, failed)
+    reject_failed(pool, failed, progress)
     for name, m in mix.items():
         pool[name].result.serve_mix = m
     within = {n: m for n, m in mix.items() if pool[n].result.ok}
