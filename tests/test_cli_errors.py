@@ -108,6 +108,8 @@ def test_last_resort_is_one_line(capsys, monkeypatch, exc):
     ({"MILLIS_COMPRESS": "foo"}, (), "unknown MILLIS_COMPRESS preset 'foo'"),
     ({}, ("--task", "rerank", "--max-drop", "0"), "--max-drop: for --task classify"),
     ({}, ("--task", "embed", "--label-col", "y"), "--label-col: for --task classify"),
+    ({}, ("--task", "classify", "--min-cosine", "0.999"), "--min-cosine: not a gate of --task classify"),
+    ({}, ("--task", "embed", "--max-logit-diff", "0"), "--max-logit-diff: not a gate of --task embed"),
     ({"MILLIS_OPTIMIZE_PRESET": "fast"}, (), "MILLIS_OPTIMIZE_PRESET='fast': expected one of cpu, quick"),
 ])
 def test_optimize_errors_name_the_flag_or_variable(capsys, monkeypatch, env, argv, named):

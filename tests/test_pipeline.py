@@ -75,10 +75,13 @@ def test_optimize_selects_on_the_validation_split_train_kept(tmp_path, trained_c
     from millis.artifact.meta import read_train_meta
     from millis.artifact.validation import VALIDATION_FILE
 
+    from millis.optimize.config import Budget
+
     msgs = []
     out = optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "v"),
-                                  target=Shape(1, 16), variants=("ort-int8-dynamic",),
+                                  target=Shape(1, 16), variants=("ort-int8-dynamic",), budget=Budget(max_logit_diff=0.01),
                                   measure=replace(quick_measure, threads=1, serve_mix=0)), msgs.append)
+    assert "warning: --max-logit-diff is not read when selecting on labelled rows (--max-drop is the gate)" in msgs
     tmeta = read_train_meta(trained_classifier)
     kept = str(trained_classifier / VALIDATION_FILE)
     meta = json.loads((out / "millis.json").read_text())

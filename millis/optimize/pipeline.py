@@ -16,7 +16,7 @@ from millis.artifact.meta import ArtifactMeta, Hardware, Measured, SourceMeta, V
 from millis.common.schema import from_dict
 from millis.optimize import report
 from millis.optimize.report_html import write_html_report
-from millis.optimize.config import OptimizeConfig
+from millis.optimize.config import Budget, OptimizeConfig
 from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
 from millis.evaluate.run import check_labels
@@ -144,6 +144,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     data, selection = selection_data(cfg, src)
     if data is not None:
         progress(f"selecting on accuracy on {selection}")
+        if cfg.budget.max_logit_diff != Budget().max_logit_diff:  # the accuracy gate alone reads labelled rows
+            progress("warning: --max-logit-diff is not read when selecting on labelled rows (--max-drop is the gate)")
         if not cfg.data:  # the artifact's config records the rows selection used, and their columns
             cfg = replace(cfg, data=str(data.path), text_col=data.text_col, label_col=data.label_col)
     if cfg.sample_texts:
