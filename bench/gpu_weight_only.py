@@ -68,7 +68,8 @@ def matmul_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
-def decode_rows(model_dir: str, device: str, new_tokens: int) -> list[dict]:
+def decode_rows(model_dir: str, device: str, new_tokens: int, save=lambda rows: None) -> list[dict]:
+    """Each format's row; `save(rows so far)` after each (a time box that ends in the last format keeps the rest)."""
     import torch
 
     out = []
@@ -77,6 +78,7 @@ def decode_rows(model_dir: str, device: str, new_tokens: int) -> list[dict]:
             emit(out, decode_row(model_dir, device, new_tokens, f))
         except Exception as e:  # noqa: BLE001 -- one format's failure is its row; the others still run
             emit(out, {"format": f, "error": f"{type(e).__name__}: {e}"[:500]})
+        save(out)
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -147,7 +149,11 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_weight_only_{gpu_slug(res['device'])}.json"
-    res["decode"] = decode_rows(model_dir, a.device, a.new_tokens)  # the targets first
+    res["triton"] = getattr(sys.modules.get("triton"), "__version__", None)
+
+    def save(rows: list[dict]) -> None:
+        path.write_text(json.dumps({**res, "decode": rows}, indent=1) + "\n")
+    res["decode"] = decode_rows(model_dir, a.device, a.new_tokens, save)  # the targets first
     res["triton"] = getattr(sys.modules.get("triton"), "__version__", None)
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"{'format':7} {'b1 ms/tok':>10} {'GB/s':>8} {'b8 tok/s':>10} {'TTFT512':>8} {'kernels':>8} {'target':>7}")
