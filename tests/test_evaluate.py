@@ -159,13 +159,20 @@ def test_eval_warns_on_the_rows_that_selected_the_model(tmp_path, trained_classi
     copy = tmp_path / "copy" / "renamed.csv"
     copy.parent.mkdir()
     shutil.copy(dev, copy)
+    lines = topics_data["test"].read_text().splitlines(keepends=True)
+    rest = tmp_path / "rest.csv"  # the test rows selection did not read (test.csv holds dev's rows: it warns too)
+    rest.write_text("".join(lines[:1] + lines[31:]))
     for data, seen in ((dev, True), (copy, True), (trained_classifier / VALIDATION_FILE, True),
-                       (topics_data["test"], False)):
+                       (topics_data["test"], True), (rest, False)):
         res = tmp_path / "res.json"
         assert main(["eval", str(art), "--data", str(data), "--json", str(res), "--threads", "1"]) == 0
         err = capsys.readouterr().err
         assert json.loads(res.read_text())["seen_by_selection"] is seen
         assert ("warning: " in err and f"{data} holds the rows that selected this model" in err) is seen, err
+    crlf = tmp_path / "crlf.csv"  # the selection rows saved again: other bytes, the same rows (no warning before)
+    crlf.write_bytes(dev.read_bytes().replace(b"\n", b"\r\n") + b"a new row,bank\r\n")
+    res = evaluate(EvalConfig(model=str(art), data=str(crlf), threads=1))
+    assert res["seen_by_selection"] is True and res["selection_rows"] >= 30
     on_val = evaluate(EvalConfig(model=str(trained_classifier), data=str(trained_classifier / VALIDATION_FILE)))
     assert on_val["seen_by_selection"] is True
     assert evaluate(EvalConfig(model=str(trained_classifier), data=str(topics_data["test"])))["seen_by_selection"] \

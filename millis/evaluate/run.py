@@ -127,6 +127,8 @@ def selection_rows(data: Labeled, model_dir: str, model) -> int:
     another directory is not found, a re-saved copy has other bytes; the rows are the same."""
     from millis.artifact.validation import read_validation
 
+    from millis.artifact.meta import ArtifactMeta
+
     chosen: set[tuple[str, str]] = set()
     for d in {model_dir, model.meta.source.path}:
         try:
@@ -135,6 +137,13 @@ def selection_rows(data: Labeled, model_dir: str, model) -> int:
             val = None
         if val is not None:
             chosen |= set(zip(val.texts, val.labels))
+    cfg = model.meta.config if isinstance(model.meta, ArtifactMeta) else {}
+    if cfg.get("data") and Path(cfg["data"]).is_file():  # optimize --data: the rows selection judged accuracy on
+        try:
+            sel = read_labeled(cfg["data"], cfg.get("text_col") or "text", cfg.get("label_col") or "")
+            chosen |= set(zip(sel.texts, sel.labels))
+        except MillisError:  # not readable as labelled rows now: its sha256 still counts (seen_by_selection)
+            pass
     return sum(r in chosen for r in zip(data.texts, data.labels))
 
 
