@@ -327,6 +327,11 @@ def test_a_slow_cell_still_gets_three_calls_a_round():
     cfg = MeasureConfig(shapes=(Shape(1, 16),), warmup=0, iters=40, rounds=4, max_seconds_per_cell=0.02)
     measure({"slow": Slow()}, {Shape(1, 16): {"input_ids": np.zeros((1, 16), np.int64)}}, cfg)
     assert Slow.calls == 4 * 3  # the cap cuts each round to 3 calls, no fewer
+    for iters, want in ((9, 9), (1, 5), (10, 10)):  # --iters over 5 rounds: the remainder in the first rounds
+        Slow.calls = 0
+        stats = measure({"slow": Slow()}, {Shape(1, 16): {"input_ids": np.zeros((1, 16), np.int64)}},
+                        MeasureConfig(shapes=(Shape(1, 16),), warmup=0, iters=iters, rounds=5))
+        assert Slow.calls == want == stats["slow"]["b1xs16"]["n"], (iters, Slow.calls)
 
 
 class NaNRuntime(FakeRuntime):

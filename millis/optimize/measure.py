@@ -61,7 +61,6 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
     names, failed = list(runtimes), {} if failed is None else failed
     samples: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
     by_round: dict[tuple[str, Shape], list[float]] = {(n, s): [] for n in names for s in inputs}
-    per_round = max(1, cfg.iters // cfg.rounds)
     for shape, feeds in inputs.items():  # warm-up: fill caches, grow memory arenas
         for n in names:
             for _ in range(cfg.warmup):
@@ -75,7 +74,8 @@ def measure(runtimes: dict[str, Runtime], inputs: dict[Shape, dict[str, np.ndarr
                 time.sleep(0.005)  # let the previous runtime's spinning worker threads park
                 cell, budget = samples[(n, shape)], cfg.max_seconds_per_cell / cfg.rounds
                 t_round, first = 0.0, len(cell)
-                for _ in range(per_round):
+                # --iters split over the rounds, the remainder in the first ones (9 over 5: 2, 2, 2, 2, 1)
+                for _ in range(max(1, cfg.iters // cfg.rounds + (r < cfg.iters % cfg.rounds))):
                     t0 = time.perf_counter()
                     if not ran(runtimes, n, shape, feeds, failed):
                         break
