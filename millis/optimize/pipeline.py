@@ -291,7 +291,8 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
                                         "load": load, "selection_sha256": selected_by},
                              f"the measurements of {best.name}", strict=True)
         meta = ArtifactMeta(task=cfg.model_task, output=OUTPUT_NAME[cfg.model_task], input_names=tuple(src.input_names),
-                            max_length=max_len, id2label=dict(src.id2label), source=SourceMeta.of(src),
+                            max_length=max_len, source=SourceMeta.of(src),  # embed: no labels (a classifier's
+                            id2label=dict(src.id2label) if cfg.model_task == "classify" else {},  # own)
                             variant=variant, millis_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             measured=measured, hardware=Hardware.this_machine(), config=to_dict(cfg),
                             compressed=variant.compressed)  # a distilled / pruned student won: say which
