@@ -57,7 +57,8 @@ def readable(tmp: Path) -> None:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
     for f in tmp.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        if not f.is_symlink():  # (chmod would follow it out of the artifact)
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = ()) -> Path:
