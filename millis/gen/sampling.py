@@ -80,15 +80,16 @@ def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
                          for p, s, n in zip(ps, rows.seeds, rows.drawn)], dtype=torch.float64)
     prm = host.to(dev, non_blocking=True)
     z = logits / prm[:, 0:1].to(logits.dtype)                                  # (B, V)
-    sampled = [i for i, p in enumerate(ps) if not p.greedy]
-    whole = [i for i in sampled if ps[i].top_p >= 1.0 and min(ps[i].top_k or V, V) >= V]  # nothing filtered
-    cut = [i for i in sampled if i not in set(whole)]
+    def unfiltered(t: torch.Tensor) -> torch.Tensor:  # (B,) rows whose top-k keeps all and top-p is 1
+        return (t[:, 1] >= V) & (t[:, 2] >= 1.0)
+    sampled = ~host[:, 3].bool()
+    whole = (sampled & unfiltered(host)).nonzero().squeeze(-1).tolist()
+    cut = (sampled & ~unfiltered(host)).nonzero().squeeze(-1).tolist()
     if dev.type != "cpu":  # no host reads and no index copies: the rows both ways where both occur, each its own
         a = draw(z.softmax(-1).double().cumsum(-1), prm[:, 4:5]) if whole else None
         b = filtered(z, prm) if cut else a
         a = b if a is None else a
-        plain = (prm[:, 1] >= V) & (prm[:, 2] >= 1.0)
-        return torch.where(prm[:, 3].bool(), greedy, torch.where(plain, a, b))
+        return torch.where(prm[:, 3].bool(), greedy, torch.where(unfiltered(prm), a, b))
     out = greedy.clone()
     if whole:  # the inverse CDF over the vocabulary in its own order: no sort (a sort of V was most of a step)
         cdf = z[whole].softmax(-1).double().cumsum(-1)
@@ -133,10 +134,11 @@ def filtered_on_host(z: torch.Tensor, prm: torch.Tensor, host: torch.Tensor) -> 
     m = min(V, HEAD)
     vals, idx = z.topk(m, dim=-1)                                          # (n, m) sorted descending
     top_k, top_p = host[:, 1], host[:, 2]
-    lse = z.logsumexp(-1, keepdim=True)                                     # (n, 1): the vocabulary's mass
-    # the whole top-k set is in the head, or (no top-k) the head's mass passes top-p: the nucleus ends in it (by a
-    # margin: within 1e-6 the sort's own sums decide, which may keep a token past the head)
-    in_head = (top_k <= m) | ((top_k >= V) & ((vals - lse).exp().sum(-1).double() >= top_p + 1e-6))
+    in_head = top_k <= m  # the whole top-k set is in the head
+    lse = z.logsumexp(-1, keepdim=True) if (top_k >= V).any() else None  # (n, 1): the vocabulary's mass
+    if lse is not None:  # no top-k: the head's mass passes top-p, the nucleus ends in it (by a margin: within 1e-6
+        # the sort's own sums decide, which may keep a token past the head)
+        in_head |= (top_k >= V) & ((vals - lse).exp().sum(-1).double() >= top_p + 1e-6)
     out = torch.empty(n, dtype=torch.int64)
     for rows, norm in ((in_head & (top_k <= m), None), (in_head & (top_k > m), lse)):
         if rows.any():
