@@ -121,18 +121,22 @@ def seen_by_selection(data_file: str, model_dir: str, model) -> bool:
     return file_sha256(data_file) in seen
 
 
+def model_dirs(model_dir: str, model) -> list[str]:
+    """The model's directory and the one it was built from, those that are directories (a source spec is not)."""
+    return [d for d in dict.fromkeys((model_dir, model.meta.source.path)) if d and Path(d).is_dir()]
+
+
 def selection_rows(data: Labeled, model_dir: str, model) -> int:
     """How many rows of `data` are, by (text, label), validation rows that chose this model or the model it was
     built from: a student keeps its teacher's --validation rows under another sha256, a path given relative to
     another directory is not found, a re-saved copy has other bytes; the rows are the same."""
+    from millis.artifact.meta import ArtifactMeta
     from millis.artifact.validation import read_validation
 
-    from millis.artifact.meta import ArtifactMeta
-
     chosen: set[tuple[str, str]] = set()
-    for d in {model_dir, model.meta.source.path}:
+    for d in model_dirs(model_dir, model):
         try:
-            val = read_validation(d) if d and Path(d).is_dir() else None
+            val = read_validation(d)
         except MillisError:  # an edited validation.jsonl: not this command's error
             val = None
         if val is not None:
@@ -151,8 +155,8 @@ def trained_on(data_file: str, model_dir: str, model) -> bool:
     """Whether `data_file` is (by sha256) the file this model, or the model it was built from, trained on."""
     from millis.artifact.meta import read_train_meta
 
-    for d in {model_dir, model.meta.source.path}:
-        meta = read_train_meta(d) if d and Path(d).is_dir() else None
+    for d in model_dirs(model_dir, model):
+        meta = read_train_meta(d)
         # millis.json's data sha256 is hash_files' over (name, bytes): a renamed copy under the recorded name
         if meta is not None and hash_files([Path(data_file)], [Path(meta.data.path).name]) == meta.data.sha256:
             return True

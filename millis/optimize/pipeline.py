@@ -104,12 +104,12 @@ def calibration_rows(cfg: OptimizeConfig, src: ModelSource, data: Labeled | None
     kept = read_validation(src.path)
     judged |= {t.strip() for t in kept.texts} if kept is not None else set()
     if cfg.calibration_texts:
-        given = read_texts(cfg.calibration_texts, cfg.text_col)
-        rows = [t for t in dict.fromkeys(r.strip() for r in given) if t not in judged][:512]
+        given = list(dict.fromkeys(r.strip() for r in read_texts(cfg.calibration_texts, cfg.text_col)))
+        rows = [t for t in given if t not in judged][:512]
         if not rows:
             raise MillisError(f"--calibration-texts {cfg.calibration_texts}: every text is one selection judges "
                               f"(the validation, selection or fidelity rows); give texts it does not")
-        dropped = len(set(r.strip() for r in given)) - len(set(r.strip() for r in given) - judged)
+        dropped = sum(t in judged for t in given)
         note = f" (less {dropped} texts selection judges)" if dropped else ""
         return rows, f"{cfg.calibration_texts}{note}"
     trained = read_train_meta(src.path)
