@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from millis.common import hardware
 from millis.common.config import optional, to_dict
 from millis.common.errors import MillisError
+from millis.common.files import hash_files
 from millis.common.schema import from_dict
 from millis.encoder.source import OUTPUT_NAME, ModelSource, Pooling
 
@@ -273,6 +274,11 @@ class TrainData:
     label_col: str = optional("")           # classify
     validation_file: str = optional("")     # the kept validation rows, beside millis.json (millis.artifact.validation)
     validation_rows: int | None = optional()  # how many (None: trained before the split was kept)
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether `path` is the file trained on: its bytes hashed under the recorded name (a renamed copy too)."""
+        return bool(self.sha256) and Path(path).is_file() and \
+            hash_files([Path(path)], [Path(self.path).name]) == self.sha256
 
 
 @dataclass(frozen=True)

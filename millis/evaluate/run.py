@@ -15,7 +15,7 @@ import numpy as np
 
 from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
-from millis.common.files import file_sha256, hash_files
+from millis.common.files import file_sha256
 from millis.common.numeric import unit_rows
 from millis.common.readers import Labeled, read_labeled
 from millis.common.readers import read_texts
@@ -157,8 +157,7 @@ def trained_on(data_file: str, model_dir: str, model) -> bool:
 
     for d in model_dirs(model_dir, model):
         meta = read_train_meta(d)
-        # millis.json's data sha256 is hash_files' over (name, bytes): a renamed copy under the recorded name
-        if meta is not None and hash_files([Path(data_file)], [Path(meta.data.path).name]) == meta.data.sha256:
+        if meta is not None and meta.data.holds(data_file):
             return True
     return False
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from millis.artifact.meta import read_train_meta
 from millis.artifact.validation import LINE_KEY, VALIDATION_FILE, read_validation
 from millis.common.errors import MillisError
-from millis.common.files import file_sha256, hash_files
+from millis.common.files import file_sha256
 from millis.common.readers import Labeled, read_labeled
 from millis.encoder.source import ModelSource
 
@@ -90,13 +90,13 @@ def source_split(src: ModelSource, data: Labeled) -> SourceSplit | None:
     val = read_validation(src.path)  # hash-checked against millis.json
     if val is None:
         return None
-    same_file = (hash_files([Path(data.path)], [Path(meta.data.path).name]) == meta.data.sha256  # a renamed copy
-                 and (data.text_col, data.label_col) == (meta.data.text_col, meta.data.label_col))
+    same_file = meta.data.holds(data.path) and (data.text_col, data.label_col) == (meta.data.text_col,
+                                                                                   meta.data.label_col)
     # the same rows saved again (CRLF, a BOM, re-exported) or a file holding them all: its validation rows stay
     # the validation rows (they are rows it never trained on), where a new split would shrink them
     same = same_file or (len(val) > 0 and set(pairs(val)) <= set(pairs(data)))
     path = Path(data.path) if same_file else Path(meta.data.path)
-    here = same_file or (path.is_file() and hash_files([path]) == meta.data.sha256)
+    here = same_file or meta.data.holds(path)
     trained = _trained(meta, path, val, _source_lines(Path(src.path) / VALIDATION_FILE)) if here else None
     return SourceSplit(src.spec, val, same, trained, meta.data.path)
 
