@@ -136,10 +136,11 @@ class _Server(uvicorn.Server):
             loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread
         except RuntimeError:
             return
-        if expire is not None:
-            limit = self.config.timeout_graceful_shutdown or 0.0
-            delay = max(0.0, limit - min(EXPIRE_BEFORE_S, limit / 4))
-            loop.call_soon_threadsafe(loop.call_later, delay, expire)  # signal-safe: the loop's self-pipe
+        if expire is None:
+            return
+        limit = self.config.timeout_graceful_shutdown or 0.0
+        delay = max(0.0, limit - min(EXPIRE_BEFORE_S, limit / 4))
+        loop.call_soon_threadsafe(loop.call_later, delay, expire)  # signal-safe: the loop's self-pipe
 
     def _watchdog(self) -> None:
         time.sleep(self.hard_exit_s)
