@@ -14,6 +14,8 @@ from millis.common.errors import MillisError
 from millis.encoder.source import resolve
 from millis.artifact.meta import read_train_meta
 
+from conftest import train_one_thread
+
 ONE_THREAD = {"threads": 1, "lr": 3e-3, "batch_size": 16, "patience": 10}
 
 
@@ -103,6 +105,38 @@ def test_distill_embedder_matches_teacher_vectors(tmp_path, tiny_dirs):
     assert meta.distill.task == "embed" and 0.5 < meta.val_cosine <= 1.0 and meta.val_accuracy is None
     src = resolve(str(out))
     assert src.num_layers == 1 and src.pooling.normalize  # the sentence-transformers folder came along
+
+
+def test_distill_embedder_validates_on_the_validation_file_given(tmp_path, tiny_dirs):
+    from millis.train.distill import distill, distill_config
+    from millis.common.samples import sample_texts
+
+    pool = list(dict.fromkeys(sample_texts()))
+    texts, val = tmp_path / "texts.txt", tmp_path / "val.txt"
+    texts.write_text("\n".join(pool * 2))
+    val.write_text("\n".join(pool[:5] + ["a text the training file does not hold"]))
+    events = []
+    out = distill(distill_config("tiny:bert", str(texts), out=str(tmp_path / "emb"),
+                                 train={**ONE_THREAD, "epochs": 1, "validation": str(val)}, layers=1, task="embed"),
+                  lambda e, f: events.append((e, f)))
+    meta = read_train_meta(out)
+    start = next(f for e, f in events if e == "start")
+    assert meta.data.validation == str(val) and start["val_rows"] == 6  # was 10% of the training texts
+    assert start["rows"] == len(pool) - 5  # a validation text never trains
+    with pytest.raises(MillisError, match="0 training and"):
+        distill(distill_config("tiny:bert", str(texts), out=str(tmp_path / "e2"),
+                               train={**ONE_THREAD, "epochs": 1, "validation": str(texts)}, layers=1, task="embed"))
+
+
+def test_a_file_of_validation_rows_only_is_a_clear_error(tmp_path, trained_classifier):
+    from millis.artifact.validation import read_validation
+    from millis.train.classify import train_config
+
+    rows = read_validation(trained_classifier)
+    data = tmp_path / "val_only.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(rows.texts, rows.labels)))
+    with pytest.raises(MillisError, match="no training rows are left: every row is a validation row"):
+        train_one_thread(train_config(str(trained_classifier), str(data), out=str(tmp_path / "m"), epochs=1))
 
 
 # --- pruning ---------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """millis train: learns a separable task, saves a reloadable model, is seeded, and fails clearly."""
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from millis.train.holdout import split
 from millis.train.loop import length_batches
 from millis.artifact.meta import read_train_meta
 from millis.train.classify import train_config
+from millis.artifact.validation import VALIDATION_FILE
 
 from conftest import train_one_thread
 
@@ -222,3 +225,102 @@ def test_non_finite_scores_never_win_and_all_non_finite_is_a_clear_error():
     with pytest.raises(MillisError, match=r"no epoch gave a finite val_cosine \(scores: nan, nan\): training "
                                           r"diverged; try a lower --lr"):
         _fit_with_scores([nan, nan], patience=0)
+
+
+def test_a_non_finite_loss_stops_training_before_its_step_and_keeps_the_best_epoch():
+    import torch
+
+    from millis.train.loop import fit
+
+    model = torch.nn.Linear(1, 1)
+    calls, events = [], []
+
+    def loss_of(idx):  # epoch 1 is fine (2 steps); the loss of epoch 2's first step is NaN
+        calls.append(1)
+        loss = (model.weight ** 2).sum()
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    cfg = train_config("tiny:bert", "x.csv", epochs=3, batch_size=4, patience=0)
+    res = fit(model, cfg, [3] * 8, loss_of, lambda: 0.5, lambda e, f: events.append((e, f)))
+    assert [h["epoch"] for h in res.history] == [1] and res.best_epoch == 1
+    assert torch.isfinite(model.weight).all()  # the NaN step's gradients never reached the weights
+    assert ("diverged", {"epoch": 2, "step": 1, "loss": "nan"}) in events and len(calls) == 3
+    with pytest.raises(MillisError, match=r"scores: none; the loss was inf at epoch 1 step 1\): training diverged"):
+        fit(model, cfg, [3] * 8, lambda idx: (model.weight ** 2).sum() * float("inf"), lambda: 0.5,
+            lambda e, f: None)
+
+
+def test_validation_accuracy_of_non_finite_logits_is_nan():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from millis.train.loop import val_accuracy
+
+    class NaNModel(torch.nn.Module):  # argmax reads a NaN row as class 0: an accuracy it never earned
+        def forward(self, **batch):
+            return SimpleNamespace(logits=torch.full((batch["input_ids"].shape[0], 2), float("nan")))
+
+    td = SimpleNamespace(va_ids=[[1, 2], [1, 2, 3]], va_y=[0, 0],
+                         tensors=lambda rows: {"input_ids": torch.zeros((len(rows), 3), dtype=torch.long)})
+    assert math.isnan(val_accuracy(NaNModel(), td))
+    good = SimpleNamespace(va_ids=td.va_ids, va_y=[1, 1], tensors=td.tensors)
+
+    class One(torch.nn.Module):
+        def forward(self, **batch):
+            return SimpleNamespace(logits=torch.tensor([[0.0, 1.0]]).repeat(batch["input_ids"].shape[0], 1))
+
+    assert val_accuracy(One(), good) == 1.0
+
+
+def _relabelled_copy(src: Path, dst: Path, id2label: dict[int, str], flip: bool) -> Path:
+    """`src` (an HF classifier dir) with new label names; `flip`: the head's rows reversed too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in ("millis.json", VALIDATION_FILE):
+            shutil.copy(f, dst / f.name)
+    sd = load_file(str(dst / "model.safetensors"))
+    if flip:
+        for k in ("classifier.weight", "classifier.bias"):
+            sd[k] = sd[k].flip(0).contiguous()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["id2label"] = {str(i): v for i, v in id2label.items()}
+    cfg["label2id"] = {v: i for i, v in id2label.items()}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_training_a_classifier_further_keeps_what_its_head_rows_mean(tmp_path, trained_classifier, topics_data):
+    # the same model with its labels in another order (as ProsusAI/finbert: positive, negative, neutral)
+    src = _relabelled_copy(trained_classifier, tmp_path / "s", {0: "market", 1: "bank"}, flip=True)
+    test = str(topics_data["test"])
+    assert evaluate(EvalConfig(model=str(src), data=test))["accuracy"] > 0.9
+    out = train_one_thread(train_config(str(src), str(topics_data["train"]), out=str(tmp_path / "m"), lr=1e-9,
+                                        epochs=1))
+    assert resolve(str(out)).id2label == {0: "market", 1: "bank"}  # the file's sorted order swapped them
+    assert evaluate(EvalConfig(model=str(out), data=test))["accuracy"] > 0.9
+
+
+def test_training_a_classifier_on_other_labels_draws_a_new_head(tmp_path, trained_classifier, topics_data):
+    from safetensors.torch import load_file
+
+    src = _relabelled_copy(trained_classifier, tmp_path / "s", {0: "pos", 1: "neg"}, flip=False)
+    out = train_one_thread(train_config(str(src), str(topics_data["train"]), out=str(tmp_path / "m"), lr=1e-9,
+                                        epochs=1))
+    assert resolve(str(out)).id2label == {0: "bank", 1: "market"}
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert not torch_close(before["classifier.weight"], after["classifier.weight"])  # pos / neg rows dropped
+    assert torch_close(before["bert.embeddings.word_embeddings.weight"],
+                       after["bert.embeddings.word_embeddings.weight"], atol=1e-6)  # the encoder is kept
+
+
+def torch_close(a, b, atol=1e-4) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), atol=atol))

@@ -103,6 +103,9 @@ def with_progress(fn: Callable, cfg, summary: Callable[[TrainMeta], str]) -> int
                 bar.update(task, completed=f["step"], epoch=f["epoch"], loss=f["loss"], rate=f["rows_per_s"])
                 if steps and (line := steps.line(f, bar.tasks[0].total)):
                     console.log(line)
+            elif event == "diverged":
+                console.log(f"the loss was {f['loss']} at epoch {f['epoch']} step {f['step']}: training stopped "
+                            "there, the best epoch before it is kept")
             elif event == "epoch":
                 name = next(k for k in ("val_accuracy", "val_cosine") if k in f)
                 console.log(f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, {name.replace('_', ' ')} "

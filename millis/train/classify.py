@@ -71,12 +71,15 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.disable_progress_bar()  # our own progress is shown instead
     src = resolve(cfg.source)
     check_out(cfg, src)
-    td = prepare(cfg, src)
+    known = [src.id2label[i] for i in sorted(src.id2label)] if src.has_classifier else None
+    td = prepare(cfg, src, prefer=known)
     seed_all(cfg.seed, cfg.threads)
     label2id = {c: i for i, c in enumerate(td.classes)}
     model = load_hf(src.path, AutoModelForSequenceClassification,
                     num_labels=len(td.classes), id2label=dict(enumerate(td.classes)), label2id=label2id,
                     problem_type="single_label_classification", ignore_mismatched_sizes=True)
+    if known is not None and td.classes != known:
+        fresh_head(model)  # other labels: a head of the same size would keep rows that meant other classes
 
     def loss_of(idx: list[int]):
         return model(**td.tensors([td.tr_ids[i] for i in idx]), labels=torch.tensor([td.tr_y[i] for i in idx])).loss
@@ -87,6 +90,20 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
                {"labels": td.classes, "val_accuracy": res.best}, validation=td.val)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch})
     return out
+
+
+def fresh_head(model) -> None:
+    """Draw the task head's weights anew (every Linear outside the encoder), as HF initialises a new head:
+    normal(0, initializer_range) weights, zero biases; seeded by seed_all."""
+    import torch
+
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.startswith(model.base_model_prefix):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 def train_config(source: str, data: str, preset: str = "default", **overrides: Any) -> TrainConfig:

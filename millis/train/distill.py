@@ -234,17 +234,26 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     texts = list(dict.fromkeys(read_texts(cfg.train.data, cfg.train.text_col, limit=cfg.train.limit)))
     if cfg.train.sample and cfg.train.sample < len(texts):
         texts = random.Random(cfg.train.seed).sample(texts, cfg.train.sample)
-    if len(texts) < 4:
-        raise MillisError(f"{cfg.train.data}: {len(texts)} texts are too few to distil an embedder")
-    order = list(range(len(texts)))
-    random.Random(cfg.train.seed).shuffle(order)
-    n_val = max(1, int(round(len(texts) * cfg.train.val_fraction)))
+    if cfg.train.validation:  # --validation FILE: its texts score the epochs and never train
+        val_texts = list(dict.fromkeys(read_texts(cfg.train.validation, cfg.train.text_col)))
+        held = set(val_texts)
+        tr_texts = [t for t in texts if t not in held]
+        where = cfg.train.validation
+    else:
+        order = list(range(len(texts)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_val = max(1, int(round(len(texts) * cfg.train.val_fraction)))
+        tr_texts, val_texts = [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
+        where = f"{cfg.train.val_fraction:.0%} held out"
+    if len(tr_texts) < 3 or not val_texts:
+        raise MillisError(f"{cfg.train.data}: {len(tr_texts)} training and {len(val_texts)} validation texts "
+                          "are too few to distil an embedder")
     max_len = min(cfg.train.max_length, src.max_length)
     tok = AutoTokenizer.from_pretrained(str(src.path))
-    ids = tok(texts, truncation=True, max_length=max_len)["input_ids"]
-    tr, va = [ids[i] for i in order[n_val:]], [ids[i] for i in order[:n_val]]
+    tr = tok(tr_texts, truncation=True, max_length=max_len)["input_ids"]
+    va = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
     td = TaskData(None, [], tr, [], va, [], TextEncoder(src.path, ("input_ids", "attention_mask"), max_len),
-                  max_len, f"{cfg.train.val_fraction:.0%} held out")
+                  max_len, where)
     want = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
 
     def vectors(model, x, **k):

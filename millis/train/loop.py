@@ -81,14 +81,18 @@ class TaskData:
         return {k: torch.from_numpy(v) for k, v in self.packer.pack(rows, max(len(r) for r in rows)).items()}
 
 
-def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData:
+def prepare(cfg, src: ModelSource, classes: list[str] | None = None, prefer: list[str] | None = None) -> TaskData:
     """Read, split (millis.train.holdout.held_out) and tokenize `cfg.data` (a TrainConfig). `classes` fixes
-    the label order (a model that already has labels); otherwise the file's sorted classes are used."""
+    the label order (a model that already has labels); otherwise `prefer`'s order when the file's classes
+    are among them (a classifier trained further keeps what each row of its head means), else the file's
+    sorted classes."""
     from transformers import AutoTokenizer
 
     data = subsample(read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit), cfg.sample, cfg.seed)
     tr_idx, val, validation = held_out(cfg, data, src)  # a millis-trained source's validation rows stay held out
     found = check_classes(data, val)
+    if classes is None and prefer and set(found) <= set(prefer):
+        classes = prefer
     if classes is not None:
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -99,6 +103,9 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None) -> TaskData
     val_texts, val_y = list(val.texts), [label2id[y] for y in val.labels]
     if not val_texts:
         raise MillisError(f"{data.path}: too few rows to hold out a validation set; pass --validation FILE")
+    if not tr_idx:
+        raise MillisError(f"{data.path}: no training rows are left: every row is a validation row"
+                          + (f" ({validation})" if validation else ""))
     max_len = min(cfg.max_length, src.max_length)
     tok = AutoTokenizer.from_pretrained(str(src.path))
     tr_ids = tok([data.texts[i] for i in tr_idx], truncation=True, max_length=max_len)["input_ids"]
@@ -126,7 +133,11 @@ def predict(model, td: TaskData, ids: list[list[int]], batch: int = 64) -> np.nd
 
 
 def val_accuracy(model, td: TaskData) -> float:
-    return float(np.mean(predict(model, td, td.va_ids).argmax(-1) == np.asarray(td.va_y)))
+    """Validation accuracy; NaN when any logit is not finite (argmax would read a NaN row as class 0)."""
+    logits = predict(model, td, td.va_ids)
+    if not np.isfinite(logits).all():
+        return float("nan")
+    return float(np.mean(logits.argmax(-1) == np.asarray(td.va_y)))
 
 
 @dataclass
@@ -167,11 +178,15 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
     progress("start", {**(info or {}), "score_name": score_name, "rows": len(lengths), "steps": total,
                        "steps_per_epoch": steps_per_epoch})
     res, best_state, bad_epochs, t_start = FitResult(), None, 0, time.perf_counter()
+    diverged: dict[str, Any] | None = None
     model.train()
     for epoch in range(1, cfg.epochs + 1):
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, idx in enumerate(length_batches(lengths, cfg.batch_size, rng), start=1):
             loss = loss_of(idx)
+            if not bool(torch.isfinite(loss)):  # stop before its gradients make every weight NaN
+                diverged = {"epoch": epoch, "step": step, "loss": str(loss.item())}
+                break
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -181,6 +196,9 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
             loss_sum += loss.item() * len(idx)
             progress("step", {"epoch": epoch, "step": step, "loss": loss.item(),
                               "rows_per_s": seen / (time.perf_counter() - t0)})
+        if diverged is not None:  # the best epoch before it (if any) is kept
+            progress("diverged", diverged)
+            break
         s = score()
         row = {"epoch": epoch, "train_loss": loss_sum / seen, score_name: s,
                "seconds": time.perf_counter() - t0, "rows_per_s": seen / (time.perf_counter() - t0)}
@@ -195,8 +213,10 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
         if cfg.patience and bad_epochs >= cfg.patience:  # --patience 0: no early stopping
             break
     if best_state is None:
-        scores = ", ".join(str(h[score_name]) for h in res.history)
-        raise MillisError(f"no epoch gave a finite {score_name} (scores: {scores}): training diverged; "
+        scores = ", ".join(str(h[score_name]) for h in res.history) or "none"
+        where = (f"; the loss was {diverged['loss']} at epoch {diverged['epoch']} step {diverged['step']}"
+                 if diverged else "")
+        raise MillisError(f"no epoch gave a finite {score_name} (scores: {scores}{where}): training diverged; "
                           f"try a lower --lr (now {cfg.lr:g})")
     model.load_state_dict(best_state)
     model.eval()
