@@ -184,6 +184,11 @@ def test_a_real_artifact_round_trips_and_info_prints_it(classify_artifact):
     assert f"variant    {meta.variant.name}: {meta.variant.runtime} {meta.variant.precision}" in r.stdout
     for shape, s in meta.measured.latency.items():
         assert f"{shape:>10}  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms  ({s.n} calls)" in r.stdout
+    from millis.common.hardware import cpu_family_model
+
+    # the CPU family / model tells a VM's "AMD EPYC" Zen 3 from Zen 4 (describe() had it; the artifact dropped it)
+    assert meta.hardware.cpu_id == cpu_family_model()
+    assert not meta.hardware.cpu_id or f"({meta.hardware.cpu_id})" in r.stdout
     r = subprocess.run([sys.executable, "-m", "millis.cli", "info", str(classify_artifact), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout) == meta.to_dict()

@@ -76,7 +76,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_console_script_and_module_entry_points():
     exe = os.path.join(os.path.dirname(sys.executable), "millis")
-    for cmd in ([exe, "--help"], [sys.executable, "-m", "millis.cli", "--help"]):
+    for cmd in ([exe, "--help"], [sys.executable, "-m", "millis.cli", "--help"],
+                [sys.executable, "-m", "millis", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0 and "optimize" in r.stdout and "generate" in r.stdout
 

@@ -132,3 +132,31 @@ def test_training_commands_name_the_variable_a_bad_value_came_from(capsys, monke
         monkeypatch.setenv(k, v)
     err = one_line_error(capsys, command, "tiny:bert", "--data", "x.csv")
     assert named in err and "--" + named.split()[0].removeprefix("MILLIS_").lower().replace("_", "-") not in err, err
+
+
+@pytest.mark.parametrize("env, argv, named", [
+    ({"MILLIS_PORT": "70000"}, (), "MILLIS_PORT must be in 0..65535, got 70000"),
+    ({"MILLIS_MAX_BATCH": "0"}, (), "MILLIS_MAX_BATCH must be >= 1, got 0"),
+    ({}, ("--request-timeout-s", "0"), "--request-timeout-s must be > 0, got 0"),  # was "the timeouts > 0"
+    ({}, ("--max-inputs", "9", "--max-queue", "4"), "--max-inputs (9) cannot exceed --max-queue (4)"),
+    ({}, ("--dtype", "bogus"), "--dtype"),  # accepted, and an encoder server started
+    ({"MILLIS_QUANT": "nonsense"}, (), "MILLIS_QUANT"),
+])
+def test_serve_errors_name_the_flag_or_variable(capsys, monkeypatch, env, argv, named):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert named in one_line_error(capsys, "serve", "some-artifact", *argv)
+
+
+def test_generate_seed_past_64_bits_names_its_flag(capsys, stories):
+    assert "--seed must fit 64 bits" in one_line_error(capsys, "generate", stories, "--seed", str(1 << 64))
+
+
+@pytest.mark.parametrize("argv, named", [
+    (("serve", "x", "--thread", "3"), "unrecognized arguments: --thread 3"),  # set --threads
+    (("serve", "x", "--port", "1", "--port=2"), "--port is given twice"),  # the last one won
+    (("serve", "x", "--warmup", "--no-warmup"), "--warmup is given twice"),
+    (("optimize", "tiny:bert", "--out", "a", "--out", "b"), "--out is given twice"),
+])
+def test_abbreviated_or_repeated_options_are_refused(capsys, argv, named):
+    assert named in one_line_error(capsys, *argv)

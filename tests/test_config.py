@@ -70,3 +70,21 @@ def test_a_bad_recorded_config_names_the_field_and_the_file():
     with pytest.raises(MillisError, match=r"measure.iters"):
         optimize_config_from_dict({**d, "measure": {**d["measure"], "iters": "many"}}, "a/millis.json")
     assert optimize_config_from_dict({**d, "unknown_later_field": 1}) == OptimizeConfig(source="tiny:bert")
+
+
+def test_switch_variables_read_as_booleans(monkeypatch):
+    from millis.common.config import env_switch
+    from millis.kernels.native import native_isa
+
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "0")  # "0" turned the kernels off: any non-empty value did
+    assert not env_switch("MILLIS_NO_KERNELS")
+    before = native_isa()
+    for off in ("1", "true", "on", " yes "):
+        monkeypatch.setenv("MILLIS_NO_KERNELS", off)
+        assert env_switch("MILLIS_NO_KERNELS") and native_isa() is None
+    for unset in ("", "  ", "off", "no"):
+        monkeypatch.setenv("MILLIS_NO_KERNELS", unset)
+        assert native_isa() == before
+    monkeypatch.setenv("MILLIS_NO_KERNELS", "maybe")
+    with pytest.raises(MillisError, match=r"MILLIS_NO_KERNELS='maybe': expected one of 1, true"):
+        native_isa()

@@ -214,3 +214,21 @@ def test_a_header_naming_a_column_read_twice_is_refused(tmp_path):
         read_column(p, "text")
     p.write_text("text,label,,,notes,notes\nhello,a,,,x,y\nbye,b,,,z,w\n")
     assert read_labeled(p).labels == ("a", "b") and read_column(p, "text") == ["hello", "bye"]
+
+
+def test_a_line_is_one_text_whatever_characters_it_holds(tmp_path):
+    import io
+
+    from millis.cli.artifact import stdin_texts
+    from millis.common.readers import read_labeled, read_texts
+
+    raw = "first\x0cstill first\u2028and\x1c more\nsecond\x85line\r\nthird\rfourth\n"
+    f = tmp_path / "t.txt"
+    f.write_text(raw, encoding="utf-8", newline="")
+    want = ["first\x0cstill first\u2028and\x1c more", "second\x85line", "third", "fourth"]
+    assert read_texts(f) == want  # str.splitlines gave 7 texts, pieces of lines
+    assert stdin_texts(io.BytesIO(raw.encode())) == want
+    j = tmp_path / "cr.jsonl"  # old Mac line ends: \r alone
+    j.write_text('{"text": "a\\u2028b", "label": "x"}\r{"text": "c", "label": "y"}\r', newline="")
+    rows = read_labeled(j)
+    assert rows.texts == ("a\u2028b", "c") and rows.labels == ("x", "y")

@@ -41,6 +41,15 @@ def test_only_an_empty_directory_or_one_millis_wrote_is_replaced(tmp_path):
     assert store.read_meta(trained).task == "embed" and not (trained / "model.safetensors").exists()
 
 
+def test_a_symlinked_out_writes_where_it_points(tmp_path):
+    target = tmp_path / "v3"
+    store.write(target, fill)
+    (tmp_path / "current").symlink_to(target)
+    store.write(tmp_path / "current", fill)  # renamed the link itself before: a stale .current.old-* link
+    assert (tmp_path / "current").is_symlink() and store.read_meta(tmp_path / "current").files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]
+
+
 def test_an_artifact_is_readable_by_others_as_the_umask_says_and_an_unwritable_out_fails_first(tmp_path):
     """mkdtemp makes 0700 and safetensors 0600: another user (a service account) could not serve the artifact. And
     an --out whose directory cannot be written failed only at the end, after the whole optimize."""

@@ -171,6 +171,25 @@ def test_cli_report_writes_where_out_says(tmp_path, capsys):
     assert target.read_text() == write_html_report(art, tmp_path / "again.html").read_text()  # deterministic
 
 
+def test_cli_report_never_writes_over_an_artifacts_own_files(tmp_path, classify_artifact, capsys):
+    import shutil
+
+    from millis.artifact.store import read_meta
+
+    art = tmp_path / "art"
+    shutil.copytree(classify_artifact, art)
+    for inside in (art / "model.onnx", art / "charts.html", art / "tokenizer" / "report.html"):
+        assert main(["report", str(art), "--out", str(inside)]) == 2
+        assert f"inside {art}" in capsys.readouterr().err
+    read_meta(art)  # still whole: model.onnx was overwritten before, and charts.html made it "corrupted"
+    assert main(["report", str(art), "--out", str(art / "report.html")]) == 0  # the page's own place
+    read_meta(art)
+    (art / "sub").mkdir()
+    (art / "sub" / "report.html").write_text("x")  # only the top-level report.html goes unhashed
+    with pytest.raises(MillisError, match=r"does not list sub/report.html"):
+        read_meta(art)
+
+
 def md_rows(md: str) -> dict[str, list[str]]:
     """report.md's variant table: name -> its cells (bold marks dropped)."""
     out = {}

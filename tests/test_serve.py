@@ -259,9 +259,9 @@ def test_gpu_buckets_and_device_errors(classify_artifact):
         open_model(classify_artifact, device="cuda")
     with pytest.raises(MillisError, match="device must be"):
         ServeConfig(artifact="x", device="tpu")
-    with pytest.raises(MillisError, match="max_inputs"):
+    with pytest.raises(MillisError, match="--max-inputs"):
         ServeConfig(artifact="x", max_inputs=10, max_queue=5)
-    with pytest.raises(MillisError, match="log_level must be one of critical, error, warning, info, debug"):
+    with pytest.raises(MillisError, match="--log-level must be one of critical, error, warning, info, debug"):
         ServeConfig(artifact="x", log_level="verbose")  # was logging's traceback after parsing
     with pytest.raises(MillisError, match="threads must be >= 0"):
         ServeConfig(artifact="x", threads=-1)  # was a /ready that never turned ready

@@ -324,3 +324,29 @@ def torch_close(a, b, atol=1e-4) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), atol=atol))
+
+
+def test_relative_paths_are_recorded_absolute(tmp_path, topics_data, monkeypatch):
+    import shutil
+
+    from millis.artifact.validation import selection_files
+    from millis.common.files import cache_dir
+
+    work = tmp_path / "work dir"
+    work.mkdir()
+    shutil.copy(topics_data["train"], work / "train.csv")
+    shutil.copy(topics_data["test"], work / "val.csv")
+    monkeypatch.chdir(work)
+    out = train_one_thread(train_config("tiny:bert", "train.csv", out="m", validation="val.csv", limit=48,
+                                        epochs=1))
+    monkeypatch.chdir(tmp_path)  # read from elsewhere: relative records named files that are not here
+    meta = read_train_meta(work / "m")
+    assert meta.data.path == str(work / "train.csv") and meta.train_config["data"] == str(work / "train.csv")
+    assert meta.train_config["validation"] == str(work / "val.csv")
+    assert work / "val.csv" in selection_files(work / "m")
+    assert resolve("work dir/m").path == work / "m"  # what artifacts record as the fp32 source
+    assert str(out) == "m"
+    monkeypatch.setenv("MILLIS_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "millis"  # empty: unset (it was the current directory)
+    monkeypatch.setenv("MILLIS_CACHE", "rel")
+    assert cache_dir() == tmp_path / "rel"

@@ -65,10 +65,11 @@ class Hardware:
     python: str
     versions: dict[str, str]      # library -> version (torch, onnxruntime, openvino...)
     gpu: str = optional("")       # the CUDA GPU's name, when torch saw one (GPU artifacts and figures)
+    cpu_id: str = optional("")    # "family 25 model 17": a VM's "AMD EPYC" is Zen 3 or Zen 4 by it
 
     @classmethod
-    def this_machine(cls) -> "Hardware":
-        return from_dict(cls, hardware.describe(), "this machine's description")
+    def this_machine(cls) -> "Hardware":  # strict: a field describe() gains and this class lacks fails here
+        return from_dict(cls, hardware.describe(), "this machine's description", strict=True)
 
 
 # --- artifacts ----------------------------------------------------------------------------------------

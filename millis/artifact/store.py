@@ -69,11 +69,13 @@ def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = (
     (check_out)."""
     out = Path(out)
     check_out(out, keep)
+    if out.is_symlink():  # write where it points (check_out judged that directory); renaming the link would
+        out = out.resolve()  # leave the target as it was and the new artifact in the link's place
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         meta = fill(tmp)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != META)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.relative_to(tmp) != Path(META))
         meta = dataclasses.replace(meta, files={str(p.relative_to(tmp)): hash_files([p]) for p in files})
         text = json.dumps(meta.to_dict(), indent=2, sort_keys=True)
         type(meta).from_dict(json.loads(text), f"{META} being written to {out}")
@@ -90,6 +92,14 @@ def write(out: Path, fill: Callable[[Path], M], keep: tuple[str | Path, ...] = (
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def holding_artifact(path: Path) -> Path | None:
+    """The artifact or model directory (one with a millis.json) that `path` would lie inside, if any."""
+    for d in Path(path).resolve().parents:
+        if (d / META).is_file():
+            return d
+    return None
 
 
 def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
@@ -116,7 +126,8 @@ def verify_files(path: Path, meta: ArtifactMeta | TrainMeta, what: str) -> None:
     # every file write() put there is listed: an empty list, or a file the list lacks (report.html, a view
     # written after, aside), is a millis.json edited or replaced, not one to trust
     listed = set(meta.files)
-    present = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (META, UNHASHED))
+    present = (rel for rel in (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+               if rel not in (META, UNHASHED))
     unlisted = sorted(rel for rel in present if rel not in listed)
     if not listed or unlisted:
         why = "lists no files" if not listed else f"does not list {', '.join(unlisted[:3])}"

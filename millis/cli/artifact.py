@@ -9,6 +9,7 @@ from typing import Any
 from millis.cli.flags import Command, Given
 from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
+from millis.common.readers import text_lines
 
 ARTIFACT_HELP = "artifact directory written by `millis optimize`"
 
@@ -58,7 +59,7 @@ def info(a: InfoFlags) -> int:
         print(f"compressed {c.name}: {c.layers} layers, {c.heads} heads, FFN {c.intermediate} (student {c.model})")
     if v.keep_fp32:
         print(f"kept fp32  {len(v.keep_fp32)} node(s): {', '.join(v.keep_fp32)}")
-    print(f"hardware   {hw.cpu}, {hw.cores} cores, {' '.join(hw.isa)}")
+    print(f"hardware   {hw.cpu}{f' ({hw.cpu_id})' if hw.cpu_id else ''}, {hw.cores} cores, {' '.join(hw.isa)}")
     return 0
 
 
@@ -71,7 +72,7 @@ def stdin_texts(stream: Any) -> list[str]:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise MillisError(f"stdin: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
-    return [t for t in text.splitlines() if t.strip()]
+    return [t for t in text_lines(text) if t.strip()]
 
 
 def predict(a: PredictFlags) -> int:

@@ -27,10 +27,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
-from millis.common.config import Shape, flag_fields
+from millis.artifact.store import META, holding_artifact
+from millis.common.config import Shape, flag_fields, read_bool
 from millis.common.errors import MillisError
 
-BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 ABSENT = object()  # neither flag nor variable given
 EPILOG = ("Every flag is also a MILLIS_* variable (named in its help; booleans also MILLIS_NO_*): the flag beats "
           "the variable, the variable beats the default. An empty variable counts as unset.")
@@ -91,13 +91,6 @@ class Parser(argparse.ArgumentParser):
 @cache
 def hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def read_bool(text: str) -> bool:
-    value = BOOLEANS.get(text.strip().lower())
-    if value is None:
-        raise ValueError("expected one of " + ", ".join(BOOLEANS))
-    return value
 
 
 def read_int(text: str) -> int:
@@ -253,12 +246,18 @@ class Flag:
             p.add_argument(self.option, required=needed, **kw)
 
 
-def check_out_file(path: str, option: str, make_parents: bool = False) -> None:
+def check_out_file(path: str, option: str, make_parents: bool = False, allowed: tuple[Path, ...] = ()) -> None:
     """Refuse an output file that cannot be written, before the work that produces it runs (an evaluation that
-    took minutes used to end in a traceback from the final write). make_parents: missing directories are made."""
+    took minutes used to end in a traceback from the final write). make_parents: missing directories are made.
+    A file inside an artifact or model directory millis wrote is refused too (its files are hash-checked: a
+    new or replaced one makes it corrupted), but for the `allowed` paths."""
     p = Path(path)
     if p.is_dir():
         raise MillisError(f"{option} {path}: is a directory; name a file")
+    owner = holding_artifact(p)
+    if owner is not None and p.resolve() not in {a.resolve() for a in allowed}:
+        raise MillisError(f"{option} {path}: inside {owner}, whose files millis checks against its {META}; "
+                          "write it elsewhere")
     parent = p.parent
     while not parent.exists() and make_parents and parent != parent.parent:
         parent = parent.parent
@@ -308,11 +307,13 @@ def given(flags: list[Flag], ns: argparse.Namespace) -> Given:
 
 def parser(commands: tuple[Command, ...], chosen: Command | None) -> tuple[Parser, list[Flag]]:
     """`millis` with every command listed, and the flags of `chosen` only (the others' configs stay unimported)."""
-    top = Parser(prog="millis", description="Make transformer inference millisecond-fast, and prove it.")
+    # no abbreviations: `--thread 3` set --threads, and a later flag --thread-... would change its meaning
+    top = Parser(prog="millis", description="Make transformer inference millisecond-fast, and prove it.",
+                 allow_abbrev=False)
     sub = top.add_subparsers(dest="command", required=True)
     flags: list[Flag] = []
     for c in commands:
-        p = sub.add_parser(c.name, help=c.help, description=c.help, epilog=EPILOG)
+        p = sub.add_parser(c.name, help=c.help, description=c.help, epilog=EPILOG, allow_abbrev=False)
         if c is chosen:
             flags = flags_of(c)
             for fl in flags:
@@ -320,10 +321,27 @@ def parser(commands: tuple[Command, ...], chosen: Command | None) -> tuple[Parse
     return top, flags
 
 
+def check_once(flags: list[Flag], argv: list[str]) -> None:
+    """Refuse an option given twice (--no-X counts as --X): argparse keeps the last one silently, and
+    `--out a ... --out b` wrote to b without a word."""
+    spelled = {fl.option: fl.option for fl in flags if not fl.positional}
+    spelled.update({"--no-" + fl.option[2:]: fl.option for fl in flags if not fl.positional and fl.type is bool})
+    seen: set[str] = set()
+    for arg in argv[1:]:
+        if arg == "--":  # the rest are positional values
+            break
+        option = spelled.get(arg.split("=", 1)[0])
+        if option in seen:
+            raise MillisError(f"{option} is given twice; give it once")
+        if option:
+            seen.add(option)
+
+
 def parse(commands: tuple[Command, ...], argv: list[str]) -> tuple[Command, Any]:
     """argv and the MILLIS_* variables -> the command and its config."""
     chosen = next((c for c in commands if argv[:1] == [c.name]), None)
     top, flags = parser(commands, chosen)
     ns = top.parse_args(argv)
+    check_once(flags, argv)
     assert chosen is not None and ns.command == chosen.name  # argparse rejected anything else
     return chosen, chosen.config(given(flags, ns))

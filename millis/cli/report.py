@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from millis.artifact.store import UNHASHED
 from millis.cli.artifact import ARTIFACT_HELP
 from millis.cli.flags import Command, Given, check_out_file
 from millis.common.config import flag
@@ -16,8 +18,8 @@ class ReportFlags:
 
 def report_flags(given: Given) -> ReportFlags:
     a = given.build(ReportFlags)
-    if a.out:
-        check_out_file(a.out, "--out", make_parents=True)  # write_html_report makes the missing directories
+    if a.out:  # write_html_report makes the missing directories; ARTIFACT/report.html is its default
+        check_out_file(a.out, "--out", make_parents=True, allowed=(Path(a.artifact) / UNHASHED,))
     return a
 
 

@@ -7,6 +7,7 @@ artifact's `millis.json` holds the exact recipe that built it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
@@ -32,6 +33,28 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, parse: Callable[
     """
     meta = {"help": help, "parse": parse, "choices": choices, "const": const, "scoped": scoped, "env": env}
     return field(default=default, metadata=meta)
+
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def read_bool(text: str) -> bool:
+    value = BOOLEANS.get(text.strip().lower())
+    if value is None:
+        raise ValueError("expected one of " + ", ".join(BOOLEANS))
+    return value
+
+
+def env_switch(name: str) -> bool:
+    """A MILLIS_NO_* style switch read as flags' booleans are: unset or empty is False, "0" / "off" are False
+    (any non-empty value used to count as set), and a value that is none of BOOLEANS names the variable."""
+    text = os.environ.get(name, "")
+    if not text.strip():
+        return False
+    try:
+        return read_bool(text)
+    except ValueError as e:
+        raise MillisError(f"{name}={text!r}: {e}") from None
 
 
 def check_at_least(obj: Any, lo: float, *names: str) -> None:

@@ -30,6 +30,13 @@ def read_into(h, path: str | Path):
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("MILLIS_CACHE", Path.home() / ".cache" / "millis"))
+    """$MILLIS_CACHE (an empty value: unset), else ~/.cache/millis; absolute, so a later cwd finds it too."""
+    d = Path(absolute(os.environ.get("MILLIS_CACHE") or str(Path.home() / ".cache" / "millis")))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute against the current directory, as a file's record must be ("" stays ""): a relative
+    one would name another file, or none, when read from elsewhere. Symlinks are kept as given."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path

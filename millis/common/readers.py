@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,7 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
             raise MillisError(f"{p} is a JSON array: millis reads JSON Lines (one JSON object per line, "
                               f"e.g. {{\"text\": ..., \"label\": ...}}); write each row on a line of its own")
         rows, cols = [], {}
-        # split on "\n" only: str.splitlines also breaks at U+2028, form feeds... inside a text
-        for n, raw in enumerate(text.split("\n"), start=1):
+        for n, raw in enumerate(text_lines(text), start=1):
             if not raw.strip():
                 continue
             try:
@@ -188,6 +188,15 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
     return Labeled(tuple(texts), tuple(labels), tuple(lines), str(p), text_col, label_col)
 
 
+def text_lines(text: str) -> list[str]:
+    """`text`'s lines, broken at \\n, \\r\\n and \\r only: str.splitlines also breaks at form feeds, U+0085,
+    U+2028... which a text may hold, and one line would become several texts."""
+    return LINE_BREAK.split(text)
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[str]:
     """One text per line (any other file) or a column of a CSV/TSV file or of a JSONL file's
     objects; blank texts are skipped, and a file with none is an error."""
@@ -197,7 +206,7 @@ def read_texts(path: str | Path, column: str = "text", limit: int = 0) -> list[s
     if p.suffix.lower() in FORMATS:  # labelled files are valid text sources too (millis eval, --data)
         texts = read_column(p, column)
     else:
-        texts = [t for t in _decode(p).splitlines() if t.strip()]
+        texts = [t for t in text_lines(_decode(p)) if t.strip()]
     if not texts:
         raise MillisError(f"{p} has no non-empty texts")
     return texts[:limit] if limit else texts

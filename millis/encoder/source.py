@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from millis.common.errors import MillisError
-from millis.common.files import hash_files
+from millis.common.files import absolute, hash_files
 
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta"}
@@ -79,7 +79,7 @@ def resolve(spec: str) -> ModelSource:
 
         path = build_tiny(spec.split(":", 1)[1])
     else:
-        path = Path(spec).expanduser()
+        path = Path(absolute(spec))  # recorded in artifacts: the fp32 reference `millis eval` reopens
         if not path.is_dir():
             raise MillisError(f"model directory not found: {spec} (give a local Hugging Face model "
                               f"directory, builtin:minilm, or tiny:bert; nothing is downloaded from a hub)")

@@ -243,6 +243,8 @@ class GenerateConfig:
         check_at_least(self, 1, "max_tokens")
         check_at_least(self, 0, "top_k", "max_seq", "kv_memory_mb", "threads", "speculate")
         check_at_least(self, -1, "seed")
+        if self.seed > SEED_MAX:
+            raise MillisError(f"--seed must fit 64 bits (at most {SEED_MAX}), got {self.seed}")
         for name, lo, hi in (("temperature", 0.0, MAX_TEMPERATURE), ("top_p", 0.0, 1.0),
                              ("repetition_penalty", MIN_PENALTY, MAX_PENALTY),
                              ("presence_penalty", -MAX_OUTPUT_PENALTY, MAX_OUTPUT_PENALTY),

@@ -19,7 +19,6 @@ compare with the engine's own prefill. MILLIS_NO_PREFILL_GRAPHS=1 turns it off (
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from millis.common.errors import MillisError
 from millis.gen.models.layers import Batch, visible_keys
 from millis.gpu.graph_timing import context_usable
+from millis.common.config import env_switch
 
 SMALLEST, LARGEST = 64, 2048  # below 64 tokens a replay saves little; above 2048 the arithmetic dominates
 
@@ -43,7 +43,7 @@ def prefill_buckets(max_seq: int, smallest: int = SMALLEST, largest: int = LARGE
 
 
 def wanted() -> bool:
-    return os.environ.get("MILLIS_NO_PREFILL_GRAPHS") != "1"
+    return not env_switch("MILLIS_NO_PREFILL_GRAPHS")
 
 
 def open_prefill(model: nn.Module, max_seq: int, budget: int = LARGEST) -> "GraphedPrefill | None":

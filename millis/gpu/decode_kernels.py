@@ -12,9 +12,9 @@ Shapes: x (B, D) rows; qkv (B, (nh + 2 nkv) hs); the cache (slots, nkv, S, hs) w
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from millis.common.config import env_switch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
@@ -34,7 +34,7 @@ PDL = {"off": ""}  # why it is off in this process ("" : not turned off)
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with PDL: CUDA, compute capability 9.0+, a Triton with gdc_wait."""
-    if PDL["off"] or triton is None or not t.is_cuda or os.environ.get("MILLIS_NO_PDL") == "1":
+    if PDL["off"] or triton is None or not t.is_cuda or env_switch("MILLIS_NO_PDL"):
         return False
     return hasattr(tl.extra.cuda, "gdc_wait") and torch.cuda.get_device_capability(t.device)[0] >= 9
 

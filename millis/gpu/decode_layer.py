@@ -25,7 +25,6 @@ and the gaps between them, not by bytes.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from millis.gpu.decode_gemv import FORMATS, dtype_name, fmt_of, ptx_of
 from millis.gpu.decode_kernels import pdl_launch
 from millis.gpu.graph_timing import time_candidates
 from millis.gpu.weight_only_kernels import GROUP
+from millis.common.config import env_switch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
     import triton
@@ -150,7 +150,7 @@ if triton is not None:
 def usable(model: nn.Module) -> bool:
     """decode_gemv's batch-1 path (fused_decode.gemv_usable, checked by the caller) in one kernel a layer: every
     layer's four matmuls in one format, unless MILLIS_NO_DECODE_LAYER=1 (the A/B switch)."""
-    if triton is None or os.environ.get("MILLIS_NO_DECODE_LAYER") == "1":
+    if triton is None or env_switch("MILLIS_NO_DECODE_LAYER"):
         return False
     for layer in model.layers:
         fmts = {fmt_of(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.ffn.w13, layer.ffn.w2)}

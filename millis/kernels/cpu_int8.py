@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from millis.common.config import env_switch
 
 SOURCE = Path(__file__).with_name("qgemm.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # with native.ISA_FLAGS["avx2"]
@@ -42,7 +43,7 @@ def library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         _why.append("the CPU has no AVX2 + FMA")
         return None
-    if os.environ.get("MILLIS_NO_KERNELS"):
+    if env_switch("MILLIS_NO_KERNELS"):
         _why.append("MILLIS_NO_KERNELS is set")
         return None
     from millis.common.errors import MillisError

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.common.config import env_switch
 
 HERE = Path(__file__).parent
 ISA_FLAGS = {  # best first
@@ -46,7 +47,7 @@ COMMON_FLAGS = ["-O3", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fvisibili
 
 def native_isa() -> str | None:
     """The build this CPU runs, or None when native kernels are off (MILLIS_NO_KERNELS, not x86-64)."""
-    if os.environ.get("MILLIS_NO_KERNELS"):
+    if env_switch("MILLIS_NO_KERNELS"):
         return None
     forced = os.environ.get("MILLIS_KERNEL_ISA", "")
     if forced:
@@ -120,7 +121,7 @@ def amx_expected() -> bool:
     from millis.common.hardware import cpu_flags
 
     return (native_isa() == "avx512" and {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags()
-            and not os.environ.get("MILLIS_NO_AMX"))
+            and not env_switch("MILLIS_NO_AMX"))
 
 
 def init_amx(lib: ctypes.CDLL) -> bool:
@@ -128,7 +129,7 @@ def init_amx(lib: ctypes.CDLL) -> bool:
     block-format ones): the `avx512` build on a CPU with AMX-BF16 and AMX-INT8 whose kernel grants the tile
     state (one request per process), unless MILLIS_NO_AMX is set. Callers build those layouts only then."""
     lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
-    return bool(lib.amx_init(0 if os.environ.get("MILLIS_NO_AMX") else 1))
+    return bool(lib.amx_init(0 if env_switch("MILLIS_NO_AMX") else 1))
 
 
 # amx.c's int8 Q8 tiles beside block-format matrices: off. Run on Sapphire Rapids (2026-12-02, 2 threads, the

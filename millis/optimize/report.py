@@ -84,7 +84,7 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
     lines = [f"# millis report: {meta.source.spec} ({task})", "",
              f"Chosen: **{chosen}** (fastest at {m.target} {gate}, not stalling on new shapes; "
              f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
-             f"Machine: {hw.cpu}, {hw.cores} cores, ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
+             f"Machine: {hw.cpu}{f' ({hw.cpu_id})' if hw.cpu_id else ''}, {hw.cores} cores, ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
              f"p50 / p99 latency in ms per shape; "
              f"fidelity against torch fp32 on {m.fidelity_texts or 'the sample texts'}; "
              + ("accuracy on every row of the labelled data, change against fp32 in brackets; "

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
+from millis.gen.config import DTYPES, QUANTS
 
 TOO_LONG = ("truncate", "reject")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -59,28 +61,26 @@ class ServeConfig:
     prefill_tokens_per_step: int = _f(0, "generation: prompt tokens one engine step prefills while requests decode "
                                          "(a long prompt goes over several steps: bounds their stall); 0 = 256 on "
                                          "cpu, 2048 on cuda")
-    dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations")
+    dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations", choices=DTYPES)
     quant: str = _f("none", "generation: none; on cpu with dtype fp32, int8 (millis's kernels) or int8-torch "
-                            "(torch dynamic quantization); on cuda with dtype bf16, int8, int4 or fp8 weight-only")
+                            "(torch dynamic quantization); on cuda with dtype bf16, int8, int4 or fp8 weight-only",
+                    choices=QUANTS)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise MillisError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
-            raise MillisError("max_wait_ms must be >= 0 and the timeouts > 0")
+        # each message names the flag (the CLI turns it into the MILLIS_* variable a value came from)
+        check_at_least(self, 1, "max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes",
+                       "max_tokens")
+        check_at_least(self, 0, "max_wait_ms", "threads", "max_seq", "kv_memory_mb")
+        for name in ("request_timeout_s", "shutdown_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise MillisError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.max_inputs > self.max_queue:
-            raise MillisError(f"max_inputs ({self.max_inputs}) cannot exceed max_queue ({self.max_queue}): "
+            raise MillisError(f"--max-inputs ({self.max_inputs}) cannot exceed --max-queue ({self.max_queue}): "
                               f"such a request could never be admitted")
-        if self.too_long not in TOO_LONG:
-            raise MillisError(f"too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.log_level not in LOG_LEVELS:
-            raise MillisError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.threads < 0:
-            raise MillisError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
-        if self.max_seq < 0 or self.kv_memory_mb < 0:
-            raise MillisError(f"max_seq and kv_memory_mb must be >= 0, got {self.max_seq}, {self.kv_memory_mb}")
+        for name, allowed in (("too_long", TOO_LONG), ("device", ("cpu", "cuda")), ("log_level", LOG_LEVELS),
+                              ("dtype", DTYPES), ("quant", QUANTS)):
+            if getattr(self, name) not in allowed:
+                raise MillisError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         if not 0 <= self.port < 65536:
-            raise MillisError(f"port must be in 0..65535, got {self.port}")
+            raise MillisError(f"--port must be in 0..65535, got {self.port}")

@@ -22,6 +22,7 @@ from typing import Any
 
 from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
+from millis.common.files import absolute
 from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, prepare, save, seed_all,
                                val_accuracy)
 from millis.encoder.hf import cut_layers, layer_list, load_hf
@@ -290,7 +291,7 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
             elif f.is_file():
                 shutil.copy2(f, d / name)
 
-    data = {"path": cfg.train.data, "rows": len(texts), "text_col": cfg.train.text_col, "validation": td.validation}
+    data = {"path": absolute(cfg.train.data), "rows": len(texts), "text_col": cfg.train.text_col, "validation": td.validation}
     extra = {"val_cosine": res.best, "distill": _recipe(cfg, "embed", src, teacher, student, layer_of, 1.0)}
     out = save(student, src, cfg, Path(cfg.train.out), res, data, extra, write_model=write_model)
     progress("done", {"out": str(out), "val_cosine": res.best, "best_epoch": res.best_epoch})

@@ -26,7 +26,7 @@ from millis.common.errors import MillisError
 from millis.common.readers import Labeled, read_labeled
 from millis.train.holdout import held_out, subsample
 from millis.encoder.source import ModelSource
-from millis.common.files import hash_files
+from millis.common.files import absolute, hash_files
 from millis.encoder.text import TextEncoder
 
 from millis.artifact.validation import VALIDATION_FILE, write_validation
@@ -252,14 +252,25 @@ def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str
         record = {"millis_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "source": TrainSource(src.spec, src.sha256, src.model_type), "data": data,
                   "best_epoch": res.best_epoch, "history": res.history, "train_s": res.seconds,
-                  "hardware": Hardware.this_machine(), "config": to_dict(cfg), **(extra or {})}
+                  "hardware": Hardware.this_machine(), "config": recorded_config(cfg), **(extra or {})}
         return from_dict(TrainMeta, record, f"the training record of {out}", strict=True)  # typed, or fails here
 
     return artifact.write(Path(out), fill, keep=read_paths(cfg, src))
 
 
+def recorded_config(cfg) -> dict[str, Any]:
+    """`cfg` (a Train-, Distill- or PruneConfig) as millis.json records it: the files it read by absolute
+    paths (`millis eval` and `optimize` reopen --validation and the training file from anywhere)."""
+    d = to_dict(cfg)
+    for part in (d, d.get("train") or {}):
+        for key in ("data", "validation"):
+            if part.get(key):
+                part[key] = absolute(part[key])
+    return d
+
+
 def data_meta(td: TaskData) -> dict[str, Any]:
     d = td.data
-    return {"path": d.path, "sha256": hash_files([Path(d.path)]), "rows": len(d), "text_col": d.text_col,
+    return {"path": absolute(d.path), "sha256": hash_files([Path(d.path)]), "rows": len(d), "text_col": d.text_col,
             "label_col": d.label_col, "validation": td.validation, "validation_file": VALIDATION_FILE,
             "validation_rows": len(td.val)}

@@ -10,7 +10,6 @@ is the reference.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from torch import nn
 from millis.gpu import decode_gemv as dg
 from millis.gpu import decode_layer as dl
 from millis.gpu import decode_kernels as dk
+from millis.common.config import env_switch
 
 
 def usable(model: nn.Module) -> bool:
@@ -26,7 +26,7 @@ def usable(model: nn.Module) -> bool:
     MILLIS_NO_FUSED_DECODE=1 (the A/B switch)."""
     from millis.gen.models.llama import Llama
 
-    if not isinstance(model, Llama) or dk.triton is None or os.environ.get("MILLIS_NO_FUSED_DECODE") == "1":
+    if not isinstance(model, Llama) or dk.triton is None or env_switch("MILLIS_NO_FUSED_DECODE"):
         return False
     a = model.layers[0].attn
     pow2 = a.hs >= 32 and a.hs & (a.hs - 1) == 0
@@ -46,7 +46,7 @@ def gemv_usable(model: nn.Module) -> bool:
     def plain_or_packed(m: nn.Module) -> bool:
         return (type(m) is nn.Linear and m.weight.is_contiguous()) or isinstance(m, WeightOnlyLinear)
 
-    if os.environ.get("MILLIS_NO_DECODE_GEMV") == "1" or not plain_or_packed(model.head) \
+    if env_switch("MILLIS_NO_DECODE_GEMV") or not plain_or_packed(model.head) \
             or model.head.bias is not None:
         return False
     for layer in model.layers:
