@@ -266,6 +266,42 @@ def test_client_disconnect_frees_the_slot_at_once(server):
     assert _metric(server, "millis_generation_requests_total", reason="cancelled") == cancelled + 2
 
 
+def test_a_stream_is_timed_and_in_flight_until_its_last_event(server):
+    route = {"route": "/v1/completions"}
+    seconds = _metric(server, "millis_request_duration_seconds_sum", **route)
+    ok, cut = (_metric(server, "millis_requests_total", status=s, **route) for s in ("200", "499"))
+    c = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "stream": True, **GREEDY,
+                                                     "max_tokens": 400}), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.readline().startswith(b"data: ")
+    assert _metric(server, "millis_inflight_requests") >= 1  # it was 0 once the headers were sent
+    assert json.loads(server.get("/stats")[1])["gauges"]["inflight"] >= 1
+    assert _metric(server, "millis_requests_total", status="200", **route) == ok  # not answered yet
+    r.read()
+    wall = time.perf_counter() - t0
+    c.close()
+    deadline = time.time() + 5  # the server counts it once the last event is sent
+    while _metric(server, "millis_requests_total", status="200", **route) == ok and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(server, "millis_requests_total", status="200", **route) == ok + 1
+    took = _metric(server, "millis_request_duration_seconds_sum", **route) - seconds
+    assert 0.5 * wall < took <= wall + 0.5  # it was the time to the headers: a few ms
+    c = http.client.HTTPConnection(server.host, server.port, timeout=30)  # a stream its client leaves: 499
+    c.request("POST", "/v1/completions", json.dumps({"prompt": "the dog", "stream": True, **LONG}),
+              {"Content-Type": "application/json"})
+    assert c.getresponse().readline().startswith(b"data: ")
+    c.sock.close()
+    c.close()
+    _wait_idle(server)
+    deadline = time.time() + 5
+    while _metric(server, "millis_requests_total", status="499", **route) == cut and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(server, "millis_requests_total", status="499", **route) == cut + 1
+    assert _metric(server, "millis_requests_total", status="200", **route) == ok + 1
+
+
 def test_concurrent_requests_each_equal_alone(server):
     alone = [server.post("/v1/completions", {"prompt": p, **GREEDY})[2]["choices"][0]["text"] for p in PROMPTS]
     # a long request holds a slot first, so the four below surely join a running batch (the tiny model decodes 24

@@ -19,7 +19,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.common.rust_tokenizer import GIL_FREE_CHARS
@@ -133,10 +133,15 @@ def count(st, route: str, status: int, t0: float) -> None:
 
 def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
     """Errors -> JSON error bodies with their status; every answer counted and timed. A client that
-    leaves (mid-body or while waiting) is counted as 499, not logged as an error."""
-    async def handler(request: Request) -> Response:
+    leaves (mid-body or while waiting) is counted as 499, not logged as an error. A streamed answer is
+    counted, timed and leaves "in flight" when its stream ends (Streamed)."""
+    async def handler(request: Request) -> Response | Streamed:
         t0 = perf_counter()
         st.metrics.on_admit()
+
+        def finish(status: int) -> None:
+            st.metrics.on_done()
+            count(st, route, status, t0)
         try:
             resp = await fn(request)
         except schemas.ApiError as e:
@@ -146,11 +151,50 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
         except Exception as e:  # noqa: BLE001 -- a bug or runtime failure: 500 with the reason, server lives
             log.exception("millis serve: %s failed", route)
             resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-        finally:
+        except BaseException:  # cancelled: no answer to count
             st.metrics.on_done()
-        count(st, route, resp.status_code, t0)
+            raise
+        if isinstance(resp, StreamingResponse):
+            return Streamed(resp, finish)
+        finish(resp.status_code)
         return resp
     return handler
+
+
+class Streamed:
+    """A streamed answer as an ASGI app that calls `finish(status)` when its stream ends: its status when
+    the body ran to its end, 499 when it was cut (client gone, shutdown), 500 when sending it raised. Before,
+    a stream was timed to its headers and left "in flight" while its tokens were still being sent."""
+
+    def __init__(self, resp: StreamingResponse, finish: Callable[[int], None]):
+        self.resp, self.finish, self.ended = resp, finish, False
+        inner = resp.body_iterator
+
+        async def body():
+            try:
+                async for chunk in inner:
+                    yield chunk
+                self.ended = True
+            finally:
+                if hasattr(inner, "aclose"):
+                    await inner.aclose()
+        resp.body_iterator = body()
+
+    @property
+    def status_code(self) -> int:
+        return self.resp.status_code
+
+    async def __call__(self, scope, receive, send) -> None:
+        status = 499
+        try:
+            await self.resp(scope, receive, send)
+            if self.ended:
+                status = self.resp.status_code
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.finish(status)
 
 
 def model_routes(st, card: Callable[[], dict[str, Any]]) -> list[Route]:
