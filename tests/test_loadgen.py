@@ -107,7 +107,8 @@ def gen(answer, lv: Level, duration: float, count: int = 0, timeout: float = 5.0
 
 def counted(row: dict) -> dict:
     """Every request sent is counted exactly once."""
-    assert row["sent"] == row["ok"] + row["rejected"] + row["shed"] + row["errors"] + row["timeouts"], row
+    assert row["sent"] == (row["ok"] + row["rejected"] + row["shed"] + row["errors"] + row["timeouts"]
+                           + row["client_limit"]), row
     return row
 
 
@@ -130,10 +131,18 @@ def test_closed_loop_throughput_is_over_its_duration():
     counted(row)
     assert row["ok"] > 20 and row["rps"] == pytest.approx((row["ok"] - 1) / 1.0, rel=0.05), row  # was ok / 2 s
     assert row["offered_rps"] == pytest.approx(row["sent"] / 1.0, rel=0.05) and row["drain_s"] > 0.8, row
-    # bounded by --count: the window ends when the fast client finds nothing left to send (~9 x 20 ms)
+    # bounded by --count: the window ends at the count's last answer (clients send back to back: a client with
+    # nothing left to send is idle, not the end; it ended the window at ~9 x 20 ms, leaving the slow answer out)
     row, _ = level(lambda n, first: (200, b"{}", 1.0 if n == 1 else 0.02), Level("closed", 2), 30, count=10)
-    assert counted(row)["ok"] == 10 and 0.15 < row["window_s"] < 0.6, row  # was 1.0 s, the slow answer's
-    assert row["rps"] == pytest.approx(9 / row["window_s"], rel=0.02) and row["drain_s"] > 0.5, row
+    assert counted(row)["ok"] == 10 and 0.95 < row["window_s"] < 1.5, row
+    assert row["rps"] == pytest.approx(10 / row["window_s"], rel=0.02) and row["drain_s"] == 0, row
+    # fewer requests than clients: the idle clients ended the window at once (rps 0, offered_rps in thousands)
+    row, _ = level(lambda n, first: (200, b"{}", 0.05), Level("closed", 4), 30, count=2)
+    assert counted(row)["ok"] == 2 and 0.04 < row["window_s"] < 0.5, row
+    assert row["rps"] == pytest.approx(2 / row["window_s"], rel=0.02), row
+    got = gen(lambda n, first: (200, events(2), 0.05), Level("closed", 8), 30, count=4)
+    assert got["ok"] == 4 and got["rps"] > 4 and 0.04 < got["seconds"] < 0.6, got  # rps and tokens/s were 0
+    assert got["output_tok_s"] == pytest.approx(8 / got["seconds"], rel=0.1), got
 
 
 def test_generation_throughput_is_over_the_sending_window():
@@ -331,3 +340,93 @@ def test_millis_bench_prints_the_new_columns(tmp_path, capsys, monkeypatch):
     assert "--rate" in capsys.readouterr().err
     assert main(["bench", box["t"].url, "--data", str(tmp_path / "q.txt"), "--timeout", "0"]) == 2
     assert "--timeout" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- servers framed otherwise
+class Raw:
+    """A server that writes `reply` (raw bytes) to every request and closes the connection when `close`."""
+
+    def __init__(self, reply: bytes, close: bool = True):
+        self.reply, self.close, self.count = reply, close, 0
+
+    async def __aenter__(self) -> Target:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return Target(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}")
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def serve(self, r, w) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                await r.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head)[1]))
+                self.count += 1
+                w.write(self.reply)
+                await w.drain()
+                if self.close:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+
+SSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+CHUNK = b'{"choices": [{"delta": {"content": "x"}}]}'
+
+
+def chunked(body: bytes) -> bytes:
+    return SSE + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (1, body[i:i + 1])
+                                                               for i in range(len(body))) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("body, tokens", [
+    (b"data:" + CHUNK + b"\n\ndata:" + CHUNK + b"\n\ndata: [DONE]\n\n", 2),  # no space (axum, TGI)
+    (b"event: token\nid: 1\ndata: " + CHUNK + b"\n\n: a comment\n\ndata: [DONE]\n\n", 1),
+    (b"data: " + CHUNK + b"\r\rdata: " + CHUNK + b"\r\r", 2),  # CR-only framing
+    (b'data: "a string"\n\ndata: {"choices": "x"}\n\ndata: ' + CHUNK + b"\n\n", 1),  # crashed the run
+    (b'data: {"choices": [{"delta": \ndata: {"content": "x"}}]}\n\n', 1),  # an event over two data lines
+])
+def test_server_sent_events_in_every_framing_the_standard_allows(body, tokens):
+    async def go(reply):
+        async with Raw(reply) as t:
+            return await stream_one(t, maker(t)(), 5.0, time.perf_counter())
+    for reply in (chunked(body), SSE + b"\r\n" + body):  # chunked byte by byte; or to the connection's close
+        got = asyncio.run(go(reply))
+        assert got.status == 200 and got.tokens == tokens and got.ttft is not None, (reply, got)
+
+
+def test_warm_up_and_a_body_less_answer_against_servers_that_close_or_send_none():
+    from millis.loadgen.load import warm
+
+    async def go(reply, close):
+        async with Raw(reply, close) as t:
+            await asyncio.wait_for(warm(t, maker(t), 3, 2.0), 5)  # raised IncompleteReadError on the 2nd
+            return await asyncio.wait_for(run_level(t, maker(t), Level("closed", 1), 30, 3, 1.0), 5)
+    row = asyncio.run(go(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", True))
+    assert counted(row)["ok"] == 3, row
+    row = asyncio.run(go(b"HTTP/1.1 204 No Content\r\n\r\n", False))  # no length: it waited for the close
+    assert counted(row)["ok"] == 3 and row["timeouts"] == 0 and row["p99_ms"] < 500, row
+
+
+def test_the_clients_own_descriptor_limit_is_not_a_server_error():
+    import errno
+
+    from millis.loadgen.load import CLIENT_LIMIT, Recorder, failed, summarize
+
+    assert failed(OSError(errno.EMFILE, "Too many open files")) == CLIENT_LIMIT
+    assert failed(OSError(errno.ECONNRESET, "reset")) == 0 and failed(ValueError("bad status")) == 0
+    rec = Recorder()
+    rec.t_first, rec.t_end = 0.0, 1.0
+    for k in range(10):
+        rec.add(0.01, CLIENT_LIMIT if k < 3 else 200, 0.1 + k / 20, 0.0)
+    row = counted(summarize(Level("open", 10), rec))
+    assert (row["errors"], row["client_limit"], row["ok"]) == (0, 3, 7) and row["p99_ms"] == 10.0, row
+    assert "file descriptors" in row["warnings"][0]
+
+
+def test_an_ipv6_target_keeps_its_brackets():
+    t = Target("http://[::1]:8000/api")
+    assert (t.host, t.port, t.url) == ("::1", 8000, "http://[::1]:8000/api")
+    assert b"Host: [::1]:8000\r\n" in t.request_bytes("GET", "/v1/models")

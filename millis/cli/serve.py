@@ -86,7 +86,7 @@ def bench(cfg: BenchConfig) -> int:
     if res["rows"] and "ttft_p50_ms" in res["rows"][0]:
         console.print(f"wrote {Path(cfg.out) / 'bench.json'} and latency_vs_load.png (TTFT)")
         return 0
-    t = Table(title=f"{res['url']}{res['route']} ({res['model']})")
+    t = Table(title=escape(f"{res['url']}{res['route']} ({res['model']})"))  # a model id may hold [/x]
     for c in ("load", "req/s", "offered/s", "p50 ms", "p90 ms", "p99 ms", "ok", "429", "503", "errors", "timeouts",
               "drain s", "send lag p99 ms"):
         t.add_column(c, justify="right")

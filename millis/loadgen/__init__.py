@@ -22,7 +22,7 @@ from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 from millis.common.readers import read_texts
 from millis.loadgen.client import Target, fetch
-from millis.loadgen.load import Level, parse_levels, run_level, warm
+from millis.loadgen.load import Level, parse_levels, raise_fd_limit, run_level, warm
 from millis.loadgen.streams import gen_level, gen_summary, stream_one
 
 
@@ -130,6 +130,7 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
         raise MillisError(f"--timeout must be > 0 and --count >= 0, got {cfg.timeout:g} / {cfg.count}")
     t, texts = Target(cfg.url), read_texts(cfg.data, cfg.text_col)
     levels = parse_levels(cfg.concurrency, cfg.rate)
+    raise_fd_limit()
 
     async def go() -> tuple[str, str, list[dict]]:
         route, model = await discover(t, cfg.route, cfg.model, cfg.timeout)
@@ -141,7 +142,7 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
 
     try:
         route, model, rows = asyncio.run(go())
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:  # setup and warm-up
         raise MillisError(f"{t.url}: {type(e).__name__}: {e}") from None
     result = {"url": t.url, "route": route, "model": model, "config": asdict(cfg),
               "host": {"machine": platform.machine(), "python": platform.python_version()},

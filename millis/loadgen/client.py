@@ -23,12 +23,16 @@ class Target:
             raise MillisError(f"no host in URL {url!r}")
         self.host, self.port = u.hostname, u.port or 80
         self.prefix = u.path.rstrip("/")
-        self.url = f"http://{self.host}:{self.port}{self.prefix}"
+        self.netloc = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"  # IPv6
+        self.url = f"http://{self.netloc}{self.prefix}"
 
     def request_bytes(self, method: str, path: str, body: bytes = b"") -> bytes:
-        head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.netloc}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
         return head.encode() + body
+
+
+NO_BODY = (204, 304)
 
 
 class Conn:
@@ -55,7 +59,9 @@ class Conn:
             if line:
                 k, _, v = line.partition(":")
                 headers[k.strip().lower()] = v.strip()
-        if "content-length" in headers:
+        if status in NO_BODY or 100 <= status < 200:  # no body whatever the headers say (RFC 9112 6.3)
+            body = b""
+        elif "content-length" in headers:
             body = await self.reader.readexactly(int(headers["content-length"]))
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             body = await self._chunked()

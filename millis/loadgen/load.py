@@ -7,9 +7,12 @@ sent once: answered 2xx (ok), 429 (rejected), 503 (shed: timed out in the server
 shutting down), other statuses or broken connections (errors), and no answer (connecting included)
 within the timeout (timeouts).
 
-Throughput is over the level's sending window (its duration, or until --count requests were sent):
+Throughput is over the level's sending window (its duration; with --count, open loop: until the
+arrival past the count; closed loop, whose clients send back to back: until the count's last answer):
 rps counts the 2xx answered within it, offered_rps everything sent in it; the wait for the last
-answers after it is drain_s, never stretching the window. Latency percentiles are over every request
+answers after it is drain_s, never stretching the window. A request the client could not send (its
+own file descriptors ran out: EMFILE) is `client_limit`, with a warning, never a server error, and
+out of the percentiles. Latency percentiles are over every request
 not refused with 429: one that timed out, failed or was shed counts as lasting at least the timeout,
 so a percentile that lands on one is no latency (null, its key in `beyond_timeout`); answered_p99_ms
 is over the answered (2xx and 429) alone. Each request's send lag (how late the client sent it) is
@@ -18,9 +21,12 @@ recorded: a p99 past max(1 ms, 5% of p50) means the client, not the server, may 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import math
 import random
 import re
+import resource
 import time
 from dataclasses import dataclass
 from time import perf_counter
@@ -29,7 +35,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.loadgen.client import Conn, Pool, Target
+from millis.loadgen.client import Pool, Target
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,33 @@ async def _one(pool: Pool, raw: bytes, timeout: float, rec: Recorder, t_sched: f
             status = await pool.send(raw)
     except TimeoutError:
         status = -1
-    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-        status = 0
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+        status = failed(e)
     t = perf_counter()
     rec.add(t - t_sched, status, t, t_send - t_sched)
+
+
+CLIENT_LIMIT = -3  # the client ran out of file descriptors: the request was never sent (not the server's)
+
+
+def failed(e: BaseException) -> int:
+    """The status of a request that raised `e`: 0 (a broken connection, a bad answer) or CLIENT_LIMIT."""
+    return CLIENT_LIMIT if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) else 0
+
+
+def raise_fd_limit() -> None:
+    """The soft limit on open files up to the hard one: an open loop holds rate x latency connections."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def client_limit_warning(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("client_limit"):
+        row["warnings"].append(f"client limit: {row['client_limit']} requests were never sent (the client ran out "
+                               f"of file descriptors; raise `ulimit -n` or lower the load)")
+    return row
 
 
 async def closed_loop(t: Target, make: Callable[[], bytes], n: int, duration: float, count: int,
@@ -109,14 +138,14 @@ async def closed_loop(t: Target, make: Callable[[], bytes], n: int, duration: fl
             sent += 1
             t0 = perf_counter()
             await _one(pool, make(), timeout, rec, t0)
-        if count and sent >= count:
-            # the window ends when a client finds nothing left to send (as the arrival past the count
-            # does in open loop), not with the last answer
-            rec.t_end = min(rec.t_end, perf_counter())
         pool.close()
 
     rec.t_first = perf_counter()
     await asyncio.gather(*(client() for _ in range(n)))
+    if count and sent >= count:
+        # the count's last answer ends the window: a client that finds nothing left to send is idle, not the
+        # end (with count < clients the idle ones ended it at once: rps 0; else the answers in flight fell out)
+        rec.t_end = min(rec.t_end, rec.t_last)
     return rec
 
 
@@ -184,7 +213,7 @@ def summarize(level: Level, rec: Recorder) -> dict[str, Any]:
     st = np.asarray(rec.status)
     lat = np.asarray(rec.lat) * 1e3
     ok = (st >= 200) & (st < 300)
-    rejected, shed, timeouts = st == 429, st == 503, st == -1
+    rejected, shed, timeouts, unsent = st == 429, st == 503, st == -1, st == CLIENT_LIMIT
     if rec.t_end is not None and len(rec.done) == len(st):
         window, drain = max(rec.t_end - rec.t_first, 1e-9), max(rec.t_last - rec.t_end, 0.0)
         served = ok & (np.asarray(rec.done) <= rec.t_end)
@@ -195,16 +224,17 @@ def summarize(level: Level, rec: Recorder) -> dict[str, Any]:
         return round(float(np.percentile(x, q)), 3) if len(x) else None
 
     answered = lat[ok | rejected]
-    pcts, beyond = percentiles(lat[~rejected], ok[~rejected], {"p50_ms": 50, "p90_ms": 90, "p99_ms": 99,
-                                                               "max_ms": 100}, 3)
+    asked = ~rejected & ~unsent
+    pcts, beyond = percentiles(lat[asked], ok[asked], {"p50_ms": 50, "p90_ms": 90, "p99_ms": 99, "max_ms": 100}, 3)
     row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": int(len(st)),
            "ok": int(ok.sum()), "rejected": int(rejected.sum()), "shed": int(shed.sum()),
-           "errors": int((~ok & ~rejected & ~shed & ~timeouts).sum()), "timeouts": int(timeouts.sum()),
+           "errors": int((~ok & ~rejected & ~shed & ~timeouts & ~unsent).sum()), "timeouts": int(timeouts.sum()),
+           "client_limit": int(unsent.sum()),
            "answered_share": round(float((ok | rejected).mean()), 4) if len(st) else None,
            **pcts, "beyond_timeout": beyond, "answered_p99_ms": pct(answered, 99),
            "rps": round(float(served.sum()) / window, 1), "offered_rps": round(len(st) / window, 1),
            "window_s": round(window, 3), "drain_s": round(drain, 3)}
-    return check_lag(row, rec.lag)
+    return client_limit_warning(check_lag(row, rec.lag))
 
 
 async def run_level(t: Target, make: Callable[[], bytes], level: Level, duration: float, count: int,
@@ -217,10 +247,11 @@ async def run_level(t: Target, make: Callable[[], bytes], level: Level, duration
 
 
 async def warm(t: Target, make: Callable[[], bytes], n: int, timeout: float) -> None:
-    """n sequential requests, not recorded: connections, caches and the server's buckets settle."""
-    c = await asyncio.wait_for(Conn.connect(t), timeout)
+    """n sequential requests, not recorded: connections, caches and the server's buckets settle. Through a
+    Pool, as the levels send: a server that closes each connection gets a new one (it raised before)."""
+    pool = Pool(t)
     try:
         for _ in range(n):
-            await asyncio.wait_for(c.send(make()), timeout)
+            await asyncio.wait_for(pool.send(make()), timeout)
     finally:
-        c.close()
+        pool.close()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 import orjson
 
 from millis.loadgen.client import Conn, Target
-from millis.loadgen.load import Level, check_lag, percentiles, poisson
+from millis.loadgen.load import (CLIENT_LIMIT, Level, check_lag, client_limit_warning, failed, percentiles,
+                                 poisson)
 
 EMPTY = -2  # a 200 without a streamed content event
 
@@ -39,10 +40,49 @@ class Streamed:
     at: float = 0.0                  # seconds from the level's start to the scheduled send (gen_level)
 
 
-def _content(event: dict) -> str:
-    ch = (event.get("choices") or [{}])[0]
-    delta = ch.get("delta") or {}
-    return ch.get("text") or delta.get("content") or ("x" if delta.get("tool_calls") else "")
+def _content(event: Any) -> str:
+    if not isinstance(event, dict):  # an event whose data is JSON but no object: no content
+        return ""
+    choices = event.get("choices")
+    ch = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    delta = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+    text = ch.get("text") or delta.get("content") or ("x" if delta.get("tool_calls") else "")
+    return text if isinstance(text, str) else ""
+
+
+async def body_pieces(c: Conn, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive: chunked, Content-Length, or (neither) until the connection closes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await c.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                return
+            yield await c.reader.readexactly(size)
+            await c.reader.readexactly(2)
+    left = int(headers["content-length"]) if "content-length" in headers else -1
+    while left != 0:
+        piece = await c.reader.read(65536 if left < 0 else min(left, 65536))
+        if not piece:
+            if left > 0:
+                raise asyncio.IncompleteReadError(b"", left)
+            return
+        left -= len(piece) if left > 0 else 0
+        yield piece
+
+
+def events_of(buf: bytes) -> tuple[list[bytes], bytes]:
+    """(the data of each whole server-sent event in buf, the rest). Lines end in \\n, \\r\\n or \\r and an
+    event at a blank line; its `data:` lines (one space after the colon dropped) are joined by \\n, other
+    fields (event:, id:, comments) are ignored. A trailing \\r waits: it may be half of a \\r\\n."""
+    cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+    text, keep = buf[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n"), buf[cut:]
+    *whole, rest = text.split(b"\n\n")
+    out = []
+    for ev in whole:
+        data = [ln[5:][1:] if ln[5:6] == b" " else ln[5:] for ln in ev.split(b"\n") if ln.startswith(b"data:")]
+        if data:
+            out.append(b"\n".join(data))
+    return out, rest + keep
 
 
 async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
@@ -50,23 +90,25 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
     lines = head.decode("latin-1").split("\r\n")
     out.status = int(lines[0].split(" ", 2)[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-    if out.status != 200 or headers.get("transfer-encoding", "").lower() != "chunked":
-        return
+    kind = headers.get("content-type", "")
+    if out.status != 200 or not (kind.startswith("text/event-stream") or not kind and "transfer-encoding" in headers):
+        return  # an unstreamed answer (a JSON body): EMPTY (stream_one)
     buf, last, events = b"", None, 0
+    pieces = body_pieces(c, headers)
     while True:
-        size = int((await c.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            return
-        buf += await c.reader.readexactly(size)
-        await c.reader.readexactly(2)
-        *done, buf = buf.replace(b"\r\n", b"\n").split(b"\n\n")
+        piece = await anext(pieces, None)
+        if piece is None:  # the end: a \r held back is a line end
+            done, buf = events_of(buf[:-1] + b"\n") if buf.endswith(b"\r") else ([], buf)
+        else:
+            done, buf = events_of(buf + piece)
         now = perf_counter()
-        for ev in done:
-            if not ev.startswith(b"data: ") or ev[6:].strip() == b"[DONE]":
+        for data in done:
+            if data.strip() == b"[DONE]":
                 continue
-            body = orjson.loads(ev[6:])
-            if body.get("usage"):
-                out.tokens = int(body["usage"].get("completion_tokens") or out.tokens)
+            body = orjson.loads(data)
+            usage = body.get("usage") if isinstance(body, dict) else None
+            if isinstance(usage, dict):
+                out.tokens = int(usage.get("completion_tokens") or out.tokens)
             if _content(body):
                 events += 1
                 if last is None:
@@ -75,6 +117,8 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
                     out.gaps.append(now - last)
                 last = now
                 out.tokens = max(out.tokens, events)
+        if piece is None:
+            return
 
 
 async def stream_one(t: Target, raw: bytes, timeout: float, t_sched: float) -> Streamed:
@@ -88,8 +132,8 @@ async def stream_one(t: Target, raw: bytes, timeout: float, t_sched: float) -> S
             out.status = EMPTY
     except TimeoutError:
         out.status = -1
-    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-        out.status = 0
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TypeError) as e:
+        out.status = failed(e)
     finally:
         if c is not None:
             c.close()
@@ -107,16 +151,15 @@ async def gen_level(t: Target, make: Callable[[], bytes], level: Level, duration
         stop_at = end = start + duration
 
         async def client() -> None:
-            nonlocal end
             while perf_counter() < stop_at and (not count or len(results) < count):
                 results.append(Streamed())  # holds the count while in flight
                 k, t0 = len(results) - 1, perf_counter()
                 results[k] = await stream_one(t, make(), timeout, t0)
                 results[k].at = t0 - start
-            if count and len(results) >= count:  # as load.closed_loop: nothing left to send ends the window
-                end = min(end, perf_counter())
 
         await asyncio.gather(*(client() for _ in range(int(level.value))))
+        if count and len(results) >= count:  # as load.closed_loop: the count's last answer ends the window
+            end = min(end, perf_counter())
     else:
         async def one(t_sched: float) -> Streamed:
             r = await stream_one(t, make(), timeout, t_sched)
@@ -132,7 +175,7 @@ def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_
                 itl_budget_s: float) -> dict[str, Any]:
     """span: the sending window (gen_level's); what arrived after it counts in totals, not in rates."""
     ok = [r for r in results if r.status == 200 and r.ttft is not None]
-    asked = [r for r in results if r.status != 429]
+    asked = [r for r in results if r.status not in (429, CLIENT_LIMIT)]
     okay = np.array([r.status == 200 and r.ttft is not None for r in asked], dtype=bool)
     ttft = np.array([r.ttft or 0.0 for r in asked]) * 1e3
     e2e = np.array([r.e2e or 0.0 for r in asked]) * 1e3
@@ -156,7 +199,8 @@ def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_
     row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": len(results), "ok": len(ok),
            "rejected": sum(r.status == 429 for r in results), "shed": sum(r.status == 503 for r in results),
            "timeouts": sum(r.status == -1 for r in results),
-           "errors": sum(r.status not in (200, 429, 503, -1) for r in results),
+           "errors": sum(r.status not in (200, 429, 503, -1, CLIENT_LIMIT) for r in results),
+           "client_limit": sum(r.status == CLIENT_LIMIT for r in results),
            "empty_stream": sum(r.status == EMPTY for r in results), **tt,
            "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99), **ee, "beyond_timeout": beyond + beyond_e,
            "output_tokens": tokens, "output_tok_s": round(sum(in_window(r) for r in ok) / span, 2),
@@ -165,4 +209,4 @@ def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_
            "goodput": round(len(good) / len(results), 4) if results else None,
            "seconds": round(span, 2), "drain_s": round(max(drain, 0.0), 3),
            "p50_ms": tt["ttft_p50_ms"], "p99_ms": tt["ttft_p99_ms"]}  # p50/p99: TTFT (the plot's)
-    return check_lag(row, [r.lag for r in results])
+    return client_limit_warning(check_lag(row, [r.lag for r in results]))
