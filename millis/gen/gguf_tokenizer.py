@@ -42,9 +42,9 @@ class GGUFBPETokenizer(HFTokenizer):
 
 class GGUFSpmTokenizer(Llama2cTokenizer):
     """llama.cpp's SentencePiece BPE (tokenizer.ggml.model llama) on Llama2cTokenizer's merge loop, with
-    the file's <unk>/BOS/EOS ids and <0xXX> byte ids; control and user-defined tokens in the text are
-    matched whole by their raw text (`▁` kept, as llama.cpp matches them before escaping spaces) and
-    only normal pieces are merged into. Each stretch of text between them gets the dummy-prefix space,
+    the file's <unk>/BOS/EOS ids and <0xXX> byte ids; control, user-defined and unknown (<unk>) tokens in the
+    text are matched whole by their raw text (`▁` kept, as llama.cpp matches them before escaping spaces), a
+    literal ▁ elsewhere is a space, and only normal pieces are merged into. Each stretch of text between them gets the dummy-prefix space,
     even one that starts with a space (SentencePiece, llama.cpp and Llama 2's own tokenizer.json;
     transformers' GGUF converter adds it at the start only, and not before a space)."""
 
@@ -57,7 +57,9 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
         self.types, self.add_bos, self.add_space_prefix = types, add_bos and bos is not None, add_space_prefix
         self.byte_ids = {int(m.group(1), 16): i for i, p in enumerate(tokens) if types[i] == BYTE
                          and (m := re.match(r"^<0x([0-9A-Fa-f]{2})>$", p))}
-        self.whole_ids = {p: i for i, (p, t) in enumerate(zip(tokens, types)) if t in (CONTROL, USER_DEFINED) and p}
+        # <unk> too: llama.cpp's special-token pass matches CONTROL, USER_DEFINED and UNKNOWN tokens' text
+        self.whole_ids = {p: i for i, (p, t) in enumerate(zip(tokens, types))
+                          if t in (CONTROL, USER_DEFINED, UNKNOWN) and p}
         whole = sorted(self.whole_ids, key=len, reverse=True)
         self.whole = re.compile("(" + "|".join(map(re.escape, whole)) + ")") if whole else None
 
@@ -67,7 +69,8 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
         for k, part in enumerate(parts):
             if k % 2:  # a matched control / user-defined token
                 ids.append(self.whole_ids[part])
-            elif part:
+            elif part:  # a literal ▁ is a space, as llama.cpp escapes spaces to ▁ before it merges
+                part = part.replace("\u2581", " ")
                 ids += self._merge(self.symbols(" " + part if self.add_space_prefix else part))
         return ids
 
@@ -111,13 +114,18 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     if model not in ("gpt2", "llama"):
         raise MillisError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2 = byte-level "
                           f"BPE, llama = SentencePiece BPE)")
-    if not tokens or len(tokens) > n_rows:
-        raise MillisError(f"{path}: tokenizer.ggml.tokens is missing" if not tokens else
-                          f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens for an embedding of {n_rows} rows")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise MillisError(f"{path}: tokenizer.ggml.tokens is missing or not an array of strings")
+    if len(tokens) > n_rows:
+        raise MillisError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens for an embedding of {n_rows} rows")
     types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
     if len(types) != len(tokens) or len(meta.get("tokenizer.ggml.scores", tokens)) != len(tokens):
         raise MillisError(f"{path}: tokenizer.ggml.token_type / scores do not have one entry per token")
     ids = {k: opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "unknown", "padding")}
+    for k in ("bos", "eos", "unknown"):
+        if ids[k] is not None and not 0 <= ids[k] < len(tokens):
+            raise MillisError(f"{path}: tokenizer.ggml.{k}_token_id {ids[k]} is not a token (the vocabulary has "
+                              f"{len(tokens)})")
     special = {f"{name}_token": tokens[i] for name, k in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
                                                           ("pad", "padding")) if (i := ids[k]) is not None
                and i < len(tokens)}
@@ -133,8 +141,11 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     if pre not in PRE_TOKENIZERS:
         raise MillisError(f"{path}: byte-level pre-tokenizer tokenizer.ggml.pre={pre!r} is not known; known: "
                           f"{', '.join(sorted(PRE_TOKENIZERS))}")
-    return GGUFBPETokenizer(_byte_level(meta, tokens, types, pre, ids["bos"] if add_bos else None),
-                            ids["eos"]), special
+    try:
+        tok = _byte_level(meta, tokens, types, pre, ids["bos"] if add_bos else None)
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library's errors are bare Exceptions
+        raise MillisError(f"{path}: the BPE tokenizer cannot be built from tokenizer.ggml.tokens / merges: {e}") from None
+    return GGUFBPETokenizer(tok, ids["eos"]), special
 
 
 def _byte_level(meta: dict, tokens: list[str], types: list[int], pre: str, bos: int | None):
