@@ -128,6 +128,24 @@ def test_tool_calls_parse_and_validate_also_streamed(server):
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_tool_parameters_with_defs_and_refs_compile_and_validate(server):
+    """Pydantic writes tool parameters with $defs / $ref: nested in the answer's schema, "#/$defs/City" pointed
+    at the answer's root and every such tool was a 422."""
+    city = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
+            "additionalProperties": False}
+    trip = {"type": "function", "function": {"name": "plan_trip", "parameters": {
+        "$defs": {"City": city}, "type": "object", "properties": {"to": {"$ref": "#/$defs/City"}},
+        "required": ["to"], "additionalProperties": False}}}
+    for seed in range(3):
+        status, _, body = server.post("/v1/chat/completions", {
+            "messages": MSGS, "tools": [trip], "tool_choice": "required", "seed": seed, "temperature": 1.0,
+            "max_tokens": 200})
+        assert status == 200, body
+        c = body["choices"][0]
+        if c["finish_reason"] == "tool_calls":
+            check_calls(c["message"]["tool_calls"], [trip])
+
+
 def test_n_choices_are_distinct_seeded_and_reproducible(server):
     body = {"prompt": "once upon a time", "n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 12, "ignore_eos": True}
     status, _, a = server.post("/v1/completions", body)
@@ -173,6 +191,15 @@ def test_n_choices_are_distinct_seeded_and_reproducible(server):
         "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1800)}}}}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": "$deep"}}]}, *MSGS]}, "messages"),
+    # a stop string cut the promised JSON and still said "stop" ('{\n\t\r' for stop '"')
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "stop": ['"']}, "stop"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required", "stop": [":"]}, "stop"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}, "stop": ","}, "stop"),
+    # bounds a grammar over doubles cannot keep (minimum 2^53 + 1 gave 9007199254741000, past the maximum)
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 9007199254740993, "maximum": 9007199254740999}}}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "number", "exclusiveMinimum": 0.1, "exclusiveMaximum": 0.10000000000000002}}}}, "response_format"),
 ])
 def test_bad_structured_requests_are_422_naming_the_field(server, route, extra, param):
     body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": MSGS}
@@ -238,6 +265,12 @@ def test_native_tool_calls_are_parsed_back():
             '<tool_call>\n{"name": "no_such_tool", "arguments": {}}\n</tool_call><tool_call>{broken</tool_call>')
     content, calls = HERMES.parse(text, spec)
     assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"] and content == "Let me check."
+    inside = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "see </tool_call> here"}}\n</tool_call>'
+    rest, found = HERMES.parse("A " + inside + " B", spec)  # the regex's first </tool_call> lost the call
+    assert rest == "A  B" and json.loads(found[0]["function"]["arguments"]) == {"zone": "see </tool_call> here"}
+    # a generic answer cut in its response: the string as far as written, as streamed (was the wire JSON)
+    assert GENERIC.parse('{\n "response" : "Hello, wor', spec) == ("Hello, wor", [])
+    assert GENERIC.parse('{\n  ', spec) == (None, [])
     assert json.loads(calls[1]["function"]["arguments"]) == {"zone": 1}
     one = tool_spec({"tools": [WEATHER, TIME], "parallel_tool_calls": False})
     assert len(HERMES.parse(text, one)[1]) == 1

@@ -15,6 +15,7 @@ them in SamplingParams.grammar, so they are hashable and cheap to compare.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -63,14 +64,46 @@ def json_rule(schema: dict, options: dict = JSON_OPTIONS) -> str:
 
 
 def schema_text(schema: dict | bool) -> str:
-    """`schema` as JSON text, refused when it is too large or too deep to compile."""
+    """`schema` as JSON text, refused when it is too large or too deep to compile, or when a grammar cannot keep
+    its numeric bounds (check_bounds)."""
     try:
         text = json.dumps(schema)
+        check_bounds(schema)
     except RecursionError:  # the servers refuse deep schemas before this; other callers may not
         raise MillisError("the JSON schema nests too deeply") from None
     if len(text) > MAX_SCHEMA_CHARS:
         raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
     return text
+
+
+EXACT_INTEGERS = 2 ** 53  # llguidance reads bounds as doubles: integers past this one are rounded
+NOT_SCHEMAS = ("const", "enum", "default", "examples")  # values, not schemas
+
+
+def check_bounds(schema) -> None:
+    """Refuse numeric bounds a grammar over doubles cannot keep. llguidance compares with each bound as a double,
+    a validator with the exact value: an integer bound past 2^53 is rounded (minimum 2^53 + 1 allowed 2^53), and
+    exclusive bounds with no double between them let only values that parse back to a bound through."""
+    if isinstance(schema, list):
+        for s in schema:
+            check_bounds(s)
+        return
+    if not isinstance(schema, dict):
+        return
+    for k, v in schema.items():
+        if k not in NOT_SCHEMAS:
+            check_bounds(v)
+    number = {k: v for k, v in schema.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")}
+    for key, v in number.items():
+        if isinstance(v, int) and abs(v) > EXACT_INTEGERS:
+            raise MillisError(f"the JSON schema's {key} {v} is past 2^53, beyond what a double holds exactly")
+    lows = [float(number["minimum"])] if "minimum" in number else []
+    lows += [math.nextafter(float(number["exclusiveMinimum"]), math.inf)] if "exclusiveMinimum" in number else []
+    highs = [float(number["maximum"])] if "maximum" in number else []
+    highs += [math.nextafter(float(number["exclusiveMaximum"]), -math.inf)] if "exclusiveMaximum" in number else []
+    if lows and highs and max(lows) > min(highs):
+        raise MillisError(f"the JSON schema's bounds {number} leave no number (as a double) between them")
 
 
 def _spm_tokens(tok, n: int) -> list[bytes]:

@@ -56,6 +56,12 @@ class GenRequest:
     template_tools: list | None = None    # chat: the chat template's `tools` variable
     chars: int = 0                        # text characters the prompt is made of (chat: all the template shows)
 
+    def __post_init__(self) -> None:
+        if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
+            raise ApiError(422, f"stop cannot be combined with {self.grammar_from}: its grammar decides where the "
+                                "answer ends, and a stop string would cut the JSON it promises", param="stop",
+                           code="invalid_value")
+
     @property
     def grammar_from(self) -> str:
         """The field params.grammar came from (its 422s name it)."""

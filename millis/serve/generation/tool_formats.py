@@ -23,7 +23,7 @@ import re
 
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
-from millis.serve.generation.tools import ToolSpec, arguments_of, parse_answer, with_tools
+from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, with_tools
 
 Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
@@ -70,6 +70,8 @@ class GenericFormat:
         named = [sp for sp in spans if sp.name is not None]
         if not calls and named:  # cut by max_tokens among its calls: the calls as far as written, as streamed (the
             return None, [tool_call(sp.name, sp.args) for sp in named]  # wire JSON was the content)
+        if not calls and content is text:  # no whole answer (cut): its response as far as written, as streamed
+            return self.content_so_far(text, True) or None, []
         if len(spans) == len(calls):  # the arguments as the model wrote them (what streaming sends)
             for c, sp in zip(calls, spans):
                 c["function"]["arguments"] = sp.args
@@ -127,7 +129,7 @@ class NativeFormat(GenericFormat):
     def call_schema(self, spec: ToolSpec) -> dict:
         """One call: {"name": N, <args_key>: <N's parameters>} for a tool N of the spec."""
         return {"anyOf": [{"type": "object",
-                           "properties": {"name": {"const": t["name"]}, self.args_key: t["parameters"]},
+                           "properties": {"name": {"const": t["name"]}, self.args_key: embedded(t)},
                            "required": ["name", self.args_key], "additionalProperties": False} for t in spec.tools]}
 
     def call_of(self, body: str, spec: ToolSpec) -> dict | None:
@@ -159,6 +161,7 @@ class HermesFormat(NativeFormat):
     name = "hermes"
     MARK = "<tool_call>"
     BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+    CLOSE = re.compile(r"\s*</tool_call>")
 
     def grammar(self, spec: ToolSpec) -> str | None:
         if not spec.required:
@@ -194,11 +197,34 @@ class HermesFormat(NativeFormat):
         return whole + tail
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
-        calls = [c for c in (self.call_of(block, spec) for block in self.BLOCK.findall(text)) if c is not None]
+        blocks = self.blocks(text)
+        calls = [c for c in (self.call_of(body, spec) for _, _, body in blocks) if c is not None]
         if not calls:
             return text, []
-        rest = self.BLOCK.sub("", text).strip()
+        rest, at = [], 0
+        for start, end, _ in blocks:
+            rest.append(text[at:start])
+            at = end
+        rest = ("".join(rest) + text[at:]).strip()
         return rest or None, calls if spec.parallel else calls[:1]
+
+    def blocks(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, body) of each `<tool_call>` block. A body that is a JSON object is read by the scanner, so
+        a `</tool_call>` inside one of its strings does not end the block (the regex's first match lost the call);
+        any other body runs to the next `</tool_call>`."""
+        scan, out, at = Scan(text), [], 0
+        while (mark := text.find(self.MARK, at)) >= 0:
+            start = mark + len(self.MARK)
+            end = scan.object_end(start)
+            close = self.CLOSE.match(text, end) if end is not None else None
+            m = close or self.BLOCK.match(text, mark)
+            if m is None:
+                at = start
+                continue
+            body = text[start:end] if close else m.group(1)
+            out.append((mark, m.end(), body.strip()))
+            at = m.end()
+        return out
 
 
 class Llama3Format(NativeFormat):

@@ -35,7 +35,7 @@ class ToolSpec:
 
     def schema(self) -> dict:
         """The JSON schema every answer satisfies."""
-        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": embedded(t)},
                            "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}
         calls = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
                                                                  **({} if self.parallel else {"maxItems": 1})}},
@@ -52,6 +52,15 @@ class ToolSpec:
         how = ('Answer with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": {...}}]} to call '
                'tools' + ('' if self.required else ', or {"response": <your answer>} to answer directly') + '.')
         return f"You can call these tools:\n{listing}\n{how}"
+
+
+def embedded(tool: dict) -> dict:
+    """A tool's `parameters` as a schema nested in the answer's: with an `$id` of its own, so that its `$ref`s
+    ("#/$defs/City", as Pydantic writes them) still resolve against it and not against the answer's root."""
+    params = tool["parameters"]
+    if not isinstance(params, dict) or "$id" in params:
+        return params
+    return {"$id": f"urn:millis:tool:{tool['name']}", **params}
 
 
 def _fail(msg: str, param: str = "tools") -> ApiError:
