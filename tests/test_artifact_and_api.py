@@ -117,5 +117,44 @@ def test_open_model_and_optimize_agree_on_max_length(tmp_path):
     with pytest.raises(MillisError, match="longer than the model's max length 256"):
         optimize(OptimizeConfig(source="builtin:minilm", task="embed", out=str(tmp_path / "a"),
                                 target=Shape(1, 384)))
-    tiny = resolve("tiny:bert")                                   # no sentence-transformers config: positions
-    assert open_model("tiny:bert").max_length == model_max_length(tiny) == tiny.max_length
+    tiny = resolve("tiny:bert")  # no sentence-transformers config: the tokenizer's 128 (of 130 positions), as ST
+    assert open_model("tiny:bert").max_length == model_max_length(tiny) == 128 and tiny.max_length == 130
+
+
+@pytest.mark.parametrize("problem_type, labels", [("multi_label_classification", 3), ("regression", 1), ("", 1)])
+def test_scores_follow_the_configs_problem_type(tmp_path, problem_type, labels):
+    """As HF's text-classification pipeline: a sigmoid per label for a multi-label model (it was a softmax over
+    the labels), a regression's raw value, a one-logit model's sigmoid (predict() gave a softmax over one label:
+    always 1.0); the library and the server's /v1/classify agree."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from millis.encoder.tiny import build_tiny
+    from millis.artifact.model import open_model
+    from millis.serve.schemas import classify_response
+
+    src = build_tiny("bert")
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.num_labels = labels
+    cfg.id2label = {i: f"l{i}" for i in range(labels)}
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    if problem_type:
+        cfg.problem_type = problem_type
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_config(cfg).eval()
+    with torch.no_grad():
+        hf.classifier.weight.mul_(20.0)
+    hf.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path)
+    texts = ["where is my card?", "the markets fell"]
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        logits = hf(**tok(texts, padding=True, return_tensors="pt")).logits.double().numpy()
+    want = logits if problem_type == "regression" else 1 / (1 + np.exp(-logits))
+    model = open_model(str(tmp_path), task="classify")
+    got = model.predict(texts)
+    np.testing.assert_allclose([[r["probs"][f"l{j}"] for j in range(labels)] for r in got], want, atol=1e-4)
+    served = classify_response([np.asarray(r["logits"]) for r in got], model.id2label, labels, False,
+                               [False, False], "m", 0, model.problem_type)
+    np.testing.assert_allclose([[t["score"] for t in sorted(d["top_k"], key=lambda t: t["label"])] if labels > 1
+                                else [d["score"]] for d in served["data"]], want, atol=1e-4)

@@ -53,3 +53,38 @@ def test_what_millis_would_compute_otherwise_is_refused(tmp_path, pooling, modul
 def test_the_embedded_minilm_reads_as_before():
     src = resolve("builtin:minilm")
     assert read_pooling(src.path) == Pooling(mode="mean", normalize=True)
+
+
+def test_a_default_prompt_is_refused(tmp_path):
+    d = folder(tmp_path, {"pooling_mode": "mean"})
+    (d / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: "},
+                                                                     "default_prompt_name": "query"}))
+    with pytest.raises(MillisError, match="default_prompt_name 'query'"):  # vectors 0.14 off, silently
+        read_pooling(d)
+    (d / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: "},
+                                                                     "default_prompt_name": None}))
+    assert read_pooling(d) == Pooling(mode="mean")
+
+
+def test_the_length_texts_are_cut_to_is_sentence_transformers_own(tmp_path, tiny_dirs):
+    """No max_seq_length in sentence_bert_config.json (sentence-transformers 6 writes none): the tokenizer's
+    model_max_length, as sentence-transformers and HF's tokenizers cut; it was the position limit."""
+    import shutil
+
+    from millis.encoder.source import model_max_length
+
+    src = resolve("tiny:bert")
+    d = tmp_path / "m"
+    shutil.copytree(src.path, d)
+    tok = json.loads((d / "tokenizer_config.json").read_text())
+    for limit, want in ((64, 64), (10 ** 30, resolve(str(d)).max_length), (None, resolve(str(d)).max_length)):
+        (d / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": limit}))
+        assert model_max_length(resolve(str(d))) == want, limit
+    (d / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 64}))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    assert model_max_length(resolve(str(d))) == 32  # the folder's own first
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": None}))  # a TypeError before
+    assert model_max_length(resolve(str(d))) == 64
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": "long"}))
+    with pytest.raises(MillisError, match="'long' is not a positive integer"):
+        model_max_length(resolve(str(d)))

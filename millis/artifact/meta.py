@@ -87,10 +87,12 @@ class SourceMeta:
     heads: int
     pooling: Pooling              # how token states become one sentence vector (embed)
 
+    problem_type: str = optional("")  # how a classifier's logits become scores (millis.common.numeric.label_scores)
+
     @classmethod
     def of(cls, src: ModelSource) -> "SourceMeta":
         return cls(src.spec, str(src.path), src.sha256, src.model_type, src.num_layers, src.hidden_size,
-                   src.num_heads, src.pooling)
+                   src.num_heads, src.pooling, src.problem_type)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from millis.artifact.meta import ModelMeta, SourceMeta, VariantRecipe
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
-from millis.common.numeric import softmax
+from millis.common.numeric import label_scores
 from millis.encoder.source import takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
 
@@ -49,7 +49,9 @@ def run_pairs(runtime: Runtime, encoder: TextEncoder, pairs: list[tuple[str, str
 
 def run_rows(runtime: Runtime, encoder: TextEncoder, ids: list[list[int]], cut: list[bool],
              max_batch: int = MAX_BATCH) -> Result:
-    """Token rows -> outputs in input order (run_texts's batching)."""
+    """Token rows -> outputs in input order (run_texts's batching). On a runtime that shares its activation
+    scales across a call's rows (`shares_scales_across_rows`: ORT's dynamic int8), a row's output depends on
+    the rows and the padding it is run with, as on the server within one request."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for start in range(0, len(order), max_batch):
@@ -70,6 +72,7 @@ class Model:
         self.path, self.meta, self.runtime, self.encoder = path, meta, runtime, encoder
         self.task: str = meta.task
         self.id2label: dict[int, str] = dict(meta.id2label)
+        self.problem_type: str = meta.source.problem_type
         self.max_length: int = meta.max_length
 
     @property
@@ -98,7 +101,7 @@ class Model:
         if self.task != "classify":
             raise MillisError(f"this artifact is an {self.task} model; use embed()")
         res = self.run(texts)
-        probs = softmax(res.outputs)
+        probs = label_scores(res.outputs, self.problem_type)  # a softmax over one logit was always 1
         out = []
         for i, p in enumerate(probs):
             k = int(p.argmax())

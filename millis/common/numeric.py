@@ -17,10 +17,13 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def label_scores(x: np.ndarray) -> np.ndarray:
-    """(N, labels) logits -> scores in 0..1: the softmax over the labels, or a one-logit model's sigmoid (a softmax
-    over one label is always 1), as HF's pipelines and TEI score them."""
-    return sigmoid(x) if x.shape[-1] == 1 else softmax(x)
+def label_scores(x: np.ndarray, problem_type: str = "") -> np.ndarray:
+    """(N, labels) logits -> scores as HF's text-classification pipeline (and TEI) gives them, by the config's
+    `problem_type`: a regression's raw values; a sigmoid per label for multi-label models and one-logit ones (a
+    softmax over one label is always 1); else the softmax over the labels."""
+    if problem_type == "regression":
+        return np.asarray(x, dtype=np.float64)
+    return sigmoid(x) if problem_type == "multi_label_classification" or x.shape[-1] == 1 else softmax(x)
 
 
 def relevance_scores(x: np.ndarray, raw: bool = False) -> np.ndarray:

@@ -57,6 +57,7 @@ class ModelSource:
     pooling: Pooling
     sha256: str              # hash of config + weights: identifies the source in millis.json
     attention_size: int = 0  # heads x head size (= hidden_size unless heads were pruned)
+    problem_type: str = ""   # config.json's: regression / multi_label_classification scores differently
 
 
 def builtin_minilm_dir() -> Path:
@@ -118,7 +119,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
         has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
         sha256=hash_files([cfg_file] + [path / w for w in WEIGHT_FILES if (path / w).is_file()]),
-        attention_size=attention_size,
+        attention_size=attention_size, problem_type=str(cfg.get("problem_type") or ""),
     )
 
 
@@ -126,15 +127,32 @@ def model_max_length(src: ModelSource, requested: int = 0) -> int:
     """The length texts are cut to, the one rule for `millis optimize`, `open_model` and `load`'s
     sources: `requested` when given (above the model's position limit it is an error), else the
     sentence-transformers folder's own, usually shorter, `max_seq_length` (sentence_bert_config.json:
-    all-MiniLM-L6-v2 says 256 of its 512 positions), else the position limit."""
+    all-MiniLM-L6-v2 says 256 of its 512 positions), else, as sentence-transformers and HF's tokenizers cut,
+    the tokenizer's `model_max_length` (sentence-transformers 6 saves it there), within the position limit."""
     if requested:
         if requested > src.max_length:
             raise MillisError(f"--max-length {requested} exceeds the model's limit {src.max_length}")
         return requested
-    sb = src.path / "sentence_bert_config.json"
-    if sb.is_file():
-        return min(src.max_length, int(json.loads(sb.read_text()).get("max_seq_length", src.max_length)))
-    return src.max_length
+    found = json_value(src.path / "sentence_bert_config.json", "max_seq_length")
+    if found is None:
+        found = json_value(src.path / "tokenizer_config.json", "model_max_length")
+        found = None if isinstance(found, (int, float)) and found > UNSET_LENGTH else found  # HF's "no limit"
+    if found is None:
+        return src.max_length
+    if isinstance(found, bool) or not isinstance(found, (int, float)) or found < 1 or found != int(found):
+        raise MillisError(f"{src.path}: a maximum sequence length of {found!r} is not a positive integer")
+    return min(src.max_length, int(found))
+
+
+UNSET_LENGTH = 10 ** 9  # transformers writes int(1e30) as model_max_length for a tokenizer without a limit
+
+
+def json_value(path: Path, key: str):
+    """`key` of the JSON object in `path`, or None (no file, no key, or null)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def dir_pooling(path: Path) -> Pooling:
@@ -151,7 +169,7 @@ def read_pooling(path: Path) -> Pooling:
     booleans; since 5.x one `pooling_mode` string) and refused, naming the file, where millis would compute
     another function than the folder declares: a mode it lacks, two modes at once (sentence-transformers joins
     them into one vector), a prompt left out of the pooling, a module beyond these three (a Dense layer after
-    the pooling: LaBSE, distiluse-base-multilingual), or texts lower-cased before tokenizing."""
+    the pooling: LaBSE, distiluse-base-multilingual), texts lower-cased before tokenizing, or a default prompt."""
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return Pooling()
@@ -165,6 +183,11 @@ def read_pooling(path: Path) -> Pooling:
     if sb.is_file() and json.loads(sb.read_text()).get("do_lower_case"):
         raise MillisError(f"{sb} asks for texts lower-cased before tokenizing (do_lower_case), which millis does not "
                           f"do: lower-case them yourself, or set it false if the tokenizer lower-cases already")
+    prompt = json_value(path / "config_sentence_transformers.json", "default_prompt_name")
+    if prompt:  # sentence-transformers puts the prompt before every text encoded without another
+        raise MillisError(f"{path / 'config_sentence_transformers.json'} sets default_prompt_name {prompt!r}: "
+                          f"sentence-transformers puts its prompt before every text, which millis does not do; "
+                          f"put the prompt in your texts and set default_prompt_name to null")
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
     for m in modules:

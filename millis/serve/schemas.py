@@ -245,9 +245,9 @@ def embeddings_response(out: list[np.ndarray], fmt: str, model: str, tokens: int
 
 
 def classify_response(out: list[np.ndarray], id2label: dict[int, str], top_k: int, logits: bool,
-                      truncated: list[bool], model: str, tokens: int) -> dict[str, Any]:
+                      truncated: list[bool], model: str, tokens: int, problem_type: str = "") -> dict[str, Any]:
     x = np.stack(out)                                                      # (n, labels) logits
-    probs = label_scores(x)                                                # one logit: its sigmoid
+    probs = label_scores(x, problem_type)                                  # one logit: its sigmoid
     tops = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()  # per row: top_k labels, best first
     data = []
     for i, (p, order) in enumerate(zip(probs.tolist(), tops)):  # Python floats and ints: no numpy per item

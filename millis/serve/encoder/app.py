@@ -303,7 +303,8 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
         field = "inputs" if "inputs" in body else "input"
         job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, field=field)
-        return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok),
+        return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok,
+                                                           model.problem_type),
                              headers=timing_headers(job, tok_s, cut))
 
     async def _rerank(request: Request, shape: Shape):
@@ -339,7 +340,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         req = tei.predict_request(body, st.limits)
         job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
                                            reject=req.truncate is False)
-        return json_response(tei.predict_response(job.out, model.id2label, req), headers=timing_headers(job, tok_s, cut))
+        return json_response(tei.predict_response(job.out, model.id2label, req, model.problem_type), headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         arrived = asyncio.get_running_loop().time()

@@ -58,9 +58,10 @@ def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
                       raw_scores=boolean(body, "raw_scores", False))
 
 
-def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRequest) -> list[Any]:
+def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRequest,
+                     problem_type: str = "") -> list[Any]:
     x = np.stack(out).astype(np.float64)                           # (n, labels) logits
-    scores = x if req.raw_scores else label_scores(x)
+    scores = x if req.raw_scores else label_scores(x, problem_type)
     items = []
     for row in scores.tolist():
         order = sorted(range(len(row)), key=lambda k: -row[k])     # every label, best first (ties: label order)
