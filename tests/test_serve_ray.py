@@ -168,6 +168,45 @@ def test_generation_on_a_killed_replica_fails_fast(decoder):
     assert b'"code": "replica_failed"' in rest and rest.rstrip().endswith(b"data: [DONE]")
 
 
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(decoder):
+    """Serve's shutdown took Ray's proxy and the gateway down at once: every request in flight was cut
+    (RemoteDisconnected), though the replicas drained. Now the gateway drains first. Runs last on `decoder`."""
+    server, _ = decoder
+    body = {"prompt": "once", "max_tokens": 900, "ignore_eos": True}
+    started, done = threading.Barrier(5), []
+
+    def ask(stream: bool) -> None:
+        c = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        try:
+            c.request("POST", "/v1/completions", json.dumps({**body, "stream": stream}),
+                      {"Content-Type": "application/json"})
+            if not stream:
+                started.wait(60)  # sent: its answer comes whole
+            r = c.getresponse()
+            first = r.readline() if stream else b""
+            if stream:
+                started.wait(60)  # its first event is in
+            rest = first + r.read()
+            whole = rest.rstrip().endswith(b"data: [DONE]") if stream else \
+                json.loads(rest)["usage"]["completion_tokens"] == 900
+            done.append((r.status, whole))
+        except Exception as e:  # noqa: BLE001 -- counted as lost
+            done.append((type(e).__name__, False))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=ask, args=(k % 2 == 0,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(60)  # the streams have begun; the whole answers are being written
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert done == [(200, True)] * 4, done
+    assert server.proc.wait(120) == 0
+
+
 def test_router_hashing_is_stable():
     from millis.serve.ray.router import ranked
 
@@ -192,6 +231,11 @@ def test_ray_config_and_emitted_serve_config(tmp_path):
             RayConfig(autoscale=bad)
     assert RayConfig(autoscale="0:3").scale_range() == (0, 3)
     assert not RayConfig().wanted and RayConfig(replicas=2).wanted
+    with pytest.raises(MillisError, match="--replicas and --autoscale"):  # replicas was ignored silently
+        RayConfig(replicas=3, autoscale="1:4")
+    with pytest.raises(MillisError, match="--target-ongoing is read by --autoscale only"):
+        RayConfig(replicas=2, target_ongoing=5.0)
+    assert RayConfig(autoscale="1:4", target_ongoing=5.0).target_ongoing == 5.0
     text = ray_config_text(ServeConfig(artifact="tiny:bert", threads=1), RayConfig(autoscale="1:4"))
     app = json.loads(text)["applications"][0]
     assert app["import_path"] == "millis.serve.ray.deploy:build" and app["route_prefix"] == "/"
@@ -224,16 +268,17 @@ class FakeResponse:
         self.replicas.cancelled += 1
 
 
-def through_gateway(gateway, chunks: list[bytes], content_length: int | None = None):
-    """POST /v1/embeddings through the gateway's ASGI app, the body sent in `chunks`: (status, headers, body,
-    chunks the gateway read)."""
+def through_gateway(gateway, chunks: list[bytes], content_length: int | None = None, path: str = "/v1/embeddings",
+                    method: str = "POST"):
+    """A request (POST /v1/embeddings) through the gateway's ASGI app, the body sent in `chunks`: (status, headers,
+    body, chunks the gateway read)."""
     import asyncio
 
     headers = [(b"content-type", b"application/json")]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
     read, sent = [0], []
 
@@ -312,8 +357,55 @@ def test_replica_options_bound_the_queue_at_the_gateway():
     cfg = ServeConfig(artifact="tiny:bert", threads=1, max_queue=80, max_batch=8, request_timeout_s=7.0)
     rc = RayConfig(replicas=2)
     replica = serve.deployment(Replica, name="millis-replica", **replica_options(cfg, rc, gen=False))  # Ray takes them
-    assert replica.max_queued_requests == 80 and replica.max_ongoing_requests == 88
+    # Ray counts a request as queued while it probes the replicas too: the bound holds both replicas' room and
+    # the queue (max_queue alone answered bursts below the replicas' room 429)
+    assert replica.max_queued_requests == 2 * 88 + 80 and replica.max_ongoing_requests == 88
+    assert replica_options(cfg, RayConfig(autoscale="0:3"), gen=False)["max_queued_requests"] == 3 * 88 + 80
     application(cfg, rc)  # the whole application binds without a cluster
+
+
+def test_a_deployment_the_cluster_cannot_place_is_refused():
+    from millis.serve.config import ServeConfig
+    from millis.serve.ray.deploy import check_resources
+
+    check_resources(ServeConfig(artifact="x", threads=1), RayConfig(replicas=2), {"CPU": 2.0})
+    with pytest.raises(MillisError, match="3 CPUs wanted"):
+        check_resources(ServeConfig(artifact="x", threads=1), RayConfig(replicas=3), {"CPU": 2.0})
+    with pytest.raises(MillisError, match="1 GPUs wanted .*--device cuda.* has 0"):  # Ray waited for ever
+        check_resources(ServeConfig(artifact="x", threads=1, device="cuda"), RayConfig(replicas=1), {"CPU": 2.0})
+
+
+def test_the_gateway_answers_health_itself_counts_its_own_answers_and_drains():
+    import asyncio
+
+    from millis.serve.ray.gateway import Gateway
+
+    async def slow(fwd):  # a replica taking 0.3 s
+        await asyncio.sleep(0.3)
+        return await answered(fwd)
+
+    gateway = Gateway(FakeReplicas(slow), 100, 0, 5.0)
+    status, _, body, _ = through_gateway(gateway, [b"{}"], path="/health", method="GET")
+    assert status == 200 and json.loads(body)["status"] == "ok" and gateway.replicas.calls == 0  # never queued
+    assert through_gateway(gateway, [b"x" * 200])[0] == 413  # the gateway's own answer: no replica saw it
+
+    async def metrics(fwd):
+        return 200, [(b"content-type", b"text/plain")], b"millis_requests_total 1.0\n"
+    gateway.replicas.answer = metrics
+    status, _, body, _ = through_gateway(gateway, [b""], path="/metrics", method="GET")
+    assert status == 200 and b"millis_requests_total 1.0" in body
+    assert b'millis_gateway_answers_total{status="413"} 1.0' in body  # it counted nowhere
+    gateway.replicas.answer = slow
+
+    async def drained():
+        task = asyncio.create_task(asyncio.to_thread(through_gateway, gateway, [b"{}"]))
+        await asyncio.sleep(0.1)
+        left = await gateway.drain(5.0)  # waits for the request in flight, which is answered whole
+        return left, await task
+    left, (status, _, body, _) = asyncio.run(drained())
+    assert left == 0 and status == 200 and json.loads(body) == {"ok": True}
+    status, headers, body, _ = through_gateway(gateway, [b"{}"])
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down" and "retry-after" in headers
 
 
 def test_gateway_reads_generation_bodies_as_the_replica_does():
@@ -324,3 +416,32 @@ def test_gateway_reads_generation_bodies_as_the_replica_does():
     assert generation_body("/v1/completions", b"[" * 50000) is None
     assert generation_body("/v1/completions", b'{"prompt": "hi"}') == {"prompt": "hi"}
     assert generation_body("/v1/completions", b"NaN") is None and generation_body("/v1/embeddings", b"{}") is None
+
+
+def test_on_a_cluster_that_runs_serve_already_only_millis_is_removed(tmp_path):
+    """Joining a cluster whose Serve runs other applications (--ray-address): Serve's own port stands (millis
+    printed the one it asked for), and SIGTERM deletes millis's application only (serve.shutdown() removed
+    every application on the cluster)."""
+    from ray import serve
+
+    from millis.serve.config import ServeConfig
+    from millis.serve.ray.deploy import APP_NAME, running_serve, stop_app
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Other:
+        async def __call__(self, request):
+            return "other"
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert running_serve() is None
+        serve.start(http_options={"host": "127.0.0.1", "port": 0})
+        joined = running_serve()
+        assert joined is not None and isinstance(joined.http_config.port, int)
+        serve.run(Other.bind(), name="other", route_prefix="/other")
+        serve.run(Other.bind(), name=APP_NAME, route_prefix="/")
+        stop_app(serve, ServeConfig(artifact="x", shutdown_timeout_s=2.0), joined=True)  # no gateway: deleted as is
+        assert set(serve.status().applications) == {"other"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()

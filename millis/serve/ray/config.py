@@ -10,13 +10,16 @@ from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 
 
+TARGET_ONGOING = 2.0
+
+
 @dataclass(frozen=True)
 class RayConfig:
     replicas: int = _f(0, "Ray Serve replicas, each loading its own model (0 = one process, no Ray); threads per "
                           "replica = --threads (Ray's num_cpus)")
     autoscale: str = _f("", "MIN:MAX replicas, scaled by Ray on ongoing requests per replica (instead of "
                             "--replicas)")
-    target_ongoing: float = _f(2.0, "autoscaling: ongoing requests per replica Ray aims for")
+    target_ongoing: float = _f(TARGET_ONGOING, "autoscaling: ongoing requests per replica Ray aims for")
     ray_address: str = _f("", "a running Ray cluster to join (auto, or ray://host:10001); default: start a local "
                               "Ray instance for this process")
     emit_ray_config: str = _f("", "write a Ray Serve config file (`serve deploy FILE`) for this deployment and exit")
@@ -28,6 +31,10 @@ class RayConfig:
             raise MillisError("replicas and prefix_chars must be >= 0 and target_ongoing > 0")
         if self.autoscale:
             self.scale_range()
+        if self.replicas and self.autoscale:  # one of them was ignored without a word
+            raise MillisError("--replicas and --autoscale both set the replica count: give one")
+        if not self.autoscale and self.target_ongoing != TARGET_ONGOING:
+            raise MillisError("--target-ongoing is read by --autoscale only")
 
     @property
     def wanted(self) -> bool:

@@ -6,7 +6,10 @@
 Each replica reserves `--threads` CPUs (Ray's num_cpus; num_gpus 1 with --device cuda) and runs the
 single-process server's app: the same routes, OpenAI shapes, admission (429), metrics and drain. Ray sends a
 replica at most max_queue + max_batch requests at once; past that, requests wait in the gateway's handle
-queue, at most max_queue of them (max_queued_requests), and the next ones are answered 429 (gateway.py).
+queue (max_queued_requests: what all replicas take at once plus max_queue), and the next ones are answered
+429 (gateway.py). On SIGTERM the gateway drains first (new requests 503, those in flight answered), then the
+application is deleted; on a cluster whose Serve ran already (--ray-address) its port stands and its other
+applications stay.
 `--replicas N` fixes the count; `--autoscale MIN:MAX` lets Ray scale on ongoing requests per replica.
 Generation replicas are chosen by router.PrefixRouter (a shared prompt prefix stays on one replica's
 prefix cache), encoders by Ray's default (power of two choices). `--emit-ray-config FILE` writes the
@@ -43,11 +46,14 @@ def replica_options(cfg: ServeConfig, rc: RayConfig, gen: bool) -> dict:
     """The replica deployment's Ray Serve options."""
     from ray.serve.config import RequestRouterConfig
 
+    most = rc.scale_range()[1] if rc.autoscale else rc.replicas or 1
     opts: dict = {"ray_actor_options": {"num_cpus": cfg.threads or 1, "num_gpus": 1 if cfg.device == "cuda" else 0},
                   "max_ongoing_requests": cfg.max_queue + cfg.max_batch,  # the replica's own 429 decides past this
-                  # requests no replica has room for wait in the gateway's handle; past this many: 429, not an
-                  # unbounded wait (Ray's BackPressureError, answered in gateway.ask)
-                  "max_queued_requests": cfg.max_queue,
+                  # requests no replica has taken yet wait in the gateway's handle; past this many: 429, not an
+                  # unbounded wait (Ray's BackPressureError, answered in gateway.ask). Ray counts a request there
+                  # while it probes the replicas' queues too, so the bound holds what all replicas take at once
+                  # besides the queue (max_queue alone refused bursts below the replicas' room)
+                  "max_queued_requests": most * (cfg.max_queue + cfg.max_batch) + cfg.max_queue,
                   "graceful_shutdown_timeout_s": cfg.shutdown_timeout_s, "health_check_period_s": 5.0,
                   "logging_config": QUIET_LOGS}
     if rc.autoscale:
@@ -100,8 +106,8 @@ def free_port(host: str) -> int:
 
 
 def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
-    """Deploy, print the address, serve until SIGTERM/SIGINT, then shut Serve (replicas drain) and the
-    local Ray instance down. Returns the exit status."""
+    """Deploy, print the address, serve until SIGTERM/SIGINT, then drain and remove the application
+    (`stop_app`) and leave Ray. Returns the exit status."""
     if rc.emit_ray_config:
         Path(rc.emit_ray_config).write_text(ray_config_text(cfg, rc) + "\n")
         print(f"millis serve: wrote {rc.emit_ray_config} (deploy it with `serve deploy {rc.emit_ray_config}`)")
@@ -115,27 +121,78 @@ def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
     ray.init(address=rc.ray_address or None, include_dashboard=False, log_to_driver=False,
              logging_level=cfg.log_level.upper())
     try:
-        need = (cfg.threads or 1) * (rc.scale_range()[0] if rc.autoscale else rc.replicas or 1)
-        have = ray.cluster_resources().get("CPU", 0)
-        if need > have:
-            raise MillisError(f"{need:g} CPUs wanted for the replicas (--threads x replicas); the Ray cluster has "
-                              f"{have:g}")
-        port = cfg.port or free_port(cfg.host)
+        check_resources(cfg, rc, ray.cluster_resources())
+        joined = running_serve()  # a cluster's own Serve: its HTTP settings stand, and its other apps stay
+        port = joined.http_config.port if joined is not None else cfg.port or free_port(cfg.host)
+        if joined is not None and cfg.port and cfg.port != port:
+            raise MillisError(f"the Ray cluster's Serve listens on port {port} already; --port {cfg.port} cannot "
+                              f"be used there (leave it out, or give {port})")
         serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET_LOGS)
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"millis serve: listening on http://{cfg.host}:{port} (Ray Serve, "
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except Exception as e:  # noqa: BLE001 -- Ray says "Failed to update the deployments": say why
+            raise MillisError(f"the replicas did not start: {deploy_failure(serve) or e}") from None
+        host = joined.http_config.host if joined is not None else cfg.host
+        print(f"millis serve: listening on http://{host}:{port} (Ray Serve, "
               f"{rc.autoscale or rc.replicas or 1} replicas, each loaded before it takes requests)", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):  # a timed wait: the signal handler runs between waits
             pass
-        print("millis serve: stopping (replicas drain)", flush=True)
-        # replicas drain: admitted requests finish within shutdown_timeout_s. Bounded: a signal sent to the
-        # whole process group (not just this process) has already killed Ray's own processes
-        done = threading.Thread(target=serve.shutdown, daemon=True)
+        print("millis serve: stopping (requests in flight are answered first)", flush=True)
+        # Bounded: a signal sent to the whole process group (not just this process) has already killed Ray's
+        # own processes
+        done = threading.Thread(target=stop_app, args=(serve, cfg, joined is not None), daemon=True)
         done.start()
-        done.join(cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
+        done.join(2 * cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
         return 0 if not done.is_alive() else 1
     finally:
         ray.shutdown()
+
+
+def check_resources(cfg: ServeConfig, rc: RayConfig, have: dict) -> None:
+    """Refuse a deployment the cluster cannot place (Ray would wait for the resources for ever)."""
+    replicas = rc.scale_range()[0] if rc.autoscale else rc.replicas or 1
+    for name, each, flag in (("CPU", cfg.threads or 1, "--threads"), ("GPU", 1 if cfg.device == "cuda" else 0,
+                                                                       "--device cuda")):
+        if each * replicas > have.get(name, 0):
+            raise MillisError(f"{each * replicas:g} {name}s wanted for the replicas ({flag} x replicas); the Ray "
+                              f"cluster has {have.get(name, 0):g}")
+
+
+def running_serve():
+    """The client of the Serve instance already running on the cluster joined, or None."""
+    try:
+        from ray.serve.context import _get_global_client  # noqa: PLC2701 -- Ray has no public "is Serve up"
+
+        return _get_global_client()
+    except Exception:  # noqa: BLE001 -- RayServeException: none runs
+        return None
+
+
+def deploy_failure(serve) -> str:
+    """What Ray says of the application's deployments that failed (a replica's load error, with its reason)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001
+        return ""
+    if app is None:
+        return ""
+    msgs = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "; ".join(msgs) or app.message
+
+
+def stop_app(serve, cfg: ServeConfig, joined: bool) -> None:
+    """SIGTERM: the gateway drains (new requests 503; those in flight, streams too, answered within
+    shutdown_timeout_s: Ray's proxy goes with the app), then the app is deleted (the replicas drain too), and
+    Serve itself shut down unless it was the cluster's own (its other applications stay)."""
+    try:
+        gateway = serve.get_deployment_handle("millis-gateway", app_name=APP_NAME)
+        gateway.drain.remote(cfg.shutdown_timeout_s).result(timeout_s=cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
+    except Exception:  # noqa: BLE001 -- a gateway already gone: delete what is left
+        pass
+    if joined:
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()

@@ -24,6 +24,7 @@ import math
 import time
 
 import orjson
+from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -93,16 +94,68 @@ async def gathered(answer) -> tuple[int, list, bytes]:
 
 
 class Gateway:
-    """The ingress deployment class (decorated in deploy.py): `replicas` is the replicas' handle."""
+    """The ingress deployment class (decorated in deploy.py): `replicas` is the replicas' handle. It answers
+    /health itself (a liveness probe must not wait in the replicas' queue), counts the answers it gives
+    itself (413, 408, 429, 503...: the replicas never see those requests) on /metrics beside the replica's
+    series, and drains on `drain()` (deploy.py calls it on SIGTERM, before the application is deleted)."""
 
     def __init__(self, replicas, max_body_bytes: int, prefix_chars: int, request_timeout_s: float = 30.0) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
         self.replicas, self.max_body, self.chars = replicas, max_body_bytes, prefix_chars
         self.timeout_s = request_timeout_s
+        self.inflight, self.draining = 0, False
+        self.registry = CollectorRegistry()
+        self.answered = Counter("millis_gateway_answers_total", "answers the Ray gateway gave itself (the request "
+                                "reached no replica), by status", ["status"], registry=self.registry)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self.forward, methods=METHODS)])
 
+    async def drain(self, timeout_s: float) -> int:
+        """Answer new requests 503 shutting_down, and wait (at most timeout_s) for the ones in flight to be
+        answered whole (streams included): Ray's proxy and this gateway go with the application, so what they
+        still carry must be done first. Returns the requests still in flight at the end."""
+        self.draining = True
+        end = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return self.inflight
+
     async def forward(self, request: Request) -> Response:
+        if self.draining:
+            return self.own(error(503, "the server is shutting down", "shutting_down"))
+        if request.method in ("GET", "HEAD") and request.url.path == "/health":
+            return self.own(Response(orjson.dumps({"status": "ok", "gateway": True}),
+                                     media_type="application/json"))
+        self.inflight += 1
+        streamed = False
+        try:
+            resp = await self.answer(request)
+            if isinstance(resp, StreamingResponse):  # in flight until its stream ends
+                streamed = True
+                resp.body_iterator = self.counted(resp.body_iterator)
+            if request.url.path == "/metrics" and resp.status_code == 200:
+                resp = Response(resp.body + generate_latest(self.registry), status_code=200,
+                                media_type=resp.media_type or "text/plain; version=0.0.4; charset=utf-8")
+            return resp
+        finally:
+            if not streamed:
+                self.inflight -= 1
+
+    async def counted(self, chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.inflight -= 1
+
+    def own(self, resp: Response) -> Response:
+        """An answer of the gateway's own, counted on /metrics."""
+        self.answered.labels(str(resp.status_code)).inc()
+        return resp
+
+    async def answer(self, request: Request) -> Response:
         from ray.exceptions import RayActorError
 
         deadline = time.monotonic() + self.timeout_s  # the request's deadline counts from its arrival
@@ -110,9 +163,9 @@ class Gateway:
             # 413 before reading past the limit, 408 for a body not in by the request's timeout
             body = await read_body(request, self.max_body, self.timeout_s)
         except schemas.ApiError as e:
-            return error_response(e)
+            return self.own(error_response(e))
         except ClientDisconnect:
-            return Response(b"", 499)  # nobody reads it
+            return self.own(Response(b"", 499))  # nobody reads it
         path = request.url.path
         gen = generation_body(path, body)
         fwd = Forwarded(request.method, path, request.url.query.encode(),
@@ -131,7 +184,7 @@ class Gateway:
                     return await gathered(answer)
             got, failed = await self.ask(path, whole)
             if failed:
-                return failed
+                return self.own(failed)
             status, headers, body = got
             resp = Response(body, status_code=status)
             resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
@@ -143,7 +196,7 @@ class Gateway:
 
         got, failed = await self.ask(path, opened)
         if failed:
-            return failed
+            return self.own(failed)
         answer, (_, status, headers) = got
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
