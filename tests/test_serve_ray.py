@@ -445,3 +445,14 @@ def test_on_a_cluster_that_runs_serve_already_only_millis_is_removed(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_replicas_own_load_error_is_what_the_start_says():
+    from millis.serve.ray.deploy import own_reason
+
+    ray_says = ("The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+                "ray::ServeReplica:millis:millis-replica.initialize_and_get_metadata() (pid=1)\n"
+                "RuntimeError: Traceback (most recent call last):\n  File \"replica.py\", line 90\n"
+                "RuntimeError: millis replica: m.gguf failed to load: MillisError: model d.gguf does not exist")
+    assert own_reason(ray_says) == "millis replica: m.gguf failed to load: MillisError: model d.gguf does not exist"
+    assert own_reason("no replica could be placed") == "no replica could be placed"

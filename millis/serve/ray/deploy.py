@@ -179,8 +179,14 @@ def deploy_failure(serve) -> str:
         return ""
     if app is None:
         return ""
-    msgs = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    msgs = [f"{name}: {own_reason(d.message)}" for name, d in app.deployments.items() if d.message]
     return "; ".join(msgs) or app.message
+
+
+def own_reason(message: str) -> str:
+    """A replica's own reason ("millis replica: ... failed to load: ...") out of Ray's message and traceback."""
+    lines = [ln[ln.index("millis replica:"):] for ln in message.splitlines() if "millis replica:" in ln]
+    return lines[-1] if lines else message
 
 
 def stop_app(serve, cfg: ServeConfig, joined: bool) -> None:
