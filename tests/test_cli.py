@@ -199,8 +199,8 @@ def test_an_empty_variable_counts_as_unset(monkeypatch):
     assert config_from_argv(["serve", "art"])[1][0].port == 8000
     cfg = config_from_argv(["optimize", "x", "--task", "rerank"])[1]  # a cross-encoder: built as classify
     assert (cfg.task, cfg.model_task) == ("rerank", "classify")
-    serve, ray = config_from_argv(["serve", "art", "--replicas", "2", "--autoscale", "1:4"])[1]
-    assert (serve.artifact, ray.replicas, ray.scale_range()) == ("art", 2, (1, 4))
+    serve, ray = config_from_argv(["serve", "art", "--autoscale", "1:4"])[1]
+    assert (serve.artifact, ray.replicas, ray.scale_range()) == ("art", 0, (1, 4))
     assert config_from_argv(["optimize", "x", "--preset", "quick"])[1].measure.shapes == (Shape(1, 16), Shape(2, 32))
 
 

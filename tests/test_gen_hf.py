@@ -267,3 +267,78 @@ def test_static_decode_length_buckets_and_compaction(hf_model, monkeypatch):
     pen = [replace(sp, frequency_penalty=1.5, presence_penalty=0.5) for sp in params]
     assert run(eng, pen) == run(eager, pen), kind
     assert moves == [(3, 0)], moves
+
+
+def _saved(tmp_path, config, name: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+@pytest.mark.parametrize("runtime", ["native", "torch"])
+def test_sliding_windows_only_where_transformers_applies_them(tmp_path, runtime, monkeypatch):
+    """Qwen2 windows only the layers from max_window_layers on (layer_types), and Llama never: millis windowed
+    every layer whenever config.json named a window (logits 13.9 off)."""
+    import json
+
+    from transformers import LlamaConfig, Qwen2Config
+
+    from millis.common.errors import MillisError
+    from millis.gen.models.layers import make_batch
+
+    if runtime == "torch":
+        monkeypatch.setenv("MILLIS_NO_KERNELS", "1")
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    prompt = PROMPTS[2]  # 12 tokens: past the window of 4
+    for name, config in (("qwen2", Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=2,
+                                               **common)),
+                         ("llama", LlamaConfig(**common))):
+        model, d = _saved(tmp_path, config, name)
+        if name == "llama":  # a window in a Llama config.json: transformers' Llama ignores it
+            raw = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**raw, "sliding_window": 4}))
+        eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+        with torch.inference_mode():
+            ref = model(torch.tensor([prompt])).logits[0]
+            ours = eng.model(make_batch([prompt], [0], [0], eng.window, last_only=False))[0]
+        assert torch.allclose(ours, ref, atol=1e-4), (name, (ours - ref).abs().max())
+    _, d = _saved(tmp_path, Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1, **common),
+                  "mixed")
+    with pytest.raises(MillisError, match="1 of 2 layers attend within a sliding window"):
+        open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+
+
+@pytest.mark.parametrize("change, named", [({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse"),
+                                           ({"scale_attn_weights": False}, "scale_attn_weights false"),
+                                           ({"activation_function": "relu"}, "activation_function 'relu'"),
+                                           ({"n_inner": 128}, "n_inner 128")])
+def test_gpt2_settings_millis_does_not_compute_are_refused(tmp_path, change, named):
+    """Each was ignored: logits 0.6-3.8 off transformers'; n_inner also sent the native kernels past the weights."""
+    from transformers import GPT2Config
+
+    from millis.common.errors import MillisError
+
+    _, d = _saved(tmp_path, GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, **change), "g")
+    with pytest.raises(MillisError, match=f"unsupported gpt2 variant: {named}"):
+        open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+
+
+def test_weights_smaller_than_the_config_are_a_clear_error_on_the_native_path(tmp_path):
+    """A config whose vocabulary outgrows its weights: the native kernels read past them (a segfault)."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from millis.common.errors import MillisError
+
+    _, d = _saved(tmp_path, LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=4, max_position_embeddings=64), "l")
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "vocab_size": 4_000_000}))
+    with pytest.raises(MillisError, match=r"weights do not match the config: .*expected \(4000000, 64\)"):
+        open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))

@@ -18,8 +18,8 @@ from torch import nn
 
 from millis.common.dtypes import torch_dtype
 from millis.common.errors import MillisError
-from millis.gen.config import (LLAMA_TYPES, MODEL_TYPES, EngineConfig, GPT2Config, LlamaConfig, ModelConfig,
-                               eos_ids)
+from millis.gen.config import EngineConfig, GPT2Config, LlamaConfig, ModelConfig
+from millis.gen.hf_config import hf_model_config
 from millis.gen.llama2c import is_llama2c_checkpoint, read_llama2c
 from millis.gen.models.layers import setup_caches
 
@@ -68,6 +68,7 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     from millis.gen.models.gpt2 import GPT2
     from millis.gen.models.llama import Llama
 
+    check_state(cfg, sd, GPT2 if isinstance(cfg, GPT2Config) else Llama)
     if runs_native(engine):
         return native_from_state(cfg, sd, tok, source, engine)
 
@@ -96,6 +97,21 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
     max_seq = static_max_seq(cfg, engine, torch_dtype(engine.dtype).itemsize)
     setup_caches(model, engine.max_batch, max_seq)
     return Loaded(model, cfg, tok, max_seq, source, quant_backend, engine.max_batch, engine.device)
+
+
+def check_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], cls) -> None:
+    """Every weight the config implies, of its shape, and no other: as the torch path's strict load, but before
+    the native kernels take raw pointers (a config larger than its weights read past them: a segfault)."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        want = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
+    if cfg.tie_head:
+        want.pop("head.weight", None)
+    why = [f"{k} is {tuple(sd[k].shape)}, expected {s}" for k, s in want.items()
+           if k in sd and tuple(sd[k].shape) != s]
+    missing, extra = [k for k in want if k not in sd], sorted(set(sd) - set(want))
+    why = why[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing) + [f"unused {', '.join(extra[:3])}"] * bool(extra)
+    if why:
+        raise MillisError(f"weights do not match the config: {'; '.join(why)}")
 
 
 @contextmanager
@@ -321,34 +337,6 @@ def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
     raise MillisError(f"{d} has no model.safetensors (or sharded index): only safetensors weights are read")
 
 
-def _hf_config(d: dict, tied: bool) -> ModelConfig:
-    mt = d.get("model_type")
-    eos, more = eos_ids(d.get("eos_token_id"), d.get("generation_config", {}).get("eos_token_id"))
-    common = dict(bos_id=d.get("bos_token_id"), eos_id=eos, stop_ids=more, tie_head=tied)
-    if mt == "gpt2":
-        return GPT2Config(vocab_size=d["vocab_size"], dim=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
-                          n_kv_heads=d["n_head"], max_seq=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                          **common)
-    if mt not in LLAMA_TYPES:
-        raise MillisError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
-    if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
-        raise MillisError(f"unsupported {mt} variant: hidden_act must be silu, without attention/mlp biases")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    window = d.get("sliding_window") or 0
-    if mt == "qwen2" and not d.get("use_sliding_window"):
-        window = 0
-    nh = d["num_attention_heads"]
-    return LlamaConfig(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=nh,
-        n_kv_heads=d.get("num_key_value_heads") or nh, max_seq=d.get("max_position_embeddings", 2048),
-        hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-        rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor", 1.0),
-        rope_low_freq_factor=rope.get("low_freq_factor", 1.0), rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
-        rope_original_max_seq=rope.get("original_max_position_embeddings", 8192), qkv_bias=mt == "qwen2",
-        sliding_window=window, head_dim_override=d.get("head_dim") or 0, **common)
-
-
 def _read_hf(d: Path):
     from millis.gen.tokenizer import HFTokenizer
 
@@ -357,7 +345,7 @@ def _read_hf(d: Path):
         raw["generation_config"] = json.loads((d / "generation_config.json").read_text())
     hf = _read_safetensors(d)
     hf = {k.removeprefix("transformer.").removeprefix("model."): v.float() for k, v in hf.items()}
-    cfg = _hf_config(raw, tied="lm_head.weight" not in hf)
+    cfg = hf_model_config(raw, tied="lm_head.weight" not in hf)
     try:
         sd = _gpt2_weights(hf, cfg) if isinstance(cfg, GPT2Config) else _llama_weights(hf, cfg)
     except KeyError as e:
