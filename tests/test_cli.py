@@ -254,10 +254,24 @@ def test_each_unscoped_variable_has_one_meaning():
             for variable in f.variables():
                 first = seen.setdefault(variable, (c.name, f.type))
                 assert first[1] == f.type, f"{variable}: {first[1]} in {first[0]}, {f.type} in {c.name}"
-    for name in ("PRESET", "DATA", "WARMUP", "LAYERS", "TEMPERATURE", "JSON"):
+    for name in ("PRESET", "DATA", "WARMUP", "LAYERS", "TEMPERATURE", "JSON", "TASK"):  # TASK: optimize's only
         readers = {c.name for c in COMMANDS for f in flags_of(c) if f"MILLIS_{name}" in f.variables()}
         assert len(readers) <= 1, (name, readers)
     assert "MILLIS_PRESET" not in seen and "MILLIS_DATA" not in seen  # MILLIS_DATA is the benches' data directory
+
+
+def test_help_shows_the_default_presets_values(capsys):
+    """prune's recovery runs 2 epochs at 5e-5 by its default preset; --help said TrainConfig's 8 and 1e-4."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2, the default preset's) [env MILLIS_EPOCHS]" in text
+    assert "(default: 5e-05, the default preset's) [env MILLIS_LR]" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: 8) [env MILLIS_EPOCHS]" in " ".join(capsys.readouterr().out.split())
+    assert "MILLIS_BENCH_MAX_TOKENS" in next(f for c in COMMANDS if c.name == "bench" for f in flags_of(c)
+                                             if f.name == "max_tokens").variables()  # not serve's default
 
 
 def test_training_progress_reaches_a_log_file():

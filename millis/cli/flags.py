@@ -79,6 +79,9 @@ class Command:
     config: Callable[[Given], Any]       # the given flags -> what `run` takes (the CLI's only logic)
     run: Callable[[Any], int]            # calls the stage; the exit status
     positionals: tuple[str, ...] = ()    # fields taken as positional arguments, in this order
+    # what the default --preset gives some fields (prune's recovery: 2 epochs, not TrainConfig's 8): their
+    # defaults in --help
+    preset: Callable[[], dict[str, Any]] = dict
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,6 +138,7 @@ class Flag:
     owner: type
     field: dataclasses.Field
     positional: bool
+    preset: Any = dataclasses.MISSING  # the default preset's value, where it has one (shown as the default)
 
     @property
     def name(self) -> str:
@@ -222,8 +226,11 @@ class Flag:
     def help_text(self) -> str:
         text = self.meta["help"]
         d = self.field.default
+        if self.preset is not dataclasses.MISSING:
+            text += f" (default: {show(self.preset)}, the default preset's)"
         # the default, unless the text says it already ("(default: the preset's)", "0 = all cores")
-        if d is not dataclasses.MISSING and d not in ("", ()) and "default" not in text and f"{show(d)} =" not in text:
+        elif (d is not dataclasses.MISSING and d not in ("", ()) and "default" not in text
+              and f"{show(d)} =" not in text):
             text += f" (default: {show(d)})"
         if self.variables():
             text += f" [env {' / '.join(self.variables())}]"
@@ -270,9 +277,11 @@ def check_out_file(path: str, option: str, make_parents: bool = False, allowed: 
 def flags_of(command: Command) -> list[Flag]:
     """The command's flags: positionals first, in the command's order, then the options in field order."""
     out: dict[str, Flag] = {}
+    preset = command.preset()
     for cls in command.groups():
         for f in flag_fields(cls):
-            out.setdefault(f.name, Flag(command.name, cls, f, f.name in command.positionals))
+            out.setdefault(f.name, Flag(command.name, cls, f, f.name in command.positionals,
+                                        preset.get(f.name, dataclasses.MISSING)))
     missing = set(command.positionals) - set(out)
     if missing:
         raise TypeError(f"millis {command.name}: no field for positional {sorted(missing)}")  # a programming error

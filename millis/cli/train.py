@@ -148,9 +148,11 @@ def run_prune(cfg: PruneConfig) -> int:
 
 
 TRAIN = Command("train", "fine-tune a sequence classifier on a labelled CSV/TSV/JSONL file",
-                lambda: (TrainFlags, TrainConfig), train_config_of, run_train, positionals=("source",))
+                lambda: (TrainFlags, TrainConfig), train_config_of, run_train, positionals=("source",),
+                preset=lambda: TRAIN_PRESETS["default"])
 DISTILL = Command("distill", "distil a model into a smaller student (its own layers, or another model)",
                   lambda: (DistillFlags, TrainConfig, DistillConfig), distill_config_of, run_distill,
-                  positionals=("source",))
+                  positionals=("source",), preset=lambda: DISTILL_PRESETS["default"])
 PRUNE = Command("prune", "remove attention heads / FFN neurons / layers by importance, then recover",
-                lambda: (PruneFlags, TrainConfig, PruneConfig), prune_config_of, run_prune, positionals=("source",))
+                lambda: (PruneFlags, TrainConfig, PruneConfig), prune_config_of, run_prune, positionals=("source",),
+                preset=lambda: PRUNE_PRESETS["default"])

@@ -29,8 +29,8 @@ from millis.loadgen.streams import gen_level, gen_summary, stream_one
 @dataclass(frozen=True)
 class BenchConfig:
     url: str = _f("", "server base URL, e.g. http://127.0.0.1:8000")
-    data: str = _f("", "texts to send: .txt (one per line) or CSV/TSV/JSONL with --text-col; sampled with --seed",
-                   scoped=True)
+    data: str = _f("", "texts to send (required): .txt (one per line) or CSV/TSV/JSONL with --text-col; sampled with "
+                       "--seed", scoped=True)
     text_col: str = _f("text", "text column of --data")
     concurrency: str = _f("1,4,16", "closed-loop levels: clients sending back to back, comma-separated")
     rate: str = _f("", "open-loop levels: Poisson arrivals per second, comma-separated")
@@ -42,7 +42,7 @@ class BenchConfig:
     timeout: float = _f(30.0, "seconds a request may take before it counts as timed out")
     warmup: int = _f(50, "unrecorded requests before the first level", scoped=True)
     seed: int = _f(0, "seed for text sampling and Poisson arrivals")
-    max_tokens: int = _f(64, "generation: max_tokens of each request (greedy)")
+    max_tokens: int = _f(64, "generation: max_tokens of each request (greedy)", scoped=True)  # not serve's default
     system: str = _f("", "generation: a text file sent as the system message of every request (a shared prefix)")
     ttft_budget_ms: float = _f(1000.0, "generation goodput: time to first token within this")
     itl_budget_ms: float = _f(100.0, "generation goodput: mean inter-token latency within this")

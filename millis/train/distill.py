@@ -39,7 +39,7 @@ class DistillConfig:
     layer_map: tuple[int, ...] = flag((), "teacher layers the student starts from, e.g. 1,3,5 (default: evenly "
                                           "spaced, ending at the last)")
     student: str = flag("", "another local model with the same tokenizer (default: the teacher's own layers)")
-    task: str = flag("", "classify or embed (default: classify when the teacher has a classifier head)",
+    task: str = flag("", "classify or embed (default: classify when the teacher has a classifier head)", scoped=True,
                      choices=("", "classify", "embed"))
     temperature: float = flag(2.0, "softmax temperature of the soft loss", scoped=True)
     soft_weight: float = flag(1.0, "weight of the soft (teacher logits / embeddings) loss")
