@@ -188,15 +188,18 @@ async def stream_itl(url: str, prompt: str, max_tokens: int, n: int) -> tuple[li
     return gaps, means
 
 
-def engine_step_ms(model: str, prompt: str, max_tokens: int, n: int) -> list[list[float]]:
-    """The same decode in process, n times: per decode, the wall time of each engine step after the first (the
-    prefill), ms."""
+def in_process_decoder(model: str, prompt: str, max_tokens: int):
+    """A warmed engine, and a function that decodes `prompt` n times with it: per decode, the wall time of each
+    engine step after the first (the prefill), ms. Called within the rounds, beside the servers."""
     from millis.gen import EngineConfig, open_engine
 
     eng = open_engine(model, EngineConfig(max_batch=4))
     ids = eng.tok.encode(prompt)
     steps_ms(eng, ids, max_tokens)  # warm-up
-    return [steps_ms(eng, ids, max_tokens)[1:] for _ in range(n)]
+    return lambda n: [steps_ms(eng, ids, max_tokens)[1:] for _ in range(n)]
+
+
+IN_PROCESS = "in process"  # the streaming comparison's baseline: the same decode on an engine in this process
 
 
 def main() -> int:
@@ -254,38 +257,52 @@ def main() -> int:
     if a.gen:
         llm = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
         prompt, max_tokens = "Once upon a time", 64
-        runs = engine_step_ms(str(llm), prompt, max_tokens, 10)
+        decode = in_process_decoder(str(llm), prompt, max_tokens)
+        labels = {"millis:here": ROOT, **{f"millis:{label}": d for label, d in others.items()}}
+        gen_servers: dict[str, ServerProcess] = {}
+        got = {n: ([], []) for n in labels}
+        runs: list[list[float]] = []
+        per_round: list[dict[str, float]] = []  # each round's median per-request mean gap (and in process)
+        try:
+            for n, code in labels.items():
+                gen_servers[n] = ServerProcess(millis_command(code, str(llm), "--max-batch", "4"), ready_timeout=300)
+                asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 3))  # warm
+            shuffle = random.Random(1)
+            for _ in range(a.rounds):  # alternated, the in-process decode too: a seeded random order each round
+                order = [*gen_servers, IN_PROCESS]
+                shuffle.shuffle(order)
+                here: dict[str, float] = {}
+                for n in order:
+                    if n == IN_PROCESS:
+                        done = decode(2)
+                        runs.extend(done)
+                        here[n] = statistics.median(float(np.mean(r)) for r in done if r)
+                        continue
+                    gaps, means = asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 6))
+                    got[n][0].extend(gaps)
+                    got[n][1].extend(means)
+                    here[n] = statistics.median(means)
+                per_round.append(here)
+        finally:
+            for srv in gen_servers.values():
+                srv.stop()
         steps = [t for r in runs for t in r]
         # per decode, its mean step: what a stream's per-request mean gap ((last - first) / (events - 1)) reads
         run_means = [float(np.mean(r)) for r in runs if r]
         gen = {"model": "stories260K (llama2.c)", "route": "/v1/completions stream", "max_tokens": max_tokens,
                "in_process_itl": pcts(steps), "in_process_mean_step_ms": round(float(np.mean(steps)), 3),
                "in_process_request_mean_step_p50_ms": round(statistics.median(run_means), 3)}
-        labels = {"millis:here": ROOT, **{f"millis:{label}": d for label, d in others.items()}}
-        gen_servers: dict[str, ServerProcess] = {}
-        got = {n: ([], []) for n in labels}
-        try:
-            for n, code in labels.items():
-                gen_servers[n] = ServerProcess(millis_command(code, str(llm), "--max-batch", "4"), ready_timeout=300)
-                asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 3))  # warm
-            shuffle = random.Random(1)
-            for _ in range(a.rounds):  # alternated, as the encoder systems are: a seeded random order each round
-                order = list(gen_servers)
-                shuffle.shuffle(order)
-                for n in order:
-                    gaps, means = asyncio.run(stream_itl(gen_servers[n].url, prompt, max_tokens, 6))
-                    got[n][0].extend(gaps)
-                    got[n][1].extend(means)
-        finally:
-            for srv in gen_servers.values():
-                srv.stop()
         for n, (gaps, means) in got.items():
             gen[n] = {"itl": pcts(gaps), "request_mean_itl_p50_ms": round(statistics.median(means), 3)}
             # the per-request mean gap, not the p50 of gaps (~0 when events arrive several to a read)
             gen[n]["over_in_process_p50_ms"] = round(gen[n]["request_mean_itl_p50_ms"]
                                                      - gen["in_process_request_mean_step_p50_ms"], 3)
-            gen[n]["over_in_process_basis"] = ("median per-request mean gap - median per-decode mean engine step "
-                                               "(before 2026-12-05: p50 of the gaps - p50 of the steps)")
+            diffs = [r[n] - r[IN_PROCESS] for r in per_round]
+            gen[n]["rounds_over_in_process_ms"] = {"median": round(statistics.median(diffs), 3),
+                                                   "min": round(min(diffs), 3), "max": round(max(diffs), 3)}
+            gen[n]["over_in_process_basis"] = ("median per-request mean gap - median per-decode mean engine step, "
+                                               "pooled; rounds_*: the same per round, the in-process decode "
+                                               "alternated with the servers (before 2026-12-06 it ran first)")
             print(f"stream ITL {n}: {gen[n]}")
         print(f"stream ITL in process: {gen['in_process_itl']}")
         out["generation"] = gen

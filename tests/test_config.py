@@ -88,3 +88,10 @@ def test_switch_variables_read_as_booleans(monkeypatch):
     monkeypatch.setenv("MILLIS_NO_KERNELS", "maybe")
     with pytest.raises(MillisError, match=r"MILLIS_NO_KERNELS='maybe': expected one of 1, true"):
         native_isa()
+
+
+def test_fewer_timed_calls_than_rounds_is_refused():
+    """Each round times at least one call: --iters 3 over 5 rounds timed 5 calls."""
+    with pytest.raises(MillisError, match="--iters 3 is fewer than the 5 rounds"):
+        MeasureConfig(shapes=(Shape(1, 16),), iters=3, rounds=5)
+    assert MeasureConfig(shapes=(Shape(1, 16),), iters=5, rounds=5).iters == 5

@@ -32,3 +32,17 @@ def test_only_the_masked_cpus_count():
 def test_snapshot_reads_this_machine():
     snap = machine_load.snapshot()
     assert snap["cpus"] == len(machine_load.masked_cpus()) and snap["total"] > 0
+
+
+def test_a_worker_gone_by_the_second_snapshot_is_not_other_load():
+    """A peer that burned 1.5 s preparing, then failed and was reaped: its lifetime counted as other processes'
+    load (102% of the CPUs on an idle machine)."""
+    before = {"wall": 0.0, "busy": 10.0, "steal": 0.0, "total": 100.0, "own": 1.0, "workers": {"77": 1.5},
+              "cpus": 2}
+    after = {"wall": 2.0, "busy": 10.1, "steal": 0.0, "total": 104.0, "own": 1.1, "workers": {"77": 0.0}, "cpus": 2}
+    got = machine_load.check(before, after, {})
+    assert got["other_share"] == 0.0 and not got["warnings"], got
+    after = {**after, "busy": 12.0, "workers": {"77": 3.4}}  # alive: its 1.9 s are this measurement's own
+    assert machine_load.check(before, after, {})["other_share"] == 0.0
+    after = {**after, "busy": 30.0}  # a busy neighbour: at most all of the CPUs, whatever the counters say
+    assert machine_load.check(before, after, {})["other_share"] == 1.0

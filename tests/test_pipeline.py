@@ -456,3 +456,24 @@ def test_a_reranker_calibrates_and_ranks_sensitivity_on_pairs():
     assert not judge.outputs_on(Echo(), ctx, texts[:4])[:, 1].any()
     ctx.pairs = (("q", "d"),)
     assert (judge.outputs_on(Echo(), ctx, texts[:4])[:, 1] > 0).all()
+
+
+def test_the_load_check_covers_the_serve_mix_too(tmp_path, monkeypatch, tiny_dirs, quick_measure):
+    """The serve mix's rows/s break ties and gate variants: the load check's second reading came before it."""
+    import millis.optimize.pipeline as pipeline
+
+    calls = []
+    snapshot, serve_mix = pipeline.machine_load.snapshot, pipeline._serve_mix
+    monkeypatch.setattr(pipeline.machine_load, "snapshot", lambda *a: calls.append("snapshot") or snapshot(*a))
+    monkeypatch.setattr(pipeline, "_serve_mix", lambda *a, **k: calls.append("serve mix") or serve_mix(*a, **k))
+    optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "a"), target=Shape(1, 16),
+                            variants=("ort-fp32-fused",), recover=False,
+                            measure=replace(quick_measure, threads=1, shapes=(Shape(1, 16),), serve_mix=4)))
+    assert calls == ["snapshot", "serve mix", "snapshot"], calls
+
+
+def test_the_report_says_how_many_calls_each_percentile_is_of(classify_artifact):
+    md = (classify_artifact / "report.md").read_text()
+    n = json.loads((classify_artifact / "millis.json").read_text())["measured"]["latency"]["b1xs16"]["n"]
+    assert f"p50 / p99 latency in ms per shape ({n} timed calls per cell" in md
+    assert "(under 100: the p99 is near the slowest call)" in md  # 4 calls a cell: its p99 is nearly the max

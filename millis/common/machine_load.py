@@ -59,20 +59,30 @@ def process_cpu(pid: int) -> float:
         return 0.0
 
 
-def snapshot(pids: tuple[int, ...] | list[int] = ()) -> dict[str, float]:
+def snapshot(pids: tuple[int, ...] | list[int] = ()) -> dict:
     """pids: processes that measure on this one's behalf (a benchmark's workers): their CPU time counts as its
-    own, not as other processes'."""
+    own, not as other processes'. Each one's is kept apart (`workers`): one gone by the next snapshot (a peer
+    that failed and was reaped) reads 0 there, and its lifetime must not count as other processes' load."""
     busy, steal, total, cpus = _proc_stat()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    own = ru.ru_utime + ru.ru_stime + sum(process_cpu(p) for p in pids)
-    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total, "own": own, "cpus": cpus}
+    workers = {str(p): process_cpu(p) for p in pids}
+    return {"wall": time.monotonic(), "busy": busy, "steal": steal, "total": total,
+            "own": ru.ru_utime + ru.ru_stime, "workers": workers, "cpus": cpus}
 
 
-def check(before: dict[str, float], after: dict[str, float], spreads: dict[str, float]) -> dict:
+def own_used(before: dict, after: dict) -> float:
+    """CPU seconds this process and its workers used between two snapshots; a worker gone by `after` (0 there:
+    /proc has it no more) adds nothing, its time meanwhile unknown."""
+    gone = lambda p: not after.get("workers", {}).get(p)  # noqa: E731
+    return (after["own"] - before["own"]) + sum(max(0.0, after["workers"][p] - c)
+                                                for p, c in before.get("workers", {}).items() if not gone(p))
+
+
+def check(before: dict, after: dict, spreads: dict[str, float]) -> dict:
     """{other_share, steal_share, max_spread, warnings}: `spreads` is each timed cell's round spread."""
     wall = max(after["wall"] - before["wall"], 1e-9)
     cpus = after.get("cpus") or len(masked_cpus())  # the CPUs whose counters "busy" sums
-    other = max(0.0, (after["busy"] - before["busy"]) - (after["own"] - before["own"])) / (wall * cpus)
+    other = min(1.0, max(0.0, (after["busy"] - before["busy"]) - own_used(before, after)) / (wall * cpus))
     total = after["total"] - before["total"]
     steal = (after["steal"] - before["steal"]) / total if total > 0 else 0.0
     worst = max(spreads.items(), key=lambda kv: kv[1], default=("", 0.0))

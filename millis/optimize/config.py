@@ -41,6 +41,8 @@ class MeasureConfig:
             raise MillisError("measure: give at least one shape")
         check_at_least(self, 1, "iters", "rounds")
         check_at_least(self, 0, "warmup", "threads")
+        if self.iters < self.rounds:  # each round times at least one call: fewer timed more calls than asked
+            raise MillisError(f"--iters {self.iters} is fewer than the {self.rounds} rounds the calls are split over")
 
 
 @dataclass(frozen=True)

@@ -198,13 +198,14 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         lat = measure(runtimes, inputs, cfg.measure,
                       on_round=lambda i: progress(f"measured round {i + 1}/{cfg.measure.rounds}"), failed=failed)
         reject_failed(pool, failed, progress)
+        for name, per_shape in lat.items():
+            pool[name].result.latency = per_shape
+        _serve_mix(cfg, pool, enc, texts + calib_texts, max_len, shapes, progress)  # timing only: any texts
+        # the load over both timings selection reads: the latencies and the serve mix (its rows/s break ties)
         load = machine_load.check(before, machine_load.snapshot(),
                                   {f"{n} {s}": c["spread"] for n, per in lat.items() for s, c in per.items()})
         for w in load["warnings"]:
             progress(f"warning: {w}")
-        for name, per_shape in lat.items():
-            pool[name].result.latency = per_shape
-        _serve_mix(cfg, pool, enc, texts + calib_texts, max_len, shapes, progress)  # timing only: any texts
         chosen = choose([Candidate(j.name, j.result.latency[cfg.target.name]["p50_ms"], j.result.ok, j.result.reason,
                                    j.result.serve_mix.get("rows_per_s", 0.0))
                          for j in pool.values() if j.result.latency])

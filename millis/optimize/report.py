@@ -63,6 +63,15 @@ def speedup_text(rows: list[dict[str, Any]], row: dict[str, Any], shape: str) ->
     return f"{got[0]:.2f}x [{got[1]:.2f}-{got[2]:.2f}]" if got else "-"
 
 
+def calls_text(rows: list[dict]) -> str:
+    """How many timed calls each p50 / p99 is of: a p99 of 10 calls is close to their maximum, so say so."""
+    ns = sorted({c["n"] for r in rows for c in r["latency"].values() if "n" in c})
+    if not ns:
+        return "calls not recorded"
+    few = " (under 100: the p99 is near the slowest call)" if ns[0] < 100 else ""
+    return f"{ns[0]} timed calls per cell{'' if len(ns) == 1 else f' to {ns[-1]}'}{few}"
+
+
 def load_lines(load: Any) -> list[str]:
     if load is None:
         return []
@@ -84,8 +93,9 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
     lines = [f"# millis report: {meta.source.spec} ({task})", "",
              f"Chosen: **{chosen}** (fastest at {m.target} {gate}, not stalling on new shapes; "
              f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
-             f"Machine: {hw.cpu}{f' ({hw.cpu_id})' if hw.cpu_id else ''}, {hw.cores} cores, ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
-             f"p50 / p99 latency in ms per shape; "
+             f"Machine: {hw.cpu}{f' ({hw.cpu_id})' if hw.cpu_id else ''}, {hw.cores} cores, "
+             f"ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
+             f"p50 / p99 latency in ms per shape ({calls_text(rows)}); "
              f"fidelity against torch fp32 on {m.fidelity_texts or 'the sample texts'}; "
              + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
                 if m.accuracy else "") + "cold start = "

@@ -55,7 +55,11 @@ def select(candidates: list[Candidate], near_tie: float = NEAR_TIE) -> Candidate
     tie: the one serving the most rows/s on the serve mix wins, then the faster, then the earlier."""
     ok = [c for c in candidates if c.ok]
     if not ok:
-        reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates if "serve mix" in c.reason)
+        mix = [c for c in candidates if "serve mix" in c.reason]
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in mix)
+        if mix and len(mix) == len(candidates):  # the reference passes the fidelity budget by definition
+            raise MillisError(f"every variant was rejected on the serve mix (stalls on new shapes, or rows/s under "
+                              f"the floor): {reasons}")
         raise MillisError("no variant meets the fidelity budget (not even the reference); check the model and "
                           "the --min-cosine / --max-logit-diff values" +
                           (f". Rejected on the serve mix: {reasons}" if reasons else ""))
