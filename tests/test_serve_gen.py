@@ -193,7 +193,7 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     ("/v1/completions", b'["hi"]', 422, "invalid_body"),
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "model_not_found"),
     ("/v1/completions", b'{"prompt": [0, 99999]}', 400, "invalid_prompt"),
-    ("/v1/completions", json.dumps({"prompt": "the cat " * 3000}).encode(), 400, "invalid_prompt"),
+    ("/v1/completions", json.dumps({"prompt": "the cat " * 3000}).encode(), 400, "context_length_exceeded"),
 ])
 def test_bad_input_is_a_4xx_openai_error(server, route, raw, status, code):
     s, _, body = server.post(route, raw=raw)

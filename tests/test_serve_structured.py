@@ -146,6 +146,30 @@ def test_tool_parameters_with_defs_and_refs_compile_and_validate(server):
             check_calls(c["message"]["tool_calls"], [trip])
 
 
+def test_a_tool_without_parameters_takes_no_arguments_and_a_calls_only_stream_opens_with_null_content(server):
+    """OpenAI reads a tool without `parameters` as one without arguments: an open object let the model invent
+    keys ('{"time": "12:59:22", ...', cut by max_tokens). A stream that can only be calls opens with content
+    null, as OpenAI's (it was "", and the SDK's stream helper emitted a content event)."""
+    ping = {"type": "function", "function": {"name": "ping"}}
+    whole = 0
+    for seed in range(3):
+        status, _, body = server.post("/v1/chat/completions", {"messages": MSGS, "tools": [ping], "seed": seed,
+                                                                "tool_choice": "required", "temperature": 1.0,
+                                                                "max_tokens": 300, "parallel_tool_calls": False})
+        c = body["choices"][0]
+        assert status == 200 and c["message"]["tool_calls"], body
+        if c["finish_reason"] == "tool_calls":
+            whole += 1
+            assert all(json.loads(t["function"]["arguments"]) == {} for t in c["message"]["tool_calls"]), body
+    assert whole >= 1
+    events = stream(server, "/v1/chat/completions", {"messages": MSGS, "tools": [ping], "tool_choice": "required",
+                                                     "temperature": 0, "max_tokens": 300})
+    first = events[0]["choices"][0]["delta"]
+    assert first == {"role": "assistant", "content": None}, first
+    events = stream(server, "/v1/chat/completions", {"messages": MSGS, "temperature": 0, "max_tokens": 4})
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # a text answer: as before
+
+
 def test_n_choices_are_distinct_seeded_and_reproducible(server):
     body = {"prompt": "once upon a time", "n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 12, "ignore_eos": True}
     status, _, a = server.post("/v1/completions", body)

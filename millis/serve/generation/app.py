@@ -325,7 +325,9 @@ class GenState:
             for live in lives:
                 self.cancel(live, "error") if live.id in self.live else None
             msg = str(e).replace("the prompt", "the prompt (messages)", 1) if chat else str(e)  # chat: no `prompt`
-            raise schemas.ApiError(400, msg, param="messages" if chat else "prompt", code="invalid_prompt") from None
+            code = "context_length_exceeded" if len(ids) >= self.context else "invalid_prompt"  # OpenAI's code:
+            raise schemas.ApiError(400, msg, param="messages" if chat else "prompt", code=code) from None  # clients
+            # (LangChain's ContextOverflowError) act on it
         self.metrics.prompt_tokens.inc(len(ids))
         self._wake.set()
         return lives

@@ -137,7 +137,8 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
     try:
         if chat:
             for i in range(len(lives)):
-                yield gs.chunk(chat, rid, created, st.name, None, None, first=True, with_usage=wu, index=i)
+                yield gs.chunk(chat, rid, created, st.name, None, None, first=True, with_usage=wu, index=i,
+                               calls_only=g.tools is not None and g.tools.required)
         left = len(lives)
         while left:
             i, o = await merged.get()

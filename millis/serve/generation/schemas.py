@@ -219,9 +219,9 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
 
 def _check_size(chars: int, limits: GenLimits, param: str, what: str = "") -> None:
     if chars > limits.max_prompt_chars:
-        raise ApiError(413, f"{what or param}: {chars} characters; this server tokenizes at most "
+        raise ApiError(400, f"{what or param}: {chars} characters; this server tokenizes at most "
                             f"{limits.max_prompt_chars} (more could never fit the model's context)", param=param,
-                       code="prompt_too_long")
+                       code="context_length_exceeded")  # OpenAI's status and code for a prompt past the context
 
 
 def _content(m: dict, i: int) -> str | None:
@@ -328,11 +328,12 @@ def response(chat: bool, rid: str, created: int, model: str, choices: list[dict]
 
 def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, finish: str | None,
           first: bool = False, with_usage: bool = False, logprobs: dict | None = None, index: int = 0,
-          calls: list | None = None) -> bytes:
-    """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role; `calls`:
-    tool call deltas (index, then id, type, function {name, arguments} or a part of arguments)."""
+          calls: list | None = None, calls_only: bool = False) -> bytes:
+    """One server-sent event: `data: {chunk}\\n\\n`. Chat: the first delta carries the role (content null when
+    the answer can only be calls: tool_choice required or named, as OpenAI streams it); `calls`: tool call
+    deltas (index, then id, type, function {name, arguments} or a part of arguments)."""
     if chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        delta: dict[str, Any] = {"role": "assistant", "content": None if calls_only else ""} if first else {}
         if text:
             delta["content"] = text
         if calls:

@@ -86,7 +86,8 @@ def tool_spec(body: dict) -> ToolSpec | None:
                 not set(f["name"]) <= NAME_CHARS or len(f["name"]) > 64:
             raise _fail(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a name "
                         f"of 1..64 letters, digits, _ - or .")
-        params = f.get("parameters", {"type": "object", "properties": {}})
+        # none: no arguments, as OpenAI reads it (an open object let the model invent keys)
+        params = f.get("parameters", {"type": "object", "properties": {}, "additionalProperties": False})
         if not isinstance(params, dict) or not isinstance(f.get("description", ""), str):
             raise _fail(f"tools[{i}].function.parameters must be a JSON schema object and description a string")
         if json_shape(params)[0] > MAX_JSON_DEPTH:
