@@ -280,3 +280,63 @@ def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
     with pytest.raises(http.client.IncompleteRead):  # the stream was cut at the limit, not finished
         r.read()
     c.close()
+
+
+SLOW_ENCODER = """
+import sys, time
+from millis.artifact.model import open_model
+from millis.serve.config import ServeConfig
+from millis.serve.encoder import app
+from millis.serve import server
+real, ready = app.State._infer, []
+def infer(model, rows, t):  # 0.3 s a call once warm: a 64-text request takes 32 calls at max_batch 2
+    if ready:
+        time.sleep(0.3)
+    return real(model, rows, t)
+app.State._infer = staticmethod(infer)
+warm = app.State._warm
+app.State._warm = lambda self, model: (warm(self, model), ready.append(1))[0]
+cfg = ServeConfig(artifact="tiny:bert", port=int(sys.argv[1]), threads=1, max_batch=2, shutdown_timeout_s=3.0)
+sys.exit(server.serve(cfg, loader=lambda: open_model("tiny:bert", threads=1, task="embed")))
+"""
+
+
+def test_requests_running_or_half_read_at_the_drain_limit_get_a_json_503(tmp_path):
+    """Past the drain limit uvicorn cancels what is left: a request whose rows had started, and one whose body had
+    stalled, each got a plain-text 500 (and went uncounted). Now a JSON 503 shutting_down, and exit 0."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_ENCODER)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", "/ready")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        long = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        long.request("POST", "/v1/embeddings", json.dumps({"input": [f"card pin {i}" for i in range(64)]}),
+                     {"Content-Type": "application/json"})
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"input\"")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        r = long.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 503 and body["error"]["code"] == "shutting_down", body
+        stalled.settimeout(30)
+        head = stalled.recv(4096)
+        assert head.startswith(b"HTTP/1.1 503") and b"shutting_down" in head + stalled.recv(4096), head
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()

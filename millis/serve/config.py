@@ -31,8 +31,9 @@ class ServeConfig:
     max_batch_tokens: int = _f(4096, "most tokens in one runtime call, padding counted (rows x bucket length)")
     max_wait_ms: float = _f(0.0, "wait up to this long for a batch to fill; 0 = run what is queued as soon as "
                                  "the runtime is free (batches still form while it is busy)")
-    max_queue: int = _f(128, "most rows waiting to start (not yet in a model call / not yet given a slot); a "
-                             "request that does not fit is answered 429 with Retry-After")
+    max_queue: int = _f(128, "rows waiting to start (not yet in a model call / not yet given a slot) past which a "
+                             "request is answered 429 with Retry-After (one admitted below it may take the queue "
+                             "past it by its own rows)")
     max_inputs: int = _f(64, "most texts in one request (more: 413)")
     max_body_bytes: int = _f(1 << 20, "largest request body in bytes (larger: 413)")
     too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)",

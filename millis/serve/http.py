@@ -151,7 +151,16 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
         except Exception as e:  # noqa: BLE001 -- a bug or runtime failure: 500 with the reason, server lives
             log.exception("millis serve: %s failed", route)
             resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-        except BaseException:  # cancelled: no answer to count
+        except asyncio.CancelledError:
+            if not getattr(st, "draining", False):  # cancelled otherwise: no answer to count
+                st.metrics.on_done()
+                raise
+            # the drain's limit passed while it ran (uvicorn cancels what is left, and answered a plain-text 500):
+            # a JSON 503 instead, counted
+            resp = error_response(schemas.ApiError(503, "server is shutting down: the drain limit passed before "
+                                                        "this request was answered", code="shutting_down",
+                                                   headers={"Retry-After": "1"}))
+        except BaseException:  # no answer to count
             st.metrics.on_done()
             raise
         if isinstance(resp, StreamingResponse):

@@ -149,7 +149,9 @@ class Batcher:
         if self._closing:
             raise ShuttingDown("server is shutting down")
         n = len(job.rows)
-        if self.depth + n > self.max_queue:
+        # admitted while fewer than max_queue rows wait, whatever its size (the queue may go past by up to
+        # --max-inputs - 1): `depth + n > max_queue` refused every 64-text request under steady small ones
+        if self.depth >= self.max_queue:
             wait = self.depth / self._rows_per_s if self._rows_per_s > 0 else 1.0
             raise Overloaded(self.depth, max(1, math.ceil(wait)))
         for i, ids in enumerate(job.rows):
