@@ -220,7 +220,7 @@ def test_encoder_server_stats_and_dashboard(embed_artifact):  # noqa: F811
             assert "no requests yet" in dom
         for _ in range(5):
             assert s.post("/v1/embeddings", {"input": ["card", "a longer text here"]})[0] == 200
-        assert s.post("/v1/embeddings", {"input": []})[0] == 422
+        assert s.post("/v1/embeddings", {"input": []})[0] == 400
         assert s.post("/v1/embeddings", raw=b'{"input": ')[0] == 400
         assert s.post("/v1/nowhere", {})[0] == 404
         before = stats(s, 600)
@@ -256,7 +256,7 @@ def test_generation_server_stats(tmp_path):
             status, _, body = s.post("/v1/completions", {"prompt": "the cat", "max_tokens": 8, "ignore_eos": True,
                                                          "temperature": 0})
             assert status == 200, body
-        assert s.post("/v1/completions", {"prompt": "the cat", "max_tokens": -1})[0] == 422
+        assert s.post("/v1/completions", {"prompt": "the cat", "max_tokens": -1})[0] == 400
         got = stats(s, 120)
         sm, se = got["summary"], got["series"]
         assert sm["status"]["2xx"] == 2 and sm["status"]["4xx"] == 1 and sm["tokens"] == 16

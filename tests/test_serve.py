@@ -96,24 +96,24 @@ def test_batched_equals_single(embed_server):
 
 @pytest.mark.parametrize("raw,status,code", [
     (b'{"input": ', 400, "invalid_json"),
-    (b'["a list"]', 422, "invalid_body"),
-    (b'{}', 422, "missing"),
-    (b'{"input": []}', 422, "empty_input"),
-    (b'{"input": ["ok", "  "]}', 422, "empty_input"),
-    (b'{"input": ["ok", 3]}', 422, "invalid_type"),
-    (b'{"input": [[101, 102], "x"]}', 422, "invalid_type"),
-    (b'{"input": [[101, 102], []]}', 422, "empty_input"),
-    (b'{"input": [[101, 102], [1, -1]]}', 422, "invalid_value"),
-    (b'{"input": [101, 1.5]}', 422, "invalid_value"),
-    (b'{"input": [101, true]}', 422, "invalid_value"),
+    (b'["a list"]', 400, "invalid_body"),
+    (b'{}', 400, "missing"),
+    (b'{"input": []}', 400, "empty_input"),
+    (b'{"input": ["ok", "  "]}', 400, "empty_input"),
+    (b'{"input": ["ok", 3]}', 400, "invalid_type"),
+    (b'{"input": [[101, 102], "x"]}', 400, "invalid_type"),
+    (b'{"input": [[101, 102], []]}', 400, "empty_input"),
+    (b'{"input": [[101, 102], [1, -1]]}', 400, "invalid_value"),
+    (b'{"input": [101, 1.5]}', 400, "invalid_value"),
+    (b'{"input": [101, true]}', 400, "invalid_value"),
     (json.dumps({"input": [[101, 102]] * 65}).encode(), 413, "too_many_inputs"),
-    (b'{"input": {"a": 1}}', 422, "invalid_type"),
+    (b'{"input": {"a": 1}}', 400, "invalid_type"),
     (b'{"input": "x", "model": "gpt-4"}', 404, "model_not_found"),
-    (b'{"input": "x", "encoding_format": "int8"}', 422, "invalid_value"),
-    (b'{"input": "x", "encoding_format": 0}', 422, "invalid_value"),
-    (b'{"input": "x", "dimensions": 100000}', 422, "invalid_value"),
-    (b'{"input": "x", "dimensions": 0}', 422, "invalid_value"),
-    (b'{"input": "x", "dimensions": "8"}', 422, "invalid_value"),
+    (b'{"input": "x", "encoding_format": "int8"}', 400, "invalid_value"),
+    (b'{"input": "x", "encoding_format": 0}', 400, "invalid_value"),
+    (b'{"input": "x", "dimensions": 100000}', 400, "invalid_value"),
+    (b'{"input": "x", "dimensions": 0}', 400, "invalid_value"),
+    (b'{"input": "x", "dimensions": "8"}', 400, "invalid_value"),
     (json.dumps({"input": ["x"] * 65}).encode(), 413, "too_many_inputs"),
     (json.dumps({"input": "x" * (1 << 20)}).encode(), 413, "body_too_large"),
 ])
@@ -125,7 +125,7 @@ def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
 
 def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"], "top_k": 0})
-    assert s == 422 and "top_k" in body["error"]["message"]
+    assert s == 400 and "top_k" in body["error"]["message"]
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"] * 9})
     assert s == 413
     s, _, body = classify_server.post("/v1/embeddings", {"input": ["x"]})  # not published, not served
@@ -164,12 +164,12 @@ def _metric(server, name, **labels) -> float:
 
 def test_metrics_count_the_requests_made(embed_server):
     before = _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="200")
-    bad = _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="422")
+    bad = _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="400")
     for _ in range(5):
         assert embed_server.post("/v1/embeddings", {"input": "card"})[0] == 200
     embed_server.post("/v1/embeddings", {"input": []})
     assert _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="200") == before + 5
-    assert _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="422") == bad + 1
+    assert _metric(embed_server, "millis_requests_total", route="/v1/embeddings", status="400") == bad + 1
     assert _metric(embed_server, "millis_batch_size_count") >= 5
     assert _metric(embed_server, "millis_queue_seconds_count") >= 5
     assert _metric(embed_server, "millis_ready") == 1
@@ -279,12 +279,12 @@ def test_tokenize_returns_the_ids_inference_runs(embed_server, embed_artifact):
     for bad, param in (({"input": 5}, "input"), ({"input": []}, "input"), ({}, "input"),
                        ({"input": "x", "model": "other"}, "model")):
         status, _, err = embed_server.post("/tokenize", bad)
-        assert status in (404, 422) and err["error"]["param"] == param, err
+        assert status in (404, 400) and err["error"]["param"] == param, err
 
 
 def test_token_id_input_embeds_as_its_text(embed_server):
     """OpenAI's token-array input ([int], [[int]], as LangChain's OpenAIEmbeddings sends): the ids run as given
-    (no special tokens added), cut at max_length and reported; an id outside the vocabulary is a 422 naming it."""
+    (no special tokens added), cut at max_length and reported; an id outside the vocabulary is a 400 naming it."""
     text = TEXTS[0]
     ids = embed_server.post("/tokenize", {"input": [text]})[2]["data"][0]["tokens"]  # [CLS] ... [SEP]
     want = embed_server.post("/v1/embeddings", {"input": text})[2]["data"][0]["embedding"]
@@ -304,7 +304,7 @@ def test_token_id_input_embeds_as_its_text(embed_server):
     for bad, where in (([ids, [ids[0], 5, vocab]], "input[1][2]"), ([ids[0], -3], "input[1]"), ([ids, []], "input[1]"),
                        (ids * 400 + [vocab], f"input[{len(ids) * 400}]")):
         status, _, err = embed_server.post("/v1/embeddings", {"input": bad})
-        assert status == 422 and where in err["error"]["message"] and err["error"]["param"] == "input", err
+        assert status == 400 and where in err["error"]["message"] and err["error"]["param"] == "input", err
 
 
 def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_artifact):
@@ -345,7 +345,7 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
                        ({"query": query, "documents": ["ok", 3]}, "documents"),
                        ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):
         status, _, err = classify_server.post("/v1/rerank", bad)
-        assert status == 422 and err["error"]["param"] == param, err
+        assert status == 400 and err["error"]["param"] == param, err
 
 
 def test_rerank_duplicates_top_n_and_nulls(classify_server):
@@ -370,7 +370,7 @@ def test_rerank_duplicates_top_n_and_nulls(classify_server):
     assert len(logits) > 1  # a multi-label head: raw is the last label's logit, not a probability
     for bad in ({"top_n": 0.5}, {"top_n": "3"}, {"top_n": True}, {"raw_scores": "no"}):
         status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
-        assert status == 422 and err["error"]["param"] == next(iter(bad)), err
+        assert status == 400 and err["error"]["param"] == next(iter(bad)), err
 
 
 def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_server):
@@ -436,7 +436,7 @@ def test_model_card_and_tokenize_inputs(embed_server):
     assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
     a = embed_server.post("/tokenize", {"inputs": TEXTS[:2]})
     assert a[0] == 200 and a[2]["data"] == embed_server.post("/tokenize", {"input": TEXTS[:2]})[2]["data"]
-    assert embed_server.post("/tokenize", {"input": "x", "inputs": "x"})[0] == 422
+    assert embed_server.post("/tokenize", {"input": "x", "inputs": "x"})[0] == 400
 
 
 def test_raw_relevance_ranks_as_the_score():

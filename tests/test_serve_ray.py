@@ -79,7 +79,7 @@ def test_encoder_replicas_answer_as_one_process(encoder):
             assert abs(got["data"][0]["score"] - want["data"][0]["score"]) < 1e-5
         assert len(seen) == 2  # both replicas took requests
         status, _, err = encoder.post("/v1/classify", {"input": 5})
-        assert status == 422 and err["error"]["param"] == "input"
+        assert status == 400 and err["error"]["param"] == "input"
     finally:
         assert single.stop() == 0
 

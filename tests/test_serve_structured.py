@@ -1,7 +1,7 @@
 """The OpenAI surface beyond plain text, on a served GGUF model: response_format json_object /
 json_schema (every answer parses and validates, streamed too), tools and tool_choice (tool_calls
 parsed, arguments valid under the tool's parameters, also when streaming), n choices (distinct when
-sampled, seeded reproducibly), and the 422s that name the field."""
+sampled, seeded reproducibly), and the 400s that name the field."""
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -130,7 +130,7 @@ def test_tool_calls_parse_and_validate_also_streamed(server):
 
 def test_tool_parameters_with_defs_and_refs_compile_and_validate(server):
     """Pydantic writes tool parameters with $defs / $ref: nested in the answer's schema, "#/$defs/City" pointed
-    at the answer's root and every such tool was a 422."""
+    at the answer's root and every such tool was a 400."""
     city = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
             "additionalProperties": False}
     trip = {"type": "function", "function": {"name": "plan_trip", "parameters": {
@@ -225,10 +225,10 @@ def test_n_choices_are_distinct_seeded_and_reproducible(server):
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "number", "exclusiveMinimum": 0.1, "exclusiveMaximum": 0.10000000000000002}}}}, "response_format"),
 ])
-def test_bad_structured_requests_are_422_naming_the_field(server, route, extra, param):
+def test_bad_structured_requests_are_400_naming_the_field(server, route, extra, param):
     body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": MSGS}
     status, _, err = server.post(route, raw=json.dumps({**body, **extra}).replace('"$deep"', DEEP).encode())
-    assert status == 422 and err["error"]["param"] == param, err
+    assert status == 400 and err["error"]["param"] == param, err
 
 
 def test_millis_bench_times_streamed_generation(server, tmp_path):
@@ -393,13 +393,13 @@ def test_tokenize_counts_what_the_chat_route_sends(native_server):
     assert status == 200 and tok["count"] == chat["usage"]["prompt_tokens"], (tok, chat)
 
 
-def test_a_lone_surrogate_in_arguments_is_a_422(native_server):
+def test_a_lone_surrogate_in_arguments_is_a_400(native_server):
     """Escaped in the JSON text it passes the body's parser; the template's tojson writes it raw."""
     calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"city": "\\ud800"}'}}]
     msgs = MSGS + [{"role": "assistant", "content": None, "tool_calls": calls}]
     for route in ("/v1/chat/completions", "/tokenize"):
         status, _, err = native_server.post(route, {"messages": msgs})
-        assert status == 422 and err["error"]["param"] == "messages", (route, err)
+        assert status == 400 and err["error"]["param"] == "messages", (route, err)
 
 
 def test_tokenize_counts_the_tools_as_the_chat_route_does(server):
@@ -415,7 +415,7 @@ def test_tokenize_counts_the_tools_as_the_chat_route_does(server):
 
 def test_a_small_kv_pool_bounds_max_tokens_and_requests_share_it(tmp_path):
     """A GGUF model's context (1,024 here) within a KV pool of less: the card's max_model_len is the pool's, a
-    max_tokens past it a 422 naming max_tokens (it was cut at the pool without a word), and two requests that
+    max_tokens past it a 400 naming max_tokens (it was cut at the pool without a word), and two requests that
     each fill most of the pool both finish: blocks are taken as they are written, the newer preempted."""
     cfg = dataclasses.replace(CFG, dim=128, n_layers=4, n_kv_heads=4, hidden_dim=256)  # 4 KB of KV a position
     path = tmp_path / "tiny.gguf"
@@ -426,7 +426,7 @@ def test_a_small_kv_pool_bounds_max_tokens_and_requests_share_it(tmp_path):
         ctx = json.loads(ctx)["max_model_len"]
         assert 64 <= ctx < CFG.max_seq
         status, _, err = s.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": ctx + 1})
-        assert status == 422 and err["error"]["param"] == "max_tokens"
+        assert status == 400 and err["error"]["param"] == "max_tokens"
         ask = {"max_tokens": ctx * 3 // 4, "temperature": 0, "ignore_eos": True}
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda p: s.post("/v1/completions", {"prompt": p, **ask}), ([1, 5], [1, 6])))

@@ -131,10 +131,12 @@ def count(st, route: str, status: int, t0: float) -> None:
     st.metrics.on_request(route, status, perf_counter() - t0)
 
 
-def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
+def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], invalid: int = 400):
     """Errors -> JSON error bodies with their status; every answer counted and timed. A client that
     leaves (mid-body or while waiting) is counted as 499, not logged as an error. A streamed answer is
-    counted, timed and leaves "in flight" when its stream ends (Streamed)."""
+    counted, timed and leaves "in flight" when its stream ends (Streamed). A field missing, of the wrong type
+    or out of bounds (ApiError 422) is answered `invalid`: 400, as OpenAI answers it (its SDK raises
+    BadRequestError for a 400 only), or TEI's 422 on TEI's routes."""
     async def handler(request: Request) -> Response | Streamed:
         t0 = perf_counter()
         st.metrics.on_admit()
@@ -145,6 +147,8 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]]):
         try:
             resp = await fn(request)
         except schemas.ApiError as e:
+            if e.status == 422:
+                e.status = invalid
             resp = error_response(e)
         except (ClientGone, ClientDisconnect):
             resp = Response(b"", 499)  # nobody reads it

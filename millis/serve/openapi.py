@@ -25,9 +25,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-ERRORS = {"400": "malformed JSON or a request this model cannot serve", "404": "unknown model",
-          "413": "body, inputs or prompt too large", "422": "a field is missing or out of bounds",
+ERRORS = {"400": "malformed JSON, a field missing, of the wrong type or out of bounds, or a request this model "
+                 "cannot serve", "404": "unknown model", "413": "body, inputs or prompt too large",
           "429": "queue full; see Retry-After", "503": "loading, shutting down or timed out; see Retry-After"}
+TEI_ERRORS = {"422": "a field missing, of the wrong type or out of bounds (TEI's status)"}
 USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
          "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                         "total_tokens": {"type": "integer"}}}
@@ -119,7 +120,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "truncate": nullable({"type": "boolean"}),
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
-        paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs))
+        paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs), TEI_ERRORS)
     if task in ("", "classify"):
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
@@ -139,7 +140,8 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": texts, "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"})}}
         paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, per text (a list of "
-                                  "those for a list)", req, _json({"oneOf": [labels, {"type": "array", "items": labels}]}))
+                                  "those for a list)", req, _json({"oneOf": [labels, {"type": "array", "items": labels}]}),
+                                  TEI_ERRORS)
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,
@@ -162,7 +164,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         hit = {"type": "object", "required": ["index", "score"], "properties": {
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": {"type": "string"}}}
         paths["/rerank"] = _post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
-                                 _json({"type": "array", "items": hit}))
+                                 _json({"type": "array", "items": hit}), TEI_ERRORS)
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}

@@ -340,7 +340,8 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         req = tei.predict_request(body, st.limits)
         job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
                                            reject=req.truncate is False)
-        return json_response(tei.predict_response(job.out, model.id2label, req, model.problem_type), headers=timing_headers(job, tok_s, cut))
+        return json_response(tei.predict_response(job.out, model.id2label, req, model.problem_type),
+                             headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         arrived = asyncio.get_running_loop().time()
@@ -372,13 +373,13 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         data, ctype = m.render()
         return Response(data, 200, media_type=ctype)
 
-    def post(path: str, fn) -> Route:
-        return Route(path, endpoint(st, path, fn), methods=["POST"])
+    def post(path: str, fn, invalid: int = 400) -> Route:
+        return Route(path, endpoint(st, path, fn, invalid), methods=["POST"])
 
     # a sequence classifier over (query, document) pairs is a cross-encoder: classify models rerank too
-    by_task = {"embed": [post("/v1/embeddings", embeddings), post("/embed", tei_embed)],
-               "classify": [post("/v1/classify", classify), post("/predict", tei_predict), post("/v1/rerank", rerank),
-                            post("/rerank", tei_rerank)]}
+    by_task = {"embed": [post("/v1/embeddings", embeddings), post("/embed", tei_embed, tei.INVALID)],
+               "classify": [post("/v1/classify", classify), post("/predict", tei_predict, tei.INVALID),
+                            post("/v1/rerank", rerank), post("/rerank", tei_rerank, tei.INVALID)]}
     routes = [r for t, rs in by_task.items() if task in ("", t) for r in rs] + [
               *model_routes(st, card),
               post("/tokenize", tokenize),

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from millis.common.numeric import label_scores, unit_rows
+
+INVALID = 422  # TEI answers a field missing, of the wrong type or out of bounds 422 (OpenAI's routes: 400)
 from millis.serve.schemas import ApiError, Limits, boolean, integer, shortened, texts_of
 
 
