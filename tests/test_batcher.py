@@ -336,3 +336,21 @@ def test_requests_never_share_a_call_on_a_runtime_whose_rows_share_scales(tiny_d
     jobs = run(go())
     assert fake.calls == [{7}, {9}, {11}], f"requests (by marker) of each runtime call: {fake.calls}"
     assert [j.batch_rows for j in jobs] == [[2], [1], [1]]  # a request's own rows still run together
+
+
+def test_rows_of_a_request_gone_do_not_count_as_waiting():
+    """A client that left (or timed out) still held its rows' places in the queue until the running call ended and
+    popped them: new requests got 429 with no live row waiting."""
+    async def go():
+        b = Batcher(Recorder(), 128, 8, 4096, 0, max_queue=4)
+        gone = make_job(3, 3, 3, 3)
+        b.submit(gone)
+        with pytest.raises(Overloaded):
+            b.submit(make_job(3))
+        gone.drop(ClientGone("client disconnected"))
+        b.submit(make_job(3))  # was: 429, 4 rows queued
+        assert b.depth == 5 and b.gone_rows == 4
+        b.start()
+        await b.close()
+        assert b.depth == 0 and b.gone_rows == 0
+    run(go())

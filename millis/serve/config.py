@@ -28,7 +28,8 @@ class ServeConfig:
     # One meaning each, for both servers: a row is a text (encoders) or a sequence being decoded (generation).
     max_batch: int = _f(32, "most rows in one model call (generation: sequences decoded together, each holding "
                             "a KV cache slot allocated at load)")
-    max_batch_tokens: int = _f(4096, "most tokens in one runtime call, padding counted (rows x bucket length)")
+    max_batch_tokens: int = _f(4096, "most tokens in one runtime call, padding counted (rows x bucket length); a "
+                                     "row whose bucket is longer runs alone, past it")
     max_wait_ms: float = _f(0.0, "wait up to this long for a batch to fill; 0 = run what is queued as soon as "
                                  "the runtime is free (batches still form while it is busy)")
     max_queue: int = _f(128, "rows waiting to start (not yet in a model call / not yet given a slot) past which a "

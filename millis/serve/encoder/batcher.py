@@ -113,12 +113,16 @@ class Job:
     queue_s: float = -1.0                   # submit -> its first row enters a runtime call
     infer_s: float = 0.0                    # wall time of the runtime calls its rows were in
     batch_rows: list[int] = field(default_factory=list)  # rows of each runtime call it rode in
+    queued: int = 0                         # rows in the batcher's queues (not popped yet)
+    on_drop: Callable[["Job"], None] | None = None  # the batcher's: its queued rows no longer count as waiting
 
     def __post_init__(self) -> None:
         self.out = [None] * len(self.rows)
         self.pending = len(self.rows)
 
     def drop(self, exc: Exception) -> None:
+        if not self.gone and self.on_drop is not None:
+            self.on_drop(self)
         self.gone = True
         if not self.future.done():
             self.future.set_exception(exc)
@@ -134,6 +138,7 @@ class Batcher:
         self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
         self.on_batch = on_batch                         # metrics hook: (rows, tokens, seconds)
         self.depth = 0                                   # rows queued, gone ones included until popped
+        self.gone_rows = 0                               # of them, rows of requests gone (dropped): not waiting
         self._queues: dict[int, deque[tuple[Job, int]]] = {}
         self._wake = asyncio.Event()
         self._closing = False
@@ -150,13 +155,16 @@ class Batcher:
             raise ShuttingDown("server is shutting down")
         n = len(job.rows)
         # admitted while fewer than max_queue rows wait, whatever its size (the queue may go past by up to
-        # --max-inputs - 1): `depth + n > max_queue` refused every 64-text request under steady small ones
-        if self.depth >= self.max_queue:
-            wait = self.depth / self._rows_per_s if self._rows_per_s > 0 else 1.0
-            raise Overloaded(self.depth, max(1, math.ceil(wait)))
+        # --max-inputs - 1): `depth + n > max_queue` refused every 64-text request under steady small ones. A gone
+        # request's rows wait for nothing: they 429'd others until the running call ended and they were popped
+        waiting = self.depth - self.gone_rows
+        if waiting >= self.max_queue:
+            wait = waiting / self._rows_per_s if self._rows_per_s > 0 else 1.0
+            raise Overloaded(waiting, max(1, math.ceil(wait)))
         for i, ids in enumerate(job.rows):
             self._queues.setdefault(bucket_length(len(ids), self.max_length), deque()).append((job, i))
         self.depth += n
+        job.queued, job.on_drop = n, self._dropped
         self._wake.set()
 
     def expire(self, exc: Exception) -> int:
@@ -253,6 +261,9 @@ class Batcher:
             except TimeoutError:
                 return
 
+    def _dropped(self, job: Job) -> None:
+        self.gone_rows += job.queued
+
     def _take(self) -> tuple[int, list[tuple[Job, int]]] | None:
         """Pop up to one batch from the bucket whose head is oldest; gone rows are dropped."""
         best = self._oldest()
@@ -265,7 +276,10 @@ class Batcher:
                 break
             job, i = q.popleft()
             self.depth -= 1
-            if not job.gone:
+            job.queued -= 1
+            if job.gone:
+                self.gone_rows -= 1
+            else:
                 rows.append((job, i))
         return (t, rows) if rows else None
 
