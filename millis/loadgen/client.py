@@ -7,6 +7,7 @@ and `Connection: close`. Both systems under test see the same client.
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from millis.common.errors import MillisError
@@ -73,14 +74,28 @@ class Conn:
         return status, headers, body
 
     async def _chunked(self) -> bytes:
-        parts = []
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                await self.reader.readuntil(b"\r\n")
-                return b"".join(parts)
-            parts.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
+        body = b"".join([p async for p in self.pieces({"transfer-encoding": "chunked"})])
+        await self.reader.readuntil(b"\r\n")  # the blank line after the last chunk: the connection is reused
+        return body
+
+    async def pieces(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive: chunked, Content-Length, or (neither) until the connection closes."""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    return
+                yield await self.reader.readexactly(size)
+                await self.reader.readexactly(2)
+        left = int(headers["content-length"]) if "content-length" in headers else -1
+        while left != 0:
+            piece = await self.reader.read(65536 if left < 0 else min(left, 65536))
+            if not piece:
+                if left > 0:
+                    raise asyncio.IncompleteReadError(b"", left)
+                return
+            left -= len(piece) if left > 0 else 0
+            yield piece
 
     def stale(self, e: BaseException) -> bool:
         """Did `e` end a request on a reused connection before any byte of its answer? Then the server

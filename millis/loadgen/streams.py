@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -50,26 +50,6 @@ def _content(event: Any) -> str:
     return text if isinstance(text, str) else ""
 
 
-async def body_pieces(c: Conn, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive: chunked, Content-Length, or (neither) until the connection closes."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await c.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                return
-            yield await c.reader.readexactly(size)
-            await c.reader.readexactly(2)
-    left = int(headers["content-length"]) if "content-length" in headers else -1
-    while left != 0:
-        piece = await c.reader.read(65536 if left < 0 else min(left, 65536))
-        if not piece:
-            if left > 0:
-                raise asyncio.IncompleteReadError(b"", left)
-            return
-        left -= len(piece) if left > 0 else 0
-        yield piece
-
-
 def events_of(buf: bytes) -> tuple[list[bytes], bytes]:
     """(the data of each whole server-sent event in buf, the rest). Lines end in \\n, \\r\\n or \\r and an
     event at a blank line; its `data:` lines (one space after the colon dropped) are joined by \\n, other
@@ -94,7 +74,7 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
     if out.status != 200 or not (kind.startswith("text/event-stream") or not kind and "transfer-encoding" in headers):
         return  # an unstreamed answer (a JSON body): EMPTY (stream_one)
     buf, last, events = b"", None, 0
-    pieces = body_pieces(c, headers)
+    pieces = c.pieces(headers)
     while True:
         piece = await anext(pieces, None)
         if piece is None:  # the end: a \r held back is a line end

@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.serve import schemas
-from millis.serve.http import error_response, read_body
+from millis.serve.http import Streamed, error_response, read_body
 from millis.serve.ray.replica import Forwarded
 
 log = logging.getLogger("millis.serve.ray")
@@ -134,7 +134,7 @@ class Gateway:
             resp = await self.answer(request)
             if isinstance(resp, StreamingResponse):  # in flight until its stream ends
                 streamed = True
-                resp.body_iterator = self.counted(resp.body_iterator)
+                return Streamed(resp, self.answered_whole)
             if request.url.path == "/metrics" and resp.status_code == 200:
                 resp = Response(resp.body + generate_latest(self.registry), status_code=200,
                                 media_type=resp.media_type or "text/plain; version=0.0.4; charset=utf-8")
@@ -143,12 +143,8 @@ class Gateway:
             if not streamed:
                 self.inflight -= 1
 
-    async def counted(self, chunks):
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self.inflight -= 1
+    def answered_whole(self, status: int) -> None:  # a stream has ended (Streamed's finish)
+        self.inflight -= 1
 
     def own(self, resp: Response) -> Response:
         """An answer of the gateway's own, counted on /metrics."""
