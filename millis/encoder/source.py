@@ -180,7 +180,7 @@ def read_pooling(path: Path) -> Pooling:
         raise MillisError(f"{modules_file} has the module(s) {', '.join(other)} beyond Transformer, Pooling and "
                           f"Normalize: millis would compute another embedding than sentence-transformers does")
     sb = path / "sentence_bert_config.json"
-    if sb.is_file() and json.loads(sb.read_text()).get("do_lower_case"):
+    if json_value(sb, "do_lower_case"):
         raise MillisError(f"{sb} asks for texts lower-cased before tokenizing (do_lower_case), which millis does not "
                           f"do: lower-case them yourself, or set it false if the tokenizer lower-cases already")
     prompt = json_value(path / "config_sentence_transformers.json", "default_prompt_name")

@@ -184,8 +184,9 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, idx in enumerate(length_batches(lengths, cfg.batch_size, rng), start=1):
             loss = loss_of(idx)
-            if not bool(torch.isfinite(loss)):  # stop before its gradients make every weight NaN
-                diverged = {"epoch": epoch, "step": step, "loss": str(loss.item())}
+            value = loss.item()  # read once a step
+            if not math.isfinite(value):  # stop before its gradients make every weight NaN
+                diverged = {"epoch": epoch, "step": step, "loss": str(value)}
                 break
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,8 +194,8 @@ def fit(model, cfg, lengths: list[int], loss_of: LossFn, score: Callable[[], flo
             sched.step()
             opt.zero_grad(set_to_none=True)
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            progress("step", {"epoch": epoch, "step": step, "loss": loss.item(),
+            loss_sum += value * len(idx)
+            progress("step", {"epoch": epoch, "step": step, "loss": value,
                               "rows_per_s": seen / (time.perf_counter() - t0)})
         if diverged is not None:  # the best epoch before it (if any) is kept
             progress("diverged", diverged)
