@@ -393,6 +393,21 @@ def test_penalties_and_logit_bias_equal_the_engine(server, llama):
         assert status == 400 and body["error"]["param"] == field, body
 
 
+def test_chat_max_tokens_past_the_context_names_its_field(server):
+    """The chat route's asked max_completion_tokens (or max_tokens) past the context with the templated prompt:
+    400 context_length_exceeded naming the field the client sent (test_serve_poison: the completions route)."""
+    msgs = [{"role": "user", "content": "hello there"}]
+    n = server.post("/tokenize", {"messages": msgs})[2]["count"]
+    for field in ("max_completion_tokens", "max_tokens"):
+        status, _, got = server.post("/v1/chat/completions", {"messages": msgs, field: 4096 - n + 1})
+        assert status == 400 and got["error"]["code"] == "context_length_exceeded", got
+        assert got["error"]["param"] == field and f"({n} in the messages, {4096 - n + 1} in the completion)" in \
+            got["error"]["message"], got
+    status, _, got = server.post("/v1/chat/completions", {"messages": msgs, "max_completion_tokens": 4096 - n + 1,
+                                                          "max_tokens": 3})  # the newer field rules
+    assert status == 400 and got["error"]["param"] == "max_completion_tokens", got
+
+
 def test_tokenize_and_detokenize(server, llama):
     from millis.gen import EngineConfig, open_engine
 

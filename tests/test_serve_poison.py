@@ -340,3 +340,20 @@ def test_requests_running_or_half_read_at_the_drain_limit_get_a_json_503(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_asked_max_tokens_past_the_context_is_refused(stories):
+    """prompt + an asked max_tokens past the context: 400 context_length_exceeded naming the field (OpenAI's and
+    vLLM's answer; a cut answer would say "length" as if the model had chosen it). The server's own default is cut
+    at the context instead, as vLLM's (test_serve_gen checks the chat route's max_completion_tokens)."""
+    s = stories[1]
+    ctx = json.loads(s.get("/v1/models")[1])["data"][0]["max_model_len"]
+    prompt = {"prompt": "Once upon a time " * 20, "ignore_eos": True}
+    status, _, tok = s.post("/tokenize", {"prompt": prompt["prompt"]})
+    n = tok["count"]
+    assert status == 200 and 10 < n < ctx - 10, tok
+    status, _, got = s.post("/v1/completions", {**prompt, "max_tokens": ctx - n + 1})
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded", got
+    assert got["error"]["param"] == "max_tokens" and f"maximum context length is {ctx}" in got["error"]["message"]
+    status, _, got = s.post("/v1/completions", {**prompt, "max_tokens": ctx - n})  # fits exactly
+    assert status == 200 and got["usage"]["completion_tokens"] == ctx - n, got

@@ -123,7 +123,7 @@ class GenState:
             log.error("millis serve: model failed to load: %s", self.load_error)
             return
         self.cold_start_s = perf_counter() - t0
-        # one request's positions: the context, within the paged KV pool (max_tokens past it: 422, not a cut)
+        # one request's positions: the context, within the paged KV pool (an asked max_tokens past it: 400, not a cut)
         self.context = min(eng.max_seq, eng.kv.capacity) if eng.kv is not None else eng.max_seq
         self.gen_limits = gs.GenLimits(self.cfg.max_tokens, self.context, prompt_char_limit(eng.tok, eng.max_seq),
                                        # n choices are n rows: at most the slots, and the queue (more could never
@@ -359,7 +359,9 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
             except MillisError as e:
                 raise schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from,
                                        code="invalid_value") from None
-        lives = st.admit(await st.prompt_ids(g), g.params, chat, g.n, matchers)
+        ids = await st.prompt_ids(g)
+        gs.check_room(g, len(ids), st.context)
+        lives = st.admit(ids, g.params, chat, g.n, matchers)
 
         def on_close(stream):
             return SSEResponse(stream, lambda: [st.cancel(live, "cancelled") for live in lives])

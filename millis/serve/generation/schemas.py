@@ -55,6 +55,7 @@ class GenRequest:
     tool_format: GenericFormat = GENERIC  # chat: how the template shows tools and the model writes calls
     template_tools: list | None = None    # chat: the chat template's `tools` variable
     chars: int = 0                        # text characters the prompt is made of (chat: all the template shows)
+    asked: str = ""                       # the field that set max_tokens; "": the server's default (cut at the context)
 
     def __post_init__(self) -> None:
         if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
@@ -214,7 +215,23 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
         raise ApiError(422, "tools and tool_choice are for /v1/chat/completions", param="tools", code="unsupported")
     params = sampling(body, limits)
     return GenRequest(prompt, None, params, stream, usage, integer(body, "n", 1, MAX_N, 1),
-                      chars=len(prompt) if isinstance(prompt, str) else 0)
+                      chars=len(prompt) if isinstance(prompt, str) else 0, asked=_asked(body, ("max_tokens",)))
+
+
+def _asked(body: dict, fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")) -> str:
+    return next((k for k in fields if body.get(k) is not None), "")
+
+
+def check_room(g: GenRequest, prompt_tokens: int, context: int) -> None:
+    """A prompt and the max_tokens a client asked for must fit the context together: a 400 as OpenAI and vLLM
+    answer it (an answer cut short with finish_reason "length" would look like the model's choice). The server's
+    default max_tokens is cut at the context instead, as vLLM's."""
+    if g.asked and prompt_tokens + g.params.max_tokens > context:
+        where = "messages" if g.messages is not None else "prompt"
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_tokens + g.params.max_tokens} tokens ({prompt_tokens} in the {where}, "
+                            f"{g.params.max_tokens} in the completion). Please reduce the length of the {where} or "
+                            f"{g.asked}.", param=g.asked, code="context_length_exceeded")
 
 
 def _check_size(chars: int, limits: GenLimits, param: str, what: str = "") -> None:
@@ -301,7 +318,7 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
     return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
-                      template_tools, chars)
+                      template_tools, chars, _asked(body))
 
 
 # ---------------------------------------------------------------------------- bodies
