@@ -63,3 +63,30 @@ def test_dashboard_of_a_live_server_under_load_shows_p99_and_shedding(embed_arti
     assert state["shed"] and state["p99"] > 0 and "p99 over the last minute" in state["head"], state
     assert state["renders"] >= 2
     assert all(charts[k] > 0 for k in ("latency", "requests", "batch_rows", "stages")), charts
+
+
+def test_dashboard_says_unreachable_when_the_server_stops_answering(embed_artifact):  # noqa: F811
+    """A server that accepts connections and never answers (stopped here with SIGSTOP: its kernel still queues
+    them) must not leave the last numbers up under a green "ready": the page's poll gives up after 3 s and says
+    unreachable, then recovers when the server answers again."""
+    import os
+    import signal
+
+    s = Server(embed_artifact)
+    status = "document.getElementById('status').textContent"
+    try:
+        with Browser() as b:
+            page = b.open(f"{s.url}/dashboard", wait_s=0.5)
+            page.wait_for(f"{status} === 'ready'", timeout_s=15)
+            os.kill(s.pid, signal.SIGSTOP)
+            try:
+                page.wait_for(f"{status} === 'unreachable'", timeout_s=10)
+                error = page.evaluate("document.getElementById('error').textContent")
+            finally:
+                os.kill(s.pid, signal.SIGCONT)
+            page.wait_for(f"{status} === 'ready'", timeout_s=15)
+            assert not page.errors, page.errors
+    finally:
+        os.kill(s.pid, signal.SIGCONT)
+        assert s.stop() == 0
+    assert "no answer in 3 s" in error, error

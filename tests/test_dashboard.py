@@ -79,14 +79,25 @@ def test_buckets_cover_their_values():
 def test_status_classes_and_counts():
     assert [status_class(c) for c in (200, 201, 400, 404, 413, 422, 499, 429, 503, 500, 504)] == \
         [0, 0, 1, 1, 1, 1, 1, 2, 3, 4, 4]
-    clock = Clock()
+    clock = Clock(1000.0)
     live = Live(clock=clock)
+    clock.t = 1200.0
     for code, n in ((200, 7), (422, 3), (429, 2), (503, 1), (500, 1)):
-        for _ in range(n):
-            live.request("/v1/classify", code, 0.01)
+        for _ in range(n):  # the shed and failed answers quick: they must not pull the latency down
+            live.request("/v1/classify", code, 0.01 if code == 200 else 0.0001)
+    clock.t = 1200.25
     s = live.snapshot(60)["summary"]
     assert s["status"] == {"2xx": 7, "4xx": 3, "429": 2, "503": 1, "5xx": 1} and s["shedding"] == 3
-    assert s["requests"] == 14 and s["requests_per_s"] == round(14 / 60, 3)
+    # a rate over the time the minute covers: 59 s and the current second's quarter
+    assert s["requests"] == 14 and s["requests_per_s"] == round(14 / 59.25, 3)
+    assert s["latency_samples"] == 7 and s["latency_ms"]["p50"] == pytest.approx(10, rel=RESOLUTION - 1)
+    live.request("/embed", 200, 0.01)  # TEI's routes are model routes
+    assert live.snapshot(60)["summary"]["latency_samples"] == 8
+    early = Live(clock=Clock(50.0))  # 3 answers in the first 2 s: per second over those 2 s, not over a minute
+    early.clock.t = 52.0
+    for _ in range(3):
+        early.request("/v1/classify", 200, 0.01)
+    assert early.snapshot(60)["summary"]["requests_per_s"] == 1.5
 
 
 def test_rollover_after_more_than_ten_minutes_of_fake_time():
@@ -227,10 +238,12 @@ def test_encoder_server_stats_and_dashboard(embed_artifact):  # noqa: F811
         for path in ("/dashboard", "/stats", "/stats?window=0", "/metrics"):   # none of these is counted
             s.get(path)
         got = stats(s, 600)
-        assert got["summary"] == before["summary"]
+        rates = ("requests_per_s", "batches_per_s")  # over the time the minute covers: it grew meanwhile
+        assert {k: v for k, v in got["summary"].items() if k not in rates} == \
+            {k: v for k, v in before["summary"].items() if k not in rates}
         sm = got["summary"]
         assert sm["status"] == {"2xx": 5, "4xx": 3, "429": 0, "503": 0, "5xx": 0} and sm["shedding"] == 0
-        assert sm["latency_samples"] == 7                       # the 404 has no route: not timed
+        assert sm["latency_samples"] == 5                       # served answers: the 4xx are not timed
         assert sm["latency_ms"]["p50"] > 0 and sm["latency_ms"]["p99"] >= sm["latency_ms"]["p50"]
         assert sm["inference_ms"] > 0 and sm["batch_rows"] >= 1 and sum(got["series"]["batches"]) >= 5
         assert len(got["series"]["t"]) == 600 and got["gauges"]["queue_depth"] == 0

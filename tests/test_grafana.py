@@ -67,7 +67,7 @@ def panels_with_rows(dash: dict) -> list[tuple[str, dict]]:
 def test_exported_names_match_what_the_registry_renders():
     m = GenMetrics()
     m.requests.labels("/v1/embeddings", "200").inc()
-    m.duration.labels("/v1/embeddings").observe(0.01)
+    m.duration.labels("/v1/embeddings", "2xx").observe(0.01)
     rendered = {line.split("{")[0].split(" ")[0] for line in m.render()[0].decode().splitlines()
                 if line and not line.startswith("#")}
     assert rendered and rendered <= series_names(m)
@@ -135,3 +135,42 @@ def test_dashboard_covers_the_metrics_asked_for():
             "millis_ready", "millis_time_to_first_token_seconds_bucket", "millis_inter_token_latency_seconds_bucket",
             "millis_generated_tokens_total", "millis_running_requests", "millis_prefix_cache_hit_ratio",
             "millis_speculative_acceptance_ratio", "millis_generation_requests_total"} <= used
+
+
+def _samples(m: Metrics) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(m.render()[0].decode()) for s in fam.samples}
+
+
+def test_latency_by_status_class_long_generations_and_per_token_itl():
+    """The request duration splits served answers from shed / failed ones (a 429 in 0.1 ms is not the served
+    latency); a generation's duration has buckets past 30 s (histogram_quantile read every longer one as 30 s);
+    tokens a speculative step delivers together are one inter-token latency each, at their share of the time;
+    the prefix cache's hit tokens and the preemptions are counters (totals since start)."""
+    from types import SimpleNamespace
+
+    m = GenMetrics()
+    m.on_request("/v1/completions", 200, 400.0)
+    m.on_request("/v1/completions", 429, 0.0001)
+    got = _samples(m)
+    route = ("route", "/v1/completions")
+    assert got[("millis_request_duration_seconds_count", (route, ("status_class", "2xx")))] == 1
+    assert got[("millis_request_duration_seconds_count", (route, ("status_class", "429")))] == 1
+    assert got[("millis_request_duration_seconds_bucket", (("le", "300.0"), route, ("status_class", "2xx")))] == 0
+    assert got[("millis_request_duration_seconds_bucket", (("le", "600.0"), route, ("status_class", "2xx")))] == 1
+    m.on_itl(0.03, 3)
+    got = _samples(m)
+    assert got[("millis_inter_token_latency_seconds_count", ())] == 3
+    assert got[("millis_inter_token_latency_seconds_sum", ())] == pytest.approx(0.03)
+    assert got[("millis_inter_token_latency_seconds_bucket", (("le", "0.01"),))] == 3
+    eng = SimpleNamespace(max_batch=2, free_slots=2, waiting=[], preempted=2, draft_stats=SimpleNamespace(drafted=0),
+                          kv=SimpleNamespace(hit_tokens=40, hit_rate=0.5))
+    m.observe_engine(eng)
+    eng.kv.hit_tokens, eng.preempted = 70, 3
+    m.observe_engine(eng)
+    m.observe_engine(eng)
+    got = _samples(m)
+    assert got[("millis_prefix_cache_hit_tokens_total", ())] == 70 and got[("millis_preempted_requests_total", ())] == 3
+    assert Metrics().duration.bounds[-1] == 30.0  # an encoder's stop at 30 s

@@ -431,6 +431,6 @@ def test_a_small_kv_pool_bounds_max_tokens_and_requests_share_it(tmp_path):
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda p: s.post("/v1/completions", {"prompt": p, **ask}), ([1, 5], [1, 6])))
         assert [(a[0], a[2]["usage"]["completion_tokens"]) for a in answers] == [(200, ask["max_tokens"])] * 2
-        assert _metric(s, "millis_preempted_requests") >= 1
+        assert _metric(s, "millis_preempted_requests_total") >= 1
     finally:
         assert s.stop() == 0

@@ -24,13 +24,15 @@ SECONDS = 600                   # the ring: 10 minutes of 1-second rows
 SUMMARY_S = 60                  # the headline numbers cover the last minute
 LO_S = 1e-5                     # the lowest histogram bucket starts at 10 us
 BUCKETS_PER_OCTAVE = 12         # bucket i: [LO * 2^(i/12), LO * 2^((i+1)/12)), i.e. 5.9% wide
-N_BUCKETS = 25 * BUCKETS_PER_OCTAVE  # up to LO * 2^25 = 335 s; longer ones land in the last bucket
+N_BUCKETS = 28 * BUCKETS_PER_OCTAVE  # up to LO * 2^28 = 45 min (a long generation); longer ones: the last bucket
 RESOLUTION = 2 ** (1 / BUCKETS_PER_OCTAVE)  # the ratio of a bucket's ends
 STATUS = ("2xx", "4xx", "429", "503", "5xx")  # answer classes; 429 and 503 (shedding) apart from 4xx / 5xx
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-# the routes whose answers are timed for the latency percentiles (cheap ones such as /v1/models would
-# only pull them down); every counted answer still counts by status
-MODEL_ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/completions", "/v1/chat/completions"})
+# the routes whose served (2xx) answers are timed for the latency percentiles (cheap ones such as /v1/models,
+# and the 429s of a server shedding load, would only pull them down); every answer still counts by status.
+# TEI's routes (/embed, /predict, /rerank) are model routes too
+MODEL_ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/completions", "/v1/chat/completions",
+                          "/embed", "/predict", "/rerank"})
 
 # Live.req columns: answers by status class, then per-stage sums (seconds) and counts, then tokens
 REQ_COLS = (*STATUS, "queue_s", "tokenize_s", "inference_s", "stages", "tokens")
@@ -147,7 +149,8 @@ class Live:
 
     def __init__(self, generation: bool = False, clock: Callable[[], float] = time.monotonic):
         self.generation, self.clock = generation, clock
-        self.wall0 = time.time() - clock()             # clock -> unix time, for the answer's `now`
+        self.started = clock()
+        self.wall0 = time.time() - self.started        # clock -> unix time, for the answer's `now`
         self.req = Ring(len(REQ_COLS), 3, clock)       # histograms: latency, TTFT, inter-token latency
         self.eng = Ring(len(ENG_COLS), 0, clock)
         self.ended = [Ended(self.req, k) for k in range(3)]  # latency, TTFT, ITL
@@ -158,8 +161,9 @@ class Live:
     # ---- observation points (a few list increments each) ----------------------------------------
     def request(self, route: str, status: int, seconds: float) -> None:
         r = self.req.row()
-        self.req.v[r][status_class(status)] += 1
-        if route in MODEL_ROUTES:
+        cls = status_class(status)
+        self.req.v[r][cls] += 1
+        if cls == 0 and route in MODEL_ROUTES:
             self.req.h[0][r][bucket(seconds)] += 1
 
     def stages(self, queue_s: float, tokenize_s: float, inference_s: float) -> None:
@@ -208,8 +212,8 @@ class Live:
 
     # ---- /stats ------------------------------------------------------------------------------
     def snapshot(self, window: int) -> dict:
-        """Per-second series of the last `window` seconds (oldest first, the current second last) and
-        the summary of the last SUMMARY_S seconds. Empty seconds read 0 for counts, null for means and
+        """Per-second series of the last `window` seconds (oldest first, the current second last: counts so
+        far) and the summary of the last SUMMARY_S seconds (rates over the time they cover). Empty seconds read 0 for counts, null for means and
         percentiles. Costs O(window) plus the percentiles of the seconds not seen by the last call."""
         window = min(max(int(window), 1), SECONDS)
         now = self.clock()
@@ -234,14 +238,16 @@ class Live:
                         "queue_depth": _ints(eng[:, E_DEPTH])}
         counts = {c: int(sreq[R[c]]) for c in STATUS}
         total, lat = sum(counts.values()), self.ended[0].sum(last)
-        summary: dict = {"seconds": SUMMARY_S, "requests": total, "requests_per_s": round(total / SUMMARY_S, 3),
+        # the time the summary's seconds cover: 59 and the current second's elapsed part, less before the start
+        covered = max(min(SUMMARY_S - 1 + (now - end), now - self.started), 1.0)
+        summary: dict = {"seconds": SUMMARY_S, "requests": total, "requests_per_s": round(total / covered, 3),
                          "status": counts, "shedding": counts["429"] + counts["503"],
                          "latency_ms": _pcts(lat), "latency_samples": int(lat.sum()),
                          "queue_ms": _one(_div(sreq[R_QUEUE], sreq[R_STAGES]) * 1e3),
                          "tokenize_ms": _one(_div(sreq[R_TOKENIZE], sreq[R_STAGES]) * 1e3),
                          "inference_ms": _one(_div(sreq[R_INFERENCE], sreq[R_STAGES]) * 1e3),
                          "batch_ms": _one(_div(seng[E_SECONDS], seng[E_BATCHES]) * 1e3),
-                         "batches_per_s": round(float(seng[E_BATCHES]) / SUMMARY_S, 3),
+                         "batches_per_s": round(float(seng[E_BATCHES]) / covered, 3),
                          "batch_rows": _one(_div(seng[E_ROWS], seng[E_BATCHES]))}
         if self.generation:
             series.update(ttft_ms=self.ended[1].series(secs), itl_ms=self.ended[2].series(secs),
@@ -250,7 +256,7 @@ class Live:
                           kv_blocks_used=_ints(eng[:, E_KV]),
                           prefix_hit_rate=_floats(_div(eng[:, E_HITS], eng[:, E_PROMPT])))
             summary.update(ttft_ms=_pcts(self.ended[1].sum(last)), itl_ms=_pcts(self.ended[2].sum(last)),
-                           tokens=int(sreq[R_TOKENS]), tokens_per_s=round(float(sreq[R_TOKENS]) / SUMMARY_S, 3),
+                           tokens=int(sreq[R_TOKENS]), tokens_per_s=round(float(sreq[R_TOKENS]) / covered, 3),
                            prefix_hit_rate=_one(_div(seng[E_HITS], seng[E_PROMPT])))
         return {"now": round(self.wall0 + now, 3), "window_s": window, "series": series, "summary": summary}
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from millis.serve.live import Live
+from millis.serve.live import STATUS, Live, status_class
 from millis.serve.series import Counter, Gauge, Histogram
 
 # seconds: sub-millisecond resolution at the low end, where an optimized encoder lives
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# a generation request (a stream of hundreds of tokens on a CPU) may take minutes: past 30 s, PromQL's
+# histogram_quantile would read every one as 30 s
+GEN_DURATION_BUCKETS = LATENCY_BUCKETS + (60.0, 120.0, 300.0, 600.0, 1800.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -22,13 +25,15 @@ class Metrics:
     """The Prometheus series, and `live`: the same observations per second for /stats and /dashboard.
     Observe through the on_* methods so both see every observation."""
 
-    def __init__(self, live: Live | None = None) -> None:
+    def __init__(self, live: Live | None = None, duration_buckets: tuple = LATENCY_BUCKETS) -> None:
         self.live = live or Live()
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("millis_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
-        self.duration = Histogram("millis_request_duration_seconds", "time in the server per request, by route",
-                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        # by status class too: a 429 answered in 0.1 ms is not a latency of the served requests (select 2xx)
+        self.duration = Histogram("millis_request_duration_seconds", "time in the server per request, by route "
+                                  "and status class (2xx, 4xx, 429, 503, 5xx)", ["route", "status_class"],
+                                  buckets=duration_buckets, registry=r)
         self.queue = Histogram("millis_queue_seconds", "per request: submit -> its first row enters a batch",
                                buckets=LATENCY_BUCKETS, registry=r)
         self.tokenize = Histogram("millis_tokenize_seconds", "per request: tokenization time",
@@ -49,7 +54,7 @@ class Metrics:
     def on_request(self, route: str, status: int, seconds: float) -> None:
         """An answer (event loop)."""
         self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        self.duration.labels(route, STATUS[status_class(status)]).observe(seconds)
         self.live.request(route, status, seconds)
 
     def on_admit(self) -> None:
@@ -89,7 +94,7 @@ class GenMetrics(Metrics):
     """A generation server's: the encoder set (a step is a "batch"), plus per-token latencies."""
 
     def __init__(self, live: Live | None = None) -> None:
-        super().__init__(live or Live(generation=True))
+        super().__init__(live or Live(generation=True), GEN_DURATION_BUCKETS)
         r = self.registry
         self.ttft = Histogram("millis_time_to_first_token_seconds", "per request: admitted -> first token sampled",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -103,14 +108,15 @@ class GenMetrics(Metrics):
         self.finished = Counter("millis_generation_requests", "generation requests ended, by reason", ["reason"],
                                 registry=r)
         self.running = Gauge("millis_running_requests", "requests holding a KV cache slot", registry=r)
-        self.prefix_hit_tokens = Gauge("millis_prefix_cache_hit_tokens", "admitted prompt tokens whose KV the "
-                                       "prefix cache held (not prefilled again), since start", registry=r)
+        self.prefix_hit_tokens = Counter("millis_prefix_cache_hit_tokens", "admitted prompt tokens whose KV the "
+                                         "prefix cache held (not prefilled again)", registry=r)
         self.prefix_hit_rate = Gauge("millis_prefix_cache_hit_ratio", "prefix cache hit tokens / admitted prompt "
                                      "tokens, since start (GGUF models)", registry=r)
         self.draft_accept = Gauge("millis_speculative_acceptance_ratio", "prompt-lookup draft tokens accepted / "
                                   "verified, since start (--speculate)", registry=r)
-        self.preempted = Gauge("millis_preempted_requests", "requests that gave their KV blocks back for older ones "
-                               "to decode and were prefilled again later, since start (GGUF models)", registry=r)
+        self.preempted = Counter("millis_preempted_requests", "requests that gave their KV blocks back for older "
+                                 "ones to decode and were prefilled again later (GGUF models)", registry=r)
+        self._seen = {"hits": 0, "preempted": 0}  # the engine's totals at the last scrape: the counters' increments
         for reason in FINISH:
             self.finished.labels(reason)
 
@@ -127,17 +133,22 @@ class GenMetrics(Metrics):
         self.ttft.observe(seconds)
         self.live.ttft(seconds)
 
-    def on_itl(self, seconds: float) -> None:
-        self.itl.observe(seconds)
-        self.live.itl(seconds)
+    def on_itl(self, seconds: float, tokens: int = 1) -> None:
+        """`tokens` delivered together `seconds` after the request's previous ones (a speculative step accepts
+        several): each counts once, at its share of the time, so the histogram stays per token."""
+        for _ in range(tokens):
+            self.itl.observe(seconds / tokens)
+            self.live.itl(seconds / tokens)
 
     def observe_engine(self, eng) -> None:
         """The gauges read off the engine when /metrics is scraped."""
         self.running.set(eng.max_batch - eng.free_slots)
         self.queue_depth.set(len(eng.waiting))
         if eng.kv is not None:
-            self.prefix_hit_tokens.set(eng.kv.hit_tokens)
+            for name, counter, total in (("hits", self.prefix_hit_tokens, eng.kv.hit_tokens),
+                                         ("preempted", self.preempted, eng.preempted)):
+                counter.inc(max(total - self._seen[name], 0))
+                self._seen[name] = max(total, self._seen[name])
             self.prefix_hit_rate.set(eng.kv.hit_rate)
-            self.preempted.set(eng.preempted)
         d = eng.draft_stats
         self.draft_accept.set(d.accepted / d.drafted if d.drafted else 0.0)

@@ -233,8 +233,8 @@ class GenState:
             if live.t_first == 0.0:
                 live.t_first = t
                 m.on_ttft(t - live.t_submit)
-            else:
-                m.on_itl(t - live.t_last)
+            elif o.token_ids:
+                m.on_itl(t - live.t_last, len(o.token_ids))
             live.t_last = t
             if o.finished:
                 self._end(live, o.finished)
