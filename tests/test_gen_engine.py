@@ -522,3 +522,16 @@ def test_sampler_applies_bias_and_output_penalties_before_temperature():
     assert (tok[0::2] != 1).all()  # -100: never drawn
     greedy = SamplingParams(frequency_penalty=2.0)
     assert sample(logits[None], RowParams([greedy], [0], [0], None, counts[None])).item() == 1  # 2 - 6 < 1
+
+
+def test_a_tied_head_leaves_the_callers_weights_as_they_were():
+    """build() ties the head in its own copy: the caller's dict can build a second engine (the fused-decode
+    test builds two; the second found an 'unused head.weight')."""
+    cfg = LlamaConfig(vocab_size=len(PIECES), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=64,
+                      hidden_dim=64, bos_id=1, eos_id=2)
+    sd = {k: v for k, v in Llama(cfg).state_dict().items() if k != "head.weight"}
+    keys = set(sd)
+    with mock.patch.dict(os.environ, {"MILLIS_NO_KERNELS": "1"}):
+        for _ in range(2):
+            build(cfg, sd, None, "test", EngineConfig(max_batch=1, max_seq=32))
+    assert set(sd) == keys

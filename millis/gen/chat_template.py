@@ -99,14 +99,17 @@ def compiled(template: str):
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' aliases, first the standard one
 
 
-def render_chat(template: str, messages: list[dict], special: dict[str, str], tools: list | None = None) -> str:
+def render_chat(template: str, messages: list[dict], special: dict[str, str], tools: list | None = None,
+                variables: dict | None = None) -> str:
     """The conversation through `template` with add_generation_prompt=True, as transformers renders it
-    (`tools`: OpenAI function tools, for templates that show them)."""
+    (`tools`: OpenAI function tools, for templates that show them; `variables`: the template's own, such as
+    enable_thinking, as apply_chat_template's keyword arguments)."""
     chat = []
     for m in messages:
         reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
         chat.append({"thinking": reasoning, **m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
-    return compiled(template).render(messages=chat, tools=tools, documents=None, add_generation_prompt=True, **special)
+    return compiled(template).render(**(variables or {}), messages=chat, tools=tools, documents=None,
+                                     add_generation_prompt=True, **special)
 
 
 def encode_rendered(tok, text: str) -> list[int]:

@@ -64,7 +64,7 @@ class GraphedDecode:
         self.window = getattr(model.config, "sliding_window", 0)  # Mistral / Qwen2; 0: every earlier key
         self.fused = fused_usable(model)
         self.one_row = gemv_usable(model)  # with self.fused: batch 1 through decode_gemv's kernels
-        self.per_layer = self.one_row and decode_layer.usable(model)  # ... in one kernel a layer
+        self.per_layer = self.fused and self.one_row and decode_layer.usable(model)  # ... in one kernel a layer
         self.layer_us: dict = {}  # on CUDA: the layers in one kernel each and in five (fused_decode.layer_us)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})

@@ -76,8 +76,8 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, source: str, engin
         raise MillisError("device cuda was asked for but CUDA is not available")
     with no_weight_init():
         model = (GPT2 if isinstance(cfg, GPT2Config) else Llama)(cfg)
-    if cfg.tie_head:
-        sd["head.weight"] = sd["wte.weight" if isinstance(cfg, GPT2Config) else "tok_emb.weight"]
+    if cfg.tie_head:  # into a copy: the caller's dict stays as check_state read it (a second build from it)
+        sd = {**sd, "head.weight": sd["wte.weight" if isinstance(cfg, GPT2Config) else "tok_emb.weight"]}
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

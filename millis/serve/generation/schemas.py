@@ -7,7 +7,7 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -16,6 +16,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
                                MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams)
 from millis.gen.grammar import json_schema_grammar
+from millis.serve.generation.conversation import template_variables
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
 from millis.serve.schemas import (MAX_JSON_DEPTH, ApiError, boolean, check_model, integer, is_integral, json_shape,
@@ -56,6 +57,7 @@ class GenRequest:
     template_tools: list | None = None    # chat: the chat template's `tools` variable
     chars: int = 0                        # text characters the prompt is made of (chat: all the template shows)
     asked: str = ""                       # the field that set max_tokens; "": the server's default (cut at the context)
+    template_vars: dict = field(default_factory=dict)  # chat: chat_template_kwargs, the template's own variables
 
     def __post_init__(self) -> None:
         if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
@@ -303,8 +305,9 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
     stream, usage = _stream_options(body)
     tools = tool_spec(body)
     messages, template_tools = fmt.conversation(out, tools)
-    # what the template renders besides content (tool definitions, earlier calls) is tokenized too
-    chars = json_shape(messages)[1] + json_shape(template_tools)[1]
+    variables = template_variables(body)
+    # what the template renders besides content (tool definitions, earlier calls, its variables) is tokenized too
+    chars = json_shape(messages)[1] + json_shape(template_tools)[1] + json_shape(variables)[1]
     if chars > limits.max_prompt_chars:
         tools_chars = json_shape(tools.tools)[1] if tools is not None else 0
         param = "tools" if chars - tools_chars <= limits.max_prompt_chars else "messages"
@@ -318,7 +321,8 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
     return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
-                      template_tools, chars, _asked(body))
+                      template_tools, chars, _asked(body), variables)
+
 
 
 # ---------------------------------------------------------------------------- bodies

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 
+from millis.gen.chat_template import REASONING_FIELDS
+from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
 from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, with_tools
@@ -57,9 +59,12 @@ class GenericFormat:
     name = "generic"
     args_keys = ("arguments",)
 
+    def __init__(self, roles: Roles = ALL_ROLES):
+        self.roles = roles  # the roles the template shows (conversation.probe_roles)
+
     def conversation(self, messages: list[dict], spec: ToolSpec | None) -> tuple[list[dict], list[dict] | None]:
         """(the messages as the template takes them, its `tools` variable)."""
-        return with_tools(messages, spec), None
+        return fit_roles(with_tools(messages, spec), self.roles), None
 
     def grammar(self, spec: ToolSpec) -> str | None:
         return json_schema_grammar(spec.schema())
@@ -116,7 +121,8 @@ class NativeFormat(GenericFormat):
     def conversation(self, messages: list[dict], spec: ToolSpec | None) -> tuple[list[dict], list[dict] | None]:
         out = []
         for m in messages:
-            m = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+            m = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name",
+                                                     *REASONING_FIELDS)}
             if m["role"] == "assistant" and m.get("tool_calls"):
                 m["tool_calls"] = [{"id": c.get("id") or "", "type": "function", "function": {
                     "name": c["function"]["name"], "arguments": arguments_of(c)}}
@@ -258,10 +264,11 @@ class Llama3Format(NativeFormat):
 GENERIC, HERMES, LLAMA3 = GenericFormat(), HermesFormat(), Llama3Format()
 
 
-def tool_format(template: str | None) -> GenericFormat:
-    """The tool format a chat template was trained with (generic when it shows none)."""
+def tool_format(template: str | None, roles: Roles = ALL_ROLES) -> GenericFormat:
+    """The tool format a chat template was trained with (generic when it shows none, fitted to the roles it
+    shows)."""
     if template and "<tool_call>" in template:
         return HERMES
     if template and "Given the following functions" in template:
         return LLAMA3
-    return GENERIC
+    return GENERIC if roles == ALL_ROLES else GenericFormat(roles)

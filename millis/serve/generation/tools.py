@@ -20,10 +20,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from millis.gen.chat_template import REASONING_FIELDS
 from millis.serve.generation.tool_stream import tool_call
 from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, json_shape
 
 MAX_TOOLS = 64
+TOOL_KEYS = ("role", "content", "tool_call_id", "name")  # of a tool result, as templates read it
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -120,10 +122,10 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
         if m["role"] == "assistant" and calls:
             shown = [{"name": c["function"]["name"], "arguments": arguments_of(c)} for c in calls]  # checked
             out.append({"role": "assistant", "content": json.dumps({"tool_calls": shown})})
-        elif m["role"] == "tool":
-            out.append({"role": "tool", "content": m.get("content") or ""})
+        elif m["role"] == "tool":  # the call it answers: templates check it (Mistral's) or show it
+            out.append({k: v for k, v in {**m, "content": m.get("content") or ""}.items() if k in TOOL_KEYS})
         else:
-            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", *REASONING_FIELDS)})
     if spec is None:
         return out
     text = spec.system_text()

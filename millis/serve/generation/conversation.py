@@ -1,0 +1,91 @@
+"""What a chat template is given: the roles it shows (probed once), the generic conversation fitted to them, and a
+request's own template variables (chat_template_kwargs).
+
+A template written for plain chat may drop a tool result's turn without a word (Phi-3's, TinyLlama's: the model
+never sees the result) or refuse a system message (Gemma's raise_exception). As llama.cpp's server does for such
+templates (minja's polyfills), the generic format then shows a tool result as a user turn holding
+{"tool_response": {"tool", "content", "tool_call_id"}}, and a system message's text at the head of the first user
+turn.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from millis.gen.chat_template import SPECIAL_TOKENS, render_chat
+from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, json_shape
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which roles' text a template shows."""
+
+    system: bool = True
+    tool: bool = True
+
+
+ALL_ROLES = Roles()
+PROBE_ID = "call00001"  # 9 letters and digits: Mistral's templates refuse other tool call ids
+
+
+def probe_roles(template: str, special: dict[str, str]) -> Roles:
+    """Render two small conversations: does a system message's text, a tool result's text, appear? (A template
+    that raises on the role shows it no more than one that skips it.)"""
+    def shows(messages: list[dict], mark: str) -> bool:
+        try:
+            return mark in render_chat(template, messages, special)
+        except Exception:  # noqa: BLE001 -- raise_exception("System role not supported"), a TypeError, ...
+            return False
+
+    system = shows([{"role": "system", "content": "millis-probe-system"}, {"role": "user", "content": "hi"}],
+                   "millis-probe-system")
+    tool = shows([{"role": "user", "content": "hi"}, {"role": "assistant", "content": '{"tool_calls": []}'},
+                  {"role": "tool", "content": "millis-probe-tool", "tool_call_id": PROBE_ID, "name": "f"}],
+                 "millis-probe-tool")
+    return Roles(system, tool)
+
+
+def fit_roles(messages: list[dict], roles: Roles) -> list[dict]:
+    """The generic conversation with tool results as user turns where the template shows no tool role
+    (consecutive results in one turn: templates that want user and assistant to alternate), and system text in
+    the first user turn where it shows no system role."""
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] == "tool" and not roles.tool:
+            shown = json.dumps({"tool_response": {"tool": m.get("name", ""), "content": m.get("content") or "",
+                                                  "tool_call_id": m.get("tool_call_id", "")}}, ensure_ascii=False)
+            if out and out[-1].get("tool_responses"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + shown}
+            else:
+                out.append({"role": "user", "content": shown, "tool_responses": True})
+        else:
+            out.append(m)
+    out = [{k: v for k, v in m.items() if k != "tool_responses"} for m in out]
+    if roles.system or not out or out[0]["role"] not in ("system", "developer"):
+        return out
+    system, rest = out[0].get("content") or "", out[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0].get('content') or ''}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+# the variables the server gives every template: a request's chat_template_kwargs cannot set them
+SERVER_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", *SPECIAL_TOKENS})
+
+
+def template_variables(body: dict) -> dict:
+    """chat_template_kwargs (vLLM's and llama.cpp's field): more variables for the chat template, such as Qwen3's
+    enable_thinking; JSON values, named as identifiers, none of the server's own."""
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict) or not all(k.isidentifier() and not k.startswith("_") for k in kw):
+        raise ApiError(422, "chat_template_kwargs must be an object whose keys are template variable names",
+                       param="chat_template_kwargs", code="invalid_value")
+    if taken := sorted(SERVER_VARIABLES & set(kw)):
+        raise ApiError(422, f"chat_template_kwargs cannot set {', '.join(taken)}: the server sets them",
+                       param="chat_template_kwargs", code="invalid_value")
+    if json_shape(kw)[0] > MAX_JSON_DEPTH:
+        raise ApiError(422, f"chat_template_kwargs nests deeper than {MAX_JSON_DEPTH} levels",
+                       param="chat_template_kwargs", code="invalid_value")
+    return kw

@@ -1,0 +1,109 @@
+"""What a chat template is given (millis.serve.generation.conversation and the chat request's parser): the model's
+BOS / EOS text under a --chat-template file, tool results with the ids templates check, templates without a tool
+or system role (llama.cpp's polyfills), reasoning fields, chat_template_kwargs. Rendered with the server's own
+steps (chat_request -> the format's conversation -> render_chat), no model needed."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from millis.gen.chat_template import render_chat
+from millis.serve.generation import schemas as gs
+from millis.serve.generation.conversation import ALL_ROLES, Roles, probe_roles
+from millis.serve.generation.tool_formats import GENERIC, tool_format
+from millis.serve.schemas import ApiError
+
+LIMITS = gs.GenLimits(16, 4096, 100_000)
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "abc123XYZ", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+RESULT = {"role": "tool", "tool_call_id": "abc123XYZ", "name": "get_weather", "content": "22C sunny"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# Phi-3's shape: a role it does not know is skipped without a word
+SKIPS_TOOL = ("{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}<|{{ m.role }}|>{{ m.content }}"
+              "<|end|>{% endif %}{% endfor %}<|assistant|>")
+# Gemma's shape: no system role, and user / model must alternate
+NO_SYSTEM = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
+             "supported') }}{% endif %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+             "'Conversation roles must alternate user/model/user/model/...') }}{% endif %}<start_of_turn>"
+             "{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+             "<start_of_turn>model\n")
+# Mistral's check of a tool result's id
+CHECKS_ID = ("{% for m in messages %}{% if m.role == 'tool' %}{% if m.tool_call_id is not defined or "
+             "m.tool_call_id|length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with "
+             "length 9!') }}{% endif %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% else %}[{{ m.role }}]"
+             "{{ m.content }}{% endif %}{% endfor %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+          "</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+          "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}")
+
+
+def rendered(template: str, body: dict, special: dict | None = None) -> str:
+    special = special or {"bos_token": "<bos>"}
+    g = gs.chat_request(body, "m", LIMITS, tool_format(template, probe_roles(template, special)))
+    return render_chat(template, g.messages, special, g.template_tools, g.template_vars)
+
+
+def test_roles_are_probed():
+    assert probe_roles(CHATML, {}) == ALL_ROLES
+    assert probe_roles(SKIPS_TOOL, {}) == Roles(system=True, tool=False)
+    assert probe_roles(NO_SYSTEM, {"bos_token": "<bos>"}) == Roles(system=False, tool=False)
+    assert probe_roles(CHECKS_ID, {}) == ALL_ROLES  # its id check passes the probe's 9-character id
+    assert tool_format(CHATML, ALL_ROLES) is GENERIC
+
+
+def test_a_template_without_a_tool_role_still_shows_the_result():
+    text = rendered(SKIPS_TOOL, {"messages": [{"role": "user", "content": "Weather in Paris?"}, CALL, RESULT]})
+    assert '"tool_response": {"tool": "get_weather", "content": "22C sunny", "tool_call_id": "abc123XYZ"}' in text, text
+    assert text.index("Weather in Paris?") < text.index("get_weather") < text.index("22C sunny")
+
+
+def test_a_template_without_a_system_role_gets_it_in_the_first_user_turn():
+    msgs = [{"role": "user", "content": "Weather in Paris?"}, CALL, RESULT, {**RESULT, "content": "windy"}]
+    text = rendered(NO_SYSTEM, {"messages": msgs, "tools": TOOLS})  # tools: the generic format's system text
+    first = text.split("<start_of_turn>user\n", 1)[1]
+    assert first.startswith("You can call these tools:") and "Weather in Paris?" in first.split("<end_of_turn>")[0]
+    # two results in a row are one user turn: the roles still alternate
+    assert text.count("<start_of_turn>user") == 2 and "22C sunny" in text and "windy" in text, text
+    text = rendered(NO_SYSTEM, {"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "hi"}]})
+    assert "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>" in text, text
+
+
+def test_a_tool_result_keeps_the_id_its_template_checks():
+    text = rendered(CHECKS_ID, {"messages": [{"role": "user", "content": "Weather?"}, CALL, RESULT]})
+    assert "[TOOL_RESULTS]22C sunny[/TOOL_RESULTS]" in text, text
+
+
+def test_reasoning_fields_and_template_variables_reach_the_template():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "reasoning_content": "greet"},
+            {"role": "user", "content": "again"}]
+    assert "<think>greet</think>hello" in rendered(CHATML, {"messages": msgs})
+    off = rendered(CHATML, {"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}})
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert rendered(CHATML, {"messages": msgs}).endswith("<|im_start|>assistant\n")
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    for bad in ({"messages": []}, {"bos_token": "x"}, [1], {"a b": 1}, {"_x": 1}, {"x": deep}):
+        with pytest.raises(ApiError) as e:
+            gs.chat_request({"messages": msgs, "chat_template_kwargs": bad}, "m", LIMITS)
+        assert e.value.status == 422 and e.value.param == "chat_template_kwargs", bad
+
+
+def test_a_template_file_beside_a_gguf_gets_the_models_bos_and_eos(tmp_path):
+    """--chat-template FILE with a GGUF (no tokenizer_config.json beside it): bos_token / eos_token are the
+    model's, as llama.cpp gives them; a template that cannot render without tools no longer fails the load."""
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation.app import GenState
+
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for x in tools %}{{ x }}{% endfor %}{{ bos_token }}{% for m in messages %}{{ m.content }}"
+                 "{{ eos_token }}{% endfor %}")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    eng = SimpleNamespace(chat_template="{{ messages }}", special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
+    st = GenState(ServeConfig(artifact=str(tmp_path / "model.gguf"), chat_template=str(t), warmup=False),
+                  lambda: eng)
+    assert st._open() is eng and st.special == {"bos_token": "<s>", "eos_token": "</s>"}
+    assert render_chat(st.template, [{"role": "user", "content": "hi"}], st.special, tools=[]) == "<s>hi</s>"
