@@ -263,11 +263,12 @@ def main() -> int:
         res["per_layer"] = bool(res["fused_decode"] and eng.decode.per_layer)
         res["per_layer_tuned"] = {str(k): v for k, v in decode_layer.TUNED.items()}
         res["layer_us"] = eng.decode.layer_us  # all layers in one kernel each and in five: the engine keeps the faster
+        res["layer_agreement"] = getattr(eng.decode, "layer_agreement", {})  # why per_layer may be off: its logits
         ptx = decode_gemv.compiled_ptx() + decode_layer.compiled_ptx()  # compiled in, or PDL changes nothing
         res["pdl_ptx"] = {"kernels": len(ptx), "wait": sum("griddepcontrol.wait" in p for p in ptx),
                           "launch_dependents": sum("griddepcontrol.launch_dependents" in p for p in ptx)}
     save("engine", "cold_start_s", "graphs", "fused_decode", "pdl", "pdl_off_because", "per_layer", "layer_us",
-         "pdl_ptx")
+         "layer_agreement", "pdl_ptx")
     prompt = eng.tok.encode("Once upon a time there was a little robot who lived in a quiet town by the sea")[:16]
     figures = decode_figures(eng, prompt, a.new_tokens)
     res.update(figures)

@@ -184,3 +184,30 @@ def test_text_held_back_every_step_still_moves_the_anchor():
         assert got == "a" * max(0, len(r.out) - 20)  # all but the 20 that may yet start the stop string
     assert r.anchor >= 300 - len(stop) - 8 - 16, r.anchor  # a bounded tail decoded each step
     assert r.anchor_text == "a" * r.anchor
+
+
+def test_a_stop_string_does_not_match_a_character_still_incomplete(monkeypatch):
+    """Token 204 is the first byte of "ɾ": decoded alone it ends in U+FFFD, a placeholder for the bytes to come.
+    A stop string holding "\ufffd" must not end the request there (it stopped after 4 tokens, "stop", with no
+    U+FFFD in its text); a U+FFFD that stays (the last text, or text after it) still matches."""
+    from types import SimpleNamespace
+
+    import millis.gen.stops as stops
+
+    pieces = {79: b"L", 125: b"z", 204: b"\xc9", 193: b"\xbe", 30: b"x", 7: b"\xff"}
+    monkeypatch.setattr(stops, "text_delta", lambda tok, context, ids: b"".join(pieces[i] for i in ids).decode(
+        "utf-8", errors="replace"))
+
+    def request(out):
+        return SimpleNamespace(out=out, prompt=[1], anchor=0, anchor_text="", emitted="",
+                               params=SimpleNamespace(stop=("\ufffd",), ignore_eos=False))
+
+    r = request([79, 79, 125, 204])
+    assert stops.new_text(object(), frozenset({2}), r, final=False) == ("LLz", False)
+    r.out += [193, 30]
+    assert stops.new_text(object(), frozenset({2}), r, final=False) == ("\u027ex", False)
+    r = request([79, 7])  # an invalid byte: U+FFFD for good once text follows it, or at the end
+    assert stops.new_text(object(), frozenset({2}), r, final=False) == ("L", False)
+    r.out += [30]
+    assert stops.new_text(object(), frozenset({2}), r, final=False) == ("", True)
+    assert stops.new_text(object(), frozenset({2}), request([79, 7]), final=True) == ("L", True)

@@ -66,6 +66,7 @@ class GraphedDecode:
         self.one_row = gemv_usable(model)  # with self.fused: batch 1 through decode_gemv's kernels
         self.per_layer = self.fused and self.one_row and decode_layer.usable(model)  # ... in one kernel a layer
         self.layer_us: dict = {}  # on CUDA: the layers in one kernel each and in five (fused_decode.layer_us)
+        self.layer_agreement: dict = {}  # on CUDA: the one-kernel step's logits against five's (a run records it)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = sorted({n for n in (lengths or kv_buckets(max_seq)) if n < max_seq} | {max_seq})
         # a bucket's inputs: ids and positions (B, 1) as two views of one (2, B, 1) tensor, filled from one
@@ -143,6 +144,7 @@ class GraphedDecode:
         one = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, True)
         five = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, False)
         err = ((one - five).norm() / five.norm().clamp_min(1e-30)).item()
+        self.layer_agreement = {"relative_error": err, "same_top_token": bool(one.argmax() == five.argmax()), "tol": tol}
         if torch.isfinite(one).all() and err < tol:
             return True
         warnings.warn(f"one kernel a layer gave other logits than five (relative error {err:.3g}): five a layer")

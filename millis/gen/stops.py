@@ -28,8 +28,10 @@ def new_text(tok, end_ids: frozenset[int], r, final: bool) -> tuple[str, bool]:
     # spaces need them), sliced without copying the whole prompt and output each step
     full = r.anchor_text + text_delta(tok, context, ids[r.anchor:])
     stopped = False
-    # a stop string can only end in the text not yet handed out: search from just before it
-    cut = min((i for i in (full.find(s, max(0, len(r.emitted) - len(s) + 1)) for s in r.params.stop) if i >= 0),
+    # a stop string can only end in the text not yet handed out: search from just before it, and not in an
+    # incomplete UTF-8 character at the end (its U+FFFD is a placeholder: a stop string holding one matched it)
+    hay = full if final else full.rstrip("\ufffd")
+    cut = min((i for i in (hay.find(s, max(0, len(r.emitted) - len(s) + 1)) for s in r.params.stop) if i >= 0),
               default=-1)
     if cut >= 0:
         full, stopped, final = full[:cut], True, True
