@@ -105,5 +105,47 @@ def test_a_template_file_beside_a_gguf_gets_the_models_bos_and_eos(tmp_path):
     eng = SimpleNamespace(chat_template="{{ messages }}", special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
     st = GenState(ServeConfig(artifact=str(tmp_path / "model.gguf"), chat_template=str(t), warmup=False),
                   lambda: eng)
-    assert st._open() is eng and st.special == {"bos_token": "<s>", "eos_token": "</s>"}
-    assert render_chat(st.template, [{"role": "user", "content": "hi"}], st.special, tools=[]) == "<s>hi</s>"
+    assert st._open() is eng and st.chat.special == {"bos_token": "<s>", "eos_token": "</s>"}
+    assert render_chat(st.chat.template, [{"role": "user", "content": "hi"}], st.chat.special, tools=[]) == "<s>hi</s>"
+
+
+HERMES_TOOL_USE = ("<|im_start|>system\nYou are a function calling AI model.<tools>{% for t in tools %}{{ t | tojson }}"
+                   "{% endfor %}</tools> Use <tool_call> tags.<|im_end|>\n{% for m in messages %}<|im_start|>"
+                   "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "additional_chat_templates", "gguf"])
+def test_a_request_with_tools_renders_through_the_tool_use_template(tmp_path, where):
+    """A model with a tool_use template apart from its default (Hermes, Command-R): a request with tools renders
+    through it, with its own call syntax (hermes here), as apply_chat_template picks it; one without, through the
+    default; a --chat-template file is the template for every request."""
+    import json
+
+    from millis.serve.generation.templates import ChatTemplates
+    from millis.serve.generation.tool_formats import HERMES
+
+    eng = SimpleNamespace(chat_template=None, special_tokens={}, tool_template=None)
+    if where == "gguf":
+        eng.chat_template, eng.tool_template = CHATML, HERMES_TOOL_USE
+    elif where == "tokenizer_config":
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+            {"name": "default", "template": CHATML}, {"name": "tool_use", "template": HERMES_TOOL_USE}]}))
+    else:
+        (tmp_path / "chat_template.jinja").write_text(CHATML)
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(HERMES_TOOL_USE)
+    chat = ChatTemplates(str(tmp_path))
+    chat.opened(eng)
+    assert chat.tool_use_format is HERMES
+    msgs = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    g = gs.chat_request({**msgs, "tools": TOOLS}, "m", LIMITS, chat.format, chat.tool_use_format)
+    assert g.tool_use and g.tool_format is HERMES
+    assert chat.render(g).startswith("<|im_start|>system\nYou are a function calling AI model.<tools>")
+    g = gs.chat_request({**msgs, "tools": TOOLS, "tool_choice": "none"}, "m", LIMITS, chat.format,
+                        chat.tool_use_format)
+    assert not g.tool_use and chat.render(g) == "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    t = tmp_path / "mine.jinja"
+    t.write_text(CHATML)
+    mine = ChatTemplates(str(tmp_path), str(t))
+    mine.opened(SimpleNamespace(chat_template=None, special_tokens={}, tool_template=None))
+    assert mine.tool_template is None and mine.tool_use_format is None

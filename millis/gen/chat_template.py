@@ -37,6 +37,21 @@ def chat_template_of(model: str | Path, override: str = "") -> tuple[str | None,
     return (t if isinstance(t, str) and t else None), special
 
 
+def tool_use_template_of(model: str | Path) -> str | None:
+    """The model's template for requests with tools, where it has one apart from its default (Hermes, Command-R):
+    tokenizer_config.json's `chat_template` list entry "tool_use", or additional_chat_templates/tool_use.jinja
+    (as transformers saves it). apply_chat_template renders with it whenever tools are given."""
+    folder = Path(model) if Path(model).is_dir() else Path(model).parent
+    if (folder / "additional_chat_templates" / "tool_use.jinja").is_file():
+        return (folder / "additional_chat_templates" / "tool_use.jinja").read_text()
+    f = folder / "tokenizer_config.json"
+    t = json.loads(f.read_text()).get("chat_template") if f.is_file() else None
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "tool_use"), None)
+        return t if isinstance(t, str) and t else None
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def compiled(template: str):
     """`template` compiled as transformers compiles chat templates (its environment, rebuilt here so that a

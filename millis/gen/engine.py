@@ -69,12 +69,12 @@ class Engine:
         `speculate`: draft tokens per step for greedy rows of native models (0 = off), from prompt lookup
         or from `drafter` (a draft_model.DraftModel). `prefill_tokens`: prompt tokens a step prefills."""
         self.model, self.tok, self.max_seq = loaded.model, loaded.tokenizer, loaded.max_seq
-        self.decode, self.prefill = decode, prefill
-        self.config = loaded.config
+        self.decode, self.prefill, self.config = decode, prefill, loaded.config
         self.end_ids = self.config.end_ids  # ids that end generation (every token checks)
         self.max_batch, self.device = loaded.max_batch, torch.device(loaded.device)
         self.kv = loaded.kv  # paged KV (native models): admission reserves a request's positions
         self.chat_template, self.special_tokens = loaded.chat_template, loaded.special_tokens
+        self.tool_template = loaded.tool_template  # GGUF's tool_use template, where it has one
         self.source_path = loaded.source_path  # where the model came from (its HF dir holds a chat template)
         self.max_prefills, self.speculate = max_prefills_per_step, speculate
         self.prefill_tokens, self.max_passes = prefill_tokens, 2 * self.max_batch  # scheduling.py

@@ -57,6 +57,7 @@ class GGUFModel:
     tokenizer: object                # GGUFBPETokenizer (tokenizer.ggml.model gpt2) or GGUFSpmTokenizer (llama)
     chat_template: str | None
     special_tokens: dict[str, str]   # bos_token / eos_token / unk_token / pad_token, as chat_template_of gives
+    tool_template: str | None = None  # tokenizer.chat_template.tool_use: the template for requests with tools
 
 
 def is_gguf(path) -> bool:
@@ -86,9 +87,10 @@ def read_gguf(path) -> GGUFModel:
     cfg = _config(p, meta, arch, tensors)
     _check_tensors(p, cfg, tensors)
     tok, special = tokenizer_of(p, meta, cfg.vocab_size)
-    template = meta.get("tokenizer.chat_template")
+    template, tool = (meta.get(k) for k in ("tokenizer.chat_template", "tokenizer.chat_template.tool_use"))
     return GGUFModel(str(p), arch, cfg, arch == "qwen2", tensors, tok,
-                     template if isinstance(template, str) and template else None, special)
+                     template if isinstance(template, str) and template else None, special,
+                     tool if isinstance(tool, str) and tool else None)
 
 
 def release_pages(a: np.ndarray) -> None:

@@ -33,13 +33,12 @@ from starlette.routing import Route
 
 from millis.common.errors import MillisError
 from millis.gen.config import SEED_MAX, SEED_MIN
-from millis.gen.chat_template import chat_template_of, compiled, encode_rendered, render_chat
+from millis.gen.chat_template import encode_rendered
 from millis.gen.tokenizer import prompt_char_limit
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.respond import failure_answer, respond
 from millis.serve.generation.tokenize import tokenize_routes
-from millis.serve.generation.conversation import probe_roles
-from millis.serve.generation.tool_formats import tool_format
+from millis.serve.generation.templates import ChatTemplates
 from millis.serve import openapi, schemas
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, model_routes, off_loop,
                                read_json, ready_response)
@@ -94,8 +93,7 @@ class GenState:
         self.cfg, self.loader, self.metrics = cfg, loader, GenMetrics()
         self.limits = schemas.Limits(cfg.max_inputs, cfg.max_body_bytes, cfg.request_timeout_s)
         self.gen_limits: gs.GenLimits | None = None  # once the engine is loaded: bounds from its context
-        self.template, self.special = chat_template_of(cfg.artifact, cfg.chat_template)
-        self.format = tool_format(None)  # once loaded: the template's own call syntax, else the generic JSON one
+        self.chat = ChatTemplates(cfg.artifact, cfg.chat_template)
         self.name = cfg.model_name or Path(cfg.artifact).name or "model"
         self.engine = None
         self.context = 0  # once loaded: positions one request may fill (prompt + output)
@@ -161,14 +159,7 @@ class GenState:
         from millis.gen import SamplingParams
 
         eng = self.loader()
-        if self.template is None and eng.chat_template:  # a GGUF file carries its own
-            self.template = eng.chat_template
-        # the model's BOS / EOS text for any template (a --chat-template file beside a GGUF has no
-        # tokenizer_config.json to name them), a tokenizer_config's own first
-        self.special = {**dict(eng.special_tokens or {}), **self.special}
-        if self.template is not None:  # imports jinja2 and compiles (a syntax error fails the load); rendering is
-            compiled(self.template)    # each request's (a template that cannot render a turn refuses that request)
-            self.format = tool_format(self.template, probe_roles(self.template, self.special))
+        self.chat.opened(eng)
         if self.cfg.warmup:  # one prefill and one decode before /ready
             eng.add([eng.config.bos_id or 0], SamplingParams(max_tokens=2, ignore_eos=True))
             while eng.has_work:
@@ -281,7 +272,7 @@ class GenState:
         if self.engine.tok is None:
             raise schemas.ApiError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions",
                                    param="prompt", code="no_tokenizer")
-        if g.messages is not None and self.template is None:
+        if g.messages is not None and self.chat.template is None:
             raise schemas.ApiError(400, f"model {self.name!r} has no chat template (no chat_template.jinja and no "
                                         f"chat_template in tokenizer_config.json): start the server with "
                                         f"--chat-template FILE, or use /v1/completions", param="messages",
@@ -295,7 +286,7 @@ class GenState:
         if g.messages is None:
             return tok.encode(g.prompt)
         try:
-            text = render_chat(self.template, g.messages, self.special, g.template_tools, g.template_vars)
+            text = self.chat.render(g)
         except Exception as e:  # noqa: BLE001 -- the template refused the conversation (raise_exception, ...)
             raise schemas.ApiError(422, f"the chat template cannot render these messages: {e}", param="messages",
                                    code="invalid_messages") from None
@@ -353,7 +344,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     async def generate(request: Request, chat: bool) -> Response:
         eng = st.require()
         body = await read_json(request, st.limits)
-        g = gs.chat_request(body, st.name, st.gen_limits, st.format) if chat else \
+        g = gs.chat_request(body, st.name, st.gen_limits, st.chat.format, st.chat.tool_use_format) if chat else \
             gs.completion_request(body, st.name, st.gen_limits)
         matchers = None
         if g.params.grammar:  # compiled off the loop (1-1000 ms; the tokenizer's view the first time), one a choice
@@ -378,7 +369,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         c: dict[str, Any] = {"id": st.name, "object": "model", "created": st.started_at, "owned_by": "millis",
                              "task": "generate"}
         if st.engine is not None:
-            c.update(max_model_len=st.context, slots=st.engine.max_batch, chat_template=st.template is not None)
+            c.update(max_model_len=st.context, slots=st.engine.max_batch, chat_template=st.chat.template is not None)
         return c
 
     async def health(request: Request) -> Response:

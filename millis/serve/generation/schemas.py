@@ -58,6 +58,7 @@ class GenRequest:
     chars: int = 0                        # text characters the prompt is made of (chat: all the template shows)
     asked: str = ""                       # the field that set max_tokens; "": the server's default (cut at the context)
     template_vars: dict = field(default_factory=dict)  # chat: chat_template_kwargs, the template's own variables
+    tool_use: bool = False                # chat: rendered through the model's tool_use template
 
     def __post_init__(self) -> None:
         if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
@@ -283,7 +284,10 @@ def _check_tool_calls(m: dict, i: int) -> None:
                            param="messages", code="invalid_value")
 
 
-def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat = GENERIC) -> GenRequest:
+def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat = GENERIC,
+                 tool_fmt: GenericFormat | None = None) -> GenRequest:
+    """`tool_fmt`: the format of the model's tool_use template, where it has one: a request with tools renders
+    through that template (GenRequest.tool_use), as apply_chat_template picks it."""
     check_model(body, served)
     if "messages" not in body:
         raise ApiError(422, "missing field 'messages' (a list of {role, content})", param="messages", code="missing")
@@ -304,6 +308,7 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
     tools = tool_spec(body)
+    fmt = tool_fmt if tools is not None and tool_fmt is not None else fmt
     messages, template_tools = fmt.conversation(out, tools)
     variables = template_variables(body)
     # what the template renders besides content (tool definitions, earlier calls, its variables) is tokenized too
@@ -321,7 +326,7 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
     return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
-                      template_tools, chars, _asked(body), variables)
+                      template_tools, chars, _asked(body), variables, tools is not None and fmt is tool_fmt)
 
 
 

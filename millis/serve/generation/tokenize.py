@@ -29,7 +29,7 @@ def tokenize_routes(st) -> list[Route]:
         keep = ("model", "messages", "tools", "tool_choice", "parallel_tool_calls") if chat else ("model", "prompt")
         fields = {k: body[k] for k in keep if k in body}
         # the chat route's tool format: earlier calls are shown, and counted, as that route shows them
-        g = gs.chat_request(fields, st.name, st.gen_limits, st.format) if chat else \
+        g = gs.chat_request(fields, st.name, st.gen_limits, st.chat.format, st.chat.tool_use_format) if chat else \
             gs.completion_request(fields, st.name, st.gen_limits)
         ids = await st.prompt_ids(g)
         if isinstance(g.prompt, list) and any(t < 0 or t >= eng.config.vocab_size for t in ids):  # as completions
