@@ -35,14 +35,14 @@ CHECKS_ID = ("{% for m in messages %}{% if m.role == 'tool' %}{% if m.tool_call_
              "length 9!') }}{% endif %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% else %}[{{ m.role }}]"
              "{{ m.content }}{% endif %}{% endfor %}")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
-          "</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
-          "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}")
+          "</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+          "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
 def rendered(template: str, body: dict, special: dict | None = None) -> str:
     special = special or {"bos_token": "<bos>"}
     g = gs.chat_request(body, "m", LIMITS, tool_format(template, probe_roles(template, special)))
-    return render_chat(template, g.messages, special, g.template_tools, g.template_vars)
+    return render_chat(template, g.messages, special, g.template_tools, g.template_vars, g.end)
 
 
 def test_roles_are_probed():
@@ -149,3 +149,24 @@ def test_a_request_with_tools_renders_through_the_tool_use_template(tmp_path, wh
     mine = ChatTemplates(str(tmp_path), str(t))
     mine.opened(SimpleNamespace(chat_template=None, special_tokens={}, tool_template=None))
     assert mine.tool_template is None and mine.tool_use_format is None
+
+
+def test_continue_final_message_and_add_generation_prompt():
+    """vLLM's fields, transformers' arguments: continue_final_message cuts the prompt right after the last
+    (assistant) message's text, so the model goes on with it; add_generation_prompt false leaves the header off."""
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer is "}]
+    cont = rendered(CHATML, {"messages": msgs, "continue_final_message": True})
+    # the text as the message has it, its trailing space included (transformers: its stripped text only where the
+    # template strips it)
+    assert cont == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nMy answer is ", cont
+    plain = rendered(CHATML, {"messages": msgs[:1], "add_generation_prompt": False})
+    assert plain == "<|im_start|>user\nName a colour.<|im_end|>\n", plain
+    for bad in ({"messages": msgs[:1], "continue_final_message": True},
+                {"messages": msgs, "continue_final_message": True, "add_generation_prompt": True},
+                {"messages": msgs, "continue_final_message": "yes"}):
+        with pytest.raises(ApiError) as e:
+            gs.chat_request(bad, "m", LIMITS)
+        assert e.value.status == 422 and e.value.param == "continue_final_message", bad
+    hides = "{% for m in messages %}[{{ m.role }}]{% endfor %}"  # a template that never shows the text
+    with pytest.raises(Exception, match="does not show the last message"):
+        rendered(hides, {"messages": msgs, "continue_final_message": True})

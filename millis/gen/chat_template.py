@@ -115,16 +115,24 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformer
 
 
 def render_chat(template: str, messages: list[dict], special: dict[str, str], tools: list | None = None,
-                variables: dict | None = None) -> str:
-    """The conversation through `template` with add_generation_prompt=True, as transformers renders it
-    (`tools`: OpenAI function tools, for templates that show them; `variables`: the template's own, such as
-    enable_thinking, as apply_chat_template's keyword arguments)."""
+                variables: dict | None = None, end: str = "generation") -> str:
+    """The conversation through `template`, as transformers renders it (`tools`: OpenAI function tools, for
+    templates that show them; `variables`: the template's own, such as enable_thinking, as apply_chat_template's
+    keyword arguments). `end`: "generation" (add_generation_prompt=True), "none", or "continue"
+    (continue_final_message: cut after the last message's text; MillisError where the template does not show it)."""
     chat = []
     for m in messages:
         reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
         chat.append({"thinking": reasoning, **m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
-    return compiled(template).render(**(variables or {}), messages=chat, tools=tools, documents=None,
-                                     add_generation_prompt=True, **special)
+    text = compiled(template).render(**(variables or {}), messages=chat, tools=tools, documents=None,
+                                     add_generation_prompt=end == "generation", **special)
+    if end != "continue":
+        return text
+    last = messages[-1].get("content") or ""
+    for final in (last, last.strip()):  # as transformers cuts it: the text, else its stripped text
+        if final and (i := text.rfind(final)) >= 0:
+            return text[:i + len(final)]
+    raise MillisError("continue_final_message: the chat template does not show the last message's text")
 
 
 def encode_rendered(tok, text: str) -> list[int]:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from millis.gen.chat_template import SPECIAL_TOKENS, render_chat
-from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, json_shape
+from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, boolean, json_shape
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,18 @@ def template_variables(body: dict) -> dict:
         raise ApiError(422, f"chat_template_kwargs nests deeper than {MAX_JSON_DEPTH} levels",
                        param="chat_template_kwargs", code="invalid_value")
     return kw
+
+
+def prompt_end(body: dict, messages: list[dict]) -> str:
+    """How the rendered prompt ends (vLLM's fields, transformers' arguments): "generation", the template's
+    assistant header (add_generation_prompt, the default); "none", the last message as the template closes it; or
+    "continue" (continue_final_message): cut right after the last message's text, an assistant answer the model
+    goes on writing."""
+    add, cont = boolean(body, "add_generation_prompt", True), boolean(body, "continue_final_message", False)
+    if cont and add and body.get("add_generation_prompt") is not None:
+        raise ApiError(422, "continue_final_message and add_generation_prompt cannot both be true",
+                       param="continue_final_message", code="invalid_value")
+    if cont and (messages[-1]["role"] != "assistant" or not messages[-1].get("content")):
+        raise ApiError(422, "continue_final_message needs the last message to be an assistant's, with content",
+                       param="continue_final_message", code="invalid_value")
+    return "continue" if cont else "generation" if add else "none"

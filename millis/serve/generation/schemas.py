@@ -16,7 +16,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
                                MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams)
 from millis.gen.grammar import json_schema_grammar
-from millis.serve.generation.conversation import template_variables
+from millis.serve.generation.conversation import prompt_end, template_variables
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
 from millis.serve.schemas import (MAX_JSON_DEPTH, ApiError, boolean, check_model, integer, is_integral, json_shape,
@@ -59,6 +59,7 @@ class GenRequest:
     asked: str = ""                       # the field that set max_tokens; "": the server's default (cut at the context)
     template_vars: dict = field(default_factory=dict)  # chat: chat_template_kwargs, the template's own variables
     tool_use: bool = False                # chat: rendered through the model's tool_use template
+    end: str = "generation"               # chat: how the prompt ends (conversation.prompt_end)
 
     def __post_init__(self) -> None:
         if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
@@ -326,7 +327,8 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         except MillisError as e:
             raise ApiError(422, f"tools: {e}", param="tools", code="invalid_value") from None
     return GenRequest(None, messages, params, stream, usage, integer(body, "n", 1, MAX_N, 1), tools, fmt,
-                      template_tools, chars, _asked(body), variables, tools is not None and fmt is tool_fmt)
+                      template_tools, chars, _asked(body), variables, tools is not None and fmt is tool_fmt,
+                      prompt_end(body, out))
 
 
 

@@ -34,4 +34,4 @@ class ChatTemplates:
     def render(self, g) -> str:
         """Chat request `g`'s prompt text (gs.GenRequest: its messages, tools, variables, template)."""
         return render_chat(self.tool_template if g.tool_use else self.template, g.messages, self.special,
-                           g.template_tools, g.template_vars)
+                           g.template_tools, g.template_vars, g.end)
