@@ -106,7 +106,7 @@ def test_batched_equals_single(embed_server):
     (b'{"input": [[101, 102], [1, -1]]}', 400, "invalid_value"),
     (b'{"input": [101, 1.5]}', 400, "invalid_value"),
     (b'{"input": [101, true]}', 400, "invalid_value"),
-    (json.dumps({"input": [[101, 102]] * 65}).encode(), 413, "too_many_inputs"),
+    (json.dumps({"input": [[101, 102]] * 65}).encode(), 400, "too_many_inputs"),
     (b'{"input": {"a": 1}}', 400, "invalid_type"),
     (b'{"input": "x", "model": "gpt-4"}', 404, "model_not_found"),
     (b'{"input": "x", "encoding_format": "int8"}', 400, "invalid_value"),
@@ -114,7 +114,7 @@ def test_batched_equals_single(embed_server):
     (b'{"input": "x", "dimensions": 100000}', 400, "invalid_value"),
     (b'{"input": "x", "dimensions": 0}', 400, "invalid_value"),
     (b'{"input": "x", "dimensions": "8"}', 400, "invalid_value"),
-    (json.dumps({"input": ["x"] * 65}).encode(), 413, "too_many_inputs"),
+    (json.dumps({"input": ["x"] * 65}).encode(), 400, "too_many_inputs"),
     (json.dumps({"input": "x" * (1 << 20)}).encode(), 413, "body_too_large"),
 ])
 def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
@@ -127,15 +127,15 @@ def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"], "top_k": 0})
     assert s == 400 and "top_k" in body["error"]["message"]
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["x"] * 9})
-    assert s == 413
+    assert s == 400 and body["error"]["code"] == "too_many_inputs"  # OpenAI answers every bad input 400
     s, _, body = classify_server.post("/v1/embeddings", {"input": ["x"]})  # not published, not served
     assert s == 404 and body["error"]["code"] == "not_found" and "/openapi.json" in body["error"]["message"]
     assert "/v1/embeddings" not in json.loads(classify_server.get("/openapi.json")[1])["paths"]
     long = " ".join(["card transfer account"] * 200)
     s, _, body = classify_server.post("/v1/classify", {"inputs": ["ok", long]})   # --too-long reject
-    assert s == 413 and body["error"]["message"].startswith("inputs[1]") and body["error"]["param"] == "inputs"
+    assert s == 400 and body["error"]["message"].startswith("inputs[1]") and body["error"]["param"] == "inputs"
     s, _, body = classify_server.post("/v1/classify", {"input": [long]})  # the field as the client named it
-    assert s == 413 and body["error"]["message"].startswith("input[0]") and body["error"]["param"] == "input"
+    assert s == 400 and body["error"]["message"].startswith("input[0]") and body["error"]["param"] == "input"
     s, h, body = embed_server.post("/v1/embeddings", {"input": ["ok", long]})     # default: truncate
     assert s == 200 and h["x-millis-truncated"] == "1"
 
@@ -210,7 +210,7 @@ def test_env_vars_configure_the_server(embed_artifact):
     s = Server(embed_artifact, env={"MILLIS_MODEL_NAME": "from-env", "MILLIS_MAX_INPUTS": "2"})
     try:
         assert json.loads(s.get("/v1/models")[1])["data"][0]["id"] == "from-env"
-        assert s.post("/v1/embeddings", {"input": ["a", "b", "c"]})[0] == 413
+        assert s.post("/v1/embeddings", {"input": ["a", "b", "c"]})[0] == 400
     finally:
         assert s.stop() == 0
 
@@ -336,10 +336,10 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
     status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 10**6})
     assert status == 200 and len(body["results"]) == 4  # any top_n past the documents: all of them, as Cohere
     status, _, err = classify_server.post("/v1/rerank", {"query": "word " * 600, "documents": docs})
-    assert status == 413 and err["error"]["code"] == "text_too_long", err  # this server refuses long texts
+    assert status == 400 and err["error"]["code"] == "text_too_long", err  # this server refuses long texts
     assert err["error"]["param"] == "query" and err["error"]["message"].startswith("query is"), err
     status, _, err = classify_server.post("/v1/rerank", {"query": query, "documents": ["hi", "word " * 600]})
-    assert status == 413 and err["error"]["param"] == "documents", err
+    assert status == 400 and err["error"]["param"] == "documents", err
     assert err["error"]["message"].startswith("documents[1] with the query"), err
     for bad, param in (({"documents": docs}, "query"), ({"query": query, "documents": []}, "documents"),
                        ({"query": query, "documents": ["ok", 3]}, "documents"),
@@ -381,10 +381,10 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     status, _, one = embed_server.post("/embed", {"inputs": TEXTS[0], "truncate": True})
     assert status == 200 and np.allclose(one, want[:1], atol=1e-6)
     status, _, err = embed_server.post("/embed", {"inputs": ["ok", "word " * 2000], "truncate": False})
-    assert status == 413 and err["error"]["param"] == "inputs" and "inputs[1]" in err["error"]["message"], err
+    assert status == 422 and err["error"]["param"] == "inputs" and "inputs[1]" in err["error"]["message"], err
     assert embed_server.post("/embed", {"inputs": "word " * 2000})[0] == 200  # the server's rule: truncate
     probs = classify_server.post("/v1/classify", {"inputs": TEXTS[:2], "top_k": 3})[2]["data"]
-    status, _, pred = classify_server.post("/predict", {"inputs": TEXTS[:2]})
+    status, _, pred = classify_server.post("/predict", {"inputs": [[t] for t in TEXTS[:2]]})  # a batch: lists
     assert status == 200 and len(pred) == 2, pred
     for p, c in zip(pred, probs):
         assert [x["label"] for x in p[:3]] == [x["label"] for x in c["top_k"]]
@@ -392,7 +392,6 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     status, _, single = classify_server.post("/predict", {"inputs": TEXTS[0]})
     assert status == 200 and [x["label"] for x in single] == [x["label"] for x in pred[0]], single
     assert np.allclose([x["score"] for x in single], [x["score"] for x in pred[0]], atol=1e-3)  # int8: batch-mates
-    assert classify_server.post("/predict", {"inputs": [["a", "b"]]})[0] == 422  # pairs: /rerank
     docs = ["I lost my card", "the weather is nice", "card delivery time"]
     cohere = classify_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})[2]["results"]
     status, _, tei = classify_server.post("/rerank", {"query": "where is my card?", "texts": docs, "return_text": True})
@@ -403,7 +402,7 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     assert classify_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["error"]["param"] == \
         "truncate"
     status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a", "a", "word " * 600]})
-    assert status == 413 and err["error"]["param"] == "texts", err  # this server rejects long texts
+    assert status == 422 and err["error"]["param"] == "texts", err  # this server rejects long texts
     assert err["error"]["message"].startswith("texts[2] with the query"), err
     assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
 
@@ -501,3 +500,51 @@ def test_one_logit_cross_encoder_scores_by_sigmoid(one_logit_dir):
         assert len(p) == 1 and np.isclose(p[0]["score"], c["score"])
     finally:
         assert s.stop() == 0
+
+
+def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
+    """TEI as its clients send it: /predict reads a list of 1-2 strings as ONE sequence (a text, or a text and its
+    text_pair) and a list of lists as a batch; /embed takes token ids; POST / and /invocations route by the model's
+    type (huggingface_hub's InferenceClient posts to the URL it is given) and GET /info describes it; Cohere's v2
+    client posts to /v2/rerank. TEI's status codes: an empty input 400, too many inputs 422; fields millis does
+    not do (a left cut, prompt_name) are refused, not ignored."""
+    q, d = "where is my card?", "I lost my card"
+    status, _, pair = classify_server.post("/predict", {"inputs": [q, d]})
+    assert status == 200 and isinstance(pair[0], dict), pair  # one sequence: one flat list
+    raw = classify_server.post("/v1/rerank", {"query": q, "documents": [d]})[2]["results"][0]
+    id2label = json.loads(classify_server.request("GET", "/info")[2])["model_type"]["classifier"]["id2label"]
+    last = id2label[str(len(id2label) - 1)]  # a multi-label head reranks by its last label's probability
+    labels = {x["label"]: x["score"] for x in pair}  # the pair encoded as the rerank route encodes it
+    assert np.isclose(labels[last], raw["relevance_score"], atol=1e-3), (labels, raw)
+    status, _, batch = classify_server.post("/predict", {"inputs": [[q, d], [TEXTS[0]], [q, "other"]]})
+    assert status == 200 and len(batch) == 3 and all(isinstance(b, list) for b in batch), batch
+    alone = classify_server.post("/predict", {"inputs": [q, d]})[2]
+    assert [x["label"] for x in batch[0]] == [x["label"] for x in alone]
+    single = classify_server.post("/predict", {"inputs": TEXTS[0]})[2]
+    assert [x["label"] for x in batch[1]] == [x["label"] for x in single]
+    for bad, status in (({"inputs": ["a", "b", "c"]}, 422), ({"inputs": [["a", "b", "c"]]}, 422),
+                        ({"inputs": []}, 400), ({"inputs": [["a"], [""]]}, 400), ({"inputs": [["a"]] * 9}, 422),
+                        ({"inputs": "a", "truncation_direction": "left"}, 422),
+                        ({"inputs": "a", "prompt_name": "query"}, 422)):
+        got = classify_server.post("/predict", bad)
+        assert got[0] == status, (bad, got)
+    ids = embed_server.post("/tokenize", {"input": ["card"]})[2]["data"][0]["tokens"]
+    want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
+    status, _, got = embed_server.post("/embed", {"inputs": ids})
+    assert status == 200 and np.allclose(got[0], want, atol=1e-6), got
+    assert embed_server.post("/embed", {"inputs": []})[0] == 400
+    assert embed_server.post("/embed", {"inputs": ["x"] * 65})[0] == 422
+    for route in ("/", "/invocations"):
+        assert np.allclose(embed_server.post(route, {"inputs": "card"})[2], embed_server.post(
+            "/embed", {"inputs": "card"})[2], atol=1e-6)
+        status, _, got = classify_server.post(route, {"inputs": TEXTS[0]})
+        assert status == 200 and [x["label"] for x in got] == [x["label"] for x in single], got
+    status, _, info = embed_server.request("GET", "/info")
+    info = json.loads(info)
+    assert status == 200 and info["model_type"]["embedding"]["pooling"] == "mean" and info["max_client_batch_size"] == 64
+    info = json.loads(classify_server.request("GET", "/info")[2])
+    assert set(info["model_type"]["classifier"]["id2label"].values()) == {x["label"] for x in single}
+    v1 = classify_server.post("/v1/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
+    v2 = classify_server.post("/v2/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
+    assert [(r["index"], r["relevance_score"]) for r in v1] == [(r["index"], r["relevance_score"]) for r in v2]
+

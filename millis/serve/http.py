@@ -131,12 +131,25 @@ def count(st, route: str, status: int, t0: float) -> None:
     st.metrics.on_request(route, status, perf_counter() - t0)
 
 
+# a request's inputs past the server's bounds (more texts than --max-inputs, a text over the length with --too-long
+# reject): 413 in the code, answered as the route's API answers them (`api_status`)
+TOO_MUCH = frozenset({"too_many_inputs", "text_too_long"})
+
+
+def api_status(e: schemas.ApiError, invalid: int) -> int:
+    """The status of an error on a route answering `invalid` for a bad field (400: OpenAI's and Cohere's routes,
+    whose SDKs raise BadRequestError for a 400 only; 422: TEI's). OpenAI answers every bad input 400; TEI answers
+    an empty input 400 and the rest (too many inputs, a text over the length) 422."""
+    if e.status == 422 or (e.status == 413 and e.code in TOO_MUCH):
+        return 400 if invalid == 422 and e.code == "empty_input" else invalid
+    return e.status
+
+
 def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], invalid: int = 400):
     """Errors -> JSON error bodies with their status; every answer counted and timed. A client that
     leaves (mid-body or while waiting) is counted as 499, not logged as an error. A streamed answer is
-    counted, timed and leaves "in flight" when its stream ends (Streamed). A field missing, of the wrong type
-    or out of bounds (ApiError 422) is answered `invalid`: 400, as OpenAI answers it (its SDK raises
-    BadRequestError for a 400 only), or TEI's 422 on TEI's routes."""
+    counted, timed and leaves "in flight" when its stream ends (Streamed). A bad input is answered as the
+    route's API answers it (`api_status`)."""
     async def handler(request: Request) -> Response | Streamed:
         t0 = perf_counter()
         st.metrics.on_admit()
@@ -147,8 +160,7 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], inval
         try:
             resp = await fn(request)
         except schemas.ApiError as e:
-            if e.status == 422:
-                e.status = invalid
+            e.status = api_status(e, invalid)
             resp = error_response(e)
         except (ClientGone, ClientDisconnect):
             resp = Response(b"", 499)  # nobody reads it

@@ -25,10 +25,12 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-ERRORS = {"400": "malformed JSON, a field missing, of the wrong type or out of bounds, or a request this model "
-                 "cannot serve", "404": "unknown model", "413": "body, inputs or prompt too large",
+ERRORS = {"400": "malformed JSON, a field missing, of the wrong type or out of bounds, more inputs than the server "
+                 "takes, a text over the length it takes, or a request this model cannot serve",
+          "404": "unknown model", "413": "body too large",
           "429": "queue full; see Retry-After", "503": "loading, shutting down or timed out; see Retry-After"}
-TEI_ERRORS = {"422": "a field missing, of the wrong type or out of bounds (TEI's status)"}
+TEI_ERRORS = {"422": "a field missing, of the wrong type or out of bounds, more inputs than the server takes, or a "
+                     "text over the length it takes (TEI's status; an empty input is its 400)"}
 USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
          "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                         "total_tokens": {"type": "integer"}}}
@@ -116,8 +118,8 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/embeddings"] = _post("OpenAI-compatible sentence embeddings", req, _json(ok))
         req = {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": texts, "normalize": {"const": True} if unit else {"type": "boolean"},
-            "truncate": nullable({"type": "boolean"}),
+            "inputs": embed_input, "normalize": {"const": True} if unit else {"type": "boolean"},
+            "truncate": nullable({"type": "boolean"}), "truncation_direction": {"enum": ["right", "Right", None]},
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
         paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs), TEI_ERRORS)
@@ -137,11 +139,14 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "data": {"type": "array", "items": item, "minItems": 1}}}
         paths["/v1/classify"] = _post("sequence classification: a label and score per text", req, _json(ok))
         labels = {"type": "array", "items": scored}
+        pair = {"type": "array", "items": TEXT, "minItems": 1, "maxItems": 2}  # [text] or [text, text_pair]
         req = {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": texts, "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"})}}
-        paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, per text (a list of "
-                                  "those for a list)", req, _json({"oneOf": [labels, {"type": "array", "items": labels}]}),
-                                  TEI_ERRORS)
+            "inputs": {"oneOf": [TEXT, pair, {"type": "array", "items": pair, "minItems": 1, "maxItems": max_inputs}],
+                       "description": "one sequence (a text, or [text, text_pair]), or a batch: a list of those"},
+            "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"})}}
+        paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, for one sequence (a "
+                                  "list of those for a batch)", req,
+                                  _json({"oneOf": [labels, {"type": "array", "items": labels}]}), TEI_ERRORS)
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,
@@ -156,6 +161,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "results": {"type": "array", "items": hit}}}
         paths["/v1/rerank"] = _post("cross-encoder reranking (Jina / Cohere shape): documents by relevance to "
                                     "the query", req, _json(ok))
+        paths["/v2/rerank"] = _post("the same, where Cohere's v2 client posts", req, _json(ok))
         req = {"type": "object", "required": ["query", "texts"], "properties": {
             "query": req["properties"]["query"], "texts": {"type": "array", "items": TEXT, "minItems": 1,
                                                            "maxItems": max_inputs},
@@ -165,6 +171,13 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": {"type": "string"}}}
         paths["/rerank"] = _post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
                                  _json({"type": "array", "items": hit}), TEI_ERRORS)
+    info = {"type": "object", "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size"]}
+    paths["/info"] = _get("text-embeddings-inference's /info: the model and the server's bounds", _json(info),
+                          unavailable=True)
+    # TEI's routes by model type: an embedder's /embed, a one-label classifier's /rerank, another's /predict
+    same = "/embed" if task == "embed" else ("/rerank" if n_labels == 1 else "/predict") if task == "classify" else ""
+    for path in ("/", "/invocations") if same else ():
+        paths[path] = {"post": {**paths[same]["post"], "summary": f"text-embeddings-inference's {same}, by model type"}}
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}

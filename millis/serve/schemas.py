@@ -124,7 +124,7 @@ def texts_of(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
                        param=key, code="too_many_inputs")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            hint = (" (token ids are taken by /v1/embeddings only, and not mixed with text)"
+            hint = (" (token ids are taken by /v1/embeddings and /embed only, and not mixed with text)"
                     if isinstance(t, (int, list)) else "")
             raise ApiError(422, f"{key}[{i}] is {type(t).__name__}, expected a string{hint}", param=key,
                            code="invalid_type")
@@ -140,30 +140,31 @@ class TokenInput:
     when they are many)."""
     rows: list[list[Any]]
     nested: bool  # [[int]]: an id is named input[i][j]; [int]: one input, input[j]
+    key: str = "input"  # the field they came in (TEI's /embed: inputs)
 
     @property
     def size(self) -> int:
         return sum(map(len, self.rows))
 
 
-def embedding_input(body: dict[str, Any], limits: Limits) -> list[str] | TokenInput:
-    """/v1/embeddings' `input`: a string, a list of strings, a list of token ids or a list of lists of them.
-    The lists' shape is checked here; the ids themselves by `token_rows`."""
-    v = body.get("input")
+def embedding_input(body: dict[str, Any], limits: Limits, key: str = "input") -> list[str] | TokenInput:
+    """/v1/embeddings' `input` (TEI's /embed: `inputs`): a string, a list of strings, a list of token ids or a
+    list of lists of them. The lists' shape is checked here; the ids themselves by `token_rows`."""
+    v = body.get(key)
     if not (isinstance(v, list) and v and (isinstance(v[0], list) or is_integral(v[0]))):
-        return texts_of(body, "input", limits)
+        return texts_of(body, key, limits)
     if not isinstance(v[0], list):
-        return TokenInput([v], nested=False)
+        return TokenInput([v], nested=False, key=key)
     if len(v) > limits.max_inputs:
-        raise ApiError(413, f"'input' has {len(v)} inputs; at most {limits.max_inputs} per request", param="input",
+        raise ApiError(413, f"'{key}' has {len(v)} inputs; at most {limits.max_inputs} per request", param=key,
                        code="too_many_inputs")
     for i, row in enumerate(v):
         if not isinstance(row, list):
-            raise ApiError(422, f"input[{i}] is {type(row).__name__}, expected a list of token ids (as input[0])",
-                           param="input", code="invalid_type")
+            raise ApiError(422, f"{key}[{i}] is {type(row).__name__}, expected a list of token ids (as {key}[0])",
+                           param=key, code="invalid_type")
         if not row:
-            raise ApiError(422, f"input[{i}] is an empty list of token ids", param="input", code="empty_input")
-    return TokenInput(v, nested=True)
+            raise ApiError(422, f"{key}[{i}] is an empty list of token ids", param=key, code="empty_input")
+    return TokenInput(v, nested=True, key=key)
 
 
 def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
@@ -176,9 +177,9 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
             continue
         for j, t in enumerate(row):
             if not (is_integral(t) and 0 <= t < vocab_size):
-                where = f"input[{i}][{j}]" if given.nested else f"input[{j}]"
+                where = f"{given.key}[{i}][{j}]" if given.nested else f"{given.key}[{j}]"
                 raise ApiError(422, f"{where} is {t!r}: a token id is an integer in 0..{vocab_size - 1} (this "
-                                    f"model's vocabulary)", param="input", code="invalid_value")
+                                    f"model's vocabulary)", param=given.key, code="invalid_value")
         out.append([int(t) for t in row])
     return out
 

@@ -27,9 +27,8 @@ from millis.runtimes.base import shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
-from millis.serve.encoder import tei
-from millis.serve.encoder.rerank import (COHERE, TEI, Shape, distinct, relevance, rerank_request, rerank_response,
-                                         tei_rerank_response)
+from millis.serve.encoder.tei_routes import tei_routes
+from millis.serve.encoder.rerank import COHERE, Shape, distinct, relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, model_routes,
@@ -322,27 +321,6 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         return json_response(rerank_response(scores, req.documents, req.top_n, req.return_documents, cut, st.name,
                                              n_tok), headers=timing_headers(job, tok_s, cut))
 
-    async def tei_rerank(request: Request) -> Response:
-        req, scores, cut, job, tok_s, _ = await _rerank(request, TEI)
-        return json_response(tei_rerank_response(scores, req.documents, req.top_n, req.return_documents),
-                             headers=timing_headers(job, tok_s, cut))
-
-    async def tei_embed(request: Request) -> Response:
-        model, body, arrived = await _infer(request, "embed")
-        unit = model.meta.source.pooling.normalize
-        req = tei.embed_request(body, st.dim, unit, st.limits)
-        job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
-                                           reject=req.truncate is False)
-        return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
-
-    async def tei_predict(request: Request) -> Response:
-        model, body, arrived = await _infer(request, "classify")
-        req = tei.predict_request(body, st.limits)
-        job, cut, tok_s, _ = await _answer(request, arrived, model, req.texts, field="inputs",
-                                           reject=req.truncate is False)
-        return json_response(tei.predict_response(job.out, model.id2label, req, model.problem_type),
-                             headers=timing_headers(job, tok_s, cut))
-
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
         arrived = asyncio.get_running_loop().time()
         model = st.require(st.model.task if st.model is not None else "")
@@ -376,11 +354,13 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     def post(path: str, fn, invalid: int = 400) -> Route:
         return Route(path, endpoint(st, path, fn, invalid), methods=["POST"])
 
-    # a sequence classifier over (query, document) pairs is a cross-encoder: classify models rerank too
-    by_task = {"embed": [post("/v1/embeddings", embeddings), post("/embed", tei_embed, tei.INVALID)],
-               "classify": [post("/v1/classify", classify), post("/predict", tei_predict, tei.INVALID),
-                            post("/v1/rerank", rerank), post("/rerank", tei_rerank, tei.INVALID)]}
-    routes = [r for t, rs in by_task.items() if task in ("", t) for r in rs] + [
+    # a sequence classifier over (query, document) pairs is a cross-encoder: classify models rerank too (Cohere's
+    # v2 client posts to /v2/rerank, its v1 to /v1/rerank)
+    teis = tei_routes(st, _infer, _answer, _rerank, post, timing_headers)
+    by_task = {"embed": [post("/v1/embeddings", embeddings), *teis["embed"]],
+               "classify": [post("/v1/classify", classify), post("/v1/rerank", rerank), post("/v2/rerank", rerank),
+                            *teis["classify"]]}
+    routes = [r for t, rs in by_task.items() if task in ("", t) for r in rs] + teis[""] + [
               *model_routes(st, card),
               post("/tokenize", tokenize),
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),

@@ -77,7 +77,8 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
     key = shape.documents
     docs = body.get(key)
     if not isinstance(docs, list) or not docs:
-        raise _fail(f"{key} must be a non-empty list of strings (or {{\"text\": ...}} objects)", key)
+        raise _fail(f"{key} must be a non-empty list of strings (or {{\"text\": ...}} objects)", key,
+                    "invalid_type" if not isinstance(docs, list) else "empty_input")
     if len(docs) > limits.max_inputs:
         raise _fail(f"{key} has {len(docs)} items; at most {limits.max_inputs} per request", key,
                     "too_many_inputs", 413)
@@ -85,7 +86,8 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
     for i, d in enumerate(docs):
         t = d.get("text") if isinstance(d, dict) else d
         if not isinstance(t, str) or not t.strip():
-            raise _fail(f"{key}[{i}] must be a non-empty string or {{\"text\": <string>}}", key)
+            raise _fail(f"{key}[{i}] must be a non-empty string or {{\"text\": <string>}}", key,
+                        "invalid_type" if not isinstance(t, str) else "empty_input")
         texts.append(t)
     return RerankRequest(q, texts, top_n_of(body, len(texts)), boolean(body, shape.return_documents, False),
                          boolean(body, "raw_scores", False), shape.truncate and boolean(body, "truncate") is False)

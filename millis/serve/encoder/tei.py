@@ -1,15 +1,20 @@
 """text-embeddings-inference's request shapes on the encoder server, so a TEI client points at millis as it is:
 
-    POST /embed    {"inputs": "..." | ["..."], "normalize": true, "truncate": null, "dimensions": null}
-                   -> [[float, ...], ...]
-    POST /predict  {"inputs": "..." | ["..."], "raw_scores": false, "truncate": null}
-                   -> [{"label", "score"}, ...] for one text (every label, best first), a list of those for a list
+    POST /embed    {"inputs": "..." | ["..."] | [ids] | [[ids]], "normalize": true, "truncate": null,
+                    "dimensions": null} -> [[float, ...], ...]
+    POST /predict  {"inputs": ..., "raw_scores": false, "truncate": null}: `inputs` as TEI reads it, a string or a
+                   list of 1-2 strings is one sequence (a text, or a (text, text_pair) pair) answered with one list
+                   [{"label", "score"}, ...] (every label, best first); a list of such lists is a batch, answered
+                   with a list of those
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
+    POST /, /invocations: whichever of these the model's task serves (TEI's routes by model type; huggingface_hub's
+                   InferenceClient posts to the URL it is given); GET /info: TEI's facts about the model
 
-`truncate`: false refuses a text over the model's length (413 naming `inputs`), true or absent cuts it, unless the
+`truncate`: false refuses a text over the model's length (422 naming `inputs`), true or absent cuts it, unless the
 server refuses long texts (`--too-long reject`). `normalize`: the vectors made unit length (TEI's default); false
-gives them as the model computes them, which a model that normalizes in its graph cannot (422). Errors keep the
-server's one shape (OpenAI's `{"error": {...}}`) with TEI's status codes.
+gives them as the model computes them, which a model that normalizes in its graph cannot (422). Texts are cut at
+their end (`truncation_direction` left, and `prompt_name`, are refused: not ignored). Errors keep the server's one
+shape (OpenAI's `{"error": {...}}`) with TEI's status codes (http.api_status).
 """
 from __future__ import annotations
 
@@ -18,23 +23,38 @@ from typing import Any
 
 import numpy as np
 
+from millis import __version__
 from millis.common.numeric import label_scores, unit_rows
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, embedding_input, integer, shortened
 
 INVALID = 422  # TEI answers a field missing, of the wrong type or out of bounds 422 (OpenAI's routes: 400)
-from millis.serve.schemas import ApiError, Limits, boolean, integer, shortened, texts_of
 
 
 @dataclass(frozen=True)
 class TeiRequest:
-    texts: list[str]
-    single: bool            # `inputs` was one string: /predict answers one list, not a list of lists
+    texts: list[str] | TokenInput  # /predict: each sequence's (first) text
+    single: bool            # one sequence, not a batch: /predict answers one list, not a list of lists
     truncate: bool | None   # None: the server's rule
     normalize: bool = True
     dimensions: int = 0
     raw_scores: bool = False
+    seconds: tuple = ()     # /predict: each sequence's text_pair, or None
+
+
+def check_cut(body: dict[str, Any]) -> None:
+    """TEI's fields millis does not do, refused rather than ignored (a left cut read as a right one gave another
+    vector without a word)."""
+    d = body.get("truncation_direction")
+    if d is not None and d not in ("right", "Right"):
+        raise ApiError(422, f"truncation_direction {d!r}: texts are cut at their end here (right)",
+                       param="truncation_direction", code="unsupported" if d in ("left", "Left") else "invalid_value")
+    if body.get("prompt_name") is not None:
+        raise ApiError(422, "prompt_name is not supported here: put the prompt at the start of your texts",
+                       param="prompt_name", code="unsupported")
 
 
 def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits: Limits) -> TeiRequest:
+    check_cut(body)
     normalize = body.get("normalize", True)
     if not isinstance(normalize, bool):
         raise ApiError(422, f"normalize must be true or false, got {normalize!r}", param="normalize",
@@ -42,8 +62,8 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
     if not normalize and graph_normalizes:
         raise ApiError(422, "normalize=false is not available: this model normalizes its vectors in its graph",
                        param="normalize", code="invalid_value")
-    return TeiRequest(texts_of(body, "inputs", limits), isinstance(body.get("inputs"), str), boolean(body, "truncate"),
-                      normalize, integer(body, "dimensions", 1, dim, dim))
+    return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
+                      boolean(body, "truncate"), normalize, integer(body, "dimensions", 1, dim, dim))
 
 
 def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: bool) -> list[np.ndarray]:
@@ -52,12 +72,41 @@ def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: boo
 
 
 def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
-    v = body.get("inputs")
-    if isinstance(v, list) and v and isinstance(v[0], list):
-        raise ApiError(422, "inputs: text pairs are scored by /rerank (a query and its texts) here, not /predict",
-                       param="inputs", code="invalid_type")
-    return TeiRequest(texts_of(body, "inputs", limits), isinstance(v, str), boolean(body, "truncate"),
-                      raw_scores=boolean(body, "raw_scores", False))
+    """`inputs` as TEI reads it: a string, or a list of 1-2 strings, is one sequence (a pair: text, text_pair);
+    a list of lists is a batch of them."""
+    check_cut(body)
+    if "inputs" not in body:
+        raise ApiError(422, "missing field 'inputs' (a text, a [text, text_pair] list, or a list of those)",
+                       param="inputs", code="missing")
+    v = body["inputs"]
+    batch = isinstance(v, list) and bool(v) and all(isinstance(x, list) for x in v)
+    seqs = v if batch else [v]
+    if v in ("", []):
+        raise ApiError(422, "'inputs' is empty: send at least one text", param="inputs", code="empty_input")
+    if len(seqs) > limits.max_inputs:
+        raise ApiError(413, f"'inputs' has {len(seqs)} sequences; at most {limits.max_inputs} per request",
+                       param="inputs", code="too_many_inputs")
+    firsts, seconds = [], []
+    for i, seq in enumerate(seqs):
+        where, texts = f"inputs[{i}]" if batch else "inputs", [seq] if isinstance(seq, str) else seq
+        if not isinstance(texts, list) or not 1 <= len(texts) <= 2 or not all(isinstance(t, str) for t in texts):
+            raise ApiError(422, f"{where} must be a text or a [text, text_pair] list (a batch: a list of those)",
+                           param="inputs", code="invalid_type")
+        if not all(t.strip() for t in texts):
+            raise ApiError(422, f"{where} holds an empty text", param="inputs", code="empty_input")
+        firsts.append(texts[0])
+        seconds.append(texts[1] if len(texts) == 2 else None)
+    return TeiRequest(firsts, not batch, boolean(body, "truncate"), raw_scores=boolean(body, "raw_scores", False),
+                      seconds=tuple(seconds))
+
+
+def predict_groups(req: TeiRequest) -> list[tuple[str | None, list[int]]]:
+    """The sequences in runs of one kind: (None, the single texts' places), then (first text, the places of the
+    pairs that open with it): a pair runs as (query, document) rows, one query a run."""
+    groups: dict[str | None, list[int]] = {}
+    for i, (a, b) in enumerate(zip(req.texts, req.seconds)):
+        groups.setdefault(None if b is None else a, []).append(i)
+    return list(groups.items())
 
 
 def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRequest,
@@ -69,3 +118,19 @@ def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRe
         order = sorted(range(len(row)), key=lambda k: -row[k])     # every label, best first (ties: label order)
         items.append([{"label": id2label.get(k, str(k)), "score": row[k]} for k in order])
     return items[0] if req.single else items
+
+
+def info(name: str, model, cfg) -> dict[str, Any]:
+    """TEI's GET /info: the model and the server's bounds (huggingface_hub's get_endpoint_info reads it)."""
+    if model.task == "embed":
+        kind: dict[str, Any] = {"embedding": {"pooling": model.meta.source.pooling.mode}}
+    else:
+        labels = {str(k): v for k, v in model.id2label.items()}
+        kind = {"reranker" if len(labels) == 1 else "classifier": {
+            "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
+    return {"model_id": name, "model_sha": None, "model_dtype": model.variant, "model_type": kind,
+            "prompts": None, "default_prompt_name": None, "max_concurrent_requests": cfg.max_queue,
+            "max_input_length": model.max_length, "max_batch_tokens": cfg.max_batch_tokens,
+            "max_batch_requests": cfg.max_batch, "max_client_batch_size": cfg.max_inputs,
+            "auto_truncate": cfg.too_long != "reject", "tokenization_workers": 1, "version": __version__,
+            "sha": None, "docker_label": None}

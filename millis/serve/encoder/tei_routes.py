@@ -1,0 +1,60 @@
+"""TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
+task; / and /invocations as TEI routes them by model type (an embedder embeds, a classifier with one label reranks,
+another predicts); GET /info."""
+from __future__ import annotations
+
+from typing import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from millis.serve.encoder import tei
+from millis.serve.encoder.rerank import TEI, tei_rerank_response
+from millis.serve.http import endpoint, json_response
+
+
+def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
+               timing_headers: Callable) -> dict[str, list[Route]]:
+    """{task: its routes} ("": every task's), from create_app's request steps (`infer`: the model and the body;
+    `answer`: tokenize and run; `rerank`: a cross-encoder's scores in a route's shape)."""
+    async def embed(request: Request) -> Response:
+        model, body, arrived = await infer(request, "embed")
+        unit = model.meta.source.pooling.normalize
+        req = tei.embed_request(body, st.dim, unit, st.limits)
+        job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
+                                          reject=req.truncate is False)
+        return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
+
+    async def predict(request: Request) -> Response:
+        model, body, arrived = await infer(request, "classify")
+        req = tei.predict_request(body, st.limits)
+        out, cut = [None] * len(req.texts), [False] * len(req.texts)
+        for query, places in tei.predict_groups(req):  # single texts in one run; pairs a run per first text
+            texts = [req.texts[i] if query is None else req.seconds[i] for i in places]
+            job, got, tok_s, _ = await answer(request, arrived, model, texts, query, field="inputs",
+                                              reject=req.truncate is False)
+            for i, o, c in zip(places, job.out, got):
+                out[i], cut[i] = o, c
+        return json_response(tei.predict_response(out, model.id2label, req, model.problem_type),
+                             headers=timing_headers(job, tok_s, cut))
+
+    async def tei_rerank(request: Request) -> Response:
+        req, scores, cut, job, tok_s, _ = await rerank(request, TEI)
+        return json_response(tei_rerank_response(scores, req.documents, req.top_n, req.return_documents),
+                             headers=timing_headers(job, tok_s, cut))
+
+    def hosted():
+        return st.require(st.model.task if st.model is not None else "")
+
+    async def root(request: Request) -> Response:
+        model = hosted()
+        return await (embed if model.task == "embed" else tei_rerank if len(model.id2label) == 1 else predict)(request)
+
+    async def info(request: Request) -> Response:
+        return json_response(tei.info(st.name, hosted(), st.cfg))
+
+    return {"embed": [post("/embed", embed, tei.INVALID)],
+            "classify": [post("/predict", predict, tei.INVALID), post("/rerank", tei_rerank, tei.INVALID)],
+            "": [post("/", root, tei.INVALID), post("/invocations", root, tei.INVALID),
+                 Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"])]}
