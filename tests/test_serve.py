@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -548,3 +549,54 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
     v2 = classify_server.post("/v2/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
     assert [(r["index"], r["relevance_score"]) for r in v1] == [(r["index"], r["relevance_score"]) for r in v2]
 
+
+
+def _recv_all(c, timeout: float = 10.0) -> bytes:
+    c.settimeout(timeout)
+    out = b""
+    while True:
+        try:
+            chunk = c.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_the_connection_bounds_its_head_in_size_and_time(embed_artifact):
+    """millis.serve.guard: a request head over 64 KB is answered 431 and closed before it is all taken (a 100 MB
+    header took gigabytes and stalled everyone's requests); a connection that sends nothing, or half a head, is
+    answered 408 and closed after --head-timeout-s (silent connections held every file descriptor). Bodies,
+    pipelined requests and keep-alive are unaffected."""
+    import time
+
+    s = Server(embed_artifact, "--head-timeout-s", "1")
+    try:
+        with socket.create_connection((s.host, s.port)) as c:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000)
+            for _ in range(20):  # 20 more 60 KB pieces, as a slow client sends them; refused after the second
+                try:
+                    c.sendall(b"a" * 60_000)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            got = _recv_all(c)
+        assert got.startswith(b"HTTP/1.1 431"), got[:100]
+        assert s.post("/v1/embeddings", {"input": ["a bystander"]})[0] == 200
+        t0 = time.perf_counter()
+        with socket.create_connection((s.host, s.port)) as silent, socket.create_connection((s.host, s.port)) as half:
+            half.sendall(b"GET /health HTTP/1.1\r\nHo")
+            assert _recv_all(silent).startswith(b"HTTP/1.1 408") and _recv_all(half).startswith(b"HTTP/1.1 408")
+        assert time.perf_counter() - t0 < 5
+        body = json.dumps({"input": ["x " * 100_000]}).encode()  # a 200 KB body: not the head's
+        head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((s.host, s.port)) as c:
+            c.sendall(head + body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # and one pipelined after it
+            time.sleep(1.5)  # an idle keep-alive connection is uvicorn's (30 s), not the head's timeout
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            got = _recv_all(c)
+        assert got.count(b"HTTP/1.1 200") == 3, got[:300]
+    finally:
+        assert s.stop() == 0

@@ -1,6 +1,7 @@
 """The millis cache directory and content hashes of files."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -40,3 +41,15 @@ def absolute(path: str) -> str:
     """`path` made absolute against the current directory, as a file's record must be ("" stays ""): a relative
     one would name another file, or none, when read from elsewhere. Symlinks are kept as given."""
     return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def raise_fd_limit() -> int:
+    """The soft limit on open files up to the hard one (a load generator's open loop holds rate x latency
+    connections; a server, its clients' connections); returns the soft limit now."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

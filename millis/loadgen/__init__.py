@@ -22,7 +22,8 @@ from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 from millis.common.readers import read_texts
 from millis.loadgen.client import Target, fetch
-from millis.loadgen.load import Level, parse_levels, raise_fd_limit, run_level, warm
+from millis.common.files import raise_fd_limit
+from millis.loadgen.load import Level, parse_levels, run_level, warm
 from millis.loadgen.streams import gen_level, gen_summary, stream_one
 
 

@@ -21,12 +21,10 @@ recorded: a p99 past max(1 ms, 5% of p50) means the client, not the server, may 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import math
 import random
 import re
-import resource
 import time
 from dataclasses import dataclass
 from time import perf_counter
@@ -109,14 +107,6 @@ CLIENT_LIMIT = -3  # the client ran out of file descriptors: the request was nev
 def failed(e: BaseException) -> int:
     """The status of a request that raised `e`: 0 (a broken connection, a bad answer) or CLIENT_LIMIT."""
     return CLIENT_LIMIT if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) else 0
-
-
-def raise_fd_limit() -> None:
-    """The soft limit on open files up to the hard one: an open loop holds rate x latency connections."""
-    with contextlib.suppress(ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def client_limit_warning(row: dict[str, Any]) -> dict[str, Any]:

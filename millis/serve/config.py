@@ -35,12 +35,14 @@ class ServeConfig:
     max_queue: int = _f(128, "rows waiting to start (not yet in a model call / not yet given a slot) past which a "
                              "request is answered 429 with Retry-After (one admitted below it may take the queue "
                              "past it by its own rows)")
-    max_inputs: int = _f(64, "most texts in one request (more: 413)")
+    max_inputs: int = _f(64, "most texts in one request (more: 400, TEI's routes 422)")
     max_body_bytes: int = _f(1 << 20, "largest request body in bytes (larger: 413)")
-    too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (413)",
+    too_long: str = _f("truncate", "a text over the model's max length: truncate (reported per item) or reject (400)",
                        choices=TOO_LONG)
     request_timeout_s: float = _f(30.0, "a request given no output in this time (its answer, or a generation's "
                                         "first token) gets 503 and is dropped")
+    head_timeout_s: float = _f(15.0, "a request's line and headers must all arrive within this many seconds of "
+                                     "its first byte, or of the connection's start (408 and closed past it)")
     threads: int = _f(0, "runtime intra-op threads (0 = all cores)")
     device: str = _f("cpu", "cpu, or cuda: serve a source model (BERT family) in fp16 through CUDA graphs "
                             "captured for batch 1..max_batch x 16..max-length tokens")
@@ -73,7 +75,7 @@ class ServeConfig:
         check_at_least(self, 1, "max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes",
                        "max_tokens")
         check_at_least(self, 0, "max_wait_ms", "threads", "max_seq", "kv_memory_mb")
-        for name in ("request_timeout_s", "shutdown_timeout_s"):
+        for name in ("request_timeout_s", "shutdown_timeout_s", "head_timeout_s"):
             if not getattr(self, name) > 0:
                 raise MillisError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.max_inputs > self.max_queue:

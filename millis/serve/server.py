@@ -16,7 +16,9 @@ from types import FrameType
 import uvicorn
 
 from millis.common.errors import MillisError
+from millis.common.files import raise_fd_limit
 from millis.serve.config import ServeConfig
+from millis.serve.guard import FD_RESERVE, guarded_protocol
 
 
 def app_and_loader(cfg: ServeConfig):
@@ -88,7 +90,9 @@ def serve(cfg: ServeConfig, loader=None) -> int:
     sock.listen(2048)  # from here on connections wait in the backlog, none is refused while uvicorn starts
     host, port = sock.getsockname()[:2]
     app = factory(cfg, loader)
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+    # the connection's own bounds (guard.py): the head's size and time, the open connections within the fd limit
+    protocol = guarded_protocol(max(16, raise_fd_limit() - FD_RESERVE), head_timeout_s=cfg.head_timeout_s)
+    config = uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
                             log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout_s,
                             timeout_keep_alive=30, backlog=2048)
     server = _Server(config, cfg.shutdown_timeout_s + HARD_EXIT_GRACE_S)
