@@ -283,3 +283,37 @@ def test_generation_server_stats(tmp_path):
             assert pts["ttft"] >= 1 and pts["tokens"] >= 1 and pts["latency"] >= 1, pts
     finally:
         assert s.stop() == 0
+
+
+def test_stats_answers_close_together_share_one_snapshot(monkeypatch):
+    """A snapshot of 600 s costs the event loop ~7 ms: /stats answers within SNAPSHOT_S of each other (many
+    pages polling) share one per window; a later one, or another window, takes its own."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    import millis.serve.dashboard as dash
+
+    clock = Clock(1000.0)
+    live = Live(clock=clock)
+    taken = []
+    real = live.snapshot
+    monkeypatch.setattr(live, "snapshot", lambda w: taken.append(w) or real(w))
+    now = [500.0]
+    monkeypatch.setattr(dash.time, "monotonic", lambda: now[0])
+    st = SimpleNamespace(metrics=SimpleNamespace(live=live), name="m", cold_start_s=0.0, draining=False,
+                         load_error=None)
+    stats = dash.live_routes(st, dict, dict, lambda: True)[0].endpoint
+
+    def get(window: int) -> dict:
+        req = Request({"type": "http", "method": "GET", "query_string": f"window={window}".encode(), "headers": []})
+        return json.loads(asyncio.run(stats(req)).body)
+
+    live.request("/v1/classify", 200, 0.01)
+    first = get(600)
+    live.request("/v1/classify", 200, 0.01)
+    assert get(600)["summary"]["requests"] == first["summary"]["requests"] == 1 and taken == [600]
+    assert get(60)["summary"]["requests"] == 2 and taken == [600, 60]  # another window: its own
+    now[0] += dash.SNAPSHOT_S + 0.01
+    assert get(600)["summary"]["requests"] == 2 and taken == [600, 60, 600]
+    assert first["model"]["status"] == "ready" and "gauges" in first
