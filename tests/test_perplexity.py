@@ -48,6 +48,7 @@ def test_readme_form_scores_every_token(model, book, tmp_path, capsys):
     assert rc == 0 and json.loads(out.read_text()) | {"tokens_per_s": 0} == res | {"tokens_per_s": 0}
     n = n_ids(model, book.read_text())
     assert res["tokens"] == n - 1 and res["context"] == 512 and res["stride"] == 256
+    assert (res["dtype"], res["quant"], res["score_tokens"]) == ("fp32", "none", 0)  # which weights gave it
     assert 1.0 < res["perplexity"] < 10.0  # a repeated story: the model predicts it well
 
 
@@ -113,3 +114,32 @@ def test_output_and_input_problems_are_one_line(model, book, tmp_path, capsys):
     bad.write_bytes(b"Once upon a time\nthe caf\xe9 was open\n")
     err = one_line_error(capsys, model, "--text", str(bad))
     assert "line 2 is not valid UTF-8" in err
+
+
+def test_a_nan_loss_is_an_error_and_an_overflow_is_infinite():
+    """NaN logits give no figure (it printed NaN, invalid JSON, with exit 0); a mean loss past exp's range is an
+    infinite perplexity (math.exp raised OverflowError: a traceback)."""
+    import math
+
+    import torch
+
+    from millis.common.errors import MillisError
+    from millis.gen.perplexity import score_ids
+
+    class Fake:
+        max_seq = 64
+
+        def __init__(self, first: float):
+            self.first = first
+
+        def logits(self, ids):  # (len(ids), 8): token 0 favoured by `first` over the others
+            x = torch.zeros(len(ids), 8)
+            x[:, 0] = self.first
+            return x
+
+    ids = [1] * 20
+    assert math.isclose(score_ids(Fake(0.0), ids, 8, 4).perplexity, 8.0, rel_tol=1e-6)  # uniform over 8
+    assert score_ids(Fake(1e4), ids, 8, 4).perplexity == math.inf
+    with pytest.raises(MillisError, match="NaN on 19 of"):
+        score_ids(Fake(float("nan")), ids, 32, 16)
+

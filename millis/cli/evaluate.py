@@ -3,6 +3,7 @@ with `--text FILE`, the perplexity of a decoder on that text instead (an EvalTex
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,12 @@ def run_perplexity(cfg, own: EvalFlags) -> int:
     from millis.gen.perplexity import perplexity
 
     r = perplexity(cfg)
+    # which weights gave the figure (a quantized variant's beside fp32's); an infinite perplexity (a token the
+    # model rules out) is null, as JSON has no infinity
     res = {"model": cfg.model, "text": cfg.text, "context": cfg.context, "stride": cfg.window_stride,
-           "perplexity": round(r.perplexity, 4), "nll": round(r.nll, 5), "tokens": r.tokens, "windows": r.windows,
+           "dtype": cfg.dtype, "quant": cfg.quant, "score_tokens": cfg.score_tokens,
+           "perplexity": round(r.perplexity, 4) if math.isfinite(r.perplexity) else None,
+           "nll": round(r.nll, 5) if math.isfinite(r.nll) else None, "tokens": r.tokens, "windows": r.windows,
            "tokens_per_s": round(r.tokens_per_s, 1)}
     if own.json:
         Path(own.json).write_text(json.dumps(res, indent=2))

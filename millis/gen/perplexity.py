@@ -91,14 +91,19 @@ def score_ids(engine, ids: list[int], context: int, stride: int) -> Perplexity:
     for begin, end, first in wins:
         logits = engine.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin]  # (scored, V)
         target = torch.tensor(ids[first:end])
-        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        losses = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+        if bad := int(torch.isnan(losses).sum()):  # NaN logits: no figure to report (inf, a token the model rules
+            raise MillisError(f"the model's loss is NaN on {bad} of the {end - first} tokens scored in positions "  # out,
+                              f"{first}..{end - 1}: its logits are not finite (weights or kernels)")  # is one)
+        nll += float(losses.sum())
         top += logits.argmax(-1).tolist()
         count += end - first
         ran += end - begin
     dt = time.perf_counter() - t0
     # overlapping windows score every token but the first exactly once (stride == context skips each window's first)
     assert stride == context or count == len(ids) - 1, (count, len(ids))
-    return Perplexity(math.exp(nll / count), nll / count, count, len(wins), ran / dt, top)
+    mean = nll / count
+    return Perplexity(math.exp(mean) if mean < 709 else math.inf, mean, count, len(wins), ran / dt, top)  # exp's range
 
 
 def perplexity(cfg: EvalTextConfig) -> Perplexity:
