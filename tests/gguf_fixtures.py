@@ -167,7 +167,8 @@ def _write_tokenizer(w: GGUFWriter, cfg: LlamaConfig, kind: str, pre: str, add_b
     if kind == "gpt2":
         tokens, types, merges = gpt2_vocab(cfg.vocab_size, added)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
+        if pre:  # "": a file converted before llama.cpp wrote the key
+            w.add_tokenizer_pre(pre)
         w.add_token_merges(merges)
         bos, eos, unk = 1, 2, 0
         w.add_add_bos_token(bool(add_bos))

@@ -116,3 +116,26 @@ def test_spm_literal_metaspace_is_a_space_and_unk_text_is_the_unknown_token(tmp_
     unk = tok.ids["<unk>"] if "<unk>" in tok.ids else 0
     assert tok.encode("<unk>", special=False) == [unk]  # was spelled out character by character
     assert unk in tok.encode("the<unk>the", special=False)
+
+
+def test_llama_cpps_pre_tokenizer_names_and_a_file_without_one(tmp_path):
+    """"gpt-2" (the name llama.cpp's converter writes) and its other names of the GPT-2 pattern are read; a file
+    without tokenizer.ggml.pre (converted before spring 2024) takes the pattern its vocabulary is known by
+    (Llama 3's and Qwen2's special tokens), else GPT-2's with a warning, as llama.cpp warns."""
+    from millis.gen.gguf_tokenizer import guessed_pre
+
+    text = "In 2024, 12345 people\n\n\nsaid  hi"
+    ids = {}
+    for pre in ("gpt-2", "default", ""):
+        path = tmp_path / f"{pre or 'none'}.gguf"
+        write_tiny_gguf(path, TINY, random_llama_tensors(TINY), pre=pre)
+        if pre:
+            ids[pre] = read_gguf(path).tokenizer.encode(text)
+        else:
+            with pytest.warns(UserWarning, match="no tokenizer.ggml.pre"):
+                ids[pre] = read_gguf(path).tokenizer.encode(text)
+    assert ids["gpt-2"] == ids["default"] == ids[""]
+    llama3 = ["x"] * 128000 + ["<|begin_of_text|>"]
+    qwen = ["x"] * 151644 + ["<|im_start|>"]
+    assert guessed_pre("m", llama3) == "llama-bpe" and guessed_pre("m", qwen) == "qwen2"
+

@@ -3,6 +3,7 @@ llama.cpp names in `tokenizer.ggml.pre`) and SentencePiece BPE (`llama`), as lla
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from millis.common.errors import MillisError
@@ -22,7 +23,9 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DIGITS = "digits"  # each digit alone, then the GPT-2 regex (SmolLM2's tokenizer.json: Digits + ByteLevel)
 PRE_TOKENIZERS = {
-    **dict.fromkeys(("default", "gpt2", "mpt", "olmo", "jais"), _GPT2),
+    # llama.cpp's names for the GPT-2 pattern ("gpt-2" is what its converter writes)
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+                     "a.x-4.0", "mellum", "mpt", "olmo", "jais"), _GPT2),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _DIGITS),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), _LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2),
@@ -31,6 +34,21 @@ PRE_TOKENIZERS = {
 IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
 
 
+
+
+def guessed_pre(path, tokens: list[str]) -> str:
+    """A byte-level GGUF without tokenizer.ggml.pre (converted before llama.cpp wrote it, spring 2024): the
+    vocabularies known by their special tokens (Llama 3's <|begin_of_text|> after 128,000 tokens, Qwen2's
+    <|im_start|> at 151,644) get their own pattern, as their tokenizer.json has it; any other the GPT-2 one, with
+    a warning, as llama.cpp warns (its digits, spaces and newlines may split otherwise than the model's own)."""
+    if len(tokens) > 128000 and tokens[128000] == "<|begin_of_text|>":
+        return "llama-bpe"
+    if len(tokens) > 151644 and tokens[151644] == "<|im_start|>":
+        return "qwen2"
+    warnings.warn(f"{path}: no tokenizer.ggml.pre: the GPT-2 pre-tokenizer is used, which may split text otherwise "
+                  f"than the model's own (llama.cpp: 'GENERATION QUALITY WILL BE DEGRADED'); convert the model again "
+                  f"with a current llama.cpp")
+    return "default"
 
 
 class GGUFBPETokenizer(HFTokenizer):
@@ -129,7 +147,7 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     special = {f"{name}_token": tokens[i] for name, k in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
                                                           ("pad", "padding")) if (i := ids[k]) is not None
                and i < len(tokens)}
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta.get("tokenizer.ggml.pre") or guessed_pre(path, tokens)
     # llama.cpp's defaults when the flag is absent: BOS for SentencePiece and the Llama 3 pre-tokenizer
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in IGNORE_MERGES))
     if model == "llama":
