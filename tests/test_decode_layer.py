@@ -70,6 +70,21 @@ def test_barriers_that_give_up_leave_the_five_kernel_step(monkeypatch):
     monkeypatch.setattr(cg, "fused_decode", disagrees)
     with pytest.warns(UserWarning, match="other logits than five"):
         assert not gd._layer_kernel_agrees()
+
+    def near(model, ids, pos, kv_len, window, one_row=None, per_layer=None):  # bf16 sums in another order: ~1%
+        return torch.arange(256.0).repeat(ids.shape[0], 1) * (1.01 if per_layer else 1.0)
+
+    def flipped(model, ids, pos, kv_len, window, one_row=None, per_layer=None):  # close, but another top token
+        x = torch.ones(ids.shape[0], 256)
+        x[:, 0 if per_layer else 1] += 0.01
+        return x
+
+    monkeypatch.setattr(cg, "fused_decode", near)
+    assert gd._layer_kernel_agrees() and gd.layer_agreement["same_top_token"]
+    monkeypatch.setattr(cg, "fused_decode", flipped)
+    with pytest.warns(UserWarning, match="other logits than five"):
+        assert not gd._layer_kernel_agrees()
+    assert gd.layer_agreement["relative_error"] < 1e-3 and not gd.layer_agreement["same_top_token"]
     monkeypatch.setattr(cg, "fused_decode", fused)
     # a barrier that gives up while decoding: its flag, copied to the host after the step, is read at the next
     # batch-1 step, which goes back to five kernels a layer

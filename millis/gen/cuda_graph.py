@@ -136,16 +136,17 @@ class GraphedDecode:
                 self.fused = False
                 return
 
-    def _layer_kernel_agrees(self, tol: float = 2e-2) -> bool:
-        """One batch-1 step at the scratch position in one kernel a layer and in five: the same logits within
-        rounding (their tiles sum in another order), or the five stay (a barrier that let a phase read another
-        program's unfinished writes would show here, not in a user's tokens)."""
+    def _layer_kernel_agrees(self, tol: float = 5e-2) -> bool:
+        """One batch-1 step at the scratch position in one kernel a layer and in five: the same top token and the
+        same logits within rounding, or the five stay (a barrier that let a phase read another program's unfinished
+        writes would show here, not in a user's tokens). Their tiles may sum in another order, and bf16's
+        roundings then part over 30 layers: ~1% (review), so 5%; a torn read is far more."""
         self.pos[1].fill_(self.max_seq - 1)
         one = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, True)
         five = fused_decode(self.model, self.ids[1], self.pos[1], self.lengths[0], self.window, True, False)
         err = ((one - five).norm() / five.norm().clamp_min(1e-30)).item()
         self.layer_agreement = {"relative_error": err, "same_top_token": bool(one.argmax() == five.argmax()), "tol": tol}
-        if torch.isfinite(one).all() and err < tol:
+        if torch.isfinite(one).all() and err < tol and self.layer_agreement["same_top_token"]:
             return True
         warnings.warn(f"one kernel a layer gave other logits than five (relative error {err:.3g}): five a layer")
         return False
