@@ -529,6 +529,8 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
                         ({"inputs": "a", "prompt_name": "query"}, 422)):
         got = classify_server.post("/predict", bad)
         assert got[0] == status, (bad, got)
+    status, _, err = classify_server.post("/predict", {"inputs": [["a"], ["b"], ["q", "word " * 600]]})
+    assert status == 422 and err["error"]["message"].startswith("inputs[2] with the query"), err  # its place
     ids = embed_server.post("/tokenize", {"input": ["card"]})[2]["data"][0]["tokens"]
     want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
     status, _, got = embed_server.post("/embed", {"inputs": ids})

@@ -33,7 +33,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         for query, places in tei.predict_groups(req):  # single texts in one run; pairs a run per first text
             texts = [req.texts[i] if query is None else req.seconds[i] for i in places]
             job, got, tok_s, _ = await answer(request, arrived, model, texts, query, field="inputs",
-                                              reject=req.truncate is False)
+                                              reject=req.truncate is False, places=places)
             for i, o, c in zip(places, job.out, got):
                 out[i], cut[i] = o, c
         return json_response(tei.predict_response(out, model.id2label, req, model.problem_type),
