@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import os
 from pathlib import Path
 
@@ -31,10 +32,27 @@ def read_into(h, path: str | Path):
 
 
 def cache_dir() -> Path:
-    """$MILLIS_CACHE (an empty value: unset), else ~/.cache/millis; absolute, so a later cwd finds it too."""
+    """$MILLIS_CACHE (an empty value: unset), else ~/.cache/millis; absolute, so a later cwd finds it too. Made
+    private (0700) when new; one another user can write is refused: millis loads compiled kernels (code) and
+    models from it, which someone else could plant (a shared /tmp folder, say)."""
+    from millis.common.errors import MillisError
+
     d = Path(absolute(os.environ.get("MILLIS_CACHE") or str(Path.home() / ".cache" / "millis")))
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not own_file(d):
+        raise MillisError(f"the millis cache {d} can be written by another user (owner uid {d.stat().st_uid}, mode "
+                          f"{d.stat().st_mode & 0o777:o}): millis loads compiled kernels from it; set MILLIS_CACHE to "
+                          f"a folder of your own that others cannot write (chmod go-w)")
     return d
+
+
+def own_file(p: Path) -> bool:
+    """p is this user's and no one else can write it (group-writable only for the user's own group, as user-private
+    groups have it). Where there are no uids (Windows): True."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = p.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o002 and not (st.st_mode & 0o020 and st.st_gid != os.getgid())
 
 
 def absolute(path: str) -> str:
@@ -53,3 +71,27 @@ def raise_fd_limit() -> int:
         if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """src (a file, or a folder of them) copied to dst, its regular files only: a symlink in a downloaded folder
+    (to a credentials file, say) is left out, not copied as the file it points to into an artifact others get."""
+    if src.is_symlink():
+        return
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            copy_regular(child, dst / child.name)
+    elif src.is_file():
+        shutil.copy2(src, dst)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it and os.replace: a symlink planted at `path` (in an artifact
+    from elsewhere) is replaced, never written through."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -81,11 +81,13 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
     flags = list(flags or COMMON_FLAGS) + ISA_FLAGS[isa]
     texts = b"".join((HERE / f).read_bytes() for f in sorted(set(sources) | {h.name for h in HERE.glob("*.h")}))
     key = hashlib.sha256(texts + " ".join(flags).encode()).hexdigest()[:16]
-    from millis.common.files import cache_dir
+    from millis.common.files import cache_dir, own_file
 
     so = cache_dir() / "kernels" / f"{name}-{isa}-{key}.so"
-    if not so.is_file():
-        so.parent.mkdir(parents=True, exist_ok=True)
+    so.parent.mkdir(mode=0o700, exist_ok=True)
+    if not own_file(so.parent):
+        raise MillisError(f"{so.parent} can be written by another user: millis loads its kernels from there")
+    if not so.is_file() or not own_file(so):  # one someone else could have written is built again over it
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / so.name
             cmd = [cc, *flags, *(str(HERE / s) for s in sources), "-o", str(out), "-lm"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from millis.common.errors import MillisError
+from millis.common.files import replace_text
 from millis.optimize import svg
 from millis.optimize.report import accuracy_text, fidelity_text, serve_mix_text, speedup_text
 from millis.optimize.select import NEAR_TIE
@@ -315,7 +316,7 @@ def write_html_report(artifact_dir: str | Path, out: str | Path | None = None) -
         raise MillisError(f"--out {path}: is a directory; name the HTML file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
+        replace_text(path, page)  # not through a symlink planted at report.html
     except OSError as e:
         raise MillisError(f"cannot write {path}: {e.strerror or e}") from None
     return path

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
-from millis.common.files import absolute
+from millis.common.files import absolute, copy_regular
 from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, prepare, save, seed_all,
                                val_accuracy)
 from millis.encoder.hf import cut_layers, layer_list, load_hf
@@ -285,11 +284,7 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     def write_model(d: Path) -> None:
         student.save_pretrained(str(d))
         for name in ST_FILES:  # keep the sentence-transformers pooling so the student pools alike
-            f = src.path / name
-            if f.is_dir():
-                shutil.copytree(f, d / name)
-            elif f.is_file():
-                shutil.copy2(f, d / name)
+            copy_regular(src.path / name, d / name)
 
     data = {"path": absolute(cfg.train.data), "rows": len(texts), "text_col": cfg.train.text_col, "validation": td.validation}
     extra = {"val_cosine": res.best, "distill": _recipe(cfg, "embed", src, teacher, student, layer_of, 1.0)}
