@@ -127,12 +127,37 @@ def _shrink_to(model, shape: dict[str, int]) -> None:
     cut_heads(model, keep)
 
 
+ENCODER_PARTS = ("embeddings.", "encoder.", "transformer.")  # a BERT-family encoder's weights (DistilBERT: transformer)
+
+
+def checked_load(path: Path, cls, **kw: Any):
+    """cls.from_pretrained, its loading report read: an encoder weight the checkpoint lacks (transformers draws it at
+    random, another one every load) or holds beside the class's (another architecture in a BERT config: jina-v2's
+    gated MLP, ALiBi) is a one-line error naming them, as is a weight of another shape. A head (pooler, classifier)
+    may be missing or left over: a task's fresh head, an MLM checkpoint's."""
+    try:
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, **kw)
+    except (RuntimeError, ValueError, OSError) as e:
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise MillisError(f"{path}: transformers cannot load it as {cls.__name__}: {why}") from None
+    bad = {what: [k for k in info.get(what) or () if isinstance(k, str) and any(p in k for p in ENCODER_PARTS)
+                  and not k.endswith("position_ids")] for what in ("missing_keys", "unexpected_keys")}
+    bad["mismatched_keys"] = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()
+                              if any(p in str(k) for p in ENCODER_PARTS)]
+    if any(bad.values()):
+        said = "; ".join(f"{what.split('_')[0]}: {', '.join(sorted(keys)[:4])}{' ...' if len(keys) > 4 else ''}"
+                         for what, keys in bad.items() if keys)
+        raise MillisError(f"{path}: its weights do not fit {type(model).__name__} of its config.json ({said}): another "
+                          f"architecture under this model_type, which millis does not run")
+    return model
+
+
 def load_hf(path: str | Path, cls, **kw: Any):
-    """`cls.from_pretrained(path, **kw)`, also for directories whose heads were pruned by millis."""
+    """`cls.from_pretrained(path, **kw)` (checked_load), also for directories whose heads were pruned by millis."""
     path = Path(path)
     shape = read_pruned(path)
     if shape is None:
-        return cls.from_pretrained(str(path), **kw)
+        return checked_load(path, cls, **kw)
     from safetensors.torch import load_file
     from transformers import AutoConfig
 

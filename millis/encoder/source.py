@@ -87,6 +87,20 @@ def resolve(spec: str) -> ModelSource:
     return inspect_dir(path, spec)
 
 
+def tokenizer_ids(path: Path) -> int:
+    """1 + the largest id the folder's tokenizer gives (tokenizer.json's vocabulary and added tokens, else
+    vocab.txt's lines); 0 where neither is there."""
+    if (path / "tokenizer.json").is_file():
+        tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = (tj.get("model") or {}).get("vocab") or {}
+        ids = [*(vocab.values() if isinstance(vocab, dict) else range(len(vocab))),
+               *(t.get("id", 0) for t in tj.get("added_tokens") or [])]
+        return max((int(i) for i in ids if isinstance(i, int)), default=-1) + 1
+    if (path / "vocab.txt").is_file():
+        return len((path / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    return 0
+
+
 def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -96,11 +110,20 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     if model_type not in SUPPORTED:
         raise MillisError(f"unsupported architecture {model_type or '(none)'!r} in {path}; "
                           f"supported: {SUPPORTED_TEXT}")
+    remote = [v for k, v in (cfg.get("auto_map") or {}).items() if k.startswith("AutoModel")]
+    if remote:  # its own modelling code (jina-embeddings-v2 / v3 under model_type bert / xlm-roberta)
+        raise MillisError(f"{path} runs its own modelling code ({remote[0]}, config.json auto_map), not the standard "
+                          f"{model_type}: millis does not run remote code")
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise MillisError(f"{path}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                          f"(absolute positions only)")
     if not any((path / w).is_file() for w in WEIGHT_FILES):
         raise MillisError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
     archs = cfg.get("architectures") or []
     has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
-    id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+    # transformers' names where the config gives only a count: LABEL_0, LABEL_1, ...
+    id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or \
+        {i: f"LABEL_{i}" for i in range(int(cfg.get("num_labels") or len(cfg.get("label2id") or {})))}
     if model_type == "distilbert":
         layers, hidden, heads = cfg["n_layers"], cfg["dim"], cfg["n_heads"]
         inputs: tuple[str, ...] = ("input_ids", "attention_mask")
@@ -111,6 +134,9 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     if cfg.get("millis_pruned"):  # heads removed by `millis prune`: fewer, same head size
         heads = int(cfg["millis_pruned"]["attention_heads"])
         attention_size = heads * int(cfg["millis_pruned"]["head_dim"])
+    if (ids := tokenizer_ids(path)) > int(cfg.get("vocab_size") or ids):
+        raise MillisError(f"{path}: its tokenizer gives ids up to {ids - 1}, past the embedding table's "
+                          f"{cfg['vocab_size']} rows (config.json vocab_size): such texts could not run")
     max_pos = int(cfg.get("max_position_embeddings", 512))
     if model_type in ("roberta", "xlm-roberta"):
         max_pos -= int(cfg.get("pad_token_id", 1)) + 1  # positions start after padding_idx
