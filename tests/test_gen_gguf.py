@@ -371,3 +371,19 @@ def test_gguf_on_the_torch_model_matches_the_native_kernels(tmp_path, monkeypatc
     assert run_all(eng, prompts, greedy) == run_all(native, prompts, greedy)
     with pytest.raises(MillisError, match="quant int8 runs on the CPU kernels"):
         open_engine(path, EngineConfig(quant="int8"))
+
+
+def test_linear_scaling_with_llama3_rope_freqs_too_is_refused(tmp_path):
+    """llama.cpp divides the frequencies by rope_freqs.weight AND by a linear factor; millis read the linear factor
+    and dropped the tensor (logits 1.6 off over 1,200 positions): a file of both schemes is refused."""
+    from millis.gen.gguf import llama3_rope_factors
+
+    cfg = LlamaConfig(vocab_size=320, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq=128, hidden_dim=96,
+                      rope_type="linear", rope_factor=2.0)
+    freqs = llama3_rope_factors(5e5, cfg.head_dim, 32.0, 1.0, 4.0, 64).astype(np.float32)
+    tensors = {**random_llama_tensors(cfg), "rope_freqs.weight": (freqs, "F32")}
+    write_tiny_gguf(tmp_path / "both.gguf", cfg, tensors)
+    with pytest.raises(MillisError, match="linear RoPE scaling x2 with a rope_freqs.weight"):
+        read_gguf(tmp_path / "both.gguf")
+    write_tiny_gguf(tmp_path / "linear.gguf", cfg, random_llama_tensors(cfg))
+    assert read_gguf(tmp_path / "linear.gguf").config.rope_factor == 2.0

@@ -342,3 +342,21 @@ def test_weights_smaller_than_the_config_are_a_clear_error_on_the_native_path(tm
     (d / "config.json").write_text(json.dumps({**raw, "vocab_size": 4_000_000}))
     with pytest.raises(MillisError, match=r"weights do not match the config: .*expected \(4000000, 64\)"):
         open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+
+
+def test_rope_settings_that_disagree_are_refused(tmp_path):
+    """A yarn `rope_scaling` added (as Qwen2.5's model card says) to a config transformers 5 saved with
+    `rope_parameters`: transformers runs the yarn, millis read rope_parameters and ran the default RoPE (logits 5.8
+    off at 2,000 positions). Both, disagreeing: refused; both the same, or one alone: read."""
+    from millis.common.errors import MillisError
+    from millis.gen.hf_config import hf_model_config
+
+    base = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 4096}
+    v5 = {"rope_type": "default", "rope_theta": 1e6}
+    with pytest.raises(MillisError, match="rope_parameters default x1 and rope_scaling yarn x4"):
+        hf_model_config({**base, "rope_parameters": v5, "rope_scaling": {"type": "yarn", "factor": 4.0}}, True)
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    assert hf_model_config({**base, "rope_parameters": linear, "rope_scaling": linear}, True).rope_factor == 2.0
+    assert hf_model_config({**base, "rope_parameters": v5}, True).rope_theta == 1e6
+    assert hf_model_config({**base, "rope_scaling": {"type": "linear", "factor": 3.0}}, True).rope_factor == 3.0

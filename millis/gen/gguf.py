@@ -307,6 +307,10 @@ def _rope_scaling(path: Path, meta: dict, arch: str, tensors: dict, theta: float
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 0) or meta.get(f"{arch}.rope.scale_linear", 0) or 1)
     if kind == "linear" or (kind == "none" and factor != 1):
+        if "rope_freqs.weight" in tensors and not np.all(tensors["rope_freqs.weight"].data == 1):
+            # llama.cpp divides by both: a merged file of two schemes, which millis does not run
+            raise MillisError(f"{path}: linear RoPE scaling x{factor:g} with a rope_freqs.weight tensor (Llama 3's "
+                              f"scaling) too: one scheme or the other is supported")
         return {"rope_type": "linear", "rope_factor": factor}
     if kind != "none":
         raise MillisError(f"{path}: RoPE scaling {kind!r} is not supported (supported: linear, llama3)")

@@ -25,7 +25,7 @@ def hf_model_config(d: dict, tied: bool) -> ModelConfig:
         raise MillisError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
     if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
         raise MillisError(f"unsupported {mt} variant: hidden_act must be silu, without attention/mlp biases")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = rope_of(d)
     nh = d["num_attention_heads"]
     return LlamaConfig(
         vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=nh,
@@ -36,6 +36,21 @@ def hf_model_config(d: dict, tied: bool) -> ModelConfig:
         rope_low_freq_factor=rope.get("low_freq_factor", 1.0), rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
         rope_original_max_seq=rope.get("original_max_position_embeddings", 8192), qkv_bias=mt == "qwen2",
         sliding_window=sliding_window(d, mt), head_dim_override=d.get("head_dim") or 0, **common)
+
+
+def rope_of(d: dict) -> dict:
+    """The RoPE settings: `rope_parameters` (transformers 5) or `rope_scaling` (4). Both, disagreeing on the type or
+    the factor (a model card's yarn `rope_scaling` added to a config transformers 5 saved): transformers takes
+    `rope_scaling` then, with the top-level rope_theta (or 10000), which millis does not guess at: refused."""
+    params, scaling = d.get("rope_parameters") or {}, d.get("rope_scaling") or {}
+    if params and scaling:
+        def kind(r: dict) -> tuple:
+            return r.get("rope_type", r.get("type", "default")), float(r.get("factor", 1.0))
+        if kind(params) != kind(scaling):
+            raise MillisError(f"config.json has rope_parameters {kind(params)[0]} x{kind(params)[1]:g} and rope_scaling "
+                              f"{kind(scaling)[0]} x{kind(scaling)[1]:g}: keep one (transformers uses rope_scaling, "
+                              f"with the top-level rope_theta)")
+    return params or scaling
 
 
 def sliding_window(d: dict, mt: str) -> int:
