@@ -29,8 +29,10 @@ def test_a_kernel_others_could_write_is_built_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
     build.__wrapped__("pool", ("pool.c",), "scalar")
     so, = (tmp_path / "cache" / "kernels").glob("pool-scalar-*.so")
-    so.write_bytes(b"planted")  # as another user would leave it: anyone may write it
-    so.chmod(0o666)
+    planted = so.with_name("planted")  # a new file under its name: the loaded one is mapped, and truncating a
+    planted.write_bytes(b"planted")    # mapped library in place ends the process with SIGBUS
+    planted.chmod(0o666)               # as another user would leave it: anyone may write it
+    os.replace(planted, so)
     build.__wrapped__("pool", ("pool.c",), "scalar")  # loads: it was built again (b"planted" does not load)
     assert so.read_bytes().startswith(b"\x7fELF") and not so.stat().st_mode & 0o022
 
