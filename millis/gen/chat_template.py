@@ -31,10 +31,16 @@ def chat_template_of(model: str | Path, override: str = "") -> tuple[str | None,
         return Path(override).read_text(), special
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(), special
-    t = tc.get("chat_template")
+    return named_template(tc.get("chat_template"), "default"), special
+
+
+def named_template(t, name: str) -> str | None:
+    """tokenizer_config.json's `chat_template`: one template (the default), or a list of {name, template}."""
     if isinstance(t, list):
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    return (t if isinstance(t, str) and t else None), special
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == name), None)
+    elif name != "default":
+        t = None
+    return t if isinstance(t, str) and t else None
 
 
 def tool_use_template_of(model: str | Path) -> str | None:
@@ -45,11 +51,7 @@ def tool_use_template_of(model: str | Path) -> str | None:
     if (folder / "additional_chat_templates" / "tool_use.jinja").is_file():
         return (folder / "additional_chat_templates" / "tool_use.jinja").read_text()
     f = folder / "tokenizer_config.json"
-    t = json.loads(f.read_text()).get("chat_template") if f.is_file() else None
-    if isinstance(t, list):
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "tool_use"), None)
-        return t if isinstance(t, str) and t else None
-    return None
+    return named_template(json.loads(f.read_text()).get("chat_template"), "tool_use") if f.is_file() else None
 
 
 @functools.lru_cache(maxsize=16)

@@ -198,15 +198,14 @@ def load_gguf(path: str | Path, engine: EngineConfig) -> Loaded:
         from millis.gen.gguf_torch import gguf_state_dict
 
         loaded = build(g.config, gguf_state_dict(g), g.tokenizer, f"gguf:{g.arch}", engine)
-        loaded.chat_template, loaded.special_tokens, loaded.tool_template = g.chat_template, g.special_tokens, \
-            g.tool_template
-        return loaded
-    if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
-        raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
-                          f"matrices to millis's int8): got dtype {engine.dtype}, quant {engine.quant}")
-    tensors = int8_matrices(g.tensors) if engine.quant == "int8" else g.tensors
-    loaded = _native(g.config, tensors, g.rope_neox, g.tokenizer, f"gguf:{g.arch}", engine,
-                     g.chat_template, g.special_tokens)
+        loaded.chat_template, loaded.special_tokens = g.chat_template, g.special_tokens
+    else:
+        if engine.dtype != "fp32" or engine.quant not in ("none", "int8"):
+            raise MillisError(f"a GGUF file keeps its own weight formats (or --quant int8 requantizes its float "
+                              f"matrices to millis's int8): got dtype {engine.dtype}, quant {engine.quant}")
+        tensors = int8_matrices(g.tensors) if engine.quant == "int8" else g.tensors
+        loaded = _native(g.config, tensors, g.rope_neox, g.tokenizer, f"gguf:{g.arch}", engine,
+                         g.chat_template, g.special_tokens)
     loaded.tool_template = g.tool_template
     return loaded
 

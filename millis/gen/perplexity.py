@@ -92,9 +92,10 @@ def score_ids(engine, ids: list[int], context: int, stride: int) -> Perplexity:
         logits = engine.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin]  # (scored, V)
         target = torch.tensor(ids[first:end])
         losses = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
-        if bad := int(torch.isnan(losses).sum()):  # NaN logits: no figure to report (inf, a token the model rules
-            raise MillisError(f"the model's loss is NaN on {bad} of the {end - first} tokens scored in positions "  # out,
-                              f"{first}..{end - 1}: its logits are not finite (weights or kernels)")  # is one)
+        # NaN logits leave no figure to report (an infinite loss, a token the model rules out, is one)
+        if bad := int(torch.isnan(losses).sum()):
+            raise MillisError(f"the model's loss is NaN on {bad} of the {end - first} tokens scored in positions "
+                              f"{first}..{end - 1}: its logits are not finite (weights or kernels)")
         nll += float(losses.sum())
         top += logits.argmax(-1).tolist()
         count += end - first
@@ -102,8 +103,8 @@ def score_ids(engine, ids: list[int], context: int, stride: int) -> Perplexity:
     dt = time.perf_counter() - t0
     # overlapping windows score every token but the first exactly once (stride == context skips each window's first)
     assert stride == context or count == len(ids) - 1, (count, len(ids))
-    mean = nll / count
-    return Perplexity(math.exp(mean) if mean < 709 else math.inf, mean, count, len(wins), ran / dt, top)  # exp's range
+    mean = nll / count  # past ~709.78, math.exp overflows: the perplexity is infinite
+    return Perplexity(math.exp(mean) if mean < 709 else math.inf, mean, count, len(wins), ran / dt, top)
 
 
 def perplexity(cfg: EvalTextConfig) -> Perplexity:

@@ -265,7 +265,6 @@ class GenState:
             raise schemas.ApiError(503, msg, code="not_ready", headers={"Retry-After": "1"})
         return self.engine
 
-
     async def prompt_ids(self, g: gs.GenRequest) -> list[int]:
         if isinstance(g.prompt, list):
             return g.prompt

@@ -50,17 +50,19 @@ def fit_roles(messages: list[dict], roles: Roles) -> list[dict]:
     (consecutive results in one turn: templates that want user and assistant to alternate), and system text in
     the first user turn where it shows no system role."""
     out: list[dict] = []
+    joined = False  # the last turn of `out` holds tool results: the next one joins it
     for m in messages:
         if m["role"] == "tool" and not roles.tool:
             shown = json.dumps({"tool_response": {"tool": m.get("name", ""), "content": m.get("content") or "",
                                                   "tool_call_id": m.get("tool_call_id", "")}}, ensure_ascii=False)
-            if out and out[-1].get("tool_responses"):
+            if joined:
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + shown}
             else:
-                out.append({"role": "user", "content": shown, "tool_responses": True})
+                out.append({"role": "user", "content": shown})
+            joined = True
         else:
             out.append(m)
-    out = [{k: v for k, v in m.items() if k != "tool_responses"} for m in out]
+            joined = False
     if roles.system or not out or out[0]["role"] not in ("system", "developer"):
         return out
     system, rest = out[0].get("content") or "", out[1:]
@@ -96,11 +98,11 @@ def prompt_end(body: dict, messages: list[dict]) -> str:
     assistant header (add_generation_prompt, the default); "none", the last message as the template closes it; or
     "continue" (continue_final_message): cut right after the last message's text, an assistant answer the model
     goes on writing."""
-    add, cont = boolean(body, "add_generation_prompt", True), boolean(body, "continue_final_message", False)
-    if cont and add and body.get("add_generation_prompt") is not None:
+    add, cont = boolean(body, "add_generation_prompt"), boolean(body, "continue_final_message", False)
+    if cont and add:  # asked for both (add_generation_prompt absent: continue)
         raise ApiError(422, "continue_final_message and add_generation_prompt cannot both be true",
                        param="continue_final_message", code="invalid_value")
     if cont and (messages[-1]["role"] != "assistant" or not messages[-1].get("content")):
         raise ApiError(422, "continue_final_message needs the last message to be an assistant's, with content",
                        param="continue_final_message", code="invalid_value")
-    return "continue" if cont else "generation" if add else "none"
+    return "continue" if cont else "none" if add is False else "generation"

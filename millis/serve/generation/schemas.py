@@ -331,7 +331,6 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
                       prompt_end(body, out))
 
 
-
 # ---------------------------------------------------------------------------- bodies
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -22,8 +22,8 @@ import json
 import re
 
 from millis.gen.chat_template import REASONING_FIELDS
-from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
+from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
 from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, with_tools
 
