@@ -408,6 +408,18 @@ def test_chat_max_tokens_past_the_context_names_its_field(server):
     assert status == 400 and got["error"]["param"] == "max_completion_tokens", got
 
 
+def test_tokenize_renders_the_chat_as_the_chat_route_does(server):
+    """/tokenize takes the fields that change the rendered prompt (add_generation_prompt, continue_final_message,
+    chat_template_kwargs) and counts what the chat route would send the model."""
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    for extra in ({}, {"add_generation_prompt": False}, {"continue_final_message": True}):
+        count = server.post("/tokenize", {"messages": msgs, **extra})[2]["count"]
+        usage = server.post("/v1/chat/completions", {"messages": msgs, **GREEDY, "max_tokens": 1, **extra})[2]["usage"]
+        assert count == usage["prompt_tokens"], (extra, count, usage)
+    full = server.post("/tokenize", {"messages": msgs})[2]["count"]
+    assert server.post("/tokenize", {"messages": msgs, "add_generation_prompt": False})[2]["count"] < full
+
+
 def test_tokenize_and_detokenize(server, llama):
     from millis.gen import EngineConfig, open_engine
 
