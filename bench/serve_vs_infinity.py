@@ -50,8 +50,9 @@ sys.path.insert(0, str(HERE))
 
 from millis.common.readers import read_column  # noqa: E402
 from millis.loadgen import plot, request_maker  # noqa: E402
-from millis.loadgen.client import Conn, Target  # noqa: E402
-from millis.loadgen.load import Level, Recorder, closed_loop, open_loop, percentiles, summarize, warm  # noqa: E402
+from millis.loadgen.client import Target  # noqa: E402
+from millis.loadgen.load import (Level, Recorder, closed_loop, open_loop, percentiles, probe_ms,  # noqa: E402
+                                 quiet_limit_ms, settle, summarize, warm)
 from millis.loadgen.process import ServerProcess, serve_command  # noqa: E402
 from request_rounds import inproc_round  # noqa: E402
 
@@ -123,36 +124,8 @@ def spread(xs: list[float | None]) -> dict | None:
             "rounds": [None if x is None else round(x, 3) for x in xs]} if got else None
 
 
-async def probe_ms(t: Target, make, n: int, timeout: float) -> list[float]:
-    """n requests one after another on a fresh connection: each one's ms (timeout: the timeout's ms)."""
-    out = []
-    try:
-        c = await asyncio.wait_for(Conn.connect(t), timeout)
-    except (OSError, TimeoutError):
-        return [timeout * 1e3] * n
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            try:
-                status, _, _ = await asyncio.wait_for(c.send(make()), timeout)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
-                out.append(timeout * 1e3)
-                break
-            out.append((time.perf_counter() - t0) * 1e3 if 200 <= status < 300 else timeout * 1e3)
-    finally:
-        c.close()
-    return out
-
-
-async def settle(t: Target, make, timeout: float, limit_ms: float, cap_s: float = 120.0) -> float:
-    """After an open-loop turn: single requests until one is answered within limit_ms (a server still working
-    through requests the client gave up on would slow the other system's next turn), at most cap_s -> seconds."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < cap_s:
-        if min(await probe_ms(t, make, 1, timeout)) <= limit_ms:
-            break
-        await asyncio.sleep(0.2)
-    return round(time.perf_counter() - t0, 3)
+async def one_probe(t: Target, make, timeout: float) -> float:
+    return (await probe_ms(t, make, 1, timeout))[0]
 
 
 async def alternate(systems: dict[str, tuple[Target, object]], levels: dict[str, list[Level]], rounds: int,
@@ -186,7 +159,7 @@ async def alternate(systems: dict[str, tuple[Target, object]], levels: dict[str,
                                           seed=zlib.crc32(f"{lv.name} {r}".encode()))
                 recs[n][i].append(rec)
                 if lv.kind == "open" and quiet_ms:
-                    settled[n].append(await settle(t, make, timeout, quiet_ms[n]))
+                    settled[n].append((await settle(lambda: one_probe(t, make, timeout), quiet_ms[n]))[0])
                 row = summarize(lv, rec)
                 print(f"    {n:>9} {lv.name:>10} round {r + 1}/{rounds}: {row['rps']:8.1f} req/s  p50 {row['p50_ms']} "
                       f"ms  p99 {row['p99_ms']} ms  ok {row['ok']}  429 {row['rejected']}  errors {row['errors']}  "
@@ -256,7 +229,7 @@ def main() -> int:
             systems[n] = (t, request_maker(t, "/v1/embeddings", "minilm", texts, 1, seed=0))
             asyncio.run(warm(t, systems[n][1], 200, a.timeout))
             idle = statistics.median(asyncio.run(probe_ms(t, systems[n][1], 50, a.timeout)))
-            quiet[n] = max(3 * idle, idle + 10)  # settled: a request answered about as fast as on the idle server
+            quiet[n] = quiet_limit_ms(idle)  # settled: a request answered about as fast as on the idle server
         closed = {n: [Level("closed", c, f"c{c}") for c in CLOSED] for n in systems}
         recs, orders, inproc, _ = asyncio.run(alternate(systems, closed, a.rounds, seconds, a.timeout, model, texts,
                                                         a.pause))

@@ -16,7 +16,8 @@ import pytest
 from millis.common.errors import MillisError
 from millis.loadgen import discover
 from millis.loadgen.client import Conn, Target
-from millis.loadgen.load import Level, check_lag, parse_levels, percentiles, poisson, run_level
+from millis.loadgen import run_levels
+from millis.loadgen.load import Level, check_lag, parse_levels, percentiles, run_level, settle
 from millis.loadgen.streams import gen_level, gen_summary, stream_one
 
 NEVER = object()  # an answer: none (the client times out)
@@ -61,6 +62,9 @@ class Stub:
                 if isinstance(data, list):  # server-sent events, chunked; then the connection closes
                     w.write(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
                     for ev in data:
+                        if isinstance(ev, float):  # a pause between events
+                            await asyncio.sleep(ev)
+                            continue
                         w.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                         await w.drain()
                     w.write(b"0\r\n\r\n")
@@ -423,10 +427,62 @@ def test_the_clients_own_descriptor_limit_is_not_a_server_error():
         rec.add(0.01, CLIENT_LIMIT if k < 3 else 200, 0.1 + k / 20, 0.0)
     row = counted(summarize(Level("open", 10), rec))
     assert (row["errors"], row["client_limit"], row["ok"]) == (0, 3, 7) and row["p99_ms"] == 10.0, row
-    assert "file descriptors" in row["warnings"][0]
+    assert any("file descriptors" in w for w in row["warnings"]), row["warnings"]
 
 
 def test_an_ipv6_target_keeps_its_brackets():
     t = Target("http://[::1]:8000/api")
     assert (t.host, t.port, t.url) == ("::1", 8000, "http://[::1]:8000/api")
     assert b"Host: [::1]:8000\r\n" in t.request_bytes("GET", "/v1/models")
+
+
+# ---------------------------------------------------------------- streams as servers send them
+def test_an_error_event_after_content_is_an_error_not_an_answer():
+    """millis's server, failing a stream after its 200, sends {"error": ...} then [DONE]: it counted as ok."""
+    def answer(n, first):
+        if n % 2:
+            return 200, [*events(3)[:3], b'data: {"error": {"message": "boom", "type": "server_error"}}\n\n',
+                         b"data: [DONE]\n\n"], 0
+        return 200, events(3), 0
+    row = gen(answer, Level("closed", 1), 30, count=6)
+    assert counted(row) and row["stream_error"] == 3 and row["errors"] == 3 and row["ok"] == 3, row
+    assert row["goodput"] == 0.5 and row["output_tokens"] == 9, row
+
+
+def test_time_per_token_reads_every_token_of_an_event():
+    """Four tokens an event, an event each 40 ms: 10 ms a token (ITL per event read 40 ms and 25 tokens/s)."""
+    ev = b'data: {"choices": [{"delta": {"content": "wxyz"}}]}\n\n'
+    body = [ev, *[x for _ in range(5) for x in (0.04, ev)],
+            b'data: {"choices": [], "usage": {"completion_tokens": 24}}\n\n', b"data: [DONE]\n\n"]
+    row = gen(lambda n, first: (200, body, 0), Level("closed", 1), 30, count=3)
+    assert row["ok"] == 3 and row["tokens_per_event"] == 4.0, row
+    assert 8.0 < row["tpot_p50_ms"] < 12.0 and 35.0 < row["itl_p50_ms"] < 50.0, row  # 200 ms over 23 tokens
+    assert 80 < row["request_tok_s_p50"] < 125, row
+    assert row["n"] == 3 and any("few samples" in w for w in row["warnings"]), row
+
+
+def test_a_level_after_an_overload_waits_for_the_backlog():
+    """A server of one worker, 20 ms a request, keeps working on what the client gave up on: a light level run
+    right after an overloaded one timed out every request; settled first, it is answered as when idle."""
+    free_at = [0.0]
+
+    def fifo(n, first):
+        now = time.monotonic()
+        free_at[0] = max(now, free_at[0]) + 0.02
+        return 200, b"{}", free_at[0] - now
+
+    async def go(idle_ms):
+        async with Stub(fifo) as t:
+            return await asyncio.wait_for(run_levels(t, maker(t), [Level("open", 200), Level("closed", 1)], 0.5, 0,
+                                                     0.3, 3, idle_ms=idle_ms), 30)
+    over, after = asyncio.run(go(20.0))
+    assert over["timeouts"] > 20 and after["timeouts"] == 0 and after["ok"] > 5, (over, after)
+    assert after["settle_s"] > 0.5 and after["p50_ms"] < 60, after
+    assert over["client_cpu"] >= 0 and "settle_s" in over, over
+
+
+def test_settle_gives_up_and_says_so():
+    async def slow():
+        return 1e3
+    waited, settled = asyncio.run(settle(slow, 50.0, cap_s=0.5))
+    assert not settled and 0.5 <= waited < 2.0

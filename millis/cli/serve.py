@@ -70,9 +70,11 @@ def bench(cfg: BenchConfig) -> int:
     def row(r: dict) -> None:
         if "ttft_p50_ms" in r:  # generation
             console.print(f"  {r['load']:>8}: {r['rps']:6.2f} req/s  TTFT p50 {ms(r, 'ttft_p50_ms')} "
-                          f"p99 {ms(r, 'ttft_p99_ms')} ms  ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  "
+                          f"p99 {ms(r, 'ttft_p99_ms')} ms  TPOT p50 {r['tpot_p50_ms']} p99 {r['tpot_p99_ms']} ms  "
+                          f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms ({r['tokens_per_event']} tok/event)  "
                           f"{r['output_tok_s']} tok/s  goodput {r['goodput']}  ok {r['ok']}  429 {r['rejected']}  "
-                          f"503 {r['shed']}  errors {r['errors']} (empty {r['empty_stream']})  "
+                          f"503 {r['shed']}  errors {r['errors']} (empty {r['empty_stream']}, "
+                          f"in-stream {r['stream_error']})  "
                           f"timeouts {r['timeouts']}  drain {r['drain_s']} s  send lag p99 {r['send_lag_p99_ms']} ms",
                           highlight=False, markup=False)
         else:

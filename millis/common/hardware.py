@@ -182,3 +182,21 @@ def gpu_name() -> str:
         return torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else ""
     except Exception:  # noqa: BLE001 -- a broken driver is "no GPU" for a description
         return ""
+
+
+def source_revision() -> str:
+    """The git commit millis runs from (with "+dirty" when its tree has changes), or "" outside a checkout."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode:
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
+import os
 import random
 import time
 from time import perf_counter
@@ -23,7 +23,10 @@ from millis.common.errors import MillisError
 from millis.common.readers import read_texts
 from millis.loadgen.client import Target, fetch
 from millis.common.files import raise_fd_limit
-from millis.loadgen.load import Level, parse_levels, run_level, warm
+from millis import __version__
+from millis.common.hardware import describe, source_revision
+from millis.loadgen.load import (Level, client_cpu, parse_levels, probe_ms, quiet_limit_ms, run_level, settle,
+                                 settle_note, warm)
 from millis.loadgen.streams import gen_level, gen_summary, stream_one
 
 
@@ -46,7 +49,8 @@ class BenchConfig:
     max_tokens: int = _f(64, "generation: max_tokens of each request (greedy)", scoped=True)  # not serve's default
     system: str = _f("", "generation: a text file sent as the system message of every request (a shared prefix)")
     ttft_budget_ms: float = _f(1000.0, "generation goodput: time to first token within this")
-    itl_budget_ms: float = _f(100.0, "generation goodput: mean inter-token latency within this")
+    itl_budget_ms: float = _f(100.0, "generation goodput: each request's time per output token after the first "
+                                     "(TPOT) within this")
     out: str = _f("bench-results", "directory for bench.json and latency_vs_load.png")
 
 
@@ -95,25 +99,38 @@ def request_maker(t: Target, route: str, model: str, texts: list[str], inputs: i
 
 
 async def run_levels(t: Target, make: Callable[[], bytes], levels: list[Level], duration: float, count: int,
-                     timeout: float, seed: int, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    rows = []
+                     timeout: float, seed: int, on_row: Callable[[dict], None] | None = None,
+                     idle_ms: float = 0.0) -> list[dict]:
+    """Each level in turn; before each after the first, the server is settled: probed until a request is answered
+    about as fast as when idle (idle_ms, warm's; 0: not settled), so one level's backlog is not the next's."""
+    async def probe() -> float:
+        return (await probe_ms(t, make, 1, timeout))[0]
+
+    rows: list[dict] = []
     for k, lv in enumerate(levels):
-        row = await run_level(t, make, lv, duration, count, timeout, seed + k)
-        rows.append(row)
+        waited = await settle(probe, quiet_limit_ms(idle_ms)) if k and idle_ms > 0 else (0.0, True)
+        rows.append(settle_note(await run_level(t, make, lv, duration, count, timeout, seed + k), *waited))
         if on_row:
-            on_row(row)
+            on_row(rows[-1])
     return rows
 
 
 async def gen_levels(t: Target, make: Callable[[], bytes], levels: list[Level], cfg: BenchConfig,
                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Streamed generation levels (a few unrecorded requests first: --warmup, at most 3)."""
-    for _ in range(min(cfg.warmup, 3)):
-        await stream_one(t, make(), cfg.timeout, perf_counter())
-    rows = []
+    """Streamed generation levels (a few unrecorded requests first: --warmup, at most 3), each after the first
+    once the server is settled (a request's time to first token about the warm-up's)."""
+    async def ttft_ms() -> float:
+        r = await stream_one(t, make(), cfg.timeout, perf_counter())
+        return r.ttft * 1e3 if r.status == 200 and r.ttft is not None else cfg.timeout * 1e3
+
+    idle = [await ttft_ms() for _ in range(min(cfg.warmup, 3))]
+    rows: list[dict] = []
     for k, lv in enumerate(levels):
+        waited = await settle(ttft_ms, quiet_limit_ms(min(idle))) if k and idle else (0.0, True)
+        cpu0, wall0 = time.process_time(), perf_counter()
         results, span = await gen_level(t, make, lv, cfg.duration, cfg.count, cfg.timeout, cfg.seed + k)
-        rows.append(gen_summary(lv, results, span, cfg.ttft_budget_ms / 1e3, cfg.itl_budget_ms / 1e3))
+        row = gen_summary(lv, results, span, cfg.ttft_budget_ms / 1e3, cfg.itl_budget_ms / 1e3)
+        rows.append(settle_note(client_cpu(row, time.process_time() - cpu0, perf_counter() - wall0), *waited))
         if on_row:
             on_row(rows[-1])
     return rows
@@ -138,15 +155,19 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
         make = request_maker(t, route, model, texts, cfg.inputs, cfg.seed, cfg)
         if route.endswith("completions"):
             return route, model, await gen_levels(t, make, levels, cfg, on_row)
-        await warm(t, make, cfg.warmup, cfg.timeout)
-        return route, model, await run_levels(t, make, levels, cfg.duration, cfg.count, cfg.timeout, cfg.seed, on_row)
+        idle_ms = await warm(t, make, cfg.warmup, cfg.timeout)
+        return route, model, await run_levels(t, make, levels, cfg.duration, cfg.count, cfg.timeout, cfg.seed, on_row,
+                                              idle_ms)
 
+    load_before = os.getloadavg()
     try:
         route, model, rows = asyncio.run(go())
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:  # setup and warm-up
         raise MillisError(f"{t.url}: {type(e).__name__}: {e}") from None
     result = {"url": t.url, "route": route, "model": model, "config": asdict(cfg),
-              "host": {"machine": platform.machine(), "python": platform.python_version()},
+              "host": {**describe(), "millis": __version__, "revision": source_revision(),
+                       "loadavg_before": [round(x, 2) for x in load_before],
+                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +184,10 @@ def plot(series: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (name, rows) in enumerate(series.items()):
+    # closed-loop latency is service time (coordinated omission), open-loop what users see: never one line
+    lines = {f"{name} {kind}" if len({r["kind"] for r in rows}) > 1 else name: [r for r in rows if r["kind"] == kind]
+             for name, rows in series.items() for kind in ("closed", "open") if any(r["kind"] == kind for r in rows)}
+    for k, (name, rows) in enumerate(lines.items()):
         rows = sorted((r for r in rows if r["p50_ms"] is not None), key=lambda r: r["rps"])
         color = f"C{k}"
         x = [r["rps"] for r in rows]

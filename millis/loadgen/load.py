@@ -2,7 +2,11 @@
 (Poisson arrivals at a rate), each bounded by a duration and optionally a request count.
 
 Open-loop latency is measured from each request's scheduled send time, so a server that falls
-behind is charged for the wait (no coordinated omission). A level's summary counts every request
+behind is charged for the wait (no coordinated omission). Closed-loop latency is each client's
+service time: a client waits for its answer before it sends again, so a server that stalls sends
+fewer requests meanwhile and the stall weighs less in the percentiles than it would for a user
+(coordinated omission, by construction): read closed-loop rows as capacity, open-loop rows as the
+latency users see; the plot draws them as separate lines. A level's summary counts every request
 sent once: answered 2xx (ok), 429 (rejected), 503 (shed: timed out in the server's queue, or it is
 shutting down), other statuses or broken connections (errors), and no answer (connecting included)
 within the timeout (timeouts).
@@ -16,7 +20,10 @@ out of the percentiles. Latency percentiles are over every request
 not refused with 429: one that timed out, failed or was shed counts as lasting at least the timeout,
 so a percentile that lands on one is no latency (null, its key in `beyond_timeout`); answered_p99_ms
 is over the answered (2xx and 429) alone. Each request's send lag (how late the client sent it) is
-recorded: a p99 past max(1 ms, 5% of p50) means the client, not the server, may set the pace.
+recorded: a p99 past max(1 ms, 5% of p50) means the client, not the server, may set the pace; so is
+the client's own CPU over the level (client_cpu, a share of one core: 0.9 or more warns). Percentiles
+interpolate linearly between ranks (numpy's default); `n` is the count they rank, and under 100 a p99
+is read as about the largest (a warning says so).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.loadgen.client import Pool, Target
+from millis.loadgen.client import Conn, Pool, Target
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,70 @@ def percentiles(lat_ms: np.ndarray, ok: np.ndarray, qs: dict[str, float], digits
     return out, beyond
 
 
+def few_samples_warning(row: dict[str, Any]) -> dict[str, Any]:
+    n = row.get("n") or 0
+    if 0 < n < 100:
+        row["warnings"].append(f"few samples: p99 over {n} latencies is interpolated between the largest ones "
+                               f"(read it as about the max); run longer for a p99")
+    return row
+
+
+def client_cpu(row: dict[str, Any], cpu_s: float, wall_s: float) -> dict[str, Any]:
+    """The row with the client's CPU over the level (a share of one core) and a warning from 0.9: the load
+    generator's event loop is one core, and near it the client, not the server, sets the latencies."""
+    row["client_cpu"] = share = round(cpu_s / max(wall_s, 1e-9), 3)
+    if share >= 0.9:
+        row["warnings"].append(f"client CPU: the load generator used {share:.0%} of a core: its own delays are in "
+                               f"these latencies; run it on another machine or lower the load")
+    return row
+
+
+async def probe_ms(t: Target, make: Callable[[], bytes], n: int, timeout: float) -> list[float]:
+    """n requests one after another on a fresh connection: each one's ms (timeout or not 2xx: the timeout's)."""
+    out = []
+    try:
+        c = await asyncio.wait_for(Conn.connect(t), timeout)
+    except (OSError, TimeoutError):
+        return [timeout * 1e3] * n
+    try:
+        for _ in range(n):
+            t0 = perf_counter()
+            try:
+                status, _, _ = await asyncio.wait_for(c.send(make()), timeout)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                out.append(timeout * 1e3)
+                break
+            out.append((perf_counter() - t0) * 1e3 if 200 <= status < 300 else timeout * 1e3)
+    finally:
+        c.close()
+    return out
+
+
+def quiet_limit_ms(idle_ms: float) -> float:
+    """A request answered within this is answered about as fast as on the idle server."""
+    return max(3 * idle_ms, idle_ms + 10)
+
+
+async def settle(probe: Callable[[], Awaitable[float]], limit_ms: float, cap_s: float = 120.0) -> tuple[float, bool]:
+    """Probes one at a time until one is answered within limit_ms -> (seconds waited, settled). After a level
+    that overloaded the server, it may still work through requests the client gave up on: the next level
+    would be charged for them (a 30 req/s level after a 100 req/s one timed out every request)."""
+    t0 = perf_counter()
+    while perf_counter() - t0 < cap_s:
+        if await probe() <= limit_ms:
+            return round(perf_counter() - t0, 3), True
+        await asyncio.sleep(0.2)
+    return round(perf_counter() - t0, 3), False
+
+
+def settle_note(row: dict[str, Any], waited_s: float, settled: bool) -> dict[str, Any]:
+    row["settle_s"] = waited_s
+    if not settled:
+        row["warnings"].append(f"not settled: the server was still slow {waited_s:g} s after the previous level; "
+                               f"this level may carry its backlog")
+    return row
+
+
 def check_lag(row: dict[str, Any], lag_s: list[float]) -> dict[str, Any]:
     """The row with send_lag_p99_ms and its warnings: a client that sends late (its own CPU, a blocked
     loop) caps the load it offers and adds its lag to every latency."""
@@ -216,7 +287,7 @@ def summarize(level: Level, rec: Recorder) -> dict[str, Any]:
     answered = lat[ok | rejected]
     asked = ~rejected & ~unsent
     pcts, beyond = percentiles(lat[asked], ok[asked], {"p50_ms": 50, "p90_ms": 90, "p99_ms": 99, "max_ms": 100}, 3)
-    row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": int(len(st)),
+    row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": int(len(st)), "n": int(asked.sum()),
            "ok": int(ok.sum()), "rejected": int(rejected.sum()), "shed": int(shed.sum()),
            "errors": int((~ok & ~rejected & ~shed & ~timeouts & ~unsent).sum()), "timeouts": int(timeouts.sum()),
            "client_limit": int(unsent.sum()),
@@ -224,24 +295,29 @@ def summarize(level: Level, rec: Recorder) -> dict[str, Any]:
            **pcts, "beyond_timeout": beyond, "answered_p99_ms": pct(answered, 99),
            "rps": round(float(served.sum()) / window, 1), "offered_rps": round(len(st) / window, 1),
            "window_s": round(window, 3), "drain_s": round(drain, 3)}
-    return client_limit_warning(check_lag(row, rec.lag))
+    return client_limit_warning(few_samples_warning(check_lag(row, rec.lag)))
 
 
 async def run_level(t: Target, make: Callable[[], bytes], level: Level, duration: float, count: int,
                     timeout: float, seed: int = 0) -> dict[str, Any]:
+    cpu0, wall0 = time.process_time(), perf_counter()
     if level.kind == "closed":
         rec = await closed_loop(t, make, int(level.value), duration, count, timeout)
     else:
         rec = await open_loop(t, make, level.value, duration, count, timeout, seed)
-    return summarize(level, rec)
+    return client_cpu(summarize(level, rec), time.process_time() - cpu0, perf_counter() - wall0)
 
 
-async def warm(t: Target, make: Callable[[], bytes], n: int, timeout: float) -> None:
+async def warm(t: Target, make: Callable[[], bytes], n: int, timeout: float) -> float:
     """n sequential requests, not recorded: connections, caches and the server's buckets settle. Through a
-    Pool, as the levels send: a server that closes each connection gets a new one (it raised before)."""
-    pool = Pool(t)
+    Pool, as the levels send: a server that closes each connection gets a new one (it raised before).
+    -> the median ms of the last half (the warm server's latency; 0 when n is 0)."""
+    pool, ms = Pool(t), []
     try:
         for _ in range(n):
+            t0 = perf_counter()
             await asyncio.wait_for(pool.send(make()), timeout)
+            ms.append((perf_counter() - t0) * 1e3)
     finally:
         pool.close()
+    return float(np.median(ms[len(ms) // 2:])) if ms else 0.0

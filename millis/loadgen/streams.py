@@ -2,13 +2,18 @@
 
 Each request is sent with `stream: true` on its own connection and its server-sent events are read
 as they arrive: time to first token (TTFT, from the scheduled send time in open loop, so a server
-that falls behind is charged for the queue), the gaps between content events (inter-token latency,
-ITL), and the output tokens (the last event's `usage` when the server sends one, else the content
-events). A level's summary: TTFT / ITL / end-to-end percentiles, output tokens/s over the level,
-and goodput, the share of all requests sent that were answered with TTFT and mean ITL within budget.
+that falls behind is charged for the queue), the gaps between content events (ITL: inter-event,
+as a client sees them), and the output tokens (the last event's `usage` when the server sends one, else the content events). A server may
+put several tokens in one event (speculative decoding, text held back for a stop string or a split
+UTF-8 character), so a gap is not a token's time: each request's time per output token after the
+first (TPOT: (last content - first content) / (tokens - 1)) is, and its tokens/s and goodput read it.
+A level's summary: TTFT / ITL / TPOT / end-to-end percentiles, tokens per event, output tokens/s over
+the level, and goodput, the share of all requests sent that were answered with TTFT and TPOT within
+budget.
 
 As in `load.py`: every request sent is counted once (ok, rejected 429, shed 503, errors, timeouts; a
-200 that streams no content, or answers a streaming request unstreamed, is the error `empty_stream`);
+200 that streams no content, or answers a streaming request unstreamed, is the error `empty_stream`;
+one whose stream carries an error event, the error `stream_error`, whatever it streamed before);
 TTFT and end-to-end percentiles rank a request that was not answered above the timeout (null when one
 decides them); rps and output tokens/s count what arrived within the sending window.
 """
@@ -23,18 +28,20 @@ import numpy as np
 import orjson
 
 from millis.loadgen.client import Conn, Target
-from millis.loadgen.load import (CLIENT_LIMIT, Level, check_lag, client_limit_warning, failed, percentiles,
-                                 poisson)
+from millis.loadgen.load import (CLIENT_LIMIT, Level, check_lag, client_limit_warning, failed, few_samples_warning,
+                                 percentiles, poisson)
 
 EMPTY = -2  # a 200 without a streamed content event
+STREAM_ERROR = -4  # a 200 whose stream carried an error event (the server failed it after the headers)
 
 
 @dataclass
 class Streamed:
-    status: int = 0                  # HTTP status; 0 = broken connection, -1 = timed out, -2 = EMPTY
+    status: int = 0                  # HTTP status; 0 = broken connection, -1 = timed out, EMPTY, STREAM_ERROR
     ttft: float | None = None        # seconds from the scheduled send to the first content event
     gaps: list[float] = field(default_factory=list)  # seconds between content events
     tokens: int = 0
+    events: int = 0                  # content events (a server may send several tokens in one)
     e2e: float | None = None
     lag: float = 0.0                 # seconds the request was sent after its scheduled time
     at: float = 0.0                  # seconds from the level's start to the scheduled send (gen_level)
@@ -86,6 +93,9 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
             if data.strip() == b"[DONE]":
                 continue
             body = orjson.loads(data)
+            if isinstance(body, dict) and body.get("error") is not None:  # failed after the 200: not an answer
+                out.status = STREAM_ERROR
+                return
             usage = body.get("usage") if isinstance(body, dict) else None
             if isinstance(usage, dict):
                 out.tokens = int(usage.get("completion_tokens") or out.tokens)
@@ -97,6 +107,7 @@ async def _read_stream(c: Conn, out: Streamed, t_sched: float) -> None:
                     out.gaps.append(now - last)
                 last = now
                 out.tokens = max(out.tokens, events)
+        out.events = events
         if piece is None:
             return
 
@@ -151,8 +162,14 @@ async def gen_level(t: Target, make: Callable[[], bytes], level: Level, duration
     return results, end - start
 
 
+def tpot(r: Streamed) -> float | None:
+    """r's seconds per output token after the first: its content's span over its tokens (usage's count), so a
+    server that sends tokens in groups is timed per token, not per event; None under two tokens."""
+    return sum(r.gaps) / (r.tokens - 1) if r.tokens > 1 and r.gaps else None
+
+
 def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_s: float,
-                itl_budget_s: float) -> dict[str, Any]:
+                tpot_budget_s: float) -> dict[str, Any]:
     """span: the sending window (gen_level's); what arrived after it counts in totals, not in rates."""
     ok = [r for r in results if r.status == 200 and r.ttft is not None]
     asked = [r for r in results if r.status not in (429, CLIENT_LIMIT)]
@@ -160,7 +177,8 @@ def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_
     ttft = np.array([r.ttft or 0.0 for r in asked]) * 1e3
     e2e = np.array([r.e2e or 0.0 for r in asked]) * 1e3
     gaps = np.array([g for r in ok for g in r.gaps]) * 1e3
-    good = [r for r in ok if r.ttft <= ttft_budget_s and (not r.gaps or np.mean(r.gaps) <= itl_budget_s)]
+    per_token = np.array([x for r in ok if (x := tpot(r)) is not None and x > 0])  # seconds, per request
+    good = [r for r in ok if r.ttft <= ttft_budget_s and ((x := tpot(r)) is None or x <= tpot_budget_s)]
 
     def pct(x: np.ndarray, q: float) -> float | None:
         return round(float(np.percentile(x, q)), 2) if len(x) else None
@@ -171,22 +189,27 @@ def gen_summary(level: Level, results: list[Streamed], span: float, ttft_budget_
         return r.tokens * float((times <= span).sum()) / len(times)
 
     tokens = sum(r.tokens for r in ok)
+    events = sum(r.events for r in ok)
     drain = max((r.at + r.e2e for r in results if r.e2e is not None), default=span) - span
     tt, beyond = percentiles(ttft, okay, {"ttft_p50_ms": 50, "ttft_p90_ms": 90, "ttft_p99_ms": 99}, 2)
     ee, beyond_e = percentiles(e2e, okay, {"e2e_p50_ms": 50, "e2e_p99_ms": 99}, 2)
-    speed = np.array([len(r.gaps) / sum(r.gaps) for r in ok if r.gaps and sum(r.gaps) > 0])  # each request's own
     span = max(span, 1e-9)
     row = {"load": level.name, "kind": level.kind, "value": level.value, "sent": len(results), "ok": len(ok),
            "rejected": sum(r.status == 429 for r in results), "shed": sum(r.status == 503 for r in results),
            "timeouts": sum(r.status == -1 for r in results),
            "errors": sum(r.status not in (200, 429, 503, -1, CLIENT_LIMIT) for r in results),
            "client_limit": sum(r.status == CLIENT_LIMIT for r in results),
-           "empty_stream": sum(r.status == EMPTY for r in results), **tt,
-           "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99), **ee, "beyond_timeout": beyond + beyond_e,
+           "empty_stream": sum(r.status == EMPTY for r in results),
+           "stream_error": sum(r.status == STREAM_ERROR for r in results), "n": len(asked), **tt,
+           "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
+           "tpot_p50_ms": pct(per_token * 1e3, 50), "tpot_p99_ms": pct(per_token * 1e3, 99),
+           "tokens_per_event": round(tokens / events, 3) if events else None, **ee,
+           "beyond_timeout": beyond + beyond_e,
            "output_tokens": tokens, "output_tok_s": round(sum(in_window(r) for r in ok) / span, 2),
-           "request_tok_s_p50": pct(speed, 50), "rps": round(sum(r.at + r.e2e <= span for r in ok) / span, 3),
+           "request_tok_s_p50": pct(1.0 / per_token, 50) if len(per_token) else None,
+           "rps": round(sum(r.at + r.e2e <= span for r in ok) / span, 3),
            "offered_rps": round(len(results) / span, 3),
            "goodput": round(len(good) / len(results), 4) if results else None,
            "seconds": round(span, 2), "drain_s": round(max(drain, 0.0), 3),
            "p50_ms": tt["ttft_p50_ms"], "p99_ms": tt["ttft_p99_ms"]}  # p50/p99: TTFT (the plot's)
-    return client_limit_warning(check_lag(row, [r.lag for r in results]))
+    return client_limit_warning(few_samples_warning(check_lag(row, [r.lag for r in results])))
