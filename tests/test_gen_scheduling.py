@@ -284,3 +284,15 @@ def test_a_lone_prompt_is_not_chunked_but_one_beside_a_decoding_row_is(model_pat
     n = len(calls)
     eng.step()
     assert sum(calls[n:]) == BUDGET
+
+
+def test_generate_without_a_seed_draws_anew_each_run(model_path):
+    """`millis generate --seed -1` ("random") sampled the same text every run (the engine's stream seeded 0); a
+    seed given still repeats its text."""
+    from millis.gen import GenerateConfig, generate
+
+    cfg = GenerateConfig(model=model_path, prompt="the cat", max_tokens=12, temperature=1.0, threads=1)
+    runs = {tuple(generate(cfg).token_ids) for _ in range(3)}
+    assert len(runs) >= 2, runs
+    seeded = GenerateConfig(model=model_path, prompt="the cat", max_tokens=12, temperature=1.0, threads=1, seed=7)
+    assert generate(seeded).token_ids == generate(seeded).token_ids

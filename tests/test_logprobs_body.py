@@ -35,7 +35,8 @@ def test_sliced_answer_equals_the_whole(chat, n, top):
         assert asyncio.run(answer_logprobs(chat, steps, tok)) == whole
         if not chat:
             assert whole["text_offset"] == [sum(len(t) for t in whole["tokens"][:k]) for k in range(n)]
-            assert (whole["top_logprobs"] is None) == (top == 0)
+            # each position's alternatives hold the chosen token too (OpenAI's and vLLM's completions)
+            assert all(t in d and len(d) <= top + 1 for t, d in zip(whole["tokens"], whole["top_logprobs"]))
         else:
             assert whole["content"][-1]["bytes"] == list(whole["content"][-1]["token"].encode())
     assert asyncio.run(answer_logprobs(chat, [], Tok())) is None and joined_logprobs(chat, [None]) is None
@@ -151,3 +152,97 @@ def test_token_bytes_of_a_metaspace_tokenizer(tmp_path):
     tok = HFTokenizer(tmp_path / "tokenizer.json", eos_id=None)
     assert tok.decode([2]) == ""  # alone, the space is stripped
     assert [token_bytes(tok, i) for i in (3, 2, 4, 5, 1)] == [b" hello", b" ", b"\xc3", b"\xa9", b""]
+
+
+def metaspace_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from millis.gen.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581": 2, "\u2581hello": 3, "<0xC3>": 4, "<0xA9>": 5, "\u2581the": 6, "the": 7}
+    t = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.add_special_tokens(["<s>"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer(tmp_path / "tokenizer.json", eos_id=None)
+
+
+def test_token_names_keep_spaces_and_tell_tokens_apart(tmp_path):
+    """Decoding a SentencePiece token alone drops its leading space ("▁the" was "the", and "".join of an answer's
+    tokens lost every space); byte pieces all read U+FFFD and special tokens "", so completions' top_logprobs map
+    kept one of them, with the lowest log p (the last written). Names are now the bytes' text, "bytes:\\xc3" for
+    a piece of a character, a special token's vocabulary entry."""
+    tok = metaspace_tokenizer(tmp_path)
+    es = [(6, -0.1, [(6, -0.1), (7, -0.2)]), (3, -0.3, [(3, -0.3), (2, -0.4)]),
+          (4, -0.5, [(4, -0.5), (5, -1.0), (1, -1.5)])]
+    comp = logprobs_body(False, es, tok)
+    assert comp["tokens"] == [" the", " hello", "bytes:\\xc3"] and "".join(comp["tokens"][:2]) == " the hello"
+    assert comp["top_logprobs"][0] == {" the": -0.1, "the": -0.2}
+    assert comp["top_logprobs"][1] == {" hello": -0.3, " ": -0.4}
+    assert comp["top_logprobs"][2] == {"bytes:\\xc3": -0.5, "bytes:\\xa9": -1.0, "<s>": -1.5}
+    chat = logprobs_body(True, es, tok)
+    assert [c["token"] for c in chat["content"]] == comp["tokens"] and chat["content"][2]["bytes"] == [0xC3]
+    assert [a["token"] for a in chat["content"][2]["top_logprobs"]] == ["bytes:\\xc3", "bytes:\\xa9", "<s>"]
+
+
+def test_completions_alternatives_hold_the_chosen_token_and_the_likelier_of_a_shared_name():
+    """A sampled token outside the top k is in its position's map (OpenAI's legacy completions give up to
+    logprobs + 1 entries); `logprobs: 0` gives the chosen one alone (it was null); two ids of one name keep the
+    likelier's log p."""
+    class Same:
+        def decode(self, ids):
+            return "x"
+    comp = logprobs_body(False, [(9, -3.0, [(1, -0.1)]), (4, -0.7, ())], Tok())
+    assert comp["top_logprobs"] == [{"bc1": -0.1, "0": -3.0}, {"1": -0.7}]
+    assert logprobs_body(False, [(1, -0.2, [(1, -0.2), (2, -0.9)])], Same())["top_logprobs"] == [{"x": -0.2}]
+
+
+def test_ranked_breaks_ties_as_greedy_does():
+    """topk put the highest id of a tie first, greedy (argmax) takes the lowest: the chosen token was not the
+    first of its own top_logprobs. Ranked: best first, a tie in id order, k past the vocabulary all of it."""
+    import torch
+
+    from millis.gen.sampling import argmax_rows, ranked
+
+    lp = torch.full((1000,), -20.0)
+    lp[[3, 500, 900]] = -1.0
+    lp[7] = -2.0
+    assert ranked(lp, 1) == ((3, -1.0),) and int(argmax_rows(lp[None])[0]) == 3
+    assert [i for i, _ in ranked(lp, 4)] == [3, 500, 900, 7]
+    assert len(ranked(lp[:8], 20)) == 8 and ranked(lp, 0) == ()
+
+
+def test_a_grammar_rows_logprobs_are_the_models_own(tmp_path):
+    """A grammar masks the logits before sampling; logprobs were taken after the mask: a forced token read log p 0
+    and its alternatives -inf. They are the model's own distribution, as docs/generation.md says."""
+    import torch
+
+    from gguf_fixtures import random_llama_tensors, write_tiny_gguf
+    from millis.gen import EngineConfig, SamplingParams, open_engine
+    from millis.gen.config import LlamaConfig
+    from millis.gen.grammar import json_schema_grammar
+
+    cfg = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=128, hidden_dim=128,
+                      norm_eps=1e-5, rope_theta=10000.0)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, cfg, random_llama_tensors(cfg, "F32"), tokenizer="llama")
+    eng = open_engine(str(path), EngineConfig(max_batch=2, max_seq=128, threads=1))
+    prompt = [1, 40, 41, 42, 43]
+    eng.add(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=3, grammar=json_schema_grammar(None)))
+    outs = []
+    while eng.has_work:
+        outs += eng.step()
+    toks, ents = [t for o in outs for t in o.token_ids], [e for o in outs for e in o.logprobs]
+    ref = torch.log_softmax(eng.logits(prompt + toks).float(), -1)
+    assert len(ents) == len(toks) >= 2
+    for k, (t, v, top) in enumerate(ents):
+        row = ref[len(prompt) - 1 + k]
+        assert abs(v - float(row[t])) < 1e-4, (k, v, float(row[t]))
+        assert [i for i, _ in top] == [i for i, _ in ranked_ref(row, 3)], (k, top)
+
+
+def ranked_ref(row, k):
+    order = sorted(range(len(row)), key=lambda i: (-float(row[i]), i))
+    return [(i, float(row[i])) for i in order[:k]]

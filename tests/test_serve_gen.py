@@ -171,6 +171,11 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     ("/v1/completions", b'{"prompt": "hi", "stop": [""]}', 400, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 400, "invalid_type"),
     ("/v1/completions", b'{"prompt": "hi", "echo": true}', 400, "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "min_p": 0.5}', 400, "unsupported"),  # sampled as if unset
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [3]}', 400,
+     "unsupported"),
+    ("/v1/completions", b'{"prompt": "hi", "tempreature": 0}', 400, "unknown_field"),  # sampled at t=1
+    ("/v1/completions", b'{"prompt": "hi", "max_token": 3}', 400, "unknown_field"),
     ("/v1/completions", b'{"prompt": "hi", "presence_penalty": 2.5}', 400, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "frequency_penalty": "x"}', 400, "invalid_value"),
     ("/v1/completions", b'{"prompt": "hi", "logit_bias": [5]}', 400, "invalid_value"),
@@ -611,3 +616,17 @@ def test_n_is_bounded_by_the_queue_too(llama):
     with pytest.raises(schemas.ApiError, match="n is 3; this server runs at most 2") as e:
         gs.completion_request({"prompt": "a", "n": 3}, "m", limits)
     assert e.value.status == 422 and e.value.param == "n"  # the schema layer's; the route answers 400
+
+
+def test_fields_near_a_read_one_are_refused_and_others_pass():
+    """A typo of a read field is refused naming it (it was ignored: {"tempreature": 0} sampled at t=1); a client's
+    own fields, OpenAI's unread ones and the off values of unsupported ones pass."""
+    from millis.serve.generation.fields import check_fields
+    from millis.serve.schemas import ApiError
+
+    for body in ({"top-p": 0.5}, {"frequency_penalties": 1}, {"logprob": True}, {"stream_option": {}}):
+        with pytest.raises(ApiError) as e:
+            check_fields(body)
+        assert e.value.param == next(iter(body)) and "did you mean" in str(e.value), body
+    check_fields({"user": "u", "store": False, "metadata": {}, "x_trace": 1, "session_id": "a", "min_p": 0.0,
+                  "typical_p": 1, "stop_token_ids": [], "use_beam_search": False})

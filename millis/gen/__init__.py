@@ -7,6 +7,7 @@ sampling and a continuous-batching engine (see `millis.gen.engine` for the engin
 """
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -92,7 +93,8 @@ def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) 
     """Run one prompt to completion; `on_text` receives each piece of text as it is produced."""
     params = cfg.sampling()  # validate the request before the (slower) load
     t0 = time.perf_counter()
-    eng = open_engine(cfg.model, cfg.engine())
+    # --seed -1 (random): the engine's stream seeded anew per run, as the server's (a fixed 0 repeated each run)
+    eng = open_engine(cfg.model, cfg.engine(), seed=secrets.randbits(62))
     load_s = time.perf_counter() - t0
     rid = eng.add(chat_prompt(eng, cfg.prompt) if cfg.chat else cfg.prompt, params)
     prompt_ids = list(eng.requests[rid].prompt)

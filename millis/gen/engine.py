@@ -53,7 +53,7 @@ from millis.gen.grammar import GrammarFailed, allow_only
 from millis.gen.load import Loaded
 from millis.gen.request import Request, StepOutput, checked_prompt
 from millis.gen.rows import isolated, per_row_on_error, reason
-from millis.gen.sampling import SlotPenalties
+from millis.gen.sampling import SlotPenalties, ranked
 from millis.gen.scheduling import Chunk, schedule
 from millis.gen.speculate import DraftStats, draft, draftable, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
@@ -273,6 +273,9 @@ class Engine:
         if not rows:
             return tokens
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # one part: no copy of (B, V)
+        # logprobs: the model's own distribution, before a grammar's mask, temperature, top-k/p and penalties
+        want = [i for i, r in enumerate(rows) if r.params.logprobs >= 0]
+        lp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
         for i, r in enumerate(rows):  # constrained rows: only what their grammar allows next
             if r.matcher is not None:
                 isolated(failed, r, lambda i=i, r=r: allow_only(r.matcher, logits[i]))
@@ -288,13 +291,10 @@ class Engine:
             for r in decoded:  # NaN logits and NaN in its KV cache: an error, not a token drawn from them
                 tokens.pop(r.id, None)
                 failed[r.id] = "RuntimeError: a grid barrier of the GPU layer kernel gave up at this step"
-        want = [i for i, r in enumerate(rows) if r.params.logprobs >= 0 and r.id in tokens]
-        if want:  # the model's own distribution (before temperature, top-k/p and penalties), as vLLM
-            lp = torch.log_softmax(logits[want].float(), -1).cpu()
-            for j, i in enumerate(want):
-                r, t = rows[i], tokens[rows[i].id][0]
-                top = lp[j].topk(r.params.logprobs) if r.params.logprobs else None
-                r.lp = ((t, float(lp[j, t]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ()),)
+        for j, i in enumerate(want):
+            if (r := rows[i]).id in tokens:
+                t = tokens[r.id][0]
+                r.lp = ((t, float(lp[j, t]), ranked(lp[j], r.params.logprobs)),)
         return tokens
 
     def _drafts(self, running: list[Request], failed: dict[str, str]) -> list[tuple[Request, list[int]]]:

@@ -54,6 +54,17 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def ranked(lp: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest (id, log p) of a (V,) row, best first, a tie in id order as argmax_rows breaks it (so
+    greedy's token leads its own top_logprobs: topk put the highest id of a tie first); k past V: all V."""
+    k = min(k, lp.numel())
+    if k <= 0:
+        return ()
+    ids = torch.nonzero(lp >= lp.topk(k).values[-1]).flatten()  # every id tied with the k-th too, ascending
+    order = torch.sort(lp[ids], descending=True, stable=True).indices[:k]
+    return tuple(zip(ids[order].tolist(), lp[ids[order]].tolist()))
+
+
 def sample(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """logits (B, V) fp32 -> token ids (B,) on the same device."""
     ps, dev = rows.params, logits.device

@@ -46,6 +46,23 @@ def token_bytes(tok, i: int) -> bytes:
     return own(i) if own is not None else tok.decode([i]).encode()
 
 
+def token_text(tok, i: int, raw: bytes) -> str:
+    """Token i as logprobs name it, from `raw` (token_bytes'): its text with the space a SentencePiece piece starts
+    with (decoding it alone drops that: "▁the" read "the", and "".join of the tokens lost every space); bytes that
+    are no whole UTF-8 text (one byte of a character several tokens spell) as OpenAI writes them, "bytes:\\xe2";
+    a token that adds no text (a special one) by its vocabulary entry ("<|im_end|>"). Distinct tokens get distinct
+    names, so a top_logprobs map keeps them all."""
+    if tok is None:
+        return str(i)
+    if raw:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    name = getattr(tok, "token_name", None)
+    return (name(i) if name is not None else "") or tok.decode([i])
+
+
 class Tokenizer(Protocol):
     eos_id: int | None
 
@@ -72,6 +89,10 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_name(self, i: int) -> str:
+        """The vocabulary's entry for id i as written there ("<|im_end|>", "▁the"), "" past the vocabulary."""
+        return self._tok.id_to_token(i) or ""
 
     def token_bytes(self, i: int) -> bytes:
         """A special token none; a byte-level piece its bytes; a <0xXX> piece its byte; else the piece (▁ a space)."""
@@ -191,6 +212,10 @@ class Llama2cTokenizer:
             i = nxt[i]
         return out
 
+    def token_name(self, i: int) -> str:
+        """The vocabulary's entry for id i ("<s>", "<0x0A>"; a space as stored), "" past the vocabulary."""
+        return self.pieces[i] if 0 <= i < len(self.pieces) else ""
+
     def token_bytes(self, i: int) -> bytes:
         """The bytes token i adds to a text: a <0xXX> piece its byte, BOS / EOS none."""
         if i in (self.BOS, self.EOS) or not 0 <= i < len(self.pieces):
@@ -225,6 +250,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+    def token_name(self, i: int) -> str:
+        return self._sp.id_to_piece(i) if 0 <= i < self._sp.get_piece_size() else ""
 
     def token_bytes(self, i: int) -> bytes:
         if not 0 <= i < self._sp.get_piece_size() or self._sp.is_control(i):

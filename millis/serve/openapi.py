@@ -13,6 +13,7 @@ from typing import Any
 from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
                                MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN)
 from millis.serve.generation import schemas as gs
+from millis.serve.generation.fields import UNSUPPORTED
 from millis.serve.encoder.rerank import MAX_QUERY_CHARS
 from millis.serve.generation.tools import MAX_TOOLS
 from millis.serve.live import SECONDS
@@ -195,10 +196,9 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
 
 def _sampling(limits: gs.GenLimits) -> dict[str, Any]:
     stop_s = {"type": "string", "minLength": 1, "maxLength": gs.MAX_STOP_CHARS}
-    off = {k: {"enum": list(v)} for k, v in gs.UNSUPPORTED.items()
-           if all(not isinstance(x, (dict, list)) for x in v)}
-    off.update({"tools": nullable({"type": "array", "maxItems": 0}),
-                "functions": nullable({"type": "array", "maxItems": 0})})
+    off = {k: {"enum": list(v)} if all(not isinstance(x, (dict, list)) for x in v) else
+           nullable({"type": "array", "maxItems": 0}) for k, v in UNSUPPORTED.items()}
+    off["tools"] = nullable({"type": "array", "maxItems": 0})
     return {
         "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
         "temperature": nullable({"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}),

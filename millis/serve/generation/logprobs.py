@@ -5,7 +5,7 @@ import asyncio
 import codecs
 from typing import Any
 
-from millis.gen.tokenizer import token_bytes
+from millis.gen.tokenizer import token_bytes, token_text
 
 LOWEST = -9999.0  # the log p given for -inf (JSON has no -inf)
 
@@ -40,11 +40,12 @@ class TextOffset:
 
 def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None,
                   at: TextOffset | None = None) -> dict[str, Any] | None:
-    """OpenAI's logprobs object for `entries` (StepOutput.logprobs items: (id, log p, top)), tokens as
-    `tok` decodes each alone (no tokenizer: the id) with the bytes each adds to the text (`token_bytes`: a byte of
-    a character several tokens spell is that byte, not U+FFFD's), each id read once (`pieces`: id -> (text, bytes),
-    shared by the calls of one answer). Chat: {content: [{token, logprob, bytes, top_logprobs}]}; completions:
-    {tokens, token_logprobs, top_logprobs, text_offset} (offsets run on in `at`, one per answer). A log p of -inf
+    """OpenAI's logprobs object for `entries` (StepOutput.logprobs items: (id, log p, top)), tokens named by
+    `token_text` (no tokenizer: the id) with the bytes each adds to the text (`token_bytes`: a byte of a character
+    several tokens spell is that byte, not U+FFFD's), each id read once (`pieces`: id -> (text, bytes), shared by
+    the calls of one answer). Chat: {content: [{token, logprob, bytes, top_logprobs}]}; completions: {tokens,
+    token_logprobs, top_logprobs, text_offset} (offsets run on in `at`, one per answer), each position's
+    top_logprobs the alternatives and the chosen token, as OpenAI's and vLLM's (`logprobs: 0`: the chosen alone). A log p of -inf
     (a token a grammar rules out, among the alternatives) is given as -9999.0, as vLLM gives it: JSON has no -inf
     (orjson would write null)."""
     if not entries:
@@ -53,8 +54,15 @@ def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None,
 
     def piece(i: int) -> tuple[str, bytes]:
         if (p := pieces.get(i)) is None:
-            p = pieces[i] = (tok.decode([i]) if tok is not None else str(i), token_bytes(tok, i))
+            raw = token_bytes(tok, i)
+            p = pieces[i] = (token_text(tok, i, raw), raw)
         return p
+
+    def alternatives(t: int, v: float, top) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, w in (*top, (t, v)):  # best first: a name two ids share keeps the likelier's log p
+            out.setdefault(piece(i)[0], max(w, LOWEST))
+        return out
     if chat:
         def item(i: int, v: float) -> dict[str, Any]:
             text, raw = piece(i)
@@ -63,8 +71,7 @@ def logprobs_body(chat: bool, entries, tok, pieces: dict | None = None,
     at = TextOffset() if at is None else at
     return {"tokens": [piece(t)[0] for t, _, _ in entries], "token_logprobs": [max(v, LOWEST) for _, v, _ in entries],
             "text_offset": [at.take(piece(t)[1]) for t, _, _ in entries],
-            "top_logprobs": [{piece(i)[0]: max(w, LOWEST) for i, w in top} for _, _, top in entries]
-            if entries[0][2] else None}
+            "top_logprobs": [alternatives(t, v, top) for t, v, top in entries]}
 
 
 def joined_logprobs(chat: bool, parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:

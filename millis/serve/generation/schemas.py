@@ -6,6 +6,7 @@ anything the engine cannot honour is a 4xx `ApiError` naming the field. Defaults
 """
 from __future__ import annotations
 
+
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,6 +17,7 @@ from millis.common.errors import MillisError
 from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OUTPUT_PENALTY, MAX_PENALTY,
                                MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN, SamplingParams)
 from millis.gen.grammar import json_schema_grammar
+from millis.serve.generation.fields import check_fields
 from millis.serve.generation.conversation import prompt_end, template_variables
 from millis.serve.generation.tool_formats import GENERIC, GenericFormat
 from millis.serve.generation.tools import ToolSpec, tool_spec
@@ -26,8 +28,6 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256          # per stop string: the engine's hold-back check costs O(len) per step
 MAX_TOP_K = (1 << 31) - 1     # above the vocabulary = all tokens
-# fields the engine cannot honour: accepted only at their "off" value
-UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "functions": (None, [])}
 MAX_N = 16                    # choices per request: each is a slot's work
 
 
@@ -101,10 +101,7 @@ def _logprobs(body: dict, chat: bool) -> int:
 def sampling(body: dict, limits: GenLimits, chat: bool = False) -> SamplingParams:
     """Every sampling field checked against both of its bounds here, at admission: nothing a request
     sends can make the engine's step raise (the step still isolates a request that does)."""
-    for key, off in UNSUPPORTED.items():
-        if not any(same_value(body.get(key), o) for o in off):
-            raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
-                           code="unsupported")
+    check_fields(body)
     n = integer(body, "n", 1, MAX_N, 1)  # read by the request parsers; checked with the rest here
     if n > limits.max_n:
         raise ApiError(422, f"n is {n}; this server runs at most {limits.max_n} choices of a request at once "
