@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from millis.common.errors import MillisError
 from millis.gen.config import EngineConfig, GenerateConfig, SamplingParams
 
 __all__ = ["generate", "open_engine", "Engine", "EngineConfig", "GenerateConfig", "SamplingParams",
@@ -49,6 +50,11 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
         torch.set_num_threads(engine.threads)
     loaded = load(model, engine)
     loaded.source_path = model
+    if engine.speculate and loaded.kv is None:  # drafts are verified in the native kernels' paged KV
+        raise MillisError(f"speculate (and draft_model) need the native kernels' paged KV, and this model loaded as "
+                          f"a torch model ({type(loaded.model).__name__}, dtype {engine.dtype}, quant "
+                          f"{engine.quant}): use dtype fp32 on the CPU, or leave speculate at 0 (drafts were "
+                          f"silently off)")
     if loaded.kv is not None:  # native kernels (own thread pool): torch keeps only the step's small ops, and
         torch.set_num_threads(1)  # its OpenMP workers would spin on the cores the kernels use (1.5x per token)
     drafter = None
@@ -77,7 +83,6 @@ def open_engine(model: str, engine: EngineConfig = EngineConfig(), seed: int = 0
 
 def chat_prompt(eng: Engine, text: str) -> list[int]:
     """`text` as one user message through the model's chat template (the GGUF's, else the HF dir's), as ids."""
-    from millis.common.errors import MillisError
     from millis.gen.chat_template import chat_template_of, encode_rendered, render_chat
 
     template, special = eng.chat_template, dict(eng.special_tokens or {})

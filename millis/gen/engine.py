@@ -263,7 +263,7 @@ class Engine:
                         logits.append(torch.from_numpy(x)[None])
                         continue
                     for st in (r.drafts, self.draft_stats):
-                        st.drafted, st.accepted = st.drafted + len(d), st.accepted + len(x) - 1
+                        st.record(len(d), len(x) - 1)
                     tokens[r.id] = x
         elif running:  # decode: one token per running row, each at its own position, one batched forward
             for part, out in per_row_on_error([r for r in running if r.id not in failed], self._decode, failed):
@@ -307,7 +307,7 @@ class Engine:
         if self.drafter is None:
             return [(r, isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)))
                     for r, k in rows]
-        rows = [(r, k if draftable(r.params, r.drafts) else 0) for r, k in rows]
+        rows = [(r, r.drafts.cap(k) if draftable(r.params, r.drafts) else 0) for r, k in rows]
         try:
             proposed = self.drafter.propose([(r.prompt, r.out, r.slot, k) for r, k in rows])
             return list(zip([r for r, _ in rows], proposed))
