@@ -238,3 +238,21 @@ def test_speculate_on_a_torch_model_is_refused(shared_stories):
 
     with pytest.raises(MillisError, match="speculate"):
         open_engine(shared_stories, EngineConfig(max_batch=1, dtype="bf16", speculate=4))
+
+
+def test_a_failing_draft_model_is_counted_and_the_text_is_the_targets(model_path, caplog):
+    """The draft model raising gives no drafts that step: the target's plain text, the failures counted and
+    logged (the engine's catch-all dropped them unseen)."""
+    prompts = [[1] + [10 + (i % 23) for i in range(40)], [1, 40, 41, 42]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = run_all(open_engine(model_path, EngineConfig(max_batch=2, max_seq=256, threads=2)), prompts, greedy)
+    eng = open_engine(model_path, EngineConfig(max_batch=2, max_seq=256, threads=2, speculate=3,
+                                               draft_model=model_path))
+
+    def broken(rows):
+        raise RuntimeError("draft kernel fault")
+    eng.drafter.drafts = broken
+    with caplog.at_level("WARNING", logger="millis.gen"):
+        assert run_all(eng, prompts, greedy) == want
+    assert eng.drafter.failures >= 10 and eng.draft_stats.drafted == 0
+    assert "draft kernel fault" in caplog.text

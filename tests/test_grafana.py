@@ -166,11 +166,14 @@ def test_latency_by_status_class_long_generations_and_per_token_itl():
     assert got[("millis_inter_token_latency_seconds_sum", ())] == pytest.approx(0.03)
     assert got[("millis_inter_token_latency_seconds_bucket", (("le", "0.01"),))] == 3
     eng = SimpleNamespace(max_batch=2, free_slots=2, waiting=[], preempted=2, draft_stats=SimpleNamespace(drafted=0),
-                          kv=SimpleNamespace(hit_tokens=40, hit_rate=0.5))
+                          drafter=None, kv=SimpleNamespace(hit_tokens=40, hit_rate=0.5))
     m.observe_engine(eng)
-    eng.kv.hit_tokens, eng.preempted = 70, 3
+    eng.kv.hit_tokens, eng.preempted, eng.drafter = 70, 3, SimpleNamespace(failures=2)
+    m.observe_engine(eng)
+    eng.drafter.failures = 5
     m.observe_engine(eng)
     m.observe_engine(eng)
     got = _samples(m)
     assert got[("millis_prefix_cache_hit_tokens_total", ())] == 70 and got[("millis_preempted_requests_total", ())] == 3
+    assert got[("millis_draft_model_failures_total", ())] == 5
     assert Metrics().duration.bounds[-1] == 30.0  # an encoder's stop at 30 s

@@ -16,11 +16,15 @@ several steps, the row decoding without drafts until it is in (its text is the s
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from millis.common.errors import MillisError
 from millis.gen.config import PREFILL_TOKENS
 from millis.gen.models.native_llama import CHUNK
+
+log = logging.getLogger("millis.gen")
 
 PROBE = "The quick brown fox: 3.14, {\"a\": [1, 2]} \u00e9t\u00e9 \u4f60\u597d"  # tokenizers must agree on this
 
@@ -45,6 +49,7 @@ class DraftModel:
                 loaded.tokenizer.encode(PROBE) != target.tokenizer.encode(PROBE):
             raise MillisError("the draft model's tokenizer splits text differently from the target's")
         self.model, self.kv, self.max_seq, self.budget = loaded.model, loaded.kv, loaded.max_seq, budget
+        self.failures = 0  # propose calls that raised
         self.done: dict[int, int] = {}  # slot -> leading positions of its sequence held in the draft cache
 
     def admit(self, slot: int, n_pos: int) -> bool:
@@ -60,7 +65,18 @@ class DraftModel:
             self.kv.release(slot)
 
     def propose(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
-        """rows: (prompt, output so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted)."""
+        """rows: (prompt, output so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted). A
+        failure of the draft model gives no drafts this step (the target decodes plainly), counted in `failures`
+        and logged (the engine's catch-all dropped it unseen, and each step paid a partial catch-up)."""
+        try:
+            return self.drafts(rows)
+        except Exception as e:  # noqa: BLE001 -- a draft is an optimisation: never a request's failure
+            self.failures += 1
+            if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                log.warning("draft model failed (%d so far): %s: %s", self.failures, type(e).__name__, e)
+            return [[] for _ in rows]
+
+    def drafts(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
         live = [(_tail(prompt, out, self.done[slot]), len(prompt) + len(out), slot, k)
                 for prompt, out, slot, k in rows if slot in self.done and k > 0]
         out: dict[int, list[int]] = {}

@@ -116,7 +116,9 @@ class GenMetrics(Metrics):
                                   "verified, since start (--speculate)", registry=r)
         self.preempted = Counter("millis_preempted_requests", "requests that gave their KV blocks back for older "
                                  "ones to decode and were prefilled again later (GGUF models)", registry=r)
-        self._seen = {"hits": 0, "preempted": 0}  # the engine's totals at the last scrape: the counters' increments
+        self.draft_failures = Counter("millis_draft_model_failures", "steps the draft model raised and the target "
+                                      "decoded without drafts (--draft-model)", registry=r)
+        self._seen = {"hits": 0, "preempted": 0, "draft_failures": 0}  # the engine's totals at the last scrape
         for reason in FINISH:
             self.finished.labels(reason)
 
@@ -152,3 +154,6 @@ class GenMetrics(Metrics):
             self.prefix_hit_rate.set(eng.kv.hit_rate)
         d = eng.draft_stats
         self.draft_accept.set(d.accepted / d.drafted if d.drafted else 0.0)
+        if (failures := getattr(eng.drafter, "failures", 0)) > self._seen["draft_failures"]:
+            self.draft_failures.inc(failures - self._seen["draft_failures"])
+            self._seen["draft_failures"] = failures
