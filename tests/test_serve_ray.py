@@ -3,7 +3,9 @@
 SSE streams through Ray's proxy; a shared prompt prefix stays on one replica; a replica killed under
 load loses no encoder request and comes back; a generation stream on a killed replica ends at once
 with an error event; SIGTERM leaves no Ray process behind. Also the router's hashing, the config's
-checks and the emitted Serve config, without a cluster."""
+checks and the emitted Serve config, without a cluster. The gateway's own tests, with a stand-in for the
+replicas' handle: test_serve_ray_gateway.py; start-up, `serve deploy` args and the replica's disconnect:
+test_serve_ray_hardening.py."""
 import http.client
 import json
 import os
@@ -242,111 +244,6 @@ def test_ray_config_and_emitted_serve_config(tmp_path):
     assert app["args"] == {"serve": {"artifact": "tiny:bert", "threads": 1}, "ray": {"autoscale": "1:4"}}
 
 
-class FakeReplicas:
-    """The replicas' deployment handle, without Ray: a call's answer is `answer(forwarded)`, awaited."""
-
-    def __init__(self, answer):
-        self.answer, self.calls, self.cancelled = answer, 0, 0
-
-    @property
-    def call_whole(self):
-        return self
-
-    def remote(self, fwd):
-        self.calls += 1
-        return FakeResponse(self, fwd)
-
-
-class FakeResponse:
-    def __init__(self, replicas: FakeReplicas, fwd):
-        self.replicas, self.fwd = replicas, fwd
-
-    def __await__(self):
-        return self.replicas.answer(self.fwd).__await__()
-
-    def cancel(self):
-        self.replicas.cancelled += 1
-
-
-def through_gateway(gateway, chunks: list[bytes], content_length: int | None = None, path: str = "/v1/embeddings",
-                    method: str = "POST"):
-    """A request (POST /v1/embeddings) through the gateway's ASGI app, the body sent in `chunks`: (status, headers,
-    body, chunks the gateway read)."""
-    import asyncio
-
-    headers = [(b"content-type", b"application/json")]
-    if content_length is not None:
-        headers.append((b"content-length", str(content_length).encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
-    read, sent = [0], []
-
-    async def receive():
-        if read[0] < len(chunks):
-            read[0] += 1
-            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
-        await asyncio.sleep(3600)
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(gateway.__serve_build_asgi_app__()(scope, receive, send))
-    heads = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
-    return sent[0]["status"], heads, b"".join(m.get("body", b"") for m in sent[1:]), read[0]
-
-
-async def answered(fwd):
-    return 200, [(b"content-type", b"application/json")], b'{"ok": true}'
-
-
-def test_gateway_refuses_a_large_body_before_reading_it():
-    from millis.serve.ray.gateway import Gateway
-
-    replicas = FakeReplicas(answered)
-    gateway = Gateway(replicas, 100_000, 0, 5.0)
-    chunk = b"x" * 65536
-    status, _, body, read = through_gateway(gateway, [chunk] * 8, content_length=200 << 20)  # 200 MiB declared
-    err = json.loads(body)["error"]
-    assert status == 413 and read == 0, (status, read)  # nothing read: the declared size decides
-    assert err["code"] == "body_too_large" and err["type"] == "invalid_request_error"
-    status, _, body, read = through_gateway(gateway, [chunk] * 8)  # chunked: refused once past the limit
-    assert status == 413 and read == 2 and json.loads(body)["error"]["code"] == "body_too_large", (status, read)
-    assert replicas.calls == 0
-    assert through_gateway(gateway, [b'{"input": "x"}'])[0] == 200
-
-
-def test_gateway_answers_a_full_replica_queue_429():
-    from ray.serve.exceptions import BackPressureError
-
-    from millis.serve.ray.gateway import Gateway
-
-    async def queue_full(fwd):  # max_queued_requests wait for a replica already (deploy.replica_options)
-        raise BackPressureError(num_queued_requests=128, max_queued_requests=128)
-
-    status, headers, body, _ = through_gateway(Gateway(FakeReplicas(queue_full), 1 << 20, 0, 5.0), [b"{}"])
-    assert status == 429 and int(headers["retry-after"]) >= 1, (status, body)
-    assert json.loads(body)["error"]["code"] == "overloaded"
-
-
-def test_gateway_bounds_the_wait_for_a_replica_by_the_request_timeout():
-    import asyncio
-    import time
-
-    from millis.serve.ray.gateway import Gateway
-
-    async def never_taken(fwd):  # waits in the handle's queue for a replica
-        await asyncio.sleep(3.0)
-        return await answered(fwd)
-
-    replicas = FakeReplicas(never_taken)
-    t0 = time.perf_counter()
-    status, headers, body, _ = through_gateway(Gateway(replicas, 1 << 20, 0, 0.2), [b"{}"])
-    waited = time.perf_counter() - t0
-    assert status == 503 and json.loads(body)["error"]["code"] == "timeout" and headers["retry-after"] == "1", body
-    assert waited < 1.5 and replicas.cancelled == 1, (waited, replicas.cancelled)
-
-
 def test_replica_options_bound_the_queue_at_the_gateway():
     from ray import serve
 
@@ -373,49 +270,6 @@ def test_a_deployment_the_cluster_cannot_place_is_refused():
         check_resources(ServeConfig(artifact="x", threads=1), RayConfig(replicas=3), {"CPU": 2.0})
     with pytest.raises(MillisError, match="1 GPUs wanted .*--device cuda.* has 0"):  # Ray waited for ever
         check_resources(ServeConfig(artifact="x", threads=1, device="cuda"), RayConfig(replicas=1), {"CPU": 2.0})
-
-
-def test_the_gateway_answers_health_itself_counts_its_own_answers_and_drains():
-    import asyncio
-
-    from millis.serve.ray.gateway import Gateway
-
-    async def slow(fwd):  # a replica taking 0.3 s
-        await asyncio.sleep(0.3)
-        return await answered(fwd)
-
-    gateway = Gateway(FakeReplicas(slow), 100, 0, 5.0)
-    status, _, body, _ = through_gateway(gateway, [b"{}"], path="/health", method="GET")
-    assert status == 200 and json.loads(body)["status"] == "ok" and gateway.replicas.calls == 0  # never queued
-    assert through_gateway(gateway, [b"x" * 200])[0] == 413  # the gateway's own answer: no replica saw it
-
-    async def metrics(fwd):
-        return 200, [(b"content-type", b"text/plain")], b"millis_requests_total 1.0\n"
-    gateway.replicas.answer = metrics
-    status, _, body, _ = through_gateway(gateway, [b""], path="/metrics", method="GET")
-    assert status == 200 and b"millis_requests_total 1.0" in body
-    assert b'millis_gateway_answers_total{status="413"} 1.0' in body  # it counted nowhere
-    gateway.replicas.answer = slow
-
-    async def drained():
-        task = asyncio.create_task(asyncio.to_thread(through_gateway, gateway, [b"{}"]))
-        await asyncio.sleep(0.1)
-        left = await gateway.drain(5.0)  # waits for the request in flight, which is answered whole
-        return left, await task
-    left, (status, _, body, _) = asyncio.run(drained())
-    assert left == 0 and status == 200 and json.loads(body) == {"ok": True}
-    status, headers, body, _ = through_gateway(gateway, [b"{}"])
-    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down" and "retry-after" in headers
-
-
-def test_gateway_reads_generation_bodies_as_the_replica_does():
-    """50,000 nested brackets (100 KB, under the body limit) were a RecursionError in the gateway: a plain-text 500
-    that never reached a replica. orjson refuses them as the replica does (its 400 invalid_json)."""
-    from millis.serve.ray.gateway import generation_body
-
-    assert generation_body("/v1/completions", b"[" * 50000) is None
-    assert generation_body("/v1/completions", b'{"prompt": "hi"}') == {"prompt": "hi"}
-    assert generation_body("/v1/completions", b"NaN") is None and generation_body("/v1/embeddings", b"{}") is None
 
 
 def test_on_a_cluster_that_runs_serve_already_only_millis_is_removed(tmp_path):

@@ -9,7 +9,8 @@ replica at most max_queue + max_batch requests at once; past that, requests wait
 queue (max_queued_requests: what all replicas take at once plus max_queue), and the next ones are answered
 429 (gateway.py). On SIGTERM the gateway drains first (new requests 503, those in flight answered), then the
 application is deleted; on a cluster whose Serve ran already (--ray-address) its port stands and its other
-applications stay.
+applications stay. SIGTERM/SIGINT during start-up (the replicas loading) stops it too, and exits 0; start-up
+failing or stopped removes what it had deployed (a joined cluster keeps nothing of it).
 `--replicas N` fixes the count; `--autoscale MIN:MAX` lets Ray scale on ongoing requests per replica.
 Generation replicas are chosen by router.PrefixRouter (a shared prompt prefix stays on one replica's
 prefix cache), encoders by Ray's default (power of two choices). `--emit-ray-config FILE` writes the
@@ -25,6 +26,7 @@ import threading
 from pathlib import Path
 
 from millis.common.errors import MillisError
+from millis.common.schema import from_dict
 from millis.serve.config import ServeConfig
 from millis.serve.ray.config import RayConfig
 
@@ -86,8 +88,28 @@ def application(cfg: ServeConfig, rc: RayConfig):
 
 
 def build(args: dict):
-    """What `serve deploy` imports (the emitted config's import_path): args {"serve": {...}, "ray": {...}}."""
-    return application(ServeConfig(**args.get("serve", {})), RayConfig(**args.get("ray", {})))
+    """What `serve deploy` imports (the emitted config's import_path): args {"serve": {...}, "ray": {...}},
+    read strictly: an unknown key or a value of the wrong type fails here, naming it (ServeConfig(**args) ignored
+    a misspelt "rays", and took prefix_chars 2.5, which then failed every generation request)."""
+    where = f"the args of {BUILD_PATH}"
+    if not isinstance(args, dict):
+        raise MillisError(f"{where} should be an object with \"serve\" and \"ray\", got {type(args).__name__}")
+    if unknown := sorted(set(args) - {"serve", "ray"}):
+        raise MillisError(f"{where}: unknown key {unknown[0]!r} (only \"serve\" and \"ray\")")
+    cfg = from_dict(ServeConfig, args.get("serve", {}), where, "serve", strict=True)
+    rc = from_dict(RayConfig, args.get("ray", {}), where, "ray", strict=True)
+    check_ray_mode(cfg)
+    return application(cfg, rc)
+
+
+def check_ray_mode(cfg: ServeConfig) -> None:
+    """Refuse what Ray Serve would silently not do: --head-timeout-s bounds millis's own HTTP listener, and on
+    Ray the listener is Ray's proxy (uvicorn, which Serve sets up with no head timeout)."""
+    default = next(f.default for f in dataclasses.fields(ServeConfig) if f.name == "head_timeout_s")
+    if cfg.head_timeout_s != default:
+        raise MillisError("--head-timeout-s cannot be applied on Ray Serve: Ray's HTTP proxy reads the request "
+                          "heads and has no such bound (leave the flag out; put a reverse proxy with a header "
+                          "timeout in front)")
 
 
 def ray_config_text(cfg: ServeConfig, rc: RayConfig) -> str:
@@ -108,6 +130,7 @@ def free_port(host: str) -> int:
 def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
     """Deploy, print the address, serve until SIGTERM/SIGINT, then drain and remove the application
     (`stop_app`) and leave Ray. Returns the exit status."""
+    check_ray_mode(cfg)
     if rc.emit_ray_config:
         Path(rc.emit_ray_config).write_text(ray_config_text(cfg, rc) + "\n")
         print(f"millis serve: wrote {rc.emit_ray_config} (deploy it with `serve deploy {rc.emit_ray_config}`)")
@@ -118,27 +141,21 @@ def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
     except ImportError:
         raise MillisError("serving on Ray needs Ray Serve: pip install 'millis[ray]'") from None
     app = application(cfg, rc)
-    ray.init(address=rc.ray_address or None, include_dashboard=False, log_to_driver=False,
+    # "local": an instance of its own, as the flag says (None joined any cluster RAY_ADDRESS or the last
+    # `ray start` on this machine named)
+    ray.init(address=rc.ray_address or "local", include_dashboard=False, log_to_driver=False,
              logging_level=cfg.log_level.upper())
+    signals = Signals()  # from here: Ray's own driver handler exited 15 and left the application deployed
     try:
-        check_resources(cfg, rc, ray.cluster_resources())
-        joined = running_serve()  # a cluster's own Serve: its HTTP settings stand, and its other apps stay
-        port = joined.http_config.port if joined is not None else cfg.port or free_port(cfg.host)
-        if joined is not None and cfg.port and cfg.port != port:
-            raise MillisError(f"the Ray cluster's Serve listens on port {port} already; --port {cfg.port} cannot "
-                              f"be used there (leave it out, or give {port})")
-        serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET_LOGS)
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except Exception as e:  # noqa: BLE001 -- Ray says "Failed to update the deployments": say why
-            raise MillisError(f"the replicas did not start: {deploy_failure(serve) or e}") from None
+            joined, port = start_app(ray, serve, app, cfg, rc, signals)
+        except StopSignal:
+            print("millis serve: stopped during start-up (what was deployed is removed)", flush=True)
+            return 0
         host = joined.http_config.host if joined is not None else cfg.host
         print(f"millis serve: listening on http://{host}:{port} (Ray Serve, "
               f"{rc.autoscale or rc.replicas or 1} replicas, each loaded before it takes requests)", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(0.5):  # a timed wait: the signal handler runs between waits
+        while not signals.stop.wait(0.5):  # a timed wait: the signal handler runs between waits
             pass
         print("millis serve: stopping (requests in flight are answered first)", flush=True)
         # Bounded: a signal sent to the whole process group (not just this process) has already killed Ray's
@@ -149,6 +166,72 @@ def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
         return 0 if not done.is_alive() else 1
     finally:
         ray.shutdown()
+        signals.restore()
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGINT during start-up (a BaseException: no `except Exception` on the way swallows it)."""
+
+
+class Signals:
+    """SIGTERM and SIGINT, handled from ray.init on. During start-up (`starting`) they raise StopSignal wherever
+    the start waits (serve.run waits for the replicas to load, up to READY_TIMEOUT_S); after it they set `stop`."""
+
+    def __init__(self) -> None:
+        self.stop, self.starting = threading.Event(), True
+        self.before = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop.set()
+        if self.starting:
+            self.starting = False  # raised once: a second signal does not interrupt the clean-up
+            raise StopSignal(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+
+def start_app(ray, serve, app, cfg: ServeConfig, rc: RayConfig, signals: Signals):
+    """Start Serve (unless the cluster runs its own) and the application: returns (the cluster's own Serve client
+    or None, the HTTP port). Anything raised once something was deployed (a stop signal, the replicas failing to
+    load) first removes it (`remove_app`, bounded), then goes on: ray.shutdown() alone leaves a joined cluster
+    running the application."""
+    check_resources(cfg, rc, ray.cluster_resources())
+    joined = running_serve()  # a cluster's own Serve: its HTTP settings stand, and its other apps stay
+    port = joined.http_config.port if joined is not None else cfg.port or free_port(cfg.host)
+    if joined is not None and cfg.port and cfg.port != port:
+        raise MillisError(f"the Ray cluster's Serve listens on port {port} already; --port {cfg.port} cannot "
+                          f"be used there (leave it out, or give {port})")
+    placed = joined is None  # a Serve started here is shut down whole; a cluster's own keeps all but millis
+    try:
+        serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET_LOGS)
+        placed = True
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except Exception as e:  # noqa: BLE001 -- Ray says "Failed to update the deployments": say why
+            raise MillisError(f"the replicas did not start: {deploy_failure(serve) or e}") from None
+        signals.starting = False  # up: a signal from now on asks to stop (inside this try: none is lost)
+    except BaseException:
+        signals.starting = False  # a second signal only asks to stop: the removal runs to its end
+        if placed:
+            removed_within(cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S, serve, joined is not None)
+        raise
+    return joined, port
+
+
+def removed_within(timeout_s: float, serve, joined: bool) -> bool:
+    """remove_app in a daemon thread, waited for at most timeout_s (with Ray's processes gone, its calls wait for
+    ever). What it raises is printed, not raised: the error that made it run is the one to report."""
+    def run() -> None:
+        try:
+            remove_app(serve, joined)
+        except Exception as e:  # noqa: BLE001
+            print(f"millis serve: removing the application failed: {type(e).__name__}: {e}", flush=True)
+    done = threading.Thread(target=run, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    return not done.is_alive()
 
 
 def check_resources(cfg: ServeConfig, rc: RayConfig, have: dict) -> None:
@@ -198,6 +281,12 @@ def stop_app(serve, cfg: ServeConfig, joined: bool) -> None:
         gateway.drain.remote(cfg.shutdown_timeout_s).result(timeout_s=cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
     except Exception:  # noqa: BLE001 -- a gateway already gone: delete what is left
         pass
+    remove_app(serve, joined)
+
+
+def remove_app(serve, joined: bool) -> None:
+    """The application off the cluster: on a cluster whose Serve ran before millis joined it, the application
+    alone (its other applications stay); else Serve, started by millis, shut down with it."""
     if joined:
         serve.delete(APP_NAME)
     else:

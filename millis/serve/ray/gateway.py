@@ -13,7 +13,12 @@ Overload and waiting: the body is refused (413) past --max-body-bytes before it 
 wait for a replica in the handle's queue, at most max_queued_requests of them (deploy.py), and past that
 Ray's BackPressureError is answered 429 with Retry-After; a request's deadline (--request-timeout-s)
 counts from its arrival here: no first answer by then (the whole answer, a stream's start, or for a
-generation answered whole a replica taking it) is a 503 timeout, and the call is cancelled.
+generation answered whole a replica taking it) is a 503 timeout, and the call is cancelled. A request whose
+line and headers are over millis.serve.guard's MAX_HEAD_BYTES is answered 431 and not forwarded (Ray's proxy
+has read it whole by then: only a reverse proxy in front bounds that).
+
+/metrics is the gateway's own: every replica's series, each labelled with its replica (scrape.py), then the
+gateway's.
 """
 from __future__ import annotations
 
@@ -24,15 +29,17 @@ import math
 import time
 
 import orjson
-from prometheus_client import generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from millis.serve import schemas
+from millis.serve.guard import MAX_HEAD_BYTES
 from millis.serve.http import Streamed, error_response, read_body
 from millis.serve.ray.replica import Forwarded
+from millis.serve.ray.scrape import every_replica, merged, missing_gauge
 
 log = logging.getLogger("millis.serve.ray")
 RETRIES = 3
@@ -62,6 +69,14 @@ def routing_prompt(b: dict | None, chars: int) -> str | None:
     else:
         text = b.get("prompt") if isinstance(b.get("prompt"), str) else ""
     return text[:chars] or None
+
+
+def head_bytes(request: Request) -> int:
+    """The size of the request's head as the client sent it: its line and its headers, each with its CRLF."""
+    scope, query = request.scope, request.scope.get("query_string") or b""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + (1 + len(query) if query else 0)
+    line = len(request.method) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 2
 
 
 def error(status: int, message: str, code: str, retry_after_s: float | None = None) -> Response:
@@ -96,7 +111,7 @@ async def gathered(answer) -> tuple[int, list, bytes]:
 class Gateway:
     """The ingress deployment class (decorated in deploy.py): `replicas` is the replicas' handle. It answers
     /health itself (a liveness probe must not wait in the replicas' queue), counts the answers it gives
-    itself (413, 408, 429, 503...: the replicas never see those requests) on /metrics beside the replica's
+    itself (413, 408, 429, 503...: the replicas never see those requests) on /metrics after the replicas'
     series, and drains on `drain()` (deploy.py calls it on SIGTERM, before the application is deleted)."""
 
     def __init__(self, replicas, max_body_bytes: int, prefix_chars: int, request_timeout_s: float = 30.0) -> None:
@@ -108,6 +123,9 @@ class Gateway:
         self.registry = CollectorRegistry()
         self.answered = Counter("millis_gateway_answers_total", "answers the Ray gateway gave itself (the request "
                                 "reached no replica), by status", ["status"], registry=self.registry)
+        self.cut = Counter("millis_gateway_streams_cut_total", "streams the gateway ended with an error event "
+                           "because their replica call failed mid-answer, by error code", ["code"],
+                           registry=self.registry)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self.forward, methods=METHODS)])
@@ -125,23 +143,32 @@ class Gateway:
     async def forward(self, request: Request) -> Response:
         if self.draining:
             return self.own(error(503, "the server is shutting down", "shutting_down"))
+        if (size := head_bytes(request)) > MAX_HEAD_BYTES:  # as the single-process server's guard answers it
+            return self.own(error(431, f"the request's line and headers are {size} bytes; the limit is "
+                                  f"{MAX_HEAD_BYTES}", "headers_too_large"))
         if request.method in ("GET", "HEAD") and request.url.path == "/health":
             return self.own(Response(orjson.dumps({"status": "ok", "gateway": True}),
                                      media_type="application/json"))
         self.inflight += 1
         streamed = False
         try:
+            if request.method == "GET" and request.url.path == "/metrics":
+                return await self.metrics()
             resp = await self.answer(request)
             if isinstance(resp, StreamingResponse):  # in flight until its stream ends
                 streamed = True
                 return Streamed(resp, self.answered_whole)
-            if request.url.path == "/metrics" and resp.status_code == 200:
-                resp = Response(resp.body + generate_latest(self.registry), status_code=200,
-                                media_type=resp.media_type or "text/plain; version=0.0.4; charset=utf-8")
             return resp
         finally:
             if not streamed:
                 self.inflight -= 1
+
+    async def metrics(self) -> Response:
+        """Every replica's series labelled replica="<id>" (those not answering in time left out and counted as
+        missing), then the gateway's own."""
+        answers, missing = await every_replica(self.replicas, "metrics_text")
+        body = merged(answers) + generate_latest(self.registry) + missing_gauge(missing)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)  # what the replicas' own /metrics says
 
     def answered_whole(self, status: int) -> None:  # a stream has ended (Streamed's finish)
         self.inflight -= 1
@@ -200,11 +227,17 @@ class Gateway:
             try:
                 async for chunk in answer:
                     yield chunk
-            except RayActorError as e:
-                log.warning("millis gateway: replica failed mid-answer on %s (%s)", path, type(e).__name__)
+            except Exception as e:  # noqa: BLE001 -- the stream ends with the reason; only this request fails
+                # a dead replica (RayActorError), or anything else the call raised mid-answer: either way the
+                # client gets an error event and [DONE] (a stream that just stopped looked like a hang-up)
+                died = isinstance(e, RayActorError)
+                code = "replica_failed" if died else "replica_error"
+                log.warning("millis gateway: replica call failed mid-answer on %s (%s)", path, type(e).__name__)
+                self.cut.labels(code).inc()
                 if sse:
-                    msg = {"error": {"message": f"the replica serving this request failed ({type(e).__name__})",
-                                     "type": "server_error", "param": None, "code": "replica_failed"}}
+                    what = "failed" if died else "raised on this request"
+                    msg = {"error": {"message": f"the replica serving this request {what} ({type(e).__name__})",
+                                     "type": "server_error", "param": None, "code": code}}
                     yield f"data: {json.dumps(msg)}\n\ndata: [DONE]\n\n".encode()
 
         resp = StreamingResponse(rest(), status_code=status)

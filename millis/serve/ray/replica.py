@@ -5,6 +5,10 @@ replica, driven in-process by the gateway's forwarded requests.
 on). `Replica.call` runs it through the app and yields ("start", status, headers) then body chunks as
 the app sends them, so SSE streams through. The replica is up (Ray routes to it) only once its model
 answers /ready; Ray's graceful shutdown runs the app's own drain (admitted requests finish).
+A request whose caller went away (Ray cancels the call) is shown to the app as http.disconnect first, and
+cancelled only if the app has not ended within DISCONNECT_GRACE_S: the app answers it 499 and counts it, as
+the single-process server does (cancelled at once, it counted nothing).
+`Replica.metrics_text` is what the gateway's /metrics asks every replica for (gateway.py).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 
 READY_TIMEOUT_S = 600.0  # a model that does not load in this time fails the replica (Ray starts another)
 REPLICA_HEADER = "x-millis-replica"  # which replica answered: "<Ray replica id> pid <process id>"
+DISCONNECT_GRACE_S = 1.0  # how long an app whose caller left is given to see it go before it is cancelled
 
 
 @dataclass
@@ -64,11 +69,32 @@ async def drive(app, req: Forwarded, gone: asyncio.Event, extra_headers: list[tu
                 m["task"].result()  # the app's exception, if it raised before finishing the response
                 return
     finally:
-        gone.set()
+        gone.set()  # the app's receive() now answers http.disconnect
+        await settle(task)
+
+
+async def settle(task: asyncio.Task) -> None:
+    """Let the app's `task` end on its own (it answers and counts a departed client 499 once it sees
+    http.disconnect), at most DISCONNECT_GRACE_S; then cancel it."""
+    if task.done():
+        return
+    try:
+        await asyncio.wait({task}, timeout=DISCONNECT_GRACE_S)
+    finally:  # also when this call is cancelled again meanwhile: the app's task never outlives it
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def own_replica_id() -> str:
+    """Ray Serve's id of the replica this runs in ("local" outside one: tests)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 -- outside a Serve replica
+        return "local"
 
 
 class Replica:
@@ -83,7 +109,8 @@ class Replica:
         self.app = factory(cfg, loader)
         self.life = self.app.router.lifespan_context(self.app)
         await self.life.__aenter__()  # starts the model load in the background, as the server does
-        self.name = self._replica_name()
+        self.replica_id = own_replica_id()
+        self.name = f"{self.replica_id} pid {os.getpid()}"
         deadline, st = time.monotonic() + READY_TIMEOUT_S, self.app.state.millis
         while await self._status("/ready") != 200:  # Ray sends traffic only once __init__ returns
             if st.load_error:  # fail the replica at once, with the reason (Ray reports it and retries)
@@ -91,16 +118,6 @@ class Replica:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"millis replica: {cfg.artifact} did not load within {READY_TIMEOUT_S:g} s")
             await asyncio.sleep(0.05)
-
-    @staticmethod
-    def _replica_name() -> str:
-        try:
-            from ray import serve
-
-            name = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 -- outside a Serve replica (tests)
-            name = "local"
-        return f"{name} pid {os.getpid()}"
 
     async def _status(self, path: str) -> int:
         async for item in drive(self.app, Forwarded("GET", path), asyncio.Event(), []):
@@ -125,6 +142,13 @@ class Replica:
             else:
                 body.append(item)
         return status, headers, b"".join(body)
+
+    async def metrics_text(self) -> tuple[str, bytes]:
+        """(this replica's id, its app's /metrics text): the gateway's /metrics merges every replica's."""
+        status, _, body = await self.call_whole(Forwarded("GET", "/metrics"))
+        if status != 200:
+            raise RuntimeError(f"millis replica: /metrics answered {status}")
+        return self.replica_id, body
 
     async def check_health(self) -> None:  # Ray's periodic health check: the app still answers
         if await self._status("/health") != 200:
