@@ -134,7 +134,13 @@ def test_presets_are_scoped_per_command(monkeypatch, capsys):
     """MILLIS_PRESET meant cpu|quick to optimize and default|quick to train; each command has its own now."""
     from millis.optimize.config import PRESETS
 
-    monkeypatch.setenv("MILLIS_PRESET", "cpu")  # no longer read by anyone
+    monkeypatch.setenv("MILLIS_PRESET", "quick")  # no longer read by anyone: refused, naming the command's own
+    with pytest.raises(MillisError, match=r"^MILLIS_PRESET: no millis command reads it; millis optimize reads "
+                                          r"MILLIS_OPTIMIZE_PRESET$"):
+        config_from_argv(["optimize", "tiny:bert"])
+    with pytest.raises(MillisError, match=r"millis train reads MILLIS_TRAIN_PRESET$"):
+        config_from_argv(["train", "tiny:bert", "--data", "d.csv"])
+    monkeypatch.delenv("MILLIS_PRESET")
     monkeypatch.setenv("MILLIS_OPTIMIZE_PRESET", "quick")
     cfg = config_from_argv(["optimize", "tiny:bert"])[1]
     assert cfg.preset == "quick" and cfg.measure == PRESETS["quick"]

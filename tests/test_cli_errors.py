@@ -101,7 +101,9 @@ def test_last_resort_is_one_line(capsys, monkeypatch, exc):
 
 @pytest.mark.parametrize("env, argv, named", [
     ({"MILLIS_OPTIMIZE_PRSET": "quick"}, ("--preset", "quick"), "MILLIS_OPTIMIZE_PRSET: not a variable of millis "
-                                                                "optimize (its own: MILLIS_OPTIMIZE_DATA, "),
+                                                                "optimize or of any millis command; did you mean "
+                                                                "MILLIS_OPTIMIZE_PRESET? (millis optimize's scoped "
+                                                                "ones: MILLIS_OPTIMIZE_DATA, "),
     ({"MILLIS_ITERS": "-1"}, (), "MILLIS_ITERS must be >= 1, got -1"),
     ({}, ("--iters", "0"), "--iters must be >= 1, got 0"),
     ({}, ("--threads", "-2"), "--threads must be >= 0, got -2"),

@@ -383,7 +383,8 @@ def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_mea
     n = len(sample_texts()[::2])  # every other shipped text judges; the rest calibrate
     n_pairs = len(rerank_pairs(sample_texts()[::2]))
     assert meta["measured"]["fidelity_texts"].startswith(f"{n_pairs} (query, document) pairs of {n} texts")
-    assert len(seen) == 3 and all(ps == list(rerank_pairs(sample_texts()[::2])) for _, _, ps in seen)
+    # 3 variants judged on the pairs, the dynamic int8 one (its rows share activation scales) at one pair a call too
+    assert len(seen) == 4 and all(ps == list(rerank_pairs(sample_texts()[::2])) for _, _, ps in seen)
     report = json.loads((out / "report.json").read_text())
     assert [v["name"] for v in report["variants"] if "order_agreement" in (v["fidelity"] or {})] == \
         ["torch-fp32", "ort-fp32-fused", "ort-int8-dynamic"]  # judged by query: the ranking's agreement

@@ -11,13 +11,14 @@ Precedence: the flag, then the variable, then the field's default (or the value 
 command applies). Only what was given reaches the command's `config`, so a default is written once,
 in the dataclass. An empty variable counts as unset. Variables are read for the command being run
 only, after argparse has handled `--help`: a bad MILLIS_THREADS does not break `millis bench`, nor
-`millis serve --help`.
+`millis serve --help`. A MILLIS_* variable that no command declares, nor OTHER_VARIABLES lists, is refused.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -32,6 +33,18 @@ from millis.common.config import Shape, flag_fields, read_bool
 from millis.common.errors import MillisError
 
 ABSENT = object()  # neither flag nor variable given
+
+# The MILLIS_* variables that are no command's flag (name: what reads it), the one list of them. Any other MILLIS_*
+# variable that no command declares is refused (`check_variables`): MILLIS_PRESET=quick ran the full preset silently.
+OTHER_VARIABLES = {
+    "MILLIS_CACHE": "millis.common.files", "MILLIS_NO_KERNELS": "millis.kernels", "MILLIS_KERNEL_ISA": "millis.kernels",
+    "MILLIS_NO_AMX": "millis.kernels", "MILLIS_NO_DECODE_LAYER": "millis.gpu", "MILLIS_NO_PDL": "millis.gpu",
+    "MILLIS_NO_DECODE_GEMV": "millis.gen", "MILLIS_NO_FUSED_DECODE": "millis.gen",
+    "MILLIS_NO_PREFILL_GRAPHS": "millis.gen",
+    "MILLIS_DATA": "bench/, tests/ (the data directory)", "MILLIS_PEER_PYTHON": "bench/peers/setup.sh",
+    "MILLIS_LLAMACPP_CMAKE_ARGS": "bench/peers/setup.sh", "MILLIS_CHROMIUM": "tests/browser.py",
+    "MILLIS_SCREENSHOTS": "tests/test_browser_pages.py", "MILLIS_FUZZ_EXAMPLES": "tests/test_serve_fuzz.py",
+}
 EPILOG = ("Every flag is also a MILLIS_* variable (named in its help; booleans also MILLIS_NO_*): the flag beats "
           "the variable, the variable beats the default. An empty variable counts as unset.")
 
@@ -304,14 +317,38 @@ def given(flags: list[Flag], ns: argparse.Namespace) -> Given:
                 raise MillisError(f"millis {fl.command}: {fl.option} is required{alt}")
             continue
         values.setdefault(fl.owner, {})[fl.name] = value
-    command = flags[0].command.upper() if flags else ""
-    known = {v for fl in flags for v in fl.variables()}
-    unknown = sorted(n for n, v in os.environ.items() if n.startswith(f"MILLIS_{command}_") and v and n not in known)
-    if command and unknown:  # a misspelt MILLIS_OPTIMIZE_PRSET ran the full preset without a word
-        scoped = sorted(n for n in known if n.startswith(f"MILLIS_{command}_"))
-        raise MillisError(f"{', '.join(unknown)}: not a variable of millis {command.lower()} (its own: "
-                          f"{', '.join(scoped) or 'none'}; the others are MILLIS_<FLAG>, listed in --help)")
     return Given(values, variables)
+
+
+def check_variables(commands: tuple[Command, ...], chosen: Command, flags: list[Flag]) -> None:
+    """Refuse a MILLIS_* variable that no command declares and OTHER_VARIABLES does not list: a misspelt
+    MILLIS_OPTIMIZE_PRSET or a retired MILLIS_PRESET ran the full preset without a word. One some other command reads
+    (MILLIS_PORT while optimizing) is that command's: left alone. The error names the variable meant where there is
+    one: this command's scoped or unscoped spelling of it, else the closest name."""
+    own = {v for fl in flags for v in fl.variables()}
+    spare = sorted(n for n, v in os.environ.items()
+                   if n.startswith("MILLIS_") and v and n not in own and n not in OTHER_VARIABLES)
+    if not spare:  # the usual case: the other commands' configs (some slow to import) stay unimported
+        return
+    others = {v for c in commands if c is not chosen for fl in flags_of(c) for v in fl.variables()}
+    unknown = [n for n in spare if n not in others]
+    if unknown:
+        raise MillisError("; ".join(f"{n}: {meant(n, chosen.name, own, others)}" for n in unknown))
+
+
+def meant(name: str, command: str, own: set[str], others: set[str]) -> str:
+    """Why `name` is refused, and the variable it was likely meant to be."""
+    scope = f"MILLIS_{command.upper()}_"
+    rest = name.removeprefix(scope) if name.startswith(scope) else name.removeprefix("MILLIS_")
+    for guess in (scope + rest, "MILLIS_" + rest):  # MILLIS_PRESET -> MILLIS_OPTIMIZE_PRESET, and the other way
+        if guess in own:
+            return f"no millis command reads it; millis {command} reads {guess}"
+    names = {n.removeprefix("MILLIS_"): n for n in sorted(own | others | set(OTHER_VARIABLES))}  # not the prefix
+    close = difflib.get_close_matches(name.removeprefix("MILLIS_"), list(names), n=1, cutoff=0.8)
+    hint = f"; did you mean {names[close[0]]}?" if close else ""
+    scoped = sorted(n for n in own if n.startswith(scope))
+    return (f"not a variable of millis {command} or of any millis command{hint} (millis {command}'s scoped ones: "
+            f"{', '.join(scoped) or 'none'}; the others are MILLIS_<FLAG>, listed in --help)")
 
 
 def parser(commands: tuple[Command, ...], chosen: Command | None) -> tuple[Parser, list[Flag]]:
@@ -353,4 +390,5 @@ def parse(commands: tuple[Command, ...], argv: list[str]) -> tuple[Command, Any]
     ns = top.parse_args(argv)
     check_once(flags, argv)
     assert chosen is not None and ns.command == chosen.name  # argparse rejected anything else
+    check_variables(commands, chosen, flags)
     return chosen, chosen.config(given(flags, ns))

@@ -86,6 +86,8 @@ def check(before: dict, after: dict, spreads: dict[str, float]) -> dict:
     total = after["total"] - before["total"]
     steal = (after["steal"] - before["steal"]) / total if total > 0 else 0.0
     worst = max(spreads.items(), key=lambda kv: kv[1], default=("", 0.0))
+    # rounded once, here: the warnings and the report's sentence (which reads the rounded shares) say the same %
+    other, steal, worst = round(other, 3), round(steal, 3), (worst[0], round(worst[1], 3))
     warnings = []
     if other > OTHER_LIMIT:
         warnings.append(f"other processes used {100 * other:.0f}% of the CPUs while millis measured: the timings "
@@ -95,5 +97,4 @@ def check(before: dict, after: dict, spreads: dict[str, float]) -> dict:
     if worst[1] > SPREAD_LIMIT:
         warnings.append(f"timing rounds disagree: {worst[0]}'s slowest round is {100 * worst[1]:.0f}% over its "
                         f"fastest")
-    return {"other_share": round(other, 3), "steal_share": round(steal, 3), "max_spread": round(worst[1], 3),
-            "warnings": warnings}
+    return {"other_share": other, "steal_share": steal, "max_spread": worst[1], "warnings": warnings}

@@ -53,6 +53,16 @@ def rank_agreement(ref: np.ndarray, out: np.ndarray, bad: np.ndarray, group: int
     return {"top1_agreement": float(top1.mean()), "order_agreement": float((~swapped & ~broken[:, None]).mean())}
 
 
+HIGHER_IS_WORSE = ("max_abs_diff", "max_logit_diff", "norm_ratio_off", "nonfinite_rows")  # the rest: lower is worse
+
+
+def worse(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Each figure of two fidelity results on the same texts (two batchings: judge.judged_batches) at its worse:
+    the larger difference, the lower agreement or cosine."""
+    pick = {k: max if k in HIGHER_IS_WORSE else min for k in a}
+    return {k: pick[k](a[k], b[k]) if k in b else a[k] for k in a}
+
+
 NORM_TOLERANCE = 0.1  # an embedding's length may be off by 10% (int8 moves it < 1%): the cosine alone passed a
 # variant that dropped, doubled or rescaled the normalisation
 

@@ -9,6 +9,7 @@ and every other variant is compared with what it returned (`Reference`).
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from millis.artifact.model import run_pairs, run_texts
+from millis.artifact.model import MAX_BATCH, run_pairs, run_texts
 from millis.common.errors import MillisError
 from millis.common.readers import Labeled
 from millis.encoder.source import ModelSource
@@ -26,10 +27,12 @@ from millis.encoder.text import TextEncoder
 from millis.evaluate.run import argmax_labels, classification_metrics, embedding_agreement
 from millis.optimize.build.variants import CATALOG, REFERENCE, Builder, Variant
 from millis.optimize.config import Budget
-from millis.optimize.fidelity import compare, within
-from millis.optimize.measure import cold_start, rss_mb
+from millis.optimize.fidelity import compare, within, worse
+from millis.optimize.footprint import footprint_mb
+from millis.optimize.measure import cold_start
 from millis.optimize.select import accuracy_gate
 from millis.runtimes import Runtime, open_runtime
+from millis.runtimes.base import shares_scales_across_rows
 
 Progress = Callable[[str], None]
 Opener = Callable[[Variant, Path], Runtime]   # (variant, its built dir) -> an open runtime
@@ -47,11 +50,13 @@ class VariantResult:
     facts: dict[str, Any] = field(default_factory=dict)     # file size, op counts
     fidelity: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, float] = field(default_factory=dict)  # with labelled data: accuracy, macro_f1, n, drop_pts
+    flipped: dict[str, float] = field(default_factory=dict)   # with labelled data: rows whose argmax is not fp32's
+    batching: dict[str, Any] = field(default_factory=dict)    # rows a call it was judged at (judged_batches)
     ok: bool = False
     reason: str = ""
     recovery: str = ""                                       # which recovery step added it, if any
-    cold_start: dict[str, float] = field(default_factory=dict)
-    rss_mb: float = 0.0
+    cold_start: dict[str, float] = field(default_factory=dict)  # load + first call, its runtime already imported
+    rss_mb: float | None = None   # what it adds to a fresh process that imported its runtime (footprint); None: unknown
     latency: dict[str, dict[str, float]] = field(default_factory=dict)  # shape name -> stats
     # millis.optimize.measure.serve_mix: rows/s, worst call, stalls
     serve_mix: dict[str, Any] = field(default_factory=dict)
@@ -75,10 +80,12 @@ class Judged:
 @dataclass(frozen=True)
 class Reference:
     """What the other variants are judged against: the fp32 reference's outputs on the fidelity
-    texts, (N, D), and its accuracy on the selection data (None without labelled data)."""
+    texts, (N, D), its accuracy on the selection data and its predicted class per selection row (None
+    without labelled data)."""
 
     outputs: np.ndarray
     accuracy: float | None = None
+    predictions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,18 @@ def gate_group(ctx: "JudgeContext") -> int:
     return RERANK_DOCS if ctx.pairs else 0
 
 
+FIDELITY_BATCH = 8          # rows a call on the fidelity texts
+ACCURACY_BATCH = MAX_BATCH  # rows a call on the selection rows (run_texts: sorted by length, as `millis eval` runs)
+
+
+def judged_batches(rt: Runtime, batched: int) -> tuple[int, ...]:
+    """The rows a call `rt` is judged at: `batched`, and for a runtime whose rows share one activation scale a call
+    (shares_scales_across_rows: ONNX Runtime's dynamic int8, the one rule) one row a call too, as a server runs a
+    one-text request; the worse verdict is kept. A row's outputs there depend on its batch-mates and their padding:
+    a verdict at one batching alone could flip at another."""
+    return (batched, 1) if shares_scales_across_rows(rt) and batched != 1 else (batched,)
+
+
 def outputs_on(rt: Runtime, ctx: JudgeContext, texts: list[str]) -> np.ndarray:
     """`rt`'s outputs on other texts (the sensitivity ranking's): a reranker's on their rerank_pairs."""
     if ctx.pairs:
@@ -146,11 +165,26 @@ def outputs_on(rt: Runtime, ctx: JudgeContext, texts: list[str]) -> np.ndarray:
     return run_texts(rt, ctx.enc, texts).outputs
 
 
-def fidelity_outputs(rt: Runtime, ctx: JudgeContext) -> np.ndarray:
+def fidelity_outputs(rt: Runtime, ctx: JudgeContext, max_batch: int = FIDELITY_BATCH) -> np.ndarray:
     """`rt`'s outputs on the fidelity inputs: the pairs of a reranker, else the texts."""
     if ctx.pairs:
-        return run_pairs(rt, ctx.enc, list(ctx.pairs), max_batch=8).outputs
-    return run_texts(rt, ctx.enc, ctx.texts, max_batch=8).outputs
+        return run_pairs(rt, ctx.enc, list(ctx.pairs), max_batch=max_batch).outputs
+    return run_texts(rt, ctx.enc, ctx.texts, max_batch=max_batch).outputs
+
+
+def fidelity(rt: Runtime, ctx: JudgeContext, ref_outputs: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
+    """(outputs at FIDELITY_BATCH, the fidelity figures against `ref_outputs`, the worse of each `judged_batches`
+    batching); `ref_outputs` None: this is the reference, compared with itself."""
+    figures, first = [], None
+    for size in judged_batches(rt, FIDELITY_BATCH):
+        y = fidelity_outputs(rt, ctx, size)
+        first = y if first is None else first
+        ref = y if ref_outputs is None else ref_outputs
+        fid = compare(ctx.task, ref, y, gate_group(ctx))
+        if ctx.task == "embed":
+            fid.update({k: x for k, x in embedding_agreement(ref, y).items() if k != "n"})
+        figures.append(fid)
+    return first, functools.reduce(worse, figures)
 
 
 class Judge(Protocol):
@@ -168,25 +202,62 @@ def recipe_of(v: Variant) -> dict[str, Any]:
     return r
 
 
-def open_variant(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path,
-                 gpu_buckets: tuple[str, ...] = ()) -> Runtime:
+def open_arguments(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path,
+                   gpu_buckets: tuple[str, ...] = ()) -> tuple:
+    """What millis.runtimes.open_runtime takes to open `v` built in `vdir` (here, and in the RSS probe's process)."""
     opts = dict(v.options, task=task)
     if v.runtime == "cuda" and gpu_buckets:
         opts.setdefault("buckets", list(gpu_buckets))
-    return open_runtime(v.runtime, vdir, v.name, src.input_names, OUTPUT_NAME[task], opts, threads)
+    return v.runtime, vdir, v.name, tuple(src.input_names), OUTPUT_NAME[task], opts, threads
 
 
-def accuracy(rt: Runtime, ctx: JudgeContext, ref_accuracy: float | None) -> dict[str, float]:
-    """Accuracy and macro-F1 of `rt` on every row of the selection data; drop_pts against the reference
-    (`ref_accuracy` None: this is the reference, drop 0)."""
-    logits = run_texts(rt, ctx.enc, list(ctx.data.texts)).outputs
-    m = classification_metrics(list(ctx.data.labels), argmax_labels(logits, ctx.src.id2label))
-    base = m["accuracy"] if ref_accuracy is None else ref_accuracy
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],
-            "drop_pts": 100.0 * (base - m["accuracy"]), "nonfinite_rows": int((~np.isfinite(logits)).any(-1).sum())}
+def open_variant(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path,
+                 gpu_buckets: tuple[str, ...] = ()) -> Runtime:
+    return open_runtime(*open_arguments(task, threads, src, v, vdir, gpu_buckets))
 
 
-WARMED: set[str] = set()  # runtime kinds opened once in this process: cold start and RSS are the variant's own
+@dataclass(frozen=True)
+class Scored:
+    """A runtime's accuracy on the selection rows (the worse of its `judged_batches` batchings)."""
+
+    figures: dict[str, float]       # accuracy, macro_f1, n, drop_pts, nonfinite_rows
+    predictions: np.ndarray         # the predicted class per row, of the batching kept
+    flipped: dict[str, float]       # {rows, share} whose prediction is not the reference's ({} for the reference)
+    by_batch: dict[str, float]      # rows a call -> accuracy there
+
+
+def accuracy(rt: Runtime, ctx: JudgeContext, ref: Reference | None) -> Scored:
+    """Accuracy and macro-F1 of `rt` on every row of the selection data; drop_pts against the reference and the
+    predictions that differ from its (`ref` None: this is the reference, drop 0). At each `judged_batches`
+    batching; the lower accuracy is kept (on a tie, the more flipped rows)."""
+    kept, by_batch = None, {}
+    for size in judged_batches(rt, ACCURACY_BATCH):
+        logits = run_texts(rt, ctx.enc, list(ctx.data.texts), max_batch=size).outputs
+        m = classification_metrics(list(ctx.data.labels), argmax_labels(logits, ctx.src.id2label))
+        pred = np.nan_to_num(logits).argmax(-1)
+        flips = 0 if ref is None or ref.predictions is None else int((pred != ref.predictions).sum())
+        by_batch[str(size)] = m["accuracy"]
+        if kept is None or (m["accuracy"], -flips) < (kept[0]["accuracy"], -kept[2]):
+            kept = (m, logits, flips, pred)
+    m, logits, flips, pred = kept
+    base = m["accuracy"] if ref is None else ref.accuracy
+    figures = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"],
+               "drop_pts": 100.0 * (base - m["accuracy"]), "nonfinite_rows": int((~np.isfinite(logits)).any(-1).sum())}
+    flipped = {} if ref is None else {"rows": flips, "share": flips / max(1, m["n"])}
+    return Scored(figures, pred, flipped, by_batch)
+
+
+def batching_of(rt: Runtime, by_batch: dict[str, float] | None) -> dict[str, Any]:
+    """report.json's record of how a variant was judged: the rows a call of each gate, and its accuracy at each."""
+    out: dict[str, Any] = {"shares_scales_across_rows": shares_scales_across_rows(rt),
+                           "fidelity_rows_per_call": list(judged_batches(rt, FIDELITY_BATCH))}
+    if by_batch is not None:
+        out["accuracy_rows_per_call"] = list(judged_batches(rt, ACCURACY_BATCH))
+        out["accuracy_at"] = by_batch
+    return out
+
+
+WARMED: set[str] = set()  # runtime kinds opened once in this process: the cold start is the variant's own
 
 
 def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantResult) -> tuple[Path, Runtime]:
@@ -200,10 +271,13 @@ def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantR
         del warm
         gc.collect()
         WARMED.add(v.runtime)
-    rss0 = rss_mb()
     rt, load_s, first_s = cold_start(lambda: opener(v, vdir), ctx.target_batch)
     r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
-    r.rss_mb = rss_mb() - rss0
+    if ctx.open is None:  # a fake opener (tests) opens nothing another process could
+        r.rss_mb, why = footprint_mb(open_arguments(ctx.task, ctx.threads, ctx.src, v, vdir, ctx.gpu_buckets),
+                                     ctx.target_batch)
+        if why:
+            ctx.progress(f"{v.name}: {why}")
     if getattr(rt, "effective_precision", ""):
         r.facts["effective_precision"] = rt.effective_precision
     ctx.progress(f"checking {v.name}")
@@ -215,18 +289,18 @@ def judge_reference(ctx: JudgeContext, builder: Builder) -> tuple[Judged, Refere
     v = CATALOG[REFERENCE]
     r = VariantResult(v.name, v.runtime, v.precision, v.note, recipe_of(v))
     vdir, rt = _build_and_open(v, ctx, builder, r)
-    y = fidelity_outputs(rt, ctx)
-    r.fidelity = compare(ctx.task, y, y, gate_group(ctx))
-    if ctx.task == "embed":
-        r.fidelity.update({k: x for k, x in embedding_agreement(y, y).items() if k != "n"})
-    if ctx.data is not None:
-        r.accuracy = accuracy(rt, ctx, None)
+    y, r.fidelity = fidelity(rt, ctx, None)
+    scored = accuracy(rt, ctx, None) if ctx.data is not None else None
+    if scored is not None:
+        r.accuracy = scored.figures
+    r.batching = batching_of(rt, scored.by_batch if scored else None)
     bad = r.fidelity.pop("nonfinite_rows") + (r.accuracy.pop("nonfinite_rows") if r.accuracy else 0)
     if bad:
         raise MillisError(f"the fp32 reference itself gives NaN or Inf outputs on {bad} texts: nothing can be "
                           f"judged against it (is the model's checkpoint corrupt?)")
     r.ok, r.reason = True, "reference"
-    return Judged(r, vdir, rt), Reference(y, r.accuracy["accuracy"] if r.accuracy else None)
+    return Judged(r, vdir, rt), Reference(y, r.accuracy["accuracy"] if r.accuracy else None,
+                                          scored.predictions if scored else None)
 
 
 def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recovery: str = "",
@@ -239,14 +313,13 @@ def judge(v: Variant, ctx: JudgeContext, ref: Reference, builder: Builder, recov
         r.recipe["compressed"] = compressed
     try:
         vdir, rt = _build_and_open(v, ctx, builder, r)
-        y = fidelity_outputs(rt, ctx)
-        r.fidelity = compare(ctx.task, ref.outputs, y, gate_group(ctx))
-        if ctx.task == "embed":
-            r.fidelity.update({k: x for k, x in embedding_agreement(ref.outputs, y).items() if k != "n"})
+        _, r.fidelity = fidelity(rt, ctx, ref.outputs)
+        r.batching = batching_of(rt, None)
         if r.fidelity["nonfinite_rows"]:  # whatever the labels say: such a variant is broken
             r.ok, r.reason = within(ctx.task, r.fidelity, ctx.budget)
         elif ctx.data is not None:
-            r.accuracy = accuracy(rt, ctx, ref.accuracy)
+            scored = accuracy(rt, ctx, ref)
+            r.accuracy, r.flipped, r.batching = scored.figures, scored.flipped, batching_of(rt, scored.by_batch)
             r.ok, r.reason = accuracy_gate(ref.accuracy, r.accuracy["accuracy"], ctx.budget.max_drop)
             if r.accuracy.pop("nonfinite_rows"):
                 r.ok, r.reason = False, "NaN or Inf logits on the selection data"

@@ -164,13 +164,3 @@ def cold_start(open_fn: Callable[[], Runtime], feeds: dict[str, np.ndarray]) -> 
     rt.run(feeds)
     return rt, t1 - t0, time.perf_counter() - t1
 
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB."""
-    try:
-        with open("/proc/self/statm") as fh:
-            import os
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

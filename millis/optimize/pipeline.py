@@ -25,7 +25,8 @@ from millis.common import hardware, machine_load
 from millis.common.readers import Labeled, read_labeled
 from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
-from millis.optimize.select import Candidate, select, serve_gate
+from millis.optimize.select import (ACCURACY_FLAGS, FIDELITY_FLAGS, Candidate, finer_than_a_row,
+                                    reference_fallback, select, serve_gate)
 from millis.encoder.source import ModelSource, model_max_length, resolve, takes_segments
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
@@ -125,11 +126,29 @@ def calibration_rows(cfg: OptimizeConfig, src: ModelSource, data: Labeled | None
     return [t for t in sample_texts() if t.strip() not in judged], "the texts shipped with millis"
 
 
+# optimize's file flags: each names a file to read, never a directory ("data file not found: DIR" said the wrong thing)
+INPUT_FLAGS = {"data": "--data", "sample_texts": "--sample-texts", "calibration_texts": "--calibration-texts",
+               "compress_data": "--compress-data"}
+
+
+def check_inputs(cfg: OptimizeConfig) -> None:
+    """Refuse a file flag naming a directory, by its flag, before any work."""
+    for name, option in INPUT_FLAGS.items():
+        path = getattr(cfg, name)
+        if path and Path(path).is_dir():
+            raise MillisError(f"{option} {path}: is a directory; name a file in it (CSV, TSV or JSONL"
+                              f"{'' if name in ('data', 'compress_data') else ', or text lines'})")
+
+
 def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
-             choose: Callable[[list[Candidate]], Candidate] = select) -> Path:
+             choose: Callable[[list[Candidate]], Candidate] | None = None) -> Path:
     """Run the whole pipeline for `cfg`; return the artifact directory. `choose` picks the variant
     to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
+    check_inputs(cfg)
     src = resolve(cfg.source)
+    if cfg.task == "embed" and src.has_classifier:
+        progress(f"note: {cfg.source} is a classifier ({len(src.id2label)} labels); --task embed pools its encoder's "
+                 f"outputs and leaves the classification head unused (--task classify keeps it)")
     if cfg.device == "cuda" and not hardware.has_cuda():
         raise MillisError("optimize --device cuda needs a CUDA GPU (torch sees none)")
     artifact.check_out(cfg.out, read_paths(cfg, src))  # now, not after the measurements: _write checks again
@@ -144,6 +163,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     data, selection = selection_data(cfg, src)
     if data is not None:
         progress(f"selecting on accuracy on {selection}")
+        if coarse := finer_than_a_row(cfg.budget.max_drop, len(data)):
+            progress(f"warning: {coarse}")
         if cfg.budget.max_logit_diff != Budget().max_logit_diff:  # the accuracy gate alone reads labelled rows
             progress("warning: --max-logit-diff is not read when selecting on labelled rows (--max-drop is the gate)")
         if not cfg.data:  # the artifact's config records the rows selection used, and their columns
@@ -206,10 +227,14 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
                                   {f"{n} {s}": c["spread"] for n, per in lat.items() for s, c in per.items()})
         for w in load["warnings"]:
             progress(f"warning: {w}")
+        gate = ACCURACY_FLAGS if data is not None else FIDELITY_FLAGS  # the flags select's error names
+        choose = choose or functools.partial(select, budget_flags=gate)
         chosen = choose([Candidate(j.name, j.result.latency[cfg.target.name]["p50_ms"], j.result.ok, j.result.reason,
                                    j.result.serve_mix.get("rows_per_s", 0.0))
                          for j in pool.values() if j.result.latency])
         progress(f"chosen: {chosen.name}")
+        if fallback := reference_fallback([vars(j.result) for j in pool.values()], chosen.name):
+            progress(f"warning: {fallback}")
         return _write(cfg, src, max_len, pool, ref, recovery.log, chosen.name, fidelity_texts, selection, progress,
                       load, selection_sha256(cfg, data, src))
     finally:

@@ -9,7 +9,7 @@ from typing import Any
 from millis.artifact.meta import ArtifactMeta
 from millis.common.config import to_dict
 from millis.optimize.config import OptimizeConfig, optimize_config_from_dict
-from millis.optimize.select import NEAR_TIE
+from millis.optimize.select import NEAR_TIE, finer_than_a_row, reference_fallback
 
 
 def fidelity_text(task: str, fid: dict[str, float]) -> str:
@@ -22,10 +22,19 @@ def fidelity_text(task: str, fid: dict[str, float]) -> str:
 
 
 def accuracy_text(row: dict[str, Any]) -> str:
+    """Accuracy, its change against fp32 and the rows whose prediction is not fp32's (a drop of 0 may be 5 rows
+    gone wrong and 5 gone right)."""
     a = row.get("accuracy") or {}
     if not a:
         return "-"
-    return f"{100 * a['accuracy']:.2f}% ({0.0 - a['drop_pts']:+.2f} pt)"
+    f = row.get("flipped") or {}
+    flips = f"; {f['rows']} flipped, {100 * f['share']:.2f}%" if f else ""
+    return f"{100 * a['accuracy']:.2f}% ({0.0 - a['drop_pts']:+.2f} pt{flips})"
+
+
+def rss_text(row: dict[str, Any]) -> str:
+    mb = row.get("rss_mb")
+    return "-" if mb is None else f"{mb:.0f}"
 
 
 def serve_mix_text(mix: dict[str, Any] | None) -> str:
@@ -65,11 +74,64 @@ def speedup_text(rows: list[dict[str, Any]], row: dict[str, Any], shape: str) ->
 
 def calls_text(rows: list[dict]) -> str:
     """How many timed calls each p50 / p99 is of: a p99 of 10 calls is close to their maximum, so say so."""
-    ns = sorted({c["n"] for r in rows for c in r["latency"].values() if "n" in c})
+    ns = sorted({c["n"] for r in rows for c in (r.get("latency") or {}).values() if "n" in c})
     if not ns:
         return "calls not recorded"
     few = " (under 100: the p99 is near the slowest call)" if ns[0] < 100 else ""
     return f"{ns[0]} timed calls per cell{'' if len(ns) == 1 else f' to {ns[-1]}'}{few}"
+
+
+def selection_rows(rows: list[dict[str, Any]]) -> int:
+    """How many labelled rows selection judged accuracy on (0: none, the fidelity gate)."""
+    return max((int((r.get("accuracy") or {}).get("n", 0)) for r in rows), default=0)
+
+
+def warnings_of(rows: list[dict[str, Any]], chosen: str, max_drop: float | None) -> list[str]:
+    """The report's bold warnings: the fp32 reference shipped because nothing met the budget; a --max-drop finer
+    than one selection row (`max_drop` None: not known)."""
+    out = [w for w in [reference_fallback(rows, chosen)] if w]
+    n = selection_rows(rows)
+    if n and max_drop is not None and (coarse := finer_than_a_row(max_drop, n)):
+        out.append(coarse)
+    return out
+
+
+def batching_text(rows: list[dict[str, Any]]) -> str:
+    """How each gate batched the rows (report.json's `batching` of each variant; "" for a report written before it):
+    a variant whose rows share an activation scale a call (ORT's dynamic int8) gives other outputs at other
+    batchings, so it was judged at one row a call too, and the worse kept."""
+    judged = [r for r in rows if r.get("batching")]
+    if not judged:
+        return ""
+    b = judged[0]["batching"]
+    text = (f"Batching: fidelity in calls of {b['fidelity_rows_per_call'][0]} rows" +
+            (f", accuracy in calls of {b['accuracy_rows_per_call'][0]} rows sorted by length"
+             if "accuracy_rows_per_call" in b else "") + ". ")
+    shared = [r for r in judged if r["batching"].get("shares_scales_across_rows")]
+    if not shared:
+        return text + "No variant's rows share an activation scale, so no verdict depends on the batching."
+    at = "; ".join(f"{r['name']} " + ", ".join(f"{100 * a:.2f}% at {k} a call"
+                                               for k, a in r["batching"]["accuracy_at"].items())
+                   for r in shared if r["batching"].get("accuracy_at"))
+    return (text + f"{', '.join(r['name'] for r in shared)}: one activation scale per call (dynamic int8), so a "
+            f"row's outputs depend on its batch-mates; judged at one row a call too, the worse kept"
+            + (f" (accuracy {at})" if at else "") + ".")
+
+
+def notes(rows: list[dict[str, Any]], target: str, fidelity_texts: str, selection_data: str) -> list[str]:
+    """The variant table's notes, one paragraph each: report.md's and report.html's alike."""
+    acc = (f"accuracy = validation (selection) accuracy on the labelled rows selection chose on ({selection_data}), "
+           f"its change against fp32 and the rows whose prediction flipped from fp32's in brackets: the rows chose the "
+           f"variant, so it is no test score (run `millis eval ARTIFACT --data TEST` on rows selection never saw); "
+           if any(r.get("accuracy") for r in rows) else "")
+    return [f"p50 / p99 latency in ms per shape ({calls_text(rows)}); fidelity against torch fp32 on "
+            f"{fidelity_texts or 'the sample texts'}; {acc}cold start = load + first call at the target shape, "
+            "runtime already imported; RSS MB = resident memory that loading the variant and one call add to a fresh "
+            "process that imported its runtime (the runtime's one-off setup included); serve mix = rows/s over shapes a server forms that the variant had "
+            "not run, each cold then warm (worst call in brackets).",
+            *[t for t in [batching_text(rows)] if t],
+            f"x fp32 = speed-up over torch fp32 at {target}: the median of per-round ratios "
+            "(variants interleaved), [min-max] over rounds."]
 
 
 def load_lines(load: Any) -> list[str]:
@@ -90,20 +152,14 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
     hw, m, cfg = meta.hardware, meta.measured, config_of(meta)
     gate = (f"within {cfg.budget.max_drop} accuracy points of fp32 on {m.selection_data or cfg.data}"
             if m.accuracy else "within the fidelity budget")
-    lines = [f"# millis report: {meta.source.spec} ({task})", "",
+    warned = [f"**Warning: {w}.**" for w in warnings_of(rows, chosen, cfg.budget.max_drop)]
+    lines = [f"# millis report: {meta.source.spec} ({task})", ""] + [x for w in warned for x in (w, "")] + [
              f"Chosen: **{chosen}** (fastest at {m.target} {gate}, not stalling on new shapes; "
              f"p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and a tie goes to the most serve-mix rows/s).", "",
              f"Machine: {hw.cpu}{f' ({hw.cpu_id})' if hw.cpu_id else ''}, {hw.cores} cores, "
-             f"ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", "",
-             f"p50 / p99 latency in ms per shape ({calls_text(rows)}); "
-             f"fidelity against torch fp32 on {m.fidelity_texts or 'the sample texts'}; "
-             + ("accuracy on every row of the labelled data, change against fp32 in brackets; "
-                if m.accuracy else "") + "cold start = "
-             "load + first call at the target shape; RSS MB = resident memory added by loading the variant; "
-             "serve mix = rows/s over shapes a server forms that the variant had not run, each cold then warm "
-             "(worst call in brackets).", "",
-             f"x fp32 = speed-up over torch fp32 at {m.target}: the median of per-round ratios "
-             f"(variants interleaved), [min-max] over rounds.", ""] + load_lines(m.load) + [
+             f"ISA {' '.join(hw.isa) or '-'}; millis {meta.millis_version}.", ""] + \
+        [x for n in notes(rows, m.target, m.fidelity_texts, m.selection_data or cfg.data) for x in (n, "")] + \
+        load_lines(m.load) + [
              "| variant | runtime | precision | " + " | ".join(shapes) +
              " | x fp32 | serve mix rows/s | fidelity | accuracy | ok | cold start s | file MB | RSS MB |",
              "|---|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|---|"]
@@ -118,7 +174,7 @@ def markdown(meta: ArtifactMeta, rows: list[dict[str, Any]], chosen: str, recove
                      f" | {speedup_text(rows, r, m.target)} | {serve_mix_text(r.get('serve_mix'))} | "
                      f"{fidelity_text(task, r['fidelity'])} | "
                      f"{accuracy_text(r)} | {ok} | "
-                     f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {r.get('rss_mb', 0):.0f} |")
+                     f"{r['cold_start'].get('total_s', float('nan')):.2f} | {size_txt} | {rss_text(r)} |")
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += ["", "Skipped variants:", ""] + [f"- {r['name']}: {r['error']}" for r in errors]
@@ -203,7 +259,9 @@ def write_all(out: Path, meta: ArtifactMeta, rows: list[dict[str, Any]], chosen:
               recovery: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps({"chosen": chosen, "task": meta.task, "source": to_dict(meta.source),
                                                  "hardware": to_dict(meta.hardware), "measured": to_dict(meta.measured),
-                                                 "variants": rows, "recovery": recovery}, indent=2))
+                                                 "variants": rows, "recovery": recovery,
+                                                 # why the fp32 reference shipped ("" when a variant met the budget)
+                                                 "fallback": reference_fallback(rows, chosen)}, indent=2))
     (out / "report.md").write_text(markdown(meta, rows, chosen, recovery))
     plot(out / "latency.png", meta.task, rows, chosen)
     pareto(out / "pareto.png", meta, rows, chosen)

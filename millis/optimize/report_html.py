@@ -20,7 +20,8 @@ from typing import Any
 from millis.common.errors import MillisError
 from millis.common.files import replace_text
 from millis.optimize import svg
-from millis.optimize.report import accuracy_text, fidelity_text, serve_mix_text, speedup_text
+from millis.optimize.report import (accuracy_text, fidelity_text, notes, rss_text, serve_mix_text, speedup_text,
+                                    warnings_of)
 from millis.optimize.select import NEAR_TIE
 from millis.optimize.svg import esc
 
@@ -202,7 +203,7 @@ def variant_table(rep: dict[str, Any]) -> str:
                    [esc(speedup_text(rows, r, target)), esc(serve_mix_text(r.get("serve_mix"))),
                     esc(fidelity_text(task, r.get("fidelity") or {})), esc(accuracy_text(r)), esc(ok),
                     "-" if total is None else f"{total:.2f}", f"{size / 2**20:.1f}" if size else "-",
-                    f"{r.get('rss_mb', 0):.0f}"])
+                    rss_text(r)])
         cls = "chosen" if r["name"] == chosen else ("" if r.get("ok") else "rejected")
         attrs.append(f' data-variant="{esc(r["name"])}"' + (f' class="{cls}"' if cls else ""))
     html = table(head, out, attrs)
@@ -264,7 +265,9 @@ def header_html(rep: dict[str, Any], meta: dict[str, Any], budget: dict[str, Any
     else:
         gate = "within the fidelity budget"
     built = f" Built {meta['created']}." if meta.get("created") else ""
-    return (f"<h1>millis report: {esc(src.get('spec', '?'))} ({esc(rep.get('task', '?'))})</h1>"
+    warned = "".join(f'<p class="warn"><strong>Warning: {esc(w)}.</strong></p>'
+                     for w in warnings_of(rep["variants"], rep.get("chosen", ""), budget.get("max_drop")))
+    return (f"<h1>millis report: {esc(src.get('spec', '?'))} ({esc(rep.get('task', '?'))})</h1>{warned}"
             f"<p>Chosen: <strong>{esc(rep.get('chosen', '-'))}</strong> (fastest at {esc(m.get('target', '-'))} "
             f"{esc(gate)}, not stalling on new shapes; p50s within {100 * NEAR_TIE:.0f}% of the fastest tie, and "
             f"a tie goes to the most serve-mix rows/s).{esc(built)}</p>"
@@ -272,15 +275,12 @@ def header_html(rep: dict[str, Any], meta: dict[str, Any], budget: dict[str, Any
             f"{esc(' '.join(hw.get('isa') or []) or '-')}; millis {esc(meta.get('millis_version', '-'))}.</p>")
 
 
-def table_notes(m: dict[str, Any]) -> str:
-    acc = ("accuracy on every row of the labelled data, change against fp32 in brackets; " if m.get("accuracy")
-           else "")
-    return esc(f"p50 / p99 latency in ms per shape; fidelity against torch fp32 on "
-               f"{m.get('fidelity_texts') or 'the sample texts'}; {acc}cold start = load + first call at the "
-               f"target shape; RSS MB = resident memory added by loading the variant; serve mix = rows/s over "
-               f"shapes a server forms that the variant had not run, each cold then warm (worst call in brackets); "
-               f"x fp32 = speed-up over torch fp32 at {m.get('target', '-')}: the median of per-round ratios "
-               f"(variants interleaved), [min-max] over rounds.")
+def table_notes(rep: dict[str, Any], meta: dict[str, Any]) -> str:
+    """report.md's notes on the variant table (millis.optimize.report.notes), a paragraph each."""
+    m = rep.get("measured") or {}
+    data = m.get("selection_data") or (meta.get("config") or {}).get("data", "")
+    return "".join(f"<p>{esc(n)}</p>" for n in notes(rep["variants"], m.get("target", "-"), m.get("fidelity_texts", ""),
+                                                      data))
 
 
 def render_html(rep: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
@@ -292,7 +292,7 @@ def render_html(rep: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
     title = f"millis report: {(rep.get('source') or {}).get('spec', '?')} ({rep.get('task', '?')})"
     parts = [header_html(rep, meta, budget),
              "<h2>Measurement trust</h2>", trust_html(m.get("load")),
-             "<h2>Variants</h2>", f"<p>{table_notes(m)}</p>", variant_table(rep),
+             "<h2>Variants</h2>", table_notes(rep, meta), variant_table(rep),
              "<h2>Speed against quality</h2>", pareto_chart(rep, budget),
              "<h2>Latency distribution per shape</h2>"] + [cdf_chart(rep, s) for s in shapes] + \
             ["<h2>Recovery</h2>", recovery_html(rep.get("recovery") or {}),

@@ -29,6 +29,30 @@ def accuracy_gate(ref_accuracy: float, accuracy: float, max_drop: float) -> tupl
     return ok, f"accuracy drop {drop:.2f} pt {'within' if ok else 'exceeds'} --max-drop {max_drop}"
 
 
+def finer_than_a_row(max_drop: float, rows: int) -> str:
+    """A warning when --max-drop is finer than one of `rows` selection rows (each is 100 / rows points): 0.5 on 100
+    rows lets no row go wrong, as 0 would; "" when the budget is a whole number of rows' worth or 0 (asked for)."""
+    if not rows or max_drop == 0 or abs(max_drop) >= 100.0 / rows:
+        return ""
+    return (f"--max-drop {max_drop} is finer than one selection row ({100.0 / rows:.2f} pt each of {rows} rows): "
+            f"it lets {'no row go wrong' if max_drop > 0 else 'no fewer than one row more go right'} (more "
+            f"labelled rows, or a budget of whole rows, say what you mean)")
+
+
+def reference_fallback(rows: list[dict[str, Any]], chosen: str) -> str:
+    """What to warn of when the fp32 reference ships because no optimized variant met the budget (`rows`: the
+    variants' report rows, name / ok / reason / error); "" when an optimized variant was chosen, or one met the
+    budget and the reference was merely faster."""
+    from millis.optimize.build.variants import REFERENCE  # not at import: `millis report` reads this module
+
+    others = [r for r in rows if r["name"] != REFERENCE]
+    if chosen != REFERENCE or any(r.get("ok") for r in others):
+        return ""
+    why = "; ".join(f"{r['name']}: {r.get('error') or r.get('reason') or 'rejected'}" for r in others)
+    return (f"no optimized variant met the budget ({why or 'none was tried'}); shipping the fp32 reference "
+            f"{REFERENCE}")
+
+
 def serve_gate(mix: dict[str, dict[str, Any]], floor: float, stall_share: float) -> dict[str, str]:
     """{variant: why it is not selectable} among `mix` (the serve-mix results of the variants within
     budget, see millis.optimize.measure.serve_mix): it stalled on at least `stall_share` of the new shapes (a
@@ -50,9 +74,14 @@ def serve_gate(mix: dict[str, dict[str, Any]], floor: float, stall_share: float)
     return out
 
 
-def select(candidates: list[Candidate], near_tie: float = NEAR_TIE) -> Candidate:
+FIDELITY_FLAGS = "--min-cosine / --max-logit-diff"  # the budget's flags, as select's error names them
+ACCURACY_FLAGS = "--max-drop"                      # selecting on labelled rows
+
+
+def select(candidates: list[Candidate], near_tie: float = NEAR_TIE, budget_flags: str = FIDELITY_FLAGS) -> Candidate:
     """Fastest candidate within budget at the target shape. Those within `near_tie` of the fastest p50
-    tie: the one serving the most rows/s on the serve mix wins, then the faster, then the earlier."""
+    tie: the one serving the most rows/s on the serve mix wins, then the faster, then the earlier.
+    `budget_flags`: the flags of the gate that judged them (ACCURACY_FLAGS on labelled rows), for the error."""
     ok = [c for c in candidates if c.ok]
     if not ok:
         mix = [c for c in candidates if "serve mix" in c.reason]
@@ -60,8 +89,9 @@ def select(candidates: list[Candidate], near_tie: float = NEAR_TIE) -> Candidate
         if mix and len(mix) == len(candidates):  # the reference passes the fidelity budget by definition
             raise MillisError(f"every variant was rejected on the serve mix (stalls on new shapes, or rows/s under "
                               f"the floor): {reasons}")
-        raise MillisError("no variant meets the fidelity budget (not even the reference); check the model and "
-                          "the --min-cosine / --max-logit-diff values" +
+        gate = "accuracy" if budget_flags == ACCURACY_FLAGS else "fidelity"
+        raise MillisError(f"no variant meets the {gate} budget (not even the reference); check the model and "
+                          f"the {budget_flags} value{'s' if '/' in budget_flags else ''}" +
                           (f". Rejected on the serve mix: {reasons}" if reasons else ""))
     fastest = min(c.p50_ms for c in ok)
     tied = [c for c in ok if c.p50_ms <= fastest * (1 + near_tie)]
