@@ -477,7 +477,7 @@ def test_a_level_after_an_overload_waits_for_the_backlog():
                                                      0.3, 3, idle_ms=idle_ms), 30)
     over, after = asyncio.run(go(20.0))
     assert over["timeouts"] > 20 and after["timeouts"] == 0 and after["ok"] > 5, (over, after)
-    assert after["settle_s"] > 0.5 and after["p50_ms"] < 60, after
+    assert after["settle_s"] > 0.5 and after["p50_ms"] < 300, after  # the backlog was seconds
     assert over["client_cpu"] >= 0 and "settle_s" in over, over
 
 

@@ -60,7 +60,7 @@ def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypat
     def infer(model, rows, t):  # the runtime: slow once the server is ready, so the second request waits
         if slow["on"]:
             calls.append(len(rows))
-            time.sleep(0.4)
+            time.sleep(3.0)  # far past the bound below: a watcher that did not start is no near miss
         return np.zeros((len(rows), len(model.id2label)), np.float32)
 
     monkeypatch.setattr(appmod.State, "_infer", staticmethod(infer))
@@ -82,7 +82,7 @@ def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypat
         assert await request(app) == 200   # answered at once: no watcher task was started for it
         assert len(watched) == before
         slow["on"] = True
-        first = asyncio.create_task(request(app))           # runs (0.4 s)
+        first = asyncio.create_task(request(app))           # runs (3 s)
         await asyncio.sleep(0.05)
         t0 = time.perf_counter()
         gone = await request(app, leave_after_s=0.01)       # queued behind it; its client leaves
@@ -96,7 +96,7 @@ def test_a_client_leaving_while_queued_is_a_499_and_its_rows_never_run(monkeypat
 
     gone, waited, metrics = asyncio.run(main())
     assert gone == 499
-    assert waited < 0.3, f"the departed client's answer waited {waited:.3f} s: the watcher did not start"
+    assert waited < 1.5, f"the departed client's answer waited {waited:.3f} s: the watcher did not start"
     assert calls == [1], f"runtime calls after ready (rows each): {calls}; the departed client's row ran"
     assert 'millis_requests_total{route="/v1/classify",status="499"} 1.0' in metrics
 

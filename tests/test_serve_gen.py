@@ -172,6 +172,7 @@ def test_chat_renders_the_template_as_transformers_does(server, llama):
     ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 400, "invalid_type"),
     ("/v1/completions", b'{"prompt": "hi", "echo": true}', 400, "unsupported"),
     ("/v1/completions", b'{"prompt": "hi", "min_p": 0.5}', 400, "unsupported"),  # sampled as if unset
+    ("/v1/completions", json.dumps({"prompt": "hi", "stop": ["a"] * 17}).encode(), 400, "invalid_value"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [3]}', 400,
      "unsupported"),
     ("/v1/completions", b'{"prompt": "hi", "tempreature": 0}', 400, "unknown_field"),  # sampled at t=1
