@@ -147,18 +147,43 @@ def test_validation_file_that_is_the_training_file_is_refused(tmp_path, topics_d
 
 def test_validation_file_sharing_texts_warns_and_drops_rows_the_source_trained_on(tmp_path, trained_classifier,
                                                                                   topics_data):
+    """--validation rows the source trained on are dropped, said so; so are rows of the training file itself."""
     judged, trained = _teacher_rows(trained_classifier)
     some = sorted(trained)[:3]
+    lines = topics_data["train"].read_text().splitlines(keepends=True)
+    other = tmp_path / "other.csv"  # the teacher's file less those rows: they are no training rows here
+    other.write_text("".join(x for x in lines if tuple(x.rstrip("\n").rsplit(",", 1)) not in set(some)))
     val = tmp_path / "val.csv"
     val.write_text(topics_data["test"].read_text() + "".join(f"{t},{y}\n" for t, y in some))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        td = _prepare(trained_classifier, topics_data["train"], validation=str(val), threads=1)
+        td = _prepare(trained_classifier, other, validation=str(val), threads=1)
     said = [str(w.message) for w in caught]
-    assert any(m.startswith(f"3 text(s) of the validation file {val} are also training rows of ") for m in said)
-    assert any(m.startswith(f"dropped 3 of the 63 rows of --validation {val}: ") for m in said), said
+    assert any(m.startswith(f"dropped 3 of the 63 rows of --validation {val}: ") and "trained on them" in m
+               for m in said), said
     assert len(td.val) == 60 and not _pairs(td.val.texts, td.val.labels) & trained
     only = tmp_path / "only.csv"
     only.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in some))
     with pytest.raises(MillisError, match=r"every row of --validation .*only\.csv is a row .* trained on"):
-        _prepare(trained_classifier, topics_data["train"], validation=str(only), threads=1)
+        _prepare(trained_classifier, other, validation=str(only), threads=1)
+
+
+def test_validation_rows_that_are_training_rows_are_dropped_or_refused(tmp_path, topics_data, tiny_dirs):
+    """A --validation row whose text is a training row's (ignoring spacing and case) is dropped with a warning
+    (a `warning:` line through progress); a file mostly of them is an error naming the count."""
+    train = read_labeled(topics_data["train"])
+    test_lines = topics_data["test"].read_text().splitlines(keepends=True)
+    shared = [f"  {t.upper()} ,{y}\n" for t, y in list(zip(train.texts, train.labels))[:3]]  # other spacing and case
+    mostly = tmp_path / "mostly.csv"
+    mostly.write_text("".join(test_lines[:3]) + "".join(shared))  # header, 2 test rows, 3 training rows
+    with pytest.raises(MillisError, match=r"3 of the 5 rows of --validation .*mostly\.csv are training rows of "):
+        _prepare("tiny:bert", topics_data["train"], validation=str(mostly))
+    val = tmp_path / "val.csv"
+    val.write_text("".join(test_lines) + "".join(shared))
+    events = []
+    td = prepare(_cfg("tiny:bert", topics_data["train"], validation=str(val)), resolve("tiny:bert"),
+                 progress=lambda e, f: events.append((e, f)))
+    warned = [f["warning:"] for e, f in events if e == "plan" and "warning:" in f]
+    assert any(w.startswith(f"dropped 3 of the 63 rows of --validation {val}: their texts are training rows")
+               for w in warned), events
+    assert len(td.val) == 60 and not {t.casefold() for t in td.val.texts} & {t.casefold() for t in train.texts}

@@ -185,7 +185,7 @@ def test_cli_train(tmp_path, topics_data, capsys, monkeypatch):
 
 def test_subsample_spreads_over_a_file_sorted_by_label():
     from millis.common.readers import Labeled
-    from millis.train.holdout import subsample
+    from millis.common.readers import subsample
 
     labels = tuple(c for c in "abcd" for _ in range(100))  # sorted by label, like Banking77's train.csv
     data = Labeled(tuple(f"t{i}" for i in range(400)), labels, tuple(range(2, 402)), "x.csv", "text", "label")

@@ -2,13 +2,11 @@
 
     ArtifactMeta  an artifact written by `millis optimize`          format "millis-artifact"
     TrainMeta     a model dir written by `millis train` / distill / prune   format "millis-train"
-    ModelMeta     what every opened model has (ArtifactMeta's core; a source model opened as the
-                  torch fp32 reference has only this)
+    ModelMeta     what every opened model has (ArtifactMeta's core; all a source opened as the fp32 reference has)
 
-The JSON keys are the field names (a nested dataclass is a nested object), so files written before
-these types existed (version 1) read unchanged. A file of another format or a newer version, or with
-a field missing or of the wrong type, fails with a MillisError naming the file and the field.
-`to_dict()` gives the JSON; `Cls.from_dict(data, where)` reads it back (`where`: the file, for errors).
+The JSON keys are the field names (a nested dataclass is a nested object), so version 1 files read unchanged. A file
+of another format or a newer version, or with a field missing or of the wrong type, fails with a MillisError naming
+the file and the field. `to_dict()` gives the JSON; `Cls.from_dict(data, where)` reads it back (`where`: the file).
 """
 from __future__ import annotations
 
@@ -107,6 +105,8 @@ class CompressedStudent:
     intermediate: int
     val_score: float | None = None  # its validation accuracy (classify) or cosine to the teacher (embed)
     train_s: float | None = None
+    data: str = optional("")        # the file it trained on (--compress-data, or the teacher's training file)
+    data_sha256: str = optional("")  # that file's bytes' sha256: `millis eval` on it is no test score
 
     @property
     def name(self) -> str:
@@ -273,10 +273,11 @@ class TrainData:
     rows: int
     text_col: str
     validation: str                         # where the validation rows came from (a file, or "10% held out...")
-    sha256: str = optional("")              # classify: the training file's hash
+    sha256: str = optional("")              # the training file's hash (an embedder's since 2026-12)
     label_col: str = optional("")           # classify
     validation_file: str = optional("")     # the kept validation rows, beside millis.json (millis.artifact.validation)
     validation_rows: int | None = optional()  # how many (None: trained before the split was kept)
+    truncated: dict[str, int] | None = optional()  # rows cut to the recorded max_length: {"train": n, "validation": m}
 
     def holds(self, path: str | Path) -> bool:
         """Whether `path` is the file trained on: its bytes hashed under the recorded name (a renamed copy too)."""
@@ -384,9 +385,8 @@ def format_of(path: str | Path) -> str | None:
 
 
 def is_artifact(path: str | Path) -> bool:
-    """Whether a directory is, or means to be, an artifact: it has a millis.json that is not `millis train`'s (one of
-    another format, or that cannot be read: read_meta then says why, where the directory used to pass for a model
-    directory and fail on a missing config.json)."""
+    """Whether a directory is, or means to be, an artifact: it has a millis.json not `millis train`'s (of another
+    format, or unreadable: read_meta then says why, where it passed for a model dir and failed on no config.json)."""
     p = Path(path)
     return (p / META).is_file() and format_of(p) != TRAIN_FORMAT
 

@@ -83,6 +83,10 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
         print(f"{'label':<40} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
         for label, m in res["per_class"].items():
             print(f"{label[:40]:<40} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8d}")
+    elif res.get("reference") == "self":  # a plain model: nothing to compare its embeddings with
+        label = f"; nearest-neighbour label accuracy {100 * res['nn_label_accuracy']:.2f}%" \
+            if res.get("nn_label_accuracy") is not None else ""
+        print(f"{cfg.model} is its own fp32 reference: no agreement to report{label}")
     else:
         print("agreement with fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                                   if k in ("cos_min", "cos_mean", "nn_agreement", "top10_overlap")))

@@ -9,9 +9,10 @@ import csv
 import io
 import json
 import math
+import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from millis.common.errors import MillisError
@@ -39,13 +40,49 @@ class Labeled:
     @property
     def classes(self) -> list[str]:
         """Sorted label names; numeric labels sort as numbers (2 before 10)."""
-        names = set(self.labels)
-        if all(n.lstrip("-").isdecimal() for n in names):
-            try:
-                return sorted(names, key=int)
-            except ValueError:  # "--1": decimal digits, not a number
-                pass
-        return sorted(names)
+        return label_order(self.labels)
+
+
+def subsample(data: Labeled, n: int, seed: int) -> Labeled:
+    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file): `--sample`."""
+    if not n or n >= len(data):
+        return data
+    return rows_of(data, sorted(random.Random(seed).sample(range(len(data)), n)))
+
+
+def rows_of(data: Labeled, idx: list[int]) -> Labeled:
+    """The rows `idx` of `data`, in that order."""
+    return replace(data, texts=tuple(data.texts[i] for i in idx), labels=tuple(data.labels[i] for i in idx),
+                   lines=tuple(data.lines[i] for i in idx))
+
+
+def label_order(labels) -> list[str]:
+    """The distinct labels sorted, the one order of classes (training's label ids, eval's per-class report):
+    numeric labels as numbers (2 before 10), any other set as text."""
+    names = set(labels)
+    if all(n.lstrip("-").isdecimal() for n in names):
+        try:
+            return sorted(names, key=int)
+        except ValueError:  # "--1": decimal digits, not a number
+            pass
+    return sorted(names)
+
+
+WHOLE_NUMBER = re.compile(r"[+-]?\d+\.0*")  # 1.0, -2.00: what a spreadsheet or pandas writes for an integer label
+
+
+def label_text(value: str) -> str:
+    """A label as one class name: a whole number written as a float ("1.0" in a CSV, 1.0 in JSON) is that
+    integer ("1"), so the same class reads the same from every format; any other label is kept as written."""
+    if WHOLE_NUMBER.fullmatch(value):
+        return str(int(float(value)))
+    return value
+
+
+def text_key(text: str) -> str:
+    """A text as rows are matched loosely across files (a leak check): runs of whitespace as one space,
+    case folded. "Where is  my card" and "where is my card" are one text."""
+    return " ".join(text.split()).casefold()
 
 
 def _decode(p: Path) -> str:
@@ -105,7 +142,41 @@ def _records(p: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
             raise MillisError(f"{p}: line {line} has {n} field(s) but the header has {len(cols)} "
                               f"({', '.join(cols)}){hint}")
         rows.append((line, rec))
+    if tsv:
+        _unquoted(p, rows)
     return cols, rows
+
+
+CSV_QUOTED = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"', re.S)  # "he said ""hi""": csv.writer's quoting
+
+
+def _unquoted(p: Path, rows: list[tuple[int, dict]]) -> None:
+    """A TSV is read unquoted (GLUE's convention): a field csv.writer quoted (wrapped in quotes, its own quotes
+    doubled) would keep those quotes in the text, silently. Such a field is an error that says what to do."""
+    for line, rec in rows:
+        for col, v in rec.items():
+            if isinstance(v, str) and CSV_QUOTED.fullmatch(v):
+                raise MillisError(f"{p}: line {line}, column {col!r} is quoted as a CSV writer quotes ({v[:40]}): "
+                                  f"millis reads .tsv files unquoted (the GLUE convention), so the quotes would "
+                                  f"stay in the text; name the file .csv with commas as separators (quoted fields "
+                                  f"are read as CSV), or save it as .jsonl")
+
+
+# a separator found in a one-column header -> (its name, what to do)
+SEPARATORS = {"\t": ("tab", "name it .tsv"), ";": ("semicolon", "re-save it with commas, or as .tsv or .jsonl"),
+              ",": ("comma", "name it .csv")}
+
+
+def _no_column(p: Path, cols: list[str], col: str, option: str) -> MillisError:
+    """The error for a column the header lacks; a header of one column holding another separator says so."""
+    own = "\t" if p.suffix.lower() == ".tsv" else ","
+    found = [(name, fix) for sep, (name, fix) in SEPARATORS.items() if len(cols) == 1 and sep != own and sep in cols[0]]
+    if found:
+        (name, fix), = found[:1]
+        return MillisError(f"{p} has no column {col!r}: its header is one column, {cols[0]!r}, holding a {name}: "
+                           f"the file looks {name}-separated (millis reads .csv comma-separated, .tsv tab-separated); "
+                           f"{fix}")
+    return MillisError(f"{p} has no column {col!r} (columns: {', '.join(cols)}); name it with {option}")
 
 
 def read_column(path: str | Path, column: str) -> list[str]:
@@ -113,7 +184,7 @@ def read_column(path: str | Path, column: str) -> list[str]:
     p = Path(path)
     cols, rows = _records(p, _decode(p))
     if column not in cols:
-        raise MillisError(f"{p} has no column {column!r} (columns: {', '.join(cols)}); name it with --text-col")
+        raise _no_column(p, cols, column, "--text-col")
     _once(p, cols, column)
     values = ("" if rec.get(column) is None else str(rec[column]) for _, rec in rows)
     return [v for v in values if v.strip()]
@@ -139,8 +210,9 @@ def _pick_label_col(p: Path, cols: list[str], text_col: str) -> str:
 
 
 def _value(p: Path, line: int, rec: dict, col: str) -> str:
-    """A cell as text. JSON: a whole-number float is that integer (1.0 and 1 are one class); a list, an
-    object, true / false, NaN / Infinity and (for a present key) null are errors: str() would make classes like "['x']"."""
+    """A cell as text. JSON: a whole-number float is that integer (1.0 and 1 are one class: label_text); a list,
+    an object, true / false, NaN / Infinity and (for a present key) null are errors: str() would make classes
+    like "['x']"."""
     v = rec.get(col)
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
@@ -162,15 +234,14 @@ def read_labeled(path: str | Path, text_col: str = "text", label_col: str = "", 
     if not rows:
         raise MillisError(f"{p} has no data rows")
     if text_col not in cols:
-        raise MillisError(f"{p} has no column {text_col!r} (columns: {', '.join(cols)}); name it with --text-col")
+        raise _no_column(p, cols, text_col, "--text-col")
     label_col = label_col or _pick_label_col(p, cols, text_col)
     if label_col not in cols:
-        raise MillisError(f"{p} has no column {label_col!r} (columns: {', '.join(cols)}); name it with --label-col")
+        raise _no_column(p, cols, label_col, "--label-col")
     _once(p, cols, text_col, label_col)
     texts, labels, lines, empty_text, empty_label = [], [], [], [], []
     for n, rec in rows:
-        t, y = _value(p, n, rec, text_col), _value(p, n, rec, label_col)
-        y = y.strip()
+        t, y = _value(p, n, rec, text_col), label_text(_value(p, n, rec, label_col).strip())
         if not t.strip():
             empty_text.append(n)
         if not y:

@@ -2,14 +2,20 @@
 
 classify: accuracy, macro-F1 and a per-class report (precision, recall, F1, support).
 embed:    agreement with the fp32 reference on the file's texts: cosine (min / mean) and
-          nearest-neighbour retrieval agreement (does each text find the same neighbour?).
+          nearest-neighbour retrieval agreement (does each text find the same neighbour?); a model that is
+          its own reference has nothing to agree with. With labels: how often each text's nearest other
+          text has its label (leave-one-out nearest-neighbour accuracy).
+Texts are cut to the model's max length (the one it was trained or built at; the result counts the texts cut).
+The result says how many rows the model, or a model it was built from, trained on or was chosen by
+(millis.evaluate.seen), and `warnings` says what makes the figures no test score.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,8 +23,7 @@ from millis.common.config import check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.files import file_sha256
 from millis.common.numeric import unit_rows
-from millis.common.readers import Labeled, read_labeled
-from millis.common.readers import read_texts
+from millis.common.readers import LABEL_COLUMNS, Labeled, label_order, label_text, read_labeled, read_texts
 
 
 NO_DATA = "millis eval needs --data FILE (labelled data) or --text FILE (a decoder's perplexity on a text)"
@@ -34,9 +39,11 @@ class EvalConfig:
                               "label/category/...)")
     limit: int = flag(0, "first N rows only (0 = all)")
     threads: int = flag(0, "intra-op threads (0 = all cores)")
+    max_length: int = flag(0, "cut texts to this many tokens (0 = the length the model was trained or built at)",
+                           scoped=True)
 
     def __post_init__(self) -> None:
-        check_at_least(self, 0, "limit", "threads")
+        check_at_least(self, 0, "limit", "threads", "max_length")
         if not self.data:
             raise MillisError(NO_DATA)
 
@@ -47,7 +54,7 @@ def classification_metrics(y_true: list[str], y_pred: list[str]) -> dict[str, An
         raise MillisError(f"need equal, non-empty label lists (got {len(y_true)} and {len(y_pred)})")
     t, p = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
     per_class = {}
-    for c in sorted(set(y_true) | set(y_pred)):
+    for c in label_order(set(y_true) | set(y_pred)):  # the classes' own order: 2 before 10
         tp = int(((t == c) & (p == c)).sum())
         n_pred, support = int((p == c).sum()), int((t == c).sum())
         prec = tp / n_pred if n_pred else 0.0
@@ -110,89 +117,116 @@ def _label_col(cfg: EvalConfig, model) -> str:
     return ""
 
 
-def seen_by_selection(data_file: str, model_dir: str, model) -> bool:
-    """Whether `data_file` holds rows that chose this model, by the sha256 of its bytes: an artifact's selection
-    data (recorded in millis.json), or a trained model's validation rows. Its accuracy there is no test score."""
-    from millis.artifact.meta import ArtifactMeta
-    from millis.artifact.validation import selection_files
-
-    seen = set(model.meta.measured.selection_sha256) if isinstance(model.meta, ArtifactMeta) else set()
-    seen |= {file_sha256(f) for f in selection_files(model_dir)}
-    return file_sha256(data_file) in seen
-
-
-def model_dirs(model_dir: str, model) -> list[str]:
-    """The model's directory and the one it was built from, those that are directories (a source spec is not)."""
-    return [d for d in dict.fromkeys((model_dir, model.meta.source.path)) if d and Path(d).is_dir()]
+def neighbour_label_accuracy(vectors: np.ndarray, labels: tuple[str, ...]) -> float | None:
+    """Leave-one-out nearest-neighbour accuracy: the share of rows whose nearest other row (cosine) has their label
+    (None under two rows). A row that is not finite has no neighbour: it counts as wrong."""
+    if len(labels) < 2:
+        return None
+    bad = ~np.isfinite(vectors).all(1)
+    u = unit_rows(np.where(bad[:, None], 0.0, vectors))
+    s = u @ u.T
+    np.fill_diagonal(s, -np.inf)
+    y = np.asarray(labels, dtype=object)
+    return float(np.mean((y[s.argmax(1)] == y) & ~bad))
 
 
-def selection_rows(data: Labeled, model_dir: str, model) -> int:
-    """How many rows of `data` are, by (text, label), validation rows that chose this model or the model it was
-    built from: a student keeps its teacher's --validation rows under another sha256, a path given relative to
-    another directory is not found, a re-saved copy has other bytes; the rows are the same."""
-    from millis.artifact.meta import ArtifactMeta
-    from millis.artifact.validation import read_validation
-
-    chosen: set[tuple[str, str]] = set()
-    for d in model_dirs(model_dir, model):
+def texts_with_labels(cfg: EvalConfig, model) -> Labeled | None:
+    """An embed file's labelled rows: --label-col's, else a usual label column's (label, category...) when the file
+    has one; None without (a text file, or a CSV of texts)."""
+    cols = [cfg.label_col] if cfg.label_col else [_label_col(cfg, model)] + list(LABEL_COLUMNS)
+    for col in dict.fromkeys(c for c in cols if c):
         try:
-            val = read_validation(d)
-        except MillisError:  # an edited validation.jsonl: not this command's error
-            val = None
-        if val is not None:
-            chosen |= set(zip(val.texts, val.labels))
-    cfg = model.meta.config if isinstance(model.meta, ArtifactMeta) else {}
-    if cfg.get("data") and Path(cfg["data"]).is_file():  # optimize --data: the rows selection judged accuracy on
-        try:
-            sel = read_labeled(cfg["data"], cfg.get("text_col") or "text", cfg.get("label_col") or "")
-            chosen |= set(zip(sel.texts, sel.labels))
-        except MillisError:  # not readable as labelled rows now: its sha256 still counts (seen_by_selection)
-            pass
-    return sum(r in chosen for r in zip(data.texts, data.labels))
+            return read_labeled(cfg.data, cfg.text_col, col, cfg.limit)
+        except MillisError:
+            if cfg.label_col:
+                raise
+    return None
 
 
-def trained_on(data_file: str, model_dir: str, model) -> bool:
-    """Whether `data_file` is (by sha256) the file this model, or the model it was built from, trained on."""
-    from millis.artifact.meta import read_train_meta
+def leak_warnings(res: dict[str, Any], seen, data: str) -> list[str]:
+    """What makes the figures no test score, beyond the file being the selection or training file (the CLI says
+    those), and the rows that could not be checked."""
+    out = []
+    n = res["n"]
+    exact, loose = res["train_rows"], res["train_rows_normalized"]
+    if loose:
+        how = f" ({exact} exactly, {loose - exact} more ignoring spacing and case)" if loose > exact else ""
+        out.append(f"{loose} of the {n} rows of {data}{how} are rows this model, or a model it was built from, "
+                   f"trained on: these figures are not a test score")
+    if res["selection_rows_normalized"] > res["selection_rows"]:
+        out.append(f"{res['selection_rows_normalized']} of the {n} rows of {data} are, ignoring spacing and case, "
+                   f"rows that selected this model ({res['selection_rows']} exactly)")
+    for d in seen.unknown:
+        out.append(f"cannot tell which rows {d} trained on: its training file is gone or changed")
+    if res["truncated"]:
+        out.append(f"{res['truncated']} of the {n} texts were cut to {res['max_length']} tokens, the length the model "
+                   f"runs at (--max-length)")
+    return out
 
-    for d in model_dirs(model_dir, model):
-        meta = read_train_meta(d)
-        if meta is not None and meta.data.holds(data_file):
-            return True
-    return False
+
+def stderr_lines(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate `cfg.model` on `cfg.data`; return a JSON-ready dict (see module doc)."""
+def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines) -> dict[str, Any]:
+    """Evaluate `cfg.model` on `cfg.data`; return a JSON-ready dict (see module doc). `say` gets the warning and
+    note lines (`warning: ...`), which the result also lists (`warnings`)."""
     from millis.artifact.model import open_model
+    from millis.evaluate.seen import overlap, seen_by, trained_file
 
-    model = open_model(cfg.model, threads=cfg.threads)
-    res: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "task": model.task, "variant": model.variant}
+    model = open_model(cfg.model, threads=cfg.threads, max_length=cfg.max_length)
+    if cfg.max_length and model.max_length != cfg.max_length:  # an artifact runs at the length it was built at
+        raise MillisError(f"--max-length {cfg.max_length}: {cfg.model} is an artifact built for {model.max_length} "
+                          f"tokens; leave --max-length out")
+    res: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "task": model.task, "variant": model.variant,
+                           "max_length": model.max_length}
+    seen = seen_by(cfg.model, model)
     if model.task == "classify":
         data = read_labeled(cfg.data, cfg.text_col, _label_col(cfg, model), cfg.limit)
-        check_labels(data, model.id2label)
+        # the model's labels by the files' one rule: one trained before it on "1.0" still reads a file's 1.0
+        id2label = {k: label_text(v) for k, v in model.id2label.items()}
+        check_labels(data, id2label)
         t0 = time.perf_counter()
-        pred = argmax_labels(model.run(list(data.texts)).outputs, model.id2label)
+        ran = model.run(list(data.texts))
         res["seconds"] = time.perf_counter() - t0
-        res.update(classification_metrics(list(data.labels), pred))
+        res.update(classification_metrics(list(data.labels), argmax_labels(ran.outputs, id2label)))
         res["label_col"] = data.label_col
-        res["selection_rows"] = selection_rows(data, cfg.model, model)
-        res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model) or res["selection_rows"] > 0
-        res["trained_on"] = trained_on(cfg.data, cfg.model, model)
-        return res
-    texts = read_texts(cfg.data, cfg.text_col, cfg.limit)
-    ref_spec = model.meta.source.path if model.variant != "torch-fp32" else None
-    t0 = time.perf_counter()
-    out = model.run(texts).outputs
-    res["seconds"] = time.perf_counter() - t0
-    if ref_spec is None:
-        ref = out  # the model is the fp32 reference itself
+        res.update(overlap(data.texts, data.labels, seen))
     else:
-        if not Path(ref_spec).is_dir():
-            raise MillisError(f"the artifact's fp32 source {ref_spec} is gone; agreement needs it")
-        reference = open_model(ref_spec, task="embed", threads=cfg.threads, max_length=model.max_length)
-        ref = reference.run(texts).outputs
-    res.update(embedding_agreement(ref, out))
-    res["seen_by_selection"] = seen_by_selection(cfg.data, cfg.model, model)
-    res["trained_on"] = trained_on(cfg.data, cfg.model, model)
+        labeled = texts_with_labels(cfg, model)
+        texts = list(labeled.texts) if labeled is not None else read_texts(cfg.data, cfg.text_col, cfg.limit)
+        t0 = time.perf_counter()
+        ran = model.run(texts)
+        res["seconds"] = time.perf_counter() - t0
+        res.update(embed_figures(cfg, model, texts, ran.outputs, say))
+        if labeled is not None:
+            res["label_col"] = labeled.label_col
+            res["nn_label_accuracy"] = neighbour_label_accuracy(ran.outputs, labeled.labels)
+            if res["nn_label_accuracy"] is not None:
+                say(f"note: nearest-neighbour label accuracy (leave-one-out, {labeled.label_col!r}) "
+                    f"{100 * res['nn_label_accuracy']:.2f}% over {len(texts)} rows")
+        res.update(overlap(texts, None, seen))
+    res["truncated"] = int(sum(ran.truncated))
+    res["seen_by_selection"] = (file_sha256(cfg.data) in seen.file_sha256 or res["selection_rows"] > 0
+                                or res["selection_rows_normalized"] > 0)
+    res["trained_on"] = trained_file(cfg.data, cfg.model, model)
+    res["warnings"] = leak_warnings(res, seen, cfg.data)
+    for w in res["warnings"]:
+        say(f"warning: {w}")
     return res
+
+
+def embed_figures(cfg: EvalConfig, model, texts: list[str], out: np.ndarray, say: Callable[[str], None]) -> dict:
+    """Agreement with the fp32 source, or, for the fp32 model itself, `reference: "self"` and no figures (its
+    output agrees with itself by construction: a 1.0 would be no measurement)."""
+    from millis.artifact.model import open_model
+
+    ref_spec = model.meta.source.path if model.variant != "torch-fp32" else None
+    if ref_spec is None:
+        say("note: the model is its own fp32 reference: there is nothing to compare its embeddings with (`millis "
+            "eval` on an artifact of `millis optimize` measures its agreement with fp32)")
+        return {"n": len(texts), "reference": "self", "nonfinite_rows": int((~np.isfinite(out).all(1)).sum())}
+    if not Path(ref_spec).is_dir():
+        raise MillisError(f"the artifact's fp32 source {ref_spec} is gone; agreement needs it")
+    reference = open_model(ref_spec, task="embed", threads=cfg.threads, max_length=model.max_length)
+    return {**embedding_agreement(reference.run(texts).outputs, out), "reference": ref_spec}

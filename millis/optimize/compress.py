@@ -4,9 +4,10 @@ A recipe says how deep the student is and how much of it is pruned afterwards; e
 trained once and cached under the millis cache, keyed by the teacher's weights, the training data
 and the recipe, so a second `optimize --compress` (or the benchmark) reuses it. The training data
 is the teacher's own (`millis train` records it) unless `--compress-data` names another file:
-never the evaluation file. On the teacher's file (recorded, or `--compress-data` with its sha256) the
-students hold out the teacher's validation rows; on another file they never train on a row selection
-judges (such rows are dropped first).
+never the evaluation file. On the teacher's file (recorded, or `--compress-data` holding its bytes, under any
+name) the students hold out the teacher's validation rows; on another file they never train on a row selection
+judges (such rows are dropped first), and `--compress-data` that is the selection file is refused. No student
+trains on a text the fidelity gate judges (an embedder's gate: those texts are dropped first).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
-from millis.common.readers import Labeled, read_labeled
+from millis.common.readers import Labeled, read_labeled, read_texts, text_key
 from millis.encoder.source import ModelSource
-from millis.common.files import cache_dir, hash_files
+from millis.common.files import absolute, cache_dir, file_sha256, hash_files
 
 if TYPE_CHECKING:
     from millis.optimize.judge import Judge, Judged
@@ -84,25 +85,34 @@ SPLIT_FIELDS = ("seed", "val_fraction", "validation", "limit", "sample")
 
 
 def is_teacher_data(src: ModelSource, compress_data: str) -> bool:
-    """Whether the students train on the teacher's own training file: no `--compress-data`, or one whose
-    sha256 is the one `millis train` recorded for that file."""
+    """Whether the students train on the teacher's own training file: no `--compress-data`, or one that holds
+    the file `millis train` recorded (TrainData.holds: its bytes, under any name)."""
     from millis.artifact.meta import read_train_meta
 
     if not compress_data:
         return True
     trained = read_train_meta(src.path)
-    return (trained is not None and bool(trained.data.sha256) and Path(compress_data).is_file()
-            and hash_files([Path(compress_data)]) == trained.data.sha256)
+    return trained is not None and trained.data.holds(compress_data)
 
 
 def teacher_split(src: ModelSource, compress_data: str) -> dict[str, Any]:
     """TrainConfig overrides that reproduce the teacher's validation split ({} when `--compress-data` is
-    another file than the teacher's: the students hold out their own rows, see without_selection_rows)."""
+    another file than the teacher's: the students hold out their own rows, see without_judged_rows)."""
     from millis.artifact.meta import read_train_meta
 
     trained = read_train_meta(src.path) if is_teacher_data(src, compress_data) else None
     cfg = trained.train_config if trained else {}  # a distilled / pruned teacher nests its TrainConfig
     return {k: cfg[k] for k in SPLIT_FIELDS if k in cfg}
+
+
+def teacher_length(src: ModelSource) -> dict[str, Any]:
+    """{"max_length": the length a millis-trained teacher trained at} ({} for another teacher): its students train
+    at the length it runs at, not at --max-length's default."""
+    from millis.artifact.meta import read_train_meta
+
+    trained = read_train_meta(src.path)
+    length = trained.train_config.get("max_length") if trained else None
+    return {"max_length": int(length)} if length else {}
 
 
 def check_same_holdout(teacher: Path, student: Path) -> None:
@@ -115,26 +125,55 @@ def check_same_holdout(teacher: Path, student: Path) -> None:
                           f"it may have trained on rows selection judges")
 
 
-def without_selection_rows(data_file: str, text_col: str, label_col: str, selection: Labeled | None,
-                           progress: Callable[[str], None]) -> tuple[str, str]:
-    """(file, label column) the students train on, from a labelled `data_file` that is not the teacher's: the
-    file itself, or a copy (JSONL, in the millis cache) without the rows whose (text, label) is among the
-    `selection` rows (a student trained on them would be judged on rows it learnt)."""
-    if selection is None:
+def check_not_judged(compress_data: str, src: ModelSource, selection: Labeled | None,
+                     judged_files: tuple[str, ...] = ()) -> None:
+    """Refuse `--compress-data` that is (by its bytes) a file whose rows judge the students: the selection rows'
+    file, the teacher's kept validation rows, or any of `judged_files` (--data, --sample-texts)."""
+    from millis.artifact.validation import selection_files
+
+    if not compress_data or not Path(compress_data).is_file():
+        return
+    files = [Path(f) for f in judged_files if f] + selection_files(src.path)
+    files += [Path(selection.path)] if selection is not None and Path(selection.path).is_file() else []
+    mine = file_sha256(compress_data)
+    for f in files:
+        if f.is_file() and file_sha256(f) == mine:
+            raise MillisError(f"--compress-data {compress_data} is {f} (the same bytes), whose rows judge the "
+                              f"variants: students trained on it would be judged on rows they learnt; give "
+                              f"another file, or leave --compress-data out (the teacher's training file)")
+
+
+def without_judged_rows(data_file: str, text_col: str, label_col: str, task: str, selection: Labeled | None,
+                        fidelity: list[str] | tuple[str, ...], progress: Callable[[str], None]) -> tuple[str, str]:
+    """(file, label column) the students train on, from `data_file` (labelled for classify, texts for embed): the
+    file itself, or a copy (JSONL, in the millis cache) without the rows whose text is, ignoring spacing and case
+    (text_key), among the `selection` rows or the `fidelity` gate's texts (a student trained on them would be
+    judged on rows it learnt)."""
+    judged = {text_key(t) for t in [*(selection.texts if selection is not None else ()), *fidelity]}
+    if not judged:
         return data_file, label_col
-    rows = read_labeled(data_file, text_col, label_col)
-    judged = set(zip(selection.texts, selection.labels))
-    keep = [(t, y) for t, y in zip(rows.texts, rows.labels) if (t, y) not in judged]
-    if len(keep) == len(rows):
-        return data_file, rows.label_col
-    text = "".join(json.dumps({rows.text_col: t, rows.label_col: y}, ensure_ascii=False) + "\n" for t, y in keep)
+    if task == "classify":
+        rows = read_labeled(data_file, text_col, label_col)
+        label_col = rows.label_col
+        recs = [{rows.text_col: t, label_col: y} for t, y in zip(rows.texts, rows.labels)]
+    else:
+        recs = [{text_col: t} for t in read_texts(data_file, text_col)]
+    keep = [r for r in recs if text_key(r[text_col]) not in judged]
+    if len(keep) == len(recs):
+        return data_file, label_col
+    if not keep:
+        raise MillisError(f"--compress-data {data_file}: every row is one selection or the fidelity gate judges; "
+                          f"students need rows of their own")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
     out = cache_dir() / "compressed" / f"data-{hashlib.sha256(text.encode()).hexdigest()[:16]}" / \
         f"{Path(data_file).stem}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    progress(f"compress: dropped {len(rows) - len(keep)} of the {len(rows)} rows of {data_file}: they are among "
-             f"the rows selection judges ({selection.path}); the students train on the other {len(keep)}")
-    return str(out), rows.label_col
+    what = [f"the rows selection judges ({selection.path})"] if selection is not None else []
+    what = " and ".join(what + (["the fidelity gate's texts"] if fidelity else []))
+    progress(f"compress: dropped {len(recs) - len(keep)} of the {len(recs)} rows of {data_file}: they are among "
+             f"{what}; the students train on the other {len(keep)}")
+    return str(out), label_col
 
 
 def cache_key(kind: str, teacher_sha: str, data_file: str, cfg: Any) -> str:
@@ -165,19 +204,22 @@ def cached(kind: str, teacher: ModelSource, data_file: str, cfg: Any, build: Cal
 
 
 def candidates(src: ModelSource, task: str, preset: str, compress_data: str, text_col: str,
-               progress: Callable[[str], None], selection: Labeled | None = None) -> list[tuple[CompressRecipe, Path]]:
+               progress: Callable[[str], None], selection: Labeled | None = None, fidelity: tuple[str, ...] = (),
+               judged_files: tuple[str, ...] = ()) -> list[tuple[CompressRecipe, Path]]:
     """Train (or reuse) every recipe of `preset` for teacher `src`; [(recipe, model dir)]. `selection`: the
-    labelled rows selection judges, which no student trains on."""
+    labelled rows selection judges, `fidelity`: the fidelity gate's texts, which no student trains on;
+    `judged_files`: the files they came from (--data, --sample-texts), which --compress-data must not be."""
     from millis.train.distill import DistillConfig, distill
     from millis.train.prune import PRUNE_PRESETS, PruneConfig, prune
     from millis.encoder.source import resolve
     from millis.train.classify import train_config
 
+    check_not_judged(compress_data, src, selection, judged_files)
     data, tcol, lcol = training_data(src, task, compress_data, text_col)
     own_data = is_teacher_data(src, compress_data)  # then the teacher's split holds the selection rows out
-    if not own_data and task == "classify":
-        data, lcol = without_selection_rows(data, tcol, lcol, selection, progress)
-    split = teacher_split(src, compress_data)
+    if task != "classify" or not own_data:  # (a classifier's own file: dropping rows would move that split)
+        data, lcol = without_judged_rows(data, tcol, lcol, task, None if own_data else selection, fidelity, progress)
+    split = {**teacher_split(src, compress_data), **teacher_length(src)}
     out = []
     for r in recipes_for(preset):
         if r.prunes and task != "classify":
@@ -221,6 +263,8 @@ def training_lines(name: str, progress: Callable[[str], None]):
             steps.restart()
         elif event == "step" and (line := steps.line(f, total[0])):
             progress(f"compress {name}: {line}")
+        elif event == "plan" and (said := {k: v for k, v in f.items() if k in ("warning:", "note:")}):
+            progress(f"compress {name}: " + ", ".join(f"{k} {v}" for k, v in said.items()))
         elif event == "epoch":
             steps.restart()
             score = next((k for k in ("val_accuracy", "val_cosine") if k in f), None)
@@ -231,21 +275,28 @@ def training_lines(name: str, progress: Callable[[str], None]):
 
 def judge_compressed(task: str, preset: str, compress_data: str, text_col: str, src: ModelSource, work: Path,
                      calibration, judge: Judge, progress: Callable[[str], None],
-                     selection: Labeled | None = None) -> list[Judged]:
+                     selection: Labeled | None = None, fidelity: tuple[str, ...] | None = None,
+                     judged_files: tuple[str, ...] = ()) -> list[Judged]:
     """Every compressed candidate's variants (the students of `preset`), each built from its student and
     judged by `judge` like the rest (accuracy on the `selection` rows when given, which no student trains
-    on, else fidelity to the fp32 teacher)."""
+    on, else fidelity to the fp32 teacher on the `fidelity` texts, which no student trains on either; None:
+    the texts of the JudgeContext `judge` is bound to)."""
     from millis.encoder.source import resolve
     from millis.artifact.meta import read_train_meta
     from millis.optimize.build.variants import CATALOG, Builder
 
+    if fidelity is None:
+        fidelity = tuple(getattr(getattr(judge, "keywords", {}).get("ctx"), "texts", None) or ())
     out = []
-    for r, path in candidates(src, task, preset, compress_data, text_col, progress, selection):
+    data = training_data(src, task, compress_data, text_col)[0]  # the file the students learn from, as given
+    for r, path in candidates(src, task, preset, compress_data, text_col, progress, selection, fidelity,
+                              judged_files):
         csrc = resolve(str(path))
         trained = read_train_meta(path)
         desc = {"recipe": to_dict(r), "model": str(path), "sha256": csrc.sha256, "layers": csrc.num_layers,
                 "heads": csrc.num_heads, "intermediate": _intermediate(path),
-                "val_score": trained.val_score if trained else None, "train_s": trained.train_s if trained else None}
+                "val_score": trained.val_score if trained else None, "train_s": trained.train_s if trained else None,
+                "data": absolute(data), "data_sha256": file_sha256(data)}
         builder = Builder(csrc, task, work / "compressed" / r.name, calibration)
         for name in COMPRESS_VARIANTS:
             v = CATALOG[name]

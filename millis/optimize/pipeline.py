@@ -210,9 +210,11 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         pool.update((j.name, j) for j in recovery.judged)
         if cfg.compress:
             from millis.optimize.compress import judge_compressed
-            pool.update((j.name, j) for j in judge_compressed(cfg.model_task, cfg.compress, cfg.compress_data,
-                                                              cfg.text_col, src, work, calibration, judge_one,
-                                                              progress, data))
+            # the students never train on what judges them: the selection rows, the fidelity texts, their files
+            pool.update((j.name, j) for j in judge_compressed(
+                cfg.model_task, cfg.compress, cfg.compress_data, cfg.text_col, src, work, calibration, judge_one,
+                progress, data, fidelity=tuple(ctx.texts),
+                judged_files=tuple(f for f in (cfg.data, cfg.sample_texts) if f)))
         runtimes = {n: j.runtime for n, j in pool.items() if j.runtime is not None}
         progress(f"measuring {len(runtimes)} variants x {len(shapes)} shapes")
         before, failed = machine_load.snapshot(), {}

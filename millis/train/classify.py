@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     src = resolve(cfg.source)
     check_out(cfg, src)
     known = [src.id2label[i] for i in sorted(src.id2label)] if src.has_classifier else None
-    td = prepare(cfg, src, prefer=known)
+    td = prepare(cfg, src, prefer=known, progress=progress)
     seed_all(cfg.seed, cfg.threads)
     label2id = {c: i for i, c in enumerate(td.classes)}
     model = load_hf(src.path, AutoModelForSequenceClassification,
@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     res = fit(model, cfg, [len(r) for r in td.tr_ids], loss_of, lambda: val_accuracy(model, td), progress,
               info={"what": f"fine-tuning {src.spec}", "val_rows": len(td.va_ids), "classes": len(td.classes)})
     out = save(model, src, cfg, Path(cfg.out), res, data_meta(td),
-               {"labels": td.classes, "val_accuracy": res.best}, validation=td.val)
+               {"labels": td.classes, "val_accuracy": res.best}, validation=td.val, max_length=td.max_len)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch})
     return out
 

@@ -21,9 +21,10 @@ from typing import Any
 
 from millis.common.config import flag, preset_of
 from millis.common.errors import MillisError
-from millis.common.files import absolute, copy_regular
-from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, prepare, save, seed_all,
-                               val_accuracy)
+from millis.common.files import absolute, copy_regular, hash_files
+from millis.train.loop import (Progress, TaskData, check_out, cut_note, data_meta, fit, notes, prepare, save,
+                               seed_all, tokenize, train_length, val_accuracy)
+from millis.evaluate.seen import distill_texts
 from millis.encoder.hf import cut_layers, layer_list, load_hf
 from millis.encoder.source import ModelSource, resolve
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
@@ -180,7 +181,8 @@ def _classify(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     teacher = load_hf(src.path, AutoModelForSequenceClassification, attn_implementation="eager").eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    td = prepare(cfg.train, src, classes=[teacher.config.id2label[i] for i in range(teacher.config.num_labels)])
+    td = prepare(cfg.train, src, classes=[teacher.config.id2label[i] for i in range(teacher.config.num_labels)],
+                 progress=progress)
     student, layer_of = build_student(cfg, src, teacher, AutoModelForSequenceClassification)
     want = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
 
@@ -201,7 +203,8 @@ def _classify(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
               progress, info=info)
     extra = {"labels": td.classes, "val_accuracy": res.best,
              "distill": _recipe(cfg, "classify", src, teacher, student, layer_of, teacher_acc)}
-    out = save(student, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val)
+    out = save(student, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val,
+               max_length=td.max_len)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch,
                       "teacher_val_accuracy": teacher_acc})
     return out
@@ -230,10 +233,7 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student, layer_of = build_student(cfg, src, teacher, AutoModel)
-    # each text once: a copy in training would make its held-out twin a trained row
-    texts = list(dict.fromkeys(read_texts(cfg.train.data, cfg.train.text_col, limit=cfg.train.limit)))
-    if cfg.train.sample and cfg.train.sample < len(texts):
-        texts = random.Random(cfg.train.seed).sample(texts, cfg.train.sample)
+    texts = distill_texts(cfg.train.data, cfg.train.text_col, cfg.train.limit, cfg.train.sample, cfg.train.seed)
     if cfg.train.validation:  # --validation FILE: its texts score the epochs and never train
         val_texts = list(dict.fromkeys(read_texts(cfg.train.validation, cfg.train.text_col)))
         held = set(val_texts)
@@ -248,12 +248,13 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     if len(tr_texts) < 3 or not val_texts:
         raise MillisError(f"{cfg.train.data}: {len(tr_texts)} training and {len(val_texts)} validation texts "
                           "are too few to distil an embedder")
-    max_len = min(cfg.train.max_length, src.max_length)
+    max_len = train_length(cfg.train, src, notes(progress))
     tok = AutoTokenizer.from_pretrained(str(src.path))
-    tr = tok(tr_texts, truncation=True, max_length=max_len)["input_ids"]
-    va = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
+    tr, tr_cut = tokenize(tok, tr_texts, max_len)
+    va, va_cut = tokenize(tok, val_texts, max_len)
+    cut_note(tr_cut, len(tr), va_cut, len(va), max_len, progress)
     td = TaskData(None, [], tr, [], va, [], TextEncoder(src.path, ("input_ids", "attention_mask"), max_len),
-                  max_len, where)
+                  max_len, where, truncated={"train": tr_cut, "validation": va_cut})
     want = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
 
     def vectors(model, x, **k):
@@ -286,9 +287,10 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
         for name in ST_FILES:  # keep the sentence-transformers pooling so the student pools alike
             copy_regular(src.path / name, d / name)
 
-    data = {"path": absolute(cfg.train.data), "rows": len(texts), "text_col": cfg.train.text_col, "validation": td.validation}
+    data = {"path": absolute(cfg.train.data), "sha256": hash_files([Path(cfg.train.data)]), "rows": len(texts),
+            "text_col": cfg.train.text_col, "validation": td.validation, "truncated": td.truncated}
     extra = {"val_cosine": res.best, "distill": _recipe(cfg, "embed", src, teacher, student, layer_of, 1.0)}
-    out = save(student, src, cfg, Path(cfg.train.out), res, data, extra, write_model=write_model)
+    out = save(student, src, cfg, Path(cfg.train.out), res, data, extra, write_model=write_model, max_length=max_len)
     progress("done", {"out": str(out), "val_cosine": res.best, "best_epoch": res.best_epoch})
     return out
 

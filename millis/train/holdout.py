@@ -10,25 +10,33 @@ accuracy) and the new model's validation.jsonl, which `millis optimize` selects 
 - another training file: rows whose (text, label) is among the source's validation rows do not train, and
   held-out rows the source trained on go to training instead (when its training file is there, unchanged,
   to tell which rows it trained on; a warning says when it is not);
-- --validation FILE: never the training file itself (same sha256); a warning when they share texts; rows
-  the source trained on are dropped from it, with a warning.
+- --validation FILE: never the training file itself (same sha256), nor a file most of whose rows are training rows
+  (the same text, ignoring spacing and case: millis.common.readers.text_key); fewer such rows, and rows the source
+  trained on, are dropped from it, with a warning.
+Warnings go to `note` (a training command's progress: a `warning:` line), by default warnings.warn.
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from millis.artifact.meta import read_train_meta
-from millis.artifact.validation import LINE_KEY, VALIDATION_FILE, read_validation
+from millis.artifact.validation import read_validation
 from millis.common.errors import MillisError
 from millis.common.files import file_sha256
-from millis.common.readers import Labeled, read_labeled
+from millis.common.readers import Labeled, read_labeled, rows_of, text_key
 from millis.encoder.source import ModelSource
+from millis.evaluate.seen import Row, source_lines, trained_rows
 
-Row = tuple[str, str]  # (text, label): a row's identity across files
+Note = Callable[[str], None]  # a warning for the user, one line
+
+
+def warn(message: str) -> None:
+    """The default `note`: a Python warning (a library caller's; the commands pass their progress)."""
+    warnings.warn(message, stacklevel=4)
 
 
 def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -52,18 +60,6 @@ def split(data: Labeled, fraction: float, seed: int) -> tuple[list[int], list[in
         val += [i for g in groups[:k] for i in g]
         train += [i for g in groups[k:] for i in g]
     return sorted(train), sorted(val)
-
-
-def subsample(data: Labeled, n: int, seed: int) -> Labeled:
-    """A seeded random `n` rows in file order (all rows when n is 0 or not smaller than the file)."""
-    if not n or n >= len(data):
-        return data
-    return rows_of(data, sorted(random.Random(seed).sample(range(len(data)), n)))
-
-
-def rows_of(data: Labeled, idx: list[int]) -> Labeled:
-    return replace(data, texts=tuple(data.texts[i] for i in idx), labels=tuple(data.labels[i] for i in idx),
-                   lines=tuple(data.lines[i] for i in idx))
 
 
 def pairs(data: Labeled) -> list[Row]:
@@ -97,35 +93,15 @@ def source_split(src: ModelSource, data: Labeled) -> SourceSplit | None:
     same = same_file or (len(val) > 0 and set(pairs(val)) <= set(pairs(data)))
     path = Path(data.path) if same_file else Path(meta.data.path)
     here = same_file or meta.data.holds(path)
-    trained = _trained(meta, path, val, _source_lines(Path(src.path) / VALIDATION_FILE)) if here else None
+    trained = trained_rows(meta, path, val, source_lines(src.path)) if here else None
     return SourceSplit(src.spec, val, same, trained, meta.data.path)
 
 
-def _source_lines(path: Path) -> list[int | None]:
-    """The `source_line` of each row of a validation.jsonl: the row's line in the file it was held out of."""
-    return [json.loads(x).get(LINE_KEY) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
-
-
-def _trained(meta, path: Path, val: Labeled, lines: list[int | None]) -> frozenset[Row]:
-    """The rows the source trained on: its file as it read it (--limit, --sample, --seed), less the rows it held
-    out, by line, when its validation rows are those lines of the file; when it validated on another file (a
-    --validation FILE) every row counts as trained on (a row also in that file may have been)."""
-    cfg = meta.train_config
-    rows = subsample(read_labeled(path, meta.data.text_col, meta.data.label_col, int(cfg.get("limit") or 0)),
-                     int(cfg.get("sample") or 0), int(cfg.get("seed") or 0))
-    full = read_labeled(path, meta.data.text_col, meta.data.label_col)
-    at = dict(zip(full.lines, pairs(full)))
-    if all(at.get(n) == r for n, r in zip(lines, pairs(val))):
-        held = set(lines)
-        return frozenset(r for n, r in zip(rows.lines, pairs(rows)) if n not in held)
-    return frozenset(pairs(rows))
-
-
-def held_out(cfg, data: Labeled, src: ModelSource) -> tuple[list[int], Labeled, str]:
+def held_out(cfg, data: Labeled, src: ModelSource, note: Note = warn) -> tuple[list[int], Labeled, str]:
     """(training row indices of `data`, validation rows, where they came from) for a TrainConfig `cfg`."""
     source = source_split(src, data)
     if cfg.validation:
-        return list(range(len(data))), given_validation(cfg, data, source), cfg.validation
+        return list(range(len(data))), given_validation(cfg, data, source, note), cfg.validation
     if source is not None and source.same_data:
         judged = set(pairs(source.val))
         tr = [i for i, r in enumerate(pairs(data)) if r not in judged]
@@ -140,41 +116,46 @@ def held_out(cfg, data: Labeled, src: ModelSource) -> tuple[list[int], Labeled, 
     keep_tr = sorted(i for i in tr + moved if rows[i] not in judged)
     va = [i for i in va if rows[i] not in trained]
     if source.trained is None:
-        warnings.warn(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which "
-                      f"rows of {data.path} it trained on, so some validation rows may be rows it learnt",
-                      stacklevel=2)
+        note(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which rows of "
+             f"{data.path} it trained on, so some validation rows may be rows it learnt")
     dropped = len(tr) + len(moved) - len(keep_tr)
     if moved or dropped:
-        warnings.warn(f"{data.path}: {len(moved)} held-out row(s) are rows {source.spec} trained on (they train "
-                      f"instead) and {dropped} row(s) are among its validation rows (they do not train)",
-                      stacklevel=2)
+        note(f"{data.path}: {len(moved)} held-out row(s) are rows {source.spec} trained on (they train instead) "
+             f"and {dropped} row(s) are among its validation rows (they do not train)")
         what += f", less the rows {source.spec} trained on"
     return keep_tr, rows_of(data, va), what
 
 
-def given_validation(cfg, data: Labeled, source: SourceSplit | None) -> Labeled:
-    """The --validation file's rows: not the training file, and none the source model trained on."""
+def given_validation(cfg, data: Labeled, source: SourceSplit | None, note: Note = warn) -> Labeled:
+    """The --validation file's rows: not the training file, not mostly training rows, none a training row (the same
+    text, ignoring spacing and case) and none the source model trained on."""
     val = read_labeled(cfg.validation, cfg.text_col, data.label_col)
     if file_sha256(cfg.validation) == file_sha256(data.path):
         raise MillisError(f"--validation {cfg.validation} is the training file {data.path} (the same sha256): "
                           f"validation rows must be rows the model does not train on; leave --validation out "
                           f"to hold out --val-fraction of each class")
-    shared = set(val.texts) & set(data.texts)
+    training = {text_key(t) for t in data.texts}
+    keep = [j for j, t in enumerate(val.texts) if text_key(t) not in training]
+    shared = len(val) - len(keep)
+    if 2 * shared > len(val):  # the epoch would be chosen on rows it trains on: no validation at all
+        raise MillisError(f"{shared} of the {len(val)} rows of --validation {cfg.validation} are training rows of "
+                          f"{data.path} (the same text, ignoring spacing and case): validate on rows the model does "
+                          f"not train on, or leave --validation out to hold out --val-fraction of each class")
     if shared:
-        warnings.warn(f"{len(shared)} text(s) of the validation file {cfg.validation} are also training rows of "
-                      f"{data.path}: validation accuracy on them is accuracy on trained rows", stacklevel=2)
+        note(f"dropped {shared} of the {len(val)} rows of --validation {cfg.validation}: their texts are training "
+             f"rows of {data.path} (ignoring spacing and case), and accuracy on them is accuracy on trained rows")
+        val = rows_of(val, keep)
     if source is None:
         return val
     if source.trained is None:
-        warnings.warn(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which "
-                      f"rows of --validation {cfg.validation} it trained on, so some may be rows it learnt",
-                      stacklevel=2)
+        note(f"{source.spec}'s training file {source.data_path} is gone or changed: cannot tell which rows of "
+             f"--validation {cfg.validation} it trained on, so some may be rows it learnt")
         return val
     keep = [j for j, r in enumerate(pairs(val)) if r not in source.trained]
     if not keep:
         raise MillisError(f"every row of --validation {cfg.validation} is a row {source.spec} trained on: "
                           f"validate on rows it did not see")
     if len(keep) < len(val):
-        warnings.warn(f"dropped {len(val) - len(keep)} of the {len(val)} rows of --validation {cfg.validation}: "
-                      f"{source.spec} trained on them", stacklevel=2)
+        note(f"dropped {len(val) - len(keep)} of the {len(val)} rows of --validation {cfg.validation}: "
+             f"{source.spec} trained on them")
     return rows_of(val, keep)

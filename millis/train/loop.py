@@ -4,10 +4,15 @@
 AdamW with linear warm-up and decay over length-grouped batches, scores every epoch, stops early
 (unless --patience is 0) and restores the best epoch's weights; `save` writes the HF directory with its
 recipe. What differs between the commands is only the loss of a batch (`LossFn`).
+
+The max length a model trains at is the one it runs at: texts are cut to min(--max-length, the model's positions),
+`save` records that length (millis.json's config) and writes it into the saved tokenizer (model_max_length, and a
+sentence-transformers folder's max_seq_length), which every later load reads (millis.encoder.source.model_max_length).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -23,8 +28,8 @@ from millis.artifact.meta import Hardware, TrainMeta, TrainSource
 from millis.common.config import to_dict
 from millis.common.schema import from_dict
 from millis.common.errors import MillisError
-from millis.common.readers import Labeled, read_labeled
-from millis.train.holdout import held_out, subsample
+from millis.common.readers import Labeled, read_labeled, subsample
+from millis.train.holdout import Note, held_out, warn
 from millis.encoder.source import ModelSource
 from millis.common.files import absolute, hash_files
 from millis.encoder.text import TextEncoder
@@ -73,6 +78,7 @@ class TaskData:
     max_len: int
     validation: str                 # where the validation rows came from, for millis.json
     val: Labeled | None = None      # the labelled validation rows (kept beside the model: validation.jsonl)
+    truncated: dict[str, int] = field(default_factory=dict)  # rows cut to max_len: {"train": n, "validation": m}
 
     def tensors(self, rows: list[list[int]]) -> dict[str, Any]:
         import torch
@@ -81,15 +87,17 @@ class TaskData:
         return {k: torch.from_numpy(v) for k, v in self.packer.pack(rows, max(len(r) for r in rows)).items()}
 
 
-def prepare(cfg, src: ModelSource, classes: list[str] | None = None, prefer: list[str] | None = None) -> TaskData:
+def prepare(cfg, src: ModelSource, classes: list[str] | None = None, prefer: list[str] | None = None,
+            progress: Progress | None = None) -> TaskData:
     """Read, split (millis.train.holdout.held_out) and tokenize `cfg.data` (a TrainConfig). `classes` fixes
     the label order (a model that already has labels); otherwise `prefer`'s order when the file's classes
     are among them (a classifier trained further keeps what each row of its head means), else the file's
-    sorted classes."""
+    sorted classes. Warnings and how many texts were cut go to `progress` ("plan" events) when given."""
     from transformers import AutoTokenizer
 
+    note = warn if progress is None else notes(progress)
     data = subsample(read_labeled(cfg.data, cfg.text_col, cfg.label_col, cfg.limit), cfg.sample, cfg.seed)
-    tr_idx, val, validation = held_out(cfg, data, src)  # a millis-trained source's validation rows stay held out
+    tr_idx, val, validation = held_out(cfg, data, src, note)  # a millis-trained source's validation rows stay out
     found = check_classes(data, val)
     if classes is None and prefer and set(found) <= set(prefer):
         classes = prefer
@@ -106,12 +114,42 @@ def prepare(cfg, src: ModelSource, classes: list[str] | None = None, prefer: lis
     if not tr_idx:
         raise MillisError(f"{data.path}: no training rows are left: every row is a validation row"
                           + (f" ({validation})" if validation else ""))
-    max_len = min(cfg.max_length, src.max_length)
+    max_len = train_length(cfg, src, note)
     tok = AutoTokenizer.from_pretrained(str(src.path))
-    tr_ids = tok([data.texts[i] for i in tr_idx], truncation=True, max_length=max_len)["input_ids"]
-    va_ids = tok(val_texts, truncation=True, max_length=max_len)["input_ids"]
+    tr_ids, tr_cut = tokenize(tok, [data.texts[i] for i in tr_idx], max_len)
+    va_ids, va_cut = tokenize(tok, val_texts, max_len)
+    cut_note(tr_cut, len(tr_ids), va_cut, len(va_ids), max_len, progress)
     return TaskData(data, classes, tr_ids, [label2id[data.labels[i]] for i in tr_idx], va_ids, val_y,
-                    TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len, validation, val)
+                    TextEncoder(src.path, ("input_ids", "attention_mask"), max_len), max_len, validation, val,
+                    {"train": tr_cut, "validation": va_cut})
+
+
+def notes(progress: Progress) -> Note:
+    """A training command's warnings as "plan" events: the CLI logs them as `warning: ...` lines."""
+    return lambda message: progress("plan", {"warning:": message})
+
+
+def train_length(cfg, src: ModelSource, note: Note) -> int:
+    """The max length texts are cut to: --max-length (a TrainConfig's), within the model's positions."""
+    if cfg.max_length > src.max_length:
+        note(f"--max-length {cfg.max_length} is above the {src.max_length} positions of {src.spec}: texts are cut "
+             f"to {src.max_length} tokens (the length recorded and run at)")
+    return min(cfg.max_length, src.max_length)
+
+
+def tokenize(tok, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+    """(token ids of `texts` cut to `max_len` as the tokenizer cuts, keeping the final special token; how many
+    texts were cut)."""
+    ids = tok(texts, truncation=True, max_length=max_len)["input_ids"]
+    full = tok(texts, verbose=False)["input_ids"]
+    return ids, sum(len(a) > len(b) for a, b in zip(full, ids))
+
+
+def cut_note(tr_cut: int, n_tr: int, va_cut: int, n_va: int, max_len: int, progress: Progress | None) -> None:
+    """Say how many texts are cut to the max length, when any are (a "plan" event)."""
+    if progress is not None and (tr_cut or va_cut):
+        progress("plan", {"note:": f"{tr_cut} of {n_tr} training and {va_cut} of {n_va} validation texts are cut "
+                                   f"to {max_len} tokens (--max-length)"})
 
 
 def predict(model, td: TaskData, ids: list[list[int]], batch: int = 64) -> np.ndarray:
@@ -239,39 +277,57 @@ def check_out(cfg, src: ModelSource) -> None:
 
 def save(model, src: ModelSource, cfg, out: Path, res: FitResult, data: dict[str, Any],
          extra: dict[str, Any] | None = None, write_model: Callable[[Path], None] | None = None,
-         validation: Labeled | None = None) -> Path:
+         validation: Labeled | None = None, max_length: int = 0) -> Path:
     """Write `model` (and the source's tokenizer) as an HF directory with its recipe in millis.json.
     `write_model(dir)` replaces `model.save_pretrained` (pruned models add their shapes). `validation`:
-    the held-out rows, kept as validation.jsonl (`millis optimize` selects on them by default)."""
+    the held-out rows, kept as validation.jsonl (`millis optimize` selects on them by default). `max_length`:
+    the length it trained at (TaskData.max_len), written into the tokenizer and the recorded config."""
     from transformers import AutoTokenizer
 
     def fill(tmp: Path) -> TrainMeta:
         (write_model or (lambda d: model.save_pretrained(str(d))))(tmp)
         AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(tmp))
+        if max_length:
+            pin_length(tmp, max_length)
         if validation is not None:
             write_validation(tmp, validation)
         record = {"millis_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "source": TrainSource(src.spec, src.sha256, src.model_type), "data": data,
                   "best_epoch": res.best_epoch, "history": res.history, "train_s": res.seconds,
-                  "hardware": Hardware.this_machine(), "config": recorded_config(cfg), **(extra or {})}
+                  "hardware": Hardware.this_machine(), "config": recorded_config(cfg, max_length),
+                  **(extra or {})}
         return from_dict(TrainMeta, record, f"the training record of {out}", strict=True)  # typed, or fails here
 
     return artifact.write(Path(out), fill, keep=read_paths(cfg, src))
 
 
-def recorded_config(cfg) -> dict[str, Any]:
+def recorded_config(cfg, max_length: int = 0) -> dict[str, Any]:
     """`cfg` (a Train-, Distill- or PruneConfig) as millis.json records it: the files it read by absolute
-    paths (`millis eval` and `optimize` reopen --validation and the training file from anywhere)."""
+    paths (`millis eval` and `optimize` reopen --validation and the training file from anywhere), and the
+    max length it trained at (`max_length`, when given: --max-length within the model's positions)."""
     d = to_dict(cfg)
     for part in (d, d.get("train") or {}):
         for key in ("data", "validation"):
             if part.get(key):
                 part[key] = absolute(part[key])
+        if max_length and "max_length" in part:
+            part["max_length"] = max_length
     return d
+
+
+def pin_length(model_dir: Path, max_length: int) -> None:
+    """Make `max_length` the length `model_dir` runs at (millis.encoder.source.model_max_length reads it): the
+    tokenizer's model_max_length, and a sentence-transformers folder's max_seq_length (read first) when it has one."""
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("sentence_bert_config.json", "max_seq_length")):
+        f = model_dir / name
+        if f.is_file():
+            d = json.loads(f.read_text())
+            d[key] = max_length
+            f.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
 
 
 def data_meta(td: TaskData) -> dict[str, Any]:
     d = td.data
     return {"path": absolute(d.path), "sha256": hash_files([Path(d.path)]), "rows": len(d), "text_col": d.text_col,
             "label_col": d.label_col, "validation": td.validation, "validation_file": VALIDATION_FILE,
-            "validation_rows": len(td.val)}
+            "validation_rows": len(td.val), "truncated": td.truncated}

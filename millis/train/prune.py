@@ -205,7 +205,8 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
     seed_all(cfg.train.seed, cfg.train.threads)
     original = load_hf(src.path, AutoModelForSequenceClassification).eval()
     encoder_layers(original)  # a clear error for families we cannot cut
-    td = prepare(cfg.train, src, classes=[original.config.id2label[i] for i in range(original.config.num_labels)])
+    td = prepare(cfg.train, src, classes=[original.config.id2label[i] for i in range(original.config.num_labels)],
+                 progress=progress)
     p = plan(original, td, cfg, progress)
     if p.heads is not None:
         progress("plan", {"note": "head-pruned: millis loads it (millis.encoder.hf.load_hf), plain transformers' "
@@ -235,7 +236,8 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
                        "original": {"spec": src.spec, "sha256": src.sha256, "val_accuracy": acc_original},
                        "val_accuracy_before_recovery": before,
                        "parameters": {"original": count(original), "pruned": count(model)}, **p.scores}}
-    out = save(model, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val)
+    out = save(model, src, cfg, Path(cfg.train.out), res, data_meta(td), extra, validation=td.val,
+               max_length=td.max_len)
     progress("done", {"out": str(out), "val_accuracy": res.best, "best_epoch": res.best_epoch,
                       "val_accuracy_before_recovery": before})
     return out
