@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test test-interpret install browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The GPU kernels' CPU checks (not part of `make test`: Triton's wheel is 286 MB and the interpreter ~3 min here):
+# the Triton kernels against the torch step in Triton's interpreter, and the layer kernel compiled for sm_90 (the
+# wheel brings ptxas: no GPU needed).
+test-interpret: $(STAMP)
+	$(PY) -m pip install --quiet 'triton==3.9.0'
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_decode_layer.py tests/test_fused_decode.py \
+	  tests/test_w8a8.py tests/test_weight_only.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_decode_layer.py -k compiles
 
 bench: $(STAMP)
 	bash bench/peers/setup.sh
