@@ -32,6 +32,7 @@ JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHED_GRAMMARS = 64      # compiled grammars kept per engine (a schema sent again is a deep copy)
 MAX_SCHEMA_CHARS = 65536  # a schema larger than this is refused before compiling
+MAX_ERROR_CHARS = 2000    # of a compile error in an answer (llguidance quotes the grammar: 68 KB for a large schema)
 
 
 def json_schema_grammar(schema: dict | bool | None, options: dict = JSON_OPTIONS) -> str:
@@ -69,11 +70,44 @@ def schema_text(schema: dict | bool) -> str:
     try:
         text = json.dumps(schema)
         check_bounds(schema)
+        check_intersections(schema)
     except RecursionError:  # the servers refuse deep schemas before this; other callers may not
         raise MillisError("the JSON schema nests too deeply") from None
     if len(text) > MAX_SCHEMA_CHARS:
         raise MillisError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
     return text
+
+
+MAX_INTERSECTED_PATTERNS = 8  # string patterns one value must match at once (allOf): checking them is exponential
+
+
+def check_intersections(schema) -> None:
+    """Refuse more than MAX_INTERSECTED_PATTERNS regular expressions (`pattern`, `format`) that one string must
+    match at once (an allOf's members, nested allOf flattened): llguidance checks their intersection for emptiness
+    in time exponential in their count (12: 0.01 s, 18: 5 s, 22: 225 s of a compile thread, a 900-character
+    schema), and no parser limit bounds that check."""
+    if isinstance(schema, list):
+        for s in schema:
+            check_intersections(s)
+        return
+    if not isinstance(schema, dict):
+        return
+    for k, v in schema.items():
+        if k not in NOT_SCHEMAS:
+            check_intersections(v)
+    if "allOf" in schema and (n := patterns_met(schema)) > MAX_INTERSECTED_PATTERNS:
+        raise MillisError(f"the JSON schema asks one value to match {n} string patterns at once (allOf); at most "
+                          f"{MAX_INTERSECTED_PATTERNS}: checking their intersection takes time exponential in "
+                          f"their count")
+
+
+def patterns_met(schema) -> int:
+    """The `pattern` / `format` constraints a value of `schema` must meet at once: its own and its allOf's."""
+    if not isinstance(schema, dict):
+        return 0
+    own = ("pattern" in schema) + ("format" in schema)
+    members = schema.get("allOf")
+    return own + (sum(patterns_met(m) for m in members) if isinstance(members, list) else 0)
 
 
 EXACT_INTEGERS = 2 ** 53  # llguidance reads bounds as doubles: integers past this one are rounded
@@ -161,6 +195,7 @@ class Grammars:
         firsts = {self.tok.decode_bytes([i])[:1] for i in range(min(vocab_size, self.tok.vocab_size))}
         self.unspellable = [c for c in '{}[]":,' if c.encode() not in firsts]
         self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._failed: OrderedDict[str, str] = OrderedDict()  # grammar -> why it did not compile
         self._lock = threading.Lock()  # requests are added from the server's threads
 
     def matcher(self, grammar: str):
@@ -175,9 +210,16 @@ class Grammars:
             if base is not None:
                 self._compiled.move_to_end(grammar)
                 return base.deep_copy()
+            if (error := self._failed.get(grammar)) is not None:  # a retry of a grammar that failed pays nothing
+                raise MillisError(error)
         base = LLMatcher(self.tok, grammar, log_level=0)  # outside the lock: 1-1000 ms for a large schema
         if base.is_error():
-            raise MillisError(f"the grammar cannot be used: {base.get_error()}")
+            error = f"the grammar cannot be used: {base.get_error()[:MAX_ERROR_CHARS]}"
+            with self._lock:
+                self._failed[grammar] = error
+                while len(self._failed) > CACHED_GRAMMARS:
+                    self._failed.popitem(last=False)
+            raise MillisError(error)
         with self._lock:
             self._compiled[grammar] = base
             while len(self._compiled) > CACHED_GRAMMARS:

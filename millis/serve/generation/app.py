@@ -40,8 +40,8 @@ from millis.serve.generation.respond import failure_answer, respond
 from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve.generation.templates import ChatTemplates
 from millis.serve import openapi, schemas
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, endpoint, json_response, make_app, model_routes, off_loop,
-                               read_json, ready_response)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, OFF_LOOP_THREADS, endpoint, json_response, make_app,
+                               model_routes, off_loop, read_json, ready_response)
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import generation_live_routes
 from millis.serve.metrics import GenMetrics
@@ -101,6 +101,8 @@ class GenState:
         self.cold_start_s = 0.0
         self.draining = False
         self.started_at = int(time.time())
+        # grammar compiles hold at most all but one off-loop thread: a slow schema never stalls tokenization
+        self.compiles = asyncio.Semaphore(max(1, OFF_LOOP_THREADS - 1))
         self.live: dict[str, Live] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
@@ -348,7 +350,8 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
         matchers = None
         if g.params.grammar:  # compiled off the loop (1-1000 ms; the tokenizer's view the first time), one a choice
             try:
-                matchers = await off_loop(lambda: [eng.grammars.matcher(g.params.grammar) for _ in range(g.n)])
+                async with st.compiles:
+                    matchers = await off_loop(lambda: [eng.grammars.matcher(g.params.grammar) for _ in range(g.n)])
             except MillisError as e:
                 raise schemas.ApiError(422, f"{g.grammar_from}: {e}", param=g.grammar_from,
                                        code="invalid_value") from None

@@ -16,7 +16,6 @@ Whatever ends the request (finished, client gone, timeout, error) cancels every 
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
 import logging
 import time
@@ -27,6 +26,7 @@ from millis.serve import schemas
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.logprobs import TextOffset, answer_logprobs, logprobs_body
 from millis.serve.generation.tool_stream import CallStream, Scan
+from millis.serve.generation.tools import strict_json
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
 log = logging.getLogger("millis.serve")
@@ -64,7 +64,7 @@ def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list,
 
 def is_json(text: str) -> bool:
     try:
-        json.loads(text)
+        strict_json(text)
     except ValueError:
         return False
     return True

@@ -25,7 +25,7 @@ from millis.gen.chat_template import REASONING_FIELDS
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
 from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
-from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, with_tools
+from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, strict_json, with_tools
 
 Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
@@ -138,11 +138,18 @@ class NativeFormat(GenericFormat):
                            "properties": {"name": {"const": t["name"]}, self.args_key: embedded(t)},
                            "required": ["name", self.args_key], "additionalProperties": False} for t in spec.tools]}
 
+    def required_calls(self, text: str, spec: ToolSpec) -> Calls:
+        """An answer constrained to calls (tool_choice required, a named function): the calls as far as written,
+        the last one cut by max_tokens included, as streaming sent them; never the call syntax as content (a cut
+        answer came back as `<tool_call>...` text with no calls, where the stream had sent one)."""
+        calls = [tool_call(sp.name, sp.args) for sp in self.spans(text) if sp.name is not None]
+        return None, calls if spec.parallel else calls[:1]
+
     def call_of(self, body: str, spec: ToolSpec) -> dict | None:
         """The tool_call a call's JSON text stands for (its arguments as written), or None when it does not
         parse or is not a call of a known tool."""
         try:
-            value = json.loads(body)
+            value = strict_json(body)
         except ValueError:
             return None
         names = {t["name"] for t in spec.tools}
@@ -203,6 +210,8 @@ class HermesFormat(NativeFormat):
         return whole + tail
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
+        if spec.required:
+            return self.required_calls(text, spec)
         blocks = self.blocks(text)
         calls = [c for c in (self.call_of(body, spec) for _, _, body in blocks) if c is not None]
         if not calls:
@@ -257,6 +266,8 @@ class Llama3Format(NativeFormat):
         return len(text)
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
+        if spec.required:
+            return self.required_calls(text, spec)
         call = self.call_of(text.strip().removeprefix(self.TAG).strip(), spec)
         return (None, [call]) if call is not None else (text, [])
 

@@ -26,7 +26,7 @@ from millis.serve.schemas import MAX_JSON_DEPTH, ApiError, json_shape
 
 MAX_TOOLS = 64
 TOOL_KEYS = ("role", "content", "tool_call_id", "name")  # of a tool result, as templates read it
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,15 @@ def tool_spec(body: dict) -> ToolSpec | None:
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"] or \
                 not set(f["name"]) <= NAME_CHARS or len(f["name"]) > 64:
             raise _fail(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a name "
-                        f"of 1..64 letters, digits, _ - or .")
+                        f"of 1..64 letters, digits, _ or - (OpenAI's ^[a-zA-Z0-9_-]{{1,64}}$)")
         # none: no arguments, as OpenAI reads it (an open object let the model invent keys)
         params = f.get("parameters", {"type": "object", "properties": {}, "additionalProperties": False})
         if not isinstance(params, dict) or not isinstance(f.get("description", ""), str):
             raise _fail(f"tools[{i}].function.parameters must be a JSON schema object and description a string")
+        if params.get("type", "object") != "object":  # arguments are keyword arguments: always an object
+            raise _fail(f"tools[{i}].function.parameters must describe an object (type \"object\"), got type "
+                        f"{params.get('type')!r}")
+        params = {"type": "object", **params}  # {} or a schema without a type: arguments are still an object
         if json_shape(params)[0] > MAX_JSON_DEPTH:
             raise _fail(f"tools[{i}].function.parameters nests deeper than {MAX_JSON_DEPTH} levels")
         specs.append({"name": f["name"], "description": f.get("description", ""), "parameters": params})
@@ -110,7 +114,7 @@ def tool_spec(body: dict) -> ToolSpec | None:
     if not named:
         raise _fail(f"tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": "
                     f"N}}}} with N one of the tools, got {choice!r}", "tool_choice")
-    return ToolSpec(tuple(named), True, parallel)
+    return ToolSpec(tuple(named), True, False)  # a named function: one call of it (vLLM's; sampling gave up to 4)
 
 
 def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
@@ -132,6 +136,14 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
     if out and out[0]["role"] in ("system", "developer"):
         return [{"role": out[0]["role"], "content": f"{out[0].get('content') or ''}\n\n{text}"}, *out[1:]]
     return [{"role": "system", "content": text}, *out]
+
+
+def strict_json(text: str) -> Any:
+    """json.loads refusing NaN and Infinity (ValueError): Python reads them, JSON has no such values, so arguments
+    holding them parse in no client (JSON.parse, strict parsers)."""
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def arguments_of(call: dict) -> Any:
