@@ -88,13 +88,15 @@ def test_long_text_is_truncated_and_says_so(classify_artifact):
 def test_batched_equals_single_and_keeps_order(classify_artifact):
     from millis.common.samples import sample_texts
 
+    from conftest import tolerance
+
     m = millis.load(classify_artifact)
     texts = sample_texts()[:20]
     batched = m.run(texts, max_batch=7).outputs
     single = np.stack([m.run([t]).outputs[0] for t in texts])
-    # dynamic int8 quantizes activations per tensor over the whole batch: close, not bit-equal
-    atol = 1e-5 if m.meta.variant.precision == "fp32" else 2e-3
-    np.testing.assert_allclose(batched, single, atol=atol)
+    # dynamic int8 quantizes activations per tensor over the whole batch: close, not bit-equal (within 5% of the
+    # logits' range across the texts, where any two rows differ by far more: a row out of order fails)
+    np.testing.assert_allclose(batched, single, atol=tolerance(single, m.meta.variant.precision))
 
 
 def test_open_model_and_optimize_agree_on_max_length(tmp_path):
@@ -141,9 +143,7 @@ def test_scores_follow_the_configs_problem_type(tmp_path, problem_type, labels):
     if problem_type:
         cfg.problem_type = problem_type
     torch.manual_seed(0)
-    hf = AutoModelForSequenceClassification.from_config(cfg).eval()
-    with torch.no_grad():
-        hf.classifier.weight.mul_(20.0)
+    hf = AutoModelForSequenceClassification.from_config(cfg).eval()  # initializer_range 0.2: logits of -0.1..1.5
     hf.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path)
     texts = ["where is my card?", "the markets fell"]

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from millis.common.errors import MillisError
 from millis.gen.chat_template import render_chat
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.conversation import ALL_ROLES, Roles, probe_roles
@@ -168,5 +169,5 @@ def test_continue_final_message_and_add_generation_prompt():
             gs.chat_request(bad, "m", LIMITS)
         assert e.value.status == 422 and e.value.param == "continue_final_message", bad
     hides = "{% for m in messages %}[{{ m.role }}]{% endfor %}"  # a template that never shows the text
-    with pytest.raises(Exception, match="does not show the last message"):
+    with pytest.raises(MillisError, match="continue_final_message: the chat template does not show the last message"):
         rendered(hides, {"messages": msgs, "continue_final_message": True})

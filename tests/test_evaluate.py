@@ -86,6 +86,11 @@ def test_eval_on_a_source_spec(tmp_path, tiny_dirs):
     src = resolve("tiny:bert")
     pred = [src.id2label[int(i)] for i in reference_outputs(src.path, "classify", [t for t, _ in rows]).argmax(1)]
     want = classification_metrics([y for _, y in rows], pred)
+    # the guard: the predictions differ between the rows, so predictions in another order (or all one label) score
+    # otherwise (they all were "neutral" once, and predictions reversed passed)
+    assert len(set(pred)) > 1, pred
+    for other in (pred[::-1], pred[1:] + pred[:1], [pred[0]] * len(pred)):
+        assert classification_metrics([y for _, y in rows], other) != want, other
     assert res["accuracy"] == want["accuracy"] and list(res["per_class"]) == list(want["per_class"])
     for c, m in want["per_class"].items():
         assert res["per_class"][c] == pytest.approx(m), c

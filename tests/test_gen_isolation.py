@@ -117,12 +117,23 @@ def test_a_request_whose_text_raises_fails_alone(monkeypatch):
 
 
 def test_sampling_params_are_bounded():
-    for bad in [dict(temperature=1e9), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e9),
-                dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(top_p=0), dict(top_k=-1),
-                dict(presence_penalty=2.01), dict(frequency_penalty=-1e300), dict(presence_penalty=float("nan")),
-                dict(logit_bias=((5, 100.5),)), dict(logit_bias=((-1, 1.0),)), dict(logit_bias=((5, 1.0), (5, 2.0))),
-                dict(logit_bias=((5, float("nan")),)), dict(logit_bias=tuple((i, 1.0) for i in range(301)))]:
-        with pytest.raises(MillisError):
+    # each refused by the check of its own field (temperature, top_k, top_p and repetition_penalty share one message
+    # that names all four: the match pins that check, not which of them failed)
+    shared = "temperature <= 100, top_k >= 0, 0 < top_p <= 1 and"
+    for bad, named in [(dict(temperature=1e9), "temperature <="), (dict(top_p=0), "0 < top_p <= 1"),
+                       (dict(repetition_penalty=1e-300), f"{shared} .* <= repetition_penalty <="),
+                       (dict(repetition_penalty=1e9), f"{shared} .* <= repetition_penalty <="),
+                       (dict(top_k=-1), "top_k >= 0"),
+                       (dict(seed=1 << 64), f"seed must fit 64 bits, got {1 << 64}"),
+                       (dict(seed=-(1 << 63) - 1), f"seed must fit 64 bits, got {-(1 << 63) - 1}"),
+                       (dict(presence_penalty=2.01), "presence_penalty and frequency_penalty .*got 2.01 and 0.0"),
+                       (dict(frequency_penalty=-1e300), r"presence_penalty and frequency_penalty .*got 0.0 and -1e\+300"),
+                       (dict(presence_penalty=float("nan")), "presence_penalty and frequency_penalty .*got nan and 0.0"),
+                       (dict(logit_bias=((5, 100.5),)), "logit_bias"), (dict(logit_bias=((-1, 1.0),)), "logit_bias"),
+                       (dict(logit_bias=((5, 1.0), (5, 2.0))), "logit_bias"),
+                       (dict(logit_bias=((5, float("nan")),)), "logit_bias"),
+                       (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "logit_bias")]:
+        with pytest.raises(MillisError, match=named):
             SamplingParams(**bad)
     SamplingParams(seed=(1 << 64) - 1, temperature=100, repetition_penalty=0.01, presence_penalty=-2,
                    frequency_penalty=2, logit_bias=tuple((i, (-1) ** i * 100.0) for i in range(300)))

@@ -2,6 +2,7 @@
 import onnx
 import pytest
 
+from millis.common.errors import MillisError
 from millis.optimize.build import graph, quantize
 from millis.optimize.build.export import export
 from millis.encoder.source import resolve
@@ -80,7 +81,7 @@ def test_static_int8_inserts_calibrated_qdq(exported, tmp_path, method):
     q = graph.count_ops(out)
     assert q.get("QuantizeLinear", 0) >= 2 * src.num_layers, q  # activations of the MatMuls
     assert q.get("DequantizeLinear", 0) > q.get("QuantizeLinear", 0), q  # + int8 weights
-    with pytest.raises(Exception, match="unknown calibration method"):
+    with pytest.raises(MillisError, match="unknown calibration method 'magic'"):
         quantize.static(base, out, batches, method="magic")
-    with pytest.raises(Exception, match="needs calibration texts"):
+    with pytest.raises(MillisError, match="static quantization needs calibration texts"):
         quantize.static(base, out, [], method="minmax")

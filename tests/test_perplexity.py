@@ -50,6 +50,28 @@ def test_readme_form_scores_every_token(model, book, tmp_path, capsys):
     assert res["tokens"] == n - 1 and res["context"] == 512 and res["stride"] == 256
     assert (res["dtype"], res["quant"], res["score_tokens"]) == ("fp32", "none", 0)  # which weights gave it
     assert 1.0 < res["perplexity"] < 10.0  # a repeated story: the model predicts it well
+    # the figure itself, computed here: HF's perplexity guide's sliding windows over the engine's logits, each window
+    # scoring the targets the previous one did not, log-softmax of the logit before each
+    import math
+
+    import torch
+
+    from millis.gen import EngineConfig, open_engine
+
+    eng = open_engine(model, EngineConfig(max_batch=1, max_seq=512))
+    ids = eng.tok.encode(book.read_text())
+    nll, scored, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids) - 1, 256):
+        end = min(begin + 512, len(ids))
+        first = max(prev_end, begin + 1)  # the first target this window scores
+        logp = torch.log_softmax(eng.logits(ids[begin:end]).double(), -1)  # row i predicts ids[begin + i + 1]
+        for t in range(first, end):
+            nll -= float(logp[t - 1 - begin, ids[t]])
+        scored, prev_end = scored + end - first, end
+        if end == len(ids):
+            break
+    assert scored == res["tokens"]
+    assert res["perplexity"] == pytest.approx(math.exp(nll / scored), rel=1e-4)
 
 
 def test_small_context_alone_uses_half_of_it_as_stride(model, book, capsys):
@@ -98,8 +120,12 @@ def test_eval_needs_data_or_text(model, book, tmp_path, capsys):
 
 def test_text_variables_are_scoped(model, book, monkeypatch, capsys):
     monkeypatch.setenv("MILLIS_TEXT", str(book))  # another tool's: no longer switches eval to perplexity
-    monkeypatch.setenv("MILLIS_CONTEXT", "1")
-    assert "--data FILE" in one_line_error(capsys, model)
+    monkeypatch.setenv("MILLIS_CONTEXT", "1")  # (and a MILLIS_* variable no command reads is refused, naming eval's)
+    err = one_line_error(capsys, model)
+    assert "MILLIS_TEXT: no millis command reads it; millis eval reads MILLIS_EVAL_TEXT" in err, err
+    assert "MILLIS_CONTEXT: no millis command reads it; millis eval reads MILLIS_EVAL_CONTEXT" in err, err
+    monkeypatch.delenv("MILLIS_TEXT")
+    monkeypatch.delenv("MILLIS_CONTEXT")
     monkeypatch.setenv("MILLIS_EVAL_TEXT", str(book))
     monkeypatch.setenv("MILLIS_EVAL_CONTEXT", "64")
     rc, res, _ = run_eval(capsys, model)

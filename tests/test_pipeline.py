@@ -12,7 +12,7 @@ from millis.optimize.pipeline import optimize
 from millis.common.samples import sample_texts
 from millis.artifact.model import open_model
 
-from conftest import reference_outputs
+from conftest import reference_outputs, sure, tolerance
 
 
 def test_classify_artifact_contents(classify_artifact):
@@ -64,8 +64,9 @@ def test_the_artifact_holds_the_variant_choose_returns(tmp_path, tiny_dirs, quic
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulIntegerToFloat"}, ops
     assert not (out / "hf").exists()
     texts = sample_texts()[:8]
+    ref = reference_outputs(tiny_dirs["bert"], "classify", texts)
     logits = np.array([p["logits"] for p in millis.load(out).predict(texts)])
-    np.testing.assert_allclose(logits, reference_outputs(tiny_dirs["bert"], "classify", texts), atol=0.5)
+    np.testing.assert_allclose(logits, ref, atol=tolerance(ref, "int8"))  # int8: 5% of the logits' range
 
 
 def test_optimize_selects_on_the_validation_split_train_kept(tmp_path, trained_classifier, topics_data, quick_measure):
@@ -213,8 +214,10 @@ def test_loaded_artifact_matches_reference(classify_artifact, tiny_dirs):
     ref = reference_outputs(tiny_dirs["bert"], "classify", texts)
     preds = m.predict(texts)
     logits = np.array([p["logits"] for p in preds])
-    np.testing.assert_allclose(logits, ref, atol=0.05)
-    assert [p["label"] for p in preds] == [m.id2label[int(i)] for i in ref.argmax(1)]
+    atol = tolerance(ref, m.meta.variant.precision, labels=True)  # fp32-fused or int8, as selection chose
+    np.testing.assert_allclose(logits, ref, atol=atol)
+    keep = sure(ref, atol)  # int8 may flip a near-tie: the labels of the texts it cannot
+    assert [p["label"] for p, k in zip(preds, keep) if k] == [m.id2label[int(i)] for i in ref.argmax(1)[keep]]
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
 
 

@@ -54,6 +54,16 @@ def test_saved_tokenizer_matches_autotokenizer(saved_dir):
         assert fast.ids_of(texts, special) == ref.tok(texts, add_special_tokens=special, truncation=False)["input_ids"]
     assert fast.token_ids(texts) == ref.token_ids(texts)
     assert any(fast.token_ids(texts)[1])  # the long edge cases were cut
+    # ... as transformers cuts them (the final [SEP] kept), by its own tokenizer, not TextEncoder's truncation twice
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(out))
+    ids, cut = fast.token_ids(texts)
+    assert ids == hf(texts, truncation=True, max_length=128)["input_ids"]
+    assert cut == [len(r) > 128 for r in hf(texts, truncation=False)["input_ids"]]
+    want = hf(texts[:32], truncation=True, max_length=128, padding=True, pad_to_multiple_of=16, return_tensors="np")
+    for k in names:  # encode's batch: padded up to a multiple of 16 tokens, as HF pads it
+        np.testing.assert_array_equal(fast.encode(texts[:32]).feeds[k], want[k])
     assert fast.pair_ids("where is my card?", texts[:40]) == ref.pair_ids("where is my card?", texts[:40])
     a, b = fast.encode(texts[:32]), ref.encode(texts[:32])
     assert a.lengths == b.lengths and a.truncated == b.truncated

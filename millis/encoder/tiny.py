@@ -3,6 +3,12 @@
 `tiny:bert`, `tiny:distilbert`, `tiny:roberta`, `tiny:xlm-roberta`: a sequence classifier with three
 labels that is also a sentence-transformers folder (mean pooling + Normalize), so one directory
 serves both tasks. Built once per family into the millis cache; weights are seeded.
+
+The weights are drawn with initializer_range 0.2, not transformers' 0.02: at 0.02 and hidden size 32 the
+attention barely mixes tokens and the classifier's logits are all but constant (every text within ~1e-4 of
+the others, one argmax for all), so a test comparing logits, labels or row order could not fail. At 0.2
+the logits vary across texts by ~0.2-0.6 (std per label over the shipped samples), each family's argmax
+differs between them (SEEDS), and int8 variants stay within the default fidelity budget.
 """
 from __future__ import annotations
 
@@ -17,6 +23,12 @@ from millis.common.samples import sample_texts
 
 FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+INIT_RANGE = 0.2  # std of the normal weights (see the module's docstring)
+# Each family's torch seed. Over the shipped sample texts and short forms of them as optimize judges (79 texts), of
+# the seeds that make a second label the argmax of 8 or more texts, the one whose smallest gap between a text's two
+# top logits is widest (a near-tie is what int8 noise flips); bert: the next one, 40 (gap 0.073; 15 texts neutral,
+# 64 positive), as 12's ov-int8 flipped a label. Seeds tried: 0..399 for bert, 0..149 for the others.
+SEEDS = {"bert": 40, "distilbert": 91, "roberta": 55, "xlm-roberta": 108}
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0 for every family
 
 
@@ -32,7 +44,8 @@ def build_vocab() -> list[str]:
 def _config(family: str, vocab_size: int):
     from transformers import BertConfig, DistilBertConfig, RobertaConfig, XLMRobertaConfig
 
-    common = dict(vocab_size=vocab_size, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    common = dict(vocab_size=vocab_size, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+                  initializer_range=INIT_RANGE)
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
                                 pad_token_id=0, **common)
@@ -48,7 +61,8 @@ def build_tiny(family: str, root: Path | None = None) -> Path:
         raise MillisError(f"unknown tiny model {family!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}")
     from millis.common.files import cache_dir
 
-    out = (root or cache_dir() / "tiny-v2") / family  # v2: the tokenizer has its full vocab
+    # v2: the tokenizer has its full vocab; v3: initializer_range 0.2 (input-dependent outputs)
+    out = (root or cache_dir() / "tiny-v3") / family
     if (out / "config.json").is_file():
         return out
     import torch
@@ -68,7 +82,7 @@ def build_tiny(family: str, root: Path | None = None) -> Path:
     if len(tok) != len(vocab):
         raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
     tok.save_pretrained(tmp)
-    torch.manual_seed(0)
+    torch.manual_seed(SEEDS[family])
     model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab))).eval()
     model.save_pretrained(tmp)
     (tmp / "modules.json").write_text(json.dumps([
