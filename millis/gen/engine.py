@@ -307,7 +307,7 @@ class Engine:
         if self.drafter is None:
             return [(r, isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)))
                     for r, k in rows]
-        rows = [(r, r.drafts.cap(k) if draftable(r.params, r.drafts) else 0) for r, k in rows]
+        rows = [(r, k if draftable(r.params, r.drafts) else 0) for r, k in rows]
         try:
             proposed = self.drafter.propose([(r.prompt, r.out, r.slot, k) for r, k in rows])
             return list(zip([r for r, _ in rows], proposed))
