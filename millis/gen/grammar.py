@@ -69,8 +69,9 @@ def schema_text(schema: dict | bool) -> str:
     its numeric bounds (check_bounds)."""
     try:
         text = json.dumps(schema)
-        check_bounds(schema)
-        check_intersections(schema)
+        for node in schema_nodes(schema):
+            check_bounds(node)
+            check_intersections(node)
     except RecursionError:  # the servers refuse deep schemas before this; other callers may not
         raise MillisError("the JSON schema nests too deeply") from None
     if len(text) > MAX_SCHEMA_CHARS:
@@ -81,20 +82,24 @@ def schema_text(schema: dict | bool) -> str:
 MAX_INTERSECTED_PATTERNS = 8  # string patterns one value must match at once (allOf): checking them is exponential
 
 
-def check_intersections(schema) -> None:
+def schema_nodes(schema):
+    """Every object of a JSON schema that may be a schema (not the values of const, enum, default, examples),
+    innermost first."""
+    if isinstance(schema, list):
+        for s in schema:
+            yield from schema_nodes(s)
+    elif isinstance(schema, dict):
+        for k, v in schema.items():
+            if k not in NOT_SCHEMAS:
+                yield from schema_nodes(v)
+        yield schema
+
+
+def check_intersections(schema: dict) -> None:
     """Refuse more than MAX_INTERSECTED_PATTERNS regular expressions (`pattern`, `format`) that one string must
     match at once (an allOf's members, nested allOf flattened): llguidance checks their intersection for emptiness
     in time exponential in their count (12: 0.01 s, 18: 5 s, 22: 225 s of a compile thread, a 900-character
-    schema), and no parser limit bounds that check."""
-    if isinstance(schema, list):
-        for s in schema:
-            check_intersections(s)
-        return
-    if not isinstance(schema, dict):
-        return
-    for k, v in schema.items():
-        if k not in NOT_SCHEMAS:
-            check_intersections(v)
+    schema), and no parser limit bounds that check. One object of the schema (schema_nodes)."""
     if "allOf" in schema and (n := patterns_met(schema)) > MAX_INTERSECTED_PATTERNS:
         raise MillisError(f"the JSON schema asks one value to match {n} string patterns at once (allOf); at most "
                           f"{MAX_INTERSECTED_PATTERNS}: checking their intersection takes time exponential in "
@@ -114,19 +119,11 @@ EXACT_INTEGERS = 2 ** 53  # llguidance reads bounds as doubles: integers past th
 NOT_SCHEMAS = ("const", "enum", "default", "examples")  # values, not schemas
 
 
-def check_bounds(schema) -> None:
+def check_bounds(schema: dict) -> None:
     """Refuse numeric bounds a grammar over doubles cannot keep. llguidance compares with each bound as a double,
     a validator with the exact value: an integer bound past 2^53 is rounded (minimum 2^53 + 1 allowed 2^53), and
-    exclusive bounds with no double between them let only values that parse back to a bound through."""
-    if isinstance(schema, list):
-        for s in schema:
-            check_bounds(s)
-        return
-    if not isinstance(schema, dict):
-        return
-    for k, v in schema.items():
-        if k not in NOT_SCHEMAS:
-            check_bounds(v)
+    exclusive bounds with no double between them let only values that parse back to a bound through. One object
+    of the schema (schema_nodes)."""
     number = {k: v for k, v in schema.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               and k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")}
     for key, v in number.items():
