@@ -593,6 +593,7 @@ def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measur
     from millis.common.config import Shape
     from millis.common.samples import sample_texts
     from millis.optimize.config import OptimizeConfig
+    from millis.optimize.fidelity import within
     from millis.optimize.pipeline import optimize
 
     out = tmp_path / "art"
@@ -605,7 +606,9 @@ def test_optimize_builds_judges_and_loads_native_variants(tmp_path, quick_measur
     for name in ("native-fp32", "native-int8", "native-int8-a16", "native-int7-row", "native-int8-row"):
         assert not rows[name].get("error"), rows[name]
         assert rows[name]["runtime"] == "native" and rows[name]["latency"]
-    assert rows["native-fp32"]["ok"], rows["native-fp32"]  # fp32 within the budget: its rows are the reference's
+    # fp32 within the fidelity budget: its rows are the reference's (its `ok` may also fall to the serve-mix gate,
+    # which reads timings: not this test's to assert)
+    assert within("classify", rows["native-fp32"]["fidelity"], cfg.budget)[0], rows["native-fp32"]["fidelity"]
     model = load(art)
     texts = ["refund my card payment", "where is my parcel", "a", *sample_texts()[:5]]
     want = reference_outputs(resolve("tiny:bert").path, "classify", texts)  # transformers' fp32 logits
