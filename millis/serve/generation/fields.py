@@ -3,6 +3,7 @@ only at their "off" value, and the check that refuses a typo of a field that is 
 from __future__ import annotations
 
 import difflib
+import itertools
 
 from millis.serve.schemas import ApiError, same_value
 
@@ -27,6 +28,9 @@ READ_FIELDS = frozenset({"model", "prompt", "messages", "stream", "stream_option
                          "metadata", "service_tier", "reasoning_effort", "modalities", "prediction", "audio",
                          "web_search_options", "verbosity", "safety_identifier", "prompt_cache_key"})
 
+MAX_LOOKED_AT = 64  # unknown fields compared with the read ones, per request
+READ_ORDER = sorted(READ_FIELDS)  # difflib's candidates, in one order
+
 
 def check_fields(body: dict) -> None:
     """422 naming the field: an unsupported one not at its "off" value, or one a typo away from a read one."""
@@ -34,11 +38,12 @@ def check_fields(body: dict) -> None:
         if not any(same_value(body.get(key), o) for o in off):
             raise ApiError(422, f"{key} is not supported by this server (leave it unset)", param=key,
                            code="unsupported")
-    for key in body:
-        if key in READ_FIELDS or key in UNSUPPORTED or len(key) < 4:
-            continue
+    # a client's own fields pass; at most MAX_LOOKED_AT of them are compared (difflib costs ~50 us a key, and a body
+    # of 100,000 junk keys would hold the event loop for seconds)
+    unknown = (k for k in body if k not in READ_FIELDS and k not in UNSUPPORTED and len(k) >= 4)
+    for key in itertools.islice(unknown, MAX_LOOKED_AT):
         plain = key.lower().replace("-", "_")  # "top-p", "Temperature"
-        near = [plain] if plain in READ_FIELDS else difflib.get_close_matches(plain, sorted(READ_FIELDS), 1, 0.85)
+        near = [plain] if plain in READ_FIELDS else difflib.get_close_matches(plain, READ_ORDER, 1, 0.85)
         if near:
             raise ApiError(422, f"unknown field {key!r}: did you mean {near[0]!r}? (it would have been ignored)",
                            param=key, code="unknown_field")
