@@ -433,15 +433,18 @@ def test_dimensions_cut_and_renormalise(embed_server):
 
 def test_model_card_and_tokenize_inputs(embed_server):
     """GET /v1/models/{id} (OpenAI's models.retrieve): the card of the served model, 404 for another; /tokenize takes
-    `inputs` (TEI's name) as well as `input`."""
+    `inputs` (TEI's shape) as well as `input` (millis's)."""
     listed = json.loads(embed_server.get("/v1/models")[1])["data"][0]
     status, body = embed_server.get(f"/v1/models/{listed['id']}")
     assert status == 200 and json.loads(body) == listed
     status, body = embed_server.get("/v1/models/gpt-4")
     assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
-    a = embed_server.post("/tokenize", {"inputs": TEXTS[:2]})
-    assert a[0] == 200 and a[2]["data"] == embed_server.post("/tokenize", {"input": TEXTS[:2]})[2]["data"]
+    a = embed_server.post("/tokenize", {"inputs": TEXTS[:2]})  # TEI's answer: a list of tokens per text
+    own = embed_server.post("/tokenize", {"input": TEXTS[:2]})[2]["data"]
+    assert a[0] == 200 and [[t["id"] for t in toks] for toks in a[2]] == [d["tokens"] for d in own]
     assert embed_server.post("/tokenize", {"input": "x", "inputs": "x"})[0] == 400
+    bad = embed_server.post("/tokenize", {"input": "x", "add_special_tokens": False})  # TEI's field, not ours
+    assert bad[0] == 400 and bad[2]["error"]["param"] == "add_special_tokens"
 
 
 def test_raw_relevance_ranks_as_the_score():

@@ -185,10 +185,25 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     ok = {"type": "object", "required": ["object", "data", "model", "max_length"], "properties": {
         "object": {"const": "list"}, "model": {"const": name}, "max_length": {"type": "integer"},
         "data": {"type": "array", "items": tok_item, "minItems": 1}}}
-    req = {"type": "object", "properties": {"input": texts, "inputs": texts, "model": model},
-           "oneOf": [{"required": ["inputs"]}, {"required": ["input"]}]}
-    paths["/tokenize"] = _post("the token ids the model runs for each text (cut at its max length, as inference is)",
-                               req, _json(ok))
+    # TEI's shape (tei_tokens.py) for `inputs`: a list per text of its tokens, uncut, byte offsets into the text
+    offset = nullable({"type": "integer", "minimum": 0})
+    simple = {"type": "object", "required": ["id", "text", "special", "start", "stop"], "properties": {
+        "id": {"type": "integer", "minimum": 0}, "text": {"type": "string"}, "special": {"type": "boolean"},
+        "start": offset, "stop": offset}}
+    tei_ok = {"type": "array", "items": {"type": "array", "items": simple}, "minItems": 1}
+    req = {"type": "object", "properties": {"input": texts, "inputs": texts, "model": model,
+                                            "add_special_tokens": nullable({"type": "boolean"})},
+           "oneOf": [{"required": ["inputs"], "not": {"required": ["input"]}},
+                     {"required": ["input"], "not": {"anyOf": [{"required": ["inputs"]},
+                                                               {"required": ["add_special_tokens"]}]}}]}
+    paths["/tokenize"] = _post("the token ids the model runs for each text (`input`: cut at its max length, as "
+                               "inference is); `inputs`: text-embeddings-inference's tokens with offsets, uncut",
+                               req, _json({"oneOf": [ok, tei_ok]}), TEI_ERRORS)
+    paths["/decode"] = _post("text-embeddings-inference's /decode: token ids as text",
+                             {"type": "object", "required": ["ids"], "properties": {
+                                 "ids": {"oneOf": [ids, {"type": "array", "items": ids, "minItems": 1, "maxItems": max_inputs}]},
+                                 "skip_special_tokens": nullable({"type": "boolean"})}},
+                             _json({"type": "array", "items": {"type": "string"}}), TEI_ERRORS)
     return _spec("millis serve (encoder)", paths)
 
 

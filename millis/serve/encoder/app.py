@@ -27,6 +27,7 @@ from millis.runtimes.base import shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
+from millis.serve.encoder import tei_tokens
 from millis.serve.encoder.tei_routes import tei_routes
 from millis.serve.encoder.rerank import COHERE, Shape, distinct, relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
@@ -260,6 +261,17 @@ def watched(st: State, request: Request, arrived: float):
         watch.close()
 
 
+def offload(st: State, request: Request, arrived: float) -> Callable:
+    """off(size, fn, *args) -> fn(*args): on the loop when size (characters, ids) is small, else in a thread while the
+    request lasts (`watched`), as State.token_ids tokenizes (tei_tokens' /tokenize and /decode)."""
+    async def off(size: int, fn: Callable, *args):
+        if size <= INLINE_TOKENIZE_CHARS:
+            return fn(*args)
+        with watched(st, request, arrived) as watch:
+            return await watch.until(off_loop(fn, *args))
+    return off
+
+
 def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
     q, i = max(job.queue_s, 0.0) * 1e3, job.infer_s * 1e3
     h = {"x-millis-queue-ms": f"{q:.3f}", "x-millis-tokenize-ms": f"{tokenize_s * 1e3:.3f}",
@@ -326,6 +338,11 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         model = st.require(st.model.task if st.model is not None else "")
         body = await read_json(request, st.limits)
         schemas.check_model(body, st.name)
+        if "inputs" in body and "input" not in body:  # TEI's shape, its answer and errors (tei_tokens)
+            return await tei_tokens.tokenize(model, body, st.limits, offload(st, request, arrived))
+        if "add_special_tokens" in body:  # the ids inference runs hold them; TEI's shape may leave them out
+            raise schemas.ApiError(400, "add_special_tokens is a field of TEI's /tokenize: send `inputs` for it",
+                                   param="add_special_tokens", code="invalid_value")
         texts = schemas.input_texts(body, st.limits, "input")[0]
         with watched(st, request, arrived) as watch:
             ids, cut = await st.token_ids(model, texts, watch)
@@ -356,7 +373,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
 
     # a sequence classifier over (query, document) pairs is a cross-encoder: classify models rerank too (Cohere's
     # v2 client posts to /v2/rerank, its v1 to /v1/rerank)
-    teis = tei_routes(st, _infer, _answer, _rerank, post, timing_headers)
+    teis = tei_routes(st, _infer, _answer, _rerank, post, timing_headers, offload)
     by_task = {"embed": [post("/v1/embeddings", embeddings), *teis["embed"]],
                "classify": [post("/v1/classify", classify), post("/v1/rerank", rerank), post("/v2/rerank", rerank),
                             *teis["classify"]]}

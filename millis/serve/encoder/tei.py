@@ -9,6 +9,7 @@
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
     POST /, /invocations: whichever of these the model's task serves (TEI's routes by model type; huggingface_hub's
                    InferenceClient posts to the URL it is given); GET /info: TEI's facts about the model
+    POST /tokenize {"inputs": ...} and POST /decode {"ids": ...}: millis.serve.encoder.tei_tokens
 
 `truncate`: false refuses a text over the model's length (422 naming `inputs`), true or absent cuts it, unless the
 server refuses long texts (`--too-long reject`). `normalize`: the vectors made unit length (TEI's default); false
@@ -48,6 +49,11 @@ def check_cut(body: dict[str, Any]) -> None:
     if d is not None and d not in ("right", "Right"):
         raise ApiError(422, f"truncation_direction {d!r}: texts are cut at their end here (right)",
                        param="truncation_direction", code="unsupported" if d in ("left", "Left") else "invalid_value")
+    check_prompt(body)
+
+
+def check_prompt(body: dict[str, Any]) -> None:
+    """TEI's `prompt_name` (a sentence-transformers prompt put before each text): refused, millis keeps no prompts."""
     if body.get("prompt_name") is not None:
         raise ApiError(422, "prompt_name is not supported here: put the prompt at the start of your texts",
                        param="prompt_name", code="unsupported")

@@ -1,23 +1,25 @@
 """TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
 task; / and /invocations as TEI routes them by model type (an embedder embeds, a classifier with one label reranks,
-another predicts); GET /info."""
+another predicts); GET /info; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from millis.serve.encoder import tei
+from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.rerank import TEI, tei_rerank_response
-from millis.serve.http import endpoint, json_response
+from millis.serve.http import endpoint, json_response, read_json
 
 
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
-               timing_headers: Callable) -> dict[str, list[Route]]:
+               timing_headers: Callable, offload: Callable) -> dict[str, list[Route]]:
     """{task: its routes} ("": every task's), from create_app's request steps (`infer`: the model and the body;
-    `answer`: tokenize and run; `rerank`: a cross-encoder's scores in a route's shape)."""
+    `answer`: tokenize and run; `rerank`: a cross-encoder's scores in a route's shape; `offload`: large work in a
+    thread while the request lasts)."""
     async def embed(request: Request) -> Response:
         model, body, arrived = await infer(request, "embed")
         unit = model.meta.source.pooling.normalize
@@ -54,7 +56,14 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
     async def info(request: Request) -> Response:
         return json_response(tei.info(st.name, hosted(), st.cfg))
 
+    async def decode(request: Request) -> Response:  # ids -> texts with the model's tokenizer, whatever the task
+        arrived = asyncio.get_running_loop().time()
+        model = hosted()
+        body = await read_json(request, st.limits)
+        return await tei_tokens.decode(model, body, st.limits, offload(st, request, arrived))
+
     return {"embed": [post("/embed", embed, tei.INVALID)],
             "classify": [post("/predict", predict, tei.INVALID), post("/rerank", tei_rerank, tei.INVALID)],
             "": [post("/", root, tei.INVALID), post("/invocations", root, tei.INVALID),
-                 Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"])]}
+                 Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"]),
+                 post("/decode", decode, tei.INVALID)]}

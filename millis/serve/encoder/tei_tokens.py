@@ -1,0 +1,154 @@
+"""text-embeddings-inference's POST /tokenize and POST /decode on the encoder server, with the tokenizer inference
+runs (the encoder's Rust tokenizer; TEI's router/src/http/types.rs and server.rs give the shapes):
+
+    POST /tokenize {"inputs": "..." | ["...", ...], "add_special_tokens": true, "prompt_name": null}
+        -> [[{"id": int, "text": str, "special": bool, "start": int | null, "stop": int | null}, ...], ...]
+    POST /decode   {"ids": [int] | [[int], ...], "skip_special_tokens": true} -> ["...", ...]
+
+One list per input, a single string or id list too (a list of one). `start`, `stop`: UTF-8 BYTE offsets into the
+input, as TEI gives them (Rust's tokenizers count bytes: "é" is 2 wide, a CJK character 3); `text` is the input's
+slice there (original case and accents, "ing" for "##ing"). A special token the tokenizer added ([CLS], [SEP]) has
+its token string as `text` and null offsets, as TEI's `into_tokens`. Not truncated: TEI's /tokenize never is (a
+text over the model's length lists every token; inference keeps its first max_length - 1 and its last); a text of
+more than max_length x 250 characters is refused, TEI's bound. /tokenize with `input` (millis's shape) is app.py's.
+Errors: TEI's statuses (an empty input 400, any other bad field 422: `http.api_status`) in the server's one body.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+from starlette.responses import Response
+
+from millis.common.rust_tokenizer import GIL_FREE_CHARS, encode_all
+from millis.serve.encoder import tei
+from millis.serve.http import api_status, error_response, json_response
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, texts_of, token_rows
+
+MAX_CHAR_MULTIPLIER = 250  # TEI's: /tokenize takes a text of at most max_length x this many characters
+COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # encoder -> its Rust tokenizer's copy (rust_tokenizer)
+Off = Callable[..., Awaitable[Any]]  # off(size, fn, *args): fn(*args), in a thread while the request lasts if large
+
+
+def rust_tokenizer(enc) -> Any | None:
+    """A copy of the Rust tokenizer the encoder's token_ids runs (no truncation, no padding, as there), made once per
+    encoder from its public pair_tokenizer (the same tokenizer, with a pair truncation cleared here); None where the
+    encoder has only a slow transformers tokenizer (no offsets: TextEncoder's own test for a Rust one)."""
+    if enc.tok is not None and getattr(enc.tok, "backend_tokenizer", None) is None:
+        return None
+    tok = COPIES.get(enc)
+    if tok is None:  # two threads racing here build it twice, harmlessly
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(enc.pair_tokenizer().to_str())
+        tok.no_truncation()
+        tok.no_padding()
+        COPIES[enc] = tok
+    return tok
+
+
+def tokenize_request(body: dict[str, Any], limits: Limits, max_length: int) -> tuple[list[str], bool]:
+    """(texts, add_special_tokens) of a TEI /tokenize body; 4xx naming the field."""
+    tei.check_prompt(body)
+    texts = texts_of(body, "inputs", limits)  # a string or strings, none blank, at most --max-inputs
+    most = max_length * MAX_CHAR_MULTIPLIER
+    for i, t in enumerate(texts):
+        if len(t) > most:
+            raise ApiError(413, f"inputs[{i}] has {len(t)} characters; at most {most} (the model's {max_length} "
+                                f"tokens x {MAX_CHAR_MULTIPLIER}, as TEI)", param="inputs", code="text_too_long")
+    return texts, boolean(body, "add_special_tokens", True)
+
+
+def byte_offsets(text: str) -> list[int] | None:
+    """The UTF-8 byte offset of each character position 0..len(text); None for ASCII (the same numbers)."""
+    if text.isascii():
+        return None
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    width = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    return [0, *np.cumsum(width).tolist()]
+
+
+def simple_tokens(e, text: str) -> list[dict[str, Any]]:
+    """TEI's SimpleToken list of one encoding of `text` (the Python binding's char offsets made byte offsets)."""
+    at = byte_offsets(text)
+    out = []
+    for i, (s, t), special, piece in zip(e.ids, e.offsets, e.special_tokens_mask, e.tokens):
+        if special:
+            out.append({"id": i, "text": piece, "special": True, "start": None, "stop": None})
+        else:
+            out.append({"id": i, "text": text[s:t], "special": False, "start": s if at is None else at[s],
+                        "stop": t if at is None else at[t]})
+    return out
+
+
+def tokens_of(enc, texts: list[str], special: bool) -> list[list[dict[str, Any]]]:
+    """Each text's tokens in TEI's shape, untruncated; a slow tokenizer's without offsets (null)."""
+    tok = rust_tokenizer(enc)
+    if tok is not None:
+        return [simple_tokens(e, t) for e, t in zip(encode_all(tok, texts, special), texts)]
+    slow, out = enc.tok, []
+    specials = set(slow.all_special_ids)
+    for ids in enc.ids_of(texts, special):
+        out.append([{"id": int(i), "text": p, "special": int(i) in specials, "start": None, "stop": None}
+                    for i, p in zip(ids, slow.convert_ids_to_tokens(list(ids)))])
+    return out
+
+
+def decode_request(body: dict[str, Any], limits: Limits, max_length: int) -> tuple[TokenInput, bool]:
+    """(ids as rows, skip_special_tokens) of a TEI /decode body: `ids` [int] (one row) or [[int]] (at most
+    --max-inputs rows), no row empty or over max_length x 250 ids (what /tokenize's longest text could give, so a
+    body's worth of ids is not decoded as one string); the ids themselves are checked by `decoded`."""
+    if "ids" not in body:
+        raise ApiError(422, "missing field 'ids' (a list of token ids, or a list of such lists)", param="ids",
+                       code="missing")
+    v = body["ids"]
+    if not isinstance(v, list):
+        raise ApiError(422, f"'ids' must be a list of token ids or a list of such lists, got {type(v).__name__}",
+                       param="ids", code="invalid_type")
+    if not v:
+        raise ApiError(422, "'ids' is empty: send at least one token id", param="ids", code="empty_input")
+    nested = isinstance(v[0], list)
+    rows = v if nested else [v]
+    if len(rows) > limits.max_inputs:
+        raise ApiError(413, f"'ids' has {len(rows)} lists; at most {limits.max_inputs} per request", param="ids",
+                       code="too_many_inputs")
+    most = max_length * MAX_CHAR_MULTIPLIER
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):  # a mix of ids and lists: token_rows names a stray list in a flat row
+            raise ApiError(422, f"ids[{i}] is {type(row).__name__}, expected a list of token ids (as ids[0])",
+                           param="ids", code="invalid_type")
+        if not row:
+            raise ApiError(422, f"ids[{i}] is an empty list of token ids", param="ids", code="empty_input")
+        if len(row) > most:
+            raise ApiError(422, f"ids[{i}] has {len(row)} ids; at most {most} a list", param="ids",
+                           code="invalid_value")
+    return TokenInput(rows, nested, key="ids"), boolean(body, "skip_special_tokens", True)
+
+
+def decoded(enc, given: TokenInput, vocab_size: int, skip: bool) -> list[str]:
+    """Each row's text; every id an integer in 0..vocab_size-1, else 422 naming `ids` (Rust's decode would drop an
+    unknown id silently). Few short rows one by one; more by decode_batch, off the GIL."""
+    rows = token_rows(given, vocab_size)
+    tok = rust_tokenizer(enc)
+    if tok is None:
+        return [enc.tok.decode(r, skip_special_tokens=skip) for r in rows]
+    if len(rows) <= 8 and given.size <= GIL_FREE_CHARS:
+        return [tok.decode(r, skip_special_tokens=skip) for r in rows]
+    return tok.decode_batch(rows, skip_special_tokens=skip)
+
+
+async def tokenize(model, body: dict[str, Any], limits: Limits, off: Off) -> Response:
+    """TEI's /tokenize answer, or its error with TEI's status (the /tokenize route answers millis's shape 400)."""
+    try:
+        texts, special = tokenize_request(body, limits, model.max_length)
+        return json_response(await off(sum(map(len, texts)), tokens_of, model.encoder, texts, special))
+    except ApiError as e:
+        e.status = api_status(e, tei.INVALID)
+        return error_response(e)
+
+
+async def decode(model, body: dict[str, Any], limits: Limits, off: Off) -> Response:
+    """TEI's /decode answer (its route answers errors as TEI's: tei.INVALID)."""
+    given, skip = decode_request(body, limits, model.max_length)
+    return json_response(await off(given.size, decoded, model.encoder, given, model.vocab_size, skip))
