@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,12 @@ from millis.evaluate.run import EvalConfig
 
 @dataclass(frozen=True)
 class EvalFlags:
-    """`millis eval`'s own flag; the rest are EvalConfig's."""
+    """`millis eval`'s own flags (its output files); the rest are EvalConfig's."""
 
     json: str = flag("", "also write the full result to this JSON file", scoped=True)
+    predictions: str = flag("", "also write a classifier's prediction for each evaluated row to this JSON Lines file "
+                                "(row, line, text, label, predicted, score, correct, truncated; in the data's order)",
+                            scoped=True)
 
 
 def groups() -> tuple[type, ...]:
@@ -31,16 +35,40 @@ def config(given: Given):
     from millis.gen.perplexity import EvalTextConfig
 
     own = given.build(EvalFlags)
-    if own.json:
-        check_out_file(own.json, "--json")
-    data = given.of(EvalConfig).get("data")
-    if given.of(EvalTextConfig).get("text"):  # a decoder on a text: model and threads are EvalConfig's flags
+    data, text = given.of(EvalConfig).get("data"), given.of(EvalTextConfig).get("text")
+    with given.named():  # an error names the MILLIS_* variable a path came from
+        if own.predictions and text:
+            raise MillisError("--predictions (a classifier's per-row predictions on --data) does not apply to --text "
+                              "(a decoder's perplexity): leave --predictions out")
+        check_out_files(own, ("--data", data) if data else ("--text", text) if text else None)
+    if text:  # a decoder on a text: model and threads are EvalConfig's flags
         if data:
             raise MillisError("--data (labelled data) and --text (a decoder's perplexity) are two kinds of "
                               "evaluation: give one")
         shared = {k: v for k, v in given.of(EvalConfig).items() if k in ("model", "threads")}
         return given.build(EvalTextConfig, **shared), own
     return given.build(EvalConfig), own  # without --data: EvalConfig's error names both flags
+
+
+def check_out_files(own: EvalFlags, source: tuple[str, str] | None) -> None:
+    """--json and --predictions: writable (check_out_file), neither the file evaluated (`source`: its flag and path;
+    writing the result over it would destroy the rows) nor one another."""
+    outs = [(option, path) for option, path in (("--json", own.json), ("--predictions", own.predictions)) if path]
+    for option, path in outs:
+        check_out_file(path, option)
+        if source is not None and same_file(path, source[1]):
+            raise MillisError(f"{option} {path}: is the file evaluated ({source[0]} {source[1]}); writing there would "
+                              f"replace its rows: name another file")
+    if len(outs) == 2 and same_file(own.json, own.predictions):
+        raise MillisError(f"--json {own.json} and --predictions {own.predictions} name one file: name two")
+
+
+def same_file(a: str, b: str) -> bool:
+    """a and b are one file: the same inode where both exist (a hard link, a symlink), else the same resolved path."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
 
 
 def run_perplexity(cfg, own: EvalFlags) -> int:
@@ -66,10 +94,12 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
     cfg, own = args
     if not isinstance(cfg, EvalConfig):
         return run_perplexity(cfg, own)
-    res = evaluate(cfg)
+    res = evaluate(cfg, predictions=own.predictions)
     if own.json:
         Path(own.json).write_text(json.dumps(res, indent=2))
     print(f"model {cfg.model} ({res['variant']}, {res['task']}) on {cfg.data}: {res['n']} rows, {res['seconds']:.1f} s")
+    if own.predictions:
+        print(f"per-row predictions: {own.predictions} ({res['n']} rows)")
     if res["seen_by_selection"]:
         rows = f" ({res['selection_rows']} of its {res['n']} rows)" if res.get("selection_rows") else ""
         print(f"warning: {cfg.data} holds the rows that selected this model{rows} (optimize's selection data or "

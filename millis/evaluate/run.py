@@ -7,7 +7,8 @@ embed:    agreement with the fp32 reference on the file's texts: cosine (min / m
           text has its label (leave-one-out nearest-neighbour accuracy).
 Texts are cut to the model's max length (the one it was trained or built at; the result counts the texts cut).
 The result says how many rows the model, or a model it was built from, trained on or was chosen by
-(millis.evaluate.seen), and `warnings` says what makes the figures no test score.
+(millis.evaluate.seen), and `warnings` says what makes the figures no test score. A classifier's per-row
+predictions can also be written as JSON Lines (`millis eval --predictions FILE`: millis.evaluate.predictions).
 """
 from __future__ import annotations
 
@@ -168,9 +169,11 @@ def stderr_lines(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines, predictions: str = "") -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.data`; return a JSON-ready dict (see module doc). `say` gets the warning and
-    note lines (`warning: ...`), which the result also lists (`warnings`)."""
+    note lines (`warning: ...`), which the result also lists (`warnings`). `predictions`: a classifier's per-row
+    predictions are also written to that file (millis.evaluate.predictions), last, once all else succeeded; the
+    result names it (`predictions`)."""
     from millis.artifact.model import open_model
     from millis.evaluate.seen import overlap, seen_by, trained_file
 
@@ -178,6 +181,9 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines) -> dict
     if cfg.max_length and model.max_length != cfg.max_length:  # an artifact runs at the length it was built at
         raise MillisError(f"--max-length {cfg.max_length}: {cfg.model} is an artifact built for {model.max_length} "
                           f"tokens; leave --max-length out")
+    if predictions and model.task != "classify":
+        raise MillisError(f"--predictions: {cfg.model} is an {model.task} model; per-row predictions are a "
+                          f"classifier's (leave --predictions out)")
     res: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "task": model.task, "variant": model.variant,
                            "max_length": model.max_length}
     seen = seen_by(cfg.model, model)
@@ -189,7 +195,8 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines) -> dict
         t0 = time.perf_counter()
         ran = model.run(list(data.texts))
         res["seconds"] = time.perf_counter() - t0
-        res.update(classification_metrics(list(data.labels), argmax_labels(ran.outputs, id2label)))
+        predicted = argmax_labels(ran.outputs, id2label)
+        res.update(classification_metrics(list(data.labels), predicted))
         res["label_col"] = data.label_col
         res.update(overlap(data.texts, data.labels, seen))
     else:
@@ -213,6 +220,12 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = stderr_lines) -> dict
     res["warnings"] = leak_warnings(res, seen, cfg.data)
     for w in res["warnings"]:
         say(f"warning: {w}")
+    if predictions:  # last: an eval that fails writes no file
+        from millis.evaluate.predictions import prediction_rows, write_predictions
+
+        write_predictions(predictions, prediction_rows(data, ran.outputs, predicted, ran.truncated,
+                                                       model.problem_type))
+        res["predictions"] = predictions
     return res
 
 
