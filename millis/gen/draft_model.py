@@ -8,7 +8,8 @@ what the cache misses (the prompt at the start, then the tokens the target accep
 flat forward, which also gives each row its first draft token. Then k - 1 single-token forwards,
 all rows together, give the rest. Positions written for draft tokens are rewritten next step
 before anything attends to them, as in the target's cache. A slot whose draft cache cannot hold
-its request gets no drafts (the draft is an optimisation, never a condition of admission).
+its request gets no drafts (the draft is an optimisation, never a condition of admission) until a slot gives
+its blocks back: its request ended, or its drafting switched off (the engine then `release`s it at once).
 
 The catch-up feeds at most `budget` tokens a step, all rows together (the engine's prefill budget): rows
 missing the fewest go first, so rows already caught up draft every step, and a new row's prompt goes in over
@@ -51,6 +52,8 @@ class DraftModel:
         self.model, self.kv, self.max_seq, self.budget = loaded.model, loaded.kv, loaded.max_seq, budget
         self.failures = 0  # propose calls that raised
         self.done: dict[int, int] = {}  # slot -> leading positions of its sequence held in the draft cache
+        self.waiting: dict[int, int] = {}  # slot -> positions its request needs, while the cache has no room
+        self.freed = False  # a slot gave blocks back since the waiting slots last tried
 
     def admit(self, slot: int, n_pos: int) -> bool:
         """Room in the draft's cache for n_pos positions; False (no drafts for this slot alone) when they do
@@ -58,11 +61,18 @@ class DraftModel:
         ok = n_pos <= self.max_seq and self.kv.reserve(slot, n_pos)
         if ok:
             self.done[slot] = 0
+            self.waiting.pop(slot, None)
+        elif n_pos <= self.max_seq:  # tried again once another slot gives its blocks back
+            self.waiting[slot] = n_pos
         return ok
 
     def release(self, slot: int) -> None:
+        """Give `slot`'s draft-cache blocks back: its request ended, or its drafting switched off (then again at
+        its end, which finds nothing to give back). The slot proposes nothing until `admit`ted again."""
+        self.waiting.pop(slot, None)
         if self.done.pop(slot, None) is not None:
             self.kv.release(slot)
+            self.freed = True
 
     def propose(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
         """rows: (prompt, output so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted). A
@@ -77,6 +87,10 @@ class DraftModel:
             return [[] for _ in rows]
 
     def drafts(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
+        if self.freed:  # blocks given back: slots admitted while the cache was full try again, in their order
+            self.freed = False
+            for slot, n_pos in list(self.waiting.items()):
+                self.admit(slot, n_pos)
         live = [(_tail(prompt, out, self.done[slot]), len(prompt) + len(out), slot, k)
                 for prompt, out, slot, k in rows if slot in self.done and k > 0]
         out: dict[int, list[int]] = {}

@@ -55,7 +55,7 @@ from millis.gen.request import Request, StepOutput, checked_prompt
 from millis.gen.rows import isolated, per_row_on_error, reason
 from millis.gen.sampling import SlotPenalties, ranked
 from millis.gen.scheduling import Chunk, schedule
-from millis.gen.speculate import DraftStats, draft, draftable, verify
+from millis.gen.speculate import DraftStats, draftable, row_drafts, verify
 from millis.gen.stops import held_back, new_text  # noqa: F401 -- held_back: re-exported
 
 
@@ -224,21 +224,19 @@ class Engine:
             r.cached = r.prefilled = cached
             coming.update(r.keys)
             if self.drafter is not None and draftable(r.params, r.drafts):  # sampled, grammar, logprobs: never
-                self.drafter.admit(slot, self._limit(r))  # no drafts for it when its cache is full
+                self.drafter.admit(slot, self._limit(r))  # no drafts while its cache is full
         r.slot, self.slots[slot] = slot, r
         self.penalties.admit(slot, r.prompt, r.params, r.out)
         return True
 
     def _make_room(self) -> None:
-        """Each decoding row's KV promise grows to the position this step writes (its drafts' where the pool has
-        room). Where it cannot, the latest to arrive gives its blocks back and waits first in line (vLLM's
-        recompute: it returns with its prompt + output prefilled and goes on, its draws as before)."""
+        """Each decoding row's KV promise grows to the position this step writes (a draft's grows once the row has
+        one, after admissions: `speculate.row_drafts`). Where it cannot, the latest to arrive gives its blocks back
+        and waits first in line (vLLM's recompute: it returns with its prompt + output prefilled and goes on)."""
         rows = sorted((q for q in self.slots if q is not None and not q.prefilling), key=lambda q: q.arrived)
         for r in rows:  # positions once this step's token is written
             while r.slot >= 0 and not self.kv.grow(r.slot, min(len(r.prompt) + len(r.out), self._limit(r))):
                 self._preempt(max((q for q in self.slots if q is not None), key=lambda q: q.arrived))
-        for r in (q for q in rows if q.slot >= 0 and self.speculate and draftable(q.params, q.drafts)):
-            self.kv.grow(r.slot, min(len(r.prompt) + len(r.out) + self.speculate + 1, self._limit(r)))  # if free
 
     def _preempt(self, r: Request) -> None:
         self._free(r.slot)
@@ -298,21 +296,8 @@ class Engine:
         return tokens
 
     def _drafts(self, running: list[Request], failed: dict[str, str]) -> list[tuple[Request, list[int]]]:
-        """(request, draft tokens) per running row: prompt lookup, or the draft model's proposals."""
-        rows = []
-        for r in running:  # k: draft tokens that still fit the request's room (its KV promise)
-            limit = min(self._limit(r), self.kv.promised(r.slot)) if self.kv is not None else self._limit(r)
-            room = min(limit - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
-            rows.append((r, min(self.speculate, room) if self.kv is not None and r.matcher is None else 0))
-        if self.drafter is None:
-            return [(r, isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)))
-                    for r, k in rows]
-        rows = [(r, k if draftable(r.params, r.drafts) else 0) for r, k in rows]
-        try:
-            proposed = self.drafter.propose([(r.prompt, r.out, r.slot, k) for r, k in rows])
-            return list(zip([r for r, _ in rows], proposed))
-        except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
-            return [(r, []) for r, _ in rows]
+        """(request, draft tokens) per running row, their KV promised as they come (`speculate.row_drafts`)."""
+        return row_drafts(running, failed, self.kv, self.drafter, self.speculate, self._limit)
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
         if self.decode is not None:

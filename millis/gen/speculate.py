@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from millis.gen.rows import isolated
+
 NGRAMS = (3, 2, 1)   # suffix lengths looked up, longest first
 MIN_VERIFIES = 4     # drafts verified before a request's gain may switch drafting off
 FIRST_DRAFTS = 2     # draft length until one of the request's drafts was accepted
@@ -120,6 +122,38 @@ def draft(params, stats: DraftStats, prompt: list[int], out: list[int], k: int) 
     # that does not repeat pays little before drafting switches off
     return stats.index.lookup(prompt, out, k, 1) if stats.accepted else \
         stats.index.lookup(prompt, out, min(k, FIRST_DRAFTS), 2)
+
+
+def row_drafts(running: list, failed: dict[str, str], kv, drafter, speculate: int, limit_of) -> list[tuple]:
+    """(request, draft tokens) per running row: prompt lookup, or `drafter`'s proposals (a draft_model.DraftModel).
+    A row drafts at most `speculate` tokens, fewer where its limit (`limit_of`: positions it may fill) or
+    max_tokens is near (the verify brings one token more). Nothing of the target's KV is promised for drafts
+    ahead: a row that has a draft grows its promise for it here, after the step's admissions and from blocks
+    nobody holds or was promised, and what does not fit is cut off (a draft writes no KV outside its slot's
+    promise). A row whose drafting switched off gives its draft-model cache back to rows that draft."""
+    rows = []
+    for r in running:
+        room = min(limit_of(r) - len(r.prompt) - len(r.out), r.params.max_tokens - len(r.out)) - 1
+        k = min(speculate, room) if kv is not None and r.matcher is None else 0
+        if drafter is not None and not draftable(r.params, r.drafts):
+            drafter.release(r.slot)  # nothing if it holds no draft cache (sampled rows, or released before)
+            k = 0
+        rows.append((r, k))
+    if drafter is None:
+        got = [isolated(failed, r, lambda r=r, k=k: draft(r.params, r.drafts, r.prompt, r.out, k)) for r, k in rows]
+    else:
+        try:
+            got = drafter.propose([(r.prompt, r.out, r.slot, k) for r, k in rows])
+        except Exception:  # noqa: BLE001 -- the draft model failed: this step decodes plainly
+            got = [[] for _ in rows]
+    out = []
+    for (r, _), d in zip(rows, got):
+        if d:  # the verify writes positions n - 1 .. n - 1 + len(d): n + len(d) positions (n: the row's length)
+            n = len(r.prompt) + len(r.out)
+            kv.grow(r.slot, n + len(d))  # if free; the row's own next positions: it takes them as it goes on
+            d = d[:kv.promised(r.slot) - n]
+        out.append((r, d))
+    return out
 
 
 def verify(model, rows: list[tuple[int, int, int, list[int]]]) -> list:
