@@ -12,6 +12,7 @@ from pathlib import Path
 from millis.cli.flags import Command, Given, check_out_file
 from millis.common.config import flag
 from millis.common.errors import MillisError
+from millis.common.files import replace_text
 from millis.evaluate.run import EvalConfig
 
 
@@ -83,7 +84,7 @@ def run_perplexity(cfg, own: EvalFlags) -> int:
            "nll": round(r.nll, 5) if math.isfinite(r.nll) else None, "tokens": r.tokens, "windows": r.windows,
            "tokens_per_s": round(r.tokens_per_s, 1)}
     if own.json:
-        Path(own.json).write_text(json.dumps(res, indent=2))
+        replace_text(Path(own.json), json.dumps(res, indent=2))
     print(json.dumps(res))
     return 0
 
@@ -96,7 +97,7 @@ def run(args: tuple[EvalConfig, EvalFlags]) -> int:
         return run_perplexity(cfg, own)
     res = evaluate(cfg, predictions=own.predictions)
     if own.json:
-        Path(own.json).write_text(json.dumps(res, indent=2))
+        replace_text(Path(own.json), json.dumps(res, indent=2))
     print(f"model {cfg.model} ({res['variant']}, {res['task']}) on {cfg.data}: {res['n']} rows, {res['seconds']:.1f} s")
     if own.predictions:
         print(f"per-row predictions: {own.predictions} ({res['n']} rows)")
