@@ -159,6 +159,10 @@ def test_a_released_draft_slot_gives_its_blocks_back_once_and_a_waiting_slot_tak
     d.release(1)
     d.release(1)
     assert d.done == {} and d.kv.in_use == 0 and sum(d.kv.pending) == 0 and len(d.kv.free) == 4
+    # a slot waiting since before takes blocks given back ahead of a newcomer admitted before the next proposal
+    assert d.admit(0, 100) and not d.admit(1, 100)
+    d.release(0)
+    assert not d.admit(2, 100) and d.done == {1: 0} and d.waiting == {2: 100}
 
 
 @pytest.mark.parametrize("late", [False, True])

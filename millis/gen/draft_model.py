@@ -57,7 +57,10 @@ class DraftModel:
 
     def admit(self, slot: int, n_pos: int) -> bool:
         """Room in the draft's cache for n_pos positions; False (no drafts for this slot alone) when they do
-        not fit, also past the draft's own context (its forward would raise, failing every row's drafts)."""
+        not fit, also past the draft's own context (its forward would raise, failing every row's drafts). Slots
+        waiting since before take blocks given back first."""
+        if slot not in self.waiting:
+            self.retry_waiting()
         ok = n_pos <= self.max_seq and self.kv.reserve(slot, n_pos)
         if ok:
             self.done[slot] = 0
@@ -74,6 +77,13 @@ class DraftModel:
             self.kv.release(slot)
             self.freed = True
 
+    def retry_waiting(self) -> None:
+        """Blocks given back: slots admitted while the cache was full try again, in their order."""
+        if self.freed:
+            self.freed = False
+            for slot, n_pos in list(self.waiting.items()):
+                self.admit(slot, n_pos)
+
     def propose(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
         """rows: (prompt, output so far, slot, k). k greedy draft tokens per row ([] for a slot not admitted). A
         failure of the draft model gives no drafts this step (the target decodes plainly), counted in `failures`
@@ -87,10 +97,7 @@ class DraftModel:
             return [[] for _ in rows]
 
     def drafts(self, rows: list[tuple[list[int], list[int], int, int]]) -> list[list[int]]:
-        if self.freed:  # blocks given back: slots admitted while the cache was full try again, in their order
-            self.freed = False
-            for slot, n_pos in list(self.waiting.items()):
-                self.admit(slot, n_pos)
+        self.retry_waiting()
         live = [(_tail(prompt, out, self.done[slot]), len(prompt) + len(out), slot, k)
                 for prompt, out, slot, k in rows if slot in self.done and k > 0]
         out: dict[int, list[int]] = {}

@@ -151,7 +151,7 @@ def row_drafts(running: list, failed: dict[str, str], kv, drafter, speculate: in
         if d:  # the verify writes positions n - 1 .. n - 1 + len(d): n + len(d) positions (n: the row's length)
             n = len(r.prompt) + len(r.out)
             kv.grow(r.slot, n + len(d))  # if free; the row's own next positions: it takes them as it goes on
-            d = d[:kv.promised(r.slot) - n]
+            d = d[:max(kv.promised(r.slot) - n, 0)]
         out.append((r, d))
     return out
 
