@@ -11,7 +11,7 @@ from millis.common.errors import MillisError
 from millis.gen import EngineConfig, SamplingParams, open_engine
 from millis.gen.config import LlamaConfig
 from millis.gen.engine import run_all
-from millis.gen.grammar import json_schema_grammar
+from millis.gen.grammar import json_schema_grammar, lark_grammar
 
 CFG = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=512, hidden_dim=128,
                   norm_eps=1e-5, rope_theta=10000.0)
@@ -96,3 +96,118 @@ def test_bad_schemas_are_clear_errors(model_path):
     with pytest.raises(MillisError, match="must be an object"):
         json_schema_grammar([1, 2])
     assert not eng.requests and not eng.waiting
+
+
+# An added token that is not special (tokenizer.json `"special": false`, GGUF user-defined) is text to llguidance: its
+# own loader makes every added token special (0xFF-prefixed), so a grammar could neither take nor write Qwen2.5's
+# `<tool_call>`. A special one stays special; a tokenizer without such tokens is loaded as llguidance loads it.
+ADDED_TEXT = [("<tool_call>", 4), ("</tool_call>", 4), ("<think>", 4)]  # 4: USER_DEFINED, the vocabulary's last ids
+
+
+def byte_level(added=(), vocab_size=CFG.vocab_size):
+    """The GGUF byte-level BPE tokenizer (millis.gen.gguf_tokenizer) of the tiny vocabulary with `added` tokens."""
+    from gguf_fixtures import gpt2_vocab
+
+    from millis.gen.gguf_tokenizer import GGUFBPETokenizer, _byte_level
+
+    tokens, types, merges = gpt2_vocab(vocab_size, list(added))
+    return GGUFBPETokenizer(_byte_level({"tokenizer.ggml.merges": merges}, tokens, types, "default", None), 2)
+
+
+def allowed(m):
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little").astype(bool)
+
+
+def walk(toks, grammar: str, seed: int = 0, steps: int = 80):
+    """Each llguidance tokenizer's masks along one random path the first one's grammar allows (the others following
+    it): [[mask per tokenizer] per step]."""
+    import random
+
+    import numpy as np
+    from llguidance import LLMatcher
+
+    rng, ms, out = random.Random(seed), [LLMatcher(t, grammar, log_level=0) for t in toks], []
+    for _ in range(steps):
+        masks = [allowed(m) for m in ms]
+        out.append(masks)
+        ids = np.flatnonzero(masks[0])
+        if not len(ids) or ms[0].is_stopped():
+            break
+        t = int(rng.choice(list(ids)))
+        assert all(m.consume_token(t) for m in ms), [m.get_error() for m in ms]
+    return out
+
+
+def old_tokenizer(tok, n: int):
+    """llguidance's own loading of an HF `tokenizers` tokenizer: what Grammars built before added tokens were text."""
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tok._tok.to_str(), n_vocab=n, eos_token=2)
+
+
+def test_added_tokens_that_are_not_special_are_text():
+    from millis.gen.grammar import Grammars
+
+    n = CFG.vocab_size + 6  # embedding rows past the tokenizer's (Qwen2.5's 151,936 for 151,665 tokens)
+    tok = byte_level(ADDED_TEXT)
+    g, old = Grammars(tok, n, 2), old_tokenizer(tok, n)
+    text = {CFG.vocab_size - 3 + k: t.encode() for k, (t, _) in enumerate(ADDED_TEXT)}
+    assert all(tok.decode([i]) == t.decode() for i, t in text.items())
+    assert all(old.is_special_token(i) for i in text)  # llguidance's loader: special (the bug)
+    for i in range(n):
+        if i in text:
+            assert not g.tok.is_special_token(i) and g.tok.decode_bytes([i]) == text[i]
+        else:  # every other token as llguidance loads it: the specials (<|endoftext|>, <|im_start|>) special
+            assert (g.tok.is_special_token(i), g.tok.decode_bytes([i])) == (old.is_special_token(i),
+                                                                           old.decode_bytes([i])), i
+    assert g.tok.is_special_token(0) and g.tok.is_special_token(1) and g.tok.eos_token == old.eos_token == 2
+    # the masks along a path: the same but for those tokens, which a JSON string may now hold
+    grammar = json_schema_grammar(SCHEMA)
+    others = [i for i in range(n) if i not in text]
+    for seed in range(3):
+        for new, was in walk([g.tok, old], grammar, seed):
+            assert (new[others] == was[others]).all() and not was[list(text)].any()
+    m = g.matcher(json_schema_grammar({"type": "string"}))
+    assert m.consume_tokens(tok.encode('"a', special=False))
+    mask = allowed(m)
+    assert mask[list(text)].all() and not mask[[0, 1, 2]].any()  # text in a string; a special token is not
+    assert m.consume_token(CFG.vocab_size - 3) and m.consume_tokens(tok.encode('"', special=False))
+    assert m.is_accepting()
+    # a grammar's text that the tokenizer writes with one added token: that token, which the grammar then takes
+    m = g.matcher(lark_grammar('start: "<tool_call>\\n" "x"'))
+    assert allowed(m).nonzero()[0].tolist() == [CFG.vocab_size - 3] and m.consume_token(CFG.vocab_size - 3)
+
+
+def test_a_non_special_added_token_that_ends_generation_stays_special():
+    """As text, a grammar would let it into a value, and the answer would end there."""
+    from millis.gen.grammar import Grammars
+
+    tok = byte_level([("<end_of_turn>", 4), ("<tool_call>", 4), ("<x>", 4)])
+    g = Grammars(tok, CFG.vocab_size, 2, end_ids=(CFG.vocab_size - 1,))
+    assert [g.tok.is_special_token(CFG.vocab_size - k) for k in (3, 2, 1)] == [True, False, True]
+
+
+def test_tokenizers_without_such_tokens_load_as_before(smollm2):
+    """SmolLM2 (its 17 added tokens all special) and the tiny vocabulary: Grammars' tokenizer is llguidance's own
+    loading; the bytes Grammars rebuilds a tokenizer from where there are such tokens give the same tokenizer."""
+    from llguidance import LLTokenizer, TokenizerWrapper
+
+    from millis.gen.gguf import read_gguf
+    from millis.gen.grammar import Grammars, _AddedAsText, added_text
+
+    model = read_gguf(smollm2)
+    grammar = json_schema_grammar(SCHEMA)
+    for tok, n, eos in ((byte_level(), CFG.vocab_size + 6, 2), (model.tokenizer, model.config.vocab_size,
+                                                               model.config.eos_id)):
+        assert not added_text(tok._tok, n)
+        old = LLTokenizer(tok._tok.to_str(), n_vocab=n, eos_token=eos)
+        rebuilt = LLTokenizer(TokenizerWrapper(_AddedAsText(tok._tok, old, {}, n, eos)), n_vocab=n, eos_token=eos)
+        new = Grammars(tok, n, eos).tok
+        for t in (new, rebuilt):
+            assert [t.decode_bytes([i]) for i in range(n)] == [old.decode_bytes([i]) for i in range(n)]
+            assert [t.is_special_token(i) for i in range(n)] == [old.is_special_token(i) for i in range(n)]
+        for seed in range(2):
+            for masks in walk([old, new, rebuilt], grammar, seed):
+                assert (masks[0] == masks[1]).all() and (masks[0] == masks[2]).all()

@@ -157,7 +157,7 @@ class Engine:
             if self._grammars is None:
                 from millis.gen.grammar import Grammars
 
-                self._grammars = Grammars(self.tok, self.config.vocab_size, self.config.eos_id)
+                self._grammars = Grammars(self.tok, self.config.vocab_size, self.config.eos_id, self.end_ids)
             return self._grammars
 
     @property

@@ -170,10 +170,44 @@ class _Wrapped:
         return self.tok._merge(ids)
 
 
+def added_text(inner, n: int, end_ids=()) -> dict[int, bytes]:
+    """{id: its bytes} of a `tokenizers.Tokenizer`'s added tokens that are not special (`"special": false` in
+    tokenizer.json's added_tokens; GGUF's user-defined tokens): Qwen2.5's, Hermes' and SmolLM3's `<tool_call>`,
+    `</tool_call>`, `<think>`. They are text: the tokenizer finds them in text, decoding writes them. Not a token
+    that ends generation (`end_ids`, or one spelled as an end of turn): as text a grammar could allow it inside a
+    value, and the answer would end there."""
+    from millis.gen.gguf import END_OF_TURN_TEXTS
+
+    return {i: t.content.encode() for i, t in inner.get_added_tokens_decoder().items()
+            if not t.special and t.content and 0 <= i < n and i not in end_ids and t.content not in END_OF_TURN_TEXTS}
+
+
+class _AddedAsText:
+    """What TokenizerWrapper reads, for a `tokenizers.Tokenizer` with added tokens that are not special: each id's
+    bytes as llguidance's own loader gives them (`loaded`, built from the tokenizer's JSON), but those tokens'
+    bytes their text. That loader (toktrie_hf_tokenizers, llguidance 1.9.1) makes every added token special
+    (0xFF-prefixed: no grammar's text can be written with it), `"special": false` ones too, while it tokenizes
+    a grammar's text with the tokenizer, which finds them in it: a forced `<tool_call>` came out as the one
+    token the grammar's bytes could not take (GrammarFailed), and free text could not hold it. Text is encoded
+    as the loader encodes it: the tokenizer's encode without a post-processor's tokens (BOS)."""
+
+    def __init__(self, inner, loaded, text: dict[int, bytes], n: int, eos: int) -> None:
+        self.inner, self.eos_token_id, self.bos_token_id = inner, eos, None
+        self.special_token_ids = [i for i in range(n) if i not in text and loaded.is_special_token(i)]
+        self.tokens = [text.get(i) or loaded.decode_bytes([i]) for i in range(n)]
+        for i in self.special_token_ids:  # decode_bytes gives a special token's name without its 0xFF
+            self.tokens[i] = b"\xff" + self.tokens[i]
+
+    def __call__(self, s: str) -> list[int]:
+        return self.inner.encode(s, add_special_tokens=False).ids
+
+
 class Grammars:
     """llguidance's view of one engine's tokenizer, and the grammars compiled for it (LRU)."""
 
-    def __init__(self, tok, vocab_size: int, eos_id: int | None) -> None:
+    def __init__(self, tok, vocab_size: int, eos_id: int | None, end_ids=()) -> None:
+        """`end_ids`: the ids besides eos_id that end generation (an added token that is not special stays special
+        to llguidance if it is one of them)."""
         from llguidance import LLTokenizer, TokenizerWrapper
 
         if tok is None or eos_id is None:
@@ -181,7 +215,12 @@ class Grammars:
                               "none")
         inner = getattr(tok, "_tok", None)  # HF `tokenizers` (HF directories, GGUF byte-level BPE)
         if inner is not None and hasattr(inner, "to_str"):
-            self.tok = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id)
+            if text := added_text(inner, vocab_size, {eos_id, *end_ids}):  # llguidance's bytes, then text's
+                loaded = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id, slices=[])
+                self.tok = LLTokenizer(TokenizerWrapper(_AddedAsText(inner, loaded, text, vocab_size, eos_id)),
+                                       n_vocab=vocab_size, eos_token=eos_id)
+            else:
+                self.tok = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id)
         elif hasattr(tok, "pieces"):
             self.tok = LLTokenizer(TokenizerWrapper(_Wrapped(tok, vocab_size, eos_id)), n_vocab=vocab_size,
                                    eos_token=eos_id)

@@ -6,9 +6,10 @@ between them); the answer waits for every choice's first token (503 past request
 - JSON: each choice's text joined; a tool-constrained answer is parsed into `tool_calls`;
 - events: each choice's chunks as they come, tagged with its index. A choice that may call tools sends
   what its text so far shows for sure: content (a generic {"response": ...} answer's string, or text a
-  native format's auto answer shows cannot be a call, before a `<tool_call>`), and, while the answer is
-  grammar-constrained, each call as OpenAI streams it (announced with its name, then its arguments' text
-  as it grows: tool_stream.py). Calls of an unconstrained answer are parsed when it ends and sent whole.
+  native format's auto answer shows cannot be a call, before a `<tool_call>`), and, while the grammar makes
+  the answer calls (format.streams_calls), each call as OpenAI streams it (announced with its name, then its
+  arguments' text as it grows: tool_stream.py). Calls of an auto answer of a native format (free, or strict:
+  its calls constrained, its text free) are parsed when it ends and sent whole.
   Then (usage,) `[DONE]`.
 
 Whatever ends the request (finished, client gone, timeout, error) cancels every choice still running.
@@ -133,7 +134,8 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
     calls_out = [CallStream() for _ in lives]  # the calls that went out already (constrained answers)
     offsets = [TextOffset() for _ in lives]  # completions' logprobs: where each choice's next token starts
     pieces: dict = {}  # logprobs: token id -> its text, decoded once
-    constrained = bool(g.params.grammar)
+    # the grammar makes the whole answer calls (an auto answer under a strict tool's grammar still holds free text)
+    constrained = bool(g.params.grammar) and g.tools is not None and g.tool_format.streams_calls(g.tools)
     try:
         if chat:
             for i in range(len(lives)):

@@ -62,7 +62,11 @@ class GenRequest:
     end: str = "generation"               # chat: how the prompt ends (conversation.prompt_end)
 
     def __post_init__(self) -> None:
-        if self.params.grammar and self.params.stop:  # a stop string would end the answer mid-value, as "stop"
+        # a stop string would end the answer mid-value, as "stop"; not a native format's strict tools under auto:
+        # free text with calls constrained where the model starts one, which a stop string may end (a call it cuts
+        # is text, as one max_tokens cuts), as OpenAI and vLLM take stop with tools
+        free = self.tools is not None and not self.tool_format.streams_calls(self.tools)
+        if self.params.grammar and self.params.stop and not free:
             raise ApiError(422, f"stop cannot be combined with {self.grammar_from}: its grammar decides where the "
                                 "answer ends, and a stop string would cut the JSON it promises", param="stop",
                            code="invalid_value")

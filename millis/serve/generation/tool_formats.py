@@ -14,7 +14,19 @@ family's call syntax, each call's arguments to its tool's `parameters`, so calls
 validate; the JSON is written as templates' tojson writes it (no free whitespace). auto: a native
 family generates freely (a model trained on the syntax writes it when it means to call), and what
 parses as calls of known tools becomes tool_calls, the rest content; the generic format stays
-constrained to {"tool_calls": ...} | {"response": ...}.
+constrained to {"tool_calls": ...} | {"response": ...}. auto with a tool's `strict: true` (any one: then
+every tool's calls are constrained, the simplest rule): a native family's text stays free, but every call it
+starts is forced to be a valid call, as under required:
+- hermes: text without `<tool_call>`, and `<tool_call>` blocks (one when parallel_tool_calls is false) with text
+  around them. The text before a block is a lazy lexeme ending at the first `<tool_call>` (llguidance's `lazy`,
+  docs/syntax.md "Tool calling"): a greedy "text without <tool_call>" lexeme followed by "<tool_call>" is not
+  lexed (`<tool_cal` is still text, and the lexeme cannot end before the `<`), so no call could begin.
+- llama3: one call (after whitespace and the text `<|python_tag|>`, optionally: the special token is not
+  named, a grammar naming a token the tokenizer lacks does not compile), or text that does not open (after
+  whitespace) with `{` or `<|python_tag|>`: what streamable() streams as content.
+Such an answer streams and parses as an unconstrained auto one (streams_calls): its content goes out as it
+comes, its calls are sent whole at the end. The grammars need `<tool_call>` to be text to llguidance: an added
+token that is not special (Qwen2.5's `<tool_call>`) is made text by grammar.Grammars (docs/generation.md, Tools).
 """
 from __future__ import annotations
 
@@ -68,6 +80,11 @@ class GenericFormat:
 
     def grammar(self, spec: ToolSpec) -> str | None:
         return json_schema_grammar(spec.schema())
+
+    def streams_calls(self, spec: ToolSpec) -> bool:
+        """Whether the answer's grammar makes all of it this format's syntax, so that its calls stream as they are
+        written (tool_stream.py) and content_so_far reads it as such: always for the generic format."""
+        return True
 
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         content, calls = parse_answer(text)
@@ -138,6 +155,10 @@ class NativeFormat(GenericFormat):
                            "properties": {"name": {"const": t["name"]}, self.args_key: embedded(t)},
                            "required": ["name", self.args_key], "additionalProperties": False} for t in spec.tools]}
 
+    def streams_calls(self, spec: ToolSpec) -> bool:
+        """required or a named function: the answer is calls; auto, strict too, holds free text (parsed at the end)."""
+        return spec.required
+
     def required_calls(self, text: str, spec: ToolSpec) -> Calls:
         """An answer constrained to calls (tool_choice required, a named function): the calls as far as written,
         the last one cut by max_tokens included, as streaming sent them; never the call syntax as content (a cut
@@ -177,11 +198,16 @@ class HermesFormat(NativeFormat):
     CLOSE = re.compile(r"\s*</tool_call>")
 
     def grammar(self, spec: ToolSpec) -> str | None:
-        if not spec.required:
+        body = f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}"
+        if spec.required:
+            calls = 'call ("\\n" call)*' if spec.parallel else "call"
+            return lark_grammar(f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}')
+        if not spec.strict:
             return None
-        calls = 'call ("\\n" call)*' if spec.parallel else "call"
-        return lark_grammar(f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n'
-                            f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}")
+        # auto, strict: `mark` is the text before a block and its `<tool_call>` (lazy: it ends at the first one)
+        calls = "(mark call)* TEXT?" if spec.parallel else "TEXT? | mark call TEXT?"
+        return lark_grammar(f'start: {calls}\nmark[lazy]: /(?s:.*)<tool_call>/\ncall: "\\n" body "\\n</tool_call>"\n'
+                            f"TEXT: /(?s:.+)/ & ~/(?s:.*)<tool_call>(?s:.*)/\n{body}")
 
     def streamable(self, text: str, constrained: bool) -> int:
         """auto: the text before a `<tool_call>` (or before a tail that may begin one) is content."""
@@ -256,7 +282,14 @@ class Llama3Format(NativeFormat):
         return [sp] if sp is not None else []
 
     def grammar(self, spec: ToolSpec) -> str | None:
-        return json_schema_grammar(self.call_schema(spec), COMPACT_JSON) if spec.required else None
+        if spec.required:
+            return json_schema_grammar(self.call_schema(spec), COMPACT_JSON)
+        if not spec.strict:
+            return None
+        return lark_grammar(r"start: TEXT? | LEAD? body" "\n"  # auto, strict: text, or one call
+                            r"LEAD: /\s+/ | /\s*<\|python_tag\|>\s*/" "\n"
+                            r"TEXT: /(?s:.+)/ & ~/(?s:\s*\{.*)/ & ~/(?s:\s*<\|python_tag\|>.*)/" "\n"
+                            f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}")
 
     def streamable(self, text: str, constrained: bool) -> int:
         """auto: an answer that cannot be a call (it does not open with `{` or <|python_tag|>) is content."""

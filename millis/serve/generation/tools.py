@@ -10,7 +10,8 @@ is constrained (millis.gen.grammar) to one JSON value the server parses, never f
 
 tool_choice "none" sends the tools to nobody (plain chat); "auto" allows either form; "required" or
 {"type": "function", "function": {"name": N}} allows calls only (of N only). Each tool's `parameters`
-schema constrains its arguments, so arguments always parse and validate. parallel_tool_calls false
+schema constrains its arguments, so arguments always parse and validate (a tool's `strict` changes nothing here;
+tool_formats.py reads it for native formats under auto). parallel_tool_calls false
 allows one call. Earlier turns are shown to the model in the same JSON: an assistant message's
 tool_calls as its content, a tool message's result as a "tool" turn.
 """
@@ -34,6 +35,7 @@ class ToolSpec:
     tools: tuple[dict, ...]   # {"name", "description", "parameters"} of the tools the model may call
     required: bool            # the answer must be calls (tool_choice required or a named function)
     parallel: bool            # more than one call in an answer
+    strict: bool = False      # a tool says `strict: true`: under auto, a native format's calls are constrained too
 
     def schema(self) -> dict:
         """The JSON schema every answer satisfies."""
@@ -81,7 +83,7 @@ def tool_spec(body: dict) -> ToolSpec | None:
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise _fail(f"tools must be a list of at most {MAX_TOOLS} function tools")
-    specs = []
+    specs, strict = [], False
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"] or \
@@ -98,23 +100,26 @@ def tool_spec(body: dict) -> ToolSpec | None:
         params = {"type": "object", **params}  # {} or a schema without a type: arguments are still an object
         if json_shape(params)[0] > MAX_JSON_DEPTH:
             raise _fail(f"tools[{i}].function.parameters nests deeper than {MAX_JSON_DEPTH} levels")
+        if not isinstance(f.get("strict", False), (bool, type(None))):  # OpenAI's boolean (null: absent)
+            raise _fail(f"tools[{i}].function.strict must be true or false, got {f['strict']!r}")
+        strict = strict or f.get("strict") is True  # kept out of the tool: templates that dump it would show it
         specs.append({"name": f["name"], "description": f.get("description", ""), "parameters": params})
     if len({s["name"] for s in specs}) != len(specs):
         raise _fail("tools must have distinct names")
     parallel = parallel is not False
     if choice in (None, "auto"):
-        return ToolSpec(tuple(specs), False, parallel)
+        return ToolSpec(tuple(specs), False, parallel, strict)
     if choice == "none":
         return None
     if choice == "required":
-        return ToolSpec(tuple(specs), True, parallel)
+        return ToolSpec(tuple(specs), True, parallel, strict)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
         and isinstance(choice.get("function"), dict) else None
     named = [s for s in specs if s["name"] == name]
     if not named:
         raise _fail(f"tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": "
                     f"N}}}} with N one of the tools, got {choice!r}", "tool_choice")
-    return ToolSpec(tuple(named), True, False)  # a named function: one call of it (vLLM's; sampling gave up to 4)
+    return ToolSpec(tuple(named), True, False, strict)  # a named function: called once (vLLM's; sampling gave up to 4)
 
 
 def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
