@@ -214,6 +214,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--greedy-tokens", type=int, default=32, help="tokens a prompt compared with the CPU fp32 path")
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--device", default="cuda", help="cuda; cpu: a smoke run of the script itself (torch model)")
     ap.add_argument("--dtype", default="bf16")
@@ -283,7 +284,7 @@ def main() -> int:
         ab = safe_alternated(a, prompt, "MILLIS_NO_DECODE_LAYER", ("per_layer", "five_kernels"))
         res["per_layer_ab"] = {**ab, **layer_ab_validity(ab)}
         save("b1 one kernel a layer / five, alternated", "per_layer_ab")
-    greedy = SamplingParams(max_tokens=32)
+    greedy = SamplingParams(max_tokens=a.greedy_tokens)
     gpu_tokens = run_all(eng, [chat_prompt(eng, c) for c in CHATS], greedy)
     os.environ["MILLIS_NO_KERNELS"] = "1"  # the CPU reference: the torch model in fp32 on the same weights
     ref_eng = open_engine(a.gguf, EngineConfig(max_batch=3, max_seq=512, dtype="fp32", device="cpu"))
@@ -294,7 +295,7 @@ def main() -> int:
              for g, r in zip(gpu_tokens, ref)]
     res["greedy_agreement"] = {"leading_equal": agree, "of": [len(r) for r in ref],
                                "gpu_text": [eng.tok.decode(g) for g in gpu_tokens]}
-    res["targets"]["greedy tokens equal on 3 prompts (32, or to EOS)"] = all(
+    res["targets"][f"greedy tokens equal on 3 prompts ({a.greedy_tokens}, or to EOS)"] = all(
         len(g) == len(r) == n for g, r, n in zip(gpu_tokens, ref, agree))
     save("greedy tokens against the CPU fp32 path", "greedy_agreement", "targets")
     if not a.no_http:
