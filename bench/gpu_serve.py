@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--texts", required=True)
     ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--calls", type=int, default=2000, help="in-process calls timed back to back (half as many paced)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--device", default="cuda", help="cuda; cpu: a smoke run of the script itself (a 2-layer BERT)")
     a = ap.parse_args()
@@ -78,10 +79,10 @@ def main() -> int:
                            max_batch_tokens=serve.max_batch_tokens)
     cold = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    for t in texts[:200]:
+    for t in texts[:min(200, a.calls)]:
         model.run([t])
     lat = []
-    for _ in range(2000):
+    for _ in range(a.calls):
         x = texts[rng.integers(len(texts))]
         s = time.perf_counter()
         model.run([x])
@@ -89,7 +90,7 @@ def main() -> int:
     # the same calls 0.5 ms apart, as an HTTP round trip spaces them: on the Zen 4 VM a CPU forward after such a
     # pause took 1.1-1.5x its back-to-back time (docs/serving.md); this tells whether a GPU call does too
     paced = []
-    for _ in range(1000):
+    for _ in range(a.calls // 2):
         x = texts[rng.integers(len(texts))]
         time.sleep(0.0005)
         s = time.perf_counter()

@@ -59,7 +59,7 @@ def test_serve_script_smoke_run(tmp_path):
             (tok / f).write_bytes((minilm / f).read_bytes())
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(sample_texts()[:300]) + "\n")
-    run_script("gpu_serve.py", "--tokenizer", str(tok), "--texts", str(texts), "--device", "cpu", "--duration", "1",
+    run_script("gpu_serve.py", "--tokenizer", str(tok), "--texts", str(texts), "--device", "cpu", "--duration", "1", "--calls", "200",
                "--out", str(tmp_path))
     res = json.loads((tmp_path / "gpu_serve_cpu-smoke-run.json").read_text())
     assert res["sigterm_exit"] == 0 and res["in_process"]["p50_ms"] > 0
