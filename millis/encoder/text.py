@@ -94,6 +94,12 @@ class TextEncoder:
         self.sep_id = sep
 
     @property
+    def rust_tokenizer(self):
+        """The Rust tokenizer token_ids runs (no truncation, no padding; threads share it, nothing mutates it), or
+        None where only a slow transformers tokenizer exists."""
+        return self._fast
+
+    @property
     def vocab_size(self) -> int:
         """How many ids the tokenizer knows (its vocabulary and added tokens): ids 0..vocab_size-1."""
         if self._fast is not None:
