@@ -203,7 +203,7 @@ def test_tokenizers_without_such_tokens_load_as_before(smollm2):
                                                                model.config.eos_id)):
         assert not added_text(tok._tok, n)
         old = LLTokenizer(tok._tok.to_str(), n_vocab=n, eos_token=eos)
-        rebuilt = LLTokenizer(TokenizerWrapper(_AddedAsText(tok._tok, old, {}, n, eos)), n_vocab=n, eos_token=eos)
+        rebuilt = LLTokenizer(TokenizerWrapper(_AddedAsText(old, {}, n, eos)), n_vocab=n, eos_token=eos)
         new = Grammars(tok, n, eos).tok
         for t in (new, rebuilt):
             assert [t.decode_bytes([i]) for i in range(n)] == [old.decode_bytes([i]) for i in range(n)]
@@ -211,3 +211,109 @@ def test_tokenizers_without_such_tokens_load_as_before(smollm2):
         for seed in range(2):
             for masks in walk([old, new, rebuilt], grammar, seed):
                 assert (masks[0] == masks[1]).all() and (masks[0] == masks[2]).all()
+
+
+class _HF:
+    """What Grammars reads of an HF `tokenizers` tokenizer (millis.gen.tokenizer's `_tok`)."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+
+def metaspace(scheme: str):
+    """A Llama-2 / Mistral-style tokenizer.json: SentencePiece BPE with byte fallback, spaces as `▁` (a Metaspace
+    pre-tokenizer prepending one `always` or on the `first` piece, or the 2023 files' `legacy` Prepend("▁")
+    normalizer), and added tokens that are not special: `<tool_call>`, `</tool_call>` (which llguidance's loader
+    makes special) and `▁▁` (which it does not)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for c in "▁abcdefghijklmnopqrstuvwxyz{}\":,_<>/-0123456789":
+        vocab.setdefault(c, len(vocab))
+    merges = [("▁", "a"), ("▁", "{"), ("▁", "h"), ("▁h", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if scheme == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<tool_call>", "</tool_call>", "▁▁")])
+    return tok
+
+
+def spell(g, m, text: str) -> list[int]:
+    """Write `text` through matcher `m`, each step the longest token the mask allows that spells its next bytes
+    (where the grammar forces bytes llguidance allows their canonical tokens only); the tokens, and m accepting."""
+    import numpy as np
+
+    rest, out = text.encode(), []
+    while rest:
+        fits = [(len(b), int(t)) for t in np.flatnonzero(allowed(m)[:g.vocab_size])
+                if (b := g.tok.decode_bytes([int(t)])) and rest.startswith(b)]
+        assert fits, (text, rest, m.get_error())
+        n, t = max(fits)
+        assert m.consume_token(t), m.get_error()
+        rest, out = rest[n:], out + [t]
+    assert m.is_accepting() and allowed(m)[g.tok.eos_token]
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["always", "first", "legacy"])
+def test_metaspace_tokenizers_with_text_tokens_complete_grammars(scheme):
+    """llguidance tokenizes a grammar's text as its loader does: without the Prepend("▁") normalizer, a Metaspace
+    prefix never. With a non-special added token Grammars tokenized it with the tokenizer's own encode: every forced
+    text began with a `▁` the grammar could not take (response_format failed on its first token, and a required call
+    after its `<tool_call>`). Both grammars now complete, the call opened by the added token."""
+    from millis.gen.grammar import Grammars
+    from millis.serve.generation.tool_formats import HERMES
+    from millis.serve.generation.tools import tool_spec
+
+    tok = metaspace(scheme)
+    n, mark = tok.get_vocab_size(True), tok.token_to_id("<tool_call>")
+    g = Grammars(_HF(tok), n, tok.token_to_id("</s>"))
+    assert not g.tok.is_special_token(mark) and g.tok.decode_bytes([mark]) == b"<tool_call>"
+    assert g.tok.tokenize_str("<tool_call>\n{") == [mark, tok.token_to_id("<0x0A>"), tok.token_to_id("{")]
+    spell(g, g.matcher(json_schema_grammar(SCHEMA)), '{"kind": "cat", "age": 7, "ok": true, "name": "ab", "tags": []}')
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "integer"}}, "required": ["zone"]}}}
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        m = g.matcher(HERMES.grammar(tool_spec({"tools": [tool], "tool_choice": choice})))
+        ids = spell(g, m, '<tool_call>\n{"name": "get_time", "arguments": {"zone": -3}}\n</tool_call>')
+        assert ids[0] == mark
+
+
+def test_only_the_added_tokens_the_loader_made_special_are_rewritten():
+    """llguidance's loader gives an added token that is not special the bytes its decoding writes unless it is
+    spelled `<...>` (then special): those bytes stay (a byte-level `ü` reusing byte 0xFC's id is that byte, not
+    `ü` in UTF-8; Metaspace's `▁▁` two spaces, not the `▁` characters' bytes), and the `<...>` ones are their
+    decoded text."""
+    from llguidance import LLTokenizer
+    from tokenizers import AddedToken
+
+    from millis.gen.grammar import Grammars
+
+    tok = byte_level(ADDED_TEXT)
+    inner = tok._tok
+    inner.add_tokens([AddedToken("ü", special=False, normalized=False)])
+    u = inner.token_to_id("ü")
+    assert u < CFG.vocab_size - len(ADDED_TEXT)  # the byte's own id (byte-level: 0xFC)
+    g, old = Grammars(tok, CFG.vocab_size, 2), old_tokenizer(tok, CFG.vocab_size)
+    assert old.decode_bytes([u]) == b"\xfc" and not old.is_special_token(u)
+    assert g.tok.decode_bytes([u]) == b"\xfc" and not g.tok.is_special_token(u)
+    mark = CFG.vocab_size - 3
+    assert g.tok.decode_bytes([mark]) == b"<tool_call>" and not g.tok.is_special_token(mark)
+    for scheme in ("always", "legacy"):
+        ms = metaspace(scheme)
+        n, two = ms.get_vocab_size(True), ms.token_to_id("▁▁")
+        g = Grammars(_HF(ms), n, 2)
+        loaded = LLTokenizer(ms.to_str(), n_vocab=n, eos_token=2)
+        assert g.tok.decode_bytes([two]) == b"  " == loaded.decode_bytes([two]) and not g.tok.is_special_token(two)
+        assert ms.decode([ms.token_to_id("a"), two]) == "a  "
+        for i in range(n):  # every other token as loaded
+            if i not in (ms.token_to_id("<tool_call>"), ms.token_to_id("</tool_call>")):
+                assert (g.tok.decode_bytes([i]), g.tok.is_special_token(i)) == (loaded.decode_bytes([i]),
+                                                                               loaded.is_special_token(i)), i

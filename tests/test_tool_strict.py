@@ -173,7 +173,7 @@ def test_a_strict_answer_parses_and_streams_as_an_auto_one():
     content, calls = HERMES.parse(text, spec)
     assert content == "Let me check.\n\nDone." and [json.loads(c["function"]["arguments"]) for c in calls] == \
         [{"city": "Oslo", "unit": "C"}]
-    assert HERMES.content_so_far(text, HERMES.streams_calls(spec)) == "Let me check.\n"  # was "" (as required)
+    assert HERMES.content_so_far(text, HERMES.streams_calls(spec)) == "Let me check."  # was "" (as required)
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_tools.jinja", "llama3_tools.jinja"])
@@ -285,8 +285,8 @@ def test_the_engine_writes_required_calls_opened_by_an_added_token(tmp_path):
 
 def test_stop_is_taken_with_strict_tools_under_auto(strict_server, grammars):
     """A strict auto answer is free text with constrained calls: a stop string ends it as it ends any text (OpenAI and
-    vLLM take stop with tools), one inside a call too (the call is cut, as max_tokens cuts it: text, no tool_calls, no
-    error), streamed or not; with calls-only grammars (tool_choice required) and response_format it is refused."""
+    vLLM take stop with tools), one inside a call too (the call is cut, as max_tokens cuts it: not content, no
+    tool_calls, no error), streamed or not; with calls-only grammars (tool_choice required) and response_format it is refused."""
     ask = {"messages": MSGS, "tools": TOOLS, "max_tokens": 60, "temperature": 0,
            "logit_bias": {str(opener(strict_server, grammars)): 100}}
     status, _, body = strict_server.post("/v1/chat/completions", ask)
@@ -313,3 +313,117 @@ def test_stop_is_taken_with_strict_tools_under_auto(strict_server, grammars):
                                                                   "max_tokens": 120})
     assert status == 200 and body["choices"][0]["message"]["tool_calls"], body  # the added opener, as a call
     valid(body["choices"][0]["message"]["tool_calls"])
+
+
+def test_a_strict_auto_answer_ends_on_any_end_id(tmp_path):
+    """Llama 3's `<|eot_id|>` beside its EOS: llguidance takes every end id as an EOS, so a strict auto answer's free
+    text may end on it (it was masked: pushed to it, the answer ran to max_tokens) and the engine ends the request
+    there ("stop", the id not in the text); a calls-only grammar still allows no end id inside a call."""
+    from millis.gen import EngineConfig, SamplingParams, open_engine
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, CFG, random_llama_tensors(CFG, "F32"), added=USER_DEFINED + [("<|eot_id|>", 3)])
+    eng = open_engine(str(path), EngineConfig(max_batch=4, max_seq=256, threads=1))
+    eot, mark = CFG.vocab_size - 1, CFG.vocab_size - 3
+    assert eot in eng.end_ids and eot != eng.config.eos_id and eng.tok.decode([mark]) == "<tool_call>"
+    bias = ((eot, 100.0),)
+    for fmt in (HERMES, LLAMA3):
+        spec = tool_spec({"tools": TOOLS})
+        ids = [eng.add([1, 40, 41], SamplingParams(max_tokens=30, temperature=1.0, seed=s, logit_bias=bias,
+                                                   grammar=fmt.grammar(spec))) for s in range(2)]
+        got = {i: [[], None] for i in ids}
+        while eng.has_work:
+            for o in eng.step():
+                got[o.id][0] += o.token_ids
+                got[o.id][1] = o.finished or got[o.id][1]
+        assert all(v == [[eot], "stop"] for v in got.values()), (fmt.name, got)
+    g = eng.grammars
+    m = g.matcher(HERMES.grammar(tool_spec({"tools": TOOLS})))
+    assert follow(g, m, "Hello there", True) and allowed(m)[eot] and allowed(m)[EOS] and m.is_accepting()
+    assert m.consume_token(eot) and m.is_stopped()
+    required = HERMES.grammar(tool_spec({"tools": TOOLS, "tool_choice": "required"}))
+    m = g.matcher(required)
+    assert m.consume_token(mark) and follow(g, m, '\n{"name": "get_time", "arguments": {"zone": 1', True)
+    assert not m.is_accepting() and not allowed(m)[eot] and not allowed(m)[EOS]
+    ids = [eng.add([1, 40, 41], SamplingParams(max_tokens=150, temperature=1.0, seed=s, logit_bias=bias,
+                                               grammar=required)) for s in range(3)]
+    got = {i: ["", [], None] for i in ids}
+    while eng.has_work:
+        for o in eng.step():
+            got[o.id][0] += o.text
+            got[o.id][1] += o.token_ids
+            got[o.id][2] = o.finished or got[o.id][2]
+    required_spec = tool_spec({"tools": TOOLS, "tool_choice": "required"})
+    for text, tokens, finished in got.values():  # a whole call, then (pushed) the end id: never inside the call
+        assert finished == "stop" and tokens[0] == mark and tokens[-1] == eot and eot not in tokens[:-1], tokens
+        calls = HERMES.parse(text, required_spec)[1]
+        assert len(calls) == 1 and text.endswith("</tool_call>"), text
+        valid(calls)
+
+
+def answers(text: str, finish: str, spec, fmt=HERMES, size: int = 3) -> tuple[tuple, tuple]:
+    """(content, calls, finish_reason) of an answer `text` the engine ended with `finish`: as the JSON answer gives
+    it, and as the event stream does (respond.events, fed `size` characters a step), content deltas joined."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from millis.gen import SamplingParams
+    from millis.gen.request import StepOutput
+    from millis.serve.generation import schemas as gs
+    from millis.serve.generation.respond import _answer, events
+
+    parts = [text[k:k + size] for k in range(0, len(text), size)] or [""]
+    outs = [StepOutput("r", [0], t, finish if k == len(parts) - 1 else None) for k, t in enumerate(parts)]
+    g = gs.GenRequest(None, [], SamplingParams(max_tokens=100, grammar=fmt.grammar(spec) or ""), True, False,
+                      tools=spec, tool_format=fmt)
+    rest = iter(outs[1:])
+
+    async def next_out(live):
+        return next(rest)
+
+    st = SimpleNamespace(next=next_out, engine=SimpleNamespace(tok=None), name="tiny")
+    live = SimpleNamespace(id="r", prompt_tokens=3, n_out=len(outs))
+
+    async def run_events():
+        return [json.loads(e[6:]) for e in [e async for e in events(st, [live], [outs[0]], g, True)][:-1]]
+
+    chunks = [e["choices"][0] for e in asyncio.run(run_events())]
+    content = "".join(ch["delta"].get("content") or "" for ch in chunks) or None
+    calls = [c["function"] for c in joined_calls([{"choices": [ch]} for ch in chunks])]
+    content_, calls_, finish_ = _answer(g, text, finish)
+    return (content_, [c["function"] for c in calls_], finish_), (content, calls, chunks[-1]["finish_reason"])
+
+
+@pytest.mark.parametrize("strict_", [True, False], ids=["strict", "free"])
+def test_text_after_a_call_streams_as_it_is_answered(strict_):
+    """An auto answer with text after its call: the stream sends that text too (it sent only the text before the
+    call), after what went out as it came; streamed and not, the same content and calls. Whitespace before a call
+    is held back (parse drops it: the stream sent `Let me check.\\n`, the answer `Let me check.`)."""
+    spec = tool_spec({"tools": TOOLS if strict_ else [WEATHER, TIME]})
+    weather = {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}
+    for text, content in (("Let me check.\n" + CALL + "\nDone.", "Let me check.\n\nDone."),
+                          ("Let me check.\n" + CALL, "Let me check."), ("\n" + CALL + "\nDone.", "Done."),
+                          ("  Hi " + CALL + " and " + TIME_CALL + " bye\n", "  Hi  and  bye")):
+        for size in (1, 4, 200):
+            plain, streamed = answers(text, "stop", spec, size=size)
+            assert plain == streamed, (text, size, plain, streamed)
+            assert plain[0] == content and plain[1][0] == weather and plain[2] == "tool_calls"
+    for text in ("Paris is sunny.\n", "  a <tool_cal", "see <tool_call> tags"):
+        assert answers(text, "stop", spec)[0] == answers(text, "stop", spec)[1] == (text, [], "stop")
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_a_call_cut_after_whole_ones_is_dropped_and_the_finish_stays(finish):
+    """A stop string or max_tokens cutting a call after a whole one: the whole call is returned, the cut one is call
+    syntax, not content (it came back as content `<tool_call>\\n{"name": "get_ti`), and the finish_reason is the
+    engine's, never "tool_calls" (it said "tool_calls" for a stop string); streamed and not, the same."""
+    weather = {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}
+    for spec in (tool_spec({"tools": TOOLS}), tool_spec({"tools": [WEATHER, TIME]})):
+        for text, content, calls in (
+                ("Sure. " + CALL + '\n<tool_call>\n{"name": "get_ti', "Sure.", [weather]),
+                (CALL + "\n<tool_call>", None, [weather]),
+                (CALL + "\n" + TIME_CALL[:-4], None, [weather]),  # its JSON whole, its `</tool_call>` not
+                ("Let me see. " + CALL[:30], "Let me see.", []),
+                (CALL[:12], None, [])):
+            plain, streamed = answers(text, finish, spec)
+            assert plain == streamed == (content, calls, finish), (text, plain, streamed)

@@ -4,7 +4,7 @@ Chosen by measurement (`bench/grammar_engines.py` on SmolLM2's 49,152-token voca
 compiles a JSON schema in 1-2 ms and computes a token mask in about 0.2 ms; outlines-core took about
 1 s to compile and 0.9 ms per mask; xgrammar requires triton and transformers at install.
 
-    g = Grammars(tokenizer, vocab_size, eos_id)           # once per engine (builds the token trie)
+    g = Grammars(tokenizer, vocab_size, eos_id, end_ids)  # once per engine (builds the token trie)
     m = g.matcher(json_schema_grammar({"type": "object"}))   # per request (compiled grammars are cached)
     allow_only(m, logits_row)                               # before sampling: disallowed tokens -> -inf
     m.consume_token(t)                                      # after; m.is_stopped(): nothing may follow
@@ -170,60 +170,88 @@ class _Wrapped:
         return self.tok._merge(ids)
 
 
-def added_text(inner, n: int, end_ids=()) -> dict[int, bytes]:
-    """{id: its bytes} of a `tokenizers.Tokenizer`'s added tokens that are not special (`"special": false` in
+def added_text(inner, n: int, end_ids=()) -> dict[int, str]:
+    """{id: its text} of a `tokenizers.Tokenizer`'s added tokens that are not special (`"special": false` in
     tokenizer.json's added_tokens; GGUF's user-defined tokens): Qwen2.5's, Hermes' and SmolLM3's `<tool_call>`,
     `</tool_call>`, `<think>`. They are text: the tokenizer finds them in text, decoding writes them. Not a token
     that ends generation (`end_ids`, or one spelled as an end of turn): as text a grammar could allow it inside a
     value, and the answer would end there."""
     from millis.gen.gguf import END_OF_TURN_TEXTS
 
-    return {i: t.content.encode() for i, t in inner.get_added_tokens_decoder().items()
+    return {i: t.content for i, t in inner.get_added_tokens_decoder().items()
             if not t.special and t.content and 0 <= i < n and i not in end_ids and t.content not in END_OF_TURN_TEXTS}
 
 
-class _AddedAsText:
-    """What TokenizerWrapper reads, for a `tokenizers.Tokenizer` with added tokens that are not special: each id's
-    bytes as llguidance's own loader gives them (`loaded`, built from the tokenizer's JSON), but those tokens'
-    bytes their text. That loader (toktrie_hf_tokenizers, llguidance 1.9.1) makes every added token special
-    (0xFF-prefixed: no grammar's text can be written with it), `"special": false` ones too, while it tokenizes
-    a grammar's text with the tokenizer, which finds them in it: a forced `<tool_call>` came out as the one
-    token the grammar's bytes could not take (GrammarFailed), and free text could not hold it. Text is encoded
-    as the loader encodes it: the tokenizer's encode without a post-processor's tokens (BOS)."""
+def decoded_bytes(inner, content: str) -> bytes | None:
+    """An added token's bytes as decoding writes them: its content through the tokenizer's decoder (Metaspace's `▁`
+    a space, byte-level's `Ġ` a space), after a plain `a` so that a decoder's Strip of the text's first space does
+    not take the token's. None where that is not valid UTF-8 (a byte-level content naming a lone byte: its bytes
+    are not its text)."""
+    if inner.decoder is None:
+        return content.encode()
+    out = inner.decoder.decode(["a", content])
+    return out[1:].encode() if out[:1] == "a" and "\ufffd" not in out[1:] else None
 
-    def __init__(self, inner, loaded, text: dict[int, bytes], n: int, eos: int) -> None:
-        self.inner, self.eos_token_id, self.bos_token_id = inner, eos, None
+
+def text_tokens(inner, loaded, n: int, end_ids=()) -> dict[int, bytes]:
+    """{id: its bytes} of the added tokens that are not special (added_text) but that llguidance's loader
+    (`loaded`) made special: the only ones whose bytes it got wrong. Its loader (toktrie_hf_tokenizers, 1.9.1)
+    makes special an added token spelled `<...>` (`<tool_call>`, `"special": false` or not) and gives every
+    other one the bytes its decoding writes (Metaspace's `▁▁` two spaces, a byte-level `ü` reusing the id of byte
+    0xFC that byte): those stay as loaded."""
+    text = {i: decoded_bytes(inner, c) for i, c in added_text(inner, n, end_ids).items() if loaded.is_special_token(i)}
+    return {i: b for i, b in text.items() if b}
+
+
+class _AddedAsText:
+    """What TokenizerWrapper reads, for a `tokenizers.Tokenizer` with added tokens that are not special but which
+    llguidance's own loader made special (text_tokens): each id's bytes as that loader gives them (`loaded`, built
+    from the tokenizer's JSON), but those tokens' bytes their text. Special, they were 0xFF-prefixed (no grammar's
+    text can be written with one) while the loader tokenizes a grammar's text with the tokenizer, which finds them
+    in it: a forced `<tool_call>` came out as the one token the grammar's bytes could not take (GrammarFailed), and
+    free text could not hold it. Text is tokenized by `loaded` itself: the tokenizer without a post-processor's
+    tokens (BOS) and, as llguidance's loader has it, without a `Prepend("▁")` normalizer or a Metaspace
+    pre-tokenizer's prefix space (the tokenizer's own encode put a `▁` before every grammar's text: with a Llama-2
+    or Mistral tokenizer.json every grammar failed on its first token)."""
+
+    def __init__(self, loaded, text: dict[int, bytes], n: int, eos: int) -> None:
+        self.loaded, self.eos_token_id, self.bos_token_id = loaded, eos, None
         self.special_token_ids = [i for i in range(n) if i not in text and loaded.is_special_token(i)]
         self.tokens = [text.get(i) or loaded.decode_bytes([i]) for i in range(n)]
         for i in self.special_token_ids:  # decode_bytes gives a special token's name without its 0xFF
             self.tokens[i] = b"\xff" + self.tokens[i]
 
     def __call__(self, s: str) -> list[int]:
-        return self.inner.encode(s, add_special_tokens=False).ids
+        return self.loaded.tokenize_str(s)
 
 
 class Grammars:
     """llguidance's view of one engine's tokenizer, and the grammars compiled for it (LRU)."""
 
     def __init__(self, tok, vocab_size: int, eos_id: int | None, end_ids=()) -> None:
-        """`end_ids`: the ids besides eos_id that end generation (an added token that is not special stays special
-        to llguidance if it is one of them)."""
+        """`end_ids`: the ids besides eos_id that end generation. llguidance takes them all as EOS (allowed where the
+        grammar may end, each ending it: Llama 3's `<|eot_id|>` beside its EOS `<|end_of_text|>`, a free answer
+        under a strict tool's grammar could only end with EOS, past its model's end of turn), and an added token that
+        is not special stays special to llguidance if it is one of them."""
         from llguidance import LLTokenizer, TokenizerWrapper
 
         if tok is None or eos_id is None:
             raise MillisError("structured output needs the model's tokenizer and an EOS token; this model has "
                               "none")
+        ends = [eos_id, *sorted(i for i in set(end_ids) if i != eos_id and 0 <= i < vocab_size)]
         inner = getattr(tok, "_tok", None)  # HF `tokenizers` (HF directories, GGUF byte-level BPE)
         if inner is not None and hasattr(inner, "to_str"):
-            if text := added_text(inner, vocab_size, {eos_id, *end_ids}):  # llguidance's bytes, then text's
-                loaded = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id, slices=[])
-                self.tok = LLTokenizer(TokenizerWrapper(_AddedAsText(inner, loaded, text, vocab_size, eos_id)),
-                                       n_vocab=vocab_size, eos_token=eos_id)
+            if added_text(inner, vocab_size, ends):  # llguidance's bytes, then, where it made them special, text's
+                loaded = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=ends, slices=[])
+                text = text_tokens(inner, loaded, vocab_size, ends)
+                self.tok = LLTokenizer(TokenizerWrapper(_AddedAsText(loaded, text, vocab_size, eos_id)),
+                                       n_vocab=vocab_size, eos_token=ends) if text else \
+                    loaded.with_slices(LLTokenizer.general_slices())
             else:
-                self.tok = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=eos_id)
+                self.tok = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=ends)
         elif hasattr(tok, "pieces"):
             self.tok = LLTokenizer(TokenizerWrapper(_Wrapped(tok, vocab_size, eos_id)), n_vocab=vocab_size,
-                                   eos_token=eos_id)
+                                   eos_token=ends)
         else:
             raise MillisError(f"structured output is not supported for a {type(tok).__name__} tokenizer")
         self.vocab_size = vocab_size
@@ -269,7 +297,8 @@ class GrammarFailed(MillisError):
 
 
 def allow_only(matcher, logits: torch.Tensor) -> None:
-    """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf."""
+    """logits (V,) in place: every token the matcher's grammar does not allow next gets -inf. Where it may end, every
+    end id Grammars was given is allowed (llguidance holds them all as EOS) and ends it when consumed."""
     import torch  # here, not at the top: the encoder server imports this module (its OpenAPI) without torch
 
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)

@@ -9,7 +9,8 @@ between them); the answer waits for every choice's first token (503 past request
   native format's auto answer shows cannot be a call, before a `<tool_call>`), and, while the grammar makes
   the answer calls (format.streams_calls), each call as OpenAI streams it (announced with its name, then its
   arguments' text as it grows: tool_stream.py). Calls of an auto answer of a native format (free, or strict:
-  its calls constrained, its text free) are parsed when it ends and sent whole.
+  its calls constrained, its text free) are parsed when it ends and sent whole, after the rest of its content
+  (the text after them; whitespace before a call is held back, as parse drops it).
   Then (usage,) `[DONE]`.
 
 Whatever ends the request (finished, client gone, timeout, error) cancels every choice still running.
@@ -59,7 +60,8 @@ def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list,
     if g.tools is None:
         return text, [], finish
     content, calls = g.tool_format.parse(text, g.tools)
-    whole = all(is_json(c["function"]["arguments"]) for c in calls)  # calls cut by a stop string end as "stop"
+    # an answer cut by a stop string or max_tokens inside a call ends as the engine said: its whole calls are returned
+    whole = all(is_json(c["function"]["arguments"]) for c in calls) and not g.tool_format.cut(text, g.tools)
     return content, calls, "tool_calls" if calls and finish == "stop" and whole else finish
 
 
@@ -168,9 +170,8 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                     content, calls, finish = _answer(g, held[i].s, o.finished)
                     if calls_out[i].started:  # the calls went out as written (a cut answer's unfinished one too)
                         content, calls = None, []
-                    elif shown[i]:  # the content went out as it came: the rest of it (before calls: all of it)
-                        content = content[len(shown[i]):] if content and not calls and \
-                            content.startswith(shown[i]) else None
+                    elif shown[i]:  # the content went out as it came: the rest of it (after the calls too)
+                        content = content[len(shown[i]):] if content and content.startswith(shown[i]) else None
                     if content or calls:
                         yield gs.chunk(chat, rid, created, st.name, content, None, with_usage=wu, index=i,
                                        calls=[{"index": k, **c} for k, c in enumerate(calls)])

@@ -86,6 +86,11 @@ class GenericFormat:
         written (tool_stream.py) and content_so_far reads it as such: always for the generic format."""
         return True
 
+    def cut(self, text: str, spec: ToolSpec) -> bool:
+        """Whether the answer ended inside a call its text began, beside its parsed ones (hermes, auto): then its
+        finish_reason stays the engine's, never "tool_calls" (the generic format's cut calls do not parse whole)."""
+        return False
+
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         content, calls = parse_answer(text)
         spans = self.spans(text)
@@ -235,19 +240,52 @@ class HermesFormat(NativeFormat):
         scan.memo["hermes"] = (whole, at)
         return whole + tail
 
+    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
+        """auto: the text before a `<tool_call>`, less its trailing whitespace (parse drops it before a call)."""
+        return super().content_so_far(text, constrained).rstrip()
+
     def parse(self, text: str, spec: ToolSpec) -> Calls:
+        """auto: the calls of the `<tool_call>` blocks; content the text around them, as streamed: the text before
+        the first `<tool_call>` as it is (without leading whitespace when that is all it is), then what follows the
+        blocks, trailing whitespace off. A call the answer ended inside (cut_at: a stop string, max_tokens) is call
+        syntax, not text: not in content, and no call."""
         if spec.required:
             return self.required_calls(text, spec)
-        blocks = self.blocks(text)
-        calls = [c for c in (self.call_of(body, spec) for _, _, body in blocks) if c is not None]
+        cut = self.cut_at(text)
+        body = text if cut is None else text[:cut]
+        blocks = self.blocks(body)
+        calls = [c for c in (self.call_of(b, spec) for _, _, b in blocks) if c is not None]
         if not calls:
-            return text, []
+            return (text, []) if cut is None else (body.rstrip() or None, [])
         rest, at = [], 0
         for start, end, _ in blocks:
-            rest.append(text[at:start])
+            rest.append(body[at:start])
             at = end
-        rest = ("".join(rest) + text[at:]).strip()
+        rest = ("".join(rest) + body[at:]).rstrip()
+        if not text[:text.find(self.MARK)].strip():  # nothing went out before the first call: no leading blank
+            rest = rest.lstrip()
         return rest or None, calls if spec.parallel else calls[:1]
+
+    def cut(self, text: str, spec: ToolSpec) -> bool:
+        return not spec.required and self.cut_at(text) is not None
+
+    def cut_at(self, text: str) -> int | None:
+        """Where a call the answer ended inside begins (its `<tool_call>`, after the last whole block): nothing, or an
+        unfinished JSON object, or a whole one and part of its `\n</tool_call>`, follows it. None if none does
+        (`<tool_call>` in prose stays text)."""
+        blocks = self.blocks(text)
+        scan, at = Scan(text), blocks[-1][1] if blocks else 0
+        while (mark := text.find(self.MARK, at)) >= 0:
+            start = mark + len(self.MARK)
+            rest = text[start:].lstrip()
+            if not rest:
+                return mark
+            if rest[0] == "{":
+                end = scan.object_end(start)
+                if end is None or "</tool_call>".startswith(text[end:].lstrip()):
+                    return mark
+            at = start
+        return None
 
     def blocks(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, body) of each `<tool_call>` block. A body that is a JSON object is read by the scanner, so
