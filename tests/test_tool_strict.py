@@ -176,6 +176,20 @@ def test_a_strict_answer_parses_and_streams_as_an_auto_one():
     assert HERMES.content_so_far(text, HERMES.streams_calls(spec)) == "Let me check."  # was "" (as required)
 
 
+def test_tool_call_marks_in_prose_are_text():
+    """Unconstrained auto: `<tool_call>` written in prose before a real call no longer swallows the call (its
+    block ran to the call's `</tool_call>`), and one followed by a JSON object that names nothing is no cut call
+    (its text was dropped and a whole call before it lost finish "tool_calls")."""
+    from test_serve_structured import TIME, WEATHER
+
+    spec = tool_spec({"tools": [WEATHER, TIME]})
+    content, calls = HERMES.parse("Use <tool_call> tags.\n" + CALL, spec)
+    assert content == "Use <tool_call> tags." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert HERMES.parse('Example: <tool_call>{"a": 1}', spec) == ('Example: <tool_call>{"a": 1}', [])
+    assert not HERMES.cut(CALL + '\nFor example <tool_call>{"a": 1}', spec)
+    assert HERMES.cut(CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool', spec)
+
+
 @pytest.fixture(scope="module", params=["qwen2_5_tools.jinja", "llama3_tools.jinja"])
 def strict_server(tmp_path_factory, request):
     path = tmp_path_factory.mktemp("strict") / "tiny.gguf"

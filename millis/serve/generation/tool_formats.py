@@ -196,6 +196,15 @@ class NativeFormat(GenericFormat):
         return s[:self.streamable(s, constrained)]
 
 
+def named(body: str) -> bool:
+    """A whole JSON object that could be a call (it has a name): `<tool_call>{"a": 1}` in prose is text."""
+    try:
+        value = strict_json(body)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and "name" in value
+
+
 class HermesFormat(NativeFormat):
     name = "hermes"
     MARK = "<tool_call>"
@@ -282,7 +291,7 @@ class HermesFormat(NativeFormat):
                 return mark
             if rest[0] == "{":
                 end = scan.object_end(start)
-                if end is None or "</tool_call>".startswith(text[end:].lstrip()):
+                if end is None or "</tool_call>".startswith(text[end:].lstrip()) and named(text[start:end]):
                     return mark
             at = start
         return None
@@ -297,7 +306,7 @@ class HermesFormat(NativeFormat):
             end = scan.object_end(start)
             close = self.CLOSE.match(text, end) if end is not None else None
             m = close or self.BLOCK.match(text, mark)
-            if m is None:
+            if m is None or not close and self.MARK in m.group(1):  # a mark in prose: a later one may open a call
                 at = start
                 continue
             body = text[start:end] if close else m.group(1)
