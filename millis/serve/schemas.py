@@ -153,6 +153,12 @@ def embedding_input(body: dict[str, Any], limits: Limits, key: str = "input") ->
     v = body.get(key)
     if not (isinstance(v, list) and v and (isinstance(v[0], list) or is_integral(v[0]))):
         return texts_of(body, key, limits)
+    return id_rows(v, key, limits)
+
+
+def id_rows(v: list, key: str, limits: Limits) -> TokenInput:
+    """A non-empty list `v` of token ids ([int]: one input) or of lists of them ([[int]]: at most --max-inputs, none
+    empty) as rows; the ids themselves are checked by `token_rows`."""
     if not isinstance(v[0], list):
         return TokenInput([v], nested=False, key=key)
     if len(v) > limits.max_inputs:

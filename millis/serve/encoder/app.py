@@ -194,7 +194,7 @@ class State:
             fn, args, size = enc.pair_ids, (query, texts), sum(map(len, texts)) + len(query) * len(texts)
         else:
             fn, args, size = enc.token_ids, (texts,), sum(map(len, texts))
-        return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await watch.until(off_loop(fn, *args))
+        return await sized(size, watch, fn, *args)
 
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
                        query: str | None = None, field: str = "input",
@@ -261,14 +261,17 @@ def watched(st: State, request: Request, arrived: float):
         watch.close()
 
 
+async def sized(size: int, watch: Watch, fn: Callable, *args):
+    """fn(*args): on the loop when size (characters, ids) is small, else in a thread while the request lasts."""
+    return fn(*args) if size <= INLINE_TOKENIZE_CHARS else await watch.until(off_loop(fn, *args))
+
+
 def offload(st: State, request: Request, arrived: float) -> Callable:
-    """off(size, fn, *args) -> fn(*args): on the loop when size (characters, ids) is small, else in a thread while the
-    request lasts (`watched`), as State.token_ids tokenizes (tei_tokens' /tokenize and /decode)."""
+    """off(size, fn, *args) -> fn(*args) as `sized` runs it, watched as the other routes' work (tei_tokens' /tokenize
+    and /decode)."""
     async def off(size: int, fn: Callable, *args):
-        if size <= INLINE_TOKENIZE_CHARS:
-            return fn(*args)
         with watched(st, request, arrived) as watch:
-            return await watch.until(off_loop(fn, *args))
+            return await sized(size, watch, fn, *args)
     return off
 
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from millis.common.rust_tokenizer import GIL_FREE_CHARS, encode_all
 from millis.serve.encoder import tei
 from millis.serve.http import api_status, error_response, json_response
-from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, texts_of, token_rows
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, id_rows, texts_of, token_rows
 
 MAX_CHAR_MULTIPLIER = 250  # TEI's: /tokenize takes a text of at most max_length x this many characters
 Off = Callable[..., Awaitable[Any]]  # off(size, fn, *args): fn(*args), in a thread while the request lasts if large
@@ -98,22 +98,13 @@ def decode_request(body: dict[str, Any], limits: Limits, max_length: int) -> tup
                        param="ids", code="invalid_type")
     if not v:
         raise ApiError(422, "'ids' is empty: send at least one token id", param="ids", code="empty_input")
-    nested = isinstance(v[0], list)
-    rows = v if nested else [v]
-    if len(rows) > limits.max_inputs:
-        raise ApiError(413, f"'ids' has {len(rows)} lists; at most {limits.max_inputs} per request", param="ids",
-                       code="too_many_inputs")
+    given = id_rows(v, "ids", limits)  # [int] or at most --max-inputs [[int]], none empty
     most = max_length * MAX_CHAR_MULTIPLIER
-    for i, row in enumerate(rows):
-        if not isinstance(row, list):  # a mix of ids and lists: token_rows names a stray list in a flat row
-            raise ApiError(422, f"ids[{i}] is {type(row).__name__}, expected a list of token ids (as ids[0])",
-                           param="ids", code="invalid_type")
-        if not row:
-            raise ApiError(422, f"ids[{i}] is an empty list of token ids", param="ids", code="empty_input")
+    for i, row in enumerate(given.rows):
         if len(row) > most:
             raise ApiError(422, f"ids[{i}] has {len(row)} ids; at most {most} a list", param="ids",
                            code="invalid_value")
-    return TokenInput(rows, nested, key="ids"), boolean(body, "skip_special_tokens", True)
+    return given, boolean(body, "skip_special_tokens", True)
 
 
 def decoded(enc, given: TokenInput, vocab_size: int, skip: bool) -> list[str]:
