@@ -193,13 +193,13 @@ def decoded_bytes(inner, content: str) -> bytes | None:
     return out[1:].encode() if out[:1] == "a" and "\ufffd" not in out[1:] else None
 
 
-def text_tokens(inner, loaded, n: int, end_ids=()) -> dict[int, bytes]:
-    """{id: its bytes} of the added tokens that are not special (added_text) but that llguidance's loader
+def text_tokens(inner, loaded, added: dict[int, str]) -> dict[int, bytes]:
+    """{id: its bytes} of the added tokens that are not special (`added`: added_text's) but that llguidance's loader
     (`loaded`) made special: the only ones whose bytes it got wrong. Its loader (toktrie_hf_tokenizers, 1.9.1)
     makes special an added token spelled `<...>` (`<tool_call>`, `"special": false` or not) and gives every
     other one the bytes its decoding writes (Metaspace's `▁▁` two spaces, a byte-level `ü` reusing the id of byte
     0xFC that byte): those stay as loaded."""
-    text = {i: decoded_bytes(inner, c) for i, c in added_text(inner, n, end_ids).items() if loaded.is_special_token(i)}
+    text = {i: decoded_bytes(inner, c) for i, c in added.items() if loaded.is_special_token(i)}
     return {i: b for i, b in text.items() if b}
 
 
@@ -241,9 +241,9 @@ class Grammars:
         ends = [eos_id, *sorted(i for i in set(end_ids) if i != eos_id and 0 <= i < vocab_size)]
         inner = getattr(tok, "_tok", None)  # HF `tokenizers` (HF directories, GGUF byte-level BPE)
         if inner is not None and hasattr(inner, "to_str"):
-            if added_text(inner, vocab_size, ends):  # llguidance's bytes, then, where it made them special, text's
-                loaded = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=ends, slices=[])
-                text = text_tokens(inner, loaded, vocab_size, ends)
+            if added := added_text(inner, vocab_size, ends):  # llguidance's bytes, then, where it made them special,
+                loaded = LLTokenizer(inner.to_str(), n_vocab=vocab_size, eos_token=ends, slices=[])  # text's
+                text = text_tokens(inner, loaded, added)
                 self.tok = LLTokenizer(TokenizerWrapper(_AddedAsText(loaded, text, vocab_size, eos_id)),
                                        n_vocab=vocab_size, eos_token=ends) if text else \
                     loaded.with_slices(LLTokenizer.general_slices())
