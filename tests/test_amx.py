@@ -171,9 +171,11 @@ def test_native_encoder_attention_on_bf16_vectors(monkeypatch):
     """Off the tile unit the avx512 build runs the bf16 attention on AVX-512 BF16 vectors (vec_attend.h) for the
     precisions below fp32 (encoder.native.bf16_attention), and fp32 keeps fp32 attention. The real MiniLM's int8 and
     int7-row-a8 forwards with it keep their cosine to HF fp32 as with fp32 attention (within 1e-3), and equal the
-    C form of the same attention to its rounding (cosine >= 0.9998: the vectors sum the softmax in their own order,
-    and the 8-bit activations of the next matrices turn a last-bit difference into a quantization step now and
-    then; 0.99989 and 0.99990 when written)."""
+    C form of the same attention to its rounding (cosine >= 0.9998 for int8, 0.999 for int7-row-a8: the vectors sum
+    the softmax in their own order, and the 8-bit activations of the next matrices turn a last-bit difference into a
+    quantization step now and then; 0.99989 and 0.99990 on Zen 4. Sapphire Rapids' `vdpbf16ps` adds the odd pair's
+    product to the sum before the even one's (each rounded; every one of 320,000 random lanes, ad hoc), so its
+    lanes differ from the C form's more often: 0.99986 and 0.99949 there, each as near HF fp32 as the C form)."""
     import millis.encoder.native as native
 
     enc, ids, mask, ref = minilm_case()
@@ -199,7 +201,8 @@ def test_native_encoder_attention_on_bf16_vectors(monkeypatch):
             assert lib.attend_vectors(1) == 1
             assert cosine(out, ref) >= cosine(fp32_attention, ref) - 1e-3, (precision, cosine(out, ref))
             assert cosine(out, ref) >= (0.999 if precision == "int8" else 0.99)
-            assert cosine(out, c_form) >= 0.9998 and not np.array_equal(out, fp32_attention)
+            assert cosine(out, c_form) >= (0.9998 if precision == "int8" else 0.999), (precision, cosine(out, c_form))
+            assert not np.array_equal(out, fp32_attention)
     finally:
         lib.attend_vectors(1)
 
