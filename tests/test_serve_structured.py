@@ -128,6 +128,42 @@ def test_tool_calls_parse_and_validate_also_streamed(server):
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_response_format_beside_tools_is_calls_or_its_json(server):
+    """tools with response_format (the generic format: the tiny model's template shows no tools): under auto the
+    answer is calls or content that is response_format's JSON (it was a 400). Pushed to answer (logit_bias on `r`:
+    {"response" against {"tool_calls"), the content validates and streams as written, joined equal to the whole
+    answer's; sampled, every answer is one of the two; tool_choice required gives calls; stop is refused beside
+    them (it would cut the JSON)."""
+    rf = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    tools = [WEATHER, TIME]
+    _, _, tok = server.post("/tokenize", {"prompt": "r"})
+    plain = {"messages": MSGS, "tools": tools, "response_format": rf, "max_tokens": 300}
+    ask = {**plain, "temperature": 0, "logit_bias": {str(tok["tokens"][-1]): 100}}
+    status, _, body = server.post("/v1/chat/completions", ask)
+    assert status == 200, body
+    c = body["choices"][0]
+    assert c["finish_reason"] == "stop" and not c["message"].get("tool_calls"), c
+    jsonschema.validate(json.loads(c["message"]["content"]), SCHEMA)
+    events = stream(server, "/v1/chat/completions", ask)
+    parts = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e.get("choices")]
+    assert "".join(p for p in parts if p) == c["message"]["content"]
+    assert len([p for p in parts if p]) > 1 and events[-2]["choices"][0]["finish_reason"] == "stop"  # as written
+    for seed in range(3):
+        status, _, body = server.post("/v1/chat/completions", {**plain, "temperature": 1.0, "seed": seed})
+        c = body["choices"][0]
+        assert status == 200 and c["finish_reason"] in ("stop", "tool_calls", "length"), body
+        if c["finish_reason"] == "tool_calls":
+            check_calls(c["message"]["tool_calls"], tools)
+        elif c["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(c["message"]["content"]), SCHEMA)
+    status, _, body = server.post("/v1/chat/completions", {**plain, "tool_choice": "required", "temperature": 0,
+                                                            "parallel_tool_calls": False})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "tool_calls", body
+    check_calls(body["choices"][0]["message"]["tool_calls"], tools)
+    status, _, err = server.post("/v1/chat/completions", {**ask, "stop": ["}"]})
+    assert status == 400 and err["error"]["param"] == "stop", err
+
+
 def test_tool_parameters_with_defs_and_refs_compile_and_validate(server):
     """Pydantic writes tool parameters with $defs / $ref: nested in the answer's schema, "#/$defs/City" pointed
     at the answer's root and every such tool was a 400."""
@@ -197,7 +233,6 @@ def test_n_choices_are_distinct_seeded_and_reproducible(server):
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "no-such-type"}}}]}, "tools"),
     ("/v1/completions", {"tools": [WEATHER]}, "tools"),

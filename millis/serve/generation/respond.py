@@ -152,7 +152,7 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
             offsets[i].step(o.text)
             if g.tools is not None:  # the step's logprobs ride on its first chunk (an empty delta when none)
                 held[i].extend(o.text)
-                text = g.tool_format.content_so_far(held[i], constrained)
+                text = g.tool_format.content_so_far(held[i], constrained, g.tools.answer is not None)
                 if len(text) > len(shown[i]) and text.startswith(shown[i]):
                     yield gs.chunk(chat, rid, created, st.name, text[len(shown[i]):], None, with_usage=wu, index=i,
                                    logprobs=lp)

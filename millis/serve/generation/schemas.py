@@ -62,10 +62,11 @@ class GenRequest:
     end: str = "generation"               # chat: how the prompt ends (conversation.prompt_end)
 
     def __post_init__(self) -> None:
-        # a stop string would end the answer mid-value, as "stop"; not a native format's strict tools under auto:
+        # a stop string would end the answer mid-value, as "stop"; not a native format's strict tools under auto
+        # (without response_format):
         # free text with calls constrained where the model starts one, which a stop string may end (a call it cuts
         # is text, as one max_tokens cuts), as OpenAI and vLLM take stop with tools
-        free = self.tools is not None and not self.tool_format.streams_calls(self.tools)
+        free = self.tools is not None and not self.tool_format.streams_calls(self.tools) and self.tools.answer is None
         if self.params.grammar and self.params.stop and not free:
             raise ApiError(422, f"stop cannot be combined with {self.grammar_from}: its grammar decides where the "
                                 "answer ends, and a stop string would cut the JSON it promises", param="stop",
@@ -156,11 +157,11 @@ def logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
     return tuple(out.items())
 
 
-def response_format(body: dict) -> str:
-    """The grammar of `response_format` ("" for text): json_object, or json_schema {name, schema, strict}."""
+def response_schema(body: dict) -> dict | None:
+    """The JSON schema `response_format` holds the content to (json_object: any object); None for text."""
     rf = body.get("response_format")
     if rf is None or same_value(rf, {"type": "text"}):
-        return ""
+        return None
     kind = rf.get("type") if isinstance(rf, dict) else None
     schema = rf.get("json_schema") if isinstance(rf, dict) else None
     if kind == "json_schema" and not (isinstance(schema, dict) and isinstance(schema.get("name"), str)
@@ -178,8 +179,16 @@ def response_format(body: dict) -> str:
     if kind == "json_schema" and json_shape(schema["schema"])[0] > MAX_JSON_DEPTH:
         raise ApiError(422, f"response_format: the JSON schema nests deeper than {MAX_JSON_DEPTH} levels",
                        param="response_format", code="invalid_value")
+    return schema["schema"] if kind == "json_schema" else {"type": "object"}
+
+
+def response_format(body: dict) -> str:
+    """The grammar of `response_format` ("" for text): json_object, or json_schema {name, schema, strict}."""
+    schema = response_schema(body)
+    if schema is None:
+        return ""
     try:
-        return json_schema_grammar(schema["schema"] if kind == "json_schema" else None)
+        return json_schema_grammar(schema)
     except MillisError as e:
         raise ApiError(422, f"response_format: {e}", param="response_format", code="invalid_value") from None
 
@@ -319,10 +328,9 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         tools_chars = json_shape(tools.tools)[1] if tools is not None else 0
         param = "tools" if chars - tools_chars <= limits.max_prompt_chars else "messages"
         _check_size(chars, limits, param, "messages and tools" if tools is not None else "messages")
-    if tools is not None and params.grammar:
-        raise ApiError(422, "response_format cannot be combined with tools the model may call (tool_choice none "
-                            "or no tools)", param="response_format", code="invalid_value")
     if tools is not None:
+        if params.grammar:  # response_format beside tools: the content, where the answer is not calls, follows it
+            tools = replace(tools, answer=response_schema(body))
         try:
             params = replace(params, grammar=fmt.grammar(tools) or "")
         except MillisError as e:

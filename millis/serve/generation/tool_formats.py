@@ -24,6 +24,8 @@ starts is forced to be a valid call, as under required:
 - llama3: one call (after whitespace and the text `<|python_tag|>`, optionally: the special token is not
   named, a grammar naming a token the tokenizer lacks does not compile), or text that does not open (after
   whitespace) with `{` or `<|python_tag|>`: what streamable() streams as content.
+auto with response_format (ToolSpec.answer): calls, or the JSON response_format asks for as content, nothing
+else (hermes: the JSON, never opening with `<`, or blocks; llama3: the JSON or a call, told apart by parse).
 Such an answer streams and parses as an unconstrained auto one (streams_calls): its content goes out as it
 comes, its calls are sent whole at the end. The grammars need `<tool_call>` to be text to llguidance: an added
 token that is not special (Qwen2.5's `<tool_call>`) is made text by grammar.Grammars (docs/generation.md, Tools).
@@ -97,8 +99,8 @@ class GenericFormat:
         named = [sp for sp in spans if sp.name is not None]
         if not calls and named:  # cut by max_tokens among its calls: the calls as far as written, as streamed (the
             return None, [tool_call(sp.name, sp.args) for sp in named]  # wire JSON was the content)
-        if not calls and content is text:  # no whole answer (cut): its response as far as written, as streamed
-            return self.content_so_far(text, True) or None, []
+        if not calls and (content is text or spec.answer is not None):  # a cut answer: its response as far as
+            return self.content_so_far(text, True, spec.answer is not None) or None, []  # written, as streamed
         if len(spans) == len(calls):  # the arguments as the model wrote them (what streaming sends)
             for c, sp in zip(calls, spans):
                 c["function"]["arguments"] = sp.args
@@ -123,13 +125,18 @@ class GenericFormat:
         scan.memo["generic"] = (whole, looked)
         return whole + tail
 
-    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
-        """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written."""
+    def content_so_far(self, text: str | Scan, constrained: bool, raw: bool = False) -> str:
+        """The content a choice's text so far shows for sure: a {"response": ...} answer's string as written; `raw`
+        (response_format beside tools): its JSON value's text as written."""
         scan = as_scan(text)
         fields, _ = scan.object_fields(0)
-        if "response" not in fields or scan.s[fields["response"][0]] != '"':
+        if "response" not in fields:
             return ""
         a, b = fields["response"]
+        if raw:
+            return scan.s[a:b]  # b None: the value is being written, and all the text after its start is its own
+        if scan.s[a] != '"':
+            return ""
         return string_so_far(scan, a + 1, b - 1 if b is not None else len(scan.s))
 
 
@@ -191,7 +198,7 @@ class NativeFormat(GenericFormat):
         """How much of a choice's text so far can be streamed as it is (a subclass's syntax says; none here)."""
         return 0
 
-    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
+    def content_so_far(self, text: str | Scan, constrained: bool, raw: bool = False) -> str:
         s = as_scan(text).s
         return s[:self.streamable(s, constrained)]
 
@@ -216,6 +223,10 @@ class HermesFormat(NativeFormat):
         if spec.required:
             calls = 'call ("\\n" call)*' if spec.parallel else "call"
             return lark_grammar(f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}')
+        if spec.answer is not None:  # auto with response_format: its JSON (which never opens with `<`), or calls
+            calls = 'call ("\\n" call)*' if spec.parallel else "call"
+            return lark_grammar(f'start: answer | {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}\n'
+                                f"answer: {json_rule(spec.answer)}")
         if not spec.strict:
             return None
         # auto, strict: `mark` is the text before a block and its `<tool_call>` (lazy: it ends at the first one)
@@ -249,7 +260,7 @@ class HermesFormat(NativeFormat):
         scan.memo["hermes"] = (whole, at)
         return whole + tail
 
-    def content_so_far(self, text: str | Scan, constrained: bool) -> str:
+    def content_so_far(self, text: str | Scan, constrained: bool, raw: bool = False) -> str:
         """auto: the text before a `<tool_call>`, less its trailing whitespace (parse drops it before a call)."""
         return super().content_so_far(text, constrained).rstrip()
 
@@ -260,6 +271,8 @@ class HermesFormat(NativeFormat):
         syntax, not text: not in content, and no call."""
         if spec.required:
             return self.required_calls(text, spec)
+        if spec.answer is not None:  # the grammar's two forms: calls, or response_format's JSON as content
+            return self.required_calls(text, spec) if text.startswith(self.MARK) else (text, [])
         cut = self.cut_at(text)
         body = text if cut is None else text[:cut]
         blocks = self.blocks(body)
@@ -276,7 +289,7 @@ class HermesFormat(NativeFormat):
         return rest or None, calls if spec.parallel else calls[:1]
 
     def cut(self, text: str, spec: ToolSpec) -> bool:
-        return not spec.required and self.cut_at(text) is not None
+        return not spec.required and spec.answer is None and self.cut_at(text) is not None
 
     def cut_at(self, text: str) -> int | None:
         """Where a call the answer ended inside begins (its `<tool_call>`, after the last whole block): nothing, or an
@@ -320,6 +333,7 @@ class Llama3Format(NativeFormat):
     args_key = "parameters"
     args_keys = ("parameters", "arguments")
     TAG = "<|python_tag|>"
+    LEAD = r"LEAD: /\s+/ | /\s*<\|python_tag\|>\s*/" "\n"  # what may come before a call
 
     def spans(self, text: str | Scan) -> list[CallSpan]:
         """The one call, as far as it is written."""
@@ -331,10 +345,12 @@ class Llama3Format(NativeFormat):
     def grammar(self, spec: ToolSpec) -> str | None:
         if spec.required:
             return json_schema_grammar(self.call_schema(spec), COMPACT_JSON)
+        if spec.answer is not None:  # auto with response_format: a call, or its JSON (parse tells them apart)
+            return lark_grammar(f"start: answer | LEAD? body\nanswer: {json_rule(spec.answer)}\n" + self.LEAD +
+                                f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}")
         if not spec.strict:
             return None
-        return lark_grammar(r"start: TEXT? | LEAD? body" "\n"  # auto, strict: text, or one call
-                            r"LEAD: /\s+/ | /\s*<\|python_tag\|>\s*/" "\n"
+        return lark_grammar(r"start: TEXT? | LEAD? body" "\n" + self.LEAD +  # auto, strict: text, or one call
                             r"TEXT: /(?s:.+)/ & ~/(?s:\s*\{.*)/ & ~/(?s:\s*<\|python_tag\|>.*)/" "\n"
                             f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}")
 

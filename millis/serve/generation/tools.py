@@ -7,6 +7,7 @@ is constrained (millis.gen.grammar) to one JSON value the server parses, never f
 
     {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   -> message.tool_calls
     {"response": "plain answer"}                                          -> message.content (auto only)
+    {"response": <JSON following response_format's schema>}              -> message.content: the JSON as written
 
 tool_choice "none" sends the tools to nobody (plain chat); "auto" allows either form; "required" or
 {"type": "function", "function": {"name": N}} allows calls only (of N only). Each tool's `parameters`
@@ -36,6 +37,7 @@ class ToolSpec:
     required: bool            # the answer must be calls (tool_choice required or a named function)
     parallel: bool            # more than one call in an answer
     strict: bool = False      # a tool says `strict: true`: under auto, a native format's calls are constrained too
+    answer: dict | None = None  # response_format's JSON schema: content (under auto) is JSON following it
 
     def schema(self) -> dict:
         """The JSON schema every answer satisfies."""
@@ -46,8 +48,8 @@ class ToolSpec:
                  "required": ["tool_calls"], "additionalProperties": False}
         if self.required:
             return calls
-        answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
-                  "additionalProperties": False}
+        answer = {"type": "object", "properties": {"response": self.answer or {"type": "string"}},
+                  "required": ["response"], "additionalProperties": False}
         return {"anyOf": [calls, answer]}
 
     def system_text(self) -> str:
@@ -55,6 +57,8 @@ class ToolSpec:
                                         "parameters": t["parameters"]}) for t in self.tools)
         how = ('Answer with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": {...}}]} to call '
                'tools' + ('' if self.required else ', or {"response": <your answer>} to answer directly') + '.')
+        if self.answer is not None and not self.required:
+            how += f"\nYour answer is JSON following this schema: {json.dumps(self.answer)}"
         return f"You can call these tools:\n{listing}\n{how}"
 
 
