@@ -10,7 +10,7 @@ import json
 import pytest
 from test_tool_strict import CALL, TIME_CALL, grammars, run  # noqa: F401 -- grammars: the fixture
 
-from millis.serve.generation.schemas import response_schema
+from millis.serve.generation.schemas import GenLimits, chat_request, response_schema
 from millis.serve.generation.tool_formats import GENERIC, HERMES, LLAMA3
 from millis.serve.generation.tools import tool_spec
 from millis.serve.schemas import ApiError
@@ -19,10 +19,16 @@ from test_serve_structured import TIME, WEATHER
 ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
           "additionalProperties": False}
 L_CALL = '{"name": "get_time", "parameters": {"zone": -3}}'
+DEFS = {"$defs": {"City": {"enum": ["Paris", "Rome"]}}, "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}},
+        "required": ["city"], "additionalProperties": False}  # as Pydantic writes a model with a nested type
 
 
 def spec(**body):
-    return dataclasses.replace(tool_spec({"tools": [WEATHER, TIME], **body}), answer=ANSWER)
+    return spec_with(ANSWER, **body)
+
+
+def spec_with(answer, **body):
+    return dataclasses.replace(tool_spec({"tools": [WEATHER, TIME], **body}), answer=answer)
 
 
 def test_response_schema_reads_each_form():
@@ -95,3 +101,47 @@ def test_generic_content_streams_as_written():
             now = GENERIC.content_so_far(text[:n], True, True)
             assert value.startswith(now), (text[:n], now)  # what a stream sent is never taken back
         assert GENERIC.content_so_far(text, True, True) == value == GENERIC.parse(text, s)[0]
+
+
+def test_the_request_shows_the_schema_and_keeps_its_refs():
+    """Review findings: the generic system message was built before the schema was set (the model never saw it);
+    a schema's "#/$defs/..." refs resolved against the envelope's root (a 400 naming tools); {} (any JSON) was read
+    as no schema (string only)."""
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": DEFS}}
+    g = chat_request({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, TIME], "response_format": rf},
+                     "m", GenLimits(64, 64, 100_000))
+    assert g.tools.answer == DEFS and "following this schema" in g.messages[0]["content"]
+    assert "$defs" in g.messages[0]["content"]
+
+
+def test_refs_and_the_empty_schema_compile_in_every_format(grammars):  # noqa: F811
+    g = GENERIC.grammar(spec_with(DEFS))
+    assert run(grammars, g, '{"response": {"city": "Rome"}}') == (True, True)
+    assert run(grammars, g, '{"response": {"city": "Oslo"}}')[0] is False
+    for fmt in (HERMES, LLAMA3):
+        assert run(grammars, fmt.grammar(spec_with(DEFS)), '{"city": "Rome"}') == (True, True)
+    anything = GENERIC.grammar(spec_with({}))
+    for ok in ('{"response": {"a": 1}}', '{"response": 7}', '{"response": "x"}'):
+        assert run(grammars, anything, ok) == (True, True), ok
+
+
+def test_llama3_lead_is_bounded_blanks(grammars):  # noqa: F811
+    """Before a call only JSON's blanks, at most 12 (llguidance's \\s took any Unicode blank, unbounded: a greedy model
+    wrote them to max_tokens)."""
+    g = LLAMA3.grammar(spec())
+    assert run(grammars, g, " " * 12 + L_CALL) == (True, True)
+    assert run(grammars, g, "\n <|python_tag|> " + L_CALL) == (True, True)
+    for bad in (" " * 13 + L_CALL, "\u000b" + L_CALL, "\u2008" + L_CALL, "<|python_tag|>" + " " * 13 + L_CALL):
+        assert run(grammars, g, bad)[0] is False, repr(bad)
+
+
+def test_cut_calls_are_calls_not_content():
+    """max_tokens inside a call: the call as far as written (hermes's and the generic format's rule), never call
+    syntax as content; inside the mark or the tag: nothing; inside the JSON: the JSON so far."""
+    s = spec()
+    content, calls = LLAMA3.parse('<|python_tag|>{"name": "get_time", "parameters": {"zo', s)
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time"]
+    assert LLAMA3.parse("<|python_", s) == (None, []) and HERMES.parse("<tool_", s) == (None, [])
+    assert LLAMA3.parse('{"city": "Ro', s) == ('{"city": "Ro', [])
+    assert LLAMA3.parse('{"name": "get_time"}', dataclasses.replace(s, answer={"type": "object"})) == \
+        ('{"name": "get_time"}', [])  # whole JSON that is no call: content

@@ -8,7 +8,7 @@ import pytest
 
 from millis.common.errors import MillisError
 from millis.gen.grammar import MAX_INTERSECTED_PATTERNS, json_schema_grammar
-from millis.serve.generation.respond import is_json
+from millis.serve.generation.tools import is_json
 from millis.serve.generation.tool_formats import HERMES
 from millis.serve.generation.tools import ToolSpec, tool_spec
 from millis.serve.schemas import ApiError

@@ -28,7 +28,7 @@ from millis.serve import schemas
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.logprobs import TextOffset, answer_logprobs, logprobs_body
 from millis.serve.generation.tool_stream import CallStream, Scan
-from millis.serve.generation.tools import strict_json
+from millis.serve.generation.tools import is_json
 from millis.serve.http import ClientGone, json_response, watch_disconnect
 
 log = logging.getLogger("millis.serve")
@@ -63,14 +63,6 @@ def _answer(g: gs.GenRequest, text: str, finish: str) -> tuple[str | None, list,
     # an answer cut by a stop string or max_tokens inside a call ends as the engine said: its whole calls are returned
     whole = all(is_json(c["function"]["arguments"]) for c in calls) and not g.tool_format.cut(text, g.tools)
     return content, calls, "tool_calls" if calls and finish == "stop" and whole else finish
-
-
-def is_json(text: str) -> bool:
-    try:
-        strict_json(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def respond(st, request, g: gs.GenRequest, lives: list, chat: bool, on_close) -> Response:

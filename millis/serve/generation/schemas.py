@@ -319,6 +319,8 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         params = replace(params, max_tokens=integer(body, "max_completion_tokens", 1, limits.max_tokens))
     stream, usage = _stream_options(body)
     tools = tool_spec(body)
+    if tools is not None and params.grammar:  # response_format beside tools: content, where not calls, follows it
+        tools = replace(tools, answer=response_schema(body))  # (the generic format's system message shows it)
     fmt = tool_fmt if tools is not None and tool_fmt is not None else fmt
     messages, template_tools = fmt.conversation(out, tools)
     variables = template_variables(body)
@@ -329,8 +331,6 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
         param = "tools" if chars - tools_chars <= limits.max_prompt_chars else "messages"
         _check_size(chars, limits, param, "messages and tools" if tools is not None else "messages")
     if tools is not None:
-        if params.grammar:  # response_format beside tools: the content, where the answer is not calls, follows it
-            tools = replace(tools, answer=response_schema(body))
         try:
             params = replace(params, grammar=fmt.grammar(tools) or "")
         except MillisError as e:

@@ -39,7 +39,8 @@ from millis.gen.chat_template import REASONING_FIELDS
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
 from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
-from millis.serve.generation.tools import ToolSpec, arguments_of, embedded, parse_answer, strict_json, with_tools
+from millis.serve.generation.tools import (ToolSpec, arguments_of, embedded, is_json, parse_answer, strict_json,
+                                          with_tools)
 
 Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
@@ -271,8 +272,9 @@ class HermesFormat(NativeFormat):
         syntax, not text: not in content, and no call."""
         if spec.required:
             return self.required_calls(text, spec)
-        if spec.answer is not None:  # the grammar's two forms: calls, or response_format's JSON as content
-            return self.required_calls(text, spec) if text.startswith(self.MARK) else (text, [])
+        if spec.answer is not None:  # the grammar's two forms: calls (a cut mark: none), or response_format's JSON
+            return self.required_calls(text, spec) if text.startswith(self.MARK) or self.MARK.startswith(text) \
+                else (text, [])
         cut = self.cut_at(text)
         body = text if cut is None else text[:cut]
         blocks = self.blocks(body)
@@ -333,7 +335,9 @@ class Llama3Format(NativeFormat):
     args_key = "parameters"
     args_keys = ("parameters", "arguments")
     TAG = "<|python_tag|>"
-    LEAD = r"LEAD: /\s+/ | /\s*<\|python_tag\|>\s*/" "\n"  # what may come before a call
+    # what may come before a call: blanks as JSON's, bounded as grammar.JSON_OPTIONS bounds them (llguidance's \s is
+    # any Unicode blank, unbounded: a greedy model spent max_tokens there)
+    LEAD = r"LEAD: /[ \t\n\r]{1,12}/ | /[ \t\n\r]{0,12}<\|python_tag\|>[ \t\n\r]{0,12}/" "\n"
 
     def spans(self, text: str | Scan) -> list[CallSpan]:
         """The one call, as far as it is written."""
@@ -364,7 +368,12 @@ class Llama3Format(NativeFormat):
     def parse(self, text: str, spec: ToolSpec) -> Calls:
         if spec.required:
             return self.required_calls(text, spec)
-        call = self.call_of(text.strip().removeprefix(self.TAG).strip(), spec)
+        body = text.strip().removeprefix(self.TAG).strip()
+        call = self.call_of(body, spec)
+        if call is None and spec.answer is not None and not is_json(body):  # a call cut by max_tokens, as far as
+            names = {t["name"] for t in spec.tools}                              # written (hermes's too), or JSON cut
+            cut = [tool_call(sp.name, sp.args) for sp in self.spans(text) if sp.name in names]
+            return (None, cut) if cut or self.TAG.startswith(text.strip()) else (text, [])
         return (None, [call]) if call is not None else (text, [])
 
 

@@ -48,8 +48,11 @@ class ToolSpec:
                  "required": ["tool_calls"], "additionalProperties": False}
         if self.required:
             return calls
-        answer = {"type": "object", "properties": {"response": self.answer or {"type": "string"}},
-                  "required": ["response"], "additionalProperties": False}
+        # response_format's schema under an $id of its own, as a tool's parameters (embedded): its "#/$defs/..." refs
+        # resolve in it, not at the envelope's root
+        text = {"type": "string"} if self.answer is None else {"$id": "urn:millis:response", **self.answer}
+        answer = {"type": "object", "properties": {"response": text}, "required": ["response"],
+                  "additionalProperties": False}
         return {"anyOf": [calls, answer]}
 
     def system_text(self) -> str:
@@ -153,6 +156,15 @@ def strict_json(text: str) -> Any:
     def refuse(name: str):
         raise ValueError(f"{name} is not JSON")
     return json.loads(text, parse_constant=refuse)
+
+
+def is_json(text: str) -> bool:
+    """Whether `text` is one whole JSON value (strict_json's: no NaN or Infinity)."""
+    try:
+        strict_json(text)
+    except ValueError:
+        return False
+    return True
 
 
 def arguments_of(call: dict) -> Any:
