@@ -146,7 +146,7 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     if tiled.isa != "scalar":  # the block kernels' integer sums and float steps: the same bits
         assert np.array_equal(out, base)
     # int7-row-a8 and int8-row on row tiles (on by default where the tile unit is usable): whole-row sums, the same
-    # bits (int8-row's residual rows at the sequences' ends, 6 here, off the tiles beside the tokens' on them)
+    # bits (int8-row's residual rows at the sequences' ends, 6 here, on the tiles after the tokens')
     for precision in ("int7-row-a8", "int8-row"):
         monkeypatch.undo()
         monkeypatch.setattr(native, "vector_attention", lambda lib: False)
