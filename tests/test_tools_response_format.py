@@ -112,6 +112,14 @@ def test_the_request_shows_the_schema_and_keeps_its_refs():
                      "m", GenLimits(64, 64, 100_000))
     assert g.tools.answer == DEFS and "following this schema" in g.messages[0]["content"]
     assert "$defs" in g.messages[0]["content"]
+    for fmt in (HERMES, LLAMA3):  # a native template shows the tools itself; the schema goes in the system message
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+        g = chat_request({"messages": msgs, "tools": [WEATHER], "response_format": rf}, "m", GenLimits(64, 64, 100_000),
+                         fmt, fmt)
+        assert g.messages[0]["content"].startswith("Be brief.\n\n") and "$defs" in g.messages[0]["content"]
+        assert len(g.messages) == 2 and g.template_tools
+        g = chat_request({"messages": msgs, "tools": [WEATHER]}, "m", GenLimits(64, 64, 100_000), fmt, fmt)
+        assert g.messages[0]["content"] == "Be brief."  # without response_format: as it was
 
 
 def test_refs_and_the_empty_schema_compile_in_every_format(grammars):  # noqa: F811

@@ -40,7 +40,7 @@ from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lar
 from millis.serve.generation.conversation import ALL_ROLES, Roles, fit_roles
 from millis.serve.generation.tool_stream import CallSpan, Scan, as_scan, call_span, tool_call
 from millis.serve.generation.tools import (ToolSpec, arguments_of, embedded, is_json, parse_answer, strict_json,
-                                          with_tools)
+                                          with_system, with_tools)
 
 Calls = tuple[str | None, list[dict]]  # (content, OpenAI tool_call objects; arguments: the model's own text)
 
@@ -160,7 +160,7 @@ class NativeFormat(GenericFormat):
                 m["content"] = m.get("content") or ""
             out.append(m)
         tools = None if spec is None else [{"type": "function", "function": t} for t in spec.tools]
-        return out, tools
+        return (with_system(out, spec.answer_text()) if spec is not None and spec.answer_text() else out), tools
 
     def call_schema(self, spec: ToolSpec) -> dict:
         """One call: {"name": N, <args_key>: <N's parameters>} for a tool N of the spec."""

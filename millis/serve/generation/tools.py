@@ -60,9 +60,13 @@ class ToolSpec:
                                         "parameters": t["parameters"]}) for t in self.tools)
         how = ('Answer with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": {...}}]} to call '
                'tools' + ('' if self.required else ', or {"response": <your answer>} to answer directly') + '.')
-        if self.answer is not None and not self.required:
-            how += f"\nYour answer is JSON following this schema: {json.dumps(self.answer)}"
-        return f"You can call these tools:\n{listing}\n{how}"
+        return f"You can call these tools:\n{listing}\n{how}" + (f"\n{self.answer_text()}" if self.answer_text() else "")
+
+    def answer_text(self) -> str:
+        """What tells the model response_format's schema (every format's prompt shows it; the grammar holds to it)."""
+        if self.answer is None or self.required:
+            return ""
+        return f"An answer that calls no tool is JSON following this schema: {json.dumps(self.answer)}"
 
 
 def embedded(tool: dict) -> dict:
@@ -142,12 +146,14 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
             out.append({k: v for k, v in {**m, "content": m.get("content") or ""}.items() if k in TOOL_KEYS})
         else:
             out.append({k: v for k, v in m.items() if k in ("role", "content", *REASONING_FIELDS)})
-    if spec is None:
-        return out
-    text = spec.system_text()
-    if out and out[0]["role"] in ("system", "developer"):
-        return [{"role": out[0]["role"], "content": f"{out[0].get('content') or ''}\n\n{text}"}, *out[1:]]
-    return [{"role": "system", "content": text}, *out]
+    return out if spec is None else with_system(out, spec.system_text())
+
+
+def with_system(messages: list[dict], text: str) -> list[dict]:
+    """`text` at the end of the conversation's system (or developer) message, in a new one first where it has none."""
+    if messages and messages[0]["role"] in ("system", "developer"):
+        return [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def strict_json(text: str) -> Any:
