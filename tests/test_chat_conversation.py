@@ -4,6 +4,7 @@ or system role (llama.cpp's polyfills), reasoning fields, chat_template_kwargs. 
 steps (chat_request -> the format's conversation -> render_chat), no model needed."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -48,8 +49,8 @@ def rendered(template: str, body: dict, special: dict | None = None) -> str:
 
 def test_roles_are_probed():
     assert probe_roles(CHATML, {}) == ALL_ROLES
-    assert probe_roles(SKIPS_TOOL, {}) == Roles(system=True, tool=False)
-    assert probe_roles(NO_SYSTEM, {"bos_token": "<bos>"}) == Roles(system=False, tool=False)
+    assert probe_roles(SKIPS_TOOL, {}) == Roles(system=True, tool=False, developer=False)
+    assert probe_roles(NO_SYSTEM, {"bos_token": "<bos>"}) == Roles(system=False, tool=False, developer=False)
     assert probe_roles(CHECKS_ID, {}) == ALL_ROLES  # its id check passes the probe's 9-character id
     assert tool_format(CHATML, ALL_ROLES) is GENERIC
 
@@ -137,10 +138,10 @@ def test_a_request_with_tools_renders_through_the_tool_use_template(tmp_path, wh
         (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(HERMES_TOOL_USE)
     chat = ChatTemplates(str(tmp_path))
     chat.opened(eng)
-    assert chat.tool_use_format is HERMES
+    assert chat.tool_use_format.name == HERMES.name  # fitted to its roles (it shows no developer message)
     msgs = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
     g = gs.chat_request({**msgs, "tools": TOOLS}, "m", LIMITS, chat.format, chat.tool_use_format)
-    assert g.tool_use and g.tool_format is HERMES
+    assert g.tool_use and g.tool_format is chat.tool_use_format
     assert chat.render(g).startswith("<|im_start|>system\nYou are a function calling AI model.<tools>")
     g = gs.chat_request({**msgs, "tools": TOOLS, "tool_choice": "none"}, "m", LIMITS, chat.format,
                         chat.tool_use_format)
@@ -171,3 +172,27 @@ def test_continue_final_message_and_add_generation_prompt():
     hides = "{% for m in messages %}[{{ m.role }}]{% endfor %}"  # a template that never shows the text
     with pytest.raises(MillisError, match="continue_final_message: the chat template does not show the last message"):
         rendered(hides, {"messages": msgs, "continue_final_message": True})
+
+
+def test_a_developer_message_is_the_system_message_where_the_template_shows_no_developer_role():
+    """OpenAI's developer role is the system message's newer name: Qwen2.5's template (and Phi-3's shape) dropped such a
+    message without a word; through Qwen's tool syntax too, with response_format's schema beside it."""
+    qwen = (Path(__file__).parent / "data" / "qwen2_5_tools.jinja").read_text()
+    msgs = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    for template in (SKIPS_TOOL, qwen):
+        assert "Be brief." in rendered(template, {"messages": msgs}), template[:40]
+    text = rendered(qwen, {"messages": msgs, "tools": TOOLS, "response_format": {"type": "json_object"}})
+    assert "Be brief." in text and "following this schema" in text and "get_weather" in text
+    assert "Be brief." in rendered(CHATML, {"messages": msgs}) and "<|im_start|>developer" in rendered(
+        CHATML, {"messages": msgs})  # a template that shows the role keeps it
+
+
+def test_a_native_template_without_a_system_role_takes_the_schema_in_the_first_user_turn():
+    """A `<tool_call>` (hermes) template that refuses a system message: response_format's schema, which goes in the
+    system message, joins the first user turn (it was a TemplateError: 'System role not supported')."""
+    hermes_no_system = "{# writes <tool_call> blocks #}" + NO_SYSTEM
+    assert tool_format(hermes_no_system, probe_roles(hermes_no_system, {"bos_token": "<bos>"})).name == "hermes"
+    text = rendered(hermes_no_system, {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS,
+                                       "response_format": {"type": "json_object"}})
+    assert "<start_of_turn>user\n" in text and "following this schema" in text and "Weather?" in text
+    assert text.index("following this schema") < text.index("Weather?")

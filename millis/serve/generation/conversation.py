@@ -22,6 +22,7 @@ class Roles:
 
     system: bool = True
     tool: bool = True
+    developer: bool = True  # else a developer message is shown as the system message (Qwen2.5's drops the role)
 
 
 ALL_ROLES = Roles()
@@ -42,16 +43,21 @@ def probe_roles(template: str, special: dict[str, str]) -> Roles:
     tool = shows([{"role": "user", "content": "hi"}, {"role": "assistant", "content": '{"tool_calls": []}'},
                   {"role": "tool", "content": "millis-probe-tool", "tool_call_id": PROBE_ID, "name": "f"}],
                  "millis-probe-tool")
-    return Roles(system, tool)
+    developer = shows([{"role": "developer", "content": "millis-probe-developer"}, {"role": "user", "content": "hi"}],
+                      "millis-probe-developer")
+    return Roles(system, tool, developer)
 
 
 def fit_roles(messages: list[dict], roles: Roles) -> list[dict]:
     """The generic conversation with tool results as user turns where the template shows no tool role
-    (consecutive results in one turn: templates that want user and assistant to alternate), and system text in
-    the first user turn where it shows no system role."""
+    (consecutive results in one turn: templates that want user and assistant to alternate), a developer message as
+    the system message where it shows no developer role, and system text in the first user turn where it shows no
+    system role."""
     out: list[dict] = []
     joined = False  # the last turn of `out` holds tool results: the next one joins it
     for m in messages:
+        if m["role"] == "developer" and not roles.developer:
+            m = {**m, "role": "system"}
         if m["role"] == "tool" and not roles.tool:
             shown = json.dumps({"tool_response": {"tool": m.get("name", ""), "content": m.get("content") or "",
                                                   "tool_call_id": m.get("tool_call_id", "")}}, ensure_ascii=False)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 from millis.gen.chat_template import REASONING_FIELDS
 from millis.gen.grammar import COMPACT_JSON, json_rule, json_schema_grammar, lark_grammar
@@ -160,7 +161,8 @@ class NativeFormat(GenericFormat):
                 m["content"] = m.get("content") or ""
             out.append(m)
         tools = None if spec is None else [{"type": "function", "function": t} for t in spec.tools]
-        return (with_system(out, spec.answer_text()) if spec is not None and spec.answer_text() else out), tools
+        out = with_system(out, spec.answer_text()) if spec is not None and spec.answer_text() else out
+        return fit_roles(out, replace(self.roles, tool=True)), tools  # its own tool turns; system, developer fitted
 
     def call_schema(self, spec: ToolSpec) -> dict:
         """One call: {"name": N, <args_key>: <N's parameters>} for a tool N of the spec."""
@@ -384,7 +386,7 @@ def tool_format(template: str | None, roles: Roles = ALL_ROLES) -> GenericFormat
     """The tool format a chat template was trained with (generic when it shows none, fitted to the roles it
     shows)."""
     if template and "<tool_call>" in template:
-        return HERMES
+        return HERMES if roles == ALL_ROLES else HermesFormat(roles)
     if template and "Given the following functions" in template:
-        return LLAMA3
+        return LLAMA3 if roles == ALL_ROLES else Llama3Format(roles)
     return GENERIC if roles == ALL_ROLES else GenericFormat(roles)
