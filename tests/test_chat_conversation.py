@@ -196,3 +196,14 @@ def test_a_native_template_without_a_system_role_takes_the_schema_in_the_first_u
                                        "response_format": {"type": "json_object"}})
     assert "<start_of_turn>user\n" in text and "following this schema" in text and "Weather?" in text
     assert text.index("following this schema") < text.index("Weather?")
+
+
+def test_a_later_developer_message_stays_where_the_template_refuses_a_system_turn():
+    """Review: a developer message after the first turn became a system turn, which a system-refusing template (Gemma's
+    shape) raises on; it stays a developer turn there, as before (the first one still opens the first user turn)."""
+    later = [{"role": "user", "content": "hi"}, {"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": "again"}]
+    text = rendered(NO_SYSTEM, {"messages": later})
+    assert "<start_of_turn>developer\nBe brief." in text
+    first = rendered(NO_SYSTEM, {"messages": [{"role": "developer", "content": "Be brief."}, *later[:1]]})
+    assert first.startswith("<bos><start_of_turn>user\nBe brief.\n\nhi")

@@ -164,6 +164,11 @@ def test_response_format_beside_tools_is_calls_or_its_json(server):
     check_calls(body["choices"][0]["message"]["tool_calls"], tools)
     status, _, err = server.post("/v1/chat/completions", {**ask, "stop": ["}"]})
     assert status == 400 and err["error"]["param"] == "stop", err
+    # /tokenize counts what the chat route sends, the schema's line in the system message too
+    _, _, counted = server.post("/tokenize", {"messages": MSGS, "tools": tools, "response_format": rf})
+    _, _, without = server.post("/tokenize", {"messages": MSGS, "tools": tools})
+    _, _, sent = server.post("/v1/chat/completions", {**plain, "max_tokens": 1})
+    assert counted["count"] == sent["usage"]["prompt_tokens"] > without["count"], (counted, sent["usage"])
 
 
 def test_tool_parameters_with_defs_and_refs_compile_and_validate(server):

@@ -56,8 +56,8 @@ def fit_roles(messages: list[dict], roles: Roles) -> list[dict]:
     out: list[dict] = []
     joined = False  # the last turn of `out` holds tool results: the next one joins it
     for m in messages:
-        if m["role"] == "developer" and not roles.developer:
-            m = {**m, "role": "system"}
+        if m["role"] == "developer" and not roles.developer and (roles.system or not out):  # (a later one where
+            m = {**m, "role": "system"}                              # system is refused: a system turn would raise)
         if m["role"] == "tool" and not roles.tool:
             shown = json.dumps({"tool_response": {"tool": m.get("name", ""), "content": m.get("content") or "",
                                                   "tool_call_id": m.get("tool_call_id", "")}}, ensure_ascii=False)

@@ -152,7 +152,7 @@ def with_tools(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
 def with_system(messages: list[dict], text: str) -> list[dict]:
     """`text` at the end of the conversation's system (or developer) message, in a new one first where it has none."""
     if messages and messages[0]["role"] in ("system", "developer"):
-        return [{"role": messages[0]["role"], "content": f"{messages[0].get('content') or ''}\n\n{text}"}, *messages[1:]]
+        return [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
 
 
