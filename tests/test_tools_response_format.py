@@ -8,7 +8,8 @@ import dataclasses
 import json
 
 import pytest
-from test_tool_strict import CALL, TIME_CALL, grammars, run  # noqa: F401 -- grammars: the fixture
+import test_tool_strict
+from test_tool_strict import CALL, TIME_CALL, run
 
 from millis.serve.generation.schemas import GenLimits, chat_request, response_schema
 from millis.serve.generation.tool_formats import GENERIC, HERMES, LLAMA3
@@ -19,8 +20,10 @@ from test_serve_structured import TIME, WEATHER
 ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
           "additionalProperties": False}
 L_CALL = '{"name": "get_time", "parameters": {"zone": -3}}'
-DEFS = {"$defs": {"City": {"enum": ["Paris", "Rome"]}}, "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}},
-        "required": ["city"], "additionalProperties": False}  # as Pydantic writes a model with a nested type
+grammars = test_tool_strict.grammars  # the fixture: a tiny engine's Grammars with `<tool_call>` one token
+# as Pydantic writes a model with a nested type
+DEFS = {"$defs": {"City": {"enum": ["Paris", "Rome"]}}, "type": "object",
+        "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"], "additionalProperties": False}
 
 
 def spec(**body):
@@ -41,7 +44,7 @@ def test_response_schema_reads_each_form():
     assert e.value.param == "response_format"
 
 
-def test_generic_grammar_takes_calls_or_the_schema_json(grammars):  # noqa: F811
+def test_generic_grammar_takes_calls_or_the_schema_json(grammars):
     g = GENERIC.grammar(spec())
     assert run(grammars, g, '{"response": {"city": "Rome"}}') == (True, True)
     assert run(grammars, g, '{"tool_calls": [{"name": "get_time", "arguments": {"zone": 3}}]}') == (True, True)
@@ -51,7 +54,7 @@ def test_generic_grammar_takes_calls_or_the_schema_json(grammars):  # noqa: F811
         {"tools": [WEATHER, TIME]}).system_text()
 
 
-def test_hermes_grammar_takes_blocks_or_the_schema_json(grammars):  # noqa: F811
+def test_hermes_grammar_takes_blocks_or_the_schema_json(grammars):
     g = HERMES.grammar(spec())
     for ok in ('{"city": "Paris"}', CALL, CALL + "\n" + TIME_CALL):
         assert run(grammars, g, ok) == (True, True), ok
@@ -62,11 +65,12 @@ def test_hermes_grammar_takes_blocks_or_the_schema_json(grammars):  # noqa: F811
     assert run(grammars, one, CALL) == (True, True) and run(grammars, one, CALL + "\n" + TIME_CALL)[0] is False
 
 
-def test_llama3_grammar_takes_a_call_or_the_schema_json(grammars):  # noqa: F811
+def test_llama3_grammar_takes_a_call_or_the_schema_json(grammars):
     g = LLAMA3.grammar(spec())
     for ok in ('{"city": "Rome"}', L_CALL, "<|python_tag|>" + L_CALL):
         assert run(grammars, g, ok) == (True, True), ok
-    for bad in ("Sure.", '{"city": "Oslo"}', L_CALL + L_CALL, L_CALL + " and text", "<|python_tag|>" + '{"city": "Rome"}'):
+    for bad in ("Sure.", '{"city": "Oslo"}', L_CALL + L_CALL, L_CALL + " and text",
+                "<|python_tag|>" + '{"city": "Rome"}'):
         assert run(grammars, g, bad)[0] is False, bad
 
 
@@ -122,7 +126,7 @@ def test_the_request_shows_the_schema_and_keeps_its_refs():
         assert g.messages[0]["content"] == "Be brief."  # without response_format: as it was
 
 
-def test_refs_and_the_empty_schema_compile_in_every_format(grammars):  # noqa: F811
+def test_refs_and_the_empty_schema_compile_in_every_format(grammars):
     g = GENERIC.grammar(spec_with(DEFS))
     assert run(grammars, g, '{"response": {"city": "Rome"}}') == (True, True)
     assert run(grammars, g, '{"response": {"city": "Oslo"}}')[0] is False
@@ -133,7 +137,7 @@ def test_refs_and_the_empty_schema_compile_in_every_format(grammars):  # noqa: F
         assert run(grammars, anything, ok) == (True, True), ok
 
 
-def test_llama3_lead_is_bounded_blanks(grammars):  # noqa: F811
+def test_llama3_lead_is_bounded_blanks(grammars):
     """Before a call only JSON's blanks, at most 12 (llguidance's \\s took any Unicode blank, unbounded: a greedy model
     wrote them to max_tokens)."""
     g = LLAMA3.grammar(spec())

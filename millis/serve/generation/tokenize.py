@@ -27,7 +27,8 @@ def tokenize_routes(st) -> list[Route]:
             raise ApiError(422, "send either prompt or messages, not both", param="messages", code="invalid_value")
         # chat: the tools too, which the template shows the model (they count), as /v1/chat/completions renders them
         keep = ("model", "messages", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-                "chat_template_kwargs", "add_generation_prompt", "continue_final_message") if chat else ("model", "prompt")
+                "chat_template_kwargs", "add_generation_prompt", "continue_final_message") if chat else \
+            ("model", "prompt")
         fields = {k: body[k] for k in keep if k in body}
         # the chat route's tool format: earlier calls are shown, and counted, as that route shows them
         g = gs.chat_request(fields, st.name, st.gen_limits, st.chat.format, st.chat.tool_use_format) if chat else \

@@ -60,7 +60,8 @@ class ToolSpec:
                                         "parameters": t["parameters"]}) for t in self.tools)
         how = ('Answer with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": {...}}]} to call '
                'tools' + ('' if self.required else ', or {"response": <your answer>} to answer directly') + '.')
-        return f"You can call these tools:\n{listing}\n{how}" + (f"\n{self.answer_text()}" if self.answer_text() else "")
+        answer = self.answer_text()
+        return f"You can call these tools:\n{listing}\n{how}" + (f"\n{answer}" if answer else "")
 
     def answer_text(self) -> str:
         """What tells the model response_format's schema (every format's prompt shows it; the grammar holds to it)."""
