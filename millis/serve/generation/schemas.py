@@ -63,9 +63,8 @@ class GenRequest:
 
     def __post_init__(self) -> None:
         # a stop string would end the answer mid-value, as "stop"; not a native format's strict tools under auto
-        # (without response_format):
-        # free text with calls constrained where the model starts one, which a stop string may end (a call it cuts
-        # is text, as one max_tokens cuts), as OpenAI and vLLM take stop with tools
+        # without response_format: free text with calls constrained where the model starts one, which a stop string
+        # may end (a call it cuts is text, as one max_tokens cuts), as OpenAI and vLLM take stop with tools
         free = self.tools is not None and not self.tool_format.streams_calls(self.tools) and self.tools.answer is None
         if self.params.grammar and self.params.stop and not free:
             raise ApiError(422, f"stop cannot be combined with {self.grammar_from}: its grammar decides where the "
@@ -320,7 +319,7 @@ def chat_request(body: dict, served: str, limits: GenLimits, fmt: GenericFormat 
     stream, usage = _stream_options(body)
     tools = tool_spec(body)
     if tools is not None and params.grammar:  # response_format beside tools: content, where not calls, follows it
-        tools = replace(tools, answer=response_schema(body))  # (the generic format's system message shows it)
+        tools = replace(tools, answer=response_schema(body))  # (every format's system message shows it)
     fmt = tool_fmt if tools is not None and tool_fmt is not None else fmt
     messages, template_tools = fmt.conversation(out, tools)
     variables = template_variables(body)
