@@ -161,7 +161,8 @@ class NativeFormat(GenericFormat):
                 m["content"] = m.get("content") or ""
             out.append(m)
         tools = None if spec is None else [{"type": "function", "function": t} for t in spec.tools]
-        out = with_system(out, spec.answer_text()) if spec is not None and spec.answer_text() else out
+        answer = spec.answer_text() if spec is not None else ""
+        out = with_system(out, answer) if answer else out
         return fit_roles(out, replace(self.roles, tool=True)), tools  # its own tool turns; system, developer fitted
 
     def call_schema(self, spec: ToolSpec) -> dict:
@@ -223,12 +224,11 @@ class HermesFormat(NativeFormat):
 
     def grammar(self, spec: ToolSpec) -> str | None:
         body = f"body: {json_rule(self.call_schema(spec), COMPACT_JSON)}"
+        blocks = 'call ("\\n" call)*' if spec.parallel else "call"
         if spec.required:
-            calls = 'call ("\\n" call)*' if spec.parallel else "call"
-            return lark_grammar(f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}')
+            return lark_grammar(f'start: {blocks}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}')
         if spec.answer is not None:  # auto with response_format: its JSON (which never opens with `<`), or calls
-            calls = 'call ("\\n" call)*' if spec.parallel else "call"
-            return lark_grammar(f'start: answer | {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}\n'
+            return lark_grammar(f'start: answer | {blocks}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n{body}\n'
                                 f"answer: {json_rule(spec.answer)}")
         if not spec.strict:
             return None
