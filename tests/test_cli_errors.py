@@ -112,6 +112,8 @@ def test_last_resort_is_one_line(capsys, monkeypatch, exc):
     ({}, ("--task", "embed", "--label-col", "y"), "--label-col: for --task classify"),
     ({}, ("--task", "classify", "--min-cosine", "0.999"), "--min-cosine: not a gate of --task classify"),
     ({}, ("--task", "embed", "--max-logit-diff", "0"), "--max-logit-diff: not a gate of --task embed"),
+    ({}, ("--task", "classify", "--min-order-agreement", "1"), "--min-order-agreement: not a gate of --task classify"),
+    ({}, ("--task", "rerank", "--min-order-agreement", "-0.1"), "--min-order-agreement must be >= 0, got -0.1"),
     ({"MILLIS_OPTIMIZE_PRESET": "fast"}, (), "MILLIS_OPTIMIZE_PRESET='fast': expected one of cpu, quick"),
 ])
 def test_optimize_errors_name_the_flag_or_variable(capsys, monkeypatch, env, argv, named):

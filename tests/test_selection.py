@@ -421,6 +421,17 @@ def test_a_reranker_is_judged_by_its_ranking():
     assert compare("classify", tie, near, RERANK_DOCS)["top1_agreement"] == 1.0  # a tie swapped keeps the ranking
     two = np.concatenate([np.zeros_like(ref), ref], 1)  # a two-label head: the last label's probability ranks
     assert compare("classify", two, two[::-1].copy(), RERANK_DOCS)["order_agreement"] < 1.0
+    # every query's top document kept, the others reversed: the order gate refuses it (top-1 alone passed it)
+    apart = np.array([[4.0], [2.0], [1.0], [0.0], [-1.0]] * 4)
+    tail = apart.copy()
+    for q in range(4):
+        tail[q * RERANK_DOCS + 1:(q + 1) * RERANK_DOCS] = apart[q * RERANK_DOCS + 1:(q + 1) * RERANK_DOCS][::-1]
+    fid = compare("classify", apart, tail, RERANK_DOCS)
+    assert fid["top1_agreement"] == 1.0 and fid["order_agreement"] == 0.4, fid
+    ok, why = within("classify", fid, Budget(max_logit_diff=1e9))
+    assert not ok and why == "order agreement 0.400 < 0.95", why
+    assert within("classify", fid, Budget(max_logit_diff=1e9, min_order_agreement=0.4))[0]
+    assert "order_agreement" not in compare("classify", apart, tail)  # a classifier's rows: no order gate
 
 
 def test_the_fidelity_gate_reads_short_forms_of_its_texts():

@@ -374,6 +374,32 @@ def test_rerank_duplicates_top_n_and_nulls(classify_server):
         assert status == 400 and err["error"]["param"] == next(iter(bad)), err
 
 
+def test_rerank_pairs_that_tokenize_alike_share_a_score_and_cohere_fields_are_never_ignored(classify_server):
+    """Texts an uncased tokenizer reads alike ("Card", "card", "card  ") run as one row: one score, ties in index
+    order (each ran apart before, a row's last bits its place in the batch). Cohere's ranking fields this route does
+    not do are a 400 naming them; max_tokens_per_doc is taken at or above the model's length; an object document
+    comes back as sent; a model that is not a string is a 400."""
+    docs = ["Card", "card", "CARD", "card  ", "a b", "A  B", "other"]
+    status, headers, body = classify_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})
+    assert status == 200, body
+    assert sum(map(int, headers["x-millis-batch-rows"].split(","))) == 3  # three distinct rows ran, not seven
+    by = {r["index"]: r["relevance_score"] for r in body["results"]}
+    assert len({by[i] for i in range(4)}) == 1 and by[4] == by[5], by
+    order = [r["index"] for r in body["results"]]
+    assert [i for i in order if i < 4] == [0, 1, 2, 3] and order.index(4) < order.index(5), order
+    max_length = json.loads(classify_server.get("/v1/models")[1])["data"][0]["max_length"]
+    for ok in (max_length, 10**6, None, float(max_length)):
+        status, _, got = classify_server.post("/v2/rerank", {"query": "q", "documents": docs, "max_tokens_per_doc": ok})
+        assert status == 200 and len(got["results"]) == len(docs), got
+    for bad in ({"max_tokens_per_doc": max_length - 1}, {"max_tokens_per_doc": "abc"}, {"max_tokens_per_doc": True},
+                {"rank_fields": ["title"]}, {"max_chunks_per_doc": 10}, {"model": 5}, {"truncate": "no"}):
+        status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
+        assert status == 400 and err["error"]["param"] == next(iter(bad)), err
+    sent = {"text": "card", "id": "doc-7", "meta": {"source": "faq"}}
+    status, _, got = classify_server.post("/v1/rerank", {"query": "q", "documents": ["x", sent], "return_documents": True})
+    assert status == 200 and {r["index"]: r["document"] for r in got["results"]} == {0: {"text": "x"}, 1: sent}, got
+
+
 def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_server, classify_artifact):
     """TEI's /embed, /predict and /rerank: the same numbers as the OpenAI / Cohere routes, in TEI's shapes."""
     want = [d["embedding"] for d in embed_server.post("/v1/embeddings", {"input": TEXTS[:3]})[2]["data"]]
@@ -509,6 +535,23 @@ def test_one_logit_cross_encoder_scores_by_sigmoid(one_logit_dir):
         assert len(p) == 1 and np.isclose(p[0]["score"], c["score"])
     finally:
         assert s.stop() == 0
+
+
+def test_sigmoid_keeps_very_negative_logits_apart():
+    """A reranker's far-off documents: 1 + tanh(x / 2) cancelled to 0 at -38 and -45 (a tie ranked by index, where
+    raw_scores kept them apart); e^x / (1 + e^x) keeps their relative precision, and no x overflows."""
+    import warnings
+
+    from millis.common.numeric import sigmoid
+
+    x = np.array([-745.0, -100.0, -45.0, -38.0, -30.0, 0.0, 30.0, 1000.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either way
+        got = sigmoid(x)
+    want = np.array([np.exp(v) / (1 + np.exp(v)) if v < 0 else 1 / (1 + np.exp(-v)) for v in x])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert 0 < got[1] < got[2] < got[3] < got[4] and got[5] == 0.5 and got[-1] == 1.0
+    assert sigmoid(x.astype(np.float32)).dtype == np.float32 and sigmoid(np.float32(-90.0)) > 0
 
 
 def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):

@@ -31,12 +31,13 @@ def config(given: Given) -> OptimizeConfig:
         raise MillisError(f"{', '.join('--' + f.replace('_', '-') for f in unused)}: for --task classify (labelled "
                           f"rows); --task {cfg.task} is judged by fidelity to fp32 "
                           f"({'--min-cosine' if cfg.task == 'embed' else '--max-logit-diff and the ranking'})")
-    other = {"min_cosine": cfg.task != "embed", "max_logit_diff": cfg.task == "embed"}  # gates the task never reads
+    other = {"min_cosine": cfg.task != "embed", "max_logit_diff": cfg.task == "embed",  # gates the task never reads
+             "min_order_agreement": cfg.task != "rerank"}
     ignored = [f for f, no in other.items() if no and f in given.of(Budget) and f not in given.variables]
     if ignored:
         raise MillisError(f"{', '.join('--' + f.replace('_', '-') for f in ignored)}: not a gate of --task {cfg.task} "
                           f"(embed: --min-cosine; classify: --max-logit-diff, or --max-drop with labelled rows; "
-                          f"rerank: the ranking and --max-logit-diff)")
+                          f"rerank: --min-order-agreement, the top document and --max-logit-diff)")
     with given.named():
         if cfg.compress:  # checked now, not after the variants are built
             preset_of(COMPRESS_PRESETS, cfg.compress, "--compress preset")

@@ -52,12 +52,15 @@ class Budget:
     min_cosine: float = flag(0.99, "embed: min cosine vs fp32 over the sample texts")
     max_logit_diff: float = flag(0.5, "classify: max |delta logit| vs fp32 over the sample texts")
     min_top1_agreement: float = 1.0 # classify: share of texts whose argmax label is unchanged
+    min_order_agreement: float = flag(0.95, "rerank: share of each query's document pairs (apart by more than 0.005 "
+                                            "in fp32's score) a variant must keep in order")
     max_drop: float = flag(0.5, "classify, selecting on labelled rows (the kept validation split or --data): "
                                  "accuracy points a variant may lose against fp32")
 
     def __post_init__(self) -> None:
         check_at_least(self, -1, "min_cosine")  # above 1: only the fp32 reference qualifies
-        check_at_least(self, 0, "max_logit_diff", "min_top1_agreement")  # max_drop < 0: a variant must gain
+        # max_drop < 0: a variant must gain
+        check_at_least(self, 0, "max_logit_diff", "min_top1_agreement", "min_order_agreement")
 
 
 # Named measurement presets (`--preset`): the full one for real measurements, a quick one for tests and

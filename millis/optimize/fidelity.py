@@ -76,6 +76,8 @@ def within(task: str, fid: dict[str, float], budget: Budget) -> tuple[bool, str]
             return False, f"max |dlogit| {fid['max_logit_diff']:.3g} > {budget.max_logit_diff}"
         if not fid["top1_agreement"] >= budget.min_top1_agreement:
             return False, f"top-1 agreement {fid['top1_agreement']:.3f} < {budget.min_top1_agreement}"
+        if "order_agreement" in fid and not fid["order_agreement"] >= budget.min_order_agreement:  # a reranker's
+            return False, f"order agreement {fid['order_agreement']:.3f} < {budget.min_order_agreement}"
         return True, "within budget"
     if not fid["cos_min"] >= budget.min_cosine:
         return False, f"cosine min {fid['cos_min']:.5f} < {budget.min_cosine}"

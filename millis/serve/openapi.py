@@ -95,9 +95,10 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ encoder
 
 def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0,
-                 vocab_size: int = 0, unit: bool = False) -> dict[str, Any]:
-    """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size 0
-    while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false refused)."""
+                 vocab_size: int = 0, unit: bool = False, max_length: int = 0) -> dict[str, Any]:
+    """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size /
+    max_length 0 while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false
+    refused)."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -152,6 +153,8 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,
             "return_documents": nullable({"type": "boolean"}), "raw_scores": nullable({"type": "boolean"}),
+            "truncate": nullable({"type": "boolean"}),
+            "max_tokens_per_doc": nullable({"type": "integer", "minimum": max(max_length, 1)}),  # below it: a 400
             "documents": {"type": "array", "items": doc, "minItems": 1, "maxItems": max_inputs},
             "top_n": nullable({"type": "integer", "minimum": 1})}}
         hit = {"type": "object", "required": ["index", "relevance_score"], "properties": {

@@ -192,6 +192,9 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
 
 def check_model(body: dict[str, Any], served: str) -> None:
     m = body.get("model")
+    if m is not None and not isinstance(m, str):
+        raise ApiError(422, f"model must be a string (the served model's name), got {type(m).__name__}",
+                       param="model", code="invalid_type")
     if m is not None and m != served:
         raise ApiError(404, f"model {m!r} is not served here; this server serves {served!r}", param="model",
                        code="model_not_found")

@@ -29,7 +29,7 @@ from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
 from millis.serve.encoder import tei_tokens
 from millis.serve.encoder.tei_routes import tei_routes
-from millis.serve.encoder.rerank import COHERE, Shape, distinct, relevance, rerank_request, rerank_response
+from millis.serve.encoder.rerank import COHERE, Shape, distinct, pair_key, relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, model_routes,
@@ -322,18 +322,22 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
                              headers=timing_headers(job, tok_s, cut))
 
     async def _rerank(request: Request, shape: Shape):
-        """A cross-encoder: (query, document) pairs, one row each; identical documents run once."""
+        """A cross-encoder: (query, document) pairs, one row each; documents whose pairs tokenize the same (the
+        same text, or texts an uncased tokenizer reads alike) run once and share their score."""
         model, body, arrived = await _infer(request, "classify")
-        req = rerank_request(body, st.name, st.limits, shape)
-        once, where, firsts = distinct(req.documents)
-        job, cut, tok_s, n_tok = await _answer(request, arrived, model, once, req.query, shape.documents,
-                                               reject=req.reject, places=firsts)
-        scores = relevance(job.out, req.raw_scores)[where]
-        return req, scores, [cut[k] for k in where], job, tok_s, n_tok
+        req = rerank_request(body, st.name, st.limits, shape, model.max_length)
+        once, where, firsts = distinct(req.documents)  # each text tokenized once
+        with watched(st, request, arrived) as watch:
+            ids, cut, tok_s = await st.tokenize(model, once, watch, req.query, shape.documents, req.reject, firsts)
+            _, row_of, row_first = distinct([pair_key(r) for r in ids])  # each distinct row run once
+            job = await st.run([ids[k] for k in row_first], watch)
+        m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
+        scores = relevance(job.out, req.raw_scores)[[row_of[k] for k in where]]
+        return req, scores, [cut[k] for k in where], job, tok_s, sum(map(len, ids))
 
     async def rerank(request: Request) -> Response:
         req, scores, cut, job, tok_s, n_tok = await _rerank(request, COHERE)
-        return json_response(rerank_response(scores, req.documents, req.top_n, req.return_documents, cut, st.name,
+        return json_response(rerank_response(scores, req.sent, req.top_n, req.return_documents, cut, st.name,
                                              n_tok), headers=timing_headers(job, tok_s, cut))
 
     async def tokenize(request: Request) -> Response:  # the ids inference runs, whatever the task
@@ -389,4 +393,5 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
                                                            cfg.max_inputs, st.dim, st.dim,
                                                            st.model.vocab_size if st.model else 0,
-                                                           bool(st.model and st.model.meta.source.pooling.normalize)))
+                                                           bool(st.model and st.model.meta.source.pooling.normalize),
+                                                           st.model.max_length if st.model else 0))
