@@ -86,11 +86,12 @@ class SourceMeta:
     pooling: Pooling              # how token states become one sentence vector (embed)
 
     problem_type: str = optional("")  # how a classifier's logits become scores (millis.common.numeric.label_scores)
+    segments: bool | None = optional()  # a pair's second text is token type 1 (None, older: by model_type)
 
     @classmethod
     def of(cls, src: ModelSource) -> "SourceMeta":
         return cls(src.spec, str(src.path), src.sha256, src.model_type, src.num_layers, src.hidden_size,
-                   src.num_heads, src.pooling, src.problem_type)
+                   src.num_heads, src.pooling, src.problem_type, src.segments)
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
     rt = open_runtime(kind, src.path, name, src.input_names, OUTPUT_NAME[task], options, threads)
     meta = ModelMeta(task, OUTPUT_NAME[task], tuple(src.input_names), max_len, dict(src.id2label),
                      SourceMeta.of(src), VariantRecipe(name, kind, precision, passes=(), options={}))
-    enc = TextEncoder(src.path, src.input_names, max_len, segments=takes_segments(src.model_type))
+    enc = TextEncoder(src.path, src.input_names, max_len, segments=src.segments)
     return Model(src.path, meta, rt, enc)
 
 
@@ -182,4 +182,5 @@ def load(path: str | Path, threads: int = 0, verify: bool = True, device: str = 
         options.setdefault("buckets", gpu_buckets(max_batch, meta.max_length, max_batch_tokens))
     rt = open_runtime(v.runtime, model_dir, v.name, meta.input_names, meta.output, options, threads)
     return Model(path, meta, rt, TextEncoder(path / "tokenizer", meta.input_names, meta.max_length, saved=True,
-                                             segments=takes_segments(meta.source.model_type)))
+                                             segments=takes_segments(meta.source.model_type,
+                                                                                     meta.source.segments)))

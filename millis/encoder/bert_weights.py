@@ -44,6 +44,9 @@ class EncoderConfig:
         if cfg.get("millis_pruned"):  # heads x head size != hidden: not this kernel's layout (yet)
             raise MillisError("millis's compact encoder (CUDA and native CPU) does not run models with pruned "
                               "attention heads; serve them with ONNX Runtime")
+        if cfg.get("is_decoder"):  # HF masks such a BERT causally; this encoder attends both ways
+            raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
+                              "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
         return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),

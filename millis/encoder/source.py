@@ -16,12 +16,29 @@ SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "
 SUPPORTED_TEXT = "BERT (incl. MiniLM), DistilBERT, RoBERTa, XLM-RoBERTa encoders"
 ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model")
 POOLING_MODES = ("mean", "cls", "max")
 
 
-def takes_segments(model_type: str) -> bool:
-    """Whether a pair's second text gets token type 1 (BERT's segment B; RoBERTa and XLM-R have one type)."""
-    return model_type not in ONE_TOKEN_TYPE
+def takes_segments(model_type: str, segments: bool | None = None) -> bool:
+    """Whether a pair's second text gets token type 1 (BERT's segment B; RoBERTa and XLM-R have one type).
+    segments: what the model's folder said (`pair_segments`); None (an artifact written before it was recorded):
+    by model_type alone."""
+    return model_type not in ONE_TOKEN_TYPE if segments is None else segments
+
+
+def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
+    """Token type 1 on a pair's second text only where HF's pair encoding gives it and the model has a row for it:
+    not for RoBERTa / XLM-R, not for a model with one token type (type_vocab_size 1: the id 1 is out of range), and
+    not where the tokenizer's `model_input_names` leave token_type_ids out (HF then feeds type 0 throughout, as
+    sentence-transformers' CrossEncoder scores such a reranker)."""
+    if model_type in ONE_TOKEN_TYPE or int(cfg.get("type_vocab_size", 2)) < 2:
+        return False
+    names = json_value(path / "tokenizer_config.json", "model_input_names")
+    return not isinstance(names, list) or "token_type_ids" in names
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class ModelSource:
     sha256: str              # hash of config + weights: identifies the source in millis.json
     attention_size: int = 0  # heads x head size (= hidden_size unless heads were pruned)
     problem_type: str = ""   # config.json's: regression / multi_label_classification scores differently
+    segments: bool = True    # a pair's second text is token type 1 (`pair_segments`)
 
 
 def builtin_minilm_dir() -> Path:
@@ -84,7 +102,11 @@ def resolve(spec: str) -> ModelSource:
         if not path.is_dir():
             raise MillisError(f"model directory not found: {spec} (give a local Hugging Face model "
                               f"directory, builtin:minilm, or tiny:bert; nothing is downloaded from a hub)")
-    return inspect_dir(path, spec)
+    src = inspect_dir(path, spec)
+    if not any((path / t).is_file() for t in TOKENIZER_FILES):  # (an artifact's hf/ has its tokenizer beside it)
+        raise MillisError(f"{path} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}): copy the model's "
+                          f"tokenizer files beside its config.json")
+    return src
 
 
 def tokenizer_ids(path: Path) -> int:
@@ -118,6 +140,9 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         raise MillisError(f"{path}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                           f"(absolute positions only)")
     if not any((path / w).is_file() for w in WEIGHT_FILES):
+        if index := next((i for i in SHARD_INDEXES if (path / i).is_file()), None):
+            raise MillisError(f"{path} holds a sharded checkpoint ({index}): not supported; save it as one file "
+                              f"(save_pretrained(dir, max_shard_size=\"100GB\") writes {' or '.join(WEIGHT_FILES)})")
         raise MillisError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
     archs = cfg.get("architectures") or []
     has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
@@ -146,6 +171,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
         sha256=hash_files([cfg_file] + [path / w for w in WEIGHT_FILES if (path / w).is_file()]),
         attention_size=attention_size, problem_type=str(cfg.get("problem_type") or ""),
+        segments=pair_segments(path, cfg, model_type),
     )
 
 

@@ -57,7 +57,8 @@ class TextEncoder:
     def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int, saved: bool = False,
                  segments: bool = True):
         """`segments`: the model embeds a second token type (BERT's segment B); False for RoBERTa and XLM-R
-        (one token type: every id 0, as their tokenizers give none; `source.takes_segments`).
+        (one token type: every id 0, as their tokenizers give none), a one-type model, or a tokenizer that gives no
+        token_type_ids (`source.pair_segments`).
         `saved`: tokenizer_dir was written by transformers' save_pretrained (an artifact's `tokenizer/`):
         its tokenizer.json is the backend AutoTokenizer built, so the Rust tokenizer is read from it directly
         and transformers is never imported (loading an artifact: ~1.3 s of imports less). Any other

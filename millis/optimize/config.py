@@ -1,8 +1,8 @@
 """The configuration of `millis optimize`: what to build, how to measure, what fidelity to keep."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from millis.common.config import Shape, check_at_least, flag
 from millis.common.errors import MillisError
@@ -122,3 +122,26 @@ class OptimizeConfig:
 def optimize_config_from_dict(d: dict[str, Any], where: str = "the optimize config") -> OptimizeConfig:
     """The `config` an artifact's millis.json records, typed; a bad field is a MillisError naming it."""
     return from_dict(OptimizeConfig, d, where)
+
+
+def fit_shapes(cfg: OptimizeConfig, max_len: int, progress: Callable[[str], None]) -> OptimizeConfig:
+    """cfg with its shapes within max_len (the length texts are cut to): a default one longer (the target b1xs128,
+    a preset's shape) is cut to max_len, said in `progress`; one the user gave is an error naming its flag."""
+    what = f"--max-length {max_len}" if cfg.max_length else f"the model's max length {max_len}"
+    target = OptimizeConfig.__dataclass_fields__["target"].default
+    preset_shapes = PRESETS[cfg.preset].shapes if cfg.preset in PRESETS else None
+
+    def fit(s: Shape, default: bool, option: str) -> Shape:
+        if s.seq <= max_len:
+            return s
+        if not default:
+            raise MillisError(f"{option} {s.name} is longer than {what}: give a shape of at most {max_len} tokens")
+        cut = Shape(s.batch, max_len)
+        progress(f"note: the default shape {s.name} is longer than {what}: measuring {cut.name} instead")
+        return cut
+
+    defaults = cfg.measure.shapes == preset_shapes
+    shapes = tuple(dict.fromkeys(fit(s, defaults, "--shapes") for s in cfg.measure.shapes))
+    return replace(cfg, target=fit(cfg.target, cfg.target == target, "--target"),
+                   measure=replace(cfg.measure, shapes=shapes))
+

@@ -16,7 +16,7 @@ from millis.artifact.meta import ArtifactMeta, Hardware, Measured, SourceMeta, V
 from millis.common.schema import from_dict
 from millis.optimize import report
 from millis.optimize.report_html import write_html_report
-from millis.optimize.config import Budget, OptimizeConfig
+from millis.optimize.config import Budget, OptimizeConfig, fit_shapes
 from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
 from millis.evaluate.run import check_labels
@@ -27,7 +27,7 @@ from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
 from millis.optimize.select import (ACCURACY_FLAGS, FIDELITY_FLAGS, Candidate, finer_than_a_row,
                                     reference_fallback, select, serve_gate)
-from millis.encoder.source import ModelSource, model_max_length, resolve, takes_segments
+from millis.encoder.source import ModelSource, model_max_length, resolve
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
 from millis.common.readers import read_texts
@@ -156,10 +156,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     if unknown:  # in the config: an artifact's recorded config may name a variant a later millis dropped)
         raise MillisError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(CATALOG)}")
     max_len = model_max_length(src, cfg.max_length)
-    for s in cfg.measure.shapes + (cfg.target,):
-        if s.seq > max_len:
-            raise MillisError(f"shape {s.name} is longer than the model's max length {max_len}")
-    enc = TextEncoder(src.path, src.input_names, max_len, segments=takes_segments(src.model_type))
+    cfg = fit_shapes(cfg, max_len, progress)
+    enc = TextEncoder(src.path, src.input_names, max_len, segments=src.segments)
     data, selection = selection_data(cfg, src)
     if data is not None:
         progress(f"selecting on accuracy on {selection}")
@@ -189,7 +187,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     progress(f"calibrating on {len(calib_texts)} texts from {calib_where}")
     calib_len = min(max_len, 128)  # one fixed length: Percentile / Entropy need equal shapes
     # truncates at that length too; token types as `enc` gives them (a RoBERTa pair: all 0, its one type)
-    calib_enc = TextEncoder(src.path, src.input_names, calib_len, segments=takes_segments(src.model_type))
+    calib_enc = TextEncoder(src.path, src.input_names, calib_len, segments=src.segments)
     calibration = functools.cache(lambda: calibration_batches(calib_enc, calib_texts, calib_len,
                                                               pairs=cfg.task == "rerank"))
     shapes = tuple(dict.fromkeys(cfg.measure.shapes + (cfg.target,)))
