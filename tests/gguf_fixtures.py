@@ -114,12 +114,13 @@ def encode_tensor(w: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[
 def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray, str]], tokenizer: str = "gpt2",
                     arch: str = "llama", pre: str = "smollm", add_bos: bool | None = None,
                     chat_template: str | None = SMALL_CHAT, extra: dict | None = None,
-                    seed: int = 0, added: list[tuple[str, int]] = ()) -> dict[str, np.ndarray]:
+                    seed: int = 0, added: list[tuple[str, int]] = (), merges: bool = True) -> dict[str, np.ndarray]:
     """Write a GGUF holding `cfg` as llama.cpp's converter writes it, `tensors` ({name: (fp32 array in
     torch order, qtype)}) and a tiny `gpt2` (byte-level BPE, pre-tokenizer `pre`) or `llama`
     (SentencePiece) tokenizer of cfg.vocab_size tokens: BOS 1, EOS 2, unknown 0 whatever cfg says.
     A llama3 RoPE config adds rope_freqs.weight. `extra`: more metadata {key: str | int | float |
-    bool | list}. `added`: (text, token type) pairs that take the vocabulary's last ids. Returns
+    bool | list}. `added`: (text, token type) pairs that take the vocabulary's last ids; merges False: a BPE
+    vocabulary without its merges (corrupt). Returns
     {name: the fp32 value stored}."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(Path(path)), arch)
@@ -144,7 +145,7 @@ def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray,
         f = llama3_rope_factors(cfg.rope_theta, cfg.head_dim, cfg.rope_factor, cfg.rope_low_freq_factor,
                                 cfg.rope_high_freq_factor, cfg.rope_original_max_seq)
         tensors["rope_freqs.weight"] = (f.astype(np.float32), "F32")
-    _write_tokenizer(w, cfg, tokenizer, pre, add_bos, added)
+    _write_tokenizer(w, cfg, tokenizer, pre, add_bos, added, merges)
     if chat_template:
         w.add_chat_template(chat_template)
     for key, val in (extra or {}).items():
@@ -163,13 +164,14 @@ def write_tiny_gguf(path, cfg: LlamaConfig, tensors: dict[str, tuple[np.ndarray,
 
 
 def _write_tokenizer(w: GGUFWriter, cfg: LlamaConfig, kind: str, pre: str, add_bos: bool | None,
-                     added: list[tuple[str, int]]) -> None:
+                     added: list[tuple[str, int]], with_merges: bool = True) -> None:
     if kind == "gpt2":
         tokens, types, merges = gpt2_vocab(cfg.vocab_size, added)
         w.add_tokenizer_model("gpt2")
         if pre:  # "": a file converted before llama.cpp wrote the key
             w.add_tokenizer_pre(pre)
-        w.add_token_merges(merges)
+        if with_merges:  # False: a corrupt file, for the reader's error
+            w.add_token_merges(merges)
         bos, eos, unk = 1, 2, 0
         w.add_add_bos_token(bool(add_bos))
     elif kind == "llama":

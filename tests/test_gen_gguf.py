@@ -151,8 +151,13 @@ def test_tiny_qwen2_and_k_quants(tmp_path):
     ref = write_tiny_gguf(tmp_path / "q.gguf", cfg, random_llama_tensors(cfg, "Q8_0", qtypes), arch="qwen2",
                           pre="qwen2")
     m = read_gguf(tmp_path / "q.gguf")
-    # <|endoftext|> (id 0, a control token) ends generation beside EOS (<|im_end|>), as in llama.cpp
-    assert m.config == dataclasses.replace(cfg, stop_ids=(0,)) and m.rope_neox and m.arch == "qwen2"
+    # <|endoftext|> (id 0, a control token) ends generation beside EOS (<|im_end|>), as in llama.cpp; a qwen2 file's
+    # attention.sliding_window is not read (llama.cpp's qwen2 graph and transformers' Qwen2 by default attend fully)
+    assert m.config == dataclasses.replace(cfg, stop_ids=(0,), sliding_window=0) and m.rope_neox and m.arch == "qwen2"
+    assert m.config.sliding_window == 0
+    for arch, window in (("llama", 0), ("mistral", 32)):  # Mistral's window is its own
+        write_tiny_gguf(tmp_path / f"{arch}.gguf", cfg, random_llama_tensors(cfg, "Q8_0"), arch=arch, pre="qwen2")
+        assert read_gguf(tmp_path / f"{arch}.gguf").config.sliding_window == window
     assert m.tensors["blk.0.attn_q.bias"].shape == (128,) and m.tensors["output.weight"].qtype == "Q6_K"
     for name, t in m.tensors.items():
         w = dequantize(t).numpy()
@@ -387,3 +392,54 @@ def test_linear_scaling_with_llama3_rope_freqs_too_is_refused(tmp_path):
         read_gguf(tmp_path / "both.gguf")
     write_tiny_gguf(tmp_path / "linear.gguf", cfg, random_llama_tensors(cfg))
     assert read_gguf(tmp_path / "linear.gguf").config.rope_factor == 2.0
+
+
+def test_corrupt_files_llama_cpp_refuses_are_refused(tmp_path):
+    """Two tensors over the same bytes (one read as the other) and a byte-level BPE without merges (every word its
+    bytes' tokens) loaded without a word; llama.cpp refuses both."""
+    import gguf
+
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good, TINY, random_llama_tensors(TINY))
+    read_gguf(good)
+    raw, r = bytearray(good.read_bytes()), gguf.GGUFReader(str(good))
+    t0, t1 = r.tensors[0], r.tensors[1]
+    i = bytes(raw).index(struct.pack("<Q", len(t1.name)) + t1.name.encode())  # t1's info: name, dims, type, offset
+    j = i + 8 + len(t1.name)
+    offset_at = j + 4 + 8 * struct.unpack_from("<I", raw, j)[0] + 4  # past n_dims, the dims and the type
+    struct.pack_into("<Q", raw, offset_at, int(t0.data_offset - r.data_offset))  # t1's data: t0's bytes
+    (tmp_path / "overlap.gguf").write_bytes(raw)
+    with pytest.raises(MillisError, match="corrupt: tensor .*'s data overlaps tensor "):
+        read_gguf(tmp_path / "overlap.gguf")
+    write_tiny_gguf(tmp_path / "nomerges.gguf", TINY, random_llama_tensors(TINY), merges=False)
+    with pytest.raises(MillisError, match="byte-level BPE tokenizer needs tokenizer.ggml.merges"):
+        read_gguf(tmp_path / "nomerges.gguf")
+
+
+def test_a_sentencepiece_file_without_a_pre_tokenizer_key_loads_without_a_warning(tmp_path):
+    """Llama 2 / Mistral / TinyLlama files converted before spring 2024 have no tokenizer.ggml.pre: SentencePiece
+    uses none, so the GPT-2 fallback's warning was wrong there; a byte-level file without it still warns."""
+    import warnings
+
+    write_tiny_gguf(tmp_path / "s.gguf", TINY, random_llama_tensors(TINY), tokenizer="llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(read_gguf(tmp_path / "s.gguf").tokenizer, GGUFSpmTokenizer)
+    write_tiny_gguf(tmp_path / "b.gguf", TINY, random_llama_tensors(TINY), pre="")
+    with pytest.warns(UserWarning, match="no tokenizer.ggml.pre"):
+        read_gguf(tmp_path / "b.gguf")
+
+
+def test_the_context_a_file_names_is_held_to_what_the_kv_pool_holds(tmp_path):
+    """A file's context_length sized the RoPE table and every slot's page table (16M positions: 6.4 GB and 16 s to
+    load a tiny model whose KV pool held 262,144); the default context is now what the pool holds, a given one
+    kept."""
+    from millis.gen import EngineConfig, open_engine
+    from millis.gen.models.native_llama import kv_bytes_per_token
+
+    big = dataclasses.replace(TINY, max_seq=1 << 20)
+    write_tiny_gguf(tmp_path / "c.gguf", big, random_llama_tensors(big))
+    eng = open_engine(str(tmp_path / "c.gguf"), EngineConfig(max_batch=1, threads=1, kv_memory_mb=1))
+    assert eng.max_seq == (1 << 20) // kv_bytes_per_token(big) and eng.logits([1, 5]).shape[-1] == big.vocab_size
+    assert open_engine(str(tmp_path / "c.gguf"), EngineConfig(max_batch=1, threads=1, max_seq=64,
+                                                              kv_memory_mb=1)).max_seq == 64

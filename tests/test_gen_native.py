@@ -247,7 +247,7 @@ def tiny_file(tmp_path, qtype="F32", arch="llama", **over) -> tuple[str, LlamaCo
     return path, cfg, reference(cfg, ref, neox=arch == "qwen2")
 
 
-@pytest.mark.parametrize("arch,window", [("llama", 0), ("qwen2", 0), ("llama", 5)])
+@pytest.mark.parametrize("arch,window", [("llama", 0), ("qwen2", 0), ("mistral", 5)])
 def test_f32_forward_equals_torch_reference(tmp_path, arch, window):
     """F32 weights take the fp32 path: the native logits of a prefill and of decode steps in two slots
     at different positions (paged cache, sliding window) equal the torch model's up to summation order."""

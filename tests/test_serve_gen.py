@@ -631,3 +631,20 @@ def test_fields_near_a_read_one_are_refused_and_others_pass():
         assert e.value.param == next(iter(body)) and "did you mean" in str(e.value), body
     check_fields({"user": "u", "store": False, "metadata": {}, "x_trace": 1, "session_id": "a", "min_p": 0.0,
                   "typical_p": 1, "stop_token_ids": [], "use_beam_search": False})
+
+
+@pytest.mark.parametrize("bos, vocab, sent", [(50256, 320, 0), (1, 320, 1), (None, 320, 0), (-1, 320, 0)])
+def test_warmup_sends_a_token_of_the_model_whatever_bos_its_config_names(tmp_path, bos, vocab, sent):
+    """A GPT-2 trained with its own small vocabulary keeps GPT2Config's bos_token_id 50256: the warm-up sent it and
+    /ready said `prompt token ids must be in 0..319` (no prompt was sent; --no-warmup served fine)."""
+    from types import SimpleNamespace
+
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation.app import GenState
+
+    added = []
+    eng = SimpleNamespace(config=SimpleNamespace(bos_id=bos, vocab_size=vocab), has_work=False, chat_template=None,
+                          special_tokens={}, add=lambda ids, params: added.append(ids))
+    (tmp_path / "model.gguf").write_bytes(b"")
+    st = GenState(ServeConfig(artifact=str(tmp_path / "model.gguf"), warmup=True), lambda: eng)
+    assert st._open() is eng and added == [[sent]]

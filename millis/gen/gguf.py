@@ -84,6 +84,7 @@ def read_gguf(path) -> GGUFModel:
     if arch not in ARCHS:
         raise MillisError(f"{p}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     tensors = {name: _tensor(p, buf, name, dims, tid, data_start + off) for name, dims, tid, off in infos}
+    check_disjoint(p, tensors, {name: data_start + off for name, _, _, off in infos})
     cfg = _config(p, meta, arch, tensors)
     _check_tensors(p, cfg, tensors)
     tok, special = tokenizer_of(p, meta, cfg.vocab_size)
@@ -216,6 +217,14 @@ def _parse(buf) -> tuple[dict, list[tuple[str, list[int], int, int]], int]:
     return meta, infos, -(-c.off // int(align)) * int(align)
 
 
+def check_disjoint(path: Path, tensors: dict[str, GGUFTensor], starts: dict[str, int]) -> None:
+    """No two tensors' bytes overlap (llama.cpp refuses such a file; read as is, a tensor is another's bytes)."""
+    spans = sorted((starts[n], starts[n] + t.data.nbytes, n) for n, t in tensors.items())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise MillisError(f"{path} is corrupt: tensor {b}'s data overlaps tensor {a}'s")
+
+
 def _tensor(path: Path, buf, name: str, dims: list[int], tid: int, start: int) -> GGUFTensor:
     qtype = GGML_TYPES.get(tid, f"ggml type {tid}")
     if qtype not in SUPPORTED:
@@ -269,9 +278,15 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict[str, GGUFTensor]) -
         eos_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")), stop_ids=end_of_generation_ids(meta),
         hidden_dim=size("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-        qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=size("attention.sliding_window", 0, least=0),
+        qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=swa(arch, size("attention.sliding_window", 0, least=0)),
         head_dim_override=head_dim if head_dim != dim // n_heads else 0,
         **_rope_scaling(path, meta, arch, tensors, theta, head_dim))
+
+
+def swa(arch: str, window: int) -> int:
+    """The attention window a file's `{arch}.attention.sliding_window` sets: Mistral's; llama.cpp's llama and qwen2
+    graphs never read the key (nor do transformers' Llama, or Qwen2 without use_sliding_window): full attention."""
+    return window if arch == "mistral" else 0
 
 
 # control tokens llama.cpp ends generation at by their text (llama-vocab.cpp's end-of-generation set), beside the

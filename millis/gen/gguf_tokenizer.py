@@ -147,7 +147,8 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     special = {f"{name}_token": tokens[i] for name, k in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
                                                           ("pad", "padding")) if (i := ids[k]) is not None
                and i < len(tokens)}
-    pre = meta.get("tokenizer.ggml.pre") or guessed_pre(path, tokens)
+    # (SentencePiece has no pre-tokenizer: guessing one for it warned of a GPT-2 fallback it never used)
+    pre = meta.get("tokenizer.ggml.pre") or (None if model == "llama" else guessed_pre(path, tokens))
     # llama.cpp's defaults when the flag is absent: BOS for SentencePiece and the Llama 3 pre-tokenizer
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in IGNORE_MERGES))
     if model == "llama":
@@ -159,6 +160,8 @@ def tokenizer_of(path: Path, meta: dict, n_rows: int):
     if pre not in PRE_TOKENIZERS:
         raise MillisError(f"{path}: byte-level pre-tokenizer tokenizer.ggml.pre={pre!r} is not known; known: "
                           f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    if not meta.get("tokenizer.ggml.merges"):  # (llama.cpp refuses it too: every word would be its bytes' tokens)
+        raise MillisError(f"{path}: a byte-level BPE tokenizer needs tokenizer.ggml.merges, and this file has none")
     try:
         tok = _byte_level(meta, tokens, types, pre, ids["bos"] if add_bos else None)
     except Exception as e:  # noqa: BLE001 -- the tokenizers library's errors are bare Exceptions

@@ -219,6 +219,8 @@ def _native(c: ModelConfig, tensors: dict, neox: bool, tok, source: str, engine:
     if budget < kv_bytes_per_token(c) * MIN_POSITIONS:
         raise MillisError(f"--kv-memory-mb {engine.kv_memory_mb} holds fewer than {MIN_POSITIONS} positions of "
                           f"this model ({kv_bytes_per_token(c)} bytes each)")
+    if not engine.max_seq:  # the model's context, within what the KV pool holds: the RoPE table and the slots'
+        max_seq = min(max_seq, budget // kv_bytes_per_token(c))  # page tables are max_seq long (16M: 6.4 GB, 16 s)
     model = NativeLlama(c, tensors, neox, engine.max_batch, max_seq, budget, engine.threads)
     model.kv.prefix_cache = engine.prefix_cache
     return Loaded(model, c, tok, max_seq, source, "millis-int8" if engine.quant == "int8" else None,

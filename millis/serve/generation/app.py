@@ -163,7 +163,9 @@ class GenState:
         eng = self.loader()
         self.chat.opened(eng)
         if self.cfg.warmup:  # one prefill and one decode before /ready
-            eng.add([eng.config.bos_id or 0], SamplingParams(max_tokens=2, ignore_eos=True))
+            bos = eng.config.bos_id  # (a config's bos_token_id may be no token of the model: GPT2Config's 50256)
+            eng.add([bos if bos is not None and 0 <= bos < eng.config.vocab_size else 0],
+                    SamplingParams(max_tokens=2, ignore_eos=True))
             while eng.has_work:
                 eng.step()
         return eng
