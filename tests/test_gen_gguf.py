@@ -443,3 +443,11 @@ def test_the_context_a_file_names_is_held_to_what_the_kv_pool_holds(tmp_path):
     assert eng.max_seq == (1 << 20) // kv_bytes_per_token(big) and eng.logits([1, 5]).shape[-1] == big.vocab_size
     assert open_engine(str(tmp_path / "c.gguf"), EngineConfig(max_batch=1, threads=1, max_seq=64,
                                                               kv_memory_mb=1)).max_seq == 64
+
+
+def test_a_directory_holding_a_gguf_file_names_it(tmp_path):
+    from millis.gen import EngineConfig, open_engine
+
+    write_tiny_gguf(tmp_path / "model.gguf", TINY, random_llama_tensors(TINY))
+    with pytest.raises(MillisError, match=r"nor a llama2.c checkpoint .*; give the GGUF file itself \(model.gguf\)"):
+        open_engine(str(tmp_path), EngineConfig(max_batch=1, threads=1))

@@ -84,7 +84,6 @@ class SourceMeta:
     hidden: int
     heads: int
     pooling: Pooling              # how token states become one sentence vector (embed)
-
     problem_type: str = optional("")  # how a classifier's logits become scores (millis.common.numeric.label_scores)
     segments: bool | None = optional()  # a pair's second text is token type 1 (None, older: by model_type)
 

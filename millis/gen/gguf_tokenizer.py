@@ -129,6 +129,8 @@ class GGUFSpmTokenizer(Llama2cTokenizer):
 def tokenizer_of(path: Path, meta: dict, n_rows: int):
     """(tokenizer, special token strings) from the tokenizer.ggml.* metadata."""
     model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    if model is None:
+        raise MillisError(f"{path} holds no tokenizer (no tokenizer.ggml.model): convert the model with its tokenizer")
     if model not in ("gpt2", "llama"):
         raise MillisError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2 = byte-level "
                           f"BPE, llama = SentencePiece BPE)")

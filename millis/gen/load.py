@@ -56,8 +56,10 @@ def load(path: str | Path, engine: EngineConfig) -> Loaded:
     else:
         ckpt = p if p.is_file() else next((f for f in sorted(p.glob("*.bin")) if is_llama2c_checkpoint(f)), None)
         if ckpt is None or not is_llama2c_checkpoint(ckpt):
+            ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
+            hint = f"; give the GGUF file itself ({ggufs[0].name})" if ggufs else ""
             raise MillisError(f"{path} is neither a HF directory (no config.json) nor a llama2.c checkpoint "
-                              f"(no .bin whose size matches its header)")
+                              f"(no .bin whose size matches its header){hint}")
         from millis.gen.tokenizer import llama2c_tokenizer
 
         cfg, sd = read_llama2c(ckpt)

@@ -163,9 +163,8 @@ class GenState:
         eng = self.loader()
         self.chat.opened(eng)
         if self.cfg.warmup:  # one prefill and one decode before /ready
-            bos = eng.config.bos_id  # (a config's bos_token_id may be no token of the model: GPT2Config's 50256)
-            eng.add([bos if bos is not None and 0 <= bos < eng.config.vocab_size else 0],
-                    SamplingParams(max_tokens=2, ignore_eos=True))
+            bos = eng.config.bos_id or 0  # a config's bos_token_id may be no token of the model (GPT2Config's 50256)
+            eng.add([bos if 0 <= bos < eng.config.vocab_size else 0], SamplingParams(max_tokens=2, ignore_eos=True))
             while eng.has_work:
                 eng.step()
         return eng
@@ -276,9 +275,10 @@ class GenState:
             raise schemas.ApiError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions",
                                    param="prompt", code="no_tokenizer")
         if g.messages is not None and self.chat.template is None:
-            raise schemas.ApiError(400, f"model {self.name!r} has no chat template (no chat_template.jinja and no "
-                                        f"chat_template in tokenizer_config.json): start the server with "
-                                        f"--chat-template FILE, or use /v1/completions", param="messages",
+            where = "tokenizer.chat_template in the GGUF's metadata" if self.cfg.artifact.endswith(".gguf") else \
+                "chat_template.jinja, nor chat_template in tokenizer_config.json"
+            raise schemas.ApiError(400, f"model {self.name!r} has no chat template (no {where}): start the server "
+                                        f"with --chat-template FILE, or use /v1/completions", param="messages",
                                    code="no_chat_template")
         if g.chars <= INLINE_TOKENIZE_CHARS:
             return self._encode(g)
