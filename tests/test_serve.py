@@ -581,7 +581,24 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
         got = classify_server.post("/predict", bad)
         assert got[0] == status, (bad, got)
     status, _, err = classify_server.post("/predict", {"inputs": [["a"], ["b"], ["q", "word " * 600]]})
-    assert status == 422 and err["error"]["message"].startswith("inputs[2] with the query"), err  # its place
+    assert status == 422 and err["error"]["message"].startswith("inputs[2] with its first text"), err  # its place
+    # a batch of pairs with different first texts: one queue job (it was one per first text, 64 pairs 95 ms
+    # against 8), each answer in its place
+    pairs = [["where is my card", "card delivery"], ["hi", "hello"], ["a", "b"], ["where is my card", "lost"]]
+    status, headers, batch = classify_server.post("/predict", {"inputs": pairs})
+    assert status == 200 and sum(map(int, headers["x-millis-batch-rows"].split(","))) == 4, headers
+    for p, got in zip(pairs, batch):  # (int8's activation scales cover its batch: 1% of a score apart)
+        one = {x["label"]: x["score"] for x in classify_server.post("/predict", {"inputs": p})[2]}
+        assert one.keys() == {x["label"] for x in got} and all(abs(one[x["label"]] - x["score"]) < 1e-2 for x in got)
+    # this server refuses long texts, but an explicit truncate true cuts them (TEI: truncate.unwrap_or(auto))
+    for route, body in (("/predict", {"inputs": "word " * 600}), ("/rerank", {"query": "q", "texts": ["word " * 600]})):
+        assert classify_server.post(route, body)[0] == 422
+        assert classify_server.post(route, {**body, "truncate": True})[0] == 200
+    status, _, err = classify_server.post("/predict", {"inputs": [["word " * 600, "x"]], "truncate": False})
+    assert status == 422 and err["error"]["param"] == "inputs", err  # not a `query` /predict does not have
+    assert err["error"]["message"].startswith("inputs[0]'s first text is longer"), err
+    status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "left"})
+    assert status == 422 and err["error"]["param"] == "truncation_direction", err  # refused, not a right cut
     ids = embed_server.post("/tokenize", {"input": ["card"]})[2]["data"][0]["tokens"]
     want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
     status, _, got = embed_server.post("/embed", {"inputs": ids})

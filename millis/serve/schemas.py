@@ -190,6 +190,20 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def too_long(field: str, i: int, pair: bool, first_alone: bool, max_length: int, server_rule: bool) -> ApiError:
+    """The 413 for text i of `field` over the model's length: of a pair, the query (or /predict's `inputs`: the
+    pair's first text) where that alone is too long, else the pair; server_rule: the server refuses long texts, else
+    the request asked truncate=false."""
+    first = f"{field}[{i}]'s first text" if field == "inputs" else "the query"
+    if pair and first_alone:
+        field, what = (field if field == "inputs" else "query"), first.removeprefix("the ")
+    else:
+        what = f"{field}[{i}]" + (f" with {'its first text' if field == 'inputs' else 'the query'}" if pair else "")
+    why = "the server rejects long texts" if server_rule else "the request asked truncate=false"
+    return ApiError(413, f"{what} is longer than the model's {max_length} tokens ({why}; send shorter ones)",
+                    param=field, code="text_too_long")
+
+
 def check_model(body: dict[str, Any], served: str) -> None:
     m = body.get("model")
     if m is not None and not isinstance(m, str):

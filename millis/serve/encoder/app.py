@@ -198,23 +198,18 @@ class State:
 
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
                        query: str | None = None, field: str = "input",
-                       reject: bool = False, places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
+                       reject: bool | None = None, places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
         """(ids, cut, seconds); `field`: the request's name for the texts, which a 413 names (with a query: the query
-        where it alone is too long, else the document); reject: refuse long texts whatever the server's rule;
+        where it alone is too long, else the document; /predict's `inputs`: a pair's first text); reject: the
+        request's `truncate` false (True) or true (False: cut, as TEI's explicit truncate), None the server's rule;
         places: each text's index in the request (default: its own)."""
         t0 = perf_counter()
         ids, cut = await self.token_ids(model, texts, watch, query)
-        if (reject or self.cfg.too_long == "reject") and any(cut):
+        if (self.cfg.too_long == "reject" if reject is None else reject) and any(cut):
             i = cut.index(True)
-            i = places[i] if places else i
-            if query is not None:
-                alone = (await self.token_ids(model, [query], watch))[1][0]  # the query alone over the length
-                field, what = ("query", "query") if alone else (field, f"{field}[{i}] with the query")
-            else:
-                what = f"{field}[{i}]"
-            why = "the server rejects long texts" if self.cfg.too_long == "reject" else "the request asked truncate=false"
-            raise schemas.ApiError(413, f"{what} is longer than the model's {model.max_length} tokens ({why}; send "
-                                        f"shorter ones)", param=field, code="text_too_long")
+            alone = query is not None and (await self.token_ids(model, [query], watch))[1][0]  # the query over it
+            raise schemas.too_long(field, places[i] if places else i, query is not None, alone, model.max_length,
+                                   reject is None)
         return ids, cut, perf_counter() - t0
 
     async def run(self, rows: list[list[int]], watch: Watch) -> Job:
@@ -297,9 +292,13 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         body = await read_json(request, st.limits)
         return model, body, arrived
 
-    async def _answer(request, arrived, model, texts, query=None, field="input", reject=False, places=None):
+    async def _answer(request, arrived, model, texts, query=None, field="input", reject=None, places=None, groups=()):
+        """groups: [(query, texts, places)] tokenized apart, run as one job (TEI's /predict: pairs of many firsts)"""
         with watched(st, request, arrived) as watch:
-            ids, cut, tok_s = await st.tokenize(model, texts, watch, query, field, reject, places)
+            ids, cut, tok_s = [], [], 0.0
+            for q, t, p in groups or [(query, texts, places)]:
+                i, c, s = await st.tokenize(model, t, watch, q, field, reject, p)
+                ids, cut, tok_s = ids + i, cut + c, tok_s + s
             job = await st.run(ids, watch)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))

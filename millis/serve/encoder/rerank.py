@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from millis.common.numeric import relevance_scores
+from millis.serve.encoder.tei import check_cut, reject_of
 from millis.serve.schemas import ApiError, Limits, boolean, check_model
 
 
@@ -56,7 +57,7 @@ class RerankRequest:
     top_n: int
     return_documents: bool
     raw_scores: bool
-    reject: bool = False  # `truncate`: false refuses a pair over the model's length
+    reject: bool | None = None  # `truncate` false: refuse a pair over the model's length; true: cut; None: the server's
     sent: tuple[Any, ...] = ()  # each document as the request gave it (a string or an object), for return_documents
 
 
@@ -99,7 +100,9 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
     """The request checked; errors name the field (`shape`: which names the fields go by; max_length: the model's,
     which bounds max_tokens_per_doc)."""
     check_model(body, served)
-    if shape.cohere:
+    if not shape.cohere:
+        check_cut(body)  # TEI's truncation_direction: a left cut refused, not made a right one
+    else:
         for f in UNSUPPORTED:
             if body.get(f) is not None:
                 raise _fail(f"{f} is not supported: send each document's text (as a string or {{\"text\": ...}})",
@@ -124,7 +127,7 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
                         "invalid_type" if not isinstance(t, str) else "empty_input")
         texts.append(t)
     return RerankRequest(q, texts, top_n_of(body, len(texts)), boolean(body, shape.return_documents, False),
-                         boolean(body, "raw_scores", False), boolean(body, "truncate") is False, tuple(docs))
+                         boolean(body, "raw_scores", False), reject_of(boolean(body, "truncate")), tuple(docs))
 
 
 def distinct(keys: list[Any]) -> tuple[list[Any], list[int], list[int]]:

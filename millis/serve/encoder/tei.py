@@ -11,11 +11,11 @@
                    InferenceClient posts to the URL it is given); GET /info: TEI's facts about the model
     POST /tokenize {"inputs": ...} and POST /decode {"ids": ...}: millis.serve.encoder.tei_tokens
 
-`truncate`: false refuses a text over the model's length (422 naming `inputs`), true or absent cuts it, unless the
-server refuses long texts (`--too-long reject`). `normalize`: the vectors made unit length (TEI's default); false
-gives them as the model computes them, which a model that normalizes in its graph cannot (422). Texts are cut at
-their end (`truncation_direction` left, and `prompt_name`, are refused: not ignored). Errors keep the server's one
-shape (OpenAI's `{"error": {...}}`) with TEI's status codes (http.api_status).
+`truncate`: false refuses a text over the model's length (422 naming `inputs`), true cuts it, absent follows the
+server's rule (`--too-long reject` refuses; TEI's auto_truncate). `normalize`: the vectors made unit length (TEI's
+default); false gives them as the model computes them, which a model that normalizes in its graph cannot (422).
+Texts are cut at their end (`truncation_direction` left, and `prompt_name`, are refused: not ignored; /rerank's too).
+Errors keep the server's one shape (OpenAI's `{"error": {...}}`) with TEI's status codes (http.api_status).
 """
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ class TeiRequest:
     dimensions: int = 0
     raw_scores: bool = False
     seconds: tuple = ()     # /predict: each sequence's text_pair, or None
+
+
+def reject_of(truncate: bool | None) -> bool | None:
+    """The request's `truncate` as the server's tokenize reads it: false refuses long texts, true cuts them whatever
+    the server's rule (TEI: `truncate.unwrap_or(auto_truncate)`), absent leaves the server's rule."""
+    return None if truncate is None else not truncate
 
 
 def check_cut(body: dict[str, Any]) -> None:

@@ -25,19 +25,19 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         unit = model.meta.source.pooling.normalize
         req = tei.embed_request(body, st.dim, unit, st.limits)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
-                                          reject=req.truncate is False)
+                                          reject=tei.reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
 
     async def predict(request: Request) -> Response:
         model, body, arrived = await infer(request, "classify")
         req = tei.predict_request(body, st.limits)
         out, cut = [None] * len(req.texts), [False] * len(req.texts)
-        for query, places in tei.predict_groups(req):  # single texts in one run; pairs a run per first text
-            texts = [req.texts[i] if query is None else req.seconds[i] for i in places]
-            job, got, tok_s, _ = await answer(request, arrived, model, texts, query, field="inputs",
-                                              reject=req.truncate is False, places=places)
-            for i, o, c in zip(places, job.out, got):
-                out[i], cut[i] = o, c
+        groups = [(query, [req.texts[i] if query is None else req.seconds[i] for i in places], places)
+                  for query, places in tei.predict_groups(req)]  # single texts, then pairs by first text: one job
+        job, got, tok_s, _ = await answer(request, arrived, model, None, field="inputs",
+                                          reject=tei.reject_of(req.truncate), groups=groups)
+        for i, o, c in zip((i for _, _, places in groups for i in places), job.out, got):
+            out[i], cut[i] = o, c
         return json_response(tei.predict_response(out, model.id2label, req, model.problem_type),
                              headers=timing_headers(job, tok_s, cut))
 
