@@ -35,7 +35,7 @@ def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
     not for RoBERTa / XLM-R, not for a model with one token type (type_vocab_size 1: the id 1 is out of range), and
     not where the tokenizer's `model_input_names` leave token_type_ids out (HF then feeds type 0 throughout, as
     sentence-transformers' CrossEncoder scores such a reranker)."""
-    if model_type in ONE_TOKEN_TYPE or int(cfg.get("type_vocab_size", 2)) < 2:
+    if not takes_segments(model_type) or int(cfg.get("type_vocab_size", 2)) < 2:
         return False
     names = json_value(path / "tokenizer_config.json", "model_input_names")
     return not isinstance(names, list) or "token_type_ids" in names

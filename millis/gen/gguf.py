@@ -278,7 +278,8 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict[str, GGUFTensor]) -
         eos_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")), stop_ids=end_of_generation_ids(meta),
         hidden_dim=size("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-        qkv_bias="blk.0.attn_q.bias" in tensors, sliding_window=swa(arch, size("attention.sliding_window", 0, least=0)),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        sliding_window=swa(arch, size("attention.sliding_window", 0, least=0)),
         head_dim_override=head_dim if head_dim != dim // n_heads else 0,
         **_rope_scaling(path, meta, arch, tensors, theta, head_dim))
 

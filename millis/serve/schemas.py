@@ -194,9 +194,8 @@ def too_long(field: str, i: int, pair: bool, first_alone: bool, max_length: int,
     """The 413 for text i of `field` over the model's length: of a pair, the query (or /predict's `inputs`: the
     pair's first text) where that alone is too long, else the pair; server_rule: the server refuses long texts, else
     the request asked truncate=false."""
-    first = f"{field}[{i}]'s first text" if field == "inputs" else "the query"
     if pair and first_alone:
-        field, what = (field if field == "inputs" else "query"), first.removeprefix("the ")
+        field, what = (field, f"{field}[{i}]'s first text") if field == "inputs" else ("query", "query")
     else:
         what = f"{field}[{i}]" + (f" with {'its first text' if field == 'inputs' else 'the query'}" if pair else "")
     why = "the server rejects long texts" if server_rule else "the request asked truncate=false"

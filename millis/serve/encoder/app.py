@@ -198,7 +198,8 @@ class State:
 
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
                        query: str | None = None, field: str = "input",
-                       reject: bool | None = None, places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
+                       reject: bool | None = None,
+                       places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
         """(ids, cut, seconds); `field`: the request's name for the texts, which a 413 names (with a query: the query
         where it alone is too long, else the document; /predict's `inputs`: a pair's first text); reject: the
         request's `truncate` false (True) or true (False: cut, as TEI's explicit truncate), None the server's rule;
@@ -298,7 +299,9 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
             ids, cut, tok_s = [], [], 0.0
             for q, t, p in groups or [(query, texts, places)]:
                 i, c, s = await st.tokenize(model, t, watch, q, field, reject, p)
-                ids, cut, tok_s = ids + i, cut + c, tok_s + s
+                ids += i
+                cut += c
+                tok_s += s
             job = await st.run(ids, watch)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
