@@ -439,6 +439,47 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
 
 
+def test_tei_similarity_and_health_aliases(embed_server, classify_server):
+    """TEI's /similarity (huggingface_hub's sentence_similarity posts the same body to the URL it is given: POST / of
+    an embedder with `inputs` an object): each sentence's cosine with the source, computed here from /embed's
+    vectors; fields named as the request gives them; GET / and /ping answer as /ready (SageMaker's health check)."""
+    source, sentences = "where is my card", ["my card is lost", "oil prices and bond yields", "where is my card"]
+    vecs = np.array(embed_server.post("/embed", {"inputs": [source, *sentences]})[2], np.float64)
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    want = unit[1:] @ unit[0]
+    assert np.ptp(want[:2]) > 1e-3 and np.isclose(want[2], 1.0)  # the guard: the sentences' scores differ
+    body = {"inputs": {"source_sentence": source, "sentences": sentences}}
+    for route in ("/similarity", "/", "/invocations"):
+        status, _, got = embed_server.post(route, body)
+        assert status == 200 and np.allclose(got, want, atol=1e-5), (route, got, want)
+    assert embed_server.post("/similarity", {**body, "parameters": {"truncate": True}})[0] == 200
+    long = {"inputs": {"source_sentence": source, "sentences": ["a", "word " * 2000]},
+            "parameters": {"truncate": False}}
+    status, _, err = embed_server.post("/similarity", long)
+    assert status == 422 and err["error"]["message"].startswith("inputs.sentences[1] is longer"), err
+    long["inputs"] = {"source_sentence": "word " * 2000, "sentences": ["a"]}
+    status, _, err = embed_server.post("/similarity", long)
+    assert status == 422 and err["error"]["message"].startswith("inputs.source_sentence is longer"), err
+    blank = {"inputs": {"source_sentence": " ", "sentences": ["a"]}}
+    for bad, status, param in (({"inputs": "x"}, 422, "inputs"),
+                               ({"inputs": {"sentences": ["a"]}}, 422, "inputs.source_sentence"),
+                               (blank, 400, "inputs.source_sentence"),
+                               ({"inputs": {"source_sentence": "a", "sentences": []}}, 400, "inputs.sentences"),
+                               ({"inputs": {"source_sentence": "a", "sentences": "b"}}, 422, "inputs.sentences"),
+                               ({"inputs": {"source_sentence": "a", "sentences": ["b", 3]}}, 422, "inputs.sentences"),
+                               ({"inputs": {"source_sentence": "a", "sentences": ["b"] * 64}}, 422, "inputs.sentences"),
+                               ({**body, "parameters": {"truncation_direction": "left"}}, 422, "truncation_direction"),
+                               ({**body, "parameters": {"truncate": "yes"}}, 422, "truncate"),
+                               ({**body, "parameters": []}, 422, "parameters")):
+        got = embed_server.post("/similarity", bad)
+        assert got[0] == status and got[2]["error"]["param"] == param, (bad, got)
+    assert classify_server.post("/similarity", body)[0] == 404  # a classifier's server has no such route
+    for server in (embed_server, classify_server):
+        for path in ("/", "/ping"):
+            status, _, text = server.request("GET", path)
+            assert status == 200 and json.loads(text)["status"] == "ready", (path, text)
+
+
 def test_dimensions_cut_and_renormalise(embed_server):
     """OpenAI's `dimensions` (and TEI's): the first d values of each vector, made unit length again where the model's
     vectors are; at the model's own size, the vectors as they are."""

@@ -88,6 +88,13 @@ def _stats() -> dict[str, Any]:
                                           "content": _json(ERROR)}}}}
 
 
+def schema(op: dict, *where: str) -> dict:
+    """The JSON schema of an operation's request body (where: "requestBody") or of an answer ("responses", "200")."""
+    for key in where:
+        op = op[key]
+    return op["content"]["application/json"]["schema"]
+
+
 def _spec(title: str, paths: dict) -> dict[str, Any]:
     return {"openapi": "3.1.0", "info": {"title": title, "version": "1"}, "paths": paths}
 
@@ -125,6 +132,15 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
         paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs), TEI_ERRORS)
+        cut = {"truncate": nullable({"type": "boolean"}), "truncation_direction": {"enum": ["right", "Right", None]}}
+        req = {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
+                "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,
+                                                       "maxItems": max(max_inputs - 1, 0)}}},
+            "parameters": nullable({"type": "object", "properties": cut})}}
+        paths["/similarity"] = _post("text-embeddings-inference's /similarity: each sentence's cosine with the "
+                                     "source sentence", req, _json({"type": "array", "items": {"type": "number"}}),
+                                     TEI_ERRORS)
     if task in ("", "classify"):
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
@@ -182,6 +198,14 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     same = "/embed" if task == "embed" else ("/rerank" if n_labels == 1 else "/predict") if task == "classify" else ""
     for path in ("/", "/invocations") if same else ():
         paths[path] = {"post": {**paths[same]["post"], "summary": f"text-embeddings-inference's {same}, by model type"}}
+        if same == "/embed":  # `inputs` as an object: /similarity's body (huggingface_hub's sentence_similarity)
+            both = [paths[r]["post"] for r in (same, "/similarity")]
+            body, ok = ([schema(op, *where) for op in both] for where in (("requestBody",), ("responses", "200")))
+            paths[path]["post"].update(requestBody={"required": True, "content": _json({"oneOf": body})}, responses={
+                **both[0]["responses"], "200": {"description": "OK", "content": _json({"oneOf": ok})}})
+    for path in ("/", "/ping"):  # TEI's health check (SageMaker's /ping): /ready's answer
+        paths.setdefault(path, {}).update(_get("model loaded and warmed (text-embeddings-inference's health)",
+                                               unavailable=True))
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}

@@ -108,8 +108,12 @@ def same_value(v: Any, ref: Any) -> bool:
     return v == ref and isinstance(v, bool) == isinstance(ref, bool)
 
 
-def texts_of(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
-    """`key` as a non-empty list of non-blank strings (a single string is one input)."""
+def texts_of(body: dict[str, Any], key: str, limits: Limits, name: str | None = None) -> list[str]:
+    """`key` as a non-empty list of non-blank strings (a single string is one input); errors name it `name` (default:
+    key)."""
+    if name is not None and key in body:
+        return texts_of({name: body[key]}, name, limits)
+    key = name or key
     if key not in body:
         raise ApiError(422, f"missing field '{key}' (a string or a list of strings)", param=key, code="missing")
     v = body[key]
@@ -190,11 +194,13 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def too_long(field: str, i: int, pair: bool, first_alone: bool, max_length: int, server_rule: bool) -> ApiError:
+def too_long(field: str, i: int | str, pair: bool, first_alone: bool, max_length: int, server_rule: bool) -> ApiError:
     """The 413 for text i of `field` over the model's length: of a pair, the query (or /predict's `inputs`: the
     pair's first text) where that alone is too long, else the pair; server_rule: the server refuses long texts, else
     the request asked truncate=false."""
-    if pair and first_alone:
+    if isinstance(i, str):  # the text's own name (/similarity's inputs.source_sentence, inputs.sentences[j])
+        what = i
+    elif pair and first_alone:
         field, what = (field, f"{field}[{i}]'s first text") if field == "inputs" else ("query", "query")
     else:
         what = f"{field}[{i}]" + (f" with {'its first text' if field == 'inputs' else 'the query'}" if pair else "")

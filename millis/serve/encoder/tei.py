@@ -7,8 +7,11 @@
                    [{"label", "score"}, ...] (every label, best first); a list of such lists is a batch, answered
                    with a list of those
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
+    POST /similarity {"inputs": {"source_sentence": "...", "sentences": ["...", ...]}, "parameters": {"truncate":
+                   null}} -> [cosine of each sentence with the source, ...] (one batch, as TEI embeds them)
     POST /, /invocations: whichever of these the model's task serves (TEI's routes by model type; huggingface_hub's
-                   InferenceClient posts to the URL it is given); GET /info: TEI's facts about the model
+                   InferenceClient posts to the URL it is given: an embedder's `inputs` as an object is its
+                   sentence_similarity); GET /info: TEI's facts about the model; GET / and /ping: /ready's answer
     POST /tokenize {"inputs": ...} and POST /decode {"ids": ...}: millis.serve.encoder.tei_tokens
 
 `truncate`: false refuses a text over the model's length (422 naming `inputs`), true cuts it, absent follows the
@@ -25,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from millis import __version__
-from millis.common.numeric import label_scores, unit_rows
-from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, embedding_input, integer, shortened
+from millis.common.numeric import label_scores, row_cosines, unit_rows
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, embedding_input, integer, shortened, texts_of
 
 INVALID = 422  # TEI answers a field missing, of the wrong type or out of bounds 422 (OpenAI's routes: 400)
 
@@ -81,6 +84,45 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
 def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: bool) -> list[np.ndarray]:
     vecs = shortened(out, req.dimensions, graph_normalizes)
     return list(unit_rows(np.stack(vecs))) if req.normalize and not graph_normalizes else vecs
+
+
+def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
+    """TEI's /similarity (huggingface_hub's sentence_similarity): `inputs` {"source_sentence", "sentences"}, the
+    cut's fields under `parameters` (TEI reads them there only); texts: the source sentence, then each sentence."""
+    v = body.get("inputs")
+    if not isinstance(v, dict):
+        got = "missing" if v is None else type(v).__name__
+        raise ApiError(422, f"inputs must be an object {{\"source_sentence\": text, \"sentences\": [text, ...]}}, "
+                            f"got {got}", param="inputs", code="missing" if v is None else "invalid_type")
+    params = {} if body.get("parameters") is None else body["parameters"]
+    if not isinstance(params, dict):
+        raise ApiError(422, f"parameters must be an object, got {type(params).__name__}", param="parameters",
+                       code="invalid_type")
+    check_cut(params)
+    source = v.get("source_sentence")
+    if not isinstance(source, str) or not source.strip():
+        what = "missing" if source is None else "empty" if isinstance(source, str) else f"a {type(source).__name__}"
+        raise ApiError(422, f"inputs.source_sentence is {what}: send the text to compare the sentences with",
+                       param="inputs.source_sentence", code="empty_input" if what == "empty" else "invalid_type")
+    if not isinstance(v.get("sentences", []), list):
+        raise ApiError(422, f"inputs.sentences must be a list of texts, got {type(v['sentences']).__name__}",
+                       param="inputs.sentences", code="invalid_type")
+    sentences = texts_of(v, "sentences", limits, name="inputs.sentences")
+    if len(sentences) + 1 > limits.max_inputs:
+        raise ApiError(413, f"inputs.sentences has {len(sentences)} texts: with the source sentence at most "
+                            f"{limits.max_inputs} per request", param="inputs.sentences", code="too_many_inputs")
+    return TeiRequest([source, *sentences], False, boolean(params, "truncate"))
+
+
+def similarity_places(n: int) -> list[str]:
+    """The names of /similarity's n texts as a request gives them (a 413 names the one over the length)."""
+    return ["inputs.source_sentence", *(f"inputs.sentences[{i}]" for i in range(n - 1))]
+
+
+def similarity_response(out: list[np.ndarray]) -> list[float]:
+    """(1 + n) vectors -> the cosine of each of the last n with the first (a zero vector's: 0)."""
+    x = np.stack(out).astype(np.float64)
+    return row_cosines(np.broadcast_to(x[:1], x[1:].shape), x[1:]).tolist()
 
 
 def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:

@@ -1,6 +1,7 @@
 """TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
-task; / and /invocations as TEI routes them by model type (an embedder embeds, a classifier with one label reranks,
-another predicts); GET /info; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
+task, /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder embeds, or
+compares sentences when `inputs` is an object; a classifier with one label reranks, another predicts); GET /info; GET /
+and /ping as /ready; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ from starlette.routing import Route
 
 from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.rerank import TEI, tei_rerank_response
-from millis.serve.http import endpoint, json_response, read_json
+from millis.serve.http import endpoint, json_response, read_json, ready_response
 
 
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
@@ -21,12 +22,24 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
     `answer`: tokenize and run; `rerank`: a cross-encoder's scores in a route's shape; `offload`: large work in a
     thread while the request lasts)."""
     async def embed(request: Request) -> Response:
-        model, body, arrived = await infer(request, "embed")
+        return await embed_body(request, *await infer(request, "embed"))
+
+    async def embed_body(request: Request, model, body: dict, arrived: float) -> Response:
         unit = model.meta.source.pooling.normalize
         req = tei.embed_request(body, st.dim, unit, st.limits)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=tei.reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
+
+    async def similarity(request: Request) -> Response:
+        return await similarity_body(request, *await infer(request, "embed"))
+
+    async def similarity_body(request: Request, model, body: dict, arrived: float) -> Response:
+        req = tei.similarity_request(body, st.limits)
+        job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
+                                          reject=tei.reject_of(req.truncate),
+                                          places=tei.similarity_places(len(req.texts)))
+        return json_response(tei.similarity_response(job.out), headers=timing_headers(job, tok_s, cut))
 
     async def predict(request: Request) -> Response:
         model, body, arrived = await infer(request, "classify")
@@ -50,8 +63,14 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         return st.require(st.model.task if st.model is not None else "")
 
     async def root(request: Request) -> Response:
-        model = hosted()
-        return await (embed if model.task == "embed" else tei_rerank if len(model.id2label) == 1 else predict)(request)
+        if hosted().task != "embed":
+            return await (tei_rerank if len(st.model.id2label) == 1 else predict)(request)
+        model, body, arrived = await infer(request, "embed")  # `inputs` as an object: sentence similarity's
+        return await (similarity_body if isinstance(body.get("inputs"), dict) else embed_body)(request, model, body,
+                                                                                               arrived)
+
+    async def alive(request: Request) -> Response:  # TEI's GET / and /ping (SageMaker's health check): /ready's answer
+        return ready_response(st, st.model is not None)
 
     async def info(request: Request) -> Response:
         return json_response(tei.info(st.name, hosted(), st.cfg))
@@ -62,8 +81,9 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         body = await read_json(request, st.limits)
         return await tei_tokens.decode(model, body, st.limits, offload(st, request, arrived))
 
-    return {"embed": [post("/embed", embed, tei.INVALID)],
+    return {"embed": [post("/embed", embed, tei.INVALID), post("/similarity", similarity, tei.INVALID)],
             "classify": [post("/predict", predict, tei.INVALID), post("/rerank", tei_rerank, tei.INVALID)],
             "": [post("/", root, tei.INVALID), post("/invocations", root, tei.INVALID),
                  Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"]),
-                 post("/decode", decode, tei.INVALID)]}
+                 post("/decode", decode, tei.INVALID),
+                 *(Route(path, endpoint(st, path, alive), methods=["GET"]) for path in ("/", "/ping"))]}
