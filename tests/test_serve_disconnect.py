@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from millis.artifact.model import open_model
 from millis.serve.config import ServeConfig
@@ -191,3 +192,30 @@ def test_shutdown_while_the_model_loads_does_not_wait_for_the_load():
     st = app.state.millis
     assert took < 1.0, f"shutdown waited {took:.2f} s for the load"
     assert st.model is None and st.batcher is None and st.load_error is None
+
+
+@pytest.mark.parametrize("kind", ["encoder", "generation"])
+def test_health_fails_once_the_model_failed_to_load(kind):
+    """A load that fails (the artifact's file gone, memory out) leaves a server no wait mends: /health says so (503),
+    so a liveness probe restarts it, as /ready does; while loading /health is 200 and /ready 503."""
+    from starlette.testclient import TestClient
+
+    from millis.serve.generation.app import create_gen_app
+
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(10.0)
+        raise OSError("model.gguf: No such file or directory")
+
+    cfg = ServeConfig(artifact="x", model_name="m", warmup=False)
+    app = appmod.create_app(cfg, loader, task="embed") if kind == "encoder" else create_gen_app(cfg, loader)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 503  # loading
+        gate.set()
+        deadline = time.time() + 10
+        while client.get("/health").status_code == 200 and time.time() < deadline:
+            time.sleep(0.02)
+        health = client.get("/health")
+        assert health.status_code == 503 and "No such file" in health.json()["status"], health.text
+        assert client.get("/ready").status_code == 503

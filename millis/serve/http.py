@@ -242,6 +242,15 @@ def model_status(st, loaded: bool) -> str:
     return "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
 
 
+def health_response(st, **fields: Any) -> Response:
+    """/health, with `fields` after its status: 200 while the server serves or will once its model is loaded (draining
+    too); 503 once the model failed to load, which no wait mends (a liveness probe then restarts it; /ready alone
+    left such a server up, answering 503 to everything, while /health said ok)."""
+    if st.load_error:
+        return json_response({"status": f"failed: {st.load_error}", **fields}, 503)
+    return json_response({"status": "ok", **fields})
+
+
 def ready_response(st, loaded: bool) -> Response:
     """/ready: 200 once the model is loaded and warmed, 503 while loading, failed or draining."""
     status = model_status(st, loaded)

@@ -55,7 +55,8 @@ def _post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | 
 def _get(summary: str, ok: dict | None = None, unavailable: bool = False) -> dict:
     responses: dict[str, Any] = {"200": {"description": summary, **({"content": ok} if ok else {})}}
     if unavailable:
-        responses["503"] = {"description": "loading, failed or draining"}
+        responses["503"] = {"description": "the model failed to load" if summary == "alive" else
+                            "loading, failed or draining"}
     return {"get": {"summary": summary, "responses": responses}}
 
 
@@ -69,7 +70,7 @@ def _common(name: str) -> dict[str, Any]:
         {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}], "responses": {
         "200": {"description": "the card", "content": _json(card)},
         "404": {"description": "another model", "content": _json(ERROR)}}}}
-    return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one, "/health": _get("alive"),
+    return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one, "/health": _get("alive", unavailable=True),
             "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format"),
             "/stats": _stats(), "/dashboard": _get("a live page of /stats", {"text/html": {"schema": TEXT_BODY}})}
 

@@ -32,8 +32,8 @@ from millis.serve.encoder.tei_routes import tei_routes
 from millis.serve.encoder.rerank import COHERE, Shape, distinct, pair_key, relevance, rerank_request, rerank_response
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import encoder_live_routes
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, json_response, make_app, model_routes,
-                               off_loop, read_json, ready_response, watch_disconnect)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, health_response, json_response,
+                               make_app, model_routes, off_loop, read_json, ready_response, watch_disconnect)
 from millis.serve.metrics import Metrics
 
 log = logging.getLogger("millis.serve")
@@ -366,7 +366,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         return c
 
     async def health(request: Request) -> Response:
-        return json_response({"status": "ok"})
+        return health_response(st)
 
     async def ready(request: Request) -> Response:
         return ready_response(st, st.model is not None)

@@ -40,8 +40,8 @@ from millis.serve.generation.respond import failure_answer, respond
 from millis.serve.generation.tokenize import tokenize_routes
 from millis.serve.generation.templates import ChatTemplates
 from millis.serve import openapi, schemas
-from millis.serve.http import (INLINE_TOKENIZE_CHARS, OFF_LOOP_THREADS, endpoint, json_response, make_app,
-                               model_routes, off_loop, read_json, ready_response)
+from millis.serve.http import (INLINE_TOKENIZE_CHARS, OFF_LOOP_THREADS, endpoint, health_response,
+                               make_app, model_routes, off_loop, read_json, ready_response)
 from millis.serve.config import ServeConfig
 from millis.serve.dashboard import generation_live_routes
 from millis.serve.metrics import GenMetrics
@@ -379,7 +379,7 @@ def create_gen_app(cfg: ServeConfig, loader: Callable[[], Any]) -> Starlette:
     async def health(request: Request) -> Response:
         eng = st.engine
         busy = {"running": eng.max_batch - eng.free_slots, "waiting": len(eng.waiting)} if eng is not None else {}
-        return json_response({"status": "ok", "ready": eng is not None, "cold_start_s": round(st.cold_start_s, 3), **busy})
+        return health_response(st, ready=eng is not None, cold_start_s=round(st.cold_start_s, 3), **busy)
 
     async def ready(request: Request) -> Response:
         return ready_response(st, st.engine is not None)
