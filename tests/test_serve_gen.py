@@ -648,3 +648,39 @@ def test_warmup_sends_a_token_of_the_model_whatever_bos_its_config_names(tmp_pat
     (tmp_path / "model.gguf").write_bytes(b"")
     st = GenState(ServeConfig(artifact=str(tmp_path / "model.gguf"), warmup=True), lambda: eng)
     assert st._open() is eng and added == [[sent]]
+
+
+def test_the_drain_limit_ends_every_running_answer_with_an_error(llama):
+    """Near the drain's limit (`expire_waiting`) every answer still running ends: one without a token a 503, a stream
+    under way an error event (code shutting_down) and [DONE]; the server's exit had cut such streams with neither.
+    Their slots are free at once."""
+    import asyncio
+
+    from millis.gen import EngineConfig, open_engine
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation import schemas as gs
+    from millis.serve.generation.app import GenState
+    from millis.serve.generation.respond import events
+
+    async def go():
+        st = GenState(ServeConfig(artifact=str(llama), warmup=False),
+                      lambda: open_engine(str(llama), EngineConfig(max_batch=2, max_seq=512)))
+        await st.load()
+        g = gs.completion_request({"prompt": [1, 5, 9], "max_tokens": 400, "ignore_eos": True, "stream": True},
+                                  st.name, gs.GenLimits(16, 400, 10_000))
+        lives = st.admit([1, 5, 9], g.params, chat=False)
+        first = [await st.next(live, timeout=30) for live in lives]
+        chunks, stream = [], events(st, lives, first, g, chat=False)
+        async for c in stream:
+            chunks.append(c)
+            if len(chunks) == 3:
+                st.expire_waiting()
+        free = st.engine.free_slots
+        await st.close()
+        return chunks, free
+
+    chunks, free = asyncio.run(go())
+    text = [c.decode() if isinstance(c, bytes) else str(c) for c in chunks]
+    assert text[-1].strip() == "data: [DONE]", text[-3:]
+    assert '"code":"shutting_down"' in text[-2].replace(" ", ""), text[-3:]
+    assert len(text) < 50 and free == 2, (len(text), free)  # ended, not run to its 400 tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import shared_model
+from millis.serve.schemas import ApiError
 from test_serve import Server, _metric
 from test_serve_gen import TEMPLATE, build_llama, engine_text
 
@@ -277,8 +279,9 @@ def test_sigterm_exits_within_the_drain_limit_even_with_work_left(tmp_path):
     s.proc.send_signal(signal.SIGTERM)
     code = s.proc.wait(30)
     assert time.time() - t0 < 1 + 5 + 3 and code in (0, 1)   # drain limit + hard-exit grace + slack
-    with pytest.raises(http.client.IncompleteRead):  # the stream was cut at the limit, not finished
-        r.read()
+    rest = r.read().decode()  # ended before the limit, not run to its 4000 tokens: an error event, then [DONE]
+    assert rest.rstrip().endswith("data: [DONE]") and '"code":"shutting_down"' in rest.replace(" ", ""), rest[-300:]
+    assert rest.count("data: ") < 4000
     c.close()
 
 
@@ -357,3 +360,16 @@ def test_an_asked_max_tokens_past_the_context_is_refused(stories):
     assert got["error"]["param"] == "max_tokens" and f"maximum context length is {ctx}" in got["error"]["message"]
     status, _, got = s.post("/v1/completions", {**prompt, "max_tokens": ctx - n})  # fits exactly
     assert status == 200 and got["usage"]["completion_tokens"] == ctx - n, got
+    status, _, got = s.post("/v1/completions", {"prompt": [5] * (ctx + 1), "max_tokens": 5})
+    assert status == 400 and got["error"]["param"] == "prompt", got  # no max_tokens fits: the prompt is what to cut
+    assert "reduce the length of the prompt." in got["error"]["message"], got
+
+
+def test_a_bad_token_id_is_named_not_counted_as_prompts():
+    """`prompt` [1, "a"] said "has 2 prompts; one per request" and [true] "has 1 prompts": the item is named."""
+    from millis.serve.generation.schemas import GenLimits, completion_request
+
+    for prompt, says in (([1, "a"], "prompt[1] is str, not a token id"), ([True], "prompt[0] is bool"),
+                         (["a", "b"], "prompt has 2 prompts; one per request")):
+        with pytest.raises(ApiError, match=re.escape(says)):
+            completion_request({"prompt": prompt}, "m", GenLimits(16, 64, 10_000))

@@ -103,6 +103,7 @@ def generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None) 
     load_s = time.perf_counter() - t0
     rid = eng.add(chat_prompt(eng, cfg.prompt) if cfg.chat else cfg.prompt, params)
     prompt_ids = list(eng.requests[rid].prompt)
+    eng.prefill_tokens = max(eng.prefill_tokens, len(prompt_ids))  # the one request, none to stall: a whole prefill
     text, ids, times, finished, first = [], [], [], None, 0
     while finished is None:
         t = time.perf_counter()

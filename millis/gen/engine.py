@@ -197,13 +197,9 @@ class Engine:
             self._make_room()
         running = [r for r in self.slots if r is not None and not r.prefilling]  # decode rows: their feeds are in
         coming = {k for r in self.slots if r is not None and r.prefilling for k in r.keys or ()}  # being prefilled
-        budget = self.prefill_tokens
-        if not running:  # no row decodes, none to stall: the first prompt in line goes whole (a lone request's
-            # TTFT as unchunked; chunks cost ~4% more on CPU), later ones within the budget as usual
-            first = next((r for r in self.slots if r is not None and r.prefilling), None) or \
-                (self.waiting[0] if self.waiting else None)
-            budget = max(budget, len(first.feed) - first.prefilled) if first is not None else budget
-        chunks = schedule(self.slots, self.waiting, budget, self.max_prefills, self.max_passes,
+        # the budget holds with no row decoding too: a request arriving while a long prompt prefills waits one
+        # chunk, not the prompt (an idle server's 8k-token prompt was one 100 s step no cancel could end)
+        chunks = schedule(self.slots, self.waiting, self.prefill_tokens, self.max_prefills, self.max_passes,
                           lambda r: self._admit(r, coming))
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
             compact_slots(self.slots, self.decode.move_slot, self.penalties.move)

@@ -180,14 +180,14 @@ class GenState:
             await asyncio.to_thread(self._thread.join)
 
     def expire_waiting(self) -> None:
-        """Near the drain's limit: requests without a token yet get a 503 now and free their slots (streams under
-        way go on until the server's exit cuts them)."""
+        """Near the drain's limit every answer still running ends now, its slot freed: a 503, or a stream under way
+        an error event and [DONE] (the server's exit cut such streams with neither: a client saw a broken body)."""
         self.draining = True
-        for live in [v for v in self.live.values() if v.t_first == 0.0]:
+        for live in list(self.live.values()):
             self.cancel(live, "cancelled")
             live.queue.put_nowait(schemas.ApiError(503, "server is shutting down: the drain limit passed before this "
-                                                        "request's first token", code="shutting_down",
-                                                   headers={"Retry-After": "1"}))
+                                                        f"request's {'end' if live.t_first else 'first token'}",
+                                                   code="shutting_down", headers={"Retry-After": "1"}))
 
     # ---- the engine loop (worker thread) -----------------------------------------------------
     def _run(self) -> None:

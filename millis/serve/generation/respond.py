@@ -169,9 +169,10 @@ async def events(st, lives: list, firsts: list, g: gs.GenRequest, chat: bool):
                                        calls=[{"index": k, **c} for k, c in enumerate(calls)])
                 yield gs.chunk(chat, rid, created, st.name, None, finish, with_usage=wu, index=i)
     except Exception as e:  # noqa: BLE001 -- headers are sent: the error goes in the stream, then [DONE]
-        if not isinstance(e, (ClientGone, RuntimeError)):  # RequestFailed is a RuntimeError: its reason is given
+        if not isinstance(e, (ClientGone, RuntimeError, schemas.ApiError)):  # RequestFailed is a RuntimeError
             log.exception("millis serve: a stream failed")
-        yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "500"}})
+        code = e.code or str(e.status) if isinstance(e, schemas.ApiError) else "500"  # shutting_down: the drain
+        yield gs.event({"error": {"message": str(e), "type": "server_error", "param": None, "code": code}})
     else:
         if wu:
             yield gs.usage_chunk(chat, rid, created, st.name,

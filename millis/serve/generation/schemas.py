@@ -217,10 +217,13 @@ def completion_request(body: dict, served: str, limits: GenLimits) -> GenRequest
     elif isinstance(p, str) and p:
         prompt = p
     else:
-        why = "is empty" if p in ("", []) else (f"has {len(p)} prompts; one per request" if isinstance(p, list)
-                                                 else f"is {type(p).__name__}")
-        raise ApiError(422, f"prompt {why}: send one string (or one list of token ids)", param="prompt",
-                       code="invalid_value")
+        bad = next((i for i, t in enumerate(p) if not is_integral(t)), 0) if isinstance(p, list) else 0
+        several = isinstance(p, list) and all(isinstance(t, (str, list)) for t in p)  # a batch of prompts
+        why = "is empty" if p in ("", []) else f"has {len(p)} prompts; one per request" if several else \
+            f"[{bad}] is {type(p[bad]).__name__}, not a token id (an integer)" if isinstance(p, list) else \
+            f"is {type(p).__name__}"
+        raise ApiError(422, f"prompt{'' if why[0] == '[' else ' '}{why}: send one string (or one list of token ids)",
+                       param="prompt", code="invalid_value")
     if isinstance(prompt, str):
         _check_size(len(prompt), limits, "prompt")
     stream, usage = _stream_options(body)
@@ -241,10 +244,12 @@ def check_room(g: GenRequest, prompt_tokens: int, context: int) -> None:
     default max_tokens is cut at the context instead, as vLLM's."""
     if g.asked and prompt_tokens + g.params.max_tokens > context:
         where = "messages" if g.messages is not None else "prompt"
+        alone = prompt_tokens >= context  # no max_tokens fits: only a shorter prompt mends it, and it is named
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                             f"{prompt_tokens + g.params.max_tokens} tokens ({prompt_tokens} in the {where}, "
-                            f"{g.params.max_tokens} in the completion). Please reduce the length of the {where} or "
-                            f"{g.asked}.", param=g.asked, code="context_length_exceeded")
+                            f"{g.params.max_tokens} in the completion). Please reduce the length of the {where}"
+                            f"{'' if alone else ' or ' + g.asked}.", param=where if alone else g.asked,
+                       code="context_length_exceeded")
 
 
 def _check_size(chars: int, limits: GenLimits, param: str, what: str = "") -> None:
