@@ -64,11 +64,17 @@ def test_rewrite_is_atomic_and_replaces(classify_artifact, tmp_path):
 
 
 @pytest.mark.parametrize("bad,msg", [([], "no input texts"), ([""], "input 0 is empty"),
-                                     (["ok", 3], "input 1 is int"), (["  "], "empty")])
+                                     (["ok", 3], "input 1 is int"), (["ok", ""], "input 1 is empty")])
 def test_bad_inputs(classify_artifact, bad, msg):
     m = millis.load(classify_artifact)
     with pytest.raises(MillisError, match=msg):
         m.predict(bad)
+
+
+def test_whitespace_is_a_text(classify_artifact):
+    """Only "" is empty: a text of spaces runs as its tokens ([CLS] [SEP]), as the server's routes take it."""
+    m = millis.load(classify_artifact)
+    assert m.predict(["  \n"])[0] == m.predict(["\u200b"])[0]
 
 
 def test_wrong_task_method(classify_artifact):

@@ -122,6 +122,42 @@ def test_full_queue_raises_overloaded_and_queues_nothing():
     run(go())
 
 
+def test_retry_after_is_the_queues_time_at_the_measured_rate():
+    """Retry-After: the queued rows' padded tokens over the tokens a second calls took (1 before any call, at most
+    MAX_RETRY_AFTER_S). The rate started from 0 and counted rows alike: a fresh server that ran its flood in 2 s
+    told its 429s to come back in 39 s."""
+    from millis.serve.encoder.batcher import MAX_RETRY_AFTER_S
+
+    def refused(b: Batcher) -> int:
+        with pytest.raises(Overloaded) as e:
+            b.submit(make_job(16))
+        return e.value.retry_after_s
+
+    async def go():
+        fresh = Batcher(Recorder(), 128, 8, 4096, 0, max_queue=1)
+        fresh.submit(make_job(16))
+        before = refused(fresh)             # no call yet: nothing measured
+        b = Batcher(Recorder(delay=0.5), 128, 8, 4096, 0, max_queue=40)
+        first = make_job(*[16] * 8)
+        b.submit(first)
+        b.start()
+        await first.future                  # one call: 8 rows x 16 tokens in ~0.5 s, ~256 tokens a second
+        queued = make_job(*[16] * 40)
+        b.submit(queued)                    # 640 tokens: ~2.5 s
+        got = refused(b)
+        queued.drop(ClientGone("left"))     # its rows wait for nothing now: a request is admitted again
+        long = make_job(*[16] * 600)
+        b.submit(long)
+        capped = b.retry_after_s()          # 640 rows of 16 tokens (the gone ones are popped too): ~40 s
+        long.drop(ClientGone("left"))
+        await b.close()
+        return before, got, capped
+
+    before, got, capped = run(go())
+    assert before == 1 and 3 <= got <= 4, (before, got)  # the old estimate: 40 rows at 0.2 x 16 rows a second, 13 s
+    assert capped == MAX_RETRY_AFTER_S
+
+
 def test_gone_rows_are_skipped_not_run():
     async def go():
         rec = Recorder()
@@ -307,7 +343,7 @@ class ScaleSharingRuntime:
         return {"logits": np.zeros((len(ids), 2), np.float32)}
 
 
-def test_requests_never_share_a_call_on_a_runtime_whose_rows_share_scales(tiny_dirs):
+def test_rows_never_share_a_call_on_a_runtime_whose_rows_share_scales(tiny_dirs):
     from millis.artifact.model import open_model
     from millis.serve.config import ServeConfig
     from millis.serve.encoder.app import State
@@ -334,8 +370,8 @@ def test_requests_never_share_a_call_on_a_runtime_whose_rows_share_scales(tiny_d
         return jobs
 
     jobs = run(go())
-    assert fake.calls == [{7}, {9}, {11}], f"requests (by marker) of each runtime call: {fake.calls}"
-    assert [j.batch_rows for j in jobs] == [[2], [1], [1]]  # a request's own rows still run together
+    assert fake.calls == [{7}, {7}, {9}, {11}], f"requests (by marker) of each runtime call: {fake.calls}"
+    assert [j.batch_rows for j in jobs] == [[1, 1], [1], [1]]  # a request's own rows too: one a call
 
 
 def test_rows_of_a_request_gone_do_not_count_as_waiting():

@@ -100,7 +100,7 @@ def test_batched_equals_single(embed_server):
     (b'["a list"]', 400, "invalid_body"),
     (b'{}', 400, "missing"),
     (b'{"input": []}', 400, "empty_input"),
-    (b'{"input": ["ok", "  "]}', 400, "empty_input"),
+    (b'{"input": ["ok", ""]}', 400, "empty_input"),
     (b'{"input": ["ok", 3]}', 400, "invalid_type"),
     (b'{"input": [[101, 102], "x"]}', 400, "invalid_type"),
     (b'{"input": [[101, 102], []]}', 400, "empty_input"),
@@ -122,6 +122,22 @@ def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
     s, _, body = embed_server.post("/v1/embeddings", raw=raw)
     assert s == status, body
     assert body["error"]["code"] == code and len(body["error"]["message"]) > 10
+
+
+def test_whitespace_is_a_text_only_empty_is_refused(embed_server, classify_server):
+    """Only "" is an empty input (TEI's rule, and OpenAI's): a text of spaces or newlines embeds as its tokens do
+    ([CLS] [SEP] here), as a zero-width one did; it failed its whole batch (a chunker's blank chunk among 64)."""
+    for blank in ("   ", "\n\t", "\u200b"):
+        ids = embed_server.post("/tokenize", {"input": [blank]})[2]["data"][0]["tokens"]
+        want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
+        status, _, got = embed_server.post("/v1/embeddings", {"input": ["ok", blank]})
+        assert status == 200 and len(ids) == 2 and np.allclose(got["data"][1]["embedding"], want, atol=1e-6), got
+        assert embed_server.post("/embed", {"inputs": ["ok", blank]})[0] == 200
+        assert classify_server.post("/v1/rerank", {"query": blank, "documents": ["a", blank]})[0] == 200
+        assert classify_server.post("/predict", {"inputs": [["a", blank]]})[0] == 200
+    for route, body in (("/embed", {"inputs": ["ok", ""]}), ("/predict", {"inputs": [["a", ""]]})):
+        assert (embed_server if route == "/embed" else classify_server).post(route, body)[0] == 400
+    assert classify_server.post("/v1/rerank", {"query": "q", "documents": ["a", ""]})[0] == 400
 
 
 def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
@@ -460,7 +476,7 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
     long["inputs"] = {"source_sentence": "word " * 2000, "sentences": ["a"]}
     status, _, err = embed_server.post("/similarity", long)
     assert status == 422 and err["error"]["message"].startswith("inputs.source_sentence is longer"), err
-    blank = {"inputs": {"source_sentence": " ", "sentences": ["a"]}}
+    blank = {"inputs": {"source_sentence": "", "sentences": ["a"]}}
     for bad, status, param in (({"inputs": "x"}, 422, "inputs"),
                                ({"inputs": {"sentences": ["a"]}}, 422, "inputs.source_sentence"),
                                (blank, 400, "inputs.source_sentence"),
@@ -478,6 +494,41 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
         for path in ("/", "/ping"):
             status, _, text = server.request("GET", path)
             assert status == 200 and json.loads(text)["status"] == "ready", (path, text)
+
+
+def test_every_encoder_route_reads_truncate_and_predict_reads_hf_parameters(embed_server, classify_server):
+    """`truncate` is read on /v1/embeddings and /v1/classify as on the rerank and TEI routes (false refused a long
+    text on /v1/rerank and was ignored there), a left cut and prompt_name refused there too; /predict reads the
+    `parameters` huggingface_hub's text_classification sends (top_k, function_to_apply: dropped unread before)."""
+    long = "word " * 2000
+    status, _, err = embed_server.post("/v1/embeddings", {"input": ["ok", long], "truncate": False})
+    assert status == 400 and err["error"]["code"] == "text_too_long" and "input[1]" in err["error"]["message"], err
+    assert embed_server.post("/v1/embeddings", {"input": ["ok", long], "truncate": True})[0] == 200
+    for field, value in (("prompt_name", "query"), ("truncation_direction", "left")):
+        status, _, err = embed_server.post("/v1/embeddings", {"input": "ok", field: value})
+        assert status == 400 and err["error"]["param"] == field, err
+    status, _, err = classify_server.post("/v1/classify", {"inputs": ["ok", long], "truncate": True})
+    assert status == 200 and [d["truncated"] for d in err["data"]] == [False, True], err  # this server rejects long
+    assert classify_server.post("/v1/classify", {"inputs": ["ok", long]})[0] == 400
+    assert classify_server.post("/v1/classify", {"inputs": ["ok", long], "truncate": False})[0] == 400
+    text = TEXTS[0]
+    every = classify_server.post("/predict", {"inputs": text})[2]
+    raw = classify_server.post("/predict", {"inputs": text, "raw_scores": True})[2]
+    two = classify_server.post("/predict", {"inputs": text, "parameters": {"top_k": 2}})[2]
+    assert len(every) > 2 and two == every[:2], (every, two)
+    none = classify_server.post("/predict", {"inputs": text, "parameters": {"function_to_apply": "none"}})[2]
+    assert none == raw and none != every
+    soft = classify_server.post("/predict", {"inputs": text, "parameters": {"function_to_apply": "softmax"}})[2]
+    assert [x["label"] for x in soft] == [x["label"] for x in every] and np.isclose(sum(x["score"] for x in soft), 1)
+    sig = classify_server.post("/predict", {"inputs": text, "parameters": {"function_to_apply": "sigmoid"}})[2]
+    logits = {x["label"]: x["score"] for x in raw}
+    assert all(np.isclose(x["score"], 1 / (1 + np.exp(-logits[x["label"]]))) for x in sig), (sig, raw)
+    for bad, param in (({"parameters": {"function_to_apply": "relu"}}, "parameters.function_to_apply"),
+                       ({"parameters": {"function_to_apply": {}}}, "parameters.function_to_apply"),  # was a 500
+                       ({"parameters": {"top_k": 0}}, "parameters.top_k"), ({"parameters": 3}, "parameters"),
+                       ({"raw_scores": True, "parameters": {"function_to_apply": "softmax"}}, "raw_scores")):
+        status, _, err = classify_server.post("/predict", {"inputs": text, **bad})
+        assert status == 422 and err["error"]["param"] == param, (bad, err)
 
 
 def test_dimensions_cut_and_renormalise(embed_server):

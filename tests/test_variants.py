@@ -149,11 +149,12 @@ def test_openvino_serves_new_shapes_with_one_compile(built, monkeypatch, options
     assert len(compiles) == 1, f"{len(compiles)} compiles for {len(NEW_SHAPES)} shapes"
 
 
-def test_dynamic_int8_serves_a_request_apart_from_its_batch_mates(built):
+def test_dynamic_int8_serves_each_row_apart_from_its_batch_mates(built):
     """ORT's dynamic int8 quantizes each activation with one scale for the whole batch (DynamicQuantizeLinear),
     so a batch-mate moves a row's result (~7e-5 here, against ~3e-8 for the same row batched with itself). Such a
-    runtime says so, and the server's batcher runs each request's rows in calls of their own: a row served beside
-    another request equals the row served alone."""
+    runtime says so, and the server's batcher runs each row in a call of its own: a row served beside another
+    request, or beside its own request's other texts, equals the row served alone (a request's texts ran together:
+    a text's vector moved with the texts sent beside it)."""
     import asyncio
 
     from millis.serve.encoder.batcher import Batcher, Job
@@ -168,13 +169,14 @@ def test_dynamic_int8_serves_a_request_apart_from_its_batch_mates(built):
 
     ids, _ = enc.token_ids(TEXTS[:5])
     row, mates = ids[0], [[5] * 14] + ids[1:5]  # the batch-mates: one request of 5 rows, all in the 16-token bucket
-    alone = infer([row], 16)[0]
-    assert np.abs(infer([row] + mates, 16)[0] - alone).max() > 1e-5  # in one call, the mates would move it
+    alone = [infer([r], 16)[0] for r in [row] + mates]
+    assert np.abs(infer([row] + mates, 16)[0] - alone[0]).max() > 1e-5  # in one call, the mates would move it
+    assert np.abs(infer(mates, 16)[1] - alone[2]).max() > 1e-5  # and a request's own texts move one another
 
     async def serve():
         loop = asyncio.get_running_loop()
         mine, theirs = Job([row], loop.create_future()), Job(mates, loop.create_future())
-        b = Batcher(infer, 128, 32, 4096, 0.0, 64, one_request_per_call=shares_scales_across_rows(rt))
+        b = Batcher(infer, 128, 32, 4096, 0.0, 64, one_row_per_call=shares_scales_across_rows(rt))
         b.submit(theirs)
         b.submit(mine)
         b.start()
@@ -183,8 +185,8 @@ def test_dynamic_int8_serves_a_request_apart_from_its_batch_mates(built):
         return mine, theirs
 
     mine, theirs = asyncio.run(serve())
-    np.testing.assert_allclose(mine.out[0], alone, rtol=0, atol=1e-6)
-    assert theirs.batch_rows == [5] and mine.batch_rows == [1]  # a request's own rows still batch together
+    np.testing.assert_allclose(np.stack(mine.out + theirs.out), np.stack(alone), rtol=0, atol=1e-6)
+    assert theirs.batch_rows == [1] * 5 and mine.batch_rows == [1]
 
 
 def test_fused_ort_graphs_refuse_masks_they_would_misread(built):

@@ -48,7 +48,7 @@ def check_texts(texts) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise MillisError(f"input {i} is {type(t).__name__}, expected a string")
-        if not t.strip():
+        if not t:  # "" only: whitespace is a text, embedded as its tokens (TEI's rule and OpenAI's)
             raise MillisError(f"input {i} is empty")
     return list(texts)
 

@@ -20,8 +20,7 @@ from millis.serve.live import SECONDS
 
 NULL = {"type": "null"}
 TEXT_BODY = {"type": "string"}
-# a text with something besides whitespace as str.strip sees it (\x1c-\x1f and \x85 too, which ECMA's \S keeps)
-TEXT = {"type": "string", "pattern": r"[^\s\x1c-\x1f\x85]"}
+TEXT = {"type": "string", "minLength": 1}  # an encoder's text: any but "" (whitespace is one, as TEI and OpenAI say)
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -39,6 +38,10 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
 
 def nullable(schema: dict) -> dict:
     return {"anyOf": [schema, NULL]}
+
+
+# a long text: true cuts it, false refuses it (4xx), null the server's --too-long; cut at its end only
+CUT = {"truncate": nullable({"type": "boolean"}), "truncation_direction": {"enum": ["right", "Right", None]}}
 
 
 def _json(schema: dict) -> dict:
@@ -70,7 +73,8 @@ def _common(name: str) -> dict[str, Any]:
         {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}], "responses": {
         "200": {"description": "the card", "content": _json(card)},
         "404": {"description": "another model", "content": _json(ERROR)}}}}
-    return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one, "/health": _get("alive", unavailable=True),
+    return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one,
+            "/health": _get("alive", unavailable=True),
             "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format"),
             "/stats": _stats(), "/dashboard": _get("a live page of /stats", {"text/html": {"schema": TEXT_BODY}})}
 
@@ -119,7 +123,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     if task in ("", "embed"):
         req = {"type": "object", "required": ["input"], "properties": {
             "input": embed_input, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
-            "dimensions": nullable({"type": "integer", "minimum": 1, **({"maximum": dim} if dim else {})})}}
+            "dimensions": nullable({"type": "integer", "minimum": 1, **({"maximum": dim} if dim else {})}), **CUT}}
         item = {"type": "object", "required": ["object", "index", "embedding"], "properties": {
             "object": {"const": "embedding"}, "index": {"type": "integer", "minimum": 0},
             "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}
@@ -129,23 +133,22 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         paths["/v1/embeddings"] = _post("OpenAI-compatible sentence embeddings", req, _json(ok))
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": embed_input, "normalize": {"const": True} if unit else {"type": "boolean"},
-            "truncate": nullable({"type": "boolean"}), "truncation_direction": {"enum": ["right", "Right", None]},
+            **CUT,
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
         paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs), TEI_ERRORS)
-        cut = {"truncate": nullable({"type": "boolean"}), "truncation_direction": {"enum": ["right", "Right", None]}}
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,
                                                        "maxItems": max(max_inputs - 1, 0)}}},
-            "parameters": nullable({"type": "object", "properties": cut})}}
+            "parameters": nullable({"type": "object", "properties": CUT})}}
         paths["/similarity"] = _post("text-embeddings-inference's /similarity: each sentence's cosine with the "
                                      "source sentence", req, _json({"type": "array", "items": {"type": "number"}}),
                                      TEI_ERRORS)
     if task in ("", "classify"):
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
-                                                "return_logits": {"type": "boolean"}},
+                                                "return_logits": {"type": "boolean"}, **CUT},
                "oneOf": [{"required": ["inputs"]}, {"required": ["input"]}]}
         scored = {"type": "object", "required": ["label", "score"],
                   "properties": {"label": {"type": "string"}, "score": {"type": "number"}}}
@@ -162,7 +165,10 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"oneOf": [TEXT, pair, {"type": "array", "items": pair, "minItems": 1, "maxItems": max_inputs}],
                        "description": "one sequence (a text, or [text, text_pair]), or a batch: a list of those"},
-            "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"})}}
+            "raw_scores": nullable({"type": "boolean"}), "truncate": nullable({"type": "boolean"}),
+            "parameters": nullable({"type": "object", "properties": {  # huggingface_hub's text_classification
+                "function_to_apply": nullable({"enum": ["softmax", "sigmoid", "none"]}),
+                "top_k": nullable({"type": "integer", "minimum": 1, "maximum": 1 << 31})}})}}
         paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, for one sequence (a "
                                   "list of those for a batch)", req,
                                   _json({"oneOf": [labels, {"type": "array", "items": labels}]}), TEI_ERRORS)

@@ -132,7 +132,7 @@ def texts_of(body: dict[str, Any], key: str, limits: Limits, name: str | None = 
                     if isinstance(t, (int, list)) else "")
             raise ApiError(422, f"{key}[{i}] is {type(t).__name__}, expected a string{hint}", param=key,
                            code="invalid_type")
-        if not t.strip():
+        if not t:  # "" only: whitespace is a text (TEI and OpenAI embed it; a chunk of spaces failed its batch)
             raise ApiError(422, f"{key}[{i}] is empty", param=key, code="empty_input")
     return texts
 
@@ -209,6 +209,29 @@ def too_long(field: str, i: int | str, pair: bool, first_alone: bool, max_length
                     param=field, code="text_too_long")
 
 
+def reject_of(truncate: bool | None) -> bool | None:
+    """The request's `truncate` as the server's tokenize reads it: false refuses long texts, true cuts them whatever
+    the server's rule (TEI: `truncate.unwrap_or(auto_truncate)`), absent leaves the server's rule."""
+    return None if truncate is None else not truncate
+
+
+def check_cut(body: dict[str, Any]) -> None:
+    """TEI's fields millis does not do, refused rather than ignored on every encoder route (a left cut read as a right
+    one gave another vector without a word)."""
+    d = body.get("truncation_direction")
+    if d is not None and d not in ("right", "Right"):
+        raise ApiError(422, f"truncation_direction {d!r}: texts are cut at their end here (right)",
+                       param="truncation_direction", code="unsupported" if d in ("left", "Left") else "invalid_value")
+    check_prompt(body)
+
+
+def check_prompt(body: dict[str, Any]) -> None:
+    """TEI's `prompt_name` (a sentence-transformers prompt put before each text): refused, millis keeps no prompts."""
+    if body.get("prompt_name") is not None:
+        raise ApiError(422, "prompt_name is not supported here: put the prompt at the start of your texts",
+                       param="prompt_name", code="unsupported")
+
+
 def check_model(body: dict[str, Any], served: str) -> None:
     m = body.get("model")
     if m is not None and not isinstance(m, str):
@@ -220,16 +243,18 @@ def check_model(body: dict[str, Any], served: str) -> None:
 
 
 def embeddings_request(body: dict[str, Any], served: str, dim: int,
-                       limits: Limits) -> tuple[list[str] | TokenInput, str, int]:
+                       limits: Limits) -> tuple[list[str] | TokenInput, str, int, bool | None]:
     """OpenAI /v1/embeddings: input (texts or token ids: `embedding_input`), model, encoding_format
-    float|base64, dimensions (1..the model's: `shortened`)."""
+    float|base64, dimensions (1..the model's: `shortened`), truncate (`reject_of`; as the other routes read it)."""
     check_model(body, served)
+    check_cut(body)
     fmt = body.get("encoding_format")
     fmt = "float" if fmt is None else fmt
     if fmt not in ("float", "base64"):
         raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format",
                        code="invalid_value")
-    return embedding_input(body, limits), fmt, integer(body, "dimensions", 1, dim, dim)
+    reject = reject_of(boolean(body, "truncate"))
+    return embedding_input(body, limits), fmt, integer(body, "dimensions", 1, dim, dim), reject
 
 
 def shortened(out: list[np.ndarray], dims: int, unit: bool) -> list[np.ndarray]:
@@ -241,9 +266,11 @@ def shortened(out: list[np.ndarray], dims: int, unit: bool) -> list[np.ndarray]:
     return list(unit_rows(cut)) if unit else list(cut)
 
 
-def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: Limits) -> tuple[list[str], int, bool]:
-    """millis /v1/classify: inputs, top_k (1..labels), return_logits."""
+def classify_request(body: dict[str, Any], served: str, n_labels: int,
+                     limits: Limits) -> tuple[list[str], int, bool, bool | None]:
+    """millis /v1/classify: inputs, top_k (1..labels), return_logits, truncate (`reject_of`)."""
     check_model(body, served)
+    check_cut(body)
     if "top_k" in body and body["top_k"] is None:
         raise ApiError(422, f"top_k must be an integer in 1..{n_labels}, got null", param="top_k", code="invalid_value")
     top_k = integer(body, "top_k", 1, n_labels, 1)
@@ -251,7 +278,7 @@ def classify_request(body: dict[str, Any], served: str, n_labels: int, limits: L
     if not isinstance(logits, bool):
         raise ApiError(422, f"return_logits must be true or false, got {logits!r}", param="return_logits",
                        code="invalid_type")
-    return input_texts(body, limits)[0], top_k, logits
+    return input_texts(body, limits)[0], top_k, logits, reject_of(boolean(body, "truncate"))
 
 
 def input_texts(body: dict[str, Any], limits: Limits, default: str = "inputs") -> tuple[list[str], str]:

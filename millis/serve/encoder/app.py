@@ -122,7 +122,7 @@ class State:
             batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
                               self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
                               self.metrics.on_batch, pool,
-                              one_request_per_call=shares_scales_across_rows(model.runtime))
+                              one_row_per_call=shares_scales_across_rows(model.runtime))
             self.dim = await pool.call(self._warm, model)
         except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
             self.load_error = f"{type(e).__name__}: {e}"
@@ -308,17 +308,17 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
 
     async def embeddings(request: Request) -> Response:
         model, body, arrived = await _infer(request, "embed")
-        texts, fmt, dims = schemas.embeddings_request(body, st.name, st.dim, st.limits)
-        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts)
+        texts, fmt, dims, reject = schemas.embeddings_request(body, st.name, st.dim, st.limits)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, reject=reject)
         out = schemas.shortened(job.out, dims, model.meta.source.pooling.normalize)
         return json_response(schemas.embeddings_response(out, fmt, st.name, n_tok),
                              headers=timing_headers(job, tok_s, cut))
 
     async def classify(request: Request) -> Response:
         model, body, arrived = await _infer(request, "classify")
-        texts, top_k, logits = schemas.classify_request(body, st.name, st.dim, st.limits)
+        texts, top_k, logits, reject = schemas.classify_request(body, st.name, st.dim, st.limits)
         field = "inputs" if "inputs" in body else "input"
-        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, field=field)
+        job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, field=field, reject=reject)
         return json_response(schemas.classify_response(job.out, model.id2label, top_k, logits, cut, st.name, n_tok,
                                                            model.problem_type),
                              headers=timing_headers(job, tok_s, cut))

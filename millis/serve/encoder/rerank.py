@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from millis.common.numeric import relevance_scores
-from millis.serve.encoder.tei import check_cut, reject_of
-from millis.serve.schemas import ApiError, Limits, boolean, check_model
+from millis.serve.schemas import ApiError, Limits, boolean, check_cut, check_model, reject_of
 
 
 MAX_QUERY_CHARS = 16384  # tokenized once per document: bounded work per request (models read <= ~512 tokens)
@@ -109,7 +108,7 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
                             f, "unsupported_field")
         check_doc_tokens(body, max_length)
     q = body.get("query")
-    if not isinstance(q, str) or not q.strip() or len(q) > MAX_QUERY_CHARS:
+    if not isinstance(q, str) or not q or len(q) > MAX_QUERY_CHARS:
         raise _fail(f"query must be a non-empty string of at most {MAX_QUERY_CHARS} characters", "query")
     key = shape.documents
     docs = body.get(key)
@@ -122,7 +121,7 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
     texts = []
     for i, d in enumerate(docs):
         t = d.get("text") if isinstance(d, dict) else d
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str) or not t:
             raise _fail(f"{key}[{i}] must be a non-empty string or {{\"text\": <string>}}", key,
                         "invalid_type" if not isinstance(t, str) else "empty_input")
         texts.append(t)

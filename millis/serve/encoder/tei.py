@@ -5,7 +5,7 @@
     POST /predict  {"inputs": ..., "raw_scores": false, "truncate": null}: `inputs` as TEI reads it, a string or a
                    list of 1-2 strings is one sequence (a text, or a (text, text_pair) pair) answered with one list
                    [{"label", "score"}, ...] (every label, best first); a list of such lists is a batch, answered
-                   with a list of those
+                   with a list of those; huggingface_hub's "parameters": {"function_to_apply", "top_k"} read too
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
     POST /similarity {"inputs": {"source_sentence": "...", "sentences": ["...", ...]}, "parameters": {"truncate":
                    null}} -> [cosine of each sentence with the source, ...] (one batch, as TEI embeds them)
@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from millis import __version__
-from millis.common.numeric import label_scores, row_cosines, unit_rows
-from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, embedding_input, integer, shortened, texts_of
+from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, unit_rows
+from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, embedding_input, integer,
+                                  shortened, texts_of)
 
 INVALID = 422  # TEI answers a field missing, of the wrong type or out of bounds 422 (OpenAI's routes: 400)
 
@@ -43,29 +44,13 @@ class TeiRequest:
     dimensions: int = 0
     raw_scores: bool = False
     seconds: tuple = ()     # /predict: each sequence's text_pair, or None
+    function: str = ""      # /predict: softmax | sigmoid | none (the logits); "" the model's (label_scores)
+    top_k: int = 0          # /predict: the best top_k labels; 0 every label
 
 
-def reject_of(truncate: bool | None) -> bool | None:
-    """The request's `truncate` as the server's tokenize reads it: false refuses long texts, true cuts them whatever
-    the server's rule (TEI: `truncate.unwrap_or(auto_truncate)`), absent leaves the server's rule."""
-    return None if truncate is None else not truncate
-
-
-def check_cut(body: dict[str, Any]) -> None:
-    """TEI's fields millis does not do, refused rather than ignored (a left cut read as a right one gave another
-    vector without a word)."""
-    d = body.get("truncation_direction")
-    if d is not None and d not in ("right", "Right"):
-        raise ApiError(422, f"truncation_direction {d!r}: texts are cut at their end here (right)",
-                       param="truncation_direction", code="unsupported" if d in ("left", "Left") else "invalid_value")
-    check_prompt(body)
-
-
-def check_prompt(body: dict[str, Any]) -> None:
-    """TEI's `prompt_name` (a sentence-transformers prompt put before each text): refused, millis keeps no prompts."""
-    if body.get("prompt_name") is not None:
-        raise ApiError(422, "prompt_name is not supported here: put the prompt at the start of your texts",
-                       param="prompt_name", code="unsupported")
+# huggingface_hub's text_classification sends {"parameters": {"function_to_apply", "top_k"}} to /predict (TEI drops
+# them unread): read here, so its top_k=2 gets two labels and "none" the logits
+FUNCTIONS = {"softmax": softmax, "sigmoid": sigmoid, "none": np.asarray}
 
 
 def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits: Limits) -> TeiRequest:
@@ -100,7 +85,7 @@ def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
                        code="invalid_type")
     check_cut(params)
     source = v.get("source_sentence")
-    if not isinstance(source, str) or not source.strip():
+    if not isinstance(source, str) or not source:
         what = "missing" if source is None else "empty" if isinstance(source, str) else f"a {type(source).__name__}"
         raise ApiError(422, f"inputs.source_sentence is {what}: send the text to compare the sentences with",
                        param="inputs.source_sentence", code="empty_input" if what == "empty" else "invalid_type")
@@ -146,12 +131,25 @@ def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
         if not isinstance(texts, list) or not 1 <= len(texts) <= 2 or not all(isinstance(t, str) for t in texts):
             raise ApiError(422, f"{where} must be a text or a [text, text_pair] list (a batch: a list of those)",
                            param="inputs", code="invalid_type")
-        if not all(t.strip() for t in texts):
+        if not all(texts):
             raise ApiError(422, f"{where} holds an empty text", param="inputs", code="empty_input")
         firsts.append(texts[0])
         seconds.append(texts[1] if len(texts) == 2 else None)
-    return TeiRequest(firsts, not batch, boolean(body, "truncate"), raw_scores=boolean(body, "raw_scores", False),
-                      seconds=tuple(seconds))
+    params = {} if body.get("parameters") is None else body["parameters"]
+    if not isinstance(params, dict):
+        raise ApiError(422, f"parameters must be an object, got {type(params).__name__}", param="parameters",
+                       code="invalid_type")
+    function = params.get("function_to_apply")
+    if function is not None and (not isinstance(function, str) or function not in FUNCTIONS):
+        raise ApiError(422, f"parameters.function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}",
+                       param="parameters.function_to_apply", code="invalid_value")
+    raw = boolean(body, "raw_scores", False)
+    if raw and function not in (None, "none"):
+        raise ApiError(422, f"raw_scores asks for the logits, parameters.function_to_apply for the {function}: send "
+                            "one", param="raw_scores", code="invalid_value")
+    top_k = integer({"parameters.top_k": params.get("top_k")}, "parameters.top_k", 1, 1 << 31, 0)
+    return TeiRequest(firsts, not batch, boolean(body, "truncate"), raw_scores=raw, seconds=tuple(seconds),
+                      function="none" if raw else function or "", top_k=top_k)
 
 
 def predict_groups(req: TeiRequest) -> list[tuple[str | None, list[int]]]:
@@ -166,11 +164,11 @@ def predict_groups(req: TeiRequest) -> list[tuple[str | None, list[int]]]:
 def predict_response(out: list[np.ndarray], id2label: dict[int, str], req: TeiRequest,
                      problem_type: str = "") -> list[Any]:
     x = np.stack(out).astype(np.float64)                           # (n, labels) logits
-    scores = x if req.raw_scores else label_scores(x, problem_type)
+    scores = FUNCTIONS[req.function](x) if req.function else label_scores(x, problem_type)
     items = []
     for row in scores.tolist():
         order = sorted(range(len(row)), key=lambda k: -row[k])     # every label, best first (ties: label order)
-        items.append([{"label": id2label.get(k, str(k)), "score": row[k]} for k in order])
+        items.append([{"label": id2label.get(k, str(k)), "score": row[k]} for k in order[:req.top_k or None]])
     return items[0] if req.single else items
 
 

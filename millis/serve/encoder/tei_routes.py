@@ -14,6 +14,7 @@ from starlette.routing import Route
 from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.rerank import TEI, tei_rerank_response
 from millis.serve.http import endpoint, json_response, read_json, ready_response
+from millis.serve.schemas import reject_of
 
 
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
@@ -28,7 +29,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         unit = model.meta.source.pooling.normalize
         req = tei.embed_request(body, st.dim, unit, st.limits)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
-                                          reject=tei.reject_of(req.truncate))
+                                          reject=reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
 
     async def similarity(request: Request) -> Response:
@@ -37,7 +38,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
     async def similarity_body(request: Request, model, body: dict, arrived: float) -> Response:
         req = tei.similarity_request(body, st.limits)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
-                                          reject=tei.reject_of(req.truncate),
+                                          reject=reject_of(req.truncate),
                                           places=tei.similarity_places(len(req.texts)))
         return json_response(tei.similarity_response(job.out), headers=timing_headers(job, tok_s, cut))
 
@@ -48,7 +49,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         groups = [(query, [req.texts[i] if query is None else req.seconds[i] for i in places], places)
                   for query, places in tei.predict_groups(req)]  # single texts, then pairs by first text: one job
         job, got, tok_s, _ = await answer(request, arrived, model, None, field="inputs",
-                                          reject=tei.reject_of(req.truncate), groups=groups)
+                                          reject=reject_of(req.truncate), groups=groups)
         for i, o, c in zip((i for _, _, places in groups for i in places), job.out, got):
             out[i], cut[i] = o, c
         return json_response(tei.predict_response(out, model.id2label, req, model.problem_type),

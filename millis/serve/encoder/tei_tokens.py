@@ -24,7 +24,7 @@ from starlette.responses import Response
 from millis.common.rust_tokenizer import GIL_FREE_CHARS, encode_all
 from millis.serve.encoder import tei
 from millis.serve.http import api_status, error_response, json_response
-from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, id_rows, texts_of, token_rows
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, check_prompt, id_rows, texts_of, token_rows
 
 MAX_CHAR_MULTIPLIER = 250  # TEI's: /tokenize takes a text of at most max_length x this many characters
 Off = Callable[..., Awaitable[Any]]  # off(size, fn, *args): fn(*args), in a thread while the request lasts if large
@@ -38,7 +38,7 @@ def rust_tokenizer(enc) -> Any | None:
 
 def tokenize_request(body: dict[str, Any], limits: Limits, max_length: int) -> tuple[list[str], bool]:
     """(texts, add_special_tokens) of a TEI /tokenize body; 4xx naming the field."""
-    tei.check_prompt(body)
+    check_prompt(body)
     texts = texts_of(body, "inputs", limits)  # a string or strings, none blank, at most --max-inputs
     most = max_length * MAX_CHAR_MULTIPLIER
     for i, t in enumerate(texts):
