@@ -117,6 +117,9 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
     import millis.encoder.native as native
 
     enc, ids, mask, ref = minilm_case()
+    # the process's grant first: "tiles" below run the tile unit on an AMX machine (the patched init_amx left the
+    # library's flag as earlier tests had set it, so this test could run the C form on one)
+    assert native.init_amx(native.library()) == amx_expected() or not amx_expected()
     monkeypatch.setattr(native, "vector_attention", lambda lib: False)
     monkeypatch.setattr(native, "init_amx", lambda lib: False)
     avx = native.NativeBert(enc, "bf16", 2)
@@ -165,6 +168,24 @@ def test_native_encoder_on_amx_tiles(monkeypatch):
         assert cosine(out, ref) >= (0.99 if precision == "int7-row-a8" else 0.998), precision
         if tiled.isa != "scalar":
             assert np.array_equal(out, base), precision
+
+
+def test_a_loaded_models_kernels_never_depend_on_later_loads(monkeypatch):
+    """The library's one AMX flag picks the bf16 attention's kernel (tiles or vectors): an int8 model's output moved
+    (cosine 0.99987) once a bf16 model loaded and asked for the tile unit, and a load with MILLIS_NO_AMX set took
+    the grant back from a bf16 model loaded before it (its tile matrices then ran their C form). Every load asks now,
+    and MILLIS_NO_AMX keeps only that load's layouts off the tiles: earlier models give the same bits."""
+    import millis.encoder.native as native
+
+    enc, ids, mask, _ = minilm_case()
+    int8 = native.NativeBert(enc, "int8", 2)
+    before = int8(ids, mask)
+    bf16 = native.NativeBert(enc, "bf16", 2)
+    assert np.array_equal(int8(ids, mask), before)
+    tiles_before = bf16(ids, mask)
+    monkeypatch.setenv("MILLIS_NO_AMX", "1")
+    off = native.NativeBert(enc, "bf16", 2)
+    assert not off.amx and np.array_equal(bf16(ids, mask), tiles_before) and np.array_equal(int8(ids, mask), before)
 
 
 def test_native_encoder_attention_on_bf16_vectors(monkeypatch):

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <errno.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -214,17 +215,18 @@ static void amxr_scale(const int32_t* c, float* y, int64_t ld, const uint8_t* t,
 static _Atomic int g_amx_hw;
 
 /* want 1: use AMX when the CPU has AMX-BF16 and AMX-INT8 and the kernel grants the tile state; 0: never.
-   Returns 1 when T_BF16_AMX matrices and Q8 tiles run on the tile unit from now on, else 0 (the C form). */
+   Returns 1 when T_BF16_AMX matrices and Q8 tiles run on the tile unit from now on, 0 when not (the C form), and
+   -errno when the CPU has AMX but the kernel refused the state (kernels.native.init_amx warns). */
 API int amx_init(int want) {
     int hw = 0;  /* one store below: a concurrent forward never sees a passing 0 */
 #if HAVE_AMX_BUILD && defined(__x86_64__)
     unsigned a, b, c, d;
     if (want && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) && (d >> 25 & 1))
-        hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -errno;
 #else
     (void)want;
 #endif
-    atomic_store(&g_amx_hw, hw);
+    atomic_store(&g_amx_hw, hw > 0);
     return hw;
 }
 

@@ -1,6 +1,7 @@
 /* Block-quantized weights (GGUF / ggml layouts) and block-quantized activations: the shared types
    of blockq.c (formats, dot products, matmul) and llama_step.c (the decoder forward). */
 #pragma once
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* ggml type ids, as GGUF stores them */
@@ -118,7 +119,7 @@ void matmul_rows_more(const mat* W, int64_t n0, int64_t n1, const void* Xq, cons
 enum { READ_ONE = 1, READ_QUAD = 4, READ_SPREAD = 8 };
 /* decode (1 token): how far ahead of a stream the kernels prefetch with software, in bytes (0: not at all);
    packed.c's decode_prefetch sets the rule on first use */
-extern int g_pf_bytes;
+extern _Atomic int g_pf_bytes;  /* atomic: set once by whichever thread asks first (TSan) */
 API int decode_prefetch(int n);
 static inline int pf_distance(void) { return g_pf_bytes >= 0 ? g_pf_bytes : decode_prefetch(-1); }
 API int decode_streams(int n);

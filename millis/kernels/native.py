@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import mmap
 import os
 import platform
@@ -29,6 +30,7 @@ import numpy as np
 from millis.common.errors import MillisError
 from millis.common.config import env_switch
 
+log = logging.getLogger("millis.kernels")
 HERE = Path(__file__).parent
 ISA_FLAGS = {  # best first
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
@@ -129,9 +131,19 @@ def amx_expected() -> bool:
 def init_amx(lib: ctypes.CDLL) -> bool:
     """Whether `lib` runs amx.c's tile GEMMs on the tile unit (bf16 matrices in AMX tiles, int8 tiles beside
     block-format ones): the `avx512` build on a CPU with AMX-BF16 and AMX-INT8 whose kernel grants the tile
-    state (one request per process), unless MILLIS_NO_AMX is set. Callers build those layouts only then."""
+    state, unless MILLIS_NO_AMX is set. Callers build those layouts only then. The library's one flag also picks
+    the bf16 attention's kernel (tiles or vectors) for every model of the process, so every native model asks at
+    its load, whatever its precision (an int8 model's attention moved to the tiles once a bf16 model loaded), and
+    MILLIS_NO_AMX keeps a load's layouts off the tiles without taking the grant back from models loaded before it
+    (their tile matrices fell to the C form; set it before the first load to keep AMX off)."""
+    if env_switch("MILLIS_NO_AMX"):
+        return False
     lib.amx_init.restype, lib.amx_init.argtypes = ctypes.c_int, [ctypes.c_int]
-    return bool(lib.amx_init(0 if env_switch("MILLIS_NO_AMX") else 1))
+    got = lib.amx_init(1)
+    if got < 0:  # the CPU has AMX, the kernel refused its state (e.g. a thread's signal stack below its minimum)
+        log.warning("millis kernels: the kernel refused AMX's tile state (%s): the AVX-512 kernels run instead",
+                    os.strerror(-got))
+    return got > 0
 
 
 # amx.c's int8 Q8 tiles beside block-format matrices: off. Run on Sapphire Rapids (2026-12-02, 2 threads, the

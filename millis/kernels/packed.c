@@ -34,7 +34,7 @@ static int cpu_family(void) {
 #endif
     return family;
 }
-static int g_streams;  /* 0 until first asked */
+static _Atomic int g_streams;  /* 0 until first asked; atomic: pool workers read it as a caller sets it */
 API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets the rule (tests); returns the one in force */
     if (n == READ_ONE || n == READ_QUAD || n == READ_SPREAD) g_streams = n;
     if (!g_streams) {
@@ -50,7 +50,7 @@ API int decode_streams(int n) {  /* n = READ_ONE, READ_QUAD or READ_SPREAD sets 
    1024 bytes ahead took 1.12x the time of none on the 1B Q4_0 decode, 1.13x on Q8_0, 1.02x on SmolLM2 F32 and
    1.07x on Q4_1 (bench/results/decode_streams_zen4_prefetch.json); alike when the VM's bandwidth is low. So none
    on AMD family 25 with AVX-512 (Zen 4), 1024 elsewhere. */
-int g_pf_bytes = -1;  /* -1 until first asked */
+_Atomic int g_pf_bytes = -1;  /* -1 until first asked */
 API int decode_prefetch(int n) {  /* n >= 0 sets the distance (tests, A/B runs); returns the one in force */
     if (n >= 0) g_pf_bytes = n;
     if (g_pf_bytes < 0) g_pf_bytes = cpu_family() == 25 && HAVE_AVX512 ? 0 : 1024;
