@@ -109,7 +109,7 @@ def same_value(v: Any, ref: Any) -> bool:
 
 
 def texts_of(body: dict[str, Any], key: str, limits: Limits, name: str | None = None) -> list[str]:
-    """`key` as a non-empty list of non-blank strings (a single string is one input); errors name it `name` (default:
+    """`key` as a non-empty list of non-empty strings (a single string is one input); errors name it `name` (default:
     key)."""
     if name is not None and key in body:
         return texts_of({name: body[key]}, name, limits)
@@ -195,9 +195,9 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
 
 
 def too_long(field: str, i: int | str, pair: bool, first_alone: bool, max_length: int, server_rule: bool) -> ApiError:
-    """The 413 for text i of `field` over the model's length: of a pair, the query (or /predict's `inputs`: the
-    pair's first text) where that alone is too long, else the pair; server_rule: the server refuses long texts, else
-    the request asked truncate=false."""
+    """The 413 for text i of `field` over the model's length (i: its index, or its whole name as a str): of a pair,
+    the query (or /predict's `inputs`: the pair's first text) where that alone is too long, else the pair;
+    server_rule: the server refuses long texts, else the request asked truncate=false."""
     if isinstance(i, str):  # the text's own name (/similarity's inputs.source_sentence, inputs.sentences[j])
         what = i
     elif pair and first_alone:

@@ -71,6 +71,15 @@ def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: boo
     return list(unit_rows(np.stack(vecs))) if req.normalize and not graph_normalizes else vecs
 
 
+def parameters_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The body's `parameters` object (huggingface_hub's; absent or null: none)."""
+    params = {} if body.get("parameters") is None else body["parameters"]
+    if not isinstance(params, dict):
+        raise ApiError(422, f"parameters must be an object, got {type(params).__name__}", param="parameters",
+                       code="invalid_type")
+    return params
+
+
 def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
     """TEI's /similarity (huggingface_hub's sentence_similarity): `inputs` {"source_sentence", "sentences"}, the
     cut's fields under `parameters` (TEI reads them there only); texts: the source sentence, then each sentence."""
@@ -79,10 +88,7 @@ def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
         got = "missing" if v is None else type(v).__name__
         raise ApiError(422, f"inputs must be an object {{\"source_sentence\": text, \"sentences\": [text, ...]}}, "
                             f"got {got}", param="inputs", code="missing" if v is None else "invalid_type")
-    params = {} if body.get("parameters") is None else body["parameters"]
-    if not isinstance(params, dict):
-        raise ApiError(422, f"parameters must be an object, got {type(params).__name__}", param="parameters",
-                       code="invalid_type")
+    params = parameters_of(body)
     check_cut(params)
     source = v.get("source_sentence")
     if not isinstance(source, str) or not source:
@@ -135,10 +141,7 @@ def predict_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
             raise ApiError(422, f"{where} holds an empty text", param="inputs", code="empty_input")
         firsts.append(texts[0])
         seconds.append(texts[1] if len(texts) == 2 else None)
-    params = {} if body.get("parameters") is None else body["parameters"]
-    if not isinstance(params, dict):
-        raise ApiError(422, f"parameters must be an object, got {type(params).__name__}", param="parameters",
-                       code="invalid_type")
+    params = parameters_of(body)
     function = params.get("function_to_apply")
     if function is not None and (not isinstance(function, str) or function not in FUNCTIONS):
         raise ApiError(422, f"parameters.function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}",
