@@ -360,3 +360,51 @@ def test_rope_settings_that_disagree_are_refused(tmp_path):
     assert hf_model_config({**base, "rope_parameters": linear, "rope_scaling": linear}, True).rope_factor == 2.0
     assert hf_model_config({**base, "rope_parameters": v5}, True).rope_theta == 1e6
     assert hf_model_config({**base, "rope_scaling": {"type": "linear", "factor": 3.0}}, True).rope_factor == 3.0
+
+
+def test_the_head_is_tied_as_config_json_says(tmp_path):
+    """The head as transformers reads it: an untied model (tie_word_embeddings false, or absent on a Llama) whose file
+    lacks lm_head.weight is refused (millis ran the embedding as its head: logits 4.6 off, no token alike), and a
+    tied one whose file holds a different lm_head runs that head, as transformers 5 does."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from millis.common.errors import MillisError
+    from millis.gen.models.layers import make_batch
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  max_position_embeddings=64, initializer_range=0.1)
+    _, d = _saved(tmp_path, LlamaConfig(tie_word_embeddings=False, **common), "untied")
+    weights = load_file(d / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(MillisError, match="tie_word_embeddings false .* no lm_head.weight"):
+        open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "tie_word_embeddings"}))
+    with pytest.raises(MillisError, match="no lm_head.weight"):  # Llama's default: untied
+        open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+    model, d = _saved(tmp_path, LlamaConfig(tie_word_embeddings=True, **common), "tied")
+    weights = load_file(d / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])  # a stray, different head
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+    with torch.inference_mode():
+        ref = model(torch.tensor([PROMPTS[1]])).logits[0]
+        ours = eng.model(make_batch([PROMPTS[1]], [0], [0], eng.window, last_only=False))[0]
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_a_mistral_config_without_a_window_key_takes_mistrals_default():
+    """transformers' MistralConfig defaults sliding_window to 4096 where config.json leaves the key out (null: no
+    window); millis read both as none, and diverged from position 4096 on."""
+    from millis.gen.hf_config import hf_model_config
+
+    base = {"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 32768}
+    assert hf_model_config(base, False).sliding_window == 4096
+    assert hf_model_config({**base, "sliding_window": None}, False).sliding_window == 0
+    assert hf_model_config({**base, "sliding_window": 8}, False).sliding_window == 8

@@ -352,7 +352,13 @@ def _read_hf(d: Path):
         raw["generation_config"] = json.loads((d / "generation_config.json").read_text())
     hf = _read_safetensors(d)
     hf = {k.removeprefix("transformer.").removeprefix("model."): v.float() for k, v in hf.items()}
-    cfg = hf_model_config(raw, tied="lm_head.weight" not in hf)
+    # the file's lm_head where it has one (transformers 5 keeps a tied config's differing head), else the embedding if
+    # config.json ties them (GPT-2's default; the Llama family's: untied, and a missing head was run as the embedding)
+    tied = "lm_head.weight" not in hf
+    if tied and not raw.get("tie_word_embeddings", raw.get("model_type") == "gpt2"):
+        raise MillisError(f"{d}: config.json has tie_word_embeddings false (or leaves it at its {raw.get('model_type')}"
+                          f" default, false) but the weights have no lm_head.weight")
+    cfg = hf_model_config(raw, tied=tied)
     try:
         sd = _gpt2_weights(hf, cfg) if isinstance(cfg, GPT2Config) else _llama_weights(hf, cfg)
     except KeyError as e:
