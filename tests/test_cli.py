@@ -25,8 +25,11 @@ def test_cli_optimize_info_predict(tmp_path, tiny_dirs, capsys):
     assert "variant" in info and "b1xs16" in info
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "classify"
-    assert main(["predict", str(out), "where is my card?", "great service"]) == 0
-    lines = [json.loads(line.split("  (")[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    long = "card " * 200  # cut to the model's length: said inside its JSON line (a suffix after it broke the line)
+    assert main(["predict", str(out), "where is my card?", "great service", long]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [ln["truncated"] for ln in lines] == [False, False, True]
+    lines = lines[:2]
     assert [ln["text"] for ln in lines] == ["where is my card?", "great service"]
     ref = open_model("tiny:distilbert", task="classify").predict(["where is my card?", "great service"])
     assert [ln["label"] for ln in lines] == [r["label"] for r in ref]  # fp32 fused graph: the fp32 labels

@@ -46,6 +46,7 @@ def test_a_sharded_checkpoint_is_named_as_such(tiny_dirs, tmp_path):
     ({"type_vocab_size": 1}, None, False),  # one token type: id 1 is out of its table (every rerank a 500)
     ({}, {"model_input_names": ["input_ids", "attention_mask"]}, False),  # HF feeds type 0: CrossEncoder's scores
     ({}, {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}, True),
+    ({}, {"tokenizer_class": "DistilBertTokenizer"}, False),  # its class's names leave token types out (fed type 1)
 ])
 def test_pair_token_types_follow_the_model_and_its_tokenizer(tiny_dirs, tmp_path, config, tokenizer_config,
                                                              segments):

@@ -30,6 +30,8 @@ def folder(tmp_path, pooling: dict, modules=(TRANSFORMER, POOL), sbert: dict | N
     ({"pooling_mode": "mean"}, "mean"),
     ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),  # the booleans
     ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}, "mean"),
+    ({"pooling_mode": ["cls"]}, "cls"),           # sentence-transformers 6: a list of modes (read as mean before)
+    ({"pooling_mode": ["mean_tokens"]}, "mean"),
 ])
 def test_both_formats_give_the_declared_mode(tmp_path, pooling, mode):
     assert read_pooling(folder(tmp_path, pooling)) == Pooling(mode=mode)
@@ -40,6 +42,9 @@ def test_both_formats_give_the_declared_mode(tmp_path, pooling, mode):
     ({"pooling_mode": "lasttoken"}, (TRANSFORMER, POOL), None, "'lasttoken'.*not supported"),
     ({"pooling_mode_lasttoken": True}, (TRANSFORMER, POOL), None, "'lasttoken'.*not supported"),
     ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, (TRANSFORMER, POOL), None, "mean \\+ max"),
+    ({"pooling_mode": ["cls", "mean"]}, (TRANSFORMER, POOL), None, "cls \\+ mean"),  # one vector of both: refused
+    ({"pooling_mode": []}, (TRANSFORMER, POOL), None, "neither a pooling mode nor a list"),
+    ({"pooling_mode": 3}, (TRANSFORMER, POOL), None, "neither a pooling mode nor a list"),
     ({"pooling_mode": "mean", "include_prompt": False}, (TRANSFORMER, POOL), None, "include_prompt"),
     ({"pooling_mode": "mean"}, (TRANSFORMER, POOL, {"type": "sentence_transformers.models.Dense", "path": "2_Dense"},
                                NORM), None, "Dense"),

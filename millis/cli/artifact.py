@@ -87,8 +87,8 @@ def predict(a: PredictFlags) -> int:
     model = load(a.artifact, threads=a.threads)
     if model.task == "classify":
         for t, p in zip(texts, model.predict(texts)):
-            note = "  (truncated)" if p["truncated"] else ""
-            print(json.dumps({"text": t, "label": p["label"], "score": round(p["score"], 4)}) + note)
+            print(json.dumps({"text": t, "label": p["label"], "score": round(p["score"], 4),  # a JSON line each
+                              "truncated": p["truncated"]}))
     else:
         res = model.run(texts)
         for t, e, cut in zip(texts, res.outputs, res.truncated):

@@ -179,8 +179,7 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
-        granted = init_amx(lib)  # asked at every load: the grant also picks the bf16 attention's kernel
-        self.amx = on_tiles(precision) and granted  # the tile unit runs its matmuls
+        self.amx = init_amx(lib) and on_tiles(precision)  # its matmuls on tiles; asked at every load: it picks attention too
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         if attention not in ATTENTIONS:
             raise MillisError(f"unknown native attention {attention!r}; supported: {', '.join(ATTENTIONS)}")

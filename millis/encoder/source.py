@@ -38,7 +38,11 @@ def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
     if not takes_segments(model_type) or int(cfg.get("type_vocab_size", 2)) < 2:
         return False
     names = json_value(path / "tokenizer_config.json", "model_input_names")
-    return not isinstance(names, list) or "token_type_ids" in names
+    if not isinstance(names, list):  # the tokenizer class's own (a DistilBertTokenizer's leave token types out)
+        from transformers import AutoTokenizer
+
+        names = AutoTokenizer.from_pretrained(str(path)).model_input_names
+    return "token_type_ids" in names
 
 
 @dataclass(frozen=True)
@@ -255,8 +259,13 @@ def pooling_mode(pc: Path, p: dict) -> str:
     names = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
              "weightedmean_tokens": "weightedmean", "lasttoken": "lasttoken"}
     on = [names[k] for k in names if p.get(f"pooling_mode_{k}")]
-    if isinstance(p.get("pooling_mode"), str):
-        on = [{"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}.get(p["pooling_mode"], p["pooling_mode"])]
+    given = p.get("pooling_mode")  # a mode, or (sentence-transformers 6) a list of them, concatenated
+    if given is not None:
+        if isinstance(given, str):
+            given = [given]
+        if not isinstance(given, list) or not given or not all(isinstance(g, str) for g in given):
+            raise MillisError(f"{pc}: pooling_mode {given!r} is neither a pooling mode nor a list of them")
+        on = [names.get(g, g) for g in given]  # ["cls", "mean"] was read as mean (half of sentence-transformers')
     if p.get("include_prompt") is False:
         raise MillisError(f"{pc}: include_prompt false (the prompt's tokens left out of the pooling) is not supported")
     if len(on) > 1:
