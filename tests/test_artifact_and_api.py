@@ -164,3 +164,24 @@ def test_scores_follow_the_configs_problem_type(tmp_path, problem_type, labels):
                                [False, False], "m", 0, model.problem_type)
     np.testing.assert_allclose([[t["score"] for t in sorted(d["top_k"], key=lambda t: t["label"])] if labels > 1
                                 else [d["score"]] for d in served["data"]], want, atol=1e-4)
+
+
+def test_a_dynamic_int8_artifact_gives_each_text_its_own_result(tmp_path, quick_measure):
+    """ORT's dynamic int8 shares one activation scale across a call's rows: the server runs it one row a call, and
+    so does the API (`Model.run`, which `millis eval` and `millis predict` use): a text's vector is the one it gets
+    alone, whatever else is passed with it (it moved with its batch-mates, as on the server before)."""
+    from millis.common.config import Shape
+    from millis.optimize.config import Budget, OptimizeConfig
+    from millis.optimize.pipeline import optimize
+    from millis.runtimes.base import shares_scales_across_rows
+
+    out = optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "int8"), target=Shape(1, 16),
+                                  variants=("ort-int8-dynamic",), recover=False, budget=Budget(min_cosine=-1.0),
+                                  measure=quick_measure))
+    m = millis.load(out)
+    assert m.variant == "ort-int8-dynamic" and shares_scales_across_rows(m.runtime)
+    texts = ["where is my card", "the stock markets fell today " * 6, "pin"]
+    alone = np.stack([m.embed([t])[0] for t in texts])
+    assert np.array_equal(m.embed(texts), alone)
+    from millis.artifact.model import run_texts  # the rows in one call: the guard, they do move
+    assert not np.array_equal(run_texts(m.runtime, m.encoder, texts).outputs, alone)

@@ -345,7 +345,11 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
     assert status == 200, body
     got = body["results"]
     assert [r["index"] for r in got] == list(np.argsort(-want, kind="stable")[:3])
-    assert np.allclose([r["relevance_score"] for r in got], want[[r["index"] for r in got]], atol=1e-4)
+    # `want` ran the pairs in one call; a dynamic int8 variant (the faster one may be chosen) shares its activation
+    # scales across a call's rows, and the server runs it one row a call: ~1% of a score apart
+    from millis.runtimes.base import shares_scales_across_rows
+    atol = 1e-2 if shares_scales_across_rows(model.runtime) else 1e-4
+    assert np.allclose([r["relevance_score"] for r in got], want[[r["index"] for r in got]], atol=atol)
     assert [r["document"]["text"] for r in got] == [docs[r["index"]] for r in got]
     assert body["usage"]["total_tokens"] == int(enc["attention_mask"].sum())
     status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 8})
@@ -424,7 +428,7 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     status, _, one = embed_server.post("/embed", {"inputs": TEXTS[0], "truncate": True})
     assert status == 200 and np.allclose(one, want[:1], atol=1e-6)
     status, _, err = embed_server.post("/embed", {"inputs": ["ok", "word " * 2000], "truncate": False})
-    assert status == 422 and err["error"]["param"] == "inputs" and "inputs[1]" in err["error"]["message"], err
+    assert status == 422 and err["param"] == "inputs" and "inputs[1]" in err["error"], err
     assert embed_server.post("/embed", {"inputs": "word " * 2000})[0] == 200  # the server's rule: truncate
     probs = classify_server.post("/v1/classify", {"inputs": TEXTS[:2], "top_k": 3})[2]["data"]
     status, _, pred = classify_server.post("/predict", {"inputs": [[t] for t in TEXTS[:2]]})  # a batch: lists
@@ -446,12 +450,12 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     assert status == 200 and [r["index"] for r in tei] == [r["index"] for r in cohere], tei
     assert [r["score"] for r in tei] == [r["relevance_score"] for r in cohere]
     assert [r["text"] for r in tei] == [docs[r["index"]] for r in tei]
-    assert classify_server.post("/rerank", {"query": "q", "documents": docs})[2]["error"]["param"] == "texts"
-    assert classify_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["error"]["param"] == \
+    assert classify_server.post("/rerank", {"query": "q", "documents": docs})[2]["param"] == "texts"
+    assert classify_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["param"] == \
         "truncate"
     status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a", "a", "word " * 600]})
-    assert status == 422 and err["error"]["param"] == "texts", err  # this server rejects long texts
-    assert err["error"]["message"].startswith("texts[2] with the query"), err
+    assert status == 422 and err["param"] == "texts", err  # this server rejects long texts
+    assert err["error"].startswith("texts[2] with the query"), err
     assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
 
 
@@ -472,10 +476,10 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
     long = {"inputs": {"source_sentence": source, "sentences": ["a", "word " * 2000]},
             "parameters": {"truncate": False}}
     status, _, err = embed_server.post("/similarity", long)
-    assert status == 422 and err["error"]["message"].startswith("inputs.sentences[1] is longer"), err
+    assert status == 422 and err["error"].startswith("inputs.sentences[1] is longer"), err
     long["inputs"] = {"source_sentence": "word " * 2000, "sentences": ["a"]}
     status, _, err = embed_server.post("/similarity", long)
-    assert status == 422 and err["error"]["message"].startswith("inputs.source_sentence is longer"), err
+    assert status == 422 and err["error"].startswith("inputs.source_sentence is longer"), err
     blank = {"inputs": {"source_sentence": "", "sentences": ["a"]}}
     for bad, status, param in (({"inputs": "x"}, 422, "inputs"),
                                ({"inputs": {"sentences": ["a"]}}, 422, "inputs.source_sentence"),
@@ -488,7 +492,8 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
                                ({**body, "parameters": {"truncate": "yes"}}, 422, "truncate"),
                                ({**body, "parameters": []}, 422, "parameters")):
         got = embed_server.post("/similarity", bad)
-        assert got[0] == status and got[2]["error"]["param"] == param, (bad, got)
+        assert got[0] == status and got[2]["param"] == param, (bad, got)  # TEI's error body, millis's param beside
+        assert got[2]["error_type"] == ("empty" if status == 400 else "validation") and isinstance(got[2]["error"], str)
     assert classify_server.post("/similarity", body)[0] == 404  # a classifier's server has no such route
     for server in (embed_server, classify_server):
         for path in ("/", "/ping"):
@@ -528,7 +533,7 @@ def test_every_encoder_route_reads_truncate_and_predict_reads_hf_parameters(embe
                        ({"parameters": {"top_k": 0}}, "parameters.top_k"), ({"parameters": 3}, "parameters"),
                        ({"raw_scores": True, "parameters": {"function_to_apply": "softmax"}}, "raw_scores")):
         status, _, err = classify_server.post("/predict", {"inputs": text, **bad})
-        assert status == 422 and err["error"]["param"] == param, (bad, err)
+        assert status == 422 and err["param"] == param, (bad, err)
 
 
 def test_dimensions_cut_and_renormalise(embed_server):
@@ -673,7 +678,7 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
         got = classify_server.post("/predict", bad)
         assert got[0] == status, (bad, got)
     status, _, err = classify_server.post("/predict", {"inputs": [["a"], ["b"], ["q", "word " * 600]]})
-    assert status == 422 and err["error"]["message"].startswith("inputs[2] with its first text"), err  # its place
+    assert status == 422 and err["error"].startswith("inputs[2] with its first text"), err  # its place
     # a batch of pairs with different first texts: one queue job (it was one per first text, 64 pairs 95 ms
     # against 8), each answer in its place
     pairs = [["where is my card", "card delivery"], ["hi", "hello"], ["a", "b"], ["where is my card", "lost"]]
@@ -687,10 +692,10 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
         assert classify_server.post(route, body)[0] == 422
         assert classify_server.post(route, {**body, "truncate": True})[0] == 200
     status, _, err = classify_server.post("/predict", {"inputs": [["word " * 600, "x"]], "truncate": False})
-    assert status == 422 and err["error"]["param"] == "inputs", err  # not a `query` /predict does not have
-    assert err["error"]["message"].startswith("inputs[0]'s first text is longer"), err
+    assert status == 422 and err["param"] == "inputs", err  # not a `query` /predict does not have
+    assert err["error"].startswith("inputs[0]'s first text is longer"), err
     status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "left"})
-    assert status == 422 and err["error"]["param"] == "truncation_direction", err  # refused, not a right cut
+    assert status == 422 and err["param"] == "truncation_direction", err  # refused, not a right cut
     ids = embed_server.post("/tokenize", {"input": ["card"]})[2]["data"][0]["tokens"]
     want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
     status, _, got = embed_server.post("/embed", {"inputs": ids})

@@ -13,6 +13,7 @@ from millis.artifact.meta import ModelMeta, SourceMeta, VariantRecipe
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
+from millis.runtimes.base import shares_scales_across_rows
 from millis.common.numeric import label_scores
 from millis.encoder.source import takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
@@ -87,8 +88,10 @@ class Model:
         return min(self.encoder.vocab_size, table) if table else self.encoder.vocab_size
 
     def run(self, texts: list[str], max_batch: int = MAX_BATCH) -> Result:
-        """Tokenize, batch rows of similar length together, run, restore input order."""
-        return run_texts(self.runtime, self.encoder, texts, max_batch)
+        """Tokenize, batch rows of similar length together, run, restore input order. A runtime whose rows share
+        their activation scales runs one row a call, as the server runs it: each text's result is its own."""
+        one = shares_scales_across_rows(self.runtime)
+        return run_texts(self.runtime, self.encoder, texts, 1 if one else max_batch)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(N, H) sentence embeddings (pooled and normalised as the model declares)."""

@@ -38,8 +38,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, "application/json")
 
 
-def error_response(e: schemas.ApiError) -> Response:
-    return Response(e.body(), e.status, e.headers, "application/json")
+TEI_INVALID = 422  # TEI's routes answer a bad field 422 (OpenAI's: 400), and their errors in TEI's shape
+
+
+def error_response(e: schemas.ApiError, tei: bool = False) -> Response:
+    return Response(e.body(tei), e.status, e.headers, "application/json")
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
@@ -141,7 +144,7 @@ def api_status(e: schemas.ApiError, invalid: int) -> int:
     whose SDKs raise BadRequestError for a 400 only; 422: TEI's). OpenAI answers every bad input 400; TEI answers
     an empty input 400 and the rest (too many inputs, a text over the length) 422."""
     if e.status == 422 or (e.status == 413 and e.code in TOO_MUCH):
-        return 400 if invalid == 422 and e.code == "empty_input" else invalid
+        return 400 if invalid == TEI_INVALID and e.code == "empty_input" else invalid
     return e.status
 
 
@@ -149,7 +152,9 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], inval
     """Errors -> JSON error bodies with their status; every answer counted and timed. A client that
     leaves (mid-body or while waiting) is counted as 499, not logged as an error. A streamed answer is
     counted, timed and leaves "in flight" when its stream ends (Streamed). A bad input is answered as the
-    route's API answers it (`api_status`)."""
+    route's API answers it (`api_status`), in its shape (TEI's routes: TEI's)."""
+    tei = invalid == TEI_INVALID
+
     async def handler(request: Request) -> Response | Streamed:
         t0 = perf_counter()
         st.metrics.on_admit()
@@ -161,12 +166,12 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], inval
             resp = await fn(request)
         except schemas.ApiError as e:
             e.status = api_status(e, invalid)
-            resp = error_response(e)
+            resp = error_response(e, tei)
         except (ClientGone, ClientDisconnect):
             resp = Response(b"", 499)  # nobody reads it
         except Exception as e:  # noqa: BLE001 -- a bug or runtime failure: 500 with the reason, server lives
             log.exception("millis serve: %s failed", route)
-            resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+            resp = error_response(schemas.ApiError(500, f"internal error: {type(e).__name__}: {e}"), tei)
         except asyncio.CancelledError:
             if not getattr(st, "draining", False):  # cancelled otherwise: no answer to count
                 st.metrics.on_done()
@@ -175,7 +180,7 @@ def endpoint(st, route: str, fn: Callable[[Request], Awaitable[Response]], inval
             # a JSON 503 instead, counted
             resp = error_response(schemas.ApiError(503, "server is shutting down: the drain limit passed before "
                                                         "this request was answered", code="shutting_down",
-                                                   headers={"Retry-After": "1"}))
+                                                   headers={"Retry-After": "1"}), tei)
         except BaseException:  # no answer to count
             st.metrics.on_done()
             raise

@@ -29,6 +29,9 @@ ERRORS = {"400": "malformed JSON, a field missing, of the wrong type or out of b
                  "takes, a text over the length it takes, or a request this model cannot serve",
           "404": "unknown model", "413": "body too large",
           "429": "queue full; see Retry-After", "503": "loading, shutting down or timed out; see Retry-After"}
+TEI_ERROR = {"type": "object", "required": ["error", "error_type"], "properties": {  # millis's param and code too
+    "error": {"type": "string"}, "error_type": {"type": "string"}, "param": {"type": ["string", "null"]},
+    "code": {"type": ["string", "null"]}}}
 TEI_ERRORS = {"422": "a field missing, of the wrong type or out of bounds, more inputs than the server takes, or a "
                      "text over the length it takes (TEI's status; an empty input is its 400)"}
 USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
@@ -48,11 +51,17 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def _post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | None = None) -> dict:
+def _post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | None = None,
+          error: dict = ERROR) -> dict:
     errors = {**ERRORS, **(extra_errors or {})}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": _json(request)},
                      "responses": {"200": {"description": "OK", "content": ok},
-                                   **{k: {"description": v, "content": _json(ERROR)} for k, v in errors.items()}}}}
+                                   **{k: {"description": v, "content": _json(error)} for k, v in errors.items()}}}}
+
+
+def _tei_post(summary: str, request: dict, ok: dict) -> dict:
+    """A TEI route: TEI's statuses (TEI_ERRORS) and its error body (TEI_ERROR)."""
+    return _post(summary, request, ok, TEI_ERRORS, TEI_ERROR)
 
 
 def _get(summary: str, ok: dict | None = None, unavailable: bool = False) -> dict:
@@ -136,15 +145,14 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             **CUT,
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
-        paths["/embed"] = _post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs), TEI_ERRORS)
+        paths["/embed"] = _tei_post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs))
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,
                                                        "maxItems": max(max_inputs - 1, 0)}}},
             "parameters": nullable({"type": "object", "properties": CUT})}}
-        paths["/similarity"] = _post("text-embeddings-inference's /similarity: each sentence's cosine with the "
-                                     "source sentence", req, _json({"type": "array", "items": {"type": "number"}}),
-                                     TEI_ERRORS)
+        paths["/similarity"] = _tei_post("text-embeddings-inference's /similarity: each sentence's cosine with the "
+                                         "source sentence", req, _json({"type": "array", "items": {"type": "number"}}))
     if task in ("", "classify"):
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
@@ -169,9 +177,9 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "parameters": nullable({"type": "object", "properties": {  # huggingface_hub's text_classification
                 "function_to_apply": nullable({"enum": ["softmax", "sigmoid", "none"]}),
                 "top_k": nullable({"type": "integer", "minimum": 1, "maximum": 1 << 31})}})}}
-        paths["/predict"] = _post("text-embeddings-inference's /predict: every label by score, for one sequence (a "
-                                  "list of those for a batch)", req,
-                                  _json({"oneOf": [labels, {"type": "array", "items": labels}]}), TEI_ERRORS)
+        paths["/predict"] = _tei_post("text-embeddings-inference's /predict: every label by score, for one sequence "
+                                      "(a list of those for a batch)", req,
+                                      _json({"oneOf": [labels, {"type": "array", "items": labels}]}))
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,
@@ -196,8 +204,8 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "truncate": nullable({"type": "boolean"})}}
         hit = {"type": "object", "required": ["index", "score"], "properties": {
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": {"type": "string"}}}
-        paths["/rerank"] = _post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
-                                 _json({"type": "array", "items": hit}), TEI_ERRORS)
+        paths["/rerank"] = _tei_post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
+                                     _json({"type": "array", "items": hit}))
     info = {"type": "object", "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size"]}
     paths["/info"] = _get("text-embeddings-inference's /info: the model and the server's bounds", _json(info),
                           unavailable=True)
@@ -232,12 +240,12 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
                                                                {"required": ["add_special_tokens"]}]}}]}
     paths["/tokenize"] = _post("the token ids the model runs for each text (`input`: cut at its max length, as "
                                "inference is); `inputs`: text-embeddings-inference's tokens with offsets, uncut",
-                               req, _json({"oneOf": [ok, tei_ok]}), TEI_ERRORS)
+                               req, _json({"oneOf": [ok, tei_ok]}), TEI_ERRORS, {"anyOf": [ERROR, TEI_ERROR]})
     paths["/decode"] = _post("text-embeddings-inference's /decode: token ids as text",
                              {"type": "object", "required": ["ids"], "properties": {
                                  "ids": {"oneOf": [ids, {"type": "array", "items": ids, "minItems": 1, "maxItems": max_inputs}]},
                                  "skip_special_tokens": nullable({"type": "boolean"})}},
-                             _json({"type": "array", "items": {"type": "string"}}), TEI_ERRORS)
+                             _json({"type": "array", "items": {"type": "string"}}), TEI_ERRORS, TEI_ERROR)
     return _spec("millis serve (encoder)", paths)
 
 

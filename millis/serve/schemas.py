@@ -22,10 +22,17 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
-    def body(self) -> bytes:
+    def body(self, tei: bool = False) -> bytes:
+        """OpenAI's error object; tei: text-embeddings-inference's, {"error": message, "error_type": kind} (its
+        clients read `error` as the message: huggingface_hub showed millis's object as a dict), with millis's param
+        and code beside them."""
+        code = self.code or str(self.status)
+        if tei:
+            kind = "overloaded" if self.status == 429 else "unhealthy" if self.status == 503 else \
+                "backend" if self.status >= 500 else "empty" if code == "empty_input" else "validation"
+            return orjson.dumps({"error": self.message, "error_type": kind, "param": self.param, "code": code})
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return orjson.dumps({"error": {"message": self.message, "type": kind, "param": self.param,
-                                       "code": self.code or str(self.status)}})
+        return orjson.dumps({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
 
 
 @dataclass(frozen=True)

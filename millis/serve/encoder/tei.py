@@ -18,7 +18,8 @@
 server's rule (`--too-long reject` refuses; TEI's auto_truncate). `normalize`: the vectors made unit length (TEI's
 default); false gives them as the model computes them, which a model that normalizes in its graph cannot (422).
 Texts are cut at their end (`truncation_direction` left, and `prompt_name`, are refused: not ignored; /rerank's too).
-Errors keep the server's one shape (OpenAI's `{"error": {...}}`) with TEI's status codes (http.api_status).
+Errors in TEI's shape (`{"error": message, "error_type": kind}`, millis's param and code beside) with TEI's
+status codes (http.api_status).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ import numpy as np
 
 from millis import __version__
 from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, unit_rows
+from millis.serve.http import TEI_INVALID
 from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, embedding_input, integer,
                                   shortened, texts_of)
 
-INVALID = 422  # TEI answers a field missing, of the wrong type or out of bounds 422 (OpenAI's routes: 400)
+INVALID = TEI_INVALID  # a field missing, of the wrong type or out of bounds: 422, and errors in TEI's shape
 
 
 @dataclass(frozen=True)

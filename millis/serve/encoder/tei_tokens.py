@@ -127,7 +127,7 @@ async def tokenize(model, body: dict[str, Any], limits: Limits, off: Off) -> Res
         return Response(body, 200, media_type="application/json")
     except ApiError as e:
         e.status = api_status(e, tei.INVALID)
-        return error_response(e)
+        return error_response(e, tei=True)
 
 
 async def decode(model, body: dict[str, Any], limits: Limits, off: Off) -> Response:
