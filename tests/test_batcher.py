@@ -154,7 +154,7 @@ def test_retry_after_is_the_queues_time_at_the_measured_rate():
         return before, got, capped
 
     before, got, capped = run(go())
-    assert before == 1 and 3 <= got <= 4, (before, got)  # the old estimate: 40 rows at 0.2 x 16 rows a second, 13 s
+    assert before == 1 and 3 <= got <= 6, (before, got)  # the old estimate: 40 rows at 0.2 x 16 rows a second, 13 s
     assert capped == MAX_RETRY_AFTER_S
 
 

@@ -274,8 +274,8 @@ def test_generate_waits_out_the_steps_of_a_chunked_prompt(model_path, monkeypatc
 
 def test_the_budget_holds_with_no_row_decoding(model_path):
     """A step prefills at most the budget even when no row decodes (a lone prompt went whole: on an idle server an
-    8k-token prompt was one step of 100 s, which requests behind it and its own cancel waited out); a request that
-    arrives meanwhile starts after one chunk, and a cancelled prompt costs no step after its cancel."""
+    8k-token prompt was one step of 100 s, which requests behind it and its own cancel waited out); a cancelled
+    prompt costs no step after its cancel, and the request behind it starts in the next step."""
     eng = open_tiny(model_path)
     calls = count_prompt_tokens(eng)
     rid = eng.add(LONG[0], SamplingParams(max_tokens=4, ignore_eos=True))

@@ -477,9 +477,11 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
             "parameters": {"truncate": False}}
     status, _, err = embed_server.post("/similarity", long)
     assert status == 422 and err["error"].startswith("inputs.sentences[1] is longer"), err
+    assert err["param"] == "inputs.sentences", err
     long["inputs"] = {"source_sentence": "word " * 2000, "sentences": ["a"]}
     status, _, err = embed_server.post("/similarity", long)
     assert status == 422 and err["error"].startswith("inputs.source_sentence is longer"), err
+    assert err["param"] == "inputs.source_sentence", err
     blank = {"inputs": {"source_sentence": "", "sentences": ["a"]}}
     for bad, status, param in (({"inputs": "x"}, 422, "inputs"),
                                ({"inputs": {"sentences": ["a"]}}, 422, "inputs.source_sentence"),
@@ -489,7 +491,7 @@ def test_tei_similarity_and_health_aliases(embed_server, classify_server):
                                ({"inputs": {"source_sentence": "a", "sentences": ["b", 3]}}, 422, "inputs.sentences"),
                                ({"inputs": {"source_sentence": "a", "sentences": ["b"] * 64}}, 422, "inputs.sentences"),
                                ({**body, "parameters": {"truncation_direction": "left"}}, 422, "truncation_direction"),
-                               ({**body, "parameters": {"truncate": "yes"}}, 422, "truncate"),
+                               ({**body, "parameters": {"truncate": "yes"}}, 422, "parameters.truncate"),
                                ({**body, "parameters": []}, 422, "parameters")):
         got = embed_server.post("/similarity", bad)
         assert got[0] == status and got[2]["param"] == param, (bad, got)  # TEI's error body, millis's param beside

@@ -52,7 +52,7 @@ def run_rows(runtime: Runtime, encoder: TextEncoder, ids: list[list[int]], cut: 
              max_batch: int = MAX_BATCH) -> Result:
     """Token rows -> outputs in input order (run_texts's batching). On a runtime that shares its activation
     scales across a call's rows (`shares_scales_across_rows`: ORT's dynamic int8), a row's output depends on
-    the rows and the padding it is run with, as on the server within one request."""
+    the rows and the padding it is run with: `Model.run` and the server run such a runtime one row a call."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outs: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for start in range(0, len(order), max_batch):

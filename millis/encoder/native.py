@@ -179,7 +179,7 @@ class NativeBert:
         if lib is None:
             raise MillisError("millis's native kernels are off (MILLIS_NO_KERNELS) or not available on this CPU")
         self.lib, self.isa, self.precision, self.threads = lib, native_isa(), precision, max(1, threads)
-        self.amx = init_amx(lib) and on_tiles(precision)  # its matmuls on tiles; asked at every load: it picks attention too
+        self.amx = init_amx(lib) and on_tiles(precision)  # matmuls on tiles; asked every load: it picks attention too
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         if attention not in ATTENTIONS:
             raise MillisError(f"unknown native attention {attention!r}; supported: {', '.join(ATTENTIONS)}")

@@ -41,7 +41,10 @@ def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
     if not isinstance(names, list):  # the tokenizer class's own (a DistilBertTokenizer's leave token types out)
         from transformers import AutoTokenizer
 
-        names = AutoTokenizer.from_pretrained(str(path)).model_input_names
+        try:
+            names = AutoTokenizer.from_pretrained(str(path)).model_input_names
+        except Exception:  # noqa: BLE001 -- a tokenizer transformers cannot load here: BERT's pair encoding
+            names = ["token_type_ids"]
     return "token_type_ids" in names
 
 

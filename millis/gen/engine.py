@@ -197,8 +197,8 @@ class Engine:
             self._make_room()
         running = [r for r in self.slots if r is not None and not r.prefilling]  # decode rows: their feeds are in
         coming = {k for r in self.slots if r is not None and r.prefilling for k in r.keys or ()}  # being prefilled
-        # the budget holds with no row decoding too: a request arriving while a long prompt prefills waits one
-        # chunk, not the prompt (an idle server's 8k-token prompt was one 100 s step no cancel could end)
+        # the budget holds with no row decoding too: a step stays bounded and a cancelled prompt stops within a
+        # chunk (an idle server's 8k-token prompt was one 100 s step no cancel could end)
         chunks = schedule(self.slots, self.waiting, self.prefill_tokens, self.max_prefills, self.max_passes,
                           lambda r: self._admit(r, coming))
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots

@@ -57,8 +57,8 @@ def sliding_window(d: dict, mt: str) -> int:
     """The window every layer attends within (0: none), as transformers applies it: Llama has none; Qwen2 only
     with use_sliding_window, and only on the layers `layer_types` (or layer >= max_window_layers) names; a mix
     of windowed and full layers is refused (millis windows all layers or none)."""
-    # Mistral's config class defaults the window to 4096 where config.json leaves the key out (null: none)
-    window = d.get("sliding_window", 4096 if mt == "mistral" else None) or 0
+    # Mistral's and Qwen2's config classes default the window to 4096 where config.json leaves the key out (null: none)
+    window = d.get("sliding_window", 4096 if mt in ("mistral", "qwen2") else None) or 0
     if not window or mt == "llama" or mt == "qwen2" and not d.get("use_sliding_window"):
         return 0
     n = d["num_hidden_layers"]

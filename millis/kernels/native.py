@@ -9,7 +9,8 @@ vector registers) or `scalar` (plain C, the reference the tests compare the SIMD
 `MILLIS_KERNEL_ISA=avx512|avx2|scalar` forces a build the CPU runs; `MILLIS_NO_KERNELS=1` disables them.
 AMX (Sapphire Rapids and later): the `avx512` build also holds amx.c's tile GEMMs (bf16 matrices in AMX
 tiles; int8 tiles beside block-format matrices for 16 tokens or more), used when `init_amx` finds the tile
-unit usable; `MILLIS_NO_AMX=1` keeps everything on the AVX-512 kernels.
+unit usable; `MILLIS_NO_AMX=1` set before the first load keeps everything on the AVX-512 kernels (set later, it keeps
+that load's layouts off the tiles only: `init_amx`).
 """
 from __future__ import annotations
 

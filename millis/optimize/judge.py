@@ -147,7 +147,8 @@ def gate_group(ctx: "JudgeContext") -> int:
 
 
 FIDELITY_BATCH = 8          # rows a call on the fidelity texts
-ACCURACY_BATCH = MAX_BATCH  # rows a call on the selection rows (run_texts: sorted by length, as `millis eval` runs)
+ACCURACY_BATCH = MAX_BATCH  # rows a call on the selection rows (run_texts: sorted by length, as `millis eval` runs
+# them; a runtime whose rows share scales runs one row a call there, and judged_batches judges it at one row too)
 
 
 def judged_batches(rt: Runtime, batched: int) -> tuple[int, ...]:

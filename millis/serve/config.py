@@ -62,7 +62,7 @@ class ServeConfig:
                            "same text, faster when answers quote the prompt or a draft model guesses well); 0 = off")
     draft_model: str = _f("", "generation, GGUF models: a smaller GGUF of the same vocabulary that drafts the "
                               "tokens (with --speculate N); default: prompt lookup")
-    prefill_tokens_per_step: int = _f(0, "generation: prompt tokens one engine step prefills while requests decode "
+    prefill_tokens_per_step: int = _f(0, "generation: prompt tokens one engine step prefills, all requests together "
                                          "(a long prompt goes over several steps: bounds their stall); 0 = 256 on "
                                          "cpu, 2048 on cuda")
     dtype: str = _f("fp32", "generation: fp32 or bf16 weights and activations", choices=DTYPES)

@@ -64,11 +64,14 @@ def _tei_post(summary: str, request: dict, ok: dict) -> dict:
     return _post(summary, request, ok, TEI_ERRORS, TEI_ERROR)
 
 
-def _get(summary: str, ok: dict | None = None, unavailable: bool = False) -> dict:
+NOT_READY = "loading, failed or draining"
+
+
+def _get(summary: str, ok: dict | None = None, unavailable: str = "") -> dict:
+    """unavailable: what a 503 says ("" none)."""
     responses: dict[str, Any] = {"200": {"description": summary, **({"content": ok} if ok else {})}}
     if unavailable:
-        responses["503"] = {"description": "the model failed to load" if summary == "alive" else
-                            "loading, failed or draining"}
+        responses["503"] = {"description": unavailable}
     return {"get": {"summary": summary, "responses": responses}}
 
 
@@ -83,8 +86,9 @@ def _common(name: str) -> dict[str, Any]:
         "200": {"description": "the card", "content": _json(card)},
         "404": {"description": "another model", "content": _json(ERROR)}}}}
     return {"/v1/models": _get("the served model", _json(models)), "/v1/models/{id}": one,
-            "/health": _get("alive", unavailable=True),
-            "/ready": _get("model loaded and warmed", unavailable=True), "/metrics": _get("Prometheus text format"),
+            "/health": _get("alive", unavailable="the model failed to load"),
+            "/ready": _get("model loaded and warmed", unavailable=NOT_READY),
+            "/metrics": _get("Prometheus text format"),
             "/stats": _stats(), "/dashboard": _get("a live page of /stats", {"text/html": {"schema": TEXT_BODY}})}
 
 
@@ -208,7 +212,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
                                      _json({"type": "array", "items": hit}))
     info = {"type": "object", "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size"]}
     paths["/info"] = _get("text-embeddings-inference's /info: the model and the server's bounds", _json(info),
-                          unavailable=True)
+                          unavailable=NOT_READY)
     # TEI's routes by model type: an embedder's /embed, a one-label classifier's /rerank, another's /predict
     same = "/embed" if task == "embed" else ("/rerank" if n_labels == 1 else "/predict") if task == "classify" else ""
     for path in ("/", "/invocations") if same else ():
@@ -220,7 +224,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
                 **both[0]["responses"], "200": {"description": "OK", "content": _json({"oneOf": ok})}})
     for path in ("/", "/ping"):  # TEI's health check (SageMaker's /ping): /ready's answer
         paths.setdefault(path, {}).update(_get("model loaded and warmed (text-embeddings-inference's health)",
-                                               unavailable=True))
+                                               unavailable=NOT_READY))
     tok_item = {"type": "object", "required": ["index", "tokens", "count", "truncated"], "properties": {
         "index": {"type": "integer", "minimum": 0}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "count": {"type": "integer", "minimum": 0}, "truncated": {"type": "boolean"}}}

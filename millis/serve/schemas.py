@@ -213,7 +213,7 @@ def too_long(field: str, i: int | str, pair: bool, first_alone: bool, max_length
         what = f"{field}[{i}]" + (f" with {'its first text' if field == 'inputs' else 'the query'}" if pair else "")
     why = "the server rejects long texts" if server_rule else "the request asked truncate=false"
     return ApiError(413, f"{what} is longer than the model's {max_length} tokens ({why}; send shorter ones)",
-                    param=field, code="text_too_long")
+                    param=i.split("[")[0] if isinstance(i, str) else field, code="text_too_long")
 
 
 def reject_of(truncate: bool | None) -> bool | None:

@@ -132,8 +132,9 @@ class _Server(uvicorn.Server):
         print(f"millis serve: {signal.Signals(sig).name}: draining admitted requests", file=sys.stderr, flush=True)
 
     def _expire_before_the_limit(self) -> None:
-        """Shortly before the drain's limit, the app answers the requests that have not started 503
-        (`expire_waiting`): past the limit uvicorn would cancel them, a plain-text 500 each."""
+        """Shortly before the drain's limit, the app ends what is left (`expire_waiting`): encoder requests not started
+        and generation answers get a 503 (a stream under way an error event): past the limit uvicorn would cancel
+        them, a plain-text 500 each or a cut stream."""
         st = getattr(getattr(self.config.app, "state", None), "millis", None)
         expire = getattr(st, "expire_waiting", None)
         try:

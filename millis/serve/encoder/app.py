@@ -199,7 +199,7 @@ class State:
     async def tokenize(self, model: Model, texts: list[str] | schemas.TokenInput, watch: Watch,
                        query: str | None = None, field: str = "input",
                        reject: bool | None = None,
-                       places: list[int] | None = None) -> tuple[list[list[int]], list[bool], float]:
+                       places: list[int | str] | None = None) -> tuple[list[list[int]], list[bool], float]:
         """(ids, cut, seconds); `field`: the request's name for the texts, which a 413 names (with a query: the query
         where it alone is too long, else the document; /predict's `inputs`: a pair's first text); reject: the
         request's `truncate` false (True) or true (False: cut, as TEI's explicit truncate), None the server's rule;

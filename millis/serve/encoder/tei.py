@@ -96,7 +96,8 @@ def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
     if not isinstance(source, str) or not source:
         what = "missing" if source is None else "empty" if isinstance(source, str) else f"a {type(source).__name__}"
         raise ApiError(422, f"inputs.source_sentence is {what}: send the text to compare the sentences with",
-                       param="inputs.source_sentence", code="empty_input" if what == "empty" else "invalid_type")
+                       param="inputs.source_sentence", code={"missing": "missing", "empty": "empty_input"}.get(
+                           what, "invalid_type"))
     if not isinstance(v.get("sentences", []), list):
         raise ApiError(422, f"inputs.sentences must be a list of texts, got {type(v['sentences']).__name__}",
                        param="inputs.sentences", code="invalid_type")
@@ -104,7 +105,8 @@ def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
     if len(sentences) + 1 > limits.max_inputs:
         raise ApiError(413, f"inputs.sentences has {len(sentences)} texts: with the source sentence at most "
                             f"{limits.max_inputs} per request", param="inputs.sentences", code="too_many_inputs")
-    return TeiRequest([source, *sentences], False, boolean(params, "truncate"))
+    return TeiRequest([source, *sentences], False, boolean({"parameters.truncate": params.get("truncate")},
+                                                           "parameters.truncate"))
 
 
 def similarity_places(n: int) -> list[str]:

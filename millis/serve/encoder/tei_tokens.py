@@ -39,7 +39,7 @@ def rust_tokenizer(enc) -> Any | None:
 def tokenize_request(body: dict[str, Any], limits: Limits, max_length: int) -> tuple[list[str], bool]:
     """(texts, add_special_tokens) of a TEI /tokenize body; 4xx naming the field."""
     check_prompt(body)
-    texts = texts_of(body, "inputs", limits)  # a string or strings, none blank, at most --max-inputs
+    texts = texts_of(body, "inputs", limits)  # a string or strings, none empty, at most --max-inputs
     most = max_length * MAX_CHAR_MULTIPLIER
     for i, t in enumerate(texts):
         if len(t) > most:
