@@ -408,3 +408,5 @@ def test_a_mistral_config_without_a_window_key_takes_mistrals_default():
     assert hf_model_config(base, False).sliding_window == 4096
     assert hf_model_config({**base, "sliding_window": None}, False).sliding_window == 0
     assert hf_model_config({**base, "sliding_window": 8}, False).sliding_window == 8
+    qwen = {**base, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0}  # Qwen2Config's too
+    assert hf_model_config(qwen, False).sliding_window == 4096
