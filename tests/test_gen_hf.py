@@ -410,3 +410,11 @@ def test_a_mistral_config_without_a_window_key_takes_mistrals_default():
     assert hf_model_config({**base, "sliding_window": 8}, False).sliding_window == 8
     qwen = {**base, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0}  # Qwen2Config's too
     assert hf_model_config(qwen, False).sliding_window == 4096
+
+
+def test_an_encoder_folder_is_named_as_one_not_as_a_missing_head(tiny_dirs):
+    """`millis generate` on an encoder's folder said its lm_head.weight was missing (the head check ran first)."""
+    from millis.common.errors import MillisError
+
+    with pytest.raises(MillisError, match="unsupported model_type 'bert'"):
+        open_engine(str(tiny_dirs["bert"]), EngineConfig(max_batch=1, max_seq=64))

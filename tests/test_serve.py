@@ -253,6 +253,12 @@ def test_millis_bench_against_the_server(embed_server, tmp_path):
         assert row["ok"] > 0 and row["errors"] == 0 and row["timeouts"] == 0
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
     assert (out / "latency_vs_load.png").stat().st_size > 1000
+    table = [ln for ln in r.stdout.splitlines() if ln.lstrip().startswith("│")]
+    assert table and not any("…" in ln for ln in table), r.stdout  # a pipe's 80 columns cut every cell
+    r = subprocess.run([sys.executable, "-m", "millis.cli", "bench", f"http://{embed_server.host}:{embed_server.port}",
+                        "--data", str(data), "--route", "/v1/classify", "--duration", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)  # a route this server lacks: said at once
+    assert r.returncode != 0 and "the first request was answered 404" in r.stderr, (r.returncode, r.stderr)
 
 
 def test_gpu_buckets_and_device_errors(classify_artifact):

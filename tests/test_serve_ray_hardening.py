@@ -220,3 +220,21 @@ def test_a_caller_leaving_a_replica_is_counted_499(monkeypatch):
 
     metrics = asyncio.run(main())
     assert 'millis_requests_total{route="/v1/classify",status="499"} 1.0' in metrics
+
+
+def test_a_port_in_use_is_one_clear_line_before_ray_starts():
+    """`serve --replicas 2` on a port in use printed a 45-line traceback a minute later, from Ray's own bind."""
+    import socket
+
+    import pytest
+
+    from millis.common.errors import MillisError
+    from millis.serve.ray.deploy import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(MillisError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port("127.0.0.1", port)
+    check_port("127.0.0.1", port)  # free again: no error

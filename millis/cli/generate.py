@@ -39,5 +39,5 @@ def run(cfg: GenerateConfig) -> int:
     return 0
 
 
-COMMAND = Command("generate", "continue a prompt with a decoder (HF Llama/Mistral/Qwen2/GPT-2 or llama2.c)",
+COMMAND = Command("generate", "continue a prompt with a decoder (GGUF, HF Llama/Mistral/Qwen2/GPT-2 or llama2.c)",
                   groups, config, run, positionals=("model",))

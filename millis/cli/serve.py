@@ -5,6 +5,7 @@ server up with variables alone.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,7 @@ def bench(cfg: BenchConfig) -> int:
 
     from millis.loadgen import bench
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe's 80 columns cut the table to "2…"
     console.print(f"[bold]millis bench[/] {cfg.url}: {cfg.duration:g} s per level")
 
     def ms(r: dict, key: str) -> str:

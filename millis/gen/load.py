@@ -49,8 +49,8 @@ def load(path: str | Path, engine: EngineConfig) -> Loaded:
     if p.is_file() and is_gguf(p):
         return load_gguf(p, engine)
     if not p.exists():
-        raise MillisError(f"model {path} does not exist: give a HF directory (config.json + model.safetensors) "
-                          f"or a llama2.c .bin checkpoint (or a directory holding one)")
+        raise MillisError(f"model {path} does not exist: give a GGUF file, a HF directory (config.json + "
+                          f"model.safetensors) or a llama2.c .bin checkpoint (or a directory holding one)")
     if p.is_dir() and (p / "config.json").is_file():
         cfg, sd, tok, source = _read_hf(p)
     else:
@@ -354,11 +354,10 @@ def _read_hf(d: Path):
     hf = {k.removeprefix("transformer.").removeprefix("model."): v.float() for k, v in hf.items()}
     # the file's lm_head where it has one (transformers 5 keeps a tied config's differing head), else the embedding if
     # config.json ties them (GPT-2's default; the Llama family's: untied, and a missing head was run as the embedding)
-    tied = "lm_head.weight" not in hf
-    if tied and not raw.get("tie_word_embeddings", raw.get("model_type") == "gpt2"):
+    cfg = hf_model_config(raw, tied="lm_head.weight" not in hf)  # an encoder's model_type refused first, by name
+    if cfg.tie_head and not raw.get("tie_word_embeddings", raw.get("model_type") == "gpt2"):
         raise MillisError(f"{d}: config.json has tie_word_embeddings false (or leaves it at its {raw.get('model_type')}"
                           f" default, false) but the weights have no lm_head.weight")
-    cfg = hf_model_config(raw, tied=tied)
     try:
         sd = _gpt2_weights(hf, cfg) if isinstance(cfg, GPT2Config) else _llama_weights(hf, cfg)
     except KeyError as e:

@@ -21,7 +21,7 @@ import orjson
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
 from millis.common.readers import read_texts
-from millis.loadgen.client import Target, fetch
+from millis.loadgen.client import Conn, Target, fetch
 from millis.common.files import raise_fd_limit
 from millis import __version__
 from millis.common.hardware import describe, source_revision
@@ -73,6 +73,19 @@ async def discover(t: Target, route: str, model: str, timeout: float) -> tuple[s
     route = route or {"classify": "/v1/classify", "generate": "/v1/chat/completions"}.get(card.get("task"),
                                                                                          "/v1/embeddings")
     return route, model or card.get("id", "")
+
+
+async def first_answer(t: Target, make: Callable[[], bytes], timeout: float) -> None:
+    """One request before any level: a route or body the server refuses (a 4xx but 408 / 429) is said with its
+    answer, not counted in every level (a route the server lacks read 13,190 errors and exited 0)."""
+    c = await asyncio.wait_for(Conn.connect(t), timeout)
+    try:
+        status, _, data = await asyncio.wait_for(c.send(make()), timeout)
+    finally:
+        c.close()
+    if 400 <= status < 500 and status not in (408, 429):
+        raise MillisError(f"{t.url}: the first request was answered {status}: "
+                          f"{data[:300].decode('utf-8', 'replace')}")
 
 
 def request_maker(t: Target, route: str, model: str, texts: list[str], inputs: int, seed: int,
@@ -153,6 +166,7 @@ def bench(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dic
     async def go() -> tuple[str, str, list[dict]]:
         route, model = await discover(t, cfg.route, cfg.model, cfg.timeout)
         make = request_maker(t, route, model, texts, cfg.inputs, cfg.seed, cfg)
+        await first_answer(t, make, cfg.timeout)
         if route.endswith("completions"):
             return route, model, await gen_levels(t, make, levels, cfg, on_row)
         idle_ms = await warm(t, make, cfg.warmup, cfg.timeout)

@@ -20,8 +20,8 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @dataclass(frozen=True)
 class ServeConfig:
     artifact: str = _f("", "artifact directory written by `millis optimize` (or any source spec: served as torch "
-                           "fp32), or a decoder for generation: HF llama/mistral/qwen2/gpt2 directory "
-                           "or llama2.c checkpoint")
+                           "fp32), or a decoder for generation: a GGUF file, builtin:smollm2, a HF "
+                           "llama/mistral/qwen2/gpt2 directory or a llama2.c checkpoint")
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(8000, "TCP port (0 = any free port, printed at start)")
     model_name: str = _f("", "name clients use in `model` (default: the artifact directory's name)")

@@ -43,7 +43,8 @@ def app_and_loader(cfg: ServeConfig):
         task = artifact.read_meta(p, verify=True).task  # format, version, hashes; or why not
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
-                          f"or a decoder: HF llama/mistral/qwen2/gpt2 directory or llama2.c checkpoint)")
+                          f"or a decoder: a GGUF file, a HF llama/mistral/qwen2/gpt2 directory or a llama2.c "
+                          f"checkpoint)")
     elif p.exists():
         from millis.serve.generation.models import is_generation_model
 

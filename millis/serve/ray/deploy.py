@@ -127,6 +127,16 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def check_port(host: str, port: int) -> None:
+    """The port a local Serve will bind, in use: one clear line now (Ray failed a minute later, with a traceback)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MillisError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
     """Deploy, print the address, serve until SIGTERM/SIGINT, then drain and remove the application
     (`stop_app`) and leave Ray. Returns the exit status."""
@@ -140,6 +150,8 @@ def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
         from ray import serve
     except ImportError:
         raise MillisError("serving on Ray needs Ray Serve: pip install 'millis[ray]'") from None
+    if cfg.port and not rc.ray_address:  # a Serve of its own binds it (a cluster's keeps its settings: start_app)
+        check_port(cfg.host, cfg.port)
     app = application(cfg, rc)
     # "local": an instance of its own, as the flag says (None joined any cluster RAY_ADDRESS or the last
     # `ray start` on this machine named)
