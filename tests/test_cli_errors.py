@@ -2,6 +2,7 @@
 error names that flag, or the MILLIS_* variable where the value came from one."""
 import importlib
 import io
+import json
 import subprocess
 import sys
 
@@ -164,3 +165,15 @@ def test_generate_seed_past_64_bits_names_its_flag(capsys, stories):
 ])
 def test_abbreviated_or_repeated_options_are_refused(capsys, argv, named):
     assert named in one_line_error(capsys, *argv)
+
+
+def test_info_and_predict_on_a_trained_model_say_what_it_is(capsys, tmp_path):
+    """`millis info` / `millis predict` on a `millis train` directory said only that its millis.json was "not a millis
+    artifact description": they name the model and the command that builds an artifact from it."""
+    from millis.artifact.meta import TRAIN_FORMAT
+
+    (tmp_path / "millis.json").write_text(json.dumps({"format": TRAIN_FORMAT, "version": 1}))
+    for argv in (["info", str(tmp_path)], ["predict", str(tmp_path), "hi"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "a model `millis train` wrote, not an artifact" in err and "millis optimize" in err, err

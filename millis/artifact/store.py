@@ -114,6 +114,9 @@ def read_meta(path: Path, verify: bool = True) -> ArtifactMeta:
         raw = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MillisError(f"{mf} is corrupted (not valid JSON: {e})") from None
+    if isinstance(raw, dict) and raw.get("format") == TRAIN_FORMAT:
+        raise MillisError(f"{mf} describes a model `millis train` wrote, not an artifact: `millis optimize {path} "
+                          f"--out ART` builds one (millis eval takes the model as it is)")
     meta = ArtifactMeta.from_dict(raw, str(mf))
     if verify:
         verify_files(path, meta, "artifact")
