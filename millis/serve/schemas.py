@@ -118,12 +118,11 @@ def same_value(v: Any, ref: Any) -> bool:
 def texts_of(body: dict[str, Any], key: str, limits: Limits, name: str | None = None) -> list[str]:
     """`key` as a non-empty list of non-empty strings (a single string is one input); errors name it `name` (default:
     key)."""
-    if name is not None and key in body:
-        return texts_of({name: body[key]}, name, limits)
-    key = name or key
     if key not in body:
+        key = name or key
         raise ApiError(422, f"missing field '{key}' (a string or a list of strings)", param=key, code="missing")
     v = body[key]
+    key = name or key  # what the errors below call it
     texts = [v] if isinstance(v, str) else v
     if not isinstance(texts, list):
         raise ApiError(422, f"'{key}' must be a string or a list of strings, got {type(v).__name__}", param=key,

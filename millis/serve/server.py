@@ -76,18 +76,25 @@ def _gen_loader(cfg: ServeConfig, model: str):
     return create_gen_app, lambda: open_engine(model, engine, seed=secrets.randbits(62))
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), address reuse on; a port in use is one clear line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MillisError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve(cfg: ServeConfig, loader=None) -> int:
     """Serve `cfg.artifact` over HTTP; returns the exit status (0 after a graceful drain)."""
     from millis.serve.encoder.app import create_app
 
     factory, loader = (create_app, loader) if loader is not None else app_and_loader(cfg)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((cfg.host, cfg.port))
-    except OSError as e:
-        raise MillisError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
+    sock = bound_socket(cfg.host, cfg.port)
     sock.listen(2048)  # from here on connections wait in the backlog, none is refused while uvicorn starts
     host, port = sock.getsockname()[:2]
     app = factory(cfg, loader)

@@ -129,12 +129,9 @@ def free_port(host: str) -> int:
 
 def check_port(host: str, port: int) -> None:
     """The port a local Serve will bind, in use: one clear line now (Ray failed a minute later, with a traceback)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise MillisError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    from millis.serve.server import bound_socket
+
+    bound_socket(host, port).close()
 
 
 def serve_on_ray(cfg: ServeConfig, rc: RayConfig) -> int:
