@@ -221,7 +221,7 @@ def test_loaded_artifact_matches_reference(classify_artifact, tiny_dirs):
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
 
 
-@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "mpnet", "modernbert"])
 def test_embed_pipeline_other_families(tmp_path, tiny_dirs, quick_measure, family):
     out = optimize(OptimizeConfig(source=f"tiny:{family}", task="embed", out=str(tmp_path / family),
                                   variants=("ort-fp32-fused", "ov-int8"), target=Shape(1, 16), measure=quick_measure))

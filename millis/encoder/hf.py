@@ -96,25 +96,38 @@ def cut_ffn(model, keep: list[list[int]]) -> None:
 
 
 def layer_list(model) -> Any:
-    """The layer ModuleList of any supported encoder (DistilBERT keeps it under `transformer`)."""
+    """The layer ModuleList of any supported encoder (DistilBERT keeps it under `transformer`, ModernBERT directly)."""
     base = model.base_model
-    return base.encoder.layer if hasattr(base, "encoder") else base.transformer.layer
+    if hasattr(base, "encoder"):
+        return base.encoder.layer
+    return base.layers if hasattr(base, "layers") else base.transformer.layer
 
 
 def cut_layers(model, keep: list[int]) -> None:
-    """Keep encoder layers `keep` (indices, in order); works for DistilBERT too."""
+    """Keep encoder layers `keep` (indices, in order); works for DistilBERT and ModernBERT too (its per-layer
+    attention kinds, config.layer_types, are cut with the layers)."""
     import torch
 
     layers = layer_list(model)
     if not keep or any(not 0 <= i < len(layers) for i in keep):
         raise MillisError(f"layers to keep must be 1..{len(layers)} indices below {len(layers)}, got {keep}")
-    kept = torch.nn.ModuleList([layers[i] for i in sorted(set(keep))])
-    if hasattr(model.base_model, "encoder"):
-        model.base_model.encoder.layer = kept
+    keep = sorted(set(keep))
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    base = model.base_model
+    if hasattr(base, "encoder"):
+        base.encoder.layer = kept
         model.config.num_hidden_layers = len(kept)
+    elif hasattr(base, "layers"):
+        if keep[0] != 0:  # its layer 0 alone has no attention norm: another first layer would reload without its own
+            raise MillisError(f"a ModernBERT keeps its first layer (layer 0, the one without an attention norm); "
+                              f"layers {keep} do not (--layer-map 0,...)")
+        base.layers = kept
+        model.config.num_hidden_layers = len(kept)
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = [model.config.layer_types[i] for i in keep]
     else:
-        model.base_model.transformer.layer = kept
-        model.base_model.transformer.n_layers = len(kept)
+        base.transformer.layer = kept
+        base.transformer.n_layers = len(kept)
         model.config.n_layers = len(kept)
 
 
@@ -127,7 +140,8 @@ def _shrink_to(model, shape: dict[str, int]) -> None:
     cut_heads(model, keep)
 
 
-ENCODER_PARTS = ("embeddings.", "encoder.", "transformer.")  # a BERT-family encoder's weights (DistilBERT: transformer)
+# an encoder's weights (DistilBERT: transformer.; ELECTRA: embeddings_project.; ModernBERT: layers., final_norm.)
+ENCODER_PARTS = ("embeddings.", "encoder.", "transformer.", "embeddings_project.", "layers.", "final_norm.")
 
 
 def checked_load(path: Path, cls, **kw: Any):

@@ -12,13 +12,18 @@ from millis.common.errors import MillisError
 from millis.common.files import absolute, hash_files
 
 # model_type (config.json) -> family name the exporter and fusions understand.
-SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta"}
-SUPPORTED_TEXT = "BERT (incl. MiniLM), DistilBERT, RoBERTa, XLM-RoBERTa encoders"
+SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
+             "mpnet": "mpnet", "electra": "electra", "deberta-v2": "deberta-v2", "modernbert": "modernbert"}
+SUPPORTED_TEXT = ("BERT (incl. MiniLM, bge, e5, gte), DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, DeBERTa-v2/v3 "
+                  "and ModernBERT encoders")
 ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
+NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"})  # no token type embeddings: no token_type_ids input
+# positions start after padding_idx (pad_token_id + 1), so max_position_embeddings holds that many fewer tokens
+PADDING_OFFSET = frozenset({"roberta", "xlm-roberta", "mpnet"})
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
                    "tokenizer.model")
 POOLING_MODES = ("mean", "cls", "max")
 
@@ -27,7 +32,7 @@ def takes_segments(model_type: str, segments: bool | None = None) -> bool:
     """Whether a pair's second text gets token type 1 (BERT's segment B; RoBERTa and XLM-R have one type).
     segments: what the model's folder said (`pair_segments`); None (an artifact written before it was recorded):
     by model_type alone."""
-    return model_type not in ONE_TOKEN_TYPE if segments is None else segments
+    return model_type not in ONE_TOKEN_TYPE | NO_TOKEN_TYPE if segments is None else segments
 
 
 def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
@@ -70,7 +75,7 @@ def pools_tokens(task: str, pooling: Pooling) -> bool:
 class ModelSource:
     spec: str                # what the user typed
     path: Path               # resolved local directory
-    model_type: str          # bert | distilbert | roberta | xlm-roberta
+    model_type: str          # a key of SUPPORTED
     num_layers: int
     hidden_size: int
     num_heads: int           # attention heads per layer (fewer than the config's after head pruning)
@@ -161,7 +166,9 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     else:
         layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
-        inputs = ("input_ids", "attention_mask", "token_type_ids")
+        # DeBERTa-v3 keeps type_vocab_size 0: it has no token type embeddings either
+        inputs = ("input_ids", "attention_mask") if model_type in NO_TOKEN_TYPE or \
+            int(cfg.get("type_vocab_size", 2)) == 0 else ("input_ids", "attention_mask", "token_type_ids")
     attention_size = int(hidden)
     if cfg.get("millis_pruned"):  # heads removed by `millis prune`: fewer, same head size
         heads = int(cfg["millis_pruned"]["attention_heads"])
@@ -170,7 +177,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         raise MillisError(f"{path}: its tokenizer gives ids up to {ids - 1}, past the embedding table's "
                           f"{cfg['vocab_size']} rows (config.json vocab_size): such texts could not run")
     max_pos = int(cfg.get("max_position_embeddings", 512))
-    if model_type in ("roberta", "xlm-roberta"):
+    if model_type in PADDING_OFFSET:
         max_pos -= int(cfg.get("pad_token_id", 1)) + 1  # positions start after padding_idx
     return ModelSource(
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),

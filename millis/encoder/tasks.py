@@ -45,6 +45,15 @@ class TaskModel(nn.Module):
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 
 
+EAGER_ONLY = frozenset({"mpnet", "deberta-v2"})  # transformers has no SDPA attention for them (relative positions)
+POOLERS = frozenset({"bert", "roberta", "xlm-roberta", "mpnet"})  # AutoModel builds a pooler unless told not to
+
+
+def base_model_kwargs(model_type: str) -> dict:
+    """AutoModel's arguments for an embedder's bare encoder: without the pooler it never reads."""
+    return {"add_pooling_layer": False} if model_type in POOLERS else {}
+
+
 def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> TaskModel:
     """Load the HF weights for `task`. attn="eager" gives the attention pattern ORT fuses."""
     from transformers import AutoModel, AutoModelForSequenceClassification
@@ -52,12 +61,13 @@ def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torc
 
     hf_logging.set_verbosity_error()  # silence "some weights were not used" for the dropped head
     hf_logging.disable_progress_bar()
+    if src.model_type in EAGER_ONLY:
+        attn = "eager"
     if task == "classify":
         if not src.has_classifier:
             raise MillisError(f"{src.spec} has no sequence-classification head (architectures in config.json); "
                               f"fine-tune one first, or use --task embed")
         hf = load_hf(src.path, AutoModelForSequenceClassification, attn_implementation=attn, dtype=dtype)
     else:
-        kw = {} if src.model_type == "distilbert" else {"add_pooling_layer": False}  # the pooler is unused
-        hf = load_hf(src.path, AutoModel, attn_implementation=attn, dtype=dtype, **kw)
+        hf = load_hf(src.path, AutoModel, attn_implementation=attn, dtype=dtype, **base_model_kwargs(src.model_type))
     return TaskModel(hf.eval(), task, src.pooling, src.input_names).eval()

@@ -75,8 +75,8 @@ PRESETS: dict[str, MeasureConfig] = {
 class OptimizeConfig:
     """Everything `millis optimize` needs: the source, the task and how to choose."""
 
-    source: str = flag(help="local Hugging Face model dir, builtin:minilm, or "
-                            "tiny:bert|distilbert|roberta|xlm-roberta")
+    source: str = flag(help="local Hugging Face model dir (BERT, DistilBERT, RoBERTa, XLM-R, MPNet, ELECTRA, "
+                            "DeBERTa-v2/v3, ModernBERT), builtin:minilm, or tiny:<family> (random, for tests)")
     task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
                               "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
     out: str = flag("artifacts/model", "artifact directory to write (an empty one or one millis wrote is replaced; "

@@ -27,6 +27,7 @@ from millis.train.loop import (Progress, TaskData, check_out, cut_note, data_met
 from millis.evaluate.seen import distill_texts
 from millis.encoder.hf import cut_layers, layer_list, load_hf
 from millis.encoder.source import ModelSource, resolve
+from millis.encoder.tasks import base_model_kwargs
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling", "2_Normalize")
@@ -228,8 +229,7 @@ def _embed(cfg: DistillConfig, src: ModelSource, progress: Progress) -> Path:
     from millis.encoder.text import TextEncoder
     from millis.common.readers import read_texts
 
-    kw = {} if src.model_type == "distilbert" else {"add_pooling_layer": False}
-    teacher = load_hf(src.path, AutoModel, attn_implementation="eager", **kw).eval()
+    teacher = load_hf(src.path, AutoModel, attn_implementation="eager", **base_model_kwargs(src.model_type)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student, layer_of = build_student(cfg, src, teacher, AutoModel)
