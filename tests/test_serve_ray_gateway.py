@@ -288,3 +288,42 @@ def test_a_stream_whose_call_raises_mid_answer_ends_with_an_error_event(with_ray
     assert json.loads(events[-2])["error"]["code"] == "replica_error" and gateway.inflight == 0
     _, _, metrics, _ = through_gateway(gateway, [b""], path="/metrics", method="GET")
     assert b'millis_gateway_streams_cut_total{code="replica_error"} 1.0' in metrics
+
+
+def test_the_gateways_own_errors_on_tei_routes_are_in_teis_shape(with_ray):
+    """huggingface_hub and TEI's clients read `error` as the message: the gateway's own 429 / 413 / 503 on a TEI route
+    are TEI's object, as the replica's own errors there; on OpenAI's routes OpenAI's."""
+    from ray.serve.exceptions import BackPressureError
+
+    from millis.serve.ray.gateway import Gateway
+
+    async def queue_full(fwd):
+        raise BackPressureError(num_queued_requests=128, max_queued_requests=128)
+
+    gateway = Gateway(FakeReplicas(queue_full), 100, 0, 5.0)
+    for path in ("/embed", "/rerank", "/"):
+        status, headers, body, _ = through_gateway(gateway, [b"{}"], path=path)
+        err = json.loads(body)
+        assert status == 429 and err["error_type"] == "overloaded" and isinstance(err["error"], str), (path, body)
+        assert err["code"] == "overloaded" and int(headers["retry-after"]) >= 1
+    status, _, body, _ = through_gateway(gateway, [b"x" * 200], path="/predict")
+    assert status == 413 and json.loads(body)["error_type"] == "validation", body
+    status, _, body, _ = through_gateway(gateway, [b"{}"], path="/v1/rerank")  # Cohere's route: OpenAI's shape
+    assert status == 429 and json.loads(body)["error"]["code"] == "overloaded"
+
+
+def test_tei_paths_are_the_routes_answered_in_teis_shape():
+    """The gateway's list of TEI's paths is what the encoder server routes to TEI's handlers (GET / and /ping, the
+    probes, answer no errors)."""
+    from millis.serve.encoder.tei_routes import TEI_PATHS, tei_routes
+
+    posted = []
+
+    def post(path, fn, invalid=400):
+        posted.append(path)
+        return path
+
+    routes = tei_routes(None, None, None, None, post, None, None)
+    got = {r if isinstance(r, str) else r.path for rs in routes.values() for r in rs
+           if isinstance(r, str) or r.path == "/info"}
+    assert got == set(posted) | {"/info"} == TEI_PATHS

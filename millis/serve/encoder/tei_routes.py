@@ -17,6 +17,10 @@ from millis.serve.http import endpoint, json_response, read_json, ready_response
 from millis.serve.schemas import reject_of
 
 
+# the paths tei_routes answers in TEI's shape (the Ray gateway answers its own errors on them so too)
+TEI_PATHS = frozenset({"/embed", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info", "/decode"})
+
+
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
                timing_headers: Callable, offload: Callable) -> dict[str, list[Route]]:
     """{task: its routes} ("": every task's), from create_app's request steps (`infer`: the model and the body;

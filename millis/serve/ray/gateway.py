@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from millis.serve import schemas
 from millis.serve.guard import MAX_HEAD_BYTES
+from millis.serve.encoder.tei_routes import TEI_PATHS
 from millis.serve.http import Streamed, error_response, read_body
 from millis.serve.ray.replica import Forwarded
 from millis.serve.ray.scrape import every_replica, merged, missing_gauge
@@ -79,12 +80,11 @@ def head_bytes(request: Request) -> int:
     return line + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 2
 
 
-def error(status: int, message: str, code: str, retry_after_s: float | None = None) -> Response:
-    """The OpenAI error shape, as the single-process server answers it (schemas.ApiError); 429 and 503
-    say when to retry."""
+def error(status: int, message: str, code: str, retry_after_s: float | None = None) -> schemas.ApiError:
+    """A gateway's own error, answered (Gateway.own) as the single-process server answers it: in OpenAI's shape, in
+    TEI's on TEI's routes; 429 and 503 say when to retry."""
     retry = max(1, math.ceil(retry_after_s or 1)) if status in (429, 503) else None
-    return error_response(schemas.ApiError(status, message, code=code,
-                                           headers={"Retry-After": str(retry)} if retry else None))
+    return schemas.ApiError(status, message, code=code, headers={"Retry-After": str(retry)} if retry else None)
 
 
 async def within(response, awaitable, deadline: float):
@@ -141,11 +141,12 @@ class Gateway:
         return self.inflight
 
     async def forward(self, request: Request) -> Response:
+        path = request.url.path
         if self.draining:
-            return self.own(error(503, "the server is shutting down", "shutting_down"))
+            return self.own(error(503, "the server is shutting down", "shutting_down"), path)
         if (size := head_bytes(request)) > MAX_HEAD_BYTES:  # as the single-process server's guard answers it
             return self.own(error(431, f"the request's line and headers are {size} bytes; the limit is "
-                                  f"{MAX_HEAD_BYTES}", "headers_too_large"))
+                                  f"{MAX_HEAD_BYTES}", "headers_too_large"), path)
         if request.method in ("GET", "HEAD") and request.url.path == "/health":
             return self.own(Response(orjson.dumps({"status": "ok", "gateway": True}),
                                      media_type="application/json"))
@@ -173,8 +174,10 @@ class Gateway:
     def answered_whole(self, status: int) -> None:  # a stream has ended (Streamed's finish)
         self.inflight -= 1
 
-    def own(self, resp: Response) -> Response:
-        """An answer of the gateway's own, counted on /metrics."""
+    def own(self, resp: Response | schemas.ApiError, path: str = "") -> Response:
+        """An answer of the gateway's own, counted on /metrics; an error in the shape of `path`'s API."""
+        if isinstance(resp, schemas.ApiError):
+            resp = error_response(resp, tei=path in TEI_PATHS)
         self.answered.labels(str(resp.status_code)).inc()
         return resp
 
@@ -182,14 +185,14 @@ class Gateway:
         from ray.exceptions import RayActorError
 
         deadline = time.monotonic() + self.timeout_s  # the request's deadline counts from its arrival
+        path = request.url.path
         try:
             # 413 before reading past the limit, 408 for a body not in by the request's timeout
             body = await read_body(request, self.max_body, self.timeout_s)
         except schemas.ApiError as e:
-            return self.own(error_response(e))
+            return self.own(e, path)
         except ClientDisconnect:
             return self.own(Response(b"", 499))  # nobody reads it
-        path = request.url.path
         gen = generation_body(path, body)
         fwd = Forwarded(request.method, path, request.url.query.encode(),
                         [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP], body,
@@ -207,7 +210,7 @@ class Gateway:
                     return await gathered(answer)
             got, failed = await self.ask(path, whole)
             if failed:
-                return self.own(failed)
+                return self.own(failed, path)
             status, headers, body = got
             resp = Response(body, status_code=status)
             resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
@@ -219,7 +222,7 @@ class Gateway:
 
         got, failed = await self.ask(path, opened)
         if failed:
-            return self.own(failed)
+            return self.own(failed, path)
         answer, (_, status, headers) = got
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
@@ -244,7 +247,7 @@ class Gateway:
         resp.raw_headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         return resp
 
-    async def ask(self, path: str, start) -> tuple[object, Response | None]:
+    async def ask(self, path: str, start) -> tuple[object, schemas.ApiError | None]:
         """(what `start()` awaits to, None), sent again while its replica dies before answering; or
         (None, the error answer) when the replica raised, no replica answered, the replicas' queue is full
         (429) or the request's deadline passed (503)."""
