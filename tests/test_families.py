@@ -12,15 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import millis
 from conftest import reference_outputs
 from millis.artifact.model import open_model, run_pairs
-from millis.common.config import Shape
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder.source import resolve
-from millis.optimize.config import OptimizeConfig
-from millis.optimize.pipeline import optimize
 
 NEW = ("mpnet", "electra", "deberta-v2", "modernbert")
 
@@ -33,18 +29,27 @@ def texts_of_every_length() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["ort-fp32-fused", "ov-fp32"])
 @pytest.mark.parametrize("family", NEW)
-def test_fp32_graphs_match_transformers(tmp_path, tiny_dirs, quick_measure, family, variant):
-    out = optimize(OptimizeConfig(source=f"tiny:{family}", task="classify", out=str(tmp_path / family),
-                                  variants=(variant,), target=Shape(1, 16), measure=quick_measure))
-    m = millis.load(out)
-    assert m.variant == variant
+def test_fp32_graphs_match_transformers(tmp_path, tiny_dirs, family):
+    """ONNX Runtime's fused graph and OpenVINO's, built as optimize builds them, in batches and one text a call."""
+    from millis.artifact.model import run_texts
+    from millis.encoder.text import TextEncoder
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.optimize.judge import open_variant
+
+    src = resolve(f"tiny:{family}")
     texts = texts_of_every_length()
-    preds = m.predict(texts)
-    assert preds[-1]["truncated"] and not preds[0]["truncated"]
-    got = np.array([p["logits"] for p in preds])
-    np.testing.assert_allclose(got, reference_outputs(tiny_dirs[family], "classify", texts), atol=1e-4)
+    want = reference_outputs(tiny_dirs[family], "classify", texts)
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    builder = Builder(src, "classify", tmp_path, calibration=lambda: [])
+    for name in ("ort-fp32-fused", "ov-fp32"):
+        vdir, _ = builder.build(CATALOG[name])
+        rt = open_variant("classify", 1, src, CATALOG[name], vdir)
+        batched = run_texts(rt, enc, texts)
+        assert batched.truncated[-1] and not batched.truncated[0]
+        np.testing.assert_allclose(batched.outputs, want, atol=1e-4, err_msg=name)
+        alone = np.concatenate([run_texts(rt, enc, [t]).outputs for t in texts])
+        np.testing.assert_allclose(alone, want, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("family", NEW)
