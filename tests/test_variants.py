@@ -29,7 +29,7 @@ def _outputs(rt, enc, texts):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_dirs):
     res = {}
-    for fam, task in (("bert", "embed"), ("distilbert", "classify")):
+    for fam, task in CASES:
         src = resolve(f"tiny:{fam}")
         enc = TextEncoder(src.path, src.input_names, 128)
         # equal (8, 128) batches, as optimize makes them: Percentile / Entropy stack all batches
@@ -39,15 +39,19 @@ def built(tmp_path_factory, tiny_dirs):
     return res
 
 
-@pytest.mark.parametrize("case", [("bert", "embed"), ("distilbert", "classify")])
-@pytest.mark.parametrize("name", list(CATALOG))
+CASES = (("bert", "embed"), ("distilbert", "classify"), ("roberta", "classify"), ("xlm-roberta", "embed"))
+COMPACT = ("bert", "roberta", "xlm-roberta")  # the families the compact encoders (native, cuda) run
+
+
+@pytest.mark.parametrize("case,name", [pytest.param(c, n, id=f"{c[0]}-{c[1]}-{n}") for c in CASES for n in CATALOG
+                                       if c in CASES[:2] or CATALOG[n].runtime in ("native", "cuda")])
 def test_variant_matches_reference(built, case, name):
     src, enc, builder, ref = built[case]
     v = CATALOG[name]
     if v.runtime == "cuda" and not hardware.has_cuda():  # optimize --device cuda's variants need a GPU
         with pytest.raises(MillisError, match="no CUDA device"):
             builder.build(v)
-        if case[0] != "bert":
+        if case[0] not in COMPACT:
             return
         # then its CPU stand-in: the same runtime reading the same directory, eager, fp32 with torch epilogues
         v = Variant(v.name, "cuda", v.precision, v.passes, dict(v.options, dtype="fp32", fuse="torch", device="cpu"))
@@ -55,7 +59,7 @@ def test_variant_matches_reference(built, case, name):
         with pytest.raises(MillisError, match="no native bf16"):
             builder.build(v)
         return
-    if v.runtime in ("native", "cuda") and case[0] != "bert":  # the compact encoders run the BERT family only
+    if v.runtime in ("native", "cuda") and case[0] not in COMPACT:  # the compact encoders run BERT's layers only
         with pytest.raises(MillisError, match="BERT-family"):
             builder.build(v)
         return

@@ -13,9 +13,10 @@ from typing import NamedTuple
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder.source import Pooling
+from millis.encoder.source import PADDING_OFFSET, Pooling
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
+FAMILIES = ("bert", "roberta", "xlm-roberta")  # model_types of BERT's layers (RoBERTa: positions offset, one type)
 TASKS = ("classify", "embed")
 
 
@@ -31,12 +32,13 @@ class EncoderConfig:
     max_positions: int       # absolute position embeddings: T <= max_positions
     type_vocab: int          # token type (segment) embeddings
     eps: float = 1e-12       # LayerNorm epsilon
+    pos_offset: int = 0      # position table rows before position 0 (RoBERTa, XLM-R: pad_token_id + 1)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
-        if cfg.get("model_type") != "bert":
+        if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge), "
+                              f"(BERT, MiniLM, bge, RoBERTa, XLM-RoBERTa), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
@@ -49,10 +51,13 @@ class EncoderConfig:
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
+        # RoBERTa's positions count from padding_idx + 1 (HF: create_position_ids_from_input_ids)
+        offset = int(cfg.get("pad_token_id", 1)) + 1 if cfg["model_type"] in PADDING_OFFSET else 0
         return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
                    heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
-                   vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)),
-                   type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)))
+                   vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
+                   type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
+                   pos_offset=offset)
 
 
 # Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.
@@ -76,15 +81,29 @@ def layer_parts(i: int) -> dict[str, tuple[str, ...]]:
             "ln2w": (p + "output.LayerNorm.weight",), "ln2b": (p + "output.LayerNorm.bias",)}
 
 
-def strip_prefix(state: dict) -> dict:
-    """HF names: 'bert.embeddings...' in *ForSequenceClassification, 'embeddings...' in BertModel;
-    old checkpoints call LayerNorm's parameters gamma / beta."""
-    return {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-            .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
+# RobertaClassificationHead is BERT's pooler + classifier under other names: dense, tanh, out_proj on token 0
+ROBERTA_HEAD = {"classifier.dense.": "pooler.dense.", "classifier.out_proj.": "classifier."}
+
+
+def bert_names(state: dict, cfg: EncoderConfig) -> dict:
+    """The weights under BERT's names: 'bert.' / 'roberta.' (a *ForSequenceClassification's base) dropped; old
+    checkpoints' LayerNorm gamma / beta; RoBERTa's classification head as pooler + classifier; the position table from
+    cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("bert.").removeprefix("roberta.").replace("LayerNorm.gamma", "LayerNorm.weight") \
+            .replace("LayerNorm.beta", "LayerNorm.bias")
+        if "classifier.out_proj.weight" in state:
+            k = next((k.replace(a, b, 1) for a, b in ROBERTA_HEAD.items() if k.startswith(a)), k)
+        out[k] = v
+    pos = EMBEDDINGS["pos"][0]
+    if cfg.pos_offset and pos in out:
+        out[pos] = out[pos][cfg.pos_offset:]
+    return out
 
 
 def check_parts(state: dict, task: str, layers: int) -> None:
-    """A clear error for a checkpoint that lacks a part the encoder reads (state: strip_prefix'd names)."""
+    """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names)."""
     if task not in TASKS:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
@@ -143,7 +162,7 @@ class BertArrays:
     layers, head, out_dim), as float32 numpy arrays: what millis.gpu.encoder.Encoder holds as tensors."""
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
-        s = strip_prefix(state)
+        s = bert_names(state, cfg)
         check_parts(s, task, cfg.layers)
         self.cfg, self.task, self.pooling = cfg, task, pooling
 

@@ -28,8 +28,8 @@ from millis.common.errors import MillisError
 from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, EncoderConfig, check_parts, layer_parts,
-                                         strip_prefix)
+from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, EncoderConfig, bert_names, check_parts,
+                                         layer_parts)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -130,7 +130,7 @@ class Encoder:
         if options.gemm == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
             raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
-        s = strip_prefix(state)
+        s = bert_names(state, cfg)
         check_parts(s, task, cfg.layers)
 
         def get(names: tuple[str, ...], dtype=dt) -> torch.Tensor:  # the parts' tensors stacked (bert_weights)
