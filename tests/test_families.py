@@ -2,8 +2,8 @@
 ONNX Runtime, OpenVINO), against transformers fp32: their relative positions (MPNet's bucketed bias, DeBERTa's
 disentangled attention), ELECTRA's embedding projection and ModernBERT's rotary positions and sliding window must
 survive the export at every length, pairs must go in as HF encodes them, and a checkpoint that lacks one of their
-encoder weights is refused. millis's compact encoder (native CPU, CUDA) runs BERT, RoBERTa and XLM-R only and
-says so."""
+encoder weights is refused. millis's compact encoder (native CPU, CUDA) runs BERT, DistilBERT, RoBERTa and XLM-R
+only and says so."""
 from __future__ import annotations
 
 import json

@@ -39,8 +39,9 @@ def built(tmp_path_factory, tiny_dirs):
     return res
 
 
-CASES = (("bert", "embed"), ("distilbert", "classify"), ("roberta", "classify"), ("xlm-roberta", "embed"))
-COMPACT = ("bert", "roberta", "xlm-roberta")  # the families the compact encoders (native, cuda) run
+CASES = (("bert", "embed"), ("distilbert", "classify"), ("roberta", "classify"), ("xlm-roberta", "embed"),
+         ("mpnet", "embed"))
+COMPACT = ("bert", "distilbert", "roberta", "xlm-roberta")  # the families the compact encoders (native, cuda) run
 
 
 @pytest.mark.parametrize("case,name", [pytest.param(c, n, id=f"{c[0]}-{c[1]}-{n}") for c in CASES for n in CATALOG

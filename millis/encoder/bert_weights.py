@@ -16,7 +16,11 @@ from millis.common.errors import MillisError
 from millis.encoder.source import PADDING_OFFSET, Pooling
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
-FAMILIES = ("bert", "roberta", "xlm-roberta")  # model_types of BERT's layers (RoBERTa: positions offset, one type)
+# model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types)
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
+# the classifier head's activation after its first dense layer (BERT's pooler, RoBERTa's head: tanh; DistilBERT's
+# pre_classifier: ReLU)
+HEAD_ACT = {"distilbert": "relu"}
 TASKS = ("classify", "embed")
 
 
@@ -33,6 +37,8 @@ class EncoderConfig:
     type_vocab: int          # token type (segment) embeddings
     eps: float = 1e-12       # LayerNorm epsilon
     pos_offset: int = 0      # position table rows before position 0 (RoBERTa, XLM-R: pad_token_id + 1)
+    family: str = "bert"     # config.json's model_type: how bert_names reads its weights
+    head_act: str = "tanh"   # the classifier head's activation (HEAD_ACT)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
@@ -49,6 +55,11 @@ class EncoderConfig:
         if cfg.get("is_decoder"):  # HF masks such a BERT causally; this encoder attends both ways
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
+        family = cfg["model_type"]
+        if family == "distilbert":  # DistilBertConfig's names; one row of (zero) token types
+            cfg = {**cfg, "hidden_size": cfg["dim"], "num_hidden_layers": cfg["n_layers"],
+                   "num_attention_heads": cfg["n_heads"], "intermediate_size": cfg["hidden_dim"],
+                   "hidden_act": cfg.get("activation", "gelu"), "type_vocab_size": 1}
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
         # RoBERTa's positions count from padding_idx + 1 (HF: create_position_ids_from_input_ids)
@@ -57,7 +68,7 @@ class EncoderConfig:
                    heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
                    vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
                    type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                   pos_offset=offset)
+                   pos_offset=offset, family=family, head_act=HEAD_ACT.get(family, "tanh"))
 
 
 # Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.
@@ -83,6 +94,12 @@ def layer_parts(i: int) -> dict[str, tuple[str, ...]]:
 
 # RobertaClassificationHead is BERT's pooler + classifier under other names: dense, tanh, out_proj on token 0
 ROBERTA_HEAD = {"classifier.dense.": "pooler.dense.", "classifier.out_proj.": "classifier."}
+# DistilBERT's names -> BERT's (its head: pre_classifier, ReLU, classifier)
+DISTILBERT = {"transformer.layer.": "encoder.layer.", "attention.q_lin.": "attention.self.query.",
+              "attention.k_lin.": "attention.self.key.", "attention.v_lin.": "attention.self.value.",
+              "attention.out_lin.": "attention.output.dense.", "sa_layer_norm.": "attention.output.LayerNorm.",
+              "ffn.lin1.": "intermediate.dense.", "ffn.lin2.": "output.dense.",
+              "output_layer_norm.": "output.LayerNorm.", "pre_classifier.": "pooler.dense."}
 
 
 def bert_names(state: dict, cfg: EncoderConfig) -> dict:
@@ -91,15 +108,27 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("bert.").removeprefix("roberta.").replace("LayerNorm.gamma", "LayerNorm.weight") \
-            .replace("LayerNorm.beta", "LayerNorm.bias")
+        k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.") \
+            .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if "classifier.out_proj.weight" in state:
             k = next((k.replace(a, b, 1) for a, b in ROBERTA_HEAD.items() if k.startswith(a)), k)
+        if cfg.family == "distilbert":
+            for a, b in DISTILBERT.items():
+                k = k.replace(a, b, 1)
         out[k] = v
-    pos = EMBEDDINGS["pos"][0]
+    pos, word, typ = EMBEDDINGS["pos"][0], EMBEDDINGS["word"][0], EMBEDDINGS["typ"][0]
     if cfg.pos_offset and pos in out:
         out[pos] = out[pos][cfg.pos_offset:]
+    if cfg.family == "distilbert" and word in out:  # no token types: one row of zeros, every token type 0
+        out[typ] = out[word][:1] * 0
     return out
+
+
+def head_activation(x, act: str):
+    """The classifier head's activation on its first dense layer's output (numpy or torch: both have the ops)."""
+    if act == "relu":
+        return x.clip(0)  # (numpy's and torch's alike: the lower bound)
+    return np.tanh(x) if isinstance(x, np.ndarray) else x.tanh()
 
 
 def check_parts(state: dict, task: str, layers: int) -> None:

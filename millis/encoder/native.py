@@ -35,7 +35,7 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder.bert_weights import check_shapes
+from millis.encoder.bert_weights import check_shapes, head_activation
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
@@ -230,7 +230,7 @@ class NativeBert:
                            self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
                            ctypes.addressof(layers), int(precision == "int8-row"))
         self.head = None
-        if self.task == "classify":  # (B, D) fp32 work: pooler tanh(W h_cls + b), then the classifier
+        if self.task == "classify":  # (B, D) fp32 work: pooler act(W h_cls + b) (tanh, ReLU), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
         self.out_dim = e.out_dim
         self.buffers: dict[str, np.ndarray] = {}
@@ -393,7 +393,7 @@ class NativeBert:
         p: Pooling = self.pooling
         if self.task == "classify":
             pw, pb, cw, cb = self.head
-            return (np.tanh(first @ pw.T + pb) @ cw.T + cb).astype(np.float32)
+            return (head_activation(first @ pw.T + pb, self.cfg.head_act) @ cw.T + cb).astype(np.float32)
         out = first
         if p.normalize:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -29,7 +29,7 @@ from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
 from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, EncoderConfig, bert_names, check_parts,
-                                         layer_parts)
+                                         head_activation, layer_parts)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -173,7 +173,7 @@ class Encoder:
             x = last_layer_first_rows(x, attn_bias, self.layers[-1], B, T, cfg.heads, cfg.eps, self.fused)
         h = x.view(B, -1, cfg.hidden)  # (B, T, H), or (B, 1, H): the first rows
         if self.task == "classify":
-            pooled = torch.tanh(F.linear(h[:, 0].float(), self.pool_w, self.pool_b))
+            pooled = head_activation(F.linear(h[:, 0].float(), self.pool_w, self.pool_b), cfg.head_act)
             return F.linear(pooled, self.cls_w, self.cls_b)
         return pool(h.float(), attention_mask, self.pooling)
 
