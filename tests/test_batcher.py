@@ -390,3 +390,32 @@ def test_rows_of_a_request_gone_do_not_count_as_waiting():
         await b.close()
         assert b.depth == 0 and b.gone_rows == 0
     run(go())
+
+
+def test_warm_up_runs_the_length_buckets_up_to_512_tokens(tiny_dirs):
+    """A ModernBERT's 8,192 positions were 512 warm-up calls (185 s before /ready at hidden size 64, hours at its real
+    size): buckets past WARM_MAX_TOKENS warm on their first request."""
+    from millis.artifact.model import open_model
+    from millis.serve.config import WARM_MAX_TOKENS, ServeConfig
+    from millis.serve.encoder.app import State
+
+    lengths: list[int] = []
+
+    def loader():
+        model = open_model(tiny_dirs["bert"])
+        model.max_length = 8192
+
+        def recorded(batch):  # the shapes warm-up asks for, not run (the tiny model has 128 positions)
+            lengths.append(batch["input_ids"].shape[1])
+            return {model.runtime.output_name: np.zeros((batch["input_ids"].shape[0], 32), np.float32)}
+        model.runtime.run = recorded
+        return model
+
+    async def go():
+        st = State(ServeConfig(artifact=str(tiny_dirs["bert"])), loader)
+        await st.load()
+        assert st.load_error is None and st.dim == 32
+        await st.close()
+
+    run(go())
+    assert sorted(set(lengths)) == list(range(16, WARM_MAX_TOKENS + 1, 16)) and WARM_MAX_TOKENS == 512

@@ -74,6 +74,11 @@ def test_student_layers_default_and_map():
         student_layers(6, 0, (1, 9))
     with pytest.raises(MillisError, match="--layer-map names 2"):
         student_layers(6, 3, (1, 2))
+    with pytest.raises(MillisError, match="fewer layers than the teacher's 2; --layer-map names 2"):
+        student_layers(2, 0, (0, 1))  # the teacher's every layer: no student
+    # a ModernBERT student keeps layer 0 (hf.cut_layers refuses another first layer)
+    assert student_layers(4, 0, from_first=True) == [0, 3] and student_layers(22, 11, from_first=True)[0] == 0
+    assert student_layers(22, 4, from_first=True) == [0, 7, 14, 21] and student_layers(6, 1, from_first=True) == [0]
 
 
 def test_distill_bad_arguments(tmp_path, trained_classifier, topics_data):

@@ -123,3 +123,28 @@ def test_the_compact_encoder_names_the_family_it_runs(tiny_dirs):
     with pytest.raises(MillisError, match="supports BERT-family models.*not 'mpnet'"):
         EncoderConfig.from_hf(cfg)
     assert resolve("tiny:mpnet").input_names == ("input_ids", "attention_mask")
+
+
+def test_a_sentencepiece_tokenizer_without_its_package_is_named(tmp_path, tiny_dirs):
+    """microsoft/deberta-v3-base's layout: spm.model and no tokenizer.json. Without sentencepiece transformers fell
+    through to a 41-line traceback about tiktoken; now one line names the package (or the tokenizer.json to save)."""
+    from importlib.util import find_spec
+
+    d = tmp_path / "deberta-spm"
+    shutil.copytree(tiny_dirs["deberta-v2"], d)
+    (d / "tokenizer.json").unlink()
+    (d / "spm.model").write_bytes(b"\x00")
+    if find_spec("sentencepiece"):
+        pytest.skip("sentencepiece is installed here: transformers reads spm.model")
+    with pytest.raises(MillisError, match=r"SentencePiece model \(spm.model\).*pip install sentencepiece"):
+        resolve(str(d))
+
+
+def test_a_tokenizer_transformers_cannot_read_is_one_error(tmp_path, tiny_dirs):
+    from millis.encoder.text import TextEncoder
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["electra"], d)
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(MillisError, match="cannot load its tokenizer"):
+        TextEncoder(d, ("input_ids", "attention_mask"), 128)

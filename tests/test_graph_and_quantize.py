@@ -12,7 +12,7 @@ from millis.encoder.text import TextEncoder
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_dirs):
     out = {}
-    for fam in ("bert", "distilbert", "roberta"):
+    for fam in ("bert", "distilbert", "roberta", "electra"):
         src = resolve(f"tiny:{fam}")
         d = tmp_path_factory.mktemp(fam)
         base = export(src, "embed", d)
@@ -21,7 +21,7 @@ def exported(tmp_path_factory, tiny_dirs):
     return out
 
 
-@pytest.mark.parametrize("fam", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("fam", ["bert", "distilbert", "roberta", "electra"])
 def test_transformer_fusions_happen(exported, fam):
     src, _, _, ops = exported[fam]
     layers = src.num_layers

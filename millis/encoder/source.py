@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from millis.common.errors import MillisError
@@ -25,6 +26,7 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
                    "tokenizer.model")
+SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  # transformers reads them with it
 POOLING_MODES = ("mean", "cls", "max")
 
 
@@ -118,6 +120,11 @@ def resolve(spec: str) -> ModelSource:
     if not any((path / t).is_file() for t in TOKENIZER_FILES):  # (an artifact's hf/ has its tokenizer beside it)
         raise MillisError(f"{path} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}): copy the model's "
                           f"tokenizer files beside its config.json")
+    spm = next((t for t in SENTENCEPIECE_FILES if (path / t).is_file()), None)
+    if spm and not (path / "tokenizer.json").is_file() and not find_spec("sentencepiece"):
+        raise MillisError(f"{path}'s tokenizer is a SentencePiece model ({spm}) without a tokenizer.json: install "
+                          f"sentencepiece (pip install sentencepiece), or save its tokenizer.json where it is installed "
+                          f"(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
     return src
 
 

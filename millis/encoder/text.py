@@ -80,7 +80,11 @@ class TextEncoder:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()  # we report truncation ourselves
-            self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            try:
+                self.tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            except (ValueError, OSError, ImportError) as e:  # a missing package, an unreadable file: one line
+                why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise MillisError(f"{tokenizer_dir}: transformers cannot load its tokenizer: {why}") from None
             pad, sep = self.tok.pad_token_id, self.tok.sep_token_id
             backend = getattr(self.tok, "backend_tokenizer", None)
             if backend is not None:

@@ -74,18 +74,26 @@ def distill_config(teacher: str, data: str, preset: str = "default", out: str = 
     return DistillConfig(train=tc, **distill)
 
 
-def student_layers(teacher_layers: int, n: int, layer_map: tuple[int, ...] = ()) -> list[int]:
-    """Teacher layer indices the student's layers start from (and are matched to)."""
+def student_layers(teacher_layers: int, n: int, layer_map: tuple[int, ...] = (),
+                   from_first: bool = False) -> list[int]:
+    """Teacher layer indices the student's layers start from (and are matched to). By default the last of each even
+    share; from_first (a ModernBERT, whose layer 0 alone has no attention norm: hf.cut_layers) spreads them from layer
+    0 to the last."""
     if layer_map:
         if n and len(layer_map) != n:
             raise MillisError(f"--layer-map names {len(layer_map)} layers but --layers is {n}")
         if any(not 0 <= i < teacher_layers for i in layer_map) or list(layer_map) != sorted(set(layer_map)):
             raise MillisError(f"--layer-map must be increasing teacher layers in 0..{teacher_layers - 1}, "
                               f"got {list(layer_map)}")
+        if len(layer_map) >= teacher_layers:
+            raise MillisError(f"a student needs fewer layers than the teacher's {teacher_layers}; --layer-map names "
+                              f"{len(layer_map)}")
         return list(layer_map)
     n = n or -(-teacher_layers // 2)
     if n >= teacher_layers:
         raise MillisError(f"a student needs fewer layers than the teacher's {teacher_layers}, got {n}")
+    if from_first:
+        return [round(i * (teacher_layers - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
     return [round((i + 1) * teacher_layers / n) - 1 for i in range(n)]
 
 
@@ -109,7 +117,8 @@ def build_student(cfg: DistillConfig, src: ModelSource, teacher, cls) -> tuple[A
         student = load_hf(st.path, cls, **kw)
         n_t, n_s = len(layer_list(teacher)), len(layer_list(student))
         return student, [round((i + 1) * n_t / n_s) - 1 for i in range(n_s)]
-    keep = student_layers(len(layer_list(teacher)), cfg.layers, cfg.layer_map)
+    first = src.model_type == "modernbert"
+    keep = student_layers(len(layer_list(teacher)), cfg.layers, cfg.layer_map, from_first=first)
     student = copy.deepcopy(teacher)
     cut_layers(student, keep)
     for p in student.parameters():  # the teacher is frozen, its copy trains

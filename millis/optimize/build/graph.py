@@ -46,7 +46,9 @@ def fuse(src: ModelSource, in_path: Path, out_path: Path) -> dict[str, int]:
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    opts = FusionOptions("bert")  # ORT's "bert" fusion set handles every supported encoder family
+    # ORT's "bert" fusion set: BERT, DistilBERT, RoBERTa, XLM-R and ELECTRA get its fused Attention; MPNet's and
+    # DeBERTa's relative positions and ModernBERT's rotary ones keep their attention unfused (LayerNorm, GELU fused)
+    opts = FusionOptions("bert")
     opts.enable_gelu_approximation = False  # keep exact erf GELU: fidelity first
     opt = optimizer.optimize_model(str(in_path), model_type="bert", num_heads=src.num_heads,
                                    hidden_size=src.attention_size or src.hidden_size,  # pruned heads: fewer

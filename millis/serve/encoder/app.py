@@ -30,7 +30,7 @@ from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread
 from millis.serve.encoder import tei_tokens
 from millis.serve.encoder.tei_routes import tei_routes
 from millis.serve.encoder.rerank import COHERE, Shape, distinct, pair_key, relevance, rerank_request, rerank_response
-from millis.serve.config import ServeConfig
+from millis.serve.config import WARM_MAX_TOKENS, ServeConfig
 from millis.serve.dashboard import encoder_live_routes
 from millis.serve.http import (INLINE_TOKENIZE_CHARS, ClientGone, endpoint, health_response, json_response,
                                make_app, model_routes, off_loop, read_json, ready_response, watch_disconnect)
@@ -148,9 +148,10 @@ class State:
         return model.runtime.run(model.encoder.pack(rows, t))[model.runtime.output_name]
 
     def _warm(self, model: Model) -> int:
-        """Run every length bucket once (batch 1), and a full batch at the shortest: returns D."""
+        """Each length bucket up to WARM_MAX_TOKENS once (batch 1), and a full batch at the shortest: returns D."""
         model.encoder.token_ids(["warm up"])  # settles the tokenizer's settings before threads share it
-        lengths = sorted({bucket_length(n, model.max_length) for n in range(1, model.max_length + 1)})
+        top = min(model.max_length, WARM_MAX_TOKENS)
+        lengths = sorted({bucket_length(n, model.max_length) for n in range(1, top + 1)})
         if not self.cfg.warmup:
             lengths = lengths[:1]
         dim = 0
