@@ -125,17 +125,44 @@ def test_the_compact_encoder_names_the_family_it_runs(tiny_dirs):
     assert resolve("tiny:mpnet").input_names == ("input_ids", "attention_mask")
 
 
-def test_a_sentencepiece_tokenizer_without_its_package_is_named(tmp_path, tiny_dirs):
-    """microsoft/deberta-v3-base's layout: spm.model and no tokenizer.json. Without sentencepiece transformers fell
-    through to a 41-line traceback about tiktoken; now one line names the package (or the tokenizer.json to save)."""
-    from importlib.util import find_spec
+def spm_only_folder(tmp_path, tiny_dirs) -> Path:
+    """microsoft/deberta-v3-base's layout: tiny:deberta-v2 with a SentencePiece model (spm.model, its specials at the
+    tiny vocab's ids: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4) and no tokenizer.json."""
+    import io
+
+    import sentencepiece
 
     d = tmp_path / "deberta-spm"
     shutil.copytree(tiny_dirs["deberta-v2"], d)
-    (d / "tokenizer.json").unlink()
-    (d / "spm.model").write_bytes(b"\x00")
-    if find_spec("sentencepiece"):
-        pytest.skip("sentencepiece is installed here: transformers reads spm.model")
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_texts() * 3), model_writer=model, vocab_size=150, model_type="unigram",
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]", unk_piece="[UNK]",
+        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"], minloglevel=2)
+    (d / "spm.model").write_bytes(model.getvalue())
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DebertaV2Tokenizer", "model_max_length": 128, "do_lower_case": False,
+        **{f"{k}_token": f"[{k.upper()}]" for k in ("unk", "pad", "cls", "sep", "mask")},
+        "bos_token": "[CLS]", "eos_token": "[SEP]"}))
+    return d
+
+
+def test_a_sentencepiece_tokenizer_runs_as_hf_reads_it(tmp_path, tiny_dirs):
+    """sentencepiece is a dependency: a DeBERTa-v3 folder with only spm.model tokenizes as transformers does."""
+    d = spm_only_folder(tmp_path, tiny_dirs)
+    texts = texts_of_every_length()
+    got = np.array([p["logits"] for p in open_model(str(d), task="classify").predict(texts)])
+    np.testing.assert_allclose(got, reference_outputs(d, "classify", texts), atol=1e-5)
+
+
+def test_a_sentencepiece_tokenizer_without_its_package_is_named(tmp_path, tiny_dirs, monkeypatch):
+    """Without sentencepiece transformers fell through to a 41-line traceback about tiktoken; one line names it."""
+    import millis.encoder.source as source
+
+    d = spm_only_folder(tmp_path, tiny_dirs)
+    monkeypatch.setattr(source, "find_spec", lambda name: None)
     with pytest.raises(MillisError, match=r"SentencePiece model \(spm.model\).*pip install sentencepiece"):
         resolve(str(d))
 

@@ -44,7 +44,7 @@ class EncoderConfig:
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge, RoBERTa, XLM-RoBERTa), "
+                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
