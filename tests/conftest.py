@@ -25,7 +25,8 @@ def quick_measure():
     from millis.optimize.config import MeasureConfig
     from millis.common.config import Shape
 
-    return MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=1, iters=4, rounds=2)
+    # no RSS probes: a fresh process a variant, ~2.5 s each (tests/test_optimize_review.py reads them)
+    return MeasureConfig(shapes=(Shape(1, 16), Shape(2, 32)), warmup=1, iters=4, rounds=2, footprint=False)
 
 
 @pytest.fixture(scope="session")

@@ -203,7 +203,7 @@ def test_a_run_on_labelled_rows_reports_what_its_figures_are(tmp_path, trained_c
     msgs: list[str] = []
     out = optimize(OptimizeConfig(source=str(trained_classifier), task="classify", out=str(tmp_path / "v"),
                                   target=Shape(1, 16), variants=("ort-int8-dynamic",), recover=False,
-                                  measure=replace(quick_measure, threads=1, serve_mix=0)), msgs.append)
+                                  measure=replace(quick_measure, threads=1, serve_mix=0, footprint=True)), msgs.append)
     coarse = selection.finer_than_a_row(0.5, 20)
     assert coarse.startswith("--max-drop 0.5 is finer than one selection row (5.00 pt each of 20 rows)")
     assert f"warning: {coarse}" in msgs

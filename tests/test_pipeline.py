@@ -350,6 +350,8 @@ def test_reference_embed_artifact_keeps_pooling(tmp_path, tiny_dirs, quick_measu
                                   budget=Budget(min_cosine=1.01)))
     m = millis.load(out)
     assert m.variant == "torch-fp32"
+    # quick_measure's footprint=False (--no-footprint): no RSS probe, no figure
+    assert [r["rss_mb"] for r in json.loads((out / "report.json").read_text())["variants"]] == [None, None]
     texts = sample_texts()[:8]
     np.testing.assert_allclose(m.embed(texts), reference_outputs(tiny_dirs["bert"], "embed", texts), atol=1e-5)
 

@@ -24,6 +24,8 @@ class MeasureConfig:
     iters: int = flag(200, "timed calls per variant and shape, split across rounds (default: the preset's)")
     rounds: int = 5           # interleaving rounds
     threads: int = flag(0, "intra-op threads (0 = all cores)")
+    footprint: bool = flag(True, "measure each variant's resident memory (RSS MB) in a fresh process: about 2 s a "
+                                 "variant")
     max_seconds_per_cell: float = 30.0  # cap for very slow variants (eager at large shapes)
     # The serve mix: shapes like those `millis serve` forms (B rows x a 16-token bucket), new to every
     # variant, each run cold then warm. A variant that stalls on a new shape, or whose rows/s over the

@@ -104,6 +104,7 @@ class JudgeContext:
     open: Opener | None = None             # None = open_variant (tests pass fakes)
     pairs: tuple[tuple[str, str], ...] = ()  # rerank: fidelity on these (query, document) pairs, not texts
     gpu_buckets: tuple[str, ...] = ()      # GPU variants: the shapes they capture (measured and serve-mix ones)
+    footprint: bool = True                 # each variant's RSS in a fresh process (MeasureConfig.footprint)
 
 
 RERANK_DOCS = 5  # documents each query of a reranker's fidelity pairs is ranked among
@@ -274,7 +275,7 @@ def _build_and_open(v: Variant, ctx: JudgeContext, builder: Builder, r: VariantR
         WARMED.add(v.runtime)
     rt, load_s, first_s = cold_start(lambda: opener(v, vdir), ctx.target_batch)
     r.cold_start = {"load_s": load_s, "first_call_s": first_s, "total_s": load_s + first_s}
-    if ctx.open is None:  # a fake opener (tests) opens nothing another process could
+    if ctx.open is None and ctx.footprint:  # a fake opener (tests) opens nothing another process could
         r.rss_mb, why = footprint_mb(open_arguments(ctx.task, ctx.threads, ctx.src, v, vdir, ctx.gpu_buckets),
                                      ctx.target_batch)
         if why:

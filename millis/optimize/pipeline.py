@@ -197,7 +197,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     try:
         builder = Builder(src, cfg.model_task, work, calibration)
         ctx = JudgeContext(cfg.model_task, cfg.budget, cfg.measure.threads, src, enc, judged, inputs[cfg.target],
-                           data, progress, pairs=pairs, gpu_buckets=capture_shapes(cfg, max_len, shapes))
+                           data, progress, pairs=pairs, gpu_buckets=capture_shapes(cfg, max_len, shapes),
+                           footprint=cfg.measure.footprint)
         reference, ref = judge_reference(ctx, builder)
         judge_one = functools.partial(judge, ctx=ctx, ref=ref, builder=builder)
         pool = judge_all(reference, judge_one, variants_for(cfg.variants, cfg.preset, cfg.device))  # name -> judged, in order
