@@ -65,7 +65,8 @@ def test_bert_names_reads_robertas_positions_and_head(tiny_dirs):
     cfg = EncoderConfig.from_hf(json.loads((tiny_dirs["xlm-roberta"] / "config.json").read_text()))
     assert (cfg.pos_offset, cfg.max_positions, cfg.type_vocab) == (1, 129, 1)
     state = {"roberta.embeddings.position_embeddings.weight": np.arange(130 * 2).reshape(130, 2),
-             "classifier.dense.weight": 1, "classifier.out_proj.weight": 2, "classifier.out_proj.bias": 3}
+             "classifier.dense.weight": 1, "classifier.out_proj.weight": 2, "classifier.out_proj.bias": 3,
+             "roberta.pooler.dense.weight": 9}  # a base model's pooler beside the head: the head's dense is read
     named = bert_names(state, cfg)
     assert named["embeddings.position_embeddings.weight"][0].tolist() == [2, 3]  # row 1 is position 0
     assert (named["pooler.dense.weight"], named["classifier.weight"], named["classifier.bias"]) == (1, 2, 3)

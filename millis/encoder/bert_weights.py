@@ -110,7 +110,9 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     for k, v in state.items():
         k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.") \
             .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if "classifier.out_proj.weight" in state:
+        if "classifier.out_proj.weight" in state:  # RoBERTa's head is the pooler: a pooler of its base is not
+            if k.startswith("pooler."):
+                continue
             k = next((k.replace(a, b, 1) for a, b in ROBERTA_HEAD.items() if k.startswith(a)), k)
         if cfg.family == "distilbert":
             for a, b in DISTILBERT.items():
