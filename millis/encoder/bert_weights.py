@@ -38,7 +38,11 @@ class EncoderConfig:
     eps: float = 1e-12       # LayerNorm epsilon
     pos_offset: int = 0      # position table rows before position 0 (RoBERTa, XLM-R: pad_token_id + 1)
     family: str = "bert"     # config.json's model_type: how bert_names reads its weights
-    head_act: str = "tanh"   # the classifier head's activation (HEAD_ACT)
+
+    @property
+    def head_act(self) -> str:
+        """The classifier head's activation (HEAD_ACT)."""
+        return HEAD_ACT.get(self.family, "tanh")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
@@ -68,7 +72,7 @@ class EncoderConfig:
                    heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
                    vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
                    type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                   pos_offset=offset, family=family, head_act=HEAD_ACT.get(family, "tanh"))
+                   pos_offset=offset, family=family)
 
 
 # Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.

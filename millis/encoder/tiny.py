@@ -53,11 +53,11 @@ def _config(family: str, vocab_size: int):
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
                                 pad_token_id=0, **common)
-    if family == "mpnet":  # no token types; attention adds a learned bias per relative-position bucket
-        return MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           max_position_embeddings=130, pad_token_id=0, **common)
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=128, pad_token_id=0)
+    shape130 = {**shape, "max_position_embeddings": 130}  # (RoBERTa, XLM-R, MPNet: positions from pad_token_id + 1)
+    if family == "mpnet":  # no token types; attention adds a learned bias per relative-position bucket
+        return MPNetConfig(**shape130, **common)
     if family == "electra":  # BERT's layers behind a narrower embedding and a projection up to the hidden size
         return ElectraConfig(embedding_size=16, type_vocab_size=2, **shape, **common)
     if family == "deberta-v2":  # DeBERTa-v3's layout: no absolute positions, disentangled relative attention
@@ -69,8 +69,7 @@ def _config(family: str, vocab_size: int):
                                 cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3, **shape, **common)
     cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig}[family]
     extra = {"type_vocab_size": 2} if family == "bert" else {"type_vocab_size": 1}
-    return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               max_position_embeddings=130, pad_token_id=0, **extra, **common)
+    return cls(**shape130, **extra, **common)
 
 
 def build_tiny(family: str, root: Path | None = None) -> Path:
