@@ -298,3 +298,62 @@ def test_generate_without_a_seed_draws_anew_each_run(model_path):
     assert len(runs) >= 2, runs
     seeded = GenerateConfig(model=model_path, prompt="the cat", max_tokens=12, temperature=1.0, threads=1, seed=7)
     assert generate(seeded).token_ids == generate(seeded).token_ids
+
+
+def slot_starter(slots):
+    def start(r):
+        r.slot = slots.index(None)
+        slots[r.slot] = r
+        return True
+    return start
+
+
+def test_a_short_prompt_starts_beside_a_long_one_part_way():
+    """The scheduling policy alone: while a request waits, a part-way prompt takes at most half the budget and
+    a waiting prompt that fits the other half starts now (it waited for the whole long prefill before); a
+    longer one waits as before, passed and counted; what the new prompts leave goes back to the long one."""
+    slots = [None] * 4
+    start = slot_starter(slots)
+    long = Request("long", list(range(1, 301)), SamplingParams(), 0)
+    start(long)
+    long.prefilled = 40
+    mid = Request("mid", list(range(1, 31)), SamplingParams(), 0)  # 30 tokens: over the half of 40
+    short = Request("short", [1, 2, 3, 4, 5], SamplingParams(), 0)
+    waiting = deque([mid, short])
+    chunks = schedule(slots, waiting, budget=40, max_new=4, max_passes=3, start=start)
+    assert [(c.r.id, c.start, c.end) for c in chunks] == [("long", 40, 75), ("short", 0, 5)]
+    assert list(waiting) == [mid] and mid.passed == 1 and short.prefilled == 0
+    short.prefilled, long.prefilled = 5, 75  # (the engine's update)
+    chunks = schedule(slots, waiting, budget=40, max_new=4, max_passes=3, start=start)
+    assert [(c.r.id, c.start, c.end) for c in chunks] == [("long", 75, 115)]  # mid cannot finish in 20: waits
+    long.prefilled = 280  # the long one ends within its half: the rest of the budget starts mid whole or part-way
+    chunks = schedule(slots, waiting, budget=40, max_new=4, max_passes=3, start=start)
+    assert [(c.r.id, c.start, c.end) for c in chunks] == [("long", 280, 300), ("mid", 0, 20)] and not waiting
+    full = [Request(f"f{i}", [1], SamplingParams(), 0) for i in range(4)]
+    long.prefilled, slots[:] = 40, [long] + full[:3]  # no free slot: the long prompt takes the whole budget
+    assert [(c.r.id, c.end) for c in schedule(slots, deque(full[3:]), 40, 4, 3, start)] == [("long", 80)]
+
+
+def test_a_short_request_behind_a_long_prompt_gets_its_first_token_next_step(model_path):
+    """The engine: a short request added while a 150-token prompt is part-way gets its first token from the
+    next step (it waited for the whole prompt before: 3 steps at this budget); both requests' tokens are the
+    unchunked engine's, and the long prompt's first token comes in the step it came in before."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    short_prompt = [1, 9, 8, 7, 6]
+    want = run_all(open_tiny(model_path, budget=10_000), [LONG[0], short_prompt], params)
+    eng = open_tiny(model_path)
+    calls = count_prompt_tokens(eng)
+    lid = eng.add(LONG[0], params)
+    eng.step()
+    sid = eng.add(short_prompt, params)
+    got, first_at = {lid: [], sid: []}, {}
+    for step in range(2, 40):
+        if not eng.has_work:
+            break
+        n = len(calls)
+        for o in eng.step():
+            first_at.setdefault(o.id, step)
+            got[o.id] += o.token_ids
+        assert sum(calls[n:]) <= BUDGET
+    assert first_at == {sid: 2, lid: 4}
+    assert [got[lid], got[sid]] == want

@@ -9,8 +9,9 @@
 
 Each of the `max_batch` slots is one KV cache row. `step()` is schedule, execute, update:
 - schedule (`scheduling.py`): at most `prefill_tokens` prompt tokens a step, all requests together: a prompt
-  part-way prefilled continues, then waiting requests take free slots (FIFO, but one that fits may pass a
-  request that does not, a bounded number of times; at most `max_prefills_per_step` a step);
+  part-way prefilled continues (within half the budget while a request waits for a free slot), then waiting
+  requests take free slots (FIFO, but one that fits may pass a request that does not, a bounded number of
+  times; at most `max_prefills_per_step` a step);
 - execute: the step's prompt chunks are prefilled (native: each alone; torch: whole prompts in one
   right-padded forward, or a lone one from a CUDA graph of its token bucket, cuda_prefill.GraphedPrefill), every
   running request decodes one token, all rows in one batched forward at their own positions; the logits

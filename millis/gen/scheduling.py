@@ -5,7 +5,13 @@ prefill_tokens_per_step), so a long prompt stalls the running rows by a bounded 
 length: it is prefilled in chunks over several steps while it holds its slot (`Request.prefilled`: the
 leading prompt positions whose KV is written) and the running rows decode a token every step. A prompt
 part-way prefilled continues first; what is left of the budget starts waiting requests, each with the
-rest of the budget, so a step ends with at most one prompt part-way. Chunking does not change tokens:
+rest of the budget, so a step ends with at most one prompt part-way. While a request waits and a slot is
+free, the part-way prompts take at most half the budget, and the other half starts waiting prompts short
+enough to be prefilled whole in it (longer ones wait their turn as before, passed and counted as below);
+what those leave goes back to the part-way prompts. So a short request behind a long prompt starts in the
+next step, not after that prompt's whole prefill (an 8k-token prompt: ~30 steps of 256 tokens), and the long
+prompt still gets at least half the budget every step (vLLM's long_prefill_token_threshold is this idea, a
+fixed cap a step per prompt). Chunking does not change tokens:
 a chunk attends to the positions before it through the cache, and the native kernels give every token the
 logits a whole prefill gives it (tests/test_gen_native.py, CHUNK).
 
@@ -51,31 +57,40 @@ class Chunk:
 def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes: int,
              start: Callable[[Request], bool]) -> list[Chunk]:
     """This step's prefill chunks, at most `budget` prompt tokens in all: the prompts part-way prefilled
-    continue, then waiting requests start in queue order while budget, a free slot and `max_new` allow.
+    continue (within half the budget while a request waits for a free slot), then waiting requests start in
+    queue order while budget, a free slot and `max_new` allow, then the part-way prompts take what is left.
     `start(r)`: True when r took a free slot and its resources (then it leaves the queue), False when it
     must wait (then later requests may pass it, up to max_passes times)."""
     chunks: list[Chunk] = []
+    left = budget
+    reserve = budget // 2 if waiting and max_new > 0 and None in slots else 0  # for short waiting prompts
 
-    def take(r: Request) -> None:
-        nonlocal budget
-        chunks.append(Chunk(r, r.prefilled, min(len(r.feed), r.prefilled + budget)))
-        budget -= chunks[-1].end - chunks[-1].start
+    def take(r: Request, most: int) -> None:
+        nonlocal left
+        chunks.append(Chunk(r, r.prefilled, min(len(r.feed), r.prefilled + most)))
+        left -= chunks[-1].end - chunks[-1].start
 
     for r in slots:
-        if budget and r is not None and r.prefilling:
-            take(r)
+        if left > reserve and r is not None and r.prefilling:
+            take(r, left - reserve)
+    partway = len(chunks)
+    capped = any(not c.last for c in chunks)  # a part-way prompt wanted more: a new one must finish in the rest
     new = i = 0
     room = max_passes  # passes the requests left waiting so far may still take: the fewest of theirs
-    while room > 0 and budget and new < max_new and None in slots and i < min(len(waiting), LOOKAHEAD):
+    while room > 0 and left and new < max_new and None in slots and i < min(len(waiting), LOOKAHEAD):
         r = waiting[i]
-        if start(r):
+        if (not capped or len(r.feed) - r.prefilled <= left) and start(r):
             del waiting[i]
             for q in islice(waiting, i):  # the requests it passed
                 q.passed += 1
             room -= 1 if i else 0
-            take(r)
+            take(r, left)
             new += 1
         else:  # one passed max_passes times already: the requests behind it wait until it starts
             room = min(room, max_passes - r.passed)
             i += 1
+    for j in range(partway):  # what the new prompts left
+        c = chunks[j]
+        more = min(len(c.r.feed) - c.end, left)
+        chunks[j], left = Chunk(c.r, c.start, c.end + more), left - more
     return chunks
