@@ -13,11 +13,13 @@ from typing import NamedTuple
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder.source import PADDING_OFFSET, Pooling
+from millis.encoder.source import NO_TOKEN_TYPE, Pooling, position_offset
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
-# model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types)
-FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
+# model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types;
+# MPNet: other names, no types, positions offset, a relative-position bias in attention)
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+RELATIVE_BIAS = frozenset({"mpnet"})  # attention adds a learned bias per relative-position bucket
 # the classifier head's activation after its first dense layer (BERT's pooler, RoBERTa's head: tanh; DistilBERT's
 # pre_classifier: ReLU)
 HEAD_ACT = {"distilbert": "relu"}
@@ -38,6 +40,7 @@ class EncoderConfig:
     eps: float = 1e-12       # LayerNorm epsilon
     pos_offset: int = 0      # position table rows before position 0 (RoBERTa, XLM-R: pad_token_id + 1)
     family: str = "bert"     # config.json's model_type: how bert_names reads its weights
+    rel_buckets: int = 0     # MPNet: the relative-position bias table's rows (relative_attention_num_buckets)
 
     @property
     def head_act(self) -> str:
@@ -48,7 +51,7 @@ class EncoderConfig:
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa), "
+                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet on the CPU), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
@@ -60,19 +63,22 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
-        if family == "distilbert":  # DistilBertConfig's names; one row of (zero) token types
+        if family in NO_TOKEN_TYPE:  # no token types: one row of zeros (bert_names)
+            cfg = {**cfg, "type_vocab_size": 1}
+        if family == "distilbert":  # DistilBertConfig's names
             cfg = {**cfg, "hidden_size": cfg["dim"], "num_hidden_layers": cfg["n_layers"],
                    "num_attention_heads": cfg["n_heads"], "intermediate_size": cfg["hidden_dim"],
-                   "hidden_act": cfg.get("activation", "gelu"), "type_vocab_size": 1}
+                   "hidden_act": cfg.get("activation", "gelu")}
         if cfg.get("hidden_act", "gelu") not in ACTS:
             raise MillisError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTS)}")
         # RoBERTa's positions count from padding_idx + 1 (HF: create_position_ids_from_input_ids)
-        offset = int(cfg.get("pad_token_id", 1)) + 1 if cfg["model_type"] in PADDING_OFFSET else 0
+        offset = position_offset(family, cfg)
         return cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
                    heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
                    vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
                    type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                   pos_offset=offset, family=family)
+                   pos_offset=offset, family=family,
+                   rel_buckets=int(cfg.get("relative_attention_num_buckets", 32)) if family in RELATIVE_BIAS else 0)
 
 
 # Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.
@@ -104,6 +110,11 @@ DISTILBERT = {"transformer.layer.": "encoder.layer.", "attention.q_lin.": "atten
               "attention.out_lin.": "attention.output.dense.", "sa_layer_norm.": "attention.output.LayerNorm.",
               "ffn.lin1.": "intermediate.dense.", "ffn.lin2.": "output.dense.",
               "output_layer_norm.": "output.LayerNorm.", "pre_classifier.": "pooler.dense."}
+# MPNet's names -> BERT's (its attention's output projection and LayerNorm; the rest are BERT's)
+MPNET = {"attention.attn.q.": "attention.self.query.", "attention.attn.k.": "attention.self.key.",
+         "attention.attn.v.": "attention.self.value.", "attention.attn.o.": "attention.output.dense.",
+         "attention.LayerNorm.": "attention.output.LayerNorm."}
+REL_BIAS = "encoder.relative_attention_bias.weight"  # MPNet: (buckets, heads)
 
 
 def bert_names(state: dict, cfg: EncoderConfig) -> dict:
@@ -112,20 +123,19 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.") \
+        k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet.") \
             .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if "classifier.out_proj.weight" in state:  # RoBERTa's head is the pooler: a pooler of its base is not
             if k.startswith("pooler."):
                 continue
             k = next((k.replace(a, b, 1) for a, b in ROBERTA_HEAD.items() if k.startswith(a)), k)
-        if cfg.family == "distilbert":
-            for a, b in DISTILBERT.items():
-                k = k.replace(a, b, 1)
+        for a, b in {"distilbert": DISTILBERT, "mpnet": MPNET}.get(cfg.family, {}).items():
+            k = k.replace(a, b, 1)
         out[k] = v
     pos, word, typ = EMBEDDINGS["pos"][0], EMBEDDINGS["word"][0], EMBEDDINGS["typ"][0]
     if cfg.pos_offset and pos in out:
         out[pos] = out[pos][cfg.pos_offset:]
-    if cfg.family == "distilbert" and word in out:  # no token types: one row of zeros, every token type 0
+    if cfg.family in NO_TOKEN_TYPE and word in out:  # no token types: one row of zeros, every token type 0
         out[typ] = out[word][:1] * 0
     return out
 
@@ -137,14 +147,32 @@ def head_activation(x, act: str):
     return np.tanh(x) if isinstance(x, np.ndarray) else x.tanh()
 
 
-def check_parts(state: dict, task: str, layers: int) -> None:
-    """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names)."""
+def relative_bias_table(rel: np.ndarray, max_positions: int, pad: int = 16) -> tuple[np.ndarray, int]:
+    """MPNet's relative-position bias as bert_forward.c reads it: (heads, span) float32 whose entry mid + q - k is
+    the bias query q adds to its score of key k, for |q - k| < max_positions (and `pad` spare entries each side: a
+    lane block reads past its last query); returns (table, mid). The buckets are HF's relative_position_bucket
+    (32 buckets, max distance 128, in float32 steps as torch takes them: the same bucket for every distance)."""
+    mid = max_positions - 1 + pad
+    qk = np.arange(-mid, mid + 1)                  # q - k; HF's relative_position is k - q, and its n is q - k
+    buckets, max_exact = 16, 8                     # 32 // 2 per direction
+    n = np.abs(qk)
+    with np.errstate(divide="ignore"):
+        large = max_exact + (np.log((n / max_exact).astype(np.float32)) / np.float32(np.log(128 / max_exact))
+                             * np.float32(buckets - max_exact))
+    large = np.minimum(np.where(n < max_exact, 0, large).astype(np.int64), buckets - 1)
+    bucket = (qk < 0) * buckets + np.where(n < max_exact, n, large)
+    return np.ascontiguousarray(np.asarray(rel, np.float32)[bucket].T), mid
+
+
+def check_parts(state: dict, task: str, layers: int, rel: bool = False) -> None:
+    """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names; rel: MPNet's
+    relative-position bias too)."""
     if task not in TASKS:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
     parts = [*EMBEDDINGS.values(), *(n for i in range(layers) for n in layer_parts(i).values()),
-             *(HEAD.values() if task == "classify" else ())]
+             *(HEAD.values() if task == "classify" else ()), *([(REL_BIAS,)] if rel else [])]
     for names in parts:
         for n in names:
             if n not in state:
@@ -163,6 +191,8 @@ def check_shapes(enc) -> None:
     want = {"word": (c.vocab, H), "pos": (c.max_positions, H), "typ": (c.type_vocab, H), "emb_lnw": (H,),
             "emb_lnb": (H,)}
     parts = [(EMBEDDINGS[k], getattr(enc, k), s) for k, s in want.items()]
+    if c.rel_buckets:
+        parts.append(((REL_BIAS,), enc.rel, (c.rel_buckets, c.heads)))
     sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (I, H), "b1": (I,), "w2": (H, I)}
     for i, lw in enumerate(enc.layers):
         parts += [(n, getattr(lw, k), sizes.get(k, (H,))) for k, n in layer_parts(i).items()]
@@ -198,7 +228,7 @@ class BertArrays:
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers)
+        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets))
         self.cfg, self.task, self.pooling = cfg, task, pooling
 
         def get(names: tuple[str, ...]) -> np.ndarray:
@@ -210,6 +240,7 @@ class BertArrays:
         for k, names in EMBEDDINGS.items():
             setattr(self, k, get(names))
         self.layers = [LayerArrays(**{k: get(n) for k, n in layer_parts(i).items()}) for i in range(cfg.layers)]
+        self.rel = get((REL_BIAS,)) if cfg.rel_buckets else None
         if task == "classify":
             for k, names in HEAD.items():
                 setattr(self, k, get(names))

@@ -35,7 +35,8 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder.bert_weights import check_shapes, head_activation
+from millis.encoder.bert_weights import check_shapes, head_activation, relative_bias_table
+from millis.encoder.weight_formats import q7_0, to_bf16
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
@@ -68,7 +69,8 @@ ATTENTIONS = ("auto", "int8")
 class Model(ctypes.Structure):
     _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "head_dim", "hidden", "max_pos", "type_vocab",
                                    "act")] + [("eps", F), ("attn", I32)] + \
-               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P), ("ends", I32)]
+               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P), ("ends", I32)] + \
+               [("rel", P), ("rel_span", I32), ("rel_mid", I32)]  # MPNet's relative bias (relative_bias_table)
 
 
 class Scratch(ctypes.Structure):
@@ -92,29 +94,6 @@ def library():
     lib.bert_encode.argtypes = [P, P, P, ctypes.c_int, I64, I64, I64, I64, P, P, P, ctypes.c_int, ctypes.c_int,
                                 ctypes.c_int, P]
     return lib
-
-
-def to_bf16(w: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bits (uint16), rounded to nearest even (packedbf16.c's bf16_rne: a NaN stays one, quiet)."""
-    u = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def q7_0(w: np.ndarray, per_row: bool = False, levels: int = 63) -> np.ndarray:
-    """(rows, cols) fp32 -> Q7_0 bytes (rows, cols / 32 * 34): per 32 values an fp16 scale d = amax / 63 and
-    32 int8 in [-63, 63] (round to nearest), Q8_0's block layout. per_row: amax over the whole row, so every
-    block of a row has the same d (T_Q7_ROW). levels 127: int8-row's weights (T_Q8_ROW), in [-127, 127]."""
-    rows, cols = w.shape
-    if cols % 32:
-        raise MillisError(f"a Q7_0 matrix needs a multiple of 32 columns, not {cols}")
-    b = w.reshape(rows, cols // 32, 32).astype(np.float32)
-    amax = np.abs(b).max((-2, -1) if per_row else -1, keepdims=True)
-    d = amax / float(levels)
-    q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -levels, levels).astype(np.int8)
-    out = np.empty((rows, cols // 32, 34), np.uint8)
-    out[..., :2], out[..., 2:] = d.astype(np.float16).view(np.uint8), q.view(np.uint8)
-    return out.reshape(rows, -1)
 
 
 def on_tiles(precision: str) -> bool:
@@ -183,6 +162,8 @@ class NativeBert:
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         if attention not in ATTENTIONS:
             raise MillisError(f"unknown native attention {attention!r}; supported: {', '.join(ATTENTIONS)}")
+        if attention == "int8" and encoder.cfg.rel_buckets:
+            raise MillisError("the int8 attention does not add MPNet's relative-position bias (fp32 attention does)")
         if attention == "int8":
             lib.kv8_takes.restype, lib.kv8_takes.argtypes = ctypes.c_int, [ctypes.c_int]
             if not lib.kv8_takes(encoder.cfg.hidden // encoder.cfg.heads):
@@ -191,7 +172,8 @@ class NativeBert:
                                   f"{encoder.cfg.hidden // encoder.cfg.heads}")
             self.attn = ATTN_INT8
         else:
-            self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) else ATTN_F32
+            self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) and \
+                not encoder.cfg.rel_buckets else ATTN_F32  # (the bf16 forms add no relative bias)
         self.attention = attention
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
@@ -229,6 +211,9 @@ class NativeBert:
                            c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos),
                            self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
                            ctypes.addressof(layers), int(precision == "int8-row"))
+        if c.rel_buckets:
+            table, self.model.rel_mid = relative_bias_table(f32(e.rel), c.max_positions)
+            self.model.rel, self.model.rel_span = self._vec(table), table.shape[1]
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler act(W h_cls + b) (tanh, ReLU), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))

@@ -21,6 +21,14 @@ ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a p
 NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"})  # no token type embeddings: no token_type_ids input
 # positions start after padding_idx (pad_token_id + 1), so max_position_embeddings holds that many fewer tokens
 PADDING_OFFSET = frozenset({"roberta", "xlm-roberta", "mpnet"})
+
+
+def position_offset(model_type: str, cfg: dict) -> int:
+    """Position table rows before the first token's (HF's create_position_ids_from_input_ids: padding_idx + 1):
+    RoBERTa's and XLM-R's padding_idx is pad_token_id; MPNet's is 1 whatever the config says."""
+    if model_type not in PADDING_OFFSET:
+        return 0
+    return 2 if model_type == "mpnet" else int(cfg.get("pad_token_id", 1)) + 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
@@ -184,8 +192,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         raise MillisError(f"{path}: its tokenizer gives ids up to {ids - 1}, past the embedding table's "
                           f"{cfg['vocab_size']} rows (config.json vocab_size): such texts could not run")
     max_pos = int(cfg.get("max_position_embeddings", 512))
-    if model_type in PADDING_OFFSET:
-        max_pos -= int(cfg.get("pad_token_id", 1)) + 1  # positions start after padding_idx
+    max_pos -= position_offset(model_type, cfg)  # positions start after padding_idx
     return ModelSource(
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,

@@ -28,8 +28,8 @@ from millis.common.errors import MillisError
 from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, EncoderConfig, bert_names, check_parts,
-                                         head_activation, layer_parts)
+from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, REL_BIAS, EncoderConfig, bert_names,
+                                         check_parts, head_activation, layer_parts, relative_bias_table)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -79,6 +79,8 @@ def attention(x: torch.Tensor, attn_bias: torch.Tensor | None, lw: LayerWeights,
     q, k, v = qkv.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hd), strided
     if first_only:
         q = q[:, :, :1]                                                     # (B, nh, 1, hd)
+        if attn_bias is not None and attn_bias.shape[-2] > 1:              # MPNet's (., nh, T, T): query 0's row
+            attn_bias = attn_bias[:, :, :1]
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)        # (B, nh, T or 1, hd)
     return a.transpose(1, 2).reshape(-1, H)                                 # a view when SDPA wrote BTHD
 
@@ -131,7 +133,7 @@ class Encoder:
             raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers)
+        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets))
 
         def get(names: tuple[str, ...], dtype=dt) -> torch.Tensor:  # the parts' tensors stacked (bert_weights)
             return torch.cat([s[n].detach().to(device=dev, dtype=dtype) for n in names]).contiguous()
@@ -147,6 +149,12 @@ class Encoder:
             for k, names in HEAD.items():
                 setattr(self, k, get(names, torch.float32))
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
+        self.rel = self.rel_qk = None
+        if cfg.rel_buckets:  # MPNet: (nh, P, P) bias of query q, key k, made once (a slice a call: graph-safe)
+            self.rel = get((REL_BIAS,), torch.float32)  # (buckets, nh): what smooth / native read
+            table, mid = relative_bias_table(self.rel.cpu().numpy(), cfg.max_positions)
+            at = mid + torch.arange(cfg.max_positions)[:, None] - torch.arange(cfg.max_positions)[None, :]
+            self.rel_qk = torch.from_numpy(table)[:, at].to(device=dev, dtype=dt).contiguous()
         self.device, self.dtype = dev, dt
         self.fused = options.fuse == "triton" and dev.type == "cuda"
         self.layer = layer_forward  # (x, attn_bias, weights, B, T, heads, eps, fused) -> x; benches swap it
@@ -165,6 +173,9 @@ class Encoder:
                              self.emb_lnw, self.emb_lnb, cfg.eps)
         if dense:  # no padding anywhere: no mask, so SDPA may take the flash kernel
             attn_bias = None
+        if self.rel_qk is not None:  # (B or 1, nh, T, T): the relative bias (+ the padding mask)
+            rel = self.rel_qk[None, :, :T, :T]
+            attn_bias = rel if attn_bias is None else rel + attn_bias.to(rel.dtype)
         # a [CLS] head: the last layer at the first tokens alone (not while a calibration or a bench swaps the layer)
         first_only = not pools_tokens(self.task, self.pooling) and self.layer is layer_forward
         for lw in self.layers[:-1] if first_only else self.layers:

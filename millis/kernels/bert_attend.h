@@ -102,20 +102,24 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
-    if (c->kv && m->attn == ATTN_INT8) {
+    const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;  /* relb[q - k] */
+    /* a relative bias (MPNet): the fp32 forms below (NativeBert then sets ATTN_F32: no bf16 rows are expected) */
+    if (c->kv && m->attn == ATTN_INT8 && !relb) {
         const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
         kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,
                    kv8_values(c, c->kv, h) + c->koff[sq] / KV8_PER_DWORD * HD, sc,
                    sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
-    if (c->kv) {
+    if (c->kv && !relb) {
         kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD, rows,
                   3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
-    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D)) return;
-    if (m->attn == ATTN_BF16_TILES && amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
+    if (!relb && m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
+        return;
+    if (!relb && m->attn == ATTN_BF16_TILES &&
+        amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
 #if LANES_F32
     const int64_t need = f32_lanes_floats(L, HD);
@@ -125,7 +129,7 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
 #endif
     float* buf = pool_buffer(&tl_buf, &tl_cap, (int64_t)sizeof(float) * need);
 #if LANES_F32
-    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, buf);
+    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, buf, relb);
 #else
     float *Q = buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
@@ -142,6 +146,8 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     matmul_rows(&Km, 0, L, 0, Q + (int64_t)qa * HD, nq, S, Lp, 0);  /* S[i][j] = <q_i, k_j> / sqrt(hd) */
     for (int i = 0; i < nq; i++) {
         float* s = S + (int64_t)i * Lp;
+        if (relb)
+            for (int j = 0; j < L; j++) s[j] += relb[qa + i - j];
         vscale(s, 1.f / exp_shift(s, L, vmax(s, L)), L);
         for (int j = L; j < Lp; j++) s[j] = 0.f;
     }

@@ -45,6 +45,11 @@ typedef struct {
     int64_t vocab;
     const bert_layer* layers;
     int32_t ends;  /* int8-row: each sequence's first and last token add a residual row (ends_rows.h) */
+    /* MPNet's relative-position bias (NULL: none; fp32 attention only): head h's row of rel_span floats, whose
+       entry rel_mid + q - k is added to query q's score of key k (16 spare entries at each end: a lane block
+       reads past its last query) */
+    const float* rel;
+    int32_t rel_span, rel_mid;
 } bert_w;
 
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),

@@ -1,0 +1,76 @@
+"""MPNet (all-mpnet-base-v2's family) on millis's compact encoder: BERT's layers under MPNet's names, positions from
+row 2 (HF's padding index is 1 whatever the config says), no token types, and a learned bias per relative-position
+bucket added to every attention score (fp32 attention on the native kernels; SDPA's additive mask in the CUDA
+encoder's torch form). Every native precision against HF: tests/test_variants.py; here texts up to the last
+position, the token split of two threads, the [CLS]-only last layer of a classifier, and the bucket map itself."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import reference_outputs
+from millis.artifact.model import run_texts
+from millis.common.errors import MillisError
+from millis.common.samples import sample_texts
+from millis.encoder.bert_weights import relative_bias_table
+from millis.encoder.native import NativeBert
+from millis.encoder.source import resolve
+from millis.encoder.text import TextEncoder
+from millis.gpu.encoder import RunOptions, from_hf
+from millis.kernels.native import native_isa
+from millis.optimize.build.variants import CATALOG, Builder
+from millis.optimize.judge import open_variant
+
+CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
+
+
+def test_relative_buckets_are_hfs():
+    """The (heads, span) table's entry mid + q - k is HF's bias for query q and key k at every distance, the
+    float32 steps of its log buckets included (a distance at a bucket's edge lands where torch puts it)."""
+    import torch
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    rel = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
+    for positions in (9, 130, 512):
+        table, mid = relative_bias_table(rel, positions)
+        q, k = np.meshgrid(np.arange(positions), np.arange(positions), indexing="ij")
+        want = rel[MPNetEncoder.relative_position_bucket(torch.from_numpy(k - q)).numpy()]  # (q, k, heads)
+        np.testing.assert_array_equal(table[:, mid + q - k].transpose(1, 2, 0), want)
+        assert table.shape == (3, 2 * mid + 1) and mid == positions - 1 + 16  # 16 spare entries each side
+
+
+@pytest.mark.parametrize("task,threads", [("classify", 2), ("embed", 2), ("embed", 1)])
+def test_mpnet_on_the_native_kernels_matches_hf(tmp_path, tiny_dirs, task, threads):
+    import torch
+
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    src = resolve("tiny:mpnet")
+    assert src.max_length == 128
+    texts = sample_texts()[:6] + [" ".join(sample_texts() * 3)]  # the last: cut at 128 tokens, the last position
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    assert enc.encode(texts).lengths[-1] == 128
+    want = reference_outputs(src.path, task, texts)
+    vdir, _ = Builder(src, task, tmp_path, calibration=lambda: []).build(CATALOG["native-fp32"])
+    native = open_variant(task, threads, src, CATALOG["native-fp32"], vdir)
+    np.testing.assert_allclose(run_texts(native, enc, texts).outputs, want, atol=1e-4)  # padded batches of 8
+    np.testing.assert_allclose(np.concatenate([run_texts(native, enc, [t]).outputs for t in texts]), want, atol=1e-4)
+    compact = from_hf(src.path, task, src.pooling, CPU)  # the CUDA encoder, on the CPU in fp32
+    with torch.inference_mode():
+        got = np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
+                              for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    compact.rel_qk.zero_()  # the bias matters: without it the outputs move
+    with torch.inference_mode():
+        off = compact(*(torch.from_numpy(f) for f in enc.encode(texts[-1:]).feeds.values())).numpy()
+    assert np.abs(off - want[-1:]).max() > 1e-3  # (10x the tolerance above)
+
+
+def test_mpnet_keeps_fp32_attention(tiny_dirs):
+    """The int8 and bf16 attentions add no relative bias: the int8 one is refused by name, bf16 falls back."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    weights = from_hf(resolve("tiny:mpnet").path, "embed", resolve("tiny:mpnet").pooling, CPU)
+    with pytest.raises(MillisError, match="relative-position bias"):
+        NativeBert(weights, "int8", attention="int8")
+    assert NativeBert(weights, "int8").attn == 0  # ATTN_F32
