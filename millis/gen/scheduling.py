@@ -7,11 +7,14 @@ leading prompt positions whose KV is written) and the running rows decode a toke
 part-way prefilled continues first; what is left of the budget starts waiting requests, each with the
 rest of the budget, so a step ends with at most one prompt part-way. While a request waits and a slot is
 free, the part-way prompts take at most half the budget, and the other half starts waiting prompts short
-enough to be prefilled whole in it (longer ones wait their turn as before, passed and counted as below);
-what those leave goes back to the part-way prompts. So a short request behind a long prompt starts in the
-next step, not after that prompt's whole prefill (an 8k-token prompt: ~30 steps of 256 tokens), and the long
-prompt still gets at least half the budget every step (vLLM's long_prefill_token_threshold is this idea, a
-fixed cap a step per prompt). Chunking does not change tokens:
+enough to be prefilled whole in it (a longer one waits its turn, passed and counted as below, and keeps a free
+slot for itself: it starts when the part-way prompt ends, as before); what those leave goes back to the
+part-way prompts, and where that ends them, the rest starts the next in line. So a short request behind a
+long prompt starts in the next step, not after that prompt's whole prefill (an 8k-token prompt: ~30 steps of
+256 tokens), and the long prompt still gets at least half the budget every step (vLLM's
+long_prefill_token_threshold is this idea, a fixed cap a step per prompt). A request mostly in the prefix
+cache is judged by its whole feed here (its cached part is known only once it starts): it may wait as before.
+Chunking does not change tokens:
 a chunk attends to the positions before it through the cache, and the native kernels give every token the
 logits a whole prefill gives it (tests/test_gen_native.py, CHUNK).
 
@@ -74,23 +77,35 @@ def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes:
         if left > reserve and r is not None and r.prefilling:
             take(r, left - reserve)
     partway = len(chunks)
-    capped = any(not c.last for c in chunks)  # a part-way prompt wanted more: a new one must finish in the rest
-    new = i = 0
-    room = max_passes  # passes the requests left waiting so far may still take: the fewest of theirs
-    while room > 0 and left and new < max_new and None in slots and i < min(len(waiting), LOOKAHEAD):
-        r = waiting[i]
-        if (not capped or len(r.feed) - r.prefilled <= left) and start(r):
-            del waiting[i]
-            for q in islice(waiting, i):  # the requests it passed
-                q.passed += 1
-            room -= 1 if i else 0
-            take(r, left)
-            new += 1
-        else:  # one passed max_passes times already: the requests behind it wait until it starts
-            room = min(room, max_passes - r.passed)
-            i += 1
+    new, room = 0, max_passes  # room: passes the requests left waiting so far may still take: the fewest of theirs
+
+    def admit(capped: bool) -> None:
+        """Waiting requests into free slots, in queue order; capped: a part-way prompt wanted more, so a new one
+        must be prefilled whole in what is left, and a longer one keeps a free slot for itself (it could start
+        now: a short one behind it must not take the slot it would start in when the part-way prompt ends)."""
+        nonlocal new, room
+        i = held = 0  # held: free slots kept for the requests skipped for the cap alone
+        while room > 0 and left and new < max_new and slots.count(None) > held and i < min(len(waiting), LOOKAHEAD):
+            r = waiting[i]
+            fits = not capped or len(r.feed) - r.prefilled <= left
+            if fits and start(r):
+                del waiting[i]
+                for q in islice(waiting, i):  # the requests it passed
+                    q.passed += 1
+                room -= 1 if i else 0
+                take(r, left)
+                new += 1
+            else:  # one passed max_passes times already: the requests behind it wait until it starts
+                held += not fits
+                room = min(room, max_passes - r.passed)
+                i += 1
+
+    capped = any(not c.last for c in chunks)
+    admit(capped)
     for j in range(partway):  # what the new prompts left
         c = chunks[j]
         more = min(len(c.r.feed) - c.end, left)
         chunks[j], left = Chunk(c.r, c.start, c.end + more), left - more
+    if capped and left and all(c.last for c in chunks[:partway]):  # that ended the part-way prompts after all: the
+        admit(False)  # rest starts the next in line as before (a long one part-way), not left unused
     return chunks
