@@ -119,8 +119,8 @@ def test_a_modernbert_cut_keeps_its_first_layer(tiny_dirs):
 def test_the_compact_encoder_names_the_family_it_runs(tiny_dirs):
     from millis.encoder.bert_weights import EncoderConfig
 
-    cfg = json.loads((Path(tiny_dirs["electra"]) / "config.json").read_text())
-    with pytest.raises(MillisError, match="supports BERT-family models.*not 'electra'"):
+    cfg = json.loads((Path(tiny_dirs["deberta-v2"]) / "config.json").read_text())
+    with pytest.raises(MillisError, match="supports BERT-family models.*not 'deberta-v2'"):
         EncoderConfig.from_hf(cfg)
     assert resolve("tiny:mpnet").input_names == ("input_ids", "attention_mask")
 

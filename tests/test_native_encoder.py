@@ -564,7 +564,7 @@ def test_errors_name_the_problem(minilm, tiny_dirs):
     with pytest.raises(MillisError, match="native precision"):
         NativeBert(enc, "int4")
     with pytest.raises(MillisError, match="BERT-family"):
-        from_hf(resolve(str(tiny_dirs["electra"])).path, "classify", Pooling(), CPU)
+        from_hf(resolve(str(tiny_dirs["deberta-v2"])).path, "classify", Pooling(), CPU)
     with pytest.raises(MillisError, match="ids integers"):  # a float id is refused, not floored (7.9 -> 7)
         model(ids.astype(np.float64) + 0.9, mask, types)
     assert model(ids, mask, types).shape == (2, 384)  # the failed calls left it usable

@@ -18,11 +18,11 @@ from millis.encoder.source import NO_TOKEN_TYPE, Pooling, position_offset
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
 # model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types;
 # MPNet: other names, no types, positions offset, a relative-position bias in attention)
-FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
 RELATIVE_BIAS = frozenset({"mpnet"})  # attention adds a learned bias per relative-position bucket
 # the classifier head's activation after its first dense layer (BERT's pooler, RoBERTa's head: tanh; DistilBERT's
-# pre_classifier: ReLU)
-HEAD_ACT = {"distilbert": "relu"}
+# pre_classifier: ReLU; ELECTRA's head: erf GELU)
+HEAD_ACT = {"distilbert": "relu", "electra": "gelu"}
 TASKS = ("classify", "embed")
 
 
@@ -51,7 +51,7 @@ class EncoderConfig:
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet on the CPU), "
+                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
@@ -63,6 +63,10 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
+        if family == "electra" and int(cfg.get("embedding_size", cfg["hidden_size"])) != int(cfg["hidden_size"]):
+            raise MillisError(f"an ELECTRA whose embedding_size ({cfg['embedding_size']}) is not its hidden_size "
+                              f"({cfg['hidden_size']}: electra-small's layout) needs an embedding projection the "
+                              f"compact encoder does not run; ONNX Runtime and OpenVINO run it")
         if family in NO_TOKEN_TYPE:  # no token types: one row of zeros (bert_names)
             cfg = {**cfg, "type_vocab_size": 1}
         if family == "distilbert":  # DistilBertConfig's names
@@ -124,6 +128,7 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     out = {}
     for k, v in state.items():
         k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet.") \
+            .removeprefix("electra.") \
             .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if "classifier.out_proj.weight" in state:  # RoBERTa's head is the pooler: a pooler of its base is not
             if k.startswith("pooler."):
@@ -144,7 +149,24 @@ def head_activation(x, act: str):
     """The classifier head's activation on its first dense layer's output (numpy or torch: both have the ops)."""
     if act == "relu":
         return x.clip(0)  # (numpy's and torch's alike: the lower bound)
+    if act == "gelu":  # x * P(X <= x): erf's form, as HF's GELUActivation
+        return gelu_erf(x) if isinstance(x, np.ndarray) else torch_gelu(x)
     return np.tanh(x) if isinstance(x, np.ndarray) else x.tanh()
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """x * (1 + erf(x / sqrt 2)) / 2 in float64 (numpy has no erf: Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7)."""
+    z = np.abs(np.asarray(x, np.float64)) / np.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = np.sign(x) * (1.0 - poly * np.exp(-z * z))
+    return (0.5 * x * (1.0 + erf)).astype(np.asarray(x).dtype)
+
+
+def torch_gelu(x):
+    import torch.nn.functional as F
+
+    return F.gelu(x)
 
 
 def relative_bias_table(rel: np.ndarray, max_positions: int, pad: int = 16) -> tuple[np.ndarray, int]:
