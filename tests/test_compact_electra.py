@@ -87,3 +87,14 @@ def test_electra_on_the_native_kernels_matches_hf(tmp_path, electra_base_like, t
 def test_electra_small_is_refused_by_name(tiny_dirs):
     with pytest.raises(MillisError, match="embedding_size .16. is not its hidden_size .32"):
         from_hf(tiny_dirs["electra"], "classify", resolve("tiny:electra").pooling, CPU)
+
+
+def test_electra_without_embedding_size_reads_hfs_default(tiny_dirs):
+    """A config.json without embedding_size is ElectraConfig's 128, not the hidden size: refused by name, not by a
+    shape check later."""
+    from millis.encoder.bert_weights import EncoderConfig
+
+    cfg = json.loads((tiny_dirs["electra"] / "config.json").read_text())
+    cfg.pop("embedding_size")
+    with pytest.raises(MillisError, match=r"embedding_size \(128\) is not its hidden_size \(32"):
+        EncoderConfig.from_hf(cfg)

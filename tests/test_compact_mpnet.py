@@ -74,3 +74,19 @@ def test_mpnet_keeps_fp32_attention(tiny_dirs):
     with pytest.raises(MillisError, match="relative-position bias"):
         NativeBert(weights, "int8", attention="int8")
     assert NativeBert(weights, "int8").attn == 0  # ATTN_F32
+
+
+def test_a_sequence_longer_than_the_positions_is_refused(tiny_dirs):
+    """Positions in range do not make a sequence fit the relative bias's table: 200 tokens with wrapped positions on
+    a 128-position MPNet read past it (garbage or NaN, a review's probe); now refused. 128 still runs."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    model = NativeBert(from_hf(resolve("tiny:mpnet").path, "embed", resolve("tiny:mpnet").pooling, CPU), "fp32")
+    for n in (128, 200):
+        ids, types = np.full(n, 10, np.int32), np.zeros(n, np.int32)
+        pos = (np.arange(n) % 128).astype(np.int32)
+        if n == 128:
+            assert np.isfinite(model.hidden_states(ids, pos, types, np.array([0, n]))).all()
+            continue
+        with pytest.raises(MillisError, match="longer than its positions"):
+            model.hidden_states(ids, pos, types, np.array([0, n]))

@@ -63,8 +63,9 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
-        if family == "electra" and int(cfg.get("embedding_size", cfg["hidden_size"])) != int(cfg["hidden_size"]):
-            raise MillisError(f"an ELECTRA whose embedding_size ({cfg['embedding_size']}) is not its hidden_size "
+        embedding = int(cfg.get("embedding_size", 128))  # (ElectraConfig's default)
+        if family == "electra" and embedding != int(cfg["hidden_size"]):
+            raise MillisError(f"an ELECTRA whose embedding_size ({embedding}) is not its hidden_size "
                               f"({cfg['hidden_size']}: electra-small's layout) needs an embedding projection the "
                               f"compact encoder does not run; ONNX Runtime and OpenVINO run it")
         if family in NO_TOKEN_TYPE:  # no token types: one row of zeros (bert_names)

@@ -302,9 +302,9 @@ class NativeBert:
                                    pos.ctypes.data, types.ctypes.data, len(start) - 1, start.ctypes.data,
                                    self.threads, int(first_only))
         if rc:
-            raise MillisError(f"a token id, position or token type is out of range for this model "
-                              f"(vocabulary {self.cfg.vocab}, {self.cfg.max_positions} positions, "
-                              f"{self.cfg.type_vocab} token types)")
+            raise MillisError(f"a token id, position or token type is out of range for this model, or a sequence "
+                              f"is longer than its positions (vocabulary {self.cfg.vocab}, {self.cfg.max_positions} "
+                              f"positions, {self.cfg.type_vocab} token types)")
         return self.buffers["x"][:n]
 
     def hidden_states(self, ids: np.ndarray, pos: np.ndarray, types: np.ndarray, start: np.ndarray) -> np.ndarray:

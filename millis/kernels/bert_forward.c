@@ -338,6 +338,9 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             types[t] >= m->type_vocab) return 1;
     if (start[0] != 0 || start[n_seq] != n) return 1;
     for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
+    /* the relative bias's table spans distances below max_pos (and its spare lanes): a longer sequence would read
+       past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
+    for (int64_t q = 0; m->rel && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
     const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
