@@ -382,3 +382,25 @@ def test_a_long_waiting_prompt_keeps_its_slot_and_the_budget_is_not_left_unused(
     part.prompt = list(range(1, 201))  # 199 left of a 256 budget: more than the half, less than the whole
     chunks = schedule(slots, waiting, budget=256, max_new=4, max_passes=3, start=start)
     assert [(c.r.id, c.start, c.end) for c in chunks] == [("part", 1, 200), ("w2", 0, 57)]
+
+
+def test_a_request_mostly_in_the_prefix_cache_counts_what_it_would_prefill(model_path):
+    """A chat turn behind a long system prompt the cache holds needs only its new tokens: it starts beside a long
+    prompt part-way (judged by its whole feed it waited for that prompt's prefill), with the tokens it gets alone."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    system = LONG[1][:96]  # 3 whole blocks
+    turn1, turn2 = system + [5, 6, 7], system + [8, 9, 10, 11]
+    want = run_all(open_tiny(model_path, prefix_cache=False), [turn2], params)[0]
+    eng = open_tiny(model_path)
+    run_all(eng, [turn1], params)  # the system prompt's blocks cached
+    eng.add(LONG[0], params)
+    eng.step()  # the long prompt part-way: 40 of its 150
+    rid = eng.add(turn2, params)
+    got, first = [], None
+    for step in range(1, 20):
+        for o in eng.step():
+            if o.id == rid:
+                got += o.token_ids
+                first = first or step
+    assert first == 1 and eng.requests.get(rid) is None and got == want
+    assert not eng.has_work

@@ -201,10 +201,17 @@ class Engine:
         # the budget holds with no row decoding too: a step stays bounded and a cancelled prompt stops within a
         # chunk (an idle server's 8k-token prompt was one 100 s step no cancel could end)
         chunks = schedule(self.slots, self.waiting, self.prefill_tokens, self.max_prefills, self.max_passes,
-                          lambda r: self._admit(r, coming))
+                          lambda r: self._admit(r, coming), self._to_prefill)
         if self.kv is None and hasattr(self.decode, "move_slot"):  # a graph per batch bucket: keep the low slots
             compact_slots(self.slots, self.decode.move_slot, self.penalties.move)
         return chunks, running
+
+    def _to_prefill(self, r: Request) -> int:
+        """The prompt tokens a waiting request would prefill if it started now (its feed less its cached prefix)."""
+        if self.kv is None:
+            return len(r.feed)
+        r.keys = self.kv.keys(r.feed) if r.keys is None else r.keys  # hashed once (as _admit)
+        return len(r.feed) - self.kv.cached_prefix(r.feed, r.keys)
 
     def _admit(self, r: Request, coming: set) -> bool:
         """r into the lowest free slot, promised the KV of its feed + a block (grown: `_make_room`); False: wait."""

@@ -13,7 +13,7 @@ part-way prompts, and where that ends them, the rest starts the next in line. So
 long prompt starts in the next step, not after that prompt's whole prefill (an 8k-token prompt: ~30 steps of
 256 tokens), and the long prompt still gets at least half the budget every step (vLLM's
 long_prefill_token_threshold is this idea, a fixed cap a step per prompt). A request mostly in the prefix
-cache is judged by its whole feed here (its cached part is known only once it starts): it may wait as before.
+cache is judged by what it would prefill (`need`: a chat turn behind a long shared system prompt is short).
 Chunking does not change tokens:
 a chunk attends to the positions before it through the cache, and the native kernels give every token the
 logits a whole prefill gives it (tests/test_gen_native.py, CHUNK).
@@ -58,12 +58,14 @@ class Chunk:
 
 
 def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes: int,
-             start: Callable[[Request], bool]) -> list[Chunk]:
+             start: Callable[[Request], bool], need: Callable[[Request], int] | None = None) -> list[Chunk]:
     """This step's prefill chunks, at most `budget` prompt tokens in all: the prompts part-way prefilled
     continue (within half the budget while a request waits for a free slot), then waiting requests start in
     queue order while budget, a free slot and `max_new` allow, then the part-way prompts take what is left.
     `start(r)`: True when r took a free slot and its resources (then it leaves the queue), False when it
-    must wait (then later requests may pass it, up to max_passes times)."""
+    must wait (then later requests may pass it, up to max_passes times). `need(r)`: the prompt tokens r would
+    prefill if it started now (its feed less what the prefix cache holds; default: its whole feed)."""
+    need = need or (lambda r: len(r.feed) - r.prefilled)
     chunks: list[Chunk] = []
     left = budget
     reserve = budget // 2 if waiting and max_new > 0 and None in slots else 0  # for short waiting prompts
@@ -87,7 +89,7 @@ def schedule(slots: list, waiting: deque, budget: int, max_new: int, max_passes:
         i = held = 0  # held: free slots kept for the requests skipped for the cap alone
         while room > 0 and left and new < max_new and slots.count(None) > held and i < min(len(waiting), LOOKAHEAD):
             r = waiting[i]
-            fits = not capped or len(r.feed) - r.prefilled <= left
+            fits = not capped or need(r) <= left
             if fits and start(r):
                 del waiting[i]
                 for q in islice(waiting, i):  # the requests it passed

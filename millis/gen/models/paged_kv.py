@@ -70,6 +70,16 @@ class PagedKV:
         """The key of the first shareable block of `prompt` not cached yet (None: all are, or none can be)."""
         return next((k for k in keys[:(len(prompt) - 1) // self.block_size] if k not in self.block_of), None)
 
+    def cached_prefix(self, prompt: list[int], keys: list[bytes]) -> int:
+        """Positions of `prompt` that `admit` would find cached now (its leading cached blocks; never the last
+        token): what starting it would leave to prefill is the rest."""
+        n = 0
+        for k in keys[:(len(prompt) - 1) // self.block_size]:
+            if k not in self.block_of:
+                break
+            n += 1
+        return n * self.block_size
+
     def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None,
               keys: list[bytes] | None = None, count: bool = True) -> int | None:
         """Promise `slot` room for n_pos positions, sharing the cached blocks of `prompt`'s leading runs
