@@ -57,3 +57,31 @@ def write_result(path: str | Path, out: dict, indent: int | None = 1, quiet: boo
     Path(path).write_text(result_json(out, indent) + "\n")
     if not quiet:
         print(f"wrote {path}")
+
+
+def alternated(trees: dict[str, Path], rounds: int, one_round) -> dict[str, list[dict]]:
+    """{tree: its rounds' results}: one_round(dir) for each tree a round, the order reversed every other round
+    (so neither tree always runs first on a machine warming up or slowing down), each printed as it comes."""
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for i in range(rounds):
+        for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
+            runs[name].append(one_round(trees[name]))
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    return runs
+
+
+def trees_compared(doc: str, rounds: int, out: str, one_round) -> tuple[argparse.Namespace, dict[str, Path], dict]:
+    """A before / after bench's command line (--code, --rounds, --out; `doc`'s first paragraph its help) parsed,
+    and its trees' alternated rounds: (args, {tree: dir}, {tree: results})."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_code_flag(ap)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", default=out)
+    a = ap.parse_args()
+    trees = {"this": Path(__file__).resolve().parents[1], **checkouts(ap, a.code)}
+    return a, trees, alternated(trees, a.rounds, one_round)
+
+
+def tree_rows(trees: dict[str, Path], runs: dict[str, list[dict]], median) -> list[dict]:
+    """The result file's rows: per tree its dir, median(its rounds) and the rounds themselves."""
+    return [{"tree": name, "dir": str(trees[name]), "median": median(rs), "rounds": rs} for name, rs in runs.items()]

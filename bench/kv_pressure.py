@@ -13,7 +13,6 @@ preempted when the pool is full (docs/generation.md).
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import statistics
@@ -22,9 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from checkouts import add_code_flag, checkouts, write_result
+from checkouts import tree_rows, trees_compared, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--threads", "1", "--max-batch", "4", "--kv-memory-mb", "64", "--max-queue", "8", "--max-inputs", "4")
 
 
@@ -73,26 +71,16 @@ def one_round(tree: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_code_flag(ap)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/kv_pressure.json")
-    a = ap.parse_args()
     from millis.common.hardware import describe
 
-    trees = {"this": ROOT, **checkouts(ap, a.code)}
-    runs: dict[str, list[dict]] = {k: [] for k in trees}
-    for i in range(a.rounds):
-        for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):  # alternated
-            runs[name].append(one_round(trees[name]))
-            print(name, json.dumps(runs[name][-1]), flush=True)
+    a, trees, runs = trees_compared(__doc__, 2, "bench/results/kv_pressure.json", one_round)
     print(f"{'tree':<10} {'5-token request s':>18} {'n=2 first events s':>22}")
-    rows = []
-    for name, rs in runs.items():
-        med = {"short_s": statistics.median(r["short_s"] for r in rs),
-               "n2_first_s": [statistics.median(r["n2_first_s"][k] for r in rs) for k in (0, 1)]}
-        rows.append({"tree": name, "dir": str(trees[name]), "median": med, "rounds": rs})
-        print(f"{name:<10} {med['short_s']:>18.2f} {med['n2_first_s'][0]:>10.2f} {med['n2_first_s'][1]:>10.2f}")
+    rows = tree_rows(trees, runs, lambda rs: {
+        "short_s": statistics.median(r["short_s"] for r in rs),
+        "n2_first_s": [statistics.median(r["n2_first_s"][k] for r in rs) for k in (0, 1)]})
+    for row in rows:
+        med = row["median"]
+        print(f"{row['tree']:<10} {med['short_s']:>18.2f} {med['n2_first_s'][0]:>10.2f} {med['n2_first_s'][1]:>10.2f}")
     write_result(a.out, {"bench": "kv_pressure", "machine": describe(), "flags": FLAGS, "rows": rows})
 
 

@@ -11,7 +11,6 @@ Prints a table (medians over rounds) and writes the JSON with the CPU it ran on.
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import statistics
@@ -20,9 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from checkouts import add_code_flag, checkouts, write_result
+from checkouts import tree_rows, trees_compared, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--threads", "1", "--max-batch", "4")
 LONG = "The quick brown fox jumps over the lazy dog near the river bank. " * 300  # ~4,000 tokens
 
@@ -62,25 +60,14 @@ def one_round(tree: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_code_flag(ap)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/prefill_fairness.json")
-    a = ap.parse_args()
     from millis.common.hardware import describe
 
-    trees = {"this": ROOT, **checkouts(ap, a.code)}
-    runs: dict[str, list[dict]] = {k: [] for k in trees}
-    for i in range(a.rounds):
-        for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):  # alternated
-            runs[name].append(one_round(trees[name]))
-            print(name, json.dumps(runs[name][-1]), flush=True)
+    a, trees, runs = trees_compared(__doc__, 3, "bench/results/prefill_fairness.json", one_round)
     print(f"{'tree':<10} {'short request s':>16} {'long request s':>15} {'long prompt tokens':>19}")
-    rows = []
-    for name, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("short_s", "long_s")}
-        rows.append({"tree": name, "dir": str(trees[name]), "median": med, "rounds": rs})
-        print(f"{name:<10} {med['short_s']:>16.2f} {med['long_s']:>15.2f} {rs[0]['long_prompt_tokens']!s:>19}")
+    rows = tree_rows(trees, runs, lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("short_s", "long_s")})
+    for row in rows:
+        med, tokens = row["median"], row["rounds"][0]["long_prompt_tokens"]
+        print(f"{row['tree']:<10} {med['short_s']:>16.2f} {med['long_s']:>15.2f} {tokens!s:>19}")
     write_result(a.out, {"bench": "prefill_fairness", "machine": describe(), "flags": FLAGS, "rows": rows})
 
 

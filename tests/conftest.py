@@ -217,3 +217,29 @@ def smollm2() -> str:
         return resolve_model("builtin:smollm2")
     except MillisError as e:
         pytest.skip(str(e))
+
+
+def native_fp32(folder: Path, task: str, tmp_path: Path, threads: int = 2):
+    """(source, its 128-token TextEncoder, the native-fp32 variant built from `folder` and opened) for the
+    compact-encoder family tests."""
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.optimize.judge import open_variant
+
+    src = resolve(str(folder))
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    vdir, _ = Builder(src, task, tmp_path, calibration=lambda: []).build(CATALOG["native-fp32"])
+    return src, enc, open_variant(task, threads, src, CATALOG["native-fp32"], vdir)
+
+
+def compact_cpu_outputs(folder: Path, task: str, pooling, enc, texts: list[str]) -> np.ndarray:
+    """The CUDA encoder's torch form on the CPU in fp32 (millis.gpu.encoder), one text a call: (N, out)."""
+    import torch
+
+    from millis.gpu.encoder import RunOptions, from_hf
+
+    compact = from_hf(folder, task, pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    with torch.inference_mode():
+        return np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
+                               for t in texts])

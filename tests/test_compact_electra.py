@@ -10,17 +10,14 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import reference_outputs
+from conftest import compact_cpu_outputs, native_fp32, reference_outputs
 from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder.bert_weights import gelu_erf
 from millis.encoder.source import resolve
-from millis.encoder.text import TextEncoder
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa
-from millis.optimize.build.variants import CATALOG, Builder
-from millis.optimize.judge import open_variant
 
 CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 
@@ -58,18 +55,11 @@ def test_electra_on_the_native_kernels_matches_hf(tmp_path, electra_base_like, t
 
     if native_isa() is None:
         pytest.skip("no native kernels here")
-    src = resolve(str(electra_base_like))
     texts = sample_texts()[:6] + [" ".join(sample_texts() * 3)]
-    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    src, enc, native = native_fp32(electra_base_like, task, tmp_path)
     want = reference_outputs(electra_base_like, task, texts)
-    vdir, _ = Builder(src, task, tmp_path, calibration=lambda: []).build(CATALOG["native-fp32"])
-    native = open_variant(task, 2, src, CATALOG["native-fp32"], vdir)
     np.testing.assert_allclose(run_texts(native, enc, texts).outputs, want, atol=1e-4)
-    compact = from_hf(electra_base_like, task, src.pooling, CPU)  # the CUDA encoder, on the CPU in fp32
-    with torch.inference_mode():
-        got = np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
-                              for t in texts])
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(compact_cpu_outputs(electra_base_like, task, src.pooling, enc, texts), want, atol=1e-4)
     if task == "classify":  # a pair: token type 1 on the document, as HF's pair encoding gives it
         from millis.artifact.model import run_pairs
 

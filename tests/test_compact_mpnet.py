@@ -8,18 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import reference_outputs
+from conftest import compact_cpu_outputs, native_fp32, reference_outputs
 from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder.bert_weights import relative_bias_table
 from millis.encoder.native import NativeBert
 from millis.encoder.source import resolve
-from millis.encoder.text import TextEncoder
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa
-from millis.optimize.build.variants import CATALOG, Builder
-from millis.optimize.judge import open_variant
 
 CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 
@@ -45,21 +42,14 @@ def test_mpnet_on_the_native_kernels_matches_hf(tmp_path, tiny_dirs, task, threa
 
     if native_isa() is None:
         pytest.skip("no native kernels here")
-    src = resolve("tiny:mpnet")
-    assert src.max_length == 128
     texts = sample_texts()[:6] + [" ".join(sample_texts() * 3)]  # the last: cut at 128 tokens, the last position
-    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
-    assert enc.encode(texts).lengths[-1] == 128
+    src, enc, native = native_fp32(tiny_dirs["mpnet"], task, tmp_path, threads)
+    assert src.max_length == 128 and enc.encode(texts).lengths[-1] == 128
     want = reference_outputs(src.path, task, texts)
-    vdir, _ = Builder(src, task, tmp_path, calibration=lambda: []).build(CATALOG["native-fp32"])
-    native = open_variant(task, threads, src, CATALOG["native-fp32"], vdir)
     np.testing.assert_allclose(run_texts(native, enc, texts).outputs, want, atol=1e-4)  # padded batches of 8
     np.testing.assert_allclose(np.concatenate([run_texts(native, enc, [t]).outputs for t in texts]), want, atol=1e-4)
-    compact = from_hf(src.path, task, src.pooling, CPU)  # the CUDA encoder, on the CPU in fp32
-    with torch.inference_mode():
-        got = np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
-                              for t in texts])
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(compact_cpu_outputs(src.path, task, src.pooling, enc, texts), want, atol=1e-4)
+    compact = from_hf(src.path, task, src.pooling, CPU)
     compact.rel_qk.zero_()  # the bias matters: without it the outputs move
     with torch.inference_mode():
         off = compact(*(torch.from_numpy(f) for f in enc.encode(texts[-1:]).feeds.values())).numpy()

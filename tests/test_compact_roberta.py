@@ -10,15 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import reference_outputs
+from conftest import compact_cpu_outputs, native_fp32, reference_outputs
 from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
-from millis.encoder.source import resolve
-from millis.encoder.text import TextEncoder
 from millis.gpu.encoder import RunOptions, from_hf
-from millis.optimize.build.variants import CATALOG, Builder
-from millis.optimize.judge import open_variant
 
 CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 
@@ -38,20 +34,14 @@ def roberta_pad1(tmp_path_factory, tiny_dirs):
 def test_roberta_positions_count_from_the_padding_index(tmp_path, roberta_pad1, task):
     import torch
 
-    src = resolve(str(roberta_pad1))
-    assert src.max_length == 128  # 130 rows less pad_token_id + 1
     texts = sample_texts()[:4] + [" ".join(sample_texts() * 3)]  # the last: cut at 128 tokens, the last position
-    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    src, enc, native = native_fp32(roberta_pad1, task, tmp_path, threads=1)
+    assert src.max_length == 128  # 130 rows less pad_token_id + 1
     assert enc.encode(texts).lengths[-1] == 128
     want = reference_outputs(roberta_pad1, task, texts)
-    vdir, _ = Builder(src, task, tmp_path, calibration=lambda: []).build(CATALOG["native-fp32"])
-    native = open_variant(task, 1, src, CATALOG["native-fp32"], vdir)
     np.testing.assert_allclose(run_texts(native, enc, texts).outputs, want, atol=1e-4)
-    compact = from_hf(roberta_pad1, task, src.pooling, CPU)  # the CUDA encoder, on the CPU in fp32
-    with torch.inference_mode():
-        got = np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
-                              for t in texts])
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(compact_cpu_outputs(roberta_pad1, task, src.pooling, enc, texts), want, atol=1e-4)
+    compact = from_hf(roberta_pad1, task, src.pooling, CPU)
     long = np.full((1, 129), 5)
     with pytest.raises(MillisError, match="exceeds the model's 128 positions"):
         native.run({"input_ids": long, "attention_mask": np.ones_like(long), "token_type_ids": np.zeros_like(long)})
