@@ -63,8 +63,7 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
-        embedding = int(cfg.get("embedding_size", 128))  # (ElectraConfig's default)
-        if family == "electra" and embedding != int(cfg["hidden_size"]):
+        if family == "electra" and (embedding := int(cfg.get("embedding_size", 128))) != int(cfg["hidden_size"]):
             raise MillisError(f"an ELECTRA whose embedding_size ({embedding}) is not its hidden_size "
                               f"({cfg['hidden_size']}: electra-small's layout) needs an embedding projection the "
                               f"compact encoder does not run; ONNX Runtime and OpenVINO run it")

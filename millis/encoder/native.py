@@ -69,7 +69,8 @@ ATTENTIONS = ("auto", "int8")
 class Model(ctypes.Structure):
     _fields_ = [(n, I32) for n in ("n_layers", "dim", "n_heads", "head_dim", "hidden", "max_pos", "type_vocab",
                                    "act")] + [("eps", F), ("attn", I32)] + \
-               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + [("vocab", I64), ("layers", P), ("ends", I32)] + \
+               [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + \
+               [("vocab", I64), ("layers", P), ("ends", I32)] + \
                [("rel", P), ("rel_span", I32), ("rel_mid", I32)]  # MPNet's relative bias (relative_bias_table)
 
 

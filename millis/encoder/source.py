@@ -21,6 +21,13 @@ ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a p
 NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"})  # no token type embeddings: no token_type_ids input
 # positions start after padding_idx (pad_token_id + 1), so max_position_embeddings holds that many fewer tokens
 PADDING_OFFSET = frozenset({"roberta", "xlm-roberta", "mpnet"})
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
+                   "tokenizer.model")
+SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  # transformers reads them with it
+POOLING_MODES = ("mean", "cls", "max")
 
 
 def position_offset(model_type: str, cfg: dict) -> int:
@@ -29,13 +36,6 @@ def position_offset(model_type: str, cfg: dict) -> int:
     if model_type not in PADDING_OFFSET:
         return 0
     return 2 if model_type == "mpnet" else int(cfg.get("pad_token_id", 1)) + 1
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-# a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
-                   "tokenizer.model")
-SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  # transformers reads them with it
-POOLING_MODES = ("mean", "cls", "max")
 
 
 def takes_segments(model_type: str, segments: bool | None = None) -> bool:

@@ -70,15 +70,19 @@ class PagedKV:
         """The key of the first shareable block of `prompt` not cached yet (None: all are, or none can be)."""
         return next((k for k in keys[:(len(prompt) - 1) // self.block_size] if k not in self.block_of), None)
 
-    def cached_prefix(self, prompt: list[int], keys: list[bytes]) -> int:
-        """Positions of `prompt` that `admit` would find cached now (its leading cached blocks; never the last
-        token): what starting it would leave to prefill is the rest."""
-        n = 0
+    def cached_blocks(self, prompt: list[int], keys: list[bytes]) -> list[int]:
+        """The cached blocks of `prompt`'s leading runs, in order (never its last token: its logits are computed):
+        what `admit` shares now."""
+        hit: list[int] = []
         for k in keys[:(len(prompt) - 1) // self.block_size]:
             if k not in self.block_of:
                 break
-            n += 1
-        return n * self.block_size
+            hit.append(self.block_of[k])
+        return hit
+
+    def cached_prefix(self, prompt: list[int], keys: list[bytes]) -> int:
+        """Positions of `prompt` that `admit` would find cached now: what starting it leaves to prefill is the rest."""
+        return len(self.cached_blocks(prompt, keys)) * self.block_size if self.prefix_cache else 0
 
     def admit(self, slot: int, n_pos: int, prompt: list[int] | None = None,
               keys: list[bytes] | None = None, count: bool = True) -> int | None:
@@ -89,11 +93,7 @@ class PagedKV:
         hit: list[int] = []
         owned = self.owned[slot]
         if prompt and self.prefix_cache and not owned:
-            keys = self.keys(prompt) if keys is None else keys
-            for k in keys[:(len(prompt) - 1) // self.block_size]:
-                if k not in self.block_of:
-                    break
-                hit.append(self.block_of[k])
+            hit = self.cached_blocks(prompt, self.keys(prompt) if keys is None else keys)
         waking = sum(1 for b in hit if self.refs[b] == 0)  # idle blocks this slot takes back into use
         need = max(self.blocks(n_pos) - len(hit) - len(owned), 0)
         others = sum(self.pending) - self.pending[slot]
