@@ -125,7 +125,7 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     """The weights under BERT's names: 'bert.' / 'roberta.' (a *ForSequenceClassification's base) dropped; old
     checkpoints' LayerNorm gamma / beta; RoBERTa's classification head as pooler + classifier; the position table from
     cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
-    out = {}
+    out, renames = {}, {"distilbert": DISTILBERT, "mpnet": MPNET}.get(cfg.family, {})
     for k, v in state.items():
         k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet.") \
             .removeprefix("electra.") \
@@ -134,7 +134,7 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
             if k.startswith("pooler."):
                 continue
             k = next((k.replace(a, b, 1) for a, b in ROBERTA_HEAD.items() if k.startswith(a)), k)
-        for a, b in {"distilbert": DISTILBERT, "mpnet": MPNET}.get(cfg.family, {}).items():
+        for a, b in renames.items():
             k = k.replace(a, b, 1)
         out[k] = v
     pos, word, typ = EMBEDDINGS["pos"][0], EMBEDDINGS["word"][0], EMBEDDINGS["typ"][0]

@@ -341,6 +341,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     /* the relative bias's table spans distances below max_pos (and its spare lanes): a longer sequence would read
        past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
     for (int64_t q = 0; m->rel && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
+    if (m->rel && m->attn != ATTN_F32) return 1;  /* only the fp32 attention adds it (NativeBert's rule) */
     const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
