@@ -239,7 +239,8 @@ def test_a_roberta_reranker_calibrates_on_its_one_token_type(tmp_path, tiny_dirs
     static int8 failed to build ("idx=1 must be within [-1,0]"); a --sample-texts file's column is --text-col's."""
     texts = tmp_path / "st.csv"
     texts.write_text("sentence,id\n" + "".join(f"{t.replace(',', ' ')},{i}\n" for i, t in enumerate(sample_texts()[:40])))
-    out = optimize(OptimizeConfig(source="tiny:roberta", task="rerank", out=str(tmp_path / "rr"), target=Shape(1, 16),
+    out = optimize(OptimizeConfig(source="tiny:roberta-reranker", task="rerank", out=str(tmp_path / "rr"),
+                                  target=Shape(1, 16),
                                   variants=("ort-int8-static",), sample_texts=str(texts), text_col="sentence",
                                   measure=replace(quick_measure, threads=1, serve_mix=0)))
     report = json.loads((out / "report.json").read_text())
@@ -378,7 +379,7 @@ def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_mea
         return run_pairs(rt, enc, ps, max_batch)
 
     monkeypatch.setattr(judge_mod, "run_pairs", spy)
-    cfg = OptimizeConfig(source="tiny:bert", task="rerank", out=str(tmp_path / "r"), target=Shape(1, 16),
+    cfg = OptimizeConfig(source="tiny:bert-reranker", task="rerank", out=str(tmp_path / "r"), target=Shape(1, 16),
                          variants=("ort-fp32-fused", "ort-int8-dynamic"),
                          measure=replace(quick_measure, threads=1, serve_mix=0))
     assert cfg.model_task == "classify"
@@ -401,6 +402,20 @@ def test_rerank_is_judged_on_query_document_pairs(tmp_path, tiny_dirs, quick_mea
     assert (hf["token_type_ids"] == 1).any()
     want = rt.run({k: hf[k].astype(np.int64) for k in rt.input_names})[rt.output_name]
     np.testing.assert_allclose(run_pairs(rt, enc, list(zip(q, d))).outputs, want, atol=1e-5)
+
+
+def test_rerank_refuses_a_classifier_of_three_labels(tmp_path, tiny_dirs):
+    """--task rerank on a classifier of three labels (tiny:bert's negative / neutral / positive): refused before any
+    work, by name (it was built, judged by its last label's probability, and served as a reranker); the tiny
+    reranker is the same model with one logit."""
+    from transformers import AutoConfig
+
+    with pytest.raises(millis.MillisError, match="--task rerank: tiny:bert is a classifier of 3 labels, not a cross"):
+        optimize(OptimizeConfig(source="tiny:bert", task="rerank", out=str(tmp_path / "r"), target=Shape(1, 16)))
+    assert not (tmp_path / "r").exists()
+    one = AutoConfig.from_pretrained(open_model("tiny:bert-reranker", task="classify").meta.source.path)
+    base = AutoConfig.from_pretrained(str(tiny_dirs["bert"]))
+    assert one.num_labels == 1 and base.num_labels == 3 and one.hidden_size == base.hidden_size
 
 
 @pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])

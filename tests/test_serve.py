@@ -53,6 +53,25 @@ def classify_server(classify_artifact):
     assert s.stop() == 0
 
 
+@pytest.fixture(scope="module")
+def rerank_artifact(tmp_path_factory, quick_measure) -> Path:
+    """A one-logit cross-encoder (tiny:bert-reranker, as ms-marco-MiniLM) optimized as classify_artifact is."""
+    from millis.optimize.config import OptimizeConfig
+    from millis.common.config import Shape
+    from millis.optimize.pipeline import optimize
+
+    out = tmp_path_factory.mktemp("art") / "tiny-reranker"
+    return optimize(OptimizeConfig(source="tiny:bert-reranker", task="rerank", out=str(out), target=Shape(1, 16),
+                                   variants=("ort-fp32-fused", "ort-int8-dynamic"), measure=quick_measure))
+
+
+@pytest.fixture(scope="module")
+def rerank_server(rerank_artifact):
+    s = Server(rerank_artifact, "--too-long", "reject", "--max-inputs", "8")
+    yield s
+    assert s.stop() == 0
+
+
 def test_embeddings_equal_in_process_float_and_base64(embed_server, embed_artifact):
     ref = millis.load(embed_artifact).embed(TEXTS)
     status, headers, body = embed_server.post("/v1/embeddings", {"input": TEXTS, "model": "tiny"})
@@ -124,7 +143,7 @@ def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
     assert body["error"]["code"] == code and len(body["error"]["message"]) > 10
 
 
-def test_whitespace_is_a_text_only_empty_is_refused(embed_server, classify_server):
+def test_whitespace_is_a_text_only_empty_is_refused(embed_server, classify_server, rerank_server):
     """Only "" is an empty input (TEI's rule, and OpenAI's): a text of spaces or newlines embeds as its tokens do
     ([CLS] [SEP] here), as a zero-width one did; it failed its whole batch (a chunker's blank chunk among 64)."""
     for blank in ("   ", "\n\t", "\u200b"):
@@ -133,11 +152,11 @@ def test_whitespace_is_a_text_only_empty_is_refused(embed_server, classify_serve
         status, _, got = embed_server.post("/v1/embeddings", {"input": ["ok", blank]})
         assert status == 200 and len(ids) == 2 and np.allclose(got["data"][1]["embedding"], want, atol=1e-6), got
         assert embed_server.post("/embed", {"inputs": ["ok", blank]})[0] == 200
-        assert classify_server.post("/v1/rerank", {"query": blank, "documents": ["a", blank]})[0] == 200
+        assert rerank_server.post("/v1/rerank", {"query": blank, "documents": ["a", blank]})[0] == 200
         assert classify_server.post("/predict", {"inputs": [["a", blank]]})[0] == 200
     for route, body in (("/embed", {"inputs": ["ok", ""]}), ("/predict", {"inputs": [["a", ""]]})):
         assert (embed_server if route == "/embed" else classify_server).post(route, body)[0] == 400
-    assert classify_server.post("/v1/rerank", {"query": "q", "documents": ["a", ""]})[0] == 400
+    assert rerank_server.post("/v1/rerank", {"query": "q", "documents": ["a", ""]})[0] == 400
 
 
 def test_classify_bad_inputs_and_long_texts(classify_server, embed_server):
@@ -330,22 +349,24 @@ def test_token_id_input_embeds_as_its_text(embed_server):
         assert status == 400 and where in err["error"]["message"] and err["error"]["param"] == "input", err
 
 
-def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_artifact):
+def test_rerank_scores_pairs_as_the_model_reads_them(rerank_server, rerank_artifact):
     """/v1/rerank on a sequence classifier: each (query, document) pair encoded as the HF tokenizer's
     pair encoding (token types included), scored by the model, most relevant first; top_n, documents
     as objects, return_documents; 4xx naming the field."""
     import numpy as np
     from transformers import AutoTokenizer
 
-    from millis.common.numeric import softmax
+    from millis.common.numeric import relevance_scores
 
-    model = millis.load(classify_artifact)
-    tok = AutoTokenizer.from_pretrained(str(classify_artifact / "tokenizer"))
+    model = millis.load(rerank_artifact)
+    tok = AutoTokenizer.from_pretrained(str(rerank_artifact / "tokenizer"))
     query, docs = "where is my card?", ["I lost my card", "the weather is nice", "card delivery time", "hi"]
     enc = tok([query] * len(docs), docs, padding=True, return_tensors="np")
     feeds = {k: enc[k].astype(np.int64) for k in model.runtime.input_names}
-    want = softmax(np.asarray(model.runtime.run(feeds)[model.meta.output], dtype=np.float64))[:, -1]
-    status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": [docs[0], {"text": docs[1]},
+    logits = np.asarray(model.runtime.run(feeds)[model.meta.output], dtype=np.float64)
+    assert logits.shape == (len(docs), 1)
+    want = relevance_scores(logits)  # the one logit's sigmoid
+    status, _, body = rerank_server.post("/v1/rerank", {"query": query, "documents": [docs[0], {"text": docs[1]},
                                                                                         *docs[2:]],
                                                           "top_n": 3, "return_documents": True})
     assert status == 200, body
@@ -358,75 +379,78 @@ def test_rerank_scores_pairs_as_the_model_reads_them(classify_server, classify_a
     assert np.allclose([r["relevance_score"] for r in got], want[[r["index"] for r in got]], atol=atol)
     assert [r["document"]["text"] for r in got] == [docs[r["index"]] for r in got]
     assert body["usage"]["total_tokens"] == int(enc["attention_mask"].sum())
-    status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 8})
+    status, _, body = rerank_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 8})
     assert status == 200 and len(body["results"]) == 4 and "document" not in body["results"][0]
-    status, _, body = classify_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 10**6})
+    status, _, body = rerank_server.post("/v1/rerank", {"query": query, "documents": docs, "top_n": 10**6})
     assert status == 200 and len(body["results"]) == 4  # any top_n past the documents: all of them, as Cohere
-    status, _, err = classify_server.post("/v1/rerank", {"query": "word " * 600, "documents": docs})
+    status, _, err = rerank_server.post("/v1/rerank", {"query": "word " * 600, "documents": docs})
     assert status == 400 and err["error"]["code"] == "text_too_long", err  # this server refuses long texts
     assert err["error"]["param"] == "query" and err["error"]["message"].startswith("query is"), err
-    status, _, err = classify_server.post("/v1/rerank", {"query": query, "documents": ["hi", "word " * 600]})
+    status, _, err = rerank_server.post("/v1/rerank", {"query": query, "documents": ["hi", "word " * 600]})
     assert status == 400 and err["error"]["param"] == "documents", err
     assert err["error"]["message"].startswith("documents[1] with the query"), err
     for bad, param in (({"documents": docs}, "query"), ({"query": query, "documents": []}, "documents"),
                        ({"query": query, "documents": ["ok", 3]}, "documents"),
                        ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):
-        status, _, err = classify_server.post("/v1/rerank", bad)
+        status, _, err = rerank_server.post("/v1/rerank", bad)
         assert status == 400 and err["error"]["param"] == param, err
 
 
-def test_rerank_duplicates_top_n_and_nulls(classify_server):
+def test_rerank_duplicates_top_n_and_nulls(rerank_server):
     """Identical documents run once and share one score (ties in index order); any positive top_n (1e30 too) past the
     documents gives all of them, as the published schema says; null flags are their defaults; raw_scores gives the
-    last label's log-odds, in the same order."""
+    one logit (the score's log-odds), in the same order."""
     docs = ["same text", "other", "same text", "same text"]
-    status, _, body = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "return_documents": None})
+    status, _, body = rerank_server.post("/v1/rerank", {"query": "q", "documents": docs, "return_documents": None})
     assert status == 200, body
     res = body["results"]
     same = [r for r in res if docs[r["index"]] == "same text"]
     assert len({r["relevance_score"] for r in same}) == 1 and [r["index"] for r in same] == [0, 2, 3]
     assert all(0 <= r["relevance_score"] <= 1 and "document" not in r for r in res)
-    once = classify_server.post("/v1/rerank", {"query": "q", "documents": ["same text", "other"]})[2]
+    once = rerank_server.post("/v1/rerank", {"query": "q", "documents": ["same text", "other"]})[2]
     assert body["usage"] == once["usage"]  # the duplicates ran once
     for top_n in (1e30, 2**40, 4.0):
-        status, _, got = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "top_n": top_n})
+        status, _, got = rerank_server.post("/v1/rerank", {"query": "q", "documents": docs, "top_n": top_n})
         assert status == 200 and len(got["results"]) == 4, got
-    status, _, raw = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, "raw_scores": True})
+    status, _, raw = rerank_server.post("/v1/rerank", {"query": "q", "documents": docs, "raw_scores": True})
     assert [r["index"] for r in raw["results"]] == [r["index"] for r in res]
-    logits = classify_server.post("/v1/classify", {"inputs": ["q"], "return_logits": True})[2]["data"][0]["logits"]
-    assert len(logits) > 1  # a multi-label head: raw is the last label's logit, not a probability
+    p = {r["index"]: r["relevance_score"] for r in res}
+    assert all(np.isclose(r["relevance_score"], np.log(p[r["index"]] / (1 - p[r["index"]])), atol=1e-4)
+               for r in raw["results"]), raw
     for bad in ({"top_n": 0.5}, {"top_n": "3"}, {"top_n": True}, {"raw_scores": "no"}):
-        status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
+        status, _, err = rerank_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
         assert status == 400 and err["error"]["param"] == next(iter(bad)), err
 
 
-def test_rerank_pairs_that_tokenize_alike_share_a_score_and_cohere_fields_are_never_ignored(classify_server):
+def test_rerank_pairs_that_tokenize_alike_share_a_score_and_cohere_fields_are_never_ignored(rerank_server):
     """Texts an uncased tokenizer reads alike ("Card", "card", "card  ") run as one row: one score, ties in index
     order (each ran apart before, a row's last bits its place in the batch). Cohere's ranking fields this route does
     not do are a 400 naming them; max_tokens_per_doc is taken at or above the model's length; an object document
     comes back as sent; a model that is not a string is a 400."""
     docs = ["Card", "card", "CARD", "card  ", "a b", "A  B", "other"]
-    status, headers, body = classify_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})
+    status, headers, body = rerank_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})
     assert status == 200, body
     assert sum(map(int, headers["x-millis-batch-rows"].split(","))) == 3  # three distinct rows ran, not seven
     by = {r["index"]: r["relevance_score"] for r in body["results"]}
     assert len({by[i] for i in range(4)}) == 1 and by[4] == by[5], by
     order = [r["index"] for r in body["results"]]
     assert [i for i in order if i < 4] == [0, 1, 2, 3] and order.index(4) < order.index(5), order
-    max_length = json.loads(classify_server.get("/v1/models")[1])["data"][0]["max_length"]
+    max_length = json.loads(rerank_server.get("/v1/models")[1])["data"][0]["max_length"]
     for ok in (max_length, 10**6, None, float(max_length)):
-        status, _, got = classify_server.post("/v2/rerank", {"query": "q", "documents": docs, "max_tokens_per_doc": ok})
+        status, _, got = rerank_server.post("/v2/rerank", {"query": "q", "documents": docs, "max_tokens_per_doc": ok})
         assert status == 200 and len(got["results"]) == len(docs), got
     for bad in ({"max_tokens_per_doc": max_length - 1}, {"max_tokens_per_doc": "abc"}, {"max_tokens_per_doc": True},
                 {"rank_fields": ["title"]}, {"max_chunks_per_doc": 10}, {"model": 5}, {"truncate": "no"}):
-        status, _, err = classify_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
+        status, _, err = rerank_server.post("/v1/rerank", {"query": "q", "documents": docs, **bad})
         assert status == 400 and err["error"]["param"] == next(iter(bad)), err
     sent = {"text": "card", "id": "doc-7", "meta": {"source": "faq"}}
-    status, _, got = classify_server.post("/v1/rerank", {"query": "q", "documents": ["x", sent], "return_documents": True})
+    status, _, got = rerank_server.post("/v1/rerank", {"query": "q", "documents": ["x", sent],
+                                                        "return_documents": True})
     assert status == 200 and {r["index"]: r["document"] for r in got["results"]} == {0: {"text": "x"}, 1: sent}, got
 
 
-def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_server, classify_artifact):
+def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_server, classify_artifact,
+                                                       rerank_server):
     """TEI's /embed, /predict and /rerank: the same numbers as the OpenAI / Cohere routes, in TEI's shapes."""
     want = [d["embedding"] for d in embed_server.post("/v1/embeddings", {"input": TEXTS[:3]})[2]["data"]]
     status, _, got = embed_server.post("/embed", {"inputs": TEXTS[:3]})
@@ -451,15 +475,15 @@ def test_tei_routes_answer_as_text_embeddings_inference(embed_server, classify_s
     atol = 1e-5 if millis.load(classify_artifact).meta.variant.precision == "fp32" else 1e-2
     assert np.abs(one - batched).max() < atol and np.abs(one - mate).max() > 10 * atol, (one, batched, mate)
     docs = ["I lost my card", "the weather is nice", "card delivery time"]
-    cohere = classify_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})[2]["results"]
-    status, _, tei = classify_server.post("/rerank", {"query": "where is my card?", "texts": docs, "return_text": True})
+    cohere = rerank_server.post("/v1/rerank", {"query": "where is my card?", "documents": docs})[2]["results"]
+    status, _, tei = rerank_server.post("/rerank", {"query": "where is my card?", "texts": docs, "return_text": True})
     assert status == 200 and [r["index"] for r in tei] == [r["index"] for r in cohere], tei
     assert [r["score"] for r in tei] == [r["relevance_score"] for r in cohere]
     assert [r["text"] for r in tei] == [docs[r["index"]] for r in tei]
-    assert classify_server.post("/rerank", {"query": "q", "documents": docs})[2]["param"] == "texts"
-    assert classify_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["param"] == \
+    assert rerank_server.post("/rerank", {"query": "q", "documents": docs})[2]["param"] == "texts"
+    assert rerank_server.post("/rerank", {"query": "q", "texts": docs, "truncate": 1})[2]["param"] == \
         "truncate"
-    status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a", "a", "word " * 600]})
+    status, _, err = rerank_server.post("/rerank", {"query": "q", "texts": ["a", "a", "word " * 600]})
     assert status == 422 and err["param"] == "texts", err  # this server rejects long texts
     assert err["error"].startswith("texts[2] with the query"), err
     assert classify_server.post("/embed", {"inputs": "x"})[0] == 404  # another task's route: not served
@@ -659,7 +683,7 @@ def test_sigmoid_keeps_very_negative_logits_apart():
     assert sigmoid(x.astype(np.float32)).dtype == np.float32 and sigmoid(np.float32(-90.0)) > 0
 
 
-def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
+def test_tei_shapes_routes_and_status_codes(embed_server, classify_server, rerank_server):
     """TEI as its clients send it: /predict reads a list of 1-2 strings as ONE sequence (a text, or a text and its
     text_pair) and a list of lists as a batch; /embed takes token ids; POST / and /invocations route by the model's
     type (huggingface_hub's InferenceClient posts to the URL it is given) and GET /info describes it; Cohere's v2
@@ -668,11 +692,11 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
     q, d = "where is my card?", "I lost my card"
     status, _, pair = classify_server.post("/predict", {"inputs": [q, d]})
     assert status == 200 and isinstance(pair[0], dict), pair  # one sequence: one flat list
-    raw = classify_server.post("/v1/rerank", {"query": q, "documents": [d]})[2]["results"][0]
-    id2label = json.loads(classify_server.request("GET", "/info")[2])["model_type"]["classifier"]["id2label"]
-    last = id2label[str(len(id2label) - 1)]  # a multi-label head reranks by its last label's probability
-    labels = {x["label"]: x["score"] for x in pair}  # the pair encoded as the rerank route encodes it
-    assert np.isclose(labels[last], raw["relevance_score"], atol=1e-3), (labels, raw)
+    raw = rerank_server.post("/v1/rerank", {"query": q, "documents": [d]})[2]["results"][0]
+    kind = json.loads(rerank_server.request("GET", "/info")[2])["model_type"]
+    assert kind == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}, kind
+    one = rerank_server.post("/predict", {"inputs": [q, d]})[2]  # the pair encoded as the rerank route encodes it
+    assert len(one) == 1 and np.isclose(one[0]["score"], raw["relevance_score"], atol=1e-3), (one, raw)
     status, _, batch = classify_server.post("/predict", {"inputs": [[q, d], [TEXTS[0]], [q, "other"]]})
     assert status == 200 and len(batch) == 3 and all(isinstance(b, list) for b in batch), batch
     alone = classify_server.post("/predict", {"inputs": [q, d]})[2]
@@ -696,13 +720,14 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
         one = {x["label"]: x["score"] for x in classify_server.post("/predict", {"inputs": p})[2]}
         assert one.keys() == {x["label"] for x in got} and all(abs(one[x["label"]] - x["score"]) < 1e-2 for x in got)
     # this server refuses long texts, but an explicit truncate true cuts them (TEI: truncate.unwrap_or(auto))
-    for route, body in (("/predict", {"inputs": "word " * 600}), ("/rerank", {"query": "q", "texts": ["word " * 600]})):
-        assert classify_server.post(route, body)[0] == 422
-        assert classify_server.post(route, {**body, "truncate": True})[0] == 200
+    for server, route, body in ((classify_server, "/predict", {"inputs": "word " * 600}),
+                                (rerank_server, "/rerank", {"query": "q", "texts": ["word " * 600]})):
+        assert server.post(route, body)[0] == 422
+        assert server.post(route, {**body, "truncate": True})[0] == 200
     status, _, err = classify_server.post("/predict", {"inputs": [["word " * 600, "x"]], "truncate": False})
     assert status == 422 and err["param"] == "inputs", err  # not a `query` /predict does not have
     assert err["error"].startswith("inputs[0]'s first text is longer"), err
-    status, _, err = classify_server.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "left"})
+    status, _, err = rerank_server.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "left"})
     assert status == 422 and err["param"] == "truncation_direction", err  # refused, not a right cut
     ids = embed_server.post("/tokenize", {"input": ["card"]})[2]["data"][0]["tokens"]
     want = embed_server.post("/v1/embeddings", {"input": [ids]})[2]["data"][0]["embedding"]
@@ -720,10 +745,30 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server):
     assert status == 200 and info["model_type"]["embedding"]["pooling"] == "mean" and info["max_client_batch_size"] == 64
     info = json.loads(classify_server.request("GET", "/info")[2])
     assert set(info["model_type"]["classifier"]["id2label"].values()) == {x["label"] for x in single}
-    v1 = classify_server.post("/v1/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
-    v2 = classify_server.post("/v2/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
+    v1 = rerank_server.post("/v1/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
+    v2 = rerank_server.post("/v2/rerank", {"query": q, "documents": [d, "other"]})[2]["results"]
     assert [(r["index"], r["relevance_score"]) for r in v1] == [(r["index"], r["relevance_score"]) for r in v2]
 
+
+
+def test_a_classifier_of_three_labels_is_not_a_reranker(classify_server):
+    """A classifier of three or more labels (an intent or NLI model) has no label that is relevance: its rerank
+    routes are a 400 naming the model (they ranked by its last label's probability, numbers that looked like
+    relevance); its labels still answer on /v1/classify and /predict."""
+    from millis.common.numeric import not_a_reranker, relevance_scores
+
+    docs = ["I lost my card", "card delivery time"]
+    for route, body in (("/v1/rerank", {"query": "q", "documents": docs}),
+                        ("/v2/rerank", {"query": "q", "documents": docs}), ("/rerank", {"query": "q", "texts": docs})):
+        status, _, err = classify_server.post(route, body)
+        err = err if route == "/rerank" else err["error"]  # TEI's error body on TEI's route
+        message = err["error"] if route == "/rerank" else err["message"]
+        assert status == 400 and err["param"] == "model" and "classifier of 3 labels" in message, (route, err)
+    assert classify_server.post("/v1/rerank", {"documents": docs})[2]["error"]["code"] == "model_not_reranker"
+    assert classify_server.post("/predict", {"inputs": ["q", docs[0]]})[0] == 200
+    assert not_a_reranker(1) == not_a_reranker(2) == "" and "4 labels" in not_a_reranker(4)
+    with pytest.raises(ValueError, match="3 labels"):
+        relevance_scores(np.zeros((2, 3)))
 
 
 def _recv_all(c, timeout: float = 10.0) -> bytes:

@@ -29,11 +29,28 @@ def label_scores(x: np.ndarray, problem_type: str = "") -> np.ndarray:
     return sigmoid(x) if problem_type == "multi_label_classification" or x.shape[-1] == 1 else softmax(x)
 
 
+RERANK_MAX_LABELS = 2  # a cross-encoder's head: one logit (relevance), or two (not relevant, relevant)
+
+
+def not_a_reranker(labels: int) -> str:
+    """Why a sequence classifier of `labels` labels cannot rank (query, document) pairs, or "" where it can. A
+    cross-encoder has one logit (ms-marco-MiniLM, bge-reranker) or two (its last label: relevant); of three or
+    more (an NLI model, an intent classifier) no label is relevance: ranking by the last one's probability gave
+    numbers that looked like relevance and were not."""
+    if labels <= RERANK_MAX_LABELS:
+        return ""
+    return (f"is a classifier of {labels} labels, not a cross-encoder: reranking reads a head of one logit "
+            f"(relevance) or two (not relevant, relevant)")
+
+
 def relevance_scores(x: np.ndarray, raw: bool = False) -> np.ndarray:
     """(N, labels) logits of a cross-encoder -> (N,) relevance: the last label's score (label_scores: a one-logit
     model's sigmoid, else its probability), in 0..1; raw: its log-odds instead, the one logit itself or the last
-    logit less the logsumexp of the others, which ranks as the score does (the last logit alone need not)."""
+    logit less the logsumexp of the others, which ranks as the score does (the last logit alone need not). A head of
+    more labels is refused (not_a_reranker)."""
     x = np.asarray(x, dtype=np.float64)
+    if why := not_a_reranker(x.shape[1]):
+        raise ValueError(f"logits of shape {x.shape}: the model {why}")
     if not raw:
         return label_scores(x)[:, -1]
     if x.shape[1] == 1:

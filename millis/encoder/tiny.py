@@ -3,7 +3,8 @@
 `tiny:<family>` for each of FAMILIES (bert, distilbert, roberta, xlm-roberta, mpnet, electra, deberta-v2,
 modernbert): a sequence classifier with three
 labels that is also a sentence-transformers folder (mean pooling + Normalize), so one directory
-serves both tasks. Built once per family into the millis cache; weights are seeded.
+serves both tasks. `tiny:<family>-reranker`: the same model with one logit, a cross-encoder as ms-marco-MiniLM
+(for --task rerank and the rerank routes). Built once per name into the millis cache; weights are seeded.
 
 The weights are drawn with initializer_range 0.2, not transformers' 0.02: at 0.02 and hidden size 32 the
 attention barely mixes tokens and the classifier's logits are all but constant (every text within ~1e-4 of
@@ -24,6 +25,8 @@ from millis.common.samples import sample_texts
 
 FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra", "deberta-v2", "modernbert")
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+RERANKER = "-reranker"  # tiny:<family>-reranker: one logit (relevance)
+RERANK_LABELS = {0: "LABEL_0"}  # what transformers names a one-label head
 INIT_RANGE = 0.2  # std of the normal weights (see the module's docstring)
 # Each family's torch seed. Over the shipped sample texts and short forms of them as optimize judges (79 texts), of
 # the seeds that make a second label the argmax of 8 or more texts, the one whose smallest gap between a text's two
@@ -44,11 +47,11 @@ def build_vocab() -> list[str]:
     return SPECIAL + chars + [f"##{c}" for c in chars] + sorted(words - set(chars))
 
 
-def _config(family: str, vocab_size: int):
+def _config(family: str, vocab_size: int, labels: dict[int, str]):
     from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, ElectraConfig, ModernBertConfig,
                               MPNetConfig, RobertaConfig, XLMRobertaConfig)
 
-    common = dict(vocab_size=vocab_size, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+    common = dict(vocab_size=vocab_size, id2label=labels, label2id={v: k for k, v in labels.items()},
                   initializer_range=INIT_RANGE)
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
@@ -72,14 +75,16 @@ def _config(family: str, vocab_size: int):
     return cls(**shape130, **extra, **common)
 
 
-def build_tiny(family: str, root: Path | None = None) -> Path:
-    """Return the directory of the tiny `family` model, building it on first use."""
+def build_tiny(name: str, root: Path | None = None) -> Path:
+    """Return the directory of the tiny model `name` (a family, or a family's reranker), building it on first use."""
+    family = name.removesuffix(RERANKER)
     if family not in FAMILIES:
-        raise MillisError(f"unknown tiny model {family!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}")
+        raise MillisError(f"unknown tiny model {name!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}, and "
+                          f"tiny:<family>{RERANKER} (a one-logit cross-encoder)")
     from millis.common.files import cache_dir
 
     # v2: the tokenizer has its full vocab; v3: initializer_range 0.2 (input-dependent outputs)
-    out = (root or cache_dir() / "tiny-v3") / family
+    out = (root or cache_dir() / "tiny-v3") / name
     if (out / "config.json").is_file():
         return out
     import torch
@@ -87,7 +92,7 @@ def build_tiny(family: str, root: Path | None = None) -> Path:
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{family}-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
     vocab = build_vocab()
     (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # transformers 5 ignores BertTokenizerFast(vocab_file=...) (a 5-token vocab): build the WordPiece
@@ -100,7 +105,8 @@ def build_tiny(family: str, root: Path | None = None) -> Path:
         raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
     tok.save_pretrained(tmp)
     torch.manual_seed(SEEDS[family])
-    model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab))).eval()
+    labels = RERANK_LABELS if name != family else LABELS
+    model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab), labels)).eval()
     model.save_pretrained(tmp)
     (tmp / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -19,6 +19,7 @@ from millis.optimize.report_html import write_html_report
 from millis.optimize.config import Budget, OptimizeConfig, fit_shapes
 from millis.common.config import Shape, to_dict
 from millis.common.errors import MillisError
+from millis.common.numeric import not_a_reranker
 from millis.evaluate.run import check_labels
 from millis.optimize.judge import Judged, JudgeContext, Reference, judge, judge_reference
 from millis.common import hardware, machine_load
@@ -146,6 +147,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
     check_inputs(cfg)
     src = resolve(cfg.source)
+    if cfg.task == "rerank" and (why := not_a_reranker(len(src.id2label))):
+        raise MillisError(f"--task rerank: {cfg.source} {why} (--task classify serves its labels)")
     if cfg.task == "embed" and src.has_classifier:
         progress(f"note: {cfg.source} is a classifier ({len(src.id2label)} labels); --task embed pools its encoder's "
                  f"outputs and leaves the classification head unused (--task classify keeps it)")

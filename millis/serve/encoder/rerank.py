@@ -18,9 +18,10 @@ Cohere's API (Jina's defaults to true: send it); a document sent as an object co
 false refuses a pair over the model's length (413); Cohere v2's `max_tokens_per_doc` is taken where it cuts
 nothing the model's length does not (at least that length), and fields of a ranking this route does not do
 (`rank_fields`, `max_chunks_per_doc`) are refused, never ignored. The score: a one-logit model's sigmoid, else
-the probability of the last label, in 0..1 as Cohere, Jina and TEI give it; `raw_scores` gives its log-odds instead
-(the logit of a one-logit model; the same order). Results come most relevant first, ties by `index`, the
-document's place in the request."""
+(two labels: not relevant, relevant) the probability of the last label, in 0..1 as Cohere, Jina and TEI give it;
+`raw_scores` gives its log-odds instead (the logit of a one-logit model; the same order). Results come most relevant
+first, ties by `index`, the document's place in the request. A classifier of three or more labels (an intent or NLI
+model) is not a reranker: its rerank routes answer 400 (`model_not_reranker`)."""
 from __future__ import annotations
 
 import uuid
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from millis.common.numeric import relevance_scores
+from millis.common.numeric import not_a_reranker, relevance_scores
 from millis.serve.schemas import ApiError, Limits, boolean, check_cut, check_model, reject_of
 
 
@@ -95,10 +96,12 @@ def check_doc_tokens(body: dict[str, Any], max_length: int) -> None:
 
 
 def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Shape = COHERE,
-                   max_length: int = 0) -> RerankRequest:
+                   max_length: int = 0, labels: int = 1) -> RerankRequest:
     """The request checked; errors name the field (`shape`: which names the fields go by; max_length: the model's,
-    which bounds max_tokens_per_doc)."""
+    which bounds max_tokens_per_doc; labels: the model's, a classifier of more than a cross-encoder's refused)."""
     check_model(body, served)
+    if why := not_a_reranker(labels):
+        raise _fail(f"model {served} {why}; /v1/classify answers its labels", "model", "model_not_reranker", 400)
     if not shape.cohere:
         check_cut(body)  # TEI's truncation_direction: a left cut refused, not made a right one
     else:
