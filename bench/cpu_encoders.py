@@ -11,8 +11,8 @@ filling exactly b x s tokens. Embedding cosine vs torch fp32 is reported on --fi
 texts spread over the file (harness.banking77_spread: all 77 intents) and short ones (harness.short_texts: "ok",
 "thanks", test.csv's texts of <= 3 words; cos_min_short their own min; --no-short-texts: none), which the budget
 never saw. Models:
-minilm (real weights), bge-small, bert-base and mpnet-base (random weights, mean-pooled like MiniLM; mpnet-base:
-all-mpnet-base-v2's shape), bge-small-cls (bge-small's weights pooled by [CLS], as bge-small-en-v1.5 is: every
+minilm (real weights), bge-small, bert-base, mpnet-base and electra-small (random weights, mean-pooled like MiniLM;
+mpnet-base: all-mpnet-base-v2's shape; electra-small: 128-wide embeddings projected to 256), bge-small-cls (bge-small's weights pooled by [CLS], as bge-small-en-v1.5 is: every
 system pools so; millis then runs the last layer at the [CLS] rows alone).
 Writes bench/results/cpu_encoders.json after each model (`rows`: system, model, shape, p50_ms, p99_ms, cos_min,
 round_p50_ms, rounds, kernels and runtime (what each row ran on), and the ratios to the fastest peers: of the
@@ -332,7 +332,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE))))
     ap.add_argument("--rounds", type=int, default=10)  # short rounds: a slow spell of the VM spans whole rounds
-    ap.add_argument("--n", default="minilm=20,bge-small=10,bge-small-cls=10,bert-base=6,mpnet-base=6",
+    ap.add_argument("--n", default="minilm=20,bge-small=10,bge-small-cls=10,bert-base=6,mpnet-base=6,electra-small=10",
                     help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)

@@ -40,8 +40,8 @@ def built(tmp_path_factory, tiny_dirs):
 
 
 CASES = (("bert", "embed"), ("distilbert", "classify"), ("roberta", "classify"), ("xlm-roberta", "embed"),
-         ("mpnet", "embed"))
-COMPACT = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet")  # the families the compact encoders (native, cuda) run
+         ("mpnet", "embed"), ("electra", "classify"))  # electra: electra-small's layout (an embedding projection)
+COMPACT = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra")  # what the compact encoders run
 
 
 @pytest.mark.parametrize("case,name", [pytest.param(c, n, id=f"{c[0]}-{c[1]}-{n}") for c in CASES for n in CATALOG

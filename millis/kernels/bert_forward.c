@@ -50,6 +50,10 @@ typedef struct {
        reads past its last query) */
     const float* rel;
     int32_t rel_span, rel_mid;
+    /* ELECTRA-small: the embedding tables and their LayerNorm are emb_dim (E) wide, then x = LN(e) P + pb, with
+       proj_t P as (E, D) rows (NULL: no projection, E = D) */
+    int32_t emb_dim;
+    const float *proj_t, *proj_b;  /* (E, D), (D,) */
 } bert_w;
 
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
@@ -124,9 +128,28 @@ static void ln_quant(const ctx_t* c, float* x, const float* add, const float* w,
     quant_row(c, x, D, base, t, inv);
 }
 
+/* ELECTRA-small's row t: e = LN(word + position + type) at width E, x = e P + pb (fp32: E D multiply-adds a token,
+   a small share of a layer's), then quantized for layer 0's qkv as an attention row is for O */
+static void embed_projected(const ctx_t* c, int64_t base, int64_t t, float* x) {
+    const bert_w* m = c->m; const int D = m->dim, E = m->emb_dim;
+    float e[E];
+    const float *w = m->word + (int64_t)c->ids[t] * E, *ps = m->pos + (int64_t)c->pos[t] * E;
+    const float* ty = m->typ + (int64_t)c->types[t] * E;
+    for (int i = 0; i < E; i++) e[i] = w[i] + ps[i] + ty[i];
+    layernorm_q(e, NULL, m->emb_ln_w, m->emb_ln_b, E, m->eps, e, NULL);
+    memcpy(x, m->proj_b, sizeof(float) * D);
+    for (int i = 0; i < E; i++) {  /* row by row of P: the inner loop over D vectorizes (no reduction) */
+        const float ei = e[i], *p = m->proj_t + (int64_t)i * D;
+        for (int o = 0; o < D; o++) x[o] += ei * p[o];
+    }
+    quant_row(c, x, D, base, t, m->layers[0].sqkv);
+    ends_residual(c, x, m->layers[0].sqkv, D, xq_at(c, D, base, t), base, t);
+}
+
 static void embed_row(const ctx_t* c, int64_t base, int64_t t) {  /* x = LN(word + position + type) */
     const bert_w* m = c->m; const int D = m->dim;
     float* x = c->s->x + t * D;
+    if (m->proj_t) { embed_projected(c, base, t, x); return; }
     const float *w = m->word + (int64_t)c->ids[t] * D, *ps = m->pos + (int64_t)c->pos[t] * D;
     const float* ty = m->typ + (int64_t)c->types[t] * D;
     for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
