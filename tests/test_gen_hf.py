@@ -418,3 +418,35 @@ def test_an_encoder_folder_is_named_as_one_not_as_a_missing_head(tiny_dirs):
 
     with pytest.raises(MillisError, match="unsupported model_type 'bert'"):
         open_engine(str(tiny_dirs["bert"]), EngineConfig(max_batch=1, max_seq=64))
+
+
+def test_a_sharded_checkpoint_decodes_as_its_one_file_and_bin_weights_are_named(tmp_path):
+    """A decoder saved past max_shard_size (model.safetensors.index.json and its shards: how Llama-3.2-3B and larger
+    ship) gives the one file's logits; a shard the index names but the folder lacks, and .bin weights, are named
+    (millis.common.files.weight_files, the encoders' rule too)."""
+    import shutil
+
+    from millis.common.errors import MillisError
+    from millis.gen.models.layers import make_batch
+
+    model, one = _saved(tmp_path, _hf_config("llama-gqa-untied"), "one")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="30KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (sharded / "model.safetensors").exists()
+    prompt = PROMPTS[2]
+    logits = []
+    for d in (one, sharded):
+        eng = open_engine(str(d), EngineConfig(max_batch=1, max_seq=64))
+        with torch.inference_mode():
+            logits.append(eng.model(make_batch([prompt], [0], [0], eng.window, last_only=False))[0])
+    assert torch.equal(logits[0], logits[1])
+    shards[1].unlink()
+    with pytest.raises(MillisError, match=f"missing: {shards[1].name}"):
+        open_engine(str(sharded), EngineConfig(max_batch=1, max_seq=64))
+    binary = tmp_path / "bin"
+    shutil.copytree(one, binary)
+    (binary / "model.safetensors").unlink()
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    with pytest.raises(MillisError, match="has pytorch_model.bin: only safetensors weights are read"):
+        open_engine(str(binary), EngineConfig(max_batch=1, max_seq=64))

@@ -1,9 +1,10 @@
 """What a user's own model folder gets from `resolve`: a clear early refusal for what millis cannot run exactly (no
-tokenizer, a sharded checkpoint, causal attention on the compact encoder), the pair token types HF's pair encoding
-gives, and default shapes fitted to a short model."""
+tokenizer, a shard index that does not fit its folder, causal attention on the compact encoder), sharded checkpoints
+read, the pair token types HF's pair encoding gives, and default shapes fitted to a short model."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -34,10 +35,68 @@ def test_a_folder_without_tokenizer_files_is_refused_early(tiny_dirs, tmp_path):
     assert resolve(str(tiny_dirs["bert"])).segments
 
 
-def test_a_sharded_checkpoint_is_named_as_such(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_a_sharded_checkpoint_runs_as_its_one_file(tiny_dirs, tmp_path, quick_measure, safe):
+    """save_pretrained past max_shard_size writes shards and an index (model.safetensors.index.json, or
+    pytorch_model.bin's): refused until 2026-12-07, now read on every path (transformers' for torch / ONNX Runtime
+    / OpenVINO, millis's for the compact encoder: load_state) with the one file's outputs; the source's hash covers
+    every shard."""
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+
+    import millis
+    from conftest import reference_outputs
+    from millis.common.samples import sample_texts
+    from millis.encoder.source import weight_files
+    from millis.optimize.pipeline import optimize
+
     d = edited(tiny_dirs["bert"], tmp_path / "m", drop=("model.safetensors",))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
-    with pytest.raises(MillisError, match=r"sharded checkpoint \(model.safetensors.index.json\): not supported"):
+    if safe:
+        AutoModelForSequenceClassification.from_pretrained(str(tiny_dirs["bert"])).save_pretrained(
+            d, max_shard_size="40KB")
+    else:  # (transformers 5 writes safetensors only: older ones' .bin shards, as they laid them out)
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(tiny_dirs["bert"] / "model.safetensors"))
+        names, where = sorted(state), {}
+        for k in range(3):
+            shard = f"pytorch_model-{k + 1:05d}-of-00003.bin"
+            part = {n: state[n] for n in names[k::3]}
+            torch.save(part, d / shard)
+            where.update(dict.fromkeys(part, shard))
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": where}))
+    shards = weight_files(d)
+    assert len(shards) >= 3 and all(f.name.startswith("model-" if safe else "pytorch_model-") for f in shards), shards
+    src = resolve(str(d))
+    assert src.sha256 != resolve(str(tiny_dirs["bert"])).sha256
+    texts = sample_texts()[:8]
+    want = reference_outputs(tiny_dirs["bert"], "embed", texts)
+    out = optimize(OptimizeConfig(source=str(d), task="embed", out=str(tmp_path / "a"), target=Shape(1, 16),
+                                  variants=("ort-fp32-fused", "native-fp32"), measure=quick_measure))
+    report = json.loads((out / "report.json").read_text())
+    assert {v["name"] for v in report["variants"] if v["latency"]} >= {"ort-fp32-fused", "native-fp32"}, report
+    np.testing.assert_allclose(millis.load(out).embed(texts), want, atol=1e-5)
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-8] + b"\0" * 8)  # a shard's bytes changed: another source
+    assert resolve(str(d)).sha256 != src.sha256
+
+
+def test_a_shard_index_that_does_not_fit_its_folder_is_named(tiny_dirs, tmp_path):
+    d = edited(tiny_dirs["bert"], tmp_path / "m", drop=("model.safetensors",))
+    index = d / "model.safetensors.index.json"
+    for body, error in (({"weight_map": {}}, "names no shard files"),
+                        ({"weight_map": {"a": "../model.safetensors"}}, "names no shard files"),
+                        ({"weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}},
+                         "names 2 shards; missing: model-00001.safetensors, model-00002.safetensors"),
+                        ([], "not a shard index"), ({"metadata": {}}, "not a shard index")):
+        index.write_text(json.dumps(body))
+        with pytest.raises(MillisError, match=re.escape(error)):
+            inspect_dir(d)
+    index.write_text("{not json")
+    with pytest.raises(MillisError, match="not a shard index"):
+        inspect_dir(d)
+    index.unlink()
+    with pytest.raises(MillisError, match="has no weights"):
         inspect_dir(d)
 
 

@@ -1,11 +1,40 @@
-"""The millis cache directory and content hashes of files."""
+"""The millis cache directory, content hashes of files, and a model folder's weight files."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import os
 from pathlib import Path
+
+from millis.common.errors import MillisError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face folder's one weight file
+# its one file, else its shard index (save_pretrained's layout past max_shard_size); safetensors first, as HF reads them
+WEIGHT_LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A Hugging Face model folder's weight files (encoders and decoders alike): its one file, or the shards its index
+    names, in name order (WEIGHT_LAYOUTS' first present). A shard the index names but the folder lacks, or an index
+    that names none, is refused by name."""
+    for layout in WEIGHT_LAYOUTS:
+        if not (path / layout).is_file():
+            continue
+        if layout in WEIGHT_FILES:
+            return [path / layout]
+        try:
+            names = sorted(set(json.loads((path / layout).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MillisError(f"{path / layout}: not a shard index (a JSON object with a weight_map): {e}") from None
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise MillisError(f"{path / layout}: its weight_map names no shard files in this folder")
+        if missing := [n for n in names if not (path / n).is_file()]:
+            raise MillisError(f"{path}: {layout} names {len(names)} shards; missing: {', '.join(missing[:4])}")
+        return [path / n for n in names]
+    raise MillisError(f"{path} has no weights (one of {', '.join(WEIGHT_LAYOUTS)})")
 
 
 def hash_files(files: list[Path], names: list[str] | None = None) -> str:

@@ -10,7 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from millis.common.errors import MillisError
-from millis.common.files import absolute, hash_files
+from millis.common.files import WEIGHT_FILES, absolute, hash_files, weight_files
 
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
@@ -21,8 +21,6 @@ ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a p
 NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"})  # no token type embeddings: no token_type_ids input
 # positions start after padding_idx (pad_token_id + 1), so max_position_embeddings holds that many fewer tokens
 PADDING_OFFSET = frozenset({"roberta", "xlm-roberta", "mpnet"})
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
                    "tokenizer.model")
@@ -166,11 +164,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise MillisError(f"{path}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                           f"(absolute positions only)")
-    if not any((path / w).is_file() for w in WEIGHT_FILES):
-        if index := next((i for i in SHARD_INDEXES if (path / i).is_file()), None):
-            raise MillisError(f"{path} holds a sharded checkpoint ({index}): not supported; save it as one file "
-                              f"(save_pretrained(dir, max_shard_size=\"100GB\") writes {' or '.join(WEIGHT_FILES)})")
-        raise MillisError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
+    weights = weight_files(path)
     archs = cfg.get("architectures") or []
     has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
     # transformers' names where the config gives only a count: LABEL_0, LABEL_1, ...
@@ -197,7 +191,8 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
         has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
-        sha256=hash_files([cfg_file] + [path / w for w in WEIGHT_FILES if (path / w).is_file()]),
+        # (a folder with both single files: both hashed, as before shards were read)
+        sha256=hash_files([cfg_file] + ([path / w for w in WEIGHT_FILES if (path / w).is_file()] or weights)),
         attention_size=attention_size, problem_type=str(cfg.get("problem_type") or ""),
         segments=pair_segments(path, cfg, model_type),
     )

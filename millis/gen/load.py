@@ -18,6 +18,7 @@ from torch import nn
 
 from millis.common.dtypes import torch_dtype
 from millis.common.errors import MillisError
+from millis.common.files import weight_files
 from millis.gen.config import EngineConfig, GPT2Config, LlamaConfig, ModelConfig
 from millis.gen.hf_config import hf_model_config
 from millis.gen.llama2c import is_llama2c_checkpoint, read_llama2c
@@ -333,15 +334,14 @@ def gpt2_tensors(c: GPT2Config, sd: dict[str, torch.Tensor]) -> dict[str, Weight
 def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    if (d / "model.safetensors").is_file():
-        return load_file(str(d / "model.safetensors"))
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        sd = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(str(d / shard)))
-        return sd
-    raise MillisError(f"{d} has no model.safetensors (or sharded index): only safetensors weights are read")
+    files = weight_files(d)  # the one file, or a sharded checkpoint's shards
+    if files[0].suffix != ".safetensors":
+        raise MillisError(f"{d} has {files[0].name}: only safetensors weights are read (model.safetensors, or "
+                          f"model.safetensors.index.json and its shards)")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
 
 
 def _read_hf(d: Path):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from millis.common.dtypes import DTYPE_NAMES, torch_dtype
 from millis.common.errors import MillisError
+from millis.common.files import weight_files
 from millis.gpu import kernels
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
@@ -199,13 +200,13 @@ def load_state(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_file.is_file():
         raise MillisError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     cfg = json.loads(cfg_file.read_text())
-    if (model_dir / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return cfg, load_file(str(model_dir / "model.safetensors"))
-    if (model_dir / "pytorch_model.bin").is_file():
-        return cfg, torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise MillisError(f"{model_dir} has no weights (model.safetensors or pytorch_model.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(model_dir):  # one file, or a sharded checkpoint's shards
+        state.update(load_file(str(f)) if f.suffix == ".safetensors" else
+                     torch.load(f, map_location="cpu", weights_only=True))
+    return cfg, state
 
 
 def from_hf(model, task: str, pooling: Pooling = Pooling(), options: RunOptions = RunOptions()) -> Encoder:
