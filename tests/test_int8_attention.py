@@ -30,11 +30,11 @@ def lib_with_int8():
         pytest.skip(f"the int8 attention runs on the avx512 and avx2 builds; this runs {native_isa()}")
     lib.kv8_keys_per_dword.restype, lib.kv8_keys_per_dword.argtypes = I32, []
     lib.attend_int8.restype = I32
-    lib.attend_int8.argtypes = [P, I64, I64, P, P, P, ctypes.c_float] + [I32] * 4 + [P, P, I64]
+    lib.attend_int8.argtypes = [P, I64, I64, P, P, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P]
     lib.kv8_pack_quad.restype = None
     lib.kv8_pack_quad.argtypes = [P, I64, I64, P, P, I32, I32, P, P, P, P, P]
     lib.kv8_attend.restype = None
-    lib.kv8_attend.argtypes = [P] * 6 + [I64, P, ctypes.c_float] + [I32] * 4 + [P, P, I64]
+    lib.kv8_attend.argtypes = [P] * 6 + [I64, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P]
     return lib
 
 
@@ -55,44 +55,57 @@ def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(x * inv).astype(np.float64), (amax / np.float32(127)).astype(np.float64)
 
 
-def emulate(q, k, v, scale):
+def emulate(q, k, v, scale, bias=0.0):
     """float64 of the kernel's steps over (q + bq, k + bk, v + bv): int8 operands, scores in base 2 with log2 of each
-    key's value scale, 255 2^(s - max) rounded, divided by the sum of p / sv."""
+    key's value scale (and bias[q, k], MPNet's relative bias, times log2 e), 255 2^(s - max) rounded, divided by the
+    sum of p / sv."""
     qi, sq = int8_rows(q)
     ki, sk = int8_rows(k)
     vi, sv = int8_rows(v)
     sv = np.maximum(sv, 1e-20)
-    s = (qi @ ki.T) * (sq * scale * np.log2(np.e)) * sk.T + np.log2(sv).T
+    s = (qi @ ki.T) * (sq * scale * np.log2(np.e)) * sk.T + np.log2(sv).T + bias * np.log2(np.e)
     p = 255 * np.exp2(s - s.max(1, keepdims=True))
     return (np.rint(p) @ vi) / (p / sv.T).sum(1, keepdims=True)
 
 
-def softmax_attention(q, k, v, scale):
-    s = (q.astype(np.float64) @ k.T) * scale
+def softmax_attention(q, k, v, scale, bias=0.0):
+    s = (q.astype(np.float64) @ k.T) * scale + bias
     p = np.exp(s - s.max(1, keepdims=True))
     return (p / p.sum(1, keepdims=True)) @ v
 
 
+@pytest.mark.parametrize("rel", [False, True], ids=["bert", "mpnet-bias"])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("HD", [32, 64])
-def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, monkeypatch):
+def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, rel, monkeypatch):
+    """rel: MPNet's relative bias, relb[q - k] added to query q's score of key k, from a table of the distances a
+    sequence spans and 16 spare entries past each end (bert_weights.relative_bias_table's layout), spare ones NaN
+    where a key or query lane past the job's reads them into no output."""
     on_build(monkeypatch, isa)
     lib = lib_with_int8()
     rng = np.random.default_rng(3)
     heads, h = 3, 1
     D = heads * HD
     for L in (1, 3, 4, 5, 16, 17, 40, 129):
+        table, mid, bias, relb = None, 0, 0.0, None
+        if rel:  # entry mid + q - k; distances -(L - 1) .. L - 1, 16 spare entries each side (large: lanes past L)
+            mid = L - 1 + 16
+            table = (rng.standard_normal(2 * mid + 1) * 2).astype(np.float32)
+            table[:16], table[-16:] = 1e4, 1e4  # a spare entry read into an output would swamp it
+            bias = table[mid + np.arange(L)[:, None] - np.arange(L)[None, :]].astype(np.float64)
+            relb = table.ctypes.data + 4 * mid
         qkv = (rng.standard_normal((L, 3 * D)) * 2).astype(np.float32)
         b = (rng.standard_normal(3 * D) * 0.5).astype(np.float32)
         qkv[L // 2, 2 * D + h * HD:2 * D + (h + 1) * HD] = -b[2 * D + h * HD:2 * D + (h + 1) * HD]  # v + bv all 0
         scale = 1 / np.sqrt(HD)
         q, k, v = (qkv[:, o * D + h * HD:o * D + (h + 1) * HD] + b[o * D + h * HD:o * D + (h + 1) * HD]
                    for o in range(3))
-        want, exact = emulate(q, k, v, scale), softmax_attention(q, k, v, scale)
+        want, exact = emulate(q, k, v, scale, bias), softmax_attention(q, k, v, scale, bias)
         for q0, q1 in ((0, L), (L // 3, L)):
             out = np.full((L + 1, D + 16), np.nan, np.float32)  # the job's rows in a wider output, one row past
             args = (qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data, b[D + h * HD:].ctypes.data,
-                    b[2 * D + h * HD:].ctypes.data, scale, L, q0, q1, HD, out[:, HD:].ctypes.data, None, D + 16)
+                    b[2 * D + h * HD:].ctypes.data, scale, L, q0, q1, HD, out[:, HD:].ctypes.data, None, D + 16,
+                    relb)
             assert lib.attend_int8(*args) == 1
             got = out[:q1 - q0, HD:2 * HD].astype(np.float64)
             top = np.abs(v).max()
@@ -112,10 +125,10 @@ def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, monkeypatch):
             packed = np.full((L + 1, D + 16), np.nan, np.float32)
             lib.kv8_attend(kq.ctypes.data, vq.ctypes.data, sc[0].ctypes.data, sc[1].ctypes.data, sc[2].ctypes.data,
                            qkv[:, h * HD:].ctypes.data, 3 * D, b[h * HD:].ctypes.data, scale, L, q0, q1, HD,
-                           packed[:, HD:].ctypes.data, None, D + 16)
+                           packed[:, HD:].ctypes.data, None, D + 16, relb)
             assert np.array_equal(packed, out, equal_nan=True), (L, q0)
     assert lib.attend_int8(qkv.ctypes.data, 3 * D, D, b.ctypes.data, b.ctypes.data, b.ctypes.data, 1.0, 4, 0, 4, 48,
-                           out.ctypes.data, None, D) == 0  # a head size it does not take
+                           out.ctypes.data, None, D, None) == 0  # a head size it does not take
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +255,7 @@ def test_builds_give_the_same_attention_bytes(monkeypatch, HD):
             out = np.zeros((L, D), np.float32)
             assert lib.attend_int8(qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data,
                                    b[D + h * HD:].ctypes.data, b[2 * D + h * HD:].ctypes.data, 1 / np.sqrt(HD), L,
-                                   q0, L, HD, out.ctypes.data, None, D) == 1
+                                   q0, L, HD, out.ctypes.data, None, D, None) == 1
             outs[isa] = out
         first = next(iter(outs.values()))
         assert np.isfinite(first).all() and np.abs(first[:L - q0, :HD]).max() > 0, L

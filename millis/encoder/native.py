@@ -164,8 +164,6 @@ class NativeBert:
         self.kernels = f"{self.isa}+amx" if self.amx else self.isa  # what runs the matmuls (recorded by benches)
         if attention not in ATTENTIONS:
             raise MillisError(f"unknown native attention {attention!r}; supported: {', '.join(ATTENTIONS)}")
-        if attention == "int8" and encoder.cfg.rel_buckets:
-            raise MillisError("the int8 attention does not add MPNet's relative-position bias (fp32 attention does)")
         if attention == "int8":
             lib.kv8_takes.restype, lib.kv8_takes.argtypes = ctypes.c_int, [ctypes.c_int]
             if not lib.kv8_takes(encoder.cfg.hidden // encoder.cfg.heads):

@@ -102,13 +102,13 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
-    /* MPNet's relative bias (relb[q - k]): the fp32 forms below add it; bert_forward runs it with ATTN_F32 alone */
+    /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's) */
     const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;
     if (c->kv && m->attn == ATTN_INT8) {
         const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
         kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,
                    kv8_values(c, c->kv, h) + c->koff[sq] / KV8_PER_DWORD * HD, sc,
-                   sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
+                   sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D, relb);
         return;
     }
     if (c->kv) {
@@ -116,7 +116,8 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
                   3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
-    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D)) return;
+    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D, relb))
+        return;
     if (m->attn == ATTN_BF16_TILES && amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
 #if LANES_F32

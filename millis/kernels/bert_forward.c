@@ -45,7 +45,7 @@ typedef struct {
     int64_t vocab;
     const bert_layer* layers;
     int32_t ends;  /* int8-row: each sequence's first and last token add a residual row (ends_rows.h) */
-    /* MPNet's relative-position bias (NULL: none; fp32 attention only): head h's row of rel_span floats, whose
+    /* MPNet's relative-position bias (NULL: none; fp32 and int8 attention): head h's row of rel_span floats, whose
        entry rel_mid + q - k is added to query q's score of key k (16 spare entries at each end: a lane block
        reads past its last query) */
     const float* rel;
@@ -364,7 +364,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     /* the relative bias's table spans distances below max_pos (and its spare lanes): a longer sequence would read
        past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
     for (int64_t q = 0; m->rel && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
-    if (m->rel && m->attn != ATTN_F32) return 1;  /* only the fp32 attention adds it (NativeBert's rule) */
+    if (m->rel && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert's rule) */
     const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
