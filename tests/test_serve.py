@@ -753,20 +753,28 @@ def test_tei_shapes_routes_and_status_codes(embed_server, classify_server, reran
 
 def test_a_classifier_of_three_labels_is_not_a_reranker(classify_server):
     """A classifier of three or more labels (an intent or NLI model) has no label that is relevance: its rerank
-    routes are a 400 naming the model (they ranked by its last label's probability, numbers that looked like
-    relevance); its labels still answer on /v1/classify and /predict."""
+    routes are a 400 naming the model (TEI's /rerank: TEI's 424; they ranked by its last label's probability,
+    numbers that looked like relevance) and its spec offers none; its labels still answer on /v1/classify and
+    /predict. A head of two labels scored apart (multi-label) is refused too."""
     from millis.common.numeric import not_a_reranker, relevance_scores
 
     docs = ["I lost my card", "card delivery time"]
     for route, body in (("/v1/rerank", {"query": "q", "documents": docs}),
                         ("/v2/rerank", {"query": "q", "documents": docs}), ("/rerank", {"query": "q", "texts": docs})):
         status, _, err = classify_server.post(route, body)
-        err = err if route == "/rerank" else err["error"]  # TEI's error body on TEI's route
-        message = err["error"] if route == "/rerank" else err["message"]
-        assert status == 400 and err["param"] == "model" and "classifier of 3 labels" in message, (route, err)
-    assert classify_server.post("/v1/rerank", {"documents": docs})[2]["error"]["code"] == "model_not_reranker"
+        if route == "/rerank":  # TEI's answer to /rerank on a classifier: 424, its backend error, in its body
+            assert status == 424 and err["error_type"] == "backend" and "/predict answers" in err["error"], err
+        else:
+            err = {**err["error"], "error": err["error"]["message"]}
+            assert status == 400 and "/v1/classify answers" in err["error"], (route, err)
+        assert err["param"] == "model" and err["code"] == "model_not_reranker", (route, err)
+        assert "is a classifier of 3 labels, not a cross-encoder" in err["error"], (route, err)
     assert classify_server.post("/predict", {"inputs": ["q", docs[0]]})[0] == 200
-    assert not_a_reranker(1) == not_a_reranker(2) == "" and "4 labels" in not_a_reranker(4)
+    paths = json.loads(classify_server.get("/openapi.json")[1])["paths"]  # not offered in its spec either
+    assert "/v1/classify" in paths and not {"/v1/rerank", "/v2/rerank", "/rerank"} & set(paths)
+    assert not_a_reranker(1) == not_a_reranker(2) == not_a_reranker(1, "regression") == ""
+    assert "4 labels" in not_a_reranker(4) and "multi_label_classification head of 2" in \
+        not_a_reranker(2, "multi_label_classification")  # two sigmoids: two answers, not one relevance
     with pytest.raises(ValueError, match="3 labels"):
         relevance_scores(np.zeros((2, 3)))
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_serve import Server, _metric, embed_artifact  # noqa: F401 -- embed_artifact is a fixture
+from test_serve import Server, _metric, embed_artifact, rerank_artifact  # noqa: F401 -- fixtures
 from test_serve_gen import TEMPLATE, build_llama
 
 pytest.importorskip("schemathesis")
@@ -36,6 +36,15 @@ def test_fuzz_the_embeddings_server(embed_artifact, tmp_path):  # noqa: F811
 
 def test_fuzz_the_classify_server(classify_artifact, tmp_path):
     s = Server(classify_artifact, "--max-inputs", "8")
+    try:
+        fuzz_server(s, tmp_path, positive=True)
+    finally:
+        assert s.stop() == 0
+
+
+def test_fuzz_the_reranker_server(rerank_artifact, tmp_path):  # noqa: F811
+    """A one-logit cross-encoder: its spec has the rerank routes (a 3-label classifier's has none: they refuse it)."""
+    s = Server(rerank_artifact, "--max-inputs", "8")
     try:
         fuzz_server(s, tmp_path, positive=True)
     finally:

@@ -32,15 +32,18 @@ def label_scores(x: np.ndarray, problem_type: str = "") -> np.ndarray:
 RERANK_MAX_LABELS = 2  # a cross-encoder's head: one logit (relevance), or two (not relevant, relevant)
 
 
-def not_a_reranker(labels: int) -> str:
-    """Why a sequence classifier of `labels` labels cannot rank (query, document) pairs, or "" where it can. A
-    cross-encoder has one logit (ms-marco-MiniLM, bge-reranker) or two (its last label: relevant); of three or
-    more (an NLI model, an intent classifier) no label is relevance: ranking by the last one's probability gave
-    numbers that looked like relevance and were not."""
-    if labels <= RERANK_MAX_LABELS:
+def not_a_reranker(labels: int, problem_type: str = "") -> str:
+    """Why a sequence classifier of `labels` labels (config.json's `problem_type`) cannot rank (query, document)
+    pairs, or "" where it can. A cross-encoder has one logit (ms-marco-MiniLM, bge-reranker) or two labels of one
+    softmax (its last: relevant); of three or more (an NLI model, an intent classifier) no label is relevance:
+    ranking by the last one's probability gave numbers that looked like relevance and were not. Two labels scored
+    apart (multi-label, regression) are two answers, not one relevance either."""
+    if labels == 1 or (labels == RERANK_MAX_LABELS and problem_type in ("", "single_label_classification")):
         return ""
-    return (f"is a classifier of {labels} labels, not a cross-encoder: reranking reads a head of one logit "
-            f"(relevance) or two (not relevant, relevant)")
+    kind = f"a {problem_type} head of {labels} outputs" if labels == RERANK_MAX_LABELS else \
+        f"a classifier of {labels} labels"
+    return (f"is {kind}, not a cross-encoder: reranking reads a head of one logit (relevance) or two labels of one "
+            f"softmax (not relevant, relevant)")
 
 
 def relevance_scores(x: np.ndarray, raw: bool = False) -> np.ndarray:

@@ -28,6 +28,15 @@ SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  
 POOLING_MODES = ("mean", "cls", "max")
 
 
+def hashed_weights(path: Path, weights: list[Path]) -> list[Path]:
+    """The weight files a source's hash covers: the shards where the folder's index is read (a stale single .bin
+    beside them is not what runs), else every single weight file it has (both where both are there, as before
+    shards were read: the hashes of such folders stay as they were)."""
+    if weights[0].name not in WEIGHT_FILES:
+        return weights
+    return [path / w for w in WEIGHT_FILES if (path / w).is_file()]
+
+
 def position_offset(model_type: str, cfg: dict) -> int:
     """Position table rows before the first token's (HF's create_position_ids_from_input_ids: padding_idx + 1):
     RoBERTa's and XLM-R's padding_idx is pad_token_id; MPNet's is 1 whatever the config says."""
@@ -191,8 +200,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
         has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
-        # (a folder with both single files: both hashed, as before shards were read)
-        sha256=hash_files([cfg_file] + ([path / w for w in WEIGHT_FILES if (path / w).is_file()] or weights)),
+        sha256=hash_files([cfg_file] + hashed_weights(path, weights)),
         attention_size=attention_size, problem_type=str(cfg.get("problem_type") or ""),
         segments=pair_segments(path, cfg, model_type),
     )

@@ -147,7 +147,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
     check_inputs(cfg)
     src = resolve(cfg.source)
-    if cfg.task == "rerank" and (why := not_a_reranker(len(src.id2label))):
+    if cfg.task == "rerank" and (why := not_a_reranker(len(src.id2label), src.problem_type)):
         raise MillisError(f"--task rerank: {cfg.source} {why} (--task classify serves its labels)")
     if cfg.task == "embed" and src.has_classifier:
         progress(f"note: {cfg.source} is a classifier ({len(src.id2label)} labels); --task embed pools its encoder's "

@@ -14,6 +14,7 @@ from millis.gen.config import (MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS, 
                                MAX_TEMPERATURE, MIN_PENALTY, SEED_MAX, SEED_MIN)
 from millis.serve.generation import schemas as gs
 from millis.serve.generation.fields import UNSUPPORTED
+from millis.common.numeric import not_a_reranker
 from millis.serve.encoder.rerank import MAX_QUERY_CHARS
 from millis.serve.generation.tools import MAX_TOOLS
 from millis.serve.live import SECONDS
@@ -157,7 +158,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "parameters": nullable({"type": "object", "properties": CUT})}}
         paths["/similarity"] = _tei_post("text-embeddings-inference's /similarity: each sentence's cosine with the "
                                          "source sentence", req, _json({"type": "array", "items": {"type": "number"}}))
-    if task in ("", "classify"):
+    if task in ("", "classify"):  # (a classifier that is no cross-encoder: no rerank routes, numeric.not_a_reranker)
         top_k = {"type": "integer", "minimum": 1, **({"maximum": n_labels} if n_labels else {})}
         req = {"type": "object", "properties": {"inputs": texts, "input": texts, "model": model, "top_k": top_k,
                                                 "return_logits": {"type": "boolean"}, **CUT},
@@ -184,6 +185,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         paths["/predict"] = _tei_post("text-embeddings-inference's /predict: every label by score, for one sequence "
                                       "(a list of those for a batch)", req,
                                       _json({"oneOf": [labels, {"type": "array", "items": labels}]}))
+    if task in ("", "classify") and not not_a_reranker(n_labels or 1):
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,

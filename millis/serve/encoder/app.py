@@ -328,7 +328,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         """A cross-encoder: (query, document) pairs, one row each; documents whose pairs tokenize the same (the
         same text, or texts an uncased tokenizer reads alike) run once and share their score."""
         model, body, arrived = await _infer(request, "classify")
-        req = rerank_request(body, st.name, st.limits, shape, model.max_length, len(model.id2label))
+        req = rerank_request(body, st.name, st.limits, shape, model.max_length, len(model.id2label), model.problem_type)
         once, where, firsts = distinct(req.documents)  # each text tokenized once
         with watched(st, request, arrived) as watch:
             ids, cut, tok_s = await st.tokenize(model, once, watch, req.query, shape.documents, req.reject, firsts)

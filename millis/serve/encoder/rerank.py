@@ -96,12 +96,14 @@ def check_doc_tokens(body: dict[str, Any], max_length: int) -> None:
 
 
 def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Shape = COHERE,
-                   max_length: int = 0, labels: int = 1) -> RerankRequest:
+                   max_length: int = 0, labels: int = 1, problem_type: str = "") -> RerankRequest:
     """The request checked; errors name the field (`shape`: which names the fields go by; max_length: the model's,
-    which bounds max_tokens_per_doc; labels: the model's, a classifier of more than a cross-encoder's refused)."""
+    which bounds max_tokens_per_doc; labels, problem_type: the model's head, one that is not a cross-encoder's
+    refused: 400, and on TEI's route TEI's 424, its answer to /rerank on a classifier)."""
     check_model(body, served)
-    if why := not_a_reranker(labels):
-        raise _fail(f"model {served} {why}; /v1/classify answers its labels", "model", "model_not_reranker", 400)
+    if why := not_a_reranker(labels, problem_type):
+        raise _fail(f"model {served} {why}; {'/v1/classify' if shape.cohere else '/predict'} answers its labels",
+                    "model", "model_not_reranker", 400 if shape.cohere else 424)
     if not shape.cohere:
         check_cut(body)  # TEI's truncation_direction: a left cut refused, not made a right one
     else:
