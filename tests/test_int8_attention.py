@@ -79,8 +79,8 @@ def softmax_attention(q, k, v, scale, bias=0.0):
 @pytest.mark.parametrize("HD", [32, 64])
 def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, rel, monkeypatch):
     """rel: MPNet's relative bias, relb[q - k] added to query q's score of key k, from a table of the distances a
-    sequence spans and 16 spare entries past each end (bert_weights.relative_bias_table's layout), spare ones NaN
-    where a key or query lane past the job's reads them into no output."""
+    sequence spans and 16 spare entries past each end (bert_weights.relative_bias_table's layout), the spare ones
+    1e4: a key or query lane past the job's reads them, into no output (one that reached an output would swamp it)."""
     on_build(monkeypatch, isa)
     lib = lib_with_int8()
     rng = np.random.default_rng(3)

@@ -777,6 +777,12 @@ def test_a_classifier_of_three_labels_is_not_a_reranker(classify_server):
         not_a_reranker(2, "multi_label_classification")  # two sigmoids: two answers, not one relevance
     with pytest.raises(ValueError, match="3 labels"):
         relevance_scores(np.zeros((2, 3)))
+    from millis.serve.openapi import encoder_spec
+
+    for labels, problem_type, reranks in ((1, "", True), (2, "", True), (2, "multi_label_classification", False),
+                                          (2, "regression", False), (3, "", False)):
+        spec = encoder_spec("classify", "m", 8, labels, labels, problem_type=problem_type)["paths"]
+        assert ({"/v1/rerank", "/v2/rerank", "/rerank"} <= set(spec)) == reranks, (labels, problem_type)
 
 
 def _recv_all(c, timeout: float = 10.0) -> bytes:

@@ -120,11 +120,11 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ encoder
 
-def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0,
-                 vocab_size: int = 0, unit: bool = False, max_length: int = 0) -> dict[str, Any]:
+def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0, vocab_size: int = 0,
+                 unit: bool = False, max_length: int = 0, problem_type: str = "") -> dict[str, Any]:
     """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size /
     max_length 0 while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false
-    refused)."""
+    refused); problem_type: a classifier's (with n_labels: whether it reranks, numeric.not_a_reranker)."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -185,7 +185,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         paths["/predict"] = _tei_post("text-embeddings-inference's /predict: every label by score, for one sequence "
                                       "(a list of those for a batch)", req,
                                       _json({"oneOf": [labels, {"type": "array", "items": labels}]}))
-    if task in ("", "classify") and not not_a_reranker(n_labels or 1):
+    if task in ("", "classify") and not not_a_reranker(n_labels or 1, problem_type):
         doc = {"oneOf": [TEXT, {"type": "object", "required": ["text"], "properties": {"text": TEXT}}]}
         req = {"type": "object", "required": ["query", "documents"], "properties": {
             "query": {**TEXT, "maxLength": MAX_QUERY_CHARS}, "model": model,

@@ -393,8 +393,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
               Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               *encoder_live_routes(st)]
-    return make_app(st, routes, lambda: openapi.encoder_spec(task or (st.model.task if st.model else ""), st.name,
-                                                           cfg.max_inputs, st.dim, st.dim,
-                                                           st.model.vocab_size if st.model else 0,
-                                                           bool(st.model and st.model.meta.source.pooling.normalize),
-                                                           st.model.max_length if st.model else 0))
+    return make_app(st, routes, lambda: openapi.encoder_spec(
+        task or (st.model.task if st.model else ""), st.name, cfg.max_inputs, st.dim, st.dim,
+        st.model.vocab_size if st.model else 0, bool(st.model and st.model.meta.source.pooling.normalize),
+        st.model.max_length if st.model else 0, st.model.problem_type if st.model else ""))
