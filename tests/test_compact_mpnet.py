@@ -82,8 +82,6 @@ def test_mpnet_on_the_int8_attention_adds_the_bias(mpnet_head32, precision, monk
     it, each precision's vectors stay as close to HF fp32 as with fp32 attention, the bias's share of the outputs
     kept (zeroing it moves them 10x more), alone and in a padded batch; the bf16 forms still add none, so bf16
     keeps fp32 attention."""
-    import torch
-
     from millis.common.hardware import has_bf16
     from millis.encoder.text import TextEncoder
     from millis.kernels.native import runnable_isas
