@@ -14,7 +14,8 @@ calls at b1xs16, 16 at b1xs128, 8 at b8xs128, against 40 / 5 / 4 before; a proce
 dominates its time). The ratio is the
 median over rounds of (this tree's p50 / the base's p50 at the same precision), with its range. A precision
 named with "-att8" runs this tree with the int8 attention against the base's plain precision (its attention
-as it was then). MILLIS_KERNEL_ISA=avx2 times the build an AVX2-only CPU (Zen 3) runs, on this CPU's pipes.
+as it was then); with --base-attention both trees run the int8 attention (a regression check of a base that has
+it). MILLIS_KERNEL_ISA=avx2 times the build an AVX2-only CPU (Zen 3) runs, on this CPU's pipes.
 Writes JSON after each cell (`rows`: model, shape, precision, base / head p50 per round (rounds where both ran),
 ratio, range, calls per process; a process that failed is in the row's `failures` (round, tree, error) and its
 round in no ratio: one failure does not end the run; `meta`: CPU, ISA, the kernels' build, both commits) and
@@ -94,6 +95,8 @@ def main() -> int:
     ap.add_argument("--precisions", default="int7-row", help=f"each with or without {ATT8} (this tree only)")
     ap.add_argument("--shapes", default="b1xs16,b1xs128,b8xs128")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--base-attention", action="store_true",
+                    help=f"the base runs {ATT8} precisions with the int8 attention too (it must have it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048,
                     help="timed tokens per process: max(8, tokens / (b x s)) calls (before: max(4, 640 / (b x s)))")
@@ -130,7 +133,7 @@ def main() -> int:
                 n = calls(B, T, a.tokens)
                 base_ms, head_ms, orders, failures = [], [], [], []
                 for r in range(a.rounds):
-                    runs = [("base", base, p.removesuffix(ATT8)), ("head", ROOT, p)]
+                    runs = [("base", base, p if a.base_attention else p.removesuffix(ATT8)), ("head", ROOT, p)]
                     got = {}
                     for label, tree, prec in (runs if r % 2 == 0 else runs[::-1]):  # ABBA
                         try:
