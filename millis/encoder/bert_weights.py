@@ -13,16 +13,18 @@ from typing import NamedTuple
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder import modernbert
 from millis.encoder.source import NO_TOKEN_TYPE, Pooling, position_offset
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
 # model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types;
-# MPNet: other names, no types, positions offset, a relative-position bias in attention)
-FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
+# MPNet: other names, no types, positions offset, a relative-position bias in attention); and ModernBERT's
+# pre-LayerNorm layers with rotary positions, sliding-window layers and a GLU (millis.encoder.modernbert)
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", modernbert.FAMILY)
 RELATIVE_BIAS = frozenset({"mpnet"})  # attention adds a learned bias per relative-position bucket
 # the classifier head's activation after its first dense layer (BERT's pooler, RoBERTa's head: tanh; DistilBERT's
 # pre_classifier: ReLU; ELECTRA's head: erf GELU)
-HEAD_ACT = {"distilbert": "relu", "electra": "gelu"}
+HEAD_ACT = {"distilbert": "relu", "electra": "gelu", modernbert.FAMILY: "gelu"}
 TASKS = ("classify", "embed")
 
 
@@ -42,6 +44,23 @@ class EncoderConfig:
     family: str = "bert"     # config.json's model_type: how bert_names reads its weights
     rel_buckets: int = 0     # MPNet: the relative-position bias table's rows (relative_attention_num_buckets)
     embedding: int = 0       # ELECTRA-small: the embeddings' width E, projected up to H after their LayerNorm (0: H)
+    # ModernBERT (millis.encoder.modernbert): rotary positions' base in the global and the sliding-window layers (0:
+    # absolute position embeddings), the window (|q - k| <= window), which layers slide, the classifier's pooling
+    rope_theta: float = 0.0
+    rope_local_theta: float = 0.0
+    window: int = 0
+    local_layers: tuple[int, ...] = ()
+    head_pooling: str = "cls"
+
+    @property
+    def prenorm(self) -> bool:
+        """ModernBERT's layout: pre-LayerNorm layers, a GLU feed-forward (Wi (2I, H)), rotary positions."""
+        return self.family == modernbert.FAMILY
+
+    @property
+    def ffn_in(self) -> int:
+        """Rows of the feed-forward's first matrix: I, or 2I for a GLU's value and gate."""
+        return 2 * self.intermediate if self.prenorm else self.intermediate
 
     @property
     def embedding_width(self) -> int:
@@ -57,7 +76,7 @@ class EncoderConfig:
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA), "
+                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, ModernBERT), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
@@ -69,6 +88,8 @@ class EncoderConfig:
             raise MillisError("is_decoder: true (causal attention) is not supported by millis's compact encoder "
                               "(CUDA and native CPU): it attends both ways; serve it with ONNX Runtime")
         family = cfg["model_type"]
+        if family == modernbert.FAMILY:
+            return cls(**modernbert.config_fields(cfg))
         # ELECTRA's embeddings are embedding_size wide (ElectraConfig's default 128), projected to hidden_size where
         # the two differ (HF's embeddings_project: electra-small)
         embedding = int(cfg.get("embedding_size", 128)) if family == "electra" else 0
@@ -133,6 +154,8 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     """The weights under BERT's names: 'bert.' / 'roberta.' (a *ForSequenceClassification's base) dropped; old
     checkpoints' LayerNorm gamma / beta; RoBERTa's classification head as pooler + classifier; the position table from
     cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
+    if cfg.prenorm:
+        return modernbert.bert_roles(state, cfg.layers)
     out, renames = {}, {"distilbert": DISTILBERT, "mpnet": MPNET}.get(cfg.family, {})
     for k, v in state.items():
         k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet.") \
@@ -194,16 +217,29 @@ def relative_bias_table(rel: np.ndarray, max_positions: int, pad: int = 16) -> t
     return np.ascontiguousarray(np.asarray(rel, np.float32)[bucket].T), mid
 
 
-def check_parts(state: dict, task: str, layers: int, rel: bool = False, projected: bool = False) -> None:
-    """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names; rel: MPNet's
-    relative-position bias too; projected: ELECTRA-small's embedding projection too)."""
+def embedding_parts(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
+    """EMBEDDINGS less the position table where positions are rotary (ModernBERT)."""
+    return {k: v for k, v in EMBEDDINGS.items() if not (cfg.prenorm and k == "pos")}
+
+
+def head_parts(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
+    """The classifier head's parts: HEAD, and ModernBERT's LayerNorm after its activation."""
+    return {**HEAD, **(modernbert.HEAD_NORM if cfg.prenorm else {})}
+
+
+def check_parts(state: dict, task: str, cfg: EncoderConfig) -> None:
+    """A clear error for a checkpoint that lacks a part the encoder reads (state: under bert_names; MPNet's
+    relative-position bias and ELECTRA-small's embedding projection too)."""
     if task not in TASKS:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
-    parts = [*EMBEDDINGS.values(), *(n for i in range(layers) for n in layer_parts(i).values()),
-             *(HEAD.values() if task == "classify" else ()), *([(REL_BIAS,)] if rel else []),
-             *(PROJECTION.values() if projected else ())]
+    if task == "classify" and cfg.head_pooling != "cls":
+        raise MillisError(f"classifier_pooling {cfg.head_pooling!r}: millis's compact encoder runs a classifier on "
+                          f"the [CLS] row only; serve it with ONNX Runtime")
+    parts = [*embedding_parts(cfg).values(), *(n for i in range(cfg.layers) for n in layer_parts(i).values()),
+             *(head_parts(cfg).values() if task == "classify" else ()), *([(REL_BIAS,)] if cfg.rel_buckets else []),
+             *(PROJECTION.values() if cfg.embedding else ())]
     for names in parts:
         for n in names:
             if n not in state:
@@ -221,18 +257,20 @@ def check_shapes(enc) -> None:
         raise MillisError(f"the weights have {len(enc.layers)} layers, config.json's num_hidden_layers {c.layers}")
     want = {"word": (c.vocab, E), "pos": (c.max_positions, E), "typ": (c.type_vocab, E), "emb_lnw": (E,),
             "emb_lnb": (E,)}
-    parts = [(EMBEDDINGS[k], getattr(enc, k), s) for k, s in want.items()]
+    parts = [(names, getattr(enc, k), want[k]) for k, names in embedding_parts(c).items()]
     if c.embedding:
         parts += [(PROJECTION["emb_pw"], enc.emb_pw, (H, E)), (PROJECTION["emb_pb"], enc.emb_pb, (H,))]
     if c.rel_buckets:
         parts.append(((REL_BIAS,), enc.rel, (c.rel_buckets, c.heads)))
-    sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (I, H), "b1": (I,), "w2": (H, I)}
+    sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (c.ffn_in, H), "b1": (c.ffn_in,), "w2": (H, I)}
     for i, lw in enumerate(enc.layers):
         parts += [(n, getattr(lw, k), sizes.get(k, (H,))) for k, n in layer_parts(i).items()]
     if enc.task == "classify":
         n = enc.cls_w.shape[0]
-        parts += [(HEAD[k], getattr(enc, k), s) for k, s in (("pool_w", (H, H)), ("pool_b", (H,)),
-                                                               ("cls_w", (n, H)), ("cls_b", (n,)))]
+        heads = head_parts(c)
+        parts += [(heads[k], getattr(enc, k), s) for k, s in (("pool_w", (H, H)), ("pool_b", (H,)), ("cls_w", (n, H)),
+                                                              ("cls_b", (n,)), ("head_lnw", (H,)), ("head_lnb", (H,)))
+                  if k in heads]
     for names, t, s in parts:
         got = tuple(t.shape)
         if got != s and not (names == EMBEDDINGS["pos"] and len(got) == 2 and got[0] >= s[0] and got[1] == E):
@@ -261,7 +299,7 @@ class BertArrays:
 
     def __init__(self, cfg: EncoderConfig, state: dict[str, np.ndarray], task: str, pooling: Pooling):
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets), projected=bool(cfg.embedding))
+        check_parts(s, task, cfg)
         self.cfg, self.task, self.pooling = cfg, task, pooling
 
         def get(names: tuple[str, ...]) -> np.ndarray:
@@ -270,13 +308,14 @@ class BertArrays:
                 raise MillisError(f"the weights' {' + '.join(names)} do not stack: {[a.shape for a in parts]}")
             return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
-        for k, names in EMBEDDINGS.items():
+        self.pos = None  # (rotary positions: no table)
+        for k, names in embedding_parts(cfg).items():
             setattr(self, k, get(names))
         self.layers = [LayerArrays(**{k: get(n) for k, n in layer_parts(i).items()}) for i in range(cfg.layers)]
         self.rel = get((REL_BIAS,)) if cfg.rel_buckets else None
         self.emb_pw, self.emb_pb = (get(PROJECTION[k]) for k in PROJECTION) if cfg.embedding else (None, None)
         if task == "classify":
-            for k, names in HEAD.items():
+            for k, names in head_parts(cfg).items():
                 setattr(self, k, get(names))
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
         check_shapes(self)

@@ -35,13 +35,14 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder import modernbert
 from millis.encoder.bert_weights import check_shapes, head_activation, relative_bias_table
 from millis.encoder.weight_formats import q7_0, to_bf16
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_ROW, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
-                                   aligned_empty, init_amx, pack_matrix)
+                                   aligned_empty, init_amx, offsets, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8, "int8-row": TYPE_Q8_ROW}
@@ -58,7 +59,8 @@ P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 class Layer(ctypes.Structure):
     _fields_ = [(n, Mat) for n in ("qkv", "o", "inter", "down")] + \
                [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")] + \
-               [(n, P) for n in ("sqkv", "so", "si", "sd")]  # 1 / smoothing scale per input channel, or NULL
+               [(n, P) for n in ("sqkv", "so", "si", "sd")] + \
+               [(n, P) for n in ("rope", "win")]  # 1 / smoothing scale per input channel, or NULL; ModernBERT's
 
 
 ATTN_F32, ATTN_BF16_TILES, ATTN_INT8 = 0, 1, 2  # bert_forward.c's attention kinds
@@ -72,11 +74,12 @@ class Model(ctypes.Structure):
                [(n, P) for n in ("word", "pos", "typ", "emb_ln_w", "emb_ln_b")] + \
                [("vocab", I64), ("layers", P), ("ends", I32)] + \
                [("rel", P), ("rel_span", I32), ("rel_mid", I32)] + \
-               [("emb_dim", I32), ("proj_t", P), ("proj_b", P)]  # MPNet's relative bias; ELECTRA-small's projection
+               [("emb_dim", I32), ("proj_t", P), ("proj_b", P)] + \
+               [("prenorm", I32), ("window", I32)]  # MPNet's relative bias; ELECTRA-small's projection; ModernBERT's
 
 
 class Scratch(ctypes.Structure):
-    names = ("x", "qkv", "att", "h", "xq", "qkv2", "kv", "xr", "yr")  # bert_forward.c's bert_scratch
+    names = ("x", "qkv", "att", "h", "xq", "qkv2", "kv", "xr", "yr", "hg")  # bert_forward.c's bert_scratch
     _fields_ = [(n, P) for n in names]
 
 
@@ -130,20 +133,6 @@ def f32(t) -> np.ndarray:
     return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().numpy(), np.float32)
 
 
-def offsets(start, n: int, exact: bool = False) -> np.ndarray:
-    """Sequence offsets (S + 1,) as int32, after checking them: the C reads start[0..S] and the rows between
-    unchecked (an empty array made S -1). Rising, within n rows; exact: from 0 to n (bert_forward's tokens)."""
-    s = np.asarray(start)
-    ok = s.ndim == 1 and len(s) >= 1 and np.issubdtype(s.dtype, np.integer)
-    if ok:
-        s = s.astype(np.int64)  # (np.diff of unsigned offsets would wrap)
-        ok = s[0] >= 0 and s[-1] <= n and bool((np.diff(s) >= 0).all()) and not (exact and (s[0] or s[-1] != n))
-    if not ok:
-        raise MillisError(f"sequence offsets must be a 1-D integer array rising from {'0' if exact else '>= 0'} to "
-                          f"{'' if exact else 'at most '}{n} (the tokens), got {np.asarray(start)!r}"[:400])
-    return np.ascontiguousarray(s, np.int32)
-
-
 class NativeBert:
     """`encoder`: millis.encoder.bert_weights.BertArrays (numpy: an artifact's load), or a millis.gpu.Encoder
     loaded in fp32 on the CPU (its weights, task and pooling; needed to calibrate the row precisions here)."""
@@ -173,13 +162,15 @@ class NativeBert:
             self.attn = ATTN_INT8
         else:
             self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) and \
-                not encoder.cfg.rel_buckets else ATTN_F32  # (the bf16 forms add no relative bias)
+                not (encoder.cfg.rel_buckets or encoder.cfg.window) else ATTN_F32  # (the bf16 forms add no bias)
         self.attention = attention
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
             raise MillisError(f"the native encoder needs widths that are multiples of 32 and a head size that is a "
                               f"multiple of 8 (hidden {c.hidden}, heads {c.heads}, intermediate {c.intermediate})")
         check_shapes(e)  # the C reads every array to the config's sizes
+        if c.prenorm:
+            modernbert.check_native(e, precision)
         self.cfg, self.task, self.pooling = c, e.task, e.pooling
         self.keep: list = []  # every array the C structs point into
         layers = (Layer * c.layers)()
@@ -208,7 +199,8 @@ class NativeBert:
                 setattr(L, name, self._vec(t))
         self.keep.append(layers)
         self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
-                           c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word), self._vec(e.pos),
+                           c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word),
+                           None if c.prenorm else self._vec(e.pos),
                            self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
                            ctypes.addressof(layers), int(precision == "int8-row"))
         self.model.emb_dim = c.embedding_width
@@ -217,9 +209,20 @@ class NativeBert:
         if c.rel_buckets:
             table, self.model.rel_mid = relative_bias_table(f32(e.rel), c.max_positions)
             self.model.rel, self.model.rel_span = self._vec(table), table.shape[1]
+        if c.prenorm:  # rotary tables by layer, the sliding-window layers' mask (the relative bias's layout)
+            rope = {t: self._array(modernbert.rope_table(t, c.hidden // c.heads, c.max_positions))
+                    for t in {c.rope_theta, c.rope_local_theta}}
+            win, self.model.rel_mid = modernbert.window_table(c.window, c.heads, c.max_positions)
+            self.model.rel_span, self.model.prenorm, self.model.window = win.shape[1], 1, c.window
+            win = self._array(win)
+            for i in range(c.layers):
+                slides = i in c.local_layers
+                layers[i].rope = rope[c.rope_local_theta if slides else c.rope_theta]
+                layers[i].win = win if slides else None
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler act(W h_cls + b) (tanh, ReLU), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
+            self.head_norm = (f32(e.head_lnw), f32(e.head_lnb)) if c.prenorm else None  # ModernBERT's, after its GELU
         self.out_dim = e.out_dim
         self.buffers: dict[str, np.ndarray] = {}
         self.capacity = self.slot_capacity = 0
@@ -267,7 +270,8 @@ class NativeBert:
             self.buffers.update({"x": new((cap, c.hidden), f32), "qkv": new((cap, 3 * c.hidden), f32),
                                  "att": new((cap, c.hidden), f32), "h": new((cap, c.intermediate), f32),
                                  "xq": new((blocks,), np.uint8), "qkv2": new((cap, 3 * c.hidden), f32),
-                                 "kv": new((2 * self._kv_half(cap),), np.uint8)})
+                                 "kv": new((2 * self._kv_half(cap),), np.uint8),
+                                 "hg": new((cap, 2 * c.intermediate) if c.prenorm else (1,), f32)})
             self.capacity = cap
         slots = min(n, 2 * seqs) if self.precision == "int8-row" else 0  # ends_rows.h: 2 a sequence, <= n
         if slots > self.slot_capacity or "xr" not in self.buffers:  # (none read but int8-row's)
@@ -381,7 +385,10 @@ class NativeBert:
         p: Pooling = self.pooling
         if self.task == "classify":
             pw, pb, cw, cb = self.head
-            return (head_activation(first @ pw.T + pb, self.cfg.head_act) @ cw.T + cb).astype(np.float32)
+            pooled = head_activation(first @ pw.T + pb, self.cfg.head_act)
+            if self.head_norm is not None:
+                pooled = modernbert.layer_norm(pooled, *self.head_norm, self.cfg.eps)
+            return (pooled @ cw.T + cb).astype(np.float32)
         out = first
         if p.normalize:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -56,12 +56,15 @@ def input_amax(encoder) -> list[dict[str, np.ndarray]]:
         seen[name] = np.maximum(seen[name], a) if name in seen else a
 
     layer = encoder.layer  # millis.gpu.encoder.layer_forward (its `observe` hook sees each GEMM's input)
-    encoder.layer = partial(layer, observe=observe)
+    if c.prenorm:  # ModernBERT's forward (millis.gpu.prenorm) reads the hook from the encoder
+        encoder.observe = observe
+    else:
+        encoder.layer = partial(layer, observe=observe)
     try:
         with torch.no_grad():
             encoder(ids, torch.ones_like(ids), torch.zeros_like(ids))
     finally:
-        encoder.layer = layer
+        encoder.layer, encoder.observe = layer, None
     return stats
 
 

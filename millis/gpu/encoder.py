@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from millis.common.dtypes import DTYPE_NAMES, torch_dtype
 from millis.common.errors import MillisError
 from millis.common.files import weight_files
-from millis.gpu import kernels
+from millis.gpu import kernels, prenorm
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.bert_weights import (EMBEDDINGS, GEMM_PARTS, HEAD, PROJECTION, REL_BIAS, EncoderConfig,
-                                         bert_names, check_parts, head_activation, layer_parts, relative_bias_table)
+from millis.encoder.bert_weights import (GEMM_PARTS, PROJECTION, REL_BIAS, EncoderConfig, bert_names, check_parts,
+                                         embedding_parts, head_activation, head_parts, layer_parts,
+                                         relative_bias_table)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -134,7 +135,7 @@ class Encoder:
             raise MillisError(f"fp8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         s = bert_names(state, cfg)
-        check_parts(s, task, cfg.layers, rel=bool(cfg.rel_buckets), projected=bool(cfg.embedding))
+        check_parts(s, task, cfg)
 
         def get(names: tuple[str, ...], dtype=dt) -> torch.Tensor:  # the parts' tensors stacked (bert_weights)
             return torch.cat([s[n].detach().to(device=dev, dtype=dtype) for n in names]).contiguous()
@@ -142,14 +143,15 @@ class Encoder:
         def gemm(names: tuple[str, ...]) -> Weight:  # a GEMM's weight: W8A8 from fp32
             return get(names) if options.gemm == "fp" else quantize_weight(get(names, torch.float32), options.gemm)
 
-        for k, names in EMBEDDINGS.items():
+        self.pos = None  # (rotary positions: no table)
+        for k, names in embedding_parts(cfg).items():
             setattr(self, k, get(names))
         # ELECTRA-small's projection E -> H after the embeddings' LayerNorm (None: none)
         self.emb_pw, self.emb_pb = (get(PROJECTION[k]) for k in PROJECTION) if cfg.embedding else (None, None)
         self.layers = [LayerWeights(**{k: gemm(n) if k in GEMM_PARTS else get(n) for k, n in layer_parts(i).items()})
                        for i in range(cfg.layers)]
         if task == "classify":  # the head stays fp32: (B, H) work, and logits keep their precision
-            for k, names in HEAD.items():
+            for k, names in head_parts(cfg).items():
                 setattr(self, k, get(names, torch.float32))
         self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
         self.rel = self.rel_qk = None
@@ -161,6 +163,8 @@ class Encoder:
         self.device, self.dtype = dev, dt
         self.fused = options.fuse == "triton" and dev.type == "cuda"
         self.layer = layer_forward  # (x, attn_bias, weights, B, T, heads, eps, fused) -> x; benches swap it
+        self.rope = prenorm.tables(cfg, dev) if cfg.prenorm else None  # ModernBERT's rotary tables by base
+        self.observe: Callable | None = None  # ModernBERT's GEMM inputs seen (layer_forward's observe; smooth.py)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
@@ -171,6 +175,8 @@ class Encoder:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         cfg = self.cfg
+        if cfg.prenorm:  # ModernBERT (millis.gpu.prenorm)
+            return self.head(prenorm.forward(self, input_ids, attention_mask, dense, self.observe), attention_mask)
         embed = kernels.embed_ln if self.fused else kernels.embed_ln_torch
         x, attn_bias = embed(input_ids, token_type_ids, attention_mask, self.word, self.pos, self.typ,
                              self.emb_lnw, self.emb_lnb, cfg.eps)            # (B*T, E)
@@ -187,9 +193,14 @@ class Encoder:
             x = self.layer(x, attn_bias, lw, B, T, cfg.heads, cfg.eps, self.fused)
         if first_only:
             x = last_layer_first_rows(x, attn_bias, self.layers[-1], B, T, cfg.heads, cfg.eps, self.fused)
-        h = x.view(B, -1, cfg.hidden)  # (B, T, H), or (B, 1, H): the first rows
+        return self.head(x.view(B, -1, cfg.hidden), attention_mask)  # (B, T, H), or (B, 1, H): the first rows
+
+    def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (B, T or 1, H) -> logits (the classifier on the [CLS] row) or pooled vectors."""
         if self.task == "classify":
-            pooled = head_activation(F.linear(h[:, 0].float(), self.pool_w, self.pool_b), cfg.head_act)
+            pooled = head_activation(F.linear(h[:, 0].float(), self.pool_w, self.pool_b), self.cfg.head_act)
+            if self.cfg.prenorm:  # ModernBERT's head: dense, GELU, LayerNorm
+                pooled = F.layer_norm(pooled, (self.cfg.hidden,), self.head_lnw, self.head_lnb, self.cfg.eps)
             return F.linear(pooled, self.cls_w, self.cls_b)
         return pool(h.float(), attention_mask, self.pooling)
 

@@ -102,8 +102,10 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
-    /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's) */
+    /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's); a
+       ModernBERT sliding-window layer's mask the same way, where the sequence is longer than the window */
     const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;
+    if (c->w->win && L > m->window + 1) relb = c->w->win + (int64_t)h * m->rel_span + m->rel_mid;
     if (c->kv && m->attn == ATTN_INT8) {
         const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
         kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,

@@ -35,6 +35,9 @@ typedef struct {
     /* per input channel, 1 / the smoothing scale of each matrix's input (NULL: none): the row precisions
        quantize x / s against weights stored as W * s (the same product; millis/encoder/smooth.py) */
     const float *sqkv, *so, *si, *sd;        /* (D,), (D,), (D,), (hidden,) */
+    /* ModernBERT (prenorm): the rotary table of this layer's base, (max_pos, hd) as cos | sin of the half-dimension
+       pairs' angles, and a sliding-window layer's mask as a relative bias (rel_span a head; NULL: a global layer) */
+    const float *rope, *win;
 } bert_layer;
 
 typedef struct {
@@ -54,6 +57,10 @@ typedef struct {
        proj_t P as (E, D) rows (NULL: no projection, E = D) */
     int32_t emb_dim;
     const float *proj_t, *proj_b;  /* (E, D), (D,) */
+    /* ModernBERT's layout (millis/encoder/modernbert.py): pre-LayerNorm layers (x += O attn(LN_a(x)); x += Wd
+       (gelu(v) * g) with (v, g) = LN_m(x) Wi, inter (2 hidden, D)), rotary positions (pos NULL: no table), and
+       sliding-window layers (window: |q - k| <= window; their win tables span rel_span from rel_mid) */
+    int32_t prenorm, window;
 } bert_w;
 
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
@@ -70,6 +77,7 @@ typedef struct {   /* buffers for up to n tokens */
     uint8_t* kv;                /* 2 x 4 (2n + 8) D bytes (int8: 4n + 8): the token split's packed keys and values */
     void* xr;                   /* (slots, max(D, hidden) / 32) activation blocks: ends_rows.h's residual slots */
     float* yr;                  /* (slots, max(3D, hidden)): their products; slots <= min(n, 2 sequences) */
+    float* hg;                  /* (n, 2 hidden): prenorm's inter rows, value | gate (GLU) */
 } bert_scratch;
 
 typedef struct {
@@ -112,20 +120,21 @@ static void quant_row(const ctx_t* c, const float* x, int64_t K, int64_t base, i
 /* the row types (one activation scale per token) take their smoothing and amax from the op that writes the row */
 static int row_quantized(const bert_w* m) { return m->act == ACT_Q8 && is_row_type(m->layers[0].qkv.type); }
 
-/* row t's x (x += add first, add NULL: none) through LayerNorm (w, lb), then quantized for the next matrix */
+/* row t's x (x += add first, add NULL: none) through LayerNorm (w, lb) into out (x itself, or prenorm's other
+   row), then quantized for the next matrix */
 static void ln_quant(const ctx_t* c, float* x, const float* add, const float* w, const float* lb, int64_t base,
-                     int64_t t, const float* inv) {
+                     int64_t t, const float* inv, float* out) {
     const int D = c->m->dim;
     if (row_quantized(c->m)) {
         float sm[D] __attribute__((aligned(64)));  /* whole lines for its 64-byte vectors */
         const smooth_out q = {inv, sm};
-        const float amax = layernorm_q(x, add, w, lb, D, c->m->eps, x, &q);
-        quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : x, amax, D, xq_at(c, D, base, t));
-        ends_residual(c, inv ? sm : x, NULL, D, xq_at(c, D, base, t), base, t);
+        const float amax = layernorm_q(x, add, w, lb, D, c->m->eps, out, &q);
+        quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : out, amax, D, xq_at(c, D, base, t));
+        ends_residual(c, inv ? sm : out, NULL, D, xq_at(c, D, base, t), base, t);
         return;
     }
-    layernorm_q(x, add, w, lb, D, c->m->eps, x, NULL);
-    quant_row(c, x, D, base, t, inv);
+    layernorm_q(x, add, w, lb, D, c->m->eps, out, NULL);
+    quant_row(c, out, D, base, t, inv);
 }
 
 /* ELECTRA-small's row t: e = LN(word + position + type) at width E, x = e P + pb (fp32: E D multiply-adds a token,
@@ -150,10 +159,15 @@ static void embed_row(const ctx_t* c, int64_t base, int64_t t) {  /* x = LN(word
     const bert_w* m = c->m; const int D = m->dim;
     float* x = c->s->x + t * D;
     if (m->proj_t) { embed_projected(c, base, t, x); return; }
-    const float *w = m->word + (int64_t)c->ids[t] * D, *ps = m->pos + (int64_t)c->pos[t] * D;
-    const float* ty = m->typ + (int64_t)c->types[t] * D;
-    for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
-    ln_quant(c, x, NULL, m->emb_ln_w, m->emb_ln_b, base, t, m->layers[0].sqkv);
+    const float *w = m->word + (int64_t)c->ids[t] * D, *ty = m->typ + (int64_t)c->types[t] * D;
+    if (m->pos) {
+        const float* ps = m->pos + (int64_t)c->pos[t] * D;
+        for (int i = 0; i < D; i++) x[i] = w[i] + ps[i] + ty[i];
+    } else {
+        for (int i = 0; i < D; i++) x[i] = w[i] + ty[i];
+    }
+    ln_quant(c, x, NULL, m->emb_ln_w, m->emb_ln_b, base, t, m->layers[0].sqkv, x);
+    if (m->prenorm) memcpy(c->s->att + t * D, x, sizeof(float) * D);  /* layer 0's qkv input (it has no LN_a) */
 }
 static void op_embed(void* p, int64_t t) { embed_row(p, 0, t); }
 
@@ -178,22 +192,68 @@ static void quant_att_row(const ctx_t* c, int64_t base, int64_t t) {
 static void op_quant_att(void* p, int64_t t) { quant_att_row(p, 0, t); }
 
 /* x (a residual row that a matmul accumulated into) += bias, then LayerNorm and quantized for the next */
+/* prenorm: the LayerNorm'd row goes to att's row (free between O and the next attention), x stays the residual;
+   the last layer's LN2 (ModernBERT's final norm) writes x itself */
 static void bias_ln(const ctx_t* c, int64_t base, int64_t t, const float* b, const float* w, const float* lb,
-                    const float* inv) {
-    ln_quant(c, c->s->x + t * c->m->dim, b, w, lb, base, t, inv);
+                    const float* inv, int in_place) {
+    float* x = c->s->x + t * c->m->dim;
+    ln_quant(c, x, b, w, lb, base, t, inv, c->m->prenorm && !in_place ? c->s->att + t * c->m->dim : x);
 }
 /* LN1 feeds this layer's inter matrix; LN2 the next layer's qkv (the last layer's quantized rows go unread) */
 static void ln1_row(const ctx_t* c, int64_t base, int64_t t) {
-    bias_ln(c, base, t, c->w->bo, c->w->ln1_w, c->w->ln1_b, c->w->si);
+    bias_ln(c, base, t, c->w->bo, c->w->ln1_w, c->w->ln1_b, c->w->si, 0);
 }
 static void ln2_row(const ctx_t* c, int64_t base, int64_t t) {
     const int last = c->w == c->m->layers + c->m->n_layers - 1;
-    bias_ln(c, base, t, c->w->bd, c->w->ln2_w, c->w->ln2_b, last ? NULL : (c->w + 1)->sqkv);
+    bias_ln(c, base, t, c->w->bd, c->w->ln2_w, c->w->ln2_b, last ? NULL : (c->w + 1)->sqkv, last);
+}
+/* the rows a matrix reads in fp32 (ACT_F32): qkv's and inter's are LN outputs, x in post-LN, att's rows in prenorm */
+static float* ln_rows(const ctx_t* c) { return c->m->prenorm ? c->s->att : c->s->x; }
+/* where inter writes: h, or prenorm's (n, 2 hidden) value | gate rows */
+static float* inter_rows(const ctx_t* c) { return c->m->prenorm ? c->s->hg : c->s->h; }
+static int64_t inter_ld(const ctx_t* c) { return c->m->prenorm ? 2 * (int64_t)c->m->hidden : c->m->hidden; }
+
+/* prenorm: row t's q and k of every head rotated at its position by layer w's table (HF's rotate_half pairs) */
+static void rope_row(const ctx_t* c, const bert_layer* w, float* qkv, int64_t t) {
+    const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim, half = HD / 2;
+    const float *cs = w->rope + (int64_t)c->pos[t] * HD, *sn = cs + half;
+    float* r = qkv + t * 3 * D;
+    for (int j = 0; j < 2 * m->n_heads; j++) {  /* the q heads, then the k heads: the row's first 2D values */
+        float* v = r + (int64_t)j * HD;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+static void op_rope(void* p, int64_t t) { const ctx_t* c = p; rope_row(c, c->w, c->qkv, t); }
+static void part_rope(const ctx_t* c, const bert_layer* w, float* qkv, int64_t t0, int64_t t1) {
+    if (w->rope) for (int64_t t = t0; t < t1; t++) rope_row(c, w, qkv, t);
 }
 static void op_ln1(void* p, int64_t t) { ln1_row(p, 0, t); }
 static void op_ln2(void* p, int64_t t) { ln2_row(p, 0, t); }
 
+/* prenorm's GLU: h = gelu(v + bv) * (g + bg) from row t's value | gate, then quantized for down */
+static void glu_row(const ctx_t* c, int64_t base, int64_t t) {
+    const int H = c->m->hidden;
+    float *y = c->s->hg + t * 2 * H, *h = c->s->h + t * H;
+    const float *bg = c->w->bi + H, *inv = c->w->sd;
+    bias_gelu_erf(y, c->w->bi, H);
+    for (int i = 0; i < H; i++) h[i] = y[i] * (y[H + i] + bg[i]);
+    if (row_quantized(c->m)) {
+        float sm[H] __attribute__((aligned(64)));
+        float amax = 0.f;
+        for (int i = 0; i < H; i++) amax = smooth_max1(h[i], inv, sm, i, amax);
+        quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : h, amax, H, xq_at(c, H, base, t));
+        ends_residual(c, inv ? sm : h, NULL, H, xq_at(c, H, base, t), base, t);
+        return;
+    }
+    quant_row(c, h, H, base, t, inv);
+}
 static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
+    if (c->m->prenorm) { glu_row(c, base, t); return; }
     const int H = c->m->hidden;
     float* h = c->s->h + t * H;
     if (row_quantized(c->m)) {
@@ -275,7 +335,8 @@ static void part_embed_(const ctx_t* c, int64_t q) {  /* embeddings, then layer 
     const int64_t t0 = c->tb[q], t1 = c->tb[q + 1];
     if (t0 >= t1) return;
     PART_TIMED(B_EMBED, part_rows(c, q, embed_row));
-    PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, c->s->x, t0, t1);
+    PART_TIMED(B_QKV, mm_part(c, &c->m->layers[0].qkv, c->s->qkv, 3 * c->m->dim, 0, ln_rows(c), t0, t1);
+               part_rope(c, &c->m->layers[0], c->s->qkv, t0, t1);
                if (c->kv_next) part_pack_kv(c, t0, t1, c->s->qkv, c->m->layers[0].bqkv, c->kv_next));
 }
 static void part_layer_(const ctx_t* c, int64_t q) {  /* layer c->w from its attention on, then the next layer's qkv */
@@ -287,12 +348,13 @@ static void part_layer_(const ctx_t* c, int64_t q) {  /* layer c->w from its att
                if (m->act != ACT_F32 && !bf16_rows(m)) part_rows(c, q, quant_att_row));
     PART_TIMED(B_O, mm_part(c, &w->o, s->x, D, 1, s->att, t0, t1));
     PART_TIMED(B_LN, part_rows(c, q, ln1_row));
-    PART_TIMED(B_INTER, mm_part(c, &w->inter, s->h, H, 0, s->x, t0, t1));
+    PART_TIMED(B_INTER, mm_part(c, &w->inter, inter_rows(c), inter_ld(c), 0, ln_rows(c), t0, t1));
     PART_TIMED(B_GELU, part_rows(c, q, gelu_row));
     PART_TIMED(B_DOWN, mm_part(c, &w->down, s->x, D, 1, s->h, t0, t1));
     PART_TIMED(B_LN, part_rows(c, q, ln2_row));
     if (w + 1 < m->layers + m->n_layers)
-        PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, s->x, t0, t1);
+        PART_TIMED(B_QKV, mm_part(c, &(w + 1)->qkv, c->qkv_next, 3 * D, 0, ln_rows(c), t0, t1);
+                   part_rope(c, w + 1, c->qkv_next, t0, t1);
                    if (c->kv_next) part_pack_kv(c, t0, t1, c->qkv_next, (w + 1)->bqkv, c->kv_next));
 }
 /* parts_run's jobs: a part's seconds and thread kept for the next forward's cuts (token_split.h) */
@@ -318,7 +380,7 @@ static void rows_after_attention(const ctx_t* c, int64_t n) {
     if (m->act != ACT_F32 && !bf16_rows(m)) TIMED(B_ATTN, rows_run(op_quant_att, (void*)c, n));
     TIMED(B_O, mm_ends(c, &w->o, s->x, D, 1, s->att, n));
     TIMED(B_LN, rows_run(op_ln1, (void*)c, n));
-    TIMED(B_INTER, mm_ends(c, &w->inter, s->h, H, 0, s->x, n));
+    TIMED(B_INTER, mm_ends(c, &w->inter, inter_rows(c), inter_ld(c), 0, ln_rows(c), n));
     TIMED(B_GELU, rows_run(op_gelu, (void*)c, n));
     TIMED(B_DOWN, mm_ends(c, &w->down, s->x, D, 1, s->h, n));
     TIMED(B_LN, rows_run(op_ln2, (void*)c, n));
@@ -364,7 +426,8 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     /* the relative bias's table spans distances below max_pos (and its spare lanes): a longer sequence would read
        past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
     for (int64_t q = 0; m->rel && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
-    if (m->rel && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert's rule) */
+    for (int64_t q = 0; m->window && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
+    if ((m->rel || m->window) && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert) */
     const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;
@@ -422,7 +485,7 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
     for (int l = 0; l < m->n_layers; l++) {
         const bert_layer* w = &m->layers[l];
         c.w = w;
-        TIMED(B_QKV, mm_ends(&c, &w->qkv, s->qkv, 3 * D, 0, s->x, n));
+        TIMED(B_QKV, mm_ends(&c, &w->qkv, s->qkv, 3 * D, 0, ln_rows(&c), n); if (w->rope) rows_run(op_rope, &c, n));
         if (first_only && l == m->n_layers - 1) { last_layer_first_tokens(&c, s->qkv2); break; }
         TIMED(B_ATTN, pool_run(op_attend, &c, n_seq * m->n_heads));
         rows_after_attention(&c, n);

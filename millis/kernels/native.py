@@ -233,3 +233,17 @@ def weight_array(keep: list, n: int) -> np.ndarray:
         arena = HugePages()
         keep.append(arena)
     return arena.array(n)
+
+
+def offsets(start, n: int, exact: bool = False) -> np.ndarray:
+    """Sequence offsets (S + 1,) as int32, after checking them: the C reads start[0..S] and the rows between
+    unchecked (an empty array made S -1). Rising, within n rows; exact: from 0 to n (bert_forward's tokens)."""
+    s = np.asarray(start)
+    ok = s.ndim == 1 and len(s) >= 1 and np.issubdtype(s.dtype, np.integer)
+    if ok:
+        s = s.astype(np.int64)  # (np.diff of unsigned offsets would wrap)
+        ok = s[0] >= 0 and s[-1] <= n and bool((np.diff(s) >= 0).all()) and not (exact and (s[0] or s[-1] != n))
+    if not ok:
+        raise MillisError(f"sequence offsets must be a 1-D integer array rising from {'0' if exact else '>= 0'} to "
+                          f"{'' if exact else 'at most '}{n} (the tokens), got {np.asarray(start)!r}"[:400])
+    return np.ascontiguousarray(s, np.int32)

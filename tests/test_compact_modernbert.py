@@ -1,0 +1,177 @@
+"""ModernBERT on millis's compact encoder (millis.encoder.modernbert): pre-LayerNorm layers, rotary positions at two
+bases, sliding-window layers, a GLU feed-forward and its head (dense, GELU, LayerNorm, the classifier on [CLS]), on
+the native kernels in every precision they run it in and on the CUDA encoder's torch form, against transformers in
+fp32. tiny:modernbert: head size 8, layer 1 slides with a window of 4 each way; `modernbert_h64`: head size 32 (the
+int8 attention's), layers 1 and 2 slide with a window of 3."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import compact_cpu_outputs, native_fp32, reference_outputs
+from millis.artifact.model import run_texts
+from millis.common.errors import MillisError
+from millis.common.samples import sample_texts
+from millis.encoder.bert_weights import EncoderConfig
+from millis.encoder.source import resolve
+from millis.encoder.text import TextEncoder
+from millis.gpu.encoder import RunOptions, from_hf
+from millis.kernels.native import native_isa, runnable_isas
+
+CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
+# long enough for every window: the joined text is cut at 128 tokens
+TEXTS = sample_texts()[:6] + [" ".join(sample_texts() * 3)]
+
+
+def save_variant(base, d, seed: int, **changes):
+    """`base`'s tokenizer and pooling under a ModernBERT of `changes` (config.json's keys), random weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+
+    shutil.copytree(base, d)
+    cfg = {**json.loads((d / "config.json").read_text()), **changes}
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(ModernBertConfig(**cfg)).eval()
+    for f in d.glob("model*.safetensors"):
+        f.unlink()
+    model.save_pretrained(d)
+    return d, model
+
+
+@pytest.fixture(scope="module")
+def modernbert_h64(tmp_path_factory, tiny_dirs):
+    d = tmp_path_factory.mktemp("mb") / "modernbert-h64"
+    return save_variant(tiny_dirs["modernbert"], d, 5, hidden_size=64, num_attention_heads=2, intermediate_size=96,
+                        num_hidden_layers=3, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                        local_attention=6)[0]
+
+
+def test_config_fields_in_both_spellings(tiny_dirs):
+    """transformers 5's layer_types / rope_parameters and transformers 4's global_attn_every_n_layers /
+    global_rope_theta / local_rope_theta give the same fields; what the kernels do not run is refused by name."""
+    cfg = json.loads((tiny_dirs["modernbert"] / "config.json").read_text())
+    c = EncoderConfig.from_hf(cfg)
+    assert (c.prenorm, c.rope_theta, c.rope_local_theta, c.window, c.local_layers) == (True, 160000, 10000, 4, (1,))
+    assert (c.ffn_in, c.type_vocab, c.eps, c.head_act) == (2 * c.intermediate, 1, 1e-5, "gelu")
+    old = {k: v for k, v in cfg.items() if k not in ("layer_types", "rope_parameters")}
+    old.update(num_hidden_layers=7, global_attn_every_n_layers=3, global_rope_theta=80000.0, local_rope_theta=5000.0)
+    c = EncoderConfig.from_hf(old)
+    assert (c.rope_theta, c.rope_local_theta, c.local_layers) == (80000, 5000, (1, 2, 4, 5))
+    with pytest.raises(MillisError, match="hidden_activation 'silu'"):
+        EncoderConfig.from_hf({**cfg, "hidden_activation": "silu"})
+    with pytest.raises(MillisError, match="rope_type 'linear'"):
+        EncoderConfig.from_hf({**cfg, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}})
+
+
+@pytest.mark.parametrize("model", ["tiny", "h64"])
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_modernbert_on_the_native_kernels_matches_hf(tmp_path, tiny_dirs, modernbert_h64, task, model):
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    folder = tiny_dirs["modernbert"] if model == "tiny" else modernbert_h64
+    src, enc, native = native_fp32(folder, task, tmp_path)
+    want = reference_outputs(folder, task, TEXTS)
+    assert max(len(enc.encode([t]).feeds["input_ids"][0]) for t in TEXTS) > 2 * 4 + 1  # past every window
+    np.testing.assert_allclose(run_texts(native, enc, TEXTS).outputs, want, atol=1e-4)
+    np.testing.assert_allclose(compact_cpu_outputs(folder, task, src.pooling, enc, TEXTS), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])
+def test_modernbert_in_every_native_precision(modernbert_h64, isa, monkeypatch):
+    """Every precision the kernels run ModernBERT in (and the int8 attention, with the window as its bias) on every
+    build this CPU runs, against the torch form in fp32, with padding; a row does not depend on its batch-mates;
+    the token split and the row split give the same values."""
+    import torch
+
+    from millis.encoder.native import PRECISIONS, NativeBert
+    from millis.common.hardware import has_bf16
+
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+    src = resolve(str(modernbert_h64))
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    feeds = enc.encode(sample_texts()[:7] + TEXTS[-1:]).feeds
+    lengths = feeds["attention_mask"].sum(1)
+    assert lengths.max() > 2 * 3 + 1 and lengths.min() < lengths.max()  # past the window, and padding
+    compact = from_hf(src.path, "embed", src.pooling, CPU)
+    with torch.inference_mode():
+        ref = compact(*(torch.from_numpy(f) for f in feeds.values())).numpy()
+    floor = {"fp32": 0.99999, "bf16": 0.999, "int7-row": 0.98, "int7-row-a8": 0.98}
+    runs = [(p, "auto") for p in PRECISIONS if p != "int8-row" and (p != "bf16" or has_bf16())]
+    runs += [("int7-row", "int8"), ("int8", "int8")] if isa != "scalar" else []
+    for precision, attention in runs:
+        model = NativeBert(compact, precision, 2, attention=attention)
+        out = model(*feeds.values())
+        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+        assert out.shape == ref.shape and cos.min() >= floor.get(precision, 0.995), (precision, attention, cos.min())
+        if precision == "fp32":
+            np.testing.assert_allclose(out, ref, atol=1e-5)
+        alone = model(*(f[7:8, :int(feeds["attention_mask"][7].sum())] for f in feeds.values()))
+        np.testing.assert_allclose(alone, out[7:8], atol=1e-5 if precision == "fp32" else 2e-2)
+        split = model.lib.bert_token_split(-1)
+        try:
+            model.lib.bert_token_split(1 << 20)  # the row split
+            rows = model(*feeds.values())
+            model.lib.bert_token_split(0)        # the token split
+            tokens = model(*feeds.values())
+        finally:
+            model.lib.bert_token_split(split)
+        np.testing.assert_allclose(rows, tokens, atol=1e-6)
+    with pytest.raises(MillisError, match="int8-row does not run ModernBERT"):
+        NativeBert(compact, "int8-row", 2)
+
+
+def test_what_the_compact_encoder_refuses(tmp_path, tiny_dirs):
+    """q / k biases (the kernels rotate before the attention adds them) natively; a classifier pooling by the mean
+    (not its [CLS] row) on both compact forms, by name; the embedding of such a checkpoint still runs."""
+    import torch
+
+    from millis.encoder.native import NativeBert
+
+    d, model = save_variant(tiny_dirs["modernbert"], tmp_path / "bias", 9, attention_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attn.Wqkv.bias.normal_()
+    model.save_pretrained(d)
+    compact = from_hf(d, "embed", resolve(str(d)).pooling, CPU)
+    if native_isa() is not None:
+        with pytest.raises(MillisError, match="attention_bias"):
+            NativeBert(compact, "fp32")
+    mean, _ = save_variant(tiny_dirs["modernbert"], tmp_path / "mean", 9, classifier_pooling="mean")
+    with pytest.raises(MillisError, match="classifier_pooling 'mean'"):
+        from_hf(mean, "classify", resolve(str(mean)).pooling, CPU)
+    assert from_hf(mean, "embed", resolve(str(mean)).pooling, CPU).out_dim == 32
+
+
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_optimize_builds_and_serves_native_modernbert(tmp_path, tiny_dirs, quick_measure, task):
+    """`millis optimize` on a ModernBERT: the native variants build (weights and the smoothing calibration stored), the
+    artifact loads without torch's model and answers as transformers does."""
+    from dataclasses import replace
+
+    import millis
+    from millis.common.config import Shape
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    out = optimize(OptimizeConfig(source="tiny:modernbert", task=task, out=str(tmp_path / task), target=Shape(1, 16),
+                                  variants=("native-fp32", "native-int7-row"),
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
+    report = json.loads((out / "report.json").read_text())
+    assert {r["name"] for r in report["variants"] if r["latency"]} >= {"native-fp32", "native-int7-row"}, report
+    m = millis.load(out)
+    texts = TEXTS[:4] + TEXTS[-1:]
+    want = reference_outputs(tiny_dirs["modernbert"], task, texts)
+    got = np.array([p["logits"] for p in m.predict(texts)]) if task == "classify" else m.embed(texts)
+    assert got.shape == want.shape
+    if m.meta.variant.name == "native-fp32":
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    else:
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.98, cos
