@@ -2,7 +2,8 @@
 bases, sliding-window layers, a GLU feed-forward and its head (dense, GELU, LayerNorm, the classifier on [CLS]), on
 the native kernels in every precision they run it in and on the CUDA encoder's torch form, against transformers in
 fp32. tiny:modernbert: head size 8, layer 1 slides with a window of 4 each way; `modernbert_h64`: head size 32 (the
-int8 attention's), layers 1 and 2 slide with a window of 3."""
+int8 attention's), layers 1 and 2 slide with a window of 3, and every LayerNorm and bias random (transformers
+initialises them to ones and zeros, under which a LayerNorm or a bias in the wrong place goes unseen)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder.bert_weights import EncoderConfig
-from millis.encoder.source import resolve
+from millis.encoder.source import Pooling, resolve
 from millis.encoder.text import TextEncoder
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa, runnable_isas
@@ -26,15 +27,28 @@ CPU = RunOptions(dtype="fp32", fuse="torch", device="cpu")
 TEXTS = sample_texts()[:6] + [" ".join(sample_texts() * 3)]
 
 
-def save_variant(base, d, seed: int, **changes):
-    """`base`'s tokenizer and pooling under a ModernBERT of `changes` (config.json's keys), random weights."""
+def save_variant(base, d, seed: int, randomise: bool = False, **changes):
+    """`base`'s tokenizer and pooling under a ModernBERT of `changes` (config.json's keys), random weights;
+    randomise: every LayerNorm's weight and bias and every linear bias drawn too, but the q / k biases, zero (the
+    native kernels rotate q and k before the attention adds biases: they refuse nonzero ones)."""
     import torch
     from transformers import AutoModelForSequenceClassification, ModernBertConfig
 
     shutil.copytree(base, d)
     cfg = {**json.loads((d / "config.json").read_text()), **changes}
+    if randomise:
+        cfg.update(norm_bias=True, mlp_bias=True, attention_bias=True, classifier_bias=True)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(ModernBertConfig(**cfg)).eval()
+    if randomise:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+                elif name.endswith("bias"):
+                    p.normal_(0.0, 0.3)
+                    if "Wqkv" in name:
+                        p[:2 * cfg["hidden_size"]] = 0
     for f in d.glob("model*.safetensors"):
         f.unlink()
     model.save_pretrained(d)
@@ -44,9 +58,9 @@ def save_variant(base, d, seed: int, **changes):
 @pytest.fixture(scope="module")
 def modernbert_h64(tmp_path_factory, tiny_dirs):
     d = tmp_path_factory.mktemp("mb") / "modernbert-h64"
-    return save_variant(tiny_dirs["modernbert"], d, 5, hidden_size=64, num_attention_heads=2, intermediate_size=96,
-                        num_hidden_layers=3, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
-                        local_attention=6)[0]
+    return save_variant(tiny_dirs["modernbert"], d, 5, True, hidden_size=64, num_attention_heads=2,
+                        intermediate_size=96, num_hidden_layers=3, local_attention=6,
+                        layer_types=["full_attention", "sliding_attention", "sliding_attention"])[0]
 
 
 def test_config_fields_in_both_spellings(tiny_dirs):
@@ -60,18 +74,31 @@ def test_config_fields_in_both_spellings(tiny_dirs):
     old.update(num_hidden_layers=7, global_attn_every_n_layers=3, global_rope_theta=80000.0, local_rope_theta=5000.0)
     c = EncoderConfig.from_hf(old)
     assert (c.rope_theta, c.rope_local_theta, c.local_layers) == (80000, 5000, (1, 2, 4, 5))
+    old.pop("local_rope_theta")  # transformers 4's default, 10,000, not the global base; null: the global base
+    assert EncoderConfig.from_hf(old).rope_local_theta == 10000
+    assert EncoderConfig.from_hf({**old, "local_rope_theta": None}).rope_local_theta == 80000
+    with pytest.raises(MillisError, match="local_attention 1"):
+        EncoderConfig.from_hf({**cfg, "local_attention": 1})
     with pytest.raises(MillisError, match="hidden_activation 'silu'"):
         EncoderConfig.from_hf({**cfg, "hidden_activation": "silu"})
     with pytest.raises(MillisError, match="rope_type 'linear'"):
         EncoderConfig.from_hf({**cfg, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}})
 
 
-@pytest.mark.parametrize("model", ["tiny", "h64"])
+@pytest.fixture(scope="module")
+def modernbert_mean(tmp_path_factory, tiny_dirs):
+    """A classifier on the mean of its rows (classifier_pooling "mean", as AnswerDotAI's checkpoints have it)."""
+    d = tmp_path_factory.mktemp("mb") / "modernbert-mean"
+    return save_variant(tiny_dirs["modernbert"], d, 9, True, classifier_pooling="mean")[0]
+
+
+@pytest.mark.parametrize("model", ["tiny", "h64", "mean"])
 @pytest.mark.parametrize("task", ["classify", "embed"])
-def test_modernbert_on_the_native_kernels_matches_hf(tmp_path, tiny_dirs, modernbert_h64, task, model):
+def test_modernbert_on_the_native_kernels_matches_hf(tmp_path, tiny_dirs, modernbert_h64, modernbert_mean, task,
+                                                     model):
     if native_isa() is None:
         pytest.skip("no native kernels here")
-    folder = tiny_dirs["modernbert"] if model == "tiny" else modernbert_h64
+    folder = {"tiny": tiny_dirs["modernbert"], "h64": modernbert_h64, "mean": modernbert_mean}[model]
     src, enc, native = native_fp32(folder, task, tmp_path)
     want = reference_outputs(folder, task, TEXTS)
     assert max(len(enc.encode([t]).feeds["input_ids"][0]) for t in TEXTS) > 2 * 4 + 1  # past every window
@@ -126,9 +153,10 @@ def test_modernbert_in_every_native_precision(modernbert_h64, isa, monkeypatch):
 
 
 def test_what_the_compact_encoder_refuses(tmp_path, tiny_dirs):
-    """q / k biases (the kernels rotate before the attention adds them) natively; a classifier pooling by the mean
-    (not its [CLS] row) on both compact forms, by name; the embedding of such a checkpoint still runs."""
+    """q / k biases (the kernels rotate before the attention adds them) natively; a mask with a hole in a row (the
+    window is measured on the kept tokens, HF's on columns); a Wqkv that is not three stacked matrices."""
     import torch
+    from safetensors.numpy import load_file, save_file
 
     from millis.encoder.native import NativeBert
 
@@ -141,10 +169,18 @@ def test_what_the_compact_encoder_refuses(tmp_path, tiny_dirs):
     if native_isa() is not None:
         with pytest.raises(MillisError, match="attention_bias"):
             NativeBert(compact, "fp32")
-    mean, _ = save_variant(tiny_dirs["modernbert"], tmp_path / "mean", 9, classifier_pooling="mean")
-    with pytest.raises(MillisError, match="classifier_pooling 'mean'"):
-        from_hf(mean, "classify", resolve(str(mean)).pooling, CPU)
-    assert from_hf(mean, "embed", resolve(str(mean)).pooling, CPU).out_dim == 32
+        native = NativeBert(from_hf(tiny_dirs["modernbert"], "embed", Pooling(), CPU), "fp32")
+        ids = np.full((2, 6), 7)
+        assert native(ids, np.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])).shape == (2, 32)  # one run each
+        with pytest.raises(MillisError, match="one run"):
+            native(ids, np.array([[1, 1, 0, 1, 1, 0], [1] * 6]))
+    e = tmp_path / "rows"
+    shutil.copytree(tiny_dirs["modernbert"], e)
+    state = load_file(str(e / "model.safetensors"))
+    key = next(k for k in state if k.endswith("layers.0.attn.Wqkv.weight"))
+    save_file({**state, key: np.concatenate([state[key], state[key][:1]])}, str(e / "model.safetensors"))
+    with pytest.raises(MillisError, match="Wqkv.weight has 97 rows"):
+        from_hf(e, "embed", Pooling(), CPU)
 
 
 @pytest.mark.parametrize("task", ["classify", "embed"])

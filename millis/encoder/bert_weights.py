@@ -50,7 +50,7 @@ class EncoderConfig:
     rope_local_theta: float = 0.0
     window: int = 0
     local_layers: tuple[int, ...] = ()
-    head_pooling: str = "cls"
+    head_pooling: str = "cls"  # the rows a classifier's head reads: cls (the first), or mean (of the real tokens)
 
     @property
     def prenorm(self) -> bool:
@@ -234,9 +234,6 @@ def check_parts(state: dict, task: str, cfg: EncoderConfig) -> None:
         raise MillisError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
     if task == "classify" and ("classifier.weight" not in state or "pooler.dense.weight" not in state):
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
-    if task == "classify" and cfg.head_pooling != "cls":
-        raise MillisError(f"classifier_pooling {cfg.head_pooling!r}: millis's compact encoder runs a classifier on "
-                          f"the [CLS] row only; serve it with ONNX Runtime")
     parts = [*embedding_parts(cfg).values(), *(n for i in range(cfg.layers) for n in layer_parts(i).values()),
              *(head_parts(cfg).values() if task == "classify" else ()), *([(REL_BIAS,)] if cfg.rel_buckets else []),
              *(PROJECTION.values() if cfg.embedding else ())]

@@ -11,7 +11,8 @@ base in the global layers and another in the sliding-window layers, where a quer
 The roles map onto BERT's per-layer parts (bert_weights.layer_parts), so every consumer reads one layout:
 LN1 is the layer's mlp_norm (before the MLP), LN2 the next layer's attn_norm (the final norm after the last),
 the biases ModernBERT leaves out (attention_bias, mlp_bias, norm_bias false) are zeros. The task head is
-head.dense, GELU, head.norm, then the classifier, on the [CLS] row (classifier_pooling "cls").
+head.dense, GELU, head.norm, then the classifier, on the [CLS] row or on the mean of the rows (classifier_pooling
+"cls" or "mean": AnswerDotAI's checkpoints say "mean").
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def config_fields(cfg: dict) -> dict:
         if (params or {}).get("rope_type", "default") != "default":
             raise MillisError(f"rope_type {params['rope_type']!r} ({kind}) is not supported; supported: default")
     theta = float((rope.get("full_attention") or {}).get("rope_theta", cfg.get("global_rope_theta", 160000.0)))
-    local = (rope.get("sliding_attention") or {}).get("rope_theta", cfg.get("local_rope_theta"))
+    # transformers 4: local_rope_theta 10,000 unless given, null meaning the global base; 5: rope_parameters' 10,000
+    local = (rope.get("sliding_attention") or {}).get("rope_theta", cfg.get("local_rope_theta", 10000.0))
+    window = int(cfg.get("local_attention", 128)) // 2
+    if window < 1 and "sliding_attention" in kinds:
+        raise MillisError(f"local_attention {cfg.get('local_attention')!r}: a sliding window must span 2 tokens or more")
     pooling = cfg.get("classifier_pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise MillisError(f"classifier_pooling {pooling!r} is not supported; supported: cls, mean")
@@ -50,7 +55,7 @@ def config_fields(cfg: dict) -> dict:
                 max_positions=int(cfg.get("max_position_embeddings", 8192)), type_vocab=1,
                 eps=float(cfg.get("norm_eps", 1e-5)), family=FAMILY, rope_theta=theta,
                 rope_local_theta=float(theta if local is None else local),
-                window=int(cfg.get("local_attention", 128)) // 2,
+                window=window,
                 local_layers=tuple(i for i, k in enumerate(kinds) if k == "sliding_attention"),
                 head_pooling=pooling)
 
@@ -79,6 +84,8 @@ def bert_roles(state: dict, layers: int) -> dict:
         at = dst + "attention."
         qkv = s.get(src + "attn.Wqkv.weight")
         if qkv is not None:
+            if qkv.shape[0] % 3:
+                raise MillisError(f"the weights' layers.{i}.attn.Wqkv.weight has {qkv.shape[0]} rows: not q, k, v stacked")
             D = qkv.shape[0] // 3
             b = s.get(src + "attn.Wqkv.bias", zeros(3 * D))
             for j, n in enumerate(("query", "key", "value")):
@@ -106,14 +113,6 @@ def rope_table(theta: float, head_dim: int, positions: int) -> np.ndarray:
     inv = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
     freqs = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]          # (P, hd / 2)
     return np.ascontiguousarray(np.concatenate([np.cos(freqs), np.sin(freqs)], 1), np.float32)
-
-
-def rotate(x: np.ndarray, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """x (..., T, hd) rotated at positions (T,) by rope_table's rows: x cos + rotate_half(x) sin."""
-    half = x.shape[-1] // 2
-    cos, sin = table[positions, :half], table[positions, half:]
-    a, b = x[..., :half], x[..., half:]
-    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
 
 
 def window_table(window: int, heads: int, max_positions: int, pad: int = 16) -> tuple[np.ndarray, int]:

@@ -42,7 +42,8 @@ from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_ROW, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
-                                   aligned_empty, init_amx, offsets, pack_matrix)
+                                   aligned_empty, contiguous_masks, init_amx, offsets,
+                                   pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8, "int8-row": TYPE_Q8_ROW}
@@ -335,27 +336,30 @@ class NativeBert:
                               f"ids integers, the mask 0 / 1: got {ids.shape}, {mask.shape}, "
                               f"{None if types is None else types.shape}")
         B, T = ids.shape
+        if (self.cfg.rel_buckets or self.cfg.local_layers) and not contiguous_masks(mask):
+            raise MillisError("attention_mask: a row's tokens must be one run (no zeros between ones) for a model with "
+                              "relative positions or a sliding window (MPNet, ModernBERT)")
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
         p: Pooling = self.pooling
-        tokens = self.pools_tokens()
-        mode = (1 if p.mode == "max" else 0) if tokens else 2
+        tokens, head = self.pools_tokens(), self.task == "classify"  # (a head on the mean: ModernBERT's classifiers)
+        mode = (1 if p.mode == "max" and not head else 0) if tokens else 2
         out = np.empty((B, self.cfg.hidden), np.float32)
         with self.lock:  # the scratch is shared
             s = self._scratch(max(int(np.count_nonzero(mask)), 1), max(B, 1))  # the kept tokens (bert_encode's n)
             rc = self.lib.bert_encode(ctypes.addressof(self.model), ctypes.addressof(s), self.buffers["x"].ctypes.data,
                                       self.cfg.hidden, self.cfg.vocab, self.cfg.type_vocab, B, T, ids.ctypes.data,
                                       mask.ctypes.data, None if types is None else types.ctypes.data, self.threads, mode,
-                                      int(tokens and p.normalize), out.ctypes.data)
+                                      int(tokens and p.normalize and not head), out.ctypes.data)
         if rc:
             c = self.cfg
             raise MillisError(f"a token id or token type is out of range for this model (vocabulary {c.vocab}, "
                               f"{c.type_vocab} token types)")
-        return out if tokens else self.first_rows_head(out)
+        return out if tokens and not head else self.first_rows_head(out)
 
     def pools_tokens(self) -> bool:
         """Whether head_of reads every token's row (mean / max pooling), not each sequence's first alone."""
-        return pools_tokens(self.task, self.pooling)
+        return pools_tokens(self.task, self.pooling) or (self.task == "classify" and self.cfg.head_pooling == "mean")
 
     def head_of(self, h: np.ndarray, start: np.ndarray, lengths: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Last hidden states of the kept tokens (n, D) -> (B, N), as millis.encoder.tasks.pool / HF's head:
@@ -369,9 +373,10 @@ class NativeBert:
         p: Pooling = self.pooling
         if self.pools_tokens():
             out = np.empty((B, D), np.float32)
-            self.lib.bert_pool(h.ctypes.data, D, B, start.ctypes.data, int(p.mode == "max"), int(p.normalize),
-                               out.ctypes.data)
-            return out
+            head = self.task == "classify"  # the mean of the rows, then the head
+            self.lib.bert_pool(h.ctypes.data, D, B, start.ctypes.data, int(p.mode == "max" and not head),
+                               int(p.normalize and not head), out.ctypes.data)
+            return self.first_rows_head(out) if head else out
         nz = lengths > 0
         first = np.zeros((B, D), np.float32)  # each sequence's column-0 token ([CLS]); zeros if masked out
         firsts = start[:-1][nz]

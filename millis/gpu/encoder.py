@@ -197,8 +197,10 @@ class Encoder:
 
     def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last hidden states (B, T or 1, H) -> logits (the classifier on the [CLS] row) or pooled vectors."""
-        if self.task == "classify":
-            pooled = head_activation(F.linear(h[:, 0].float(), self.pool_w, self.pool_b), self.cfg.head_act)
+        if self.task == "classify":  # on the first row, or on the mean of the rows (a ModernBERT's classifier_pooling)
+            rows = pool(h.float(), attention_mask, Pooling("mean", False)) if self.cfg.head_pooling == "mean" else \
+                h[:, 0].float()
+            pooled = head_activation(F.linear(rows, self.pool_w, self.pool_b), self.cfg.head_act)
             if self.cfg.prenorm:  # ModernBERT's head: dense, GELU, LayerNorm
                 pooled = F.layer_norm(pooled, (self.cfg.hidden,), self.head_lnw, self.head_lnb, self.cfg.eps)
             return F.linear(pooled, self.cls_w, self.cls_b)

@@ -238,18 +238,17 @@ static void op_ln2(void* p, int64_t t) { ln2_row(p, 0, t); }
 /* prenorm's GLU: h = gelu(v + bv) * (g + bg) from row t's value | gate, then quantized for down */
 static void glu_row(const ctx_t* c, int64_t base, int64_t t) {
     const int H = c->m->hidden;
-    float *y = c->s->hg + t * 2 * H, *h = c->s->h + t * H;
-    const float *bg = c->w->bi + H, *inv = c->w->sd;
-    bias_gelu_erf(y, c->w->bi, H);
-    for (int i = 0; i < H; i++) h[i] = y[i] * (y[H + i] + bg[i]);
+    const float *y = c->s->hg + t * 2 * H, *inv = c->w->sd;
+    float* h = c->s->h + t * H;
     if (row_quantized(c->m)) {
         float sm[H] __attribute__((aligned(64)));
-        float amax = 0.f;
-        for (int i = 0; i < H; i++) amax = smooth_max1(h[i], inv, sm, i, amax);
+        const smooth_out q = {inv, sm};
+        const float amax = glu_erf_q(y, c->w->bi, H, h, &q);
         quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : h, amax, H, xq_at(c, H, base, t));
         ends_residual(c, inv ? sm : h, NULL, H, xq_at(c, H, base, t), base, t);
         return;
     }
+    glu_erf_q(y, c->w->bi, H, h, NULL);  /* (one pass: the scalar smoothing-max loop took 1.2 ns a value) */
     quant_row(c, h, H, base, t, inv);
 }
 static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {
@@ -423,10 +422,9 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             types[t] >= m->type_vocab) return 1;
     if (start[0] != 0 || start[n_seq] != n) return 1;
     for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
-    /* the relative bias's table spans distances below max_pos (and its spare lanes): a longer sequence would read
-       past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
-    for (int64_t q = 0; m->rel && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
-    for (int64_t q = 0; m->window && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
+    /* the relative bias's (or the window's) table spans distances below max_pos (and its spare lanes): a longer
+       sequence would read past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
+    for (int64_t q = 0; (m->rel || m->window) && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
     if ((m->rel || m->window) && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert) */
     const double began = secs();
     pool_begin(nthreads);

@@ -247,3 +247,14 @@ def offsets(start, n: int, exact: bool = False) -> np.ndarray:
         raise MillisError(f"sequence offsets must be a 1-D integer array rising from {'0' if exact else '>= 0'} to "
                           f"{'' if exact else 'at most '}{n} (the tokens), got {np.asarray(start)!r}"[:400])
     return np.ascontiguousarray(s, np.int32)
+
+
+def contiguous_masks(mask: np.ndarray) -> bool:
+    """Whether each row's ones of a (B, T) 0 / 1 mask are one run: the kept tokens' distances in the flat batch
+    are then their columns' (a relative bias or a window measured on the flat tokens equals HF's on columns)."""
+    m = np.asarray(mask) != 0
+    if m.ndim != 2:
+        return False
+    cols = np.arange(m.shape[1])
+    first, count = m.argmax(1)[:, None], m.sum(1)[:, None]
+    return bool(((cols >= first) & (cols < first + count) == m).all())

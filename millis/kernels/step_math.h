@@ -336,6 +336,46 @@ static float bias_gelu_erf_q(float* g, const float* b, int n, const smooth_out* 
 }
 static void bias_gelu_erf(float* g, const float* b, int n) { bias_gelu_erf_q(g, b, n, NULL); }
 
+/* a GLU (ModernBERT's): h = gelu(v + bv) * (g + bg) from y = v | g and b = bv | bg (2n each), in one pass with the
+   row quantizer's first (q as bias_gelu_erf_q's; the same bits as the GELU, then the product) */
+static float glu_erf_q(const float* y, const float* b, int n, float* h, const smooth_out* q) {
+    const float* inv = q ? q->inv : NULL;
+    float* sm = q ? q->sm : NULL;
+    float amax = 0.f;
+    int i = 0;
+#ifdef __AVX512DQ__
+    {
+        __m512 am = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            const __m512 v = gelu_erf512(_mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(b + i)));
+            const __m512 o = _mm512_mul_ps(v, _mm512_add_ps(_mm512_loadu_ps(y + n + i), _mm512_loadu_ps(b + n + i)));
+            _mm512_storeu_ps(h + i, o);
+            if (q) am = smooth_max512(o, inv, sm, i, am);
+        }
+        if (q) amax = _mm512_reduce_max_ps(am);
+    }
+#endif
+#ifdef __AVX2__
+    {
+        __m256 am = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = gelu_erf256(_mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(b + i)));
+            const __m256 o = _mm256_mul_ps(v, _mm256_add_ps(_mm256_loadu_ps(y + n + i), _mm256_loadu_ps(b + n + i)));
+            _mm256_storeu_ps(h + i, o);
+            if (q) am = smooth_max256(o, inv, sm, i, am);
+        }
+        if (q) amax = fmaxf(amax, hmax8(am));
+    }
+#endif
+    for (; i < n; i++) {
+        const float x = y[i] + b[i];
+        const float hx = 0.5f * x;
+        h[i] = fmaf(hx, erf_rational(x * 0.70710678118654752f), hx) * (y[n + i] + b[n + i]);
+        if (q) amax = smooth_max1(h[i], inv, sm, i, amax);
+    }
+    return amax;
+}
+
 static void rope(float* v, int n_heads, int hd, const float* c, const float* s, int neox) {
     const int half = hd / 2;
     for (int h = 0; h < n_heads; h++) {
