@@ -243,12 +243,12 @@ static void glu_row(const ctx_t* c, int64_t base, int64_t t) {
     if (row_quantized(c->m)) {
         float sm[H] __attribute__((aligned(64)));
         const smooth_out q = {inv, sm};
-        const float amax = glu_erf_q(y, c->w->bi, H, h, &q);
+        const float amax = gelu_gate_q(y, c->w->bi, y + H, c->w->bi + H, H, h, &q);
         quantize_row_act(c->m->layers[0].qkv.type, inv ? sm : h, amax, H, xq_at(c, H, base, t));
         ends_residual(c, inv ? sm : h, NULL, H, xq_at(c, H, base, t), base, t);
         return;
     }
-    glu_erf_q(y, c->w->bi, H, h, NULL);  /* (one pass: the scalar smoothing-max loop took 1.2 ns a value) */
+    gelu_gate_q(y, c->w->bi, y + H, c->w->bi + H, H, h, NULL);  /* (one pass: a scalar max loop took 1.2 ns a value) */
     quant_row(c, h, H, base, t, inv);
 }
 static void gelu_row(const ctx_t* c, int64_t base, int64_t t) {

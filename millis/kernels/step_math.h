@@ -298,8 +298,11 @@ DEFINE_GELU_ERF(gelu_erf256, __m256, 256, _mm256_div_ps)
 DEFINE_GELU_ERF(gelu_erf512, __m512, 512, _mm512_div_ps)
 #endif
 
-/* q: as layernorm_q's (the row quantizer's first pass on the GELU's outputs, their largest |value| returned) */
-static float bias_gelu_erf_q(float* g, const float* b, int n, const smooth_out* q) {
+/* out = gelu(x + b) (b NULL: none), times (gate + bg) where gate is not NULL (a GLU: ModernBERT's value | gate
+   halves; bg never NULL then); out may be x. q: as layernorm_q's (the row quantizer's first pass on the outputs,
+   their largest |value| returned). */
+static float gelu_gate_q(const float* x, const float* b, const float* gate, const float* bg, int n, float* out,
+                         const smooth_out* q) {
     const float* inv = q ? q->inv : NULL;
     float* sm = q ? q->sm : NULL;
     float amax = 0.f;
@@ -308,8 +311,10 @@ static float bias_gelu_erf_q(float* g, const float* b, int n, const smooth_out* 
     {
         __m512 am = _mm512_setzero_ps();
         for (; i + 16 <= n; i += 16) {
-            const __m512 x = _mm512_loadu_ps(g + i), o = gelu_erf512(b ? _mm512_add_ps(x, _mm512_loadu_ps(b + i)) : x);
-            _mm512_storeu_ps(g + i, o);
+            const __m512 v = _mm512_loadu_ps(x + i);
+            __m512 o = gelu_erf512(b ? _mm512_add_ps(v, _mm512_loadu_ps(b + i)) : v);
+            if (gate) o = _mm512_mul_ps(o, _mm512_add_ps(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(bg + i)));
+            _mm512_storeu_ps(out + i, o);
             if (q) am = smooth_max512(o, inv, sm, i, am);
         }
         if (q) amax = _mm512_reduce_max_ps(am);
@@ -319,62 +324,27 @@ static float bias_gelu_erf_q(float* g, const float* b, int n, const smooth_out* 
     {
         __m256 am = _mm256_setzero_ps();
         for (; i + 8 <= n; i += 8) {
-            const __m256 x = _mm256_loadu_ps(g + i), o = gelu_erf256(b ? _mm256_add_ps(x, _mm256_loadu_ps(b + i)) : x);
-            _mm256_storeu_ps(g + i, o);
+            const __m256 v = _mm256_loadu_ps(x + i);
+            __m256 o = gelu_erf256(b ? _mm256_add_ps(v, _mm256_loadu_ps(b + i)) : v);
+            if (gate) o = _mm256_mul_ps(o, _mm256_add_ps(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(bg + i)));
+            _mm256_storeu_ps(out + i, o);
             if (q) am = smooth_max256(o, inv, sm, i, am);
         }
         if (q) amax = fmaxf(amax, hmax8(am));
     }
 #endif
     for (; i < n; i++) {
-        const float x = g[i] + (b ? b[i] : 0.f);
-        const float hx = 0.5f * x;
-        g[i] = fmaf(hx, erf_rational(x * 0.70710678118654752f), hx);
-        if (q) amax = smooth_max1(g[i], inv, sm, i, amax);
+        const float v = x[i] + (b ? b[i] : 0.f);
+        const float hv = 0.5f * v;
+        out[i] = fmaf(hv, erf_rational(v * 0.70710678118654752f), hv) * (gate ? gate[i] + bg[i] : 1.f);
+        if (q) amax = smooth_max1(out[i], inv, sm, i, amax);
     }
     return amax;
+}
+static float bias_gelu_erf_q(float* g, const float* b, int n, const smooth_out* q) {
+    return gelu_gate_q(g, b, NULL, NULL, n, g, q);
 }
 static void bias_gelu_erf(float* g, const float* b, int n) { bias_gelu_erf_q(g, b, n, NULL); }
-
-/* a GLU (ModernBERT's): h = gelu(v + bv) * (g + bg) from y = v | g and b = bv | bg (2n each), in one pass with the
-   row quantizer's first (q as bias_gelu_erf_q's; the same bits as the GELU, then the product) */
-static float glu_erf_q(const float* y, const float* b, int n, float* h, const smooth_out* q) {
-    const float* inv = q ? q->inv : NULL;
-    float* sm = q ? q->sm : NULL;
-    float amax = 0.f;
-    int i = 0;
-#ifdef __AVX512DQ__
-    {
-        __m512 am = _mm512_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-            const __m512 v = gelu_erf512(_mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(b + i)));
-            const __m512 o = _mm512_mul_ps(v, _mm512_add_ps(_mm512_loadu_ps(y + n + i), _mm512_loadu_ps(b + n + i)));
-            _mm512_storeu_ps(h + i, o);
-            if (q) am = smooth_max512(o, inv, sm, i, am);
-        }
-        if (q) amax = _mm512_reduce_max_ps(am);
-    }
-#endif
-#ifdef __AVX2__
-    {
-        __m256 am = _mm256_setzero_ps();
-        for (; i + 8 <= n; i += 8) {
-            const __m256 v = gelu_erf256(_mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(b + i)));
-            const __m256 o = _mm256_mul_ps(v, _mm256_add_ps(_mm256_loadu_ps(y + n + i), _mm256_loadu_ps(b + n + i)));
-            _mm256_storeu_ps(h + i, o);
-            if (q) am = smooth_max256(o, inv, sm, i, am);
-        }
-        if (q) amax = fmaxf(amax, hmax8(am));
-    }
-#endif
-    for (; i < n; i++) {
-        const float x = y[i] + b[i];
-        const float hx = 0.5f * x;
-        h[i] = fmaf(hx, erf_rational(x * 0.70710678118654752f), hx) * (y[n + i] + b[n + i]);
-        if (q) amax = smooth_max1(h[i], inv, sm, i, amax);
-    }
-    return amax;
-}
 
 static void rope(float* v, int n_heads, int hd, const float* c, const float* s, int neox) {
     const int half = hd / 2;
