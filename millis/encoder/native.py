@@ -61,7 +61,7 @@ class Layer(ctypes.Structure):
     _fields_ = [(n, Mat) for n in ("qkv", "o", "inter", "down")] + \
                [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")] + \
                [(n, P) for n in ("sqkv", "so", "si", "sd")] + \
-               [(n, P) for n in ("rope", "win")]  # 1 / smoothing scale per input channel, or NULL; ModernBERT's
+               [(n, P) for n in ("rope", "win")]  # 1 / smoothing scales (NULL: none); ModernBERT's rotary, window
 
 
 ATTN_F32, ATTN_BF16_TILES, ATTN_INT8 = 0, 1, 2  # bert_forward.c's attention kinds
