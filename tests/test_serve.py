@@ -389,11 +389,16 @@ def test_rerank_scores_pairs_as_the_model_reads_them(rerank_server, rerank_artif
     status, _, err = rerank_server.post("/v1/rerank", {"query": query, "documents": ["hi", "word " * 600]})
     assert status == 400 and err["error"]["param"] == "documents", err
     assert err["error"]["message"].startswith("documents[1] with the query"), err
-    for bad, param in (({"documents": docs}, "query"), ({"query": query, "documents": []}, "documents"),
-                       ({"query": query, "documents": ["ok", 3]}, "documents"),
-                       ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents")):
+    for bad, param, code in (({"documents": docs}, "query", "missing"),
+                             ({"query": 1, "documents": docs}, "query", "invalid_type"),
+                             ({"query": "", "documents": docs}, "query", "empty_input"),
+                             ({"query": "q" * 16385, "documents": docs}, "query", "invalid_value"),
+                             ({"query": query, "documents": []}, "documents", "empty_input"),
+                             ({"query": query, "documents": ["ok", 3]}, "documents", "invalid_type"),
+                             ({"query": query, "documents": docs, "return_documents": "yes"}, "return_documents",
+                              "invalid_type")):
         status, _, err = rerank_server.post("/v1/rerank", bad)
-        assert status == 400 and err["error"]["param"] == param, err
+        assert status == 400 and (err["error"]["param"], err["error"]["code"]) == (param, code), err
 
 
 def test_rerank_duplicates_top_n_and_nulls(rerank_server):

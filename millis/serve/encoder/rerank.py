@@ -113,8 +113,10 @@ def rerank_request(body: dict[str, Any], served: str, limits: Limits, shape: Sha
                             f, "unsupported_field")
         check_doc_tokens(body, max_length)
     q = body.get("query")
-    if not isinstance(q, str) or not q or len(q) > MAX_QUERY_CHARS:
-        raise _fail(f"query must be a non-empty string of at most {MAX_QUERY_CHARS} characters", "query")
+    if not isinstance(q, str) or not q or len(q) > MAX_QUERY_CHARS:  # the code as /v1/embeddings' input gives it
+        raise _fail(f"query must be a non-empty string of at most {MAX_QUERY_CHARS} characters", "query",
+                    "missing" if q is None else "invalid_type" if not isinstance(q, str) else
+                    "empty_input" if not q else "invalid_value")
     key = shape.documents
     docs = body.get(key)
     if not isinstance(docs, list) or not docs:
