@@ -120,6 +120,7 @@ def test_batched_equals_single(embed_server):
     (b'{}', 400, "missing"),
     (b'{"input": []}', 400, "empty_input"),
     (b'{"input": ["ok", ""]}', 400, "empty_input"),
+    (b'{"input": ""}', 400, "empty_input"),
     (b'{"input": ["ok", 3]}', 400, "invalid_type"),
     (b'{"input": [[101, 102], "x"]}', 400, "invalid_type"),
     (b'{"input": [[101, 102], []]}', 400, "empty_input"),
@@ -141,6 +142,8 @@ def test_bad_input_is_a_4xx_with_a_message(embed_server, raw, status, code):
     s, _, body = embed_server.post("/v1/embeddings", raw=raw)
     assert s == status, body
     assert body["error"]["code"] == code and len(body["error"]["message"]) > 10
+    if raw == b'{"input": ""}':  # a bare string has no index to name
+        assert body["error"]["message"].startswith("'input' is empty"), body
 
 
 def test_whitespace_is_a_text_only_empty_is_refused(embed_server, classify_server, rerank_server):

@@ -123,6 +123,8 @@ def texts_of(body: dict[str, Any], key: str, limits: Limits, name: str | None = 
         raise ApiError(422, f"missing field '{key}' (a string or a list of strings)", param=key, code="missing")
     v = body[key]
     key = name or key  # what the errors below call it
+    if v == "":  # a bare string: no index to name
+        raise ApiError(422, f"'{key}' is empty: send a non-empty text", param=key, code="empty_input")
     texts = [v] if isinstance(v, str) else v
     if not isinstance(texts, list):
         raise ApiError(422, f"'{key}' must be a string or a list of strings, got {type(v).__name__}", param=key,
