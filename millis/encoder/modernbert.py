@@ -46,7 +46,8 @@ def config_fields(cfg: dict) -> dict:
     local = (rope.get("sliding_attention") or {}).get("rope_theta", cfg.get("local_rope_theta", 10000.0))
     window = int(cfg.get("local_attention", 128)) // 2
     if window < 1 and "sliding_attention" in kinds:
-        raise MillisError(f"local_attention {cfg.get('local_attention')!r}: a sliding window must span 2 tokens or more")
+        raise MillisError(f"local_attention {cfg.get('local_attention')!r}: a sliding window must span 2 tokens "
+                          f"or more")
     pooling = cfg.get("classifier_pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise MillisError(f"classifier_pooling {pooling!r} is not supported; supported: cls, mean")
@@ -85,7 +86,8 @@ def bert_roles(state: dict, layers: int) -> dict:
         qkv = s.get(src + "attn.Wqkv.weight")
         if qkv is not None:
             if qkv.shape[0] % 3:
-                raise MillisError(f"the weights' layers.{i}.attn.Wqkv.weight has {qkv.shape[0]} rows: not q, k, v stacked")
+                raise MillisError(f"the weights' layers.{i}.attn.Wqkv.weight has {qkv.shape[0]} rows: not q, k, v "
+                                  f"stacked")
             D = qkv.shape[0] // 3
             b = s.get(src + "attn.Wqkv.bias", zeros(3 * D))
             for j, n in enumerate(("query", "key", "value")):

@@ -29,7 +29,8 @@ class ApiError(Exception):
         code = self.code or str(self.status)
         if tei:
             kind = "overloaded" if self.status == 429 else "unhealthy" if self.status == 503 else \
-                "backend" if self.status >= 500 or self.status == 424 else "empty" if code == "empty_input" else "validation"
+                "backend" if self.status >= 500 or self.status == 424 else \
+                "empty" if code == "empty_input" else "validation"
             return orjson.dumps({"error": self.message, "error_type": kind, "param": self.param, "code": code})
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return orjson.dumps({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
