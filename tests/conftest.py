@@ -243,3 +243,16 @@ def compact_cpu_outputs(folder: Path, task: str, pooling, enc, texts: list[str])
     with torch.inference_mode():
         return np.concatenate([compact(*(torch.from_numpy(f) for f in enc.encode([t]).feeds.values())).numpy()
                                for t in texts])
+
+
+def unrunnable_deberta(tiny_dirs: dict, tmp_path: Path) -> Path:
+    """tiny:deberta-v2 with share_att_key false in its config.json: a family the compact encoders run, in a form they
+    refuse by name (millis.encoder.deberta)."""
+    import json
+    import shutil
+
+    d = tmp_path / "deberta-unshared"
+    shutil.copytree(tiny_dirs["deberta-v2"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "share_att_key": False}))
+    return d

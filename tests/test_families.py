@@ -119,9 +119,9 @@ def test_a_modernbert_cut_keeps_its_first_layer(tiny_dirs):
 def test_the_compact_encoder_names_the_family_it_runs(tiny_dirs):
     from millis.encoder.bert_weights import EncoderConfig
 
-    cfg = json.loads((Path(tiny_dirs["deberta-v2"]) / "config.json").read_text())
-    with pytest.raises(MillisError, match="supports BERT-family models.*not 'deberta-v2'"):
-        EncoderConfig.from_hf(cfg)
+    cfg = json.loads((Path(tiny_dirs["bert"]) / "config.json").read_text())
+    with pytest.raises(MillisError, match="supports BERT-family models.*not 'albert'"):
+        EncoderConfig.from_hf({**cfg, "model_type": "albert"})
     assert resolve("tiny:mpnet").input_names == ("input_ids", "attention_mask")
 
 

@@ -106,9 +106,11 @@ def test_first_token_heads_run_the_last_layer_at_the_first_rows(bert_dir, task, 
     np.testing.assert_allclose(first, whole, atol=2e-6)
 
 
-def test_encoder_rejects_what_it_cannot_run(tiny_dirs):
-    with pytest.raises(MillisError, match="BERT-family"):
-        from_hf(tiny_dirs["deberta-v2"], "embed", Pooling(), CPU)
+def test_encoder_rejects_what_it_cannot_run(tiny_dirs, tmp_path):
+    from conftest import unrunnable_deberta
+
+    with pytest.raises(MillisError, match="does not run DeBERTa with share_att_key false"):
+        from_hf(unrunnable_deberta(tiny_dirs, tmp_path), "embed", Pooling(), CPU)
     with pytest.raises(MillisError, match="dtype"):
         RunOptions(dtype="fp8")
     for fuse in ("magic", "compile"):  # compile: a research layer now (bench/gpu_research)

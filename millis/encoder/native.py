@@ -35,15 +35,14 @@ import threading
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.encoder import modernbert
+from millis.encoder import deberta, modernbert
 from millis.encoder.bert_weights import check_shapes, head_activation, relative_bias_table
 from millis.encoder.weight_formats import q7_0, to_bf16
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_ROW, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
-                                   aligned_empty, contiguous_masks, init_amx, offsets,
-                                   pack_matrix)
+                                   aligned_empty, contiguous_masks, init_amx, offsets, pack_matrix)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-a16", "int7", "int7-a7", "int7-row", "int7-row-a8", "int8-row")
 Q7_TYPES = {"int7": TYPE_Q7_0, "int7-a7": TYPE_Q7_A7, "int7-row": TYPE_Q7_ROW, "int7-row-a8": TYPE_Q7_ROW8, "int8-row": TYPE_Q8_ROW}
@@ -61,7 +60,7 @@ class Layer(ctypes.Structure):
     _fields_ = [(n, Mat) for n in ("qkv", "o", "inter", "down")] + \
                [(n, P) for n in ("bqkv", "bo", "bi", "bd", "ln1_w", "ln1_b", "ln2_w", "ln2_b")] + \
                [(n, P) for n in ("sqkv", "so", "si", "sd")] + \
-               [(n, P) for n in ("rope", "win")]  # 1 / smoothing scales (NULL: none); ModernBERT's rotary, window
+               [(n, P) for n in ("rope", "win", "pk", "pq")]  # 1 / smoothing scales; ModernBERT's; DeBERTa's
 
 
 ATTN_F32, ATTN_BF16_TILES, ATTN_INT8 = 0, 1, 2  # bert_forward.c's attention kinds
@@ -76,7 +75,7 @@ class Model(ctypes.Structure):
                [("vocab", I64), ("layers", P), ("ends", I32)] + \
                [("rel", P), ("rel_span", I32), ("rel_mid", I32)] + \
                [("emb_dim", I32), ("proj_t", P), ("proj_b", P)] + \
-               [("prenorm", I32), ("window", I32)]  # MPNet's relative bias; ELECTRA-small's projection; ModernBERT's
+               [("prenorm", I32), ("window", I32), ("dis", I32), ("dis_rows", I32), ("dis_at", P), ("qk_scale", F)]
 
 
 class Scratch(ctypes.Structure):
@@ -163,7 +162,7 @@ class NativeBert:
             self.attn = ATTN_INT8
         else:
             self.attn = ATTN_BF16_TILES if bf16_attention(lib, precision, self.amx, encoder.cfg) and \
-                not (encoder.cfg.rel_buckets or encoder.cfg.window) else ATTN_F32  # (the bf16 forms add no bias)
+                not encoder.cfg.distance_bias else ATTN_F32  # (the bf16 forms add no bias)
         self.attention = attention
         e, c = encoder, encoder.cfg
         if c.hidden % c.heads or (c.hidden // c.heads) % 8 or c.hidden % 32 or c.intermediate % 32:
@@ -201,9 +200,8 @@ class NativeBert:
         self.keep.append(layers)
         self.model = Model(c.layers, c.hidden, c.heads, c.hidden // c.heads, c.intermediate, c.max_positions,
                            c.type_vocab, ACT[precision], c.eps, self.attn, self._vec(e.word),
-                           None if c.prenorm else self._vec(e.pos),
-                           self._vec(e.typ), self._vec(e.emb_lnw), self._vec(e.emb_lnb), c.vocab,
-                           ctypes.addressof(layers), int(precision == "int8-row"))
+                           None if e.pos is None else self._vec(e.pos), self._vec(e.typ), self._vec(e.emb_lnw),
+                           self._vec(e.emb_lnb), c.vocab, ctypes.addressof(layers), int(precision == "int8-row"))
         self.model.emb_dim = c.embedding_width
         if c.embedding:  # (E, D): the C adds row i of P times e_i
             self.model.proj_t, self.model.proj_b = self._array(f32(e.emb_pw).T), self._vec(e.emb_pb)
@@ -220,6 +218,8 @@ class NativeBert:
                 slides = i in c.local_layers
                 layers[i].rope = rope[c.rope_local_theta if slides else c.rope_theta]
                 layers[i].win = win if slides else None
+        if c.disentangled:  # DeBERTa: each layer's position tables a head, the bucket rows, the scale
+            deberta.attach_native(self, e, layers)
         self.head = None
         if self.task == "classify":  # (B, D) fp32 work: pooler act(W h_cls + b) (tanh, ReLU), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
@@ -336,9 +336,9 @@ class NativeBert:
                               f"ids integers, the mask 0 / 1: got {ids.shape}, {mask.shape}, "
                               f"{None if types is None else types.shape}")
         B, T = ids.shape
-        if (self.cfg.rel_buckets or self.cfg.local_layers) and not contiguous_masks(mask):
+        if (self.cfg.rel_buckets or self.cfg.local_layers or self.cfg.disentangled) and not contiguous_masks(mask):
             raise MillisError("attention_mask: a row's tokens must be one run (no zeros between ones) for a model with "
-                              "relative positions or a sliding window (MPNet, ModernBERT)")
+                              "relative positions or a sliding window (MPNet, ModernBERT, DeBERTa)")
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
         p: Pooling = self.pooling

@@ -56,7 +56,7 @@ def input_amax(encoder) -> list[dict[str, np.ndarray]]:
         seen[name] = np.maximum(seen[name], a) if name in seen else a
 
     layer = encoder.layer  # millis.gpu.encoder.layer_forward (its `observe` hook sees each GEMM's input)
-    if c.prenorm:  # ModernBERT's forward (millis.gpu.prenorm) reads the hook from the encoder
+    if c.prenorm or c.disentangled:  # ModernBERT's and DeBERTa's forwards (millis.gpu.prenorm, .deberta) read it here
         encoder.observe = observe
     else:
         encoder.layer = partial(layer, observe=observe)

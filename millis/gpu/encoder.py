@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from millis.common.dtypes import DTYPE_NAMES, torch_dtype
 from millis.common.errors import MillisError
 from millis.common.files import weight_files
-from millis.gpu import kernels, prenorm
+from millis.gpu import deberta, kernels, prenorm
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
 from millis.encoder.bert_weights import (GEMM_PARTS, PROJECTION, REL_BIAS, EncoderConfig, bert_names, check_parts,
                                          embedding_parts, head_activation, head_parts, layer_parts,
-                                         relative_bias_table)
+                                         relative_bias_table, relative_parts)
 from millis.encoder.source import Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
@@ -164,6 +164,13 @@ class Encoder:
         self.fused = options.fuse == "triton" and dev.type == "cuda"
         self.layer = layer_forward  # (x, attn_bias, weights, B, T, heads, eps, fused) -> x; benches swap it
         self.rope = prenorm.tables(cfg, dev) if cfg.prenorm else None  # ModernBERT's rotary tables by base
+        self.rel_emb = self.rel_lnw = self.rel_lnb = None
+        for k, names in relative_parts(cfg).items():  # DeBERTa's relative embeddings (what native reads too)
+            setattr(self, k, get(names, torch.float32))
+        self.dis = None if not cfg.disentangled else deberta.Tables(  # its position tables, from the fp32 weights
+            cfg, (self.rel_emb, self.rel_lnw, self.rel_lnb),
+            [(get(p["wqkv"], torch.float32), get(p["bqkv"], torch.float32))
+             for p in map(layer_parts, range(cfg.layers))], dev, dt)
         self.observe: Callable | None = None  # ModernBERT's GEMM inputs seen (layer_forward's observe; smooth.py)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -177,6 +184,9 @@ class Encoder:
         cfg = self.cfg
         if cfg.prenorm:  # ModernBERT (millis.gpu.prenorm)
             return self.head(prenorm.forward(self, input_ids, attention_mask, dense, self.observe), attention_mask)
+        if cfg.disentangled:  # DeBERTa (millis.gpu.deberta)
+            h = deberta.forward(self, input_ids, attention_mask, token_type_ids, dense, self.observe)
+            return self.head(h, attention_mask)
         embed = kernels.embed_ln if self.fused else kernels.embed_ln_torch
         x, attn_bias = embed(input_ids, token_type_ids, attention_mask, self.word, self.pos, self.typ,
                              self.emb_lnw, self.emb_lnb, cfg.eps)            # (B*T, E)

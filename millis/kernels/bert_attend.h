@@ -87,6 +87,8 @@ static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qk
     }
 }
 
+#include "dis_bias.h"  /* dis_bias: DeBERTa's position terms as a dense bias */
+
 /* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V. The rows go
    to att from row `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices
    taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
@@ -98,19 +100,23 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const int64_t t0 = c->start[sq];
     const int L = (int)(c->start[sq + 1] - t0);
     if (L <= 0 || qa >= qb) return;
-    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D, scale = 1.f / sqrtf((float)HD);
+    const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D;
+    const float scale = m->qk_scale > 0 ? m->qk_scale : 1.f / sqrtf((float)HD);
     const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
     float* out = c->s->att + dst * D + h * HD;
     uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
     /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's); a
        ModernBERT sliding-window layer's mask the same way, where the sequence is longer than the window */
     const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;
+    int64_t relk = -1;  /* relb[q + k relk]: a relative table (relb[q - k]), or DeBERTa's dense rows */
     if (c->w->win && L > m->window + 1) relb = c->w->win + (int64_t)h * m->rel_span + m->rel_mid;
+    if (m->dis) relb = dis_bias(c, sq, h, qa, qb, &relk);
     if (c->kv && m->attn == ATTN_INT8) {
         const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
         kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,
                    kv8_values(c, c->kv, h) + c->koff[sq] / KV8_PER_DWORD * HD, sc,
-                   sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D, relb);
+                   sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D, relb,
+                   relk);
         return;
     }
     if (c->kv) {
@@ -118,7 +124,8 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
                   3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
-    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D, relb))
+    if (m->attn == ATTN_INT8 && attend_int8(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D, relb,
+                                            relk))
         return;
     if (m->attn == ATTN_BF16_TILES && amx_attend(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, outb, D))
         return;
@@ -130,7 +137,7 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
 #endif
     float* buf = pool_buffer(&tl_buf, &tl_cap, (int64_t)sizeof(float) * need);
 #if LANES_F32
-    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, buf, relb);
+    attend_f32_lanes(rows, 3 * D, D, bq, bk, bv, scale, L, qa, qb, HD, out, D, buf, relb, relk);
 #else
     float *Q = buf, *K = Q + (int64_t)Lp * HD, *V = K + (int64_t)Lp * HD, *S = V + (int64_t)Lp * HD;
     memset(K, 0, sizeof(float) * 2 * Lp * HD);  /* padded keys: zero rows (their scores are never read) */
@@ -148,7 +155,7 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     for (int i = 0; i < nq; i++) {
         float* s = S + (int64_t)i * Lp;
         if (relb)
-            for (int j = 0; j < L; j++) s[j] += relb[qa + i - j];
+            for (int j = 0; j < L; j++) s[j] += relb[qa + i + j * relk];
         vscale(s, 1.f / exp_shift(s, L, vmax(s, L)), L);
         for (int j = L; j < Lp; j++) s[j] = 0.f;
     }

@@ -38,6 +38,9 @@ typedef struct {
     /* ModernBERT (prenorm): the rotary table of this layer's base, (max_pos, hd) as cos | sin of the half-dimension
        pairs' angles, and a sliding-window layer's mask as a relative bias (rel_span a head; NULL: a global layer) */
     const float *rope, *win;
+    /* DeBERTa (bert_w.dis): the position tables of each head, n_heads fp32 (dis_rows, hd) matrices each: the
+       relative embeddings through this layer's key (pk) and query (pq) projections, biases in, times the scale */
+    const mat *pk, *pq;
 } bert_layer;
 
 typedef struct {
@@ -61,6 +64,12 @@ typedef struct {
        (gelu(v) * g) with (v, g) = LN_m(x) Wi, inter (2 hidden, D)), rotary positions (pos NULL: no table), and
        sliding-window layers (window: |q - k| <= window; their win tables span rel_span from rel_mid) */
     int32_t prenorm, window;
+    /* DeBERTa-v2 / v3's disentangled attention (millis/encoder/deberta.py; 0: none): bit 1 c2p, bit 2 p2c. Query q's
+       score of key k adds q . pk[c] (c2p) + k . pq[c] (p2c), c = dis_at[q - k + max_pos - 1] (its clamped relative
+       position bucket, a row of the layer's tables); qk_scale: the scores' scale (0: 1 / sqrt(hd)) */
+    int32_t dis, dis_rows;
+    const int32_t* dis_at;  /* (2 max_pos - 1,) */
+    float qk_scale;
 } bert_w;
 
 /* what the matrices take: fp32 rows, xblocks (quantize_act: levels and offset from the matrices' type),
@@ -422,10 +431,12 @@ API int bert_forward(const bert_w* m, const bert_scratch* s, int64_t n, const in
             types[t] >= m->type_vocab) return 1;
     if (start[0] != 0 || start[n_seq] != n) return 1;
     for (int64_t q = 0; q < n_seq; q++) if (start[q + 1] < start[q]) return 1;
-    /* the relative bias's (or the window's) table spans distances below max_pos (and its spare lanes): a longer
-       sequence would read past it (positions alone in range let a 700-token sequence through a 512-position MPNet) */
-    for (int64_t q = 0; (m->rel || m->window) && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
-    if ((m->rel || m->window) && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert) */
+    /* the relative bias's (the window's, DeBERTa's buckets') table spans distances below max_pos (and its spare
+       lanes): a longer sequence would read past it (positions alone in range let a 700-token sequence through a
+       512-position MPNet) */
+    const int biased = m->rel || m->window || m->dis;
+    for (int64_t q = 0; biased && q < n_seq; q++) if (start[q + 1] - start[q] > m->max_pos) return 1;
+    if (biased && m->attn == ATTN_BF16_TILES) return 1;  /* the bf16 forms add no bias (NativeBert) */
     const double began = secs();
     pool_begin(nthreads);
     g_threads = nthreads < 1 ? 1 : nthreads;

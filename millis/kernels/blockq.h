@@ -150,10 +150,10 @@ API void kv8_pack_quad(const float* x, int64_t ld, int64_t D, const float* bk, c
                        uint8_t* kq, uint32_t* vq, float* sk, float* lsv, float* isv);
 API void kv8_attend(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
                     const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD, float* out,
-                    uint16_t* outb, int64_t ldo, const float* relb);  /* relb: MPNet's bias, or NULL */
+                    uint16_t* outb, int64_t ldo, const float* relb, int64_t relk);  /* relb, relk: f32_attend.h's */
 API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                     float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo,
-                    const float* relb);
+                    const float* relb, int64_t relk);
 void amxq_rows(const mat* W, int64_t n0, int64_t n1, const xblock* X, int64_t M, float* Y, int64_t ldy, int acc);
 int is_float_type(int type);              /* F32 / F16 / BF16: multiplied with fp32 activations */
 API void quantize_x(const float* x, int64_t K, xblock* out);   /* K % 32 == 0 */

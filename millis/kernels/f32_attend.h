@@ -9,7 +9,8 @@
      s_j = fma chain over d = 0 .. HD - 1 of q[d] k_j[d]      (q = (q + bq) scale, k = k + bk)
      m = max_j s_j;  e_j = exp(s_j - m) (step_math.h's exp);  sum = e_0 + e_1 + ... in key order
      out[d] = (fma chain over j of e_j v_j[d]) * (1 / sum)     (v = v + bv)
-   relb (NULL: none): MPNet's relative-position bias, relb[q - k] added to query q's score of key k.
+   relb (NULL: none): a bias relb[q + k relk] added to query q's score of key k: MPNet's relative-position bias
+   (relk -1: relb[q - k]), or DeBERTa's dense one (relk: the row of a key's biases, queries in a row).
    Buffers of the job (a thread's): kr (L rounded up to 8, and 8 more rows: a score group reads up to 12 keys past
    its start; rows past L are never read into a result), vr (L x HD), qt (HD x W: the block's queries, transposed),
    st (keys x W scores, then e). Chains: 12 keys (or head values) in flight, where 8 chains of 4-cycle FMAs at two
@@ -58,7 +59,7 @@ static inline void f32_pack_q(const float* r, int64_t ld, const float* bq, float
             for (int k = 0; k < KF; k++) a[k] = FMA(q, SET1(k0[k * HD + d]), a[k]);                               \
         }                                                                                                         \
         for (int k = 0; k < KF && j0 + k < L; k++) {                                                             \
-            if (relb) a[k] = ADD(a[k], LOAD(relb + b0 - (j0 + k)));  /* lane i: query b0 + i's bias for the key */  \
+            if (relb) a[k] = ADD(a[k], LOAD(relb + b0 + (j0 + k) * relk));  /* lane i: query b0 + i's bias */   \
             STORE(st + (j0 + k) * W, a[k]);                                                                       \
             mx = MAX(mx, a[k]);                                                                                   \
         }                                                                                                         \
@@ -82,7 +83,7 @@ static inline void f32_pack_q(const float* r, int64_t ld, const float* bq, float
 #define F32_ATTEND(NAME)                                                                                          \
     static void NAME(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,      \
                      float scale, int L, int q0, int q1, int HD, float* out, int64_t ldo, float* buf,                \
-                     const float* relb) {                                                                          \
+                     const float* relb, int64_t relk) {                                                            \
         const int L8 = (L + 7) / 8 * 8;                                                                            \
         float *kr = buf, *vr = kr + (int64_t)(L8 + 8) * HD, *qt = vr + (int64_t)L * HD;                             \
         float* st = qt + (int64_t)HD * W;                                                                         \

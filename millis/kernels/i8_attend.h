@@ -149,9 +149,11 @@ static void i8_pack_q(const float* r, int64_t ld, const float* bq, float scale, 
 }
 
 /* keys j0 .. j0 + 7 against the block's queries into st: s + log2 sv (base 2); mx: their lane-wise max (keys < L).
-   rb (NULL: none): MPNet's relative bias at the block's first query (rb[i - j]: query i's of key j), in base 2 */
+   rb (NULL: none): the bias at the block's first query (rb[i + j rk]: query i's of key j; f32_attend.h's relb,
+   relk), in base 2 */
 static inline __m512 i8_scores8(const uint32_t* qt, const uint8_t* kq, const float* sk, const float* lsv, int j0, int L,
-                                int HD, __m512i c0, __m512 sq, float* st, __m512 mx, const float* rb) {
+                                int HD, __m512i c0, __m512 sq, float* st, __m512 mx, const float* rb,
+                                int64_t rk) {
     __m512i a[8];
     for (int k = 0; k < 8; k++) a[k] = c0;
     const uint8_t* k0 = kq + (int64_t)j0 * HD;
@@ -163,7 +165,7 @@ static inline __m512 i8_scores8(const uint32_t* qt, const uint8_t* kq, const flo
     for (int k = 0; k < 8; k++) {
         __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k]), _mm512_mul_ps(sq, _mm512_set1_ps(sk[j0 + k])),
                                    _mm512_set1_ps(lsv[j0 + k]));
-        if (rb) s = _mm512_fmadd_ps(_mm512_loadu_ps(rb - (j0 + k)), _mm512_set1_ps(1.44269504f), s);
+        if (rb) s = _mm512_fmadd_ps(_mm512_loadu_ps(rb + (j0 + k) * rk), _mm512_set1_ps(1.44269504f), s);
         _mm512_storeu_ps(st + (j0 + k) * 16, s);
         if (j0 + k < L) mx = _mm512_max_ps(mx, s);
     }
@@ -192,11 +194,11 @@ static inline void i8_pv16(const uint32_t* pt, const uint32_t* vq, int nq, int H
 }
 
 /* queries [q0, q1) of a job (query i's row at q + i * ld) against its packed keys and values (L keys; kq readable
-   to L rounded up to 8 keys), outputs as amx_attend's; relb (NULL: none): MPNet's relative bias, relb[q - k] added
-   to query q's score of key k (readable 16 entries past either end of the distances L spans) */
+   to L rounded up to 8 keys), outputs as amx_attend's; relb (NULL: none): a bias relb[q + k relk] added to query
+   q's score of key k (f32_attend.h's; readable for 16 queries a block and keys to L rounded up to 8) */
 static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
                       const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD,
-                      float* out, uint16_t* outb, int64_t ldo, const float* relb) {
+                      float* out, uint16_t* outb, int64_t ldo, const float* relb, int64_t relk) {
     static __thread void* mem;
     static __thread int64_t cap;
     const int Lp = (L + 7) / 8 * 8, nq = (L + 3) / 4;
@@ -213,7 +215,7 @@ static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, co
         i8_pack_q(q, ld, bq, scale * l2e, b0, n, HD, qt, &c0, &sq);
         __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int j0 = 0; j0 < L; j0 += 8)
-            mx = i8_scores8(qt, kq, sk, lsv, j0, L, HD, c0, sq, st, mx, relb ? relb + b0 : NULL);
+            mx = i8_scores8(qt, kq, sk, lsv, j0, L, HD, c0, sq, st, mx, relb ? relb + b0 : NULL, relk);
         /* p = 255 2^(s + log2 sv - max) in 0 .. 255, rounded into pt (a quad's four keys a dword; keys past L 0);
            the softmax's sum is that of p / sv (2^(s - max), as P V's sums are of p v / sv) */
         const __m512 top = _mm512_sub_ps(_mm512_set1_ps(7.99435344f), mx);  /* log2 255 - max */
@@ -256,14 +258,14 @@ API void kv8_pack_quad(const float* x, int64_t ld, int64_t D, const float* bk, c
 }
 API void kv8_attend(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
                     const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD, float* out,
-                    uint16_t* outb, int64_t ldo, const float* relb) {
-    i8_blocks(kq, vq, sk, lsv, isv, q, ld, bq, scale, L, q0, q1, HD, out, outb, ldo, relb);
+                    uint16_t* outb, int64_t ldo, const float* relb, int64_t relk) {
+    i8_blocks(kq, vq, sk, lsv, isv, q, ld, bq, scale, L, q0, q1, HD, out, outb, ldo, relb, relk);
 }
 /* amx_attend's contract in int8 (relb as i8_blocks'): returns 1, or 0 (nothing done) unless HD is 32 or 64 and
    0 <= q0 < q1 <= L */
 API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                     float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo,
-                    const float* relb) {
+                    const float* relb, int64_t relk) {
     static __thread void* mem;
     static __thread int64_t cap;
     if (!kv8_takes(HD) || L <= 0 || q0 < 0 || q1 > L || q0 >= q1) return 0;
@@ -280,7 +282,7 @@ API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, cons
                      vq + (int64_t)t / KV8_PER_DWORD * HD,
                      sk + t, lsv + t, isv + t);
     }
-    i8_blocks(kq, vq, sk, lsv, isv, r, ld, bq, scale, L, q0, q1, HD, out, outb, ldo, relb);
+    i8_blocks(kq, vq, sk, lsv, isv, r, ld, bq, scale, L, q0, q1, HD, out, outb, ldo, relb, relk);
     return 1;
 }
 #else
@@ -292,14 +294,16 @@ API void kv8_pack_quad(const float* x, int64_t ld, int64_t D, const float* bk, c
 }
 API void kv8_attend(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
                     const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD, float* out,
-                    uint16_t* outb, int64_t ldo, const float* relb) {
-    (void)kq; (void)vq; (void)sk; (void)lsv; (void)isv; (void)q; (void)ld; (void)bq; (void)scale; (void)L; (void)q0;
+                    uint16_t* outb, int64_t ldo, const float* relb, int64_t relk) {
+    (void)relk; (void)kq; (void)vq; (void)sk; (void)lsv; (void)isv; (void)q; (void)ld; (void)bq; (void)scale; (void)L;
+    (void)q0;
     (void)q1; (void)HD; (void)out; (void)outb; (void)ldo; (void)relb;
 }
 API int attend_int8(const float* r, int64_t ld, int64_t D, const float* bq, const float* bk, const float* bv,
                     float scale, int L, int q0, int q1, int HD, float* out, uint16_t* outb, int64_t ldo,
-                    const float* relb) {
-    (void)r; (void)ld; (void)D; (void)bq; (void)bk; (void)bv; (void)scale; (void)L; (void)q0; (void)q1; (void)HD;
+                    const float* relb, int64_t relk) {
+    (void)relk; (void)r; (void)ld; (void)D; (void)bq; (void)bk; (void)bv; (void)scale; (void)L; (void)q0; (void)q1;
+    (void)HD;
     (void)out; (void)outb; (void)ldo; (void)relb;
     return 0;
 }

@@ -163,7 +163,7 @@ static void i8_pack_q(const float* r, int64_t ld, const float* bq, float scale, 
    three accumulators each step in AVX2's 16 registers */
 static inline __m256 i8_scores4(const uint32_t* qa, const uint32_t* qs, const uint8_t* kq, const float* sk,
                                 const float* lsv, int j0, int L, int HD, __m256 sq, float* st, __m256 mx,
-                                const float* rb) {  /* rb: as the avx512 form's */
+                                const float* rb, int64_t rk) {  /* rb, rk: as the avx512 form's */
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     const uint8_t* k0 = kq + (int64_t)j0 * HD;
@@ -182,7 +182,7 @@ static inline __m256 i8_scores4(const uint32_t* qa, const uint32_t* qs, const ui
     for (int k = 0; k < 4; k++) {
         __m256 s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[k]), _mm256_mul_ps(sq, _mm256_set1_ps(sk[j0 + k])),
                                    _mm256_set1_ps(lsv[j0 + k]));
-        if (rb) s = _mm256_fmadd_ps(_mm256_loadu_ps(rb - (j0 + k)), _mm256_set1_ps(1.44269504f), s);
+        if (rb) s = _mm256_fmadd_ps(_mm256_loadu_ps(rb + (j0 + k) * rk), _mm256_set1_ps(1.44269504f), s);
         _mm256_storeu_ps(st + (j0 + k) * 8, s);
         if (j0 + k < L) mx = _mm256_max_ps(mx, s);
     }
@@ -207,7 +207,7 @@ static inline void i8_pv4(const uint32_t* pt, const uint32_t* vq, int np, int HD
    to L rounded up to 8 keys, vq to whole quads), outputs as amx_attend's */
 static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, const float* lsv, const float* isv,
                       const float* q, int64_t ld, const float* bq, float scale, int L, int q0, int q1, int HD,
-                      float* out, uint16_t* outb, int64_t ldo, const float* relb) {
+                      float* out, uint16_t* outb, int64_t ldo, const float* relb, int64_t relk) {
     static __thread void* mem;
     static __thread int64_t cap;
     const int Lp = (L + 7) / 8 * 8, nq = (L + 3) / 4;
@@ -223,7 +223,7 @@ static void i8_blocks(const uint8_t* kq, const uint32_t* vq, const float* sk, co
         i8_pack_q(q, ld, bq, scale * l2e, b0, n, HD, qa, qs, &sq);
         __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
         for (int j0 = 0; j0 < L; j0 += 4)
-            mx = i8_scores4(qa, qs, kq, sk, lsv, j0, L, HD, sq, st, mx, relb ? relb + b0 : NULL);
+            mx = i8_scores4(qa, qs, kq, sk, lsv, j0, L, HD, sq, st, mx, relb ? relb + b0 : NULL, relk);
         const __m256 top = _mm256_sub_ps(_mm256_set1_ps(7.99435344f), mx);  /* log2 255 - max */
         for (int g = 0; g < 2 * nq; g++) {  /* pairs of keys (those past L: p 0) */
             __m256i w = _mm256_setzero_si256();
