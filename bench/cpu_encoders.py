@@ -333,7 +333,7 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join((BASELINE, *PEERS, "millis", *(f"millis:{v}" for v in NATIVE))))
     ap.add_argument("--rounds", type=int, default=10)  # short rounds: a slow spell of the VM spans whole rounds
     ap.add_argument("--n", default="minilm=20,bge-small=10,bge-small-cls=10,bert-base=6,mpnet-base=6,electra-small=10,"
-                                   "modernbert-base=5",
+                                   "modernbert-base=5,deberta-v3-base=5",
                     help="timed calls per system, shape and round: an int, or per model as name=n,...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity-texts", type=int, default=512)
