@@ -134,24 +134,30 @@ def position_tables(rel: np.ndarray, wqkv: np.ndarray, bqkv: np.ndarray, cfg, pa
 
 def attach_native(nb, e, layers) -> None:
     """millis.encoder.native.NativeBert `nb`'s DeBERTa parts, its arrays kept in nb.keep: each layer's position tables
-    a head (bert_layer's pk / pq: packed fp32 Mats, from the fp32 weights, whatever the layers' precision), the
-    bucket rows of every distance and the scores' scale (bert_w's dis_*)."""
-    from millis.kernels.native import TYPE_F32, Mat, pack_matrix
+    a head (bert_layer's pk / pq: packed Mats from the fp32 weights, whatever the layers' precision: fp32, or with
+    the int8 attention int8 rows with a scale each, multiplied as its scores are), the bucket rows of every distance
+    and the scores' scale (bert_w's dis_*)."""
+    from millis.encoder.weight_formats import q7_0
+    from millis.kernels.native import TYPE_F32, TYPE_Q8_ROW, Mat, pack_matrix
 
-    c = e.cfg
+    c, int8 = e.cfg, nb.attention == "int8"
 
     def keep(a):
         nb.keep.append(a)
         return a
 
+    def mat(h: np.ndarray):  # one head's (rows, hd) table
+        rows, hd = h.shape
+        data, kind = (q7_0(h, per_row=True, levels=127), TYPE_Q8_ROW) if int8 else (h, TYPE_F32)
+        return pack_matrix(nb.lib, Mat(kind, 0, keep(data).ctypes.data, rows, hd, data.nbytes // rows), nb.keep,
+                           nb.threads)
+
     def heads(t: np.ndarray) -> int:  # (heads, rows, hd) -> the address of `heads` Mats
-        mats = (Mat * len(t))(*(pack_matrix(nb.lib, Mat(TYPE_F32, 0, keep(h).ctypes.data, *h.shape, h.shape[1] * 4),
-                                            nb.keep, nb.threads) for h in (np.ascontiguousarray(x) for x in t)))
-        return ctypes.addressof(keep(mats))
+        return ctypes.addressof(keep((Mat * len(t))(*(mat(np.ascontiguousarray(h)) for h in t))))
 
     rel = relative_embeddings(e.rel_emb, e.rel_lnw, e.rel_lnb, c)
-    for i, lw in enumerate(e.layers):
-        pq, pk = position_tables(rel, lw.wqkv, lw.bqkv, c)
+    for i, lw in enumerate(e.layers):  # rows in whole groups of the packed layout: 8 (fp32), 32 (int8 rows' panels)
+        pq, pk = position_tables(rel, lw.wqkv, lw.bqkv, c, pad=32 if int8 else 8)
         layers[i].pq, layers[i].pk = heads(pq), heads(pk)
     m = nb.model
     m.dis, m.dis_rows = sum(1 << i for i, t in enumerate(TERMS) if t in c.dis_terms), pq.shape[1]

@@ -164,7 +164,8 @@ API void dequant_row(int type, const uint8_t* w, int64_t K, float* out);
 
 /* Y[m * ldy + n] (+)= <W[n], X[m]> for n in [n0, n1), m < M. X: xblocks (K / 32 per row) for the
    quantized types (x16blocks for T_Q8_0_X16), fp32 rows (K per row) for the float ones. `acc`: add to Y
-   instead of writing. */
+   instead of writing. Packed, [n0, n1) is whole 8-row groups, and for the row types (T_Q7_ROW, ROW8, Q8_ROW) whole
+   32-row panels (or runs to W's last row): a cut panel is read as another layout (wrong values, no fault). */
 void matmul_rows(const mat* W, int64_t n0, int64_t n1, const void* Xq, const float* Xf, int64_t M,
                  float* Y, int64_t ldy, int acc);
 /* The same, rows [0, W.rows) split over `nthreads` OpenMP threads (the standalone entry point). */

@@ -9,8 +9,25 @@
    Gathers along c = at[i - k] walk diagonals of C and P; laid out so that each walk is a run of addresses:
    - P is written with rows one float longer than its width (row k at k (W + 1)): P[k][c] for c = S + i - k (the
      exact buckets) is then at k W + S + i, a run over the queries i of a key: the bias's row of key k, copied;
-   - C's row i over the keys k is a (backward) run at fixed i; it is added into the key rows in 16 x 16 tiles. */
+   - C's row i over the keys k is a (backward) run at fixed i; it is added into the key rows in 16 x 16 tiles.
+   With the int8 attention the tables are int8 rows with a scale each (T_Q8_ROW) and the q / k rows go as 8-bit
+   rows with a scale each: the products on VNNI's (or AVX2's) integer dot products, as the scores' own. */
 #pragma once
+
+/* n rows of HD values (row i at src + i ld, plus b) -> x (fp32, HD apart) and, where xq (int8 tables), its 8-bit
+   activation rows (HD / 32 blocks a row, one scale a row) */
+static void dis_rows(const float* src, int64_t ld, const float* b, int n, int HD, int type, float* x, xblock* xq) {
+    for (int i = 0; i < n; i++) {
+        float* r = x + (int64_t)i * HD;
+        for (int d = 0; d < HD; d++) r[d] = src[(int64_t)i * ld + d] + b[d];
+        if (!xq) continue;
+        float p[8] = {0};  /* eight running maxima (HD % 8 == 0): vector lanes, where one chain waited on fmaxf */
+        for (int d = 0; d < HD; d += 8)
+            for (int j = 0; j < 8; j++) p[j] = p[j] > fabsf(r[d + j]) ? p[j] : fabsf(r[d + j]);
+        for (int j = 1; j < 8; j++) p[0] = p[0] > p[j] ? p[0] : p[j];
+        quantize_row_act(type, r, p[0], HD, xq + (int64_t)i * (HD / QK));
+    }
+}
 
 static __thread void* tl_dis;    /* per thread: dis_bias's buffers */
 static __thread int64_t tl_dis_cap;
@@ -23,29 +40,33 @@ static const float* dis_bias(const ctx_t* c, int64_t sq, int h, int qa, int qb, 
     const int64_t t0 = c->start[sq];
     const int L = (int)(c->start[sq + 1] - t0), L8 = (L + 7) / 8 * 8, ldb = (nq + 15) / 16 * 16;
     const int32_t* at = m->dis_at + m->max_pos - 1;  /* at[i - k] */
-    const int lo = at[qa - (L - 1)] / 8 * 8;         /* whole 8-row groups of the packed tables */
-    const int top = at[qb - 1] / 8 * 8 + 8, hi = top < m->dis_rows ? top : m->dis_rows, W = hi - lo;
+    const int type = ((m->dis & 1) ? c->w->pk : c->w->pq)[h].type, q8 = !is_float_type(type);
+    /* a product's rows run over whole groups of the packed tables: 8 rows (fp32), 32 (the row types' panels) */
+    const int g = q8 ? 32 : 8;
+    const int lo = at[qa - (L - 1)] / g * g, top = at[qb - 1] / g * g + g;
+    const int hi = top < m->dis_rows ? top : m->dis_rows, W = hi - lo;
     const int64_t nb = (int64_t)L8 * ldb, nx = (int64_t)(L > nq ? L : nq) * HD;
     const int64_t nc = (m->dis & 1) ? (int64_t)nq * W : 0, np = (m->dis & 2) ? (int64_t)L * (W + 1) : 0;
-    float* bt = pool_buffer(&tl_dis, &tl_dis_cap, (int64_t)sizeof(float) * (nb + nx + nc + np));
+    const int64_t floats = nb + nx + nc + np, xb = q8 ? nx / QK * (int64_t)sizeof(xblock) : 0;
+    float* bt = pool_buffer(&tl_dis, &tl_dis_cap, (int64_t)sizeof(float) * floats + xb + 64);
     float *x = bt + nb, *cq = x + nx, *pc = cq + nc;  /* x: q or k rows; C (row i at i W); P (row k at k (W + 1)) */
+    xblock* xq = q8 ? (xblock*)(((uintptr_t)(bt + floats) + 63) & ~(uintptr_t)63) : NULL;
     const float *rows = c->qkv + t0 * 3 * D + h * HD, *bq = c->w->bqkv + h * HD, *bk = bq + D;
+    const int64_t xs = HD / QK;  /* xq's blocks a row */
     if (m->dis & 1) {  /* c2p: the queries (biased) against pk, 8 at a time (Y's column n at n - lo) */
-        for (int i = 0; i < nq; i++)
-            for (int d = 0; d < HD; d++) x[(int64_t)i * HD + d] = rows[(int64_t)(qa + i) * 3 * D + d] + bq[d];
+        dis_rows(rows + (int64_t)qa * 3 * D, 3 * D, bq, nq, HD, type, x, xq);
         for (int i0 = 0; i0 < nq; i0 += 8) {
-            const int i1 = i0 + 8 < nq ? i0 + 8 : nq, e = at[qa + i1 - 1] / 8 * 8 + 8;
-            matmul_rows(&c->w->pk[h], at[qa + i0 - (L - 1)] / 8 * 8, e < hi ? e : hi, NULL, x + (int64_t)i0 * HD,
-                        i1 - i0, cq + (int64_t)i0 * W - lo, W, 0);
+            const int i1 = i0 + 8 < nq ? i0 + 8 : nq, e = at[qa + i1 - 1] / g * g + g;
+            matmul_rows(&c->w->pk[h], at[qa + i0 - (L - 1)] / g * g, e < hi ? e : hi, xq ? xq + i0 * xs : NULL,
+                        x + (int64_t)i0 * HD, i1 - i0, cq + (int64_t)i0 * W - lo, W, 0);
         }
     }
     if (m->dis & 2) {  /* p2c: the keys (biased) against pq, 8 at a time */
-        for (int k = 0; k < L; k++)
-            for (int d = 0; d < HD; d++) x[(int64_t)k * HD + d] = rows[(int64_t)k * 3 * D + D + d] + bk[d];
+        dis_rows(rows + D, 3 * D, bk, L, HD, type, x, xq);
         for (int k0 = 0; k0 < L; k0 += 8) {
-            const int k1 = k0 + 8 < L ? k0 + 8 : L, e = at[qb - 1 - k0] / 8 * 8 + 8;
-            matmul_rows(&c->w->pq[h], at[qa - (k1 - 1)] / 8 * 8, e < hi ? e : hi, NULL, x + (int64_t)k0 * HD,
-                        k1 - k0, pc + (int64_t)k0 * (W + 1) - lo, W + 1, 0);
+            const int k1 = k0 + 8 < L ? k0 + 8 : L, e = at[qb - 1 - k0] / g * g + g;
+            matmul_rows(&c->w->pq[h], at[qa - (k1 - 1)] / g * g, e < hi ? e : hi, xq ? xq + k0 * xs : NULL,
+                        x + (int64_t)k0 * HD, k1 - k0, pc + (int64_t)k0 * (W + 1) - lo, W + 1, 0);
         }
     }
     for (int k = 0; k < L8; k++) {  /* key k's row: P's run (or zeros), zeros past the queries and the keys */
