@@ -75,12 +75,23 @@ def test_config_fields_and_what_is_refused(tiny_dirs):
                                                                                        True)
     assert (c.absolute, c.type_vocab, c.head_act, deberta.span(c)) == (False, 1, "gelu", 16)
     assert abs(deberta.scale(c) - 1 / np.sqrt(8 * 3)) < 1e-7
+    # the original v3 configs' "p2c|c2p" string, split as HF splits it; a list is taken as it is (HF matches "c2p"
+    # exactly: "C2P" in a list is no term there, and refused here rather than read as c2p)
+    assert EncoderConfig.from_hf({**cfg, "pos_att_type": "P2C | c2p"}).dis_terms == ("c2p", "p2c")
+    assert EncoderConfig.from_hf({**cfg, "pos_att_type": ["p2c"]}).dis_terms == ("p2c",)
+    # no type_vocab_size in config.json: HF's DeBERTa default 0, no token type input (a pair's type 1 was refused)
+    no_types = {k: v for k, v in cfg.items() if k != "type_vocab_size"}
+    assert EncoderConfig.from_hf(no_types).type_vocab == 1
+    from millis.encoder.source import type_vocab_size
+    assert type_vocab_size("deberta-v2", no_types) == 0 and type_vocab_size("bert", no_types) == 2
     for change, match in ((dict(share_att_key=False), "share_att_key false"),
                           (dict(conv_kernel_size=3), "conv_kernel_size 3"),
                           (dict(pos_att_type=["c2p", "p2p"]), "pos_att_type \\['p2p'\\]"),
+                          (dict(pos_att_type=["C2P", "p2c"]), "pos_att_type \\['C2P'\\]"),
                           (dict(relative_attention=False), "relative_attention false"),
                           (dict(embedding_size=16), "embedding_size 16"),
                           (dict(pooler_hidden_act="tanh"), "pooler_hidden_act 'tanh'"),
+                          (dict(pooler_hidden_size=16), "pooler_hidden_size 16"),
                           (dict(norm_rel_ebd="layer_norm|other"), "norm_rel_ebd")):
         with pytest.raises(MillisError, match=f"does not run DeBERTa with .*{match}"):
             EncoderConfig.from_hf({**cfg, **change})

@@ -17,6 +17,7 @@ import ctypes
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder.source import type_vocab_size
 
 FAMILY = "deberta-v2"
 TERMS = ("c2p", "p2c")  # bert_forward.c's dis bits 1, 2
@@ -35,8 +36,9 @@ def config_fields(cfg: dict) -> dict:
         return MillisError(f"millis's compact encoder (CUDA and native CPU) does not run DeBERTa with {what}; serve "
                            f"it with ONNX Runtime or PyTorch")
     hidden = int(cfg["hidden_size"])
-    terms = tuple(t for t in TERMS if t in [str(p).strip().lower() for p in (cfg.get("pos_att_type") or [])])
-    other = [p for p in (cfg.get("pos_att_type") or []) if str(p).strip().lower() not in TERMS]
+    names = cfg.get("pos_att_type") or []  # HF's: a "p2c|c2p" string split (the original v3 configs'), a list as it is
+    names = [x.strip() for x in names.lower().split("|")] if isinstance(names, str) else list(names)
+    terms, other = tuple(t for t in TERMS if t in names), [p for p in names if p not in TERMS]
     if not cfg.get("relative_attention", False):
         raise refuse("relative_attention false (absolute positions alone)")
     if other:
@@ -63,7 +65,7 @@ def config_fields(cfg: dict) -> dict:
     buckets = int(cfg.get("position_buckets", -1))
     return dict(hidden=hidden, layers=int(cfg["num_hidden_layers"]), heads=int(cfg["num_attention_heads"]),
                 intermediate=int(cfg["intermediate_size"]), vocab=int(cfg["vocab_size"]), max_positions=positions,
-                type_vocab=max(1, int(cfg.get("type_vocab_size", 0))), eps=float(cfg.get("layer_norm_eps", 1e-7)),
+                type_vocab=max(1, type_vocab_size(FAMILY, cfg)), eps=float(cfg.get("layer_norm_eps", 1e-7)),
                 family=FAMILY, absolute=bool(cfg.get("position_biased_input", True)), dis_terms=terms,
                 dis_buckets=max(0, buckets), dis_max_rel=max_rel, rel_norm="layer_norm" in norms)
 

@@ -52,12 +52,18 @@ def takes_segments(model_type: str, segments: bool | None = None) -> bool:
     return model_type not in ONE_TOKEN_TYPE | NO_TOKEN_TYPE if segments is None else segments
 
 
+def type_vocab_size(model_type: str, cfg: dict) -> int:
+    """config.json's type_vocab_size, or its family's default where it says none (HF's: DeBERTa-v2's 0, no token type
+    table; BERT's 2)."""
+    return int(cfg.get("type_vocab_size", 0 if model_type == "deberta-v2" else 2))
+
+
 def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
     """Token type 1 on a pair's second text only where HF's pair encoding gives it and the model has a row for it:
     not for RoBERTa / XLM-R, not for a model with one token type (type_vocab_size 1: the id 1 is out of range), and
     not where the tokenizer's `model_input_names` leave token_type_ids out (HF then feeds type 0 throughout, as
     sentence-transformers' CrossEncoder scores such a reranker)."""
-    if not takes_segments(model_type) or int(cfg.get("type_vocab_size", 2)) < 2:
+    if not takes_segments(model_type) or type_vocab_size(model_type, cfg) < 2:
         return False
     names = json_value(path / "tokenizer_config.json", "model_input_names")
     if not isinstance(names, list):  # the tokenizer class's own (a DistilBertTokenizer's leave token types out)
@@ -186,7 +192,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
         layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
         # DeBERTa-v3 keeps type_vocab_size 0: it has no token type embeddings either
         inputs = ("input_ids", "attention_mask") if model_type in NO_TOKEN_TYPE or \
-            int(cfg.get("type_vocab_size", 2)) == 0 else ("input_ids", "attention_mask", "token_type_ids")
+            type_vocab_size(model_type, cfg) == 0 else ("input_ids", "attention_mask", "token_type_ids")
     attention_size = int(hidden)
     if cfg.get("millis_pruned"):  # heads removed by `millis prune`: fewer, same head size
         heads = int(cfg["millis_pruned"]["attention_heads"])
