@@ -256,3 +256,94 @@ def unrunnable_deberta(tiny_dirs: dict, tmp_path: Path) -> Path:
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "share_att_key": False}))
     return d
+
+
+def optimized_native_answers_as_hf(family: str, task: str, tmp_path: Path, tiny_dirs: dict, quick_measure,
+                                   texts: list[str]) -> None:
+    """`millis optimize` on tiny:<family> with native-fp32 and native-int7-row: both build and are measured (weights
+    and the row precision's smoothing calibration stored), and the chosen artifact loads and answers `texts` as
+    transformers does (fp32 within 1e-4, int7-row at cosine > 0.98)."""
+    import json
+    from dataclasses import replace
+
+    import millis
+    from millis.common.config import Shape
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    out = optimize(OptimizeConfig(source=f"tiny:{family}", task=task, out=str(tmp_path / task), target=Shape(1, 16),
+                                  variants=("native-fp32", "native-int7-row"),
+                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
+    report = json.loads((out / "report.json").read_text())
+    assert {r["name"] for r in report["variants"] if r["latency"]} >= {"native-fp32", "native-int7-row"}, report
+    m = millis.load(out)
+    want = reference_outputs(tiny_dirs[family], task, texts)
+    got = np.array([p["logits"] for p in m.predict(texts)]) if task == "classify" else m.embed(texts)
+    assert got.shape == want.shape
+    if m.meta.variant.name == "native-fp32":
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    else:
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.98, cos
+
+
+def native_precision_checks(model, feeds: dict, ref: np.ndarray, floor: float, what) -> None:
+    """A NativeBert `model` on `feeds` (8 rows, padded) against the torch form's `ref`: cosine >= floor (fp32: within
+    1e-5), row 7 alone equal to it in the batch, and the row split equal to the token split."""
+    out = model(*feeds.values())
+    cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert out.shape == ref.shape and cos.min() >= floor, (what, cos.min())
+    fp32 = model.precision == "fp32"
+    if fp32:
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+    alone = model(*(f[7:8, :int(feeds["attention_mask"][7].sum())] for f in feeds.values()))
+    np.testing.assert_allclose(alone, out[7:8], atol=1e-5 if fp32 else 2e-2)
+    split = model.lib.bert_token_split(-1)
+    try:
+        model.lib.bert_token_split(1 << 20)  # the row split
+        rows = model(*feeds.values())
+        model.lib.bert_token_split(0)        # the token split
+        tokens = model(*feeds.values())
+    finally:
+        model.lib.bert_token_split(split)
+    np.testing.assert_allclose(rows, tokens, atol=1e-6)
+
+
+def saved_variant(base: Path, d: Path, config_cls, seed: int, changes: dict, draw=None):
+    """`base`'s folder (its tokenizer) copied to d with a sequence-classification model of config_cls, config.json's
+    keys updated by `changes`, random weights from `seed`; draw(name, parameter, cfg), where given, redraws each
+    parameter in place (no_grad). Returns (d, model)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(base, d)
+    cfg = {**json.loads((d / "config.json").read_text()), **changes}
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config_cls(**cfg)).eval()
+    if draw is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                draw(name, p, cfg)
+    for f in d.glob("model*.safetensors"):
+        f.unlink()
+    model.save_pretrained(d)
+    return d, model
+
+
+def torch_form_on_feeds(folder: Path, texts: list[str]):
+    """(feeds of `texts` at 128 tokens, padded; the CUDA encoder's torch form of `folder` on the CPU in fp32, embed
+    task; its outputs on the feeds): what the native precision tests compare against."""
+    import torch
+
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.gpu.encoder import RunOptions, from_hf
+
+    src = resolve(str(folder))
+    feeds = TextEncoder(src.path, src.input_names, 128, segments=src.segments).encode(texts).feeds
+    compact = from_hf(src.path, "embed", src.pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    with torch.inference_mode():
+        return feeds, compact, compact(*(torch.from_numpy(f) for f in feeds.values())).numpy()

@@ -9,19 +9,18 @@ absolute positions and two token types (the v2 layout)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import compact_cpu_outputs, native_fp32, reference_outputs
+from conftest import (compact_cpu_outputs, native_fp32, native_precision_checks, optimized_native_answers_as_hf,
+                      reference_outputs, saved_variant, torch_form_on_feeds)
 from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder import deberta
 from millis.encoder.bert_weights import EncoderConfig
-from millis.encoder.source import Pooling, resolve
-from millis.encoder.text import TextEncoder
+from millis.encoder.source import Pooling
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa, runnable_isas
 
@@ -32,25 +31,16 @@ TEXTS = sample_texts()[:6] + [" ".join(sample_texts() * 3)]  # the joined text i
 def save_variant(base, d, seed: int, **changes):
     """`base`'s tokenizer under a DeBERTa-v2 of `changes` (config.json's keys), random weights, every LayerNorm and
     bias random too."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, DebertaV2Config
+    from transformers import DebertaV2Config
 
-    shutil.copytree(base, d)
-    cfg = {**json.loads((d / "config.json").read_text()), **changes}
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(DebertaV2Config(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.3)
-            elif "rel_embeddings" in name:
-                p.normal_(0.0, 1.0)  # (init's 0.02: the position terms would hardly count)
-    for f in d.glob("model*.safetensors"):
-        f.unlink()
-    model.save_pretrained(d)
-    return d
+    def draw(name, p, cfg):
+        if "LayerNorm" in name:
+            p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.3)
+        elif "rel_embeddings" in name:
+            p.normal_(0.0, 1.0)  # (init's 0.02: the position terms would hardly count)
+    return saved_variant(base, d, DebertaV2Config, seed, changes, draw)[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,44 +123,22 @@ def test_deberta_in_every_native_precision(deberta_h32, isa, monkeypatch):
     """Every native precision (and the int8 attention, the dense position bias added to its scores) on every build
     this CPU runs, against the torch form in fp32, with padding; a row does not depend on its batch-mates; the token
     split and the row split give the same values; the bf16 attention, which adds no bias, is never chosen."""
-    import torch
-
     from millis.common.hardware import has_bf16
     from millis.encoder.native import ATTN_F32, PRECISIONS, NativeBert
 
     if native_isa() is None:
         pytest.skip("no native kernels here")
     monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
-    src = resolve(str(deberta_h32))
-    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
-    feeds = enc.encode(sample_texts()[:7] + TEXTS[-1:]).feeds
+    feeds, compact, ref = torch_form_on_feeds(deberta_h32, sample_texts()[:7] + TEXTS[-1:])
     lengths = feeds["attention_mask"].sum(1)
     assert lengths.max() > 100 and lengths.min() < lengths.max()  # past the exact buckets, and padding
-    compact = from_hf(src.path, "embed", src.pooling, CPU)
-    with torch.inference_mode():
-        ref = compact(*(torch.from_numpy(f) for f in feeds.values())).numpy()
     floor = {"fp32": 0.99999, "bf16": 0.999, "int7-row": 0.98, "int7-row-a8": 0.98}
     runs = [(p, "auto") for p in PRECISIONS if p != "bf16" or has_bf16()]
     runs += [("int7-row", "int8"), ("int8", "int8")] if isa != "scalar" else []
     for precision, attention in runs:
         model = NativeBert(compact, precision, 2, attention=attention)
         assert attention == "int8" or model.attn == ATTN_F32, precision
-        out = model(*feeds.values())
-        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
-        assert out.shape == ref.shape and cos.min() >= floor.get(precision, 0.995), (precision, attention, cos.min())
-        if precision == "fp32":
-            np.testing.assert_allclose(out, ref, atol=1e-5)
-        alone = model(*(f[7:8, :int(feeds["attention_mask"][7].sum())] for f in feeds.values()))
-        np.testing.assert_allclose(alone, out[7:8], atol=1e-5 if precision == "fp32" else 2e-2)
-        split = model.lib.bert_token_split(-1)
-        try:
-            model.lib.bert_token_split(1 << 20)  # the row split
-            rows = model(*feeds.values())
-            model.lib.bert_token_split(0)        # the token split
-            tokens = model(*feeds.values())
-        finally:
-            model.lib.bert_token_split(split)
-        np.testing.assert_allclose(rows, tokens, atol=1e-6)
+        native_precision_checks(model, feeds, ref, floor.get(precision, 0.995), (precision, attention))
 
 
 def test_masks_with_holes_and_long_inputs_are_refused(tiny_dirs):
@@ -193,27 +161,6 @@ def test_masks_with_holes_and_long_inputs_are_refused(tiny_dirs):
 def test_optimize_builds_and_serves_native_deberta(tmp_path, tiny_dirs, quick_measure, task):
     """`millis optimize` on a DeBERTa: the native variants build (with the row precisions' calibration), the artifact
     loads and answers as transformers does."""
-    from dataclasses import replace
-
-    import millis
-    from millis.common.config import Shape
-    from millis.optimize.config import OptimizeConfig
-    from millis.optimize.pipeline import optimize
-
     if native_isa() is None:
         pytest.skip("no native kernels here")
-    out = optimize(OptimizeConfig(source="tiny:deberta-v2", task=task, out=str(tmp_path / task), target=Shape(1, 16),
-                                  variants=("native-fp32", "native-int7-row"),
-                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
-    report = json.loads((out / "report.json").read_text())
-    assert {r["name"] for r in report["variants"] if r["latency"]} >= {"native-fp32", "native-int7-row"}, report
-    m = millis.load(out)
-    texts = TEXTS[:4] + TEXTS[-1:]
-    want = reference_outputs(tiny_dirs["deberta-v2"], task, texts)
-    got = np.array([p["logits"] for p in m.predict(texts)]) if task == "classify" else m.embed(texts)
-    assert got.shape == want.shape
-    if m.meta.variant.name == "native-fp32":
-        np.testing.assert_allclose(got, want, atol=1e-4)
-    else:
-        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-        assert cos.min() > 0.98, cos
+    optimized_native_answers_as_hf("deberta-v2", task, tmp_path, tiny_dirs, quick_measure, TEXTS[:4] + TEXTS[-1:])

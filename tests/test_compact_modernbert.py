@@ -12,13 +12,13 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import compact_cpu_outputs, native_fp32, reference_outputs
+from conftest import (compact_cpu_outputs, native_fp32, native_precision_checks, optimized_native_answers_as_hf,
+                      reference_outputs, saved_variant, torch_form_on_feeds)
 from millis.artifact.model import run_texts
 from millis.common.errors import MillisError
 from millis.common.samples import sample_texts
 from millis.encoder.bert_weights import EncoderConfig
 from millis.encoder.source import Pooling, resolve
-from millis.encoder.text import TextEncoder
 from millis.gpu.encoder import RunOptions, from_hf
 from millis.kernels.native import native_isa, runnable_isas
 
@@ -31,28 +31,18 @@ def save_variant(base, d, seed: int, randomise: bool = False, **changes):
     """`base`'s tokenizer and pooling under a ModernBERT of `changes` (config.json's keys), random weights;
     randomise: every LayerNorm's weight and bias and every linear bias drawn too, but the q / k biases, zero (the
     native kernels rotate q and k before the attention adds biases: they refuse nonzero ones)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+    from transformers import ModernBertConfig
 
-    shutil.copytree(base, d)
-    cfg = {**json.loads((d / "config.json").read_text()), **changes}
+    def draw(name, p, cfg):
+        if "norm" in name:
+            p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.3)
+            if "Wqkv" in name:
+                p[:2 * cfg["hidden_size"]] = 0
     if randomise:
-        cfg.update(norm_bias=True, mlp_bias=True, attention_bias=True, classifier_bias=True)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(ModernBertConfig(**cfg)).eval()
-    if randomise:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
-                elif name.endswith("bias"):
-                    p.normal_(0.0, 0.3)
-                    if "Wqkv" in name:
-                        p[:2 * cfg["hidden_size"]] = 0
-    for f in d.glob("model*.safetensors"):
-        f.unlink()
-    model.save_pretrained(d)
-    return d, model
+        changes = dict(changes, norm_bias=True, mlp_bias=True, attention_bias=True, classifier_bias=True)
+    return saved_variant(base, d, ModernBertConfig, seed, changes, draw if randomise else None)
 
 
 @pytest.fixture(scope="module")
@@ -111,43 +101,21 @@ def test_modernbert_in_every_native_precision(modernbert_h64, isa, monkeypatch):
     """Every precision the kernels run ModernBERT in (and the int8 attention, with the window as its bias) on every
     build this CPU runs, against the torch form in fp32, with padding; a row does not depend on its batch-mates;
     the token split and the row split give the same values."""
-    import torch
-
     from millis.encoder.native import PRECISIONS, NativeBert
     from millis.common.hardware import has_bf16
 
     if native_isa() is None:
         pytest.skip("no native kernels here")
     monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
-    src = resolve(str(modernbert_h64))
-    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
-    feeds = enc.encode(sample_texts()[:7] + TEXTS[-1:]).feeds
+    feeds, compact, ref = torch_form_on_feeds(modernbert_h64, sample_texts()[:7] + TEXTS[-1:])
     lengths = feeds["attention_mask"].sum(1)
     assert lengths.max() > 2 * 3 + 1 and lengths.min() < lengths.max()  # past the window, and padding
-    compact = from_hf(src.path, "embed", src.pooling, CPU)
-    with torch.inference_mode():
-        ref = compact(*(torch.from_numpy(f) for f in feeds.values())).numpy()
     floor = {"fp32": 0.99999, "bf16": 0.999, "int7-row": 0.98, "int7-row-a8": 0.98}
     runs = [(p, "auto") for p in PRECISIONS if p != "int8-row" and (p != "bf16" or has_bf16())]
     runs += [("int7-row", "int8"), ("int8", "int8")] if isa != "scalar" else []
     for precision, attention in runs:
         model = NativeBert(compact, precision, 2, attention=attention)
-        out = model(*feeds.values())
-        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
-        assert out.shape == ref.shape and cos.min() >= floor.get(precision, 0.995), (precision, attention, cos.min())
-        if precision == "fp32":
-            np.testing.assert_allclose(out, ref, atol=1e-5)
-        alone = model(*(f[7:8, :int(feeds["attention_mask"][7].sum())] for f in feeds.values()))
-        np.testing.assert_allclose(alone, out[7:8], atol=1e-5 if precision == "fp32" else 2e-2)
-        split = model.lib.bert_token_split(-1)
-        try:
-            model.lib.bert_token_split(1 << 20)  # the row split
-            rows = model(*feeds.values())
-            model.lib.bert_token_split(0)        # the token split
-            tokens = model(*feeds.values())
-        finally:
-            model.lib.bert_token_split(split)
-        np.testing.assert_allclose(rows, tokens, atol=1e-6)
+        native_precision_checks(model, feeds, ref, floor.get(precision, 0.995), (precision, attention))
     with pytest.raises(MillisError, match="int8-row does not run ModernBERT"):
         NativeBert(compact, "int8-row", 2)
 
@@ -187,27 +155,6 @@ def test_what_the_compact_encoder_refuses(tmp_path, tiny_dirs):
 def test_optimize_builds_and_serves_native_modernbert(tmp_path, tiny_dirs, quick_measure, task):
     """`millis optimize` on a ModernBERT: the native variants build (weights and the smoothing calibration stored), the
     artifact loads without torch's model and answers as transformers does."""
-    from dataclasses import replace
-
-    import millis
-    from millis.common.config import Shape
-    from millis.optimize.config import OptimizeConfig
-    from millis.optimize.pipeline import optimize
-
     if native_isa() is None:
         pytest.skip("no native kernels here")
-    out = optimize(OptimizeConfig(source="tiny:modernbert", task=task, out=str(tmp_path / task), target=Shape(1, 16),
-                                  variants=("native-fp32", "native-int7-row"),
-                                  measure=replace(quick_measure, threads=1, serve_mix=0)))
-    report = json.loads((out / "report.json").read_text())
-    assert {r["name"] for r in report["variants"] if r["latency"]} >= {"native-fp32", "native-int7-row"}, report
-    m = millis.load(out)
-    texts = TEXTS[:4] + TEXTS[-1:]
-    want = reference_outputs(tiny_dirs["modernbert"], task, texts)
-    got = np.array([p["logits"] for p in m.predict(texts)]) if task == "classify" else m.embed(texts)
-    assert got.shape == want.shape
-    if m.meta.variant.name == "native-fp32":
-        np.testing.assert_allclose(got, want, atol=1e-4)
-    else:
-        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-        assert cos.min() > 0.98, cos
+    optimized_native_answers_as_hf("modernbert", task, tmp_path, tiny_dirs, quick_measure, TEXTS[:4] + TEXTS[-1:])
