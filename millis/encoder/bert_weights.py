@@ -193,7 +193,7 @@ def bert_names(state: dict, cfg: EncoderConfig) -> dict:
     pos, word, typ = EMBEDDINGS["pos"][0], EMBEDDINGS["word"][0], EMBEDDINGS["typ"][0]
     if cfg.pos_offset and pos in out:
         out[pos] = out[pos][cfg.pos_offset:]
-    if (cfg.family in NO_TOKEN_TYPE or typ not in out and cfg.disentangled) and word in out:
+    if (cfg.family in NO_TOKEN_TYPE or (typ not in out and cfg.disentangled)) and word in out:
         out[typ] = out[word][:1] * 0  # no token types (DeBERTa-v3: type_vocab_size 0): a row of zeros, every type 0
     return out
 

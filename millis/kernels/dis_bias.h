@@ -3,9 +3,9 @@
        C[i][c] + P[k][c],   c = dis_at[i - k] (the clamped relative-position bucket: a row of the layer's tables)
    with C[i][c] = q_i . pk[c] (c2p) and P[k][c] = k_k . pq[c] (p2c), pk and pq a head's (rows, hd) tables (times the
    scores' scale, millis/encoder/deberta.py). Both are small fp32 GEMMs on the packed tables, per block of 8 queries
-   (C) or keys (P) over the table rows the block's distances reach (the job's 8 + L (C) or 8 + its queries (P) rows
-   and whole 8-row groups: a GEMM over every row the job reaches did 1.5x (C) and 3x (P) the needed products at
-   the token split's 64 queries of 128 keys).
+   (C) or keys (P) over the table rows the block's distances reach (the job's 8 + L (C) or 8 + its queries (P) rows,
+   rounded out to whole groups of the packed tables: 8 rows, the int8 tables' 32-row panels; a GEMM over every row
+   the job reaches did 1.5x (C) and 3x (P) the needed products at the token split's 64 queries of 128 keys).
    Gathers along c = at[i - k] walk diagonals of C and P; laid out so that each walk is a run of addresses:
    - P is written with rows one float longer than its width (row k at k (W + 1)): P[k][c] for c = S + i - k (the
      exact buckets) is then at k W + S + i, a run over the queries i of a key: the bias's row of key k, copied;
