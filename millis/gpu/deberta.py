@@ -47,11 +47,10 @@ def disentangled_bias(q: torch.Tensor, k: torch.Tensor, pq: torch.Tensor, pk: to
 
 
 def forward(enc, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, dense: bool,
-            observe: Callable | None = None) -> torch.Tensor:
-    """The last hidden states (B, T, H) of millis.gpu.encoder.Encoder `enc` for a DeBERTa; observe as layer_forward's
-    (each GEMM's input: millis.encoder.smooth)."""
-    from millis.gpu.encoder import after_attention
-
+            after_attention: Callable, observe: Callable | None = None) -> torch.Tensor:
+    """The last hidden states (B, T, H) of millis.gpu.encoder.Encoder `enc` for a DeBERTa; after_attention: that
+    module's (BERT's layer from its attention rows on; passed in, as that module imports this one); observe as
+    layer_forward's (each GEMM's input: millis.encoder.smooth)."""
     cfg, see, tables = enc.cfg, observe or (lambda *a: None), enc.dis
     B, T = input_ids.shape
     H, nh = cfg.hidden, cfg.heads

@@ -185,7 +185,7 @@ class Encoder:
         if cfg.prenorm:  # ModernBERT (millis.gpu.prenorm)
             return self.head(prenorm.forward(self, input_ids, attention_mask, dense, self.observe), attention_mask)
         if cfg.disentangled:  # DeBERTa (millis.gpu.deberta)
-            h = deberta.forward(self, input_ids, attention_mask, token_type_ids, dense, self.observe)
+            h = deberta.forward(self, input_ids, attention_mask, token_type_ids, dense, after_attention, self.observe)
             return self.head(h, attention_mask)
         embed = kernels.embed_ln if self.fused else kernels.embed_ln_torch
         x, attn_bias = embed(input_ids, token_type_ids, attention_mask, self.word, self.pos, self.typ,
