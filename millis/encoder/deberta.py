@@ -17,7 +17,9 @@ import ctypes
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder.modernbert import layer_norm
 from millis.encoder.source import type_vocab_size
+from millis.encoder.weight_formats import f32, q7_0
 
 FAMILY = "deberta-v2"
 TERMS = ("c2p", "p2c")  # bert_forward.c's dis bits 1, 2
@@ -95,23 +97,11 @@ def table_rows(cfg, max_len: int) -> np.ndarray:
     return np.clip(S + buckets(d, cfg), 0, 2 * S - 1).astype(np.int32)
 
 
-def as_f32(t) -> np.ndarray:
-    """A weight as float32 numpy: numpy (BertArrays) or a torch tensor (a millis.gpu.Encoder's, on any device)."""
-    return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().cpu().numpy(), np.float32)
-
-
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return ((x - mu) / np.sqrt(var + eps) * w + b).astype(np.float32)
-
-
 def relative_embeddings(rel_emb, rel_lnw, rel_lnb, cfg) -> np.ndarray:
     """The (2S, H) rows the layers project: LayerNorm'd where norm_rel_ebd asks (in float64, then float32)."""
-    r = as_f32(rel_emb)[:2 * span(cfg)]
+    r = f32(rel_emb)[:2 * span(cfg)]
     if cfg.rel_norm:
-        r = layer_norm(r.astype(np.float64), as_f32(rel_lnw).astype(np.float64), as_f32(rel_lnb).astype(np.float64),
-                       cfg.eps)
+        r = layer_norm(r.astype(np.float64), f32(rel_lnw).astype(np.float64), f32(rel_lnb).astype(np.float64), cfg.eps)
     return r
 
 
@@ -124,7 +114,7 @@ def position_tables(rel: np.ndarray, wqkv: np.ndarray, bqkv: np.ndarray, cfg, pa
     """A layer's (pq, pk), each (heads, rows, hd) float32: rel (relative_embeddings) through its query and key
     projections (fp32 weights, biases in) times `scale`, rows padded with zeros to a multiple of `pad`."""
     H, nh = cfg.hidden, cfg.heads
-    w, b = as_f32(wqkv), as_f32(bqkv)
+    w, b = f32(wqkv), f32(bqkv)
     out = []
     for o in (0, 1):  # query, key
         t = (rel @ w[o * H:(o + 1) * H].T + b[o * H:(o + 1) * H]) * np.float32(scale(cfg))
@@ -139,7 +129,6 @@ def attach_native(nb, e, layers) -> None:
     a head (bert_layer's pk / pq: packed Mats from the fp32 weights, whatever the layers' precision: fp32, or with
     the int8 attention int8 rows with a scale each, multiplied as its scores are), the bucket rows of every distance
     and the scores' scale (bert_w's dis_*)."""
-    from millis.encoder.weight_formats import q7_0
     from millis.kernels.native import TYPE_F32, TYPE_Q8_ROW, Mat, pack_matrix
 
     c, int8 = e.cfg, nb.attention == "int8"

@@ -140,7 +140,8 @@ def check_native(enc, precision: str) -> None:
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis in float32 (ModernBERT's classifier head, on (B, D) rows)."""
+    """LayerNorm over the last axis, returned in float32 (ModernBERT's classifier head on (B, D) rows; DeBERTa's
+    relative embeddings, in float64 first)."""
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return ((x - mean) / np.sqrt(var + eps) * w + b).astype(np.float32)

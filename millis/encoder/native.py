@@ -37,7 +37,7 @@ import numpy as np
 from millis.common.errors import MillisError
 from millis.encoder import deberta, modernbert
 from millis.encoder.bert_weights import check_shapes, head_activation, relative_bias_table
-from millis.encoder.weight_formats import q7_0, to_bf16
+from millis.encoder.weight_formats import f32, q7_0, to_bf16
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
@@ -126,11 +126,6 @@ def bf16_attention(lib: ctypes.CDLL, precision: str, amx: bool, cfg) -> bool:
     if not lib.amx_attend_takes(cfg.hidden // cfg.heads):
         return False
     return precision in AMX_PRECISIONS and (amx or vector_attention(lib))  # (on tiles implies AMX_PRECISIONS)
-
-
-def f32(t) -> np.ndarray:
-    """A weight as a float32 array: numpy (millis.encoder.bert_weights) or a torch tensor (millis.gpu.Encoder)."""
-    return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().numpy(), np.float32)
 
 
 class NativeBert:

@@ -7,6 +7,12 @@ import numpy as np
 from millis.common.errors import MillisError
 
 
+def f32(t) -> np.ndarray:
+    """A weight as a float32 array: numpy (millis.encoder.bert_weights) or a torch tensor (millis.gpu.Encoder's, on
+    any device)."""
+    return np.asarray(t if isinstance(t, np.ndarray) else t.detach().float().cpu().numpy(), np.float32)
+
+
 def to_bf16(w: np.ndarray) -> np.ndarray:
     """fp32 -> bf16 bits (uint16), rounded to nearest even (packedbf16.c's bf16_rne: a NaN stays one, quiet)."""
     u = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)

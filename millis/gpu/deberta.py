@@ -34,16 +34,16 @@ class Tables:
 
 
 def disentangled_bias(q: torch.Tensor, k: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, at: torch.Tensor,
-                      terms: tuple[str, ...]) -> torch.Tensor:
+                      terms: tuple[str, ...]) -> torch.Tensor | None:
     """q, k (B, nh, T, hd); pq, pk (nh, rows, hd); at (T, T) -> (B, nh, T, T): c2p q_i . pk[at[i, j]] plus p2c
-    k_j . pq[at[i, j]] (HF's gathers, in the same layout)."""
+    k_j . pq[at[i, j]] (HF's gathers, in the same layout); None without either term."""
     B, nh, T, _ = q.shape
-    bias = torch.zeros((B, nh, T, T), dtype=q.dtype, device=q.device)
+    parts = []
     if "c2p" in terms:
-        bias = bias + torch.gather(q @ pk.transpose(-1, -2), -1, at.expand(B, nh, T, T))
+        parts.append(torch.gather(q @ pk.transpose(-1, -2), -1, at.expand(B, nh, T, T)))
     if "p2c" in terms:  # row j of k pq^T, read at at[i, j]: gathered as [j, i], then transposed
-        bias = bias + torch.gather(k @ pq.transpose(-1, -2), -1, at.T.expand(B, nh, T, T)).transpose(-1, -2)
-    return bias
+        parts.append(torch.gather(k @ pq.transpose(-1, -2), -1, at.T.expand(B, nh, T, T)).transpose(-1, -2))
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 def forward(enc, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, dense: bool,
@@ -66,7 +66,7 @@ def forward(enc, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_ty
         q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4)    # each (B, nh, T, hd)
         bias = disentangled_bias(q, k, pq, pk, at, cfg.dis_terms)
         if pad is not None:  # (fp16: the padding's minimum plus a negative bias would be -inf: clamped)
-            bias = (bias + pad).clamp(min=torch.finfo(x.dtype).min)
+            bias = pad if bias is None else (bias + pad).clamp(min=torch.finfo(x.dtype).min)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=tables.scale)
         x = after_attention(a.transpose(1, 2).reshape(-1, H), x, lw, cfg.eps, enc.fused, see)
     return x.view(B, T, H)

@@ -20,12 +20,7 @@ static void dis_rows(const float* src, int64_t ld, const float* b, int n, int HD
     for (int i = 0; i < n; i++) {
         float* r = x + (int64_t)i * HD;
         for (int d = 0; d < HD; d++) r[d] = src[(int64_t)i * ld + d] + b[d];
-        if (!xq) continue;
-        float p[8] = {0};  /* eight running maxima (HD % 8 == 0): vector lanes, where one chain waited on fmaxf */
-        for (int d = 0; d < HD; d += 8)
-            for (int j = 0; j < 8; j++) p[j] = p[j] > fabsf(r[d + j]) ? p[j] : fabsf(r[d + j]);
-        for (int j = 1; j < 8; j++) p[0] = p[0] > p[j] ? p[0] : p[j];
-        quantize_row_act(type, r, p[0], HD, xq + (int64_t)i * (HD / QK));
+        if (xq) quantize_act(type, r, HD, xq + (int64_t)i * (HD / QK));  /* (a row type: the row's amax, one scale) */
     }
 }
 
