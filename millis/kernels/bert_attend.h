@@ -89,38 +89,27 @@ static void part_pack_kv(const ctx_t* c, int64_t t0, int64_t t1, const float* qk
 
 #include "dis_bias.h"  /* dis_bias: DeBERTa's position terms as a dense bias */
 
-/* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V. The rows go
-   to att from row `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices
-   taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
-   `base`: op_quant_att is skipped then). Where the token split packed this layer's keys and values (c->kv), from
-   those. */
-static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base, int64_t dst) {
+/* keys [k0, k0 + L) of sequence sq against its queries [k0 + qa, k0 + qb) (qa, qb counted from k0; k0 a multiple
+   of 8: the packed keys' units and kq's 8-key reads), rows to out / outb; relb[q + k relk] with q and k from k0 too
+   (a relative table reads the same entries: q - k is unchanged) */
+static void attend_keys(const ctx_t* c, int64_t sq, int h, int k0, int L, int qa, int qb, float* out, uint16_t* outb,
+                        const float* relb, int64_t relk) {
     const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim;
-    const int64_t t0 = c->start[sq];
-    const int L = (int)(c->start[sq + 1] - t0);
-    if (L <= 0 || qa >= qb) return;
+    const int64_t t0 = c->start[sq] + k0, koff = c->koff ? c->koff[sq] + k0 : 0;
     const float *bq = c->w->bqkv + h * HD, *bk = bq + D, *bv = bk + D;
     const float scale = m->qk_scale > 0 ? m->qk_scale : 1.f / sqrtf((float)HD);
-    const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the sequence's q rows (k D values on, v 2D) */
-    float* out = c->s->att + dst * D + h * HD;
-    uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
-    /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's); a
-       ModernBERT sliding-window layer's mask the same way, where the sequence is longer than the window */
-    const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;
-    int64_t relk = -1;  /* relb[q + k relk]: a relative table (relb[q - k]), or DeBERTa's dense rows */
-    if (c->w->win && L > m->window + 1) relb = c->w->win + (int64_t)h * m->rel_span + m->rel_mid;
-    if (m->dis) relb = dis_bias(c, sq, h, qa, qb, &relk);
+    const float* rows = c->qkv + t0 * 3 * D + h * HD;  /* the keys' q rows (k D values on, v 2D) */
     if (c->kv && m->attn == ATTN_INT8) {
-        const float* sc = kv8_scales(c, c->kv, h) + c->koff[sq];
-        kv8_attend(kv8_keys(c, c->kv, h) + c->koff[sq] * HD,
-                   kv8_values(c, c->kv, h) + c->koff[sq] / KV8_PER_DWORD * HD, sc,
+        const float* sc = kv8_scales(c, c->kv, h) + koff;
+        kv8_attend(kv8_keys(c, c->kv, h) + koff * HD,
+                   kv8_values(c, c->kv, h) + koff / KV8_PER_DWORD * HD, sc,
                    sc + c->krows, sc + 2 * c->krows, rows, 3 * D, bq, scale, L, qa, qb, HD, out, outb, D, relb,
                    relk);
         return;
     }
     if (c->kv) {
-        kv_attend(kv_keys(c, c->kv, h) + c->koff[sq] * HD, kv_values(c, c->kv, h) + c->koff[sq] / 2 * HD, rows,
+        kv_attend(kv_keys(c, c->kv, h) + koff * HD, kv_values(c, c->kv, h) + koff / 2 * HD, rows,
                   3 * D, bq, scale, L, qa, qb, HD, out, outb, D);
         return;
     }
@@ -162,4 +151,37 @@ static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t ba
     const mat Vm = {T_F32, 0, (const uint8_t*)V, HD, Lp, (int64_t)Lp * 4};
     matmul_rows(&Vm, 0, HD, 0, S, nq, out, D, 0);  /* att_i = sum_j s_ij v_j */
 #endif
+}
+
+/* one (sequence, head), queries [qa, qb) of its L: S = Q K^T (Q scaled), softmax by rows, att = S V. The rows go
+   to att from row `dst` on (query qa's; its token's row but in the last layer of first_only) (and, bf16 matrices
+   taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
+   `base`: op_quant_att is skipped then). Where the token split packed this layer's keys and values (c->kv), from
+   those. A sliding-window layer's queries go in spans of about the window, each against the keys its window
+   reaches alone (the rest would score WINDOW_BIAS: exactly 0 in the softmax), so a long input's local layers cost
+   (span + 2 window) keys a query, not L. */
+static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base, int64_t dst) {
+    const bert_w* m = c->m;
+    const int D = m->dim, HD = m->head_dim;
+    const int L = (int)(c->start[sq + 1] - c->start[sq]);
+    if (L <= 0 || qa >= qb) return;
+    float* out = c->s->att + dst * D + h * HD;
+    uint16_t* outb = m->act == ACT_BF16 ? (uint16_t*)xq_at(c, D, base, dst) + h * HD : NULL;
+    /* MPNet's relative bias (relb[q - k]): the int8 and fp32 forms add it (bert_forward refuses it with bf16's); a
+       ModernBERT sliding-window layer's mask the same way, where the sequence is longer than the window */
+    const float* relb = m->rel ? m->rel + (int64_t)h * m->rel_span + m->rel_mid : NULL;
+    int64_t relk = -1;  /* relb[q + k relk]: a relative table (relb[q - k]), or DeBERTa's dense rows */
+    if (m->dis) relb = dis_bias(c, sq, h, qa, qb, &relk);
+    if (!(c->w->win && L > m->window + 1)) {
+        attend_keys(c, sq, h, 0, L, qa, qb, out, outb, relb, relk);
+        return;
+    }
+    relb = c->w->win + (int64_t)h * m->rel_span + m->rel_mid;
+    const int W = m->window, span = (W + 15) / 16 * 16;  /* 16: the int8 and fp32 kernels' query block */
+    for (int a = qa; a < qb; a += span) {
+        const int b = qb - a < span ? qb : a + span;
+        const int k0 = (a - W > 0 ? a - W : 0) / 8 * 8, k1 = b + W < L ? b + W : L;  /* keys [a - W, b - 1 + W] */
+        attend_keys(c, sq, h, k0, k1 - k0, a - k0, b - k0, out + (int64_t)(a - qa) * D,
+                    outb ? (uint16_t*)xq_at(c, D, base, dst + a - qa) + h * HD : NULL, relb, relk);
+    }
 }
