@@ -315,11 +315,8 @@ class NativeBert:
         with self.lock:
             return self._forward(ids, pos, types, start).copy()
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                 token_type_ids: np.ndarray | None = None) -> np.ndarray:
-        """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector. One C
-        call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
-        at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
+    def inputs(self, input_ids, attention_mask, token_type_ids=None) -> tuple:
+        """(B, T) arrays as HF takes them -> contiguous int64 (ids, mask, types or None), or a MillisError."""
         m = np.asarray(attention_mask)  # the mask 0 / 1 only: 0.5 was "no token" (a zero vector), 2 and -1 "a token"
         whole = all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in (input_ids, token_type_ids) if a is not None) \
             and (np.issubdtype(m.dtype, np.integer) or m.dtype == bool) and (not m.size or 0 <= m.min() <= m.max() <= 1)
@@ -330,12 +327,20 @@ class NativeBert:
             raise MillisError(f"input_ids, attention_mask and token_type_ids must be (batch, seq) arrays of one shape, "
                               f"ids integers, the mask 0 / 1: got {ids.shape}, {mask.shape}, "
                               f"{None if types is None else types.shape}")
-        B, T = ids.shape
         if (self.cfg.rel_buckets or self.cfg.local_layers or self.cfg.disentangled) and not contiguous_masks(mask):
             raise MillisError("attention_mask: a row's tokens must be one run (no zeros between ones) for a model with "
                               "relative positions or a sliding window (MPNet, ModernBERT, DeBERTa)")
-        if T > self.cfg.max_positions:
-            raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
+        if ids.shape[1] > self.cfg.max_positions:
+            raise MillisError(f"sequence length {ids.shape[1]} exceeds the model's {self.cfg.max_positions} positions")
+        return ids, mask, types
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        """(B, T) int arrays, as HF takes them -> (B, N) float32: logits (classify) or the sentence vector. One C
+        call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
+        at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
+        ids, mask, types = self.inputs(input_ids, attention_mask, token_type_ids)
+        B, T = ids.shape
         p: Pooling = self.pooling
         tokens, head = self.pools_tokens(), self.task == "classify"  # (a head on the mean: ModernBERT's classifiers)
         mode = (1 if p.mode == "max" and not head else 0) if tokens else 2

@@ -10,6 +10,10 @@ Two optional attributes a runtime may declare (read with `shares_scales_across_r
   different requests in one call, so a request's result does not depend on its batch-mates. Absent: False.
 - `vocab_size: int`: the rows of its token embedding table, where the runtime knows them (an id past it is a
   device fault on CUDA): a bound on the ids it may be given.
+And one optional method (read with `gives_token_states`): `token_states(batch) -> (B, T, H) float32`, every token's
+last hidden state before pooling and head (HF's last_hidden_state; zeros where the mask drops a token): TEI's
+/embed_all. The native and torch runtimes have it; an exported graph (ONNX Runtime, OpenVINO, CUDA graphs) returns
+its pooled output alone.
 """
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ class Runtime(Protocol):
 def shares_scales_across_rows(runtime: Runtime) -> bool:
     """The runtime's rows change one another's outputs (see the module's docstring)."""
     return bool(getattr(runtime, "shares_scales_across_rows", False))
+
+
+def gives_token_states(runtime: Runtime) -> bool:
+    """The runtime has `token_states` (see the module's docstring)."""
+    return callable(getattr(runtime, "token_states", None))
 
 
 def default_threads() -> int:

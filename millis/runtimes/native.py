@@ -38,3 +38,17 @@ class NativeRuntime:
         feeds = check_batch(batch, self.input_names)
         out = self.model(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
         return {self.output_name: out}
+
+    def token_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, D) float32: each kept token's last hidden state, through the forward `run`'s
+        pooling reads (bert_encode's: the kept tokens in row order, each at its column as its position); zeros
+        where the mask drops a token."""
+        feeds = check_batch(batch, self.input_names)
+        ids, mask, types = self.model.inputs(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
+        rows, cols = np.nonzero(mask)
+        start = np.concatenate([[0], np.cumsum(np.count_nonzero(mask, axis=1))])
+        kept = self.model.hidden_states(ids[rows, cols], cols, np.zeros_like(cols) if types is None else
+                                        types[rows, cols], start)
+        out = np.zeros((*ids.shape, kept.shape[1]), np.float32)
+        out[rows, cols] = kept
+        return out

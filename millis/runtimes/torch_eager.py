@@ -29,3 +29,13 @@ class TorchRuntime:
         with torch.inference_mode():
             out = self.model(*(torch.from_numpy(feeds[n]) for n in self.input_names))
         return {self.output_name: out.float().numpy()}
+
+    def token_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, H) float32: the encoder's last_hidden_state, zeros where the mask drops a token
+        (an embedder's: its bare encoder; a classifier's hidden states under its head)."""
+        feeds = check_batch(batch, self.input_names)
+        kw = {n: torch.from_numpy(feeds[n]) for n in self.input_names}
+        with torch.inference_mode():
+            out = self.model.hf(**kw, output_hidden_states=self.model.task == "classify")
+            h = out.hidden_states[-1] if self.model.task == "classify" else out.last_hidden_state
+            return (h.float() * kw["attention_mask"].unsqueeze(-1)).numpy()

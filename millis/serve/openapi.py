@@ -60,9 +60,9 @@ def _post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | 
                                    **{k: {"description": v, "content": _json(error)} for k, v in errors.items()}}}}
 
 
-def _tei_post(summary: str, request: dict, ok: dict) -> dict:
-    """A TEI route: TEI's statuses (TEI_ERRORS) and its error body (TEI_ERROR)."""
-    return _post(summary, request, ok, TEI_ERRORS, TEI_ERROR)
+def _tei_post(summary: str, request: dict, ok: dict, extra_errors: dict[str, str] | None = None) -> dict:
+    """A TEI route: TEI's statuses (TEI_ERRORS, and the route's own) and its error body (TEI_ERROR)."""
+    return _post(summary, request, ok, {**TEI_ERRORS, **(extra_errors or {})}, TEI_ERROR)
 
 
 NOT_READY = "loading, failed or draining"
@@ -121,10 +121,12 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ encoder
 
 def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0, vocab_size: int = 0,
-                 unit: bool = False, max_length: int = 0, problem_type: str = "") -> dict[str, Any]:
+                 unit: bool = False, max_length: int = 0, problem_type: str = "", token_states: bool = True
+                 ) -> dict[str, Any]:
     """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size /
     max_length 0 while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false
-    refused); problem_type: a classifier's (with n_labels: whether it reranks, numeric.not_a_reranker)."""
+    refused); problem_type: a classifier's (with n_labels: whether it reranks, numeric.not_a_reranker);
+    token_states: its runtime gives them (/embed_all; without, the route refuses every request: 424)."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -151,6 +153,11 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
         paths["/embed"] = _tei_post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs))
+        if token_states:  # (without them the route refuses every request, 424: not published, as rerank's routes)
+            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT}}
+            paths["/embed_all"] = _tei_post("text-embeddings-inference's /embed_all: every token's last hidden state, "
+                                            "before pooling", req, _json({"type": "array", "items": vecs}),
+                                            {"424": "this artifact's runtime returns pooled vectors alone"})
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,

@@ -203,6 +203,13 @@ def token_rows(given: TokenInput, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def given_ids(given: TokenInput, vocab_size: int, max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids sent as they are (no special tokens added), checked against the vocabulary and cut to
+    max_length like texts (the cut reported)."""
+    rows = token_rows(given, vocab_size)
+    return [r[:max_length] for r in rows], [len(r) > max_length for r in rows]
+
+
 def too_long(field: str, i: int | str, pair: bool, first_alone: bool, max_length: int, server_rule: bool) -> ApiError:
     """The 413 for text i of `field` over the model's length (i: its index, or its whole name as a str): of a pair,
     the query (or /predict's `inputs`: the pair's first text) where that alone is too long, else the pair;

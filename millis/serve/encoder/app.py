@@ -23,10 +23,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from millis.artifact.model import Model
-from millis.runtimes.base import shares_scales_across_rows
+from millis.runtimes.base import gives_token_states, shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
-from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown
+from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown, timing_headers
 from millis.serve.encoder import tei_tokens
 from millis.serve.encoder.tei_routes import tei_routes
 from millis.serve.encoder.rerank import COHERE, Shape, distinct, pair_key, relevance, rerank_request, rerank_response
@@ -121,8 +121,9 @@ class State:
             model = await pool.call(self.loader)  # the thread that will run it (RuntimeThread)
             batcher = Batcher(lambda rows, t: self._infer(model, rows, t), model.max_length, self.cfg.max_batch,
                               self.cfg.max_batch_tokens, self.cfg.max_wait_ms / 1000, self.cfg.max_queue,
-                              self.metrics.on_batch, pool,
-                              one_row_per_call=shares_scales_across_rows(model.runtime))
+                              self.metrics.on_batch, pool, shares_scales_across_rows(model.runtime),
+                              (lambda rows, t: self._states(model, rows, t)) if gives_token_states(model.runtime)
+                              else None)
             self.dim = await pool.call(self._warm, model)
         except Exception as e:  # noqa: BLE001 -- reported on /ready and in the log; /health stays up
             self.load_error = f"{type(e).__name__}: {e}"
@@ -146,6 +147,13 @@ class State:
     def _infer(model: Model, rows: list[list[int]], t: int):
         # worker thread: (B rows, bucket T) -> (B, D) float32
         return model.runtime.run(model.encoder.pack(rows, t))[model.runtime.output_name]
+
+    @staticmethod
+    def _states(model: Model, rows: list[list[int]], t: int):  # worker thread: -> (B, T, D) float32 (/embed_all)
+        return model.runtime.token_states(model.encoder.pack(rows, t))
+
+    def gives_token_states(self) -> bool:
+        return self.batcher is not None and self.batcher.infer_tokens is not None
 
     def _warm(self, model: Model) -> int:
         """Each length bucket up to WARM_MAX_TOKENS once (batch 1), and a full batch at the shortest: returns D."""
@@ -190,7 +198,7 @@ class State:
         off the loop when large, and only while the request lasts (`watch`)."""
         enc = model.encoder
         if isinstance(texts, schemas.TokenInput):
-            fn, args, size = given_ids, (texts, model.vocab_size, model.max_length), texts.size
+            fn, args, size = schemas.given_ids, (texts, model.vocab_size, model.max_length), texts.size
         elif query is not None:
             fn, args, size = enc.pair_ids, (query, texts), sum(map(len, texts)) + len(query) * len(texts)
         else:
@@ -214,11 +222,16 @@ class State:
                                    reject is None)
         return ids, cut, perf_counter() - t0
 
-    async def run(self, rows: list[list[int]], watch: Watch) -> Job:
-        """Submit rows and wait for them; the client leaving or the timeout (`watch`) drops the job."""
+    async def run(self, rows: list[list[int]], watch: Watch, tokens: bool = False) -> Job:
+        """Submit rows and wait for them; the client leaving or the timeout (`watch`) drops the job. tokens: every
+        token's state (/embed_all), at most --max-batch-tokens of them a request (its answer's size)."""
         loop = asyncio.get_running_loop()
         watch.check()  # it ended while tokenizing: nothing is queued
-        job = Job(rows, loop.create_future())
+        if tokens and (n := sum(map(len, rows))) > self.cfg.max_batch_tokens:
+            raise schemas.ApiError(413, f"inputs hold {n} tokens: /embed_all answers at most "
+                                        f"{self.cfg.max_batch_tokens} token vectors a request (--max-batch-tokens)",
+                                   param="inputs", code="too_many_tokens")
+        job = Job(rows, loop.create_future(), tokens=tokens)
         try:
             self.batcher.submit(job)
         except Overloaded as e:
@@ -237,13 +250,6 @@ class State:
         finally:
             self.metrics.on_queue_depth(self.batcher.depth)
         return job
-
-
-def given_ids(given: schemas.TokenInput, vocab_size: int, max_length: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids sent as they are (no special tokens added), checked against the vocabulary and cut to
-    max_length like texts (the cut reported)."""
-    rows = schemas.token_rows(given, vocab_size)
-    return [r[:max_length] for r in rows], [len(r) > max_length for r in rows]
 
 
 @contextlib.contextmanager
@@ -272,16 +278,6 @@ def offload(st: State, request: Request, arrived: float) -> Callable:
     return off
 
 
-def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
-    q, i = max(job.queue_s, 0.0) * 1e3, job.infer_s * 1e3
-    h = {"x-millis-queue-ms": f"{q:.3f}", "x-millis-tokenize-ms": f"{tokenize_s * 1e3:.3f}",
-         "x-millis-inference-ms": f"{i:.3f}", "x-millis-batch-rows": ",".join(map(str, job.batch_rows)),
-         "server-timing": f"queue;dur={q:.3f}, tokenize;dur={tokenize_s * 1e3:.3f}, inference;dur={i:.3f}"}
-    if any(cut):
-        h["x-millis-truncated"] = ",".join(str(k) for k, c in enumerate(cut) if c)
-    return h
-
-
 def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") -> Starlette:
     """The encoder app; with `task` (embed / classify, known before loading) only that task's route
     exists and is published, else both (the wrong one answers 400 wrong_task)."""
@@ -294,8 +290,10 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         body = await read_json(request, st.limits)
         return model, body, arrived
 
-    async def _answer(request, arrived, model, texts, query=None, field="input", reject=None, places=None, groups=()):
-        """groups: [(query, texts, places)] tokenized apart, run as one job (TEI's /predict: pairs of many firsts)"""
+    async def _answer(request, arrived, model, texts, query=None, field="input", reject=None, places=None, groups=(),
+                      tokens=False):
+        """groups: [(query, texts, places)] tokenized apart, run as one job (TEI's /predict: pairs of many firsts);
+        tokens: each token's state, not the pooled row (/embed_all)"""
         with watched(st, request, arrived) as watch:
             ids, cut, tok_s = [], [], 0.0
             for q, t, p in groups or [(query, texts, places)]:
@@ -303,7 +301,7 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
                 ids += i
                 cut += c
                 tok_s += s
-            job = await st.run(ids, watch)
+            job = await st.run(ids, watch, tokens)
         m.on_stages(max(job.queue_s, 0.0), tok_s, job.infer_s)
         return job, cut, tok_s, sum(map(len, ids))
 
@@ -396,4 +394,5 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
     return make_app(st, routes, lambda: openapi.encoder_spec(
         task or (st.model.task if st.model else ""), st.name, cfg.max_inputs, st.dim, st.dim,
         st.model.vocab_size if st.model else 0, bool(st.model and st.model.meta.source.pooling.normalize),
-        st.model.max_length if st.model else 0, st.model.problem_type if st.model else ""))
+        st.model.max_length if st.model else 0, st.model.problem_type if st.model else "",
+        st.model is None or st.gives_token_states()))

@@ -13,6 +13,8 @@ With `one_row_per_call` (a runtime whose rows share one activation scale: dynami
 `millis.runtimes.base.shares_scales_across_rows`) a call holds one row, so no text's result depends on its
 batch-mates, of another request or of its own (a request's texts ran together: the same text moved by up to 0.006
 with another text beside it).
+A job asks for its rows' pooled outputs, or (`tokens`: TEI's /embed_all) every token's last hidden state; the two
+kinds wait in queues of their own (a batch is of one kind), served oldest head first alike.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from millis.encoder.text import bucket_length
 
-# (rows of token ids, bucket length T) -> (len(rows), D) float32; runs in the worker thread
+# (rows of token ids, bucket length T) -> (len(rows), D) float32 (tokens: (len(rows), T, D)); runs in the worker thread
 InferFn = Callable[[list[list[int]], int], np.ndarray]
 
 
@@ -119,6 +121,7 @@ class Job:
     batch_rows: list[int] = field(default_factory=list)  # rows of each runtime call it rode in
     queued: int = 0                         # rows in the batcher's queues (not popped yet)
     on_drop: Callable[["Job"], None] | None = None  # the batcher's: its queued rows no longer count as waiting
+    tokens: bool = False                    # every token's state (out[i]: (len(rows[i]), D)), not the pooled row
 
     def __post_init__(self) -> None:
         self.out = [None] * len(self.rows)
@@ -135,15 +138,18 @@ class Job:
 class Batcher:
     def __init__(self, infer: InferFn, max_length: int, max_batch: int, max_tokens: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[int, int, float], None] | None = None,
-                 pool: RuntimeThread | None = None, one_row_per_call: bool = False):
+                 pool: RuntimeThread | None = None, one_row_per_call: bool = False,
+                 infer_tokens: InferFn | None = None):
         """pool: the one worker thread runtime calls run in (`RuntimeThread`); the caller may have loaded the
-        model in it already. one_row_per_call: one row a call (rows that share scales)."""
+        model in it already. one_row_per_call: one row a call (rows that share scales). infer_tokens: the rows'
+        token states (None: a job asking for them is refused)."""
         self.infer, self.max_length, self.one_row_per_call = infer, max_length, one_row_per_call
+        self.infer_tokens = infer_tokens
         self.max_batch, self.max_tokens, self.max_wait_s, self.max_queue = max_batch, max_tokens, max_wait_s, max_queue
         self.on_batch = on_batch                         # metrics hook: (rows, tokens, seconds)
         self.depth = 0                                   # rows queued, gone ones included until popped
         self.gone_rows = 0                               # of them, rows of requests gone (dropped): not waiting
-        self._queues: dict[int, deque[tuple[Job, int]]] = {}
+        self._queues: dict[tuple[int, bool], deque[tuple[Job, int]]] = {}  # by (bucket length, tokens)
         self._wake = asyncio.Event()
         self._closing = False
         self._pool = pool or RuntimeThread()
@@ -157,6 +163,8 @@ class Batcher:
         """Queue a request's rows, or raise Overloaded / ShuttingDown without queueing any."""
         if self._closing:
             raise ShuttingDown("server is shutting down")
+        if job.tokens and self.infer_tokens is None:
+            raise ValueError("this runtime gives no token states")
         n = len(job.rows)
         # admitted while fewer than max_queue rows wait, whatever its size (the queue may go past by up to
         # --max-inputs - 1): `depth + n > max_queue` refused every 64-text request under steady small ones. A gone
@@ -165,7 +173,7 @@ class Batcher:
         if waiting >= self.max_queue:
             raise Overloaded(waiting, self.retry_after_s())
         for i, ids in enumerate(job.rows):
-            self._queues.setdefault(bucket_length(len(ids), self.max_length), deque()).append((job, i))
+            self._queues.setdefault((bucket_length(len(ids), self.max_length), job.tokens), deque()).append((job, i))
         self.depth += n
         job.queued, job.on_drop = n, self._dropped
         self._wake.set()
@@ -176,7 +184,7 @@ class Batcher:
         were counted alike, and the rate started from 0: a fresh server that ran its flood in 2 s said 39."""
         if self._tokens_per_s <= 0:
             return 1
-        queued = sum(len(q) * t for t, q in self._queues.items())
+        queued = sum(len(q) * t for (t, _), q in self._queues.items())
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(queued / self._tokens_per_s)))
 
     def expire(self, exc: Exception) -> int:
@@ -210,14 +218,15 @@ class Batcher:
             picked = self._take()
             if picked is None:
                 continue
-            t, rows = picked
+            (t, tokens), rows = picked
+            infer = self.infer_tokens if tokens else self.infer
             t0 = perf_counter()
             jobs = list({id(j): j for j, _ in rows}.values())  # the requests this batch serves, once each
             for job in jobs:
                 if job.queue_s < 0:
                     job.queue_s = t0 - job.t_submit
             try:
-                y = await self._pool.call(self.infer, [j.rows[i] for j, i in rows], t)
+                y = await self._pool.call(infer, [j.rows[i] for j, i in rows], t)
                 err = None
             except Exception as e:  # a runtime failure fails this batch's requests, not the server
                 y, err = None, e
@@ -230,11 +239,11 @@ class Batcher:
                 job.infer_s += dt
                 job.batch_rows.append(len(rows))
             if err is not None and len(jobs) > 1:
-                await self._each_alone(jobs, rows, t)
+                await self._each_alone(jobs, rows, t, infer)
             else:
                 self._finish(rows, y, err)
 
-    async def _each_alone(self, jobs: list[Job], rows: list[tuple[Job, int]], t: int) -> None:
+    async def _each_alone(self, jobs: list[Job], rows: list[tuple[Job, int]], t: int, infer: InferFn) -> None:
         """A batch of several requests failed: each request's rows run again on their own, so the one whose
         rows fail (a row the runtime cannot take) fails alone and its batch-mates are answered. At most one
         call a request of the batch (max_batch rows): bounded, and only after a failure."""
@@ -242,18 +251,18 @@ class Batcher:
             mine = [(j, i) for j, i in rows if j is job]
             t0 = perf_counter()
             try:
-                y, err = await self._pool.call(self.infer, [job.rows[i] for _, i in mine], t), None
+                y, err = await self._pool.call(infer, [job.rows[i] for _, i in mine], t), None
             except Exception as e:  # this request's own rows fail: it alone gets the error
                 y, err = None, e
             job.infer_s += perf_counter() - t0
             job.batch_rows.append(len(mine))
             self._finish(mine, y, err)
 
-    def _oldest(self) -> tuple[int, deque] | None:
+    def _oldest(self) -> tuple[tuple[int, bool], deque] | None:
         best = None
         for t, q in self._queues.items():
             if q and (best is None or q[0][0].t_submit < best[1][0][0].t_submit):
-                best = (t, q)
+                best = (t, q)  # t: (bucket length, tokens)
         return best
 
     def _cap(self, t: int) -> int:
@@ -263,7 +272,7 @@ class Batcher:
         """Wait until the oldest bucket holds a full batch or its head has waited max_wait_s."""
         while not self._closing:
             best = self._oldest()
-            if best is None or len(best[1]) >= self._cap(best[0]):
+            if best is None or len(best[1]) >= self._cap(best[0][0]):
                 return
             remain = best[1][0][0].t_submit + self.max_wait_s - perf_counter()
             if remain <= 0:
@@ -277,13 +286,13 @@ class Batcher:
     def _dropped(self, job: Job) -> None:
         self.gone_rows += job.queued
 
-    def _take(self) -> tuple[int, list[tuple[Job, int]]] | None:
+    def _take(self) -> tuple[tuple[int, bool], list[tuple[Job, int]]] | None:
         """Pop up to one batch from the bucket whose head is oldest; gone rows are dropped."""
         best = self._oldest()
         if best is None:
             return None
-        t, q = best
-        cap, rows = self._cap(t), []
+        key, q = best
+        cap, rows = self._cap(key[0]), []
         while q and len(rows) < cap:
             if self.one_row_per_call and rows:
                 break
@@ -294,7 +303,7 @@ class Batcher:
                 self.gone_rows -= 1
             else:
                 rows.append((job, i))
-        return (t, rows) if rows else None
+        return (key, rows) if rows else None
 
     def _finish(self, rows: list[tuple[Job, int]], y: np.ndarray | None, err: Exception | None) -> None:
         for k, (job, i) in enumerate(rows):
@@ -303,7 +312,18 @@ class Batcher:
             if err is not None:
                 job.future.set_exception(RuntimeError(f"runtime failed: {err}"))
                 continue
-            job.out[i] = y[k]
+            job.out[i] = y[k, :len(job.rows[i])] if job.tokens else y[k]
             job.pending -= 1
             if job.pending == 0:
                 job.future.set_result(None)
+
+
+def timing_headers(job: Job, tokenize_s: float, cut: list[bool]) -> dict[str, str]:
+    """A request's stage times (and the texts cut) as response headers."""
+    q, i = max(job.queue_s, 0.0) * 1e3, job.infer_s * 1e3
+    h = {"x-millis-queue-ms": f"{q:.3f}", "x-millis-tokenize-ms": f"{tokenize_s * 1e3:.3f}",
+         "x-millis-inference-ms": f"{i:.3f}", "x-millis-batch-rows": ",".join(map(str, job.batch_rows)),
+         "server-timing": f"queue;dur={q:.3f}, tokenize;dur={tokenize_s * 1e3:.3f}, inference;dur={i:.3f}"}
+    if any(cut):
+        h["x-millis-truncated"] = ",".join(str(k) for k, c in enumerate(cut) if c)
+    return h

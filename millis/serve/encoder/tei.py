@@ -7,6 +7,8 @@
                    [{"label", "score"}, ...] (every label, best first); a list of such lists is a batch, answered
                    with a list of those; huggingface_hub's "parameters": {"function_to_apply", "top_k"} read too
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
+    POST /embed_all {"inputs": ..., "truncate": null} -> [[[float, ...] a token, ...] a text, ...]: every token's last
+                   hidden state (special tokens too), before pooling: the native and torch runtimes' (another's, 424)
     POST /similarity {"inputs": {"source_sentence": "...", "sentences": ["...", ...]}, "parameters": {"truncate":
                    null}} -> [cosine of each sentence with the source, ...] (one batch, as TEI embeds them)
     POST /, /invocations: whichever of these the model's task serves (TEI's routes by model type; huggingface_hub's
@@ -66,6 +68,17 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
                        param="normalize", code="invalid_value")
     return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
                       boolean(body, "truncate"), normalize, integer(body, "dimensions", 1, dim, dim))
+
+
+def embed_all_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
+    """TEI's /embed_all: `inputs` as /embed's, `truncate`; no normalize or dimensions (token states as they are)."""
+    check_cut(body)
+    for key in ("normalize", "dimensions"):
+        if body.get(key) is not None:
+            raise ApiError(422, f"{key} is a field of /embed: /embed_all gives each token's state as the model computes "
+                                "it", param=key, code="invalid_value")
+    return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
+                      boolean(body, "truncate"))
 
 
 def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: bool) -> list[np.ndarray]:

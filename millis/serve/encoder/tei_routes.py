@@ -1,11 +1,13 @@
 """TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
-task, /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder embeds, or
+task, /embed_all and /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder embeds, or
 compares sentences when `inputs` is an object; a classifier with one label reranks, another predicts); GET /info; GET /
 and /ping as /ready; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
 from __future__ import annotations
 
 import asyncio
 from typing import Callable
+
+import orjson
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,11 +16,16 @@ from starlette.routing import Route
 from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.rerank import TEI, tei_rerank_response
 from millis.serve.http import endpoint, json_response, read_json, ready_response
-from millis.serve.schemas import reject_of
+from millis.serve.schemas import ApiError, reject_of
+
+
+def dumps(out: list) -> bytes:
+    """JSON of a list of arrays (large: /embed_all's token states, written off the loop)."""
+    return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 # the paths tei_routes answers in TEI's shape (the Ray gateway answers its own errors on them so too)
-TEI_PATHS = frozenset({"/embed", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info", "/decode"})
+TEI_PATHS = frozenset({"/embed", "/embed_all", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info", "/decode"})
 
 
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
@@ -35,6 +42,18 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
+
+    async def embed_all(request: Request) -> Response:
+        model, body, arrived = await infer(request, "embed")
+        req = tei.embed_all_request(body, st.limits)
+        if not st.gives_token_states():
+            raise ApiError(424, f"this artifact's runtime ({model.meta.variant.runtime}) returns pooled vectors alone: "
+                                "token states come from a native or torch variant (optimize --runtimes native,torch)",
+                           param="inputs", code="no_token_states")
+        job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
+                                          reject=reject_of(req.truncate), tokens=True)
+        data = await offload(st, request, arrived)(sum(o.size for o in job.out), dumps, job.out)
+        return Response(data, 200, timing_headers(job, tok_s, cut), "application/json")
 
     async def similarity(request: Request) -> Response:
         return await similarity_body(request, *await infer(request, "embed"))
@@ -86,7 +105,8 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         body = await read_json(request, st.limits)
         return await tei_tokens.decode(model, body, st.limits, offload(st, request, arrived))
 
-    return {"embed": [post("/embed", embed, tei.INVALID), post("/similarity", similarity, tei.INVALID)],
+    return {"embed": [post("/embed", embed, tei.INVALID), post("/embed_all", embed_all, tei.INVALID),
+                      post("/similarity", similarity, tei.INVALID)],
             "classify": [post("/predict", predict, tei.INVALID), post("/rerank", tei_rerank, tei.INVALID)],
             "": [post("/", root, tei.INVALID), post("/invocations", root, tei.INVALID),
                  Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"]),

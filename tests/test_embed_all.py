@@ -1,0 +1,138 @@
+"""TEI's /embed_all: every token's last hidden state (special tokens too), before pooling, from the native and torch
+runtimes, against transformers' last_hidden_state in fp32 on the ids the server's /tokenize gives; a runtime whose
+graph returns its pooled output alone (ONNX Runtime) answers 424; bad fields answer 4xx naming them; the batcher
+runs token jobs and pooled ones in calls of their own kind."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from millis.artifact.model import open_model
+from millis.common.config import Shape
+from millis.encoder.text import bucket_length
+from millis.kernels.native import native_isa
+from millis.serve.config import ServeConfig
+from millis.serve.encoder import app as appmod
+from millis.serve.encoder.batcher import Batcher, Job
+
+TEXTS = ["where is my card?", "hello", "the exchange rate I was given for my transfer looks wrong to me"]
+
+
+def hf_states(folder, ids: list[int]) -> np.ndarray:
+    """transformers' last_hidden_state of one row of ids, fp32."""
+    import torch
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([ids])).last_hidden_state[0].numpy()
+
+
+@contextlib.contextmanager
+def serve(model, **cfg):
+    """A TestClient of the encoder app over `model`, once it answers /ready."""
+    with TestClient(appmod.create_app(ServeConfig(artifact="x", model_name="m", **cfg), lambda: model,
+                                      task="embed")) as client:
+        deadline = time.time() + 60
+        while client.get("/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        yield client
+
+
+def artifact(tmp_path, variant: str, measure):
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    out = tmp_path / variant
+    optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(out), target=Shape(1, 16), variants=(variant,),
+                            measure=measure))
+    return open_model(out)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "native"])
+def test_embed_all_is_the_last_hidden_state(tmp_path, tiny_dirs, quick_measure, runtime):
+    if runtime == "native" and native_isa() is None:
+        pytest.skip("no native kernels here")
+    model = open_model("tiny:bert", "embed") if runtime == "torch" else artifact(tmp_path, "native-fp32", quick_measure)
+    assert model.meta.variant.runtime == runtime
+    with serve(model) as client:
+        r = client.post("/embed_all", json={"inputs": TEXTS})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        ids = [row["tokens"] for row in client.post("/tokenize", json={"input": TEXTS}).json()["data"]]
+        assert len(got) == len(TEXTS) and len({len(i) for i in ids}) >= 2  # rows of other lengths
+        for states, row in zip(got, ids):
+            want = hf_states(tiny_dirs["bert"], row)
+            assert np.asarray(states).shape == want.shape == (len(row), 32)
+            np.testing.assert_allclose(states, want, atol=1e-4)
+        # one text as a string; its states as in the batch (no batch-mate changes a row)
+        one = client.post("/embed_all", json={"inputs": TEXTS[1]}).json()
+        np.testing.assert_allclose(one[0], got[1], atol=1e-5)
+        # the mean of a text's states, unit length, is /embed's vector (tiny:bert pools by the mean)
+        vec = np.asarray(client.post("/embed", json={"inputs": TEXTS[2]}).json()[0])
+        mean = np.asarray(got[2]).mean(0)
+        np.testing.assert_allclose(mean / np.linalg.norm(mean), vec, atol=1e-5)
+
+
+def test_embed_all_refusals(tmp_path, quick_measure):
+    model = open_model("tiny:bert", "embed")
+    with serve(model, max_batch_tokens=64, too_long="reject") as client:
+        for body, status, param in (({"inputs": TEXTS, "normalize": True}, 422, "normalize"),
+                                    ({"inputs": TEXTS, "dimensions": 8}, 422, "dimensions"),
+                                    ({"inputs": []}, 400, "inputs"),
+                                    ({"inputs": 3}, 422, "inputs"),
+                                    ({"inputs": TEXTS, "truncation_direction": "left"}, 422, "truncation_direction"),
+                                    ({"inputs": ["word " * 10] * 8}, 413, "inputs"),  # 96 token vectors > 64
+                                    ({"inputs": "word " * 2000, "truncate": False}, 422, "inputs")):
+            r = client.post("/embed_all", json=body)
+            assert r.status_code == status and r.json()["param"] == param, (body, r.text)
+            assert "error_type" in r.json()  # TEI's error shape
+        assert client.post("/embed_all", json={"inputs": TEXTS}).status_code == 200  # the server still answers
+        assert "424" in client.get("/openapi.json").json()["paths"]["/embed_all"]["post"]["responses"]
+    ort = artifact(tmp_path, "ort-fp32-fused", quick_measure)
+    with serve(ort) as client:
+        r = client.post("/embed_all", json={"inputs": TEXTS})
+        assert r.status_code == 424 and r.json()["code"] == "no_token_states", r.text
+        assert "onnxruntime" in r.json()["error"]
+        assert "/embed_all" not in client.get("/openapi.json").json()["paths"]  # published where it answers alone
+        assert client.post("/embed", json={"inputs": TEXTS}).status_code == 200
+
+
+def test_batcher_runs_each_kind_in_calls_of_its_own():
+    """Token jobs and pooled jobs of one bucket never share a call; each job gets its own kind's rows (a token job:
+    its row's tokens alone, the padding cut); a batcher without token states refuses a token job at submit."""
+    calls = []
+
+    def pooled(rows, t):
+        calls.append(("pooled", len(rows)))
+        return np.array([[t, r[0]] for r in rows], np.float32)
+
+    def states(rows, t):
+        calls.append(("tokens", len(rows)))
+        return np.array([[[r[0], k] for k in range(t)] for r in rows], np.float32)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher(pooled, 64, 8, 4096, 0.0, 100, infer_tokens=states)
+        jobs = [Job([[7] * 5, [8] * 3], loop.create_future(), tokens=True), Job([[9] * 4], loop.create_future()),
+                Job([[10] * 6], loop.create_future(), tokens=True)]
+        for j in jobs:
+            b.submit(j)
+        b.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await b.close()
+        bare = Batcher(pooled, 64, 8, 4096, 0.0, 100)
+        with pytest.raises(ValueError, match="no token states"):
+            bare.submit(Job([[1]], loop.create_future(), tokens=True))
+        return jobs
+
+    jobs = asyncio.run(main())
+    assert sorted(calls) == [("pooled", 1), ("tokens", 3)]
+    assert [o.shape for o in jobs[0].out] == [(5, 2), (3, 2)] and jobs[0].out[1][:, 0].tolist() == [8] * 3
+    assert jobs[1].out[0].tolist() == [bucket_length(4, 64), 9]  # the bucket's length and the row's first id
+    assert jobs[2].out[0][:, 1].tolist() == list(range(6))
