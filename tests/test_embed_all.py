@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from millis.artifact.model import open_model
 from millis.common.config import Shape
+from millis.common.errors import MillisError
 from millis.encoder.text import bucket_length
 from millis.kernels.native import native_isa
 from millis.serve.config import ServeConfig
@@ -73,6 +74,9 @@ def test_embed_all_is_the_last_hidden_state(tmp_path, tiny_dirs, quick_measure, 
         # one text as a string; its states as in the batch (no batch-mate changes a row)
         one = client.post("/embed_all", json={"inputs": TEXTS[1]}).json()
         np.testing.assert_allclose(one[0], got[1], atol=1e-5)
+        # in process, as the route answers
+        for a, b in zip(model.token_embeddings(TEXTS), got):
+            np.testing.assert_allclose(a, b, atol=1e-5)
         # the mean of a text's states, unit length, is /embed's vector (tiny:bert pools by the mean)
         vec = np.asarray(client.post("/embed", json={"inputs": TEXTS[2]}).json()[0])
         mean = np.asarray(got[2]).mean(0)
@@ -101,6 +105,8 @@ def test_embed_all_refusals(tmp_path, quick_measure):
         assert "onnxruntime" in r.json()["error"]
         assert "/embed_all" not in client.get("/openapi.json").json()["paths"]  # published where it answers alone
         assert client.post("/embed", json={"inputs": TEXTS}).status_code == 200
+    with pytest.raises(MillisError, match=r"runtime \(onnxruntime\) returns pooled vectors alone"):
+        ort.token_embeddings(TEXTS)
 
 
 def test_batcher_runs_each_kind_in_calls_of_its_own():

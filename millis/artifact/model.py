@@ -13,7 +13,7 @@ from millis.artifact.meta import ModelMeta, SourceMeta, VariantRecipe
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
-from millis.runtimes.base import shares_scales_across_rows
+from millis.runtimes.base import gives_token_states, shares_scales_across_rows
 from millis.common.numeric import label_scores
 from millis.encoder.source import takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
@@ -98,6 +98,22 @@ class Model:
         if self.task != "embed":
             raise MillisError(f"this artifact is a {self.task} model; use predict()")
         return self.run(texts).outputs
+
+    def token_embeddings(self, texts: list[str]) -> list[np.ndarray]:
+        """Per text, (tokens, H) float32: every token's last hidden state (special tokens too), before pooling: what
+        the server's /embed_all answers; the native and torch runtimes give them."""
+        if self.task != "embed":
+            raise MillisError(f"this artifact is a {self.task} model; token embeddings come from an embedder")
+        if not gives_token_states(self.runtime):
+            raise MillisError(f"this artifact's runtime ({self.meta.variant.runtime}) returns pooled vectors alone: "
+                              "token states come from a native or torch variant")
+        ids, _ = self.encoder.token_ids(check_texts(texts))
+        out: list[np.ndarray] = []
+        for start in range(0, len(ids), MAX_BATCH):
+            rows = ids[start:start + MAX_BATCH]
+            states = self.runtime.token_states(self.encoder.pack(rows, max(map(len, rows))))  # (B, T, H)
+            out += [h[:len(r)] for h, r in zip(states, rows)]
+        return out
 
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         """Per text: label, score, probabilities per label, logits and whether it was truncated."""
