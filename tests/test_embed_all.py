@@ -83,6 +83,36 @@ def test_embed_all_is_the_last_hidden_state(tmp_path, tiny_dirs, quick_measure, 
         np.testing.assert_allclose(mean / np.linalg.norm(mean), vec, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "deberta-v2", "modernbert"])
+def test_native_token_states_match_hf_per_token(tmp_path, tiny_dirs, family):
+    """The native runtime's token states against transformers' last_hidden_state, token by token, with padding:
+    RoBERTa's shifted positions, MPNet's and DeBERTa's relative terms, ModernBERT's windows (a row past them), and a
+    BERT row with token type 1."""
+    import torch
+    from transformers import AutoModel
+
+    from conftest import native_fp32
+    from millis.common.samples import sample_texts
+    from millis.encoder.tasks import base_model_kwargs
+
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    folder = tiny_dirs[family]
+    src, enc, runtime = native_fp32(folder, "embed", tmp_path)
+    feeds = enc.encode(sample_texts()[:3] + [" ".join(sample_texts() * 3)]).feeds
+    mask = feeds["attention_mask"]
+    assert mask.sum(1).max() > 2 * 4 + 1 and mask.sum(1).min() < mask.shape[1]  # past ModernBERT's window; padding
+    if family == "bert":
+        feeds["token_type_ids"][1, 3:] = 1
+    got = runtime.token_states(feeds)
+    hf = AutoModel.from_pretrained(folder, **base_model_kwargs(src.model_type)).eval()
+    with torch.no_grad():
+        want = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    want = want * mask[..., None]
+    assert got.shape == want.shape and not got[mask == 0].any()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_embed_all_refusals(tmp_path, quick_measure):
     model = open_model("tiny:bert", "embed")
     with serve(model, max_batch_tokens=64, too_long="reject") as client:
@@ -107,6 +137,28 @@ def test_embed_all_refusals(tmp_path, quick_measure):
         assert client.post("/embed", json={"inputs": TEXTS}).status_code == 200
     with pytest.raises(MillisError, match=r"runtime \(onnxruntime\) returns pooled vectors alone"):
         ort.token_embeddings(TEXTS)
+
+
+def test_the_answer_goes_out_in_pieces():
+    """/embed_all's JSON is written in pieces of about PIECE_FLOATS, the loop free between them, and is the JSON of
+    the arrays (orjson's floats)."""
+    import orjson
+
+    from millis.serve.encoder.tei_routes import PIECE_FLOATS, json_pieces
+
+    out = [np.random.default_rng(0).standard_normal((n, 384)).astype(np.float32) for n in (300, 1, 7)]
+
+    async def collect():
+        return [p async for p in json_pieces(out)]
+
+    pieces = asyncio.run(collect())
+    assert len(pieces) > 300 * 384 // PIECE_FLOATS and max(map(len, pieces)) < 20 * PIECE_FLOATS
+    assert b"".join(pieces) == orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert asyncio.run(_one(json_pieces([np.zeros((0, 4), np.float32)]))) == b"[[]]"
+
+
+async def _one(gen) -> bytes:
+    return b"".join([p async for p in gen])
 
 
 def test_batcher_runs_each_kind_in_calls_of_its_own():

@@ -157,7 +157,9 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT}}
             paths["/embed_all"] = _tei_post("text-embeddings-inference's /embed_all: every token's last hidden state, "
                                             "before pooling", req, _json({"type": "array", "items": vecs}),
-                                            {"424": "this artifact's runtime returns pooled vectors alone"})
+                                            {"424": "this artifact's runtime returns pooled vectors alone",
+                                             "413": "a body over the limit, or more token vectors than "
+                                                    "--max-batch-tokens"})
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,

@@ -312,7 +312,7 @@ class Batcher:
             if err is not None:
                 job.future.set_exception(RuntimeError(f"runtime failed: {err}"))
                 continue
-            job.out[i] = y[k, :len(job.rows[i])] if job.tokens else y[k]
+            job.out[i] = y[k, :len(job.rows[i])].copy() if job.tokens else y[k]  # (not a view of the batch)
             job.pending -= 1
             if job.pending == 0:
                 job.future.set_result(None)
