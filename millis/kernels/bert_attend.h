@@ -158,8 +158,8 @@ static void attend_keys(const ctx_t* c, int64_t sq, int h, int k0, int L, int qa
    taking the output straight from the tiles, to their xq rows in the region of the part whose first token is
    `base`: op_quant_att is skipped then). Where the token split packed this layer's keys and values (c->kv), from
    those. A sliding-window layer's queries go in spans of about the window, each against the keys its window
-   reaches alone (the rest would score WINDOW_BIAS: exactly 0 in the softmax), so a long input's local layers cost
-   (span + 2 window) keys a query, not L. */
+   reaches alone (the rest would score WINDOW_BIAS: 0 in the softmax, ~2^-126 where the int8 form clamps its
+   exponent), so a long input's local layers cost (span + 2 window) keys a query, not L. */
 static void attend(const ctx_t* c, int64_t sq, int h, int qa, int qb, int64_t base, int64_t dst) {
     const bert_w* m = c->m;
     const int D = m->dim, HD = m->head_dim;
