@@ -1,7 +1,7 @@
 """TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
-task, /embed_all and /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder embeds, or
-compares sentences when `inputs` is an object; a classifier with one label reranks, another predicts); GET /info; GET /
-and /ping as /ready; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
+task, /embed_all and /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder
+embeds, or compares sentences when `inputs` is an object; a classifier with one label reranks, another predicts); GET
+/info; GET / and /ping as /ready; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -39,7 +39,8 @@ async def json_pieces(out: list[np.ndarray]) -> AsyncIterator[bytes]:
 
 
 # the paths tei_routes answers in TEI's shape (the Ray gateway answers its own errors on them so too)
-TEI_PATHS = frozenset({"/embed", "/embed_all", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info", "/decode"})
+TEI_PATHS = frozenset({"/embed", "/embed_all", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info",
+                       "/decode"})
 
 
 def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Callable,
@@ -62,7 +63,8 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         req = tei.embed_all_request(body, st.limits)
         if not st.gives_token_states():
             raise ApiError(424, f"this artifact's runtime ({model.meta.variant.runtime}) returns pooled vectors alone: "
-                                "token states come from a native or torch variant (optimize --runtimes native,torch)",
+                                "token states come from a native or torch variant (optimize --variants "
+                                "native-..., torch-fp32)",
                            param="inputs", code="no_token_states")
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate), tokens=True)
