@@ -14,7 +14,7 @@ import numpy as np
 
 from millis.common.errors import MillisError
 from millis.encoder import deberta, modernbert
-from millis.encoder.source import NO_TOKEN_TYPE, Pooling, position_offset
+from millis.encoder.source import NO_TOKEN_TYPE, SPLADE, Pooling, position_offset
 
 ACTS = ("gelu",)  # BERT's erf GELU; tanh variants would need their own epilogue
 # model_types of BERT's post-LayerNorm layers (RoBERTa: positions offset, one type; DistilBERT: other names, no types;
@@ -305,6 +305,38 @@ def check_shapes(enc) -> None:
             raise MillisError(f"the weights' {' + '.join(names)} is {got}, but config.json needs {at_least}{s}")
 
 
+# the head's parts by family, under bert_names' names: transform (dense, LayerNorm), the vocabulary matrix (absent
+# where it is tied to the word embeddings: save_pretrained leaves it out) and its bias
+ROBERTA_MLM = ("lm_head.dense.", "lm_head.layer_norm.", "lm_head.decoder.", "lm_head.bias")
+MLM_HEADS = {"bert": ("cls.predictions.transform.dense.", "cls.predictions.transform.LayerNorm.",
+                      "cls.predictions.decoder.", "cls.predictions.bias"),
+             "distilbert": ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "vocab_projector.bias"),
+             "roberta": ROBERTA_MLM, "xlm-roberta": ROBERTA_MLM}
+
+
+class MlmArrays:
+    """A masked LM's head (SPLADE's: millis.encoder.splade) as float32 arrays: transform tw (H, H), tb, lnw, lnb;
+    vocabulary wv (V, H), bv (V,)."""
+
+    def __init__(self, state: dict, cfg):
+        if cfg.family not in MLM_HEADS:
+            raise MillisError(f"SPLADE on the native encoder reads the masked-LM heads of {', '.join(MLM_HEADS)}, not "
+                              f"{cfg.family}'s: serve it with ONNX Runtime, OpenVINO or torch")
+        dense, norm, dec, bias = MLM_HEADS[cfg.family]
+        names = {"tw": dense + "weight", "tb": dense + "bias", "lnw": norm + "weight", "lnb": norm + "bias",
+                 "wv": dec + "weight" if dec + "weight" in state else EMBEDDINGS["word"][0], "bv": bias}
+        for k, n in names.items():
+            if n not in state:
+                raise MillisError(f"the weights have no {n!r}: SPLADE needs the masked-LM head (a *ForMaskedLM "
+                                  f"checkpoint)")
+            setattr(self, k, np.ascontiguousarray(np.asarray(state[n], np.float32)))
+        H, V = cfg.hidden, cfg.vocab
+        for k, want in (("tw", (H, H)), ("tb", (H,)), ("lnw", (H,)), ("lnb", (H,)), ("wv", (V, H)), ("bv", (V,))):
+            if getattr(self, k).shape != want:
+                raise MillisError(f"the weights' {names[k]} is {getattr(self, k).shape}, config.json needs {want}")
+        self.eps = cfg.eps
+
+
 class LayerArrays(NamedTuple):  # millis.gpu.encoder.LayerWeights' fields, as float32 arrays
     wqkv: np.ndarray
     bqkv: np.ndarray
@@ -347,7 +379,9 @@ class BertArrays:
         if task == "classify":
             for k, names in head_parts(cfg).items():
                 setattr(self, k, get(names))
-        self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
+        # SPLADE: the masked-LM head its vectors come from (millis.encoder.splade)
+        self.mlm = MlmArrays(s, cfg) if task == "embed" and pooling.mode == SPLADE else None
+        self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.vocab if self.mlm else cfg.hidden
         check_shapes(self)
 
 

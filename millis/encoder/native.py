@@ -40,6 +40,7 @@ from millis.encoder.bert_weights import check_shapes, head_activation, relative_
 from millis.encoder.weight_formats import f32, q7_0, to_bf16
 from millis.encoder.smooth import GEMMS, alpha_for, input_amax, smoothing_scales
 from millis.encoder.source import Pooling, pools_tokens
+from millis.encoder.splade import splade_head
 from millis.kernels.native import (TYPE_BF16_AMX, TYPE_BF16_PAIRS, TYPE_F32, TYPE_Q7_0, TYPE_Q7_A7, TYPE_Q7_ROW,
                                    TYPE_Q7_ROW8, TYPE_Q8_0, TYPE_Q8_ROW, TYPE_Q8_0_X16, XBLOCK_BYTES, Mat, add_amx_tiles,
                                    aligned_empty, contiguous_masks, init_amx, offsets, pack_matrix)
@@ -91,13 +92,10 @@ def library():
     if isa is None:
         return None
     lib = build("bert_forward", SOURCES, isa)
-    lib.bert_forward.restype = ctypes.c_int
+    lib.bert_forward.restype, lib.bert_pool.restype, lib.bert_encode.restype = ctypes.c_int, None, ctypes.c_int
     lib.bert_forward.argtypes = [P, P, I64, P, P, P, I64, P, ctypes.c_int, ctypes.c_int]
-    lib.bert_pool.restype = None
     lib.bert_pool.argtypes = [P, ctypes.c_int, I64, P, ctypes.c_int, ctypes.c_int, P]
-    lib.bert_encode.restype = ctypes.c_int
-    lib.bert_encode.argtypes = [P, P, P, ctypes.c_int, I64, I64, I64, I64, P, P, P, ctypes.c_int, ctypes.c_int,
-                                ctypes.c_int, P]
+    lib.bert_encode.argtypes = [P, P, P, ctypes.c_int, I64, I64, I64, I64, P, P, P] + [ctypes.c_int] * 3 + [P]
     return lib
 
 
@@ -219,7 +217,7 @@ class NativeBert:
         if self.task == "classify":  # (B, D) fp32 work: pooler act(W h_cls + b) (tanh, ReLU), then the classifier
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
             self.head_norm = (f32(e.head_lnw), f32(e.head_lnb)) if c.prenorm else None  # ModernBERT's, after its GELU
-        self.out_dim = e.out_dim
+        self.out_dim, self.splade = e.out_dim, splade_head(e, lib, precision, self.threads)  # SPLADE's head or None
         self.buffers: dict[str, np.ndarray] = {}
         self.capacity = self.slot_capacity = 0
         self.lock = threading.Lock()  # one forward at a time: the scratch is shared
@@ -340,6 +338,8 @@ class NativeBert:
         call (bert_batch.c's bert_encode: the kept tokens, the forward and the pooling; a [CLS] head's last layer
         at the first tokens alone), then the (B, D) head in numpy where there is one: head_of's steps."""
         ids, mask, types = self.inputs(input_ids, attention_mask, token_type_ids)
+        if self.splade:  # the masked-LM head on every kept token's state (millis.encoder.splade)
+            return self.splade.vectors(self, ids, mask, types)
         B, T = ids.shape
         p: Pooling = self.pooling
         tokens, head = self.pools_tokens(), self.task == "classify"  # (a head on the mean: ModernBERT's classifiers)

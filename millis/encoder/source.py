@@ -26,6 +26,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.b
                    "tokenizer.model")
 SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  # transformers reads them with it
 POOLING_MODES = ("mean", "cls", "max")
+# SPLADE (sentence-transformers' SparseEncoder: MLMTransformer + SpladePooling; TEI's --pooling splade): a masked-LM's
+# vocabulary logits, log(1 + relu(logit)), the max over a text's tokens: one sparse vector of vocabulary weights
+SPLADE = "splade"
+MLM_ARCHS = ("ForMaskedLM",)  # config.json architectures a SPLADE folder's weights must come from
 
 
 def hashed_weights(path: Path, weights: list[Path]) -> list[Path]:
@@ -80,7 +84,7 @@ def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
 class Pooling:
     """How token states become one sentence vector (the sentence-transformers folder decides)."""
 
-    mode: str = "mean"       # mean | cls | max
+    mode: str = "mean"       # mean | cls | max | splade (SPLADE)
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
@@ -91,7 +95,7 @@ def pools_tokens(task: str, pooling: Pooling) -> bool:
     """Whether a task's head reads every token's last hidden state (mean / max pooling), not only each sequence's
     first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at the
     first tokens alone (millis.gpu.encoder, millis.encoder.native)."""
-    return task != "classify" and pooling.mode in ("mean", "max")
+    return task != "classify" and pooling.mode in ("mean", "max", SPLADE)
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,10 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     weights = weight_files(path)
     archs = cfg.get("architectures") or []
     has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    pooling = read_pooling(path)
+    if pooling.mode == SPLADE and not any(a.endswith(MLM_ARCHS) for a in archs):
+        raise MillisError(f"{path} declares SPLADE pooling (modules.json) but its config.json architectures "
+                          f"{archs or '(none)'} have no masked-LM head (*ForMaskedLM): SPLADE pools its logits")
     # transformers' names where the config gives only a count: LABEL_0, LABEL_1, ...
     id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or \
         {i: f"LABEL_{i}" for i in range(int(cfg.get("num_labels") or len(cfg.get("label2id") or {})))}
@@ -205,7 +213,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     return ModelSource(
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
-        has_classifier=has_classifier, id2label=id2label, pooling=read_pooling(path),
+        has_classifier=has_classifier and pooling.mode != SPLADE, id2label=id2label, pooling=pooling,
         sha256=hash_files([cfg_file] + hashed_weights(path, weights)),
         attention_size=attention_size, problem_type=str(cfg.get("problem_type") or ""),
         segments=pair_segments(path, cfg, model_type),
@@ -280,11 +288,23 @@ def read_pooling(path: Path) -> Pooling:
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
     for m in modules:
-        if m.get("type", "").endswith("Pooling"):
+        if m.get("type", "").endswith("SpladePooling"):
+            mode = splade_mode(path / m.get("path", "") / "config.json")
+        elif m.get("type", "").endswith("Pooling"):
             pc = path / m.get("path", "") / "config.json"
             if pc.is_file():
                 mode = pooling_mode(pc, json.loads(pc.read_text()))
     return Pooling(mode=mode, normalize=normalize)
+
+
+def splade_mode(pc: Path) -> str:
+    """A SpladePooling module's config.json (sentence-transformers' SparseEncoder): SPLADE's max of log(1 + relu)
+    over the tokens is what millis computes (the defaults); another strategy or activation is refused by name."""
+    p = json.loads(pc.read_text()) if pc.is_file() else {}
+    for key, want in (("pooling_strategy", "max"), ("activation_function", "relu")):
+        if p.get(key, want) != want:
+            raise MillisError(f"{pc}: {key} {p[key]!r} is not supported; SPLADE pooling here is {key} {want!r}")
+    return SPLADE
 
 
 def pooling_mode(pc: Path, p: dict) -> str:

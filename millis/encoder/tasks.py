@@ -1,7 +1,8 @@
 """Task heads as torch modules, so pooling and normalisation live inside the exported graph.
 
 classify: (input_ids, attention_mask[, token_type_ids]) -> logits (B, num_labels)
-embed:    (input_ids, attention_mask[, token_type_ids]) -> embedding (B, H)
+embed:    (input_ids, attention_mask[, token_type_ids]) -> embedding (B, H); SPLADE pooling: (B, vocab), from a
+          masked-LM's logits (splade_pool)
 """
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.encoder.hf import load_hf
-from millis.encoder.source import OUTPUT_NAME, ModelSource, Pooling  # noqa: F401 -- OUTPUT_NAME: read from here too
+from millis.encoder.source import SPLADE, OUTPUT_NAME, ModelSource, Pooling  # noqa: F401 -- OUTPUT_NAME: read here too
+
+
+def splade_pool(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked-LM logits (B, T, V), mask (B, T) of 0/1 -> (B, V): max over the kept tokens of log(1 + relu(logit)), as
+    sentence-transformers' SpladePooling (every value >= 0, so a dropped token's 0 never wins over a kept one's)."""
+    return (torch.log1p(torch.relu(logits)) * mask.unsqueeze(-1).to(logits.dtype)).amax(dim=1)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     # hidden (B, T, H), mask (B, T) of 0/1 -> (B, H)
+    if pooling.mode == SPLADE:
+        raise MillisError("SPLADE pools a masked-LM's logits, not hidden states (splade_pool)")
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if pooling.mode == "cls":
         out = hidden[:, 0]
@@ -42,6 +51,9 @@ class TaskModel(nn.Module):
         out = self.hf(**kw)
         if self.task == "classify":
             return out.logits
+        if self.pooling.mode == SPLADE:
+            v = splade_pool(out.logits, attention_mask)
+            return nn.functional.normalize(v, p=2.0, dim=-1) if self.pooling.normalize else v
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 
 
@@ -56,7 +68,7 @@ def base_model_kwargs(model_type: str) -> dict:
 
 def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> TaskModel:
     """Load the HF weights for `task`. attn="eager" gives the attention pattern ORT fuses."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # silence "some weights were not used" for the dropped head
@@ -68,6 +80,8 @@ def load_task_model(src: ModelSource, task: str, attn: str = "sdpa", dtype: torc
             raise MillisError(f"{src.spec} has no sequence-classification head (architectures in config.json); "
                               f"fine-tune one first, or use --task embed")
         hf = load_hf(src.path, AutoModelForSequenceClassification, attn_implementation=attn, dtype=dtype)
+    elif src.pooling.mode == SPLADE:  # the masked-LM head: its vocabulary logits are what SPLADE pools
+        hf = load_hf(src.path, AutoModelForMaskedLM, attn_implementation=attn, dtype=dtype)
     else:
         hf = load_hf(src.path, AutoModel, attn_implementation=attn, dtype=dtype, **base_model_kwargs(src.model_type))
     return TaskModel(hf.eval(), task, src.pooling, src.input_names).eval()

@@ -4,7 +4,9 @@
 modernbert): a sequence classifier with three
 labels that is also a sentence-transformers folder (mean pooling + Normalize), so one directory
 serves both tasks. `tiny:<family>-reranker`: the same model with one logit, a cross-encoder as ms-marco-MiniLM
-(for --task rerank and the rerank routes). Built once per name into the millis cache; weights are seeded.
+(for --task rerank and the rerank routes). `tiny:<family>-splade` (bert, distilbert, roberta): a masked LM saved as
+sentence-transformers' SparseEncoder (MLMTransformer + SpladePooling), a SPLADE embedder. Built once per name into
+the millis cache; weights are seeded.
 
 The weights are drawn with initializer_range 0.2, not transformers' 0.02: at 0.02 and hidden size 32 the
 attention barely mixes tokens and the classifier's logits are all but constant (every text within ~1e-4 of
@@ -27,6 +29,9 @@ FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra", 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 RERANKER = "-reranker"  # tiny:<family>-reranker: one logit (relevance)
 RERANK_LABELS = {0: "LABEL_0"}  # what transformers names a one-label head
+SPLADE = "-splade"  # tiny:<family>-splade: the family's masked LM with SPLADE pooling
+SPLADE_FAMILIES = ("bert", "distilbert", "roberta")  # the masked-LM heads millis.encoder.splade reads
+SPLADE_BIAS = -2.5  # the vocabulary logits' bias: ~1 logit in 20 positive (the random weights' ~1 in 2)
 INIT_RANGE = 0.2  # std of the normal weights (see the module's docstring)
 # Each family's torch seed. Over the shipped sample texts and short forms of them as optimize judges (79 texts), of
 # the seeds that make a second label the argmax of 8 or more texts, the one whose smallest gap between a text's two
@@ -77,10 +82,11 @@ def _config(family: str, vocab_size: int, labels: dict[int, str]):
 
 def build_tiny(name: str, root: Path | None = None) -> Path:
     """Return the directory of the tiny model `name` (a family, or a family's reranker), building it on first use."""
-    family = name.removesuffix(RERANKER)
-    if family not in FAMILIES:
-        raise MillisError(f"unknown tiny model {name!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}, and "
-                          f"tiny:<family>{RERANKER} (a one-logit cross-encoder)")
+    family = name.removesuffix(RERANKER).removesuffix(SPLADE)
+    if family not in FAMILIES or (name.endswith(SPLADE) and family not in SPLADE_FAMILIES):
+        raise MillisError(f"unknown tiny model {name!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}, "
+                          f"tiny:<family>{RERANKER} (a one-logit cross-encoder), and tiny:<family>{SPLADE} for "
+                          f"{', '.join(SPLADE_FAMILIES)} (a SPLADE embedder)")
     from millis.common.files import cache_dir
 
     # v2: the tokenizer has its full vocab; v3: initializer_range 0.2 (input-dependent outputs)
@@ -89,7 +95,7 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
         return out
     import torch
     from tokenizers.implementations import BertWordPieceTokenizer
-    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertTokenizerFast
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
@@ -105,9 +111,37 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
         raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
     tok.save_pretrained(tmp)
     torch.manual_seed(SEEDS[family])
-    labels = RERANK_LABELS if name != family else LABELS
-    model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab), labels)).eval()
-    model.save_pretrained(tmp)
+    labels = RERANK_LABELS if name.endswith(RERANKER) else LABELS
+    if name.endswith(SPLADE):
+        model = AutoModelForMaskedLM.from_config(_config(family, len(vocab), labels)).eval()
+        with torch.no_grad():  # most logits below 0, as a trained SPLADE's: sparse vectors, zeros to keep exact
+            model.get_output_embeddings().bias.fill_(SPLADE_BIAS)
+        model.save_pretrained(tmp)
+        save_splade_modules(tmp)
+    else:
+        model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab), labels)).eval()
+        model.save_pretrained(tmp)
+        save_mean_modules(tmp)
+    try:
+        tmp.rename(out)  # atomic: concurrent builders race safely, the loser's copy is dropped
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_splade_modules(d: Path) -> None:
+    """sentence-transformers' SparseEncoder layout: the masked LM, then SPLADE pooling (max of log(1 + relu))."""
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
+        {"idx": 1, "name": "1", "path": "1_SpladePooling",
+         "type": "sentence_transformers.sparse_encoder.models.SpladePooling"}], indent=2))
+    (d / "1_SpladePooling").mkdir()
+    (d / "1_SpladePooling" / "config.json").write_text(json.dumps(
+        {"pooling_strategy": "max", "activation_function": "relu", "word_embedding_dimension": None}))
+
+
+def save_mean_modules(tmp: Path) -> None:
+    """sentence-transformers' layout of a mean-pooled, normalized embedder."""
     (tmp / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -115,8 +149,3 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
     ], indent=2))
     (tmp / "1_Pooling").mkdir()
     (tmp / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    try:
-        tmp.rename(out)  # atomic: concurrent builders race safely, the loser's copy is dropped
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -249,6 +249,13 @@ def offsets(start, n: int, exact: bool = False) -> np.ndarray:
     return np.ascontiguousarray(s, np.int32)
 
 
+def kept_tokens(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (B, T) 0 / 1 mask -> the kept tokens' rows and columns (n,) in row order, and each row's offsets in that
+    flat order (B + 1,): how the native encoder's flat forward takes a padded batch."""
+    rows, cols = np.nonzero(mask)
+    return rows, cols, np.concatenate([[0], np.cumsum(np.count_nonzero(mask, axis=1))])
+
+
 def contiguous_masks(mask: np.ndarray) -> bool:
     """Whether each row's ones of a (B, T) 0 / 1 mask are one run: the kept tokens' distances in the flat batch
     are then their columns' (a relative bias or a window measured on the flat tokens equals HF's on columns)."""

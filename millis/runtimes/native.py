@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from millis.encoder.source import Pooling, dir_pooling
+from millis.kernels.native import kept_tokens
 from millis.runtimes.base import check_batch
 
 
@@ -45,8 +46,7 @@ class NativeRuntime:
         where the mask drops a token."""
         feeds = check_batch(batch, self.input_names)
         ids, mask, types = self.model.inputs(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
-        rows, cols = np.nonzero(mask)
-        start = np.concatenate([[0], np.cumsum(np.count_nonzero(mask, axis=1))])
+        rows, cols, start = kept_tokens(mask)
         kept = self.model.hidden_states(ids[rows, cols], cols, np.zeros_like(cols) if types is None else
                                         types[rows, cols], start)
         out = np.zeros((*ids.shape, kept.shape[1]), np.float32)

@@ -30,10 +30,10 @@ STATUS = ("2xx", "4xx", "429", "503", "5xx")  # answer classes; 429 and 503 (she
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 # the routes whose served (2xx) answers are timed for the latency percentiles (cheap ones such as /v1/models,
 # and the 429s of a server shedding load, would only pull them down); every answer still counts by status.
-# TEI's routes (/embed, /embed_all, /similarity, /predict, /rerank) are model routes too
+# TEI's routes (/embed, /embed_all, /embed_sparse, /similarity, /predict, /rerank) are model routes too
 MODEL_ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v2/rerank", "/v1/completions",
-                          "/v1/chat/completions", "/embed", "/embed_all", "/similarity", "/predict", "/rerank", "/",
-                          "/invocations"})
+                          "/v1/chat/completions", "/embed", "/embed_all", "/embed_sparse", "/similarity", "/predict",
+                          "/rerank", "/", "/invocations"})
 
 # Live.req columns: answers by status class, then per-stage sums (seconds) and counts, then tokens
 REQ_COLS = (*STATUS, "queue_s", "tokenize_s", "inference_s", "stages", "tokens")

@@ -121,12 +121,13 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ encoder
 
 def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0, vocab_size: int = 0,
-                 unit: bool = False, max_length: int = 0, problem_type: str = "", token_states: bool = True
-                 ) -> dict[str, Any]:
+                 unit: bool = False, max_length: int = 0, problem_type: str = "", token_states: bool = True,
+                 sparse: bool = True) -> dict[str, Any]:
     """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size /
     max_length 0 while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false
     refused); problem_type: a classifier's (with n_labels: whether it reranks, numeric.not_a_reranker);
-    token_states: its runtime gives them (/embed_all; without, the route refuses every request: 424)."""
+    token_states: its runtime gives them (/embed_all; without, the route refuses every request: 424); sparse: it pools
+    SPLADE vectors (/embed_sparse, 424 otherwise)."""
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -160,6 +161,14 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
                                             {"424": "this artifact's runtime returns pooled vectors alone",
                                              "413": "a body over the limit, or more token vectors than "
                                                     "--max-batch-tokens"})
+        if sparse:
+            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT}}
+            weight = {"type": "object", "required": ["index", "value"], "properties": {
+                "index": {"type": "integer", "minimum": 0}, "value": {"type": "number"}}}
+            paths["/embed_sparse"] = _tei_post("text-embeddings-inference's /embed_sparse: a SPLADE model's nonzero "
+                                               "vocabulary weights per text", req, _json(
+                                                   {"type": "array", "items": {"type": "array", "items": weight}}),
+                                               {"424": "the model pools no SPLADE vectors"})
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,

@@ -27,7 +27,7 @@ from millis.runtimes.base import gives_token_states, shares_scales_across_rows
 from millis.serve import openapi, schemas
 from millis.encoder.text import bucket_length
 from millis.serve.encoder.batcher import Batcher, Job, Overloaded, RuntimeThread, ShuttingDown, timing_headers
-from millis.serve.encoder import tei_tokens
+from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.tei_routes import tei_routes
 from millis.serve.encoder.rerank import COHERE, Shape, distinct, pair_key, relevance, rerank_request, rerank_response
 from millis.serve.config import WARM_MAX_TOKENS, ServeConfig
@@ -395,4 +395,4 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         task or (st.model.task if st.model else ""), st.name, cfg.max_inputs, st.dim, st.dim,
         st.model.vocab_size if st.model else 0, bool(st.model and st.model.meta.source.pooling.normalize),
         st.model.max_length if st.model else 0, st.model.problem_type if st.model else "",
-        st.model is None or st.gives_token_states()))
+        st.model is None or st.gives_token_states(), st.model is None or tei.sparse_model(st.model)))

@@ -9,6 +9,8 @@
     POST /rerank   {"query", "texts", "return_text", "raw_scores"}: millis.serve.encoder.rerank
     POST /embed_all {"inputs": ..., "truncate": null} -> [[[float, ...] a token, ...] a text, ...]: every token's last
                    hidden state (special tokens too), before pooling: the native and torch runtimes' (another's, 424)
+    POST /embed_sparse {"inputs": ..., "truncate": null} -> [[{"index": int, "value": float}, ...] a text, ...]: a
+                   SPLADE model's nonzero vocabulary weights (another model: 424); its /embed gives the whole vector
     POST /similarity {"inputs": {"source_sentence": "...", "sentences": ["...", ...]}, "parameters": {"truncate":
                    null}} -> [cosine of each sentence with the source, ...] (one batch, as TEI embeds them)
     POST /, /invocations: whichever of these the model's task serves (TEI's routes by model type; huggingface_hub's
@@ -32,6 +34,7 @@ import numpy as np
 
 from millis import __version__
 from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, unit_rows
+from millis.encoder.source import SPLADE
 from millis.serve.http import TEI_INVALID
 from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, embedding_input, integer,
                                   shortened, texts_of)
@@ -70,15 +73,32 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
                       boolean(body, "truncate"), normalize, integer(body, "dimensions", 1, dim, dim))
 
 
-def embed_all_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
-    """TEI's /embed_all: `inputs` as /embed's, `truncate`; no normalize or dimensions (token states as they are)."""
+def embed_all_request(body: dict[str, Any], limits: Limits, route: str = "/embed_all") -> TeiRequest:
+    """TEI's /embed_all and /embed_sparse: `inputs` as /embed's, `truncate`; no normalize or dimensions (token states,
+    or SPLADE's vocabulary weights, as the model computes them)."""
     check_cut(body)
+    what = "each token's state" if route == "/embed_all" else "each text's vocabulary weights"
     for key in ("normalize", "dimensions"):
         if body.get(key) is not None:
-            raise ApiError(422, f"{key} is a field of /embed: /embed_all gives each token's state as the model computes "
-                                "it", param=key, code="invalid_value")
+            raise ApiError(422, f"{key} is a field of /embed: {route} gives {what} as the model computes them",
+                           param=key, code="invalid_value")
     return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
                       boolean(body, "truncate"))
+
+
+def sparse_model(model) -> bool:
+    """Whether a loaded model pools SPLADE vectors (its /embed_sparse answers; others refuse it, 424)."""
+    return model is not None and model.task == "embed" and model.meta.source.pooling.mode == SPLADE
+
+
+def sparse_response(out: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+    """SPLADE vectors (V,) -> TEI's /embed_sparse answer: per text its nonzero weights, [{"index", "value"}, ...] by
+    index."""
+    items = []
+    for v in out:
+        nz = np.flatnonzero(v)
+        items.append([{"index": i, "value": x} for i, x in zip(nz.tolist(), v[nz].tolist())])
+    return items
 
 
 def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: bool) -> list[np.ndarray]:

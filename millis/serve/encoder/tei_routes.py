@@ -1,5 +1,5 @@
 """TEI's routes on the encoder server (tei.py reads and answers their bodies): /embed, /predict and /rerank by
-task, /embed_all and /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder
+task, /embed_all, /embed_sparse (SPLADE) and /similarity for an embedder; / and /invocations as TEI routes them by model type (an embedder
 embeds, or compares sentences when `inputs` is an object; a classifier with one label reranks, another predicts); GET
 /info; GET / and /ping as /ready; POST /decode (tei_tokens.py; TEI's /tokenize shares millis's route: app.py)."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ async def json_pieces(out: list[np.ndarray]) -> AsyncIterator[bytes]:
 
 
 # the paths tei_routes answers in TEI's shape (the Ray gateway answers its own errors on them so too)
-TEI_PATHS = frozenset({"/embed", "/embed_all", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info",
+TEI_PATHS = frozenset({"/embed", "/embed_all", "/embed_sparse", "/similarity", "/predict", "/rerank", "/", "/invocations", "/info",
                        "/decode"})
 
 
@@ -69,6 +69,17 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate), tokens=True)
         return StreamingResponse(json_pieces(job.out), 200, timing_headers(job, tok_s, cut), "application/json")
+
+    async def embed_sparse(request: Request) -> Response:
+        model, body, arrived = await infer(request, "embed")
+        req = tei.embed_all_request(body, st.limits, "/embed_sparse")
+        if not tei.sparse_model(model):
+            raise ApiError(424, f"this model pools {model.meta.source.pooling.mode} vectors: /embed_sparse answers a "
+                                f"SPLADE model's (sentence-transformers' SparseEncoder: SpladePooling in modules.json)",
+                           param="inputs", code="not_sparse")
+        job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
+                                          reject=reject_of(req.truncate))
+        return json_response(tei.sparse_response(job.out), headers=timing_headers(job, tok_s, cut))
 
     async def similarity(request: Request) -> Response:
         return await similarity_body(request, *await infer(request, "embed"))
@@ -121,7 +132,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         return await tei_tokens.decode(model, body, st.limits, offload(st, request, arrived))
 
     return {"embed": [post("/embed", embed, tei.INVALID), post("/embed_all", embed_all, tei.INVALID),
-                      post("/similarity", similarity, tei.INVALID)],
+                      post("/embed_sparse", embed_sparse, tei.INVALID), post("/similarity", similarity, tei.INVALID)],
             "classify": [post("/predict", predict, tei.INVALID), post("/rerank", tei_rerank, tei.INVALID)],
             "": [post("/", root, tei.INVALID), post("/invocations", root, tei.INVALID),
                  Route("/info", endpoint(st, "/info", info, tei.INVALID), methods=["GET"]),

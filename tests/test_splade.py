@@ -1,0 +1,177 @@
+"""SPLADE (sentence-transformers' SparseEncoder: a masked LM + SpladePooling; TEI's /embed_sparse): the folder read as
+SPLADE pooling (or refused by name), the native head against transformers' masked-LM logits pooled by hand (max over
+a text's tokens of log(1 + relu)), every exported runtime through optimize, and the served routes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from millis.common.config import Shape
+from millis.common.errors import MillisError
+from millis.encoder.source import SPLADE, inspect_dir, read_pooling
+from millis.encoder.tiny import build_tiny
+from millis.kernels.native import native_isa, runnable_isas
+
+TEXTS = ["where is my card?", "hello", "the exchange rate I was given for my transfer looks wrong to me, please "
+         "check it again and tell me what the bank charged", "x"]
+
+
+def hf_splade(folder, texts: list[str]) -> np.ndarray:
+    """transformers' masked-LM logits of each text alone (no padding), pooled as SpladePooling: (N, V) float32."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    rows = []
+    with torch.no_grad():
+        for t in texts:
+            logits = hf(**tok([t], return_tensors="pt")).logits[0]       # (T, V)
+            rows.append(torch.log1p(torch.relu(logits)).amax(0).numpy())
+    return np.stack(rows)
+
+
+@contextlib.contextmanager
+def serve(model):
+    """A TestClient of the encoder app over `model`, once it answers /ready."""
+    from millis.serve.config import ServeConfig
+    from millis.serve.encoder import app as appmod
+
+    with TestClient(appmod.create_app(ServeConfig(artifact="x", model_name="m"), lambda: model, task="embed")) as c:
+        deadline = time.time() + 60
+        while c.get("/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        yield c
+
+
+def test_a_sparse_encoder_folder_reads_as_splade_and_other_strategies_are_refused(tmp_path):
+    folder = build_tiny("bert-splade")
+    src = inspect_dir(folder)
+    assert src.pooling.mode == SPLADE and not src.pooling.normalize and not src.has_classifier
+    for key, value in (("pooling_strategy", "sum"), ("activation_function", "log1p_relu")):
+        d = tmp_path / f"{key}"
+        shutil.copytree(folder, d)
+        (d / "1_SpladePooling" / "config.json").write_text(json.dumps({key: value}))
+        with pytest.raises(MillisError, match=f"{key} '{value}' is not supported"):
+            read_pooling(d)
+    d = tmp_path / "no-mlm"  # SPLADE pooling over a checkpoint without a masked-LM head
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, architectures=["BertModel"])))
+    with pytest.raises(MillisError, match="no masked-LM head"):
+        inspect_dir(d)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_native_splade_matches_transformers(family):
+    """fp32 within 1e-4 of transformers' logits pooled by hand, texts of 1 to ~30 tokens padded in one batch; the
+    vectors are sparse (most weights exactly 0, as the reference's); an all-padding row gives zeros."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    from millis.encoder.bert_weights import load_arrays
+    from millis.encoder.native import NativeBert
+    from millis.encoder.text import TextEncoder
+
+    folder = build_tiny(f"{family}-splade")
+    src = inspect_dir(folder)
+    want = hf_splade(folder, TEXTS)
+    assert 0.01 < (want > 0).mean() < 0.5  # sparse, and not empty
+    nb = NativeBert(load_arrays(folder, "embed", src.pooling), "fp32", 2)
+    feeds = TextEncoder(src.path, src.input_names, 128, segments=src.segments).encode(TEXTS).feeds
+    got = nb(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
+    assert got.shape == want.shape == (len(TEXTS), json.loads((folder / "config.json").read_text())["vocab_size"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert ((got > 0) == (want > 1e-4)).mean() > 0.999  # the same zeros, but for values at rounding's edge
+    mask = feeds["attention_mask"].copy()
+    mask[1] = 0  # a row with no token: a zero vector, the others unchanged
+    none = nb(feeds["input_ids"], mask, feeds.get("token_type_ids"))
+    assert not none[1].any() and np.array_equal(none[[0, 2, 3]], got[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])
+def test_splade_in_every_native_precision(isa, monkeypatch):
+    """Every native precision on every build this CPU runs against fp32 (cosine; the int8 vocabulary matrix's
+    rounding), a row alone = the row in its batch (bits), the head's chunks (CHUNK_TOKENS) = one pass."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    from millis.encoder import splade
+    from millis.encoder.bert_weights import load_arrays
+    from millis.encoder.native import PRECISIONS, NativeBert
+    from millis.encoder.smooth import input_amax
+    from millis.encoder.source import Pooling
+    from millis.encoder.text import TextEncoder
+    from millis.gpu.encoder import RunOptions, from_hf
+
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+    folder = build_tiny("bert-splade")
+    src = inspect_dir(folder)
+    arrays = load_arrays(folder, "embed", src.pooling)
+    amax = input_amax(from_hf(folder, "embed", Pooling(), RunOptions(dtype="fp32", fuse="torch", device="cpu")))
+    feeds = TextEncoder(src.path, src.input_names, 128, segments=src.segments).encode(TEXTS).feeds
+    args = (feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
+    ref = NativeBert(arrays, "fp32", 2)(*args)
+    for precision in PRECISIONS:
+        if precision == "bf16" and isa == "scalar":
+            continue
+        nb = NativeBert(arrays, precision, 2, amax)
+        got = nb(*args)
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() > 0.99, (precision, cos)
+        alone = nb(*(a[2:3] for a in args))
+        assert np.array_equal(alone[0], got[2]), precision
+        monkeypatch.setattr(splade, "CHUNK_TOKENS", 3)  # texts in chunks of a few tokens (or one text alone)
+        assert np.array_equal(nb(*args), got), precision
+        monkeypatch.setattr(splade, "CHUNK_TOKENS", 512)
+
+
+def test_optimize_serves_splade_on_every_runtime_and_embed_sparse(tmp_path, quick_measure):
+    """optimize's variants of a SPLADE folder (the exported graphs pool the masked LM's logits; the native head) all
+    near transformers; the chosen one served: /embed_sparse answers the nonzero weights of /embed's vector with
+    normalize false, in TEI's shape; its fields are checked; a mean-pooled embedder answers 424 and leaves the route
+    out of its OpenAPI."""
+    from millis.artifact.model import open_model
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+
+    folder = build_tiny("bert-splade")
+    variants = ("torch-fp32", "ort-fp32-fused", "ort-int8-dynamic", "ov-fp32") + \
+        (("native-fp32", "native-int8-row") if native_isa() else ())
+    want = hf_splade(folder, TEXTS)
+    for variant in variants:
+        out = optimize(OptimizeConfig(source="tiny:bert-splade", task="embed", out=str(tmp_path / variant),
+                                      target=Shape(1, 16), variants=(variant,), measure=quick_measure))
+        got = open_model(out).embed(TEXTS)
+        assert got.shape == want.shape
+        if variant.endswith("fp32"):
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=variant)
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.98, (variant, cos)
+    model = open_model(tmp_path / variants[-1])
+    vecs = model.embed(TEXTS)
+    with serve(model) as c:
+        r = c.post("/embed_sparse", json={"inputs": TEXTS})
+        assert r.status_code == 200, r.text
+        for items, v in zip(r.json(), vecs):
+            assert [i["index"] for i in items] == np.flatnonzero(v).tolist()
+            np.testing.assert_allclose([i["value"] for i in items], v[v != 0], rtol=1e-6)
+        assert len(c.post("/embed_sparse", json={"inputs": TEXTS[0]}).json()) == 1
+        dense = np.asarray(c.post("/embed", json={"inputs": TEXTS, "normalize": False}).json())
+        np.testing.assert_allclose(dense, vecs, rtol=1e-6)
+        for body, field, status in (({"inputs": TEXTS, "normalize": True}, "normalize", 422),
+                                    ({"inputs": []}, "inputs", 400), ({"inputs": TEXTS, "truncate": "yes"}, "truncate",
+                                                                       422)):
+            r = c.post("/embed_sparse", json=body)  # (TEI's codes: an empty input is its 400, as on /embed)
+            assert r.status_code == status and r.json()["param"] == field, (body, r.text)
+        assert "/embed_sparse" in c.get("/openapi.json").json()["paths"]
+    mean = open_model(build_tiny("bert"), task="embed", device="cpu")
+    with serve(mean) as c:
+        r = c.post("/embed_sparse", json={"inputs": TEXTS})
+        assert r.status_code == 424 and "SPLADE" in r.text, r.text
+        assert "/embed_sparse" not in c.get("/openapi.json").json()["paths"]
+        assert c.post("/embed", json={"inputs": TEXTS}).status_code == 200  # the server still answers
