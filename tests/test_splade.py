@@ -60,6 +60,10 @@ def test_a_sparse_encoder_folder_reads_as_splade_and_other_strategies_are_refuse
         (d / "1_SpladePooling" / "config.json").write_text(json.dumps({key: value}))
         with pytest.raises(MillisError, match=f"{key} '{value}' is not supported"):
             read_pooling(d)
+    from millis.gpu.encoder import RunOptions, from_hf
+
+    with pytest.raises(MillisError, match="no masked-LM head"):  # the CUDA encoder's form, refused by name
+        from_hf(folder, "embed", src.pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
     d = tmp_path / "no-mlm"  # SPLADE pooling over a checkpoint without a masked-LM head
     shutil.copytree(folder, d)
     cfg = json.loads((d / "config.json").read_text())

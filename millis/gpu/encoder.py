@@ -32,7 +32,7 @@ from millis.gpu.w8a8_kernels import linear
 from millis.encoder.bert_weights import (GEMM_PARTS, PROJECTION, REL_BIAS, EncoderConfig, bert_names, check_parts,
                                          embedding_parts, head_activation, head_parts, layer_parts,
                                          relative_bias_table, relative_parts)
-from millis.encoder.source import Pooling, pools_tokens
+from millis.encoder.source import SPLADE, Pooling, pools_tokens
 from millis.encoder.tasks import pool
 
 FUSES = ("triton", "torch")
@@ -128,6 +128,9 @@ class Encoder:
     def __init__(self, cfg: EncoderConfig, state: dict[str, torch.Tensor], task: str, pooling: Pooling,
                  options: RunOptions = RunOptions()):
         self.cfg, self.task, self.pooling, self.options = cfg, task, pooling, options
+        if task == "embed" and pooling.mode == SPLADE:  # (it holds no masked-LM head)
+            raise MillisError("millis's compact torch / CUDA encoder has no masked-LM head: SPLADE models run on the "
+                              "native CPU encoder, ONNX Runtime, OpenVINO or torch")
         dev, dt = torch.device(options.device), torch_dtype(options.dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise MillisError("the CUDA encoder needs a CUDA GPU (torch.cuda.is_available() is False)")
