@@ -64,6 +64,13 @@ def test_a_sparse_encoder_folder_reads_as_splade_and_other_strategies_are_refuse
 
     with pytest.raises(MillisError, match="no masked-LM head"):  # the CUDA encoder's form, refused by name
         from_hf(folder, "embed", src.pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    from millis.optimize.compress import candidates
+    from millis.train.distill import distill, distill_config
+
+    with pytest.raises(MillisError, match="SPLADE model"):  # students learn pooled states: no masked-LM head
+        candidates(src, "embed", "quick", "", "text", progress=lambda m: None)
+    with pytest.raises(MillisError, match="SPLADE model"):
+        distill(distill_config(str(folder), str(tmp_path / "none.csv"), out=str(tmp_path / "s"), task="embed"))
     d = tmp_path / "no-mlm"  # SPLADE pooling over a checkpoint without a masked-LM head
     shutil.copytree(folder, d)
     cfg = json.loads((d / "config.json").read_text())

@@ -26,7 +26,7 @@ from millis.train.loop import (Progress, TaskData, check_out, cut_note, data_met
                                seed_all, tokenize, train_length, val_accuracy)
 from millis.evaluate.seen import distill_texts
 from millis.encoder.hf import cut_layers, layer_list, load_hf
-from millis.encoder.source import ModelSource, resolve
+from millis.encoder.source import SPLADE, ModelSource, resolve
 from millis.encoder.tasks import base_model_kwargs
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
 
@@ -180,6 +180,8 @@ def distill(cfg: DistillConfig, progress: Progress = lambda event, fields: None)
     if task == "classify" and not src.has_classifier:
         raise MillisError(f"teacher {src.spec} has no sequence-classification head: use --task embed, "
                           f"or fine-tune it first with `millis train`")
+    if src.pooling.mode == SPLADE:  # (an embedder's student learns pooled hidden states, not masked-LM logits)
+        raise MillisError(f"teacher {src.spec} is a SPLADE model: distilling one is not supported")
     seed_all(cfg.train.seed, cfg.train.threads)
     return (_classify if task == "classify" else _embed)(cfg, src, progress)
 
