@@ -141,31 +141,39 @@ def test_splade_in_every_native_precision(isa, monkeypatch):
         monkeypatch.setattr(splade, "CHUNK_TOKENS", 512)
 
 
-def test_optimize_serves_splade_on_every_runtime_and_embed_sparse(tmp_path, quick_measure):
-    """optimize's variants of a SPLADE folder (the exported graphs pool the masked LM's logits; the native head) all
-    near transformers; the chosen one served: /embed_sparse answers the nonzero weights of /embed's vector with
-    normalize false, in TEI's shape; its fields are checked; a mean-pooled embedder answers 424 and leaves the route
-    out of its OpenAPI."""
-    from millis.artifact.model import open_model
+def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, quick_measure):
+    """Each runtime's variant of a SPLADE folder (the exported graphs pool the masked LM's logits; the native head)
+    near transformers, the fp32 ones within 1e-4; optimize's artifact of the native int8 variant (its weights with the
+    masked-LM head) served: /embed_sparse answers the nonzero weights of /embed's vector with normalize false, in TEI's
+    shape; its fields are checked; a mean-pooled embedder answers 424 and leaves the route out of its OpenAPI."""
+    from millis.artifact.model import open_model, run_texts
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.optimize.build.variants import CATALOG, Builder
     from millis.optimize.config import OptimizeConfig
+    from millis.optimize.judge import open_variant
     from millis.optimize.pipeline import optimize
 
     folder = build_tiny("bert-splade")
-    variants = ("torch-fp32", "ort-fp32-fused", "ort-int8-dynamic", "ov-fp32") + \
-        (("native-fp32", "native-int8-row") if native_isa() else ())
+    src = resolve(str(folder))
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
     want = hf_splade(folder, TEXTS)
-    for variant in variants:
-        out = optimize(OptimizeConfig(source="tiny:bert-splade", task="embed", out=str(tmp_path / variant),
-                                      target=Shape(1, 16), variants=(variant,), measure=quick_measure))
-        got = open_model(out).embed(TEXTS)
+    builder = Builder(src, "embed", tmp_path / "build", calibration=lambda: [])
+    for variant in ("torch-fp32", "ort-fp32-fused", "ort-int8-dynamic", "ov-fp32"):
+        vdir, _ = builder.build(CATALOG[variant])
+        got = run_texts(open_variant("embed", 2, src, CATALOG[variant], vdir), enc, TEXTS).outputs
         assert got.shape == want.shape
-        if variant.endswith("fp32"):
+        if variant.endswith("fp32") or variant.endswith("fused"):
             np.testing.assert_allclose(got, want, atol=1e-4, err_msg=variant)
         cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
         assert cos.min() > 0.98, (variant, cos)
-    model = open_model(tmp_path / variants[-1])
-    vecs = model.embed(TEXTS)
-    with serve(model) as c:
+    variant = "native-int8-row" if native_isa() else "ort-fp32-fused"
+    out = optimize(OptimizeConfig(source="tiny:bert-splade", task="embed", out=str(tmp_path / "art"),
+                                  target=Shape(1, 16), variants=(variant,), measure=quick_measure))
+    vecs = open_model(out).embed(TEXTS)
+    cos = (vecs * want).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.98, cos
+    with serve(open_model(out)) as c:
         r = c.post("/embed_sparse", json={"inputs": TEXTS})
         assert r.status_code == 200, r.text
         for items, v in zip(r.json(), vecs):
