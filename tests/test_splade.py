@@ -141,12 +141,13 @@ def test_splade_in_every_native_precision(isa, monkeypatch):
         monkeypatch.setattr(splade, "CHUNK_TOKENS", 512)
 
 
-def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, quick_measure):
+def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, quick_measure, capsys):
     """Each runtime's variant of a SPLADE folder (the exported graphs pool the masked LM's logits; the native head)
     near transformers, the fp32 ones within 1e-4; optimize's artifact of the native int8 variant (its weights with the
     masked-LM head) served: /embed_sparse answers the nonzero weights of /embed's vector with normalize false, in TEI's
     shape; its fields are checked; a mean-pooled embedder answers 424 and leaves the route out of its OpenAPI."""
     from millis.artifact.model import open_model, run_texts
+    from millis.cli.main import main as cli
     from millis.encoder.source import resolve
     from millis.encoder.text import TextEncoder
     from millis.optimize.build.variants import CATALOG, Builder
@@ -173,6 +174,11 @@ def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, 
     vecs = open_model(out).embed(TEXTS)
     cos = (vecs * want).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.98, cos
+    assert cli(["predict", str(out), TEXTS[0]]) == 0  # `millis predict`: the heaviest entries as tokens
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    top = np.argsort(-vecs[0], kind="stable")[:8]
+    assert line["nonzero"] == np.count_nonzero(vecs[0]) > 0
+    assert [t for t, _ in line["top"]] == enc.token_strings(top[vecs[0][top] > 0].tolist())
     with serve(open_model(out)) as c:
         r = c.post("/embed_sparse", json={"inputs": TEXTS})
         assert r.status_code == 200, r.text

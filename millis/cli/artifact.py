@@ -76,7 +76,10 @@ def stdin_texts(stream: Any) -> list[str]:
 
 
 def predict(a: PredictFlags) -> int:
+    import numpy as np
+
     from millis.artifact.model import load
+    from millis.encoder.source import SPLADE
 
     texts = stdin_texts(sys.stdin.buffer) if a.texts == ("-",) else list(a.texts)
     for i, t in enumerate(texts, start=1):
@@ -91,9 +94,14 @@ def predict(a: PredictFlags) -> int:
                               "truncated": p["truncated"]}))
     else:
         res = model.run(texts)
+        sparse = model.meta.source.pooling.mode == SPLADE  # a SPLADE vector: its heaviest vocabulary entries
         for t, e, cut in zip(texts, res.outputs, res.truncated):
-            print(json.dumps({"text": t, "dim": len(e), "embedding_head": [round(float(x), 4) for x in e[:4]],
-                              "truncated": cut}))
+            head = {"embedding_head": [round(float(x), 4) for x in e[:4]]}
+            if sparse:
+                top = [int(i) for i in np.argsort(-e, kind="stable")[:8] if e[i] > 0]
+                head = {"nonzero": int(np.count_nonzero(e)), "top": [
+                    [tok, round(float(e[i]), 4)] for i, tok in zip(top, model.encoder.token_strings(top))]}
+            print(json.dumps({"text": t, "dim": len(e), **head, "truncated": cut}))
     return 0
 
 

@@ -104,6 +104,12 @@ class TextEncoder:
         None where only a slow transformers tokenizer exists."""
         return self._fast
 
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id's token string (a SPLADE vector's entries are vocabulary ids); "" for one the tokenizer lacks."""
+        if self._fast is not None:
+            return [self._fast.id_to_token(int(i)) or "" for i in ids]
+        return [t or "" for t in self.tok.convert_ids_to_tokens([int(i) for i in ids])]
+
     @property
     def vocab_size(self) -> int:
         """How many ids the tokenizer knows (its vocabulary and added tokens): ids 0..vocab_size-1."""
