@@ -79,30 +79,97 @@ def test_a_sparse_encoder_folder_reads_as_splade_and_other_strategies_are_refuse
         inspect_dir(d)
 
 
+def hf_rows(folder, rows: list[tuple]) -> tuple[dict, np.ndarray]:
+    """Texts or (text, text_pair) rows through transformers' tokenizer, padded in one batch (numpy feeds, token types
+    1 on a pair's second text), and each row's SPLADE vector from its own unpadded ids (N, V)."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    firsts, seconds = [r[0] for r in rows], [r[1] if len(r) > 1 else None for r in rows]
+    one = [tok(a, b, return_tensors="pt") for a, b in zip(firsts, seconds)]
+    if hf.config.to_dict().get("type_vocab_size", 2) == 1:  # RoBERTa: a pair's second text is type 0 too
+        for f in one:
+            f["token_type_ids"] = torch.zeros_like(f["token_type_ids"])
+    with torch.no_grad():
+        want = np.stack([torch.log1p(torch.relu(hf(**f).logits[0])).amax(0).numpy() for f in one])
+    T = max(f["input_ids"].shape[1] for f in one)
+    feeds = {k: np.zeros((len(rows), T), np.int64) for k in one[0]}
+    for i, f in enumerate(one):
+        for k, v in f.items():
+            feeds[k][i, :v.shape[1]] = v[0].numpy()
+    return feeds, want
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
-def test_native_splade_matches_transformers(family):
-    """fp32 within 1e-4 of transformers' logits pooled by hand, texts of 1 to ~30 tokens padded in one batch; the
-    vectors are sparse (most weights exactly 0, as the reference's); an all-padding row gives zeros."""
+def test_native_splade_matches_transformers(family, tmp_path):
+    """fp32 within 1e-4 of transformers' logits pooled by hand, rows of 1 to ~30 tokens padded in one batch, a pair
+    (token type 1 on its second text, where the family has types); the vectors are sparse (most weights exactly 0, as
+    the reference's); a row with no token gives zeros (some vocabulary biases are above 0: relu(bias) would not). On
+    BERT also: an untied checkpoint (its own vocabulary matrix and decoder bias, as transformers reads them) and a
+    Normalize module after the pooling (unit vectors, as the exported graphs')."""
     if native_isa() is None:
         pytest.skip("no native kernels here")
     from millis.encoder.bert_weights import load_arrays
     from millis.encoder.native import NativeBert
-    from millis.encoder.text import TextEncoder
 
     folder = build_tiny(f"{family}-splade")
-    src = inspect_dir(folder)
-    want = hf_splade(folder, TEXTS)
-    assert 0.01 < (want > 0).mean() < 0.5  # sparse, and not empty
-    nb = NativeBert(load_arrays(folder, "embed", src.pooling), "fp32", 2)
-    feeds = TextEncoder(src.path, src.input_names, 128, segments=src.segments).encode(TEXTS).feeds
-    got = nb(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
-    assert got.shape == want.shape == (len(TEXTS), json.loads((folder / "config.json").read_text())["vocab_size"])
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    assert ((got > 0) == (want > 1e-4)).mean() > 0.999  # the same zeros, but for values at rounding's edge
-    mask = feeds["attention_mask"].copy()
-    mask[1] = 0  # a row with no token: a zero vector, the others unchanged
-    none = nb(feeds["input_ids"], mask, feeds.get("token_type_ids"))
-    assert not none[1].any() and np.array_equal(none[[0, 2, 3]], got[[0, 2, 3]])
+    rows = [(t,) for t in TEXTS] + [(TEXTS[0], TEXTS[2])]
+
+    def check(folder):
+        src = inspect_dir(folder)
+        feeds, want = hf_rows(folder, rows)
+        assert 0.01 < (want > 0).mean() < 0.5  # sparse, and not empty
+        nb = NativeBert(load_arrays(folder, "embed", src.pooling), "fp32", 2)
+        types = feeds.get("token_type_ids") if "token_type_ids" in src.input_names else None
+        got = nb(feeds["input_ids"], feeds["attention_mask"], types)
+        assert got.shape == want.shape == (len(rows), json.loads((folder / "config.json").read_text())["vocab_size"])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert ((got > 0) == (want > 1e-4)).mean() > 0.999  # the same zeros, but for values at rounding's edge
+        mask = feeds["attention_mask"].copy()
+        mask[1] = 0  # a row with no token: a zero vector, the others unchanged
+        none = nb(feeds["input_ids"], mask, types)
+        assert not none[1].any() and np.array_equal(none[[0, 2, 3, 4]], got[[0, 2, 3, 4]])
+        return feeds, got
+
+    feeds, _ = check(folder)
+    if family == "distilbert":
+        return
+    assert (feeds["token_type_ids"][-1] == 1).any() or family == "roberta"
+    if family != "bert":
+        return
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    untied = tmp_path / "untied"
+    shutil.copytree(folder, untied)
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder))
+    hf.config.tie_word_embeddings = False
+    m = AutoModelForMaskedLM.from_config(hf.config)
+    m.load_state_dict(hf.state_dict(), strict=False)
+    with torch.no_grad():
+        dec = m.get_output_embeddings()
+        assert dec.weight.data_ptr() != m.get_input_embeddings().weight.data_ptr()  # untied: its own matrix
+        dec.weight.mul_(-0.7)
+        dec.bias.copy_(dec.bias + 1.0)
+    m.save_pretrained(untied)
+    check(untied)
+    normed = tmp_path / "normed"
+    shutil.copytree(folder, normed)
+    modules = json.loads((normed / "modules.json").read_text())
+    (normed / "modules.json").write_text(json.dumps(modules + [
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    src = inspect_dir(normed)
+    assert src.pooling.normalize
+    from millis.encoder.tasks import load_task_model
+
+    f, _ = hf_rows(normed, rows)
+    with torch.no_grad():
+        want = load_task_model(src, "embed")(*(torch.from_numpy(f[n]) for n in src.input_names)).numpy()
+    got = NativeBert(load_arrays(normed, "embed", src.pooling), "fp32", 2)(*(f[n] for n in src.input_names))
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])

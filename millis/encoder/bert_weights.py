@@ -59,6 +59,7 @@ class EncoderConfig:
     dis_buckets: int = 0
     dis_max_rel: int = 0
     rel_norm: bool = False
+    tied_vocab: bool = True  # a masked-LM head's vocabulary matrix is the word embeddings (tie_word_embeddings)
 
     @property
     def prenorm(self) -> bool:
@@ -129,7 +130,7 @@ class EncoderConfig:
                    heads=int(cfg["num_attention_heads"]), intermediate=int(cfg["intermediate_size"]),
                    vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings", 512)) - offset,
                    type_vocab=int(cfg.get("type_vocab_size", 2)), eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                   pos_offset=offset, family=family,
+                   pos_offset=offset, family=family, tied_vocab=bool(cfg.get("tie_word_embeddings", True)),
                    rel_buckets=int(cfg.get("relative_attention_num_buckets", 32)) if family in RELATIVE_BIAS else 0,
                    embedding=embedding if embedding != int(cfg["hidden_size"]) else 0)
 
@@ -323,8 +324,11 @@ class MlmArrays:
             raise MillisError(f"SPLADE on the native encoder reads the masked-LM heads of {', '.join(MLM_HEADS)}, not "
                               f"{cfg.family}'s: serve it with ONNX Runtime, OpenVINO or torch")
         dense, norm, dec, bias = MLM_HEADS[cfg.family]
+        # as transformers reads them: the word embeddings where tied (a stored copy unread), the decoder's own bias
+        # where stored (tied to `bias` only while the embeddings are)
         names = {"tw": dense + "weight", "tb": dense + "bias", "lnw": norm + "weight", "lnb": norm + "bias",
-                 "wv": dec + "weight" if dec + "weight" in state else EMBEDDINGS["word"][0], "bv": bias}
+                 "wv": EMBEDDINGS["word"][0] if cfg.tied_vocab else dec + "weight",
+                 "bv": dec + "bias" if dec + "bias" in state else bias}
         for k, n in names.items():
             if n not in state:
                 raise MillisError(f"the weights have no {n!r}: SPLADE needs the masked-LM head (a *ForMaskedLM "

@@ -218,8 +218,7 @@ class NativeBert:
             self.head = tuple(f32(t) for t in (e.pool_w, e.pool_b, e.cls_w, e.cls_b))
             self.head_norm = (f32(e.head_lnw), f32(e.head_lnb)) if c.prenorm else None  # ModernBERT's, after its GELU
         self.out_dim, self.splade = e.out_dim, splade_head(e, lib, precision, self.threads)  # SPLADE's head or None
-        self.buffers: dict[str, np.ndarray] = {}
-        self.capacity = self.slot_capacity = 0
+        self.buffers, self.capacity, self.slot_capacity = {}, 0, 0  # name -> array; tokens, int8-row slots they fit
         self.lock = threading.Lock()  # one forward at a time: the scratch is shared
 
     def _vec(self, t) -> int:
@@ -369,8 +368,9 @@ class NativeBert:
             raise MillisError(f"head_of takes hidden states (n, D) and offsets (B + 1,) for B lengths, got "
                               f"{h.shape}, {np.shape(start)}, {np.shape(lengths)}")
         start = offsets(start, len(h))
-        B, D = len(lengths), h.shape[1]
-        p: Pooling = self.pooling
+        if self.splade:  # the masked-LM head on every kept token's state
+            return self.splade.pool(h, start)
+        B, D, p = len(lengths), h.shape[1], self.pooling
         if self.pools_tokens():
             out = np.empty((B, D), np.float32)
             head = self.task == "classify"  # the mean of the rows, then the head

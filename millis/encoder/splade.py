@@ -33,14 +33,15 @@ def splade_head(encoder, lib: ctypes.CDLL, precision: str, threads: int) -> "Spl
     if getattr(encoder, "mlm", None) is None:  # (a millis.gpu.Encoder holds no masked-LM head)
         raise MillisError("SPLADE on the native encoder needs the masked-LM head: load the weights with "
                           "millis.encoder.bert_weights.load_arrays")
-    return SpladeHead(encoder.mlm, lib, precision, threads)
+    return SpladeHead(encoder.mlm, lib, precision, threads, encoder.pooling.normalize)
 
 
 class SpladeHead:
     """The head of an MlmArrays on a NativeBert's library and threads (see the module's docstring)."""
 
-    def __init__(self, mlm: MlmArrays, lib: ctypes.CDLL, precision: str, threads: int):
-        self.mlm, self.lib, self.threads, self.gelu = mlm, lib, threads, gelu_erf
+    def __init__(self, mlm: MlmArrays, lib: ctypes.CDLL, precision: str, threads: int, normalize: bool = False):
+        """normalize: the vectors made unit length (a Normalize module after the SpladePooling one)."""
+        self.mlm, self.lib, self.threads, self.gelu, self.normalize = mlm, lib, threads, gelu_erf, normalize
         V, H = mlm.wv.shape
         self.keep: list = []
         if precision in ("fp32", "bf16"):
@@ -61,9 +62,10 @@ class SpladeHead:
         """(n, H) last hidden states -> (n, H) LN(gelu(W_t h + b_t)), float32."""
         m, n = self.mlm, len(h)
         u = np.empty((n, self.hidden), np.float32)
+        h = np.ascontiguousarray(h, np.float32)  # (held here while the C reads it)
         if n:
-            self.lib.matmul(ctypes.addressof(self.tmat), None, np.ascontiguousarray(h, np.float32).ctypes.data, n,
-                            u.ctypes.data, self.hidden, 0, self.threads)
+            self.lib.matmul(ctypes.addressof(self.tmat), None, h.ctypes.data, n, u.ctypes.data, self.hidden, 0,
+                            self.threads)
         u = self.gelu(u + m.tb)
         mu = u.mean(1, keepdims=True)
         var = ((u - mu) ** 2).mean(1, keepdims=True)
@@ -112,4 +114,6 @@ class SpladeHead:
                         out[i] = z[start[i] - lo:start[i + 1] - lo].max(axis=0)
                 out[b:e] = np.log1p(np.maximum(out[b:e] + self.mlm.bv, 0.0)) * (np.diff(start[b:e + 1]) > 0)[:, None]
             b = e
+        if self.normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out

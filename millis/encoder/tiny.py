@@ -31,7 +31,9 @@ RERANKER = "-reranker"  # tiny:<family>-reranker: one logit (relevance)
 RERANK_LABELS = {0: "LABEL_0"}  # what transformers names a one-label head
 SPLADE = "-splade"  # tiny:<family>-splade: the family's masked LM with SPLADE pooling
 SPLADE_FAMILIES = ("bert", "distilbert", "roberta")  # the masked-LM heads millis.encoder.splade reads
-SPLADE_BIAS = -2.5  # the vocabulary logits' bias: ~1 logit in 20 positive (the random weights' ~1 in 2)
+# the vocabulary logits' bias, mean and spread: ~1 logit in 20 positive (the random weights' ~1 in 2), and some
+# entries' bias itself above 0 (a text with no token must still give zeros, not relu(bias))
+SPLADE_BIAS = (-2.5, 1.5)
 INIT_RANGE = 0.2  # std of the normal weights (see the module's docstring)
 # Each family's torch seed. Over the shipped sample texts and short forms of them as optimize judges (79 texts), of
 # the seeds that make a second label the argmax of 8 or more texts, the one whose smallest gap between a text's two
@@ -115,7 +117,8 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
     if name.endswith(SPLADE):
         model = AutoModelForMaskedLM.from_config(_config(family, len(vocab), labels)).eval()
         with torch.no_grad():  # most logits below 0, as a trained SPLADE's: sparse vectors, zeros to keep exact
-            model.get_output_embeddings().bias.fill_(SPLADE_BIAS)
+            bias = model.get_output_embeddings().bias
+            bias.copy_(SPLADE_BIAS[0] + SPLADE_BIAS[1] * torch.randn_like(bias))
         model.save_pretrained(tmp)
         save_splade_modules(tmp)
     else:

@@ -91,16 +91,6 @@ def sparse_model(model) -> bool:
     return model is not None and model.task == "embed" and model.meta.source.pooling.mode == SPLADE
 
 
-def sparse_response(out: list[np.ndarray]) -> list[list[dict[str, Any]]]:
-    """SPLADE vectors (V,) -> TEI's /embed_sparse answer: per text its nonzero weights, [{"index", "value"}, ...] by
-    index."""
-    items = []
-    for v in out:
-        nz = np.flatnonzero(v)
-        items.append([{"index": i, "value": x} for i, x in zip(nz.tolist(), v[nz].tolist())])
-    return items
-
-
 def embed_response(out: list[np.ndarray], req: TeiRequest, graph_normalizes: bool) -> list[np.ndarray]:
     vecs = shortened(out, req.dimensions, graph_normalizes)
     return list(unit_rows(np.stack(vecs))) if req.normalize and not graph_normalizes else vecs
