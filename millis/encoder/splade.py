@@ -2,14 +2,15 @@
 vector of vocabulary weights per text (sentence-transformers' SparseEncoder: MLMTransformer + SpladePooling; TEI's
 --pooling splade; millis.encoder.tasks.splade_pool is the torch form every other runtime exports).
 
-Per kept token t (n, H): the head's transform  u = LN(gelu(W_t h + b_t))  (H x H in fp32: a twentieth of the
-vocabulary product's work), then the logits  z = W_v u + b_v  (V x H, V the vocabulary: BERT's 30,522 rows, about
+Per kept token t (n, H): the head's transform  u = LN(gelu(W_t h + b_t))  (H x H: a fortieth of the vocabulary
+product's work), then the logits  z = W_v u + b_v  (V x H, V the vocabulary: BERT's 30,522 rows, about
 a third of BERT-base's layers' multiply-adds at any length) on the packed C matmul, and per text
 max_t log(1 + relu(z_t)) = log(1 + relu(max_t z_t)) (both monotone), so only a column max per text is kept of
 the (n, V) logits, in chunks of at most CHUNK_TOKENS tokens (a bounded buffer: 512 tokens x 30,522 x 4 B = 62 MB).
-The vocabulary matrix runs in fp32 for native-fp32 and native-bf16, and for every integer precision as int8 per row
-against 8-bit activations per token (T_Q8_ROW, int8-row's matrices; its input is a LayerNorm's output: no massive
-activations for one scale per token to lose).
+Both matrices run in fp32 for native-fp32 and native-bf16; for every integer precision the transform as Q8_0 (int8
+per 32 values, against the encoder's last states per 32) and the vocabulary matrix as int8 per row against 8-bit
+activations per token (T_Q8_ROW, int8-row's matrices; its input is a LayerNorm's output: no massive activations
+for one scale per token to lose).
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import ctypes
 
 import numpy as np
 
-from millis.encoder.bert_weights import MlmArrays, gelu_erf
+from millis.encoder.bert_weights import MlmArrays
 from millis.encoder.weight_formats import q7_0
 from millis.common.errors import MillisError
 from millis.encoder.source import SPLADE
-from millis.kernels.native import TYPE_F32, TYPE_Q8_ROW, XBLOCK_BYTES, Mat, kept_tokens, pack_matrix
+from millis.kernels.native import TYPE_F32, TYPE_Q8_0, TYPE_Q8_ROW, XBLOCK_BYTES, Mat, kept_tokens, pack_matrix
 
 CHUNK_TOKENS = 512  # tokens whose (n, V) logits are held at once (whole texts: a longer one alone)
 
@@ -41,7 +42,7 @@ class SpladeHead:
 
     def __init__(self, mlm: MlmArrays, lib: ctypes.CDLL, precision: str, threads: int, normalize: bool = False):
         """normalize: the vectors made unit length (a Normalize module after the SpladePooling one)."""
-        self.mlm, self.lib, self.threads, self.gelu, self.normalize = mlm, lib, threads, gelu_erf, normalize
+        self.mlm, self.lib, self.threads, self.normalize = mlm, lib, threads, normalize
         V, H = mlm.wv.shape
         self.keep: list = []
         if precision in ("fp32", "bf16"):
@@ -50,42 +51,53 @@ class SpladeHead:
             data, self.type = q7_0(mlm.wv, per_row=True, levels=127), TYPE_Q8_ROW
         self.keep.append(data)
         self.mat = pack_matrix(lib, Mat(self.type, 0, data.ctypes.data, V, H, data.nbytes // V), self.keep, threads)
-        # the transform in fp32 on the C matmul too: a row's sums do not depend on its batch-mates (numpy's BLAS
-        # picks its kernels by the row count: a text alone and in a batch differed in the last bits)
-        self.tmat = pack_matrix(lib, Mat(TYPE_F32, 0, mlm.tw.ctypes.data, H, H, 4 * H), self.keep, threads)
+        # the transform on the C matmul too: a row's sums do not depend on its batch-mates (numpy's BLAS picks its
+        # kernels by the row count: a text alone and in a batch differed in the last bits); for the integer
+        # precisions Q8_0 (per 32 values: the encoder's last states keep their outlier channels; in fp32 it took 17
+        # of a BERT-base b8xs128 forward's 360 ms)
+        if self.type == TYPE_F32:
+            tdata, self.ttype = mlm.tw, TYPE_F32
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+
+            tdata, self.ttype = quantize(mlm.tw, GGMLQuantizationType.Q8_0), TYPE_Q8_0
+        self.keep.append(tdata)
+        self.tmat = pack_matrix(lib, Mat(self.ttype, 0, tdata.ctypes.data, H, H, tdata.nbytes // H), self.keep,
+                                threads)
         P, I64 = ctypes.c_void_p, ctypes.c_int64
         lib.matmul.restype, lib.matmul.argtypes = None, [P, P, P, I64, P, I64, ctypes.c_int, ctypes.c_int]
         lib.quantize_act.restype, lib.quantize_act.argtypes = None, [ctypes.c_int, P, I64, P]
+        lib.gelu_norm_rows.restype, lib.gelu_norm_rows.argtypes = None, [P, P, P, P, ctypes.c_float, I64, ctypes.c_int]
         self.vocab, self.hidden = V, H
 
     def transform(self, h: np.ndarray) -> np.ndarray:
         """(n, H) last hidden states -> (n, H) LN(gelu(W_t h + b_t)), float32."""
-        m, n = self.mlm, len(h)
-        u = np.empty((n, self.hidden), np.float32)
-        h = np.ascontiguousarray(h, np.float32)  # (held here while the C reads it)
-        if n:
-            self.lib.matmul(ctypes.addressof(self.tmat), None, h.ctypes.data, n, u.ctypes.data, self.hidden, 0,
-                            self.threads)
-        u = self.gelu(u + m.tb)
-        mu = u.mean(1, keepdims=True)
-        var = ((u - mu) ** 2).mean(1, keepdims=True)
-        return np.ascontiguousarray((u - mu) / np.sqrt(var + m.eps) * m.lnw + m.lnb, np.float32)
+        m = self.mlm
+        u = self.product(self.tmat, self.ttype, np.ascontiguousarray(h, np.float32))
+        self.lib.gelu_norm_rows(u.ctypes.data, m.tb.ctypes.data, m.lnw.ctypes.data, m.lnb.ctypes.data, m.eps, len(u),
+                                self.hidden)  # + b_t, erf GELU, LayerNorm, in place (bert_batch.c)
+        return u
 
     def logits(self, u: np.ndarray) -> np.ndarray:
         """(n, H) transformed rows -> (n, V) logits less the bias (the C matmul, on this precision's matrix)."""
-        n, H = u.shape
-        y = np.empty((n, self.vocab), np.float32)
+        return self.product(self.mat, self.type, u)
+
+    def product(self, mat: Mat, type_id: int, x: np.ndarray) -> np.ndarray:
+        """x (n, K) contiguous float32 times the packed mat (N, K) of type_id -> (n, N): fp32 as it is, else x quantized
+        as the type takes it (per 32 values for Q8_0, one scale per token for the row type)."""
+        n, K = x.shape
+        y = np.empty((n, mat.rows), np.float32)
         if not n:
             return y
-        if self.type == TYPE_F32:
-            self.lib.matmul(ctypes.addressof(self.mat), None, u.ctypes.data, n, y.ctypes.data, self.vocab, 0,
-                            self.threads)
+        if type_id == TYPE_F32:
+            self.lib.matmul(ctypes.addressof(mat), None, x.ctypes.data, n, y.ctypes.data, mat.rows, 0, self.threads)
             return y
-        xq = np.empty(n * (H // 32) * XBLOCK_BYTES, np.uint8)  # one scale per token (the row type's activations)
+        row = (K // 32) * XBLOCK_BYTES
+        xq = np.empty(n * row, np.uint8)
         for t in range(n):
-            self.lib.quantize_act(self.type, u[t].ctypes.data, H, xq[t * (H // 32) * XBLOCK_BYTES:].ctypes.data)
-        self.lib.matmul(ctypes.addressof(self.mat), xq.ctypes.data, None, n, y.ctypes.data, self.vocab, 0,
-                        self.threads)
+            self.lib.quantize_act(type_id, x[t].ctypes.data, K, xq[t * row:].ctypes.data)
+        self.lib.matmul(ctypes.addressof(mat), xq.ctypes.data, None, n, y.ctypes.data, mat.rows, 0, self.threads)
         return y
 
     def vectors(self, model, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> np.ndarray:
