@@ -7,8 +7,8 @@ product's work), then the logits  z = W_v u + b_v  (V x H, V the vocabulary: BER
 a third of BERT-base's layers' multiply-adds at any length) on the packed C matmul, and per text
 max_t log(1 + relu(z_t)) = log(1 + relu(max_t z_t)) (both monotone), so only a column max per text is kept of
 the (n, V) logits, in chunks of at most CHUNK_TOKENS tokens (a bounded buffer: 512 tokens x 30,522 x 4 B = 62 MB).
-Both matrices run in fp32 for native-fp32 and native-bf16; for every integer precision the transform as Q8_0 (int8
-per 32 values, against the encoder's last states per 32) and the vocabulary matrix as int8 per row against 8-bit
+The transform runs in fp32 (its bias, GELU and LayerNorm in C: bert_batch.c's gelu_norm_rows); the vocabulary
+matrix in fp32 for native-fp32 and native-bf16, and for every integer precision as int8 per row against 8-bit
 activations per token (T_Q8_ROW, int8-row's matrices; its input is a LayerNorm's output: no massive activations
 for one scale per token to lose).
 """
@@ -22,7 +22,7 @@ from millis.encoder.bert_weights import MlmArrays
 from millis.encoder.weight_formats import q7_0
 from millis.common.errors import MillisError
 from millis.encoder.source import SPLADE
-from millis.kernels.native import TYPE_F32, TYPE_Q8_0, TYPE_Q8_ROW, XBLOCK_BYTES, Mat, kept_tokens, pack_matrix
+from millis.kernels.native import TYPE_F32, TYPE_Q8_ROW, XBLOCK_BYTES, Mat, kept_tokens, pack_matrix
 
 CHUNK_TOKENS = 512  # tokens whose (n, V) logits are held at once (whole texts: a longer one alone)
 
@@ -51,17 +51,11 @@ class SpladeHead:
             data, self.type = q7_0(mlm.wv, per_row=True, levels=127), TYPE_Q8_ROW
         self.keep.append(data)
         self.mat = pack_matrix(lib, Mat(self.type, 0, data.ctypes.data, V, H, data.nbytes // V), self.keep, threads)
-        # the transform on the C matmul too: a row's sums do not depend on its batch-mates (numpy's BLAS picks its
-        # kernels by the row count: a text alone and in a batch differed in the last bits); for the integer
-        # precisions Q8_0 (per 32 values: the encoder's last states keep their outlier channels; in fp32 it took 17
-        # of a BERT-base b8xs128 forward's 360 ms)
-        if self.type == TYPE_F32:
-            tdata, self.ttype = mlm.tw, TYPE_F32
-        else:
-            from gguf import GGMLQuantizationType
-            from gguf.quants import quantize
-
-            tdata, self.ttype = quantize(mlm.tw, GGMLQuantizationType.Q8_0), TYPE_Q8_0
+        # the transform in fp32 on the C matmul too: a row's sums do not depend on its batch-mates (numpy's BLAS
+        # picks its kernels by the row count: a text alone and in a batch differed in the last bits). In Q8_0 it
+        # took BERT-base int8-row-att8's gate cosine from 0.9900 to 0.9870 (bench/splade.py, Zen 4): SPLADE's max
+        # over tokens magnifies the logits' errors near 0; its product is a fortieth of the vocabulary's
+        tdata, self.ttype = mlm.tw, TYPE_F32
         self.keep.append(tdata)
         self.tmat = pack_matrix(lib, Mat(self.ttype, 0, tdata.ctypes.data, H, H, tdata.nbytes // H), self.keep,
                                 threads)
