@@ -55,20 +55,17 @@ class SpladeHead:
         # picks its kernels by the row count: a text alone and in a batch differed in the last bits). In Q8_0 it
         # took BERT-base int8-row-att8's gate cosine from 0.9900 to 0.9870 (bench/splade.py, Zen 4): SPLADE's max
         # over tokens magnifies the logits' errors near 0; its product is a fortieth of the vocabulary's
-        tdata, self.ttype = mlm.tw, TYPE_F32
-        self.keep.append(tdata)
-        self.tmat = pack_matrix(lib, Mat(self.ttype, 0, tdata.ctypes.data, H, H, tdata.nbytes // H), self.keep,
-                                threads)
+        self.tmat = pack_matrix(lib, Mat(TYPE_F32, 0, mlm.tw.ctypes.data, H, H, 4 * H), self.keep, threads)
         P, I64 = ctypes.c_void_p, ctypes.c_int64
         lib.matmul.restype, lib.matmul.argtypes = None, [P, P, P, I64, P, I64, ctypes.c_int, ctypes.c_int]
-        lib.quantize_act.restype, lib.quantize_act.argtypes = None, [ctypes.c_int, P, I64, P]
+        lib.quantize_act_rows.restype, lib.quantize_act_rows.argtypes = None, [ctypes.c_int, P, I64, I64, P]
         lib.gelu_norm_rows.restype, lib.gelu_norm_rows.argtypes = None, [P, P, P, P, ctypes.c_float, I64, ctypes.c_int]
         self.vocab, self.hidden = V, H
 
     def transform(self, h: np.ndarray) -> np.ndarray:
         """(n, H) last hidden states -> (n, H) LN(gelu(W_t h + b_t)), float32."""
         m = self.mlm
-        u = self.product(self.tmat, self.ttype, np.ascontiguousarray(h, np.float32))
+        u = self.product(self.tmat, TYPE_F32, np.ascontiguousarray(h, np.float32))
         self.lib.gelu_norm_rows(u.ctypes.data, m.tb.ctypes.data, m.lnw.ctypes.data, m.lnb.ctypes.data, m.eps, len(u),
                                 self.hidden)  # + b_t, erf GELU, LayerNorm, in place (bert_batch.c)
         return u
@@ -79,7 +76,7 @@ class SpladeHead:
 
     def product(self, mat: Mat, type_id: int, x: np.ndarray) -> np.ndarray:
         """x (n, K) contiguous float32 times the packed mat (N, K) of type_id -> (n, N): fp32 as it is, else x quantized
-        as the type takes it (per 32 values for Q8_0, one scale per token for the row type)."""
+        as the type takes it (one scale per token for the row type)."""
         n, K = x.shape
         y = np.empty((n, mat.rows), np.float32)
         if not n:
@@ -87,10 +84,8 @@ class SpladeHead:
         if type_id == TYPE_F32:
             self.lib.matmul(ctypes.addressof(mat), None, x.ctypes.data, n, y.ctypes.data, mat.rows, 0, self.threads)
             return y
-        row = (K // 32) * XBLOCK_BYTES
-        xq = np.empty(n * row, np.uint8)
-        for t in range(n):
-            self.lib.quantize_act(type_id, x[t].ctypes.data, K, xq[t * row:].ctypes.data)
+        xq = np.empty(n * (K // 32) * XBLOCK_BYTES, np.uint8)
+        self.lib.quantize_act_rows(type_id, x.ctypes.data, n, K, xq.ctypes.data)
         self.lib.matmul(ctypes.addressof(mat), xq.ctypes.data, None, n, y.ctypes.data, mat.rows, 0, self.threads)
         return y
 

@@ -179,6 +179,10 @@ API void quantize_act_smooth(int type, const float* x, const float* inv, int64_t
     quantize_levels(inv ? sm : x, K, out, type == T_Q7_A7 ? 63.f : 127.f, (uint8_t)act_offset(type), -1.f);
 }
 API void quantize_act(int type, const float* x, int64_t K, xblock* out) { quantize_act_smooth(type, x, NULL, K, out); }
+/* n rows of K (x: n x K floats) as quantize_act quantizes each: out n x K / 32 blocks (millis.encoder.splade) */
+API void quantize_act_rows(int type, const float* x, int64_t n, int64_t K, xblock* out) {
+    for (int64_t t = 0; t < n; t++) quantize_act(type, x + t * K, K, out + t * (K / 32));
+}
 
 /* K-quant 6-bit scale and min of sub-block j (0..7) */
 void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {

@@ -6,7 +6,7 @@ millis's route: app.py)."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -24,37 +24,41 @@ from millis.serve.schemas import ApiError, reject_of
 PIECE_FLOATS = 1 << 15  # floats a piece of /embed_all's answer: ~1 ms of orjson, which holds the GIL throughout
 
 
-async def json_pieces(out: list[np.ndarray]) -> AsyncIterator[bytes]:
-    """The JSON of a list of (tokens, D) arrays in pieces of about PIECE_FLOATS, the loop free between them: a
-    4,096-token answer at D = 768 is 34 MB, 0.12 s of orjson that a thread would not free (it keeps the GIL)."""
+async def nested_json(groups: Iterable[Iterable[bytes]]) -> AsyncIterator[bytes]:
+    """A JSON list of lists, each inner list from its group's pieces (JSON values joined by commas, no brackets),
+    the loop free between pieces: orjson keeps the GIL, so a large answer in a thread would still stall the loop (a
+    4,096-token /embed_all answer at D = 768 is 34 MB, 0.12 s of orjson). The groups are lazy: each piece is built
+    when it is sent."""
     yield b"["
-    for i, a in enumerate(out):
+    for i, pieces in enumerate(groups):
         yield b",[" if i else b"["
-        step = max(1, PIECE_FLOATS // max(a.shape[1], 1))
-        for r in range(0, len(a), step):
-            piece = orjson.dumps(a[r:r + step], option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]  # rows, without brackets
-            yield b"," + piece if r else piece
+        for j, piece in enumerate(pieces):
+            yield b"," + piece if j else piece
             await asyncio.sleep(0)
         yield b"]"
     yield b"]"
 
 
-async def sparse_pieces(out: list[np.ndarray]) -> AsyncIterator[bytes]:
-    """TEI's /embed_sparse answer, [[{"index", "value"}, ...] a text, ...] (each text's nonzero weights by index), in
-    pieces of about PIECE_FLOATS / 2 entries, the loop free between them: a dense vocabulary-wide vector is as many
-    objects (64 of 30,522 held the loop 0.77 s in one piece, a reviewer's ad hoc measure)."""
-    yield b"["
-    step = PIECE_FLOATS // 2
-    for i, v in enumerate(out):
-        yield b",[" if i else b"["
-        nz = np.flatnonzero(v)
-        for r in range(0, len(nz), step):
-            at = nz[r:r + step]
-            piece = orjson.dumps([{"index": k, "value": x} for k, x in zip(at.tolist(), v[at].tolist())])[1:-1]
-            yield b"," + piece if r else piece
-            await asyncio.sleep(0)
-        yield b"]"
-    yield b"]"
+def state_pieces(a: np.ndarray) -> Iterator[bytes]:
+    """(tokens, D) states in pieces of about PIECE_FLOATS floats: rows, without brackets (/embed_all)."""
+    step = max(1, PIECE_FLOATS // max(a.shape[1], 1))
+    for r in range(0, len(a), step):
+        yield orjson.dumps(a[r:r + step], option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+
+
+def weight_pieces(v: np.ndarray) -> Iterator[bytes]:
+    """A SPLADE vector's nonzero weights, {"index", "value"} by index, about PIECE_FLOATS / 2 a piece (/embed_sparse:
+    a dense vocabulary-wide vector is as many objects; 64 of 30,522 held the loop 0.77 s in one piece, a reviewer's
+    ad hoc measure)."""
+    nz, step = np.flatnonzero(v), PIECE_FLOATS // 2
+    for r in range(0, len(nz), step):
+        at = nz[r:r + step]
+        yield orjson.dumps([{"index": k, "value": x} for k, x in zip(at.tolist(), v[at].tolist())])[1:-1]
+
+
+def json_pieces(out: list[np.ndarray]) -> AsyncIterator[bytes]:
+    """/embed_all's answer: a list per text of its tokens' states."""
+    return nested_json(state_pieces(a) for a in out)
 
 
 # the paths tei_routes answers in TEI's shape (the Ray gateway answers its own errors on them so too)
@@ -98,7 +102,8 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
                            param="inputs", code="not_sparse")
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate))
-        return StreamingResponse(sparse_pieces(job.out), 200, timing_headers(job, tok_s, cut), "application/json")
+        return StreamingResponse(nested_json(weight_pieces(v) for v in job.out), 200,
+                                 timing_headers(job, tok_s, cut), "application/json")
 
     async def similarity(request: Request) -> Response:
         return await similarity_body(request, *await infer(request, "embed"))
