@@ -261,9 +261,15 @@ def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, 
             r = c.post("/embed_sparse", json=body)  # (TEI's codes: an empty input is its 400, as on /embed)
             assert r.status_code == status and r.json()["param"] == field, (body, r.text)
         assert "/embed_sparse" in c.get("/openapi.json").json()["paths"]
+        vocab = vecs.shape[1]  # a cut of a vocabulary's weights is no shorter embedding: refused, the full size taken
+        for path, body, status in (("/embed", {"inputs": TEXTS}, 422), ("/v1/embeddings", {"input": TEXTS}, 400)):
+            r = c.post(path, json={**body, "dimensions": 8})  # (each route's code for a bad field: TEI's, OpenAI's)
+            assert r.status_code == status and '"param":"dimensions"' in r.text and "SPLADE" in r.text, (path, r.text)
+            assert c.post(path, json={**body, "dimensions": vocab}).status_code == 200, path
     mean = open_model(build_tiny("bert"), task="embed", device="cpu")
     with serve(mean) as c:
         r = c.post("/embed_sparse", json={"inputs": TEXTS})
         assert r.status_code == 424 and "SPLADE" in r.text, r.text
         assert "/embed_sparse" not in c.get("/openapi.json").json()["paths"]
         assert c.post("/embed", json={"inputs": TEXTS}).status_code == 200  # the server still answers
+        assert len(c.post("/embed", json={"inputs": TEXTS, "dimensions": 8}).json()[0]) == 8  # a mean vector's cut

@@ -258,10 +258,22 @@ def check_model(body: dict[str, Any], served: str) -> None:
                        code="model_not_found")
 
 
-def embeddings_request(body: dict[str, Any], served: str, dim: int,
-                       limits: Limits) -> tuple[list[str] | TokenInput, str, int, bool | None]:
+def dimensions_of(body: dict[str, Any], dim: int, sparse: bool) -> int:
+    """`dimensions`: 1..dim (absent or null: dim). A SPLADE model's (`sparse`) vector weighs each vocabulary entry:
+    its first k entries are the first k token ids, no shorter embedding, so only its own size is taken."""
+    dims = integer(body, "dimensions", 1, dim, dim)
+    if sparse and dims < dim:
+        raise ApiError(422, f"dimensions is not available: this model's vectors weigh its {dim} vocabulary entries "
+                            f"(SPLADE), and their first {dims} are no shorter embedding",
+                       param="dimensions", code="invalid_value")
+    return dims
+
+
+def embeddings_request(body: dict[str, Any], served: str, dim: int, limits: Limits,
+                       sparse: bool = False) -> tuple[list[str] | TokenInput, str, int, bool | None]:
     """OpenAI /v1/embeddings: input (texts or token ids: `embedding_input`), model, encoding_format
-    float|base64, dimensions (1..the model's: `shortened`), truncate (`reject_of`; as the other routes read it)."""
+    float|base64, dimensions (`dimensions_of`, then `shortened`), truncate (`reject_of`; as the other routes read
+    it)."""
     check_model(body, served)
     check_cut(body)
     fmt = body.get("encoding_format")
@@ -270,7 +282,7 @@ def embeddings_request(body: dict[str, Any], served: str, dim: int,
         raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format",
                        code="invalid_value")
     reject = reject_of(boolean(body, "truncate"))
-    return embedding_input(body, limits), fmt, integer(body, "dimensions", 1, dim, dim), reject
+    return embedding_input(body, limits), fmt, dimensions_of(body, dim, sparse), reject
 
 
 def shortened(out: list[np.ndarray], dims: int, unit: bool) -> list[np.ndarray]:

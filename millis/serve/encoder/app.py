@@ -307,7 +307,8 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
 
     async def embeddings(request: Request) -> Response:
         model, body, arrived = await _infer(request, "embed")
-        texts, fmt, dims, reject = schemas.embeddings_request(body, st.name, st.dim, st.limits)
+        texts, fmt, dims, reject = schemas.embeddings_request(body, st.name, st.dim, st.limits,
+                                                                tei.sparse_model(model))
         job, cut, tok_s, n_tok = await _answer(request, arrived, model, texts, reject=reject)
         out = schemas.shortened(job.out, dims, model.meta.source.pooling.normalize)
         return json_response(schemas.embeddings_response(out, fmt, st.name, n_tok),

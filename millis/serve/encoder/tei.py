@@ -36,8 +36,8 @@ from millis import __version__
 from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, unit_rows
 from millis.encoder.source import SPLADE
 from millis.serve.http import TEI_INVALID
-from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, embedding_input, integer,
-                                  shortened, texts_of)
+from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, dimensions_of, embedding_input,
+                                  integer, shortened, texts_of)
 
 INVALID = TEI_INVALID  # a field missing, of the wrong type or out of bounds: 422, and errors in TEI's shape
 
@@ -60,7 +60,8 @@ class TeiRequest:
 FUNCTIONS = {"softmax": softmax, "sigmoid": sigmoid, "none": np.asarray}
 
 
-def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits: Limits) -> TeiRequest:
+def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits: Limits,
+                  sparse: bool = False) -> TeiRequest:
     check_cut(body)
     normalize = body.get("normalize", True)
     if not isinstance(normalize, bool):
@@ -70,7 +71,7 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
         raise ApiError(422, "normalize=false is not available: this model normalizes its vectors in its graph",
                        param="normalize", code="invalid_value")
     return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
-                      boolean(body, "truncate"), normalize, integer(body, "dimensions", 1, dim, dim))
+                      boolean(body, "truncate"), normalize, dimensions_of(body, dim, sparse))
 
 
 def embed_all_request(body: dict[str, Any], limits: Limits, route: str = "/embed_all") -> TeiRequest:

@@ -76,7 +76,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
 
     async def embed_body(request: Request, model, body: dict, arrived: float) -> Response:
         unit = model.meta.source.pooling.normalize
-        req = tei.embed_request(body, st.dim, unit, st.limits)
+        req = tei.embed_request(body, st.dim, unit, st.limits, tei.sparse_model(model))
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
