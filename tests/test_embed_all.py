@@ -1,12 +1,13 @@
-"""TEI's /embed_all: every token's last hidden state (special tokens too), before pooling, from the native and torch
-runtimes, against transformers' last_hidden_state in fp32 on the ids the server's /tokenize gives; a runtime whose
-graph returns its pooled output alone (ONNX Runtime) answers 424; bad fields answer 4xx naming them; the batcher
+"""TEI's /embed_all: every token's last hidden state (special tokens too), before pooling, from the native, torch,
+ONNX Runtime and OpenVINO runtimes, against transformers' last_hidden_state in fp32 on the ids the server's /tokenize
+gives; a runtime whose graph returns its pooled output alone (an ONNX artifact exported before) answers 424; bad fields answer 4xx naming them; the batcher
 runs token jobs and pooled ones in calls of their own kind."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,12 +56,12 @@ def artifact(tmp_path, variant: str, measure):
     return open_model(out)
 
 
-@pytest.mark.parametrize("runtime", ["torch", "native"])
-def test_embed_all_is_the_last_hidden_state(tmp_path, tiny_dirs, quick_measure, runtime):
-    if runtime == "native" and native_isa() is None:
+@pytest.mark.parametrize("variant", ["torch-fp32", "native-fp32", "ort-fp32-fused", "ov-fp32"])
+def test_embed_all_is_the_last_hidden_state(tmp_path, tiny_dirs, quick_measure, variant):
+    if variant == "native-fp32" and native_isa() is None:
         pytest.skip("no native kernels here")
-    model = open_model("tiny:bert", "embed") if runtime == "torch" else artifact(tmp_path, "native-fp32", quick_measure)
-    assert model.meta.variant.runtime == runtime
+    model = open_model("tiny:bert", "embed") if variant == "torch-fp32" else artifact(tmp_path, variant, quick_measure)
+    assert model.meta.variant.name == variant
     with serve(model) as client:
         r = client.post("/embed_all", json={"inputs": TEXTS})
         assert r.status_code == 200, r.text
@@ -129,6 +130,7 @@ def test_embed_all_refusals(tmp_path, quick_measure):
         assert client.post("/embed_all", json={"inputs": TEXTS}).status_code == 200  # the server still answers
         assert "424" in client.get("/openapi.json").json()["paths"]["/embed_all"]["post"]["responses"]
     ort = artifact(tmp_path, "ort-fp32-fused", quick_measure)
+    ort = open_model(without_states(ort.path))  # an artifact exported before its graph gave the token states
     with serve(ort) as client:
         r = client.post("/embed_all", json={"inputs": TEXTS})
         assert r.status_code == 424 and r.json()["code"] == "no_token_states", r.text
@@ -137,6 +139,74 @@ def test_embed_all_refusals(tmp_path, quick_measure):
         assert client.post("/embed", json={"inputs": TEXTS}).status_code == 200
     with pytest.raises(MillisError, match=r"runtime \(onnxruntime\) returns pooled vectors alone"):
         ort.token_embeddings(TEXTS)
+
+
+def without_states(art: Path) -> Path:
+    """A copy of artifact `art` whose graph is as millis exported it before 2026-12-07: the pooled output alone (the
+    states' output and the nodes only it reads dropped), its files hashed anew."""
+    import shutil
+
+    import onnx
+
+    from millis.artifact import store
+    from millis.encoder.source import STATES_NAME
+    from millis.optimize.build.graph import prune
+
+    def fill(tmp: Path):
+        shutil.copytree(art, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(store.META))
+        for f in tmp.rglob("*.onnx"):
+            m = onnx.load(str(f))
+            kept = [o for o in m.graph.output if o.name != STATES_NAME]
+            assert len(kept) == len(m.graph.output) - 1, f
+            del m.graph.output[:]
+            m.graph.output.extend(kept)
+            prune(m)
+            onnx.save(m, str(f))
+        return store.read_meta(art)
+
+    return store.write(art.with_name(art.name + "-old"), fill)
+
+
+@pytest.mark.parametrize("variant", ["ort-int8-dynamic", "ort-int8-static", "ov-int8", "ort-fp32"])
+def test_every_exported_graph_gives_the_states(tmp_path, tiny_dirs, variant):
+    """Each ONNX Runtime / OpenVINO variant of an embedder (dynamic and static int8, NNCF int8, the unfused graph)
+    gives every token's state near transformers' (fp32 within 1e-4), zeros where the mask drops a token, and its
+    pooled output as before; a SPLADE model's are the encoder's under its masked-LM head."""
+    import torch
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    from millis.common.samples import sample_texts
+    from millis.encoder.source import resolve
+    from millis.encoder.text import TextEncoder
+    from millis.encoder.tiny import build_tiny
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.optimize.judge import open_variant
+    from millis.runtimes.base import gives_token_states
+
+    for family in ("bert", "bert-splade"):
+        folder = tiny_dirs["bert"] if family == "bert" else build_tiny(family)
+        src = resolve(str(folder))
+        enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+        feeds = enc.encode(sample_texts()[:4]).feeds
+        mask = feeds["attention_mask"]
+        assert mask.sum(1).min() < mask.shape[1]  # padding
+        builder = Builder(src, "embed", tmp_path / family, calibration=lambda: [feeds])
+        vdir, _ = builder.build(CATALOG[variant])
+        rt = open_variant("embed", 2, src, CATALOG[variant], vdir)
+        assert gives_token_states(rt)
+        got = rt.token_states(feeds)
+        hf = (AutoModelForMaskedLM if family != "bert" else AutoModel).from_pretrained(folder).eval()
+        with torch.no_grad():
+            out = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}, output_hidden_states=True)
+        want = out.hidden_states[-1].numpy() * mask[..., None]
+        assert got.shape == want.shape and got.dtype == np.float32 and not got[mask == 0].any()
+        if variant == "ort-fp32":
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        on = mask.astype(bool)
+        a, b = got[on], want[on]  # (tokens, H)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.95, (family, variant, cos.min())
+        assert rt.run(feeds)["embedding"].shape[0] == len(mask)
 
 
 def test_the_answer_goes_out_in_pieces():

@@ -106,7 +106,8 @@ class Model:
             raise MillisError(f"this artifact is a {self.task} model; token embeddings come from an embedder")
         if not gives_token_states(self.runtime):
             raise MillisError(f"this artifact's runtime ({self.meta.variant.runtime}) returns pooled vectors alone: "
-                              "token states come from a native or torch variant")
+                              "token states come from a native, torch, ONNX Runtime or OpenVINO variant (an ONNX "
+                              "artifact exported before 2026-12-07: build it again)")
         ids, _ = self.encoder.token_ids(check_texts(texts))
         out: list[np.ndarray] = []
         for start in range(0, len(ids), MAX_BATCH):

@@ -89,6 +89,8 @@ class Pooling:
 
 
 OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}  # each task's runtime output (millis.encoder.tasks)
+# an embedder's exported graph's second output: (B, T, H) every token's last hidden state, unmasked (TEI's /embed_all)
+STATES_NAME = "token_states"
 
 
 def pools_tokens(task: str, pooling: Pooling) -> bool:

@@ -2,7 +2,8 @@
 
 classify: (input_ids, attention_mask[, token_type_ids]) -> logits (B, num_labels)
 embed:    (input_ids, attention_mask[, token_type_ids]) -> embedding (B, H); SPLADE pooling: (B, vocab), from a
-          masked-LM's logits (splade_pool)
+          masked-LM's logits (splade_pool). With `with_states` (the exported graph): (embedding, token_states
+          (B, T, H)), every token's last hidden state before pooling, unmasked.
 """
 from __future__ import annotations
 
@@ -45,18 +46,38 @@ class TaskModel(nn.Module):
         super().__init__()
         self.hf, self.task, self.pooling = hf_model, task, pooling
         self.takes_token_types = "token_type_ids" in input_names
+        self.with_states = False  # forward returns (output, token_states) too: set for an embedder's export
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.takes_token_types:
-            kw["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        out = self.hf(**kw)
+        out = self.hf(**self.inputs(input_ids, attention_mask, token_type_ids),
+                      output_hidden_states=self.heads_logits() and self.with_states)
         if self.task == "classify":
             return out.logits
         if self.pooling.mode == SPLADE:
             v = splade_pool(out.logits, attention_mask)
-            return nn.functional.normalize(v, p=2.0, dim=-1) if self.pooling.normalize else v
-        return pool(out.last_hidden_state, attention_mask, self.pooling)
+            v = nn.functional.normalize(v, p=2.0, dim=-1) if self.pooling.normalize else v
+        else:
+            v = pool(out.last_hidden_state, attention_mask, self.pooling)
+        return (v, self.last_states(out)) if self.with_states else v
+
+    def token_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """(B, T, H): the encoder's last hidden state (under a classifier's or a masked LM's head), unmasked."""
+        out = self.hf(**self.inputs(input_ids, attention_mask, token_type_ids), output_hidden_states=self.heads_logits())
+        return self.last_states(out)
+
+    def heads_logits(self) -> bool:
+        """The wrapped model ends in a head (sequence classification, SPLADE's masked LM): its outputs carry the
+        encoder's states only as hidden_states."""
+        return self.task == "classify" or self.pooling.mode == SPLADE
+
+    def last_states(self, out) -> torch.Tensor:
+        return out.hidden_states[-1] if self.heads_logits() else out.last_hidden_state
+
+    def inputs(self, input_ids, attention_mask, token_type_ids) -> dict[str, torch.Tensor]:
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_token_types:
+            kw["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        return kw
 
 
 EAGER_ONLY = frozenset({"mpnet", "deberta-v2"})  # transformers has no SDPA attention for them (relative positions)

@@ -12,8 +12,9 @@ Two optional attributes a runtime may declare (read with `shares_scales_across_r
   device fault on CUDA): a bound on the ids it may be given.
 And one optional method (read with `gives_token_states`): `token_states(batch) -> (B, T, H) float32`, every token's
 last hidden state before pooling and head (HF's last_hidden_state; zeros where the mask drops a token): TEI's
-/embed_all. The native and torch runtimes have it; an exported graph (ONNX Runtime, OpenVINO, CUDA graphs) returns
-its pooled output alone.
+/embed_all. The native and torch runtimes have it; ONNX Runtime and OpenVINO where the embedder's graph has the
+second output STATES_NAME (millis exports it since 2026-12-07: an older artifact's graph returns its pooled output
+alone); the CUDA graphs do not.
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def shares_scales_across_rows(runtime: Runtime) -> bool:
 def gives_token_states(runtime: Runtime) -> bool:
     """The runtime has `token_states` (see the module's docstring)."""
     return callable(getattr(runtime, "token_states", None))
+
+
+def masked_states(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B, T, H) token states with zeros where the (B, T) attention mask drops a token (`token_states`' contract)."""
+    return states * mask[..., None].astype(states.dtype)
 
 
 def default_threads() -> int:

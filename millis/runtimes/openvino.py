@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from millis.runtimes.base import check_batch
+from millis.encoder.source import STATES_NAME
+from millis.runtimes.base import check_batch, masked_states
 
 
 class OpenVinoRuntime:
@@ -34,8 +35,16 @@ class OpenVinoRuntime:
         # what the CPU plugin really runs (bf16 only where the CPU has it)
         self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         self._request = compiled.create_infer_request()
+        self._outputs = {name: o for o in compiled.outputs for name in o.get_names()}  # by each of a tensor's names
+        if STATES_NAME in self._outputs:  # an embedder's graph exported with them
+            self.token_states = self.graph_states  # (the Protocol's optional method: base.gives_token_states)
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = self._request.infer(check_batch(batch, self.input_names), share_inputs=True)
+        return {self.output_name: np.array(res[self._outputs.get(self.output_name, 0)], dtype=np.float32, copy=True)}
+
+    def graph_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, H) float32, the graph's STATES_NAME output, zeros where the mask drops a token."""
         feeds = check_batch(batch, self.input_names)
         res = self._request.infer(feeds, share_inputs=True)
-        return {self.output_name: np.array(res[0], dtype=np.float32, copy=True)}
+        return masked_states(np.array(res[self._outputs[STATES_NAME]], dtype=np.float32), feeds["attention_mask"])

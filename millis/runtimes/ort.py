@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from millis.common.errors import MillisError
-from millis.runtimes.base import check_batch
+from millis.encoder.source import STATES_NAME
+from millis.runtimes.base import check_batch, masked_states
 
 # ops that quantize their float input with one scale computed over the whole tensor at run time: every row of a
 # batch shares it, so a batch-mate with larger activations changes this row's rounding (quantize_dynamic's graphs)
@@ -63,9 +64,20 @@ class OrtRuntime:
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self._outputs = [output_name]
         self.shares_scales_across_rows, self.mask_as_length = graph_traits(Path(path))
+        if STATES_NAME in {o.name for o in self.session.get_outputs()}:  # an embedder's graph exported with them
+            self.token_states = self.graph_states  # (the Protocol's optional method: base.gives_token_states)
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.output_name: self.session.run(self._outputs, self.feeds(batch))[0]}
+
+    def graph_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, H) float32, the graph's STATES_NAME output (ONNX Runtime runs only the nodes it
+        needs: the pooling is skipped), zeros where the mask drops a token."""
+        feeds = self.feeds(batch)
+        return masked_states(self.session.run([STATES_NAME], feeds)[0], feeds["attention_mask"])
+
+    def feeds(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_batch(batch, self.input_names)
         if self.mask_as_length and "attention_mask" in feeds:
             check_right_padded(feeds["attention_mask"])
-        return {self.output_name: self.session.run(self._outputs, feeds)[0]}
+        return feeds

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from millis.runtimes.base import check_batch
+from millis.runtimes.base import check_batch, masked_states
 
 
 class TorchRuntime:
@@ -32,10 +32,8 @@ class TorchRuntime:
 
     def token_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """(B, T) inputs -> (B, T, H) float32: the encoder's last_hidden_state, zeros where the mask drops a token
-        (an embedder's: its bare encoder; a classifier's hidden states under its head)."""
+        (an embedder's: its bare encoder; a classifier's or SPLADE's masked LM's: the hidden states under its head)."""
         feeds = check_batch(batch, self.input_names)
-        kw = {n: torch.from_numpy(feeds[n]) for n in self.input_names}
         with torch.inference_mode():
-            out = self.model.hf(**kw, output_hidden_states=self.model.task == "classify")
-            h = out.hidden_states[-1] if self.model.task == "classify" else out.last_hidden_state
-            return (h.float() * kw["attention_mask"].unsqueeze(-1)).numpy()
+            h = self.model.token_states(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        return masked_states(h.float().numpy(), feeds["attention_mask"])

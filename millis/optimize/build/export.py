@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from millis.encoder.source import ModelSource
+from millis.encoder.source import STATES_NAME, ModelSource
 from millis.encoder.tasks import OUTPUT_NAME, load_task_model
 
 OPSET = 17
@@ -28,8 +28,13 @@ def export(src: ModelSource, task: str, out_dir: Path) -> Path:
     args = tuple([ids, torch.ones_like(ids)] + ([torch.zeros_like(ids)] if len(names) == 3 else []))
     out_name = OUTPUT_NAME[task]
     axes = {n: {0: "batch", 1: "seq"} for n in names} | {out_name: {0: "batch"}}
+    outputs = [out_name]
+    if task == "embed":  # the second output, every token's last state (ONNX Runtime computes it only when fetched)
+        model.with_states = True
+        outputs.append(STATES_NAME)
+        axes[STATES_NAME] = {0: "batch", 1: "seq"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), input_names=names, output_names=[out_name],
+        torch.onnx.export(model, args, str(path), input_names=names, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
     return path

@@ -86,8 +86,8 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         req = tei.embed_all_request(body, st.limits)
         if not st.gives_token_states():
             raise ApiError(424, f"this artifact's runtime ({model.meta.variant.runtime}) returns pooled vectors alone: "
-                                "token states come from a native or torch variant (optimize --variants "
-                                "native-..., torch-fp32)",
+                                "token states come from a native, torch, ONNX Runtime or OpenVINO variant "
+                                "(an ONNX artifact exported before 2026-12-07: build it again)",
                            param="inputs", code="no_token_states")
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate), tokens=True)
