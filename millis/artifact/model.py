@@ -151,9 +151,10 @@ def gpu_buckets(max_batch: int, max_length: int, max_batch_tokens: int = 0) -> l
 
 
 def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: int = 0, device: str = "",
-               max_batch: int = MAX_BATCH, max_batch_tokens: int = 0) -> Model:
+               max_batch: int = MAX_BATCH, max_batch_tokens: int = 0, pooling: str = "") -> Model:
     """An artifact (millis.json) through `load`; any other model (a local HF dir, e.g. one written by
-    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike.
+    `millis train`, builtin:minilm, tiny:bert) as the torch fp32 reference, so both evaluate alike, pooled by
+    `pooling` where its folder declares none (`with_pooling`; an artifact records its own).
     device="cuda" serves a source (BERT family) through the CUDA-graph runtime in fp16 instead."""
     p = Path(spec)
     if device not in ("", "cpu", "cuda"):
@@ -162,12 +163,17 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
         model = load(p, threads=threads, device=device, max_batch=max_batch, max_batch_tokens=max_batch_tokens)
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
+        if pooling and pooling != model.meta.source.pooling.mode:
+            raise MillisError(f"--pooling {pooling}: {p} is an artifact, which pools as it was built "
+                              f"({model.meta.source.pooling.mode})")
         return model
-    from millis.encoder.source import model_max_length, resolve
+    from millis.encoder.source import model_max_length, resolve, with_pooling
     from millis.encoder.tasks import OUTPUT_NAME
 
-    src = resolve(str(spec))
-    task = task or ("classify" if src.has_classifier else "embed")
+    src = with_pooling(resolve(str(spec)), pooling)
+    task = task or ("classify" if src.has_classifier and not pooling else "embed")  # (a pooling: an embedder)
+    if pooling and task != "embed":
+        raise MillisError(f"--pooling is an embedder's; {spec} is served as a {task} model")
     max_len = model_max_length(src, max_length)
     options = {"task": task, "pooling": to_dict(src.pooling)}
     kind, name, precision = "torch", "torch-fp32", "fp32"

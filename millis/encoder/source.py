@@ -5,7 +5,7 @@ Nothing is ever fetched from a hub: every source resolves to a local directory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -88,6 +88,7 @@ class Pooling:
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
+POOLING_MODES = ("mean", "cls", "max", SPLADE)  # what `Pooling.mode` may be (--pooling's choices)
 OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}  # each task's runtime output (millis.encoder.tasks)
 # an embedder's exported graph's second output: (B, T, H) every token's last hidden state, unmasked (TEI's /embed_all)
 STATES_NAME = "token_states"
@@ -189,9 +190,8 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     archs = cfg.get("architectures") or []
     has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
     pooling = read_pooling(path)
-    if pooling.mode == SPLADE and not any(a.endswith(MLM_ARCHS) for a in archs):
-        raise MillisError(f"{path} declares SPLADE pooling (modules.json) but its config.json architectures "
-                          f"{archs or '(none)'} have no masked-LM head (*ForMaskedLM): SPLADE pools its logits")
+    if pooling.mode == SPLADE:
+        check_masked_lm(path, archs, "declares SPLADE pooling (modules.json)")
     # transformers' names where the config gives only a count: LABEL_0, LABEL_1, ...
     id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or \
         {i: f"LABEL_{i}" for i in range(int(cfg.get("num_labels") or len(cfg.get("label2id") or {})))}
@@ -260,6 +260,38 @@ def dir_pooling(path: Path) -> Pooling:
     cfg_file = path / "config.json"
     recorded = json.loads(cfg_file.read_text()).get("millis_pooling") if cfg_file.is_file() else None
     return Pooling(**recorded) if recorded else read_pooling(path)
+
+
+def check_masked_lm(path: Path, archs: list[str], why: str) -> None:
+    """SPLADE pools a masked LM's logits: a folder whose config.json architectures have no *ForMaskedLM is refused."""
+    if not any(a.endswith(MLM_ARCHS) for a in archs):
+        raise MillisError(f"{path} {why} but its config.json architectures {archs or '(none)'} have no masked-LM "
+                          f"head (*ForMaskedLM): SPLADE pools its logits")
+
+
+def declares_pooling(path: Path) -> bool:
+    """The folder says how it pools: sentence-transformers' modules.json, or the pooling a millis variant records."""
+    cfg_file = path / "config.json"
+    return (path / "modules.json").is_file() or \
+        (cfg_file.is_file() and bool(json.loads(cfg_file.read_text()).get("millis_pooling")))
+
+
+def with_pooling(src: ModelSource, mode: str) -> ModelSource:
+    """`src` pooled by `mode` (`--pooling`, TEI's: for a folder that declares no pooling, which is otherwise read as
+    mean); "" or the folder's own mode: `src` as it is. Another mode than a folder declares is refused (millis would
+    compute another embedding than the folder's), as SPLADE over a checkpoint with no masked-LM head."""
+    if not mode or mode == src.pooling.mode:
+        return src
+    if mode not in POOLING_MODES:
+        raise MillisError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
+    if declares_pooling(src.path):
+        raise MillisError(f"--pooling {mode}: {src.path} declares {src.pooling.mode} pooling (modules.json); "
+                          f"leave --pooling out, or give {src.pooling.mode}")
+    if mode == SPLADE:
+        check_masked_lm(src.path, json.loads((src.path / "config.json").read_text()).get("architectures") or [],
+                        "is given --pooling splade")
+    return replace(src, pooling=Pooling(mode, src.pooling.normalize), has_classifier=src.has_classifier and
+                   mode != SPLADE)
 
 
 def read_pooling(path: Path) -> Pooling:

@@ -241,5 +241,6 @@ def embed_figures(cfg: EvalConfig, model, texts: list[str], out: np.ndarray, say
         return {"n": len(texts), "reference": "self", "nonfinite_rows": int((~np.isfinite(out).all(1)).sum())}
     if not Path(ref_spec).is_dir():
         raise MillisError(f"the artifact's fp32 source {ref_spec} is gone; agreement needs it")
-    reference = open_model(ref_spec, task="embed", threads=cfg.threads, max_length=model.max_length)
+    reference = open_model(ref_spec, task="embed", threads=cfg.threads, max_length=model.max_length,
+                           pooling=model.meta.source.pooling.mode)  # (a folder may declare none: optimize --pooling)
     return {**embedding_agreement(reference.run(texts).outputs, out), "reference": ref_spec}

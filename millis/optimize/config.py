@@ -7,6 +7,7 @@ from typing import Any, Callable
 from millis.common.config import Shape, check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
+from millis.encoder.source import POOLING_MODES
 
 TASKS = ("classify", "embed", "rerank")
 
@@ -83,6 +84,9 @@ class OptimizeConfig:
                               "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
     out: str = flag("artifacts/model", "artifact directory to write (an empty one or one millis wrote is replaced; "
                                        "never the source model)", scoped=True)
+    pooling: str = flag("", "how an embedder pools its token states where its folder declares nothing (no "
+                            "sentence-transformers modules.json, which is otherwise read as mean): mean, cls, max, or "
+                            "splade (a masked LM's SPLADE vector); TEI's --pooling", choices=("",) + POOLING_MODES)
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")
@@ -111,6 +115,11 @@ class OptimizeConfig:
         check_at_least(self, 0, "max_length")
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
+        if self.pooling and self.pooling not in POOLING_MODES:
+            raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
+        if self.pooling and self.task != "embed":
+            raise MillisError(f"--pooling is an embedder's (--task embed); a {self.task} model's head reads its "
+                              f"own tokens")
         if self.device not in ("cpu", "cuda"):
             raise MillisError(f"device must be cpu or cuda, got {self.device!r}")
 

@@ -206,8 +206,9 @@ def recipe_of(v: Variant) -> dict[str, Any]:
 
 def open_arguments(task: str, threads: int, src: ModelSource, v: Variant, vdir: Path,
                    gpu_buckets: tuple[str, ...] = ()) -> tuple:
-    """What millis.runtimes.open_runtime takes to open `v` built in `vdir` (here, and in the RSS probe's process)."""
-    opts = dict(v.options, task=task)
+    """What millis.runtimes.open_runtime takes to open `v` built in `vdir` (here, and in the RSS probe's process); the
+    source's pooling named (a torch variant is the source folder, which may declare another: --pooling)."""
+    opts = dict(v.options, task=task, pooling={"mode": src.pooling.mode, "normalize": src.pooling.normalize})
     if v.runtime == "cuda" and gpu_buckets:
         opts.setdefault("buckets", list(gpu_buckets))
     return v.runtime, vdir, v.name, tuple(src.input_names), OUTPUT_NAME[task], opts, threads

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
+from millis.encoder.source import POOLING_MODES
 from millis.gen.config import DTYPES, QUANTS
 
 TOO_LONG = ("truncate", "reject")
@@ -51,6 +52,10 @@ class ServeConfig:
     threads: int = _f(0, "runtime intra-op threads (0 = all cores)")
     device: str = _f("cpu", "cpu, or cuda: serve a source model (BERT family) in fp16 through CUDA graphs "
                             "captured for batch 1..max_batch x 16..max-length tokens")
+    pooling: str = _f("", "an embedder served from its source folder: how it pools where the folder declares "
+                          "nothing (no sentence-transformers modules.json: mean otherwise): mean, cls, max or splade; "
+                          "TEI's --pooling (an artifact pools as `millis optimize --pooling` built it)",
+                      choices=("",) + POOLING_MODES)
     warmup: bool = _f(True, f"run every length bucket (an encoder's up to {WARM_MAX_TOKENS} tokens) once before "
                             f"/ready turns ready")
     shutdown_timeout_s: float = _f(60.0, "on SIGTERM, longest wait for admitted requests before exiting anyway")
@@ -92,5 +97,7 @@ class ServeConfig:
             if getattr(self, name) not in allowed:
                 raise MillisError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
+        if self.pooling and self.pooling not in POOLING_MODES:
+            raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
         if not 0 <= self.port < 65536:
             raise MillisError(f"--port must be in 0..65535, got {self.port}")

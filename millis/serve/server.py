@@ -55,12 +55,13 @@ def app_and_loader(cfg: ServeConfig):
     if not task:  # a source model served as torch fp32: resolve it now (a bad spec fails before binding)
         from millis.encoder.source import resolve
 
-        task = "classify" if resolve(cfg.artifact).has_classifier else "embed"
+        task = "classify" if resolve(cfg.artifact).has_classifier and not cfg.pooling else "embed"
     # ORT keeps its default spinning thread pool: measured here, turning it off (so idle threads sleep)
     # cost ~2 ms at concurrency 1 and lowered throughput under load (bench/serve_vs_infinity.py notes)
     return partial(create_app, task=task), lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,
                                                               max_batch=cfg.max_batch,
-                                                              max_batch_tokens=cfg.max_batch_tokens)
+                                                              max_batch_tokens=cfg.max_batch_tokens,
+                                                              pooling=cfg.pooling)
 
 
 def _gen_loader(cfg: ServeConfig, model: str):
