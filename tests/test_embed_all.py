@@ -206,7 +206,28 @@ def test_every_exported_graph_gives_the_states(tmp_path, tiny_dirs, variant):
         a, b = got[on], want[on]  # (tokens, H)
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cos.min() > 0.95, (family, variant, cos.min())
-        assert rt.run(feeds)["embedding"].shape[0] == len(mask)
+        emb = rt.run(feeds)["embedding"]  # the pooled output as before: (B, H) mean, (B, V) SPLADE
+        assert emb.shape == (len(mask), out.logits.shape[-1] if family != "bert" else want.shape[-1])
+        if family == "bert":  # tiny:bert's mean of the token states, unit length
+            mean = want.sum(1) / mask.sum(1, keepdims=True)
+            mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+            assert ((emb * mean).sum(1) / np.linalg.norm(emb, axis=1)).min() > 0.99
+
+
+def test_dynamic_int8_states_are_each_texts_own(tmp_path, quick_measure):
+    """ONNX Runtime's dynamic int8 shares one activation scale across a call's rows: its token states, in process and
+    served, are run one row a call padded to its bucket (as `run` and the server run it), so a text's states do not
+    depend on the texts beside it, and `token_embeddings` answers what /embed_all does."""
+    model = artifact(tmp_path, "ort-int8-dynamic", quick_measure)
+    assert model.runtime.shares_scales_across_rows
+    alone = model.token_embeddings([TEXTS[1]])[0]
+    batched = model.token_embeddings(TEXTS)
+    assert [len(b) for b in batched] == [len(r) for r in model.encoder.token_ids(TEXTS)[0]]
+    np.testing.assert_array_equal(batched[1], alone)
+    with serve(model) as client:
+        got = client.post("/embed_all", json={"inputs": TEXTS}).json()
+    for a, b in zip(got, batched):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_the_answer_goes_out_in_pieces():

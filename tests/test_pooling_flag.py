@@ -67,7 +67,7 @@ def test_a_plain_folder_pools_as_the_flag_says_on_every_runtime(tmp_path, quick_
     assert art.meta.source.pooling.mode == mode
     np.testing.assert_allclose(art.embed(TEXTS), want, atol=1e-4)
     assert not any("declares no pooling" in line for line in lines), lines  # the flag said how
-    # `millis eval` on the artifact reopens its fp32 source pooled as the artifact records (mean: cosine ~0.5)
+    # `millis eval` on the artifact reopens its fp32 source pooled as the artifact records (mean: cosine 0.78)
     data = tmp_path / "texts.csv"
     data.write_text("text\n" + "\n".join(TEXTS) + "\n")
     res = evaluate(EvalConfig(model=str(out), data=str(data), threads=1), say=lambda m: None)
@@ -86,6 +86,28 @@ def test_without_the_flag_a_plain_folder_is_mean_pooled_and_said_so(tmp_path, qu
     assert any("declares no pooling" in line and "--pooling" in line for line in lines), lines
     assert open_model(out).meta.source.pooling.mode == "mean"
     assert open_model(folder).meta.source.pooling.mode == "mean"
+    lines.clear()  # told mean: nothing to say
+    optimize(OptimizeConfig(source=folder, task="embed", out=str(tmp_path / "art2"), target=Shape(1, 16),
+                            variants=("torch-fp32",), pooling="mean", measure=quick_measure), lines.append)
+    assert not any("declares no pooling" in line for line in lines), lines
+
+
+def test_serve_takes_the_flag_before_binding(tmp_path, quick_measure):
+    """`millis serve FOLDER --pooling cls`: an embedder (tiny:bert's folder has a classifier head, served as a
+    classifier without the flag); an artifact with another pooling than it was built with: refused before binding."""
+    from millis.serve.config import ServeConfig
+    from millis.serve.server import app_and_loader
+
+    folder = undeclared("bert", tmp_path)
+    assert app_and_loader(ServeConfig(artifact=folder))[0].keywords["task"] == "classify"
+    factory, load = app_and_loader(ServeConfig(artifact=folder, pooling="cls"))
+    assert factory.keywords["task"] == "embed"
+    np.testing.assert_allclose(load().embed(TEXTS), hf_pooled(folder, "cls"), atol=1e-4)
+    art = optimize(OptimizeConfig(source="tiny:bert", task="embed", out=str(tmp_path / "art"), target=Shape(1, 16),
+                                  variants=("torch-fp32",), measure=quick_measure))
+    with pytest.raises(MillisError, match="pools as it was built \\(mean\\)"):
+        app_and_loader(ServeConfig(artifact=str(art), pooling="cls"))
+    assert app_and_loader(ServeConfig(artifact=str(art), pooling="mean"))[0].keywords["task"] == "embed"
 
 
 def test_splade_by_the_flag_equals_a_declared_splade_folder(tmp_path, quick_measure):

@@ -262,6 +262,8 @@ def test_every_runtime_and_the_served_artifact_answer_as_transformers(tmp_path, 
             assert r.status_code == status and r.json()["param"] == field, (body, r.text)
         assert "/embed_sparse" in c.get("/openapi.json").json()["paths"]
         vocab = vecs.shape[1]  # a cut of a vocabulary's weights is no shorter embedding: refused, the full size taken
+        spec = c.get("/openapi.json").json()["paths"]["/embed"]["post"]["requestBody"]["content"]["application/json"]
+        assert spec["schema"]["properties"]["dimensions"]["anyOf"][0]["minimum"] == vocab, spec
         for path, body, status in (("/embed", {"inputs": TEXTS}, 422), ("/v1/embeddings", {"input": TEXTS}, 400)):
             r = c.post(path, json={**body, "dimensions": 8})  # (each route's code for a bad field: TEI's, OpenAI's)
             assert r.status_code == status and '"param":"dimensions"' in r.text and "SPLADE" in r.text, (path, r.text)

@@ -101,7 +101,8 @@ class Model:
 
     def token_embeddings(self, texts: list[str]) -> list[np.ndarray]:
         """Per text, (tokens, H) float32: every token's last hidden state (special tokens too), before pooling: what
-        the server's /embed_all answers; the native and torch runtimes give them."""
+        the server's /embed_all answers, batched as `run` batches (a runtime whose rows share their activation
+        scales, ONNX Runtime's dynamic int8: one row a call, padded to its bucket, as the server runs it)."""
         if self.task != "embed":
             raise MillisError(f"this artifact is a {self.task} model; token embeddings come from an embedder")
         if not gives_token_states(self.runtime):
@@ -109,11 +110,15 @@ class Model:
                               "token states come from a native, torch, ONNX Runtime or OpenVINO variant (an ONNX "
                               "artifact exported before 2026-12-07: build it again)")
         ids, _ = self.encoder.token_ids(check_texts(texts))
-        out: list[np.ndarray] = []
-        for start in range(0, len(ids), MAX_BATCH):
-            rows = ids[start:start + MAX_BATCH]
-            states = self.runtime.token_states(self.encoder.pack(rows, max(map(len, rows))))  # (B, T, H)
-            out += [h[:len(r)] for h, r in zip(states, rows)]
+        out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        step = 1 if shares_scales_across_rows(self.runtime) else MAX_BATCH
+        for start in range(0, len(order), step):
+            idx = order[start:start + step]
+            t = bucket_length(max(len(ids[i]) for i in idx), self.encoder.max_length)
+            states = self.runtime.token_states(self.encoder.pack([ids[i] for i in idx], t))  # (B, T, H)
+            for i, h in zip(idx, states):
+                out[i] = h[:len(ids[i])]
         return out
 
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:

@@ -270,10 +270,8 @@ def check_masked_lm(path: Path, archs: list[str], why: str) -> None:
 
 
 def declares_pooling(path: Path) -> bool:
-    """The folder says how it pools: sentence-transformers' modules.json, or the pooling a millis variant records."""
-    cfg_file = path / "config.json"
-    return (path / "modules.json").is_file() or \
-        (cfg_file.is_file() and bool(json.loads(cfg_file.read_text()).get("millis_pooling")))
+    """The folder says how it pools: sentence-transformers' modules.json (what `read_pooling` reads)."""
+    return (path / "modules.json").is_file()
 
 
 def with_pooling(src: ModelSource, mode: str) -> ModelSource:

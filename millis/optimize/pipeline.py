@@ -152,7 +152,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
             raise MillisError(f"--pooling {cfg.pooling} with --compress: the students learn from the folder as it "
                               f"declares itself; add sentence-transformers' modules.json (a Pooling module) instead")
         src = pooled
-    elif cfg.task == "embed" and not declares_pooling(src.path):
+    elif not cfg.pooling and cfg.task == "embed" and not declares_pooling(src.path):
         progress(f"note: {cfg.source} declares no pooling (no sentence-transformers modules.json): its vectors are "
                  f"the mean of its token states; --pooling cls, max or splade if it was trained to pool otherwise")
     if cfg.task == "rerank" and (why := not_a_reranker(len(src.id2label), src.problem_type)):

@@ -140,7 +140,9 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
     if task in ("", "embed"):
         req = {"type": "object", "required": ["input"], "properties": {
             "input": embed_input, "model": model, "encoding_format": {"enum": ["float", "base64", None]},
-            "dimensions": nullable({"type": "integer", "minimum": 1, **({"maximum": dim} if dim else {})}), **CUT}}
+            # (a SPLADE model's vector weighs its vocabulary: no cut below it, schemas.dimensions_of)
+            "dimensions": nullable({"type": "integer", "minimum": dim if sparse and dim else 1,
+                                    **({"maximum": dim} if dim else {})}), **CUT}}
         item = {"type": "object", "required": ["object", "index", "embedding"], "properties": {
             "object": {"const": "embedding"}, "index": {"type": "integer", "minimum": 0},
             "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}

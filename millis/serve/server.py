@@ -40,7 +40,11 @@ def app_and_loader(cfg: ServeConfig):
         raise MillisError("millis serve needs an artifact directory (or MILLIS_ARTIFACT)")
     task = ""
     if artifact.is_artifact(p):
-        task = artifact.read_meta(p, verify=True).task  # format, version, hashes; or why not
+        meta = artifact.read_meta(p, verify=True)  # format, version, hashes; or why not
+        task = meta.task
+        if cfg.pooling and cfg.pooling != meta.source.pooling.mode:  # (before binding, as the rest)
+            raise MillisError(f"--pooling {cfg.pooling}: {p} is an artifact, which pools as it was built "
+                              f"({meta.source.pooling.mode})")
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: a GGUF file, a HF llama/mistral/qwen2/gpt2 directory or a llama2.c "
