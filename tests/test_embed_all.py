@@ -214,6 +214,43 @@ def test_every_exported_graph_gives_the_states(tmp_path, tiny_dirs, variant):
             assert ((emb * mean).sum(1) / np.linalg.norm(emb, axis=1)).min() > 0.99
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_cuda_runtime_gives_the_states(tiny_dirs, device):
+    """The CUDA runtime's token states (its encoder run eagerly; the graphs capture the pooled forward): on the CPU
+    stand-in in fp32 within 1e-4 of transformers' last_hidden_state on BERT (a [CLS]-pooled one too: every token's
+    state, not the last layer's first rows alone), ModernBERT and DeBERTa-v2, zeros where the mask drops a token; on
+    CUDA in fp16 within 3e-2; the pooled output unchanged beside them."""
+    import torch
+    from transformers import AutoModel
+
+    from millis.common.samples import sample_texts
+    from millis.encoder.source import Pooling, resolve
+    from millis.encoder.tasks import base_model_kwargs
+    from millis.encoder.text import TextEncoder
+    from millis.runtimes.base import gives_token_states
+    from millis.runtimes.cuda import CudaGraphRuntime
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    opts = {"dtype": "fp32", "fuse": "torch", "device": "cpu"} if device == "cpu" else {"dtype": "fp16"}
+    for family, pooling in (("bert", "mean"), ("bert", "cls"), ("modernbert", "mean"), ("deberta-v2", "mean")):
+        folder = tiny_dirs[family]
+        src = resolve(str(folder))
+        feeds = TextEncoder(src.path, src.input_names, 128).encode(sample_texts()[:3] + ["hi"]).feeds
+        mask = feeds["attention_mask"]
+        rt = CudaGraphRuntime(folder, "cuda-fp16", src.input_names, "embedding", "embed", Pooling(pooling),
+                              buckets=(Shape(4, 64),), **opts)
+        assert gives_token_states(rt)
+        got = rt.token_states(feeds)
+        hf = AutoModel.from_pretrained(folder, **base_model_kwargs(src.model_type)).eval()
+        with torch.no_grad():
+            want = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+        want = want * mask[..., None]
+        assert got.shape == want.shape and got.dtype == np.float32 and not got[mask == 0].any()
+        np.testing.assert_allclose(got, want, atol=1e-4 if device == "cpu" else 3e-2, err_msg=f"{family} {pooling}")
+        assert rt.run(feeds)["embedding"].shape == (len(mask), want.shape[-1])
+
+
 def test_dynamic_int8_states_are_each_texts_own(tmp_path, quick_measure):
     """ONNX Runtime's dynamic int8 shares one activation scale across a call's rows: its token states, in process and
     served, are run one row a call padded to its bucket (as `run` and the server run it), so a text's states do not

@@ -177,8 +177,9 @@ class Encoder:
         self.observe: Callable | None = None  # ModernBERT's GEMM inputs seen (layer_forward's observe; smooth.py)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 token_type_ids: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
-        """dense=True promises an all-ones attention_mask (the caller checked): attention runs unmasked."""
+                 token_type_ids: torch.Tensor | None = None, dense: bool = False, states: bool = False) -> torch.Tensor:
+        """dense=True promises an all-ones attention_mask (the caller checked): attention runs unmasked. states=True:
+        the last hidden states (B, T, H) every token's, before the head or pooling (TEI's /embed_all), unmasked."""
         B, T = input_ids.shape
         if T > self.cfg.max_positions:
             raise MillisError(f"sequence length {T} exceeds the model's {self.cfg.max_positions} positions")
@@ -186,10 +187,11 @@ class Encoder:
             token_type_ids = torch.zeros_like(input_ids)
         cfg = self.cfg
         if cfg.prenorm:  # ModernBERT (millis.gpu.prenorm)
-            return self.head(prenorm.forward(self, input_ids, attention_mask, dense, self.observe), attention_mask)
+            h = prenorm.forward(self, input_ids, attention_mask, dense, self.observe)
+            return h if states else self.head(h, attention_mask)
         if cfg.disentangled:  # DeBERTa (millis.gpu.deberta)
             h = deberta.forward(self, input_ids, attention_mask, token_type_ids, dense, after_attention, self.observe)
-            return self.head(h, attention_mask)
+            return h if states else self.head(h, attention_mask)
         embed = kernels.embed_ln if self.fused else kernels.embed_ln_torch
         x, attn_bias = embed(input_ids, token_type_ids, attention_mask, self.word, self.pos, self.typ,
                              self.emb_lnw, self.emb_lnb, cfg.eps)            # (B*T, E)
@@ -201,12 +203,13 @@ class Encoder:
             rel = self.rel_qk[None, :, :T, :T]
             attn_bias = rel if attn_bias is None else rel + attn_bias.to(rel.dtype)
         # a [CLS] head: the last layer at the first tokens alone (not while a calibration or a bench swaps the layer)
-        first_only = not pools_tokens(self.task, self.pooling) and self.layer is layer_forward
+        first_only = not states and not pools_tokens(self.task, self.pooling) and self.layer is layer_forward
         for lw in self.layers[:-1] if first_only else self.layers:
             x = self.layer(x, attn_bias, lw, B, T, cfg.heads, cfg.eps, self.fused)
         if first_only:
             x = last_layer_first_rows(x, attn_bias, self.layers[-1], B, T, cfg.heads, cfg.eps, self.fused)
-        return self.head(x.view(B, -1, cfg.hidden), attention_mask)  # (B, T, H), or (B, 1, H): the first rows
+        h = x.view(B, -1, cfg.hidden)  # (B, T, H), or (B, 1, H): the first rows
+        return h if states else self.head(h, attention_mask)
 
     def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last hidden states (B, T or 1, H) -> logits (the classifier on the [CLS] row) or pooled vectors."""

@@ -14,7 +14,7 @@ And one optional method (read with `gives_token_states`): `token_states(batch) -
 last hidden state before pooling and head (HF's last_hidden_state; zeros where the mask drops a token): TEI's
 /embed_all. The native and torch runtimes have it; ONNX Runtime and OpenVINO where the embedder's graph has the
 second output STATES_NAME (millis exports it since 2026-12-07: an older artifact's graph returns its pooled output
-alone); the CUDA graphs do not.
+alone); the CUDA runtime eagerly (its graphs capture the pooled forward alone).
 """
 from __future__ import annotations
 

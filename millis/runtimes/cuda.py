@@ -21,7 +21,7 @@ import torch
 from millis.common.config import Shape
 from millis.common.errors import MillisError
 from millis.gpu.encoder import Encoder, RunOptions, from_hf
-from millis.runtimes.base import check_batch
+from millis.runtimes.base import check_batch, masked_states
 from millis.encoder.source import Pooling, dir_pooling
 
 # What `millis serve` batches into by default: powers of two up to 32 rows, 16..128 tokens.
@@ -179,6 +179,19 @@ class CudaGraphRuntime:
         else:
             out = self.encoder(slot.dev[0], slot.dev[1], slot.dev[2])
         return out[:B].float().cpu().numpy()  # the copy waits for the replay
+
+    def token_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, H) float32, every token's last hidden state (TEI's /embed_all), zeros where the
+        mask drops a token: the encoder run eagerly (only the pooled forward is captured: the hot path), under the
+        lock the replays take."""
+        feeds = check_batch(batch, self.input_names)
+        if feeds["input_ids"].shape[1] > self.max_length:
+            raise MillisError(f"sequence length {feeds['input_ids'].shape[1]} exceeds the model's {self.max_length} "
+                              f"positions")
+        t = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+        with self._lock, torch.inference_mode():
+            h = self.encoder(t["input_ids"], t["attention_mask"], t.get("token_type_ids"), states=True)
+            return masked_states(h.float().cpu().numpy(), feeds["attention_mask"])
 
     def _eager(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         t = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
