@@ -1,0 +1,84 @@
+"""millis.kernels.native.build: each source compiled to an object of its own, at once, cached by its text, the
+headers' and the flags, shared between libraries, linked; a compile error names the source; a file or folder another
+user could have written is never loaded (built again, or refused)."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+from millis.common.errors import MillisError
+from millis.kernels import native
+
+SOURCES = {"a.c": '#include "k.h"\nAPI int add_k(int x) { return x + K; }\n',
+           "b.c": '#include "k.h"\nAPI int twice(int x) { return 2 * x; }\n',
+           "c.c": '#include "k.h"\nAPI int thrice(int x) { return 3 * x + K - K; }\n'}
+
+
+@pytest.fixture
+def kernels(tmp_path, monkeypatch):
+    """A folder of sources in place of millis's kernels, a fresh cache, and the compile jobs each build ran."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in SOURCES.items():
+        (src / name).write_text(text)
+    (src / "k.h").write_text('#define K 40\n#define API __attribute__((visibility("default")))\n')
+    monkeypatch.setattr(native, "HERE", src)
+    monkeypatch.setenv("MILLIS_CACHE", str(tmp_path / "cache"))
+    jobs: list[list[str]] = []
+    compile_objects = native.compile_objects
+
+    def record(cc, flags, isa, todo):
+        jobs.append(sorted(s for s, _ in todo))
+        return compile_objects(cc, flags, isa, todo)
+
+    monkeypatch.setattr(native, "compile_objects", record)
+    return src, tmp_path / "cache" / "kernels", jobs
+
+
+def build(name: str, sources: tuple[str, ...]) -> ctypes.CDLL:
+    return native.build.__wrapped__(name, sources, "scalar")  # (past functools.cache: each call builds or reuses)
+
+
+def test_objects_are_compiled_once_and_shared(kernels):
+    src, cache, jobs = kernels
+    lib = build("one", ("a.c", "b.c"))
+    assert (lib.add_k(2), lib.twice(5)) == (42, 10)
+    other = build("two", ("a.c", "c.c"))  # a.c's object is the first library's
+    assert (other.add_k(1), other.thrice(3)) == (41, 9)
+    assert jobs == [["a.c", "b.c"], ["c.c"]]
+    assert len(list((cache / "obj").glob("*.o"))) == 3 and len(list(cache.glob("*.so"))) == 2
+    build("one", ("a.c", "b.c"))  # the library as built: nothing compiled, nothing linked
+    assert len(jobs) == 2
+    (src / "k.h").write_text('#define K 7\n#define API __attribute__((visibility("default")))\n')
+    assert build("one", ("a.c", "b.c")).add_k(2) == 9  # a header changed: every object built again
+    assert jobs[-1] == ["a.c", "b.c"]
+    assert {oct(p.stat().st_mode & 0o777) for p in [cache, cache / "obj"]} == {"0o700"}
+
+
+def test_a_compile_error_names_its_source_and_leaves_nothing(kernels):
+    src, cache, jobs = kernels
+    (src / "bad.c").write_text("int broken( {\n")
+    with pytest.raises(MillisError, match=r"building the scalar kernels failed: bad\.c: .*error"):
+        build("bad", ("a.c", "bad.c"))
+    assert not list(cache.glob("*.so")) and [p.name.split("-")[0] for p in (cache / "obj").glob("*")] == ["a"]
+    assert build("good", ("a.c",)).add_k(0) == 40 and jobs[-1] == []  # a.c's object kept, reused
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no uids here")
+def test_files_others_could_write_are_not_loaded(kernels):
+    src, cache, jobs = kernels
+    build("one", ("a.c", "b.c"))
+    obj = next((cache / "obj").glob("a-*.o"))
+    so = next(cache.glob("one-*.so"))
+    for p in (obj, so):
+        p.chmod(0o666)  # as if another user had put (or could change) them there
+    assert build("one", ("a.c", "b.c")).twice(4) == 8
+    assert jobs[-1] == ["a.c"] and not obj.stat().st_mode & 0o002 and not so.stat().st_mode & 0o002
+    (cache / "obj").chmod(0o777)
+    try:
+        with pytest.raises(MillisError, match="can be written by another user"):
+            build("one", ("a.c", "b.c"))
+    finally:
+        (cache / "obj").chmod(0o700)
