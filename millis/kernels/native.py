@@ -3,7 +3,8 @@
 `build(name, sources, isa)` compiles the sources with the system C compiler (`$CC`, else `cc`) into
 the millis cache, once per (source text, flags), atomically (a concurrent build never loads a half-
 written file): each source to an object of its own, all at once, cached and shared between libraries (cold, the
-encoder's and the decoder's three builds each took 57 s one source after another on a 2-core Zen 4, 28 s so). `native_isa()` picks the best build the CPU runs: `avx2` (AVX2 + FMA + F16C: the
+encoder's and the decoder's three builds each took 57 s one source after another on a 2-core Zen 4, 28 s so: ad hoc,
+timed once). `native_isa()` picks the best build the CPU runs: `avx2` (AVX2 + FMA + F16C: the
 SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF16 on top: the integer
 dot products become `vpdpbusd` / `vpdpwssd`, with the same integer sums, so the same results, and 32
 vector registers) or `scalar` (plain C, the reference the tests compare the SIMD kernels against).
