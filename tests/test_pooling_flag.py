@@ -42,7 +42,7 @@ def hf_pooled(folder: str, mode: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["cls", "max"])
-def test_a_plain_folder_pools_as_the_flag_says_on_every_runtime(tmp_path, quick_measure, mode):
+def test_a_plain_folder_pools_as_the_flag_says_on_every_runtime(tmp_path, quick_measure, mode, capsys):
     from millis.encoder.source import resolve, with_pooling
     from millis.artifact.model import run_texts
     from millis.encoder.text import TextEncoder
@@ -67,6 +67,9 @@ def test_a_plain_folder_pools_as_the_flag_says_on_every_runtime(tmp_path, quick_
     assert art.meta.source.pooling.mode == mode
     np.testing.assert_allclose(art.embed(TEXTS), want, atol=1e-4)
     assert not any("declares no pooling" in line for line in lines), lines  # the flag said how
+    from millis.cli.main import main
+
+    assert main(["info", str(out)]) == 0 and f"-> embedding ({mode} pooling); " in capsys.readouterr().out
     # `millis eval` on the artifact reopens its fp32 source pooled as the artifact records (mean: cosine 0.78)
     data = tmp_path / "texts.csv"
     data.write_text("text\n" + "\n".join(TEXTS) + "\n")

@@ -41,7 +41,9 @@ def info(a: InfoFlags) -> int:
     m, v, src, hw = meta.measured, meta.variant, meta.source, meta.hardware
     print(f"artifact   {a.artifact} (format v{meta.version}, millis {meta.millis_version})")
     print(f"source     {src.spec} ({src.model_type}, sha256 {src.sha256[:12]})")
-    print(f"task       {meta.task} -> {meta.output}; max length {meta.max_length}")
+    pooled = f" ({src.pooling.mode} pooling{', normalized' if src.pooling.normalize else ''})" \
+        if meta.task == "embed" else ""
+    print(f"task       {meta.task} -> {meta.output}{pooled}; max length {meta.max_length}")
     print(f"variant    {v.name}: {v.runtime} {v.precision}, passes {' > '.join(v.passes) or '-'}")
     for shape, s in m.latency.items():
         print(f"  {shape:>10}  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms  ({s.n} calls)")
