@@ -62,8 +62,8 @@ def test_a_sparse_encoder_folder_reads_as_splade_and_other_strategies_are_refuse
             read_pooling(d)
     from millis.gpu.encoder import RunOptions, from_hf
 
-    with pytest.raises(MillisError, match="no masked-LM head"):  # the CUDA encoder's form, refused by name
-        from_hf(folder, "embed", src.pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    enc = from_hf(folder, "embed", src.pooling, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+    assert enc.out_dim == json.loads((folder / "config.json").read_text())["vocab_size"]  # the CUDA form's head
     from millis.optimize.compress import candidates
     from millis.train.distill import distill, distill_config
 
@@ -170,6 +170,67 @@ def test_native_splade_matches_transformers(family, tmp_path):
     got = NativeBert(load_arrays(normed, "embed", src.pooling), "fp32", 2)(*(f[n] for n in src.input_names))
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_cuda_encoder_pools_splade(family, device, tmp_path):
+    """The compact torch / CUDA encoder's masked-LM head (the transform in fp32, the vocabulary product in the
+    encoder's dtype): on the CPU stand-in in fp32 within 1e-4 of transformers' logits pooled by hand, rows padded in one
+    batch (an empty row: zeros), through the CUDA runtime's buckets; an untied BERT checkpoint and a Normalize module
+    too; on CUDA in fp16, graphs captured, cosine > 0.999 and the same nonzero entries to rounding's edge."""
+    import torch
+
+    from millis.common.config import Shape
+    from millis.runtimes.cuda import CudaGraphRuntime
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    folder = build_tiny(f"{family}-splade")
+    rows = [(t,) for t in TEXTS] + [(TEXTS[0], TEXTS[2])]
+    opts = {"dtype": "fp32", "fuse": "torch", "device": "cpu"} if device == "cpu" else {"dtype": "fp16"}
+
+    def check(folder, normalize=False):
+        src = inspect_dir(folder)
+        assert src.pooling.normalize == normalize
+        feeds, want = hf_rows(folder, rows)
+        if normalize:
+            want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        rt = CudaGraphRuntime(folder, "cuda", src.input_names, "embedding", "embed", src.pooling,
+                              buckets=(Shape(8, 64),), **opts)
+        feeds = {n: feeds[n] for n in src.input_names}
+        got = rt.run(feeds)["embedding"]
+        assert got.shape == want.shape
+        if device == "cpu":
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.999, cos
+        assert ((got > 0) == (want > 1e-3)).mean() > 0.99
+        feeds["attention_mask"][1] = 0  # a row with no token: zeros
+        assert not rt.run(feeds)["embedding"][1].any()
+
+    check(folder)
+    if family != "bert":
+        return
+    from transformers import AutoModelForMaskedLM
+
+    untied = tmp_path / "untied"
+    shutil.copytree(folder, untied)
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder))
+    hf.config.tie_word_embeddings = False
+    m = AutoModelForMaskedLM.from_config(hf.config)
+    m.load_state_dict(hf.state_dict(), strict=False)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(-0.7)
+        m.get_output_embeddings().bias.add_(1.0)
+    m.save_pretrained(untied)
+    check(untied)
+    normed = tmp_path / "normed"
+    shutil.copytree(folder, normed)
+    modules = json.loads((normed / "modules.json").read_text())
+    (normed / "modules.json").write_text(json.dumps(modules + [
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    check(normed, normalize=True)
 
 
 @pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])

@@ -321,7 +321,7 @@ class MlmArrays:
 
     def __init__(self, state: dict, cfg):
         if cfg.family not in MLM_HEADS:
-            raise MillisError(f"SPLADE on the native encoder reads the masked-LM heads of {', '.join(MLM_HEADS)}, not "
+            raise MillisError(f"SPLADE on millis's encoders reads the masked-LM heads of {', '.join(MLM_HEADS)}, not "
                               f"{cfg.family}'s: serve it with ONNX Runtime, OpenVINO or torch")
         dense, norm, dec, bias = MLM_HEADS[cfg.family]
         # as transformers reads them: the word embeddings where tied (a stored copy unread), the decoder's own bias

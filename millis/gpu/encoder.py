@@ -16,10 +16,12 @@ function of the same signature.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +31,11 @@ from millis.common.files import weight_files
 from millis.gpu import deberta, kernels, prenorm
 from millis.gpu.w8a8 import GEMMS, QuantWeight, quantize_weight
 from millis.gpu.w8a8_kernels import linear
-from millis.encoder.bert_weights import (GEMM_PARTS, PROJECTION, REL_BIAS, EncoderConfig, bert_names, check_parts,
-                                         embedding_parts, head_activation, head_parts, layer_parts,
+from millis.encoder.bert_weights import (GEMM_PARTS, PROJECTION, REL_BIAS, EncoderConfig, MlmArrays, bert_names,
+                                         check_parts, embedding_parts, head_activation, head_parts, layer_parts,
                                          relative_bias_table, relative_parts)
 from millis.encoder.source import SPLADE, Pooling, pools_tokens
-from millis.encoder.tasks import pool
+from millis.encoder.tasks import pool, splade_pool
 
 FUSES = ("triton", "torch")
 @dataclass(frozen=True)
@@ -128,9 +130,6 @@ class Encoder:
     def __init__(self, cfg: EncoderConfig, state: dict[str, torch.Tensor], task: str, pooling: Pooling,
                  options: RunOptions = RunOptions()):
         self.cfg, self.task, self.pooling, self.options = cfg, task, pooling, options
-        if task == "embed" and pooling.mode == SPLADE:  # (it holds no masked-LM head)
-            raise MillisError("millis's compact torch / CUDA encoder has no masked-LM head: SPLADE models run on the "
-                              "native CPU encoder, ONNX Runtime, OpenVINO or torch")
         dev, dt = torch.device(options.device), torch_dtype(options.dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise MillisError("the CUDA encoder needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -156,7 +155,12 @@ class Encoder:
         if task == "classify":  # the head stays fp32: (B, H) work, and logits keep their precision
             for k, names in head_parts(cfg).items():
                 setattr(self, k, get(names, torch.float32))
-        self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.hidden
+        self.mlm = None  # SPLADE: the masked-LM head its vectors pool (bert_weights.MlmArrays' parts, below)
+        if task == "embed" and pooling.mode == SPLADE:
+            m = MlmArrays(Float32Arrays(s), cfg)
+            on = [torch.from_numpy(a).to(dev) for a in (m.tw, m.tb, m.lnw, m.lnb)]  # the transform: fp32 (H x H)
+            self.mlm = (*on, torch.from_numpy(m.wv).to(dev, dt), torch.from_numpy(m.bv).to(dev), m.eps)
+        self.out_dim = self.cls_w.shape[0] if task == "classify" else cfg.vocab if self.mlm else cfg.hidden
         self.rel = self.rel_qk = None
         if cfg.rel_buckets:  # MPNet: (nh, P, P) bias of query q, key k, made once (a slice a call: graph-safe)
             self.rel = get((REL_BIAS,), torch.float32)  # (buckets, nh): what smooth / native read
@@ -220,7 +224,31 @@ class Encoder:
             if self.cfg.prenorm:  # ModernBERT's head: dense, GELU, LayerNorm
                 pooled = F.layer_norm(pooled, (self.cfg.hidden,), self.head_lnw, self.head_lnb, self.cfg.eps)
             return F.linear(pooled, self.cls_w, self.cls_b)
+        if self.mlm is not None:  # SPLADE: the masked LM's logits, max over the kept tokens, log(1 + relu)
+            tw, tb, lnw, lnb, wv, bv, eps = self.mlm
+            u = F.layer_norm(F.gelu(F.linear(h.float(), tw, tb)), (tw.shape[0],), lnw, lnb, eps)  # (B, T, H) fp32
+            v = splade_pool(F.linear(u.to(wv.dtype), wv).float() + bv, attention_mask)  # (B, T, V) -> (B, V)
+            return F.normalize(v, p=2.0, dim=-1) if self.pooling.normalize else v
         return pool(h.float(), attention_mask, self.pooling)
+
+
+class Float32Arrays(Mapping):
+    """A state dict's tensors as float32 numpy arrays, each converted when read (MlmArrays reads six of them)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def __getitem__(self, k: str) -> np.ndarray:
+        return self.state[k].detach().float().cpu().numpy()
+
+    def __contains__(self, k: object) -> bool:
+        return k in self.state
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def load_state(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
