@@ -73,8 +73,10 @@ if stage 1; then
     part 130 weight-only python3 bench/gpu_weight_only.py --out "$OUT"
     # 3. the GPU tests, last (the benches above check their own tokens against HF): CUDA graphs against eager and
     #    HF, Triton kernels against torch, the batch-1 layer kernel's grid barriers (a 1B-width model's compiles and
-    #    tuning) (150 s; what the call's time leaves)
-    part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gen_engine.py tests/test_gpu.py
+    #    tuning); the CUDA runtime's token states (/embed_all) and SPLADE head on tiny models (150 s; what the call's
+    #    time leaves)
+    part 150 gpu-tests $T -m gpu tests/test_decode_layer.py tests/test_gen_engine.py tests/test_gpu.py \
+        tests/test_embed_all.py tests/test_splade.py
 fi
 if stage 2; then
     # SmolLM2's GGUF: stage 1's part-aa (on this machine only if it stayed warm since stage 1) and this call's part-ab
