@@ -124,6 +124,9 @@ def test_splade_by_the_flag_equals_a_declared_splade_folder(tmp_path, quick_meas
                                                   target=Shape(1, 16), variants=(variant,), measure=quick_measure)))
     assert got.meta.source.pooling.mode == "splade"
     np.testing.assert_allclose(got.embed(TEXTS), declared.embed(TEXTS), atol=1e-5)
+    served = open_model(folder, pooling="splade")  # `millis serve FOLDER --pooling splade`: torch fp32, /embed_sparse's
+    assert served.meta.source.pooling.mode == "splade" and served.task == "embed"
+    np.testing.assert_allclose(served.embed(TEXTS), declared.embed(TEXTS), atol=1e-4)
     with pytest.raises(MillisError, match=r"no masked-LM head \(\*ForMaskedLM\)"):
         optimize(OptimizeConfig(source=undeclared("bert", tmp_path), task="embed", out=str(tmp_path / "c"),
                                 variants=(variant,), pooling="splade", measure=quick_measure))
