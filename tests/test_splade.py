@@ -37,6 +37,35 @@ def hf_splade(folder, texts: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
+def untied_copy(folder, out):
+    """`folder`'s SPLADE model with its vocabulary matrix untied from the word embeddings, and other values in it and
+    its decoder bias (a checkpoint transformers reads with a matrix of its own)."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    shutil.copytree(folder, out)
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder))
+    hf.config.tie_word_embeddings = False
+    m = AutoModelForMaskedLM.from_config(hf.config)
+    m.load_state_dict(hf.state_dict(), strict=False)
+    with torch.no_grad():
+        dec = m.get_output_embeddings()
+        assert dec.weight.data_ptr() != m.get_input_embeddings().weight.data_ptr()  # untied: its own matrix
+        dec.weight.mul_(-0.7)
+        dec.bias.copy_(dec.bias + 1.0)
+    m.save_pretrained(out)
+    return out
+
+
+def normalized_copy(folder, out):
+    """`folder` with a Normalize module after its SpladePooling (unit vectors)."""
+    shutil.copytree(folder, out)
+    modules = json.loads((out / "modules.json").read_text())
+    (out / "modules.json").write_text(json.dumps(modules + [
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return out
+
+
 @contextlib.contextmanager
 def serve(model):
     """A TestClient of the encoder app over `model`, once it answers /ready."""
@@ -140,26 +169,9 @@ def test_native_splade_matches_transformers(family, tmp_path):
     if family != "bert":
         return
     import torch
-    from transformers import AutoModelForMaskedLM
 
-    untied = tmp_path / "untied"
-    shutil.copytree(folder, untied)
-    hf = AutoModelForMaskedLM.from_pretrained(str(folder))
-    hf.config.tie_word_embeddings = False
-    m = AutoModelForMaskedLM.from_config(hf.config)
-    m.load_state_dict(hf.state_dict(), strict=False)
-    with torch.no_grad():
-        dec = m.get_output_embeddings()
-        assert dec.weight.data_ptr() != m.get_input_embeddings().weight.data_ptr()  # untied: its own matrix
-        dec.weight.mul_(-0.7)
-        dec.bias.copy_(dec.bias + 1.0)
-    m.save_pretrained(untied)
-    check(untied)
-    normed = tmp_path / "normed"
-    shutil.copytree(folder, normed)
-    modules = json.loads((normed / "modules.json").read_text())
-    (normed / "modules.json").write_text(json.dumps(modules + [
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    check(untied_copy(folder, tmp_path / "untied"))
+    normed = normalized_copy(folder, tmp_path / "normed")
     src = inspect_dir(normed)
     assert src.pooling.normalize
     from millis.encoder.tasks import load_task_model
@@ -212,25 +224,8 @@ def test_the_cuda_encoder_pools_splade(family, device, tmp_path):
     check(folder)
     if family != "bert":
         return
-    from transformers import AutoModelForMaskedLM
-
-    untied = tmp_path / "untied"
-    shutil.copytree(folder, untied)
-    hf = AutoModelForMaskedLM.from_pretrained(str(folder))
-    hf.config.tie_word_embeddings = False
-    m = AutoModelForMaskedLM.from_config(hf.config)
-    m.load_state_dict(hf.state_dict(), strict=False)
-    with torch.no_grad():
-        m.get_output_embeddings().weight.mul_(-0.7)
-        m.get_output_embeddings().bias.add_(1.0)
-    m.save_pretrained(untied)
-    check(untied)
-    normed = tmp_path / "normed"
-    shutil.copytree(folder, normed)
-    modules = json.loads((normed / "modules.json").read_text())
-    (normed / "modules.json").write_text(json.dumps(modules + [
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    check(normed, normalize=True)
+    check(untied_copy(folder, tmp_path / "untied"))
+    check(normalized_copy(folder, tmp_path / "normed"), normalize=True)
 
 
 @pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])
