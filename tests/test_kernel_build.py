@@ -1,10 +1,12 @@
 """millis.kernels.native.build: each source compiled to an object of its own, at once, cached by its text, the
 headers' and the flags, shared between libraries, linked; a compile error names the source; a file or folder another
-user could have written is never loaded (built again, or refused)."""
+user could have written is never loaded (built again, or refused); a damaged object is built again; builds started
+together build once."""
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import pytest
 
@@ -62,7 +64,7 @@ def test_a_compile_error_names_its_source_and_leaves_nothing(kernels):
     (src / "bad.c").write_text("int broken( {\n")
     with pytest.raises(MillisError, match=r"building the scalar kernels failed: bad\.c: .*error"):
         build("bad", ("a.c", "bad.c"))
-    assert not list(cache.glob("*.so")) and [p.name.split("-")[0] for p in (cache / "obj").glob("*")] == ["a"]
+    assert not list(cache.glob("*.so")) and [p.name.split("-")[0] for p in (cache / "obj").glob("*.o")] == ["a"]
     assert build("good", ("a.c",)).add_k(0) == 40 and jobs[-1] == []  # a.c's object kept, reused
 
 
@@ -82,3 +84,32 @@ def test_files_others_could_write_are_not_loaded(kernels):
             build("one", ("a.c", "b.c"))
     finally:
         (cache / "obj").chmod(0o700)
+
+
+def test_a_damaged_object_is_built_again(kernels):
+    """An empty object (a crash before it reached the disk) is not reused; one whose bytes are damaged fails the link,
+    and the build compiles every object anew, once."""
+    src, cache, jobs = kernels
+    build("one", ("a.c", "b.c"))
+    a = next((cache / "obj").glob("a-*.o"))
+    b = next((cache / "obj").glob("b-*.o"))
+    a.write_bytes(b"")
+    so = next(cache.glob("one-*.so"))
+    so.unlink()
+    assert build("one", ("a.c", "b.c")).add_k(1) == 41 and jobs[-1] == ["a.c"]
+    b.write_bytes(b"not an object file")
+    so.unlink()
+    assert build("one", ("a.c", "b.c")).twice(21) == 42
+    assert jobs[-2:] == [[], ["a.c", "b.c"]]  # nothing to compile, the link failed: all anew
+
+
+def test_builds_started_together_build_once(kernels):
+    src, cache, jobs = kernels
+    libs: list = []
+    threads = [threading.Thread(target=lambda: libs.append(build("one", ("a.c", "b.c")))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [lib.add_k(2) for lib in libs] == [42] * 3
+    assert sorted(map(sorted, jobs)) == [["a.c", "b.c"]]  # one build compiled; the others waited, then reused it

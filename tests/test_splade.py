@@ -228,6 +228,26 @@ def test_the_cuda_encoder_pools_splade(family, device, tmp_path):
     check(normalized_copy(folder, tmp_path / "normed"), normalize=True)
 
 
+def test_a_row_precision_without_its_stored_calibration_calibrates_at_load(tmp_path):
+    """A native SPLADE variant of a row precision whose folder lacks the stored smoothing calibration (an artifact
+    from before it): calibrated at load as optimize stores it, the same vectors as with the stored file."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    from millis.encoder.smooth import AMAX_FILE
+    from millis.optimize.build.variants import native_weights
+    from millis.runtimes.native import NativeRuntime
+
+    src = inspect_dir(build_tiny("bert-splade"))
+    d = tmp_path / "w"
+    d.mkdir()
+    native_weights(src, d)
+    feeds, _ = hf_rows(src.path, [(t,) for t in TEXTS])
+    args = ("x", src.input_names, "embedding", 2, "embed", None, "int8-row")
+    stored = NativeRuntime(d, *args).run(feeds)["embedding"]
+    (d / AMAX_FILE).unlink()
+    np.testing.assert_array_equal(NativeRuntime(d, *args).run(feeds)["embedding"], stored)
+
+
 @pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])
 def test_splade_in_every_native_precision(isa, monkeypatch):
     """Every native precision on every build this CPU runs against fp32 (cosine; the int8 vocabulary matrix's

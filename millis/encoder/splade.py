@@ -31,7 +31,7 @@ def splade_head(encoder, lib: ctypes.CDLL, precision: str, threads: int) -> "Spl
     """A NativeBert's SPLADE head where its encoder pools SPLADE (BertArrays with the masked-LM head), else None."""
     if encoder.task != "embed" or encoder.pooling.mode != SPLADE:
         return None
-    if getattr(encoder, "mlm", None) is None:  # (a millis.gpu.Encoder holds no masked-LM head)
+    if not isinstance(getattr(encoder, "mlm", None), MlmArrays):  # (a millis.gpu.Encoder holds its head as tensors)
         raise MillisError("SPLADE on the native encoder needs the masked-LM head: load the weights with "
                           "millis.encoder.bert_weights.load_arrays")
     return SpladeHead(encoder.mlm, lib, precision, threads, encoder.pooling.normalize)

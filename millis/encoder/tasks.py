@@ -15,11 +15,15 @@ from millis.encoder.hf import load_hf
 from millis.encoder.source import SPLADE, OUTPUT_NAME, ModelSource, Pooling  # noqa: F401 -- OUTPUT_NAME: read here too
 
 
-def splade_pool(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def splade_pool(logits: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Masked-LM logits (B, T, V), mask (B, T) of 0/1 -> (B, V): max over the kept tokens of log(1 + relu(logit)), as
     sentence-transformers' SpladePooling. The max first (log1p and relu are monotone): one (B, T, V) temporary, not
-    three (B8 x T512 at BERT's 30,522 ids: 0.5 GB less); a row with no token: -inf, so 0."""
+    three (B8 x T512 at BERT's 30,522 ids: 0.5 GB less); a row with no token: -inf, so 0. `bias` (V,): the logits'
+    bias, added after the max in float32 (the same values: rounding is monotone), so logits in fp16 / bf16 (the CUDA
+    form's) are maxed in their own dtype: no float32 (B, T, V) copy."""
     top = logits.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+    if bias is not None:
+        top = top.float() + bias
     return torch.log1p(torch.relu(top))
 
 

@@ -227,7 +227,7 @@ class Encoder:
         if self.mlm is not None:  # SPLADE: the masked LM's logits, max over the kept tokens, log(1 + relu)
             tw, tb, lnw, lnb, wv, bv, eps = self.mlm
             u = F.layer_norm(F.gelu(F.linear(h.float(), tw, tb)), (tw.shape[0],), lnw, lnb, eps)  # (B, T, H) fp32
-            v = splade_pool(F.linear(u.to(wv.dtype), wv).float() + bv, attention_mask)  # (B, T, V) -> (B, V)
+            v = splade_pool(F.linear(u.to(wv.dtype), wv), attention_mask, bv)  # (B, T, V) in its dtype -> (B, V)
             return F.normalize(v, p=2.0, dim=-1) if self.pooling.normalize else v
         return pool(h.float(), attention_mask, self.pooling)
 

@@ -2,7 +2,8 @@
 
 `build(name, sources, isa)` compiles the sources with the system C compiler (`$CC`, else `cc`) into
 the millis cache, once per (source text, flags), atomically (a concurrent build never loads a half-
-written file): each source to an object of its own, all at once, cached and shared between libraries (cold, the
+written file; one build at a time in a cache, the others waiting to reuse it): each source to an object of its own,
+as many at once as the process has CPUs, cached and shared between libraries (cold, the
 encoder's and the decoder's three builds each took 57 s one source after another on a 2-core Zen 4, 28 s so: ad hoc,
 timed once). `native_isa()` picks the best build the CPU runs: `avx2` (AVX2 + FMA + F16C: the
 SIMD kernels), `avx512` (the same sources built with AVX-512 BW / VL + VNNI + BF16 on top: the integer
@@ -17,6 +18,7 @@ that load's layouts off the tiles only: `init_amx`).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -94,11 +96,23 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
 
     so = cache_dir() / "kernels" / f"{name}-{isa}-{key}.so"
     obj_dir = objects_dir(so)
-    if not usable(so):  # one someone else could have written is built again over it
-        objs = [obj_dir / f"{Path(s).stem}-{isa}-{digest((HERE / s).read_bytes() + headers, flags)}.o" for s in sources]
-        compile_objects(cc, [f for f in flags if f != "-shared"], isa,
-                        [(s, o) for s, o in zip(sources, objs) if not usable(o)])
-        link(cc, flags, objs, so, isa)
+    # one build at a time in this cache (processes starting together: the first builds, the others wait and reuse)
+    with open(obj_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not usable(so):  # one someone else could have written is built again over it
+            objs = [obj_dir / f"{Path(s).stem}-{isa}-{digest((HERE / s).read_bytes() + headers, flags)}.o"
+                    for s in sources]
+            cflags = [f for f in flags if f != "-shared"]
+            todo = [(s, o) for s, o in zip(sources, objs) if not usable(o)]
+            compile_objects(cc, cflags, isa, todo)
+            try:
+                link(cc, flags, objs, so, isa)
+            except MillisError:
+                if len(todo) == len(sources):
+                    raise
+                # an object reused from the cache was damaged (a crash before it reached the disk): all anew, once
+                compile_objects(cc, cflags, isa, list(zip(sources, objs)))
+                link(cc, flags, objs, so, isa)
     if "-fopenmp" in flags:
         import torch  # noqa: F401 -- load torch's libgomp first: one OpenMP runtime in the process
 
@@ -122,31 +136,51 @@ def objects_dir(so: Path) -> Path:
 
 
 def usable(p: Path) -> bool:
-    """A built file to reuse: present, and this user's alone (another's could hold planted code)."""
+    """A built file to reuse: present, not empty, and this user's alone (another's could hold planted code)."""
     from millis.common.files import own_file
 
-    return p.is_file() and own_file(p)
+    return p.is_file() and p.stat().st_size > 0 and own_file(p)
+
+
+def settle(tmp: Path, final: Path) -> None:
+    """A file written under a temporary name put in place once on the disk (a crash leaves no empty object behind a
+    name that says it is built)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
 
 
 def compile_objects(cc: str, flags: list[str], isa: str, jobs: list[tuple[str, Path]]) -> None:
-    """Each (source, object) compiled at once, each written under a temporary name, then renamed into place (a
-    concurrent build never reads a half-written object)."""
+    """Each (source, object) compiled, as many at once as this process has CPUs, each written under a temporary name,
+    then put in place (`settle`: a concurrent build never reads a half-written object). A failure names its source,
+    once the others have finished; an interruption ends the compilers still running."""
     if not jobs:
         return
+    width = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    failed = ""
     with tempfile.TemporaryDirectory(dir=jobs[0][1].parent) as tmp:
-        procs = [(src, obj, Path(tmp) / obj.name,
-                  subprocess.Popen([cc, *flags, "-c", str(HERE / src), "-o", str(Path(tmp) / obj.name)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-                 for src, obj in jobs]
-        failed = ""
-        for src, obj, out, p in procs:
-            err = p.communicate()[1]
-            if p.returncode and not failed:
-                failed = f"{src}: {err.strip()[-800:]}"
-            elif not p.returncode:
-                os.replace(out, obj)
-        if failed:
-            raise MillisError(f"building the {isa} kernels failed: {failed}")
+        running: list = []
+        try:
+            for i in range(0, len(jobs), width):
+                running = [(src, obj, Path(tmp) / obj.name,
+                            subprocess.Popen([cc, *flags, "-c", str(HERE / src), "-o", str(Path(tmp) / obj.name)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                           for src, obj in jobs[i:i + width]]
+                for src, obj, out, p in running:
+                    err = p.communicate()[1]
+                    if p.returncode:
+                        failed = failed or f"{src}: {err.strip()[-800:]}"
+                    else:
+                        settle(out, obj)
+                if failed:
+                    break
+        finally:
+            for _, _, _, p in running:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if failed:
+        raise MillisError(f"building the {isa} kernels failed: {failed}")
 
 
 def link(cc: str, flags: list[str], objs: list[Path], so: Path, isa: str) -> None:
@@ -156,7 +190,7 @@ def link(cc: str, flags: list[str], objs: list[Path], so: Path, isa: str) -> Non
         r = subprocess.run([cc, *flags, *map(str, objs), "-o", str(out), "-lm"], capture_output=True, text=True)
         if r.returncode:
             raise MillisError(f"building the {isa} kernels failed: {r.stderr.strip()[-800:]}")
-        os.replace(out, so)
+        settle(out, so)
 
 
 P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64

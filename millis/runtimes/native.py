@@ -27,10 +27,12 @@ class NativeRuntime:
         p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
         weights = load_arrays(Path(model_dir), task, p)  # numpy: no torch import
         amax = load_amax(Path(model_dir), weights.cfg.layers)
-        if amax is None and precision in ROW_PRECISIONS:  # an artifact from before the stored calibration
+        if amax is None and precision in ROW_PRECISIONS:  # an artifact from before the stored calibration: it run
+            from millis.encoder.smooth import input_amax  # here, as optimize stores it (variants.native_weights)
             from millis.gpu.encoder import RunOptions, from_hf
 
-            weights = from_hf(Path(model_dir), task, p, RunOptions(dtype="fp32", fuse="torch", device="cpu"))
+            amax = input_amax(from_hf(Path(model_dir), "embed", options=RunOptions(dtype="fp32", fuse="torch",
+                                                                                    device="cpu")))
         self.model = NativeBert(weights, precision, threads, amax, attention)
         self.name, self.input_names, self.output_name = name, input_names, output_name
         self.vocab_size = self.model.cfg.vocab
