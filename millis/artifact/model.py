@@ -15,7 +15,7 @@ from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
 from millis.runtimes.base import gives_token_states, shares_scales_across_rows
 from millis.common.numeric import label_scores
-from millis.encoder.source import takes_segments
+from millis.encoder.source import built_pooling, takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
 
 MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
@@ -168,9 +168,7 @@ def open_model(spec: str | Path, task: str = "", threads: int = 0, max_length: i
         model = load(p, threads=threads, device=device, max_batch=max_batch, max_batch_tokens=max_batch_tokens)
         if task and task != model.task:
             raise MillisError(f"{p} is a {model.task} artifact, not {task}")
-        if pooling and pooling != model.meta.source.pooling.mode:
-            raise MillisError(f"--pooling {pooling}: {p} is an artifact, which pools as it was built "
-                              f"({model.meta.source.pooling.mode})")
+        built_pooling(p, model.meta.source.pooling.mode, pooling)
         return model
     from millis.encoder.source import model_max_length, resolve, with_pooling
     from millis.encoder.tasks import OUTPUT_NAME

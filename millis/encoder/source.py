@@ -269,6 +269,18 @@ def check_masked_lm(path: Path, archs: list[str], why: str) -> None:
                           f"head (*ForMaskedLM): SPLADE pools its logits")
 
 
+def check_pooling_mode(mode: str) -> None:
+    """`--pooling`'s value: "" (the folder's) or one of POOLING_MODES."""
+    if mode and mode not in POOLING_MODES:
+        raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
+
+
+def built_pooling(artifact: Path, built: str, given: str) -> None:
+    """An artifact pools as it was built: `--pooling` naming another mode is refused."""
+    if given and given != built:
+        raise MillisError(f"--pooling {given}: {artifact} is an artifact, which pools as it was built ({built})")
+
+
 def declares_pooling(path: Path) -> bool:
     """The folder says how it pools: sentence-transformers' modules.json (what `read_pooling` reads)."""
     return (path / "modules.json").is_file()
@@ -278,10 +290,9 @@ def with_pooling(src: ModelSource, mode: str) -> ModelSource:
     """`src` pooled by `mode` (`--pooling`, TEI's: for a folder that declares no pooling, which is otherwise read as
     mean); "" or the folder's own mode: `src` as it is. Another mode than a folder declares is refused (millis would
     compute another embedding than the folder's), as SPLADE over a checkpoint with no masked-LM head."""
+    check_pooling_mode(mode)
     if not mode or mode == src.pooling.mode:
         return src
-    if mode not in POOLING_MODES:
-        raise MillisError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
     if declares_pooling(src.path):
         raise MillisError(f"--pooling {mode}: {src.path} declares {src.pooling.mode} pooling (modules.json); "
                           f"leave --pooling out, or give {src.pooling.mode}")

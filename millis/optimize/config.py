@@ -7,7 +7,7 @@ from typing import Any, Callable
 from millis.common.config import Shape, check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
-from millis.encoder.source import POOLING_MODES
+from millis.encoder.source import POOLING_MODES, check_pooling_mode
 
 TASKS = ("classify", "embed", "rerank")
 
@@ -115,8 +115,7 @@ class OptimizeConfig:
         check_at_least(self, 0, "max_length")
         if self.task not in TASKS:
             raise MillisError(f"unknown task {self.task!r}; supported tasks: {', '.join(TASKS)}")
-        if self.pooling and self.pooling not in POOLING_MODES:
-            raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
+        check_pooling_mode(self.pooling)
         if self.pooling and self.task != "embed":
             raise MillisError(f"--pooling is an embedder's (--task embed); a {self.task} model's head reads its "
                               f"own tokens")

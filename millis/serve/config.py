@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
-from millis.encoder.source import POOLING_MODES
+from millis.encoder.source import POOLING_MODES, check_pooling_mode
 from millis.gen.config import DTYPES, QUANTS
 
 TOO_LONG = ("truncate", "reject")
@@ -97,7 +97,6 @@ class ServeConfig:
             if getattr(self, name) not in allowed:
                 raise MillisError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        if self.pooling and self.pooling not in POOLING_MODES:
-            raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
+        check_pooling_mode(self.pooling)
         if not 0 <= self.port < 65536:
             raise MillisError(f"--port must be in 0..65535, got {self.port}")

@@ -29,6 +29,7 @@ def app_and_loader(cfg: ServeConfig):
 
     from millis.artifact import store as artifact
     from millis.artifact.model import open_model
+    from millis.encoder.source import built_pooling
     from millis.serve.encoder.app import create_app
 
     from millis.gen.builtin import BUILTIN_MODELS, resolve_model
@@ -42,9 +43,7 @@ def app_and_loader(cfg: ServeConfig):
     if artifact.is_artifact(p):
         meta = artifact.read_meta(p, verify=True)  # format, version, hashes; or why not
         task = meta.task
-        if cfg.pooling and cfg.pooling != meta.source.pooling.mode:  # (before binding, as the rest)
-            raise MillisError(f"--pooling {cfg.pooling}: {p} is an artifact, which pools as it was built "
-                              f"({meta.source.pooling.mode})")
+        built_pooling(p, meta.source.pooling.mode, cfg.pooling)  # (before binding, as the rest)
     elif not p.exists() and ":" not in cfg.artifact:
         raise MillisError(f"{p} does not exist (expected an artifact directory written by `millis optimize`, "
                           f"or a decoder: a GGUF file, a HF llama/mistral/qwen2/gpt2 directory or a llama2.c "
