@@ -113,3 +113,24 @@ def test_builds_started_together_build_once(kernels):
         t.join()
     assert [lib.add_k(2) for lib in libs] == [42] * 3
     assert sorted(map(sorted, jobs)) == [["a.c", "b.c"]]  # one build compiled; the others waited, then reused it
+
+
+def test_a_cache_without_locks_still_builds_and_loads(kernels, monkeypatch, caplog):
+    """A library already built loads without taking the lock (a read-only cache: its lock file cannot be opened); a
+    cache whose lock cannot be opened, or whose file system has no locks, builds without one, saying so."""
+    import errno
+
+    src, cache, jobs = kernels
+    build("one", ("a.c", "b.c"))
+    (cache / "obj" / ".lock").unlink()
+    (cache / "obj" / ".lock").mkdir()  # opening it to append fails, as on a read-only mount
+    assert build("one", ("a.c", "b.c")).add_k(0) == 40 and len(jobs) == 1 and "no build lock" not in caplog.text
+    assert build("two", ("c.c",)).thrice(1) == 3 and "no build lock" in caplog.text
+    (cache / "obj" / ".lock").rmdir()
+    caplog.clear()
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(native.fcntl, "flock", no_locks)
+    assert build("three", ("b.c",)).twice(2) == 4 and "No locks available" in caplog.text

@@ -88,7 +88,7 @@ class Pooling:
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
-POOLING_MODES = ("mean", "cls", "max", SPLADE)  # what `Pooling.mode` may be (--pooling's choices)
+POOLING_CHOICES = POOLING_MODES + (SPLADE,)  # what `Pooling.mode` may be (--pooling's choices)
 OUTPUT_NAME = {"classify": "logits", "embed": "embedding"}  # each task's runtime output (millis.encoder.tasks)
 # an embedder's exported graph's second output: (B, T, H) every token's last hidden state, unmasked (TEI's /embed_all)
 STATES_NAME = "token_states"
@@ -270,9 +270,9 @@ def check_masked_lm(path: Path, archs: list[str], why: str) -> None:
 
 
 def check_pooling_mode(mode: str) -> None:
-    """`--pooling`'s value: "" (the folder's) or one of POOLING_MODES."""
-    if mode and mode not in POOLING_MODES:
-        raise MillisError(f"--pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
+    """`--pooling`'s value: "" (the folder's) or one of POOLING_CHOICES."""
+    if mode and mode not in POOLING_CHOICES:
+        raise MillisError(f"--pooling must be one of {', '.join(POOLING_CHOICES)}, got {mode!r}")
 
 
 def built_pooling(artifact: Path, built: str, given: str) -> None:

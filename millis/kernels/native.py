@@ -17,6 +17,7 @@ that load's layouts off the tiles only: `init_amx`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -26,6 +27,7 @@ import mmap
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -97,9 +99,9 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
 
     so = cache_dir() / "kernels" / f"{name}-{isa}-{key}.so"
     obj_dir = objects_dir(so)
-    # one build at a time in this cache (processes starting together: the first builds, the others wait and reuse)
-    with open(obj_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # one build at a time in this cache (processes starting together: the first builds, the others wait and reuse);
+    # a library already built loads without the lock (a read-only cache, or another library's build under way)
+    with contextlib.ExitStack() if usable(so) else build_lock(obj_dir):
         if not usable(so):  # one someone else could have written is built again over it
             objs = [obj_dir / f"{Path(s).stem}-{isa}-{digest((HERE / s).read_bytes() + headers, flags)}.o"
                     for s in sources]
@@ -118,6 +120,24 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
         import torch  # noqa: F401 -- load torch's libgomp first: one OpenMP runtime in the process
 
     return ctypes.CDLL(str(so))
+
+
+@contextlib.contextmanager
+def build_lock(obj_dir: Path):
+    """The cache's build lock (flock on obj/.lock), or none where the file system has no locks (builds then may run
+    twice at once: each file still lands whole, `settle`)."""
+    try:
+        lock = open(obj_dir / ".lock", "a")
+    except OSError as e:
+        log.warning("millis kernels: no build lock in %s (%s): building without it", obj_dir, e)
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:
+            log.warning("millis kernels: no build lock in %s (%s): building without it", obj_dir, e)
+        yield
 
 
 def digest(text: bytes, flags: list[str]) -> str:
@@ -166,26 +186,26 @@ def compile_objects(cc: str, flags: list[str], isa: str, jobs: list[tuple[str, P
             while running or (pending and not failed):
                 while pending and not failed and len(running) < width:
                     src, obj = pending.pop(0)
-                    out, log = Path(tmp) / obj.name, open(Path(tmp) / f"{obj.name}.log", "w+")  # (a pipe could fill)
-                    running.append((src, obj, out, log, subprocess.Popen(
-                        [cc, *flags, "-c", str(HERE / src), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=log)))
-                ended = [r for r in running if r[4].poll() is not None]
+                    out = Path(tmp) / obj.name
+                    with open(Path(tmp) / f"{obj.name}.log", "w") as err:  # (a pipe could fill); the child keeps it
+                        running.append((src, obj, out, subprocess.Popen(  # its own group: its cc1 ends with it
+                            [cc, *flags, "-c", str(HERE / src), "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=err, start_new_session=True)))
+                ended = [r for r in running if r[3].poll() is not None]
                 if not ended:
                     time.sleep(0.01)
-                for src, obj, out, log, p in ended:
-                    running.remove((src, obj, out, log, p))
+                for src, obj, out, p in ended:
+                    running.remove((src, obj, out, p))
                     if p.returncode:
-                        log.seek(0)
-                        failed = failed or f"{src}: {log.read().strip()[-800:]}"
+                        text = (Path(tmp) / f"{obj.name}.log").read_text(errors="replace")
+                        failed = failed or f"{src}: {text.strip()[-800:]}"
                     else:
                         settle(out, obj)
-                    log.close()
         finally:
-            for *_, log, p in running:
+            for *_, p in running:
                 if p.poll() is None:
-                    p.kill()
+                    os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
-                log.close()
     if failed:
         raise MillisError(f"building the {isa} kernels failed: {failed}")
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from millis.common.config import Shape, check_at_least, flag
 from millis.common.errors import MillisError
 from millis.common.schema import from_dict
-from millis.encoder.source import POOLING_MODES, check_pooling_mode
+from millis.encoder.source import POOLING_CHOICES, check_pooling_mode
 
 TASKS = ("classify", "embed", "rerank")
 
@@ -86,7 +86,7 @@ class OptimizeConfig:
                                        "never the source model)", scoped=True)
     pooling: str = flag("", "how an embedder pools its token states where its folder declares nothing (no "
                             "sentence-transformers modules.json, which is otherwise read as mean): mean, cls, max, or "
-                            "splade (a masked LM's SPLADE vector); TEI's --pooling", choices=("",) + POOLING_MODES)
+                            "splade (a masked LM's SPLADE vector); TEI's --pooling", choices=("",) + POOLING_CHOICES)
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from millis.common.config import check_at_least
 from millis.common.config import flag as _f
 from millis.common.errors import MillisError
-from millis.encoder.source import POOLING_MODES, check_pooling_mode
+from millis.encoder.source import POOLING_CHOICES, check_pooling_mode
 from millis.gen.config import DTYPES, QUANTS
 
 TOO_LONG = ("truncate", "reject")
@@ -55,7 +55,7 @@ class ServeConfig:
     pooling: str = _f("", "an embedder served from its source folder: how it pools where the folder declares "
                           "nothing (no sentence-transformers modules.json: mean otherwise): mean, cls, max or splade; "
                           "TEI's --pooling (an artifact pools as `millis optimize --pooling` built it)",
-                      choices=("",) + POOLING_MODES)
+                      choices=("",) + POOLING_CHOICES)
     warmup: bool = _f(True, f"run every length bucket (an encoder's up to {WARM_MAX_TOKENS} tokens) once before "
                             f"/ready turns ready")
     shutdown_timeout_s: float = _f(60.0, "on SIGTERM, longest wait for admitted requests before exiting anyway")
