@@ -115,22 +115,29 @@ def test_builds_started_together_build_once(kernels):
     assert sorted(map(sorted, jobs)) == [["a.c", "b.c"]]  # one build compiled; the others waited, then reused it
 
 
-def test_a_cache_without_locks_still_builds_and_loads(kernels, monkeypatch, caplog):
+def test_a_cache_without_locks_still_builds_and_loads(kernels, monkeypatch):
     """A library already built loads without taking the lock (a read-only cache: its lock file cannot be opened); a
     cache whose lock cannot be opened, or whose file system has no locks, builds without one, saying so."""
     import errno
 
+    said: list[str] = []
+
+    class Log:  # (the module's logger as the tests see it, whatever logging an earlier test configured)
+        @staticmethod
+        def warning(msg, *args):
+            said.append(msg % args)
+
+    monkeypatch.setattr(native, "log", Log)
     src, cache, jobs = kernels
     build("one", ("a.c", "b.c"))
     (cache / "obj" / ".lock").unlink()
     (cache / "obj" / ".lock").mkdir()  # opening it to append fails, as on a read-only mount
-    assert build("one", ("a.c", "b.c")).add_k(0) == 40 and len(jobs) == 1 and "no build lock" not in caplog.text
-    assert build("two", ("c.c",)).thrice(1) == 3 and "no build lock" in caplog.text
+    assert build("one", ("a.c", "b.c")).add_k(0) == 40 and len(jobs) == 1 and not said
+    assert build("two", ("c.c",)).thrice(1) == 3 and "no build lock" in said[-1]
     (cache / "obj" / ".lock").rmdir()
-    caplog.clear()
 
     def no_locks(*a):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(native.fcntl, "flock", no_locks)
-    assert build("three", ("b.c",)).twice(2) == 4 and "No locks available" in caplog.text
+    assert build("three", ("b.c",)).twice(2) == 4 and "No locks available" in said[-1]
