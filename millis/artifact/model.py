@@ -13,7 +13,7 @@ from millis.artifact.meta import ModelMeta, SourceMeta, VariantRecipe
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.runtimes import Runtime, open_runtime
-from millis.runtimes.base import gives_token_states, shares_scales_across_rows
+from millis.runtimes.base import gives_token_states, no_token_states, shares_scales_across_rows
 from millis.common.numeric import label_scores
 from millis.encoder.source import built_pooling, takes_segments
 from millis.encoder.text import TextEncoder, bucket_length, check_texts
@@ -106,9 +106,7 @@ class Model:
         if self.task != "embed":
             raise MillisError(f"this artifact is a {self.task} model; token embeddings come from an embedder")
         if not gives_token_states(self.runtime):
-            raise MillisError(f"this artifact's runtime ({self.meta.variant.runtime}) returns pooled vectors alone: "
-                              "token states come from a native, torch, ONNX Runtime or OpenVINO variant (an ONNX "
-                              "artifact exported before 2026-12-07: build it again)")
+            raise MillisError(no_token_states(self.meta.variant.runtime))
         ids, _ = self.encoder.token_ids(check_texts(texts))
         out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -83,7 +83,7 @@ def runnable_isas() -> list[str]:
 def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile `sources` (file names in this folder, plus the headers they include) for `isa`, with
     `flags` replacing the common ones (the per-row int8 kernel: OpenMP, every symbol visible). Each source is
-    compiled to an object of its own, all at once (one process a source: the cores share them), cached by its
+    compiled to an object of its own, as many at once as the process has CPUs (`compile_objects`), cached by its
     text, the headers' and the flags (the encoder's and the decoder's libraries share seven of their sources'
     objects), then linked."""
     cc = os.environ.get("CC", "cc")
@@ -126,18 +126,17 @@ def build(name: str, sources: tuple[str, ...], isa: str, flags: tuple[str, ...] 
 def build_lock(obj_dir: Path):
     """The cache's build lock (flock on obj/.lock), or none where the file system has no locks (builds then may run
     twice at once: each file still lands whole, `settle`)."""
+    lock = None
     try:
         lock = open(obj_dir / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     except OSError as e:
         log.warning("millis kernels: no build lock in %s (%s): building without it", obj_dir, e)
+    try:
         yield
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as e:
-            log.warning("millis kernels: no build lock in %s (%s): building without it", obj_dir, e)
-        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def digest(text: bytes, flags: list[str]) -> str:

@@ -49,6 +49,12 @@ def gives_token_states(runtime: Runtime) -> bool:
     return callable(getattr(runtime, "token_states", None))
 
 
+def no_token_states(kind: str) -> str:
+    """Why a runtime of `kind` gives no token states, and where they come from (the route's 424, the API's error)."""
+    return (f"this artifact's runtime ({kind}) returns pooled vectors alone: token states come from a native, torch, "
+            f"ONNX Runtime or OpenVINO variant (an ONNX artifact exported before 2026-12-07: build it again)")
+
+
 def masked_states(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(B, T, H) token states with zeros where the (B, T) attention mask drops a token (`token_states`' contract)."""
     return states * mask[..., None].astype(states.dtype)

@@ -129,10 +129,8 @@ class CudaGraphRuntime:
     # ---- run ----
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = check_batch(batch, self.input_names)
+        feeds = self.checked(batch)
         B, T = feeds["input_ids"].shape
-        if T > self.max_length:
-            raise MillisError(f"sequence length {T} exceeds the model's {self.max_length} positions")
         shape = pick_bucket(self.buckets, B, T)
         with self._lock, torch.inference_mode():
             out = self._eager(feeds) if shape is None else self._replay(self._slots[shape], feeds, B, T)
@@ -184,17 +182,24 @@ class CudaGraphRuntime:
         """(B, T) inputs -> (B, T, H) float32, every token's last hidden state (TEI's /embed_all), zeros where the
         mask drops a token: the encoder run eagerly (only the pooled forward is captured: the hot path), under the
         lock the replays take."""
-        feeds = check_batch(batch, self.input_names)
-        if feeds["input_ids"].shape[1] > self.max_length:
-            raise MillisError(f"sequence length {feeds['input_ids'].shape[1]} exceeds the model's {self.max_length} "
-                              f"positions")
-        t = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+        feeds = self.checked(batch)
+        t = self.on_device(feeds)
         with self._lock, torch.inference_mode():
             h = self.encoder(t["input_ids"], t["attention_mask"], t.get("token_type_ids"), states=True)
             return masked_states(h.float().cpu().numpy(), feeds["attention_mask"])
 
+    def checked(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_batch(batch, self.input_names)
+        if feeds["input_ids"].shape[1] > self.max_length:
+            raise MillisError(f"sequence length {feeds['input_ids'].shape[1]} exceeds the model's {self.max_length} "
+                              f"positions")
+        return feeds
+
+    def on_device(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+
     def _eager(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        t = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+        t = self.on_device(feeds)
         out = self.encoder(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
         return out.float().cpu().numpy()
 

@@ -27,7 +27,7 @@ class NativeRuntime:
         p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
         weights = load_arrays(Path(model_dir), task, p)  # numpy: no torch import
         amax = load_amax(Path(model_dir), weights.cfg.layers)
-        if amax is None and precision in ROW_PRECISIONS:  # an artifact from before the stored calibration: it run
+        if amax is None and precision in ROW_PRECISIONS:  # an artifact from before the stored calibration: it runs
             from millis.encoder.smooth import input_amax  # here, as optimize stores it (variants.native_weights)
             from millis.gpu.encoder import RunOptions, from_hf
 

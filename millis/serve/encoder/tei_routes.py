@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from millis.runtimes.base import no_token_states
 from millis.serve.encoder import tei, tei_tokens
 from millis.serve.encoder.rerank import TEI, tei_rerank_response
 from millis.serve.http import endpoint, json_response, read_json, ready_response
@@ -85,10 +86,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         model, body, arrived = await infer(request, "embed")
         req = tei.embed_all_request(body, st.limits)
         if not st.gives_token_states():
-            raise ApiError(424, f"this artifact's runtime ({model.meta.variant.runtime}) returns pooled vectors alone: "
-                                "token states come from a native, torch, ONNX Runtime or OpenVINO variant "
-                                "(an ONNX artifact exported before 2026-12-07: build it again)",
-                           param="inputs", code="no_token_states")
+            raise ApiError(424, no_token_states(model.meta.variant.runtime), param="inputs", code="no_token_states")
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate), tokens=True)
         return StreamingResponse(json_pieces(job.out), 200, timing_headers(job, tok_s, cut), "application/json")
