@@ -146,7 +146,7 @@ def main() -> int:
                          "x_eager": float(np.median(ratios)), "x_eager_range": [min(ratios), max(ratios)],
                          "spread": lat["spread"], "cos_min_gate": v["fidelity"].get("cos_min"),
                          "within_budget": v["ok"], "chosen": name == rep["chosen"]})
-    _print(rows)
+    print_rows(rows)
     print(f"chosen {rep['chosen']}: on {held['texts']} Banking77 test texts cosine min {held['cos_min']:.5f} / mean "
           f"{held['cos_mean']:.5f} to torch fp32; {held['nonzero_mean']:.0f} nonzero weights a text (fp32: "
           f"{held['ref_nonzero_mean']:.0f})")
@@ -161,7 +161,7 @@ def main() -> int:
     return 0
 
 
-def _print(rows: list[dict]) -> None:
+def print_rows(rows: list[dict]) -> None:
     print(f"{'variant':24s} {'shape':8s} {'p50 ms':>9s} {'x eager':>8s}  {'range':>13s}  cos_min(gate)")
     for r in rows:
         lo, hi = r["x_eager_range"]

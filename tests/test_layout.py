@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "millis"
 MAX_LINES = 400
 # Stage packages, lowest first: a package may import only from packages before it (and itself).
-LAYERS = ("common", "kernels", "encoder", "gpu", "runtimes", "artifact", "evaluate", "train", "optimize", "gen", "serve",
-          "loadgen", "cli")
+LAYERS = ("common", "kernels", "encoder", "gpu", "gen", "runtimes", "artifact", "evaluate", "train", "optimize",
+          "serve", "loadgen", "cli")
 
 
 def module_name(p: Path) -> str:

@@ -142,7 +142,7 @@ def test_the_flags_refusals(tmp_path, quick_measure):
                             variants=("torch-fp32",), measure=quick_measure))  # its own mode: as without the flag
     with pytest.raises(MillisError, match="--pooling is an embedder's"):
         OptimizeConfig(source="tiny:bert", task="classify", pooling="cls")
-    with pytest.raises(MillisError, match="--pooling must be one of mean, cls, max, splade"):
+    with pytest.raises(MillisError, match="--pooling must be one of mean, cls, max, last-token, splade"):
         OptimizeConfig(source="tiny:bert", pooling="last")
     with pytest.raises(MillisError, match="--pooling cls with --compress"):
         optimize(OptimizeConfig(source=undeclared("bert", tmp_path), task="embed", out=str(tmp_path / "c"),

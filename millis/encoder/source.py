@@ -14,18 +14,24 @@ from millis.common.files import WEIGHT_FILES, absolute, hash_files, weight_files
 
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
-             "mpnet": "mpnet", "electra": "electra", "deberta-v2": "deberta-v2", "modernbert": "modernbert"}
+             "mpnet": "mpnet", "electra": "electra", "deberta-v2": "deberta-v2", "modernbert": "modernbert",
+             "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# decoders that embed (Qwen3-Embedding, gte-Qwen2, e5-mistral): causal attention, pooled at the last token as their
+# folders declare (sentence-transformers' lasttoken); --task embed only (millis.gen.embedder runs them natively)
+DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 SUPPORTED_TEXT = ("BERT (incl. MiniLM, bge, e5, gte), DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, DeBERTa-v2/v3 "
-                  "and ModernBERT encoders")
+                  "and ModernBERT encoders; Llama, Mistral, Qwen2 and Qwen3 decoders as embedders")
 ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
-NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"})  # no token type embeddings: no token_type_ids input
+# no token type embeddings: no token_type_ids input
+NO_TOKEN_TYPE = frozenset({"distilbert", "mpnet", "modernbert"}) | DECODERS
 # positions start after padding_idx (pad_token_id + 1), so max_position_embeddings holds that many fewer tokens
 PADDING_OFFSET = frozenset({"roberta", "xlm-roberta", "mpnet"})
 # a tokenizer's own files (transformers builds a 5-token BERT tokenizer from a folder without them: every word [UNK])
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "spm.model",
                    "tokenizer.model")
 SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")  # transformers reads them with it
-POOLING_MODES = ("mean", "cls", "max")
+LAST_TOKEN = "last-token"  # each text's last token's state (TEI's name; sentence-transformers' lasttoken)
+POOLING_MODES = ("mean", "cls", "max", LAST_TOKEN)
 # SPLADE (sentence-transformers' SparseEncoder: MLMTransformer + SpladePooling; TEI's --pooling splade): a masked-LM's
 # vocabulary logits, log(1 + relu(logit)), the max over a text's tokens: one sparse vector of vocabulary weights
 SPLADE = "splade"
@@ -84,7 +90,7 @@ def pair_segments(path: Path, cfg: dict, model_type: str) -> bool:
 class Pooling:
     """How token states become one sentence vector (the sentence-transformers folder decides)."""
 
-    mode: str = "mean"       # mean | cls | max | splade (SPLADE)
+    mode: str = "mean"       # mean | cls | max | last-token (LAST_TOKEN) | splade (SPLADE)
     normalize: bool = False  # L2-normalise (a `Normalize` module in modules.json)
 
 
@@ -95,10 +101,10 @@ STATES_NAME = "token_states"
 
 
 def pools_tokens(task: str, pooling: Pooling) -> bool:
-    """Whether a task's head reads every token's last hidden state (mean / max pooling), not only each sequence's
-    first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at the
-    first tokens alone (millis.gpu.encoder, millis.encoder.native)."""
-    return task != "classify" and pooling.mode in ("mean", "max", SPLADE)
+    """Whether a task's head reads other tokens' last hidden states (mean / max / last-token pooling) than each
+    sequence's first ([CLS]: a classifier's pooler, CLS pooling). When it does not, the runtimes run the last layer at
+    the first tokens alone (millis.gpu.encoder, millis.encoder.native)."""
+    return task != "classify" and pooling.mode in ("mean", "max", LAST_TOKEN, SPLADE)
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,8 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
                           f"(absolute positions only)")
     weights = weight_files(path)
     archs = cfg.get("architectures") or []
-    has_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    # a decoder's sequence-classification head scores its last token with its own rule (pad_token_id): embed only
+    has_classifier = any(a.endswith("ForSequenceClassification") for a in archs) and model_type not in DECODERS
     pooling = read_pooling(path)
     if pooling.mode == SPLADE:
         check_masked_lm(path, archs, "declares SPLADE pooling (modules.json)")
@@ -260,6 +267,13 @@ def dir_pooling(path: Path) -> Pooling:
     cfg_file = path / "config.json"
     recorded = json.loads(cfg_file.read_text()).get("millis_pooling") if cfg_file.is_file() else None
     return Pooling(**recorded) if recorded else read_pooling(path)
+
+
+def check_encoder(src: ModelSource, what: str) -> None:
+    """Training, distilling and pruning take BERT-family encoders: a decoder embedder is refused by name."""
+    if src.model_type in DECODERS:
+        raise MillisError(f"{what}: {src.spec} is a {src.model_type} decoder embedder, which millis runs as it is "
+                          f"(millis optimize's variants, without --compress); {what} takes BERT-family encoders")
 
 
 def check_masked_lm(path: Path, archs: list[str], why: str) -> None:
@@ -353,7 +367,7 @@ def splade_mode(pc: Path) -> str:
 def pooling_mode(pc: Path, p: dict) -> str:
     """The one mode a Pooling config.json declares (its `pooling_mode` string, or its booleans)."""
     names = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-             "weightedmean_tokens": "weightedmean", "lasttoken": "lasttoken"}
+             "weightedmean_tokens": "weightedmean", "lasttoken": LAST_TOKEN}
     on = [names[k] for k in names if p.get(f"pooling_mode_{k}")]
     given = p.get("pooling_mode")  # a mode, or (sentence-transformers 6) a list of them, concatenated
     if given is not None:

@@ -12,7 +12,8 @@ from torch import nn
 
 from millis.common.errors import MillisError
 from millis.encoder.hf import load_hf
-from millis.encoder.source import SPLADE, OUTPUT_NAME, ModelSource, Pooling  # noqa: F401 -- OUTPUT_NAME: read here too
+from millis.encoder.source import OUTPUT_NAME  # noqa: F401 -- read here too
+from millis.encoder.source import LAST_TOKEN, SPLADE, ModelSource, Pooling
 
 
 def splade_pool(logits: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,6 +35,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if pooling.mode == "cls":
         out = hidden[:, 0]
+    elif pooling.mode == LAST_TOKEN:  # each row's last kept token (right or left padding); a row with none: zeros
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last] * m.amax(dim=1)
     elif pooling.mode == "max":
         out = (hidden + (m - 1.0) * 1e9).amax(dim=1)
     else:

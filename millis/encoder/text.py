@@ -92,6 +92,7 @@ class TextEncoder:
 
                 self._fast = Tokenizer.from_str(backend.to_str())
         self._pairs = None  # pair_tokenizer's, made on first use (~10 ms: only a cross-encoder's loads pay it)
+        self._suffix: int | None = None  # `suffix`, found on first use
         if self._fast is not None:
             self._fast.no_truncation()
             self._fast.no_padding()
@@ -123,13 +124,24 @@ class TextEncoder:
             return [e.ids for e in encode_all(self._fast, texts, special)]
         return self.tok(texts, add_special_tokens=special, truncation=False)["input_ids"]
 
+    @property
+    def suffix(self) -> int:
+        """How many special tokens the tokenizer puts after a text (BERT's [SEP], Qwen3-Embedding's <|endoftext|>: 1;
+        a Llama tokenizer that adds only <s> before it: 0): what a cut keeps at a row's end, as HF's truncation."""
+        if self._suffix is None:
+            plain, full = self.ids_of(["a b"], special=False)[0], self.ids_of(["a b"], special=True)[0]
+            at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+            self._suffix = 1 if at is None or not plain else len(full) - at - len(plain)
+        return self._suffix
+
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Tokenize with special tokens; cut rows over max_length, keeping the final special token."""
+        """Tokenize with special tokens; cut rows over max_length, keeping the final special tokens (`suffix`)."""
         rows = self.ids_of(texts, special=True)
         out, cut = [], []
+        end = self.suffix
         for r in rows:
             if len(r) > self.max_length:
-                r = r[: self.max_length - 1] + r[-1:]
+                r = r[: self.max_length - end] + (r[len(r) - end:] if end else [])
                 cut.append(True)
             else:
                 cut.append(False)

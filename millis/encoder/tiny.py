@@ -43,6 +43,11 @@ INIT_RANGE = 0.2  # std of the normal weights (see the module's docstring)
 SEEDS = {"bert": 40, "distilbert": 91, "roberta": 55, "xlm-roberta": 108, "mpnet": 87, "electra": 316, "deberta-v2": 13,
          "modernbert": 79}
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0 for every family
+# tiny:<decoder>: a decoder embedder (last-token pooling + Normalize) on the same word pieces, [CLS] as its <s> and
+# [SEP] as its end of text, each tokenizer's special tokens as its family's embedders put them (Qwen3-Embedding's and
+# gte-Qwen2's text + <|endoftext|>, e5-mistral's <s> text </s>, a Llama tokenizer's <s> text: nothing after a text)
+DECODER_TEMPLATES = {"llama": "[CLS] $A", "mistral": "[CLS] $A [SEP]", "qwen2": "$A [SEP]", "qwen3": "$A [SEP]"}
+DECODER_SEEDS = {"llama": 1, "mistral": 2, "qwen2": 3, "qwen3": 4}
 
 
 def build_vocab() -> list[str]:
@@ -82,13 +87,56 @@ def _config(family: str, vocab_size: int, labels: dict[int, str]):
     return cls(**shape130, **extra, **common)
 
 
+def _decoder_config(family: str, vocab_size: int):
+    """A decoder embedder's shape: GQA (4 query heads over 2), Qwen3's head size above hidden / heads (its q / k
+    heads RMS-normed), Qwen2's q / k / v biases, Mistral attending a window of 8 tokens."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  initializer_range=INIT_RANGE, pad_token_id=0, bos_token_id=2, eos_token_id=3, rms_norm_eps=1e-6)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=32, rope_theta=1e6, **common)
+    if family == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    if family == "mistral":
+        return MistralConfig(sliding_window=8, head_dim=16, **common)
+    return LlamaConfig(**common)
+
+
+def save_decoder(family: str, tmp: Path, vocab: list[str]) -> None:
+    """The tokenizer (DECODER_TEMPLATES), the bare decoder with every RMSNorm's weights drawn around 1 (a norm's
+    weights read wrongly, or left out, changes the output), last-token pooling + Normalize."""
+    import torch
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    wp = BertWordPieceTokenizer(str(tmp / "vocab.txt"), lowercase=True)._tokenizer
+    wp.post_processor = TemplateProcessing(single=DECODER_TEMPLATES[family],
+                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=wp, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
+                            unk_token="[UNK]", model_max_length=128).save_pretrained(tmp)
+    torch.manual_seed(DECODER_SEEDS[family])
+    model = AutoModel.from_config(_decoder_config(family, len(vocab))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp)
+    save_mean_modules(tmp, "lasttoken", model.config.hidden_size)
+
+
 def build_tiny(name: str, root: Path | None = None) -> Path:
-    """Return the directory of the tiny model `name` (a family, or a family's reranker), building it on first use."""
+    """Return the directory of the tiny model `name` (a family, a family's reranker or SPLADE model, or a decoder
+    embedder), building it on first use."""
     family = name.removesuffix(RERANKER).removesuffix(SPLADE)
-    if family not in FAMILIES or (name.endswith(SPLADE) and family not in SPLADE_FAMILIES):
+    if name not in DECODER_TEMPLATES and (family not in FAMILIES or (name.endswith(SPLADE) and
+                                                                     family not in SPLADE_FAMILIES)):
         raise MillisError(f"unknown tiny model {name!r}; available: {', '.join('tiny:' + f for f in FAMILIES)}, "
                           f"tiny:<family>{RERANKER} (a one-logit cross-encoder), and tiny:<family>{SPLADE} for "
-                          f"{', '.join(SPLADE_FAMILIES)} (a SPLADE embedder)")
+                          f"{', '.join(SPLADE_FAMILIES)} (a SPLADE embedder), and tiny:<decoder> for "
+                          f"{', '.join(DECODER_TEMPLATES)} (a decoder embedder)")
     from millis.common.files import cache_dir
 
     # v2: the tokenizer has its full vocab; v3: initializer_range 0.2 (input-dependent outputs)
@@ -111,10 +159,12 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
                             mask_token="[MASK]")
     if len(tok) != len(vocab):
         raise MillisError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
-    tok.save_pretrained(tmp)
-    torch.manual_seed(SEEDS[family])
     labels = RERANK_LABELS if name.endswith(RERANKER) else LABELS
-    if name.endswith(SPLADE):
+    if name in DECODER_TEMPLATES:
+        save_decoder(name, tmp, vocab)
+    elif name.endswith(SPLADE):
+        tok.save_pretrained(tmp)
+        torch.manual_seed(SEEDS[family])
         model = AutoModelForMaskedLM.from_config(_config(family, len(vocab), labels)).eval()
         with torch.no_grad():  # most logits below 0, as a trained SPLADE's: sparse vectors, zeros to keep exact
             bias = model.get_output_embeddings().bias
@@ -122,6 +172,8 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
         model.save_pretrained(tmp)
         save_splade_modules(tmp)
     else:
+        tok.save_pretrained(tmp)
+        torch.manual_seed(SEEDS[family])
         model = AutoModelForSequenceClassification.from_config(_config(family, len(vocab), labels)).eval()
         model.save_pretrained(tmp)
         save_mean_modules(tmp)
@@ -143,12 +195,14 @@ def save_splade_modules(d: Path) -> None:
         {"pooling_strategy": "max", "activation_function": "relu", "word_embedding_dimension": None}))
 
 
-def save_mean_modules(tmp: Path) -> None:
-    """sentence-transformers' layout of a mean-pooled, normalized embedder."""
+def save_mean_modules(tmp: Path, mode: str = "mean_tokens", dim: int = 32) -> None:
+    """sentence-transformers' layout of a mean-pooled (or `mode`: its pooling_mode_* name), normalized embedder of
+    `dim` values (what sentence-transformers' Pooling reads)."""
     (tmp / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ], indent=2))
     (tmp / "1_Pooling").mkdir()
-    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True,
+                                                                   "word_embedding_dimension": dim}))

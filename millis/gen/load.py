@@ -331,7 +331,7 @@ def gpt2_tensors(c: GPT2Config, sd: dict[str, torch.Tensor]) -> dict[str, Weight
 
 # ---------------------------------------------------------------------------- HF directories
 
-def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(d: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = weight_files(d)  # the one file, or a sharded checkpoint's shards
@@ -350,7 +350,7 @@ def _read_hf(d: Path):
     raw = json.loads((d / "config.json").read_text())
     if (d / "generation_config.json").is_file():  # its eos_token_id list ends generation too (HF generate)
         raw["generation_config"] = json.loads((d / "generation_config.json").read_text())
-    hf = _read_safetensors(d)
+    hf = read_safetensors(d)
     hf = {k.removeprefix("transformer.").removeprefix("model."): v.float() for k, v in hf.items()}
     # the file's lm_head where it has one (transformers 5 keeps a tied config's differing head), else the embedding if
     # config.json ties them (GPT-2's default; the Llama family's: untied, and a missing head was run as the embedding)
@@ -359,14 +359,14 @@ def _read_hf(d: Path):
         raise MillisError(f"{d}: config.json has tie_word_embeddings false (or leaves it at its {raw.get('model_type')}"
                           f" default, false) but the weights have no lm_head.weight")
     try:
-        sd = _gpt2_weights(hf, cfg) if isinstance(cfg, GPT2Config) else _llama_weights(hf, cfg)
+        sd = _gpt2_weights(hf, cfg) if isinstance(cfg, GPT2Config) else llama_weights(hf, cfg)
     except KeyError as e:
         raise MillisError(f"{d}: weight {e.args[0]} is missing for a {raw['model_type']} model") from None
     tok = HFTokenizer(d / "tokenizer.json", cfg.eos_id) if (d / "tokenizer.json").is_file() else None
     return cfg, sd, tok, f"hf:{raw['model_type']}"
 
 
-def _llama_weights(hf: dict, c: LlamaConfig) -> dict[str, torch.Tensor]:
+def llama_weights(hf: dict, c: LlamaConfig) -> dict[str, torch.Tensor]:
     sd = {"tok_emb.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"]}
     if not c.tie_head:
         sd["head.weight"] = hf["lm_head.weight"]

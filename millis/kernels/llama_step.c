@@ -33,6 +33,7 @@ typedef struct {
     const float *bq, *bk, *bv;                  /* qwen2 / gpt2 biases or NULL */
     mat q, k, v, o, gate, up, down;             /* gpt2: no gate (rows 0) */
     const float *attn_norm_b, *ffn_norm_b, *bo, *bup, *bdown;  /* gpt2: LayerNorm and projection biases */
+    const float *q_norm, *k_norm;               /* qwen3: RMSNorm weights (head_dim,) of every head of q and k, or NULL */
 } layer_w;
 
 typedef struct {
@@ -40,7 +41,7 @@ typedef struct {
     float eps, attn_scale;
     const float *rope_cos, *rope_sin;           /* (max_pos, head_dim / 2) */
     int64_t max_pos;
-    mat tok_emb, head;
+    mat tok_emb, head;                          /* head.rows 0: no head, the output is the final norm's rows (dim) */
     const float* out_norm;
     const layer_w* layers;
     float *k_pool, *v_pool;
@@ -177,6 +178,10 @@ static void op_rope_store(void* p, int64_t t) {
     const int HD = m->head_dim, QD = m->n_heads * HD, KD = m->n_kv * HD;
     float *q = s->q + t * QD, *k = s->k + t * KD, *v = s->v + t * KD;
     add_bias(q, w->bq, QD); add_bias(k, w->bk, KD); add_bias(v, w->bv, KD);
+    if (w->q_norm) {  /* Qwen3: each head's q and k RMS-normed before RoPE */
+        for (int h = 0; h < m->n_heads; h++) rmsnorm(q + h * HD, w->q_norm, HD, m->eps, q + h * HD);
+        for (int h = 0; h < m->n_kv; h++) rmsnorm(k + h * HD, w->k_norm, HD, m->eps, k + h * HD);
+    }
     if (!m->gpt2) {
         const float* cs = m->rope_cos + (int64_t)c->pos[t] * (HD / 2);
         const float* sn = m->rope_sin + (int64_t)c->pos[t] * (HD / 2);
@@ -264,8 +269,12 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
           TIMED(P_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->g, n)); }
     }
     TIMED(P_NORM, rows_run(op_out_norm, &c, n_out));
-    { const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
-      TIMED(P_HEAD, mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out)); }
+    if (m->head.rows) {
+        const mat* W[1] = {&m->head}; float* Y[1] = {logits}; const int64_t ld[1] = {m->vocab};
+        TIMED(P_HEAD, mm_run(1, W, Y, ld, 0, s->xq, s->h, n_out));
+    } else {  /* an embedder: the normed hidden states are the output */
+        memcpy(logits, s->h, sizeof(float) * (size_t)n_out * D);
+    }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
     solo_end(&g_solo, was_solo, g_threads, step_ns, (double)pool_wait_ns());

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from millis.common.config import to_dict
 from millis.common.errors import MillisError
 from millis.common.readers import Labeled, read_labeled, read_texts, text_key
-from millis.encoder.source import SPLADE, ModelSource
+from millis.encoder.source import SPLADE, ModelSource, check_encoder
 from millis.common.files import absolute, cache_dir, file_sha256, hash_files
 
 if TYPE_CHECKING:
@@ -214,6 +214,7 @@ def candidates(src: ModelSource, task: str, preset: str, compress_data: str, tex
     from millis.encoder.source import resolve
     from millis.train.classify import train_config
 
+    check_encoder(src, "--compress")
     if src.pooling.mode == SPLADE:
         raise MillisError(f"--compress: {src.spec} is a SPLADE model, and its students (distilled on pooled hidden "
                           f"states) would drop its masked-LM head: run optimize without --compress")

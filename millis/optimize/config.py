@@ -79,14 +79,16 @@ class OptimizeConfig:
     """Everything `millis optimize` needs: the source, the task and how to choose."""
 
     source: str = flag(help="local Hugging Face model dir (BERT, DistilBERT, RoBERTa, XLM-R, MPNet, ELECTRA, "
-                            "DeBERTa-v2/v3, ModernBERT), builtin:minilm, or tiny:<family> (random, for tests)")
+                            "DeBERTa-v2/v3, ModernBERT; Llama, Mistral, Qwen2, Qwen3 decoder embedders), "
+                            "builtin:minilm, or tiny:<family> (random, for tests)")
     task: str = flag("embed", "what the model is for: classify, embed, or rerank (a cross-encoder: built as classify, "
                               "judged on (query, document) pairs, served with /v1/rerank)", choices=TASKS)
     out: str = flag("artifacts/model", "artifact directory to write (an empty one or one millis wrote is replaced; "
                                        "never the source model)", scoped=True)
     pooling: str = flag("", "how an embedder pools its token states where its folder declares nothing (no "
-                            "sentence-transformers modules.json, which is otherwise read as mean): mean, cls, max, or "
-                            "splade (a masked LM's SPLADE vector); TEI's --pooling", choices=("",) + POOLING_CHOICES)
+                            "sentence-transformers modules.json, which is otherwise read as mean): mean, cls, max, "
+                            "last-token (a decoder embedder's), or splade (a masked LM's SPLADE vector); TEI's --pooling",
+                        choices=("",) + POOLING_CHOICES)
     variants: tuple[str, ...] = flag((), "comma-separated variant names (default: the preset's)")
     target: Shape = flag(Shape(1, 128), "shape the selection optimises for")
     max_length: int = flag(0, "truncate texts to this many tokens (0 = the model's own limit)")

@@ -28,7 +28,8 @@ from millis.optimize.measure import measure, serve_mix, serve_mix_shapes
 from millis.optimize.recover import Recovery, recover, sensitivity
 from millis.optimize.select import (ACCURACY_FLAGS, FIDELITY_FLAGS, Candidate, finer_than_a_row,
                                     reference_fallback, select, serve_gate)
-from millis.encoder.source import ModelSource, declares_pooling, model_max_length, resolve, with_pooling
+from millis.encoder.source import (ModelSource, check_encoder, declares_pooling, model_max_length, resolve,
+                                   with_pooling)
 from millis.encoder.tasks import OUTPUT_NAME
 from millis.encoder.text import TextEncoder
 from millis.common.readers import read_texts
@@ -147,6 +148,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     to ship from every measured one (default `select`; a benchmark may ship a named variant)."""
     check_inputs(cfg)
     src = resolve(cfg.source)
+    for what in ("--compress",) * bool(cfg.compress) + (f"--task {cfg.task}",) * (cfg.task != "embed"):
+        check_encoder(src, what)  # a decoder embedder: embed, as it is
     if cfg.pooling and (pooled := with_pooling(src, cfg.pooling)) is not src:
         if cfg.compress:  # (distillation and pruning reread the folder: their students would pool otherwise)
             raise MillisError(f"--pooling {cfg.pooling} with --compress: the students learn from the folder as it "
@@ -154,7 +157,8 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
         src = pooled
     elif not cfg.pooling and cfg.task == "embed" and not declares_pooling(src.path):
         progress(f"note: {cfg.source} declares no pooling (no sentence-transformers modules.json): its vectors are "
-                 f"the mean of its token states; --pooling cls, max or splade if it was trained to pool otherwise")
+                 f"the mean of its token states; --pooling cls, max, last-token or splade if it was trained to pool "
+                 f"otherwise")
     if cfg.task == "rerank" and (why := not_a_reranker(len(src.id2label), src.problem_type)):
         raise MillisError(f"--task rerank: {cfg.source} {why} (--task classify serves its labels)")
     if cfg.task == "embed" and src.has_classifier:

@@ -1,5 +1,6 @@
 """millis's native encoder: BERT-family models on millis's own C kernels (millis.encoder.native), in one of
-its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7, int7-row, int7-row-a8 or int8-row.
+its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7, int7-row, int7-row-a8 or int8-row; decoder embedders on
+the C decoder step (millis.gen.embedder: fp32, bf16, int8, int8-a16).
 
 The variant directory holds the model's fp32 weights (config.json + model.safetensors) and the smoothing's
 calibration (smoothing_amax.npz, the row precisions'; an older artifact without it calibrates at load); they are
@@ -7,13 +8,46 @@ quantized and packed for this CPU's ISA at load, and the padding of a batch is n
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from millis.encoder.source import Pooling, dir_pooling
+from millis.encoder.source import DECODERS, Pooling, dir_pooling
 from millis.kernels.native import kept_tokens
 from millis.runtimes.base import check_batch
+
+
+def open_native(model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str, threads: int, task: str,
+                pooling: dict | None = None, precision: str = "fp32", attention: str = "auto"):
+    """The native runtime of a variant directory: a decoder embedder's (millis.gen.embedder), else the encoder's."""
+    kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if kind in DECODERS:
+        return NativeDecoderRuntime(model_dir, name, input_names, output_name, threads, pooling, precision, attention)
+    return NativeRuntime(model_dir, name, input_names, output_name, threads, task, pooling, precision, attention)
+
+
+class NativeDecoderRuntime:
+    """A decoder embedder (Llama / Mistral / Qwen2 / Qwen3) on the C decoder step, pooled as its folder declares."""
+
+    def __init__(self, model_dir: Path, name: str, input_names: tuple[str, ...], output_name: str, threads: int,
+                 pooling: dict | None, precision: str, attention: str):
+        from millis.gen.embedder import NativeDecoder, check_decoder_variant
+
+        check_decoder_variant({"precision": precision, "attention": attention})
+        p = Pooling(**pooling) if pooling else dir_pooling(Path(model_dir))
+        self.model = NativeDecoder(Path(model_dir), precision, threads, p)
+        self.name, self.input_names, self.output_name = name, input_names, output_name
+        self.vocab_size = self.model.vocab
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_batch(batch, self.input_names)
+        return {self.output_name: self.model(feeds["input_ids"], feeds["attention_mask"])}
+
+    def token_states(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, T) inputs -> (B, T, D) float32: each kept token's final-norm state, zeros where the mask drops one."""
+        feeds = check_batch(batch, self.input_names)
+        return self.model.token_states(feeds["input_ids"], feeds["attention_mask"])
 
 
 class NativeRuntime:

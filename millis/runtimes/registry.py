@@ -26,8 +26,8 @@ def open_runtime(kind: str, model_dir: Path, name: str, input_names: tuple[str, 
         return TorchRuntime(model_dir, name, input_names, output_name, threads, options["task"],
                             options.get("pooling"))
     if kind == "native":
-        from millis.runtimes.native import NativeRuntime
-        return NativeRuntime(model_dir, name, input_names, output_name, threads, options["task"],
+        from millis.runtimes.native import open_native
+        return open_native(model_dir, name, input_names, output_name, threads, options["task"],
                              options.get("pooling"), options.get("precision", "fp32"), options.get("attention", "auto"))
     if kind == "cuda":  # threads are irrelevant: one CUDA graph replay per call
         from millis.runtimes.cuda import CudaGraphRuntime

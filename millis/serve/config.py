@@ -53,8 +53,8 @@ class ServeConfig:
     device: str = _f("cpu", "cpu, or cuda: serve a source model (BERT family) in fp16 through CUDA graphs "
                             "captured for batch 1..max_batch x 16..max-length tokens")
     pooling: str = _f("", "an embedder served from its source folder: how it pools where the folder declares "
-                          "nothing (no sentence-transformers modules.json: mean otherwise): mean, cls, max or splade; "
-                          "TEI's --pooling (an artifact pools as `millis optimize --pooling` built it)",
+                          "nothing (no sentence-transformers modules.json: mean otherwise): mean, cls, max, last-token "
+                          "or splade; TEI's --pooling (an artifact pools as `millis optimize --pooling` built it)",
                       choices=("",) + POOLING_CHOICES)
     warmup: bool = _f(True, f"run every length bucket (an encoder's up to {WARM_MAX_TOKENS} tokens) once before "
                             f"/ready turns ready")

@@ -14,7 +14,7 @@ from millis.common.config import check_at_least, flag, preset_of
 from millis.common.errors import MillisError
 from millis.train.loop import Progress, check_out, data_meta, fit, prepare, save, seed_all, val_accuracy
 from millis.encoder.hf import load_hf
-from millis.encoder.source import resolve
+from millis.encoder.source import check_encoder, resolve
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def train(cfg: TrainConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress is shown instead
     src = resolve(cfg.source)
+    check_encoder(src, "millis train")
     check_out(cfg, src)
     known = [src.id2label[i] for i in sorted(src.id2label)] if src.has_classifier else None
     td = prepare(cfg, src, prefer=known, progress=progress)

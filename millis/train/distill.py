@@ -26,7 +26,7 @@ from millis.train.loop import (Progress, TaskData, check_out, cut_note, data_met
                                seed_all, tokenize, train_length, val_accuracy)
 from millis.evaluate.seen import distill_texts
 from millis.encoder.hf import cut_layers, layer_list, load_hf
-from millis.encoder.source import SPLADE, ModelSource, resolve
+from millis.encoder.source import SPLADE, ModelSource, check_encoder, resolve
 from millis.encoder.tasks import base_model_kwargs
 from millis.train.classify import TRAIN_PRESETS, TrainConfig, train_config
 
@@ -175,6 +175,7 @@ def distill(cfg: DistillConfig, progress: Progress = lambda event, fields: None)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     src = resolve(cfg.train.source)
+    check_encoder(src, "millis distill")
     check_out(cfg, src)
     task = cfg.task or ("classify" if src.has_classifier else "embed")
     if task == "classify" and not src.has_classifier:

@@ -24,7 +24,7 @@ from millis.common.errors import MillisError
 from millis.train.loop import (Progress, TaskData, check_out, data_meta, fit, predict, prepare, save, seed_all,
                                val_accuracy)
 from millis.encoder.hf import cut_ffn, cut_heads, cut_layers, encoder_layers, load_hf, masks, num_heads
-from millis.encoder.source import resolve
+from millis.encoder.source import check_encoder, resolve
 from millis.train.classify import TrainConfig, train_config
 
 
@@ -198,6 +198,7 @@ def prune(cfg: PruneConfig, progress: Progress = lambda event, fields: None) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     src = resolve(cfg.train.source)
+    check_encoder(src, "millis prune")
     check_out(cfg, src)
     if not src.has_classifier:
         raise MillisError(f"{src.spec} has no sequence-classification head: pruning ranks heads by the task "

@@ -42,7 +42,7 @@ P, I32, I64, F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 class LayerW(ctypes.Structure):
     _fields_ = [("attn_norm", P), ("ffn_norm", P), ("bq", P), ("bk", P), ("bv", P)] + [
         (n, Mat) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
-        (n, P) for n in ("attn_norm_b", "ffn_norm_b", "bo", "bup", "bdown")]
+        (n, P) for n in ("attn_norm_b", "ffn_norm_b", "bo", "bup", "bdown", "q_norm", "k_norm")]
 
 
 class ModelW(ctypes.Structure):
@@ -82,7 +82,8 @@ class NativeLlama:
     `shape` ((rows, cols) or (n,)) and `data` (numpy: block bytes (rows, row_bytes) or fp32)."""
 
     def __init__(self, c: ModelConfig, tensors: dict, rope_neox: bool, max_batch: int, max_seq: int,
-                 kv_bytes: int, threads: int, block_size: int = 32) -> None:
+                 kv_bytes: int, threads: int, block_size: int = 32, head: bool = True) -> None:
+        """head False: no vocabulary product; `forward_flat` returns the final norm's rows (n, dim) (an embedder)."""
         from millis.kernels.native import build, native_isa
 
         isa = native_isa()
@@ -113,12 +114,14 @@ class NativeLlama:
                           ("bup", "ffn_up"), ("bdown", "ffn_down")
             for f, n in biases if gpt2 or c.qkv_bias else ():
                 setattr(L, f, vec(b + n + ".bias"))
+            if b + "attn_q_norm.weight" in tensors:  # Qwen3: every head's q and k RMS-normed (GGUF's names)
+                L.q_norm, L.k_norm = vec(b + "attn_q_norm.weight"), vec(b + "attn_k_norm.weight")
             for f, n in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
                          ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
                 if not (gpt2 and f == "gate"):
                     setattr(L, f, self._matrix(get(b + n + ".weight"), b + n))
-        self.layers, self.hidden = layers, hidden_of(c)
-        head = tensors.get("output.weight") or get("token_embd.weight")
+        self.layers, self.hidden, self.out_width = layers, hidden_of(c), c.vocab_size if head else c.dim
+        head_mat = self._matrix(tensors.get("output.weight") or get("token_embd.weight"), "output") if head else Mat()
         cos, sin = (np.zeros((1, 1), np.float32),) * 2 if gpt2 else self._rope(c, max_seq)
         n_blocks = max(1, kv_bytes // (kv_bytes_per_token(c) * block_size))
         self.kv = PagedKV(n_blocks, block_size, max_batch, max_seq)
@@ -130,7 +133,7 @@ class NativeLlama:
             window=getattr(c, "sliding_window", 0), block_size=block_size, eps=c.norm_eps,
             attn_scale=1.0 / math.sqrt(c.head_dim), rope_cos=cos.ctypes.data, rope_sin=sin.ctypes.data,
             max_pos=max_seq, tok_emb=self._matrix(get("token_embd.weight"), "token_embd", pack=False),
-            head=self._matrix(head, "output"), out_norm=vec("output_norm.weight"), layers=ctypes.addressof(layers),
+            head=head_mat, out_norm=vec("output_norm.weight"), layers=ctypes.addressof(layers),
             k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
             block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1],
             act16=int(self._activations(tensors) == INT8), gpt2=int(gpt2),
@@ -202,9 +205,10 @@ class NativeLlama:
 
     # ------------------------------------------------------------------ the forward pass
     def forward_flat(self, ids: np.ndarray, pos: np.ndarray, slots: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
-        """ids, pos, slots (n,) int32 -> logits (len(out_rows), vocab) fp32 of the rows out_rows."""
+        """ids, pos, slots (n,) int32 -> logits (len(out_rows), vocab) fp32 of the rows out_rows (without a head:
+        their final-norm states (len(out_rows), dim))."""
         if not len(ids):
-            return np.empty((0, self.config.vocab_size), np.float32)
+            return np.empty((0, self.out_width), np.float32)
         ids, slots, out_rows = np.asarray(ids), np.asarray(slots), np.asarray(out_rows)
         n, V, S = len(ids), self.config.vocab_size, self.kv.table.shape[0]
         if (ids.min() < 0 or ids.max() >= V or len(slots) != n or len(pos) != n or slots.min() < 0 or slots.max() >= S
@@ -216,7 +220,7 @@ class NativeLlama:
         for s in np.unique(slots):
             self.kv.ensure(int(s), int(pos[slots == s].max()) + 1)
         ids, pos, slots, out_rows = (np.ascontiguousarray(a, dtype=np.int32) for a in (ids, pos, slots, out_rows))
-        logits = np.empty((len(out_rows), self.config.vocab_size), np.float32)
+        logits = np.empty((len(out_rows), self.out_width), np.float32)
         sw = self._scratch(len(ids))
         rc = self.lib.llm_forward(ctypes.addressof(self.m), ctypes.addressof(sw), len(ids), ids.ctypes.data,
                                   pos.ctypes.data, slots.ctypes.data, len(out_rows), out_rows.ctypes.data,

@@ -18,9 +18,13 @@ OPSET = 17
 
 
 def export(src: ModelSource, task: str, out_dir: Path) -> Path:
-    """Write `model.onnx` for `task` into out_dir (dynamic batch and sequence axes); return its path."""
+    """Write `model.onnx` for `task` into out_dir (dynamic batch and sequence axes; over 2 GB, its weights in
+    model.onnx.data: graph.gather); return its path."""
+    from millis.optimize.build.graph import gather
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
+    staged = out_dir / ".export" / "model.onnx"  # torch writes a graph over 2 GB with a file per tensor beside it
+    staged.parent.mkdir(exist_ok=True)
     model = load_task_model(src, task, attn="eager")
     names = list(src.input_names)
     # (B=2, T=8) dummy inputs; axes stay dynamic.
@@ -35,6 +39,6 @@ def export(src: ModelSource, task: str, out_dir: Path) -> Path:
         axes[STATES_NAME] = {0: "batch", 1: "seq"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), input_names=names, output_names=outputs,
+        torch.onnx.export(model, args, str(staged), input_names=names, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    return path
+    return gather(staged, out_dir / "model.onnx")

@@ -3,6 +3,9 @@
 `fuse` runs ONNX Runtime's transformer optimizer offline (opt_level 0: only the transformer
 fusions; the session applies its own level at load time so the file stays portable across CPUs).
 `prune` drops nodes and initializers that do not reach a graph output.
+
+A graph over protobuf's 2 GB (a decoder embedder's fp32 weights: Qwen3-Embedding-0.6B's 2.4 GB) keeps its weights
+beside it in one file, `<name>.data` (`weights_file`); every pass that reads such a graph writes one the same way.
 """
 from __future__ import annotations
 
@@ -13,6 +16,32 @@ from pathlib import Path
 import onnx
 
 from millis.encoder.source import ModelSource
+
+
+def weights_file(path: Path) -> Path:
+    """Where a graph over 2 GB keeps its weights: <name>.data beside it (ONNX Runtime's tools' own naming)."""
+    return path.with_name(path.name + ".data")
+
+
+def external(path: Path) -> bool:
+    """The graph at `path` keeps its weights in `weights_file(path)`."""
+    return weights_file(path).is_file()
+
+
+def gather(exported: Path, path: Path) -> Path:
+    """Move torch's export at `exported` (over 2 GB: a file per tensor beside it) to `path`, its weights, if outside
+    the graph, in one `weights_file(path)`; the export's folder is removed."""
+    import shutil
+
+    scattered = [f for f in exported.parent.iterdir() if f != exported]
+    if scattered:
+        m = onnx.load(str(exported))  # with its weights
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=weights_file(path).name, size_threshold=1024)
+    else:
+        exported.replace(path)
+    shutil.rmtree(exported.parent)
+    return path
 
 
 def count_ops(model: onnx.ModelProto | Path | str) -> dict[str, int]:
@@ -54,5 +83,5 @@ def fuse(src: ModelSource, in_path: Path, out_path: Path) -> dict[str, int]:
                                    hidden_size=src.attention_size or src.hidden_size,  # pruned heads: fewer
                                    optimization_options=opts, opt_level=0)
     prune(opt.model)
-    opt.save_model_to_file(str(out_path))
+    opt.save_model_to_file(str(out_path), use_external_data_format=external(in_path))
     return count_ops(opt.model)

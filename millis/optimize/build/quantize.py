@@ -29,11 +29,13 @@ def dynamic(in_path: Path, out_path: Path, per_channel: bool, op_types: tuple[st
     0.986 with all MatMuls per-channel, 0.998 with attention only; notes/cpu_recipe_study.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from millis.optimize.build.graph import external
+
     logging.getLogger().setLevel(logging.ERROR)
     # DefaultTensorType: fused contrib ops (Attention...) have no ONNX type inference.
     quantize_dynamic(str(in_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                      op_types_to_quantize=list(op_types), nodes_to_exclude=list(exclude),
-                     nodes_to_quantize=list(only) or None,
+                     nodes_to_quantize=list(only) or None, use_external_data_format=external(in_path),
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
@@ -73,6 +75,8 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     """QDQ static int8: calibrate activation ranges on `batches`, quantize `op_types` only."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from millis.optimize.build.graph import external
+
     if method not in CALIBRATION_METHODS:
         raise MillisError(f"unknown calibration method {method!r}; supported: {', '.join(CALIBRATION_METHODS)}")
     batches = list(batches)
@@ -84,7 +88,9 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    quant_pre_process(str(in_path), str(pre), skip_optimization=True, auto_merge=True)
+    big = external(in_path)
+    quant_pre_process(str(in_path), str(pre), skip_optimization=True, auto_merge=True, save_as_external_data=big,
+                      all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
     try:
@@ -92,7 +98,9 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
             quantize_static(str(pre), str(out_path), _Feeds(batches), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, calibrate_method=cm, op_types_to_quantize=list(op_types),
+                            use_external_data_format=big,
                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                            "CalibMovingAverage": method == "minmax"})
     finally:
         pre.unlink(missing_ok=True)
+        pre.with_name(pre.name + ".data").unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from millis.common.config import preset_of
 from millis.common import hardware
 from millis.common.errors import MillisError
 from millis.encoder.smooth import AMAX_FILE
-from millis.encoder.source import ModelSource
+from millis.encoder.source import DECODERS, ModelSource
 from millis.kernels.native import native_isa
 
 
@@ -140,6 +140,8 @@ class Builder:
         out.mkdir(parents=True)
         if v.runtime == "torch":
             return self.src.path, {"file": None}
+        if self.src.model_type in DECODERS:
+            check_decoder(v)
         if v.runtime == "cuda" and v.options.get("device", "cuda") == "cuda" and not hardware.has_cuda():
             raise MillisError("no CUDA device: the GPU variant is skipped (optimize --device cuda on a GPU machine)")
         if v.precision == "bf16" and v.runtime != "cuda" and not hardware.has_bf16():
@@ -150,10 +152,13 @@ class Builder:
                               "the variant is skipped")
         path = self._apply(v.passes, v.keep_fp32)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []) + \
+            [f for f in [path.with_name(path.name + ".data")] if path.suffix == ".onnx" and f.is_file()] + \
             ([path.with_name("config.json")] if path.suffix == ".safetensors" else []) + \
             [f for f in [path.with_name(AMAX_FILE)] if path.suffix == ".safetensors" and f.is_file()]
-        for f in files:  # the model file as model.<ext>; the native runtime's HF config and amax keep their names
-            shutil.copy2(f, out / (f.name if f.name in ("config.json", AMAX_FILE) else f"model{f.suffix}"))
+        for f in files:  # the model file as model.<ext> (a graph's weights beside it: model.onnx.data); the native
+            # runtime's HF config and amax keep their names
+            shutil.copy2(f, out / (f.name if f.name in ("config.json", AMAX_FILE) else
+                                   "model.onnx.data" if f.name.endswith(".onnx.data") else f"model{f.suffix}"))
         facts: dict[str, Any] = {"file": f"model{path.suffix}", "bytes": sum(f.stat().st_size for f in files)}
         if path.suffix == ".onnx":
             from millis.optimize.build import graph
@@ -203,6 +208,36 @@ class Builder:
         return self._apply(passes)
 
 
+def check_decoder(v: Variant) -> None:
+    """The variants a decoder embedder builds: the CPU runtimes', the native ones in the decoder's precisions."""
+    if v.runtime == "cuda":
+        raise MillisError("the CUDA variants run BERT-family encoders; a decoder embedder runs on the CPU variants: "
+                          "the variant is skipped")
+    if v.runtime == "native":
+        from millis.gen.embedder import check_decoder_variant
+
+        check_decoder_variant(v.options)
+
+
+def decoder_weights(src: ModelSource, d: Path) -> Path:
+    """A decoder embedder's config.json (its pooling recorded) + model.safetensors (fp32), for the native runtime;
+    checked at build (millis.gen.embedder.decoder_config refuses what it would compute otherwise)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from millis.gen.embedder import decoder_config
+    from millis.gen.load import read_safetensors
+
+    cfg = json.loads((src.path / "config.json").read_text())
+    decoder_config(cfg)
+    cfg["millis_pooling"] = {"mode": src.pooling.mode, "normalize": src.pooling.normalize}
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    path = d / "model.safetensors"
+    save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in read_safetensors(src.path).items()}, str(path))
+    return path
+
+
 def native_weights(src: ModelSource, d: Path) -> Path:
     """config.json + model.safetensors (fp32) of `src` in `d`, for the native runtime; checked at build:
     a model it cannot run (not BERT-family, pruned heads) fails here, naming why. Beside them the smoothing's
@@ -215,6 +250,8 @@ def native_weights(src: ModelSource, d: Path) -> Path:
     from millis.encoder.smooth import input_amax, save_amax
     from millis.gpu.encoder import EncoderConfig, RunOptions, from_hf, load_state
 
+    if src.model_type in DECODERS:
+        return decoder_weights(src, d)
     cfg, state = load_state(src.path)
     EncoderConfig.from_hf(cfg)
     # the sentence-transformers pooling lives beside the weights in the source; the runtime reads it here

@@ -1,0 +1,269 @@
+"""Decoder embedders (Qwen3-Embedding, gte-Qwen2, e5-mistral shapes): Llama / Mistral / Qwen2 / Qwen3 folders pooled
+at the last token (sentence-transformers' lasttoken), on the torch, ONNX Runtime, OpenVINO and native runtimes, against
+sentence-transformers itself and transformers' last_hidden_state in fp32; the truncation that keeps a tokenizer's
+trailing special tokens (and none where it adds none); the native runtime's pieces and slots; served."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from millis.common.config import Shape
+from millis.common.errors import MillisError
+from millis.common.samples import sample_texts
+from millis.encoder.tiny import DECODER_TEMPLATES, build_tiny
+from millis.kernels.native import native_isa, runnable_isas
+
+DECODERS = tuple(DECODER_TEMPLATES)  # llama (no token after a text), mistral (window 8), qwen2 (biases), qwen3
+TEXTS = sample_texts()[:10] + ["a", "hello " * 70]  # one text past Mistral's window many times over
+
+
+def st_vectors(folder, texts: list[str]) -> np.ndarray:
+    """sentence-transformers' own embeddings of the folder (its lasttoken pooling and Normalize), fp32."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+
+
+def hf_states(folder, texts: list[str]):
+    """transformers' last_hidden_state of each text alone (no padding) -> list of (n_i, D), and the ids."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, hf = AutoTokenizer.from_pretrained(str(folder)), AutoModel.from_pretrained(str(folder)).eval()
+    out, ids = [], []
+    for t in texts:
+        row = tok(t, truncation=True, max_length=128)["input_ids"]
+        with torch.no_grad():
+            out.append(hf(input_ids=torch.tensor([row])).last_hidden_state[0].numpy())
+        ids.append(row)
+    return out, ids
+
+
+def feeds_of(folder, texts):
+    from millis.encoder.source import inspect_dir, model_max_length
+    from millis.encoder.text import TextEncoder
+
+    src = inspect_dir(folder)
+    return src, TextEncoder(src.path, src.input_names, model_max_length(src)).encode(texts).feeds
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_a_decoder_folder_reads_as_a_last_token_embedder(family, tmp_path):
+    """The folder's lasttoken pooling, two inputs, no classifier; torch's vector = sentence-transformers' (1e-5);
+    the last-token pool takes each row's last kept token under right and left padding alike."""
+    import torch
+
+    from millis.encoder.source import LAST_TOKEN, inspect_dir
+    from millis.encoder.tasks import load_task_model, pool
+
+    folder = build_tiny(family)
+    src = inspect_dir(folder)
+    assert (src.pooling.mode, src.pooling.normalize, src.input_names) == (LAST_TOKEN, True,
+                                                                          ("input_ids", "attention_mask"))
+    assert not src.has_classifier
+    _, feeds = feeds_of(folder, TEXTS)
+    with torch.no_grad():
+        got = load_task_model(src, "embed")(*(torch.from_numpy(feeds[n]) for n in src.input_names)).numpy()
+    want = st_vectors(folder, TEXTS)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want[0] - want[1]).max() > 0.1  # the texts' vectors differ: the test can fail
+    h = torch.randn(2, 5, 3)
+    right, left = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    from millis.encoder.source import Pooling
+
+    np.testing.assert_array_equal(pool(h, right, Pooling(LAST_TOKEN))[0], h[0, 2])
+    np.testing.assert_array_equal(pool(h, left, Pooling(LAST_TOKEN))[0], h[0, 4])
+    assert not pool(h, torch.zeros(2, 5, dtype=torch.long), Pooling(LAST_TOKEN)).any()  # no token: zeros
+    with pytest.raises(MillisError, match="no sequence-classification head"):
+        load_task_model(src, "classify")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_cut_keeps_the_trailing_special_tokens_the_tokenizer_adds(family):
+    """HF's truncation: Qwen3-Embedding's <|endoftext|> (here [SEP]) stays last, the text cut before it; a Llama
+    tokenizer that adds nothing after a text is cut at max_length (its last token a word piece, not a kept one)."""
+    from transformers import AutoTokenizer
+
+    from millis.encoder.source import inspect_dir
+    from millis.encoder.text import TextEncoder
+
+    folder = build_tiny(family)
+    src = inspect_dir(folder)
+    enc = TextEncoder(src.path, src.input_names, 16)
+    text = "the exchange rate I was given for my transfer looks wrong to me and I want it fixed"
+    ids, cut = enc.token_ids([text])
+    want = AutoTokenizer.from_pretrained(str(folder))(text, truncation=True, max_length=16)["input_ids"]
+    assert cut == [True] and ids[0] == want and len(want) == 16
+    assert enc.suffix == (0 if family == "llama" else 1)
+    assert (ids[0][-1] == 3) == (family != "llama")  # [SEP]
+
+
+@pytest.mark.parametrize("isa", runnable_isas() if native_isa() else ["scalar"])
+def test_native_decoder_matches_transformers(isa, monkeypatch):
+    """fp32 on every build this CPU runs within 1e-4 of transformers (each text alone, unpadded) for every family,
+    the pooled vector and every token's state; bf16 / int8 / int8-a16 near fp32; a long text in pieces and texts
+    over several calls (GROUP_TOKENS, SLOTS) = one call; a left-padded row refused."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    from millis.gen import embedder
+    from millis.gen.embedder import NativeDecoder
+
+    monkeypatch.setenv("MILLIS_KERNEL_ISA", isa)
+    for family in DECODERS:
+        folder = build_tiny(family)
+        src, feeds = feeds_of(folder, TEXTS)
+        states, _ = hf_states(folder, TEXTS)
+        want = np.stack([s[-1] / np.linalg.norm(s[-1]) for s in states])
+        args = feeds["input_ids"], feeds["attention_mask"]
+        nd = NativeDecoder(folder, "fp32", 2, src.pooling)
+        got = nd(*args)
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=family)
+        every = nd.token_states(*args)
+        for k, s in enumerate(states):
+            np.testing.assert_allclose(every[k, :len(s)], s, atol=1e-4, err_msg=family)
+            assert not every[k, len(s):].any()
+        monkeypatch.setattr(embedder, "GROUP_TOKENS", 16)  # the long text in pieces, the others in several calls
+        monkeypatch.setattr(embedder, "SLOTS", 3)
+        np.testing.assert_allclose(nd(*args), got, atol=1e-5, err_msg=family)
+        np.testing.assert_allclose(nd.token_states(*args), every, atol=1e-5, err_msg=family)
+        monkeypatch.setattr(embedder, "GROUP_TOKENS", 2048)
+        monkeypatch.setattr(embedder, "SLOTS", 64)
+        for precision in ("bf16", "int8", "int8-a16") if isa != "scalar" else ("int8", "int8-a16"):
+            q = NativeDecoder(folder, precision, 2, src.pooling)(*args)
+            assert (q * got).sum(1).min() > 0.99, (family, precision)
+            assert np.abs(q - got).max() > 1e-6, (family, precision)  # quantized: not the fp32 values
+        left = np.roll(args[1][:1], 3, axis=1)
+        with pytest.raises(MillisError, match="right-padded rows"):
+            nd(args[0][:1], left)
+
+
+def test_native_variants_a_decoder_does_not_run_are_skipped_by_name(tmp_path):
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.encoder.source import inspect_dir
+
+    builder = Builder(inspect_dir(build_tiny("qwen3")), "embed", tmp_path, calibration=lambda: [])
+    for name, why in (("native-int7-row", "not int7-row"), ("native-int8-row-att8", "with int8 attention"),
+                      ("cuda-fp16", "CUDA variants run BERT-family encoders")):
+        with pytest.raises(MillisError, match=why):
+            builder.build(CATALOG[name])
+
+
+def test_optimize_and_serve_a_decoder_embedder(tmp_path, quick_measure):
+    """optimize over the CPU runtimes: every variant's vectors near sentence-transformers' (fp32 ones within 1e-4);
+    the native artifact served: /embed, /v1/embeddings and /embed_all as transformers."""
+    from starlette.testclient import TestClient
+
+    from millis.artifact.model import open_model
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+    from millis.serve.config import ServeConfig
+    from millis.serve.encoder import app as appmod
+
+    folder = build_tiny("qwen3")
+    texts = TEXTS[:4]
+    want = st_vectors(folder, texts)
+    variants = ("ort-fp32-fused", "ort-int8-dynamic-pc", "ov-fp32") + (("native-fp32",) if native_isa() else ())
+    for v in variants:
+        art = open_model(optimize(OptimizeConfig(source=str(folder), task="embed", out=str(tmp_path / v),
+                                                 target=Shape(1, 16), variants=(v,), measure=quick_measure)))
+        assert art.meta.variant.name == v
+        got = art.embed(texts)
+        if "int8" in v:
+            assert (got * want).sum(1).min() > 0.99, v
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=v)
+    states, ids = hf_states(folder, texts[:1])
+    with TestClient(appmod.create_app(ServeConfig(artifact="x", model_name="m"), lambda: art, task="embed")) as c:
+        import time
+
+        deadline = time.time() + 60
+        while c.get("/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        r = c.post("/embed", json={"inputs": texts})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()), want, atol=1e-4)
+        r = c.post("/v1/embeddings", json={"input": texts[0], "model": "m"})
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], want[0], atol=1e-4)
+        r = c.post("/embed_all", json={"inputs": texts[0]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()[0]), states[0], atol=1e-4)
+
+
+def test_a_plain_decoder_folder_takes_last_token_by_the_flag(tmp_path):
+    """A decoder checkpoint without modules.json: mean unless told; --pooling last-token pools as its
+    sentence-transformers folder would (unnormalized: no Normalize module)."""
+    from millis.artifact.model import open_model
+
+    plain = tmp_path / "plain"
+    shutil.copytree(build_tiny("mistral"), plain, ignore=shutil.ignore_patterns("modules.json", "1_*", "2_*"))
+    states, _ = hf_states(plain, TEXTS[:3])
+    got = open_model(str(plain), pooling="last-token").embed(TEXTS[:3])
+    np.testing.assert_allclose(got, np.stack([s[-1] for s in states]), atol=1e-4)
+    np.testing.assert_allclose(open_model(str(plain)).embed(TEXTS[:3]), np.stack([s.mean(0) for s in states]),
+                               atol=1e-4)
+
+
+def test_a_graph_over_2gb_keeps_its_weights_in_one_file_beside_it(tmp_path, monkeypatch):
+    """torch writes a graph over protobuf's 2 GB (Qwen3-Embedding-0.6B's fp32: 2.4 GB) with a file per tensor beside
+    it: export gathers them into model.onnx.data, and the fuse, int8 (dynamic, static) and OpenVINO passes read it
+    and write theirs alike; each variant's folder holds model.onnx + model.onnx.data alone, and answers as the same
+    variant built from an inline graph. (A tiny graph made to write its weights outside, as torch does past 2 GB.)"""
+    import onnx
+    import torch
+
+    from millis.encoder.source import inspect_dir
+    from millis.encoder.text import TextEncoder
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.optimize.judge import open_variant
+    from millis.artifact.model import run_texts
+
+    src = inspect_dir(build_tiny("qwen3"))
+    enc = TextEncoder(src.path, src.input_names, 128)
+    calib = [enc.encode(TEXTS[:4]).feeds]
+    variants = ("ort-fp32-fused", "ort-int8-dynamic-pc", "ort-int8-static", "ov-fp32")
+    inline = Builder(src, "embed", tmp_path / "inline", calibration=lambda: calib)
+    want = {v: run_texts(open_variant("embed", 2, src, CATALOG[v], inline.build(CATALOG[v])[0]), enc, TEXTS).outputs
+            for v in variants}
+    export = torch.onnx.export
+
+    def scattered(model, args, path, **kw):  # torch's own layout past 2 GB: a file per tensor beside the graph
+        export(model, args, path, **kw)
+        onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", scattered)
+    outside = Builder(src, "embed", tmp_path / "outside", calibration=lambda: calib)
+    for v in variants:
+        vdir, facts = outside.build(CATALOG[v])
+        names = sorted(p.name for p in vdir.iterdir())
+        if v.startswith("ort"):
+            assert names == ["model.onnx", "model.onnx.data"], (v, names)
+            assert facts["bytes"] == sum(p.stat().st_size for p in vdir.iterdir())
+        got = run_texts(open_variant("embed", 2, src, CATALOG[v], vdir), enc, TEXTS).outputs
+        np.testing.assert_allclose(got, want[v], atol=1e-5, err_msg=v)
+    assert sorted(p.name for p in (tmp_path / "outside" / "_passes" / "export").iterdir()) == \
+        ["model.onnx", "model.onnx.data"]
+
+
+def test_a_decoder_embedder_is_embedded_as_it_is_and_other_uses_are_refused_by_name(tmp_path, quick_measure):
+    """optimize --task classify / rerank and --compress, millis train, distill and prune: refused naming the
+    decoder, before any work."""
+    from millis.optimize.config import OptimizeConfig
+    from millis.optimize.pipeline import optimize
+    from millis.train.classify import train_config, train
+    from millis.train.distill import distill, distill_config
+    from millis.train.prune import prune, prune_config
+
+    folder = str(build_tiny("qwen3"))
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"text {i},{i % 2}" for i in range(20)) + "\n")
+    for kw in ({"task": "classify"}, {"task": "rerank"}, {"compress": "quick", "compress_data": str(data)}):
+        with pytest.raises(MillisError, match="qwen3 decoder embedder"):
+            optimize(OptimizeConfig(source=folder, out=str(tmp_path / "a"), measure=quick_measure, **kw))
+    for run, cfg in ((train, train_config(folder, str(data), out=str(tmp_path / "t"))),
+                     (distill, distill_config(folder, str(data), out=str(tmp_path / "s"), task="embed")),
+                     (prune, prune_config(folder, str(data), out=str(tmp_path / "p"), layers=1))):
+        with pytest.raises(MillisError, match="qwen3 decoder embedder"):
+            run(cfg)
