@@ -11,8 +11,8 @@ out as its sentence-transformers folder (Transformer + last-token Pooling + Norm
 fidelity of int8 on random weights is not a trained model's. `millis optimize` builds every variant (the exported
 graphs hold the pooling; over 2 GB, their weights in model.onnx.data) and measures them interleaved in rounds at
 b1xs16, b1xs128 and b8xs128; the ratio to torch eager fp32 is the median of per-round ratios. Fidelity: optimize's
-gate judges every variant on Banking77 train.csv's first 256 texts (`cos_min_gate`); the chosen one is then held to
-torch fp32 on test.csv's first 128 texts, which selection never read. Writes a table and JSON (`rows`: variant,
+gate judges every variant on Banking77 train.csv's first 256 texts (`cos_min_gate`; NNCF calibrates on the next
+256); the chosen one is then held to torch fp32 on test.csv's first 128 texts, which selection never read. Writes a table and JSON (`rows`: variant,
 shape, p50_ms, x_eager and its round range, spread, cos_min_gate, chosen; `chosen_held_out`; `meta`: the machine and
 ISA, the load while measuring).
 """
@@ -91,10 +91,13 @@ def main() -> int:
     t0 = time.perf_counter()
     if not a.reuse:
         shutil.rmtree(out, ignore_errors=True)
+        train = held_out_texts("train.csv", 512)
         gate = HERE / ".cache" / "decoder_gate_texts.txt"  # optimize's fidelity gate: Banking77 train.csv texts
-        gate.write_text("\n".join(held_out_texts("train.csv", 256)) + "\n")
+        gate.write_text("\n".join(train[:256]) + "\n")
+        calibration = HERE / ".cache" / "decoder_calibration_texts.txt"  # NNCF's: the next 256, never judged
+        calibration.write_text("\n".join(train[256:]) + "\n")
         optimize(OptimizeConfig(source=str(folder), task="embed", out=str(out), target=Shape(1, 128),
-                                variants=variants, sample_texts=str(gate), calibration_texts=str(gate),
+                                variants=variants, sample_texts=str(gate), calibration_texts=str(calibration),
                                 measure=MeasureConfig(shapes=SHAPES, warmup=2, iters=a.iters, rounds=a.rounds)),
                  progress=lambda m: print(f"  [optimize] {m}", flush=True))
     seconds = None if a.reuse else time.perf_counter() - t0
