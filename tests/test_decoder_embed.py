@@ -191,18 +191,94 @@ def test_optimize_and_serve_a_decoder_embedder(tmp_path, quick_measure):
         np.testing.assert_allclose(np.array(r.json()[0]), states[0], atol=1e-4)
 
 
-def test_a_plain_decoder_folder_takes_last_token_by_the_flag(tmp_path):
-    """A decoder checkpoint without modules.json: mean unless told; --pooling last-token pools as its
-    sentence-transformers folder would (unnormalized: no Normalize module)."""
+def test_a_plain_decoder_folder_embeds_only_as_the_flag_says_and_serves_by_its_layout(tmp_path):
+    """A decoder checkpoint without modules.json (a chat model's layout): refused as an embedder unless --pooling
+    names how (last-token: as its sentence-transformers folder would, unnormalized; mean); `millis serve FOLDER`
+    serves a decoder folder laid out as an embedder (modules.json) or given --pooling as one, a plain one as a
+    chat model; is_causal false (gte-Qwen2's remote code) refused."""
+    import json
+
     from millis.artifact.model import open_model
+    from millis.serve.config import ServeConfig
+    from millis.serve.generation.models import is_generation_model
+    from millis.serve.server import app_and_loader
 
     plain = tmp_path / "plain"
     shutil.copytree(build_tiny("mistral"), plain, ignore=shutil.ignore_patterns("modules.json", "1_*", "2_*"))
     states, _ = hf_states(plain, TEXTS[:3])
+    with pytest.raises(MillisError, match="declares no pooling .* --pooling last-token"):
+        open_model(str(plain))
+    plain_qwen3 = tmp_path / "plain-qwen3"  # (not a model_type millis's chat server loads: refused before binding)
+    shutil.copytree(build_tiny("qwen3"), plain_qwen3, ignore=shutil.ignore_patterns("modules.json", "1_*", "2_*"))
+    with pytest.raises(MillisError, match="declares no pooling"):
+        app_and_loader(ServeConfig(artifact=str(plain_qwen3)))
     got = open_model(str(plain), pooling="last-token").embed(TEXTS[:3])
     np.testing.assert_allclose(got, np.stack([s[-1] for s in states]), atol=1e-4)
-    np.testing.assert_allclose(open_model(str(plain)).embed(TEXTS[:3]), np.stack([s.mean(0) for s in states]),
-                               atol=1e-4)
+    np.testing.assert_allclose(open_model(str(plain), pooling="mean").embed(TEXTS[:3]),
+                               np.stack([s.mean(0) for s in states]), atol=1e-4)
+    assert is_generation_model(plain) and not is_generation_model(build_tiny("mistral"))
+    for folder, pooling in ((build_tiny("mistral"), ""), (plain, "last-token")):
+        factory, load = app_and_loader(ServeConfig(artifact=str(folder), pooling=pooling))
+        assert factory.keywords["task"] == "embed", folder
+    bidirectional = tmp_path / "bidirectional"
+    shutil.copytree(build_tiny("qwen2"), bidirectional)
+    cfg = json.loads((bidirectional / "config.json").read_text())
+    (bidirectional / "config.json").write_text(json.dumps(dict(cfg, is_causal=False)))
+    with pytest.raises(MillisError, match="is_causal false"):
+        open_model(str(bidirectional))
+
+
+def test_native_decoder_pools_mean_max_cls_and_empty_rows(tmp_path):
+    """The native decoder's other poolings against transformers' states pooled by hand; a row with no token between
+    others: zeros, the others as alone."""
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    from millis.encoder.source import Pooling
+    from millis.gen.embedder import NativeDecoder
+
+    folder = build_tiny("qwen2")
+    src, feeds = feeds_of(folder, TEXTS[:4])
+    states, _ = hf_states(folder, TEXTS[:4])
+    for mode, want in (("mean", [s.mean(0) for s in states]), ("max", [s.max(0) for s in states]),
+                       ("cls", [s[0] for s in states])):
+        got = NativeDecoder(folder, "fp32", 2, Pooling(mode))(feeds["input_ids"], feeds["attention_mask"])
+        np.testing.assert_allclose(got, np.stack(want), atol=1e-4, err_msg=mode)
+    nd = NativeDecoder(folder, "fp32", 2, src.pooling)
+    mask = feeds["attention_mask"].copy()
+    mask[1] = 0
+    got = nd(feeds["input_ids"], mask)
+    assert not got[1].any()
+    np.testing.assert_allclose(got[[0, 2, 3]], nd(feeds["input_ids"][[0, 2, 3]], feeds["attention_mask"][[0, 2, 3]]),
+                               atol=1e-6)
+
+
+def test_last_token_on_an_encoder_runs_where_it_is_computed(tmp_path):
+    """--pooling last-token on a BERT folder: the exported graph pools each text's last token ([SEP]) as transformers'
+    states; the native encoder, which pools otherwise in C, is skipped by name rather than pooling the mean."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from millis.artifact.model import run_texts
+    from millis.encoder.source import resolve, with_pooling
+    from millis.encoder.text import TextEncoder
+    from millis.optimize.build.variants import CATALOG, Builder
+    from millis.optimize.judge import open_variant
+
+    plain = tmp_path / "bert"
+    shutil.copytree(build_tiny("bert"), plain, ignore=shutil.ignore_patterns("modules.json", "1_*", "2_*"))
+    src = with_pooling(resolve(str(plain)), "last-token")
+    tok = AutoTokenizer.from_pretrained(str(plain))
+    batch = tok(TEXTS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(str(plain), add_pooling_layer=False).eval()(**batch).last_hidden_state
+    want = h[torch.arange(3), batch["attention_mask"].sum(1) - 1].numpy()
+    builder = Builder(src, "embed", tmp_path / "b", calibration=lambda: [])
+    enc = TextEncoder(src.path, src.input_names, 128, segments=src.segments)
+    vdir, _ = builder.build(CATALOG["ort-fp32-fused"])
+    got = run_texts(open_variant("embed", 2, src, CATALOG["ort-fp32-fused"], vdir), enc, TEXTS[:3]).outputs
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(MillisError, match="does not pool last-token"):
+        builder.build(CATALOG["native-fp32"])
 
 
 def test_a_graph_over_2gb_keeps_its_weights_in_one_file_beside_it(tmp_path, monkeypatch):
@@ -245,6 +321,15 @@ def test_a_graph_over_2gb_keeps_its_weights_in_one_file_beside_it(tmp_path, monk
         np.testing.assert_allclose(got, want[v], atol=1e-5, err_msg=v)
     assert sorted(p.name for p in (tmp_path / "outside" / "_passes" / "export").iterdir()) == \
         ["model.onnx", "model.onnx.data"]
+    from millis.optimize.build import quantize  # a graph rewritten in place (the sensitivity ranking's): the same size
+    fused = outside.graph(CATALOG["ort-fp32-fused"].passes)
+    again = tmp_path / "again" / "model.onnx"
+    again.parent.mkdir()
+    sizes = []
+    for _ in range(2):
+        quantize.dynamic(fused, again, per_channel=True)
+        sizes.append(again.with_name("model.onnx.data").stat().st_size)
+    assert sizes[0] == sizes[1], sizes
 
 
 def test_a_decoder_embedder_is_embedded_as_it_is_and_other_uses_are_refused_by_name(tmp_path, quick_measure):

@@ -39,8 +39,8 @@ def test_both_formats_give_the_declared_mode(tmp_path, pooling, mode):
 
 
 @pytest.mark.parametrize("pooling, modules, sbert, why", [
-    ({"pooling_mode": "lasttoken"}, (TRANSFORMER, POOL), None, "'lasttoken'.*not supported"),
-    ({"pooling_mode_lasttoken": True}, (TRANSFORMER, POOL), None, "'lasttoken'.*not supported"),
+    ({"pooling_mode": "weightedmean"}, (TRANSFORMER, POOL), None, "'weightedmean'.*not supported"),
+    ({"pooling_mode_mean_sqrt_len_tokens": True}, (TRANSFORMER, POOL), None, "'mean_sqrt_len'.*not supported"),
     ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, (TRANSFORMER, POOL), None, "mean \\+ max"),
     ({"pooling_mode": ["cls", "mean"]}, (TRANSFORMER, POOL), None, "cls \\+ mean"),  # one vector of both: refused
     ({"pooling_mode": []}, (TRANSFORMER, POOL), None, "neither a pooling mode nor a list"),

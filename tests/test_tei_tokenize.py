@@ -137,7 +137,7 @@ def test_decode_round_trips_and_equals_the_tokenizer(served, monkeypatch):
     ("/tokenize", {"inputs": []}, 400, "inputs", "empty"),
     ("/tokenize", {"inputs": 5}, 422, "inputs", "string"),
     ("/tokenize", {"inputs": "a", "add_special_tokens": "no"}, 422, "add_special_tokens", "true or false"),
-    ("/tokenize", {"inputs": "a", "prompt_name": "query"}, 422, "prompt_name", "not supported"),
+    ("/tokenize", {"inputs": "a", "prompt_name": "query"}, 422, "prompt_name", "not a prompt of this model"),
     ("/tokenize", {"inputs": "a", "input": "a"}, 400, "input", "not both"),  # millis's route status, as before
     ("/tokenize", {}, 400, "input", "missing"),
 ])

@@ -16,7 +16,7 @@ from millis.runtimes import Runtime, open_runtime
 from millis.runtimes.base import gives_token_states, no_token_states, shares_scales_across_rows
 from millis.common.numeric import label_scores
 from millis.encoder.source import built_pooling, takes_segments
-from millis.encoder.text import TextEncoder, bucket_length, check_texts
+from millis.encoder.text import TextEncoder, bucket_length, check_texts, prompt_texts
 
 MAX_BATCH = 32  # rows per runtime call when a caller passes many texts at once
 
@@ -93,10 +93,12 @@ class Model:
         one = shares_scales_across_rows(self.runtime)
         return run_texts(self.runtime, self.encoder, texts, 1 if one else max_batch)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """(N, H) sentence embeddings (pooled and normalised as the model declares)."""
+    def embed(self, texts: list[str], prompt_name: str | None = None) -> np.ndarray:
+        """(N, H) sentence embeddings (pooled and normalised as the model declares); `prompt_name`: one of the model's
+        sentence-transformers prompts before each text (Qwen3-Embedding's "query")."""
         if self.task != "embed":
             raise MillisError(f"this artifact is a {self.task} model; use predict()")
+        texts = texts if prompt_name is None else prompt_texts(check_texts(texts), self.encoder.prompts, prompt_name)
         return self.run(texts).outputs
 
     def token_embeddings(self, texts: list[str]) -> list[np.ndarray]:

@@ -189,6 +189,9 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     if remote:  # its own modelling code (jina-embeddings-v2 / v3 under model_type bert / xlm-roberta)
         raise MillisError(f"{path} runs its own modelling code ({remote[0]}, config.json auto_map), not the standard "
                           f"{model_type}: millis does not run remote code")
+    if model_type in DECODERS and cfg.get("is_causal") is False:  # (gte-Qwen2's remote code reads it)
+        raise MillisError(f"{path}: config.json sets is_causal false (attention in both directions): millis runs "
+                          f"{model_type} causally, as transformers does")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise MillisError(f"{path}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                           f"(absolute positions only)")
@@ -305,6 +308,10 @@ def with_pooling(src: ModelSource, mode: str) -> ModelSource:
     mean); "" or the folder's own mode: `src` as it is. Another mode than a folder declares is refused (millis would
     compute another embedding than the folder's), as SPLADE over a checkpoint with no masked-LM head."""
     check_pooling_mode(mode)
+    if not mode and src.model_type in DECODERS and not declares_pooling(src.path):
+        raise MillisError(f"{src.path} is a {src.model_type} decoder that declares no pooling (no "
+                          f"sentence-transformers modules.json): give --pooling {LAST_TOKEN} (Qwen3-Embedding's, gte-Qwen2's, e5-mistral's) "
+                          f"or mean to embed with it; a chat model is served from its folder without --pooling")
     if not mode or mode == src.pooling.mode:
         return src
     if declares_pooling(src.path):

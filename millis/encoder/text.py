@@ -11,6 +11,7 @@ from millis.common.errors import MillisError
 from millis.common.rust_tokenizer import encode_all
 
 BUCKET = 16  # pad T up to a multiple of this: few distinct shapes for static-shape runtimes
+PROMPTS_FILE = "config_sentence_transformers.json"  # sentence-transformers' named prompts (`read_prompts`)
 WORD_SLACK = 16  # TextEncoder.clipped cuts a text at the end of a word only this many tokens past its cut at most
 
 
@@ -53,6 +54,26 @@ def check_texts(texts) -> list[str]:
     return list(texts)
 
 
+def read_prompts(folder: Path) -> dict[str, str]:
+    """sentence-transformers' named prompts (PROMPTS_FILE's `prompts`: Qwen3-Embedding's "query" instruction), each
+    put before a text whose request names it (TEI's `prompt_name`); {} where the folder has none."""
+    f = Path(folder) / PROMPTS_FILE
+    prompts = (json.loads(f.read_text()) or {}).get("prompts") if f.is_file() else None
+    if prompts is None:
+        return {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise MillisError(f"{f}: prompts must map names to strings, got {prompts!r}")
+    return dict(prompts)
+
+
+def prompt_texts(texts: list[str], prompts: dict[str, str], name: str) -> list[str]:
+    """Each text after the prompt `name` (one of `read_prompts`'), as sentence-transformers' encode(prompt_name=)."""
+    if name not in prompts:
+        have = f"one of {', '.join(map(repr, prompts))}" if prompts else f"it has none ({PROMPTS_FILE} names none)"
+        raise MillisError(f"prompt_name {name!r} is not a prompt of this model: {have}")
+    return [prompts[name] + t for t in texts]
+
+
 class TextEncoder:
     def __init__(self, tokenizer_dir: Path, input_names: tuple[str, ...], max_length: int, saved: bool = False,
                  segments: bool = True):
@@ -93,6 +114,7 @@ class TextEncoder:
                 self._fast = Tokenizer.from_str(backend.to_str())
         self._pairs = None  # pair_tokenizer's, made on first use (~10 ms: only a cross-encoder's loads pay it)
         self._suffix: int | None = None  # `suffix`, found on first use
+        self.prompts = read_prompts(tokenizer_dir)  # (an artifact keeps its source's beside its tokenizer)
         if self._fast is not None:
             self._fast.no_truncation()
             self._fast.no_padding()

@@ -48,6 +48,7 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0 for ev
 # gte-Qwen2's text + <|endoftext|>, e5-mistral's <s> text </s>, a Llama tokenizer's <s> text: nothing after a text)
 DECODER_TEMPLATES = {"llama": "[CLS] $A", "mistral": "[CLS] $A [SEP]", "qwen2": "$A [SEP]", "qwen3": "$A [SEP]"}
 DECODER_SEEDS = {"llama": 1, "mistral": 2, "qwen2": 3, "qwen3": 4}
+QUERY_PROMPT = "Instruct: Given a question, retrieve the passages that answer it\nQuery:"  # tiny:qwen3's "query"
 
 
 def build_vocab() -> list[str]:
@@ -125,6 +126,9 @@ def save_decoder(family: str, tmp: Path, vocab: list[str]) -> None:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
     model.save_pretrained(tmp)
     save_mean_modules(tmp, "lasttoken", model.config.hidden_size)
+    if family == "qwen3":  # Qwen3-Embedding's layout: an instruction before queries, named (TEI's prompt_name)
+        (tmp / "config_sentence_transformers.json").write_text(json.dumps({
+            "prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}))
 
 
 def build_tiny(name: str, root: Path | None = None) -> Path:

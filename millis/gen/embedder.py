@@ -24,6 +24,8 @@ from millis.encoder.source import DECODERS, LAST_TOKEN, POOLING_MODES, Pooling
 PRECISIONS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8-a16": "Q8_0_X16"}  # -> the matrices' type
 GROUP_TOKENS = 2048  # most tokens a C call takes (a longer text runs in pieces of it, each against the ones before)
 SLOTS = 64           # most texts a C call takes
+MAX_TOKENS = 32768   # the longest text the KV pool holds (a 128k-context model's whole context: 34 GB of address space
+                     # for an 8B's fp32 cache, refused where memory is not overcommitted)
 
 
 def check_decoder_variant(options: dict) -> None:
@@ -114,7 +116,8 @@ class NativeDecoder:
         self.cfg, self.pooling = decoder_config(raw), pooling
         tensors = precision_tensors(decoder_tensors(Path(path), self.cfg, raw["model_type"]), precision)
         # the pool holds a call's tokens, or the longest text (its pages are committed only as they are written)
-        room = max(GROUP_TOKENS, self.cfg.max_seq) + SLOTS * 32
+        self.longest = min(self.cfg.max_seq, MAX_TOKENS)
+        room = max(GROUP_TOKENS, self.longest) + SLOTS * 32
         self.model = NativeLlama(self.cfg, tensors, True, SLOTS, self.cfg.max_seq, kv_bytes_per_token(self.cfg) * room,
                                  threads, head=False)
         self.model.kv.prefix_cache = False
@@ -133,6 +136,9 @@ class NativeDecoder:
     def states(self, rows: list[np.ndarray], every: bool) -> list[np.ndarray]:
         """Each row's final-norm states: all of them (n_i, D) (every), else its last one's (1, D); (0, D) for an
         empty row. Rows go in calls of at most SLOTS texts and GROUP_TOKENS tokens (a longer text alone, in pieces)."""
+        if max(map(len, rows), default=0) > self.longest:
+            raise MillisError(f"a text of {max(map(len, rows))} tokens: the native decoder embedder takes at most "
+                              f"{self.longest} (--max-length)")
         out: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(rows)
         i = 0
         while i < len(rows):

@@ -31,7 +31,7 @@ from millis.optimize.select import (ACCURACY_FLAGS, FIDELITY_FLAGS, Candidate, f
 from millis.encoder.source import (ModelSource, check_encoder, declares_pooling, model_max_length, resolve,
                                    with_pooling)
 from millis.encoder.tasks import OUTPUT_NAME
-from millis.encoder.text import TextEncoder
+from millis.encoder.text import PROMPTS_FILE, TextEncoder
 from millis.common.readers import read_texts
 from millis.common.samples import sample_texts
 from millis.artifact.meta import read_train_meta
@@ -150,7 +150,7 @@ def optimize(cfg: OptimizeConfig, progress: Progress = lambda msg: None,
     src = resolve(cfg.source)
     for what in ("--compress",) * bool(cfg.compress) + (f"--task {cfg.task}",) * (cfg.task != "embed"):
         check_encoder(src, what)  # a decoder embedder: embed, as it is
-    if cfg.pooling and (pooled := with_pooling(src, cfg.pooling)) is not src:
+    if (pooled := with_pooling(src, cfg.pooling)) is not src:
         if cfg.compress:  # (distillation and pruning reread the folder: their students would pool otherwise)
             raise MillisError(f"--pooling {cfg.pooling} with --compress: the students learn from the folder as it "
                               f"declares itself; add sentence-transformers' modules.json (a Pooling module) instead")
@@ -323,6 +323,8 @@ def _write(cfg: OptimizeConfig, src: ModelSource, max_len: int, pool: dict[str, 
             for f in vdir.iterdir():
                 shutil.copy2(f, tmp / f.name)
         AutoTokenizer.from_pretrained(str(src.path)).save_pretrained(str(tmp / "tokenizer"))
+        if (src.path / PROMPTS_FILE).is_file():  # its named prompts (TEI's prompt_name), read beside the tokenizer
+            shutil.copy2(src.path / PROMPTS_FILE, tmp / "tokenizer" / PROMPTS_FILE)
         # the judged and measured figures are plain dicts; from_dict types them (strict: no key is lost)
         variant = from_dict(VariantRecipe, {"name": best.name, "precision": best.precision, **best.recipe},
                             f"the recipe of {best.name}", strict=True)

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from millis.common.errors import MillisError
 from millis.common.numeric import label_scores, unit_rows
+from millis.encoder.text import prompt_texts
 
 
 class ApiError(Exception):
@@ -233,18 +235,44 @@ def reject_of(truncate: bool | None) -> bool | None:
 
 def check_cut(body: dict[str, Any]) -> None:
     """TEI's fields millis does not do, refused rather than ignored on every encoder route (a left cut read as a right
-    one gave another vector without a word)."""
+    one gave another vector without a word): a left cut, and a prompt where the route puts none (`prompted`)."""
+    check_direction(body)
+    check_prompt(body)
+
+
+def prompted(body: dict[str, Any], texts: list[str] | TokenInput, prompts: dict[str, str]) -> list[str] | TokenInput:
+    """TEI's `prompt_name` (/embed, /embed_all, /embed_sparse, /tokenize, /similarity): the model's named prompt (its
+    sentence-transformers prompts, `read_prompts`) before each text, as sentence-transformers' encode(prompt_name=)
+    puts it; absent or null: the texts as they are; 422 naming the field otherwise."""
+    check_direction(body)
+    name = body.get("prompt_name")
+    if name is None:
+        return texts
+    if not isinstance(name, str):
+        raise ApiError(422, f"prompt_name must be a string, got {type(name).__name__}", param="prompt_name",
+                       code="invalid_type")
+    if isinstance(texts, TokenInput):
+        raise ApiError(422, "prompt_name puts a prompt before texts, not before token ids", param="prompt_name",
+                       code="invalid_value")
+    try:
+        return prompt_texts(texts, prompts, name)
+    except MillisError as e:
+        raise ApiError(422, str(e), param="prompt_name", code="invalid_value") from None
+
+
+def check_direction(body: dict[str, Any]) -> None:
+    """TEI's truncation_direction: right (millis's cut) or absent; left refused, not made a right one."""
     d = body.get("truncation_direction")
     if d is not None and d not in ("right", "Right"):
         raise ApiError(422, f"truncation_direction {d!r}: texts are cut at their end here (right)",
                        param="truncation_direction", code="unsupported" if d in ("left", "Left") else "invalid_value")
-    check_prompt(body)
 
 
 def check_prompt(body: dict[str, Any]) -> None:
-    """TEI's `prompt_name` (a sentence-transformers prompt put before each text): refused, millis keeps no prompts."""
+    """TEI's `prompt_name` on a route that puts no prompt (`prompted`'s routes do): refused, not ignored."""
     if body.get("prompt_name") is not None:
-        raise ApiError(422, "prompt_name is not supported here: put the prompt at the start of your texts",
+        raise ApiError(422, "prompt_name is not supported on this route (TEI's /embed, /embed_all, /embed_sparse, "
+                            "/tokenize and /similarity take it): put the prompt at the start of your texts",
                        param="prompt_name", code="unsupported")
 
 

@@ -51,14 +51,15 @@ def app_and_loader(cfg: ServeConfig):
     elif p.exists():
         from millis.serve.generation.models import is_generation_model
 
-        if is_generation_model(p):
+        if is_generation_model(p) and not cfg.pooling:  # (--pooling: a decoder folder served as an embedder)
             return _gen_loader(cfg, cfg.artifact)
         if p.is_dir() and not (p / "config.json").exists():
             artifact.read_meta(p)  # raises: not an artifact (no millis.json), build one with `millis optimize`
     if not task:  # a source model served as torch fp32: resolve it now (a bad spec fails before binding)
-        from millis.encoder.source import resolve
+        from millis.encoder.source import resolve, with_pooling
 
-        task = "classify" if resolve(cfg.artifact).has_classifier and not cfg.pooling else "embed"
+        task = "classify" if with_pooling(resolve(cfg.artifact), cfg.pooling).has_classifier and not cfg.pooling \
+            else "embed"
     # ORT keeps its default spinning thread pool: measured here, turning it off (so idle threads sleep)
     # cost ~2 ms at concurrency 1 and lowered throughput under load (bench/serve_vs_infinity.py notes)
     return partial(create_app, task=task), lambda: open_model(cfg.artifact, threads=cfg.threads, device=cfg.device,

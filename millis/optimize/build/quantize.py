@@ -29,9 +29,10 @@ def dynamic(in_path: Path, out_path: Path, per_channel: bool, op_types: tuple[st
     0.986 with all MatMuls per-channel, 0.998 with attention only; notes/cpu_recipe_study.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from millis.optimize.build.graph import external
+    from millis.optimize.build.graph import external, weights_file
 
     logging.getLogger().setLevel(logging.ERROR)
+    weights_file(out_path).unlink(missing_ok=True)  # (ONNX appends to an existing one: a graph rewritten in place grew)
     # DefaultTensorType: fused contrib ops (Attention...) have no ONNX type inference.
     quantize_dynamic(str(in_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                      op_types_to_quantize=list(op_types), nodes_to_exclude=list(exclude),
@@ -75,7 +76,7 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     """QDQ static int8: calibrate activation ranges on `batches`, quantize `op_types` only."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from millis.optimize.build.graph import external
+    from millis.optimize.build.graph import external, weights_file
 
     if method not in CALIBRATION_METHODS:
         raise MillisError(f"unknown calibration method {method!r}; supported: {', '.join(CALIBRATION_METHODS)}")
@@ -88,6 +89,7 @@ def static(in_path: Path, out_path: Path, batches: Iterable[dict[str, np.ndarray
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    weights_file(out_path).unlink(missing_ok=True)
     big = external(in_path)
     quant_pre_process(str(in_path), str(pre), skip_optimization=True, auto_merge=True, save_as_external_data=big,
                       all_tensors_to_one_file=True, external_data_location=pre.name + ".data")

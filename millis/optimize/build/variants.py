@@ -17,7 +17,7 @@ from millis.common.config import preset_of
 from millis.common import hardware
 from millis.common.errors import MillisError
 from millis.encoder.smooth import AMAX_FILE
-from millis.encoder.source import DECODERS, ModelSource
+from millis.encoder.source import DECODERS, LAST_TOKEN, ModelSource
 from millis.kernels.native import native_isa
 
 
@@ -234,7 +234,8 @@ def decoder_weights(src: ModelSource, d: Path) -> Path:
     cfg["millis_pooling"] = {"mode": src.pooling.mode, "normalize": src.pooling.normalize}
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     path = d / "model.safetensors"
-    save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in read_safetensors(src.path).items()}, str(path))
+    save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in read_safetensors(src.path).items()
+               if k.removeprefix("model.") != "lm_head.weight"}, str(path))  # (the embedder reads no vocabulary head)
     return path
 
 
@@ -252,6 +253,9 @@ def native_weights(src: ModelSource, d: Path) -> Path:
 
     if src.model_type in DECODERS:
         return decoder_weights(src, d)
+    if src.pooling.mode == LAST_TOKEN:  # (its C pooling: mean, max, a [CLS] row's, SPLADE's)
+        raise MillisError("the native encoder does not pool last-token: the ONNX Runtime, OpenVINO and torch variants "
+                          "do (the variant is skipped)")
     cfg, state = load_state(src.path)
     EncoderConfig.from_hf(cfg)
     # the sentence-transformers pooling lives beside the weights in the source; the runtime reads it here

@@ -21,7 +21,9 @@
 `truncate`: false refuses a text over the model's length (422 naming `inputs`), true cuts it, absent follows the
 server's rule (`--too-long reject` refuses; TEI's auto_truncate). `normalize`: the vectors made unit length (TEI's
 default); false gives them as the model computes them, which a model that normalizes in its graph cannot (422).
-Texts are cut at their end (`truncation_direction` left, and `prompt_name`, are refused: not ignored; /rerank's too).
+Texts are cut at their end (`truncation_direction` left is refused: not ignored; /rerank's too). `prompt_name` (one of
+the model's sentence-transformers prompts) is put before each text on /embed, /embed_all, /embed_sparse, /tokenize and
+/similarity (under `parameters`), refused elsewhere.
 Errors in TEI's shape (`{"error": message, "error_type": kind}`, millis's param and code beside) with TEI's
 status codes (http.api_status).
 """
@@ -37,7 +39,7 @@ from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, u
 from millis.encoder.source import SPLADE
 from millis.serve.http import TEI_INVALID
 from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, dimensions_of, embedding_input,
-                                  integer, shortened, texts_of)
+                                  integer, prompted, shortened, texts_of)
 
 INVALID = TEI_INVALID  # a field missing, of the wrong type or out of bounds: 422, and errors in TEI's shape
 
@@ -61,8 +63,10 @@ FUNCTIONS = {"softmax": softmax, "sigmoid": sigmoid, "none": np.asarray}
 
 
 def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits: Limits,
-                  sparse: bool = False) -> TeiRequest:
-    check_cut(body)
+                  sparse: bool = False, prompts: dict[str, str] | None = None) -> TeiRequest:
+    """TEI's /embed: `inputs` (texts or token ids), `prompt_name` (`prompted`: one of `prompts`), `truncate`,
+    `normalize`, `dimensions`."""
+    texts = prompted(body, embedding_input(body, limits, "inputs"), prompts or {})
     normalize = body.get("normalize", True)
     if not isinstance(normalize, bool):
         raise ApiError(422, f"normalize must be true or false, got {normalize!r}", param="normalize",
@@ -70,21 +74,21 @@ def embed_request(body: dict[str, Any], dim: int, graph_normalizes: bool, limits
     if not normalize and graph_normalizes:
         raise ApiError(422, "normalize=false is not available: this model normalizes its vectors in its graph",
                        param="normalize", code="invalid_value")
-    return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
-                      boolean(body, "truncate"), normalize, dimensions_of(body, dim, sparse))
+    return TeiRequest(texts, isinstance(body.get("inputs"), str), boolean(body, "truncate"), normalize,
+                      dimensions_of(body, dim, sparse))
 
 
-def embed_all_request(body: dict[str, Any], limits: Limits, route: str = "/embed_all") -> TeiRequest:
-    """TEI's /embed_all and /embed_sparse: `inputs` as /embed's, `truncate`; no normalize or dimensions (token states,
-    or SPLADE's vocabulary weights, as the model computes them)."""
-    check_cut(body)
+def embed_all_request(body: dict[str, Any], limits: Limits, route: str = "/embed_all",
+                      prompts: dict[str, str] | None = None) -> TeiRequest:
+    """TEI's /embed_all and /embed_sparse: `inputs` and `prompt_name` as /embed's, `truncate`; no normalize or
+    dimensions (token states, or SPLADE's vocabulary weights, as the model computes them)."""
+    texts = prompted(body, embedding_input(body, limits, "inputs"), prompts or {})
     what = "each token's state" if route == "/embed_all" else "each text's vocabulary weights"
     for key in ("normalize", "dimensions"):
         if body.get(key) is not None:
             raise ApiError(422, f"{key} is a field of /embed: {route} gives {what} as the model computes them",
                            param=key, code="invalid_value")
-    return TeiRequest(embedding_input(body, limits, "inputs"), isinstance(body.get("inputs"), str),
-                      boolean(body, "truncate"))
+    return TeiRequest(texts, isinstance(body.get("inputs"), str), boolean(body, "truncate"))
 
 
 def sparse_model(model) -> bool:
@@ -106,16 +110,17 @@ def parameters_of(body: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
+def similarity_request(body: dict[str, Any], limits: Limits, prompts: dict[str, str] | None = None) -> TeiRequest:
     """TEI's /similarity (huggingface_hub's sentence_similarity): `inputs` {"source_sentence", "sentences"}, the
-    cut's fields under `parameters` (TEI reads them there only); texts: the source sentence, then each sentence."""
+    cut's fields and `prompt_name` under `parameters` (TEI reads them there only); texts: the source sentence, then
+    each sentence (the prompt before each)."""
     v = body.get("inputs")
     if not isinstance(v, dict):
         got = "missing" if v is None else type(v).__name__
         raise ApiError(422, f"inputs must be an object {{\"source_sentence\": text, \"sentences\": [text, ...]}}, "
                             f"got {got}", param="inputs", code="missing" if v is None else "invalid_type")
     params = parameters_of(body)
-    check_cut(params)
+    prompted(params, [], prompts or {})  # (the fields checked before the texts)
     source = v.get("source_sentence")
     if not isinstance(source, str) or not source:
         what = "missing" if source is None else "empty" if isinstance(source, str) else f"a {type(source).__name__}"
@@ -129,8 +134,8 @@ def similarity_request(body: dict[str, Any], limits: Limits) -> TeiRequest:
     if len(sentences) + 1 > limits.max_inputs:
         raise ApiError(413, f"inputs.sentences has {len(sentences)} texts: with the source sentence at most "
                             f"{limits.max_inputs} per request", param="inputs.sentences", code="too_many_inputs")
-    return TeiRequest([source, *sentences], False, boolean({"parameters.truncate": params.get("truncate")},
-                                                           "parameters.truncate"))
+    return TeiRequest(prompted(params, [source, *sentences], prompts or {}), False,
+                      boolean({"parameters.truncate": params.get("truncate")}, "parameters.truncate"))
 
 
 def similarity_places(n: int) -> list[str]:
@@ -212,7 +217,8 @@ def info(name: str, model, cfg) -> dict[str, Any]:
         kind = {"reranker" if len(labels) == 1 else "classifier": {
             "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
     return {"model_id": name, "model_sha": None, "model_dtype": model.variant, "model_type": kind,
-            "prompts": None, "default_prompt_name": None, "max_concurrent_requests": cfg.max_queue,
+            "prompts": model.encoder.prompts or None, "default_prompt_name": None,
+            "max_concurrent_requests": cfg.max_queue,
             "max_input_length": model.max_length, "max_batch_tokens": cfg.max_batch_tokens,
             "max_batch_requests": cfg.max_batch, "max_client_batch_size": cfg.max_inputs,
             "auto_truncate": cfg.too_long != "reject", "tokenization_workers": 1, "version": __version__,

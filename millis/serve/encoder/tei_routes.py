@@ -77,14 +77,14 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
 
     async def embed_body(request: Request, model, body: dict, arrived: float) -> Response:
         unit = model.meta.source.pooling.normalize
-        req = tei.embed_request(body, st.dim, unit, st.limits, tei.sparse_model(model))
+        req = tei.embed_request(body, st.dim, unit, st.limits, tei.sparse_model(model), model.encoder.prompts)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate))
         return json_response(tei.embed_response(job.out, req, unit), headers=timing_headers(job, tok_s, cut))
 
     async def embed_all(request: Request) -> Response:
         model, body, arrived = await infer(request, "embed")
-        req = tei.embed_all_request(body, st.limits)
+        req = tei.embed_all_request(body, st.limits, prompts=model.encoder.prompts)
         if not st.gives_token_states():
             raise ApiError(424, no_token_states(model.meta.variant.runtime), param="inputs", code="no_token_states")
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
@@ -93,7 +93,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
 
     async def embed_sparse(request: Request) -> Response:
         model, body, arrived = await infer(request, "embed")
-        req = tei.embed_all_request(body, st.limits, "/embed_sparse")
+        req = tei.embed_all_request(body, st.limits, "/embed_sparse", model.encoder.prompts)
         if not tei.sparse_model(model):
             raise ApiError(424, f"this model pools {model.meta.source.pooling.mode} vectors: /embed_sparse answers a "
                                 f"SPLADE model's (sentence-transformers' SparseEncoder: SpladePooling in modules.json)",
@@ -107,7 +107,7 @@ def tei_routes(st, infer: Callable, answer: Callable, rerank: Callable, post: Ca
         return await similarity_body(request, *await infer(request, "embed"))
 
     async def similarity_body(request: Request, model, body: dict, arrived: float) -> Response:
-        req = tei.similarity_request(body, st.limits)
+        req = tei.similarity_request(body, st.limits, model.encoder.prompts)
         job, cut, tok_s, _ = await answer(request, arrived, model, req.texts, field="inputs",
                                           reject=reject_of(req.truncate),
                                           places=tei.similarity_places(len(req.texts)))

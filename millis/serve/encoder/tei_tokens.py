@@ -1,7 +1,7 @@
 """text-embeddings-inference's POST /tokenize and POST /decode on the encoder server, with the tokenizer inference
 runs (the encoder's Rust tokenizer; TEI's router/src/http/types.rs and server.rs give the shapes):
 
-    POST /tokenize {"inputs": "..." | ["...", ...], "add_special_tokens": true, "prompt_name": null}
+    POST /tokenize {"inputs": "..." | ["...", ...], "add_special_tokens": true, "prompt_name": null | "<a prompt>"}
         -> [[{"id": int, "text": str, "special": bool, "start": int | null, "stop": int | null}, ...], ...]
     POST /decode   {"ids": [int] | [[int], ...], "skip_special_tokens": true} -> ["...", ...]
 
@@ -24,7 +24,7 @@ from starlette.responses import Response
 from millis.common.rust_tokenizer import GIL_FREE_CHARS, encode_all
 from millis.serve.encoder import tei
 from millis.serve.http import api_status, error_response, json_response
-from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, check_prompt, id_rows, texts_of, token_rows
+from millis.serve.schemas import ApiError, Limits, TokenInput, boolean, id_rows, prompted, texts_of, token_rows
 
 MAX_CHAR_MULTIPLIER = 250  # TEI's: /tokenize takes a text of at most max_length x this many characters
 Off = Callable[..., Awaitable[Any]]  # off(size, fn, *args): fn(*args), in a thread while the request lasts if large
@@ -36,10 +36,11 @@ def rust_tokenizer(enc) -> Any | None:
     return getattr(enc, "rust_tokenizer", None)
 
 
-def tokenize_request(body: dict[str, Any], limits: Limits, max_length: int) -> tuple[list[str], bool]:
-    """(texts, add_special_tokens) of a TEI /tokenize body; 4xx naming the field."""
-    check_prompt(body)
-    texts = texts_of(body, "inputs", limits)  # a string or strings, none empty, at most --max-inputs
+def tokenize_request(body: dict[str, Any], limits: Limits, max_length: int,
+                     prompts: dict[str, str] | None = None) -> tuple[list[str], bool]:
+    """(texts, add_special_tokens) of a TEI /tokenize body (`prompt_name`: the prompt before each text, as /embed
+    puts it); 4xx naming the field."""
+    texts = prompted(body, texts_of(body, "inputs", limits), prompts or {})  # strings, none empty, <= --max-inputs
     most = max_length * MAX_CHAR_MULTIPLIER
     for i, t in enumerate(texts):
         if len(t) > most:
@@ -122,7 +123,7 @@ def decoded(enc, given: TokenInput, vocab_size: int, skip: bool) -> list[str]:
 async def tokenize(model, body: dict[str, Any], limits: Limits, off: Off) -> Response:
     """TEI's /tokenize answer, or its error with TEI's status (the /tokenize route answers millis's shape 400)."""
     try:
-        texts, special = tokenize_request(body, limits, model.max_length)
+        texts, special = tokenize_request(body, limits, model.max_length, model.encoder.prompts)
         body = await off(sum(map(len, texts)), tokens_of, model.encoder, texts, special)
         return Response(body, 200, media_type="application/json")
     except ApiError as e:
