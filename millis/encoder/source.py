@@ -310,8 +310,9 @@ def with_pooling(src: ModelSource, mode: str) -> ModelSource:
     check_pooling_mode(mode)
     if not mode and src.model_type in DECODERS and not declares_pooling(src.path):
         raise MillisError(f"{src.path} is a {src.model_type} decoder that declares no pooling (no "
-                          f"sentence-transformers modules.json): give --pooling {LAST_TOKEN} (Qwen3-Embedding's, gte-Qwen2's, e5-mistral's) "
-                          f"or mean to embed with it; a chat model is served from its folder without --pooling")
+                          f"sentence-transformers modules.json): give --pooling {LAST_TOKEN} (Qwen3-Embedding's, "
+                          f"gte-Qwen2's, e5-mistral's) or mean to embed with it; a chat model is served from its folder "
+                          f"without --pooling")
     if not mode or mode == src.pooling.mode:
         return src
     if declares_pooling(src.path):
