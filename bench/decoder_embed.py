@@ -13,8 +13,9 @@ graphs hold the pooling; over 2 GB, their weights in model.onnx.data) and measur
 b1xs16, b1xs128 and b8xs128; the ratio to torch eager fp32 is the median of per-round ratios. Fidelity: optimize's
 gate judges every variant on Banking77 train.csv's first 256 texts (`cos_min_gate`; NNCF calibrates on the next
 256); the chosen one is then held to torch fp32 on test.csv's first 128 texts, which selection never read. Writes a table and JSON (`rows`: variant,
-shape, p50_ms, x_eager and its round range, spread, cos_min_gate, chosen; `chosen_held_out`; `meta`: the machine and
-ISA, the load while measuring).
+shape, p50_ms, x_eager and its round range, spread, cos_min_gate, chosen; `versus`: each native variant / each
+peer runtime's variant, the median [range] of per-round ratios; `chosen_held_out`; `meta`: the machine and ISA, the
+load while measuring).
 """
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ def qwen3_dir(cache: Path) -> Path:
     return out
 
 
+def versus(rep: dict, names: list[str]) -> list[dict]:
+    """Each native variant against each other runtime's, per shape: the median and range of the per-round ratios
+    of their p50s (millis / peer; the rounds interleave the variants)."""
+    import numpy as np
+
+    by = {v["name"]: v for v in rep["variants"]}
+    out = []
+    for m in (n for n in names if by[n]["runtime"] == "native"):
+        for peer in (n for n in names if by[n]["runtime"] not in ("native", "torch")):
+            for s in SHAPES:
+                a, b = by[m]["latency"][s.name]["round_p50_ms"], by[peer]["latency"][s.name]["round_p50_ms"]
+                r = [x / y for x, y in zip(a, b)]
+                out.append({"millis": m, "peer": peer, "shape": s.name, "ratio": float(np.median(r)),
+                            "range": [min(r), max(r)]})
+    return out
+
+
 def main() -> int:
     import numpy as np
 
@@ -118,6 +136,9 @@ def main() -> int:
                          "spread": lat["spread"], "cos_min_gate": v["fidelity"].get("cos_min"),
                          "within_budget": v["ok"], "chosen": v["name"] == rep["chosen"]})
     print_rows(rows)
+    pairs = versus(rep, [v["name"] for v in rep["variants"] if v.get("latency")])
+    for p in pairs:
+        print(f"{p['millis']} / {p['peer']} {p['shape']}: {p['ratio']:.3f} [{p['range'][0]:.3f}-{p['range'][1]:.3f}]")
     print(f"chosen {rep['chosen']}: on {held['texts']} Banking77 test texts cosine min {held['cos_min']:.5f} / mean "
           f"{held['cos_mean']:.5f} to torch fp32")
     res = {"meta": {"command": "python bench/decoder_embed.py " + " ".join(sys.argv[1:]),
@@ -125,7 +146,7 @@ def main() -> int:
                     "load": rep["measured"].get("load"), "optimize_s": seconds,
                     "model": "Qwen3-Embedding-0.6B shape, random weights, last-token pooling, normalized"},
            "chosen": rep["chosen"], "chosen_held_out": {k: held[k] for k in ("texts", "cos_min", "cos_mean")},
-           "rows": rows}
+           "rows": rows, "versus": pairs}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {a.out}")

@@ -195,7 +195,7 @@ def test_a_plain_decoder_folder_embeds_only_as_the_flag_says_and_serves_by_its_l
     """A decoder checkpoint without modules.json (a chat model's layout): refused as an embedder unless --pooling
     names how (last-token: as its sentence-transformers folder would, unnormalized; mean); `millis serve FOLDER`
     serves a decoder folder laid out as an embedder (modules.json) or given --pooling as one, a plain one as a
-    chat model; is_causal false (gte-Qwen2's remote code) refused."""
+    chat model; is_causal false and a tokenizer of the model's own code (gte-Qwen2's) refused."""
     import json
 
     from millis.artifact.model import open_model
@@ -226,6 +226,13 @@ def test_a_plain_decoder_folder_embeds_only_as_the_flag_says_and_serves_by_its_l
     (bidirectional / "config.json").write_text(json.dumps(dict(cfg, is_causal=False)))
     with pytest.raises(MillisError, match="is_causal false"):
         open_model(str(bidirectional))
+    remote = tmp_path / "remote-tokenizer"  # gte-Qwen2's tokenizer code (it adds <|endoftext|>): refused, not guessed
+    shutil.copytree(build_tiny("qwen2"), remote)
+    tc = json.loads((remote / "tokenizer_config.json").read_text())
+    (remote / "tokenizer_config.json").write_text(json.dumps(dict(tc, auto_map={
+        "AutoTokenizer": ["tokenization_qwen.Qwen2Tokenizer", None]})))
+    with pytest.raises(MillisError, match="auto_map names a tokenizer"):
+        open_model(str(remote))
 
 
 def test_native_decoder_pools_mean_max_cls_and_empty_rows(tmp_path):

@@ -11,14 +11,12 @@ from pathlib import Path
 
 from millis.common.errors import MillisError
 from millis.common.files import WEIGHT_FILES, absolute, hash_files, weight_files
+from millis.encoder.decoders import DECODERS, check_decoder_folder
 
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
              "mpnet": "mpnet", "electra": "electra", "deberta-v2": "deberta-v2", "modernbert": "modernbert",
              "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-# decoders that embed (Qwen3-Embedding, gte-Qwen2, e5-mistral): causal attention, pooled at the last token as their
-# folders declare (sentence-transformers' lasttoken); --task embed only (millis.gen.embedder runs them natively)
-DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 SUPPORTED_TEXT = ("BERT (incl. MiniLM, bge, e5, gte), DistilBERT, RoBERTa, XLM-RoBERTa, MPNet, ELECTRA, DeBERTa-v2/v3 "
                   "and ModernBERT encoders; Llama, Mistral, Qwen2 and Qwen3 decoders as embedders")
 ONE_TOKEN_TYPE = frozenset({"roberta", "xlm-roberta"})  # type_vocab_size 1: a pair's second text is type 0 too
@@ -189,9 +187,8 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
     if remote:  # its own modelling code (jina-embeddings-v2 / v3 under model_type bert / xlm-roberta)
         raise MillisError(f"{path} runs its own modelling code ({remote[0]}, config.json auto_map), not the standard "
                           f"{model_type}: millis does not run remote code")
-    if model_type in DECODERS and cfg.get("is_causal") is False:  # (gte-Qwen2's remote code reads it)
-        raise MillisError(f"{path}: config.json sets is_causal false (attention in both directions): millis runs "
-                          f"{model_type} causally, as transformers does")
+    if model_type in DECODERS:
+        check_decoder_folder(path, cfg)
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise MillisError(f"{path}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
                           f"(absolute positions only)")
