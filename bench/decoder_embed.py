@@ -19,7 +19,6 @@ load while measuring).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from peers.models import TOKENIZER_FILES, minilm_dir  # noqa: E402
-from splade import chosen_fidelity, print_rows, held_out_texts  # noqa: E402
+from splade import arguments, chosen_fidelity, eager_rows, held_out_texts, print_rows  # noqa: E402
 
 from millis.common import hardware  # noqa: E402
 from millis.common.config import Shape  # noqa: E402
@@ -89,21 +88,9 @@ def versus(rep: dict, names: list[str]) -> list[dict]:
 
 
 def main() -> int:
-    import numpy as np
-
     from millis.optimize.pipeline import optimize
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", default=str(HERE / "results" / "decoder_embed.json"))
-    ap.add_argument("--reuse", action="store_true", help="read the last run's artifact (its report.json) again: "
-                                                          "the table and JSON without building or measuring")
-    a = ap.parse_args()
-    variants = tuple(v for v in a.variants.split(",") if v)
-    if "torch-fp32" not in variants:
-        raise SystemExit("--variants needs torch-fp32: the ratios are to it")
+    a, variants = arguments(3, 5, VARIANTS, "decoder_embed.json")
     folder = qwen3_dir(HERE / ".cache")
     out = HERE / ".cache" / "artifacts" / "qwen3-embedding-0.6b"
     t0 = time.perf_counter()
@@ -121,20 +108,7 @@ def main() -> int:
     seconds = None if a.reuse else time.perf_counter() - t0
     rep = json.loads((out / "report.json").read_text())
     held = chosen_fidelity(folder, out, held_out_texts("test.csv", 128))
-    rows = []
-    eager = {v["name"]: v for v in rep["variants"]}["torch-fp32"]["latency"]
-    for v in rep["variants"]:
-        if not v.get("latency"):
-            continue
-        for s in SHAPES:
-            lat = v["latency"].get(s.name)
-            if not lat:
-                continue
-            ratios = [b / x for x, b in zip(lat["round_p50_ms"], eager[s.name]["round_p50_ms"])]
-            rows.append({"variant": v["name"], "shape": s.name, "p50_ms": lat["p50_ms"],
-                         "x_eager": float(np.median(ratios)), "x_eager_range": [min(ratios), max(ratios)],
-                         "spread": lat["spread"], "cos_min_gate": v["fidelity"].get("cos_min"),
-                         "within_budget": v["ok"], "chosen": v["name"] == rep["chosen"]})
+    rows = eager_rows(rep, SHAPES)
     print_rows(rows)
     pairs = versus(rep, [v["name"] for v in rep["variants"] if v.get("latency")])
     for p in pairs:

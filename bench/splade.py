@@ -100,22 +100,46 @@ def chosen_fidelity(folder: Path, artifact: Path, texts: list[str]) -> dict:
             "nonzero_mean": float((got > 0).sum(1).mean()), "ref_nonzero_mean": float((ref > 0).sum(1).mean())}
 
 
-def main() -> int:
-    import numpy as np
-
-    from millis.optimize.pipeline import optimize
-
+def arguments(rounds: int, iters: int, variants: tuple[str, ...], out: str) -> tuple[argparse.Namespace, tuple]:
+    """The flags of a bench that runs `millis optimize` (this one, bench/decoder_embed.py) and its variants."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", default=str(HERE / "results" / "splade.json"))
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--variants", default=",".join(variants))
+    ap.add_argument("--out", default=str(HERE / "results" / out))
     ap.add_argument("--reuse", action="store_true", help="read the last run's artifact (its report.json) again: "
                                                           "the table and JSON without building or measuring")
     a = ap.parse_args()
-    variants = tuple(v for v in a.variants.split(",") if v)
-    if "torch-fp32" not in variants:
+    names = tuple(v for v in a.variants.split(",") if v)
+    if "torch-fp32" not in names:
         raise SystemExit("--variants needs torch-fp32: the ratios are to it")
+    return a, names
+
+
+def eager_rows(rep: dict, shapes) -> list[dict]:
+    """A row per measured variant and shape of optimize's report: p50, the median [range] of its per-round ratios to
+    torch eager fp32, the rounds' spread, the gate's cosine, whether it was chosen."""
+    import numpy as np
+
+    rows = []
+    eager = {v["name"]: v for v in rep["variants"]}["torch-fp32"]["latency"]
+    for v in rep["variants"]:  # those asked for, and the recovery recipes optimize added for a missed budget
+        for s in shapes if v.get("latency") else ():
+            lat = v["latency"].get(s.name)
+            if not lat:
+                continue
+            ratios = [b / x for x, b in zip(lat["round_p50_ms"], eager[s.name]["round_p50_ms"])]
+            rows.append({"variant": v["name"], "shape": s.name, "p50_ms": lat["p50_ms"],
+                         "x_eager": float(np.median(ratios)), "x_eager_range": [min(ratios), max(ratios)],
+                         "spread": lat["spread"], "cos_min_gate": v["fidelity"].get("cos_min"),
+                         "within_budget": v["ok"], "chosen": v["name"] == rep["chosen"]})
+    return rows
+
+
+def main() -> int:
+    from millis.optimize.pipeline import optimize
+
+    a, variants = arguments(5, 30, VARIANTS, "splade.json")
     folder = splade_dir(HERE / ".cache")
     out = HERE / ".cache" / "artifacts" / "splade-bert-base"
     t0 = time.perf_counter()
@@ -129,23 +153,8 @@ def main() -> int:
                  progress=lambda m: print(f"  [optimize] {m}", flush=True))
     seconds = None if a.reuse else time.perf_counter() - t0
     rep = json.loads((out / "report.json").read_text())
-    by = {v["name"]: v for v in rep["variants"]}
     held = chosen_fidelity(folder, out, held_out_texts("test.csv", 256))
-    rows = []
-    eager = by["torch-fp32"]["latency"]
-    for v in rep["variants"]:  # those asked for, and the recovery recipes optimize added for a missed budget
-        name = v["name"]
-        if not v.get("latency"):
-            continue
-        for s in SHAPES:
-            lat = v["latency"].get(s.name)
-            if not lat:
-                continue
-            ratios = [b / x for x, b in zip(lat["round_p50_ms"], eager[s.name]["round_p50_ms"])]
-            rows.append({"variant": name, "shape": s.name, "p50_ms": lat["p50_ms"],
-                         "x_eager": float(np.median(ratios)), "x_eager_range": [min(ratios), max(ratios)],
-                         "spread": lat["spread"], "cos_min_gate": v["fidelity"].get("cos_min"),
-                         "within_budget": v["ok"], "chosen": name == rep["chosen"]})
+    rows = eager_rows(rep, SHAPES)
     print_rows(rows)
     print(f"chosen {rep['chosen']}: on {held['texts']} Banking77 test texts cosine min {held['cos_min']:.5f} / mean "
           f"{held['cos_mean']:.5f} to torch fp32; {held['nonzero_mean']:.0f} nonzero weights a text (fp32: "
