@@ -29,8 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from peers.models import TOKENIZER_FILES, minilm_dir  # noqa: E402
-from splade import arguments, chosen_fidelity, eager_rows, held_out_texts, print_rows  # noqa: E402
+from splade import arguments, chosen_fidelity, eager_rows, held_out_texts, print_rows, random_folder  # noqa: E402
 
 from millis.common import hardware  # noqa: E402
 from millis.common.config import Shape  # noqa: E402
@@ -48,26 +47,17 @@ QWEN3_EMBEDDING_06B = dict(attention_bias=False, bos_token_id=151643, eos_token_
 
 def qwen3_dir(cache: Path) -> Path:
     """Qwen3-Embedding-0.6B's shape as a random-weight sentence-transformers folder (built once)."""
-    out = cache / "qwen3-embedding-0.6b-random"
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from transformers import Qwen3Config, Qwen3Model
+    def fill(tmp: Path) -> None:
+        import torch
+        from transformers import Qwen3Config, Qwen3Model
 
-    from millis.encoder.tiny import save_mean_modules
+        from millis.encoder.tiny import save_mean_modules
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.manual_seed(0)
-    Qwen3Model(Qwen3Config(**QWEN3_EMBEDDING_06B)).to(torch.bfloat16).eval().save_pretrained(tmp)
-    for f in TOKENIZER_FILES:
-        if f not in ("modules.json", "sentence_bert_config.json") and (Path(minilm_dir()) / f).is_file():
-            shutil.copy2(Path(minilm_dir()) / f, tmp / f)
-    save_mean_modules(tmp, "lasttoken", QWEN3_EMBEDDING_06B["hidden_size"])
-    (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
-    tmp.rename(out)
-    return out
+        Qwen3Model(Qwen3Config(**QWEN3_EMBEDDING_06B)).to(torch.bfloat16).eval().save_pretrained(tmp)
+        save_mean_modules(tmp, "lasttoken", QWEN3_EMBEDDING_06B["hidden_size"])
+        (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
+
+    return random_folder(cache / "qwen3-embedding-0.6b-random", fill)
 
 
 def versus(rep: dict, names: list[str]) -> list[dict]:

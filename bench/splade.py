@@ -41,30 +41,40 @@ SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
 VOCAB_BIAS = -2.0
 
 
-def splade_dir(cache: Path) -> Path:
-    """BERT-base's shape as a random-weight SPLADE folder (built once)."""
-    out = cache / "splade-bert-base-random"
+def random_folder(out: Path, fill) -> Path:
+    """`out`, built once: `fill(tmp)` writes a random-weight model (torch seeded 0) and its sentence-transformers
+    modules into tmp, MiniLM's tokenizer is copied beside them, and tmp becomes `out`."""
     if (out / "model.safetensors").is_file():
         return out
     import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    from millis.encoder.tiny import save_splade_modules
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig()).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().bias.fill_(VOCAB_BIAS)
-    model.save_pretrained(tmp)
+    fill(tmp)
     for f in TOKENIZER_FILES:
         if f not in ("modules.json", "sentence_bert_config.json") and (Path(minilm_dir()) / f).is_file():
             shutil.copy2(Path(minilm_dir()) / f, tmp / f)
-    save_splade_modules(tmp)
     tmp.rename(out)
     return out
+
+
+def splade_dir(cache: Path) -> Path:
+    """BERT-base's shape as a random-weight SPLADE folder (built once)."""
+    def fill(tmp: Path) -> None:
+        import torch
+        from transformers import BertConfig, BertForMaskedLM
+
+        from millis.encoder.tiny import save_splade_modules
+
+        model = BertForMaskedLM(BertConfig()).eval()
+        with torch.no_grad():
+            model.get_output_embeddings().bias.fill_(VOCAB_BIAS)
+        model.save_pretrained(tmp)
+        save_splade_modules(tmp)
+
+    return random_folder(cache / "splade-bert-base-random", fill)
 
 
 def held_out_texts(name: str, n: int) -> list[str]:
