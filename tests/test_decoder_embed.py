@@ -233,6 +233,30 @@ def test_a_plain_decoder_folder_embeds_only_as_the_flag_says_and_serves_by_its_l
         "AutoTokenizer": ["tokenization_qwen.Qwen2Tokenizer", None]})))
     with pytest.raises(MillisError, match="auto_map names a tokenizer"):
         open_model(str(remote))
+    gguf = tmp_path / "chat.gguf"  # (a chat model's file, given --pooling: refused naming it, before loading)
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(MillisError, match="chat model's file"):
+        app_and_loader(ServeConfig(artifact=str(gguf), pooling="mean"))
+
+
+def test_a_decoder_embeds_at_most_max_tokens(tmp_path):
+    """A decoder whose positions reach past MAX_TOKENS (a 128k context) embeds texts of MAX_TOKENS at most: its
+    limit, so the server cuts (or refuses) longer ones rather than the native runtime failing on them."""
+    import json
+
+    from millis.encoder.decoders import MAX_TOKENS
+    from millis.encoder.source import inspect_dir, model_max_length
+
+    long = tmp_path / "long"
+    shutil.copytree(build_tiny("qwen2"), long)
+    cfg = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=131072)))
+    tc = json.loads((long / "tokenizer_config.json").read_text())
+    (long / "tokenizer_config.json").write_text(json.dumps(dict(tc, model_max_length=10 ** 30)))
+    src = inspect_dir(long)
+    assert src.max_length == MAX_TOKENS == model_max_length(src)
+    with pytest.raises(MillisError, match=f"exceeds the model's limit {MAX_TOKENS}"):
+        model_max_length(src, MAX_TOKENS + 1)
 
 
 def test_native_decoder_pools_mean_max_cls_and_empty_rows(tmp_path):

@@ -75,6 +75,9 @@ def test_prompts_are_put_before_texts_as_sentence_transformers_puts_them(qwen3_a
         r = client.post("/similarity", json={"inputs": {"source_sentence": TEXTS[0], "sentences": TEXTS[1:]},
                                              "parameters": {"prompt_name": "query"}})
         assert r.status_code == 200 and np.isclose(r.json()[0], want[0] @ want[1], atol=1e-4), r.text
+        spec = client.get("/openapi.json").json()["paths"]
+        for route in ("/embed", "/embed_all", "/tokenize"):
+            assert "prompt_name" in json.dumps(spec[route]), route
         for route, body, says in (
                 ("/embed", {"inputs": TEXTS, "prompt_name": "passage"}, "one of 'query', 'document'"),
                 ("/embed", {"inputs": TEXTS, "prompt_name": 3}, "must be a string"),
@@ -82,10 +85,14 @@ def test_prompts_are_put_before_texts_as_sentence_transformers_puts_them(qwen3_a
                 ("/tokenize", {"inputs": "a", "prompt_name": "passage"}, "not a prompt of this model"),
                 ("/v1/embeddings", {"input": "a", "model": "m", "prompt_name": "query"}, "not supported on this"),
                 ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]},
-                                 "parameters": {"prompt_name": "passage"}}, "one of 'query', 'document'")):
+                                 "parameters": {"prompt_name": "passage"}}, "one of 'query', 'document'"),
+                ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]}, "prompt_name": "query"},
+                 "not supported on this"),  # (TEI reads it under parameters only)
+                ("/tokenize", {"input": "a", "prompt_name": "query"}, "not supported on this")):  # millis's shape
             r = client.post(route, json=body)
             err = r.json()
-            assert r.status_code == (400 if route.startswith("/v1/") else 422), (route, body, r.text)  # (OpenAI's)
+            status = 400 if route.startswith("/v1/") or "input" in body else 422  # (OpenAI's and millis's shapes)
+            assert r.status_code == status, (route, body, r.text)
             text = json.dumps(err)
             assert says in text and "prompt_name" in text, (route, err)
     finally:

@@ -9,6 +9,9 @@ from pathlib import Path
 from millis.common.errors import MillisError
 
 DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# the longest text a decoder embeds (its limit, where its positions reach further): the native KV pool's size (a 128k
+# context's whole fp32 cache is 34 GB of address space for an 8B, refused where memory is not overcommitted)
+MAX_TOKENS = 32768
 
 
 def check_decoder_folder(path: Path, cfg: dict) -> None:

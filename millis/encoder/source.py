@@ -11,7 +11,7 @@ from pathlib import Path
 
 from millis.common.errors import MillisError
 from millis.common.files import WEIGHT_FILES, absolute, hash_files, weight_files
-from millis.encoder.decoders import DECODERS, check_decoder_folder
+from millis.encoder.decoders import DECODERS, MAX_TOKENS, check_decoder_folder
 
 # model_type (config.json) -> family name the exporter and fusions understand.
 SUPPORTED = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
@@ -219,6 +219,7 @@ def inspect_dir(path: Path, spec: str | None = None) -> ModelSource:
                           f"{cfg['vocab_size']} rows (config.json vocab_size): such texts could not run")
     max_pos = int(cfg.get("max_position_embeddings", 512))
     max_pos -= position_offset(model_type, cfg)  # positions start after padding_idx
+    max_pos = min(max_pos, MAX_TOKENS) if model_type in DECODERS else max_pos
     return ModelSource(
         spec=spec or str(path), path=path, model_type=model_type, num_layers=int(layers),
         hidden_size=int(hidden), num_heads=int(heads), max_length=max_pos, input_names=inputs,
@@ -308,8 +309,8 @@ def with_pooling(src: ModelSource, mode: str) -> ModelSource:
     if not mode and src.model_type in DECODERS and not declares_pooling(src.path):
         raise MillisError(f"{src.path} is a {src.model_type} decoder that declares no pooling (no "
                           f"sentence-transformers modules.json): give --pooling {LAST_TOKEN} (Qwen3-Embedding's, "
-                          f"gte-Qwen2's, e5-mistral's) or mean to embed with it; a chat model is served from its folder "
-                          f"without --pooling")
+                          f"gte-Qwen2's, e5-mistral's) or mean to embed with it (`millis serve` serves a Llama, Mistral "
+                          f"or Qwen2 folder without modules.json as a chat model)")
     if not mode or mode == src.pooling.mode:
         return src
     if declares_pooling(src.path):
@@ -345,8 +346,8 @@ def read_pooling(path: Path) -> Pooling:
     prompt = json_value(path / "config_sentence_transformers.json", "default_prompt_name")
     if prompt:  # sentence-transformers puts the prompt before every text encoded without another
         raise MillisError(f"{path / 'config_sentence_transformers.json'} sets default_prompt_name {prompt!r}: "
-                          f"sentence-transformers puts its prompt before every text, which millis does not do; "
-                          f"put the prompt in your texts and set default_prompt_name to null")
+                          f"sentence-transformers puts its prompt before every text, which millis does not do: it puts a "
+                          f"prompt where a request names one (prompt_name); set default_prompt_name to null")
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
     for m in modules:

@@ -58,7 +58,11 @@ def read_prompts(folder: Path) -> dict[str, str]:
     """sentence-transformers' named prompts (PROMPTS_FILE's `prompts`: Qwen3-Embedding's "query" instruction), each
     put before a text whose request names it (TEI's `prompt_name`); {} where the folder has none."""
     f = Path(folder) / PROMPTS_FILE
-    prompts = (json.loads(f.read_text()) or {}).get("prompts") if f.is_file() else None
+    try:
+        data = json.loads(f.read_text()) if f.is_file() else {}
+    except ValueError as e:
+        raise MillisError(f"{f} is not JSON ({e})") from None
+    prompts = data.get("prompts") if isinstance(data, dict) else data
     if prompts is None:
         return {}
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from millis.common.errors import MillisError
+from millis.encoder.decoders import MAX_TOKENS
 from millis.encoder.source import DECODERS, LAST_TOKEN, POOLING_MODES, Pooling
 
 PRECISIONS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8-a16": "Q8_0_X16"}  # -> the matrices' type
 GROUP_TOKENS = 2048  # most tokens a C call takes (a longer text runs in pieces of it, each against the ones before)
 SLOTS = 64           # most texts a C call takes
-MAX_TOKENS = 32768   # the longest text the KV pool holds (a 128k-context model's whole context: 34 GB of address space
-                     # for an 8B's fp32 cache, refused where memory is not overcommitted)
 
 
 def check_decoder_variant(options: dict) -> None:

@@ -122,12 +122,13 @@ def _spec(title: str, paths: dict) -> dict[str, Any]:
 
 def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: int = 0, vocab_size: int = 0,
                  unit: bool = False, max_length: int = 0, problem_type: str = "", token_states: bool = True,
-                 sparse: bool = True) -> dict[str, Any]:
+                 sparse: bool = True, prompts: tuple[str, ...] = ()) -> dict[str, Any]:
     """task embed / classify, or "" when unknown before loading (both routes); dim / n_labels / vocab_size /
     max_length 0 while the model loads; unit: the model's vectors are normalized in its graph (TEI's normalize=false
     refused); problem_type: a classifier's (with n_labels: whether it reranks, numeric.not_a_reranker);
     token_states: its runtime gives them (/embed_all; without, the route refuses every request: 424); sparse: it pools
-    SPLADE vectors (/embed_sparse, 424 otherwise)."""
+    SPLADE vectors (/embed_sparse, 424 otherwise); prompts: the names of its prompts (TEI's prompt_name)."""
+    prompt = {"prompt_name": {"enum": [*prompts, None]}}  # one of them, or none
     texts = {"oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_inputs}]}
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                      **({"maximum": vocab_size - 1} if vocab_size else {})}}
@@ -152,19 +153,19 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         paths["/v1/embeddings"] = _post("OpenAI-compatible sentence embeddings", req, _json(ok))
         req = {"type": "object", "required": ["inputs"], "properties": {
             "inputs": embed_input, "normalize": {"const": True} if unit else {"type": "boolean"},
-            **CUT,
+            **CUT, **prompt,
             "dimensions": req["properties"]["dimensions"]}}
         vecs = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
         paths["/embed"] = _tei_post("text-embeddings-inference's /embed: a vector per text", req, _json(vecs))
         if token_states:  # (without them the route refuses every request, 424: not published, as rerank's routes)
-            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT}}
+            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT, **prompt}}
             paths["/embed_all"] = _tei_post("text-embeddings-inference's /embed_all: every token's last hidden state, "
                                             "before pooling", req, _json({"type": "array", "items": vecs}),
                                             {"424": "this artifact's runtime returns pooled vectors alone",
                                              "413": "a body over the limit, or more token vectors than "
                                                     "--max-batch-tokens"})
         if sparse:
-            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT}}
+            req = {"type": "object", "required": ["inputs"], "properties": {"inputs": embed_input, **CUT, **prompt}}
             weight = {"type": "object", "required": ["index", "value"], "properties": {
                 "index": {"type": "integer", "minimum": 0}, "value": {"type": "number"}}}
             paths["/embed_sparse"] = _tei_post("text-embeddings-inference's /embed_sparse: a SPLADE model's nonzero "
@@ -175,7 +176,7 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "inputs": {"type": "object", "required": ["source_sentence", "sentences"], "properties": {
                 "source_sentence": TEXT, "sentences": {"type": "array", "items": TEXT, "minItems": 1,
                                                        "maxItems": max(max_inputs - 1, 0)}}},
-            "parameters": nullable({"type": "object", "properties": CUT})}}
+            "parameters": nullable({"type": "object", "properties": {**CUT, **prompt}})}}
         paths["/similarity"] = _tei_post("text-embeddings-inference's /similarity: each sentence's cosine with the "
                                          "source sentence", req, _json({"type": "array", "items": {"type": "number"}}))
     if task in ("", "classify"):  # (a classifier that is no cross-encoder: no rerank routes, numeric.not_a_reranker)
@@ -232,7 +233,8 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": {"type": "string"}}}
         paths["/rerank"] = _tei_post("text-embeddings-inference's /rerank: texts by relevance to the query", req,
                                      _json({"type": "array", "items": hit}))
-    info = {"type": "object", "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size"]}
+    info = {"type": "object", "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size"],
+            "properties": {"prompts": nullable({"type": "object", "additionalProperties": {"type": "string"}})}}
     paths["/info"] = _get("text-embeddings-inference's /info: the model and the server's bounds", _json(info),
                           unavailable=NOT_READY)
     # TEI's routes by model type: an embedder's /embed, a one-label classifier's /rerank, another's /predict
@@ -260,10 +262,10 @@ def encoder_spec(task: str, name: str, max_inputs: int, dim: int = 0, n_labels: 
         "start": offset, "stop": offset}}
     tei_ok = {"type": "array", "items": {"type": "array", "items": simple}, "minItems": 1}
     req = {"type": "object", "properties": {"input": texts, "inputs": texts, "model": model,
-                                            "add_special_tokens": nullable({"type": "boolean"})},
+                                            "add_special_tokens": nullable({"type": "boolean"}), **prompt},
            "oneOf": [{"required": ["inputs"], "not": {"required": ["input"]}},
-                     {"required": ["input"], "not": {"anyOf": [{"required": ["inputs"]},
-                                                               {"required": ["add_special_tokens"]}]}}]}
+                     {"required": ["input"], "properties": {"prompt_name": {"type": "null"}},  # (no prompt put)
+                      "not": {"anyOf": [{"required": ["inputs"]}, {"required": ["add_special_tokens"]}]}}]}
     paths["/tokenize"] = _post("the token ids the model runs for each text (`input`: cut at its max length, as "
                                "inference is); `inputs`: text-embeddings-inference's tokens with offsets, uncut",
                                req, _json({"oneOf": [ok, tei_ok]}), TEI_ERRORS, {"anyOf": [ERROR, TEI_ERROR]})

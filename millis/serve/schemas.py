@@ -339,7 +339,8 @@ def classify_request(body: dict[str, Any], served: str, n_labels: int,
 
 def input_texts(body: dict[str, Any], limits: Limits, default: str = "inputs") -> tuple[list[str], str]:
     """(texts, the field they came in): `inputs` (HF's, TEI's) or `input` (OpenAI's), not both; with neither, the
-    error names `default`."""
+    error names `default`. A prompt_name is refused: the routes that put one read their texts through `prompted`."""
+    check_prompt(body)
     if "inputs" in body and "input" in body:
         raise ApiError(422, "give the texts as 'inputs' or 'input', not both", param=default, code="invalid_body")
     key = "inputs" if "inputs" in body else "input" if "input" in body else default

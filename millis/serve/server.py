@@ -51,7 +51,10 @@ def app_and_loader(cfg: ServeConfig):
     elif p.exists():
         from millis.serve.generation.models import is_generation_model
 
-        if is_generation_model(p) and not cfg.pooling:  # (--pooling: a decoder folder served as an embedder)
+        if is_generation_model(p) and not (cfg.pooling and p.is_dir()):  # (--pooling: a folder served as an embedder)
+            if cfg.pooling:
+                raise MillisError(f"--pooling {cfg.pooling}: {p} is a chat model's file (GGUF, llama2.c), not an "
+                                  f"embedder's folder")
             return _gen_loader(cfg, cfg.artifact)
         if p.is_dir() and not (p / "config.json").exists():
             artifact.read_meta(p)  # raises: not an artifact (no millis.json), build one with `millis optimize`

@@ -396,4 +396,5 @@ def create_app(cfg: ServeConfig, loader: Callable[[], Model], task: str = "") ->
         task or (st.model.task if st.model else ""), st.name, cfg.max_inputs, st.dim, st.dim,
         st.model.vocab_size if st.model else 0, bool(st.model and st.model.meta.source.pooling.normalize),
         st.model.max_length if st.model else 0, st.model.problem_type if st.model else "",
-        st.model is None or st.gives_token_states(), st.model is None or tei.sparse_model(st.model)))
+        st.model is None or st.gives_token_states(), st.model is None or tei.sparse_model(st.model),
+        tuple(st.model.encoder.prompts) if st.model else ()))

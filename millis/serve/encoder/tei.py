@@ -39,7 +39,7 @@ from millis.common.numeric import label_scores, row_cosines, sigmoid, softmax, u
 from millis.encoder.source import SPLADE
 from millis.serve.http import TEI_INVALID
 from millis.serve.schemas import (ApiError, Limits, TokenInput, boolean, check_cut, dimensions_of, embedding_input,
-                                  integer, prompted, shortened, texts_of)
+                                  check_prompt, integer, prompted, shortened, texts_of)
 
 INVALID = TEI_INVALID  # a field missing, of the wrong type or out of bounds: 422, and errors in TEI's shape
 
@@ -120,6 +120,7 @@ def similarity_request(body: dict[str, Any], limits: Limits, prompts: dict[str, 
         raise ApiError(422, f"inputs must be an object {{\"source_sentence\": text, \"sentences\": [text, ...]}}, "
                             f"got {got}", param="inputs", code="missing" if v is None else "invalid_type")
     params = parameters_of(body)
+    check_prompt(body)  # (TEI reads it under parameters only: not ignored at the top)
     prompted(params, [], prompts or {})  # (the fields checked before the texts)
     source = v.get("source_sentence")
     if not isinstance(source, str) or not source:
