@@ -309,8 +309,8 @@ def with_pooling(src: ModelSource, mode: str) -> ModelSource:
     if not mode and src.model_type in DECODERS and not declares_pooling(src.path):
         raise MillisError(f"{src.path} is a {src.model_type} decoder that declares no pooling (no "
                           f"sentence-transformers modules.json): give --pooling {LAST_TOKEN} (Qwen3-Embedding's, "
-                          f"gte-Qwen2's, e5-mistral's) or mean to embed with it (`millis serve` serves a Llama, Mistral "
-                          f"or Qwen2 folder without modules.json as a chat model)")
+                          f"gte-Qwen2's, e5-mistral's) or mean to embed with it (`millis serve` serves a Llama, "
+                          f"Mistral or Qwen2 folder without modules.json as a chat model)")
     if not mode or mode == src.pooling.mode:
         return src
     if declares_pooling(src.path):
@@ -346,8 +346,8 @@ def read_pooling(path: Path) -> Pooling:
     prompt = json_value(path / "config_sentence_transformers.json", "default_prompt_name")
     if prompt:  # sentence-transformers puts the prompt before every text encoded without another
         raise MillisError(f"{path / 'config_sentence_transformers.json'} sets default_prompt_name {prompt!r}: "
-                          f"sentence-transformers puts its prompt before every text, which millis does not do: it puts a "
-                          f"prompt where a request names one (prompt_name); set default_prompt_name to null")
+                          f"sentence-transformers puts its prompt before every text, which millis does not do: it puts "
+                          f"a prompt where a request names one (prompt_name); set default_prompt_name to null")
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
     for m in modules:
