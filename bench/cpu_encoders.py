@@ -370,6 +370,9 @@ def main() -> int:
         write_result(a.out, {"meta": meta, "rows": rows}, indent=2, quiet=True)  # a later failure loses nothing
     print_table(rows)
     print(f"\nwrote {a.out}")
+    if meta.get("errors"):  # the others' rows are written; the run still fails (a session script must not pass)
+        print(f"FAILED: {', '.join(meta['errors'])}", file=sys.stderr)
+        return 1
     return 0
 
 

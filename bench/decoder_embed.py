@@ -36,7 +36,7 @@ from millis.common.config import Shape  # noqa: E402
 from millis.optimize.config import MeasureConfig, OptimizeConfig  # noqa: E402
 
 VARIANTS = ("torch-fp32", "ort-fp32-fused", "ort-int8-dynamic-pc", "ov-fp32", "ov-bf16", "ov-int8", "native-fp32",
-            "native-int8", "native-int8-a16")
+            "native-int8", "native-int8-a16", "native-int8-row")
 SHAPES = (Shape(1, 16), Shape(1, 128), Shape(8, 128))
 QWEN3_EMBEDDING_06B = dict(attention_bias=False, bos_token_id=151643, eos_token_id=151643, head_dim=128,
                            hidden_size=1024, intermediate_size=3072, max_position_embeddings=32768,

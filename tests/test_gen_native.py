@@ -362,7 +362,7 @@ def test_int8_requantizes_float_matrices(tmp_path):
     path, cfg, ref = tiny_file(tmp_path)
     eng = open_engine(path, EngineConfig(max_batch=1, max_seq=64, quant="int8"))
     assert eng.model.layers[0].q.type == TYPE_IDS[INT8] and eng.model.m.head.type == TYPE_IDS[INT8]
-    assert eng.model.m.act16 == 1
+    assert eng.model.m.act == 1
     ids = [1, 30, 40, 50, 60, 70, 80]
     with torch.inference_mode():
         want = ref(make_batch([ids], [0], [0], last_only=False))[0]

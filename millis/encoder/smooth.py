@@ -72,25 +72,26 @@ AMAX_FILE = "smoothing_amax.npz"  # beside a native variant's weights: input_ama
 GEMMS = ("qkv", "o", "inter", "down")
 
 
-def save_amax(stats: list[dict[str, np.ndarray]], d: Path) -> Path:
-    """input_amax's result as d/AMAX_FILE (arrays "<layer>.<gemm>", float32)."""
+def save_amax(stats: list[dict[str, np.ndarray]], d: Path, gemms: tuple[str, ...] = GEMMS) -> Path:
+    """input_amax's result as d/AMAX_FILE (arrays "<layer>.<gemm>", float32; a decoder's gemms:
+    millis.gen.decoder_smooth.GROUPS)."""
     path = d / AMAX_FILE
-    np.savez(path, **{f"{i}.{g}": np.asarray(a[g], np.float32) for i, a in enumerate(stats) for g in GEMMS})
+    np.savez(path, **{f"{i}.{g}": np.asarray(a[g], np.float32) for i, a in enumerate(stats) for g in gemms})
     return path
 
 
-def load_amax(d: Path, layers: int) -> list[dict[str, np.ndarray]] | None:
+def load_amax(d: Path, layers: int, gemms: tuple[str, ...] = GEMMS) -> list[dict[str, np.ndarray]] | None:
     """save_amax's file in d for a model of `layers` layers, or None when d has none (an artifact written
     before it existed: the load calibrates)."""
     path = d / AMAX_FILE
     if not path.is_file():
         return None
     with np.load(path) as z:
-        missing = [f"{i}.{g}" for i in range(layers) for g in GEMMS if f"{i}.{g}" not in z.files]
+        missing = [f"{i}.{g}" for i in range(layers) for g in gemms if f"{i}.{g}" not in z.files]
         if missing:
             raise MillisError(f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: not "
                               f"this {layers}-layer model's calibration")
-        return [{g: z[f"{i}.{g}"] for g in GEMMS} for i in range(layers)]
+        return [{g: z[f"{i}.{g}"] for g in gemms} for i in range(layers)]
 
 
 def smoothing_scales(x_amax: np.ndarray, w: np.ndarray, alpha: float = ALPHA) -> np.ndarray:

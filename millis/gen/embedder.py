@@ -8,8 +8,10 @@ are not its first ones is refused), and only the states the pooling reads leave 
 The KV cache lives for one call: a row's slot is released when its rows are out.
 
 Precisions (PRECISIONS): the matrices in fp32, bf16, int8 (Q8_0: int8 weights with a scale per 32 against int8
-activations per 32, llama.cpp's) or int8-a16 (the same weights against int16 activations per 32: millis's int8 for
-decoders); the token embedding table stays fp32 (a lookup, no product).
+activations per 32, llama.cpp's), int8-a16 (the same weights against int16 activations per 32: millis's int8 for
+decoders) or int8-row (int8 weights with a scale per row against int8 activations with a scale per token, smoothed:
+millis.gen.decoder_smooth; the integer sums of a whole row, one float step a row and token, as the encoders'
+int8-row); the token embedding table stays fp32 (a lookup, no product).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from millis.common.errors import MillisError
 from millis.encoder.decoders import MAX_TOKENS
 from millis.encoder.source import DECODERS, LAST_TOKEN, POOLING_MODES, Pooling
 
-PRECISIONS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8-a16": "Q8_0_X16"}  # -> the matrices' type
+PRECISIONS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8-a16": "Q8_0_X16",  # -> the matrices' type
+              "int8-row": "Q8_ROW"}
+ROW_ALPHA = 0.5  # int8-row's smoothing strength (decoder_smooth)
 GROUP_TOKENS = 2048  # most tokens a C call takes (a longer text runs in pieces of it, each against the ones before)
 SLOTS = 64           # most texts a C call takes
 
@@ -66,14 +70,19 @@ def decoder_tensors(path: Path, c, model_type: str) -> dict:
     return t
 
 
-def precision_tensors(tensors: dict, precision: str) -> dict:
-    """Every matrix but the embedding table in PRECISIONS[precision]: bf16 values, or Q8_0 blocks (gguf's quantizer,
-    llama.cpp's rounding); vectors stay fp32."""
+def precision_tensors(tensors: dict, precision: str, c=None, amax: list | None = None, neox: bool = True) -> dict:
+    """Every matrix but the embedding table in PRECISIONS[precision]: bf16 values, Q8_0 blocks (gguf's quantizer,
+    llama.cpp's rounding), or int8 a row after smoothing (amax: decoder_smooth.input_amax's, stored with the variant;
+    None: calibrated here with c, the model's config, and neox, its RoPE layout); vectors stay fp32."""
     from millis.gen.load import Weight
 
     kind = PRECISIONS[precision]
     if kind == "F32":
         return tensors
+    if kind == "Q8_ROW":
+        from millis.gen.decoder_smooth import input_amax, smoothed
+
+        tensors = smoothed(tensors, amax or input_amax(tensors, c, neox), c, ROW_ALPHA)
     out = {}
     for name, w in tensors.items():
         if len(w.shape) == 2 and name != "token_embd.weight":
@@ -82,6 +91,10 @@ def precision_tensors(tensors: dict, precision: str) -> dict:
                 import torch
 
                 data = torch.from_numpy(x).bfloat16().view(torch.int16).numpy()
+            elif kind == "Q8_ROW":
+                from millis.encoder.weight_formats import q7_0
+
+                data = q7_0(x, per_row=True, levels=127)
             else:
                 from gguf import GGMLQuantizationType
                 from gguf.quants import quantize
@@ -113,7 +126,13 @@ class NativeDecoder:
             raise MillisError(f"a decoder embedder pools {', '.join(POOLING_MODES)}, not {pooling.mode}")
         raw = json.loads((Path(path) / "config.json").read_text())
         self.cfg, self.pooling = decoder_config(raw), pooling
-        tensors = precision_tensors(decoder_tensors(Path(path), self.cfg, raw["model_type"]), precision)
+        tensors, amax = decoder_tensors(Path(path), self.cfg, raw["model_type"]), None
+        if precision == "int8-row":  # the calibration optimize stored beside the weights (else it runs here)
+            from millis.encoder.smooth import load_amax
+            from millis.gen.decoder_smooth import GROUPS
+
+            amax = load_amax(Path(path), self.cfg.n_layers, GROUPS)
+        tensors = precision_tensors(tensors, precision, self.cfg, amax)
         # the pool holds a call's tokens, or the longest text (its pages are committed only as they are written)
         self.longest = min(self.cfg.max_seq, MAX_TOKENS)
         room = max(GROUP_TOKENS, self.longest) + SLOTS * 32

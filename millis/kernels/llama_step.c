@@ -48,17 +48,21 @@ typedef struct {
     int64_t n_blocks;
     const int32_t* block_table;
     int64_t table_stride;
-    int32_t act16;                              /* matrices are T_Q8_0_X16: int16 activation blocks */
+    int32_t act;       /* how rows are quantized for the matrices (one kind a model): ACT_BLOCKS int8 per 32 values
+                          (GGUF's types), ACT_X16 int16 per 32 (T_Q8_0_X16), ACT_ROW int8 per token (T_Q8_ROW) */
     int32_t gpt2;      /* GPT-2: LayerNorm with biases, learned positions (no RoPE), GELU(up) MLP, biases */
     const float *pos_emb, *out_norm_b;          /* gpt2: (max_pos, dim) positions; the final LayerNorm's bias */
 } model_w;
 
 typedef struct {   /* buffers for up to n_max tokens */
     float *x, *h, *q, *k, *v, *att, *g, *u;     /* x, h (n, dim); q, att (n, nh*hd); k, v (n, nkv*hd); g, u (n, hidden) */
-    void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with act16 */
+    void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with ACT_X16 */
+    void* xr;        /* ACT_ROW: the ends' residual blocks (n, max(dim, nh*hd, hidden) / 32) (ends_rows below) */
+    float* yr;       /* ACT_ROW: their products (n, max(nh*hd + 2*nkv*hd, 2*hidden, dim)) */
 } scratch_w;
 
 #include "mm_jobs.h"
+#include "packed.h"  /* act_offset */
 #include "solo_rule.h"
 #include "step_math.h"
 #include "attention.h"
@@ -135,12 +139,21 @@ API int64_t llm_solo(int window_ms) { if (window_ms >= 0) g_solo.window_ns = win
 typedef struct {
     const model_w* m; const scratch_w* s; int64_t n; const int32_t *ids, *pos, *slots, *out_rows;
     const layer_w* w; int l;
+    const int32_t *rix, *rtok; int64_t nr;  /* ACT_ROW's ends: token t's residual row rix[t] (-1: none), rtok[r] */
 } step_ctx;
 
 /* row t of x (K values) -> its activation blocks in the scratch (the kind the model's matrices take) */
-static void quant_row(const step_ctx* c, const float* x, int64_t K, int64_t t) {
-    if (c->m->act16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
+enum { ACT_BLOCKS = 0, ACT_X16 = 1, ACT_ROW = 2 };
+static void quant_plain(const step_ctx* c, const float* x, int64_t K, int64_t t) {
+    if (c->m->act == ACT_X16) quantize_x16(x, K, (x16block*)c->s->xq + t * (K / QK));
+    else if (c->m->act == ACT_ROW) quantize_act(T_Q8_ROW, x, K, (xblock*)c->s->xq + t * (K / QK));
     else quantize_x(x, K, (xblock*)c->s->xq + t * (K / QK));
+}
+#include "ends_llama.h"
+/* token t's row: quant_plain, and with ACT_ROW at an end (ends_llama.h) what its rounding left, in its residual row */
+static void quant_row(const step_ctx* c, const float* x, int64_t K, int64_t t) {
+    quant_plain(c, x, K, t);
+    if (c->rix && c->rix[t] >= 0) end_residual(c, x, K, t);
 }
 static void op_embed(void* p, int64_t t) {
     const step_ctx* c = p; const model_w* m = c->m;
@@ -232,7 +245,7 @@ static void op_swiglu(void* p, int64_t t) {
 static void op_out_norm(void* p, int64_t r) {
     const step_ctx* c = p; const int D = c->m->dim;
     norm(c->m, c->s->x + (int64_t)c->out_rows[r] * D, c->m->out_norm, c->m->out_norm_b, c->s->h + r * D);
-    quant_row(c, c->s->h + r * D, D, r);
+    quant_plain(c, c->s->h + r * D, D, r);  /* (r: an output row, not a token: no residual) */
 }
 
 API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32_t* ids, const int32_t* pos,
@@ -246,6 +259,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     g_threads = nthreads < 1 ? 1 : nthreads;
     const int was_solo = solo_begin(&g_solo);  /* a shared machine: solo_rule.h */
     step_ctx c = {.m = m, .s = s, .n = n, .ids = ids, .pos = pos, .slots = slots, .out_rows = out_rows};
+    int32_t* ends = end_rows(&c, n_out);  /* ACT_ROW: the ends' residual rows (NULL: none) */
     const int64_t per_job = attend_tokens(&c);  /* tokens per attention job */
     TIMED(P_EMBED, rows_run(op_embed, &c, n));
     for (int l = 0; l < m->n_layers; l++) {
@@ -253,20 +267,20 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
         c.w = w; c.l = l;
         TIMED(P_NORM, rows_run(op_attn_norm, &c, n));
         { const mat* W[3] = {&w->q, &w->k, &w->v}; float* Y[3] = {s->q, s->k, s->v}; const int64_t ld[3] = {QD, KD, KD};
-          TIMED(P_QKV, mm_run(3, W, Y, ld, 0, s->xq, s->h, n)); }
+          TIMED(P_QKV, mm_step(&c, 3, W, Y, ld, 0, s->h, n)); }
         TIMED(P_ROPE, rows_run(op_rope_store, &c, n));
         if (n >= PREFILL_TOKENS) TIMED(P_ROPE, pool_run(op_store_k, &c, m->n_kv));
         TIMED(P_ATTN, pool_run(op_attend, &c, (n + per_job - 1) / per_job * m->n_kv));
         TIMED(P_QUANT, rows_run(op_quant_att, &c, n));
         { const mat* W[1] = {&w->o}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          TIMED(P_O, mm_run(1, W, Y, ld, 1, s->xq, s->att, n)); }
+          TIMED(P_O, mm_step(&c, 1, W, Y, ld, 1, s->att, n)); }
         TIMED(P_NORM, rows_run(op_ffn_norm, &c, n));
         { const mat* W[2] = {m->gpt2 ? &w->up : &w->gate, &w->up}; float* Y[2] = {s->g, s->u};
           const int64_t ld[2] = {H, H};  /* gpt2: up alone, into g */
-          TIMED(P_FFN_UP, mm_run(m->gpt2 ? 1 : 2, W, Y, ld, 0, s->xq, s->h, n)); }
+          TIMED(P_FFN_UP, mm_step(&c, m->gpt2 ? 1 : 2, W, Y, ld, 0, s->h, n)); }
         TIMED(P_SWIGLU, rows_run(op_swiglu, &c, n));
         { const mat* W[1] = {&w->down}; float* Y[1] = {s->x}; const int64_t ld[1] = {D};
-          TIMED(P_DOWN, mm_run(1, W, Y, ld, 1, s->xq, s->g, n)); }
+          TIMED(P_DOWN, mm_step(&c, 1, W, Y, ld, 1, s->g, n)); }
     }
     TIMED(P_NORM, rows_run(op_out_norm, &c, n_out));
     if (m->head.rows) {
@@ -275,6 +289,7 @@ API int llm_forward(const model_w* m, const scratch_w* s, int64_t n, const int32
     } else {  /* an embedder: the normed hidden states are the output */
         memcpy(logits, s->h, sizeof(float) * (size_t)n_out * D);
     }
+    free(ends);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double step_ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
     solo_end(&g_solo, was_solo, g_threads, step_ns, (double)pool_wait_ns());

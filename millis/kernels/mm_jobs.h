@@ -17,14 +17,14 @@ void* pool_buffer(void** buf, int64_t* cap, int64_t need);  /* this thread's scr
 typedef struct {   /* one matmul job: up to 3 matrices sharing one input, split into chunks of rows */
     const mat* W[3]; float* Y[3]; int64_t ld[3]; int n, acc;
     const void* Xq; const float* Xf; int64_t M, nc;
-    more_rows more;  /* further rows through the same weights (M 0: none; blockq.h) */
+    more_rows more[3];  /* further rows through the same weights, per matrix (M 0: none; blockq.h) */
     int8_t mat_of[MM_CHUNKS]; int64_t row0[MM_CHUNKS], row1[MM_CHUNKS];  /* chunk c: W[mat_of[c]] rows [row0, row1) */
 } mm_job;
 
 static void mm_chunk(void* p, int64_t c) {
     const mm_job* j = p;
     const int i = j->mat_of[c];
-    matmul_rows_more(j->W[i], j->row0[c], j->row1[c], j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc, &j->more);
+    matmul_rows_more(j->W[i], j->row0[c], j->row1[c], j->Xq, j->Xf, j->M, j->Y[i], j->ld[i], j->acc, &j->more[i]);
 }
 
 static int g_threads = 1;  /* the threads of the running pass (set after pool_begin) */
@@ -82,11 +82,11 @@ static void parts_run(void (*fn)(void*, int64_t), void* ctx, int64_t parts) {
    0.91x, b1xs128 0.93x, b1xs16 0.81x the time). A row's sum does not depend on its chunk. */
 static int g_shares = 1;
 API int mm_shares(int n) { if (n > 0 && n <= 16) g_shares = n; return g_shares; }  /* n <= 0 asks */
-/* more (NULL: none): further rows through the same weights (blockq.h's more_rows; one matrix, n 1) */
+/* more (NULL: none): further rows through the same weights (blockq.h's more_rows), one entry per matrix */
 static void mm_run_more(int n, const mat* const* W, float* const* Y, const int64_t* ld, int acc, const void* Xq,
                         const float* Xf, int64_t M, const more_rows* more) {
     mm_job j = {.n = n, .acc = acc, .Xq = Xq, .Xf = Xf, .M = M};
-    if (more) j.more = *more;
+    for (int i = 0; i < n && more; i++) j.more[i] = more[i];
     int64_t total = 0;
     for (int i = 0; i < n; i++) { j.W[i] = W[i]; j.Y[i] = Y[i]; j.ld[i] = ld[i]; total += W[i]->rows; }
     const int64_t parts = (int64_t)g_threads * g_shares, share = ((total + parts - 1) / parts + 15) / 16 * 16;

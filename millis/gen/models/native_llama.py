@@ -24,13 +24,16 @@ from millis.gen.config import GPT2Config, ModelConfig
 from millis.gen.gguf import BLOCKS, GGML_TYPES, SUPPORTED, release_pages
 from millis.gen.models.layers import Batch, rope_inv_freq
 from millis.gen.models.paged_kv import PagedKV
-from millis.kernels.native import (XBLOCK_BYTES, TYPE_Q8_0_X16, Mat, add_amx_tiles,  # noqa: F401
-                                   aligned_empty, pack_matrix, q8_tiles)  # XBLOCK_BYTES, TYPE_Q8_0_X16: re-exported
+from millis.kernels.native import (XBLOCK_BYTES, TYPE_Q8_0_X16, TYPE_Q8_ROW, Mat,  # noqa: F401
+                                   add_amx_tiles, aligned_empty, pack_matrix, q8_tiles)  # the first two: re-exported
 
-# the type ids the kernels switch on: ggml's, and millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run
-# against int16 activations, packed16.c)
-INT8 = "Q8_0_X16"
-TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: TYPE_Q8_0_X16}
+# the type ids the kernels switch on: ggml's, millis's int8 (blockq.h T_Q8_0_X16: Q8_0 bytes run against int16
+# activations, packed16.c) and int8-row (T_Q8_ROW: int8 weights with a scale per row against int8 activations with
+# a scale per token: the decoder embedders' millis.gen.embedder)
+INT8, INT8_ROW = "Q8_0_X16", "Q8_ROW"
+TYPE_IDS = {name: i for i, name in GGML_TYPES.items() if name in SUPPORTED} | {INT8: TYPE_Q8_0_X16,
+                                                                                INT8_ROW: TYPE_Q8_ROW}
+ACTIVATIONS = {"Q8_1": 0, INT8: 1, INT8_ROW: 2}  # -> llama_step.c's ACT_BLOCKS, ACT_X16, ACT_ROW
 KERNEL_SOURCES = ("blockq.c", "packed.c", "repack.c", "packed16.c", "packedbf16.c", "amx.c", "llama_step.c",
                   "pool.c")
 X16BLOCK_BYTES = 68  # one int16 activation block (x16block, for INT8 matrices): scale, 32 int16
@@ -50,12 +53,12 @@ class ModelW(ctypes.Structure):
                                    "rope_neox", "window", "block_size")] + [
         ("eps", F), ("attn_scale", F), ("rope_cos", P), ("rope_sin", P), ("max_pos", I64),
         ("tok_emb", Mat), ("head", Mat), ("out_norm", P), ("layers", P), ("k_pool", P), ("v_pool", P),
-        ("n_blocks", I64), ("block_table", P), ("table_stride", I64), ("act16", I32), ("gpt2", I32),
+        ("n_blocks", I64), ("block_table", P), ("table_stride", I64), ("act", I32), ("gpt2", I32),
         ("pos_emb", P), ("out_norm_b", P)]
 
 
 class ScratchW(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "h", "q", "k", "v", "att", "g", "u", "xq")]
+    _fields_ = [(n, P) for n in ("x", "h", "q", "k", "v", "att", "g", "u", "xq", "xr", "yr")]  # xr, yr: INT8_ROW
 
 
 def hidden_of(c: ModelConfig) -> int:
@@ -136,7 +139,7 @@ class NativeLlama:
             head=head_mat, out_norm=vec("output_norm.weight"), layers=ctypes.addressof(layers),
             k_pool=self.k_pool.ctypes.data, v_pool=self.v_pool.ctypes.data, n_blocks=n_blocks,
             block_table=self.kv.table.ctypes.data, table_stride=self.kv.table.shape[1],
-            act16=int(self._activations(tensors) == INT8), gpt2=int(gpt2),
+            act=ACTIVATIONS[self._activations(tensors)], gpt2=int(gpt2),
             pos_emb=vec("position_embd.weight") if gpt2 else None,
             out_norm_b=vec("output_norm.bias") if gpt2 else None)
         self.keep += [cos, sin]
@@ -145,12 +148,16 @@ class NativeLlama:
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _activations(tensors: dict) -> str:
-        """INT8 when the block matrices are millis's int8 (int16 activation blocks), else "Q8_1" (int8
-        blocks); float matrices take fp32 rows either way. One step quantizes to one kind only."""
+        """INT8 when the block matrices are millis's int8 (int16 activation blocks), INT8_ROW for int8-row (int8 a
+        token), else "Q8_1" (int8 blocks); float matrices take fp32 rows either way. One step quantizes to one kind
+        only."""
         kinds = {t.qtype for t in tensors.values() if len(t.shape) == 2 and t.qtype not in ("F32", "F16", "BF16")}
-        if INT8 in kinds and len(kinds) > 1:
-            raise MillisError(f"millis's int8 matrices cannot run beside other block formats ({sorted(kinds)})")
-        return INT8 if INT8 in kinds else "Q8_1"
+        for own in (INT8, INT8_ROW):
+            if own in kinds and len(kinds) > 1:
+                raise MillisError(f"millis's {own} matrices cannot run beside other block formats ({sorted(kinds)})")
+            if own in kinds:
+                return own
+        return "Q8_1"
 
     @staticmethod
     def _tensor(tensors: dict, name: str):
@@ -197,8 +204,11 @@ class NativeLlama:
             self._bufs = {k: aligned_empty((n * w,), np.float32) for k, w in (
                 ("x", c.dim), ("h", c.dim), ("q", qd), ("k", kd), ("v", kd), ("att", qd), ("g", self.hidden),
                 ("u", self.hidden))}
-            per_block = X16BLOCK_BYTES if self.m.act16 else XBLOCK_BYTES
+            per_block = X16BLOCK_BYTES if self.m.act == ACTIVATIONS[INT8] else XBLOCK_BYTES
             self._bufs["xq"] = aligned_empty((n * (widest // 32 + 1) * per_block,), np.uint8)  # per 32 values
+            if self.m.act == ACTIVATIONS[INT8_ROW]:  # the ends' residual rows and their products (ends_llama.h)
+                self._bufs["xr"] = aligned_empty((n * (widest // 32 + 1) * XBLOCK_BYTES,), np.uint8)
+                self._bufs["yr"] = aligned_empty((n * max(qd + 2 * kd, 2 * self.hidden, c.dim),), np.float32)
             self._sw = ScratchW(**{k: v.ctypes.data for k, v in self._bufs.items()})
             self._scratch_n = n
         return self._sw

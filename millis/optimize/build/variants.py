@@ -236,6 +236,12 @@ def decoder_weights(src: ModelSource, d: Path) -> Path:
     path = d / "model.safetensors"
     save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in read_safetensors(src.path).items()
                if k.removeprefix("model.") != "lm_head.weight"}, str(path))  # (the embedder reads no vocabulary head)
+    from millis.encoder.smooth import save_amax
+    from millis.gen.decoder_smooth import GROUPS, input_amax
+    from millis.gen.embedder import decoder_tensors
+
+    c = decoder_config(cfg)  # int8-row's smoothing calibration, so that its load runs no fp32 forward
+    save_amax(input_amax(decoder_tensors(d, c, cfg["model_type"]), c), d, GROUPS)
     return path
 
 
