@@ -1,6 +1,6 @@
 """millis's native encoder: BERT-family models on millis's own C kernels (millis.encoder.native), in one of
 its PRECISIONS: fp32, bf16, int8, int8-a16, int7, int7-a7, int7-row, int7-row-a8 or int8-row; decoder embedders on
-the C decoder step (millis.gen.embedder: fp32, bf16, int8, int8-a16).
+the C decoder step (millis.gen.embedder: fp32, bf16, int8, int8-a16, int8-row).
 
 The variant directory holds the model's fp32 weights (config.json + model.safetensors) and the smoothing's
 calibration (smoothing_amax.npz, the row precisions'; an older artifact without it calibrates at load); they are
