@@ -72,7 +72,7 @@ def _done(tmp: Path, path: Path, recipe: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "bytes": path.stat().st_size}, indent=2))
 
 
-def _stream_write(dst: Path, arch: str, kv: list[tuple[str, object, object, object]], tensors) -> None:
+def stream_write(dst: Path, arch: str, kv: list[tuple[str, object, object, object]], tensors) -> None:
     """GGUF with metadata `kv` ([(key, value, GGUFValueType, array sub-type or None)]) and `tensors`:
     (name, shape in torch order, callable giving the fp32 array) written one at a time (bounded memory)."""
     from gguf import GGUFWriter
@@ -113,12 +113,12 @@ def write_f32_copy(src: str, dst: Path) -> None:
     def tensor(t):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
         return t.name, shape, lambda: dequantize(t.data, t.tensor_type).reshape(shape)
-    _stream_write(dst, arch, kv, [tensor(t) for t in r.tensors])
+    stream_write(dst, arch, kv, [tensor(t) for t in r.tensors])
 
 
-def write_random_llama(dst: Path, s: LlamaShape) -> None:
-    """F32 GGUF of shape `s`: weights normal * 0.02, norms 1, tied embeddings, a minimal byte-level BPE
-    tokenizer (3 control tokens, 256 bytes, a few merges) padded with unused tokens to `s.vocab`."""
+def bpe_tokenizer_kv(vocab: int) -> list:
+    """GGUF metadata of a minimal byte-level BPE tokenizer (3 control tokens, 256 bytes, a few merges) padded with
+    unused tokens to `vocab` (for files whose ids come from elsewhere: random weights, bench inputs of token ids)."""
     from gguf import GGUFValueType as V
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
@@ -128,8 +128,19 @@ def write_random_llama(dst: Path, s: LlamaShape) -> None:
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "Ġ w"]
     tokens = specials + bytes_ + ["".join(m.split(" ")) for m in merges]
     types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
-    n_pad = s.vocab - len(tokens)
+    n_pad = vocab - len(tokens)
     tokens, types = tokens + [f"<|reserved_{i}|>" for i in range(n_pad)], types + [5] * n_pad  # 5: unused
+    return [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", "llama-bpe", V.STRING, None),
+            ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING), ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+            ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING), ("tokenizer.ggml.bos_token_id", 0, V.UINT32, None),
+            ("tokenizer.ggml.eos_token_id", 2, V.UINT32, None), ("tokenizer.ggml.add_bos_token", True, V.BOOL, None)]
+
+
+def write_random_llama(dst: Path, s: LlamaShape) -> None:
+    """F32 GGUF of shape `s`: weights normal * 0.02, norms 1, tied embeddings, a minimal byte-level BPE
+    tokenizer (3 control tokens, 256 bytes, a few merges) padded with unused tokens to `s.vocab`."""
+    from gguf import GGUFValueType as V
+
     a = "llama."
     kv = [("general.name", "random llama-1b shape", V.STRING, None), ("general.file_type", 0, V.UINT32, None)]
     kv += [(a + k, v, V.UINT32, None) for k, v in (
@@ -138,11 +149,7 @@ def write_random_llama(dst: Path, s: LlamaShape) -> None:
         ("attention.head_count_kv", s.n_kv_heads), ("rope.dimension_count", s.head_dim),
         ("attention.key_length", s.head_dim), ("attention.value_length", s.head_dim), ("vocab_size", s.vocab))]
     kv += [(a + "rope.freq_base", s.rope_theta, V.FLOAT32, None),
-           (a + "attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32, None),
-           ("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", "llama-bpe", V.STRING, None),
-           ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING), ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
-           ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING), ("tokenizer.ggml.bos_token_id", 0, V.UINT32, None),
-           ("tokenizer.ggml.eos_token_id", 2, V.UINT32, None), ("tokenizer.ggml.add_bos_token", True, V.BOOL, None)]
+           (a + "attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32, None)] + bpe_tokenizer_kv(s.vocab)
     rng = np.random.default_rng(s.seed)
     q, k = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
 
@@ -164,7 +171,7 @@ def write_random_llama(dst: Path, s: LlamaShape) -> None:
                (b + "ffn_up.weight", (s.hidden, s.dim), normal((s.hidden, s.dim))),
                (b + "ffn_down.weight", (s.dim, s.hidden), normal((s.dim, s.hidden)))]
     ts.append(("output_norm.weight", (s.dim,), ones(s.dim)))
-    _stream_write(dst, "llama", kv, ts)
+    stream_write(dst, "llama", kv, ts)
 
 
 def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
@@ -181,7 +188,7 @@ def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize {src} -> {dst} ({ftype}) failed: {r.stderr[-2000:]}")
 
 
-def _build(path: Path, recipe: dict, make) -> Path:
+def build_file(path: Path, recipe: dict, make) -> Path:
     if not _fresh(path, recipe):
         tmp = path.with_name(path.name + ".tmp")
         print(f"[gguf_files] building {path.name} ...", flush=True)
@@ -197,13 +204,13 @@ def smollm2_files(cache: Path = CACHE, threads: int = 2, want=("q4_1", "f32", "q
     out = {"smollm2-q4_1": src} if "q4_1" in want else {}
     if not set(want) - {"q4_1"}:
         return out
-    f32 = _build(cache / "smollm2-f32.gguf", {"from": Path(src).name, "bytes": os.path.getsize(src), "type": "F32"},
+    f32 = build_file(cache / "smollm2-f32.gguf", {"from": Path(src).name, "bytes": os.path.getsize(src), "type": "F32"},
                  lambda tmp: write_f32_copy(src, tmp))
     if "f32" in want:
         out["smollm2-f32"] = str(f32)
     for q in ("q8_0", "q4_k_m"):
         if q in want:
-            out[f"smollm2-{q}"] = str(_build(cache / f"smollm2-{q}.gguf", {"from": f32.name, "ftype": FTYPES[q]},
+            out[f"smollm2-{q}"] = str(build_file(cache / f"smollm2-{q}.gguf", {"from": f32.name, "ftype": FTYPES[q]},
                                              lambda tmp, q=q: quantize(f32, tmp, q, threads)))
     return out
 
@@ -236,7 +243,7 @@ def smollm2_draft(n_layers: int, cache: Path = CACHE) -> str:
     src = smollm2_path()
     recipe = {"from": Path(src).name, "bytes": os.path.getsize(src), "layers": n_layers}
     path = cache / f"smollm2-draft-l{n_layers}.gguf"
-    return str(_build(path, recipe, lambda tmp: write_truncated(src, tmp, n_layers)))
+    return str(build_file(path, recipe, lambda tmp: write_truncated(src, tmp, n_layers)))
 
 
 def llama_files(shape: LlamaShape, tag: str, cache: Path = CACHE, threads: int = 2,
@@ -249,10 +256,10 @@ def llama_files(shape: LlamaShape, tag: str, cache: Path = CACHE, threads: int =
     recipes = {q: {**base, "ftype": FTYPES[q]} for q in want if q != "f32"}
     missing = [q for q, r in recipes.items() if not _fresh(cache / f"{tag}-{q}.gguf", r)]
     if missing or "f32" in want:
-        _build(f32, {**base, "type": "F32"}, lambda tmp: write_random_llama(tmp, shape))
+        build_file(f32, {**base, "type": "F32"}, lambda tmp: write_random_llama(tmp, shape))
     out = {}
     for q, r in recipes.items():
-        out[f"{tag}-{q}"] = str(_build(cache / f"{tag}-{q}.gguf", r, lambda tmp, q=q: quantize(f32, tmp, q, threads)))
+        out[f"{tag}-{q}"] = str(build_file(cache / f"{tag}-{q}.gguf", r, lambda tmp, q=q: quantize(f32, tmp, q, threads)))
     if "f32" in want:
         out[f"{tag}-f32"] = str(f32)
     elif not keep_f32 and f32.exists():

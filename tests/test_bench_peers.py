@@ -512,3 +512,37 @@ def test_encoder_targets_hold_millis_to_each_bar_by_the_rounds_ratio():
     cell = et.cells(rows)[0]["faithful"]  # was 0.417x met, against optimum's rounds only
     assert (cell["peer"], cell["ratio"], cell["met"]) == ("openvino_nncf_int8", pytest.approx(5 / 6), False)
     assert et.shown("millis") == "millis" and et.shown("millis:native-int8") == "native-int8"  # was ""
+
+
+# ---- decoder_llamacpp: the millis side of the embedding runner ------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("millis.kernels") is None, reason="no millis")
+def test_the_embed_runner_answers_what_the_native_decoder_computes(tmp_path):
+    """bench/peers/embed_runner.py's millis system through the real harness.Peer: each row's vector = NativeDecoder's
+    on the same ids (right-padded), normalized; timings for every iteration; a bad request answered, the runner alive."""
+    from millis.encoder.source import Pooling
+    from millis.encoder.tiny import build_tiny
+    from millis.gen.embedder import NativeDecoder
+    from millis.kernels.native import native_isa
+
+    if native_isa() is None:
+        pytest.skip("no native kernels here")
+    harness = load("harness", BENCH / "peers" / "harness.py")
+    folder = build_tiny("qwen3")
+    rows = [[5, 9, 11, 40], [7, 8], [30] * 20]
+    p = harness.Peer("millis", str(folder), work_dir=str(tmp_path), threads=2, runner=str(BENCH / "peers" /
+                     "embed_runner.py"), venv=None, args=["--precision", "int8-row"], start_timeout=300)
+    try:
+        assert p.alive, p.error
+        rep = p.request({"cmd": "embed", "rows": rows, "n": 3}, timeout=300)
+        assert len(rep["ms"]) == 3 and all(m > 0 for m in rep["ms"])
+        ids, mask = np.zeros((3, 20), np.int64), np.zeros((3, 20), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        want = NativeDecoder(folder, "int8-row", 2, Pooling("last-token", True))(ids, mask)
+        np.testing.assert_allclose(rep["vectors"], want, atol=1e-5)
+        with pytest.raises(harness.PeerError):
+            p.request({"cmd": "nope"}, timeout=60)
+        assert p.request({"cmd": "info"}, timeout=60)["precision"] == "int8-row"
+    finally:
+        p.close()
