@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from checkouts import write_result  # noqa: E402
 from splade import arguments, chosen_fidelity, eager_rows, held_out_texts, print_rows, random_folder  # noqa: E402
 
 from millis.common import hardware  # noqa: E402
@@ -111,9 +112,7 @@ def main() -> int:
                     "model": "Qwen3-Embedding-0.6B shape, random weights, last-token pooling, normalized"},
            "chosen": rep["chosen"], "chosen_held_out": {k: held[k] for k in ("texts", "cos_min", "cos_mean")},
            "rows": rows, "versus": pairs}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_result(a.out, res, indent=2)  # strict JSON (a NaN listed, not lost)
     return 0
 
 

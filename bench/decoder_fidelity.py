@@ -14,7 +14,6 @@ every setting's cosine min / mean; `report`: int8, int8-row unsmoothed without e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
+from checkouts import write_result  # noqa: E402
 from gguf_files import smollm2_path  # noqa: E402
 from splade import held_out_texts  # noqa: E402
 
@@ -118,9 +118,7 @@ def main() -> int:
                     "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized = fp32 reference), last-token, normalized",
                     "select_texts": len(select), "report_texts": len(report)},
            "select": rows, "chosen": {"alpha": best["alpha"], "ends": best["ends"]}, "report": out}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_result(a.out, res, indent=2)  # strict JSON (a NaN listed, not lost)
     return 0
 
 

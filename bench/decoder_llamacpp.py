@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
 import gguf_files  # noqa: E402
+from checkouts import write_result  # noqa: E402
 import harness  # noqa: E402
 from decoder_embed import QWEN3_EMBEDDING_06B, qwen3_dir  # noqa: E402
 
@@ -143,9 +144,7 @@ def main() -> int:
                     "systems": {k: {f: v.get(f) for f in ("versions", "isa", "precision", "system_info", "threads")}
                                 for k, v in info.items()}},
            "rows": rows, "versus": versus}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_result(a.out, res, indent=2)  # strict JSON (a NaN listed, not lost)
     return 0
 
 

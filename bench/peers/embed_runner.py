@@ -58,12 +58,9 @@ class LlamaCpp:
         self.L, self.a = L, a
         self._cb = L.llama_log_callback(lambda level, text, user: None)  # quiet; referenced for the process's life
         L.llama_log_set(self._cb, ctypes.c_void_p(0))
-        L.llama_backend_init()
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        self.model = L.llama_model_load_from_file(a.model_dir.encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {a.model_dir}")
+        from llamacpp_model import open_model  # bench/peers/
+
+        self.model = open_model(L, a.model_dir)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max = MAX_TOKENS, MAX_ROWS
         cp.n_batch = cp.n_ubatch = MAX_TOKENS
