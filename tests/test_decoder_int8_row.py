@@ -83,8 +83,12 @@ def test_smoothing_keeps_the_fp32_outputs(monkeypatch):
         plain = NativeDecoder(folder, "fp32", 2, src.pooling)(*args)
         tensors, c = tensors_of(folder)
         folded = smoothed(tensors, input_amax(tensors, c), c, 0.5)
-        ratio = np.abs(folded["blk.0.ffn_down.weight"].data / tensors["blk.0.ffn_down.weight"].data)
-        assert np.abs(np.log(ratio)).max() > 0.3, family  # the smoothing moved something
+        for name in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                     "ffn_down"):  # every fold moved its weights
+            ratio = np.abs(folded[f"blk.0.{name}.weight"].data / tensors[f"blk.0.{name}.weight"].data)
+            assert np.abs(np.log(ratio)).max() > 0.05, (family, name)
+        t = tensors["blk.0.attn_v.weight"].data[:, 0] / folded["blk.0.attn_v.weight"].data[:, 0]  # v rows / t
+        assert np.abs(np.log(t[:c.head_dim] / t[c.head_dim:])).max() > 0.05, family  # each KV head's own t
         with monkeypatch.context() as m:
             m.setattr(embedder, "precision_tensors", lambda t, p, c, a: smoothed(t, input_amax(t, c), c, 0.5))
             got = NativeDecoder(folder, "fp32", 2, src.pooling)(*args)
@@ -130,7 +134,7 @@ def test_int8_row_is_near_fp32_and_its_rows_do_not_depend_on_their_batch(isa, mo
 
 
 @needs_kernels
-def test_optimize_stores_the_calibration_and_a_load_without_it_calibrates_the_same(tmp_path):
+def test_optimize_stores_the_calibration_and_a_load_without_it_calibrates_the_same(tmp_path, quick_measure):
     """The native variant folder keeps smoothing_amax.npz (input_amax of its weights); int8-row loaded with it and
     without it gives the same bits; an optimize of native-int8-row embeds near sentence-transformers."""
     from millis.artifact.model import open_model
@@ -144,7 +148,7 @@ def test_optimize_stores_the_calibration_and_a_load_without_it_calibrates_the_sa
 
     folder = build_tiny("qwen3")
     out = optimize(OptimizeConfig(source=str(folder), task="embed", out=str(tmp_path / "a"), target=Shape(1, 16),
-                                  variants=("native-int8-row",)))
+                                  variants=("native-int8-row",), measure=quick_measure))
     art = open_model(out)
     assert art.meta.variant.name == "native-int8-row"
     want = st_vectors(folder, TEXTS[:4])
@@ -172,3 +176,56 @@ def test_a_step_takes_one_kind_of_quantized_matrices():
     with pytest.raises(MillisError, match="Q8_ROW matrices cannot run beside"):
         NativeLlama._activations({"a": w("Q8_ROW"), "b": w("Q8_0")})
     assert NativeLlama._activations({"a": w("Q8_ROW"), "e": Weight("F32", (32, 32), np.zeros((32, 32)))}) == INT8_ROW
+
+
+@needs_kernels
+def test_a_float_matrix_beside_int8_row_ones_takes_no_residual_rows():
+    """One matrix left fp32 (the smoothed weights) among int8-row ones: the step runs it on the exact rows (no residual
+    rows through it, whose product would be counted twice) and stays near fp32; all int8-row differs from it."""
+    from millis.gen.decoder_smooth import input_amax, smoothed
+    from millis.gen.embedder import ROW_ALPHA, precision_tensors
+    from millis.gen.models.native_llama import NativeLlama, kv_bytes_per_token
+
+    tensors, c = tensors_of(build_tiny("qwen3"))
+    amax = input_amax(tensors, c)
+    rows = precision_tensors(tensors, "int8-row", c, amax)
+    mixed = dict(rows, **{"blk.0.ffn_down.weight": smoothed(tensors, amax, c, ROW_ALPHA)["blk.0.ffn_down.weight"]})
+    ids = np.arange(5, 30, dtype=np.int32)
+
+    def last(t):
+        m = NativeLlama(c, t, True, 2, 128, kv_bytes_per_token(c) * 256, 2, head=False)
+        v = m.forward_flat(ids, np.arange(len(ids), dtype=np.int32), np.zeros(len(ids), np.int32),
+                           np.array([len(ids) - 1], np.int32))[0]
+        return v / np.linalg.norm(v)
+    want, got, q = last(tensors), last(mixed), last(rows)
+    assert got @ want > 0.995 and np.abs(got - q).max() > 1e-6
+
+
+def test_a_calibration_of_another_model_is_refused_by_name(tmp_path):
+    """An encoder's file (qkv / o / inter / down) or one of other widths, read for a decoder: refused naming why."""
+    from millis.encoder.smooth import GEMMS, load_amax, save_amax
+    from millis.gen.decoder_smooth import GROUPS, check_amax, input_amax
+
+    tensors, c = tensors_of(build_tiny("llama"))
+    save_amax([{g: np.ones(4, np.float32) for g in GEMMS}] * 2, tmp_path)
+    with pytest.raises(MillisError, match="gate_up"):
+        load_amax(tmp_path, 2, GROUPS)
+    amax = input_amax(tensors, c)
+    check_amax(amax, c, tmp_path)
+    amax[1]["down"] = amax[1]["down"][:-1]
+    with pytest.raises(MillisError, match="layer 1 down"):
+        check_amax(amax, c, tmp_path)
+
+
+def test_only_the_int8_row_variant_computes_the_calibration(tmp_path):
+    """optimize's native decoder variants share one fp32 weights folder; the fp32 forward on calibration ids runs for
+    native-int8-row only (a 7B's costs minutes)."""
+    from millis.encoder.smooth import AMAX_FILE
+    from millis.encoder.source import inspect_dir
+    from millis.optimize.build.variants import CATALOG, Builder
+
+    builder = Builder(inspect_dir(build_tiny("qwen3")), "embed", tmp_path, calibration=lambda: [])
+    out, _ = builder.build(CATALOG["native-int8"])
+    assert not (out / AMAX_FILE).exists() and not list(tmp_path.rglob(AMAX_FILE))
+    out, _ = builder.build(CATALOG["native-int8-row"])
+    assert (out / AMAX_FILE).is_file()

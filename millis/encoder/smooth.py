@@ -90,7 +90,7 @@ def load_amax(d: Path, layers: int, gemms: tuple[str, ...] = GEMMS) -> list[dict
         missing = [f"{i}.{g}" for i in range(layers) for g in gemms if f"{i}.{g}" not in z.files]
         if missing:
             raise MillisError(f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: not "
-                              f"this {layers}-layer model's calibration")
+                              f"this {layers}-layer model's calibration (of the inputs {', '.join(gemms)} a layer)")
         return [{g: z[f"{i}.{g}"] for g in gemms} for i in range(layers)]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from millis.common.errors import MillisError
 from millis.encoder.smooth import smoothing_scales
 
 CALIBRATION = (16, 64)  # sequences x tokens of random ids
@@ -86,6 +87,17 @@ def input_amax(tensors: dict, c, neox: bool = True) -> list[dict[str, np.ndarray
             x = x + g @ w("ffn_down.weight").T
             out.append(seen)
     return out
+
+
+def check_amax(amax: list[dict[str, np.ndarray]] | None, c, where) -> None:
+    """A stored calibration's widths against the model's inputs (qkv and gate_up: dim; o: heads x head size; down:
+    the FFN's width); None (no file) passes."""
+    want = {"qkv": c.dim, "o": c.n_heads * c.head_dim, "gate_up": c.dim, "down": c.hidden_dim}
+    for i, seen in enumerate(amax or ()):
+        for g, n in want.items():
+            if np.shape(seen[g]) != (n,):
+                raise MillisError(f"{where}: the smoothing calibration's layer {i} {g} has {np.shape(seen[g])} "
+                                  f"values, this model's input has {n}: not this model's calibration")
 
 
 def smoothed(tensors: dict, amax: list[dict[str, np.ndarray]], c, alpha: float) -> dict:

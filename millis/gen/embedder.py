@@ -105,6 +105,17 @@ def precision_tensors(tensors: dict, precision: str, c=None, amax: list | None =
     return out
 
 
+def save_calibration(folder: Path) -> Path:
+    """int8-row's smoothing calibration (decoder_smooth.input_amax of the folder's fp32 weights) stored beside them,
+    so that a load runs no fp32 forward (optimize, for the native-int8-row variant)."""
+    from millis.encoder.smooth import save_amax
+    from millis.gen.decoder_smooth import GROUPS, input_amax
+
+    raw = json.loads((folder / "config.json").read_text())
+    c = decoder_config(raw)
+    return save_amax(input_amax(decoder_tensors(folder, c, raw["model_type"]), c), folder, GROUPS)
+
+
 def pool_states(s: np.ndarray, mode: str) -> np.ndarray:
     """One text's states (n, D), n >= 1 -> (D,) as millis.encoder.tasks.pool pools them."""
     if mode == LAST_TOKEN:
@@ -129,9 +140,10 @@ class NativeDecoder:
         tensors, amax = decoder_tensors(Path(path), self.cfg, raw["model_type"]), None
         if precision == "int8-row":  # the calibration optimize stored beside the weights (else it runs here)
             from millis.encoder.smooth import load_amax
-            from millis.gen.decoder_smooth import GROUPS
+            from millis.gen.decoder_smooth import GROUPS, check_amax
 
             amax = load_amax(Path(path), self.cfg.n_layers, GROUPS)
+            check_amax(amax, self.cfg, Path(path))
         tensors = precision_tensors(tensors, precision, self.cfg, amax)
         # the pool holds a call's tokens, or the longest text (its pages are committed only as they are written)
         self.longest = min(self.cfg.max_seq, MAX_TOKENS)

@@ -8,7 +8,8 @@
    batch-mates. Included by llama_step.c after its step_ctx. */
 #pragma once
 
-/* which tokens get a residual row (llm_ends; A/B runs and tests): each text's first (position 0), the returned ones */
+/* which tokens get a residual row (llm_ends; A/B runs and tests): each text's first (position 0), the returned ones.
+   One setting for the library in the process, read at each step's start: set it between steps, not during one. */
 enum { ENDS_FIRST = 1, ENDS_OUT = 2 };
 static int g_ends = ENDS_FIRST | ENDS_OUT;
 API int llm_ends(int mode) { if (mode >= 0 && mode <= 3) g_ends = mode; return g_ends; }  /* -1 asks */
@@ -43,13 +44,14 @@ static int32_t* end_rows(step_ctx* c, int64_t n_out) {
 }
 
 /* Y[i] rows of the ends' tokens += their residual rows' products (yr: matrix i's nr rows, W[i]->rows wide, after
-   the matrices before it) */
+   the matrices before it); a matrix of another type (a float one reads the exact rows) has none */
 typedef struct { const step_ctx* c; int n; const mat* const* W; float* const* Y; const int64_t* ld; } fold_job;
 static void op_fold(void* p, int64_t r) {
     const fold_job* f = p;
     const float* yr = f->c->s->yr;
     for (int i = 0; i < f->n; i++) {
         const int64_t rows = f->W[i]->rows;
+        if (f->W[i]->type != T_Q8_ROW) continue;
         float* y = f->Y[i] + (int64_t)f->c->rtok[r] * f->ld[i];
         const float* v = yr + r * rows;
         for (int64_t j = 0; j < rows; j++) y[j] += v[j];
@@ -63,9 +65,10 @@ static void mm_step(const step_ctx* c, int n, const mat* const* W, float* const*
     if (!c->nr) { mm_run(n, W, Y, ld, acc, c->s->xq, Xf, M); return; }
     more_rows more[3];
     int64_t off = 0;
-    for (int i = 0; i < n; i++) {
-        more[i] = (more_rows){c->s->xr, c->nr, c->s->yr + off, W[i]->rows};
-        off += c->nr * W[i]->rows;
+    for (int i = 0; i < n; i++) {  /* only the int8-row matrices read the residual rows (the activations' rounding) */
+        const int row = W[i]->type == T_Q8_ROW;
+        more[i] = (more_rows){c->s->xr, row ? c->nr : 0, c->s->yr + off, W[i]->rows};
+        off += row ? c->nr * W[i]->rows : 0;
     }
     mm_run_more(n, W, Y, ld, acc, c->s->xq, Xf, M, more);
     fold_job f = {c, n, W, Y, ld};

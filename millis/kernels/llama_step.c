@@ -57,7 +57,7 @@ typedef struct {
 typedef struct {   /* buffers for up to n_max tokens */
     float *x, *h, *q, *k, *v, *att, *g, *u;     /* x, h (n, dim); q, att (n, nh*hd); k, v (n, nkv*hd); g, u (n, hidden) */
     void* xq;        /* activation blocks (n, max(dim, nh*hd, hidden) / 32): xblock, x16block with ACT_X16 */
-    void* xr;        /* ACT_ROW: the ends' residual blocks (n, max(dim, nh*hd, hidden) / 32) (ends_rows below) */
+    void* xr;        /* ACT_ROW: the ends' residual blocks (n, max(dim, nh*hd, hidden) / 32) (ends_llama.h) */
     float* yr;       /* ACT_ROW: their products (n, max(nh*hd + 2*nkv*hd, 2*hidden, dim)) */
 } scratch_w;
 

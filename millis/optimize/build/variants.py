@@ -151,6 +151,11 @@ class Builder:
             raise MillisError("the int8 attention runs on the avx512 and avx2 builds, which this CPU lacks: "
                               "the variant is skipped")
         path = self._apply(v.passes, v.keep_fp32)
+        if self.src.model_type in DECODERS and v.options.get("precision") == "int8-row" and \
+                not path.with_name(AMAX_FILE).is_file():  # its smoothing's calibration, once beside the shared weights
+            from millis.gen.embedder import save_calibration
+
+            save_calibration(path.parent)
         files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []) + \
             [f for f in [path.with_name(path.name + ".data")] if path.suffix == ".onnx" and f.is_file()] + \
             ([path.with_name("config.json")] if path.suffix == ".safetensors" else []) + \
@@ -236,12 +241,6 @@ def decoder_weights(src: ModelSource, d: Path) -> Path:
     path = d / "model.safetensors"
     save_file({k: np.ascontiguousarray(v.float().numpy()) for k, v in read_safetensors(src.path).items()
                if k.removeprefix("model.") != "lm_head.weight"}, str(path))  # (the embedder reads no vocabulary head)
-    from millis.encoder.smooth import save_amax
-    from millis.gen.decoder_smooth import GROUPS, input_amax
-    from millis.gen.embedder import decoder_tensors
-
-    c = decoder_config(cfg)  # int8-row's smoothing calibration, so that its load runs no fp32 forward
-    save_amax(input_amax(decoder_tensors(d, c, cfg["model_type"]), c), d, GROUPS)
     return path
 
 
