@@ -168,8 +168,18 @@ def test_optimize_and_serve_a_decoder_embedder(tmp_path, quick_measure):
     for v in variants:
         art = open_model(optimize(OptimizeConfig(source=str(folder), task="embed", out=str(tmp_path / v),
                                                  target=Shape(1, 16), variants=(v,), measure=quick_measure)))
-        assert art.meta.variant.name == v
-        got = art.embed(texts)
+        if art.meta.variant.name == v:
+            got = art.embed(texts)
+        else:  # selection is by time: on a model this small torch eager may be the fastest (0.82 against OpenVINO
+            # fp32's 0.90 ms once): the variant itself, built and opened as optimize opens it
+            from millis.artifact.model import run_texts
+            from millis.optimize.build.variants import CATALOG, REFERENCE, Builder
+            from millis.optimize.judge import open_variant
+
+            assert art.meta.variant.name == REFERENCE, art.meta.variant.name
+            src, _ = feeds_of(folder, texts)
+            vdir, _ = Builder(src, "embed", tmp_path / f"{v}-built", calibration=lambda: []).build(CATALOG[v])
+            got = run_texts(open_variant("embed", 2, src, CATALOG[v], vdir), art.encoder, texts).outputs
         if "int8" in v:
             assert (got * want).sum(1).min() > 0.99, v
         else:
