@@ -16,13 +16,9 @@ API int llm_ends(int mode) { if (mode >= 0 && mode <= 3) g_ends = mode; return g
 
 /* token t's residual: x minus what its blocks in xq dequantize to, quantized as any row into its residual row */
 static void end_residual(const step_ctx* c, const float* x, int64_t K, int64_t t) {
-    const xblock* q = (const xblock*)c->s->xq + t * (K / QK);
-    const uint8_t off = (uint8_t)act_offset(T_Q8_ROW);
     float r[K] __attribute__((aligned(64)));
-    for (int64_t b = 0; b < K / QK; b++) {
-        const uint8_t* qb = (const uint8_t*)q[b].q;
-        for (int i = 0; i < QK; i++) r[b * QK + i] = x[b * QK + i] - (float)(int8_t)(uint8_t)(qb[i] - off) * q[b].d;
-    }
+    memcpy(r, x, sizeof(float) * K);
+    sub_dequant(T_Q8_ROW, (const xblock*)c->s->xq + t * (K / QK), K, r);
     quantize_act(T_Q8_ROW, r, K, (xblock*)c->s->xr + (int64_t)c->rix[t] * (K / QK));
 }
 

@@ -24,17 +24,10 @@ static void ends_residual(const ctx_t* c, const float* v, const float* inv, int6
                           int64_t t) {
     if (!c->rix || c->rix[t] < 0) return;
     const int type = c->m->layers[0].qkv.type;
-    const uint8_t off = (uint8_t)act_offset(type);
-    const xblock* q = main;
     float r[K] __attribute__((aligned(64)));
     for (int64_t k = 0; k < K; k++) r[k] = inv ? v[k] * inv[k] : v[k];
     __asm__ volatile("" ::: "memory");  /* r rounded to floats, as the quantizer's products: no FMA across */
-    for (int64_t b = 0; b < K / QK; b++) {
-        const float d = q[b].d;
-        const uint8_t* qb = (const uint8_t*)q[b].q;
-        float* rb = r + b * QK;
-        for (int i = 0; i < QK; i++) rb[i] -= (float)(int8_t)(uint8_t)(qb[i] - off) * d;
-    }
+    sub_dequant(type, main, K, r);
     quantize_act_smooth(type, r, NULL, K, xr_at(c, K, c->rpre[base], c->rix[t]));
 }
 

@@ -96,6 +96,17 @@ static inline int act_offset(int type) {
 #endif
     return !Q7_SIGNED ? 0 : type == T_Q7_A7 ? 64 : type == T_Q7_0 ? 128 : 0;
 }
+/* r[0..K) -= what activation blocks q (quantize_act's for `type`) dequantize to: the rounding's residual, which
+   int8-row's ends quantize again (the encoder's ends_rows.h, the decoder's ends_llama.h) */
+static inline void sub_dequant(int type, const xblock* q, int64_t K, float* r) {
+    const uint8_t off = (uint8_t)act_offset(type);
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float d = q[b].d;
+        const uint8_t* qb = (const uint8_t*)q[b].q;
+        float* rb = r + b * QK;
+        for (int i = 0; i < QK; i++) rb[i] -= (float)(int8_t)(uint8_t)(qb[i] - off) * d;
+    }
+}
 static inline int is_super(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
 static inline int payload_bytes(int kind) { return kind == 4 ? 128 : kind == 5 ? 160 : kind == 6 ? 192 : 256; }
 static inline int head_bytes(int type) {

@@ -152,12 +152,10 @@ class NativeLlama:
         token), else "Q8_1" (int8 blocks); float matrices take fp32 rows either way. One step quantizes to one kind
         only."""
         kinds = {t.qtype for t in tensors.values() if len(t.shape) == 2 and t.qtype not in ("F32", "F16", "BF16")}
-        for own in (INT8, INT8_ROW):
-            if own in kinds and len(kinds) > 1:
-                raise MillisError(f"millis's {own} matrices cannot run beside other block formats ({sorted(kinds)})")
-            if own in kinds:
-                return own
-        return "Q8_1"
+        own = kinds & {INT8, INT8_ROW}
+        if own and len(kinds) > 1:
+            raise MillisError(f"millis's {min(own)} matrices cannot run beside other block formats ({sorted(kinds)})")
+        return own.pop() if own else "Q8_1"
 
     @staticmethod
     def _tensor(tensors: dict, name: str):
